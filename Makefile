@@ -1,0 +1,47 @@
+# srdit — two commands on a fresh machine: `make study` and `make test`.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STUDY ?= studies/digits_quick.yaml
+STATE ?= state
+export RAY_AUTH_MODE ?= disabled
+export RAY_USAGE_STATS_ENABLED ?= 0
+export PYTHONUNBUFFERED = 1
+
+.PHONY: setup test test-fast study report ui bench clean
+
+setup: $(STAMP)
+
+# Re-runs only when the dependency declaration changes. Without CUDA, take the CPU torch first so that the
+# resolver never pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(BIN)/python -m pip install -q torch==2.13.0; fi
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q -ra --timeout=900
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow" --timeout=600
+
+study: setup
+	$(BIN)/srdit study run $(STUDY) --state $(STATE)
+	$(BIN)/srdit report $(STUDY) --state $(STATE)
+
+report: setup
+	$(BIN)/srdit report $(STUDY) --state $(STATE)
+
+ui: setup
+	$(BIN)/srdit ui --state $(STATE)
+
+bench: setup
+	$(BIN)/python bench/run.py --out bench/results.json
+
+clean:
+	rm -rf $(STATE) runs dashboards/*/ dashboards/index.html dashboards/RECORDS.md .pytest_cache
+	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,0 +1,660 @@
+"""Run configuration: frozen dataclasses, strict YAML loading, and the technique registry.
+
+A run is fully described by a `RunConfig`. YAML is loaded strictly: an unknown key or a wrong type raises a
+`ConfigError` naming the YAML path and the allowed keys or values. Cross-field rules (`RunConfig.validate`) say
+what to change. A *technique* is a named config diff (dotted key -> value); a study cell is the base config plus
+the diffs of its enabled techniques.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the person who wrote the YAML."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SprintConfig:
+    """SPRINT sparse-dense residual fusion (Park et al. 2025; SR-DiT section 1.5)."""
+
+    enabled: bool = False
+    "Route the middle blocks over a random subset of tokens during training."
+    dense_in: int = 2
+    "Dense encoder blocks before the sparse path (f)."
+    dense_out: int = 2
+    "Dense decoder blocks after the fusion (h)."
+    drop_ratio: float = 0.75
+    "Fraction of tokens dropped from the sparse path in training (none are dropped at inference)."
+    path_drop_prob: float = 0.05
+    "Probability per step of replacing the whole sparse path by the [MASK] token (path-drop learning)."
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """2-D axial rotary position embedding on q and k, on top of the absolute sin-cos positions (EVA-02 style)."""
+
+    enabled: bool = False
+    "Rotate queries and keys by their row / column index."
+    theta: float = 10000.0
+    "Base of the rotary frequencies."
+
+
+@dataclass(frozen=True)
+class RepaConfig:
+    """REPA: align an intermediate hidden state with a frozen teacher's patch tokens (Yu et al. 2024)."""
+
+    enabled: bool = False
+    "Add the projector and the alignment output."
+    depth: int = 2
+    "Align the hidden state after this many blocks (SR-DiT: 2, the end of the SPRINT dense encoder)."
+    projector_dim: int = 256
+    "Hidden width of the 3-layer projector MLP (SR-DiT: 2048)."
+    teacher_dim: int = 64
+    "Width of the teacher's tokens (digits teacher: 64; DINOv2-B: 768)."
+
+
+@dataclass(frozen=True)
+class RegConfig:
+    """REG: a noised teacher class token denoised jointly with the image (Wu et al. 2025)."""
+
+    enabled: bool = False
+    "Prepend the class token and add its velocity head."
+    dim: int = 64
+    "Width of the teacher class token (digits teacher: 64; DINOv2-B: 768)."
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """SiT backbone and its switches. Every technique is off by default; off means absent."""
+
+    size: str = "debug"
+    "Backbone size: debug, S, B, L or XL (depth, width and heads come from the size registry)."
+    patch_size: int = 1
+    "Patch size of the patch embedding (1, 2 or 4)."
+    in_channels: int = 1
+    "Channels of the model input (1 for digits, 4 for SD-VAE latents, 32 for INVAE latents)."
+    input_size: int = 8
+    "Spatial side of the model input (8 for digits, 32 for SD-VAE at 256 px, 16 for INVAE at 256 px)."
+    num_classes: int = 10
+    "Number of class labels; label `num_classes` is the null label for classifier-free guidance."
+    mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
+    "Block MLP: GELU(tanh) as in SiT, SwiGLU, or ReLU^2 (SR-DiT side branches)."
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
+    "Block pre-norms and final norm (no affine, eps 1e-6)."
+    qk_norm: bool = False
+    "RMSNorm (with affine) over the head dimension on q and k."
+    value_residual: bool = False
+    "Value residual learning: block i mixes block 0's values with a learned lambda_i (init 0.5)."
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    sprint: SprintConfig = field(default_factory=SprintConfig)
+    repa: RepaConfig = field(default_factory=RepaConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Transport and loss
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """Training times and the time shift. Convention: t = 1 noise, t = 0 data, linear path, velocity target."""
+
+    time_sampling: Literal["uniform", "logit_normal"] = "uniform"
+    "Distribution of training times before the shift."
+    logit_mean: float = 0.0
+    "Mean of the logit-normal time distribution."
+    logit_std: float = 1.0
+    "Standard deviation of the logit-normal time distribution."
+    time_shift: bool = False
+    "Resolution-dependent time shift t' = s t / (1 + (s - 1) t) on training times and on the sampler grid."
+    shift: float | None = None
+    "Explicit shift s; None means s = sqrt(C * H * W / shift_base)."
+    shift_base: int = 4096
+    "Reference dimension of the automatic shift (SD3 / SR-DiT: 4096)."
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights of the named loss terms, applied in one place (`srdit.transport.losses.total`)."""
+
+    repa: float = 0.5
+    "Weight of the REPA negative-cosine term (used when model.repa is enabled)."
+    reg: float = 0.03
+    "Weight of the REG class-token velocity term (used when model.reg is enabled)."
+    cfm: float = 0.0
+    "Weight of contrastive flow matching (0 = off; SR-DiT: 0.05)."
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data, training, sampling, evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where training images come from."""
+
+    dataset: Literal["digits", "latents"] = "digits"
+    "digits: scikit-learn's bundled 8x8 digits (embedded default); latents: pre-encoded shards on disk."
+    path: str | None = None
+    "Folder of latent shards (dataset: latents)."
+    teacher: str = "digits-cnn"
+    "Alignment teacher for REPA / REG: digits-cnn (in-project) or a DINOv2 name with local weights."
+    teacher_path: str | None = None
+    "Local folder of the teacher's weights (DINOv2)."
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation. Defaults are small-scale; the SR-DiT preset sets the paper's ImageNet values."""
+
+    steps: int = 1500
+    "Optimisation steps."
+    batch_size: int = 128
+    "Global batch size."
+    lr: float = 1e-3
+    "AdamW learning rate (constant; SR-DiT: 1e-4)."
+    betas: tuple[float, float] = (0.9, 0.999)
+    "AdamW betas."
+    weight_decay: float = 0.0
+    "AdamW weight decay."
+    grad_clip: float = 1.0
+    "Global gradient-norm clip (0 = off)."
+    ema_decay: float = 0.995
+    "EMA decay per step (SR-DiT: 0.9999); the EMA weights are used for sampling and evaluation."
+    label_dropout: float = 0.1
+    "Probability of replacing a label by the null label (classifier-free guidance training)."
+    seed: int = 0
+    "Seed of parameters, data order and noise; a CPU run is deterministic given it."
+    log_every: int = 50
+    "Report training metrics every this many steps."
+    eval_every: int = 0
+    "Evaluate with the EMA weights every this many steps (0 = only at the end)."
+    ckpt_every: int = 500
+    "Write checkpoints/last.pt every this many steps (and at the end)."
+    device: str = "auto"
+    "auto (CUDA when available), cpu, cuda, cuda:N."
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    "auto: bf16 autocast + TF32 on CUDA, fp32 on CPU."
+    compile: bool = False
+    "Wrap the model in torch.compile."
+    threads: int = 0
+    "CPU threads for torch (0 = leave torch's default)."
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Sampler used for previews and evaluation."""
+
+    sampler: Literal["sde", "euler", "heun"] = "sde"
+    "Euler-Maruyama SDE (as in the paper) or an ODE solver."
+    steps: int = 50
+    "Number of time steps (SDE: grid 1 -> 0.04 plus a final deterministic step; NFE equals steps without CFG)."
+    cfg_scale: float = 1.0
+    "Classifier-free guidance scale on the image velocity (1 = off)."
+    cls_cfg_scale: float = 1.0
+    "Guidance scale on the REG class-token velocity (1 = off)."
+    guidance_low: float = 0.0
+    "Guidance is applied only for guidance_low <= t <= guidance_high."
+    guidance_high: float = 1.0
+    "Upper end of the guidance interval (SR-DiT's best: 0.75)."
+    path_drop_guidance: bool = False
+    "The unconditional branch also drops the SPRINT sparse path (requires model.sprint)."
+    balanced_labels: bool = False
+    "Sample i gets class i mod num_classes (otherwise labels are drawn at random)."
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation of generated samples against held-out real data."""
+
+    n_samples: int = 1000
+    "Generated samples per evaluation."
+    batch_size: int = 500
+    "Sampling batch size."
+    seed: int = 1234
+    "Seed of the evaluation noise and labels (independent of the training seed)."
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run, fully resolved."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    techniques: tuple[str, ...] = ()
+    "Names of the techniques applied on top of the base (a record; the diffs are already in the fields)."
+
+    def validate(self) -> "RunConfig":
+        """Check cross-field rules; raise ConfigError saying what to change. Returns self."""
+        from srdit.model.sizes import SIZES  # the size registry lives with the model
+
+        m = self.model
+        if m.size not in SIZES:
+            raise ConfigError(f"model.size: unknown size {m.size!r}; allowed: {', '.join(SIZES)}")
+        depth, hidden, heads = SIZES[m.size]
+        if m.input_size % m.patch_size:
+            raise ConfigError(
+                f"model.patch_size: {m.patch_size} does not divide model.input_size {m.input_size}"
+            )
+        head_dim = hidden // heads
+        if m.rope.enabled and head_dim % 4:
+            raise ConfigError(f"model.rope: head dim {head_dim} must be divisible by 4 for 2-D RoPE")
+        if m.sprint.enabled:
+            s = m.sprint
+            if s.dense_in < 1 or s.dense_out < 0 or s.dense_in + s.dense_out >= depth:
+                raise ConfigError(
+                    f"model.sprint: dense_in ({s.dense_in}) + dense_out ({s.dense_out}) must leave at least one "
+                    f"sparse block in a depth-{depth} model; lower them"
+                )
+            if not 0.0 <= s.drop_ratio < 1.0:
+                raise ConfigError(f"model.sprint.drop_ratio: {s.drop_ratio} must be in [0, 1)")
+            if not 0.0 <= s.path_drop_prob <= 1.0:
+                raise ConfigError(f"model.sprint.path_drop_prob: {s.path_drop_prob} must be in [0, 1]")
+        if m.repa.enabled:
+            if not 1 <= m.repa.depth <= depth:
+                raise ConfigError(f"model.repa.depth: {m.repa.depth} must be in 1..{depth} (the model depth)")
+            if m.sprint.enabled and m.repa.depth > m.sprint.dense_in:
+                raise ConfigError(
+                    f"model.repa.depth ({m.repa.depth}) lies inside the SPRINT sparse path; set it <= "
+                    f"model.sprint.dense_in ({m.sprint.dense_in}) as SR-DiT does (align the dense encoder output)"
+                )
+        if self.sample.path_drop_guidance and not m.sprint.enabled:
+            raise ConfigError("sample.path_drop_guidance needs model.sprint.enabled: true (enable sprint or turn it off)")
+        if not 0.0 <= self.sample.guidance_low <= self.sample.guidance_high <= 1.0:
+            raise ConfigError("sample.guidance_low / guidance_high: need 0 <= low <= high <= 1")
+        if self.transport.shift is not None and self.transport.shift <= 0:
+            raise ConfigError(f"transport.shift: {self.transport.shift} must be > 0 (or null for automatic)")
+        if self.data.dataset == "digits" and (m.in_channels, m.input_size, m.num_classes) != (1, 8, 10):
+            raise ConfigError(
+                "data.dataset digits is 1x8x8 with 10 classes: set model.in_channels 1, model.input_size 8, "
+                "model.num_classes 10"
+            )
+        if self.data.dataset == "latents" and not self.data.path:
+            raise ConfigError("data.path: required when data.dataset is latents (a folder of latent shards)")
+        t = self.train
+        if t.steps < 1 or t.batch_size < 1:
+            raise ConfigError("train.steps and train.batch_size must be >= 1")
+        if not (t.lr > 0 and math.isfinite(t.lr)):
+            raise ConfigError(f"train.lr: {t.lr} must be a positive finite number")
+        if not 0.0 <= t.label_dropout < 1.0:
+            raise ConfigError(f"train.label_dropout: {t.label_dropout} must be in [0, 1)")
+        if not 0.0 <= t.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay: {t.ema_decay} must be in [0, 1)")
+        for name in self.techniques:
+            if name not in TECHNIQUES:
+                raise ConfigError(f"techniques: unknown technique {name!r}; allowed: {', '.join(TECHNIQUES)}")
+        return self
+
+    def shift_value(self) -> float:
+        """The time shift s in use (1.0 when shifting is off)."""
+        tr = self.transport
+        if not tr.time_shift:
+            return 1.0
+        if tr.shift is not None:
+            return float(tr.shift)
+        m = self.model
+        return math.sqrt(m.in_channels * m.input_size * m.input_size / tr.shift_base)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Strict conversion dict <-> dataclass
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return "list"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{path}: expected a mapping with keys {', '.join(_field_names(tp))}, got {value!r}")
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{path}: {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"{path}: null is not allowed; expected {_type_name(tp)}")
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {value!r}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{path}: expected a list of {len(args)} values, got {len(value)}")
+        return tuple(_convert(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            # YAML 1.1 reads "1e-4" as a string; accept numeric strings for floats only.
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} at {path}")  # a bug in the schema, not in the YAML
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
+    """Build dataclass `cls` from a mapping, strictly. `path` prefixes error messages (the YAML path)."""
+    hints = typing.get_type_hints(cls)
+    names = _field_names(cls)
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            raise ConfigError(f"{where}: unknown key; allowed keys{' in ' + path if path else ''}: {', '.join(names)}")
+        kwargs[key] = _convert(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain YAML-able structure (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    return obj
+
+
+def to_yaml(obj: Any) -> str:
+    return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file; every failure becomes a one-line ConfigError."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{path}: no such file")
+    if p.is_dir():
+        raise ConfigError(f"{path}: is a folder, expected a YAML file")
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+    if data is None:
+        raise ConfigError(f"{path}: the file is empty")
+    return data
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dotted overrides (key=value on the command line, technique diffs)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def nested_update(tree: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.c = value` inside a nested dict, creating levels as needed."""
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        child = node.get(k)
+        if not isinstance(child, dict):
+            child = {}
+            node[k] = child
+        node = child
+    node[keys[-1]] = value
+
+
+def apply_diff(config: RunConfig, diff: Mapping[str, Any]) -> RunConfig:
+    """Apply dotted-key overrides strictly (unknown keys and wrong types raise ConfigError)."""
+    tree = to_dict(config)
+    for key, value in diff.items():
+        nested_update(tree, key, value)
+    return from_dict(RunConfig, tree)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse `key=value` from the command line; the value is read as YAML (so 1e-3, true, [1, 2] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. train.steps=200")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Techniques
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Technique:
+    """A named config diff with its provenance."""
+
+    name: str
+    description: str
+    paper: str
+    diff: Mapping[str, Any]
+    knobs: Mapping[str, str] = field(default_factory=dict)
+    "Short knob name -> dotted config key, for studies that override a technique's settings."
+
+    def resolved_diff(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        diff = dict(self.diff)
+        for knob, value in (overrides or {}).items():
+            if knob not in self.knobs:
+                allowed = ", ".join(self.knobs) or "none"
+                raise ConfigError(f"technique {self.name}: unknown knob {knob!r}; allowed knobs: {allowed}")
+            diff[self.knobs[knob]] = value
+        return diff
+
+
+_SRDIT = "Speedrunning ImageNet Diffusion (SR-DiT), arXiv:2512.12386"
+
+TECHNIQUES: dict[str, Technique] = {
+    t.name: t
+    for t in [
+        Technique(
+            "sprint", "SPRINT token routing: dense/sparse/dense blocks, 75% of tokens dropped in the middle",
+            "SPRINT, Park et al. 2025, arXiv:2510.21986; " + _SRDIT, {"model.sprint.enabled": True},
+            {"drop_ratio": "model.sprint.drop_ratio", "path_drop_prob": "model.sprint.path_drop_prob",
+             "dense_in": "model.sprint.dense_in", "dense_out": "model.sprint.dense_out"},
+        ),
+        Technique("rmsnorm", "RMSNorm instead of LayerNorm in the block pre-norms and final norm",
+                  "Zhang & Sennrich 2019, arXiv:1910.07467; " + _SRDIT, {"model.norm": "rmsnorm"}),
+        Technique("rope", "2-D axial rotary position embedding on q and k (added to absolute sin-cos positions)",
+                  "EVA-02, Fang et al. 2023, arXiv:2303.11331; " + _SRDIT, {"model.rope.enabled": True},
+                  {"theta": "model.rope.theta"}),
+        Technique("qk_norm", "RMSNorm over the head dimension on queries and keys",
+                  "Dehghani et al. 2023, arXiv:2302.05442; " + _SRDIT, {"model.qk_norm": True}),
+        Technique("value_residual", "Every block mixes block 0's values with a learned lambda (init 0.5)",
+                  "Zhou et al. 2024, arXiv:2410.17897; " + _SRDIT, {"model.value_residual": True}),
+        Technique("repa", "Align an early hidden state with a frozen teacher's patch tokens (negative cosine)",
+                  "REPA, Yu et al. 2024, arXiv:2410.06940", {"model.repa.enabled": True},
+                  {"depth": "model.repa.depth", "weight": "loss.repa", "projector_dim": "model.repa.projector_dim"}),
+        Technique("reg", "Jointly denoise the teacher's class token as an extra token",
+                  "REG, Wu et al. 2025, arXiv:2507.01467", {"model.reg.enabled": True}, {"weight": "loss.reg"}),
+        Technique("cfm", "Contrastive flow matching: push predictions away from another sample's target",
+                  "Delta-FM, Stoica et al. 2025, arXiv:2506.05350; " + _SRDIT, {"loss.cfm": 0.05},
+                  {"weight": "loss.cfm"}),
+        Technique("time_shift", "Resolution-dependent time shift on training times and the sampler grid",
+                  "SD3, Esser et al. 2024, arXiv:2403.03206; " + _SRDIT, {"transport.time_shift": True},
+                  {"shift": "transport.shift"}),
+        Technique("balanced_labels", "Evaluation samples get class i mod num_classes (equal counts per class)",
+                  _SRDIT, {"sample.balanced_labels": True}),
+        Technique("logit_normal", "Logit-normal training times instead of uniform",
+                  "SD3, Esser et al. 2024, arXiv:2403.03206", {"transport.time_sampling": "logit_normal"},
+                  {"mean": "transport.logit_mean", "std": "transport.logit_std"}),
+        Technique("swiglu", "SwiGLU MLP (2/3 width to keep parameters)", "Shazeer 2020, arXiv:2002.05202; " + _SRDIT,
+                  {"model.mlp": "swiglu"}),
+        Technique("relu2", "ReLU^2 MLP", "So et al. 2021 (Primer), arXiv:2109.08668; " + _SRDIT,
+                  {"model.mlp": "relu2"}),
+        Technique("path_drop_guidance", "Guidance whose unconditional branch also drops the SPRINT sparse path",
+                  _SRDIT, {"sample.path_drop_guidance": True}),
+    ]
+}
+
+
+def technique_diff(names: list[str] | tuple[str, ...], knobs: Mapping[str, Mapping[str, Any]] | None = None,
+                   wins: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Merge the diffs of several techniques. Two techniques writing the same key with different values is an
+    error unless `wins[key]` names the technique whose value wins."""
+    merged: dict[str, Any] = {}
+    owner: dict[str, str] = {}
+    for name in names:
+        if name not in TECHNIQUES:
+            raise ConfigError(f"unknown technique {name!r}; allowed: {', '.join(TECHNIQUES)}")
+        for key, value in TECHNIQUES[name].resolved_diff((knobs or {}).get(name)).items():
+            if key in merged and merged[key] != value:
+                winner = (wins or {}).get(key)
+                if winner not in (owner[key], name):
+                    raise ConfigError(
+                        f"techniques {owner[key]} and {name} both set {key} ({merged[key]!r} vs {value!r}); "
+                        f"exclude the pair or say which wins"
+                    )
+                if winner == owner[key]:
+                    continue
+            merged[key] = value
+            owner[key] = name
+    return merged
+
+
+def with_techniques(base: RunConfig, names: list[str] | tuple[str, ...],
+                    knobs: Mapping[str, Mapping[str, Any]] | None = None) -> RunConfig:
+    """`base` plus the diffs of `names`, validated."""
+    cfg = apply_diff(base, technique_diff(names, knobs))
+    return dataclasses.replace(cfg, techniques=tuple(base.techniques) + tuple(names)).validate()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets
+# ----------------------------------------------------------------------------------------------------------------
+
+SRDIT_STACK = ("repa", "reg", "sprint", "rmsnorm", "rope", "qk_norm", "value_residual", "cfm", "time_shift",
+               "balanced_labels")
+
+
+def preset(name: str) -> RunConfig:
+    """Named, validated run configs: `digits` (the embedded default) and `SR-DiT-B/1` (the paper's recipe)."""
+    if name == "digits":
+        return RunConfig().validate()
+    if name == "SR-DiT-B/1":
+        base = RunConfig(
+            model=ModelConfig(size="B", patch_size=1, in_channels=32, input_size=16, num_classes=1000,
+                              repa=RepaConfig(projector_dim=2048, teacher_dim=768), reg=RegConfig(dim=768)),
+            data=DataConfig(dataset="latents", path="data/imagenet256_invae", teacher="dinov2_vitb14"),
+            train=TrainConfig(steps=400_000, batch_size=256, lr=1e-4, ema_decay=0.9999, log_every=100,
+                              eval_every=50_000, ckpt_every=10_000),
+            sample=SampleConfig(sampler="sde", steps=250),
+            eval=EvalConfig(n_samples=50_000, batch_size=64),
+        )
+        return with_techniques(base, SRDIT_STACK)
+    raise ConfigError(f"unknown preset {name!r}; allowed: digits, SR-DiT-B/1")
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run YAML (or the digits default), apply `techniques:` and key=value overrides, validate.
+
+    A run YAML may name `preset: SR-DiT-B/1` and list `techniques: [...]`; both resolve before overrides."""
+    data = read_yaml(path) if path is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    data = dict(data)
+    base = preset(data.pop("preset", "digits"))
+    techniques = data.pop("techniques", [])
+    if not isinstance(techniques, list):
+        raise ConfigError(f"techniques: expected a list of names; allowed: {', '.join(TECHNIQUES)}")
+    tree = to_dict(base)
+    for section, value in data.items():
+        if section not in tree:
+            raise ConfigError(f"{section}: unknown key; allowed keys: preset, {', '.join(tree)}")
+        if isinstance(value, dict) and isinstance(tree[section], dict):
+            for k, v in _flatten(value, section).items():
+                nested_update(tree, k, v)
+        else:
+            tree[section] = value
+    cfg = from_dict(RunConfig, tree)
+    cfg = with_techniques(cfg, techniques) if techniques else cfg
+    diff = dict(parse_override(o) for o in overrides or [])
+    if diff:
+        cfg = apply_diff(cfg, diff)
+    return cfg.validate()
+
+
+def _flatten(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+def flatten(cfg: RunConfig) -> dict[str, Any]:
+    """Dotted-key view of a config (for MLflow params and tables)."""
+    return _flatten(to_dict(cfg), "")

@@ -1,0 +1,119 @@
+"""Building blocks of the SiT backbone: embedders, positions, norms, MLPs, adaLN modulation."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def make_norm(kind: str, dim: int) -> nn.Module:
+    """Block pre-norm / final norm without affine (adaLN supplies scale and shift). SR-DiT section 1.6."""
+    if kind == "rmsnorm":
+        return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
+    return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class Mlp(nn.Module):
+    """GELU(tanh) as in SiT, ReLU^2 (Primer), or SwiGLU at 2/3 width so parameters stay comparable."""
+
+    def __init__(self, dim: int, ratio: float, kind: str):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.kind = kind
+        if kind == "swiglu":
+            hidden = int(2 * hidden / 3)
+            self.fc1 = nn.Linear(dim, 2 * hidden)
+        else:
+            self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        if self.kind == "swiglu":
+            a, b = h.chunk(2, dim=-1)
+            h = F.silu(a) * b
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            h = F.gelu(h, approximate="tanh")
+        return self.fc2(h)
+
+
+class TimestepEmbedder(nn.Module):
+    """Sinusoidal features of t (scaled by 1000 so t in [0, 1] spans the frequency range) -> MLP."""
+
+    def __init__(self, dim: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        half = self.freq_dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+        args = (1000.0 * t.float())[:, None] * freqs[None]
+        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+
+
+class LabelEmbedder(nn.Module):
+    """Class table with one extra row: label `num_classes` is the null label used for guidance."""
+
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.table(y)
+
+
+def sincos_2d(dim: int, grid: int) -> np.ndarray:
+    """Fixed 2-D sin-cos position table (MAE style), shape [grid*grid, dim]; half the channels per axis."""
+
+    def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    return np.concatenate([one_axis(dim // 2, rows), one_axis(dim // 2, cols)], axis=1)
+
+
+class Rope2d(nn.Module):
+    """2-D axial RoPE (EVA-02 style; SR-DiT section 1.7): the first half of the head dimension rotates by the
+    row index, the second half by the column index, adjacent pairs share a frequency.
+
+    Tables hold one row per token; extra leading tokens (the REG class token) get the identity rotation, so
+    they carry no position. Sparse paths gather the rows of their kept tokens."""
+
+    def __init__(self, head_dim: int, grid: int, prefix: int, theta: float):
+        super().__init__()
+        quarter = head_dim // 4
+        freqs = theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # omega_k = theta^(-2k/(d/2))
+        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+        ang = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # [T, head_dim/2]
+        ang = ang.repeat_interleave(2, dim=1)  # each angle drives one adjacent pair
+        ang = torch.cat([torch.zeros(prefix, head_dim, dtype=ang.dtype), ang], dim=0)
+        self.register_buffer("cos", ang.cos().float(), persistent=False)
+        self.register_buffer("sin", ang.sin().float(), persistent=False)
+
+    def tables(self, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin as [1, 1, T, d] (all tokens) or [B, 1, K, d] for kept token indices [B, K]."""
+        if index is None:
+            return self.cos[None, None], self.sin[None, None]
+        return self.cos[index][:, None], self.sin[index][:, None]
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)

@@ -1,0 +1,58 @@
+"""SPRINT sparse-dense residual fusion (Park et al. 2025, arXiv:2510.21986; SR-DiT section 1.5).
+
+Blocks split into a dense encoder f, a sparse middle g and a dense decoder h. In training g sees a random
+subset of tokens (independently per sample); dropped positions are refilled with a learned [MASK] token and
+fused with the encoder output by a linear layer before h. At inference g sees every token."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SprintRouter(nn.Module):
+    def __init__(self, dim: int, drop_ratio: float, path_drop_prob: float):
+        super().__init__()
+        self.drop_ratio = drop_ratio
+        self.path_drop_prob = path_drop_prob
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.fuse = nn.Linear(2 * dim, dim)
+
+    def keep_count(self, tokens: int) -> int:
+        return max(1, int(tokens * (1.0 - self.drop_ratio)))
+
+    def select(self, batch: int, tokens: int, device: torch.device) -> torch.Tensor | None:
+        """Sorted kept indices [B, K] in training, None (keep all) in eval. Uniform random, per sample."""
+        if not self.training or self.drop_ratio == 0.0:
+            return None
+        keep = self.keep_count(tokens)
+        noise = torch.rand(batch, tokens, device=device)
+        return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
+
+    @staticmethod
+    def gather(x: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+        """Kept tokens of hidden states [B, T, C] or of per-head values [B, H, T, d]."""
+        if index is None:
+            return x
+        if x.dim() == 3:
+            return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
+        return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
+
+    def fuse_paths(self, dense: torch.Tensor, sparse: torch.Tensor, index: torch.Tensor | None,
+                   drop_path: bool) -> torch.Tensor:
+        """Scatter the sparse output back (dropped positions = [MASK]) and fuse with the dense encoder output.
+
+        With `drop_path` the whole sparse path is replaced by [MASK]; it stays in the graph (0 * g) so that
+        data-parallel training still sees gradients for every parameter."""
+        mask = self.mask_token.to(dense.dtype).expand_as(dense)
+        if index is None:
+            padded = sparse
+        else:
+            padded = mask.scatter(1, index[..., None].expand(-1, -1, dense.shape[-1]), sparse)
+        if drop_path:
+            padded = padded * 0 + mask
+        return self.fuse(torch.cat([dense, padded], dim=-1))
+
+    def draw_path_drop(self) -> bool:
+        """One draw per training step: drop the whole sparse path with probability path_drop_prob."""
+        return self.training and self.path_drop_prob > 0 and bool(torch.rand(()) < self.path_drop_prob)
