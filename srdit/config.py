@@ -84,8 +84,8 @@ class ModelConfig:
 
     size: str = "debug"
     "Backbone size: debug, S, B, L or XL (depth, width and heads come from the size registry)."
-    patch_size: int = 1
-    "Patch size of the patch embedding (1, 2 or 4)."
+    patch_size: int = 2
+    "Patch size of the patch embedding (1, 2 or 4); digits use 2 (16 tokens of 2x2 pixels)."
     in_channels: int = 1
     "Channels of the model input (1 for digits, 4 for SD-VAE latents, 32 for INVAE latents)."
     input_size: int = 8
@@ -166,7 +166,7 @@ class TrainConfig:
 
     steps: int = 1500
     "Optimisation steps."
-    batch_size: int = 128
+    batch_size: int = 64
     "Global batch size."
     lr: float = 1e-3
     "AdamW learning rate (constant; SR-DiT: 1e-4)."

@@ -11,7 +11,7 @@ from srdit.config import ModelConfig, RepaConfig, RegConfig, RopeConfig, SprintC
 from srdit.model import build_model, count_macs
 from srdit.model.layers import Rope2d, apply_rope
 
-DEBUG = ModelConfig(size="debug", in_channels=1, input_size=8, num_classes=10)
+DEBUG = ModelConfig(size="debug", patch_size=1, in_channels=1, input_size=8, num_classes=10)
 
 
 def inputs(cfg, batch=3, seed=1):
@@ -85,7 +85,7 @@ def test_plain_backbone_matches_independent_reference():
     model = randomize(build_model(DEBUG)).eval()
     x, t, y, _ = inputs(DEBUG)
     out, aux = model(x, t, y)
-    depth, _, heads = 6, 96, 4
+    depth, heads = model.depth, model.heads
     ref = reference_sit(model.state_dict(), DEBUG, x, t, y, depth, heads)
     assert aux == {}
     assert torch.equal(out, ref)
@@ -131,8 +131,8 @@ def test_zero_init_paths_are_identity(cfg):
     if cfg.reg.enabled:
         assert torch.count_nonzero(aux["reg"]) == 0  # zero class-token head
         assert aux["repa"].shape == (x.shape[0], 65, 16)
-    h = torch.randn(2, 65, 96)
-    c = torch.randn(2, 96)
+    h = torch.randn(2, 65, model.dim)
+    c = torch.randn(2, model.dim)
     for block in model.blocks:  # adaLN-Zero: every block is the identity at init
         assert torch.equal(block(h, c)[0], h)
 

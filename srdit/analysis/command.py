@@ -1,0 +1,208 @@
+"""`srdit analyze RUNS.csv --factors A,B,C --metric y --direction max|min ...`: effects, synergy and incompatibility for
+results produced anywhere (any CSV with one row per trial).
+
+Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from srdit.analysis.effects import AnalysisError, analyze
+
+PROG = "srdit analyze"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the `analyze` options to `parser` (reused by the srdit CLI's subcommand)."""
+    parser.add_argument("runs", metavar="RUNS.csv", help="table with one row per trial (CSV, or .parquet/.json)")
+    parser.add_argument("--factors", required=True,
+                        help="comma-separated technique columns coded 0/1 (pair names follow this order)")
+    parser.add_argument("--metric", required=True, help="metric column to analyse")
+    parser.add_argument("--direction", required=True, choices=["max", "min"],
+                        help="max if higher is better, min if lower is better (gains are oriented: positive = better)")
+    parser.add_argument("--seed-col", default="seed", help="seed (replicate) column; used as a block (default: seed)")
+    parser.add_argument("--status-col", default="status",
+                        help="status column; rows not 'finished' are failures (default: status)")
+    parser.add_argument("--log", action="store_true", help="analyse log(metric) (throughput-like metrics)")
+    parser.add_argument("--threshold", type=float, default=0.0,
+                        help="practical antagonism threshold in gain units (default 0)")
+    parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
+    parser.add_argument("--correction", default="holm", choices=["holm", "fdr_bh", "bonferroni", "none"],
+                        help="multiplicity correction across pairs (default holm)")
+    parser.add_argument("--ladder", default=None, help="comma-separated factor order for the cumulative ladder")
+    parser.add_argument("--allow-inestimable", action="store_true",
+                        help="report effects the design cannot estimate as null instead of failing")
+    parser.add_argument("--no-bootstrap", action="store_true", help="skip the seed bootstrap")
+    parser.add_argument("--format", default="table", choices=["json", "table"], help="output format (default table)")
+    return parser
+
+
+class _ArgError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, no usage dump
+        raise _ArgError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return add_arguments(_Parser(prog=PROG, description=__doc__.splitlines()[0]))
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read a results table; raises AnalysisError with a one-line message."""
+    p = Path(path)
+    if not p.exists():
+        raise AnalysisError(f"cannot read {p}: no such file")
+    if p.is_dir():
+        raise AnalysisError(f"cannot read {p}: it is a directory")
+    try:
+        if p.suffix == ".parquet":
+            df = pd.read_parquet(p)
+        elif p.suffix == ".json":
+            df = pd.read_json(p)
+        else:
+            df = pd.read_csv(p)
+    except pd.errors.EmptyDataError:
+        raise AnalysisError(f"{p} is empty") from None
+    except UnicodeDecodeError:
+        raise AnalysisError(f"cannot read {p}: not a text CSV file") from None
+    except (pd.errors.ParserError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AnalysisError(f"cannot read {p}: {first}") from None
+    if df.empty:
+        raise AnalysisError(f"{p} has a header but no rows")
+    return df
+
+
+def _fmt(x: Any, nd: int = 4) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "-"
+    if isinstance(x, (list, tuple)) and len(x) == 2:
+        return f"[{_fmt(x[0], nd)}, {_fmt(x[1], nd)}]"
+    if isinstance(x, float):
+        return f"{x:.{nd}g}"
+    return str(x)
+
+
+def tables(result: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """The result as (title, caption, header, rows) tables of strings."""
+    out = []
+    scale = " (log scale)" if result["scale"] == "log" else ""
+    rows = []
+    for f, v in result["main_effects"].items():
+        rows.append([f, _fmt(v), _fmt(result["ci"].get(f)), _fmt(result["p"].get(f)), "", ""])
+    for n, v in result["interactions"].items():
+        rows.append([n, _fmt(v), _fmt(result["ci"].get(n)), _fmt(result["p"].get(n)),
+                     _fmt(result["synergy"].get(n)), _fmt(result["p_adj"].get(n))])
+    out.append((f"Effects on {result['metric']}{scale}",
+                "estimate: ME = mean(+) - mean(-), INT = half difference, metric scale; "
+                "synergy = 2 INT oriented (positive = better together); p_adj across pairs",
+                ["effect", "estimate", "CI", "p", "synergy", "p_adj"], rows))
+    if result.get("shapley"):
+        out.append(("Shapley attribution", "oriented gain, sums to g(all) - g(none); loo = g(all) - g(all - i)",
+                    ["factor", "shapley", "loo"],
+                    [[f, _fmt(v), _fmt(result["loo"].get(f))] for f, v in result["shapley"].items()]))
+    if result["incompatible"]:
+        rows = []
+        for fl in result["incompatible"]:
+            ev = _fmt(fl.get("estimate")) if fl["kind"] == "antagonism" else \
+                ", ".join(f"{k} {c['failed']}/{c['n']}" for k, c in fl["counts"].items())
+            rows.append([fl["pair"], fl["kind"], ev, _fmt(fl.get("ci")), _fmt(fl.get("p")), _fmt(fl.get("p_adj"))])
+        out.append(("Incompatible pairs", "antagonism: synergy significantly < -threshold; "
+                    "failure: both-on runs fail more than each alone (Fisher)",
+                    ["pair", "kind", "evidence", "CI", "p", "p_adj"], rows))
+    if result["aliased"]:
+        out.append(("Aliased effects", "not separable in this design; never read as a clean synergy",
+                    ["alias chain", "estimate"],
+                    [[a["label"], _fmt(a.get("estimate"))] for a in result["aliased"]]))
+    if result.get("ladder"):
+        out.append((f"Ladder ({result['ladder_kind']})", "cumulative stacking; delta = step from the previous row",
+                    ["step", "cell", "n", "mean", "sd", "delta"],
+                    [[str(r["step"]), r["cell"], f"{r['n_finished']}/{r['n']}", _fmt(r["mean"]), _fmt(r["sd"]),
+                      _fmt(r["delta"])] for r in result["ladder"]]))
+    return out
+
+
+def _print_tables(result: dict, stream) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:  # plain text
+        for title, caption, header, rows in tables(result):
+            print(f"\n{title} ({caption})", file=stream)
+            widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+            print("  ".join(h.ljust(w) for h, w in zip(header, widths)), file=stream)
+            for r in rows:
+                print("  ".join(c.ljust(w) for c, w in zip(r, widths)), file=stream)
+        for n in result["notes"]:
+            print(f"note: {n}", file=stream)
+        return
+    console = Console(file=stream, width=max(100, Console(file=stream).width))
+    console.print(f"[bold]{result['metric']}[/] ({result['direction']}), {result['n_finished']}/{result['n_runs']} "
+                  f"finished runs in {result['n_cells']} cells")
+    for title, caption, header, rows in tables(result):
+        t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+        for h in header:
+            t.add_column(h)
+        for r in rows:
+            t.add_row(*r)
+        console.print(t)
+    for n in result["notes"]:
+        console.print(f"note: {n}", highlight=False)
+
+
+def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
+    """Run the command from parsed arguments (for a caller that built its own parser with add_arguments)."""
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    try:
+        table = read_table(args.runs)
+        factors = [f.strip() for f in args.factors.split(",") if f.strip()]
+        seed_col = args.seed_col
+        status_col = args.status_col
+        for opt, col, default in (("--seed-col", seed_col, "seed"), ("--status-col", status_col, "status")):
+            if col not in table.columns and col != default:  # explicitly named but absent
+                raise AnalysisError(f"{opt} column '{col}' not in {args.runs}")
+        result = analyze(
+            table, factors, args.metric, args.direction, seed_col=seed_col, status_col=status_col,
+            log=args.log, alpha=args.alpha, threshold=args.threshold, correction=args.correction,
+            bootstrap=not args.no_bootstrap, strict=not args.allow_inestimable,
+            ladder_order=[f.strip() for f in args.ladder.split(",")] if args.ladder else None,
+        )
+    except AnalysisError as e:
+        print(f"{PROG}: error: {e}", file=stderr)
+        return 2
+    try:
+        if args.format == "json":
+            json.dump(result, stdout, indent=2, allow_nan=False)
+            stdout.write("\n")
+        else:
+            _print_tables(result, stdout)
+        stdout.flush()
+    except BrokenPipeError:  # e.g. piped into `head`
+        return 0
+    return 0
+
+
+def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
+    stderr = stderr or sys.stderr
+    try:
+        args = build_parser().parse_args(argv)
+    except _ArgError as e:
+        print(f"{PROG}: error: {e}", file=stderr)
+        return 2
+    return run(args, stdout=stdout, stderr=stderr)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

@@ -1,0 +1,84 @@
+"""On-disk cache for small artefacts built in-project (the digits teacher and metric network).
+
+Entries live in `$SRDIT_CACHE_DIR` (default `~/.cache/srdit`), named `<name>-<key>.pt`. The key hashes the source
+text that produced the entry together with its settings, so editing the builder or changing a setting makes a new
+entry instead of silently reusing a stale one. Files are written to a temporary name and `os.replace`d into place:
+concurrent processes (e.g. Ray trials starting together) may all build, but readers only ever see a complete file,
+and the last writer wins with identical content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+
+ENV_VAR = "SRDIT_CACHE_DIR"
+
+
+def cache_dir() -> Path:
+    """The cache folder (created on demand): `$SRDIT_CACHE_DIR`, else `~/.cache/srdit`."""
+    root = os.environ.get(ENV_VAR) or os.path.join(os.path.expanduser("~"), ".cache", "srdit")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def cache_key(sources: str | Iterable[str], settings: Mapping[str, Any]) -> str:
+    """First 16 hex digits of sha256(source text(s) + canonical settings JSON)."""
+    if isinstance(sources, str):
+        sources = [sources]
+    h = hashlib.sha256()
+    for text in sources:
+        h.update(text.encode("utf-8"))
+        h.update(b"\0")  # separator: ("ab", "c") and ("a", "bc") must not collide
+    h.update(json.dumps(dict(settings), sort_keys=True, separators=(",", ":")).encode("utf-8"))
+    return h.hexdigest()[:16]
+
+
+def cache_path(name: str, key: str) -> Path:
+    return cache_dir() / f"{name}-{key}.pt"
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then atomically replace `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str | os.PathLike) -> Any:
+    """Load a cache file safely (tensors, containers and primitives only)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def cached(name: str, key: str, build: Callable[[], Any]) -> Any:
+    """Return the entry `name-key`, building and storing it first when it is missing or unreadable.
+
+    `build` must return something `torch.load(weights_only=True)` can read back (tensors, dicts, lists, str, numbers).
+    """
+    path = cache_path(name, key)
+    if path.exists():
+        try:
+            return load(path)
+        except Exception as e:  # truncated or foreign file: rebuild and overwrite it below
+            warnings.warn(f"cache entry {path} is unreadable ({type(e).__name__}: {e}); rebuilding it", stacklevel=2)
+    obj = build()
+    save_atomic(obj, path)
+    return obj

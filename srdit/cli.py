@@ -1,0 +1,197 @@
+"""The `srdit` command: train | sample | evaluate | model-info | techniques | study | analyze | report | ui.
+
+Bad input (missing file, malformed YAML, unknown key or technique, impossible combination, foreign checkpoint)
+prints one line on stderr and exits with status 2, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from srdit.config import ConfigError
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> int:
+    print(f"srdit: error: {message}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def cmd_train(args) -> int:
+    from srdit.config import load_run_config, to_yaml
+    from srdit.train import JsonlReporter, train
+
+    overrides = list(args.overrides)
+    if args.config and "=" in args.config and not Path(args.config).exists():  # `srdit train key=value ...`
+        args.config, overrides = None, [args.config] + overrides
+    cfg = load_run_config(args.config, overrides)
+    out = Path(args.out)
+    if args.print_config:
+        print(to_yaml(cfg), end="")
+        return 0
+    out.mkdir(parents=True, exist_ok=True)
+    result = train(cfg, out, JsonlReporter(out / "metrics.jsonl"), resume=not args.restart,
+                   progress=None if not args.quiet else False)
+    summary = {"status": result.status, "reason": result.reason, "step": result.step, "out": str(out),
+               **{k: round(v, 5) for k, v in result.metrics.items() if k in ("fd", "kd", "kd_std", "precision",
+                                                                         "recall", "loss", "images_per_s")}}
+    print(json.dumps(summary))
+    return 0 if result.status == "finished" else 1
+
+
+def _load(ckpt_path: str):
+    from srdit.train import load_checkpoint, model_from_checkpoint
+
+    return model_from_checkpoint(load_checkpoint(ckpt_path))
+
+
+def cmd_sample(args) -> int:
+    import dataclasses
+
+    from srdit.generate import generate, with_sampler
+    from srdit.imaging import save_samples
+    from srdit.train import resolve_device
+
+    model, cfg = _load(args.checkpoint)
+    device = resolve_device(args.device)
+    sc = with_sampler(cfg, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg)
+    dataclasses.replace(cfg, sample=sc).validate()  # e.g. path-drop guidance needs SPRINT
+    images, labels, nfe = generate(model.to(device), cfg, args.n, args.seed, device, sample_cfg=sc)
+    png, npz = save_samples(images, labels, args.out)
+    print(json.dumps({"png": str(png), "npz": str(npz), "n": args.n, "nfe": nfe, "sampler": sc.sampler}))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    import dataclasses
+
+    from srdit.generate import evaluate, with_sampler
+    from srdit.train import resolve_device
+
+    model, cfg = _load(args.checkpoint)
+    device = resolve_device(args.device)
+    sc = with_sampler(cfg, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg)
+    dataclasses.replace(cfg, sample=sc).validate()
+    metrics = evaluate(model.to(device), cfg, device, n=args.n, sample_cfg=sc)
+    metrics["n"] = int(metrics["n"])
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for k, v in metrics.items():
+            print(f"{k:>10}  {v:.5g}" if isinstance(v, float) else f"{k:>10}  {v}")
+    return 0
+
+
+def cmd_model_info(args) -> int:
+    from srdit.config import DataConfig, ModelConfig, RunConfig, preset, with_techniques
+    from srdit.model import SIZES, build_model, count_macs
+
+    techniques = [t for t in (args.techniques or "").split(",") if t]
+    if args.name in ("SR-DiT-B/1", "digits"):
+        cfg = preset(args.name)
+    else:
+        size, _, patch = args.name.removeprefix("SiT-").removeprefix("DiT-").partition("/")
+        if size not in SIZES or patch not in ("1", "2", "4"):
+            return _fail(f"unknown model {args.name!r}; allowed: SR-DiT-B/1, digits, or <size>/<patch> with size in "
+                         f"{', '.join(SIZES)} and patch 1, 2, 4 (e.g. B/2)")
+        native = dict(in_channels=1, input_size=8, num_classes=10) if size == "debug" else \
+            dict(in_channels=4, input_size=32, num_classes=1000)  # SD-VAE latent of a 256 px image
+        data = DataConfig() if size == "debug" else DataConfig(dataset="latents", path="-")
+        cfg = RunConfig(model=ModelConfig(size=size, patch_size=int(patch), **native), data=data)
+    if techniques:
+        cfg = with_techniques(cfg, techniques)
+    model = build_model(cfg.model)
+    info = {"params": sum(p.numel() for p in model.parameters()), "params_inference": model.inference_parameters(),
+            "gmacs": round(count_macs(model) / 1e9, 4)}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"{args.name}: {info['params'] / 1e6:.2f}M parameters ({info['params_inference'] / 1e6:.2f}M at "
+              f"inference), {info['gmacs']:.2f} GMACs per image")
+    return 0
+
+
+def cmd_techniques(args) -> int:
+    from srdit.config import TECHNIQUES
+
+    for t in TECHNIQUES.values():
+        knobs = f" knobs: {', '.join(t.knobs)}" if t.knobs else ""
+        print(f"{t.name:<20} {t.description}.{knobs}\n{'':<20} {t.paper}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="srdit", description="Ablation studies for diffusion transformers.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train one run (default: the embedded digits recipe)")
+    t.add_argument("config", nargs="?", help="run YAML (omit for the digits default)")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=200 model.qk_norm=true")
+    t.add_argument("--out", default="runs/digits", help="run folder (default: runs/digits)")
+    t.add_argument("--restart", action="store_true", help="ignore an existing checkpoint in --out")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=cmd_train)
+
+    for name, func, hlp in [("sample", cmd_sample, "sample a checkpoint (EMA weights) to a PNG grid and .npz"),
+                            ("evaluate", cmd_evaluate, "FD / KD / precision / recall of a checkpoint's samples")]:
+        s = sub.add_parser(name, help=hlp)
+        s.add_argument("checkpoint")
+        s.add_argument("--n", type=int, default=100 if name == "sample" else None)
+        s.add_argument("--sampler", choices=["sde", "euler", "heun"])
+        s.add_argument("--steps", type=int)
+        s.add_argument("--cfg", type=float, help="classifier-free guidance scale")
+        s.add_argument("--device", default="auto")
+        if name == "sample":
+            s.add_argument("--seed", type=int, default=0)
+            s.add_argument("--out", required=True)
+        else:
+            s.add_argument("--json", action="store_true")
+        s.set_defaults(func=func)
+
+    m = sub.add_parser("model-info", help="parameters and GMACs of a model (e.g. SR-DiT-B/1, XL/2)")
+    m.add_argument("name")
+    m.add_argument("--techniques", help="comma-separated techniques to apply")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_model_info)
+
+    sub.add_parser("techniques", help="list the built-in techniques").set_defaults(func=cmd_techniques)
+    for name, hlp in [("study", "plan | run | resume a study YAML"), ("analyze", "effects and synergy from a CSV"),
+                      ("report", "render a study's dashboard"), ("ui", "start the MLflow UI on the embedded store")]:
+        d = sub.add_parser(name, help=hlp, add_help=False)
+        d.add_argument("rest", nargs=argparse.REMAINDER)
+    return p
+
+
+DELEGATES = {
+    "study": ("srdit.study.command", "main"),
+    "analyze": ("srdit.analysis.command", "main"),
+    "report": ("srdit.study.command", "report_main"),
+    "ui": ("srdit.study.command", "ui_main"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in DELEGATES:  # these commands own their argument parsing
+        import importlib
+
+        module, func = DELEGATES[argv[0]]
+        return getattr(importlib.import_module(module), func)(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        return _fail(str(e))
+    except (ValueError, FileNotFoundError, NotImplementedError, KeyError) as e:
+        return _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        print("srdit: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,324 @@
+"""One training run from a resolved RunConfig: AdamW + EMA, checkpoints with exact resume, periodic evaluation.
+
+The trainer knows nothing of Ray or MLflow: it reports through a `Reporter`. Failures are results: a non-finite
+loss or gradient ends the run with status `diverged`, an out-of-memory error with status `oom`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+from srdit.config import RunConfig, from_dict, to_dict, to_yaml
+from srdit.model import build_model
+from srdit.provenance import provenance
+from srdit.transport import interpolate, sample_times, velocity_target
+from srdit.transport.losses import loss_terms, total
+
+CHECKPOINT = "checkpoints/last.pt"
+
+
+class Reporter(Protocol):
+    def report(self, step: int, metrics: dict[str, float]) -> None: ...
+
+
+class NullReporter:
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+
+class JsonlReporter:
+    """Appends every report to metrics.jsonl in the run folder (what `srdit train` leaves behind)."""
+
+    def __init__(self, path: Path, inner: Reporter | None = None):
+        self.path, self.inner = Path(path), inner
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.inner is not None:
+            self.inner.report(step, metrics)
+
+    def artifact(self, path: Path) -> None:
+        if self.inner is not None and hasattr(self.inner, "artifact"):
+            self.inner.artifact(path)
+
+
+@dataclass
+class TrainResult:
+    status: str  # finished | diverged | oom
+    reason: str
+    step: int
+    metrics: dict[str, float] = field(default_factory=dict)
+    out_dir: Path | None = None
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (not srdit's, from another model, unreadable)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Setup helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_for(cfg: RunConfig, device: torch.device):
+    bf16 = cfg.train.precision == "bf16" or (cfg.train.precision == "auto" and device.type == "cuda")
+    if bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class TrainData:
+    """Training images, labels, and (for REPA / REG) the teacher's tokens of every image.
+
+    On digits the teacher is run once over the whole split: there is no augmentation, so its tokens are a pure
+    function of the image index (the paper's run was bottlenecked by running DINOv2 every step)."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device):
+        if cfg.data.dataset != "digits":
+            raise NotImplementedError("data.dataset latents: the ImageNet latent loader is not in this version yet")
+        from srdit.data.digits import load_digits_split
+
+        split = load_digits_split()
+        self.x, self.y = split.train_x.to(device), split.train_y.to(device)
+        self.patches = self.cls = None
+        m = cfg.model
+        if m.repa.enabled or m.reg.enabled:
+            from srdit.encoders import load_teacher
+
+            teacher = load_teacher(cfg.data.teacher, cfg.data.teacher_path, "cpu")
+            want = {m.repa.teacher_dim} if m.repa.enabled else set()
+            want |= {m.reg.dim} if m.reg.enabled else set()
+            if want != {teacher.dim}:
+                raise ValueError(f"teacher {cfg.data.teacher} gives {teacher.dim}-d tokens: set model.repa.teacher_dim "
+                                 f"and model.reg.dim to {teacher.dim}")
+            with torch.no_grad():
+                patches, cls = teacher(split.train_x, m.input_size // m.patch_size)
+            self.patches, self.cls = patches.to(device), cls.to(device)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    with torch.no_grad():
+        for e, p in zip(ema.parameters(), model.parameters()):
+            if p.requires_grad:
+                e.lerp_(p.detach(), 1.0 - decay)
+
+
+def _save_atomic(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint written by `train` (weights_only=True); CheckpointError with one clear line otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors carry long messages; keep the first line
+        raise CheckpointError(f"{path}: not a readable srdit checkpoint ({str(e).splitlines()[0][:120]})") from None
+    if not isinstance(ckpt, dict) or not {"model", "ema", "config", "step"} <= set(ckpt):
+        raise CheckpointError(f"{path}: not an srdit checkpoint (expected model, ema, config and step entries)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict, weights: str = "ema") -> tuple[torch.nn.Module, RunConfig]:
+    """Rebuild the model a checkpoint was trained with and load its (EMA) weights strictly."""
+    cfg = from_dict(RunConfig, ckpt["config"]).validate()
+    model = build_model(cfg.model)
+    try:
+        model.load_state_dict(ckpt[weights], strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint weights do not match its model config ({str(e).splitlines()[0]})") from None
+    return model.eval(), cfg
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A rich progress bar on a terminal, nothing otherwise."""
+
+    def __init__(self, total: int, start: int, enabled: bool | None):
+        self.bar = None
+        if enabled if enabled is not None else sys.stderr.isatty():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
+            self.task = self.bar.add_task("train", total=total, completed=start, info="")
+            self.bar.start()
+
+    def update(self, step: int, info: str = "") -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, info=info)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None, resume: bool = True,
+          progress: bool | None = None) -> TrainResult:
+    """Train `cfg` into `out_dir` (config.yaml, metrics.jsonl, samples.png/.npz, checkpoints/last.pt).
+
+    With `resume`, a checkpoint in `out_dir` is continued exactly: same batches, same noise, same weights as the
+    uninterrupted run."""
+    cfg = cfg.validate()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    reporter = reporter or NullReporter()
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(tc.seed)
+    data = TrainData(cfg, device)
+    model = build_model(cfg.model).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
+                            weight_decay=tc.weight_decay)
+    from srdit.data.digits import BatchStream
+
+    stream = BatchStream(len(data), tc.batch_size, tc.seed)
+    step = 0
+    ckpt_path = out / CHECKPOINT
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["config"] != to_dict(cfg):
+            raise CheckpointError(f"{ckpt_path}: written by a different config; use another --out or remove it")
+        model.load_state_dict(ckpt["model"])
+        ema.load_state_dict(ckpt["ema"])
+        opt.load_state_dict(ckpt["opt"])
+        stream.load_state_dict(ckpt["data"])
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        step = int(ckpt["step"])
+    (out / "config.yaml").write_text(to_yaml(cfg))
+
+    def save() -> None:
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+        _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+                      "rng": rng, "data": stream.state_dict(), "config": to_dict(cfg), **provenance(device)}, ckpt_path)
+
+    def run_eval() -> dict[str, float]:
+        from srdit.generate import evaluate
+
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return evaluate(ema, cfg, device)
+
+    net = torch.compile(model) if tc.compile else model
+    m, null = cfg.model, cfg.model.num_classes
+    shift = cfg.shift_value()
+    bar = _Progress(tc.steps, step, progress)
+    sums: dict[str, float] = {}
+    count, t_window = 0, time.perf_counter()
+    status, reason, last = "finished", "", {}
+    model.train()
+    try:
+        while step < tc.steps:
+            idx = stream.next_indices().to(device)
+            x0, y = data.x[idx], data.y[idx]
+            y = torch.where(torch.rand(len(y), device=device) < tc.label_dropout, torch.full_like(y, null), y)
+            t = sample_times(len(y), cfg.transport.time_sampling, shift, cfg.transport.logit_mean,
+                             cfg.transport.logit_std, device=device)
+            eps = torch.randn_like(x0)
+            cls_t = reg_target = repa_target = None
+            if m.reg.enabled:
+                c0 = data.cls[idx]
+                eps_c = torch.randn_like(c0)
+                cls_t, reg_target = interpolate(c0, eps_c, t), velocity_target(c0, eps_c)
+            if m.repa.enabled:
+                repa_target = data.patches[idx]
+                if m.reg.enabled:  # token 0 (the class token) aligns with the teacher's class token
+                    repa_target = torch.cat([data.cls[idx][:, None], repa_target], dim=1)
+            with autocast_for(cfg, device):
+                pred, aux = net(interpolate(x0, eps, t), t, y, cls_t)
+            terms = loss_terms(pred, velocity_target(x0, eps), aux, repa_target, reg_target, cfm=cfg.loss.cfm > 0)
+            loss = total(terms, cfg.loss)
+            if not torch.isfinite(loss):
+                status, reason = "diverged", f"non-finite loss at step {step + 1}"
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+            if not torch.isfinite(grad_norm):
+                status, reason = "diverged", f"non-finite gradient norm at step {step + 1}"
+                break
+            opt.step()
+            _ema_update(ema, model, tc.ema_decay)
+            step += 1
+
+            for k, v in [("loss", loss), ("grad_norm", grad_norm)] + [(f"loss/{k}", v) for k, v in terms.items()]:
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+            count += 1
+            if step % tc.log_every == 0 or step == tc.steps:
+                dt = time.perf_counter() - t_window
+                last = {k: v / count for k, v in sums.items()}
+                last |= {"steps_per_s": count / dt, "images_per_s": count * tc.batch_size / dt}
+                reporter.report(step, last)
+                bar.update(step, f"loss {last['loss']:.4f}  {last['steps_per_s']:.1f} it/s  "
+                                 f"{last['images_per_s']:.0f} img/s")
+                sums, count, t_window = {}, 0, time.perf_counter()
+            else:
+                bar.update(step)
+            if step % tc.ckpt_every == 0 and step < tc.steps:
+                save()
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+                reporter.report(step, run_eval())
+                t_window = time.perf_counter()
+    except torch.OutOfMemoryError as e:
+        status, reason = "oom", f"out of memory at step {step + 1}: {str(e).splitlines()[0][:200]}"
+    finally:
+        bar.close()
+
+    if status != "finished":
+        reporter.report(step, {"diverged_step" if status == "diverged" else "oom_step": float(step + 1)})
+        return TrainResult(status, reason, step, dict(last), out)
+    save()
+    final = run_eval()
+    reporter.report(step, final)
+    from srdit.generate import generate
+    from srdit.imaging import save_samples
+
+    # The preview grid always shows class i mod 10 so that each column is one class.
+    grid_cfg = dataclasses.replace(cfg.sample, balanced_labels=True)
+    images, labels, _ = generate(ema, cfg, 100, cfg.eval.seed, device, 100, sample_cfg=grid_cfg)
+    png, _ = save_samples(images, labels, out)
+    if hasattr(reporter, "artifact"):
+        reporter.artifact(out / "config.yaml")
+        reporter.artifact(png)
+    metrics = {**last, **final}
+    (out / "result.json").write_text(json.dumps({"status": status, "step": step, "metrics": metrics}, indent=1))
+    return TrainResult(status, reason, step, metrics, out)

@@ -1,0 +1,213 @@
+"""Study report (srdit.analysis.report): self-contained HTML with every figure, the index page, RECORDS.md."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from srdit.analysis.report import StudyResults, render_index, render_report, write_records
+
+FIGURE_IDS = ["fig-synergy", "fig-effects", "fig-ladder", "fig-pareto", "fig-curves"]
+
+
+def png_bytes(w: int, h: int, rgb) -> bytes:
+    """A minimal RGB PNG (filter 0 rows, zlib-compressed IDAT) from a function (x, y) -> (r, g, b)."""
+    raw = b"".join(b"\x00" + bytes(v for x in range(w) for v in rgb(x, y)) for y in range(h))
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def make_results(tmp: Path, seed: int = 0, planted_failure: bool = False) -> StudyResults:
+    """A synthetic 2^3 study (repa, rope, sprint) x 3 seeds with a synergy repa:rope, sporadic failures (oom,
+    diverged), one cell excluded by a constraint, learning curves, and sample grids for three cells.
+    planted_failure: every run with repa and sprint runs out of memory."""
+    rng = np.random.default_rng(seed)
+    F = ["repa", "rope", "sprint"]
+    rows, curves, trial = [], [], 0
+    for lv in itertools.product([0, 1], repeat=3):
+        x = dict(zip(F, lv))
+        cell = "+".join(f for f in F if x[f]) or "baseline"
+        if x["rope"] and x["sprint"] and not x["repa"]:
+            continue  # excluded by a constraint (listed in `excluded`)
+        for s in range(3):
+            fd = 30 - 6 * x["repa"] - 3 * x["rope"] - 1 * x["sprint"] - 4 * x["repa"] * x["rope"] + rng.normal(0, 0.8)
+            ips = 100 * (1.8 if x["sprint"] else 1) * (0.9 if x["repa"] else 1) * np.exp(rng.normal(0, 0.02))
+            status, reason = "finished", ""
+            if x["repa"] and x["sprint"] and (s == 2 or planted_failure):
+                status, reason = "oom", "CUDA out of memory at step 120"
+            elif x["repa"] and x["rope"] and x["sprint"] and s == 1:
+                status, reason = "diverged", "loss is NaN at step 310"
+            ok = status == "finished"
+            rows.append({"trial": f"t{trial:03d}", "cell": cell, "seed": s, "status": status, "status_reason": reason,
+                         **x, "fd": fd if ok else np.nan, "kd": fd / 100 if ok else np.nan,
+                         "precision": 0.5 + (30 - fd) / 60 if ok else np.nan,
+                         "images_per_s": ips if ok else np.nan, "loss": 0.3 + fd / 200 if ok else np.nan})
+            for step in range(0, 401, 50):
+                curves.append({"trial": f"t{trial:03d}", "cell": cell, "seed": s, "key": "loss", "step": step,
+                               "value": np.exp(-step / 150) + 0.3 + fd / 200 + rng.normal(0, 0.01)})
+                curves.append({"trial": f"t{trial:03d}", "cell": cell, "seed": s, "key": "fd", "step": step,
+                               "value": fd + 40 * np.exp(-step / 120)})
+            trial += 1
+    samples = {}
+    for i, cell in enumerate(["baseline", "repa", "repa+rope"]):
+        p = tmp / f"samples_{cell}.png"
+        p.write_bytes(png_bytes(24, 24, lambda x, y, i=i: ((x * 10 + i * 70) % 256, (y * 10) % 256, 40 * i)))
+        samples[cell] = str(p)
+    return StudyResults(
+        study="digits_factorial_test", design="full", factors=F, metric="fd", direction="min",
+        other_metrics={"images_per_s": "max", "kd": "min", "precision": "max"}, table=pd.DataFrame(rows),
+        curves=pd.DataFrame(curves), samples=samples,
+        excluded=[{"cell": "rope+sprint", "techniques": ["rope", "sprint"],
+                   "reason": "constraint: sprint requires repa in this study"}],
+        aliases={}, ladder_order=["repa", "rope", "sprint"], commit="0123456789abcdef", date="2026-11-02")
+
+
+def _scripts_with_remote_src(page: str) -> list[str]:
+    tags = re.findall(r"<script\b[^>]*\bsrc\s*=[^>]*>", page, flags=re.I)
+    links = re.findall(r"<link\b[^>]*\bhref\s*=\s*[\"']?(?:https?:)?//[^>]*>", page, flags=re.I)
+    imgs = re.findall(r"<img\b[^>]*\bsrc\s*=\s*[\"'](?!data:)[^>]*>", page, flags=re.I)
+    return tags + links + imgs
+
+
+def test_render_report_is_self_contained_with_every_figure(tmp_path):
+    res = make_results(tmp_path)
+    path = render_report(res, tmp_path / "dashboards" / res.study)
+    assert path == tmp_path / "dashboards" / res.study / "index.html"
+    page = path.read_text(encoding="utf-8")
+    assert _scripts_with_remote_src(page) == []  # nothing loaded from the network (or from disk)
+    assert page.count("* plotly.js v") == 1  # the library is inlined exactly once
+    for fid in FIGURE_IDS + ["fig-synergy-images_per_s", "fig-synergy-kd", "fig-synergy-precision"]:
+        assert f'id="{fid}"' in page, fid
+    assert page.count("Plotly.newPlot(") == len(FIGURE_IDS) + 3
+    # samples embedded as data URIs, one per recorded cell
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) == 3
+    # failed and excluded cells with their reasons
+    for text in ("CUDA out of memory at step 120", "loss is NaN at step 310", "constraint: sprint requires repa",
+                 "excluded", "oom", "diverged"):
+        assert text in page, text
+    # the summary: best reliable combination, strongest synergy, no flags in this study
+    summary = page[page.index('id="sec-summary"'):page.index('id="sec-fig-synergy"')]
+    assert "repa+rope" in summary and "strongest synergy" in summary and "none flagged" in summary
+    assert "positive = better" in page
+    # side files: the analysis as JSON, per-cell CSV, a summary for the index page
+    effects = json.loads((path.parent / "effects.json").read_text())
+    assert set(effects) == {"fd", "images_per_s", "kd", "precision"}
+    assert effects["images_per_s"]["scale"] == "log"
+    assert effects["fd"]["synergy"]["repa:rope"] > 0
+    cells = pd.read_csv(path.parent / "cells.csv")
+    assert len(cells) == 7
+    assert json.loads((path.parent / "summary.json").read_text())["study"] == res.study
+
+
+def test_report_shows_flagged_incompatibility(tmp_path):
+    res = make_results(tmp_path, planted_failure=True)
+    page = render_report(res, tmp_path / "out").read_text(encoding="utf-8")
+    summary = page[page.index('id="sec-summary"'):page.index('id="sec-fig-synergy"')]
+    assert "repa:sprint" in summary and "runs fail together" in summary
+    assert "fails \\u2715" in page or "fails ✕" in page  # the heatmap cell of the failed pair (JSON-escaped)
+    effects = json.loads((tmp_path / "out" / "effects.json").read_text())
+    assert [(f["pair"], f["kind"]) for f in effects["fd"]["incompatible"]] == [("repa:sprint", "failure")]
+
+
+def test_report_for_fractional_and_ladder_designs(tmp_path):
+    # a 2^(4-1) half fraction (I = ABCD): pairs are aliased in the heatmap and the alias table
+    rows = []
+    for a, b, c in itertools.product([0, 1], repeat=3):
+        d = (a + b + c) % 2
+        for s in range(2):
+            rows.append({"trial": f"t{len(rows)}", "cell": "+".join(f for f, v in zip("ABCD", (a, b, c, d)) if v)
+                         or "baseline", "seed": s, "status": "finished", "status_reason": "", "A": a, "B": b, "C": c,
+                         "D": d, "fd": 10 - a - b + 0.1 * s + 0.05 * c})
+    frac = StudyResults(study="frac", design="frac(res=4)", factors=list("ABCD"), metric="fd", direction="min",
+                        table=pd.DataFrame(rows), aliases={"A:B": ["C:D"], "A:C": ["B:D"], "A:D": ["B:C"]})
+    page = render_report(frac, tmp_path / "frac").read_text(encoding="utf-8")
+    assert "aliased" in page and "A:B + C:D" in page
+    assert json.loads((tmp_path / "frac" / "effects.json").read_text())["fd"]["synergy"]["A:B"] is None
+    # a ladder design (nested cells only): the waterfall is drawn, no synergy is invented
+    chain = [[], ["A"], ["A", "B"], ["A", "B", "C"]]
+    rows = [{"trial": f"t{i}{s}", "cell": "+".join(on) or "baseline", "seed": s, "status": "finished",
+             "status_reason": "", **{f: int(f in on) for f in "ABC"}, "fd": 10 - 2 * len(on) + 0.1 * s}
+            for i, on in enumerate(chain) for s in range(2)]
+    lad = StudyResults(study="ladder", design="ladder", factors=list("ABC"), metric="fd", direction="min",
+                       table=pd.DataFrame(rows), ladder_order=["A", "B", "C"])
+    page = render_report(lad, tmp_path / "ladder").read_text(encoding="utf-8")
+    assert 'id="fig-ladder"' in page and "n/a" in page
+    # a study where nothing finished still renders, saying why
+    dead = StudyResults(study="dead", design="full", factors=["A", "B"], metric="fd", direction="min",
+                        table=pd.DataFrame([{"trial": "t", "cell": "A", "seed": 0, "status": "crashed",
+                                             "status_reason": "boom", "A": a, "B": b, "fd": np.nan}
+                                            for a in (0, 1) for b in (0, 1)]))
+    page = render_report(dead, tmp_path / "dead").read_text(encoding="utf-8")
+    assert "not possible" in page and "no finished run" in page
+
+
+def test_render_index_lists_every_study(tmp_path):
+    dash = tmp_path / "dashboards"
+    res = make_results(tmp_path)
+    render_report(res, dash / res.study)
+    other = make_results(tmp_path, seed=1)
+    other.study = "second_study"
+    render_report(other, dash / other.study)
+    (dash / "not_a_study").mkdir()
+    path = render_index(dash)
+    assert path == dash / "index.html"
+    page = path.read_text(encoding="utf-8")
+    assert 'href="digits_factorial_test/index.html"' in page and 'href="second_study/index.html"' in page
+    assert "not_a_study" not in page
+    assert _scripts_with_remote_src(page) == []
+
+
+def test_write_records_appends_and_refreshes(tmp_path):
+    path = tmp_path / "dashboards" / "RECORDS.md"
+    res = make_results(tmp_path)
+    write_records(res, path)
+    text = path.read_text(encoding="utf-8")
+    lines = [ln for ln in text.splitlines() if ln.startswith("| digits_factorial_test")]
+    assert len(lines) == 7  # one row per arm (cell)
+    t = res.table
+    ok = t["status"] == "finished"
+    base = t[ok & (t.cell == "baseline")]["fd"]
+    arm = t[ok & (t.cell == "repa+rope")]["fd"]
+    p = stats.ttest_ind(arm, base, equal_var=False).pvalue
+    row = next(ln for ln in lines if "| repa+rope |" in ln)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[3] == f"{arm.mean():.4g} ± {arm.std(ddof=1):.4g} (n=3)"
+    assert cells[4] == f"{p:.3g}"
+    assert cells[5] == "0123456789ab" and cells[6] == "2026-11-02"
+    assert "(n=1, 2 failed)" in text  # repa+rope+sprint: 1 finished of 3
+    # a second study is appended; re-writing the first refreshes its rows without duplicating them
+    other = make_results(tmp_path, seed=3)
+    other.study = "another"
+    write_records(other, path)
+    res.commit = "fedcba9876543210"
+    write_records([res], path)
+    text = path.read_text(encoding="utf-8")
+    assert sum(ln.startswith("| digits_factorial_test") for ln in text.splitlines()) == 7
+    assert sum(ln.startswith("| another") for ln in text.splitlines()) == 7
+    assert "fedcba987654" in text and "| 0123456789ab |" not in text.split("| another")[0]
+    assert text.count("| study | arm |") == 1
+
+
+@pytest.mark.parametrize("bad", ["missing.png", "not_png"])
+def test_missing_sample_grid_is_reported_not_fatal(tmp_path, bad):
+    res = make_results(tmp_path)
+    if bad == "not_png":
+        (tmp_path / "x.png").write_text("not a png")
+        res.samples = {"baseline": str(tmp_path / "x.png")}
+    else:
+        res.samples = {"baseline": str(tmp_path / bad)}
+    page = render_report(res, tmp_path / "out", bootstrap=False).read_text(encoding="utf-8")
+    assert "sample grid missing" in page

@@ -1,0 +1,128 @@
+"""The study report renders in a real browser (headless Chromium): no JavaScript error, every plotly figure drawn,
+and a screenshot that is not blank. Needs the Debian `chromium` package (CI installs it)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_report import make_results  # noqa: E402
+
+from srdit.analysis.report import render_report  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
+                 if p and Path(p).exists()), None)
+
+
+def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
+           f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--enable-logging=stderr", "--v=0", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    """Minimal PNG decoder (8-bit gray / RGB / RGBA, not interlaced); reverses the five row filters of the PNG
+    specification (W3C PNG, section 9 "Filtering")."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat, hdr = 8, [], None
+    while pos < len(data):
+        (n,) = struct.unpack(">I", data[pos:pos + 4])
+        typ, chunk = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        pos += 12 + n
+        if typ == b"IHDR":
+            hdr = struct.unpack(">IIBBBBB", chunk)
+        elif typ == b"IDAT":
+            idat.append(chunk)
+        elif typ == b"IEND":
+            break
+    w, h, depth, ctype, _, _, interlace = hdr
+    assert depth == 8 and interlace == 0 and ctype in (0, 2, 6), hdr
+    bpp = {0: 1, 2: 3, 6: 4}[ctype]
+    raw = zlib.decompress(b"".join(idat))
+    stride = w * bpp
+    out = np.zeros((h, stride), dtype=np.uint8)
+    prev = np.zeros(stride, dtype=np.int64)
+    for y in range(h):
+        ft = raw[y * (stride + 1)]
+        line = np.frombuffer(raw, dtype=np.uint8, count=stride, offset=y * (stride + 1) + 1).astype(np.int64)
+        if ft == 0:  # None
+            cur = line
+        elif ft == 2:  # Up
+            cur = (line + prev) & 0xFF
+        elif ft == 1:  # Sub: a running sum per channel
+            cur = (np.cumsum(line.reshape(w, bpp), axis=0) & 0xFF).reshape(-1)
+        else:  # Average (3), Paeth (4): depend on the reconstructed left byte, so sequential
+            lst, pr, rec = line.tolist(), prev.tolist(), [0] * stride
+            for i in range(stride):
+                a = rec[i - bpp] if i >= bpp else 0
+                b = pr[i]
+                if ft == 3:
+                    rec[i] = (lst[i] + ((a + b) >> 1)) & 0xFF
+                else:
+                    c = pr[i - bpp] if i >= bpp else 0
+                    p = a + b - c
+                    pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                    rec[i] = (lst[i] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 0xFF
+            cur = np.array(rec, dtype=np.int64)
+        out[y] = cur
+        prev = cur
+    return out.reshape(h, w, bpp)
+
+
+def test_png_decoder_roundtrip():
+    from test_report import png_bytes
+
+    img = decode_png(png_bytes(5, 4, lambda x, y: (x * 50, y * 60, 7)))
+    assert img.shape == (4, 5, 3)
+    assert img[3, 4].tolist() == [200, 180, 7]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_headless_chromium(tmp_path):
+    res = make_results(tmp_path)
+    page = render_report(res, tmp_path / "dash" / res.study)
+    html = page.read_text(encoding="utf-8")
+    fig_ids = re.findall(r'<div id="(fig-[^"]+)" class="plotly-graph-div"', html)
+    assert len(fig_ids) == 8
+    url = page.resolve().as_uri()
+
+    dom_run = chromium(["--dump-dom", url], tmp_path / "profile1")
+    assert dom_run.returncode == 0, dom_run.stderr[-2000:]
+    dom = dom_run.stdout
+    # errors caught by the page's window.onerror hook, and console errors logged by Chromium
+    errors = re.search(r'<pre id="js-errors">(.*?)</pre>', dom, flags=re.S)
+    assert errors is not None and errors.group(1).strip() == "", errors and errors.group(1)
+    console = [ln for ln in dom_run.stderr.splitlines() if "CONSOLE" in ln and ("Error" in ln or "Uncaught" in ln)]
+    assert console == [], console
+    # every figure div became a plotly plot with its SVG drawn
+    for fid in fig_ids:
+        tag = re.search(rf'<div id="{re.escape(fid)}"[^>]*>', dom)
+        assert tag and "js-plotly-plot" in tag.group(0), fid
+    assert dom.count('class="main-svg"') >= 2 * len(fig_ids)
+    assert dom.count('class="heatmaplayer') == 4  # the main synergy matrix and one per other metric
+    assert len(re.findall(r'<img [^>]*src="data:image/png', dom)) == 3
+
+    shot = tmp_path / "shot.png"
+    shot_run = chromium([f"--screenshot={shot}", "--window-size=1400,3000", "--hide-scrollbars", url],
+                        tmp_path / "profile2")
+    assert shot.exists(), shot_run.stderr[-2000:]
+    img = decode_png(shot.read_bytes()).astype(float)
+    assert img.shape[:2] == (3000, 1400)
+    gray = img[..., :3].mean(axis=2)
+    assert gray.std() > 20  # not blank
+    background = np.median(gray)
+    assert (np.abs(gray - background) > 30).mean() > 0.05  # a substantial part of the page is drawn
+    colours = {tuple(p) for p in img[::7, ::7, :3].reshape(-1, 3).astype(int).tolist()}
+    assert len(colours) > 200  # figures, not a flat page
