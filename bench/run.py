@@ -1,0 +1,75 @@
+"""`make bench`: side-by-side measurements in one run, written to bench/results.json and printed as the README's
+markdown table. Each model arm runs in its own process so that its peak memory is its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ARMS = {"plain": "", "sprint": "sprint",
+        "full stack": "repa,reg,sprint,rmsnorm,rope,qk_norm,value_residual,cfm,time_shift,balanced_labels"}
+
+
+def run_json(cmd: list[str], timeout: int = 1800) -> dict:
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
+    if out.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def model_arms(steps: int) -> dict:
+    results = {}
+    for name, techniques in ARMS.items():
+        cmd = [sys.executable, str(HERE / "model_step.py"), "--techniques", techniques, "--steps", str(steps)]
+        results[name] = run_json(cmd + (["--matmul"] if name == "plain" else []))
+        print(f"  {name}: {results[name]['step_s']:.3f} s/step, peak RSS {results[name]['peak_rss_mb']:.0f} MB",
+              file=sys.stderr)
+    plain = results["plain"]["step_s"]
+    for r in results.values():
+        r["speedup_vs_plain"] = plain / r["step_s"]
+    return results
+
+
+def table(res: dict) -> str:
+    arms = res["model_step"]
+    lines = ["| measurement (one run, CPU, 2 threads) | value |", "|---|---|"]
+    for name, r in arms.items():
+        lines.append(f"| SR-DiT-B/1 shape, batch 8, fwd+bwd: {name} | {r['step_s']:.2f} s/step "
+                     f"({r['speedup_vs_plain']:.2f}x vs plain), peak RSS {r['peak_rss_mb']:.0f} MB |")
+    p = arms["plain"]
+    lines.append(f"| plain backbone FLOP/s as a fraction of a dense fp32 matmul | "
+                 f"{p['flops_fraction_of_matmul']:.2f} ({p['achieved_flops'] / 1e9:.0f} / "
+                 f"{p['matmul_flops'] / 1e9:.0f} GFLOP/s) |")
+    s = res.get("study")
+    if s:
+        lines.append(f"| study orchestration overhead per trial (Ray Tune + MLflow vs plain loop) | "
+                     f"{s.get('overhead_per_trial_s', float('nan')):.1f} s |")
+        if "default_study_wall_s" in s:
+            lines.append(f"| `make study` default study wall time | {s['default_study_wall_s'] / 60:.1f} min |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=str(HERE / "results.json"))
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--skip-study", action="store_true")
+    args = p.parse_args()
+    res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "model_step": model_arms(args.steps)}
+    study = HERE / "study_overhead.py"
+    if not args.skip_study and study.exists():
+        res["study"] = run_json([sys.executable, str(study), "--out", "-"], timeout=3600)
+    Path(args.out).write_text(json.dumps(res, indent=1))
+    print(table(res))
+
+
+if __name__ == "__main__":
+    main()
