@@ -1,4 +1,4 @@
-"""Frozen teachers for representation alignment (REPA patch tokens, REG class token)."""
+"""Frozen teachers for representation alignment (REPA patch tokens, REG class token) and the image tokenizers."""
 
 from __future__ import annotations
 
@@ -6,21 +6,37 @@ import torch
 
 from srdit.encoders.base import Teacher
 from srdit.encoders.digits import DigitsMetricNet, DigitsTeacher, load_digits_metric_net, load_digits_teacher
+from srdit.encoders.dinov2 import DINOV2_NAMES
+from srdit.encoders.invae import Tokenizer
 
-TEACHERS = ("digits-cnn",)
+TEACHERS = ("digits-cnn",) + DINOV2_NAMES
+TOKENIZERS = ("invae", "sdvae")
 
 
 def load_teacher(name: str, path: str | None = None, device: str | torch.device = "cpu") -> Teacher:
-    """The teacher named by `data.teacher`: `digits-cnn` (built in-project, cached) or a DINOv2 name."""
+    """The teacher named by `data.teacher`: `digits-cnn` (built in-project, cached) or a DINOv2 name loaded from the
+    local files under `path` (`data.teacher_path`; layout in `srdit.encoders.dinov2`)."""
     if name == "digits-cnn":
         return load_digits_teacher(device)
-    if name.lower().startswith("dinov2"):
-        raise NotImplementedError(
-            f"teacher {name!r}: the ImageNet DINOv2 teacher loads from local files (a repo checkout plus "
-            f"<name>_pretrain.pth, path={path!r}) and is not available in this version yet; "
-            f"use data.teacher: digits-cnn")
-    raise ValueError(f"unknown teacher {name!r}; allowed: {', '.join(TEACHERS)} or a dinov2_* name")
+    if name in DINOV2_NAMES:
+        from srdit.encoders.dinov2 import load_dinov2_teacher
+
+        return load_dinov2_teacher(name, path, device)
+    raise ValueError(f"unknown teacher {name!r}; allowed: {', '.join(TEACHERS)}")
 
 
-__all__ = ["Teacher", "TEACHERS", "DigitsTeacher", "DigitsMetricNet", "load_teacher", "load_digits_teacher",
-           "load_digits_metric_net"]
+def load_tokenizer(name: str, path: str, device: str | torch.device = "cpu") -> Tokenizer:
+    """An image tokenizer from local files: `invae` (weights file or folder) or `sdvae` (a diffusers folder)."""
+    if name == "invae":
+        from srdit.encoders.invae import load_invae
+
+        return load_invae(path, device)
+    if name == "sdvae":
+        from srdit.encoders.sdvae import load_sdvae
+
+        return load_sdvae(path, device)
+    raise ValueError(f"unknown tokenizer {name!r}; allowed: {', '.join(TOKENIZERS)}")
+
+
+__all__ = ["Teacher", "TEACHERS", "TOKENIZERS", "Tokenizer", "DigitsTeacher", "DigitsMetricNet", "load_teacher",
+           "load_tokenizer", "load_digits_teacher", "load_digits_metric_net"]

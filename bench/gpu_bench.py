@@ -1,0 +1,250 @@
+"""GPU benchmark of SR-DiT-B/1 training (a few minutes on one GPU; prints one JSON document).
+
+    python bench/gpu_bench.py                                   # CUDA: 4 arms (SPRINT on/off x compile on/off)
+    python bench/gpu_bench.py --device cpu --batch 2 --steps 2  # CPU smoke check (eager, fp32 arms only)
+
+Each arm times the full training step of the `SR-DiT-B/1` preset on random inputs (no data, no teacher): forward,
+backward, gradient clipping, AdamW and the EMA update, under bf16 autocast, exactly as `srdit.train` runs it
+(label dropout, shifted times, REG class token, REPA target). Reported per arm: training images/s, step time,
+peak GPU memory (`torch.cuda.max_memory_allocated`), the step's FLOPs counted by torch's FlopCounterMode on one
+eager training step (forward + backward; SPRINT's token drop included), and model FLOP utilisation against the
+device's dense bf16 peak (H100 / H200 SXM: 989 TFLOP/s; detected by name, or `--peak-tflops`). The random DINOv2
+tokens stand in for the teacher, whose per-step forward was the bottleneck of the paper's run: these numbers are
+the diffusion model's own ceiling. An arm that runs out of memory is reported with status "oom" and the rest go on.
+A last entry measures peak memory at batch 32 (the reference logged ~8.9 GB per GPU at batch 32 with RMSNorm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from srdit.config import apply_diff, preset  # noqa: E402
+from srdit.model import build_model  # noqa: E402
+from srdit.transport import interpolate, sample_times, velocity_target  # noqa: E402
+from srdit.transport.losses import loss_terms, total  # noqa: E402
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name.
+PEAK_BF16_TFLOPS = [
+    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),
+    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
+]
+
+
+def peak_tflops(device: torch.device, override: float | None) -> tuple[float | None, str]:
+    if override:
+        return override, "--peak-tflops"
+    if device.type != "cuda":
+        return None, "unknown (not a CUDA device)"
+    name = torch.cuda.get_device_name(device)
+    for key, value in PEAK_BF16_TFLOPS:
+        if key in name:
+            return value, f"{name} (table: {key})"
+    return None, f"{name} (not in the table: pass --peak-tflops)"
+
+
+def arm_config(sprint: bool):
+    cfg = preset("SR-DiT-B/1")
+    if not sprint:
+        cfg = dataclasses.replace(apply_diff(cfg, {"model.sprint.enabled": False}),
+                                  techniques=tuple(t for t in cfg.techniques if t != "sprint")).validate()
+    return cfg
+
+
+class Step:
+    """One training step of srdit.train on random tensors (fixed inputs, fresh noise each step)."""
+
+    def __init__(self, cfg, device: torch.device, batch: int, compile_: bool, bf16: bool = True):
+        self.cfg, self.device, self.batch, self.bf16 = cfg, device, batch, bf16
+        torch.manual_seed(0)
+        self.model = build_model(cfg.model).to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.ema_params = [e for e, p in zip(self.ema.parameters(), self.model.parameters()) if p.requires_grad]
+        tc = cfg.train
+        self.opt = torch.optim.AdamW(self.params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
+        self.net = torch.compile(self.model) if compile_ else self.model
+        m = cfg.model
+        g = torch.Generator(device="cpu").manual_seed(1)
+        self.x0 = torch.randn(batch, m.in_channels, m.input_size, m.input_size, generator=g).to(device)
+        self.y = torch.randint(0, m.num_classes, (batch,), generator=g).to(device)
+        tokens = (m.input_size // m.patch_size) ** 2
+        self.c0 = torch.randn(batch, m.reg.dim, generator=g).to(device) if m.reg.enabled else None
+        self.patches = (torch.randn(batch, tokens, m.repa.teacher_dim, generator=g).to(device)
+                        if m.repa.enabled else None)
+        self.shift = cfg.shift_value()
+        self.model.train()
+
+    def __call__(self) -> float:
+        cfg, m, tc = self.cfg, self.cfg.model, self.cfg.train
+        y = torch.where(torch.rand(self.batch, device=self.device) < tc.label_dropout,
+                        torch.full_like(self.y, m.num_classes), self.y)
+        t = sample_times(self.batch, cfg.transport.time_sampling, self.shift, cfg.transport.logit_mean,
+                         cfg.transport.logit_std, device=self.device)
+        eps = torch.randn_like(self.x0)
+        cls_t = reg_target = repa_target = None
+        if m.reg.enabled:
+            eps_c = torch.randn_like(self.c0)
+            cls_t, reg_target = interpolate(self.c0, eps_c, t), velocity_target(self.c0, eps_c)
+        if m.repa.enabled:
+            repa_target = (torch.cat([self.c0[:, None], self.patches], dim=1) if m.reg.enabled else self.patches)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            pred, aux = self.net(interpolate(self.x0, eps, t), t, y, cls_t)
+        terms = loss_terms(pred, velocity_target(self.x0, eps), aux, repa_target, reg_target, cfm=cfg.loss.cfm > 0)
+        loss = total(terms, cfg.loss)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - tc.ema_decay)
+        return float(loss.detach()) if self.device.type == "cpu" else 0.0
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def count_step_flops(cfg, device: torch.device, batch: int, bf16: bool) -> float:
+    """FLOPs of one eager training step (forward + backward) as FlopCounterMode counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = Step(cfg, device, batch, compile_=False, bf16=bf16)
+    torch.manual_seed(0)
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def run_arm(name: str, cfg, device: torch.device, batch: int, steps: int, warmup: int, compile_: bool,
+            peak: float | None, bf16: bool) -> dict:
+    out = {"arm": name, "sprint": cfg.model.sprint.enabled, "compile": compile_, "batch": batch,
+           "precision": "bf16" if bf16 else "fp32"}
+    step = None
+    try:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        step = Step(cfg, device, batch, compile_, bf16)
+        t0 = time.perf_counter()
+        step()
+        sync(device)
+        out["first_step_s"] = round(time.perf_counter() - t0, 3)  # includes compilation for compiled arms
+        for _ in range(max(0, warmup - 1)):
+            step()
+        sync(device)
+        times = []
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        total_s = sum(times)
+        out.update(status="ok", images_per_s=round(batch * steps / total_s, 2),
+                   step_ms_median=round(1e3 * statistics.median(times), 2), step_ms_min=round(1e3 * min(times), 2))
+        if device.type == "cuda":
+            out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        del step
+        step = None
+        flops = count_step_flops(cfg, device, batch, bf16)
+        out["tflop_per_step"] = round(flops / 1e12, 4)
+        achieved = flops * steps / total_s / 1e12
+        out["achieved_tflops"] = round(achieved, 3)
+        out["mfu"] = round(achieved / peak, 4) if peak and bf16 else None  # the peak is the bf16 one
+    except torch.OutOfMemoryError as e:
+        out.update(status="oom", reason=str(e).splitlines()[0][:200])
+    except Exception as e:  # report and go on with the other arms
+        out.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+    finally:
+        del step
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+def reference_memory(device: torch.device, batch: int = 32, steps: int = 3) -> dict:
+    """Peak memory of the full SR-DiT-B/1 step (SPRINT on, eager) at the reference's per-GPU batch."""
+    if device.type != "cuda":
+        return {"status": "skipped", "reason": "CUDA only"}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    try:
+        step = Step(arm_config(True), device, batch, compile_=False)
+        for _ in range(steps):
+            step()
+        sync(device)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        del step
+        return {"status": "ok", "batch": batch, "peak_mem_gb": round(peak, 3), "reference_gb": 8.9}
+    except torch.OutOfMemoryError as e:
+        return {"status": "oom", "reason": str(e).splitlines()[0][:200]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch", type=int, default=256, help="global batch of the timed arms (SR-DiT: 256)")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per arm")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per arm (the first compiles)")
+    p.add_argument("--compile", choices=("auto", "both", "on", "off"), default="auto",
+                   help="torch.compile arms: auto = both on CUDA, off on CPU")
+    p.add_argument("--sprint", choices=("both", "on", "off"), default="both")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 autocast on CUDA, fp32 on CPU (as srdit.train; CPU bf16 is very slow)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device (TFLOP/s)")
+    p.add_argument("--out", default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            print(json.dumps({"error": "CUDA is not available; run with --device cpu --batch 2 --steps 2"}))
+            return 2
+        torch.backends.cuda.matmul.allow_tf32 = True  # as srdit.train does on CUDA
+        torch.backends.cudnn.allow_tf32 = True
+    compile_mode = args.compile if args.compile != "auto" else ("both" if device.type == "cuda" else "off")
+    compiles = {"both": [False, True], "on": [True], "off": [False]}[compile_mode]
+    sprints = {"both": [True, False], "on": [True], "off": [False]}[args.sprint]
+    peak, peak_source = peak_tflops(device, args.peak_tflops)
+    bf16 = args.precision == "bf16" or (args.precision == "auto" and device.type == "cuda")
+    cfg = arm_config(True)
+    model = build_model(cfg.model)
+    result = {
+        "benchmark": "SR-DiT-B/1 training step (forward + backward + clip + AdamW + EMA), random data",
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
+        "peak_bf16_tflops": peak, "peak_source": peak_source,
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
+        "tokens": (cfg.model.input_size // cfg.model.patch_size) ** 2 + (1 if cfg.model.reg.enabled else 0),
+        "arms": [],
+    }
+    del model
+    for sprint in sprints:
+        for compile_ in compiles:
+            name = f"{'sprint' if sprint else 'dense'}{'+compile' if compile_ else ''}"
+            arm = run_arm(name, arm_config(sprint), device, args.batch, args.steps, args.warmup, compile_, peak,
+                          bf16)
+            result["arms"].append(arm)
+            print(f"# {name}: {arm.get('status')} {arm.get('images_per_s', '')} img/s", file=sys.stderr, flush=True)
+    result["reference_memory"] = reference_memory(device)
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0 if all(a["status"] in ("ok", "oom") for a in result["arms"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
