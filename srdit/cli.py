@@ -1,4 +1,5 @@
-"""The `srdit` command: train | sample | evaluate | model-info | techniques | study | analyze | report | ui.
+"""The `srdit` command: train | sample | evaluate | model-info | techniques | study | analyze | report | ui |
+preprocess.
 
 Bad input (missing file, malformed YAML, unknown key or technique, impossible combination, foreign checkpoint)
 prints one line on stderr and exits with status 2, never a traceback."""
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("techniques", help="list the built-in techniques").set_defaults(func=cmd_techniques)
     for name, hlp in [("study", "plan | run | resume a study YAML"), ("analyze", "effects and synergy from a CSV"),
-                      ("report", "render a study's dashboard"), ("ui", "start the MLflow UI on the embedded store")]:
+                      ("report", "render a study's dashboard"), ("ui", "start the MLflow UI on the embedded store"),
+                      ("preprocess", "image folder -> center crops -> VAE latents in resumable shards")]:
         d = sub.add_parser(name, help=hlp, add_help=False)
         d.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -171,6 +173,7 @@ DELEGATES = {
     "analyze": ("srdit.analysis.command", "main"),
     "report": ("srdit.study.command", "report_main"),
     "ui": ("srdit.study.command", "ui_main"),
+    "preprocess": ("srdit.data.preprocess", "main"),
 }
 
 

@@ -86,36 +86,86 @@ def autocast_for(cfg: RunConfig, device: torch.device):
     return contextlib.nullcontext()
 
 
-class TrainData:
-    """Training images, labels, and (for REPA / REG) the teacher's tokens of every image.
+def _teacher_for(cfg: RunConfig, device):
+    """The alignment teacher when REPA or REG is on, checked against the model's widths; None otherwise."""
+    m = cfg.model
+    if not (m.repa.enabled or m.reg.enabled):
+        return None
+    from srdit.encoders import load_teacher
 
-    On digits the teacher is run once over the whole split: there is no augmentation, so its tokens are a pure
-    function of the image index (the paper's run was bottlenecked by running DINOv2 every step)."""
+    teacher = load_teacher(cfg.data.teacher, cfg.data.teacher_path, device)
+    want = ({m.repa.teacher_dim} if m.repa.enabled else set()) | ({m.reg.dim} if m.reg.enabled else set())
+    if want != {teacher.dim}:
+        raise ValueError(f"teacher {cfg.data.teacher} gives {teacher.dim}-d tokens: set model.repa.teacher_dim and "
+                         f"model.reg.dim to {teacher.dim}")
+    return teacher
+
+
+class DigitsBatches:
+    """The embedded default: digits in memory, a deterministic index stream, and teacher tokens computed once.
+
+    There is no augmentation, so the teacher's tokens are a pure function of the image index; computing them
+    once removes the per-step teacher cost that bottlenecked the paper's run."""
 
     def __init__(self, cfg: RunConfig, device: torch.device):
-        if cfg.data.dataset != "digits":
-            raise NotImplementedError("data.dataset latents: the ImageNet latent loader is not in this version yet")
-        from srdit.data.digits import load_digits_split
+        from srdit.data.digits import BatchStream, load_digits_split
 
         split = load_digits_split()
         self.x, self.y = split.train_x.to(device), split.train_y.to(device)
+        self.stream = BatchStream(len(self.x), cfg.train.batch_size, cfg.train.seed)
         self.patches = self.cls = None
-        m = cfg.model
-        if m.repa.enabled or m.reg.enabled:
-            from srdit.encoders import load_teacher
-
-            teacher = load_teacher(cfg.data.teacher, cfg.data.teacher_path, "cpu")
-            want = {m.repa.teacher_dim} if m.repa.enabled else set()
-            want |= {m.reg.dim} if m.reg.enabled else set()
-            if want != {teacher.dim}:
-                raise ValueError(f"teacher {cfg.data.teacher} gives {teacher.dim}-d tokens: set model.repa.teacher_dim "
-                                 f"and model.reg.dim to {teacher.dim}")
+        teacher = _teacher_for(cfg, "cpu")
+        if teacher is not None:
             with torch.no_grad():
-                patches, cls = teacher(split.train_x, m.input_size // m.patch_size)
+                patches, cls = teacher(split.train_x, cfg.model.input_size // cfg.model.patch_size)
             self.patches, self.cls = patches.to(device), cls.to(device)
 
-    def __len__(self) -> int:
-        return len(self.x)
+    def next(self):
+        """(x0, labels, teacher patch tokens or None, teacher class token or None)."""
+        idx = self.stream.next_indices().to(self.x.device)
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return self.x[idx], self.y[idx], pick(self.patches), pick(self.cls)
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+
+class LatentBatches:
+    """Pre-encoded latent shards (see `srdit preprocess`), streamed; the teacher runs on the stored raw crops."""
+
+    def __init__(self, cfg: RunConfig, device: torch.device):
+        from srdit.data.latents import LatentStream
+
+        m = cfg.model
+        self.teacher = _teacher_for(cfg, device)
+        self.stream = LatentStream(cfg.data.path, cfg.train.batch_size, cfg.train.seed,
+                                   images=self.teacher is not None, device=device, prefetch=2)
+        shape = tuple(self.stream.data.latent_shape)
+        if shape != (m.in_channels, m.input_size, m.input_size) or self.stream.data.num_classes != m.num_classes:
+            raise ValueError(f"{cfg.data.path}: latents are {shape} with {self.stream.data.num_classes} classes; set "
+                             f"model.in_channels, model.input_size and model.num_classes to match")
+        self.grid = m.input_size // m.patch_size
+
+    def next(self):
+        x0, y, crops = self.stream.next_batch()
+        if self.teacher is None:
+            return x0, y, None, None
+        with torch.no_grad():
+            patches, cls = self.teacher(crops, self.grid)
+        return x0, y, patches.float(), cls.float()
+
+    def state_dict(self) -> dict:
+        return self.stream.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stream.load_state_dict(state)
+
+
+def make_batches(cfg: RunConfig, device: torch.device):
+    return DigitsBatches(cfg, device) if cfg.data.dataset == "digits" else LatentBatches(cfg, device)
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -203,14 +253,11 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(tc.seed)
-    data = TrainData(cfg, device)
+    data = make_batches(cfg, device)
     model = build_model(cfg.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
                             weight_decay=tc.weight_decay)
-    from srdit.data.digits import BatchStream
-
-    stream = BatchStream(len(data), tc.batch_size, tc.seed)
     step = 0
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
@@ -220,7 +267,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
         opt.load_state_dict(ckpt["opt"])
-        stream.load_state_dict(ckpt["data"])
+        data.load_state_dict(ckpt["data"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
@@ -230,7 +277,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     def save() -> None:
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                      "rng": rng, "data": stream.state_dict(), "config": to_dict(cfg), **provenance(device)}, ckpt_path)
+                      "rng": rng, "data": data.state_dict(), "config": to_dict(cfg), **provenance(device)}, ckpt_path)
 
     def run_eval() -> dict[str, float]:
         from srdit.generate import evaluate
@@ -248,21 +295,19 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     model.train()
     try:
         while step < tc.steps:
-            idx = stream.next_indices().to(device)
-            x0, y = data.x[idx], data.y[idx]
+            x0, y, patches, cls0 = data.next()
             y = torch.where(torch.rand(len(y), device=device) < tc.label_dropout, torch.full_like(y, null), y)
             t = sample_times(len(y), cfg.transport.time_sampling, shift, cfg.transport.logit_mean,
                              cfg.transport.logit_std, device=device)
             eps = torch.randn_like(x0)
             cls_t = reg_target = repa_target = None
             if m.reg.enabled:
-                c0 = data.cls[idx]
-                eps_c = torch.randn_like(c0)
-                cls_t, reg_target = interpolate(c0, eps_c, t), velocity_target(c0, eps_c)
+                eps_c = torch.randn_like(cls0)
+                cls_t, reg_target = interpolate(cls0, eps_c, t), velocity_target(cls0, eps_c)
             if m.repa.enabled:
-                repa_target = data.patches[idx]
+                repa_target = patches
                 if m.reg.enabled:  # token 0 (the class token) aligns with the teacher's class token
-                    repa_target = torch.cat([data.cls[idx][:, None], repa_target], dim=1)
+                    repa_target = torch.cat([cls0[:, None], patches], dim=1)
             with autocast_for(cfg, device):
                 pred, aux = net(interpolate(x0, eps, t), t, y, cls_t)
             terms = loss_terms(pred, velocity_target(x0, eps), aux, repa_target, reg_target, cfm=cfg.loss.cfm > 0)
@@ -295,7 +340,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
                 bar.update(step)
             if step % tc.ckpt_every == 0 and step < tc.steps:
                 save()
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps:
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps and cfg.data.dataset == "digits":
                 reporter.report(step, run_eval())
                 t_window = time.perf_counter()
     except torch.OutOfMemoryError as e:
@@ -307,18 +352,21 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         reporter.report(step, {"diverged_step" if status == "diverged" else "oom_step": float(step + 1)})
         return TrainResult(status, reason, step, dict(last), out)
     save()
-    final = run_eval()
-    reporter.report(step, final)
-    from srdit.generate import generate
-    from srdit.imaging import save_samples
+    final: dict[str, float] = {}
+    if cfg.data.dataset == "digits":  # ImageNet metrics need local Inception / DINOv2 weights: `srdit evaluate`
+        final = run_eval()
+        reporter.report(step, final)
+        from srdit.generate import generate
+        from srdit.imaging import save_samples
 
-    # The preview grid always shows class i mod 10 so that each column is one class.
-    grid_cfg = dataclasses.replace(cfg.sample, balanced_labels=True)
-    images, labels, _ = generate(ema, cfg, 100, cfg.eval.seed, device, 100, sample_cfg=grid_cfg)
-    png, _ = save_samples(images, labels, out)
+        # The preview grid always shows class i mod 10 so that each column is one class.
+        grid_cfg = dataclasses.replace(cfg.sample, balanced_labels=True)
+        images, labels, _ = generate(ema, cfg, 100, cfg.eval.seed, device, 100, sample_cfg=grid_cfg)
+        png, _ = save_samples(images, labels, out)
+        if hasattr(reporter, "artifact"):
+            reporter.artifact(png)
     if hasattr(reporter, "artifact"):
         reporter.artifact(out / "config.yaml")
-        reporter.artifact(png)
     metrics = {**last, **final}
     (out / "result.json").write_text(json.dumps({"status": status, "step": step, "metrics": metrics}, indent=1))
     return TrainResult(status, reason, step, metrics, out)

@@ -295,3 +295,34 @@ def test_imagenet_studies_plan(name, trials, capsys):
         assert last["sample"]["steps"] == 250 and last["sample"]["cfg_scale"] == 1.0
     if name == "imagenet256_factorial":
         assert plan.resolution == 5
+
+
+def test_trainer_runs_on_latent_shards_and_resumes(reference, tmp_path):
+    """The trainer streams preprocessed shards (here 32x2x2 latents, 3 classes) with SPRINT on, and resumes."""
+    import dataclasses
+
+    from srdit.config import DataConfig, ModelConfig, RunConfig, SprintConfig, TrainConfig
+    from srdit.train import load_checkpoint, train
+
+    root, _ = reference
+    cfg = RunConfig(model=ModelConfig(size="debug", patch_size=1, in_channels=32, input_size=2, num_classes=3,
+                                      sprint=SprintConfig(enabled=True, dense_in=2, dense_out=2, drop_ratio=0.5)),
+                    data=DataConfig(dataset="latents", path=str(root)),
+                    train=TrainConfig(steps=6, batch_size=4, ckpt_every=3, log_every=1, threads=1))
+    losses = {}
+
+    class Rec:
+        def report(self, step, metrics):
+            if "loss" in metrics:
+                losses.setdefault(step, []).append(metrics["loss"])
+
+    result = train(cfg, tmp_path / "run", Rec(), progress=False)
+    assert result.status == "finished" and result.step == 6
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["data"]["offset"] >= 0
+    again = train(cfg, tmp_path / "run2", Rec(), progress=False)
+    assert again.status == "finished"
+    assert all(len(set(v)) == 1 for v in losses.values())  # two runs of the same config: identical losses
+    bad = dataclasses.replace(cfg, model=ModelConfig(size="debug", patch_size=1, in_channels=4, input_size=2,
+                                                      num_classes=3))
+    with pytest.raises(ValueError, match="set model.in_channels"):
+        train(bad, tmp_path / "bad", progress=False)
