@@ -1,0 +1,140 @@
+"""Benchmark of the study layer (not a test).
+
+1. Per-trial orchestration overhead: the same trials (a small generated study) run
+   (a) in a plain loop in this process (same trainer, same MLflow logging, no Ray), and
+   (b) as a Ray Tune study, one trial at a time (apples to apples with the loop), and
+   (c) as a Ray Tune study with the default concurrency (all cores), for context;
+   all in the same invocation, each into a fresh state folder.
+   overhead_per_trial_s = (wall of b - wall of a) / trials.
+2. Wall time of the default study (studies/digits_quick.yaml) through the CLI, as `make study` runs it, plus the
+   report.
+
+    python bench/study_overhead.py --out bench/study_overhead.json [--skip-default] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+SMALL = {
+    "name": "bench_overhead", "techniques": ["rmsnorm", "qk_norm"], "seeds": [0, 1],
+    "base": {"train": {"steps": 20, "batch_size": 32, "log_every": 5, "ckpt_every": 10},
+             "eval": {"n_samples": 100, "batch_size": 100}, "sample": {"sampler": "euler", "steps": 4}},
+}
+
+
+def _trial_seconds(res) -> float:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(res.uri)
+    runs = client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    return sum(r.data.metrics.get("trial_wall_s", 0.0) for r in runs)
+
+
+def overhead(work: Path) -> dict:
+    import ray
+
+    from srdit.study.runner import run_plain, run_study
+    from srdit.study.spec import study_from_dict
+
+    out: dict = {"study": SMALL}
+    path = work / "small.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+
+    spec = study_from_dict(SMALL, path)
+    t = time.perf_counter()
+    plain = run_plain(spec, work / "plain")
+    out["plain_loop"] = {"wall_s": time.perf_counter() - t, "trials": plain.ran,
+                         "sum_trial_wall_s": _trial_seconds(plain)}
+
+    for label, max_conc in (("tune_one_at_a_time", 1), ("tune_concurrent", None)):
+        data = {**SMALL, "resources": {"cpus": 1, "max_concurrent": max_conc} if max_conc else {"cpus": 1}}
+        spec = study_from_dict(data, path)
+        t = time.perf_counter()
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+        t_ray = time.perf_counter() - t
+        res = run_study(spec, work / label, echo=lambda s: None)
+        ray.shutdown()
+        out[label] = {"wall_s": time.perf_counter() - t, "ray_init_s": t_ray, "trials": res.ran,
+                      "sum_trial_wall_s": _trial_seconds(res), "statuses": res.statuses,
+                      "max_concurrent": max_conc or os.cpu_count()}
+    n = out["plain_loop"]["trials"]
+    a, b = out["plain_loop"], out["tune_one_at_a_time"]
+    out["overhead_per_trial_s"] = (b["wall_s"] - a["wall_s"]) / n
+    out["overhead_per_trial_excluding_ray_start_s"] = (b["wall_s"] - b["ray_init_s"] - a["wall_s"]) / n
+    out["in_trial_slowdown"] = b["sum_trial_wall_s"] / a["sum_trial_wall_s"] if a["sum_trial_wall_s"] else None
+    out["concurrent_speedup_vs_loop"] = a["wall_s"] / out["tune_concurrent"]["wall_s"]
+    return out
+
+
+def default_study(work: Path, study: str) -> dict:
+    state = work / "default_state"
+    env = {**os.environ}
+    env.pop("RAY_ADDRESS", None)
+    t = time.perf_counter()
+    run = subprocess.run([sys.executable, "-m", "srdit.study.command", "run", study, "--state", str(state)],
+                         cwd=ROOT, env=env, capture_output=True, text=True)
+    run_s = time.perf_counter() - t
+    t = time.perf_counter()
+    rep = subprocess.run([sys.executable, "-m", "srdit.study.command", "report", study, "--state", str(state),
+                          "--out", str(work / "dashboards")], cwd=ROOT, env=env, capture_output=True, text=True)
+    report_s = time.perf_counter() - t
+    lines = run.stdout.strip().splitlines()
+    return {"study": study, "run_wall_s": run_s, "report_wall_s": report_s, "total_wall_s": run_s + report_s,
+            "run_exit_code": run.returncode, "report_exit_code": rep.returncode,
+            "summary": [ln for ln in lines if ln.startswith("study ")][-1:],
+            "stderr_tail": (run.stderr + rep.stderr).strip().splitlines()[-5:]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON results path")
+    p.add_argument("--study", default="studies/digits_quick.yaml")
+    p.add_argument("--skip-default", action="store_true", help="only the overhead measurement")
+    p.add_argument("--skip-overhead", action="store_true", help="only the default study")
+    p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="srdit-bench-"))
+    result: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": {
+        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "load_avg_at_start": os.getloadavg()}}
+    try:
+        from srdit.provenance import git_commit
+
+        result["commit"] = git_commit()[0]
+        if not args.skip_overhead:
+            result["overhead"] = overhead(work)
+            print(f"overhead per trial: {result['overhead']['overhead_per_trial_s']:.2f} s", flush=True)
+        if not args.skip_default:
+            result["default_study"] = default_study(work, args.study)
+            print(f"default study: {result['default_study']['total_wall_s']:.0f} s", flush=True)
+        result["machine"]["load_avg_at_end"] = os.getloadavg()
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

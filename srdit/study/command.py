@@ -1,0 +1,269 @@
+"""Commands of the study layer (dispatched by srdit.cli; also `python -m srdit.study.command ...`):
+
+    srdit study plan STUDY.yaml [--json]              cells, excluded cells, aliases, trial count, cost; runs nothing
+    srdit study run STUDY.yaml [--state DIR]          run every unfinished trial (Ray Tune; RAY_ADDRESS for a cluster)
+    srdit study resume STUDY.yaml [--state DIR]       the same as run (finishes what is unfinished)
+    srdit study status STUDY.yaml [--state DIR]       trials done / unfinished, from MLflow
+    srdit report STUDY.yaml [--state DIR]             dashboards/<study>/index.html (+ index, RECORDS.md), logged on
+                                                      the study's parent run
+    srdit ui [--state DIR] [--port N]                 mlflow server on 127.0.0.1 over the embedded store
+
+Bad input (a malformed study file, a missing path, a wrong argument) prints one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from srdit.config import ConfigError
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no config box / TensorBoard hint; the runner prints progress
+
+DEFAULT_STATE = "state"
+DEFAULT_DASHBOARDS = "dashboards"
+
+
+class _ArgError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of the usage dump
+        raise _ArgError(f"{self.prog}: {message}")
+
+
+def _err(msg: str) -> int:
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    return 2
+
+
+def _concurrency(spec) -> int:
+    cpus = os.cpu_count() or 1
+    n = max(1, int(cpus // max(spec.resources.cpus, 1e-9)))
+    return min(n, spec.resources.max_concurrent) if spec.resources.max_concurrent else n
+
+
+def _study_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="srdit study", description="Plan, run and resume ablation studies.")
+    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
+    sub.required = True
+    pl = sub.add_parser("plan", help="print the cells, excluded cells, aliases, trial count and cost; run nothing")
+    pl.add_argument("study")
+    pl.add_argument("--json", action="store_true", help="print the plan as JSON")
+    pl.add_argument("--steps-per-s", type=float, default=None, help="throughput assumption of the time estimate")
+    pl.add_argument("--concurrency", type=int, default=None, help="trials at once (default: cores / cpus per trial)")
+    for name, help_ in (("run", "run every unfinished trial"), ("resume", "finish an interrupted study (= run)")):
+        r = sub.add_parser(name, help=help_)
+        r.add_argument("study")
+        r.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
+        r.add_argument("--retry-failed", action="store_true",
+                       help="also rerun trials that ended diverged / oom / crashed")
+        r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    st = sub.add_parser("status", help="trials done and unfinished (from MLflow)")
+    st.add_argument("study")
+    st.add_argument("--state", default=DEFAULT_STATE)
+    return p
+
+
+def _quiet() -> None:
+    import logging
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`srdit study ...`; returns the exit code."""
+    _quiet()
+    try:
+        args = _study_parser().parse_args(argv)
+    except _ArgError as e:
+        return _err(str(e))
+    try:
+        if args.cmd == "plan":
+            return _plan(args)
+        if args.cmd in ("run", "resume"):
+            return _run(args)
+        return _status(args)
+    except ConfigError as e:
+        return _err(str(e))
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _plan(args) -> int:
+    from srdit.study.designs import ASSUMED_STEPS_PER_S, format_plan, plan_study
+    from srdit.study.spec import load_study
+
+    spec = load_study(args.study)
+    plan = plan_study(spec)
+    sps = args.steps_per_s or ASSUMED_STEPS_PER_S
+    conc = args.concurrency or _concurrency(spec)
+    if args.json:
+        print(json.dumps(plan.to_json(sps, conc), indent=1))
+    else:
+        print(format_plan(plan, sps, conc))
+    return 0
+
+
+def _run(args) -> int:
+    from srdit.study.runner import run_study
+    from srdit.study.spec import load_study
+
+    spec = load_study(args.study)
+    from srdit.study.designs import plan_study
+
+    plan = plan_study(spec)  # plan errors are input errors: raise before anything starts
+    res = run_study(spec, args.state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan)
+    state = Path(args.state)
+    print(f"MLflow: {res.uri} (experiment {spec.tracking.experiment or spec.name}, parent run {res.parent_run_id}); "
+          f"browse with `srdit ui --state {state}`")
+    print(f"report: `srdit report {args.study} --state {state}` writes {DEFAULT_DASHBOARDS}/{spec.name}/index.html")
+    return 0 if res.complete else 1
+
+
+def _status(args) -> int:
+    from srdit.study.designs import plan_study
+    from srdit.study.results import open_tracking
+    from srdit.study.spec import load_study
+    from srdit.study.tracking import is_done
+
+    spec = load_study(args.study)
+    plan = plan_study(spec)
+    tracking = open_tracking(spec, args.state)
+    children = tracking.children_by_key()
+    keys = [t.key for t in plan.trials] if plan.trials else list(children)
+    n_done = 0
+    for k in keys:
+        r = children.get(k)
+        state = "not started" if r is None else (r.data.tags.get("status", "?") if is_done(r) else
+                                                  f"unfinished ({r.info.status.lower()})")
+        n_done += r is not None and is_done(r)
+        reason = r.data.tags.get("status_reason", "") if r is not None else ""
+        print(f"{k}  {state}{'  ' + reason if reason else ''}")
+    total = plan.search_budget or len(keys)
+    print(f"{n_done}/{total} trials done; MLflow {tracking.uri}, parent run {tracking.parent_run_id}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# srdit report
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _report_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="srdit report", description="Render a study's dashboard from its MLflow runs.")
+    p.add_argument("study")
+    p.add_argument("--state", default=DEFAULT_STATE)
+    p.add_argument("--out", default=DEFAULT_DASHBOARDS, help="dashboards folder (the report goes to OUT/<study>/)")
+    p.add_argument("--no-bootstrap", action="store_true", help="skip bootstrap CIs (faster)")
+    return p
+
+
+def report_main(argv: list[str] | None = None) -> int:
+    """`srdit report STUDY.yaml [--state DIR]`; returns the exit code."""
+    _quiet()
+    try:
+        args = _report_parser().parse_args(argv)
+    except _ArgError as e:
+        return _err(str(e))
+    try:
+        path = make_report(args.study, args.state, args.out, bootstrap=not args.no_bootstrap)
+    except ConfigError as e:
+        return _err(str(e))
+    print(f"report: {path}")
+    return 0
+
+
+def make_report(study: str | Path, state: str | Path = DEFAULT_STATE, out: str | Path = DEFAULT_DASHBOARDS,
+                bootstrap: bool = True) -> Path:
+    """Study YAML -> MLflow runs -> dashboards/<study>/index.html, dashboards/index.html, dashboards/RECORDS.md;
+    the report files are logged on the study's parent run under report/."""
+    from srdit.analysis.report import render_index, render_report, write_records
+    from srdit.study.results import load_results
+    from srdit.study.spec import load_study
+
+    spec = load_study(study)
+    results, tracking = load_results(spec, state)
+    if results.table.empty:
+        raise ConfigError(f"study {spec.name}: no trial has finished yet; run `srdit study run {study}` first")
+    out = Path(out)
+    html = render_report(results, out / spec.name, bootstrap=bootstrap)
+    render_index(out)
+    write_records(results, out / "RECORDS.md")
+    try:
+        tracking.client.log_artifacts(tracking.parent_run_id, str(out / spec.name), "report")
+    except Exception as e:  # the report exists on disk either way
+        print(f"warning: could not log the report on the MLflow parent run: {e}", file=sys.stderr)
+    return html
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# srdit ui
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _ui_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="srdit ui", description="MLflow UI over the embedded store (Ctrl-C stops it).")
+    p.add_argument("--state", default=DEFAULT_STATE)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=5000)
+    return p
+
+
+def ui_main(argv: list[str] | None = None) -> int:
+    """`srdit ui [--state DIR]`: start `mlflow server` on loopback, print the URL, stop cleanly on Ctrl-C."""
+    import time
+
+    from srdit.study.tracking import default_tracking_uri, port_free, start_server, stop_server
+
+    try:
+        args = _ui_parser().parse_args(argv)
+    except _ArgError as e:
+        return _err(str(e))
+    state = Path(args.state)
+    db = state / "mlflow.db"
+    if not db.exists():
+        return _err(f"no MLflow store at {db}; run `srdit study run STUDY.yaml --state {state}` first")
+    if not port_free(args.host, args.port):
+        return _err(f"port {args.port} on {args.host} is in use; pass --port N")
+    print(f"starting the MLflow UI over {db} ...", flush=True)
+    try:
+        proc = start_server(default_tracking_uri(state), state / "mlartifacts", args.host, args.port,
+                            log_path=state / "mlflow-ui.log")
+    except RuntimeError as e:
+        return _err(str(e))
+    print(f"MLflow UI: http://{args.host}:{args.port}  (Ctrl-C to stop; log in {state / 'mlflow-ui.log'})", flush=True)
+
+    def _interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored)
+        signal.signal(sig, _interrupt)
+    try:
+        while proc.poll() is None:
+            time.sleep(0.5)
+        return _err(f"mlflow server exited with code {proc.returncode}; see {state / 'mlflow-ui.log'}")
+    except KeyboardInterrupt:
+        print("stopping the MLflow UI ...", flush=True)
+        stop_server(proc)
+        return 0
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    if argv[:1] == ["report"]:
+        sys.exit(report_main(argv[1:]))
+    if argv[:1] == ["ui"]:
+        sys.exit(ui_main(argv[1:]))
+    sys.exit(main(argv))

@@ -1,0 +1,412 @@
+"""Designs: which technique sets (cells) a study runs, and the trial list (cell x seed) the runner executes.
+
+A cell id is a bit string over the study's techniques in the order they are listed ("000" = baseline). A
+fractional factorial comes from pyDOE3 (fracfact_by_res, else fracfact_opt), and its resolution and alias
+structure are computed here from the design matrix itself (products of the +-1 columns), so a generator that
+promises more than it delivers is caught.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from srdit.config import ConfigError, RunConfig, apply_diff, to_dict
+from srdit.study.spec import StudySpec
+
+# Cost-estimate assumptions for `srdit study plan` (measured on the 2-core CI box, debug model, 1 thread per trial).
+ASSUMED_STEPS_PER_S = 7.0
+"Training steps per second of one trial (debug SiT, batch 64, 1 CPU thread, two trials on a 2-core box)."
+ASSUMED_EVAL_S_PER_KNFE = 0.5
+"Seconds per 1000 sample-network evaluations (n_samples x sampler steps) in an evaluation, plus metrics."
+ASSUMED_TRIAL_OVERHEAD_S = 1.5
+"Per-trial start-up: imports in a fresh worker, data, MLflow run, sample grid."
+ASSUMED_STUDY_OVERHEAD_S = 25.0
+"Ray start, MLflow store, driver imports."
+
+
+@dataclass(frozen=True)
+class Cell:
+    id: str
+    "Bit string over the study's techniques, in the order listed."
+    on: tuple[str, ...]
+    "Techniques switched on (in the order listed)."
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    key: str
+    "Deterministic trial key: <cell>-s<seed>-<hash of the resolved config>; tags the MLflow child run."
+    cell: str
+    on: tuple[str, ...]
+    seed: int
+    config: dict
+    "The resolved RunConfig as a plain dict (to_dict)."
+    params: dict = field(default_factory=dict)
+    "Searched knob values (search design only)."
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "cell": self.cell, "on": list(self.on), "seed": self.seed, "config": self.config,
+                "params": dict(self.params)}
+
+
+@dataclass
+class Plan:
+    study: str
+    design: str
+    "Short design label (full, frac(res=5), ladder, loo, search)."
+    factors: list[str]
+    cells: list[Cell]
+    excluded: list[dict]
+    "Cells excluded by constraints or cross-field rules: {cell, techniques, reason}."
+    trials: list[TrialSpec]
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+    defining_relation: list[str] = field(default_factory=list)
+    resolution: float | None = None
+    "Achieved resolution of a fractional design (inf for a full factorial)."
+    ladder_order: list[str] | None = None
+    notes: list[str] = field(default_factory=list)
+    search_budget: int = 0
+    "Trials of a search design (chosen while it runs)."
+    base_config: dict = field(default_factory=dict)
+
+    def cost(self, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrency: int = 1) -> dict:
+        """Steps x trials and a wall-time estimate under stated throughput assumptions."""
+        configs = [t.config for t in self.trials] or [self.base_config] * self.search_budget
+        steps = sum(c["train"]["steps"] for c in configs)
+        trial_s = 0.0
+        for c in configs:
+            tr, ev, sa = c["train"], c["eval"], c["sample"]
+            n_evals = (tr["steps"] - 1) // tr["eval_every"] + 1 if tr["eval_every"] else 1
+            knfe = (n_evals * ev["n_samples"] + 100) * sa["steps"] / 1000  # + the 100-image preview grid
+            trial_s += tr["steps"] / steps_per_s + knfe * ASSUMED_EVAL_S_PER_KNFE + ASSUMED_TRIAL_OVERHEAD_S
+        conc = max(1, min(concurrency, len(configs) or 1))
+        wall = ASSUMED_STUDY_OVERHEAD_S + trial_s / conc
+        return {"trials": len(configs), "total_steps": steps, "trial_seconds": round(trial_s, 1),
+                "concurrency": conc, "wall_seconds": round(wall, 1),
+                "assumptions": f"{steps_per_s:g} steps/s per trial, {ASSUMED_EVAL_S_PER_KNFE:g} s per 1000 sampler "
+                               f"evaluations, {ASSUMED_TRIAL_OVERHEAD_S:g} s start-up per trial, "
+                               f"{ASSUMED_STUDY_OVERHEAD_S:g} s per study, {conc} trial(s) at once"}
+
+    def to_json(self, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrency: int = 1) -> dict:
+        return {
+            "study": self.study, "design": self.design, "factors": self.factors,
+            "cells": [{"cell": c.id, "techniques": list(c.on)} for c in self.cells],
+            "excluded": self.excluded, "aliases": self.aliases, "defining_relation": self.defining_relation,
+            "resolution": None if self.resolution is None else (
+                "full" if math.isinf(self.resolution) else int(self.resolution)),
+            "ladder_order": self.ladder_order, "notes": self.notes,
+            "trials": [{"key": t.key, "cell": t.cell, "seed": t.seed, "techniques": list(t.on)} for t in self.trials],
+            "cost": self.cost(steps_per_s, concurrency),
+        }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# two-level designs: matrices, resolution, aliases
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def full_factorial_matrix(k: int) -> np.ndarray:
+    """All 2^k rows in +-1 coding, the last factor varying fastest (row 0 = all off)."""
+    return np.array(list(itertools.product([-1, 1], repeat=k)), dtype=int).reshape(-1, k)
+
+
+def _columns_as_ints(matrix: np.ndarray) -> list[int]:
+    """Each +-1 column as an int bit mask over rows (bit set where the level is -1): a product of columns is XOR."""
+    bits = (np.asarray(matrix) < 0)
+    return [int("".join("1" if b else "0" for b in bits[:, j]) or "0", 2) for j in range(bits.shape[1])]
+
+
+def defining_words(matrix: np.ndarray) -> list[tuple[tuple[int, ...], int]]:
+    """Words of the defining relation: factor subsets whose column product is constant, with its sign (+1/-1)."""
+    n, k = np.asarray(matrix).shape
+    cols = _columns_as_ints(matrix)
+    ones = (1 << n) - 1
+    prod = [0] * (1 << k)
+    words = []
+    for s in range(1, 1 << k):
+        low = (s & -s).bit_length() - 1
+        prod[s] = prod[s & (s - 1)] ^ cols[low]
+        if prod[s] in (0, ones):
+            words.append((tuple(j for j in range(k) if s >> j & 1), 1 if prod[s] == 0 else -1))
+    return words
+
+
+def resolution(matrix: np.ndarray) -> float:
+    """Length of the shortest word of the defining relation (inf for a full factorial / no word)."""
+    words = defining_words(matrix)
+    return float(min(len(w) for w, _ in words)) if words else math.inf
+
+
+def effect_name(factors: Sequence[str], idx: Iterable[int]) -> str:
+    return ":".join(factors[i] for i in idx)
+
+
+def alias_map(matrix: np.ndarray, factors: Sequence[str], max_order: int = 3) -> dict[str, list[str]]:
+    """Effect (main or two-factor interaction) -> aliased effects up to `max_order` factors ("-" marks an opposite
+    sign). Only effects with at least one alias appear."""
+    m = np.asarray(matrix, dtype=int)
+    k = m.shape[1]
+    effects = [c for r in range(1, max_order + 1) for c in itertools.combinations(range(k), r)]
+    cols = {e: np.prod(m[:, list(e)], axis=1) for e in effects}
+    out: dict[str, list[str]] = {}
+    for e in effects:
+        if len(e) > 2:
+            continue
+        partners = []
+        for f in effects:
+            if f == e:
+                continue
+            if np.array_equal(cols[e], cols[f]):
+                partners.append(effect_name(factors, f))
+            elif np.array_equal(cols[e], -cols[f]):
+                partners.append("-" + effect_name(factors, f))
+        if partners:
+            out[effect_name(factors, e)] = partners
+    return out
+
+
+def _min_runs(k: int, res: int) -> int:
+    if res <= 3:
+        return k + 1
+    if res == 4:
+        return 2 * k
+    return 1 + k + k * (k - 1) // 2
+
+
+def fractional_matrix(k: int, res: int) -> tuple[np.ndarray, str]:
+    """The smallest two-level design for k factors with resolution >= res that pyDOE3 finds; (+-1 matrix, generator).
+
+    Tries pyDOE3.fracfact_by_res first, then fracfact_opt for each number of erased factors (fewest runs first),
+    keeping the first design whose resolution, computed from the matrix, is at least `res`. Falls back to the
+    full factorial."""
+    import pyDOE3
+
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    if res > k:
+        return full_factorial_matrix(k), " ".join(letters[:k])
+    candidates: list[tuple[int, np.ndarray, str]] = []
+    try:
+        m = np.asarray(pyDOE3.fracfact_by_res(k, res), dtype=int)
+        if resolution(m) >= res:
+            candidates.append((m.shape[0], m, "fracfact_by_res"))
+    except ValueError:
+        pass
+    for p in range(k - 1, 0, -1):
+        runs = 2 ** (k - p)
+        if runs < _min_runs(k, res):
+            continue
+        if candidates and candidates[0][0] <= runs:
+            break
+        gen = pyDOE3.fracfact_opt(k, p, max_attempts=400)[0]
+        m = np.asarray(pyDOE3.fracfact(gen), dtype=int)
+        if resolution(m) >= res:
+            candidates.append((runs, m, gen))
+            break
+    if candidates:
+        runs, m, gen = min(candidates, key=lambda c: c[0])
+        return m, gen
+    return full_factorial_matrix(k), " ".join(letters[:k])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# cells -> configs
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def cell_id(spec: StudySpec, on: Iterable[str]) -> str:
+    on = set(on)
+    return "".join("1" if n in on else "0" for n in spec.factor_names)
+
+
+def make_cell(spec: StudySpec, on: Iterable[str]) -> Cell:
+    on = set(on)
+    return Cell(cell_id(spec, on), tuple(n for n in spec.factor_names if n in on))
+
+
+def violated(spec: StudySpec, on: Sequence[str]) -> str | None:
+    """The constraint a technique set breaks, phrased as the reason for excluding it; None if none."""
+    s = set(on)
+    for c in spec.constraints:
+        if c.kind == "requires" and c.a in s:
+            missing = [o for o in c.others if o not in s]
+            if missing:
+                return f"constraint: {c.a} requires {' and '.join(missing)}"
+        if c.kind == "excludes":
+            both = [n for n in (c.a,) + c.others if n in s]
+            if len(both) > 1:
+                return f"constraint: {' and '.join(both)} exclude each other"
+    return None
+
+
+def merged_diff(spec: StudySpec, on: Sequence[str], knobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Merge the diffs of the techniques in `on`; shared keys with different values take the `wins` technique's."""
+    wins = {(c.a, o) for c in spec.constraints if c.kind == "wins" for o in c.others}
+    writers: dict[str, list[str]] = {}
+    for n in on:
+        for key in spec.factor(n).diff:
+            writers.setdefault(key, []).append(n)
+    out: dict[str, Any] = {}
+    for key, ns in writers.items():
+        values = {json.dumps(spec.factor(n).diff[key], sort_keys=True, default=str) for n in ns}
+        if len(values) == 1:
+            out[key] = spec.factor(ns[0]).diff[key]
+            continue
+        winners = [a for a in ns if all((a, b) in wins or spec.factor(b).diff[key] == spec.factor(a).diff[key]
+                                        for b in ns if b != a)]
+        if not winners:
+            raise ConfigError(f"techniques {' and '.join(ns)} all set {key}; add an excludes or wins constraint")
+        out[key] = spec.factor(winners[0]).diff[key]
+    for key, value in (knobs or {}).items():  # searched knobs: <technique>.<knob> only when on, else a config key
+        head, _, rest = key.partition(".")
+        if head in spec.factor_names:
+            if head in on:
+                from srdit.config import TECHNIQUES
+                out[TECHNIQUES[head].knobs[rest]] = value
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_config(spec: StudySpec, on: Sequence[str], seed: int, knobs: dict[str, Any] | None = None) -> RunConfig:
+    """base + the diffs of `on` (+ searched knobs) with train.seed = seed, validated. Raises ConfigError."""
+    cfg = apply_diff(spec.base, {**merged_diff(spec, on, knobs), "train.seed": seed})
+    builtin = tuple(n for n in on if spec.factor(n).builtin)
+    return dataclasses.replace(cfg, techniques=tuple(spec.base.techniques) + builtin).validate()
+
+
+def trial_key(cell: str, seed: int, config: dict) -> str:
+    h = hashlib.sha1(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return f"{cell}-s{seed}-{h}"
+
+
+def make_trial(spec: StudySpec, cell: Cell, seed: int, knobs: dict[str, Any] | None = None) -> TrialSpec:
+    cfg = to_dict(resolve_config(spec, cell.on, seed, knobs))
+    return TrialSpec(trial_key(cell.id, seed, cfg), cell.id, cell.on, seed, cfg, dict(knobs or {}))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the plan
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def design_cells(spec: StudySpec) -> tuple[list[tuple[str, ...]], dict]:
+    """Technique sets of the design (before constraints) and design facts (aliases, resolution, ...)."""
+    names = spec.factor_names
+    k = len(names)
+    d = spec.design
+    info: dict[str, Any] = {}
+    if d.kind == "full_factorial":
+        rows = full_factorial_matrix(k)
+        info["resolution"] = math.inf
+    elif d.kind == "fractional_factorial":
+        rows, gen = fractional_matrix(k, d.resolution)
+        achieved = resolution(rows)
+        words = defining_words(rows)
+        info.update(resolution=achieved, generator=gen, aliases=alias_map(rows, names),
+                    defining_relation=["I = " + ("-" if sg < 0 else "") + effect_name(names, w) for w, sg in words])
+        if math.isinf(achieved):
+            info["notes"] = [f"resolution {d.resolution} with {k} techniques needs every cell: this is the full "
+                             f"factorial ({len(rows)} cells)"]
+        else:
+            info["notes"] = [f"2^({k}-{int(round(k - math.log2(len(rows))))}) design, {len(rows)} of {2 ** k} cells, "
+                             f"resolution {int(achieved)} (pyDOE3 generator: {gen})"]
+    elif d.kind == "ladder":
+        sets = [tuple(d.order[:i]) for i in range(len(d.order) + 1)]
+        info["ladder_order"] = list(d.order)
+        return sets, info
+    elif d.kind == "leave_one_out":
+        full = tuple(names)
+        return [full] + [tuple(n for n in names if n != m) for m in names], info
+    else:
+        return [], info
+    sets = [tuple(n for n, level in zip(names, row) if level > 0) for row in rows]
+    return sets, info
+
+
+def plan_study(spec: StudySpec) -> Plan:
+    """Cells, excluded cells (with reasons) and the trial list (cell x seed). Raises ConfigError on plan errors."""
+    sets, info = design_cells(spec)
+    cells: list[Cell] = []
+    excluded: list[dict] = []
+    trials: list[TrialSpec] = []
+    seen = set()
+    for on in sets:
+        cell = make_cell(spec, on)
+        if cell.id in seen:
+            continue
+        seen.add(cell.id)
+        reason = violated(spec, cell.on)
+        cell_trials = []
+        if reason is None:
+            try:
+                cell_trials = [make_trial(spec, cell, s) for s in spec.seeds]
+            except ConfigError as e:
+                reason = f"invalid config: {e}"
+        if reason is not None:
+            excluded.append({"cell": cell.id, "techniques": list(cell.on), "reason": reason})
+            continue
+        cells.append(cell)
+        trials += cell_trials
+    notes = list(info.get("notes", []))
+    if spec.design.kind == "search":
+        notes.append(f"search: {spec.design.trials} trials chosen by Optuna (via Ray Tune's OptunaSearch) over "
+                     f"{len(spec.factors)} technique switches and {len(spec.design.space)} knob(s), seed "
+                     f"{spec.seeds[0]}; objectives: {', '.join(search_objectives(spec))}")
+    elif not cells:
+        raise ConfigError(f"{spec.path or spec.name}: every cell of the design is excluded: "
+                          + "; ".join(f"{e['cell']}: {e['reason']}" for e in excluded[:3]))
+    return Plan(spec.name, spec.design.label, spec.factor_names, cells, excluded, trials,
+                aliases=info.get("aliases", {}), defining_relation=info.get("defining_relation", []),
+                resolution=info.get("resolution"), ladder_order=info.get("ladder_order"), notes=notes,
+                search_budget=spec.design.trials if spec.design.kind == "search" else 0,
+                base_config=to_dict(spec.base))
+
+
+def search_objectives(spec: StudySpec) -> list[str]:
+    return list(spec.design.objectives) or [spec.metrics.primary]
+
+
+def format_plan(plan: Plan, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrency: int = 1) -> str:
+    """Human-readable plan for `srdit study plan`."""
+    lines = [f"study {plan.study}: design {plan.design}, techniques {', '.join(plan.factors)}"]
+    lines += [f"  note: {n}" for n in plan.notes]
+    if plan.cells:
+        lines.append(f"cells ({len(plan.cells)}):")
+        for c in plan.cells:
+            lines.append(f"  {c.id}  {'+'.join(c.on) if c.on else 'baseline'}")
+    if plan.excluded:
+        lines.append(f"excluded cells ({len(plan.excluded)}):")
+        for e in plan.excluded:
+            lines.append(f"  {e['cell']}  {'+'.join(e['techniques']) or 'baseline'}: {e['reason']}")
+    if plan.defining_relation:
+        lines.append("defining relation: " + ", ".join(plan.defining_relation))
+    if plan.aliases:
+        lines.append("aliases (effects up to 3 techniques; '-' = opposite sign):")
+        for eff, al in plan.aliases.items():
+            lines.append(f"  {eff} = {' = '.join(al)}")
+    elif plan.resolution is not None and plan.design.startswith("frac"):
+        lines.append("aliases: none among main effects, 2- and 3-technique interactions")
+    if plan.ladder_order:
+        lines.append("ladder order: " + " -> ".join(plan.ladder_order))
+    cost = plan.cost(steps_per_s, concurrency)
+    seeds = sorted({t.seed for t in plan.trials})
+    if plan.trials or plan.search_budget:
+        if plan.trials:
+            lines.append(f"trials: {cost['trials']} ({len(plan.cells)} cells x {len(seeds)} seeds {seeds})")
+        else:
+            lines.append(f"trials: {cost['trials']} (search budget)")
+        lines.append(f"cost: {cost['total_steps']} training steps in all; estimated wall time "
+                     f"{_fmt_s(cost['wall_seconds'])} ({cost['assumptions']})")
+    return "\n".join(lines)
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"

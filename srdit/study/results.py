@@ -1,0 +1,100 @@
+"""MLflow child runs of a study -> `StudyResults` (the analysis/report input): one table row per trial, the metric
+curves, one sample grid per cell, the excluded cells and the design's alias structure."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+from pathlib import Path
+
+import pandas as pd
+
+from srdit.analysis.report import CURVE_COLUMNS, StudyResults
+from srdit.config import ConfigError
+from srdit.study.designs import Plan, plan_study
+from srdit.study.runner import state_paths
+from srdit.study.spec import StudySpec
+from srdit.study.tracking import StudyTracking, is_done, open_study, resolve_uri, retry
+
+CURVE_KEYS = ("loss", "loss/fm", "loss/repa", "loss/reg", "loss/cfm", "grad_norm", "steps_per_s", "images_per_s",
+              "fd", "kd", "kd_std", "precision", "recall")
+
+
+def open_tracking(spec: StudySpec, state_dir: str | Path) -> StudyTracking:
+    """The study's experiment and parent run, read-only; ConfigError when the study has not run yet."""
+    root = state_paths(state_dir, spec.name)["root"]
+    uri = resolve_uri(spec.tracking.uri, root)
+    if uri.startswith("sqlite:") and not Path(uri[len("sqlite:///"):]).exists():
+        raise ConfigError(f"no MLflow store at {uri[len('sqlite:///'):]}; run `srdit study run {spec.path}` first")
+    tracking = open_study(uri, spec.tracking.experiment or spec.name, spec.name, root, create=False)
+    if tracking is None:
+        raise ConfigError(f"study {spec.name} has no runs in {uri}; run `srdit study run {spec.path}` first")
+    return tracking
+
+
+def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None, curves: bool = True,
+                 samples_dir: str | Path | None = None) -> tuple[StudyResults, StudyTracking]:
+    """Read the study's child runs. Grid designs keep the runs of the current plan (by trial key; runs of an older
+    version of the study file are ignored); a search keeps every child run."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    plan = plan or plan_study(spec)
+    tracking = open_tracking(spec, state_dir)
+    client = tracking.client
+    children = tracking.children_by_key()
+    if spec.design.kind == "search":
+        keys = list(children)
+    else:
+        keys = [t.key for t in plan.trials if t.key in children]
+    factors = spec.factor_names
+    metrics = spec.metrics.all()
+    rows, curve_rows, samples = [], [], {}
+    commit = ""
+    if samples_dir is None:
+        samples_dir = state_paths(state_dir, spec.name)["root"] / "samples" / spec.name
+    samples_dir = Path(samples_dir)
+    for key in keys:
+        run = children[key]
+        tags, m = run.data.tags, run.data.metrics
+        if not is_done(run):
+            continue  # interrupted: neither a result nor a failure (rerun the study to finish it)
+        status = tags.get("status", "unknown")
+        ok = status == "finished"
+        row = {"trial": key, "cell": tags.get("cell", ""), "seed": int(tags.get("seed", -1)), "status": status,
+               "status_reason": tags.get("status_reason", "")}
+        row.update({f: int(tags.get(f"tech.{f}", 0)) for f in factors})
+        for name in dict.fromkeys([*metrics, *CURVE_KEYS]):
+            v = m.get(name)
+            row[name] = float(v) if (ok and v is not None and math.isfinite(v)) else math.nan
+        row["run_id"] = run.info.run_id
+        rows.append(row)
+        commit = commit or tags.get("git_commit", "")
+        if curves:
+            for name in CURVE_KEYS:
+                if name not in m:
+                    continue
+                hist = retry(client.get_metric_history, run.info.run_id, name)
+                last: dict[int, float] = {}
+                for point in sorted(hist, key=lambda p: (p.step, p.timestamp)):
+                    last[point.step] = point.value  # a resumed trial re-logs a few steps: keep the latest value
+                curve_rows += [{"trial": key, "cell": row["cell"], "seed": row["seed"], "key": name, "step": s,
+                                "value": v} for s, v in sorted(last.items())]
+        if ok and row["cell"] not in samples:
+            try:
+                samples_dir.mkdir(parents=True, exist_ok=True)
+                dst = samples_dir / row["cell"]
+                dst.mkdir(exist_ok=True)
+                path = retry(client.download_artifacts, run.info.run_id, "samples.png", str(dst))
+                samples[row["cell"]] = str(path)
+            except Exception:
+                pass  # a run without a sample grid (e.g. logged by an older version)
+    table = pd.DataFrame(rows, columns=None if rows else
+                         ["trial", "cell", "seed", "status", "status_reason", *factors, *metrics])
+    results = StudyResults(
+        study=spec.name, design=plan.design, factors=factors, metric=spec.metrics.primary,
+        direction=spec.metrics.direction,
+        other_metrics={k: v for k, v in metrics.items() if k != spec.metrics.primary},
+        table=table, curves=pd.DataFrame(curve_rows, columns=CURVE_COLUMNS), samples=samples,
+        excluded=list(plan.excluded), aliases=dict(plan.aliases), ladder_order=plan.ladder_order,
+        commit=commit, date=_dt.date.today().isoformat())
+    return results, tracking

@@ -1,0 +1,483 @@
+"""Run a study on Ray Tune: one trial per cell x seed (a grid over an explicit list of trial specs), or an Optuna
+search through Ray Tune's OptunaSearch.
+
+- Local Ray by default (all cores); an existing cluster when RAY_ADDRESS is set (the state folder must then be on
+  storage every node sees, or tracking must point at a server).
+- Trial workers are reused (reuse_actors=True); torch threads per trial = CPUs per trial.
+- Infrastructure failures (a worker or node lost) are retried by Tune (FailureConfig.max_failures); the trainer
+  resumes from the checkpoint in the trial folder and the trial reuses its MLflow child run.
+- A trial that diverges, runs out of memory or raises is recorded (status + reason) and the study goes on: the
+  trainable catches it and reports it; it never becomes a Tune ERROR.
+- Rerunning after an interruption runs only the trials whose child run is not done (MLflow is the source of truth).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from srdit.config import ConfigError, read_yaml
+from srdit.study.designs import Plan, make_cell, make_trial, plan_study, search_objectives, violated
+from srdit.study.spec import StudySpec, study_from_dict
+from srdit.study.tracking import (ChildRun, StudyTracking, TrialReporter, is_done, open_study, resolve_uri,
+                                  runtime_tags)
+
+MAX_FAILURES = 3
+"Tune retries of a trial after an infrastructure failure (lost worker or node)."
+
+
+@dataclass
+class StudyRun:
+    """What `run_study` did."""
+
+    study: str
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+    total: int
+    "Trials in the plan (search: the budget)."
+    skipped: int
+    "Trials already done before this invocation."
+    ran: int
+    statuses: dict[str, int] = field(default_factory=dict)
+    "status -> count over all trials of the plan, after this invocation."
+    unfinished: list[str] = field(default_factory=list)
+    "Trial keys still not done (interrupted, or infrastructure failures beyond the retries)."
+    wall_s: float = 0.0
+    state_dir: str = ""
+
+    @property
+    def complete(self) -> bool:
+        return not self.unfinished
+
+
+def state_paths(state_dir: str | Path, study: str) -> dict[str, Path]:
+    root = Path(state_dir).resolve()
+    return {"root": root, "trials": root / "trials" / study, "ray": root / "ray_results"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# inside a trial (a Ray worker, or a plain loop in the benchmark)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg}"[:500] if msg else type(e).__name__
+
+
+def execute_trial(trial: dict, ctx: dict, to_tune: bool = False) -> dict:
+    """Train one trial spec into its folder under the state dir, logging to its MLflow child run.
+
+    Returns {"status", "reason", "step", **final metrics}. Exceptions from training become status "crashed"."""
+    import torch
+
+    from srdit.config import RunConfig, from_dict
+
+    threads = max(1, int(math.floor(ctx.get("cpus", 1))))
+    torch.set_num_threads(threads)
+    cfg = from_dict(RunConfig, trial["config"])
+    out_dir = Path(ctx["trials_dir"]) / trial["key"]
+    factors = ctx["factors"]
+    on = set(trial["on"])
+    tags = {"study": ctx["study"], "cell": trial["cell"], "seed": trial["seed"], "design": ctx["design"],
+            "techniques": "+".join(trial["on"]) or "baseline", "trial_key": trial["key"], "trial_dir": str(out_dir),
+            **{f"tech.{n}": int(n in on) for n in factors}, **runtime_tags()}
+    if trial.get("params"):
+        tags["search.params"] = json.dumps(trial["params"], sort_keys=True)
+    params = {**trial["config"], "study.cell": trial["cell"], "study.seed": trial["seed"],
+              **{f"search.{k}": v for k, v in (trial.get("params") or {}).items()}}
+    child = ChildRun.open(ctx["uri"], ctx["experiment_id"], ctx["parent_run_id"], trial["key"],
+                          f"{trial['cell']}-s{trial['seed']}", tags, params, run_id=trial.get("run_id"))
+    objectives = ctx.get("objectives")  # search: Tune sees only the final result, which always has the objectives
+    reporter = TrialReporter(child, to_tune and not objectives)
+    t0 = time.perf_counter()
+    try:
+        from srdit.train import train
+
+        res = train(cfg, out_dir, reporter, resume=True, progress=False)
+        status, reason, step, metrics = res.status, res.reason, res.step, dict(res.metrics)
+    except Exception as e:  # a crash is a result; the study goes on
+        status, reason, step, metrics = "crashed", _one_line(e), reporter.last_step, {}
+        try:
+            child.log_text("".join(traceback.format_exception(e)), "traceback.txt")
+        except Exception:
+            pass
+    wall = time.perf_counter() - t0
+    final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    logged = reporter.at_last_step if reporter.last_step == step else {}
+    child.log_metrics(step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
+    child.finish(status, reason)
+    out = {"trial_key": trial["key"], "status": status, "reason": reason, "step": step, "trial_wall_s": wall,
+           "run_id": child.run_id, **final}
+    if to_tune:
+        from ray import tune
+
+        tune.report({**{o: math.nan for o in objectives or ()}, **out})
+    return out
+
+
+def _trainable(config: dict) -> None:
+    """The Ray Tune function trainable: a grid trial (config["trial"]) or a search trial (tech.* and knobs)."""
+    ctx = config["ctx"]
+    trial = config.get("trial")
+    if trial is None:
+        trial = _search_trial(config, ctx)
+        if trial is None:
+            return
+    execute_trial(trial, ctx, to_tune=True)
+
+
+def _load_ctx_spec(ctx: dict) -> StudySpec:
+    return study_from_dict(ctx["spec_data"], ctx["spec_path"])
+
+
+def _search_trial(config: dict, ctx: dict) -> dict | None:
+    """Turn a search sample (tech.<name> switches + knobs) into a trial spec; an infeasible sample is reported as
+    excluded (no MLflow run) with non-finite objectives so that Optuna learns to avoid it."""
+    from ray import tune
+
+    spec = _load_ctx_spec(ctx)
+    on = [n for n in spec.factor_names if config.get(f"tech.{n}")]
+    knobs = {p.key: config[p.key] for p in spec.design.space if p.key in config}
+    cell = make_cell(spec, on)
+    reason = violated(spec, cell.on)
+    if reason is None:
+        try:
+            trial = make_trial(spec, cell, spec.seeds[0], knobs)
+        except ConfigError as e:
+            reason = f"invalid config: {e}"
+    if reason is not None:
+        tune.report({"status": "excluded", "reason": reason,
+                     **{m: float("nan") for m in search_objectives(spec)}})
+        return None
+    t = trial.to_dict()
+    if knobs:
+        t["cell"] = f"{cell.id}-{hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:4]}"
+        t["key"] = f"{t['cell']}-s{trial.seed}-{trial.key.rsplit('-', 1)[-1]}"
+    # Optuna may propose a configuration that already ran (training is deterministic given the seed): answer it
+    # from its MLflow run instead of training it twice.
+    from mlflow import MlflowClient
+
+    from srdit.study.tracking import KEY_TAG, PARENT_TAG, list_runs
+
+    runs = list_runs(MlflowClient(ctx["uri"]), ctx["experiment_id"],
+                     f"tags.`{PARENT_TAG}` = '{ctx['parent_run_id']}' and tags.{KEY_TAG} = '{t['key']}'")
+    done = [r for r in runs if is_done(r)]
+    if done:
+        m = done[0].data.metrics
+        tune.report({"trial_key": t["key"], "status": done[0].data.tags.get("status"), "cached": 1,
+                     **{o: float(m.get(o, math.nan)) for o in search_objectives(spec)}})
+        return None
+    return t
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# driver
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _ensure_ray(num_cpus: int | None, echo: Callable[[str], None]) -> bool:
+    """Connect to RAY_ADDRESS or start a local Ray; returns True when this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    address = os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
+    if address:
+        echo(f"connecting to the Ray cluster at {address}")
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=num_cpus, **kwargs)
+    return True
+
+
+def _progress_callback(total: int, done_before: int, echo: Callable[[str], None]):
+    from ray import tune
+
+    class Progress(tune.Callback):
+        def __init__(self):
+            self.n = done_before
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            r = trial.last_result or {}
+            if r.get("status") == "excluded":
+                echo(f"  search sample excluded: {r.get('reason', '')}")
+                return
+            self.n += 1
+            key = r.get("trial_key") or trial.trial_id
+            extra = "  ".join(f"{k} {r[k]:.4g}" for k in ("fd", "loss", "images_per_s") if
+                              isinstance(r.get(k), (int, float)))
+            reason = f" ({r.get('reason')})" if r.get("reason") else ""
+            echo(f"[{self.n}/{total}] {key}: {r.get('status', '?')}{reason}  {extra}  "
+                 f"{r.get('trial_wall_s', 0):.0f} s")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            key = trial.config.get("trial", {}).get("key", trial.trial_id)
+            echo(f"  {key}: infrastructure failure (retried up to {MAX_FAILURES} times; rerun the study to resume)")
+
+    return Progress()
+
+
+def _spec_data(spec: StudySpec) -> dict:
+    data = read_yaml(spec.path) if spec.path and Path(spec.path).is_file() else None
+    if data is None:
+        raise ConfigError("search designs need the study file")
+    return data
+
+
+def prepare(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None) -> tuple[Plan, StudyTracking, dict]:
+    """Plan, make the state folders, and open (create) the experiment and parent run in the driver."""
+    plan = plan or plan_study(spec)
+    paths = state_paths(state_dir, spec.name)
+    for p in paths.values():
+        p.mkdir(parents=True, exist_ok=True)
+    uri = resolve_uri(spec.tracking.uri, paths["root"])
+    tags = {"design": plan.design, "factors": ",".join(spec.factor_names), "seeds": ",".join(map(str, spec.seeds)),
+            "description": spec.description[:4000]}
+    tracking = open_study(uri, spec.tracking.experiment or spec.name, spec.name, paths["root"],
+                          artifact_location=spec.tracking.artifact_location, tags=tags)
+    tracking.tag_parent({**tags, "n_cells": len(plan.cells), "n_trials": len(plan.trials) or plan.search_budget,
+                         "n_excluded": len(plan.excluded), "state_dir": str(paths["root"])})
+    return plan, tracking, paths
+
+
+def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = False, num_cpus: int | None = None,
+              max_failures: int = MAX_FAILURES, echo: Callable[[str], None] | None = None,
+              plan: Plan | None = None) -> StudyRun:
+    """Run (or resume) every unfinished trial of the study; returns a summary. Ray is started when not running."""
+    echo = echo or (lambda s: print(s, flush=True))
+    t0 = time.perf_counter()
+    plan, tracking, paths = prepare(spec, state_dir, plan)
+    existing = tracking.children_by_key()
+    search = spec.design.kind == "search"
+    if search:
+        return _run_search(spec, plan, tracking, paths, existing, retry_failed, num_cpus, max_failures, echo, t0)
+    todo, skipped = [], 0
+    for t in plan.trials:
+        run = existing.get(t.key)
+        if run is not None and is_done(run, retry_failed):
+            skipped += 1
+            continue
+        d = t.to_dict()
+        if run is not None and not (retry_failed and is_done(run)):
+            d["run_id"] = run.info.run_id  # unfinished: reuse it (the trainer resumes from its checkpoint)
+        todo.append(d)
+    echo(f"study {spec.name}: {len(plan.trials)} trials ({len(plan.cells)} cells x {len(spec.seeds)} seeds, "
+         f"design {plan.design}); {skipped} already done, {len(todo)} to run")
+    if plan.excluded:
+        echo(f"  {len(plan.excluded)} cell(s) excluded: " +
+             "; ".join(f"{e['cell']} ({e['reason']})" for e in plan.excluded[:4]) +
+             (" ..." if len(plan.excluded) > 4 else ""))
+    ran = 0
+    if todo:
+        tracking.set_parent_status("RUNNING")
+        started = _ensure_ray(num_cpus, echo)
+        try:
+            _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped)
+            ran = len(todo)
+        except KeyboardInterrupt:
+            echo("interrupted")
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    return _finish(spec, plan, tracking, paths, skipped, ran, echo, t0)
+
+
+def _tuner_common(spec: StudySpec, paths: dict, max_failures: int, callbacks: list) -> tuple:
+    from ray import tune
+
+    res = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+    trainable = tune.with_resources(_trainable, res)
+    run_config = tune.RunConfig(
+        name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(paths["ray"]),
+        failure_config=tune.FailureConfig(max_failures=max_failures), verbose=0, callbacks=callbacks)
+    return trainable, run_config
+
+
+def _trial_name(trial) -> str:
+    t = trial.config.get("trial")
+    return t["key"] if t else f"search_{trial.trial_id}"
+
+
+def _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped):
+    from ray import tune
+
+    ctx = _ctx(spec, tracking, paths, plan)
+    trainable, run_config = _tuner_common(spec, paths, max_failures,
+                                          [_progress_callback(len(plan.trials), skipped, echo)])
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"trial": tune.grid_search(todo), "ctx": ctx},
+        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=spec.resources.max_concurrent,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=run_config)
+    return tuner.fit()
+
+
+def _ctx(spec: StudySpec, tracking: StudyTracking, paths: dict, plan: Plan) -> dict:
+    """What every trial needs besides its spec (plain values: it travels in the Tune param space)."""
+    return {"study": spec.name, "design": plan.design, "factors": spec.factor_names, "uri": tracking.uri,
+            "experiment_id": tracking.experiment_id, "parent_run_id": tracking.parent_run_id,
+            "trials_dir": str(paths["trials"]), "cpus": spec.resources.cpus}
+
+
+def _run_search(spec, plan, tracking, paths, existing, retry_failed, num_cpus, max_failures, echo, t0) -> StudyRun:
+    """Optuna (OptunaSearch) over technique switches and knobs. The Optuna study persists in
+    <state>/optuna/<study>.db, so a rerun continues the same search; unfinished children are re-queued first (same
+    params -> same trial key -> same MLflow run and checkpoint)."""
+    from ray import tune
+    from ray.tune.search import ConcurrencyLimiter
+    from ray.tune.search.optuna import OptunaSearch
+
+    objectives = search_objectives(spec)
+    directions = [spec.metrics.all()[o] for o in objectives]
+    storage = _optuna_storage(paths, spec)
+    pending = [p for p in (_search_point(spec, r) for r in existing.values() if not is_done(r, retry_failed)) if p]
+    n_done = _search_samples_done(storage, spec, existing)
+    remaining = max(0, spec.design.trials - n_done)
+    echo(f"study {spec.name}: search, budget {spec.design.trials} trials; {n_done} already done, "
+         f"{remaining} to run" + (f" ({len(pending[:remaining])} interrupted, re-queued)" if pending else ""))
+    ran = 0
+    if remaining:
+        space: dict[str, Any] = {f"tech.{n}": tune.choice([0, 1]) for n in spec.factor_names}
+        for p in spec.design.space:
+            if p.type == "choice":
+                space[p.key] = tune.choice(list(p.choices))
+            elif p.type == "int":
+                space[p.key] = (tune.lograndint if p.log else tune.randint)(int(p.low), int(p.high) + 1)
+            else:
+                space[p.key] = (tune.loguniform if p.log else tune.uniform)(p.low, p.high)
+        searcher = OptunaSearch(metric=objectives if len(objectives) > 1 else objectives[0],
+                                mode=directions if len(directions) > 1 else directions[0],
+                                seed=spec.design.seed + n_done,  # a continued search draws new samples
+                                points_to_evaluate=pending[:remaining] or None,
+                                study_name=spec.name, storage=storage)
+        conc = spec.design.max_concurrent or spec.resources.max_concurrent
+        search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
+        ctx = {**_ctx(spec, tracking, paths, plan), "spec_data": _spec_data(spec), "spec_path": spec.path,
+               "objectives": objectives}
+        tracking.set_parent_status("RUNNING")
+        started = _ensure_ray(num_cpus, echo)
+        try:
+            trainable, run_config = _tuner_common(spec, paths, max_failures,
+                                                  [_progress_callback(spec.design.trials, n_done, echo)])
+            tune.Tuner(trainable, param_space={**space, "ctx": ctx},
+                       tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=remaining, reuse_actors=True,
+                                                   trial_name_creator=_trial_name,
+                                                   trial_dirname_creator=_trial_name),
+                       run_config=run_config).fit()
+            ran = remaining
+        except KeyboardInterrupt:
+            echo("interrupted")
+        finally:
+            if started:
+                import ray
+
+                ray.shutdown()
+    return _finish(spec, plan, tracking, paths, n_done, ran, echo, t0)
+
+
+def _optuna_storage(paths: dict, spec: StudySpec):
+    import optuna
+
+    (paths["root"] / "optuna").mkdir(exist_ok=True)
+    return optuna.storages.RDBStorage(f"sqlite:///{paths['root'] / 'optuna' / (spec.name + '.db')}")
+
+
+def _search_samples_done(storage, spec: StudySpec, existing: dict) -> int:
+    """Search samples already evaluated: the told trials of the persisted Optuna study (a repeated proposal is a
+    sample too), at least the done MLflow children."""
+    import optuna
+
+    told = 0
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+        told = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    except KeyError:  # no such study yet
+        pass
+    return max(told, sum(is_done(r) for r in existing.values()))
+
+
+def _search_point(spec: StudySpec, run) -> dict | None:
+    tags = run.data.tags
+    if not all(f"tech.{n}" in tags for n in spec.factor_names):
+        return None
+    point = {f"tech.{n}": int(tags[f"tech.{n}"]) for n in spec.factor_names}
+    params = json.loads(tags.get("search.params", "{}"))
+    point.update({p.key: params[p.key] for p in spec.design.space if p.key in params})
+    if any(p.key not in point for p in spec.design.space):
+        return None
+    return point
+
+
+def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0) -> StudyRun:
+    children = tracking.children_by_key()
+    if spec.design.kind == "search":
+        keys = list(children)
+        total = spec.design.trials
+    else:
+        keys = [t.key for t in plan.trials]
+        total = len(keys)
+    statuses: dict[str, int] = {}
+    unfinished = []
+    for k in keys:
+        r = children.get(k)
+        if r is None or not is_done(r):
+            unfinished.append(k)
+            continue
+        s = r.data.tags.get("status", "?")
+        statuses[s] = statuses.get(s, 0) + 1
+    n_samples = None
+    if spec.design.kind == "search":
+        n_samples = _search_samples_done(_optuna_storage(paths, spec), spec, children)
+        if n_samples < total:
+            unfinished.append(f"(search: {total - n_samples} sample(s) of the budget not run)")
+    wall = time.perf_counter() - t0
+    complete = not unfinished
+    tracking.tag_parent({"complete": str(complete).lower(),
+                         **{f"n_{s}": n for s, n in statuses.items()}})
+    tracking.set_parent_status("FINISHED" if complete else "KILLED")
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
+    if n_samples is None:
+        echo(f"study {spec.name}: {sum(statuses.values())}/{total} trials done ({summary or 'none'}) in {wall:.0f} s")
+    else:
+        echo(f"study {spec.name}: {min(n_samples, total)}/{total} search samples evaluated, {sum(statuses.values())} "
+             f"distinct runs ({summary or 'none'}) in {wall:.0f} s")
+    if unfinished:
+        echo(f"  {len(unfinished)} trial(s) unfinished; rerun the same command (or `srdit study resume`) to "
+             f"finish them")
+    return StudyRun(spec.name, tracking.uri, tracking.experiment_id, tracking.parent_run_id, total, skipped, ran,
+                    statuses, unfinished, wall, str(paths["root"]))
+
+
+def run_plain(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None,
+              echo: Callable[[str], None] | None = None) -> StudyRun:
+    """The same trials in a plain loop in this process (no Ray): the benchmark's reference."""
+    echo = echo or (lambda s: None)
+    t0 = time.perf_counter()
+    plan, tracking, paths = prepare(spec, state_dir, plan)
+    existing = tracking.children_by_key()
+    ctx = _ctx(spec, tracking, paths, plan)
+    ran = skipped = 0
+    for t in plan.trials:
+        run = existing.get(t.key)
+        if run is not None and is_done(run):
+            skipped += 1
+            continue
+        out = execute_trial(t.to_dict() | ({"run_id": run.info.run_id} if run else {}), ctx)
+        ran += 1
+        echo(f"{t.key}: {out['status']}")
+    return _finish(spec, plan, tracking, paths, skipped, ran, echo, t0)

@@ -1,0 +1,660 @@
+"""Study YAML -> `StudySpec`: strict schema, one-line errors that name the key and the allowed values.
+
+A study names a base run config, the techniques (factors) to switch on and off, a design that picks the cells,
+the seeds every cell runs with, constraints between techniques, the metrics, the resources per trial and where
+to track. Example (see studies/digits_quick.yaml):
+
+    name: digits_quick
+    base: {train: {steps: 200}}                 # same keys as a run YAML (preset, model, train, ...)
+    techniques:
+      - rmsnorm                                 # a built-in technique
+      - sprint: {drop_ratio: 0.5}               # a built-in technique with overridden knobs
+      - name: wide_lr                           # a custom named config diff
+        diff: {train.lr: 3e-3}
+    design: full_factorial                      # or {kind: fractional_factorial, resolution: 5}, ladder, ...
+    seeds: [0, 1]
+    constraints:
+      - requires: [path_drop_guidance, sprint]  # the first needs all the others
+      - excludes: [swiglu, relu2]               # never together
+      - {wins: swiglu, over: relu2}             # shared keys take swiglu's value
+    metrics: {primary: fd, direction: min, others: {images_per_s: max}}
+    resources: {cpus: 1, gpus: 0}
+    tracking: {uri: null}                       # null: the embedded SQLite store under the state folder
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from srdit.config import (TECHNIQUES, ConfigError, RunConfig, apply_diff, from_dict, nested_update, preset,
+                          read_yaml, to_dict)
+
+# The schema. Tests freeze these tuples so that the study format changes only on purpose.
+STUDY_KEYS = ("name", "description", "base", "techniques", "design", "seeds", "constraints", "metrics", "resources",
+              "tracking")
+DESIGN_KINDS = ("full_factorial", "fractional_factorial", "ladder", "leave_one_out", "search")
+DESIGN_KEYS = {
+    "full_factorial": ("kind",),
+    "fractional_factorial": ("kind", "resolution"),
+    "ladder": ("kind", "order"),
+    "leave_one_out": ("kind",),
+    "search": ("kind", "trials", "objectives", "space", "seed", "max_concurrent"),
+}
+CUSTOM_TECHNIQUE_KEYS = ("name", "diff", "description")
+CONSTRAINT_KINDS = ("requires", "excludes", "wins")
+METRICS_KEYS = ("primary", "direction", "others")
+RESOURCES_KEYS = ("cpus", "gpus", "max_concurrent")
+TRACKING_KEYS = ("uri", "experiment", "artifact_location")
+SPACE_KEYS = ("low", "high", "log", "type", "choices")
+DIRECTIONS = ("min", "max")
+# What the trainer reports (train.py): training metrics every log_every steps, evaluation metrics at eval steps.
+METRIC_DIRECTIONS = {
+    "fd": "min", "kd": "min", "kd_std": "min", "precision": "max", "recall": "max", "loss": "min", "loss/fm": "min",
+    "loss/repa": "min", "loss/reg": "min", "loss/cfm": "min", "grad_norm": "min", "steps_per_s": "max",
+    "images_per_s": "max",
+}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ROMAN = {"III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8}
+
+
+@dataclass(frozen=True)
+class Factor:
+    """One technique of the study: a name and the config diff it applies when switched on."""
+
+    name: str
+    diff: Mapping[str, Any]
+    "Dotted config key -> value."
+    builtin: bool
+    "A technique of srdit.config.TECHNIQUES (recorded in RunConfig.techniques) or a custom diff."
+    knobs: Mapping[str, Any] = field(default_factory=dict)
+    "Knob overrides of a built-in technique (short knob name -> value)."
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class Constraint:
+    kind: str
+    "requires: `a` needs every one of `others`; excludes: no two of [a, *others] together; wins: a over others."
+    a: str
+    others: tuple[str, ...]
+
+    def describe(self) -> str:
+        if self.kind == "requires":
+            return f"{self.a} requires {' and '.join(self.others)}"
+        if self.kind == "excludes":
+            return f"{', '.join((self.a,) + self.others)} exclude each other"
+        return f"{self.a} wins over {', '.join(self.others)}"
+
+
+@dataclass(frozen=True)
+class SearchParam:
+    """A numeric or categorical knob searched by the `search` design."""
+
+    key: str
+    "A dotted config key (train.lr) or <technique>.<knob> (applied only when the technique is on)."
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    type: str = "float"
+    "float | int | choice"
+    choices: tuple[Any, ...] = ()
+
+
+@dataclass(frozen=True)
+class Design:
+    kind: str
+    resolution: int | None = None
+    order: tuple[str, ...] = ()
+    trials: int = 0
+    objectives: tuple[str, ...] = ()
+    space: tuple[SearchParam, ...] = ()
+    seed: int = 0
+    max_concurrent: int | None = None
+
+    @property
+    def label(self) -> str:
+        """Short name used in tags and reports: full, frac(res=5), ladder, loo, search."""
+        return {"full_factorial": "full", "fractional_factorial": f"frac(res={self.resolution})",
+                "ladder": "ladder", "leave_one_out": "loo", "search": "search"}[self.kind]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    primary: str = "fd"
+    direction: str = "min"
+    others: Mapping[str, str] = field(default_factory=dict)
+
+    def all(self) -> dict[str, str]:
+        return {self.primary: self.direction, **{k: v for k, v in self.others.items() if k != self.primary}}
+
+
+@dataclass(frozen=True)
+class Resources:
+    cpus: float = 1
+    "CPUs per trial (also the torch threads of the trial)."
+    gpus: float = 0
+    "GPUs per trial: 0, a fraction, or 1 (more than one needs Ray Train and is not supported yet)."
+    max_concurrent: int | None = None
+    "Cap on trials running at once (None: as many as the resources allow)."
+
+
+@dataclass(frozen=True)
+class Tracking:
+    uri: str | None = None
+    "MLflow tracking URI; None: sqlite under the state folder."
+    experiment: str | None = None
+    "Experiment name; None: the study name."
+    artifact_location: str | None = None
+    "Artifact root of the experiment; None: <state>/mlartifacts/<study> (SQLite) or the server's artifact store."
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    name: str
+    description: str
+    base: RunConfig
+    base_dict: Mapping[str, Any]
+    "The base section as written (for the record)."
+    factors: tuple[Factor, ...]
+    design: Design
+    seeds: tuple[int, ...]
+    constraints: tuple[Constraint, ...]
+    metrics: Metrics
+    resources: Resources
+    tracking: Tracking
+    path: str = ""
+
+    @property
+    def factor_names(self) -> list[str]:
+        return [f.name for f in self.factors]
+
+    def factor(self, name: str) -> Factor:
+        return {f.name: f for f in self.factors}[name]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# helpers
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _mapping(value: Any, where: str, allowed: tuple[str, ...]) -> dict:
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping with keys {', '.join(allowed)}, got {value!r}")
+    for k in value:
+        if k not in allowed:
+            raise ConfigError(f"{where}.{k}: unknown key; allowed keys in {where}: {', '.join(allowed)}")
+    return dict(value)
+
+
+def _int(value: Any, where: str, minimum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ConfigError(f"{where}: {value} must be >= {minimum}")
+    return value
+
+
+def _number(value: Any, where: str) -> float:
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def _names(value: Any, where: str) -> list[str]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}: expected a list of technique names, got {value!r}")
+    return value
+
+
+def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
+            out.update(_flat(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# sections
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def parse_base(value: Any, where: str = "base", relative_to: Path | None = None) -> tuple[RunConfig, dict]:
+    """The base run config: a mapping with the keys of a run YAML (preset, techniques, model, train, ...), or a
+    path to a run YAML (relative to the study file)."""
+    if value is None:
+        value = {}
+    if isinstance(value, str):
+        p = Path(value)
+        if not p.is_absolute() and relative_to is not None:
+            p = relative_to / p
+        value = read_yaml(p)
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: {p} must hold a mapping (a run config)")
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping (a run config) or the path of a run YAML, got {value!r}")
+    data = dict(value)
+    name = data.pop("preset", "digits")
+    if not isinstance(name, str):
+        raise ConfigError(f"{where}.preset: expected a string; allowed: digits, SR-DiT-B/1")
+    try:
+        cfg = preset(name)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.preset: {e}") from None
+    techniques = data.pop("techniques", [])
+    if not isinstance(techniques, list) or not all(isinstance(t, str) for t in techniques):
+        raise ConfigError(f"{where}.techniques: expected a list of names; allowed: {', '.join(TECHNIQUES)}")
+    tree = to_dict(cfg)
+    for section, sub in data.items():
+        if section not in tree:
+            raise ConfigError(f"{where}.{section}: unknown key; allowed keys in {where}: preset, techniques, "
+                              f"{', '.join(tree)}")
+        if isinstance(sub, Mapping) and isinstance(tree[section], dict):
+            for k, v in _flat(sub, section).items():
+                nested_update(tree, k, v)
+        else:
+            tree[section] = sub
+    try:
+        cfg = from_dict(RunConfig, tree)
+        if techniques:
+            from srdit.config import with_techniques
+            cfg = with_techniques(cfg, techniques)
+        cfg = cfg.validate()
+    except ConfigError as e:
+        sep = "." if re.match(r"^[a-z_]+[.:]", str(e)) else ": "
+        raise ConfigError(f"{where}{sep}{e}") from None
+    return cfg, dict(value)
+
+
+def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
+    where = "techniques"
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: expected a non-empty list of technique names (allowed: {', '.join(TECHNIQUES)}), "
+                          f"name: {{knob: value}} items, or {{name: ..., diff: {{key: value}}}} items")
+    factors: list[Factor] = []
+    for i, item in enumerate(value):
+        w = f"{where}[{i}]"
+        if isinstance(item, str):
+            name, knobs, custom = item, {}, None
+        elif isinstance(item, Mapping) and ("diff" in item or "name" in item):
+            custom = _mapping(item, w, CUSTOM_TECHNIQUE_KEYS)
+            name = _str(custom.get("name"), f"{w}.name")
+            knobs = {}
+        elif isinstance(item, Mapping) and len(item) == 1:
+            (name, knobs), custom = next(iter(item.items())), None
+            knobs = {} if knobs is None else knobs
+            if not isinstance(knobs, Mapping):
+                raise ConfigError(f"{w}.{name}: expected a mapping of knobs, got {knobs!r}")
+        else:
+            raise ConfigError(f"{w}: expected a technique name, {{name: {{knob: value}}}} or "
+                              f"{{name: ..., diff: {{key: value}}}}, got {item!r}")
+        if not isinstance(name, str) or not _NAME.match(name):
+            raise ConfigError(f"{w}: technique name {name!r} must be letters, digits, _ . - ")
+        if custom is not None:
+            if name in TECHNIQUES:
+                raise ConfigError(f"{w}.name: {name!r} is a built-in technique; give the custom diff another name "
+                                  f"or list {name!r} with knobs instead")
+            diff = custom.get("diff")
+            if not isinstance(diff, Mapping) or not diff:
+                raise ConfigError(f"{w}.diff: expected a non-empty mapping of dotted config keys to values "
+                                  f"(e.g. train.lr: 3e-3), got {diff!r}")
+            diff = _flat(diff)
+            try:
+                apply_diff(base, diff)
+            except ConfigError as e:
+                raise ConfigError(f"{w}.diff: {e}") from None
+            factors.append(Factor(name, diff, False, {}, _str(custom.get("description", ""), f"{w}.description")))
+            continue
+        if name not in TECHNIQUES:
+            raise ConfigError(f"{w}: unknown technique {name!r}; allowed: {', '.join(TECHNIQUES)} "
+                              f"(or a custom {{name: ..., diff: ...}})")
+        if name in base.techniques:
+            raise ConfigError(f"{w}: {name} is already on in base.techniques; remove it from one of the two")
+        try:
+            diff = TECHNIQUES[name].resolved_diff(knobs)
+        except ConfigError as e:
+            raise ConfigError(f"{w}: {e}") from None
+        factors.append(Factor(name, diff, True, dict(knobs), TECHNIQUES[name].description))
+    names = [f.name for f in factors]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{where}: {', '.join(dup)} listed more than once")
+    return tuple(factors)
+
+
+def parse_design(value: Any, names: list[str]) -> Design:
+    where = "design"
+    if value is None:
+        value = "full_factorial"
+    if isinstance(value, str):
+        value = {"kind": value}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a design kind ({', '.join(DESIGN_KINDS)}) or a mapping with `kind`")
+    kind = value.get("kind")
+    if kind not in DESIGN_KINDS:
+        raise ConfigError(f"{where}.kind: {kind!r} is not a design; allowed: {', '.join(DESIGN_KINDS)}")
+    d = _mapping(value, where, DESIGN_KEYS[kind])
+    if kind == "full_factorial":
+        if len(names) > 12:
+            raise ConfigError(f"{where}: a full factorial of {len(names)} techniques has 2^{len(names)} cells; "
+                              f"use fractional_factorial")
+        return Design(kind)
+    if kind == "fractional_factorial":
+        res = d.get("resolution")
+        if isinstance(res, str) and res.upper() in _ROMAN:
+            res = _ROMAN[res.upper()]
+        if isinstance(res, bool) or not isinstance(res, int) or not 3 <= res <= 8:
+            raise ConfigError(f"{where}.resolution: expected 3..8 (or III..VIII), got {res!r}")
+        if len(names) < 2:
+            raise ConfigError(f"{where}: a fractional factorial needs at least 2 techniques")
+        return Design(kind, resolution=res)
+    if kind == "ladder":
+        order = _names(d.get("order", list(names)), f"{where}.order")
+        unknown = [o for o in order if o not in names]
+        if unknown:
+            raise ConfigError(f"{where}.order: {', '.join(unknown)} not among the techniques; allowed: "
+                              f"{', '.join(names)}")
+        if len(set(order)) != len(order) or not order:
+            raise ConfigError(f"{where}.order: expected each technique at most once, got {order!r}")
+        return Design(kind, order=tuple(order))
+    if kind == "leave_one_out":
+        return Design(kind)
+    # search
+    trials = _int(d.get("trials"), f"{where}.trials", 1)
+    objectives = d.get("objectives", [])
+    if isinstance(objectives, str):
+        objectives = [objectives]
+    if not isinstance(objectives, list) or not all(isinstance(o, str) for o in objectives):
+        raise ConfigError(f"{where}.objectives: expected a list of metric names; allowed: "
+                          f"{', '.join(METRIC_DIRECTIONS)}")
+    for o in objectives:
+        if o not in METRIC_DIRECTIONS:
+            raise ConfigError(f"{where}.objectives: unknown metric {o!r}; allowed: {', '.join(METRIC_DIRECTIONS)}")
+    space_in = d.get("space", {}) or {}
+    if not isinstance(space_in, Mapping):
+        raise ConfigError(f"{where}.space: expected a mapping key -> {{low, high, log, type}} or {{choices: [...]}}")
+    space = []
+    for key, spec in space_in.items():
+        w = f"{where}.space.{key}"
+        s = _mapping(spec, w, SPACE_KEYS)
+        if "choices" in s:
+            ch = s["choices"]
+            if not isinstance(ch, list) or not ch:
+                raise ConfigError(f"{w}.choices: expected a non-empty list")
+            space.append(SearchParam(str(key), type="choice", choices=tuple(ch)))
+            continue
+        typ = s.get("type", "float")
+        if typ not in ("float", "int"):
+            raise ConfigError(f"{w}.type: {typ!r} is not allowed; allowed values: float, int (or give choices)")
+        if "low" not in s or "high" not in s:
+            raise ConfigError(f"{w}: needs low and high (or choices)")
+        low, high = _number(s["low"], f"{w}.low"), _number(s["high"], f"{w}.high")
+        log = s.get("log", False)
+        if not isinstance(log, bool):
+            raise ConfigError(f"{w}.log: expected true or false")
+        if not low < high or (log and low <= 0):
+            raise ConfigError(f"{w}: need low < high (and low > 0 with log: true)")
+        space.append(SearchParam(str(key), low, high, log, typ))
+    seed = _int(d.get("seed", 0), f"{where}.seed")
+    mc = d.get("max_concurrent")
+    mc = None if mc is None else _int(mc, f"{where}.max_concurrent", 1)
+    return Design(kind, trials=trials, objectives=tuple(objectives), space=tuple(space), seed=seed, max_concurrent=mc)
+
+
+def parse_constraints(value: Any, names: list[str]) -> tuple[Constraint, ...]:
+    where = "constraints"
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: expected a list of {{requires: [a, b]}}, {{excludes: [a, b]}} or "
+                          f"{{wins: a, over: b}} items")
+    out: list[Constraint] = []
+    for i, item in enumerate(value):
+        w = f"{where}[{i}]"
+        if not isinstance(item, Mapping) or not item:
+            raise ConfigError(f"{w}: expected one of {{requires: [a, b]}}, {{excludes: [a, b]}}, {{wins: a, over: b}}")
+        kinds = [k for k in item if k in CONSTRAINT_KINDS]
+        extra = [k for k in item if k not in CONSTRAINT_KINDS + ("over",)]
+        if extra or len(kinds) != 1:
+            raise ConfigError(f"{w}: expected exactly one of requires, excludes, wins (with over); got keys "
+                              f"{', '.join(map(str, item))}")
+        kind = kinds[0]
+        if kind == "wins":
+            if set(item) != {"wins", "over"}:
+                raise ConfigError(f"{w}: wins needs over: {{wins: a, over: b}}")
+            a = _str(item["wins"], f"{w}.wins")
+            others = _names(item["over"], f"{w}.over")
+        else:
+            if "over" in item:
+                raise ConfigError(f"{w}.over: only allowed with wins")
+            lst = _names(item[kind], f"{w}.{kind}")
+            if len(lst) < 2:
+                raise ConfigError(f"{w}.{kind}: expected at least two technique names, got {lst!r}")
+            a, others = lst[0], lst[1:]
+        for n in [a, *others]:
+            if n not in names:
+                raise ConfigError(f"{w}: {n!r} is not a technique of this study; allowed: {', '.join(names)}")
+        if a in others or len(set(others)) != len(others):
+            raise ConfigError(f"{w}: a technique appears twice in {kind}")
+        out.append(Constraint(kind, a, tuple(others)))
+    check_constraints(out)
+    return tuple(out)
+
+
+def excluded_pairs(constraints) -> set[frozenset]:
+    pairs = set()
+    for c in constraints:
+        if c.kind == "excludes":
+            group = (c.a,) + c.others
+            pairs |= {frozenset((x, y)) for x in group for y in group if x != y}
+    return pairs
+
+
+def check_constraints(constraints) -> None:
+    """Contradictions: a technique that requires one it excludes (it could never be on); wins both ways."""
+    excl = excluded_pairs(constraints)
+    requires: dict[str, set[str]] = {}
+    for c in constraints:
+        if c.kind == "requires":
+            requires.setdefault(c.a, set()).update(c.others)
+
+    def closure(n: str) -> set[str]:
+        seen, todo = set(), [n]
+        while todo:
+            for m in requires.get(todo.pop(), ()):
+                if m not in seen:
+                    seen.add(m)
+                    todo.append(m)
+        return seen
+
+    for a in requires:
+        need = closure(a) | {a}
+        for x in need:
+            for y in need:
+                if x < y and frozenset((x, y)) in excl:
+                    raise ConfigError(f"constraints: conflicting constraints: {a} requires "
+                                      f"{' and '.join(sorted(need - {a}))} but {x} and {y} exclude each other, so "
+                                      f"{a} could never be on; remove one of the two constraints")
+    wins = {(c.a, o) for c in constraints if c.kind == "wins" for o in c.others}
+    for a, b in wins:
+        if (b, a) in wins:
+            raise ConfigError(f"constraints: conflicting constraints: {a} wins over {b} and {b} wins over {a}")
+
+
+def check_shared_keys(factors: tuple[Factor, ...], constraints: tuple[Constraint, ...]) -> None:
+    """Two techniques writing the same key with different values must be excluded from each other or have a winner."""
+    excl = excluded_pairs(constraints)
+    wins = {frozenset((c.a, o)) for c in constraints if c.kind == "wins" for o in c.others}
+    for i, f in enumerate(factors):
+        for g in factors[i + 1:]:
+            shared = [k for k in f.diff if k in g.diff and f.diff[k] != g.diff[k]]
+            pair = frozenset((f.name, g.name))
+            if shared and pair not in excl and pair not in wins:
+                raise ConfigError(
+                    f"techniques: {f.name} and {g.name} both set {shared[0]} ({f.diff[shared[0]]!r} vs "
+                    f"{g.diff[shared[0]]!r}); add a constraint `excludes: [{f.name}, {g.name}]` or "
+                    f"`{{wins: {f.name}, over: {g.name}}}`")
+
+
+def parse_metrics(value: Any) -> Metrics:
+    where = "metrics"
+    if value is None:
+        return Metrics()
+    d = _mapping(value, where, METRICS_KEYS)
+    primary = d.get("primary", "fd")
+    if primary not in METRIC_DIRECTIONS:
+        raise ConfigError(f"{where}.primary: unknown metric {primary!r}; allowed: {', '.join(METRIC_DIRECTIONS)}")
+    direction = d.get("direction", METRIC_DIRECTIONS[primary])
+    if direction not in DIRECTIONS:
+        raise ConfigError(f"{where}.direction: {direction!r} is not allowed; allowed values: min, max")
+    others_in = d.get("others", {}) or {}
+    if isinstance(others_in, list):
+        others_in = {o: None for o in others_in}
+    if not isinstance(others_in, Mapping):
+        raise ConfigError(f"{where}.others: expected a list of metric names or a mapping metric -> min|max")
+    others = {}
+    for k, v in others_in.items():
+        if k not in METRIC_DIRECTIONS:
+            raise ConfigError(f"{where}.others: unknown metric {k!r}; allowed: {', '.join(METRIC_DIRECTIONS)}")
+        v = METRIC_DIRECTIONS[k] if v is None else v
+        if v not in DIRECTIONS:
+            raise ConfigError(f"{where}.others.{k}: {v!r} is not allowed; allowed values: min, max")
+        others[k] = v
+    return Metrics(primary, direction, others)
+
+
+def parse_resources(value: Any) -> Resources:
+    where = "resources"
+    if value is None:
+        return Resources()
+    d = _mapping(value, where, RESOURCES_KEYS)
+    cpus = _number(d.get("cpus", 1), f"{where}.cpus")
+    gpus = _number(d.get("gpus", 0), f"{where}.gpus")
+    if cpus <= 0:
+        raise ConfigError(f"{where}.cpus: {cpus:g} must be > 0")
+    if gpus < 0:
+        raise ConfigError(f"{where}.gpus: {gpus:g} must be >= 0")
+    if gpus > 1:
+        raise ConfigError(f"{where}.gpus: {gpus:g} GPUs per trial (a Ray Train TorchTrainer trial) is not yet "
+                          f"supported; use 0, a fraction, or 1")
+    mc = d.get("max_concurrent")
+    mc = None if mc is None else _int(mc, f"{where}.max_concurrent", 1)
+    return Resources(cpus if cpus != int(cpus) else int(cpus), gpus if gpus != int(gpus) else int(gpus), mc)
+
+
+def parse_tracking(value: Any) -> Tracking:
+    where = "tracking"
+    if value is None:
+        return Tracking()
+    d = _mapping(value, where, TRACKING_KEYS)
+    for k in TRACKING_KEYS:
+        if d.get(k) is not None:
+            _str(d[k], f"{where}.{k}")
+    uri = d.get("uri")
+    if uri is not None and not re.match(r"^(sqlite|https?|postgresql|mysql|mssql|databricks)[+a-z0-9]*:", uri):
+        raise ConfigError(f"{where}.uri: {uri!r} is not allowed; expected sqlite:////abs/path.db, http://host:port "
+                          f"or a database URI (the file store is no longer supported by MLflow)")
+    return Tracking(uri, d.get("experiment"), d.get("artifact_location"))
+
+
+def parse_seeds(value: Any) -> tuple[int, ...]:
+    where = "seeds"
+    if value is None:
+        return (0,)
+    if isinstance(value, int) and not isinstance(value, bool):
+        _int(value, where, 1)
+        return tuple(range(value))
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: expected a non-empty list of integers (or a count), got {value!r}")
+    seeds = tuple(_int(s, f"{where}[{i}]", 0) for i, s in enumerate(value))
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: seeds must be distinct, got {list(seeds)}")
+    return seeds
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# entry points
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def study_from_dict(data: Any, path: str | Path = "<dict>") -> StudySpec:
+    """Validate a study mapping strictly. Raises ConfigError (one line, naming the key and the allowed values)."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping with keys {', '.join(STUDY_KEYS)} at the top level")
+    for k in data:
+        if k not in STUDY_KEYS:
+            raise ConfigError(f"{k}: unknown key; allowed keys: {', '.join(STUDY_KEYS)}")
+    name = data.get("name")
+    if name is None:
+        raise ConfigError("name: required (letters, digits, _ . -)")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"name: {name!r} must be a non-empty string of letters, digits, _ . - (it names folders)")
+    description = data.get("description", "") or ""
+    _str(description, "description")
+    rel = Path(path).parent if str(path) != "<dict>" else None
+    base, base_dict = parse_base(data.get("base"), relative_to=rel)
+    if "techniques" not in data:
+        raise ConfigError(f"techniques: required; a list of technique names (allowed: {', '.join(TECHNIQUES)}) "
+                          f"or custom {{name: ..., diff: ...}} items")
+    factors = parse_techniques(data["techniques"], base)
+    names = [f.name for f in factors]
+    design = parse_design(data.get("design"), names)
+    constraints = parse_constraints(data.get("constraints"), names)
+    check_shared_keys(factors, constraints)
+    metrics = parse_metrics(data.get("metrics"))
+    for o in design.objectives:
+        if o not in metrics.all():
+            metrics = dataclasses.replace(metrics, others={**metrics.others, o: METRIC_DIRECTIONS[o]})
+    spec = StudySpec(name=name, description=description, base=base, base_dict=base_dict, factors=factors,
+                     design=design, seeds=parse_seeds(data.get("seeds")), constraints=constraints, metrics=metrics,
+                     resources=parse_resources(data.get("resources")), tracking=parse_tracking(data.get("tracking")),
+                     path=str(path))
+    if design.kind == "search":
+        _check_space(spec)
+    return spec
+
+
+def _check_space(spec: StudySpec) -> None:
+    names = spec.factor_names
+    for p in spec.design.space:
+        head, _, rest = p.key.partition(".")
+        if head in names:
+            f = spec.factor(head)
+            if not f.builtin or rest not in TECHNIQUES[head].knobs:
+                allowed = ", ".join(TECHNIQUES[head].knobs) if f.builtin else "none (custom diff)"
+                raise ConfigError(f"design.space.{p.key}: {rest!r} is not a knob of {head}; allowed knobs: {allowed}")
+            continue
+        probe = p.choices[0] if p.type == "choice" else (int(p.low) if p.type == "int" else p.low)
+        try:
+            apply_diff(spec.base, {p.key: probe})
+        except ConfigError as e:
+            raise ConfigError(f"design.space.{p.key}: {e}") from None
+
+
+def load_study(path: str | Path) -> StudySpec:
+    """Read and validate a study YAML file."""
+    data = read_yaml(path)
+    try:
+        return study_from_dict(data, path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

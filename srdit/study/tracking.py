@@ -1,0 +1,398 @@
+"""MLflow run tree of a study: one experiment per study, one parent run per study, one child run per trial.
+
+The study layer owns the tree itself (no MLflowLoggerCallback): the driver creates the experiment and the parent
+run; each trial finds its child run by the deterministic trial-key tag (or creates it with `mlflow.parentRunId`),
+logs params, tags, batched metric curves (one `log_batch` per report) and artifacts, and ends it. The child runs
+are the source of truth for resume: a child with a terminal `status` tag is done; any other is reused.
+
+Works with a SQLite store (`sqlite:////abs/path.db`) and with a tracking server over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+PARENT_TAG = "mlflow.parentRunId"
+ROLE_TAG = "srdit.role"
+KEY_TAG = "trial_key"
+TERMINAL = ("finished", "diverged", "oom", "crashed")
+"Trial statuses that end a trial: the trial is data and does not run again."
+MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "oom": "FAILED", "crashed": "FAILED"}
+_BATCH_ENTITIES = 100  # MLflow's log_batch limit on params + tags per request (metrics: 1000)
+
+
+def default_tracking_uri(state_dir: str | Path) -> str:
+    """The embedded store: an absolute sqlite URI (workers chdir into trial folders)."""
+    return "sqlite:///" + str((Path(state_dir) / "mlflow.db").resolve())
+
+
+def resolve_uri(uri: str | None, state_dir: str | Path) -> str:
+    if uri is None:
+        return default_tracking_uri(state_dir)
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())  # relative to the cwd, made absolute
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def retry(fn: Callable, *args, tries: int = 8, **kwargs):
+    """Call an MLflow client method, retrying transient failures ("database is locked", connection resets)."""
+    delay = 0.1
+    for attempt in range(tries):
+        try:
+            return fn(*args, **kwargs)
+        except MlflowException as e:
+            text = str(e).lower()
+            transient = "locked" in text or "busy" in text or "temporarily" in text or "connection" in text
+            if not transient or attempt == tries - 1:
+                raise
+        except Exception as e:  # sqlalchemy OperationalError / requests ConnectionError surface unwrapped at times
+            name = type(e).__name__
+            if name not in ("OperationalError", "ConnectionError") or attempt == tries - 1:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 2.0)
+
+
+def _chunks(items: list, n: int) -> Iterable[list]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def runtime_tags() -> dict[str, str]:
+    """Git commit, versions and device of the process that trains (called inside the trial)."""
+    import mlflow
+    import ray
+    import torch
+
+    from srdit.provenance import provenance
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = provenance(device)
+    return {"git_commit": p["commit"], "git_dirty": p["dirty"], "mlflow.source.git.commit": p["commit"],
+            "version.srdit": p["srdit"], "version.torch": p["torch"], "version.python": p["python"],
+            "version.ray": ray.__version__, "version.mlflow": mlflow.__version__, "device": p["device"],
+            "host": platform.node()}
+
+
+def list_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
+    """Every run matching the filter (all pages)."""
+    runs, token = [], None
+    while True:
+        page = retry(client.search_runs, [experiment_id], filter_string, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def is_done(run, retry_failed: bool = False) -> bool:
+    """A child run whose trial ended (finished, diverged, oom, crashed); with retry_failed only `finished` counts."""
+    status = run.data.tags.get("status")
+    ended = run.info.status in ("FINISHED", "FAILED")
+    if retry_failed:
+        return ended and status == "finished"
+    return ended and status in TERMINAL
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# driver side
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyTracking:
+    """The study's experiment and parent run (created or found by the driver)."""
+
+    uri: str
+    experiment_id: str
+    experiment_name: str
+    parent_run_id: str
+    artifact_location: str | None
+
+    @property
+    def client(self) -> MlflowClient:
+        return MlflowClient(self.uri)
+
+    def children(self) -> list:
+        return list_runs(self.client, self.experiment_id, f"tags.`{PARENT_TAG}` = '{self.parent_run_id}'")
+
+    def children_by_key(self) -> dict[str, Any]:
+        """trial key -> child run (if a key has several runs, the most advanced one: done first, then latest)."""
+        out: dict[str, Any] = {}
+        for r in sorted(self.children(), key=lambda r: (is_done(r), r.info.start_time or 0)):
+            key = r.data.tags.get(KEY_TAG)
+            if key:
+                out[key] = r
+        return out
+
+    def set_parent_status(self, status: str) -> None:
+        if status in ("FINISHED", "FAILED", "KILLED"):
+            retry(self.client.set_terminated, self.parent_run_id, status)
+        else:
+            retry(self.client.update_run, self.parent_run_id, status)
+
+    def tag_parent(self, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for chunk in _chunks(items, _BATCH_ENTITIES):
+            retry(self.client.log_batch, self.parent_run_id, tags=chunk)
+
+    def log_parent_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        ts = _now_ms()
+        retry(self.client.log_batch, self.parent_run_id,
+              metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+
+
+def experiment_artifact_location(uri: str, state_dir: str | Path, study: str, explicit: str | None) -> str | None:
+    if explicit:
+        return explicit
+    if is_local_store(uri):
+        return (Path(state_dir).resolve() / "mlartifacts" / study).as_uri()
+    if uri.startswith("http"):
+        return f"mlflow-artifacts:/{study}"  # the server's artifact store (proxied over HTTP)
+    return None
+
+
+def open_study(uri: str, experiment_name: str, study: str, state_dir: str | Path, *,
+               artifact_location: str | None = None, create: bool = True, tags: Mapping[str, Any] | None = None
+               ) -> StudyTracking | None:
+    """Find (or create, in the driver) the study's experiment and parent run. A resumed study continues under the
+    same parent. Returns None when `create` is False and nothing exists yet."""
+    client = MlflowClient(uri)
+    exp = retry(client.get_experiment_by_name, experiment_name)
+    if exp is None:
+        if not create:
+            return None
+        loc = experiment_artifact_location(uri, state_dir, study, artifact_location)
+        try:
+            exp_id = retry(client.create_experiment, experiment_name, artifact_location=loc, tags={"study": study})
+        except MlflowException:  # created meanwhile by another driver
+            exp_id = retry(client.get_experiment_by_name, experiment_name).experiment_id
+        exp = retry(client.get_experiment, exp_id)
+    elif exp.lifecycle_stage == "deleted":
+        if not create:
+            return None
+        retry(client.restore_experiment, exp.experiment_id)
+    parents = list_runs(client, exp.experiment_id, f"tags.`{ROLE_TAG}` = 'study' and tags.study = '{study}'")
+    if parents:
+        parent = sorted(parents, key=lambda r: r.info.start_time or 0)[0]
+        parent_id = parent.info.run_id
+    elif create:
+        parent = retry(client.create_run, exp.experiment_id, run_name=study,
+                       tags={ROLE_TAG: "study", "study": study, **{k: str(v) for k, v in (tags or {}).items()}})
+        parent_id = parent.info.run_id
+    else:
+        return None
+    return StudyTracking(uri, exp.experiment_id, experiment_name, parent_id, exp.artifact_location)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# trial side
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, key))
+        else:
+            out[key] = v
+    return out
+
+
+class ChildRun:
+    """The MLflow child run of one trial; the trial's Reporter writes through it."""
+
+    def __init__(self, uri: str, run_id: str, reused: bool):
+        self.uri, self.run_id, self.reused = uri, run_id, reused
+        self.client = MlflowClient(uri)
+
+    @classmethod
+    def open(cls, uri: str, experiment_id: str, parent_run_id: str, key: str, run_name: str,
+             tags: Mapping[str, Any], params: Mapping[str, Any], run_id: str | None = None) -> "ChildRun":
+        """Reuse the child run with this trial key (given, or looked up), else create it; set it RUNNING and log
+        the params and tags."""
+        client = MlflowClient(uri)
+        if run_id is None:
+            found = list_runs(client, experiment_id,
+                              f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.{KEY_TAG} = '{key}'")
+            found = [r for r in found if not is_done(r)] or found
+            run_id = found[0].info.run_id if found else None
+        if run_id is None:
+            run = retry(client.create_run, experiment_id, run_name=run_name,
+                        tags={PARENT_TAG: parent_run_id, KEY_TAG: key, ROLE_TAG: "trial"})
+            child = cls(uri, run.info.run_id, reused=False)
+        else:
+            retry(client.update_run, run_id, "RUNNING")
+            child = cls(uri, run_id, reused=True)
+        child.log_tags({**tags, "status": "running", "status_reason": ""})
+        if not child.reused or not retry(client.get_run, run_id).data.params:
+            child.log_params(params)  # params are immutable in MLflow: logged once per run
+        return child
+
+    def log_tags(self, tags: Mapping[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        for chunk in _chunks(items, _BATCH_ENTITIES):
+            retry(self.client.log_batch, self.run_id, tags=chunk)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        flat = _flatten(params)
+        items = [Param(k, json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)) for k, v in flat.items()]
+        for chunk in _chunks(items, _BATCH_ENTITIES):
+            retry(self.client.log_batch, self.run_id, params=chunk)
+
+    def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
+        """One round trip for all keys of a report."""
+        ts = _now_ms()
+        items = []
+        for k, v in metrics.items():
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                continue
+            items.append(Metric(k, v if math.isfinite(v) or v != v else math.copysign(1.7e308, v), ts, int(step)))
+        for chunk in _chunks(items, 1000):
+            retry(self.client.log_batch, self.run_id, metrics=chunk)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+
+    def log_text(self, text: str, name: str) -> None:
+        retry(self.client.log_text, self.run_id, text, name)
+
+    def finish(self, status: str, reason: str) -> None:
+        self.log_tags({"status": status, "status_reason": reason})
+        retry(self.client.set_terminated, self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
+
+
+class TrialReporter:
+    """The trainer's Reporter inside a study trial: each report goes to the MLflow child run (one log_batch) and,
+    when running under Ray Tune, to `tune.report`."""
+
+    def __init__(self, child: ChildRun | None, to_tune: bool):
+        self.child, self.to_tune = child, to_tune
+        self.last_step = 0
+        self.n_reports = 0
+        self.at_last_step: dict[str, float] = {}
+        "Everything reported at the last step (the final metrics are not logged twice)."
+
+    def report(self, step: int, metrics: dict[str, float]) -> None:
+        if step != self.last_step:
+            self.at_last_step = {}
+        self.last_step, self.n_reports = step, self.n_reports + 1
+        self.at_last_step.update(metrics)
+        if self.child is not None:
+            self.child.log_metrics(step, metrics)
+        if self.to_tune:
+            from ray import tune
+
+            tune.report({**{k: float(v) for k, v in metrics.items()}, "step": step})
+
+    def artifact(self, path: Path) -> None:
+        if self.child is not None:
+            self.child.log_artifact(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a local tracking server (srdit ui, tests)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def port_free(host: str, port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+            return True
+        except OSError:
+            return False
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def start_server(backend_uri: str, artifacts_dir: str | Path, host: str = "127.0.0.1", port: int = 5000,
+                 timeout: float = 90.0, log_path: str | Path | None = None):
+    """Start `mlflow server` (one worker, no job runner) in its own process group and wait until /health answers.
+    Returns the Popen; stop it with `stop_server`."""
+    import os
+    import subprocess
+    import sys
+    import urllib.request
+
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", host,
+           "--port", str(port), "--workers", "1", "--artifacts-destination", str(Path(artifacts_dir).resolve())]
+    out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.time() + timeout
+    url = f"http://{host}:{port}/health"
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with code {proc.returncode}"
+                               + (f"; see {log_path}" if log_path else ""))
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    stop_server(proc)
+    raise RuntimeError(f"mlflow server did not answer on {url} within {timeout:.0f} s")
+
+
+def stop_server(proc, timeout: float = 15.0) -> None:
+    """SIGTERM the server's process group, then SIGKILL what is left."""
+    import os
+    import signal
+    import subprocess
+
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(5)
+
+
+__all__ = ["StudyTracking", "ChildRun", "TrialReporter", "open_study", "default_tracking_uri", "resolve_uri",
+           "is_done", "list_runs", "runtime_tags", "TERMINAL", "RunStatus", "start_server", "stop_server", "free_port",
+           "port_free"]

@@ -1,0 +1,142 @@
+"""A small study on a real local Ray (2 CPUs) into a real SQLite MLflow store: the run tree, tags, curves,
+artifacts, idempotent rerun, the report; and failures (a crash, a divergence) recorded as data."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+TINY_BASE = {"train": {"steps": 6, "batch_size": 16, "log_every": 2, "ckpt_every": 3},
+             "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}
+
+
+def write_study(path: Path, **kw) -> Path:
+    data = {"name": "tiny", "base": TINY_BASE, "techniques": ["rmsnorm", "qk_norm"], "seeds": [0, 1],
+            "metrics": {"primary": "fd", "direction": "min", "others": {"images_per_s": "max"}}, **kw}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+def test_full_factorial_study_into_sqlite(tmp_path, ray_local):
+    from mlflow import MlflowClient
+
+    from srdit.study.command import make_report
+    from srdit.study.results import load_results
+    from srdit.study.runner import run_study
+    from srdit.study.spec import load_study
+
+    spec = load_study(write_study(tmp_path / "tiny.yaml"))
+    state = tmp_path / "state"
+    res = run_study(spec, state)
+    assert res.complete and res.ran == 8 and res.statuses == {"finished": 8}
+    assert res.uri == f"sqlite:///{(state / 'mlflow.db').resolve()}"
+
+    client = MlflowClient(res.uri)
+    exp = client.get_experiment_by_name("tiny")
+    assert exp.artifact_location == (state.resolve() / "mlartifacts" / "tiny").as_uri()
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("srdit.role") == "study"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == res.parent_run_id]
+    assert len(parents) == 1 and len(runs) == 9 and len(children) == 8
+    assert {r.info.status for r in children} == {"FINISHED"}
+    cells = {}
+    for r in children:
+        t = r.data.tags
+        assert t["study"] == "tiny" and t["design"] == "full" and t["status"] == "finished"
+        assert t["status_reason"] == "" and t["trial_key"].startswith(t["cell"] + "-s" + t["seed"])
+        assert t["tech.rmsnorm"] == t["cell"][0] and t["tech.qk_norm"] == t["cell"][1]
+        for k in ("git_commit", "version.torch", "version.ray", "version.mlflow", "device"):
+            assert t[k]
+        cells.setdefault(t["cell"], set()).add(t["seed"])
+        assert r.data.params["train.steps"] == "6" and r.data.params["train.seed"] == t["seed"]
+        assert r.data.params["model.norm"] == ("rmsnorm" if t["cell"][0] == "1" else "layernorm")
+        for key in ("fd", "kd", "precision", "recall", "loss", "images_per_s", "steps_per_s"):
+            assert key in r.data.metrics
+        assert [m.step for m in client.get_metric_history(r.info.run_id, "loss")][:3] == [2, 4, 6]
+        assert {a.path for a in client.list_artifacts(r.info.run_id)} >= {"config.yaml", "samples.png"}
+    assert cells == {c: {"0", "1"} for c in ("00", "01", "10", "11")}
+
+    # rerunning runs nothing and adds no run
+    again = run_study(spec, state)
+    assert again.ran == 0 and again.skipped == 8 and again.parent_run_id == res.parent_run_id
+    assert len(client.search_runs([exp.experiment_id])) == 9
+
+    results, _ = load_results(spec, state)
+    assert len(results.table) == 8 and set(results.table["status"]) == {"finished"}
+    assert set(results.curves["key"]) >= {"loss", "fd"} and len(results.samples) == 4
+    assert results.table["fd"].notna().all() and results.factors == ["rmsnorm", "qk_norm"]
+
+    html = make_report(tmp_path / "tiny.yaml", state, tmp_path / "dashboards", bootstrap=False)
+    assert html == tmp_path / "dashboards" / "tiny" / "index.html" and html.stat().st_size > 10_000
+    assert (tmp_path / "dashboards" / "index.html").exists() and (tmp_path / "dashboards" / "RECORDS.md").exists()
+    parent_files = {a.path for a in client.list_artifacts(res.parent_run_id, "report")}
+    assert "report/index.html" in parent_files
+
+
+def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray_local):
+    from mlflow import MlflowClient
+
+    from srdit.study.results import load_results
+    from srdit.study.runner import run_study
+    from srdit.study.spec import load_study
+
+    path = write_study(tmp_path / "fail.yaml", name="fail", seeds=[0], techniques=[
+        {"name": "explode", "diff": {"train.lr": 1e6}},
+        {"name": "broken", "diff": {"data.dataset": "latents", "data.path": "/nonexistent/latents"}}],
+        constraints=[{"excludes": ["explode", "broken"]}])
+    spec = load_study(path)
+    res = run_study(spec, tmp_path / "state")
+    assert res.complete and res.statuses == {"finished": 1, "diverged": 1, "crashed": 1}
+
+    client = MlflowClient(res.uri)
+    runs = {r.data.tags["cell"]: r for r in client.search_runs(
+        [res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")}
+    assert set(runs) == {"00", "01", "10"}
+    assert runs["00"].info.status == "FINISHED" and runs["00"].data.tags["status"] == "finished"
+    diverged, crashed = runs["10"], runs["01"]
+    assert diverged.info.status == "FAILED" and diverged.data.tags["status"] == "diverged"
+    assert diverged.data.tags["status_reason"].startswith("non-finite")
+    assert crashed.info.status == "FAILED" and crashed.data.tags["status"] == "crashed"
+    assert crashed.data.tags["status_reason"].startswith("NotImplementedError: data.dataset latents")
+    assert "traceback.txt" in {a.path for a in client.list_artifacts(crashed.info.run_id)}
+
+    results, _ = load_results(spec, tmp_path / "state")
+    assert dict(zip(results.table["cell"], results.table["status"])) == {"00": "finished", "10": "diverged",
+                                                                         "01": "crashed"}
+    assert results.excluded == [{"cell": "11", "techniques": ["explode", "broken"],
+                                 "reason": "constraint: explode and broken exclude each other"}]
+    # failed trials are done: a rerun skips them unless asked to retry
+    assert run_study(spec, tmp_path / "state").ran == 0
+
+
+def test_search_design_runs_optuna_through_tune_and_continues(tmp_path, ray_local):
+    from mlflow import MlflowClient
+
+    from srdit.study.runner import run_study
+    from srdit.study.spec import load_study
+
+    design = {"kind": "search", "trials": 3, "objectives": ["fd", "images_per_s"],
+              "space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}
+    spec = load_study(write_study(tmp_path / "search.yaml", name="search", seeds=[0], design=design))
+    res = run_study(spec, tmp_path / "state")
+    assert res.complete and res.total == 3
+    client = MlflowClient(res.uri)
+    runs = client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    assert 1 <= len(runs) <= 3 and {r.data.tags["status"] for r in runs} == {"finished"}
+    lrs = {float(r.data.params["train.lr"]) for r in runs}
+    assert all(1e-4 <= lr <= 1e-2 for lr in lrs) and len(lrs) == len(runs)
+    assert all("search.params" in r.data.tags and r.data.tags["design"] == "search" for r in runs)
+    assert (tmp_path / "state" / "optuna" / "search.db").exists()
+    again = run_study(spec, tmp_path / "state")  # the budget is spent: nothing runs
+    assert again.complete and len(client.search_runs([res.experiment_id])) == len(runs) + 1

@@ -1,0 +1,102 @@
+"""The same study layer through a real `mlflow server` on a free loopback port (HTTP tracking, proxied
+artifacts)."""
+
+import json
+import urllib.request
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def server(tmp_path):
+    from srdit.study.tracking import free_port, start_server, stop_server
+
+    port = free_port()
+    proc = start_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts", port=port,
+                        log_path=tmp_path / "server.log")
+    yield f"http://127.0.0.1:{port}"
+    stop_server(proc)
+    assert proc.poll() is not None
+
+
+def test_study_through_a_tracking_server(tmp_path, server):
+    from mlflow import MlflowClient
+
+    from srdit.study.results import load_results
+    from srdit.study.runner import run_study
+    from srdit.study.spec import load_study
+
+    path = tmp_path / "srv.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "srv", "techniques": ["rmsnorm", "qk_norm"], "seeds": [0], "tracking": {"uri": server},
+        "base": {"train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
+                 "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}}))
+    spec = load_study(path)
+    state = tmp_path / "state"
+    res = run_study(spec, state, num_cpus=2)
+    assert res.complete and res.statuses == {"finished": 4} and res.uri == server
+    assert not (state / "mlflow.db").exists()  # everything went to the server
+
+    client = MlflowClient(server)
+    exp = client.get_experiment_by_name("srv")
+    assert exp.artifact_location == "mlflow-artifacts:/srv"
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
+    assert {r.data.tags["cell"] for r in children} == {"00", "01", "10", "11"}
+    run = children[0]
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "samples.png"}
+    assert (tmp_path / "server-artifacts").exists()  # the server stored the artifacts
+    # plain REST, as the UI reads it
+    url = f"{server}/api/2.0/mlflow/metrics/get-history?run_id={run.info.run_id}&metric_key=loss"
+    with urllib.request.urlopen(url, timeout=10) as r:
+        hist = json.load(r)["metrics"]
+    assert [m["step"] for m in hist][:2] == [2, 4]
+
+    results, _ = load_results(spec, state)
+    assert len(results.table) == 4 and len(results.samples) == 4 and results.table["fd"].notna().all()
+    assert run_study(spec, state, num_cpus=2).ran == 0
+
+
+def test_ui_command_serves_the_embedded_store_and_stops_on_ctrl_c(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from mlflow import MlflowClient
+
+    from srdit.study.tracking import default_tracking_uri, free_port
+
+    state = tmp_path / "state"
+    state.mkdir()
+    MlflowClient(default_tracking_uri(state)).create_experiment("ui_probe")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "srdit.study.command", "ui", "--state", str(state), "--port",
+                             str(port)], cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        line = ""
+        deadline = time.time() + 90
+        while time.time() < deadline and "MLflow UI:" not in line:
+            line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}" in line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
+            assert r.status == 200 and b"MLflow" in r.read()
+        body = json.dumps({"max_results": 10}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as r:
+            assert "ui_probe" in {e["name"] for e in json.load(r)["experiments"]}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+    time.sleep(1)
+    from srdit.study.tracking import port_free
+
+    assert port_free("127.0.0.1", port)  # the server is gone with it
+    assert os.path.exists(state / "mlflow-ui.log")
