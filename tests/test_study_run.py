@@ -108,7 +108,7 @@ def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray
     assert diverged.info.status == "FAILED" and diverged.data.tags["status"] == "diverged"
     assert diverged.data.tags["status_reason"].startswith("non-finite")
     assert crashed.info.status == "FAILED" and crashed.data.tags["status"] == "crashed"
-    assert crashed.data.tags["status_reason"].startswith("NotImplementedError: data.dataset latents")
+    assert crashed.data.tags["status_reason"].startswith("FileNotFoundError: /nonexistent/latents: no index.json")
     assert "traceback.txt" in {a.path for a in client.list_artifacts(crashed.info.run_id)}
 
     results, _ = load_results(spec, tmp_path / "state")

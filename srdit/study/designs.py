@@ -76,6 +76,15 @@ class Plan:
     search_budget: int = 0
     "Trials of a search design (chosen while it runs)."
     base_config: dict = field(default_factory=dict)
+    gpus_per_trial: float = 0
+    "From the study's resources; with GPUs the plan also estimates GPU-hours from the model's MACs."
+
+    def gpu_estimate(self) -> dict | None:
+        if not self.gpus_per_trial:
+            return None
+        from srdit.study.compute import gpu_hours
+
+        return gpu_hours([t.config for t in self.trials] or [self.base_config] * self.search_budget)
 
     def cost(self, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrency: int = 1) -> dict:
         """Steps x trials and a wall-time estimate under stated throughput assumptions."""
@@ -105,6 +114,7 @@ class Plan:
             "ladder_order": self.ladder_order, "notes": self.notes,
             "trials": [{"key": t.key, "cell": t.cell, "seed": t.seed, "techniques": list(t.on)} for t in self.trials],
             "cost": self.cost(steps_per_s, concurrency),
+            "gpu": self.gpu_estimate(),
         }
 
 
@@ -367,7 +377,7 @@ def plan_study(spec: StudySpec) -> Plan:
                 aliases=info.get("aliases", {}), defining_relation=info.get("defining_relation", []),
                 resolution=info.get("resolution"), ladder_order=info.get("ladder_order"), notes=notes,
                 search_budget=spec.design.trials if spec.design.kind == "search" else 0,
-                base_config=to_dict(spec.base))
+                base_config=to_dict(spec.base), gpus_per_trial=spec.resources.gpus)
 
 
 def search_objectives(spec: StudySpec) -> list[str]:
@@ -405,6 +415,10 @@ def format_plan(plan: Plan, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrenc
             lines.append(f"trials: {cost['trials']} (search budget)")
         lines.append(f"cost: {cost['total_steps']} training steps in all; estimated wall time "
                      f"{_fmt_s(cost['wall_seconds'])} ({cost['assumptions']})")
+        gpu = plan.gpu_estimate()
+        if gpu:
+            lines.append(f"compute: {gpu['pflops']:g} PFLOP (training + evaluation sampling, from the model's MACs); "
+                         f"about {gpu['gpu_hours']:g} GPU-hours at {gpu['assumption']}")
     return "\n".join(lines)
 
 
