@@ -52,7 +52,7 @@ def test_fd_matches_scipy_and_torchmetrics():
     a, b = _gauss(400, 16, 0), _gauss(300, 16, 1, shift=0.3, scale=1.5)
     fd = frechet_distance(a, b)
     assert fd == pytest.approx(_fd_scipy(a, b), rel=1e-6)
-    fid_mod = pytest.importorskip("torchmetrics.image.fid")
+    import torchmetrics.image.fid as fid_mod  # a dev dependency: an independent implementation
     tm = fid_mod.FrechetInceptionDistance(feature=_Identity(16))
     tm.update(torch.from_numpy(a), real=True)
     tm.update(torch.from_numpy(b), real=False)
@@ -76,7 +76,7 @@ def test_kd_matches_naive_loop_and_torchmetrics():
     x, y = _gauss(25, 6, 3), _gauss(25, 6, 4, shift=0.5)
     mean, std = kernel_distance(x, y, subsets=5, subset_size=25)  # subsets = whole sets: one exact value
     assert mean == pytest.approx(_mmd_naive(x, y), rel=1e-9) and std == 0.0
-    kid_mod = pytest.importorskip("torchmetrics.image.kid")
+    import torchmetrics.image.kid as kid_mod
     tm = kid_mod.KernelInceptionDistance(feature=_Identity(6), subsets=1, subset_size=25)
     tm.update(torch.from_numpy(x), real=True)
     tm.update(torch.from_numpy(y), real=False)
