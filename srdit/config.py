@@ -632,7 +632,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
         if section not in tree:
             raise ConfigError(f"{section}: unknown key; allowed keys: preset, {', '.join(tree)}")
         if isinstance(value, dict) and isinstance(tree[section], dict):
-            for k, v in _flatten(value, section).items():
+            for k, v in flatten_dict(value, section).items():
                 nested_update(tree, k, v)
         else:
             tree[section] = value
@@ -644,12 +644,13 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     return cfg.validate()
 
 
-def _flatten(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+def flatten_dict(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> {"a.b.c": value} (empty mappings stay values)."""
     out: dict[str, Any] = {}
     for k, v in d.items():
         key = f"{prefix}.{k}" if prefix else str(k)
         if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, key))
+            out.update(flatten_dict(v, key))
         else:
             out[key] = v
     return out
@@ -657,4 +658,4 @@ def _flatten(d: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 
 def flatten(cfg: RunConfig) -> dict[str, Any]:
     """Dotted-key view of a config (for MLflow params and tables)."""
-    return _flatten(to_dict(cfg), "")
+    return flatten_dict(to_dict(cfg))

@@ -11,7 +11,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Protocol
 
 import torch
 
+from srdit.cache import save_atomic
 from srdit.config import RunConfig, from_dict, to_dict, to_yaml
 from srdit.model import build_model
 from srdit.provenance import provenance
@@ -175,13 +175,6 @@ def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> N
                 e.lerp_(p.detach(), 1.0 - decay)
 
 
-def _save_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint written by `train` (weights_only=True); CheckpointError with one clear line otherwise."""
     path = Path(path)
@@ -276,7 +269,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
 
     def save() -> None:
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        _save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
+        save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                       "rng": rng, "data": data.state_dict(), "config": to_dict(cfg), **provenance(device)}, ckpt_path)
 
     def run_eval() -> dict[str, float]:

@@ -815,7 +815,7 @@ def render_index(dashboards_dir: str | Path) -> Path:
     table = _table(["study", "design", "techniques", "metric", "best combination", "incompatible", "commit", "date"],
                    rows) if rows else '<p class="caption">No study reports yet: run <code>make study</code>.</p>'
     records = root / "RECORDS.md"
-    rec = f'<p class="caption">Records table: <a href="RECORDS.md">RECORDS.md</a>.</p>' if records.exists() else ""
+    rec = '<p class="caption">Records table: <a href="RECORDS.md">RECORDS.md</a>.</p>' if records.exists() else ""
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>srdit studies</title><style>{CSS}</style></head><body>

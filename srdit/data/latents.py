@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import queue
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from srdit.cache import write_atomic
 from srdit.data.digits import BatchStream
 
 FORMAT = "srdit-latents"
@@ -60,38 +60,23 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> dict:
     """np.save to a temporary file, fsync, rename. Returns the manifest entry {name, sha256, bytes, shape, dtype}."""
     path = Path(path)
     array = np.ascontiguousarray(array)
-    _atomic_write(path, lambda f: np.save(f, array, allow_pickle=False))
+    write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
     return {"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
             "shape": list(array.shape), "dtype": array.dtype.name}
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
     data = (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
-    _atomic_write(Path(path), lambda f: f.write(data))
+    write_atomic(Path(path), lambda f: f.write(data))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     data = text.encode()
-    _atomic_write(Path(path), lambda f: f.write(data))
+    write_atomic(Path(path), lambda f: f.write(data))
 
 
 def shard_file(root: str | os.PathLike, kind: str, shard: int) -> Path:

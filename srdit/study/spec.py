@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from srdit.config import (TECHNIQUES, ConfigError, RunConfig, apply_diff, from_dict, nested_update, preset,
-                          read_yaml, to_dict)
+from srdit.config import (TECHNIQUES, ConfigError, RunConfig, apply_diff, flatten_dict, from_dict, nested_update,
+                          preset, read_yaml, to_dict)
 
 # The schema. Tests freeze these tuples so that the study format changes only on purpose.
 STUDY_KEYS = ("name", "description", "base", "techniques", "design", "seeds", "constraints", "metrics", "resources",
@@ -223,17 +223,6 @@ def _names(value: Any, where: str) -> list[str]:
     return value
 
 
-def _flat(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping) and v:
-            out.update(_flat(v, key))
-        else:
-            out[key] = v
-    return out
-
-
 # ------------------------------------------------------------------------------------------------------------------
 # sections
 # ------------------------------------------------------------------------------------------------------------------
@@ -270,7 +259,7 @@ def parse_base(value: Any, where: str = "base", relative_to: Path | None = None)
             raise ConfigError(f"{where}.{section}: unknown key; allowed keys in {where}: preset, techniques, "
                               f"{', '.join(tree)}")
         if isinstance(sub, Mapping) and isinstance(tree[section], dict):
-            for k, v in _flat(sub, section).items():
+            for k, v in flatten_dict(sub, section).items():
                 nested_update(tree, k, v)
         else:
             tree[section] = sub
@@ -318,7 +307,7 @@ def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
             if not isinstance(diff, Mapping) or not diff:
                 raise ConfigError(f"{w}.diff: expected a non-empty mapping of dotted config keys to values "
                                   f"(e.g. train.lr: 3e-3), got {diff!r}")
-            diff = _flat(diff)
+            diff = flatten_dict(diff)
             try:
                 apply_diff(base, diff)
             except ConfigError as e:

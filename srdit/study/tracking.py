@@ -23,6 +23,8 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
+from srdit.config import flatten_dict
+
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
@@ -212,17 +214,6 @@ def open_study(uri: str, experiment_name: str, study: str, state_dir: str | Path
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        if isinstance(v, Mapping) and v:
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
-
-
 class ChildRun:
     """The MLflow child run of one trial; the trial's Reporter writes through it."""
 
@@ -259,7 +250,7 @@ class ChildRun:
             retry(self.client.log_batch, self.run_id, tags=chunk)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
-        flat = _flatten(params)
+        flat = flatten_dict(params)
         items = [Param(k, json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)) for k, v in flat.items()]
         for chunk in _chunks(items, _BATCH_ENTITIES):
             retry(self.client.log_batch, self.run_id, params=chunk)
