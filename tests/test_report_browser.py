@@ -129,3 +129,38 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert (np.abs(gray - background) > 30).mean() > 0.05  # a substantial part of the page is drawn
     colours = {tuple(p) for p in img[::7, ::7, :3].reshape(-1, 3).astype(int).tolist()}
     assert len(colours) > 200  # figures, not a flat page
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("SRDIT_REQUIRE_BROWSER"),
+                    reason="chromium is not installed (apt-get install chromium)")
+def test_leave_one_out_report_renders_without_errors(tmp_path):
+    """A leave-one-out study has no estimable pair: the synergy matrix is replaced by a sentence (an all-empty
+    heatmap made plotly throw), and every figure that is drawn renders without JavaScript errors."""
+    import dataclasses
+
+    import pandas as pd
+
+    base = make_results(tmp_path)
+    factors = ["repa", "rope", "sprint"]
+    cells = [dict.fromkeys(factors, 1)] + [{**dict.fromkeys(factors, 1), f: 0} for f in factors]
+    rows = []
+    for i, x in enumerate(cells):
+        cell = "+".join(f for f in factors if x[f])
+        rows.append({"trial": f"t{i}", "cell": cell, "seed": 0, "status": "finished", "status_reason": "", **x,
+                     "fd": 20.0 + 3 * i, "kd": 0.2 + 0.01 * i, "precision": 0.6, "images_per_s": 100.0 + i,
+                     "loss": 0.4})
+    curves = pd.DataFrame([{"trial": r["trial"], "cell": r["cell"], "seed": 0, "key": "loss", "step": s,
+                            "value": 1.0 / (1 + s)} for r in rows for s in (0, 10, 20)])
+    res = dataclasses.replace(base, study="loo", design="loo", table=pd.DataFrame(rows), curves=curves, samples={},
+                              excluded=[], aliases={})
+    page = render_report(res, tmp_path / "dash" / "loo")
+    html = page.read_text(encoding="utf-8")
+    assert "No pairwise synergy is estimable here" in html
+    fig_ids = re.findall(r'<div id="(fig-[^"]+)" class="plotly-graph-div"', html)
+    assert fig_ids and not any(f.startswith("fig-synergy") for f in fig_ids)
+    run = chromium(["--dump-dom", page.resolve().as_uri()], tmp_path / "profile")
+    errors = re.search(r'<pre id="js-errors">(.*?)</pre>', run.stdout, flags=re.S)
+    assert errors is not None and errors.group(1).strip() == "", errors and errors.group(1)
+    for fid in fig_ids:
+        tag = re.search(rf'<div id="{re.escape(fid)}"[^>]*>', run.stdout)
+        assert tag and "js-plotly-plot" in tag.group(0), fid

@@ -145,8 +145,12 @@ LAYOUT = dict(template="plotly_white", font=dict(family="system-ui, -apple-syste
 # --------------------------------------------------------------------------------------------------------------------
 # figures
 # --------------------------------------------------------------------------------------------------------------------
-def fig_synergy(a: dict, title: str | None = None) -> go.Figure:
-    """Symmetric matrix of S_ij (oriented), text = value, CI, significance mark; aliased / failed cells labelled."""
+def fig_synergy(a: dict, title: str | None = None) -> go.Figure | None:
+    """Symmetric matrix of S_ij (oriented), text = value, CI, significance mark; aliased / failed cells labelled.
+    None when no pair is estimable (leave-one-out and ladder designs lack the cells): an all-empty heatmap has no
+    colour range and plotly fails on it."""
+    if not any(v is not None for v in a["synergy"].values()) and not a["incompatible"] and not a["aliased"]:
+        return None
     f = a["factors"]
     k = len(f)
     z = [[None] * k for _ in range(k)]
@@ -396,7 +400,7 @@ p.caption, .caption { color:var(--muted); font-size:13.5px; margin:4px 0 12px; m
 .summary { display:grid; grid-template-columns:repeat(auto-fit,minmax(260px,1fr)); gap:14px; margin-top:10px; }
 .card { border:1px solid var(--line); border-radius:8px; padding:12px 14px; background:#fbfcfe; }
 .card .label { font-size:12px; text-transform:uppercase; letter-spacing:.6px; color:var(--muted); }
-.card .value { font-size:18px; font-weight:600; margin-top:2px; }
+.card .value { font-size:18px; font-weight:600; margin-top:2px; overflow-wrap:anywhere; }
 .card .detail { font-size:13px; color:var(--muted); margin-top:2px; }
 .card.bad { border-color:#f1c7c3; background:#fff7f6; } .card.bad .value { color:var(--bad); }
 .card.good .value { color:var(--good); }
@@ -679,7 +683,9 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
             f"{_esc(a['correction'])} correction across pairs; <b>✕</b> = flagged incompatible; "
             "<i>aliased</i> = not separable in this fractional design; <i>fails</i> = runs with both techniques "
             "failed, so no metric exists.",
-            "A synergy matrix needs at least two techniques."))
+            "No pairwise synergy is estimable here: a synergy needs the cells of a (fractional) factorial, and "
+            "leave-one-out or ladder designs run too few of them (see the per-technique effects below)."
+            if k >= 2 else "A synergy matrix needs at least two techniques."))
         sections.append(fig_block(
             "fig-effects", fig_effects(a), "Effect of each technique",
             "Blue: main effect (mean gain with the technique on minus off, averaged over the design) with its "
@@ -716,8 +722,9 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
             if len(res.factors) >= 2:
                 fid = "fig-synergy-" + _safe_name(m)
                 fig = fig_synergy(am, title=f"Synergy on {_metric_label(m, am['direction'], am['scale'] == 'log')}")
-                figs.append((fid, fig))
-                blocks.append(f'<div class="plot">@@FIG:{fid}@@</div>')
+                if fig is not None:
+                    figs.append((fid, fig))
+                    blocks.append(f'<div class="plot">@@FIG:{fid}@@</div>')
         if blocks:
             sections.append('<section id="sec-other"><h2>Synergy on the other metrics</h2><p class="caption">Same '
                             'reading as the main matrix; each metric is oriented so that positive = better '
