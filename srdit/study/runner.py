@@ -13,6 +13,7 @@ search through Ray Tune's OptunaSearch.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -184,6 +185,22 @@ def _search_trial(config: dict, ctx: dict) -> dict | None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _ray_session(num_cpus: int | None, echo: Callable[[str], None]):
+    """Ray for the body of the block: connect to RAY_ADDRESS or start a local Ray (shut down afterwards if this
+    block started it). Ctrl-C inside ends the block quietly: finished trials are already recorded in MLflow."""
+    import ray
+
+    started = _ensure_ray(num_cpus, echo)
+    try:
+        yield
+    except KeyboardInterrupt:
+        echo("interrupted")
+    finally:
+        if started:
+            ray.shutdown()
+
+
 def _ensure_ray(num_cpus: int | None, echo: Callable[[str], None]) -> bool:
     """Connect to RAY_ADDRESS or start a local Ray; returns True when this call started it."""
     import ray
@@ -282,17 +299,9 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
     ran = 0
     if todo:
         tracking.set_parent_status("RUNNING")
-        started = _ensure_ray(num_cpus, echo)
-        try:
+        with _ray_session(num_cpus, echo):
             _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped)
             ran = len(todo)
-        except KeyboardInterrupt:
-            echo("interrupted")
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
     return _finish(spec, plan, tracking, paths, skipped, ran, echo, t0)
 
 
@@ -370,8 +379,7 @@ def _run_search(spec, plan, tracking, paths, existing, retry_failed, num_cpus, m
         ctx = {**_ctx(spec, tracking, paths, plan), "spec_data": _spec_data(spec), "spec_path": spec.path,
                "objectives": objectives}
         tracking.set_parent_status("RUNNING")
-        started = _ensure_ray(num_cpus, echo)
-        try:
+        with _ray_session(num_cpus, echo):
             trainable, run_config = _tuner_common(spec, paths, max_failures,
                                                   [_progress_callback(spec.design.trials, n_done, echo)])
             tune.Tuner(trainable, param_space={**space, "ctx": ctx},
@@ -380,13 +388,6 @@ def _run_search(spec, plan, tracking, paths, existing, retry_failed, num_cpus, m
                                                    trial_dirname_creator=_trial_name),
                        run_config=run_config).fit()
             ran = remaining
-        except KeyboardInterrupt:
-            echo("interrupted")
-        finally:
-            if started:
-                import ray
-
-                ray.shutdown()
     return _finish(spec, plan, tracking, paths, n_done, ran, echo, t0)
 
 
