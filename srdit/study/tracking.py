@@ -313,9 +313,12 @@ class TrialReporter:
 
 
 def port_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now. SO_REUSEADDR as servers use it, so that connections of a
+    stopped server left in TIME_WAIT do not count as "in use" (Linux still refuses a port that is listened on)."""
     import socket
 
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
             return True
@@ -368,20 +371,30 @@ def stop_server(proc, timeout: float = 15.0) -> None:
     import signal
     import subprocess
 
-    if proc.poll() is not None:
-        return
+    def group_alive() -> bool:
+        try:
+            os.killpg(proc.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
     try:
         os.killpg(proc.pid, signal.SIGTERM)
     except ProcessLookupError:
         return
-    try:
-        proc.wait(timeout)
-    except subprocess.TimeoutExpired:
+    # Wait for the whole group, not only its leader: the uvicorn worker can outlive the leader and hold the port.
+    deadline = time.time() + timeout
+    while time.time() < deadline and (proc.poll() is None or group_alive()):
+        time.sleep(0.1)
+    if group_alive():
         try:
             os.killpg(proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    try:
         proc.wait(5)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 __all__ = ["StudyTracking", "ChildRun", "TrialReporter", "open_study", "default_tracking_uri", "resolve_uri",
