@@ -2,6 +2,10 @@
 
 The trainer knows nothing of Ray or MLflow: it reports through a `Reporter`. Failures are results: a non-finite
 loss or gradient ends the run with status `diverged`, an out-of-memory error with status `oom`.
+
+Data parallel: when `torch.distributed` is initialised (torchrun, or a Ray Train worker), each rank trains on its
+slice of the global batch under DistributedDataParallel and rank 0 reports, evaluates and writes checkpoints; the
+trajectory equals the single-process run with the same global batch (see `srdit.parallel`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import torch
 from srdit.cache import save_atomic
 from srdit.config import RunConfig, from_dict, to_dict, to_yaml
 from srdit.model import build_model
+from srdit.parallel import DataParallel
 from srdit.provenance import provenance
 from srdit.transport import interpolate, sample_times, velocity_target
 from srdit.transport.losses import loss_terms, total
@@ -75,7 +80,9 @@ class CheckpointError(ValueError):
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":  # the launcher picked this process's GPU (torch.cuda.set_device)
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 
 
@@ -107,12 +114,13 @@ class DigitsBatches:
     There is no augmentation, so the teacher's tokens are a pure function of the image index; computing them
     once removes the per-step teacher cost that bottlenecked the paper's run."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device):
+    def __init__(self, cfg: RunConfig, device: torch.device, dp: DataParallel = DataParallel()):
         from srdit.data.digits import BatchStream, load_digits_split
 
         split = load_digits_split()
         self.x, self.y = split.train_x.to(device), split.train_y.to(device)
         self.stream = BatchStream(len(self.x), cfg.train.batch_size, cfg.train.seed)
+        self.dp = dp
         self.patches = self.cls = None
         teacher = _teacher_for(cfg, "cpu")
         if teacher is not None:
@@ -122,7 +130,7 @@ class DigitsBatches:
 
     def next(self):
         """(x0, labels, teacher patch tokens or None, teacher class token or None)."""
-        idx = self.stream.next_indices().to(self.x.device)
+        idx = self.dp.part(self.stream.next_indices()).to(self.x.device)
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
         return self.x[idx], self.y[idx], pick(self.patches), pick(self.cls)
 
@@ -136,13 +144,14 @@ class DigitsBatches:
 class LatentBatches:
     """Pre-encoded latent shards (see `srdit preprocess`), streamed; the teacher runs on the stored raw crops."""
 
-    def __init__(self, cfg: RunConfig, device: torch.device):
+    def __init__(self, cfg: RunConfig, device: torch.device, dp: DataParallel = DataParallel()):
         from srdit.data.latents import LatentStream
 
         m = cfg.model
         self.teacher = _teacher_for(cfg, device)
         self.stream = LatentStream(cfg.data.path, cfg.train.batch_size, cfg.train.seed,
-                                   images=self.teacher is not None, device=device, prefetch=2)
+                                   images=self.teacher is not None, device=device, prefetch=2,
+                                   part=(dp.rank, dp.world))
         shape = tuple(self.stream.data.latent_shape)
         if shape != (m.in_channels, m.input_size, m.input_size) or self.stream.data.num_classes != m.num_classes:
             raise ValueError(f"{cfg.data.path}: latents are {shape} with {self.stream.data.num_classes} classes; set "
@@ -164,8 +173,32 @@ class LatentBatches:
         self.stream.load_state_dict(state)
 
 
-def make_batches(cfg: RunConfig, device: torch.device):
-    return DigitsBatches(cfg, device) if cfg.data.dataset == "digits" else LatentBatches(cfg, device)
+def make_batches(cfg: RunConfig, device: torch.device, dp: DataParallel = DataParallel()):
+    """This rank's part of each global batch: (x0, labels, teacher patch tokens or None, class token or None)."""
+    return (DigitsBatches if cfg.data.dataset == "digits" else LatentBatches)(cfg, device, dp)
+
+
+@dataclass
+class StepNoise:
+    """The randomness of one step for the *global* batch, drawn in a fixed order from the shared RNG and sliced
+    to this rank, so that the random streams do not depend on the number of data-parallel workers."""
+
+    drop: torch.Tensor
+    t: torch.Tensor
+    eps: torch.Tensor
+    eps_cls: torch.Tensor | None
+    route: torch.Tensor | None
+
+    @classmethod
+    def draw(cls, cfg: RunConfig, model, x_shape, shift: float, device, dp: DataParallel) -> "StepNoise":
+        b, m, tr = cfg.train.batch_size, cfg.model, cfg.transport
+        drop = torch.rand(b, device=device) < cfg.train.label_dropout
+        t = sample_times(b, tr.time_sampling, shift, tr.logit_mean, tr.logit_std, device=device)
+        eps = torch.randn((b, *x_shape[1:]), device=device)
+        eps_cls = torch.randn(b, m.reg.dim, device=device) if m.reg.enabled else None
+        tokens = model.routed_tokens
+        route = torch.rand(b, tokens, device=device) if tokens else None
+        return cls(*(dp.part(v) for v in (drop, t, eps, eps_cls, route)))
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -236,7 +269,9 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     cfg = cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    reporter = reporter or NullReporter()
+    dp = DataParallel.current()
+    dp.local_batch(cfg.train.batch_size)  # a clear error before anything is built
+    reporter = (reporter or NullReporter()) if dp.main else NullReporter()
     tc = cfg.train
     device = resolve_device(tc.device)
     if tc.threads > 0:
@@ -246,7 +281,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(tc.seed)
-    data = make_batches(cfg, device)
+    data = make_batches(cfg, device, dp)
     model = build_model(cfg.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
@@ -265,9 +300,12 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         step = int(ckpt["step"])
-    (out / "config.yaml").write_text(to_yaml(cfg))
+    if dp.main:
+        (out / "config.yaml").write_text(to_yaml(cfg))
 
     def save() -> None:
+        if not dp.main:
+            return
         rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
         save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                       "rng": rng, "data": data.state_dict(), "config": to_dict(cfg), **provenance(device)}, ckpt_path)
@@ -278,10 +316,15 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             return evaluate(ema, cfg, device)
 
-    net = torch.compile(model) if tc.compile else model
+    net = model
+    if dp.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    net = torch.compile(net) if tc.compile else net
     m, null = cfg.model, cfg.model.num_classes
     shift = cfg.shift_value()
-    bar = _Progress(tc.steps, step, progress)
+    bar = _Progress(tc.steps, step, progress if dp.main else False)
     sums: dict[str, float] = {}
     count, t_window = 0, time.perf_counter()
     status, reason, last = "finished", "", {}
@@ -289,23 +332,24 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     try:
         while step < tc.steps:
             x0, y, patches, cls0 = data.next()
-            y = torch.where(torch.rand(len(y), device=device) < tc.label_dropout, torch.full_like(y, null), y)
-            t = sample_times(len(y), cfg.transport.time_sampling, shift, cfg.transport.logit_mean,
-                             cfg.transport.logit_std, device=device)
-            eps = torch.randn_like(x0)
+            noise = StepNoise.draw(cfg, model, x0.shape, shift, device, dp)
+            y = torch.where(noise.drop, torch.full_like(y, null), y)
+            t, eps = noise.t, noise.eps
             cls_t = reg_target = repa_target = None
             if m.reg.enabled:
-                eps_c = torch.randn_like(cls0)
-                cls_t, reg_target = interpolate(cls0, eps_c, t), velocity_target(cls0, eps_c)
+                cls_t, reg_target = interpolate(cls0, noise.eps_cls, t), velocity_target(cls0, noise.eps_cls)
             if m.repa.enabled:
                 repa_target = patches
                 if m.reg.enabled:  # token 0 (the class token) aligns with the teacher's class token
                     repa_target = torch.cat([cls0[:, None], patches], dim=1)
             with autocast_for(cfg, device):
-                pred, aux = net(interpolate(x0, eps, t), t, y, cls_t)
-            terms = loss_terms(pred, velocity_target(x0, eps), aux, repa_target, reg_target, cfm=cfg.loss.cfm > 0)
+                pred, aux = net(interpolate(x0, eps, t), t, y, cls_t, route_noise=noise.route)
+            target = velocity_target(x0, eps)
+            cfm = cfg.loss.cfm > 0
+            terms = loss_terms(pred, target, aux, repa_target, reg_target, cfm=cfm,
+                               cfm_negative=dp.rolled(target) if cfm and dp.active else None)
             loss = total(terms, cfg.loss)
-            if not torch.isfinite(loss):
+            if dp.any(not torch.isfinite(loss), device):
                 status, reason = "diverged", f"non-finite loss at step {step + 1}"
                 break
             opt.zero_grad(set_to_none=True)
@@ -323,7 +367,8 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
             count += 1
             if step % tc.log_every == 0 or step == tc.steps:
                 dt = time.perf_counter() - t_window
-                last = {k: v / count for k, v in sums.items()}
+                means = dp.mean(torch.tensor(list(sums.values()), dtype=torch.float64, device=device)) / count
+                last = dict(zip(sums, means.tolist()))
                 last |= {"steps_per_s": count / dt, "images_per_s": count * tc.batch_size / dt}
                 reporter.report(step, last)
                 bar.update(step, f"loss {last['loss']:.4f}  {last['steps_per_s']:.1f} it/s  "
@@ -334,7 +379,9 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
             if step % tc.ckpt_every == 0 and step < tc.steps:
                 save()
             if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps and cfg.data.dataset == "digits":
-                reporter.report(step, run_eval())
+                if dp.main:
+                    reporter.report(step, run_eval())
+                dp.barrier()
                 t_window = time.perf_counter()
     except torch.OutOfMemoryError as e:
         status, reason = "oom", f"out of memory at step {step + 1}: {str(e).splitlines()[0][:200]}"
@@ -343,10 +390,10 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
 
     if status != "finished":
         reporter.report(step, {"diverged_step" if status == "diverged" else "oom_step": float(step + 1)})
-        return TrainResult(status, reason, step, dict(last), out)
+        return _result(out, dp, status, reason, step, dict(last))
     save()
     final: dict[str, float] = {}
-    if cfg.data.dataset == "digits":  # ImageNet metrics need local Inception / DINOv2 weights: `srdit evaluate`
+    if cfg.data.dataset == "digits" and dp.main:  # ImageNet metrics need local Inception / DINOv2 weights: `srdit evaluate`
         final = run_eval()
         reporter.report(step, final)
         from srdit.generate import generate
@@ -360,6 +407,13 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
             reporter.artifact(png)
     if hasattr(reporter, "artifact"):
         reporter.artifact(out / "config.yaml")
-    metrics = {**last, **final}
-    (out / "result.json").write_text(json.dumps({"status": status, "step": step, "metrics": metrics}, indent=1))
+    return _result(out, dp, status, reason, step, {**last, **final})
+
+
+def _result(out: Path, dp: DataParallel, status: str, reason: str, step: int, metrics: dict) -> TrainResult:
+    """The run's outcome, also left in result.json (rank 0) for whoever launched it. Ranks leave together."""
+    dp.barrier()
+    if dp.main:
+        (out / "result.json").write_text(json.dumps({"status": status, "reason": reason, "step": step,
+                                                     "metrics": metrics}, indent=1))
     return TrainResult(status, reason, step, metrics, out)

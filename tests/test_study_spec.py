@@ -25,7 +25,7 @@ def test_schema_is_frozen():
     assert S.CUSTOM_TECHNIQUE_KEYS == ("name", "diff", "description")
     assert S.CONSTRAINT_KINDS == ("requires", "excludes", "wins")
     assert S.METRICS_KEYS == ("primary", "direction", "others")
-    assert S.RESOURCES_KEYS == ("cpus", "gpus", "max_concurrent")
+    assert S.RESOURCES_KEYS == ("cpus", "gpus", "workers", "max_concurrent")
     assert S.TRACKING_KEYS == ("uri", "experiment", "artifact_location")
     assert S.SPACE_KEYS == ("low", "high", "log", "type", "choices")
 
@@ -46,10 +46,21 @@ def test_defaults_and_sections():
     assert s.factor("sprint").diff["model.sprint.drop_ratio"] == 0.5
     assert s.factor("lr").diff == {"train.lr": 3e-3} and not s.factor("lr").builtin
     assert s.resources.cpus == 2 and s.resources.gpus == 0.5 and s.tracking.uri.startswith("http")
+    assert s.resources.workers == 1
+
+
+def test_multi_gpu_resources_mean_one_worker_per_gpu():
+    r = study_from_dict({"name": "d", "techniques": ["rope"], "resources": {"gpus": 8}}).resources
+    assert (r.gpus, r.workers, r.gpus_per_worker) == (8, 8, 1.0)
+    r = study_from_dict({"name": "d", "techniques": ["rope"], "resources": {"workers": 2, "cpus": 0.5}}).resources
+    assert (r.gpus, r.workers, r.cpus) == (0, 2, 0.5)
 
 
 @pytest.mark.parametrize("data,match", [
-    ({"name": "x", "techniques": ["rope"], "resources": {"gpus": 2}}, "not yet supported"),
+    ({"name": "x", "techniques": ["rope"], "resources": {"gpus": 2.5}}, "resources.gpus: 2.5 must be a fraction"),
+    ({"name": "x", "techniques": ["rope"], "resources": {"gpus": 4, "workers": 2}}, "must equal resources.gpus"),
+    ({"name": "x", "techniques": ["rope"], "resources": {"gpus": 0.5, "workers": 2}}, "one whole GPU per worker"),
+    ({"name": "x", "techniques": ["rope"], "resources": {"workers": 0}}, "resources.workers: 0 must be >= 1"),
     ({"name": "x", "techniques": [{"sprint": {"width": 3}}]}, "unknown knob 'width'"),
     ({"name": "x", "techniques": [{"name": "bad", "diff": {"train.nope": 1}}]}, "train.nope: unknown key"),
     ({"name": "x", "techniques": ["rope"], "design": {"kind": "fractional_factorial", "resolution": 9}},
@@ -86,7 +97,7 @@ BAD = {
     "empty.yaml": ("", "the file is empty"),
     "syntax.yaml": ("name: a\ntechniques: [rope\n", "YAML syntax error"),
     "not_mapping.yaml": ("- rope\n", "expected a mapping"),
-    "gpus.yaml": ("name: a\ntechniques: [rope]\nresources: {gpus: 4}\n", "not yet supported"),
+    "gpus.yaml": ("name: a\ntechniques: [rope]\nresources: {gpus: 4, workers: 3}\n", "workers: 3 must equal"),
 }
 
 

@@ -241,14 +241,15 @@ class LatentStream:
     """Deterministic infinite stream of training batches from a latent folder, with exact resume.
 
     `next_batch()` returns (latents float32 [B, C, h, w], labels int64 [B], uint8 crops [B, 3, R, R] or None) on
-    `device`; the crops come only with `images=True` (and a folder written with `--keep-images`). The image indices
+    `device`; with `part=(rank, world)` only this rank's slice of each global batch is read. The crops come only
+    with `images=True` (and a folder written with `--keep-images`). The image indices
     of the last batch are in `last_indices` (the key of the teacher-feature cache). Order: `BatchStream(n,
     batch_size, seed)`. With `prefetch > 0` a background thread reads that many batches ahead; `state_dict()`
     still describes the position after the last batch *returned*, so resume is exact either way.
     """
 
     def __init__(self, root: str | os.PathLike, batch_size: int, seed: int = 0, *, images: bool = False,
-                 device: str | torch.device = "cpu", prefetch: int = 0):
+                 device: str | torch.device = "cpu", prefetch: int = 0, part: tuple[int, int] = (0, 1)):
         self.data = LatentDataset(root)
         if images and not self.data.has_images:
             raise ValueError(f"{root}: no image crops stored (needed by the alignment teacher); rerun "
@@ -257,6 +258,9 @@ class LatentStream:
         self.images = images
         self.device = torch.device(device)
         self.sampler = BatchStream(len(self.data), batch_size, seed)
+        self.rank, self.world = part  # data parallel: read only this rank's slice of each global batch
+        if batch_size % self.world:
+            raise ValueError(f"batch size {batch_size} is not divisible by {self.world} data-parallel workers")
         self.fingerprint = index_fingerprint(root)
         self.prefetch = int(prefetch)
         self.last_indices: Tensor | None = None
@@ -274,6 +278,9 @@ class LatentStream:
     def batch_size(self) -> int:
         return self.sampler.batch_size
 
+    def _next_indices(self) -> Tensor:
+        return self.sampler.next_indices().view(self.world, -1)[self.rank]
+
     def _load(self, idx: Tensor):
         lat, lab, img = self.data.get(idx.numpy())
         return idx, torch.from_numpy(lat), torch.from_numpy(lab), torch.from_numpy(img) if self.images else None
@@ -281,7 +288,7 @@ class LatentStream:
     def _produce(self) -> None:
         try:
             while not self._stop.is_set():
-                idx = self.sampler.next_indices()
+                idx = self._next_indices()
                 item = (self._load(idx), self.sampler.state_dict())
                 while not self._stop.is_set():
                     try:
@@ -315,7 +322,7 @@ class LatentStream:
                 raise RuntimeError(f"latent prefetch failed: {self._error}") from self._error
             (idx, lat, lab, img), self._state = item
         else:
-            idx, lat, lab, img = self._load(self.sampler.next_indices())
+            idx, lat, lab, img = self._load(self._next_indices())
             self._state = self.sampler.state_dict()
         self.last_indices = idx
         return self._to_device(lat).float(), self._to_device(lab), self._to_device(img)

@@ -21,12 +21,19 @@ class SprintRouter(nn.Module):
     def keep_count(self, tokens: int) -> int:
         return max(1, int(tokens * (1.0 - self.drop_ratio)))
 
-    def select(self, batch: int, tokens: int, device: torch.device) -> torch.Tensor | None:
-        """Sorted kept indices [B, K] in training, None (keep all) in eval. Uniform random, per sample."""
+    def select(self, batch: int, tokens: int, device: torch.device,
+               noise: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Sorted kept indices [B, K] in training, None (keep all) in eval. Uniform random, per sample.
+
+        `noise` [B, tokens] (uniform) may come from the caller: the trainer draws it for the global batch so that
+        data-parallel training routes each sample exactly as a single process would."""
         if not self.training or self.drop_ratio == 0.0:
             return None
         keep = self.keep_count(tokens)
-        noise = torch.rand(batch, tokens, device=device)
+        if noise is None:
+            noise = torch.rand(batch, tokens, device=device)
+        elif noise.shape != (batch, tokens):
+            raise ValueError(f"route noise has shape {tuple(noise.shape)}, expected {(batch, tokens)}")
         return noise.argsort(dim=1)[:, :keep].sort(dim=1).values
 
     @staticmethod

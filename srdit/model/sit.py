@@ -96,6 +96,13 @@ class SiT(nn.Module):
             nn.init.zeros_(lin.weight)
             nn.init.zeros_(lin.bias)
 
+    @property
+    def routed_tokens(self) -> int:
+        """Tokens SPRINT picks from in training (the shape of `route_noise`'s second dim); 0 without routing."""
+        if self.sprint is None or self.sprint.drop_ratio == 0.0:
+            return 0
+        return self.grid * self.grid + self.prefix
+
     def inference_parameters(self) -> int:
         """Parameters used at sampling time (the REPA projector is train-only)."""
         total = sum(p.numel() for p in self.parameters())
@@ -112,10 +119,11 @@ class SiT(nn.Module):
                 aux["repa"] = self.repa(h)
         return h, v_first
 
-    def forward(self, x, t, y, cls=None, drop_sparse_path: bool = False):
+    def forward(self, x, t, y, cls=None, drop_sparse_path: bool = False, route_noise=None):
         """x [B, C, H, W] at time t [B] with labels y [B] (num_classes = null); cls [B, dim] noised class token
         (REG). Returns (velocity [B, C, H, W], aux). `drop_sparse_path` replaces the SPRINT middle by [MASK]
-        (path-drop guidance's unconditional branch)."""
+        (path-drop guidance's unconditional branch); `route_noise` [B, tokens] drives SPRINT's token selection in
+        training (drawn inside when None)."""
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
         if self.reg is not None:
             if cls is None:
@@ -132,7 +140,7 @@ class SiT(nn.Module):
         else:
             s = self.cfg.sprint
             h, v_first = self._run(indexed[: s.dense_in], h, c, rope, None, repa_at, aux)
-            keep = self.sprint.select(h.shape[0], h.shape[1], h.device)
+            keep = self.sprint.select(h.shape[0], h.shape[1], h.device, route_noise)
             g_rope = self.rope.tables(keep) if (self.rope is not None and keep is not None) else rope
             g_v = self.sprint.gather(v_first, keep) if v_first is not None else None
             g, _ = self._run(indexed[s.dense_in: self.depth - s.dense_out], self.sprint.gather(h, keep), c,

@@ -31,7 +31,10 @@ from srdit.study.tracking import (ChildRun, StudyTracking, TrialReporter, is_don
                                   runtime_tags)
 
 MAX_FAILURES = 3
-"Tune retries of a trial after an infrastructure failure (lost worker or node)."
+"""Tune retries of a trial after an infrastructure failure (lost worker or node); also Ray Train's restarts of a
+data-parallel trial's worker group."""
+DRIVER_CPU = 0.01
+"CPU share of a data-parallel trial's driver, which only waits on its workers."
 
 
 @dataclass
@@ -100,11 +103,19 @@ def execute_trial(trial: dict, ctx: dict, to_tune: bool = False) -> dict:
     objectives = ctx.get("objectives")  # search: Tune sees only the final result, which always has the objectives
     reporter = TrialReporter(child, to_tune and not objectives)
     t0 = time.perf_counter()
+    logged: set[str] = set()
     try:
-        from srdit.train import train
+        if ctx.get("workers", 1) > 1:  # rank 0 of a Ray Train group logs to the child run itself
+            from srdit.study.data_parallel import train_data_parallel
 
-        res = train(cfg, out_dir, reporter, resume=True, progress=False)
-        status, reason, step, metrics = res.status, res.reason, res.step, dict(res.metrics)
+            status, reason, step, metrics, logged = train_data_parallel(trial["config"], out_dir, child.run_id, ctx,
+                                                                        MAX_FAILURES)
+        else:
+            from srdit.train import train
+
+            res = train(cfg, out_dir, reporter, resume=True, progress=False)
+            status, reason, step, metrics = res.status, res.reason, res.step, dict(res.metrics)
+            logged = set(reporter.at_last_step) if reporter.last_step == step else set()
     except Exception as e:  # a crash is a result; the study goes on
         status, reason, step, metrics = "crashed", _one_line(e), reporter.last_step, {}
         try:
@@ -113,7 +124,6 @@ def execute_trial(trial: dict, ctx: dict, to_tune: bool = False) -> dict:
             pass
     wall = time.perf_counter() - t0
     final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    logged = reporter.at_last_step if reporter.last_step == step else {}
     child.log_metrics(step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
     child.finish(status, reason)
     out = {"trial_key": trial["key"], "status": status, "reason": reason, "step": step, "trial_wall_s": wall,
@@ -308,7 +318,9 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
 def _tuner_common(spec: StudySpec, paths: dict, max_failures: int, callbacks: list) -> tuple:
     from ray import tune
 
-    res = {"cpu": spec.resources.cpus, "gpu": spec.resources.gpus}
+    r = spec.resources
+    # A data-parallel trial is a driver: its workers take the CPUs and GPUs (placement group of the Train run).
+    res = {"cpu": r.cpus, "gpu": r.gpus} if r.workers == 1 else {"cpu": DRIVER_CPU}
     trainable = tune.with_resources(_trainable, res)
     run_config = tune.RunConfig(
         name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(paths["ray"]),
@@ -330,17 +342,30 @@ def _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped):
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(todo), "ctx": ctx},
-        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=spec.resources.max_concurrent,
+        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=_max_concurrent(spec.resources),
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=run_config)
     return tuner.fit()
+
+
+def _max_concurrent(r) -> int | None:
+    """The study's cap; for data-parallel trials at most as many as the cluster can give workers to, so that
+    waiting drivers do not pile up (Ray's guidance for Tune + Train)."""
+    if r.max_concurrent is not None or r.workers == 1:
+        return r.max_concurrent
+    import ray
+
+    have = ray.cluster_resources()
+    fit = have.get("GPU", 0) // r.gpus if r.gpus else have.get("CPU", 0) // (r.cpus * r.workers + DRIVER_CPU)
+    return max(1, int(fit))
 
 
 def _ctx(spec: StudySpec, tracking: StudyTracking, paths: dict, plan: Plan) -> dict:
     """What every trial needs besides its spec (plain values: it travels in the Tune param space)."""
     return {"study": spec.name, "design": plan.design, "factors": spec.factor_names, "uri": tracking.uri,
             "experiment_id": tracking.experiment_id, "parent_run_id": tracking.parent_run_id,
-            "trials_dir": str(paths["trials"]), "cpus": spec.resources.cpus}
+            "trials_dir": str(paths["trials"]), "cpus": spec.resources.cpus, "gpus": spec.resources.gpus,
+            "workers": spec.resources.workers, "train_storage": str(paths["ray"] / "train")}
 
 
 def _run_search(spec, plan, tracking, paths, existing, retry_failed, num_cpus, max_failures, echo, t0) -> StudyRun:
@@ -374,7 +399,7 @@ def _run_search(spec, plan, tracking, paths, existing, retry_failed, num_cpus, m
                                 seed=spec.design.seed + n_done,  # a continued search draws new samples
                                 points_to_evaluate=pending[:remaining] or None,
                                 study_name=spec.name, storage=storage)
-        conc = spec.design.max_concurrent or spec.resources.max_concurrent
+        conc = spec.design.max_concurrent or _max_concurrent(spec.resources)
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
         ctx = {**_ctx(spec, tracking, paths, plan), "spec_data": _spec_data(spec), "spec_path": spec.path,
                "objectives": objectives}

@@ -18,7 +18,7 @@ to track. Example (see studies/digits_quick.yaml):
       - excludes: [swiglu, relu2]               # never together
       - {wins: swiglu, over: relu2}             # shared keys take swiglu's value
     metrics: {primary: fd, direction: min, others: {images_per_s: max}}
-    resources: {cpus: 1, gpus: 0}
+    resources: {cpus: 1, gpus: 0}               # gpus: 8 = an 8-GPU data-parallel trial (Ray Train)
     tracking: {uri: null}                       # null: the embedded SQLite store under the state folder
 """
 
@@ -47,7 +47,7 @@ DESIGN_KEYS = {
 CUSTOM_TECHNIQUE_KEYS = ("name", "diff", "description")
 CONSTRAINT_KINDS = ("requires", "excludes", "wins")
 METRICS_KEYS = ("primary", "direction", "others")
-RESOURCES_KEYS = ("cpus", "gpus", "max_concurrent")
+RESOURCES_KEYS = ("cpus", "gpus", "workers", "max_concurrent")
 TRACKING_KEYS = ("uri", "experiment", "artifact_location")
 SPACE_KEYS = ("low", "high", "log", "type", "choices")
 DIRECTIONS = ("min", "max")
@@ -135,11 +135,17 @@ class Metrics:
 @dataclass(frozen=True)
 class Resources:
     cpus: float = 1
-    "CPUs per trial (also the torch threads of the trial)."
+    "CPUs per trial process (also its torch threads); a data-parallel trial has one process per worker."
     gpus: float = 0
-    "GPUs per trial: 0, a fraction, or 1 (more than one needs Ray Train and is not supported yet)."
+    "GPUs per trial: 0, a fraction, or a whole number; N > 1 runs N data-parallel workers with one GPU each."
+    workers: int = 1
+    "Data-parallel workers per trial (a Ray Train TorchTrainer trial when > 1: NCCL on GPUs, gloo on CPUs)."
     max_concurrent: int | None = None
     "Cap on trials running at once (None: as many as the resources allow)."
+
+    @property
+    def gpus_per_worker(self) -> float:
+        return self.gpus / self.workers
 
 
 @dataclass(frozen=True)
@@ -543,12 +549,22 @@ def parse_resources(value: Any) -> Resources:
         raise ConfigError(f"{where}.cpus: {cpus:g} must be > 0")
     if gpus < 0:
         raise ConfigError(f"{where}.gpus: {gpus:g} must be >= 0")
-    if gpus > 1:
-        raise ConfigError(f"{where}.gpus: {gpus:g} GPUs per trial (a Ray Train TorchTrainer trial) is not yet "
-                          f"supported; use 0, a fraction, or 1")
+    if gpus > 1 and gpus != int(gpus):
+        raise ConfigError(f"{where}.gpus: {gpus:g} must be a fraction, 1, or a whole number of GPUs (one "
+                          f"data-parallel worker each)")
+    workers = _int(d.get("workers", int(gpus) if gpus > 1 else 1), f"{where}.workers", 1)
+    if gpus > 1 and workers != gpus:
+        raise ConfigError(f"{where}.workers: {workers} must equal resources.gpus ({gpus:g}): one data-parallel "
+                          f"worker per GPU")
+    if workers > 1 and 0 < gpus < 1:
+        raise ConfigError(f"{where}.gpus: {gpus:g} is a fraction but resources.workers is {workers}; a "
+                          f"data-parallel trial takes one whole GPU per worker (gpus: {workers}) or none (gpus: 0)")
+    if workers > 1 and gpus == 1:
+        raise ConfigError(f"{where}.gpus: 1 with {workers} workers; set gpus: {workers} (one per worker) or 0")
     mc = d.get("max_concurrent")
     mc = None if mc is None else _int(mc, f"{where}.max_concurrent", 1)
-    return Resources(cpus if cpus != int(cpus) else int(cpus), gpus if gpus != int(gpus) else int(gpus), mc)
+    return Resources(cpus if cpus != int(cpus) else int(cpus), gpus if gpus != int(gpus) else int(gpus), workers,
+                     mc)
 
 
 def parse_tracking(value: Any) -> Tracking:

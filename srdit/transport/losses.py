@@ -18,9 +18,11 @@ def flow_matching(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred.float() - target.float()).square().flatten(1).mean(1).mean()
 
 
-def contrastive(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """-|| v_j - v*_{j-1} ||^2: sample j's negative is sample j-1's target (Delta-FM, Stoica et al. 2025)."""
-    return -flow_matching(pred, target.roll(1, dims=0))
+def contrastive(pred: torch.Tensor, target: torch.Tensor, negative: torch.Tensor | None = None) -> torch.Tensor:
+    """-|| v_j - v*_{j-1} ||^2: sample j's negative is sample j-1's target (Delta-FM, Stoica et al. 2025).
+
+    `negative` replaces the rolled target (data parallel: the roll runs over the global batch)."""
+    return -flow_matching(pred, target.roll(1, dims=0) if negative is None else negative)
 
 
 def alignment(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
@@ -28,14 +30,15 @@ def alignment(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
     return -F.cosine_similarity(projected.float(), teacher.float(), dim=-1).mean()
 
 
-def loss_terms(pred, target, aux, repa_target=None, reg_target=None, cfm: bool = False) -> dict[str, torch.Tensor]:
+def loss_terms(pred, target, aux, repa_target=None, reg_target=None, cfm: bool = False,
+               cfm_negative=None) -> dict[str, torch.Tensor]:
     terms = {"fm": flow_matching(pred, target)}
     if "repa" in aux:
         terms["repa"] = alignment(aux["repa"], repa_target)
     if "reg" in aux:
         terms["reg"] = flow_matching(aux["reg"], reg_target)
     if cfm:
-        terms["cfm"] = contrastive(pred, target)
+        terms["cfm"] = contrastive(pred, target, cfm_negative)
     return terms
 
 

@@ -1,0 +1,90 @@
+"""Data-parallel training without changing the trajectory: this process's slice of every global batch.
+
+The launcher (torchrun, or a Ray Train TorchTrainer worker) initialises `torch.distributed`; the trainer then
+asks `DataParallel.current()` where it stands. Every rank draws the randomness of the *global* batch from the same
+seeded generators (noise, times, label dropout, SPRINT routing) and keeps its slice, so the random streams stay in
+lockstep across ranks and a run on W workers follows the single-process run with the same global batch, up to the
+order of floating-point sums in the gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    rank: int = 0
+    world: int = 1
+
+    @classmethod
+    def current(cls) -> "DataParallel":
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size())
+        return cls()
+
+    @property
+    def main(self) -> bool:
+        "Rank 0 reports, evaluates and writes checkpoints."
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def local_batch(self, global_batch: int) -> int:
+        if global_batch % self.world:
+            raise ValueError(f"train.batch_size {global_batch} is not divisible by the {self.world} data-parallel "
+                             f"workers; choose a multiple of {self.world}")
+        return global_batch // self.world
+
+    def part(self, x: torch.Tensor | None) -> torch.Tensor | None:
+        """This rank's contiguous slice of a global-batch tensor (dim 0)."""
+        if x is None or not self.active:
+            return x
+        n = self.local_batch(x.shape[0])
+        return x[self.rank * n:(self.rank + 1) * n]
+
+    def rolled(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's slice of the global batch rolled by one (x_{j-1} for every global index j), so that
+        in-batch negatives (contrastive flow matching) pair exactly as in one process."""
+        out = x.roll(1, dims=0)
+        if self.active:
+            lasts = [torch.empty_like(x[-1:]) for _ in range(self.world)]
+            dist.all_gather(lasts, x[-1:].contiguous())
+            out[0] = lasts[(self.rank - 1) % self.world][0]
+        return out
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (equal local batches make it the global-batch mean)."""
+        if self.active:
+            values = values.clone()
+            dist.all_reduce(values)
+            values /= self.world
+        return values
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """True on every rank when it is true on some rank (so that all ranks leave the loop together)."""
+        if not self.active:
+            return flag
+        t = torch.tensor([float(flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def init_from_env(device_type: str) -> DataParallel:
+    """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...) when present:
+    NCCL on CUDA, gloo on CPU. A single process is left alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return DataParallel.current()

@@ -1,0 +1,71 @@
+"""A trial with several data-parallel workers: a Ray Train TorchTrainer run inside the Tune trial (Ray Train V2).
+
+The Tune trial is only the driver; the workers run `srdit.train.train` under torch.distributed (NCCL on GPUs, gloo
+on CPUs). Rank 0 logs to the trial's MLflow child run and writes the checkpoint in the trial folder; after a lost
+worker or node Ray Train restarts the group (FailureConfig) and the trainer resumes from that checkpoint. The run
+name is the trial key, so a retried driver finds the same Train run. The trial folder must be on storage that every
+node sees (as for any multi-node study).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from srdit.cache import write_atomic
+
+
+OUTCOME = "trial_outcome.json"
+
+
+def _worker_loop(loop: dict) -> None:
+    """One worker: pick its device and train; rank 0 leaves the outcome in the trial folder for the driver (Ray
+    Train V2 keeps reported metrics only with a checkpoint, and ours live in the trial folder)."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from srdit.config import RunConfig, from_dict
+    from srdit.study.tracking import ChildRun, TrialReporter
+    from srdit.train import train
+
+    torch.set_num_threads(loop["threads"])
+    if loop["gpus"]:
+        torch.cuda.set_device(ray.train.torch.get_device())
+    cfg = from_dict(RunConfig, loop["config"])
+    main = ray.train.get_context().get_world_rank() == 0
+    reporter = TrialReporter(ChildRun(loop["uri"], loop["run_id"], reused=True), to_tune=False) if main else None
+    res = train(cfg, loop["out_dir"], reporter, resume=True, progress=False)
+    final = {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}
+    if main:
+        logged = sorted(reporter.at_last_step) if reporter.last_step == res.step else []
+        text = json.dumps({"status": res.status, "reason": res.reason, "step": res.step, "metrics": final,
+                           "logged_at_last_step": logged, "workers": loop["workers"]})
+        write_atomic(Path(loop["out_dir"]) / OUTCOME, lambda f: f.write(text.encode()))
+
+
+def train_data_parallel(config: dict, out_dir: str | Path, run_id: str, ctx: dict, max_failures: int):
+    """Run `config` on ctx["workers"] workers; returns (status, reason, step, final metrics, keys already logged at
+    the last step). Raises when the group fails beyond its retries (the caller records the trial as crashed)."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    workers, gpus = int(ctx["workers"]), float(ctx["gpus"])
+    per_worker = {"CPU": ctx["cpus"], **({"GPU": gpus / workers} if gpus else {})}
+    loop = {"config": config, "out_dir": str(out_dir), "uri": ctx["uri"], "run_id": run_id, "gpus": gpus,
+            "workers": workers, "threads": max(1, int(math.floor(ctx["cpus"])))}
+    outcome = Path(out_dir) / OUTCOME
+    outcome.unlink(missing_ok=True)
+    trainer = TorchTrainer(
+        _worker_loop, train_loop_config=loop,
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus), resources_per_worker=per_worker),
+        run_config=ray.train.RunConfig(name=f"{ctx['study']}-{Path(out_dir).name}", storage_path=ctx["train_storage"],
+                                       failure_config=ray.train.FailureConfig(max_failures=max_failures)))
+    trainer.fit()
+    if not outcome.is_file():
+        raise RuntimeError(f"the worker group ended without writing {outcome} (is the trial folder on storage that "
+                           f"every node sees?)")
+    m = json.loads(outcome.read_text())
+    return m["status"], m["reason"], int(m["step"]), m["metrics"], set(m["logged_at_last_step"])

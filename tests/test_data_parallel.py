@@ -1,0 +1,136 @@
+"""Data-parallel training: two gloo workers follow the single-process run with the same global batch.
+
+Every rank draws the global batch's randomness and keeps its slice (srdit.parallel), so the only difference from
+one process is the order of floating-point sums in the gradient all-reduce: losses agree to float32 round-off.
+"""
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from srdit.config import RunConfig, apply_diff, with_techniques
+from srdit.parallel import DataParallel
+from srdit.train import JsonlReporter, load_checkpoint, train
+
+# Every technique with randomness or cross-sample coupling: SPRINT routing and path drop, REG noise, CFM negatives.
+TECHS = ["sprint", "repa", "reg", "cfm", "rope", "qk_norm", "rmsnorm", "value_residual"]
+DIFF = {"train.steps": 12, "train.log_every": 1, "train.ckpt_every": 6, "train.threads": 1, "train.batch_size": 16,
+        "eval.n_samples": 40, "eval.batch_size": 40, "sample.steps": 3, "model.sprint.path_drop_prob": 0.3}
+TOLERANCE = 2e-5  # relative, on every step's loss; float32 sums in another order
+
+
+def _cfg() -> RunConfig:
+    return apply_diff(with_techniques(RunConfig(), TECHS), DIFF)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out: str, stop_after: int | None) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = _cfg()
+        if stop_after is not None:  # an interrupted run: the first `stop_after` steps only, same config otherwise
+            cfg = apply_diff(cfg, {"train.steps": stop_after})
+        train(cfg, out, JsonlReporter(Path(out) / "metrics.jsonl"), progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def _losses(folder: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _spawn(out: Path, stop_after: int | None = None) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), str(out), stop_after), nprocs=2, join=True)
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single")
+    train(_cfg(), out, JsonlReporter(out / "metrics.jsonl"), progress=False)
+    return out
+
+
+def test_two_gloo_workers_follow_the_single_process_run(tmp_path, single):
+    _spawn(tmp_path)
+    one, two = _losses(single), _losses(tmp_path)
+    assert sorted(two) == list(range(1, 13))
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=TOLERANCE), step
+    a, b = load_checkpoint(single / "checkpoints/last.pt"), load_checkpoint(tmp_path / "checkpoints/last.pt")
+    for k in a["model"]:
+        torch.testing.assert_close(b["model"][k], a["model"][k], rtol=1e-4, atol=1e-5)
+    assert (tmp_path / "result.json").is_file() and (tmp_path / "samples.png").is_file()  # rank 0's outputs
+
+
+def test_resume_on_another_world_size(tmp_path, single):
+    """Two workers stop at step 6 (a checkpoint); one process resumes: the trajectory is unchanged."""
+    _spawn(tmp_path, stop_after=6)
+    ckpt = load_checkpoint(tmp_path / "checkpoints/last.pt")
+    assert ckpt["step"] == 6
+    # The interrupted run had steps=6 in its config; make it the full run's so that resume accepts it.
+    ckpt["config"] = load_checkpoint(single / "checkpoints/last.pt")["config"]
+    torch.save(ckpt, tmp_path / "checkpoints/last.pt")
+    train(_cfg(), tmp_path, JsonlReporter(tmp_path / "metrics.jsonl"), progress=False)
+    one, resumed = _losses(single), _losses(tmp_path)
+    for step in range(1, 13):
+        assert resumed[step] == pytest.approx(one[step], rel=TOLERANCE), step
+
+
+def test_slicing_and_rolling_match_the_global_batch():
+    x = torch.arange(12.0).view(6, 2)
+    assert DataParallel().part(x) is x and torch.equal(DataParallel().rolled(x), x.roll(1, 0))
+    parts = [DataParallel(r, 3).part(x) for r in range(3)]
+    assert torch.equal(torch.cat(parts), x)
+    with pytest.raises(ValueError, match="train.batch_size 6 is not divisible by the 4 data-parallel workers"):
+        DataParallel(1, 4).local_batch(6)
+
+
+@pytest.mark.slow
+def test_study_trial_on_two_workers_is_a_ray_train_run(tmp_path):
+    """A study with resources.workers: 2 runs each trial as a Ray Train TorchTrainer (gloo) inside its Tune trial;
+    rank 0's curve lands in the MLflow child run and equals a single-process run of the trial's own config."""
+    import ray
+    import yaml
+    from mlflow import MlflowClient
+
+    from srdit.config import from_dict, read_yaml
+    from srdit.study.runner import run_study
+    from srdit.study.spec import load_study
+
+    techs = [t for t in TECHS if t != "cfm"]
+    base = {"techniques": techs, "train": {k.split(".", 1)[1]: v for k, v in DIFF.items() if k.startswith("train.")},
+            "eval": {"n_samples": 40, "batch_size": 40}, "sample": {"steps": 3}}
+    study = {"name": "dp", "base": base, "techniques": ["cfm"], "seeds": [0],
+             "resources": {"cpus": 0.5, "workers": 2}}
+    (tmp_path / "dp.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        res = run_study(load_study(tmp_path / "dp.yaml"), tmp_path / "state")
+    finally:
+        ray.shutdown()
+    assert res.complete and res.statuses == {"finished": 2}, res
+
+    client = MlflowClient(res.uri)
+    for run in client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'"):
+        assert run.data.tags["status"] == "finished" and run.data.metrics["fd"] > 0
+        folder = Path(run.data.tags["trial_dir"])
+        history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+        assert sorted(history) == list(range(1, 13))
+        ref = tmp_path / f"single-{folder.name}"
+        train(from_dict(RunConfig, read_yaml(folder / "config.yaml")), ref, JsonlReporter(ref / "metrics.jsonl"),
+              progress=False)
+        for step, loss in _losses(ref).items():
+            assert history[step] == pytest.approx(loss, rel=TOLERANCE), (folder.name, step)
