@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -49,20 +50,65 @@ def _load(ckpt_path: str):
     return model_from_checkpoint(load_checkpoint(ckpt_path))
 
 
+def _sharded(args) -> bool:
+    """Shard mode: asked for explicitly, or running under torchrun (every rank writing one grid would collide)."""
+    return args.shard is not None or args.num_shards is not None or args.merge or "WORLD_SIZE" in os.environ
+
+
+def _with_tokenizer(cfg, args):
+    """The checkpoint's config with --tokenizer / --tokenizer-path applied (older checkpoints lack them)."""
+    import dataclasses
+
+    changes = {k: v for k, v in (("tokenizer", args.tokenizer), ("tokenizer_path", args.tokenizer_path)) if v}
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, **changes)) if changes else cfg
+
+
 def cmd_sample(args) -> int:
     import dataclasses
 
-    from srdit.generate import generate, with_sampler
+    from srdit.generate import with_sampler
+
+    if args.merge and args.shard is None and args.num_shards is None and "WORLD_SIZE" not in os.environ:
+        return _merge_only(args)  # needs no model
+    model, cfg = _load(args.checkpoint)
+    cfg = _with_tokenizer(cfg, args)
+    sc = with_sampler(cfg, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg)
+    dataclasses.replace(cfg, sample=sc).validate()  # e.g. path-drop guidance needs SPRINT
+    if _sharded(args):
+        return _sample_shard(args, model, cfg, sc)
+    from srdit.generate import generate, to_images
     from srdit.imaging import save_samples
     from srdit.train import resolve_device
 
-    model, cfg = _load(args.checkpoint)
     device = resolve_device(args.device)
-    sc = with_sampler(cfg, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg)
-    dataclasses.replace(cfg, sample=sc).validate()  # e.g. path-drop guidance needs SPRINT
-    images, labels, nfe = generate(model.to(device), cfg, args.n, args.seed, device, sample_cfg=sc)
-    png, npz = save_samples(images, labels, args.out)
+    samples, labels, nfe = generate(model.to(device), cfg, args.n, args.seed, device, args.batch_size, sample_cfg=sc)
+    png, npz = save_samples(to_images(samples, cfg, device), labels, args.out)
     print(json.dumps({"png": str(png), "npz": str(npz), "n": args.n, "nfe": nfe, "sampler": sc.sampler}))
+    return 0
+
+
+def _sample_shard(args, model, cfg, sc) -> int:
+    from srdit.sample_shards import merge, resolve_shard, shard_device, write_shard
+
+    shard, num_shards = resolve_shard(args.shard, args.num_shards)
+    if args.merge and args.num_shards is None and num_shards > 1:
+        return _fail("--merge under torchrun would race the other ranks; run `srdit sample CKPT --n N --out DIR "
+                     "--merge` once after every rank has finished")
+    device = shard_device(args.device)
+    r = write_shard(model.to(device), cfg, args.out, args.n, args.seed, shard, num_shards, device, args.batch_size,
+                    sc)
+    out = {"shard": str(r.path), "shard_index": r.shard, "num_shards": r.num_shards, "batches": len(r.batches),
+           "samples": r.num_samples, "skipped": r.skipped, "n": args.n, "nfe": r.nfe, "sampler": sc.sampler}
+    if args.merge:
+        out["npz"] = str(merge(args.out, args.n))
+    print(json.dumps(out))
+    return 0
+
+
+def _merge_only(args) -> int:
+    from srdit.sample_shards import merge
+
+    print(json.dumps({"npz": str(merge(args.out, args.n)), "n": args.n}))
     return 0
 
 
@@ -137,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     t.set_defaults(func=cmd_train)
 
-    for name, func, hlp in [("sample", cmd_sample, "sample a checkpoint (EMA weights) to a PNG grid and .npz"),
+    for name, func, hlp in [("sample", cmd_sample, ("sample a checkpoint (EMA weights) to a PNG grid and .npz, or to "
+                                                         "seed-stable shards for cluster-scale evaluation")),
                             ("evaluate", cmd_evaluate, "FD / KD / precision / recall of a checkpoint's samples")]:
         s = sub.add_parser(name, help=hlp)
         s.add_argument("checkpoint")
@@ -148,7 +195,17 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--device", default="auto")
         if name == "sample":
             s.add_argument("--seed", type=int, default=0)
-            s.add_argument("--out", required=True)
+            s.add_argument("--out", required=True, help="folder for samples.png + samples.npz, or for the shards")
+            s.add_argument("--batch-size", type=int, help="protocol batch size (default: eval.batch_size); "
+                           "samples depend on it, never on the number of shards")
+            s.add_argument("--shard", type=int, help="write shard K (of --num-shards) as "
+                           "samples_KKKKK-of-WWWWW.npz; default under torchrun: RANK")
+            s.add_argument("--num-shards", type=int, help="number of shards (default under torchrun: WORLD_SIZE)")
+            s.add_argument("--merge", action="store_true", help="collect the shards in --out into samples_N.npz "
+                           "(after writing this process's shard when --shard / --num-shards are given)")
+            s.add_argument("--tokenizer", choices=["invae", "sdvae"], help="decode latent samples with this "
+                           "tokenizer (overrides data.tokenizer)")
+            s.add_argument("--tokenizer-path", help="local weights of the tokenizer (overrides data.tokenizer_path)")
         else:
             s.add_argument("--json", action="store_true")
         s.set_defaults(func=func)

@@ -158,6 +158,10 @@ class DataConfig:
     "Alignment teacher for REPA / REG: digits-cnn (in-project) or a DINOv2 name with local weights."
     teacher_path: str | None = None
     "Local folder of the teacher's weights (DINOv2)."
+    tokenizer: str | None = None
+    "Tokenizer the latents were made with (invae or sdvae); needed only to decode latent samples to images."
+    tokenizer_path: str | None = None
+    "Local weights of the tokenizer (INVAE file or folder, SD-VAE diffusers folder); read when decoding samples."
 
 
 @dataclass(frozen=True)
@@ -293,6 +297,15 @@ class RunConfig:
             )
         if self.data.dataset == "latents" and not self.data.path:
             raise ConfigError("data.path: required when data.dataset is latents (a folder of latent shards)")
+        if self.data.tokenizer is not None:
+            from srdit.encoders import TOKENIZERS
+
+            if self.data.tokenizer not in TOKENIZERS:
+                raise ConfigError(f"data.tokenizer: unknown tokenizer {self.data.tokenizer!r}; allowed: "
+                                  f"{', '.join(TOKENIZERS)} (or null)")
+            if self.data.dataset != "latents":
+                raise ConfigError("data.tokenizer: only latent runs are decoded; set data.dataset latents or "
+                                  "data.tokenizer null")
         t = self.train
         if t.steps < 1 or t.batch_size < 1:
             raise ConfigError("train.steps and train.batch_size must be >= 1")
