@@ -35,12 +35,22 @@ def cmd_train(args) -> int:
         print(to_yaml(cfg), end="")
         return 0
     out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    from srdit.parallel import init_from_env
+
+    # Under torchrun (WORLD_SIZE > 1) every process joins one data-parallel run; rank 0 writes and reports.
+    cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
+    dp = init_from_env("cuda" if cuda else "cpu")
     result = train(cfg, out, JsonlReporter(out / "metrics.jsonl"), resume=not args.restart,
                    progress=None if not args.quiet else False)
+    if dp.active:
+        torch.distributed.destroy_process_group()
     summary = {"status": result.status, "reason": result.reason, "step": result.step, "out": str(out),
                **{k: round(v, 5) for k, v in result.metrics.items() if k in ("fd", "kd", "kd_std", "precision",
                                                                          "recall", "loss", "images_per_s")}}
-    print(json.dumps(summary))
+    if dp.main:
+        print(json.dumps(summary))
     return 0 if result.status == "finished" else 1
 
 

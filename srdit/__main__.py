@@ -1,0 +1,7 @@
+"""`python -m srdit` (e.g. under torchrun: `torchrun --nproc-per-node 8 -m srdit train ...`)."""
+
+import sys
+
+from srdit.cli import main
+
+sys.exit(main())
