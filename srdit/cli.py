@@ -128,11 +128,22 @@ def cmd_evaluate(args) -> int:
     from srdit.generate import evaluate, with_sampler
     from srdit.train import resolve_device
 
+    import torch
+
+    from srdit.parallel import init_from_env
+
     model, cfg = _load(args.checkpoint)
-    device = resolve_device(args.device)
+    cfg = _with_tokenizer(cfg, args)
+    ev = {"reference": args.reference, "inception_path": args.inception, "dinov2_path": args.dinov2}
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **{k: v for k, v in ev.items() if v}))
     sc = with_sampler(cfg, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg)
     dataclasses.replace(cfg, sample=sc).validate()
-    metrics = evaluate(model.to(device), cfg, device, n=args.n, sample_cfg=sc)
+    # Under torchrun every rank samples its shard of the n images into --samples; rank 0 prints the metrics.
+    dp = init_from_env("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
+    metrics = evaluate(model.to(device), cfg, device, n=args.n, sample_cfg=sc, samples_dir=args.samples)
+    if not dp.main:
+        return 0
     metrics["n"] = int(metrics["n"])
     if args.json:
         print(json.dumps(metrics))
@@ -195,7 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, hlp in [("sample", cmd_sample, ("sample a checkpoint (EMA weights) to a PNG grid and .npz, or to "
                                                          "seed-stable shards for cluster-scale evaluation")),
-                            ("evaluate", cmd_evaluate, "FD / KD / precision / recall of a checkpoint's samples")]:
+                            ("evaluate", cmd_evaluate, "sample-quality metrics of a checkpoint: digits FD / KD / "
+                                                       "precision / recall; latent runs FID / sFID / IS / P / R")]:
         s = sub.add_parser(name, help=hlp)
         s.add_argument("checkpoint")
         s.add_argument("--n", type=int, default=100 if name == "sample" else None)
@@ -213,11 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("--num-shards", type=int, help="number of shards (default under torchrun: WORLD_SIZE)")
             s.add_argument("--merge", action="store_true", help="collect the shards in --out into samples_N.npz "
                            "(after writing this process's shard when --shard / --num-shards are given)")
-            s.add_argument("--tokenizer", choices=["invae", "sdvae"], help="decode latent samples with this "
-                           "tokenizer (overrides data.tokenizer)")
-            s.add_argument("--tokenizer-path", help="local weights of the tokenizer (overrides data.tokenizer_path)")
         else:
             s.add_argument("--json", action="store_true")
+            s.add_argument("--reference", help="latent runs: reference statistics .npz (overrides eval.reference)")
+            s.add_argument("--inception", help="latent runs: FID Inception weights (overrides eval.inception_path)")
+            s.add_argument("--dinov2", help="latent runs: local DINOv2 folder for KD_DINOv2 (overrides "
+                           "eval.dinov2_path)")
+            s.add_argument("--samples", help="latent runs: keep the sample shards here (resumable; default: a "
+                           "temporary folder)")
+        s.add_argument("--tokenizer", choices=["invae", "sdvae"], help="decode latent samples with this "
+                       "tokenizer (overrides data.tokenizer)")
+        s.add_argument("--tokenizer-path", help="local weights of the tokenizer (overrides data.tokenizer_path)")
         s.set_defaults(func=func)
 
     m = sub.add_parser("model-info", help="parameters and GMACs of a model (e.g. SR-DiT-B/1, XL/2)")
@@ -229,7 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("techniques", help="list the built-in techniques").set_defaults(func=cmd_techniques)
     for name, hlp in [("study", "plan | run | resume a study YAML"), ("analyze", "effects and synergy from a CSV"),
                       ("report", "render a study's dashboard"), ("ui", "start the MLflow UI on the embedded store"),
-                      ("preprocess", "image folder -> center crops -> VAE latents in resumable shards")]:
+                      ("preprocess", "image folder -> center crops -> VAE latents in resumable shards"),
+                      ("reference", "Inception (and DINOv2) reference statistics of real images for eval.reference")]:
         d = sub.add_parser(name, help=hlp, add_help=False)
         d.add_argument("rest", nargs=argparse.REMAINDER)
     return p
@@ -241,6 +260,7 @@ DELEGATES = {
     "report": ("srdit.study.command", "report_main"),
     "ui": ("srdit.study.command", "ui_main"),
     "preprocess": ("srdit.data.preprocess", "main"),
+    "reference": ("srdit.metrics.reference", "main"),
 }
 
 

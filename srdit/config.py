@@ -234,6 +234,12 @@ class EvalConfig:
     "Sampling batch size."
     seed: int = 1234
     "Seed of the evaluation noise and labels (independent of the training seed)."
+    reference: str | None = None
+    "Latent runs: reference statistics .npz (`srdit reference`, or ADM's VIRTUAL_imagenet256_labeled.npz)."
+    inception_path: str | None = None
+    "Latent runs: local FID Inception weights (pt_inception-2015-12-05-...pth); default $SRDIT_INCEPTION_WEIGHTS."
+    dinov2_path: str | None = None
+    "Latent runs: local DINOv2 folder for KD_DINOv2 (the reference must hold DINOv2 features); None skips it."
 
 
 @dataclass(frozen=True)

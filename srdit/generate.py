@@ -11,7 +11,10 @@ one-generator protocol bit for bit.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
+import tempfile
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -141,19 +144,68 @@ def to_images(samples: torch.Tensor, cfg: RunConfig, device: torch.device | str 
 
 
 def evaluate(model, cfg: RunConfig, device: torch.device | str = "cpu", n: int | None = None,
-             sample_cfg: SampleConfig | None = None) -> dict[str, float]:
-    """FD, KD (mean, std), precision, recall of n generated images against the held-out real images."""
+             sample_cfg: SampleConfig | None = None, samples_dir: str | os.PathLike | None = None) -> dict[str, float]:
+    """Sample-quality metrics of n generated images.
+
+    Digits: FD, KD (mean, std), precision, recall against the held-out digits (in-project metric network).
+    Latent runs: FID, sFID, Inception Score, precision / recall against `eval.reference` from local Inception
+    weights, and KD_DINOv2 when `eval.dinov2_path` is set; the samples are decoded with `data.tokenizer` and
+    written as shards to `samples_dir` (a temporary folder when None). Under torch.distributed every rank writes
+    its shard and rank 0 computes the metrics (the other ranks return {})."""
+    n = n or cfg.eval.n_samples
     if cfg.data.dataset != "digits":
-        raise NotImplementedError("evaluation on latents (Inception FID, DINOv2 KD) needs the ImageNet metrics "
-                                  "from local weights, which this version does not include yet")
+        return _evaluate_latents(model, cfg, torch.device(device), n, sample_cfg, samples_dir)
     from srdit.data.digits import load_digits_split
     from srdit.metrics import evaluate_images, load_digits_metric_net
 
-    n = n or cfg.eval.n_samples
     images, _, nfe = generate(model, cfg, n, cfg.eval.seed, device, cfg.eval.batch_size, sample_cfg)
     real = load_digits_split().test_x
     metrics = evaluate_images(images, real, load_digits_metric_net("cpu"), kd_subset_size=min(1000, len(real)))
     return {**{k: float(v) for k, v in metrics.items()}, "nfe": float(nfe)}
+
+
+def _evaluate_latents(model, cfg: RunConfig, device: torch.device, n: int, sample_cfg: SampleConfig | None,
+                      samples_dir: str | os.PathLike | None) -> dict[str, float]:
+    from srdit.metrics.inception import inception_features, load_inception, load_reference, metrics_from_features
+    from srdit.parallel import DataParallel
+    from srdit.sample_shards import collect, write_shard
+
+    ev = cfg.eval
+    if not ev.reference:
+        raise ValueError("evaluating a latent run needs reference statistics: set eval.reference to an .npz made by "
+                         "`srdit reference` (or ADM's VIRTUAL_imagenet256_labeled.npz)")
+    ref = load_reference(ev.reference)  # fail before sampling, not after
+    dp = DataParallel.current()
+    with contextlib.ExitStack() as stack:
+        folder = samples_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="srdit-samples-"))
+        res = write_shard(model, cfg, folder, n, ev.seed, dp.rank, dp.world, device, ev.batch_size, sample_cfg)
+        dp.barrier()
+        if not dp.main:
+            return {}
+        images, _ = collect(folder, n)
+    net = load_inception(ev.inception_path, device)
+    out = metrics_from_features(inception_features(images, net, batch_size=ev.batch_size), ref)
+    del net
+    if ev.dinov2_path:
+        out |= _kd_dinov2(images, ev, device)
+    return {**{k: float(v) for k, v in out.items()}, "nfe": float(res.nfe)}
+
+
+def _kd_dinov2(images, ev, device: torch.device) -> dict[str, float]:
+    import numpy as np
+
+    from srdit.metrics import extract_features
+    from srdit.metrics.dinov2_kd import kd_dinov2, load_kd_extractor
+
+    with np.load(ev.reference) as z:
+        if "dinov2" not in z.files:
+            raise ValueError(f"eval.dinov2_path is set but {ev.reference} holds no DINOv2 features; rebuild it with "
+                             f"`srdit reference --dinov2 DIR` or unset eval.dinov2_path")
+        real = z["dinov2"]
+    fake = extract_features(torch.from_numpy(images).permute(0, 3, 1, 2), load_kd_extractor(ev.dinov2_path,
+                                                                                             device=device),
+                            ev.batch_size)
+    return kd_dinov2(real, fake.numpy(), subset_size=min(1000, len(real), len(fake)))
 
 
 def with_sampler(cfg: RunConfig, **changes) -> SampleConfig:

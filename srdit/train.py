@@ -310,11 +310,17 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
                       "rng": rng, "data": data.state_dict(), "config": to_dict(cfg), **provenance(device)}, ckpt_path)
 
+    # Digits evaluate in memory on rank 0; latent runs (with eval.reference) write sample shards on every rank.
+    evaluates = cfg.data.dataset == "digits" or cfg.eval.reference is not None
+
     def run_eval() -> dict[str, float]:
         from srdit.generate import evaluate
 
+        if cfg.data.dataset == "digits" and not dp.main:
+            return {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return evaluate(ema, cfg, device)
+            return evaluate(ema, cfg, device, samples_dir=None if cfg.data.dataset == "digits"
+                            else out / "samples" / f"step_{step:07d}")
 
     net = model
     if dp.active:
@@ -378,9 +384,10 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
                 bar.update(step)
             if step % tc.ckpt_every == 0 and step < tc.steps:
                 save()
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps and cfg.data.dataset == "digits":
+            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps and evaluates:
+                metrics = run_eval()
                 if dp.main:
-                    reporter.report(step, run_eval())
+                    reporter.report(step, metrics)
                 dp.barrier()
                 t_window = time.perf_counter()
     except torch.OutOfMemoryError as e:
@@ -393,16 +400,19 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         return _result(out, dp, status, reason, step, dict(last))
     save()
     final: dict[str, float] = {}
-    if cfg.data.dataset == "digits" and dp.main:  # ImageNet metrics need local Inception / DINOv2 weights: `srdit evaluate`
+    if evaluates:
         final = run_eval()
-        reporter.report(step, final)
-        from srdit.generate import generate
+        if dp.main:
+            reporter.report(step, final)
+    if dp.main and (cfg.data.dataset == "digits" or cfg.data.tokenizer):  # latents: decoded with data.tokenizer
+        from srdit.generate import generate, to_images
         from srdit.imaging import save_samples
 
         # The preview grid always shows class i mod 10 so that each column is one class.
         grid_cfg = dataclasses.replace(cfg.sample, balanced_labels=True)
-        images, labels, _ = generate(ema, cfg, 100, cfg.eval.seed, device, 100, sample_cfg=grid_cfg)
-        png, _ = save_samples(images, labels, out)
+        samples, labels, _ = generate(ema, cfg, 100, cfg.eval.seed, device, 100, sample_cfg=grid_cfg)
+        images = to_images(samples, cfg, device, batch_size=25)
+        png, _ = save_samples(images, labels, out, scale=max(1, 32 // images.shape[-1]))
         if hasattr(reporter, "artifact"):
             reporter.artifact(png)
     if hasattr(reporter, "artifact"):

@@ -56,6 +56,8 @@ METRIC_DIRECTIONS = {
     "fd": "min", "kd": "min", "kd_std": "min", "precision": "max", "recall": "max", "loss": "min", "loss/fm": "min",
     "loss/repa": "min", "loss/reg": "min", "loss/cfm": "min", "grad_norm": "min", "steps_per_s": "max",
     "images_per_s": "max",
+    # latent runs (ImageNet): srdit.metrics.inception and KD_DINOv2
+    "fid": "min", "sfid": "min", "inception_score": "max", "kd_dinov2": "min",
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ROMAN = {"III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8}
