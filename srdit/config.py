@@ -158,6 +158,8 @@ class DataConfig:
     "Alignment teacher for REPA / REG: digits-cnn (in-project) or a DINOv2 name with local weights."
     teacher_path: str | None = None
     "Local folder of the teacher's weights (DINOv2)."
+    teacher_cache: str | None = None
+    "Latent runs: folder of an on-disk teacher-feature cache, filled as images are first seen (or beforehand)."
     tokenizer: str | None = None
     "Tokenizer the latents were made with (invae or sdvae); needed only to decode latent samples to images."
     tokenizer_path: str | None = None

@@ -149,20 +149,33 @@ class LatentBatches:
 
         m = cfg.model
         self.teacher = _teacher_for(cfg, device)
-        self.stream = LatentStream(cfg.data.path, cfg.train.batch_size, cfg.train.seed,
-                                   images=self.teacher is not None, device=device, prefetch=2,
-                                   part=(dp.rank, dp.world))
+        self.grid = m.input_size // m.patch_size
+        self.cache = None
+        if self.teacher is not None and cfg.data.teacher_cache:
+            # Running the teacher every step bottlenecked the paper's run (SR-DiT section 4.1): read cached tokens.
+            from srdit.data.latents import read_index
+            from srdit.encoders.dinov2 import FeatureCache, teacher_fingerprint
+
+            n = int(read_index(cfg.data.path)["num_images"])
+            self.cache = FeatureCache(cfg.data.teacher_cache, n, self.grid, self.teacher.dim,
+                                      teacher_fingerprint(cfg.data.teacher, cfg.data.teacher_path))
+        # Crops are read only while some teacher tokens still have to be computed.
+        need_crops = self.teacher is not None and (self.cache is None or not self.cache.filled(range(n)).all())
+        self.stream = LatentStream(cfg.data.path, cfg.train.batch_size, cfg.train.seed, images=need_crops,
+                                   device=device, prefetch=2, part=(dp.rank, dp.world))
         shape = tuple(self.stream.data.latent_shape)
         if shape != (m.in_channels, m.input_size, m.input_size) or self.stream.data.num_classes != m.num_classes:
             raise ValueError(f"{cfg.data.path}: latents are {shape} with {self.stream.data.num_classes} classes; set "
                              f"model.in_channels, model.input_size and model.num_classes to match")
-        self.grid = m.input_size // m.patch_size
 
     def next(self):
         x0, y, crops = self.stream.next_batch()
         if self.teacher is None:
             return x0, y, None, None
         with torch.no_grad():
+            if self.cache is not None:
+                patches, cls = self.cache.tokens(self.teacher, crops, self.stream.last_indices.numpy(), self.grid)
+                return x0, y, patches.to(x0.device), cls.to(x0.device)
             patches, cls = self.teacher(crops, self.grid)
         return x0, y, patches.float(), cls.float()
 

@@ -4,6 +4,7 @@ Teacher protocol; clear messages for missing files; the on-disk feature cache.""
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 
 import numpy as np
@@ -267,3 +268,52 @@ def test_kd_dinov2_extractor(dino_root):
     far = kd_dinov2(f_real, f_far, subsets=5, subset_size=20)
     assert far["kd_dinov2"] > near["kd_dinov2"] and set(near) == {"kd_dinov2", "kd_dinov2_std"}
     assert "ViT-L/14" in LABEL
+
+
+def test_trainer_reads_teacher_tokens_through_the_cache(dino_root, tmp_path):
+    """data.teacher_cache: the first run fills the cache as images are seen and trains like the run without it
+    (float16 storage); once every row is filled, a run reads no crops at all."""
+    from PIL import Image
+
+    from srdit.config import (DataConfig, ModelConfig, RegConfig, RepaConfig, RunConfig, TrainConfig,
+                              with_techniques)
+    from srdit.data.preprocess import preprocess
+    from srdit.encoders.invae import InvaeAutoencoder, InvaeConfig, load_invae, save_invae
+    from srdit.train import LatentBatches, train
+
+    root, _ = dino_root
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        d = tmp_path / "imgs" / f"c{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    save_invae(InvaeAutoencoder(InvaeConfig(ch=8, num_res_blocks=1, norm_groups=4)), tmp_path / "vae")
+    preprocess(tmp_path / "imgs", tmp_path / "lat", load_invae(tmp_path / "vae"), resolution=32, shard_size=3,
+               keep_images=True)
+    base = RunConfig(model=ModelConfig(size="debug", patch_size=1, in_channels=32, input_size=2, num_classes=2,
+                                       repa=RepaConfig(teacher_dim=32, depth=2), reg=RegConfig(dim=32)),
+                     data=DataConfig(dataset="latents", path=str(tmp_path / "lat"), teacher="dinov2_vits14",
+                                     teacher_path=str(root)),
+                     train=TrainConfig(steps=6, batch_size=3, log_every=1, ckpt_every=6, threads=1))
+    base = with_techniques(base, ["repa", "reg"])
+    cached = dataclasses.replace(base, data=dataclasses.replace(base.data, teacher_cache=str(tmp_path / "feat")))
+
+    def losses(cfg, out):
+        rows = {}
+
+        class Rec:
+            def report(self, step, m):
+                if "loss/repa" in m:
+                    rows[step] = m["loss/repa"]
+
+        assert train(cfg, out, Rec(), progress=False).status == "finished"
+        return rows
+
+    plain, first = losses(base, tmp_path / "a"), losses(cached, tmp_path / "b")
+    assert plain.keys() == first.keys()
+    for step in plain:
+        assert first[step] == pytest.approx(plain[step], rel=1e-2, abs=1e-3)
+    assert np.load(tmp_path / "feat" / "filled.npy").all()  # 6 steps x 3 images saw all 6 images
+    data = LatentBatches(cached, torch.device("cpu"))
+    assert not data.stream.images  # all cached: the crops are not even read
+    assert losses(cached, tmp_path / "c") == first
