@@ -145,6 +145,7 @@ def test_report_for_fractional_and_ladder_designs(tmp_path):
                        table=pd.DataFrame(rows), ladder_order=["A", "B", "C"])
     page = render_report(lad, tmp_path / "ladder").read_text(encoding="utf-8")
     assert 'id="fig-ladder"' in page and "n/a" in page
+    assert 'strongest synergy</div><div class="value">not estimable' in page  # not "none"
     # a study where nothing finished still renders, saying why
     dead = StudyResults(study="dead", design="full", factors=["A", "B"], metric="fd", direction="min",
                         table=pd.DataFrame([{"trial": "t", "cell": "A", "seed": 0, "status": "crashed",

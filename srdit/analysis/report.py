@@ -495,6 +495,10 @@ def _summary_cards(res: StudyResults, a: dict) -> str:
                      f'<div class="value">{_esc(s["pair"])}</div>'
                      f'<div class="detail">S = {_num(s["estimate"], 3)} gain'
                      f'{" (CI " + _ci(s["ci"]) + ")" if s.get("ci") else ""}{sig}</div></div>')
+    elif not any(v is not None for v in a.get("synergy", {}).values()):  # ladder, leave-one-out
+        cards.append('<div class="card"><div class="label">strongest synergy</div><div class="value">not estimable'
+                     '</div><div class="detail">this design does not vary pairs of techniques independently'
+                     '</div></div>')
     else:
         cards.append('<div class="card"><div class="label">strongest synergy</div><div class="value">none</div>'
                      '<div class="detail">no pair gains more together than apart</div></div>')
