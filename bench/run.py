@@ -52,6 +52,12 @@ def table(res: dict) -> str:
     lines.append(f"| plain backbone FLOP/s as a fraction of a dense fp32 matmul | "
                  f"{p['flops_fraction_of_matmul']:.2f} ({p['achieved_flops'] / 1e9:.0f} / "
                  f"{p['matmul_flops'] / 1e9:.0f} GFLOP/s) |")
+    dp = res.get("data_parallel")
+    if dp:
+        lines.append(f"| digits default, global batch 64: {dp['workers']} gloo workers x 1 thread vs 1 process x "
+                     f"{dp['threads_total']} threads (same trajectory: max loss diff {dp['max_rel_loss_diff']:.1e} "
+                     f"rel.) | {dp['images_per_s_workers']:.0f} vs {dp['images_per_s_one_process']:.0f} images/s "
+                     f"({dp['ratio_workers_vs_one']:.2f}x) |")
     s = res.get("study")
     if s:
         lines.append(f"| study orchestration overhead per trial (Ray Tune + MLflow vs the same trials in a plain "
@@ -69,7 +75,8 @@ def main() -> None:
     p.add_argument("--skip-study", action="store_true")
     args = p.parse_args()
     res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "model_step": model_arms(args.steps)}
+           "model_step": model_arms(args.steps),
+           "data_parallel": run_json([sys.executable, str(HERE / "data_parallel.py")])}
     if not args.skip_study:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "study.json"

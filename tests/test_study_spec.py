@@ -68,7 +68,7 @@ def test_multi_gpu_resources_mean_one_worker_per_gpu():
     ({"name": "x", "techniques": ["rope", "rmsnorm"], "design": {"kind": "ladder", "order": ["rope", "qk_norm"]}},
      "qk_norm not among the techniques"),
     ({"name": "x", "techniques": ["rope"], "seeds": [0, 0]}, "distinct"),
-    ({"name": "x", "techniques": ["rope"], "metrics": {"primary": "fid"}}, "unknown metric 'fid'; allowed: fd"),
+    ({"name": "x", "techniques": ["rope"], "metrics": {"primary": "fidd"}}, "unknown metric 'fidd'; allowed: fd"),
     ({"name": "x", "techniques": ["rope"], "base": {"train": {"stepz": 3}}}, "base.train.stepz: unknown key"),
     ({"name": "x", "techniques": ["rope"], "tracking": {"uri": "./mlruns"}}, "tracking.uri"),
     ({"name": "x", "techniques": ["rope", "rope"]}, "more than once"),
