@@ -326,3 +326,30 @@ def test_trainer_runs_on_latent_shards_and_resumes(reference, tmp_path):
                                                       num_classes=3))
     with pytest.raises(ValueError, match="set model.in_channels"):
         train(bad, tmp_path / "bad", progress=False)
+
+
+@pytest.mark.slow
+def test_ray_parts_write_the_single_process_shards(image_dir, tokenizer, tmp_path):
+    """`srdit preprocess --ray 2`: two Ray tasks (local Ray, CPU) write the shards and the index of one process.
+    Byte-identical at equal torch threads (a Ray task with 1 CPU runs 1 thread; CPU convolutions round differently
+    with other thread counts)."""
+    import ray
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ref_index = _run(image_dir, tmp_path / "one", tokenizer)
+    finally:
+        torch.set_num_threads(threads)
+    ref_out = tmp_path / "one"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        code = main([str(image_dir), str(tmp_path / "latents"), "--weights", str(tokenizer.source), "--resolution",
+                     str(RES), "--shard-size", "4", "--batch-size", "3", "--seed", "7", "--keep-images",
+                     "--workers", "1", "--ray", "2", "--no-progress"])
+    finally:
+        ray.shutdown()
+    assert code == 0
+    assert _shard_bytes(tmp_path / "latents") == _shard_bytes(ref_out)
+    assert store.read_index(tmp_path / "latents")["shards"] == ref_index["shards"]
+    assert main([str(image_dir), str(tmp_path / "x"), "--weights", "w", "--ray", "2", "--part", "0/2"]) == 2

@@ -8,7 +8,8 @@ As SR-DiT does (arXiv:2512.12386 section 1.2), each image is encoded **once**, a
 mean) is stored: latent = mean + std * eps. The noise eps of image i is drawn from a CPU generator seeded by (seed,
 i) only, so the shards are a pure function of (images, tokenizer weights, settings): rerunning gives identical
 files regardless of interruption or which process wrote which shard. The batch size is a setting too (convolution
-kernels round differently for other batch shapes), and bit-identity holds on one software stack and device type.
+kernels round differently for other batch shapes), and bit-identity holds on one software stack, device type
+and (on CPU) thread count.
 The stored tensors are the model latents, `scale * sample + bias` (INVAE: 0.3099, 0; SD-VAE: 0.18215, 0),
 recorded in index.json.
 
@@ -23,7 +24,8 @@ against an existing folder is an error (use another OUT).
 Several devices: run one process per device on disjoint shards, e.g.
     for k in 0 1 2 3 4 5 6 7; do srdit preprocess IMAGE_DIR OUT ... --part $k/8 --device cuda:$k & done; wait
 and then the same command once without --part: every shard is already complete, so it only verifies them and
-writes index.json (a part that finds every shard complete writes it too).
+writes index.json (a part that finds every shard complete writes it too). Or let Ray place the parts:
+    srdit preprocess IMAGE_DIR OUT ... --ray 32      # 32 tasks, one GPU each, over the cluster in RAY_ADDRESS
 """
 
 from __future__ import annotations
@@ -94,6 +96,18 @@ def preprocess(source: str | os.PathLike, out: str | os.PathLike, tokenizer, *, 
     `part=(k, n)` handles only shards k, k+n, k+2n, ...; `limit` keeps the first N images (smoke runs);
     `on_shard(i)` is called after shard i is complete (tests use it to interrupt). Returns the index when every
     shard is complete (index.json written), else None."""
+    if not 0 <= part[0] < part[1]:
+        raise ValueError(f"part {part[0]}/{part[1]}: need 0 <= K < N")
+    folder, settings = prepare(source, out, tokenizer, resolution=resolution, shard_size=shard_size,
+                               batch_size=batch_size, seed=seed, keep_images=keep_images, dtype=dtype, limit=limit)
+    _shards(Path(out), folder, settings, tokenizer, part=part, workers=workers, progress=progress, on_shard=on_shard)
+    return finalize(out, folder, settings)
+
+
+def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer, *, resolution: int = 256,
+            shard_size: int = 1000, batch_size: int = 32, seed: int = 0, keep_images: bool = False,
+            dtype: str = "float32", limit: int | None = None) -> tuple[ImageFolder, dict]:
+    """Check the arguments, scan the images, and write (or check against) the folder's settings and file list."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: allowed {', '.join(DTYPES)}")
     if resolution % tokenizer.downsample:
@@ -101,23 +115,16 @@ def preprocess(source: str | os.PathLike, out: str | os.PathLike, tokenizer, *, 
                          f"{tokenizer.downsample}")
     if shard_size < 1 or batch_size < 1:
         raise ValueError("shard_size and batch_size must be >= 1")
-    k_part, n_parts = part
-    if not 0 <= k_part < n_parts:
-        raise ValueError(f"part {k_part}/{n_parts}: need 0 <= K < N")
     folder = scan_image_folder(source)
     if limit is not None:
         if limit < 1:
             raise ValueError("limit must be >= 1")
         folder = ImageFolder(folder.root, folder.classes, folder.files[:limit], folder.labels[:limit])
     out = Path(out)
-    n = len(folder)
-    n_shards = -(-n // shard_size)
-    side = resolution // tokenizer.downsample
-    latent_shape = (tokenizer.channels, side, side)
     kinds = ("latents", "labels") + (("images",) if keep_images else ())
     settings = {
         "format": store.FORMAT, "version": store.VERSION, "source": str(Path(source).resolve()),
-        "source_fingerprint": folder.fingerprint(), "num_images": n, "resolution": resolution,
+        "source_fingerprint": folder.fingerprint(), "num_images": len(folder), "resolution": resolution,
         "shard_size": shard_size, "batch_size": batch_size, "seed": seed, "kinds": list(kinds), "latent_dtype": dtype,
         "tokenizer": tokenizer.describe(),
         "tokenizer_weights_sha256": _weights_fingerprint(getattr(tokenizer, "source", None)),
@@ -128,10 +135,56 @@ def preprocess(source: str | os.PathLike, out: str | os.PathLike, tokenizer, *, 
     files_text = "".join(f + "\n" for f in folder.files)
     if not (out / store.FILES).is_file() or (out / store.FILES).read_text() != files_text:
         store.write_text_atomic(out / store.FILES, files_text)
+    return folder, settings
+
+
+def preprocess_on_ray(source: str | os.PathLike, out: str | os.PathLike, tokenizer_name: str, weights: str, *,
+                      parts: int, gpus_per_part: float | None = None, cpus_per_part: float = 1.0,
+                      **kw) -> dict | None:
+    """`preprocess` split into `parts` Ray tasks (parts k/N; RAY_ADDRESS, or a local Ray), then index.json. Each
+    task takes one GPU when the cluster has GPUs (`gpus_per_part` None), else `cpus_per_part` CPUs. The driver
+    writes the settings first (parts started together would race to create them), loading the tokenizer on CPU
+    only for that. The shards are identical to a single-process run's."""
+    import ray
+
+    from srdit.encoders import load_tokenizer
+
+    folder, settings = prepare(source, out, load_tokenizer(tokenizer_name, weights, "cpu"),
+                               **{k: v for k, v in kw.items() if k in ("resolution", "shard_size", "batch_size",
+                                                                        "seed", "keep_images", "dtype", "limit")})
+
+    @ray.remote
+    def run_part(k: int) -> None:
+        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
+        preprocess(source, out, load_tokenizer(tokenizer_name, weights, device), part=(k, parts),
+                   progress=False, **kw)
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(include_dashboard=False, logging_level="WARNING")
+    try:
+        gpus = (1.0 if ray.cluster_resources().get("GPU") else 0.0) if gpus_per_part is None else gpus_per_part
+        task = run_part.options(num_gpus=gpus, num_cpus=cpus_per_part)
+        ray.get([task.remote(k) for k in range(parts)])
+    finally:
+        if started:
+            ray.shutdown()
+    return finalize(out, folder, settings)
+
+
+def _shards(out: Path, folder: ImageFolder, settings: dict, tokenizer, *, part: tuple[int, int], workers: int,
+            progress: bool | None, on_shard: Callable[[int], None] | None) -> None:
+    """Encode and write this part's incomplete shards."""
+    n, shard_size, batch_size, seed = len(folder), settings["shard_size"], settings["batch_size"], settings["seed"]
+    resolution, dtype, kinds = settings["resolution"], settings["latent_dtype"], tuple(settings["kinds"])
+    keep_images = "images" in kinds
+    n_shards = -(-n // shard_size)
+    side = resolution // tokenizer.downsample
+    latent_shape = (tokenizer.channels, side, side)
+    k_part, n_parts = part
     if n_parts == 1:  # no other writer: temporary files left by a killed run are garbage
         for tmp in (out / store.SHARDS).glob(".*.tmp") if (out / store.SHARDS).is_dir() else []:
             tmp.unlink(missing_ok=True)
-
     mine = [k for k in range(n_shards) if k % n_parts == k_part]
     todo = [k for k in mine if store.check_shard(out, k, k * shard_size, min(shard_size, n - k * shard_size),
                                                  kinds) is not None]
@@ -176,7 +229,6 @@ def preprocess(source: str | os.PathLike, out: str | os.PathLike, tokenizer, *, 
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = prev
         if bar is not None:
             bar.stop()
-    return finalize(out, folder, settings)
 
 
 def _check_settings(out: Path, settings: dict) -> None:
@@ -254,6 +306,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="image decoding threads")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--part", default="0/1", help="K/N: only shards K, K+N, ... (one process per device)")
+    p.add_argument("--ray", type=int, metavar="N", help="split into N parts run as Ray tasks (one GPU each when the "
+                   "cluster has GPUs; RAY_ADDRESS or a local Ray), then write the index")
     p.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("--verify", metavar="DIR", help="check an existing latent folder and exit")
@@ -286,12 +340,16 @@ def main(argv: list[str] | None = None) -> int:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         from srdit.encoders import load_tokenizer
 
-        tok = load_tokenizer(args.tokenizer, args.weights, device)
         t0 = time.perf_counter()
-        index = preprocess(args.source, args.out, tok, resolution=args.resolution, shard_size=args.shard_size,
-                           batch_size=args.batch_size, seed=args.seed, keep_images=args.keep_images,
-                           dtype=args.dtype, workers=args.workers, part=(k, n), limit=args.limit,
-                           progress=False if args.no_progress else None)
+        kw = dict(resolution=args.resolution, shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed,
+                  keep_images=args.keep_images, dtype=args.dtype, workers=args.workers, limit=args.limit)
+        if args.ray:
+            if n != 1:
+                raise _ArgError("srdit preprocess: --ray N splits the work itself; leave out --part")
+            index = preprocess_on_ray(args.source, args.out, args.tokenizer, args.weights, parts=args.ray, **kw)
+        else:
+            index = preprocess(args.source, args.out, load_tokenizer(args.tokenizer, args.weights, device),
+                               part=(k, n), progress=False if args.no_progress else None, **kw)
         dt = time.perf_counter() - t0
         if index is None:
             print(f"{args.out}: part {k}/{n} done in {dt:.0f} s; other parts are still missing (index.json is "
