@@ -404,6 +404,8 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
                 dp.barrier()
                 t_window = time.perf_counter()
     except torch.OutOfMemoryError as e:
+        if dp.active:  # the other ranks are waiting in a collective: fail the group; the launcher records the error
+            raise
         status, reason = "oom", f"out of memory at step {step + 1}: {str(e).splitlines()[0][:200]}"
     finally:
         bar.close()
