@@ -314,6 +314,12 @@ class RunConfig:
             if self.data.dataset != "latents":
                 raise ConfigError("data.tokenizer: only latent runs are decoded; set data.dataset latents or "
                                   "data.tokenizer null")
+            if not self.data.tokenizer_path:
+                raise ConfigError(f"data.tokenizer_path: required with data.tokenizer {self.data.tokenizer} (the "
+                                  f"local weights that decode the samples)")
+        if self.data.dataset == "latents" and self.eval.reference and not self.data.tokenizer:
+            raise ConfigError("data.tokenizer: required when eval.reference is set (samples are decoded to images "
+                              "for the Inception metrics); set data.tokenizer and data.tokenizer_path")
         t = self.train
         if t.steps < 1 or t.batch_size < 1:
             raise ConfigError("train.steps and train.batch_size must be >= 1")

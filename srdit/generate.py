@@ -29,6 +29,13 @@ if TYPE_CHECKING:
 
 _MASK63 = (1 << 63) - 1
 
+EVAL_METRICS = {
+    "digits": ("fd", "kd", "kd_std", "precision", "recall", "n", "nfe"),
+    "latents": ("fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "kd_dinov2",
+                "kd_dinov2_std", "n", "nfe"),
+}
+"What `evaluate` reports per data.dataset (sfid, precision / recall, kd_dinov2 only when the reference allows)."
+
 
 def batch_seed(seed: int, batch: int) -> int:
     """Seed of sampling batch `batch`: `seed` for batch 0 (the historical single-generator protocol), else a
@@ -171,11 +178,13 @@ def _evaluate_latents(model, cfg: RunConfig, device: torch.device, n: int, sampl
     from srdit.sample_shards import collect, write_shard
 
     ev = cfg.eval
-    if not ev.reference:
-        raise ValueError("evaluating a latent run needs reference statistics: set eval.reference to an .npz made by "
-                         "`srdit reference` (or ADM's VIRTUAL_imagenet256_labeled.npz)")
-    ref = load_reference(ev.reference)  # fail before sampling, not after
+    check_evaluation(cfg)  # fail before sampling, not after
+    ref = load_reference(ev.reference)
+    net = load_inception(ev.inception_path, device)
     dp = DataParallel.current()
+    if dp.active and samples_dir is None:
+        raise ValueError("a data-parallel evaluation needs one samples folder that every rank sees: pass "
+                         "samples_dir (srdit evaluate --samples DIR)")
     with contextlib.ExitStack() as stack:
         folder = samples_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="srdit-samples-"))
         res = write_shard(model, cfg, folder, n, ev.seed, dp.rank, dp.world, device, ev.batch_size, sample_cfg)
@@ -183,12 +192,40 @@ def _evaluate_latents(model, cfg: RunConfig, device: torch.device, n: int, sampl
         if not dp.main:
             return {}
         images, _ = collect(folder, n)
-    net = load_inception(ev.inception_path, device)
     out = metrics_from_features(inception_features(images, net, batch_size=ev.batch_size), ref)
     del net
     if ev.dinov2_path:
         out |= _kd_dinov2(images, ev, device)
     return {**{k: float(v) for k, v in out.items()}, "nfe": float(res.nfe)}
+
+
+def check_evaluation(cfg: RunConfig) -> None:
+    """Raise now what a latent run's evaluation would otherwise only find after training or sampling: a missing
+    reference, Inception weights, tokenizer weights or DINOv2 files, or a reference without DINOv2 features."""
+    ev = cfg.eval
+    if cfg.data.dataset == "digits":
+        return
+    if not ev.reference:
+        raise ValueError("evaluating a latent run needs reference statistics: set eval.reference to an .npz made by "
+                         "`srdit reference` (or ADM's VIRTUAL_imagenet256_labeled.npz)")
+    import numpy as np
+
+    from srdit.metrics.inception import load_reference, resolve_weights
+
+    load_reference(ev.reference)
+    resolve_weights(ev.inception_path)
+    if not cfg.data.tokenizer or not cfg.data.tokenizer_path or not os.path.exists(cfg.data.tokenizer_path):
+        raise FileNotFoundError(f"data.tokenizer_path {cfg.data.tokenizer_path!r}: the tokenizer weights that decode "
+                                f"the samples are missing (set data.tokenizer and data.tokenizer_path)")
+    if ev.dinov2_path:
+        from srdit.encoders.dinov2 import dinov2_files
+        from srdit.metrics.dinov2_kd import DEFAULT_MODEL
+
+        dinov2_files(DEFAULT_MODEL, ev.dinov2_path)
+        with np.load(ev.reference) as z:
+            if "dinov2" not in z.files:
+                raise ValueError(f"eval.dinov2_path is set but {ev.reference} holds no DINOv2 features; rebuild it "
+                                 f"with `srdit reference --dinov2 DIR` or unset eval.dinov2_path")
 
 
 def _kd_dinov2(images, ev, device: torch.device) -> dict[str, float]:
@@ -198,9 +235,6 @@ def _kd_dinov2(images, ev, device: torch.device) -> dict[str, float]:
     from srdit.metrics.dinov2_kd import kd_dinov2, load_kd_extractor
 
     with np.load(ev.reference) as z:
-        if "dinov2" not in z.files:
-            raise ValueError(f"eval.dinov2_path is set but {ev.reference} holds no DINOv2 features; rebuild it with "
-                             f"`srdit reference --dinov2 DIR` or unset eval.dinov2_path")
         real = z["dinov2"]
     fake = extract_features(torch.from_numpy(images).permute(0, 3, 1, 2), load_kd_extractor(ev.dinov2_path,
                                                                                              device=device),

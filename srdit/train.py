@@ -284,6 +284,10 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     out.mkdir(parents=True, exist_ok=True)
     dp = DataParallel.current()
     dp.local_batch(cfg.train.batch_size)  # a clear error before anything is built
+    if cfg.data.dataset != "digits" and cfg.eval.reference:
+        from srdit.generate import check_evaluation
+
+        check_evaluation(cfg)  # missing weights or reference: now, not after training
     reporter = (reporter or NullReporter()) if dp.main else NullReporter()
     tc = cfg.train
     device = resolve_device(tc.device)

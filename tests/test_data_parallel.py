@@ -35,11 +35,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world: int, port: int, out: str, stop_after: int | None) -> None:
+def _worker(rank: int, world: int, port: int, out: str, stop_after: int | None, diff: dict | None = None) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        cfg = _cfg()
+        cfg = apply_diff(_cfg(), diff or {})
         if stop_after is not None:  # an interrupted run: the first `stop_after` steps only, same config otherwise
             cfg = apply_diff(cfg, {"train.steps": stop_after})
         train(cfg, out, JsonlReporter(Path(out) / "metrics.jsonl"), progress=False)
@@ -52,8 +52,8 @@ def _losses(folder: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def _spawn(out: Path, stop_after: int | None = None) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(out), stop_after), nprocs=2, join=True)
+def _spawn(out: Path, stop_after: int | None = None, diff: dict | None = None) -> None:
+    mp.spawn(_worker, args=(2, _free_port(), str(out), stop_after, diff), nprocs=2, join=True)
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +87,21 @@ def test_resume_on_another_world_size(tmp_path, single):
     one, resumed = _losses(single), _losses(tmp_path)
     for step in range(1, 13):
         assert resumed[step] == pytest.approx(one[step], rel=TOLERANCE), step
+
+
+def test_sprint_without_dropping_trains_data_parallel(tmp_path):
+    """drop_ratio 0 routes nothing: [MASK] stays in the graph so that DDP still sees a gradient for it."""
+    _spawn(tmp_path, stop_after=3, diff={"model.sprint.drop_ratio": 0.0, "model.sprint.path_drop_prob": 0.0})
+    assert json.loads((tmp_path / "result.json").read_text())["status"] == "finished"
+
+
+def test_each_rank_reads_its_half_of_the_global_batch():
+    from srdit.train import DigitsBatches
+
+    cfg = _cfg()
+    whole = DigitsBatches(cfg, torch.device("cpu")).next()[0]
+    halves = [DigitsBatches(cfg, torch.device("cpu"), DataParallel(r, 2)).next()[0] for r in range(2)]
+    assert [len(h) for h in halves] == [8, 8] and torch.equal(torch.cat(halves), whole)
 
 
 def test_slicing_and_rolling_match_the_global_batch():

@@ -18,6 +18,7 @@ from test_inception import _random_net  # random weights that keep activations O
 from srdit.config import DataConfig, EvalConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 from srdit.data.preprocess import preprocess
 from srdit.encoders.invae import InvaeAutoencoder, InvaeConfig, load_invae, save_invae
+from srdit.generate import EVAL_METRICS
 from srdit.metrics.inception import WEIGHTS_NAME, load_reference
 from srdit.metrics.reference import build_reference
 
@@ -81,6 +82,7 @@ def test_latent_run_evaluates_itself_and_draws_a_decoded_grid(stand_ins, tmp_pat
     for k in ("fid", "sfid", "inception_score", "precision", "recall"):
         assert np.isfinite(m[k]), k
     assert m["fid"] > 0 and m["n"] == 12 and m["nfe"] == 2
+    assert set(rows[-1][1]) <= set(EVAL_METRICS["latents"])  # the final report is the evaluation
     assert any("fid" in r for _, r in rows)
     assert (tmp_path / "samples.png").is_file()
     grid = np.load(tmp_path / "samples.npz")["images"]

@@ -30,10 +30,16 @@ def test_schema_is_frozen():
     assert S.SPACE_KEYS == ("low", "high", "log", "type", "choices")
 
 
-@pytest.mark.parametrize("name", ["digits_quick", "digits_factorial"])
-def test_shipped_studies_load(name):
-    spec = load_study(ROOT / "studies" / f"{name}.yaml")
-    assert spec.name == name and spec.factors and spec.base.train.steps > 0
+@pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_shipped_studies_load_and_name_metrics_their_runs_report(path):
+    from srdit.generate import EVAL_METRICS
+
+    spec = load_study(path)
+    assert spec.name == path.stem and spec.factors and spec.base.train.steps > 0
+    training = {"loss", "grad_norm", "steps_per_s", "images_per_s"} | {n for n in S.METRIC_DIRECTIONS if "/" in n}
+    reported = training | set(EVAL_METRICS[spec.base.data.dataset])
+    named = set(spec.metrics.all()) | set(spec.design.objectives)
+    assert named <= reported, f"{path.name} names metrics its runs never report: {sorted(named - reported)}"
 
 
 def test_defaults_and_sections():

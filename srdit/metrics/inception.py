@@ -245,7 +245,7 @@ def _is_batch_counter(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
-def _resolve_weights(path: str | os.PathLike | None) -> Path:
+def resolve_weights(path: str | os.PathLike | None) -> Path:
     how = (f"download {WEIGHTS_NAME} ({WEIGHTS_URL}) on a machine with network access, copy it to this machine and "
            f"set eval.inception_path (or --inception), or set {ENV_VAR}")
     if path is None or str(path) == "":
@@ -265,7 +265,7 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
     or a folder holding it; None: `$SRDIT_INCEPTION_WEIGHTS`). Loads strictly: FileNotFoundError when the file is
     missing, ValueError when it is not this network's state dict. The file's BatchNorm layers carry no
     `num_batches_tracked` counters (unused in eval mode); they are accepted either way. Never downloads."""
-    p = _resolve_weights(path)
+    p = resolve_weights(path)
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:

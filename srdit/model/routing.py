@@ -52,8 +52,8 @@ class SprintRouter(nn.Module):
         With `drop_path` the whole sparse path is replaced by [MASK]; it stays in the graph (0 * g) so that
         data-parallel training still sees gradients for every parameter."""
         mask = self.mask_token.to(dense.dtype).expand_as(dense)
-        if index is None:
-            padded = sparse
+        if index is None:  # nothing dropped (eval, or drop_ratio 0): keep [MASK] in the training graph for DDP
+            padded = sparse + 0 * mask if self.training else sparse
         else:
             padded = mask.scatter(1, index[..., None].expand(-1, -1, dense.shape[-1]), sparse)
         if drop_path:

@@ -51,7 +51,16 @@ def train_data_parallel(config: dict, out_dir: str | Path, run_id: str, ctx: dic
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from srdit.config import RunConfig, from_dict
+    from srdit.generate import check_evaluation
+    from srdit.parallel import DataParallel
+
     workers, gpus = int(ctx["workers"]), float(ctx["gpus"])
+    # Errors every attempt would hit are raised here, so that Ray Train does not retry them.
+    cfg = from_dict(RunConfig, config).validate()
+    DataParallel(0, workers).local_batch(cfg.train.batch_size)
+    if cfg.data.dataset != "digits" and cfg.eval.reference:
+        check_evaluation(cfg)
     per_worker = {"CPU": ctx["cpus"], **({"GPU": gpus / workers} if gpus else {})}
     loop = {"config": config, "out_dir": str(out_dir), "uri": ctx["uri"], "run_id": run_id, "gpus": gpus,
             "workers": workers, "threads": max(1, int(math.floor(ctx["cpus"])))}
