@@ -9,6 +9,7 @@ order of floating-point sums in the gradient all-reduce.
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -86,5 +87,6 @@ def init_from_env(device_type: str) -> DataParallel:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         if device_type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+        # A long timeout: the other ranks wait while rank 0 scores a 50K-sample evaluation.
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
     return DataParallel.current()

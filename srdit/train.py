@@ -81,7 +81,8 @@ class CheckpointError(ValueError):
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":  # the launcher picked this process's GPU (torch.cuda.set_device)
+    # The launcher picked this process's GPU (torch.cuda.set_device); data-parallel ranks never share one.
+    if name == "cuda" or (name.startswith("cuda") and DataParallel.current().active):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
 

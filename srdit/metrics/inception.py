@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from srdit.metrics.distances import _f64, _psd_sqrt, precision_recall
+from srdit.metrics.features import exact_float32
 
 LABEL = ("ImageNet FID/sFID/IS/precision-recall(k=3): pytorch-fid Inception-v3 (TF 2015-12-05 weights), "
          "299 bilinear resize, 50K samples vs the reference batch")
@@ -45,6 +46,8 @@ NUM_CLASSES = 1008
 SPATIAL_BLOCK = "Mixed_6d"
 SPATIAL_CHANNELS = 7
 SPATIAL_DIM = SPATIAL_CHANNELS * 17 * 17  # 2023
+IS_SPLIT = 5000
+"Samples per Inception Score split, as ADM's evaluator (its 50K protocol: 10 splits)."
 
 
 class BasicConv2d(nn.Module):
@@ -313,12 +316,11 @@ def inception_features(images: Tensor | np.ndarray | Iterable[Tensor | np.ndarra
     """{"pool": [N, 2048], "spatial": [N, 2023], "logits": [N, 1008]} as float64 CPU arrays. `images`: a tensor
     [N, 3, H, W] (uint8 or [-1, 1] float), a numpy array [N, H, W, 3], or an iterable of such batches (e.g. a
     generator, so that 50K samples need not be held at once); they are fed `batch_size` at a time on the network's
-    device. cuDNN's TF32 is switched off meanwhile: the features stay float32-exact on Ampere+ GPUs."""
+    device. TF32 is switched off meanwhile (matmuls and convolutions): the features stay float32-exact on Ampere+
+    GPUs, also inside a training run that enabled TF32."""
     device = next(net.parameters()).device
     out: dict[str, list[np.ndarray]] = {"pool": [], "spatial": [], "logits": []}
-    cudnn = torch.backends.cudnn
-    with torch.inference_mode(), cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark,
-                                              deterministic=cudnn.deterministic, allow_tf32=False):
+    with torch.inference_mode(), exact_float32():
         for batch in _batches(images, batch_size):
             feats = net(batch.to(device, non_blocking=True))
             for k, v in feats.items():
@@ -421,7 +423,7 @@ def load_reference(path: str | os.PathLike) -> Reference:
 
 
 def metrics_from_features(features: Mapping[str, np.ndarray], reference: Reference | str | os.PathLike, *,
-                          splits: int = 10, k: int = 3) -> dict[str, float]:
+                          splits: int | None = None, k: int = 3) -> dict[str, float]:
     """The metrics of `imagenet_metrics` from precomputed `inception_features` of the generated images."""
     ref = reference if isinstance(reference, Reference) else load_reference(reference)
     mu, sigma = _stats(features["pool"])
@@ -429,6 +431,8 @@ def metrics_from_features(features: Mapping[str, np.ndarray], reference: Referen
     if ref.mu_s is not None:
         mu_s, sigma_s = _stats(features["spatial"])
         out["sfid"] = frechet_from_stats(mu_s, sigma_s, ref.mu_s, ref.sigma_s)
+    n = len(features["logits"])
+    splits = splits or max(1, -(-n // IS_SPLIT))  # ADM's evaluator: splits of 5000 samples (10 at 50K)
     out["inception_score"], out["inception_score_std"] = inception_score(features["logits"], splits)
     if ref.pool is not None:
         out["precision"], out["recall"] = precision_recall(ref.pool, features["pool"], k=k)
@@ -438,7 +442,7 @@ def metrics_from_features(features: Mapping[str, np.ndarray], reference: Referen
 
 def imagenet_metrics(fake: Tensor | np.ndarray | Iterable[Tensor | np.ndarray],
                      reference: Reference | str | os.PathLike, net: FIDInceptionV3, *, batch_size: int = 100,
-                     splits: int = 10, k: int = 3) -> dict[str, float]:
+                     splits: int | None = None, k: int = 3) -> dict[str, float]:
     """{"fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "n"} of generated images
     (anything `inception_features` takes) against reference statistics (a `Reference` or an .npz path). sfid is
     left out when the reference has no mu_s / sigma_s, precision / recall (k-NN, k=3, on pool features) when it

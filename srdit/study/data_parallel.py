@@ -68,7 +68,7 @@ def train_data_parallel(config: dict, out_dir: str | Path, run_id: str, ctx: dic
     outcome.unlink(missing_ok=True)
     trainer = TorchTrainer(
         _worker_loop, train_loop_config=loop,
-        torch_config=TorchConfig(backend="nccl" if gpus else "gloo"),
+        torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=7200),  # rank 0 evaluates alone
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
                                                resources_per_worker=per_worker),
         run_config=ray.train.RunConfig(name=f"{ctx['study']}-{Path(out_dir).name}", storage_path=ctx["train_storage"],

@@ -118,6 +118,8 @@ def execute_trial(trial: dict, ctx: dict, to_tune: bool = False) -> dict:
             logged = set(reporter.at_last_step) if reporter.last_step == step else set()
     except Exception as e:  # a crash is a result; the study goes on
         status, reason, step, metrics = "crashed", _one_line(e), reporter.last_step, {}
+        if "OutOfMemoryError" in reason:  # a data-parallel group fails as a whole on one rank's OOM
+            status = "oom"
         try:
             child.log_text("".join(traceback.format_exception(e)), "traceback.txt")
         except Exception:
@@ -356,7 +358,9 @@ def _max_concurrent(r) -> int | None:
     import ray
 
     have = ray.cluster_resources()
-    fit = have.get("GPU", 0) // r.gpus if r.gpus else have.get("CPU", 0) // (r.cpus * r.workers + DRIVER_CPU)
+    fit = have.get("CPU", 0) // (r.cpus * r.workers + DRIVER_CPU)
+    if r.gpus:
+        fit = min(fit, have.get("GPU", 0) // r.gpus)
     return max(1, int(fit))
 
 
@@ -399,12 +403,12 @@ def _run_search(spec, plan, tracking, paths, existing, retry_failed, num_cpus, m
                                 seed=spec.design.seed + n_done,  # a continued search draws new samples
                                 points_to_evaluate=pending[:remaining] or None,
                                 study_name=spec.name, storage=storage)
-        conc = spec.design.max_concurrent or _max_concurrent(spec.resources)
-        search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
         ctx = {**_ctx(spec, tracking, paths, plan), "spec_data": _spec_data(spec), "spec_path": spec.path,
                "objectives": objectives}
         tracking.set_parent_status("RUNNING")
         with _ray_session(num_cpus, echo):
+            conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
+            search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
             trainable, run_config = _tuner_common(spec, paths, max_failures,
                                                   [_progress_callback(spec.design.trials, n_done, echo)])
             tune.Tuner(trainable, param_space={**space, "ctx": ctx},
