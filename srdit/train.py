@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import json
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,10 @@ from srdit.transport import interpolate, sample_times, velocity_target
 from srdit.transport.losses import loss_terms, total
 
 CHECKPOINT = "checkpoints/last.pt"
+EVALS = "evals"
+"Folder of evals/step_N.json: the metrics of each completed evaluation."
+SAMPLES = "samples"
+"Folder of the evaluation sample shards of latent runs (samples/step_N)."
 
 
 class Reporter(Protocol):
@@ -320,6 +325,9 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         step = int(ckpt["step"])
     if dp.main:
         (out / "config.yaml").write_text(to_yaml(cfg))
+        if step == 0:  # a fresh start: evaluations left by an earlier run in this folder are not this run's
+            for old in (out / EVALS, out / SAMPLES):
+                shutil.rmtree(old, ignore_errors=True)
 
     def save() -> None:
         if not dp.main:
@@ -331,14 +339,32 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     # Digits evaluate in memory on rank 0; latent runs (with eval.reference) write sample shards on every rank.
     evaluates = cfg.data.dataset == "digits" or cfg.eval.reference is not None
 
-    def run_eval() -> dict[str, float]:
+    def evaluate_now() -> dict[str, float]:
+        """Evaluate the EMA weights at this step; rank 0 reports and leaves evals/step_N.json (the record that this
+        evaluation completed). Latent runs sample into samples/step_N (cleared first: shards of other weights or
+        another world size must not mix in), kept for the final step only (50K images are ~10 GB)."""
         from srdit.generate import evaluate
 
-        if cfg.data.dataset == "digits" and not dp.main:
-            return {}
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            return evaluate(ema, cfg, device, samples_dir=None if cfg.data.dataset == "digits"
-                            else out / "samples" / f"step_{step:07d}")
+        record = out / EVALS / f"step_{step:07d}.json"
+        folder = out / SAMPLES / f"step_{step:07d}"
+        if dp.main:
+            shutil.rmtree(folder, ignore_errors=True)
+        dp.barrier()
+        metrics: dict[str, float] = {}
+        if cfg.data.dataset != "digits" or dp.main:
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                metrics = evaluate(ema, cfg, device, samples_dir=None if cfg.data.dataset == "digits" else folder)
+        if dp.main:
+            reporter.report(step, metrics)
+            record.parent.mkdir(exist_ok=True)
+            record.write_text(json.dumps(metrics))
+            if step < tc.steps:
+                shutil.rmtree(folder, ignore_errors=True)
+        dp.barrier()
+        return metrics
+
+    def evaluation_due() -> bool:
+        return evaluates and bool(tc.eval_every) and step % tc.eval_every == 0 and 0 < step < tc.steps
 
     net = model
     if dp.active:
@@ -352,6 +378,8 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     sums: dict[str, float] = {}
     count, t_window = 0, time.perf_counter()
     status, reason, last = "finished", "", {}
+    if evaluation_due() and not (out / EVALS / f"step_{step:07d}.json").is_file():
+        evaluate_now()  # resumed from a checkpoint whose evaluation was interrupted
     model.train()
     try:
         while step < tc.steps:
@@ -402,11 +430,8 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
                 bar.update(step)
             if step % tc.ckpt_every == 0 and step < tc.steps:
                 save()
-            if tc.eval_every and step % tc.eval_every == 0 and step < tc.steps and evaluates:
-                metrics = run_eval()
-                if dp.main:
-                    reporter.report(step, metrics)
-                dp.barrier()
+            if evaluation_due():
+                evaluate_now()
                 t_window = time.perf_counter()
     except torch.OutOfMemoryError as e:
         if dp.active:  # the other ranks are waiting in a collective: fail the group; the launcher records the error
@@ -421,9 +446,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     save()
     final: dict[str, float] = {}
     if evaluates:
-        final = run_eval()
-        if dp.main:
-            reporter.report(step, final)
+        final = evaluate_now()
     if dp.main and (cfg.data.dataset == "digits" or cfg.data.tokenizer):  # latents: decoded with data.tokenizer
         from srdit.generate import generate, to_images
         from srdit.imaging import save_samples

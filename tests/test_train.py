@@ -104,3 +104,26 @@ def test_cli_train_sample_evaluate(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out) >= {"fd", "kd", "kd_std", "precision", "recall", "n"} and out["n"] == 100
+
+
+def test_an_interrupted_evaluation_runs_again_on_resume(tmp_path):
+    """Killed while evaluating at step 10 (the checkpoint of step 10 is written): the resumed run evaluates step 10
+    before training on, and each completed evaluation leaves evals/step_N.json."""
+    cfg = apply_diff(RunConfig(), {**TINY, "train.eval_every": 10})
+
+    class StopAtEval(Recorder):
+        def report(self, step, metrics):
+            if "fd" in metrics:
+                raise KeyboardInterrupt
+            super().report(step, metrics)
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, StopAtEval(), progress=False)
+    assert load_checkpoint(tmp_path / "checkpoints/last.pt")["step"] == 10
+    assert not (tmp_path / "evals" / "step_0000010.json").exists()
+    rec = Recorder()
+    train(cfg, tmp_path, rec, progress=False)
+    evals = [s for s, m in rec.rows if "fd" in m]
+    assert evals == [10, 20] and rec.rows[0][0] == 10  # step 10's evaluation first, then training from step 11
+    assert json.loads((tmp_path / "evals" / "step_0000010.json").read_text())["fd"] > 0
+    assert (tmp_path / "evals" / "step_0000020.json").is_file()
