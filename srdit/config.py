@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -491,6 +492,23 @@ def nested_update(tree: dict, dotted: str, value: Any) -> None:
             node[k] = child
         node = child
     node[keys[-1]] = value
+
+
+PATH_FIELDS = ("data.path", "data.teacher_path", "data.tokenizer_path", "data.teacher_cache", "eval.reference",
+               "eval.inception_path", "eval.dinov2_path")
+"Config fields that name files or folders."
+
+
+def resolve_paths(cfg: RunConfig, base: str | os.PathLike) -> RunConfig:
+    """`cfg` with relative PATH_FIELDS made absolute against `base`: a study trial runs in its own folder (Ray Tune
+    changes the working directory), while paths in a study YAML are meant from where the study was started."""
+    changes = {}
+    for key in PATH_FIELDS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value and not os.path.isabs(os.path.expanduser(value)):
+            changes[key] = os.path.join(os.fspath(base), value)
+    return apply_diff(cfg, changes) if changes else cfg
 
 
 def apply_diff(config: RunConfig, diff: Mapping[str, Any]) -> RunConfig:

@@ -159,12 +159,13 @@ class LatentBatches:
         self.cache = None
         if self.teacher is not None and cfg.data.teacher_cache:
             # Running the teacher every step bottlenecked the paper's run (SR-DiT section 4.1): read cached tokens.
-            from srdit.data.latents import read_index
+            from srdit.data.latents import index_fingerprint, read_index
             from srdit.encoders.dinov2 import FeatureCache, teacher_fingerprint
 
             n = int(read_index(cfg.data.path)["num_images"])
-            self.cache = FeatureCache(cfg.data.teacher_cache, n, self.grid, self.teacher.dim,
-                                      teacher_fingerprint(cfg.data.teacher, cfg.data.teacher_path))
+            meta = {**teacher_fingerprint(cfg.data.teacher, cfg.data.teacher_path),
+                    "latents": index_fingerprint(cfg.data.path)}  # rows are image indices of this folder
+            self.cache = FeatureCache(cfg.data.teacher_cache, n, self.grid, self.teacher.dim, meta)
         # Crops are read only while some teacher tokens still have to be computed.
         need_crops = self.teacher is not None and (self.cache is None or not self.cache.filled(range(n)).all())
         self.stream = LatentStream(cfg.data.path, cfg.train.batch_size, cfg.train.seed, images=need_crops,

@@ -74,3 +74,15 @@ def test_srdit_preset_is_the_paper_recipe():
     assert cfg.model.norm == "rmsnorm" and cfg.loss.cfm == 0.05 and cfg.transport.time_shift
     assert abs(cfg.shift_value() - 2**0.5) < 1e-12
     assert cfg.train.lr == 1e-4 and cfg.train.ema_decay == 0.9999 and cfg.train.batch_size == 256
+
+
+def test_relative_paths_resolve_against_the_study_directory(tmp_path):
+    from srdit.config import DataConfig, EvalConfig, resolve_paths
+
+    cfg = RunConfig(data=DataConfig(dataset="latents", path="data/lat", tokenizer="invae",
+                                    tokenizer_path="/abs/invae.pt"),
+                    eval=EvalConfig(reference="ref.npz"))
+    out = resolve_paths(cfg, tmp_path)
+    assert out.data.path == str(tmp_path / "data/lat") and out.eval.reference == str(tmp_path / "ref.npz")
+    assert out.data.tokenizer_path == "/abs/invae.pt" and out.data.teacher_path is None
+    assert resolve_paths(RunConfig(), tmp_path) == RunConfig()

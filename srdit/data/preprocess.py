@@ -149,6 +149,8 @@ def preprocess_on_ray(source: str | os.PathLike, out: str | os.PathLike, tokeniz
 
     from srdit.encoders import load_tokenizer
 
+    # The tasks may run on other nodes and in other working directories (the storage must be shared).
+    source, out, weights = (os.path.abspath(os.path.expanduser(p)) for p in (source, out, weights))
     folder, settings = prepare(source, out, load_tokenizer(tokenizer_name, weights, "cpu"),
                                **{k: v for k, v in kw.items() if k in ("resolution", "shard_size", "batch_size",
                                                                         "seed", "keep_images", "dtype", "limit")})

@@ -26,6 +26,7 @@ disk keyed by image index (there is no augmentation, so they are a pure function
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -199,6 +200,18 @@ class FeatureCache:
         self.num_images, self.grid, self.dim = int(num_images), int(grid), int(dim)
         meta = {"num_images": self.num_images, "grid": self.grid, "dim": self.dim, **(meta or {})}
         meta = json.loads(json.dumps(meta))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # Several processes may open the cache at once (data-parallel ranks, concurrent trials): one creates it
+        # while the others wait, instead of truncating files another has already mapped.
+        with open(self.folder / ".lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                self._open(meta)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _open(self, meta: dict) -> None:
+        grid, dim = self.grid, self.dim
         meta_path = self.folder / "meta.json"
         if meta_path.is_file():
             old = json.loads(meta_path.read_text())
@@ -208,7 +221,6 @@ class FeatureCache:
                                  f"{', '.join(diff)}); use another folder")
             mode = "r+"
         else:
-            self.folder.mkdir(parents=True, exist_ok=True)
             mode = "w+"
         shapes = {"patches": (self.num_images, grid * grid, dim), "cls": (self.num_images, dim),
                   "filled": (self.num_images,)}

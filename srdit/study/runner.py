@@ -83,11 +83,11 @@ def execute_trial(trial: dict, ctx: dict, to_tune: bool = False) -> dict:
     Returns {"status", "reason", "step", **final metrics}. Exceptions from training become status "crashed"."""
     import torch
 
-    from srdit.config import RunConfig, from_dict
+    from srdit.config import RunConfig, from_dict, resolve_paths, to_dict
 
     threads = max(1, int(math.floor(ctx.get("cpus", 1))))
     torch.set_num_threads(threads)
-    cfg = from_dict(RunConfig, trial["config"])
+    cfg = resolve_paths(from_dict(RunConfig, trial["config"]), ctx["cwd"])
     out_dir = Path(ctx["trials_dir"]) / trial["key"]
     factors = ctx["factors"]
     on = set(trial["on"])
@@ -108,7 +108,7 @@ def execute_trial(trial: dict, ctx: dict, to_tune: bool = False) -> dict:
         if ctx.get("workers", 1) > 1:  # rank 0 of a Ray Train group logs to the child run itself
             from srdit.study.data_parallel import train_data_parallel
 
-            status, reason, step, metrics, logged = train_data_parallel(trial["config"], out_dir, child.run_id, ctx,
+            status, reason, step, metrics, logged = train_data_parallel(to_dict(cfg), out_dir, child.run_id, ctx,
                                                                         MAX_FAILURES)
         else:
             from srdit.train import train
@@ -369,7 +369,8 @@ def _ctx(spec: StudySpec, tracking: StudyTracking, paths: dict, plan: Plan) -> d
     return {"study": spec.name, "design": plan.design, "factors": spec.factor_names, "uri": tracking.uri,
             "experiment_id": tracking.experiment_id, "parent_run_id": tracking.parent_run_id,
             "trials_dir": str(paths["trials"]), "cpus": spec.resources.cpus, "gpus": spec.resources.gpus,
-            "workers": spec.resources.workers, "train_storage": str(paths["ray"] / "train")}
+            "workers": spec.resources.workers, "train_storage": str(paths["ray"] / "train"),
+            "cwd": os.getcwd()}  # relative paths in the study are meant from here
 
 
 def _run_search(spec, plan, tracking, paths, existing, retry_failed, num_cpus, max_failures, echo, t0) -> StudyRun:
