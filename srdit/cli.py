@@ -92,7 +92,8 @@ def cmd_sample(args) -> int:
 
     device = resolve_device(args.device)
     samples, labels, nfe = generate(model.to(device), cfg, args.n, args.seed, device, args.batch_size, sample_cfg=sc)
-    png, npz = save_samples(to_images(samples, cfg, device), labels, args.out)
+    images = to_images(samples, cfg, device, batch_size=args.batch_size)  # decoded as the shards would be
+    png, npz = save_samples(images, labels, args.out, scale=max(1, 32 // images.shape[-1]))
     print(json.dumps({"png": str(png), "npz": str(npz), "n": args.n, "nfe": nfe, "sampler": sc.sampler}))
     return 0
 
