@@ -225,22 +225,29 @@ def test_feature_cache(dino_root, tmp_path):
         FeatureCache(tmp_path / "cache", num_images=10, grid=2, dim=32, meta={"teacher": "dinov2_vits14"})
 
 
-def test_precompute_from_latent_folder(dino_root, tmp_path):
+def _latent_folder(tmp_path, images: int, shard_size: int, seed: int) -> None:
+    """tmp_path/lat: `images` random 40x48 images in 2 classes, 32 px crops kept, through a tiny random INVAE."""
     from PIL import Image
 
-    from srdit.data.latents import LatentStream
     from srdit.data.preprocess import preprocess
     from srdit.encoders.invae import InvaeAutoencoder, InvaeConfig, load_invae, save_invae
 
-    root, _ = dino_root
-    rng = np.random.default_rng(0)
-    for i in range(5):
+    rng = np.random.default_rng(seed)
+    for i in range(images):
         d = tmp_path / "imgs" / f"c{i % 2}"
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
     save_invae(InvaeAutoencoder(InvaeConfig(ch=8, num_res_blocks=1, norm_groups=4)), tmp_path / "vae")
-    preprocess(tmp_path / "imgs", tmp_path / "lat", load_invae(tmp_path / "vae"), resolution=32, shard_size=2,
-               keep_images=True)
+    preprocess(tmp_path / "imgs", tmp_path / "lat", load_invae(tmp_path / "vae"), resolution=32,
+               shard_size=shard_size, keep_images=True)
+
+
+def test_precompute_from_latent_folder(dino_root, tmp_path):
+
+    from srdit.data.latents import LatentStream
+
+    root, _ = dino_root
+    _latent_folder(tmp_path, images=5, shard_size=2, seed=0)
     teacher = load_teacher("dinov2_vits14", str(root))
     cache = FeatureCache(tmp_path / "feat", num_images=5, grid=2, dim=32)
     assert precompute_features(tmp_path / "lat", teacher, cache, batch_size=2) == 5
@@ -273,23 +280,13 @@ def test_kd_dinov2_extractor(dino_root):
 def test_trainer_reads_teacher_tokens_through_the_cache(dino_root, tmp_path):
     """data.teacher_cache: the first run fills the cache as images are seen and trains like the run without it
     (float16 storage); once every row is filled, a run reads no crops at all."""
-    from PIL import Image
 
     from srdit.config import (DataConfig, ModelConfig, RegConfig, RepaConfig, RunConfig, TrainConfig,
                               with_techniques)
-    from srdit.data.preprocess import preprocess
-    from srdit.encoders.invae import InvaeAutoencoder, InvaeConfig, load_invae, save_invae
     from srdit.train import LatentBatches, train
 
     root, _ = dino_root
-    rng = np.random.default_rng(1)
-    for i in range(6):
-        d = tmp_path / "imgs" / f"c{i % 2}"
-        d.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(d / f"{i}.png")
-    save_invae(InvaeAutoencoder(InvaeConfig(ch=8, num_res_blocks=1, norm_groups=4)), tmp_path / "vae")
-    preprocess(tmp_path / "imgs", tmp_path / "lat", load_invae(tmp_path / "vae"), resolution=32, shard_size=3,
-               keep_images=True)
+    _latent_folder(tmp_path, images=6, shard_size=3, seed=1)
     base = RunConfig(model=ModelConfig(size="debug", patch_size=1, in_channels=32, input_size=2, num_classes=2,
                                        repa=RepaConfig(teacher_dim=32, depth=2), reg=RegConfig(dim=32)),
                      data=DataConfig(dataset="latents", path=str(tmp_path / "lat"), teacher="dinov2_vits14",
