@@ -173,13 +173,12 @@ def evaluate(model, cfg: RunConfig, device: torch.device | str = "cpu", n: int |
 
 def _evaluate_latents(model, cfg: RunConfig, device: torch.device, n: int, sample_cfg: SampleConfig | None,
                       samples_dir: str | os.PathLike | None) -> dict[str, float]:
-    from srdit.metrics.inception import inception_features, load_inception, load_reference, metrics_from_features
+    from srdit.metrics.inception import inception_features, load_inception, metrics_from_features
     from srdit.parallel import DataParallel
     from srdit.sample_shards import collect, write_shard
 
     ev = cfg.eval
-    check_evaluation(cfg)  # fail before sampling, not after
-    ref = load_reference(ev.reference)
+    ref = check_evaluation(cfg)  # fail before sampling, not after
     net = load_inception(ev.inception_path, device)
     dp = DataParallel.current()
     if dp.active and samples_dir is None:
@@ -199,12 +198,13 @@ def _evaluate_latents(model, cfg: RunConfig, device: torch.device, n: int, sampl
     return {**{k: float(v) for k, v in out.items()}, "nfe": float(res.nfe)}
 
 
-def check_evaluation(cfg: RunConfig) -> None:
+def check_evaluation(cfg: RunConfig):
     """Raise now what a latent run's evaluation would otherwise only find after training or sampling: a missing
-    reference, Inception weights, tokenizer weights or DINOv2 files, or a reference without DINOv2 features."""
+    reference, Inception weights, tokenizer weights or DINOv2 files, or a reference without DINOv2 features.
+    Returns the loaded reference statistics (None for digits)."""
     ev = cfg.eval
     if cfg.data.dataset == "digits":
-        return
+        return None
     if not ev.reference:
         raise ValueError("evaluating a latent run needs reference statistics: set eval.reference to an .npz made by "
                          "`srdit reference` (or ADM's VIRTUAL_imagenet256_labeled.npz)")
@@ -212,7 +212,7 @@ def check_evaluation(cfg: RunConfig) -> None:
 
     from srdit.metrics.inception import load_reference, resolve_weights
 
-    load_reference(ev.reference)
+    ref = load_reference(ev.reference)
     resolve_weights(ev.inception_path)
     if not cfg.data.tokenizer or not cfg.data.tokenizer_path or not os.path.exists(cfg.data.tokenizer_path):
         raise FileNotFoundError(f"data.tokenizer_path {cfg.data.tokenizer_path!r}: the tokenizer weights that decode "
@@ -226,6 +226,7 @@ def check_evaluation(cfg: RunConfig) -> None:
             if "dinov2" not in z.files:
                 raise ValueError(f"eval.dinov2_path is set but {ev.reference} holds no DINOv2 features; rebuild it "
                                  f"with `srdit reference --dinov2 DIR` or unset eval.dinov2_path")
+    return ref
 
 
 def _kd_dinov2(images, ev, device: torch.device) -> dict[str, float]:

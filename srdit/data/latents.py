@@ -289,21 +289,19 @@ class LatentStream:
         try:
             while not self._stop.is_set():
                 idx = self._next_indices()
-                item = (self._load(idx), self.sampler.state_dict())
-                while not self._stop.is_set():
-                    try:
-                        self._queue.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                self._put((self._load(idx), self.sampler.state_dict()))
         except BaseException as e:  # surfaced by next_batch
             self._error = e
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(None, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            self._put(None)
+
+    def _put(self, item) -> None:
+        """Queue `item`, giving up when the stream is being closed (the consumer may never take it)."""
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def _to_device(self, t: Tensor | None) -> Tensor | None:
         if t is None or self.device.type == "cpu":
