@@ -12,7 +12,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from srdit.config import SRDIT_STACK, RunConfig, apply_diff, with_techniques
+from srdit.config import RunConfig, apply_diff
+from srdit.techniques import SRDIT_STACK, with_techniques
 from srdit.train import train
 
 

@@ -30,7 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from srdit.config import apply_diff, preset  # noqa: E402
+from srdit.config import apply_diff  # noqa: E402
+from srdit.techniques import preset  # noqa: E402
 from srdit.model import build_model  # noqa: E402
 from srdit.transport import interpolate, sample_times, velocity_target  # noqa: E402
 from srdit.transport.losses import loss_terms, total  # noqa: E402

@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from srdit.config import ModelConfig, RunConfig, preset, with_techniques
+from srdit.config import ModelConfig, RunConfig
+from srdit.techniques import preset, with_techniques
 from srdit.model import build_model, count_macs
 
 

@@ -23,7 +23,8 @@ def _fail(message: str) -> int:
 
 
 def cmd_train(args) -> int:
-    from srdit.config import load_run_config, to_yaml
+    from srdit.config import to_yaml
+    from srdit.techniques import load_run_config
     from srdit.train import JsonlReporter, train
 
     overrides = list(args.overrides)
@@ -155,7 +156,8 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_model_info(args) -> int:
-    from srdit.config import DataConfig, ModelConfig, RunConfig, preset, with_techniques
+    from srdit.config import DataConfig, ModelConfig, RunConfig
+    from srdit.techniques import preset, with_techniques
     from srdit.model import SIZES, build_model, count_macs
 
     techniques = [t for t in (args.techniques or "").split(",") if t]
@@ -184,11 +186,19 @@ def cmd_model_info(args) -> int:
 
 
 def cmd_techniques(args) -> int:
-    from srdit.config import TECHNIQUES
+    from srdit.techniques import TECHNIQUES
 
+    if args.json:
+        print(json.dumps([{"name": t.name, "description": t.description, "diff": dict(t.diff), "knobs": dict(t.knobs),
+                           "paper": t.paper, "code": list(t.code)} for t in TECHNIQUES.values()], indent=1))
+        return 0
     for t in TECHNIQUES.values():
-        knobs = f" knobs: {', '.join(t.knobs)}" if t.knobs else ""
-        print(f"{t.name:<20} {t.description}.{knobs}\n{'':<20} {t.paper}")
+        print(f"{t.name}: {t.description}")
+        print(f"  diff:   {', '.join(f'{k}={json.dumps(v)}' for k, v in t.diff.items())}")
+        if t.knobs:
+            print(f"  knobs:  {', '.join(f'{k} -> {v}' for k, v in t.knobs.items())}")
+        print(f"  paper:  {t.paper}")
+        print(f"  code:   {', '.join(t.code)}")
     return 0
 
 
@@ -245,7 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--json", action="store_true")
     m.set_defaults(func=cmd_model_info)
 
-    sub.add_parser("techniques", help="list the built-in techniques").set_defaults(func=cmd_techniques)
+    tq = sub.add_parser("techniques", help="list the built-in techniques: diff, knobs, paper, code")
+    tq.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    tq.set_defaults(func=cmd_techniques)
     for name, hlp in [("study", "plan | run | resume a study YAML"), ("analyze", "effects and synergy from a CSV"),
                       ("report", "render a study's dashboard"), ("ui", "start the MLflow UI on the embedded store"),
                       ("preprocess", "image folder -> center crops -> VAE latents in resumable shards"),

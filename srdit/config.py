@@ -1,9 +1,10 @@
-"""Run configuration: frozen dataclasses, strict YAML loading, and the technique registry.
+"""Run configuration: frozen dataclasses, strict YAML loading, dotted overrides, and the size and tokenizer tables.
 
 A run is fully described by a `RunConfig`. YAML is loaded strictly: an unknown key or a wrong type raises a
 `ConfigError` naming the YAML path and the allowed keys or values. Cross-field rules (`RunConfig.validate`) say
-what to change. A *technique* is a named config diff (dotted key -> value); a study cell is the base config plus
-the diffs of its enabled techniques.
+what to change. Techniques (named config diffs), the presets and the run-YAML loader build on this module in
+`srdit.techniques`; this module imports only the standard library and yaml (no torch: `srdit study plan`, the
+analysis and the CLI's argument checks read it).
 """
 
 from __future__ import annotations
@@ -22,6 +23,19 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the YAML."""
+
+
+SIZES: dict[str, tuple[int, int, int]] = {
+    "debug": (6, 64, 4),  # trains on 8x8 digits on a 2-core CPU in about a minute; head dim 16 (2-D RoPE needs 4 | d)
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+"Backbone sizes: name -> (depth, hidden width, heads). SiT/DiT sizes as in Peebles & Xie 2023, Table 1."
+
+TOKENIZER_NAMES = ("invae", "sdvae")
+"Image tokenizers a latent run can be decoded with (`data.tokenizer`; loaded by `srdit.encoders.load_tokenizer`)."
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,8 +275,6 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check cross-field rules; raise ConfigError saying what to change. Returns self."""
-        from srdit.model.sizes import SIZES  # the size registry lives with the model
-
         m = self.model
         if m.size not in SIZES:
             raise ConfigError(f"model.size: unknown size {m.size!r}; allowed: {', '.join(SIZES)}")
@@ -307,11 +319,9 @@ class RunConfig:
         if self.data.dataset == "latents" and not self.data.path:
             raise ConfigError("data.path: required when data.dataset is latents (a folder of latent shards)")
         if self.data.tokenizer is not None:
-            from srdit.encoders import TOKENIZERS
-
-            if self.data.tokenizer not in TOKENIZERS:
+            if self.data.tokenizer not in TOKENIZER_NAMES:
                 raise ConfigError(f"data.tokenizer: unknown tokenizer {self.data.tokenizer!r}; allowed: "
-                                  f"{', '.join(TOKENIZERS)} (or null)")
+                                  f"{', '.join(TOKENIZER_NAMES)} (or null)")
             if self.data.dataset != "latents":
                 raise ConfigError("data.tokenizer: only latent runs are decoded; set data.dataset latents or "
                                   "data.tokenizer null")
@@ -330,9 +340,6 @@ class RunConfig:
             raise ConfigError(f"train.label_dropout: {t.label_dropout} must be in [0, 1)")
         if not 0.0 <= t.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay: {t.ema_decay} must be in [0, 1)")
-        for name in self.techniques:
-            if name not in TECHNIQUES:
-                raise ConfigError(f"techniques: unknown technique {name!r}; allowed: {', '.join(TECHNIQUES)}")
         return self
 
     def shift_value(self) -> float:
@@ -529,164 +536,6 @@ def parse_override(text: str) -> tuple[str, Any]:
     except yaml.YAMLError:
         value = raw
     return key.strip(), value
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Techniques
-# ----------------------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Technique:
-    """A named config diff with its provenance."""
-
-    name: str
-    description: str
-    paper: str
-    diff: Mapping[str, Any]
-    knobs: Mapping[str, str] = field(default_factory=dict)
-    "Short knob name -> dotted config key, for studies that override a technique's settings."
-
-    def resolved_diff(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        diff = dict(self.diff)
-        for knob, value in (overrides or {}).items():
-            if knob not in self.knobs:
-                allowed = ", ".join(self.knobs) or "none"
-                raise ConfigError(f"technique {self.name}: unknown knob {knob!r}; allowed knobs: {allowed}")
-            diff[self.knobs[knob]] = value
-        return diff
-
-
-_SRDIT = "Speedrunning ImageNet Diffusion (SR-DiT), arXiv:2512.12386"
-
-TECHNIQUES: dict[str, Technique] = {
-    t.name: t
-    for t in [
-        Technique(
-            "sprint", "SPRINT token routing: dense/sparse/dense blocks, 75% of tokens dropped in the middle",
-            "SPRINT, Park et al. 2025, arXiv:2510.21986; " + _SRDIT, {"model.sprint.enabled": True},
-            {"drop_ratio": "model.sprint.drop_ratio", "path_drop_prob": "model.sprint.path_drop_prob",
-             "dense_in": "model.sprint.dense_in", "dense_out": "model.sprint.dense_out"},
-        ),
-        Technique("rmsnorm", "RMSNorm instead of LayerNorm in the block pre-norms and final norm",
-                  "Zhang & Sennrich 2019, arXiv:1910.07467; " + _SRDIT, {"model.norm": "rmsnorm"}),
-        Technique("rope", "2-D axial rotary position embedding on q and k (added to absolute sin-cos positions)",
-                  "EVA-02, Fang et al. 2023, arXiv:2303.11331; " + _SRDIT, {"model.rope.enabled": True},
-                  {"theta": "model.rope.theta"}),
-        Technique("qk_norm", "RMSNorm over the head dimension on queries and keys",
-                  "Dehghani et al. 2023, arXiv:2302.05442; " + _SRDIT, {"model.qk_norm": True}),
-        Technique("value_residual", "Every block mixes block 0's values with a learned lambda (init 0.5)",
-                  "Zhou et al. 2024, arXiv:2410.17897; " + _SRDIT, {"model.value_residual": True}),
-        Technique("repa", "Align an early hidden state with a frozen teacher's patch tokens (negative cosine)",
-                  "REPA, Yu et al. 2024, arXiv:2410.06940", {"model.repa.enabled": True},
-                  {"depth": "model.repa.depth", "weight": "loss.repa", "projector_dim": "model.repa.projector_dim"}),
-        Technique("reg", "Jointly denoise the teacher's class token as an extra token",
-                  "REG, Wu et al. 2025, arXiv:2507.01467", {"model.reg.enabled": True}, {"weight": "loss.reg"}),
-        Technique("cfm", "Contrastive flow matching: push predictions away from another sample's target",
-                  "Delta-FM, Stoica et al. 2025, arXiv:2506.05350; " + _SRDIT, {"loss.cfm": 0.05},
-                  {"weight": "loss.cfm"}),
-        Technique("time_shift", "Resolution-dependent time shift on training times and the sampler grid",
-                  "SD3, Esser et al. 2024, arXiv:2403.03206; " + _SRDIT, {"transport.time_shift": True},
-                  {"shift": "transport.shift"}),
-        Technique("balanced_labels", "Evaluation samples get class i mod num_classes (equal counts per class)",
-                  _SRDIT, {"sample.balanced_labels": True}),
-        Technique("logit_normal", "Logit-normal training times instead of uniform",
-                  "SD3, Esser et al. 2024, arXiv:2403.03206", {"transport.time_sampling": "logit_normal"},
-                  {"mean": "transport.logit_mean", "std": "transport.logit_std"}),
-        Technique("swiglu", "SwiGLU MLP (2/3 width to keep parameters)", "Shazeer 2020, arXiv:2002.05202; " + _SRDIT,
-                  {"model.mlp": "swiglu"}),
-        Technique("relu2", "ReLU^2 MLP", "So et al. 2021 (Primer), arXiv:2109.08668; " + _SRDIT,
-                  {"model.mlp": "relu2"}),
-        Technique("path_drop_guidance", "Guidance whose unconditional branch also drops the SPRINT sparse path",
-                  _SRDIT, {"sample.path_drop_guidance": True}),
-    ]
-}
-
-
-def technique_diff(names: list[str] | tuple[str, ...], knobs: Mapping[str, Mapping[str, Any]] | None = None,
-                   wins: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Merge the diffs of several techniques. Two techniques writing the same key with different values is an
-    error unless `wins[key]` names the technique whose value wins."""
-    merged: dict[str, Any] = {}
-    owner: dict[str, str] = {}
-    for name in names:
-        if name not in TECHNIQUES:
-            raise ConfigError(f"unknown technique {name!r}; allowed: {', '.join(TECHNIQUES)}")
-        for key, value in TECHNIQUES[name].resolved_diff((knobs or {}).get(name)).items():
-            if key in merged and merged[key] != value:
-                winner = (wins or {}).get(key)
-                if winner not in (owner[key], name):
-                    raise ConfigError(
-                        f"techniques {owner[key]} and {name} both set {key} ({merged[key]!r} vs {value!r}); "
-                        f"exclude the pair or say which wins"
-                    )
-                if winner == owner[key]:
-                    continue
-            merged[key] = value
-            owner[key] = name
-    return merged
-
-
-def with_techniques(base: RunConfig, names: list[str] | tuple[str, ...],
-                    knobs: Mapping[str, Mapping[str, Any]] | None = None) -> RunConfig:
-    """`base` plus the diffs of `names`, validated."""
-    cfg = apply_diff(base, technique_diff(names, knobs))
-    return dataclasses.replace(cfg, techniques=tuple(base.techniques) + tuple(names)).validate()
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Presets
-# ----------------------------------------------------------------------------------------------------------------
-
-SRDIT_STACK = ("repa", "reg", "sprint", "rmsnorm", "rope", "qk_norm", "value_residual", "cfm", "time_shift",
-               "balanced_labels")
-
-
-def preset(name: str) -> RunConfig:
-    """Named, validated run configs: `digits` (the embedded default) and `SR-DiT-B/1` (the paper's recipe)."""
-    if name == "digits":
-        return RunConfig().validate()
-    if name == "SR-DiT-B/1":
-        base = RunConfig(
-            model=ModelConfig(size="B", patch_size=1, in_channels=32, input_size=16, num_classes=1000,
-                              repa=RepaConfig(projector_dim=2048, teacher_dim=768), reg=RegConfig(dim=768)),
-            data=DataConfig(dataset="latents", path="data/imagenet256_invae", teacher="dinov2_vitb14"),
-            train=TrainConfig(steps=400_000, batch_size=256, lr=1e-4, ema_decay=0.9999, log_every=100,
-                              eval_every=50_000, ckpt_every=10_000),
-            sample=SampleConfig(sampler="sde", steps=250),
-            eval=EvalConfig(n_samples=50_000, batch_size=64),
-        )
-        return with_techniques(base, SRDIT_STACK)
-    raise ConfigError(f"unknown preset {name!r}; allowed: digits, SR-DiT-B/1")
-
-
-def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Load a run YAML (or the digits default), apply `techniques:` and key=value overrides, validate.
-
-    A run YAML may name `preset: SR-DiT-B/1` and list `techniques: [...]`; both resolve before overrides."""
-    data = read_yaml(path) if path is not None else {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    data = dict(data)
-    base = preset(data.pop("preset", "digits"))
-    techniques = data.pop("techniques", [])
-    if not isinstance(techniques, list):
-        raise ConfigError(f"techniques: expected a list of names; allowed: {', '.join(TECHNIQUES)}")
-    tree = to_dict(base)
-    for section, value in data.items():
-        if section not in tree:
-            raise ConfigError(f"{section}: unknown key; allowed keys: preset, {', '.join(tree)}")
-        if isinstance(value, dict) and isinstance(tree[section], dict):
-            for k, v in flatten_dict(value, section).items():
-                nested_update(tree, k, v)
-        else:
-            tree[section] = value
-    cfg = from_dict(RunConfig, tree)
-    cfg = with_techniques(cfg, techniques) if techniques else cfg
-    diff = dict(parse_override(o) for o in overrides or [])
-    if diff:
-        cfg = apply_diff(cfg, diff)
-    return cfg.validate()
 
 
 def flatten_dict(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -3,10 +3,8 @@
 import pytest
 import yaml
 
-from srdit.config import (
-    ConfigError, RunConfig, TECHNIQUES, from_dict, load_run_config, preset, technique_diff, to_dict, to_yaml,
-    with_techniques,
-)
+from srdit.config import ConfigError, RunConfig, from_dict, to_dict, to_yaml
+from srdit.techniques import TECHNIQUES, load_run_config, preset, technique_diff, with_techniques
 
 
 def write(tmp_path, text):

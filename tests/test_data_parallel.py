@@ -14,7 +14,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from srdit.config import RunConfig, apply_diff, with_techniques
+from srdit.config import RunConfig, apply_diff
+from srdit.techniques import with_techniques
 from srdit.parallel import DataParallel
 from srdit.train import JsonlReporter, load_checkpoint, train
 

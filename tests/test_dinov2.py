@@ -281,8 +281,8 @@ def test_trainer_reads_teacher_tokens_through_the_cache(dino_root, tmp_path):
     """data.teacher_cache: the first run fills the cache as images are seen and trains like the run without it
     (float16 storage); once every row is filled, a run reads no crops at all."""
 
-    from srdit.config import (DataConfig, ModelConfig, RegConfig, RepaConfig, RunConfig, TrainConfig,
-                              with_techniques)
+    from srdit.config import DataConfig, ModelConfig, RegConfig, RepaConfig, RunConfig, TrainConfig
+    from srdit.techniques import with_techniques
     from srdit.train import LatentBatches, train
 
     root, _ = dino_root

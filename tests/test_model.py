@@ -7,7 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from srdit.config import ModelConfig, RepaConfig, RegConfig, RopeConfig, SprintConfig, TECHNIQUES, preset
+from srdit.config import ModelConfig, RepaConfig, RegConfig, RopeConfig, SprintConfig
+from srdit.techniques import TECHNIQUES, preset
 from srdit.model import build_model, count_macs
 from srdit.model.layers import Rope2d, apply_rope
 
@@ -143,7 +144,8 @@ def test_forward_shapes_for_every_technique():
     for name, tech in TECHNIQUES.items():
         if not any(k.startswith("model.") for k in tech.diff):
             continue
-        from srdit.config import RunConfig, with_techniques
+        from srdit.config import RunConfig
+        from srdit.techniques import with_techniques
         cfg = with_techniques(RunConfig(), [name]).model
         model = randomize(build_model(cfg)).train()
         x, t, y, cls = inputs(cfg)

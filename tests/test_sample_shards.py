@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from srdit.config import ConfigError, DataConfig, ModelConfig, RunConfig, apply_diff, load_run_config, with_techniques
+from srdit.config import ConfigError, DataConfig, ModelConfig, RunConfig, apply_diff
+from srdit.techniques import load_run_config, with_techniques
 from srdit.data.digits import balanced_labels, random_labels
 from srdit.generate import batch_slice, generate, shard_batches, to_images
 from srdit.imaging import to_uint8

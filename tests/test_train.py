@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from srdit.config import RunConfig, apply_diff, with_techniques
+from srdit.config import RunConfig, apply_diff
+from srdit.techniques import with_techniques
 from srdit.train import load_checkpoint, train
 
 TINY = {"train.steps": 20, "train.log_every": 1, "train.ckpt_every": 10, "train.threads": 1,

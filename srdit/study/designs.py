@@ -8,7 +8,6 @@ promises more than it delivers is caught.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -18,8 +17,9 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from srdit.config import ConfigError, RunConfig, apply_diff, to_dict
-from srdit.study.spec import StudySpec
+from srdit.config import ConfigError, RunConfig, to_dict
+from srdit.study.spec import StudySpec, win_pairs
+from srdit.techniques import with_techniques
 
 # Cost-estimate assumptions for `srdit study plan` (measured on the 2-core CI box, debug model, 1 thread per trial).
 ASSUMED_STEPS_PER_S = 7.0
@@ -256,40 +256,12 @@ def violated(spec: StudySpec, on: Sequence[str]) -> str | None:
     return None
 
 
-def merged_diff(spec: StudySpec, on: Sequence[str], knobs: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Merge the diffs of the techniques in `on`; shared keys with different values take the `wins` technique's."""
-    wins = {(c.a, o) for c in spec.constraints if c.kind == "wins" for o in c.others}
-    writers: dict[str, list[str]] = {}
-    for n in on:
-        for key in spec.factor(n).diff:
-            writers.setdefault(key, []).append(n)
-    out: dict[str, Any] = {}
-    for key, ns in writers.items():
-        values = {json.dumps(spec.factor(n).diff[key], sort_keys=True, default=str) for n in ns}
-        if len(values) == 1:
-            out[key] = spec.factor(ns[0]).diff[key]
-            continue
-        winners = [a for a in ns if all((a, b) in wins or spec.factor(b).diff[key] == spec.factor(a).diff[key]
-                                        for b in ns if b != a)]
-        if not winners:
-            raise ConfigError(f"techniques {' and '.join(ns)} all set {key}; add an excludes or wins constraint")
-        out[key] = spec.factor(winners[0]).diff[key]
-    for key, value in (knobs or {}).items():  # searched knobs: <technique>.<knob> only when on, else a config key
-        head, _, rest = key.partition(".")
-        if head in spec.factor_names:
-            if head in on:
-                from srdit.config import TECHNIQUES
-                out[TECHNIQUES[head].knobs[rest]] = value
-        else:
-            out[key] = value
-    return out
-
-
 def resolve_config(spec: StudySpec, on: Sequence[str], seed: int, knobs: dict[str, Any] | None = None) -> RunConfig:
-    """base + the diffs of `on` (+ searched knobs) with train.seed = seed, validated. Raises ConfigError."""
-    cfg = apply_diff(spec.base, {**merged_diff(spec, on, knobs), "train.seed": seed})
-    builtin = tuple(n for n in on if spec.factor(n).builtin)
-    return dataclasses.replace(cfg, techniques=tuple(spec.base.techniques) + builtin).validate()
+    """base + the merged diffs of `on` (srdit.techniques.merge_diffs: shared keys take the `wins` technique's value;
+    searched `knobs` apply to techniques that are on) with train.seed = seed, validated. Raises ConfigError."""
+    return with_techniques(spec.base, [spec.factor(n).technique for n in on], wins=win_pairs(spec.constraints),
+                           searched=knobs, off=[n for n in spec.factor_names if n not in on],
+                           extra={"train.seed": seed})
 
 
 def trial_key(cell: str, seed: int, config: dict) -> str:

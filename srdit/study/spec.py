@@ -30,8 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from srdit.config import (TECHNIQUES, ConfigError, RunConfig, apply_diff, flatten_dict, from_dict, nested_update,
-                          preset, read_yaml, to_dict)
+from srdit.config import ConfigError, RunConfig, apply_diff, read_yaml
+from srdit.metric_registry import METRICS, analysable, direction as metric_direction
+from srdit.techniques import TECHNIQUES, Technique, custom_technique, merge_diffs, run_config_from_dict
 
 # The schema. Tests freeze these tuples so that the study format changes only on purpose.
 STUDY_KEYS = ("name", "description", "base", "techniques", "design", "seeds", "constraints", "metrics", "resources",
@@ -51,14 +52,16 @@ RESOURCES_KEYS = ("cpus", "gpus", "workers", "max_concurrent")
 TRACKING_KEYS = ("uri", "experiment", "artifact_location")
 SPACE_KEYS = ("low", "high", "log", "type", "choices")
 DIRECTIONS = ("min", "max")
-# What the trainer reports (train.py): training metrics every log_every steps, evaluation metrics at eval steps.
-METRIC_DIRECTIONS = {
-    "fd": "min", "kd": "min", "kd_std": "min", "precision": "max", "recall": "max", "loss": "min", "loss/fm": "min",
-    "loss/repa": "min", "loss/reg": "min", "loss/cfm": "min", "grad_norm": "min", "steps_per_s": "max",
-    "images_per_s": "max",
-    # latent runs (ImageNet): srdit.metrics.inception and KD_DINOv2
-    "fid": "min", "sfid": "min", "inception_score": "max", "kd_dinov2": "min",
-}
+
+def _listing_order(name: str) -> int:
+    """Evaluation metrics first (the usual primary metric), then training metrics, then the trial's own."""
+    producers = set(METRICS[name].producers)
+    return 0 if producers & {"digits", "latents"} else 1 if "train" in producers else 2
+
+
+METRIC_DIRECTIONS = {n: metric_direction(n) for n in sorted(analysable(), key=_listing_order)}
+"""The metrics a study may name (`metrics.primary`, `others`, search objectives) and their default directions, from
+srdit.metric_registry."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _ROMAN = {"III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8}
 
@@ -71,10 +74,17 @@ class Factor:
     diff: Mapping[str, Any]
     "Dotted config key -> value."
     builtin: bool
-    "A technique of srdit.config.TECHNIQUES (recorded in RunConfig.techniques) or a custom diff."
+    "A technique of srdit.techniques.TECHNIQUES (recorded in RunConfig.techniques) or a custom diff."
     knobs: Mapping[str, Any] = field(default_factory=dict)
     "Knob overrides of a built-in technique (short knob name -> value)."
     description: str = ""
+
+    @property
+    def technique(self) -> Technique:
+        """The registry entry with the study's knob overrides in its diff, or the custom diff as a Technique."""
+        if self.builtin:
+            return dataclasses.replace(TECHNIQUES[self.name], diff=dict(self.diff))
+        return custom_technique(self.name, self.diff, self.description)
 
 
 @dataclass(frozen=True)
@@ -250,37 +260,7 @@ def parse_base(value: Any, where: str = "base", relative_to: Path | None = None)
             raise ConfigError(f"{where}: {p} must hold a mapping (a run config)")
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}: expected a mapping (a run config) or the path of a run YAML, got {value!r}")
-    data = dict(value)
-    name = data.pop("preset", "digits")
-    if not isinstance(name, str):
-        raise ConfigError(f"{where}.preset: expected a string; allowed: digits, SR-DiT-B/1")
-    try:
-        cfg = preset(name)
-    except ConfigError as e:
-        raise ConfigError(f"{where}.preset: {e}") from None
-    techniques = data.pop("techniques", [])
-    if not isinstance(techniques, list) or not all(isinstance(t, str) for t in techniques):
-        raise ConfigError(f"{where}.techniques: expected a list of names; allowed: {', '.join(TECHNIQUES)}")
-    tree = to_dict(cfg)
-    for section, sub in data.items():
-        if section not in tree:
-            raise ConfigError(f"{where}.{section}: unknown key; allowed keys in {where}: preset, techniques, "
-                              f"{', '.join(tree)}")
-        if isinstance(sub, Mapping) and isinstance(tree[section], dict):
-            for k, v in flatten_dict(sub, section).items():
-                nested_update(tree, k, v)
-        else:
-            tree[section] = sub
-    try:
-        cfg = from_dict(RunConfig, tree)
-        if techniques:
-            from srdit.config import with_techniques
-            cfg = with_techniques(cfg, techniques)
-        cfg = cfg.validate()
-    except ConfigError as e:
-        sep = "." if re.match(r"^[a-z_]+[.:]", str(e)) else ": "
-        raise ConfigError(f"{where}{sep}{e}") from None
-    return cfg, dict(value)
+    return run_config_from_dict(value, where), dict(value)
 
 
 def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
@@ -315,12 +295,12 @@ def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
             if not isinstance(diff, Mapping) or not diff:
                 raise ConfigError(f"{w}.diff: expected a non-empty mapping of dotted config keys to values "
                                   f"(e.g. train.lr: 3e-3), got {diff!r}")
-            diff = flatten_dict(diff)
+            tech = custom_technique(name, diff, _str(custom.get("description", ""), f"{w}.description"))
             try:
-                apply_diff(base, diff)
+                apply_diff(base, tech.diff)
             except ConfigError as e:
                 raise ConfigError(f"{w}.diff: {e}") from None
-            factors.append(Factor(name, diff, False, {}, _str(custom.get("description", ""), f"{w}.description")))
+            factors.append(Factor(name, tech.diff, False, {}, tech.description))
             continue
         if name not in TECHNIQUES:
             raise ConfigError(f"{w}: unknown technique {name!r}; allowed: {', '.join(TECHNIQUES)} "
@@ -328,10 +308,10 @@ def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
         if name in base.techniques:
             raise ConfigError(f"{w}: {name} is already on in base.techniques; remove it from one of the two")
         try:
-            diff = TECHNIQUES[name].resolved_diff(knobs)
+            tech = TECHNIQUES[name].with_knobs(knobs)
         except ConfigError as e:
             raise ConfigError(f"{w}: {e}") from None
-        factors.append(Factor(name, diff, True, dict(knobs), TECHNIQUES[name].description))
+        factors.append(Factor(name, dict(tech.diff), True, dict(knobs), tech.description))
     names = [f.name for f in factors]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
@@ -498,19 +478,19 @@ def check_constraints(constraints) -> None:
             raise ConfigError(f"constraints: conflicting constraints: {a} wins over {b} and {b} wins over {a}")
 
 
+def win_pairs(constraints) -> set[tuple[str, str]]:
+    """(winner, loser) pairs of the `wins` constraints."""
+    return {(c.a, o) for c in constraints if c.kind == "wins" for o in c.others}
+
+
 def check_shared_keys(factors: tuple[Factor, ...], constraints: tuple[Constraint, ...]) -> None:
-    """Two techniques writing the same key with different values must be excluded from each other or have a winner."""
-    excl = excluded_pairs(constraints)
-    wins = {frozenset((c.a, o)) for c in constraints if c.kind == "wins" for o in c.others}
+    """Every pair of techniques that may be on together must merge (srdit.techniques.merge_diffs): two techniques
+    writing the same key with different values must be excluded from each other or have a winner."""
+    excl, wins = excluded_pairs(constraints), win_pairs(constraints)
     for i, f in enumerate(factors):
         for g in factors[i + 1:]:
-            shared = [k for k in f.diff if k in g.diff and f.diff[k] != g.diff[k]]
-            pair = frozenset((f.name, g.name))
-            if shared and pair not in excl and pair not in wins:
-                raise ConfigError(
-                    f"techniques: {f.name} and {g.name} both set {shared[0]} ({f.diff[shared[0]]!r} vs "
-                    f"{g.diff[shared[0]]!r}); add a constraint `excludes: [{f.name}, {g.name}]` or "
-                    f"`{{wins: {f.name}, over: {g.name}}}`")
+            if frozenset((f.name, g.name)) not in excl:
+                merge_diffs([f.technique, g.technique], wins=wins)
 
 
 def parse_metrics(value: Any) -> Metrics:
@@ -647,8 +627,8 @@ def _check_space(spec: StudySpec) -> None:
         head, _, rest = p.key.partition(".")
         if head in names:
             f = spec.factor(head)
-            if not f.builtin or rest not in TECHNIQUES[head].knobs:
-                allowed = ", ".join(TECHNIQUES[head].knobs) if f.builtin else "none (custom diff)"
+            if rest not in f.technique.knobs:
+                allowed = ", ".join(f.technique.knobs) if f.builtin else "none (custom diff)"
                 raise ConfigError(f"design.space.{p.key}: {rest!r} is not a knob of {head}; allowed knobs: {allowed}")
             continue
         probe = p.choices[0] if p.type == "choice" else (int(p.low) if p.type == "int" else p.low)

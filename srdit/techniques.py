@@ -1,0 +1,282 @@
+"""Techniques: the registry of named config diffs, the one rule that merges them, and the run configs built from
+them (the presets and the run-YAML loader).
+
+A *technique* is a named config diff (dotted key -> value) with its paper, its knobs (short name -> dotted key) and
+the modules that implement it. A run, or a study cell, is `base + the merged diffs of its enabled techniques`
+(`merge_diffs`, the only merge rule in srdit): two techniques writing the same key with different values is an
+error naming both, the key and both values, unless a `wins` rule says which one wins.
+
+Layering: this module imports `srdit.config` (the schema and its strict loading) and nothing heavier; `srdit.config`
+never imports it. That is why the presets and `load_run_config`, which need techniques, live here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from srdit.config import (ConfigError, DataConfig, EvalConfig, ModelConfig, RegConfig, RepaConfig, RunConfig,
+                          SampleConfig, TrainConfig, apply_diff, flatten_dict, from_dict, nested_update, parse_override,
+                          read_yaml, to_dict)
+
+
+@dataclass(frozen=True)
+class Technique:
+    """A named config diff with its provenance. Study-defined techniques (`{name: x, diff: {...}}`) are Techniques
+    too, with no paper, knobs or code."""
+
+    name: str
+    description: str
+    paper: str
+    diff: Mapping[str, Any]
+    "Dotted config key -> value, applied when the technique is on."
+    knobs: Mapping[str, str] = field(default_factory=dict)
+    "Short knob name -> dotted config key, for studies that override a technique's settings."
+    code: tuple[str, ...] = ()
+    "Modules that implement it (importable names), where to read or change it."
+
+    @property
+    def builtin(self) -> bool:
+        """A registry technique (recorded in RunConfig.techniques), not a study's custom diff."""
+        return self.name in TECHNIQUES
+
+    def knob_key(self, knob: str) -> str:
+        """The dotted config key of a knob; ConfigError listing the allowed knobs when unknown."""
+        if knob not in self.knobs:
+            allowed = ", ".join(self.knobs) or "none"
+            raise ConfigError(f"technique {self.name}: unknown knob {knob!r}; allowed knobs: {allowed}")
+        return self.knobs[knob]
+
+    def resolved_diff(self, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """The diff with knob overrides (short knob name -> value) written over it."""
+        diff = dict(self.diff)
+        for knob, value in (overrides or {}).items():
+            diff[self.knob_key(knob)] = value
+        return diff
+
+    def with_knobs(self, overrides: Mapping[str, Any] | None = None) -> "Technique":
+        """This technique with knob overrides folded into its diff."""
+        return dataclasses.replace(self, diff=self.resolved_diff(overrides)) if overrides else self
+
+
+def custom_technique(name: str, diff: Mapping[str, Any], description: str = "") -> Technique:
+    """A study's own technique: a named diff (nested mappings are flattened to dotted keys)."""
+    return Technique(name, description, "", flatten_dict(diff))
+
+
+_SRDIT = "Speedrunning ImageNet Diffusion (SR-DiT), arXiv:2512.12386"
+
+TECHNIQUES: dict[str, Technique] = {
+    t.name: t
+    for t in [
+        Technique(
+            "sprint", "SPRINT token routing: dense/sparse/dense blocks, 75% of tokens dropped in the middle",
+            "SPRINT, Park et al. 2025, arXiv:2510.21986; " + _SRDIT, {"model.sprint.enabled": True},
+            {"drop_ratio": "model.sprint.drop_ratio", "path_drop_prob": "model.sprint.path_drop_prob",
+             "dense_in": "model.sprint.dense_in", "dense_out": "model.sprint.dense_out"},
+            code=("srdit.model.routing", "srdit.model.sit"),
+        ),
+        Technique("rmsnorm", "RMSNorm instead of LayerNorm in the block pre-norms and final norm",
+                  "Zhang & Sennrich 2019, arXiv:1910.07467; " + _SRDIT, {"model.norm": "rmsnorm"},
+                  code=("srdit.model.layers", "srdit.model.sit")),
+        Technique("rope", "2-D axial rotary position embedding on q and k (added to absolute sin-cos positions)",
+                  "EVA-02, Fang et al. 2023, arXiv:2303.11331; " + _SRDIT, {"model.rope.enabled": True},
+                  {"theta": "model.rope.theta"},
+                  code=("srdit.model.layers", "srdit.model.attention", "srdit.model.sit")),
+        Technique("qk_norm", "RMSNorm over the head dimension on queries and keys",
+                  "Dehghani et al. 2023, arXiv:2302.05442; " + _SRDIT, {"model.qk_norm": True},
+                  code=("srdit.model.attention",)),
+        Technique("value_residual", "Every block mixes block 0's values with a learned lambda (init 0.5)",
+                  "Zhou et al. 2024, arXiv:2410.17897; " + _SRDIT, {"model.value_residual": True},
+                  code=("srdit.model.attention", "srdit.model.sit")),
+        Technique("repa", "Align an early hidden state with a frozen teacher's patch tokens (negative cosine)",
+                  "REPA, Yu et al. 2024, arXiv:2410.06940", {"model.repa.enabled": True},
+                  {"depth": "model.repa.depth", "weight": "loss.repa", "projector_dim": "model.repa.projector_dim"},
+                  code=("srdit.model.alignment", "srdit.model.sit", "srdit.transport.objective",
+                        "srdit.transport.losses")),
+        Technique("reg", "Jointly denoise the teacher's class token as an extra token",
+                  "REG, Wu et al. 2025, arXiv:2507.01467", {"model.reg.enabled": True}, {"weight": "loss.reg"},
+                  code=("srdit.model.alignment", "srdit.model.sit", "srdit.transport.objective",
+                        "srdit.transport.losses", "srdit.transport.samplers", "srdit.generate")),
+        Technique("cfm", "Contrastive flow matching: push predictions away from another sample's target",
+                  "Delta-FM, Stoica et al. 2025, arXiv:2506.05350; " + _SRDIT, {"loss.cfm": 0.05},
+                  {"weight": "loss.cfm"}, code=("srdit.transport.objective", "srdit.transport.losses")),
+        Technique("time_shift", "Resolution-dependent time shift on training times and the sampler grid",
+                  "SD3, Esser et al. 2024, arXiv:2403.03206; " + _SRDIT, {"transport.time_shift": True},
+                  {"shift": "transport.shift"},
+                  code=("srdit.transport.timesteps", "srdit.transport.samplers", "srdit.config")),
+        Technique("balanced_labels", "Evaluation samples get class i mod num_classes (equal counts per class)",
+                  _SRDIT, {"sample.balanced_labels": True}, code=("srdit.generate", "srdit.data.digits")),
+        Technique("logit_normal", "Logit-normal training times instead of uniform",
+                  "SD3, Esser et al. 2024, arXiv:2403.03206", {"transport.time_sampling": "logit_normal"},
+                  {"mean": "transport.logit_mean", "std": "transport.logit_std"},
+                  code=("srdit.transport.timesteps",)),
+        Technique("swiglu", "SwiGLU MLP (2/3 width to keep parameters)", "Shazeer 2020, arXiv:2002.05202; " + _SRDIT,
+                  {"model.mlp": "swiglu"}, code=("srdit.model.layers",)),
+        Technique("relu2", "ReLU^2 MLP", "So et al. 2021 (Primer), arXiv:2109.08668; " + _SRDIT,
+                  {"model.mlp": "relu2"}, code=("srdit.model.layers",)),
+        Technique("path_drop_guidance", "Guidance whose unconditional branch also drops the SPRINT sparse path",
+                  _SRDIT, {"sample.path_drop_guidance": True},
+                  code=("srdit.transport.samplers", "srdit.model.routing", "srdit.generate")),
+    ]
+}
+
+SRDIT_STACK = ("repa", "reg", "sprint", "rmsnorm", "rope", "qk_norm", "value_residual", "cfm", "time_shift",
+               "balanced_labels")
+"The SR-DiT recipe's techniques (the `SR-DiT-B/1` preset)."
+
+
+def technique(name: str) -> Technique:
+    """The registry entry of `name`; ConfigError listing the allowed names when unknown."""
+    if not isinstance(name, str) or name not in TECHNIQUES:
+        raise ConfigError(f"unknown technique {name!r}; allowed: {', '.join(TECHNIQUES)}")
+    return TECHNIQUES[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The merge
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def merge_diffs(techniques: Sequence[Technique | str], knobs: Mapping[str, Mapping[str, Any]] | None = None,
+                wins: Iterable[tuple[str, str]] = (), searched: Mapping[str, Any] | None = None,
+                off: Iterable[str] = ()) -> dict[str, Any]:
+    """The one merge rule: the diffs of the enabled `techniques` (entries or registry names) as one dotted-key diff.
+
+    - `knobs` ({technique: {knob: value}}) writes knob overrides into a technique's diff before merging.
+    - A key written by several techniques takes the value of the one that agrees with or wins over every other
+      writer, `wins` holding (winner, loser) pairs; when none does, ConfigError names two techniques that disagree
+      with no rule between them, the key and both values.
+    - `searched` ({key: value}, a search design's knobs) is written over the merge: `<technique>.<knob>` applies when
+      the technique is enabled and is dropped when it is in `off` (a technique of the study switched off); any
+      other key is a dotted config key.
+    """
+    entries = [technique(t) if isinstance(t, str) else t for t in techniques]
+    by_name = {t.name: t for t in entries}
+    win = set(wins)
+    writers: dict[str, list[tuple[str, Any]]] = {}
+    for t in entries:
+        for key, value in t.resolved_diff((knobs or {}).get(t.name)).items():
+            writers.setdefault(key, []).append((t.name, value))
+    out: dict[str, Any] = {}
+    for key, ws in writers.items():
+        out[key] = _merged_value(key, ws, win)
+    off = set(off)
+    for key, value in (searched or {}).items():
+        head, _, rest = key.partition(".")
+        if head in by_name:
+            out[by_name[head].knob_key(rest)] = value
+        elif head not in off:
+            out[key] = value
+    return out
+
+
+def _merged_value(key: str, writers: list[tuple[str, Any]], wins: set[tuple[str, str]]) -> Any:
+    for a, va in writers:
+        if all(vb == va or (a, b) in wins for b, vb in writers if b != a):
+            return va
+    clashes = [(a, va, b, vb) for i, (a, va) in enumerate(writers) for b, vb in writers[i + 1:] if va != vb]
+    a, va, b, vb = next((c for c in clashes if (c[0], c[2]) not in wins and (c[2], c[0]) not in wins), clashes[0])
+    raise ConfigError(f"techniques {a} and {b} both set {key} ({va!r} vs {vb!r}); they cannot be on together "
+                      f"unless one wins: in a study add `{{wins: {a}, over: {b}}}` or `excludes: [{a}, {b}]`")
+
+
+def technique_diff(names: Sequence[str], knobs: Mapping[str, Mapping[str, Any]] | None = None,
+                   wins: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """`merge_diffs` of registry techniques, with `wins` given as config key -> winning technique."""
+    pairs = {(w, n) for w in (wins or {}).values() for n in names if n != w}
+    return merge_diffs(list(names), knobs, pairs)
+
+
+def with_techniques(base: RunConfig, techniques: Sequence[Technique | str],
+                    knobs: Mapping[str, Mapping[str, Any]] | None = None, *, wins: Iterable[tuple[str, str]] = (),
+                    searched: Mapping[str, Any] | None = None, off: Iterable[str] = (),
+                    extra: Mapping[str, Any] | None = None) -> RunConfig:
+    """`base` plus the merged diffs of `techniques` (see `merge_diffs`) and then `extra` (dotted keys), validated.
+    Registry techniques are appended to `RunConfig.techniques`; a study's custom diffs are not."""
+    diff = {**merge_diffs(techniques, knobs, wins, searched, off), **(extra or {})}
+    names = tuple(t if isinstance(t, str) else t.name for t in techniques)
+    recorded = tuple(n for n, t in zip(names, techniques) if isinstance(t, str) or t.builtin)
+    return dataclasses.replace(apply_diff(base, diff), techniques=tuple(base.techniques) + recorded).validate()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets and the run-config loader
+# ----------------------------------------------------------------------------------------------------------------
+
+PRESETS = ("digits", "SR-DiT-B/1")
+
+
+def preset(name: str) -> RunConfig:
+    """Named, validated run configs: `digits` (the embedded default) and `SR-DiT-B/1` (the paper's recipe)."""
+    if name == "digits":
+        return RunConfig().validate()
+    if name == "SR-DiT-B/1":
+        base = RunConfig(
+            model=ModelConfig(size="B", patch_size=1, in_channels=32, input_size=16, num_classes=1000,
+                              repa=RepaConfig(projector_dim=2048, teacher_dim=768), reg=RegConfig(dim=768)),
+            data=DataConfig(dataset="latents", path="data/imagenet256_invae", teacher="dinov2_vitb14"),
+            train=TrainConfig(steps=400_000, batch_size=256, lr=1e-4, ema_decay=0.9999, log_every=100,
+                              eval_every=50_000, ckpt_every=10_000),
+            sample=SampleConfig(sampler="sde", steps=250),
+            eval=EvalConfig(n_samples=50_000, batch_size=64),
+        )
+        return with_techniques(base, SRDIT_STACK)
+    raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
+
+
+def run_config_from_dict(data: Mapping[str, Any], where: str = "", validate: bool = True) -> RunConfig:
+    """A run config from the mapping of a run YAML (or a study's `base:`): `preset` (default digits), `techniques`
+    (registry names), then sections (model, train, ...) written key by key over the preset. `where` is the YAML
+    path of the mapping and prefixes every error (`base.train.steps: ...`)."""
+
+    def at(key: str) -> str:
+        return f"{where}.{key}" if where else key
+
+    data = dict(data)
+    name = data.pop("preset", "digits")
+    if not isinstance(name, str):
+        raise ConfigError(f"{at('preset')}: expected a string; allowed: {', '.join(PRESETS)}")
+    try:
+        cfg = preset(name)
+    except ConfigError as e:
+        raise ConfigError(f"{at('preset')}: {e}") from None
+    techniques = data.pop("techniques", [])
+    if not isinstance(techniques, list) or not all(isinstance(t, str) for t in techniques):
+        raise ConfigError(f"{at('techniques')}: expected a list of names; allowed: {', '.join(TECHNIQUES)}")
+    tree = to_dict(cfg)
+    for section, sub in data.items():
+        if section not in tree:
+            raise ConfigError(f"{at(section)}: unknown key; allowed keys{' in ' + where if where else ''}: preset, "
+                              f"techniques, {', '.join(tree)}")
+        if isinstance(sub, Mapping) and isinstance(tree[section], dict):
+            for k, v in flatten_dict(sub, section).items():
+                nested_update(tree, k, v)
+        else:
+            tree[section] = sub
+    try:
+        cfg = from_dict(RunConfig, tree)
+        if techniques:
+            cfg = with_techniques(cfg, techniques)
+        return cfg.validate() if validate else cfg
+    except ConfigError as e:
+        if not where:
+            raise
+        sep = "." if re.match(r"^[a-z_]+[.:]", str(e)) else ": "
+        raise ConfigError(f"{where}{sep}{e}") from None
+
+
+def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run YAML (or the digits default), apply its `preset` and `techniques`, then key=value overrides;
+    validate."""
+    data = read_yaml(path) if path is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    cfg = run_config_from_dict(data, validate=False)
+    diff = dict(parse_override(o) for o in overrides or [])
+    if diff:
+        cfg = apply_diff(cfg, diff)
+    return cfg.validate()
