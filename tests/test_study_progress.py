@@ -37,7 +37,8 @@ def test_digits_progress_line_shows_fd_loss_and_throughput():
 
 def test_primary_metric_leads_and_missing_metrics_are_left_out():
     r = {"status": "crashed", "reason": "ValueError: x", "images_per_s": 5.0, "fd": float("nan"), "cached": 1}
-    assert progress_line(3, 3, "k", r, "images_per_s") == "[3/3] k: crashed (ValueError: x)  images_per_s 5  fd nan  0 s"
+    line = progress_line(3, 3, "k", r, "images_per_s")
+    assert line == "[3/3] k: crashed (ValueError: x)  images_per_s 5  fd nan  0 s"
     assert progress_line(1, 2, "k", {"status": "finished"}, "fid") == "[1/2] k: finished    0 s"
 
 
