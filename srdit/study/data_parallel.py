@@ -12,8 +12,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from srdit.cache import write_atomic
+
+if TYPE_CHECKING:
+    from srdit.study.trial import TrialContext
 
 
 OUTCOME = "trial_outcome.json"
@@ -45,8 +49,8 @@ def _worker_loop(loop: dict) -> None:
         write_atomic(Path(loop["out_dir"]) / OUTCOME, lambda f: f.write(text.encode()))
 
 
-def train_data_parallel(config: dict, out_dir: str | Path, run_id: str, ctx: dict, max_failures: int):
-    """Run `config` on ctx["workers"] workers; returns (status, reason, step, final metrics, keys already logged at
+def train_data_parallel(config: dict, out_dir: str | Path, run_id: str, ctx: TrialContext, max_failures: int):
+    """Run `config` on ctx.workers workers; returns (status, reason, step, final metrics, keys already logged at
     the last step). Raises when the group fails beyond its retries (the caller records the trial as crashed)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -55,15 +59,15 @@ def train_data_parallel(config: dict, out_dir: str | Path, run_id: str, ctx: dic
     from srdit.generate import check_evaluation
     from srdit.parallel import DataParallel
 
-    workers, gpus = int(ctx["workers"]), float(ctx["gpus"])
+    workers, gpus = int(ctx.workers), float(ctx.gpus)
     # Errors every attempt would hit are raised here, so that Ray Train does not retry them.
     cfg = from_dict(RunConfig, config).validate()
     DataParallel(0, workers).local_batch(cfg.train.batch_size)
     if cfg.data.dataset != "digits" and cfg.eval.reference:
         check_evaluation(cfg)
-    per_worker = {"CPU": ctx["cpus"], **({"GPU": gpus / workers} if gpus else {})}
-    loop = {"config": config, "out_dir": str(out_dir), "uri": ctx["uri"], "run_id": run_id, "gpus": gpus,
-            "workers": workers, "threads": max(1, int(math.floor(ctx["cpus"])))}
+    per_worker = {"CPU": ctx.cpus, **({"GPU": gpus / workers} if gpus else {})}
+    loop = {"config": config, "out_dir": str(out_dir), "uri": ctx.uri, "run_id": run_id, "gpus": gpus,
+            "workers": workers, "threads": max(1, int(math.floor(ctx.cpus)))}
     outcome = Path(out_dir) / OUTCOME
     outcome.unlink(missing_ok=True)
     trainer = TorchTrainer(
@@ -71,7 +75,7 @@ def train_data_parallel(config: dict, out_dir: str | Path, run_id: str, ctx: dic
         torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=7200),  # rank 0 evaluates alone
         scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
                                                resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(name=f"{ctx['study']}-{Path(out_dir).name}", storage_path=ctx["train_storage"],
+        run_config=ray.train.RunConfig(name=f"{ctx.study}-{Path(out_dir).name}", storage_path=ctx.train_storage,
                                        failure_config=ray.train.FailureConfig(max_failures=max_failures)))
     trainer.fit()
     if not outcome.is_file():

@@ -14,25 +14,19 @@ search through Ray Tune's OptunaSearch.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import math
 import os
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from srdit.config import ConfigError, read_yaml
-from srdit.study.designs import Plan, make_cell, make_trial, plan_study, search_objectives, violated
-from srdit.study.spec import StudySpec, study_from_dict
-from srdit.study.tracking import (ChildRun, StudyTracking, TrialReporter, is_done, open_study, resolve_uri,
-                                  runtime_tags)
+from srdit.metric_registry import headline
+from srdit.study.designs import Plan, plan_study, search_objectives
+from srdit.study.spec import StudySpec
+from srdit.study.tracking import StudyTracking, is_done, open_study, resolve_uri
+from srdit.study.trial import MAX_FAILURES, TrialContext, execute_trial, trainable
 
-MAX_FAILURES = 3
-"""Tune retries of a trial after an infrastructure failure (lost worker or node); also Ray Train's restarts of a
-data-parallel trial's worker group."""
 DRIVER_CPU = 0.01
 "CPU share of a data-parallel trial's driver, which only waits on its workers."
 
@@ -65,136 +59,6 @@ class StudyRun:
 def state_paths(state_dir: str | Path, study: str) -> dict[str, Path]:
     root = Path(state_dir).resolve()
     return {"root": root, "trials": root / "trials" / study, "ray": root / "ray_results"}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# inside a trial (a Ray worker, or a plain loop in the benchmark)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _one_line(e: BaseException) -> str:
-    msg = " ".join(str(e).split())
-    return f"{type(e).__name__}: {msg}"[:500] if msg else type(e).__name__
-
-
-def execute_trial(trial: dict, ctx: dict, to_tune: bool = False) -> dict:
-    """Train one trial spec into its folder under the state dir, logging to its MLflow child run.
-
-    Returns {"status", "reason", "step", **final metrics}. Exceptions from training become status "crashed"."""
-    import torch
-
-    from srdit.config import RunConfig, from_dict, resolve_paths, to_dict
-
-    threads = max(1, int(math.floor(ctx.get("cpus", 1))))
-    torch.set_num_threads(threads)
-    cfg = resolve_paths(from_dict(RunConfig, trial["config"]), ctx["cwd"])
-    out_dir = Path(ctx["trials_dir"]) / trial["key"]
-    factors = ctx["factors"]
-    on = set(trial["on"])
-    tags = {"study": ctx["study"], "cell": trial["cell"], "seed": trial["seed"], "design": ctx["design"],
-            "techniques": "+".join(trial["on"]) or "baseline", "trial_key": trial["key"], "trial_dir": str(out_dir),
-            **{f"tech.{n}": int(n in on) for n in factors}, **runtime_tags()}
-    if trial.get("params"):
-        tags["search.params"] = json.dumps(trial["params"], sort_keys=True)
-    params = {**trial["config"], "study.cell": trial["cell"], "study.seed": trial["seed"],
-              **{f"search.{k}": v for k, v in (trial.get("params") or {}).items()}}
-    child = ChildRun.open(ctx["uri"], ctx["experiment_id"], ctx["parent_run_id"], trial["key"],
-                          f"{trial['cell']}-s{trial['seed']}", tags, params, run_id=trial.get("run_id"))
-    objectives = ctx.get("objectives")  # search: Tune sees only the final result, which always has the objectives
-    reporter = TrialReporter(child, to_tune and not objectives)
-    t0 = time.perf_counter()
-    logged: set[str] = set()
-    try:
-        if ctx.get("workers", 1) > 1:  # rank 0 of a Ray Train group logs to the child run itself
-            from srdit.study.data_parallel import train_data_parallel
-
-            status, reason, step, metrics, logged = train_data_parallel(to_dict(cfg), out_dir, child.run_id, ctx,
-                                                                        MAX_FAILURES)
-        else:
-            from srdit.train import train
-
-            res = train(cfg, out_dir, reporter, resume=True, progress=False)
-            status, reason, step, metrics = res.status, res.reason, res.step, dict(res.metrics)
-            logged = set(reporter.at_last_step) if reporter.last_step == step else set()
-    except Exception as e:  # a crash is a result; the study goes on
-        status, reason, step, metrics = "crashed", _one_line(e), reporter.last_step, {}
-        if "OutOfMemoryError" in reason:  # a data-parallel group fails as a whole on one rank's OOM
-            status = "oom"
-        try:
-            child.log_text("".join(traceback.format_exception(e)), "traceback.txt")
-        except Exception:
-            pass
-    wall = time.perf_counter() - t0
-    final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-    child.log_metrics(step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
-    child.finish(status, reason)
-    out = {"trial_key": trial["key"], "status": status, "reason": reason, "step": step, "trial_wall_s": wall,
-           "run_id": child.run_id, **final}
-    if to_tune:
-        from ray import tune
-
-        tune.report({**{o: math.nan for o in objectives or ()}, **out})
-    return out
-
-
-def _trainable(config: dict) -> None:
-    """The Ray Tune function trainable: a grid trial (config["trial"]) or a search trial (tech.* and knobs)."""
-    ctx = config["ctx"]
-    trial = config.get("trial")
-    if trial is None:
-        trial = _search_trial(config, ctx)
-        if trial is None:
-            return
-    execute_trial(trial, ctx, to_tune=True)
-
-
-def _load_ctx_spec(ctx: dict) -> StudySpec:
-    return study_from_dict(ctx["spec_data"], ctx["spec_path"])
-
-
-def _search_trial(config: dict, ctx: dict) -> dict | None:
-    """Turn a search sample (tech.<name> switches + knobs) into a trial spec; an infeasible sample is reported as
-    excluded (no MLflow run) with non-finite objectives so that Optuna learns to avoid it."""
-    from ray import tune
-
-    spec = _load_ctx_spec(ctx)
-    on = [n for n in spec.factor_names if config.get(f"tech.{n}")]
-    knobs = {p.key: config[p.key] for p in spec.design.space if p.key in config}
-    cell = make_cell(spec, on)
-    reason = violated(spec, cell.on)
-    if reason is None:
-        try:
-            trial = make_trial(spec, cell, spec.seeds[0], knobs)
-        except ConfigError as e:
-            reason = f"invalid config: {e}"
-    if reason is not None:
-        tune.report({"status": "excluded", "reason": reason,
-                     **{m: float("nan") for m in search_objectives(spec)}})
-        return None
-    t = trial.to_dict()
-    if knobs:
-        t["cell"] = f"{cell.id}-{hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:4]}"
-        t["key"] = f"{t['cell']}-s{trial.seed}-{trial.key.rsplit('-', 1)[-1]}"
-    # Optuna may propose a configuration that already ran (training is deterministic given the seed): answer it
-    # from its MLflow run instead of training it twice.
-    from mlflow import MlflowClient
-
-    from srdit.study.tracking import KEY_TAG, PARENT_TAG, list_runs
-
-    runs = list_runs(MlflowClient(ctx["uri"]), ctx["experiment_id"],
-                     f"tags.`{PARENT_TAG}` = '{ctx['parent_run_id']}' and tags.{KEY_TAG} = '{t['key']}'")
-    done = [r for r in runs if is_done(r)]
-    if done:
-        m = done[0].data.metrics
-        tune.report({"trial_key": t["key"], "status": done[0].data.tags.get("status"), "cached": 1,
-                     **{o: float(m.get(o, math.nan)) for o in search_objectives(spec)}})
-        return None
-    return t
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# driver
-# ----------------------------------------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -231,7 +95,19 @@ def _ensure_ray(num_cpus: int | None, echo: Callable[[str], None]) -> bool:
     return True
 
 
-def _progress_callback(total: int, done_before: int, echo: Callable[[str], None]):
+def progress_line(n: int, total: int, key: str, result: dict, primary: str | None = None) -> str:
+    """One finished trial: `[n/total] key: status (reason)  <headline metrics>  <wall> s`. The metrics shown are
+    the registry's headline of what the result carries (`srdit.metric_registry.headline`), the study's primary
+    metric first."""
+    r = result
+    shown = headline([k for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)], primary)
+    extra = "  ".join(f"{k} {r[k]:.4g}" for k in shown)
+    reason = f" ({r.get('reason')})" if r.get("reason") else ""
+    return f"[{n}/{total}] {key}: {r.get('status', '?')}{reason}  {extra}  {r.get('trial_wall_s', 0):.0f} s"
+
+
+def _progress_callback(total: int, done_before: int, echo: Callable[[str], None], primary: str | None = None):
+    """The Tune callback that prints one line per finished trial (see `progress_line`)."""
     from ray import tune
 
     class Progress(tune.Callback):
@@ -244,25 +120,13 @@ def _progress_callback(total: int, done_before: int, echo: Callable[[str], None]
                 echo(f"  search sample excluded: {r.get('reason', '')}")
                 return
             self.n += 1
-            key = r.get("trial_key") or trial.trial_id
-            extra = "  ".join(f"{k} {r[k]:.4g}" for k in ("fd", "loss", "images_per_s") if
-                              isinstance(r.get(k), (int, float)))
-            reason = f" ({r.get('reason')})" if r.get("reason") else ""
-            echo(f"[{self.n}/{total}] {key}: {r.get('status', '?')}{reason}  {extra}  "
-                 f"{r.get('trial_wall_s', 0):.0f} s")
+            echo(progress_line(self.n, total, r.get("trial_key") or trial.trial_id, r, primary))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             key = trial.config.get("trial", {}).get("key", trial.trial_id)
             echo(f"  {key}: infrastructure failure (retried up to {MAX_FAILURES} times; rerun the study to resume)")
 
     return Progress()
-
-
-def _spec_data(spec: StudySpec) -> dict:
-    data = read_yaml(spec.path) if spec.path and Path(spec.path).is_file() else None
-    if data is None:
-        raise ConfigError("search designs need the study file")
-    return data
 
 
 def prepare(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None) -> tuple[Plan, StudyTracking, dict]:
@@ -323,11 +187,11 @@ def _tuner_common(spec: StudySpec, paths: dict, max_failures: int, callbacks: li
     r = spec.resources
     # A data-parallel trial is a driver: its workers take the CPUs and GPUs (placement group of the Train run).
     res = {"cpu": r.cpus, "gpu": r.gpus} if r.workers == 1 else {"cpu": DRIVER_CPU}
-    trainable = tune.with_resources(_trainable, res)
+    wrapped = tune.with_resources(trainable, res)
     run_config = tune.RunConfig(
         name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(paths["ray"]),
         failure_config=tune.FailureConfig(max_failures=max_failures), verbose=0, callbacks=callbacks)
-    return trainable, run_config
+    return wrapped, run_config
 
 
 def _trial_name(trial) -> str:
@@ -338,11 +202,11 @@ def _trial_name(trial) -> str:
 def _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped):
     from ray import tune
 
-    ctx = _ctx(spec, tracking, paths, plan)
-    trainable, run_config = _tuner_common(spec, paths, max_failures,
-                                          [_progress_callback(len(plan.trials), skipped, echo)])
+    ctx = _context(spec, tracking, paths, plan)
+    progress = _progress_callback(len(plan.trials), skipped, echo, spec.metrics.primary)
+    wrapped, run_config = _tuner_common(spec, paths, max_failures, [progress])
     tuner = tune.Tuner(
-        trainable,
+        wrapped,
         param_space={"trial": tune.grid_search(todo), "ctx": ctx},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=_max_concurrent(spec.resources),
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
@@ -364,13 +228,17 @@ def _max_concurrent(r) -> int | None:
     return max(1, int(fit))
 
 
-def _ctx(spec: StudySpec, tracking: StudyTracking, paths: dict, plan: Plan) -> dict:
-    """What every trial needs besides its spec (plain values: it travels in the Tune param space)."""
-    return {"study": spec.name, "design": plan.design, "factors": spec.factor_names, "uri": tracking.uri,
-            "experiment_id": tracking.experiment_id, "parent_run_id": tracking.parent_run_id,
-            "trials_dir": str(paths["trials"]), "cpus": spec.resources.cpus, "gpus": spec.resources.gpus,
-            "workers": spec.resources.workers, "train_storage": str(paths["ray"] / "train"),
-            "cwd": os.getcwd()}  # relative paths in the study are meant from here
+def _context(spec: StudySpec, tracking: StudyTracking, paths: dict, plan: Plan,
+             search: bool = False) -> TrialContext:
+    """What every trial needs besides its spec (it travels pickled in the Tune param space). Search trials also
+    get the parsed study and the objectives."""
+    return TrialContext(
+        study=spec.name, design=plan.design, factors=tuple(spec.factor_names), uri=tracking.uri,
+        experiment_id=tracking.experiment_id, parent_run_id=tracking.parent_run_id, trials_dir=str(paths["trials"]),
+        cpus=spec.resources.cpus, gpus=spec.resources.gpus, workers=spec.resources.workers,
+        train_storage=str(paths["ray"] / "train"),
+        cwd=os.getcwd(),  # relative paths in the study are meant from here
+        spec=spec if search else None, objectives=tuple(search_objectives(spec)) if search else ())
 
 
 def _run_search(spec, plan, tracking, paths, existing, retry_failed, num_cpus, max_failures, echo, t0) -> StudyRun:
@@ -404,15 +272,14 @@ def _run_search(spec, plan, tracking, paths, existing, retry_failed, num_cpus, m
                                 seed=spec.design.seed + n_done,  # a continued search draws new samples
                                 points_to_evaluate=pending[:remaining] or None,
                                 study_name=spec.name, storage=storage)
-        ctx = {**_ctx(spec, tracking, paths, plan), "spec_data": _spec_data(spec), "spec_path": spec.path,
-               "objectives": objectives}
+        ctx = _context(spec, tracking, paths, plan, search=True)
         tracking.set_parent_status("RUNNING")
         with _ray_session(num_cpus, echo):
             conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
             search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
-            trainable, run_config = _tuner_common(spec, paths, max_failures,
-                                                  [_progress_callback(spec.design.trials, n_done, echo)])
-            tune.Tuner(trainable, param_space={**space, "ctx": ctx},
+            progress = _progress_callback(spec.design.trials, n_done, echo, spec.metrics.primary)
+            wrapped, run_config = _tuner_common(spec, paths, max_failures, [progress])
+            tune.Tuner(wrapped, param_space={**space, "ctx": ctx},
                        tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=remaining, reuse_actors=True,
                                                    trial_name_creator=_trial_name,
                                                    trial_dirname_creator=_trial_name),
@@ -501,7 +368,7 @@ def run_plain(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None,
     t0 = time.perf_counter()
     plan, tracking, paths = prepare(spec, state_dir, plan)
     existing = tracking.children_by_key()
-    ctx = _ctx(spec, tracking, paths, plan)
+    ctx = _context(spec, tracking, paths, plan)
     ran = skipped = 0
     for t in plan.trials:
         run = existing.get(t.key)

@@ -1,0 +1,182 @@
+"""What runs inside a Ray worker (or the benchmark's plain loop): one trial of a study.
+
+- `TrialContext`: what every trial needs besides its own spec, built once by the driver (`srdit.study.runner`).
+- `execute_trial`: train one trial spec into its folder and record it in its MLflow child run; a crash, a
+  divergence or an OOM is a result (status + reason), never an exception.
+- `trainable`: the Ray Tune function trainable (a grid trial, or a search sample via `search_trial`).
+
+Nothing here starts Ray or a Tuner; the driver does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from srdit.config import ConfigError
+from srdit.study.designs import make_cell, make_trial, search_objectives, violated
+from srdit.study.spec import StudySpec
+from srdit.study.tracking import ChildRun, TrialReporter, is_done, runtime_tags
+
+MAX_FAILURES = 3
+"""Tune retries of a trial after an infrastructure failure (lost worker or node); also Ray Train's restarts of a
+data-parallel trial's worker group."""
+
+
+@dataclass(frozen=True)
+class TrialContext:
+    """What every trial of a study needs besides its own spec. Built once by the driver; it travels to the Ray
+    workers in the Tune param space (pickled), so every field is a plain value or a frozen dataclass."""
+
+    study: str
+    "Study name (the `study` tag of every child run; also names a data-parallel trial's Ray Train run)."
+    design: str
+    "Design label of the plan (full, frac(res=5), ladder, loo, search): the `design` tag."
+    factors: tuple[str, ...]
+    "Technique (factor) names of the study, in order: one `tech.<name>` 0/1 tag each."
+    uri: str
+    "MLflow tracking URI the child runs are logged to."
+    experiment_id: str
+    "MLflow experiment of the study."
+    parent_run_id: str
+    "The study's parent run; every trial is a child run under it."
+    trials_dir: str
+    "Folder holding one subfolder per trial key (checkpoints, samples, a data-parallel trial's outcome file)."
+    cpus: float = 1
+    "CPUs per trial process (torch threads = floor(cpus), at least 1); per worker for a data-parallel trial."
+    gpus: float = 0
+    "GPUs per trial (split evenly over the workers of a data-parallel trial)."
+    workers: int = 1
+    "Data-parallel workers per trial; > 1 runs the trial as a Ray Train TorchTrainer run."
+    train_storage: str = ""
+    "Storage folder of the Ray Train runs of data-parallel trials."
+    cwd: str = "."
+    "Working directory of the driver: relative paths in the study are meant from here."
+    spec: StudySpec | None = None
+    "Search designs: the parsed study, from which each sample's trial spec is made (None for grid designs)."
+    objectives: tuple[str, ...] = ()
+    """Search designs: the objectives Optuna optimises; the trial then reports only its final result to Tune,
+    which always carries them. Empty for grid designs (every training report goes to Tune)."""
+
+
+def _one_line(e: BaseException) -> str:
+    msg = " ".join(str(e).split())
+    return f"{type(e).__name__}: {msg}"[:500] if msg else type(e).__name__
+
+
+def execute_trial(trial: dict, ctx: TrialContext, to_tune: bool = False) -> dict:
+    """Train one trial spec into its folder under the state dir, logging to its MLflow child run.
+
+    Returns {"status", "reason", "step", **final metrics}. Exceptions from training become status "crashed"."""
+    import torch
+
+    from srdit.config import RunConfig, from_dict, resolve_paths, to_dict
+
+    threads = max(1, int(math.floor(ctx.cpus)))
+    torch.set_num_threads(threads)
+    cfg = resolve_paths(from_dict(RunConfig, trial["config"]), ctx.cwd)
+    out_dir = Path(ctx.trials_dir) / trial["key"]
+    on = set(trial["on"])
+    tags = {"study": ctx.study, "cell": trial["cell"], "seed": trial["seed"], "design": ctx.design,
+            "techniques": "+".join(trial["on"]) or "baseline", "trial_key": trial["key"], "trial_dir": str(out_dir),
+            **{f"tech.{n}": int(n in on) for n in ctx.factors}, **runtime_tags()}
+    if trial.get("params"):
+        tags["search.params"] = json.dumps(trial["params"], sort_keys=True)
+    params = {**trial["config"], "study.cell": trial["cell"], "study.seed": trial["seed"],
+              **{f"search.{k}": v for k, v in (trial.get("params") or {}).items()}}
+    child = ChildRun.open(ctx.uri, ctx.experiment_id, ctx.parent_run_id, trial["key"],
+                          f"{trial['cell']}-s{trial['seed']}", tags, params, run_id=trial.get("run_id"))
+    objectives = ctx.objectives  # search: Tune sees only the final result, which always has the objectives
+    reporter = TrialReporter(child, to_tune and not objectives)
+    t0 = time.perf_counter()
+    logged: set[str] = set()
+    try:
+        if ctx.workers > 1:  # rank 0 of a Ray Train group logs to the child run itself
+            from srdit.study.data_parallel import train_data_parallel
+
+            status, reason, step, metrics, logged = train_data_parallel(to_dict(cfg), out_dir, child.run_id, ctx,
+                                                                        MAX_FAILURES)
+        else:
+            from srdit.train import train
+
+            res = train(cfg, out_dir, reporter, resume=True, progress=False)
+            status, reason, step, metrics = res.status, res.reason, res.step, dict(res.metrics)
+            logged = set(reporter.at_last_step) if reporter.last_step == step else set()
+    except Exception as e:  # a crash is a result; the study goes on
+        status, reason, step, metrics = "crashed", _one_line(e), reporter.last_step, {}
+        if "OutOfMemoryError" in reason:  # a data-parallel group fails as a whole on one rank's OOM
+            status = "oom"
+        try:
+            child.log_text("".join(traceback.format_exception(e)), "traceback.txt")
+        except Exception:
+            pass
+    wall = time.perf_counter() - t0
+    final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    child.log_metrics(step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
+    child.finish(status, reason)
+    out = {"trial_key": trial["key"], "status": status, "reason": reason, "step": step, "trial_wall_s": wall,
+           "run_id": child.run_id, **final}
+    if to_tune:
+        from ray import tune
+
+        tune.report({**{o: math.nan for o in objectives}, **out})
+    return out
+
+
+def trainable(config: dict) -> None:
+    """The Ray Tune function trainable: a grid trial (config["trial"]) or a search trial (tech.* and knobs);
+    config["ctx"] is the study's `TrialContext`."""
+    ctx: TrialContext = config["ctx"]
+    trial = config.get("trial")
+    if trial is None:
+        trial = search_trial(config, ctx)
+        if trial is None:
+            return
+    execute_trial(trial, ctx, to_tune=True)
+
+
+def search_trial(config: dict, ctx: TrialContext) -> dict | None:
+    """Turn a search sample (tech.<name> switches + knobs) into a trial spec; an infeasible sample is reported as
+    excluded (no MLflow run) with non-finite objectives so that Optuna learns to avoid it."""
+    from ray import tune
+
+    spec = ctx.spec
+    if spec is None:
+        raise ValueError("a search trial needs the study spec in its TrialContext")
+    on = [n for n in spec.factor_names if config.get(f"tech.{n}")]
+    knobs = {p.key: config[p.key] for p in spec.design.space if p.key in config}
+    cell = make_cell(spec, on)
+    reason = violated(spec, cell.on)
+    if reason is None:
+        try:
+            trial = make_trial(spec, cell, spec.seeds[0], knobs)
+        except ConfigError as e:
+            reason = f"invalid config: {e}"
+    if reason is not None:
+        tune.report({"status": "excluded", "reason": reason,
+                     **{m: float("nan") for m in search_objectives(spec)}})
+        return None
+    t = trial.to_dict()
+    if knobs:
+        t["cell"] = f"{cell.id}-{hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:4]}"
+        t["key"] = f"{t['cell']}-s{trial.seed}-{trial.key.rsplit('-', 1)[-1]}"
+    # Optuna may propose a configuration that already ran (training is deterministic given the seed): answer it
+    # from its MLflow run instead of training it twice.
+    from mlflow import MlflowClient
+
+    from srdit.study.tracking import KEY_TAG, PARENT_TAG, list_runs
+
+    runs = list_runs(MlflowClient(ctx.uri), ctx.experiment_id,
+                     f"tags.`{PARENT_TAG}` = '{ctx.parent_run_id}' and tags.{KEY_TAG} = '{t['key']}'")
+    done = [r for r in runs if is_done(r)]
+    if done:
+        m = done[0].data.metrics
+        tune.report({"trial_key": t["key"], "status": done[0].data.tags.get("status"), "cached": 1,
+                     **{o: float(m.get(o, math.nan)) for o in search_objectives(spec)}})
+        return None
+    return t
