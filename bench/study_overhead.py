@@ -93,7 +93,7 @@ def default_study(work: Path, study: str) -> dict:
                          cwd=ROOT, env=env, capture_output=True, text=True)
     run_s = time.perf_counter() - t
     t = time.perf_counter()
-    rep = subprocess.run([sys.executable, "-m", "srdit.study.command", "report", study, "--state", str(state),
+    rep = subprocess.run([sys.executable, "-m", "srdit.report_command", study, "--state", str(state),
                           "--out", str(work / "dashboards")], cwd=ROOT, env=env, capture_output=True, text=True)
     report_s = time.perf_counter() - t
     lines = run.stdout.strip().splitlines()

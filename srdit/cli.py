@@ -270,7 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
 DELEGATES = {
     "study": ("srdit.study.command", "main"),
     "analyze": ("srdit.analysis.command", "main"),
-    "report": ("srdit.study.command", "report_main"),
+    "report": ("srdit.report_command", "report_main"),
     "ui": ("srdit.study.command", "ui_main"),
     "preprocess": ("srdit.data.preprocess", "main"),
     "reference": ("srdit.metrics.reference", "main"),

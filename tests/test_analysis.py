@@ -50,32 +50,32 @@ def test_effects_equal_statsmodels_ols_on_random_replicated_factorial(direction)
     ci = ref.conf_int(alpha=0.05)
     sign = 1 if direction == "max" else -1
     for f in F:  # effect = 2 * beta in +-1 coding
-        assert r["main_effects"][f] == pytest.approx(2 * ref.params[f], abs=1e-10)
-        assert r["ci"][f] == pytest.approx([2 * ci.loc[f, 0], 2 * ci.loc[f, 1]], abs=1e-10)
-        assert r["p"][f] == pytest.approx(ref.pvalues[f], rel=1e-8)
+        assert r.fit.main_effects[f] == pytest.approx(2 * ref.params[f], abs=1e-10)
+        assert r.fit.ci[f] == pytest.approx([2 * ci.loc[f, 0], 2 * ci.loc[f, 1]], abs=1e-10)
+        assert r.fit.p[f] == pytest.approx(ref.pvalues[f], rel=1e-8)
     for x, z in itertools.combinations(F, 2):
         n = f"{x}:{z}"
-        assert r["interactions"][n] == pytest.approx(2 * ref.params[n], abs=1e-10)
-        assert r["synergy"][n] == pytest.approx(sign * 4 * ref.params[n], abs=1e-10)
-        assert r["p"][n] == pytest.approx(ref.pvalues[n], rel=1e-8)
+        assert r.fit.interactions[n] == pytest.approx(2 * ref.params[n], abs=1e-10)
+        assert r.pairs.synergy[n] == pytest.approx(sign * 4 * ref.params[n], abs=1e-10)
+        assert r.fit.p[n] == pytest.approx(ref.pvalues[n], rel=1e-8)
         lo, hi = sorted([sign * 4 * ci.loc[n, 0], sign * 4 * ci.loc[n, 1]])
-        assert r["synergy_ci"][n] == pytest.approx([lo, hi], abs=1e-10)
-    assert r["error_df"] == ref.df_resid
+        assert r.pairs.synergy_ci[n] == pytest.approx([lo, hi], abs=1e-10)
+    assert r.fit.error_df == ref.df_resid
     # balanced design: OLS effects are the textbook contrasts ME = mean(y|+) - mean(y|-)
     for f in F:
-        assert r["main_effects"][f] == pytest.approx(df.loc[df[f] == 1, "y"].mean() - df.loc[df[f] == 0, "y"].mean())
+        assert r.fit.main_effects[f] == pytest.approx(df.loc[df[f] == 1, "y"].mean() - df.loc[df[f] == 0, "y"].mean())
     # synergy definition: gain of repa with rope on minus gain of repa with rope off (averaged over sprint)
     g = sign * df["y"]
     on = lambda col, v: df[col] == v  # noqa: E731
     me_on = g[on("repa", 1) & on("rope", 1)].mean() - g[on("repa", 0) & on("rope", 1)].mean()
     me_off = g[on("repa", 1) & on("rope", 0)].mean() - g[on("repa", 0) & on("rope", 0)].mean()
-    assert r["synergy"]["repa:rope"] == pytest.approx(me_on - me_off)
+    assert r.pairs.synergy["repa:rope"] == pytest.approx(me_on - me_off)
     # the bootstrap interval brackets the estimate and is reported per effect
     rb = analyze(df, F, "y", direction, bootstrap=True, n_resamples=999)
-    for n, (lo, hi) in rb["ci_boot"].items():
-        est = rb["main_effects"].get(n, rb["interactions"].get(n))
+    for n, (lo, hi) in rb.bootstrap.ci.items():
+        est = rb.fit.main_effects.get(n, rb.fit.interactions.get(n))
         assert lo <= est <= hi
-    assert set(rb["ci_boot"]) == set(F) | {"repa:rope", "repa:sprint", "rope:sprint"}
+    assert set(rb.bootstrap.ci) == set(F) | {"repa:rope", "repa:sprint", "rope:sprint"}
 
 
 def test_multiplicity_correction_is_holm_across_pairs():
@@ -86,12 +86,12 @@ def test_multiplicity_correction_is_holm_across_pairs():
     r = analyze(df, F, "y", "max", bootstrap=False)
     from statsmodels.stats.multitest import multipletests
     pairs = [f"{a}:{b}" for a, b in itertools.combinations(F, 2)]
-    expected = multipletests([r["p"][n] for n in pairs], method="holm")[1]
-    assert [r["p_adj"][n] for n in pairs] == pytest.approx(list(expected))
-    assert min(r["p_adj"].values()) < 0.05 < max(r["p_adj"].values())  # a non-trivial check
+    expected = multipletests([r.fit.p[n] for n in pairs], method="holm")[1]
+    assert [r.pairs.p_adj[n] for n in pairs] == pytest.approx(list(expected))
+    assert min(r.pairs.p_adj.values()) < 0.05 < max(r.pairs.p_adj.values())  # a non-trivial check
     rb = analyze(df, F, "y", "max", bootstrap=False, correction="fdr_bh")
-    expected = multipletests([rb["p"][n] for n in pairs], method="fdr_bh")[1]
-    assert [rb["p_adj"][n] for n in pairs] == pytest.approx(list(expected))
+    expected = multipletests([rb.fit.p[n] for n in pairs], method="fdr_bh")[1]
+    assert [rb.pairs.p_adj[n] for n in pairs] == pytest.approx(list(expected))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -110,17 +110,17 @@ def test_montgomery_example_6_2_filtration_rate():
     book = {"A": 21.625, "B": 3.125, "C": 9.875, "D": 14.625}
     book_int = {"A:B": 0.125, "A:C": -18.125, "A:D": 16.625, "B:C": 2.375, "B:D": -0.375, "C:D": -1.125}
     for k, v in book.items():
-        assert r["main_effects"][k] == pytest.approx(v, abs=1e-9)
+        assert r.fit.main_effects[k] == pytest.approx(v, abs=1e-9)
     for k, v in book_int.items():
-        assert r["interactions"][k] == pytest.approx(v, abs=1e-9)
-        assert r["synergy"][k] == pytest.approx(2 * v, abs=1e-9)  # max: oriented = metric scale
+        assert r.fit.interactions[k] == pytest.approx(v, abs=1e-9)
+        assert r.pairs.synergy[k] == pytest.approx(2 * v, abs=1e-9)  # max: oriented = metric scale
     # unreplicated: no error estimate is invented
-    assert r["replicated"] is False
-    assert r["ci"] == {} and r["p"] == {} and r["error_df"] is None
-    assert any("no error estimate" in n for n in r["notes"])
-    assert r["incompatible"] == []
+    assert r.fit.replicated is False
+    assert r.fit.ci == {} and r.fit.p == {} and r.fit.error_df is None
+    assert any("no error estimate" in n for n in r.notes)
+    assert r.incompatible == []
     # full factorial: Shapley is efficient
-    assert sum(r["shapley"].values()) == pytest.approx(96 - 45)
+    assert sum(r.attribution.shapley.values()) == pytest.approx(96 - 45)
 
 
 def test_montgomery_problem_6_1_tool_life_replicated():
@@ -131,12 +131,12 @@ def test_montgomery_problem_6_1_tool_life_replicated():
     df = pd.DataFrame([{f.upper(): int(f in lab) for f in "abc"} | {"life": v}
                        for lab, vals in data.items() for v in vals])
     r = analyze(df, list("ABC"), "life", "max", n_resamples=999)
-    assert r["main_effects"]["A"] == pytest.approx(2 * 0.16667, abs=1e-3)
-    assert r["main_effects"]["B"] == pytest.approx(2 * 5.66667, abs=1e-3)
-    assert r["main_effects"]["C"] == pytest.approx(2 * 3.41667, abs=1e-3)
-    assert r["interactions"]["A:C"] == pytest.approx(-2 * 4.41667, abs=1e-3)
-    assert r["replicated"] is True
-    significant = {n for n, p in r["p"].items() if p < 0.05}
+    assert r.fit.main_effects["A"] == pytest.approx(2 * 0.16667, abs=1e-3)
+    assert r.fit.main_effects["B"] == pytest.approx(2 * 5.66667, abs=1e-3)
+    assert r.fit.main_effects["C"] == pytest.approx(2 * 3.41667, abs=1e-3)
+    assert r.fit.interactions["A:C"] == pytest.approx(-2 * 4.41667, abs=1e-3)
+    assert r.fit.replicated is True
+    significant = {n for n, p in r.fit.p.items() if p < 0.05}
     assert significant == {"B", "C", "A:C"}
 
 
@@ -146,13 +146,13 @@ def test_montgomery_half_fraction_reports_aliased_pairs_not_synergy():
     labels = ["1", "ad", "bd", "ab", "cd", "ac", "bc", "abcd"]
     df = _from_yates(labels, [90, 72, 87, 83, 99, 81, 88, 80])
     r = analyze(df, list("ABCD"), "y", "max", strict=True)  # aliasing is not a hole: no error even when strict
-    assert r["main_effects"] == pytest.approx({"A": -12, "B": -1, "C": 4, "D": -1})
-    assert all(v is None for v in r["synergy"].values())
-    assert all(v is None for v in r["interactions"].values())
-    chains = {a["label"]: a["estimate"] for a in r["aliased"]}
+    assert r.fit.main_effects == pytest.approx({"A": -12, "B": -1, "C": 4, "D": -1})
+    assert all(v is None for v in r.pairs.synergy.values())
+    assert all(v is None for v in r.fit.interactions.values())
+    chains = {a.label: a.estimate for a in r.fit.aliased}
     assert chains == pytest.approx({"A:B + C:D": 6.0, "A:C + B:D": -1.0, "A:D + B:C": -5.0})
-    assert r["incompatible"] == []
-    assert r["shapley"] is None
+    assert r.incompatible == []
+    assert r.attribution.shapley is None
 
 
 def test_resolution_three_opposite_aliasing_detected_from_design_matrix():
@@ -162,10 +162,10 @@ def test_resolution_three_opposite_aliasing_detected_from_design_matrix():
     rows = [dict(A=r["A"], B=r["B"], C=1 - r["C"]) for r in rows]
     df = pd.DataFrame(rows).assign(y=[1.0, 4.0, 2.0, 7.0])
     r = analyze(df, list("ABC"), "y", "max")
-    labels = {a["label"] for a in r["aliased"]}
+    labels = {a.label for a in r.fit.aliased}
     assert labels == {"A - B:C", "B - A:C", "C - A:B"}
-    assert r["synergy"] == {"A:B": None, "A:C": None, "B:C": None}
-    assert r["main_effects"]["A"] is not None
+    assert r.pairs.synergy == {"A:B": None, "A:C": None, "B:C": None}
+    assert r.fit.main_effects["A"] is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -196,16 +196,16 @@ def test_cell_based_quantities_min_direction():
     def gain(*on):
         return -means[tuple(int(f in on) for f in F)]
 
-    assert r["shapley"] is not None
-    assert sum(r["shapley"].values()) == pytest.approx(gain("A", "B", "C") - gain())
-    assert r["dividends"]["A:B"] == pytest.approx(gain("A", "B") - gain("A") - gain("B") + gain())
-    assert r["dividends_full"]["A:B"] == pytest.approx(
+    assert r.attribution.shapley is not None
+    assert sum(r.attribution.shapley.values()) == pytest.approx(gain("A", "B", "C") - gain())
+    assert r.attribution.dividends["A:B"] == pytest.approx(gain("A", "B") - gain("A") - gain("B") + gain())
+    assert r.attribution.dividends_full["A:B"] == pytest.approx(
         gain("A", "B", "C") - gain("B", "C") - gain("A", "C") + gain("C"))
-    assert r["loo"]["C"] == pytest.approx(gain("A", "B", "C") - gain("A", "B"))
+    assert r.attribution.loo["C"] == pytest.approx(gain("A", "B", "C") - gain("A", "B"))
     # positive = better: the planted +1.5 fd when A and B are both on is an antagonism
-    assert r["synergy"]["A:B"] == pytest.approx(-1.5, abs=0.2)
-    assert r["interactions"]["A:B"] > 0  # metric scale, before orientation
-    assert r["best"]["combo"] == "A+B+C"  # fd 15.5 against 16 for A+C
+    assert r.pairs.synergy["A:B"] == pytest.approx(-1.5, abs=0.2)
+    assert r.fit.interactions["A:B"] > 0  # metric scale, before orientation
+    assert r.attribution.best.combo == "A+B+C"  # fd 15.5 against 16 for A+C
 
 
 def test_ladder_design_chain_and_strict_holes():
@@ -215,11 +215,11 @@ def test_ladder_design_chain_and_strict_holes():
             for on in chain for s in range(3)]
     df = pd.DataFrame(rows)
     r = analyze(df, F, "y", "min", bootstrap=False)
-    assert r["ladder_kind"] == "chain"
-    assert [row["cell"] for row in r["ladder"]] == ["baseline", "A", "A+B", "A+B+C"]
-    assert [row["delta"] for row in r["ladder"][1:]] == pytest.approx([-2, -2, -2])
-    assert [row["gain_step"] for row in r["ladder"][1:]] == pytest.approx([2, 2, 2])
-    assert r["inestimable"]  # a ladder cannot separate interactions: they are reported, not invented
+    assert r.attribution.ladder_kind == "chain"
+    assert [row.cell for row in r.attribution.ladder] == ["baseline", "A", "A+B", "A+B+C"]
+    assert [row.delta for row in r.attribution.ladder[1:]] == pytest.approx([-2, -2, -2])
+    assert [row.gain_step for row in r.attribution.ladder[1:]] == pytest.approx([2, 2, 2])
+    assert r.fit.inestimable  # a ladder cannot separate interactions: they are reported, not invented
     with pytest.raises(AnalysisError, match="design has holes: .*A:B"):
         analyze(df, F, "y", "min", strict=True)
 
@@ -229,9 +229,9 @@ def test_log_scale_synergy_of_multiplicative_speedups():
     df = _design(F, n_seeds=2)
     df["images_per_s"] = 100 * 2.0 ** df.A * 3.0 ** df.B * 1.5 ** (df.A * df.B) * (1 + 0.001 * df.seed)
     r = analyze(df, F, "images_per_s", "max", log=True, bootstrap=False)
-    assert r["scale"] == "log"
-    assert r["synergy"]["A:B"] == pytest.approx(math.log(1.5), abs=1e-9)
-    assert r["dividends"]["A:B"] == pytest.approx(math.log(1.5), abs=1e-9)
+    assert r.scale == "log"
+    assert r.pairs.synergy["A:B"] == pytest.approx(math.log(1.5), abs=1e-9)
+    assert r.attribution.dividends["A:B"] == pytest.approx(math.log(1.5), abs=1e-9)
     bad = df.assign(images_per_s=0.0)
     with pytest.raises(AnalysisError, match="log scale"):
         analyze(bad, F, "images_per_s", "max", log=True)
@@ -264,43 +264,43 @@ def synthetic_study(seed: int, planted: bool, n_seeds: int = 3, sigma: float = 0
 
 def test_planted_synergy_and_incompatibilities_are_detected():
     r = analyze(synthetic_study(1, planted=True), list("ABCD"), "fd", "min", n_resamples=999)
-    flags = {(f["pair"], f["kind"]): f for f in r["incompatible"]}
+    flags = {(f.pair, f.kind): f for f in r.incompatible}
     assert set(flags) == {("C:D", "antagonism"), ("B:D", "failure")}
     ant = flags[("C:D", "antagonism")]
-    assert ant["estimate"] < 0 and ant["ci"][1] < 0 and ant["p_adj"] < 0.05
+    assert ant.estimate < 0 and ant.ci[1] < 0 and ant.p_adj < 0.05
     # planted +2.0 fd when C and D are both on: INT = 1.0 on the metric scale, S = -(2 INT) = -2.0 gain
-    assert ant["ci"][0] < -2.0 < ant["ci"][1]
+    assert ant.ci[0] < -2.0 < ant.ci[1]
     fail = flags[("B:D", "failure")]
-    assert fail["counts"]["both"] == {"failed": 12, "n": 12}
-    assert fail["counts"]["B_alone"]["failed"] <= 1 and fail["p_adj"] < 0.05
-    assert sum(fail["statuses"].values()) == 12 and fail["statuses"]["diverged"] >= 11  # one random crash
+    assert fail.counts["both"] == {"failed": 12, "n": 12}
+    assert fail.counts["B_alone"]["failed"] <= 1 and fail.p_adj < 0.05
+    assert sum(fail.statuses.values()) == 12 and fail.statuses["diverged"] >= 11  # one random crash
     # synergy A:B (planted -2.5 fd when both on, i.e. S = +2.5 gain) is found, positive and significant
-    assert r["synergy"]["A:B"] > 0 and r["p_adj"]["A:B"] < 0.05
-    assert r["synergy_ci"]["A:B"][0] < 2.5 < r["synergy_ci"]["A:B"][1]
-    assert r["strongest_synergy"]["pair"] == "A:B"
+    assert r.pairs.synergy["A:B"] > 0 and r.pairs.p_adj["A:B"] < 0.05
+    assert r.pairs.synergy_ci["A:B"][0] < 2.5 < r.pairs.synergy_ci["A:B"][1]
+    assert r.pairs.strongest.pair == "A:B"
     # the failed pair has no metric: inestimable, never a number
-    assert r["synergy"]["B:D"] is None
-    assert any(i["effect"] == "B:D" for i in r["inestimable"])
+    assert r.pairs.synergy["B:D"] is None
+    assert any(i.effect == "B:D" for i in r.fit.inestimable)
 
 
 def test_null_study_with_same_noise_flags_nothing():
     r = analyze(synthetic_study(1, planted=False), list("ABCD"), "fd", "min", n_resamples=999)
-    assert r["incompatible"] == []
-    assert all(p is None or p >= 0.05 for p in r["p_adj"].values())
+    assert r.incompatible == []
+    assert all(p is None or p >= 0.05 for p in r.pairs.p_adj.values())
 
 
 def test_null_studies_family_wise_false_flag_rate_is_controlled():
     flagged = 0
     for seed in range(100, 120):
         r = analyze(synthetic_study(seed, planted=False), list("ABCD"), "fd", "min", bootstrap=False)
-        flagged += bool(r["incompatible"])
+        flagged += bool(r.incompatible)
     assert flagged <= 3  # Holm at alpha = 0.05: expected about 1 in 20
 
 
 def test_threshold_suppresses_small_antagonism():
     df = synthetic_study(1, planted=True)
     r = analyze(df, list("ABCD"), "fd", "min", threshold=10.0, bootstrap=False)
-    assert [f["kind"] for f in r["incompatible"]] == ["failure"]
+    assert [f.kind for f in r.incompatible] == ["failure"]
 
 
 def test_failure_of_a_single_technique_is_not_a_pair_incompatibility():
@@ -309,7 +309,7 @@ def test_failure_of_a_single_technique_is_not_a_pair_incompatibility():
     df["status"] = np.where(df.A == 1, "oom", "finished")
     df["y"] = np.where(df.A == 1, np.nan, 1.0 + 0.1 * df.seed + 0.2 * df.B)
     r = analyze(df, F, "y", "max", bootstrap=False)
-    assert [f for f in r["incompatible"] if f["kind"] == "failure"] == []
+    assert [f for f in r.incompatible if f.kind == "failure"] == []
 
 
 def test_failed_rows_are_excluded_from_the_metric_model():
@@ -321,9 +321,9 @@ def test_failed_rows_are_excluded_from_the_metric_model():
     extra = df.iloc[[0]].assign(y=1000.0, status="crashed", seed=7)  # a crashed run with a garbage metric
     nan_row = df.iloc[[1]].assign(y=np.nan, status="finished", seed=8)  # NaN metric counts as diverged
     r = analyze(pd.concat([df, extra, nan_row]), F, "y", "max", bootstrap=False)
-    assert r["main_effects"]["A"] == pytest.approx(clean["main_effects"]["A"])
-    assert r["n_failed"] == 2
-    statuses = {k: v for c in r["cells"] for k, v in c["failures"].items()}
+    assert r.fit.main_effects["A"] == pytest.approx(clean.fit.main_effects["A"])
+    assert r.n_failed == 2
+    statuses = {k: v for c in r.attribution.cells for k, v in c.failures.items()}
     assert statuses == {"crashed": 1, "diverged": 1}
 
 
@@ -347,11 +347,12 @@ def test_bad_inputs_raise_one_line_errors():
         analyze(df, ["A", "B"], "y", "up")
     # true/false and -1/+1 codings are accepted
     r = analyze(df.assign(A=df.A.map({0: "false", 1: "true"}), B=2 * df.B - 1), ["A", "B"], "y", "max")
-    assert r["main_effects"]["A"] == pytest.approx(0.0)
+    assert r.fit.main_effects["A"] == pytest.approx(0.0)
 
 
 def test_analysis_layer_does_not_import_torch_ray_or_mlflow():
-    code = ("import sys, srdit.analysis, srdit.analysis.report, srdit.analysis.command; "
+    code = ("import sys, srdit.analysis, srdit.analysis.results, srdit.analysis.figures, srdit.analysis.page, "
+            "srdit.analysis.records, srdit.analysis.command; "
             "bad = [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

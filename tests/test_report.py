@@ -1,4 +1,4 @@
-"""Study report (srdit.analysis.report): self-contained HTML with every figure, the index page, RECORDS.md."""
+"""Study report (srdit.analysis.page, figures, records): self-contained HTML with every figure, the index page, RECORDS.md."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from srdit.analysis.report import StudyResults, render_index, render_report, write_records
+from srdit.analysis.page import render_index, render_report
+from srdit.analysis.records import write_records
+from srdit.analysis.results import StudyResults
 
 FIGURE_IDS = ["fig-synergy", "fig-effects", "fig-ladder", "fig-pareto", "fig-curves"]
 

@@ -18,7 +18,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from test_report import make_results  # noqa: E402
 
-from srdit.analysis.report import render_report  # noqa: E402
+from srdit.analysis.page import render_report  # noqa: E402
 
 pytestmark = pytest.mark.slow
 

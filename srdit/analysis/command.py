@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from srdit.analysis.effects import AnalysisError, analyze
+from srdit.analysis.effects import Analysis, AnalysisError, analyze
 
 PROG = "srdit analyze"
 
@@ -94,46 +94,47 @@ def _fmt(x: Any, nd: int = 4) -> str:
     return str(x)
 
 
-def tables(result: dict) -> list[tuple[str, str, list[str], list[list[str]]]]:
+def tables(result: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]]:
     """The result as (title, caption, header, rows) tables of strings."""
     out = []
-    scale = " (log scale)" if result["scale"] == "log" else ""
+    fit, pairs, att = result.fit, result.pairs, result.attribution
+    scale = " (log scale)" if result.scale == "log" else ""
     rows = []
-    for f, v in result["main_effects"].items():
-        rows.append([f, _fmt(v), _fmt(result["ci"].get(f)), _fmt(result["p"].get(f)), "", ""])
-    for n, v in result["interactions"].items():
-        rows.append([n, _fmt(v), _fmt(result["ci"].get(n)), _fmt(result["p"].get(n)),
-                     _fmt(result["synergy"].get(n)), _fmt(result["p_adj"].get(n))])
-    out.append((f"Effects on {result['metric']}{scale}",
+    for f, v in fit.main_effects.items():
+        rows.append([f, _fmt(v), _fmt(fit.ci.get(f)), _fmt(fit.p.get(f)), "", ""])
+    for n, v in fit.interactions.items():
+        rows.append([n, _fmt(v), _fmt(fit.ci.get(n)), _fmt(fit.p.get(n)),
+                     _fmt(pairs.synergy.get(n)), _fmt(pairs.p_adj.get(n))])
+    out.append((f"Effects on {result.metric}{scale}",
                 "estimate: ME = mean(+) - mean(-), INT = half difference, metric scale; "
                 "synergy = 2 INT oriented (positive = better together); p_adj across pairs",
                 ["effect", "estimate", "CI", "p", "synergy", "p_adj"], rows))
-    if result.get("shapley"):
+    if att.shapley:
         out.append(("Shapley attribution", "oriented gain, sums to g(all) - g(none); loo = g(all) - g(all - i)",
                     ["factor", "shapley", "loo"],
-                    [[f, _fmt(v), _fmt(result["loo"].get(f))] for f, v in result["shapley"].items()]))
-    if result["incompatible"]:
+                    [[f, _fmt(v), _fmt(att.loo.get(f))] for f, v in att.shapley.items()]))
+    if result.incompatible:
         rows = []
-        for fl in result["incompatible"]:
-            ev = _fmt(fl.get("estimate")) if fl["kind"] == "antagonism" else \
-                ", ".join(f"{k} {c['failed']}/{c['n']}" for k, c in fl["counts"].items())
-            rows.append([fl["pair"], fl["kind"], ev, _fmt(fl.get("ci")), _fmt(fl.get("p")), _fmt(fl.get("p_adj"))])
+        for fl in result.incompatible:
+            ev = _fmt(fl.estimate) if fl.kind == "antagonism" else \
+                ", ".join(f"{k} {c['failed']}/{c['n']}" for k, c in fl.counts.items())
+            rows.append([fl.pair, fl.kind, ev, _fmt(fl.ci), _fmt(fl.p), _fmt(fl.p_adj)])
         out.append(("Incompatible pairs", "antagonism: synergy significantly < -threshold; "
                     "failure: both-on runs fail more than each alone (Fisher)",
                     ["pair", "kind", "evidence", "CI", "p", "p_adj"], rows))
-    if result["aliased"]:
+    if fit.aliased:
         out.append(("Aliased effects", "not separable in this design; never read as a clean synergy",
                     ["alias chain", "estimate"],
-                    [[a["label"], _fmt(a.get("estimate"))] for a in result["aliased"]]))
-    if result.get("ladder"):
-        out.append((f"Ladder ({result['ladder_kind']})", "cumulative stacking; delta = step from the previous row",
+                    [[a.label, _fmt(a.estimate)] for a in fit.aliased]))
+    if att.ladder:
+        out.append((f"Ladder ({att.ladder_kind})", "cumulative stacking; delta = step from the previous row",
                     ["step", "cell", "n", "mean", "sd", "delta"],
-                    [[str(r["step"]), r["cell"], f"{r['n_finished']}/{r['n']}", _fmt(r["mean"]), _fmt(r["sd"]),
-                      _fmt(r["delta"])] for r in result["ladder"]]))
+                    [[str(r.step), r.cell, f"{r.n_finished}/{r.n}", _fmt(r.mean), _fmt(r.sd),
+                      _fmt(r.delta)] for r in att.ladder]))
     return out
 
 
-def _print_tables(result: dict, stream) -> None:
+def _print_tables(result: Analysis, stream) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
@@ -144,12 +145,12 @@ def _print_tables(result: dict, stream) -> None:
             print("  ".join(h.ljust(w) for h, w in zip(header, widths)), file=stream)
             for r in rows:
                 print("  ".join(c.ljust(w) for c, w in zip(r, widths)), file=stream)
-        for n in result["notes"]:
+        for n in result.notes:
             print(f"note: {n}", file=stream)
         return
     console = Console(file=stream, width=max(100, Console(file=stream).width))
-    console.print(f"[bold]{result['metric']}[/] ({result['direction']}), {result['n_finished']}/{result['n_runs']} "
-                  f"finished runs in {result['n_cells']} cells")
+    console.print(f"[bold]{result.metric}[/] ({result.direction}), {result.n_finished}/{result.n_runs} "
+                  f"finished runs in {result.fit.n_cells} cells")
     for title, caption, header, rows in tables(result):
         t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
         for h in header:
@@ -157,7 +158,7 @@ def _print_tables(result: dict, stream) -> None:
         for r in rows:
             t.add_row(*r)
         console.print(t)
-    for n in result["notes"]:
+    for n in result.notes:
         console.print(f"note: {n}", highlight=False)
 
 
@@ -184,7 +185,7 @@ def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
         return 2
     try:
         if args.format == "json":
-            json.dump(result, stdout, indent=2, allow_nan=False)
+            json.dump(result.to_json(), stdout, indent=2, allow_nan=False)
             stdout.write("\n")
         else:
             _print_tables(result, stdout)

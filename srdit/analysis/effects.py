@@ -18,6 +18,9 @@ Conventions (design doc, "Synergy and incompatibility"):
   (scipy.stats.bootstrap), Holm/BH across pairs (statsmodels multipletests); failure interactions by Fisher's exact
   test (scipy.stats.fisher_exact).
 
+The result is typed (`Analysis`, one frozen dataclass per phase: fit, pairs, failures, bootstrap, attribution);
+`Analysis.to_json()` is the JSON of `srdit analyze --format json`.
+
 This module must not import torch, ray or mlflow: it works on any CSV.
 """
 
@@ -27,7 +30,7 @@ import inspect
 import itertools
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -36,10 +39,17 @@ import statsmodels.formula.api as smf
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
+from srdit import metric_registry
+from srdit.analysis.results import StudyResults
+
 __all__ = [
     "AnalysisError",
     "OK_STATUSES",
+    "Analysis",
+    "AnalysisFailure",
+    "Options",
     "analyze",
+    "analyze_study",
     "pair_name",
     "shapley_values",
     "combo_label",
@@ -549,55 +559,354 @@ def _bootstrap(p: _Prepared, terms, est_mask, confidence: float, n_resamples: in
     return {n: _ci(a, b) for n, a, b in zip(names, lo, hi)}, note
 
 
-# --------------------------------------------------------------------------------------------------------------------
-# the analysis
-# --------------------------------------------------------------------------------------------------------------------
-def analyze(
-    table: pd.DataFrame,
-    factors: Sequence[str],
-    metric: str,
-    direction: str = "min",
-    *,
-    seed_col: str | None = "seed",
-    status_col: str | None = "status",
-    reason_col: str | None = "status_reason",
-    log: bool = False,
-    alpha: float = 0.05,
-    threshold: float = 0.0,
-    correction: str = "holm",
-    seed_block: bool = True,
-    cov_type: str = "nonrobust",
-    bootstrap: bool = True,
-    n_resamples: int = 2000,
-    bootstrap_method: str = "BCa",
-    ladder_order: Sequence[str] | None = None,
-    strict: bool = False,
-    random_state: int = 0,
-) -> dict:
-    """Analyse one metric of a two-level technique study. Returns a JSON-serialisable dict.
 
-    Keys: main_effects / interactions (metric scale, log if `log`, *before* orientation: ME = mean(y|+) - mean(y|-),
-    INT = half difference), synergy (oriented, = direction * 2 INT), ci / synergy_ci (t intervals from OLS with a seed
-    block, only when runs are replicated), p / p_adj, ci_boot (seed bootstrap within cells), dividends,
-    dividends_full, loo, shapley (oriented; full factorials only), ladder, cells, best, strongest_synergy,
-    incompatible (flags with evidence), failure_tests, aliased, inestimable, notes.
 
-    `threshold` is the practical antagonism threshold delta (gain units): a pair is flagged when S < -delta
-    significantly (one-sided t test of H0: S >= -delta, `correction` across pairs, level `alpha`).
-    With `strict`, a design whose cells leave an effect inestimable (not merely aliased) raises AnalysisError."""
-    if not 0 < alpha < 1:
-        raise AnalysisError(f"alpha must be in (0, 1), got {alpha}")
-    if correction not in ("holm", "fdr_bh", "bonferroni", "none"):
-        raise AnalysisError(f"correction must be holm, fdr_bh, bonferroni or none, got {correction!r}")
-    p = prepare(table, factors, metric, direction, seed_col=seed_col, status_col=status_col,
-                reason_col=reason_col, log=log)
+# --------------------------------------------------------------------------------------------------------------------
+# the typed result: one frozen dataclass per phase, assembled into `Analysis`
+# --------------------------------------------------------------------------------------------------------------------
+def _record(obj: Any) -> dict:
+    """Shallow field -> value dict of a record dataclass, in field order (its JSON form)."""
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}
+
+
+@dataclass(frozen=True)
+class Options:
+    """How `analyze` treats the table and what it computes (the keyword arguments of `analyze`)."""
+
+    seed_col: str | None = "seed"
+    status_col: str | None = "status"
+    reason_col: str | None = "status_reason"
+    log: bool = False
+    "analyse log(metric) (throughput-like metrics: speed-ups multiply)"
+    alpha: float = 0.05
+    threshold: float = 0.0
+    "practical antagonism threshold delta, gain units"
+    correction: str = "holm"
+    seed_block: bool = True
+    cov_type: str = "nonrobust"
+    bootstrap: bool = True
+    n_resamples: int = 2000
+    bootstrap_method: str = "BCa"
+    ladder_order: Sequence[str] | None = None
+    strict: bool = False
+    "a design whose cells leave an effect inestimable (not merely aliased) raises AnalysisError"
+    random_state: int = 0
+
+    def validate(self) -> None:
+        if not 0 < self.alpha < 1:
+            raise AnalysisError(f"alpha must be in (0, 1), got {self.alpha}")
+        if self.correction not in ("holm", "fdr_bh", "bonferroni", "none"):
+            raise AnalysisError(f"correction must be holm, fdr_bh, bonferroni or none, got {self.correction!r}")
+
+
+@dataclass(frozen=True)
+class AliasChain:
+    """Effects the design cannot separate (identical or opposite +-1 columns); the first is the representative."""
+
+    effects: list[str]
+    signs: list[int]
+    label: str
+    estimate: float | None = None
+    ci: list[float] | None = None
+
+    def to_json(self) -> dict:
+        return _record(self)
+
+
+@dataclass(frozen=True)
+class Inestimable:
+    effect: str
+    reason: str
+
+    def to_json(self) -> dict:
+        return _record(self)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """Phase 1: OLS `y ~ mains + 2FI (representatives) + C(seed)` on the finished runs, with the design's aliasing
+    and holes. Effects on the metric scale (log if `log`), before orientation."""
+
+    n_cells: int
+    replicated: bool
+    error_df: float | None
+    "residual df when there is an error estimate (replicated runs), else None"
+    main_effects: dict[str, float | None]
+    interactions: dict[str, float | None]
+    ci: dict[str, list[float]]
+    p: dict[str, float]
+    aliased: list[AliasChain]
+    inestimable: list[Inestimable]
+    notes: list[str]
+    # for the later phases (not part of the JSON)
+    sign: int = field(repr=False, default=1)
+    df_resid: float = field(repr=False, default=0.0)
+    se: dict[str, float | None] = field(repr=False, default_factory=dict)
+    "standard error of each estimated representative term (effect scale)"
+    clean_pairs: frozenset[str] = field(repr=False, default=frozenset())
+    "pairs estimated free of aliasing"
+    estimated: frozenset[str] = field(repr=False, default=frozenset())
+    "terms estimated as their own representative (what the bootstrap may estimate)"
+
+    @property
+    def has_error(self) -> bool:
+        return self.error_df is not None
+
+
+@dataclass(frozen=True)
+class Flag:
+    """An incompatible pair with its evidence: `antagonism` (synergy significantly below -threshold) or `failure`
+    (runs with both techniques fail more often than with each alone)."""
+
+    pair: str
+    factors: list[str]
+    kind: str
+    estimate: float | None
+    ci: list[float] | None
+    p: float | None
+    p_adj: float | None
+    threshold: float | None = None
+    df: float | None = None
+    counts: dict | None = None
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        if self.kind == "antagonism":
+            return {"pair": self.pair, "factors": self.factors, "kind": self.kind, "estimate": self.estimate,
+                    "ci": self.ci, "p": self.p, "p_adj": self.p_adj, "threshold": self.threshold, "df": self.df,
+                    "counts": self.counts}
+        return {"pair": self.pair, "factors": self.factors, "p": self.p, "estimate": self.estimate,
+                "counts": self.counts, "statuses": self.statuses, "p_adj": self.p_adj, "kind": self.kind,
+                "ci": self.ci}
+
+
+@dataclass(frozen=True)
+class StrongestSynergy:
+    pair: str
+    estimate: float | None
+    ci: list[float] | None
+    p_adj: float | None
+
+    def to_json(self) -> dict:
+        return _record(self)
+
+
+@dataclass(frozen=True)
+class Pairs:
+    """Phase 2: pair synergies S_ij (oriented gain), their CIs and corrected p-values, antagonism flags."""
+
+    synergy: dict[str, float | None]
+    synergy_ci: dict[str, list[float]]
+    p_adj: dict[str, float | None]
+    antagonism: list[Flag]
+    strongest: StrongestSynergy | None
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class FailureTest:
+    """Fisher test of one pair's joint failures; `factors` is None when no run failed (nothing was tested)."""
+
+    pair: str
+    p: float | None
+    p_adj: float | None
+    counts: dict | None
+    factors: list[str] | None = None
+    estimate: float | None = None
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        if self.factors is None:
+            return {"pair": self.pair, "p": self.p, "p_adj": self.p_adj, "counts": self.counts}
+        return {"pair": self.pair, "factors": self.factors, "p": self.p, "estimate": self.estimate,
+                "counts": self.counts, "statuses": self.statuses, "p_adj": self.p_adj}
+
+    def flag(self) -> Flag:
+        return Flag(pair=self.pair, factors=list(self.factors or []), kind="failure", estimate=self.estimate,
+                    ci=None, p=self.p, p_adj=self.p_adj, counts=self.counts, statuses=self.statuses)
+
+
+@dataclass(frozen=True)
+class Failures:
+    """Phase 3: failure interactions (one test per pair; the flagged ones)."""
+
+    tests: list[FailureTest]
+    flagged: list[FailureTest]
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """Seed bootstrap within cells: effect name -> CI (metric scale), for the estimable clean effects."""
+
+    ci: dict[str, list[float] | None]
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One combination of techniques: runs, failures, metric mean / sd, oriented gain."""
+
+    combo: str
+    cell: str
+    on: list[str]
+    n: int
+    n_finished: int
+    n_failed: int
+    failures: dict[str, int]
+    reasons: list[str]
+    mean: float | None
+    sd: float | None
+    y_mean: float | None
+    gain: float | None
+    gain_sem: float | None
+
+    def to_json(self) -> dict:
+        return _record(self)
+
+
+@dataclass(frozen=True)
+class Best:
+    cell: str
+    combo: str
+    on: list[str]
+    mean: float | None
+    sd: float | None
+    gain: float | None
+    n_finished: int
+    n: int
+
+    def to_json(self) -> dict:
+        return _record(self)
+
+
+@dataclass(frozen=True)
+class LadderRow:
+    step: int
+    added: str | None
+    cell: str
+    on: list[str]
+    n: int
+    n_finished: int
+    mean: float | None
+    sd: float | None
+    gain: float | None
+    delta: float | None
+    gain_step: float | None
+    ratio: float | None
+
+    def to_json(self) -> dict:
+        return _record(self)
+
+
+@dataclass(frozen=True)
+class Attribution:
+    """Phase 4: cell-based quantities on oriented gains: cells, best cell, dividends, leave-one-out, Shapley, ladder."""
+
+    cells: list[Cell]
+    best: Best | None
+    dividends: dict[str, float | None]
+    dividends_full: dict[str, float | None]
+    loo: dict[str, float | None]
+    shapley: dict[str, float | None] | None
+    ladder: list[LadderRow] | None
+    ladder_kind: str | None
+    notes: list[str]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The analysis of one metric: the phases' results and the run counts. `to_json()` is the JSON of
+    `srdit analyze --format json` and of the report's effects.json."""
+
+    metric: str
+    direction: str
+    "'max' or 'min'"
+    scale: str
+    "'log' or 'linear'"
+    factors: list[str]
+    n_runs: int
+    n_finished: int
+    n_failed: int
+    alpha: float
+    correction: str
+    threshold: float
+    fit: Fit
+    pairs: Pairs
+    failures: Failures
+    bootstrap: Bootstrap
+    attribution: Attribution
+    notes: list[str]
+    "every phase's notes, in phase order"
+
+    @property
+    def incompatible(self) -> list[Flag]:
+        """Antagonism flags, then failure flags."""
+        return [*self.pairs.antagonism, *(t.flag() for t in self.failures.flagged)]
+
+    def to_json(self) -> dict:
+        fit, pairs, att = self.fit, self.pairs, self.attribution
+        return {
+            "metric": self.metric,
+            "direction": self.direction,
+            "scale": self.scale,
+            "factors": list(self.factors),
+            "n_runs": self.n_runs,
+            "n_finished": self.n_finished,
+            "n_failed": self.n_failed,
+            "n_cells": fit.n_cells,
+            "replicated": fit.replicated,
+            "error_df": fit.error_df,
+            "alpha": self.alpha,
+            "correction": self.correction,
+            "threshold": self.threshold,
+            "main_effects": fit.main_effects,
+            "interactions": fit.interactions,
+            "synergy": pairs.synergy,
+            "ci": fit.ci,
+            "synergy_ci": pairs.synergy_ci,
+            "p": fit.p,
+            "p_adj": pairs.p_adj,
+            "ci_boot": self.bootstrap.ci,
+            "dividends": att.dividends,
+            "dividends_full": att.dividends_full,
+            "loo": att.loo,
+            "shapley": att.shapley,
+            "ladder": [r.to_json() for r in att.ladder] if att.ladder is not None else None,
+            "ladder_kind": att.ladder_kind,
+            "cells": [c.to_json() for c in att.cells],
+            "best": att.best.to_json() if att.best else None,
+            "strongest_synergy": pairs.strongest.to_json() if pairs.strongest else None,
+            "incompatible": [f.to_json() for f in self.incompatible],
+            "failure_tests": [t.to_json() for t in self.failures.tests],
+            "aliased": [a.to_json() for a in fit.aliased],
+            "inestimable": [i.to_json() for i in fit.inestimable],
+            "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True)
+class AnalysisFailure:
+    """A metric that could not be analysed (bad input for `analyze`), with the one-line reason."""
+
+    metric: str
+    direction: str
+    error: str
+
+    def to_json(self) -> dict:
+        return {"error": self.error, "metric": self.metric, "direction": self.direction}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the phases
+# --------------------------------------------------------------------------------------------------------------------
+def fit_effects(p: _Prepared, o: Options) -> Fit:
+    """Phase 1: aliasing and holes from the design (all rows), then OLS on the finished runs with a seed block."""
     factors = p.factors
     d = p.data
-    notes = list(p.notes)
+    notes: list[str] = []
     k = len(factors)
     terms = _effect_terms(factors, 2)
     names = [_term_name(t) for t in terms]
-    pair_terms = [t for t in terms if len(t) == 2]
 
     # ---- aliasing and holes, from the design itself (all rows, failed ones included) ----
     design_cells = d.drop_duplicates("_combo")[factors].reset_index(drop=True)
@@ -605,26 +914,27 @@ def analyze(
     inter = np.ones((len(design_cells), 1))
     groups = _alias_groups(Xd, names)
     rep_of = {}
-    aliased = []
+    alias_groups = []
     for g in groups:
         for n, sg in g:
             rep_of[n] = (g[0][0], sg)
         if len(g) > 1:
-            aliased.append({"effects": [n for n, _ in g], "signs": [sg for _, sg in g], "label": _alias_label(g)})
+            alias_groups.append(g)
+    aliased_names = {n for g in alias_groups for n, _ in g}
     reps = [g[0][0] for g in groups]
     rep_terms = [terms[names.index(r)] for r in reps]
     Xrep = np.column_stack([inter, _pm_matrix(design_cells, rep_terms)])
     design_est = dict(zip(reps, _estimable_mask(Xrep)[1:]))
     holes = [r for r in reps if not design_est[r]]
     n_cells = len(design_cells)
-    inestimable: list[dict] = []
+    inestimable: list[Inestimable] = []
     if holes:
         msg = (f"design has holes: {', '.join(holes)} cannot be estimated from the {n_cells} cell(s) present "
                f"(of {2 ** k}); add the missing cells")
-        if strict:
+        if o.strict:
             raise AnalysisError(msg + " or allow inestimable effects")
         notes.append(msg)
-        inestimable += [{"effect": h, "reason": "design has holes"} for h in holes]
+        inestimable += [Inestimable(h, "design has holes") for h in holes]
 
     # ---- OLS on finished runs: y ~ mains + 2FI (representatives) + C(seed) ----
     okd = d[d["_ok"]].reset_index(drop=True)
@@ -638,18 +948,18 @@ def analyze(
     pure_df = int((ok_cells - 1).sum())
     replicated = pure_df > 0
 
-    def fit(block: bool):
+    def ols(block: bool):
         rhs = " + ".join(rhs_terms) if rhs_terms else "1"
         if block:
             rhs += " + C(seed)"
         with warnings.catch_warnings():  # rank deficiency is handled below, term by term (_estimable_mask)
             warnings.simplefilter("ignore")
-            return smf.ols("y ~ " + rhs, data=fit_df).fit(cov_type=cov_type)
+            return smf.ols("y ~ " + rhs, data=fit_df).fit(cov_type=o.cov_type)
 
-    res = fit(False)
+    res = ols(False)
     used_block = False
-    if seed_block and p.has_seed and fit_df["seed"].nunique() > 1:
-        res_b = fit(True)
+    if o.seed_block and p.has_seed and fit_df["seed"].nunique() > 1:
+        res_b = ols(True)
         est0 = _estimable_mask(res.model.exog)
         estb = _estimable_mask(res_b.model.exog)
         cols0 = dict(zip(res.model.exog_names, est0))
@@ -664,7 +974,7 @@ def analyze(
     if not replicated:
         notes.append("unreplicated design (one finished run per cell): no error estimate, so no CIs or p-values; "
                      "run more seeds")
-    ci_tab = res.conf_int(alpha=alpha) if has_error else None
+    ci_tab = res.conf_int(alpha=o.alpha) if has_error else None
 
     term_info: dict[str, dict] = {}
     lost_cells = sorted(set(d.loc[~d["_ok"], "_combo"]) - set(okd["_combo"]))
@@ -672,17 +982,16 @@ def analyze(
         col = ":".join(safe[f] for f in terms[names.index(r)])
         if not est_cols.get(col, False):
             why = "no finished runs in cell(s) " + ", ".join(lost_cells) if lost_cells else "not enough finished runs"
-            inestimable.append({"effect": r, "reason": why})
+            inestimable.append(Inestimable(r, why))
             continue
         beta = float(res.params[col])
-        info = {"effect": 2 * beta, "beta": beta, "se": None, "ci": None, "p": None, "t": None}
+        info = {"effect": 2 * beta, "se": None, "ci": None, "p": None}
         if has_error:
             info["se"] = 2 * float(res.bse[col])
             info["ci"] = _ci(2 * ci_tab.loc[col, 0], 2 * ci_tab.loc[col, 1])
             info["p"] = _f(res.pvalues[col])
-            info["t"] = _f(res.tvalues[col])
         term_info[r] = info
-    lost = [i["effect"] for i in inestimable if i["reason"] != "design has holes"]
+    lost = [i.effect for i in inestimable if i.reason != "design has holes"]
     if lost:
         notes.append(f"inestimable because runs failed: {', '.join(lost)} (see the failure analysis)")
     if used_block:
@@ -691,15 +1000,13 @@ def analyze(
     # ---- effects per name ----
     main_effects: dict[str, float | None] = {}
     interactions: dict[str, float | None] = {}
-    synergy: dict[str, float | None] = {}
     ci: dict[str, list | None] = {}
     pvals: dict[str, float | None] = {}
-    synergy_ci: dict[str, list | None] = {}
+    clean_pairs = set()
     for t in terms:
         n = _term_name(t)
-        rep, sg = rep_of[n]
+        rep, _ = rep_of[n]
         info = term_info.get(rep)
-        clean = rep == n and len([a for a in aliased if n in a["effects"]]) == 0
         if len(t) == 1:
             # a main effect aliased with interactions (resolution III) is still reported, with its alias chain
             if rep == n and info is not None:
@@ -708,74 +1015,117 @@ def analyze(
                 pvals[n] = info["p"]
             else:
                 main_effects[n] = None
+        elif rep == n and n not in aliased_names and info is not None:
+            interactions[n] = _f(info["effect"])
+            ci[n] = info["ci"]
+            pvals[n] = info["p"]
+            clean_pairs.add(n)
         else:
-            if clean and info is not None:
-                interactions[n] = _f(info["effect"])
-                synergy[n] = _f(p.sign * 2 * info["effect"])
-                ci[n] = info["ci"]
-                pvals[n] = info["p"]
-                synergy_ci[n] = _ci(*(p.sign * 2 * np.array(info["ci"]))) if info["ci"] else None
-            else:
-                interactions[n] = None
-                synergy[n] = None
-    for a in aliased:
-        info = term_info.get(a["effects"][0])
-        a["estimate"] = _f(info["effect"]) if info else None
-        a["ci"] = info["ci"] if info else None
+            interactions[n] = None
+    aliased = []
+    for g in alias_groups:
+        info = term_info.get(g[0][0])
+        aliased.append(AliasChain(effects=[n for n, _ in g], signs=[sg for _, sg in g], label=_alias_label(g),
+                                  estimate=_f(info["effect"]) if info else None, ci=info["ci"] if info else None))
+    return Fit(
+        n_cells=n_cells, replicated=bool(replicated), error_df=_f(res.df_resid) if has_error else None,
+        main_effects=main_effects, interactions=interactions,
+        ci={n: c for n, c in ci.items() if c is not None} if has_error else {},
+        p={n: q for n, q in pvals.items() if q is not None}, aliased=aliased, inestimable=inestimable, notes=notes,
+        sign=p.sign, df_resid=float(res.df_resid), se={r: i["se"] for r, i in term_info.items()},
+        clean_pairs=frozenset(clean_pairs),
+        estimated=frozenset(n for n in names if rep_of[n][0] == n and n in term_info))
+
+
+def pair_synergies(fit: Fit, o: Options) -> Pairs:
+    """Phase 2: S_ij = direction * 2 INT_ij for the clean pairs, corrected p-values across pairs, and antagonism
+    flags: one-sided t test of H0: S >= -threshold, corrected across pairs (level alpha)."""
+    notes: list[str] = []
+    synergy: dict[str, float | None] = {}
+    synergy_ci: dict[str, list | None] = {}
+    for n, v in fit.interactions.items():
+        if n in fit.clean_pairs:
+            synergy[n] = _f(fit.sign * 2 * v) if v is not None else None
+            c = fit.ci.get(n)
+            synergy_ci[n] = _ci(*(fit.sign * 2 * np.array(c))) if c else None
+        else:
+            synergy[n] = None
 
     # multiplicity across clean pairs
-    pair_ps = {n: pvals[n] for n in synergy if synergy[n] is not None and pvals.get(n) is not None}
+    pair_ps = {n: fit.p[n] for n in synergy if synergy[n] is not None and fit.p.get(n) is not None}
     p_adj: dict[str, float | None] = {n: None for n in synergy}
     if pair_ps:
-        adj = _adjust(list(pair_ps.values()), correction, alpha)
+        adj = _adjust(list(pair_ps.values()), o.correction, o.alpha)
         p_adj.update({n: _f(v) for n, v in zip(pair_ps, adj)})
 
-    # ---- antagonism flags: one-sided t test of H0: S >= -threshold, corrected across pairs ----
-    incompatible: list[dict] = []
+    antagonism: list[Flag] = []
     antag = {}
-    if has_error:
+    if fit.has_error:
         for n, s in synergy.items():
-            info = term_info.get(n)
-            if s is None or info is None or info["se"] is None:
+            se = fit.se.get(n)
+            if s is None or se is None:
                 continue
-            se_s = 2 * info["se"]
-            tstat = (s + threshold) / se_s if se_s > 0 else (-np.inf if s + threshold < 0 else np.inf)
-            antag[n] = float(stats.t.cdf(tstat, res.df_resid))
+            se_s = 2 * se
+            tstat = (s + o.threshold) / se_s if se_s > 0 else (-np.inf if s + o.threshold < 0 else np.inf)
+            antag[n] = float(stats.t.cdf(tstat, fit.df_resid))
         if antag:
-            adj = _adjust(list(antag.values()), correction, alpha)
+            adj = _adjust(list(antag.values()), o.correction, o.alpha)
             for (n, pv), pa in zip(antag.items(), adj):
-                if pa < alpha and synergy[n] < -threshold:
-                    incompatible.append({
-                        "pair": n, "factors": n.split(":"), "kind": "antagonism", "estimate": synergy[n],
-                        "ci": synergy_ci[n], "p": _f(pv), "p_adj": _f(pa), "threshold": threshold,
-                        "df": _f(res.df_resid), "counts": None,
-                    })
+                if pa < o.alpha and synergy[n] < -o.threshold:
+                    antagonism.append(Flag(
+                        pair=n, factors=n.split(":"), kind="antagonism", estimate=synergy[n], ci=synergy_ci[n],
+                        p=_f(pv), p_adj=_f(pa), threshold=o.threshold, df=_f(fit.df_resid), counts=None))
     else:
         notes.append("antagonism cannot be tested without replicates; failure interactions are still tested")
 
-    fail_flags, fail_tests = _failure_tests(p, alpha)
-    for fl in fail_flags:
-        incompatible.append({**fl, "kind": "failure", "ci": None})
+    strongest = None
+    pos = {n: s for n, s in synergy.items() if s is not None}
+    if pos:
+        n = max(pos, key=lambda q: pos[q])
+        strongest = StrongestSynergy(pair=n, estimate=pos[n], ci=synergy_ci.get(n), p_adj=p_adj.get(n))
+    return Pairs(synergy=synergy, synergy_ci={n: c for n, c in synergy_ci.items() if c is not None}, p_adj=p_adj,
+                 antagonism=antagonism, strongest=strongest, notes=notes)
 
-    # ---- bootstrap ----
-    ci_boot = None
-    if bootstrap and replicated:
-        est_mask = np.array([rep_of[_term_name(t)][0] == _term_name(t) and _term_name(t) in term_info for t in terms])
-        ci_boot, bnote = _bootstrap(p, terms, est_mask, 1 - alpha, n_resamples, bootstrap_method, random_state)
-        if bnote:
-            notes.append(bnote)
-        if ci_boot:
-            for n in list(ci_boot):
-                if n in synergy and synergy[n] is None:
-                    ci_boot.pop(n)
 
-    # ---- cell-based quantities (oriented gains) ----
+def failure_interactions(p: _Prepared, o: Options) -> Failures:
+    """Phase 3: pairs whose joint runs fail where each technique alone succeeds (see `_failure_tests`)."""
+    flags, tests = _failure_tests(p, o.alpha)
+
+    def typed(t: dict) -> FailureTest:
+        if "factors" not in t:  # no run failed: nothing was tested
+            return FailureTest(pair=t["pair"], p=t["p"], p_adj=t["p_adj"], counts=t["counts"])
+        return FailureTest(pair=t["pair"], p=t["p"], p_adj=t["p_adj"], counts=t["counts"], factors=t["factors"],
+                           estimate=t["estimate"], statuses=t["statuses"])
+
+    return Failures(tests=[typed(t) for t in tests], flagged=[typed(t) for t in flags])
+
+
+def bootstrap_cis(p: _Prepared, fit: Fit, pairs: Pairs, o: Options) -> Bootstrap:
+    """Seed bootstrap within cells (replicated designs only) of the effects the OLS estimated cleanly."""
+    if not (o.bootstrap and fit.replicated):
+        return Bootstrap(ci={}, notes=[])
+    terms = _effect_terms(p.factors, 2)
+    est_mask = np.array([_term_name(t) in fit.estimated for t in terms])
+    ci_boot, bnote = _bootstrap(p, terms, est_mask, 1 - o.alpha, o.n_resamples, o.bootstrap_method, o.random_state)
+    if ci_boot:
+        for n in list(ci_boot):
+            if n in pairs.synergy and pairs.synergy[n] is None:
+                ci_boot.pop(n)
+    return Bootstrap(ci=ci_boot or {}, notes=[bnote] if bnote else [])
+
+
+def attribute(p: _Prepared, o: Options) -> Attribution:
+    """Phase 4: cell means on oriented gains -> dividends, leave-one-out, exact Shapley values (full factorials),
+    the cumulative ladder and the best cell."""
+    factors = p.factors
+    k = len(factors)
+    notes: list[str] = []
     cells = _cell_table(p)
     v = {r["key"]: r["gain"] for r in cells if r["gain"] is not None}
     full = frozenset(factors)
     dividends: dict[str, float | None] = {}
     dividends_full: dict[str, float | None] = {}
-    for a, b in pair_terms:
+    for a, b in itertools.combinations(factors, 2):
         n = pair_name(a, b)
         ks = [frozenset(), frozenset({a}), frozenset({b}), frozenset({a, b})]
         dividends[n] = _f(v[ks[3]] - v[ks[1]] - v[ks[2]] + v[ks[0]]) if all(x in v for x in ks) else None
@@ -793,7 +1143,7 @@ def analyze(
                      + (" ..." if len(missing_cells) > 5 else ""))
     else:
         shapley = {f: _f(x) for f, x in shapley_values(v, factors).items()}
-    ladder, ladder_kind = _ladder(cells, factors, ladder_order, p.log)
+    ladder, ladder_kind = _ladder(cells, factors, o.ladder_order, p.log)
 
     finished_cells = [r for r in cells if r["gain"] is not None]
     # prefer cells where at least half of the runs finished (a lucky survivor is not a recommendation)
@@ -803,49 +1153,64 @@ def analyze(
     if finished_cells:
         # best mean gain; ties go to the smaller technique set
         r = max(finished_cells, key=lambda c: (c["gain"], -len(c["on"])))
-        best = {"cell": r["cell"], "combo": r["combo"], "on": r["on"], "mean": r["mean"], "sd": r["sd"],
-                "gain": r["gain"], "n_finished": int(r["n_finished"]), "n": int(r["n"])}
-    strongest = None
-    pos = {n: s for n, s in synergy.items() if s is not None}
-    if pos:
-        n = max(pos, key=lambda q: pos[q])
-        strongest = {"pair": n, "estimate": pos[n], "ci": synergy_ci.get(n), "p_adj": p_adj.get(n)}
+        best = Best(cell=r["cell"], combo=r["combo"], on=r["on"], mean=r["mean"], sd=r["sd"], gain=r["gain"],
+                    n_finished=int(r["n_finished"]), n=int(r["n"]))
+    return Attribution(
+        cells=[Cell(**{k2: v2 for k2, v2 in r.items() if k2 != "key"}) for r in cells], best=best,
+        dividends=dividends, dividends_full=dividends_full, loo=loo, shapley=shapley,
+        ladder=[LadderRow(**r) for r in ladder] if ladder is not None else None, ladder_kind=ladder_kind,
+        notes=notes)
 
-    cell_records = [{k2: v2 for k2, v2 in r.items() if k2 != "key"} for r in cells]
-    return {
-        "metric": metric,
-        "direction": "max" if p.sign > 0 else "min",
-        "scale": "log" if log else "linear",
-        "factors": list(factors),
-        "n_runs": int(len(d)),
-        "n_finished": int(d["_ok"].sum()),
-        "n_failed": int((~d["_ok"]).sum()),
-        "n_cells": n_cells,
-        "replicated": bool(replicated),
-        "error_df": _f(res.df_resid) if has_error else None,
-        "alpha": alpha,
-        "correction": correction,
-        "threshold": threshold,
-        "main_effects": main_effects,
-        "interactions": interactions,
-        "synergy": synergy,
-        "ci": {n: c for n, c in ci.items() if c is not None} if has_error else {},
-        "synergy_ci": {n: c for n, c in synergy_ci.items() if c is not None},
-        "p": {n: q for n, q in pvals.items() if q is not None},
-        "p_adj": p_adj,
-        "ci_boot": ci_boot or {},
-        "dividends": dividends,
-        "dividends_full": dividends_full,
-        "loo": loo,
-        "shapley": shapley,
-        "ladder": ladder,
-        "ladder_kind": ladder_kind,
-        "cells": cell_records,
-        "best": best,
-        "strongest_synergy": strongest,
-        "incompatible": incompatible,
-        "failure_tests": fail_tests,
-        "aliased": aliased,
-        "inestimable": inestimable,
-        "notes": notes,
-    }
+
+# --------------------------------------------------------------------------------------------------------------------
+# the analysis
+# --------------------------------------------------------------------------------------------------------------------
+def analyze(table: pd.DataFrame, factors: Sequence[str], metric: str, direction: str = "min",
+            options: Options | None = None, **overrides: Any) -> Analysis:
+    """Analyse one metric of a two-level technique study; `to_json()` of the result is JSON-serialisable.
+
+    `options` (or keyword arguments naming its fields, e.g. `log=True, bootstrap=False`) set how; see `Options`.
+
+    Result (see `Analysis`): fit.main_effects / fit.interactions (metric scale, log if `log`, *before* orientation:
+    ME = mean(y|+) - mean(y|-), INT = half difference), pairs.synergy (oriented, = direction * 2 INT), fit.ci /
+    pairs.synergy_ci (t intervals from OLS with a seed block, only when runs are replicated), fit.p / pairs.p_adj,
+    bootstrap.ci (seed bootstrap within cells), attribution (cells, best, dividends, dividends_full, loo, shapley
+    (oriented; full factorials only), ladder), pairs.strongest, incompatible (flags with evidence),
+    failures.tests, fit.aliased, fit.inestimable, notes.
+
+    `threshold` is the practical antagonism threshold delta (gain units): a pair is flagged when S < -delta
+    significantly (one-sided t test of H0: S >= -delta, `correction` across pairs, level `alpha`).
+    With `strict`, a design whose cells leave an effect inestimable (not merely aliased) raises AnalysisError."""
+    o = replace(options or Options(), **overrides)
+    o.validate()
+    p = prepare(table, factors, metric, direction, seed_col=o.seed_col, status_col=o.status_col,
+                reason_col=o.reason_col, log=o.log)
+    fit = fit_effects(p, o)
+    pairs = pair_synergies(fit, o)
+    failures = failure_interactions(p, o)
+    boot = bootstrap_cis(p, fit, pairs, o)
+    att = attribute(p, o)
+    d = p.data
+    return Analysis(
+        metric=metric, direction="max" if p.sign > 0 else "min", scale="log" if o.log else "linear",
+        factors=list(p.factors), n_runs=int(len(d)), n_finished=int(d["_ok"].sum()),
+        n_failed=int((~d["_ok"]).sum()), alpha=o.alpha, correction=o.correction, threshold=o.threshold,
+        fit=fit, pairs=pairs, failures=failures, bootstrap=boot, attribution=att,
+        notes=[*p.notes, *fit.notes, *pairs.notes, *boot.notes, *att.notes])
+
+
+def analyze_study(results: StudyResults, *, alpha: float = 0.05, threshold: float = 0.0,
+                  bootstrap: bool = True) -> dict[str, Analysis | AnalysisFailure]:
+    """`analyze` for the primary metric and every other metric of a study (log scale per the metric registry);
+    a metric that cannot be analysed gets an AnalysisFailure with the reason."""
+    out: dict[str, Analysis | AnalysisFailure] = {}
+    metrics = {results.metric: results.direction, **{m: d for m, d in results.other_metrics.items()
+                                                      if m != results.metric}}
+    for m, d in metrics.items():
+        try:
+            out[m] = analyze(results.table, results.factors, m, d, log=metric_registry.is_log(m), alpha=alpha,
+                             threshold=threshold if m == results.metric else 0.0, bootstrap=bootstrap,
+                             ladder_order=results.ladder_order, strict=False)
+        except AnalysisError as e:
+            out[m] = AnalysisFailure(metric=m, direction=d, error=str(e))
+    return out

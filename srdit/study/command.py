@@ -4,8 +4,6 @@
     srdit study run STUDY.yaml [--state DIR]          run every unfinished trial (Ray Tune; RAY_ADDRESS for a cluster)
     srdit study resume STUDY.yaml [--state DIR]       the same as run (finishes what is unfinished)
     srdit study status STUDY.yaml [--state DIR]       trials done / unfinished, from MLflow
-    srdit report STUDY.yaml [--state DIR]             dashboards/<study>/index.html (+ index, RECORDS.md), logged on
-                                                      the study's parent run
     srdit ui [--state DIR] [--port N]                 mlflow server on 127.0.0.1 over the embedded store
 
 Bad input (a malformed study file, a missing path, a wrong argument) prints one line on stderr, exit code 2.
@@ -27,7 +25,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no config box / TensorBoard hint; the runner prints progress
 
 DEFAULT_STATE = "state"
-DEFAULT_DASHBOARDS = "dashboards"
+DEFAULT_DASHBOARDS = "dashboards"  # where `srdit report` (srdit/report_command.py) writes
 
 
 class _ArgError(Exception):
@@ -155,58 +153,6 @@ def _status(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# srdit report
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _report_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="srdit report", description="Render a study's dashboard from its MLflow runs.")
-    p.add_argument("study")
-    p.add_argument("--state", default=DEFAULT_STATE)
-    p.add_argument("--out", default=DEFAULT_DASHBOARDS, help="dashboards folder (the report goes to OUT/<study>/)")
-    p.add_argument("--no-bootstrap", action="store_true", help="skip bootstrap CIs (faster)")
-    return p
-
-
-def report_main(argv: list[str] | None = None) -> int:
-    """`srdit report STUDY.yaml [--state DIR]`; returns the exit code."""
-    _quiet()
-    try:
-        args = _report_parser().parse_args(argv)
-    except _ArgError as e:
-        return _err(str(e))
-    try:
-        path = make_report(args.study, args.state, args.out, bootstrap=not args.no_bootstrap)
-    except ConfigError as e:
-        return _err(str(e))
-    print(f"report: {path}")
-    return 0
-
-
-def make_report(study: str | Path, state: str | Path = DEFAULT_STATE, out: str | Path = DEFAULT_DASHBOARDS,
-                bootstrap: bool = True) -> Path:
-    """Study YAML -> MLflow runs -> dashboards/<study>/index.html, dashboards/index.html, dashboards/RECORDS.md;
-    the report files are logged on the study's parent run under report/."""
-    from srdit.analysis.report import render_index, render_report, write_records
-    from srdit.study.results import load_results
-    from srdit.study.spec import load_study
-
-    spec = load_study(study)
-    results, tracking = load_results(spec, state)
-    if results.table.empty:
-        raise ConfigError(f"study {spec.name}: no trial has finished yet; run `srdit study run {study}` first")
-    out = Path(out)
-    html = render_report(results, out / spec.name, bootstrap=bootstrap)
-    render_index(out)
-    write_records(results, out / "RECORDS.md")
-    try:
-        tracking.client.log_artifacts(tracking.parent_run_id, str(out / spec.name), "report")
-    except Exception as e:  # the report exists on disk either way
-        print(f"warning: could not log the report on the MLflow parent run: {e}", file=sys.stderr)
-    return html
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # srdit ui
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -262,8 +208,6 @@ def ui_main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     argv = sys.argv[1:]
-    if argv[:1] == ["report"]:
-        sys.exit(report_main(argv[1:]))
     if argv[:1] == ["ui"]:
         sys.exit(ui_main(argv[1:]))
     sys.exit(main(argv))

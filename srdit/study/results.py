@@ -10,15 +10,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from srdit.analysis.report import CURVE_COLUMNS, StudyResults
+from srdit import metric_registry
+from srdit.analysis.results import CURVE_COLUMNS, TABLE_BASE_COLUMNS, StudyResults
 from srdit.config import ConfigError
 from srdit.study.designs import Plan, plan_study
 from srdit.study.runner import state_paths
 from srdit.study.spec import StudySpec
 from srdit.study.tracking import StudyTracking, is_done, open_study, resolve_uri, retry
 
-CURVE_KEYS = ("loss", "loss/fm", "loss/repa", "loss/reg", "loss/cfm", "grad_norm", "steps_per_s", "images_per_s",
-              "fd", "kd", "kd_std", "precision", "recall")
+CURVE_KEYS = tuple(metric_registry.curves())
+"Metrics read as learning curves from MLflow (and as table columns): the registry's curve metrics."
 
 
 def open_tracking(spec: StudySpec, state_dir: str | Path) -> StudyTracking:
@@ -89,7 +90,7 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
             except Exception:
                 pass  # a run without a sample grid (e.g. logged by an older version)
     table = pd.DataFrame(rows, columns=None if rows else
-                         ["trial", "cell", "seed", "status", "status_reason", *factors, *metrics])
+                         [*TABLE_BASE_COLUMNS, *factors, *metrics])
     results = StudyResults(
         study=spec.name, design=plan.design, factors=factors, metric=spec.metrics.primary,
         direction=spec.metrics.direction,

@@ -1,0 +1,306 @@
+"""Plotly figures of a study report (synergy matrix, effects, ladder, quality versus cost, learning curves) and the
+number formatting the report page shares with them. Each figure reads a typed `Analysis`."""
+
+from __future__ import annotations
+
+import html
+import math
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from srdit import metric_registry
+from srdit.analysis.effects import OK_STATUSES, Analysis, Cell, combo_label
+from srdit.analysis.results import CURVE_COLUMNS, StudyResults
+
+# --------------------------------------------------------------------------------------------------------------------
+# small formatting helpers
+# --------------------------------------------------------------------------------------------------------------------
+def _esc(x: Any) -> str:
+    return html.escape(str(x), quote=True)
+
+
+def _num(x: Any, nd: int = 4) -> str:
+    if x is None:
+        return "–"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return _esc(x)
+    if not math.isfinite(v):
+        return "–"
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+        return f"{v:.{max(nd - 1, 1)}e}"
+    return f"{v:.{nd}g}"
+
+
+def _pv(p: Any) -> str:
+    if p is None:
+        return "–"
+    p = float(p)
+    return "<1e-4" if p < 1e-4 else f"{p:.3g}"
+
+
+def _ci(c: Any, nd: int = 3) -> str:
+    return "–" if not c else f"[{_num(c[0], nd)}, {_num(c[1], nd)}]"
+
+
+def _metric_label(metric: str, direction: str, log: bool) -> str:
+    arrow = "↑" if direction == "max" else "↓"
+    return f"{'log ' if log else ''}{metric} ({arrow} better)"
+
+
+def _cell_order(cells: Iterable[Cell], factors: Sequence[str]) -> list[Cell]:
+    idx = {f: i for i, f in enumerate(factors)}
+    return sorted(cells, key=lambda c: (len(c.on), [idx[f] for f in c.on]))
+
+
+PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#EECA3B", "#B279A2", "#FF9DA6", "#9D755D",
+           "#BAB0AC", "#1F77B4", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#17BECF"]
+LAYOUT = dict(template="plotly_white", font=dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif",
+                                                    size=13),
+              margin=dict(l=70, r=30, t=50, b=60), height=440)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# figures
+# --------------------------------------------------------------------------------------------------------------------
+def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
+    """Symmetric matrix of S_ij (oriented), text = value, CI, significance mark; aliased / failed cells labelled.
+    None when no pair is estimable (leave-one-out and ladder designs lack the cells): an all-empty heatmap has no
+    colour range and plotly fails on it."""
+    incompatible = a.incompatible
+    if not any(v is not None for v in a.pairs.synergy.values()) and not incompatible and not a.fit.aliased:
+        return None
+    f = a.factors
+    k = len(f)
+    z = [[None] * k for _ in range(k)]
+    txt = [[""] * k for _ in range(k)]
+    hover = [[""] * k for _ in range(k)]
+    flagged = {fl.pair: fl for fl in incompatible}
+    aliased = {n: al.label for al in a.fit.aliased for n in al.effects}
+    inest = {i.effect: i.reason for i in a.fit.inestimable}
+    for i in range(k):
+        for j in range(k):
+            if i == j:
+                txt[i][j] = f"<i>{_esc(f[i])}</i>"
+                hover[i][j] = f"{f[i]}"
+                continue
+            n = f"{f[min(i, j)]}:{f[max(i, j)]}"
+            s = a.pairs.synergy.get(n)
+            mark = ""
+            padj = a.pairs.p_adj.get(n)
+            if padj is not None and padj < a.alpha:
+                mark = "*"
+            if n in flagged:
+                mark += " ✕"
+            if s is not None:
+                z[i][j] = s
+                ci = a.pairs.synergy_ci.get(n)
+                txt[i][j] = f"<b>{_num(s, 3)}{mark}</b>" + (f"<br>{_ci(ci, 2)}" if ci else "")
+                hover[i][j] = (f"S({n}) = {_num(s)}<br>CI {_ci(ci)}<br>p_adj {_pv(padj)}"
+                               + (f"<br>flagged: {flagged[n].kind}" if n in flagged else ""))
+            elif n in aliased:
+                txt[i][j] = "aliased"
+                hover[i][j] = f"{n}: aliased ({aliased[n]})"
+            elif n in flagged:
+                txt[i][j] = "fails ✕"
+                hover[i][j] = f"{n}: runs with both fail ({flagged[n].kind})"
+            else:
+                txt[i][j] = "n/a"
+                hover[i][j] = f"{n}: {inest.get(n, 'inestimable')}"
+    vals = [abs(v) for row in z for v in row if v is not None]
+    zmax = max(vals) if vals else 1.0
+    fig = go.Figure(go.Heatmap(
+        z=z, x=f, y=f, text=txt, texttemplate="%{text}", hovertext=hover, hoverinfo="text",
+        colorscale="RdBu", zmid=0, zmin=-zmax, zmax=zmax, xgap=3, ygap=3, textfont=dict(size=12),
+        colorbar=dict(title=dict(text="S<sub>ij</sub><br>(gain)")),
+    ))
+    fig.update_layout(**LAYOUT, title=title or "Synergy matrix S<sub>ij</sub>")
+    fig.update_layout(height=max(380, 90 * k + 140), width=None)
+    fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
+    fig.update_xaxes(side="bottom", constrain="domain")
+    return fig
+
+
+def fig_effects(a: Analysis) -> go.Figure:
+    """Main effects (oriented, with CI), Shapley attribution and leave-one-out effects side by side."""
+    sign = 1 if a.direction == "max" else -1
+    f = a.factors
+    main_effects, ci, att = a.fit.main_effects, a.fit.ci, a.attribution
+    me = [None if main_effects.get(x) is None else sign * main_effects[x] for x in f]
+    lo, hi = [], []
+    for x, v in zip(f, me):
+        c = ci.get(x)
+        if c and v is not None:
+            cc = sorted([sign * c[0], sign * c[1]])
+            lo.append(v - cc[0])
+            hi.append(cc[1] - v)
+        else:
+            lo.append(0)
+            hi.append(0)
+    fig = go.Figure()
+    fig.add_bar(name="main effect (avg. over design)", x=f, y=me, marker_color=PALETTE[0],
+                error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo, visible=bool(ci)))
+    if att.shapley:
+        fig.add_bar(name="Shapley (share of all − none)", x=f, y=[att.shapley.get(x) for x in f],
+                    marker_color=PALETTE[1])
+    if any(v is not None for v in att.loo.values()):
+        fig.add_bar(name="leave-one-out (all − all∖i)", x=f, y=[att.loo.get(x) for x in f],
+                    marker_color=PALETTE[2])
+    fig.add_hline(y=0, line_color="#444", line_width=1)
+    fig.update_layout(**LAYOUT, barmode="group", title="Effect of each technique (gain, positive = better)",
+                      yaxis_title=f"gain in {'log ' if a.scale == 'log' else ''}{a.metric}",
+                      legend=dict(orientation="h", y=-0.15))
+    return fig
+
+
+def fig_ladder(a: Analysis) -> go.Figure | None:
+    rows = a.attribution.ladder
+    if not rows or rows[0].mean is None:
+        return None
+    x, y, measure, text = [], [], [], []
+    for r in rows:
+        if r.mean is None:
+            break
+        if r.step == 0:
+            x.append("baseline")
+            y.append(r.mean)
+            measure.append("absolute")
+            text.append(_num(r.mean, 4))
+        else:
+            x.append(f"+ {r.added}")
+            y.append(r.delta)
+            measure.append("relative")
+            text.append(("+" if r.delta >= 0 else "") + _num(r.delta, 3))
+    x.append("final")
+    y.append(None)
+    measure.append("total")
+    text.append(_num(rows[len(x) - 2].mean, 4))
+    good, bad = "#3B8B5A", "#C0504D"
+    up, down = (good, bad) if a.direction == "max" else (bad, good)
+    fig = go.Figure(go.Waterfall(
+        x=x, y=y, measure=measure, text=text, textposition="outside",
+        increasing=dict(marker_color=up), decreasing=dict(marker_color=down), totals=dict(marker_color="#4C78A8"),
+        connector=dict(line=dict(color="#999", width=1, dash="dot")),
+    ))
+    means = [r.mean for r in rows if r.mean is not None]
+    span = max(means) - min(means) if len(means) > 1 else abs(means[0]) or 1.0
+    fig.update_layout(**LAYOUT, title=f"Cumulative ladder ({a.attribution.ladder_kind} order)", yaxis_title=a.metric,
+                      showlegend=False)
+    fig.update_yaxes(range=[min(means) - 0.6 * span, max(means) + 0.4 * span])
+    return fig
+
+
+def _pareto_mask(xs: Sequence[float], ys: Sequence[float]) -> list[bool]:
+    """Non-dominated points when both coordinates are to be maximised."""
+    out = []
+    for i, (x, y) in enumerate(zip(xs, ys)):
+        dom = any((x2 >= x and y2 >= y) and (x2 > x or y2 > y) for j, (x2, y2) in enumerate(zip(xs, ys)) if j != i)
+        out.append(not dom)
+    return out
+
+
+def throughput_metrics() -> list[str]:
+    """The registry's log-scale `max` metrics: what the quality-versus-cost view can use as its cost axis."""
+    return [n for n, m in metric_registry.METRICS.items() if m.log and m.direction == "max"]
+
+
+def _cost_metric(res: StudyResults) -> tuple[str, str] | None:
+    """The cost axis of the quality-versus-cost view: a log-scale `max` metric (throughput) of the metric registry
+    that the table has; the study's own metrics first, then the registry's order."""
+    declared = [m for m, d in res.other_metrics.items() if d == "max" and metric_registry.is_log(m)]
+    for m in dict.fromkeys([*declared, *throughput_metrics()]):
+        if m in res.table.columns:
+            return m, res.other_metrics.get(m, "max")
+    return None
+
+
+def fig_pareto(res: StudyResults, a: Analysis) -> go.Figure | None:
+    cm = _cost_metric(res)
+    if cm is None:
+        return None
+    cost, cdir = cm
+    t = res.table
+    ok = t["status"].astype(str).str.lower().isin(OK_STATUSES) if "status" in t.columns else pd.Series(True, t.index)
+    ok &= np.isfinite(pd.to_numeric(t[res.metric], errors="coerce")) & np.isfinite(
+        pd.to_numeric(t[cost], errors="coerce"))
+    cell_of = {c.combo: c.cell for c in a.attribution.cells}
+    pts = []
+    for combo, g in t[ok].assign(_combo=[combo_label(f for f in res.factors if int(r[f]) == 1)
+                                         for _, r in t[ok].iterrows()]).groupby("_combo"):
+        pts.append({"combo": combo, "cell": cell_of.get(combo, combo),
+                    "x": float(np.exp(np.log(g[cost].astype(float)).mean())) if metric_registry.is_log(cost) else
+                    float(g[cost].astype(float).mean()),
+                    "y": float(g[res.metric].astype(float).mean()),
+                    "ysd": float(g[res.metric].astype(float).std(ddof=1)) if len(g) > 1 else 0.0,
+                    "n": len(g)})
+    if not pts:
+        return None
+    sx = 1 if cdir == "max" else -1
+    sy = 1 if res.direction == "max" else -1
+    front = _pareto_mask([sx * p["x"] for p in pts], [sy * p["y"] for p in pts])
+    fig = go.Figure()
+    dom = [p for p, f_ in zip(pts, front) if not f_]
+    fr = sorted([p for p, f_ in zip(pts, front) if f_], key=lambda p: p["x"])
+    for group, name, color, size in ((dom, "dominated", "#9AA5B1", 10), (fr, "Pareto front", "#E45756", 13)):
+        if not group:
+            continue
+        fig.add_scatter(
+            x=[p["x"] for p in group], y=[p["y"] for p in group], mode="markers+text", name=name,
+            text=[p["cell"] for p in group], textposition="top center", marker=dict(size=size, color=color),
+            error_y=dict(type="data", array=[p["ysd"] for p in group], color=color, thickness=1),
+            hovertemplate="%{text}<br>" + cost + " %{x:.4g}<br>" + res.metric + " %{y:.4g}<extra></extra>",
+        )
+    if len(fr) > 1:
+        fig.add_scatter(x=[p["x"] for p in fr], y=[p["y"] for p in fr], mode="lines", name="front",
+                        line=dict(color="#E45756", dash="dot"), hoverinfo="skip", showlegend=False)
+    fig.update_layout(**LAYOUT, title=f"Quality versus cost: {res.metric} against {cost}",
+                      xaxis_title=f"{cost} ({'↑' if cdir == 'max' else '↓'} better, geometric mean over seeds)",
+                      yaxis_title=f"{res.metric} ({'↑' if res.direction == 'max' else '↓'} better, mean ± sd)")
+    if metric_registry.is_log(cost):
+        fig.update_xaxes(type="log")
+    return fig
+
+
+def fig_curves(res: StudyResults, cells_order: Sequence[str]) -> go.Figure | None:
+    c = res.curves
+    if c is None or c.empty or not set(CURVE_COLUMNS) <= set(c.columns):
+        return None
+    c = c.copy()
+    c["value"] = pd.to_numeric(c["value"], errors="coerce")
+    keys = list(dict.fromkeys([k for k in (res.metric, "loss") if k in set(c["key"])] + list(c["key"].unique())))
+    keys = keys[:6]
+    order = {cell: i for i, cell in enumerate(cells_order)}
+    cells = sorted(c["cell"].astype(str).unique(), key=lambda x: (order.get(x, 1e9), x))
+    fig = go.Figure()
+    vis_by_key = []
+    for ki, key in enumerate(keys):
+        sub = c[c["key"] == key]
+        start = len(fig.data)
+        for ci, cell in enumerate(cells):
+            g = sub[sub["cell"].astype(str) == cell]
+            if g.empty:
+                continue
+            m = g.groupby("step")["value"].agg(["mean", "std", "count"]).reset_index()
+            color = PALETTE[ci % len(PALETTE)]
+            fig.add_scatter(x=m["step"], y=m["mean"], mode="lines", name=cell, legendgroup=cell, visible=ki == 0,
+                            line=dict(color=color, width=2, dash="dash" if cell in ("baseline", "none") else None),
+                            hovertemplate=cell + " step %{x}: %{y:.4g}<extra></extra>")
+        vis_by_key.append((start, len(fig.data)))
+    if not fig.data:
+        return None
+    buttons = []
+    for ki, key in enumerate(keys):
+        vis = [vis_by_key[ki][0] <= i < vis_by_key[ki][1] for i in range(len(fig.data))]
+        buttons.append(dict(label=key, method="update", args=[{"visible": vis}, {"yaxis.title.text": key}]))
+    fig.update_layout(**LAYOUT, title="Learning curves (mean over seeds, per cell)", xaxis_title="step",
+                      yaxis_title=keys[0])
+    if len(keys) > 1:
+        fig.update_layout(updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.15,
+                                            yanchor="top", showactive=True)])
+    return fig
+
+

@@ -1,0 +1,500 @@
+"""The report page: one self-contained HTML page per study (plotly.js inline once, PNG samples as data URIs, opens
+offline) with its summary cards and tables, the index of all studies, and the side files (effects.json, cells.csv,
+summary.json).
+
+plotly.py docs: `Figure.to_html(full_html=False, include_plotlyjs=True|False)` embeds the library once and then
+reuses the global `Plotly` object (https://plotly.com/python/interactive-html-export/).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import json
+import math
+import re
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+
+from srdit import metric_registry
+from srdit.analysis.effects import Analysis, AnalysisFailure, Flag, analyze_study, combo_label
+from srdit.analysis.figures import (_cell_order, _ci, _esc, _metric_label, _num, _pv, fig_curves,
+                                    fig_effects, fig_ladder, fig_pareto, fig_synergy, throughput_metrics)
+from srdit.analysis.results import StudyResults
+
+__all__ = ["render_report", "render_index"]
+
+# --------------------------------------------------------------------------------------------------------------------
+# HTML pieces
+# --------------------------------------------------------------------------------------------------------------------
+CSS = """
+:root { --fg:#1d2330; --muted:#5b6576; --line:#e3e7ee; --bg:#f6f8fb; --card:#fff; --accent:#2f5d9e;
+        --good:#2e7d4f; --bad:#b3261e; --warn:#9a6700; }
+* { box-sizing: border-box; }
+body { margin:0; background:var(--bg); color:var(--fg);
+       font:15px/1.55 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif; }
+header { background:#1f2a3c; color:#fff; padding:28px 0 22px; }
+header .wrap, main { max-width:1240px; margin:0 auto; padding:0 28px; }
+header h1 { margin:0 0 6px; font-size:26px; font-weight:650; letter-spacing:.2px; }
+header .meta { color:#c9d3e3; font-size:13.5px; }
+header .meta code { color:#fff; background:rgba(255,255,255,.12); padding:1px 6px; border-radius:4px; }
+nav { margin-top:12px; font-size:13.5px; }
+nav a { color:#bcd3ff; margin-right:14px; text-decoration:none; }
+nav a:hover { text-decoration:underline; }
+main { padding-top:22px; padding-bottom:60px; }
+section { background:var(--card); border:1px solid var(--line); border-radius:10px; padding:20px 24px;
+          margin:0 0 20px; }
+h2 { margin:0 0 4px; font-size:19px; }
+h3 { margin:18px 0 6px; font-size:15.5px; }
+p.caption, .caption { color:var(--muted); font-size:13.5px; margin:4px 0 12px; max-width:1000px; }
+.summary { display:grid; grid-template-columns:repeat(auto-fit,minmax(260px,1fr)); gap:14px; margin-top:10px; }
+.card { border:1px solid var(--line); border-radius:8px; padding:12px 14px; background:#fbfcfe; }
+.card .label { font-size:12px; text-transform:uppercase; letter-spacing:.6px; color:var(--muted); }
+.card .value { font-size:18px; font-weight:600; margin-top:2px; overflow-wrap:anywhere; }
+.card .detail { font-size:13px; color:var(--muted); margin-top:2px; }
+.card.bad { border-color:#f1c7c3; background:#fff7f6; } .card.bad .value { color:var(--bad); }
+.card.good .value { color:var(--good); }
+.card.warn { border-color:#f0dfa8; background:#fffbef; } .card.warn .value { color:var(--warn); }
+ul.flags { margin:6px 0 0; padding-left:20px; } ul.flags li { margin:3px 0; }
+table.data { border-collapse:collapse; width:100%; font-size:13.5px; margin:8px 0 4px; }
+table.data th { text-align:left; font-weight:600; color:var(--muted); border-bottom:2px solid var(--line);
+                padding:6px 8px; }
+table.data td { border-bottom:1px solid var(--line); padding:5px 8px; vertical-align:top; }
+table.data tr:nth-child(even) td { background:#fafbfd; }
+td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
+.tag { display:inline-block; padding:0 7px; border-radius:10px; font-size:12px; background:#eef1f6; color:#364152;
+       margin-right:3px; }
+.tag.bad { background:#fde8e6; color:var(--bad); } .tag.warn { background:#fff4d6; color:var(--warn); }
+.tag.good { background:#e3f4e8; color:var(--good); }
+.samples { display:grid; grid-template-columns:repeat(auto-fill,minmax(180px,1fr)); gap:14px; }
+.samples figure { margin:0; border:1px solid var(--line); border-radius:8px; padding:8px; background:#fbfcfe;
+                  text-align:center; }
+.samples img { width:100%; image-rendering:pixelated; border-radius:4px; background:#000; }
+.samples figcaption { font-size:12.5px; color:var(--muted); margin-top:5px; word-break:break-word; }
+.notes li { color:var(--muted); font-size:13.5px; }
+.plot { width:100%; }
+.grid2 { display:grid; grid-template-columns:repeat(auto-fit,minmax(480px,1fr)); gap:10px; }
+footer { color:var(--muted); font-size:12.5px; text-align:center; padding:10px 0 30px; }
+#js-errors:empty { display:none; }
+#js-errors { color:var(--bad); white-space:pre-wrap; }
+"""
+
+# Collects JavaScript errors into a DOM element (read by the browser test through a DOM dump).
+ERROR_HOOK = """<script>
+window.__srditErrors = [];
+window.addEventListener("error", function (e) {
+  window.__srditErrors.push(String(e.message || e));
+  var el = document.getElementById("js-errors"); if (el) { el.textContent = window.__srditErrors.join("\\n"); }
+});
+</script>"""
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]], num_cols: Iterable[int] = ()) -> str:
+    num = set(num_cols)
+    h = "".join(f'<th class="num">{c}</th>' if i in num else f"<th>{c}</th>" for i, c in enumerate(header))
+    body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in num else f"<td>{c}</td>"
+                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
+    return f'<table class="data"><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def _figure_html(fig: go.Figure, div_id: str, first: bool) -> str:
+    return fig.to_html(full_html=False, include_plotlyjs=bool(first), div_id=div_id,
+                       config={"displaylogo": False, "responsive": True})
+
+
+def _png_data_uri(path: str | Path) -> str | None:
+    p = Path(path)
+    try:
+        data = p.read_bytes()
+    except OSError:
+        return None
+    if not data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return None
+    return "data:image/png;base64," + base64.b64encode(data).decode("ascii")
+
+
+def _flag_text(fl: Flag) -> str:
+    if fl.kind == "antagonism":
+        return (f"<b>{_esc(fl.pair)}</b> — antagonism: S = {_num(fl.estimate, 3)} "
+                f"(CI {_ci(fl.ci)}, p<sub>adj</sub> = {_pv(fl.p_adj)}; threshold {_num(fl.threshold)})")
+    c = fl.counts
+    parts = ", ".join(f"{_esc(k.replace('_alone', ' alone'))} {v['failed']}/{v['n']}" for k, v in c.items())
+    st = ", ".join(f"{_esc(k)} ×{v}" for k, v in fl.statuses.items())
+    return (f"<b>{_esc(fl.pair)}</b> — runs fail together: {parts} failed"
+            f"{' (' + st + ')' if st else ''}; Fisher p<sub>adj</sub> = {_pv(fl.p_adj)}")
+
+
+def _summary_cards(res: StudyResults, a: Analysis | AnalysisFailure) -> str:
+    cards = []
+    if isinstance(a, AnalysisFailure):
+        return f'<div class="card bad"><div class="label">analysis</div><div class="value">not possible</div>' \
+               f'<div class="detail">{_esc(a.error)}</div></div>'
+    b = a.attribution.best
+    if b:
+        sd = f" ± {_num(b.sd, 3)}" if b.sd is not None else ""
+        cards.append(f'<div class="card good"><div class="label">best combination</div>'
+                     f'<div class="value">{_esc(b.combo)}</div>'
+                     f'<div class="detail">{_esc(res.metric)} = {_num(b.mean, 4)}{sd} '
+                     f'({b.n_finished}/{b.n} runs finished)</div></div>')
+    s = a.pairs.strongest
+    if s and s.estimate is not None and s.estimate > 0:
+        sig = ""
+        if s.p_adj is not None:
+            sig = f", p<sub>adj</sub> = {_pv(s.p_adj)}"
+        cards.append(f'<div class="card"><div class="label">strongest synergy</div>'
+                     f'<div class="value">{_esc(s.pair)}</div>'
+                     f'<div class="detail">S = {_num(s.estimate, 3)} gain'
+                     f'{" (CI " + _ci(s.ci) + ")" if s.ci else ""}{sig}</div></div>')
+    elif not any(v is not None for v in a.pairs.synergy.values()):  # ladder, leave-one-out
+        cards.append('<div class="card"><div class="label">strongest synergy</div><div class="value">not estimable'
+                     '</div><div class="detail">this design does not vary pairs of techniques independently'
+                     '</div></div>')
+    else:
+        cards.append('<div class="card"><div class="label">strongest synergy</div><div class="value">none</div>'
+                     '<div class="detail">no pair gains more together than apart</div></div>')
+    flags = a.incompatible
+    if flags:
+        pairs = sorted({fl.pair for fl in flags})
+        cards.append(f'<div class="card bad"><div class="label">incompatible pairs</div>'
+                     f'<div class="value">{_esc(", ".join(pairs))}</div>'
+                     f'<div class="detail">{len(flags)} flag(s), details below</div></div>')
+    else:
+        cards.append('<div class="card"><div class="label">incompatible pairs</div>'
+                     '<div class="value">none flagged</div>'
+                     f'<div class="detail">at α = {a.alpha} after {_esc(a.correction)} correction</div></div>')
+    n_fail = a.n_failed
+    cards.append(f'<div class="card{" warn" if n_fail else ""}"><div class="label">runs</div>'
+                 f'<div class="value">{a.n_finished} finished / {a.n_runs}</div>'
+                 f'<div class="detail">{n_fail} failed, {len(res.excluded)} cell(s) excluded by constraints, '
+                 f'{a.fit.n_cells} cells</div></div>')
+    html_ = '<div class="summary">' + "".join(cards) + "</div>"
+    if flags:
+        html_ += '<ul class="flags">' + "".join(f"<li>{_flag_text(fl)}</li>" for fl in flags) + "</ul>"
+    return html_
+
+
+def _effects_table(a: Analysis) -> str:
+    rows = []
+    scale = "log " if a.scale == "log" else ""
+    fit, pairs, att = a.fit, a.pairs, a.attribution
+    for f_, v in fit.main_effects.items():
+        rows.append([_esc(f_), "main", _num(v), _ci(fit.ci.get(f_)), _pv(fit.p.get(f_)), "", "", "", "",
+                     _num(att.shapley.get(f_)) if att.shapley else "–", _num(att.loo.get(f_))])
+    alias = {n: al.label for al in fit.aliased for n in al.effects}
+    for n, v in fit.interactions.items():
+        note = ""
+        if n in alias:
+            note = f' <span class="tag warn">aliased: {_esc(alias[n])}</span>'
+        rows.append([_esc(n) + note, "pair", _num(v), _ci(fit.ci.get(n)), _pv(fit.p.get(n)),
+                     _num(pairs.synergy.get(n)), _pv(pairs.p_adj.get(n)), _num(att.dividends.get(n)),
+                     _num(att.dividends_full.get(n)), "", ""])
+    return _table(["effect", "kind", f"estimate ({scale}{_esc(a.metric)})", "CI", "p", "synergy S",
+                   "p<sub>adj</sub>", "D vs baseline", "D vs full stack", "Shapley", "leave-one-out"],
+                  rows, num_cols=[2, 4, 5, 6, 7, 8, 9, 10])
+
+
+def _cells_table(res: StudyResults, analyses: dict[str, Analysis | AnalysisFailure]) -> str:
+    a = analyses[res.metric]
+    metrics = [m for m in analyses if isinstance(analyses[m], Analysis)]
+    by_metric = {m: {c.combo: c for c in analyses[m].attribution.cells} for m in metrics}
+    rows = []
+    for c in _cell_order(a.attribution.cells, res.factors):
+        cells = []
+        for m in metrics:
+            cc = by_metric[m].get(c.combo)
+            if cc is None or cc.mean is None:
+                cells.append("–")
+            else:
+                cells.append(_num(cc.mean, 4) + (f" ± {_num(cc.sd, 2)}" if cc.sd is not None else ""))
+        status = f"{c.n_finished}/{c.n}"
+        if c.n_failed:
+            status += " " + " ".join(f'<span class="tag bad">{_esc(k)} ×{v}</span>' for k, v in c.failures.items())
+        best = a.attribution.best and a.attribution.best.combo == c.combo
+        name = _esc(c.cell) + (' <span class="tag good">best</span>' if best else "")
+        rows.append([name, _esc(c.combo), status, *cells])
+    return _table(["cell", "techniques on", "finished", *[f"{_esc(m)} ({analyses[m].direction})"
+                                                          for m in metrics]],
+                  rows, num_cols=range(3, 3 + len(metrics)))
+
+
+def _failures_table(res: StudyResults, a: Analysis) -> str:
+    rows = []
+    for c in _cell_order(a.attribution.cells, res.factors):
+        if c.n_failed:
+            st = " ".join(f'<span class="tag bad">{_esc(k)} ×{v}</span>' for k, v in c.failures.items())
+            rows.append([_esc(c.cell), _esc(c.combo), f"failed {c.n_failed}/{c.n}", st,
+                         _esc("; ".join(c.reasons)) or "–"])
+    for e in res.excluded:
+        tech = e.get("techniques") or []
+        rows.append([_esc(e.get("cell", "")), _esc(combo_label(tech)), '<span class="tag warn">excluded</span>',
+                     "", _esc(e.get("reason", ""))])
+    if not rows:
+        return '<p class="caption">No failed runs and no excluded cells.</p>'
+    return _table(["cell", "techniques on", "outcome", "status", "reason"], rows)
+
+
+def _failure_tests_table(a: Analysis) -> str:
+    rows = []
+    for t in a.failures.tests:
+        if not t.counts:
+            continue
+        c = t.counts
+        if c["both"]["failed"] == 0:
+            continue
+        alone = [f"{_esc(k.removesuffix('_alone'))} alone: {v['failed']}/{v['n']}" for k, v in c.items()
+                 if k != "both"]
+        rows.append([_esc(t.pair), f"{c['both']['failed']}/{c['both']['n']}", *alone,
+                     _pv(t.p), _pv(t.p_adj)])
+    if not rows:
+        return ""
+    return ("<h3>Failure interaction tests</h3><p class=\"caption\">Failed / total runs with both techniques on and "
+            "with each one alone (others at any level). p: the larger of the two one-sided Fisher tests (both-on "
+            "must fail more than <i>each</i> alone); p<sub>adj</sub>: step-down across pairs.</p>" + _table(
+        ["pair", "both on (failed/n)", "first alone", "second alone", "p (Fisher)", "p<sub>adj</sub>"], rows,
+        num_cols=[4, 5]))
+
+
+def _samples_html(res: StudyResults, a: Analysis | AnalysisFailure) -> str:
+    if not res.samples:
+        return '<p class="caption">No sample grids were recorded for this study.</p>'
+    order = {c.cell: i for i, c in enumerate(_cell_order(a.attribution.cells, res.factors))} \
+        if isinstance(a, Analysis) else {}
+    figs = []
+    for cell in sorted(res.samples, key=lambda c: (order.get(c, 1e9), c)):
+        uri = _png_data_uri(res.samples[cell])
+        img = f'<img alt="samples of {_esc(cell)}" src="{uri}">' if uri else \
+            '<div class="caption">(sample grid missing or not a PNG)</div>'
+        figs.append(f"<figure>{img}<figcaption>{_esc(cell)}</figcaption></figure>")
+    return '<div class="samples">' + "".join(figs) + "</div>"
+
+
+def _alias_html(res: StudyResults, a: Analysis) -> str:
+    rows = [[_esc(al.label), _num(al.estimate), _ci(al.ci)] for al in a.fit.aliased]
+    design_rows = [[_esc(k), _esc(" = ".join(v))] for k, v in (res.aliases or {}).items()]
+    out = ""
+    if rows:
+        out += _table(["alias chain (detected from the design matrix)", "estimate (metric scale)", "CI"], rows,
+                      num_cols=[1])
+    if design_rows:
+        out += "<h3>Alias structure emitted by the design</h3>" + _table(["effect", "aliased with"], design_rows)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the report
+# --------------------------------------------------------------------------------------------------------------------
+def _safe_name(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s).strip("_") or "study"
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o) if math.isfinite(float(o)) else None
+    if isinstance(o, (set, frozenset)):
+        return sorted(o)
+    return str(o)
+
+
+def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 0.05, threshold: float = 0.0,
+                  bootstrap: bool = True, analyses: dict[str, Analysis | AnalysisFailure] | None = None) -> Path:
+    """Write `out_dir/index.html` (self-contained) plus effects.json, cells.csv and summary.json; return the HTML path.
+
+    `analyses` (metric -> `analyze_study` result) may be passed to reuse a computed analysis."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res = results
+    analyses = analyses or analyze_study(res, alpha=alpha, threshold=threshold, bootstrap=bootstrap)
+    a = analyses[res.metric]
+    primary_log = metric_registry.is_log(res.metric)
+    figs: list[tuple[str, go.Figure]] = []
+    sections: list[str] = []
+    ok = isinstance(a, Analysis)
+
+    def fig_block(div_id: str, fig: go.Figure | None, title: str, caption: str, missing: str) -> str:
+        if fig is None:
+            return f'<section id="sec-{div_id}"><h2>{title}</h2><p class="caption">{missing}</p></section>'
+        figs.append((div_id, fig))
+        return (f'<section id="sec-{div_id}"><h2>{title}</h2><p class="caption">{caption}</p>'
+                f'<div class="plot">@@FIG:{div_id}@@</div></section>')
+
+    mlabel = _metric_label(res.metric, res.direction, primary_log)
+    log_note = ""
+    if any(metric_registry.is_log(m) for m in [res.metric, *res.other_metrics]):
+        log_note = "; throughput-like metrics are compared on the log scale (speed-ups multiply)"
+    sections.append(f'<section id="sec-summary"><h2>Summary</h2><p class="caption">Primary metric: {_esc(mlabel)}. '
+                    f'Gains are oriented so that <b>positive = better</b> for every metric{log_note}.'
+                    f'</p>{_summary_cards(res, a)}</section>')
+    if ok:
+        k = len(res.factors)
+        syn_fig = fig_synergy(a) if k >= 2 else None
+        sections.append(fig_block(
+            "fig-synergy", syn_fig, "Synergy matrix",
+            "Cell (row <i>i</i>, column <i>j</i>) shows S<sub>ij</sub> = (gain of <i>i</i> with <i>j</i> on) − "
+            "(gain of <i>i</i> with <i>j</i> off) = 2·INT<sub>ij</sub>, averaged over the other techniques, in "
+            f"units of {_esc(mlabel)} oriented so that <b>blue (&gt; 0) = synergy</b> (the pair is better together "
+            "than its parts) and <b>red (&lt; 0) = antagonism</b>. Second line: confidence interval over seeds "
+            f"(OLS with a seed block, {int(100 * (1 - a.alpha))}%). <b>*</b> = significant after "
+            f"{_esc(a.correction)} correction across pairs; <b>✕</b> = flagged incompatible; "
+            "<i>aliased</i> = not separable in this fractional design; <i>fails</i> = runs with both techniques "
+            "failed, so no metric exists.",
+            "No pairwise synergy is estimable here: a synergy needs the cells of a (fractional) factorial, and "
+            "leave-one-out or ladder designs run too few of them (see the per-technique effects below)."
+            if k >= 2 else "A synergy matrix needs at least two techniques."))
+        sections.append(fig_block(
+            "fig-effects", fig_effects(a), "Effect of each technique",
+            "Blue: main effect (mean gain with the technique on minus off, averaged over the design) with its "
+            "confidence interval. Orange: exact Shapley value (its fair share of g(all) − g(none), averaged over all "
+            "stacking orders; full factorials only). Green: leave-one-out effect against the full stack "
+            "(g(all) − g(all without i)). All in gain units: positive = the technique helps.", ""))
+        sections.append(fig_block(
+            "fig-ladder", fig_ladder(a), "Cumulative ladder",
+            "Techniques stacked one at a time (like the paper's chain). Each bar is the change in "
+            f"{_esc(res.metric)} from the previous row; green bars improve the metric, red bars hurt it. "
+            "A ladder is one stacking order: compare its steps with the Shapley values above to see how much "
+            "the order matters.",
+            "No ladder: the design has no nested chain of cells from the baseline to the full stack."))
+    pareto = fig_pareto(res, a) if ok else None
+    sections.append(fig_block(
+        "fig-pareto", pareto, "Quality versus cost",
+        "Each point is a cell (mean over finished seeds; bar = ± one standard deviation). Red points form the Pareto "
+        "front: no other cell is at least as good on both axes and better on one.",
+        f"No throughput metric ({', '.join(throughput_metrics())}) was recorded, so there is no "
+        "quality-versus-cost view."))
+    order = [c.cell for c in _cell_order(a.attribution.cells, res.factors)] if ok else []
+    sections.append(fig_block(
+        "fig-curves", fig_curves(res, order), "Learning curves",
+        "Mean over seeds of each logged quantity against the training step, one line per cell (dashed: baseline). "
+        "Use the menu at the top right to switch quantities; click legend entries to hide cells.",
+        "No learning curves were recorded."))
+    if ok:
+        others = [m for m in analyses if m != res.metric]
+        blocks = []
+        for m in others:
+            am = analyses[m]
+            if isinstance(am, AnalysisFailure):
+                blocks.append(f'<p class="caption">{_esc(m)}: {_esc(am.error)}</p>')
+                continue
+            if len(res.factors) >= 2:
+                fid = "fig-synergy-" + _safe_name(m)
+                fig = fig_synergy(am, title=f"Synergy on {_metric_label(m, am.direction, am.scale == 'log')}")
+                if fig is not None:
+                    figs.append((fid, fig))
+                    blocks.append(f'<div class="plot">@@FIG:{fid}@@</div>')
+        if blocks:
+            sections.append('<section id="sec-other"><h2>Synergy on the other metrics</h2><p class="caption">Same '
+                            'reading as the main matrix; each metric is oriented so that positive = better '
+                            '(throughput on the log scale: S = 0.1 means the pair is ≈10% faster together than '
+                            'their separate speed-ups predict).</p>' + "".join(blocks) + "</section>")
+        sections.append('<section id="sec-effects-table"><h2>All effects</h2><p class="caption">Estimates on the '
+                        f'metric\'s own scale ({_esc(a.scale)}) before orientation, in the textbook convention '
+                        '(ME = mean(y|on) − mean(y|off); INT = half the difference of conditional effects). Synergy '
+                        'S = 2·INT oriented (positive = better together). Dividends (gain units): D = g(ij) − '
+                        'g(i) − g(j) + g(none) with the others off, and the same difference of differences against '
+                        'the full stack. Shapley and leave-one-out (g(all) − g(all without i)) in gain units. '
+                        'p<sub>adj</sub>: corrected across pairs; – = not estimable from the cells run.'
+                        f'</p>{_effects_table(a)}'
+                        + (f"<h3>Aliasing</h3>{_alias_html(res, a)}" if (a.fit.aliased or res.aliases) else "")
+                        + "</section>")
+        sections.append(f'<section id="sec-cells"><h2>Cells</h2><p class="caption">Mean ± standard deviation over '
+                        f'finished seeds for every metric. </p>{_cells_table(res, analyses)}</section>')
+    sections.append('<section id="sec-failures"><h2>Failed and excluded cells</h2><p class="caption">Failed runs '
+                    '(diverged = NaN/inf loss, oom = out of memory, crashed = exception) are kept as data: they are '
+                    'left out of the metric models and used as evidence of failure interactions (a pair is flagged '
+                    'when runs with both techniques fail more often than runs with each alone: one-sided Fisher '
+                    'exact tests). Excluded cells were never run because a constraint of the study forbids them.'
+                    f'</p>{_failures_table(res, a) if ok else ""}{_failure_tests_table(a) if ok else ""}</section>')
+    sections.append(f'<section id="sec-samples"><h2>Samples</h2><p class="caption">Sample grid recorded '
+                    f'for each cell, embedded in this page.</p>{_samples_html(res, a)}</section>')
+    if ok and a.notes:
+        sections.append('<section id="sec-notes"><h2>Notes on the analysis</h2><ul class="notes">'
+                        + "".join(f"<li>{_esc(n)}</li>" for n in a.notes) + "</ul></section>")
+
+    body = "\n".join(sections)
+    for i, (div_id, fig) in enumerate(figs):
+        body = body.replace(f"@@FIG:{div_id}@@", _figure_html(fig, div_id, first=i == 0), 1)
+    nav = "".join(f'<a href="#{sid}">{name}</a>' for sid, name in [
+        ("sec-summary", "Summary"), ("sec-fig-synergy", "Synergy"), ("sec-fig-effects", "Effects"),
+        ("sec-fig-ladder", "Ladder"), ("sec-fig-pareto", "Pareto"), ("sec-fig-curves", "Curves"),
+        ("sec-cells", "Cells"), ("sec-failures", "Failures"), ("sec-samples", "Samples")])
+    techniques = ", ".join(f"<code>{_esc(f)}</code>" for f in res.factors)
+    meta = (f"design <code>{_esc(res.design)}</code> · techniques {techniques}"
+            f" · commit <code>{_esc(res.commit or 'unknown')}</code> · {_esc(res.date or '')}")
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{_esc(res.study)} — srdit study report</title>
+<style>{CSS}</style>
+{ERROR_HOOK}
+</head><body>
+<header><div class="wrap"><h1>{_esc(res.study)}</h1><div class="meta">{meta}</div><nav>{nav}</nav></div></header>
+<main>
+<pre id="js-errors"></pre>
+{body}
+</main>
+<footer>Generated by srdit on {_esc(_dt.datetime.now().strftime("%Y-%m-%d %H:%M"))}.
+Self-contained: opens offline.</footer>
+</body></html>
+"""
+    path = out / "index.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    (out / "effects.json").write_text(json.dumps({m: am.to_json() for m, am in analyses.items()}, indent=1,
+                                                 default=_json_default), encoding="utf-8")
+    if ok:
+        pd.DataFrame([{k: (v if not isinstance(v, (list, dict)) else json.dumps(v)) for k, v in c.to_json().items()}
+                      for c in a.attribution.cells]).to_csv(out / "cells.csv", index=False)
+    summary = {
+        "study": res.study, "design": res.design, "factors": list(res.factors), "metric": res.metric,
+        "direction": res.direction, "commit": res.commit, "date": res.date,
+        "n_runs": a.n_runs if ok else None, "n_failed": a.n_failed if ok else None,
+        "best": a.attribution.best.to_json() if ok and a.attribution.best else None,
+        "strongest_synergy": a.pairs.strongest.to_json() if ok and a.pairs.strongest else None,
+        "incompatible": sorted({fl.pair for fl in a.incompatible}) if ok else [],
+        "error": None if ok else a.error,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default), encoding="utf-8")
+    return path
+
+
+def render_index(dashboards_dir: str | Path) -> Path:
+    """Write `dashboards_dir/index.html` listing every study folder that holds an index.html."""
+    root = Path(dashboards_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and (p / "index.html").exists()):
+        s: dict = {}
+        try:
+            s = json.loads((d / "summary.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            pass
+        best = s.get("best") or {}
+        best_txt = f"{_esc(best.get('combo', ''))} ({_num(best.get('mean'), 4)})" if best else "–"
+        inc = s.get("incompatible") or []
+        rows.append([f'<a href="{_esc(d.name)}/index.html">{_esc(s.get("study", d.name))}</a>',
+                     _esc(s.get("design", "")), _esc(", ".join(s.get("factors", []))),
+                     _esc(f"{s.get('metric', '')} ({s.get('direction', '')})") if s else "",
+                     best_txt, (" ".join(f'<span class="tag bad">{_esc(p)}</span>' for p in inc) or "none"),
+                     f"<code>{_esc((s.get('commit') or '')[:10])}</code>", _esc(s.get("date", ""))])
+    table = _table(["study", "design", "techniques", "metric", "best combination", "incompatible", "commit", "date"],
+                   rows) if rows else '<p class="caption">No study reports yet: run <code>make study</code>.</p>'
+    records = root / "RECORDS.md"
+    rec = '<p class="caption">Records table: <a href="RECORDS.md">RECORDS.md</a>.</p>' if records.exists() else ""
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>srdit studies</title><style>{CSS}</style></head><body>
+<header><div class="wrap"><h1>srdit studies</h1><div class="meta">{len(rows)} study report(s)</div></div></header>
+<main><section><h2>Studies</h2><p class="caption">One report per study; each opens offline.</p>{table}{rec}</section>
+</main></body></html>
+"""
+    path = root / "index.html"
+    path.write_text(page, encoding="utf-8")
+    return path
+
+

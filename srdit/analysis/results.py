@@ -1,0 +1,56 @@
+"""The study -> analysis contract: `StudyResults`, everything a study report needs (a plain dataclass the study
+layer fills from MLflow, or anyone fills from a CSV), and the column names of its tables.
+
+The study layer imports this module and nothing else of the analysis; it imports only pandas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pandas as pd
+
+__all__ = ["StudyResults", "CURVE_COLUMNS", "TABLE_BASE_COLUMNS"]
+
+CURVE_COLUMNS = ["trial", "cell", "seed", "key", "step", "value"]
+"Columns of `StudyResults.curves` (one row per logged point)."
+TABLE_BASE_COLUMNS = ["trial", "cell", "seed", "status", "status_reason"]
+"Columns every `StudyResults.table` has besides the factors and the metrics."
+
+
+@dataclass
+class StudyResults:
+    """Everything a study report needs; one row per trial in `table`.
+
+    Fields:
+        study: study name (also the dashboard folder name).
+        design: design name, e.g. "full", "frac(res=5)", "ladder", "loo".
+        factors: technique names; each is a 0/1 column of `table`.
+        metric: primary metric column (e.g. "fd").
+        direction: "min" or "max" for the primary metric.
+        other_metrics: other metric columns -> direction (log-scale metrics of `srdit.metric_registry`, e.g.
+            throughput, are analysed on the log scale).
+        table: one row per trial: trial, cell (str id), seed, status ("finished"/"diverged"/"oom"/"crashed"),
+            status_reason, one 0/1 column per factor, metric columns (NaN for failed trials).
+        curves: learning curves: trial, cell, seed, key, step, value.
+        samples: cell id -> path to a PNG sample grid.
+        excluded: cells excluded by constraints: {"cell": ..., "techniques": [...], "reason": ...}.
+        aliases: effect -> aliased effects (fractional designs, as emitted by the design generator).
+        ladder_order: factor order of a ladder design (None: inferred from the cells when possible).
+        commit: git commit of the code that produced the runs.
+        date: date of the study (ISO string).
+    """
+
+    study: str
+    design: str
+    factors: list[str]
+    metric: str
+    direction: str
+    other_metrics: dict[str, str] = field(default_factory=dict)
+    table: pd.DataFrame = field(default_factory=pd.DataFrame)
+    curves: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CURVE_COLUMNS))
+    samples: dict[str, str] = field(default_factory=dict)
+    excluded: list[dict] = field(default_factory=list)
+    aliases: dict[str, list[str]] = field(default_factory=dict)
+    ladder_order: list[str] | None = None
+    commit: str = ""
+    date: str = ""
