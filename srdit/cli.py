@@ -126,7 +126,8 @@ def _merge_only(args) -> int:
 def cmd_evaluate(args) -> int:
     import dataclasses
 
-    from srdit.generate import evaluate, with_sampler
+    from srdit.evaluate import evaluate
+    from srdit.generate import with_sampler
     from srdit.train import resolve_device
 
     import torch
