@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from srdit.encoders.base import Teacher
+from srdit.encoders.base import Teacher, Tokenizer
 from srdit.encoders.digits import DigitsMetricNet, DigitsTeacher, load_digits_metric_net, load_digits_teacher
 from srdit.encoders.dinov2 import DINOV2_NAMES
-from srdit.encoders.invae import Tokenizer
 
 TEACHERS = ("digits-cnn",) + DINOV2_NAMES
 TOKENIZERS = ("invae", "sdvae")
