@@ -261,7 +261,7 @@ DELEGATES = {
     "analyze": ("srdit.analysis.command", "main"),
     "report": ("srdit.study.command", "report_main"),
     "ui": ("srdit.study.command", "ui_main"),
-    "preprocess": ("srdit.data.preprocess", "main"),
+    "preprocess": ("srdit.preprocess_command", "main"),
     "reference": ("srdit.metrics.reference", "main"),
 }
 
