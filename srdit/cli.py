@@ -127,7 +127,8 @@ def _merge_only(args) -> int:
 def cmd_evaluate(args) -> int:
     import dataclasses
 
-    from srdit.generate import evaluate, with_sampler
+    from srdit.evaluate import evaluate
+    from srdit.generate import with_sampler
     from srdit.train import resolve_device
 
     import torch
@@ -272,7 +273,7 @@ DELEGATES = {
     "analyze": ("srdit.analysis.command", "main"),
     "report": ("srdit.report_command", "report_main"),
     "ui": ("srdit.study.command", "ui_main"),
-    "preprocess": ("srdit.data.preprocess", "main"),
+    "preprocess": ("srdit.preprocess_command", "main"),
     "reference": ("srdit.metrics.reference", "main"),
 }
 

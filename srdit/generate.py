@@ -1,5 +1,4 @@
-"""Sampling from a trained model, decoding latent samples to images, and evaluating the samples (digits: the
-in-project metric network).
+"""Sampling from a trained model and decoding latent samples to images (evaluation: `srdit.evaluate`).
 
 Sampling protocol: the n samples are cut into batches of a fixed *protocol batch size*, and batch b draws its labels,
 initial noise (image, then REG class token) and SDE noise from its own generator seeded by `batch_seed(seed, b)`.
@@ -11,10 +10,7 @@ one-generator protocol bit for bit.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import tempfile
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -28,13 +24,6 @@ if TYPE_CHECKING:
     from srdit.encoders import Tokenizer
 
 _MASK63 = (1 << 63) - 1
-
-EVAL_METRICS = {
-    "digits": ("fd", "kd", "kd_std", "precision", "recall", "n", "nfe"),
-    "latents": ("fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "kd_dinov2",
-                "kd_dinov2_std", "n", "nfe"),
-}
-"What `evaluate` reports per data.dataset (sfid, precision / recall, kd_dinov2 only when the reference allows)."
 
 
 def batch_seed(seed: int, batch: int) -> int:
@@ -148,99 +137,6 @@ def to_images(samples: torch.Tensor, cfg: RunConfig, device: torch.device | str 
         side = samples.shape[-1] * tok.downsample
         return torch.empty(0, 3, side, side)
     return torch.cat(chunks)
-
-
-def evaluate(model, cfg: RunConfig, device: torch.device | str = "cpu", n: int | None = None,
-             sample_cfg: SampleConfig | None = None, samples_dir: str | os.PathLike | None = None) -> dict[str, float]:
-    """Sample-quality metrics of n generated images.
-
-    Digits: FD, KD (mean, std), precision, recall against the held-out digits (in-project metric network).
-    Latent runs: FID, sFID, Inception Score, precision / recall against `eval.reference` from local Inception
-    weights, and KD_DINOv2 when `eval.dinov2_path` is set; the samples are decoded with `data.tokenizer` and
-    written as shards to `samples_dir` (a temporary folder when None). Under torch.distributed every rank writes
-    its shard and rank 0 computes the metrics (the other ranks return {})."""
-    n = n or cfg.eval.n_samples
-    if cfg.data.dataset != "digits":
-        return _evaluate_latents(model, cfg, torch.device(device), n, sample_cfg, samples_dir)
-    from srdit.data.digits import load_digits_split
-    from srdit.metrics import evaluate_images, load_digits_metric_net
-
-    images, _, nfe = generate(model, cfg, n, cfg.eval.seed, device, cfg.eval.batch_size, sample_cfg)
-    real = load_digits_split().test_x
-    metrics = evaluate_images(images, real, load_digits_metric_net("cpu"), kd_subset_size=min(1000, len(real)))
-    return {**{k: float(v) for k, v in metrics.items()}, "nfe": float(nfe)}
-
-
-def _evaluate_latents(model, cfg: RunConfig, device: torch.device, n: int, sample_cfg: SampleConfig | None,
-                      samples_dir: str | os.PathLike | None) -> dict[str, float]:
-    from srdit.metrics.inception import inception_features, load_inception, metrics_from_features
-    from srdit.parallel import DataParallel
-    from srdit.sample_shards import collect, write_shard
-
-    ev = cfg.eval
-    ref = check_evaluation(cfg)  # fail before sampling, not after
-    net = load_inception(ev.inception_path, device)
-    dp = DataParallel.current()
-    if dp.active and samples_dir is None:
-        raise ValueError("a data-parallel evaluation needs one samples folder that every rank sees: pass "
-                         "samples_dir (srdit evaluate --samples DIR)")
-    with contextlib.ExitStack() as stack:
-        folder = samples_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="srdit-samples-"))
-        res = write_shard(model, cfg, folder, n, ev.seed, dp.rank, dp.world, device, ev.batch_size, sample_cfg)
-        dp.barrier()
-        if not dp.main:
-            return {}
-        images, _ = collect(folder, n)
-    out = metrics_from_features(inception_features(images, net, batch_size=ev.batch_size), ref)
-    del net
-    if ev.dinov2_path:
-        out |= _kd_dinov2(images, ev, device)
-    return {**{k: float(v) for k, v in out.items()}, "nfe": float(res.nfe)}
-
-
-def check_evaluation(cfg: RunConfig):
-    """Raise now what a latent run's evaluation would otherwise only find after training or sampling: a missing
-    reference, Inception weights, tokenizer weights or DINOv2 files, or a reference without DINOv2 features.
-    Returns the loaded reference statistics (None for digits)."""
-    ev = cfg.eval
-    if cfg.data.dataset == "digits":
-        return None
-    if not ev.reference:
-        raise ValueError("evaluating a latent run needs reference statistics: set eval.reference to an .npz made by "
-                         "`srdit reference` (or ADM's VIRTUAL_imagenet256_labeled.npz)")
-    import numpy as np
-
-    from srdit.metrics.inception import load_reference, resolve_weights
-
-    ref = load_reference(ev.reference)
-    resolve_weights(ev.inception_path)
-    if not cfg.data.tokenizer or not cfg.data.tokenizer_path or not os.path.exists(cfg.data.tokenizer_path):
-        raise FileNotFoundError(f"data.tokenizer_path {cfg.data.tokenizer_path!r}: the tokenizer weights that decode "
-                                f"the samples are missing (set data.tokenizer and data.tokenizer_path)")
-    if ev.dinov2_path:
-        from srdit.encoders.dinov2 import dinov2_files
-        from srdit.metrics.dinov2_kd import DEFAULT_MODEL
-
-        dinov2_files(DEFAULT_MODEL, ev.dinov2_path)
-        with np.load(ev.reference) as z:
-            if "dinov2" not in z.files:
-                raise ValueError(f"eval.dinov2_path is set but {ev.reference} holds no DINOv2 features; rebuild it "
-                                 f"with `srdit reference --dinov2 DIR` or unset eval.dinov2_path")
-    return ref
-
-
-def _kd_dinov2(images, ev, device: torch.device) -> dict[str, float]:
-    import numpy as np
-
-    from srdit.metrics import extract_features
-    from srdit.metrics.dinov2_kd import kd_dinov2, load_kd_extractor
-
-    with np.load(ev.reference) as z:
-        real = z["dinov2"]
-    fake = extract_features(torch.from_numpy(images).permute(0, 3, 1, 2), load_kd_extractor(ev.dinov2_path,
-                                                                                             device=device),
-                            ev.batch_size)
-    return kd_dinov2(real, fake.numpy(), subset_size=min(1000, len(real), len(fake)))
 
 
 def with_sampler(cfg: RunConfig, **changes) -> SampleConfig:

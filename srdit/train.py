@@ -292,7 +292,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     dp = DataParallel.current()
     dp.local_batch(cfg.train.batch_size)  # a clear error before anything is built
     if cfg.data.dataset != "digits" and cfg.eval.reference:
-        from srdit.generate import check_evaluation
+        from srdit.evaluate import check_evaluation
 
         check_evaluation(cfg)  # missing weights or reference: now, not after training
     reporter = (reporter or NullReporter()) if dp.main else NullReporter()
@@ -344,7 +344,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         """Evaluate the EMA weights at this step; rank 0 reports and leaves evals/step_N.json (the record that this
         evaluation completed). Latent runs sample into samples/step_N (cleared first: shards of other weights or
         another world size must not mix in), kept for the final step only (50K images are ~10 GB)."""
-        from srdit.generate import evaluate
+        from srdit.evaluate import evaluate
 
         record = out / EVALS / f"step_{step:07d}.json"
         folder = out / SAMPLES / f"step_{step:07d}"

@@ -15,8 +15,9 @@ from PIL import Image
 from srdit.data import latents as store
 from srdit.data.imagenet import center_crop_adm, load_crop, scan_image_folder
 from srdit.data.latents import LatentDataset, LatentStream, verify
-from srdit.data.preprocess import main, preprocess
+from srdit.data.preprocess import preprocess
 from srdit.encoders.invae import InvaeAutoencoder, InvaeConfig, load_invae, save_invae
+from srdit.preprocess_command import main
 
 RES = 32  # crop side; the tiny INVAE (f16) gives 32 x 2 x 2 latents
 

@@ -18,7 +18,7 @@ from test_inception import _random_net  # random weights that keep activations O
 from srdit.config import DataConfig, EvalConfig, ModelConfig, RunConfig, SampleConfig, TrainConfig
 from srdit.data.preprocess import preprocess
 from srdit.encoders.invae import InvaeAutoencoder, InvaeConfig, load_invae, save_invae
-from srdit.generate import EVAL_METRICS
+from srdit.evaluate import EVAL_METRICS
 from srdit.metrics.inception import WEIGHTS_NAME, load_reference
 from srdit.metrics.reference import build_reference
 
@@ -91,7 +91,7 @@ def test_latent_run_evaluates_itself_and_draws_a_decoded_grid(stand_ins, tmp_pat
 
 
 def test_missing_reference_is_a_clear_error(stand_ins, tmp_path):
-    from srdit.generate import evaluate
+    from srdit.evaluate import evaluate
     from srdit.model import build_model
 
     cfg = _cfg(stand_ins)
@@ -116,7 +116,7 @@ def _eval_worker(rank: int, port: int, cfg: RunConfig, samples: str, out: str) -
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        from srdit.generate import evaluate
+        from srdit.evaluate import evaluate
         from srdit.model import build_model
 
         torch.set_num_threads(1)
@@ -134,7 +134,7 @@ def _eval_worker(rank: int, port: int, cfg: RunConfig, samples: str, out: str) -
 def test_two_ranks_shard_the_samples_and_give_the_single_process_metrics(stand_ins, tmp_path):
     """13 samples in protocol batches of 5: rank 0 draws batches 0 and 2, rank 1 batch 1; the metrics equal one
     process's, because each batch's noise depends on (seed, batch) only."""
-    from srdit.generate import evaluate
+    from srdit.evaluate import evaluate
     from srdit.model import build_model
 
     cfg = _cfg(stand_ins, samples=13)

@@ -32,7 +32,7 @@ def test_schema_is_frozen():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.stem)
 def test_shipped_studies_load_and_name_metrics_their_runs_report(path):
-    from srdit.generate import EVAL_METRICS
+    from srdit.evaluate import EVAL_METRICS
 
     spec = load_study(path)
     assert spec.name == path.stem and spec.factors and spec.base.train.steps > 0

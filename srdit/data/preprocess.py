@@ -26,15 +26,16 @@ Several devices: run one process per device on disjoint shards, e.g.
 and then the same command once without --part: every shard is already complete, so it only verifies them and
 writes index.json (a part that finds every shard complete writes it too). Or let Ray place the parts:
     srdit preprocess IMAGE_DIR OUT ... --ray 32      # 32 tasks, one GPU each, over the cluster in RAY_ADDRESS
+
+This module is the single-process part (it takes a loaded `Tokenizer`); the command line is
+`srdit.preprocess_command` and the Ray fan-out `srdit.study.preprocess_ray`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
@@ -136,42 +137,6 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer, *, res
     if not (out / store.FILES).is_file() or (out / store.FILES).read_text() != files_text:
         store.write_text_atomic(out / store.FILES, files_text)
     return folder, settings
-
-
-def preprocess_on_ray(source: str | os.PathLike, out: str | os.PathLike, tokenizer_name: str, weights: str, *,
-                      parts: int, gpus_per_part: float | None = None, cpus_per_part: float = 1.0,
-                      **kw) -> dict | None:
-    """`preprocess` split into `parts` Ray tasks (parts k/N; RAY_ADDRESS, or a local Ray), then index.json. Each
-    task takes one GPU when the cluster has GPUs (`gpus_per_part` None), else `cpus_per_part` CPUs. The driver
-    writes the settings first (parts started together would race to create them), loading the tokenizer on CPU
-    only for that. The shards are identical to a single-process run's."""
-    import ray
-
-    from srdit.encoders import load_tokenizer
-
-    # The tasks may run on other nodes and in other working directories (the storage must be shared).
-    source, out, weights = (os.path.abspath(os.path.expanduser(p)) for p in (source, out, weights))
-    folder, settings = prepare(source, out, load_tokenizer(tokenizer_name, weights, "cpu"),
-                               **{k: v for k, v in kw.items() if k in ("resolution", "shard_size", "batch_size",
-                                                                        "seed", "keep_images", "dtype", "limit")})
-
-    @ray.remote
-    def run_part(k: int) -> None:
-        device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
-        preprocess(source, out, load_tokenizer(tokenizer_name, weights, device), part=(k, parts),
-                   progress=False, **kw)
-
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, logging_level="WARNING")
-    try:
-        gpus = (1.0 if ray.cluster_resources().get("GPU") else 0.0) if gpus_per_part is None else gpus_per_part
-        task = run_part.options(num_gpus=gpus, num_cpus=cpus_per_part)
-        ray.get([task.remote(k) for k in range(parts)])
-    finally:
-        if started:
-            ray.shutdown()
-    return finalize(out, folder, settings)
 
 
 def _shards(out: Path, folder: ImageFolder, settings: dict, tokenizer, *, part: tuple[int, int], workers: int,
@@ -277,99 +242,3 @@ def finalize(out: str | os.PathLike, folder: ImageFolder, settings: dict) -> dic
     }
     store.write_json_atomic(out / store.INDEX, index)
     return index
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Command line
-# --------------------------------------------------------------------------------------------------------------
-
-
-class _ArgError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of the usage dump
-        raise _ArgError(f"{self.prog}: {message}")
-
-
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="srdit preprocess", description="Image folder -> ADM center crops -> latent shards (resumable).")
-    p.add_argument("source", nargs="?", help="ImageNet-style folder: one sub-folder of images per class")
-    p.add_argument("out", nargs="?", help="output latent folder (rerun the same command to resume)")
-    p.add_argument("--tokenizer", choices=("invae", "sdvae"), default="invae")
-    p.add_argument("--weights", help="INVAE: e2e-invae-400k.pt (or its folder); SD-VAE: a diffusers folder")
-    p.add_argument("--resolution", type=int, default=256, help="crop side in pixels (256 or 512)")
-    p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
-    p.add_argument("--batch-size", type=int, default=32, help="images per tokenizer call")
-    p.add_argument("--seed", type=int, default=0, help="seed of the per-image posterior noise")
-    p.add_argument("--keep-images", action="store_true", help="also store the uint8 crops (for the DINOv2 teacher)")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="storage type of the latents")
-    p.add_argument("--workers", type=int, default=4, help="image decoding threads")
-    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
-    p.add_argument("--part", default="0/1", help="K/N: only shards K, K+N, ... (one process per device)")
-    p.add_argument("--ray", type=int, metavar="N", help="split into N parts run as Ray tasks (one GPU each when the "
-                   "cluster has GPUs; RAY_ADDRESS or a local Ray), then write the index")
-    p.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
-    p.add_argument("--verify", metavar="DIR", help="check an existing latent folder and exit")
-    p.add_argument("--quick", action="store_true", help="with --verify: sizes only, no checksums")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`srdit preprocess ...`; returns the exit code (2 and one line on stderr for bad input)."""
-    try:
-        args = _parser().parse_args(argv)
-        if args.verify:
-            problems = store.verify(args.verify, checksums=not args.quick)
-            if problems:
-                for p in problems:
-                    print(f"{args.verify}: {p}", file=sys.stderr)
-                return 1
-            index = store.read_index(args.verify)
-            print(f"{args.verify}: ok, {index['num_images']} images in {len(index['shards'])} shards "
-                  f"({'sizes' if args.quick else 'checksums'} verified)")
-            return 0
-        if not args.source or not args.out or not args.weights:
-            raise _ArgError("srdit preprocess: give SOURCE OUT --weights PATH (or --verify DIR)")
-        try:
-            k, n = (int(v) for v in args.part.split("/"))
-        except ValueError:
-            raise _ArgError(f"srdit preprocess: --part {args.part!r}: expected K/N, e.g. 0/8") from None
-        device = args.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        from srdit.encoders import load_tokenizer
-
-        t0 = time.perf_counter()
-        kw = dict(resolution=args.resolution, shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed,
-                  keep_images=args.keep_images, dtype=args.dtype, workers=args.workers, limit=args.limit)
-        if args.ray:
-            if n != 1:
-                raise _ArgError("srdit preprocess: --ray N splits the work itself; leave out --part")
-            index = preprocess_on_ray(args.source, args.out, args.tokenizer, args.weights, parts=args.ray, **kw)
-        else:
-            index = preprocess(args.source, args.out, load_tokenizer(args.tokenizer, args.weights, device),
-                               part=(k, n), progress=False if args.no_progress else None, **kw)
-        dt = time.perf_counter() - t0
-        if index is None:
-            print(f"{args.out}: part {k}/{n} done in {dt:.0f} s; other parts are still missing (index.json is "
-                  f"written when every shard is complete)")
-        else:
-            print(f"{args.out}: {index['num_images']} images, {len(index['shards'])} shards, latents "
-                  f"{index['latent_shape']} ({dt:.0f} s)")
-        return 0
-    except _ArgError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("srdit preprocess: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

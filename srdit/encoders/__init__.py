@@ -5,10 +5,9 @@ from __future__ import annotations
 import torch
 
 from srdit.config import TOKENIZER_NAMES
-from srdit.encoders.base import Teacher
+from srdit.encoders.base import Teacher, Tokenizer
 from srdit.encoders.digits import DigitsMetricNet, DigitsTeacher, load_digits_metric_net, load_digits_teacher
 from srdit.encoders.dinov2 import DINOV2_NAMES
-from srdit.encoders.invae import Tokenizer
 
 TEACHERS = ("digits-cnn",) + DINOV2_NAMES
 TOKENIZERS = TOKENIZER_NAMES  # names as plain data in the config layer (validated there without torch)

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from srdit.encoders.invae import load_state_dict_strict
+from srdit.encoders.base import load_state_dict_strict
 
 DINOV2_DIMS = {"s": 384, "b": 768, "l": 1024, "g": 1536}
 DINOV2_NAMES = tuple(f"dinov2_vit{size}14{reg}" for size in DINOV2_DIMS for reg in ("", "_reg"))

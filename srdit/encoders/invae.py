@@ -1,4 +1,5 @@
-"""The INVAE tokenizer (SR-DiT's E2E-INVAE, arXiv:2512.12386 section 1.2) and the common `Tokenizer` interface.
+"""The INVAE tokenizer (SR-DiT's E2E-INVAE, arXiv:2512.12386 section 1.2); the `Tokenizer` interface it implements
+is in `srdit.encoders.base`.
 
 INVAE is an LDM-style KL autoencoder (Rombach et al. 2022) with a 16x down-sampling and 32 latent channels
 (channel multipliers [1, 1, 2, 2, 4]): 256 px -> 32 x 16 x 16, 512 px -> 32 x 32 x 32. SR-DiT uses the REPA-E
@@ -17,11 +18,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from srdit.encoders.base import TokenizerLoadError, load_state_dict_strict, posterior_sample
 
 INVAE_SCALE = 0.3099
 "SR-DiT's latent scale for E2E-INVAE (all 32 channels)."
@@ -29,47 +31,6 @@ INVAE_BIAS = 0.0
 INVAE_WEIGHTS = "e2e-invae-400k.pt"
 "File name of the REPA-E release (HF repo REPA-E/e2e-invae)."
 CONFIG_FILE = "config.json"
-
-
-@runtime_checkable
-class Tokenizer(Protocol):
-    """Images <-> model latents. Model latents are `scale * latent + bias`, the tensors the diffusion model sees."""
-
-    name: str
-    channels: int
-    "Latent channels (INVAE 32, SD-VAE 4)."
-    downsample: int
-    "Spatial down-sampling factor (INVAE 16, SD-VAE 8)."
-    scale: float
-    bias: float
-
-    def encode(self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None,
-               noise: Tensor | None = None) -> Tensor:
-        """images [B, 3, H, W] in [-1, 1] -> scaled latents [B, channels, H/down, W/down]. With `sample`, one draw
-        from the posterior (mean + std * eps; eps = `noise` if given, else drawn from `generator`), else the mean."""
-        ...
-
-    def decode(self, latents: Tensor) -> Tensor:
-        """Scaled latents -> images [B, 3, H, W] (nominally in [-1, 1]; not clamped)."""
-        ...
-
-
-class TokenizerLoadError(ValueError):
-    """Weights that do not fit the tokenizer's architecture (a key or shape mismatch)."""
-
-
-def posterior_sample(mean: Tensor, logvar: Tensor, sample: bool, generator: torch.Generator | None = None,
-                     noise: Tensor | None = None) -> Tensor:
-    """A draw of the diagonal Gaussian posterior (log-variance clamped to [-30, 20] as in LDM), or its mean."""
-    if not sample:
-        return mean
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    if noise is None:
-        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device,
-                            dtype=mean.dtype)
-    if noise.shape != mean.shape:
-        raise ValueError(f"noise has shape {tuple(noise.shape)}, the posterior {tuple(mean.shape)}")
-    return mean + std * noise.to(mean.device, mean.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -372,26 +333,6 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return obj
-
-
-def load_state_dict_strict(model: nn.Module, state: dict[str, Tensor], source: str, hint: str,
-                           error: type[Exception] = TokenizerLoadError) -> None:
-    """`load_state_dict(strict=True)` with a one-line message naming the mismatched keys / shapes."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if shapes:
-            parts.append(f"{len(shapes)} with another shape (e.g. {'; '.join(shapes[:2])})")
-        raise error(f"{source}: weights do not match the architecture: {'; '.join(parts)}; {hint}")
-    model.load_state_dict(state, strict=True)
 
 
 def load_invae(path: str | os.PathLike, device: str | torch.device = "cpu", config: InvaeConfig | None = None,

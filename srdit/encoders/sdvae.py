@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from srdit.encoders.invae import TokenizerLoadError, posterior_sample
+from srdit.encoders.base import TokenizerLoadError, posterior_sample
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 

@@ -56,7 +56,7 @@ def train_data_parallel(config: dict, out_dir: str | Path, run_id: str, ctx: Tri
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from srdit.config import RunConfig, from_dict
-    from srdit.generate import check_evaluation
+    from srdit.evaluate import check_evaluation
     from srdit.parallel import DataParallel
 
     workers, gpus = int(ctx.workers), float(ctx.gpus)

@@ -1,0 +1,330 @@
+"""The layer rules of the architecture: who may import whom.
+
+| layer     | nodes (srdit/...)                                  | may import (srdit)             | must not import |
+|-----------|----------------------------------------------------|--------------------------------|-----------------|
+| config    | __init__, config, techniques, metric_registry      | -                              | torch, ray, mlflow |
+| util      | cache                                              | -                              | ray, mlflow     |
+| model     | model/                                             | config, util                   | ray, mlflow     |
+| transport | transport/                                         | config, util, `srdit.model` *  | ray, mlflow     |
+| data      | data/, encoders/, metrics/                         | config, util                   | ray, mlflow     |
+| train     | train, generate, evaluate, sample_shards, parallel, imaging, provenance | the rows above | ray, mlflow |
+| study     | study/                                             | the rows above, `srdit.analysis.results` only | -  |
+| analysis  | analysis/                                          | config                         | torch, ray      |
+| cli       | cli, __main__, preprocess_command                  | everything                     | -               |
+
+* the model's public API, never its internals (`srdit.model.<module>`).
+
+A node is a top-level module or a top-level package of `srdit`; a layer may always import its own nodes. `cache` sits
+below the data layer because it is the one atomic writer of the package (the latent store, the digits teacher
+cache, checkpoints and sample shards all write through it) and imports nothing of srdit.
+
+Two checks per row, and one on the whole graph:
+- static: every `import` in every srdit source file, module level or inside a function, is read with `ast` and
+  checked against the row (lazy imports count: they run too, just later);
+- at run time: each module of the row is imported in its own fresh process, which must then hold no forbidden
+  module in `sys.modules` (this catches what a module drags in through others). The processes are forked from a
+  parent that has loaded only torch for the rows that may use torch, and nothing for config and analysis;
+- the graph of nodes (every import, lazy ones included) has no cycle.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SRC = ROOT / "srdit"
+
+LAYERS: dict[str, set[str]] = {
+    "config": {"srdit", "config", "techniques", "metric_registry"},
+    "util": {"cache"},
+    "model": {"model"},
+    "transport": {"transport"},
+    "data": {"data", "encoders", "metrics"},
+    "train": {"train", "generate", "evaluate", "sample_shards", "parallel", "imaging", "provenance"},
+    "study": {"study"},
+    "analysis": {"analysis"},
+    "cli": {"cli", "__main__", "preprocess_command"},
+}
+"Layer -> its nodes (a node: a top-level module or package of srdit; `srdit` is the package's own __init__)."
+
+BELOW_TRAIN = {"config", "util", "model", "transport", "data"}
+MAY_IMPORT: dict[str, set[str]] = {
+    "config": {"config"},
+    "util": set(),
+    "model": {"config", "util", "model"},
+    "transport": {"config", "util", "transport"},
+    "data": {"config", "util", "data"},
+    "train": BELOW_TRAIN | {"train"},
+    "study": BELOW_TRAIN | {"train", "study"},
+    "analysis": {"config", "analysis"},
+    "cli": set(LAYERS),
+}
+"Layer -> the layers whose modules it may import (besides the modules in ALSO_MAY_IMPORT)."
+
+ALSO_MAY_IMPORT: dict[str, set[str]] = {
+    "transport": {"srdit.model"},  # the model's public API, never srdit.model.<internal>
+    "study": {"srdit.analysis", "srdit.analysis.results"},  # the results table, never report / effects
+}
+"Layer -> single srdit modules it may import although their layer is not in MAY_IMPORT."
+
+FORBIDDEN_PACKAGES: dict[str, set[str]] = {
+    "config": {"torch", "ray", "mlflow"},
+    "util": {"ray", "mlflow"},
+    "model": {"ray", "mlflow"},
+    "transport": {"ray", "mlflow"},
+    "data": {"ray", "mlflow"},
+    "train": {"ray", "mlflow"},
+    "study": set(),
+    "analysis": {"torch", "ray"},
+    "cli": set(),
+}
+"Layer -> third-party packages it must not import, directly or through another module."
+
+TORCH_FREE = {layer for layer, banned in FORBIDDEN_PACKAGES.items() if "torch" in banned}
+
+# ----------------------------------------------------------------------------------------------------------------
+# The source tree
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+MODULES: dict[str, Path] = {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+"Every srdit module -> its source file."
+
+
+def node_of(module: str) -> str:
+    """`srdit.data.latents` -> `data`; `srdit.train` -> `train`; `srdit` -> `srdit`."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+NODE_LAYER = {node: layer for layer, nodes in LAYERS.items() for node in nodes}
+
+
+def layer_of(module: str) -> str | None:
+    return NODE_LAYER.get(node_of(module))
+
+
+def _resolve(module: str, level: int, importer: str, is_package: bool) -> str:
+    """Absolute name of a (possibly relative) `from ... import` base."""
+    if not level:
+        return module
+    base = importer.split(".") if is_package else importer.split(".")[:-1]
+    base = base[:len(base) - (level - 1)]
+    return ".".join(base + ([module] if module else []))
+
+
+def imports_of(module: str) -> list[tuple[int, str]]:
+    """(line, imported module) for every import statement of `module`, wherever it stands (module level, inside
+    functions, under `if TYPE_CHECKING`). `from pkg import name` names the submodule pkg.name when there is one."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = _resolve(node.module or "", node.level, module, path.name == "__init__.py")
+            for alias in node.names:
+                sub = f"{base}.{alias.name}"
+                out.append((node.lineno, sub if sub in MODULES else base))
+    return list(dict.fromkeys(out))  # `from m import a, b` once
+
+
+def _where(module: str, line: int) -> str:
+    return f"{MODULES[module].relative_to(ROOT)}:{line}"
+
+
+def _allowed(layer: str, target: str) -> bool:
+    """May a module of `layer` import the srdit module `target` (static rule)?"""
+    return layer_of(target) in MAY_IMPORT[layer] | {layer} or target in ALSO_MAY_IMPORT.get(layer, set())
+
+
+def _allowed_loaded(layer: str, loaded: str) -> bool:
+    """May `loaded` sit in sys.modules after importing a module of `layer`? As `_allowed`, except that any import
+    loads the package root `srdit`, and importing the model's public API loads the model's internals too."""
+    return loaded == "srdit" or _allowed(layer, loaded) or (layer == "transport" and layer_of(loaded) == "model")
+
+
+def _layer_modules(layer: str) -> list[str]:
+    return [m for m in MODULES if layer_of(m) == layer]
+
+
+def test_every_module_belongs_to_a_layer():
+    orphans = sorted(m for m in MODULES if layer_of(m) is None)
+    assert not orphans, (f"srdit modules outside the layer table: {orphans}; add their node to LAYERS in "
+                         f"{Path(__file__).name} (and to the architecture's layer table)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Static: every import statement, lazy ones included
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_static_imports_follow_the_layer_rules(layer):
+    modules = _layer_modules(layer)
+    assert modules, f"no module in layer {layer}"
+    bad = []
+    for module in modules:
+        for line, target in imports_of(module):
+            top = target.split(".")[0]
+            if top == "srdit":
+                if not _allowed(layer, target):
+                    bad.append(f"{_where(module, line)} imports {target} (layer {layer_of(target)}); {layer} may "
+                               f"import {', '.join(sorted(MAY_IMPORT[layer] | {layer}))}"
+                               + (f" and {', '.join(sorted(ALSO_MAY_IMPORT[layer]))}" if layer in ALSO_MAY_IMPORT
+                                  else ""))
+            elif top in FORBIDDEN_PACKAGES[layer]:
+                bad.append(f"{_where(module, line)} imports {target}; {layer} must not import "
+                           f"{', '.join(sorted(FORBIDDEN_PACKAGES[layer]))}")
+    assert not bad, f"layer {layer}: {len(bad)} forbidden import(s):\n" + "\n".join(bad)
+
+
+def _graph() -> dict[str, dict[str, list[str]]]:
+    """node -> imported node -> where (file:line), every import, self-imports left out."""
+    graph: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for module in MODULES:
+        for line, target in imports_of(module):
+            if target.split(".")[0] == "srdit" and node_of(target) != node_of(module):
+                graph[node_of(module)][node_of(target)].append(_where(module, line))
+    return graph
+
+
+def _cycles(graph: dict[str, dict[str, list[str]]]) -> list[list[str]]:
+    """The strongly connected components with more than one node (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph.get(v, {}):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(set(graph) | {w for targets in graph.values() for w in targets}):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_lazy_imports_are_seen():
+    seen = {target for _, target in imports_of("srdit.evaluate")}
+    assert "srdit.metrics.inception" in seen  # imported inside _evaluate_latents
+    assert "srdit.sample_shards" in seen and "torch" in seen
+
+
+def test_cycle_finder_sees_a_cycle():
+    assert _cycles({"a": {"b": []}, "b": {"c": []}, "c": {"a": []}, "d": {"a": []}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b": []}, "b": {}}) == []
+
+
+def test_package_graph_has_no_cycles():
+    graph = _graph()
+    cycles = _cycles(graph)
+    lines = []
+    for component in cycles:
+        edges = [f"  {a} -> {b} ({', '.join(graph[a][b][:3])})" for a in component for b in component
+                 if b in graph.get(a, {})]
+        lines.append(" <-> ".join(component) + ":\n" + "\n".join(edges))
+    assert not cycles, "import cycles between srdit packages / top-level modules:\n" + "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# At run time: what importing each module really loads
+# ----------------------------------------------------------------------------------------------------------------
+
+_PROBE = r"""
+import json, os, sys, traceback
+
+modules, preload = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+for name in preload:
+    __import__(name)
+for module in modules:
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:  # a fresh process as far as srdit, ray and mlflow go
+        try:
+            __import__(module)
+            out = {"module": module, "loaded": sorted(sys.modules)}
+        except BaseException:
+            out = {"module": module, "error": traceback.format_exc(limit=3)}
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
+        os._exit(0)
+    os.waitpid(pid, 0)
+"""
+
+_ENTRY_POINTS = {"srdit.__main__"}  # importing it runs the command line; checked statically only
+
+
+@pytest.fixture(scope="module")
+def loaded_by_import() -> dict[str, dict]:
+    """module -> {"loaded": sys.modules after importing it alone} (or {"error": ...})."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+           "RAY_USAGE_STATS_ENABLED": "0"}
+    results = {}
+    for torch_free in (True, False):
+        modules = [m for m in MODULES if m not in _ENTRY_POINTS and (layer_of(m) in TORCH_FREE) == torch_free]
+        preload = [] if torch_free else ["torch"]
+        proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(modules), json.dumps(preload)], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        for line in proc.stdout.splitlines():
+            if line.startswith('{"module"'):
+                r = json.loads(line)
+                results[r["module"]] = r
+        missing = [m for m in modules if m not in results]
+        assert not missing, f"no probe result for {missing}: {proc.stderr[-3000:]}"
+    return results
+
+
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_importing_a_module_loads_nothing_its_layer_must_not_use(layer, loaded_by_import):
+    bad = []
+    for module in _layer_modules(layer):
+        if module in _ENTRY_POINTS:
+            continue
+        r = loaded_by_import[module]
+        if "error" in r:
+            bad.append(f"{module}: import failed:\n{r['error']}")
+            continue
+        loaded = r["loaded"]
+        packages = sorted(p for p in FORBIDDEN_PACKAGES[layer] if p in loaded)
+        internal = sorted(m for m in loaded if m.split(".")[0] == "srdit" and m in MODULES
+                          and not _allowed_loaded(layer, m))
+        if packages or internal:
+            bad.append(f"import {module} loads " + ", ".join(packages + internal))
+    assert not bad, f"layer {layer}:\n" + "\n".join(bad)
