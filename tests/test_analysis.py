@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import statsmodels.formula.api as smf
 
-from srdit.analysis import AnalysisError, analyze, shapley_values
+from srdit.analysis.effects import AnalysisError, analyze, shapley_values
 
 
 def _design(factors, n_seeds=1):
