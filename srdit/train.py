@@ -29,8 +29,7 @@ from srdit.config import RunConfig, from_dict, to_dict, to_yaml
 from srdit.model import build_model
 from srdit.parallel import DataParallel
 from srdit.provenance import provenance
-from srdit.transport import interpolate, sample_times, velocity_target
-from srdit.transport.losses import loss_terms, total
+from srdit.transport.objective import TEACHER_SETTINGS, StepNoise, teacher_widths, training_losses
 
 CHECKPOINT = "checkpoints/last.pt"
 EVALS = "evals"
@@ -100,17 +99,16 @@ def autocast_for(cfg: RunConfig, device: torch.device):
 
 
 def _teacher_for(cfg: RunConfig, device):
-    """The alignment teacher when REPA or REG is on, checked against the model's widths; None otherwise."""
-    m = cfg.model
-    if not (m.repa.enabled or m.reg.enabled):
+    """The alignment teacher when the objective needs one, checked against the model's widths; None otherwise."""
+    want = teacher_widths(cfg.model)
+    if not want:
         return None
     from srdit.encoders import load_teacher
 
     teacher = load_teacher(cfg.data.teacher, cfg.data.teacher_path, device)
-    want = ({m.repa.teacher_dim} if m.repa.enabled else set()) | ({m.reg.dim} if m.reg.enabled else set())
     if want != {teacher.dim}:
-        raise ValueError(f"teacher {cfg.data.teacher} gives {teacher.dim}-d tokens: set model.repa.teacher_dim and "
-                         f"model.reg.dim to {teacher.dim}")
+        raise ValueError(f"teacher {cfg.data.teacher} gives {teacher.dim}-d tokens: set "
+                         f"{' and '.join(TEACHER_SETTINGS)} to {teacher.dim}")
     return teacher
 
 
@@ -127,18 +125,18 @@ class DigitsBatches:
         self.x, self.y = split.train_x.to(device), split.train_y.to(device)
         self.stream = BatchStream(len(self.x), cfg.train.batch_size, cfg.train.seed)
         self.dp = dp
-        self.patches = self.cls = None
+        self.patches = self.cls_tokens = None
         teacher = _teacher_for(cfg, "cpu")
         if teacher is not None:
             with torch.no_grad():
-                patches, cls = teacher(split.train_x, cfg.model.input_size // cfg.model.patch_size)
-            self.patches, self.cls = patches.to(device), cls.to(device)
+                patches, cls_tokens = teacher(split.train_x, cfg.model.input_size // cfg.model.patch_size)
+            self.patches, self.cls_tokens = patches.to(device), cls_tokens.to(device)
 
     def next(self):
         """(x0, labels, teacher patch tokens or None, teacher class token or None)."""
         idx = self.dp.part(self.stream.next_indices()).to(self.x.device)
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
-        return self.x[idx], self.y[idx], pick(self.patches), pick(self.cls)
+        return self.x[idx], self.y[idx], pick(self.patches), pick(self.cls_tokens)
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()
@@ -181,10 +179,11 @@ class LatentBatches:
             return x0, y, None, None
         with torch.no_grad():
             if self.cache is not None:
-                patches, cls = self.cache.tokens(self.teacher, crops, self.stream.last_indices.numpy(), self.grid)
-                return x0, y, patches.to(x0.device), cls.to(x0.device)
-            patches, cls = self.teacher(crops, self.grid)
-        return x0, y, patches.float(), cls.float()
+                indices = self.stream.last_indices.numpy()
+                patches, cls_tokens = self.cache.tokens(self.teacher, crops, indices, self.grid)
+                return x0, y, patches.to(x0.device), cls_tokens.to(x0.device)
+            patches, cls_tokens = self.teacher(crops, self.grid)
+        return x0, y, patches.float(), cls_tokens.float()
 
     def state_dict(self) -> dict:
         return self.stream.state_dict()
@@ -196,29 +195,6 @@ class LatentBatches:
 def make_batches(cfg: RunConfig, device: torch.device, dp: DataParallel = DataParallel()):
     """This rank's part of each global batch: (x0, labels, teacher patch tokens or None, class token or None)."""
     return (DigitsBatches if cfg.data.dataset == "digits" else LatentBatches)(cfg, device, dp)
-
-
-@dataclass
-class StepNoise:
-    """The randomness of one step for the *global* batch, drawn in a fixed order from the shared RNG and sliced
-    to this rank, so that the random streams do not depend on the number of data-parallel workers."""
-
-    drop: torch.Tensor
-    t: torch.Tensor
-    eps: torch.Tensor
-    eps_cls: torch.Tensor | None
-    route: torch.Tensor | None
-
-    @classmethod
-    def draw(cls, cfg: RunConfig, model, x_shape, shift: float, device, dp: DataParallel) -> "StepNoise":
-        b, m, tr = cfg.train.batch_size, cfg.model, cfg.transport
-        drop = torch.rand(b, device=device) < cfg.train.label_dropout
-        t = sample_times(b, tr.time_sampling, shift, tr.logit_mean, tr.logit_std, device=device)
-        eps = torch.randn((b, *x_shape[1:]), device=device)
-        eps_cls = torch.randn(b, m.reg.dim, device=device) if m.reg.enabled else None
-        tokens = model.routed_tokens
-        route = torch.rand(b, tokens, device=device) if tokens else None
-        return cls(*(dp.part(v) for v in (drop, t, eps, eps_cls, route)))
 
 
 def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
@@ -373,7 +349,6 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     net = torch.compile(net) if tc.compile else net
-    m, null = cfg.model, cfg.model.num_classes
     shift = cfg.shift_value()
     bar = _Progress(tc.steps, step, progress if dp.main else False)
     sums: dict[str, float] = {}
@@ -384,24 +359,11 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     model.train()
     try:
         while step < tc.steps:
-            x0, y, patches, cls0 = data.next()
+            x0, y, *teacher_out = data.next()
             noise = StepNoise.draw(cfg, model, x0.shape, shift, device, dp)
-            y = torch.where(noise.drop, torch.full_like(y, null), y)
-            t, eps = noise.t, noise.eps
-            cls_t = reg_target = repa_target = None
-            if m.reg.enabled:
-                cls_t, reg_target = interpolate(cls0, noise.eps_cls, t), velocity_target(cls0, noise.eps_cls)
-            if m.repa.enabled:
-                repa_target = patches
-                if m.reg.enabled:  # token 0 (the class token) aligns with the teacher's class token
-                    repa_target = torch.cat([cls0[:, None], patches], dim=1)
-            with autocast_for(cfg, device):
-                pred, aux = net(interpolate(x0, eps, t), t, y, cls_t, route_noise=noise.route)
-            target = velocity_target(x0, eps)
-            cfm = cfg.loss.cfm > 0
-            terms = loss_terms(pred, target, aux, repa_target, reg_target, cfm=cfm,
-                               cfm_negative=dp.rolled(target) if cfm and dp.active else None)
-            loss = total(terms, cfg.loss)
+            losses = training_losses(net, x0, y, teacher_out, cfg, noise, roll=dp.rolled,
+                                     autocast=autocast_for(cfg, device))
+            loss = losses["loss"]
             if dp.any(not torch.isfinite(loss), device):
                 status, reason = "diverged", f"non-finite loss at step {step + 1}"
                 break
@@ -415,7 +377,8 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
             _ema_update(ema, model, tc.ema_decay)
             step += 1
 
-            for k, v in [("loss", loss), ("grad_norm", grad_norm)] + [(f"loss/{k}", v) for k, v in terms.items()]:
+            terms = [(f"loss/{k}", v) for k, v in losses.items() if k != "loss"]
+            for k, v in [("loss", loss), ("grad_norm", grad_norm)] + terms:
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
             count += 1
             if step % tc.log_every == 0 or step == tc.steps:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from srdit.config import ModelConfig, RepaConfig, RegConfig, RopeConfig, SprintConfig
 from srdit.techniques import TECHNIQUES, preset
 from srdit.model import build_model, count_macs
-from srdit.model.layers import Rope2d, apply_rope
+from srdit.model.attention import Attention
+from srdit.model.layers import Mlp, Rope2d, apply_rope
 
 DEBUG = ModelConfig(size="debug", patch_size=1, in_channels=1, input_size=8, num_classes=10)
 
@@ -140,18 +141,54 @@ def test_zero_init_paths_are_identity(cfg):
         assert torch.equal(block(h, c)[0], h)
 
 
-def test_forward_shapes_for_every_technique():
-    for name, tech in TECHNIQUES.items():
-        if not any(k.startswith("model.") for k in tech.diff):
-            continue
-        from srdit.config import RunConfig
-        from srdit.techniques import with_techniques
-        cfg = with_techniques(RunConfig(), [name]).model
+MODEL_TECHNIQUES = [name for name, tech in TECHNIQUES.items() if any(k.startswith("model.") for k in tech.diff)]
+
+
+@pytest.mark.parametrize("name", MODEL_TECHNIQUES)
+def test_every_model_technique(name):
+    """Each technique that changes the model: right shape, finite, deterministic given the seed, aux outputs
+    exactly when it needs them, finite gradients, and a prediction that differs from plain SiT's with the shared
+    weights unless it only adds a training signal (REPA)."""
+    from srdit.config import RunConfig
+    from srdit.techniques import with_techniques
+
+    cfg = with_techniques(RunConfig(), [name]).model
+    x, t, y, cls_token = inputs(cfg)
+
+    def run(seed=5):
+        torch.manual_seed(seed)
         model = randomize(build_model(cfg)).train()
-        x, t, y, cls = inputs(cfg)
-        out, aux = model(x, t, y, cls)
-        assert out.shape == x.shape, name
-        out.sum().backward()
+        return model, *model(x, t, y, cls_token)
+
+    model, out, aux = run()
+    _, out2, aux2 = run()
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert torch.equal(out, out2) and aux.keys() == aux2.keys() and all(torch.equal(aux[k], aux2[k]) for k in aux)
+    needs = {"repa": {"repa"}, "reg": {"reg"}}.get(name, set())
+    assert set(aux) == needs
+    assert all(torch.isfinite(v).all() for v in aux.values())
+    if "repa" in aux:
+        assert aux["repa"].shape == (x.shape[0], model.grid**2, cfg.repa.teacher_dim)
+    if "reg" in aux:
+        assert aux["reg"].shape == (x.shape[0], cfg.reg.dim)
+    (out.square().mean() + sum(v.square().mean() for v in aux.values())).backward()
+    assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+    model.eval()
+    with torch.no_grad():
+        out_eval, aux_eval = model(x, t, y, cls_token)
+    assert set(aux_eval) == needs - {"repa"}  # the REPA projector is train-only
+    plain = build_model(RunConfig().model).eval()
+    plain_sd = plain.state_dict()
+    shared = {k: v for k, v in model.state_dict().items() if k in plain_sd and v.shape == plain_sd[k].shape}
+    missing, _ = plain.load_state_dict(shared, strict=False)
+    assert all(".mlp." in k for k in missing) and (name == "swiglu" or not missing)
+    with torch.no_grad():
+        out_plain, _ = plain(x, t, y)
+    if name == "repa":
+        assert torch.equal(out_eval, out_plain)
+    else:
+        assert not torch.allclose(out_eval, out_plain, atol=1e-4)
 
 
 def test_rope_scores_depend_only_on_relative_offsets():
@@ -222,3 +259,92 @@ def test_value_residual_lambdas_start_at_half():
     model = build_model(dataclasses.replace(DEBUG, value_residual=True))
     assert model.blocks[0].attn.v_lambda is None
     assert all(float(b.attn.v_lambda) == 0.5 for b in model.blocks[1:])
+
+
+def _explicit_attention(attn, x, v_first=None, lam=None, qk_weights=None):
+    """Attention written out: qkv projection, optional RMSNorm over the head dim with affine weights, explicit
+    softmax(q k^T / sqrt(d)), value mix V' = lam V_1 + (1 - lam) V, output projection."""
+    B, T, D = x.shape
+    H, d = attn.heads, attn.head_dim
+    q, k, v = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, T, 3, H, d).permute(2, 0, 3, 1, 4)
+    if qk_weights is not None:
+        eps = torch.finfo(x.dtype).eps  # nn.RMSNorm's default eps
+        rms = lambda z, w: z / torch.sqrt(z.square().mean(-1, keepdim=True) + eps) * w  # noqa: E731
+        q, k = rms(q, qk_weights[0]), rms(k, qk_weights[1])
+    if lam is not None:
+        v = lam * v_first + (1 - lam) * v
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    return F.linear((weights @ v).transpose(1, 2).reshape(B, T, D), attn.proj.weight, attn.proj.bias)
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0, 0.3])
+def test_value_residual_mix_closed_form(lam):
+    """V' = lambda V_1 + (1 - lambda) V: lambda = 0 is plain attention (bit for bit), lambda = 1 attends with
+    block 0's values only; the returned values are this block's own, before the mix."""
+    torch.manual_seed(0)
+    attn = Attention(32, 4, qk_norm=False, value_residual=True).double()
+    with torch.no_grad():
+        attn.v_lambda.fill_(lam)
+    x, v_first = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 4, 5, 8, dtype=torch.float64)
+    out, v_raw = attn(x, v_first=v_first)
+    own_v = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(2, 5, 3, 4, 8).permute(2, 0, 3, 1, 4)[2]
+    assert torch.equal(v_raw, own_v)
+    assert torch.allclose(out, _explicit_attention(attn, x, v_first, lam), atol=1e-12)
+    if lam == 0.0:
+        plain = Attention(32, 4, qk_norm=False, value_residual=False).double()
+        plain.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "v_lambda"})
+        assert torch.equal(out, plain(x)[0])
+    if lam == 1.0:  # the block's own values drop out entirely: changing them changes nothing
+        with torch.no_grad():
+            attn.qkv.weight[64:].add_(1.0)
+            attn.qkv.bias[64:].add_(1.0)
+        assert torch.equal(attn(x, v_first=v_first)[0], out)
+    assert torch.equal(attn(x)[0], attn(x, v_first=None)[0])  # no source (block 0): no mix
+
+
+def test_qk_norm_matches_direct_computation():
+    """QK-norm = RMSNorm over the head dimension with a learnable scale on q and on k, before attention."""
+    torch.manual_seed(0)
+    attn = Attention(32, 4, qk_norm=True, value_residual=False).double()
+    with torch.no_grad():
+        attn.q_norm.weight.copy_(torch.rand(8, dtype=torch.float64) + 0.5)
+        attn.k_norm.weight.copy_(torch.rand(8, dtype=torch.float64) + 0.5)
+    x = 3 * torch.randn(2, 5, 32, dtype=torch.float64)
+    out, _ = attn(x)
+    ref = _explicit_attention(attn, x, qk_weights=(attn.q_norm.weight, attn.k_norm.weight))
+    assert torch.allclose(out, ref, atol=1e-12)
+    assert not torch.allclose(out, _explicit_attention(attn, x), atol=1e-3)  # the norm does something
+
+
+@pytest.mark.parametrize("dim", [64, 96, 384, 768, 1024, 1152])
+def test_swiglu_weight_count_against_dense_mlp(dim):
+    """The dense MLP (ratio 4) has h = 4 D hidden units and 2 h D = 8 D^2 weights. SwiGLU has h' = int(2 h / 3)
+    and 3 h' D weights = 8 D^2 - r D with r = 2 h mod 3: exactly the dense count when 3 divides D (S, B, XL:
+    384, 768, 1152), D or 2 D fewer otherwise. Biases: 2 h' + D against h + D. Totals agree within 1%."""
+    dense, swiglu = Mlp(dim, 4.0, "gelu"), Mlp(dim, 4.0, "swiglu")
+    weights = lambda m: m.fc1.weight.numel() + m.fc2.weight.numel()  # noqa: E731
+    biases = lambda m: m.fc1.bias.numel() + m.fc2.bias.numel()  # noqa: E731
+    h = 4 * dim
+    h2 = int(2 * h / 3)
+    assert weights(dense) == 2 * h * dim == 8 * dim * dim
+    assert weights(swiglu) == 3 * h2 * dim == weights(dense) - ((2 * h) % 3) * dim
+    assert (weights(swiglu) == weights(dense)) == (dim % 3 == 0)
+    assert biases(dense) == h + dim and biases(swiglu) == 2 * h2 + dim
+    total = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert abs(total(swiglu) - total(dense)) / total(dense) < 0.01
+
+
+@pytest.mark.parametrize("kind", ["gelu", "relu2", "swiglu"])
+def test_mlp_activations_closed_form(kind):
+    torch.manual_seed(0)
+    mlp = Mlp(16, 4.0, kind).double()
+    x = torch.randn(2, 3, 16, dtype=torch.float64)
+    h = F.linear(x, mlp.fc1.weight, mlp.fc1.bias)
+    if kind == "gelu":
+        h = 0.5 * h * (1 + torch.tanh(math.sqrt(2 / math.pi) * (h + 0.044715 * h**3)))
+    elif kind == "relu2":
+        h = h.clamp(min=0) ** 2
+    else:
+        a, b = h.chunk(2, dim=-1)
+        h = a * torch.sigmoid(a) * b
+    assert torch.allclose(mlp(x), F.linear(h, mlp.fc2.weight, mlp.fc2.bias), atol=1e-12)

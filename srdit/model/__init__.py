@@ -18,11 +18,11 @@ def count_macs(model: SiT, batch: int = 1) -> float:
     x = torch.zeros(batch, cfg.in_channels, cfg.input_size, cfg.input_size)
     t = torch.full((batch,), 0.5)
     y = torch.zeros(batch, dtype=torch.long)
-    cls = torch.zeros(batch, cfg.reg.dim) if cfg.reg.enabled else None
+    cls_token = torch.zeros(batch, cfg.reg.dim) if cfg.reg.enabled else None
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # The math backend decomposes attention into two batched matmuls, which the counter sees.
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-        model(x, t, y, cls)
+        model(x, t, y, cls_token)
     model.train(was_training)
     return counter.get_total_flops() / 2 / batch

@@ -17,7 +17,7 @@ class RepaProjector(nn.Module):
         )
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.mlp(h)
+        return self.mlp(h)  # [B, T, dim] -> [B, T, teacher_dim]
 
 
 class RegToken(nn.Module):
@@ -30,5 +30,6 @@ class RegToken(nn.Module):
         self.norm = nn.RMSNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, teacher_dim)
 
-    def tokens(self, cls: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.embed(cls))[:, None]
+    def tokens(self, cls_token: torch.Tensor) -> torch.Tensor:
+        """Noised class token [B, teacher_dim] -> one sequence token [B, 1, dim]."""
+        return self.norm(self.embed(cls_token))[:, None]

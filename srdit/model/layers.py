@@ -21,13 +21,36 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
+def _gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+    return F.gelu(h, approximate="tanh")
+
+
+def _relu2(h: torch.Tensor) -> torch.Tensor:
+    return F.relu(h).square()
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    a, b = h.chunk(2, dim=-1)  # [..., 2 * hidden] -> 2 x [..., hidden]
+    return F.silu(a) * b
+
+
+ACTIVATIONS = {"gelu": _gelu_tanh, "relu2": _relu2, "swiglu": _swiglu}
+"The MLP's hidden activation by config name (`model.mlp`); SwiGLU's gate halves the hidden width."
+
+
 class Mlp(nn.Module):
-    """GELU(tanh) as in SiT, ReLU^2 (Primer), or SwiGLU at 2/3 width so parameters stay comparable."""
+    """Two-layer MLP [B, T, D] -> [B, T, D]: GELU(tanh) as in SiT, ReLU^2 (Primer), or SwiGLU.
+
+    The dense MLP has hidden width h = int(ratio * D) and 2 h D weights. SwiGLU's first layer produces the value
+    and the gate, so its hidden width is h' = int(2 h / 3) and it has 3 h' D = 2 h D - r D weights with
+    r = 2 h mod 3 (the same count when 3 divides 2 h, as at D = 384, 768, 1152); its biases number 2 h' + D
+    against h + D."""
 
     def __init__(self, dim: int, ratio: float, kind: str):
         super().__init__()
         hidden = int(dim * ratio)
         self.kind = kind
+        self.act = ACTIVATIONS[kind]  # resolved once, not per call
         if kind == "swiglu":
             hidden = int(2 * hidden / 3)
             self.fc1 = nn.Linear(dim, 2 * hidden)
@@ -36,15 +59,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc1(x)
-        if self.kind == "swiglu":
-            a, b = h.chunk(2, dim=-1)
-            h = F.silu(a) * b
-        elif self.kind == "relu2":
-            h = F.relu(h).square()
-        else:
-            h = F.gelu(h, approximate="tanh")
-        return self.fc2(h)
+        return self.fc2(self.act(self.fc1(x)))  # [B, T, D] -> [B, T, h] -> [B, T, D]
 
 
 class TimestepEmbedder(nn.Module):

@@ -11,6 +11,14 @@ from torch import nn
 
 
 class SprintRouter(nn.Module):
+    """SPRINT's token routing and path fusion around the sparse middle blocks g (arXiv:2510.21986).
+
+    In training, `select` keeps K = max(1, int(T (1 - drop_ratio))) of the T tokens per sample ([B, K] indices);
+    `gather` takes those tokens of hidden states [B, T, D] -> [B, K, D] (or values [B, H, T, d] -> [B, H, K, d]);
+    `fuse_paths` scatters g's output back to [B, T, D] (dropped positions = the learned [MASK] token),
+    concatenates it with the dense encoder output and fuses 2 D -> D by a linear layer. With probability
+    `path_drop_prob` per step the whole sparse path is replaced by [MASK] (trains path-drop guidance)."""
+
     def __init__(self, dim: int, drop_ratio: float, path_drop_prob: float):
         super().__init__()
         self.drop_ratio = drop_ratio

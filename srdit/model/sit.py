@@ -23,25 +23,30 @@ from srdit.model.sizes import SIZES
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero: six modulation vectors, gates on both residual branches."""
+    """Pre-norm transformer block with adaLN-Zero: six modulation vectors, gates on both residual branches.
 
-    def __init__(self, dim: int, heads: int, cfg: ModelConfig, value_mix: bool):
+    x [B, T, D], conditioning c [B, D] -> (x [B, T, D], this block's attention values [B, H, T, d])."""
+
+    def __init__(self, dim: int, heads: int, cfg: ModelConfig, value_residual: bool):
         super().__init__()
         self.norm1 = make_norm(cfg.norm, dim)
-        self.attn = Attention(dim, heads, qk_norm=cfg.qk_norm, value_mix=value_mix)
+        self.attn = Attention(dim, heads, qk_norm=cfg.qk_norm, value_residual=value_residual)
         self.norm2 = make_norm(cfg.norm, dim)
         self.mlp = Mlp(dim, 4.0, cfg.mlp)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, rope=None, v_first=None):
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)
-        a, v = self.attn(modulate(self.norm1(x), shift1, scale1), rope=rope, v_first=v_first)
-        x = x + gate1.unsqueeze(1) * a
-        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN(c).chunk(6, dim=-1)  # 6 x [B, D]
+        a, v = self.attn(modulate(self.norm1(x), shift1, scale1), rope=rope, v_first=v_first)  # [B, T, D]
+        x = x + gate1.unsqueeze(1) * a  # [B, T, D]
+        x = x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))  # [B, T, D]
         return x, v
 
 
 class FinalLayer(nn.Module):
+    """adaLN-modulated norm [B, T, D] -> [B, T, D]; `linear` then maps each token to its p * p * C patch values
+    (applied by SiT after the REG class token is split off)."""
+
     def __init__(self, dim: int, patch: int, out_channels: int, norm: str):
         super().__init__()
         self.norm = make_norm(norm, dim)
@@ -49,11 +54,24 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch * patch * out_channels)
 
     def forward(self, x, c):
-        shift, scale = self.adaLN(c).chunk(2, dim=-1)
-        return modulate(self.norm(x), shift, scale)
+        shift, scale = self.adaLN(c).chunk(2, dim=-1)  # 2 x [B, D]
+        return modulate(self.norm(x), shift, scale)  # [B, T, D]
 
 
 class SiT(nn.Module):
+    """Scalable Interpolant Transformer (SiT, Ma et al. 2024, arXiv:2401.08740) predicting the velocity on the
+    linear path (t = 1 noise, t = 0 data), with SR-DiT's techniques switched by `ModelConfig`.
+
+    Input x [B, C, H, W] -> T = (H / p)^2 patch tokens of width D (+ 1 leading REG class token when on) ->
+    depth blocks -> output [B, C, H, W]. Shapes below: B batch, T tokens (class token included), D width,
+    H heads of width d = D / H, K tokens kept by SPRINT.
+
+    - SPRINT (`self.sprint`, arXiv:2510.21986): dense encoder / sparse middle on K kept tokens / dense decoder;
+    - REPA (`self.repa`, arXiv:2410.06940): projects the hidden tokens after block `repa.depth` (training only);
+    - REG (`self.reg`, arXiv:2507.01467): the noised teacher class token enters as token 0 and gets its own
+      velocity head;
+    - RoPE, QK-norm, value residual: inside `Attention`; RMSNorm and the MLP kind: in the blocks."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -69,7 +87,8 @@ class SiT(nn.Module):
         self.y_embed = LabelEmbedder(cfg.num_classes, dim)
         self.reg = RegToken(dim, cfg.reg.dim) if cfg.reg.enabled else None
         self.rope = Rope2d(dim // heads, self.grid, self.prefix, cfg.rope.theta) if cfg.rope.enabled else None
-        self.blocks = nn.ModuleList(Block(dim, heads, cfg, value_mix=cfg.value_residual and i > 0) for i in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, cfg, value_residual=cfg.value_residual and i > 0)
+                                    for i in range(depth))
         s = cfg.sprint
         self.sprint = SprintRouter(dim, s.drop_ratio, s.path_drop_prob) if s.enabled else None
         self.repa = RepaProjector(dim, cfg.repa.projector_dim, cfg.repa.teacher_dim) if cfg.repa.enabled else None
@@ -110,7 +129,8 @@ class SiT(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------------
     def _run(self, blocks, h, c, rope, v_first, repa_at, aux):
-        """Run a span of blocks. Block 0 provides the value-residual source; REPA taps after block `repa_at`."""
+        """Run a span of (index, block) over h [B, T, D]. Block 0's values [B, H, T, d] become `v_first`, the
+        value-residual source; REPA taps after block `repa_at` (aux["repa"] [B, T, teacher_dim])."""
         for i, block in blocks:
             h, v = block(h, c, rope=rope, v_first=v_first)
             if i == 0 and self.cfg.value_residual:
@@ -119,42 +139,43 @@ class SiT(nn.Module):
                 aux["repa"] = self.repa(h)
         return h, v_first
 
-    def forward(self, x, t, y, cls=None, drop_sparse_path: bool = False, route_noise=None):
-        """x [B, C, H, W] at time t [B] with labels y [B] (num_classes = null); cls [B, dim] noised class token
-        (REG). Returns (velocity [B, C, H, W], aux). `drop_sparse_path` replaces the SPRINT middle by [MASK]
-        (path-drop guidance's unconditional branch); `route_noise` [B, tokens] drives SPRINT's token selection in
-        training (drawn inside when None)."""
-        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed
+    def forward(self, x, t, y, cls_token=None, drop_sparse_path: bool = False, route_noise=None):
+        """x [B, C, H, W] at time t [B] with labels y [B] (num_classes = null); cls_token [B, reg.dim] the noised
+        class token (REG). Returns (velocity [B, C, H, W], aux). `drop_sparse_path` replaces the SPRINT middle by
+        [MASK] (path-drop guidance's unconditional branch); `route_noise` [B, T] drives SPRINT's token selection
+        in training (drawn inside when None)."""
+        h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, D] (T = grid^2 here)
         if self.reg is not None:
-            if cls is None:
-                raise ValueError("model.reg is enabled: pass the noised class token `cls` [B, reg.dim]")
-            h = torch.cat([self.reg.tokens(cls), h], dim=1)  # token 0 carries no absolute position
-        c = self.t_embed(t) + self.y_embed(y)
-        rope = self.rope.tables() if self.rope is not None else None
+            if cls_token is None:
+                raise ValueError("model.reg is enabled: pass the noised class token `cls_token` [B, reg.dim]")
+            h = torch.cat([self.reg.tokens(cls_token), h], dim=1)  # [B, T, D]: token 0 carries no position
+        c = self.t_embed(t) + self.y_embed(y)  # [B, D]
+        rope = self.rope.tables() if self.rope is not None else None  # cos, sin [1, 1, T, d]
         aux: dict[str, torch.Tensor] = {}
         repa_at = self.cfg.repa.depth
         indexed = list(enumerate(self.blocks))
 
         if self.sprint is None:
-            h, _ = self._run(indexed, h, c, rope, None, repa_at, aux)
+            h, _ = self._run(indexed, h, c, rope, None, repa_at, aux)  # [B, T, D]
         else:
             s = self.cfg.sprint
-            h, v_first = self._run(indexed[: s.dense_in], h, c, rope, None, repa_at, aux)
-            keep = self.sprint.select(h.shape[0], h.shape[1], h.device, route_noise)
-            g_rope = self.rope.tables(keep) if (self.rope is not None and keep is not None) else rope
-            g_v = self.sprint.gather(v_first, keep) if v_first is not None else None
+            h, v_first = self._run(indexed[: s.dense_in], h, c, rope, None, repa_at, aux)  # [B, T, D]
+            keep = self.sprint.select(h.shape[0], h.shape[1], h.device, route_noise)  # [B, K] or None (all)
+            g_rope = self.rope.tables(keep) if (self.rope is not None and keep is not None) else rope  # [B, 1, K, d]
+            g_v = self.sprint.gather(v_first, keep) if v_first is not None else None  # [B, H, K, d]
             g, _ = self._run(indexed[s.dense_in: self.depth - s.dense_out], self.sprint.gather(h, keep), c,
-                             g_rope, g_v, repa_at, aux)
-            h = self.sprint.fuse_paths(h, g, keep, drop_sparse_path or self.sprint.draw_path_drop())
-            h, _ = self._run(indexed[self.depth - s.dense_out:], h, c, rope, v_first, repa_at, aux)
+                             g_rope, g_v, repa_at, aux)  # [B, K, D]
+            h = self.sprint.fuse_paths(h, g, keep, drop_sparse_path or self.sprint.draw_path_drop())  # [B, T, D]
+            h, _ = self._run(indexed[self.depth - s.dense_out:], h, c, rope, v_first, repa_at, aux)  # [B, T, D]
 
-        h = self.final(h, c)
+        h = self.final(h, c)  # [B, T, D]
         if self.reg is not None:
-            aux["reg"] = self.reg.head(h[:, 0])
-            h = h[:, 1:]
-        return self.unpatchify(self.final.linear(h)), aux
+            aux["reg"] = self.reg.head(h[:, 0])  # [B, reg.dim]
+            h = h[:, 1:]  # [B, T - 1, D]
+        return self.unpatchify(self.final.linear(h)), aux  # [B, T, p * p * C] -> [B, C, H, W]
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, grid^2, p * p * C] -> [B, C, grid * p, grid * p]."""
         p, g, C = self.cfg.patch_size, self.grid, self.cfg.in_channels
         x = x.reshape(x.shape[0], g, g, p, p, C)
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, g * p, g * p)

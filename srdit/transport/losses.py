@@ -1,9 +1,12 @@
-"""Loss terms, each named; weights are applied in one place (`total`).
+"""Loss terms, each named; weights are applied in one place (`total`). Shapes: B samples, T tokens.
 
-- fm:   flow matching, || v - (eps - x0) ||^2, mean over C*H*W then over the batch;
-- repa: negative cosine between projected hidden tokens and the teacher's tokens (REPA);
-- reg:  the REG class token's velocity error;
-- cfm:  contrastive flow matching, minus the error against another sample's target (the batch rolled by one).
+- fm:   flow matching (SiT, arXiv:2401.08740), || v - (eps - x0) ||^2, mean over C*H*W then over the batch;
+- repa: negative cosine between projected hidden tokens and the teacher's tokens (REPA, arXiv:2410.06940);
+- reg:  the REG class token's velocity error, as fm (REG, arXiv:2507.01467);
+- cfm:  contrastive flow matching, minus the error against another sample's target (the batch rolled by one;
+        CFM, arXiv:2506.05350).
+
+`srdit.transport.objective.training_losses` builds the inputs (noised data, targets) and calls these.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from srdit.config import LossConfig
 
 
 def flow_matching(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error in float32: pred, target [B, ...] -> mean over the non-batch dims, then over B."""
     return (pred.float() - target.float()).square().flatten(1).mean(1).mean()
 
 
@@ -26,12 +30,29 @@ def contrastive(pred: torch.Tensor, target: torch.Tensor, negative: torch.Tensor
 
 
 def alignment(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """-mean cosine over tokens and batch."""
+    """-mean cosine over tokens and batch: projected, teacher [B, T, D] -> scalar in [-1, 1]."""
     return -F.cosine_similarity(projected.float(), teacher.float(), dim=-1).mean()
 
 
-def loss_terms(pred, target, aux, repa_target=None, reg_target=None, cfm: bool = False,
-               cfm_negative=None) -> dict[str, torch.Tensor]:
+def loss_terms(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    aux: dict[str, torch.Tensor],
+    repa_target: torch.Tensor | None = None,
+    reg_target: torch.Tensor | None = None,
+    cfm: bool = False,
+    cfm_negative: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """The unweighted terms, in the order fm, repa, reg, cfm (each present only when its technique is on).
+
+    pred, target:  predicted and target velocity [B, C, H, W];
+    aux:           the model's auxiliary outputs: "repa" projected tokens [B, T, D] (REPA on, training),
+                   "reg" class-token velocity [B, reg.dim] (REG on);
+    repa_target:   teacher tokens [B, T, D] (required when aux has "repa");
+    reg_target:    class-token velocity target [B, reg.dim] (required when aux has "reg");
+    cfm:           add the contrastive term;
+    cfm_negative:  the negatives [B, C, H, W] (data parallel: the global batch's roll); None rolls `target`.
+    """
     terms = {"fm": flow_matching(pred, target)}
     if "repa" in aux:
         terms["repa"] = alignment(aux["repa"], repa_target)

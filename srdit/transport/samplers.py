@@ -94,8 +94,8 @@ def guided_velocity(model, y: torch.Tensor, null_label: int, cfg_scale: float = 
         if counter is not None:
             counter.append(1)
         x = state[0].to(dtype)
-        cls = state[1].to(dtype) if len(state) > 1 else None
-        v, aux = model(x, t, labels, cls, drop_sparse_path=drop)
+        cls_token = state[1].to(dtype) if len(state) > 1 else None
+        v, aux = model(x, t, labels, cls_token, drop_sparse_path=drop)
         return [v] + ([aux["reg"]] if "reg" in aux else [])
 
     def velocity(state, t):

@@ -1,0 +1,122 @@
+"""The training objective: one step's noise, the noised inputs, the targets and the named, weighted losses.
+
+In the spirit of DiT's / SiT's `training_losses` (SiT, Ma et al. 2024, arXiv:2401.08740): the trainer draws the
+step's randomness (`StepNoise.draw`), calls `training_losses` and back-propagates `["loss"]`; everything that
+depends on a technique of the objective lives here, not in the trainer.
+
+Conventions (`srdit.transport.path`): t = 1 is pure noise, t = 0 is data; x_t = (1 - t) x0 + t eps; the model
+predicts the velocity v* = d x_t / dt = eps - x0.
+
+Terms (`srdit.transport.losses`; weights from `cfg.loss`, fm has weight 1):
+- fm:   flow matching on the image velocity (SiT);
+- repa: REPA (Yu et al. 2024, arXiv:2410.06940): the model's projected hidden tokens [B, T', teacher_dim] align
+        with the teacher's patch tokens [B, T, teacher_dim] by cosine; with REG on, the sequence starts with the
+        class token, so its target starts with the teacher's class token (T' = T + 1);
+- reg:  REG (Wu et al. 2025, arXiv:2507.01467): the teacher's class token cls0 [B, reg.dim] is noised on the same
+        path with its own noise, x_t^cls = (1 - t) cls0 + t eps_cls, enters as token 0, and its velocity
+        eps_cls - cls0 is regressed like the image's;
+- cfm:  contrastive flow matching (Stoica et al. 2025, arXiv:2506.05350): minus the error against the target of
+        the previous sample in the (global) batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ContextManager
+
+import torch
+
+from srdit.transport.losses import loss_terms, total
+from srdit.transport.path import interpolate, velocity_target
+from srdit.transport.timesteps import sample_times
+
+if TYPE_CHECKING:
+    from srdit.config import ModelConfig, RunConfig
+    from srdit.parallel import DataParallel
+
+TEACHER_SETTINGS = ("model.repa.teacher_dim", "model.reg.dim")
+"The config keys that must equal the teacher's token width."
+
+
+def teacher_widths(cfg: "ModelConfig") -> set[int]:
+    """Widths of the teacher tokens the objective consumes (REPA's patch targets, REG's class token); empty when
+    no technique needs a teacher."""
+    return ({cfg.repa.teacher_dim} if cfg.repa.enabled else set()) | ({cfg.reg.dim} if cfg.reg.enabled else set())
+
+
+@dataclass
+class StepNoise:
+    """The randomness of one step for the *global* batch, drawn in a fixed order from the shared RNG and sliced
+    to this rank, so that the random streams do not depend on the number of data-parallel workers.
+
+    drop [B] bool (label dropout -> null label), t [B] in (0, 1), eps like x0 [B, C, H, W], eps_cls [B, reg.dim]
+    (REG's class-token noise; None without REG), route [B, tokens] uniform (SPRINT's token selection; None
+    without routing). B is this rank's part of the global batch."""
+
+    drop: torch.Tensor
+    t: torch.Tensor
+    eps: torch.Tensor
+    eps_cls: torch.Tensor | None
+    route: torch.Tensor | None
+
+    @classmethod
+    def draw(cls, cfg: "RunConfig", model, x_shape, shift: float, device, dp: "DataParallel") -> "StepNoise":
+        b, m, tr = cfg.train.batch_size, cfg.model, cfg.transport
+        drop = torch.rand(b, device=device) < cfg.train.label_dropout
+        t = sample_times(b, tr.time_sampling, shift, tr.logit_mean, tr.logit_std, device=device)
+        eps = torch.randn((b, *x_shape[1:]), device=device)
+        eps_cls = torch.randn(b, m.reg.dim, device=device) if m.reg.enabled else None
+        tokens = model.routed_tokens
+        route = torch.rand(b, tokens, device=device) if tokens else None
+        return cls(*(dp.part(v) for v in (drop, t, eps, eps_cls, route)))
+
+
+def _roll_by_one(x: torch.Tensor) -> torch.Tensor:
+    return x.roll(1, dims=0)
+
+
+def training_losses(
+    model: Callable,
+    x0: torch.Tensor,
+    y: torch.Tensor,
+    teacher_out: tuple[torch.Tensor | None, torch.Tensor | None] | None,
+    cfg: "RunConfig",
+    noise: StepNoise,
+    roll: Callable[[torch.Tensor], torch.Tensor] = _roll_by_one,
+    autocast: ContextManager | None = None,
+) -> dict[str, torch.Tensor]:
+    """The named loss terms of one step and their weighted sum under "loss" (first key).
+
+    model:       the network (SiT, or its DDP / compiled wrapper): (x_t, t, y, cls_token, route_noise=...) ->
+                 (velocity [B, C, H, W], aux with "repa" [B, T', teacher_dim] / "reg" [B, reg.dim] when on).
+    x0:          clean data (images or latents) [B, C, H, W].
+    y:           labels [B] in [0, num_classes); noise.drop replaces some by the null label num_classes.
+    teacher_out: (patch tokens [B, T, teacher_dim], class token [B, reg.dim]) from the alignment teacher, or None
+                 when neither REPA nor REG is on (see `teacher_widths`).
+    cfg:         the run config: cfg.model says which terms exist, cfg.loss weighs them.
+    noise:       the step's randomness (`StepNoise.draw`, this rank's slice of the global batch).
+    roll:        the batch rolled by one for CFM's negatives; under data parallel `DataParallel.rolled`, so that the
+                 roll runs over the global batch (a collective: every rank calls it).
+    autocast:    context for the model's forward only (mixed precision); the losses are computed in float32.
+
+    Returns {"loss": weighted total, "fm": ..., and "repa" / "reg" / "cfm" when on}, each a scalar tensor.
+    """
+    m = cfg.model
+    patches, cls0 = teacher_out if teacher_out is not None else (None, None)
+    y = torch.where(noise.drop, torch.full_like(y, m.num_classes), y)  # label dropout for guidance
+    t, eps = noise.t, noise.eps
+    cls_t = reg_target = repa_target = None
+    if m.reg.enabled:
+        cls_t, reg_target = interpolate(cls0, noise.eps_cls, t), velocity_target(cls0, noise.eps_cls)
+    if m.repa.enabled:
+        repa_target = patches
+        if m.reg.enabled:  # token 0 (the class token) aligns with the teacher's class token
+            repa_target = torch.cat([cls0[:, None], patches], dim=1)
+    with autocast if autocast is not None else contextlib.nullcontext():
+        pred, aux = model(interpolate(x0, eps, t), t, y, cls_t, route_noise=noise.route)
+    target = velocity_target(x0, eps)
+    cfm = cfg.loss.cfm > 0
+    terms = loss_terms(pred, target, aux, repa_target, reg_target, cfm=cfm,
+                       cfm_negative=roll(target) if cfm else None)
+    return {"loss": total(terms, cfg.loss), **terms}
