@@ -1,7 +1,7 @@
 """Sampling from a trained model and decoding latent samples to images (evaluation: `srdit.evaluate`).
 
 Sampling protocol: the n samples are cut into batches of a fixed *protocol batch size*, and batch b draws its labels,
-initial noise (image, then REG class token) and SDE noise from its own generator seeded by `batch_seed(seed, b)`.
+initial state (`transport.initial_state`) and SDE noise from its own generator seeded by `batch_seed(seed, b)`.
 Any subset of batches can be generated alone (one shard of a multi-GPU run) and the union equals the unsharded
 output: samples depend on the seed, the protocol batch size and n (the last batch may be short), never on the
 number of shards or devices. Batch 0 is seeded with `seed` itself, so n <= batch_size reproduces the earlier
@@ -18,7 +18,7 @@ import torch
 
 from srdit.config import RunConfig, SampleConfig
 from srdit.data.digits import balanced_labels, random_labels
-from srdit.transport import guided_velocity, sample
+from srdit.transport import guided_velocity, initial_state, sample
 
 if TYPE_CHECKING:
     from srdit.encoders import Tokenizer
@@ -59,16 +59,14 @@ def shard_batches(n: int, batch_size: int, shard: int, num_shards: int) -> range
 
 def _generate_batch(model, cfg: RunConfig, sc: SampleConfig, n: int, seed: int, batch: int, batch_size: int,
                     device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Samples, labels and NFE of one protocol batch. Draw order (labels, noise, REG noise, SDE noise) is fixed:
+    """Samples, labels and NFE of one protocol batch. Draw order (labels, initial state, SDE noise) is fixed:
     it is what makes batch 0 match the historical protocol."""
     m = cfg.model
     sl = batch_slice(n, batch_size, batch)
     size = sl.stop - sl.start
     g = torch.Generator().manual_seed(batch_seed(seed, batch))
     labels = balanced_labels(n, m.num_classes)[sl] if sc.balanced_labels else random_labels(size, m.num_classes, g)
-    state = [torch.randn(size, m.in_channels, m.input_size, m.input_size, generator=g)]
-    if m.reg.enabled:
-        state.append(torch.randn(size, m.reg.dim, generator=g))
+    state = initial_state(m, size, g)
     velocity = guided_velocity(model, labels.to(device), m.num_classes, sc.cfg_scale, sc.cls_cfg_scale,
                                sc.guidance_low, sc.guidance_high, sc.path_drop_guidance)
     res = sample(velocity, [s.to(device) for s in state], sc.sampler, sc.steps, cfg.shift_value(), generator=g)

@@ -100,7 +100,7 @@ TECHNIQUES: dict[str, Technique] = {
         Technique("reg", "Jointly denoise the teacher's class token as an extra token",
                   "REG, Wu et al. 2025, arXiv:2507.01467", {"model.reg.enabled": True}, {"weight": "loss.reg"},
                   code=("srdit.model.alignment", "srdit.model.sit", "srdit.transport.objective",
-                        "srdit.transport.losses", "srdit.transport.samplers", "srdit.generate")),
+                        "srdit.transport.losses", "srdit.transport.samplers")),
         Technique("cfm", "Contrastive flow matching: push predictions away from another sample's target",
                   "Delta-FM, Stoica et al. 2025, arXiv:2506.05350; " + _SRDIT, {"loss.cfm": 0.05},
                   {"weight": "loss.cfm"}, code=("srdit.transport.objective", "srdit.transport.losses")),
@@ -120,7 +120,7 @@ TECHNIQUES: dict[str, Technique] = {
                   {"model.mlp": "relu2"}, code=("srdit.model.layers",)),
         Technique("path_drop_guidance", "Guidance whose unconditional branch also drops the SPRINT sparse path",
                   _SRDIT, {"sample.path_drop_guidance": True},
-                  code=("srdit.transport.samplers", "srdit.model.routing", "srdit.generate")),
+                  code=("srdit.transport.samplers", "srdit.model.routing")),
     ]
 }
 

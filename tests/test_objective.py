@@ -98,3 +98,17 @@ def test_teacher_widths():
     assert teacher_widths(RunConfig().model) == set()
     both = apply_diff(with_techniques(RunConfig(), ["repa", "reg"]), {"model.repa.teacher_dim": 32}).model
     assert teacher_widths(both) == {32, both.reg.dim}
+
+
+def test_alignment_and_cfm_settings_are_read_only_in_model_transport_and_config():
+    """REPA / REG / CFM live in model, transport and config: no other module reads their settings."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "srdit"
+    homes = ("model/", "transport/", "config.py", "techniques.py")
+    pattern = re.compile(r"\.(reg|repa)\.(enabled|dim|depth|teacher_dim|projector_dim)\b|\bloss\.(cfm|repa|reg)\b")
+    strays = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
+              if not str(p.relative_to(root)).startswith(homes)
+              for i, line in enumerate(p.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not strays, strays

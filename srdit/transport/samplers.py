@@ -25,6 +25,17 @@ Velocity = Callable[[list[torch.Tensor], torch.Tensor], list[torch.Tensor]]
 SDE_T_END = 0.04  # the SDE stops its stochastic steps here (SR-DiT / SiT "last step" convention)
 
 
+def initial_state(model_cfg, n: int, generator: torch.Generator) -> list[torch.Tensor]:
+    """The sampler's starting noise at t = 1: the image [n, C, H, W], then the REG class token [n, reg.dim] when
+    REG is on. `model_cfg` is a `srdit.config.ModelConfig`; the draw order (image first) is part of the
+    evaluation protocol (same seed, same samples)."""
+    m = model_cfg
+    state = [torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=generator)]
+    if m.reg.enabled:
+        state.append(torch.randn(n, m.reg.dim, generator=generator))
+    return state
+
+
 @dataclass
 class SampleResult:
     state: list[torch.Tensor]
