@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from srdit.config import apply_diff  # noqa: E402
 from srdit.techniques import preset  # noqa: E402
 from srdit.model import build_model  # noqa: E402
-from srdit.transport import interpolate, sample_times, velocity_target  # noqa: E402
-from srdit.transport.losses import loss_terms, total  # noqa: E402
+from srdit.parallel import DataParallel  # noqa: E402
+from srdit.transport.objective import StepNoise, training_losses  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name.
 PEAK_BF16_TFLOPS = [
@@ -67,6 +67,7 @@ class Step:
     """One training step of srdit.train on random tensors (fixed inputs, fresh noise each step)."""
 
     def __init__(self, cfg, device: torch.device, batch: int, compile_: bool, bf16: bool = True):
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))  # StepNoise's batch
         self.cfg, self.device, self.batch, self.bf16 = cfg, device, batch, bf16
         torch.manual_seed(0)
         self.model = build_model(cfg.model).to(device)
@@ -88,22 +89,11 @@ class Step:
         self.model.train()
 
     def __call__(self) -> float:
-        cfg, m, tc = self.cfg, self.cfg.model, self.cfg.train
-        y = torch.where(torch.rand(self.batch, device=self.device) < tc.label_dropout,
-                        torch.full_like(self.y, m.num_classes), self.y)
-        t = sample_times(self.batch, cfg.transport.time_sampling, self.shift, cfg.transport.logit_mean,
-                         cfg.transport.logit_std, device=self.device)
-        eps = torch.randn_like(self.x0)
-        cls_t = reg_target = repa_target = None
-        if m.reg.enabled:
-            eps_c = torch.randn_like(self.c0)
-            cls_t, reg_target = interpolate(self.c0, eps_c, t), velocity_target(self.c0, eps_c)
-        if m.repa.enabled:
-            repa_target = (torch.cat([self.c0[:, None], self.patches], dim=1) if m.reg.enabled else self.patches)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            pred, aux = self.net(interpolate(self.x0, eps, t), t, y, cls_t)
-        terms = loss_terms(pred, velocity_target(self.x0, eps), aux, repa_target, reg_target, cfm=cfg.loss.cfm > 0)
-        loss = total(terms, cfg.loss)
+        cfg, tc = self.cfg, self.cfg.train
+        noise = StepNoise.draw(cfg, self.model, self.x0.shape, self.shift, self.device, DataParallel())
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+        loss = training_losses(self.net, self.x0, self.y, (self.patches, self.c0), cfg, noise,
+                               autocast=autocast)["loss"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
