@@ -1,8 +1,9 @@
 """The study layer: study YAML -> design -> Ray Tune trials -> MLflow runs -> StudyResults.
 
-Modules: spec (schema), designs (cells, trials, aliases), runner (Ray Tune), tracking (MLflow run tree),
-results (MLflow -> StudyResults), command (the `srdit study`, `srdit report`, `srdit ui` commands).
-Heavy imports (ray, mlflow, torch) live in runner / tracking / results only.
+Modules: spec (schema), designs (cells, trials, aliases), runner (the Ray Tune driver), trial (what runs inside a
+Ray worker: TrialContext, execute_trial), data_parallel (Ray Train), tracking (MLflow run tree), results (MLflow ->
+srdit.analysis.results.StudyResults), preprocess_ray (preprocessing parts as Ray tasks), command (the `srdit study`
+and `srdit ui` commands). Heavy imports (ray, mlflow, torch) live in runner / trial / tracking / results only.
 """
 
 from srdit.study.designs import Plan, TrialSpec, plan_study
