@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ContextManager
+from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
 
 import torch
 
@@ -33,7 +33,6 @@ from srdit.transport.timesteps import sample_times
 
 if TYPE_CHECKING:
     from srdit.config import ModelConfig, RunConfig
-    from srdit.parallel import DataParallel
 
 TEACHER_SETTINGS = ("model.repa.teacher_dim", "model.reg.dim")
 "The config keys that must equal the teacher's token width."
@@ -43,6 +42,13 @@ def teacher_widths(cfg: "ModelConfig") -> set[int]:
     """Widths of the teacher tokens the objective consumes (REPA's patch targets, REG's class token); empty when
     no technique needs a teacher."""
     return ({cfg.repa.teacher_dim} if cfg.repa.enabled else set()) | ({cfg.reg.dim} if cfg.reg.enabled else set())
+
+
+class BatchPart(Protocol):
+    """What `StepNoise.draw` needs of data parallelism (`srdit.parallel.DataParallel`): this rank's rows of a
+    global-batch tensor."""
+
+    def part(self, x: torch.Tensor | None) -> torch.Tensor | None: ...
 
 
 @dataclass
@@ -61,7 +67,7 @@ class StepNoise:
     route: torch.Tensor | None
 
     @classmethod
-    def draw(cls, cfg: "RunConfig", model, x_shape, shift: float, device, dp: "DataParallel") -> "StepNoise":
+    def draw(cls, cfg: "RunConfig", model, x_shape, shift: float, device, dp: BatchPart) -> "StepNoise":
         b, m, tr = cfg.train.batch_size, cfg.model, cfg.transport
         drop = torch.rand(b, device=device) < cfg.train.label_dropout
         t = sample_times(b, tr.time_sampling, shift, tr.logit_mean, tr.logit_std, device=device)
