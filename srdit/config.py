@@ -109,6 +109,8 @@ class ModelConfig:
     "Number of class labels; label `num_classes` is the null label for classifier-free guidance."
     mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
     "Block MLP: GELU(tanh) as in SiT, SwiGLU, or ReLU^2 (SR-DiT side branches)."
+    time_embed_scale: float = 1.0
+    "Factor on t in [0, 1] before the sinusoidal time features: 1 as SiT / REPA / SR-DiT, 1000 as DiT's integer steps."
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     "Block pre-norms and final norm (no affine, eps 1e-6)."
     qk_norm: bool = False
@@ -283,6 +285,8 @@ class RunConfig:
             raise ConfigError(
                 f"model.patch_size: {m.patch_size} does not divide model.input_size {m.input_size}"
             )
+        if not (m.time_embed_scale > 0 and math.isfinite(m.time_embed_scale)):
+            raise ConfigError(f"model.time_embed_scale: {m.time_embed_scale} must be a positive finite number")
         head_dim = hidden // heads
         if m.rope.enabled and head_dim % 4:
             raise ConfigError(f"model.rope: head dim {head_dim} must be divisible by 4 for 2-D RoPE")

@@ -219,8 +219,14 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def model_from_checkpoint(ckpt: dict, weights: str = "ema") -> tuple[torch.nn.Module, RunConfig]:
-    """Rebuild the model a checkpoint was trained with and load its (EMA) weights strictly."""
-    cfg = from_dict(RunConfig, ckpt["config"]).validate()
+    """Rebuild the model a checkpoint was trained with and load its (EMA) weights strictly.
+
+    A checkpoint whose config predates `model.time_embed_scale` was trained with DiT's 1000 t time features (the
+    only behaviour then), so it loads with scale 1000; its position table is restored from its own weights."""
+    config = ckpt["config"]
+    if isinstance(config.get("model"), dict) and "time_embed_scale" not in config["model"]:
+        config = {**config, "model": {**config["model"], "time_embed_scale": 1000.0}}
+    cfg = from_dict(RunConfig, config).validate()
     model = build_model(cfg.model)
     try:
         model.load_state_dict(ckpt[weights], strict=True)

@@ -3,6 +3,7 @@
 import dataclasses
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,7 +12,7 @@ from srdit.config import ModelConfig, RepaConfig, RegConfig, RopeConfig, SprintC
 from srdit.techniques import TECHNIQUES, preset
 from srdit.model import build_model, count_macs
 from srdit.model.attention import Attention
-from srdit.model.layers import Mlp, Rope2d, apply_rope
+from srdit.model.layers import Mlp, Rope2d, TimestepEmbedder, apply_rope, sincos_2d
 
 DEBUG = ModelConfig(size="debug", patch_size=1, in_channels=1, input_size=8, num_classes=10)
 
@@ -35,16 +36,34 @@ def randomize(model, seed=3):
     return model
 
 
+def mae_sincos_2d(dim, grid):
+    """The fixed 2-D position table as MAE / DiT / SiT / REPA write it (`get_2d_sincos_pos_embed`): meshgrid with
+    the width coordinate first, so the first half of the channels encodes the column."""
+    def one_axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+    g = np.stack(np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32)), 0)  # w first
+    g = g.reshape(2, 1, grid, grid)
+    return np.concatenate([one_axis(dim // 2, g[0]), one_axis(dim // 2, g[1])], axis=1)
+
+
+def sit_timestep_embedding(t, dim=256, max_period=10000):
+    """SiT's `TimestepEmbedder.timestep_embedding` (GLIDE's): t enters as given; SiT feeds t in [0, 1]."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(start=0, end=half, dtype=torch.float32) / half)
+    args = t[:, None].float() * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
 def reference_sit(sd, cfg, x, t, y, depth, heads):
-    """An independent, plain functional SiT forward (LayerNorm, GELU-tanh MLP, adaLN-Zero), reading the weights."""
+    """An independent, plain functional SiT forward (LayerNorm, GELU-tanh MLP, adaLN-Zero), reading the weights;
+    the position table and the time features are SiT's own definitions, not read from the model."""
     B, C, H, W = x.shape
     p = cfg.patch_size
     h = F.conv2d(x, sd["patch_embed.weight"], sd["patch_embed.bias"], stride=p).flatten(2).transpose(1, 2)
-    h = h + sd["pos_embed"]
-    half = 128
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
-    args = (1000.0 * t.float())[:, None] * freqs[None]
-    temb = torch.cat([torch.cos(args), torch.sin(args)], -1)
+    h = h + torch.from_numpy(mae_sincos_2d(h.shape[-1], H // p)).float()[None]
+    temb = sit_timestep_embedding(t)
     temb = F.linear(F.silu(F.linear(temb, sd["t_embed.mlp.0.weight"], sd["t_embed.mlp.0.bias"])),
                     sd["t_embed.mlp.2.weight"], sd["t_embed.mlp.2.bias"])
     c = temb + sd["y_embed.table.weight"][y]
@@ -93,6 +112,45 @@ def test_plain_backbone_matches_independent_reference():
     ref = reference_sit(model.state_dict(), DEBUG, x, t, y, depth, heads)
     assert aux == {}
     assert torch.equal(out, ref)
+
+
+def test_position_table_is_the_reference_table():
+    """Same table as MAE / SiT / REPA / SR-DiT, channel halves included (columns first), at several widths."""
+    for dim, grid in ((64, 4), (768, 16), (1152, 16)):
+        assert np.array_equal(sincos_2d(dim, grid).astype(np.float32), mae_sincos_2d(dim, grid).astype(np.float32))
+    table = sincos_2d(8, 3)  # token 1 is (row 0, column 1): its first half moves, its second half does not
+    assert np.array_equal(table[1, 4:], table[0, 4:]) and not np.array_equal(table[1, :4], table[0, :4])
+
+
+@pytest.mark.parametrize("t", [0.0, 0.25, 0.5, 1.0])
+def test_time_features_pin_the_sinusoid_arguments(t):
+    """Argument k of the time sinusoid is t * 10000^(-k/128) (SiT / REPA / SR-DiT: t in [0, 1] unscaled), so every
+    argument stays within 1 radian; DiT's scale 1000 multiplies each argument by 1000."""
+    emb = TimestepEmbedder(16)
+    k = torch.tensor([0, 1, 64, 127])
+    a = t * 10000.0 ** (-k.double() / 128)
+    f = emb.frequencies(torch.tensor([t]))[0].double()
+    assert torch.allclose(f[k], torch.cos(a), atol=1e-6) and torch.allclose(f[128 + k], torch.sin(a), atol=1e-6)
+    args = torch.atan2(f[128:], f[:128])  # recovers the arguments exactly while they stay below pi
+    assert float(args.abs().max()) <= 1.0 + 1e-6
+    assert abs(float(args[0]) - t) < 1e-6
+    dit = TimestepEmbedder(16, scale=1000.0).frequencies(torch.tensor([t]))[0].double()
+    a1000 = 1000 * a
+    assert torch.allclose(dit[k], torch.cos(a1000), atol=1e-4) and torch.allclose(dit[128 + k], torch.sin(a1000), atol=1e-4)
+    assert torch.equal(emb.frequencies(torch.tensor([t])), sit_timestep_embedding(torch.tensor([t])))
+
+
+def test_time_embed_scale_is_a_model_knob():
+    """`model.time_embed_scale: 1000` is DiT's convention: the same weights at t give the default model's output at
+    1000 t; the default (1) is SiT's."""
+    assert ModelConfig().time_embed_scale == 1.0
+    torch.manual_seed(0)
+    base = randomize(build_model(DEBUG)).eval()
+    dit = build_model(dataclasses.replace(DEBUG, time_embed_scale=1000.0)).eval()
+    dit.load_state_dict(base.state_dict())
+    x, t, y, _ = inputs(DEBUG)
+    assert torch.allclose(dit(x, t, y)[0], base(x, 1000.0 * t, y)[0], atol=1e-5)
+    assert not torch.allclose(dit(x, t, y)[0], base(x, t, y)[0], atol=1e-3)
 
 
 SWITCHES = {

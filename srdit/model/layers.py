@@ -63,19 +63,27 @@ class Mlp(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """Sinusoidal features of t (scaled by 1000 so t in [0, 1] spans the frequency range) -> MLP."""
+    """Sinusoidal features of t -> MLP: t [B] -> [B, dim] (SiT, Ma et al. 2024; REPA; SR-DiT).
 
-    def __init__(self, dim: int, freq_dim: int = 256):
+    Features are [cos(a_0..a_{h-1}), sin(a_0..a_{h-1})] with a_k = scale * t * 10000^(-k / h), h = freq_dim / 2.
+    `scale` 1 (default) feeds t in [0, 1] as SiT / REPA / SR-DiT do: every argument stays below 1 radian.
+    `scale` 1000 is DiT's convention for integer timesteps (`model.time_embed_scale`, an ablation knob)."""
+
+    def __init__(self, dim: int, freq_dim: int = 256, scale: float = 1.0):
         super().__init__()
         self.freq_dim = freq_dim
+        self.scale = float(scale)
         self.mlp = nn.Sequential(nn.Linear(freq_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
+    def frequencies(self, t: torch.Tensor) -> torch.Tensor:
+        """The sinusoid features [B, freq_dim] (float32) of times t [B]."""
         half = self.freq_dim // 2
         freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        args = (1000.0 * t.float())[:, None] * freqs[None]
-        emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-        return self.mlp(emb.to(self.mlp[0].weight.dtype))
+        args = (self.scale * t.float())[:, None] * freqs[None]  # [B, half]; scale 1 leaves t bit-exact
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.frequencies(t).to(self.mlp[0].weight.dtype))
 
 
 class LabelEmbedder(nn.Module):
@@ -91,7 +99,10 @@ class LabelEmbedder(nn.Module):
 
 
 def sincos_2d(dim: int, grid: int) -> np.ndarray:
-    """Fixed 2-D sin-cos position table (MAE style), shape [grid*grid, dim]; half the channels per axis."""
+    """Fixed 2-D sin-cos position table (MAE, as in DiT / SiT / REPA / SR-DiT), shape [grid*grid, dim], tokens in
+    row-major order. The first half of the channels encodes the token's column, the second half its row, each as
+    [sin(p w_0..), cos(p w_0..)] with w_k = 10000^(-k / (dim / 4)): the reference's order (its meshgrid puts the
+    width coordinate first), so reference checkpoints' tables load unchanged."""
 
     def one_axis(d: int, pos: np.ndarray) -> np.ndarray:
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
@@ -99,7 +110,7 @@ def sincos_2d(dim: int, grid: int) -> np.ndarray:
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
 
     rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
-    return np.concatenate([one_axis(dim // 2, rows), one_axis(dim // 2, cols)], axis=1)
+    return np.concatenate([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], axis=1)
 
 
 class Rope2d(nn.Module):

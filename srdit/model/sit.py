@@ -83,7 +83,7 @@ class SiT(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.in_channels, dim, kernel_size=p, stride=p)
         # Fixed positions, stored as a frozen parameter as in DiT (counted in the parameter total).
         self.pos_embed = nn.Parameter(torch.from_numpy(sincos_2d(dim, self.grid)).float()[None], requires_grad=False)
-        self.t_embed = TimestepEmbedder(dim)
+        self.t_embed = TimestepEmbedder(dim, scale=cfg.time_embed_scale)
         self.y_embed = LabelEmbedder(cfg.num_classes, dim)
         self.reg = RegToken(dim, cfg.reg.dim) if cfg.reg.enabled else None
         self.rope = Rope2d(dim // heads, self.grid, self.prefix, cfg.rope.theta) if cfg.rope.enabled else None
