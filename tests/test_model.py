@@ -306,6 +306,29 @@ def test_path_drop_replaces_sparse_path():
     assert torch.equal(a, b) and not torch.allclose(a, c)
 
 
+def test_path_drop_per_sample_equals_separate_calls():
+    """A [B] drop mask (guidance's halves in one batch) gives each sample what a whole-batch call gives it; in eval
+    a dropped path is [MASK] exactly as in training's `0 * g + [MASK]`, without running the middle blocks."""
+    cfg = dataclasses.replace(DEBUG, sprint=SprintConfig(enabled=True), value_residual=True, rope=RopeConfig(True),
+                              reg=RegConfig(enabled=True, dim=16))
+    model = randomize(build_model(cfg)).eval()
+    x, t, y, cls = inputs(cfg, batch=4)
+    drop = torch.tensor([False, True, True, False])
+    out, aux = model(x, t, y, cls, drop_sparse_path=drop)
+    kept, kaux = model(x, t, y, cls)
+    dropped, daux = model(x, t, y, cls, drop_sparse_path=True)
+    for i, d in enumerate(drop):
+        ref, ref_reg = (dropped, daux["reg"]) if d else (kept, kaux["reg"])
+        assert torch.allclose(out[i], ref[i], atol=1e-5) and torch.allclose(aux["reg"][i], ref_reg[i], atol=1e-5)
+    train_drop = randomize(build_model(cfg)).train()
+    train_drop.sprint.path_drop_prob = 0.0
+    train_drop.sprint.drop_ratio = 0.0  # every token: training's drop equals eval's
+    train_drop.load_state_dict(model.state_dict())
+    assert torch.equal(train_drop(x, t, y, cls, drop_sparse_path=True)[0], dropped)
+    with pytest.raises(ValueError, match="per-sample"):
+        train_drop(x, t, y, cls, drop_sparse_path=drop)
+
+
 def test_reg_requires_class_token():
     model = build_model(dataclasses.replace(DEBUG, reg=RegConfig(enabled=True, dim=16)))
     x, t, y, _ = inputs(DEBUG)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from srdit.config import LossConfig
-from srdit.transport import interpolate, sample, sample_times, shift_time, time_grid, velocity_target
+from srdit.transport import interpolate, sample, sample_times, score_from_velocity, shift_time, time_grid, velocity_target
 from srdit.transport.losses import loss_terms, total
 
 
@@ -88,3 +88,153 @@ def test_samplers_reproduce_gaussian_target(sampler, steps, nfe, tol, shift):
 def test_sampler_rejects_unknown():
     with pytest.raises(ValueError, match="allowed: sde, euler, heun"):
         time_grid("ddim", 10)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Guidance: the semantics stated in srdit.transport.samplers, case by case, and one batched forward = two passes
+# ------------------------------------------------------------------------------------------------------------------
+
+from srdit.config import ModelConfig, RegConfig, SprintConfig  # noqa: E402
+from srdit.model import build_model  # noqa: E402
+from srdit.transport import guided_velocity  # noqa: E402
+
+# Round-off bound for "one [2B] forward equals two [B] forwards": the same float32 arithmetic per sample, but the
+# batched matmul kernels may sum in another order; float32 round-off through six blocks stays below 1e-5 here.
+BATCH_TOL = 1e-5
+
+
+def _guided_model(reg=True, sprint=True):
+    cfg = ModelConfig(size="debug", sprint=SprintConfig(enabled=sprint), reg=RegConfig(enabled=reg, dim=16),
+                      norm="rmsnorm", qk_norm=True, value_residual=True)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model, cfg
+
+
+def _state(cfg, n=3, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    s = [torch.randn(n, 1, 8, 8, generator=g)]
+    return s + ([torch.randn(n, cfg.reg.dim, generator=g)] if cfg.reg.enabled else [])
+
+
+def _two_pass(model, y, null, cfg_scale, cls_cfg_scale, path_drop, low=0.0, high=1.0):
+    """The guided velocity as two separate model calls (the pre-batching sampler), guiding every output in
+    [low, high]."""
+    def v(state, t):
+        x, cls = state[0].float(), (state[1].float() if len(state) > 1 else None)
+        c, ca = model(x, t, y, cls)
+        if not low <= float(t[0]) <= high:
+            return [c] + ([ca["reg"]] if "reg" in ca else [])
+        u, ua = model(x, t, torch.full_like(y, null), cls, drop_sparse_path=path_drop)
+        out = [u + cfg_scale * (c - u)]
+        return out + ([ua["reg"] + cls_cfg_scale * (ca["reg"] - ua["reg"])] if "reg" in ca else [])
+    return v
+
+
+Y = torch.tensor([0, 3, 7])
+
+
+@pytest.mark.parametrize("path_drop", [False, True])
+def test_guidance_at_scale_one_is_the_conditional_model_in_one_pass(path_drop):
+    model, cfg = _guided_model()
+    state, t = _state(cfg), torch.full((3,), 0.6)
+    counter = []
+    v = guided_velocity(model, Y, 10, 1.0, 1.0, path_drop=path_drop, counter=counter)(state, t)
+    c, aux = model(state[0], t, Y, state[1])
+    assert counter == [1]
+    assert torch.equal(v[0], c) and torch.equal(v[1], aux["reg"])
+
+
+def test_guidance_outside_its_interval_is_one_conditional_pass():
+    model, cfg = _guided_model()
+    state = _state(cfg)
+    counter = []
+    vel = guided_velocity(model, Y, 10, 4.0, 2.0, low=0.2, high=0.5, counter=counter)
+    for t0, passes in ((0.9, 1), (0.1, 1), (0.35, 2), (0.5, 2)):
+        counter.clear()
+        t = torch.full((3,), t0)
+        v = vel(state, t)
+        assert sum(counter) == passes and len(counter) == 1
+        if passes == 1:
+            assert torch.equal(v[0], model(state[0], t, Y, state[1])[0])
+
+
+@pytest.mark.parametrize("cfg_scale", [0.0, 0.5, 2.0, 4.0])
+def test_image_guidance_takes_any_scale_as_written(cfg_scale):
+    """w = 0 is the unconditional model, 0 < w < 1 weaker conditioning, w > 1 guidance: one doubled forward."""
+    model, cfg = _guided_model()
+    state, t = _state(cfg), torch.full((3,), 0.6)
+    counter = []
+    v = guided_velocity(model, Y, 10, cfg_scale, 1.0, counter=counter)(state, t)
+    ref = _two_pass(model, Y, 10, cfg_scale, 1.0, False)(state, t)
+    assert counter == [2]
+    assert torch.allclose(v[0], ref[0], atol=BATCH_TOL, rtol=0)
+    c, aux = model(state[0], t, Y, state[1])
+    assert torch.allclose(v[1], aux["reg"], atol=BATCH_TOL, rtol=0)  # the class token stays conditional (scale 1)
+    if cfg_scale == 0.0:
+        u = model(state[0], t, torch.full_like(Y, 10), state[1])[0]
+        assert torch.allclose(v[0], u, atol=BATCH_TOL, rtol=0)
+
+
+def test_class_token_guidance_alone_runs_the_second_branch_with_reg_only():
+    model, cfg = _guided_model(reg=True)
+    state, t = _state(cfg), torch.full((3,), 0.6)
+    counter = []
+    v = guided_velocity(model, Y, 10, 1.0, 3.0, counter=counter)(state, t)
+    ref = _two_pass(model, Y, 10, 1.0, 3.0, False)(state, t)
+    assert counter == [2]
+    assert torch.allclose(v[1], ref[1], atol=BATCH_TOL, rtol=0)
+    assert torch.allclose(v[0], model(state[0], t, Y, state[1])[0], atol=BATCH_TOL, rtol=0)
+    assert not torch.allclose(v[1], model(state[0], t, Y, state[1])[1]["reg"], atol=1e-3)
+    plain, pcfg = _guided_model(reg=False)  # without the REG token cls_cfg_scale applies to nothing: one pass
+    pstate = _state(pcfg)
+    counter.clear()
+    v = guided_velocity(plain, Y, 10, 1.0, 3.0, counter=counter)(pstate, t)
+    assert counter == [1] and torch.equal(v[0], plain(pstate[0], t, Y)[0])
+
+
+def test_path_drop_guidance_drops_the_sparse_path_in_the_unconditional_half_only():
+    model, cfg = _guided_model()
+    state, t = _state(cfg), torch.full((3,), 0.6)
+    v = guided_velocity(model, Y, 10, 2.5, 1.5, path_drop=True)(state, t)
+    ref = _two_pass(model, Y, 10, 2.5, 1.5, True)(state, t)
+    no_drop = _two_pass(model, Y, 10, 2.5, 1.5, False)(state, t)
+    for a, b in zip(v, ref):
+        assert torch.allclose(a, b, atol=BATCH_TOL, rtol=0)
+    assert not torch.allclose(v[0], no_drop[0], atol=1e-3)
+
+
+def test_guidance_matches_the_reference_formula_where_the_reference_guides():
+    """SR-DiT's sampler (cfg_scale > 1, cls_cfg_scale > 0) guides the SDE drift d = v - t s(v); s is affine in v at
+    fixed (x, t), so guiding the velocity gives the same drift."""
+    model, cfg = _guided_model()
+    state, t0 = _state(cfg), 0.6
+    t = torch.full((3,), t0)
+    v = guided_velocity(model, Y, 10, 4.0, 2.0)(state, t)
+    x = state[0]
+    c, ca = model(x, t, Y, state[1])
+    u, ua = model(x, t, torch.full_like(Y, 10), state[1])
+    drift = lambda vel: vel - t0 * score_from_velocity(x, vel, torch.tensor(t0))
+    assert torch.allclose(drift(v[0]), drift(u) + 4.0 * (drift(c) - drift(u)), atol=1e-4)
+
+
+@pytest.mark.parametrize("sampler,path_drop", [("sde", True), ("heun", False)])
+def test_batched_guidance_sampler_equals_the_two_call_sampler(sampler, path_drop):
+    """Whole sampling runs: one [2B] forward per step vs two [B] forwards (BATCH_TOL: float32 round-off of the
+    batched kernels, amplified over 8 steps; the state itself is integrated in float64)."""
+    model, cfg = _guided_model()
+    for low in (0.0, 0.3):
+        g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+        counter = []
+        batched = sample(guided_velocity(model, Y, 10, 3.0, 2.0, low=low, path_drop=path_drop, counter=counter),
+                         _state(cfg), sampler, 8, generator=g1)
+        two = sample(_two_pass(model, Y, 10, 3.0, 2.0, path_drop, low), _state(cfg), sampler, 8, generator=g2)
+        assert batched.nfe == two.nfe and len(counter) == batched.nfe
+        assert (sum(counter) == 2 * batched.nfe) == (low == 0.0)
+        for a, b in zip(batched.state, two.state):
+            assert torch.allclose(a, b, atol=10 * BATCH_TOL, rtol=0)

@@ -7,8 +7,20 @@ one from a model with classifier-free guidance, a guidance interval and path-dro
   NFE = steps.
 - `euler`: ODE, `steps` uniform intervals from 1 to 0 (shifted). NFE = steps.
 - `heun`: ODE, second order on the same grid. NFE = 2 * steps.
-`SampleResult.nfe` counts velocity evaluations; with guidance active the model runs twice in one evaluation
-(pass `counter` to `guided_velocity` to count forward passes).
+`SampleResult.nfe` counts velocity evaluations; with guidance active one evaluation runs the model on the
+conditional and unconditional halves of a doubled batch (pass `counter` to `guided_velocity` to count them).
+
+Guidance (`guided_velocity`), decided once here:
+- Each output gets the classifier-free formula v = v_u + w (v_c - v_u) with its own scale: the image with
+  `cfg_scale`, the REG class token with `cls_cfg_scale`. Any finite w is taken as written: w = 1 is the
+  conditional model, 0 the unconditional one, w < 1 a weaker conditioning (useful in ablations), w > 1 guidance.
+- The unconditional branch (null label; with `path_drop` also the SPRINT sparse path replaced by [MASK]) is
+  evaluated only when it can change the result: t inside [low, high] and a scale that applies differs from 1
+  (`cls_cfg_scale` applies only when the model has the REG token). Otherwise the velocity is the conditional
+  model's, bit for bit, and no second pass runs (path-drop guidance at scale 1 costs nothing).
+- Where this differs from the SR-DiT / REPA reference samplers (which guide only when cfg_scale > 1): there,
+  cfg_scale <= 1 means no guidance at all and cls_cfg_scale is then ignored; cls_cfg_scale <= 0 means an
+  unguided class token. For every setting the reference accepts (cfg_scale > 1, cls_cfg_scale > 0) both agree.
 """
 
 from __future__ import annotations
@@ -91,31 +103,43 @@ def sample(velocity: Velocity, noise: list[torch.Tensor], sampler: str = "sde", 
     return SampleResult(state, nfe=calls)
 
 
+def guides(cfg_scale: float, cls_cfg_scale: float, reg: bool) -> bool:
+    """Whether guidance can change the sampler's result: a scale that applies differs from 1 (see module doc)."""
+    return cfg_scale != 1.0 or (reg and cls_cfg_scale != 1.0)
+
+
 def guided_velocity(model, y: torch.Tensor, null_label: int, cfg_scale: float = 1.0, cls_cfg_scale: float = 1.0,
                     low: float = 0.0, high: float = 1.0, path_drop: bool = False, counter: list | None = None,
                     dtype: torch.dtype = torch.float32) -> Velocity:
-    """Velocity of `model` for labels y, with classifier-free guidance inside [low, high] (t = 1 noise).
+    """Velocity of `model` for labels y [B], with classifier-free guidance inside [low, high] (t = 1 noise); the
+    semantics (which scale applies, when the unconditional branch runs) are in the module docstring.
 
     The unconditional branch uses the null label and, with `path_drop`, also drops the SPRINT sparse path
-    (path-drop guidance). The REG class-token velocity has its own scale."""
+    (path-drop guidance; SR-DiT section 3.2). When guiding, both branches run as one forward on a [2B] batch
+    (conditional half first); equal to two separate passes up to float32 round-off of the batched kernels.
+    `counter`, when given, gets one entry per forward: the number of branches it evaluated (1 or 2)."""
     y_null = torch.full_like(y, null_label)
-    guided = cfg_scale != 1.0 or cls_cfg_scale != 1.0 or path_drop
+    labels2 = torch.cat([y, y_null])  # [2B]
+    drop2 = torch.cat([torch.zeros_like(y, dtype=torch.bool), torch.ones_like(y, dtype=torch.bool)]) if path_drop \
+        else False  # [2B]: only the unconditional half drops the sparse path
 
-    def call(state, t, labels, drop):
+    def call(state, t, labels, drop, branches):
         if counter is not None:
-            counter.append(1)
+            counter.append(branches)
         x = state[0].to(dtype)
         cls_token = state[1].to(dtype) if len(state) > 1 else None
         v, aux = model(x, t, labels, cls_token, drop_sparse_path=drop)
         return [v] + ([aux["reg"]] if "reg" in aux else [])
 
     def velocity(state, t):
-        cond = call(state, t, y, False)
-        t0 = float(t[0])
-        if not guided or not (low <= t0 <= high):
-            return cond
-        uncond = call(state, t, y_null, path_drop)
+        if not (guides(cfg_scale, cls_cfg_scale, len(state) > 1) and low <= float(t[0]) <= high):
+            return call(state, t, y, False, 1)
+        both = call([torch.cat([s, s]) for s in state], torch.cat([t, t]), labels2, drop2, 2)
         scales = [cfg_scale, cls_cfg_scale]
-        return [u + scales[i] * (c - u) for i, (c, u) in enumerate(zip(cond, uncond))]
+        out = []
+        for i, v in enumerate(both):
+            c, u = v.chunk(2)
+            out.append(c if scales[i] == 1.0 else u + scales[i] * (c - u))
+        return out
 
     return velocity
