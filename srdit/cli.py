@@ -1,5 +1,5 @@
-"""The `srdit` command: train | sample | evaluate | model-info | techniques | study | analyze | report | ui |
-preprocess.
+"""The `srdit` command: train | sample | evaluate | convert | model-info | techniques | study | analyze | report |
+ui | preprocess.
 
 Bad input (missing file, malformed YAML, unknown key or technique, impossible combination, foreign checkpoint)
 prints one line on stderr and exits with status 2, never a traceback."""
@@ -156,6 +156,14 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from srdit.convert import convert_file, target_config
+
+    cfg = target_config(args.preset, args.overrides)
+    print(json.dumps(convert_file(args.source, args.layout, cfg, args.out, args.weights)))
+    return 0
+
+
 def cmd_model_info(args) -> int:
     from srdit.config import DataConfig, ModelConfig, RunConfig
     from srdit.techniques import preset, with_techniques
@@ -250,6 +258,18 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--tokenizer-path", help="local weights of the tokenizer (overrides data.tokenizer_path)")
         s.set_defaults(func=func)
 
+    c = sub.add_parser("convert", help="a reference checkpoint (SiT, REPA, SR-DiT) -> an srdit checkpoint")
+    c.add_argument("source", help="the reference checkpoint (.pt)")
+    c.add_argument("overrides", nargs="*", help="key=value overrides of the preset's config (the srdit model must "
+                   "match the checkpoint), e.g. model.repa.enabled=true")
+    c.add_argument("--from", dest="layout", required=True, help="the reference code's layout: speedrundit, repa, sit")
+    c.add_argument("--preset", required=True, help="srdit config to convert into: digits, SR-DiT-B/1, or "
+                   "SiT-<size>/<patch> (SD-VAE 256 px latents, e.g. SiT-XL/2)")
+    c.add_argument("--weights", default="ema", help="ema or model: which weights of a training checkpoint "
+                   "(default: ema; a bare state dict is taken as is)")
+    c.add_argument("--out", required=True, help="the srdit checkpoint to write")
+    c.set_defaults(func=cmd_convert)
+
     m = sub.add_parser("model-info", help="parameters and GMACs of a model (e.g. SR-DiT-B/1, XL/2)")
     m.add_argument("name")
     m.add_argument("--techniques", help="comma-separated techniques to apply")
@@ -285,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
 
         module, func = DELEGATES[argv[0]]
         return getattr(importlib.import_module(module), func)(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `srdit convert SRC --from X ... key=value`: overrides after the options
+        if args.command != "convert" or any("=" not in e or e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     try:
         return args.func(args)
     except ConfigError as e:

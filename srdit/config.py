@@ -219,6 +219,8 @@ class TrainConfig:
     "Wrap the model in torch.compile."
     threads: int = 0
     "CPU threads for torch (0 = leave torch's default)."
+    init: str | None = None
+    "An srdit checkpoint (e.g. from `srdit convert`) whose EMA weights start the model and its EMA; its model section must equal this run's. With steps 0 the run only evaluates it (a fixed arm of a study)."
 
 
 @dataclass(frozen=True)
@@ -336,8 +338,9 @@ class RunConfig:
             raise ConfigError("data.tokenizer: required when eval.reference is set (samples are decoded to images "
                               "for the Inception metrics); set data.tokenizer and data.tokenizer_path")
         t = self.train
-        if t.steps < 1 or t.batch_size < 1:
-            raise ConfigError("train.steps and train.batch_size must be >= 1")
+        if t.steps < (0 if t.init else 1) or t.batch_size < 1:
+            raise ConfigError("train.steps and train.batch_size must be >= 1 (train.steps 0 only with train.init: "
+                              "evaluate a given checkpoint)")
         if not (t.lr > 0 and math.isfinite(t.lr)):
             raise ConfigError(f"train.lr: {t.lr} must be a positive finite number")
         if not 0.0 <= t.label_dropout < 1.0:
@@ -506,7 +509,7 @@ def nested_update(tree: dict, dotted: str, value: Any) -> None:
 
 
 PATH_FIELDS = ("data.path", "data.teacher_path", "data.tokenizer_path", "data.teacher_cache", "eval.reference",
-               "eval.inception_path", "eval.dinov2_path")
+               "eval.inception_path", "eval.dinov2_path", "train.init")
 "Config fields that name files or folders."
 
 

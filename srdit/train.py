@@ -235,6 +235,19 @@ def model_from_checkpoint(ckpt: dict, weights: str = "ema") -> tuple[torch.nn.Mo
     return model.eval(), cfg
 
 
+def init_weights(model: torch.nn.Module, ema: torch.nn.Module, cfg: RunConfig, path: str | Path) -> None:
+    """Start `model` and `ema` from the EMA weights of the srdit checkpoint `path` (`train.init`); its model
+    section must equal `cfg.model` (a parameter-free switch such as the norm would otherwise load silently)."""
+    init, init_cfg = model_from_checkpoint(load_checkpoint(path))
+    ours, theirs = to_dict(cfg)["model"], to_dict(init_cfg)["model"]
+    if ours != theirs:
+        diff = [f"model.{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if ours[k] != theirs[k]]
+        raise CheckpointError(f"train.init {path}: another model ({'; '.join(diff[:4])})")
+    state = init.state_dict()
+    model.load_state_dict(state)
+    ema.load_state_dict(state)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # The run
 # --------------------------------------------------------------------------------------------------------------
@@ -306,6 +319,8 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         step = int(ckpt["step"])
+    elif tc.init:
+        init_weights(model, ema, cfg, tc.init)
     if dp.main:
         (out / "config.yaml").write_text(to_yaml(cfg))
         if step == 0:  # a fresh start: evaluations left by an earlier run in this folder are not this run's
