@@ -393,3 +393,39 @@ def test_checkpoint_from_before_the_time_scale_knob_loads_with_dits_scale():
     current, current_cfg = model_from_checkpoint({"model": model.state_dict(), "ema": model.state_dict(),
                                                   "config": to_dict(cfg), "step": 1})
     assert current_cfg.model.time_embed_scale == 1.0
+
+
+@pytest.mark.slow
+def test_study_with_a_converted_checkpoint_as_a_fixed_arm(tmp_path, monkeypatch, capsys):
+    """A custom diff {train.steps: 0, train.init: <converted>} is a study arm that is evaluated, not trained; its
+    path is relative to where the study starts, as every path field."""
+    import ray
+    import yaml
+
+    from srdit.study.results import load_results
+    from srdit.study.runner import run_study
+    from srdit.study.spec import load_study
+
+    monkeypatch.chdir(tmp_path)
+    training_file(tmp_path / "ref.pt", "sit")
+    assert main(["convert", "ref.pt", "--from", "sit", "--preset", "digits", "--out", "ckpt/sit.pt"]) == 0
+    capsys.readouterr()
+    base = {"train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
+            "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}
+    study = {"name": "fixed_arm", "base": base, "seeds": [0],
+             "techniques": [{"name": "published", "diff": {"train.steps": 0, "train.init": "ckpt/sit.pt"}}],
+             "metrics": {"primary": "fd", "direction": "min"}}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    spec = load_study(tmp_path / "study.yaml")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        res = run_study(spec, tmp_path / "state")
+    finally:
+        ray.shutdown()
+    assert res.complete and res.statuses == {"finished": 2}
+    table = load_results(spec, tmp_path / "state", curves=False)[0].table
+    fixed = table[table["published"] == 1].iloc[0]
+    assert fixed["status"] == "finished"
+    capsys.readouterr()
+    assert main(["evaluate", "ckpt/sit.pt", "--n", "50", "--steps", "2", "--sampler", "euler", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fd"] == pytest.approx(float(fixed["fd"]), rel=1e-9)
