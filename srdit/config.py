@@ -110,7 +110,8 @@ class ModelConfig:
     mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
     "Block MLP: GELU(tanh) as in SiT, SwiGLU, or ReLU^2 (SR-DiT side branches)."
     time_embed_scale: float = 1.0
-    "Factor on t in [0, 1] before the sinusoidal time features: 1 as SiT / REPA / SR-DiT, 1000 as DiT's integer steps."
+    ("Factor on t in [0, 1] before the sinusoidal time features: 1 as SiT / REPA / SR-DiT, 1000 as DiT's integer "
+     "steps.")
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     "Block pre-norms and final norm (no affine, eps 1e-6)."
     qk_norm: bool = False
@@ -220,7 +221,8 @@ class TrainConfig:
     threads: int = 0
     "CPU threads for torch (0 = leave torch's default)."
     init: str | None = None
-    "An srdit checkpoint (e.g. from `srdit convert`) whose EMA weights start the model and its EMA; its model section must equal this run's. With steps 0 the run only evaluates it (a fixed arm of a study)."
+    ("An srdit checkpoint (e.g. from `srdit convert`) whose EMA weights start the model and its EMA; its model "
+     "section must equal this run's. With steps 0 the run only evaluates it (a fixed arm of a study).")
 
 
 @dataclass(frozen=True)
