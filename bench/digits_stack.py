@@ -4,7 +4,7 @@ Prints and writes JSON with FD (and KD, precision, recall) mean +- std per arm. 
     python bench/digits_stack.py --seeds 0 1 2 --out bench/digits_stack.json
 Seeds are independent (a CPU run is deterministic given its seed), so they may run as separate processes and be
 combined afterwards:
-    python bench/digits_stack.py --seeds 1 --out s1.json   (one per seed, at once)
+    python bench/digits_stack.py --seeds 1 --out s1.json   (one per seed, or per seed and --arms, at once)
     python bench/digits_stack.py --merge s0.json s1.json s2.json --out bench/digits_stack.json"""
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="bench/digits_stack.json")
+    p.add_argument("--arms", nargs="+", help="run only these arms (default: both)")
     p.add_argument("--merge", nargs="+", help="combine the rows of these outputs (runs of other seeds) instead")
     args = p.parse_args()
     arms = {"plain SiT": RunConfig(), "SR-DiT stack": with_techniques(RunConfig(), SRDIT_STACK)}
@@ -50,6 +51,8 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for seed in args.seeds:
                 for name, cfg in arms.items():
+                    if args.arms and name not in args.arms:
+                        continue
                     cfg = apply_diff(cfg, {"train.seed": seed, "train.threads": args.threads})
                     start = time.perf_counter()
                     r = train(cfg, Path(tmp) / f"{name}-{seed}", progress=False)
