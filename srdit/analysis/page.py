@@ -122,7 +122,8 @@ def _flag_text(fl: Flag) -> str:
         return (f"<b>{_esc(fl.pair)}</b> — antagonism: S = {_num(fl.estimate, 3)} "
                 f"(CI {_ci(fl.ci)}, p<sub>adj</sub> = {_pv(fl.p_adj)}; threshold {_num(fl.threshold)})")
     c = fl.counts
-    parts = ", ".join(f"{_esc(k.replace('_alone', ' alone'))} {v['failed']}/{v['n']}" for k, v in c.items())
+    parts = ", ".join(f"{_esc(k.replace('_alone', ' alone'))} {v['failed']}/{v['n']}" for k, v in c.items()
+                      if k != "neither")
     st = ", ".join(f"{_esc(k)} ×{v}" for k, v in fl.statuses.items())
     return (f"<b>{_esc(fl.pair)}</b> — runs fail together: {parts} failed"
             f"{' (' + st + ')' if st else ''}; Fisher p<sub>adj</sub> = {_pv(fl.p_adj)}")
@@ -246,7 +247,7 @@ def _failure_tests_table(a: Analysis) -> str:
         if c["both"]["failed"] == 0:
             continue
         alone = [f"{_esc(k.removesuffix('_alone'))} alone: {v['failed']}/{v['n']}" for k, v in c.items()
-                 if k != "both"]
+                 if k.endswith("_alone")]
         rows.append([_esc(t.pair), f"{c['both']['failed']}/{c['both']['n']}", *alone,
                      _pv(t.p), _pv(t.p_adj)])
     if not rows:
