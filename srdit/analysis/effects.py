@@ -328,32 +328,55 @@ def _adjust(pvals: Sequence[float], method: str, alpha: float) -> list[float]:
 # cell summaries, Shapley, dividends, ladders
 # --------------------------------------------------------------------------------------------------------------------
 def _cell_table(p: _Prepared) -> list[dict]:
+    """One summary per cell (in order of first appearance), from grouped aggregates (no per-row Python)."""
     d = p.data
+    code = d["_code"].to_numpy()
+    ok = d["_ok"].to_numpy()
+    uniq, first, inv = np.unique(code, return_index=True, return_inverse=True)
+    m = len(uniq)
+    n = np.bincount(inv, minlength=m)
+    n_ok = np.bincount(inv, weights=ok, minlength=m)
+
+    def mean_sd(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        v = np.where(ok, v, 0.0)
+        s1 = np.bincount(inv, weights=v, minlength=m)
+        with np.errstate(all="ignore"):
+            mu = s1 / n_ok
+            dev = np.where(ok, v - mu[inv], 0.0)
+            var = np.bincount(inv, weights=dev * dev, minlength=m) / (n_ok - 1)
+        return mu, np.sqrt(var)
+
+    raw_mu, raw_sd = mean_sd(d["_raw"].to_numpy(dtype=float))
+    y_mu, _ = mean_sd(d["_y"].fillna(0.0).to_numpy(dtype=float))
+    g_mu, g_sd = mean_sd(d["_g"].fillna(0.0).to_numpy(dtype=float))
+    fail = d.loc[~ok]
+    fail_counts = fail.groupby(["_code", "_status"]).size() if len(fail) else pd.Series(dtype=int)
+    reasons = fail[fail["_reason"] != ""].groupby("_code")["_reason"].unique() if len(fail) else pd.Series(dtype=object)
+    lv = d[p.factors].to_numpy()
     rows = []
-    for combo, grp in d.groupby("_combo", sort=False):
-        okg = grp[grp["_ok"]]
-        on = [f for f in p.factors if grp[f].iloc[0] == 1]
-        statuses = grp.loc[~grp["_ok"], "_status"].value_counts().to_dict()
-        reasons = sorted({r for r in grp.loc[~grp["_ok"], "_reason"] if r})
-        n_ok = len(okg)
-        rows.append(
-            {
-                "combo": combo,
-                "cell": str(grp["_cell"].iloc[0]),
-                "on": on,
-                "key": frozenset(on),
-                "n": len(grp),
-                "n_finished": n_ok,
-                "n_failed": len(grp) - n_ok,
-                "failures": {str(k): int(v) for k, v in statuses.items()},
-                "reasons": reasons,
-                "mean": _f(okg["_raw"].mean()) if n_ok else None,
-                "sd": _f(okg["_raw"].std(ddof=1)) if n_ok > 1 else None,
-                "y_mean": _f(okg["_y"].mean()) if n_ok else None,
-                "gain": _f(okg["_g"].mean()) if n_ok else None,
-                "gain_sem": _f(okg["_g"].std(ddof=1) / math.sqrt(n_ok)) if n_ok > 1 else None,
-            }
-        )
+    for i in np.argsort(first, kind="stable"):
+        c, r0, no = uniq[i], first[i], int(n_ok[i])
+        on = [f for f, x in zip(p.factors, lv[r0]) if x == 1]
+        failures = {}
+        if len(fail_counts) and c in fail_counts.index.get_level_values(0):
+            failures = {str(k): int(v) for k, v in fail_counts.loc[c].sort_values(ascending=False, kind="stable")
+                        .items()}
+        rows.append({
+            "combo": str(d["_combo"].iat[r0]),
+            "cell": str(d["_cell"].iat[r0]),
+            "on": on,
+            "key": frozenset(on),
+            "n": int(n[i]),
+            "n_finished": no,
+            "n_failed": int(n[i]) - no,
+            "failures": failures,
+            "reasons": sorted(reasons.loc[c]) if len(reasons) and c in reasons.index else [],
+            "mean": _f(raw_mu[i]) if no else None,
+            "sd": _f(raw_sd[i]) if no > 1 else None,
+            "y_mean": _f(y_mu[i]) if no else None,
+            "gain": _f(g_mu[i]) if no else None,
+            "gain_sem": _f(g_sd[i] / math.sqrt(no)) if no > 1 else None,
+        })
     return rows
 
 
@@ -456,13 +479,45 @@ def _ladder(cells: list[dict], factors: Sequence[str], order: Sequence[str] | No
 # --------------------------------------------------------------------------------------------------------------------
 # failure interactions
 # --------------------------------------------------------------------------------------------------------------------
-def _survival_interaction_p(groups: Sequence[tuple[int, int]]) -> float:
-    """One-sided likelihood-ratio test that a pair fails beyond independent failures.
+_SURV_D = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=float)
+
+
+def _surv_ll(s: np.ndarray, f: np.ndarray, ok: np.ndarray) -> float:
+    s = np.clip(s, 1e-300, 1.0)
+    return float(np.sum(np.where(ok > 0, ok * np.log(s), 0.0)
+                        + np.where(f > 0, f * np.log(np.clip(1 - s, 1e-300, 1.0)), 0.0)))
+
+
+def _surv_null_fit(f: np.ndarray, n: np.ndarray, starts: int = 3) -> tuple[float, np.ndarray]:
+    """Constrained ML fit of log s = mu + alpha x1 + beta x2 (s <= 1): (log-likelihood, fitted s per group)."""
+    from scipy.optimize import minimize  # local: only failing studies need it
+
+    ok = n - f
+
+    def negll(th):
+        return -_surv_ll(np.exp(np.minimum(_SURV_D @ th, 0.0)), f, ok)
+
+    s0 = np.clip(ok / n, 0.5 / n, 1 - 0.5 / n)
+    cands = [np.array([np.log(s0[0]), np.log(s0[1] / s0[0]), np.log(s0[2] / s0[0])]), np.zeros(3),
+             np.array([0.0, np.log(s0[1]), np.log(s0[2])])][:starts]
+    cons = [{"type": "ineq", "fun": (lambda th, r=r: -(r @ th))} for r in _SURV_D]
+    best_l, best_s = -np.inf, None
+    for th0 in cands:
+        res = minimize(negll, th0, method="SLSQP", constraints=cons, options={"maxiter": 300, "ftol": 1e-12})
+        if -res.fun > best_l:
+            best_l, best_s = -float(res.fun), np.exp(np.minimum(_SURV_D @ res.x, 0.0))
+    return best_l, best_s
+
+
+def _survival_interaction_p(groups: Sequence[tuple[int, int]], n_boot: int = 199) -> float:
+    """One-sided test that a pair fails beyond independent failures.
 
     groups: (failed, n) for (neither, first alone, second alone, both), others at any level. Independent failure
     mechanisms multiply survival: s_both = s_first * s_second / s_neither, i.e. gamma = 0 in the binomial model
-    log s = mu + alpha x1 + beta x2 + gamma x1 x2 (log link). The null fit (gamma = 0) is by constrained maximum
-    likelihood (s <= 1); LR = 2 (l_saturated - l_null) ~ chi2(1), halved for the one-sided alternative gamma < 0.
+    log s = mu + alpha x1 + beta x2 + gamma x1 x2 (log link). Statistic: the likelihood ratio of the saturated model
+    against the constrained ML null fit (s <= 1). Its chi2(1)/2 reference is anti-conservative at small n and on the
+    boundary (a group that never fails), so a candidate (asymptotic p < 0.05) is confirmed by a parametric bootstrap
+    from the null fit (`n_boot` tables, fixed seed): p = (1 + #{LR* >= LR}) / (1 + n_boot).
     Returns 1 when a group is empty or the pair fails no more than predicted."""
     f = np.array([g[0] for g in groups], dtype=float)
     n = np.array([g[1] for g in groups], dtype=float)
@@ -473,29 +528,22 @@ def _survival_interaction_p(groups: Sequence[tuple[int, int]]) -> float:
     pred = s_hat[1] * s_hat[2] / s_hat[0] if s_hat[0] > 0 else 1.0
     if s_hat[3] >= min(pred, 1.0) - 1e-12:
         return 1.0
-    D = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=float)
-
-    def ll(s):
-        s = np.clip(s, 1e-300, 1.0)
-        return float(np.sum(np.where(ok > 0, ok * np.log(s), 0.0)
-                            + np.where(f > 0, f * np.log(np.clip(1 - s, 1e-300, 1.0)), 0.0)))
-
-    def negll(th):
-        return -ll(np.exp(np.minimum(D @ th, 0.0)))
-
-    from scipy.optimize import minimize  # local: only failing studies need it
-
-    eps = 0.5 / n  # start from smoothed rates
-    s0 = np.clip(s_hat, eps, 1 - eps)
-    th0 = np.array([np.log(s0[0]), np.log(s0[1] / s0[0]), np.log(s0[2] / s0[0])])
-    cons = [{"type": "ineq", "fun": (lambda th, r=r: -(r @ th))} for r in D]
-    best = minimize(negll, th0, method="SLSQP", constraints=cons, options={"maxiter": 500, "ftol": 1e-12})
-    l0 = -float(best.fun)
-    for start in (np.zeros(3), np.array([0.0, np.log(max(s0[1], 1e-3)), np.log(max(s0[2], 1e-3))])):
-        alt = minimize(negll, start, method="SLSQP", constraints=cons, options={"maxiter": 500, "ftol": 1e-12})
-        l0 = max(l0, -float(alt.fun))
-    lr = max(2 * (ll(s_hat) - l0), 0.0)
-    return float(0.5 * stats.chi2.sf(lr, 1))
+    l0, s_null = _surv_null_fit(f, n)
+    lr = max(2 * (_surv_ll(s_hat, f, ok) - l0), 0.0)
+    p_asym = float(0.5 * stats.chi2.sf(lr, 1))
+    if p_asym >= 0.05 or n_boot <= 0:
+        return p_asym
+    rng = np.random.default_rng(0)
+    fails_b = rng.binomial(n.astype(int)[None, :], np.clip(1 - s_null, 0, 1)[None, :], size=(n_boot, 4))
+    exceed = 0
+    for fb in fails_b.astype(float):
+        sb = (n - fb) / n
+        pb = sb[1] * sb[2] / sb[0] if sb[0] > 0 else 1.0
+        if sb[3] >= min(pb, 1.0) - 1e-12:
+            continue  # one-sided: no excess failure, LR* counts as 0
+        lb, _ = _surv_null_fit(fb, n, starts=1)
+        exceed += 2 * (_surv_ll(sb, fb, n - fb) - lb) >= lr - 1e-9
+    return float((1 + exceed) / (1 + n_boot))
 
 
 def _failure_tests(p: _Prepared, alpha: float) -> tuple[list[dict], list[dict]]:
@@ -547,7 +595,7 @@ def _failure_tests(p: _Prepared, alpha: float) -> tuple[list[dict], list[dict]]:
         pv, p_int = 1.0, 1.0
         if c_both[0] > 0 and c_a[1] > 0 and c_b[1] > 0:
             pv = max(boschloo(c_both, c_a), boschloo(c_both, c_b))
-            if pv < 1.0:
+            if pv < alpha:  # the pair's p is the larger of the two: only a candidate needs the second
                 p_int = _survival_interaction_p([tuple(c_none), tuple(c_a), tuple(c_b), tuple(c_both)])
         rate = lambda c: c[0] / c[1] if c[1] else None  # noqa: E731
         est = None
@@ -1589,7 +1637,12 @@ def analyze(table: pd.DataFrame, factors: Sequence[str], metric: str, direction:
 def analyze_study(results: StudyResults, *, alpha: float = 0.05, threshold: float = 0.0,
                   bootstrap: bool = True) -> dict[str, Analysis | AnalysisFailure]:
     """`analyze` for the primary metric and every other metric of a study (log scale per the metric registry);
-    a metric that cannot be analysed gets an AnalysisFailure with the reason."""
+    a metric that cannot be analysed gets an AnalysisFailure with the reason.
+
+    Multiplicity across metrics: the primary metric is confirmatory (its pair family as in `pair_synergies`); every
+    other metric is exploratory, and their pair tests form one family controlled by Benjamini-Hochberg (FDR at
+    alpha) over all secondary metrics together: `p_adj`, `significant_pairs` and antagonism flags of a secondary
+    metric come from that pooled correction (`role` and `family` say so in the JSON)."""
     out: dict[str, Analysis | AnalysisFailure] = {}
     metrics = {results.metric: results.direction, **{m: d for m, d in results.other_metrics.items()
                                                       if m != results.metric}}
@@ -1600,4 +1653,48 @@ def analyze_study(results: StudyResults, *, alpha: float = 0.05, threshold: floa
                              ladder_order=results.ladder_order, strict=False)
         except AnalysisError as e:
             out[m] = AnalysisFailure(metric=m, direction=d, error=str(e))
+    return _exploratory_family(out, results.metric, alpha)
+
+
+def _exploratory_family(out: dict[str, Analysis | AnalysisFailure], primary: str,
+                        alpha: float) -> dict[str, Analysis | AnalysisFailure]:
+    """Re-decide the pair tests of the secondary metrics as one Benjamini-Hochberg family (see `analyze_study`)."""
+    two: list[tuple[str, str, float]] = []
+    one: list[tuple[str, str, float]] = []
+    for m, a in out.items():
+        if m == primary or not isinstance(a, Analysis):
+            continue
+        clean = [n for n in a.pairs.synergy if n in a.fit.clean_pairs and a.fit.p.get(n) is not None]
+        two += [(m, n, a.fit.p[n]) for n in clean]
+        for n in clean:  # one-sided p of H0: S >= 0 (antagonism); threshold is 0 on secondary metrics
+            s, se = a.pairs.synergy[n], a.fit.se.get(n)
+            if s is not None and se:
+                one.append((m, n, float(stats.t.cdf(s / (2 * se), a.fit.df_resid))))
+    q2 = dict(zip([(m, n) for m, n, _ in two], _adjust([x for *_, x in two], "fdr_bh", alpha))) if two else {}
+    q1 = dict(zip([(m, n) for m, n, _ in one], _adjust([x for *_, x in one], "fdr_bh", alpha))) if one else {}
+    n_sec = sum(1 for m, a in out.items() if m != primary and isinstance(a, Analysis))
+    fam = (f"exploratory: Benjamini-Hochberg (FDR {alpha}) over all {len(two)} pair test(s) of the {n_sec} "
+           "secondary metric(s); the primary metric's pairs are the confirmatory family")
+    for m, a in list(out.items()):
+        if m == primary:
+            if isinstance(a, Analysis):
+                out[m] = replace(a, role="confirmatory")
+            continue
+        if not isinstance(a, Analysis):
+            continue
+        p_adj = {n: (_f(q2[(m, n)]) if (m, n) in q2 else None) for n in a.pairs.synergy}
+        sig = [n for n, q in p_adj.items() if q is not None and q < alpha]
+        ant = []
+        for n in a.pairs.synergy:
+            q = q1.get((m, n))
+            if q is not None and q < alpha:
+                s = a.pairs.synergy[n]
+                ant.append(Flag(pair=n, factors=n.split(":"), kind="antagonism", estimate=s,
+                                ci=a.pairs.synergy_ci.get(n), p=_f(dict(((mm, nn), x) for mm, nn, x in one)[(m, n)]),
+                                p_adj=_f(q), threshold=0.0, df=_f(a.fit.df_resid), counts=None))
+        strongest = a.pairs.strongest
+        if strongest is not None:
+            strongest = replace(strongest, p_adj=p_adj.get(strongest.pair))
+        pairs = replace(a.pairs, p_adj=p_adj, significant=sig, antagonism=ant, strongest=strongest)
+        out[m] = replace(a, pairs=pairs, role="exploratory", family=fam, correction="fdr_bh")
     return out
