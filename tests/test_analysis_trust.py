@@ -153,23 +153,6 @@ def test_pair_failing_three_of_three_is_flagged_where_fisher_cannot():
     assert t.p_excess < 0.05 and t.p_interaction < 0.05 and t.p_adj < 0.05
 
 
-def test_two_independently_flaky_techniques_are_not_a_failure_interaction():
-    # survival multiplies: P(ok | A and B) = 0.6 * 0.6; both-on fails more than each alone, but no interaction
-    F = ["A", "B"]
-    rng = np.random.default_rng(11)
-    flagged = 0
-    for rep in range(100):
-        rows = []
-        for a, b in itertools.product([0, 1], repeat=2):
-            for s in range(20):
-                fail = (a and rng.random() < 0.4) | (b and rng.random() < 0.4)
-                rows.append({"A": a, "B": b, "seed": s, "status": "crashed" if fail else "finished",
-                             "y": np.nan if fail else rng.normal()})
-        r = analyze(pd.DataFrame(rows), F, "y", "max", bootstrap=False)
-        flagged += bool(r.failures.flagged)
-    assert flagged <= 8  # nominal 5% (the IUT alone flags about 21% of such studies)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # section 2: intervals and flags that agree
 # ---------------------------------------------------------------------------------------------------------------------

@@ -666,7 +666,10 @@ def _bootstrap(p: _Prepared, terms, est_mask, confidence: float, n_resamples: in
     if not ok_cols.any():
         return None, "bootstrap skipped: no effect is estimable from the cell means"
     pinv = np.linalg.pinv(Xc)
-    samples = tuple(g.to_numpy(dtype=float) for g in groups)
+    # resampling n values underestimates the variance of a mean by (n-1)/n: the deviations from each cell's mean are
+    # scaled by sqrt(n/(n-1)) before resampling (a rescaled bootstrap; same estimate, unbiased bootstrap variance)
+    samples = tuple(x.mean() + (x - x.mean()) * math.sqrt(len(x) / (len(x) - 1))
+                    for x in (g.to_numpy(dtype=float) for g in groups))
 
     def statistic(*xs, axis=-1):
         means = np.stack([x.mean(axis=axis) for x in xs], axis=-1)  # (..., n_cells)
