@@ -46,8 +46,10 @@ def test_effects_equal_statsmodels_ols_on_random_replicated_factorial(direction)
     r = analyze(df, F, "y", direction, bootstrap=False)
 
     coded = pd.DataFrame({f: 2 * df[f] - 1 for f in F}).assign(y=df["y"], seed=df["seed"])
-    ref = smf.ols("y ~ (repa + rope + sprint)**2 + C(seed)", data=coded).fit()
+    # replicated: the error is pure error, i.e. that of the full model (the three-way term is not pooled into it)
+    ref = smf.ols("y ~ (repa + rope + sprint)**3 + C(seed)", data=coded).fit()
     ci = ref.conf_int(alpha=0.05)
+    ci_sim = ref.conf_int(alpha=0.05 / 3)  # the pair intervals are simultaneous over the 3 pairs (Bonferroni)
     sign = 1 if direction == "max" else -1
     for f in F:  # effect = 2 * beta in +-1 coding
         assert r.fit.main_effects[f] == pytest.approx(2 * ref.params[f], abs=1e-10)
@@ -58,7 +60,7 @@ def test_effects_equal_statsmodels_ols_on_random_replicated_factorial(direction)
         assert r.fit.interactions[n] == pytest.approx(2 * ref.params[n], abs=1e-10)
         assert r.pairs.synergy[n] == pytest.approx(sign * 4 * ref.params[n], abs=1e-10)
         assert r.fit.p[n] == pytest.approx(ref.pvalues[n], rel=1e-8)
-        lo, hi = sorted([sign * 4 * ci.loc[n, 0], sign * 4 * ci.loc[n, 1]])
+        lo, hi = sorted([sign * 4 * ci_sim.loc[n, 0], sign * 4 * ci_sim.loc[n, 1]])
         assert r.pairs.synergy_ci[n] == pytest.approx([lo, hi], abs=1e-10)
     assert r.fit.error_df == ref.df_resid
     # balanced design: OLS effects are the textbook contrasts ME = mean(y|+) - mean(y|-)
@@ -70,7 +72,11 @@ def test_effects_equal_statsmodels_ols_on_random_replicated_factorial(direction)
     me_on = g[on("repa", 1) & on("rope", 1)].mean() - g[on("repa", 0) & on("rope", 1)].mean()
     me_off = g[on("repa", 1) & on("rope", 0)].mean() - g[on("repa", 0) & on("rope", 0)].mean()
     assert r.pairs.synergy["repa:rope"] == pytest.approx(me_on - me_off)
-    # the bootstrap interval brackets the estimate and is reported per effect
+    # the bootstrap interval brackets the estimate and is reported per effect (kept only with >= 20 seeds per cell)
+    assert analyze(df, F, "y", direction, n_resamples=999).bootstrap.ci == {}
+    df = _design(F, n_seeds=20)
+    pm = 2 * df[F] - 1
+    df["y"] = 5 + pm.repa * beta[0] + pm.rope * pm.sprint * beta[5] + rng.normal(0, 0.5, len(df))
     rb = analyze(df, F, "y", direction, bootstrap=True, n_resamples=999)
     for n, (lo, hi) in rb.bootstrap.ci.items():
         est = rb.fit.main_effects.get(n, rb.fit.interactions.get(n))

@@ -27,15 +27,20 @@ TOP_KEYS = ["metric", "direction", "scale", "factors", "n_runs", "n_finished", "
             "error_df", "alpha", "correction", "threshold", "main_effects", "interactions", "synergy", "ci",
             "synergy_ci", "p", "p_adj", "ci_boot", "dividends", "dividends_full", "loo", "shapley", "ladder",
             "ladder_kind", "cells", "best", "strongest_synergy", "incompatible", "failure_tests", "aliased",
-            "inestimable", "notes"]
+            "inestimable", "notes",
+            # appended with the calibrated analysis (issue "conclusions a researcher can trust"): the role of the
+            # metric in the multiplicity family, what each interval is, the realised aliasing, pure error / lack of
+            # fit, Lenth's screen for unreplicated designs, runs excluded for a non-failure status
+            "role", "family", "intervals", "significant_pairs", "partially_aliased_pairs", "aliased_effects",
+            "partial_aliases", "dropped_factors", "seed_block", "lack_of_fit", "lenth", "n_excluded"]
 CELL_KEYS = ["combo", "cell", "on", "n", "n_finished", "n_failed", "failures", "reasons", "mean", "sd", "y_mean",
              "gain", "gain_sem"]
 LADDER_KEYS = ["step", "added", "cell", "on", "n", "n_finished", "mean", "sd", "gain", "delta", "gain_step", "ratio"]
-BEST_KEYS = ["cell", "combo", "on", "mean", "sd", "gain", "n_finished", "n"]
+BEST_KEYS = ["cell", "combo", "on", "mean", "sd", "gain", "n_finished", "n", "indistinguishable", "rule"]
 STRONGEST_KEYS = ["pair", "estimate", "ci", "p_adj"]
 ANTAGONISM_KEYS = ["pair", "factors", "kind", "estimate", "ci", "p", "p_adj", "threshold", "df", "counts"]
 FAILURE_FLAG_KEYS = ["pair", "factors", "p", "estimate", "counts", "statuses", "p_adj", "kind", "ci"]
-FAILURE_TEST_KEYS = ["pair", "factors", "p", "estimate", "counts", "statuses", "p_adj"]
+FAILURE_TEST_KEYS = ["pair", "factors", "p", "estimate", "counts", "statuses", "p_adj", "p_excess", "p_interaction"]
 UNTESTED_KEYS = ["pair", "p", "p_adj", "counts"]
 ALIAS_KEYS = ["effects", "signs", "label", "estimate", "ci"]
 INESTIMABLE_KEYS = ["effect", "reason"]

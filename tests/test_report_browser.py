@@ -164,3 +164,86 @@ def test_leave_one_out_report_renders_without_errors(tmp_path):
     for fid in fig_ids:
         tag = re.search(rf'<div id="{re.escape(fid)}"[^>]*>', run.stdout)
         assert tag and "js-plotly-plot" in tag.group(0), fid
+
+
+def trust_study():
+    """2^3 x 3 seeds where the full stack always runs out of memory (every effect partially aliased), no pair
+    effect (every pair not significant), a loss curve of 11 points and an fd evaluated once per run."""
+    import itertools
+
+    import pandas as pd
+
+    from srdit.analysis.results import StudyResults
+
+    rng = np.random.default_rng(0)
+    F = ["repa", "rope", "sprint"]
+    rows, curves = [], []
+    for i, lv in enumerate(itertools.product([0, 1], repeat=3)):
+        x = dict(zip(F, lv))
+        cell = f"c{i}"
+        for s in range(3):
+            oom = all(lv)
+            fd = 20 - 3 * x["repa"] - 1.5 * x["rope"] + rng.normal(0, 0.4)
+            key = f"{cell}-{s}"
+            rows.append({"trial": key, "cell": cell, "seed": s, "status": "oom" if oom else "finished",
+                         "status_reason": "CUDA out of memory" if oom else "", **x, "fd": np.nan if oom else fd})
+            if not oom:
+                curves += [{"trial": key, "cell": cell, "seed": s, "key": "loss", "step": st,
+                            "value": 1.0 / (1 + st / 50) + 0.05 * x["repa"] * 0 + rng.normal(0, 0.01)}
+                           for st in range(0, 201, 20)]
+                curves.append({"trial": key, "cell": cell, "seed": s, "key": "fd", "step": 200, "value": fd})
+    return StudyResults(study="trust", design="full", factors=F, metric="fd", direction="min",
+                        table=pd.DataFrame(rows), curves=pd.DataFrame(curves), commit="abc123", date="2026-11-30",
+                        description="Does REPA stack with RoPE and SPRINT on digits?", steps=200)
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("SRDIT_REQUIRE_BROWSER"),
+                    reason="chromium is not installed (apt-get install chromium)")
+def test_report_says_how_sure_it_is_in_chromium(tmp_path):
+    res = trust_study()
+    page = render_report(res, tmp_path / "dash" / res.study, bootstrap=False)
+    url = page.resolve().as_uri()
+    dom_run = chromium(["--dump-dom", url], tmp_path / "profile1")
+    assert dom_run.returncode == 0, dom_run.stderr[-2000:]
+    dom = dom_run.stdout
+    errors = re.search(r'<pre id="js-errors">(.*?)</pre>', dom, flags=re.S)
+    assert errors is not None and errors.group(1).strip() == ""
+    # header context: training length (short runs), seeds per cell, runs finished, the description
+    header = dom[dom.index("<header>"):dom.index("</header>")]
+    for s in ("training length <b>200 steps</b>", "short runs", "3 seed(s) per cell", "21 of 24 runs finished",
+              "Does REPA stack with RoPE and SPRINT on digits?"):
+        assert s in header, s
+    # the synergy matrix as drawn: partially aliased cells marked, nothing significant, so nothing in full colour
+    syn = dom[dom.index('id="fig-synergy"'):dom.index('id="sec-fig-effects"')]
+    labels = re.findall(r'class="heatmap-label"><text [^>]*data-unformatted="([^"]*)"', syn)
+    assert sum("partly aliased" in t for t in labels) == 3  # the three pairs, in the drawn SVG
+    assert not any("n.s." in t or "*" in t for t in labels)  # partially aliased pairs are not tested
+    # the best combination is not a bare point estimate
+    summary = dom[dom.index('id="sec-summary"'):dom.index('id="sec-fig-synergy"')]
+    assert "not distinguishable" in summary or "distinguishable" in summary
+    # learning curves open on the loss (a real curve) and draw lines
+    cur = dom[dom.index('id="fig-curves"'):]
+    cur = cur[:cur.index("</section>")]
+    assert re.search(r'class="g-ytitle".*?>loss<', cur, flags=re.S)
+    lines = re.findall(r'class="js-line" d="M([^"]+)"', cur)
+    assert sum(len(d) > 40 for d in lines) >= 7  # the 7 finished cells, each a line of 11 points
+
+    # a complete replicated study: muted (n.s.) cells and a starred one
+    import dataclasses
+
+    t = res.table.copy()
+    t.loc[t.status == "oom", ["status", "fd"]] = ["finished", 14.0]
+    t.loc[(t.repa == 1) & (t.rope == 1), "fd"] -= 3.0  # a real repa:rope synergy
+    page2 = render_report(dataclasses.replace(res, table=t, study="trust2"), tmp_path / "dash" / "trust2",
+                          bootstrap=False)
+    dom2 = chromium(["--dump-dom", page2.resolve().as_uri()], tmp_path / "profile2").stdout
+    syn2 = dom2[dom2.index('id="fig-synergy"'):dom2.index('id="sec-fig-effects"')]
+    labels2 = re.findall(r'class="heatmap-label"><text [^>]*data-unformatted="([^"]*)"', syn2)
+    assert sum("n.s." in t for t in labels2) == 2 and sum("*" in t for t in labels2) == 1
+    # the muted layer (opacity < 1) holds the two non-significant cells, the full-colour layer the starred one
+    assert re.search(r'class="hm"[^>]*style="opacity: 0\.28', syn2) or "opacity: 0.28" in syn2
+
+    shot = Path(os.environ.get("SRDIT_SHOT_DIR", tmp_path)) / "trust_report.png"
+    chromium([f"--screenshot={shot}", "--window-size=1400,2400", "--hide-scrollbars", url], tmp_path / "profile3")
+    img = decode_png(shot.read_bytes()).astype(float)
+    assert img[..., :3].mean(axis=2).std() > 20

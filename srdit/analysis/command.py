@@ -162,6 +162,46 @@ def _print_tables(result: Analysis, stream) -> None:
         console.print(f"note: {n}", highlight=False)
 
 
+#: the columns of a report's cells.csv (one row per cell: `Cell.to_json()`)
+CELLS_COLUMNS = frozenset({"combo", "on", "n", "n_finished", "n_failed", "failures", "mean", "sd"})
+
+
+def is_cells_table(df: pd.DataFrame) -> bool:
+    return CELLS_COLUMNS <= set(df.columns)
+
+
+def cells_to_runs(cells: pd.DataFrame, factors: list[str], metric: str, path: str) -> pd.DataFrame:
+    """Runs with the same sufficient statistics as a report's cells.csv: per cell, n_finished values with exactly
+    the cell's mean and standard deviation (mean + sd * z, z standardised), plus one failed row per recorded
+    failure with its status. OLS effects, pure error and tests equal those of the original runs analysed without a
+    seed block (seeds are not in cells.csv)."""
+    import numpy as np
+
+    rows = []
+    for r in cells.itertuples(index=False):
+        try:
+            on = set(json.loads(r.on)) if isinstance(r.on, str) else set(r.on)
+            failures = json.loads(r.failures) if isinstance(r.failures, str) else dict(r.failures or {})
+        except (ValueError, TypeError):
+            raise AnalysisError(f"{path}: cell '{r.combo}' has an unreadable 'on' or 'failures' column") from None
+        unknown = on - set(factors)
+        if unknown:
+            raise AnalysisError(f"{path}: cell '{r.combo}' turns on {sorted(unknown)}, not in --factors {factors}")
+        lv = {f: int(f in on) for f in factors}
+        n = int(r.n_finished)
+        if n:
+            z = np.zeros(n) if n == 1 else np.linspace(-1.0, 1.0, n)
+            if n > 1:
+                z = (z - z.mean()) / z.std(ddof=1)
+            sd = float(r.sd) if n > 1 and pd.notna(r.sd) else 0.0
+            rows += [{**lv, "cell": r.combo, "status": "finished", metric: float(r.mean) + sd * v} for v in z]
+        for st, k in failures.items():
+            rows += [{**lv, "cell": r.combo, "status": st, metric: float("nan")}] * int(k)
+    if not rows:
+        raise AnalysisError(f"{path} has no cells")
+    return pd.DataFrame(rows)
+
+
 def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
     """Run the command from parsed arguments (for a caller that built its own parser with add_arguments)."""
     stdout = stdout or sys.stdout
@@ -170,6 +210,12 @@ def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
         table = read_table(args.runs)
         factors = [f.strip() for f in args.factors.split(",") if f.strip()]
         seed_col = args.seed_col
+        if is_cells_table(table) and args.metric not in table.columns:
+            # a report's own cells.csv: cell summaries of its primary metric (raw scale)
+            if args.log:
+                raise AnalysisError(f"{args.runs} holds raw-scale cell summaries: a log-scale analysis needs the "
+                                    "runs (srdit study export STUDY --csv)")
+            table = cells_to_runs(table, factors, args.metric, str(args.runs))
         status_col = args.status_col
         for opt, col, default in (("--seed-col", seed_col, "seed"), ("--status-col", status_col, "status")):
             if col not in table.columns and col != default:  # explicitly named but absent

@@ -10,6 +10,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from scipy import stats
 
 from srdit import metric_registry
 from srdit.analysis.effects import OK_STATUSES, Analysis, Cell, combo_label
@@ -68,20 +69,25 @@ LAYOUT = dict(template="plotly_white", font=dict(family="system-ui, -apple-syste
 # figures
 # --------------------------------------------------------------------------------------------------------------------
 def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
-    """Symmetric matrix of S_ij (oriented), text = value, CI, significance mark; aliased / failed cells labelled.
-    None when no pair is estimable (leave-one-out and ladder designs lack the cells): an all-empty heatmap has no
-    colour range and plotly fails on it."""
+    """Matrix of S_ij (oriented). Upper triangle: S with its simultaneous interval, in full colour when significant
+    (the interval excludes 0) and muted (faded, "n.s.") when not; aliased, partially aliased ("partly aliased") and
+    failed cells are labelled. Lower triangle: the pair's p_adj (no colour). None when no pair is estimable (leave-one-
+    out and ladder designs lack the cells): an all-empty heatmap has no colour range and plotly fails on it."""
     incompatible = a.incompatible
     if not any(v is not None for v in a.pairs.synergy.values()) and not incompatible and not a.fit.aliased:
         return None
     f = a.factors
     k = len(f)
-    z = [[None] * k for _ in range(k)]
+    z_sig = [[None] * k for _ in range(k)]
+    z_ns = [[None] * k for _ in range(k)]
     txt = [[""] * k for _ in range(k)]
     hover = [[""] * k for _ in range(k)]
     flagged = {fl.pair: fl for fl in incompatible}
     aliased = {n: al.label for al in a.fit.aliased for n in al.effects}
+    partial = a.fit.partial_aliases
     inest = {i.effect: i.reason for i in a.fit.inestimable}
+    significant = set(a.pairs.significant)
+    lenth_sig = set((a.fit.lenth or {}).get("significant_simultaneous", []))
     for i in range(k):
         for j in range(k):
             if i == j:
@@ -90,17 +96,28 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
                 continue
             n = f"{f[min(i, j)]}:{f[max(i, j)]}"
             s = a.pairs.synergy.get(n)
-            mark = ""
             padj = a.pairs.p_adj.get(n)
-            if padj is not None and padj < a.alpha:
-                mark = "*"
+            if i > j:  # lower triangle: the p-value of the pair
+                txt[i][j] = f"<span style='color:#6b7280'>p<sub>adj</sub> {_pv(padj)}</span>" if padj is not None \
+                    else ""
+                hover[i][j] = f"{n}: p_adj {_pv(padj)}"
+                continue
+            sig = n in significant or (a.fit.lenth is not None and n in lenth_sig)
+            mark = "*" if sig else ""
             if n in flagged:
                 mark += " ✕"
-            if s is not None:
-                z[i][j] = s
+            if s is not None and n in partial:
+                z_ns[i][j] = s
+                al = ", ".join(partial[n])
+                txt[i][j] = f"≈{_num(s, 3)}<br><i>partly aliased</i>"
+                hover[i][j] = f"S({n}) ≈ {_num(s)}: partially aliased with {al} (missing or failed cells); not tested"
+            elif s is not None:
+                (z_sig if sig else z_ns)[i][j] = s
                 ci = a.pairs.synergy_ci.get(n)
-                txt[i][j] = f"<b>{_num(s, 3)}{mark}</b>" + (f"<br>{_ci(ci, 2)}" if ci else "")
-                hover[i][j] = (f"S({n}) = {_num(s)}<br>CI {_ci(ci)}<br>p_adj {_pv(padj)}"
+                txt[i][j] = (f"<b>{_num(s, 3)}{mark}</b>" if sig else f"{_num(s, 3)}{mark} <i>n.s.</i>") + \
+                    (f"<br>{_ci(ci, 2)}" if ci else "")
+                hover[i][j] = (f"S({n}) = {_num(s)}<br>simultaneous CI {_ci(ci)}<br>p_adj {_pv(padj)}"
+                               + ("" if sig else "<br>not significant")
                                + (f"<br>flagged: {flagged[n].kind}" if n in flagged else ""))
             elif n in aliased:
                 txt[i][j] = "aliased"
@@ -111,17 +128,53 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
             else:
                 txt[i][j] = "n/a"
                 hover[i][j] = f"{n}: {inest.get(n, 'inestimable')}"
-    vals = [abs(v) for row in z for v in row if v is not None]
+    vals = [abs(v) for z in (z_sig, z_ns) for row in z for v in row if v is not None]
     zmax = max(vals) if vals else 1.0
-    fig = go.Figure(go.Heatmap(
-        z=z, x=f, y=f, text=txt, texttemplate="%{text}", hovertext=hover, hoverinfo="text",
-        colorscale="RdBu", zmid=0, zmin=-zmax, zmax=zmax, xgap=3, ygap=3, textfont=dict(size=12),
-        colorbar=dict(title=dict(text="S<sub>ij</sub><br>(gain)")),
-    ))
+    common = dict(x=f, y=f, colorscale="RdBu", zmid=0, zmin=-zmax, zmax=zmax, xgap=3, ygap=3, hoverinfo="skip")
+    fig = go.Figure()
+    # muted first (faded colours), then the significant cells in full colour, then one transparent layer with the
+    # text and hover of every cell
+    fig.add_trace(go.Heatmap(z=z_ns, opacity=0.28, showscale=False, name="not significant", **common))
+    fig.add_trace(go.Heatmap(z=z_sig, colorbar=dict(title=dict(text="S<sub>ij</sub><br>(gain)")),
+                             name="significant", **common))
+    fig.add_trace(go.Heatmap(z=[[0.0] * k for _ in range(k)], x=f, y=f, text=txt, texttemplate="%{text}",
+                             hovertext=hover, hoverinfo="text", showscale=False, opacity=0.0,
+                             colorscale=[[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]], xgap=3, ygap=3,
+                             textfont=dict(size=12, color="#1d2330")))
     fig.update_layout(**LAYOUT, title=title or "Synergy matrix S<sub>ij</sub>")
     fig.update_layout(height=max(380, 90 * k + 140), width=None)
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
     fig.update_xaxes(side="bottom", constrain="domain")
+    return fig
+
+
+def fig_half_normal(a: Analysis) -> go.Figure | None:
+    """Half-normal plot of |effects| of an unreplicated design with Lenth's margins (Daniel 1959; Lenth 1989):
+    effects far above the line through the small ones, and beyond the margins, are active."""
+    L = a.fit.lenth
+    if not L or not L.get("effects"):
+        return None
+    items = sorted(((abs(v), n) for n, v in L["effects"].items() if v is not None))
+    m = len(items)
+    q = [float(stats.halfnorm.ppf((i + 0.5) / m)) for i in range(m)]
+    absv = [v for v, _ in items]
+    names = [n for _, n in items]
+    sig = set(L["significant"])
+    fig = go.Figure()
+    fig.add_scatter(x=q, y=absv, mode="markers+text", text=[n if n in sig else "" for n in names],
+                    textposition="middle left", marker=dict(size=9, color=["#b3261e" if n in sig else "#4C78A8"
+                                                                            for n in names]),
+                    hovertext=[f"{n}: |effect| {_num(v)}" for v, n in items], hoverinfo="text", name="|effect|")
+    if L.get("pse"):
+        xs = [0, max(q)]
+        fig.add_scatter(x=xs, y=[0, L["pse"] * max(q)], mode="lines", line=dict(dash="dot", color="#888"),
+                        name="PSE line")
+    for key, label, dash in (("margin", "ME (individual)", "dash"), ("simultaneous_margin", "SME (simultaneous)",
+                                                                      "longdash")):
+        if L.get(key):
+            fig.add_hline(y=L[key], line=dict(dash=dash, color="#9a6700"), annotation_text=label)
+    fig.update_layout(**LAYOUT, title="Half-normal plot of the effects (Lenth's margins)",
+                      xaxis_title="half-normal quantile", yaxis_title=f"|effect| ({a.metric})")
     return fig
 
 
@@ -265,16 +318,25 @@ def fig_pareto(res: StudyResults, a: Analysis) -> go.Figure | None:
     return fig
 
 
-def fig_curves(res: StudyResults, cells_order: Sequence[str]) -> go.Figure | None:
+def fig_curves(res: StudyResults, cells_order: Sequence[str], baseline_cell: str | None = None) -> go.Figure | None:
+    """Mean over seeds of each logged quantity against the step, one line per cell; a menu switches quantities.
+    Opens on the quantity with the most points per series (a real curve, e.g. the loss, rather than a metric
+    evaluated once), preferring the primary metric and the loss on ties; series of one point are drawn as markers;
+    the baseline cell (`baseline_cell`, no technique on) is dashed."""
     c = res.curves
     if c is None or c.empty or not set(CURVE_COLUMNS) <= set(c.columns):
         return None
     c = c.copy()
     c["value"] = pd.to_numeric(c["value"], errors="coerce")
-    keys = list(dict.fromkeys([k for k in (res.metric, "loss") if k in set(c["key"])] + list(c["key"].unique())))
-    keys = keys[:6]
+    c = c[np.isfinite(c["value"])]
+    if c.empty:
+        return None
+    pref = {res.metric: 0, "loss": 1}
+    points = c.groupby(["key", "cell"])["step"].nunique().groupby(level=0).median()
+    keys = sorted(points.index, key=lambda k_: (-min(points[k_], 3), pref.get(k_, 2), str(k_)))[:6]
     order = {cell: i for i, cell in enumerate(cells_order)}
     cells = sorted(c["cell"].astype(str).unique(), key=lambda x: (order.get(x, 1e9), x))
+    base_ids = {"baseline", "none"} | ({str(baseline_cell)} if baseline_cell else set())
     fig = go.Figure()
     vis_by_key = []
     for ki, key in enumerate(keys):
@@ -286,8 +348,11 @@ def fig_curves(res: StudyResults, cells_order: Sequence[str]) -> go.Figure | Non
                 continue
             m = g.groupby("step")["value"].agg(["mean", "std", "count"]).reset_index()
             color = PALETTE[ci % len(PALETTE)]
-            fig.add_scatter(x=m["step"], y=m["mean"], mode="lines", name=cell, legendgroup=cell, visible=ki == 0,
-                            line=dict(color=color, width=2, dash="dash" if cell in ("baseline", "none") else None),
+            is_base = cell in base_ids
+            fig.add_scatter(x=m["step"], y=m["mean"], mode="lines+markers" if len(m) <= 2 else "lines",
+                            name=cell + (" (baseline)" if is_base and cell not in ("baseline", "none") else ""),
+                            legendgroup=cell, visible=ki == 0, marker=dict(size=8, color=color),
+                            line=dict(color=color, width=3 if is_base else 2, dash="dash" if is_base else None),
                             hovertemplate=cell + " step %{x}: %{y:.4g}<extra></extra>")
         vis_by_key.append((start, len(fig.data)))
     if not fig.data:

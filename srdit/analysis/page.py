@@ -23,7 +23,8 @@ import plotly.graph_objects as go
 from srdit import metric_registry
 from srdit.analysis.effects import Analysis, AnalysisFailure, Flag, analyze_study, combo_label
 from srdit.analysis.figures import (_cell_order, _ci, _esc, _metric_label, _num, _pv, fig_curves,
-                                    fig_effects, fig_ladder, fig_pareto, fig_synergy, throughput_metrics)
+                                    fig_effects, fig_half_normal, fig_ladder, fig_pareto, fig_synergy,
+                                    throughput_metrics)
 from srdit.analysis.results import StudyResults
 
 __all__ = ["render_report", "render_index"]
@@ -122,10 +123,11 @@ def _flag_text(fl: Flag) -> str:
         return (f"<b>{_esc(fl.pair)}</b> — antagonism: S = {_num(fl.estimate, 3)} "
                 f"(CI {_ci(fl.ci)}, p<sub>adj</sub> = {_pv(fl.p_adj)}; threshold {_num(fl.threshold)})")
     c = fl.counts
-    parts = ", ".join(f"{_esc(k.replace('_alone', ' alone'))} {v['failed']}/{v['n']}" for k, v in c.items())
+    parts = ", ".join(f"{_esc(k.replace('_alone', ' alone'))} {v['failed']}/{v['n']}" for k, v in c.items()
+                      if k != "neither")
     st = ", ".join(f"{_esc(k)} ×{v}" for k, v in fl.statuses.items())
-    return (f"<b>{_esc(fl.pair)}</b> — runs fail together: {parts} failed"
-            f"{' (' + st + ')' if st else ''}; Fisher p<sub>adj</sub> = {_pv(fl.p_adj)}")
+    return (f"<b>{_esc(fl.pair)}</b> — runs fail together beyond the techniques' own failures: {parts} failed"
+            f"{' (' + st + ')' if st else ''}; p<sub>adj</sub> = {_pv(fl.p_adj)}")
 
 
 def _summary_cards(res: StudyResults, a: Analysis | AnalysisFailure) -> str:
@@ -136,15 +138,28 @@ def _summary_cards(res: StudyResults, a: Analysis | AnalysisFailure) -> str:
     b = a.attribution.best
     if b:
         sd = f" ± {_num(b.sd, 3)}" if b.sd is not None else ""
+        if b.indistinguishable is None:
+            tie = ('<div class="detail"><span class="tag warn">point estimate</span> no error estimate (one run per '
+                   'cell): run more seeds before calling a winner</div>')
+        elif b.indistinguishable:
+            shown = ", ".join(_esc(x) for x in b.indistinguishable[:8]) + (" …" if len(b.indistinguishable) > 8
+                                                                            else "")
+            tie = (f'<div class="detail"><span class="tag warn">not distinguishable</span> from the best at '
+                   f'α = {a.alpha}: {shown}</div>')
+        else:
+            tie = (f'<div class="detail"><span class="tag good">distinguishable</span> better than every other cell '
+                   f'at α = {a.alpha}</div>')
         cards.append(f'<div class="card good"><div class="label">best combination</div>'
                      f'<div class="value">{_esc(b.combo)}</div>'
                      f'<div class="detail">{_esc(res.metric)} = {_num(b.mean, 4)}{sd} '
-                     f'({b.n_finished}/{b.n} runs finished)</div></div>')
+                     f'({b.n_finished}/{b.n} runs finished)</div>{tie}</div>')
     s = a.pairs.strongest
     if s and s.estimate is not None and s.estimate > 0:
         sig = ""
         if s.p_adj is not None:
             sig = f", p<sub>adj</sub> = {_pv(s.p_adj)}"
+        if s.pair not in a.pairs.significant:
+            sig += ' <span class="tag warn">not significant</span>'
         cards.append(f'<div class="card"><div class="label">strongest synergy</div>'
                      f'<div class="value">{_esc(s.pair)}</div>'
                      f'<div class="detail">S = {_num(s.estimate, 3)} gain'
@@ -177,19 +192,65 @@ def _summary_cards(res: StudyResults, a: Analysis | AnalysisFailure) -> str:
     return html_
 
 
+def _study_steps(res: StudyResults) -> int | None:
+    if res.steps:
+        return int(res.steps)
+    c = res.curves
+    if c is not None and not c.empty and "step" in c.columns:
+        last = pd.to_numeric(c["step"], errors="coerce").groupby(c["trial"]).max().dropna()
+        if len(last):
+            return int(last.median())
+    return None
+
+
+#: below this many training steps the report says the effects come from short runs
+SHORT_RUN_STEPS = 10_000
+
+
+def _header_context(res: StudyResults, a: Analysis | None) -> str:
+    """Training length, seeds per cell, runs finished, the study's description (the header's second line)."""
+    parts = []
+    steps = _study_steps(res)
+    if steps is not None:
+        short = (f' <span class="tag warn">short runs: effects measured after {steps:,} steps may change with '
+                 'longer training</span>') if steps < SHORT_RUN_STEPS else ""
+        parts.append(f"training length <b>{steps:,} steps</b>{short}")
+    else:
+        parts.append("training length unknown")
+    t = res.table
+    if a is not None and len(a.attribution.cells):
+        ns = sorted({c.n for c in a.attribution.cells})
+        seeds = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
+        parts.append(f"<b>{seeds} seed(s) per cell</b>")
+        parts.append(f"<b>{a.n_finished} of {a.n_runs} runs finished</b>"
+                     + (f" ({a.n_excluded} excluded: not finished, not failed)" if a.n_excluded else ""))
+    elif t is not None and len(t):
+        parts.append(f"{len(t)} runs")
+    head = " · ".join(parts)
+    if res.description:
+        head += f'<br><span class="desc">{_esc(res.description)}</span>'
+    return head
+
+
 def _effects_table(a: Analysis) -> str:
     rows = []
     scale = "log " if a.scale == "log" else ""
     fit, pairs, att = a.fit, a.pairs, a.attribution
-    for f_, v in fit.main_effects.items():
-        rows.append([_esc(f_), "main", _num(v), _ci(fit.ci.get(f_)), _pv(fit.p.get(f_)), "", "", "", "",
-                     _num(att.shapley.get(f_)) if att.shapley else "–", _num(att.loo.get(f_))])
     alias = {n: al.label for al in fit.aliased for n in al.effects}
-    for n, v in fit.interactions.items():
-        note = ""
+
+    def note(n: str) -> str:
         if n in alias:
-            note = f' <span class="tag warn">aliased: {_esc(alias[n])}</span>'
-        rows.append([_esc(n) + note, "pair", _num(v), _ci(fit.ci.get(n)), _pv(fit.p.get(n)),
+            return f' <span class="tag warn">aliased: {_esc(alias[n])}</span>'
+        if n in fit.partial_aliases:
+            return (' <span class="tag warn">partly aliased: ' + _esc(", ".join(fit.partial_aliases[n]))
+                    + "</span>")
+        return ""
+
+    for f_, v in fit.main_effects.items():
+        rows.append([_esc(f_) + note(f_), "main", _num(v), _ci(fit.ci.get(f_)), _pv(fit.p.get(f_)), "", "", "", "",
+                     _num(att.shapley.get(f_)) if att.shapley else "–", _num(att.loo.get(f_))])
+    for n, v in fit.interactions.items():
+        rows.append([_esc(n) + note(n), "pair", _num(v), _ci(fit.ci.get(n)), _pv(fit.p.get(n)),
                      _num(pairs.synergy.get(n)), _pv(pairs.p_adj.get(n)), _num(att.dividends.get(n)),
                      _num(att.dividends_full.get(n)), "", ""])
     return _table(["effect", "kind", f"estimate ({scale}{_esc(a.metric)})", "CI", "p", "synergy S",
@@ -246,7 +307,7 @@ def _failure_tests_table(a: Analysis) -> str:
         if c["both"]["failed"] == 0:
             continue
         alone = [f"{_esc(k.removesuffix('_alone'))} alone: {v['failed']}/{v['n']}" for k, v in c.items()
-                 if k != "both"]
+                 if k.endswith("_alone")]
         rows.append([_esc(t.pair), f"{c['both']['failed']}/{c['both']['n']}", *alone,
                      _pv(t.p), _pv(t.p_adj)])
     if not rows:
@@ -338,14 +399,27 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
             "Cell (row <i>i</i>, column <i>j</i>) shows S<sub>ij</sub> = (gain of <i>i</i> with <i>j</i> on) − "
             "(gain of <i>i</i> with <i>j</i> off) = 2·INT<sub>ij</sub>, averaged over the other techniques, in "
             f"units of {_esc(mlabel)} oriented so that <b>blue (&gt; 0) = synergy</b> (the pair is better together "
-            "than its parts) and <b>red (&lt; 0) = antagonism</b>. Second line: confidence interval over seeds "
-            f"(OLS with a seed block, {int(100 * (1 - a.alpha))}%). <b>*</b> = significant after "
-            f"{_esc(a.correction)} correction across pairs; <b>✕</b> = flagged incompatible; "
-            "<i>aliased</i> = not separable in this fractional design; <i>fails</i> = runs with both techniques "
-            "failed, so no metric exists.",
+            "than its parts) and <b>red (&lt; 0) = antagonism</b>. Upper triangle: S with its "
+            f"<b>simultaneous</b> {int(round(100 * (1 - a.alpha)))}% interval over the {a.pairs.n_tested} tested "
+            "pair(s) (Bonferroni, pure error); <b>*</b> = the interval excludes 0 (full colour); "
+            "<b>muted colour, <i>n.s.</i></b> = not significant; <b>✕</b> = flagged incompatible; "
+            "<i>aliased</i> = not separable in this fractional design; <i>partly aliased</i> = biased by omitted "
+            "interactions because cells are missing or failed (never tested); <i>fails</i> = runs with both "
+            "techniques failed, so no metric exists. Lower triangle: p<sub>adj</sub> "
+            f"({_esc(a.correction)} across pairs).",
             "No pairwise synergy is estimable here: a synergy needs the cells of a (fractional) factorial, and "
             "leave-one-out or ladder designs run too few of them (see the per-technique effects below)."
             if k >= 2 else "A synergy matrix needs at least two techniques."))
+        hn = fig_half_normal(a)
+        if hn is not None:
+            L = a.fit.lenth
+            sections.append(fig_block(
+                "fig-half-normal", hn, "Unreplicated screen: half-normal plot",
+                "One run per cell gives no error estimate from replicates. Lenth's pseudo standard error (PSE = "
+                f"{_num(L['pse'], 3)}, from the small effects) gives an individual margin ME = "
+                f"{_num(L['margin'], 3)} and a simultaneous margin SME = {_num(L['simultaneous_margin'], 3)}; "
+                "labelled red points exceed ME (active at the individual level; beyond SME they hold for the whole "
+                f"family): {_esc(', '.join(L['significant']) or 'none')}. Run more seeds to confirm.", ""))
         sections.append(fig_block(
             "fig-effects", fig_effects(a), "Effect of each technique",
             "Blue: main effect (mean gain with the technique on minus off, averaged over the design) with its "
@@ -367,9 +441,11 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
         f"No throughput metric ({', '.join(throughput_metrics())}) was recorded, so there is no "
         "quality-versus-cost view."))
     order = [c.cell for c in _cell_order(a.attribution.cells, res.factors)] if ok else []
+    base_cell = next((c.cell for c in a.attribution.cells if not c.on), None) if ok else None
     sections.append(fig_block(
-        "fig-curves", fig_curves(res, order), "Learning curves",
-        "Mean over seeds of each logged quantity against the training step, one line per cell (dashed: baseline). "
+        "fig-curves", fig_curves(res, order, base_cell), "Learning curves",
+        "Mean over seeds of each logged quantity against the training step, one line per cell (dashed, thicker: "
+        "the baseline, no technique on; a quantity evaluated once per run shows as markers). "
         "Use the menu at the top right to switch quantities; click legend entries to hide cells.",
         "No learning curves were recorded."))
     if ok:
@@ -387,10 +463,14 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
                     figs.append((fid, fig))
                     blocks.append(f'<div class="plot">@@FIG:{fid}@@</div>')
         if blocks:
-            sections.append('<section id="sec-other"><h2>Synergy on the other metrics</h2><p class="caption">Same '
-                            'reading as the main matrix; each metric is oriented so that positive = better '
-                            '(throughput on the log scale: S = 0.1 means the pair is ≈10% faster together than '
-                            'their separate speed-ups predict).</p>' + "".join(blocks) + "</section>")
+            sections.append('<section id="sec-other"><h2>Synergy on the other metrics <span class="tag warn">'
+                            'exploratory</span></h2><p class="caption">Same reading as the main matrix; each metric '
+                            'is oriented so that positive = better (throughput on the log scale: S = 0.1 means the '
+                            'pair is ≈10% faster together than their separate speed-ups predict). The primary '
+                            'metric is the confirmatory test; these are exploratory: their pair tests form one '
+                            'family over all secondary metrics, controlled by Benjamini-Hochberg (false discovery '
+                            f'rate {a.alpha}), and a star here is a lead to confirm, not a finding.</p>'
+                            + "".join(blocks) + "</section>")
         sections.append('<section id="sec-effects-table"><h2>All effects</h2><p class="caption">Estimates on the '
                         f'metric\'s own scale ({_esc(a.scale)}) before orientation, in the textbook convention '
                         '(ME = mean(y|on) − mean(y|off); INT = half the difference of conditional effects). Synergy '
@@ -406,8 +486,11 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
     sections.append('<section id="sec-failures"><h2>Failed and excluded cells</h2><p class="caption">Failed runs '
                     '(diverged = NaN/inf loss, oom = out of memory, crashed = exception) are kept as data: they are '
                     'left out of the metric models and used as evidence of failure interactions (a pair is flagged '
-                    'when runs with both techniques fail more often than runs with each alone: one-sided Fisher '
-                    'exact tests). Excluded cells were never run because a constraint of the study forbids them.'
+                    'when runs with both techniques fail more often than runs with each alone, one-sided Boschloo '
+                    'exact tests, <i>and</i> more than the two techniques\' own failure rates predict together, a '
+                    'likelihood-ratio test of independent failures). Runs with another status (blank, cancelled) '
+                    'are not evidence and are left out of both analyses. Excluded cells were never run because a '
+                    'constraint of the study forbids them.'
                     f'</p>{_failures_table(res, a) if ok else ""}{_failure_tests_table(a) if ok else ""}</section>')
     sections.append(f'<section id="sec-samples"><h2>Samples</h2><p class="caption">Sample grid recorded '
                     f'for each cell, embedded in this page.</p>{_samples_html(res, a)}</section>')
@@ -425,6 +508,7 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
     techniques = ", ".join(f"<code>{_esc(f)}</code>" for f in res.factors)
     meta = (f"design <code>{_esc(res.design)}</code> · techniques {techniques}"
             f" · commit <code>{_esc(res.commit or 'unknown')}</code> · {_esc(res.date or '')}")
+    meta += "<br>" + _header_context(res, a if ok else None)
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">

@@ -38,6 +38,8 @@ class StudyResults:
         ladder_order: factor order of a ladder design (None: inferred from the cells when possible).
         commit: git commit of the code that produced the runs.
         date: date of the study (ISO string).
+        description: the study's description (report header).
+        steps: training length in steps (report header; None: the last step of the learning curves).
     """
 
     study: str
@@ -54,3 +56,7 @@ class StudyResults:
     ladder_order: list[str] | None = None
     commit: str = ""
     date: str = ""
+    description: str = ""
+    "the study's description (shown in the report header)"
+    steps: int | None = None
+    "training length in steps (None: taken from the learning curves when they exist)"

@@ -64,6 +64,11 @@ def _study_parser() -> argparse.ArgumentParser:
         r.add_argument("--retry-failed", action="store_true",
                        help="also rerun trials that ended diverged / oom / crashed")
         r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+    ex = sub.add_parser("export", help="write one row per trial (factors, seed, status, every metric) from MLflow")
+    ex.add_argument("study")
+    ex.add_argument("--csv", nargs="?", const="", default="", metavar="PATH",
+                    help="CSV file to write (default: <study>_runs.csv)")
+    ex.add_argument("--state", default=DEFAULT_STATE)
     st = sub.add_parser("status", help="trials done and unfinished (from MLflow)")
     st.add_argument("study")
     st.add_argument("--state", default=DEFAULT_STATE)
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(args)
         if args.cmd in ("run", "resume"):
             return _run(args)
+        if args.cmd == "export":
+            return _export(args)
         return _status(args)
     except ConfigError as e:
         return _err(str(e))
@@ -126,6 +133,16 @@ def _run(args) -> int:
           f"browse with `srdit ui --state {state}`")
     print(f"report: `srdit report {args.study} --state {state}` writes {DEFAULT_DASHBOARDS}/{spec.name}/index.html")
     return 0 if res.complete else 1
+
+
+def _export(args) -> int:
+    from srdit.study.export import analyze_hint, export_csv
+    from srdit.study.spec import load_study
+
+    spec = load_study(args.study)
+    path, n = export_csv(spec, args.state, args.csv or None)
+    print(f"wrote {n} trial(s) to {path}; re-run the analysis anywhere with: {analyze_hint(spec, path)}")
+    return 0
 
 
 def _status(args) -> int:

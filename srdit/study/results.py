@@ -35,7 +35,7 @@ def open_tracking(spec: StudySpec, state_dir: str | Path) -> StudyTracking:
 
 
 def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None, curves: bool = True,
-                 samples_dir: str | Path | None = None) -> tuple[StudyResults, StudyTracking]:
+                 samples_dir: str | Path | None = None, samples: bool = True) -> tuple[StudyResults, StudyTracking]:
     """Read the study's child runs. Grid designs keep the runs of the current plan (by trial key; runs of an older
     version of the study file are ignored); a search keeps every child run."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -49,6 +49,7 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
         keys = [t.key for t in plan.trials if t.key in children]
     factors = spec.factor_names
     metrics = spec.metrics.all()
+    want_samples = samples
     rows, curve_rows, samples = [], [], {}
     commit = ""
     if samples_dir is None:
@@ -80,7 +81,7 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
                     last[point.step] = point.value  # a resumed trial re-logs a few steps: keep the latest value
                 curve_rows += [{"trial": key, "cell": row["cell"], "seed": row["seed"], "key": name, "step": s,
                                 "value": v} for s, v in sorted(last.items())]
-        if ok and row["cell"] not in samples:
+        if want_samples and ok and row["cell"] not in samples:
             try:
                 samples_dir.mkdir(parents=True, exist_ok=True)
                 dst = samples_dir / row["cell"]
@@ -97,5 +98,6 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
         other_metrics={k: v for k, v in metrics.items() if k != spec.metrics.primary},
         table=table, curves=pd.DataFrame(curve_rows, columns=CURVE_COLUMNS), samples=samples,
         excluded=list(plan.excluded), aliases=dict(plan.aliases), ladder_order=plan.ladder_order,
-        commit=commit, date=_dt.date.today().isoformat())
+        commit=commit, date=_dt.date.today().isoformat(), description=spec.description,
+        steps=getattr(getattr(spec.base, "train", None), "steps", None))
     return results, tracking
