@@ -74,7 +74,7 @@ def test_the_counter_sees_every_kind_of_host_sync(sync_counter):
     assert sync_counter.count == 6, sync_counter.where
 
 
-@pytest.mark.parametrize("techniques", [[], ["repa", "reg", "cfm"]])
+@pytest.mark.parametrize("techniques", [[], ["sprint", "repa", "reg", "cfm"]])
 def test_at_most_one_host_sync_per_log_window(tmp_path, monkeypatch, sync_counter, techniques):
     """The real training loop, from the first step to the final checkpoint: 12 steps logged every 4 make at most 3
     host synchronisations (the metrics all-reduce of each window); every step between logs makes none."""

@@ -139,11 +139,12 @@ class SiT(nn.Module):
                 aux["repa"] = self.repa(h)
         return h, v_first
 
-    def forward(self, x, t, y, cls_token=None, drop_sparse_path: bool = False, route_noise=None):
+    def forward(self, x, t, y, cls_token=None, drop_sparse_path: bool | torch.Tensor = False, route_noise=None):
         """x [B, C, H, W] at time t [B] with labels y [B] (num_classes = null); cls_token [B, reg.dim] the noised
         class token (REG). Returns (velocity [B, C, H, W], aux). `drop_sparse_path` replaces the SPRINT middle by
-        [MASK] (path-drop guidance's unconditional branch); `route_noise` [B, T] drives SPRINT's token selection
-        in training (drawn inside when None)."""
+        [MASK]: a bool for path-drop guidance's unconditional branch, or in training SPRINT's per-step path drop as
+        a 0-d bool tensor (`StepNoise.path_drop`); `route_noise` [B, T] drives SPRINT's token selection in
+        training (drawn inside when None)."""
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, D] (T = grid^2 here)
         if self.reg is not None:
             if cls_token is None:
@@ -165,7 +166,7 @@ class SiT(nn.Module):
             g_v = self.sprint.gather(v_first, keep) if v_first is not None else None  # [B, H, K, d]
             g, _ = self._run(indexed[s.dense_in: self.depth - s.dense_out], self.sprint.gather(h, keep), c,
                              g_rope, g_v, repa_at, aux)  # [B, K, D]
-            h = self.sprint.fuse_paths(h, g, keep, drop_sparse_path or self.sprint.draw_path_drop())  # [B, T, D]
+            h = self.sprint.fuse_paths(h, g, keep, drop_sparse_path)  # [B, T, D]
             h, _ = self._run(indexed[self.depth - s.dense_out:], h, c, rope, v_first, repa_at, aux)  # [B, T, D]
 
         h = self.final(h, c)  # [B, T, D]
