@@ -60,21 +60,19 @@ class DataParallel:
             out[0] = lasts[(self.rank - 1) % self.world][0]
         return out
 
-    def mean(self, values: torch.Tensor) -> torch.Tensor:
-        """Mean over ranks (equal local batches make it the global-batch mean)."""
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks (a copy; `values` itself is left alone)."""
         if self.active:
             values = values.clone()
             dist.all_reduce(values)
-            values /= self.world
         return values
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """True on every rank when it is true on some rank (so that all ranks leave the loop together)."""
-        if not self.active:
-            return flag
-        t = torch.tensor([float(flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks (equal local batches make it the global-batch mean)."""
+        if self.active:
+            values = self.sum(values)
+            values /= self.world
+        return values
 
     def barrier(self) -> None:
         if self.active:
@@ -85,8 +83,12 @@ def init_from_env(device_type: str) -> DataParallel:
     """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, MASTER_ADDR...) when present:
     NCCL on CUDA, gloo on CPU. A single process is left alone."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        device = None
         if device_type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        # A long timeout: the other ranks wait while rank 0 scores a 50K-sample evaluation.
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        # A long timeout: the other ranks wait while rank 0 scores a 50K-sample evaluation. `device_id` binds the
+        # NCCL communicator to this rank's GPU up front (no lazy, guessed device on the first collective).
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
+                                device_id=device)
     return DataParallel.current()

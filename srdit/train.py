@@ -197,11 +197,116 @@ def make_batches(cfg: RunConfig, device: torch.device, dp: DataParallel = DataPa
     return (DigitsBatches if cfg.data.dataset == "digits" else LatentBatches)(cfg, device, dp)
 
 
-def _ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            if p.requires_grad:
-                e.lerp_(p.detach(), 1.0 - decay)
+def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
+                   fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters: fused (one kernel for all parameters, and the implementation that can
+    skip a non-finite update on the device) on CUDA, foreach (a few multi-tensor kernels; the same numbers as the
+    per-parameter loop) elsewhere."""
+    tc = cfg.train
+    fused = device.type == "cuda" if fused is None else fused
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
+                             weight_decay=tc.weight_decay, **({"fused": True} if fused else {"foreach": True}))
+
+
+def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
+    """Load an optimizer state written by any device's trainer, keeping this optimizer's implementation (fused /
+    foreach): `Optimizer.load_state_dict` would otherwise take the writer's flags with the hyper-parameters."""
+    mine = [{k: g.get(k) for k in ("fused", "foreach")} for g in opt.param_groups]
+    opt.load_state_dict({**state, "param_groups": [{**g, **m} for g, m in zip(state["param_groups"], mine)]})
+
+
+class TrainStep:
+    """One optimisation step exactly as `train` runs it (noise, forward, losses, backward, clip, AdamW, EMA), with
+    no host synchronisation: the metrics accumulate on the device and the finiteness of each step is recorded there.
+
+    `flush()` hands over the window's metrics and the first non-finite step (one all-reduce, one device->host
+    copy); `train` calls it every `log_every` steps, so a diverged run is recorded at most `log_every` steps late.
+    `skip_nonfinite` (default: on when the optimizer is fused, where it costs nothing) additionally leaves the
+    weights, the optimizer state and the EMA untouched by a step whose gradient norm is not finite (decided on the
+    device; the gradient norm is the same on every rank after the all-reduce, so the ranks stay in step).
+
+    The benchmark (`bench/gpu_bench.py`) times this object, so it measures the trainer's own code path."""
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.AdamW,
+                 device: torch.device, dp: DataParallel = DataParallel(), net: torch.nn.Module | None = None,
+                 skip_nonfinite: bool | None = None):
+        self.cfg, self.model, self.opt, self.device, self.dp = cfg, model, opt, device, dp
+        self.net = net if net is not None else model
+        fused = bool(opt.param_groups[0].get("fused"))
+        self.skip_nonfinite = fused if skip_nonfinite is None else skip_nonfinite
+        if self.skip_nonfinite and not fused:
+            raise ValueError("skip_nonfinite needs the fused AdamW (make_optimizer(..., fused=True)): only it "
+                             "skips an update on the device")
+        pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
+        self.ema_params, self.params = [e for e, _ in pairs], [p for _, p in pairs]
+        self.shift = cfg.shift_value()
+        self.autocast = autocast_for(cfg, device)
+        self.names: list[str] = []
+        self.sums: torch.Tensor | None = None  # float64 [len(names)] on the device
+        self.count = 0
+        # First step (1-based, 0 = none) with a non-finite loss / gradient norm, on the device.
+        self.first_bad = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def __call__(self, x0: torch.Tensor, y: torch.Tensor, teacher_out, step: int) -> dict[str, torch.Tensor]:
+        """Train on this rank's batch as step `step` (1-based); returns the step's metrics (device scalars)."""
+        cfg, tc = self.cfg, self.cfg.train
+        noise = StepNoise.draw(cfg, self.model, x0.shape, self.shift, self.device, self.dp)
+        losses = training_losses(self.net, x0, y, teacher_out, cfg, noise, roll=self.dp.rolled,
+                                 autocast=self.autocast)
+        loss = losses["loss"]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        grad_ok = torch.isfinite(grad_norm)
+        if self.skip_nonfinite:
+            self.opt.found_inf = (~grad_ok).float()  # read by the fused kernel: no update, step count kept
+            self.opt.step()
+            with torch.no_grad():
+                w = grad_ok.float() * (1.0 - tc.ema_decay)
+                torch._foreach_lerp_(self.ema_params, self.params, [w] * len(self.params))
+        else:
+            self.opt.step()
+            with torch.no_grad():
+                torch._foreach_lerp_(self.ema_params, self.params, 1.0 - tc.ema_decay)
+        bad = torch.stack([~torch.isfinite(loss.detach()), ~grad_ok])
+        self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
+        metrics = {"loss": loss.detach(), "grad_norm": grad_norm.detach(),
+                   **{f"loss/{k}": v.detach() for k, v in losses.items() if k != "loss"}}
+        values = torch.stack([v.float() for v in metrics.values()]).double()
+        if self.sums is None:
+            self.names, self.sums = list(metrics), values
+        else:
+            self.sums = self.sums + values
+        self.count += 1
+        return metrics
+
+    def flush(self) -> tuple[dict[str, float], tuple[int, str] | None]:
+        """(window means over steps and ranks, (first non-finite step, "loss" | "gradient norm") or None); resets
+        the window. One all-reduce (under data parallel) and one device->host copy: call it on every rank."""
+        n = len(self.names)
+        sums = self.sums if self.sums is not None else torch.zeros(0, dtype=torch.float64, device=self.device)
+        host = self.dp.sum(torch.cat([sums, self._bad_slots()])).tolist()  # the one synchronisation
+        means = [v / self.dp.world for v in host[:n]] if self.dp.active else host[:n]
+        means = [v / max(self.count, 1) for v in means]  # float64 as the device's, the same roundings
+        self.sums, self.count = None, 0
+        return dict(zip(self.names, means)), self._first_bad(host[n:])
+
+    def diverged(self) -> tuple[int, str] | None:
+        """The first non-finite step so far on any rank, without closing the metrics window (before a checkpoint
+        or an evaluation, which synchronise anyway): one small all-reduce and one copy."""
+        return self._first_bad(self.dp.sum(self._bad_slots()).tolist())
+
+    def _bad_slots(self) -> torch.Tensor:
+        """[world * 2] float64: this rank's first bad steps in its own slots, zeros elsewhere, so that the sum over
+        ranks gathers every rank's."""
+        slots = torch.zeros(self.dp.world, 2, dtype=torch.float64, device=self.device)
+        slots[self.dp.rank] = self.first_bad.double()
+        return slots.flatten()
+
+    @staticmethod
+    def _first_bad(values: list[float]) -> tuple[int, str] | None:
+        firsts = [(int(v), ("loss", "gradient norm")[i % 2]) for i, v in enumerate(values) if v]
+        return min(firsts, key=lambda f: (f[0], f[1] != "loss")) if firsts else None
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -303,8 +408,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     data = make_batches(cfg, device, dp)
     model = build_model(cfg.model).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
-                            weight_decay=tc.weight_decay)
+    opt = make_optimizer(model, cfg, device)
     step = 0
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
@@ -313,7 +417,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
             raise CheckpointError(f"{ckpt_path}: written by a different config; use another --out or remove it")
         model.load_state_dict(ckpt["model"])
         ema.load_state_dict(ckpt["ema"])
-        opt.load_state_dict(ckpt["opt"])
+        load_optimizer_state(opt, ckpt["opt"])
         data.load_state_dict(ckpt["data"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
@@ -368,52 +472,48 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     if dp.active:
         from torch.nn.parallel import DistributedDataParallel
 
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # The RoPE tables are constant buffers: nothing to broadcast each step; gradients live in the buckets.
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      broadcast_buffers=False, gradient_as_bucket_view=True)
     net = torch.compile(net) if tc.compile else net
-    shift = cfg.shift_value()
+    train_step = TrainStep(cfg, model, ema, opt, device, dp, net)
     bar = _Progress(tc.steps, step, progress if dp.main else False)
-    sums: dict[str, float] = {}
-    count, t_window = 0, time.perf_counter()
+    t_window = time.perf_counter()
     status, reason, last = "finished", "", {}
+
+    def stop_if_diverged(found) -> bool:
+        nonlocal status, reason, step
+        if found is None:
+            return False
+        bad_step, what = found
+        status, reason, step = "diverged", f"non-finite {what} at step {bad_step}", bad_step - 1
+        return True
+
     if evaluation_due() and not (out / EVALS / f"step_{step:07d}.json").is_file():
         evaluate_now()  # resumed from a checkpoint whose evaluation was interrupted
     model.train()
     try:
         while step < tc.steps:
             x0, y, *teacher_out = data.next()
-            noise = StepNoise.draw(cfg, model, x0.shape, shift, device, dp)
-            losses = training_losses(net, x0, y, teacher_out, cfg, noise, roll=dp.rolled,
-                                     autocast=autocast_for(cfg, device))
-            loss = losses["loss"]
-            if dp.any(not torch.isfinite(loss), device):
-                status, reason = "diverged", f"non-finite loss at step {step + 1}"
-                break
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-            if not torch.isfinite(grad_norm):
-                status, reason = "diverged", f"non-finite gradient norm at step {step + 1}"
-                break
-            opt.step()
-            _ema_update(ema, model, tc.ema_decay)
+            train_step(x0, y, teacher_out, step + 1)  # no host synchronisation in here
             step += 1
-
-            terms = [(f"loss/{k}", v) for k, v in losses.items() if k != "loss"]
-            for k, v in [("loss", loss), ("grad_norm", grad_norm)] + terms:
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-            count += 1
             if step % tc.log_every == 0 or step == tc.steps:
+                count = train_step.count
+                means, found = train_step.flush()
+                if stop_if_diverged(found):
+                    break
                 dt = time.perf_counter() - t_window
-                means = dp.mean(torch.tensor(list(sums.values()), dtype=torch.float64, device=device)) / count
-                last = dict(zip(sums, means.tolist()))
-                last |= {"steps_per_s": count / dt, "images_per_s": count * tc.batch_size / dt}
+                last = means | {"steps_per_s": count / dt, "images_per_s": count * tc.batch_size / dt}
                 reporter.report(step, last)
                 bar.update(step, f"loss {last['loss']:.4f}  {last['steps_per_s']:.1f} it/s  "
                                  f"{last['images_per_s']:.0f} img/s")
-                sums, count, t_window = {}, 0, time.perf_counter()
+                t_window = time.perf_counter()
             else:
                 bar.update(step)
-            if step % tc.ckpt_every == 0 and step < tc.steps:
+            saving = step % tc.ckpt_every == 0 and step < tc.steps
+            if (saving or evaluation_due()) and stop_if_diverged(train_step.diverged()):
+                break  # never checkpoint or evaluate weights past a non-finite step
+            if saving:
                 save()
             if evaluation_due():
                 evaluate_now()

@@ -17,7 +17,9 @@ class SprintRouter(nn.Module):
     `gather` takes those tokens of hidden states [B, T, D] -> [B, K, D] (or values [B, H, T, d] -> [B, H, K, d]);
     `fuse_paths` scatters g's output back to [B, T, D] (dropped positions = the learned [MASK] token),
     concatenates it with the dense encoder output and fuses 2 D -> D by a linear layer. With probability
-    `path_drop_prob` per step the whole sparse path is replaced by [MASK] (trains path-drop guidance)."""
+    `path_drop_prob` per step the whole sparse path is replaced by [MASK] (trains path-drop guidance); the trainer
+    draws that decision with the step's other randomness (`transport.objective.StepNoise.path_drop`) and passes it
+    in as a tensor, so that the forward has no data-dependent branch (one graph under torch.compile)."""
 
     def __init__(self, dim: int, drop_ratio: float, path_drop_prob: float):
         super().__init__()
@@ -54,20 +56,19 @@ class SprintRouter(nn.Module):
         return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
 
     def fuse_paths(self, dense: torch.Tensor, sparse: torch.Tensor, index: torch.Tensor | None,
-                   drop_path: bool) -> torch.Tensor:
+                   drop_path: bool | torch.Tensor) -> torch.Tensor:
         """Scatter the sparse output back (dropped positions = [MASK]) and fuse with the dense encoder output.
 
-        With `drop_path` the whole sparse path is replaced by [MASK]; it stays in the graph (0 * g) so that
-        data-parallel training still sees gradients for every parameter."""
+        `drop_path` replaces the whole sparse path by [MASK]: a Python bool (path-drop guidance at sampling) or a
+        0-d bool tensor (training: applied by `torch.where`, no branch on its value). The sparse path stays in the
+        graph either way so that data-parallel training still sees gradients for every parameter."""
         mask = self.mask_token.to(dense.dtype).expand_as(dense)
         if index is None:  # nothing dropped (eval, or drop_ratio 0): keep [MASK] in the training graph for DDP
             padded = sparse + 0 * mask if self.training else sparse
         else:
             padded = mask.scatter(1, index[..., None].expand(-1, -1, dense.shape[-1]), sparse)
-        if drop_path:
+        if isinstance(drop_path, torch.Tensor):
+            padded = torch.where(drop_path, mask, padded)
+        elif drop_path:
             padded = padded * 0 + mask
         return self.fuse(torch.cat([dense, padded], dim=-1))
-
-    def draw_path_drop(self) -> bool:
-        """One draw per training step: drop the whole sparse path with probability path_drop_prob."""
-        return self.training and self.path_drop_prob > 0 and bool(torch.rand(()) < self.path_drop_prob)

@@ -142,10 +142,10 @@ class SiT(nn.Module):
     def forward(self, x, t, y, cls_token=None, drop_sparse_path: bool | torch.Tensor = False, route_noise=None):
         """x [B, C, H, W] at time t [B] with labels y [B] (num_classes = null); cls_token [B, reg.dim] the noised
         class token (REG). Returns (velocity [B, C, H, W], aux). `drop_sparse_path` replaces the SPRINT middle by
-        [MASK] (path-drop guidance's unconditional branch): a bool for the whole batch, or in eval a bool tensor [B]
-        per sample (guidance's conditional and unconditional halves in one batch); in eval the middle blocks run
-        only on the samples that keep it. `route_noise` [B, T] drives SPRINT's token selection in training (drawn
-        inside when None)."""
+        [MASK]: in eval a bool for the whole batch, or a bool tensor [B] per sample (path-drop guidance's
+        conditional and unconditional halves in one batch; the middle blocks run only on the samples that keep it);
+        in training SPRINT's per-step path drop as a 0-d bool tensor (`StepNoise.path_drop`) or a bool. `route_noise`
+        [B, T] drives SPRINT's token selection in training (drawn inside when None)."""
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, D] (T = grid^2 here)
         if self.reg is not None:
             if cls_token is None:
@@ -164,13 +164,13 @@ class SiT(nn.Module):
             h, v_first = self._run(indexed[: s.dense_in], h, c, rope, None, repa_at, aux)  # [B, T, D]
             middle = indexed[s.dense_in: self.depth - s.dense_out]
             if self.training:
-                if isinstance(drop_sparse_path, torch.Tensor):
+                if isinstance(drop_sparse_path, torch.Tensor) and drop_sparse_path.dim() > 0:
                     raise ValueError("a per-sample drop_sparse_path is for inference; training drops the whole batch")
                 keep = self.sprint.select(h.shape[0], h.shape[1], h.device, route_noise)  # [B, K] or None (all)
                 g_rope = self.rope.tables(keep) if (self.rope is not None and keep is not None) else rope  # [B,1,K,d]
                 g_v = self.sprint.gather(v_first, keep) if v_first is not None else None  # [B, H, K, d]
                 g, _ = self._run(middle, self.sprint.gather(h, keep), c, g_rope, g_v, repa_at, aux)  # [B, K, D]
-                h = self.sprint.fuse_paths(h, g, keep, drop_sparse_path or self.sprint.draw_path_drop())  # [B, T, D]
+                h = self.sprint.fuse_paths(h, g, keep, drop_sparse_path)  # [B, T, D]
             else:  # every token; a dropped sample's middle output would be discarded, so it is not computed
                 drop = torch.as_tensor(drop_sparse_path, device=h.device).expand(h.shape[0])  # [B] bool
                 g = self.sprint.mask_token.to(h.dtype).expand_as(h)  # [MASK] for the dropped samples

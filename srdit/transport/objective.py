@@ -58,13 +58,17 @@ class StepNoise:
 
     drop [B] bool (label dropout -> null label), t [B] in (0, 1), eps like x0 [B, C, H, W], eps_cls [B, reg.dim]
     (REG's class-token noise; None without REG), route [B, tokens] uniform (SPRINT's token selection; None
-    without routing). B is this rank's part of the global batch."""
+    without routing), path_drop [] bool (SPRINT drops its whole sparse path this step, with probability
+    model.sprint.path_drop_prob; the same on every rank; None when SPRINT or its path drop is off). B is this
+    rank's part of the global batch. Everything is drawn on `device`: no host round trip, and the model applies
+    path_drop without branching on it (one graph under torch.compile)."""
 
     drop: torch.Tensor
     t: torch.Tensor
     eps: torch.Tensor
     eps_cls: torch.Tensor | None
     route: torch.Tensor | None
+    path_drop: torch.Tensor | None = None
 
     @classmethod
     def draw(cls, cfg: "RunConfig", model, x_shape, shift: float, device, dp: BatchPart) -> "StepNoise":
@@ -75,7 +79,9 @@ class StepNoise:
         eps_cls = torch.randn(b, m.reg.dim, device=device) if m.reg.enabled else None
         tokens = model.routed_tokens
         route = torch.rand(b, tokens, device=device) if tokens else None
-        return cls(*(dp.part(v) for v in (drop, t, eps, eps_cls, route)))
+        s = m.sprint
+        path_drop = torch.rand((), device=device) < s.path_drop_prob if s.enabled and s.path_drop_prob > 0 else None
+        return cls(*(dp.part(v) for v in (drop, t, eps, eps_cls, route)), path_drop)
 
 
 def _roll_by_one(x: torch.Tensor) -> torch.Tensor:
@@ -120,7 +126,8 @@ def training_losses(
         if m.reg.enabled:  # token 0 (the class token) aligns with the teacher's class token
             repa_target = torch.cat([cls0[:, None], patches], dim=1)
     with autocast if autocast is not None else contextlib.nullcontext():
-        pred, aux = model(interpolate(x0, eps, t), t, y, cls_t, route_noise=noise.route)
+        pred, aux = model(interpolate(x0, eps, t), t, y, cls_t, route_noise=noise.route,
+                          **({"drop_sparse_path": noise.path_drop} if noise.path_drop is not None else {}))
     target = velocity_target(x0, eps)
     cfm = cfg.loss.cfm > 0
     terms = loss_terms(pred, target, aux, repa_target, reg_target, cfm=cfm,
