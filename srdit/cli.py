@@ -28,7 +28,7 @@ def cmd_train(args) -> int:
     from srdit.train import JsonlReporter, train
 
     overrides = list(args.overrides)
-    if args.config and "=" in args.config and not Path(args.config).exists():  # `srdit train key=value ...`
+    if args.config and "=" in args.config and not os.path.exists(args.config):  # `srdit train key=value ...`
         args.config, overrides = None, [args.config] + overrides
     cfg = load_run_config(args.config, overrides)
     out = Path(args.out)
