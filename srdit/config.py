@@ -709,11 +709,36 @@ def resolve_paths(cfg: RunConfig, base: str | os.PathLike) -> RunConfig:
 
 
 def apply_diff(config: RunConfig, diff: Mapping[str, Any]) -> RunConfig:
-    """Apply dotted-key overrides strictly (unknown keys and wrong types raise ConfigError)."""
+    """Apply dotted-key overrides strictly (unknown keys and wrong types raise ConfigError). `techniques` is not a
+    setting but the record of the techniques applied (srdit.techniques.with_techniques applies and records them),
+    so a diff may not write it."""
     tree = to_dict(config)
     for key, value in diff.items():
+        if key == "techniques":
+            raise ConfigError("techniques: a list of techniques is applied by the run YAML's `techniques:` or the "
+                              "`techniques=[...]` override of `srdit train`, not written as a config key")
         nested_update(tree, key, value)
     return from_dict(RunConfig, tree)
+
+
+def convert_value(key: str, value: Any) -> Any:
+    """`value` converted to the type of dotted config key `key` as the strict loader would (e.g. the string '3e-3'
+    of a float field -> 0.003), so that equal values spelled differently compare equal. ConfigError when the key
+    is unknown or the value does not convert."""
+    cls: Any = RunConfig
+    parts = key.split(".")
+    for i, name in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown config key")
+        tp = typing.get_type_hints(cls)[name]
+        if i == len(parts) - 1:
+            out = _convert(tp, value, key)
+            if not dataclasses.is_dataclass(tp):
+                check_field(fields[name], out, key)
+            return out
+        cls = tp
+    raise ConfigError(f"{key}: unknown config key")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
