@@ -126,6 +126,9 @@ SEED_MAX = 2**32 - 1
 EVAL_MIN_SAMPLES = 4
 "Fewest samples an evaluation can score: precision / recall compare each sample with its k = 3 nearest neighbours."
 
+TEACHER_NAMES = ("digits-cnn",) + tuple(f"dinov2_vit{size}14{reg}" for size in "sblg" for reg in ("", "_reg"))
+"Alignment teachers `data.teacher` may name (loaded by `srdit.encoders.load_teacher`; plain data here, without torch)."
+
 TOKENIZER_NAMES = ("invae", "sdvae")
 "Image tokenizers a latent run can be decoded with (`data.tokenizer`; loaded by `srdit.encoders.load_tokenizer`)."
 
@@ -261,7 +264,7 @@ class DataConfig:
     "digits: scikit-learn's bundled 8x8 digits (embedded default); latents: pre-encoded shards on disk."
     path: str | None = None
     "Folder of latent shards (dataset: latents)."
-    teacher: str = "digits-cnn"
+    teacher: str = matching("digits-cnn", "|".join(map(re.escape, TEACHER_NAMES)), ", ".join(TEACHER_NAMES))
     "Alignment teacher for REPA / REG: digits-cnn (in-project) or a DINOv2 name with local weights."
     teacher_path: str | None = None
     "Local folder of the teacher's weights (DINOv2)."
