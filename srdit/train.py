@@ -219,7 +219,7 @@ def load_checkpoint(path: str | Path) -> dict:
             warnings.simplefilter("ignore")
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # pickle / zip errors carry long messages: say what the file is instead
-        raise CheckpointError(f"{path}: {_not_a_checkpoint(path)}") from None
+        raise CheckpointError(f"{path}: not a readable srdit checkpoint: {_not_a_checkpoint(path)}") from None
     if not isinstance(ckpt, dict) or not {"model", "ema", "config", "step"} <= set(ckpt) or \
             not isinstance(ckpt["config"], dict):
         raise CheckpointError(f"{path}: not an srdit checkpoint (expected model, ema, config and step entries)")
@@ -227,22 +227,22 @@ def load_checkpoint(path: str | Path) -> dict:
 
 
 def _not_a_checkpoint(path: Path) -> str:
-    """Why torch could not read `path`, judged from its first bytes (torch's own errors run to many lines)."""
+    """What `path` is, judged from its first bytes, when torch cannot read it (torch's own errors run to many
+    lines)."""
     with path.open("rb") as f:
         head = f.read(512)
     if not head:
-        return "is empty (0 bytes), not a checkpoint; it was probably cut short: train again or use another"
+        return "the file is empty (0 bytes; cut short?)"
     if head[:1] == b"\x80":  # the pickle protocol opcode: torch.save's zip archive starts with PK instead
-        return ("is a plain pickle, not a PyTorch checkpoint; srdit reads checkpoints written by torch.save "
-                "(`srdit train` writes RUN/checkpoints/last.pt)")
+        return "a plain pickle, not a file written by torch.save (`srdit train` writes RUN/checkpoints/last.pt)"
     try:
         head.decode("utf-8")
-        return "is a text file, not a PyTorch checkpoint (`srdit train` writes RUN/checkpoints/last.pt)"
+        return "a text file, not a PyTorch checkpoint (`srdit train` writes RUN/checkpoints/last.pt)"
     except UnicodeDecodeError:
         pass
     if head[:2] == b"PK":
-        return "is a zip archive that torch cannot read as a checkpoint (cut short, or another program's archive)"
-    return "is not a PyTorch checkpoint (an unknown binary format)"
+        return "a zip archive that torch cannot read (cut short, or another program's archive)"
+    return "an unknown binary format, not a PyTorch checkpoint"
 
 
 def model_from_checkpoint(ckpt: dict, weights: str = "ema") -> tuple[torch.nn.Module, RunConfig]:

@@ -310,11 +310,11 @@ def checkpoint_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     pickled = tmp_path / "raw.pkl"
     pickled.write_bytes(pickle.dumps({"model": {}, "ema": {}}, protocol=4))
     return {
-        "empty": (write(tmp_path, "empty.pt", b""), "is empty (0 bytes), not a checkpoint"),
+        "empty": (write(tmp_path, "empty.pt", b""), "not a readable srdit checkpoint: the file is empty (0 bytes"),
         "folder": (tmp_path / "folder.pt", "is a folder, not a checkpoint file"),
-        "text": (write(tmp_path, "notes.pt", "hello\n"), "is a text file, not a PyTorch checkpoint"),
-        "pickle": (pickled, "is a plain pickle, not a PyTorch checkpoint"),
-        "zip": (write(tmp_path, "cut.pt", b"PK\x03\x04" + bytes(range(200))), "is a zip archive that torch cannot"),
+        "text": (write(tmp_path, "notes.pt", "hello\n"), "not a readable srdit checkpoint: a text file"),
+        "pickle": (pickled, "not a readable srdit checkpoint: a plain pickle"),
+        "zip": (write(tmp_path, "cut.pt", b"PK\x03\x04" + bytes(range(200))), "not a readable srdit checkpoint: a zip archive that torch cannot"),
         "missing": (tmp_path / "nope.pt", "no such checkpoint file"),
     }
 
@@ -339,9 +339,8 @@ def test_a_raw_pickle_reaches_the_terminal_as_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "srdit", "sample", str(path), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2
-    assert r.stderr.splitlines() == [f"srdit: error: {path}: is a plain pickle, not a PyTorch checkpoint; srdit reads "
-                                     f"checkpoints written by torch.save (`srdit train` writes "
-                                     f"RUN/checkpoints/last.pt)"]
+    assert r.stderr.splitlines() == [f"srdit: error: {path}: not a readable srdit checkpoint: a plain pickle, not a "
+                                     f"file written by torch.save (`srdit train` writes RUN/checkpoints/last.pt)"]
 
 
 def test_a_corrupt_checkpoint_on_resume(tmp_path, capsys):
@@ -349,7 +348,7 @@ def test_a_corrupt_checkpoint_on_resume(tmp_path, capsys):
     (out / "checkpoints").mkdir(parents=True)
     (out / "checkpoints" / "last.pt").write_bytes(b"")
     line = refused(capsys, "train", "train.steps=2", "--out", out, "--quiet")
-    assert "last.pt: is empty (0 bytes)" in line
+    assert "last.pt: not a readable srdit checkpoint: the file is empty (0 bytes" in line
 
 
 # ------------------------------------------------------------------------------------------------------------------
