@@ -149,7 +149,8 @@ def cmd_evaluate(args) -> int:
     ev = {"reference": args.reference, "inception_path": args.inception, "dinov2_path": args.dinov2}
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **{k: v for k, v in ev.items() if v}))
     sc = with_sampler(cfg, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg)
-    dataclasses.replace(cfg, sample=sc).validate()
+    n_eval = dataclasses.replace(cfg.eval, n_samples=args.n) if args.n else cfg.eval  # --n follows eval.n_samples' rule
+    dataclasses.replace(cfg, sample=sc, eval=n_eval).validate()
     # Under torchrun every rank samples its shard of the n images into --samples; rank 0 prints the metrics.
     dp = init_from_env("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     device = resolve_device(args.device)
