@@ -41,10 +41,11 @@ LEAVES = sorted({k.rsplit(".", 1)[-1] for k in KEYS})
 TRICKY = ["010", "007", "0x1F", "1:30", "1:30.5", ".nan", ".NaN", "nan", ".inf", "-.inf", "1e-3", "3e-3", "0.003",
           "1e999", "on", "off", "yes", "no", "~", "null", "''", "'010'", "2026-11-30", "[]", "{}", "-1", "0", "1",
           "2", "64", "1.5", "-0.0", "sde", "euler", "cuda:0", "tpu", "digits", "latents", "!!binary aGk=",
-          "!!python/object:os.system", "&a 5", "*a", "[qk_norm, repa]", "[rope, rope]", "9" * 40, '"\\0"',
-          "|\n  block"]
+          "!!python/object:os.system", "&a 5", "*a", "[qk_norm, repa]", "[rope, rope]", "9" * 40, "1" + "0" * 400,
+          '"\\0"', "|\n  block", "10000000000", "[fd]", "[.nan]"]
 
-scalar = st.one_of(st.sampled_from(TRICKY), st.integers(-10**6, 10**6).map(str),
+tricky = st.sampled_from(TRICKY)
+scalar = st.one_of(tricky, tricky, tricky, st.integers(-10**6, 10**6).map(str),
                    st.floats(allow_nan=True, allow_infinity=True).map(repr),
                    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12).map(yaml.safe_dump)
                    .map(lambda s: s.removesuffix("\n...\n").strip()))
@@ -135,7 +136,7 @@ def mutated(draw, text: str) -> str:
         i = draw(st.integers(0, len(lines) - 1))
         line = lines[i]
         indent = line[:len(line) - len(line.lstrip())]
-        what = draw(st.integers(0, 3))
+        what = draw(st.sampled_from([0, 0, 0, 0, 1, 2, 3]))
         if what == 0 and ":" in line:
             lines[i] = f"{line.split(':', 1)[0]}: {draw(scalar)}"
         elif what == 1:
@@ -161,7 +162,8 @@ documents = st.one_of(
         lambda kvs: "\n".join(f"{k.split('.')[0]}:\n  " + ".".join(k.split(".")[1:]).replace(".", ":\n    ")
                               + f": {v}" for k, v in kvs if "." in k)),
     st.text(max_size=80),
-    st.binary(max_size=40).map(lambda b: b.decode("latin-1")),
+    st.binary(max_size=40),  # written as bytes: not UTF-8, NUL bytes
+    mutated(RUN_YAML).map(lambda t: t.encode("latin-1", "replace") + b"\xe9"),
 )
 overrides = st.lists(st.one_of(
     st.tuples(st.sampled_from(KEYS + ["techniques", "preset", "train", "nope.x"]), scalar).map(lambda kv: "=".join(kv)),
@@ -176,6 +178,10 @@ def only_config_errors(call) -> None:
         assert str(e).strip(), "an empty message"
 
 
+def write(p: Path, text: str | bytes) -> None:
+    p.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8", "surrogatepass"))
+
+
 @pytest.fixture(scope="module")
 def folder():
     with tempfile.TemporaryDirectory(prefix="srdit-fuzz-") as d:
@@ -186,7 +192,7 @@ def folder():
 @given(text=documents, extra=overrides)
 def test_run_loader_loads_or_says_why(folder, text, extra):
     p = folder / "run.yaml"
-    p.write_text(text, encoding="utf-8", errors="surrogatepass")
+    write(p, text)
     only_config_errors(lambda: load_run_config(p, extra))
 
 
@@ -200,7 +206,7 @@ def test_overrides_alone(extra):
 @given(text=documents)
 def test_study_loader_loads_or_says_why(folder, text):
     p = folder / "study.yaml"
-    p.write_text(text, encoding="utf-8", errors="surrogatepass")
+    write(p, text)
     only_config_errors(lambda: load_study(p))
 
 
