@@ -1,14 +1,14 @@
 """Run configuration: frozen dataclasses, strict YAML loading, dotted overrides, and the size and tokenizer tables.
 
 A run is fully described by a `RunConfig`. YAML is loaded strictly: an unknown key or a wrong type raises a
-`ConfigError` naming the YAML path and the allowed keys or values. Every numeric field states its allowed range once,
-in its `field(...)` (`ranged`: checked by the strict loader and by `RunConfig.validate`), and every float field is
-finite unless its docstring says otherwise. Cross-field rules (`RunConfig.validate`) say what to change. Every YAML
-file and override value is read by one loader (`parse_yaml`) that refuses a key given twice in one mapping, a YAML 1.1
-octal (`010` would be 8) or sexagesimal (`1:30` would be 90) number, a non-UTF-8 or binary file, and a recursive or
-exponentially aliased document. Techniques (named config diffs), the presets and the run-YAML loader build on this module in
-`srdit.techniques`; this module imports only the standard library and yaml (no torch: `srdit study plan`, the
-analysis and the CLI's argument checks read it).
+`ConfigError` naming the YAML path and the allowed keys or values. Every numeric field states its allowed range
+once, in its `field(...)` (`ranged`, checked by the strict loader and by `RunConfig.validate`), and every float
+field is finite unless its docstring says otherwise. Cross-field rules (`RunConfig.validate`) say what to change.
+Every YAML file and override value is read by one loader (`parse_yaml`) that refuses a key given twice in one
+mapping, a YAML 1.1 octal (`010` would be 8) or sexagesimal (`1:30` would be 90) number, a non-UTF-8 or binary
+file, and a recursive or exponentially aliased document. Techniques (named config diffs), the presets and the
+run-YAML loader build on this module in `srdit.techniques`; this module imports only the standard library and
+yaml (no torch: `srdit study plan`, the analysis and the CLI's argument checks read it).
 """
 
 from __future__ import annotations

@@ -314,7 +314,8 @@ def checkpoint_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "folder": (tmp_path / "folder.pt", "is a folder, not a checkpoint file"),
         "text": (write(tmp_path, "notes.pt", "hello\n"), "not a readable srdit checkpoint: a text file"),
         "pickle": (pickled, "not a readable srdit checkpoint: a plain pickle"),
-        "zip": (write(tmp_path, "cut.pt", b"PK\x03\x04" + bytes(range(200))), "not a readable srdit checkpoint: a zip archive that torch cannot"),
+        "zip": (write(tmp_path, "cut.pt", b"PK\x03\x04" + bytes(range(200))),
+                "not a readable srdit checkpoint: a zip archive that torch cannot"),
         "missing": (tmp_path / "nope.pt", "no such checkpoint file"),
     }
 
