@@ -28,7 +28,7 @@ def cmd_train(args) -> int:
     from srdit.train import JsonlReporter, train
 
     overrides = list(args.overrides)
-    if args.config and "=" in args.config and not Path(args.config).exists():  # `srdit train key=value ...`
+    if args.config and "=" in args.config and not os.path.exists(args.config):  # `srdit train key=value ...`
         args.config, overrides = None, [args.config] + overrides
     cfg = load_run_config(args.config, overrides)
     out = Path(args.out)
@@ -55,10 +55,19 @@ def cmd_train(args) -> int:
     return 0 if result.status == "finished" else 1
 
 
-def _load(ckpt_path: str):
+def _load(ckpt_path: str, device: str):
+    """The model and config of a checkpoint, after checking --device (a config rule: train.device's values)."""
+    import dataclasses
+
+    from srdit.config import TrainConfig, check_field
     from srdit.train import load_checkpoint, model_from_checkpoint
 
-    return model_from_checkpoint(load_checkpoint(ckpt_path))
+    check_field(next(f for f in dataclasses.fields(TrainConfig) if f.name == "device"), device, "--device")
+    ckpt = load_checkpoint(ckpt_path)
+    try:
+        return model_from_checkpoint(ckpt)
+    except ConfigError as e:
+        raise ConfigError(f"{ckpt_path}: its config: {e}") from None
 
 
 def _sharded(args) -> bool:
@@ -81,7 +90,7 @@ def cmd_sample(args) -> int:
 
     if args.merge and args.shard is None and args.num_shards is None and "WORLD_SIZE" not in os.environ:
         return _merge_only(args)  # needs no model
-    model, cfg = _load(args.checkpoint)
+    model, cfg = _load(args.checkpoint, args.device)
     cfg = _with_tokenizer(cfg, args)
     sc = with_sampler(cfg, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg)
     dataclasses.replace(cfg, sample=sc).validate()  # e.g. path-drop guidance needs SPRINT
@@ -135,12 +144,13 @@ def cmd_evaluate(args) -> int:
 
     from srdit.parallel import init_from_env
 
-    model, cfg = _load(args.checkpoint)
+    model, cfg = _load(args.checkpoint, args.device)
     cfg = _with_tokenizer(cfg, args)
     ev = {"reference": args.reference, "inception_path": args.inception, "dinov2_path": args.dinov2}
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **{k: v for k, v in ev.items() if v}))
     sc = with_sampler(cfg, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg)
-    dataclasses.replace(cfg, sample=sc).validate()
+    n_eval = dataclasses.replace(cfg.eval, n_samples=args.n) if args.n else cfg.eval  # --n follows eval.n_samples' rule
+    dataclasses.replace(cfg, sample=sc, eval=n_eval).validate()
     # Under torchrun every rank samples its shard of the n images into --samples; rank 0 prints the metrics.
     dp = init_from_env("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     device = resolve_device(args.device)

@@ -1,10 +1,14 @@
 """Run configuration: frozen dataclasses, strict YAML loading, dotted overrides, and the size and tokenizer tables.
 
 A run is fully described by a `RunConfig`. YAML is loaded strictly: an unknown key or a wrong type raises a
-`ConfigError` naming the YAML path and the allowed keys or values. Cross-field rules (`RunConfig.validate`) say
-what to change. Techniques (named config diffs), the presets and the run-YAML loader build on this module in
-`srdit.techniques`; this module imports only the standard library and yaml (no torch: `srdit study plan`, the
-analysis and the CLI's argument checks read it).
+`ConfigError` naming the YAML path and the allowed keys or values. Every numeric field states its allowed range
+once, in its `field(...)` (`ranged`, checked by the strict loader and by `RunConfig.validate`), and every float
+field is finite unless its docstring says otherwise. Cross-field rules (`RunConfig.validate`) say what to change.
+Every YAML file and override value is read by one loader (`parse_yaml`) that refuses a key given twice in one
+mapping, a YAML 1.1 octal (`010` would be 8) or sexagesimal (`1:30` would be 90) number, a non-UTF-8 or binary
+file, and a recursive or exponentially aliased document. Techniques (named config diffs), the presets and the
+run-YAML loader build on this module in `srdit.techniques`; this module imports only the standard library and
+yaml (no torch: `srdit study plan`, the analysis and the CLI's argument checks read it).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +30,88 @@ class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the YAML."""
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Field rules: the allowed values of a field, stated once next to it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric field (each element of a tuple field): `low` / `high` bounds, inclusive unless
+    `low_open` / `high_open`. Floats must also be finite unless `finite` is False (none is today)."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    finite: bool = True
+
+    def contains(self, v: float) -> bool:
+        if isinstance(v, float) and self.finite and not math.isfinite(v):
+            return False
+        if self.low is not None and not (v > self.low if self.low_open else v >= self.low):
+            return False
+        if self.high is not None and not (v < self.high if self.high_open else v <= self.high):
+            return False
+        return not (isinstance(v, float) and math.isnan(v))
+
+    def describe(self, kind: str) -> str:
+        """E.g. 'a finite number in [0, 1)', 'an integer >= 1'."""
+        lo, hi = (None if x is None else str(int(x)) if float(x).is_integer() else f"{x:g}"
+                  for x in (self.low, self.high))
+        if lo is not None and hi is not None:
+            return f"{kind} in {'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
+        if lo is not None:
+            return f"{kind} {'>' if self.low_open else '>='} {lo}"
+        if hi is not None:
+            return f"{kind} {'<' if self.high_open else '<='} {hi}"
+        return kind
+
+
+RANGE = "srdit.range"
+PATTERN = "srdit.pattern"
+FINITE = Range()
+"The rule of a float field that states no range: any finite number."
+
+
+def ranged(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> Any:
+    """A dataclass field with a default and its allowed range (see `Range`)."""
+    return field(default=default, metadata={RANGE: Range(low, high, low_open, high_open)})
+
+
+def matching(default: str, pattern: str, allowed: str) -> Any:
+    """A string field whose value must match the regular expression `pattern` (`allowed` says it in words)."""
+    return field(default=default, metadata={PATTERN: (re.compile(pattern), allowed)})
+
+
+def check_field(f: dataclasses.Field, value: Any, path: str) -> None:
+    """Raise ConfigError when `value` breaks the rule of field `f` (its Range or pattern; finite for floats)."""
+    if PATTERN in f.metadata and isinstance(value, str):
+        rx, allowed = f.metadata[PATTERN]
+        if not rx.fullmatch(value):
+            raise ConfigError(f"{path}: {value!r} is not allowed; allowed values: {allowed}")
+        return
+    rule = f.metadata.get(RANGE, FINITE)
+    for v in value if isinstance(value, tuple) else (value,):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if not rule.contains(v):
+            kind = "a finite number" if isinstance(v, float) else "an integer"
+            raise ConfigError(f"{path}: {v!r} is not allowed; allowed: {rule.describe(kind)}")
+
+
+def check_fields(obj: Any, path: str = "") -> None:
+    """`check_field` on every field of a config dataclass, nested ones included (for configs built in code)."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        where = f"{path}.{f.name}" if path else f.name
+        if dataclasses.is_dataclass(value):
+            check_fields(value, where)
+        else:
+            check_field(f, value, where)
+
+
 SIZES: dict[str, tuple[int, int, int]] = {
     "debug": (6, 64, 4),  # trains on 8x8 digits on a 2-core CPU in about a minute; head dim 16 (2-D RoPE needs 4 | d)
     "S": (12, 384, 6),
@@ -33,6 +120,14 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "XL": (28, 1152, 16),
 }
 "Backbone sizes: name -> (depth, hidden width, heads). SiT/DiT sizes as in Peebles & Xie 2023, Table 1."
+
+SEED_MAX = 2**32 - 1
+"Largest seed (train.seed, eval.seed): what every random generator srdit seeds accepts."
+EVAL_MIN_SAMPLES = 4
+"Fewest samples an evaluation can score: precision / recall compare each sample with its k = 3 nearest neighbours."
+
+TEACHER_NAMES = ("digits-cnn",) + tuple(f"dinov2_vit{size}14{reg}" for size in "sblg" for reg in ("", "_reg"))
+"Alignment teachers `data.teacher` may name (loaded by `srdit.encoders.load_teacher`; plain data here, without torch)."
 
 TOKENIZER_NAMES = ("invae", "sdvae")
 "Image tokenizers a latent run can be decoded with (`data.tokenizer`; loaded by `srdit.encoders.load_tokenizer`)."
@@ -49,13 +144,13 @@ class SprintConfig:
 
     enabled: bool = False
     "Route the middle blocks over a random subset of tokens during training."
-    dense_in: int = 2
+    dense_in: int = ranged(2, 1)
     "Dense encoder blocks before the sparse path (f)."
-    dense_out: int = 2
+    dense_out: int = ranged(2, 0)
     "Dense decoder blocks after the fusion (h)."
-    drop_ratio: float = 0.75
+    drop_ratio: float = ranged(0.75, 0, 1, high_open=True)
     "Fraction of tokens dropped from the sparse path in training (none are dropped at inference)."
-    path_drop_prob: float = 0.05
+    path_drop_prob: float = ranged(0.05, 0, 1)
     "Probability per step of replacing the whole sparse path by the [MASK] token (path-drop learning)."
 
 
@@ -65,7 +160,7 @@ class RopeConfig:
 
     enabled: bool = False
     "Rotate queries and keys by their row / column index."
-    theta: float = 10000.0
+    theta: float = ranged(10000.0, 0, low_open=True)
     "Base of the rotary frequencies."
 
 
@@ -75,11 +170,11 @@ class RepaConfig:
 
     enabled: bool = False
     "Add the projector and the alignment output."
-    depth: int = 2
+    depth: int = ranged(2, 1)
     "Align the hidden state after this many blocks (SR-DiT: 2, the end of the SPRINT dense encoder)."
-    projector_dim: int = 256
+    projector_dim: int = ranged(256, 1)
     "Hidden width of the 3-layer projector MLP (SR-DiT: 2048)."
-    teacher_dim: int = 64
+    teacher_dim: int = ranged(64, 1)
     "Width of the teacher's tokens (digits teacher: 64; DINOv2-B: 768)."
 
 
@@ -89,7 +184,7 @@ class RegConfig:
 
     enabled: bool = False
     "Prepend the class token and add its velocity head."
-    dim: int = 64
+    dim: int = ranged(64, 1)
     "Width of the teacher class token (digits teacher: 64; DINOv2-B: 768)."
 
 
@@ -99,13 +194,13 @@ class ModelConfig:
 
     size: str = "debug"
     "Backbone size: debug, S, B, L or XL (depth, width and heads come from the size registry)."
-    patch_size: int = 2
+    patch_size: int = ranged(2, 1)
     "Patch size of the patch embedding (1, 2 or 4); digits use 2 (16 tokens of 2x2 pixels)."
-    in_channels: int = 1
+    in_channels: int = ranged(1, 1)
     "Channels of the model input (1 for digits, 4 for SD-VAE latents, 32 for INVAE latents)."
-    input_size: int = 8
+    input_size: int = ranged(8, 1)
     "Spatial side of the model input (8 for digits, 32 for SD-VAE at 256 px, 16 for INVAE at 256 px)."
-    num_classes: int = 10
+    num_classes: int = ranged(10, 1)
     "Number of class labels; label `num_classes` is the null label for classifier-free guidance."
     mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
     "Block MLP: GELU(tanh) as in SiT, SwiGLU, or ReLU^2 (SR-DiT side branches)."
@@ -137,13 +232,13 @@ class TransportConfig:
     "Distribution of training times before the shift."
     logit_mean: float = 0.0
     "Mean of the logit-normal time distribution."
-    logit_std: float = 1.0
+    logit_std: float = ranged(1.0, 0, low_open=True)
     "Standard deviation of the logit-normal time distribution."
     time_shift: bool = False
     "Resolution-dependent time shift t' = s t / (1 + (s - 1) t) on training times and on the sampler grid."
-    shift: float | None = None
+    shift: float | None = ranged(None, 0, low_open=True)
     "Explicit shift s; None means s = sqrt(C * H * W / shift_base)."
-    shift_base: int = 4096
+    shift_base: int = ranged(4096, 1)
     "Reference dimension of the automatic shift (SD3 / SR-DiT: 4096)."
 
 
@@ -151,11 +246,11 @@ class TransportConfig:
 class LossConfig:
     """Weights of the named loss terms, applied in one place (`srdit.transport.losses.total`)."""
 
-    repa: float = 0.5
+    repa: float = ranged(0.5, 0)
     "Weight of the REPA negative-cosine term (used when model.repa is enabled)."
-    reg: float = 0.03
+    reg: float = ranged(0.03, 0)
     "Weight of the REG class-token velocity term (used when model.reg is enabled)."
-    cfm: float = 0.0
+    cfm: float = ranged(0.0, 0)
     "Weight of contrastive flow matching (0 = off; SR-DiT: 0.05)."
 
 
@@ -172,7 +267,7 @@ class DataConfig:
     "digits: scikit-learn's bundled 8x8 digits (embedded default); latents: pre-encoded shards on disk."
     path: str | None = None
     "Folder of latent shards (dataset: latents)."
-    teacher: str = "digits-cnn"
+    teacher: str = matching("digits-cnn", "|".join(map(re.escape, TEACHER_NAMES)), ", ".join(TEACHER_NAMES))
     "Alignment teacher for REPA / REG: digits-cnn (in-project) or a DINOv2 name with local weights."
     teacher_path: str | None = None
     "Local folder of the teacher's weights (DINOv2)."
@@ -188,37 +283,37 @@ class DataConfig:
 class TrainConfig:
     """Optimisation. Defaults are small-scale; the SR-DiT preset sets the paper's ImageNet values."""
 
-    steps: int = 1500
-    "Optimisation steps."
-    batch_size: int = 64
+    steps: int = ranged(1500, 0)
+    "Optimisation steps (0 only with `init`: the run evaluates the given checkpoint)."
+    batch_size: int = ranged(64, 1)
     "Global batch size."
-    lr: float = 1e-3
+    lr: float = ranged(1e-3, 0, low_open=True)
     "AdamW learning rate (constant; SR-DiT: 1e-4)."
-    betas: tuple[float, float] = (0.9, 0.999)
-    "AdamW betas."
-    weight_decay: float = 0.0
+    betas: tuple[float, float] = ranged((0.9, 0.999), 0, 1, high_open=True)
+    "AdamW betas (each in [0, 1))."
+    weight_decay: float = ranged(0.0, 0)
     "AdamW weight decay."
-    grad_clip: float = 1.0
+    grad_clip: float = ranged(1.0, 0)
     "Global gradient-norm clip (0 = off)."
-    ema_decay: float = 0.995
+    ema_decay: float = ranged(0.995, 0, 1, high_open=True)
     "EMA decay per step (SR-DiT: 0.9999); the EMA weights are used for sampling and evaluation."
-    label_dropout: float = 0.1
+    label_dropout: float = ranged(0.1, 0, 1, high_open=True)
     "Probability of replacing a label by the null label (classifier-free guidance training)."
-    seed: int = 0
+    seed: int = ranged(0, 0, SEED_MAX)
     "Seed of parameters, data order and noise; a CPU run is deterministic given it."
-    log_every: int = 50
+    log_every: int = ranged(50, 1)
     "Report training metrics every this many steps."
-    eval_every: int = 0
+    eval_every: int = ranged(0, 0)
     "Evaluate with the EMA weights every this many steps (0 = only at the end)."
-    ckpt_every: int = 500
+    ckpt_every: int = ranged(500, 1)
     "Write checkpoints/last.pt every this many steps (and at the end)."
-    device: str = "auto"
+    device: str = matching("auto", r"auto|cpu|cuda(:[0-9]+)?", "auto, cpu, cuda, cuda:N")
     "auto (CUDA when available), cpu, cuda, cuda:N."
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     "auto: bf16 autocast + TF32 on CUDA, fp32 on CPU."
     compile: bool = False
     "Wrap the model in torch.compile."
-    threads: int = 0
+    threads: int = ranged(0, 0)
     "CPU threads for torch (0 = leave torch's default)."
     init: str | None = None
     ("An srdit checkpoint (e.g. from `srdit convert`) whose EMA weights start the model and its EMA; its model "
@@ -231,15 +326,15 @@ class SampleConfig:
 
     sampler: Literal["sde", "euler", "heun"] = "sde"
     "Euler-Maruyama SDE (as in the paper) or an ODE solver."
-    steps: int = 50
+    steps: int = ranged(50, 1)
     "Number of time steps (SDE: grid 1 -> 0.04 plus a final deterministic step; NFE equals steps without CFG)."
     cfg_scale: float = 1.0
     "Classifier-free guidance scale on the image velocity (1 = off)."
     cls_cfg_scale: float = 1.0
     "Guidance scale on the REG class-token velocity (1 = off)."
-    guidance_low: float = 0.0
+    guidance_low: float = ranged(0.0, 0, 1)
     "Guidance is applied only for guidance_low <= t <= guidance_high."
-    guidance_high: float = 1.0
+    guidance_high: float = ranged(1.0, 0, 1)
     "Upper end of the guidance interval (SR-DiT's best: 0.75)."
     path_drop_guidance: bool = False
     "The unconditional branch also drops the SPRINT sparse path (requires model.sprint)."
@@ -251,11 +346,11 @@ class SampleConfig:
 class EvalConfig:
     """Evaluation of generated samples against held-out real data."""
 
-    n_samples: int = 1000
+    n_samples: int = ranged(1000, EVAL_MIN_SAMPLES)
     "Generated samples per evaluation."
-    batch_size: int = 500
+    batch_size: int = ranged(500, 1)
     "Sampling batch size."
-    seed: int = 1234
+    seed: int = ranged(1234, 0, SEED_MAX)
     "Seed of the evaluation noise and labels (independent of the training seed)."
     reference: str | None = None
     "Latent runs: reference statistics .npz (`srdit reference`, or ADM's VIRTUAL_imagenet256_labeled.npz)."
@@ -280,7 +375,9 @@ class RunConfig:
     "Names of the techniques applied on top of the base (a record; the diffs are already in the fields)."
 
     def validate(self) -> "RunConfig":
-        """Check cross-field rules; raise ConfigError saying what to change. Returns self."""
+        """Check every field's own rule (`check_fields`) and the cross-field rules; raise ConfigError saying what to
+        change. Returns self."""
+        check_fields(self)
         m = self.model
         if m.size not in SIZES:
             raise ConfigError(f"model.size: unknown size {m.size!r}; allowed: {', '.join(SIZES)}")
@@ -301,10 +398,6 @@ class RunConfig:
                     f"model.sprint: dense_in ({s.dense_in}) + dense_out ({s.dense_out}) must leave at least one "
                     f"sparse block in a depth-{depth} model; lower them"
                 )
-            if not 0.0 <= s.drop_ratio < 1.0:
-                raise ConfigError(f"model.sprint.drop_ratio: {s.drop_ratio} must be in [0, 1)")
-            if not 0.0 <= s.path_drop_prob <= 1.0:
-                raise ConfigError(f"model.sprint.path_drop_prob: {s.path_drop_prob} must be in [0, 1]")
         if m.repa.enabled:
             if not 1 <= m.repa.depth <= depth:
                 raise ConfigError(f"model.repa.depth: {m.repa.depth} must be in 1..{depth} (the model depth)")
@@ -315,10 +408,11 @@ class RunConfig:
                 )
         if self.sample.path_drop_guidance and not m.sprint.enabled:
             raise ConfigError("sample.path_drop_guidance needs model.sprint.enabled: true (enable sprint or turn it off)")
-        if not 0.0 <= self.sample.guidance_low <= self.sample.guidance_high <= 1.0:
+        if not self.sample.guidance_low <= self.sample.guidance_high:
             raise ConfigError("sample.guidance_low / guidance_high: need 0 <= low <= high <= 1")
-        if self.transport.shift is not None and self.transport.shift <= 0:
-            raise ConfigError(f"transport.shift: {self.transport.shift} must be > 0 (or null for automatic)")
+        if self.sample.sampler == "sde" and self.sample.steps < 2:
+            raise ConfigError(f"sample.steps: {self.sample.steps} with sample.sampler sde; the SDE sampler needs "
+                              f"steps >= 2 (stochastic steps plus the final Euler step), or use sampler euler / heun")
         if self.data.dataset == "digits" and (m.in_channels, m.input_size, m.num_classes) != (1, 8, 10):
             raise ConfigError(
                 "data.dataset digits is 1x8x8 with 10 classes: set model.in_channels 1, model.input_size 8, "
@@ -339,16 +433,8 @@ class RunConfig:
         if self.data.dataset == "latents" and self.eval.reference and not self.data.tokenizer:
             raise ConfigError("data.tokenizer: required when eval.reference is set (samples are decoded to images "
                               "for the Inception metrics); set data.tokenizer and data.tokenizer_path")
-        t = self.train
-        if t.steps < (0 if t.init else 1) or t.batch_size < 1:
-            raise ConfigError("train.steps and train.batch_size must be >= 1 (train.steps 0 only with train.init: "
-                              "evaluate a given checkpoint)")
-        if not (t.lr > 0 and math.isfinite(t.lr)):
-            raise ConfigError(f"train.lr: {t.lr} must be a positive finite number")
-        if not 0.0 <= t.label_dropout < 1.0:
-            raise ConfigError(f"train.label_dropout: {t.label_dropout} must be in [0, 1)")
-        if not 0.0 <= t.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay: {t.ema_decay} must be in [0, 1)")
+        if self.train.steps == 0 and not self.train.init:
+            raise ConfigError("train.steps: 0 only with train.init (evaluate a given checkpoint); otherwise >= 1")
         return self
 
     def shift_value(self) -> float:
@@ -431,7 +517,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 except ValueError:
                     pass
             raise ConfigError(f"{path}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond the float range
+            raise ConfigError(f"{path}: {value} is too large for a number") from None
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected a string, got {value!r}")
@@ -446,13 +535,14 @@ def _field_names(cls: type) -> list[str]:
 def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
     """Build dataclass `cls` from a mapping, strictly. `path` prefixes error messages (the YAML path)."""
     hints = typing.get_type_hints(cls)
-    names = _field_names(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else str(key)
-        if key not in names:
-            raise ConfigError(f"{where}: unknown key; allowed keys{' in ' + path if path else ''}: {', '.join(names)}")
+        if not isinstance(key, str) or key not in fields:
+            raise ConfigError(f"{where}: unknown key; allowed keys{' in ' + path if path else ''}: {', '.join(fields)}")
         kwargs[key] = _convert(hints[key], value, where)
+        check_field(fields[key], kwargs[key], where)
     return cls(**kwargs)
 
 
@@ -469,24 +559,128 @@ def to_yaml(obj: Any) -> str:
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Read a YAML file; every failure becomes a one-line ConfigError."""
-    p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{path}: no such file")
-    if p.is_dir():
-        raise ConfigError(f"{path}: is a folder, expected a YAML file")
+class _Refused(yaml.YAMLError):
+    """What the strict loader refuses, with the line (1-based) it is on."""
+
+    def __init__(self, message: str, line: int):
+        super().__init__(message)
+        self.message, self.line = message, line
+
+
+_OCTAL = re.compile(r"[-+]?0[0-7_]+")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1: `1e-3` stays a string that float fields convert, `on` / `no` are booleans)
+    without the surprises that change a value silently: a key given twice in one mapping (the later value would
+    replace the earlier block), an integer with a leading zero (YAML 1.1 octal: `010` is 8) and a sexagesimal
+    number (`1:30` is 90)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # keys merged in with `<<` may be overridden; complex keys fail in the constructor
+                key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+                try:
+                    first = seen.get(key)
+                    seen.setdefault(key, line)
+                except TypeError:  # unhashable: the constructor says so
+                    continue
+                if first is not None:
+                    where = f"line {line}" if first == line else f"lines {first} and {line}"
+                    raise _Refused(f"key {key!r} is given twice in one mapping ({where}); the second would silently "
+                                   f"replace the first: merge the two into one", line)
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node):
+        text = str(node.value)
+        if ":" in text:
+            raise _Refused(f"{text} is a YAML 1.1 sexagesimal number (base 60); quote it for text or write the "
+                           f"number in decimal", node.start_mark.line + 1)
+        if _OCTAL.fullmatch(text):
+            raise _Refused(f"{text} has a leading zero, which YAML 1.1 reads as octal "
+                           f"({super().construct_yaml_int(node)}); write it without the leading zero, or quote it "
+                           f"for text", node.start_mark.line + 1)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node):
+        if ":" in str(node.value):
+            raise _Refused(f"{node.value} is a YAML 1.1 sexagesimal number (base 60); quote it for text or write "
+                           f"the number in decimal", node.start_mark.line + 1)
+        return super().construct_yaml_float(node)
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
+_StrictLoader.add_constructor("tag:yaml.org,2002:map", _StrictLoader.construct_yaml_map)
+
+YAML_MAX_NODES = 100_000
+"Most values a YAML document may expand to (aliases count each time they are used): a guard against alias bombs."
+
+
+def parse_yaml(text: str, source: str) -> Any:
+    """Parse YAML text strictly (`_StrictLoader`); every failure is a one-line ConfigError starting with `source`.
+    Also refused: a recursive alias and a document that expands to more than YAML_MAX_NODES values."""
     try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+        _check_tree(data, source)
+    except _Refused as e:
+        line = f"line {e.line}: " if len(text.strip().splitlines()) > 1 else ""
+        raise ConfigError(f"{source}: {line}{e.message}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+        raise ConfigError(f"{source}: YAML syntax error{where}: {problem}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: nested too deeply to be a config") from None
+    return data
+
+
+def _check_tree(data: Any, source: str) -> None:
+    count = 0
+    open_ids: set[int] = set()
+
+    def walk(node: Any) -> None:
+        nonlocal count
+        count += 1
+        if count > YAML_MAX_NODES:
+            raise ConfigError(f"{source}: expands to more than {YAML_MAX_NODES} values (aliases of aliases?); not "
+                              f"a config")
+        if isinstance(node, (dict, list)):
+            if id(node) in open_ids:
+                raise ConfigError(f"{source}: a recursive alias (a value that contains itself); not a config")
+            open_ids.add(id(node))
+            for child in (node.values() if isinstance(node, dict) else node):
+                walk(child)
+            open_ids.discard(id(node))
+
+    walk(data)
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Read a YAML file (UTF-8 text, strict: `parse_yaml`); every failure becomes a one-line ConfigError naming it."""
+    p = Path(path)
+    try:
+        if not p.exists():
+            raise ConfigError(f"{path}: no such file")
+        if p.is_dir():
+            raise ConfigError(f"{path}: is a folder, expected a YAML file")
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
+    except ValueError as e:  # e.g. a NUL byte in the path
+        raise ConfigError(f"{path!r}: not a usable file name ({e})") from None
+    if b"\0" in raw:
+        raise ConfigError(f"{path}: is a binary file, not YAML text")
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); a YAML file "
+                          f"must be UTF-8 text") from None
+    data = parse_yaml(text, str(path))
     if data is None:
         raise ConfigError(f"{path}: the file is empty")
     return data
@@ -528,11 +722,36 @@ def resolve_paths(cfg: RunConfig, base: str | os.PathLike) -> RunConfig:
 
 
 def apply_diff(config: RunConfig, diff: Mapping[str, Any]) -> RunConfig:
-    """Apply dotted-key overrides strictly (unknown keys and wrong types raise ConfigError)."""
+    """Apply dotted-key overrides strictly (unknown keys and wrong types raise ConfigError). `techniques` is not a
+    setting but the record of the techniques applied (srdit.techniques.with_techniques applies and records them),
+    so a diff may not write it."""
     tree = to_dict(config)
     for key, value in diff.items():
+        if key == "techniques":
+            raise ConfigError("techniques: a list of techniques is applied by the run YAML's `techniques:` or the "
+                              "`techniques=[...]` override of `srdit train`, not written as a config key")
         nested_update(tree, key, value)
     return from_dict(RunConfig, tree)
+
+
+def convert_value(key: str, value: Any) -> Any:
+    """`value` converted to the type of dotted config key `key` as the strict loader would (e.g. the string '3e-3'
+    of a float field -> 0.003), so that equal values spelled differently compare equal. ConfigError when the key
+    is unknown or the value does not convert."""
+    cls: Any = RunConfig
+    parts = key.split(".")
+    for i, name in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown config key")
+        tp = typing.get_type_hints(cls)[name]
+        if i == len(parts) - 1:
+            out = _convert(tp, value, key)
+            if not dataclasses.is_dataclass(tp):
+                check_field(fields[name], out, key)
+            return out
+        cls = tp
+    raise ConfigError(f"{key}: unknown config key")
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -541,9 +760,11 @@ def parse_override(text: str) -> tuple[str, Any]:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. train.steps=200")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw
+        value = parse_yaml(raw, f"override {text!r}")
+    except ConfigError as e:
+        if "YAML syntax error" not in str(e):
+            raise
+        value = raw  # not YAML: the text itself
     return key.strip(), value
 
 

@@ -3,8 +3,9 @@ them (the presets and the run-YAML loader).
 
 A *technique* is a named config diff (dotted key -> value) with its paper, its knobs (short name -> dotted key) and
 the modules that implement it. A run, or a study cell, is `base + the merged diffs of its enabled techniques`
-(`merge_diffs`, the only merge rule in srdit): two techniques writing the same key with different values is an
-error naming both, the key and both values, unless a `wins` rule says which one wins.
+(`merge_diffs`, the only merge rule in srdit): two techniques writing the same key with different values (compared
+after conversion to the field's type, so 3e-3 and 0.003 agree) is an error naming both, the key and both values,
+unless a `wins` rule says which one wins.
 
 Layering: this module imports `srdit.config` (the schema and its strict loading) and nothing heavier; `srdit.config`
 never imports it. That is why the presets and `load_run_config`, which need techniques, live here.
@@ -19,8 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from srdit.config import (ConfigError, DataConfig, EvalConfig, ModelConfig, RegConfig, RepaConfig, RunConfig,
-                          SampleConfig, TrainConfig, apply_diff, flatten_dict, from_dict, nested_update, parse_override,
-                          read_yaml, to_dict)
+                          SampleConfig, TrainConfig, apply_diff, convert_value, flatten_dict, from_dict, nested_update,
+                          parse_override, read_yaml, to_dict)
 
 
 @dataclass(frozen=True)
@@ -147,8 +148,9 @@ def merge_diffs(techniques: Sequence[Technique | str], knobs: Mapping[str, Mappi
     """The one merge rule: the diffs of the enabled `techniques` (entries or registry names) as one dotted-key diff.
 
     - `knobs` ({technique: {knob: value}}) writes knob overrides into a technique's diff before merging.
-    - A key written by several techniques takes the value of the one that agrees with or wins over every other
-      writer, `wins` holding (winner, loser) pairs; when none does, ConfigError names two techniques that disagree
+    - A key written by several techniques takes the value of the one that agrees with (equal after conversion to
+      the key's type: `srdit.config.convert_value`) or wins over every other writer, `wins` holding (winner, loser)
+      pairs; when none does, ConfigError names two techniques that disagree
       with no rule between them, the key and both values.
     - `searched` ({key: value}, a search design's knobs) is written over the merge: `<technique>.<knob>` applies when
       the technique is enabled and is dropped when it is in `off` (a technique of the study switched off); any
@@ -174,11 +176,21 @@ def merge_diffs(techniques: Sequence[Technique | str], knobs: Mapping[str, Mappi
     return out
 
 
+def _canonical(key: str, value: Any) -> Any:
+    """The value as the config will hold it (a value that does not convert is compared as written; applying the
+    merged diff reports it)."""
+    try:
+        return convert_value(key, value)
+    except ConfigError:
+        return value
+
+
 def _merged_value(key: str, writers: list[tuple[str, Any]], wins: set[tuple[str, str]]) -> Any:
+    same = {(a, b): _canonical(key, va) == _canonical(key, vb) for a, va in writers for b, vb in writers}
     for a, va in writers:
-        if all(vb == va or (a, b) in wins for b, vb in writers if b != a):
+        if all(same[a, b] or (a, b) in wins for b, vb in writers if b != a):
             return va
-    clashes = [(a, va, b, vb) for i, (a, va) in enumerate(writers) for b, vb in writers[i + 1:] if va != vb]
+    clashes = [(a, va, b, vb) for i, (a, va) in enumerate(writers) for b, vb in writers[i + 1:] if not same[a, b]]
     a, va, b, vb = next((c for c in clashes if (c[0], c[2]) not in wins and (c[2], c[0]) not in wins), clashes[0])
     raise ConfigError(f"techniques {a} and {b} both set {key} ({va!r} vs {vb!r}); they cannot be on together "
                       f"unless one wins: in a study add `{{wins: {a}, over: {b}}}` or `excludes: [{a}, {b}]`")
@@ -247,6 +259,11 @@ def run_config_from_dict(data: Mapping[str, Any], where: str = "", validate: boo
     techniques = data.pop("techniques", [])
     if not isinstance(techniques, list) or not all(isinstance(t, str) for t in techniques):
         raise ConfigError(f"{at('techniques')}: expected a list of names; allowed: {', '.join(TECHNIQUES)}")
+    for t in techniques:
+        if t in cfg.techniques:
+            raise ConfigError(f"{at('techniques')}: {t} is already on in preset {name}; remove it from the list")
+        if techniques.count(t) > 1:
+            raise ConfigError(f"{at('techniques')}: {t} is listed twice")
     tree = to_dict(cfg)
     for section, sub in data.items():
         if section not in tree:
@@ -271,12 +288,16 @@ def run_config_from_dict(data: Mapping[str, Any], where: str = "", validate: boo
 
 def load_run_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a run YAML (or the digits default), apply its `preset` and `techniques`, then key=value overrides;
-    validate."""
+    validate. The overrides `preset=NAME` and `techniques=[a, b]` replace the YAML's entries and are applied as the
+    YAML's would be (the techniques' diffs included)."""
     data = read_yaml(path) if path is not None else {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    cfg = run_config_from_dict(data, validate=False)
     diff = dict(parse_override(o) for o in overrides or [])
+    for key in ("preset", "techniques"):
+        if key in diff:
+            data = {**data, key: diff.pop(key)}
+    cfg = run_config_from_dict(data, validate=False)
     if diff:
         cfg = apply_diff(cfg, diff)
     return cfg.validate()

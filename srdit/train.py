@@ -18,6 +18,7 @@ import math
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -310,17 +311,43 @@ class TrainStep:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a checkpoint written by `train` (weights_only=True); CheckpointError with one clear line otherwise."""
+    """Read a checkpoint written by `train` (weights_only=True); CheckpointError with one line naming the file
+    otherwise: missing, a folder, empty, text, a plain pickle, another program's file."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file (a run's checkpoint is "
+                              f"RUN/{CHECKPOINT})")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors carry long messages; keep the first line
-        raise CheckpointError(f"{path}: not a readable srdit checkpoint ({str(e).splitlines()[0][:120]})") from None
-    if not isinstance(ckpt, dict) or not {"model", "ema", "config", "step"} <= set(ckpt):
+        with warnings.catch_warnings():  # torch warns about pickle protocols before failing; the error says it all
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # pickle / zip errors carry long messages: say what the file is instead
+        raise CheckpointError(f"{path}: not a readable srdit checkpoint: {_not_a_checkpoint(path)}") from None
+    if not isinstance(ckpt, dict) or not {"model", "ema", "config", "step"} <= set(ckpt) or \
+            not isinstance(ckpt["config"], dict):
         raise CheckpointError(f"{path}: not an srdit checkpoint (expected model, ema, config and step entries)")
     return ckpt
+
+
+def _not_a_checkpoint(path: Path) -> str:
+    """What `path` is, judged from its first bytes, when torch cannot read it (torch's own errors run to many
+    lines)."""
+    with path.open("rb") as f:
+        head = f.read(512)
+    if not head:
+        return "the file is empty (0 bytes; cut short?)"
+    if head[:1] == b"\x80":  # the pickle protocol opcode: torch.save's zip archive starts with PK instead
+        return "a plain pickle, not a file written by torch.save (`srdit train` writes RUN/checkpoints/last.pt)"
+    try:
+        head.decode("utf-8")
+        return "a text file, not a PyTorch checkpoint (`srdit train` writes RUN/checkpoints/last.pt)"
+    except UnicodeDecodeError:
+        pass
+    if head[:2] == b"PK":
+        return "a zip archive that torch cannot read (cut short, or another program's archive)"
+    return "an unknown binary format, not a PyTorch checkpoint"
 
 
 def model_from_checkpoint(ckpt: dict, weights: str = "ema") -> tuple[torch.nn.Module, RunConfig]:

@@ -7,12 +7,14 @@ Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from srdit.analysis.effects import Analysis, AnalysisError, analyze
@@ -58,8 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     return add_arguments(_Parser(prog=PROG, description=__doc__.splitlines()[0]))
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a results table; raises AnalysisError with a one-line message."""
+def read_table(path: str | Path, metric: str | None = None, status_col: str | None = "status",
+               notes=None) -> pd.DataFrame:
+    """Read a results table; raises AnalysisError with a one-line message naming the file.
+
+    Refused: a CSV header that names a column twice (pandas would rename the second and the analysis would read
+    the first without a word), and a finished row (status in effects.OK_STATUSES, or every row when there is no
+    status column) whose `metric` holds text that is not a number. The rule for a finished row with an empty or
+    non-finite metric is the architecture's (a missing value means the run failed: it counts as diverged); it is
+    printed to `notes` (a stream, e.g. stderr) when it applies."""
     p = Path(path)
     if not p.exists():
         raise AnalysisError(f"cannot read {p}: no such file")
@@ -71,6 +80,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
         elif p.suffix == ".json":
             df = pd.read_json(p)
         else:
+            header = _csv_header(p)
             df = pd.read_csv(p)
     except pd.errors.EmptyDataError:
         raise AnalysisError(f"{p} is empty") from None
@@ -79,9 +89,42 @@ def read_table(path: str | Path) -> pd.DataFrame:
     except (pd.errors.ParserError, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AnalysisError(f"cannot read {p}: {first}") from None
+    if p.suffix not in (".parquet", ".json"):
+        for i, name in enumerate(header):
+            if name in header[:i]:
+                raise AnalysisError(f"{p}: column {name!r} appears twice in the header (columns "
+                                    f"{header.index(name) + 1} and {i + 1}); rename or drop one")
     if df.empty:
         raise AnalysisError(f"{p} has a header but no rows")
+    if metric is not None and metric in df.columns:
+        _check_metric(p, df, metric, status_col, notes)
     return df
+
+
+def _csv_header(p: Path) -> list[str]:
+    with p.open(newline="", encoding="utf-8") as f:
+        return next(csv.reader(f), [])
+
+
+def _check_metric(p: Path, df: pd.DataFrame, metric: str, status_col: str | None, notes) -> None:
+    from srdit.analysis.effects import OK_STATUSES
+
+    if status_col and status_col in df.columns:
+        finished = df[status_col].fillna("").astype(str).str.strip().str.lower().isin(OK_STATUSES)
+    else:
+        finished = pd.Series(True, index=df.index)
+    values = pd.to_numeric(df[metric], errors="coerce")
+    text = finished & df[metric].notna() & values.isna()
+    if text.any():
+        i = int(text.to_numpy().nonzero()[0][0])
+        where = f"line {i + 2}" if p.suffix not in (".parquet", ".json") else f"row {i + 1}"
+        raise AnalysisError(f"{p} {where}: {metric} = {df[metric].iloc[i]!r} in a finished row is not a number "
+                            f"({int(text.sum())} such row(s)); fix the value, or give the row the status of the "
+                            f"failure it records")
+    missing = finished & ~np.isfinite(values.astype(float))
+    if missing.any() and notes is not None:
+        print(f"note: {int(missing.sum())} finished row(s) of {p} have no finite {metric}; they count as diverged "
+              f"(a missing or non-finite metric means the run failed)", file=notes)
 
 
 def _fmt(x: Any, nd: int = 4) -> str:
@@ -207,7 +250,7 @@ def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     try:
-        table = read_table(args.runs)
+        table = read_table(args.runs, args.metric, args.status_col, notes=stderr)
         factors = [f.strip() for f in args.factors.split(",") if f.strip()]
         seed_col = args.seed_col
         if is_cells_table(table) and args.metric not in table.columns:

@@ -18,7 +18,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from srdit.config import ConfigError, RunConfig, to_dict
-from srdit.study.spec import StudySpec, win_pairs
+from srdit.study.spec import StudySpec, check_resources, win_pairs
 from srdit.techniques import with_techniques
 
 # Cost-estimate assumptions for `srdit study plan` (measured on the 2-core CI box, debug model, 1 thread per trial).
@@ -258,10 +258,13 @@ def violated(spec: StudySpec, on: Sequence[str]) -> str | None:
 
 def resolve_config(spec: StudySpec, on: Sequence[str], seed: int, knobs: dict[str, Any] | None = None) -> RunConfig:
     """base + the merged diffs of `on` (srdit.techniques.merge_diffs: shared keys take the `wins` technique's value;
-    searched `knobs` apply to techniques that are on) with train.seed = seed, validated. Raises ConfigError."""
-    return with_techniques(spec.base, [spec.factor(n).technique for n in on], wins=win_pairs(spec.constraints),
-                           searched=knobs, off=[n for n in spec.factor_names if n not in on],
-                           extra={"train.seed": seed})
+    searched `knobs` apply to techniques that are on) with train.seed = seed, validated, and checked against the
+    study's resources (`check_resources`): every cell's config, not only the base. Raises ConfigError."""
+    cfg = with_techniques(spec.base, [spec.factor(n).technique for n in on], wins=win_pairs(spec.constraints),
+                          searched=knobs, off=[n for n in spec.factor_names if n not in on],
+                          extra={"train.seed": seed})
+    check_resources(cfg, spec.resources)
+    return cfg
 
 
 def trial_key(cell: str, seed: int, config: dict) -> str:

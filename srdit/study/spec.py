@@ -25,14 +25,16 @@ to track. Example (see studies/digits_quick.yaml):
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from srdit.config import ConfigError, RunConfig, apply_diff, read_yaml
+from srdit.config import SEED_MAX, ConfigError, RunConfig, apply_diff, read_yaml
 from srdit.metric_registry import METRICS, analysable, direction as metric_direction
-from srdit.techniques import TECHNIQUES, Technique, custom_technique, merge_diffs, run_config_from_dict
+from srdit.techniques import (TECHNIQUES, Technique, custom_technique, merge_diffs, run_config_from_dict,
+                              with_techniques)
 
 # The schema. Tests freeze these tuples so that the study format changes only on purpose.
 STUDY_KEYS = ("name", "description", "base", "techniques", "design", "seeds", "constraints", "metrics", "resources",
@@ -63,6 +65,8 @@ METRIC_DIRECTIONS = {n: metric_direction(n) for n in sorted(analysable(), key=_l
 """The metrics a study may name (`metrics.primary`, `others`, search objectives) and their default directions, from
 srdit.metric_registry."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+MAX_SEEDS = 1000
+"Most seeds a study may give each cell (a guard against a typo such as `seeds: 100000`)."
 _ROMAN = {"III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8}
 
 
@@ -217,14 +221,21 @@ def _int(value: Any, where: str, minimum: int | None = None) -> int:
 
 
 def _number(value: Any, where: str) -> float:
+    """Every number of the study schema: finite (YAML 1.1 reads 1e-3 as a string, so numeric strings count)."""
     if isinstance(value, str):
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
-    return float(value)
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise ConfigError(f"{where}: {value!r} is not allowed; expected a finite number")
+    return out
 
 
 def _str(value: Any, where: str) -> str:
@@ -499,13 +510,15 @@ def parse_metrics(value: Any) -> Metrics:
         return Metrics()
     d = _mapping(value, where, METRICS_KEYS)
     primary = d.get("primary", "fd")
-    if primary not in METRIC_DIRECTIONS:
+    if not isinstance(primary, str) or primary not in METRIC_DIRECTIONS:
         raise ConfigError(f"{where}.primary: unknown metric {primary!r}; allowed: {', '.join(METRIC_DIRECTIONS)}")
     direction = d.get("direction", METRIC_DIRECTIONS[primary])
     if direction not in DIRECTIONS:
         raise ConfigError(f"{where}.direction: {direction!r} is not allowed; allowed values: min, max")
     others_in = d.get("others", {}) or {}
     if isinstance(others_in, list):
+        if not all(isinstance(o, str) for o in others_in):
+            raise ConfigError(f"{where}.others: expected metric names; allowed: {', '.join(METRIC_DIRECTIONS)}")
         others_in = {o: None for o in others_in}
     if not isinstance(others_in, Mapping):
         raise ConfigError(f"{where}.others: expected a list of metric names or a mapping metric -> min|max")
@@ -549,6 +562,15 @@ def parse_resources(value: Any) -> Resources:
                      mc)
 
 
+def check_resources(cfg: RunConfig, resources: Resources) -> None:
+    """What a trial's resources require of its resolved config: a data-parallel trial splits train.batch_size
+    evenly over resources.workers (srdit.parallel.DataParallel.local_batch). Raises ConfigError."""
+    if cfg.train.batch_size % resources.workers:
+        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by resources.workers "
+                          f"({resources.workers} data-parallel workers share each batch); choose a multiple of "
+                          f"{resources.workers}")
+
+
 def parse_tracking(value: Any) -> Tracking:
     where = "tracking"
     if value is None:
@@ -570,10 +592,15 @@ def parse_seeds(value: Any) -> tuple[int, ...]:
         return (0,)
     if isinstance(value, int) and not isinstance(value, bool):
         _int(value, where, 1)
+        if value > MAX_SEEDS:
+            raise ConfigError(f"{where}: {value} seeds per cell; at most {MAX_SEEDS}")
         return tuple(range(value))
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{where}: expected a non-empty list of integers (or a count), got {value!r}")
     seeds = tuple(_int(s, f"{where}[{i}]", 0) for i, s in enumerate(value))
+    for i, s in enumerate(seeds):
+        if s > SEED_MAX:
+            raise ConfigError(f"{where}[{i}]: {s} is not allowed; allowed: an integer in [0, {SEED_MAX}] (train.seed)")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"{where}: seeds must be distinct, got {list(seeds)}")
     return seeds
@@ -616,26 +643,39 @@ def study_from_dict(data: Any, path: str | Path = "<dict>") -> StudySpec:
                      design=design, seeds=parse_seeds(data.get("seeds")), constraints=constraints, metrics=metrics,
                      resources=parse_resources(data.get("resources")), tracking=parse_tracking(data.get("tracking")),
                      path=str(path))
+    try:
+        check_resources(base, spec.resources)
+    except ConfigError as e:
+        raise ConfigError(f"base.{e}") from None
     if design.kind == "search":
         _check_space(spec)
     return spec
 
 
 def _check_space(spec: StudySpec) -> None:
+    """Every choice and both ends of every range must make a valid config (field rules and cross-field rules on the
+    base, with the knob's technique on for `<technique>.<knob>`), so that the search never proposes a value the
+    config alone rules out."""
     names = spec.factor_names
     for p in spec.design.space:
         head, _, rest = p.key.partition(".")
+        on: list = []
         if head in names:
             f = spec.factor(head)
             if rest not in f.technique.knobs:
                 allowed = ", ".join(f.technique.knobs) if f.builtin else "none (custom diff)"
                 raise ConfigError(f"design.space.{p.key}: {rest!r} is not a knob of {head}; allowed knobs: {allowed}")
-            continue
-        probe = p.choices[0] if p.type == "choice" else (int(p.low) if p.type == "int" else p.low)
-        try:
-            apply_diff(spec.base, {p.key: probe})
-        except ConfigError as e:
-            raise ConfigError(f"design.space.{p.key}: {e}") from None
+            on, key = [f.technique], f.technique.knobs[rest]
+        else:
+            key = p.key
+        probes = p.choices if p.type == "choice" else \
+            (int(p.low), int(p.high)) if p.type == "int" else (p.low, p.high)  # as the runner draws them
+        for probe in probes:
+            try:
+                cfg = apply_diff(with_techniques(spec.base, on), {key: probe}).validate()
+                check_resources(cfg, spec.resources)
+            except ConfigError as e:
+                raise ConfigError(f"design.space.{p.key}: {probe!r}: {e}") from None
 
 
 def load_study(path: str | Path) -> StudySpec:
