@@ -105,14 +105,20 @@ def _check_latents(cfg: RunConfig, path: str) -> tuple[str, str] | None:
 
 def _check_dinov2(name: str) -> Callable[[RunConfig, str], tuple[str, str] | None]:
     def check(cfg: RunConfig, path: str) -> tuple[str, str] | None:
-        from srdit.encoders.dinov2 import dinov2_files
+        from srdit.encoders.dinov2 import REPO_URL, dinov2_files, weights_names
 
+        model = name or cfg.data.teacher
+        weights = weights_names(model)[0]
+        url = f"https://dl.fbaipublicfiles.com/dinov2/{weights.rsplit('_pretrain', 1)[0]}/{weights}"
+        if not Path(path).is_dir():
+            return (f"no such folder (the DINOv2 {model} repository and weights)",
+                    f"on a machine with network access `git clone {REPO_URL}` into it and download {url} next to "
+                    f"it, then copy the folder here")
         try:
-            dinov2_files(name if name else cfg.data.teacher, path)
+            dinov2_files(model, path)
         except (FileNotFoundError, ValueError) as e:
-            text = str(e)
-            problem, _, fix = text.partition("; ")
-            return problem.split(": ", 1)[-1], fix
+            problem, _, fix = str(e).split(": ", 1)[-1].partition("; ")
+            return problem, fix
         return None
     return check
 
@@ -186,9 +192,9 @@ UNSET_FIX = {
 }
 
 
-def input_problems(cfg: RunConfig, fields: list[str] | None = None) -> list[Problem]:
+def input_problems(cfg: RunConfig, fields: list[str] | None = None, base: str | None = None) -> list[Problem]:
     """Every missing or unusable input of `cfg` (restricted to `fields` when given), each with its fix. Relative
-    paths are taken from the current directory (resolve them first when the run starts elsewhere)."""
+    paths are checked from `base` (default: the current directory) and shown as written."""
     out = []
     for key in read_fields(cfg):
         if fields is not None and key not in fields:
@@ -200,7 +206,7 @@ def input_problems(cfg: RunConfig, fields: list[str] | None = None) -> list[Prob
             else:
                 out.append(Problem(key, None, "needed by this run but not set", UNSET_FIX.get(key, "")))
                 continue
-        path = os.path.expanduser(str(path))
+        path = os.path.join(base or os.getcwd(), os.path.expanduser(str(path)))
         check = CHECKS.get(key)
         if check is None:
             found = None if os.path.exists(path) else ("no such file or folder", "")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 from typing import Iterable, Mapping
 
-from srdit.config import ConfigError, RunConfig, from_dict, resolve_paths
+from srdit.config import ConfigError, RunConfig, from_dict
 from srdit.metric_registry import produced_by, run_producers
 from srdit.study.spec import StudySpec
 
@@ -47,8 +47,8 @@ def reported_metrics(cfg: RunConfig) -> set[str]:
     return names
 
 
-def _configs(spec: StudySpec, plan, trials: Iterable[Mapping] | None, cwd: str) -> list[tuple[str, RunConfig]]:
-    """(trial key or cell, resolved config) of the trials to check. A search checks the baseline cell and each
+def _configs(spec: StudySpec, plan, trials: Iterable[Mapping] | None) -> list[tuple[str, RunConfig]]:
+    """(trial key or cell, config) of the trials to check. A search checks the baseline cell and each
     technique alone (its samples combine those diffs)."""
     if trials is None:
         trials = [t.to_dict() for t in plan.trials]
@@ -62,7 +62,7 @@ def _configs(spec: StudySpec, plan, trials: Iterable[Mapping] | None, cwd: str) 
             except ConfigError:
                 continue  # an invalid sample is excluded while the search runs
             out.append((t.key, from_dict(RunConfig, t.config)))
-    return [(k, resolve_paths(c, cwd)) for k, c in out]
+    return out
 
 
 def input_and_metric_problems(spec: StudySpec, plan, trials: Iterable[Mapping] | None = None,
@@ -72,12 +72,12 @@ def input_and_metric_problems(spec: StudySpec, plan, trials: Iterable[Mapping] |
     from srdit.inputs import input_problems
 
     cwd = cwd or os.getcwd()
-    configs = _configs(spec, plan, trials, cwd)
+    configs = _configs(spec, plan, trials)
     seen: dict[str, int] = {}
     reported: set[str] | None = None
     datasets = set()
     for _, cfg in configs:
-        for p in input_problems(cfg):
+        for p in input_problems(cfg, base=cwd):
             seen[str(p)] = seen.get(str(p), 0) + 1
         names = reported_metrics(cfg)
         reported = names if reported is None else reported & names
