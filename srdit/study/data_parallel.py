@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,6 +44,8 @@ def _worker_loop(loop: dict) -> None:
     torch.set_num_threads(loop["threads"])
     if loop["gpus"]:
         torch.cuda.set_device(ray.train.torch.get_device())
+    if loop.get("store"):
+        _init_loopback_group(loop)
     cfg = from_dict(RunConfig, loop["config"])
     main = ray.train.get_context().get_world_rank() == 0
     reporter = TrialReporter(ChildRun(loop["uri"], loop["run_id"], reused=True), to_tune=False) if main else None
@@ -66,11 +69,28 @@ def _worker_loop(loop: dict) -> None:
         write_atomic(Path(loop["out_dir"]) / OUTCOME, lambda f: f.write(text.encode()))
 
 
+def _init_loopback_group(loop: dict) -> None:
+    """The process group of a local study without any TCP listener on another address: the rendezvous goes
+    through a file in the trial folder (torch's FileStore; TorchTrainer's TCPStore would listen on every interface)
+    and gloo / NCCL take the loopback interface."""
+    import datetime
+
+    import ray.train
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+    c = ray.train.get_context()
+    store = dist.FileStore(loop["store"], c.get_world_size())
+    dist.init_process_group("nccl" if loop["gpus"] else "gloo", store=store, rank=c.get_world_rank(),
+                            world_size=c.get_world_size(), timeout=datetime.timedelta(hours=2))
+
+
 def train_data_parallel(config: dict, out_dir: str | Path, run_id: str, ctx: TrialContext, max_failures: int):
     """Run `config` on ctx.workers workers; returns (status, reason, step, final metrics, keys already logged at
     the last step). Raises when the group fails beyond its retries (the caller records the trial as crashed)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from srdit.config import RunConfig, from_dict
     from srdit.evaluate import check_evaluation
@@ -89,14 +109,20 @@ def train_data_parallel(config: dict, out_dir: str | Path, run_id: str, ctx: Tri
     for attempt in range(max_failures + 1):
         outcome.unlink(missing_ok=True)
         error.unlink(missing_ok=True)
-        trainer = TorchTrainer(
-            _worker_loop, train_loop_config=loop,
-            torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=7200),  # rank 0 evaluates alone
+        common = dict(
+            train_loop_config=loop,
             scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
                                                    resources_per_worker=per_worker),
             run_config=ray.train.RunConfig(name=f"{ctx.study}-{Path(out_dir).name}-{attempt}",
                                            storage_path=ctx.train_storage,
                                            failure_config=ray.train.FailureConfig(max_failures=0)))
+        if ctx.loopback:  # a local study: no listener beyond loopback (see _init_loopback_group)
+            loop["store"] = str(Path(out_dir) / f".process_group_{attempt}")
+            Path(loop["store"]).unlink(missing_ok=True)
+            trainer = DataParallelTrainer(_worker_loop, **common)
+        else:  # rank 0 evaluates alone: a long collective timeout
+            trainer = TorchTrainer(_worker_loop, torch_config=TorchConfig(backend="nccl" if gpus else "gloo",
+                                                                          timeout_s=7200), **common)
         try:
             trainer.fit()
             break

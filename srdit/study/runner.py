@@ -275,6 +275,16 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
     return _finish(spec, plan, tracking, paths, skipped, len(todo), echo, t0)
 
 
+def _is_loopback() -> bool:
+    """Whether the connected Ray's node address is loopback (a private local Ray of `_ray_started`)."""
+    import ray
+
+    try:
+        return ray.util.get_node_ip_address().startswith("127.")
+    except Exception:  # noqa: BLE001 - not connected
+        return False
+
+
 def _local_nodes(num_cpus: int | None, address: str | None) -> list | None:
     """This machine as the local Ray will see it, or None when the study runs on a cluster (checked once up)."""
     import ray
@@ -350,7 +360,7 @@ def _context(spec: StudySpec, tracking: StudyTracking, paths: dict, plan: Plan,
         study=spec.name, design=plan.design, factors=tuple(spec.factor_names), uri=tracking.uri,
         experiment_id=tracking.experiment_id, parent_run_id=tracking.parent_run_id, trials_dir=str(paths["trials"]),
         cpus=spec.resources.cpus, gpus=spec.resources.gpus, workers=spec.resources.workers,
-        train_storage=str(paths["ray"] / "train"),
+        train_storage=str(paths["ray"] / "train"), loopback=_is_loopback(),
         cwd=os.getcwd(),  # relative paths in the study are meant from here
         spec=spec if search else None, objectives=tuple(search_objectives(spec)) if search else ())
 

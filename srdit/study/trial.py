@@ -59,6 +59,8 @@ class TrialContext:
     "Storage folder of the Ray Train runs of data-parallel trials."
     cwd: str = "."
     "Working directory of the driver: relative paths in the study are meant from here."
+    loopback: bool = False
+    "A local study whose Ray listens on 127.0.0.1 only: data-parallel workers rendezvous through a file, not TCP."
     spec: StudySpec | None = None
     "Search designs: the parsed study, from which each sample's trial spec is made (None for grid designs)."
     objectives: tuple[str, ...] = ()
