@@ -158,3 +158,27 @@ def test_search_with_a_diverging_sample_completes_its_budget_in_one_run(tmp_path
     for r in runs:  # each trained once: no logging step twice
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
         assert len(steps) == len(set(steps)), steps
+
+
+def test_a_trial_killed_by_rays_memory_monitor_is_recorded_as_oom_and_the_driver_goes_on(tmp_path, monkeypatch):
+    """Ray's memory monitor (threshold lowered so that it kills every trial worker) kills the trials: each is
+    recorded as `oom` with the reason, none is left RUNNING, and run_study returns."""
+    import ray
+    from mlflow import MlflowClient
+
+    from srdit.study.runner import run_study
+    from srdit.study.spec import load_study
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_memory_usage_threshold", "0.001")
+    monkeypatch.setenv("RAY_memory_monitor_refresh_ms", "50")
+    spec = load_study(_write(tmp_path / "mem.yaml", techniques=["rmsnorm"]))
+    lines = []
+    res = run_study(spec, tmp_path / "state", num_cpus=2, max_failures=1, echo=lines.append)
+    assert not ray.is_initialized()
+    assert res.statuses == {"oom": 2} and res.complete, lines  # oom is a result: nothing left to rerun
+    client = MlflowClient(res.uri)
+    runs = client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
+    assert all(r.data.tags["status_reason"].startswith("killed for memory by Ray") for r in runs)
+    assert client.get_run(res.parent_run_id).info.status != "RUNNING"
