@@ -80,24 +80,17 @@ def check_evaluation(cfg: RunConfig):
     if not ev.reference:
         raise ValueError("evaluating a latent run needs reference statistics: set eval.reference to an .npz made by "
                          "`srdit reference` (or ADM's VIRTUAL_imagenet256_labeled.npz)")
-    import numpy as np
+    from srdit.inputs import input_problems
+    from srdit.metrics.inception import load_reference
 
-    from srdit.metrics.inception import load_reference, resolve_weights
-
+    if not cfg.data.tokenizer or not cfg.data.tokenizer_path:
+        raise FileNotFoundError("data.tokenizer / data.tokenizer_path: the tokenizer that decodes the samples is not "
+                                "set (set data.tokenizer and data.tokenizer_path)")
+    problems = input_problems(cfg, ["data.tokenizer_path", "eval.reference", "eval.inception_path",
+                                    "eval.dinov2_path"])
+    if problems:
+        raise FileNotFoundError(" | ".join(map(str, problems)))
     ref = load_reference(ev.reference)
-    resolve_weights(ev.inception_path)
-    if not cfg.data.tokenizer or not cfg.data.tokenizer_path or not os.path.exists(cfg.data.tokenizer_path):
-        raise FileNotFoundError(f"data.tokenizer_path {cfg.data.tokenizer_path!r}: the tokenizer weights that decode "
-                                f"the samples are missing (set data.tokenizer and data.tokenizer_path)")
-    if ev.dinov2_path:
-        from srdit.encoders.dinov2 import dinov2_files
-        from srdit.metrics.dinov2_kd import DEFAULT_MODEL
-
-        dinov2_files(DEFAULT_MODEL, ev.dinov2_path)
-        with np.load(ev.reference) as z:
-            if "dinov2" not in z.files:
-                raise ValueError(f"eval.dinov2_path is set but {ev.reference} holds no DINOv2 features; rebuild it "
-                                 f"with `srdit reference --dinov2 DIR` or unset eval.dinov2_path")
     return ref
 
 

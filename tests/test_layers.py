@@ -7,7 +7,7 @@
 | model     | model/                                             | config, util                   | ray, mlflow     |
 | transport | transport/                                         | config, util, `srdit.model` *  | ray, mlflow     |
 | data      | data/, encoders/, metrics/                         | config, util                   | ray, mlflow     |
-| train     | train, generate, evaluate, sample_shards, parallel, imaging, provenance, convert | the rows above | ray, mlflow |
+| train     | train, generate, evaluate, sample_shards, parallel, imaging, provenance, convert, inputs | the rows above | ray, mlflow |
 | study     | study/                                             | the rows above, `srdit.analysis.results` only | -  |
 | analysis  | analysis/                                          | config                         | torch, ray      |
 | cli       | cli, __main__, preprocess_command, report_command  | everything                     | -               |
@@ -48,7 +48,7 @@ LAYERS: dict[str, set[str]] = {
     "model": {"model"},
     "transport": {"transport"},
     "data": {"data", "encoders", "metrics"},
-    "train": {"train", "generate", "evaluate", "sample_shards", "parallel", "imaging", "provenance", "convert"},
+    "train": {"train", "generate", "evaluate", "sample_shards", "parallel", "imaging", "provenance", "convert", "inputs"},
     "study": {"study"},
     "analysis": {"analysis"},
     "cli": {"cli", "__main__", "preprocess_command", "report_command"},

@@ -93,11 +93,14 @@ def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray
 
     path = write_study(tmp_path / "fail.yaml", name="fail", seeds=[0], techniques=[
         {"name": "explode", "diff": {"train.lr": 1e6}},
-        {"name": "broken", "diff": {"data.dataset": "latents", "data.path": "/nonexistent/latents"}}],
+        # passes validation and the preflight, raises when the trainer builds the teacher (64-d tokens, not 32)
+        {"name": "broken", "diff": {"model.repa.enabled": True, "model.repa.teacher_dim": 32}}],
         constraints=[{"excludes": ["explode", "broken"]}])
     spec = load_study(path)
     res = run_study(spec, tmp_path / "state")
-    assert res.complete and res.statuses == {"finished": 1, "diverged": 1, "crashed": 1}
+    assert res.statuses == {"finished": 1, "diverged": 1, "crashed": 1}
+    # a crash is a failure outside the trial's result: the study is not complete until a rerun retries it
+    assert not res.complete and [k.split("-")[0] for k in res.unfinished] == ["01"]
 
     client = MlflowClient(res.uri)
     runs = {r.data.tags["cell"]: r for r in client.search_runs(
@@ -108,7 +111,7 @@ def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray
     assert diverged.info.status == "FAILED" and diverged.data.tags["status"] == "diverged"
     assert diverged.data.tags["status_reason"].startswith("non-finite")
     assert crashed.info.status == "FAILED" and crashed.data.tags["status"] == "crashed"
-    assert crashed.data.tags["status_reason"].startswith("FileNotFoundError: /nonexistent/latents: no index.json")
+    assert crashed.data.tags["status_reason"].startswith("ValueError: teacher digits-cnn gives 64-d tokens")
     assert "traceback.txt" in {a.path for a in client.list_artifacts(crashed.info.run_id)}
 
     results, _ = load_results(spec, tmp_path / "state")
@@ -116,8 +119,10 @@ def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray
                                                                          "01": "crashed"}
     assert results.excluded == [{"cell": "11", "techniques": ["explode", "broken"],
                                  "reason": "constraint: explode and broken exclude each other"}]
-    # failed trials are done: a rerun skips them unless asked to retry
-    assert run_study(spec, tmp_path / "state").ran == 0
+    # diverged is a result and stays; crashed is retried by a rerun (and reuses its child run)
+    again = run_study(spec, tmp_path / "state")
+    assert again.ran == 1 and again.skipped == 2
+    assert len(client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")) == 3
 
 
 def test_search_design_runs_optuna_through_tune_and_continues(tmp_path, ray_local):

@@ -406,8 +406,9 @@ def load_reference(path: str | os.PathLike) -> Reference:
     recall) or a pytorch-fid stats file (mu, sigma only, so no sFID either). Only those keys are read."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference statistics {path} not found (make them with save_reference, or use "
-                                "an ADM reference batch such as VIRTUAL_imagenet256_labeled.npz)")
+        raise FileNotFoundError(f"reference statistics {path} not found (make them with `srdit reference LATENT_DIR "
+                                f"{path} --inception WEIGHTS`, or use an ADM reference batch such as "
+                                "VIRTUAL_imagenet256_labeled.npz)")
     with np.load(path, allow_pickle=False) as z:
         if "mu" not in z.files or "sigma" not in z.files:
             raise ValueError(f"{path}: no mu / sigma arrays (keys: {', '.join(z.files)})")

@@ -1,7 +1,9 @@
 """Commands of the study layer (dispatched by srdit.cli; also `python -m srdit.study.command ...`):
 
-    srdit study plan STUDY.yaml [--json]              cells, excluded cells, aliases, trial count, cost; runs nothing
-    srdit study run STUDY.yaml [--state DIR]          run every unfinished trial (Ray Tune; RAY_ADDRESS for a cluster)
+    srdit study plan STUDY.yaml [--json]              cells, excluded cells, aliases, trial count, cost, and the
+                                                      preflight (missing inputs, unreported metrics, resources)
+    srdit study run STUDY.yaml [--state DIR]          preflight, then every unfinished trial (Ray Tune; a private
+                      [--address ADDR]                local Ray on 127.0.0.1, or the cluster at ADDR / RAY_ADDRESS)
     srdit study resume STUDY.yaml [--state DIR]       the same as run (finishes what is unfinished)
     srdit study status STUDY.yaml [--state DIR]       trials done / unfinished, from MLflow
     srdit ui [--state DIR] [--port N]                 mlflow server on 127.0.0.1 over the embedded store
@@ -20,7 +22,6 @@ from pathlib import Path
 from srdit.config import ConfigError
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no config box / TensorBoard hint; the runner prints progress
 
@@ -62,8 +63,10 @@ def _study_parser() -> argparse.ArgumentParser:
         r.add_argument("study")
         r.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
         r.add_argument("--retry-failed", action="store_true",
-                       help="also rerun trials that ended diverged / oom / crashed")
+                       help="also rerun trials that ended diverged or oom (crashed trials are always rerun)")
         r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+        r.add_argument("--address", default=None,
+                       help="Ray cluster to run on (default: $RAY_ADDRESS, else a private local Ray on 127.0.0.1)")
     ex = sub.add_parser("export", help="write one row per trial (factors, seed, status, every metric) from MLflow")
     ex.add_argument("study")
     ex.add_argument("--csv", nargs="?", const="", default="", metavar="PATH",
@@ -110,12 +113,21 @@ def _plan(args) -> int:
 
     spec = load_study(args.study)
     plan = plan_study(spec)
+    from srdit.study import preflight
+
     sps = args.steps_per_s or ASSUMED_STEPS_PER_S
     conc = args.concurrency or _concurrency(spec)
+    problems = (preflight.input_and_metric_problems(spec, plan) +
+                preflight.resource_problems(spec, preflight.local_nodes(), "this machine"))
     if args.json:
-        print(json.dumps(plan.to_json(sps, conc), indent=1))
+        print(json.dumps({**plan.to_json(sps, conc), "preflight": problems}, indent=1))
     else:
         print(format_plan(plan, sps, conc))
+        if problems:
+            print(f"preflight: {len(problems)} problem(s); `srdit study run` refuses to start until they are fixed")
+            print("\n".join(f"  - {p}" for p in problems))
+        else:
+            print("preflight: every input present, every metric reported, a trial fits this machine")
     return 0
 
 
@@ -127,7 +139,8 @@ def _run(args) -> int:
     from srdit.study.designs import plan_study
 
     plan = plan_study(spec)  # plan errors are input errors: raise before anything starts
-    res = run_study(spec, args.state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan)
+    res = run_study(spec, args.state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan,
+                    address=args.address)
     state = Path(args.state)
     print(f"MLflow: {res.uri} (experiment {spec.tracking.experiment or spec.name}, parent run {res.parent_run_id}); "
           f"browse with `srdit ui --state {state}`")

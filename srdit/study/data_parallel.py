@@ -1,16 +1,21 @@
 """A trial with several data-parallel workers: a Ray Train TorchTrainer run inside the Tune trial (Ray Train V2).
 
 The Tune trial is only the driver; the workers run `srdit.train.train` under torch.distributed (NCCL on GPUs, gloo
-on CPUs). Rank 0 logs to the trial's MLflow child run and writes the checkpoint in the trial folder; after a lost
-worker or node Ray Train restarts the group (FailureConfig) and the trainer resumes from that checkpoint. The run
-name is the trial key, so a retried driver finds the same Train run. The trial folder must be on storage that every
-node sees (as for any multi-node study).
+on CPUs). Rank 0 logs to the trial's MLflow child run and writes the checkpoint in the trial folder.
+
+Failures are classified here, not by Ray Train (its FailureConfig allows no retry): an exception raised by the
+training code on any rank (a bug, an out-of-memory error) is written to the trial folder by that rank and is the
+trial's outcome at once (crashed / oom), since every attempt would hit it again; a group that fails without such a
+record (a lost worker or node) is started again, up to `max_failures` times, and the trainer resumes from the
+checkpoint. The run name is the trial key. The trial folder must be on storage that every node sees (as for any
+multi-node study).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +26,8 @@ if TYPE_CHECKING:
 
 
 OUTCOME = "trial_outcome.json"
+WORKER_ERROR = "trial_worker_error.json"
+"Written by the first rank whose training code raised: {status, reason, rank}."
 
 
 def _worker_loop(loop: dict) -> None:
@@ -37,10 +44,23 @@ def _worker_loop(loop: dict) -> None:
     torch.set_num_threads(loop["threads"])
     if loop["gpus"]:
         torch.cuda.set_device(ray.train.torch.get_device())
+    if loop.get("store"):
+        _init_loopback_group(loop)
     cfg = from_dict(RunConfig, loop["config"])
     main = ray.train.get_context().get_world_rank() == 0
     reporter = TrialReporter(ChildRun(loop["uri"], loop["run_id"], reused=True), to_tune=False) if main else None
-    res = train(cfg, loop["out_dir"], reporter, resume=True, progress=False)
+    try:
+        res = train(cfg, loop["out_dir"], reporter, resume=True, progress=False)
+    except Exception as e:  # a deterministic failure of this trial: record it, then fail the group
+        from srdit.study.trial import _one_line, is_oom
+
+        rank = ray.train.get_context().get_world_rank()
+        text = json.dumps({"status": "oom" if is_oom(e) else "crashed", "reason": f"rank {rank}: {_one_line(e)}",
+                           "rank": rank})
+        path = Path(loop["out_dir"]) / WORKER_ERROR
+        if not path.exists():
+            write_atomic(path, lambda f: f.write(text.encode()))
+        raise
     final = {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}
     if main:
         logged = sorted(reporter.at_last_step) if reporter.last_step == res.step else []
@@ -49,11 +69,28 @@ def _worker_loop(loop: dict) -> None:
         write_atomic(Path(loop["out_dir"]) / OUTCOME, lambda f: f.write(text.encode()))
 
 
+def _init_loopback_group(loop: dict) -> None:
+    """The process group of a local study without any TCP listener on another address: the rendezvous goes
+    through a file in the trial folder (torch's FileStore; TorchTrainer's TCPStore would listen on every interface)
+    and gloo / NCCL take the loopback interface."""
+    import datetime
+
+    import ray.train
+    import torch.distributed as dist
+
+    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+    c = ray.train.get_context()
+    store = dist.FileStore(loop["store"], c.get_world_size())
+    dist.init_process_group("nccl" if loop["gpus"] else "gloo", store=store, rank=c.get_world_rank(),
+                            world_size=c.get_world_size(), timeout=datetime.timedelta(hours=2))
+
+
 def train_data_parallel(config: dict, out_dir: str | Path, run_id: str, ctx: TrialContext, max_failures: int):
     """Run `config` on ctx.workers workers; returns (status, reason, step, final metrics, keys already logged at
     the last step). Raises when the group fails beyond its retries (the caller records the trial as crashed)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from srdit.config import RunConfig, from_dict
     from srdit.evaluate import check_evaluation
@@ -68,16 +105,33 @@ def train_data_parallel(config: dict, out_dir: str | Path, run_id: str, ctx: Tri
     per_worker = {"CPU": ctx.cpus, **({"GPU": gpus / workers} if gpus else {})}
     loop = {"config": config, "out_dir": str(out_dir), "uri": ctx.uri, "run_id": run_id, "gpus": gpus,
             "workers": workers, "threads": max(1, int(math.floor(ctx.cpus)))}
-    outcome = Path(out_dir) / OUTCOME
-    outcome.unlink(missing_ok=True)
-    trainer = TorchTrainer(
-        _worker_loop, train_loop_config=loop,
-        torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=7200),  # rank 0 evaluates alone
-        scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
-                                               resources_per_worker=per_worker),
-        run_config=ray.train.RunConfig(name=f"{ctx.study}-{Path(out_dir).name}", storage_path=ctx.train_storage,
-                                       failure_config=ray.train.FailureConfig(max_failures=max_failures)))
-    trainer.fit()
+    outcome, error = Path(out_dir) / OUTCOME, Path(out_dir) / WORKER_ERROR
+    for attempt in range(max_failures + 1):
+        outcome.unlink(missing_ok=True)
+        error.unlink(missing_ok=True)
+        common = dict(
+            train_loop_config=loop,
+            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
+                                                   resources_per_worker=per_worker),
+            run_config=ray.train.RunConfig(name=f"{ctx.study}-{Path(out_dir).name}-{attempt}",
+                                           storage_path=ctx.train_storage,
+                                           failure_config=ray.train.FailureConfig(max_failures=0)))
+        if ctx.loopback:  # a local study: no listener beyond loopback (see _init_loopback_group)
+            loop["store"] = str(Path(out_dir) / f".process_group_{attempt}")
+            Path(loop["store"]).unlink(missing_ok=True)
+            trainer = DataParallelTrainer(_worker_loop, **common)
+        else:  # rank 0 evaluates alone: a long collective timeout
+            trainer = TorchTrainer(_worker_loop, torch_config=TorchConfig(backend="nccl" if gpus else "gloo",
+                                                                          timeout_s=7200), **common)
+        try:
+            trainer.fit()
+            break
+        except Exception:
+            if error.is_file():  # the training code raised: the same on every attempt
+                m = json.loads(error.read_text())
+                return m["status"], m["reason"], 0, {}, set()
+            if attempt == max_failures:
+                raise
     if not outcome.is_file():
         raise RuntimeError(f"the worker group ended without writing {outcome} (is the trial folder on storage that "
                            f"every node sees?)")

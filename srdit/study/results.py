@@ -16,7 +16,7 @@ from srdit.config import ConfigError
 from srdit.study.designs import Plan, plan_study
 from srdit.study.runner import state_paths
 from srdit.study.spec import StudySpec
-from srdit.study.tracking import StudyTracking, is_done, open_study, resolve_uri, retry
+from srdit.study.tracking import StudyTracking, has_ended, open_study, resolve_uri, retry
 
 CURVE_KEYS = tuple(metric_registry.curves())
 "Metrics read as learning curves from MLflow (and as table columns): the registry's curve metrics."
@@ -58,7 +58,7 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
     for key in keys:
         run = children[key]
         tags, m = run.data.tags, run.data.metrics
-        if not is_done(run):
+        if not has_ended(run):
             continue  # interrupted: neither a result nor a failure (rerun the study to finish it)
         status = tags.get("status", "unknown")
         ok = status == "finished"

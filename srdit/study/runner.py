@@ -1,14 +1,19 @@
 """Run a study on Ray Tune: one trial per cell x seed (a grid over an explicit list of trial specs), or an Optuna
 search through Ray Tune's OptunaSearch.
 
-- Local Ray by default (all cores); an existing cluster when RAY_ADDRESS is set (the state folder must then be on
-  storage every node sees, or tracking must point at a server).
+- A private local Ray by default (all cores, every Ray process listening on 127.0.0.1 only); an existing cluster
+  only when RAY_ADDRESS / `--address` is given (the state folder must then be on storage every node sees, or
+  tracking must point at a server). The line "Ray: ..." says which one is used.
+- Preflight (srdit.study.preflight) before anything is recorded: every input of the trials to run, the metrics,
+  and whether a trial fits the cluster; a problem raises PreflightError (the CLI: exit 2).
 - Trial workers are reused (reuse_actors=True); torch threads per trial = CPUs per trial.
 - Infrastructure failures (a worker or node lost) are retried by Tune (FailureConfig.max_failures); the trainer
-  resumes from the checkpoint in the trial folder and the trial reuses its MLflow child run.
+  resumes from the checkpoint in the trial folder and the trial reuses its MLflow child run. A trial whose worker
+  Ray's memory monitor kills is recorded as `oom` by the driver.
 - A trial that diverges, runs out of memory or raises is recorded (status + reason) and the study goes on: the
   trainable catches it and reports it; it never becomes a Tune ERROR.
-- Rerunning after an interruption runs only the trials whose child run is not done (MLflow is the source of truth).
+- Rerunning after an interruption runs only the trials whose child run is not done (MLflow is the source of truth;
+  `srdit.study.tracking.is_done` is the rule: crashed trials run again, diverged / oom ones stay).
 """
 
 from __future__ import annotations
@@ -22,13 +27,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 from srdit.metric_registry import headline
+from srdit.study import preflight
 from srdit.study.designs import Plan, plan_study, search_objectives
 from srdit.study.spec import StudySpec
-from srdit.study.tracking import StudyTracking, is_done, open_study, resolve_uri
-from srdit.study.trial import MAX_FAILURES, TrialContext, execute_trial, trainable
+from srdit.study.tracking import StudyTracking, has_ended, is_done, is_local_store, open_study, resolve_uri
+from srdit.study.trial import MAX_FAILURES, TrialContext, execute_trial, is_oom, record_outcome, trainable
 
-DRIVER_CPU = 0.01
-"CPU share of a data-parallel trial's driver, which only waits on its workers."
+HOST_TRIAL_RESOURCES = {"cpu": preflight.HOST_TRIAL_CPU, "memory": 1 << 20}
+"""What the Tune trial hosting a data-parallel run reserves: no CPU (its workers' bundles hold the CPUs and GPUs);
+Tune needs some resource in a bundle, so 1 MiB of Ray's `memory` resource."""
 
 
 @dataclass
@@ -62,37 +69,65 @@ def state_paths(state_dir: str | Path, study: str) -> dict[str, Path]:
 
 
 @contextlib.contextmanager
-def _ray_session(num_cpus: int | None, echo: Callable[[str], None]):
-    """Ray for the body of the block: connect to RAY_ADDRESS or start a local Ray (shut down afterwards if this
-    block started it). Ctrl-C inside ends the block quietly: finished trials are already recorded in MLflow."""
+def _ray_session(num_cpus: int | None, echo: Callable[[str], None], address: str | None = None):
+    """Ray for the body of the block: the cluster at `address` / RAY_ADDRESS, else a private local Ray bound to
+    127.0.0.1 (shut down afterwards if this block started it). Ctrl-C inside ends the block quietly: finished
+    trials are already recorded in MLflow."""
+
+    with _ray_started(num_cpus, echo, address):
+        try:
+            yield
+        except KeyboardInterrupt:
+            echo("interrupted")
+
+
+@contextlib.contextmanager
+def _ray_started(num_cpus: int | None, echo: Callable[[str], None], address: str | None = None):
     import ray
 
-    started = _ensure_ray(num_cpus, echo)
-    try:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if ray.is_initialized():
+        echo("Ray: the Ray this process is already connected to")
         yield
-    except KeyboardInterrupt:
-        echo("interrupted")
-    finally:
-        if started:
+        return
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
+    if address:
+        echo(f"Ray: the cluster at {address} (RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')})")
+        ray.init(address=address, **kwargs)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+        return
+    with _loopback_only():
+        ray.init(address="local", num_cpus=num_cpus, **kwargs)  # "local": never join a `ray start` cluster
+        echo(f"Ray: a private local Ray on 127.0.0.1 ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
+        try:
+            yield
+        finally:
             ray.shutdown()
 
 
-def _ensure_ray(num_cpus: int | None, echo: Callable[[str], None]) -> bool:
-    """Connect to RAY_ADDRESS or start a local Ray; returns True when this call started it."""
-    import ray
+@contextlib.contextmanager
+def _loopback_only():
+    """Make a local Ray take 127.0.0.1 as its node address, so that GCS, raylet, object manager, agents and
+    workers listen on loopback only. On Linux Ray replaces a loopback node address by the machine's address unless
+    its single-machine mode is on (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`, read by Ray's processes from the
+    environment and by this one from `ray._private.ray_constants`)."""
+    import ray._private.ray_constants as rc
 
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
-    if address:
-        echo(f"connecting to the Ray cluster at {address}")
-        ray.init(address=address, **kwargs)
-    else:
-        ray.init(num_cpus=num_cpus, **kwargs)
-    return True
+    var = rc.ENABLE_RAY_CLUSTERS_ENV_VAR
+    old_env, old_flag = os.environ.get(var), rc.ENABLE_RAY_CLUSTER
+    os.environ[var], rc.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        yield
+    finally:
+        rc.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old_env
 
 
 def progress_line(n: int, total: int, key: str, result: dict, primary: str | None = None) -> str:
@@ -106,16 +141,52 @@ def progress_line(n: int, total: int, key: str, result: dict, primary: str | Non
     return f"[{n}/{total}] {key}: {r.get('status', '?')}{reason}  {extra}  {r.get('trial_wall_s', 0):.0f} s"
 
 
-def _progress_callback(total: int, done_before: int, echo: Callable[[str], None], primary: str | None = None):
-    """The Tune callback that prints one line per finished trial (see `progress_line`)."""
+def _trial_error(trial) -> str:
+    """The last error of a Tune trial, as text (pickled exception, else the error file's text)."""
+    try:
+        e = trial.get_pickled_error()
+        if e is not None:
+            return f"{type(e).__name__}: {e}"
+        e = trial.get_error()
+        return str(e) if e is not None else ""
+    except Exception:  # noqa: BLE001 - the error file may be gone
+        return ""
+
+
+def _progress_callback(total: int, done_before: int, echo: Callable[[str], None], primary: str | None = None,
+                       ctx: TrialContext | None = None):
+    """The Tune callback that prints one line per finished trial (see `progress_line`), and records a trial whose
+    worker Ray killed for memory as `oom` (Tune's retries of it are then answered from that record)."""
     from ray import tune
 
     class Progress(tune.Callback):
         def __init__(self):
             self.n = done_before
+            self.oom: set[str] = set()
+
+        def _record_oom(self, trial) -> bool:
+            t = trial.config.get("trial")
+            error = _trial_error(trial)
+            if ctx is None or t is None or not is_oom(error) or t["key"] in self.oom:
+                return t is not None and t["key"] in self.oom
+            reason = "killed for memory by Ray: " + " ".join(error.split())[:400]
+            try:
+                record_outcome(t, ctx, "oom", reason)
+            except Exception as e:  # noqa: BLE001 - the driver goes on; the trial stays unfinished
+                echo(f"  {t['key']}: could not record oom ({type(e).__name__}: {e})")
+                return False
+            self.oom.add(t["key"])
+            self.n += 1
+            echo(progress_line(self.n, total, t["key"], {"status": "oom", "reason": reason[:120]}, primary))
+            return True
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self._record_oom(trial)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
+            if r.get("trial_key") in self.oom:
+                return  # already counted when recorded
             if r.get("status") == "excluded":
                 echo(f"  search sample excluded: {r.get('reason', '')}")
                 return
@@ -123,8 +194,11 @@ def _progress_callback(total: int, done_before: int, echo: Callable[[str], None]
             echo(progress_line(self.n, total, r.get("trial_key") or trial.trial_id, r, primary))
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            if self._record_oom(trial):
+                return
             key = trial.config.get("trial", {}).get("key", trial.trial_id)
-            echo(f"  {key}: infrastructure failure (retried up to {MAX_FAILURES} times; rerun the study to resume)")
+            echo(f"  {key}: infrastructure failure after {MAX_FAILURES} retries "
+                 f"({_trial_error(trial)[:200]}); rerun the study to resume it")
 
     return Progress()
 
@@ -145,17 +219,33 @@ def prepare(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None) ->
     return plan, tracking, paths
 
 
+def _existing_children(spec: StudySpec, state_dir: str | Path) -> dict:
+    """trial key -> child run of the study as recorded so far, read without creating anything (no store, no
+    experiment: {})."""
+    root = state_paths(state_dir, spec.name)["root"]
+    uri = resolve_uri(spec.tracking.uri, root)
+    if is_local_store(uri) and not Path(uri[len("sqlite:///"):]).exists():
+        return {}
+    tracking = open_study(uri, spec.tracking.experiment or spec.name, spec.name, root, create=False)
+    return tracking.children_by_key() if tracking else {}
+
+
 def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = False, num_cpus: int | None = None,
               max_failures: int = MAX_FAILURES, echo: Callable[[str], None] | None = None,
-              plan: Plan | None = None) -> StudyRun:
-    """Run (or resume) every unfinished trial of the study; returns a summary. Ray is started when not running."""
+              plan: Plan | None = None, address: str | None = None) -> StudyRun:
+    """Run (or resume) every unfinished trial of the study; returns a summary. Ray is started when not running
+    (the cluster at `address` / RAY_ADDRESS, else a private local Ray on loopback).
+
+    Raises `PreflightError` (nothing recorded, no trial started) when an input of a trial to run is missing, a
+    study metric is not reported by its runs, or a trial cannot fit the cluster."""
     echo = echo or (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
-    plan, tracking, paths = prepare(spec, state_dir, plan)
-    existing = tracking.children_by_key()
-    search = spec.design.kind == "search"
-    if search:
-        return _run_search(spec, plan, tracking, paths, existing, retry_failed, num_cpus, max_failures, echo, t0)
+    plan = plan or plan_study(spec)
+    existing = _existing_children(spec, state_dir)
+    nodes = _local_nodes(num_cpus, address)  # a local run: check the resources with the files (a cluster: once up)
+    if spec.design.kind == "search":
+        preflight.check(spec, plan, [], nodes)
+        return _run_search(spec, plan, state_dir, existing, retry_failed, num_cpus, max_failures, echo, t0, address)
     todo, skipped = [], 0
     for t in plan.trials:
         run = existing.get(t.key)
@@ -166,19 +256,53 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
         if run is not None and not (retry_failed and is_done(run)):
             d["run_id"] = run.info.run_id  # unfinished: reuse it (the trainer resumes from its checkpoint)
         todo.append(d)
-    echo(f"study {spec.name}: {len(plan.trials)} trials ({len(plan.cells)} cells x {len(spec.seeds)} seeds, "
-         f"design {plan.design}); {skipped} already done, {len(todo)} to run")
-    if plan.excluded:
-        echo(f"  {len(plan.excluded)} cell(s) excluded: " +
-             "; ".join(f"{e['cell']} ({e['reason']})" for e in plan.excluded[:4]) +
-             (" ..." if len(plan.excluded) > 4 else ""))
-    ran = 0
-    if todo:
+    preflight.check(spec, plan, todo, nodes if todo else None)
+    if not todo:
+        plan, tracking, paths = prepare(spec, state_dir, plan)
+        echo(f"study {spec.name}: {len(plan.trials)} trials; all done")
+        return _finish(spec, plan, tracking, paths, skipped, 0, echo, t0)
+    with _ray_session(num_cpus, echo, address):
+        _check_cluster(spec)
+        plan, tracking, paths = prepare(spec, state_dir, plan)
+        echo(f"study {spec.name}: {len(plan.trials)} trials ({len(plan.cells)} cells x {len(spec.seeds)} seeds, "
+             f"design {plan.design}); {skipped} already done, {len(todo)} to run")
+        if plan.excluded:
+            echo(f"  {len(plan.excluded)} cell(s) excluded: " +
+                 "; ".join(f"{e['cell']} ({e['reason']})" for e in plan.excluded[:4]) +
+                 (" ..." if len(plan.excluded) > 4 else ""))
         tracking.set_parent_status("RUNNING")
-        with _ray_session(num_cpus, echo):
-            _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped)
-            ran = len(todo)
-    return _finish(spec, plan, tracking, paths, skipped, ran, echo, t0)
+        _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped)
+    return _finish(spec, plan, tracking, paths, skipped, len(todo), echo, t0)
+
+
+def _is_loopback() -> bool:
+    """Whether the connected Ray's node address is loopback (a private local Ray of `_ray_started`)."""
+    import ray
+
+    try:
+        return ray.util.get_node_ip_address().startswith("127.")
+    except Exception:  # noqa: BLE001 - not connected
+        return False
+
+
+def _local_nodes(num_cpus: int | None, address: str | None) -> list | None:
+    """This machine as the local Ray will see it, or None when the study runs on a cluster (checked once up)."""
+    import ray
+
+    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return None
+    node = preflight.local_nodes()[0]
+    return [{**node, "CPU": float(num_cpus or node["CPU"])}]
+
+
+def _check_cluster(spec: StudySpec) -> None:
+    """Refuse (PreflightError) a trial that the connected Ray cluster cannot hold."""
+    import ray
+
+    problems = preflight.resource_problems(spec, preflight.ray_nodes(),
+                                           "the Ray cluster" if len(ray.nodes()) > 1 else "this Ray node")
+    if problems:
+        raise preflight.PreflightError(spec.name, problems)
 
 
 def _tuner_common(spec: StudySpec, paths: dict, max_failures: int, callbacks: list) -> tuple:
@@ -186,7 +310,7 @@ def _tuner_common(spec: StudySpec, paths: dict, max_failures: int, callbacks: li
 
     r = spec.resources
     # A data-parallel trial is a driver: its workers take the CPUs and GPUs (placement group of the Train run).
-    res = {"cpu": r.cpus, "gpu": r.gpus} if r.workers == 1 else {"cpu": DRIVER_CPU}
+    res = {"cpu": r.cpus, "gpu": r.gpus} if r.workers == 1 else HOST_TRIAL_RESOURCES
     wrapped = tune.with_resources(trainable, res)
     run_config = tune.RunConfig(
         name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(paths["ray"]),
@@ -203,7 +327,7 @@ def _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped):
     from ray import tune
 
     ctx = _context(spec, tracking, paths, plan)
-    progress = _progress_callback(len(plan.trials), skipped, echo, spec.metrics.primary)
+    progress = _progress_callback(len(plan.trials), skipped, echo, spec.metrics.primary, ctx)
     wrapped, run_config = _tuner_common(spec, paths, max_failures, [progress])
     tuner = tune.Tuner(
         wrapped,
@@ -222,7 +346,7 @@ def _max_concurrent(r) -> int | None:
     import ray
 
     have = ray.cluster_resources()
-    fit = have.get("CPU", 0) // (r.cpus * r.workers + DRIVER_CPU)
+    fit = have.get("CPU", 0) // (r.cpus * r.workers)
     if r.gpus:
         fit = min(fit, have.get("GPU", 0) // r.gpus)
     return max(1, int(fit))
@@ -236,29 +360,34 @@ def _context(spec: StudySpec, tracking: StudyTracking, paths: dict, plan: Plan,
         study=spec.name, design=plan.design, factors=tuple(spec.factor_names), uri=tracking.uri,
         experiment_id=tracking.experiment_id, parent_run_id=tracking.parent_run_id, trials_dir=str(paths["trials"]),
         cpus=spec.resources.cpus, gpus=spec.resources.gpus, workers=spec.resources.workers,
-        train_storage=str(paths["ray"] / "train"),
+        train_storage=str(paths["ray"] / "train"), loopback=_is_loopback(),
         cwd=os.getcwd(),  # relative paths in the study are meant from here
         spec=spec if search else None, objectives=tuple(search_objectives(spec)) if search else ())
 
 
-def _run_search(spec, plan, tracking, paths, existing, retry_failed, num_cpus, max_failures, echo, t0) -> StudyRun:
+def _run_search(spec, plan, state_dir, existing, retry_failed, num_cpus, max_failures, echo, t0, address) -> StudyRun:
     """Optuna (OptunaSearch) over technique switches and knobs. The Optuna study persists in
     <state>/optuna/<study>.db, so a rerun continues the same search; unfinished children are re-queued first (same
-    params -> same trial key -> same MLflow run and checkpoint)."""
+    params -> same trial key -> same MLflow run and checkpoint). A sample that fails, diverges or is excluded is
+    told to Optuna as FAIL and counts against the budget, so one run evaluates the whole budget."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
-    from ray.tune.search.optuna import OptunaSearch
 
+    paths = state_paths(state_dir, spec.name)
     objectives = search_objectives(spec)
     directions = [spec.metrics.all()[o] for o in objectives]
-    storage = _optuna_storage(paths, spec)
     pending = [p for p in (_search_point(spec, r) for r in existing.values() if not is_done(r, retry_failed)) if p]
-    n_done = _search_samples_done(storage, spec, existing)
+    n_done = _search_samples_done(paths, spec, existing)
     remaining = max(0, spec.design.trials - n_done)
-    echo(f"study {spec.name}: search, budget {spec.design.trials} trials; {n_done} already done, "
-         f"{remaining} to run" + (f" ({len(pending[:remaining])} interrupted, re-queued)" if pending else ""))
-    ran = 0
-    if remaining:
+    if not remaining:
+        plan, tracking, paths = prepare(spec, state_dir, plan)
+        echo(f"study {spec.name}: search, budget {spec.design.trials} trials; all evaluated")
+        return _finish(spec, plan, tracking, paths, n_done, 0, echo, t0)
+    with _ray_session(num_cpus, echo, address):
+        _check_cluster(spec)
+        plan, tracking, paths = prepare(spec, state_dir, plan)
+        echo(f"study {spec.name}: search, budget {spec.design.trials} trials; {n_done} already done, "
+             f"{remaining} to run" + (f" ({len(pending[:remaining])} interrupted, re-queued)" if pending else ""))
         space: dict[str, Any] = {f"tech.{n}": tune.choice([0, 1]) for n in spec.factor_names}
         for p in spec.design.space:
             if p.type == "choice":
@@ -267,45 +396,64 @@ def _run_search(spec, plan, tracking, paths, existing, retry_failed, num_cpus, m
                 space[p.key] = (tune.lograndint if p.log else tune.randint)(int(p.low), int(p.high) + 1)
             else:
                 space[p.key] = (tune.loguniform if p.log else tune.uniform)(p.low, p.high)
-        searcher = OptunaSearch(metric=objectives if len(objectives) > 1 else objectives[0],
-                                mode=directions if len(directions) > 1 else directions[0],
-                                seed=spec.design.seed + n_done,  # a continued search draws new samples
-                                points_to_evaluate=pending[:remaining] or None,
-                                study_name=spec.name, storage=storage)
+        searcher = _fail_aware_optuna(metric=objectives if len(objectives) > 1 else objectives[0],
+                                      mode=directions if len(directions) > 1 else directions[0],
+                                      seed=spec.design.seed + n_done,  # a continued search draws new samples
+                                      points_to_evaluate=pending[:remaining] or None,
+                                      study_name=spec.name, storage=_optuna_storage(paths, spec))
         ctx = _context(spec, tracking, paths, plan, search=True)
         tracking.set_parent_status("RUNNING")
-        with _ray_session(num_cpus, echo):
-            conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
-            search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
-            progress = _progress_callback(spec.design.trials, n_done, echo, spec.metrics.primary)
-            wrapped, run_config = _tuner_common(spec, paths, max_failures, [progress])
-            tune.Tuner(wrapped, param_space={**space, "ctx": ctx},
-                       tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=remaining, reuse_actors=True,
-                                                   trial_name_creator=_trial_name,
-                                                   trial_dirname_creator=_trial_name),
-                       run_config=run_config).fit()
-            ran = remaining
-    return _finish(spec, plan, tracking, paths, n_done, ran, echo, t0)
+        conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
+        search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
+        progress = _progress_callback(spec.design.trials, n_done, echo, spec.metrics.primary)
+        wrapped, run_config = _tuner_common(spec, paths, max_failures, [progress])
+        tune.Tuner(wrapped, param_space={**space, "ctx": ctx},
+                   tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=remaining, reuse_actors=True,
+                                               trial_name_creator=_trial_name,
+                                               trial_dirname_creator=_trial_name),
+                   run_config=run_config).fit()
+    return _finish(spec, plan, tracking, paths, n_done, remaining, echo, t0)
+
+
+def _fail_aware_optuna(**kwargs):
+    """Ray Tune's OptunaSearch, except that a sample whose result lacks a finite objective (diverged, crashed,
+    out of memory, excluded) or that errored is told to Optuna as FAIL. (Ray's own tells Optuna the NaN as a
+    COMPLETE value, which Optuna refuses: the trial then stays RUNNING and never counts against the budget.)"""
+    import math
+
+    from ray.tune.search.optuna import OptunaSearch
+
+    class FailAwareOptunaSearch(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            metrics = self.metric if isinstance(self.metric, list) else [self.metric]
+            values = [(result or {}).get(m) for m in metrics]
+            finite = all(isinstance(v, (int, float)) and math.isfinite(v) for v in values)
+            if error or not finite:
+                result, error = None, True  # -> OptunaTrialState.FAIL
+            super().on_trial_complete(trial_id, result, error)
+
+    return FailAwareOptunaSearch(**kwargs)
 
 
 def _optuna_storage(paths: dict, spec: StudySpec):
     import optuna
 
-    (paths["root"] / "optuna").mkdir(exist_ok=True)
+    (paths["root"] / "optuna").mkdir(parents=True, exist_ok=True)
     return optuna.storages.RDBStorage(f"sqlite:///{paths['root'] / 'optuna' / (spec.name + '.db')}")
 
 
-def _search_samples_done(storage, spec: StudySpec, existing: dict) -> int:
-    """Search samples already evaluated: the told trials of the persisted Optuna study (a repeated proposal is a
-    sample too), at least the done MLflow children."""
+def _search_samples_done(paths: dict, spec: StudySpec, existing: dict) -> int:
+    """Search samples already evaluated: the told trials of the persisted Optuna study (a repeated proposal and a
+    failed or excluded sample are samples too), at least the done MLflow children."""
     import optuna
 
     told = 0
-    try:
-        study = optuna.load_study(study_name=spec.name, storage=storage)
-        told = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
-    except KeyError:  # no such study yet
-        pass
+    if (paths["root"] / "optuna" / (spec.name + ".db")).exists():
+        try:
+            study = optuna.load_study(study_name=spec.name, storage=_optuna_storage(paths, spec))
+            told = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+        except KeyError:  # no such study yet
+            pass
     return max(told, sum(is_done(r) for r in existing.values()))
 
 
@@ -333,14 +481,14 @@ def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0) -> StudyRun:
     unfinished = []
     for k in keys:
         r = children.get(k)
+        if r is not None and has_ended(r):  # crashed trials count as what they are, and stay to be retried
+            s = r.data.tags.get("status", "?")
+            statuses[s] = statuses.get(s, 0) + 1
         if r is None or not is_done(r):
             unfinished.append(k)
-            continue
-        s = r.data.tags.get("status", "?")
-        statuses[s] = statuses.get(s, 0) + 1
     n_samples = None
     if spec.design.kind == "search":
-        n_samples = _search_samples_done(_optuna_storage(paths, spec), spec, children)
+        n_samples = _search_samples_done(paths, spec, children)
         if n_samples < total:
             unfinished.append(f"(search: {total - n_samples} sample(s) of the budget not run)")
     wall = time.perf_counter() - t0
@@ -355,8 +503,10 @@ def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0) -> StudyRun:
         echo(f"study {spec.name}: {min(n_samples, total)}/{total} search samples evaluated, {sum(statuses.values())} "
              f"distinct runs ({summary or 'none'}) in {wall:.0f} s")
     if unfinished:
-        echo(f"  {len(unfinished)} trial(s) unfinished; rerun the same command (or `srdit study resume`) to "
-             f"finish them")
+        crashed = statuses.get("crashed", 0)
+        echo(f"  {len(unfinished)} trial(s) unfinished" +
+             (f" ({crashed} crashed: a failure outside the trial, retried on rerun)" if crashed else "") +
+             "; rerun the same command (or `srdit study resume`) to finish them")
     return StudyRun(spec.name, tracking.uri, tracking.experiment_id, tracking.parent_run_id, total, skipped, ran,
                     statuses, unfinished, wall, str(paths["root"]))
 

@@ -109,13 +109,27 @@ def list_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> l
             return runs
 
 
+RESULTS = ("finished", "diverged", "oom")
+"""Trial statuses that are results: the run says something about its configuration (it trained, its loss blew up,
+it did not fit in memory), so a rerun keeps it. `crashed` is not: a failure outside the trial (a missing file, a
+lost node, the driver's own error) that a rerun retries."""
+
+
+def has_ended(run) -> bool:
+    """A child run with a recorded outcome (any terminal status, crashed included)."""
+    return run.info.status in ("FINISHED", "FAILED") and run.data.tags.get("status") in TERMINAL
+
+
 def is_done(run, retry_failed: bool = False) -> bool:
-    """A child run whose trial ended (finished, diverged, oom, crashed); with retry_failed only `finished` counts."""
+    """Whether a rerun of the study skips this trial: the one retry rule (`study run`, the search's budget,
+    `study status`'s "what a rerun does").
+
+    finished, diverged and oom are results and stay; crashed (an infrastructure failure) is retried by default;
+    with retry_failed (`--retry-failed`) only finished stays, so diverged and oom trials run again too."""
+    if not has_ended(run):
+        return False
     status = run.data.tags.get("status")
-    ended = run.info.status in ("FINISHED", "FAILED")
-    if retry_failed:
-        return ended and status == "finished"
-    return ended and status in TERMINAL
+    return status == "finished" if retry_failed else status in RESULTS
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -143,7 +157,7 @@ class StudyTracking:
     def children_by_key(self) -> dict[str, Any]:
         """trial key -> child run (if a key has several runs, the most advanced one: done first, then latest)."""
         out: dict[str, Any] = {}
-        for r in sorted(self.children(), key=lambda r: (is_done(r), r.info.start_time or 0)):
+        for r in sorted(self.children(), key=lambda r: (has_ended(r), r.info.start_time or 0)):
             key = r.data.tags.get(KEY_TAG)
             if key:
                 out[key] = r
@@ -398,5 +412,5 @@ def stop_server(proc, timeout: float = 15.0) -> None:
 
 
 __all__ = ["StudyTracking", "ChildRun", "TrialReporter", "open_study", "default_tracking_uri", "resolve_uri",
-           "is_done", "list_runs", "runtime_tags", "TERMINAL", "RunStatus", "start_server", "stop_server", "free_port",
+           "is_done", "has_ended", "RESULTS", "list_runs", "runtime_tags", "TERMINAL", "RunStatus", "start_server", "stop_server", "free_port",
            "port_free"]

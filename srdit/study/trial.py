@@ -10,6 +10,8 @@ Nothing here starts Ray or a Tuner; the driver does.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -57,6 +59,8 @@ class TrialContext:
     "Storage folder of the Ray Train runs of data-parallel trials."
     cwd: str = "."
     "Working directory of the driver: relative paths in the study are meant from here."
+    loopback: bool = False
+    "A local study whose Ray listens on 127.0.0.1 only: data-parallel workers rendezvous through a file, not TCP."
     spec: StudySpec | None = None
     "Search designs: the parsed study, from which each sample's trial spec is made (None for grid designs)."
     objectives: tuple[str, ...] = ()
@@ -64,15 +68,103 @@ class TrialContext:
     which always carries them. Empty for grid designs (every training report goes to Tune)."""
 
 
+def is_oom(e: BaseException | str) -> bool:
+    """Out of memory: torch's OutOfMemoryError (CUDA), a MemoryError, or Ray's memory monitor killing the worker."""
+    text = e if isinstance(e, str) else f"{type(e).__name__}: {e}"
+    return "OutOfMemoryError" in text or "MemoryError" in text or "out of memory" in text.lower()
+
+
 def _one_line(e: BaseException) -> str:
     msg = " ".join(str(e).split())
     return f"{type(e).__name__}: {msg}"[:500] if msg else type(e).__name__
 
 
+def trial_tags(trial: dict, ctx: TrialContext) -> dict:
+    """The tags of a trial's child run (besides status and runtime): study, cell, seed, design, techniques."""
+    on = set(trial["on"])
+    tags = {"study": ctx.study, "cell": trial["cell"], "seed": trial["seed"], "design": ctx.design,
+            "techniques": "+".join(trial["on"]) or "baseline", "trial_key": trial["key"],
+            "trial_dir": str(Path(ctx.trials_dir) / trial["key"]), **{f"tech.{n}": int(n in on) for n in ctx.factors}}
+    if trial.get("params"):
+        tags["search.params"] = json.dumps(trial["params"], sort_keys=True)
+    return tags
+
+
+def trial_params(trial: dict) -> dict:
+    return {**trial["config"], "study.cell": trial["cell"], "study.seed": trial["seed"],
+            **{f"search.{k}": v for k, v in (trial.get("params") or {}).items()}}
+
+
+def open_child(trial: dict, ctx: TrialContext, extra_tags: dict | None = None) -> ChildRun:
+    return ChildRun.open(ctx.uri, ctx.experiment_id, ctx.parent_run_id, trial["key"],
+                         f"{trial['cell']}-s{trial['seed']}", {**trial_tags(trial, ctx), **(extra_tags or {})},
+                         trial_params(trial), run_id=trial.get("run_id"))
+
+
+def record_outcome(trial: dict, ctx: TrialContext, status: str, reason: str) -> str:
+    """Record a trial's outcome from outside the trial (the driver, after Ray killed the trial's worker): open (or
+    create) its child run with the usual tags and end it with `status` and `reason`. Returns the run id."""
+    child = open_child(trial, ctx)
+    child.finish(status, reason)
+    return child.run_id
+
+
+@contextlib.contextmanager
+def trial_lock(ctx: TrialContext, key: str):
+    """Exclusive hold of a trial key's folder: a second training of the same key (an identical search proposal in
+    flight, a duplicate driver) waits here until the first one has ended. The kernel drops the lock of a killed
+    process, so a stale lock never blocks."""
+    folder = Path(ctx.trials_dir) / key
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".trial.lock", "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _done_run(ctx: TrialContext, key: str):
+    """The done child run of `key` (`is_done`: it does not run again), or None."""
+    from mlflow import MlflowClient
+
+    from srdit.study.tracking import KEY_TAG, PARENT_TAG, list_runs
+
+    runs = list_runs(MlflowClient(ctx.uri), ctx.experiment_id,
+                     f"tags.`{PARENT_TAG}` = '{ctx.parent_run_id}' and tags.{KEY_TAG} = '{key}'")
+    done = [r for r in runs if is_done(r)]
+    return done[0] if done else None
+
+
+def _answer_from(run, trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
+    """A trial that has already ended (a repeated search proposal, an outcome the driver recorded): its result,
+    read from its child run, instead of training it again."""
+    m = run.data.metrics
+    out = {"trial_key": trial["key"], "status": run.data.tags.get("status"), "reason":
+           run.data.tags.get("status_reason", ""), "cached": 1, "run_id": run.info.run_id,
+           **{k: float(v) for k, v in m.items()}}
+    if to_tune:
+        from ray import tune
+
+        tune.report({**{o: math.nan for o in ctx.objectives}, **out})
+    return out
+
+
 def execute_trial(trial: dict, ctx: TrialContext, to_tune: bool = False) -> dict:
     """Train one trial spec into its folder under the state dir, logging to its MLflow child run.
 
-    Returns {"status", "reason", "step", **final metrics}. Exceptions from training become status "crashed"."""
+    Returns {"status", "reason", "step", **final metrics}. Exceptions from training become status "crashed" (an
+    out-of-memory error: "oom"). The trial holds its key's lock (`trial_lock`) while it trains; a search sample
+    or a resumed trial whose key has meanwhile ended is answered from its run."""
+    with trial_lock(ctx, trial["key"]):
+        if ctx.objectives or trial.get("run_id"):
+            done = _done_run(ctx, trial["key"])
+            if done is not None:
+                return _answer_from(done, trial, ctx, to_tune)
+        return _execute(trial, ctx, to_tune)
+
+
+def _execute(trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
     import torch
 
     from srdit.config import RunConfig, from_dict, resolve_paths, to_dict
@@ -81,16 +173,7 @@ def execute_trial(trial: dict, ctx: TrialContext, to_tune: bool = False) -> dict
     torch.set_num_threads(threads)
     cfg = resolve_paths(from_dict(RunConfig, trial["config"]), ctx.cwd)
     out_dir = Path(ctx.trials_dir) / trial["key"]
-    on = set(trial["on"])
-    tags = {"study": ctx.study, "cell": trial["cell"], "seed": trial["seed"], "design": ctx.design,
-            "techniques": "+".join(trial["on"]) or "baseline", "trial_key": trial["key"], "trial_dir": str(out_dir),
-            **{f"tech.{n}": int(n in on) for n in ctx.factors}, **runtime_tags()}
-    if trial.get("params"):
-        tags["search.params"] = json.dumps(trial["params"], sort_keys=True)
-    params = {**trial["config"], "study.cell": trial["cell"], "study.seed": trial["seed"],
-              **{f"search.{k}": v for k, v in (trial.get("params") or {}).items()}}
-    child = ChildRun.open(ctx.uri, ctx.experiment_id, ctx.parent_run_id, trial["key"],
-                          f"{trial['cell']}-s{trial['seed']}", tags, params, run_id=trial.get("run_id"))
+    child = open_child(trial, ctx, runtime_tags())
     objectives = ctx.objectives  # search: Tune sees only the final result, which always has the objectives
     reporter = TrialReporter(child, to_tune and not objectives)
     t0 = time.perf_counter()
@@ -109,7 +192,7 @@ def execute_trial(trial: dict, ctx: TrialContext, to_tune: bool = False) -> dict
             logged = set(reporter.at_last_step) if reporter.last_step == step else set()
     except Exception as e:  # a crash is a result; the study goes on
         status, reason, step, metrics = "crashed", _one_line(e), reporter.last_step, {}
-        if "OutOfMemoryError" in reason:  # a data-parallel group fails as a whole on one rank's OOM
+        if is_oom(e):
             status = "oom"
         try:
             child.log_text("".join(traceback.format_exception(e)), "traceback.txt")
@@ -142,7 +225,8 @@ def trainable(config: dict) -> None:
 
 def search_trial(config: dict, ctx: TrialContext) -> dict | None:
     """Turn a search sample (tech.<name> switches + knobs) into a trial spec; an infeasible sample is reported as
-    excluded (no MLflow run) with non-finite objectives so that Optuna learns to avoid it."""
+    excluded (no MLflow run) with non-finite objectives, which the searcher tells Optuna as FAIL (counted against
+    the budget)."""
     from ray import tune
 
     spec = ctx.spec
@@ -165,18 +249,6 @@ def search_trial(config: dict, ctx: TrialContext) -> dict | None:
     if knobs:
         t["cell"] = f"{cell.id}-{hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:4]}"
         t["key"] = f"{t['cell']}-s{trial.seed}-{trial.key.rsplit('-', 1)[-1]}"
-    # Optuna may propose a configuration that already ran (training is deterministic given the seed): answer it
-    # from its MLflow run instead of training it twice.
-    from mlflow import MlflowClient
-
-    from srdit.study.tracking import KEY_TAG, PARENT_TAG, list_runs
-
-    runs = list_runs(MlflowClient(ctx.uri), ctx.experiment_id,
-                     f"tags.`{PARENT_TAG}` = '{ctx.parent_run_id}' and tags.{KEY_TAG} = '{t['key']}'")
-    done = [r for r in runs if is_done(r)]
-    if done:
-        m = done[0].data.metrics
-        tune.report({"trial_key": t["key"], "status": done[0].data.tags.get("status"), "cached": 1,
-                     **{o: float(m.get(o, math.nan)) for o in search_objectives(spec)}})
-        return None
+    # Optuna may propose a configuration that already ran or is running (training is deterministic given the
+    # seed): execute_trial waits for the key's lock and answers it from its MLflow run instead of training it twice.
     return t
