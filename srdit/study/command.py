@@ -3,7 +3,8 @@
     srdit study plan STUDY.yaml [--json]              cells, excluded cells, aliases, trial count, cost; runs nothing
     srdit study run STUDY.yaml [--state DIR]          run every unfinished trial (Ray Tune; RAY_ADDRESS for a cluster)
     srdit study resume STUDY.yaml [--state DIR]       the same as run (finishes what is unfinished)
-    srdit study status STUDY.yaml [--state DIR]       trials done / unfinished, from MLflow
+    srdit study status STUDY.yaml [--state DIR]       each trial's status, counts, the driver, what a rerun will do
+    srdit study bench STUDY.yaml [--state DIR]        time one training step of every cell, interleaved
     srdit ui [--state DIR] [--port N]                 mlflow server on 127.0.0.1 over the embedded store
 
 Bad input (a malformed study file, a missing path, a wrong argument) prints one line on stderr, exit code 2.
@@ -120,7 +121,14 @@ def _run(args) -> int:
     from srdit.study.designs import plan_study
 
     plan = plan_study(spec)  # plan errors are input errors: raise before anything starts
-    res = run_study(spec, args.state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan)
+    from srdit.study.lock import study_lock
+
+    with study_lock(args.state, spec.name) as stale:  # StudyBusy (exit 2) when another driver runs the study
+        if stale:
+            print(f"the previous driver of study {spec.name} (pid {stale.get('pid')}, host {stale.get('host')}) "
+                  f"stopped without finishing; taking over", flush=True)
+        mark_dead_trials(spec, args.state, stale)
+        res = run_study(spec, args.state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan)
     state = Path(args.state)
     print(f"MLflow: {res.uri} (experiment {spec.tracking.experiment or spec.name}, parent run {res.parent_run_id}); "
           f"browse with `srdit ui --state {state}`")
@@ -128,8 +136,26 @@ def _run(args) -> int:
     return 0 if res.complete else 1
 
 
+def mark_dead_trials(spec, state: str | Path, previous: dict | None = None) -> list[str]:
+    """Mark the trials and parent run left RUNNING by a driver that no longer runs (see
+    `StudyTracking.mark_dead`); call while no driver holds the study's lock, or while this process does. Nothing
+    to do on a state without the study."""
+    from srdit.study.results import open_tracking
+
+    try:
+        tracking = open_tracking(spec, state)
+    except ConfigError:
+        return []
+    who = f" (pid {previous.get('pid')}, host {previous.get('host')})" if previous else ""
+    return tracking.mark_dead(f"interrupted: the study's driver{who} stopped before the trial ended; a rerun resumes "
+                              f"it from its last checkpoint")
+
+
 def _status(args) -> int:
+    """Per trial: its status (and reason); then counts per status, the driver (if one runs) and what a rerun
+    will do (`tracking.is_done` decides, with and without --retry-failed)."""
     from srdit.study.designs import plan_study
+    from srdit.study.lock import holder
     from srdit.study.results import open_tracking
     from srdit.study.spec import load_study
     from srdit.study.tracking import is_done
@@ -137,18 +163,45 @@ def _status(args) -> int:
     spec = load_study(args.study)
     plan = plan_study(spec)
     tracking = open_tracking(spec, args.state)
+    driver = holder(args.state, spec.name)
+    marked = [] if driver is not None else tracking.mark_dead(
+        "interrupted: the study's driver stopped before the trial ended; a rerun resumes it from its last checkpoint")
     children = tracking.children_by_key()
-    keys = [t.key for t in plan.trials] if plan.trials else list(children)
-    n_done = 0
+    search = spec.design.kind == "search"
+    keys = list(children) if search else [t.key for t in plan.trials]
+    counts: dict[str, int] = {}
+    rerun: dict[str, int] = {}
+    rerun_failed: dict[str, int] = {}
     for k in keys:
         r = children.get(k)
-        state = "not started" if r is None else (r.data.tags.get("status", "?") if is_done(r) else
-                                                  f"unfinished ({r.info.status.lower()})")
-        n_done += r is not None and is_done(r)
+        state = "not started" if r is None else (r.data.tags.get("status") or r.info.status.lower())
+        counts[state] = counts.get(state, 0) + 1
+        if r is None or not is_done(r):
+            rerun[state] = rerun.get(state, 0) + 1
+        elif not is_done(r, retry_failed=True):
+            rerun_failed[state] = rerun_failed.get(state, 0) + 1
         reason = r.data.tags.get("status_reason", "") if r is not None else ""
-        print(f"{k}  {state}{'  ' + reason if reason else ''}")
+        name = r.data.tags.get("mlflow.runName", "") if r is not None else ""
+        print(f"{k}  {name + '  ' if name else ''}{state}{'  ' + reason if reason else ''}")
+    fmt = lambda d: ", ".join(f"{n} {s}" for s, n in sorted(d.items(), key=lambda x: -x[1]))  # noqa: E731
+    n_done = sum(1 for k in keys if children.get(k) is not None and is_done(children[k]))
     total = plan.search_budget or len(keys)
-    print(f"{n_done}/{total} trials done; MLflow {tracking.uri}, parent run {tracking.parent_run_id}")
+    print(f"{n_done}/{total} trials done ({fmt(counts) or 'none run'}); MLflow {tracking.uri}, parent run "
+          f"{tracking.parent_run_id}")
+    if marked:
+        print(f"marked {len(marked)} trial(s) interrupted: their driver is gone")
+    if driver is not None:
+        print(f"a driver is running this study now (pid {driver.get('pid')}, host {driver.get('host')}, since "
+              f"{driver.get('started')})")
+    cmd = f"srdit study run {args.study} --state {args.state}"
+    if search:
+        print(f"a rerun (`{cmd}`) continues the search up to its budget of {total}")
+    elif rerun:
+        print(f"a rerun (`{cmd}`) will run {sum(rerun.values())} trial(s): {fmt(rerun)}")
+    else:
+        print(f"a rerun (`{cmd}`) has nothing to run")
+    if rerun_failed:
+        print(f"with --retry-failed it would also rerun {sum(rerun_failed.values())}: {fmt(rerun_failed)}")
     return 0
 
 
@@ -169,7 +222,8 @@ def ui_main(argv: list[str] | None = None) -> int:
     """`srdit ui [--state DIR]`: start `mlflow server` on loopback, print the URL, stop cleanly on Ctrl-C."""
     import time
 
-    from srdit.study.tracking import default_tracking_uri, port_free, start_server, stop_server
+    from srdit.study.lock import state_init_lock
+    from srdit.study.tracking import UI_QUERY, default_tracking_uri, port_free, relocate_store, start_server, stop_server
 
     try:
         args = _ui_parser().parse_args(argv)
@@ -182,12 +236,15 @@ def ui_main(argv: list[str] | None = None) -> int:
     if not port_free(args.host, args.port):
         return _err(f"port {args.port} on {args.host} is in use; pass --port N")
     print(f"starting the MLflow UI over {db} ...", flush=True)
+    with state_init_lock(state):
+        relocate_store(state)  # a moved or copied state shows (and writes) its own artifacts
     try:
         proc = start_server(default_tracking_uri(state), state / "mlartifacts", args.host, args.port,
                             log_path=state / "mlflow-ui.log")
     except RuntimeError as e:
         return _err(str(e))
-    print(f"MLflow UI: http://{args.host}:{args.port}  (Ctrl-C to stop; log in {state / 'mlflow-ui.log'})", flush=True)
+    print(f"MLflow UI: http://{args.host}:{args.port}/{UI_QUERY}  (Ctrl-C to stop; log in "
+          f"{state / 'mlflow-ui.log'})", flush=True)
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt

@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -350,6 +351,29 @@ def plan_study(spec: StudySpec) -> Plan:
                 resolution=info.get("resolution"), ladder_order=info.get("ladder_order"), notes=notes,
                 search_budget=spec.design.trials if spec.design.kind == "search" else 0,
                 base_config=to_dict(spec.base), gpus_per_trial=spec.resources.gpus)
+
+
+def submission_order(trials: Sequence[Any]) -> list[Any]:
+    """The order in which a runner submits `trials` (TrialSpecs or their dicts, with `cell` and `seed`): one round
+    per seed, each round a different deterministic shuffle of the cells, and no cell twice in a row across the
+    rounds' boundary. Trials that run at the same time then differ from round to round, so the machine's load (a
+    neighbour's evaluation, the other seed of the same cell) does not line up with cells; the plan keeps the
+    design's order (cells, then seeds).
+
+    Deterministic: the same trials give the same order (the shuffle's seed is derived from the cell ids)."""
+    get = (lambda t, k: t[k]) if trials and isinstance(trials[0], dict) else getattr  # noqa: E731
+    rounds: dict[Any, list] = {}
+    for t in trials:
+        rounds.setdefault(get(t, "seed"), []).append(t)
+    out: list[Any] = []
+    for r, group in enumerate(rounds.values()):
+        salt = zlib.crc32("|".join(sorted(str(get(t, "cell")) for t in group)).encode())
+        order = list(np.random.default_rng([salt, r]).permutation(len(group)))
+        group = [group[i] for i in order]
+        if out and len(group) > 1 and get(group[0], "cell") == get(out[-1], "cell"):
+            group = group[1:] + group[:1]
+        out += group
+    return out
 
 
 def search_objectives(spec: StudySpec) -> list[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from srdit.metric_registry import headline
-from srdit.study.designs import Plan, plan_study, search_objectives
+from srdit.study.designs import Plan, plan_study, search_objectives, submission_order
 from srdit.study.spec import StudySpec
 from srdit.study.tracking import StudyTracking, is_done, open_study, resolve_uri
 from srdit.study.trial import MAX_FAILURES, TrialContext, execute_trial, trainable
@@ -142,6 +142,7 @@ def prepare(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None) ->
                           artifact_location=spec.tracking.artifact_location, tags=tags)
     tracking.tag_parent({**tags, "n_cells": len(plan.cells), "n_trials": len(plan.trials) or plan.search_budget,
                          "n_excluded": len(plan.excluded), "state_dir": str(paths["root"])})
+    tracking.describe(spec, plan)  # params, study YAML and resolved plan on the parent run
     return plan, tracking, paths
 
 
@@ -166,6 +167,7 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
         if run is not None and not (retry_failed and is_done(run)):
             d["run_id"] = run.info.run_id  # unfinished: reuse it (the trainer resumes from its checkpoint)
         todo.append(d)
+    todo = submission_order(todo)  # load must not line up with cells (wall-clock metrics)
     echo(f"study {spec.name}: {len(plan.trials)} trials ({len(plan.cells)} cells x {len(spec.seeds)} seeds, "
          f"design {plan.design}); {skipped} already done, {len(todo)} to run")
     if plan.excluded:

@@ -21,6 +21,7 @@ from pathlib import Path
 from srdit.config import ConfigError
 from srdit.study.designs import make_cell, make_trial, search_objectives, violated
 from srdit.study.spec import StudySpec
+from srdit.study.occupancy import Occupancy
 from srdit.study.tracking import ChildRun, TrialReporter, is_done, runtime_tags
 
 MAX_FAILURES = 3
@@ -89,10 +90,14 @@ def execute_trial(trial: dict, ctx: TrialContext, to_tune: bool = False) -> dict
         tags["search.params"] = json.dumps(trial["params"], sort_keys=True)
     params = {**trial["config"], "study.cell": trial["cell"], "study.seed": trial["seed"],
               **{f"search.{k}": v for k, v in (trial.get("params") or {}).items()}}
-    child = ChildRun.open(ctx.uri, ctx.experiment_id, ctx.parent_run_id, trial["key"],
-                          f"{trial['cell']}-s{trial['seed']}", tags, params, run_id=trial.get("run_id"))
+    name = run_name(trial)
+    tags["mlflow.runName"] = name  # also renames a child run made by an older version (named by bit string)
+    child = ChildRun.open(ctx.uri, ctx.experiment_id, ctx.parent_run_id, trial["key"], name, tags, params,
+                          run_id=trial.get("run_id"))
     objectives = ctx.objectives  # search: Tune sees only the final result, which always has the objectives
     reporter = TrialReporter(child, to_tune and not objectives)
+    occupancy = Occupancy(ctx.trials_dir, trial["key"]).__enter__()
+    reporter.on_report = occupancy.sample
     t0 = time.perf_counter()
     logged: set[str] = set()
     try:
@@ -116,7 +121,9 @@ def execute_trial(trial: dict, ctx: TrialContext, to_tune: bool = False) -> dict
         except Exception:
             pass
     wall = time.perf_counter() - t0
+    occupancy.__exit__(None, None, None)
     final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    final["trials_on_host"] = float(occupancy.max_seen)
     child.log_metrics(step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
     child.finish(status, reason)
     out = {"trial_key": trial["key"], "status": status, "reason": reason, "step": step, "trial_wall_s": wall,
@@ -126,6 +133,14 @@ def execute_trial(trial: dict, ctx: TrialContext, to_tune: bool = False) -> dict
 
         tune.report({**{o: math.nan for o in objectives}, **out})
     return out
+
+
+def run_name(trial: dict) -> str:
+    """The child run's name: its techniques and seed (`rope+logit_normal · s0`), the knob hash of a search sample
+    after them; the cell's bit string stays in the `cell` tag."""
+    on = "+".join(trial["on"]) or "baseline"
+    knobs = trial["cell"].partition("-")[2]
+    return f"{on}{' · ' + knobs if knobs else ''} · s{trial['seed']}"
 
 
 def trainable(config: dict) -> None:
