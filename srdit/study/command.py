@@ -65,9 +65,14 @@ def _study_parser() -> argparse.ArgumentParser:
         r.add_argument("--retry-failed", action="store_true",
                        help="also rerun trials that ended diverged / oom / crashed")
         r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-    st = sub.add_parser("status", help="trials done and unfinished (from MLflow)")
+    st = sub.add_parser("status", help="each trial's status, counts, and what a rerun will do")
     st.add_argument("study")
     st.add_argument("--state", default=DEFAULT_STATE)
+    b = sub.add_parser("bench", help="time one training step of every cell, interleaved in one process")
+    b.add_argument("study")
+    b.add_argument("--state", default=DEFAULT_STATE)
+    b.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15)")
+    b.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 3)")
     return p
 
 
@@ -90,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             return _plan(args)
         if args.cmd in ("run", "resume"):
             return _run(args)
+        if args.cmd == "bench":
+            return _bench(args)
         return _status(args)
     except ConfigError as e:
         return _err(str(e))
@@ -202,6 +209,33 @@ def _status(args) -> int:
         print(f"a rerun (`{cmd}`) has nothing to run")
     if rerun_failed:
         print(f"with --retry-failed it would also rerun {sum(rerun_failed.values())}: {fmt(rerun_failed)}")
+    return 0
+
+
+def _bench(args) -> int:
+    """`srdit study bench`: the controlled throughput measurement (srdit.study.bench), into the state and onto the
+    parent run. Refused while a driver runs the study: its trials would load the machine being measured."""
+    from srdit.study.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, format_bench, run_bench, save_bench
+    from srdit.study.designs import plan_study
+    from srdit.study.lock import study_lock
+    from srdit.study.runner import prepare
+    from srdit.study.spec import load_study
+
+    spec = load_study(args.study)
+    plan = plan_study(spec)
+    if not plan.cells:
+        return _err(f"{args.study}: the bench times the cells of a grid design; a search design has none")
+    rounds = DEFAULT_ROUNDS if args.rounds is None else args.rounds
+    warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
+    if rounds < 3 or warmup < 0:
+        return _err(f"srdit study bench: --rounds must be >= 3 and --warmup >= 0 (got {rounds}, {warmup})")
+    with study_lock(args.state, spec.name):  # StudyBusy while a driver runs the study (and no run starts meanwhile)
+        rec = run_bench(spec, plan, rounds=rounds, warmup=warmup, echo=lambda s: print(s, flush=True))
+        _, tracking, _ = prepare(spec, args.state, plan)
+        path = save_bench(rec, args.state, tracking)
+    print(format_bench(rec))
+    print(f"bench: {path} ({rec['seconds']:.0f} s); logged on parent run {tracking.parent_run_id}; "
+          f"`srdit report` uses it for throughput effects and the Pareto front")
     return 0
 
 
