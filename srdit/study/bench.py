@@ -7,6 +7,9 @@ noise, after warm-up rounds; a cell's step time is the median over the rounds, a
 (all techniques off; else the plan's first cell) the median of the per-round ratios. Whatever load the machine
 has then falls on every cell alike within a round, and the ratios measure the configurations.
 
+Clock: CUDA wall time (synchronised) on a GPU; the process's CPU time on CPUs (the work of the step: on a
+shared machine the wall clock also counts the waits for a core).
+
 One training step = what `srdit.train.train` does per step: `StepNoise.draw`, `training_losses`, backward,
 gradient clipping, AdamW and the EMA update, under the run's autocast; CPU threads as a trial gets them
 (`resources.cpus`).
@@ -66,7 +69,9 @@ class _Cell:
         self.batch_size = tc.batch_size
 
     def step(self) -> float:
-        """Seconds of one training step (the same batch and noise every time)."""
+        """Seconds of one training step (the same batch and noise every time): on a GPU the wall clock after
+        synchronising; on CPUs the process's CPU time, which counts the step's work and not the time spent waiting
+        for a core that other processes hold (a loaded machine slows the wall clock, not the work)."""
         import torch
 
         from srdit.parallel import DataParallel
@@ -77,8 +82,9 @@ class _Cell:
         x0, y, *teacher_out = self.batch
         torch.manual_seed(tc.seed)
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
+        clock = time.perf_counter if self.device.type == "cuda" else time.process_time
         sync()
-        t0 = time.perf_counter()
+        t0 = clock()
         noise = StepNoise.draw(self.cfg, self.model, x0.shape, self.shift, self.device, DataParallel())
         losses = training_losses(self.model, x0, y, teacher_out, self.cfg, noise,
                                  autocast=autocast_for(self.cfg, self.device))
@@ -88,7 +94,7 @@ class _Cell:
         self.opt.step()
         _ema_update(self.ema, self.model, tc.ema_decay)
         sync()
-        return time.perf_counter() - t0
+        return clock() - t0
 
 
 def baseline_cell(plan: Plan) -> str:
@@ -136,14 +142,16 @@ def run_bench(spec: StudySpec, plan: Plan, *, rounds: int = DEFAULT_ROUNDS, warm
                         "step_s": med, "ratio": ratio, "images_per_s": cells[c].batch_size / med,
                         "steps_per_s": 1.0 / med, "round_step_s": times[c]}
     return {"version": BENCH_VERSION, "study": spec.name, "baseline": base, "rounds": rounds, "warmup": warmup,
-            "threads": threads, "device": str(device), "host": platform.node(),
+            "threads": threads, "device": str(device),
+            "clock": "cuda wall time" if device.type == "cuda" else "process CPU time", "host": platform.node(),
             "batch_size": spec.base.train.batch_size, "seconds": time.perf_counter() - t_start,
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cells": out_cells}
 
 
 def format_bench(rec: dict) -> str:
     lines = [f"bench {rec['study']}: median of {rec['rounds']} interleaved rounds ({rec['warmup']} warm-up), "
-             f"{rec['threads']} thread(s) on {rec['device']}; ratio = step time / baseline {rec['baseline']}'s"]
+             f"{rec['threads']} thread(s) on {rec['device']}, {rec['clock']}; ratio = step time / baseline "
+             f"{rec['baseline']}'s"]
     lines.append(f"  {'cell':<10} {'techniques':<34} {'step ms':>9} {'ratio':>7} {'images/s':>10}")
     for c, v in rec["cells"].items():
         lines.append(f"  {c:<10} {'+'.join(v['techniques']) or 'baseline':<34} {1000 * v['step_s']:9.2f} "
