@@ -38,6 +38,9 @@ class StudyResults:
         ladder_order: factor order of a ladder design (None: inferred from the cells when possible).
         commit: git commit of the code that produced the runs.
         date: date of the study (ISO string).
+        bench: the controlled throughput measurement (`srdit study bench`), or None: a table like `table` with one
+            row per cell x round (`seed` = round) and the wall-clock metrics of one training step; when present,
+            the analysis takes the wall-clock metrics (`metric_registry.WALL_CLOCK`) from it, not from the trials.
     """
 
     study: str
@@ -54,3 +57,4 @@ class StudyResults:
     ladder_order: list[str] | None = None
     commit: str = ""
     date: str = ""
+    bench: pd.DataFrame | None = None
