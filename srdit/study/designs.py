@@ -85,7 +85,10 @@ class Plan:
             return None
         from srdit.study.compute import gpu_hours
 
-        return gpu_hours([t.config for t in self.trials] or [self.base_config] * self.search_budget)
+        est = gpu_hours([t.config for t in self.trials] or [self.base_config] * self.search_budget)
+        # elapsed time follows from the GPU-hours: each trial holds its GPUs for its GPU-hours / GPUs per trial
+        return {**est, "gpus_per_trial": self.gpus_per_trial,
+                "wall_hours_one_at_a_time": round(est["gpu_hours"] / self.gpus_per_trial, 1)}
 
     def cost(self, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrency: int = 1) -> dict:
         """Steps x trials and a wall-time estimate under stated throughput assumptions."""
@@ -409,12 +412,20 @@ def format_plan(plan: Plan, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrenc
             lines.append(f"trials: {cost['trials']} ({len(plan.cells)} cells x {len(seeds)} seeds {seeds})")
         else:
             lines.append(f"trials: {cost['trials']} (search budget)")
-        lines.append(f"cost: {cost['total_steps']} training steps in all; estimated wall time "
-                     f"{_fmt_s(cost['wall_seconds'])} ({cost['assumptions']})")
         gpu = plan.gpu_estimate()
-        if gpu:
+        if not gpu:
+            lines.append(f"cost: {cost['total_steps']} training steps in all; estimated wall time "
+                         f"{_fmt_s(cost['wall_seconds'])} ({cost['assumptions']})")
+        else:  # GPU trials: time from the model's FLOPs (a CPU steps/s assumption says nothing about them)
+            g, h = gpu["gpus_per_trial"], gpu["wall_hours_one_at_a_time"]
+            n = cost["trials"]
+            lines.append(f"cost: {cost['total_steps']} training steps in all")
             lines.append(f"compute: {gpu['pflops']:g} PFLOP (training + evaluation sampling, from the model's MACs); "
-                         f"about {gpu['gpu_hours']:g} GPU-hours at {gpu['assumption']}")
+                         f"about {gpu['gpu_hours']:g} GPU-hours in all (GPU-hours = GPUs x hours, summed over the "
+                         f"{n} trials) at {gpu['assumption']}")
+            lines.append(f"wall: about {h:g} h elapsed with one trial at a time on {g:g} GPU(s) (each trial holds "
+                         f"{g:g} GPU(s): GPU-hours / {g:g}); k trials at once on k x {g:g} GPUs take about "
+                         f"{h:g} / k h")
     return "\n".join(lines)
 
 
