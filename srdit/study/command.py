@@ -24,6 +24,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no config box / TensorBoard hint; the runner prints progress
+# Ctrl-C ends `study run` at once with srdit's own resume line: Tune's handler would save an experiment state that
+# srdit never restores from (MLflow is the record) and print `Tuner.restore` advice that does not apply.
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 DEFAULT_STATE = "state"
 DEFAULT_DASHBOARDS = "dashboards"  # where `srdit report` (srdit/report_command.py) writes
@@ -76,11 +79,19 @@ def _study_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _not_tune_resume_advice(record) -> bool:
+    """Drop Ray Tune's "Resume experiment with: Tuner.restore(...)" lines: srdit resumes by rerunning its command."""
+    msg = record.getMessage()
+    return "Tuner.restore" not in msg and "Resume experiment with" not in msg and "Resume training with" not in msg
+
+
 def _quiet() -> None:
     import logging
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name in ("ray.tune.tune", "ray.tune"):
+        logging.getLogger(name).addFilter(_not_tune_resume_advice)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _err(str(e))
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        cmd = " ".join(["srdit", "study", *(argv if argv is not None else sys.argv[1:])])
+        print(f"interrupted; `{cmd}` resumes it (finished trials are kept)", file=sys.stderr)
         return 130
 
 
