@@ -189,7 +189,7 @@ def test_sigkill_of_srdit_ui_frees_its_port(tmp_path):
     line, deadline = "", time.time() + 120
     while time.time() < deadline and "MLflow UI:" not in line:
         line = proc.stdout.readline()
-    assert f"http://127.0.0.1:{port}/?workflowType=machine_learning" in line
+    assert f"http://127.0.0.1:{port}/#/?workflowType=machine_learning" in line
     assert not port_free("127.0.0.1", port)
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)

@@ -289,8 +289,16 @@ def ui_main(argv: list[str] | None = None) -> int:
                             log_path=state / "mlflow-ui.log")
     except RuntimeError as e:
         return _err(str(e))
-    print(f"MLflow UI: http://{args.host}:{args.port}/{UI_QUERY}  (Ctrl-C to stop; log in "
-          f"{state / 'mlflow-ui.log'})", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI: {base}/#/{UI_QUERY}  (Ctrl-C to stop; log in {state / 'mlflow-ui.log'})", flush=True)
+    try:  # links that open each study on its runs (MLflow's UI otherwise starts on its GenAI pages)
+        from mlflow import MlflowClient
+
+        for e in MlflowClient(default_tracking_uri(state)).search_experiments():
+            if e.name != "Default":
+                print(f"  {e.name}: {base}/#/experiments/{e.experiment_id}{UI_QUERY}", flush=True)
+    except Exception:
+        pass
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt

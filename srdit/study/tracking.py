@@ -32,7 +32,9 @@ PARENT_TAG = "mlflow.parentRunId"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 "Experiment tag that makes MLflow's UI open the experiment on its runs (model training), not GenAI traces."
 UI_QUERY = "?workflowType=machine_learning"
-"URL query of MLflow's UI for the model-training view (the UI remembers the last one chosen)."
+"""URL query (after the `#/...` route) of MLflow's UI for its model-training view: MLflow 3.17's UI starts on its
+GenAI pages whatever the experiment's kind tag says, unless the URL or an earlier choice in the browser says
+otherwise."""
 ROLE_TAG = "srdit.role"
 KEY_TAG = "trial_key"
 TERMINAL = ("finished", "diverged", "oom", "crashed")
@@ -198,7 +200,10 @@ class StudyTracking:
         new = [Param(k, str(v)) for k, v in values.items() if k not in have]
         if new:
             retry(self.client.log_batch, self.parent_run_id, params=new)
-        self.tag_parent({f"plan.{k}": v for k, v in values.items()})
+        note = (f"{spec.description}\n\nDesign {plan.design}: {len(plan.cells)} cells x {len(spec.seeds)} seeds, "
+                f"techniques {', '.join(spec.factor_names)}; primary metric {spec.metrics.primary} "
+                f"({spec.metrics.direction}). Study file and resolved plan under study/, the report under report/.")
+        self.tag_parent({**{f"plan.{k}": v for k, v in values.items()}, "mlflow.note.content": note})
         if spec.path and Path(spec.path).is_file():
             retry(self.client.log_text, self.parent_run_id, Path(spec.path).read_text(), "study/study.yaml")
         retry(self.client.log_text, self.parent_run_id, json.dumps(plan.to_json(), indent=1), "study/plan.json")
