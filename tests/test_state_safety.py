@@ -274,3 +274,39 @@ def test_child_runs_are_named_by_techniques_and_the_submission_order_interleaves
     assert firsts != seconds  # each round pairs different neighbours
     assert firsts != [c.id for c in plan.cells]  # not the design's order
     assert [x["key"] for x in submission_order([t.to_dict() for t in plan.trials])] == [x.key for x in order]
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_srdits_resume_line_and_the_rerun_resumes_without_duplicates(tmp_path):
+    """Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) mid-trial: srdit's own resume line,
+    no Tune `Tuner.restore` advice, no traceback; `status` shows the trial interrupted, and the rerun finishes it
+    with each step logged once."""
+    from mlflow import MlflowClient
+
+    study = tmp_path / "cc.yaml"
+    study.write_text(yaml.safe_dump({"name": "cc", "techniques": ["rmsnorm"], "seeds": [0], "base": {
+        "train": {"steps": 400, "batch_size": 16, "log_every": 5, "ckpt_every": 10},
+        "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}}))
+    state = tmp_path / "state"
+    env = {**ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    args = [sys.executable, "-m", "srdit.study.command", "run", str(study), "--state", str(state), "--num-cpus", "1"]
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 400
+    while time.time() < deadline and not list((state / "trials" / "cc").glob("*/checkpoints/last.pt")):
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out[-3000:]
+    assert "Tuner.restore" not in out and "Traceback" not in out, out[-3000:]
+    assert "rerun the same command" in out
+    r = _cli("status", str(study), "--state", str(state))
+    assert " running" not in r.stdout and "interrupted" in r.stdout, r.stdout
+    r = subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0 and "2/2 trials done (2 finished)" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{(state / 'mlflow.db').resolve()}")
+    exp = client.get_experiment_by_name("cc")
+    for run in client.search_runs([exp.experiment_id], "tags.`srdit.role` = 'trial'"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
+        assert sorted(steps) == list(range(5, 401, 5)), run.info.run_name
