@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     tq = sub.add_parser("techniques", help="list the built-in techniques: diff, knobs, paper, code")
     tq.add_argument("--json", action="store_true", help="print a JSON list instead of text")
     tq.set_defaults(func=cmd_techniques)
-    for name, hlp in [("study", "plan | run | resume a study YAML"), ("analyze", "effects and synergy from a CSV"),
+    for name, hlp in [("study", "plan | run | resume | status | bench a study YAML"), ("analyze", "effects and synergy from a CSV"),
                       ("report", "render a study's dashboard"), ("ui", "start the MLflow UI on the embedded store"),
                       ("preprocess", "image folder -> center crops -> VAE latents in resumable shards"),
                       ("reference", "Inception (and DINOv2) reference statistics of real images for eval.reference")]:

@@ -58,6 +58,13 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("grad_norm", "min", "global gradient norm before clipping"),
     Metric("steps_per_s", "max", "optimisation steps per second (window mean)", "steps/s", "log"),
     Metric("images_per_s", "max", "training images per second (window mean)", "images/s", "log"),
+    # the run's throughput summary (once, at the end): what a study's `steps_per_s` / `images_per_s` reads
+    Metric("steps_per_s_median", "max", "median steps/s over the post-warm-up log windows", "steps/s", "log",
+           curve=False),
+    Metric("images_per_s_median", "max", "median images/s over the post-warm-up log windows", "images/s", "log",
+           curve=False),
+    Metric("throughput_windows", "max", "log windows in the throughput median", "windows", curve=False,
+           analysable=False),
     # evaluation of the EMA weights: digits
     Metric("fd", "min", "Frechet distance in the in-project digits metric network's features", producers=("digits",)),
     Metric("kd", "min", "kernel distance (KID-style, polynomial kernel) in the digits metric features",
@@ -79,6 +86,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            curve=False, analysable=False),
     # once per trial
     Metric("trial_wall_s", "min", "wall time of the trial", "s", "log", ("trial",), curve=False),
+    Metric("trials_on_host", "min", "most trials of the study running on the trial's machine at once while it ran "
+           "(1 = alone: its wall-clock metrics are free of contention)", "trials", producers=("trial",),
+           curve=False, analysable=False),
     Metric("diverged_step", "max", "step at which the loss or gradient became non-finite", producers=("trial",),
            curve=False, analysable=False),
     Metric("oom_step", "max", "step at which the run ran out of memory", producers=("trial",), curve=False,
@@ -122,6 +132,13 @@ def is_log(name: str) -> bool:
     (any CSV column of `srdit analyze`) follow the registry's naming rule: `*per_s*` or `throughput*`."""
     m = METRICS.get(name)
     return m.log if m is not None else ("per_s" in name or name.startswith("throughput"))
+
+
+SUMMARY = {"steps_per_s": "steps_per_s_median", "images_per_s": "images_per_s_median"}
+"Curve metric -> the run's summary of it, which a study table reads when the run has it."
+
+WALL_CLOCK = ("steps_per_s", "images_per_s", "steps_per_s_median", "images_per_s_median", "trial_wall_s")
+"Metrics measured with a clock: they carry the machine's load (other trials running), not only the configuration."
 
 
 def direction(name: str) -> Direction:

@@ -75,14 +75,70 @@ def make_report(study: str | Path, state: str | Path = DEFAULT_STATE, out: str |
     if results.table.empty:
         raise ConfigError(f"study {spec.name}: no trial has finished yet; run `srdit study run {study}` first")
     out = Path(out)
-    html = render_report(results, out / spec.name, bootstrap=bootstrap)
+    from srdit.analysis.effects import analyze_study
+
+    analyses = analyze_study(results, bootstrap=bootstrap)
+    html = render_report(results, out / spec.name, bootstrap=bootstrap, analyses=analyses)
     render_index(out)
     write_records(results, out / "RECORDS.md")
     try:
+        metrics, tags = headline_results(analyses, results.metric)
+        tracking.log_parent_metrics(metrics)
+        tracking.tag_parent(tags)
         tracking.client.log_artifacts(tracking.parent_run_id, str(out / spec.name), "report")
     except Exception as e:  # the report exists on disk either way
         print(f"warning: could not log the report on the MLflow parent run: {e}", file=sys.stderr)
     return html
+
+
+def _mlflow_name(s: str) -> str:
+    """MLflow metric names allow letters, digits, `_ - . / ` and spaces: a pair `a:b` becomes `a-x-b`."""
+    return s.replace(":", "-x-").replace("+", "-").replace("×", "-x-")
+
+
+def headline_results(analyses: dict, primary: str) -> tuple[dict[str, float], dict[str, str]]:
+    """The parent run's summary of a report: per analysed metric M, metrics `M/main_effect/<technique>` (the
+    report's ME, the metric's own scale before orientation; log for throughput) with `.../ci_low`, `.../ci_high`,
+    and `M/synergy/<a>-x-<b>` (oriented S, positive = better together) with its CI and p_adj; tags
+    `result.best_cell` (techniques, cell id, mean ± sd of the primary metric) and, per metric, its notes' first
+    line (e.g. the contention caveat of a wall-clock metric). Values without an estimate are left out."""
+    from srdit.analysis.effects import Analysis
+
+    metrics: dict[str, float] = {}
+    tags: dict[str, str] = {}
+    for m, a in analyses.items():
+        if not isinstance(a, Analysis):
+            tags[f"result.{_mlflow_name(m)}"] = f"not analysed: {getattr(a, 'error', '')}"[:500]
+            continue
+        mm = _mlflow_name(m)
+        for f, v in a.fit.main_effects.items():
+            if v is None:
+                continue
+            metrics[f"{mm}/main_effect/{f}"] = v
+            ci = a.fit.ci.get(f)
+            if ci:
+                metrics[f"{mm}/main_effect/{f}/ci_low"], metrics[f"{mm}/main_effect/{f}/ci_high"] = ci
+        for pair, v in a.pairs.synergy.items():
+            if v is None:
+                continue
+            name = f"{mm}/synergy/{_mlflow_name(pair)}"
+            metrics[name] = v
+            ci = a.pairs.synergy_ci.get(pair)
+            if ci:
+                metrics[f"{name}/ci_low"], metrics[f"{name}/ci_high"] = ci
+            if a.pairs.p_adj.get(pair) is not None:
+                metrics[f"{name}/p_adj"] = a.pairs.p_adj[pair]
+        if a.notes:
+            tags[f"result.{mm}.note"] = a.notes[0][:500]
+        b = a.attribution.best
+        if m == primary and b is not None:
+            tags["result.best_cell"] = f"{b.combo} ({b.cell})"
+            if b.mean is not None:
+                metrics[f"{mm}/best_cell/mean"] = b.mean
+                tags["result.best_cell"] += f": {m} = {b.mean:.4g}" + (f" ± {b.sd:.2g}" if b.sd is not None else "")
+        flags = sorted({fl.pair for fl in a.incompatible})
+        tags[f"result.{mm}.incompatible"] = ", ".join(flags) or "none flagged"
+    return {k: float(v) for k, v in metrics.items() if v == v}, tags
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import math
 import shutil
+import statistics
 import sys
 import time
 import warnings
@@ -37,6 +38,23 @@ EVALS = "evals"
 "Folder of evals/step_N.json: the metrics of each completed evaluation."
 SAMPLES = "samples"
 "Folder of the evaluation sample shards of latent runs (samples/step_N)."
+METRICS_LOG = "metrics.jsonl"
+"Every report of `srdit train` (JsonlReporter), one JSON line each."
+WARMUP_FRACTION = 0.1
+"""Throughput windows ending in the first tenth of the steps (and always the first window: compilation, allocator
+and cache warm-up) are left out of the run's throughput summary."""
+
+
+def throughput_summary(windows: list[tuple[int, float, float]], steps: int) -> dict[str, float]:
+    """Median steps/s and images/s over the post-warm-up log windows [(end step, steps/s, images/s)]; a median
+    resists the windows slowed by evaluations or by another process on the machine. Falls back to every window
+    when warm-up leaves none."""
+    if not windows:
+        return {}
+    post = [w for i, w in enumerate(windows) if i > 0 and w[0] > WARMUP_FRACTION * steps] or windows
+    med = lambda xs: float(statistics.median(xs))  # noqa: E731
+    return {"steps_per_s_median": med([w[1] for w in post]), "images_per_s_median": med([w[2] for w in post]),
+            "throughput_windows": float(len(post))}
 
 
 class Reporter(Protocol):
@@ -49,14 +67,34 @@ class NullReporter:
 
 
 class JsonlReporter:
-    """Appends every report to metrics.jsonl in the run folder (what `srdit train` leaves behind)."""
+    """Appends every report to metrics.jsonl in the run folder (what `srdit train` leaves behind).
+
+    A resumed run replays the steps between its checkpoint and the interruption bit-exactly: a key already in the
+    file at that step or later is not written again (each step once)."""
 
     def __init__(self, path: Path, inner: Reporter | None = None):
         self.path, self.inner = Path(path), inner
+        self._upto: dict[str, int] | None = None  # read at the first report (train() clears the file on a fresh start)
+
+    def _logged_upto(self) -> dict[str, int]:
+        if self._upto is None:
+            self._upto = {}
+            if self.path.is_file():
+                for line in self.path.read_text().splitlines():
+                    with contextlib.suppress(ValueError, KeyError, TypeError):
+                        row = json.loads(line)
+                        for k in row:
+                            if k != "step":
+                                self._upto[k] = max(self._upto.get(k, -1), int(row["step"]))
+        return self._upto
 
     def report(self, step: int, metrics: dict[str, float]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        upto = self._logged_upto()
+        new = {k: v for k, v in metrics.items() if upto.get(k, -1) < step}
+        if new:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": step, **new}) + "\n")
+            upto.update({k: step for k in new})
         if self.inner is not None:
             self.inner.report(step, metrics)
 
@@ -454,9 +492,12 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         init_weights(model, ema, cfg, tc.init)
     if dp.main:
         (out / "config.yaml").write_text(to_yaml(cfg))
-        if step == 0:  # a fresh start: evaluations left by an earlier run in this folder are not this run's
+        for tmp in ckpt_path.parent.glob(f".{ckpt_path.name}.*.tmp"):  # a write killed before its rename
+            tmp.unlink(missing_ok=True)
+        if step == 0:  # a fresh start: evaluations and metrics left by an earlier run in this folder are not this run's
             for old in (out / EVALS, out / SAMPLES):
                 shutil.rmtree(old, ignore_errors=True)
+            (out / METRICS_LOG).unlink(missing_ok=True)
 
     def save() -> None:
         if not dp.main:
@@ -506,6 +547,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     train_step = TrainStep(cfg, model, ema, opt, device, dp, net)
     bar = _Progress(tc.steps, step, progress if dp.main else False)
     t_window = time.perf_counter()
+    windows: list[tuple[int, float, float]] = []
     status, reason, last = "finished", "", {}
 
     def stop_if_diverged(found) -> bool:
@@ -531,6 +573,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
                     break
                 dt = time.perf_counter() - t_window
                 last = means | {"steps_per_s": count / dt, "images_per_s": count * tc.batch_size / dt}
+                windows.append((step, last["steps_per_s"], last["images_per_s"]))
                 reporter.report(step, last)
                 bar.update(step, f"loss {last['loss']:.4f}  {last['steps_per_s']:.1f} it/s  "
                                  f"{last['images_per_s']:.0f} img/s")
@@ -555,6 +598,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     if status != "finished":
         reporter.report(step, {"diverged_step" if status == "diverged" else "oom_step": float(step + 1)})
         return _result(out, dp, status, reason, step, dict(last))
+    last |= throughput_summary(windows, tc.steps)
     save()
     final: dict[str, float] = {}
     if evaluates:

@@ -1650,12 +1650,20 @@ def analyze_study(results: StudyResults, *, alpha: float = 0.05, threshold: floa
     metrics = {results.metric: results.direction, **{m: d for m, d in results.other_metrics.items()
                                                       if m != results.metric}}
     for m, d in metrics.items():
+        wall = m in metric_registry.WALL_CLOCK
+        bench = wall and results.bench is not None and m in results.bench.columns
         try:
-            out[m] = analyze(results.table, results.factors, m, d, log=metric_registry.is_log(m), alpha=alpha,
-                             threshold=threshold if m == results.metric else 0.0, bootstrap=bootstrap,
-                             ladder_order=results.ladder_order, strict=False)
+            a = analyze(results.bench if bench else results.table, results.factors, m, d,
+                        log=metric_registry.is_log(m), alpha=alpha, threshold=threshold if m == results.metric else 0.0,
+                        bootstrap=bootstrap, ladder_order=results.ladder_order, strict=False)
         except AnalysisError as e:
             out[m] = AnalysisFailure(metric=m, direction=d, error=str(e))
+            continue
+        if bench:
+            a = replace(a, notes=[BENCH_NOTE, *a.notes])
+        elif wall and contended(results.table):
+            a = without_significance(a, CONTENTION_NOTE)
+        out[m] = a
     return _exploratory_family(out, results.metric, alpha)
 
 
@@ -1701,3 +1709,27 @@ def _exploratory_family(out: dict[str, Analysis | AnalysisFailure], primary: str
         pairs = replace(a.pairs, p_adj=p_adj, significant=sig, antagonism=ant, strongest=strongest)
         out[m] = replace(a, pairs=pairs, role="exploratory", family=fam, correction="fdr_bh")
     return out
+
+
+BENCH_NOTE = ("measured by `srdit study bench`: one training step per cell, interleaved in one process (rounds as "
+              "blocks), not the trials' wall clock")
+CONTENTION_NOTE = ("measured with a clock while several trials shared the machine: the load of the neighbours is in "
+                   "the numbers, so no significance is claimed (run `srdit study bench` for a controlled measurement)")
+
+
+def contended(table: pd.DataFrame) -> bool:
+    """Whether the trials' wall-clock metrics carry other trials' load: some trial shared its machine, or the runs do
+    not record it (`trials_on_host`)."""
+    if "trials_on_host" not in table.columns:
+        return True
+    n = pd.to_numeric(table["trials_on_host"], errors="coerce")
+    return bool(n.isna().any() or (n > 1).any())
+
+
+def without_significance(a: Analysis, note: str) -> Analysis:
+    """The same estimates and intervals, with every p-value, star and antagonism flag removed and `note` first:
+    for measurements whose noise is not what the model assumes (contention)."""
+    fit = replace(a.fit, p={k: None for k in a.fit.p})
+    strongest = a.pairs.strongest and replace(a.pairs.strongest, p_adj=None)
+    pairs = replace(a.pairs, p_adj={k: None for k in a.pairs.p_adj}, antagonism=[], strongest=strongest)
+    return replace(a, fit=fit, pairs=pairs, notes=[note, *a.notes])

@@ -281,11 +281,14 @@ def fig_pareto(res: StudyResults, a: Analysis) -> go.Figure | None:
     ok &= np.isfinite(pd.to_numeric(t[res.metric], errors="coerce")) & np.isfinite(
         pd.to_numeric(t[cost], errors="coerce"))
     cell_of = {c.combo: c.cell for c in a.attribution.cells}
+    bench = res.bench if res.bench is not None and cost in res.bench.columns else None  # `srdit study bench`
+    xb = None if bench is None else bench.groupby("cell")[cost].apply(lambda v: float(np.exp(np.log(v).mean())))
     pts = []
     for combo, g in t[ok].assign(_combo=[combo_label(f for f in res.factors if int(r[f]) == 1)
                                          for _, r in t[ok].iterrows()]).groupby("_combo"):
         pts.append({"combo": combo, "cell": cell_of.get(combo, combo),
-                    "x": float(np.exp(np.log(g[cost].astype(float)).mean())) if metric_registry.is_log(cost) else
+                    "x": float(xb[g["cell"].iloc[0]]) if xb is not None else
+                    float(np.exp(np.log(g[cost].astype(float)).mean())) if metric_registry.is_log(cost) else
                     float(g[cost].astype(float).mean()),
                     "y": float(g[res.metric].astype(float).mean()),
                     "ysd": float(g[res.metric].astype(float).std(ddof=1)) if len(g) > 1 else 0.0,
@@ -311,7 +314,8 @@ def fig_pareto(res: StudyResults, a: Analysis) -> go.Figure | None:
         fig.add_scatter(x=[p["x"] for p in fr], y=[p["y"] for p in fr], mode="lines", name="front",
                         line=dict(color="#E45756", dash="dot"), hoverinfo="skip", showlegend=False)
     fig.update_layout(**LAYOUT, title=f"Quality versus cost: {res.metric} against {cost}",
-                      xaxis_title=f"{cost} ({'↑' if cdir == 'max' else '↓'} better, geometric mean over seeds)",
+                      xaxis_title=f"{cost} ({'↑' if cdir == 'max' else '↓'} better, "
+                                  + ("srdit study bench)" if xb is not None else "geometric mean over seeds)"),
                       yaxis_title=f"{res.metric} ({'↑' if res.direction == 'max' else '↓'} better, mean ± sd)")
     if metric_registry.is_log(cost):
         fig.update_xaxes(type="log")

@@ -21,7 +21,8 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from srdit import metric_registry
-from srdit.analysis.effects import Analysis, AnalysisFailure, Flag, analyze_study, combo_label
+from srdit.analysis.effects import (BENCH_NOTE, CONTENTION_NOTE, Analysis, AnalysisFailure, Flag, analyze_study,
+                                   combo_label)
 from srdit.analysis.figures import (_cell_order, _ci, _esc, _metric_label, _num, _pv, fig_curves,
                                     fig_effects, fig_half_normal, fig_ladder, fig_pareto, fig_synergy,
                                     throughput_metrics)
@@ -456,6 +457,10 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
             if isinstance(am, AnalysisFailure):
                 blocks.append(f'<p class="caption">{_esc(m)}: {_esc(am.error)}</p>')
                 continue
+            if am.notes and am.notes[0] in (BENCH_NOTE, CONTENTION_NOTE):  # where a wall-clock metric comes from
+                warn = am.notes[0] == CONTENTION_NOTE
+                blocks.append(f'<p class="caption"><span class="tag {"warn" if warn else "good"}">'
+                              f'{"caveat" if warn else "bench"}</span> {_esc(m)}: {_esc(am.notes[0])}</p>')
             if len(res.factors) >= 2:
                 fid = "fig-synergy-" + _safe_name(m)
                 fig = fig_synergy(am, title=f"Synergy on {_metric_label(m, am.direction, am.scale == 'log')}")

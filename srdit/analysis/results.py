@@ -40,6 +40,9 @@ class StudyResults:
         date: date of the study (ISO string).
         description: the study's description (report header).
         steps: training length in steps (report header; None: the last step of the learning curves).
+        bench: the controlled throughput measurement (`srdit study bench`), or None: a table like `table` with one
+            row per cell x round (`seed` = round) and the wall-clock metrics of one training step; when present,
+            the analysis takes the wall-clock metrics (`metric_registry.WALL_CLOCK`) from it, not from the trials.
     """
 
     study: str
@@ -60,3 +63,4 @@ class StudyResults:
     "the study's description (shown in the report header)"
     steps: int | None = None
     "training length in steps (None: taken from the learning curves when they exist)"
+    bench: pd.DataFrame | None = None

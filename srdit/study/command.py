@@ -5,7 +5,8 @@
     srdit study run STUDY.yaml [--state DIR]          preflight, then every unfinished trial (Ray Tune; a private
                       [--address ADDR]                local Ray on 127.0.0.1, or the cluster at ADDR / RAY_ADDRESS)
     srdit study resume STUDY.yaml [--state DIR]       the same as run (finishes what is unfinished)
-    srdit study status STUDY.yaml [--state DIR]       trials done / unfinished, from MLflow
+    srdit study status STUDY.yaml [--state DIR]       each trial's status, counts, the driver, what a rerun will do
+    srdit study bench STUDY.yaml [--state DIR]        time one training step of every cell, interleaved
     srdit ui [--state DIR] [--port N]                 mlflow server on 127.0.0.1 over the embedded store
 
 Bad input (a malformed study file, a missing path, a wrong argument) prints one line on stderr, exit code 2.
@@ -24,6 +25,9 @@ from srdit.config import ConfigError
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no config box / TensorBoard hint; the runner prints progress
+# Ctrl-C ends `study run` at once with srdit's own resume line: Tune's handler would save an experiment state that
+# srdit never restores from (MLflow is the record) and print `Tuner.restore` advice that does not apply.
+os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 DEFAULT_STATE = "state"
 DEFAULT_DASHBOARDS = "dashboards"  # where `srdit report` (srdit/report_command.py) writes
@@ -72,10 +76,21 @@ def _study_parser() -> argparse.ArgumentParser:
     ex.add_argument("--csv", nargs="?", const="", default="", metavar="PATH",
                     help="CSV file to write (default: <study>_runs.csv)")
     ex.add_argument("--state", default=DEFAULT_STATE)
-    st = sub.add_parser("status", help="trials done and unfinished (from MLflow)")
+    st = sub.add_parser("status", help="each trial's status, counts, and what a rerun will do")
     st.add_argument("study")
     st.add_argument("--state", default=DEFAULT_STATE)
+    b = sub.add_parser("bench", help="time one training step of every cell, interleaved in one process")
+    b.add_argument("study")
+    b.add_argument("--state", default=DEFAULT_STATE)
+    b.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15)")
+    b.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 3)")
     return p
+
+
+def _not_tune_resume_advice(record) -> bool:
+    """Drop Ray Tune's "Resume experiment with: Tuner.restore(...)" lines: srdit resumes by rerunning its command."""
+    msg = record.getMessage()
+    return "Tuner.restore" not in msg and "Resume experiment with" not in msg and "Resume training with" not in msg
 
 
 def _quiet() -> None:
@@ -83,6 +98,8 @@ def _quiet() -> None:
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    for name in ("ray.tune.tune", "ray.tune"):
+        logging.getLogger(name).addFilter(_not_tune_resume_advice)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,11 +116,14 @@ def main(argv: list[str] | None = None) -> int:
             return _run(args)
         if args.cmd == "export":
             return _export(args)
+        if args.cmd == "bench":
+            return _bench(args)
         return _status(args)
     except ConfigError as e:
         return _err(str(e))
     except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        cmd = " ".join(["srdit", "study", *(argv if argv is not None else sys.argv[1:])])
+        print(f"interrupted; `{cmd}` resumes it (finished trials are kept)", file=sys.stderr)
         return 130
 
 
@@ -139,8 +159,15 @@ def _run(args) -> int:
     from srdit.study.designs import plan_study
 
     plan = plan_study(spec)  # plan errors are input errors: raise before anything starts
-    res = run_study(spec, args.state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan,
-                    address=args.address)
+    from srdit.study.lock import study_lock
+
+    with study_lock(args.state, spec.name) as stale:  # StudyBusy (exit 2) when another driver runs the study
+        if stale:
+            print(f"the previous driver of study {spec.name} (pid {stale.get('pid')}, host {stale.get('host')}) "
+                  f"stopped without finishing; taking over", flush=True)
+        mark_dead_trials(spec, args.state, stale)
+        res = run_study(spec, args.state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan,
+                        address=args.address)
     state = Path(args.state)
     print(f"MLflow: {res.uri} (experiment {spec.tracking.experiment or spec.name}, parent run {res.parent_run_id}); "
           f"browse with `srdit ui --state {state}`")
@@ -158,8 +185,26 @@ def _export(args) -> int:
     return 0
 
 
+def mark_dead_trials(spec, state: str | Path, previous: dict | None = None) -> list[str]:
+    """Mark the trials and parent run left RUNNING by a driver that no longer runs (see
+    `StudyTracking.mark_dead`); call while no driver holds the study's lock, or while this process does. Nothing
+    to do on a state without the study."""
+    from srdit.study.results import open_tracking
+
+    try:
+        tracking = open_tracking(spec, state)
+    except ConfigError:
+        return []
+    who = f" (pid {previous.get('pid')}, host {previous.get('host')})" if previous else ""
+    return tracking.mark_dead(f"interrupted: the study's driver{who} stopped before the trial ended; a rerun resumes "
+                              f"it from its last checkpoint")
+
+
 def _status(args) -> int:
+    """Per trial: its status (and reason); then counts per status, the driver (if one runs) and what a rerun
+    will do (`tracking.is_done` decides, with and without --retry-failed)."""
     from srdit.study.designs import plan_study
+    from srdit.study.lock import holder
     from srdit.study.results import open_tracking
     from srdit.study.spec import load_study
     from srdit.study.tracking import is_done
@@ -167,18 +212,72 @@ def _status(args) -> int:
     spec = load_study(args.study)
     plan = plan_study(spec)
     tracking = open_tracking(spec, args.state)
+    driver = holder(args.state, spec.name)
+    marked = [] if driver is not None else tracking.mark_dead(
+        "interrupted: the study's driver stopped before the trial ended; a rerun resumes it from its last checkpoint")
     children = tracking.children_by_key()
-    keys = [t.key for t in plan.trials] if plan.trials else list(children)
-    n_done = 0
+    search = spec.design.kind == "search"
+    keys = list(children) if search else [t.key for t in plan.trials]
+    counts: dict[str, int] = {}
+    rerun: dict[str, int] = {}
+    rerun_failed: dict[str, int] = {}
     for k in keys:
         r = children.get(k)
-        state = "not started" if r is None else (r.data.tags.get("status", "?") if is_done(r) else
-                                                  f"unfinished ({r.info.status.lower()})")
-        n_done += r is not None and is_done(r)
+        state = "not started" if r is None else (r.data.tags.get("status") or r.info.status.lower())
+        counts[state] = counts.get(state, 0) + 1
+        if r is None or not is_done(r):
+            rerun[state] = rerun.get(state, 0) + 1
+        elif not is_done(r, retry_failed=True):
+            rerun_failed[state] = rerun_failed.get(state, 0) + 1
         reason = r.data.tags.get("status_reason", "") if r is not None else ""
-        print(f"{k}  {state}{'  ' + reason if reason else ''}")
+        name = r.data.tags.get("mlflow.runName", "") if r is not None else ""
+        print(f"{k}  {name + '  ' if name else ''}{state}{'  ' + reason if reason else ''}")
+    fmt = lambda d: ", ".join(f"{n} {s}" for s, n in sorted(d.items(), key=lambda x: -x[1]))  # noqa: E731
+    n_done = sum(1 for k in keys if children.get(k) is not None and is_done(children[k]))
     total = plan.search_budget or len(keys)
-    print(f"{n_done}/{total} trials done; MLflow {tracking.uri}, parent run {tracking.parent_run_id}")
+    print(f"{n_done}/{total} trials done ({fmt(counts) or 'none run'}); MLflow {tracking.uri}, parent run "
+          f"{tracking.parent_run_id}")
+    if marked:
+        print(f"marked {len(marked)} trial(s) interrupted: their driver is gone")
+    if driver is not None:
+        print(f"a driver is running this study now (pid {driver.get('pid')}, host {driver.get('host')}, since "
+              f"{driver.get('started')})")
+    cmd = f"srdit study run {args.study} --state {args.state}"
+    if search:
+        print(f"a rerun (`{cmd}`) continues the search up to its budget of {total}")
+    elif rerun:
+        print(f"a rerun (`{cmd}`) will run {sum(rerun.values())} trial(s): {fmt(rerun)}")
+    else:
+        print(f"a rerun (`{cmd}`) has nothing to run")
+    if rerun_failed:
+        print(f"with --retry-failed it would also rerun {sum(rerun_failed.values())}: {fmt(rerun_failed)}")
+    return 0
+
+
+def _bench(args) -> int:
+    """`srdit study bench`: the controlled throughput measurement (srdit.study.bench), into the state and onto the
+    parent run. Refused while a driver runs the study: its trials would load the machine being measured."""
+    from srdit.study.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, format_bench, run_bench, save_bench
+    from srdit.study.designs import plan_study
+    from srdit.study.lock import study_lock
+    from srdit.study.runner import prepare
+    from srdit.study.spec import load_study
+
+    spec = load_study(args.study)
+    plan = plan_study(spec)
+    if not plan.cells:
+        return _err(f"{args.study}: the bench times the cells of a grid design; a search design has none")
+    rounds = DEFAULT_ROUNDS if args.rounds is None else args.rounds
+    warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
+    if rounds < 3 or warmup < 0:
+        return _err(f"srdit study bench: --rounds must be >= 3 and --warmup >= 0 (got {rounds}, {warmup})")
+    with study_lock(args.state, spec.name):  # StudyBusy while a driver runs the study (and no run starts meanwhile)
+        rec = run_bench(spec, plan, rounds=rounds, warmup=warmup, echo=lambda s: print(s, flush=True))
+        _, tracking, _ = prepare(spec, args.state, plan)
+        path = save_bench(rec, args.state, tracking)
+    print(format_bench(rec))
+    print(f"bench: {path} ({rec['seconds']:.0f} s); logged on parent run {tracking.parent_run_id}; "
+          f"`srdit report` uses it for throughput effects and the Pareto front")
     return 0
 
 
@@ -199,7 +298,8 @@ def ui_main(argv: list[str] | None = None) -> int:
     """`srdit ui [--state DIR]`: start `mlflow server` on loopback, print the URL, stop cleanly on Ctrl-C."""
     import time
 
-    from srdit.study.tracking import default_tracking_uri, port_free, start_server, stop_server
+    from srdit.study.lock import state_init_lock
+    from srdit.study.tracking import UI_QUERY, default_tracking_uri, port_free, relocate_store, start_server, stop_server
 
     try:
         args = _ui_parser().parse_args(argv)
@@ -212,12 +312,23 @@ def ui_main(argv: list[str] | None = None) -> int:
     if not port_free(args.host, args.port):
         return _err(f"port {args.port} on {args.host} is in use; pass --port N")
     print(f"starting the MLflow UI over {db} ...", flush=True)
+    with state_init_lock(state):
+        relocate_store(state)  # a moved or copied state shows (and writes) its own artifacts
     try:
         proc = start_server(default_tracking_uri(state), state / "mlartifacts", args.host, args.port,
                             log_path=state / "mlflow-ui.log")
     except RuntimeError as e:
         return _err(str(e))
-    print(f"MLflow UI: http://{args.host}:{args.port}  (Ctrl-C to stop; log in {state / 'mlflow-ui.log'})", flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(f"MLflow UI: {base}/#/{UI_QUERY}  (Ctrl-C to stop; log in {state / 'mlflow-ui.log'})", flush=True)
+    try:  # links that open each study on its runs (MLflow's UI otherwise starts on its GenAI pages)
+        from mlflow import MlflowClient
+
+        for e in MlflowClient(default_tracking_uri(state)).search_experiments():
+            if e.name != "Default":
+                print(f"  {e.name}: {base}/#/experiments/{e.experiment_id}{UI_QUERY}", flush=True)
+    except Exception:
+        pass
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt

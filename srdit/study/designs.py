@@ -12,6 +12,7 @@ import hashlib
 import itertools
 import json
 import math
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
@@ -84,7 +85,10 @@ class Plan:
             return None
         from srdit.study.compute import gpu_hours
 
-        return gpu_hours([t.config for t in self.trials] or [self.base_config] * self.search_budget)
+        est = gpu_hours([t.config for t in self.trials] or [self.base_config] * self.search_budget)
+        # elapsed time follows from the GPU-hours: each trial holds its GPUs for its GPU-hours / GPUs per trial
+        return {**est, "gpus_per_trial": self.gpus_per_trial,
+                "wall_hours_one_at_a_time": round(est["gpu_hours"] / self.gpus_per_trial, 1)}
 
     def cost(self, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrency: int = 1) -> dict:
         """Steps x trials and a wall-time estimate under stated throughput assumptions."""
@@ -355,6 +359,29 @@ def plan_study(spec: StudySpec) -> Plan:
                 base_config=to_dict(spec.base), gpus_per_trial=spec.resources.gpus)
 
 
+def submission_order(trials: Sequence[Any]) -> list[Any]:
+    """The order in which a runner submits `trials` (TrialSpecs or their dicts, with `cell` and `seed`): one round
+    per seed, each round a different deterministic shuffle of the cells, and no cell twice in a row across the
+    rounds' boundary. Trials that run at the same time then differ from round to round, so the machine's load (a
+    neighbour's evaluation, the other seed of the same cell) does not line up with cells; the plan keeps the
+    design's order (cells, then seeds).
+
+    Deterministic: the same trials give the same order (the shuffle's seed is derived from the cell ids)."""
+    get = (lambda t, k: t[k]) if trials and isinstance(trials[0], dict) else getattr  # noqa: E731
+    rounds: dict[Any, list] = {}
+    for t in trials:
+        rounds.setdefault(get(t, "seed"), []).append(t)
+    out: list[Any] = []
+    for r, group in enumerate(rounds.values()):
+        salt = zlib.crc32("|".join(sorted(str(get(t, "cell")) for t in group)).encode())
+        order = list(np.random.default_rng([salt, r]).permutation(len(group)))
+        group = [group[i] for i in order]
+        if out and len(group) > 1 and get(group[0], "cell") == get(out[-1], "cell"):
+            group = group[1:] + group[:1]
+        out += group
+    return out
+
+
 def search_objectives(spec: StudySpec) -> list[str]:
     return list(spec.design.objectives) or [spec.metrics.primary]
 
@@ -388,12 +415,20 @@ def format_plan(plan: Plan, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrenc
             lines.append(f"trials: {cost['trials']} ({len(plan.cells)} cells x {len(seeds)} seeds {seeds})")
         else:
             lines.append(f"trials: {cost['trials']} (search budget)")
-        lines.append(f"cost: {cost['total_steps']} training steps in all; estimated wall time "
-                     f"{_fmt_s(cost['wall_seconds'])} ({cost['assumptions']})")
         gpu = plan.gpu_estimate()
-        if gpu:
+        if not gpu:
+            lines.append(f"cost: {cost['total_steps']} training steps in all; estimated wall time "
+                         f"{_fmt_s(cost['wall_seconds'])} ({cost['assumptions']})")
+        else:  # GPU trials: time from the model's FLOPs (a CPU steps/s assumption says nothing about them)
+            g, h = gpu["gpus_per_trial"], gpu["wall_hours_one_at_a_time"]
+            n = cost["trials"]
+            lines.append(f"cost: {cost['total_steps']} training steps in all")
             lines.append(f"compute: {gpu['pflops']:g} PFLOP (training + evaluation sampling, from the model's MACs); "
-                         f"about {gpu['gpu_hours']:g} GPU-hours at {gpu['assumption']}")
+                         f"about {gpu['gpu_hours']:g} GPU-hours in all (GPU-hours = GPUs x hours, summed over the "
+                         f"{n} trials) at {gpu['assumption']}")
+            lines.append(f"wall: about {h:g} h elapsed with one trial at a time on {g:g} GPU(s) (each trial holds "
+                         f"{g:g} GPU(s): GPU-hours / {g:g}); k trials at once on k x {g:g} GPUs take about "
+                         f"{h:g} / k h")
     return "\n".join(lines)
 
 

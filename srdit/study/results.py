@@ -66,9 +66,10 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
                "status_reason": tags.get("status_reason", "")}
         row.update({f: int(tags.get(f"tech.{f}", 0)) for f in factors})
         for name in dict.fromkeys([*metrics, *CURVE_KEYS]):
-            v = m.get(name)
+            v = m.get(metric_registry.SUMMARY.get(name, name), m.get(name))  # throughput: the run's median
             row[name] = float(v) if (ok and v is not None and math.isfinite(v)) else math.nan
         row["run_id"] = run.info.run_id
+        row["trials_on_host"] = float(m.get("trials_on_host", math.nan))  # NaN: not recorded (older runs)
         rows.append(row)
         commit = commit or tags.get("git_commit", "")
         if curves:
@@ -100,4 +101,9 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
         excluded=list(plan.excluded), aliases=dict(plan.aliases), ladder_order=plan.ladder_order,
         commit=commit, date=_dt.date.today().isoformat(), description=spec.description,
         steps=getattr(getattr(spec.base, "train", None), "steps", None))
+    from srdit.study.bench import bench_table, load_bench
+
+    bench = load_bench(state_paths(state_dir, spec.name)["root"], plan)
+    if bench is not None:  # the controlled measurement of `srdit study bench`
+        results.bench = bench_table(bench, list(factors))
     return results, tracking

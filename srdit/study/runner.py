@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from srdit.metric_registry import headline
 from srdit.study import preflight
-from srdit.study.designs import Plan, plan_study, search_objectives
+from srdit.study.designs import Plan, plan_study, search_objectives, submission_order
 from srdit.study.spec import StudySpec
 from srdit.study.tracking import StudyTracking, has_ended, is_done, is_local_store, open_study, resolve_uri
 from srdit.study.trial import MAX_FAILURES, TrialContext, execute_trial, is_oom, record_outcome, trainable
@@ -216,6 +216,7 @@ def prepare(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None) ->
                           artifact_location=spec.tracking.artifact_location, tags=tags)
     tracking.tag_parent({**tags, "n_cells": len(plan.cells), "n_trials": len(plan.trials) or plan.search_budget,
                          "n_excluded": len(plan.excluded), "state_dir": str(paths["root"])})
+    tracking.describe(spec, plan)  # params, study YAML and resolved plan on the parent run
     return plan, tracking, paths
 
 
@@ -256,6 +257,7 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
         if run is not None and not (retry_failed and is_done(run)):
             d["run_id"] = run.info.run_id  # unfinished: reuse it (the trainer resumes from its checkpoint)
         todo.append(d)
+    todo = submission_order(todo)  # load must not line up with cells (wall-clock metrics)
     preflight.check(spec, plan, todo, nodes if todo else None)
     if not todo:
         plan, tracking, paths = prepare(spec, state_dir, plan)

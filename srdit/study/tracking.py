@@ -29,6 +29,12 @@ logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creatin
 logging.getLogger("alembic").setLevel(logging.WARNING)
 
 PARENT_TAG = "mlflow.parentRunId"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"Experiment tag that makes MLflow's UI open the experiment on its runs (model training), not GenAI traces."
+UI_QUERY = "?workflowType=machine_learning"
+"""URL query (after the `#/...` route) of MLflow's UI for its model-training view: MLflow 3.17's UI starts on its
+GenAI pages whatever the experiment's kind tag says, unless the URL or an earlier choice in the browser says
+otherwise."""
 ROLE_TAG = "srdit.role"
 KEY_TAG = "trial_key"
 TERMINAL = ("finished", "diverged", "oom", "crashed")
@@ -179,22 +185,114 @@ class StudyTracking:
         retry(self.client.log_batch, self.parent_run_id,
               metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
 
+    def mark_dead(self, why: str) -> list[str]:
+        """Record the trials of a driver that no longer runs: every child run still RUNNING (or tagged running)
+        becomes KILLED with status `interrupted` (not an end: a rerun resumes it from its checkpoint), and a RUNNING
+        parent becomes KILLED. Call only while no driver runs the study (`lock.holder` is None, or this process
+        holds the lock). Returns the trial keys marked."""
+        marked = []
+        for r in self.children():
+            if r.info.status == "RUNNING" or r.data.tags.get("status") == "running":
+                retry(self.client.log_batch, r.info.run_id,
+                      tags=[RunTag("status", "interrupted"), RunTag("status_reason", why)])
+                retry(self.client.set_terminated, r.info.run_id, "KILLED")
+                marked.append(r.data.tags.get(KEY_TAG, r.info.run_id))
+        if retry(self.client.get_run, self.parent_run_id).info.status == "RUNNING":
+            self.set_parent_status("KILLED")
+        return marked
+
+    def describe(self, spec, plan) -> None:
+        """What a researcher browsing the parent run needs: design, techniques, seeds and trial counts as params
+        (first value kept: MLflow params are immutable; the current values are also tags), the study YAML and the
+        resolved plan as artifacts. `spec`: StudySpec, `plan`: Plan (duck-typed: no import of the designs here)."""
+        values = {"design": plan.design, "techniques": ",".join(spec.factor_names),
+                  "seeds": ",".join(map(str, spec.seeds)), "n_cells": len(plan.cells),
+                  "n_trials": len(plan.trials) or plan.search_budget, "n_excluded": len(plan.excluded),
+                  "primary_metric": spec.metrics.primary, "direction": spec.metrics.direction,
+                  "steps": spec.base.train.steps, "dataset": spec.base.data.dataset}
+        have = retry(self.client.get_run, self.parent_run_id).data.params
+        new = [Param(k, str(v)) for k, v in values.items() if k not in have]
+        if new:
+            retry(self.client.log_batch, self.parent_run_id, params=new)
+        note = (f"{spec.description}\n\nDesign {plan.design}: {len(plan.cells)} cells x {len(spec.seeds)} seeds, "
+                f"techniques {', '.join(spec.factor_names)}; primary metric {spec.metrics.primary} "
+                f"({spec.metrics.direction}). Study file and resolved plan under study/, the report under report/.")
+        self.tag_parent({**{f"plan.{k}": v for k, v in values.items()}, "mlflow.note.content": note})
+        if spec.path and Path(spec.path).is_file():
+            retry(self.client.log_text, self.parent_run_id, Path(spec.path).read_text(), "study/study.yaml")
+        retry(self.client.log_text, self.parent_run_id, json.dumps(plan.to_json(), indent=1), "study/plan.json")
+
+
+STATE_ARTIFACTS = "mlartifacts"
+"Artifact folder of the embedded store, inside the state folder."
+
 
 def experiment_artifact_location(uri: str, state_dir: str | Path, study: str, explicit: str | None) -> str | None:
     if explicit:
         return explicit
     if is_local_store(uri):
-        return (Path(state_dir).resolve() / "mlartifacts" / study).as_uri()
+        return (Path(state_dir).resolve() / STATE_ARTIFACTS / study).as_uri()
     if uri.startswith("http"):
         return f"mlflow-artifacts:/{study}"  # the server's artifact store (proxied over HTTP)
     return None
+
+
+def relocate_store(state_dir: str | Path) -> int:
+    """Point the embedded store's artifact locations at this state folder (resolved at open).
+
+    MLflow records absolute `file://` artifact URIs (experiments and runs); after the state folder is moved or
+    copied they would still name the original, and a report on a copy would write into it. Every location under
+    some `.../mlartifacts/` that is not this state's is rewritten to this state's `mlartifacts/`. Returns the
+    number of experiments rewritten (0 when the store is where it was written)."""
+    import sqlite3
+
+    db = Path(state_dir) / "mlflow.db"
+    if not db.is_file():
+        return 0
+    want = (Path(state_dir).resolve() / STATE_ARTIFACTS).as_uri()
+    marker = f"/{STATE_ARTIFACTS}/"
+    moved = 0
+    con = sqlite3.connect(db, timeout=60)
+    try:
+        with con:
+            for eid, loc in con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall():
+                if not loc or not loc.startswith("file:") or marker not in loc:
+                    continue
+                old = loc[:loc.rindex(marker) + len(marker) - 1]
+                if old == want:
+                    continue
+                con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                            (want + loc[len(old):], eid))
+                con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                            "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                            (want, len(old) + 1, eid, len(old), old))
+                moved += 1
+    except sqlite3.OperationalError:  # not an MLflow store yet (no tables)
+        return 0
+    finally:
+        con.close()
+    return moved
 
 
 def open_study(uri: str, experiment_name: str, study: str, state_dir: str | Path, *,
                artifact_location: str | None = None, create: bool = True, tags: Mapping[str, Any] | None = None
                ) -> StudyTracking | None:
     """Find (or create, in the driver) the study's experiment and parent run. A resumed study continues under the
-    same parent. Returns None when `create` is False and nothing exists yet."""
+    same parent. Returns None when `create` is False and nothing exists yet.
+
+    On the embedded store (SQLite in the state folder) drivers serialise this (`lock.state_init_lock`): concurrent
+    first opens race in MLflow's table creation otherwise; and artifact locations are resolved against the state
+    folder (`relocate_store`), so that a moved or copied state writes into itself."""
+    if is_local_store(uri) and uri == default_tracking_uri(state_dir):
+        from srdit.study.lock import state_init_lock
+
+        with state_init_lock(state_dir):
+            relocate_store(state_dir)
+            return _open_study(uri, experiment_name, study, state_dir, artifact_location, create, tags)
+    return _open_study(uri, experiment_name, study, state_dir, artifact_location, create, tags)
+
+
+def _open_study(uri, experiment_name, study, state_dir, artifact_location, create, tags) -> StudyTracking | None:
     client = MlflowClient(uri)
     exp = retry(client.get_experiment_by_name, experiment_name)
     if exp is None:
@@ -202,7 +300,8 @@ def open_study(uri: str, experiment_name: str, study: str, state_dir: str | Path
             return None
         loc = experiment_artifact_location(uri, state_dir, study, artifact_location)
         try:
-            exp_id = retry(client.create_experiment, experiment_name, artifact_location=loc, tags={"study": study})
+            exp_id = retry(client.create_experiment, experiment_name, artifact_location=loc,
+                           tags={"study": study, **EXPERIMENT_KIND})
         except MlflowException:  # created meanwhile by another driver
             exp_id = retry(client.get_experiment_by_name, experiment_name).experiment_id
         exp = retry(client.get_experiment, exp_id)
@@ -210,6 +309,9 @@ def open_study(uri: str, experiment_name: str, study: str, state_dir: str | Path
         if not create:
             return None
         retry(client.restore_experiment, exp.experiment_id)
+    if create and any(exp.tags.get(k) != v for k, v in EXPERIMENT_KIND.items()):  # stores made before the tag
+        for k, v in EXPERIMENT_KIND.items():
+            retry(client.set_experiment_tag, exp.experiment_id, k, v)
     parents = list_runs(client, exp.experiment_id, f"tags.`{ROLE_TAG}` = 'study' and tags.study = '{study}'")
     if parents:
         parent = sorted(parents, key=lambda r: r.info.start_time or 0)[0]
@@ -234,6 +336,8 @@ class ChildRun:
     def __init__(self, uri: str, run_id: str, reused: bool):
         self.uri, self.run_id, self.reused = uri, run_id, reused
         self.client = MlflowClient(uri)
+        self.logged_upto: dict[str, int] = {}
+        "Metric key -> last step already in the run (a resumed trial does not log those steps again)."
 
     @classmethod
     def open(cls, uri: str, experiment_id: str, parent_run_id: str, key: str, run_name: str,
@@ -253,10 +357,17 @@ class ChildRun:
         else:
             retry(client.update_run, run_id, "RUNNING")
             child = cls(uri, run_id, reused=True)
+            child.logged_upto = child.last_steps()
         child.log_tags({**tags, "status": "running", "status_reason": ""})
         if not child.reused or not retry(client.get_run, run_id).data.params:
             child.log_params(params)  # params are immutable in MLflow: logged once per run
         return child
+
+    def last_steps(self) -> dict[str, int]:
+        """Metric key -> the largest step logged so far in this run."""
+        keys = retry(self.client.get_run, self.run_id).data.metrics
+        return {k: max((m.step for m in retry(self.client.get_metric_history, self.run_id, k)), default=-1)
+                for k in keys}
 
     def log_tags(self, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
@@ -270,10 +381,13 @@ class ChildRun:
             retry(self.client.log_batch, self.run_id, params=chunk)
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
-        """One round trip for all keys of a report."""
+        """One round trip for all keys of a report. A key already logged at this step or later (by the run this
+        one resumes: training resumes bit-exactly from its checkpoint, so the values agree) is not logged again."""
         ts = _now_ms()
         items = []
         for k, v in metrics.items():
+            if self.logged_upto.get(k, -1) >= int(step):
+                continue
             try:
                 v = float(v)
             except (TypeError, ValueError):
@@ -303,12 +417,16 @@ class TrialReporter:
         self.n_reports = 0
         self.at_last_step: dict[str, float] = {}
         "Everything reported at the last step (the final metrics are not logged twice)."
+        self.on_report: Callable[[], Any] | None = None
+        "Called at every report (the trial samples how many trials share its machine)."
 
     def report(self, step: int, metrics: dict[str, float]) -> None:
         if step != self.last_step:
             self.at_last_step = {}
         self.last_step, self.n_reports = step, self.n_reports + 1
         self.at_last_step.update(metrics)
+        if self.on_report is not None:
+            self.on_report()
         if self.child is not None:
             self.child.log_metrics(step, metrics)
         if self.to_tune:
@@ -348,10 +466,34 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+_WATCHDOG = """
+import os, signal, sys, time
+group, parent = int(sys.argv[1]), int(sys.argv[2])
+def alive():
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
+while alive() and os.getppid() == parent:
+    time.sleep(0.5)
+if alive():
+    os.killpg(group, signal.SIGTERM)
+    end = time.time() + 10
+    while alive() and time.time() < end:
+        time.sleep(0.2)
+    if alive():
+        os.killpg(group, signal.SIGKILL)
+"""
+"""Run beside a server: when the process that started the server dies (however: SIGKILL included, the watchdog is
+re-parented), stop the server's process group. Exits by itself when the group is gone."""
+
+
 def start_server(backend_uri: str, artifacts_dir: str | Path, host: str = "127.0.0.1", port: int = 5000,
-                 timeout: float = 90.0, log_path: str | Path | None = None):
+                 timeout: float = 90.0, log_path: str | Path | None = None, watch_parent: bool = True):
     """Start `mlflow server` (one worker, no job runner) in its own process group and wait until /health answers.
-    Returns the Popen; stop it with `stop_server`."""
+    With `watch_parent`, a watchdog stops the server when this process dies. Returns the Popen; stop it with
+    `stop_server`."""
     import os
     import subprocess
     import sys
@@ -363,6 +505,9 @@ def start_server(backend_uri: str, artifacts_dir: str | Path, host: str = "127.0
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
+    if watch_parent:  # the server's own session outlives a SIGKILL of this process: a watchdog ties them
+        subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(proc.pid), str(os.getpid())], stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + timeout
     url = f"http://{host}:{port}/health"
     while time.time() < deadline:

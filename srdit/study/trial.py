@@ -23,6 +23,7 @@ from pathlib import Path
 from srdit.config import ConfigError
 from srdit.study.designs import make_cell, make_trial, search_objectives, violated
 from srdit.study.spec import StudySpec
+from srdit.study.occupancy import Occupancy
 from srdit.study.tracking import ChildRun, TrialReporter, is_done, runtime_tags
 
 MAX_FAILURES = 3
@@ -96,8 +97,10 @@ def trial_params(trial: dict) -> dict:
 
 
 def open_child(trial: dict, ctx: TrialContext, extra_tags: dict | None = None) -> ChildRun:
-    return ChildRun.open(ctx.uri, ctx.experiment_id, ctx.parent_run_id, trial["key"],
-                         f"{trial['cell']}-s{trial['seed']}", {**trial_tags(trial, ctx), **(extra_tags or {})},
+    name = run_name(trial)
+    # mlflow.runName also renames a child run made by an older version (named by its bit string)
+    return ChildRun.open(ctx.uri, ctx.experiment_id, ctx.parent_run_id, trial["key"], name,
+                         {**trial_tags(trial, ctx), "mlflow.runName": name, **(extra_tags or {})},
                          trial_params(trial), run_id=trial.get("run_id"))
 
 
@@ -176,6 +179,8 @@ def _execute(trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
     child = open_child(trial, ctx, runtime_tags())
     objectives = ctx.objectives  # search: Tune sees only the final result, which always has the objectives
     reporter = TrialReporter(child, to_tune and not objectives)
+    occupancy = Occupancy(ctx.trials_dir, trial["key"]).__enter__()
+    reporter.on_report = occupancy.sample
     t0 = time.perf_counter()
     logged: set[str] = set()
     try:
@@ -199,7 +204,9 @@ def _execute(trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
         except Exception:
             pass
     wall = time.perf_counter() - t0
+    occupancy.__exit__(None, None, None)
     final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    final["trials_on_host"] = float(occupancy.max_seen)
     child.log_metrics(step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
     child.finish(status, reason)
     out = {"trial_key": trial["key"], "status": status, "reason": reason, "step": step, "trial_wall_s": wall,
@@ -209,6 +216,14 @@ def _execute(trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
 
         tune.report({**{o: math.nan for o in objectives}, **out})
     return out
+
+
+def run_name(trial: dict) -> str:
+    """The child run's name: its techniques and seed (`rope+logit_normal · s0`), the knob hash of a search sample
+    after them; the cell's bit string stays in the `cell` tag."""
+    on = "+".join(trial["on"]) or "baseline"
+    knobs = trial["cell"].partition("-")[2]
+    return f"{on}{' · ' + knobs if knobs else ''} · s{trial['seed']}"
 
 
 def trainable(config: dict) -> None:
