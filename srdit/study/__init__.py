@@ -1,6 +1,7 @@
 """The study layer: study YAML -> design -> Ray Tune trials -> MLflow runs -> StudyResults.
 
-Modules: spec (schema), designs (cells, trials, aliases), runner (the Ray Tune driver), trial (what runs inside a
+Modules: spec (schema), designs (cells, trials, aliases), preflight (inputs, metrics and resources checked before
+anything starts), runner (the Ray Tune driver), trial (what runs inside a
 Ray worker: TrialContext, execute_trial), data_parallel (Ray Train), tracking (MLflow run tree), results (MLflow ->
 srdit.analysis.results.StudyResults), preprocess_ray (preprocessing parts as Ray tasks), command (the `srdit study`
 and `srdit ui` commands). Heavy imports (ray, mlflow, torch) live in runner / trial / tracking / results only.

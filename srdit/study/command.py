@@ -137,8 +137,10 @@ def _plan(args) -> int:
 
     sps = args.steps_per_s or ASSUMED_STEPS_PER_S
     conc = args.concurrency or _concurrency(spec)
+    where = ("this machine (`study run` checks the cluster at RAY_ADDRESS once connected)"
+             if os.environ.get("RAY_ADDRESS") else "this machine")
     problems = (preflight.input_and_metric_problems(spec, plan) +
-                preflight.resource_problems(spec, preflight.local_nodes(), "this machine"))
+                preflight.resource_problems(spec, preflight.local_nodes(), where))
     if args.json:
         print(json.dumps({**plan.to_json(sps, conc), "preflight": problems}, indent=1))
     else:

@@ -263,6 +263,7 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
         plan, tracking, paths = prepare(spec, state_dir, plan)
         echo(f"study {spec.name}: {len(plan.trials)} trials; all done")
         return _finish(spec, plan, tracking, paths, skipped, 0, echo, t0)
+    tracking = None
     with _ray_session(num_cpus, echo, address):
         _check_cluster(spec)
         plan, tracking, paths = prepare(spec, state_dir, plan)
@@ -274,6 +275,8 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
                  (" ..." if len(plan.excluded) > 4 else ""))
         tracking.set_parent_status("RUNNING")
         _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped)
+    if tracking is None:  # interrupted before anything was recorded
+        raise KeyboardInterrupt
     return _finish(spec, plan, tracking, paths, skipped, len(todo), echo, t0)
 
 
@@ -385,6 +388,7 @@ def _run_search(spec, plan, state_dir, existing, retry_failed, num_cpus, max_fai
         plan, tracking, paths = prepare(spec, state_dir, plan)
         echo(f"study {spec.name}: search, budget {spec.design.trials} trials; all evaluated")
         return _finish(spec, plan, tracking, paths, n_done, 0, echo, t0)
+    tracking = None
     with _ray_session(num_cpus, echo, address):
         _check_cluster(spec)
         plan, tracking, paths = prepare(spec, state_dir, plan)
@@ -414,6 +418,8 @@ def _run_search(spec, plan, state_dir, existing, retry_failed, num_cpus, max_fai
                                                trial_name_creator=_trial_name,
                                                trial_dirname_creator=_trial_name),
                    run_config=run_config).fit()
+    if tracking is None:  # interrupted before anything was recorded
+        raise KeyboardInterrupt
     return _finish(spec, plan, tracking, paths, n_done, remaining, echo, t0)
 
 
