@@ -495,15 +495,22 @@ def _surv_null_fit(f: np.ndarray, n: np.ndarray, starts: int = 3) -> tuple[float
     ok = n - f
 
     def negll(th):
-        return -_surv_ll(np.exp(np.minimum(_SURV_D @ th, 0.0)), f, ok)
+        eta = np.minimum(_SURV_D @ th, 0.0)
+        s = np.exp(eta)
+        one_m = np.clip(1 - s, 1e-300, 1.0)
+        val = -_surv_ll(s, f, ok)
+        # d(-ll)/d eta_g = -(ok_g - f_g s_g / (1 - s_g)) where eta_g < 0
+        g_eta = -(ok - np.where(f > 0, f * s / one_m, 0.0)) * (_SURV_D @ th < 0)
+        return val, _SURV_D.T @ g_eta
 
     s0 = np.clip(ok / n, 0.5 / n, 1 - 0.5 / n)
     cands = [np.array([np.log(s0[0]), np.log(s0[1] / s0[0]), np.log(s0[2] / s0[0])]), np.zeros(3),
              np.array([0.0, np.log(s0[1]), np.log(s0[2])])][:starts]
-    cons = [{"type": "ineq", "fun": (lambda th, r=r: -(r @ th))} for r in _SURV_D]
+    cons = [{"type": "ineq", "fun": (lambda th, r=r: -(r @ th)), "jac": (lambda th, r=r: -r)} for r in _SURV_D]
     best_l, best_s = -np.inf, None
     for th0 in cands:
-        res = minimize(negll, th0, method="SLSQP", constraints=cons, options={"maxiter": 300, "ftol": 1e-12})
+        res = minimize(negll, th0, jac=True, method="SLSQP", constraints=cons,
+                       options={"maxiter": 300, "ftol": 1e-12})
         if -res.fun > best_l:
             best_l, best_s = -float(res.fun), np.exp(np.minimum(_SURV_D @ res.x, 0.0))
     return best_l, best_s
