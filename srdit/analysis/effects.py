@@ -2,8 +2,9 @@
 and incompatibility, with uncertainty.
 
 Input: a tidy table, one row per trial: one 0/1 column per technique (factor), optionally a seed column and a status
-column, and metric columns. Rows whose status is not "finished" (diverged / oom / crashed ...) or whose metric is not
-finite are *failures*: they are left out of the metric models and used as evidence of failure interactions.
+column, and metric columns. Rows with an explicit failure status (FAILURE_STATUSES: diverged / nan / oom / crashed /
+error / failed) or a finished status and a non-finite metric are *failures*: they are left out of the metric models
+and used as evidence of failure interactions. Any other status (blank, cancelled, unknown) is excluded from both.
 
 Conventions (design doc, "Synergy and incompatibility"):
 - effects in +-1 coding (Montgomery, *Design and Analysis of Experiments*, ch. 6):
@@ -14,9 +15,11 @@ Conventions (design doc, "Synergy and incompatibility"):
 - dividend D_ij = g(ij) - g(i) - g(j) + g(none) with other factors off (Moebius/Harsanyi dividend), and its
   conditional version against the full stack;
 - Shapley phi_i = sum_{S subset N\\{i}} |S|!(k-|S|-1)!/k! [v(S+i) - v(S)] on cell means (sums to v(N) - v(empty));
-- uncertainty: statsmodels OLS `y ~ main + 2FI + C(seed)` (t CIs), seed bootstrap within cells
-  (scipy.stats.bootstrap), Holm/BH across pairs (statsmodels multipletests); failure interactions by Fisher's exact
-  test (scipy.stats.fisher_exact).
+- uncertainty: least squares `y ~ main + 2FI (+ seed block)` on (cell, seed) aggregates with pure error and a lack
+  of fit test (cross-checked against statsmodels OLS in the tests), Lenth's PSE for unreplicated orthogonal designs,
+  simultaneous (Bonferroni) pair intervals that make the decisions, Holm/BH p_adj (statsmodels multipletests), a
+  seed bootstrap within cells only where calibrated (scipy.stats.bootstrap); failure interactions by Boschloo's exact
+  test (scipy.stats.boschloo_exact) and a survival-interaction likelihood-ratio test.
 
 The result is typed (`Analysis`, one frozen dataclass per phase: fit, pairs, failures, bootstrap, attribution);
 `Analysis.to_json()` is the JSON of `srdit analyze --format json`.
