@@ -58,6 +58,10 @@ def table(res: dict) -> str:
                      f"{dp['threads_total']} threads (same trajectory: max loss diff {dp['max_rel_loss_diff']:.1e} "
                      f"rel.) | {dp['images_per_s_workers']:.0f} vs {dp['images_per_s_one_process']:.0f} images/s "
                      f"({dp['ratio_workers_vs_one']:.2f}x) |")
+    for c in (res.get("analysis_scale") or {}).get("cases", []):
+        lines.append(f"| `srdit analyze` (default options) on a {c['rows']:,}-row CSV ({c['csv_mb']:.0f} MB), "
+                     f"{c['factors']} factors x {c['seeds']} seeds | {c['wall_s']:.0f} s, peak RSS "
+                     f"{c['peak_rss_mb']:.0f} MB |")
     s = res.get("study")
     if s:
         lines.append(f"| study orchestration overhead per trial (Ray Tune + MLflow vs the same trials in a plain "
@@ -73,10 +77,13 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results.json"))
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--skip-study", action="store_true")
+    p.add_argument("--skip-analysis", action="store_true", help="skip the analysis-at-scale benchmark")
     args = p.parse_args()
     res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "model_step": model_arms(args.steps),
            "data_parallel": run_json([sys.executable, str(HERE / "data_parallel.py")])}
+    if not args.skip_analysis:
+        res["analysis_scale"] = run_json([sys.executable, str(HERE / "analysis_scale.py")])
     if not args.skip_study:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "study.json"

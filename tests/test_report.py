@@ -214,3 +214,17 @@ def test_missing_sample_grid_is_reported_not_fatal(tmp_path, bad):
         res.samples = {"baseline": str(tmp_path / bad)}
     page = render_report(res, tmp_path / "out", bootstrap=False).read_text(encoding="utf-8")
     assert "sample grid missing" in page
+
+
+def test_unreplicated_screen_gets_a_half_normal_plot_with_lenths_margins(tmp_path):
+    # Montgomery's filtration rate (2^4, one run per cell): Lenth's margins and the active effects on the page
+    labels = ["1", "a", "b", "ab", "c", "ac", "bc", "abc", "d", "ad", "bd", "abd", "cd", "acd", "bcd", "abcd"]
+    vals = [45, 71, 48, 65, 68, 60, 80, 65, 43, 100, 45, 104, 75, 86, 70, 96]
+    rows = [{"trial": lab, "cell": lab, "seed": 0, "status": "finished", "status_reason": "",
+             **{f.upper(): int(f in lab) for f in "abcd"}, "rate": v} for lab, v in zip(labels, vals)]
+    res = StudyResults(study="screen", design="full", factors=list("ABCD"), metric="rate", direction="max",
+                       table=pd.DataFrame(rows))
+    page = render_report(res, tmp_path / "screen").read_text(encoding="utf-8")
+    sec = page[page.index('id="sec-fig-half-normal"'):page.index('id="sec-fig-effects"')]
+    assert 'id="fig-half-normal"' in sec and "PSE = 2.62" in sec and "A, C, D, A:C, A:D" in sec
+    assert "point estimate" in page  # no error estimate: the best cell is not called a winner

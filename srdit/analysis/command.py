@@ -32,7 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="max if higher is better, min if lower is better (gains are oriented: positive = better)")
     parser.add_argument("--seed-col", default="seed", help="seed (replicate) column; used as a block (default: seed)")
     parser.add_argument("--status-col", default="status",
-                        help="status column; rows not 'finished' are failures (default: status)")
+                        help="status column; diverged/nan/oom/crashed/error/failed are failures, other non-finished "
+                             "statuses (blank, cancelled) are excluded (default: status)")
     parser.add_argument("--log", action="store_true", help="analyse log(metric) (throughput-like metrics)")
     parser.add_argument("--threshold", type=float, default=0.0,
                         help="practical antagonism threshold in gain units (default 0)")

@@ -97,10 +97,15 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
             n = f"{f[min(i, j)]}:{f[max(i, j)]}"
             s = a.pairs.synergy.get(n)
             padj = a.pairs.p_adj.get(n)
-            if i > j:  # lower triangle: the p-value of the pair
-                txt[i][j] = f"<span style='color:#6b7280'>p<sub>adj</sub> {_pv(padj)}</span>" if padj is not None \
-                    else ""
-                hover[i][j] = f"{n}: p_adj {_pv(padj)}"
+            if i > j:  # lower triangle: the p-value that made the decision (consistent with the star)
+                if a.role == "exploratory":
+                    p_dec, lab = padj, "q<sub>BH</sub>"
+                else:
+                    raw = a.fit.p.get(n) if n in a.fit.clean_pairs else None
+                    p_dec = min(1.0, a.pairs.n_tested * raw) if raw is not None else None
+                    lab = "p<sub>Bonf</sub>"
+                txt[i][j] = f"<span style='color:#6b7280'>{lab} {_pv(p_dec)}</span>" if p_dec is not None else ""
+                hover[i][j] = f"{n}: {lab} {_pv(p_dec)}"
                 continue
             sig = n in significant or (a.fit.lenth is not None and n in lenth_sig)
             mark = "*" if sig else ""
@@ -132,15 +137,24 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
     zmax = max(vals) if vals else 1.0
     common = dict(x=f, y=f, colorscale="RdBu", zmid=0, zmin=-zmax, zmax=zmax, xgap=3, ygap=3, hoverinfo="skip")
     fig = go.Figure()
-    # muted first (faded colours), then the significant cells in full colour, then one transparent layer with the
-    # text and hover of every cell
-    fig.add_trace(go.Heatmap(z=z_ns, opacity=0.28, showscale=False, name="not significant", **common))
-    fig.add_trace(go.Heatmap(z=z_sig, colorbar=dict(title=dict(text="S<sub>ij</sub><br>(gain)")),
-                             name="significant", **common))
-    fig.add_trace(go.Heatmap(z=[[0.0] * k for _ in range(k)], x=f, y=f, text=txt, texttemplate="%{text}",
-                             hovertext=hover, hoverinfo="text", showscale=False, opacity=0.0,
+    # one transparent layer with the hover of every cell and the text of the uncoloured ones, then the muted cells
+    # (faded colours) and the significant ones in full colour, each with its own text (plotly picks a readable
+    # text colour per cell)
+    t_sig = [[txt[i][j] if z_sig[i][j] is not None else "" for j in range(k)] for i in range(k)]
+    t_ns = [[txt[i][j] if z_ns[i][j] is not None else "" for j in range(k)] for i in range(k)]
+    t_rest = [[txt[i][j] if z_sig[i][j] is None and z_ns[i][j] is None else "" for j in range(k)] for i in range(k)]
+    fig.add_trace(go.Heatmap(z=[[0.0] * k for _ in range(k)], x=f, y=f, text=t_rest, texttemplate="%{text}",
+                             hoverinfo="skip", showscale=False, opacity=1.0,
                              colorscale=[[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]], xgap=3, ygap=3,
                              textfont=dict(size=12, color="#1d2330")))
+    fig.add_trace(go.Heatmap(z=z_ns, opacity=0.28, showscale=False, name="not significant", text=t_ns,
+                             texttemplate="%{text}", textfont=dict(size=12, color="#1d2330"), **common))
+    fig.add_trace(go.Heatmap(z=z_sig, colorbar=dict(title=dict(text="S<sub>ij</sub><br>(gain)")),
+                             name="significant", text=t_sig, texttemplate="%{text}", textfont=dict(size=12),
+                             **common))
+    fig.add_trace(go.Heatmap(z=[[0.0] * k for _ in range(k)], x=f, y=f, hovertext=hover, hoverinfo="text",
+                             showscale=False, opacity=0.0, colorscale=[[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]],
+                             xgap=3, ygap=3))
     fig.update_layout(**LAYOUT, title=title or "Synergy matrix S<sub>ij</sub>")
     fig.update_layout(height=max(380, 90 * k + 140), width=None)
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")

@@ -406,8 +406,9 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
             "<b>muted colour, <i>n.s.</i></b> = not significant; <b>✕</b> = flagged incompatible; "
             "<i>aliased</i> = not separable in this fractional design; <i>partly aliased</i> = biased by omitted "
             "interactions because cells are missing or failed (never tested); <i>fails</i> = runs with both "
-            "techniques failed, so no metric exists. Lower triangle: p<sub>adj</sub> "
-            f"({_esc(a.correction)} across pairs).",
+            "techniques failed, so no metric exists. Lower triangle: the p-value of the decision (Bonferroni over "
+            "the tested pairs, consistent with the stars; the effects table also gives p<sub>adj</sub> by "
+            f"{_esc(a.correction)}).",
             "No pairwise synergy is estimable here: a synergy needs the cells of a (fractional) factorial, and "
             "leave-one-out or ladder designs run too few of them (see the per-technique effects below)."
             if k >= 2 else "A synergy matrix needs at least two techniques."))
