@@ -53,30 +53,23 @@ class _Cell:
         import torch
 
         from srdit.model import build_model
-        from srdit.train import make_batches
+        from srdit.train import TrainStep, make_batches, make_optimizer
 
         cfg = from_dict(RunConfig, trial.config).validate()
         self.cfg, self.device, self.trial = cfg, device, trial
         torch.manual_seed(cfg.train.seed)
         data = make_batches(cfg, device)
         self.batch = data.next()
-        self.model = build_model(cfg.model).to(device).train()
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        tc = cfg.train
-        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if p.requires_grad], lr=tc.lr,
-                                     betas=tc.betas, weight_decay=tc.weight_decay)
-        self.shift = cfg.shift_value()
-        self.batch_size = tc.batch_size
+        model = build_model(cfg.model).to(device).train()
+        ema = copy.deepcopy(model).requires_grad_(False).eval()
+        self.train_step = TrainStep(cfg, model, ema, make_optimizer(model, cfg, device), device)  # the trainer's step
+        self.batch_size = cfg.train.batch_size
 
     def step(self) -> float:
         """Seconds of one training step (the same batch and noise every time): on a GPU the wall clock after
         synchronising; on CPUs the process's CPU time, which counts the step's work and not the time spent waiting
         for a core that other processes hold (a loaded machine slows the wall clock, not the work)."""
         import torch
-
-        from srdit.parallel import DataParallel
-        from srdit.train import _ema_update, autocast_for
-        from srdit.transport.objective import StepNoise, training_losses
 
         tc = self.cfg.train
         x0, y, *teacher_out = self.batch
@@ -85,14 +78,7 @@ class _Cell:
         clock = time.perf_counter if self.device.type == "cuda" else time.process_time
         sync()
         t0 = clock()
-        noise = StepNoise.draw(self.cfg, self.model, x0.shape, self.shift, self.device, DataParallel())
-        losses = training_losses(self.model, x0, y, teacher_out, self.cfg, noise,
-                                 autocast=autocast_for(self.cfg, self.device))
-        self.opt.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        self.opt.step()
-        _ema_update(self.ema, self.model, tc.ema_decay)
+        self.train_step(x0, y, teacher_out, 1)
         sync()
         return clock() - t0
 
