@@ -100,9 +100,9 @@ def headline_results(analyses: dict, primary: str) -> tuple[dict[str, float], di
     """The parent run's summary of a report: per analysed metric M, metrics `M/main_effect/<technique>` (the
     report's ME, the metric's own scale before orientation; log for throughput) with `.../ci_low`, `.../ci_high`,
     and `M/synergy/<a>-x-<b>` (oriented S, positive = better together) with its CI and p_adj; tags
-    `result.best_cell` (techniques, cell id, mean ± sd of the primary metric) and, per metric, its notes' first
-    line (e.g. the contention caveat of a wall-clock metric). Values without an estimate are left out."""
-    from srdit.analysis.effects import Analysis
+    `result.best_cell` (techniques, cell id, mean ± sd of the primary metric) and, per wall-clock metric, where it
+    comes from (`result.<M>.source`: the bench, or the contention caveat). Values without an estimate are left out."""
+    from srdit.analysis.effects import BENCH_NOTE, CONTENTION_NOTE, Analysis
 
     metrics: dict[str, float] = {}
     tags: dict[str, str] = {}
@@ -128,8 +128,8 @@ def headline_results(analyses: dict, primary: str) -> tuple[dict[str, float], di
                 metrics[f"{name}/ci_low"], metrics[f"{name}/ci_high"] = ci
             if a.pairs.p_adj.get(pair) is not None:
                 metrics[f"{name}/p_adj"] = a.pairs.p_adj[pair]
-        if a.notes:
-            tags[f"result.{mm}.note"] = a.notes[0][:500]
+        if a.notes and a.notes[0] in (BENCH_NOTE, CONTENTION_NOTE):  # where a wall-clock metric comes from
+            tags[f"result.{mm}.source"] = a.notes[0][:500]
         b = a.attribution.best
         if m == primary and b is not None:
             tags["result.best_cell"] = f"{b.combo} ({b.cell})"

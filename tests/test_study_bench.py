@@ -29,6 +29,7 @@ def _study(tmp_path: Path) -> Path:
     return p
 
 
+@pytest.mark.slow
 def test_bench_command_writes_every_cell_with_its_ratio_to_the_baseline(tmp_path):
     from mlflow import MlflowClient
 

@@ -316,21 +316,19 @@ def ui_main(argv: list[str] | None = None) -> int:
     print(f"starting the MLflow UI over {db} ...", flush=True)
     with state_init_lock(state):
         relocate_store(state)  # a moved or copied state shows (and writes) its own artifacts
+    studies = []
+    try:  # links that open each study on its runs (MLflow's UI otherwise starts on its GenAI pages)
+        from mlflow import MlflowClient
+
+        studies = [(e.name, e.experiment_id) for e in MlflowClient(default_tracking_uri(state)).search_experiments()
+                   if e.name != "Default"]
+    except Exception:
+        pass
     try:
         proc = start_server(default_tracking_uri(state), state / "mlartifacts", args.host, args.port,
                             log_path=state / "mlflow-ui.log")
     except RuntimeError as e:
         return _err(str(e))
-    base = f"http://{args.host}:{args.port}"
-    print(f"MLflow UI: {base}/#/{UI_QUERY}  (Ctrl-C to stop; log in {state / 'mlflow-ui.log'})", flush=True)
-    try:  # links that open each study on its runs (MLflow's UI otherwise starts on its GenAI pages)
-        from mlflow import MlflowClient
-
-        for e in MlflowClient(default_tracking_uri(state)).search_experiments():
-            if e.name != "Default":
-                print(f"  {e.name}: {base}/#/experiments/{e.experiment_id}{UI_QUERY}", flush=True)
-    except Exception:
-        pass
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -340,6 +338,10 @@ def ui_main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored)
         signal.signal(sig, _interrupt)
     try:
+        base = f"http://{args.host}:{args.port}"
+        print(f"MLflow UI: {base}/#/{UI_QUERY}  (Ctrl-C to stop; log in {state / 'mlflow-ui.log'})", flush=True)
+        for name, eid in studies:
+            print(f"  {name}: {base}/#/experiments/{eid}{UI_QUERY}", flush=True)
         while proc.poll() is None:
             time.sleep(0.5)
         return _err(f"mlflow server exited with code {proc.returncode}; see {state / 'mlflow-ui.log'}")

@@ -336,8 +336,9 @@ class ChildRun:
     def __init__(self, uri: str, run_id: str, reused: bool):
         self.uri, self.run_id, self.reused = uri, run_id, reused
         self.client = MlflowClient(uri)
-        self.logged_upto: dict[str, int] = {}
-        "Metric key -> last step already in the run (a resumed trial does not log those steps again)."
+        self.logged_upto: dict[str, int] = self.last_steps() if reused else {}
+        """Metric key -> last step already in the run (a resumed trial does not log those steps again; also for a
+        data-parallel trial's rank 0, which opens its run by id)."""
 
     @classmethod
     def open(cls, uri: str, experiment_id: str, parent_run_id: str, key: str, run_name: str,
@@ -357,7 +358,6 @@ class ChildRun:
         else:
             retry(client.update_run, run_id, "RUNNING")
             child = cls(uri, run_id, reused=True)
-            child.logged_upto = child.last_steps()
         child.log_tags({**tags, "status": "running", "status_reason": ""})
         if not child.reused or not retry(client.get_run, run_id).data.params:
             child.log_params(params)  # params are immutable in MLflow: logged once per run
