@@ -23,7 +23,7 @@ from srdit.train import train
 
 def summarize(rows: list[dict], arms: list[str]) -> dict:
     summary = {}
-    for name in arms:
+    for name in [a for a in arms if any(r["arm"] == a for r in rows)]:
         fds = [r["fd"] for r in rows if r["arm"] == name and r["status"] == "finished"]
         summary[name] = {"fd_mean": statistics.mean(fds), "fd_std": statistics.stdev(fds) if len(fds) > 1 else 0.0,
                          "n": len(fds)}
