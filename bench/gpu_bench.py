@@ -1,17 +1,22 @@
-"""GPU benchmark of SR-DiT-B/1 training (a few minutes on one GPU; prints one JSON document).
+"""GPU benchmark of SR-DiT-B/1 training and evaluation (a few minutes on one GPU; prints one JSON document).
 
-    python bench/gpu_bench.py                                   # CUDA: 4 arms (SPRINT on/off x compile on/off)
+    python bench/gpu_bench.py                                   # CUDA: 4 training arms + the evaluation arm
     python bench/gpu_bench.py --device cpu --batch 2 --steps 2  # CPU smoke check (eager, fp32 arms only)
 
-Each arm times the full training step of the `SR-DiT-B/1` preset on random inputs (no data, no teacher): forward,
-backward, gradient clipping, AdamW and the EMA update, under bf16 autocast, exactly as `srdit.train` runs it
-(label dropout, shifted times, REG class token, REPA target). Reported per arm: training images/s, step time,
-peak GPU memory (`torch.cuda.max_memory_allocated`), the step's FLOPs counted by torch's FlopCounterMode on one
-eager training step (forward + backward; SPRINT's token drop included), and model FLOP utilisation against the
-device's dense bf16 peak (H100 / H200 SXM: 989 TFLOP/s; detected by name, or `--peak-tflops`). The random DINOv2
-tokens stand in for the teacher, whose per-step forward was the bottleneck of the paper's run: these numbers are
-the diffusion model's own ceiling. An arm that runs out of memory is reported with status "oom" and the rest go on.
-A last entry measures peak memory at batch 32 (the reference logged ~8.9 GB per GPU at batch 32 with RMSNorm).
+Each training arm times the trainer's own step function, `srdit.train.TrainStep` (one code path with `srdit.train`:
+step noise, objective, forward, backward, gradient clipping, the fused AdamW, the one-call EMA, metrics kept on the
+device), on fixed random inputs of the `SR-DiT-B/1` preset (no data loading, no teacher: random DINOv2-shaped tokens
+stand in for the cached teacher). Compilation is excluded: the warm-up steps (the first compiles) are untimed, and
+the timed window reports whether dynamo recompiled inside it. Steady state: `--steps` steps timed as one window
+with a single synchronisation at its end. Arms are independent: each builds its own model, dynamo is reset and the
+CUDA caches and peak-memory counters are cleared between arms.
+
+Reported per training arm: images/s, mean step time, peak GPU memory (`torch.cuda.max_memory_allocated`), the
+step's FLOPs counted by torch's FlopCounterMode on one eager step (forward + backward; SPRINT's token drop included)
+and model FLOP utilisation against the device's dense bf16 peak (H100 / H200 SXM: 989 TFLOP/s; detected by name,
+or `--peak-tflops`). The evaluation arm times `srdit.generate.generate` (the evaluation's sampler, bf16 autocast on
+CUDA) at NFE 250 and reports samples/s. An arm that runs out of memory is reported with status "oom" and the rest
+go on. A last entry measures peak memory at batch 32 (the reference logged ~8.9 GB per GPU at batch 32 with RMSNorm).
 """
 
 from __future__ import annotations
@@ -20,8 +25,6 @@ import argparse
 import copy
 import dataclasses
 import json
-import math
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -33,8 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from srdit.config import apply_diff  # noqa: E402
 from srdit.techniques import preset  # noqa: E402
 from srdit.model import build_model  # noqa: E402
-from srdit.parallel import DataParallel  # noqa: E402
-from srdit.transport.objective import StepNoise, training_losses  # noqa: E402
+from srdit.train import TrainStep, make_optimizer  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name.
 PEAK_BF16_TFLOPS = [
@@ -64,43 +66,38 @@ def arm_config(sprint: bool):
 
 
 class Step:
-    """One training step of srdit.train on random tensors (fixed inputs, fresh noise each step)."""
+    """The trainer's step (`srdit.train.TrainStep`) on fixed random inputs of the preset's shapes."""
 
     def __init__(self, cfg, device: torch.device, batch: int, compile_: bool, bf16: bool = True):
-        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))  # StepNoise's batch
-        self.cfg, self.device, self.batch, self.bf16 = cfg, device, batch, bf16
+        precision = "bf16" if bf16 else "fp32"
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch, precision=precision))
+        self.cfg, self.device, self.batch = cfg, device, batch
         torch.manual_seed(0)
         self.model = build_model(cfg.model).to(device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False).eval()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.ema_params = [e for e, p in zip(self.ema.parameters(), self.model.parameters()) if p.requires_grad]
-        tc = cfg.train
-        self.opt = torch.optim.AdamW(self.params, lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay)
-        self.net = torch.compile(self.model) if compile_ else self.model
+        ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        net = torch.compile(self.model) if compile_ else self.model
+        self.step = TrainStep(cfg, self.model, ema, make_optimizer(self.model, cfg, device), device, net=net)
         m = cfg.model
         g = torch.Generator(device="cpu").manual_seed(1)
         self.x0 = torch.randn(batch, m.in_channels, m.input_size, m.input_size, generator=g).to(device)
         self.y = torch.randint(0, m.num_classes, (batch,), generator=g).to(device)
         tokens = (m.input_size // m.patch_size) ** 2
-        self.c0 = torch.randn(batch, m.reg.dim, generator=g).to(device) if m.reg.enabled else None
-        self.patches = (torch.randn(batch, tokens, m.repa.teacher_dim, generator=g).to(device)
-                        if m.repa.enabled else None)
-        self.shift = cfg.shift_value()
+        c0 = torch.randn(batch, m.reg.dim, generator=g).to(device) if m.reg.enabled else None
+        patches = torch.randn(batch, tokens, m.repa.teacher_dim, generator=g).to(device) if m.repa.enabled else None
+        self.teacher = [patches, c0]
+        self.count = 0
         self.model.train()
 
-    def __call__(self) -> float:
-        cfg, tc = self.cfg, self.cfg.train
-        noise = StepNoise.draw(cfg, self.model, self.x0.shape, self.shift, self.device, DataParallel())
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
-        loss = training_losses(self.net, self.x0, self.y, (self.patches, self.c0), cfg, noise,
-                               autocast=autocast)["loss"]
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip if tc.grad_clip > 0 else math.inf)
-        self.opt.step()
-        with torch.no_grad():
-            torch._foreach_lerp_(self.ema_params, self.params, 1.0 - tc.ema_decay)
-        return float(loss.detach()) if self.device.type == "cpu" else 0.0
+    def __call__(self) -> None:
+        self.count += 1
+        self.step(self.x0, self.y, self.teacher, self.count)
+
+    def finish(self) -> dict[str, float]:
+        """The one synchronisation of a timed window: the window's mean metrics (and divergence) from the device."""
+        means, diverged = self.step.flush()
+        if diverged is not None:
+            raise FloatingPointError(f"non-finite {diverged[1]} at step {diverged[0]}")
+        return means
 
 
 def sync(device: torch.device) -> None:
@@ -119,32 +116,43 @@ def count_step_flops(cfg, device: torch.device, batch: int, bf16: bool) -> float
     return float(counter.get_total_flops())
 
 
+def reset(device: torch.device) -> None:
+    """Nothing of an earlier arm carries over: dynamo's caches, the allocator's cache and the peak counter."""
+    import gc
+
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def run_arm(name: str, cfg, device: torch.device, batch: int, steps: int, warmup: int, compile_: bool,
             peak: float | None, bf16: bool) -> dict:
+    from torch._dynamo.utils import counters
+
     out = {"arm": name, "sprint": cfg.model.sprint.enabled, "compile": compile_, "batch": batch,
            "precision": "bf16" if bf16 else "fp32"}
     step = None
     try:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
+        reset(device)
         step = Step(cfg, device, batch, compile_, bf16)
         t0 = time.perf_counter()
         step()
-        sync(device)
+        step.finish()
         out["first_step_s"] = round(time.perf_counter() - t0, 3)  # includes compilation for compiled arms
         for _ in range(max(0, warmup - 1)):
             step()
-        sync(device)
-        times = []
-        for _ in range(steps):
-            t0 = time.perf_counter()
+        step.finish()
+        graphs = counters["stats"]["unique_graphs"]
+        t0 = time.perf_counter()
+        for _ in range(steps):  # steady state: no synchronisation inside the window
             step()
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        total_s = sum(times)
+        step.finish()
+        total_s = time.perf_counter() - t0
+        out["recompiled_while_timed"] = counters["stats"]["unique_graphs"] != graphs
         out.update(status="ok", images_per_s=round(batch * steps / total_s, 2),
-                   step_ms_median=round(1e3 * statistics.median(times), 2), step_ms_min=round(1e3 * min(times), 2))
+                   step_ms_mean=round(1e3 * total_s / steps, 2))
         if device.type == "cuda":
             out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         del step
@@ -160,8 +168,39 @@ def run_arm(name: str, cfg, device: torch.device, batch: int, steps: int, warmup
         out.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
     finally:
         del step
+        reset(device)
+    return out
+
+
+def eval_arm(device: torch.device, n: int, nfe: int = 250, batch: int = 64) -> dict:
+    """Evaluation sampling throughput: `generate` with the preset's SDE sampler at `nfe` steps (unguided, so NFE =
+    steps), protocol batch `batch`, bf16 autocast on CUDA; samples/s over n samples after one untimed batch."""
+    from srdit.generate import generate
+
+    cfg = preset("SR-DiT-B/1")
+    sc = dataclasses.replace(cfg.sample, steps=nfe, cfg_scale=1.0, cls_cfg_scale=1.0, path_drop_guidance=False)
+    out = {"arm": "evaluation sampling", "nfe": nfe, "batch": batch, "n": n,
+           "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+    try:
+        reset(device)
+        torch.manual_seed(0)
+        model = build_model(cfg.model).to(device).eval()
+        generate(model, cfg, min(n, batch), 0, device, batch, sample_cfg=sc)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        _, _, got = generate(model, cfg, n, 1, device, batch, sample_cfg=sc)
+        sync(device)
+        dt = time.perf_counter() - t0
+        out.update(status="ok", nfe=got, samples_per_s=round(n / dt, 2),
+                   minutes_for_50k_on_8=round(50_000 / (8 * n / dt) / 60, 2))
         if device.type == "cuda":
-            torch.cuda.empty_cache()
+            out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    except torch.OutOfMemoryError as e:
+        out.update(status="oom", reason=str(e).splitlines()[0][:200])
+    except Exception as e:
+        out.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+    finally:
+        reset(device)
     return out
 
 
@@ -169,13 +208,12 @@ def reference_memory(device: torch.device, batch: int = 32, steps: int = 3) -> d
     """Peak memory of the full SR-DiT-B/1 step (SPRINT on, eager) at the reference's per-GPU batch."""
     if device.type != "cuda":
         return {"status": "skipped", "reason": "CUDA only"}
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats(device)
+    reset(device)
     try:
         step = Step(arm_config(True), device, batch, compile_=False)
         for _ in range(steps):
             step()
-        sync(device)
+        step.finish()
         peak = torch.cuda.max_memory_allocated(device) / 2**30
         del step
         return {"status": "ok", "batch": batch, "peak_mem_gb": round(peak, 3), "reference_gb": 8.9}
@@ -195,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
                    help="auto: bf16 autocast on CUDA, fp32 on CPU (as srdit.train; CPU bf16 is very slow)")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device (TFLOP/s)")
+    p.add_argument("--eval-n", type=int, default=None,
+                   help="samples of the evaluation arm (default 512 on CUDA, 2 on CPU; 0 = skip)")
+    p.add_argument("--eval-nfe", type=int, default=None, help="NFE of the evaluation arm (default 250; 2 on CPU)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -212,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = arm_config(True)
     model = build_model(cfg.model)
     result = {
-        "benchmark": "SR-DiT-B/1 training step (forward + backward + clip + AdamW + EMA), random data",
+        "benchmark": "SR-DiT-B/1: the trainer's step (srdit.train.TrainStep) on random data; evaluation sampling",
         "precision": "bf16 autocast" if bf16 else "fp32",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
@@ -229,6 +270,12 @@ def main(argv: list[str] | None = None) -> int:
                           bf16)
             result["arms"].append(arm)
             print(f"# {name}: {arm.get('status')} {arm.get('images_per_s', '')} img/s", file=sys.stderr, flush=True)
+    eval_n = args.eval_n if args.eval_n is not None else (512 if device.type == "cuda" else 2)
+    if eval_n:
+        nfe = args.eval_nfe or (250 if device.type == "cuda" else 2)
+        result["evaluation"] = eval_arm(device, eval_n, nfe, batch=min(64, eval_n))
+        print(f"# evaluation: {result['evaluation'].get('status')} {result['evaluation'].get('samples_per_s', '')} "
+              f"samples/s", file=sys.stderr, flush=True)
     result["reference_memory"] = reference_memory(device)
     text = json.dumps(result, indent=1)
     print(text)

@@ -3,7 +3,11 @@ techniques on.
 
 `--arms a;b;c` times several arms in one process, interleaved step by step, so that a noisy machine slows every
 arm alike; `--memory ARM` runs one arm alone in a fresh process and reports its peak RSS. With --matmul it also
-measures a dense fp32 matmul of the block's MLP shape in the same process. Prints one JSON line."""
+measures a dense fp32 matmul of the block's MLP shape in the same process. `--trainer ARM` times, interleaved on
+one configuration, the bare model step (forward + backward), the trainer's own step (`srdit.train.TrainStep`: noise,
+objective, backward, clip, AdamW, EMA, metrics kept on the device) and the step as the trainer ran it before
+(`legacy_step`: per-parameter AdamW and EMA loops, the metrics read back with `float` every step), so the CPU
+side of the step is a number. Prints one JSON line."""
 
 from __future__ import annotations
 
@@ -14,11 +18,17 @@ import resource
 import statistics
 import time
 
+import copy
+import math
+
 import torch
 
 from srdit.config import ModelConfig, RunConfig
 from srdit.techniques import preset, with_techniques
 from srdit.model import build_model, count_macs
+from srdit.parallel import DataParallel
+from srdit.train import TrainStep, make_optimizer
+from srdit.transport.objective import StepNoise, training_losses
 
 
 def arm_config(techniques: list[str]) -> RunConfig:
@@ -49,6 +59,77 @@ def make_step(model, cfg, batch: int):
     return step
 
 
+def batch_for(cfg, batch: int):
+    """Fixed random inputs of the trainer: latents, labels and teacher tokens (REPA patches, REG class token)."""
+    m = cfg.model
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(batch, m.in_channels, m.input_size, m.input_size, generator=g)
+    y = torch.randint(0, m.num_classes, (batch,), generator=g)
+    tokens = (m.input_size // m.patch_size) ** 2
+    patches = torch.randn(batch, tokens, m.repa.teacher_dim, generator=g) if m.repa.enabled else None
+    cls0 = torch.randn(batch, m.reg.dim, generator=g) if m.reg.enabled else None
+    return x0, y, [patches, cls0]
+
+
+def trainer_step(cfg, batch: int):
+    """The trainer's step function on fixed inputs (`srdit.train.TrainStep`), as `srdit.train` builds it."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+    device = torch.device("cpu")
+    model = build_model(cfg.model)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    step_fn = TrainStep(cfg, model, ema, make_optimizer(model, cfg, device), device)
+    x0, y, teacher = batch_for(cfg, batch)
+    model.train()
+    count = [0]
+
+    def step() -> float:
+        start = time.perf_counter()
+        count[0] += 1
+        step_fn(x0, y, teacher, count[0])
+        return time.perf_counter() - start
+
+    return step
+
+
+def legacy_step(cfg, batch: int):
+    """The step as `srdit.train` ran it before the device-side step (kept here as the benchmark's baseline):
+    torch's default AdamW (per-parameter loop on CPU), a per-parameter EMA loop, the finiteness of the loss and
+    the gradient norm and every metric read back on the host each step."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, batch_size=batch))
+    tc, dp, device = cfg.train, DataParallel(), torch.device("cpu")
+    model = build_model(cfg.model)
+    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
+                            weight_decay=tc.weight_decay)
+    x0, y, teacher = batch_for(cfg, batch)
+    shift = cfg.shift_value()
+    sums: dict[str, float] = {}
+    model.train()
+
+    def step() -> float:
+        start = time.perf_counter()
+        noise = StepNoise.draw(cfg, model, x0.shape, shift, device, dp)
+        losses = training_losses(model, x0, y, teacher, cfg, noise)
+        loss = losses["loss"]
+        if not torch.isfinite(loss):
+            raise FloatingPointError("non-finite loss")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip if tc.grad_clip > 0 else math.inf)
+        if not torch.isfinite(grad_norm):
+            raise FloatingPointError("non-finite gradient norm")
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                if p.requires_grad:
+                    e.lerp_(p.detach(), 1.0 - tc.ema_decay)
+        for k, v in [("loss", loss), ("grad_norm", grad_norm)] + [(k, v) for k, v in losses.items() if k != "loss"]:
+            sums[k] = sums.get(k, 0.0) + float(v.detach())
+        return time.perf_counter() - start
+
+    return step
+
+
 def matmul_flops(tokens: int, dim: int, hidden: int, repeats: int = 20) -> float:
     """Best of `repeats` (the least disturbed by other load) of the block's MLP matmul shape."""
     a, b = torch.randn(tokens, dim), torch.randn(dim, hidden)
@@ -70,9 +151,28 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--matmul", action="store_true")
+    p.add_argument("--trainer", default=None, help="one arm: bare model step vs the trainer's step, before and after")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    if args.trainer is not None:
+        cfg = arm_config([t for t in args.trainer.split(",") if t])
+        model = build_model(cfg.model)
+        kinds = {"bare model step": make_step(model, cfg, args.batch),
+                 "trainer step (before)": legacy_step(cfg, args.batch), "trainer step": trainer_step(cfg, args.batch)}
+        for step in kinds.values():  # warm-up (allocations, optimizer state)
+            step()
+            step()
+        times: dict[str, list[float]] = {k: [] for k in kinds}
+        for _ in range(args.steps):
+            for kind, step in kinds.items():
+                times[kind].append(step())
+        med = {k: statistics.median(v) for k, v in times.items()}
+        bare = med["bare model step"]
+        print(json.dumps({"arm": args.trainer, "batch": args.batch, "threads": args.threads,
+                          "step_s": med, "step_s_all": times,
+                          "overhead_vs_bare": {k: v / bare for k, v in med.items()}}))
+        return
     if args.memory is not None:
         cfg = arm_config([t for t in args.memory.split(",") if t])
         step = make_step(build_model(cfg.model), cfg, args.batch)

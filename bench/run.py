@@ -42,12 +42,27 @@ def model_arms(steps: int) -> dict:
     return {"arms": results, **{k: timing[k] for k in ("matmul_flops", "achieved_flops", "flops_fraction_of_matmul")}}
 
 
+def trainer_step(steps: int) -> dict:
+    """The CPU side of the step: the bare model step (fwd + bwd), the trainer's step before (per-parameter AdamW /
+    EMA loops, metrics read back every step) and now (`srdit.train.TrainStep`), interleaved in one process."""
+    res = run_json([sys.executable, str(HERE / "model_step.py"), "--trainer", "", "--steps", str(steps)])
+    for kind, s in res["step_s"].items():
+        print(f"  {kind}: {s:.3f} s/step ({res['overhead_vs_bare'][kind]:.2f}x the bare model step)", file=sys.stderr)
+    return res
+
+
 def table(res: dict) -> str:
     arms = res["model_step"]["arms"]
     lines = ["| measurement (one run, CPU, 2 threads) | value |", "|---|---|"]
     for name, r in arms.items():
         lines.append(f"| SR-DiT-B/1 shape, batch 8, fwd+bwd (median, interleaved): {name} | {r['step_s']:.2f} s/step "
                      f"({r['speedup_vs_plain']:.2f}x vs plain), peak RSS {r['peak_rss_mb']:.0f} MB |")
+    tr = res.get("trainer_step")
+    if tr:
+        for kind in ("trainer step (before)", "trainer step"):
+            lines.append(f"| SR-DiT-B/1 shape, plain, batch 8 (median, interleaved): {kind} vs the bare model step "
+                         f"(fwd+bwd) | {tr['step_s'][kind]:.2f} vs {tr['step_s']['bare model step']:.2f} s/step "
+                         f"({tr['overhead_vs_bare'][kind]:.2f}x) |")
     p = res["model_step"]
     lines.append(f"| plain backbone FLOP/s as a fraction of a dense fp32 matmul | "
                  f"{p['flops_fraction_of_matmul']:.2f} ({p['achieved_flops'] / 1e9:.0f} / "
@@ -80,7 +95,7 @@ def main() -> None:
     p.add_argument("--skip-analysis", action="store_true", help="skip the analysis-at-scale benchmark")
     args = p.parse_args()
     res = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
-           "model_step": model_arms(args.steps),
+           "model_step": model_arms(args.steps), "trainer_step": trainer_step(args.steps),
            "data_parallel": run_json([sys.executable, str(HERE / "data_parallel.py")])}
     if not args.skip_analysis:
         res["analysis_scale"] = run_json([sys.executable, str(HERE / "analysis_scale.py")])

@@ -292,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, hlp in [("study", "plan | run | resume | status | bench a study YAML"), ("analyze", "effects and synergy from a CSV"),
                       ("report", "render a study's dashboard"), ("ui", "start the MLflow UI on the embedded store"),
                       ("preprocess", "image folder -> center crops -> VAE latents in resumable shards"),
+                      ("cache-teacher", "a latent folder's alignment-teacher tokens, once, for training to read"),
                       ("reference", "Inception (and DINOv2) reference statistics of real images for eval.reference")]:
         d = sub.add_parser(name, help=hlp, add_help=False)
         d.add_argument("rest", nargs=argparse.REMAINDER)
@@ -304,6 +305,7 @@ DELEGATES = {
     "report": ("srdit.report_command", "report_main"),
     "ui": ("srdit.study.command", "ui_main"),
     "preprocess": ("srdit.preprocess_command", "main"),
+    "cache-teacher": ("srdit.teacher_cache_command", "main"),
     "reference": ("srdit.metrics.reference", "main"),
 }
 

@@ -272,7 +272,7 @@ class DataConfig:
     teacher_path: str | None = None
     "Local folder of the teacher's weights (DINOv2)."
     teacher_cache: str | None = None
-    "Latent runs: folder of an on-disk teacher-feature cache, filled as images are first seen (or beforehand)."
+    "Latent runs: teacher-token cache folder built by `srdit cache-teacher`; training only reads it."
     tokenizer: str | None = None
     "Tokenizer the latents were made with (invae or sdvae); needed only to decode latent samples to images."
     tokenizer_path: str | None = None

@@ -6,10 +6,15 @@ Any subset of batches can be generated alone (one shard of a multi-GPU run) and 
 output: samples depend on the seed, the protocol batch size and n (the last batch may be short), never on the
 number of shards or devices. Batch 0 is seeded with `seed` itself, so n <= batch_size reproduces the earlier
 one-generator protocol bit for bit.
+
+On CUDA the model runs under bf16 autocast with TF32 matmuls (unless `train.precision` is fp32) while the sampler's
+state stays float64 and every random draw stays on the batch's CPU generator: the same noise as on CPU, the model's
+arithmetic in the precision it was trained in. CPU sampling is unchanged (fp32, bit for bit).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
@@ -69,8 +74,26 @@ def _generate_batch(model, cfg: RunConfig, sc: SampleConfig, n: int, seed: int, 
     state = initial_state(m, size, g)
     velocity = guided_velocity(model, labels.to(device), m.num_classes, sc.cfg_scale, sc.cls_cfg_scale,
                                sc.guidance_low, sc.guidance_high, sc.path_drop_guidance)
-    res = sample(velocity, [s.to(device) for s in state], sc.sampler, sc.steps, cfg.shift_value(), generator=g)
+    with sampling_precision(cfg, device):
+        res = sample(velocity, [s.to(device) for s in state], sc.sampler, sc.steps, cfg.shift_value(), generator=g)
     return res.state[0].float().cpu(), labels, res.nfe
+
+
+@contextlib.contextmanager
+def sampling_precision(cfg: RunConfig, device: torch.device | str):
+    """bf16 autocast for the model's forward and TF32 matmuls on CUDA (restored afterwards), as the trainer runs
+    on CUDA; nothing on CPU or with train.precision fp32."""
+    device = torch.device(device)
+    if device.type != "cuda" or cfg.train.precision == "fp32":
+        yield
+        return
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 @torch.no_grad()

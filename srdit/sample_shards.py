@@ -11,7 +11,10 @@ Shard k of W generates protocol batches k, k + W, k + 2W, ... (`srdit.generate.s
 
 Every batch has its own seed, so the samples do not depend on W and `collect` reassembles them in global order.
 Files are written atomically; a rerun skips a shard already written with the same settings (resume) and refuses one
-written with other settings, so a folder never mixes two checkpoints or samplers. Shard index and count default to
+written with other settings, so a folder never mixes two checkpoints or samplers. While a shard is generated, each
+finished protocol batch is written at once to `samples_KKKKK-of-WWWWW.parts/batch_BBBBBB.npz` (same settings in
+its meta): a crash keeps what was done, the rerun generates only the missing batches, and the parts folder is
+removed once the shard file is written. Shard index and count default to
 torchrun's RANK / WORLD_SIZE, and the device to cuda:LOCAL_RANK.
 """
 
@@ -21,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,14 +125,42 @@ def read_meta(path: str | os.PathLike) -> dict:
         return json.loads(str(z["meta"]))
 
 
+def parts_dir(path: Path) -> Path:
+    """Where the finished batches of shard file `path` wait until the shard is complete."""
+    return path.with_suffix(".parts")
+
+
+def _batch_part(parts: Path, b: int, settings: dict) -> tuple[np.ndarray, np.ndarray, int] | None:
+    """A finished batch of an interrupted run with these settings, or None (absent, unreadable, other settings)."""
+    path = parts / f"batch_{b:06d}.npz"
+    try:
+        with np.load(path) as z:
+            if json.loads(str(z["meta"])) != settings:
+                return None
+            return z["arr_0"], z["labels"], int(z["nfe"])
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile):
+        return None
+
+
 def _generate_shard(model, cfg: RunConfig, n: int, seed: int, batches: range, device: torch.device,
-                    batch_size: int, sc: SampleConfig, tokenizer) -> tuple[np.ndarray, np.ndarray, int]:
-    """Images (uint8 NHWC) and labels of `batches`, one batch at a time so latents are decoded as they come."""
+                    batch_size: int, sc: SampleConfig, tokenizer, parts: Path,
+                    settings: dict) -> tuple[np.ndarray, np.ndarray, int]:
+    """Images (uint8 NHWC) and labels of `batches`, one batch at a time so latents are decoded as they come; each
+    batch is written to `parts` as soon as it is done, and batches already there are read instead of redone."""
     images, labels, nfe = [], [], 0
+    meta = np.asarray(json.dumps(settings, sort_keys=True))
     for b in batches:
-        x, y, nfe = generate(model, cfg, n, seed, device, batch_size, sc, batches=[b])
-        images.append(to_uint8(to_images(x, cfg, device, tokenizer, batch_size)))
-        labels.append(y.numpy())
+        done = _batch_part(parts, b, settings)
+        if done is None:
+            x, y, nfe = generate(model, cfg, n, seed, device, batch_size, sc, batches=[b])
+            img, lab = to_uint8(to_images(x, cfg, device, tokenizer, batch_size)), y.numpy()
+            parts.mkdir(parents=True, exist_ok=True)
+            write_atomic(parts / f"batch_{b:06d}.npz",
+                         lambda f: np.savez(f, arr_0=img, labels=lab, meta=meta, nfe=np.int64(nfe)))
+        else:
+            img, lab, nfe = done
+        images.append(img)
+        labels.append(lab)
     if not images:  # more shards than batches: an empty (but valid) shard
         images.append(np.zeros((0, 0, 0, 0), np.uint8))
         labels.append(np.zeros(0, np.int64))
@@ -156,9 +188,10 @@ def write_shard(model, cfg: RunConfig, out_dir: str | os.PathLike, n: int, seed:
         if done is not None:
             return ShardResult(path, shard, num_shards, tuple(batches), *done, skipped=True)
     images, labels, nfe = _generate_shard(model, cfg, n, seed, batches, torch.device(device), batch_size, sc,
-                                          tokenizer)
+                                          tokenizer, parts_dir(path), settings)
     write_atomic(path, lambda f: np.savez(f, arr_0=images, labels=labels, batches=np.asarray(batches, np.int64),
                                           meta=np.asarray(json.dumps(settings, sort_keys=True)), nfe=np.int64(nfe)))
+    shutil.rmtree(parts_dir(path), ignore_errors=True)
     return ShardResult(path, shard, num_shards, tuple(batches), len(labels), nfe, skipped=False)
 
 

@@ -151,6 +151,16 @@ def _teacher_for(cfg: RunConfig, device):
     return teacher
 
 
+def teacher_identity(name: str, path: str | None) -> dict:
+    """What identifies a teacher's tokens (the key of a teacher cache): {"teacher": name}, plus the weights file's
+    sha256 (`weights_sha256`) for DINOv2."""
+    if name == "digits-cnn":
+        return {"teacher": name}
+    from srdit.encoders.dinov2 import teacher_fingerprint
+
+    return teacher_fingerprint(name, path)
+
+
 class DigitsBatches:
     """The embedded default: digits in memory, a deterministic index stream, and teacher tokens computed once.
 
@@ -185,28 +195,36 @@ class DigitsBatches:
 
 
 class LatentBatches:
-    """Pre-encoded latent shards (see `srdit preprocess`), streamed; the teacher runs on the stored raw crops."""
+    """Pre-encoded latent shards (see `srdit preprocess`), streamed. The alignment teacher's tokens come from the
+    read-only teacher cache (`data.teacher_cache`, built by `srdit cache-teacher`), read in the stream's prefetch
+    thread, or else from the teacher run every step on the stored raw crops."""
 
     def __init__(self, cfg: RunConfig, device: torch.device, dp: DataParallel = DataParallel()):
-        from srdit.data.latents import LatentStream
+        from srdit.data.latents import LatentStream, index_fingerprint
 
         m = cfg.model
-        self.teacher = _teacher_for(cfg, device)
         self.grid = m.input_size // m.patch_size
-        self.cache = None
-        if self.teacher is not None and cfg.data.teacher_cache:
+        self.teacher = cache = None
+        want = teacher_widths(m)
+        if want and cfg.data.teacher_cache:
             # Running the teacher every step bottlenecked the paper's run (SR-DiT section 4.1): read cached tokens.
-            from srdit.data.latents import index_fingerprint, read_index
-            from srdit.encoders.dinov2 import FeatureCache, teacher_fingerprint
+            from srdit.data.teacher_cache import TeacherCache
 
-            n = int(read_index(cfg.data.path)["num_images"])
-            meta = {**teacher_fingerprint(cfg.data.teacher, cfg.data.teacher_path),
-                    "latents": index_fingerprint(cfg.data.path)}  # rows are image indices of this folder
-            self.cache = FeatureCache(cfg.data.teacher_cache, n, self.grid, self.teacher.dim, meta)
-        # Crops are read only while some teacher tokens still have to be computed.
-        need_crops = self.teacher is not None and (self.cache is None or not self.cache.filled(range(n)).all())
-        self.stream = LatentStream(cfg.data.path, cfg.train.batch_size, cfg.train.seed, images=need_crops,
-                                   device=device, prefetch=2, part=(dp.rank, dp.world))
+            cache = TeacherCache(cfg.data.teacher_cache, expect={
+                **teacher_identity(cfg.data.teacher, cfg.data.teacher_path), "grid": self.grid,
+                "latents": index_fingerprint(cfg.data.path)})
+            if want != {cache.dim}:
+                raise ValueError(f"{cfg.data.teacher_cache}: the cached {cfg.data.teacher} tokens are {cache.dim}-d: "
+                                 f"set {' and '.join(TEACHER_SETTINGS)} to {cache.dim}")
+        elif want:
+            # Building the teacher must not move the seeded RNG that initialises the model next: a run trains the
+            # same model whether its tokens come from the cache or from the online teacher.
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                self.teacher = _teacher_for(cfg, device)
+        self.cached = cache is not None
+        self.stream = LatentStream(cfg.data.path, cfg.train.batch_size, cfg.train.seed,
+                                   images=self.teacher is not None, device=device, prefetch=2,
+                                   part=(dp.rank, dp.world), teacher_cache=cache)
         shape = tuple(self.stream.data.latent_shape)
         if shape != (m.in_channels, m.input_size, m.input_size) or self.stream.data.num_classes != m.num_classes:
             raise ValueError(f"{cfg.data.path}: latents are {shape} with {self.stream.data.num_classes} classes; set "
@@ -214,13 +232,11 @@ class LatentBatches:
 
     def next(self):
         x0, y, crops = self.stream.next_batch()
+        if self.cached:
+            return (x0, y, *self.stream.last_teacher)
         if self.teacher is None:
             return x0, y, None, None
         with torch.no_grad():
-            if self.cache is not None:
-                indices = self.stream.last_indices.numpy()
-                patches, cls_tokens = self.cache.tokens(self.teacher, crops, indices, self.grid)
-                return x0, y, patches.to(x0.device), cls_tokens.to(x0.device)
             patches, cls_tokens = self.teacher(crops, self.grid)
         return x0, y, patches.float(), cls_tokens.float()
 

@@ -278,10 +278,11 @@ def test_kd_dinov2_extractor(dino_root):
 
 
 def test_trainer_reads_teacher_tokens_through_the_cache(dino_root, tmp_path):
-    """data.teacher_cache: the first run fills the cache as images are seen and trains like the run without it
-    (float16 storage); once every row is filled, a run reads no crops at all."""
+    """data.teacher_cache: built once by `srdit cache-teacher`, the cache trains like the online teacher (float16
+    storage), is only read (no row written, no crops read, no teacher loaded) and refuses a missing cache."""
 
     from srdit.config import DataConfig, ModelConfig, RegConfig, RepaConfig, RunConfig, TrainConfig
+    from srdit.teacher_cache_command import main as cache_teacher
     from srdit.techniques import with_techniques
     from srdit.train import LatentBatches, train
 
@@ -306,11 +307,16 @@ def test_trainer_reads_teacher_tokens_through_the_cache(dino_root, tmp_path):
         assert train(cfg, out, Rec(), progress=False).status == "finished"
         return rows
 
+    with pytest.raises(FileNotFoundError, match="srdit cache-teacher"):
+        LatentBatches(cached, torch.device("cpu"))
+    assert cache_teacher([str(tmp_path / "lat"), "--teacher", "dinov2_vits14", "--teacher-path", str(root), "--out",
+                          str(tmp_path / "feat"), "--ray", "2"]) == 0
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "feat").rglob("*.npy")}
     plain, first = losses(base, tmp_path / "a"), losses(cached, tmp_path / "b")
     assert plain.keys() == first.keys()
     for step in plain:
         assert first[step] == pytest.approx(plain[step], rel=1e-2, abs=1e-3)
-    assert np.load(tmp_path / "feat" / "filled.npy").all()  # 6 steps x 3 images saw all 6 images
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "feat").rglob("*.npy")} == stamps  # read-only
     data = LatentBatches(cached, torch.device("cpu"))
-    assert not data.stream.images  # all cached: the crops are not even read
+    assert not data.stream.images and data.teacher is None  # the crops are not even read, no teacher loaded
     assert losses(cached, tmp_path / "c") == first

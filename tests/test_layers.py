@@ -10,7 +10,7 @@
 | train     | train, generate, evaluate, sample_shards, parallel, imaging, provenance, convert, inputs | the rows above | ray, mlflow |
 | study     | study/                                             | the rows above, `srdit.analysis.results` only | -  |
 | analysis  | analysis/                                          | config                         | torch, ray      |
-| cli       | cli, __main__, preprocess_command, report_command  | everything                     | -               |
+| cli       | cli, __main__, preprocess_command, report_command, teacher_cache_command | everything | -         |
 
 * the model's public API, never its internals (`srdit.model.<module>`).
 
@@ -51,7 +51,7 @@ LAYERS: dict[str, set[str]] = {
     "train": {"train", "generate", "evaluate", "sample_shards", "parallel", "imaging", "provenance", "convert", "inputs"},
     "study": {"study"},
     "analysis": {"analysis"},
-    "cli": {"cli", "__main__", "preprocess_command", "report_command"},
+    "cli": {"cli", "__main__", "preprocess_command", "report_command", "teacher_cache_command"},
 }
 "Layer -> its nodes (a node: a top-level module or package of srdit; `srdit` is the package's own __init__)."
 

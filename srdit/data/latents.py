@@ -246,11 +246,22 @@ class LatentStream:
     of the last batch are in `last_indices` (the key of the teacher-feature cache). Order: `BatchStream(n,
     batch_size, seed)`. With `prefetch > 0` a background thread reads that many batches ahead; `state_dict()`
     still describes the position after the last batch *returned*, so resume is exact either way.
+
+    With `teacher_cache` (a `srdit.data.teacher_cache.TeacherCache` of this folder) the batch's teacher tokens are
+    read with it, in the prefetch thread when there is one, and left in `last_teacher`: (patch tokens float32
+    [B, grid^2, dim], class token float32 [B, dim]) on `device`, copied as float16 from pinned memory without
+    blocking and cast there.
     """
 
     def __init__(self, root: str | os.PathLike, batch_size: int, seed: int = 0, *, images: bool = False,
-                 device: str | torch.device = "cpu", prefetch: int = 0, part: tuple[int, int] = (0, 1)):
+                 device: str | torch.device = "cpu", prefetch: int = 0, part: tuple[int, int] = (0, 1),
+                 teacher_cache=None):
         self.data = LatentDataset(root)
+        if teacher_cache is not None and teacher_cache.num_images != len(self.data):
+            raise ValueError(f"{teacher_cache.folder}: teacher cache of {teacher_cache.num_images} images, {root} "
+                             f"holds {len(self.data)}; build the cache for this folder")
+        self.teacher_cache = teacher_cache
+        self.last_teacher: tuple[Tensor, Tensor] | None = None
         if images and not self.data.has_images:
             raise ValueError(f"{root}: no image crops stored (needed by the alignment teacher); rerun "
                              f"`srdit preprocess` with --keep-images into a new folder, or precompute the teacher "
@@ -283,7 +294,15 @@ class LatentStream:
 
     def _load(self, idx: Tensor):
         lat, lab, img = self.data.get(idx.numpy())
-        return idx, torch.from_numpy(lat), torch.from_numpy(lab), torch.from_numpy(img) if self.images else None
+        teacher = None
+        if self.teacher_cache is not None:
+            teacher = tuple(self._pinned(torch.from_numpy(a)) for a in self.teacher_cache.get(idx.numpy()))
+        return (idx, torch.from_numpy(lat), torch.from_numpy(lab), torch.from_numpy(img) if self.images else None,
+                teacher)
+
+    def _pinned(self, t: Tensor) -> Tensor:
+        """Page-locked (in the reading thread) when the batch goes to a GPU, so that the copy does not block."""
+        return t.pin_memory() if self.device.type == "cuda" else t
 
     def _produce(self) -> None:
         try:
@@ -306,7 +325,7 @@ class LatentStream:
     def _to_device(self, t: Tensor | None) -> Tensor | None:
         if t is None or self.device.type == "cpu":
             return t
-        return t.pin_memory().to(self.device, non_blocking=True)
+        return (t if t.is_pinned() else t.pin_memory()).to(self.device, non_blocking=True)
 
     def next_batch(self) -> tuple[Tensor, Tensor, Tensor | None]:
         if self.prefetch > 0:
@@ -318,11 +337,13 @@ class LatentStream:
             item = self._queue.get()
             if item is None:
                 raise RuntimeError(f"latent prefetch failed: {self._error}") from self._error
-            (idx, lat, lab, img), self._state = item
+            (idx, lat, lab, img, teacher), self._state = item
         else:
-            idx, lat, lab, img = self._load(self._next_indices())
+            idx, lat, lab, img, teacher = self._load(self._next_indices())
             self._state = self.sampler.state_dict()
         self.last_indices = idx
+        if teacher is not None:
+            self.last_teacher = tuple(self._to_device(t).float() for t in teacher)
         return self._to_device(lat).float(), self._to_device(lab), self._to_device(img)
 
     def close(self) -> None:
