@@ -271,7 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("convert", help="a reference checkpoint (SiT, REPA, SR-DiT) -> an srdit checkpoint")
     c.add_argument("source", help="the reference checkpoint (.pt)")
     c.add_argument("overrides", nargs="*", help="key=value overrides of the preset's config (the srdit model must "
-                   "match the checkpoint), e.g. model.repa.enabled=true")
+                   "match the checkpoint), e.g. model.size=XL")
     c.add_argument("--from", dest="layout", required=True, help="the reference code's layout: speedrundit, repa, sit")
     c.add_argument("--preset", required=True, help="srdit config to convert into: digits, SR-DiT-B/1, or "
                    "SiT-<size>/<patch> (SD-VAE 256 px latents, e.g. SiT-XL/2)")

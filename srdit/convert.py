@@ -151,26 +151,25 @@ def time_flip(weight: torch.Tensor, freq_dim: int) -> torch.Tensor:
 
 
 def _check_model(cfg: RunConfig, layout: str, args: dict) -> None:
+    """The settings `layout` hard-codes (and those the checkpoint's training args state) against `cfg.model`."""
+    expected = dict(LAYOUT_MODEL[layout])
+    if layout == "repa" and isinstance(args.get("encoder_depth"), int):  # the block the REPA projector reads
+        expected["repa.depth"] = args["encoder_depth"]
+    if isinstance(args.get("model"), str):  # e.g. 'SiT-XL/2': heads are not visible in any tensor shape
+        size, _, patch = args["model"].removeprefix("SiT-").partition("/")
+        if size in SIZES and patch.isdigit():
+            expected |= {"size": size, "patch_size": int(patch)}
     m = to_dict(cfg)["model"]
     wrong = []
-    for key, want in LAYOUT_MODEL[layout].items():
+    for key, want in expected.items():
         node = m
         for part in key.split("."):
             node = node[part]
         if node != want:
             wrong.append(f"model.{key}={str(want).lower() if isinstance(want, bool) else want}")
     if wrong:
-        raise ConvertError(f"the {layout} layout hard-codes settings the srdit model lacks; add the overrides "
-                           f"{' '.join(wrong)}")
-    if isinstance(args.get("model"), str):  # e.g. 'SiT-XL/2': heads are not visible in any tensor shape
-        size, _, patch = args["model"].removeprefix("SiT-").partition("/")
-        if size in SIZES and (size, patch) != (cfg.model.size, str(cfg.model.patch_size)):
-            raise ConvertError(f"the checkpoint's args say {args['model']}; set model.size={size} "
-                               f"model.patch_size={patch}")
-    depth = args.get("encoder_depth")
-    if layout == "repa" and isinstance(depth, int) and depth != cfg.model.repa.depth:
-        raise ConvertError(f"the checkpoint's args say encoder_depth {depth} (the REPA projector's block); set "
-                           f"model.repa.depth={depth}")
+        raise ConvertError(f"the {layout} layout and the checkpoint's args need settings the srdit model lacks; add "
+                           f"the overrides {' '.join(wrong)}")
 
 
 def convert_state(src: dict[str, torch.Tensor], layout: str, cfg: RunConfig,
@@ -208,7 +207,7 @@ def convert_state(src: dict[str, torch.Tensor], layout: str, cfg: RunConfig,
         problems.append(f"checkpoint tensors the srdit model has no place for: {_listing(leftover)}")
     if problems:
         raise ConvertError("; ".join(problems) + " (match the srdit model to the checkpoint with --preset and "
-                           "key=value overrides, e.g. model.size, model.repa.enabled)")
+                           "key=value overrides of the model's size and switches)")
     _check_positions(out["pos_embed"], own["pos_embed"])
     return out
 

@@ -320,6 +320,10 @@ def test_wrong_model_settings_and_inputs_are_one_line_errors(tmp_path, capsys):
     err = _fails(capsys, ["convert", str(src), "--from", "speedrundit", "--preset", "digits", *out, *STACK,
                           "model.time_embed_scale=1000"])
     assert "model.time_embed_scale=1.0" in err
+    training_file(tmp_path / "repa.pt", "repa")  # its args: model SiT-debug/2, encoder_depth 2
+    err = _fails(capsys, ["convert", str(tmp_path / "repa.pt"), "--from", "repa", "--preset", "digits", *out,
+                          "model.repa.enabled=true", "model.repa.depth=3", "model.patch_size=1"])
+    assert "the checkpoint's args need" in err and "model.repa.depth=2 model.patch_size=2" in err
     assert "unknown layout 'dit'" in _fails(capsys, ["convert", str(src), "--from", "dit", "--preset", "digits", *out])
     assert "--weights: 'last'" in _fails(capsys, ["convert", str(src), "--from", "sit", "--preset", "digits",
                                                   "--weights", "last", *out])
