@@ -171,15 +171,22 @@ class SiT(nn.Module):
                 g_v = self.sprint.gather(v_first, keep) if v_first is not None else None  # [B, H, K, d]
                 g, _ = self._run(middle, self.sprint.gather(h, keep), c, g_rope, g_v, repa_at, aux)  # [B, K, D]
                 h = self.sprint.fuse_paths(h, g, keep, drop_sparse_path)  # [B, T, D]
-            else:  # every token; a dropped sample's middle output would be discarded, so it is not computed
-                drop = torch.as_tensor(drop_sparse_path, device=h.device).expand(h.shape[0])  # [B] bool
-                g = self.sprint.mask_token.to(h.dtype).expand_as(h)  # [MASK] for the dropped samples
-                if not bool(drop.all()):
-                    live = (~drop).nonzero().squeeze(1)  # [B'] samples that keep the sparse path
-                    whole = live.numel() == h.shape[0]
-                    g_live, _ = self._run(middle, h if whole else h[live], c if whole else c[live], rope,
-                                          v_first if whole or v_first is None else v_first[live], repa_at, aux)
-                    g = g_live if whole else g.index_copy(0, live, g_live)  # [B, T, D]
+            else:  # every token
+                mask = self.sprint.mask_token.to(h.dtype).expand_as(h)  # [MASK] for the dropped samples
+                if not isinstance(drop_sparse_path, torch.Tensor):  # one decision for the batch (a Python bool)
+                    g = mask if drop_sparse_path else self._run(middle, h, c, rope, v_first, repa_at, aux)[0]
+                elif torch.compiler.is_compiling():  # one graph: every sample's middle, [MASK] where dropped
+                    drop = drop_sparse_path.to(h.device).expand(h.shape[0])  # [B] bool
+                    g = torch.where(drop[:, None, None], mask, self._run(middle, h, c, rope, v_first, repa_at, aux)[0])
+                else:  # a dropped sample's middle output would be discarded, so it is not computed
+                    drop = drop_sparse_path.to(h.device).expand(h.shape[0])  # [B] bool
+                    g = mask
+                    if not bool(drop.all()):
+                        live = (~drop).nonzero().squeeze(1)  # [B'] samples that keep the sparse path
+                        whole = live.numel() == h.shape[0]
+                        g_live, _ = self._run(middle, h if whole else h[live], c if whole else c[live], rope,
+                                              v_first if whole or v_first is None else v_first[live], repa_at, aux)
+                        g = g_live if whole else g.index_copy(0, live, g_live)  # [B, T, D]
                 h = self.sprint.fuse_paths(h, g, None, False)  # [B, T, D]
             h, _ = self._run(indexed[self.depth - s.dense_out:], h, c, rope, v_first, repa_at, aux)  # [B, T, D]
 
