@@ -434,7 +434,7 @@ class RunConfig:
             raise ConfigError("data.tokenizer: required when eval.reference is set (samples are decoded to images "
                               "for the Inception metrics); set data.tokenizer and data.tokenizer_path")
         if self.train.steps == 0 and not self.train.init:
-            raise ConfigError("train.steps: 0 only with train.init (evaluate a given checkpoint); otherwise >= 1")
+            raise ConfigError("train.steps 0 only with train.init (evaluate a given checkpoint); otherwise >= 1")
         return self
 
     def shift_value(self) -> float:
