@@ -16,22 +16,14 @@ import time
 
 import torch
 
+from srdit.argparsing import ArgError, OneLineParser
 from srdit.data import latents as store
 from srdit.data.preprocess import DTYPES, preprocess
 from srdit.encoders import load_tokenizer
 
 
-class _ArgError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of the usage dump
-        raise _ArgError(f"{self.prog}: {message}")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="srdit preprocess", description="Image folder -> ADM center crops -> latent shards (resumable).")
+    p = OneLineParser(prog="srdit preprocess", description="Image folder -> ADM center crops -> latent shards (resumable).")
     p.add_argument("source", nargs="?", help="ImageNet-style folder: one sub-folder of images per class")
     p.add_argument("out", nargs="?", help="output latent folder (rerun the same command to resume)")
     p.add_argument("--tokenizer", choices=("invae", "sdvae"), default="invae")
@@ -69,11 +61,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"({'sizes' if args.quick else 'checksums'} verified)")
             return 0
         if not args.source or not args.out or not args.weights:
-            raise _ArgError("srdit preprocess: give SOURCE OUT --weights PATH (or --verify DIR)")
+            raise ArgError("srdit preprocess: give SOURCE OUT --weights PATH (or --verify DIR)")
         try:
             k, n = (int(v) for v in args.part.split("/"))
         except ValueError:
-            raise _ArgError(f"srdit preprocess: --part {args.part!r}: expected K/N, e.g. 0/8") from None
+            raise ArgError(f"srdit preprocess: --part {args.part!r}: expected K/N, e.g. 0/8") from None
         device = args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -82,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
                   keep_images=args.keep_images, dtype=args.dtype, workers=args.workers, limit=args.limit)
         if args.ray:
             if n != 1:
-                raise _ArgError("srdit preprocess: --ray N splits the work itself; leave out --part")
+                raise ArgError("srdit preprocess: --ray N splits the work itself; leave out --part")
             from srdit.study.preprocess_ray import preprocess_on_ray
 
             index = preprocess_on_ray(args.source, args.out, args.tokenizer, args.weights, parts=args.ray, **kw)
@@ -97,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{args.out}: {index['num_images']} images, {len(index['shards'])} shards, latents "
                   f"{index['latent_shape']} ({dt:.0f} s)")
         return 0
-    except _ArgError as e:
+    except ArgError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:

@@ -12,22 +12,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from srdit.argparsing import ArgError, OneLineParser, fail
 from srdit.config import ConfigError
 from srdit.study.command import DEFAULT_DASHBOARDS, DEFAULT_STATE
-
-
-class _ArgError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of the usage dump
-        raise _ArgError(f"{self.prog}: {message}")
-
-
-def _err(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    return 2
 
 
 def _quiet() -> None:
@@ -38,7 +25,7 @@ def _quiet() -> None:
 
 
 def _report_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="srdit report", description="Render a study's dashboard from its MLflow runs.")
+    p = OneLineParser(prog="srdit report", description="Render a study's dashboard from its MLflow runs.")
     p.add_argument("study")
     p.add_argument("--state", default=DEFAULT_STATE)
     p.add_argument("--out", default=DEFAULT_DASHBOARDS, help="dashboards folder (the report goes to OUT/<study>/)")
@@ -51,12 +38,12 @@ def report_main(argv: list[str] | None = None) -> int:
     _quiet()
     try:
         args = _report_parser().parse_args(argv)
-    except _ArgError as e:
-        return _err(str(e))
+    except ArgError as e:
+        return fail(str(e))
     try:
         path = make_report(args.study, args.state, args.out, bootstrap=not args.no_bootstrap)
     except ConfigError as e:
-        return _err(str(e))
+        return fail(str(e))
     print(f"report: {path}")
     return 0
 

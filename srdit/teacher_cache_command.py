@@ -17,21 +17,13 @@ import time
 
 import torch
 
+from srdit.argparsing import ArgError, OneLineParser
 from srdit.data import teacher_cache as store
 from srdit.data.latents import read_index
 
 
-class _ArgError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of the usage dump
-        raise _ArgError(f"{self.prog}: {message}")
-
-
 def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="srdit cache-teacher", description="Alignment-teacher tokens of a latent folder, once.")
+    p = OneLineParser(prog="srdit cache-teacher", description="Alignment-teacher tokens of a latent folder, once.")
     p.add_argument("data", help="latent folder written by `srdit preprocess --keep-images`")
     p.add_argument("--teacher", default="dinov2_vitb14", help="teacher name (data.teacher)")
     p.add_argument("--teacher-path", default=None, help="local folder of the teacher's weights (data.teacher_path)")
@@ -51,18 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
         if args.part and args.ray:
-            raise _ArgError("srdit cache-teacher: --ray N splits the work itself; leave out --part")
+            raise ArgError("srdit cache-teacher: --ray N splits the work itself; leave out --part")
         k, parts = 0, 1
         if args.part:
             try:
                 k, parts = (int(v) for v in args.part.split("/"))
                 store.part_range(1, parts, k)
             except ValueError:
-                raise _ArgError(f"srdit cache-teacher: --part {args.part!r}: expected K/N with 0 <= K < N, "
+                raise ArgError(f"srdit cache-teacher: --part {args.part!r}: expected K/N with 0 <= K < N, "
                                 f"e.g. 0/8") from None
         if args.ray is not None:
             if args.ray < 1:
-                raise _ArgError(f"srdit cache-teacher: --ray {args.ray}: expected a positive number of parts")
+                raise ArgError(f"srdit cache-teacher: --ray {args.ray}: expected a positive number of parts")
             parts = args.ray
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         index = read_index(args.data)
@@ -89,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         state = "complete" if not missing else f"{len(missing)} of {parts} parts still missing"
         print(f"{args.out}: {done} part(s) computed in {time.perf_counter() - t0:.0f} s; cache {state}")
         return 0
-    except _ArgError as e:
+    except ArgError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, ImportError, OSError, KeyError) as e:

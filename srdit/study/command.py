@@ -20,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+from srdit.argparsing import ArgError, OneLineParser, fail
 from srdit.config import ConfigError
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -33,20 +34,6 @@ DEFAULT_STATE = "state"
 DEFAULT_DASHBOARDS = "dashboards"  # where `srdit report` (srdit/report_command.py) writes
 
 
-class _ArgError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line instead of the usage dump
-        raise _ArgError(f"{self.prog}: {message}")
-
-
-def _err(msg: str) -> int:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    return 2
-
-
 def _concurrency(spec) -> int:
     cpus = os.cpu_count() or 1
     n = max(1, int(cpus // max(spec.resources.cpus, 1e-9)))
@@ -54,8 +41,8 @@ def _concurrency(spec) -> int:
 
 
 def _study_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="srdit study", description="Plan, run and resume ablation studies.")
-    sub = p.add_subparsers(dest="cmd", parser_class=_Parser)
+    p = OneLineParser(prog="srdit study", description="Plan, run and resume ablation studies.")
+    sub = p.add_subparsers(dest="cmd", parser_class=OneLineParser)
     sub.required = True
     pl = sub.add_parser("plan", help="print the cells, excluded cells, aliases, trial count and cost; run nothing")
     pl.add_argument("study")
@@ -107,8 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     try:
         args = _study_parser().parse_args(argv)
-    except _ArgError as e:
-        return _err(str(e))
+    except ArgError as e:
+        return fail(str(e))
     try:
         if args.cmd == "plan":
             return _plan(args)
@@ -120,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(args)
         return _status(args)
     except ConfigError as e:
-        return _err(str(e))
+        return fail(str(e))
     except KeyboardInterrupt:
         cmd = " ".join(["srdit", "study", *(argv if argv is not None else sys.argv[1:])])
         print(f"interrupted; `{cmd}` resumes it (finished trials are kept)", file=sys.stderr)
@@ -268,11 +255,11 @@ def _bench(args) -> int:
     spec = load_study(args.study)
     plan = plan_study(spec)
     if not plan.cells:
-        return _err(f"{args.study}: the bench times the cells of a grid design; a search design has none")
+        return fail(f"{args.study}: the bench times the cells of a grid design; a search design has none")
     rounds = DEFAULT_ROUNDS if args.rounds is None else args.rounds
     warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
     if rounds < 3 or warmup < 0:
-        return _err(f"srdit study bench: --rounds must be >= 3 and --warmup >= 0 (got {rounds}, {warmup})")
+        return fail(f"srdit study bench: --rounds must be >= 3 and --warmup >= 0 (got {rounds}, {warmup})")
     with study_lock(args.state, spec.name):  # StudyBusy while a driver runs the study (and no run starts meanwhile)
         rec = run_bench(spec, plan, rounds=rounds, warmup=warmup, echo=lambda s: print(s, flush=True))
         _, tracking, _ = prepare(spec, args.state, plan)
@@ -289,7 +276,7 @@ def _bench(args) -> int:
 
 
 def _ui_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="srdit ui", description="MLflow UI over the embedded store (Ctrl-C stops it).")
+    p = OneLineParser(prog="srdit ui", description="MLflow UI over the embedded store (Ctrl-C stops it).")
     p.add_argument("--state", default=DEFAULT_STATE)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=5000)
@@ -305,14 +292,14 @@ def ui_main(argv: list[str] | None = None) -> int:
 
     try:
         args = _ui_parser().parse_args(argv)
-    except _ArgError as e:
-        return _err(str(e))
+    except ArgError as e:
+        return fail(str(e))
     state = Path(args.state)
     db = state / "mlflow.db"
     if not db.exists():
-        return _err(f"no MLflow store at {db}; run `srdit study run STUDY.yaml --state {state}` first")
+        return fail(f"no MLflow store at {db}; run `srdit study run STUDY.yaml --state {state}` first")
     if not port_free(args.host, args.port):
-        return _err(f"port {args.port} on {args.host} is in use; pass --port N")
+        return fail(f"port {args.port} on {args.host} is in use; pass --port N")
     print(f"starting the MLflow UI over {db} ...", flush=True)
     with state_init_lock(state):
         relocate_store(state)  # a moved or copied state shows (and writes) its own artifacts
@@ -328,7 +315,7 @@ def ui_main(argv: list[str] | None = None) -> int:
         proc = start_server(default_tracking_uri(state), state / "mlartifacts", args.host, args.port,
                             log_path=state / "mlflow-ui.log")
     except RuntimeError as e:
-        return _err(str(e))
+        return fail(str(e))
 
     def _interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -344,7 +331,7 @@ def ui_main(argv: list[str] | None = None) -> int:
             print(f"  {name}: {base}/#/experiments/{eid}{UI_QUERY}", flush=True)
         while proc.poll() is None:
             time.sleep(0.5)
-        return _err(f"mlflow server exited with code {proc.returncode}; see {state / 'mlflow-ui.log'}")
+        return fail(f"mlflow server exited with code {proc.returncode}; see {state / 'mlflow-ui.log'}")
     except KeyboardInterrupt:
         print("stopping the MLflow UI ...", flush=True)
         stop_server(proc)
