@@ -669,9 +669,11 @@ def read_yaml(path: str | Path) -> Any:
         if p.is_dir():
             raise ConfigError(f"{path}: is a folder, expected a YAML file")
         raw = p.read_bytes()
+    except ConfigError:
+        raise
     except OSError as e:
         raise ConfigError(f"{path}: cannot read ({e.strerror})") from None
-    except ValueError as e:  # e.g. a NUL byte in the path
+    except ValueError as e:  # e.g. a NUL byte in the path (ConfigError, a ValueError too, passes above)
         raise ConfigError(f"{path!r}: not a usable file name ({e})") from None
     if b"\0" in raw:
         raise ConfigError(f"{path}: is a binary file, not YAML text")

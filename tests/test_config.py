@@ -84,3 +84,12 @@ def test_relative_paths_resolve_against_the_study_directory(tmp_path):
     assert out.data.path == str(tmp_path / "data/lat") and out.eval.reference == str(tmp_path / "ref.npz")
     assert out.data.tokenizer_path == "/abs/invae.pt" and out.data.teacher_path is None
     assert resolve_paths(RunConfig(), tmp_path) == RunConfig()
+
+
+def test_a_missing_or_folder_yaml_is_one_plain_line(tmp_path):
+    from srdit.config import read_yaml
+
+    for path, said in ((tmp_path / "x.yaml", "no such file"), (tmp_path, "is a folder, expected a YAML file")):
+        with pytest.raises(ConfigError) as e:
+            read_yaml(path)
+        assert str(e.value) == f"{path}: {said}"
