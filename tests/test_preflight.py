@@ -84,7 +84,7 @@ def test_every_path_field_a_run_reads_is_checked(tmp_path, monkeypatch):
     reported once; a field without a dedicated check (here: the reference, its check removed) still gets an
     existence check, so a path field added to the config is covered."""
     import srdit.inputs as inputs
-    from srdit.config import PATH_FIELDS, DataConfig, EvalConfig, ModelConfig, RepaConfig, RunConfig
+    from srdit.config import PATH_FIELDS, DataConfig, EvalConfig, ModelConfig, RepaConfig, RunConfig, TrainConfig
 
     missing = tmp_path / "missing"
     cfg = RunConfig(model=ModelConfig(in_channels=4, input_size=4, num_classes=3,
@@ -93,7 +93,8 @@ def test_every_path_field_a_run_reads_is_checked(tmp_path, monkeypatch):
                                     teacher_path=str(missing / "dino"), tokenizer="invae",
                                     tokenizer_path=str(missing / "invae.pt"), teacher_cache=str(missing / "cache")),
                     eval=EvalConfig(reference=str(missing / "ref.npz"), inception_path=str(missing / "inc.pth"),
-                                    dinov2_path=str(missing / "dinol")))
+                                    dinov2_path=str(missing / "dinol")),
+                    train=TrainConfig(init=str(missing / "init.pt")))
     fields = [p.field for p in inputs.input_problems(cfg)]
     assert fields == [f for f in PATH_FIELDS if f not in inputs.OUTPUTS]
     monkeypatch.delitem(inputs.CHECKS, "eval.reference")

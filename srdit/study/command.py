@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -149,14 +150,21 @@ def _run(args) -> int:
 
     plan = plan_study(spec)  # plan errors are input errors: raise before anything starts
     from srdit.study.lock import study_lock
+    from srdit.study.preflight import PreflightError
 
-    with study_lock(args.state, spec.name) as stale:  # StudyBusy (exit 2) when another driver runs the study
-        if stale:
-            print(f"the previous driver of study {spec.name} (pid {stale.get('pid')}, host {stale.get('host')}) "
-                  f"stopped without finishing; taking over", flush=True)
-        mark_dead_trials(spec, args.state, stale)
-        res = run_study(spec, args.state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan,
-                        address=args.address)
+    new_state = not Path(args.state).exists()
+    try:
+        with study_lock(args.state, spec.name) as stale:  # StudyBusy (exit 2) when another driver runs the study
+            if stale:
+                print(f"the previous driver of study {spec.name} (pid {stale.get('pid')}, host "
+                      f"{stale.get('host')}) stopped without finishing; taking over", flush=True)
+            mark_dead_trials(spec, args.state, stale)
+            res = run_study(spec, args.state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan,
+                            address=args.address)
+    except PreflightError:
+        if new_state:  # refused before anything ran: leave no state behind (the lock made the folder)
+            shutil.rmtree(args.state, ignore_errors=True)
+        raise
     state = Path(args.state)
     print(f"MLflow: {res.uri} (experiment {spec.tracking.experiment or spec.name}, parent run {res.parent_run_id}); "
           f"browse with `srdit ui --state {state}`")
