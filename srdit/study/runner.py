@@ -142,15 +142,20 @@ def progress_line(n: int, total: int, key: str, result: dict, primary: str | Non
 
 
 def _trial_error(trial) -> str:
-    """The last error of a Tune trial, as text (pickled exception, else the error file's text)."""
-    try:
-        e = trial.get_pickled_error()
-        if e is not None:
-            return f"{type(e).__name__}: {e}"
-        e = trial.get_error()
-        return str(e) if e is not None else ""
-    except Exception:  # noqa: BLE001 - the error file may be gone
-        return ""
+    """The last error of a Tune trial, as text (pickled exception, else the error file's text). Tune may call the
+    error callback before it has written the error files, so this waits for them briefly."""
+    for _ in range(50):
+        try:
+            e = trial.get_pickled_error()
+            if e is not None:
+                return f"{type(e).__name__}: {e}"
+            e = trial.get_error()
+            if e is not None:
+                return str(e)
+        except Exception:  # noqa: BLE001 - the error file may be gone
+            return ""
+        time.sleep(0.1)
+    return ""
 
 
 def _progress_callback(total: int, done_before: int, echo: Callable[[str], None], primary: str | None = None,
