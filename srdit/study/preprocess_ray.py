@@ -10,6 +10,7 @@ import torch
 
 from srdit.data.preprocess import finalize, prepare, preprocess
 from srdit.encoders import load_tokenizer
+from srdit.study.ray_parts import run_parts
 
 
 def preprocess_on_ray(source: str | os.PathLike, out: str | os.PathLike, tokenizer_name: str, weights: str, *,
@@ -27,20 +28,10 @@ def preprocess_on_ray(source: str | os.PathLike, out: str | os.PathLike, tokeniz
                                **{k: v for k, v in kw.items() if k in ("resolution", "shard_size", "batch_size",
                                                                         "seed", "keep_images", "dtype", "limit")})
 
-    @ray.remote
     def run_part(k: int) -> None:
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         preprocess(source, out, load_tokenizer(tokenizer_name, weights, device), part=(k, parts),
                    progress=False, **kw)
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, logging_level="WARNING")
-    try:
-        gpus = (1.0 if ray.cluster_resources().get("GPU") else 0.0) if gpus_per_part is None else gpus_per_part
-        task = run_part.options(num_gpus=gpus, num_cpus=cpus_per_part)
-        ray.get([task.remote(k) for k in range(parts)])
-    finally:
-        if started:
-            ray.shutdown()
+    run_parts(run_part, range(parts), gpus_per_part=gpus_per_part, cpus_per_part=cpus_per_part)
     return finalize(out, folder, settings)

@@ -8,6 +8,7 @@ import os
 import torch
 
 from srdit.data.teacher_cache import build_part
+from srdit.study.ray_parts import run_parts
 
 
 def cache_teacher_on_ray(latent_root: str | os.PathLike, out: str | os.PathLike, teacher_name: str,
@@ -26,19 +27,9 @@ def cache_teacher_on_ray(latent_root: str | os.PathLike, out: str | os.PathLike,
     teacher_path = os.path.abspath(os.path.expanduser(teacher_path)) if teacher_path else None
     todo = [k for k in range(parts) if not part_done(out, k, parts)]
 
-    @ray.remote
     def run_part(k: int) -> bool:
         device = "cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu"
         teacher = load_teacher(teacher_name, teacher_path, device)
         return build_part(latent_root, out, teacher, k, batch_size, device)
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(include_dashboard=False, logging_level="WARNING")
-    try:
-        gpus = (1.0 if ray.cluster_resources().get("GPU") else 0.0) if gpus_per_part is None else gpus_per_part
-        task = run_part.options(num_gpus=gpus, num_cpus=cpus_per_part)
-        return sum(ray.get([task.remote(k) for k in todo]))
-    finally:
-        if started:
-            ray.shutdown()
+    return sum(run_parts(run_part, todo, gpus_per_part=gpus_per_part, cpus_per_part=cpus_per_part))
