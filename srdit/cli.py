@@ -209,11 +209,13 @@ def cmd_techniques(args) -> int:
 
     if args.json:
         print(json.dumps([{"name": t.name, "description": t.description, "diff": dict(t.diff), "knobs": dict(t.knobs),
-                           "paper": t.paper, "code": list(t.code)} for t in TECHNIQUES.values()], indent=1))
+                           "paper": t.paper, "code": list(t.code), "stage": t.stage} for t in TECHNIQUES.values()],
+                         indent=1))
         return 0
     for t in TECHNIQUES.values():
         print(f"{t.name}: {t.description}")
         print(f"  diff:   {', '.join(f'{k}={json.dumps(v)}' for k, v in t.diff.items())}")
+        print(f"  stage:  {'training' if t.stage == 'train' else 'evaluation only (shares the training of its cell)'}")
         if t.knobs:
             print(f"  knobs:  {', '.join(f'{k} -> {v}' for k, v in t.knobs.items())}")
         print(f"  paper:  {t.paper}")

@@ -38,6 +38,10 @@ class Technique:
     "Short knob name -> dotted config key, for studies that override a technique's settings."
     code: tuple[str, ...] = ()
     "Modules that implement it (importable names), where to read or change it."
+    stage: str = "train"
+    """When it acts: "train" (it shapes the trained weights) or "eval" (it acts only when sampling or evaluating a
+    trained model: every key of its diff lies in an evaluation-time section, `EVAL_SECTIONS`). Cells that differ
+    only in evaluation-time techniques share one training."""
 
     @property
     def builtin(self) -> bool:
@@ -58,14 +62,45 @@ class Technique:
             diff[self.knob_key(knob)] = value
         return diff
 
+    def knob_stage(self, knob: str) -> str:
+        """"train" or "eval": the stage of the config key a knob writes (`key_stage`)."""
+        return key_stage(self.knob_key(knob))
+
     def with_knobs(self, overrides: Mapping[str, Any] | None = None) -> "Technique":
         """This technique with knob overrides folded into its diff."""
         return dataclasses.replace(self, diff=self.resolved_diff(overrides)) if overrides else self
 
 
+EVAL_SECTIONS = ("sample", "eval")
+"""Config sections read only when sampling from or evaluating a trained model (sampler, guidance, label balance,
+sample count, metric references): a change there needs no new training."""
+
+
+def key_stage(key: str) -> str:
+    """"eval" for a dotted config key in an evaluation-time section (`EVAL_SECTIONS`), else "train"."""
+    return "eval" if key.split(".", 1)[0] in EVAL_SECTIONS else "train"
+
+
+def diff_stage(diff: Mapping[str, Any]) -> str:
+    """"eval" when every key of a (non-empty) dotted diff is evaluation-time, else "train"."""
+    return "eval" if diff and all(key_stage(k) == "eval" for k in diff) else "train"
+
+
 def custom_technique(name: str, diff: Mapping[str, Any], description: str = "") -> Technique:
-    """A study's own technique: a named diff (nested mappings are flattened to dotted keys)."""
-    return Technique(name, description, "", flatten_dict(diff))
+    """A study's own technique: a named diff (nested mappings are flattened to dotted keys); its stage follows from
+    the keys it writes (`diff_stage`)."""
+    flat = flatten_dict(diff)
+    return Technique(name, description, "", flat, stage=diff_stage(flat))
+
+
+def training_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config (`srdit.config.to_dict` form) that shapes the trained weights: without the
+    evaluation-time sections, and with only training-time techniques in `techniques`. Two cells whose training
+    configs are equal train the same model (same seed, same data, same code) and can share one training."""
+    out = {k: v for k, v in config.items() if k not in EVAL_SECTIONS}
+    if "techniques" in out:
+        out["techniques"] = [t for t in out["techniques"] if t not in TECHNIQUES or TECHNIQUES[t].stage == "train"]
+    return out
 
 
 _SRDIT = "Speedrunning ImageNet Diffusion (SR-DiT), arXiv:2512.12386"
@@ -110,7 +145,8 @@ TECHNIQUES: dict[str, Technique] = {
                   {"shift": "transport.shift"},
                   code=("srdit.transport.timesteps", "srdit.transport.samplers", "srdit.config")),
         Technique("balanced_labels", "Evaluation samples get class i mod num_classes (equal counts per class)",
-                  _SRDIT, {"sample.balanced_labels": True}, code=("srdit.generate", "srdit.data.digits")),
+                  _SRDIT, {"sample.balanced_labels": True}, code=("srdit.generate", "srdit.data.digits"),
+                  stage="eval"),
         Technique("logit_normal", "Logit-normal training times instead of uniform",
                   "SD3, Esser et al. 2024, arXiv:2403.03206", {"transport.time_sampling": "logit_normal"},
                   {"mean": "transport.logit_mean", "std": "transport.logit_std"},
@@ -121,7 +157,7 @@ TECHNIQUES: dict[str, Technique] = {
                   {"model.mlp": "relu2"}, code=("srdit.model.layers",)),
         Technique("path_drop_guidance", "Guidance whose unconditional branch also drops the SPRINT sparse path",
                   _SRDIT, {"sample.path_drop_guidance": True},
-                  code=("srdit.transport.samplers", "srdit.model.routing")),
+                  code=("srdit.transport.samplers", "srdit.model.routing"), stage="eval"),
     ]
 }
 

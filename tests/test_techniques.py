@@ -232,3 +232,54 @@ assert "torch" not in sys.modules, "study plan"
 """
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# training-time vs evaluation-time techniques
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(TECHNIQUES))
+def test_stage_matches_the_config_sections_its_diff_and_knobs_touch(name):
+    """A technique is evaluation-time exactly when every key it writes (diff and knobs) is in an evaluation-time
+    section; a training-time technique writes at least one training-time key."""
+    from srdit.techniques import EVAL_SECTIONS, key_stage
+
+    t = TECHNIQUES[name]
+    keys = list(t.diff) + list(t.knobs.values())
+    sections = {k.split(".")[0] for k in keys}
+    assert t.stage in ("train", "eval")
+    if t.stage == "eval":
+        assert sections <= set(EVAL_SECTIONS), f"{name} is marked eval but writes {sorted(sections)}"
+    else:
+        assert sections - set(EVAL_SECTIONS), f"{name} writes only {sorted(sections)}: mark it stage='eval'"
+    assert all(t.knob_stage(k) == key_stage(t.knobs[k]) for k in t.knobs)
+
+
+def test_evaluation_time_techniques_leave_training_bit_identical(tmp_path):
+    """Behaviour behind the classification: a short training with every evaluation-time technique on gives the same
+    weights, bit for bit, as without them, and the training part of both configs is the same."""
+    import torch
+
+    from srdit.config import apply_diff, to_dict
+    from srdit.techniques import training_config
+    from srdit.train import load_checkpoint, train
+
+    tiny = {"train.steps": 6, "train.batch_size": 8, "train.log_every": 3, "train.ckpt_every": 6,
+            "train.eval_every": 0, "train.threads": 1, "eval.n_samples": 60, "eval.batch_size": 60, "sample.steps": 2}
+    evals = [n for n, t in TECHNIQUES.items() if t.stage == "eval"]
+    assert set(evals) >= {"balanced_labels", "path_drop_guidance"}
+    a = apply_diff(with_techniques(RunConfig(), ["sprint"]), tiny)
+    b = apply_diff(with_techniques(RunConfig(), ["sprint", *evals]), tiny)
+    assert training_config(to_dict(a)) == training_config(to_dict(b)) and to_dict(a) != to_dict(b)
+    train(a, tmp_path / "a", progress=False)
+    train(b, tmp_path / "b", progress=False)
+    ca, cb = (load_checkpoint(tmp_path / x / "checkpoints/last.pt") for x in "ab")
+    for key in ("model", "ema"):
+        assert all(torch.equal(ca[key][k], cb[key][k]) for k in ca[key])
+
+
+def test_custom_diff_stage_follows_its_keys():
+    assert custom_technique("cfg2", {"sample": {"cfg_scale": 2.0}}).stage == "eval"
+    assert custom_technique("nfe", {"sample.steps": 8, "eval.n_samples": 200}).stage == "eval"
+    assert custom_technique("mixed", {"sample.steps": 8, "train.lr": 1e-3}).stage == "train"
