@@ -247,3 +247,28 @@ def test_report_says_how_sure_it_is_in_chromium(tmp_path):
     chromium([f"--screenshot={shot}", "--window-size=1400,2400", "--hide-scrollbars", url], tmp_path / "profile3")
     img = decode_png(shot.read_bytes()).astype(float)
     assert img[..., :3].mean(axis=2).std() > 20
+
+
+@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("SRDIT_REQUIRE_BROWSER"),
+                    reason="chromium is not installed (apt-get install chromium)")
+def test_tracking_ui_opens_an_experiment_on_its_runs(tmp_path):
+    """The server srdit starts (`srdit ui`, tracking servers) opens a plain experiment URL on Runs in a fresh
+    browser profile; MLflow's own app opens it on its GenAI overview."""
+    from mlflow import MlflowClient
+
+    from srdit.study.tracking import free_port, start_server, stop_server
+
+    port = free_port()
+    proc = start_server(f"sqlite:///{tmp_path / 'ui.db'}", tmp_path / "art", port=port, log_path=tmp_path / "ui.log")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        client = MlflowClient(url)
+        eid = client.create_experiment("ui")
+        parent = client.create_run(eid, run_name="study")
+        child = client.create_run(eid, run_name="rope · s0", tags={"mlflow.parentRunId": parent.info.run_id})
+        client.log_metric(child.info.run_id, "fd", 1.5)
+        dom = chromium(["--dump-dom", f"{url}/#/experiments/{eid}"], tmp_path / "profile").stdout
+        assert "matching runs" in dom, "the experiment did not open on its runs table"
+        assert "Detect Issues" not in dom  # the GenAI overview's button
+    finally:
+        stop_server(proc)

@@ -34,7 +34,8 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 UI_QUERY = "?workflowType=machine_learning"
 """URL query (after the `#/...` route) of MLflow's UI for its model-training view: MLflow 3.17's UI starts on its
 GenAI pages whatever the experiment's kind tag says, unless the URL or an earlier choice in the browser says
-otherwise."""
+otherwise. The server srdit starts (`start_server`) stores that choice on a first visit (`srdit.study.mlflow_app`);
+the query serves a server started without it."""
 ROLE_TAG = "srdit.role"
 KEY_TAG = "trial_key"
 TERMINAL = ("finished", "diverged", "oom", "crashed")
@@ -501,7 +502,8 @@ def start_server(backend_uri: str, artifacts_dir: str | Path, host: str = "127.0
 
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", host,
-           "--port", str(port), "--workers", "1", "--artifacts-destination", str(Path(artifacts_dir).resolve())]
+           "--port", str(port), "--workers", "1", "--app-name", "srdit",  # srdit.study.mlflow_app: opens on Runs
+           "--artifacts-destination", str(Path(artifacts_dir).resolve())]
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
