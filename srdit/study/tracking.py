@@ -501,9 +501,12 @@ def start_server(backend_uri: str, artifacts_dir: str | Path, host: str = "127.0
     import urllib.request
 
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    from importlib.metadata import entry_points
+
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", host,
-           "--port", str(port), "--workers", "1", "--app-name", "srdit",  # srdit.study.mlflow_app: opens on Runs
-           "--artifacts-destination", str(Path(artifacts_dir).resolve())]
+           "--port", str(port), "--workers", "1", "--artifacts-destination", str(Path(artifacts_dir).resolve())]
+    if entry_points(group="mlflow.app", name="srdit"):  # srdit.study.mlflow_app (opens on Runs), when installed
+        cmd += ["--app-name", "srdit"]
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             start_new_session=True)
