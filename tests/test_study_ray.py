@@ -182,3 +182,50 @@ def test_a_trial_killed_by_rays_memory_monitor_is_recorded_as_oom_and_the_driver
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FAILED"}
     assert all(r.data.tags["status_reason"].startswith("killed for memory by Ray") for r in runs)
     assert client.get_run(res.parent_run_id).info.status != "RUNNING"
+
+
+def test_a_local_study_never_joins_a_ray_started_on_the_machine(tmp_path, monkeypatch):
+    """A `ray start --head` of another job runs on the machine, discoverable the way `ray.init()` finds one (same
+    Ray temp dir): a study without RAY_ADDRESS starts its own private Ray, and the other cluster sees no job."""
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+
+    import ray
+
+    from srdit.study.runner import run_study
+    from srdit.study.spec import load_study
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    temp = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # Ray's socket paths must stay short
+    monkeypatch.setenv("RAY_TMPDIR", temp)
+    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus=1",
+                             "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--include-dashboard=false",
+                             "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+    try:
+        current = Path(temp) / "ray_current_cluster"
+        for _ in range(240):
+            if current.exists() and current.read_text().strip():
+                break
+            time.sleep(0.5)
+        address = current.read_text().strip()
+        assert address, "the other job's Ray did not start"
+        spec = load_study(_write(tmp_path / "alone.yaml", techniques=["rmsnorm"]))
+        lines: list[str] = []
+        res = run_study(spec, tmp_path / "state", num_cpus=2, echo=lines.append)
+        assert res.complete and res.statuses == {"finished": 2}, lines
+        assert any(line.startswith("Ray: a private local Ray on 127.0.0.1 (2 CPUs)") for line in lines), lines
+        ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        try:  # the other cluster's jobs: only this check's own connection
+            jobs = ray._private.state.jobs()
+            assert len(jobs) == 1, jobs
+        finally:
+            ray.shutdown()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
