@@ -310,3 +310,47 @@ def test_ctrl_c_prints_srdits_resume_line_and_the_rerun_resumes_without_duplicat
     for run in client.search_runs([exp.experiment_id], "tags.`srdit.role` = 'trial'"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
         assert sorted(steps) == list(range(5, 401, 5)), run.info.run_name
+
+
+def test_two_identical_proposals_at_the_same_instant_train_once(tmp_path):
+    """Two search proposals of the same configuration start at the same instant (two threads behind a barrier, as
+    two Tune workers would): one trains; the other waits on the trial key's lock and is answered from the first's
+    child run. One MLflow child run for the key, one training in the trial folder."""
+    import threading
+
+    from mlflow import MlflowClient
+
+    from srdit.study.designs import make_cell, make_trial
+    from srdit.study.runner import _context, prepare, state_paths
+    from srdit.study.spec import study_from_dict
+    from srdit.study.tracking import KEY_TAG, PARENT_TAG
+
+    spec = study_from_dict({"name": "twin", "techniques": ["rmsnorm"], "seeds": [0], "base": TINY,
+                            "design": {"kind": "search", "trials": 2, "objectives": ["fd"],
+                                       "space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}})
+    state = tmp_path / "state"
+    plan, tracking, _ = prepare(spec, state)
+    ctx = _context(spec, tracking, state_paths(state, spec.name), plan, search=True)
+    assert ctx.objectives == ("fd",)
+    trial = make_trial(spec, make_cell(spec, ["rmsnorm"]), 0, {"train.lr": 2e-3}).to_dict()
+    from srdit.study.trial import execute_trial
+
+    barrier, out = threading.Barrier(2), [None, None]
+
+    def propose(i):
+        barrier.wait()
+        out[i] = execute_trial(dict(trial), ctx)
+
+    threads = [threading.Thread(target=propose, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(600)
+    assert all(o is not None for o in out), out
+    assert sorted(o.get("cached", 0) for o in out) == [0, 1], out
+    assert out[0]["run_id"] == out[1]["run_id"] and out[0]["status"] == out[1]["status"] == "finished"
+    assert out[0]["fd"] == out[1]["fd"]
+    runs = MlflowClient(tracking.uri).search_runs(
+        [tracking.experiment_id],
+        f"tags.`{PARENT_TAG}` = '{tracking.parent_run_id}' and tags.{KEY_TAG} = '{trial['key']}'")
+    assert len(runs) == 1
