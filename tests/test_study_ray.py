@@ -201,12 +201,12 @@ def test_a_local_study_never_joins_a_ray_started_on_the_machine(tmp_path, monkey
     temp = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # Ray's socket paths must stay short
     monkeypatch.setenv("RAY_TMPDIR", temp)
     head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus=1",
-                             "--node-ip-address=127.0.0.1", f"--temp-dir={temp}", "--include-dashboard=false",
+                             "--node-ip-address=127.0.0.1", "--include-dashboard=false",
                              "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"})
+                            start_new_session=True, env={**os.environ, "RAY_TMPDIR": temp})
     try:
-        current = Path(temp) / "ray_current_cluster"
-        for _ in range(240):
+        current = Path(temp) / "ray" / "ray_current_cluster"  # where ray.init() looks for a running cluster
+        for _ in range(600):  # a loaded machine can take minutes
             if current.exists() and current.read_text().strip():
                 break
             time.sleep(0.5)
