@@ -129,17 +129,18 @@ def _plan(args) -> int:
     from srdit.study.designs import ASSUMED_STEPS_PER_S, format_plan, plan_study
     from srdit.study.spec import load_study
 
+    _check_power_args(args)
     spec = load_study(args.study)
     plan = plan_study(spec)
     from srdit.study import preflight
 
     sps = args.steps_per_s or ASSUMED_STEPS_PER_S
     conc = args.concurrency or _concurrency(spec)
+    power = _power(args, spec, plan, sps, conc)  # a bad --pilot fails before the preflight runs
     where = ("this machine (`study run` checks the cluster at RAY_ADDRESS once connected)"
              if os.environ.get("RAY_ADDRESS") else "this machine")
     problems = (preflight.input_and_metric_problems(spec, plan) +
                 preflight.resource_problems(spec, preflight.local_nodes(), where))
-    power = _power(args, spec, plan, sps, conc)
     if args.json:
         print(json.dumps({**plan.to_json(sps, conc), "preflight": problems, "power": power}, indent=1))
     else:
@@ -155,29 +156,29 @@ def _plan(args) -> int:
     return 0
 
 
-def _power(args, spec, plan, sps: float, conc: int) -> dict:
-    """The plan's power block (srdit.study.sizing) from --noise-sd / --pilot / --target-mde; ConfigError (exit 2)
-    on bad values."""
+def _check_power_args(args) -> None:
+    """--noise-sd and --target-mde: positive finite numbers; --target-mde needs a noise sd. ConfigError (exit 2)."""
     import math
 
+    for flag, v, what in (("--noise-sd", args.noise_sd, "the noise sd"), ("--target-mde", args.target_mde,
+                                                                          "an effect")):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"srdit study plan: {flag} must be a positive number ({what} of the primary metric on "
+                              f"its analysis scale), got {v}")
+    if args.target_mde is not None and args.noise_sd is None and args.pilot is None:
+        raise ConfigError("srdit study plan: --target-mde needs a noise sd: pass --noise-sd X or --pilot STUDY")
+
+
+def _power(args, spec, plan, sps: float, conc: int) -> dict:
+    """The plan's power block (srdit.study.sizing) from --noise-sd / --pilot / --target-mde."""
     from srdit.study.sizing import pilot_noise, power_block
 
-    metric = spec.metrics.primary
     sigma, source, pilot = args.noise_sd, None, None
     if sigma is not None:
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ConfigError(f"srdit study plan: --noise-sd must be a positive number (the noise sd of {metric} on "
-                              f"its analysis scale), got {args.noise_sd}")
         source = "given by --noise-sd"
     elif args.pilot is not None:
-        pilot = pilot_noise(args.pilot, args.state, metric)
+        pilot = pilot_noise(args.pilot, args.state, spec.metrics.primary)
         sigma, source = pilot["sd"], pilot["source"]
-    if args.target_mde is not None:
-        if sigma is None:
-            raise ConfigError("srdit study plan: --target-mde needs a noise sd: pass --noise-sd X or --pilot STUDY")
-        if not (math.isfinite(args.target_mde) and args.target_mde > 0):
-            raise ConfigError(f"srdit study plan: --target-mde must be a positive number (an effect of {metric} on "
-                              f"its analysis scale), got {args.target_mde}")
     return power_block(spec, plan, sigma=sigma, source=source, pilot=pilot, target=args.target_mde,
                        steps_per_s=sps, concurrency=conc)
 

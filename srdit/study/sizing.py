@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from srdit import metric_registry
 from srdit.analysis.power import ALPHA, POWER, DesignPower, PowerError, design_power, pooled_sd, sd_upper
@@ -54,7 +55,9 @@ def pilot_noise(pilot: str | Path, state: str | Path, metric: str) -> dict:
         raise ConfigError(f"--pilot: {e}") from None
     log = metric_registry.is_log(metric)
     table = results.table
-    if metric not in table.columns:
+    finished = table["status"] == "finished" if "status" in table.columns else pd.Series(True, index=table.index)
+    if metric not in table.columns or (finished.any() and not np.isfinite(
+            pd.to_numeric(table.loc[finished, metric], errors="coerce").astype(float)).any()):
         raise ConfigError(f"pilot study {pspec.name} ({pilot}) does not record '{metric}' (it records "
                           f"{', '.join(pspec.metrics.all())}): it cannot size the noise of this study's primary metric")
     try:
