@@ -414,3 +414,14 @@ def load_study_from(data: dict):
         p = Path(d) / "s.yaml"
         p.write_text(yaml.safe_dump(data))
         return load_study(p)
+
+
+def test_throughput_primary_is_sized_on_the_log_scale_with_the_wall_clock_caveat():
+    data = yaml.safe_load(QUICK.read_text())
+    data["metrics"] = {"primary": "images_per_s", "direction": "max"}
+    spec = load_study_from(data)
+    block = power_block(spec, plan_study(spec), sigma=0.05)
+    assert block["scale"] == "log" and "wall-clock metric" in block["note"]
+    out = format_power(block)
+    me = block["design"]["mde_main"]
+    assert f"a ratio of {math.exp(me):.3g}" in out and "(log scale)" in out

@@ -180,6 +180,9 @@ def power_block(spec: StudySpec, plan: Plan, *, sigma: float | None = None, sour
         return block
     p = plan_power(spec, plan, sigma)
     block["design"] = p.to_json() if p is not None else None
+    if metric in metric_registry.WALL_CLOCK:
+        block["note"] = (f"{metric} is a wall-clock metric: the report tests it only when the trials did not share a "
+                         "machine or from `srdit study bench` (rounds as blocks); the power assumes such a measurement")
     if target is not None and sigma is not None:
         block["proposal"] = propose(spec, sigma, target, steps_per_s, concurrency)
     return block
@@ -238,7 +241,7 @@ def format_power(block: dict) -> str:
         shown = [f"{e} ({why})" for e, why in list(p["untested"].items())[:4]]
         more = len(p["untested"]) - len(shown)
         lines.append(f"  not tested: {'; '.join(shown)}{f'; and {more} more' if more > 0 else ''}")
-    lines += [f"  {n}" for n in p["notes"]]
+    lines += [f"  {n}" for n in p["notes"]] + ([f"  note: {block['note']}"] if block["note"] else [])
     prop = block["proposal"]
     if prop is not None:
         if not prop["reached"]:
