@@ -242,8 +242,8 @@ def test_target_mde_proposal_is_checked_by_simulation():
     prop = propose(spec, sigma, target, 7.0, 2)
     n, n_next = prop["n_seeds"], prop["next_smaller"]["n_seeds"]
     pairs = list(itertools.combinations(spec.factor_names, 2))
-    _, rate = _simulate(cells, spec.factor_names, n, sigma, target, target, pairs, 150, 6)
-    _, rate_next = _simulate(cells, spec.factor_names, n_next, sigma, target, target, pairs, 150, 7)
+    _, rate = _simulate(cells, spec.factor_names, n, sigma, target, target, pairs, 250, 6)
+    _, rate_next = _simulate(cells, spec.factor_names, n_next, sigma, target, target, pairs, 250, 7)
     assert rate >= POWER > rate_next, (rate, rate_next)
 
 
