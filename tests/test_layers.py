@@ -8,7 +8,7 @@
 | transport | transport/                                         | config, util, `srdit.model` *  | ray, mlflow     |
 | data      | data/, encoders/, metrics/                         | config, util                   | ray, mlflow     |
 | train     | train, generate, evaluate, sample_shards, parallel, imaging, provenance, convert, inputs | the rows above | ray, mlflow |
-| study     | study/                                             | the rows above, `srdit.analysis.results` only | -  |
+| study     | study/                                             | the rows above, `srdit.analysis.results` and `.power` only | - |
 | analysis  | analysis/                                          | config                         | torch, ray      |
 | cli       | cli, __main__, preprocess_command, report_command, teacher_cache_command | everything | -         |
 
@@ -71,7 +71,8 @@ MAY_IMPORT: dict[str, set[str]] = {
 
 ALSO_MAY_IMPORT: dict[str, set[str]] = {
     "transport": {"srdit.model"},  # the model's public API, never srdit.model.<internal>
-    "study": {"srdit.analysis", "srdit.analysis.results"},  # the results table, never report / effects
+    # the results table and the power maths of `study plan` (numpy / scipy only), never report / effects
+    "study": {"srdit.analysis", "srdit.analysis.results", "srdit.analysis.power"},
 }
 "Layer -> single srdit modules it may import although their layer is not in MAY_IMPORT."
 

@@ -3,7 +3,7 @@
 Modules: spec (schema), designs (cells, trials, aliases), preflight (inputs, metrics and resources checked before
 anything starts), runner (the Ray Tune driver), trial (what runs inside a
 Ray worker: TrialContext, execute_trial), data_parallel (Ray Train), tracking (MLflow run tree), results (MLflow ->
-srdit.analysis.results.StudyResults), preprocess_ray (preprocessing parts as Ray tasks), command (the `srdit study`
+srdit.analysis.results.StudyResults), sizing (the plan's power: what the design detects), preprocess_ray (preprocessing parts as Ray tasks), command (the `srdit study`
 and `srdit ui` commands). Heavy imports (ray, mlflow, torch) live in runner / trial / tracking / results only.
 """
 

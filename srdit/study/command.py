@@ -2,6 +2,8 @@
 
     srdit study plan STUDY.yaml [--json]              cells, excluded cells, aliases, trial count, cost, and the
                                                       preflight (missing inputs, unreported metrics, resources)
+                      [--noise-sd X | --pilot STUDY2]  and what the design detects at 80% power (srdit.study.sizing)
+                      [--target-mde Y]                 with the cheapest seeds / design reaching Y
     srdit study run STUDY.yaml [--state DIR]          preflight, then every unfinished trial (Ray Tune; a private
                       [--address ADDR]                local Ray on 127.0.0.1, or the cluster at ADDR / RAY_ADDRESS)
     srdit study resume STUDY.yaml [--state DIR]       the same as run (finishes what is unfinished)
@@ -50,6 +52,14 @@ def _study_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.add_argument("--steps-per-s", type=float, default=None, help="throughput assumption of the time estimate")
     pl.add_argument("--concurrency", type=int, default=None, help="trials at once (default: cores / cpus per trial)")
+    noise = pl.add_mutually_exclusive_group()
+    noise.add_argument("--noise-sd", type=float, default=None, metavar="X",
+                       help="noise sd of the primary metric (its analysis scale): print the detectable effects")
+    noise.add_argument("--pilot", default=None, metavar="STUDY",
+                       help="estimate the noise sd from a finished study's replicates (its runs under --state)")
+    pl.add_argument("--state", default=DEFAULT_STATE, help="state folder of the --pilot study")
+    pl.add_argument("--target-mde", type=float, default=None, metavar="Y",
+                    help="propose the seeds / smallest factorial design whose effects are detectable at Y")
     for name, help_ in (("run", "run every unfinished trial"), ("resume", "finish an interrupted study (= run)")):
         r = sub.add_parser(name, help=help_)
         r.add_argument("study")
@@ -119,26 +129,58 @@ def _plan(args) -> int:
     from srdit.study.designs import ASSUMED_STEPS_PER_S, format_plan, plan_study
     from srdit.study.spec import load_study
 
+    _check_power_args(args)
     spec = load_study(args.study)
     plan = plan_study(spec)
     from srdit.study import preflight
 
     sps = args.steps_per_s or ASSUMED_STEPS_PER_S
     conc = args.concurrency or _concurrency(spec)
+    power = _power(args, spec, plan, sps, conc)  # a bad --pilot fails before the preflight runs
     where = ("this machine (`study run` checks the cluster at RAY_ADDRESS once connected)"
              if os.environ.get("RAY_ADDRESS") else "this machine")
     problems = (preflight.input_and_metric_problems(spec, plan) +
                 preflight.resource_problems(spec, preflight.local_nodes(), where))
     if args.json:
-        print(json.dumps({**plan.to_json(sps, conc), "preflight": problems}, indent=1))
+        print(json.dumps({**plan.to_json(sps, conc), "preflight": problems, "power": power}, indent=1))
     else:
         print(format_plan(plan, sps, conc))
+        from srdit.study.sizing import format_power
+
+        print(format_power(power))
         if problems:
             print(f"preflight: {len(problems)} problem(s); `srdit study run` refuses to start until they are fixed")
             print("\n".join(f"  - {p}" for p in problems))
         else:
             print("preflight: every input present, every metric reported, a trial fits this machine")
     return 0
+
+
+def _check_power_args(args) -> None:
+    """--noise-sd and --target-mde: positive finite numbers; --target-mde needs a noise sd. ConfigError (exit 2)."""
+    import math
+
+    for flag, v, what in (("--noise-sd", args.noise_sd, "the noise sd"), ("--target-mde", args.target_mde,
+                                                                          "an effect")):
+        if v is not None and not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"srdit study plan: {flag} must be a positive number ({what} of the primary metric on "
+                              f"its analysis scale), got {v}")
+    if args.target_mde is not None and args.noise_sd is None and args.pilot is None:
+        raise ConfigError("srdit study plan: --target-mde needs a noise sd: pass --noise-sd X or --pilot STUDY")
+
+
+def _power(args, spec, plan, sps: float, conc: int) -> dict:
+    """The plan's power block (srdit.study.sizing) from --noise-sd / --pilot / --target-mde."""
+    from srdit.study.sizing import pilot_noise, power_block
+
+    sigma, source, pilot = args.noise_sd, None, None
+    if sigma is not None:
+        source = "given by --noise-sd"
+    elif args.pilot is not None:
+        pilot = pilot_noise(args.pilot, args.state, spec.metrics.primary)
+        sigma, source = pilot["sd"], pilot["source"]
+    return power_block(spec, plan, sigma=sigma, source=source, pilot=pilot, target=args.target_mde,
+                       steps_per_s=sps, concurrency=conc)
 
 
 def _run(args) -> int:
