@@ -355,7 +355,7 @@ def _changes(table: pd.DataFrame, factors: list[str], metric: str, direction: st
             st_b = _state(b.estimate, b.ci, kind) if b else "no interval"
             what = "gain" if kind == "main" else "synergy"
             statement = (f"{name}: {st_a} at step {first}, {st_b} at step {last}; the {what} "
-                         f"{'grows' if est > 0 else 'shrinks'} significantly by {_fmt(est)} {_fmt_ci(ci)} "
+                         f"{'grows' if est > 0 else 'shrinks'} significantly: change {_fmt(est)} {_fmt_ci(ci)} "
                          f"(step {first}: {_fmt(a.estimate if a else None)} {_fmt_ci(a.ci if a else None)}; "
                          f"step {last}: {_fmt(b.estimate if b else None)} {_fmt_ci(b.ci if b else None)})")
         out.append(Change(effect=name, kind=kind, first=first, last=last, estimate=_num(est),
