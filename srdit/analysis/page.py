@@ -389,10 +389,10 @@ def _over_steps_html(res: StudyResults, ov: OverSteps | AnalysisFailure) -> tupl
     notes = "".join(f"<li>{_esc(x)}</li>" for x in ov.notes)
     failed = [s for s in ov.steps if s not in steps]
     no_ci = not any(p.ci for x in ov.series for p in x.points)
-    return (f"The analysis above (of the last step), repeated at every evaluated step of {_esc(ov.metric)} ({len(steps)} steps: "
-            f"{_esc(', '.join(map(str, steps)))}). Top: each technique's main effect as a gain (positive = "
-            f"better) with its individual {pct}% interval as a band; bottom: each pair's synergy S with the step's "
-            "simultaneous interval over the pairs (dotted). Filled markers: the interval excludes 0; open markers: "
+    return (f"The analysis above (of the last step), repeated at every evaluated step of {_esc(ov.metric)} "
+            f"({len(steps)} steps: {_esc(', '.join(map(str, steps)))}). Top: each technique's main effect as a "
+            f"gain (positive = better) with its individual {pct}% interval as a band; bottom: each pair's "
+            "synergy S with the step's simultaneous interval over the pairs (dotted). Filled markers: the interval excludes 0; open markers: "
             "it does not. "
             + ('<span class="tag warn">no intervals</span> one run per cell: no error estimate, so no bands and no '
                "significance; run more seeds. " if no_ci else "")
@@ -563,8 +563,8 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
         body = body.replace(f"@@FIG:{div_id}@@", _figure_html(fig, div_id, first=i == 0), 1)
     nav = "".join(f'<a href="#{sid}">{name}</a>' for sid, name in [
         ("sec-summary", "Summary"), ("sec-fig-synergy", "Synergy"), ("sec-fig-effects", "Effects"),
-        ("sec-fig-over-steps", "Over training"), ("sec-fig-ladder", "Ladder"), ("sec-fig-pareto", "Pareto"), ("sec-fig-curves", "Curves"),
-        ("sec-cells", "Cells"), ("sec-failures", "Failures"), ("sec-samples", "Samples")])
+        ("sec-fig-over-steps", "Over training"), ("sec-fig-ladder", "Ladder"), ("sec-fig-pareto", "Pareto"),
+        ("sec-fig-curves", "Curves"), ("sec-cells", "Cells"), ("sec-failures", "Failures"), ("sec-samples", "Samples")])
     techniques = ", ".join(f"<code>{_esc(f)}</code>" for f in res.factors)
     meta = (f"design <code>{_esc(res.design)}</code> · techniques {techniques}"
             f" · commit <code>{_esc(res.commit or 'unknown')}</code> · {_esc(res.date or '')}")
