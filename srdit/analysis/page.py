@@ -392,8 +392,8 @@ def _over_steps_html(res: StudyResults, ov: OverSteps | AnalysisFailure) -> tupl
     return (f"The analysis above (of the last step), repeated at every evaluated step of {_esc(ov.metric)} "
             f"({len(steps)} steps: {_esc(', '.join(map(str, steps)))}). Top: each technique's main effect as a "
             f"gain (positive = better) with its individual {pct}% interval as a band; bottom: each pair's "
-            "synergy S with the step's simultaneous interval over the pairs (dotted). Filled markers: the interval excludes 0; open markers: "
-            "it does not. "
+            "synergy S with the step's simultaneous interval over the pairs (dotted). Filled markers: the interval "
+            "excludes 0; open markers: it does not. "
             + ('<span class="tag warn">no intervals</span> one run per cell: no error estimate, so no bands and no '
                "significance; run more seeds. " if no_ci else "")
             + "The bands are <b>pointwise</b> (one step at a time): do not read a trend from them. "
