@@ -253,3 +253,18 @@ def test_report_panel_from_study_curves_and_plain_words_for_one_step(tmp_path):
     none = StudyResults(study="none", design="full", factors=FACTORS, metric="fd", direction="min", table=last)
     page = render_report(none, tmp_path / "none", bootstrap=False).read_text(encoding="utf-8")
     assert "no evaluation of fd during training was recorded" in page
+
+
+def test_wall_clock_primary_metric_is_not_analysed_over_training(tmp_path):
+    t = long_table()
+    last = t[t["step"] == 400].drop(columns="step").assign(cell=lambda d: d["trial"].str[:3], status_reason="",
+                                                          images_per_s=lambda d: 100 + d["A"] * 10.0)
+    curves = t.assign(cell=t["trial"].str[:3], key="images_per_s", value=100.0)[
+        ["trial", "cell", "seed", "key", "step", "value"]]
+    res = StudyResults(study="ips", design="full", factors=FACTORS, metric="images_per_s", direction="max",
+                       table=last, curves=curves, steps=400)
+    with pytest.raises(AnalysisError, match="not analysed over training"):
+        study_over_steps(res)
+    page = render_report(res, tmp_path / "ips", bootstrap=False).read_text(encoding="utf-8")
+    sec = page[page.index('id="sec-fig-over-steps"'):page.index('id="sec-fig-ladder"')]
+    assert 'id="fig-over-steps"' not in sec and "could not be analysed" in sec and "srdit study bench" in sec

@@ -415,10 +415,15 @@ def study_table(results: StudyResults, metric: str | None = None) -> pd.DataFram
 def study_over_steps(results: StudyResults, metric: str | None = None, *, alpha: float = 0.05,
                      threshold: float = 0.0, bootstrap: bool = True) -> OverSteps:
     """`analyze_over_steps` of a study's metric (default: the primary) with the options the report's analysis of
-    that metric uses (`effects.analyze_study`), on `study_table`."""
+    that metric uses (`effects.analyze_study`), on `study_table`. AnalysisError for a wall-clock metric: its
+    values per log window carry the load of whatever else ran on the machine, and the study table holds their
+    median, not a value at a step."""
     from srdit import metric_registry
 
     metric = metric or results.metric
+    if metric in metric_registry.WALL_CLOCK:
+        raise AnalysisError(f"{metric} is measured with a clock per log window (the machine's load is in it): it is "
+                            "not analysed over training; `srdit study bench` measures it under control")
     direction = results.direction if metric == results.metric else results.other_metrics[metric]
     return analyze_over_steps(study_table(results, metric), results.factors, metric, direction,
                               log=metric_registry.is_log(metric), alpha=alpha,
