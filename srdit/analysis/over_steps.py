@@ -245,6 +245,8 @@ def analyze_over_steps(table: pd.DataFrame, factors: Sequence[str], metric: str,
             series.append(Series(effect=name, kind=kind, points=pts))
     notes = [f"step {s}: {analyses[s].error}" for s in all_steps if isinstance(analyses[s], AnalysisFailure)]
     changes, statements, interval = [], [], None
+    if len(ok) == 1:
+        notes.append(f"only one step ({ok[0]}) could be analysed: no effects over training to compare")
     if len(ok) >= 2:
         changes, interval, cnotes = _changes(table, factors, metric, direction, o, step_col, trial_col, ok[0], ok[-1],
                                              {s.effect: s for s in series}, source)
