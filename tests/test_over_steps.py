@@ -83,6 +83,31 @@ def test_constant_effects_carry_no_statement_about_training_time():
         ov.statements[0]
 
 
+def test_an_untested_change_says_why():
+    t = long_table()
+    one_seed = analyze_over_steps(t[t["seed"] == 0], FACTORS, "fd", "min", bootstrap=False)
+    assert one_seed.statements == ["The change of the effects between step 100 and step 400 is not tested (no "
+                                   "replicated runs evaluated at both steps): the data carry no statement about it."]
+    half = t[(t["A"] + t["B"] + t["C"]) % 2 == 0]  # resolution III: every main effect aliased with a pair
+    assert "no effect is estimable free of aliasing" in analyze_over_steps(half, FACTORS, "fd", "min",
+                                                                           bootstrap=False).statements[0]
+    anonymous = analyze_over_steps(t.drop(columns=["trial", "seed"]), FACTORS, "fd", "min", bootstrap=False)
+    assert "rows of one step do not identify their trial" in anonymous.statements[0]
+    assert all(c.significant is None for c in one_seed.changes + anonymous.changes)
+
+
+@pytest.mark.slow
+def test_false_statements_about_training_time_stay_within_alpha():
+    # no effect changes: the family of change intervals (Bonferroni over 6) is wrong at most alpha of the time;
+    # individual intervals would make a false statement in about a quarter of the studies
+    n, hits = 100, 0
+    for rep in range(n):
+        rng = np.random.default_rng(1000 + rep)
+        t = long_table(seed=rep, fading=False).assign(fd=lambda d: d["fd"] + rng.normal(0, 0.3, len(d)))
+        hits += any(c.significant for c in analyze_over_steps(t, FACTORS, "fd", "min", bootstrap=False).changes)
+    assert hits / n <= 0.05 + 3 * (0.05 * 0.95 / n) ** 0.5, hits
+
+
 def test_each_step_equals_a_single_step_analysis_of_its_rows_exactly():
     t = long_table()
     t.loc[(t["step"] == 300) & (t["trial"] == "110-s1"), ["status", "fd"]] = ["diverged", np.nan]

@@ -205,8 +205,7 @@ def over_steps_tables(ov: OverSteps) -> list[tuple[str, str, list[str], list[lis
     if ov.changes:
         c0 = ov.changes[0]
         out.append((f"Change from step {c0.first} to step {c0.last}",
-                    (ov.change_interval or "no interval (no replicated runs at both steps)")
-                    + "; > 0 = better at the end",
+                    (ov.change_interval or "not tested: see the note below") + "; > 0 = better at the end",
                     ["effect", "kind", "change", "CI", "p", "p_adj", "significant"],
                     [[c.effect, c.kind, _fmt(c.estimate), _fmt(c.ci), _fmt(c.p), _fmt(c.p_adj),
                       "-" if c.significant is None else ("yes" if c.significant else "no")] for c in ov.changes]))

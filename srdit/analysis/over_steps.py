@@ -248,18 +248,18 @@ def analyze_over_steps(table: pd.DataFrame, factors: Sequence[str], metric: str,
     if len(ok) == 1:
         notes.append(f"only one step ({ok[0]}) could be analysed: no effects over training to compare")
     if len(ok) >= 2:
-        changes, interval, cnotes = _changes(table, factors, metric, direction, o, step_col, trial_col, ok[0], ok[-1],
-                                             {s.effect: s for s in series}, source)
+        changes, interval, cnotes, why = _changes(table, factors, metric, direction, o, step_col, trial_col, ok[0],
+                                                  ok[-1], {s.effect: s for s in series}, source)
         notes += cnotes
         statements = [c.statement for c in changes if c.statement]
-        if not statements and changes and any(c.significant is not None for c in changes):
+        if why is not None:
+            statements = [f"The change of the effects between step {ok[0]} and step {ok[-1]} is not tested ({why}): "
+                          "the data carry no statement about it."]
+        elif not statements:
             statements = [f"No effect changes significantly between step {ok[0]} and step {ok[-1]} "
                           f"({sum(c.significant is not None for c in changes)} effect(s), simultaneous "
                           f"{int(round(100 * (1 - o.alpha)))}% intervals): the data carry no statement such as "
                           "'helps early, not at the end'."]
-        elif not statements:
-            statements = [f"The change of the effects between step {ok[0]} and step {ok[-1]} has no interval "
-                          "(no replicated runs evaluated at both steps): the data carry no statement about it."]
     return OverSteps(metric=metric, direction=ref.direction, scale=ref.scale, factors=factors, alpha=o.alpha,
                      steps=all_steps, analyses=analyses, series=series, changes=changes, statements=statements,
                      change_interval=interval, notes=notes)
@@ -285,15 +285,16 @@ def _fmt_ci(c: list[float] | None) -> str:
 
 def _changes(table: pd.DataFrame, factors: list[str], metric: str, direction: str, o: Options, step_col: str,
              trial_col: str | None, first: int | float, last: int | float, series: dict[str, Series],
-             source: str) -> tuple[list[Change], str | None, list[str]]:
-    """The first-to-last changes (module docstring): the paired table of y(last) - y(first) analysed by `analyze`."""
+             source: str) -> tuple[list[Change], str | None, list[str], str | None]:
+    """The first-to-last changes (module docstring): the paired table of y(last) - y(first) analysed by `analyze`.
+    Returns (changes, what their intervals are, notes, why nothing was tested or None)."""
     a_rows = rows_at_step(table, first, step_col, source)
     b_rows = rows_at_step(table, last, step_col, source)
     keys = [trial_col] if trial_col and trial_col in table.columns else \
         [*factors, *([o.seed_col] if o.seed_col and o.seed_col in table.columns else [])]
     if a_rows.duplicated(keys).any() or b_rows.duplicated(keys).any():
-        return [], None, [f"the change between step {first} and step {last} is not analysed: rows of one step do not "
-                          f"identify their trial ({', '.join(keys)} repeat; add a 'trial' column)"]
+        return [], None, [], f"rows of one step do not identify their trial: {', '.join(keys)} repeat; add a " \
+                             "'trial' column"
 
     seed = [o.seed_col] if o.seed_col and o.seed_col in table.columns else []
     carry = list(dict.fromkeys([*keys, *factors, *seed]))
@@ -320,7 +321,7 @@ def _changes(table: pd.DataFrame, factors: list[str], metric: str, direction: st
                      replace(o, log=False, status_col="status", reason_col=None, bootstrap=False, strict=False,
                              ladder_order=None))
     except AnalysisError as e:
-        return [], None, [*note, f"the change between step {first} and step {last} cannot be analysed: {e}"]
+        return [], None, note, f"it cannot be analysed: {e}"
     fit = ca.fit
     sign = 1 if ca.direction == "max" else -1
     tested = []
@@ -366,9 +367,9 @@ def _changes(table: pd.DataFrame, factors: list[str], metric: str, direction: st
     interval = (f"simultaneous {int(round(100 * (1 - o.alpha)))}% over the {m} change(s) tested (Bonferroni t, "
                 f"df = {fit.df_resid:g}), oriented gain units; paired over the trials evaluated at step {first} "
                 f"and step {last}") if tcrit is not None else None
-    if tcrit is None:
-        note.append("the change between the first and the last step has no interval: no replicated runs")
-    return out, interval, note
+    why = None if tcrit is not None else "no replicated runs evaluated at both steps" if not fit.has_error else \
+        "no effect is estimable free of aliasing in this design"
+    return out, interval, note, why
 
 
 # --------------------------------------------------------------------------------------------------------------------
