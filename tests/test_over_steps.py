@@ -238,6 +238,10 @@ def test_cli_bad_step_input_is_one_line(long_csv, tmp_path):
     _one_line(*run_main([long_csv, *BASE, "--all-steps", "--step-col", "iteration"]), "--step-col", "iteration")
     _one_line(*run_main([long_csv, *BASE, "--all-steps", "--step", "100"]), "not allowed with")
     _one_line(*run_main([long_csv, *BASE, "--step", "late"]), "--step", "late")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    _one_line(*run_main([long_csv, *BASE, "--all-steps", "--report", blocker / "rep"]), "--report",
+              "cannot write the report")
     text = tmp_path / "text.csv"
     pd.read_csv(long_csv).assign(step="late").to_csv(text, index=False)
     _one_line(*run_main([text, *BASE, "--all-steps"]), "must hold a number", "'late'")

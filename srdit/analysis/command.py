@@ -335,7 +335,11 @@ def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
         else:
             result = analyze(table, factors, args.metric, args.direction, **options)
         if getattr(args, "report", None):
-            path = _write_report(args, factors, result, table, long, step_col, ov)
+            try:
+                path = _write_report(args, factors, result, table, long, step_col, ov)
+            except OSError as e:
+                raise AnalysisError(f"--report: cannot write the report to {args.report}: "
+                                    f"{e.strerror or type(e).__name__}") from None
             print(f"report: {path}", file=stderr)
     except AnalysisError as e:
         print(f"{PROG}: error: {e}", file=stderr)
