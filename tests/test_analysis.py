@@ -362,3 +362,14 @@ def test_analysis_layer_does_not_import_torch_ray_or_mlflow():
             "bad = [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_exact_replicates_with_a_three_factor_interaction_do_not_crash_the_lack_of_fit_note():
+    # zero pure error (every seed of a cell gives the same value) and an ABC term: F is infinite, said in words
+    import itertools
+
+    rows = [{"A": a, "B": b, "C": c, "seed": s, "y": 10.0 + a + 3.0 * a * b * c}
+            for a, b, c in itertools.product([0, 1], repeat=3) for s in range(2)]
+    res = analyze(pd.DataFrame(rows), ["A", "B", "C"], "y", "max", bootstrap=False)
+    assert res.fit.lack_of_fit["f"] is None and res.fit.lack_of_fit["p"] == 0.0
+    assert any("F = inf (no pure error)" in n for n in res.notes)

@@ -18,7 +18,7 @@ from srdit.analysis.page import render_index, render_report
 from srdit.analysis.records import write_records
 from srdit.analysis.results import StudyResults
 
-FIGURE_IDS = ["fig-synergy", "fig-effects", "fig-ladder", "fig-pareto", "fig-curves"]
+FIGURE_IDS = ["fig-synergy", "fig-effects", "fig-over-steps", "fig-ladder", "fig-pareto", "fig-curves"]
 
 
 def png_bytes(w: int, h: int, rgb) -> bytes:

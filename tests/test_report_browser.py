@@ -98,7 +98,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     page = render_report(res, tmp_path / "dash" / res.study)
     html = page.read_text(encoding="utf-8")
     fig_ids = re.findall(r'<div id="(fig-[^"]+)" class="plotly-graph-div"', html)
-    assert len(fig_ids) == 8
+    assert len(fig_ids) == 9 and "fig-over-steps" in fig_ids  # with the effects over training
     url = page.resolve().as_uri()
 
     dom_run = chromium(["--dump-dom", url], tmp_path / "profile1")

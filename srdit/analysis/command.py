@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from srdit.analysis.effects import Analysis, AnalysisError, analyze
+from srdit.analysis.over_steps import OverSteps, analyze_over_steps, evaluated_steps, rows_at_step
 
 PROG = "srdit analyze"
 
@@ -45,6 +46,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="report effects the design cannot estimate as null instead of failing")
     parser.add_argument("--no-bootstrap", action="store_true", help="skip the seed bootstrap")
     parser.add_argument("--format", default="table", choices=["json", "table"], help="output format (default table)")
+    steps = parser.add_mutually_exclusive_group()
+    steps.add_argument("--step", type=float, default=None, metavar="N",
+                       help="analyse the rows at training step N of a long table (one row per trial and evaluated "
+                            "step, the step in --step-col)")
+    steps.add_argument("--all-steps", action="store_true",
+                       help="analyse every evaluated step of a long table: the effects per step with their "
+                            "intervals, and whether each changes from the first to the last step")
+    parser.add_argument("--step-col", default="step", help="step column of a long table (default: step)")
+    parser.add_argument("--report", default=None, metavar="DIR",
+                        help="also write the HTML report to DIR/index.html (with --all-steps: the effects over "
+                             "training panel)")
     return parser
 
 
@@ -178,32 +190,63 @@ def tables(result: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]
     return out
 
 
+def over_steps_tables(ov: OverSteps) -> list[tuple[str, str, list[str], list[list[str]]]]:
+    """The effects over training as (title, caption, header, rows) tables of strings."""
+    scale = " (log scale)" if ov.scale == "log" else ""
+    rows = []
+    for s in ov.series:
+        for p in s.points:
+            rows.append([s.effect, s.kind, _fmt(p.step), _fmt(p.estimate), _fmt(p.ci),
+                         "-" if p.significant is None else ("yes" if p.significant else "no")])
+    out = [(f"Effects over training on {ov.metric}{scale}",
+            "gain = oriented main effect (positive = better), individual CI; pair: synergy S with the step's "
+            "simultaneous CI; pointwise per step",
+            ["effect", "kind", "step", "gain / S", "CI", "excludes 0"], rows)]
+    if ov.changes:
+        c0 = ov.changes[0]
+        out.append((f"Change from step {c0.first} to step {c0.last}",
+                    (ov.change_interval or "not tested: see the note below") + "; > 0 = better at the end",
+                    ["effect", "kind", "change", "CI", "p", "p_adj", "significant"],
+                    [[c.effect, c.kind, _fmt(c.estimate), _fmt(c.ci), _fmt(c.p), _fmt(c.p_adj),
+                      "-" if c.significant is None else ("yes" if c.significant else "no")] for c in ov.changes]))
+    failed = [(s, a) for s, a in ov.analyses.items() if not isinstance(a, Analysis)]
+    if failed:
+        out.append(("Steps not analysed", "", ["step", "reason"], [[_fmt(s), a.error] for s, a in failed]))
+    return out
+
+
 def _print_tables(result: Analysis, stream) -> None:
+    head = (f"{result.metric} ({result.direction}), {result.n_finished}/{result.n_runs} finished runs in "
+            f"{result.fit.n_cells} cells")
+    _print(head, tables(result), result.notes, stream)
+
+
+def _print(head: str, tabs: list, notes: list[str], stream) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
     except ImportError:  # plain text
-        for title, caption, header, rows in tables(result):
+        print(head, file=stream)
+        for title, caption, header, rows in tabs:
             print(f"\n{title} ({caption})", file=stream)
             widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
             print("  ".join(h.ljust(w) for h, w in zip(header, widths)), file=stream)
             for r in rows:
                 print("  ".join(c.ljust(w) for c, w in zip(r, widths)), file=stream)
-        for n in result.notes:
+        for n in notes:
             print(f"note: {n}", file=stream)
         return
     console = Console(file=stream, width=max(100, Console(file=stream).width))
-    console.print(f"[bold]{result.metric}[/] ({result.direction}), {result.n_finished}/{result.n_runs} "
-                  f"finished runs in {result.fit.n_cells} cells")
-    for title, caption, header, rows in tables(result):
+    console.print(head, highlight=False, markup=False, emoji=False)
+    for title, caption, header, rows in tabs:
         t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
         for h in header:
             t.add_column(h)
         for r in rows:
             t.add_row(*r)
-        console.print(t)
-    for n in result.notes:
-        console.print(f"note: {n}", highlight=False)
+        console.print(t, emoji=False)
+    for n in notes:
+        console.print(f"note: {n}", highlight=False, markup=False, emoji=False)
 
 
 #: the columns of a report's cells.csv (one row per cell: `Cell.to_json()`)
@@ -261,28 +304,103 @@ def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
                                     "runs (srdit study export STUDY --csv)")
             table = cells_to_runs(table, factors, args.metric, str(args.runs))
         status_col = args.status_col
-        for opt, col, default in (("--seed-col", seed_col, "seed"), ("--status-col", status_col, "status")):
+        step_col = getattr(args, "step_col", "step")
+        for opt, col, default in (("--seed-col", seed_col, "seed"), ("--status-col", status_col, "status"),
+                                  ("--step-col", step_col, "step")):
             if col not in table.columns and col != default:  # explicitly named but absent
                 raise AnalysisError(f"{opt} column '{col}' not in {args.runs}")
-        result = analyze(
-            table, factors, args.metric, args.direction, seed_col=seed_col, status_col=status_col,
-            log=args.log, alpha=args.alpha, threshold=args.threshold, correction=args.correction,
-            bootstrap=not args.no_bootstrap, strict=not args.allow_inestimable,
-            ladder_order=[f.strip() for f in args.ladder.split(",")] if args.ladder else None,
-        )
+        step, all_steps = getattr(args, "step", None), getattr(args, "all_steps", False)
+        long = table
+        if step is not None:
+            table = rows_at_step(table, step, step_col, str(args.runs))
+        elif all_steps:
+            evaluated_steps(table, step_col, str(args.runs))  # a usable step column, named in the error
+        elif step_col in table.columns:
+            steps = evaluated_steps(table, step_col, str(args.runs))
+            if len(steps) > 1:  # pooling the steps would count one trial's evaluations as replicates
+                shown = ", ".join(map(str, steps[:10])) + (" ..." if len(steps) > 10 else "")
+                raise AnalysisError(f"{args.runs} holds {len(steps)} evaluated steps in column '{step_col}' "
+                                    f"({shown}): analyse one with --step N, or every one with --all-steps")
+        options = dict(seed_col=seed_col, status_col=status_col, log=args.log, alpha=args.alpha,
+                       threshold=args.threshold, correction=args.correction, bootstrap=not args.no_bootstrap,
+                       strict=not args.allow_inestimable,
+                       ladder_order=[f.strip() for f in args.ladder.split(",")] if args.ladder else None)
+        ov = None
+        if all_steps:
+            ov = analyze_over_steps(table, factors, args.metric, args.direction, step_col=step_col,
+                                    source=str(args.runs), **options)
+            last = ov.analysed_steps[-1]
+            result = ov.analyses[last]
+            table = rows_at_step(long, last, step_col, str(args.runs))
+        else:
+            result = analyze(table, factors, args.metric, args.direction, **options)
+        if getattr(args, "report", None):
+            try:
+                path = _write_report(args, factors, result, table, long, step_col, ov)
+            except OSError as e:
+                raise AnalysisError(f"--report: cannot write the report to {args.report}: "
+                                    f"{e.strerror or type(e).__name__}") from None
+            print(f"report: {path}", file=stderr)
     except AnalysisError as e:
         print(f"{PROG}: error: {e}", file=stderr)
         return 2
     try:
         if args.format == "json":
-            json.dump(result.to_json(), stdout, indent=2, allow_nan=False)
+            json.dump(ov.to_json() if ov is not None else result.to_json(), stdout, indent=2, allow_nan=False)
             stdout.write("\n")
+        elif ov is not None:
+            head = (f"{ov.metric} ({ov.direction}) at {len(ov.steps)} evaluated step(s): "
+                    f"{', '.join(map(str, ov.steps))}")
+            _print(head, over_steps_tables(ov), [*ov.statements, *ov.notes], stdout)
         else:
             _print_tables(result, stdout)
         stdout.flush()
     except BrokenPipeError:  # e.g. piped into `head`
         return 0
     return 0
+
+
+def _write_report(args: argparse.Namespace, factors: list[str], result: Analysis, table: pd.DataFrame,
+                  long: pd.DataFrame, step_col: str, ov: OverSteps | None) -> Path:
+    """The study report page for a CSV (`--report DIR`): the analysed rows as the trial table; with a step column,
+    the metric per step as its learning curve (and with --all-steps the effects over training)."""
+    from srdit.analysis.effects import combo_label
+    from srdit.analysis.page import render_report
+    from srdit.analysis.results import CURVE_COLUMNS, StudyResults
+
+    def ids(t: pd.DataFrame) -> pd.DataFrame:
+        t = t.copy()
+        lv = t[factors].astype(str).apply(lambda c: c.str.strip().str.lower().isin(["1", "1.0", "true", "on", "yes",
+                                                                                     "+1", "+"]))
+        combo = lv.apply(lambda r: combo_label(f for f in factors if r[f]), axis=1)
+        seed = t[args.seed_col].astype(str) if args.seed_col in t.columns else pd.Series("0", index=t.index)
+        if "cell" not in t.columns:
+            t["cell"] = combo
+        if "trial" not in t.columns:
+            t["trial"] = combo + " · s" + seed
+        if "seed" not in t.columns:
+            t["seed"] = seed
+        return t
+
+    table = ids(table)
+    curves = pd.DataFrame(columns=CURVE_COLUMNS)
+    steps = None
+    if step_col in long.columns:
+        lg = ids(long)
+        curves = pd.DataFrame({"trial": lg["trial"], "cell": lg["cell"], "seed": lg["seed"], "key": args.metric,
+                               "step": pd.to_numeric(lg[step_col], errors="coerce"),
+                               "value": pd.to_numeric(lg[args.metric], errors="coerce")})
+        steps = int(pd.to_numeric(table[step_col], errors="coerce").max())
+    res = StudyResults(study=Path(args.runs).stem, design="csv", factors=factors, metric=args.metric,
+                       direction=args.direction, table=table, curves=curves, steps=steps,
+                       description=f"srdit analyze {Path(args.runs).name}")
+    if ov is None:  # one step (or none): the page says so instead of a chart
+        ov = analyze_over_steps(table.assign(**{step_col: steps or 0}), factors, args.metric, args.direction,
+                                step_col=step_col, source=str(args.runs), seed_col=args.seed_col,
+                                status_col=args.status_col, log=args.log, alpha=args.alpha, bootstrap=False,
+                                strict=False)
+    return render_report(res, args.report, alpha=args.alpha, threshold=args.threshold,
+                         bootstrap=not args.no_bootstrap, analyses={args.metric: result}, over_steps=ov)
 
 
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:

@@ -1358,7 +1358,8 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
     elif used_block:
         notes.append(f"OLS with a seed block (C(seed)), pure error df = {int(df_pure)}")
     if kept and lack_of_fit and lack_of_fit["p"] is not None and lack_of_fit["p"] < o.alpha:
-        notes.append(f"lack of fit of the mains + pairs model (F = {lack_of_fit['f']:.3g}, p = "
+        f_txt = "inf (no pure error)" if lack_of_fit["f"] is None else f"{lack_of_fit['f']:.3g}"
+        notes.append(f"lack of fit of the mains + pairs model (F = {f_txt}, p = "
                      f"{lack_of_fit['p']:.2g}): higher-order interactions matter; read the pair effects with care")
     tcrit = stats.t.ppf(1 - o.alpha / 2, df_pure) if has_error else None
     term_info: dict[str, dict] = {}

@@ -1,5 +1,6 @@
-"""Plotly figures of a study report (synergy matrix, effects, ladder, quality versus cost, learning curves) and the
-number formatting the report page shares with them. Each figure reads a typed `Analysis`."""
+"""Plotly figures of a study report (synergy matrix, effects, effects over training, ladder, quality versus cost,
+learning curves) and the number formatting the report page shares with them. Each figure reads a typed `Analysis`
+(or `OverSteps`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 from scipy import stats
 
 from srdit import metric_registry
 from srdit.analysis.effects import OK_STATUSES, Analysis, Cell, combo_label
+from srdit.analysis.over_steps import OverSteps
 from srdit.analysis.results import CURVE_COLUMNS, StudyResults
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -387,3 +390,53 @@ def fig_curves(res: StudyResults, cells_order: Sequence[str], baseline_cell: str
     return fig
 
 
+
+
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    return f"rgba({int(h[0:2], 16)},{int(h[2:4], 16)},{int(h[4:6], 16)},{alpha})"
+
+
+def fig_over_steps(ov: OverSteps) -> go.Figure | None:
+    """Effects over training: one line per technique (oriented main effect, top) and per pair (synergy S, bottom)
+    against the training step, each with its interval as a band (as the step's analysis gives it: individual t
+    intervals for main effects, simultaneous over the pairs for synergies). None with fewer than two analysed
+    steps: a chart of one step says nothing about training time."""
+    steps = ov.analysed_steps
+    if len(steps) < 2 or not ov.series:
+        return None
+    pairs = [s for s in ov.series if s.kind == "pair"]
+    rows = 2 if pairs else 1
+    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.1,
+                        subplot_titles=["Main effect of each technique (gain)", "Pair synergy S"][:rows])
+    for i, s in enumerate(ov.series):
+        row = 2 if s.kind == "pair" else 1
+        color = PALETTE[i % len(PALETTE)]
+        pts = [p for p in s.points if p.estimate is not None]
+        x = [p.step for p in pts]
+        band = [p for p in pts if p.ci]
+        if len(band) >= 2:
+            fig.add_scatter(x=[p.step for p in band], y=[p.ci[1] for p in band], mode="lines", line=dict(width=0),
+                            legendgroup=s.effect, showlegend=False, hoverinfo="skip", row=row, col=1)
+            fig.add_scatter(x=[p.step for p in band], y=[p.ci[0] for p in band], mode="lines", line=dict(width=0),
+                            fill="tonexty", fillcolor=_rgba(color, 0.16), legendgroup=s.effect, showlegend=False,
+                            hoverinfo="skip", row=row, col=1)
+        hover = [f"{s.effect} step {p.step}: {_num(p.estimate)}"
+                 + (f" CI {_ci(p.ci)}" + ("" if p.significant else " (includes 0)") if p.ci else " (no interval)")
+                 for p in pts]
+        fig.add_scatter(x=x, y=[p.estimate for p in pts], mode="lines+markers", name=s.effect,
+                        legendgroup=s.effect, line=dict(color=color, width=2, dash="dot" if s.kind == "pair" else None),
+                        marker=dict(size=7, color=color, symbol=["circle" if p.significant else "circle-open"
+                                                                 for p in pts]),
+                        hovertext=hover, hoverinfo="text", row=row, col=1)
+    for r in range(1, rows + 1):
+        fig.add_hline(y=0, line_color="#444", line_width=1, row=r, col=1)
+    unit = f"{'log ' if ov.scale == 'log' else ''}{ov.metric}"
+    fig.update_layout(**{**LAYOUT, "height": 380 * rows + 80},
+                      title=f"Effects over training on {unit} (positive = better)",
+                      legend=dict(orientation="v", x=1.02, y=1, xanchor="left"))
+    fig.update_yaxes(title_text=f"gain in {unit}", row=1, col=1)
+    if rows == 2:
+        fig.update_yaxes(title_text=f"S in {unit}", row=2, col=1)
+    fig.update_xaxes(title_text="training step", row=rows, col=1)
+    return fig

@@ -21,11 +21,12 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from srdit import metric_registry
-from srdit.analysis.effects import (BENCH_NOTE, CONTENTION_NOTE, Analysis, AnalysisFailure, Flag, analyze_study,
-                                   combo_label)
+from srdit.analysis.effects import (BENCH_NOTE, CONTENTION_NOTE, Analysis, AnalysisError, AnalysisFailure, Flag,
+                                   analyze_study, combo_label)
 from srdit.analysis.figures import (_cell_order, _ci, _esc, _metric_label, _num, _pv, fig_curves,
-                                    fig_effects, fig_half_normal, fig_ladder, fig_pareto, fig_synergy,
+                                    fig_effects, fig_half_normal, fig_ladder, fig_over_steps, fig_pareto, fig_synergy,
                                     throughput_metrics)
+from srdit.analysis.over_steps import OverSteps, study_over_steps
 from srdit.analysis.results import StudyResults
 
 __all__ = ["render_report", "render_index"]
@@ -363,16 +364,65 @@ def _json_default(o):
     return str(o)
 
 
-def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 0.05, threshold: float = 0.0,
-                  bootstrap: bool = True, analyses: dict[str, Analysis | AnalysisFailure] | None = None) -> Path:
-    """Write `out_dir/index.html` (self-contained) plus effects.json, cells.csv and summary.json; return the HTML path.
+def _over_steps_html(res: StudyResults, ov: OverSteps | AnalysisFailure) -> tuple[str, str]:
+    """(caption, text when there is no chart) of the effects-over-training section."""
+    if isinstance(ov, AnalysisFailure):
+        return "", f"The effects over training could not be analysed: {_esc(ov.error)}"
+    steps = ov.analysed_steps
+    if len(steps) < 2:
+        c = res.curves
+        have = [] if c is None or c.empty or not {"key", "step"} <= set(c.columns) else \
+            sorted(pd.to_numeric(c.loc[c["key"] == ov.metric, "step"], errors="coerce").dropna().unique())
+        at = steps[0] if steps else ov.steps[-1]
+        if len(have) > 1:
+            where = (f"this report analyses step {at} of the {len(have)} steps at which {_esc(ov.metric)} was "
+                     "evaluated (<code>srdit analyze --all-steps</code> analyses them all)")
+        elif have:
+            where = f"{_esc(ov.metric)} was evaluated at one step only (step {at})"
+        else:
+            where = f"no evaluation of {_esc(ov.metric)} during training was recorded (only the final one)"
+        return "", (f"Only one step to analyse: {where}, so there are no effects over training. Evaluate during "
+                    "training with <code>train.eval_every</code> (e.g. <code>eval_every: 120</code> with "
+                    "<code>steps: 240</code>) to see whether an effect found at the end holds earlier.")
+    pct = int(round(100 * (1 - ov.alpha)))
+    statements = "".join(f"<li>{_esc(x)}</li>" for x in ov.statements)
+    notes = "".join(f"<li>{_esc(x)}</li>" for x in ov.notes)
+    failed = [s for s in ov.steps if s not in steps]
+    no_ci = not any(p.ci for x in ov.series for p in x.points)
+    return (f"The analysis above (of the last step), repeated at every evaluated step of {_esc(ov.metric)} "
+            f"({len(steps)} steps: {_esc(', '.join(map(str, steps)))}). Top: each technique's main effect as a "
+            f"gain (positive = better) with its individual {pct}% interval as a band; bottom: each pair's "
+            "synergy S with the step's simultaneous interval over the pairs (dotted). Filled markers: the interval "
+            "excludes 0; open markers: it does not. "
+            + ('<span class="tag warn">no intervals</span> one run per cell: no error estimate, so no bands and no '
+               "significance; run more seeds. " if no_ci else "")
+            + "The bands are <b>pointwise</b> (one step at a time): do not read a trend from them. "
+            "Whether an effect changes over training is tested once, from the first to the last step, on the "
+            "trials evaluated at both (paired; simultaneous intervals over the effects):"
+            f'<ul class="flags">{statements}</ul>'
+            + (f"Steps that could not be analysed: {_esc(', '.join(map(str, failed)))}. " if failed else "")
+            + (f'<ul class="notes">{notes}</ul>' if notes else ""),
+            "No effect is estimable at the evaluated steps.")
 
-    `analyses` (metric -> `analyze_study` result) may be passed to reuse a computed analysis."""
+
+def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 0.05, threshold: float = 0.0,
+                  bootstrap: bool = True, analyses: dict[str, Analysis | AnalysisFailure] | None = None,
+                  over_steps: OverSteps | None = None) -> Path:
+    """Write `out_dir/index.html` (self-contained) plus effects.json, effects_over_steps.json, cells.csv and
+    summary.json; return the HTML path.
+
+    `analyses` (metric -> `analyze_study` result) may be passed to reuse a computed analysis; `over_steps` (the
+    primary metric at every evaluated step, `over_steps.study_over_steps`) likewise."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     res = results
     analyses = analyses or analyze_study(res, alpha=alpha, threshold=threshold, bootstrap=bootstrap)
     a = analyses[res.metric]
+    if over_steps is None and isinstance(a, Analysis):
+        try:
+            over_steps = study_over_steps(res, alpha=alpha, threshold=threshold, bootstrap=bootstrap)
+        except AnalysisError as e:
+            over_steps = AnalysisFailure(metric=res.metric, direction=res.direction, error=str(e))
     primary_log = metric_registry.is_log(res.metric)
     figs: list[tuple[str, go.Figure]] = []
     sections: list[str] = []
@@ -428,6 +478,10 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
             "confidence interval. Orange: exact Shapley value (its fair share of g(all) − g(none), averaged over all "
             "stacking orders; full factorials only). Green: leave-one-out effect against the full stack "
             "(g(all) − g(all without i)). All in gain units: positive = the technique helps.", ""))
+        ov_caption, ov_missing = _over_steps_html(res, over_steps)
+        sections.append(fig_block(
+            "fig-over-steps", fig_over_steps(over_steps) if isinstance(over_steps, OverSteps) else None,
+            "Effects over training", ov_caption, ov_missing))
         sections.append(fig_block(
             "fig-ladder", fig_ladder(a), "Cumulative ladder",
             "Techniques stacked one at a time (like the paper's chain). Each bar is the change in "
@@ -509,8 +563,8 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
         body = body.replace(f"@@FIG:{div_id}@@", _figure_html(fig, div_id, first=i == 0), 1)
     nav = "".join(f'<a href="#{sid}">{name}</a>' for sid, name in [
         ("sec-summary", "Summary"), ("sec-fig-synergy", "Synergy"), ("sec-fig-effects", "Effects"),
-        ("sec-fig-ladder", "Ladder"), ("sec-fig-pareto", "Pareto"), ("sec-fig-curves", "Curves"),
-        ("sec-cells", "Cells"), ("sec-failures", "Failures"), ("sec-samples", "Samples")])
+        ("sec-fig-over-steps", "Over training"), ("sec-fig-ladder", "Ladder"), ("sec-fig-pareto", "Pareto"),
+        ("sec-fig-curves", "Curves"), ("sec-cells", "Cells"), ("sec-failures", "Failures"), ("sec-samples", "Samples")])
     techniques = ", ".join(f"<code>{_esc(f)}</code>" for f in res.factors)
     meta = (f"design <code>{_esc(res.design)}</code> · techniques {techniques}"
             f" · commit <code>{_esc(res.commit or 'unknown')}</code> · {_esc(res.date or '')}")
@@ -537,6 +591,9 @@ Self-contained: opens offline.</footer>
     tmp.replace(path)
     (out / "effects.json").write_text(json.dumps({m: am.to_json() for m, am in analyses.items()}, indent=1,
                                                  default=_json_default), encoding="utf-8")
+    if isinstance(over_steps, OverSteps):
+        (out / "effects_over_steps.json").write_text(json.dumps(over_steps.to_json(), indent=1,
+                                                                default=_json_default), encoding="utf-8")
     if ok:
         pd.DataFrame([{k: (v if not isinstance(v, (list, dict)) else json.dumps(v)) for k, v in c.to_json().items()}
                       for c in a.attribution.cells]).to_csv(out / "cells.csv", index=False)
