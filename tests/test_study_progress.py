@@ -61,3 +61,33 @@ def test_trial_context_with_the_parsed_search_study_pickles(dumps):
     assert back == ctx and back.spec == spec and back.spec.design.space == spec.design.space
     with pytest.raises(AttributeError):
         back.study = "other"  # frozen
+
+
+@pytest.mark.parametrize("exc, code, printed", [("SystemExit(1)", 1, False), ("SystemExit(0)", 0, False),
+                                                ("ValueError('boom')", None, True)])
+def test_a_worker_sigterm_inside_a_callback_ends_quietly(exc, code, printed):
+    """Ray's SIGTERM handler raises SystemExit; raised inside a weakref callback, Python prints "Exception ignored
+    in ..." with a traceback on the driver's console and goes on. In a trial worker that SystemExit ends the
+    process with its code and prints nothing; any other unraisable error is still printed."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code_text = textwrap.dedent(f"""
+        import gc, weakref
+        from srdit.study.trial import quiet_exit_on_sigterm
+        quiet_exit_on_sigterm()
+        class A: pass
+        def cb(_):
+            raise {exc}
+        a = A(); r = weakref.ref(a, cb); del a; gc.collect()
+        print("carried on")
+    """)
+    run = subprocess.run([sys.executable, "-c", code_text], capture_output=True, text=True, timeout=120)
+    if code is None:
+        assert run.returncode == 0 and "carried on" in run.stdout
+        assert "Exception ignored in" in run.stderr and "boom" in run.stderr
+    else:
+        assert run.returncode == code and "carried on" not in run.stdout
+        assert "Traceback" not in run.stderr and "Exception ignored" not in run.stderr, run.stderr
+    assert printed == ("Traceback" in run.stderr)

@@ -229,6 +229,7 @@ def run_name(trial: dict) -> str:
 def trainable(config: dict) -> None:
     """The Ray Tune function trainable: a grid trial (config["trial"]) or a search trial (tech.* and knobs);
     config["ctx"] is the study's `TrialContext`."""
+    quiet_exit_on_sigterm()
     ctx: TrialContext = config["ctx"]
     trial = config.get("trial")
     if trial is None:
@@ -267,3 +268,30 @@ def search_trial(config: dict, ctx: TrialContext) -> dict | None:
     # Optuna may propose a configuration that already ran or is running (training is deterministic given the
     # seed): execute_trial waits for the key's lock and answers it from its MLflow run instead of training it twice.
     return t
+
+
+def _unraisable(args) -> None:
+    """`sys.unraisablehook` of a trial worker: a SystemExit that Ray's SIGTERM handler raised inside a garbage
+    collector or weakref callback (where Python can only print it, "Exception ignored in ...") ends the process
+    with its code, as the SIGTERM meant; anything else goes to Python's default hook."""
+    import os
+    import sys
+
+    if issubclass(args.exc_type, SystemExit):
+        code = args.exc_value.code if args.exc_value is not None else 1
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code if isinstance(code, int) else 1)
+    sys.__unraisablehook__(args)
+
+
+def quiet_exit_on_sigterm() -> None:
+    """Make a trial worker's shutdown quiet: when Ray stops the worker (the study is over, or Tune stops a
+    reused actor), its SIGTERM handler raises SystemExit wherever the interpreter is; inside a callback Python
+    prints that as a traceback on the driver's console and carries on. Every result is already recorded by then."""
+    import sys
+
+    sys.unraisablehook = _unraisable
