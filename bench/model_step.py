@@ -130,6 +130,21 @@ def legacy_step(cfg, batch: int):
     return step
 
 
+def trainer_summary(arm: str, batch: int, threads: int, times: dict[str, list[float]]) -> dict:
+    """Medians of each kind and the paired ratio to the bare model step: one ratio per round (the steps of one round
+    ran back to back, so a load that changes slowly cancels), summarised by its median, quartiles and range."""
+    bare = times["bare model step"]
+    ratios = {k: [a / b for a, b in zip(v, bare)] for k, v in times.items()}
+
+    def spread(values: list[float]) -> dict:
+        q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
+        return {"median": q2, "q1": q1, "q3": q3, "min": min(values), "max": max(values), "rounds": len(values)}
+
+    return {"arm": arm, "batch": batch, "threads": threads, "step_s": {k: statistics.median(v) for k, v in times.items()},
+            "step_s_all": times, "overhead_vs_bare": {k: statistics.median(v) for k, v in ratios.items()},
+            "ratio_vs_bare": {k: spread(v) for k, v in ratios.items() if k != "bare model step"}}
+
+
 def matmul_flops(tokens: int, dim: int, hidden: int, repeats: int = 20) -> float:
     """Best of `repeats` (the least disturbed by other load) of the block's MLP matmul shape."""
     a, b = torch.randn(tokens, dim), torch.randn(dim, hidden)
@@ -151,7 +166,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--matmul", action="store_true")
-    p.add_argument("--trainer", default=None, help="one arm: bare model step vs the trainer's step, before and after")
+    p.add_argument("--trainer", default=None, help="one arm: bare model step vs the trainer's step, before and after "
+                   "(--steps rounds, each runs every kind once)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -164,14 +180,11 @@ def main() -> None:
             step()
             step()
         times: dict[str, list[float]] = {k: [] for k in kinds}
-        for _ in range(args.steps):
-            for kind, step in kinds.items():
-                times[kind].append(step())
-        med = {k: statistics.median(v) for k, v in times.items()}
-        bare = med["bare model step"]
-        print(json.dumps({"arm": args.trainer, "batch": args.batch, "threads": args.threads,
-                          "step_s": med, "step_s_all": times,
-                          "overhead_vs_bare": {k: v / bare for k, v in med.items()}}))
+        names = list(kinds)
+        for r in range(args.steps):  # the order rotates each round, so no arm always runs after the same one
+            for kind in names[r % len(names):] + names[:r % len(names)]:
+                times[kind].append(kinds[kind]())
+        print(json.dumps(trainer_summary(args.trainer, args.batch, args.threads, times)))
         return
     if args.memory is not None:
         cfg = arm_config([t for t in args.memory.split(",") if t])

@@ -51,6 +51,12 @@ def trainer_step(steps: int) -> dict:
     return res
 
 
+def ratio_text(r: dict) -> str:
+    """A paired ratio with its spread over rounds: median (quartiles; range)."""
+    return f"{r['median']:.3f}x (quartiles {r['q1']:.3f}-{r['q3']:.3f}, range {r['min']:.2f}-{r['max']:.2f} over " \
+           f"{r['rounds']} rounds)"
+
+
 def table(res: dict) -> str:
     arms = res["model_step"]["arms"]
     lines = ["| measurement (one run, CPU, 2 threads) | value |", "|---|---|"]
@@ -60,9 +66,9 @@ def table(res: dict) -> str:
     tr = res.get("trainer_step")
     if tr:
         for kind in ("trainer step (before)", "trainer step"):
-            lines.append(f"| SR-DiT-B/1 shape, plain, batch 8 (median, interleaved): {kind} vs the bare model step "
-                         f"(fwd+bwd) | {tr['step_s'][kind]:.2f} vs {tr['step_s']['bare model step']:.2f} s/step "
-                         f"({tr['overhead_vs_bare'][kind]:.2f}x) |")
+            lines.append(f"| SR-DiT-B/1 shape, plain, batch {tr['batch']} (median, interleaved): {kind} vs the bare "
+                         f"model step (fwd+bwd), paired ratio per round | {tr['step_s'][kind]:.2f} vs "
+                         f"{tr['step_s']['bare model step']:.2f} s/step; {ratio_text(tr['ratio_vs_bare'][kind])} |")
     p = res["model_step"]
     lines.append(f"| plain backbone FLOP/s as a fraction of a dense fp32 matmul | "
                  f"{p['flops_fraction_of_matmul']:.2f} ({p['achieved_flops'] / 1e9:.0f} / "

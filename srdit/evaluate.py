@@ -11,12 +11,14 @@ import contextlib
 import os
 import tempfile
 
+import numpy as np
 import torch
 
-from srdit.config import RunConfig, SampleConfig
-from srdit.generate import generate
+from srdit.config import EvalConfig, RunConfig, SampleConfig
+from srdit.generate import batch_slice, generate
 from srdit.metric_registry import produced_by
-from srdit.sample_shards import collect, write_shard
+from srdit.parallel import DataParallel
+from srdit.sample_shards import ShardResult, read_meta, shard_path, write_shard
 
 EVAL_METRICS = {dataset: tuple(produced_by(dataset)) for dataset in ("digits", "latents")}
 """What `evaluate` reports per data.dataset, from the metric registry (sfid, precision / recall, kd_dinov2 only when
@@ -31,7 +33,8 @@ def evaluate(model, cfg: RunConfig, device: torch.device | str = "cpu", n: int |
     Latent runs: FID, sFID, Inception Score, precision / recall against `eval.reference` from local Inception
     weights, and KD_DINOv2 when `eval.dinov2_path` is set; the samples are decoded with `data.tokenizer` and
     written as shards to `samples_dir` (a temporary folder when None). Under torch.distributed every rank writes
-    its shard and rank 0 computes the metrics (the other ranks return {})."""
+    its shard and extracts the features of its own samples; rank 0 gathers them and computes the metrics (the
+    other ranks return {}). The metrics do not depend on the number of ranks (`sharded_features`)."""
     n = n or cfg.eval.n_samples
     if cfg.data.dataset != "digits":
         return _evaluate_latents(model, cfg, torch.device(device), n, sample_cfg, samples_dir)
@@ -46,8 +49,7 @@ def evaluate(model, cfg: RunConfig, device: torch.device | str = "cpu", n: int |
 
 def _evaluate_latents(model, cfg: RunConfig, device: torch.device, n: int, sample_cfg: SampleConfig | None,
                       samples_dir: str | os.PathLike | None) -> dict[str, float]:
-    from srdit.metrics.inception import inception_features, load_inception, metrics_from_features
-    from srdit.parallel import DataParallel
+    from srdit.metrics.inception import load_inception, metrics_from_features
 
     ev = cfg.eval
     ref = check_evaluation(cfg)  # fail before sampling, not after
@@ -59,15 +61,85 @@ def _evaluate_latents(model, cfg: RunConfig, device: torch.device, n: int, sampl
     with contextlib.ExitStack() as stack:
         folder = samples_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="srdit-samples-"))
         res = write_shard(model, cfg, folder, n, ev.seed, dp.rank, dp.world, device, ev.batch_size, sample_cfg)
-        dp.barrier()
-        if not dp.main:
+        features = sharded_features(res, n, ev, net, dp)
+        del net
+        if features is None:
             return {}
-        images, _ = collect(folder, n)
-    out = metrics_from_features(inception_features(images, net, batch_size=ev.batch_size), ref)
-    del net
-    if ev.dinov2_path:
-        out |= _kd_dinov2(images, ev, device)
+        _check_same_settings(folder, dp.world)
+    out = metrics_from_features(features, ref)
+    if "dinov2" in features:
+        from srdit.metrics.dinov2_kd import kd_dinov2
+
+        with np.load(ev.reference) as z:
+            real = z["dinov2"]
+        out |= kd_dinov2(real, features["dinov2"], subset_size=min(1000, len(real), len(features["dinov2"])))
     return {**{k: float(v) for k, v in out.items()}, "nfe": float(res.nfe)}
+
+
+def shard_features(images: np.ndarray, ev: EvalConfig, net) -> dict[str, torch.Tensor]:
+    """Metric features of one rank's samples (uint8 [N, H, W, 3], N may be 0), float32 CPU [N, F]: Inception's
+    "pool" (2048), "spatial" (2023) and "logits" (1008) and, with eval.dinov2_path, the DINOv2 class token
+    ("dinov2", the backbone's width). One protocol batch (eval.batch_size rows) per forward, as every world size
+    feeds them, so a sample's features do not depend on the number of ranks. `net`: the FID Inception
+    (`load_inception`); DINOv2 is loaded from eval.dinov2_path onto the same device."""
+    from srdit.metrics import extract_features
+    from srdit.metrics.inception import NUM_CLASSES, SPATIAL_DIM, inception_features
+
+    if len(images):  # the networks' float32 outputs, widened to float64 and back: exact
+        feats = {k: torch.from_numpy(v).float()
+                 for k, v in inception_features(images, net, batch_size=ev.batch_size).items()}
+    else:
+        feats = {"pool": torch.empty(0, 2048), "spatial": torch.empty(0, SPATIAL_DIM),
+                 "logits": torch.empty(0, NUM_CLASSES)}
+    if ev.dinov2_path:
+        from srdit.metrics.dinov2_kd import load_kd_extractor
+
+        kd = load_kd_extractor(ev.dinov2_path, device=next(net.parameters()).device)
+        feats["dinov2"] = (extract_features(torch.from_numpy(images).permute(0, 3, 1, 2), kd, ev.batch_size).float()
+                           if len(images) else torch.empty(0, int(kd.model.embed_dim)))
+    return feats
+
+
+def sharded_features(res: ShardResult, n: int, ev: EvalConfig, net,
+                     dp: DataParallel) -> dict[str, np.ndarray] | None:
+    """The features (`shard_features`) of all n samples in global order, float64 [n, F], on rank 0 (None on the
+    other ranks): each rank extracts those of its own shard `res` (written by `write_shard` at protocol batch size
+    eval.batch_size) and rank 0 gathers them (`DataParallel.gather`) with each row's global sample index. Raises
+    ValueError when the gathered rows are not every sample exactly once."""
+    with np.load(res.path) as z:
+        images = z["arr_0"]
+    rows = torch.cat([torch.empty(0, dtype=torch.int64)] +
+                     [torch.arange(sl.start, sl.stop) for sl in (batch_slice(n, ev.batch_size, b) for b in res.batches)])
+    if len(rows) != len(images):
+        raise ValueError(f"{res.path}: holds {len(images)} samples, its batches {list(res.batches)[:8]} make "
+                         f"{len(rows)}; delete the folder's shards and sample again")
+    feats = shard_features(images, ev, net)
+    del images
+    index = dp.gather(rows)
+    gathered = {k: dp.gather(v) for k, v in feats.items()}
+    if index is None:
+        return None
+    index = torch.cat(index)
+    if not torch.equal(index.sort().values, torch.arange(n)):
+        raise ValueError(f"the ranks' shards hold {len(index)} rows ({len(index.unique())} distinct) of the {n} "
+                         "samples; every sample must be in exactly one shard")
+    out = {}
+    for k, parts in gathered.items():
+        part = torch.cat(parts).double()
+        full = torch.empty((n, *part.shape[1:]), dtype=torch.float64)
+        full[index] = part
+        out[k] = full.numpy()
+    return out
+
+
+def _check_same_settings(folder: str | os.PathLike, world: int) -> None:
+    """The world's shard files were written with one set of settings (weights, sampler, n, ...)."""
+    paths = [shard_path(folder, k, world) for k in range(world)]
+    first = read_meta(paths[0])
+    for p in paths[1:]:
+        if read_meta(p) != first:
+            raise ValueError(f"{folder}: {paths[0].name} and {p.name} were written with different settings; every "
+                             "rank must sample the same checkpoint with the same settings")
 
 
 def check_evaluation(cfg: RunConfig):
@@ -92,17 +164,3 @@ def check_evaluation(cfg: RunConfig):
         raise FileNotFoundError(" | ".join(map(str, problems)))
     ref = load_reference(ev.reference)
     return ref
-
-
-def _kd_dinov2(images, ev, device: torch.device) -> dict[str, float]:
-    import numpy as np
-
-    from srdit.metrics import extract_features
-    from srdit.metrics.dinov2_kd import kd_dinov2, load_kd_extractor
-
-    with np.load(ev.reference) as z:
-        real = z["dinov2"]
-    fake = extract_features(torch.from_numpy(images).permute(0, 3, 1, 2), load_kd_extractor(ev.dinov2_path,
-                                                                                             device=device),
-                            ev.batch_size)
-    return kd_dinov2(real, fake.numpy(), subset_size=min(1000, len(real), len(fake)))

@@ -9,7 +9,9 @@ one-generator protocol bit for bit.
 
 On CUDA the model runs under bf16 autocast with TF32 matmuls (unless `train.precision` is fp32) while the sampler's
 state stays float64 and every random draw stays on the batch's CPU generator: the same noise as on CPU, the model's
-arithmetic in the precision it was trained in. CPU sampling is unchanged (fp32, bit for bit).
+arithmetic in the precision it was trained in. The SDE noise is drawn into pinned buffers by a background thread while
+the GPU samples and reaches the device one chunk at a time (`srdit.transport.samplers.SdeNoise`), not per step. CPU
+sampling is unchanged (fp32, bit for bit).
 """
 
 from __future__ import annotations

@@ -74,6 +74,27 @@ class DataParallel:
             values /= self.world
         return values
 
+    def gather(self, x: torch.Tensor) -> list[torch.Tensor] | None:
+        """Every rank's `x` on rank 0, in rank order (a list of CPU tensors); None on the other ranks.
+
+        The ranks' tensors may differ in length (dim 0, e.g. one rank's share of the samples, possibly empty) but
+        not in their other dims or dtype. Two collectives: the lengths (all-gather), then the tensors padded to the
+        longest (gather to rank 0, which alone holds world x longest rows). Under NCCL the tensors travel through
+        this rank's current CUDA device. One process: [x]."""
+        if not self.active:
+            return [x.cpu()]
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
+            torch.device("cpu")
+        length = torch.tensor([x.shape[0]], dtype=torch.int64, device=device)
+        lengths = [torch.empty_like(length) for _ in range(self.world)]
+        dist.all_gather(lengths, length)
+        sizes = [int(n) for n in lengths]
+        padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=device)
+        padded[:x.shape[0]] = x
+        parts = [torch.empty_like(padded) for _ in range(self.world)] if self.main else None
+        dist.gather(padded, parts, dst=0)
+        return [part[:n].cpu() for part, n in zip(parts, sizes)] if self.main else None
+
     def barrier(self) -> None:
         if self.active:
             dist.barrier()

@@ -114,6 +114,32 @@ def test_slicing_and_rolling_match_the_global_batch():
         DataParallel(1, 4).local_batch(6)
 
 
+def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        lengths = [4, 0, 2]  # unequal shares, one of them empty
+        x = torch.arange(lengths[rank] * 6, dtype=torch.float64).view(-1, 2, 3) + 100 * rank
+        got = DataParallel.current().gather(x)
+        if rank == 0:
+            torch.save(got, out)
+        else:
+            assert got is None
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_brings_every_ranks_rows_to_rank_0(tmp_path):
+    """Three gloo ranks with 4, 0 and 2 rows of [2, 3] float64: rank 0 gets each rank's rows, exactly, in rank
+    order; one process gets its own tensor."""
+    mp.spawn(_gather_worker, args=(3, _free_port(), str(tmp_path / "gathered.pt")), nprocs=3, join=True)
+    got = torch.load(tmp_path / "gathered.pt", weights_only=True)
+    want = [torch.arange(n * 6, dtype=torch.float64).view(-1, 2, 3) + 100 * r for r, n in enumerate([4, 0, 2])]
+    assert len(got) == 3 and all(g.dtype == torch.float64 and torch.equal(g, w) for g, w in zip(got, want))
+    x = torch.ones(2, 5)
+    assert len(DataParallel().gather(x)) == 1 and torch.equal(DataParallel().gather(x)[0], x)
+
+
 @pytest.mark.slow
 def test_study_trial_on_two_workers_is_a_ray_train_run(tmp_path):
     """A study with resources.workers: 2 runs each trial as a Ray Train TorchTrainer (gloo) inside its Tune trial;

@@ -143,7 +143,12 @@ def test_two_ranks_shard_the_samples_and_give_the_single_process_metrics(stand_i
     assert sorted(p.name for p in (tmp_path / "two").glob("samples_*.npz")) == [
         "samples_00000-of-00002.npz", "samples_00001-of-00002.npz"]
     torch.manual_seed(3)
-    one = evaluate(build_model(cfg.model), cfg, "cpu", samples_dir=tmp_path / "one")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (the decoder's convolutions round by thread count)
+    try:
+        one = evaluate(build_model(cfg.model), cfg, "cpu", samples_dir=tmp_path / "one")
+    finally:
+        torch.set_num_threads(threads)
     assert two == pytest.approx(one, rel=1e-9)
 
 
@@ -162,3 +167,100 @@ def test_cli_reference_and_evaluate(stand_ins, tmp_path, capsys):
     assert {"fid", "sfid", "inception_score", "precision", "recall"} <= set(metrics) and metrics["n"] == 10
     assert main(["reference", str(tmp_path / "missing"), str(tmp_path / "x.npz")]) == 2
     assert "no such image folder" in capsys.readouterr().err
+
+
+def _dino_vitl14_stand_in(root) -> str:
+    """A tiny DINOv2-shaped ViT saved under the ViT-L/14 file name the KD_DINOv2 metric loads (layout of
+    srdit.encoders.dinov2: <root>/dinov2/hubconf.py + <root>/dinov2_vitl14_pretrain.pth)."""
+    from test_dinov2 import HUBCONF
+
+    (root / "dinov2").mkdir(parents=True)
+    (root / "dinov2" / "hubconf.py").write_text(HUBCONF + "\ndef dinov2_vitl14(pretrained=False, **kwargs):\n"
+                                                "    return TinyDinoVisionTransformer(**kwargs)\n")
+    torch.manual_seed(4)
+    model = torch.hub.load(str(root / "dinov2"), "dinov2_vitl14", source="local", pretrained=False)
+    torch.save(model.state_dict(), root / "dinov2_vitl14_pretrain.pth")
+    return str(root)
+
+
+def _counting_features_worker(rank: int, port: int, cfgs: list, folders: list, out: str) -> None:
+    """Evaluate each config on two gloo ranks; record this rank's metrics and how many samples its own Inception
+    and DINOv2 passes saw."""
+    from srdit.evaluate import evaluate
+    from srdit.model import build_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        seen = {}
+        _count_rows(seen)
+        rows = []
+        for cfg, folder in zip(cfgs, folders):
+            seen.update(inception=0, dinov2=0)
+            torch.manual_seed(3)
+            rows.append({"metrics": evaluate(build_model(cfg.model), cfg, "cpu", samples_dir=folder), **seen})
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump(rows, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def _count_rows(seen: dict, setattr=setattr) -> None:
+    """Patch the Inception and DINOv2 metric networks to count the images fed to them in seen["inception"] /
+    seen["dinov2"] (`setattr`: pytest's monkeypatch.setattr to undo it after a test)."""
+    from srdit.metrics.dinov2_kd import DinoV2Features
+    from srdit.metrics.inception import FIDInceptionV3
+
+    inception, dino = FIDInceptionV3.forward, DinoV2Features.features
+
+    def inception_forward(self, x):
+        seen["inception"] += len(x)
+        return inception(self, x)
+
+    def dino_features(self, images):
+        seen["dinov2"] += len(images)
+        return dino(self, images)
+
+    setattr(FIDInceptionV3, "forward", inception_forward)
+    setattr(DinoV2Features, "features", dino_features)
+
+
+def test_two_ranks_extract_their_own_samples_features_and_give_the_single_process_metrics(stand_ins, tmp_path,
+                                                                                           monkeypatch):
+    """The feature passes are sharded: each of two gloo ranks feeds only its own samples to Inception and DINOv2
+    (13 samples in protocol batches of 5: rank 0 holds batches 0 and 2 = 8 samples, rank 1 batch 1 = 5; with 4
+    samples rank 1 holds none), rank 0 gathers the features, and FID, sFID, IS, precision / recall and KD_DINOv2
+    equal the single process's exactly (the same batches meet the networks, one protocol batch per forward)."""
+    from srdit.evaluate import evaluate
+    from srdit.model import build_model
+
+    dino = _dino_vitl14_stand_in(tmp_path / "dino")
+    with np.load(stand_ins["ref"]) as z:
+        arrays = dict(z)
+    arrays["dinov2"] = np.random.default_rng(0).normal(size=(18, 32))  # the reference's DINOv2 features
+    np.savez(tmp_path / "ref_dino.npz", **arrays)
+    cfgs = [dataclasses.replace(_cfg(stand_ins, samples=n), eval=dataclasses.replace(
+        _cfg(stand_ins, samples=n).eval, reference=str(tmp_path / "ref_dino.npz"), dinov2_path=dino))
+        for n in (13, 4)]
+    folders = [str(tmp_path / f"two_{k}") for k in range(len(cfgs))]
+    mp.spawn(_counting_features_worker, args=(_free_port(), cfgs, folders, str(tmp_path / "rows")), nprocs=2)
+    ranks = [json.loads((tmp_path / f"rows.{r}").read_text()) for r in range(2)]
+
+    seen = {}
+    _count_rows(seen, monkeypatch.setattr)
+    threads = torch.get_num_threads()
+    for i, (cfg, own) in enumerate(zip(cfgs, [(8, 5), (4, 0)])):
+        seen.update(inception=0, dinov2=0)
+        torch.manual_seed(3)
+        torch.set_num_threads(1)  # as the workers (the decoder's convolutions round by thread count)
+        try:
+            one = evaluate(build_model(cfg.model), cfg, "cpu", samples_dir=tmp_path / f"one_{i}")
+        finally:
+            torch.set_num_threads(threads)
+        assert seen == {"inception": cfg.eval.n_samples, "dinov2": cfg.eval.n_samples}
+        two, other = ranks[0][i], ranks[1][i]
+        assert (two["inception"], other["inception"]) == own and (two["dinov2"], other["dinov2"]) == own
+        assert other["metrics"] == {}
+        assert {"fid", "sfid", "inception_score", "precision", "recall", "kd_dinov2"} <= set(one)
+        assert two["metrics"] == one  # exactly: the sharded statistics are the single-process ones

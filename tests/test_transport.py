@@ -85,6 +85,94 @@ def test_samplers_reproduce_gaussian_target(sampler, steps, nfe, tol, shift):
     assert abs(float(x.std()) - sigma) < tol
 
 
+def _per_step_draw_sampler(velocity, noise, sampler, steps, shift, generator):
+    """The sampling loop as it was before the noise buffers (a transcription kept as the reference): the SDE noise
+    drawn with torch.randn in float64 at every step, the time tensor built with torch.full at every call."""
+    def v_at(state, t):
+        tt = torch.full((state[0].shape[0],), float(t), dtype=torch.float32, device=state[0].device)
+        return [v.double() for v in velocity(state, tt)]
+
+    grid = time_grid(sampler, steps, shift)
+    state = [x.double() for x in noise]
+    for i in range(len(grid) - 1):
+        t, t_next = float(grid[i]), float(grid[i + 1])
+        dt = t_next - t
+        v = v_at(state, t)
+        if sampler == "euler" or (sampler == "sde" and i == len(grid) - 2):
+            if sampler == "sde":
+                v = [vi - t * score_from_velocity(x, vi, torch.tensor(t)) for x, vi in zip(state, v)]
+            state = [x + vi * dt for x, vi in zip(state, v)]
+        elif sampler == "heun":
+            pred = [x + vi * dt for x, vi in zip(state, v)]
+            v2 = v_at(pred, t_next)
+            state = [x + 0.5 * (a + b) * dt for x, a, b in zip(state, v, v2)]
+        else:
+            new = []
+            for x, vi in zip(state, v):
+                drift = vi - t * score_from_velocity(x, vi, torch.tensor(t))
+                noise_i = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+                new.append(x + drift * dt + (2 * t * abs(dt)) ** 0.5 * noise_i)
+            state = new
+    return state
+
+
+def _two_tensor_velocity(state, t):
+    """A velocity on an image and a REG-like token, nonlinear in both and in t (float32, as a model returns)."""
+    x, c = state[0].float(), state[1].float()
+    tt = t.reshape(-1, 1, 1, 1)
+    return [torch.tanh(x) * tt - 0.3 * x + c.mean(1).reshape(-1, 1, 1, 1),
+            torch.sin(c) * t.reshape(-1, 1) + x.flatten(1)[:, :1]]
+
+
+# chunk sizes: the default (one chunk), one step per chunk, and 3 steps per chunk (the last chunk partial); each with
+# and without the background thread that fills the next chunk while the current one is used
+@pytest.mark.parametrize("chunk_steps", [None, 1, 3])
+@pytest.mark.parametrize("background", [False, True])
+@pytest.mark.parametrize("sampler,shift", [("sde", 1.0), ("sde", 3.0), ("euler", 2.0), ("heun", 1.0)])
+def test_noise_buffers_leave_the_samples_bit_identical(sampler, shift, chunk_steps, background, monkeypatch):
+    """The sampler with its noise drawn into preallocated buffers (SdeNoise) and the time grid moved once per batch
+    equals the per-step-draw loop bit for bit on CPU (same seed); an odd image size (3x5x7 per sample, not a
+    multiple of the 16 values torch's normal kernel fills at once) and a second state tensor keep the draw order
+    honest."""
+    import srdit.transport.samplers as samplers
+
+    shapes = [(6, 3, 5, 7), (6, 11)]
+    per_step = 8 * sum(math.prod(s) for s in shapes)
+    chunk_bytes = samplers.NOISE_CHUNK_BYTES if chunk_steps is None else chunk_steps * per_step
+    real = samplers.SdeNoise
+    monkeypatch.setattr(samplers, "SdeNoise", lambda *a, **k: real(*a, **{**k, "background": background}))
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    state = [torch.randn(s, generator=g1) for s in shapes]
+    assert all(torch.equal(a, torch.randn(s, generator=g2)) for a, s in zip(state, shapes))
+    new = sample(_two_tensor_velocity, state, sampler, 10, shift, generator=g1, noise_chunk_bytes=chunk_bytes)
+    old = _per_step_draw_sampler(_two_tensor_velocity, state, sampler, 10, shift, g2)
+    for a, b in zip(new.state, old):
+        assert a.dtype == torch.float64 and torch.equal(a, b)
+    assert torch.equal(torch.rand(3, generator=g1), torch.rand(3, generator=g2))  # the generators end in step
+
+
+def test_sde_noise_buffers_are_filled_once_per_chunk():
+    """10 stochastic steps in chunks of 4: the buffers are allocated once, three chunks are drawn, and the step's
+    noise equals a fresh per-step draw."""
+    from srdit.transport.samplers import SdeNoise
+
+    shapes = [(2, 3), (2, 5)]
+    g, ref = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    noise = SdeNoise(shapes, 10, g, chunk_bytes=4 * 8 * 16, background=True)
+    assert noise.chunk == 4
+    buffers = [b.data_ptr() for b in noise._dev]
+    try:
+        for step in range(10):
+            got = noise[step]
+            assert [b.data_ptr() for b in noise._dev] == buffers
+            for x, s in zip(got, shapes):
+                assert torch.equal(x, torch.randn(s, generator=ref, dtype=torch.float64))
+        with pytest.raises(IndexError, match="step 10 of 10"):
+            noise[10]
+    finally:
+        noise.close()
+
+
 def test_sampler_rejects_unknown():
     with pytest.raises(ValueError, match="allowed: sde, euler, heun"):
         time_grid("ddim", 10)

@@ -25,6 +25,8 @@ Guidance (`guided_velocity`), decided once here:
 
 from __future__ import annotations
 
+import math
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable
 
@@ -68,38 +70,125 @@ def time_grid(sampler: str, steps: int, shift: float = 1.0, device="cpu") -> tor
     return shift_time(grid, shift).to(device)
 
 
+NOISE_CHUNK_BYTES = 64 << 20
+"Bytes of SDE noise (float64) one `SdeNoise` chunk buffer holds; a batch's noise is drawn this much at a time."
+
+
+class SdeNoise:
+    """The SDE sampler's per-step noise of one batch, drawn into preallocated buffers.
+
+    Draw order and values are those of drawing `torch.randn(x.shape, generator=generator, dtype=torch.float64)` for
+    each state tensor x at each stochastic step (so the samples do not depend on the device or the chunking, bit for
+    bit): every slice is filled by the same kernel from the same generator stream. The noise of `chunk` steps at a
+    time (`NOISE_CHUNK_BYTES`, at least one step) goes into a host buffer [chunk, *shape] per state tensor; on CUDA
+    the host buffers are pinned, a background thread fills the next chunk while the device samples, and each chunk
+    reaches a device buffer with one non-blocking copy, so the sampling loop neither allocates noise nor copies it
+    to the device per step. `background` forces the thread on (True) or off (False); default: on for CUDA. The
+    generator must not be used by anything else until `close`."""
+
+    def __init__(self, shapes: list[torch.Size], steps: int, generator: torch.Generator | None,
+                 device: torch.device | str = "cpu", chunk_bytes: int = NOISE_CHUNK_BYTES,
+                 background: bool | None = None):
+        self.shapes, self.steps, self.generator = [tuple(s) for s in shapes], int(steps), generator
+        self.device = torch.device(device)
+        cuda = self.device.type == "cuda"
+        per_step = 8 * sum(math.prod(s) for s in self.shapes)
+        self.chunk = max(1, min(self.steps, chunk_bytes // max(per_step, 1)))
+        chunks = -(-self.steps // self.chunk) if self.steps else 0
+        threaded = (cuda if background is None else background) and chunks > 0
+        copies = cuda or threaded  # a separate (device) buffer that the host chunks are copied into
+        self._host = [[torch.empty((self.chunk, *s), dtype=torch.float64, pin_memory=cuda) for s in self.shapes]
+                      for _ in range(2 if threaded and chunks > 1 else 1)]
+        self._dev = [torch.empty((self.chunk, *s), dtype=torch.float64, device=self.device)
+                     for s in self.shapes] if copies else None
+        self._copied: list = [None] * len(self._host)  # per host buffer: the CUDA event of its last copy
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="sde-noise") if threaded else None
+        self._pending: dict[int, Future] = {}
+        self._loaded = -1
+        if self._pool is not None:
+            self._pending[0] = self._pool.submit(self._fill, 0)
+
+    def _fill(self, j: int) -> None:
+        """Draw chunk j into host buffer j % 2 (after that buffer's previous copy has left it)."""
+        k = j % len(self._host)
+        if self._copied[k] is not None:
+            self._copied[k].synchronize()
+        for i in range(self.chunk * j, min(self.steps, self.chunk * (j + 1))):
+            for buf in self._host[k]:
+                buf[i - self.chunk * j].normal_(generator=self.generator)  # = torch.randn(shape, dtype=float64)
+
+    def _load(self, j: int) -> None:
+        k = j % len(self._host)
+        if self._pool is None:
+            self._fill(j)
+        else:
+            self._pending.pop(j).result()
+        if self._dev is not None:
+            for d, h in zip(self._dev, self._host[k]):
+                d.copy_(h, non_blocking=True)  # stream-ordered after the previous chunk's reads of d
+            if self.device.type == "cuda":
+                self._copied[k] = torch.cuda.Event()
+                self._copied[k].record()
+        if self._pool is not None and self.chunk * (j + 1) < self.steps:
+            self._pending[j + 1] = self._pool.submit(self._fill, j + 1)
+        self._loaded = j
+
+    def __getitem__(self, step: int) -> list[torch.Tensor]:
+        """The noise of stochastic step `step` (0-based, in order): one tensor per state tensor, float64, on the
+        device (views of the buffer, valid until the next chunk is loaded)."""
+        if not 0 <= step < self.steps:
+            raise IndexError(f"SDE noise step {step} of {self.steps}")
+        j, i = divmod(step, self.chunk)
+        if j != self._loaded:
+            self._load(j)
+        return [b[i] for b in (self._dev if self._dev is not None else self._host[j % len(self._host)])]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
 def sample(velocity: Velocity, noise: list[torch.Tensor], sampler: str = "sde", steps: int = 50,
-           shift: float = 1.0, generator: torch.Generator | None = None) -> SampleResult:
-    """Integrate from the noise state at t = 1 to t = 0. The state is kept in float64."""
+           shift: float = 1.0, generator: torch.Generator | None = None,
+           noise_chunk_bytes: int = NOISE_CHUNK_BYTES) -> SampleResult:
+    """Integrate from the noise state at t = 1 to t = 0. The state is kept in float64; the SDE's noise comes from
+    `generator` through `SdeNoise` (chunks of `noise_chunk_bytes`; the samples do not depend on it)."""
     calls = 0
-
-    def v_at(state, t):
-        nonlocal calls
-        calls += 1
-        tt = torch.full((state[0].shape[0],), float(t), dtype=torch.float32, device=state[0].device)
-        return [v.double() for v in velocity(state, tt)]
-
     grid = time_grid(sampler, steps, shift, device="cpu")
     state = [x.double() for x in noise]
-    for i in range(len(grid) - 1):
-        t, t_next = float(grid[i]), float(grid[i + 1])
-        dt = t_next - t  # negative
-        v = v_at(state, t)
-        if sampler == "euler" or (sampler == "sde" and i == len(grid) - 2):
-            if sampler == "sde":  # final deterministic step uses the SDE drift without noise
-                v = [vi - t * score_from_velocity(x, vi, torch.tensor(t)) for x, vi in zip(state, v)]
-            state = [x + vi * dt for x, vi in zip(state, v)]
-        elif sampler == "heun":
-            pred = [x + vi * dt for x, vi in zip(state, v)]
-            v2 = v_at(pred, t_next)
-            state = [x + 0.5 * (a + b) * dt for x, a, b in zip(state, v, v2)]
-        else:  # sde: drift v - 1/2 w s with w = 2t, plus sqrt(w |dt|) noise
-            new = []
-            for x, vi in zip(state, v):
-                drift = vi - t * score_from_velocity(x, vi, torch.tensor(t))
-                noise_i = torch.randn(x.shape, generator=generator, dtype=torch.float64).to(x.device)
-                new.append(x + drift * dt + (2 * t * abs(dt)) ** 0.5 * noise_i)
-            state = new
+    times = grid.to(torch.float32).to(state[0].device)  # one copy per batch; t at step i is times[i]
+    batch = state[0].shape[0]
+
+    def v_at(state, i):
+        nonlocal calls
+        calls += 1
+        return [v.double() for v in velocity(state, times[i].expand(batch))]
+
+    sde_noise = SdeNoise([x.shape for x in state], len(grid) - 2, generator, state[0].device,
+                         noise_chunk_bytes) if sampler == "sde" else None
+    try:
+        for i in range(len(grid) - 1):
+            t, t_next = float(grid[i]), float(grid[i + 1])
+            dt = t_next - t  # negative
+            v = v_at(state, i)
+            if sampler == "euler" or (sampler == "sde" and i == len(grid) - 2):
+                if sampler == "sde":  # final deterministic step uses the SDE drift without noise
+                    v = [vi - t * score_from_velocity(x, vi, torch.tensor(t)) for x, vi in zip(state, v)]
+                state = [x + vi * dt for x, vi in zip(state, v)]
+            elif sampler == "heun":
+                pred = [x + vi * dt for x, vi in zip(state, v)]
+                v2 = v_at(pred, i + 1)
+                state = [x + 0.5 * (a + b) * dt for x, a, b in zip(state, v, v2)]
+            else:  # sde: drift v - 1/2 w s with w = 2t, plus sqrt(w |dt|) noise
+                new = []
+                for x, vi, eps in zip(state, v, sde_noise[i]):
+                    drift = vi - t * score_from_velocity(x, vi, torch.tensor(t))
+                    new.append(x + drift * dt + (2 * t * abs(dt)) ** 0.5 * eps)
+                state = new
+    finally:
+        if sde_noise is not None:
+            sde_noise.close()
     return SampleResult(state, nfe=calls)
 
 
