@@ -448,10 +448,7 @@ def init_weights(model: torch.nn.Module, ema: torch.nn.Module, cfg: RunConfig, p
     """Start `model` and `ema` from the EMA weights of the srdit checkpoint `path` (`train.init`); its model
     section must equal `cfg.model` (a parameter-free switch such as the norm would otherwise load silently)."""
     init, init_cfg = model_from_checkpoint(load_checkpoint(path))
-    ours, theirs = to_dict(cfg)["model"], to_dict(init_cfg)["model"]
-    if ours != theirs:
-        diff = [f"model.{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if ours[k] != theirs[k]]
-        raise CheckpointError(f"train.init {path}: another model ({'; '.join(diff[:4])})")
+    check_same_model(cfg, init_cfg, f"train.init {path}")
     state = init.state_dict()
     model.load_state_dict(state)
     ema.load_state_dict(state)
@@ -783,6 +780,37 @@ def evaluate_trained(run_dir: str | Path, cfg: RunConfig, out_dir: str | Path,
         ema = load_snapshot(src, int(res["step"]), trained, device)
     finish_outputs(ema, target, device)
     return TrainResult("finished", "", int(res["step"]), {**train_metrics, **final}, out, train_metrics, [])
+
+
+def evaluate_checkpoint(path: str | Path, cfg: RunConfig, out_dir: str | Path,
+                        reporter: Reporter | None = None) -> TrainResult:
+    """Evaluate the EMA weights of the checkpoint `path` (`srdit train` or `srdit convert` output) under `cfg`'s
+    sample and eval settings, at the checkpoint's step, into `out_dir` (evals/, samples.png, config.yaml): a fixed
+    checkpoint's evaluation arm. CheckpointError when it is not an srdit checkpoint or its model section differs
+    from `cfg.model`."""
+    cfg = cfg.validate()
+    ckpt = load_checkpoint(path)
+    model, trained = model_from_checkpoint(ckpt)
+    check_same_model(cfg, trained, f"checkpoint {path}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    device = resolve_device(cfg.train.device)
+    model = model.to(device).requires_grad_(False)
+    target = Evaluation(cfg, out, reporter or NullReporter())
+    step = int(ckpt["step"])
+    final = evaluate_target(model, target, step, False, device) if evaluates(cfg) else {}
+    finish_outputs(model, target, device)
+    return TrainResult("finished", "", step, final, out)
+
+
+def check_same_model(cfg: RunConfig, other: RunConfig, what: str) -> None:
+    """CheckpointError unless the model sections agree (a parameter-free switch such as the norm would otherwise
+    load silently)."""
+    ours, theirs = to_dict(cfg)["model"], to_dict(other)["model"]
+    if ours != theirs:
+        diff = [f"model.{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if ours[k] != theirs.get(k)]
+        raise CheckpointError(f"{what}: another model ({'; '.join(diff[:4])})")
 
 
 def load_snapshot(run_dir: str | Path, step: int, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
