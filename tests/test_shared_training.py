@@ -85,7 +85,8 @@ def test_gpu_hours_count_a_shared_training_once():
     assert unshared["pflops"] == pytest.approx((train + evals) / 1e15, abs=0.01)
     assert shared["training_gpu_hours"] * 4 == pytest.approx(unshared["training_gpu_hours"], abs=0.4)
     assert shared["gpu_hours_unshared"] == unshared["gpu_hours"] > shared["gpu_hours"]
-    assert "trainings" in format_plan(plan_study(spec)) and "training," in format_plan(plan_study(spec))
+    text = format_plan(plan_study(spec))
+    assert "summed over the 32 trials: " in text and " for 8 trainings, " in text and " for 32 evaluations; " in text
 
 
 # ------------------------------------------------------------------------------------------------------------------
