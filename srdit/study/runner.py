@@ -175,13 +175,15 @@ def _progress_callback(total: int, done_before: int, echo: Callable[[str], None]
             if ctx is None or t is None or not is_oom(error) or t["key"] in self.oom:
                 return t is not None and t["key"] in self.oom
             reason = "killed for memory by Ray: " + " ".join(error.split())[:400]
+            members = [m for m in t.get("members", [t]) if not m.get("done")]  # a shared training: every member
             try:
-                record_outcome(t, ctx, "oom", reason)
+                for m in members:
+                    record_outcome(m, ctx, "oom", reason)
             except Exception as e:  # noqa: BLE001 - the driver goes on; the trial stays unfinished
                 echo(f"  {t['key']}: could not record oom ({type(e).__name__}: {e})")
                 return False
             self.oom.add(t["key"])
-            self.n += 1
+            self.n += len(members)
             echo(progress_line(self.n, total, t["key"], {"status": "oom", "reason": reason[:120]}, primary))
             return True
 
@@ -195,8 +197,10 @@ def _progress_callback(total: int, done_before: int, echo: Callable[[str], None]
             if r.get("status") == "excluded":
                 echo(f"  search sample excluded: {r.get('reason', '')}")
                 return
-            self.n += 1
-            echo(progress_line(self.n, total, r.get("trial_key") or trial.trial_id, r, primary))
+            n = int(r.get("members_done", 1))
+            self.n += n
+            shared = f" (+{n - 1} evaluation(s) of the same training)" if n > 1 else ""
+            echo(progress_line(self.n, total, (r.get("trial_key") or trial.trial_id) + shared, r, primary))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             if self._record_oom(trial):
@@ -220,7 +224,8 @@ def prepare(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None) ->
     tracking = open_study(uri, spec.tracking.experiment or spec.name, spec.name, paths["root"],
                           artifact_location=spec.tracking.artifact_location, tags=tags)
     tracking.tag_parent({**tags, "n_cells": len(plan.cells), "n_trials": len(plan.trials) or plan.search_budget,
-                         "n_excluded": len(plan.excluded), "state_dir": str(paths["root"])})
+                         "n_trainings": plan.cost()["trainings"], "n_excluded": len(plan.excluded),
+                         "state_dir": str(paths["root"])})
     tracking.describe(spec, plan)  # params, study YAML and resolved plan on the parent run
     return plan, tracking, paths
 
@@ -238,15 +243,21 @@ def _existing_children(spec: StudySpec, state_dir: str | Path) -> dict:
 
 def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = False, num_cpus: int | None = None,
               max_failures: int = MAX_FAILURES, echo: Callable[[str], None] | None = None,
-              plan: Plan | None = None, address: str | None = None) -> StudyRun:
+              plan: Plan | None = None, address: str | None = None, share: bool = True) -> StudyRun:
     """Run (or resume) every unfinished trial of the study; returns a summary. Ray is started when not running
     (the cluster at `address` / RAY_ADDRESS, else a private local Ray on loopback).
+
+    One Ray trial per training of the plan (`Plan.trainings`): trials whose configs train the same model train
+    once and are evaluated under each member's settings (`srdit.study.trial.execute_group`); `share=False`
+    (`--no-share`; ignored when `plan` is given) trains every trial. A fixed-checkpoint study runs one
+    evaluation trial per trial. A group whose members are all done is skipped; a partly done one evaluates only
+    its missing members.
 
     Raises `PreflightError` (nothing recorded, no trial started) when an input of a trial to run is missing, a
     study metric is not reported by its runs, or a trial cannot fit the cluster."""
     echo = echo or (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
-    plan = plan or plan_study(spec)
+    plan = plan or plan_study(spec, share=share)
     existing = _existing_children(spec, state_dir)
     nodes = _local_nodes(num_cpus, address)  # a local run: check the resources with the files (a cluster: once up)
     if spec.design.kind == "search":
@@ -264,6 +275,7 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
         todo.append(d)
     todo = submission_order(todo)  # load must not line up with cells (wall-clock metrics)
     preflight.check(spec, plan, todo, nodes if todo else None)
+    todo = work_units(plan, todo, existing)
     if not todo:
         plan, tracking, paths = prepare(spec, state_dir, plan)
         echo(f"study {spec.name}: {len(plan.trials)} trials; all done")
@@ -272,8 +284,11 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
     with _ray_session(num_cpus, echo, address):
         _check_cluster(spec)
         plan, tracking, paths = prepare(spec, state_dir, plan)
+        n_todo = sum(len([m for m in u.get("members", [u]) if not m.get("done")]) for u in todo)
+        n_train = sum(1 for u in todo if not u.get("checkpoint") and not u.get("members", [u])[0].get("done"))
         echo(f"study {spec.name}: {len(plan.trials)} trials ({len(plan.cells)} cells x {len(spec.seeds)} seeds, "
-             f"design {plan.design}); {skipped} already done, {len(todo)} to run")
+             f"design {plan.design}); {skipped} already done, {n_todo} to run in {n_train} training(s)"
+             + (f" (fixed checkpoint {plan.checkpoint})" if plan.checkpoint else ""))
         if plan.excluded:
             echo(f"  {len(plan.excluded)} cell(s) excluded: " +
                  "; ".join(f"{e['cell']} ({e['reason']})" for e in plan.excluded[:4]) +
@@ -282,7 +297,37 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
         _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped)
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
-    return _finish(spec, plan, tracking, paths, skipped, len(todo), echo, t0)
+    return _finish(spec, plan, tracking, paths, skipped, n_todo, echo, t0)
+
+
+def work_units(plan: Plan, todo: list[dict], existing: dict) -> list[dict]:
+    """The Ray trials of the unfinished trials `todo` (trial dicts, in submission order): one per training of the
+    plan with an unfinished member (`srdit.study.trial.execute_group`'s group: its members in plan order, the
+    training run first, done ones marked "done" with their run id), a plain trial dict for a training of one, one
+    evaluation per trial for a fixed checkpoint."""
+    if plan.checkpoint:
+        return [{"key": t["key"], "training": "", "members": [t], "checkpoint": plan.checkpoint} for t in todo]
+    pending = {t["key"]: t for t in todo}
+    specs = {t.key: t for t in plan.trials}
+    group_of = {k: g for g in plan.trainings for k in g.members}
+    units, seen = [], set()
+    for t in todo:
+        g = group_of.get(t["key"])
+        if g is None or len(g.members) == 1:
+            units.append(t)
+            continue
+        if g.key in seen:
+            continue
+        seen.add(g.key)
+        members = []
+        for k in g.members:
+            if k in pending:
+                members.append(pending[k])
+            else:  # done: kept for its folder and run id (the training run), not run again
+                run = existing[k]
+                members.append({**specs[k].to_dict(), "done": True, "run_id": run.info.run_id})
+        units.append({"key": g.trial_key, "training": g.key, "members": members, "checkpoint": None})
+    return units
 
 
 def _is_loopback() -> bool:
