@@ -148,7 +148,7 @@ def test_plan_reuse_without_a_store_reads_nothing_and_creates_nothing(tmp_path):
     from srdit.study.designs import plan_study
     from srdit.study.spec import load_study
 
-    spec = load_study(write_study(tmp_path / "a.yaml", "a", constraints=[{"wins": "x", "over": "y"}]))
+    spec = load_study(write_study(tmp_path / "a.yaml", "a"))
     out = plan_reuse(spec, plan_study(spec), tmp_path / "state")
     assert out["reused"] == 0 and out["done"] == 0 and "no finished run" in out["line"]
     assert not (tmp_path / "state").exists()
@@ -161,11 +161,12 @@ def test_plan_reuse_without_a_store_reads_nothing_and_creates_nothing(tmp_path):
 TINY_BASE = {"train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 4},
              "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}
 LR_X = {"name": "x", "diff": {"train.lr": 2.0e-3}}
-LR_Y = {"name": "y", "diff": {"train.lr": 3.0e-3}}
+LR_Y = {"name": "y", "diff": {"train.lr": 3.0e-3, "train.grad_clip": 0.5}}
+X_WINS = [{"wins": "x", "over": "y"}]
 
 
 def write_study(path: Path, name: str, techniques=(LR_X, LR_Y), **kw) -> Path:
-    data = {"name": name, "base": TINY_BASE, "techniques": list(techniques), "seeds": [0],
+    data = {"name": name, "base": TINY_BASE, "techniques": list(techniques), "seeds": [0], "constraints": X_WINS,
             "metrics": {"primary": "fd", "direction": "min"}, **kw}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
@@ -182,9 +183,10 @@ def _children(uri: str, parent: str) -> dict:
 
 @pytest.mark.slow
 def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tmp_path, monkeypatch, capsys):
-    """Study a: x (lr 2e-3) and y (lr 3e-3), x wins over y. Study b: the same, but y wins, so exactly one cell
-    (11: x and y on) has another training config. b adopts 00, 10, 01 from a and trains 11; Ray starts only for
-    that. A copy of a under a third name adopts everything without starting Ray; --no-reuse trains again."""
+    """Study a: x (lr 2e-3) and y (lr 3e-3, grad clip 0.5), x wins over y. Study b: the same, but y's lr is 4e-3,
+    which only cell 01 (y alone) sees: exactly one cell has another training config. b adopts 00, 10, 11 from a
+    and trains 01; Ray starts only for that. A copy of a under a third name adopts everything without starting
+    Ray; --no-reuse trains again."""
     from mlflow import MlflowClient
 
     from srdit.study.command import main as study_main
@@ -196,8 +198,9 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
 
     monkeypatch.chdir(tmp_path)
     state = tmp_path / "state"
-    a = load_study(write_study(tmp_path / "a.yaml", "a", constraints=[{"wins": "x", "over": "y"}]))
-    b = load_study(write_study(tmp_path / "b.yaml", "b", constraints=[{"wins": "y", "over": "x"}]))
+    a = load_study(write_study(tmp_path / "a.yaml", "a"))
+    b = load_study(write_study(tmp_path / "b.yaml", "b",
+                               techniques=[LR_X, {"name": "y", "diff": {**LR_Y["diff"], "train.lr": 4.0e-3}}]))
     ra = run_study(a, state, num_cpus=2)
     assert ra.complete and ra.ran == 4 and ra.reused == 0
     uri = ra.uri
@@ -215,7 +218,7 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
     assert any("3 of 4 trials reused from study a" in ln for ln in lines)
     got = _children(uri, rb.parent_run_id)
     assert set(got) == {"00", "10", "01", "11"}
-    for cell in ("00", "10", "01"):
+    for cell in ("00", "10", "11"):
         r, s = got[cell], src[cell]
         t = r.data.tags
         assert t["reused_from"] == s.info.run_id and t["reused_from_study"] == "a" and t["study"] == "b"
@@ -228,9 +231,10 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
                     [(m.step, m.value) for m in client.get_metric_history(s.info.run_id, key)])
         assert {x.path for x in client.list_artifacts(r.info.run_id)} >= {"samples.png", "config.yaml"}
         assert r.data.params["train.lr"] == s.data.params["train.lr"]
-    trained = got["11"].data.tags
-    assert "reused_from" not in trained and trained[TRAINING_KEY] != src["11"].data.tags[TRAINING_KEY]
-    assert got["11"].data.params["train.lr"] == "0.003" and src["11"].data.params["train.lr"] == "0.002"
+    trained = got["01"].data.tags
+    assert "reused_from" not in trained and trained[TRAINING_KEY] != src["01"].data.tags[TRAINING_KEY]
+    assert got["01"].data.params["train.lr"] == "0.004" and src["01"].data.params["train.lr"] == "0.003"
+    assert got["11"].data.params["train.lr"] == "0.002"  # x wins: y's lr does not reach cell 11
     assert any(ln.startswith("Ray:") for ln in lines)  # one trial to train: Ray started
 
     results, _ = load_results(b, state, curves=False, samples=False)
@@ -240,7 +244,7 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
     assert "3 of 4 trials reused from study a" in out and out.count("reused from study a (run ") == 3
 
     # a copy of a under another name: every trial adopted, Ray never started
-    c = load_study(write_study(tmp_path / "c.yaml", "c", constraints=[{"wins": "x", "over": "y"}]))
+    c = load_study(write_study(tmp_path / "c.yaml", "c"))
     lines = []
     rc = run_study(c, state, num_cpus=2, echo=lines.append)
     assert rc.complete and rc.ran == 0 and rc.reused == 4
@@ -248,7 +252,7 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
     assert {cell: r.data.tags["reused_from"] for cell, r in _children(uri, rc.parent_run_id).items()} == \
         {cell: r.info.run_id for cell, r in src.items()}
     # study d (one technique, x): its two cells are a's 00 and 10, but --no-reuse trains them
-    d = load_study(write_study(tmp_path / "d.yaml", "d", techniques=[LR_X]))
+    d = load_study(write_study(tmp_path / "d.yaml", "d", techniques=[LR_X], constraints=[]))
     assert plan_reuse(d, plan_study(d), state)["reused"] == 2
     rd = run_study(d, state, num_cpus=2, reuse=False)
     assert rd.complete and rd.ran == 2 and rd.reused == 0
