@@ -22,18 +22,23 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Protocol, Sequence
 
 import torch
 
-from srdit.cache import save_atomic
-from srdit.config import RunConfig, from_dict, to_dict, to_yaml
+from srdit.cache import save_atomic, write_atomic
+from srdit.config import RunConfig, flatten_dict, from_dict, to_dict, to_yaml
 from srdit.model import build_model
 from srdit.parallel import DataParallel
 from srdit.provenance import provenance
 from srdit.transport.objective import TEACHER_SETTINGS, StepNoise, teacher_widths, training_losses
 
 CHECKPOINT = "checkpoints/last.pt"
+EMA_SNAPSHOT = "checkpoints/ema_step{step:07d}.pt"
+"""The EMA weights at an evaluation step (`train(..., snapshots=True)`): what `evaluate_trained` evaluates a
+further evaluation-time setting from, without training again."""
+TRAIN_LOG = "train_metrics.jsonl"
+"Every training report (loss, throughput; no evaluation) of a run kept with snapshots, one JSON line each."
 EVALS = "evals"
 "Folder of evals/step_N.json: the metrics of each completed evaluation."
 SAMPLES = "samples"
@@ -109,7 +114,25 @@ class TrainResult:
     reason: str
     step: int
     metrics: dict[str, float] = field(default_factory=dict)
+    "Final training metrics and the final evaluation of the run's own config."
     out_dir: Path | None = None
+    train_metrics: dict[str, float] = field(default_factory=dict)
+    "Final training metrics only (last log window, throughput summary)."
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+    "Final evaluation metrics of each extra `Evaluation`, in the order given."
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A further evaluation of the model being trained: the config of a cell that trains the same model (equal
+    `srdit.techniques.training_config`) and differs only in evaluation-time settings (sampler, guidance, label
+    balance, sample count). `train` evaluates the EMA weights under `cfg` at every evaluation step, leaves
+    `out_dir/evals/step_N.json`, the preview grid and config.yaml there, and sends `reporter` the training reports
+    as well as this evaluation's metrics (it stands for a run of that cell)."""
+
+    cfg: RunConfig
+    out_dir: Path
+    reporter: Reporter
 
 
 class CheckpointError(ValueError):
@@ -425,10 +448,7 @@ def init_weights(model: torch.nn.Module, ema: torch.nn.Module, cfg: RunConfig, p
     """Start `model` and `ema` from the EMA weights of the srdit checkpoint `path` (`train.init`); its model
     section must equal `cfg.model` (a parameter-free switch such as the norm would otherwise load silently)."""
     init, init_cfg = model_from_checkpoint(load_checkpoint(path))
-    ours, theirs = to_dict(cfg)["model"], to_dict(init_cfg)["model"]
-    if ours != theirs:
-        diff = [f"model.{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if ours[k] != theirs[k]]
-        raise CheckpointError(f"train.init {path}: another model ({'; '.join(diff[:4])})")
+    check_same_model(cfg, init_cfg, f"train.init {path}")
     state = init.state_dict()
     model.load_state_dict(state)
     ema.load_state_dict(state)
@@ -462,14 +482,22 @@ class _Progress:
 
 
 def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None, resume: bool = True,
-          progress: bool | None = None) -> TrainResult:
+          progress: bool | None = None, evaluations: Sequence[Evaluation] = (),
+          snapshots: bool = False) -> TrainResult:
     """Train `cfg` into `out_dir` (config.yaml, metrics.jsonl, samples.png/.npz, checkpoints/last.pt).
 
     With `resume`, a checkpoint in `out_dir` is continued exactly: same batches, same noise, same weights as the
-    uninterrupted run."""
+    uninterrupted run. `evaluations`: further evaluation-time settings of the same model (see `Evaluation`),
+    evaluated at every evaluation step alongside `cfg`'s own; ValueError when one would train another model.
+    `snapshots`: keep the EMA weights of every evaluation step (`EMA_SNAPSHOT`) and the training reports
+    (`TRAIN_LOG`), from which `evaluate_trained` evaluates another evaluation-time setting later without training.
+    An evaluation step whose record (evals/step_N.json) exists is not evaluated again (a resumed run)."""
     cfg = cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    extra = [Evaluation(e.cfg.validate(), Path(e.out_dir), e.reporter) for e in evaluations]
+    for e in extra:
+        check_same_training(cfg, e.cfg, str(e.out_dir))
     dp = DataParallel.current()
     dp.local_batch(cfg.train.batch_size)  # a clear error before anything is built
     if cfg.data.dataset != "digits" and cfg.eval.reference:
@@ -477,6 +505,8 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
 
         check_evaluation(cfg)  # missing weights or reference: now, not after training
     reporter = (reporter or NullReporter()) if dp.main else NullReporter()
+    if not dp.main:
+        extra = [Evaluation(e.cfg, e.out_dir, NullReporter()) for e in extra]
     tc = cfg.train
     device = resolve_device(tc.device)
     if tc.threads > 0:
@@ -511,9 +541,23 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         for tmp in ckpt_path.parent.glob(f".{ckpt_path.name}.*.tmp"):  # a write killed before its rename
             tmp.unlink(missing_ok=True)
         if step == 0:  # a fresh start: evaluations and metrics left by an earlier run in this folder are not this run's
-            for old in (out / EVALS, out / SAMPLES):
-                shutil.rmtree(old, ignore_errors=True)
+            for folder in [out] + [e.out_dir for e in extra]:
+                for old in (folder / EVALS, folder / SAMPLES):
+                    shutil.rmtree(old, ignore_errors=True)
             (out / METRICS_LOG).unlink(missing_ok=True)
+            (out / TRAIN_LOG).unlink(missing_ok=True)
+            for old in ckpt_path.parent.glob("ema_step*.pt"):
+                old.unlink(missing_ok=True)
+        for e in extra:
+            e.out_dir.mkdir(parents=True, exist_ok=True)
+            (e.out_dir / "config.yaml").write_text(to_yaml(e.cfg))
+    # Training reports reach every run that stands for this training; evaluations only their own config's.
+    train_log = JsonlReporter(out / TRAIN_LOG) if snapshots and dp.main else NullReporter()
+    sinks = [reporter, *(e.reporter for e in extra), train_log]
+
+    def report_training(at: int, metrics: dict[str, float]) -> None:
+        for sink in sinks:
+            sink.report(at, metrics)
 
     def save() -> None:
         if not dp.main:
@@ -523,34 +567,20 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
                       "rng": rng, "data": data.state_dict(), "config": to_dict(cfg), **provenance(device)}, ckpt_path)
 
     # Digits evaluate in memory on rank 0; latent runs (with eval.reference) write sample shards on every rank.
-    evaluates = cfg.data.dataset == "digits" or cfg.eval.reference is not None
+    own = Evaluation(cfg, out, reporter)
+    targets = [t for t in [own, *extra] if evaluates(t.cfg)]
 
-    def evaluate_now() -> dict[str, float]:
-        """Evaluate the EMA weights at this step; rank 0 reports and leaves evals/step_N.json (the record that this
-        evaluation completed). Latent runs sample into samples/step_N (cleared first: shards of other weights or
-        another world size must not mix in), kept for the final step only (50K images are ~10 GB)."""
-        from srdit.evaluate import evaluate
-
-        record = out / EVALS / f"step_{step:07d}.json"
-        folder = out / SAMPLES / f"step_{step:07d}"
-        if dp.main:
-            shutil.rmtree(folder, ignore_errors=True)
-        dp.barrier()
-        metrics: dict[str, float] = {}
-        if cfg.data.dataset != "digits" or dp.main:
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                metrics = evaluate(ema, cfg, device, samples_dir=None if cfg.data.dataset == "digits" else folder)
-        if dp.main:
-            reporter.report(step, metrics)
-            record.parent.mkdir(exist_ok=True)
-            record.write_text(json.dumps(metrics))
-            if step < tc.steps:
-                shutil.rmtree(folder, ignore_errors=True)
-        dp.barrier()
-        return metrics
+    def evaluate_now() -> list[dict[str, float]]:
+        """Evaluate the EMA weights at this step under every target config (`evaluate_target`), keeping a snapshot
+        of them first when asked. Returns the metrics of each target (own config first when it evaluates)."""
+        if snapshots and dp.main:
+            snap = out / EMA_SNAPSHOT.format(step=step)
+            if not snap.is_file():
+                save_atomic({"ema": ema.state_dict(), "step": step, "config": to_dict(cfg)}, snap)
+        return [evaluate_target(ema, t, step, step < tc.steps, device, dp) for t in targets]
 
     def evaluation_due() -> bool:
-        return evaluates and bool(tc.eval_every) and step % tc.eval_every == 0 and 0 < step < tc.steps
+        return bool(targets) and bool(tc.eval_every) and step % tc.eval_every == 0 and 0 < step < tc.steps
 
     net = model
     if dp.active:
@@ -574,8 +604,8 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         status, reason, step = "diverged", f"non-finite {what} at step {bad_step}", bad_step - 1
         return True
 
-    if evaluation_due() and not (out / EVALS / f"step_{step:07d}.json").is_file():
-        evaluate_now()  # resumed from a checkpoint whose evaluation was interrupted
+    if evaluation_due():
+        evaluate_now()  # resumed from a checkpoint whose evaluation was interrupted (done ones are read back)
     model.train()
     try:
         while step < tc.steps:
@@ -590,7 +620,7 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
                 dt = time.perf_counter() - t_window
                 last = means | {"steps_per_s": count / dt, "images_per_s": count * tc.batch_size / dt}
                 windows.append((step, last["steps_per_s"], last["images_per_s"]))
-                reporter.report(step, last)
+                report_training(step, last)
                 bar.update(step, f"loss {last['loss']:.4f}  {last['steps_per_s']:.1f} it/s  "
                                  f"{last['images_per_s']:.0f} img/s")
                 t_window = time.perf_counter()
@@ -612,14 +642,81 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         bar.close()
 
     if status != "finished":
-        reporter.report(step, {"diverged_step" if status == "diverged" else "oom_step": float(step + 1)})
-        return _result(out, dp, status, reason, step, dict(last))
+        report_training(step, {"diverged_step" if status == "diverged" else "oom_step": float(step + 1)})
+        return _result(out, dp, cfg, status, reason, step, dict(last), dict(last), [{} for _ in extra])
     last |= throughput_summary(windows, tc.steps)
     save()
-    final: dict[str, float] = {}
-    if evaluates:
-        final = evaluate_now()
-    if dp.main and (cfg.data.dataset == "digits" or cfg.data.tokenizer):  # latents: decoded with data.tokenizer
+    if snapshots and dp.main:  # the throughput summary is a training report too (what a later evaluation copies)
+        train_log.report(step, {k: last[k] for k in ("steps_per_s_median", "images_per_s_median",
+                                                      "throughput_windows") if k in last})
+    finals = dict(zip((id(t) for t in targets), evaluate_now())) if targets else {}
+    for t in [own, *extra]:
+        if dp.main:
+            finish_outputs(ema, t, device)
+    final = finals.get(id(own), {})
+    return _result(out, dp, cfg, status, reason, step, {**last, **final}, dict(last),
+                   [finals.get(id(e), {}) for e in extra])
+
+
+def evaluates(cfg: RunConfig) -> bool:
+    """Whether runs of `cfg` evaluate: digits always (in memory), latent runs when eval.reference is set."""
+    return cfg.data.dataset == "digits" or cfg.eval.reference is not None
+
+
+def check_same_training(cfg: RunConfig, other: RunConfig, where: str) -> None:
+    """ValueError unless `other` trains the same model as `cfg` (equal `srdit.techniques.training_config`)."""
+    from srdit.techniques import training_config
+
+    a, b = training_config(to_dict(cfg)), training_config(to_dict(other))
+    if a != b:
+        diff = sorted(k for k in set(flatten_dict(a)) | set(flatten_dict(b))
+                      if flatten_dict(a).get(k) != flatten_dict(b).get(k))
+        raise ValueError(f"{where}: its config trains another model than this training (differs in "
+                         f"{', '.join(diff[:4])}); only sample.* / eval.* settings and evaluation-time techniques "
+                         f"may differ")
+
+
+def evaluate_target(ema: torch.nn.Module, target: Evaluation, step: int, intermediate: bool,
+                    device: torch.device, dp: DataParallel = DataParallel()) -> dict[str, float]:
+    """Evaluate `ema` under `target.cfg` at `step` (srdit.evaluate.evaluate); rank 0 reports to `target.reporter`
+    and leaves evals/step_N.json in `target.out_dir` (the record that this evaluation completed: when it exists,
+    its metrics are reported again instead of evaluating twice). Latent runs sample into samples/step_N (cleared
+    first: shards of other weights or another world size must not mix in), kept for the final step only (50K
+    images are ~10 GB)."""
+    from srdit.evaluate import evaluate
+
+    record = target.out_dir / EVALS / f"step_{step:07d}.json"
+    done = record.is_file()  # every rank sees the same folder (rank 0 wrote it before a barrier)
+    dp.barrier()
+    if done:
+        metrics = json.loads(record.read_text())
+        if dp.main:
+            target.reporter.report(step, metrics)
+        return metrics
+    cfg = target.cfg
+    folder = target.out_dir / SAMPLES / f"step_{step:07d}"
+    if dp.main:
+        shutil.rmtree(folder, ignore_errors=True)
+    dp.barrier()
+    metrics: dict[str, float] = {}
+    if cfg.data.dataset != "digits" or dp.main:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            metrics = evaluate(ema, cfg, device, samples_dir=None if cfg.data.dataset == "digits" else folder)
+    if dp.main:
+        target.reporter.report(step, metrics)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(record, lambda f: f.write(json.dumps(metrics).encode()))
+        if intermediate:
+            shutil.rmtree(folder, ignore_errors=True)
+    dp.barrier()
+    return metrics
+
+
+def finish_outputs(ema: torch.nn.Module, target: Evaluation, device: torch.device) -> None:
+    """The end of a run of `target.cfg` (rank 0): the 100-image preview grid (samples.png) and config.yaml as
+    artifacts of its reporter."""
+    cfg, out, reporter = target.cfg, target.out_dir, target.reporter
+    if cfg.data.dataset == "digits" or cfg.data.tokenizer:  # latents: decoded with data.tokenizer
         from srdit.generate import generate, to_images
         from srdit.imaging import save_samples
 
@@ -632,13 +729,109 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
             reporter.artifact(png)
     if hasattr(reporter, "artifact"):
         reporter.artifact(out / "config.yaml")
-    return _result(out, dp, status, reason, step, {**last, **final})
 
 
-def _result(out: Path, dp: DataParallel, status: str, reason: str, step: int, metrics: dict) -> TrainResult:
+def snapshot_steps(run_dir: str | Path) -> list[int]:
+    """Steps of the EMA snapshots a run kept (`train(..., snapshots=True)`), ascending."""
+    folder = Path(run_dir) / Path(EMA_SNAPSHOT).parent
+    return sorted(int(p.stem[len("ema_step"):]) for p in folder.glob("ema_step*.pt") if p.stem[8:].isdigit())
+
+
+def evaluate_trained(run_dir: str | Path, cfg: RunConfig, out_dir: str | Path,
+                     reporter: Reporter | None = None) -> TrainResult:
+    """Evaluate a finished training (a `train(..., snapshots=True)` folder) under `cfg`, an evaluation-time variant
+    of it (equal `srdit.techniques.training_config`), without training: `reporter` gets the training reports
+    (`TRAIN_LOG`) and the evaluation of every kept EMA snapshot under `cfg`, the same numbers the training would
+    have reported for it had `cfg` been one of its `evaluations`. A training that diverged or ran out of memory
+    gives its status, reason and curve. Evaluations already recorded in `out_dir/evals` are reported from their
+    record, not redone. ValueError when `run_dir` holds no finished training or `cfg` trains another model."""
+    src, out = Path(run_dir), Path(out_dir)
+    cfg = cfg.validate()
+    if not (src / "result.json").is_file():
+        raise ValueError(f"{src}: no finished training here (result.json missing); train it first")
+    res = json.loads((src / "result.json").read_text())
+    if "config" not in res:
+        raise ValueError(f"{src}: result.json does not record its config (written by an older srdit); train it again")
+    trained = from_dict(RunConfig, res["config"])
+    check_same_training(trained, cfg, str(out))
+    reporter = reporter or NullReporter()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    log = src / TRAIN_LOG
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                row = json.loads(line)
+                reporter.report(int(row.pop("step")), row)
+    train_metrics = dict(res.get("train_metrics", {}))
+    if res["status"] != "finished":
+        return TrainResult(res["status"], res["reason"], int(res["step"]), train_metrics, out, train_metrics)
+    device = resolve_device(cfg.train.device)
+    target = Evaluation(cfg, out, reporter)
+    final: dict[str, float] = {}
+    ema = None
+    steps = snapshot_steps(src) if evaluates(cfg) else []
+    if evaluates(cfg) and int(res["step"]) not in steps:
+        raise ValueError(f"{src}: no EMA snapshot of the final step {res['step']} (trained without snapshots?)")
+    for at in steps:
+        ema = load_snapshot(src, at, trained, device)
+        final = evaluate_target(ema, target, at, at < int(res["step"]), device)
+    if ema is None:
+        ema = load_snapshot(src, int(res["step"]), trained, device)
+    finish_outputs(ema, target, device)
+    return TrainResult("finished", "", int(res["step"]), {**train_metrics, **final}, out, train_metrics, [])
+
+
+def evaluate_checkpoint(path: str | Path, cfg: RunConfig, out_dir: str | Path,
+                        reporter: Reporter | None = None) -> TrainResult:
+    """Evaluate the EMA weights of the checkpoint `path` (`srdit train` or `srdit convert` output) under `cfg`'s
+    sample and eval settings, at the checkpoint's step, into `out_dir` (evals/, samples.png, config.yaml): a fixed
+    checkpoint's evaluation arm. CheckpointError when it is not an srdit checkpoint or its model section differs
+    from `cfg.model`."""
+    cfg = cfg.validate()
+    ckpt = load_checkpoint(path)
+    model, trained = model_from_checkpoint(ckpt)
+    check_same_model(cfg, trained, f"checkpoint {path}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(to_yaml(cfg))
+    device = resolve_device(cfg.train.device)
+    model = model.to(device).requires_grad_(False)
+    target = Evaluation(cfg, out, reporter or NullReporter())
+    step = int(ckpt["step"])
+    final = evaluate_target(model, target, step, False, device) if evaluates(cfg) else {}
+    finish_outputs(model, target, device)
+    return TrainResult("finished", "", step, final, out)
+
+
+def check_same_model(cfg: RunConfig, other: RunConfig, what: str) -> None:
+    """CheckpointError unless the model sections agree (a parameter-free switch such as the norm would otherwise
+    load silently)."""
+    ours, theirs = to_dict(cfg)["model"], to_dict(other)["model"]
+    if ours != theirs:
+        diff = [f"model.{k}: {theirs[k]!r} there, {ours[k]!r} here" for k in ours if ours[k] != theirs.get(k)]
+        raise CheckpointError(f"{what}: another model ({'; '.join(diff[:4])})")
+
+
+def load_snapshot(run_dir: str | Path, step: int, cfg: RunConfig, device: torch.device) -> torch.nn.Module:
+    """The EMA model of a run's snapshot at `step` (final step: checkpoints/last.pt when no snapshot was kept)."""
+    path = Path(run_dir) / EMA_SNAPSHOT.format(step=step)
+    if not path.is_file():
+        path = Path(run_dir) / CHECKPOINT
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if int(ckpt["step"]) != step:
+        raise ValueError(f"{path}: holds step {ckpt['step']}, not {step}")
+    model = build_model(cfg.model)
+    model.load_state_dict(ckpt["ema"], strict=True)
+    return model.to(device).requires_grad_(False).eval()
+
+
+def _result(out: Path, dp: DataParallel, cfg: RunConfig, status: str, reason: str, step: int, metrics: dict,
+            train_metrics: dict, evaluations: list[dict]) -> TrainResult:
     """The run's outcome, also left in result.json (rank 0) for whoever launched it. Ranks leave together."""
     dp.barrier()
     if dp.main:
         (out / "result.json").write_text(json.dumps({"status": status, "reason": reason, "step": step,
-                                                     "metrics": metrics}, indent=1))
-    return TrainResult(status, reason, step, metrics, out)
+                                                     "metrics": metrics, "train_metrics": train_metrics,
+                                                     "config": to_dict(cfg)}, indent=1))
+    return TrainResult(status, reason, step, metrics, out, train_metrics, evaluations)

@@ -55,6 +55,7 @@ def _study_parser() -> argparse.ArgumentParser:
     pl.add_argument("--concurrency", type=int, default=None, help="trials at once (default: cores / cpus per trial)")
     pl.add_argument("--state", default=DEFAULT_STATE,
                     help="state folder whose MLflow store is searched for reusable finished runs (read only)")
+    pl.add_argument("--no-share", action="store_true", help="plan one training per trial (as `study run --no-share`)")
     for name, help_ in (("run", "run every unfinished trial"), ("resume", "finish an interrupted study (= run)")):
         r = sub.add_parser(name, help=help_)
         r.add_argument("study")
@@ -62,6 +63,9 @@ def _study_parser() -> argparse.ArgumentParser:
         r.add_argument("--retry-failed", action="store_true",
                        help="also rerun trials that ended diverged or oom (crashed trials are always rerun)")
         r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+        r.add_argument("--no-share", action="store_true",
+                       help="train every trial, also those that differ from another only in evaluation-time "
+                            "settings (default: they share one training)")
         r.add_argument("--address", default=None,
                        help="Ray cluster to run on (default: $RAY_ADDRESS, else a private local Ray on 127.0.0.1)")
         r.add_argument("--no-reuse", action="store_true",
@@ -128,7 +132,7 @@ def _plan(args) -> int:
     from srdit.study.spec import load_study
 
     spec = load_study(args.study)
-    plan = plan_study(spec)
+    plan = plan_study(spec, share=not args.no_share)
     from srdit.study import preflight
 
     sps = args.steps_per_s or ASSUMED_STEPS_PER_S
@@ -158,7 +162,7 @@ def _run(args) -> int:
     spec = load_study(args.study)
     from srdit.study.designs import plan_study
 
-    plan = plan_study(spec)  # plan errors are input errors: raise before anything starts
+    plan = plan_study(spec, share=not args.no_share)  # plan errors are input errors: raise before anything starts
     from srdit.study.lock import study_lock
     from srdit.study.preflight import PreflightError
 

@@ -50,7 +50,7 @@ def _worker_loop(loop: dict) -> None:
     main = ray.train.get_context().get_world_rank() == 0
     reporter = TrialReporter(ChildRun(loop["uri"], loop["run_id"], reused=True), to_tune=False) if main else None
     try:
-        res = train(cfg, loop["out_dir"], reporter, resume=True, progress=False)
+        res = train(cfg, loop["out_dir"], reporter, resume=True, progress=False, snapshots=True)
     except Exception as e:  # a deterministic failure of this trial: record it, then fail the group
         from srdit.study.trial import _one_line, is_oom
 

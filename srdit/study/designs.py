@@ -20,7 +20,7 @@ import numpy as np
 
 from srdit.config import ConfigError, RunConfig, to_dict
 from srdit.study.spec import StudySpec, check_resources, win_pairs
-from srdit.techniques import with_techniques
+from srdit.techniques import TECHNIQUES, key_stage, training_config, with_techniques
 
 # Cost-estimate assumptions for `srdit study plan` (measured on the 2-core CI box, debug model, 1 thread per trial).
 ASSUMED_STEPS_PER_S = 7.0
@@ -58,6 +58,38 @@ class TrialSpec:
                 "params": dict(self.params)}
 
 
+@dataclass(frozen=True)
+class Training:
+    """One training of a study: the trials (cell x seed) whose resolved configs train the same model (equal
+    `srdit.techniques.training_config`, seed included). It trains once, in the folder of its first member (the
+    training run); every member is evaluated under its own sample / eval settings and keeps its own child run."""
+
+    key: str
+    "sha1 of the training config (10 hex digits): equal keys train the same model."
+    members: tuple[str, ...]
+    "Trial keys of the members, in plan order; the first one's trial folder holds the checkpoint."
+
+    @property
+    def trial_key(self) -> str:
+        """The member whose trial folder holds the checkpoint (the training run)."""
+        return self.members[0]
+
+
+def training_key(config: dict) -> str:
+    """sha1 of a resolved config's training part (`srdit.techniques.training_config`), 10 hex digits."""
+    return hashlib.sha1(json.dumps(training_config(config), sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def group_trainings(trials: Sequence[TrialSpec], share: bool = True) -> list[Training]:
+    """Trials grouped by their training config (`share`), else one training each (`study run --no-share`)."""
+    if not share:
+        return [Training(training_key(t.config), (t.key,)) for t in trials]
+    groups: dict[str, list[str]] = {}
+    for t in trials:
+        groups.setdefault(training_key(t.config), []).append(t.key)
+    return [Training(k, tuple(v)) for k, v in groups.items()]
+
+
 @dataclass
 class Plan:
     study: str
@@ -79,31 +111,63 @@ class Plan:
     base_config: dict = field(default_factory=dict)
     gpus_per_trial: float = 0
     "From the study's resources; with GPUs the plan also estimates GPU-hours from the model's MACs."
+    trainings: list[Training] = field(default_factory=list)
+    """The distinct trainings of the trials (grid designs); one per trial when sharing is off or every trial trains
+    another model; empty for a search (chosen while it runs) and for a fixed-checkpoint study (nothing trains)."""
+    checkpoint: str | None = None
+    "A fixed-checkpoint study: the checkpoint every trial evaluates (no training)."
+
+    def _configs(self) -> list[dict]:
+        return [t.config for t in self.trials] or [self.base_config] * self.search_budget
+
+    def _trained(self) -> list[dict]:
+        """The configs that train: one per training (a search: each sample; a fixed checkpoint: none)."""
+        if self.checkpoint:
+            return []
+        if not self.trials:
+            return self._configs()
+        by_key = {t.key: t.config for t in self.trials}
+        return [by_key[g.trial_key] for g in self.trainings] if self.trainings else self._configs()
 
     def gpu_estimate(self) -> dict | None:
+        """GPU-hours from the model's MACs (srdit.study.compute): trainings (steps, each once) and evaluations
+        (sampling of every trial at each of its evaluation steps) counted apart."""
         if not self.gpus_per_trial:
             return None
         from srdit.study.compute import gpu_hours
 
-        est = gpu_hours([t.config for t in self.trials] or [self.base_config] * self.search_budget)
+        configs, trained = self._configs(), self._trained()
+        est = gpu_hours(configs)
+        evals = gpu_hours(configs, train=False, final_only=bool(self.checkpoint))
+        train = gpu_hours(trained, evaluate=False) if trained else {"gpu_hours": 0.0, "pflops": 0.0}
+        total = round(train["gpu_hours"] + evals["gpu_hours"], 1)
         # elapsed time follows from the GPU-hours: each trial holds its GPUs for its GPU-hours / GPUs per trial
-        return {**est, "gpus_per_trial": self.gpus_per_trial,
-                "wall_hours_one_at_a_time": round(est["gpu_hours"] / self.gpus_per_trial, 1)}
+        return {**est, "gpu_hours": total, "pflops": round(train["pflops"] + evals["pflops"], 3),
+                "training_gpu_hours": train["gpu_hours"], "evaluation_gpu_hours": evals["gpu_hours"],
+                "gpu_hours_unshared": est["gpu_hours"], "gpus_per_trial": self.gpus_per_trial,
+                "wall_hours_one_at_a_time": round(total / self.gpus_per_trial, 1)}
 
     def cost(self, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrency: int = 1) -> dict:
-        """Steps x trials and a wall-time estimate under stated throughput assumptions."""
-        configs = [t.config for t in self.trials] or [self.base_config] * self.search_budget
-        steps = sum(c["train"]["steps"] for c in configs)
-        trial_s = 0.0
+        """Training steps and a wall-time estimate under stated throughput assumptions. Trainings and evaluations
+        are counted apart: a shared training costs its steps once, and each of its members its sampling and
+        metrics only; an evaluation of a fixed checkpoint evaluates once (its step) and starts a trial."""
+        configs, trained = self._configs(), self._trained()
+        steps = sum(c["train"]["steps"] for c in trained)
+        train_s = sum(c["train"]["steps"] / steps_per_s + ASSUMED_TRIAL_OVERHEAD_S for c in trained)
+        eval_s = 0.0
         for c in configs:
             tr, ev, sa = c["train"], c["eval"], c["sample"]
-            n_evals = (tr["steps"] - 1) // tr["eval_every"] + 1 if tr["eval_every"] else 1
+            n_evals = 1 if self.checkpoint else (tr["steps"] - 1) // tr["eval_every"] + 1 if tr["eval_every"] else 1
             knfe = (n_evals * ev["n_samples"] + 100) * sa["steps"] / 1000  # + the 100-image preview grid
-            trial_s += tr["steps"] / steps_per_s + knfe * ASSUMED_EVAL_S_PER_KNFE + ASSUMED_TRIAL_OVERHEAD_S
-        conc = max(1, min(concurrency, len(configs) or 1))
+            eval_s += knfe * ASSUMED_EVAL_S_PER_KNFE + (ASSUMED_TRIAL_OVERHEAD_S if self.checkpoint else 0.0)
+        trial_s = train_s + eval_s
+        units = len(trained) if trained else len(configs)  # Ray trials: one per training (or evaluation)
+        conc = max(1, min(concurrency, units or 1))
         wall = ASSUMED_STUDY_OVERHEAD_S + trial_s / conc
-        return {"trials": len(configs), "total_steps": steps, "trial_seconds": round(trial_s, 1),
-                "concurrency": conc, "wall_seconds": round(wall, 1),
+        return {"trials": len(configs), "trainings": len(trained), "evaluations": len(configs),
+                "total_steps": steps, "unshared_steps": sum(c["train"]["steps"] for c in configs),
+                "training_seconds": round(train_s, 1), "evaluation_seconds": round(eval_s, 1),
+                "trial_seconds": round(trial_s, 1), "concurrency": conc, "wall_seconds": round(wall, 1),
                 "assumptions": f"{steps_per_s:g} steps/s per trial, {ASSUMED_EVAL_S_PER_KNFE:g} s per 1000 sampler "
                                f"evaluations, {ASSUMED_TRIAL_OVERHEAD_S:g} s start-up per trial, "
                                f"{ASSUMED_STUDY_OVERHEAD_S:g} s per study, {conc} trial(s) at once"}
@@ -117,6 +181,9 @@ class Plan:
                 "full" if math.isinf(self.resolution) else int(self.resolution)),
             "ladder_order": self.ladder_order, "notes": self.notes,
             "trials": [{"key": t.key, "cell": t.cell, "seed": t.seed, "techniques": list(t.on)} for t in self.trials],
+            "trainings": [{"key": g.key, "training_run": g.trial_key, "members": list(g.members)}
+                          for g in self.trainings],
+            "checkpoint": self.checkpoint,
             "cost": self.cost(steps_per_s, concurrency),
             "gpu": self.gpu_estimate(),
         }
@@ -264,9 +331,10 @@ def resolve_config(spec: StudySpec, on: Sequence[str], seed: int, knobs: dict[st
     """base + the merged diffs of `on` (srdit.techniques.merge_diffs: shared keys take the `wins` technique's value;
     searched `knobs` apply to techniques that are on) with train.seed = seed, validated, and checked against the
     study's resources (`check_resources`): every cell's config, not only the base. Raises ConfigError."""
+    seeds = {"train.seed": seed, **({"eval.seed": seed} if spec.checkpoint else {})}  # a fixed model: the seed draws
     cfg = with_techniques(spec.base, [spec.factor(n).technique for n in on], wins=win_pairs(spec.constraints),
                           searched=knobs, off=[n for n in spec.factor_names if n not in on],
-                          extra={"train.seed": seed})
+                          extra=seeds)
     check_resources(cfg, spec.resources)
     return cfg
 
@@ -320,8 +388,29 @@ def design_cells(spec: StudySpec) -> tuple[list[tuple[str, ...]], dict]:
     return sets, info
 
 
-def plan_study(spec: StudySpec) -> Plan:
-    """Cells, excluded cells (with reasons) and the trial list (cell x seed). Raises ConfigError on plan errors."""
+def check_fixed_checkpoint(spec: StudySpec) -> None:
+    """A fixed-checkpoint study evaluates one trained model: ConfigError naming a factor that would train another
+    (a training-time technique, or a knob override that writes a training-time key), or a search design."""
+    if not spec.checkpoint:
+        return
+    where = f"{spec.path or spec.name}: checkpoint"
+    if spec.design.kind == "search":
+        raise ConfigError(f"{where}: a fixed checkpoint is evaluated, not searched; use a grid design "
+                          f"(full_factorial, fractional_factorial, ladder, leave_one_out)")
+    for f in spec.factors:
+        keys = [k for k in f.technique.diff if key_stage(k) == "train"]
+        if f.technique.stage != "eval" or keys:
+            raise ConfigError(f"{where}: technique {f.name} changes the training ({', '.join(keys[:3]) or 'model'}),"
+                              f" but every cell evaluates the fixed checkpoint {spec.checkpoint}; only evaluation-time "
+                              f"techniques may be factors ({', '.join(n for n, x in TECHNIQUES.items() if x.stage == 'eval')}"
+                              f", or custom diffs of sample.* / eval.* keys)")
+
+
+def plan_study(spec: StudySpec, share: bool = True) -> Plan:
+    """Cells, excluded cells (with reasons), the trial list (cell x seed) and its trainings: trials with equal
+    training configs share one training (`share`; off: one training per trial); a fixed-checkpoint study trains
+    nothing. Raises ConfigError on plan errors."""
+    check_fixed_checkpoint(spec)
     sets, info = design_cells(spec)
     cells: list[Cell] = []
     excluded: list[dict] = []
@@ -352,11 +441,18 @@ def plan_study(spec: StudySpec) -> Plan:
     elif not cells:
         raise ConfigError(f"{spec.path or spec.name}: every cell of the design is excluded: "
                           + "; ".join(f"{e['cell']}: {e['reason']}" for e in excluded[:3]))
+    trainings = [] if spec.checkpoint else group_trainings(trials, share)
+    if spec.checkpoint:
+        notes.append(f"fixed checkpoint {spec.checkpoint}: nothing trains; every trial evaluates it, and a seed is "
+                     f"the evaluation's (eval.seed)")
+    elif trials and not share:
+        notes.append("sharing off (--no-share): every trial trains its own model")
     return Plan(spec.name, spec.design.label, spec.factor_names, cells, excluded, trials,
                 aliases=info.get("aliases", {}), defining_relation=info.get("defining_relation", []),
                 resolution=info.get("resolution"), ladder_order=info.get("ladder_order"), notes=notes,
                 search_budget=spec.design.trials if spec.design.kind == "search" else 0,
-                base_config=to_dict(spec.base), gpus_per_trial=spec.resources.gpus)
+                base_config=to_dict(spec.base), gpus_per_trial=spec.resources.gpus, trainings=trainings,
+                checkpoint=spec.checkpoint)
 
 
 def submission_order(trials: Sequence[Any]) -> list[Any]:
@@ -413,6 +509,9 @@ def format_plan(plan: Plan, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrenc
     if plan.trials or plan.search_budget:
         if plan.trials:
             lines.append(f"trials: {cost['trials']} ({len(plan.cells)} cells x {len(seeds)} seeds {seeds})")
+            instead = "one per trial" if cost["trainings"] == cost["trials"] else f"instead of {cost['trials']}"
+            lines.append(f"trainings: {cost['trainings']} ({instead}), evaluations: {cost['evaluations']}"
+                         + _saved(plan, cost))
         else:
             lines.append(f"trials: {cost['trials']} (search budget)")
         gpu = plan.gpu_estimate()
@@ -425,11 +524,25 @@ def format_plan(plan: Plan, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrenc
             lines.append(f"cost: {cost['total_steps']} training steps in all")
             lines.append(f"compute: {gpu['pflops']:g} PFLOP (training + evaluation sampling, from the model's MACs); "
                          f"about {gpu['gpu_hours']:g} GPU-hours in all (GPU-hours = GPUs x hours, summed over the "
-                         f"{n} trials) at {gpu['assumption']}")
+                         f"{cost['trainings']} trainings and {n} evaluations: {gpu['training_gpu_hours']:g} training, "
+                         f"{gpu['evaluation_gpu_hours']:g} evaluation; {gpu['gpu_hours_unshared']:g} if every trial "
+                         f"trained) at {gpu['assumption']}")
             lines.append(f"wall: about {h:g} h elapsed with one trial at a time on {g:g} GPU(s) (each trial holds "
                          f"{g:g} GPU(s): GPU-hours / {g:g}); k trials at once on k x {g:g} GPUs take about "
                          f"{h:g} / k h")
     return "\n".join(lines)
+
+
+def _saved(plan: Plan, cost: dict) -> str:
+    """What sharing saves, for the plan's trainings line."""
+    if plan.checkpoint:
+        return f"; nothing trains: every trial evaluates the fixed checkpoint {plan.checkpoint}"
+    saved = cost["unshared_steps"] - cost["total_steps"]
+    if not saved:
+        return ""
+    return (f"; sharing saves {cost['trials'] - cost['trainings']} trainings ({saved} of "
+            f"{cost['unshared_steps']} training steps): trials that differ only in evaluation-time settings are "
+            f"evaluated from one training")
 
 
 def _fmt_s(s: float) -> str:

@@ -84,6 +84,10 @@ def input_and_metric_problems(spec: StudySpec, plan, trials: Iterable[Mapping] |
         datasets.add(cfg.data.dataset)
     n = len(configs)
     out = [p if k == n or n == 1 else f"{p} ({k} of {n} trials)" for p, k in seen.items()]
+    if spec.checkpoint:  # a fixed-checkpoint study: the file every trial evaluates
+        from srdit.inputs import checkpoint_problems
+
+        out += [str(p) for p in checkpoint_problems(spec.checkpoint, spec.base, cwd)]
     if reported is not None:
         for role, names in (("metrics.primary", [spec.metrics.primary]), ("metrics.others", list(spec.metrics.others))):
             for m in names:

@@ -180,13 +180,15 @@ def _progress_callback(total: int, done_before: int, echo: Callable[[str], None]
             if ctx is None or t is None or not is_oom(error) or t["key"] in self.oom:
                 return t is not None and t["key"] in self.oom
             reason = "killed for memory by Ray: " + " ".join(error.split())[:400]
+            members = [m for m in t.get("members", [t]) if not m.get("done")]  # a shared training: every member
             try:
-                record_outcome(t, ctx, "oom", reason)
+                for m in members:
+                    record_outcome(m, ctx, "oom", reason)
             except Exception as e:  # noqa: BLE001 - the driver goes on; the trial stays unfinished
                 echo(f"  {t['key']}: could not record oom ({type(e).__name__}: {e})")
                 return False
             self.oom.add(t["key"])
-            self.n += 1
+            self.n += len(members)
             echo(progress_line(self.n, total, t["key"], {"status": "oom", "reason": reason[:120]}, primary))
             return True
 
@@ -200,8 +202,10 @@ def _progress_callback(total: int, done_before: int, echo: Callable[[str], None]
             if r.get("status") == "excluded":
                 echo(f"  search sample excluded: {r.get('reason', '')}")
                 return
-            self.n += 1
-            echo(progress_line(self.n, total, r.get("trial_key") or trial.trial_id, r, primary))
+            n = int(r.get("members_done", 1))
+            self.n += n
+            shared = f" (+{n - 1} evaluation(s) of the same training)" if n > 1 else ""
+            echo(progress_line(self.n, total, (r.get("trial_key") or trial.trial_id) + shared, r, primary))
 
         def on_trial_error(self, iteration, trials, trial, **info):
             if self._record_oom(trial):
@@ -243,18 +247,27 @@ def _existing_children(spec: StudySpec, state_dir: str | Path) -> dict:
 
 def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = False, num_cpus: int | None = None,
               max_failures: int = MAX_FAILURES, echo: Callable[[str], None] | None = None,
-              plan: Plan | None = None, address: str | None = None, reuse: bool = True) -> StudyRun:
+              plan: Plan | None = None, address: str | None = None, share: bool = True,
+              reuse: bool = True) -> StudyRun:
     """Run (or resume) every unfinished trial of the study; returns a summary. Ray is started when not running
     (the cluster at `address` / RAY_ADDRESS, else a private local Ray on loopback) and some trial is left to run.
 
     With `reuse` (the default; grid designs), a trial without a run in this study whose run key matches a finished
-    run in the store is adopted from it first (`srdit.study.reuse.adopt`) and not run.
+    run in the store is adopted from it first (`srdit.study.reuse.adopt`) and not run; a training whose training
+    key matches a finished training of the store (kept with snapshots) is not trained again: its members are
+    evaluated from that training's folder (`srdit.study.trial.evaluate_from`).
+
+    One Ray trial per training of the plan (`Plan.trainings`): trials whose configs train the same model train
+    once and are evaluated under each member's settings (`srdit.study.trial.execute_group`); `share=False`
+    (`--no-share`; ignored when `plan` is given) trains every trial. A fixed-checkpoint study runs one
+    evaluation trial per trial. A group whose members are all done is skipped; a partly done one evaluates only
+    its missing members.
 
     Raises `PreflightError` (nothing recorded, no trial started) when an input of a trial to run is missing, a
     study metric is not reported by its runs, or a trial cannot fit the cluster."""
     echo = echo or (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
-    plan = plan or plan_study(spec)
+    plan = plan or plan_study(spec, share=share)
     existing = _existing_children(spec, state_dir)
     nodes = _local_nodes(num_cpus, address)  # a local run: check the resources with the files (a cluster: once up)
     if spec.design.kind == "search":
@@ -279,6 +292,10 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
         prepared = plan, tracking, paths = prepare(spec, state_dir, plan)
         adopted = _adopt(spec, plan, tracking, paths, sources, echo)
         skipped += adopted
+        existing = _existing_children(spec, state_dir)  # adopted runs are done members of their trainings
+    todo = work_units(plan, todo, existing)
+    if reuse and todo:
+        todo = from_finished_trainings(spec, state_dir, todo, echo)
     if not todo:
         plan, tracking, paths = prepared or prepare(spec, state_dir, plan)
         echo(f"study {spec.name}: {len(plan.trials)} trials; all done")
@@ -287,8 +304,12 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
     with _ray_session(num_cpus, echo, address):
         _check_cluster(spec)
         plan, tracking, paths = prepare(spec, state_dir, plan)
+        n_todo = sum(len([m for m in u.get("members", [u]) if not m.get("done")]) for u in todo)
+        n_train = sum(1 for u in todo if not u.get("checkpoint") and not u.get("source")
+                      and not u.get("members", [u])[0].get("done"))
         echo(f"study {spec.name}: {len(plan.trials)} trials ({len(plan.cells)} cells x {len(spec.seeds)} seeds, "
-             f"design {plan.design}); {skipped} already done, {len(todo)} to run")
+             f"design {plan.design}); {skipped} already done, {n_todo} to run in {n_train} training(s)"
+             + (f" (fixed checkpoint {plan.checkpoint})" if plan.checkpoint else ""))
         if plan.excluded:
             echo(f"  {len(plan.excluded)} cell(s) excluded: " +
                  "; ".join(f"{e['cell']} ({e['reason']})" for e in plan.excluded[:4]) +
@@ -297,7 +318,7 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
         _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped)
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
-    return _finish(spec, plan, tracking, paths, skipped, len(todo), echo, t0, adopted)
+    return _finish(spec, plan, tracking, paths, skipped, n_todo, echo, t0, adopted)
 
 
 def reuse_sources(spec: StudySpec, state_dir: str | Path, trials: list[dict]) -> dict:
@@ -331,6 +352,76 @@ def _adopt(spec, plan, tracking, paths, sources: dict, echo) -> int:
     echo(f"study {spec.name}: {format_reused(counts, len(plan.trials))} (finished runs with the same run key: "
          f"training config, data, code and evaluation settings; `--no-reuse` trains them again)")
     return n
+
+
+def from_finished_trainings(spec: StudySpec, state_dir: str | Path, units: list[dict], echo) -> list[dict]:
+    """Work units (`work_units`) whose training has not started in this study but whose training key matches a
+    finished training in the store, kept with its EMA snapshots and reachable from here: turned into evaluation
+    units (`source`: that training's folder; `execute_group` evaluates every member from it, no training)."""
+    from srdit.study.reuse import TRAINING_KEY, content_keys, find_sources
+    from srdit.train import snapshot_steps
+
+    fresh = [u for u in units if not u.get("checkpoint") and not u.get("members", [u])[0].get("done")
+             and not any(m.get("run_id") for m in u.get("members", [u]))]
+    if not fresh:
+        return units
+    uri = resolve_uri(spec.tracking.uri, state_paths(state_dir, spec.name)["root"])
+    cwd = os.getcwd()
+    lead = {u["key"]: u.get("members", [u])[0] for u in fresh}
+    found = find_sources(uri, {k: content_keys(t["config"], cwd)[TRAINING_KEY] for k, t in lead.items()},
+                         TRAINING_KEY)
+    out, counts = [], {}
+    for u in units:
+        src = found.get(u["key"])
+        folder = Path(src.trial_dir) if src is not None and src.trial_dir else None
+        usable = folder is not None and (folder / "result.json").is_file()
+        if usable:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                final = json.loads((folder / "result.json").read_text()).get("step")
+                usable = final in snapshot_steps(folder)
+        if not usable or src is None:
+            out.append(u)
+            continue
+        members = [m for m in u.get("members", [u]) if not m.get("done")]
+        out.append({"key": u["key"], "training": u.get("training", ""), "members": members, "checkpoint": None,
+                    "source": str(folder), "source_run_id": src.origin_run_id, "source_study": src.study})
+        counts[src.study] = counts.get(src.study, 0) + len(members)
+    if counts:
+        where = ", ".join(f"study {s} ({n})" for s, n in counts.items())
+        echo(f"study {spec.name}: {sum(counts.values())} trial(s) evaluated from finished trainings of {where} "
+             f"(same training key, other evaluation settings; `--no-reuse` trains them)")
+    return out
+
+
+def work_units(plan: Plan, todo: list[dict], existing: dict) -> list[dict]:
+    """The Ray trials of the unfinished trials `todo` (trial dicts, in submission order): one per training of the
+    plan with an unfinished member (`srdit.study.trial.execute_group`'s group: its members in plan order, the
+    training run first, done ones marked "done" with their run id), a plain trial dict for a training of one, one
+    evaluation per trial for a fixed checkpoint."""
+    if plan.checkpoint:
+        return [{"key": t["key"], "training": "", "members": [t], "checkpoint": plan.checkpoint} for t in todo]
+    pending = {t["key"]: t for t in todo}
+    specs = {t.key: t for t in plan.trials}
+    group_of = {k: g for g in plan.trainings for k in g.members}
+    units, seen = [], set()
+    for t in todo:
+        g = group_of.get(t["key"])
+        if g is None or len(g.members) == 1:
+            units.append(t)
+            continue
+        if g.key in seen:
+            continue
+        seen.add(g.key)
+        members = []
+        for k in g.members:
+            if k in pending:
+                members.append(pending[k])
+            else:  # done: kept for its folder and run id (the training run), not run again
+                run = existing[k]
+                members.append({**specs[k].to_dict(), "done": True, "run_id": run.info.run_id,
+                                "trial_dir": run.data.tags.get("trial_dir", "")})  # an adopted run: its source's
+        units.append({"key": g.trial_key, "training": g.key, "members": members, "checkpoint": None})
+    return units
 
 
 def _is_loopback() -> bool:

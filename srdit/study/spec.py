@@ -38,7 +38,7 @@ from srdit.techniques import (TECHNIQUES, Technique, custom_technique, merge_dif
 
 # The schema. Tests freeze these tuples so that the study format changes only on purpose.
 STUDY_KEYS = ("name", "description", "base", "techniques", "design", "seeds", "constraints", "metrics", "resources",
-              "tracking")
+              "tracking", "checkpoint")
 DESIGN_KINDS = ("full_factorial", "fractional_factorial", "ladder", "leave_one_out", "search")
 DESIGN_KEYS = {
     "full_factorial": ("kind",),
@@ -189,6 +189,9 @@ class StudySpec:
     resources: Resources
     tracking: Tracking
     path: str = ""
+    checkpoint: str | None = None
+    """A fixed checkpoint (a `srdit train` checkpoint or `srdit convert` output) that every cell evaluates instead of
+    training: only evaluation-time techniques may be factors, and a seed is the evaluation's (eval.seed)."""
 
     @property
     def factor_names(self) -> list[str]:
@@ -642,7 +645,7 @@ def study_from_dict(data: Any, path: str | Path = "<dict>") -> StudySpec:
     spec = StudySpec(name=name, description=description, base=base, base_dict=base_dict, factors=factors,
                      design=design, seeds=parse_seeds(data.get("seeds")), constraints=constraints, metrics=metrics,
                      resources=parse_resources(data.get("resources")), tracking=parse_tracking(data.get("tracking")),
-                     path=str(path))
+                     path=str(path), checkpoint=parse_checkpoint(data.get("checkpoint")))
     try:
         check_resources(base, spec.resources)
     except ConfigError as e:
@@ -650,6 +653,17 @@ def study_from_dict(data: Any, path: str | Path = "<dict>") -> StudySpec:
     if design.kind == "search":
         _check_space(spec)
     return spec
+
+
+def parse_checkpoint(value: Any) -> str | None:
+    """`checkpoint:`: the path of a checkpoint file that every cell evaluates (relative to the working directory,
+    as the base's paths); the preflight checks that it is an srdit checkpoint of the base's model."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"checkpoint: {value!r} is not allowed; expected the path of a checkpoint file (written by "
+                          f"`srdit train` as RUN/checkpoints/last.pt, or by `srdit convert`)")
+    return value
 
 
 def _check_space(spec: StudySpec) -> None:

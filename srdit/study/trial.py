@@ -3,7 +3,10 @@
 - `TrialContext`: what every trial needs besides its own spec, built once by the driver (`srdit.study.runner`).
 - `execute_trial`: train one trial spec into its folder and record it in its MLflow child run; a crash, a
   divergence or an OOM is a result (status + reason), never an exception.
-- `trainable`: the Ray Tune function trainable (a grid trial, or a search sample via `search_trial`).
+- `execute_group`: one training shared by the trials whose configs train the same model (a `Training` of the
+  plan): it trains once and evaluates every member under its own settings, each member in its own child run.
+- `evaluate_from`: a trial evaluated from a finished training's snapshots (or a fixed checkpoint), no training.
+- `trainable`: the Ray Tune function trainable (a grid trial or group, or a search sample via `search_trial`).
 
 Nothing here starts Ray or a Tuner; the driver does.
 """
@@ -196,7 +199,7 @@ def _execute(trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
         else:
             from srdit.train import train
 
-            res = train(cfg, out_dir, reporter, resume=True, progress=False)
+            res = train(cfg, out_dir, reporter, resume=True, progress=False, snapshots=True)
             status, reason, step, metrics = res.status, res.reason, res.step, dict(res.metrics)
             logged = set(reporter.at_last_step) if reporter.last_step == step else set()
     except Exception as e:  # a crash is a result; the study goes on
@@ -222,6 +225,157 @@ def _execute(trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
     return out
 
 
+TRAIN_RUN_TAG = "train_run_id"
+"Tag of an evaluation run: the MLflow run id of the training run whose model it evaluates."
+TRAIN_KEY_TAG = "train_key"
+"Tag of every run of a shared training (training and evaluation runs): the plan's training key."
+
+
+def _finish_member(trial: dict, child: ChildRun, reporter: TrialReporter, res, metrics: dict, wall: float,
+                   on_host: float) -> dict:
+    """Log a member's final metrics (those not already logged at its last step) and end its run."""
+    final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+    final["trials_on_host"] = on_host
+    logged = set(reporter.at_last_step) if reporter.last_step == res.step else set()
+    child.log_metrics(res.step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
+    child.finish(res.status, res.reason)
+    return {"trial_key": trial["key"], "status": res.status, "reason": res.reason, "step": res.step,
+            "trial_wall_s": wall, "run_id": child.run_id, **final}
+
+
+def _crash(e: BaseException, child: ChildRun | None = None) -> tuple[str, str]:
+    status, reason = ("oom" if is_oom(e) else "crashed"), _one_line(e)
+    if child is not None:
+        with contextlib.suppress(Exception):
+            child.log_text("".join(traceback.format_exception(e)), "traceback.txt")
+    return status, reason
+
+
+def evaluate_from(source: str | Path, trial: dict, ctx: TrialContext, train_run_id: str | None = None,
+                  extra_tags: dict | None = None) -> dict:
+    """Evaluate `trial` without training it, into its own child run and trial folder: from a finished training's
+    folder `source` (kept with snapshots: its run gets the training curve and the evaluation of every kept EMA
+    snapshot under its own settings, `srdit.train.evaluate_trained`), or from a checkpoint file `source` (a fixed
+    checkpoint: one evaluation at its step, `srdit.train.evaluate_checkpoint`). The run is tagged `train_run_id`
+    (when given) and `evaluated_from`. A failure is a result (status + reason), as in `execute_trial`.
+
+    Returns the same dict as `execute_trial`."""
+    import torch
+
+    from srdit.config import RunConfig, from_dict, resolve_paths
+    from srdit.train import TrainResult, evaluate_checkpoint, evaluate_trained
+
+    torch.set_num_threads(max(1, int(math.floor(ctx.cpus))))
+    out_dir = Path(ctx.trials_dir) / trial["key"]
+    with trial_lock(ctx, trial["key"]):
+        tags = {**runtime_tags(), "evaluated_from": str(source), **(extra_tags or {}),
+                **({TRAIN_RUN_TAG: train_run_id} if train_run_id else {})}
+        child = open_child(trial, ctx, tags)
+        reporter = TrialReporter(child, False)
+        t0 = time.perf_counter()
+        try:
+            cfg = resolve_paths(from_dict(RunConfig, trial["config"]), ctx.cwd)
+            if Path(source).is_dir():
+                res = evaluate_trained(source, cfg, out_dir, reporter)
+            else:
+                res = evaluate_checkpoint(source, cfg, out_dir, reporter)
+        except Exception as e:  # a failure is a result; the study goes on
+            status, reason = _crash(e, child)
+            res = TrainResult(status, reason, reporter.last_step, {})
+        return _finish_member(trial, child, reporter, res, res.metrics, time.perf_counter() - t0, 1.0)
+
+
+def execute_group(group: dict, ctx: TrialContext, to_tune: bool = False) -> dict:
+    """One training of the plan (`srdit.study.designs.Training`) with its members: `group` = {"key": the training
+    run's trial key, "training": the training key, "members": [trial dicts, the training run first; a member with
+    "done" is not run again], "checkpoint": a fixed checkpoint or None}.
+
+    - A fixed checkpoint: every member is evaluated from it (`evaluate_from`).
+    - A group of one: `execute_trial`, exactly as an unshared trial.
+    - Otherwise the group trains once in the training run's folder (`srdit.train.train` with the other members as
+      `Evaluation`s): every member's child run gets the training reports and its own evaluations; the other
+      members are tagged `train_run_id`. A crash of the training marks every member with its status and reason.
+      When the training run is already done, only the missing members are evaluated, from its snapshots.
+
+    Returns the training run's result (the evaluation-only runs' when it was done), with `members_done`: how many
+    members this call ended."""
+    members = group["members"]
+    todo = [m for m in members if not m.get("done")]
+    if group.get("checkpoint"):
+        outs = [evaluate_from(group["checkpoint"], m, ctx) for m in todo]
+        return _group_answer(outs, ctx, to_tune)
+    if group.get("source"):  # a finished training of another study (srdit.study.reuse): evaluate, never train
+        tags = {TRAIN_KEY_TAG: group["training"], "reused_training_from_study": group.get("source_study", "")}
+        outs = [evaluate_from(group["source"], m, ctx, group.get("source_run_id"), tags) for m in todo]
+        return _group_answer(outs, ctx, to_tune)
+    if len(members) == 1:
+        return {**execute_trial(members[0], ctx, to_tune), "members_done": 1}
+    lead = members[0]
+    tags = {TRAIN_KEY_TAG: group["training"]}
+    with trial_lock(ctx, lead["key"]):
+        if lead.get("done") or (ctx.workers > 1 and todo and todo[0] is lead):
+            if not lead.get("done"):  # data parallel: the Ray Train run trains; the others evaluate its snapshots
+                out = execute_trial(lead, ctx, to_tune=False)
+                todo = todo[1:]
+                lead = {**lead, "run_id": out["run_id"]}
+                outs = [out]
+            else:
+                outs = []
+            source = Path(lead.get("trial_dir") or Path(ctx.trials_dir) / lead["key"])  # adopted: its source's
+            outs += [evaluate_from(source, m, ctx, lead.get("run_id"), tags) for m in todo]
+            return _group_answer(outs, ctx, to_tune)
+        return _train_group(group, lead, todo, ctx, to_tune)
+
+
+def _group_answer(outs: list[dict], ctx: TrialContext, to_tune: bool) -> dict:
+    out = {**(outs[0] if outs else {"status": "finished", "reason": ""}), "members_done": len(outs)}
+    if to_tune:
+        from ray import tune
+
+        tune.report({**{o: math.nan for o in ctx.objectives}, **out})
+    return out
+
+
+def _train_group(group: dict, lead: dict, todo: list[dict], ctx: TrialContext, to_tune: bool) -> dict:
+    import torch
+
+    from srdit.config import RunConfig, from_dict, resolve_paths
+    from srdit.train import Evaluation, TrainResult, train
+
+    torch.set_num_threads(max(1, int(math.floor(ctx.cpus))))
+    others = [m for m in todo if m is not lead]
+    runtime = {**runtime_tags(), TRAIN_KEY_TAG: group["training"], "shared_by": len(group["members"])}
+    lead_child = open_child(lead, ctx, runtime)
+    children = [open_child(m, ctx, {**runtime, TRAIN_RUN_TAG: lead_child.run_id}) for m in others]
+    lead_rep = TrialReporter(lead_child, to_tune)
+    reps = [TrialReporter(c, False) for c in children]
+    occupancy = Occupancy(ctx.trials_dir, lead["key"]).__enter__()
+    lead_rep.on_report = occupancy.sample
+    t0 = time.perf_counter()
+    res_of: list = []
+    try:
+        cfg = resolve_paths(from_dict(RunConfig, lead["config"]), ctx.cwd)
+        evals = [Evaluation(resolve_paths(from_dict(RunConfig, m["config"]), ctx.cwd),
+                            Path(ctx.trials_dir) / m["key"], r) for m, r in zip(others, reps)]
+        res = train(cfg, Path(ctx.trials_dir) / lead["key"], lead_rep, resume=True, progress=False,
+                    evaluations=evals, snapshots=True)
+        metrics = [dict(res.metrics)] + [{**res.train_metrics, **e} for e in res.evaluations]
+        res_of = [res] * len(todo)
+    except Exception as e:  # the training crashed: every member's run records it
+        status, reason = _crash(e, lead_child)
+        res_of = [TrainResult(status, reason, r.last_step, {}) for r in [lead_rep, *reps]]
+        metrics = [{} for _ in res_of]
+    wall = time.perf_counter() - t0
+    occupancy.__exit__(None, None, None)
+    outs = [_finish_member(m, c, r, res, mx, wall, float(occupancy.max_seen))
+            for m, c, r, res, mx in zip([lead, *others], [lead_child, *children], [lead_rep, *reps], res_of, metrics)]
+    if to_tune:
+        from ray import tune
+
+        tune.report({**{o: math.nan for o in ctx.objectives}, **outs[0], "members_done": len(outs)})
+    return {**outs[0], "members_done": len(outs)}
+
+
 def run_name(trial: dict) -> str:
     """The child run's name: its techniques and seed (`rope+logit_normal · s0`), the knob hash of a search sample
     after them; the cell's bit string stays in the `cell` tag."""
@@ -239,6 +393,9 @@ def trainable(config: dict) -> None:
         trial = search_trial(config, ctx)
         if trial is None:
             return
+    if "members" in trial:
+        execute_group(trial, ctx, to_tune=True)
+        return
     execute_trial(trial, ctx, to_tune=True)
 
 

@@ -1,0 +1,235 @@
+"""Train once, evaluate many: trials whose configs train the same model (equal training_config) share one
+training; every member keeps its own evaluations. Planner grouping and cost, the trainer's extra evaluations,
+evaluation from EMA snapshots, the fixed-checkpoint arm, and bad input."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from srdit.config import ConfigError, RunConfig, apply_diff, from_dict, to_dict
+from srdit.study.designs import format_plan, plan_study
+from srdit.study.spec import load_study, study_from_dict
+
+TRAIN_METRICS = ("loss", "grad_norm")
+"Training metrics that must agree between members (throughput is wall-clock and differs)."
+
+TINY = {"train": {"steps": 6, "batch_size": 16, "log_every": 2, "ckpt_every": 3, "eval_every": 3},
+        "eval": {"n_samples": 40, "batch_size": 40}, "sample": {"sampler": "euler", "steps": 2}}
+
+
+def shared_study(**kw) -> dict:
+    return {"name": "shared", "base": TINY,
+            "techniques": ["rope", "logit_normal", "balanced_labels",
+                           {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
+            "seeds": [0, 1], "metrics": {"primary": "fd", "direction": "min"}, **kw}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the plan
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_plan_groups_trials_that_train_the_same_model():
+    plan = plan_study(study_from_dict(shared_study()))
+    assert len(plan.trials) == 32 and len(plan.trainings) == 8
+    by_key = {t.key: t for t in plan.trials}
+    seen = set()
+    for g in plan.trainings:
+        members = [by_key[k] for k in g.members]
+        assert len(members) == 4 and g.trial_key == g.members[0]
+        # planted truth: a group is one (rope, logit_normal, seed) combination, over every evaluation-time setting
+        assert len({(t.cell[:2], t.seed) for t in members}) == 1
+        assert sorted(t.cell[2:] for t in members) == ["00", "01", "10", "11"]
+        assert members[0].cell[2:] == "00"  # the training run is the plan's first member
+        seen.add((members[0].cell[:2], members[0].seed))
+        seen.update(g.members)
+    assert len(seen) == 8 + 32  # every trial in exactly one training
+    unshared = plan_study(study_from_dict(shared_study()), share=False)
+    assert len(unshared.trainings) == 32 and all(len(g.members) == 1 for g in unshared.trainings)
+
+
+def test_a_custom_diff_of_a_training_key_is_not_shared():
+    spec = study_from_dict({**shared_study(), "techniques": ["balanced_labels",
+                                                             {"name": "lr", "diff": {"train.lr": 3e-3}}]})
+    plan = plan_study(spec)
+    assert len(plan.trials) == 8 and len(plan.trainings) == 4  # lr (x seeds) trains; balanced_labels does not
+
+
+def test_cost_counts_trainings_and_evaluations_apart():
+    spec = study_from_dict(shared_study())
+    shared, unshared = plan_study(spec), plan_study(spec, share=False)
+    a, b = shared.cost(concurrency=2), unshared.cost(concurrency=2)
+    assert (a["trainings"], a["evaluations"], b["trainings"], b["evaluations"]) == (8, 32, 32, 32)
+    assert a["total_steps"] == 8 * 6 and b["total_steps"] == a["unshared_steps"] == 32 * 6
+    assert a["evaluation_seconds"] == b["evaluation_seconds"]  # every member is still evaluated
+    assert a["training_seconds"] * 4 == pytest.approx(b["training_seconds"], abs=0.4)  # each rounded to 0.1 s
+    text = format_plan(shared)
+    assert "trainings: 8 (instead of 32), evaluations: 32" in text and "sharing saves 24 trainings" in text
+    assert "trainings: 32 (one per trial), evaluations: 32" in format_plan(unshared)
+    js = shared.to_json()
+    assert js["cost"]["trainings"] == 8 and len(js["trainings"]) == 8
+    assert {m for g in js["trainings"] for m in g["members"]} == {t.key for t in shared.trials}
+
+
+def test_gpu_hours_count_a_shared_training_once():
+    long = {**TINY, "train": {**TINY["train"], "steps": 1_000_000, "batch_size": 256, "eval_every": 0}}
+    spec = study_from_dict({**shared_study(), "base": long, "resources": {"cpus": 1, "gpus": 1}})
+    shared, unshared = plan_study(spec).gpu_estimate(), plan_study(spec, share=False).gpu_estimate()
+    from srdit.study.compute import trial_flops
+
+    trials = plan_study(spec).trials
+    train = sum(trial_flops(t.config, evaluate=False) for t in trials)
+    evals = sum(trial_flops(t.config, train=False) for t in trials)
+    assert shared["pflops"] == pytest.approx((train / 4 + evals) / 1e15, abs=0.01)
+    assert unshared["pflops"] == pytest.approx((train + evals) / 1e15, abs=0.01)
+    assert shared["training_gpu_hours"] * 4 == pytest.approx(unshared["training_gpu_hours"], abs=0.4)
+    assert shared["gpu_hours_unshared"] == unshared["gpu_hours"] > shared["gpu_hours"]
+    assert "trainings" in format_plan(plan_study(spec)) and "training," in format_plan(plan_study(spec))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the trainer: one training, several evaluations; evaluation from snapshots
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    def __init__(self):
+        self.rows: list[tuple[int, dict]] = []
+
+    def report(self, step, metrics):
+        self.rows.append((step, dict(metrics)))
+
+    def at(self, keys) -> list[tuple[int, dict]]:
+        return [(s, {k: v for k, v in m.items() if k in keys}) for s, m in self.rows if set(m) & set(keys)]
+
+
+EVAL_KEYS = ("fd", "kd", "kd_std", "precision", "recall", "nfe")
+
+
+def _cfgs():
+    from srdit.techniques import with_techniques
+
+    base = from_dict(RunConfig, {**to_dict(RunConfig()), **{}})
+    base = apply_diff(base, {"train.steps": 6, "train.batch_size": 16, "train.log_every": 2, "train.ckpt_every": 3,
+                             "train.eval_every": 3, "eval.n_samples": 40, "eval.batch_size": 40,
+                             "sample.sampler": "euler", "sample.steps": 2})
+    return base, apply_diff(base, {"sample.cfg_scale": 2.0}), with_techniques(base, ["balanced_labels"])
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    """One training with two further evaluations, and the member configs trained alone."""
+    from srdit.train import Evaluation, train
+
+    root = tmp_path_factory.mktemp("shared")
+    base, cfg2, bal = _cfgs()
+    reps = [Recorder() for _ in range(3)]
+    res = train(base, root / "lead", reps[0], progress=False, snapshots=True,
+                evaluations=[Evaluation(cfg2, root / "cfg2", reps[1]), Evaluation(bal, root / "bal", reps[2])])
+    alone = Recorder()
+    res_alone = train(cfg2, root / "alone", alone, progress=False)
+    return root, res, reps, res_alone, alone
+
+
+def test_group_training_reports_training_to_every_member_and_each_its_own_evaluation(shared_run):
+    root, res, reps, res_alone, alone = shared_run
+    assert res.status == "finished" and len(res.evaluations) == 2
+    curves = [r.at(TRAIN_METRICS) for r in reps]
+    assert curves[0] and curves[0] == curves[1] == curves[2]
+    evals = [r.at(EVAL_KEYS) for r in reps]
+    assert [s for s, _ in evals[0]] == [s for s, _ in evals[1]] == [3, 6]
+    assert evals[0] != evals[1] and evals[0] != evals[2]  # each member is evaluated under its own settings
+    # equivalence: a member evaluated inside the shared training equals that cell trained alone
+    assert evals[1] == alone.at(EVAL_KEYS)
+    assert reps[1].at(TRAIN_METRICS) == alone.at(TRAIN_METRICS)
+    assert {k: v for k, v in res_alone.metrics.items() if k in EVAL_KEYS} == \
+        {k: v for k, v in res.evaluations[0].items() if k in EVAL_KEYS}
+    for name in ("cfg2", "bal"):
+        assert (root / name / "samples.png").is_file() and (root / name / "config.yaml").is_file()
+        assert sorted(p.name for p in (root / name / "evals").iterdir()) == ["step_0000003.json", "step_0000006.json"]
+    assert sorted(p.name for p in (root / "lead" / "checkpoints").glob("ema_step*.pt")) == \
+        ["ema_step0000003.pt", "ema_step0000006.pt"]
+
+
+def test_evaluation_from_snapshots_equals_the_in_training_evaluation(shared_run, tmp_path):
+    from srdit.train import evaluate_trained
+
+    root, res, reps, _, _ = shared_run
+    _, cfg2, _ = _cfgs()
+    rec = Recorder()
+    out = evaluate_trained(root / "lead", cfg2, tmp_path / "later", rec)
+    assert out.status == "finished" and out.step == 6
+    assert rec.at(EVAL_KEYS) == reps[1].at(EVAL_KEYS)  # bit-identical: same weights, same sampling
+    assert rec.at(TRAIN_METRICS) == reps[1].at(TRAIN_METRICS)  # the whole training curve
+    assert {k: out.metrics[k] for k in EVAL_KEYS} == {k: res.evaluations[0][k] for k in EVAL_KEYS}
+    assert (tmp_path / "later" / "samples.png").is_file()
+
+
+def test_an_evaluation_that_trains_another_model_is_refused(shared_run, tmp_path):
+    from srdit.train import Evaluation, evaluate_trained, train
+
+    root = shared_run[0]
+    base, _, _ = _cfgs()
+    other = apply_diff(base, {"train.lr": 3e-3})
+    with pytest.raises(ValueError, match=r"trains another model .*train\.lr"):
+        train(base, tmp_path / "x", evaluations=[Evaluation(other, tmp_path / "y", Recorder())], progress=False)
+    with pytest.raises(ValueError, match=r"trains another model .*train\.lr"):
+        evaluate_trained(root / "lead", other, tmp_path / "z")
+    with pytest.raises(ValueError, match="no finished training here"):
+        evaluate_trained(tmp_path, base, tmp_path / "z")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the fixed-checkpoint arm
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_fixed_checkpoint_plan_trains_nothing_and_refuses_a_training_factor(shared_run):
+    ckpt = str(shared_run[0] / "lead" / "checkpoints" / "last.pt")
+    spec = study_from_dict({**shared_study(), "checkpoint": ckpt,
+                            "techniques": ["balanced_labels", {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}]})
+    plan = plan_study(spec)
+    assert plan.trainings == [] and len(plan.trials) == 8 and plan.cost()["trainings"] == 0
+    assert plan.cost()["total_steps"] == 0
+    assert "trainings: 0 (instead of 8), evaluations: 8; nothing trains" in format_plan(plan)
+    assert {t.config["eval"]["seed"] for t in plan.trials} == {0, 1}  # a seed draws the evaluation
+    with pytest.raises(ConfigError, match=r"checkpoint: technique rope changes the training \(model\.rope"):
+        plan_study(study_from_dict({**shared_study(), "checkpoint": ckpt}))
+
+
+@pytest.mark.parametrize("value", ["", 3, ["a.pt"]])
+def test_fixed_checkpoint_bad_value_names_the_key(value):
+    with pytest.raises(ConfigError, match=r"^checkpoint: .* is not allowed; expected the path of a checkpoint"):
+        study_from_dict({**shared_study(), "checkpoint": value})
+
+
+def test_preflight_checks_the_fixed_checkpoint(shared_run, tmp_path):
+    from srdit.study.preflight import input_and_metric_problems
+
+    techs = ["balanced_labels"]
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    for path, want in [(tmp_path / "missing.pt", "no such checkpoint file; train one with `srdit train`"),
+                       (text, "a text file, not a PyTorch checkpoint")]:
+        spec = study_from_dict({**shared_study(), "techniques": techs, "checkpoint": str(path)})
+        problems = input_and_metric_problems(spec, plan_study(spec))
+        assert any(p.startswith(f"checkpoint {path}: ") and want in p for p in problems), problems
+    other = {**TINY, "model": {"norm": "rmsnorm"}}
+    spec = study_from_dict({**shared_study(), "base": other, "techniques": techs,
+                            "checkpoint": str(shared_run[0] / "lead" / "checkpoints" / "last.pt")})
+    problems = input_and_metric_problems(spec, plan_study(spec))
+    assert any("another model (model.norm: 'layernorm' there, 'rmsnorm' here)" in p for p in problems), problems
+    good = study_from_dict({**shared_study(), "techniques": techs,
+                            "checkpoint": str(shared_run[0] / "lead" / "checkpoints" / "last.pt")})
+    assert input_and_metric_problems(good, plan_study(good)) == []
+
+
+def test_evaluate_checkpoint_equals_the_training_final_evaluation(shared_run, tmp_path):
+    from srdit.train import evaluate_checkpoint
+
+    root, res, reps, _, _ = shared_run
+    _, cfg2, _ = _cfgs()
+    rec = Recorder()
+    out = evaluate_checkpoint(root / "lead" / "checkpoints" / "last.pt", cfg2, tmp_path / "ev", rec)
+    assert out.step == 6 and rec.at(EVAL_KEYS) == reps[1].at(EVAL_KEYS)[-1:]
