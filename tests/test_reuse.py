@@ -261,3 +261,40 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
     # same content keys, trained again: the same metrics (a CPU run is deterministic given its seed)
     assert trained_d["1"].data.tags[RUN_KEY] == src["10"].data.tags[RUN_KEY]
     assert trained_d["1"].data.metrics["fd"] == pytest.approx(src["10"].data.metrics["fd"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_same_training_other_evaluation_settings_evaluates_the_finished_training(tmp_path, monkeypatch):
+    """Study b has a's trainings (same training keys) but another sampler step count (other run keys): nothing is
+    adopted, nothing is trained; each trial of b is evaluated from a's finished training folder (its EMA
+    snapshots), tagged with a's training run, with a's training curve and its own evaluation."""
+    from mlflow import MlflowClient
+
+    from srdit.study.runner import run_study
+    from srdit.study.spec import load_study
+
+    monkeypatch.chdir(tmp_path)
+    state = tmp_path / "state"
+    a = load_study(write_study(tmp_path / "a.yaml", "a", techniques=[LR_X], constraints=[]))
+    b_base = {**TINY_BASE, "sample": {"sampler": "euler", "steps": 3}}
+    b = load_study(write_study(tmp_path / "b.yaml", "b", techniques=[LR_X], constraints=[], base=b_base))
+    ra = run_study(a, state, num_cpus=2)
+    assert ra.complete and ra.ran == 2
+    src = _children(ra.uri, ra.parent_run_id)
+    lines: list[str] = []
+    rb = run_study(b, state, num_cpus=2, echo=lines.append)
+    assert rb.complete and rb.reused == 0
+    assert any("2 trial(s) evaluated from finished trainings of study a (2)" in ln for ln in lines)
+    assert any("0 training(s)" in ln for ln in lines)
+    got = _children(rb.uri, rb.parent_run_id)
+    client = MlflowClient(rb.uri)
+    for cell in ("0", "1"):
+        t, s = got[cell].data.tags, src[cell].data.tags
+        assert t["status"] == "finished" and "reused_from" not in t
+        assert t[TRAINING_KEY] == s[TRAINING_KEY] and t[RUN_KEY] != s[RUN_KEY]
+        assert t["train_run_id"] == src[cell].info.run_id and t["reused_training_from_study"] == "a"
+        assert Path(t["evaluated_from"]) == Path(s["trial_dir"])
+        assert not (Path(t["trial_dir"]) / "checkpoints").exists()  # evaluated, not trained
+        loss = lambda r: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss")]  # noqa: E731
+        assert loss(got[cell]) == loss(src[cell])  # the training's curve, from its folder
+        assert "fd" in got[cell].data.metrics
