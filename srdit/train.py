@@ -757,14 +757,20 @@ def evaluate_trained(run_dir: str | Path, cfg: RunConfig, out_dir: str | Path,
     reporter = reporter or NullReporter()
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(to_yaml(cfg))
-    log = src / TRAIN_LOG
-    if log.is_file():
-        for line in log.read_text().splitlines():
+    rows: list[tuple[int, dict]] = []
+    if (src / TRAIN_LOG).is_file():
+        for line in (src / TRAIN_LOG).read_text().splitlines():
             with contextlib.suppress(ValueError, KeyError, TypeError):
                 row = json.loads(line)
-                reporter.report(int(row.pop("step")), row)
+                rows.append((int(row.pop("step")), row))
+
+    def replay(upto: float) -> None:  # training reports in step order, before the evaluation of their step
+        while rows and rows[0][0] <= upto:
+            reporter.report(*rows.pop(0))
+
     train_metrics = dict(res.get("train_metrics", {}))
     if res["status"] != "finished":
+        replay(math.inf)
         return TrainResult(res["status"], res["reason"], int(res["step"]), train_metrics, out, train_metrics)
     device = resolve_device(cfg.train.device)
     target = Evaluation(cfg, out, reporter)
@@ -774,8 +780,10 @@ def evaluate_trained(run_dir: str | Path, cfg: RunConfig, out_dir: str | Path,
     if evaluates(cfg) and int(res["step"]) not in steps:
         raise ValueError(f"{src}: no EMA snapshot of the final step {res['step']} (trained without snapshots?)")
     for at in steps:
+        replay(at)
         ema = load_snapshot(src, at, trained, device)
         final = evaluate_target(ema, target, at, at < int(res["step"]), device)
+    replay(math.inf)
     if ema is None:
         ema = load_snapshot(src, int(res["step"]), trained, device)
     finish_outputs(ema, target, device)

@@ -233,3 +233,152 @@ def test_evaluate_checkpoint_equals_the_training_final_evaluation(shared_run, tm
     rec = Recorder()
     out = evaluate_checkpoint(root / "lead" / "checkpoints" / "last.pt", cfg2, tmp_path / "ev", rec)
     assert out.step == 6 and rec.at(EVAL_KEYS) == reps[1].at(EVAL_KEYS)[-1:]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# studies on a real local Ray into a real SQLite MLflow store
+# ------------------------------------------------------------------------------------------------------------------
+
+QUALITY = ("fd", "kd", "kd_std", "precision", "recall", "nfe", "loss", "grad_norm")
+"Per-cell metrics that sharing must not change (throughput and wall time are measurements of the machine)."
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def _children(res):
+    from srdit.study.tracking import StudyTracking
+
+    t = StudyTracking(res.uri, res.experiment_id, "", res.parent_run_id, None)
+    return t.children_by_key()
+
+
+def _cell_metrics(children) -> dict:
+    return {r.data.tags["cell"]: {k: v for k, v in r.data.metrics.items() if k in QUALITY} for r in children.values()}
+
+
+def _histories(uri, children, keys=("fd", "loss")) -> dict:
+    from mlflow import MlflowClient
+
+    c = MlflowClient(uri)
+    return {r.data.tags["cell"]: {k: [(m.step, m.value) for m in sorted(c.get_metric_history(r.info.run_id, k),
+                                                                         key=lambda m: m.step)] for k in keys}
+            for r in children.values()}
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_shared_study_equals_the_unshared_study_per_cell(tmp_path, ray_local):
+    """8 cells x 1 seed: one training-time technique and two evaluation-time ones. Shared: 2 trainings; unshared
+    (--no-share): 8. Every cell's quality metrics and curves agree exactly; the evaluation runs name their training
+    run; a lost member is evaluated again from the snapshots alone; the analysis sees the same effects."""
+    from srdit.study.results import load_results
+    from srdit.study.runner import run_study
+
+    data = {**shared_study(), "techniques": ["rmsnorm", "balanced_labels",
+                                             {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}], "seeds": [0]}
+    spec = load_study(_write(tmp_path / "shared.yaml", data))
+    shared = run_study(spec, tmp_path / "a")
+    unshared = run_study(spec, tmp_path / "b", share=False)
+    assert shared.complete and unshared.complete and shared.statuses == unshared.statuses == {"finished": 8}
+
+    ca, cb = _children(shared), _children(unshared)
+    assert len(ca) == len(cb) == 8
+    # the run trains 2 models: only the training runs' folders hold a training checkpoint
+    trained = [k for k in ca if (tmp_path / "a" / "trials" / "shared" / k / "checkpoints" / "last.pt").is_file()]
+    assert len(trained) == 2
+    assert len([k for k in cb if (tmp_path / "b" / "trials" / "shared" / k / "checkpoints" / "last.pt").is_file()]) == 8
+    train_ids = {ca[k].info.run_id: ca[k].data.tags["cell"][0] for k in trained}
+    for k, r in ca.items():
+        t = r.data.tags
+        assert t["train_key"] and t["shared_by"] == "4"
+        if k in trained:
+            assert "train_run_id" not in t
+        else:  # an evaluation run: linked to the training run of its rmsnorm level
+            assert train_ids[t["train_run_id"]] == t["cell"][0]
+    for k, r in cb.items():
+        assert "train_run_id" not in r.data.tags and "train_key" not in r.data.tags
+    ma, mb = _cell_metrics(ca), _cell_metrics(cb)
+    assert set(ma) == set(mb) and all(set(ma[c]) == set(QUALITY) for c in ma)
+    assert ma == mb  # exactly: the same trainings, the same sampling
+    assert _histories(shared.uri, ca) == _histories(unshared.uri, cb)
+    assert len({ma[c]["fd"] for c in ma}) == 8  # every cell evaluated under its own settings
+
+    from srdit.analysis.effects import analyze
+
+    ra, rb = load_results(spec, tmp_path / "a")[0], load_results(spec, tmp_path / "b")[0]
+    cols = ["cell", "seed", "fd", "kd", "precision", "recall"]
+    ta = ra.table[cols].sort_values("cell").reset_index(drop=True)
+    tb = rb.table[cols].sort_values("cell").reset_index(drop=True)
+    assert ta.equals(tb)
+    for m in ("fd", "kd", "precision", "recall"):  # the effects the analysis reports: identical
+        ea, eb = (analyze(t.table, spec.factor_names, m, bootstrap=False) for t in (ra, rb))
+        assert ea.fit.main_effects == eb.fit.main_effects and ea.pairs.synergy == eb.pairs.synergy
+
+    # a lost evaluation run (deleted from the store): the rerun evaluates only it, from the snapshots, untrained
+    from mlflow import MlflowClient
+
+    lost = next(k for k in ca if k not in trained)
+    MlflowClient(shared.uri).delete_run(ca[lost].info.run_id)
+    again = run_study(spec, tmp_path / "a")
+    assert again.complete and again.skipped == 7 and again.ran == 1
+    redone = _children(again)[lost]
+    lead = next(k for k in trained if ca[k].info.run_id == ca[lost].data.tags["train_run_id"])
+    assert Path(redone.data.tags["evaluated_from"]) == (tmp_path / "a" / "trials" / "shared" / lead).resolve()
+    assert redone.data.tags["train_run_id"] == ca[lost].data.tags["train_run_id"]
+    assert {k: v for k, v in redone.data.metrics.items() if k in QUALITY} == ma[redone.data.tags["cell"]]
+    assert _histories(shared.uri, {lost: redone}) == {redone.data.tags["cell"]: _histories(shared.uri, ca)[
+        redone.data.tags["cell"]]}
+    # a done study is skipped whole
+    assert run_study(spec, tmp_path / "a").ran == 0
+
+
+@pytest.mark.slow
+def test_fixed_checkpoint_study_evaluates_without_training(tmp_path, ray_local):
+    from srdit.study.runner import run_study
+    from srdit.train import train
+
+    base, _, _ = _cfgs()
+    train(base, tmp_path / "ref", progress=False)
+    data = {**shared_study(), "techniques": ["balanced_labels", {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
+            "seeds": [0], "checkpoint": str(tmp_path / "ref" / "checkpoints" / "last.pt")}
+    spec = load_study(_write(tmp_path / "fixed.yaml", data))
+    res = run_study(spec, tmp_path / "s")
+    assert res.complete and res.statuses == {"finished": 4}
+    children = _children(res)
+    assert {r.data.tags["evaluated_from"] for r in children.values()} == {data["checkpoint"]}
+    for k, r in children.items():
+        assert not (tmp_path / "s" / "trials" / "fixed" / k / "checkpoints").exists()  # nothing trained
+        assert "fd" in r.data.metrics and "loss" not in r.data.metrics
+    assert len({r.data.metrics["fd"] for r in children.values()}) == 4
+
+
+def test_a_crashed_group_training_marks_every_member(tmp_path):
+    """The training raises (its train.init file vanished after the preflight): every member's run is crashed with
+    the reason, and the group trial itself returns instead of raising."""
+    from srdit.study.runner import _context, prepare, work_units
+    from srdit.study.trial import execute_group
+
+    init = tmp_path / "init.pt"
+    data = {**shared_study(), "techniques": ["balanced_labels", {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
+            "seeds": [0], "base": {**TINY, "train": {**TINY["train"], "init": str(init)}}}
+    spec = load_study(_write(tmp_path / "crash.yaml", data))
+    plan, tracking, paths = prepare(spec, tmp_path / "s")
+    (unit,) = work_units(plan, [t.to_dict() for t in plan.trials], {})
+    assert len(unit["members"]) == 4
+    out = execute_group(unit, _context(spec, tracking, paths, plan))
+    assert out["status"] == "crashed" and out["members_done"] == 4
+    children = tracking.children_by_key()
+    assert len(children) == 4
+    for r in children.values():
+        assert r.data.tags["status"] == "crashed" and "init.pt: no such checkpoint file" in r.data.tags["status_reason"]
