@@ -14,13 +14,16 @@ Every child run is tagged with both keys (`srdit.study.trial.trial_tags`). Befor
 plan that has no run in the study yet and whose run key matches a finished (`status` finished) trial run anywhere
 in the same MLflow store is **adopted** (`adopt`): a child run under this study's parent with this study's tags
 and params, the source's metric histories (every step), its artifacts (sample grid, config) and its runtime tags
-(commit, device, versions), status finished, and tags `reused_from` / `reused_from_study` naming the run that
-trained it (the origin, also when the source was itself adopted). Its `trial_dir` tag points at the origin's trial
-folder (checkpoints are not copied). `srdit study run --no-reuse` opts out.
+(commit, device, versions), status finished, and tags `reused_from` / `reused_from_study` naming the run it comes
+from (the origin, also when the source was itself adopted). Its `trial_dir` tag points at the folder that holds the
+trained model (the origin's, or its training run's for an evaluation run of a shared training); checkpoints are not
+copied. A trial whose training key (not run key) matches a finished training is evaluated from that folder instead
+of trained (`srdit.study.runner.from_finished_trainings`). `srdit study run --no-reuse` opts out of both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -203,13 +206,24 @@ class Source:
     study: str
     "The study of the origin run."
     trial_dir: str
-    "The origin's trial folder (checkpoints)."
+    """The trial folder that holds the trained model: the origin's own, or for an evaluation run of a shared
+    training (tag `train_run_id`) its training run's."""
+    train_run_id: str
+    "The run whose folder `trial_dir` is (the training run)."
 
 
-def source_of(run) -> Source:
+def source_of(run, client=None) -> Source:
+    """The `Source` of a finished run; `client` looks up the training run of an evaluation run."""
+    from srdit.study.tracking import retry
+
     tags = run.data.tags
-    return Source(run, tags.get(REUSED_FROM) or run.info.run_id,
-                  tags.get(REUSED_FROM_STUDY) or tags.get("study", ""), tags.get("trial_dir", ""))
+    folder, train_run = tags.get("trial_dir", ""), run.info.run_id
+    if tags.get("train_run_id") and client is not None:  # an evaluation run: the model is in its training's folder
+        with contextlib.suppress(Exception):
+            folder = retry(client.get_run, tags["train_run_id"]).data.tags.get("trial_dir", folder)
+            train_run = tags["train_run_id"]
+    return Source(run, tags.get(REUSED_FROM) or run.info.run_id, tags.get(REUSED_FROM_STUDY) or tags.get("study", ""),
+                  folder, train_run)
 
 
 def _store_exists(uri: str) -> bool:
@@ -240,8 +254,10 @@ def find_sources(uri: str, keys: Mapping[str, str], tag: str = RUN_KEY) -> dict[
                             f"tags.{tag} = '{key}' and tags.status = 'finished' and tags.`{ROLE_TAG}` = 'trial'")
         runs = [r for r in runs if r.info.status == "FINISHED"]
         if runs:
-            found[key] = min(runs, key=lambda r: (REUSED_FROM in r.data.tags, r.info.start_time or 0))
-    return {trial: source_of(found[k]) for trial, k in keys.items() if k in found}
+            # an original run before an adopted one, a training run before an evaluation run, then the earliest
+            found[key] = min(runs, key=lambda r: (REUSED_FROM in r.data.tags, "train_run_id" in r.data.tags,
+                                                  r.info.start_time or 0))
+    return {trial: source_of(found[k], client) for trial, k in keys.items() if k in found}
 
 
 def _search(client, experiment_ids: list[str], filter_string: str) -> list:

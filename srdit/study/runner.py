@@ -384,7 +384,7 @@ def from_finished_trainings(spec: StudySpec, state_dir: str | Path, units: list[
             continue
         members = [m for m in u.get("members", [u]) if not m.get("done")]
         out.append({"key": u["key"], "training": u.get("training", ""), "members": members, "checkpoint": None,
-                    "source": str(folder), "source_run_id": src.origin_run_id, "source_study": src.study})
+                    "source": str(folder), "source_run_id": src.train_run_id, "source_study": src.study})
         counts[src.study] = counts.get(src.study, 0) + len(members)
     if counts:
         where = ", ".join(f"study {s} ({n})" for s, n in counts.items())
