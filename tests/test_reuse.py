@@ -263,11 +263,16 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
     assert trained_d["1"].data.metrics["fd"] == pytest.approx(src["10"].data.metrics["fd"], rel=1e-6)
 
 
+CFG2 = {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}
+
+
 @pytest.mark.slow
 def test_same_training_other_evaluation_settings_evaluates_the_finished_training(tmp_path, monkeypatch):
-    """Study b has a's trainings (same training keys) but another sampler step count (other run keys): nothing is
-    adopted, nothing is trained; each trial of b is evaluated from a's finished training folder (its EMA
-    snapshots), tagged with a's training run, with a's training curve and its own evaluation."""
+    """Study a: x (training-time) and cfg2 (evaluation-time): 4 trials, 2 trainings (00 and 10 train, 01 and 11 are
+    evaluation runs of them). Study b: the same with another sampler step count: its run keys all differ, its
+    training keys match: nothing is adopted or trained, each trial is evaluated from a's training folder (its EMA
+    snapshots), tagged with a's training run, with a's training curve and its own evaluation. Study c (cfg2 alone)
+    adopts a's 00 and 01; the adopted evaluation run points at its training's folder."""
     from mlflow import MlflowClient
 
     from srdit.study.runner import run_study
@@ -275,26 +280,35 @@ def test_same_training_other_evaluation_settings_evaluates_the_finished_training
 
     monkeypatch.chdir(tmp_path)
     state = tmp_path / "state"
-    a = load_study(write_study(tmp_path / "a.yaml", "a", techniques=[LR_X], constraints=[]))
+    a = load_study(write_study(tmp_path / "a.yaml", "a", techniques=[LR_X, CFG2], constraints=[]))
     b_base = {**TINY_BASE, "sample": {"sampler": "euler", "steps": 3}}
-    b = load_study(write_study(tmp_path / "b.yaml", "b", techniques=[LR_X], constraints=[], base=b_base))
+    b = load_study(write_study(tmp_path / "b.yaml", "b", techniques=[LR_X, CFG2], constraints=[], base=b_base))
     ra = run_study(a, state, num_cpus=2)
-    assert ra.complete and ra.ran == 2
+    assert ra.complete
     src = _children(ra.uri, ra.parent_run_id)
+    assert src["01"].data.tags["train_run_id"] == src["00"].info.run_id  # a shared training (train once)
     lines: list[str] = []
     rb = run_study(b, state, num_cpus=2, echo=lines.append)
     assert rb.complete and rb.reused == 0
-    assert any("2 trial(s) evaluated from finished trainings of study a (2)" in ln for ln in lines)
-    assert any("0 training(s)" in ln for ln in lines)
+    assert any("4 trial(s) evaluated from finished trainings of study a (4)" in ln for ln in lines), lines
+    assert any("0 training(s)" in ln for ln in lines), lines
     got = _children(rb.uri, rb.parent_run_id)
     client = MlflowClient(rb.uri)
-    for cell in ("0", "1"):
+    loss = lambda r: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss")]  # noqa: E731
+    for cell, trained in (("00", "00"), ("01", "00"), ("10", "10"), ("11", "10")):
         t, s = got[cell].data.tags, src[cell].data.tags
         assert t["status"] == "finished" and "reused_from" not in t
         assert t[TRAINING_KEY] == s[TRAINING_KEY] and t[RUN_KEY] != s[RUN_KEY]
-        assert t["train_run_id"] == src[cell].info.run_id and t["reused_training_from_study"] == "a"
-        assert Path(t["evaluated_from"]) == Path(s["trial_dir"])
+        assert t["train_run_id"] == src[trained].info.run_id and t["reused_training_from_study"] == "a"
+        assert Path(t["evaluated_from"]) == Path(src[trained].data.tags["trial_dir"])
         assert not (Path(t["trial_dir"]) / "checkpoints").exists()  # evaluated, not trained
-        loss = lambda r: [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss")]  # noqa: E731
-        assert loss(got[cell]) == loss(src[cell])  # the training's curve, from its folder
+        assert loss(got[cell]) == loss(src[trained])  # the training's curve, from its folder
         assert "fd" in got[cell].data.metrics
+
+    c = load_study(write_study(tmp_path / "c.yaml", "c", techniques=[CFG2], constraints=[]))
+    lines = []
+    rc = run_study(c, state, num_cpus=2, echo=lines.append)
+    assert rc.complete and rc.ran == 0 and rc.reused == 2 and not any(ln.startswith("Ray:") for ln in lines)
+    adopted = _children(rc.uri, rc.parent_run_id)
+    assert adopted["1"].data.tags["reused_from"] == src["01"].info.run_id
+    assert adopted["1"].data.tags["trial_dir"] == src["00"].data.tags["trial_dir"]  # where the model is
