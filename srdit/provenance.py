@@ -9,10 +9,12 @@ import hashlib
 import platform
 import subprocess
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 import srdit
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +33,8 @@ def git_commit() -> tuple[str, bool]:
 
 
 def device_name(device: torch.device | str) -> str:
+    import torch  # here: the code version (driver side, content keys) needs no torch
+
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -38,6 +42,8 @@ def device_name(device: torch.device | str) -> str:
 
 
 def provenance(device: torch.device | str = "cpu") -> dict[str, str]:
+    import torch
+
     commit, dirty = git_commit()
     return {
         "commit": commit, "dirty": str(dirty).lower(), "srdit": srdit.__version__, "torch": str(torch.__version__),

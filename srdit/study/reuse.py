@@ -157,10 +157,31 @@ def data_fingerprint(config: Mapping[str, Any], cwd: str | os.PathLike = ".") ->
     default; for latents the index checksum (`srdit.data.latents.index_fingerprint`) via the path identities."""
     data = config.get("data", {})
     if data.get("dataset", "digits") == "digits":
-        from srdit.data.digits import fingerprint
-
-        return {"dataset": "digits", "content": fingerprint()}
+        return {"dataset": "digits", "content": digits_fingerprint()}
     return {"dataset": data.get("dataset")}
+
+
+@functools.lru_cache(maxsize=1)
+def digits_fingerprint() -> str:
+    """sha256 of scikit-learn's bundled digits file (`sklearn/datasets/data/digits.csv.gz`, what `load_digits`
+    and so `srdit.data.digits` read), found without importing scikit-learn (or torch: the driver stays light);
+    if the file is not where it was, of the arrays `srdit.data.digits` reads."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return "csv:" + _sha256_file(path)[:16]
+    import numpy as np
+
+    from srdit.data.digits import load_digits_split
+
+    split = load_digits_split()
+    h = hashlib.sha256()
+    for t in (split.train_x, split.train_y, split.test_x, split.test_y):
+        h.update(np.ascontiguousarray(t.numpy()).tobytes())
+    return "arrays:" + h.hexdigest()[:16]
 
 
 def _digest(obj: Any) -> str:

@@ -269,9 +269,8 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
     t0 = time.perf_counter()
     plan = plan or plan_study(spec, share=share)
     existing = _existing_children(spec, state_dir)
-    nodes = _local_nodes(num_cpus, address)  # a local run: check the resources with the files (a cluster: once up)
     if spec.design.kind == "search":
-        preflight.check(spec, plan, [], nodes)
+        preflight.check(spec, plan, [], _local_nodes(num_cpus, address))
         return _run_search(spec, plan, state_dir, existing, retry_failed, num_cpus, max_failures, echo, t0, address)
     todo, skipped = [], 0
     for t in plan.trials:
@@ -286,7 +285,8 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
     todo = submission_order(todo)  # load must not line up with cells (wall-clock metrics)
     sources = reuse_sources(spec, state_dir, [d for d in todo if "run_id" not in d]) if reuse else {}
     todo = [d for d in todo if d["key"] not in sources]
-    preflight.check(spec, plan, todo, nodes if todo else None)  # an adopted trial needs no inputs
+    # an adopted trial needs no inputs; a local run checks the resources with the files (a cluster: once up)
+    preflight.check(spec, plan, todo, _local_nodes(num_cpus, address) if todo else None)
     adopted, prepared = 0, None
     if sources:
         prepared = plan, tracking, paths = prepare(spec, state_dir, plan)
