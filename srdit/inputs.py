@@ -217,25 +217,4 @@ def input_problems(cfg: RunConfig, fields: list[str] | None = None, base: str | 
     return out
 
 
-def checkpoint_problems(path: str, cfg: RunConfig, base: str | None = None, key: str = "checkpoint") -> list[Problem]:
-    """A fixed checkpoint that a study evaluates (`checkpoint:`): it must exist, be an srdit checkpoint
-    (`srdit.train.load_checkpoint`: `srdit train` or `srdit convert` output) and hold the model `cfg` describes.
-    Loads the file (weights_only)."""
-    from srdit.train import CheckpointError, check_same_model, load_checkpoint, model_from_checkpoint
-
-    fix = "train one with `srdit train` (RUN/checkpoints/last.pt) or convert one with `srdit convert`"
-    full = os.path.join(base or os.getcwd(), os.path.expanduser(path))
-    if not os.path.exists(full):
-        return [Problem(key, path, "no such checkpoint file", fix)]
-    try:
-        ckpt = load_checkpoint(full)
-        trained = model_from_checkpoint(ckpt)[1]
-        check_same_model(cfg, trained, "the study's base")
-    except CheckpointError as e:
-        text = str(e)
-        return [Problem(key, path, text[len(full) + 2:] if text.startswith(full + ": ") else text,
-                        fix if "model" not in text else "set base.model to the checkpoint's model")]
-    return []
-
-
-__all__ = ["Problem", "input_problems", "checkpoint_problems", "read_fields", "CHECKS", "OUTPUTS"]
+__all__ = ["Problem", "input_problems", "read_fields", "CHECKS", "OUTPUTS"]

@@ -382,3 +382,45 @@ def test_a_crashed_group_training_marks_every_member(tmp_path):
     assert len(children) == 4
     for r in children.values():
         assert r.data.tags["status"] == "crashed" and "init.pt: no such checkpoint file" in r.data.tags["status_reason"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the command line
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_study_plan_prints_trainings_and_no_share(tmp_path, capsys):
+    from srdit.study.command import main
+
+    path = _write(tmp_path / "s.yaml", shared_study())
+    assert main(["plan", str(path)]) == 0
+    assert "trainings: 8 (instead of 32), evaluations: 32; sharing saves 24 trainings" in capsys.readouterr().out
+    assert main(["plan", str(path), "--no-share"]) == 0
+    out = capsys.readouterr().out
+    assert "trainings: 32 (one per trial), evaluations: 32" in out and "sharing off (--no-share)" in out
+    assert main(["plan", str(path), "--json"]) == 0
+    import json
+
+    assert json.loads(capsys.readouterr().out)["cost"]["trainings"] == 8
+
+
+def test_the_shipped_shared_study_plans_8_trainings_for_32_trials():
+    plan = plan_study(load_study(Path(__file__).resolve().parents[1] / "studies" / "digits_shared.yaml"))
+    assert (len(plan.cells), len(plan.trials), len(plan.trainings)) == (16, 32, 8)
+
+
+@pytest.mark.parametrize("data, want", [
+    ({"checkpoint": 7}, "checkpoint: 7 is not allowed; expected the path of a checkpoint file"),
+    ({"checkpoint": "x.pt"}, "checkpoint: technique rope changes the training"),
+    ({"checkpoint": "x.pt", "techniques": ["balanced_labels"]},
+     "checkpoint x.pt: no such checkpoint file; train one with `srdit train`"),
+])
+def test_bad_checkpoint_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, data, want):
+    from srdit.study.command import main
+
+    monkeypatch.chdir(tmp_path)
+    path = _write(tmp_path / "s.yaml", {**shared_study(), **data})
+    code = main(["run", str(path), "--state", str(tmp_path / "state")])
+    err = capsys.readouterr().err
+    assert code == 2 and want in err and "Traceback" not in err
+    assert not (tmp_path / "state").exists()  # refused before anything was recorded

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_schema_is_frozen():
     # Change these only on purpose (and update the docs and studies/*.yaml).
     assert S.STUDY_KEYS == ("name", "description", "base", "techniques", "design", "seeds", "constraints", "metrics",
-                            "resources", "tracking")
+                            "resources", "tracking", "checkpoint")
     assert S.DESIGN_KINDS == ("full_factorial", "fractional_factorial", "ladder", "leave_one_out", "search")
     assert S.DESIGN_KEYS == {"full_factorial": ("kind",), "fractional_factorial": ("kind", "resolution"),
                              "ladder": ("kind", "order"), "leave_one_out": ("kind",),

@@ -524,9 +524,9 @@ def format_plan(plan: Plan, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrenc
             lines.append(f"cost: {cost['total_steps']} training steps in all")
             lines.append(f"compute: {gpu['pflops']:g} PFLOP (training + evaluation sampling, from the model's MACs); "
                          f"about {gpu['gpu_hours']:g} GPU-hours in all (GPU-hours = GPUs x hours, summed over the "
-                         f"{cost['trainings']} trainings and {n} evaluations: {gpu['training_gpu_hours']:g} training, "
-                         f"{gpu['evaluation_gpu_hours']:g} evaluation; {gpu['gpu_hours_unshared']:g} if every trial "
-                         f"trained) at {gpu['assumption']}")
+                         f"{n} trials: {gpu['training_gpu_hours']:g} for {cost['trainings']} trainings, "
+                         f"{gpu['evaluation_gpu_hours']:g} for {n} evaluations; {gpu['gpu_hours_unshared']:g} if every "
+                         f"trial trained) at {gpu['assumption']}")
             lines.append(f"wall: about {h:g} h elapsed with one trial at a time on {g:g} GPU(s) (each trial holds "
                          f"{g:g} GPU(s): GPU-hours / {g:g}); k trials at once on k x {g:g} GPUs take about "
                          f"{h:g} / k h")
@@ -540,7 +540,8 @@ def _saved(plan: Plan, cost: dict) -> str:
     saved = cost["unshared_steps"] - cost["total_steps"]
     if not saved:
         return ""
-    return (f"; sharing saves {cost['trials'] - cost['trainings']} trainings ({saved} of "
+    n = cost["trials"] - cost["trainings"]
+    return (f"; sharing saves {n} training{'s' if n != 1 else ''} ({saved} of "
             f"{cost['unshared_steps']} training steps): trials that differ only in evaluation-time settings are "
             f"evaluated from one training")
 

@@ -85,8 +85,6 @@ def input_and_metric_problems(spec: StudySpec, plan, trials: Iterable[Mapping] |
     n = len(configs)
     out = [p if k == n or n == 1 else f"{p} ({k} of {n} trials)" for p, k in seen.items()]
     if spec.checkpoint:  # a fixed-checkpoint study: the file every trial evaluates
-        from srdit.inputs import checkpoint_problems
-
         out += [str(p) for p in checkpoint_problems(spec.checkpoint, spec.base, cwd)]
     if reported is not None:
         for role, names in (("metrics.primary", [spec.metrics.primary]), ("metrics.others", list(spec.metrics.others))):
@@ -97,6 +95,29 @@ def input_and_metric_problems(spec: StudySpec, plan, trials: Iterable[Mapping] |
                                f"{', no eval.reference' if 'latents' in datasets and m in produced_by('latents') else ''}"
                                f"); they report: {have}")
     return out
+
+
+def checkpoint_problems(path: str, cfg: RunConfig, base: str | None = None, key: str = "checkpoint") -> list:
+    """A fixed checkpoint that a study evaluates (`checkpoint:`): it must exist, be an srdit checkpoint
+    (`srdit.train.load_checkpoint`: `srdit train` or `srdit convert` output) and hold the model `cfg` describes.
+    Loads the file (weights_only)."""
+    from srdit.inputs import Problem
+    from srdit.train import CheckpointError, check_same_model, load_checkpoint, model_from_checkpoint
+
+    fix = "train one with `srdit train` (RUN/checkpoints/last.pt) or convert one with `srdit convert`"
+    full = os.path.join(base or os.getcwd(), os.path.expanduser(path))
+    if not os.path.exists(full):
+        return [Problem(key, path, "no such checkpoint file", fix)]
+    try:
+        trained = model_from_checkpoint(load_checkpoint(full))[1]
+    except CheckpointError as e:
+        text = str(e)
+        return [Problem(key, path, text[len(full) + 2:] if text.startswith(full + ": ") else text, fix)]
+    try:
+        check_same_model(cfg, trained, "the study's base")
+    except CheckpointError as e:
+        return [Problem(key, path, str(e), "set base.model to the checkpoint's model")]
+    return []
 
 
 def _fmt(res: Mapping[str, float]) -> str:

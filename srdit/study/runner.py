@@ -229,7 +229,8 @@ def prepare(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None) ->
     tracking = open_study(uri, spec.tracking.experiment or spec.name, spec.name, paths["root"],
                           artifact_location=spec.tracking.artifact_location, tags=tags)
     tracking.tag_parent({**tags, "n_cells": len(plan.cells), "n_trials": len(plan.trials) or plan.search_budget,
-                         "n_excluded": len(plan.excluded), "state_dir": str(paths["root"])})
+                         "n_trainings": plan.cost()["trainings"], "n_excluded": len(plan.excluded),
+                         "state_dir": str(paths["root"])})
     tracking.describe(spec, plan)  # params, study YAML and resolved plan on the parent run
     return plan, tracking, paths
 
