@@ -357,8 +357,9 @@ def _adopt(spec, plan, tracking, paths, sources: dict, echo) -> int:
 
 def from_finished_trainings(spec: StudySpec, state_dir: str | Path, units: list[dict], echo) -> list[dict]:
     """Work units (`work_units`) whose training has not started in this study but whose training key matches a
-    finished training in the store, kept with its EMA snapshots and reachable from here: turned into evaluation
-    units (`source`: that training's folder; `execute_group` evaluates every member from it, no training)."""
+    finished training in the store whose folder is reachable from here (its result, config and final EMA weights):
+    turned into evaluation units (`source`: that training's folder; `execute_group` evaluates every member from
+    it, no training)."""
     from srdit.study.reuse import TRAINING_KEY, content_keys, find_sources
     from srdit.train import snapshot_steps
 
@@ -376,10 +377,12 @@ def from_finished_trainings(spec: StudySpec, state_dir: str | Path, units: list[
         src = found.get(u["key"])
         folder = Path(src.trial_dir) if src is not None and src.trial_dir else None
         usable = folder is not None and (folder / "result.json").is_file()
-        if usable:
+        if usable:  # what srdit.train.evaluate_trained needs: the recorded config and the final EMA weights
+            usable = False
             with contextlib.suppress(OSError, ValueError, KeyError):
-                final = json.loads((folder / "result.json").read_text()).get("step")
-                usable = final in snapshot_steps(folder)
+                res = json.loads((folder / "result.json").read_text())
+                usable = "config" in res and (res.get("step") in snapshot_steps(folder)
+                                              or (folder / "checkpoints" / "last.pt").is_file())
         if not usable or src is None:
             out.append(u)
             continue
