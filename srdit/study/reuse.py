@@ -253,10 +253,12 @@ def _store_exists(uri: str) -> bool:
     return True
 
 
-def find_sources(uri: str, keys: Mapping[str, str], tag: str = RUN_KEY) -> dict[str, Source]:
-    """trial key -> a finished trial run in the store at `uri` (any experiment, any study) whose `tag` equals the
-    trial's content key (`keys`: trial key -> content key). An original run is preferred to an adopted one, then
-    the earliest. Reads only: a store that does not exist yet gives {} (and is not created)."""
+def find_sources(uri: str, keys: Mapping[str, str], tag: str = RUN_KEY,
+                 exclude_study: str | None = None) -> dict[str, Source]:
+    """trial key -> a finished trial run in the store at `uri` (any experiment, any study but `exclude_study`)
+    whose `tag` equals the trial's content key (`keys`: trial key -> content key). An original run is preferred to
+    an adopted one, a training run to an evaluation run, then the earliest. Reads only: a store that does not
+    exist yet gives {} (and is not created)."""
     if not keys or not _store_exists(uri):
         return {}
     from mlflow import MlflowClient
@@ -273,7 +275,8 @@ def find_sources(uri: str, keys: Mapping[str, str], tag: str = RUN_KEY) -> dict[
         for chunk in range(0, len(experiments), 100):
             runs += _search(client, experiments[chunk:chunk + 100],
                             f"tags.{tag} = '{key}' and tags.status = 'finished' and tags.`{ROLE_TAG}` = 'trial'")
-        runs = [r for r in runs if r.info.status == "FINISHED"]
+        runs = [r for r in runs if r.info.status == "FINISHED"
+                and (exclude_study is None or r.data.tags.get("study") != exclude_study)]
         if runs:
             # an original run before an adopted one, a training run before an evaluation run, then the earliest
             found[key] = min(runs, key=lambda r: (REUSED_FROM in r.data.tags, "train_run_id" in r.data.tags,

@@ -255,8 +255,8 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
 
     With `reuse` (the default; grid designs), a trial without a run in this study whose run key matches a finished
     run in the store is adopted from it first (`srdit.study.reuse.adopt`) and not run; a training whose training
-    key matches a finished training of the store (kept with snapshots) is not trained again: its members are
-    evaluated from that training's folder (`srdit.study.trial.evaluate_from`).
+    key matches a finished training of another study in the store is not trained again: its members are evaluated
+    from that training's folder (`from_finished_trainings`, `srdit.study.trial.evaluate_from`).
 
     One Ray trial per training of the plan (`Plan.trainings`): trials whose configs train the same model train
     once and are evaluated under each member's settings (`srdit.study.trial.execute_group`); `share=False`
@@ -370,8 +370,9 @@ def from_finished_trainings(spec: StudySpec, state_dir: str | Path, units: list[
     uri = resolve_uri(spec.tracking.uri, state_paths(state_dir, spec.name)["root"])
     cwd = os.getcwd()
     lead = {u["key"]: u.get("members", [u])[0] for u in fresh}
+    # another study's trainings only: within the study, sharing is the plan's (`--no-share` trains every trial)
     found = find_sources(uri, {k: content_keys(t["config"], cwd)[TRAINING_KEY] for k, t in lead.items()},
-                         TRAINING_KEY)
+                         TRAINING_KEY, exclude_study=spec.name)
     out, counts = [], {}
     for u in units:
         src = found.get(u["key"])
