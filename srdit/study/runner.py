@@ -14,6 +14,9 @@ search through Ray Tune's OptunaSearch.
   trainable catches it and reports it; it never becomes a Tune ERROR.
 - Rerunning after an interruption runs only the trials whose child run is not done (MLflow is the source of truth;
   `srdit.study.tracking.is_done` is the rule: crashed trials run again, diverged / oom ones stay).
+- A trial whose run key matches a finished run anywhere in the same MLflow store (another study, an earlier version
+  of this one) is adopted from it instead of trained (`srdit.study.reuse`; `reuse=False` / `--no-reuse` opts
+  out); when nothing is left to run, Ray is not started at all.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class StudyRun:
     "Trial keys still not done (interrupted, or infrastructure failures beyond the retries)."
     wall_s: float = 0.0
     state_dir: str = ""
+    reused: int = 0
+    "Trials adopted from finished runs of the store by this invocation (`srdit.study.reuse`)."
 
     @property
     def complete(self) -> bool:
@@ -243,9 +248,15 @@ def _existing_children(spec: StudySpec, state_dir: str | Path) -> dict:
 
 def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = False, num_cpus: int | None = None,
               max_failures: int = MAX_FAILURES, echo: Callable[[str], None] | None = None,
-              plan: Plan | None = None, address: str | None = None, share: bool = True) -> StudyRun:
+              plan: Plan | None = None, address: str | None = None, share: bool = True,
+              reuse: bool = True) -> StudyRun:
     """Run (or resume) every unfinished trial of the study; returns a summary. Ray is started when not running
-    (the cluster at `address` / RAY_ADDRESS, else a private local Ray on loopback).
+    (the cluster at `address` / RAY_ADDRESS, else a private local Ray on loopback) and some trial is left to run.
+
+    With `reuse` (the default; grid designs), a trial without a run in this study whose run key matches a finished
+    run in the store is adopted from it first (`srdit.study.reuse.adopt`) and not run; a training whose training
+    key matches a finished training of another study in the store is not trained again: its members are evaluated
+    from that training's folder (`from_finished_trainings`, `srdit.study.trial.evaluate_from`).
 
     One Ray trial per training of the plan (`Plan.trainings`): trials whose configs train the same model train
     once and are evaluated under each member's settings (`srdit.study.trial.execute_group`); `share=False`
@@ -259,9 +270,8 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
     t0 = time.perf_counter()
     plan = plan or plan_study(spec, share=share)
     existing = _existing_children(spec, state_dir)
-    nodes = _local_nodes(num_cpus, address)  # a local run: check the resources with the files (a cluster: once up)
     if spec.design.kind == "search":
-        preflight.check(spec, plan, [], nodes)
+        preflight.check(spec, plan, [], _local_nodes(num_cpus, address))
         return _run_search(spec, plan, state_dir, existing, retry_failed, num_cpus, max_failures, echo, t0, address)
     todo, skipped = [], 0
     for t in plan.trials:
@@ -274,18 +284,30 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
             d["run_id"] = run.info.run_id  # unfinished: reuse it (the trainer resumes from its checkpoint)
         todo.append(d)
     todo = submission_order(todo)  # load must not line up with cells (wall-clock metrics)
-    preflight.check(spec, plan, todo, nodes if todo else None)
+    sources = reuse_sources(spec, state_dir, [d for d in todo if "run_id" not in d]) if reuse else {}
+    todo = [d for d in todo if d["key"] not in sources]
+    # an adopted trial needs no inputs; a local run checks the resources with the files (a cluster: once up)
+    preflight.check(spec, plan, todo, _local_nodes(num_cpus, address) if todo else None)
+    adopted, prepared = 0, None
+    if sources:
+        prepared = plan, tracking, paths = prepare(spec, state_dir, plan)
+        adopted = _adopt(spec, plan, tracking, paths, sources, echo)
+        skipped += adopted
+        existing = _existing_children(spec, state_dir)  # adopted runs are done members of their trainings
     todo = work_units(plan, todo, existing)
+    if reuse and todo:
+        todo = from_finished_trainings(spec, state_dir, todo, echo)
     if not todo:
-        plan, tracking, paths = prepare(spec, state_dir, plan)
+        plan, tracking, paths = prepared or prepare(spec, state_dir, plan)
         echo(f"study {spec.name}: {len(plan.trials)} trials; all done")
-        return _finish(spec, plan, tracking, paths, skipped, 0, echo, t0)
+        return _finish(spec, plan, tracking, paths, skipped, 0, echo, t0, adopted)
     tracking = None
     with _ray_session(num_cpus, echo, address):
         _check_cluster(spec)
         plan, tracking, paths = prepare(spec, state_dir, plan)
         n_todo = sum(len([m for m in u.get("members", [u]) if not m.get("done")]) for u in todo)
-        n_train = sum(1 for u in todo if not u.get("checkpoint") and not u.get("members", [u])[0].get("done"))
+        n_train = sum(1 for u in todo if not u.get("checkpoint") and not u.get("source")
+                      and not u.get("members", [u])[0].get("done"))
         echo(f"study {spec.name}: {len(plan.trials)} trials ({len(plan.cells)} cells x {len(spec.seeds)} seeds, "
              f"design {plan.design}); {skipped} already done, {n_todo} to run in {n_train} training(s)"
              + (f" (fixed checkpoint {plan.checkpoint})" if plan.checkpoint else ""))
@@ -297,7 +319,83 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
         _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped)
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
-    return _finish(spec, plan, tracking, paths, skipped, n_todo, echo, t0)
+    return _finish(spec, plan, tracking, paths, skipped, n_todo, echo, t0, adopted)
+
+
+def reuse_sources(spec: StudySpec, state_dir: str | Path, trials: list[dict]) -> dict:
+    """trial key -> `srdit.study.reuse.Source`: the finished run in the study's MLflow store whose run key equals
+    the trial's (grid designs only; {} when the store does not exist yet). Reads only."""
+    from srdit.study.reuse import RUN_KEY, content_keys, find_sources
+
+    if spec.design.kind == "search" or not trials:
+        return {}
+    uri = resolve_uri(spec.tracking.uri, state_paths(state_dir, spec.name)["root"])
+    cwd = os.getcwd()  # relative paths in the study are meant from here (as in the trials' context)
+    return find_sources(uri, {d["key"]: content_keys(d["config"], cwd)[RUN_KEY] for d in trials})
+
+
+def _adopt(spec, plan, tracking, paths, sources: dict, echo) -> int:
+    """Adopt every trial of `sources` (trial key -> Source) into the study's run tree; returns how many."""
+    from srdit.study.reuse import adopt, format_reused
+    from srdit.study.trial import run_name, trial_params, trial_tags
+
+    ctx = _context(spec, tracking, paths, plan)
+    counts: dict[str, int] = {}
+    for t in plan.trials:
+        src = sources.get(t.key)
+        if src is None:
+            continue
+        d = t.to_dict()
+        adopt(tracking.uri, tracking.experiment_id, tracking.parent_run_id, t.key, run_name(d), trial_tags(d, ctx),
+              trial_params(d), src)
+        counts[src.study] = counts.get(src.study, 0) + 1
+    n = sum(counts.values())
+    echo(f"study {spec.name}: {format_reused(counts, len(plan.trials))} (finished runs with the same run key: "
+         f"training config, data, code and evaluation settings; `--no-reuse` trains them again)")
+    return n
+
+
+def from_finished_trainings(spec: StudySpec, state_dir: str | Path, units: list[dict], echo) -> list[dict]:
+    """Work units (`work_units`) whose training has not started in this study but whose training key matches a
+    finished training in the store whose folder is reachable from here (its result, config and final EMA weights):
+    turned into evaluation units (`source`: that training's folder; `execute_group` evaluates every member from
+    it, no training)."""
+    from srdit.study.reuse import TRAINING_KEY, content_keys, find_sources
+    from srdit.train import snapshot_steps
+
+    fresh = [u for u in units if not u.get("checkpoint") and not u.get("members", [u])[0].get("done")
+             and not any(m.get("run_id") for m in u.get("members", [u]))]
+    if not fresh:
+        return units
+    uri = resolve_uri(spec.tracking.uri, state_paths(state_dir, spec.name)["root"])
+    cwd = os.getcwd()
+    lead = {u["key"]: u.get("members", [u])[0] for u in fresh}
+    # another study's trainings only: within the study, sharing is the plan's (`--no-share` trains every trial)
+    found = find_sources(uri, {k: content_keys(t["config"], cwd)[TRAINING_KEY] for k, t in lead.items()},
+                         TRAINING_KEY, exclude_study=spec.name)
+    out, counts = [], {}
+    for u in units:
+        src = found.get(u["key"])
+        folder = Path(src.trial_dir) if src is not None and src.trial_dir else None
+        usable = folder is not None and (folder / "result.json").is_file()
+        if usable:  # what srdit.train.evaluate_trained needs: the recorded config and the final EMA weights
+            usable = False
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                res = json.loads((folder / "result.json").read_text())
+                usable = "config" in res and (res.get("step") in snapshot_steps(folder)
+                                              or (folder / "checkpoints" / "last.pt").is_file())
+        if not usable or src is None:
+            out.append(u)
+            continue
+        members = [m for m in u.get("members", [u]) if not m.get("done")]
+        out.append({"key": u["key"], "training": u.get("training", ""), "members": members, "checkpoint": None,
+                    "source": str(folder), "source_run_id": src.train_run_id, "source_study": src.study})
+        counts[src.study] = counts.get(src.study, 0) + len(members)
+    if counts:
+        where = ", ".join(f"study {s} ({n})" for s, n in counts.items())
+        echo(f"study {spec.name}: {sum(counts.values())} trial(s) evaluated from finished trainings of {where} "
+             f"(same training key, other evaluation settings; `--no-reuse` trains them)")
+    return out
 
 
 def work_units(plan: Plan, todo: list[dict], existing: dict) -> list[dict]:
@@ -325,7 +423,8 @@ def work_units(plan: Plan, todo: list[dict], existing: dict) -> list[dict]:
                 members.append(pending[k])
             else:  # done: kept for its folder and run id (the training run), not run again
                 run = existing[k]
-                members.append({**specs[k].to_dict(), "done": True, "run_id": run.info.run_id})
+                members.append({**specs[k].to_dict(), "done": True, "run_id": run.info.run_id,
+                                "trial_dir": run.data.tags.get("trial_dir", "")})  # an adopted run: its source's
         units.append({"key": g.trial_key, "training": g.key, "members": members, "checkpoint": None})
     return units
 
@@ -527,7 +626,9 @@ def _search_point(spec: StudySpec, run) -> dict | None:
     return point
 
 
-def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0) -> StudyRun:
+def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0, adopted: int = 0) -> StudyRun:
+    from srdit.study.reuse import format_reused, reused_counts
+
     children = tracking.children_by_key()
     if spec.design.kind == "search":
         keys = list(children)
@@ -551,7 +652,9 @@ def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0) -> StudyRun:
             unfinished.append(f"(search: {total - n_samples} sample(s) of the budget not run)")
     wall = time.perf_counter() - t0
     complete = not unfinished
-    tracking.tag_parent({"complete": str(complete).lower(),
+    reused = reused_counts(children[k] for k in keys if k in children and is_done(children[k]))
+    tracking.tag_parent({"complete": str(complete).lower(), "n_reused": sum(reused.values()),
+                         **({"reused": format_reused(reused, total)} if reused else {}),
                          **{f"n_{s}": n for s, n in statuses.items()}})
     tracking.set_parent_status("FINISHED" if complete else "KILLED")
     summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
@@ -560,13 +663,15 @@ def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0) -> StudyRun:
     else:
         echo(f"study {spec.name}: {min(n_samples, total)}/{total} search samples evaluated, {sum(statuses.values())} "
              f"distinct runs ({summary or 'none'}) in {wall:.0f} s")
+    if reused:
+        echo(f"  {format_reused(reused, total)}")
     if unfinished:
         crashed = statuses.get("crashed", 0)
         echo(f"  {len(unfinished)} trial(s) unfinished" +
              (f" ({crashed} crashed: a failure outside the trial, retried on rerun)" if crashed else "") +
              "; rerun the same command (or `srdit study resume`) to finish them")
     return StudyRun(spec.name, tracking.uri, tracking.experiment_id, tracking.parent_run_id, total, skipped, ran,
-                    statuses, unfinished, wall, str(paths["root"]))
+                    statuses, unfinished, wall, str(paths["root"]), adopted)
 
 
 def run_plain(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None,

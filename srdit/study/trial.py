@@ -84,11 +84,15 @@ def _one_line(e: BaseException) -> str:
 
 
 def trial_tags(trial: dict, ctx: TrialContext) -> dict:
-    """The tags of a trial's child run (besides status and runtime): study, cell, seed, design, techniques."""
+    """The tags of a trial's child run (besides status and runtime): study, cell, seed, design, techniques, and the
+    content keys of its training and run (`srdit.study.reuse.content_keys`)."""
+    from srdit.study.reuse import content_keys
+
     on = set(trial["on"])
     tags = {"study": ctx.study, "cell": trial["cell"], "seed": trial["seed"], "design": ctx.design,
             "techniques": "+".join(trial["on"]) or "baseline", "trial_key": trial["key"],
-            "trial_dir": str(Path(ctx.trials_dir) / trial["key"]), **{f"tech.{n}": int(n in on) for n in ctx.factors}}
+            "trial_dir": str(Path(ctx.trials_dir) / trial["key"]), **{f"tech.{n}": int(n in on) for n in ctx.factors},
+            **content_keys(trial["config"], ctx.cwd)}
     if trial.get("params"):
         tags["search.params"] = json.dumps(trial["params"], sort_keys=True)
     return tags
@@ -300,6 +304,10 @@ def execute_group(group: dict, ctx: TrialContext, to_tune: bool = False) -> dict
     if group.get("checkpoint"):
         outs = [evaluate_from(group["checkpoint"], m, ctx) for m in todo]
         return _group_answer(outs, ctx, to_tune)
+    if group.get("source"):  # a finished training of another study (srdit.study.reuse): evaluate, never train
+        tags = {TRAIN_KEY_TAG: group["training"], "reused_training_from_study": group.get("source_study", "")}
+        outs = [evaluate_from(group["source"], m, ctx, group.get("source_run_id"), tags) for m in todo]
+        return _group_answer(outs, ctx, to_tune)
     if len(members) == 1:
         return {**execute_trial(members[0], ctx, to_tune), "members_done": 1}
     lead = members[0]
@@ -313,7 +321,7 @@ def execute_group(group: dict, ctx: TrialContext, to_tune: bool = False) -> dict
                 outs = [out]
             else:
                 outs = []
-            source = Path(ctx.trials_dir) / lead["key"]
+            source = Path(lead.get("trial_dir") or Path(ctx.trials_dir) / lead["key"])  # adopted: its source's
             outs += [evaluate_from(source, m, ctx, lead.get("run_id"), tags) for m in todo]
             return _group_answer(outs, ctx, to_tune)
         return _train_group(group, lead, todo, ctx, to_tune)
