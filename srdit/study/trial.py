@@ -88,6 +88,8 @@ def trial_tags(trial: dict, ctx: TrialContext) -> dict:
             "trial_dir": str(Path(ctx.trials_dir) / trial["key"]), **{f"tech.{n}": int(n in on) for n in ctx.factors}}
     if trial.get("params"):
         tags["search.params"] = json.dumps(trial["params"], sort_keys=True)
+    if trial.get("block") is not None:  # fold-over: the half of the combined design (the analysis's block term)
+        tags["block"] = trial["block"]
     return tags
 
 
