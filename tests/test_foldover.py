@@ -366,3 +366,49 @@ def test_block_column_errors_and_opt_out():
     assert analyze(df, F, "y", "max", bootstrap=False, block_col=None).fit.block is None
     df["block"] = np.nan  # an all-empty column is no block
     assert analyze(df, F, "y", "max", bootstrap=False).fit.block is None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# end to end: the folded study, then its fold-over, on a real local Ray into a real SQLite MLflow store
+# ------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_foldover_study_runs_tags_its_halves_and_is_analysed_with_the_block(tmp_path):
+    import ray
+    from mlflow import MlflowClient
+
+    from srdit.analysis.effects import analyze_study
+    from srdit.report_command import make_report
+    from srdit.study.results import load_results
+    from srdit.study.runner import run_study
+
+    names = ["rmsnorm", "qk_norm", "rope"]
+    other = load_study(_write(tmp_path / "frac.yaml", {
+        "name": "frac", "base": BASE, "techniques": names, "seeds": [0],
+        "design": {"kind": "fractional_factorial", "resolution": 3},
+        "metrics": {"primary": "fd", "direction": "min", "others": {"kd": "min"}}}))
+    fold = load_study(_fold(tmp_path))
+    state = tmp_path / "state"
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        first = run_study(other, state)
+        res = run_study(fold, state)
+    finally:
+        ray.shutdown()
+    assert first.complete and res.complete and res.statuses == {"finished": 8}
+    client = MlflowClient(res.uri)
+    children = [r for r in client.search_runs([res.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") == res.parent_run_id]
+    plan = plan_study(fold)
+    blocks = {t.key: str(t.block) for t in plan.trials}
+    assert {r.data.tags["trial_key"]: r.data.tags["block"] for r in children} == blocks
+    assert {r.data.tags["design"] for r in children} == {"foldover(of=frac)"}
+    results, _ = load_results(fold, state, curves=False, samples=False)
+    table = results.table.set_index("trial")
+    assert table["block"].to_dict() == {k: int(v) for k, v in blocks.items()}
+    assert sorted(table.loc[table["block"] == 0, "cell"]) == sorted(c.id for c in plan_study(other).cells)
+    out = analyze_study(results, bootstrap=False)
+    a = out["fd"]
+    assert a.fit.block is not None and a.fit.block["levels"] == ["0", "1"]
+    assert a.fit.n_cells == 8 and a.fit.aliased == []  # the full 2^3: nothing aliased
+    html = make_report(tmp_path / "fold.yaml", state, tmp_path / "dashboards", bootstrap=False)
+    assert "additive block term C(block)" in html.read_text()
