@@ -1,8 +1,11 @@
-"""What every run records about itself: git commit (+ dirty flag), versions, device."""
+"""What every run records about itself: git commit (+ dirty flag), versions, device; and the code version of the
+parts of srdit that shape a training or an evaluation (content keys of finished runs, `srdit.study.reuse`)."""
 
 from __future__ import annotations
 
+import ast
 import functools
+import hashlib
 import platform
 import subprocess
 from pathlib import Path
@@ -40,3 +43,65 @@ def provenance(device: torch.device | str = "cpu") -> dict[str, str]:
         "commit": commit, "dirty": str(dirty).lower(), "srdit": srdit.__version__, "torch": str(torch.__version__),
         "python": platform.python_version(), "device": device_name(device),
     }
+
+
+TRAINING_CODE = ("model", "transport", "data", "encoders", "train.py", "parallel.py")
+"""The parts of srdit (relative to the package folder) that shape a trained model: backbone, objective and sampler,
+data streams, alignment teachers, the training loop and its data-parallel helper. The resolved config is keyed
+separately, so the config loader and the technique merge are not part of it."""
+EVALUATION_CODE = ("evaluate.py", "generate.py", "metrics", "sample_shards.py")
+"The parts that turn a trained model into evaluation metrics: sampling, metric networks and distances."
+
+
+def _drop_docstrings(tree: ast.AST) -> ast.AST:
+    """Remove every bare string statement (module, class and function docstrings, and the attribute docstrings
+    that follow dataclass fields): they are no-ops, so editing them must not change the code version."""
+    for node in ast.walk(tree):
+        for name in ("body", "orelse", "finalbody"):
+            body = getattr(node, name, None)
+            if not isinstance(body, list) or not body or not isinstance(body[0], ast.stmt):
+                continue
+            kept = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
+                                             and isinstance(s.value.value, str))]
+            setattr(node, name, kept or [ast.Pass()])
+    return tree
+
+
+def source_digest(source: str, filename: str = "<source>") -> str:
+    """sha256 of a Python source's syntax tree without comments, docstrings, layout or line numbers: equal for two
+    sources that differ only there, different when any statement or expression differs. Raises SyntaxError."""
+    tree = _drop_docstrings(ast.parse(source, filename))
+    return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=None)
+def _code_version(parts: tuple[str, ...], root: str) -> str:
+    h = hashlib.sha256()
+    base = Path(root)
+    for part in parts:
+        path = base / part
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.is_file() else []
+        if not files:
+            h.update(f"{part}\0missing\0".encode())
+        for f in files:
+            h.update(f.relative_to(base).as_posix().encode() + b"\0")
+            h.update(source_digest(f.read_text(encoding="utf-8"), str(f)).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def code_version(parts: tuple[str, ...] = TRAINING_CODE, root: str | Path | None = None) -> str:
+    """A 16-hex-digit version of the source files under `parts` (files or folders, relative to `root`, default the
+    srdit package folder), from their syntax trees (`source_digest`): a code change changes it, a comment or
+    docstring edit does not. Computed once per process and arguments (the source does not change under a running
+    process). `training_code_version` / `evaluation_code_version` name the two parts that content keys use."""
+    return _code_version(tuple(parts), str(Path(root) if root is not None else Path(srdit.__file__).parent))
+
+
+def training_code_version() -> str:
+    """`code_version` of `TRAINING_CODE`: a part of every training's content key (`srdit.study.reuse`)."""
+    return code_version(TRAINING_CODE)
+
+
+def evaluation_code_version() -> str:
+    """`code_version` of `EVALUATION_CODE`: a part of every run's content key (`srdit.study.reuse`)."""
+    return code_version(EVALUATION_CODE)

@@ -227,6 +227,10 @@ def _header_context(res: StudyResults, a: Analysis | None) -> str:
                      + (f" ({a.n_excluded} excluded: not finished, not failed)" if a.n_excluded else ""))
     elif t is not None and len(t):
         parts.append(f"{len(t)} runs")
+    if res.reused_from:
+        n, where = sum(res.reused_from.values()), ", ".join(f"study {_esc(s)} ({k})" for s, k in res.reused_from.items())
+        parts.append(f"<b>{n} of {len(t)} trials reused</b> from finished runs of {where} (same training config, "
+                     "data, code and evaluation settings)")
     head = " · ".join(parts)
     if res.description:
         head += f'<br><span class="desc">{_esc(res.description)}</span>'

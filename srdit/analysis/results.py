@@ -44,6 +44,8 @@ class StudyResults:
         bench: the controlled throughput measurement (`srdit study bench`), or None: a table like `table` with one
             row per cell x round (`seed` = round) and the wall-clock metrics of one training step; when present,
             the analysis takes the wall-clock metrics (`metric_registry.WALL_CLOCK`) from it, not from the trials.
+        reused_from: study -> number of runs of `table` adopted from its finished runs (same content keys) instead
+            of trained; the report header says so.
     """
 
     study: str
@@ -65,3 +67,4 @@ class StudyResults:
     steps: int | None = None
     "training length in steps (None: taken from the learning curves when they exist)"
     bench: pd.DataFrame | None = None
+    reused_from: dict[str, int] = field(default_factory=dict)

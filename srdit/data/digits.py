@@ -47,6 +47,15 @@ def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+def fingerprint() -> str:
+    """sha256 (16 hex digits) of scikit-learn's bundled digits (images and labels) as srdit reads them: the data
+    identity in a training's content key (`srdit.study.reuse`)."""
+    import hashlib
+
+    x, y = _raw_digits()
+    return hashlib.sha256(np.ascontiguousarray(x).tobytes() + np.ascontiguousarray(y).tobytes()).hexdigest()[:16]
+
+
 def _split_indices(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     # torch.randperm on a CPU generator is stable across versions; per-class shuffles give a stratified split.
     g = torch.Generator().manual_seed(seed)

@@ -1,9 +1,12 @@
 """Commands of the study layer (dispatched by srdit.cli; also `python -m srdit.study.command ...`):
 
-    srdit study plan STUDY.yaml [--json]              cells, excluded cells, aliases, trial count, cost, and the
-                                                      preflight (missing inputs, unreported metrics, resources)
+    srdit study plan STUDY.yaml [--json]              cells, excluded cells, aliases, trial count, cost, the
+                      [--state DIR]                   preflight (missing inputs, unreported metrics, resources),
+                                                      and the trials the store's finished runs would supply
     srdit study run STUDY.yaml [--state DIR]          preflight, then every unfinished trial (Ray Tune; a private
-                      [--address ADDR]                local Ray on 127.0.0.1, or the cluster at ADDR / RAY_ADDRESS)
+                      [--address ADDR]                local Ray on 127.0.0.1, or the cluster at ADDR / RAY_ADDRESS);
+                      [--no-reuse]                    trials matching a finished run of the store are adopted from
+                                                      it unless --no-reuse (srdit.study.reuse)
     srdit study resume STUDY.yaml [--state DIR]       the same as run (finishes what is unfinished)
     srdit study status STUDY.yaml [--state DIR]       each trial's status, counts, the driver, what a rerun will do
     srdit study bench STUDY.yaml [--state DIR]        time one training step of every cell, interleaved
@@ -50,6 +53,8 @@ def _study_parser() -> argparse.ArgumentParser:
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.add_argument("--steps-per-s", type=float, default=None, help="throughput assumption of the time estimate")
     pl.add_argument("--concurrency", type=int, default=None, help="trials at once (default: cores / cpus per trial)")
+    pl.add_argument("--state", default=DEFAULT_STATE,
+                    help="state folder whose MLflow store is searched for reusable finished runs (read only)")
     for name, help_ in (("run", "run every unfinished trial"), ("resume", "finish an interrupted study (= run)")):
         r = sub.add_parser(name, help=help_)
         r.add_argument("study")
@@ -59,6 +64,9 @@ def _study_parser() -> argparse.ArgumentParser:
         r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
         r.add_argument("--address", default=None,
                        help="Ray cluster to run on (default: $RAY_ADDRESS, else a private local Ray on 127.0.0.1)")
+        r.add_argument("--no-reuse", action="store_true",
+                       help="train every trial, even one whose finished run (same training config, data, code and "
+                            "evaluation settings) is already in the store")
     ex = sub.add_parser("export", help="write one row per trial (factors, seed, status, every metric) from MLflow")
     ex.add_argument("study")
     ex.add_argument("--csv", nargs="?", const="", default="", metavar="PATH",
@@ -129,10 +137,12 @@ def _plan(args) -> int:
              if os.environ.get("RAY_ADDRESS") else "this machine")
     problems = (preflight.input_and_metric_problems(spec, plan) +
                 preflight.resource_problems(spec, preflight.local_nodes(), where))
+    reuse = plan_reuse(spec, plan, args.state)
     if args.json:
-        print(json.dumps({**plan.to_json(sps, conc), "preflight": problems}, indent=1))
+        print(json.dumps({**plan.to_json(sps, conc), "preflight": problems, "reuse": reuse}, indent=1))
     else:
         print(format_plan(plan, sps, conc))
+        print(f"reuse: {reuse['line']}")
         if problems:
             print(f"preflight: {len(problems)} problem(s); `srdit study run` refuses to start until they are fixed")
             print("\n".join(f"  - {p}" for p in problems))
@@ -160,7 +170,7 @@ def _run(args) -> int:
                       f"{stale.get('host')}) stopped without finishing; taking over", flush=True)
             mark_dead_trials(spec, args.state, stale)
             res = run_study(spec, args.state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan,
-                            address=args.address)
+                            address=args.address, reuse=not args.no_reuse)
     except PreflightError:
         if new_state:  # refused before anything ran: leave no state behind (the lock made the folder)
             shutil.rmtree(args.state, ignore_errors=True)
@@ -170,6 +180,46 @@ def _run(args) -> int:
           f"browse with `srdit ui --state {state}`")
     print(f"report: `srdit report {args.study} --state {state}` writes {DEFAULT_DASHBOARDS}/{spec.name}/index.html")
     return 0 if res.complete else 1
+
+
+def plan_reuse(spec, plan, state: str | Path) -> dict:
+    """What a `study run` in `state` would take from finished runs of its MLflow store: {"done": trials already done
+    in this study, "reused": trials another finished run would supply, "from": study -> count, "line": a sentence}.
+    Reads only; no store yet (or one that cannot be read) is "nothing to reuse", never an error."""
+    from srdit.study.reuse import format_reused
+    from srdit.study.runner import _existing_children, reuse_sources
+    from srdit.study.tracking import is_done
+
+    out: dict = {"done": 0, "reused": 0, "from": {}, "line": ""}
+    if spec.design.kind == "search" or not plan.trials:
+        out["line"] = "not for a search design (its trials are chosen while it runs)"
+        return out
+    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # a server that is down
+    saved = {k: os.environ.get(k) for k in quick}
+    os.environ.update(quick)
+    try:
+        existing = _existing_children(spec, state)
+        out["done"] = sum(1 for t in plan.trials if t.key in existing and is_done(existing[t.key]))
+        sources = reuse_sources(spec, state, [t.to_dict() for t in plan.trials if t.key not in existing])
+    except Exception as e:  # noqa: BLE001 - the plan must not fail on the store (a server down, an old store)
+        out["line"] = f"the store in {state} could not be read ({type(e).__name__}); `study run` looks again"
+        return out
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    for src in sources.values():
+        out["from"][src.study] = out["from"].get(src.study, 0) + 1
+    out["reused"] = len(sources)
+    done = f"{out['done']} of {len(plan.trials)} trials already done in this study; " if out["done"] else ""
+    if sources:
+        out["line"] = (done + format_reused(out["from"], len(plan.trials), "would be reused") +
+                       f" (finished runs with the same run key in {state}; `study run --no-reuse` trains them)")
+    else:
+        out["line"] = done + f"no finished run with a matching run key in {state}"
+    return out
 
 
 def _export(args) -> int:
@@ -204,6 +254,7 @@ def _status(args) -> int:
     from srdit.study.lock import holder
     from srdit.study.results import open_tracking
     from srdit.study.spec import load_study
+    from srdit.study.reuse import REUSED_FROM, REUSED_FROM_STUDY, format_reused, reused_counts
     from srdit.study.tracking import is_done
 
     spec = load_study(args.study)
@@ -228,12 +279,18 @@ def _status(args) -> int:
             rerun_failed[state] = rerun_failed.get(state, 0) + 1
         reason = r.data.tags.get("status_reason", "") if r is not None else ""
         name = r.data.tags.get("mlflow.runName", "") if r is not None else ""
+        if r is not None and r.data.tags.get(REUSED_FROM):
+            reason = (reason + "  " if reason else "") + (f"reused from study {r.data.tags.get(REUSED_FROM_STUDY)} "
+                                                         f"(run {r.data.tags[REUSED_FROM]})")
         print(f"{k}  {name + '  ' if name else ''}{state}{'  ' + reason if reason else ''}")
     fmt = lambda d: ", ".join(f"{n} {s}" for s, n in sorted(d.items(), key=lambda x: -x[1]))  # noqa: E731
     n_done = sum(1 for k in keys if children.get(k) is not None and is_done(children[k]))
     total = plan.search_budget or len(keys)
     print(f"{n_done}/{total} trials done ({fmt(counts) or 'none run'}); MLflow {tracking.uri}, parent run "
           f"{tracking.parent_run_id}")
+    reused = reused_counts(children[k] for k in keys if k in children and is_done(children[k]))
+    if reused:
+        print(format_reused(reused, total))
     if marked:
         print(f"marked {len(marked)} trial(s) interrupted: their driver is gone")
     if driver is not None:

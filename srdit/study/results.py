@@ -14,6 +14,7 @@ from srdit import metric_registry
 from srdit.analysis.results import CURVE_COLUMNS, TABLE_BASE_COLUMNS, StudyResults
 from srdit.config import ConfigError
 from srdit.study.designs import Plan, plan_study
+from srdit.study.reuse import REUSED_FROM, REUSED_FROM_STUDY
 from srdit.study.runner import state_paths
 from srdit.study.spec import StudySpec
 from srdit.study.tracking import StudyTracking, has_ended, open_study, resolve_uri, retry
@@ -52,6 +53,7 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
     blocks = {t.key: t.block for t in plan.trials if t.block is not None}
     want_samples = samples
     rows, curve_rows, samples = [], [], {}
+    reused_from: dict[str, int] = {}
     commit = ""
     if samples_dir is None:
         samples_dir = state_paths(state_dir, spec.name)["root"] / "samples" / spec.name
@@ -72,6 +74,8 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
             v = m.get(metric_registry.SUMMARY.get(name, name), m.get(name))  # throughput: the run's median
             row[name] = float(v) if (ok and v is not None and math.isfinite(v)) else math.nan
         row["run_id"] = run.info.run_id
+        if tags.get(REUSED_FROM):
+            reused_from[tags.get(REUSED_FROM_STUDY, "")] = reused_from.get(tags.get(REUSED_FROM_STUDY, ""), 0) + 1
         row["trials_on_host"] = float(m.get("trials_on_host", math.nan))  # NaN: not recorded (older runs)
         rows.append(row)
         commit = commit or tags.get("git_commit", "")
@@ -103,7 +107,7 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
         table=table, curves=pd.DataFrame(curve_rows, columns=CURVE_COLUMNS), samples=samples,
         excluded=list(plan.excluded), aliases=dict(plan.aliases), ladder_order=plan.ladder_order,
         commit=commit, date=_dt.date.today().isoformat(), description=spec.description,
-        steps=getattr(getattr(spec.base, "train", None), "steps", None))
+        steps=getattr(getattr(spec.base, "train", None), "steps", None), reused_from=reused_from)
     from srdit.study.bench import bench_table, load_bench
 
     bench = load_bench(state_paths(state_dir, spec.name)["root"], plan)

@@ -14,6 +14,9 @@ search through Ray Tune's OptunaSearch.
   trainable catches it and reports it; it never becomes a Tune ERROR.
 - Rerunning after an interruption runs only the trials whose child run is not done (MLflow is the source of truth;
   `srdit.study.tracking.is_done` is the rule: crashed trials run again, diverged / oom ones stay).
+- A trial whose run key matches a finished run anywhere in the same MLflow store (another study, an earlier version
+  of this one) is adopted from it instead of trained (`srdit.study.reuse`; `reuse=False` / `--no-reuse` opts
+  out); when nothing is left to run, Ray is not started at all.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ class StudyRun:
     "Trial keys still not done (interrupted, or infrastructure failures beyond the retries)."
     wall_s: float = 0.0
     state_dir: str = ""
+    reused: int = 0
+    "Trials adopted from finished runs of the store by this invocation (`srdit.study.reuse`)."
 
     @property
     def complete(self) -> bool:
@@ -238,9 +243,12 @@ def _existing_children(spec: StudySpec, state_dir: str | Path) -> dict:
 
 def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = False, num_cpus: int | None = None,
               max_failures: int = MAX_FAILURES, echo: Callable[[str], None] | None = None,
-              plan: Plan | None = None, address: str | None = None) -> StudyRun:
+              plan: Plan | None = None, address: str | None = None, reuse: bool = True) -> StudyRun:
     """Run (or resume) every unfinished trial of the study; returns a summary. Ray is started when not running
-    (the cluster at `address` / RAY_ADDRESS, else a private local Ray on loopback).
+    (the cluster at `address` / RAY_ADDRESS, else a private local Ray on loopback) and some trial is left to run.
+
+    With `reuse` (the default; grid designs), a trial without a run in this study whose run key matches a finished
+    run in the store is adopted from it first (`srdit.study.reuse.adopt`) and not run.
 
     Raises `PreflightError` (nothing recorded, no trial started) when an input of a trial to run is missing, a
     study metric is not reported by its runs, or a trial cannot fit the cluster."""
@@ -263,11 +271,18 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
             d["run_id"] = run.info.run_id  # unfinished: reuse it (the trainer resumes from its checkpoint)
         todo.append(d)
     todo = submission_order(todo)  # load must not line up with cells (wall-clock metrics)
-    preflight.check(spec, plan, todo, nodes if todo else None)
+    sources = reuse_sources(spec, state_dir, [d for d in todo if "run_id" not in d]) if reuse else {}
+    todo = [d for d in todo if d["key"] not in sources]
+    preflight.check(spec, plan, todo, nodes if todo else None)  # an adopted trial needs no inputs
+    adopted, prepared = 0, None
+    if sources:
+        prepared = plan, tracking, paths = prepare(spec, state_dir, plan)
+        adopted = _adopt(spec, plan, tracking, paths, sources, echo)
+        skipped += adopted
     if not todo:
-        plan, tracking, paths = prepare(spec, state_dir, plan)
+        plan, tracking, paths = prepared or prepare(spec, state_dir, plan)
         echo(f"study {spec.name}: {len(plan.trials)} trials; all done")
-        return _finish(spec, plan, tracking, paths, skipped, 0, echo, t0)
+        return _finish(spec, plan, tracking, paths, skipped, 0, echo, t0, adopted)
     tracking = None
     with _ray_session(num_cpus, echo, address):
         _check_cluster(spec)
@@ -282,7 +297,40 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
         _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped)
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
-    return _finish(spec, plan, tracking, paths, skipped, len(todo), echo, t0)
+    return _finish(spec, plan, tracking, paths, skipped, len(todo), echo, t0, adopted)
+
+
+def reuse_sources(spec: StudySpec, state_dir: str | Path, trials: list[dict]) -> dict:
+    """trial key -> `srdit.study.reuse.Source`: the finished run in the study's MLflow store whose run key equals
+    the trial's (grid designs only; {} when the store does not exist yet). Reads only."""
+    from srdit.study.reuse import RUN_KEY, content_keys, find_sources
+
+    if spec.design.kind == "search" or not trials:
+        return {}
+    uri = resolve_uri(spec.tracking.uri, state_paths(state_dir, spec.name)["root"])
+    cwd = os.getcwd()  # relative paths in the study are meant from here (as in the trials' context)
+    return find_sources(uri, {d["key"]: content_keys(d["config"], cwd)[RUN_KEY] for d in trials})
+
+
+def _adopt(spec, plan, tracking, paths, sources: dict, echo) -> int:
+    """Adopt every trial of `sources` (trial key -> Source) into the study's run tree; returns how many."""
+    from srdit.study.reuse import adopt, format_reused
+    from srdit.study.trial import run_name, trial_params, trial_tags
+
+    ctx = _context(spec, tracking, paths, plan)
+    counts: dict[str, int] = {}
+    for t in plan.trials:
+        src = sources.get(t.key)
+        if src is None:
+            continue
+        d = t.to_dict()
+        adopt(tracking.uri, tracking.experiment_id, tracking.parent_run_id, t.key, run_name(d), trial_tags(d, ctx),
+              trial_params(d), src)
+        counts[src.study] = counts.get(src.study, 0) + 1
+    n = sum(counts.values())
+    echo(f"study {spec.name}: {format_reused(counts, len(plan.trials))} (finished runs with the same run key: "
+         f"training config, data, code and evaluation settings; `--no-reuse` trains them again)")
+    return n
 
 
 def _is_loopback() -> bool:
@@ -482,7 +530,9 @@ def _search_point(spec: StudySpec, run) -> dict | None:
     return point
 
 
-def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0) -> StudyRun:
+def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0, adopted: int = 0) -> StudyRun:
+    from srdit.study.reuse import format_reused, reused_counts
+
     children = tracking.children_by_key()
     if spec.design.kind == "search":
         keys = list(children)
@@ -506,7 +556,9 @@ def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0) -> StudyRun:
             unfinished.append(f"(search: {total - n_samples} sample(s) of the budget not run)")
     wall = time.perf_counter() - t0
     complete = not unfinished
-    tracking.tag_parent({"complete": str(complete).lower(),
+    reused = reused_counts(children[k] for k in keys if k in children and is_done(children[k]))
+    tracking.tag_parent({"complete": str(complete).lower(), "n_reused": sum(reused.values()),
+                         **({"reused": format_reused(reused, total)} if reused else {}),
                          **{f"n_{s}": n for s, n in statuses.items()}})
     tracking.set_parent_status("FINISHED" if complete else "KILLED")
     summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
@@ -515,13 +567,15 @@ def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0) -> StudyRun:
     else:
         echo(f"study {spec.name}: {min(n_samples, total)}/{total} search samples evaluated, {sum(statuses.values())} "
              f"distinct runs ({summary or 'none'}) in {wall:.0f} s")
+    if reused:
+        echo(f"  {format_reused(reused, total)}")
     if unfinished:
         crashed = statuses.get("crashed", 0)
         echo(f"  {len(unfinished)} trial(s) unfinished" +
              (f" ({crashed} crashed: a failure outside the trial, retried on rerun)" if crashed else "") +
              "; rerun the same command (or `srdit study resume`) to finish them")
     return StudyRun(spec.name, tracking.uri, tracking.experiment_id, tracking.parent_run_id, total, skipped, ran,
-                    statuses, unfinished, wall, str(paths["root"]))
+                    statuses, unfinished, wall, str(paths["root"]), adopted)
 
 
 def run_plain(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None,

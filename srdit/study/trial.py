@@ -81,11 +81,15 @@ def _one_line(e: BaseException) -> str:
 
 
 def trial_tags(trial: dict, ctx: TrialContext) -> dict:
-    """The tags of a trial's child run (besides status and runtime): study, cell, seed, design, techniques."""
+    """The tags of a trial's child run (besides status and runtime): study, cell, seed, design, techniques, and the
+    content keys of its training and run (`srdit.study.reuse.content_keys`)."""
+    from srdit.study.reuse import content_keys
+
     on = set(trial["on"])
     tags = {"study": ctx.study, "cell": trial["cell"], "seed": trial["seed"], "design": ctx.design,
             "techniques": "+".join(trial["on"]) or "baseline", "trial_key": trial["key"],
-            "trial_dir": str(Path(ctx.trials_dir) / trial["key"]), **{f"tech.{n}": int(n in on) for n in ctx.factors}}
+            "trial_dir": str(Path(ctx.trials_dir) / trial["key"]), **{f"tech.{n}": int(n in on) for n in ctx.factors},
+            **content_keys(trial["config"], ctx.cwd)}
     if trial.get("params"):
         tags["search.params"] = json.dumps(trial["params"], sort_keys=True)
     if trial.get("block") is not None:  # fold-over: the half of the combined design (the analysis's block term)
