@@ -388,13 +388,20 @@ def test_foldover_study_runs_tags_its_halves_and_is_analysed_with_the_block(tmp_
         "metrics": {"primary": "fd", "direction": "min", "others": {"kd": "min"}}}))
     fold = load_study(_fold(tmp_path))
     state = tmp_path / "state"
+    from srdit.study.command import plan_reuse
+
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         first = run_study(other, state)
+        # the plan shows the first half as reused: the folded study's finished runs have the same run keys
+        reuse = plan_reuse(fold, plan_study(fold), state)
+        assert reuse["reused"] == 4 and reuse["from"] == {"frac": 4}
+        assert reuse["line"].startswith("4 of 8 trials would be reused from study frac")
         res = run_study(fold, state)
     finally:
         ray.shutdown()
     assert first.complete and res.complete and res.statuses == {"finished": 8}
+    assert res.reused == 4 and res.ran == 4  # only the mirror half trained
     client = MlflowClient(res.uri)
     children = [r for r in client.search_runs([res.experiment_id])
                 if r.data.tags.get("mlflow.parentRunId") == res.parent_run_id]
