@@ -255,6 +255,11 @@ def _pm_rows(names: Sequence[str], sets: Iterable[Iterable[str]]) -> np.ndarray:
     return np.array([[1 if n in set(on) else -1 for n in names] for on in sets], dtype=int).reshape(-1, len(names))
 
 
+def _sets(names: Sequence[str], matrix: np.ndarray) -> list[tuple[str, ...]]:
+    """(runs, k) +-1 rows -> the technique set of each row."""
+    return [tuple(n for n, lv in zip(names, r) if lv > 0) for r in np.asarray(matrix).tolist()]
+
+
 def _relation(names: Sequence[str], matrix: np.ndarray) -> list[str]:
     return ["I = " + ("-" if sg < 0 else "") + effect_name(names, w) for w, sg in defining_words(matrix)]
 
@@ -290,17 +295,19 @@ def foldover_design(spec: StudySpec) -> tuple[list[tuple[str, ...]], dict]:
     flat = [{e, *(a.lstrip("-") for a in al)} for e, al in aliases.items()]
     low = sorted({" = ".join(sorted((x for x in g if x.count(":") < 2), key=lambda x: (x.count(":"), x)))
                   for g in flat if sum(x.count(":") < 2 for x in g) > 1})
-    sets_of = lambda rows: [tuple(n for n, lv in zip(names, r) if lv > 0) for r in rows]  # noqa: E731
-    first_ids = [cell_id(spec, on) for on in sets_of(first)]
-    mirror_ids = [cell_id(spec, on) for on in sets_of(mirror)]
+    first_ids = [cell_id(spec, on) for on in _sets(names, first)]
+    mirror_ids = [cell_id(spec, on) for on in _sets(names, mirror)]
     how = "every sign flipped" if factor is None else f"{factor}'s column flipped"
-    p = int(round(k - math.log2(len(combined))))
+    if math.isinf(achieved):
+        combined_note = f"combined design: the full 2^{k} factorial ({len(combined)} cells)"
+    else:
+        p = int(round(k - math.log2(len(combined))))
+        combined_note = (f"combined design: 2^({k}-{p}), {len(combined)} of {2 ** k} cells, resolution "
+                         f"{int(achieved)}")
     notes = [f"fold-over of {other.name} ({how}): half 1 (block 0) = its {len(first)} cells, half 2 (block 1) = "
              f"their {len(mirror)} mirror cells; both halves are analysed as one design with a block term for the "
              f"halves",
-             ("combined design: the full 2^{k} factorial ({n} cells)" if math.isinf(achieved) else
-              "combined design: 2^({k}-{p}), {n} of {N} cells, resolution {r}").format(
-                 k=k, p=p, n=len(combined), N=2 ** k, r=int(achieved) if not math.isinf(achieved) else 0),
+             combined_note,
              "main effects and pairs still aliased with each other: " + "; ".join(low) if low else
              "no main effect or pair is aliased with another main effect or pair",
              f"from {other.name} (reused when its runs are finished): cells {', '.join(first_ids)}"]
@@ -308,7 +315,7 @@ def foldover_design(spec: StudySpec) -> tuple[list[tuple[str, ...]], dict]:
             "notes": notes, "blocks": {**{c: 0 for c in first_ids}, **{c: 1 for c in mirror_ids}},
             "foldover": {"of": other.name, "of_path": other.path, "factor": factor, "first": first_ids,
                          "mirror": mirror_ids}}
-    return sets_of(combined), info
+    return _sets(names, combined), info
 
 
 # ------------------------------------------------------------------------------------------------------------------
