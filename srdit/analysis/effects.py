@@ -1432,8 +1432,8 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
                             df_pure if has_error else None, o.alpha) if used_bl else None
     if block_fit:
         notes.append(f"additive block term C({p.block_col}) ({len(block_codes)} blocks: {', '.join(block_codes)}); "
-                     + "; ".join(f"block {b} - block {block_codes[0]} = {_num_s(e['estimate'])}"
-                                 + (f" [{_num_s(e['ci'][0])}, {_num_s(e['ci'][1])}]" if e["ci"] else "")
+                     + "; ".join(f"block {b} - block {block_codes[0]} = {e['estimate']:.3g}"
+                                 + (f" [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}]" if e["ci"] else "")
                                  for b, e in block_fit["effects"].items())
                      + " (metric scale); cell means, dividends and Shapley values are not adjusted for it")
     if kept and lack_of_fit and lack_of_fit["p"] is not None and lack_of_fit["p"] < o.alpha:
