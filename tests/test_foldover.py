@@ -346,6 +346,9 @@ def test_block_without_seeds_and_unreplicated():
     r1 = analyze(one, F, "y", "max", bootstrap=False)
     assert r1.fit.error_df is None and r1.fit.lenth is not None
     assert r1.fit.block["effects"]["1"]["se"] is None and r1.fit.block["effects"]["1"]["ci"] is None
+    # the halves are the two signs of a:b:c:d, so Lenth's a:b:c:d contrast is the block's too (planted 1.5)
+    assert "Lenth's contrast a:b:c:d is confounded with the block (block)" in " ".join(r1.notes)
+    assert r1.fit.lenth["effects"]["a:b:c:d"] == pytest.approx(-r1.fit.block["effects"]["1"]["estimate"], abs=1e-9)
 
 
 def test_a_block_confounded_with_a_factor_is_dropped_with_a_note():

@@ -1486,6 +1486,15 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
         if complete:
             cm = np.bincount(g_cell, weights=g_n * g_mean) / c_n
             lenth = _lenth(fin_cells, cm, model_f, o.alpha)
+            if lenth is not None and used_bl and n_bl == 2 and len(model_f) <= 10:
+                # the halves are confounded with an interaction: its contrast carries the block effect too
+                half = np.zeros(len(fin_cells))
+                half[g_cell] = 2.0 * g_block - 1.0
+                same = [_term_name(t) for t in _all_terms(model_f, len(model_f)) if len(t) > 1
+                        and abs(float(_pm_matrix(fin_cells, [t])[:, 0] @ half)) == len(half)]
+                if same:
+                    notes.append(f"Lenth's contrast {same[0]} is confounded with the block ({p.block_col}): it "
+                                 f"carries the difference between the blocks too")
 
     # ---- effects per name ----
     main_effects: dict[str, float | None] = {f: None for f in factors}
