@@ -105,6 +105,8 @@ def test_single_factor_foldover_of_the_resolution_four_digits_study_is_the_full_
     assert "aliases: none among main effects, 2- and 3-technique interactions" in text
     assert "from digits_frac4 (reused when its runs are finished): cells " + ", ".join(c.id for c in p1.cells) in text
     assert "combined design: the full 2^4 factorial (16 cells)" in text
+    assert "  0000  baseline  [half 1: from digits_frac4]" in text and "  1000  sprint  [half 2: mirror]" in text
+    assert "[half" not in format_plan(p1)
     assert p2.to_json()["foldover"] == {"of": "digits_frac4", "of_path": other.path, "factor": "sprint",
                                         "first": [c.id for c in p1.cells], "mirror": [c.id for c in p2.cells[8:]]}
 

@@ -485,8 +485,10 @@ def format_plan(plan: Plan, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrenc
     lines += [f"  note: {n}" for n in plan.notes]
     if plan.cells:
         lines.append(f"cells ({len(plan.cells)}):")
+        half = {**{c: f"  [half 1: from {plan.foldover['of']}]" for c in plan.foldover.get("first", [])},
+                **{c: "  [half 2: mirror]" for c in plan.foldover.get("mirror", [])}}
         for c in plan.cells:
-            lines.append(f"  {c.id}  {'+'.join(c.on) if c.on else 'baseline'}")
+            lines.append(f"  {c.id}  {'+'.join(c.on) if c.on else 'baseline'}{half.get(c.id, '')}")
     if plan.excluded:
         lines.append(f"excluded cells ({len(plan.excluded)}):")
         for e in plan.excluded:
