@@ -32,7 +32,9 @@ TOP_KEYS = ["metric", "direction", "scale", "factors", "n_runs", "n_finished", "
             # metric in the multiplicity family, what each interval is, the realised aliasing, pure error / lack of
             # fit, Lenth's screen for unreplicated designs, runs excluded for a non-failure status
             "role", "family", "intervals", "significant_pairs", "partially_aliased_pairs", "aliased_effects",
-            "partial_aliases", "dropped_factors", "seed_block", "lack_of_fit", "lenth", "n_excluded"]
+            "partial_aliases", "dropped_factors", "seed_block", "lack_of_fit", "lenth", "n_excluded",
+            # appended with the fold-over design: the additive block term for its halves (null without a block)
+            "block"]
 CELL_KEYS = ["combo", "cell", "on", "n", "n_finished", "n_failed", "failures", "reasons", "mean", "sd", "y_mean",
              "gain", "gain_sem"]
 LADDER_KEYS = ["step", "added", "cell", "on", "n", "n_finished", "mean", "sd", "gain", "delta", "gain_step", "ratio"]

@@ -18,10 +18,12 @@ def test_schema_is_frozen():
     # Change these only on purpose (and update the docs and studies/*.yaml).
     assert S.STUDY_KEYS == ("name", "description", "base", "techniques", "design", "seeds", "constraints", "metrics",
                             "resources", "tracking", "checkpoint")
-    assert S.DESIGN_KINDS == ("full_factorial", "fractional_factorial", "ladder", "leave_one_out", "search")
+    assert S.DESIGN_KINDS == ("full_factorial", "fractional_factorial", "ladder", "leave_one_out", "search",
+                              "foldover")
     assert S.DESIGN_KEYS == {"full_factorial": ("kind",), "fractional_factorial": ("kind", "resolution"),
                              "ladder": ("kind", "order"), "leave_one_out": ("kind",),
-                             "search": ("kind", "trials", "objectives", "space", "seed", "max_concurrent")}
+                             "search": ("kind", "trials", "objectives", "space", "seed", "max_concurrent"),
+                             "foldover": ("kind", "of", "factor")}
     assert S.CUSTOM_TECHNIQUE_KEYS == ("name", "diff", "description")
     assert S.CONSTRAINT_KINDS == ("requires", "excludes", "wins")
     assert S.METRICS_KEYS == ("primary", "direction", "others")

@@ -161,10 +161,12 @@ class _Prepared:
     metric: str
     sign: int
     log: bool
-    data: pd.DataFrame  # columns: factors (0/1), _combo, _cell, _seed, _ok, _status, _reason, _raw, _y, _g
+    data: pd.DataFrame  # columns: factors (0/1), _combo, _cell, _seed, _block, _ok, _status, _reason, _raw, _y, _g
     has_seed: bool
     notes: list[str] = field(default_factory=list)
     n_excluded: int = 0
+    block_col: str | None = None
+    "the block column when the table has one (e.g. the halves of a fold-over), else None"
 
 
 def prepare(
@@ -177,6 +179,7 @@ def prepare(
     status_col: str | None = "status",
     reason_col: str | None = "status_reason",
     log: bool = False,
+    block_col: str | None = "block",
 ) -> _Prepared:
     """Validate and normalise the table (see module docstring). Raises AnalysisError with a one-line message."""
     if not isinstance(table, pd.DataFrame):
@@ -223,6 +226,11 @@ def prepare(
     d["_cell"] = table["cell"].astype(str) if "cell" in table.columns else d["_combo"]
     has_seed = bool(seed_col) and seed_col in table.columns
     d["_seed"] = table[seed_col].astype(str) if has_seed else "0"
+    has_block = bool(block_col) and block_col in table.columns and bool(table[block_col].notna().any())
+    if has_block and table[block_col].isna().any():
+        raise AnalysisError(f"column '{block_col}' is empty in {int(table[block_col].isna().sum())} row(s); give "
+                            f"every run its block (e.g. the half of a fold-over) or drop the column")
+    d["_block"] = table[block_col].astype(str) if has_block else "0"
     raw = pd.to_numeric(table[metric], errors="coerce")
     nonnum = table[metric].notna() & raw.isna()
     if nonnum.all():
@@ -248,7 +256,8 @@ def prepare(
     d["_g"] = sign * d["_y"]
     if not ok.any():
         raise AnalysisError(f"no finished run with a finite '{metric}': nothing to analyse")
-    return _Prepared(factors, metric, sign, log, d.reset_index(drop=True), has_seed, notes, n_excluded)
+    return _Prepared(factors, metric, sign, log, d.reset_index(drop=True), has_seed, notes, n_excluded,
+                     block_col if has_block else None)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -739,6 +748,8 @@ class Options:
     "practical antagonism threshold delta, gain units"
     correction: str = "holm"
     seed_block: bool = True
+    block_col: str | None = "block"
+    "block column (e.g. the halves of a fold-over): an additive fixed effect in the model when the table has it"
     cov_type: str = "nonrobust"
     bootstrap: bool = True
     n_resamples: int = 2000
@@ -805,6 +816,8 @@ class Fit:
     dropped_factors: list[str] = field(default_factory=list)
     "factors constant among finished runs, left out of the metric model"
     seed_block: bool = False
+    block: dict | None = None
+    "the block term when fitted: column, levels, effects (each level against the first: estimate, se, ci), df"
     # for the later phases (not part of the JSON)
     sign: int = field(repr=False, default=1)
     df_resid: float = field(repr=False, default=0.0)
@@ -1092,6 +1105,7 @@ class Analysis:
             "lack_of_fit": fit.lack_of_fit,
             "lenth": fit.lenth,
             "n_excluded": self.n_excluded,
+            "block": fit.block,  # appended with the fold-over: the block term for its halves (None without)
         }
 
 
@@ -1195,6 +1209,33 @@ def _lenth(cells: pd.DataFrame, y: np.ndarray, factors: Sequence[str], alpha: fl
             "source": "Lenth (1989), Technometrics 31: 469-473; individual margin ME and simultaneous margin SME"}
 
 
+def _block_term(col: str, levels: np.ndarray, g_block: np.ndarray, g_n: np.ndarray, g_mean: np.ndarray,
+                Xg: np.ndarray, seed: list, mse: float, df: float | None, alpha: float) -> dict:
+    """The fitted block effects (each level against the first, metric scale) of the model y ~ terms [+ seed] +
+    block, by weighted least squares on the aggregates: the terms (Xg: intercept + kept columns) and the block
+    dummies, with the seed means absorbed first (Frisch-Waugh). Standard errors from the pure-error `mse`."""
+    D = np.column_stack([g_block == b for b in range(1, len(levels))]).astype(float)
+    Z = np.column_stack([Xg[:, 1:] if seed else Xg, D])
+    yv = g_mean
+    if seed:
+        Z, yv = _absorb(Z, g_n, seed), _absorb(g_mean, g_n, seed)
+    sw = np.sqrt(g_n)
+    beta, *_ = np.linalg.lstsq(Z * sw[:, None], yv * sw, rcond=None)
+    cov = None
+    if df is not None:
+        cov = mse * np.linalg.pinv((Z * sw[:, None]).T @ (Z * sw[:, None]))
+    tcrit = stats.t.ppf(1 - alpha / 2, df) if df is not None else None
+    effects = {}
+    for j, b in enumerate(levels[1:]):
+        q = Z.shape[1] - D.shape[1] + j
+        est = float(beta[q])
+        se = math.sqrt(max(cov[q, q], 0.0)) if cov is not None else None
+        effects[str(b)] = {"estimate": _f(est), "se": _f(se) if se is not None else None,
+                           "ci": _ci(est - tcrit * se, est + tcrit * se) if se is not None else None}
+    return {"column": col, "levels": [str(b) for b in levels], "effects": effects,
+            "df": _f(df) if df is not None else None}
+
+
 def fit_effects(p: _Prepared, o: Options) -> Fit:
     """Phase 1: the metric model on the finished runs.
 
@@ -1260,16 +1301,20 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
         notes.append(msg)
         inestimable += [Inestimable(h, "design has holes") for h in holes]
 
-    # ---- aggregate the finished runs per cell and seed ----
+    # ---- aggregate the finished runs per cell, seed (and block) ----
     cell_codes, cell_idx = np.unique(okd["_code"].to_numpy(), return_inverse=True)
     seed_codes, seed_idx = np.unique(okd["_seed"].to_numpy(), return_inverse=True)
+    block_codes, block_idx = np.unique(okd["_block"].to_numpy(), return_inverse=True)
+    n_bl = len(block_codes)
     y = okd["_y"].to_numpy(dtype=float)
-    key = cell_idx.astype(np.int64) * len(seed_codes) + seed_idx
+    key = (cell_idx.astype(np.int64) * len(seed_codes) + seed_idx) * n_bl + block_idx
     gkeys, ginv = np.unique(key, return_inverse=True)
     g_n = np.bincount(ginv).astype(float)
     g_mean = np.bincount(ginv, weights=y) / g_n
     within = float(((y - g_mean[ginv]) ** 2).sum())
-    g_cell, g_seed = (gkeys // len(seed_codes)).astype(np.int64), (gkeys % len(seed_codes)).astype(np.int64)
+    g_cell = (gkeys // (len(seed_codes) * n_bl)).astype(np.int64)
+    g_seed = (gkeys // n_bl % len(seed_codes)).astype(np.int64)
+    g_block = (gkeys % n_bl).astype(np.int64)
     first = np.unique(cell_idx, return_index=True)[1]
     fin_cells = okd[model_f].iloc[first].reset_index(drop=True)  # levels of each finished cell, in cell_idx order
     c_n = np.bincount(g_cell, weights=g_n)
@@ -1313,27 +1358,53 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
             used_block = True
         else:
             notes.append("seed block dropped: it would leave no error degrees of freedom")
-    blocks = [g_cell, g_seed] if used_block else [g_cell]
+    # ---- block term (e.g. the halves of a fold-over): additive, kept when it is not confounded with a fitted
+    # term and leaves an error estimate ----
+    nuisance = [g_seed] if used_block else []
+    rank_nuis = n_seeds if used_block else 1  # seed means, or the intercept
     rank_full = rank_cells + (n_seeds - 1 if used_block else 0)
+    used_bl = False
+    if p.block_col and n_bl > 1:
+        sw0 = np.sqrt(g_n)
+        Xk = X1c[g_cell][:, 1:]
+        Xa = _absorb(Xk, g_n, [*nuisance, g_block])
+        lost = [r for j, r in enumerate(kept)
+                if np.linalg.norm(Xa[:, j] * sw0) < 1e-8 * max(np.linalg.norm(Xk[:, j] * sw0), 1.0)]
+        dummies = np.column_stack([*([g_seed == s for s in range(1, n_seeds)] if used_block else []),
+                                   *[g_block == b for b in range(1, n_bl)]]).astype(float)
+        r_extra = int(np.linalg.matrix_rank(_absorb(dummies, g_n, [g_cell]) * sw0[:, None]))
+        if kept and (lost or np.linalg.matrix_rank(Xa * sw0[:, None]) < len(kept)):
+            notes.append(f"block term ({p.block_col}) dropped: it is confounded with "
+                         f"{', '.join(lost) or 'a combination of the fitted effects'} (constant within each block), "
+                         f"so a block effect cannot be told apart from them")
+        elif n_ok - (rank_cells + r_extra) < 1 and n_ok > rank_cells:
+            notes.append(f"block term ({p.block_col}) dropped: it would leave no error degrees of freedom")
+        else:
+            used_bl = True
+            rank_full = rank_cells + r_extra
+            rank_nuis = (n_seeds + n_bl - _components(g_seed, g_block)) if used_block else n_bl
+            nuisance = [*nuisance, g_block]
+    blocks = [g_cell, *nuisance]
     # pure error: residual of the full model (cell means [+ seed]) plus the spread within cell x seed groups
     rss_full = within + float((g_n * _absorb(g_mean, g_n, blocks) ** 2).sum())
     df_pure = n_ok - rank_full
-    # reduced model (kept terms [+ seed]); Frisch-Waugh: absorb the seed block from y and X, then weighted LS
+    # reduced model (kept terms [+ seed] [+ block]); Frisch-Waugh: absorb the seed (and block) effects from y and X,
+    # then weighted LS
     Xg = X1c[g_cell]
-    if used_block:
-        yt, Xt = _absorb(g_mean, g_n, [g_seed]), _absorb(Xg[:, 1:], g_n, [g_seed])
-        Xt = np.column_stack([np.zeros(len(Xt)), Xt])  # the intercept is absorbed by the seed means
+    if nuisance:
+        yt, Xt = _absorb(g_mean, g_n, nuisance), _absorb(Xg[:, 1:], g_n, nuisance)
+        Xt = np.column_stack([np.zeros(len(Xt)), Xt])  # the intercept is absorbed by the seed / block means
     else:
         yt, Xt = g_mean, Xg
     sw = np.sqrt(g_n)
     XtW = Xt * sw[:, None]
-    act = slice(1, None) if used_block else slice(0, None)
+    act = slice(1, None) if nuisance else slice(0, None)
     beta_a, *_ = np.linalg.lstsq(XtW[:, act], yt * sw, rcond=None)
     beta = np.zeros(Xt.shape[1])
     beta[act] = beta_a
     resid = yt - Xt @ beta
     rss_red = within + float((g_n * resid ** 2).sum())
-    df_red = n_ok - (X1c.shape[1] + (n_seeds - 1 if used_block else 0))
+    df_red = n_ok - (len(kept) + rank_nuis)
     has_error = df_pure >= 1 and rss_full >= 0
     mse = rss_full / df_pure if has_error else float("nan")
     lack_of_fit = None
@@ -1357,6 +1428,14 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
                      "run more seeds to confirm")
     elif used_block:
         notes.append(f"OLS with a seed block (C(seed)), pure error df = {int(df_pure)}")
+    block_fit = _block_term(p.block_col, block_codes, g_block, g_n, g_mean, Xg, nuisance[:-1], mse,
+                            df_pure if has_error else None, o.alpha) if used_bl else None
+    if block_fit:
+        notes.append(f"additive block term C({p.block_col}) ({len(block_codes)} blocks: {', '.join(block_codes)}); "
+                     + "; ".join(f"block {b} - block {block_codes[0]} = {e['estimate']:.3g}"
+                                 + (f" [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}]" if e["ci"] else "")
+                                 for b, e in block_fit["effects"].items())
+                     + " (metric scale); cell means, dividends and Shapley values are not adjusted for it")
     if kept and lack_of_fit and lack_of_fit["p"] is not None and lack_of_fit["p"] < o.alpha:
         f_txt = "inf (no pure error)" if lack_of_fit["f"] is None else f"{lack_of_fit['f']:.3g}"
         notes.append(f"lack of fit of the mains + pairs model (F = {f_txt}, p = "
@@ -1408,6 +1487,15 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
         if complete:
             cm = np.bincount(g_cell, weights=g_n * g_mean) / c_n
             lenth = _lenth(fin_cells, cm, model_f, o.alpha)
+            if lenth is not None and used_bl and n_bl == 2 and len(model_f) <= 10:
+                # the halves are confounded with an interaction: its contrast carries the block effect too
+                half = np.zeros(len(fin_cells))
+                half[g_cell] = 2.0 * g_block - 1.0
+                same = [_term_name(t) for t in _all_terms(model_f, len(model_f)) if len(t) > 1
+                        and abs(float(_pm_matrix(fin_cells, [t])[:, 0] @ half)) == len(half)]
+                if same:
+                    notes.append(f"Lenth's contrast {same[0]} is confounded with the block ({p.block_col}): it "
+                                 f"carries the difference between the blocks too")
 
     # ---- effects per name ----
     main_effects: dict[str, float | None] = {f: None for f in factors}
@@ -1446,7 +1534,7 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
         ci={n: c for n, c in ci.items() if c is not None} if has_error else {},
         p={n: q for n, q in pvals.items() if q is not None}, aliased=aliased, inestimable=inestimable, notes=notes,
         lack_of_fit=lack_of_fit, lenth=lenth, aliased_effects=aliased_effects, partial_aliases=partial,
-        dropped_factors=dropped, seed_block=used_block,
+        dropped_factors=dropped, seed_block=used_block, block=block_fit,
         sign=p.sign, df_resid=float(df_pure), se={r: i["se"] for r, i in term_info.items()},
         clean_pairs=frozenset(clean_pairs), estimated=frozenset(kept), mse=_f(mse))
 
@@ -1638,7 +1726,7 @@ def analyze(table: pd.DataFrame, factors: Sequence[str], metric: str, direction:
     o = replace(options or Options(), **overrides)
     o.validate()
     p = prepare(table, factors, metric, direction, seed_col=o.seed_col, status_col=o.status_col,
-                reason_col=o.reason_col, log=o.log)
+                reason_col=o.reason_col, log=o.log, block_col=o.block_col)
     fit = fit_effects(p, o)
     pairs = pair_synergies(fit, o)
     failures = failure_interactions(p, o)

@@ -30,7 +30,8 @@ class StudyResults:
         other_metrics: other metric columns -> direction (log-scale metrics of `srdit.metric_registry`, e.g.
             throughput, are analysed on the log scale).
         table: one row per trial: trial, cell (str id), seed, status ("finished"/"diverged"/"oom"/"crashed"),
-            status_reason, one 0/1 column per factor, metric columns (NaN for failed trials).
+            status_reason, one 0/1 column per factor, metric columns (NaN for failed trials); optionally `block`
+            (the half of a fold-over: 0 = the folded study's cells, 1 = the mirror; an additive block term).
         curves: learning curves: trial, cell, seed, key, step, value.
         samples: cell id -> path to a PNG sample grid.
         excluded: cells excluded by constraints: {"cell": ..., "techniques": [...], "reason": ...}.

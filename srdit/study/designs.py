@@ -13,7 +13,7 @@ import itertools
 import json
 import math
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import numpy as np
@@ -52,10 +52,12 @@ class TrialSpec:
     "The resolved RunConfig as a plain dict (to_dict)."
     params: dict = field(default_factory=dict)
     "Searched knob values (search design only)."
+    block: int | None = None
+    "Fold-over only: the half the cell belongs to (0: the folded study's cells, 1: their mirror image)."
 
     def to_dict(self) -> dict:
         return {"key": self.key, "cell": self.cell, "on": list(self.on), "seed": self.seed, "config": self.config,
-                "params": dict(self.params)}
+                "params": dict(self.params), **({} if self.block is None else {"block": self.block})}
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,9 @@ class Plan:
     another model; empty for a search (chosen while it runs) and for a fixed-checkpoint study (nothing trains)."""
     checkpoint: str | None = None
     "A fixed-checkpoint study: the checkpoint every trial evaluates (no training)."
+
+    foldover: dict = field(default_factory=dict)
+    "Fold-over only: of (the folded study), factor (None: every sign), first / mirror (cell ids of the halves)."
 
     def _configs(self) -> list[dict]:
         return [t.config for t in self.trials] or [self.base_config] * self.search_budget
@@ -186,6 +191,7 @@ class Plan:
             "checkpoint": self.checkpoint,
             "cost": self.cost(steps_per_s, concurrency),
             "gpu": self.gpu_estimate(),
+            "foldover": self.foldover or None,
         }
 
 
@@ -297,6 +303,89 @@ def fractional_matrix(k: int, res: int) -> tuple[np.ndarray, str]:
     return full_factorial_matrix(k), " ".join(letters[:k])
 
 
+def foldover(matrix: np.ndarray, flip: Sequence[int] | None = None) -> np.ndarray:
+    """The mirror image of a two-level design: (runs, k) +-1 rows with every sign flipped (`flip` None) or only the
+    columns `flip` (indices) flipped.
+
+    Added to the design as a second block it de-aliases (Montgomery, *Design and Analysis of Experiments*, 8.6;
+    Box, Hunter & Hunter ch. 6): a full fold-over frees every main effect from the two-factor interactions (the
+    words of odd length change sign and leave the defining relation); folding on one factor frees that factor's main
+    effect and every pair involving it (the words containing it leave)."""
+    m = np.array(matrix, dtype=int)
+    if flip is None:
+        return -m
+    m[:, list(flip)] *= -1
+    return m
+
+
+def _pm_rows(names: Sequence[str], sets: Iterable[Iterable[str]]) -> np.ndarray:
+    """Technique sets -> (runs, k) +-1 rows over `names`."""
+    return np.array([[1 if n in set(on) else -1 for n in names] for on in sets], dtype=int).reshape(-1, len(names))
+
+
+def _sets(names: Sequence[str], matrix: np.ndarray) -> list[tuple[str, ...]]:
+    """(runs, k) +-1 rows -> the technique set of each row."""
+    return [tuple(n for n, lv in zip(names, r) if lv > 0) for r in np.asarray(matrix).tolist()]
+
+
+def _relation(names: Sequence[str], matrix: np.ndarray) -> list[str]:
+    return ["I = " + ("-" if sg < 0 else "") + effect_name(names, w) for w, sg in defining_words(matrix)]
+
+
+def foldover_design(spec: StudySpec) -> tuple[list[tuple[str, ...]], dict]:
+    """Cells of a `foldover` design: the folded study's fraction (half 1, block 0) and its mirror image (half 2,
+    block 1), with the defining relation, resolution and aliases of the combined matrix, and `blocks` (cell id ->
+    half). Raises ConfigError when the mirror reproduces the fraction itself (a full fold-over of a design whose words
+    all have even length, or a factor that is in no word): such a fold-over adds no cell."""
+    other, factor = spec.design.of, spec.design.factor
+    names = spec.factor_names
+    k = len(names)
+    first_sets, _ = design_cells(other)
+    first = _pm_rows(names, first_sets)
+    mirror = foldover(first, None if factor is None else [names.index(factor)])
+    relation = ", ".join(_relation(names, first)) or "none"
+    seen = {tuple(r) for r in first.tolist()}
+    if {tuple(r) for r in mirror.tolist()} == seen:
+        if factor is None:
+            raise ConfigError(
+                f"design: flipping every sign of {other.name}'s fraction gives back the same {len(first)} cells: "
+                f"every word of its defining relation ({relation}) has even length, so a full fold-over leaves it "
+                f"unchanged; give design.factor: NAME to fold on one technique (it frees that technique's main "
+                f"effect and its pairs); allowed: {', '.join(names)}")
+        used = sorted({names[j] for w, _ in defining_words(first) for j in w}, key=names.index)
+        raise ConfigError(f"design.factor: flipping {factor} gives back {other.name}'s own {len(first)} cells: "
+                          f"{factor} is in no word of its defining relation ({relation}); fold on a technique that "
+                          f"is: {', '.join(used)}")
+    mirror = np.array([r for r in mirror.tolist() if tuple(r) not in seen], dtype=int).reshape(-1, k)
+    combined = np.vstack([first, mirror])
+    achieved = resolution(combined)
+    aliases = alias_map(combined, names)
+    flat = [{e, *(a.lstrip("-") for a in al)} for e, al in aliases.items()]
+    low = sorted({" = ".join(sorted((x for x in g if x.count(":") < 2), key=lambda x: (x.count(":"), x)))
+                  for g in flat if sum(x.count(":") < 2 for x in g) > 1})
+    first_ids = [cell_id(spec, on) for on in _sets(names, first)]
+    mirror_ids = [cell_id(spec, on) for on in _sets(names, mirror)]
+    how = "every sign flipped" if factor is None else f"{factor}'s column flipped"
+    if math.isinf(achieved):
+        combined_note = f"combined design: the full 2^{k} factorial ({len(combined)} cells)"
+    else:
+        p = int(round(k - math.log2(len(combined))))
+        combined_note = (f"combined design: 2^({k}-{p}), {len(combined)} of {2 ** k} cells, resolution "
+                         f"{int(achieved)}")
+    notes = [f"fold-over of {other.name} ({how}): half 1 (block 0) = its {len(first)} cells, half 2 (block 1) = "
+             f"their {len(mirror)} mirror cells; both halves are analysed as one design with a block term for the "
+             f"halves",
+             combined_note,
+             "main effects and pairs still aliased with each other: " + "; ".join(low) if low else
+             "no main effect or pair is aliased with another main effect or pair",
+             f"from {other.name} (reused when its runs are finished): cells {', '.join(first_ids)}"]
+    info = {"resolution": achieved, "aliases": aliases, "defining_relation": _relation(names, combined),
+            "notes": notes, "blocks": {**{c: 0 for c in first_ids}, **{c: 1 for c in mirror_ids}},
+            "foldover": {"of": other.name, "of_path": other.path, "factor": factor, "first": first_ids,
+                         "mirror": mirror_ids}}
+    return _sets(names, combined), info
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # cells -> configs
 # ------------------------------------------------------------------------------------------------------------------
@@ -382,6 +471,8 @@ def design_cells(spec: StudySpec) -> tuple[list[tuple[str, ...]], dict]:
     elif d.kind == "leave_one_out":
         full = tuple(names)
         return [full] + [tuple(n for n in names if n != m) for m in names], info
+    elif d.kind == "foldover":
+        return foldover_design(spec)
     else:
         return [], info
     sets = [tuple(n for n, level in zip(names, row) if level > 0) for row in rows]
@@ -441,6 +532,8 @@ def plan_study(spec: StudySpec, share: bool = True) -> Plan:
     elif not cells:
         raise ConfigError(f"{spec.path or spec.name}: every cell of the design is excluded: "
                           + "; ".join(f"{e['cell']}: {e['reason']}" for e in excluded[:3]))
+    blocks = info.get("blocks", {})
+    trials = [replace(t, block=blocks[t.cell]) if t.cell in blocks else t for t in trials]
     trainings = [] if spec.checkpoint else group_trainings(trials, share)
     if spec.checkpoint:
         notes.append(f"fixed checkpoint {spec.checkpoint}: nothing trains; every trial evaluates it, and a seed is "
@@ -452,7 +545,7 @@ def plan_study(spec: StudySpec, share: bool = True) -> Plan:
                 resolution=info.get("resolution"), ladder_order=info.get("ladder_order"), notes=notes,
                 search_budget=spec.design.trials if spec.design.kind == "search" else 0,
                 base_config=to_dict(spec.base), gpus_per_trial=spec.resources.gpus, trainings=trainings,
-                checkpoint=spec.checkpoint)
+                checkpoint=spec.checkpoint, foldover=info.get("foldover", {}))
 
 
 def submission_order(trials: Sequence[Any]) -> list[Any]:
@@ -488,8 +581,10 @@ def format_plan(plan: Plan, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrenc
     lines += [f"  note: {n}" for n in plan.notes]
     if plan.cells:
         lines.append(f"cells ({len(plan.cells)}):")
+        half = {**{c: f"  [half 1: from {plan.foldover['of']}]" for c in plan.foldover.get("first", [])},
+                **{c: "  [half 2: mirror]" for c in plan.foldover.get("mirror", [])}}
         for c in plan.cells:
-            lines.append(f"  {c.id}  {'+'.join(c.on) if c.on else 'baseline'}")
+            lines.append(f"  {c.id}  {'+'.join(c.on) if c.on else 'baseline'}{half.get(c.id, '')}")
     if plan.excluded:
         lines.append(f"excluded cells ({len(plan.excluded)}):")
         for e in plan.excluded:
@@ -500,7 +595,7 @@ def format_plan(plan: Plan, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrenc
         lines.append("aliases (effects up to 3 techniques; '-' = opposite sign):")
         for eff, al in plan.aliases.items():
             lines.append(f"  {eff} = {' = '.join(al)}")
-    elif plan.resolution is not None and plan.design.startswith("frac"):
+    elif plan.resolution is not None and plan.design.startswith(("frac", "foldover")):
         lines.append("aliases: none among main effects, 2- and 3-technique interactions")
     if plan.ladder_order:
         lines.append("ladder order: " + " -> ".join(plan.ladder_order))

@@ -50,6 +50,7 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
         keys = [t.key for t in plan.trials if t.key in children]
     factors = spec.factor_names
     metrics = spec.metrics.all()
+    blocks = {t.key: t.block for t in plan.trials if t.block is not None}
     want_samples = samples
     rows, curve_rows, samples = [], [], {}
     reused_from: dict[str, int] = {}
@@ -67,6 +68,8 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
         row = {"trial": key, "cell": tags.get("cell", ""), "seed": int(tags.get("seed", -1)), "status": status,
                "status_reason": tags.get("status_reason", "")}
         row.update({f: int(tags.get(f"tech.{f}", 0)) for f in factors})
+        if key in blocks:  # fold-over: the half (a run adopted from the folded study carries no block tag)
+            row["block"] = int(tags.get("block", blocks[key]))
         for name in dict.fromkeys([*metrics, *CURVE_KEYS]):
             v = m.get(metric_registry.SUMMARY.get(name, name), m.get(name))  # throughput: the run's median
             row[name] = float(v) if (ok and v is not None and math.isfinite(v)) else math.nan

@@ -39,14 +39,17 @@ from srdit.techniques import (TECHNIQUES, Technique, custom_technique, merge_dif
 # The schema. Tests freeze these tuples so that the study format changes only on purpose.
 STUDY_KEYS = ("name", "description", "base", "techniques", "design", "seeds", "constraints", "metrics", "resources",
               "tracking", "checkpoint")
-DESIGN_KINDS = ("full_factorial", "fractional_factorial", "ladder", "leave_one_out", "search")
+DESIGN_KINDS = ("full_factorial", "fractional_factorial", "ladder", "leave_one_out", "search", "foldover")
 DESIGN_KEYS = {
     "full_factorial": ("kind",),
     "fractional_factorial": ("kind", "resolution"),
     "ladder": ("kind", "order"),
     "leave_one_out": ("kind",),
     "search": ("kind", "trials", "objectives", "space", "seed", "max_concurrent"),
+    "foldover": ("kind", "of", "factor"),
 }
+FOLDOVER_INHERITED = ("base", "techniques", "constraints", "seeds", "checkpoint")
+"What a fold-over takes from the study it folds and may only repeat unchanged (they make its cells and trials)."
 CUSTOM_TECHNIQUE_KEYS = ("name", "diff", "description")
 CONSTRAINT_KINDS = ("requires", "excludes", "wins")
 METRICS_KEYS = ("primary", "direction", "others")
@@ -130,10 +133,16 @@ class Design:
     space: tuple[SearchParam, ...] = ()
     seed: int = 0
     max_concurrent: int | None = None
+    of: "StudySpec | None" = field(default=None, repr=False, compare=False)
+    "foldover: the study whose fraction it completes (its cells are the first half)."
+    factor: str | None = None
+    "foldover: the technique whose column is flipped; None: every sign flipped."
 
     @property
     def label(self) -> str:
-        """Short name used in tags and reports: full, frac(res=5), ladder, loo, search."""
+        """Short name used in tags and reports: full, frac(res=5), ladder, loo, search, foldover(of=x[, factor=y])."""
+        if self.kind == "foldover":
+            return f"foldover(of={self.of.name}{', factor=' + self.factor if self.factor else ''})"
         return {"full_factorial": "full", "fractional_factorial": f"frac(res={self.resolution})",
                 "ladder": "ladder", "leave_one_out": "loo", "search": "search"}[self.kind]
 
@@ -370,6 +379,9 @@ def parse_design(value: Any, names: list[str]) -> Design:
         return Design(kind, order=tuple(order))
     if kind == "leave_one_out":
         return Design(kind)
+    if kind == "foldover":  # study_from_dict parses it (it needs the study file's folder)
+        raise ConfigError(f"{where}.of: required; a fold-over is written {{kind: foldover, of: OTHER.yaml}} in a "
+                          f"study file (OTHER's path relative to it)")
     # search
     trials = _int(d.get("trials"), f"{where}.trials", 1)
     objectives = d.get("objectives", [])
@@ -629,6 +641,9 @@ def study_from_dict(data: Any, path: str | Path = "<dict>") -> StudySpec:
     description = data.get("description", "") or ""
     _str(description, "description")
     rel = Path(path).parent if str(path) != "<dict>" else None
+    design_in = {"kind": "foldover"} if data.get("design") == "foldover" else data.get("design")
+    if isinstance(design_in, Mapping) and design_in.get("kind") == "foldover":
+        return _foldover_from_dict({**data, "design": design_in}, name, description, path, rel)
     base, base_dict = parse_base(data.get("base"), relative_to=rel)
     if "techniques" not in data:
         raise ConfigError(f"techniques: required; a list of technique names (allowed: {', '.join(TECHNIQUES)}) "
@@ -664,6 +679,70 @@ def parse_checkpoint(value: Any) -> str | None:
         raise ConfigError(f"checkpoint: {value!r} is not allowed; expected the path of a checkpoint file (written by "
                           f"`srdit train` as RUN/checkpoints/last.pt, or by `srdit convert`)")
     return value
+
+
+def _foldover_from_dict(data: Mapping, name: str, description: str, path: str | Path,
+                        rel: Path | None) -> StudySpec:
+    """`design: {kind: foldover, of: OTHER.yaml, factor: NAME}`: OTHER's study (base, techniques, constraints, seeds,
+    metrics, resources, tracking) with OTHER's fraction plus its mirror image as the design. FOLDOVER_INHERITED keys
+    may be repeated here only unchanged (they make the cells and trials, and the first half must be OTHER's trials
+    exactly, so that OTHER's finished runs are reused); metrics, resources and tracking may be overridden.
+    Raises ConfigError (the mirror-image maths and its refusals: srdit.study.designs.foldover_design)."""
+    where = "design"
+    d = _mapping(data["design"], where, DESIGN_KEYS["foldover"])
+    of = d.get("of")
+    if not isinstance(of, str) or not of.strip():
+        raise ConfigError(f"{where}.of: required; the path of the study whose fraction this fold-over completes "
+                          f"(relative to this file), e.g. of: digits_frac4.yaml")
+    p = Path(of)
+    if not p.is_absolute() and rel is not None:
+        p = rel / p
+    if not p.is_file():
+        raise ConfigError(f"{where}.of: {of!r}: no such study file ({p}); give the path relative to this file")
+    try:
+        other = load_study(p)
+    except ConfigError as e:
+        raise ConfigError(f"{where}.of: {e}") from None
+    if other.design.kind == "foldover":
+        raise ConfigError(f"{where}.of: {of} is itself a fold-over; fold the original fraction ({other.design.of.path})"
+                          f" instead, with design.factor for the technique still aliased")
+    if other.design.kind != "fractional_factorial":
+        raise ConfigError(f"{where}.of: {of} has design {other.design.kind}; a fold-over completes a "
+                          f"fractional_factorial (resolution III or IV)")
+    if name == other.name:
+        raise ConfigError(f"name: {name!r} is the name of the study it folds ({of}); give the fold-over its own name")
+    names = other.factor_names
+    factor = d.get("factor")
+    if factor is not None and factor not in names:
+        raise ConfigError(f"{where}.factor: {factor!r} is not a technique of {of}; allowed: {', '.join(names)}")
+    given = {
+        "base": lambda v: parse_base(v, relative_to=rel)[0],
+        "techniques": lambda v: parse_techniques(v, other.base),
+        "constraints": lambda v: parse_constraints(v, names),
+        "seeds": parse_seeds,
+        "checkpoint": parse_checkpoint,
+    }
+    mine = {"base": other.base, "techniques": other.factors, "constraints": other.constraints, "seeds": other.seeds,
+            "checkpoint": other.checkpoint}
+    for key in FOLDOVER_INHERITED:
+        if key in data and given[key](data[key]) != mine[key]:
+            raise ConfigError(f"{key}: differs from the {key} of {of}; a fold-over inherits {key} from the study it "
+                              f"folds (its first half must be that study's trials): remove {key} here or make it "
+                              f"equal")
+    spec = dataclasses.replace(
+        other, name=name, description=description or other.description,
+        design=Design("foldover", resolution=other.design.resolution, of=other, factor=factor),
+        metrics=parse_metrics(data["metrics"]) if "metrics" in data else other.metrics,
+        resources=parse_resources(data["resources"]) if "resources" in data else other.resources,
+        tracking=parse_tracking(data["tracking"]) if "tracking" in data else other.tracking, path=str(path))
+    try:
+        check_resources(spec.base, spec.resources)
+    except ConfigError as e:
+        raise ConfigError(f"base.{e}") from None
+    from srdit.study.designs import foldover_design  # the design maths live there (it imports this module)
+
+    foldover_design(spec)  # refuses a mirror that reproduces the first half
+    return spec
 
 
 def _check_space(spec: StudySpec) -> None:

@@ -95,6 +95,8 @@ def trial_tags(trial: dict, ctx: TrialContext) -> dict:
             **content_keys(trial["config"], ctx.cwd)}
     if trial.get("params"):
         tags["search.params"] = json.dumps(trial["params"], sort_keys=True)
+    if trial.get("block") is not None:  # fold-over: the half of the combined design (the analysis's block term)
+        tags["block"] = trial["block"]
     return tags
 
 
