@@ -302,13 +302,13 @@ def test_shared_study_equals_the_unshared_study_per_cell(tmp_path, ray_local):
     train_ids = {ca[k].info.run_id: ca[k].data.tags["cell"][0] for k in trained}
     for k, r in ca.items():
         t = r.data.tags
-        assert t["train_key"] and t["shared_by"] == "4"
+        assert t["training_group"] and t["shared_by"] == "4"
         if k in trained:
             assert "train_run_id" not in t
         else:  # an evaluation run: linked to the training run of its rmsnorm level
             assert train_ids[t["train_run_id"]] == t["cell"][0]
     for k, r in cb.items():
-        assert "train_run_id" not in r.data.tags and "train_key" not in r.data.tags
+        assert "train_run_id" not in r.data.tags and "training_group" not in r.data.tags
     ma, mb = _cell_metrics(ca), _cell_metrics(cb)
     assert set(ma) == set(mb) and all(set(ma[c]) == set(QUALITY) for c in ma)
     assert ma == mb  # exactly: the same trainings, the same sampling

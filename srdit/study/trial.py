@@ -229,8 +229,9 @@ def _execute(trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
 
 TRAIN_RUN_TAG = "train_run_id"
 "Tag of an evaluation run: the MLflow run id of the training run whose model it evaluates."
-TRAIN_KEY_TAG = "train_key"
-"Tag of every run of a shared training (training and evaluation runs): the plan's training key."
+TRAIN_KEY_TAG = "training_group"
+"""Tag of every run of a shared training (training and evaluation runs): the plan's grouping key within the study
+(across studies a training is identified by its content key, the `training_key` tag of srdit.study.reuse)."""
 
 
 def _finish_member(trial: dict, child: ChildRun, reporter: TrialReporter, res, metrics: dict, wall: float,
