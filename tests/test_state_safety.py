@@ -291,8 +291,10 @@ def test_ctrl_c_prints_srdits_resume_line_and_the_rerun_resumes_without_duplicat
     env = {**ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     args = [sys.executable, "-m", "srdit.study.command", "run", str(study), "--state", str(state), "--num-cpus", "1"]
+    # A terminal's foreground job: Ctrl-C's default disposition. A test run started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 400
     while time.time() < deadline and not list((state / "trials" / "cc").glob("*/checkpoints/last.pt")):
         time.sleep(0.5)
