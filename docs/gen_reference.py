@@ -49,17 +49,18 @@ def header(title: str, source: str) -> str:
 
 
 def md(text: Any) -> str:
-    """Text for a table cell: one line, pipes escaped, `<` / `>` escaped outside code spans (they would be HTML)."""
+    """Text for a table cell: one line; outside code spans pipes escaped and `<`, `>`, `&` as entities (they would
+    be HTML). Inside code spans a pipe needs no escape (Python-Markdown's tables skip code spans)."""
     parts = re.sub(r"\s+", " ", str(text)).strip().split("`")
     for i in range(0, len(parts), 2):
-        parts[i] = parts[i].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return "`".join(parts).replace("|", "\\|")
+        parts[i] = parts[i].replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+    return "`".join(parts)
 
 
 def code(value: Any) -> str:
     """A value as inline code in a table cell (YAML spelling: null, true, lists)."""
     text = json.dumps(value) if isinstance(value, (bool, type(None), list, tuple, dict)) else str(value)
-    return "`" + text.replace("|", "\\|") + "`" if text != "" else '`""`'
+    return f"`{text}`" if text != "" else '`""`'
 
 
 def table(head: list[str], rows: list[list[str]]) -> str:
