@@ -18,7 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 FILES = (HERE / "README.md", ROOT / "README.md")
-BLOCK = re.compile(r"(<!-- table:([a-z_]+) -->\n)(.*?)(<!-- /table:\2 -->)", re.S)
+BLOCK = re.compile(r"(<!-- table:([a-z_]+) -->\n)(.*?)(<!-- /table:\2 -->)", re.DOTALL)
 
 
 def load(name: str) -> dict:
@@ -91,7 +91,7 @@ def summary() -> str:
     rows.append(["orchestration overhead per trial (Ray Tune + MLflow vs the same trials in a plain loop)",
                  f"{o['overhead_per_trial_s']:.1f} s", d])
     d, s = default_study()
-    rows.append([f"default study (`studies/digits_quick.yaml`, 16 trials) `srdit study run`",
+    rows.append(["default study (`studies/digits_quick.yaml`, 16 trials) `srdit study run`",
                  f"{s['run_wall_s'] / 60:.1f} min ({s['run_wall_s']:.0f} s)", d])
     r = load("study_reuse.json")
     rows.append(["the same study again under another name (all trials reused)",

@@ -24,13 +24,15 @@ import dataclasses
 import importlib
 import inspect
 import io
+import itertools
 import json
 import re
 import sys
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "docs" / "reference"
@@ -74,7 +76,7 @@ def attribute_docs(cls: type) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(sys.modules[cls.__module__]))
     node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
     docs, body = {}, node.body
-    for stmt, nxt in zip(body, body[1:]):
+    for stmt, nxt in itertools.pairwise(body):
         if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
                 and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
             docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
@@ -303,7 +305,7 @@ def _spelling(a: argparse.Action) -> str:
 def _usage(prog: str, parser: argparse.ArgumentParser) -> str:
     parts = [prog]
     for a in parser._actions:
-        if isinstance(a, argparse._HelpAction) or isinstance(a, argparse._SubParsersAction):
+        if isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)):
             continue
         s = _spelling(a).split(", ")[-1] if a.option_strings else _spelling(a)
         parts.append(s if not a.option_strings or a.required else f"[{s}]")
