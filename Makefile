@@ -9,7 +9,7 @@ STATE ?= state
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup test test-fast study report ui bench clean
+.PHONY: setup test test-fast study report ui bench docs clean
 
 setup: $(STAMP)
 
@@ -38,9 +38,17 @@ report: setup
 ui: setup
 	$(BIN)/srdit ui --state $(STATE)
 
+# The benchmarks, then the tables of bench/README.md and README.md rendered from bench/*.json.
 bench: setup
 	$(BIN)/python bench/run.py --out bench/results.json
+	$(BIN)/python bench/tables.py
+
+# The reference pages from the code, then the site into site/ (warnings are errors: a broken link fails).
+docs: setup
+	$(BIN)/python docs/gen_reference.py
+	$(BIN)/python bench/tables.py
+	$(BIN)/mkdocs build --strict --quiet --site-dir site
 
 clean:
-	rm -rf $(STATE) runs dashboards/*/ dashboards/index.html dashboards/RECORDS.md .pytest_cache
+	rm -rf $(STATE) runs site dashboards/*/ dashboards/index.html dashboards/RECORDS.md .pytest_cache
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -150,8 +150,11 @@ class Design:
 @dataclass(frozen=True)
 class Metrics:
     primary: str = "fd"
+    "The confirmatory metric (a metric of the registry that a study may name); its effects decide the report."
     direction: str = "min"
+    "min or max: which way `primary` is better (default: the registry's direction of `primary`)."
     others: Mapping[str, str] = field(default_factory=dict)
+    "Exploratory metrics: a list of names or a mapping name -> min|max (one Benjamini-Hochberg family)."
 
     def all(self) -> dict[str, str]:
         return {self.primary: self.direction, **{k: v for k, v in self.others.items() if k != self.primary}}
@@ -186,7 +189,9 @@ class Tracking:
 @dataclass(frozen=True)
 class StudySpec:
     name: str
+    "`name:` (required): letters, digits, _ . - ; it names the MLflow experiment, the state's folders and the report."
     description: str
+    "`description:` (optional): free text, shown in the report's header."
     base: RunConfig
     base_dict: Mapping[str, Any]
     "The base section as written (for the record)."
@@ -287,6 +292,9 @@ def parse_base(value: Any, where: str = "base", relative_to: Path | None = None)
 
 
 def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
+    """`techniques:` (required): the factors, a non-empty list. An item is a built-in technique's name, `name:
+    {knob: value}` (a built-in with knob overrides), or `{name: ..., diff: {dotted.key: value}, description: ...}`
+    (a custom technique: a named config diff, evaluation-time when every key is in `sample` / `eval`)."""
     where = "techniques"
     if not isinstance(value, list) or not value:
         raise ConfigError(f"{where}: expected a non-empty list of technique names (allowed: {', '.join(TECHNIQUES)}), "
@@ -343,6 +351,10 @@ def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
 
 
 def parse_design(value: Any, names: list[str]) -> Design:
+    """`design:` (default full_factorial): a kind of `DESIGN_KINDS`, or a mapping `{kind: ..., ...}` with that kind's
+    keys (`DESIGN_KEYS`): fractional_factorial `resolution` (3..8 or III..VIII), ladder `order` (default: the
+    techniques' order), search `trials`, `objectives`, `space` (key -> {low, high, log, type} or {choices}), `seed`,
+    `max_concurrent`; foldover `of`, `factor`. A full factorial takes at most 12 techniques."""
     where = "design"
     if value is None:
         value = "full_factorial"
@@ -425,6 +437,9 @@ def parse_design(value: Any, names: list[str]) -> Design:
 
 
 def parse_constraints(value: Any, names: list[str]) -> tuple[Constraint, ...]:
+    """`constraints:` (default none): a list of `{requires: [a, b, ...]}` (a needs every other), `{excludes: [a, b,
+    ...]}` (no two together) and `{wins: a, over: b}` (a key both set takes a's value). Cells that break a rule are
+    excluded and listed by `srdit study plan`."""
     where = "constraints"
     if value is None:
         return ()
@@ -520,6 +535,8 @@ def check_shared_keys(factors: tuple[Factor, ...], constraints: tuple[Constraint
 
 
 def parse_metrics(value: Any) -> Metrics:
+    """`metrics:` (default `{primary: fd}`): `primary` (the confirmatory metric), `direction` (min or max; default:
+    the registry's) and `others` (a list of names, or a mapping name -> min|max; exploratory metrics)."""
     where = "metrics"
     if value is None:
         return Metrics()
@@ -549,6 +566,8 @@ def parse_metrics(value: Any) -> Metrics:
 
 
 def parse_resources(value: Any) -> Resources:
+    """`resources:` (default `{cpus: 1, gpus: 0}`): what one trial takes (see `Resources`); `gpus: N` > 1 makes a
+    data-parallel trial of N workers with one GPU each."""
     where = "resources"
     if value is None:
         return Resources()
@@ -587,6 +606,8 @@ def check_resources(cfg: RunConfig, resources: Resources) -> None:
 
 
 def parse_tracking(value: Any) -> Tracking:
+    """`tracking:` (default: the embedded SQLite store under the state folder): `uri` (sqlite, http(s) or a database
+    URI), `experiment`, `artifact_location` (see `Tracking`)."""
     where = "tracking"
     if value is None:
         return Tracking()
@@ -602,6 +623,8 @@ def parse_tracking(value: Any) -> Tracking:
 
 
 def parse_seeds(value: Any) -> tuple[int, ...]:
+    """`seeds:` (default `[0]`): a list of distinct integers in [0, 2^32 - 1], or a count N (seeds 0..N-1, at most
+    `MAX_SEEDS`); every cell runs once per seed."""
     where = "seeds"
     if value is None:
         return (0,)
