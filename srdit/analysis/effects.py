@@ -1759,7 +1759,8 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
         inestimable=[*da.inestimable, *sm.inestimable, *dropped],
         notes=[*mf.notes, *da.notes, *sm.notes, *nu.notes, *er.notes, *partial_notes, *lenth_notes],
         lack_of_fit=er.ls.lack_of_fit, lenth=lenth,
-        aliased_effects={n: _alias_label(g) for g in da.chains for n, _ in g}, partial_aliases=partial, dropped_factors=mf.dropped, seed_block=nu.seed_block, block=er.block,
+        aliased_effects={n: _alias_label(g) for g in da.chains for n, _ in g}, partial_aliases=partial,
+        dropped_factors=mf.dropped, seed_block=nu.seed_block, block=er.block,
         sign=p.sign, df_resid=float(df_pure), se={r: i["se"] for r, i in er.term_info.items()},
         clean_pairs=frozenset(named.clean_pairs), estimated=frozenset(sm.kept), mse=_f(er.ls.mse))
 
