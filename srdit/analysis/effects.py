@@ -569,6 +569,62 @@ def _survival_interaction_p(groups: Sequence[tuple[int, int]], n_boot: int = 199
 BOSCHLOO_MAX_N = 60
 
 
+def _boschloo_greater(c1: Sequence[int], c2: Sequence[int], cache: dict[tuple, float]) -> float:
+    """One-sided p that group 1 fails more than group 2, from [failed, n] counts: Boschloo's exact test
+    (scipy.stats.boschloo_exact), Fisher's above BOSCHLOO_MAX_N runs per group. Memoised in `cache`."""
+    key = (*c1, *c2)
+    if key not in cache:
+        tab = [[c1[0], c2[0]], [c1[1] - c1[0], c2[1] - c2[0]]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if max(c1[1], c2[1]) <= BOSCHLOO_MAX_N:
+                pv = stats.boschloo_exact(tab, alternative="greater").pvalue
+            else:  # Boschloo's cost grows with n^2; at this size Fisher's conservativeness is negligible
+                pv = stats.fisher_exact(tab, alternative="greater").pvalue
+        cache[key] = float(pv) if np.isfinite(pv) else 1.0
+    return cache[key]
+
+
+def _pair_failure_test(d: pd.DataFrame, fails: np.ndarray, keep: np.ndarray, a: str, b: str, alpha: float,
+                       cache: dict[tuple, float]) -> dict:
+    """The failure test of one pair on the rows `keep` (see `_failure_tests`): failed / total runs with both on,
+    each alone and neither; p = the larger of the excess p (Boschloo, both-on against each alone) and, when that is
+    below alpha, the survival-interaction p; the estimate is the both-on failure rate minus the larger alone rate."""
+    xa = d[a].to_numpy() == 1
+    xb = d[b].to_numpy() == 1
+    both, a_only, b_only, none = keep & xa & xb, keep & xa & ~xb, keep & ~xa & xb, keep & ~xa & ~xb
+
+    def cnt(mask):
+        return [int((fails & mask).sum()), int(mask.sum())]
+
+    c_both, c_a, c_b, c_none = cnt(both), cnt(a_only), cnt(b_only), cnt(none)
+    pv, p_int = 1.0, 1.0
+    if c_both[0] > 0 and c_a[1] > 0 and c_b[1] > 0:
+        pv = max(_boschloo_greater(c_both, c_a, cache), _boschloo_greater(c_both, c_b, cache))
+        if pv < alpha:  # the pair's p is the larger of the two: only a candidate needs the second
+            p_int = _survival_interaction_p([tuple(c_none), tuple(c_a), tuple(c_b), tuple(c_both)])
+    rate = lambda c: c[0] / c[1] if c[1] else None  # noqa: E731
+    est = None
+    if c_both[1] and c_a[1] and c_b[1]:
+        est = rate(c_both) - max(rate(c_a), rate(c_b))
+    reasons = d.loc[both & fails, "_status"].value_counts().to_dict()
+    return {
+        "pair": pair_name(a, b),
+        "factors": [a, b],
+        "p": float(max(pv, p_int)),
+        "p_excess": _f(pv),
+        "p_interaction": _f(p_int),
+        "estimate": _f(est),
+        "counts": {
+            "both": {"failed": c_both[0], "n": c_both[1]},
+            f"{a}_alone": {"failed": c_a[0], "n": c_a[1]},
+            f"{b}_alone": {"failed": c_b[0], "n": c_b[1]},
+            "neither": {"failed": c_none[0], "n": c_none[1]},
+        },
+        "statuses": {str(k): int(v) for k, v in reasons.items()},
+    }
+
+
 def _failure_tests(p: _Prepared, alpha: float) -> tuple[list[dict], list[dict]]:
     """Pairs whose joint runs fail beyond what the two techniques' own failures predict.
 
@@ -594,58 +650,9 @@ def _failure_tests(p: _Prepared, alpha: float) -> tuple[list[dict], list[dict]]:
     flags: list[dict] = []
     tests: dict[str, dict] = {}
     prev_adj = 0.0
-    cache: dict[tuple, float] = {}
-
-    def boschloo(c1, c2) -> float:
-        key = (*c1, *c2)
-        if key not in cache:
-            tab = [[c1[0], c2[0]], [c1[1] - c1[0], c2[1] - c2[0]]]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if max(c1[1], c2[1]) <= BOSCHLOO_MAX_N:
-                    pv = stats.boschloo_exact(tab, alternative="greater").pvalue
-                else:  # Boschloo's cost grows with n^2; at this size Fisher's conservativeness is negligible
-                    pv = stats.fisher_exact(tab, alternative="greater").pvalue
-            cache[key] = float(pv) if np.isfinite(pv) else 1.0
-        return cache[key]
-
-    def test(a: str, b: str) -> dict:
-        xa = d[a].to_numpy() == 1
-        xb = d[b].to_numpy() == 1
-        both, a_only, b_only, none = keep & xa & xb, keep & xa & ~xb, keep & ~xa & xb, keep & ~xa & ~xb
-
-        def cnt(mask):
-            return [int((fails & mask).sum()), int(mask.sum())]
-
-        c_both, c_a, c_b, c_none = cnt(both), cnt(a_only), cnt(b_only), cnt(none)
-        pv, p_int = 1.0, 1.0
-        if c_both[0] > 0 and c_a[1] > 0 and c_b[1] > 0:
-            pv = max(boschloo(c_both, c_a), boschloo(c_both, c_b))
-            if pv < alpha:  # the pair's p is the larger of the two: only a candidate needs the second
-                p_int = _survival_interaction_p([tuple(c_none), tuple(c_a), tuple(c_b), tuple(c_both)])
-        rate = lambda c: c[0] / c[1] if c[1] else None  # noqa: E731
-        est = None
-        if c_both[1] and c_a[1] and c_b[1]:
-            est = rate(c_both) - max(rate(c_a), rate(c_b))
-        reasons = d.loc[both & fails, "_status"].value_counts().to_dict()
-        return {
-            "pair": pair_name(a, b),
-            "factors": [a, b],
-            "p": float(max(pv, p_int)),
-            "p_excess": _f(pv),
-            "p_interaction": _f(p_int),
-            "estimate": _f(est),
-            "counts": {
-                "both": {"failed": c_both[0], "n": c_both[1]},
-                f"{a}_alone": {"failed": c_a[0], "n": c_a[1]},
-                f"{b}_alone": {"failed": c_b[0], "n": c_b[1]},
-                "neither": {"failed": c_none[0], "n": c_none[1]},
-            },
-            "statuses": {str(k): int(v) for k, v in reasons.items()},
-        }
-
+    cache: dict[tuple, float] = {}  # Boschloo p-values of count tables already tested
     while remaining:
-        results = [test(a, b) for a, b in remaining]
+        results = [_pair_failure_test(d, fails, keep, a, b, alpha, cache) for a, b in remaining]
         best_i = int(np.argmin([r["p"] for r in results]))
         best = results[best_i]
         step = m - len(remaining)
