@@ -6,10 +6,11 @@ a run reports but that is missing here fails `tests/test_metric_registry.py`. No
 `srdit study plan` and the analysis read this module.
 
 Producers:
-- `train`: the trainer's window means, every `train.log_every` steps (loss terms, gradient norm, throughput);
+- `train`: the trainer's window means, every `train.log_every` steps (loss terms, gradient norm, throughput), and
+  once per run its throughput summary, or the step at which it diverged or ran out of memory;
 - `digits`: `srdit.evaluate.evaluate` on the embedded digits default (in-project metric network);
 - `latents`: the same on latent runs (ImageNet: FID Inception, DINOv2), see `srdit/metrics/inception.py`;
-- `trial`: what the study runner adds once per trial (wall time, the step at which a run failed).
+- `trial`: what the study runner adds once per trial (wall time, the trials sharing its machine).
 """
 
 from __future__ import annotations
@@ -89,10 +90,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("trials_on_host", "min", "most trials of the study running on the trial's machine at once while it ran "
            "(1 = alone: its wall-clock metrics are free of contention)", "trials", producers=("trial",),
            curve=False, analysable=False),
-    Metric("diverged_step", "max", "step at which the loss or gradient became non-finite", producers=("trial",),
-           curve=False, analysable=False),
-    Metric("oom_step", "max", "step at which the run ran out of memory", producers=("trial",), curve=False,
+    # once per failed run (the trainer)
+    Metric("diverged_step", "max", "step at which the loss or gradient became non-finite", curve=False,
            analysable=False),
+    Metric("oom_step", "max", "step at which the run ran out of memory", curve=False, analysable=False),
 ]}
 
 QUALITY_ORDER = ("fid", "fd", "kd_dinov2", "kd", "sfid", "inception_score", "precision", "recall")

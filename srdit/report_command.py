@@ -2,7 +2,8 @@
 (+ dashboards/index.html, dashboards/RECORDS.md), logged on the study's parent run under report/.
 
 The command joins the two layers below it: the study layer reads the runs (`srdit.study.results.load_results`),
-the analysis layer renders them (`srdit.analysis.page`, `srdit.analysis.records`). Dispatched by srdit.cli; also
+the analysis layer fits them once (`srdit.analysis.report_fit`) and renders the fit
+(`srdit.analysis.page`, `srdit.analysis.records`). Dispatched by srdit.cli; also
 `python -m srdit.report_command STUDY.yaml ...`. Bad input prints one line on stderr, exit code 2.
 """
 
@@ -54,6 +55,7 @@ def make_report(study: str | Path, state: str | Path = DEFAULT_STATE, out: str |
     the report files are logged on the study's parent run under report/."""
     from srdit.analysis.page import render_index, render_report
     from srdit.analysis.records import write_records
+    from srdit.analysis.report_fit import fit_report
     from srdit.study.results import load_results
     from srdit.study.spec import load_study
 
@@ -62,14 +64,12 @@ def make_report(study: str | Path, state: str | Path = DEFAULT_STATE, out: str |
     if results.table.empty:
         raise ConfigError(f"study {spec.name}: no trial has finished yet; run `srdit study run {study}` first")
     out = Path(out)
-    from srdit.analysis.effects import analyze_study
-
-    analyses = analyze_study(results, bootstrap=bootstrap)
-    html = render_report(results, out / spec.name, bootstrap=bootstrap, analyses=analyses)
+    fit = fit_report(results, bootstrap=bootstrap)
+    html = render_report(fit, out / spec.name)
     render_index(out)
     write_records(results, out / "RECORDS.md")
     try:
-        metrics, tags = headline_results(analyses, results.metric)
+        metrics, tags = headline_results(fit.analyses, results.metric)
         tracking.log_parent_metrics(metrics)
         tracking.tag_parent(tags)
         tracking.client.log_artifacts(tracking.parent_run_id, str(out / spec.name), "report")

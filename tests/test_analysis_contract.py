@@ -17,6 +17,7 @@ from srdit import metric_registry
 from srdit.analysis.command import main as analyze_main
 from srdit.analysis.effects import Analysis, analyze
 from srdit.analysis.page import render_report
+from srdit.analysis.report_fit import fit_report
 from srdit.analysis.results import CURVE_COLUMNS, StudyResults
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -158,7 +159,7 @@ def test_curves_come_from_the_metric_registry_and_an_imagenet_report_draws_fid(t
     from srdit.study.results import CURVE_KEYS  # the curves load_results reads from MLflow
 
     assert list(CURVE_KEYS) == curves and set(res.curves["key"]) <= set(CURVE_KEYS)
-    page = render_report(res, tmp_path / "dash" / res.study).read_text(encoding="utf-8")
+    page = render_report(fit_report(res), tmp_path / "dash" / res.study).read_text(encoding="utf-8")
     curves_section = page[page.index('id="sec-fig-curves"'):page.index('id="sec-cells"')]
     assert 'id="fig-curves"' in curves_section
     # the curve figure's first (visible) quantity is the primary metric fid, and fid is in its menu

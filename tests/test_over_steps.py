@@ -20,6 +20,7 @@ from srdit.analysis.command import main
 from srdit.analysis.effects import AnalysisError, analyze, analyze_study
 from srdit.analysis.over_steps import analyze_over_steps, rows_at_step, study_over_steps, study_table
 from srdit.analysis.page import render_report
+from srdit.analysis.report_fit import fit_report
 from srdit.analysis.results import StudyResults
 
 STEPS = (100, 200, 300, 400)
@@ -269,18 +270,18 @@ def test_report_panel_from_study_curves_and_plain_words_for_one_step(tmp_path):
                                                                          "value"]]
     res = StudyResults(study="over", design="full", factors=FACTORS, metric="fd", direction="min", table=last,
                        curves=curves, steps=400)
-    page = render_report(res, tmp_path / "over", bootstrap=False).read_text(encoding="utf-8")
+    page = render_report(fit_report(res, bootstrap=False), tmp_path / "over").read_text(encoding="utf-8")
     sec = page[page.index('id="sec-fig-over-steps"'):page.index('id="sec-fig-ladder"')]
     assert 'id="fig-over-steps"' in sec and "A: helps at step 100" in sec
     assert re.search(r'<a href="#sec-fig-over-steps">', page)
     one = StudyResults(study="one", design="full", factors=FACTORS, metric="fd", direction="min", table=last,
                        curves=curves[curves["step"] == 400], steps=400)
-    page = render_report(one, tmp_path / "one", bootstrap=False).read_text(encoding="utf-8")
+    page = render_report(fit_report(one, bootstrap=False), tmp_path / "one").read_text(encoding="utf-8")
     sec = page[page.index('id="sec-fig-over-steps"'):page.index('id="sec-fig-ladder"')]
     assert 'id="fig-over-steps"' not in sec
     assert "fd was evaluated at one step only (step 400)" in sec and "eval_every" in sec
     none = StudyResults(study="none", design="full", factors=FACTORS, metric="fd", direction="min", table=last)
-    page = render_report(none, tmp_path / "none", bootstrap=False).read_text(encoding="utf-8")
+    page = render_report(fit_report(none, bootstrap=False), tmp_path / "none").read_text(encoding="utf-8")
     assert "no evaluation of fd during training was recorded" in page
 
 
@@ -294,6 +295,6 @@ def test_wall_clock_primary_metric_is_not_analysed_over_training(tmp_path):
                        table=last, curves=curves, steps=400)
     with pytest.raises(AnalysisError, match="not analysed over training"):
         study_over_steps(res)
-    page = render_report(res, tmp_path / "ips", bootstrap=False).read_text(encoding="utf-8")
+    page = render_report(fit_report(res, bootstrap=False), tmp_path / "ips").read_text(encoding="utf-8")
     sec = page[page.index('id="sec-fig-over-steps"'):page.index('id="sec-fig-ladder"')]
     assert 'id="fig-over-steps"' not in sec and "could not be analysed" in sec and "srdit study bench" in sec

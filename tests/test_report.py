@@ -15,6 +15,7 @@ import pytest
 from scipy import stats
 
 from srdit.analysis.page import render_index, render_report
+from srdit.analysis.report_fit import fit_report
 from srdit.analysis.records import write_records
 from srdit.analysis.results import StudyResults
 
@@ -86,7 +87,7 @@ def _scripts_with_remote_src(page: str) -> list[str]:
 
 def test_render_report_is_self_contained_with_every_figure(tmp_path):
     res = make_results(tmp_path)
-    path = render_report(res, tmp_path / "dashboards" / res.study)
+    path = render_report(fit_report(res), tmp_path / "dashboards" / res.study)
     assert path == tmp_path / "dashboards" / res.study / "index.html"
     page = path.read_text(encoding="utf-8")
     assert _scripts_with_remote_src(page) == []  # nothing loaded from the network (or from disk)
@@ -116,7 +117,7 @@ def test_render_report_is_self_contained_with_every_figure(tmp_path):
 
 def test_report_shows_flagged_incompatibility(tmp_path):
     res = make_results(tmp_path, planted_failure=True)
-    page = render_report(res, tmp_path / "out").read_text(encoding="utf-8")
+    page = render_report(fit_report(res), tmp_path / "out").read_text(encoding="utf-8")
     summary = page[page.index('id="sec-summary"'):page.index('id="sec-fig-synergy"')]
     assert "repa:sprint" in summary and "runs fail together" in summary
     assert "fails \\u2715" in page or "fails ✕" in page  # the heatmap cell of the failed pair (JSON-escaped)
@@ -135,7 +136,7 @@ def test_report_for_fractional_and_ladder_designs(tmp_path):
                          "D": d, "fd": 10 - a - b + 0.1 * s + 0.05 * c})
     frac = StudyResults(study="frac", design="frac(res=4)", factors=list("ABCD"), metric="fd", direction="min",
                         table=pd.DataFrame(rows), aliases={"A:B": ["C:D"], "A:C": ["B:D"], "A:D": ["B:C"]})
-    page = render_report(frac, tmp_path / "frac").read_text(encoding="utf-8")
+    page = render_report(fit_report(frac), tmp_path / "frac").read_text(encoding="utf-8")
     assert "aliased" in page and "A:B + C:D" in page
     assert json.loads((tmp_path / "frac" / "effects.json").read_text())["fd"]["synergy"]["A:B"] is None
     # a ladder design (nested cells only): the waterfall is drawn, no synergy is invented
@@ -145,7 +146,7 @@ def test_report_for_fractional_and_ladder_designs(tmp_path):
             for i, on in enumerate(chain) for s in range(2)]
     lad = StudyResults(study="ladder", design="ladder", factors=list("ABC"), metric="fd", direction="min",
                        table=pd.DataFrame(rows), ladder_order=["A", "B", "C"])
-    page = render_report(lad, tmp_path / "ladder").read_text(encoding="utf-8")
+    page = render_report(fit_report(lad), tmp_path / "ladder").read_text(encoding="utf-8")
     assert 'id="fig-ladder"' in page and "n/a" in page
     assert 'strongest synergy</div><div class="value">not estimable' in page  # not "none"
     # a study where nothing finished still renders, saying why
@@ -153,17 +154,17 @@ def test_report_for_fractional_and_ladder_designs(tmp_path):
                         table=pd.DataFrame([{"trial": "t", "cell": "A", "seed": 0, "status": "crashed",
                                              "status_reason": "boom", "A": a, "B": b, "fd": np.nan}
                                             for a in (0, 1) for b in (0, 1)]))
-    page = render_report(dead, tmp_path / "dead").read_text(encoding="utf-8")
+    page = render_report(fit_report(dead), tmp_path / "dead").read_text(encoding="utf-8")
     assert "not possible" in page and "no finished run" in page
 
 
 def test_render_index_lists_every_study(tmp_path):
     dash = tmp_path / "dashboards"
     res = make_results(tmp_path)
-    render_report(res, dash / res.study)
+    render_report(fit_report(res), dash / res.study)
     other = make_results(tmp_path, seed=1)
     other.study = "second_study"
-    render_report(other, dash / other.study)
+    render_report(fit_report(other), dash / other.study)
     (dash / "not_a_study").mkdir()
     path = render_index(dash)
     assert path == dash / "index.html"
@@ -212,7 +213,7 @@ def test_missing_sample_grid_is_reported_not_fatal(tmp_path, bad):
         res.samples = {"baseline": str(tmp_path / "x.png")}
     else:
         res.samples = {"baseline": str(tmp_path / bad)}
-    page = render_report(res, tmp_path / "out", bootstrap=False).read_text(encoding="utf-8")
+    page = render_report(fit_report(res, bootstrap=False), tmp_path / "out").read_text(encoding="utf-8")
     assert "sample grid missing" in page
 
 
@@ -224,7 +225,7 @@ def test_unreplicated_screen_gets_a_half_normal_plot_with_lenths_margins(tmp_pat
              **{f.upper(): int(f in lab) for f in "abcd"}, "rate": v} for lab, v in zip(labels, vals)]
     res = StudyResults(study="screen", design="full", factors=list("ABCD"), metric="rate", direction="max",
                        table=pd.DataFrame(rows))
-    page = render_report(res, tmp_path / "screen").read_text(encoding="utf-8")
+    page = render_report(fit_report(res), tmp_path / "screen").read_text(encoding="utf-8")
     sec = page[page.index('id="sec-fig-half-normal"'):page.index('id="sec-fig-effects"')]
     assert 'id="fig-half-normal"' in sec and "PSE = 2.62" in sec and "A, C, D, A:C, A:D" in sec
     assert "point estimate" in page  # no error estimate: the best cell is not called a winner

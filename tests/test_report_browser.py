@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_report import make_results  # noqa: E402
 
 from srdit.analysis.page import render_report  # noqa: E402
+from srdit.analysis.report_fit import fit_report  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +96,7 @@ def test_png_decoder_roundtrip():
                     reason="chromium is not installed (apt-get install chromium)")
 def test_report_renders_in_headless_chromium(tmp_path):
     res = make_results(tmp_path)
-    page = render_report(res, tmp_path / "dash" / res.study)
+    page = render_report(fit_report(res), tmp_path / "dash" / res.study)
     html = page.read_text(encoding="utf-8")
     fig_ids = re.findall(r'<div id="(fig-[^"]+)" class="plotly-graph-div"', html)
     assert len(fig_ids) == 9 and "fig-over-steps" in fig_ids  # with the effects over training
@@ -153,7 +154,7 @@ def test_leave_one_out_report_renders_without_errors(tmp_path):
                             "value": 1.0 / (1 + s)} for r in rows for s in (0, 10, 20)])
     res = dataclasses.replace(base, study="loo", design="loo", table=pd.DataFrame(rows), curves=curves, samples={},
                               excluded=[], aliases={})
-    page = render_report(res, tmp_path / "dash" / "loo")
+    page = render_report(fit_report(res), tmp_path / "dash" / "loo")
     html = page.read_text(encoding="utf-8")
     assert "No pairwise synergy is estimable here" in html
     fig_ids = re.findall(r'<div id="(fig-[^"]+)" class="plotly-graph-div"', html)
@@ -201,7 +202,7 @@ def trust_study():
                     reason="chromium is not installed (apt-get install chromium)")
 def test_report_says_how_sure_it_is_in_chromium(tmp_path):
     res = trust_study()
-    page = render_report(res, tmp_path / "dash" / res.study, bootstrap=False)
+    page = render_report(fit_report(res, bootstrap=False), tmp_path / "dash" / res.study)
     url = page.resolve().as_uri()
     dom_run = chromium(["--dump-dom", url], tmp_path / "profile1")
     assert dom_run.returncode == 0, dom_run.stderr[-2000:]
@@ -234,8 +235,8 @@ def test_report_says_how_sure_it_is_in_chromium(tmp_path):
     t = res.table.copy()
     t.loc[t.status == "oom", ["status", "fd"]] = ["finished", 14.0]
     t.loc[(t.repa == 1) & (t.rope == 1), "fd"] -= 3.0  # a real repa:rope synergy
-    page2 = render_report(dataclasses.replace(res, table=t, study="trust2"), tmp_path / "dash" / "trust2",
-                          bootstrap=False)
+    page2 = render_report(fit_report(dataclasses.replace(res, table=t, study="trust2"), bootstrap=False),
+                          tmp_path / "dash" / "trust2")
     dom2 = chromium(["--dump-dom", page2.resolve().as_uri()], tmp_path / "profile2").stdout
     syn2 = dom2[dom2.index('id="fig-synergy"'):dom2.index('id="sec-fig-effects"')]
     labels2 = re.findall(r'class="heatmap-label"><text [^>]*data-unformatted="([^"]*)"', syn2)

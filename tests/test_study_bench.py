@@ -121,6 +121,7 @@ def test_report_pareto_uses_the_bench_and_the_page_shows_the_caveat(tmp_path):
     from srdit.analysis.effects import analyze_study
     from srdit.analysis.figures import fig_pareto
     from srdit.analysis.page import render_report
+    from srdit.analysis.report_fit import fit_report
 
     rng = np.random.default_rng(2)
     t = _table(rng, lambda a, b, s: 1000 * (0.6 if b else 1.0), trials_on_host=2)
@@ -130,7 +131,7 @@ def test_report_pareto_uses_the_bench_and_the_page_shows_the_caveat(tmp_path):
     fig = fig_pareto(res, an["fd"])
     xs = {txt: x for tr in fig.data if tr.mode == "markers+text" for txt, x in zip(tr.text, tr.x)}
     assert sorted(round(x) for x in xs.values()) == [800, 800, 1000, 1000]
-    html = render_report(_results(t), tmp_path / "r", bootstrap=False).read_text()
+    html = render_report(fit_report(_results(t), bootstrap=False), tmp_path / "r").read_text()
     assert "caveat" in html and "no significance is claimed" in html
 
 

@@ -82,9 +82,10 @@ def test_analyze_reads_the_reports_own_cells_csv(tmp_path):
 
     from srdit.analysis.effects import analyze
     from srdit.analysis.page import render_report
+    from srdit.analysis.report_fit import fit_report
 
     res = make_results(tmp_path)
-    render_report(res, tmp_path / "dash", bootstrap=False)
+    render_report(fit_report(res, bootstrap=False), tmp_path / "dash")
     buf = io.StringIO()
     args = ["--factors", ",".join(res.factors), "--metric", res.metric, "--direction", res.direction,
             "--format", "json", "--no-bootstrap", "--allow-inestimable"]

@@ -366,6 +366,7 @@ def _write_report(args: argparse.Namespace, factors: list[str], result: Analysis
     the metric per step as its learning curve (and with --all-steps the effects over training)."""
     from srdit.analysis.effects import combo_label
     from srdit.analysis.page import render_report
+    from srdit.analysis.report_fit import ReportFit
     from srdit.analysis.results import CURVE_COLUMNS, StudyResults
 
     def ids(t: pd.DataFrame) -> pd.DataFrame:
@@ -399,8 +400,7 @@ def _write_report(args: argparse.Namespace, factors: list[str], result: Analysis
                                 step_col=step_col, source=str(args.runs), seed_col=args.seed_col,
                                 status_col=args.status_col, log=args.log, alpha=args.alpha, bootstrap=False,
                                 strict=False)
-    return render_report(res, args.report, alpha=args.alpha, threshold=args.threshold,
-                         bootstrap=not args.no_bootstrap, analyses={args.metric: result}, over_steps=ov)
+    return render_report(ReportFit(res, {args.metric: result}, ov), args.report)
 
 
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:

@@ -569,6 +569,62 @@ def _survival_interaction_p(groups: Sequence[tuple[int, int]], n_boot: int = 199
 BOSCHLOO_MAX_N = 60
 
 
+def _boschloo_greater(c1: Sequence[int], c2: Sequence[int], cache: dict[tuple, float]) -> float:
+    """One-sided p that group 1 fails more than group 2, from [failed, n] counts: Boschloo's exact test
+    (scipy.stats.boschloo_exact), Fisher's above BOSCHLOO_MAX_N runs per group. Memoised in `cache`."""
+    key = (*c1, *c2)
+    if key not in cache:
+        tab = [[c1[0], c2[0]], [c1[1] - c1[0], c2[1] - c2[0]]]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if max(c1[1], c2[1]) <= BOSCHLOO_MAX_N:
+                pv = stats.boschloo_exact(tab, alternative="greater").pvalue
+            else:  # Boschloo's cost grows with n^2; at this size Fisher's conservativeness is negligible
+                pv = stats.fisher_exact(tab, alternative="greater").pvalue
+        cache[key] = float(pv) if np.isfinite(pv) else 1.0
+    return cache[key]
+
+
+def _pair_failure_test(d: pd.DataFrame, fails: np.ndarray, keep: np.ndarray, a: str, b: str, alpha: float,
+                       cache: dict[tuple, float]) -> dict:
+    """The failure test of one pair on the rows `keep` (see `_failure_tests`): failed / total runs with both on,
+    each alone and neither; p = the larger of the excess p (Boschloo, both-on against each alone) and, when that is
+    below alpha, the survival-interaction p; the estimate is the both-on failure rate minus the larger alone rate."""
+    xa = d[a].to_numpy() == 1
+    xb = d[b].to_numpy() == 1
+    both, a_only, b_only, none = keep & xa & xb, keep & xa & ~xb, keep & ~xa & xb, keep & ~xa & ~xb
+
+    def cnt(mask):
+        return [int((fails & mask).sum()), int(mask.sum())]
+
+    c_both, c_a, c_b, c_none = cnt(both), cnt(a_only), cnt(b_only), cnt(none)
+    pv, p_int = 1.0, 1.0
+    if c_both[0] > 0 and c_a[1] > 0 and c_b[1] > 0:
+        pv = max(_boschloo_greater(c_both, c_a, cache), _boschloo_greater(c_both, c_b, cache))
+        if pv < alpha:  # the pair's p is the larger of the two: only a candidate needs the second
+            p_int = _survival_interaction_p([tuple(c_none), tuple(c_a), tuple(c_b), tuple(c_both)])
+    rate = lambda c: c[0] / c[1] if c[1] else None  # noqa: E731
+    est = None
+    if c_both[1] and c_a[1] and c_b[1]:
+        est = rate(c_both) - max(rate(c_a), rate(c_b))
+    reasons = d.loc[both & fails, "_status"].value_counts().to_dict()
+    return {
+        "pair": pair_name(a, b),
+        "factors": [a, b],
+        "p": float(max(pv, p_int)),
+        "p_excess": _f(pv),
+        "p_interaction": _f(p_int),
+        "estimate": _f(est),
+        "counts": {
+            "both": {"failed": c_both[0], "n": c_both[1]},
+            f"{a}_alone": {"failed": c_a[0], "n": c_a[1]},
+            f"{b}_alone": {"failed": c_b[0], "n": c_b[1]},
+            "neither": {"failed": c_none[0], "n": c_none[1]},
+        },
+        "statuses": {str(k): int(v) for k, v in reasons.items()},
+    }
+
+
 def _failure_tests(p: _Prepared, alpha: float) -> tuple[list[dict], list[dict]]:
     """Pairs whose joint runs fail beyond what the two techniques' own failures predict.
 
@@ -594,58 +650,9 @@ def _failure_tests(p: _Prepared, alpha: float) -> tuple[list[dict], list[dict]]:
     flags: list[dict] = []
     tests: dict[str, dict] = {}
     prev_adj = 0.0
-    cache: dict[tuple, float] = {}
-
-    def boschloo(c1, c2) -> float:
-        key = (*c1, *c2)
-        if key not in cache:
-            tab = [[c1[0], c2[0]], [c1[1] - c1[0], c2[1] - c2[0]]]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                if max(c1[1], c2[1]) <= BOSCHLOO_MAX_N:
-                    pv = stats.boschloo_exact(tab, alternative="greater").pvalue
-                else:  # Boschloo's cost grows with n^2; at this size Fisher's conservativeness is negligible
-                    pv = stats.fisher_exact(tab, alternative="greater").pvalue
-            cache[key] = float(pv) if np.isfinite(pv) else 1.0
-        return cache[key]
-
-    def test(a: str, b: str) -> dict:
-        xa = d[a].to_numpy() == 1
-        xb = d[b].to_numpy() == 1
-        both, a_only, b_only, none = keep & xa & xb, keep & xa & ~xb, keep & ~xa & xb, keep & ~xa & ~xb
-
-        def cnt(mask):
-            return [int((fails & mask).sum()), int(mask.sum())]
-
-        c_both, c_a, c_b, c_none = cnt(both), cnt(a_only), cnt(b_only), cnt(none)
-        pv, p_int = 1.0, 1.0
-        if c_both[0] > 0 and c_a[1] > 0 and c_b[1] > 0:
-            pv = max(boschloo(c_both, c_a), boschloo(c_both, c_b))
-            if pv < alpha:  # the pair's p is the larger of the two: only a candidate needs the second
-                p_int = _survival_interaction_p([tuple(c_none), tuple(c_a), tuple(c_b), tuple(c_both)])
-        rate = lambda c: c[0] / c[1] if c[1] else None  # noqa: E731
-        est = None
-        if c_both[1] and c_a[1] and c_b[1]:
-            est = rate(c_both) - max(rate(c_a), rate(c_b))
-        reasons = d.loc[both & fails, "_status"].value_counts().to_dict()
-        return {
-            "pair": pair_name(a, b),
-            "factors": [a, b],
-            "p": float(max(pv, p_int)),
-            "p_excess": _f(pv),
-            "p_interaction": _f(p_int),
-            "estimate": _f(est),
-            "counts": {
-                "both": {"failed": c_both[0], "n": c_both[1]},
-                f"{a}_alone": {"failed": c_a[0], "n": c_a[1]},
-                f"{b}_alone": {"failed": c_b[0], "n": c_b[1]},
-                "neither": {"failed": c_none[0], "n": c_none[1]},
-            },
-            "statuses": {str(k): int(v) for k, v in reasons.items()},
-        }
-
+    cache: dict[tuple, float] = {}  # Boschloo p-values of count tables already tested
     while remaining:
-        results = [test(a, b) for a, b in remaining]
+        results = [_pair_failure_test(d, fails, keep, a, b, alpha, cache) for a, b in remaining]
         best_i = int(np.argmin([r["p"] for r in results]))
         best = results[best_i]
         step = m - len(remaining)
@@ -1236,30 +1243,31 @@ def _block_term(col: str, levels: np.ndarray, g_block: np.ndarray, g_n: np.ndarr
             "df": _f(df) if df is not None else None}
 
 
-def fit_effects(p: _Prepared, o: Options) -> Fit:
-    """Phase 1: the metric model on the finished runs.
+@dataclass(frozen=True)
+class _ModelFactors:
+    """Step 1 of `fit_effects`: the factors the metric model can vary."""
 
-    1. Factors constant among finished runs (a technique whose runs all failed) leave the metric model with their
-       interactions; the failure analysis keeps them.
-    2. Aliasing from the planned design (all rows, failed included): identical / opposite +-1 columns form chains.
-    3. The largest model the finished cells support: mains, then pair chains, each kept when it adds rank; the rest
-       is reported inestimable (fallback for fractions with a failed cell).
-    4. Runs are aggregated per cell and seed first (counts, means, within sums of squares); everything below works on
-       those aggregates, never on a rows x parameters matrix.
-    5. Seed block: kept only when the cell x seed layout is connected (so it costs the cell means no rank) and leaves
-       an error estimate; otherwise dropped with a note.
-    6. Error: pure error, from the full model (one mean per cell, + seed block); the mains + pairs model is tested
-       for lack of fit against it (Montgomery ch. 6). No pure error: Lenth's PSE when the design is orthogonal.
-    7. Alias matrix A = (X1'X1)^-1 X1'X2 of the fitted terms against the omitted interactions on the finished cells,
-       minus the same on the planned cells: a non-zero entry marks a partially aliased effect (missing cells).
-       Omitted terms containing a pair that never finished together are not counted (the pair is infeasible)."""
-    factors = p.factors
+    varying: list[str]
+    "factors with both levels among the finished runs (the metric model's factors)"
+    dropped: list[str]
+    "factors constant among the finished runs (every run at the other level failed)"
+    region: np.ndarray
+    "(rows,) bool: the rows at the dropped factors' surviving levels (the planned design the model sees)"
+    notes: list[str]
+
+
+def _model_factors(p: _Prepared) -> _ModelFactors:
+    """Step 1: a factor whose runs at one level all failed is constant among the finished runs; it leaves the metric
+    model with its interactions (a note says so) and the failure analysis keeps it.
+
+    Input: the prepared table (`_ok` marks finished runs). Output: the varying and dropped factors and the rows of the
+    region the model describes. Raises AnalysisError when no factor varies."""
     d = p.data
-    notes: list[str] = []
     okd = d[d["_ok"]]
-    model_f = [f for f in factors if okd[f].nunique() == 2]
-    dropped = [f for f in factors if f not in model_f]
+    model_f = [f for f in p.factors if okd[f].nunique() == 2]
+    dropped = [f for f in p.factors if f not in model_f]
     region = np.ones(len(d), dtype=bool)
+    notes: list[str] = []
     for f in dropped:
         lvl = int(okd[f].iloc[0])
         other = d[f].to_numpy() != lvl
@@ -1270,65 +1278,142 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
         region &= ~other
     if not model_f:
         raise AnalysisError(f"no factor varies among the finished runs of '{p.metric}': nothing to estimate")
+    return _ModelFactors(model_f, dropped, region, notes)
+
+
+@dataclass(frozen=True)
+class _DesignAliasing:
+    """Step 2 of `fit_effects`: the planned design's cells, its alias chains and holes."""
+
+    cells: pd.DataFrame
+    "(planned cells, varying factors) 0/1 levels, one row per planned cell"
+    terms: list[tuple[str, ...]]
+    "mains and pairs of the varying factors"
+    term_of: dict[str, tuple[str, ...]]
+    rep_of: dict[str, tuple[str, int]]
+    "every term -> (the representative of its alias chain, the sign of the term in that chain)"
+    chains: list[list[tuple[str, int]]]
+    "alias chains of two terms or more"
+    reps: list[str]
+    "one representative term per chain (singletons included), in model order"
+    estimable: dict[str, bool]
+    "representative -> estimable from the planned cells"
+    inestimable: list[Inestimable]
+    notes: list[str]
+
+    @property
+    def aliased_names(self) -> set[str]:
+        return {n for g in self.chains for n, _ in g}
+
+
+def _design_aliasing(p: _Prepared, mf: _ModelFactors, strict: bool) -> _DesignAliasing:
+    """Step 2: aliasing and holes from the planned design, i.e. all rows of the region, failed runs included.
+    Identical or opposite +-1 columns of the mains + pairs model form alias chains (`_alias_groups`); a
+    representative whose column the planned cells cannot estimate is a hole.
+
+    Output: the chains, their representatives and the holes (a note, or AnalysisError under `strict`)."""
+    d = p.data
+    model_f = mf.varying
     terms = _effect_terms(model_f, 2)
     names = [_term_name(t) for t in terms]
-    k = len(model_f)
-
-    # ---- aliasing and holes, from the planned design (all rows in the region, failed ones included) ----
-    design_cells = d[region].drop_duplicates("_code")[model_f].reset_index(drop=True)
-    Xd = _pm_matrix(design_cells, terms)
-    groups = _alias_groups(Xd, names)
-    rep_of: dict[str, tuple[str, int]] = {}
-    alias_groups = []
-    for g in groups:
-        for n, sg in g:
-            rep_of[n] = (g[0][0], sg)
-        if len(g) > 1:
-            alias_groups.append(g)
-    aliased_names = {n for g in alias_groups for n, _ in g}
+    design_cells = d[mf.region].drop_duplicates("_code")[model_f].reset_index(drop=True)
+    groups = _alias_groups(_pm_matrix(design_cells, terms), names)
+    rep_of = {n: (g[0][0], sg) for g in groups for n, sg in g}
     reps = [g[0][0] for g in groups]
     term_of = dict(zip(names, terms))
     Xrep = np.column_stack([np.ones(len(design_cells)), _pm_matrix(design_cells, [term_of[r] for r in reps])])
     design_est = dict(zip(reps, _estimable_mask(Xrep)[1:]))
     holes = [r for r in reps if not design_est[r]]
-    n_cells = len(design_cells)
-    inestimable: list[Inestimable] = []
+    notes: list[str] = []
     if holes:
-        msg = (f"design has holes: {', '.join(holes)} cannot be estimated from the {n_cells} cell(s) present "
-               f"(of {2 ** k}); add the missing cells")
-        if o.strict:
+        msg = (f"design has holes: {', '.join(holes)} cannot be estimated from the {len(design_cells)} cell(s) "
+               f"present (of {2 ** len(model_f)}); add the missing cells")
+        if strict:
             raise AnalysisError(msg + " or allow inestimable effects")
         notes.append(msg)
-        inestimable += [Inestimable(h, "design has holes") for h in holes]
+    return _DesignAliasing(cells=design_cells, terms=terms, term_of=term_of, rep_of=rep_of,
+                           chains=[g for g in groups if len(g) > 1], reps=reps, estimable=design_est,
+                           inestimable=[Inestimable(h, "design has holes") for h in holes], notes=notes)
 
-    # ---- aggregate the finished runs per cell, seed (and block) ----
+
+@dataclass(frozen=True)
+class _Aggregates:
+    """Step 4 of `fit_effects`: the finished runs aggregated per (cell, seed, block) group."""
+
+    cell_codes: np.ndarray
+    seed_codes: np.ndarray
+    block_codes: np.ndarray
+    "the distinct finished cells (`_code`), seeds and blocks, sorted"
+    g_n: np.ndarray
+    "(groups,) runs per group"
+    g_mean: np.ndarray
+    "(groups,) mean of y per group"
+    g_cell: np.ndarray
+    g_seed: np.ndarray
+    g_block: np.ndarray
+    "(groups,) index of each group's cell, seed and block in the codes above"
+    within: float
+    "sum of squares of y around its group means"
+    fin_cells: pd.DataFrame
+    "(finished cells, varying factors) 0/1 levels, in cell_codes order"
+    c_n: np.ndarray
+    "(finished cells,) runs per cell"
+    n_ok: float
+    "finished runs"
+
+
+def _aggregate(p: _Prepared, model_f: list[str]) -> _Aggregates:
+    """Step 4: counts, means and within sums of squares of y per cell x seed x block of the finished runs. Every
+    later step works on these aggregates (weighted least squares with the counts as weights gives the OLS fit of the
+    rows), never on a rows x parameters matrix."""
+    d = p.data
+    okd = d[d["_ok"]]
     cell_codes, cell_idx = np.unique(okd["_code"].to_numpy(), return_inverse=True)
     seed_codes, seed_idx = np.unique(okd["_seed"].to_numpy(), return_inverse=True)
     block_codes, block_idx = np.unique(okd["_block"].to_numpy(), return_inverse=True)
-    n_bl = len(block_codes)
+    n_s, n_bl = len(seed_codes), len(block_codes)
     y = okd["_y"].to_numpy(dtype=float)
-    key = (cell_idx.astype(np.int64) * len(seed_codes) + seed_idx) * n_bl + block_idx
+    key = (cell_idx.astype(np.int64) * n_s + seed_idx) * n_bl + block_idx
     gkeys, ginv = np.unique(key, return_inverse=True)
     g_n = np.bincount(ginv).astype(float)
     g_mean = np.bincount(ginv, weights=y) / g_n
-    within = float(((y - g_mean[ginv]) ** 2).sum())
-    g_cell = (gkeys // (len(seed_codes) * n_bl)).astype(np.int64)
-    g_seed = (gkeys // n_bl % len(seed_codes)).astype(np.int64)
-    g_block = (gkeys % n_bl).astype(np.int64)
+    g_cell = (gkeys // (n_s * n_bl)).astype(np.int64)
     first = np.unique(cell_idx, return_index=True)[1]
-    fin_cells = okd[model_f].iloc[first].reset_index(drop=True)  # levels of each finished cell, in cell_idx order
-    c_n = np.bincount(g_cell, weights=g_n)
-    n_ok = float(g_n.sum())
+    return _Aggregates(
+        cell_codes=cell_codes, seed_codes=seed_codes, block_codes=block_codes, g_n=g_n, g_mean=g_mean,
+        g_cell=g_cell, g_seed=(gkeys // n_bl % n_s).astype(np.int64), g_block=(gkeys % n_bl).astype(np.int64),
+        within=float(((y - g_mean[ginv]) ** 2).sum()),
+        fin_cells=okd[model_f].iloc[first].reset_index(drop=True),  # levels of each finished cell, in cell order
+        c_n=np.bincount(g_cell, weights=g_n), n_ok=float(g_n.sum()))
 
-    # ---- the largest model the finished cells support ----
-    Xc_rep = _pm_matrix(fin_cells, [term_of[r] for r in reps])
+
+@dataclass(frozen=True)
+class _SupportedModel:
+    """Step 3 of `fit_effects`: the terms the finished cells support."""
+
+    kept: list[str]
+    "representatives fitted, in model order"
+    X1c: np.ndarray
+    "(finished cells, 1 + kept) the intercept and the kept +-1 columns on the finished cells"
+    inestimable: list[Inestimable]
+    notes: list[str]
+
+
+def _supported_model(p: _Prepared, mf: _ModelFactors, da: _DesignAliasing, agg: _Aggregates) -> _SupportedModel:
+    """Step 3: the largest model the finished cells support: mains, then pair chains, each representative kept when
+    its column adds rank on the finished cells. The rest is reported inestimable (the fallback for fractions with a
+    failed cell), naming the cells that have no finished run."""
+    d = p.data
+    okd = d[d["_ok"]]
+    Xc_rep = _pm_matrix(agg.fin_cells, [da.term_of[r] for r in da.reps])
     kept: list[str] = []
-    cols = [np.ones(len(fin_cells))]
+    cols = [np.ones(len(agg.fin_cells))]
     rank = 1
-    lost_cells = sorted(set(d.loc[region & ~d["_ok"].to_numpy(), "_combo"]) - set(okd["_combo"]))
+    lost_cells = sorted(set(d.loc[mf.region & ~d["_ok"].to_numpy(), "_combo"]) - set(okd["_combo"]))
+    inestimable: list[Inestimable] = []
     fallback: list[str] = []
-    for j, r in enumerate(reps):
-        if not design_est[r]:
+    for j, r in enumerate(da.reps):
+        if not da.estimable[r]:
             continue
         trial = np.column_stack([*cols, Xc_rep[:, j]])
         if np.linalg.matrix_rank(trial) > rank:
@@ -1336,61 +1421,117 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
             rank += 1
             kept.append(r)
         else:
-            label = next((_alias_label(g) for g in alias_groups if g[0][0] == r), r)
+            label = next((_alias_label(g) for g in da.chains if g[0][0] == r), r)
             why = ("no finished runs in cell(s) " + ", ".join(lost_cells)) if lost_cells else \
                 "not enough finished cells"
             inestimable.append(Inestimable(r, why))
             fallback.append(label)
+    notes = []
     if fallback:
         notes.append(f"inestimable because runs failed: {', '.join(fallback)}; the model keeps what the finished "
                      f"cells support (see the failure analysis)")
-    X1c = np.column_stack(cols)  # (finished cells, 1 + kept)
+    return _SupportedModel(kept, np.column_stack(cols), inestimable, notes)
 
-    # ---- seed block: connected layout, and it must leave an error estimate ----
-    n_seeds = len(seed_codes)
-    rank_cells = len(cell_codes)
-    used_block = False
-    if o.seed_block and p.has_seed and n_seeds > 1:
-        if _components(g_cell, g_seed) > 1:
-            notes.append("seed block dropped: the cell x seed layout is not connected (some cells ran on seeds no "
-                         "other cell used), so a seed effect would absorb those cells' means")
-        elif n_ok - (rank_cells + n_seeds - 1) >= 1:
-            used_block = True
-        else:
-            notes.append("seed block dropped: it would leave no error degrees of freedom")
-    # ---- block term (e.g. the halves of a fold-over): additive, kept when it is not confounded with a fitted
-    # term and leaves an error estimate ----
-    nuisance = [g_seed] if used_block else []
-    rank_nuis = n_seeds if used_block else 1  # seed means, or the intercept
-    rank_full = rank_cells + (n_seeds - 1 if used_block else 0)
-    used_bl = False
+
+@dataclass(frozen=True)
+class _Nuisance:
+    """Step 5 of `fit_effects`: the additive nuisance terms kept (seed block, block column)."""
+
+    seed_block: bool
+    block: bool
+    groups: list[np.ndarray]
+    "(groups,) index arrays of the kept nuisance terms: the seed, then the block"
+    rank: int
+    "rank of the nuisance part of the reduced model (the seed and block means, or the intercept)"
+    rank_full: int
+    "rank of the full model: one mean per cell plus the nuisance terms"
+    notes: list[str]
+
+
+def _keep_seed_block(p: _Prepared, o: Options, agg: _Aggregates) -> tuple[bool, list[str]]:
+    """Step 5a: the seed block `C(seed)` is kept only when the cell x seed layout is connected (`_components`: a
+    seed effect then costs the cell means no rank) and it leaves at least one error degree of freedom."""
+    n_seeds = len(agg.seed_codes)
+    if not (o.seed_block and p.has_seed and n_seeds > 1):
+        return False, []
+    if _components(agg.g_cell, agg.g_seed) > 1:
+        return False, [("seed block dropped: the cell x seed layout is not connected (some cells ran on seeds no "
+                        "other cell used), so a seed effect would absorb those cells' means")]
+    if agg.n_ok - (len(agg.cell_codes) + n_seeds - 1) >= 1:
+        return True, []
+    return False, ["seed block dropped: it would leave no error degrees of freedom"]
+
+
+def _keep_block(p: _Prepared, agg: _Aggregates, sm: _SupportedModel, seed_block: bool) -> tuple[bool, int, list[str]]:
+    """Step 5b: the block term `C(block)` (e.g. the halves of a fold-over), additive, is kept when no fitted term is
+    constant within the blocks (confounded: its column vanishes once the nuisance means are absorbed) and it leaves
+    an error estimate. Returns (kept, rank the block and seed dummies add to the cell means, notes)."""
+    n_seeds, n_bl = len(agg.seed_codes), len(agg.block_codes)
+    g_n, g_seed, g_block = agg.g_n, agg.g_seed, agg.g_block
+    nuisance = [g_seed] if seed_block else []
+    sw0 = np.sqrt(g_n)
+    Xk = sm.X1c[agg.g_cell][:, 1:]
+    Xa = _absorb(Xk, g_n, [*nuisance, g_block])
+    lost = [r for j, r in enumerate(sm.kept)
+            if np.linalg.norm(Xa[:, j] * sw0) < 1e-8 * max(np.linalg.norm(Xk[:, j] * sw0), 1.0)]
+    dummies = np.column_stack([*([g_seed == s for s in range(1, n_seeds)] if seed_block else []),
+                               *[g_block == b for b in range(1, n_bl)]]).astype(float)
+    r_extra = int(np.linalg.matrix_rank(_absorb(dummies, g_n, [agg.g_cell]) * sw0[:, None]))
+    rank_cells = len(agg.cell_codes)
+    if sm.kept and (lost or np.linalg.matrix_rank(Xa * sw0[:, None]) < len(sm.kept)):
+        return False, r_extra, [(f"block term ({p.block_col}) dropped: it is confounded with "
+                                 f"{', '.join(lost) or 'a combination of the fitted effects'} (constant within each "
+                                 "block), so a block effect cannot be told apart from them")]
+    if agg.n_ok - (rank_cells + r_extra) < 1 and agg.n_ok > rank_cells:
+        return False, r_extra, [f"block term ({p.block_col}) dropped: it would leave no error degrees of freedom"]
+    return True, r_extra, []
+
+
+def _nuisance_terms(p: _Prepared, o: Options, agg: _Aggregates, sm: _SupportedModel) -> _Nuisance:
+    """Step 5: the seed block (5a), then the block column (5b), and the ranks they give the full and the reduced
+    model (the seed and block means share one intercept per connected component of the seed x block layout)."""
+    n_seeds, n_bl, rank_cells = len(agg.seed_codes), len(agg.block_codes), len(agg.cell_codes)
+    seed_block, notes = _keep_seed_block(p, o, agg)
+    groups = [agg.g_seed] if seed_block else []
+    rank = n_seeds if seed_block else 1  # seed means, or the intercept
+    rank_full = rank_cells + (n_seeds - 1 if seed_block else 0)
+    block = False
     if p.block_col and n_bl > 1:
-        sw0 = np.sqrt(g_n)
-        Xk = X1c[g_cell][:, 1:]
-        Xa = _absorb(Xk, g_n, [*nuisance, g_block])
-        lost = [r for j, r in enumerate(kept)
-                if np.linalg.norm(Xa[:, j] * sw0) < 1e-8 * max(np.linalg.norm(Xk[:, j] * sw0), 1.0)]
-        dummies = np.column_stack([*([g_seed == s for s in range(1, n_seeds)] if used_block else []),
-                                   *[g_block == b for b in range(1, n_bl)]]).astype(float)
-        r_extra = int(np.linalg.matrix_rank(_absorb(dummies, g_n, [g_cell]) * sw0[:, None]))
-        if kept and (lost or np.linalg.matrix_rank(Xa * sw0[:, None]) < len(kept)):
-            notes.append(f"block term ({p.block_col}) dropped: it is confounded with "
-                         f"{', '.join(lost) or 'a combination of the fitted effects'} (constant within each block), "
-                         f"so a block effect cannot be told apart from them")
-        elif n_ok - (rank_cells + r_extra) < 1 and n_ok > rank_cells:
-            notes.append(f"block term ({p.block_col}) dropped: it would leave no error degrees of freedom")
-        else:
-            used_bl = True
+        block, r_extra, block_notes = _keep_block(p, agg, sm, seed_block)
+        notes = [*notes, *block_notes]
+        if block:
             rank_full = rank_cells + r_extra
-            rank_nuis = (n_seeds + n_bl - _components(g_seed, g_block)) if used_block else n_bl
-            nuisance = [*nuisance, g_block]
-    blocks = [g_cell, *nuisance]
-    # pure error: residual of the full model (cell means [+ seed]) plus the spread within cell x seed groups
-    rss_full = within + float((g_n * _absorb(g_mean, g_n, blocks) ** 2).sum())
-    df_pure = n_ok - rank_full
-    # reduced model (kept terms [+ seed] [+ block]); Frisch-Waugh: absorb the seed (and block) effects from y and X,
-    # then weighted LS
-    Xg = X1c[g_cell]
+            rank = (n_seeds + n_bl - _components(agg.g_seed, agg.g_block)) if seed_block else n_bl
+            groups = [*groups, agg.g_block]
+    return _Nuisance(seed_block, block, groups, rank, rank_full, notes)
+
+
+@dataclass(frozen=True)
+class _LeastSquares:
+    """Step 6a of `fit_effects`: the weighted least-squares fit of the reduced model and the pure error."""
+
+    beta: np.ndarray
+    "(1 + kept,) coefficients on the +-1 columns (the intercept slot is 0 when nuisance means absorb it)"
+    cov: np.ndarray | None
+    "covariance of beta from the pure error, None without one"
+    has_error: bool
+    df_pure: float
+    mse: float
+    "pure-error mean square, NaN without an error estimate"
+    lack_of_fit: dict | None
+    Xg: np.ndarray
+    "(groups, 1 + kept) the model columns per group"
+
+
+def _least_squares(agg: _Aggregates, sm: _SupportedModel, nu: _Nuisance) -> _LeastSquares:
+    """Step 6a: pure error from the full model (one mean per cell [+ seed] [+ block]) plus the spread within groups;
+    the reduced model (kept terms [+ seed] [+ block]) by weighted least squares on the group means after absorbing
+    the nuisance means from y and X (Frisch-Waugh-Lovell); the lack-of-fit F test of the reduced model against pure
+    error (Montgomery, *Design and Analysis of Experiments*, ch. 6)."""
+    g_n, g_mean, nuisance = agg.g_n, agg.g_mean, nu.groups
+    rss_full = agg.within + float((g_n * _absorb(g_mean, g_n, [agg.g_cell, *nuisance]) ** 2).sum())
+    df_pure = agg.n_ok - nu.rank_full
+    Xg = sm.X1c[agg.g_cell]
     if nuisance:
         yt, Xt = _absorb(g_mean, g_n, nuisance), _absorb(Xg[:, 1:], g_n, nuisance)
         Xt = np.column_stack([np.zeros(len(Xt)), Xt])  # the intercept is absorbed by the seed / block means
@@ -1403,11 +1544,12 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
     beta = np.zeros(Xt.shape[1])
     beta[act] = beta_a
     resid = yt - Xt @ beta
-    rss_red = within + float((g_n * resid ** 2).sum())
-    df_red = n_ok - (len(kept) + rank_nuis)
+    rss_red = agg.within + float((g_n * resid ** 2).sum())
+    df_red = agg.n_ok - (len(sm.kept) + nu.rank)
     has_error = df_pure >= 1 and rss_full >= 0
     mse = rss_full / df_pure if has_error else float("nan")
     lack_of_fit = None
+    cov = None
     if has_error:
         df_lof = df_red - df_pure
         if df_lof >= 1:
@@ -1416,46 +1558,78 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
             lack_of_fit = {"ss": _f(ss_lof), "df": int(df_lof), "f": _f(fstat), "p": _f(stats.f.sf(fstat, df_lof,
                                                                                                         df_pure)),
                            "pure_error_ss": _f(rss_full), "pure_error_df": int(df_pure)}
-    cov = None
-    if has_error:
-        xtx = XtW[:, act].T @ XtW[:, act]
-        cov_a = mse * np.linalg.inv(xtx)
         cov = np.zeros((Xt.shape[1], Xt.shape[1]))
-        cov[act, act] = cov_a
-    if not has_error:
+        cov[act, act] = mse * np.linalg.inv(XtW[:, act].T @ XtW[:, act])
+    return _LeastSquares(beta, cov, bool(has_error), df_pure, mse, lack_of_fit, Xg)
+
+
+def _term_estimates(kept: list[str], ls: _LeastSquares, alpha: float) -> dict[str, dict]:
+    """Step 6b: each kept representative's effect = 2 beta (+-1 coding), with its t interval and two-sided p on the
+    pure-error df (no se, CI or p without replicates). Output: term -> {effect, se, ci, p}."""
+    tcrit = stats.t.ppf(1 - alpha / 2, ls.df_pure) if ls.has_error else None
+    term_info: dict[str, dict] = {}
+    for j, r in enumerate(kept, start=1):
+        info = {"effect": 2 * float(ls.beta[j]), "se": None, "ci": None, "p": None}
+        if ls.has_error:
+            se = 2 * math.sqrt(max(ls.cov[j, j], 0.0))
+            info["se"] = se
+            info["ci"] = _ci(info["effect"] - tcrit * se, info["effect"] + tcrit * se)
+            tstat = info["effect"] / se if se > 0 else (math.copysign(math.inf, info["effect"])
+                                                         if info["effect"] else 0.0)
+            info["p"] = _f(2 * stats.t.sf(abs(tstat), ls.df_pure))
+        term_info[r] = info
+    return term_info
+
+
+@dataclass(frozen=True)
+class _ErrorFit:
+    """Step 6 of `fit_effects`: the estimates, their error and the block term."""
+
+    ls: _LeastSquares
+    term_info: dict[str, dict]
+    block: dict | None
+    notes: list[str]
+
+
+def _error_and_estimates(p: _Prepared, o: Options, agg: _Aggregates, sm: _SupportedModel,
+                         nu: _Nuisance) -> _ErrorFit:
+    """Step 6: the least-squares fit with pure error (6a), the term estimates (6b) and the block effects
+    (`_block_term`), with the notes on the error estimate, the block and a significant lack of fit."""
+    ls = _least_squares(agg, sm, nu)
+    notes: list[str] = []
+    if not ls.has_error:
         notes.append("unreplicated design (one finished run per cell): no error estimate from replicates, so no "
                      "t intervals or p-values; Lenth's pseudo standard error is used where the design allows; "
                      "run more seeds to confirm")
-    elif used_block:
-        notes.append(f"OLS with a seed block (C(seed)), pure error df = {int(df_pure)}")
-    block_fit = _block_term(p.block_col, block_codes, g_block, g_n, g_mean, Xg, nuisance[:-1], mse,
-                            df_pure if has_error else None, o.alpha) if used_bl else None
+    elif nu.seed_block:
+        notes.append(f"OLS with a seed block (C(seed)), pure error df = {int(ls.df_pure)}")
+    block_codes = agg.block_codes
+    block_fit = _block_term(p.block_col, block_codes, agg.g_block, agg.g_n, agg.g_mean, ls.Xg, nu.groups[:-1],
+                            ls.mse, ls.df_pure if ls.has_error else None, o.alpha) if nu.block else None
     if block_fit:
         notes.append(f"additive block term C({p.block_col}) ({len(block_codes)} blocks: {', '.join(block_codes)}); "
                      + "; ".join(f"block {b} - block {block_codes[0]} = {e['estimate']:.3g}"
                                  + (f" [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}]" if e["ci"] else "")
                                  for b, e in block_fit["effects"].items())
                      + " (metric scale); cell means, dividends and Shapley values are not adjusted for it")
-    if kept and lack_of_fit and lack_of_fit["p"] is not None and lack_of_fit["p"] < o.alpha:
-        f_txt = "inf (no pure error)" if lack_of_fit["f"] is None else f"{lack_of_fit['f']:.3g}"
+    lof = ls.lack_of_fit
+    if sm.kept and lof and lof["p"] is not None and lof["p"] < o.alpha:
+        f_txt = "inf (no pure error)" if lof["f"] is None else f"{lof['f']:.3g}"
         notes.append(f"lack of fit of the mains + pairs model (F = {f_txt}, p = "
-                     f"{lack_of_fit['p']:.2g}): higher-order interactions matter; read the pair effects with care")
-    tcrit = stats.t.ppf(1 - o.alpha / 2, df_pure) if has_error else None
-    term_info: dict[str, dict] = {}
-    for j, r in enumerate(kept, start=1):
-        info = {"effect": 2 * float(beta[j]), "se": None, "ci": None, "p": None}
-        if has_error:
-            se = 2 * math.sqrt(max(cov[j, j], 0.0))
-            info["se"] = se
-            info["ci"] = _ci(info["effect"] - tcrit * se, info["effect"] + tcrit * se)
-            tstat = info["effect"] / se if se > 0 else (math.copysign(math.inf, info["effect"])
-                                                         if info["effect"] else 0.0)
-            info["p"] = _f(2 * stats.t.sf(abs(tstat), df_pure))
-        term_info[r] = info
+                     f"{lof['p']:.2g}): higher-order interactions matter; read the pair effects with care")
+    return _ErrorFit(ls, _term_estimates(sm.kept, ls, o.alpha), block_fit, notes)
 
-    # ---- partial aliasing: the alias matrix on the finished cells against the omitted interactions ----
-    max_order = k if k <= 10 else 3
-    fitted_chain = {n for r in kept for n, (rr, _) in rep_of.items() if rr == r}
+
+def _partial_aliasing(mf: _ModelFactors, da: _DesignAliasing, agg: _Aggregates,
+                      sm: _SupportedModel) -> tuple[dict[str, dict[str, float]], list[str]]:
+    """Step 7: the alias matrix A = (X1'X1)^-1 X1'X2 of the fitted terms X1 against the omitted interactions X2
+    (Montgomery, *Design and Analysis of Experiments*, fractional factorials) on the finished cells, each once
+    (unequal replication is not aliasing), minus the same on the planned cells: a non-zero entry marks a partially
+    aliased effect (missing or failed cells). Omitted terms containing a pair that never finished together are not
+    counted (the pair is infeasible). Output: fitted term -> {omitted term: coefficient}, and its note."""
+    model_f, fin_cells, kept = mf.varying, agg.fin_cells, sm.kept
+    max_order = len(model_f) if len(model_f) <= 10 else 3
+    fitted_chain = {n for r in kept for n, (rr, _) in da.rep_of.items() if rr == r}
     seen_together = {(a, b) for a, b in itertools.combinations(model_f, 2)
                      if ((fin_cells[a] == 1) & (fin_cells[b] == 1)).any()}
     omitted = [t for t in _all_terms(model_f, max_order)
@@ -1463,53 +1637,77 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
                and all(pr in seen_together for pr in itertools.combinations(t, 2))]
     partial: dict[str, dict[str, float]] = {}
     if omitted:
-        # on the cells actually finished, each once (unequal replication is not aliasing)
-        X2c = _pm_matrix(fin_cells, omitted)
-        A_fin = np.linalg.solve(X1c.T @ X1c, X1c.T @ X2c)
-        X1p = np.column_stack([np.ones(len(design_cells)), _pm_matrix(design_cells, [term_of[r] for r in kept])])
-        X2p = _pm_matrix(design_cells, omitted)
-        A_plan = np.linalg.lstsq(X1p, X2p, rcond=None)[0]
+        X1c = sm.X1c
+        A_fin = np.linalg.solve(X1c.T @ X1c, X1c.T @ _pm_matrix(fin_cells, omitted))
+        X1p = np.column_stack([np.ones(len(da.cells)), _pm_matrix(da.cells, [da.term_of[r] for r in kept])])
+        A_plan = np.linalg.lstsq(X1p, _pm_matrix(da.cells, omitted), rcond=None)[0]
         dev = A_fin - A_plan
         on = [_term_name(t) for t in omitted]
         for j, r in enumerate(kept, start=1):
             hit = {on[q]: _f(round(float(A_fin[j, q]), 6)) for q in np.nonzero(np.abs(dev[j]) > 1e-6)[0]}
             if hit:
                 partial[r] = hit
+    notes = []
     if partial:
         notes.append("partially aliased (missing or failed cells): " + "; ".join(
             f"{r} with {', '.join(list(h)[:4])}{' ...' if len(h) > 4 else ''}" for r, h in partial.items())
             + ": these estimates are biased by the omitted interactions and no pair among them is flagged")
+    return partial, notes
 
-    # ---- Lenth for unreplicated orthogonal designs ----
-    lenth = None
-    if not has_error:
-        complete = len(cell_codes) == n_cells and np.all(c_n == 1) and not dropped
-        if complete:
-            cm = np.bincount(g_cell, weights=g_n * g_mean) / c_n
-            lenth = _lenth(fin_cells, cm, model_f, o.alpha)
-            if lenth is not None and used_bl and n_bl == 2 and len(model_f) <= 10:
-                # the halves are confounded with an interaction: its contrast carries the block effect too
-                half = np.zeros(len(fin_cells))
-                half[g_cell] = 2.0 * g_block - 1.0
-                same = [_term_name(t) for t in _all_terms(model_f, len(model_f)) if len(t) > 1
-                        and abs(float(_pm_matrix(fin_cells, [t])[:, 0] @ half)) == len(half)]
-                if same:
-                    notes.append(f"Lenth's contrast {same[0]} is confounded with the block ({p.block_col}): it "
-                                 f"carries the difference between the blocks too")
 
-    # ---- effects per name ----
+def _lenth_screen(p: _Prepared, o: Options, mf: _ModelFactors, da: _DesignAliasing, agg: _Aggregates,
+                  nu: _Nuisance) -> tuple[dict | None, list[str]]:
+    """Step 6, without pure error: Lenth's pseudo standard error (`_lenth`, Lenth 1989) on the cell means, when
+    every planned cell finished exactly once and no factor was dropped. With a two-level block, a note names the
+    contrast the block is confounded with. Output: the `_lenth` dict (or None) and its note."""
+    cells_complete = len(agg.cell_codes) == len(da.cells) and np.all(agg.c_n == 1) and not mf.dropped
+    if not cells_complete:
+        return None, []
+    model_f, fin_cells = mf.varying, agg.fin_cells
+    cm = np.bincount(agg.g_cell, weights=agg.g_n * agg.g_mean) / agg.c_n
+    lenth = _lenth(fin_cells, cm, model_f, o.alpha)
+    notes = []
+    if lenth is not None and nu.block and len(agg.block_codes) == 2 and len(model_f) <= 10:
+        # the halves are confounded with an interaction: its contrast carries the block effect too
+        half = np.zeros(len(fin_cells))
+        half[agg.g_cell] = 2.0 * agg.g_block - 1.0
+        same = [_term_name(t) for t in _all_terms(model_f, len(model_f)) if len(t) > 1
+                and abs(float(_pm_matrix(fin_cells, [t])[:, 0] @ half)) == len(half)]
+        if same:
+            notes.append(f"Lenth's contrast {same[0]} is confounded with the block ({p.block_col}): it "
+                         f"carries the difference between the blocks too")
+    return lenth, notes
+
+
+@dataclass(frozen=True)
+class _NamedEffects:
+    """The estimates under every effect's own name (what `Fit` reports)."""
+
+    main_effects: dict[str, float | None]
+    interactions: dict[str, float | None]
+    ci: dict[str, list | None]
+    p: dict[str, float | None]
+    clean_pairs: set[str]
+    aliased: list[AliasChain]
+
+
+def _named_effects(factors: list[str], da: _DesignAliasing, term_info: dict[str, dict],
+                   partial: dict[str, dict[str, float]]) -> _NamedEffects:
+    """Every main effect and pair under its own name (None where not estimated): a term that represents its chain
+    carries the estimate; a main effect aliased with interactions (resolution III) is reported with its chain
+    (tagged); an aliased pair is never a clean synergy. Also the alias chains with their estimates."""
     main_effects: dict[str, float | None] = {f: None for f in factors}
     interactions: dict[str, float | None] = {_term_name(t): None for t in _effect_terms(factors, 2)
                                             if len(t) == 2}
     ci: dict[str, list | None] = {}
     pvals: dict[str, float | None] = {}
     clean_pairs = set()
-    for t in terms:
+    aliased_names = da.aliased_names
+    for t in da.terms:
         n = _term_name(t)
-        rep, _ = rep_of[n]
+        rep, _ = da.rep_of[n]
         info = term_info.get(rep)
         if len(t) == 1:
-            # a main effect aliased with interactions (resolution III) is reported with its chain (tagged)
             if rep == n and info is not None:
                 main_effects[n] = _f(info["effect"])
                 ci[n] = info["ci"]
@@ -1520,23 +1718,58 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
             pvals[n] = info["p"]
             if n not in partial:
                 clean_pairs.add(n)
-    for f in dropped:
-        inestimable.append(Inestimable(f, "constant among finished runs (every run with the other level failed)"))
     aliased = []
-    for g in alias_groups:
+    for g in da.chains:
         info = term_info.get(g[0][0])
         aliased.append(AliasChain(effects=[n for n, _ in g], signs=[sg for _, sg in g], label=_alias_label(g),
                                   estimate=_f(info["effect"]) if info else None, ci=info["ci"] if info else None))
-    aliased_effects = {n: _alias_label(g) for g in alias_groups for n, _ in g}
+    return _NamedEffects(main_effects, interactions, ci, pvals, clean_pairs, aliased)
+
+
+def fit_effects(p: _Prepared, o: Options) -> Fit:
+    """Phase 1: the metric model on the finished runs.
+
+    1. Factors constant among finished runs (a technique whose runs all failed) leave the metric model with their
+       interactions; the failure analysis keeps them (`_model_factors`).
+    2. Aliasing from the planned design (all rows, failed included): identical / opposite +-1 columns form chains
+       (`_design_aliasing`).
+    3. The largest model the finished cells support: mains, then pair chains, each kept when it adds rank; the rest
+       is reported inestimable (fallback for fractions with a failed cell) (`_supported_model`).
+    4. Runs are aggregated per cell and seed first (counts, means, within sums of squares); everything below works on
+       those aggregates, never on a rows x parameters matrix (`_aggregate`).
+    5. Seed block: kept only when the cell x seed layout is connected (so it costs the cell means no rank) and leaves
+       an error estimate; otherwise dropped with a note (`_nuisance_terms`, with the block column).
+    6. Error: pure error, from the full model (one mean per cell, + seed block); the mains + pairs model is tested
+       for lack of fit against it (Montgomery ch. 6) (`_error_and_estimates`). No pure error: Lenth's PSE when the
+       design is orthogonal (`_lenth_screen`).
+    7. Alias matrix A = (X1'X1)^-1 X1'X2 of the fitted terms against the omitted interactions on the finished cells,
+       minus the same on the planned cells: a non-zero entry marks a partially aliased effect (missing cells).
+       Omitted terms containing a pair that never finished together are not counted (the pair is infeasible)
+       (`_partial_aliasing`)."""
+    mf = _model_factors(p)
+    da = _design_aliasing(p, mf, o.strict)
+    agg = _aggregate(p, mf.varying)
+    sm = _supported_model(p, mf, da, agg)
+    nu = _nuisance_terms(p, o, agg, sm)
+    er = _error_and_estimates(p, o, agg, sm, nu)
+    partial, partial_notes = _partial_aliasing(mf, da, agg, sm)
+    lenth, lenth_notes = _lenth_screen(p, o, mf, da, agg, nu) if not er.ls.has_error else (None, [])
+    named = _named_effects(p.factors, da, er.term_info, partial)
+    has_error, df_pure = er.ls.has_error, er.ls.df_pure
+    dropped = [Inestimable(f, "constant among finished runs (every run with the other level failed)")
+               for f in mf.dropped]
     return Fit(
-        n_cells=n_cells, replicated=bool(has_error), error_df=_f(df_pure) if has_error else None,
-        main_effects=main_effects, interactions=interactions,
-        ci={n: c for n, c in ci.items() if c is not None} if has_error else {},
-        p={n: q for n, q in pvals.items() if q is not None}, aliased=aliased, inestimable=inestimable, notes=notes,
-        lack_of_fit=lack_of_fit, lenth=lenth, aliased_effects=aliased_effects, partial_aliases=partial,
-        dropped_factors=dropped, seed_block=used_block, block=block_fit,
-        sign=p.sign, df_resid=float(df_pure), se={r: i["se"] for r, i in term_info.items()},
-        clean_pairs=frozenset(clean_pairs), estimated=frozenset(kept), mse=_f(mse))
+        n_cells=len(da.cells), replicated=has_error, error_df=_f(df_pure) if has_error else None,
+        main_effects=named.main_effects, interactions=named.interactions,
+        ci={n: c for n, c in named.ci.items() if c is not None} if has_error else {},
+        p={n: q for n, q in named.p.items() if q is not None}, aliased=named.aliased,
+        inestimable=[*da.inestimable, *sm.inestimable, *dropped],
+        notes=[*mf.notes, *da.notes, *sm.notes, *nu.notes, *er.notes, *partial_notes, *lenth_notes],
+        lack_of_fit=er.ls.lack_of_fit, lenth=lenth,
+        aliased_effects={n: _alias_label(g) for g in da.chains for n, _ in g}, partial_aliases=partial,
+        dropped_factors=mf.dropped, seed_block=nu.seed_block, block=er.block,
+        sign=p.sign, df_resid=float(df_pure), se={r: i["se"] for r, i in er.term_info.items()},
+        clean_pairs=frozenset(named.clean_pairs), estimated=frozenset(sm.kept), mse=_f(er.ls.mse))
 
 
 def pair_synergies(fit: Fit, o: Options) -> Pairs:

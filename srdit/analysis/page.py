@@ -1,6 +1,6 @@
 """The report page: one self-contained HTML page per study (plotly.js inline once, PNG samples as data URIs, opens
 offline) with its summary cards and tables, the index of all studies, and the side files (effects.json, cells.csv,
-summary.json).
+summary.json). It renders a fitted `report_fit.ReportFit` and fits nothing itself.
 
 plotly.py docs: `Figure.to_html(full_html=False, include_plotlyjs=True|False)` embeds the library once and then
 reuses the global `Plotly` object (https://plotly.com/python/interactive-html-export/).
@@ -21,12 +21,12 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from srdit import metric_registry
-from srdit.analysis.effects import (BENCH_NOTE, CONTENTION_NOTE, Analysis, AnalysisError, AnalysisFailure, Flag,
-                                   analyze_study, combo_label)
+from srdit.analysis.effects import BENCH_NOTE, CONTENTION_NOTE, Analysis, AnalysisFailure, Flag, combo_label
 from srdit.analysis.figures import (_cell_order, _ci, _esc, _metric_label, _num, _pv, fig_curves,
                                     fig_effects, fig_half_normal, fig_ladder, fig_over_steps, fig_pareto, fig_synergy,
                                     throughput_metrics)
-from srdit.analysis.over_steps import OverSteps, study_over_steps
+from srdit.analysis.over_steps import OverSteps
+from srdit.analysis.report_fit import ReportFit
 from srdit.analysis.results import StudyResults
 
 __all__ = ["render_report", "render_index"]
@@ -409,92 +409,104 @@ def _over_steps_html(res: StudyResults, ov: OverSteps | AnalysisFailure) -> tupl
             "No effect is estimable at the evaluated steps.")
 
 
-def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 0.05, threshold: float = 0.0,
-                  bootstrap: bool = True, analyses: dict[str, Analysis | AnalysisFailure] | None = None,
-                  over_steps: OverSteps | None = None) -> Path:
-    """Write `out_dir/index.html` (self-contained) plus effects.json, effects_over_steps.json, cells.csv and
-    summary.json; return the HTML path.
+class _Figures:
+    """The figures of a page in order of appearance: a section holds a `@@FIG:<id>@@` placeholder that `inline`
+    replaces with the figure's HTML (the first one carries plotly.js)."""
 
-    `analyses` (metric -> `analyze_study` result) may be passed to reuse a computed analysis; `over_steps` (the
-    primary metric at every evaluated step, `over_steps.study_over_steps`) likewise."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    res = results
-    analyses = analyses or analyze_study(res, alpha=alpha, threshold=threshold, bootstrap=bootstrap)
-    a = analyses[res.metric]
-    if over_steps is None and isinstance(a, Analysis):
-        try:
-            over_steps = study_over_steps(res, alpha=alpha, threshold=threshold, bootstrap=bootstrap)
-        except AnalysisError as e:
-            over_steps = AnalysisFailure(metric=res.metric, direction=res.direction, error=str(e))
-    primary_log = metric_registry.is_log(res.metric)
-    figs: list[tuple[str, go.Figure]] = []
-    sections: list[str] = []
-    ok = isinstance(a, Analysis)
+    def __init__(self) -> None:
+        self.items: list[tuple[str, go.Figure]] = []
 
-    def fig_block(div_id: str, fig: go.Figure | None, title: str, caption: str, missing: str) -> str:
+    def add(self, div_id: str, fig: go.Figure) -> None:
+        self.items.append((div_id, fig))
+
+    def block(self, div_id: str, fig: go.Figure | None, title: str, caption: str, missing: str) -> str:
+        """A section with the figure and its caption, or the `missing` text when there is no figure."""
         if fig is None:
             return f'<section id="sec-{div_id}"><h2>{title}</h2><p class="caption">{missing}</p></section>'
-        figs.append((div_id, fig))
+        self.add(div_id, fig)
         return (f'<section id="sec-{div_id}"><h2>{title}</h2><p class="caption">{caption}</p>'
                 f'<div class="plot">@@FIG:{div_id}@@</div></section>')
 
+    def inline(self, body: str) -> str:
+        for i, (div_id, fig) in enumerate(self.items):
+            body = body.replace(f"@@FIG:{div_id}@@", _figure_html(fig, div_id, first=i == 0), 1)
+        return body
+
+
+def _summary_section(res: StudyResults, a: Analysis | AnalysisFailure) -> str:
+    """The summary: the primary metric, its orientation and the summary cards."""
+    primary_log = metric_registry.is_log(res.metric)
     mlabel = _metric_label(res.metric, res.direction, primary_log)
     log_note = ""
     if any(metric_registry.is_log(m) for m in [res.metric, *res.other_metrics]):
         log_note = "; throughput-like metrics are compared on the log scale (speed-ups multiply)"
-    sections.append(f'<section id="sec-summary"><h2>Summary</h2><p class="caption">Primary metric: {_esc(mlabel)}. '
-                    f'Gains are oriented so that <b>positive = better</b> for every metric{log_note}.'
-                    f'</p>{_summary_cards(res, a)}</section>')
-    if ok:
-        k = len(res.factors)
-        syn_fig = fig_synergy(a) if k >= 2 else None
-        sections.append(fig_block(
-            "fig-synergy", syn_fig, "Synergy matrix",
-            "Cell (row <i>i</i>, column <i>j</i>) shows S<sub>ij</sub> = (gain of <i>i</i> with <i>j</i> on) − "
-            "(gain of <i>i</i> with <i>j</i> off) = 2·INT<sub>ij</sub>, averaged over the other techniques, in "
-            f"units of {_esc(mlabel)} oriented so that <b>blue (&gt; 0) = synergy</b> (the pair is better together "
-            "than its parts) and <b>red (&lt; 0) = antagonism</b>. Upper triangle: S with its "
-            f"<b>simultaneous</b> {int(round(100 * (1 - a.alpha)))}% interval over the {a.pairs.n_tested} tested "
-            "pair(s) (Bonferroni, pure error); <b>*</b> = the interval excludes 0 (full colour); "
-            "<b>muted colour, <i>n.s.</i></b> = not significant; <b>✕</b> = flagged incompatible; "
-            "<i>aliased</i> = not separable in this fractional design; <i>partly aliased</i> = biased by omitted "
-            "interactions because cells are missing or failed (never tested); <i>fails</i> = runs with both "
-            "techniques failed, so no metric exists. Lower triangle: the p-value of the decision (Bonferroni over "
-            "the tested pairs, consistent with the stars; the effects table also gives p<sub>adj</sub> by "
-            f"{_esc(a.correction)}).",
-            "No pairwise synergy is estimable here: a synergy needs the cells of a (fractional) factorial, and "
-            "leave-one-out or ladder designs run too few of them (see the per-technique effects below)."
-            if k >= 2 else "A synergy matrix needs at least two techniques."))
-        hn = fig_half_normal(a)
-        if hn is not None:
-            L = a.fit.lenth
-            sections.append(fig_block(
-                "fig-half-normal", hn, "Unreplicated screen: half-normal plot",
-                "One run per cell gives no error estimate from replicates. Lenth's pseudo standard error (PSE = "
-                f"{_num(L['pse'], 3)}, from the small effects) gives an individual margin ME = "
-                f"{_num(L['margin'], 3)} and a simultaneous margin SME = {_num(L['simultaneous_margin'], 3)}; "
-                "labelled red points exceed ME (active at the individual level; beyond SME they hold for the whole "
-                f"family): {_esc(', '.join(L['significant']) or 'none')}. Run more seeds to confirm.", ""))
-        sections.append(fig_block(
-            "fig-effects", fig_effects(a), "Effect of each technique",
-            "Blue: main effect (mean gain with the technique on minus off, averaged over the design) with its "
-            "confidence interval. Orange: exact Shapley value (its fair share of g(all) − g(none), averaged over all "
-            "stacking orders; full factorials only). Green: leave-one-out effect against the full stack "
-            "(g(all) − g(all without i)). All in gain units: positive = the technique helps.", ""))
-        ov_caption, ov_missing = _over_steps_html(res, over_steps)
-        sections.append(fig_block(
-            "fig-over-steps", fig_over_steps(over_steps) if isinstance(over_steps, OverSteps) else None,
-            "Effects over training", ov_caption, ov_missing))
-        sections.append(fig_block(
-            "fig-ladder", fig_ladder(a), "Cumulative ladder",
-            "Techniques stacked one at a time (like the paper's chain). Each bar is the change in "
-            f"{_esc(res.metric)} from the previous row; green bars improve the metric, red bars hurt it. "
-            "A ladder is one stacking order: compare its steps with the Shapley values above to see how much "
-            "the order matters.",
-            "No ladder: the design has no nested chain of cells from the baseline to the full stack."))
+    return (f'<section id="sec-summary"><h2>Summary</h2><p class="caption">Primary metric: {_esc(mlabel)}. '
+            f'Gains are oriented so that <b>positive = better</b> for every metric{log_note}.'
+            f'</p>{_summary_cards(res, a)}</section>')
+
+
+def _primary_sections(fit: ReportFit, figs: _Figures) -> list[str]:
+    """The primary metric's figures: synergy matrix, half-normal plot (unreplicated screens), effects, effects
+    over training and the cumulative ladder."""
+    res, a, over_steps = fit.results, fit.primary, fit.over_steps
+    mlabel = _metric_label(res.metric, res.direction, metric_registry.is_log(res.metric))
+    sections: list[str] = []
+    k = len(res.factors)
+    syn_fig = fig_synergy(a) if k >= 2 else None
+    sections.append(figs.block(
+        "fig-synergy", syn_fig, "Synergy matrix",
+        "Cell (row <i>i</i>, column <i>j</i>) shows S<sub>ij</sub> = (gain of <i>i</i> with <i>j</i> on) − "
+        "(gain of <i>i</i> with <i>j</i> off) = 2·INT<sub>ij</sub>, averaged over the other techniques, in "
+        f"units of {_esc(mlabel)} oriented so that <b>blue (&gt; 0) = synergy</b> (the pair is better together "
+        "than its parts) and <b>red (&lt; 0) = antagonism</b>. Upper triangle: S with its "
+        f"<b>simultaneous</b> {int(round(100 * (1 - a.alpha)))}% interval over the {a.pairs.n_tested} tested "
+        "pair(s) (Bonferroni, pure error); <b>*</b> = the interval excludes 0 (full colour); "
+        "<b>muted colour, <i>n.s.</i></b> = not significant; <b>✕</b> = flagged incompatible; "
+        "<i>aliased</i> = not separable in this fractional design; <i>partly aliased</i> = biased by omitted "
+        "interactions because cells are missing or failed (never tested); <i>fails</i> = runs with both "
+        "techniques failed, so no metric exists. Lower triangle: the p-value of the decision (Bonferroni over "
+        "the tested pairs, consistent with the stars; the effects table also gives p<sub>adj</sub> by "
+        f"{_esc(a.correction)}).",
+        "No pairwise synergy is estimable here: a synergy needs the cells of a (fractional) factorial, and "
+        "leave-one-out or ladder designs run too few of them (see the per-technique effects below)."
+        if k >= 2 else "A synergy matrix needs at least two techniques."))
+    hn = fig_half_normal(a)
+    if hn is not None:
+        L = a.fit.lenth
+        sections.append(figs.block(
+            "fig-half-normal", hn, "Unreplicated screen: half-normal plot",
+            "One run per cell gives no error estimate from replicates. Lenth's pseudo standard error (PSE = "
+            f"{_num(L['pse'], 3)}, from the small effects) gives an individual margin ME = "
+            f"{_num(L['margin'], 3)} and a simultaneous margin SME = {_num(L['simultaneous_margin'], 3)}; "
+            "labelled red points exceed ME (active at the individual level; beyond SME they hold for the whole "
+            f"family): {_esc(', '.join(L['significant']) or 'none')}. Run more seeds to confirm.", ""))
+    sections.append(figs.block(
+        "fig-effects", fig_effects(a), "Effect of each technique",
+        "Blue: main effect (mean gain with the technique on minus off, averaged over the design) with its "
+        "confidence interval. Orange: exact Shapley value (its fair share of g(all) − g(none), averaged over all "
+        "stacking orders; full factorials only). Green: leave-one-out effect against the full stack "
+        "(g(all) − g(all without i)). All in gain units: positive = the technique helps.", ""))
+    ov_caption, ov_missing = _over_steps_html(res, over_steps)
+    sections.append(figs.block(
+        "fig-over-steps", fig_over_steps(over_steps) if isinstance(over_steps, OverSteps) else None,
+        "Effects over training", ov_caption, ov_missing))
+    sections.append(figs.block(
+        "fig-ladder", fig_ladder(a), "Cumulative ladder",
+        "Techniques stacked one at a time (like the paper's chain). Each bar is the change in "
+        f"{_esc(res.metric)} from the previous row; green bars improve the metric, red bars hurt it. "
+        "A ladder is one stacking order: compare its steps with the Shapley values above to see how much "
+        "the order matters.",
+        "No ladder: the design has no nested chain of cells from the baseline to the full stack."))
+    return sections
+
+
+def _cost_and_curves_sections(fit: ReportFit, figs: _Figures) -> list[str]:
+    """Quality versus cost and the learning curves (drawn whether or not the primary metric was analysed)."""
+    res, a = fit.results, fit.primary
+    ok = isinstance(a, Analysis)
+    sections: list[str] = []
     pareto = fig_pareto(res, a) if ok else None
-    sections.append(fig_block(
+    sections.append(figs.block(
         "fig-pareto", pareto, "Quality versus cost",
         "Each point is a cell (mean over finished seeds; bar = ± one standard deviation). Red points form the Pareto "
         "front: no other cell is at least as good on both axes and better on one.",
@@ -502,51 +514,64 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
         "quality-versus-cost view."))
     order = [c.cell for c in _cell_order(a.attribution.cells, res.factors)] if ok else []
     base_cell = next((c.cell for c in a.attribution.cells if not c.on), None) if ok else None
-    sections.append(fig_block(
+    sections.append(figs.block(
         "fig-curves", fig_curves(res, order, base_cell), "Learning curves",
         "Mean over seeds of each logged quantity against the training step, one line per cell (dashed, thicker: "
         "the baseline, no technique on; a quantity evaluated once per run shows as markers). "
         "Use the menu at the top right to switch quantities; click legend entries to hide cells.",
         "No learning curves were recorded."))
-    if ok:
-        others = [m for m in analyses if m != res.metric]
-        blocks = []
-        for m in others:
-            am = analyses[m]
-            if isinstance(am, AnalysisFailure):
-                blocks.append(f'<p class="caption">{_esc(m)}: {_esc(am.error)}</p>')
-                continue
-            if am.notes and am.notes[0] in (BENCH_NOTE, CONTENTION_NOTE):  # where a wall-clock metric comes from
-                warn = am.notes[0] == CONTENTION_NOTE
-                blocks.append(f'<p class="caption"><span class="tag {"warn" if warn else "good"}">'
-                              f'{"caveat" if warn else "bench"}</span> {_esc(m)}: {_esc(am.notes[0])}</p>')
-            if len(res.factors) >= 2:
-                fid = "fig-synergy-" + _safe_name(m)
-                fig = fig_synergy(am, title=f"Synergy on {_metric_label(m, am.direction, am.scale == 'log')}")
-                if fig is not None:
-                    figs.append((fid, fig))
-                    blocks.append(f'<div class="plot">@@FIG:{fid}@@</div>')
-        if blocks:
-            sections.append('<section id="sec-other"><h2>Synergy on the other metrics <span class="tag warn">'
-                            'exploratory</span></h2><p class="caption">Same reading as the main matrix; each metric '
-                            'is oriented so that positive = better (throughput on the log scale: S = 0.1 means the '
-                            'pair is ≈10% faster together than their separate speed-ups predict). The primary '
-                            'metric is the confirmatory test; these are exploratory: their pair tests form one '
-                            'family over all secondary metrics, controlled by Benjamini-Hochberg (false discovery '
-                            f'rate {a.alpha}), and a star here is a lead to confirm, not a finding.</p>'
-                            + "".join(blocks) + "</section>")
-        sections.append('<section id="sec-effects-table"><h2>All effects</h2><p class="caption">Estimates on the '
-                        f'metric\'s own scale ({_esc(a.scale)}) before orientation, in the textbook convention '
-                        '(ME = mean(y|on) − mean(y|off); INT = half the difference of conditional effects). Synergy '
-                        'S = 2·INT oriented (positive = better together). Dividends (gain units): D = g(ij) − '
-                        'g(i) − g(j) + g(none) with the others off, and the same difference of differences against '
-                        'the full stack. Shapley and leave-one-out (g(all) − g(all without i)) in gain units. '
-                        'p<sub>adj</sub>: corrected across pairs; – = not estimable from the cells run.'
-                        f'</p>{_effects_table(a)}'
-                        + (f"<h3>Aliasing</h3>{_alias_html(res, a)}" if (a.fit.aliased or res.aliases) else "")
-                        + "</section>")
-        sections.append(f'<section id="sec-cells"><h2>Cells</h2><p class="caption">Mean ± standard deviation over '
-                        f'finished seeds for every metric. </p>{_cells_table(res, analyses)}</section>')
+    return sections
+
+
+def _tables_sections(fit: ReportFit, figs: _Figures) -> list[str]:
+    """The other metrics' synergy matrices (exploratory), the table of all effects and the cells table."""
+    res, a, analyses = fit.results, fit.primary, fit.analyses
+    sections: list[str] = []
+    others = [m for m in analyses if m != res.metric]
+    blocks = []
+    for m in others:
+        am = analyses[m]
+        if isinstance(am, AnalysisFailure):
+            blocks.append(f'<p class="caption">{_esc(m)}: {_esc(am.error)}</p>')
+            continue
+        if am.notes and am.notes[0] in (BENCH_NOTE, CONTENTION_NOTE):  # where a wall-clock metric comes from
+            warn = am.notes[0] == CONTENTION_NOTE
+            blocks.append(f'<p class="caption"><span class="tag {"warn" if warn else "good"}">'
+                          f'{"caveat" if warn else "bench"}</span> {_esc(m)}: {_esc(am.notes[0])}</p>')
+        if len(res.factors) >= 2:
+            fid = "fig-synergy-" + _safe_name(m)
+            fig = fig_synergy(am, title=f"Synergy on {_metric_label(m, am.direction, am.scale == 'log')}")
+            if fig is not None:
+                figs.add(fid, fig)
+                blocks.append(f'<div class="plot">@@FIG:{fid}@@</div>')
+    if blocks:
+        sections.append('<section id="sec-other"><h2>Synergy on the other metrics <span class="tag warn">'
+                        'exploratory</span></h2><p class="caption">Same reading as the main matrix; each metric '
+                        'is oriented so that positive = better (throughput on the log scale: S = 0.1 means the '
+                        'pair is ≈10% faster together than their separate speed-ups predict). The primary '
+                        'metric is the confirmatory test; these are exploratory: their pair tests form one '
+                        'family over all secondary metrics, controlled by Benjamini-Hochberg (false discovery '
+                        f'rate {a.alpha}), and a star here is a lead to confirm, not a finding.</p>'
+                        + "".join(blocks) + "</section>")
+    sections.append('<section id="sec-effects-table"><h2>All effects</h2><p class="caption">Estimates on the '
+                    f'metric\'s own scale ({_esc(a.scale)}) before orientation, in the textbook convention '
+                    '(ME = mean(y|on) − mean(y|off); INT = half the difference of conditional effects). Synergy '
+                    'S = 2·INT oriented (positive = better together). Dividends (gain units): D = g(ij) − '
+                    'g(i) − g(j) + g(none) with the others off, and the same difference of differences against '
+                    'the full stack. Shapley and leave-one-out (g(all) − g(all without i)) in gain units. '
+                    'p<sub>adj</sub>: corrected across pairs; – = not estimable from the cells run.'
+                    f'</p>{_effects_table(a)}'
+                    + (f"<h3>Aliasing</h3>{_alias_html(res, a)}" if (a.fit.aliased or res.aliases) else "")
+                    + "</section>")
+    sections.append(f'<section id="sec-cells"><h2>Cells</h2><p class="caption">Mean ± standard deviation over '
+                    f'finished seeds for every metric. </p>{_cells_table(res, analyses)}</section>')
+    return sections
+
+
+def _closing_sections(res: StudyResults, a: Analysis | AnalysisFailure) -> list[str]:
+    """Failed and excluded cells, the sample grids and the notes of the analysis."""
+    ok = isinstance(a, Analysis)
+    sections: list[str] = []
     sections.append('<section id="sec-failures"><h2>Failed and excluded cells</h2><p class="caption">Failed runs '
                     '(diverged = NaN/inf loss, oom = out of memory, crashed = exception) are kept as data: they are '
                     'left out of the metric models and used as evidence of failure interactions (a pair is flagged '
@@ -561,10 +586,12 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
     if ok and a.notes:
         sections.append('<section id="sec-notes"><h2>Notes on the analysis</h2><ul class="notes">'
                         + "".join(f"<li>{_esc(n)}</li>" for n in a.notes) + "</ul></section>")
+    return sections
 
-    body = "\n".join(sections)
-    for i, (div_id, fig) in enumerate(figs):
-        body = body.replace(f"@@FIG:{div_id}@@", _figure_html(fig, div_id, first=i == 0), 1)
+
+def _page_html(res: StudyResults, a: Analysis | AnalysisFailure, body: str) -> str:
+    """The whole page around the sections: header (design, techniques, commit, context), navigation, footer."""
+    ok = isinstance(a, Analysis)
     nav = "".join(f'<a href="#{sid}">{name}</a>' for sid, name in [
         ("sec-summary", "Summary"), ("sec-fig-synergy", "Synergy"), ("sec-fig-effects", "Effects"),
         ("sec-fig-over-steps", "Over training"), ("sec-fig-ladder", "Ladder"), ("sec-fig-pareto", "Pareto"),
@@ -573,7 +600,7 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
     meta = (f"design <code>{_esc(res.design)}</code> · techniques {techniques}"
             f" · commit <code>{_esc(res.commit or 'unknown')}</code> · {_esc(res.date or '')}")
     meta += "<br>" + _header_context(res, a if ok else None)
-    page = f"""<!DOCTYPE html>
+    return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{_esc(res.study)} — srdit study report</title>
@@ -589,10 +616,13 @@ def render_report(results: StudyResults, out_dir: str | Path, *, alpha: float = 
 Self-contained: opens offline.</footer>
 </body></html>
 """
-    path = out / "index.html"
-    tmp = path.with_suffix(".html.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+
+
+def _write_side_files(fit: ReportFit, out: Path) -> None:
+    """effects.json (every metric), effects_over_steps.json (when analysed), cells.csv and summary.json (the
+    index page reads it)."""
+    res, a, analyses, over_steps = fit.results, fit.primary, fit.analyses, fit.over_steps
+    ok = isinstance(a, Analysis)
     (out / "effects.json").write_text(json.dumps({m: am.to_json() for m, am in analyses.items()}, indent=1,
                                                  default=_json_default), encoding="utf-8")
     if isinstance(over_steps, OverSteps):
@@ -611,6 +641,30 @@ Self-contained: opens offline.</footer>
         "error": None if ok else a.error,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=_json_default), encoding="utf-8")
+
+
+def render_report(fit: ReportFit, out_dir: str | Path) -> Path:
+    """Write `out_dir/index.html` (self-contained) plus effects.json, effects_over_steps.json, cells.csv and
+    summary.json from a fitted report (`report_fit.fit_report`, or a `ReportFit` built from analyses already at
+    hand); return the HTML path. Renders only: it fits nothing (the numbers on the page are those of `fit`)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    res, a = fit.results, fit.primary
+    ok = isinstance(a, Analysis)
+    figs = _Figures()
+    sections = [_summary_section(res, a)]
+    if ok:
+        sections += _primary_sections(fit, figs)
+    sections += _cost_and_curves_sections(fit, figs)
+    if ok:
+        sections += _tables_sections(fit, figs)
+    sections += _closing_sections(res, a)
+    page = _page_html(res, a, figs.inline("\n".join(sections)))
+    path = out / "index.html"
+    tmp = path.with_suffix(".html.tmp")
+    tmp.write_text(page, encoding="utf-8")
+    tmp.replace(path)
+    _write_side_files(fit, out)
     return path
 
 
