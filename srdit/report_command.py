@@ -1,7 +1,7 @@
 """`srdit report STUDY.yaml [--state DIR] [--out DIR]`: study YAML -> MLflow runs -> dashboards/<study>/index.html
 (+ dashboards/index.html, dashboards/RECORDS.md), logged on the study's parent run under report/.
 
-The command joins the two layers below it: the study layer reads the runs (`srdit.study.results.load_results`),
+The command joins the two layers below it: the study layer reads the runs (`srdit.runtime.results.load_results`),
 the analysis layer renders them (`srdit.analysis.page`, `srdit.analysis.records`). Dispatched by srdit.cli; also
 `python -m srdit.report_command STUDY.yaml ...`. Bad input prints one line on stderr, exit code 2.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from srdit.argparsing import ArgError, OneLineParser, fail
 from srdit.config import ConfigError
-from srdit.study.command import DEFAULT_DASHBOARDS, DEFAULT_STATE
+from srdit.runtime.command import DEFAULT_DASHBOARDS, DEFAULT_STATE
 
 
 def _quiet() -> None:
@@ -54,7 +54,7 @@ def make_report(study: str | Path, state: str | Path = DEFAULT_STATE, out: str |
     the report files are logged on the study's parent run under report/."""
     from srdit.analysis.page import render_index, render_report
     from srdit.analysis.records import write_records
-    from srdit.study.results import load_results
+    from srdit.runtime.results import load_results
     from srdit.study.spec import load_study
 
     spec = load_study(study)

@@ -14,10 +14,10 @@ from srdit import metric_registry
 from srdit.analysis.results import CURVE_COLUMNS, TABLE_BASE_COLUMNS, StudyResults
 from srdit.config import ConfigError
 from srdit.study.designs import Plan, plan_study
-from srdit.study.reuse import REUSED_FROM, REUSED_FROM_STUDY
-from srdit.study.runner import state_paths
+from srdit.runtime.reuse import REUSED_FROM, REUSED_FROM_STUDY
+from srdit.runtime.driver import state_paths
 from srdit.study.spec import StudySpec
-from srdit.study.tracking import StudyTracking, has_ended, open_study, resolve_uri, retry
+from srdit.runtime.tracking import StudyTracking, has_ended, open_study, resolve_uri, retry
 
 CURVE_KEYS = tuple(metric_registry.curves())
 "Metrics read as learning curves from MLflow (and as table columns): the registry's curve metrics."
@@ -108,7 +108,7 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
         excluded=list(plan.excluded), aliases=dict(plan.aliases), ladder_order=plan.ladder_order,
         commit=commit, date=_dt.date.today().isoformat(), description=spec.description,
         steps=getattr(getattr(spec.base, "train", None), "steps", None), reused_from=reused_from)
-    from srdit.study.bench import bench_table, load_bench
+    from srdit.runtime.bench import bench_table, load_bench
 
     bench = load_bench(state_paths(state_dir, spec.name)["root"], plan)
     if bench is not None:  # the controlled measurement of `srdit study bench`

@@ -1,6 +1,6 @@
 """What runs inside a Ray worker (or the benchmark's plain loop): one trial of a study.
 
-- `TrialContext`: what every trial needs besides its own spec, built once by the driver (`srdit.study.runner`).
+- `TrialContext`: what every trial needs besides its own spec, built once by the driver (`srdit.runtime.driver`).
 - `execute_trial`: train one trial spec into its folder and record it in its MLflow child run; a crash, a
   divergence or an OOM is a result (status + reason), never an exception.
 - `execute_group`: one training shared by the trials whose configs train the same model (a `Training` of the
@@ -26,8 +26,8 @@ from pathlib import Path
 from srdit.config import ConfigError
 from srdit.study.designs import make_cell, make_trial, search_objectives, violated
 from srdit.study.spec import StudySpec
-from srdit.study.occupancy import Occupancy
-from srdit.study.tracking import ChildRun, TrialReporter, is_done, runtime_tags
+from srdit.runtime.occupancy import Occupancy
+from srdit.runtime.tracking import ChildRun, TrialReporter, is_done, runtime_tags
 
 MAX_FAILURES = 3
 """Tune retries of a trial after an infrastructure failure (lost worker or node); also Ray Train's restarts of a
@@ -85,8 +85,8 @@ def _one_line(e: BaseException) -> str:
 
 def trial_tags(trial: dict, ctx: TrialContext) -> dict:
     """The tags of a trial's child run (besides status and runtime): study, cell, seed, design, techniques, and the
-    content keys of its training and run (`srdit.study.reuse.content_keys`)."""
-    from srdit.study.reuse import content_keys
+    content keys of its training and run (`srdit.runtime.reuse.content_keys`)."""
+    from srdit.runtime.reuse import content_keys
 
     on = set(trial["on"])
     tags = {"study": ctx.study, "cell": trial["cell"], "seed": trial["seed"], "design": ctx.design,
@@ -140,7 +140,7 @@ def _done_run(ctx: TrialContext, key: str):
     """The done child run of `key` (`is_done`: it does not run again), or None."""
     from mlflow import MlflowClient
 
-    from srdit.study.tracking import KEY_TAG, PARENT_TAG, list_runs
+    from srdit.runtime.tracking import KEY_TAG, PARENT_TAG, list_runs
 
     runs = list_runs(MlflowClient(ctx.uri), ctx.experiment_id,
                      f"tags.`{PARENT_TAG}` = '{ctx.parent_run_id}' and tags.{KEY_TAG} = '{key}'")
@@ -194,7 +194,7 @@ def _execute(trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
     logged: set[str] = set()
     try:
         if ctx.workers > 1:  # rank 0 of a Ray Train group logs to the child run itself
-            from srdit.study.data_parallel import train_data_parallel
+            from srdit.runtime.data_parallel import train_data_parallel
 
             status, reason, step, metrics, logged = train_data_parallel(to_dict(cfg), out_dir, child.run_id, ctx,
                                                                         MAX_FAILURES)
@@ -231,7 +231,7 @@ TRAIN_RUN_TAG = "train_run_id"
 "Tag of an evaluation run: the MLflow run id of the training run whose model it evaluates."
 TRAIN_KEY_TAG = "training_group"
 """Tag of every run of a shared training (training and evaluation runs): the plan's grouping key within the study
-(across studies a training is identified by its content key, the `training_key` tag of srdit.study.reuse)."""
+(across studies a training is identified by its content key, the `training_key` tag of srdit.runtime.reuse)."""
 
 
 def _finish_member(trial: dict, child: ChildRun, reporter: TrialReporter, res, metrics: dict, wall: float,
@@ -307,7 +307,7 @@ def execute_group(group: dict, ctx: TrialContext, to_tune: bool = False) -> dict
     if group.get("checkpoint"):
         outs = [evaluate_from(group["checkpoint"], m, ctx) for m in todo]
         return _group_answer(outs, ctx, to_tune)
-    if group.get("source"):  # a finished training of another study (srdit.study.reuse): evaluate, never train
+    if group.get("source"):  # a finished training of another study (srdit.runtime.reuse): evaluate, never train
         tags = {TRAIN_KEY_TAG: group["training"], "reused_training_from_study": group.get("source_study", "")}
         outs = [evaluate_from(group["source"], m, ctx, group.get("source_run_id"), tags) for m in todo]
         return _group_answer(outs, ctx, to_tune)

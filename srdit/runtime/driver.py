@@ -13,9 +13,9 @@ search through Ray Tune's OptunaSearch.
 - A trial that diverges, runs out of memory or raises is recorded (status + reason) and the study goes on: the
   trainable catches it and reports it; it never becomes a Tune ERROR.
 - Rerunning after an interruption runs only the trials whose child run is not done (MLflow is the source of truth;
-  `srdit.study.tracking.is_done` is the rule: crashed trials run again, diverged / oom ones stay).
+  `srdit.runtime.tracking.is_done` is the rule: crashed trials run again, diverged / oom ones stay).
 - A trial whose run key matches a finished run anywhere in the same MLflow store (another study, an earlier version
-  of this one) is adopted from it instead of trained (`srdit.study.reuse`; `reuse=False` / `--no-reuse` opts
+  of this one) is adopted from it instead of trained (`srdit.runtime.reuse`; `reuse=False` / `--no-reuse` opts
   out); when nothing is left to run, Ray is not started at all.
 """
 
@@ -33,8 +33,8 @@ from srdit.metric_registry import headline
 from srdit.study import preflight
 from srdit.study.designs import Plan, plan_study, search_objectives, submission_order
 from srdit.study.spec import StudySpec
-from srdit.study.tracking import StudyTracking, has_ended, is_done, is_local_store, open_study, resolve_uri
-from srdit.study.trial import MAX_FAILURES, TrialContext, execute_trial, is_oom, record_outcome, trainable
+from srdit.runtime.tracking import StudyTracking, has_ended, is_done, is_local_store, open_study, resolve_uri
+from srdit.runtime.worker import MAX_FAILURES, TrialContext, execute_trial, is_oom, record_outcome, trainable
 
 HOST_TRIAL_RESOURCES = {"cpu": preflight.HOST_TRIAL_CPU, "memory": 1 << 20}
 """What the Tune trial hosting a data-parallel run reserves: no CPU (its workers' bundles hold the CPUs and GPUs);
@@ -61,7 +61,7 @@ class StudyRun:
     wall_s: float = 0.0
     state_dir: str = ""
     reused: int = 0
-    "Trials adopted from finished runs of the store by this invocation (`srdit.study.reuse`)."
+    "Trials adopted from finished runs of the store by this invocation (`srdit.runtime.reuse`)."
 
     @property
     def complete(self) -> bool:
@@ -254,12 +254,12 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
     (the cluster at `address` / RAY_ADDRESS, else a private local Ray on loopback) and some trial is left to run.
 
     With `reuse` (the default; grid designs), a trial without a run in this study whose run key matches a finished
-    run in the store is adopted from it first (`srdit.study.reuse.adopt`) and not run; a training whose training
+    run in the store is adopted from it first (`srdit.runtime.reuse.adopt`) and not run; a training whose training
     key matches a finished training of another study in the store is not trained again: its members are evaluated
-    from that training's folder (`from_finished_trainings`, `srdit.study.trial.evaluate_from`).
+    from that training's folder (`from_finished_trainings`, `srdit.runtime.worker.evaluate_from`).
 
     One Ray trial per training of the plan (`Plan.trainings`): trials whose configs train the same model train
-    once and are evaluated under each member's settings (`srdit.study.trial.execute_group`); `share=False`
+    once and are evaluated under each member's settings (`srdit.runtime.worker.execute_group`); `share=False`
     (`--no-share`; ignored when `plan` is given) trains every trial. A fixed-checkpoint study runs one
     evaluation trial per trial. A group whose members are all done is skipped; a partly done one evaluates only
     its missing members.
@@ -323,9 +323,9 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
 
 
 def reuse_sources(spec: StudySpec, state_dir: str | Path, trials: list[dict]) -> dict:
-    """trial key -> `srdit.study.reuse.Source`: the finished run in the study's MLflow store whose run key equals
+    """trial key -> `srdit.runtime.reuse.Source`: the finished run in the study's MLflow store whose run key equals
     the trial's (grid designs only; {} when the store does not exist yet). Reads only."""
-    from srdit.study.reuse import RUN_KEY, content_keys, find_sources
+    from srdit.runtime.reuse import RUN_KEY, content_keys, find_sources
 
     if spec.design.kind == "search" or not trials:
         return {}
@@ -336,8 +336,8 @@ def reuse_sources(spec: StudySpec, state_dir: str | Path, trials: list[dict]) ->
 
 def _adopt(spec, plan, tracking, paths, sources: dict, echo) -> int:
     """Adopt every trial of `sources` (trial key -> Source) into the study's run tree; returns how many."""
-    from srdit.study.reuse import adopt, format_reused
-    from srdit.study.trial import run_name, trial_params, trial_tags
+    from srdit.runtime.reuse import adopt, format_reused
+    from srdit.runtime.worker import run_name, trial_params, trial_tags
 
     ctx = _context(spec, tracking, paths, plan)
     counts: dict[str, int] = {}
@@ -360,7 +360,7 @@ def from_finished_trainings(spec: StudySpec, state_dir: str | Path, units: list[
     finished training in the store whose folder is reachable from here (its result, config and final EMA weights):
     turned into evaluation units (`source`: that training's folder; `execute_group` evaluates every member from
     it, no training)."""
-    from srdit.study.reuse import TRAINING_KEY, content_keys, find_sources
+    from srdit.runtime.reuse import TRAINING_KEY, content_keys, find_sources
     from srdit.train import snapshot_steps
 
     fresh = [u for u in units if not u.get("checkpoint") and not u.get("members", [u])[0].get("done")
@@ -400,7 +400,7 @@ def from_finished_trainings(spec: StudySpec, state_dir: str | Path, units: list[
 
 def work_units(plan: Plan, todo: list[dict], existing: dict) -> list[dict]:
     """The Ray trials of the unfinished trials `todo` (trial dicts, in submission order): one per training of the
-    plan with an unfinished member (`srdit.study.trial.execute_group`'s group: its members in plan order, the
+    plan with an unfinished member (`srdit.runtime.worker.execute_group`'s group: its members in plan order, the
     training run first, done ones marked "done" with their run id), a plain trial dict for a training of one, one
     evaluation per trial for a fixed checkpoint."""
     if plan.checkpoint:
@@ -449,11 +449,19 @@ def _local_nodes(num_cpus: int | None, address: str | None) -> list | None:
     return [{**node, "CPU": float(num_cpus or node["CPU"])}]
 
 
+def ray_nodes() -> list[dict[str, float]]:
+    """The alive nodes of the connected Ray cluster and their total CPU / GPU."""
+    import ray
+
+    return [{"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
+            for n in ray.nodes() if n.get("Alive")]
+
+
 def _check_cluster(spec: StudySpec) -> None:
     """Refuse (PreflightError) a trial that the connected Ray cluster cannot hold."""
     import ray
 
-    problems = preflight.resource_problems(spec, preflight.ray_nodes(),
+    problems = preflight.resource_problems(spec, ray_nodes(),
                                            "the Ray cluster" if len(ray.nodes()) > 1 else "this Ray node")
     if problems:
         raise preflight.PreflightError(spec.name, problems)
@@ -627,7 +635,7 @@ def _search_point(spec: StudySpec, run) -> dict | None:
 
 
 def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0, adopted: int = 0) -> StudyRun:
-    from srdit.study.reuse import format_reused, reused_counts
+    from srdit.runtime.reuse import format_reused, reused_counts
 
     children = tracking.children_by_key()
     if spec.design.kind == "search":

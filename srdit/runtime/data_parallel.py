@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from srdit.cache import write_atomic
 
 if TYPE_CHECKING:
-    from srdit.study.trial import TrialContext
+    from srdit.runtime.worker import TrialContext
 
 
 OUTCOME = "trial_outcome.json"
@@ -38,7 +38,7 @@ def _worker_loop(loop: dict) -> None:
     import torch
 
     from srdit.config import RunConfig, from_dict
-    from srdit.study.tracking import ChildRun, TrialReporter
+    from srdit.runtime.tracking import ChildRun, TrialReporter
     from srdit.train import train
 
     torch.set_num_threads(loop["threads"])
@@ -52,7 +52,7 @@ def _worker_loop(loop: dict) -> None:
     try:
         res = train(cfg, loop["out_dir"], reporter, resume=True, progress=False, snapshots=True)
     except Exception as e:  # a deterministic failure of this trial: record it, then fail the group
-        from srdit.study.trial import _one_line, is_oom
+        from srdit.runtime.worker import _one_line, is_oom
 
         rank = ray.train.get_context().get_world_rank()
         text = json.dumps({"status": "oom" if is_oom(e) else "crashed", "reason": f"rank {rank}: {_one_line(e)}",
