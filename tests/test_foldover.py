@@ -257,16 +257,17 @@ def test_first_half_trials_equal_the_folded_studys_trials():
 
 
 def test_trial_tags_carry_the_block():
+    from srdit.runtime.jobs import trial_job
     from srdit.runtime.worker import TrialContext, trial_tags
 
     fold = load_study(ROOT / "studies" / "digits_frac4_foldover.yaml")
     plan = plan_study(fold)
     ctx = TrialContext(study=fold.name, design=plan.design, factors=tuple(fold.factor_names), uri="sqlite:///x.db",
                        experiment_id="1", parent_run_id="p", trials_dir="t")
-    tags = [trial_tags(t.to_dict(), ctx) for t in plan.trials]
+    tags = [trial_tags(trial_job(t, "."), ctx) for t in plan.trials]
     assert [tg["block"] for tg in tags] == [t.block for t in plan.trials] == [0] * 16 + [1] * 16
     other = plan_study(load_study(ROOT / "studies" / "digits_frac4.yaml"))
-    assert "block" not in trial_tags(other.trials[0].to_dict(), ctx)
+    assert "block" not in trial_tags(trial_job(other.trials[0], "."), ctx)
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -368,6 +368,7 @@ def test_a_crashed_group_training_marks_every_member(tmp_path):
     """The training raises (its train.init file vanished after the preflight): every member's run is crashed with
     the reason, and the group trial itself returns instead of raising."""
     from srdit.runtime.driver import _context, prepare, work_units
+    from srdit.runtime.jobs import trial_job
     from srdit.runtime.worker import execute_group
 
     init = tmp_path / "init.pt"
@@ -375,8 +376,8 @@ def test_a_crashed_group_training_marks_every_member(tmp_path):
             "seeds": [0], "base": {**TINY, "train": {**TINY["train"], "init": str(init)}}}
     spec = load_study(_write(tmp_path / "crash.yaml", data))
     plan, tracking, paths = prepare(spec, tmp_path / "s")
-    (unit,) = work_units(plan, [t.to_dict() for t in plan.trials], {})
-    assert len(unit["members"]) == 4
+    (unit,) = work_units(plan, [trial_job(t, ".") for t in plan.trials], {})
+    assert len(unit.members) == 4
     out = execute_group(unit, _context(spec, tracking, paths, plan))
     assert out["status"] == "crashed" and out["members_done"] == 4
     children = tracking.children_by_key()

@@ -263,8 +263,8 @@ def test_child_runs_are_named_by_techniques_and_the_submission_order_interleaves
 
     plan = plan_study(load_study(ROOT / "studies" / "digits_quick.yaml"))
     t = next(t for t in plan.trials if t.cell == "011" and t.seed == 0)
-    assert run_name(t.to_dict()) == "rope+logit_normal · s0"
-    assert run_name(next(t for t in plan.trials if t.cell == "000").to_dict()) == "baseline · s0"
+    assert run_name(t) == "rope+logit_normal · s0"
+    assert run_name(next(t for t in plan.trials if t.cell == "000")) == "baseline · s0"
     order = submission_order(plan.trials)
     assert sorted(x.key for x in order) == sorted(x.key for x in plan.trials)
     cells = [x.cell for x in order]
@@ -323,7 +323,8 @@ def test_two_identical_proposals_at_the_same_instant_train_once(tmp_path):
     from mlflow import MlflowClient
 
     from srdit.study.designs import make_cell, make_trial
-    from srdit.runtime.driver import _context, prepare, state_paths
+    from srdit.runtime.driver import _context, prepare
+    from srdit.runtime.jobs import trial_job
     from srdit.study.spec import study_from_dict
     from srdit.runtime.tracking import KEY_TAG, PARENT_TAG
 
@@ -331,17 +332,17 @@ def test_two_identical_proposals_at_the_same_instant_train_once(tmp_path):
                             "design": {"kind": "search", "trials": 2, "objectives": ["fd"],
                                        "space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}})
     state = tmp_path / "state"
-    plan, tracking, _ = prepare(spec, state)
-    ctx = _context(spec, tracking, state_paths(state, spec.name), plan, search=True)
+    plan, tracking, study_state = prepare(spec, state)
+    ctx = _context(spec, tracking, study_state, plan, search=True)
     assert ctx.objectives == ("fd",)
-    trial = make_trial(spec, make_cell(spec, ["rmsnorm"]), 0, {"train.lr": 2e-3}).to_dict()
+    trial = trial_job(make_trial(spec, make_cell(spec, ["rmsnorm"]), 0, {"train.lr": 2e-3}), ctx.cwd)
     from srdit.runtime.worker import execute_trial
 
     barrier, out = threading.Barrier(2), [None, None]
 
     def propose(i):
         barrier.wait()
-        out[i] = execute_trial(dict(trial), ctx)
+        out[i] = execute_trial(trial, ctx)
 
     threads = [threading.Thread(target=propose, args=(i,)) for i in range(2)]
     for t in threads:
@@ -354,5 +355,5 @@ def test_two_identical_proposals_at_the_same_instant_train_once(tmp_path):
     assert out[0]["fd"] == out[1]["fd"]
     runs = MlflowClient(tracking.uri).search_runs(
         [tracking.experiment_id],
-        f"tags.`{PARENT_TAG}` = '{tracking.parent_run_id}' and tags.{KEY_TAG} = '{trial['key']}'")
+        f"tags.`{PARENT_TAG}` = '{tracking.parent_run_id}' and tags.{KEY_TAG} = '{trial.key}'")
     assert len(runs) == 1

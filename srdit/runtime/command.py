@@ -214,6 +214,7 @@ def _pilot_results(pilot: str, state: str):
 
 def _run(args) -> int:
     from srdit.runtime.driver import run_study
+    from srdit.runtime.state import StudyState
     from srdit.study.spec import load_study
 
     spec = load_study(args.study)
@@ -229,8 +230,9 @@ def _run(args) -> int:
             if stale:
                 print(f"the previous driver of study {spec.name} (pid {stale.get('pid')}, host "
                       f"{stale.get('host')}) stopped without finishing; taking over", flush=True)
-            mark_dead_trials(spec, args.state, stale)
-            res = run_study(spec, args.state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan,
+            state = StudyState.of(spec, args.state)
+            mark_dead_trials(spec, state, stale)
+            res = run_study(spec, state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan,
                             address=args.address, reuse=not args.no_reuse)
     except PreflightError:
         if new_state:  # refused before anything ran: leave no state behind (the lock made the folder)
@@ -247,8 +249,10 @@ def plan_reuse(spec, plan, state: str | Path) -> dict:
     """What a `study run` in `state` would take from finished runs of its MLflow store: {"done": trials already done
     in this study, "reused": trials another finished run would supply, "from": study -> count, "line": a sentence}.
     Reads only; no store yet (or one that cannot be read) is "nothing to reuse", never an error."""
+    from srdit.runtime.driver import reuse_sources
+    from srdit.runtime.jobs import trial_job
     from srdit.runtime.reuse import format_reused
-    from srdit.runtime.driver import _existing_children, reuse_sources
+    from srdit.runtime.state import StudyState
     from srdit.runtime.tracking import is_done
 
     out: dict = {"done": 0, "reused": 0, "from": {}, "line": ""}
@@ -259,9 +263,11 @@ def plan_reuse(spec, plan, state: str | Path) -> dict:
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update(quick)
     try:
-        existing = _existing_children(spec, state)
+        where = StudyState.of(spec, state)
+        existing = where.existing_runs()
         out["done"] = sum(1 for t in plan.trials if t.key in existing and is_done(existing[t.key]))
-        sources = reuse_sources(spec, state, [t.to_dict() for t in plan.trials if t.key not in existing])
+        cwd = os.getcwd()
+        sources = reuse_sources(spec, where, [trial_job(t, cwd) for t in plan.trials if t.key not in existing])
     except Exception as e:  # noqa: BLE001 - the plan must not fail on the store (a server down, an old store)
         out["line"] = f"the store in {state} could not be read ({type(e).__name__}); `study run` looks again"
         return out
@@ -297,10 +303,10 @@ def mark_dead_trials(spec, state: str | Path, previous: dict | None = None) -> l
     """Mark the trials and parent run left RUNNING by a driver that no longer runs (see
     `StudyTracking.mark_dead`); call while no driver holds the study's lock, or while this process does. Nothing
     to do on a state without the study."""
-    from srdit.runtime.results import open_tracking
+    from srdit.runtime.state import StudyState
 
     try:
-        tracking = open_tracking(spec, state)
+        tracking = StudyState.of(spec, state).tracking()
     except ConfigError:
         return []
     who = f" (pid {previous.get('pid')}, host {previous.get('host')})" if previous else ""
@@ -313,14 +319,14 @@ def _status(args) -> int:
     will do (`tracking.is_done` decides, with and without --retry-failed)."""
     from srdit.study.designs import plan_study
     from srdit.runtime.lock import holder
-    from srdit.runtime.results import open_tracking
-    from srdit.study.spec import load_study
     from srdit.runtime.reuse import REUSED_FROM, REUSED_FROM_STUDY, format_reused, reused_counts
+    from srdit.runtime.state import StudyState
     from srdit.runtime.tracking import is_done
+    from srdit.study.spec import load_study
 
     spec = load_study(args.study)
     plan = plan_study(spec)
-    tracking = open_tracking(spec, args.state)
+    tracking = StudyState.of(spec, args.state).tracking()
     driver = holder(args.state, spec.name)
     marked = [] if driver is not None else tracking.mark_dead(
         "interrupted: the study's driver stopped before the trial ended; a rerun resumes it from its last checkpoint")
