@@ -62,7 +62,8 @@ def test_the_worker_records_the_drivers_keys_and_recomputes_none(tmp_path, monke
         raise AssertionError("the worker recomputed a content key")
 
     monkeypatch.setattr(reuse, "content_keys", recomputed)
-    trainable(cloudpickle.loads(cloudpickle.dumps({"job": jobs[0], "ctx": ctx})))
+    handed = cloudpickle.loads(cloudpickle.dumps({jobs[0].key: jobs[0]}))  # as tune.with_parameters hands them over
+    trainable({"job": jobs[0].key, "ctx": ctx}, jobs=handed)
     children = tracking.children_by_key()
     assert set(children) == set(sent)
     for key, run in children.items():
@@ -81,9 +82,11 @@ def test_a_job_for_other_code_is_refused_before_anything_is_recorded(tmp_path):
         check_job(other)
     ctx = _context(spec, tracking, state, plan)
     with pytest.raises(JobMismatch):
-        trainable({"job": TrainingJob((other,)), "ctx": ctx})
+        trainable({"job": other.key, "ctx": ctx}, jobs={other.key: TrainingJob((other,))})
     with pytest.raises(JobMismatch):
-        trainable({"job": EvaluationJob((other,), str(tmp_path / "none.pt")), "ctx": ctx})
+        trainable({"job": other.key, "ctx": ctx}, jobs={other.key: EvaluationJob((other,), str(tmp_path / "x.pt"))})
+    with pytest.raises(JobMismatch, match="no such job"):
+        trainable({"job": "nope", "ctx": ctx}, jobs={other.key: TrainingJob((other,))})
     corrupt = dataclasses.replace(job, trial=dataclasses.replace(job.trial, config={**job.trial.config, "x": 1}))
     with pytest.raises(JobMismatch, match="does not name its config"):
         check_job(corrupt)

@@ -161,9 +161,11 @@ def _trial_error(trial) -> str:
 
 
 def _progress_callback(total: int, done_before: int, echo: Callable[[str], None], primary: str | None = None,
-                       ctx: TrialContext | None = None):
+                       ctx: TrialContext | None = None, jobs: dict[str, Job] | None = None):
     """The Tune callback that prints one line per finished trial (see `progress_line`), and records a trial whose
-    worker Ray killed for memory as `oom` (Tune's retries of it are then answered from that record)."""
+    worker Ray killed for memory as `oom` (Tune's retries of it are then answered from that record). `jobs`: the
+    grid's jobs by key (a Tune trial's config names its job by key)."""
+    jobs = jobs or {}
     from ray import tune
 
     class Progress(tune.Callback):
@@ -172,7 +174,7 @@ def _progress_callback(total: int, done_before: int, echo: Callable[[str], None]
             self.oom: set[str] = set()
 
         def _record_oom(self, trial) -> bool:
-            job: Job | None = trial.config.get("job")
+            job = jobs.get(trial.config.get("job"))
             error = _trial_error(trial)
             if ctx is None or job is None or not is_oom(error) or job.key in self.oom:
                 return job is not None and job.key in self.oom
@@ -207,8 +209,7 @@ def _progress_callback(total: int, done_before: int, echo: Callable[[str], None]
         def on_trial_error(self, iteration, trials, trial, **info):
             if self._record_oom(trial):
                 return
-            job = trial.config.get("job")
-            key = job.key if job is not None else trial.trial_id
+            key = trial.config.get("job") or trial.trial_id
             echo(f"  {key}: infrastructure failure after {MAX_FAILURES} retries "
                  f"({_trial_error(trial)[:200]}); rerun the study to resume it")
 
@@ -451,13 +452,15 @@ def _check_cluster(spec: StudySpec) -> None:
         raise preflight.PreflightError(spec.name, problems)
 
 
-def _tuner_common(spec: StudySpec, state: StudyState, max_failures: int, callbacks: list) -> tuple:
+def _tuner_common(spec: StudySpec, state: StudyState, max_failures: int, callbacks: list,
+                  jobs: dict[str, Job] | None = None) -> tuple:
     from ray import tune
 
     r = spec.resources
     # A data-parallel trial is a driver: its workers take the CPUs and GPUs (placement group of the Train run).
     res = {"cpu": r.cpus, "gpu": r.gpus} if r.workers == 1 else HOST_TRIAL_RESOURCES
-    wrapped = tune.with_resources(trainable, res)
+    # the grid's jobs travel once through Ray's object store; a Tune trial's config names its job by key
+    wrapped = tune.with_resources(tune.with_parameters(trainable, jobs=jobs) if jobs else trainable, res)
     run_config = tune.RunConfig(
         name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(state.ray),
         failure_config=tune.FailureConfig(max_failures=max_failures), verbose=0, callbacks=callbacks)
@@ -465,19 +468,19 @@ def _tuner_common(spec: StudySpec, state: StudyState, max_failures: int, callbac
 
 
 def _trial_name(trial) -> str:
-    job = trial.config.get("job")
-    return job.key if job is not None else f"search_{trial.trial_id}"
+    return trial.config.get("job") or f"search_{trial.trial_id}"
 
 
 def _fit_grid(spec, plan, tracking, state: StudyState, jobs: list[Job], max_failures, echo, skipped):
     from ray import tune
 
     ctx = _context(spec, tracking, state, plan)
-    progress = _progress_callback(len(plan.trials), skipped, echo, spec.metrics.primary, ctx)
-    wrapped, run_config = _tuner_common(spec, state, max_failures, [progress])
+    by_key = {j.key: j for j in jobs}
+    progress = _progress_callback(len(plan.trials), skipped, echo, spec.metrics.primary, ctx, by_key)
+    wrapped, run_config = _tuner_common(spec, state, max_failures, [progress], by_key)
     tuner = tune.Tuner(
         wrapped,
-        param_space={"job": tune.grid_search(jobs), "ctx": ctx},  # the job objects themselves
+        param_space={"job": tune.grid_search(list(by_key)), "ctx": ctx},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=_max_concurrent(spec.resources),
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=run_config)

@@ -9,7 +9,9 @@
 - `SearchSample`: a search design's sample as Ray Tune draws it (technique switches and knob values); the worker
   makes its `TrialJob` (the driver never sees a sample's config).
 
-The keys travel with the job: a worker records them and never recomputes them. It checks instead that it runs
+A grid's jobs reach the workers once, through Ray's object store (`tune.with_parameters`); a Tune trial's config
+names its job by key (Tune would swap an object in its param space for a placeholder in the driver's view). The
+keys travel with the job: a worker records them and never recomputes them. It checks instead that it runs
 the code the driver keyed (`check_job`: a node with another srdit version raises `JobMismatch`).
 """
 

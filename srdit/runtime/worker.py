@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from srdit.config import ConfigError
-from srdit.runtime.jobs import EvaluationJob, Job, SearchSample, TrainingJob, TrialJob, check_job, trial_job
+from srdit.runtime.jobs import (EvaluationJob, Job, JobMismatch, SearchSample, TrainingJob, TrialJob, check_job,
+                                trial_job)
 from srdit.runtime.occupancy import Occupancy
 from srdit.runtime.tracking import ChildRun, TrialReporter, is_done, runtime_tags
 from srdit.study.designs import TrialSpec, make_cell, make_trial, search_objectives, violated
@@ -388,18 +389,21 @@ def run_name(trial: TrialSpec) -> str:
     return f"{on}{' · ' + knobs if knobs else ''} · s{trial.seed}"
 
 
-def trainable(config: dict) -> None:
-    """The Ray Tune function trainable: a grid design's job (config["job"]: a `TrainingJob` or `EvaluationJob`)
-    or a search sample (config's tech.* and knobs); config["ctx"] is the study's `TrialContext`."""
+def trainable(config: dict, jobs: dict[str, Job] | None = None) -> None:
+    """The Ray Tune function trainable: a grid design's job (config["job"]: the key of a `TrainingJob` or
+    `EvaluationJob` of `jobs`, which the driver binds with `tune.with_parameters`) or a search sample (config's
+    tech.* and knobs); config["ctx"] is the study's `TrialContext`."""
     quiet_exit_on_sigterm()
     ctx: TrialContext = config["ctx"]
-    job = config.get("job")
-    if job is None:
+    key = config.get("job")
+    if key is None:
         trial = search_trial(config, ctx)
         if trial is not None:
             execute_trial(trial, ctx, to_tune=True)
         return
-    execute_group(job, ctx, to_tune=True)
+    if not jobs or key not in jobs:
+        raise JobMismatch(f"Ray trial {key}: no such job was handed to the worker")
+    execute_group(jobs[key], ctx, to_tune=True)
 
 
 def search_trial(config: dict, ctx: TrialContext) -> TrialJob | None:
