@@ -233,9 +233,9 @@ def _execute(job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
 
 TRAIN_RUN_TAG = "train_run_id"
 "Tag of an evaluation run: the MLflow run id of the training run whose model it evaluates."
-TRAIN_KEY_TAG = "training_group"
+TRAINING_GROUP_TAG = "training_group"
 """Tag of every run of a shared training (training and evaluation runs): the plan's grouping key within the study
-(across studies a training is identified by its content key, the `training_key` tag of srdit.runtime.reuse)."""
+(`srdit.study.designs.training_group_key`; across studies a training is identified by its content key, the `training_key` tag of srdit.runtime.reuse)."""
 
 
 def _finish_member(job: TrialJob, child: ChildRun, reporter: TrialReporter, res, metrics: dict, wall: float,
@@ -310,14 +310,14 @@ def execute_group(job: Job, ctx: TrialContext, to_tune: bool = False) -> dict:
         if job.from_study is None:  # a fixed checkpoint
             outs = [evaluate_from(job.source, m, ctx) for m in todo]
         else:  # a finished training of another study (srdit.runtime.reuse): evaluate, never train
-            tags = {TRAIN_KEY_TAG: job.group, "reused_training_from_study": job.from_study}
+            tags = {TRAINING_GROUP_TAG: job.group, "reused_training_from_study": job.from_study}
             outs = [evaluate_from(job.source, m, ctx, job.source_run_id, tags) for m in todo]
         return _group_answer(outs, ctx, to_tune)
     members = job.members
     if len(members) == 1:
         return {**execute_trial(members[0], ctx, to_tune), "members_done": 1}
     lead = members[0]
-    tags = {TRAIN_KEY_TAG: job.group}
+    tags = {TRAINING_GROUP_TAG: job.group}
     with trial_lock(ctx, lead.key):
         if lead.done or (ctx.workers > 1 and todo and todo[0] is lead):
             if not lead.done:  # data parallel: the Ray Train run trains; the others evaluate its snapshots
@@ -351,7 +351,7 @@ def _train_group(job: TrainingJob, lead: TrialJob, todo: list[TrialJob], ctx: Tr
         check_job(m)
     torch.set_num_threads(max(1, int(math.floor(ctx.cpus))))
     others = [m for m in todo if m is not lead]
-    runtime = {**runtime_tags(), TRAIN_KEY_TAG: job.group, "shared_by": len(job.members)}
+    runtime = {**runtime_tags(), TRAINING_GROUP_TAG: job.group, "shared_by": len(job.members)}
     lead_child = open_child(lead, ctx, runtime)
     children = [open_child(m, ctx, {**runtime, TRAIN_RUN_TAG: lead_child.run_id}) for m in others]
     lead_rep = TrialReporter(lead_child, to_tune)
