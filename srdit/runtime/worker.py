@@ -235,7 +235,8 @@ TRAIN_RUN_TAG = "train_run_id"
 "Tag of an evaluation run: the MLflow run id of the training run whose model it evaluates."
 TRAINING_GROUP_TAG = "training_group"
 """Tag of every run of a shared training (training and evaluation runs): the plan's grouping key within the study
-(`srdit.study.designs.training_group_key`; across studies a training is identified by its content key, the `training_key` tag of srdit.runtime.reuse)."""
+(`srdit.study.designs.training_group_key`; across studies a training is identified by its content key, the
+`training_key` tag of srdit.runtime.reuse)."""
 
 
 def _finish_member(job: TrialJob, child: ChildRun, reporter: TrialReporter, res, metrics: dict, wall: float,
