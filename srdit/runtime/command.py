@@ -420,7 +420,8 @@ def ui_main(argv: list[str] | None = None) -> int:
     import time
 
     from srdit.runtime.lock import state_init_lock
-    from srdit.runtime.tracking import UI_QUERY, default_tracking_uri, port_free, relocate_store, start_server, stop_server
+    from srdit.runtime.tracking import (UI_QUERY, default_tracking_uri, port_free, relocate_store, start_server,
+                                        stop_server)
 
     try:
         args = _ui_parser().parse_args(argv)

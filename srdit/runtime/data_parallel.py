@@ -86,8 +86,8 @@ def _init_loopback_group(loop: dict) -> None:
 
 
 def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx: TrialContext, max_failures: int):
-    """Run the resolved `config` on ctx.workers workers; returns (status, reason, step, final metrics, keys already logged at
-    the last step). Raises when the group fails beyond its retries (the caller records the trial as crashed)."""
+    """Run the resolved `config` on ctx.workers workers; returns (status, reason, step, final metrics, keys already
+    logged at the last step). Raises when the group fails beyond its retries (the caller records the trial as crashed)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
