@@ -41,7 +41,7 @@ data-parallel trial's worker group."""
 
 @dataclass(frozen=True)
 class TrialContext:
-    """What every trial of a study needs besides its own spec. Built once by the driver; it travels to the Ray
+    """What every trial of a study needs besides its own job. Built once by the driver; it travels to the Ray
     workers in the Tune param space (pickled), so every field is a plain value or a frozen dataclass."""
 
     study: str
