@@ -51,7 +51,7 @@ def _trial_seconds(res) -> float:
 def overhead(work: Path) -> dict:
     import ray
 
-    from srdit.study.runner import run_plain, run_study
+    from srdit.runtime.driver import run_plain, run_study
     from srdit.study.spec import study_from_dict
 
     out: dict = {"study": SMALL}
@@ -89,7 +89,7 @@ def default_study(work: Path, study: str) -> dict:
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
     t = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "srdit.study.command", "run", study, "--state", str(state)],
+    run = subprocess.run([sys.executable, "-m", "srdit.runtime.command", "run", study, "--state", str(state)],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     run_s = time.perf_counter() - t
     t = time.perf_counter()

@@ -1,5 +1,5 @@
 """Reuse across studies: the default study run once, then the same study under another name into the same state
-(every trial adopted from the first run's finished runs, `srdit.study.reuse`), both through `srdit study run` in
+(every trial adopted from the first run's finished runs, `srdit.runtime.reuse`), both through `srdit study run` in
 one script, with the load average around each. Prints one JSON line; `--out` also writes it.
 
     python bench/study_reuse.py [--study studies/digits_quick.yaml] [--out bench/study_reuse.json]

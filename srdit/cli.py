@@ -302,10 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 DELEGATES = {
-    "study": ("srdit.study.command", "main"),
+    "study": ("srdit.runtime.command", "main"),
     "analyze": ("srdit.analysis.command", "main"),
     "report": ("srdit.report_command", "report_main"),
-    "ui": ("srdit.study.command", "ui_main"),
+    "ui": ("srdit.runtime.command", "ui_main"),
     "preprocess": ("srdit.preprocess_command", "main"),
     "cache-teacher": ("srdit.teacher_cache_command", "main"),
     "reference": ("srdit.metrics.reference", "main"),

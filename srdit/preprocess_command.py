@@ -5,7 +5,7 @@
     srdit preprocess --verify OUT [--quick]
 
 What the folder holds, resuming and splitting the work: `srdit.data.preprocess` (one process, any part) and
-`srdit.study.preprocess_ray` (`--ray N`: N Ray tasks). This command loads the tokenizer and picks between them.
+`srdit.runtime.preprocess_ray` (`--ray N`: N Ray tasks). This command loads the tokenizer and picks between them.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ray:
             if n != 1:
                 raise ArgError("srdit preprocess: --ray N splits the work itself; leave out --part")
-            from srdit.study.preprocess_ray import preprocess_on_ray
+            from srdit.runtime.preprocess_ray import preprocess_on_ray
 
             index = preprocess_on_ray(args.source, args.out, args.tokenizer, args.weights, parts=args.ray, **kw)
         else:

@@ -1,5 +1,5 @@
 """What every run records about itself: git commit (+ dirty flag), versions, device; and the code version of the
-parts of srdit that shape a training or an evaluation (content keys of finished runs, `srdit.study.reuse`)."""
+parts of srdit that shape a training or an evaluation (content keys of finished runs, `srdit.runtime.reuse`)."""
 
 from __future__ import annotations
 
@@ -104,10 +104,10 @@ def code_version(parts: tuple[str, ...] = TRAINING_CODE, root: str | Path | None
 
 
 def training_code_version() -> str:
-    """`code_version` of `TRAINING_CODE`: a part of every training's content key (`srdit.study.reuse`)."""
+    """`code_version` of `TRAINING_CODE`: a part of every training's content key (`srdit.runtime.reuse`)."""
     return code_version(TRAINING_CODE)
 
 
 def evaluation_code_version() -> str:
-    """`code_version` of `EVALUATION_CODE`: a part of every run's content key (`srdit.study.reuse`)."""
+    """`code_version` of `EVALUATION_CODE`: a part of every run's content key (`srdit.runtime.reuse`)."""
     return code_version(EVALUATION_CODE)

@@ -1,7 +1,7 @@
 """`srdit report STUDY.yaml [--state DIR] [--out DIR]`: study YAML -> MLflow runs -> dashboards/<study>/index.html
 (+ dashboards/index.html, dashboards/RECORDS.md), logged on the study's parent run under report/.
 
-The command joins the two layers below it: the study layer reads the runs (`srdit.study.results.load_results`),
+The command joins the two layers below it: the runtime reads the runs (`srdit.runtime.results.load_results`),
 the analysis layer fits them once (`srdit.analysis.report_fit`) and renders the fit
 (`srdit.analysis.page`, `srdit.analysis.records`). Dispatched by srdit.cli; also
 `python -m srdit.report_command STUDY.yaml ...`. Bad input prints one line on stderr, exit code 2.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from srdit.argparsing import ArgError, OneLineParser, fail
 from srdit.config import ConfigError
-from srdit.study.command import DEFAULT_DASHBOARDS, DEFAULT_STATE
+from srdit.runtime.command import DEFAULT_DASHBOARDS, DEFAULT_STATE
 
 
 def _quiet() -> None:
@@ -56,7 +56,7 @@ def make_report(study: str | Path, state: str | Path = DEFAULT_STATE, out: str |
     from srdit.analysis.page import render_index, render_report
     from srdit.analysis.records import write_records
     from srdit.analysis.report_fit import fit_report
-    from srdit.study.results import load_results
+    from srdit.runtime.results import load_results
     from srdit.study.spec import load_study
 
     spec = load_study(study)

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         store.create(args.out, store.cache_meta(args.data, identity, grid, teacher.dim, parts))
         t0 = time.perf_counter()
         if args.ray:
-            from srdit.study.teacher_cache_ray import cache_teacher_on_ray
+            from srdit.runtime.teacher_cache_ray import cache_teacher_on_ray
 
             del teacher
             done = cache_teacher_on_ray(args.data, args.out, args.teacher, args.teacher_path, parts=parts,

@@ -156,7 +156,7 @@ def test_curves_come_from_the_metric_registry_and_an_imagenet_report_draws_fid(t
                        direction="min", other_metrics={"sfid": "min", "inception_score": "max",
                                                        "kd_dinov2": "min", "images_per_s": "max"},
                        table=pd.DataFrame(rows), curves=pd.DataFrame(curve_rows, columns=CURVE_COLUMNS))
-    from srdit.study.results import CURVE_KEYS  # the curves load_results reads from MLflow
+    from srdit.runtime.results import CURVE_KEYS  # the curves load_results reads from MLflow
 
     assert list(CURVE_KEYS) == curves and set(res.curves["key"]) <= set(CURVE_KEYS)
     page = render_report(fit_report(res), tmp_path / "dash" / res.study).read_text(encoding="utf-8")

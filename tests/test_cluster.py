@@ -16,7 +16,7 @@ def test_study_on_a_two_node_cluster_survives_a_lost_node(tmp_path):
     from mlflow import MlflowClient
     from ray.cluster_utils import Cluster
 
-    from srdit.study.runner import run_study
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     path = tmp_path / "cluster.yaml"

@@ -23,7 +23,7 @@ def test_cluster_rehearsal(stand_ins, tmp_path):  # noqa: F811
 
     from srdit.report_command import make_report
     from srdit.study.preflight import PreflightError
-    from srdit.study.runner import run_study
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     weights = tmp_path / "weights" / stand_ins["weights"].name  # a copy the test can delete

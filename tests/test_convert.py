@@ -406,8 +406,8 @@ def test_study_with_a_converted_checkpoint_as_a_fixed_arm(tmp_path, monkeypatch,
     import ray
     import yaml
 
-    from srdit.study.results import load_results
-    from srdit.study.runner import run_study
+    from srdit.runtime.results import load_results
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     monkeypatch.chdir(tmp_path)

@@ -149,7 +149,7 @@ def test_study_trial_on_two_workers_is_a_ray_train_run(tmp_path):
     from mlflow import MlflowClient
 
     from srdit.config import from_dict, read_yaml
-    from srdit.study.runner import run_study
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     techs = [t for t in TECHS if t != "cfm"]

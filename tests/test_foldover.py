@@ -257,16 +257,17 @@ def test_first_half_trials_equal_the_folded_studys_trials():
 
 
 def test_trial_tags_carry_the_block():
-    from srdit.study.trial import TrialContext, trial_tags
+    from srdit.runtime.jobs import trial_job
+    from srdit.runtime.worker import TrialContext, trial_tags
 
     fold = load_study(ROOT / "studies" / "digits_frac4_foldover.yaml")
     plan = plan_study(fold)
     ctx = TrialContext(study=fold.name, design=plan.design, factors=tuple(fold.factor_names), uri="sqlite:///x.db",
                        experiment_id="1", parent_run_id="p", trials_dir="t")
-    tags = [trial_tags(t.to_dict(), ctx) for t in plan.trials]
+    tags = [trial_tags(trial_job(t, "."), ctx) for t in plan.trials]
     assert [tg["block"] for tg in tags] == [t.block for t in plan.trials] == [0] * 16 + [1] * 16
     other = plan_study(load_study(ROOT / "studies" / "digits_frac4.yaml"))
-    assert "block" not in trial_tags(other.trials[0].to_dict(), ctx)
+    assert "block" not in trial_tags(trial_job(other.trials[0], "."), ctx)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -383,8 +384,8 @@ def test_foldover_study_runs_tags_its_halves_and_is_analysed_with_the_block(tmp_
 
     from srdit.analysis.effects import analyze_study
     from srdit.report_command import make_report
-    from srdit.study.results import load_results
-    from srdit.study.runner import run_study
+    from srdit.runtime.results import load_results
+    from srdit.runtime.driver import run_study
 
     names = ["rmsnorm", "qk_norm", "rope"]
     other = load_study(_write(tmp_path / "frac.yaml", {
@@ -393,7 +394,7 @@ def test_foldover_study_runs_tags_its_halves_and_is_analysed_with_the_block(tmp_
         "metrics": {"primary": "fd", "direction": "min", "others": {"kd": "min"}}}))
     fold = load_study(_fold(tmp_path))
     state = tmp_path / "state"
-    from srdit.study.command import plan_reuse
+    from srdit.runtime.command import plan_reuse
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
@@ -434,9 +435,9 @@ def test_exported_foldover_table_has_the_block_and_analyze_fits_it(tmp_path, mon
     import json
 
     from srdit.analysis.command import main as analyze_main
-    from srdit.study.command import main as study_main
-    from srdit.study.results import load_results
-    from srdit.study.tracking import ChildRun, open_study, resolve_uri
+    from srdit.runtime.command import main as study_main
+    from srdit.runtime.results import load_results
+    from srdit.runtime.tracking import ChildRun, open_study, resolve_uri
 
     names = ["rmsnorm", "qk_norm", "rope"]
     _write(tmp_path / "frac.yaml", {"name": "frac", "base": BASE, "techniques": names, "seeds": [0, 1, 2],

@@ -273,7 +273,7 @@ def test_stream_guards(reference, tmp_path):
 def test_imagenet_studies_plan(name, trials, capsys):
     from pathlib import Path
 
-    from srdit.study.command import main as study_main
+    from srdit.runtime.command import main as study_main
     from srdit.study.designs import plan_study
     from srdit.study.spec import load_study
 

@@ -18,8 +18,8 @@ def test_latent_study_prints_fid_while_it_runs_and_its_report_draws_the_fid_curv
     import ray
 
     from srdit.report_command import make_report
-    from srdit.study.results import load_results
-    from srdit.study.runner import run_study
+    from srdit.runtime.results import load_results
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     cfg = to_dict(_cfg(stand_ins))

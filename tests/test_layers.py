@@ -8,7 +8,8 @@
 | transport | transport/                                         | config, util, `srdit.model` *  | ray, mlflow     |
 | data      | data/, encoders/, metrics/                         | config, util                   | ray, mlflow     |
 | train     | train, generate, evaluate, sample_shards, parallel, imaging, provenance, convert, inputs | the rows above | ray, mlflow |
-| study     | study/                                             | the rows above, `srdit.analysis.results` and `.power` only | - |
+| study     | study/ (pure planning)                             | the rows above, `srdit.analysis.results` and `.power` only | ray, mlflow |
+| runtime   | runtime/ (driver, worker, tracking, reuse, ...)    | the rows above, `srdit.analysis.results` and `.power` only | - |
 | analysis  | analysis/                                          | config                         | torch, ray      |
 | cli       | cli, __main__, preprocess_command, report_command, teacher_cache_command | everything | -         |
 
@@ -50,6 +51,7 @@ LAYERS: dict[str, set[str]] = {
     "data": {"data", "encoders", "metrics"},
     "train": {"train", "generate", "evaluate", "sample_shards", "parallel", "imaging", "provenance", "convert", "inputs"},
     "study": {"study"},
+    "runtime": {"runtime"},
     "analysis": {"analysis"},
     "cli": {"cli", "__main__", "preprocess_command", "report_command", "teacher_cache_command"},
 }
@@ -64,6 +66,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "data": {"config", "util", "data"},
     "train": BELOW_TRAIN | {"train"},
     "study": BELOW_TRAIN | {"train", "study"},
+    "runtime": BELOW_TRAIN | {"train", "study", "runtime"},
     "analysis": {"config", "analysis"},
     "cli": set(LAYERS),
 }
@@ -73,6 +76,8 @@ ALSO_MAY_IMPORT: dict[str, set[str]] = {
     "transport": {"srdit.model"},  # the model's public API, never srdit.model.<internal>
     # the results table and the power maths of `study plan` (numpy / scipy only), never report / effects
     "study": {"srdit.analysis", "srdit.analysis.results", "srdit.analysis.power"},
+    # the results table it fills and, through the study layer, the power maths; never report / effects / page
+    "runtime": {"srdit.analysis", "srdit.analysis.results", "srdit.analysis.power"},
 }
 "Layer -> single srdit modules it may import although their layer is not in MAY_IMPORT."
 
@@ -83,7 +88,8 @@ FORBIDDEN_PACKAGES: dict[str, set[str]] = {
     "transport": {"ray", "mlflow"},
     "data": {"ray", "mlflow"},
     "train": {"ray", "mlflow"},
-    "study": set(),
+    "study": {"ray", "mlflow"},
+    "runtime": set(),
     "analysis": {"torch", "ray"},
     "cli": set(),
 }

@@ -28,7 +28,7 @@ import yaml
 from srdit.analysis.effects import Options, analyze, analyze_study
 from srdit.analysis.power import ALPHA, POWER, PowerError, design_power, mde, pooled_sd, power_at
 from srdit.analysis.results import StudyResults
-from srdit.study.command import main as study_main
+from srdit.runtime.command import main as study_main
 from srdit.study.designs import fractional_matrix, plan_study
 from srdit.study.sizing import _variant, format_power, plan_cells, power_block, propose
 from srdit.study.spec import load_study
@@ -312,7 +312,7 @@ def test_unreplicated_plan_says_so_and_still_proposes(tmp_path, capsys):
 def _log_pilot(tmp_path: Path, seeds, values) -> Path:
     """A finished pilot study (techniques rope, logit_normal; metric fd only) in a real SQLite MLflow store under
     tmp_path / "state", logged through the study's own tracking code; values(cell, seed) -> fd or None (diverged)."""
-    from srdit.study.tracking import ChildRun, open_study, resolve_uri
+    from srdit.runtime.tracking import ChildRun, open_study, resolve_uri
 
     data = yaml.safe_load(QUICK.read_text())
     data.update(name="pilot", seeds=list(seeds), techniques=["rope", "logit_normal"],

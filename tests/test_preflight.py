@@ -14,7 +14,7 @@ LADDER = ROOT / "studies" / "imagenet256_sr_dit_ladder.yaml"
 
 
 def test_ladder_plan_lists_every_missing_input_with_its_making_command(tmp_path, monkeypatch, capsys):
-    from srdit.study.command import main
+    from srdit.runtime.command import main
 
     monkeypatch.chdir(tmp_path)  # no data/ and no weights/ here
     assert main(["plan", str(LADDER), "--json"]) == 0
@@ -34,7 +34,7 @@ def test_ladder_plan_lists_every_missing_input_with_its_making_command(tmp_path,
 
 
 def test_ladder_run_without_data_exits_2_and_records_nothing(tmp_path, monkeypatch, capsys):
-    from srdit.study.command import main
+    from srdit.runtime.command import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -55,7 +55,7 @@ def _study(tmp_path, **kw) -> Path:
 
 
 def test_a_metric_the_runs_do_not_report_is_refused_by_plan_and_run(tmp_path, monkeypatch, capsys):
-    from srdit.study.command import main
+    from srdit.runtime.command import main
 
     monkeypatch.chdir(tmp_path)
     path = _study(tmp_path, metrics={"primary": "fid", "direction": "min", "others": {"kd_dinov2": "min"}})
@@ -146,7 +146,7 @@ def test_a_trial_that_cannot_fit_is_refused_saying_what_it_needs_and_what_exists
 
 
 def test_run_refuses_a_trial_larger_than_this_machine_before_recording(tmp_path, monkeypatch, capsys):
-    from srdit.study.command import main
+    from srdit.runtime.command import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -161,7 +161,7 @@ def _run(status: str | None, mlflow_status: str = "FAILED"):
 
 
 def test_retry_rule_crashed_is_retried_diverged_and_oom_stay():
-    from srdit.study.tracking import has_ended, is_done
+    from srdit.runtime.tracking import has_ended, is_done
 
     assert is_done(_run("finished", "FINISHED")) and is_done(_run("diverged")) and is_done(_run("oom"))
     assert not is_done(_run("crashed"))  # a failure outside the trial is not a result

@@ -257,7 +257,7 @@ def test_tracking_ui_opens_an_experiment_on_its_runs(tmp_path):
     browser profile; MLflow's own app opens it on its GenAI overview."""
     from mlflow import MlflowClient
 
-    from srdit.study.tracking import free_port, start_server, stop_server
+    from srdit.runtime.tracking import free_port, start_server, stop_server
 
     port = free_port()
     proc = start_server(f"sqlite:///{tmp_path / 'ui.db'}", tmp_path / "art", port=port, log_path=tmp_path / "ui.log")

@@ -1,4 +1,4 @@
-"""Content keys and reuse of finished runs across studies (srdit.study.reuse, srdit.provenance.code_version).
+"""Content keys and reuse of finished runs across studies (srdit.runtime.reuse, srdit.provenance.code_version).
 
 Fast: the code version follows the syntax tree (not comments or docstrings); the keys follow the training part, the
 evaluation part, file contents (not path names) and the code version. Slow: studies into one real SQLite store on
@@ -11,7 +11,7 @@ import yaml
 
 from srdit.config import RunConfig, apply_diff, to_dict
 from srdit.provenance import code_version, source_digest
-from srdit.study.reuse import RUN_KEY, TRAINING_KEY, content_keys
+from srdit.runtime.reuse import RUN_KEY, TRAINING_KEY, content_keys
 
 # ----------------------------------------------------------------------------------------------------------------
 # code version
@@ -144,7 +144,7 @@ def test_latent_data_enters_by_its_index_checksum(tmp_path, monkeypatch):
 
 
 def test_plan_reuse_without_a_store_reads_nothing_and_creates_nothing(tmp_path):
-    from srdit.study.command import plan_reuse
+    from srdit.runtime.command import plan_reuse
     from srdit.study.designs import plan_study
     from srdit.study.spec import load_study
 
@@ -189,11 +189,11 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
     Ray; --no-reuse trains again."""
     from mlflow import MlflowClient
 
-    from srdit.study.command import main as study_main
-    from srdit.study.command import plan_reuse
+    from srdit.runtime.command import main as study_main
+    from srdit.runtime.command import plan_reuse
     from srdit.study.designs import plan_study
-    from srdit.study.results import load_results
-    from srdit.study.runner import run_study
+    from srdit.runtime.results import load_results
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     monkeypatch.chdir(tmp_path)
@@ -275,7 +275,7 @@ def test_same_training_other_evaluation_settings_evaluates_the_finished_training
     adopts a's 00 and 01; the adopted evaluation run points at its training's folder."""
     from mlflow import MlflowClient
 
-    from srdit.study.runner import run_study
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     monkeypatch.chdir(tmp_path)

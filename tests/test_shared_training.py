@@ -250,7 +250,7 @@ def _write(path: Path, data: dict) -> Path:
 
 
 def _children(res):
-    from srdit.study.tracking import StudyTracking
+    from srdit.runtime.tracking import StudyTracking
 
     t = StudyTracking(res.uri, res.experiment_id, "", res.parent_run_id, None)
     return t.children_by_key()
@@ -283,8 +283,8 @@ def test_shared_study_equals_the_unshared_study_per_cell(tmp_path, ray_local):
     """8 cells x 1 seed: one training-time technique and two evaluation-time ones. Shared: 2 trainings; unshared
     (--no-share): 8. Every cell's quality metrics and curves agree exactly; the evaluation runs name their training
     run; a lost member is evaluated again from the snapshots alone; the analysis sees the same effects."""
-    from srdit.study.results import load_results
-    from srdit.study.runner import run_study
+    from srdit.runtime.results import load_results
+    from srdit.runtime.driver import run_study
 
     data = {**shared_study(), "techniques": ["rmsnorm", "balanced_labels",
                                              {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}], "seeds": [0]}
@@ -346,7 +346,7 @@ def test_shared_study_equals_the_unshared_study_per_cell(tmp_path, ray_local):
 
 @pytest.mark.slow
 def test_fixed_checkpoint_study_evaluates_without_training(tmp_path, ray_local):
-    from srdit.study.runner import run_study
+    from srdit.runtime.driver import run_study
     from srdit.train import train
 
     base, _, _ = _cfgs()
@@ -367,16 +367,17 @@ def test_fixed_checkpoint_study_evaluates_without_training(tmp_path, ray_local):
 def test_a_crashed_group_training_marks_every_member(tmp_path):
     """The training raises (its train.init file vanished after the preflight): every member's run is crashed with
     the reason, and the group trial itself returns instead of raising."""
-    from srdit.study.runner import _context, prepare, work_units
-    from srdit.study.trial import execute_group
+    from srdit.runtime.driver import _context, prepare, work_units
+    from srdit.runtime.jobs import trial_job
+    from srdit.runtime.worker import execute_group
 
     init = tmp_path / "init.pt"
     data = {**shared_study(), "techniques": ["balanced_labels", {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
             "seeds": [0], "base": {**TINY, "train": {**TINY["train"], "init": str(init)}}}
     spec = load_study(_write(tmp_path / "crash.yaml", data))
     plan, tracking, paths = prepare(spec, tmp_path / "s")
-    (unit,) = work_units(plan, [t.to_dict() for t in plan.trials], {})
-    assert len(unit["members"]) == 4
+    (unit,) = work_units(plan, [trial_job(t, ".") for t in plan.trials], {})
+    assert len(unit.members) == 4
     out = execute_group(unit, _context(spec, tracking, paths, plan))
     assert out["status"] == "crashed" and out["members_done"] == 4
     children = tracking.children_by_key()
@@ -391,7 +392,7 @@ def test_a_crashed_group_training_marks_every_member(tmp_path):
 
 
 def test_study_plan_prints_trainings_and_no_share(tmp_path, capsys):
-    from srdit.study.command import main
+    from srdit.runtime.command import main
 
     path = _write(tmp_path / "s.yaml", shared_study())
     assert main(["plan", str(path)]) == 0
@@ -417,7 +418,7 @@ def test_the_shipped_shared_study_plans_8_trainings_for_32_trials():
      "checkpoint x.pt: no such checkpoint file; train one with `srdit train`"),
 ])
 def test_bad_checkpoint_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, data, want):
-    from srdit.study.command import main
+    from srdit.runtime.command import main
 
     monkeypatch.chdir(tmp_path)
     path = _write(tmp_path / "s.yaml", {**shared_study(), **data})

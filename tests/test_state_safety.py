@@ -28,13 +28,13 @@ def _study(tmp_path: Path, name: str = "safe") -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "srdit.study.command", *args], cwd=ROOT, env=ENV,
+    return subprocess.run([sys.executable, "-m", "srdit.runtime.command", *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
 
 
 def _holder(state: Path, study: str) -> subprocess.Popen:
     """A process that holds the study's driver lock, then sleeps until killed."""
-    code = "\n".join(["import sys, time", "from srdit.study.lock import study_lock",
+    code = "\n".join(["import sys, time", "from srdit.runtime.lock import study_lock",
                       f"with study_lock({str(state)!r}, {study!r}):", "    print('held', flush=True)",
                       "    time.sleep(600)"])
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
@@ -43,7 +43,7 @@ def _holder(state: Path, study: str) -> subprocess.Popen:
 
 
 def test_a_second_driver_exits_at_once_and_a_dead_drivers_lock_is_taken_over(tmp_path):
-    from srdit.study.lock import StudyBusy, holder, study_lock
+    from srdit.runtime.lock import StudyBusy, holder, study_lock
 
     study, state = _study(tmp_path), tmp_path / "state"
     proc = _holder(state, "safe")
@@ -77,7 +77,7 @@ def test_a_second_driver_exits_at_once_and_a_dead_drivers_lock_is_taken_over(tmp
 def test_concurrent_drivers_create_a_new_store_once(tmp_path):
     state = tmp_path / "state"
     code = textwrap.dedent(f"""
-        from srdit.study.tracking import open_study, default_tracking_uri
+        from srdit.runtime.tracking import open_study, default_tracking_uri
         t = open_study(default_tracking_uri({str(state)!r}), "race", "race", {str(state)!r})
         print(t.experiment_id, t.parent_run_id)
     """)
@@ -94,10 +94,10 @@ def test_status_after_a_driver_sigkill_shows_no_running_trial(tmp_path):
     study, state = _study(tmp_path), tmp_path / "state"
     code = "\n".join([
         "import sys, time",
-        "from srdit.study.lock import study_lock",
-        "from srdit.study.runner import prepare",
+        "from srdit.runtime.lock import study_lock",
+        "from srdit.runtime.driver import prepare",
         "from srdit.study.spec import load_study",
-        "from srdit.study.tracking import ChildRun",
+        "from srdit.runtime.tracking import ChildRun",
         "with study_lock(sys.argv[2], 'safe'):",
         "    spec = load_study(sys.argv[1])",
         "    plan, tracking, paths = prepare(spec, sys.argv[2])",
@@ -129,9 +129,9 @@ def test_status_after_a_driver_sigkill_shows_no_running_trial(tmp_path):
 
 
 def test_status_counts_and_retry_line_follow_is_done(tmp_path):
-    from srdit.study.runner import prepare
+    from srdit.runtime.driver import prepare
     from srdit.study.spec import load_study
-    from srdit.study.tracking import ChildRun, is_done
+    from srdit.runtime.tracking import ChildRun, is_done
 
     study, state = _study(tmp_path), tmp_path / "state"
     spec = load_study(study)
@@ -151,7 +151,7 @@ def test_status_counts_and_retry_line_follow_is_done(tmp_path):
 
 
 def test_a_resumed_child_run_logs_each_step_once(tmp_path):
-    from srdit.study.tracking import ChildRun, open_study, default_tracking_uri
+    from srdit.runtime.tracking import ChildRun, open_study, default_tracking_uri
 
     uri = default_tracking_uri(tmp_path)
     t = open_study(uri, "dup", "dup", tmp_path)
@@ -229,7 +229,7 @@ def test_throughput_summary_is_the_median_of_post_warmup_windows():
 def test_a_copied_state_writes_its_artifacts_into_the_copy(tmp_path):
     from mlflow import MlflowClient
 
-    from srdit.study.tracking import default_tracking_uri, open_study
+    from srdit.runtime.tracking import default_tracking_uri, open_study
 
     a = tmp_path / "a"
     t = open_study(default_tracking_uri(a), "reloc", "reloc", a)
@@ -246,7 +246,7 @@ def test_a_copied_state_writes_its_artifacts_into_the_copy(tmp_path):
     assert run.info.artifact_uri.startswith(b.resolve().as_uri())
     # a new process, as `srdit report` on the copy (MLflow caches a run's artifact store per process)
     code = "\n".join(["import sys", "from mlflow import MlflowClient",
-                      "from srdit.study.tracking import default_tracking_uri, open_study",
+                      "from srdit.runtime.tracking import default_tracking_uri, open_study",
                       "t = open_study(default_tracking_uri(sys.argv[1]), 'reloc', 'reloc', sys.argv[1], create=False)",
                       "MlflowClient(t.uri).log_artifact(t.parent_run_id, sys.argv[2], 'again')"])
     subprocess.run([sys.executable, "-c", code, str(b), str(f)], cwd=ROOT, env=ENV, check=True, timeout=120)
@@ -259,12 +259,12 @@ def test_a_copied_state_writes_its_artifacts_into_the_copy(tmp_path):
 def test_child_runs_are_named_by_techniques_and_the_submission_order_interleaves_cells():
     from srdit.study.designs import plan_study, submission_order
     from srdit.study.spec import load_study
-    from srdit.study.trial import run_name
+    from srdit.runtime.worker import run_name
 
     plan = plan_study(load_study(ROOT / "studies" / "digits_quick.yaml"))
     t = next(t for t in plan.trials if t.cell == "011" and t.seed == 0)
-    assert run_name(t.to_dict()) == "rope+logit_normal · s0"
-    assert run_name(next(t for t in plan.trials if t.cell == "000").to_dict()) == "baseline · s0"
+    assert run_name(t) == "rope+logit_normal · s0"
+    assert run_name(next(t for t in plan.trials if t.cell == "000")) == "baseline · s0"
     order = submission_order(plan.trials)
     assert sorted(x.key for x in order) == sorted(x.key for x in plan.trials)
     cells = [x.cell for x in order]
@@ -290,7 +290,7 @@ def test_ctrl_c_prints_srdits_resume_line_and_the_rerun_resumes_without_duplicat
     state = tmp_path / "state"
     env = {**ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    args = [sys.executable, "-m", "srdit.study.command", "run", str(study), "--state", str(state), "--num-cpus", "1"]
+    args = [sys.executable, "-m", "srdit.runtime.command", "run", str(study), "--state", str(state), "--num-cpus", "1"]
     # A terminal's foreground job: Ctrl-C's default disposition. A test run started in the background of a
     # non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -323,25 +323,26 @@ def test_two_identical_proposals_at_the_same_instant_train_once(tmp_path):
     from mlflow import MlflowClient
 
     from srdit.study.designs import make_cell, make_trial
-    from srdit.study.runner import _context, prepare, state_paths
+    from srdit.runtime.driver import _context, prepare
+    from srdit.runtime.jobs import trial_job
     from srdit.study.spec import study_from_dict
-    from srdit.study.tracking import KEY_TAG, PARENT_TAG
+    from srdit.runtime.tracking import KEY_TAG, PARENT_TAG
 
     spec = study_from_dict({"name": "twin", "techniques": ["rmsnorm"], "seeds": [0], "base": TINY,
                             "design": {"kind": "search", "trials": 2, "objectives": ["fd"],
                                        "space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}})
     state = tmp_path / "state"
-    plan, tracking, _ = prepare(spec, state)
-    ctx = _context(spec, tracking, state_paths(state, spec.name), plan, search=True)
+    plan, tracking, study_state = prepare(spec, state)
+    ctx = _context(spec, tracking, study_state, plan, search=True)
     assert ctx.objectives == ("fd",)
-    trial = make_trial(spec, make_cell(spec, ["rmsnorm"]), 0, {"train.lr": 2e-3}).to_dict()
-    from srdit.study.trial import execute_trial
+    trial = trial_job(make_trial(spec, make_cell(spec, ["rmsnorm"]), 0, {"train.lr": 2e-3}), ctx.cwd)
+    from srdit.runtime.worker import execute_trial
 
     barrier, out = threading.Barrier(2), [None, None]
 
     def propose(i):
         barrier.wait()
-        out[i] = execute_trial(dict(trial), ctx)
+        out[i] = execute_trial(trial, ctx)
 
     threads = [threading.Thread(target=propose, args=(i,)) for i in range(2)]
     for t in threads:
@@ -354,5 +355,5 @@ def test_two_identical_proposals_at_the_same_instant_train_once(tmp_path):
     assert out[0]["fd"] == out[1]["fd"]
     runs = MlflowClient(tracking.uri).search_runs(
         [tracking.experiment_id],
-        f"tags.`{PARENT_TAG}` = '{tracking.parent_run_id}' and tags.{KEY_TAG} = '{trial['key']}'")
+        f"tags.`{PARENT_TAG}` = '{tracking.parent_run_id}' and tags.{KEY_TAG} = '{trial.key}'")
     assert len(runs) == 1

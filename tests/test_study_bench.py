@@ -33,7 +33,7 @@ def _study(tmp_path: Path) -> Path:
 def test_bench_command_writes_every_cell_with_its_ratio_to_the_baseline(tmp_path):
     from mlflow import MlflowClient
 
-    from srdit.study.bench import bench_table, load_bench
+    from srdit.runtime.bench import bench_table, load_bench
     from srdit.study.designs import plan_study
     from srdit.study.spec import load_study
 
@@ -140,7 +140,7 @@ def test_parent_run_describes_the_study_and_carries_headline_results(tmp_path):
 
     from srdit.analysis.effects import analyze_study
     from srdit.report_command import headline_results
-    from srdit.study.runner import prepare
+    from srdit.runtime.driver import prepare
     from srdit.study.spec import load_study
 
     spec = load_study(_study(tmp_path))
@@ -179,13 +179,13 @@ def test_gpu_plan_says_what_wall_and_gpu_hours_mean():
 def test_sigkill_of_srdit_ui_frees_its_port(tmp_path):
     from mlflow import MlflowClient
 
-    from srdit.study.tracking import default_tracking_uri, free_port, port_free
+    from srdit.runtime.tracking import default_tracking_uri, free_port, port_free
 
     state = tmp_path / "state"
     state.mkdir()
     MlflowClient(default_tracking_uri(state)).create_experiment("ui_kill")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "srdit.study.command", "ui", "--state", str(state), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "srdit.runtime.command", "ui", "--state", str(state), "--port",
                              str(port)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     line, deadline = "", time.time() + 120

@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 
 from srdit.analysis.command import main as analyze_main
-from srdit.study.command import main as study_main
+from srdit.runtime.command import main as study_main
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 def _log_study(tmp_path: Path) -> Path:
     from srdit.study.designs import plan_study
     from srdit.study.spec import load_study
-    from srdit.study.tracking import ChildRun, open_study, resolve_uri
+    from srdit.runtime.tracking import ChildRun, open_study, resolve_uri
 
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump({

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 import cloudpickle
 import pytest
 
-from srdit.study.runner import _progress_callback, progress_line
+from srdit.runtime.driver import _progress_callback, progress_line
 from srdit.study.spec import study_from_dict
-from srdit.study.trial import TrialContext
+from srdit.runtime.worker import TrialContext
 
 
 def _lines(result: dict, primary: str) -> list[str]:
@@ -75,7 +75,7 @@ def test_a_worker_sigterm_inside_a_callback_ends_quietly(exc, code, printed):
 
     code_text = textwrap.dedent(f"""
         import gc, weakref
-        from srdit.study.trial import quiet_exit_on_sigterm
+        from srdit.runtime.worker import quiet_exit_on_sigterm
         quiet_exit_on_sigterm()
         class A: pass
         def cb(_):

@@ -79,7 +79,7 @@ def test_private_loopback_ray_runs_data_parallel_trials_and_records_worker_error
     import ray
     from mlflow import MlflowClient
 
-    from srdit.study.runner import run_study
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -130,7 +130,7 @@ def test_search_with_a_diverging_sample_completes_its_budget_in_one_run(tmp_path
     import ray
     from mlflow import MlflowClient
 
-    from srdit.study.runner import run_study
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -166,7 +166,7 @@ def test_a_trial_killed_by_rays_memory_monitor_is_recorded_as_oom_and_the_driver
     import ray
     from mlflow import MlflowClient
 
-    from srdit.study.runner import run_study
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -194,7 +194,7 @@ def test_a_local_study_never_joins_a_ray_started_on_the_machine(tmp_path, monkey
 
     import ray
 
-    from srdit.study.runner import run_study
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

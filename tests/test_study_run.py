@@ -32,8 +32,8 @@ def test_full_factorial_study_into_sqlite(tmp_path, ray_local):
     from mlflow import MlflowClient
 
     from srdit.report_command import make_report
-    from srdit.study.results import load_results
-    from srdit.study.runner import run_study
+    from srdit.runtime.results import load_results
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     spec = load_study(write_study(tmp_path / "tiny.yaml"))
@@ -87,8 +87,8 @@ def test_full_factorial_study_into_sqlite(tmp_path, ray_local):
 def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray_local):
     from mlflow import MlflowClient
 
-    from srdit.study.results import load_results
-    from srdit.study.runner import run_study
+    from srdit.runtime.results import load_results
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     path = write_study(tmp_path / "fail.yaml", name="fail", seeds=[0], techniques=[
@@ -128,7 +128,7 @@ def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray
 def test_search_design_runs_optuna_through_tune_and_continues(tmp_path, ray_local):
     from mlflow import MlflowClient
 
-    from srdit.study.runner import run_study
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     design = {"kind": "search", "trials": 3, "objectives": ["fd", "images_per_s"],

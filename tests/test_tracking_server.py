@@ -12,7 +12,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def server(tmp_path):
-    from srdit.study.tracking import free_port, start_server, stop_server
+    from srdit.runtime.tracking import free_port, start_server, stop_server
 
     port = free_port()
     proc = start_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts", port=port,
@@ -25,8 +25,8 @@ def server(tmp_path):
 def test_study_through_a_tracking_server(tmp_path, server):
     from mlflow import MlflowClient
 
-    from srdit.study.results import load_results
-    from srdit.study.runner import run_study
+    from srdit.runtime.results import load_results
+    from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
     path = tmp_path / "srv.yaml"
@@ -70,13 +70,13 @@ def test_ui_command_serves_the_embedded_store_and_stops_on_ctrl_c(tmp_path):
 
     from mlflow import MlflowClient
 
-    from srdit.study.tracking import default_tracking_uri, free_port
+    from srdit.runtime.tracking import default_tracking_uri, free_port
 
     state = tmp_path / "state"
     state.mkdir()
     MlflowClient(default_tracking_uri(state)).create_experiment("ui_probe")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "srdit.study.command", "ui", "--state", str(state), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "srdit.runtime.command", "ui", "--state", str(state), "--port",
                              str(port)], cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:
@@ -96,7 +96,7 @@ def test_ui_command_serves_the_embedded_store_and_stops_on_ctrl_c(tmp_path):
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
     time.sleep(1)
-    from srdit.study.tracking import port_free
+    from srdit.runtime.tracking import port_free
 
     assert port_free("127.0.0.1", port)  # the server is gone with it
     assert os.path.exists(state / "mlflow-ui.log")

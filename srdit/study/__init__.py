@@ -1,10 +1,8 @@
-"""The study layer: study YAML -> design -> Ray Tune trials -> MLflow runs -> StudyResults.
+"""The study layer: pure planning, study YAML -> StudySpec -> Plan (cells, trials, trainings). No Ray, no MLflow.
 
-Modules: spec (schema), designs (cells, trials, aliases), preflight (inputs, metrics and resources checked before
-anything starts), runner (the Ray Tune driver), trial (what runs inside a
-Ray worker: TrialContext, execute_trial), data_parallel (Ray Train), tracking (MLflow run tree), results (MLflow ->
-srdit.analysis.results.StudyResults), sizing (the plan's power: what the design detects), preprocess_ray (preprocessing parts as Ray tasks), command (the `srdit study`
-and `srdit ui` commands). Heavy imports (ray, mlflow, torch) live in runner / trial / tracking / results only.
+Modules: spec (schema), designs (cells, trials, the plan's trainings, aliases), preflight (inputs, metrics and
+resources checked before anything starts), sizing (the plan's power: what the design detects), compute (the plan's
+accelerator-time estimate). Running a plan (Ray Tune, MLflow) is the runtime's (`srdit.runtime`).
 """
 
 from srdit.study.designs import Plan, TrialSpec, plan_study

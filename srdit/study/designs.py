@@ -67,7 +67,7 @@ class Training:
     training run); every member is evaluated under its own sample / eval settings and keeps its own child run."""
 
     key: str
-    "sha1 of the training config (10 hex digits): equal keys train the same model."
+    "`training_group_key` of the members' configs (the `training_group` tag): equal keys train the same model."
     members: tuple[str, ...]
     "Trial keys of the members, in plan order; the first one's trial folder holds the checkpoint."
 
@@ -77,18 +77,21 @@ class Training:
         return self.members[0]
 
 
-def training_key(config: dict) -> str:
-    """sha1 of a resolved config's training part (`srdit.techniques.training_config`), 10 hex digits."""
+def training_group_key(config: dict) -> str:
+    """The plan's grouping of trials into trainings within a study (the `training_group` tag): sha1 of a resolved
+    config's training part (`srdit.techniques.training_config`), 10 hex digits. Not the content key that identifies
+    a training across studies (the `training_key` tag, `srdit.runtime.reuse.content_keys`: it also covers the data
+    and the code)."""
     return hashlib.sha1(json.dumps(training_config(config), sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def group_trainings(trials: Sequence[TrialSpec], share: bool = True) -> list[Training]:
     """Trials grouped by their training config (`share`), else one training each (`study run --no-share`)."""
     if not share:
-        return [Training(training_key(t.config), (t.key,)) for t in trials]
+        return [Training(training_group_key(t.config), (t.key,)) for t in trials]
     groups: dict[str, list[str]] = {}
     for t in trials:
-        groups.setdefault(training_key(t.config), []).append(t.key)
+        groups.setdefault(training_group_key(t.config), []).append(t.key)
     return [Training(k, tuple(v)) for k, v in groups.items()]
 
 

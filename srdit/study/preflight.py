@@ -171,14 +171,6 @@ def local_nodes() -> list[dict[str, float]]:
     return [{"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}]
 
 
-def ray_nodes() -> list[dict[str, float]]:
-    """The alive nodes of the connected Ray cluster and their total CPU / GPU."""
-    import ray
-
-    return [{"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
-            for n in ray.nodes() if n.get("Alive")]
-
-
 def check(spec: StudySpec, plan, trials: Iterable[Mapping] | None = None, nodes: list | None = None,
           where: str = "this machine") -> None:
     """Raise PreflightError listing every problem (inputs, metrics, and resources when `nodes` are given)."""

@@ -40,21 +40,12 @@ def plan_power(spec: StudySpec, plan: Plan, sigma: float | None = None) -> Desig
     return design_power(plan_cells(plan), plan.factors, len(spec.seeds), alpha=ALPHA, power=POWER, sigma=sigma)
 
 
-def pilot_noise(pilot: str | Path, state: str | Path, metric: str) -> dict:
+def pilot_noise(pspec: StudySpec, table: pd.DataFrame, metric: str, pilot: str | Path, state: str | Path) -> dict:
     """The noise sd of `metric` from a finished study's replicates: the pooled within-cell sd of its finished child
-    runs (read through `srdit.study.results.load_results`), on the metric's analysis scale, with its degrees of
-    freedom and a one-sided 90% upper bound. Raises ConfigError (one line) when the pilot is not found, has not
-    run, lacks the metric or has no replicates."""
-    from srdit.study.results import load_results
-    from srdit.study.spec import load_study
-
-    try:
-        pspec = load_study(pilot)
-        results, _ = load_results(pspec, state, curves=False, samples=False)
-    except ConfigError as e:
-        raise ConfigError(f"--pilot: {e}") from None
+    runs (`table`: the pilot study `pspec`'s results table, read from `state` by the runtime's `load_results`), on
+    the metric's analysis scale, with its degrees of freedom and a one-sided 90% upper bound. `pilot` and `state`
+    only word the errors. Raises ConfigError (one line) when the pilot lacks the metric or has no replicates."""
     log = metric_registry.is_log(metric)
-    table = results.table
     finished = table["status"] == "finished" if "status" in table.columns else pd.Series(True, index=table.index)
     if metric not in table.columns or (finished.any() and not np.isfinite(
             pd.to_numeric(table.loc[finished, metric], errors="coerce").astype(float)).any()):

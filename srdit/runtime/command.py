@@ -1,4 +1,4 @@
-"""Commands of the study layer (dispatched by srdit.cli; also `python -m srdit.study.command ...`):
+"""Commands of the study layer (dispatched by srdit.cli; also `python -m srdit.runtime.command ...`):
 
     srdit study plan STUDY.yaml [--json]              cells, excluded cells, aliases, trial count, cost, the
                       [--state DIR]                   preflight (missing inputs, unreported metrics, resources),
@@ -8,7 +8,7 @@
     srdit study run STUDY.yaml [--state DIR]          preflight, then every unfinished trial (Ray Tune; a private
                       [--address ADDR]                local Ray on 127.0.0.1, or the cluster at ADDR / RAY_ADDRESS);
                       [--no-reuse]                    trials matching a finished run of the store are adopted from
-                                                      it unless --no-reuse (srdit.study.reuse)
+                                                      it unless --no-reuse (srdit.runtime.reuse)
     srdit study resume STUDY.yaml [--state DIR]       the same as run (finishes what is unfinished)
     srdit study status STUDY.yaml [--state DIR]       each trial's status, counts, the driver, what a rerun will do
     srdit study bench STUDY.yaml [--state DIR]        time one training step of every cell, interleaved
@@ -192,21 +192,36 @@ def _power(args, spec, plan, sps: float, conc: int) -> dict:
     if sigma is not None:
         source = "given by --noise-sd"
     elif args.pilot is not None:
-        pilot = pilot_noise(args.pilot, args.state, spec.metrics.primary)
+        pilot = pilot_noise(*_pilot_results(args.pilot, args.state), spec.metrics.primary, args.pilot, args.state)
         sigma, source = pilot["sd"], pilot["source"]
     return power_block(spec, plan, sigma=sigma, source=source, pilot=pilot, target=args.target_mde,
                        steps_per_s=sps, concurrency=conc)
 
 
+def _pilot_results(pilot: str, state: str):
+    """(the pilot study, its results table) for `--pilot`; ConfigError (one line) when it is not found or has not
+    run."""
+    from srdit.runtime.results import load_results
+    from srdit.study.spec import load_study
+
+    try:
+        pspec = load_study(pilot)
+        results, _ = load_results(pspec, state, curves=False, samples=False)
+    except ConfigError as e:
+        raise ConfigError(f"--pilot: {e}") from None
+    return pspec, results.table
+
+
 def _run(args) -> int:
-    from srdit.study.runner import run_study
+    from srdit.runtime.driver import run_study
+    from srdit.runtime.state import StudyState
     from srdit.study.spec import load_study
 
     spec = load_study(args.study)
     from srdit.study.designs import plan_study
 
     plan = plan_study(spec, share=not args.no_share)  # plan errors are input errors: raise before anything starts
-    from srdit.study.lock import study_lock
+    from srdit.runtime.lock import study_lock
     from srdit.study.preflight import PreflightError
 
     new_state = not Path(args.state).exists()
@@ -215,8 +230,9 @@ def _run(args) -> int:
             if stale:
                 print(f"the previous driver of study {spec.name} (pid {stale.get('pid')}, host "
                       f"{stale.get('host')}) stopped without finishing; taking over", flush=True)
-            mark_dead_trials(spec, args.state, stale)
-            res = run_study(spec, args.state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan,
+            state = StudyState.of(spec, args.state)
+            mark_dead_trials(spec, state, stale)
+            res = run_study(spec, state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan,
                             address=args.address, reuse=not args.no_reuse)
     except PreflightError:
         if new_state:  # refused before anything ran: leave no state behind (the lock made the folder)
@@ -233,9 +249,11 @@ def plan_reuse(spec, plan, state: str | Path) -> dict:
     """What a `study run` in `state` would take from finished runs of its MLflow store: {"done": trials already done
     in this study, "reused": trials another finished run would supply, "from": study -> count, "line": a sentence}.
     Reads only; no store yet (or one that cannot be read) is "nothing to reuse", never an error."""
-    from srdit.study.reuse import format_reused
-    from srdit.study.runner import _existing_children, reuse_sources
-    from srdit.study.tracking import is_done
+    from srdit.runtime.driver import reuse_sources
+    from srdit.runtime.jobs import trial_job
+    from srdit.runtime.reuse import format_reused
+    from srdit.runtime.state import StudyState
+    from srdit.runtime.tracking import is_done
 
     out: dict = {"done": 0, "reused": 0, "from": {}, "line": ""}
     if spec.design.kind == "search" or not plan.trials:
@@ -245,9 +263,11 @@ def plan_reuse(spec, plan, state: str | Path) -> dict:
     saved = {k: os.environ.get(k) for k in quick}
     os.environ.update(quick)
     try:
-        existing = _existing_children(spec, state)
+        where = StudyState.of(spec, state)
+        existing = where.existing_runs()
         out["done"] = sum(1 for t in plan.trials if t.key in existing and is_done(existing[t.key]))
-        sources = reuse_sources(spec, state, [t.to_dict() for t in plan.trials if t.key not in existing])
+        cwd = os.getcwd()
+        sources = reuse_sources(spec, where, [trial_job(t, cwd) for t in plan.trials if t.key not in existing])
     except Exception as e:  # noqa: BLE001 - the plan must not fail on the store (a server down, an old store)
         out["line"] = f"the store in {state} could not be read ({type(e).__name__}); `study run` looks again"
         return out
@@ -270,7 +290,7 @@ def plan_reuse(spec, plan, state: str | Path) -> dict:
 
 
 def _export(args) -> int:
-    from srdit.study.export import analyze_hint, export_csv
+    from srdit.runtime.export import analyze_hint, export_csv
     from srdit.study.spec import load_study
 
     spec = load_study(args.study)
@@ -283,10 +303,10 @@ def mark_dead_trials(spec, state: str | Path, previous: dict | None = None) -> l
     """Mark the trials and parent run left RUNNING by a driver that no longer runs (see
     `StudyTracking.mark_dead`); call while no driver holds the study's lock, or while this process does. Nothing
     to do on a state without the study."""
-    from srdit.study.results import open_tracking
+    from srdit.runtime.state import StudyState
 
     try:
-        tracking = open_tracking(spec, state)
+        tracking = StudyState.of(spec, state).tracking()
     except ConfigError:
         return []
     who = f" (pid {previous.get('pid')}, host {previous.get('host')})" if previous else ""
@@ -298,15 +318,15 @@ def _status(args) -> int:
     """Per trial: its status (and reason); then counts per status, the driver (if one runs) and what a rerun
     will do (`tracking.is_done` decides, with and without --retry-failed)."""
     from srdit.study.designs import plan_study
-    from srdit.study.lock import holder
-    from srdit.study.results import open_tracking
+    from srdit.runtime.lock import holder
+    from srdit.runtime.reuse import REUSED_FROM, REUSED_FROM_STUDY, format_reused, reused_counts
+    from srdit.runtime.state import StudyState
+    from srdit.runtime.tracking import is_done
     from srdit.study.spec import load_study
-    from srdit.study.reuse import REUSED_FROM, REUSED_FROM_STUDY, format_reused, reused_counts
-    from srdit.study.tracking import is_done
 
     spec = load_study(args.study)
     plan = plan_study(spec)
-    tracking = open_tracking(spec, args.state)
+    tracking = StudyState.of(spec, args.state).tracking()
     driver = holder(args.state, spec.name)
     marked = [] if driver is not None else tracking.mark_dead(
         "interrupted: the study's driver stopped before the trial ended; a rerun resumes it from its last checkpoint")
@@ -356,12 +376,12 @@ def _status(args) -> int:
 
 
 def _bench(args) -> int:
-    """`srdit study bench`: the controlled throughput measurement (srdit.study.bench), into the state and onto the
+    """`srdit study bench`: the controlled throughput measurement (srdit.runtime.bench), into the state and onto the
     parent run. Refused while a driver runs the study: its trials would load the machine being measured."""
-    from srdit.study.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, format_bench, run_bench, save_bench
+    from srdit.runtime.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, format_bench, run_bench, save_bench
     from srdit.study.designs import plan_study
-    from srdit.study.lock import study_lock
-    from srdit.study.runner import prepare
+    from srdit.runtime.lock import study_lock
+    from srdit.runtime.driver import prepare
     from srdit.study.spec import load_study
 
     spec = load_study(args.study)
@@ -399,8 +419,9 @@ def ui_main(argv: list[str] | None = None) -> int:
     """`srdit ui [--state DIR]`: start `mlflow server` on loopback, print the URL, stop cleanly on Ctrl-C."""
     import time
 
-    from srdit.study.lock import state_init_lock
-    from srdit.study.tracking import UI_QUERY, default_tracking_uri, port_free, relocate_store, start_server, stop_server
+    from srdit.runtime.lock import state_init_lock
+    from srdit.runtime.tracking import (UI_QUERY, default_tracking_uri, port_free, relocate_store, start_server,
+                                        stop_server)
 
     try:
         args = _ui_parser().parse_args(argv)

@@ -10,7 +10,7 @@ of the arrays srdit reads. Code enters by `srdit.provenance.training_code_versio
 (syntax trees without comments and docstrings): a code change that could alter a result changes the key, a comment
 edit does not.
 
-Every child run is tagged with both keys (`srdit.study.trial.trial_tags`). Before a study runs, each trial of its
+Every child run is tagged with both keys (`srdit.runtime.worker.trial_tags`). Before a study runs, each trial of its
 plan that has no run in the study yet and whose run key matches a finished (`status` finished) trial run anywhere
 in the same MLflow store is **adopted** (`adopt`): a child run under this study's parent with this study's tags
 and params, the source's metric histories (every step), its artifacts (sample grid, config) and its runtime tags
@@ -18,7 +18,7 @@ and params, the source's metric histories (every step), its artifacts (sample gr
 from (the origin, also when the source was itself adopted). Its `trial_dir` tag points at the folder that holds the
 trained model (the origin's, or its training run's for an evaluation run of a shared training); checkpoints are not
 copied. A trial whose training key (not run key) matches a finished training is evaluated from that folder instead
-of trained (`srdit.study.runner.from_finished_trainings`). `srdit study run --no-reuse` opts out of both.
+of trained (`srdit.runtime.driver.from_finished_trainings`). `srdit study run --no-reuse` opts out of both.
 """
 
 from __future__ import annotations
@@ -235,7 +235,7 @@ class Source:
 
 def source_of(run, client=None) -> Source:
     """The `Source` of a finished run; `client` looks up the training run of an evaluation run."""
-    from srdit.study.tracking import retry
+    from srdit.runtime.tracking import retry
 
     tags = run.data.tags
     folder, train_run = tags.get("trial_dir", ""), run.info.run_id
@@ -263,7 +263,7 @@ def find_sources(uri: str, keys: Mapping[str, str], tag: str = RUN_KEY,
         return {}
     from mlflow import MlflowClient
 
-    from srdit.study.tracking import ROLE_TAG
+    from srdit.runtime.tracking import ROLE_TAG
 
     client = MlflowClient(uri)
     experiments = _experiment_ids(client)
@@ -285,7 +285,7 @@ def find_sources(uri: str, keys: Mapping[str, str], tag: str = RUN_KEY,
 
 
 def _search(client, experiment_ids: list[str], filter_string: str) -> list:
-    from srdit.study.tracking import retry
+    from srdit.runtime.tracking import retry
 
     runs, token = [], None
     while True:
@@ -297,7 +297,7 @@ def _search(client, experiment_ids: list[str], filter_string: str) -> list:
 
 
 def _experiment_ids(client) -> list[str]:
-    from srdit.study.tracking import retry
+    from srdit.runtime.tracking import retry
 
     ids, token = [], None
     while True:
@@ -317,7 +317,7 @@ def adopt(uri: str, experiment_id: str, parent_run_id: str, trial_key: str, run_
     from mlflow import MlflowClient
     from mlflow.entities import Metric, RunTag
 
-    from srdit.study.tracking import KEY_TAG, PARENT_TAG, ROLE_TAG, ChildRun, retry
+    from srdit.runtime.tracking import KEY_TAG, PARENT_TAG, ROLE_TAG, ChildRun, retry
 
     client = MlflowClient(uri)
     src = source.run
@@ -344,7 +344,7 @@ def adopt(uri: str, experiment_id: str, parent_run_id: str, trial_key: str, run_
 
 
 def _copy_artifacts(client, src_id: str, dst_id: str) -> None:
-    from srdit.study.tracking import retry
+    from srdit.runtime.tracking import retry
 
     if not retry(client.list_artifacts, src_id):
         return

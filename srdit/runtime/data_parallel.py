@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING
 from srdit.cache import write_atomic
 
 if TYPE_CHECKING:
-    from srdit.study.trial import TrialContext
+    from srdit.config import RunConfig
+    from srdit.runtime.worker import TrialContext
 
 
 OUTCOME = "trial_outcome.json"
@@ -37,8 +38,7 @@ def _worker_loop(loop: dict) -> None:
     import ray.train.torch
     import torch
 
-    from srdit.config import RunConfig, from_dict
-    from srdit.study.tracking import ChildRun, TrialReporter
+    from srdit.runtime.tracking import ChildRun, TrialReporter
     from srdit.train import train
 
     torch.set_num_threads(loop["threads"])
@@ -46,13 +46,13 @@ def _worker_loop(loop: dict) -> None:
         torch.cuda.set_device(ray.train.torch.get_device())
     if loop.get("store"):
         _init_loopback_group(loop)
-    cfg = from_dict(RunConfig, loop["config"])
+    cfg = loop["config"]
     main = ray.train.get_context().get_world_rank() == 0
     reporter = TrialReporter(ChildRun(loop["uri"], loop["run_id"], reused=True), to_tune=False) if main else None
     try:
         res = train(cfg, loop["out_dir"], reporter, resume=True, progress=False, snapshots=True)
     except Exception as e:  # a deterministic failure of this trial: record it, then fail the group
-        from srdit.study.trial import _one_line, is_oom
+        from srdit.runtime.worker import _one_line, is_oom
 
         rank = ray.train.get_context().get_world_rank()
         text = json.dumps({"status": "oom" if is_oom(e) else "crashed", "reason": f"rank {rank}: {_one_line(e)}",
@@ -85,20 +85,19 @@ def _init_loopback_group(loop: dict) -> None:
                             world_size=c.get_world_size(), timeout=datetime.timedelta(hours=2))
 
 
-def train_data_parallel(config: dict, out_dir: str | Path, run_id: str, ctx: TrialContext, max_failures: int):
-    """Run `config` on ctx.workers workers; returns (status, reason, step, final metrics, keys already logged at
-    the last step). Raises when the group fails beyond its retries (the caller records the trial as crashed)."""
+def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx: TrialContext, max_failures: int):
+    """Run the resolved `config` on ctx.workers workers; returns (status, reason, step, final metrics, keys already
+    logged at the last step). Raises when the group fails beyond its retries (the caller records the trial as crashed)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    from srdit.config import RunConfig, from_dict
     from srdit.evaluate import check_evaluation
     from srdit.parallel import DataParallel
 
     workers, gpus = int(ctx.workers), float(ctx.gpus)
     # Errors every attempt would hit are raised here, so that Ray Train does not retry them.
-    cfg = from_dict(RunConfig, config).validate()
+    cfg = config.validate()
     DataParallel(0, workers).local_batch(cfg.train.batch_size)
     if cfg.data.dataset != "digits" and cfg.eval.reference:
         check_evaluation(cfg)

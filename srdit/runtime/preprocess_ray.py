@@ -10,7 +10,7 @@ import torch
 
 from srdit.data.preprocess import finalize, prepare, preprocess
 from srdit.encoders import load_tokenizer
-from srdit.study.ray_parts import run_parts
+from srdit.runtime.ray_parts import run_parts
 
 
 def preprocess_on_ray(source: str | os.PathLike, out: str | os.PathLike, tokenizer_name: str, weights: str, *,

@@ -1,20 +1,23 @@
 """What runs inside a Ray worker (or the benchmark's plain loop): one trial of a study.
 
-- `TrialContext`: what every trial needs besides its own spec, built once by the driver (`srdit.study.runner`).
-- `execute_trial`: train one trial spec into its folder and record it in its MLflow child run; a crash, a
-  divergence or an OOM is a result (status + reason), never an exception.
-- `execute_group`: one training shared by the trials whose configs train the same model (a `Training` of the
-  plan): it trains once and evaluates every member under its own settings, each member in its own child run.
+- `TrialContext`: what every trial needs besides its own job, built once by the driver (`srdit.runtime.driver`).
+- `execute_trial`: train one trial (`srdit.runtime.jobs.TrialJob`) into its folder and record it in its MLflow
+  child run; a crash, a divergence or an OOM is a result (status + reason), never an exception.
+- `execute_group`: one Ray trial's job: a training shared by the trials whose configs train the same model (a
+  `TrainingJob`: it trains once and evaluates every member under its own settings, each member in its own child
+  run), or an `EvaluationJob`.
 - `evaluate_from`: a trial evaluated from a finished training's snapshots (or a fixed checkpoint), no training.
-- `trainable`: the Ray Tune function trainable (a grid trial or group, or a search sample via `search_trial`).
+- `trainable`: the Ray Tune function trainable (a grid job, or a search sample via `search_trial`).
 
-Nothing here starts Ray or a Tuner; the driver does.
+The jobs carry their resolved configs and content keys; a worker checks them (`srdit.runtime.jobs.check_job`) and
+recomputes neither. Nothing here starts Ray or a Tuner; the driver does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import dataclasses
 import hashlib
 import json
 import math
@@ -24,10 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from srdit.config import ConfigError
-from srdit.study.designs import make_cell, make_trial, search_objectives, violated
+from srdit.runtime.jobs import (EvaluationJob, Job, JobMismatch, SearchSample, TrainingJob, TrialJob, check_job,
+                                trial_job)
+from srdit.runtime.occupancy import Occupancy
+from srdit.runtime.tracking import ChildRun, TrialReporter, is_done, runtime_tags
+from srdit.study.designs import TrialSpec, make_cell, make_trial, search_objectives, violated
 from srdit.study.spec import StudySpec
-from srdit.study.occupancy import Occupancy
-from srdit.study.tracking import ChildRun, TrialReporter, is_done, runtime_tags
 
 MAX_FAILURES = 3
 """Tune retries of a trial after an infrastructure failure (lost worker or node); also Ray Train's restarts of a
@@ -36,7 +41,7 @@ data-parallel trial's worker group."""
 
 @dataclass(frozen=True)
 class TrialContext:
-    """What every trial of a study needs besides its own spec. Built once by the driver; it travels to the Ray
+    """What every trial of a study needs besides its own job. Built once by the driver; it travels to the Ray
     workers in the Tune param space (pickled), so every field is a plain value or a frozen dataclass."""
 
     study: str
@@ -83,40 +88,40 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"[:500] if msg else type(e).__name__
 
 
-def trial_tags(trial: dict, ctx: TrialContext) -> dict:
+def trial_tags(job: TrialJob, ctx: TrialContext) -> dict:
     """The tags of a trial's child run (besides status and runtime): study, cell, seed, design, techniques, and the
-    content keys of its training and run (`srdit.study.reuse.content_keys`)."""
-    from srdit.study.reuse import content_keys
-
-    on = set(trial["on"])
-    tags = {"study": ctx.study, "cell": trial["cell"], "seed": trial["seed"], "design": ctx.design,
-            "techniques": "+".join(trial["on"]) or "baseline", "trial_key": trial["key"],
-            "trial_dir": str(Path(ctx.trials_dir) / trial["key"]), **{f"tech.{n}": int(n in on) for n in ctx.factors},
-            **content_keys(trial["config"], ctx.cwd)}
-    if trial.get("params"):
-        tags["search.params"] = json.dumps(trial["params"], sort_keys=True)
-    if trial.get("block") is not None:  # fold-over: the half of the combined design (the analysis's block term)
-        tags["block"] = trial["block"]
+    content keys of its training and run (the job's: computed by the driver, `srdit.runtime.reuse.content_keys`)."""
+    trial = job.trial
+    on = set(trial.on)
+    tags = {"study": ctx.study, "cell": trial.cell, "seed": trial.seed, "design": ctx.design,
+            "techniques": "+".join(trial.on) or "baseline", "trial_key": trial.key,
+            "trial_dir": str(Path(ctx.trials_dir) / trial.key), **{f"tech.{n}": int(n in on) for n in ctx.factors},
+            **job.keys.tags()}
+    if trial.params:
+        tags["search.params"] = json.dumps(trial.params, sort_keys=True)
+    if trial.block is not None:  # fold-over: the half of the combined design (the analysis's block term)
+        tags["block"] = trial.block
     return tags
 
 
-def trial_params(trial: dict) -> dict:
-    return {**trial["config"], "study.cell": trial["cell"], "study.seed": trial["seed"],
-            **{f"search.{k}": v for k, v in (trial.get("params") or {}).items()}}
+def trial_params(trial: TrialSpec) -> dict:
+    """The params of a trial's child run: its planned config (flattened when logged), cell, seed and knobs."""
+    return {**trial.config, "study.cell": trial.cell, "study.seed": trial.seed,
+            **{f"search.{k}": v for k, v in (trial.params or {}).items()}}
 
 
-def open_child(trial: dict, ctx: TrialContext, extra_tags: dict | None = None) -> ChildRun:
-    name = run_name(trial)
+def open_child(job: TrialJob, ctx: TrialContext, extra_tags: dict | None = None) -> ChildRun:
+    name = run_name(job.trial)
     # mlflow.runName also renames a child run made by an older version (named by its bit string)
-    return ChildRun.open(ctx.uri, ctx.experiment_id, ctx.parent_run_id, trial["key"], name,
-                         {**trial_tags(trial, ctx), "mlflow.runName": name, **(extra_tags or {})},
-                         trial_params(trial), run_id=trial.get("run_id"))
+    return ChildRun.open(ctx.uri, ctx.experiment_id, ctx.parent_run_id, job.key, name,
+                         {**trial_tags(job, ctx), "mlflow.runName": name, **(extra_tags or {})},
+                         trial_params(job.trial), run_id=job.run_id)
 
 
-def record_outcome(trial: dict, ctx: TrialContext, status: str, reason: str) -> str:
+def record_outcome(job: TrialJob, ctx: TrialContext, status: str, reason: str) -> str:
     """Record a trial's outcome from outside the trial (the driver, after Ray killed the trial's worker): open (or
     create) its child run with the usual tags and end it with `status` and `reason`. Returns the run id."""
-    child = open_child(trial, ctx)
+    child = open_child(job, ctx)
     child.finish(status, reason)
     return child.run_id
 
@@ -140,7 +145,7 @@ def _done_run(ctx: TrialContext, key: str):
     """The done child run of `key` (`is_done`: it does not run again), or None."""
     from mlflow import MlflowClient
 
-    from srdit.study.tracking import KEY_TAG, PARENT_TAG, list_runs
+    from srdit.runtime.tracking import KEY_TAG, PARENT_TAG, list_runs
 
     runs = list_runs(MlflowClient(ctx.uri), ctx.experiment_id,
                      f"tags.`{PARENT_TAG}` = '{ctx.parent_run_id}' and tags.{KEY_TAG} = '{key}'")
@@ -148,11 +153,11 @@ def _done_run(ctx: TrialContext, key: str):
     return done[0] if done else None
 
 
-def _answer_from(run, trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
+def _answer_from(run, job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
     """A trial that has already ended (a repeated search proposal, an outcome the driver recorded): its result,
     read from its child run, instead of training it again."""
     m = run.data.metrics
-    out = {"trial_key": trial["key"], "status": run.data.tags.get("status"), "reason":
+    out = {"trial_key": job.key, "status": run.data.tags.get("status"), "reason":
            run.data.tags.get("status_reason", ""), "cached": 1, "run_id": run.info.run_id,
            **{k: float(v) for k, v in m.items()}}
     if to_tune:
@@ -162,42 +167,41 @@ def _answer_from(run, trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
     return out
 
 
-def execute_trial(trial: dict, ctx: TrialContext, to_tune: bool = False) -> dict:
-    """Train one trial spec into its folder under the state dir, logging to its MLflow child run.
+def execute_trial(job: TrialJob, ctx: TrialContext, to_tune: bool = False) -> dict:
+    """Train one trial into its folder under the state dir, logging to its MLflow child run.
 
     Returns {"status", "reason", "step", **final metrics}. Exceptions from training become status "crashed" (an
     out-of-memory error: "oom"). The trial holds its key's lock (`trial_lock`) while it trains; a search sample
-    or a resumed trial whose key has meanwhile ended is answered from its run."""
-    with trial_lock(ctx, trial["key"]):
-        if ctx.objectives or trial.get("run_id"):
-            done = _done_run(ctx, trial["key"])
+    or a resumed trial whose key has meanwhile ended is answered from its run. Raises `JobMismatch` (before
+    anything is recorded) when the job was planned for other code (`check_job`)."""
+    check_job(job)
+    with trial_lock(ctx, job.key):
+        if ctx.objectives or job.run_id:
+            done = _done_run(ctx, job.key)
             if done is not None:
-                return _answer_from(done, trial, ctx, to_tune)
-        return _execute(trial, ctx, to_tune)
+                return _answer_from(done, job, ctx, to_tune)
+        return _execute(job, ctx, to_tune)
 
 
-def _execute(trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
+def _execute(job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
     import torch
-
-    from srdit.config import RunConfig, from_dict, resolve_paths, to_dict
 
     threads = max(1, int(math.floor(ctx.cpus)))
     torch.set_num_threads(threads)
-    cfg = resolve_paths(from_dict(RunConfig, trial["config"]), ctx.cwd)
-    out_dir = Path(ctx.trials_dir) / trial["key"]
-    child = open_child(trial, ctx, runtime_tags())
+    cfg = job.config
+    out_dir = Path(ctx.trials_dir) / job.key
+    child = open_child(job, ctx, runtime_tags())
     objectives = ctx.objectives  # search: Tune sees only the final result, which always has the objectives
     reporter = TrialReporter(child, to_tune and not objectives)
-    occupancy = Occupancy(ctx.trials_dir, trial["key"]).__enter__()
+    occupancy = Occupancy(ctx.trials_dir, job.key).__enter__()
     reporter.on_report = occupancy.sample
     t0 = time.perf_counter()
     logged: set[str] = set()
     try:
         if ctx.workers > 1:  # rank 0 of a Ray Train group logs to the child run itself
-            from srdit.study.data_parallel import train_data_parallel
+            from srdit.runtime.data_parallel import train_data_parallel
 
-            status, reason, step, metrics, logged = train_data_parallel(to_dict(cfg), out_dir, child.run_id, ctx,
-                                                                        MAX_FAILURES)
+            status, reason, step, metrics, logged = train_data_parallel(cfg, out_dir, child.run_id, ctx, MAX_FAILURES)
         else:
             from srdit.train import train
 
@@ -218,7 +222,7 @@ def _execute(trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
     final["trials_on_host"] = float(occupancy.max_seen)
     child.log_metrics(step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
     child.finish(status, reason)
-    out = {"trial_key": trial["key"], "status": status, "reason": reason, "step": step, "trial_wall_s": wall,
+    out = {"trial_key": job.key, "status": status, "reason": reason, "step": step, "trial_wall_s": wall,
            "run_id": child.run_id, **final}
     if to_tune:
         from ray import tune
@@ -229,12 +233,13 @@ def _execute(trial: dict, ctx: TrialContext, to_tune: bool) -> dict:
 
 TRAIN_RUN_TAG = "train_run_id"
 "Tag of an evaluation run: the MLflow run id of the training run whose model it evaluates."
-TRAIN_KEY_TAG = "training_group"
+TRAINING_GROUP_TAG = "training_group"
 """Tag of every run of a shared training (training and evaluation runs): the plan's grouping key within the study
-(across studies a training is identified by its content key, the `training_key` tag of srdit.study.reuse)."""
+(`srdit.study.designs.training_group_key`; across studies a training is identified by its content key, the
+`training_key` tag of srdit.runtime.reuse)."""
 
 
-def _finish_member(trial: dict, child: ChildRun, reporter: TrialReporter, res, metrics: dict, wall: float,
+def _finish_member(job: TrialJob, child: ChildRun, reporter: TrialReporter, res, metrics: dict, wall: float,
                    on_host: float) -> dict:
     """Log a member's final metrics (those not already logged at its last step) and end its run."""
     final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
@@ -242,7 +247,7 @@ def _finish_member(trial: dict, child: ChildRun, reporter: TrialReporter, res, m
     logged = set(reporter.at_last_step) if reporter.last_step == res.step else set()
     child.log_metrics(res.step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
     child.finish(res.status, res.reason)
-    return {"trial_key": trial["key"], "status": res.status, "reason": res.reason, "step": res.step,
+    return {"trial_key": job.key, "status": res.status, "reason": res.reason, "step": res.step,
             "trial_wall_s": wall, "run_id": child.run_id, **final}
 
 
@@ -254,9 +259,9 @@ def _crash(e: BaseException, child: ChildRun | None = None) -> tuple[str, str]:
     return status, reason
 
 
-def evaluate_from(source: str | Path, trial: dict, ctx: TrialContext, train_run_id: str | None = None,
+def evaluate_from(source: str | Path, job: TrialJob, ctx: TrialContext, train_run_id: str | None = None,
                   extra_tags: dict | None = None) -> dict:
-    """Evaluate `trial` without training it, into its own child run and trial folder: from a finished training's
+    """Evaluate `job` without training it, into its own child run and trial folder: from a finished training's
     folder `source` (kept with snapshots: its run gets the training curve and the evaluation of every kept EMA
     snapshot under its own settings, `srdit.train.evaluate_trained`), or from a checkpoint file `source` (a fixed
     checkpoint: one evaluation at its step, `srdit.train.evaluate_checkpoint`). The run is tagged `train_run_id`
@@ -265,19 +270,19 @@ def evaluate_from(source: str | Path, trial: dict, ctx: TrialContext, train_run_
     Returns the same dict as `execute_trial`."""
     import torch
 
-    from srdit.config import RunConfig, from_dict, resolve_paths
     from srdit.train import TrainResult, evaluate_checkpoint, evaluate_trained
 
+    check_job(job)
     torch.set_num_threads(max(1, int(math.floor(ctx.cpus))))
-    out_dir = Path(ctx.trials_dir) / trial["key"]
-    with trial_lock(ctx, trial["key"]):
+    out_dir = Path(ctx.trials_dir) / job.key
+    with trial_lock(ctx, job.key):
         tags = {**runtime_tags(), "evaluated_from": str(source), **(extra_tags or {}),
                 **({TRAIN_RUN_TAG: train_run_id} if train_run_id else {})}
-        child = open_child(trial, ctx, tags)
+        child = open_child(job, ctx, tags)
         reporter = TrialReporter(child, False)
         t0 = time.perf_counter()
         try:
-            cfg = resolve_paths(from_dict(RunConfig, trial["config"]), ctx.cwd)
+            cfg = job.config
             if Path(source).is_dir():
                 res = evaluate_trained(source, cfg, out_dir, reporter)
             else:
@@ -285,16 +290,15 @@ def evaluate_from(source: str | Path, trial: dict, ctx: TrialContext, train_run_
         except Exception as e:  # a failure is a result; the study goes on
             status, reason = _crash(e, child)
             res = TrainResult(status, reason, reporter.last_step, {})
-        return _finish_member(trial, child, reporter, res, res.metrics, time.perf_counter() - t0, 1.0)
+        return _finish_member(job, child, reporter, res, res.metrics, time.perf_counter() - t0, 1.0)
 
 
-def execute_group(group: dict, ctx: TrialContext, to_tune: bool = False) -> dict:
-    """One training of the plan (`srdit.study.designs.Training`) with its members: `group` = {"key": the training
-    run's trial key, "training": the training key, "members": [trial dicts, the training run first; a member with
-    "done" is not run again], "checkpoint": a fixed checkpoint or None}.
+def execute_group(job: Job, ctx: TrialContext, to_tune: bool = False) -> dict:
+    """One Ray trial's job (`srdit.runtime.jobs`):
 
-    - A fixed checkpoint: every member is evaluated from it (`evaluate_from`).
-    - A group of one: `execute_trial`, exactly as an unshared trial.
+    - An `EvaluationJob`: every member is evaluated from its source (`evaluate_from`): a fixed checkpoint, or a
+      finished training of another study (its runs tagged `training_group` and `reused_training_from_study`).
+    - A `TrainingJob` of one member: `execute_trial`, exactly as an unshared trial.
     - Otherwise the group trains once in the training run's folder (`srdit.train.train` with the other members as
       `Evaluation`s): every member's child run gets the training reports and its own evaluations; the other
       members are tagged `train_run_id`. A crash of the training marks every member with its status and reason.
@@ -302,32 +306,32 @@ def execute_group(group: dict, ctx: TrialContext, to_tune: bool = False) -> dict
 
     Returns the training run's result (the evaluation-only runs' when it was done), with `members_done`: how many
     members this call ended."""
-    members = group["members"]
-    todo = [m for m in members if not m.get("done")]
-    if group.get("checkpoint"):
-        outs = [evaluate_from(group["checkpoint"], m, ctx) for m in todo]
+    todo = job.todo()
+    if isinstance(job, EvaluationJob):
+        if job.from_study is None:  # a fixed checkpoint
+            outs = [evaluate_from(job.source, m, ctx) for m in todo]
+        else:  # a finished training of another study (srdit.runtime.reuse): evaluate, never train
+            tags = {TRAINING_GROUP_TAG: job.group, "reused_training_from_study": job.from_study}
+            outs = [evaluate_from(job.source, m, ctx, job.source_run_id, tags) for m in todo]
         return _group_answer(outs, ctx, to_tune)
-    if group.get("source"):  # a finished training of another study (srdit.study.reuse): evaluate, never train
-        tags = {TRAIN_KEY_TAG: group["training"], "reused_training_from_study": group.get("source_study", "")}
-        outs = [evaluate_from(group["source"], m, ctx, group.get("source_run_id"), tags) for m in todo]
-        return _group_answer(outs, ctx, to_tune)
+    members = job.members
     if len(members) == 1:
         return {**execute_trial(members[0], ctx, to_tune), "members_done": 1}
     lead = members[0]
-    tags = {TRAIN_KEY_TAG: group["training"]}
-    with trial_lock(ctx, lead["key"]):
-        if lead.get("done") or (ctx.workers > 1 and todo and todo[0] is lead):
-            if not lead.get("done"):  # data parallel: the Ray Train run trains; the others evaluate its snapshots
+    tags = {TRAINING_GROUP_TAG: job.group}
+    with trial_lock(ctx, lead.key):
+        if lead.done or (ctx.workers > 1 and todo and todo[0] is lead):
+            if not lead.done:  # data parallel: the Ray Train run trains; the others evaluate its snapshots
                 out = execute_trial(lead, ctx, to_tune=False)
                 todo = todo[1:]
-                lead = {**lead, "run_id": out["run_id"]}
+                lead = dataclasses.replace(lead, run_id=out["run_id"])
                 outs = [out]
             else:
                 outs = []
-            source = Path(lead.get("trial_dir") or Path(ctx.trials_dir) / lead["key"])  # adopted: its source's
-            outs += [evaluate_from(source, m, ctx, lead.get("run_id"), tags) for m in todo]
+            source = Path(lead.trial_dir or Path(ctx.trials_dir) / lead.key)  # adopted: its source's
+            outs += [evaluate_from(source, m, ctx, lead.run_id, tags) for m in todo]
             return _group_answer(outs, ctx, to_tune)
-        return _train_group(group, lead, todo, ctx, to_tune)
+        return _train_group(job, lead, todo, ctx, to_tune)
 
 
 def _group_answer(outs: list[dict], ctx: TrialContext, to_tune: bool) -> dict:
@@ -339,28 +343,27 @@ def _group_answer(outs: list[dict], ctx: TrialContext, to_tune: bool) -> dict:
     return out
 
 
-def _train_group(group: dict, lead: dict, todo: list[dict], ctx: TrialContext, to_tune: bool) -> dict:
+def _train_group(job: TrainingJob, lead: TrialJob, todo: list[TrialJob], ctx: TrialContext, to_tune: bool) -> dict:
     import torch
 
-    from srdit.config import RunConfig, from_dict, resolve_paths
     from srdit.train import Evaluation, TrainResult, train
 
+    for m in todo:
+        check_job(m)
     torch.set_num_threads(max(1, int(math.floor(ctx.cpus))))
     others = [m for m in todo if m is not lead]
-    runtime = {**runtime_tags(), TRAIN_KEY_TAG: group["training"], "shared_by": len(group["members"])}
+    runtime = {**runtime_tags(), TRAINING_GROUP_TAG: job.group, "shared_by": len(job.members)}
     lead_child = open_child(lead, ctx, runtime)
     children = [open_child(m, ctx, {**runtime, TRAIN_RUN_TAG: lead_child.run_id}) for m in others]
     lead_rep = TrialReporter(lead_child, to_tune)
     reps = [TrialReporter(c, False) for c in children]
-    occupancy = Occupancy(ctx.trials_dir, lead["key"]).__enter__()
+    occupancy = Occupancy(ctx.trials_dir, lead.key).__enter__()
     lead_rep.on_report = occupancy.sample
     t0 = time.perf_counter()
     res_of: list = []
     try:
-        cfg = resolve_paths(from_dict(RunConfig, lead["config"]), ctx.cwd)
-        evals = [Evaluation(resolve_paths(from_dict(RunConfig, m["config"]), ctx.cwd),
-                            Path(ctx.trials_dir) / m["key"], r) for m, r in zip(others, reps)]
-        res = train(cfg, Path(ctx.trials_dir) / lead["key"], lead_rep, resume=True, progress=False,
+        evals = [Evaluation(m.config, Path(ctx.trials_dir) / m.key, r) for m, r in zip(others, reps)]
+        res = train(lead.config, Path(ctx.trials_dir) / lead.key, lead_rep, resume=True, progress=False,
                     evaluations=evals, snapshots=True)
         metrics = [dict(res.metrics)] + [{**res.train_metrics, **e} for e in res.evaluations]
         res_of = [res] * len(todo)
@@ -379,42 +382,43 @@ def _train_group(group: dict, lead: dict, todo: list[dict], ctx: TrialContext, t
     return {**outs[0], "members_done": len(outs)}
 
 
-def run_name(trial: dict) -> str:
+def run_name(trial: TrialSpec) -> str:
     """The child run's name: its techniques and seed (`rope+logit_normal · s0`), the knob hash of a search sample
     after them; the cell's bit string stays in the `cell` tag."""
-    on = "+".join(trial["on"]) or "baseline"
-    knobs = trial["cell"].partition("-")[2]
-    return f"{on}{' · ' + knobs if knobs else ''} · s{trial['seed']}"
+    on = "+".join(trial.on) or "baseline"
+    knobs = trial.cell.partition("-")[2]
+    return f"{on}{' · ' + knobs if knobs else ''} · s{trial.seed}"
 
 
-def trainable(config: dict) -> None:
-    """The Ray Tune function trainable: a grid trial (config["trial"]) or a search trial (tech.* and knobs);
-    config["ctx"] is the study's `TrialContext`."""
+def trainable(config: dict, jobs: dict[str, Job] | None = None) -> None:
+    """The Ray Tune function trainable: a grid design's job (config["job"]: the key of a `TrainingJob` or
+    `EvaluationJob` of `jobs`, which the driver binds with `tune.with_parameters`) or a search sample (config's
+    tech.* and knobs); config["ctx"] is the study's `TrialContext`."""
     quiet_exit_on_sigterm()
     ctx: TrialContext = config["ctx"]
-    trial = config.get("trial")
-    if trial is None:
+    key = config.get("job")
+    if key is None:
         trial = search_trial(config, ctx)
-        if trial is None:
-            return
-    if "members" in trial:
-        execute_group(trial, ctx, to_tune=True)
+        if trial is not None:
+            execute_trial(trial, ctx, to_tune=True)
         return
-    execute_trial(trial, ctx, to_tune=True)
+    if not jobs or key not in jobs:
+        raise JobMismatch(f"Ray trial {key}: no such job was handed to the worker")
+    execute_group(jobs[key], ctx, to_tune=True)
 
 
-def search_trial(config: dict, ctx: TrialContext) -> dict | None:
-    """Turn a search sample (tech.<name> switches + knobs) into a trial spec; an infeasible sample is reported as
-    excluded (no MLflow run) with non-finite objectives, which the searcher tells Optuna as FAIL (counted against
-    the budget)."""
+def search_trial(config: dict, ctx: TrialContext) -> TrialJob | None:
+    """Turn a search sample (tech.<name> switches + knobs) into a trial job (its keys computed here, once: the
+    driver never sees a sample's config); an infeasible sample is reported as excluded (no MLflow run) with
+    non-finite objectives, which the searcher tells Optuna as FAIL (counted against the budget)."""
     from ray import tune
 
     spec = ctx.spec
     if spec is None:
         raise ValueError("a search trial needs the study spec in its TrialContext")
-    on = [n for n in spec.factor_names if config.get(f"tech.{n}")]
-    knobs = {p.key: config[p.key] for p in spec.design.space if p.key in config}
-    cell = make_cell(spec, on)
+    sample = SearchSample.from_tune(config, spec)
+    knobs = sample.knobs
+    cell = make_cell(spec, sample.on)
     reason = violated(spec, cell.on)
     if reason is None:
         try:
@@ -425,13 +429,12 @@ def search_trial(config: dict, ctx: TrialContext) -> dict | None:
         tune.report({"status": "excluded", "reason": reason,
                      **{m: float("nan") for m in search_objectives(spec)}})
         return None
-    t = trial.to_dict()
     if knobs:
-        t["cell"] = f"{cell.id}-{hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:4]}"
-        t["key"] = f"{t['cell']}-s{trial.seed}-{trial.key.rsplit('-', 1)[-1]}"
+        cell_id = f"{cell.id}-{hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:4]}"
+        trial = dataclasses.replace(trial, cell=cell_id, key=f"{cell_id}-s{trial.seed}-{trial.key.rsplit('-', 1)[-1]}")
     # Optuna may propose a configuration that already ran or is running (training is deterministic given the
     # seed): execute_trial waits for the key's lock and answers it from its MLflow run instead of training it twice.
-    return t
+    return trial_job(trial, ctx.cwd)
 
 
 def _unraisable(args) -> None:

@@ -12,36 +12,26 @@ import pandas as pd
 
 from srdit import metric_registry
 from srdit.analysis.results import CURVE_COLUMNS, TABLE_BASE_COLUMNS, StudyResults
-from srdit.config import ConfigError
 from srdit.study.designs import Plan, plan_study
-from srdit.study.reuse import REUSED_FROM, REUSED_FROM_STUDY
-from srdit.study.runner import state_paths
+from srdit.runtime.reuse import REUSED_FROM, REUSED_FROM_STUDY
+from srdit.runtime.state import StudyState
+from srdit.runtime.tracking import StudyTracking, has_ended, retry
 from srdit.study.spec import StudySpec
-from srdit.study.tracking import StudyTracking, has_ended, open_study, resolve_uri, retry
 
 CURVE_KEYS = tuple(metric_registry.curves())
 "Metrics read as learning curves from MLflow (and as table columns): the registry's curve metrics."
 
 
-def open_tracking(spec: StudySpec, state_dir: str | Path) -> StudyTracking:
-    """The study's experiment and parent run, read-only; ConfigError when the study has not run yet."""
-    root = state_paths(state_dir, spec.name)["root"]
-    uri = resolve_uri(spec.tracking.uri, root)
-    if uri.startswith("sqlite:") and not Path(uri[len("sqlite:///"):]).exists():
-        raise ConfigError(f"no MLflow store at {uri[len('sqlite:///'):]}; run `srdit study run {spec.path}` first")
-    tracking = open_study(uri, spec.tracking.experiment or spec.name, spec.name, root, create=False)
-    if tracking is None:
-        raise ConfigError(f"study {spec.name} has no runs in {uri}; run `srdit study run {spec.path}` first")
-    return tracking
-
-
-def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None, curves: bool = True,
-                 samples_dir: str | Path | None = None, samples: bool = True) -> tuple[StudyResults, StudyTracking]:
+def load_results(spec: StudySpec, state_dir: str | Path | StudyState, plan: Plan | None = None,
+                 curves: bool = True, samples_dir: str | Path | None = None,
+                 samples: bool = True) -> tuple[StudyResults, StudyTracking]:
     """Read the study's child runs. Grid designs keep the runs of the current plan (by trial key; runs of an older
-    version of the study file are ignored); a search keeps every child run."""
+    version of the study file are ignored); a search keeps every child run. Raises ConfigError (one line) when
+    the study has not run yet (`StudyState.tracking`)."""
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     plan = plan or plan_study(spec)
-    tracking = open_tracking(spec, state_dir)
+    state = StudyState.of(spec, state_dir)
+    tracking = state.tracking()
     client = tracking.client
     children = tracking.children_by_key()
     if spec.design.kind == "search":
@@ -56,7 +46,7 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
     reused_from: dict[str, int] = {}
     commit = ""
     if samples_dir is None:
-        samples_dir = state_paths(state_dir, spec.name)["root"] / "samples" / spec.name
+        samples_dir = state.samples
     samples_dir = Path(samples_dir)
     for key in keys:
         run = children[key]
@@ -108,9 +98,9 @@ def load_results(spec: StudySpec, state_dir: str | Path, plan: Plan | None = Non
         excluded=list(plan.excluded), aliases=dict(plan.aliases), ladder_order=plan.ladder_order,
         commit=commit, date=_dt.date.today().isoformat(), description=spec.description,
         steps=getattr(getattr(spec.base, "train", None), "steps", None), reused_from=reused_from)
-    from srdit.study.bench import bench_table, load_bench
+    from srdit.runtime.bench import bench_table, load_bench
 
-    bench = load_bench(state_paths(state_dir, spec.name)["root"], plan)
+    bench = load_bench(state.root, plan)
     if bench is not None:  # the controlled measurement of `srdit study bench`
         results.bench = bench_table(bench, list(factors))
     return results, tracking

@@ -34,7 +34,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 UI_QUERY = "?workflowType=machine_learning"
 """URL query (after the `#/...` route) of MLflow's UI for its model-training view: MLflow 3.17's UI starts on its
 GenAI pages whatever the experiment's kind tag says, unless the URL or an earlier choice in the browser says
-otherwise. The server srdit starts (`start_server`) stores that choice on a first visit (`srdit.study.mlflow_app`);
+otherwise. The server srdit starts (`start_server`) stores that choice on a first visit (`srdit.runtime.mlflow_app`);
 the query serves a server started without it."""
 ROLE_TAG = "srdit.role"
 KEY_TAG = "trial_key"
@@ -285,7 +285,7 @@ def open_study(uri: str, experiment_name: str, study: str, state_dir: str | Path
     first opens race in MLflow's table creation otherwise; and artifact locations are resolved against the state
     folder (`relocate_store`), so that a moved or copied state writes into itself."""
     if is_local_store(uri) and uri == default_tracking_uri(state_dir):
-        from srdit.study.lock import state_init_lock
+        from srdit.runtime.lock import state_init_lock
 
         with state_init_lock(state_dir):
             relocate_store(state_dir)
@@ -505,7 +505,7 @@ def start_server(backend_uri: str, artifacts_dir: str | Path, host: str = "127.0
 
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", host,
            "--port", str(port), "--workers", "1", "--artifacts-destination", str(Path(artifacts_dir).resolve())]
-    if entry_points(group="mlflow.app", name="srdit"):  # srdit.study.mlflow_app (opens on Runs), when installed
+    if entry_points(group="mlflow.app", name="srdit"):  # srdit.runtime.mlflow_app (opens on Runs), when installed
         cmd += ["--app-name", "srdit"]
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

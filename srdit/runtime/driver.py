@@ -13,9 +13,9 @@ search through Ray Tune's OptunaSearch.
 - A trial that diverges, runs out of memory or raises is recorded (status + reason) and the study goes on: the
   trainable catches it and reports it; it never becomes a Tune ERROR.
 - Rerunning after an interruption runs only the trials whose child run is not done (MLflow is the source of truth;
-  `srdit.study.tracking.is_done` is the rule: crashed trials run again, diverged / oom ones stay).
+  `srdit.runtime.tracking.is_done` is the rule: crashed trials run again, diverged / oom ones stay).
 - A trial whose run key matches a finished run anywhere in the same MLflow store (another study, an earlier version
-  of this one) is adopted from it instead of trained (`srdit.study.reuse`; `reuse=False` / `--no-reuse` opts
+  of this one) is adopted from it instead of trained (`srdit.runtime.reuse`; `reuse=False` / `--no-reuse` opts
   out); when nothing is left to run, Ray is not started at all.
 """
 
@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from srdit.metric_registry import headline
+from srdit.runtime.jobs import EvaluationJob, Job, TrainingJob, TrialJob, trial_job
+from srdit.runtime.state import StudyState
+from srdit.runtime.tracking import StudyTracking, has_ended, is_done
+from srdit.runtime.worker import MAX_FAILURES, TrialContext, execute_trial, is_oom, record_outcome, trainable
 from srdit.study import preflight
 from srdit.study.designs import Plan, plan_study, search_objectives, submission_order
 from srdit.study.spec import StudySpec
-from srdit.study.tracking import StudyTracking, has_ended, is_done, is_local_store, open_study, resolve_uri
-from srdit.study.trial import MAX_FAILURES, TrialContext, execute_trial, is_oom, record_outcome, trainable
 
 HOST_TRIAL_RESOURCES = {"cpu": preflight.HOST_TRIAL_CPU, "memory": 1 << 20}
 """What the Tune trial hosting a data-parallel run reserves: no CPU (its workers' bundles hold the CPUs and GPUs);
@@ -61,16 +63,11 @@ class StudyRun:
     wall_s: float = 0.0
     state_dir: str = ""
     reused: int = 0
-    "Trials adopted from finished runs of the store by this invocation (`srdit.study.reuse`)."
+    "Trials adopted from finished runs of the store by this invocation (`srdit.runtime.reuse`)."
 
     @property
     def complete(self) -> bool:
         return not self.unfinished
-
-
-def state_paths(state_dir: str | Path, study: str) -> dict[str, Path]:
-    root = Path(state_dir).resolve()
-    return {"root": root, "trials": root / "trials" / study, "ray": root / "ray_results"}
 
 
 @contextlib.contextmanager
@@ -164,9 +161,11 @@ def _trial_error(trial) -> str:
 
 
 def _progress_callback(total: int, done_before: int, echo: Callable[[str], None], primary: str | None = None,
-                       ctx: TrialContext | None = None):
+                       ctx: TrialContext | None = None, jobs: dict[str, Job] | None = None):
     """The Tune callback that prints one line per finished trial (see `progress_line`), and records a trial whose
-    worker Ray killed for memory as `oom` (Tune's retries of it are then answered from that record)."""
+    worker Ray killed for memory as `oom` (Tune's retries of it are then answered from that record). `jobs`: the
+    grid's jobs by key (a Tune trial's config names its job by key)."""
+    jobs = jobs or {}
     from ray import tune
 
     class Progress(tune.Callback):
@@ -175,21 +174,21 @@ def _progress_callback(total: int, done_before: int, echo: Callable[[str], None]
             self.oom: set[str] = set()
 
         def _record_oom(self, trial) -> bool:
-            t = trial.config.get("trial")
+            job = jobs.get(trial.config.get("job"))
             error = _trial_error(trial)
-            if ctx is None or t is None or not is_oom(error) or t["key"] in self.oom:
-                return t is not None and t["key"] in self.oom
+            if ctx is None or job is None or not is_oom(error) or job.key in self.oom:
+                return job is not None and job.key in self.oom
             reason = "killed for memory by Ray: " + " ".join(error.split())[:400]
-            members = [m for m in t.get("members", [t]) if not m.get("done")]  # a shared training: every member
+            members = job.todo()  # a shared training: every member
             try:
                 for m in members:
                     record_outcome(m, ctx, "oom", reason)
             except Exception as e:  # noqa: BLE001 - the driver goes on; the trial stays unfinished
-                echo(f"  {t['key']}: could not record oom ({type(e).__name__}: {e})")
+                echo(f"  {job.key}: could not record oom ({type(e).__name__}: {e})")
                 return False
-            self.oom.add(t["key"])
+            self.oom.add(job.key)
             self.n += len(members)
-            echo(progress_line(self.n, total, t["key"], {"status": "oom", "reason": reason[:120]}, primary))
+            echo(progress_line(self.n, total, job.key, {"status": "oom", "reason": reason[:120]}, primary))
             return True
 
         def on_trial_recover(self, iteration, trials, trial, **info):
@@ -210,40 +209,27 @@ def _progress_callback(total: int, done_before: int, echo: Callable[[str], None]
         def on_trial_error(self, iteration, trials, trial, **info):
             if self._record_oom(trial):
                 return
-            key = trial.config.get("trial", {}).get("key", trial.trial_id)
+            key = trial.config.get("job") or trial.trial_id
             echo(f"  {key}: infrastructure failure after {MAX_FAILURES} retries "
                  f"({_trial_error(trial)[:200]}); rerun the study to resume it")
 
     return Progress()
 
 
-def prepare(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None) -> tuple[Plan, StudyTracking, dict]:
+def prepare(spec: StudySpec, state_dir: str | Path | StudyState, plan: Plan | None = None
+            ) -> tuple[Plan, StudyTracking, StudyState]:
     """Plan, make the state folders, and open (create) the experiment and parent run in the driver."""
     plan = plan or plan_study(spec)
-    paths = state_paths(state_dir, spec.name)
-    for p in paths.values():
-        p.mkdir(parents=True, exist_ok=True)
-    uri = resolve_uri(spec.tracking.uri, paths["root"])
+    state = StudyState.of(spec, state_dir)
+    state.make_folders()
     tags = {"design": plan.design, "factors": ",".join(spec.factor_names), "seeds": ",".join(map(str, spec.seeds)),
             "description": spec.description[:4000]}
-    tracking = open_study(uri, spec.tracking.experiment or spec.name, spec.name, paths["root"],
-                          artifact_location=spec.tracking.artifact_location, tags=tags)
+    tracking = state.open(tags)
     tracking.tag_parent({**tags, "n_cells": len(plan.cells), "n_trials": len(plan.trials) or plan.search_budget,
                          "n_trainings": plan.cost()["trainings"], "n_excluded": len(plan.excluded),
-                         "state_dir": str(paths["root"])})
+                         "state_dir": str(state.root)})
     tracking.describe(spec, plan)  # params, study YAML and resolved plan on the parent run
-    return plan, tracking, paths
-
-
-def _existing_children(spec: StudySpec, state_dir: str | Path) -> dict:
-    """trial key -> child run of the study as recorded so far, read without creating anything (no store, no
-    experiment: {})."""
-    root = state_paths(state_dir, spec.name)["root"]
-    uri = resolve_uri(spec.tracking.uri, root)
-    if is_local_store(uri) and not Path(uri[len("sqlite:///"):]).exists():
-        return {}
-    tracking = open_study(uri, spec.tracking.experiment or spec.name, spec.name, root, create=False)
-    return tracking.children_by_key() if tracking else {}
+    return plan, tracking, state
 
 
 def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = False, num_cpus: int | None = None,
@@ -254,12 +240,12 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
     (the cluster at `address` / RAY_ADDRESS, else a private local Ray on loopback) and some trial is left to run.
 
     With `reuse` (the default; grid designs), a trial without a run in this study whose run key matches a finished
-    run in the store is adopted from it first (`srdit.study.reuse.adopt`) and not run; a training whose training
+    run in the store is adopted from it first (`srdit.runtime.reuse.adopt`) and not run; a training whose training
     key matches a finished training of another study in the store is not trained again: its members are evaluated
-    from that training's folder (`from_finished_trainings`, `srdit.study.trial.evaluate_from`).
+    from that training's folder (`from_finished_trainings`, `srdit.runtime.worker.evaluate_from`).
 
     One Ray trial per training of the plan (`Plan.trainings`): trials whose configs train the same model train
-    once and are evaluated under each member's settings (`srdit.study.trial.execute_group`); `share=False`
+    once and are evaluated under each member's settings (`srdit.runtime.worker.execute_group`); `share=False`
     (`--no-share`; ignored when `plan` is given) trains every trial. A fixed-checkpoint study runs one
     evaluation trial per trial. A group whose members are all done is skipped; a partly done one evaluates only
     its missing members.
@@ -269,45 +255,46 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
     echo = echo or (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
     plan = plan or plan_study(spec, share=share)
-    existing = _existing_children(spec, state_dir)
+    state = StudyState.of(spec, state_dir)
+    existing = state.existing_runs()
     if spec.design.kind == "search":
         preflight.check(spec, plan, [], _local_nodes(num_cpus, address))
-        return _run_search(spec, plan, state_dir, existing, retry_failed, num_cpus, max_failures, echo, t0, address)
+        return _run_search(spec, plan, state, existing, retry_failed, num_cpus, max_failures, echo, t0, address)
+    cwd = os.getcwd()  # relative paths in the study are meant from here
     todo, skipped = [], 0
     for t in plan.trials:
         run = existing.get(t.key)
         if run is not None and is_done(run, retry_failed):
             skipped += 1
             continue
-        d = t.to_dict()
-        if run is not None and not (retry_failed and is_done(run)):
-            d["run_id"] = run.info.run_id  # unfinished: reuse it (the trainer resumes from its checkpoint)
-        todo.append(d)
+        # unfinished: reuse its run (the trainer resumes from its checkpoint)
+        todo.append(trial_job(t, cwd, run.info.run_id if run is not None and not (retry_failed and is_done(run))
+                              else None))
     todo = submission_order(todo)  # load must not line up with cells (wall-clock metrics)
-    sources = reuse_sources(spec, state_dir, [d for d in todo if "run_id" not in d]) if reuse else {}
-    todo = [d for d in todo if d["key"] not in sources]
+    sources = reuse_sources(spec, state, [j for j in todo if j.run_id is None]) if reuse else {}
+    adopting = [j for j in todo if j.key in sources]
+    todo = [j for j in todo if j.key not in sources]
     # an adopted trial needs no inputs; a local run checks the resources with the files (a cluster: once up)
-    preflight.check(spec, plan, todo, _local_nodes(num_cpus, address) if todo else None)
+    preflight.check(spec, plan, [j.trial.to_dict() for j in todo], _local_nodes(num_cpus, address) if todo else None)
     adopted, prepared = 0, None
     if sources:
-        prepared = plan, tracking, paths = prepare(spec, state_dir, plan)
-        adopted = _adopt(spec, plan, tracking, paths, sources, echo)
+        prepared = plan, tracking, state = prepare(spec, state, plan)
+        adopted = _adopt(spec, plan, tracking, state, sources, adopting, echo)
         skipped += adopted
-        existing = _existing_children(spec, state_dir)  # adopted runs are done members of their trainings
-    todo = work_units(plan, todo, existing)
-    if reuse and todo:
-        todo = from_finished_trainings(spec, state_dir, todo, echo)
-    if not todo:
-        plan, tracking, paths = prepared or prepare(spec, state_dir, plan)
+        existing = state.existing_runs()  # adopted runs are done members of their trainings
+    jobs = work_units(plan, todo, existing)
+    if reuse and jobs:
+        jobs = from_finished_trainings(spec, state, jobs, echo)
+    if not jobs:
+        plan, tracking, state = prepared or prepare(spec, state, plan)
         echo(f"study {spec.name}: {len(plan.trials)} trials; all done")
-        return _finish(spec, plan, tracking, paths, skipped, 0, echo, t0, adopted)
+        return _finish(spec, plan, tracking, state, skipped, 0, echo, t0, adopted)
     tracking = None
     with _ray_session(num_cpus, echo, address):
         _check_cluster(spec)
-        plan, tracking, paths = prepare(spec, state_dir, plan)
-        n_todo = sum(len([m for m in u.get("members", [u]) if not m.get("done")]) for u in todo)
-        n_train = sum(1 for u in todo if not u.get("checkpoint") and not u.get("source")
-                      and not u.get("members", [u])[0].get("done"))
+        plan, tracking, state = prepare(spec, state, plan)
+        n_todo = sum(len(j.todo()) for j in jobs)
+        n_train = sum(1 for j in jobs if isinstance(j, TrainingJob) and not j.members[0].done)
         echo(f"study {spec.name}: {len(plan.trials)} trials ({len(plan.cells)} cells x {len(spec.seeds)} seeds, "
              f"design {plan.design}); {skipped} already done, {n_todo} to run in {n_train} training(s)"
              + (f" (fixed checkpoint {plan.checkpoint})" if plan.checkpoint else ""))
@@ -316,38 +303,37 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
                  "; ".join(f"{e['cell']} ({e['reason']})" for e in plan.excluded[:4]) +
                  (" ..." if len(plan.excluded) > 4 else ""))
         tracking.set_parent_status("RUNNING")
-        _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped)
+        _fit_grid(spec, plan, tracking, state, jobs, max_failures, echo, skipped)
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
-    return _finish(spec, plan, tracking, paths, skipped, n_todo, echo, t0, adopted)
+    return _finish(spec, plan, tracking, state, skipped, n_todo, echo, t0, adopted)
 
 
-def reuse_sources(spec: StudySpec, state_dir: str | Path, trials: list[dict]) -> dict:
-    """trial key -> `srdit.study.reuse.Source`: the finished run in the study's MLflow store whose run key equals
+def reuse_sources(spec: StudySpec, state: StudyState, jobs: list[TrialJob]) -> dict:
+    """trial key -> `srdit.runtime.reuse.Source`: the finished run in the study's MLflow store whose run key equals
     the trial's (grid designs only; {} when the store does not exist yet). Reads only."""
-    from srdit.study.reuse import RUN_KEY, content_keys, find_sources
+    from srdit.runtime.reuse import find_sources
 
-    if spec.design.kind == "search" or not trials:
+    if spec.design.kind == "search" or not jobs:
         return {}
-    uri = resolve_uri(spec.tracking.uri, state_paths(state_dir, spec.name)["root"])
-    cwd = os.getcwd()  # relative paths in the study are meant from here (as in the trials' context)
-    return find_sources(uri, {d["key"]: content_keys(d["config"], cwd)[RUN_KEY] for d in trials})
+    return find_sources(state.uri, {j.key: j.keys.run for j in jobs})
 
 
-def _adopt(spec, plan, tracking, paths, sources: dict, echo) -> int:
-    """Adopt every trial of `sources` (trial key -> Source) into the study's run tree; returns how many."""
-    from srdit.study.reuse import adopt, format_reused
-    from srdit.study.trial import run_name, trial_params, trial_tags
+def _adopt(spec, plan, tracking, state: StudyState, sources: dict, jobs: list[TrialJob], echo) -> int:
+    """Adopt every trial of `sources` (trial key -> Source; `jobs` holds their jobs) into the study's run tree;
+    returns how many."""
+    from srdit.runtime.reuse import adopt, format_reused
+    from srdit.runtime.worker import run_name, trial_params, trial_tags
 
-    ctx = _context(spec, tracking, paths, plan)
+    ctx = _context(spec, tracking, state, plan)
+    job_of = {j.key: j for j in jobs}
     counts: dict[str, int] = {}
     for t in plan.trials:
         src = sources.get(t.key)
         if src is None:
             continue
-        d = t.to_dict()
-        adopt(tracking.uri, tracking.experiment_id, tracking.parent_run_id, t.key, run_name(d), trial_tags(d, ctx),
-              trial_params(d), src)
+        adopt(tracking.uri, tracking.experiment_id, tracking.parent_run_id, t.key, run_name(t),
+              trial_tags(job_of[t.key], ctx), trial_params(t), src)
         counts[src.study] = counts.get(src.study, 0) + 1
     n = sum(counts.values())
     echo(f"study {spec.name}: {format_reused(counts, len(plan.trials))} (finished runs with the same run key: "
@@ -355,27 +341,25 @@ def _adopt(spec, plan, tracking, paths, sources: dict, echo) -> int:
     return n
 
 
-def from_finished_trainings(spec: StudySpec, state_dir: str | Path, units: list[dict], echo) -> list[dict]:
-    """Work units (`work_units`) whose training has not started in this study but whose training key matches a
+def from_finished_trainings(spec: StudySpec, state: StudyState, jobs: list[Job], echo) -> list[Job]:
+    """Training jobs (`work_units`) whose training has not started in this study but whose training key matches a
     finished training in the store whose folder is reachable from here (its result, config and final EMA weights):
-    turned into evaluation units (`source`: that training's folder; `execute_group` evaluates every member from
+    turned into evaluation jobs (`source`: that training's folder; `execute_group` evaluates every member from
     it, no training)."""
-    from srdit.study.reuse import TRAINING_KEY, content_keys, find_sources
+    from srdit.runtime.reuse import TRAINING_KEY, find_sources
     from srdit.train import snapshot_steps
 
-    fresh = [u for u in units if not u.get("checkpoint") and not u.get("members", [u])[0].get("done")
-             and not any(m.get("run_id") for m in u.get("members", [u]))]
+    fresh = [j for j in jobs if isinstance(j, TrainingJob) and not j.members[0].done
+             and not any(m.run_id for m in j.members)]
     if not fresh:
-        return units
-    uri = resolve_uri(spec.tracking.uri, state_paths(state_dir, spec.name)["root"])
-    cwd = os.getcwd()
-    lead = {u["key"]: u.get("members", [u])[0] for u in fresh}
+        return jobs
     # another study's trainings only: within the study, sharing is the plan's (`--no-share` trains every trial)
-    found = find_sources(uri, {k: content_keys(t["config"], cwd)[TRAINING_KEY] for k, t in lead.items()},
-                         TRAINING_KEY, exclude_study=spec.name)
-    out, counts = [], {}
-    for u in units:
-        src = found.get(u["key"])
+    found = find_sources(state.uri, {j.key: j.members[0].keys.training for j in fresh}, TRAINING_KEY,
+                         exclude_study=spec.name)
+    out: list[Job] = []
+    counts: dict[str, int] = {}
+    for j in jobs:
+        src = found.get(j.key) if isinstance(j, TrainingJob) else None
         folder = Path(src.trial_dir) if src is not None and src.trial_dir else None
         usable = folder is not None and (folder / "result.json").is_file()
         if usable:  # what srdit.train.evaluate_trained needs: the recorded config and the final EMA weights
@@ -385,11 +369,10 @@ def from_finished_trainings(spec: StudySpec, state_dir: str | Path, units: list[
                 usable = "config" in res and (res.get("step") in snapshot_steps(folder)
                                               or (folder / "checkpoints" / "last.pt").is_file())
         if not usable or src is None:
-            out.append(u)
+            out.append(j)
             continue
-        members = [m for m in u.get("members", [u]) if not m.get("done")]
-        out.append({"key": u["key"], "training": u.get("training", ""), "members": members, "checkpoint": None,
-                    "source": str(folder), "source_run_id": src.train_run_id, "source_study": src.study})
+        members = tuple(j.todo())
+        out.append(EvaluationJob(members, str(folder), j.group, src.train_run_id, src.study))
         counts[src.study] = counts.get(src.study, 0) + len(members)
     if counts:
         where = ", ".join(f"study {s} ({n})" for s, n in counts.items())
@@ -398,21 +381,23 @@ def from_finished_trainings(spec: StudySpec, state_dir: str | Path, units: list[
     return out
 
 
-def work_units(plan: Plan, todo: list[dict], existing: dict) -> list[dict]:
-    """The Ray trials of the unfinished trials `todo` (trial dicts, in submission order): one per training of the
-    plan with an unfinished member (`srdit.study.trial.execute_group`'s group: its members in plan order, the
-    training run first, done ones marked "done" with their run id), a plain trial dict for a training of one, one
-    evaluation per trial for a fixed checkpoint."""
+def work_units(plan: Plan, todo: list[TrialJob], existing: dict) -> list[Job]:
+    """The Ray trials of the unfinished trials `todo` (in submission order): one `TrainingJob` per training of the
+    plan with an unfinished member (`srdit.runtime.worker.execute_group`: its members in plan order, the training
+    run first, done ones marked done with their run id and folder), a `TrainingJob` of one for a training of one,
+    one `EvaluationJob` per trial for a fixed checkpoint."""
     if plan.checkpoint:
-        return [{"key": t["key"], "training": "", "members": [t], "checkpoint": plan.checkpoint} for t in todo]
-    pending = {t["key"]: t for t in todo}
+        return [EvaluationJob((j,), plan.checkpoint) for j in todo]
+    pending = {j.key: j for j in todo}
     specs = {t.key: t for t in plan.trials}
     group_of = {k: g for g in plan.trainings for k in g.members}
-    units, seen = [], set()
-    for t in todo:
-        g = group_of.get(t["key"])
+    cwd = os.getcwd()
+    units: list[Job] = []
+    seen = set()
+    for j in todo:
+        g = group_of.get(j.key)
         if g is None or len(g.members) == 1:
-            units.append(t)
+            units.append(TrainingJob((j,)))
             continue
         if g.key in seen:
             continue
@@ -423,9 +408,9 @@ def work_units(plan: Plan, todo: list[dict], existing: dict) -> list[dict]:
                 members.append(pending[k])
             else:  # done: kept for its folder and run id (the training run), not run again
                 run = existing[k]
-                members.append({**specs[k].to_dict(), "done": True, "run_id": run.info.run_id,
-                                "trial_dir": run.data.tags.get("trial_dir", "")})  # an adopted run: its source's
-        units.append({"key": g.trial_key, "training": g.key, "members": members, "checkpoint": None})
+                members.append(trial_job(specs[k], cwd).with_run(run.info.run_id, done=True,
+                                                                 trial_dir=run.data.tags.get("trial_dir", "")))
+        units.append(TrainingJob(tuple(members), g.key))  # an adopted run's trial_dir: its source's
     return units
 
 
@@ -449,43 +434,53 @@ def _local_nodes(num_cpus: int | None, address: str | None) -> list | None:
     return [{**node, "CPU": float(num_cpus or node["CPU"])}]
 
 
+def ray_nodes() -> list[dict[str, float]]:
+    """The alive nodes of the connected Ray cluster and their total CPU / GPU."""
+    import ray
+
+    return [{"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
+            for n in ray.nodes() if n.get("Alive")]
+
+
 def _check_cluster(spec: StudySpec) -> None:
     """Refuse (PreflightError) a trial that the connected Ray cluster cannot hold."""
     import ray
 
-    problems = preflight.resource_problems(spec, preflight.ray_nodes(),
+    problems = preflight.resource_problems(spec, ray_nodes(),
                                            "the Ray cluster" if len(ray.nodes()) > 1 else "this Ray node")
     if problems:
         raise preflight.PreflightError(spec.name, problems)
 
 
-def _tuner_common(spec: StudySpec, paths: dict, max_failures: int, callbacks: list) -> tuple:
+def _tuner_common(spec: StudySpec, state: StudyState, max_failures: int, callbacks: list,
+                  jobs: dict[str, Job] | None = None) -> tuple:
     from ray import tune
 
     r = spec.resources
     # A data-parallel trial is a driver: its workers take the CPUs and GPUs (placement group of the Train run).
     res = {"cpu": r.cpus, "gpu": r.gpus} if r.workers == 1 else HOST_TRIAL_RESOURCES
-    wrapped = tune.with_resources(trainable, res)
+    # the grid's jobs travel once through Ray's object store; a Tune trial's config names its job by key
+    wrapped = tune.with_resources(tune.with_parameters(trainable, jobs=jobs) if jobs else trainable, res)
     run_config = tune.RunConfig(
-        name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(paths["ray"]),
+        name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(state.ray),
         failure_config=tune.FailureConfig(max_failures=max_failures), verbose=0, callbacks=callbacks)
     return wrapped, run_config
 
 
 def _trial_name(trial) -> str:
-    t = trial.config.get("trial")
-    return t["key"] if t else f"search_{trial.trial_id}"
+    return trial.config.get("job") or f"search_{trial.trial_id}"
 
 
-def _fit_grid(spec, plan, tracking, paths, todo, max_failures, echo, skipped):
+def _fit_grid(spec, plan, tracking, state: StudyState, jobs: list[Job], max_failures, echo, skipped):
     from ray import tune
 
-    ctx = _context(spec, tracking, paths, plan)
-    progress = _progress_callback(len(plan.trials), skipped, echo, spec.metrics.primary, ctx)
-    wrapped, run_config = _tuner_common(spec, paths, max_failures, [progress])
+    ctx = _context(spec, tracking, state, plan)
+    by_key = {j.key: j for j in jobs}
+    progress = _progress_callback(len(plan.trials), skipped, echo, spec.metrics.primary, ctx, by_key)
+    wrapped, run_config = _tuner_common(spec, state, max_failures, [progress], by_key)
     tuner = tune.Tuner(
         wrapped,
-        param_space={"trial": tune.grid_search(todo), "ctx": ctx},
+        param_space={"job": tune.grid_search(list(by_key)), "ctx": ctx},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=_max_concurrent(spec.resources),
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=run_config)
@@ -506,20 +501,21 @@ def _max_concurrent(r) -> int | None:
     return max(1, int(fit))
 
 
-def _context(spec: StudySpec, tracking: StudyTracking, paths: dict, plan: Plan,
+def _context(spec: StudySpec, tracking: StudyTracking, state: StudyState, plan: Plan,
              search: bool = False) -> TrialContext:
-    """What every trial needs besides its spec (it travels pickled in the Tune param space). Search trials also
+    """What every trial needs besides its job (it travels pickled in the Tune param space). Search trials also
     get the parsed study and the objectives."""
     return TrialContext(
         study=spec.name, design=plan.design, factors=tuple(spec.factor_names), uri=tracking.uri,
-        experiment_id=tracking.experiment_id, parent_run_id=tracking.parent_run_id, trials_dir=str(paths["trials"]),
+        experiment_id=tracking.experiment_id, parent_run_id=tracking.parent_run_id, trials_dir=str(state.trials),
         cpus=spec.resources.cpus, gpus=spec.resources.gpus, workers=spec.resources.workers,
-        train_storage=str(paths["ray"] / "train"), loopback=_is_loopback(),
+        train_storage=str(state.ray / "train"), loopback=_is_loopback(),
         cwd=os.getcwd(),  # relative paths in the study are meant from here
         spec=spec if search else None, objectives=tuple(search_objectives(spec)) if search else ())
 
 
-def _run_search(spec, plan, state_dir, existing, retry_failed, num_cpus, max_failures, echo, t0, address) -> StudyRun:
+def _run_search(spec, plan, state: StudyState, existing, retry_failed, num_cpus, max_failures, echo, t0,
+                address) -> StudyRun:
     """Optuna (OptunaSearch) over technique switches and knobs. The Optuna study persists in
     <state>/optuna/<study>.db, so a rerun continues the same search; unfinished children are re-queued first (same
     params -> same trial key -> same MLflow run and checkpoint). A sample that fails, diverges or is excluded is
@@ -527,20 +523,19 @@ def _run_search(spec, plan, state_dir, existing, retry_failed, num_cpus, max_fai
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
-    paths = state_paths(state_dir, spec.name)
     objectives = search_objectives(spec)
     directions = [spec.metrics.all()[o] for o in objectives]
     pending = [p for p in (_search_point(spec, r) for r in existing.values() if not is_done(r, retry_failed)) if p]
-    n_done = _search_samples_done(paths, spec, existing)
+    n_done = _search_samples_done(state, existing)
     remaining = max(0, spec.design.trials - n_done)
     if not remaining:
-        plan, tracking, paths = prepare(spec, state_dir, plan)
+        plan, tracking, state = prepare(spec, state, plan)
         echo(f"study {spec.name}: search, budget {spec.design.trials} trials; all evaluated")
-        return _finish(spec, plan, tracking, paths, n_done, 0, echo, t0)
+        return _finish(spec, plan, tracking, state, n_done, 0, echo, t0)
     tracking = None
     with _ray_session(num_cpus, echo, address):
         _check_cluster(spec)
-        plan, tracking, paths = prepare(spec, state_dir, plan)
+        plan, tracking, state = prepare(spec, state, plan)
         echo(f"study {spec.name}: search, budget {spec.design.trials} trials; {n_done} already done, "
              f"{remaining} to run" + (f" ({len(pending[:remaining])} interrupted, re-queued)" if pending else ""))
         space: dict[str, Any] = {f"tech.{n}": tune.choice([0, 1]) for n in spec.factor_names}
@@ -555,13 +550,13 @@ def _run_search(spec, plan, state_dir, existing, retry_failed, num_cpus, max_fai
                                       mode=directions if len(directions) > 1 else directions[0],
                                       seed=spec.design.seed + n_done,  # a continued search draws new samples
                                       points_to_evaluate=pending[:remaining] or None,
-                                      study_name=spec.name, storage=_optuna_storage(paths, spec))
-        ctx = _context(spec, tracking, paths, plan, search=True)
+                                      study_name=spec.name, storage=_optuna_storage(state))
+        ctx = _context(spec, tracking, state, plan, search=True)
         tracking.set_parent_status("RUNNING")
         conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
         progress = _progress_callback(spec.design.trials, n_done, echo, spec.metrics.primary)
-        wrapped, run_config = _tuner_common(spec, paths, max_failures, [progress])
+        wrapped, run_config = _tuner_common(spec, state, max_failures, [progress])
         tune.Tuner(wrapped, param_space={**space, "ctx": ctx},
                    tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=remaining, reuse_actors=True,
                                                trial_name_creator=_trial_name,
@@ -569,7 +564,7 @@ def _run_search(spec, plan, state_dir, existing, retry_failed, num_cpus, max_fai
                    run_config=run_config).fit()
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
-    return _finish(spec, plan, tracking, paths, n_done, remaining, echo, t0)
+    return _finish(spec, plan, tracking, state, n_done, remaining, echo, t0)
 
 
 def _fail_aware_optuna(**kwargs):
@@ -592,22 +587,22 @@ def _fail_aware_optuna(**kwargs):
     return FailAwareOptunaSearch(**kwargs)
 
 
-def _optuna_storage(paths: dict, spec: StudySpec):
+def _optuna_storage(state: StudyState):
     import optuna
 
-    (paths["root"] / "optuna").mkdir(parents=True, exist_ok=True)
-    return optuna.storages.RDBStorage(f"sqlite:///{paths['root'] / 'optuna' / (spec.name + '.db')}")
+    state.optuna_db.parent.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.RDBStorage(f"sqlite:///{state.optuna_db}")
 
 
-def _search_samples_done(paths: dict, spec: StudySpec, existing: dict) -> int:
+def _search_samples_done(state: StudyState, existing: dict) -> int:
     """Search samples already evaluated: the told trials of the persisted Optuna study (a repeated proposal and a
     failed or excluded sample are samples too), at least the done MLflow children."""
     import optuna
 
     told = 0
-    if (paths["root"] / "optuna" / (spec.name + ".db")).exists():
+    if state.optuna_db.exists():
         try:
-            study = optuna.load_study(study_name=spec.name, storage=_optuna_storage(paths, spec))
+            study = optuna.load_study(study_name=state.study, storage=_optuna_storage(state))
             told = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
         except KeyError:  # no such study yet
             pass
@@ -626,8 +621,8 @@ def _search_point(spec: StudySpec, run) -> dict | None:
     return point
 
 
-def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0, adopted: int = 0) -> StudyRun:
-    from srdit.study.reuse import format_reused, reused_counts
+def _finish(spec, plan, tracking, state: StudyState, skipped, ran, echo, t0, adopted: int = 0) -> StudyRun:
+    from srdit.runtime.reuse import format_reused, reused_counts
 
     children = tracking.children_by_key()
     if spec.design.kind == "search":
@@ -647,7 +642,7 @@ def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0, adopted: int = 
             unfinished.append(k)
     n_samples = None
     if spec.design.kind == "search":
-        n_samples = _search_samples_done(paths, spec, children)
+        n_samples = _search_samples_done(state, children)
         if n_samples < total:
             unfinished.append(f"(search: {total - n_samples} sample(s) of the budget not run)")
     wall = time.perf_counter() - t0
@@ -671,7 +666,7 @@ def _finish(spec, plan, tracking, paths, skipped, ran, echo, t0, adopted: int = 
              (f" ({crashed} crashed: a failure outside the trial, retried on rerun)" if crashed else "") +
              "; rerun the same command (or `srdit study resume`) to finish them")
     return StudyRun(spec.name, tracking.uri, tracking.experiment_id, tracking.parent_run_id, total, skipped, ran,
-                    statuses, unfinished, wall, str(paths["root"]), adopted)
+                    statuses, unfinished, wall, str(state.root), adopted)
 
 
 def run_plain(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None,
@@ -679,16 +674,17 @@ def run_plain(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None,
     """The same trials in a plain loop in this process (no Ray): the benchmark's reference."""
     echo = echo or (lambda s: None)
     t0 = time.perf_counter()
-    plan, tracking, paths = prepare(spec, state_dir, plan)
+    plan, tracking, state = prepare(spec, state_dir, plan)
     existing = tracking.children_by_key()
-    ctx = _context(spec, tracking, paths, plan)
+    ctx = _context(spec, tracking, state, plan)
+    cwd = os.getcwd()
     ran = skipped = 0
     for t in plan.trials:
         run = existing.get(t.key)
         if run is not None and is_done(run):
             skipped += 1
             continue
-        out = execute_trial(t.to_dict() | ({"run_id": run.info.run_id} if run else {}), ctx)
+        out = execute_trial(trial_job(t, cwd, run.info.run_id if run else None), ctx)
         ran += 1
         echo(f"{t.key}: {out['status']}")
-    return _finish(spec, plan, tracking, paths, skipped, ran, echo, t0)
+    return _finish(spec, plan, tracking, state, skipped, ran, echo, t0)

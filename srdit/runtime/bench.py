@@ -17,7 +17,7 @@ gradient clipping, AdamW and the EMA update, under the run's autocast; CPU threa
 Output: `<state>/bench/<study>.json` (per cell: trial key, step time per round and median, ratio, images/s;
 the rounds are kept so that the report can put confidence intervals on throughput effects, rounds acting as
 blocks), also logged on the study's parent run (metrics `bench/step_s/<cell>`, `bench/ratio/<cell>` and the file
-under `bench/`). The report (`srdit.study.results.load_results`) uses it for throughput effects and the Pareto
+under `bench/`). The report (`srdit.runtime.results.load_results`) uses it for throughput effects and the Pareto
 front when it matches the current plan.
 """
 

@@ -8,7 +8,7 @@ import os
 import torch
 
 from srdit.data.teacher_cache import build_part
-from srdit.study.ray_parts import run_parts
+from srdit.runtime.ray_parts import run_parts
 
 
 def cache_teacher_on_ray(latent_root: str | os.PathLike, out: str | os.PathLike, teacher_name: str,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from srdit.study.results import load_results
+from srdit.runtime.results import load_results
 
 
 def export_csv(spec, state_dir: str | Path, out: str | Path | None = None) -> tuple[Path, int]:
