@@ -43,7 +43,7 @@ def make_csv(path: Path, n_rows: int, k: int, n_seeds: int, seed: int = 0) -> No
 def run_case(n_rows: int, k: int, n_seeds: int, tmp: Path) -> dict:
     csv = tmp / f"runs_{n_rows}_{k}_{n_seeds}.csv"
     make_csv(csv, n_rows, k, n_seeds)
-    code = ("import resource, sys, time; from srdit.analysis.command import main; t = time.perf_counter(); "
+    code = ("import resource, sys, time; from srdit.commands.analyze import main; t = time.perf_counter(); "
             "rc = main(sys.argv[1:], stdout=open('/dev/null', 'w')); "
             "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rc)")
     t0 = time.perf_counter()

@@ -7,7 +7,7 @@
   ranges and patterns, the docstring under each field) and the presets of `srdit/techniques.py`;
 - `study.md`: the study YAML, from the schema of `srdit/study/spec.py` (its key tuples, the docstrings of its
   `parse_<key>` functions, its typed sections);
-- `cli.md`: every `srdit` command, from its argparse parser (`command_parsers` is the one place that finds them);
+- `cli.md`: every `srdit` command, from its argparse parser (`srdit.commands.command_parsers` finds them);
 - `techniques.md`: the technique registry (`srdit.techniques.TECHNIQUES`);
 - `metrics.md`: the metric registry (`srdit.metric_registry.METRICS`).
 
@@ -19,18 +19,14 @@ from __future__ import annotations
 import argparse
 import ast
 import collections.abc
-import contextlib
 import dataclasses
-import importlib
 import inspect
-import io
 import itertools
 import json
 import re
 import sys
 import types
 import typing
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -233,45 +229,14 @@ def study_page() -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class _Parsed(BaseException):
-    """Raised in place of parsing: carries the parser a command built (BaseException: commands catch Exception)."""
-
-    def __init__(self, parser: argparse.ArgumentParser):
-        self.parser = parser
-
-
-def _parser_built_by(entry: Callable[[list[str]], Any]) -> argparse.ArgumentParser:
-    """The parser an entry function builds: run it with `--help` and stop it where it parses."""
-    original = argparse.ArgumentParser.parse_args
-
-    def stop(self, *args, **kwargs):
-        raise _Parsed(self)
-
-    argparse.ArgumentParser.parse_args = stop
-    try:
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            entry(["--help"])
-    except _Parsed as p:
-        return p.parser
-    finally:
-        argparse.ArgumentParser.parse_args = original
-    raise SystemExit(f"{entry.__module__}.{entry.__name__} returned without parsing its arguments")
-
-
 def command_parsers() -> dict[str, tuple[str, argparse.ArgumentParser]]:
     """Every `srdit` command: name -> (one-line help, parser), in the order of `srdit --help`.
 
-    The one place that knows where commands live: `srdit.cli.build_parser` builds the top level, and the commands
-    it hands on (`srdit.cli.DELEGATES`: name -> (module, function)) build their own parser in that function."""
-    from srdit import cli
+    The one place that knows where commands live is `srdit.commands.COMMANDS`; each command's parser is built by
+    the same function its `main` parses with."""
+    from srdit import commands
 
-    out = {}
-    for name, (hlp, parser) in subcommands(cli.build_parser()).items():
-        if name in cli.DELEGATES:
-            module, func = cli.DELEGATES[name]
-            parser = _parser_built_by(getattr(importlib.import_module(module), func))
-        out[name] = (hlp, parser)
-    return out
+    return commands.command_parsers()
 
 
 def subcommands(parser: argparse.ArgumentParser) -> dict[str, tuple[str, argparse.ArgumentParser]]:
@@ -344,10 +309,10 @@ def command_section(prog: str, hlp: str, parser: argparse.ArgumentParser, level:
 
 
 def cli_page() -> str:
-    from srdit import cli
+    from srdit import commands
 
     out = [header("Command-line reference", "the argparse parsers of every `srdit` command")]
-    out.append(f"{md(first_paragraph(cli.__doc__))}\n\n")
+    out.append(f"{md(first_paragraph(commands.__doc__))}\n\n")
     commands = command_parsers()
     out.append(table(["command", "what it does"], [[f"[`srdit {n}`](#srdit-{n})", md(h)]
                                                   for n, (h, _) in commands.items()]) + "\n")

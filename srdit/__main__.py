@@ -2,6 +2,6 @@
 
 import sys
 
-from srdit.cli import main
+from srdit.commands import main
 
 sys.exit(main())

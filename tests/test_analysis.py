@@ -358,7 +358,7 @@ def test_bad_inputs_raise_one_line_errors():
 
 def test_analysis_layer_does_not_import_torch_ray_or_mlflow():
     code = ("import sys, srdit.analysis, srdit.analysis.results, srdit.analysis.figures, srdit.analysis.page, "
-            "srdit.analysis.records, srdit.analysis.command; "
+            "srdit.analysis.records, srdit.analysis.reading; "
             "bad = [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr

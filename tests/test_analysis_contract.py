@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from srdit import metric_registry
-from srdit.analysis.command import main as analyze_main
+from srdit.commands.analyze import main as analyze_main
 from srdit.analysis.effects import Analysis, analyze
 from srdit.analysis.page import render_report
 from srdit.analysis.report_fit import fit_report

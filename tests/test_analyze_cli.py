@@ -1,4 +1,4 @@
-"""`srdit analyze` (srdit.analysis.command): JSON output, table output, and one-line errors for bad input."""
+"""`srdit analyze` (srdit.commands.analyze): JSON output, table output, and one-line errors for bad input."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from srdit.analysis.command import add_arguments, main
+from srdit.commands.analyze import add_arguments, main
 
 MONTGOMERY_6_2 = (  # Montgomery, Design and Analysis of Experiments (8th ed.), Example 6.2 (filtration rate)
     ["1", "a", "b", "ab", "c", "ac", "bc", "abc", "d", "ad", "bd", "abd", "cd", "acd", "bcd", "abcd"],
@@ -165,12 +165,12 @@ def test_bad_inputs_give_one_clear_line(tmp_path, replicated_csv):
 
 
 def test_module_entry_point_subprocess(replicated_csv, tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "srdit.analysis.command", str(replicated_csv), "--factors", "A,B,C",
+    ok = subprocess.run([sys.executable, "-m", "srdit", "analyze", str(replicated_csv), "--factors", "A,B,C",
                          "--metric", "fd", "--direction", "min", "--format", "json"],
                         capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["main_effects"]["A"] < 0
-    bad = subprocess.run([sys.executable, "-m", "srdit.analysis.command", str(tmp_path / "missing.csv"),
+    bad = subprocess.run([sys.executable, "-m", "srdit", "analyze", str(tmp_path / "missing.csv"),
                           "--factors", "A", "--metric", "fd", "--direction", "min"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stdout == ""
@@ -180,7 +180,7 @@ def test_module_entry_point_subprocess(replicated_csv, tmp_path):
 def test_add_arguments_reusable_by_another_parser(replicated_csv):
     import argparse
 
-    from srdit.analysis.command import run
+    from srdit.commands.analyze import run
 
     parser = argparse.ArgumentParser(prog="srdit")
     sub = parser.add_subparsers(dest="cmd")

@@ -21,7 +21,7 @@ def test_cluster_rehearsal(stand_ins, tmp_path):  # noqa: F811
     from mlflow import MlflowClient
     from ray.cluster_utils import Cluster
 
-    from srdit.report_command import make_report
+    from srdit.commands.report import make_report
     from srdit.study.preflight import PreflightError
     from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from srdit.cli import main
+from srdit.commands import main
 from srdit.config import RunConfig, apply_diff, to_dict
 from srdit.convert import ConvertError, convert_state, read_reference, target_config
 from srdit.model import SIZES, build_model
@@ -282,7 +282,7 @@ def test_weights_flag_picks_raw_or_ema(tmp_path):
 def _fails(capsys, argv):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("srdit: error:") and "\n" not in err and "Traceback" not in err
+    assert err.startswith("srdit convert: error:") and "\n" not in err and "Traceback" not in err
     return err
 
 

@@ -282,7 +282,7 @@ def test_trainer_reads_teacher_tokens_through_the_cache(dino_root, tmp_path):
     storage), is only read (no row written, no crops read, no teacher loaded) and refuses a missing cache."""
 
     from srdit.config import DataConfig, ModelConfig, RegConfig, RepaConfig, RunConfig, TrainConfig
-    from srdit.teacher_cache_command import main as cache_teacher
+    from srdit.commands.cache_teacher import main as cache_teacher
     from srdit.techniques import with_techniques
     from srdit.train import LatentBatches, train
 

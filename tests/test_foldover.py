@@ -383,7 +383,7 @@ def test_foldover_study_runs_tags_its_halves_and_is_analysed_with_the_block(tmp_
     from mlflow import MlflowClient
 
     from srdit.analysis.effects import analyze_study
-    from srdit.report_command import make_report
+    from srdit.commands.report import make_report
     from srdit.runtime.results import load_results
     from srdit.runtime.driver import run_study
 
@@ -394,7 +394,7 @@ def test_foldover_study_runs_tags_its_halves_and_is_analysed_with_the_block(tmp_
         "metrics": {"primary": "fd", "direction": "min", "others": {"kd": "min"}}}))
     fold = load_study(_fold(tmp_path))
     state = tmp_path / "state"
-    from srdit.runtime.command import plan_reuse
+    from srdit.commands.study import plan_reuse
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
@@ -434,8 +434,8 @@ def test_exported_foldover_table_has_the_block_and_analyze_fits_it(tmp_path, mon
     import io
     import json
 
-    from srdit.analysis.command import main as analyze_main
-    from srdit.runtime.command import main as study_main
+    from srdit.commands.analyze import main as analyze_main
+    from srdit.commands.study import main as study_main
     from srdit.runtime.results import load_results
     from srdit.runtime.tracking import ChildRun, open_study, resolve_uri
 

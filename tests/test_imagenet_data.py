@@ -17,7 +17,7 @@ from srdit.data.imagenet import center_crop_adm, load_crop, scan_image_folder
 from srdit.data.latents import LatentDataset, LatentStream, verify
 from srdit.data.preprocess import preprocess
 from srdit.encoders.invae import InvaeAutoencoder, InvaeConfig, load_invae, save_invae
-from srdit.preprocess_command import main
+from srdit.commands.preprocess import main
 
 RES = 32  # crop side; the tiny INVAE (f16) gives 32 x 2 x 2 latents
 
@@ -273,7 +273,7 @@ def test_stream_guards(reference, tmp_path):
 def test_imagenet_studies_plan(name, trials, capsys):
     from pathlib import Path
 
-    from srdit.runtime.command import main as study_main
+    from srdit.commands.study import main as study_main
     from srdit.study.designs import plan_study
     from srdit.study.spec import load_study
 

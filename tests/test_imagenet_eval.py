@@ -153,7 +153,7 @@ def test_two_ranks_shard_the_samples_and_give_the_single_process_metrics(stand_i
 
 
 def test_cli_reference_and_evaluate(stand_ins, tmp_path, capsys):
-    from srdit.cli import main
+    from srdit.commands import main
     from srdit.train import train
 
     cfg = dataclasses.replace(_cfg(stand_ins), eval=EvalConfig(n_samples=10, batch_size=5))  # no reference in it

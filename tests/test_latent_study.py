@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 def test_latent_study_prints_fid_while_it_runs_and_its_report_draws_the_fid_curve(stand_ins, tmp_path):
     import ray
 
-    from srdit.report_command import make_report
+    from srdit.commands.report import make_report
     from srdit.runtime.results import load_results
     from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study

@@ -2,7 +2,7 @@
 
 | layer     | nodes (srdit/...)                                  | may import (srdit)             | must not import |
 |-----------|----------------------------------------------------|--------------------------------|-----------------|
-| config    | __init__, config, techniques, metric_registry, argparsing | -                              | torch, ray, mlflow |
+| config    | __init__, config, techniques, metric_registry      | -                              | torch, ray, mlflow |
 | util      | cache                                              | -                              | ray, mlflow     |
 | model     | model/                                             | config, util                   | ray, mlflow     |
 | transport | transport/                                         | config, util, `srdit.model` *  | ray, mlflow     |
@@ -11,9 +11,11 @@
 | study     | study/ (pure planning)                             | the rows above, `srdit.analysis.results` and `.power` only | ray, mlflow |
 | runtime   | runtime/ (driver, worker, tracking, reuse, ...)    | the rows above, `srdit.analysis.results` and `.power` only | - |
 | analysis  | analysis/                                          | config                         | torch, ray      |
-| cli       | cli, __main__, preprocess_command, report_command, teacher_cache_command | everything | -         |
+| commands  | commands/ (every `srdit` command, the one printer of a user error), __main__ | everything | - |
 
 * the model's public API, never its internals (`srdit.model.<module>`).
+
+Nothing imports the commands: they sit on top, and no row but their own may import them.
 
 A node is a top-level module or a top-level package of `srdit`; a layer may always import its own nodes. `cache` sits
 below the data layer because it is the one atomic writer of the package (the latent store, the digits teacher
@@ -44,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "srdit"
 
 LAYERS: dict[str, set[str]] = {
-    "config": {"srdit", "config", "techniques", "metric_registry", "argparsing"},
+    "config": {"srdit", "config", "techniques", "metric_registry"},
     "util": {"cache"},
     "model": {"model"},
     "transport": {"transport"},
@@ -53,7 +55,7 @@ LAYERS: dict[str, set[str]] = {
     "study": {"study"},
     "runtime": {"runtime"},
     "analysis": {"analysis"},
-    "cli": {"cli", "__main__", "preprocess_command", "report_command", "teacher_cache_command"},
+    "commands": {"commands", "__main__"},
 }
 "Layer -> its nodes (a node: a top-level module or package of srdit; `srdit` is the package's own __init__)."
 
@@ -68,7 +70,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "study": BELOW_TRAIN | {"train", "study"},
     "runtime": BELOW_TRAIN | {"train", "study", "runtime"},
     "analysis": {"config", "analysis"},
-    "cli": set(LAYERS),
+    "commands": set(LAYERS),
 }
 "Layer -> the layers whose modules it may import (besides the modules in ALSO_MAY_IMPORT)."
 
@@ -91,7 +93,7 @@ FORBIDDEN_PACKAGES: dict[str, set[str]] = {
     "study": {"ray", "mlflow"},
     "runtime": set(),
     "analysis": {"torch", "ray"},
-    "cli": set(),
+    "commands": set(),
 }
 "Layer -> third-party packages it must not import, directly or through another module."
 
@@ -169,6 +171,14 @@ def _allowed_loaded(layer: str, loaded: str) -> bool:
 
 def _layer_modules(layer: str) -> list[str]:
     return [m for m in MODULES if layer_of(m) == layer]
+
+
+def test_nothing_imports_the_commands():
+    """The commands are the top: a layer that may import `srdit.commands` would let library code depend on the
+    command line (its argument parsing, its exit codes)."""
+    importers = sorted(layer for layer, allowed in MAY_IMPORT.items() if "commands" in allowed and layer != "commands")
+    assert not importers, f"layers allowed to import srdit.commands: {importers}; only the commands may"
+    assert not any(m.startswith("srdit.commands") for allowed in ALSO_MAY_IMPORT.values() for m in allowed)
 
 
 def test_every_module_belongs_to_a_layer():

@@ -16,7 +16,7 @@ import pytest
 import statsmodels.formula.api as smf
 from scipy import stats
 
-from srdit.analysis.command import main
+from srdit.commands.analyze import main
 from srdit.analysis.effects import AnalysisError, analyze, analyze_study
 from srdit.analysis.over_steps import analyze_over_steps, rows_at_step, study_over_steps, study_table
 from srdit.analysis.page import render_report

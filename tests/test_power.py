@@ -28,7 +28,7 @@ import yaml
 from srdit.analysis.effects import Options, analyze, analyze_study
 from srdit.analysis.power import ALPHA, POWER, PowerError, design_power, mde, pooled_sd, power_at
 from srdit.analysis.results import StudyResults
-from srdit.runtime.command import main as study_main
+from srdit.commands.study import main as study_main
 from srdit.study.designs import fractional_matrix, plan_study
 from srdit.study.sizing import _variant, format_power, plan_cells, power_block, propose
 from srdit.study.spec import load_study
@@ -369,7 +369,7 @@ def _error(capsys, *args) -> str:
     assert study_main(["plan", *map(str, args)]) == 2
     cap = capsys.readouterr()
     lines = cap.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), cap.err
+    assert len(lines) == 1 and lines[0].startswith("srdit study plan: error: "), cap.err
     assert "Traceback" not in cap.err
     return lines[0]
 

@@ -14,7 +14,7 @@ LADDER = ROOT / "studies" / "imagenet256_sr_dit_ladder.yaml"
 
 
 def test_ladder_plan_lists_every_missing_input_with_its_making_command(tmp_path, monkeypatch, capsys):
-    from srdit.runtime.command import main
+    from srdit.commands.study import main
 
     monkeypatch.chdir(tmp_path)  # no data/ and no weights/ here
     assert main(["plan", str(LADDER), "--json"]) == 0
@@ -34,13 +34,14 @@ def test_ladder_plan_lists_every_missing_input_with_its_making_command(tmp_path,
 
 
 def test_ladder_run_without_data_exits_2_and_records_nothing(tmp_path, monkeypatch, capsys):
-    from srdit.runtime.command import main
+    from srdit.commands.study import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["run", str(LADDER), "--state", "state"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: study imagenet256_sr_dit_ladder cannot run: 7 problem(s); nothing was started")
+    assert err.startswith("srdit study run: error: study imagenet256_sr_dit_ladder cannot run: 7 problem(s); nothing "
+                          "was started")
     for cmd in ("`srdit preprocess IMAGE_DIR data/imagenet256_invae", "`srdit reference data/imagenet256_invae"):
         assert cmd in err
     assert "Traceback" not in err
@@ -55,7 +56,7 @@ def _study(tmp_path, **kw) -> Path:
 
 
 def test_a_metric_the_runs_do_not_report_is_refused_by_plan_and_run(tmp_path, monkeypatch, capsys):
-    from srdit.runtime.command import main
+    from srdit.commands.study import main
 
     monkeypatch.chdir(tmp_path)
     path = _study(tmp_path, metrics={"primary": "fid", "direction": "min", "others": {"kd_dinov2": "min"}})
@@ -146,7 +147,7 @@ def test_a_trial_that_cannot_fit_is_refused_saying_what_it_needs_and_what_exists
 
 
 def test_run_refuses_a_trial_larger_than_this_machine_before_recording(tmp_path, monkeypatch, capsys):
-    from srdit.runtime.command import main
+    from srdit.commands.study import main
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)

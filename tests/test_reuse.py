@@ -144,7 +144,7 @@ def test_latent_data_enters_by_its_index_checksum(tmp_path, monkeypatch):
 
 
 def test_plan_reuse_without_a_store_reads_nothing_and_creates_nothing(tmp_path):
-    from srdit.runtime.command import plan_reuse
+    from srdit.commands.study import plan_reuse
     from srdit.study.designs import plan_study
     from srdit.study.spec import load_study
 
@@ -189,8 +189,8 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
     Ray; --no-reuse trains again."""
     from mlflow import MlflowClient
 
-    from srdit.runtime.command import main as study_main
-    from srdit.runtime.command import plan_reuse
+    from srdit.commands.study import main as study_main
+    from srdit.commands.study import plan_reuse
     from srdit.study.designs import plan_study
     from srdit.runtime.results import load_results
     from srdit.runtime.driver import run_study

@@ -232,7 +232,7 @@ def checkpoint(tmp_path_factory):
 
 
 def _cli(capsys, *args) -> tuple[int, dict | str]:
-    from srdit.cli import main
+    from srdit.commands import main
 
     code = main(list(args))
     out, err = capsys.readouterr()

@@ -392,7 +392,7 @@ def test_a_crashed_group_training_marks_every_member(tmp_path):
 
 
 def test_study_plan_prints_trainings_and_no_share(tmp_path, capsys):
-    from srdit.runtime.command import main
+    from srdit.commands.study import main
 
     path = _write(tmp_path / "s.yaml", shared_study())
     assert main(["plan", str(path)]) == 0
@@ -418,7 +418,7 @@ def test_the_shipped_shared_study_plans_8_trainings_for_32_trials():
      "checkpoint x.pt: no such checkpoint file; train one with `srdit train`"),
 ])
 def test_bad_checkpoint_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, data, want):
-    from srdit.runtime.command import main
+    from srdit.commands.study import main
 
     monkeypatch.chdir(tmp_path)
     path = _write(tmp_path / "s.yaml", {**shared_study(), **data})

@@ -28,7 +28,7 @@ def _study(tmp_path: Path, name: str = "safe") -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "srdit.runtime.command", *args], cwd=ROOT, env=ENV,
+    return subprocess.run([sys.executable, "-m", "srdit", "study", *args], cwd=ROOT, env=ENV,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -290,7 +290,7 @@ def test_ctrl_c_prints_srdits_resume_line_and_the_rerun_resumes_without_duplicat
     state = tmp_path / "state"
     env = {**ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
-    args = [sys.executable, "-m", "srdit.runtime.command", "run", str(study), "--state", str(state), "--num-cpus", "1"]
+    args = [sys.executable, "-m", "srdit", "study", "run", str(study), "--state", str(state), "--num-cpus", "1"]
     # A terminal's foreground job: Ctrl-C's default disposition. A test run started in the background of a
     # non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
     proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -1,7 +1,7 @@
 """Strict at the door: every kind of bad input is refused when it is loaded, before any training, with one line on
 stderr naming the file and key, no traceback, exit status 2 (or, for overrides and equal values, applied).
 
-One test per kind, each through the command a user runs (`srdit.cli.main` with captured output; a subprocess where
+One test per kind, each through the command a user runs (`srdit.commands.main` with captured output; a subprocess where
 the point is what reaches the terminal)."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from srdit.cli import main
+from srdit.commands import main
 from srdit.config import (RANGE, TEACHER_NAMES, ConfigError, Range, RunConfig, from_dict, to_dict)
 from srdit.study.designs import plan_study
 from srdit.study.spec import load_study, study_from_dict
@@ -70,7 +70,7 @@ def float_keys(cls=RunConfig, prefix: str = "") -> list[str]:
 def test_duplicate_key_in_a_run_yaml_names_the_key_and_both_lines(tmp_path, capsys):
     p = write(tmp_path, "run.yaml", "train:\n  steps: 80\nmodel:\n  qk_norm: true\ntrain:\n  steps: 6000\n")
     line = refused(capsys, "train", p, "--print-config")
-    assert line.startswith(f"srdit: error: {p}: line 5:") and "'train' is given twice" in line
+    assert line.startswith(f"srdit train: error: {p}: line 5:") and "'train' is given twice" in line
     assert "lines 1 and 5" in line
 
 
@@ -295,9 +295,10 @@ def test_the_yaml_11_spellings_that_are_kept(tmp_path):
 ])
 def test_yaml_that_is_not_text(tmp_path, capsys, content, says):
     p = write(tmp_path, "bad.yaml", content)
-    assert refused(capsys, "train", p, "--print-config").startswith(f"srdit: error: {p}: {says}")
-    assert refused(capsys, "study", "plan", p).startswith(f"error: {p}: {says}")
-    assert refused(capsys, "study", "run", p, "--state", tmp_path / "state").startswith(f"error: {p}: {says}")
+    assert refused(capsys, "train", p, "--print-config").startswith(f"srdit train: error: {p}: {says}")
+    assert refused(capsys, "study", "plan", p).startswith(f"srdit study plan: error: {p}: {says}")
+    assert refused(capsys, "study", "run", p, "--state", tmp_path / "state").startswith(
+        f"srdit study run: error: {p}: {says}")
     line = refused(capsys, "report", p, "--state", tmp_path / "state")
     assert f"{p}: {says}" in line
     # a study whose base names a run YAML that is binary
@@ -325,7 +326,7 @@ def test_files_that_are_not_checkpoints(tmp_path, capsys, command):
     for kind, (path, says) in checkpoint_cases(tmp_path).items():
         extra = ["--out", tmp_path / "out"] if command == "sample" else []
         line = refused(capsys, command, path, *extra)
-        assert line.startswith(f"srdit: error: {path}: ") and says in line, (kind, line)
+        assert line.startswith(f"srdit {command}: error: {path}: ") and says in line, (kind, line)
 
 
 def test_a_checkpoint_holding_a_foreign_config(tmp_path, capsys):
@@ -340,8 +341,8 @@ def test_a_raw_pickle_reaches_the_terminal_as_one_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "srdit", "sample", str(path), "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert r.returncode == 2
-    assert r.stderr.splitlines() == [f"srdit: error: {path}: not a readable srdit checkpoint: a plain pickle, not a "
-                                     f"file written by torch.save (`srdit train` writes RUN/checkpoints/last.pt)"]
+    assert r.stderr.splitlines() == [f"srdit sample: error: {path}: not a readable srdit checkpoint: a plain pickle, "
+                                     f"not a file written by torch.save (`srdit train` writes RUN/checkpoints/last.pt)"]
 
 
 def test_a_corrupt_checkpoint_on_resume(tmp_path, capsys):

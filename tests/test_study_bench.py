@@ -139,7 +139,7 @@ def test_parent_run_describes_the_study_and_carries_headline_results(tmp_path):
     from mlflow import MlflowClient
 
     from srdit.analysis.effects import analyze_study
-    from srdit.report_command import headline_results
+    from srdit.commands.report import headline_results
     from srdit.runtime.driver import prepare
     from srdit.study.spec import load_study
 
@@ -185,7 +185,7 @@ def test_sigkill_of_srdit_ui_frees_its_port(tmp_path):
     state.mkdir()
     MlflowClient(default_tracking_uri(state)).create_experiment("ui_kill")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "srdit.runtime.command", "ui", "--state", str(state), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "srdit", "ui", "--state", str(state), "--port",
                              str(port)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     line, deadline = "", time.time() + 120

@@ -12,8 +12,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from srdit.analysis.command import main as analyze_main
-from srdit.runtime.command import main as study_main
+from srdit.commands.analyze import main as analyze_main
+from srdit.commands.study import main as study_main
 
 sys.path.insert(0, str(Path(__file__).parent))
 

@@ -28,7 +28,7 @@ def _children(uri: str, name: str):
 def _cli(study: Path, state: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "srdit.runtime.command", "run", str(study), "--state", str(state),
+    return subprocess.Popen([sys.executable, "-m", "srdit", "study", "run", str(study), "--state", str(state),
                              "--num-cpus", "2"], cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
                             start_new_session=True)
 

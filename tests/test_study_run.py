@@ -31,7 +31,7 @@ def ray_local():
 def test_full_factorial_study_into_sqlite(tmp_path, ray_local):
     from mlflow import MlflowClient
 
-    from srdit.report_command import make_report
+    from srdit.commands.report import make_report
     from srdit.runtime.results import load_results
     from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study

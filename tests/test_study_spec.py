@@ -116,7 +116,7 @@ def test_malformed_study_files_give_one_line_errors(tmp_path):
     cases["missing.yaml"] = (tmp_path / "missing.yaml", "no such file")
     cases["folder"] = (tmp_path, "is a folder")
     assert len(cases) >= 8
-    procs = {name: subprocess.Popen([sys.executable, "-m", "srdit.runtime.command", "plan", str(path)], cwd=ROOT,
+    procs = {name: subprocess.Popen([sys.executable, "-m", "srdit", "study", "plan", str(path)], cwd=ROOT,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for name, (path, _) in cases.items()}
     for name, p in procs.items():
@@ -125,21 +125,21 @@ def test_malformed_study_files_give_one_line_errors(tmp_path):
         assert p.returncode == 2, (name, out, err)
         assert "Traceback" not in err, (name, err)
         lines = err.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error: "), (name, err)
+        assert len(lines) == 1 and lines[0].startswith("srdit study plan: error: "), (name, err)
         assert match in lines[0], (name, lines[0])
 
 
 def test_plan_command_prints_cells_cost_and_json():
     import json
 
-    r = subprocess.run([sys.executable, "-m", "srdit.runtime.command", "plan", "studies/digits_quick.yaml"], cwd=ROOT,
+    r = subprocess.run([sys.executable, "-m", "srdit", "study", "plan", "studies/digits_quick.yaml"], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "cells (8)" in r.stdout and "trials: 16" in r.stdout and "estimated wall time" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "srdit.runtime.command", "plan", "studies/digits_factorial.yaml",
+    r = subprocess.run([sys.executable, "-m", "srdit", "study", "plan", "studies/digits_factorial.yaml",
                         "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     j = json.loads(r.stdout)
     assert j["resolution"] == 5 and len(j["cells"]) == 16 and j["aliases"] and j["cost"]["trials"] == 48
-    r = subprocess.run([sys.executable, "-m", "srdit.runtime.command", "plan"], cwd=ROOT, capture_output=True,
+    r = subprocess.run([sys.executable, "-m", "srdit", "study", "plan"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -11,7 +11,7 @@ from test_dinov2 import _latent_folder, dino_root  # noqa: F401  (dino_root is a
 from srdit.data import teacher_cache as store
 from srdit.data.latents import LatentStream
 from srdit.encoders import load_teacher
-from srdit.teacher_cache_command import main as cache_teacher
+from srdit.commands.cache_teacher import main as cache_teacher
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from srdit import config as C
-from srdit.cli import main
+from srdit.commands import main
 from srdit.config import ConfigError, RunConfig
 from srdit.techniques import (SRDIT_STACK, TECHNIQUES, Technique, custom_technique, load_run_config, merge_diffs,
                               preset, run_config_from_dict, technique, with_techniques)

@@ -76,7 +76,7 @@ def test_ui_command_serves_the_embedded_store_and_stops_on_ctrl_c(tmp_path):
     state.mkdir()
     MlflowClient(default_tracking_uri(state)).create_experiment("ui_probe")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "srdit.runtime.command", "ui", "--state", str(state), "--port",
+    proc = subprocess.Popen([sys.executable, "-m", "srdit", "ui", "--state", str(state), "--port",
                              str(port)], cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

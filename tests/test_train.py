@@ -66,7 +66,7 @@ def test_run_folder_contents(tmp_path):
 
 
 def srdit(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "srdit.cli", *args], capture_output=True, text=True, cwd=cwd,
+    return subprocess.run([sys.executable, "-m", "srdit", *args], capture_output=True, text=True, cwd=cwd,
                           timeout=300)
 
 

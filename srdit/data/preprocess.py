@@ -28,7 +28,7 @@ writes index.json (a part that finds every shard complete writes it too). Or let
     srdit preprocess IMAGE_DIR OUT ... --ray 32      # 32 tasks, one GPU each, over the cluster in RAY_ADDRESS
 
 This module is the single-process part (it takes a loaded `Tokenizer`); the command line is
-`srdit.preprocess_command` and the Ray fan-out `srdit.runtime.preprocess_ray`.
+`srdit.commands.preprocess` and the Ray fan-out `srdit.runtime.preprocess_ray`.
 """
 
 from __future__ import annotations

@@ -9,10 +9,8 @@ class tokens for KD_DINOv2.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,29 +93,3 @@ def _bar(enabled: bool | None, total: int):
 
     return Bar()
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="srdit reference", description=__doc__.split("\n\n")[0])
-    p.add_argument("source", help="ImageNet-style image folder, or a latent folder written with --keep-images")
-    p.add_argument("out", help="output .npz (set it as eval.reference)")
-    p.add_argument("--inception", help="FID Inception weights (default: $SRDIT_INCEPTION_WEIGHTS)")
-    p.add_argument("--dinov2", help="local DINOv2 folder: also store ViT-L/14 features for KD_DINOv2")
-    p.add_argument("--n", type=int, default=50_000, help="real images (a seeded random subset; default 50000)")
-    p.add_argument("--resolution", type=int, default=256, help="crop side for an image folder")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--device", default="auto")
-    args = p.parse_args(argv)
-    t0 = time.perf_counter()
-    try:
-        path = build_reference(args.source, args.out, inception=args.inception, n=args.n, resolution=args.resolution,
-                               dinov2=args.dinov2, seed=args.seed, batch_size=args.batch_size, device=args.device)
-    except (ValueError, FileNotFoundError, ImportError, OSError) as e:
-        print(f"srdit reference: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
-    print(f"{path}: reference statistics written ({time.perf_counter() - t0:.0f} s)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,6 +6,7 @@ trial: `TrialContext`, `execute_trial`, `execute_group`), data_parallel (a trial
 tracking (the MLflow run tree), reuse (content keys; finished runs adopted across studies), lock (one driver per
 study), occupancy (trials sharing a machine), bench (the controlled throughput measurement), results and export
 (MLflow -> `srdit.analysis.results.StudyResults`, CSV), ray_parts / preprocess_ray / teacher_cache_ray (jobs split
-into Ray tasks), mlflow_app (the tracking server's app), command (`srdit study ...`, `srdit ui`).
+into Ray tasks), mlflow_app (the tracking server's app). Its commands (`srdit study ...`, `srdit ui`) live in
+`srdit.commands`.
 Heavy imports (ray, mlflow, torch) are lazy where a module is imported by a command that may not need them.
 """

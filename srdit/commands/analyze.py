@@ -7,24 +7,24 @@ Exit codes: 0 ok, 2 bad input (one line on stderr, no traceback).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from srdit.analysis.effects import Analysis, AnalysisError, analyze
 from srdit.analysis.over_steps import OverSteps, analyze_over_steps, evaluated_steps, rows_at_step
+from srdit.analysis.reading import cells_to_runs, is_cells_table, read_table
+from srdit.commands.errors import ArgError, OneLineParser, fail
 
 PROG = "srdit analyze"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the `analyze` options to `parser` (reused by the srdit CLI's subcommand)."""
+    """Add the `analyze` options to `parser` (for a caller that builds its own parser; `run` runs them)."""
     parser.add_argument("runs", metavar="RUNS.csv", help="table with one row per trial (CSV, or .parquet/.json)")
     parser.add_argument("--factors", required=True,
                         help="comma-separated technique columns coded 0/1 (pair names follow this order)")
@@ -60,84 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-class _ArgError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, no usage dump
-        raise _ArgError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    return add_arguments(_Parser(prog=PROG, description=__doc__.splitlines()[0]))
-
-
-def read_table(path: str | Path, metric: str | None = None, status_col: str | None = "status",
-               notes=None) -> pd.DataFrame:
-    """Read a results table; raises AnalysisError with a one-line message naming the file.
-
-    Refused: a CSV header that names a column twice (pandas would rename the second and the analysis would read
-    the first without a word), and a finished row (status in effects.OK_STATUSES, or every row when there is no
-    status column) whose `metric` holds text that is not a number. The rule for a finished row with an empty or
-    non-finite metric is the architecture's (a missing value means the run failed: it counts as diverged); it is
-    printed to `notes` (a stream, e.g. stderr) when it applies."""
-    p = Path(path)
-    if not p.exists():
-        raise AnalysisError(f"cannot read {p}: no such file")
-    if p.is_dir():
-        raise AnalysisError(f"cannot read {p}: it is a directory")
-    try:
-        if p.suffix == ".parquet":
-            df = pd.read_parquet(p)
-        elif p.suffix == ".json":
-            df = pd.read_json(p)
-        else:
-            header = _csv_header(p)
-            df = pd.read_csv(p)
-    except pd.errors.EmptyDataError:
-        raise AnalysisError(f"{p} is empty") from None
-    except UnicodeDecodeError:
-        raise AnalysisError(f"cannot read {p}: not a text CSV file") from None
-    except (pd.errors.ParserError, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AnalysisError(f"cannot read {p}: {first}") from None
-    if p.suffix not in (".parquet", ".json"):
-        for i, name in enumerate(header):
-            if name in header[:i]:
-                raise AnalysisError(f"{p}: column {name!r} appears twice in the header (columns "
-                                    f"{header.index(name) + 1} and {i + 1}); rename or drop one")
-    if df.empty:
-        raise AnalysisError(f"{p} has a header but no rows")
-    if metric is not None and metric in df.columns:
-        _check_metric(p, df, metric, status_col, notes)
-    return df
-
-
-def _csv_header(p: Path) -> list[str]:
-    with p.open(newline="", encoding="utf-8") as f:
-        return next(csv.reader(f), [])
-
-
-def _check_metric(p: Path, df: pd.DataFrame, metric: str, status_col: str | None, notes) -> None:
-    from srdit.analysis.effects import OK_STATUSES
-
-    if status_col and status_col in df.columns:
-        finished = df[status_col].fillna("").astype(str).str.strip().str.lower().isin(OK_STATUSES)
-    else:
-        finished = pd.Series(True, index=df.index)
-    values = pd.to_numeric(df[metric], errors="coerce")
-    text = finished & df[metric].notna() & values.isna()
-    if text.any():
-        i = int(text.to_numpy().nonzero()[0][0])
-        where = f"line {i + 2}" if p.suffix not in (".parquet", ".json") else f"row {i + 1}"
-        raise AnalysisError(f"{p} {where}: {metric} = {df[metric].iloc[i]!r} in a finished row is not a number "
-                            f"({int(text.sum())} such row(s)); fix the value, or give the row the status of the "
-                            f"failure it records")
-    missing = finished & ~np.isfinite(values.astype(float))
-    if missing.any() and notes is not None:
-        print(f"note: {int(missing.sum())} finished row(s) of {p} have no finite {metric}; they count as diverged "
-              f"(a missing or non-finite metric means the run failed)", file=notes)
+    return add_arguments(OneLineParser(prog=PROG, description=__doc__.splitlines()[0]))
 
 
 def _fmt(x: Any, nd: int = 4) -> str:
@@ -249,46 +173,6 @@ def _print(head: str, tabs: list, notes: list[str], stream) -> None:
         console.print(f"note: {n}", highlight=False, markup=False, emoji=False)
 
 
-#: the columns of a report's cells.csv (one row per cell: `Cell.to_json()`)
-CELLS_COLUMNS = frozenset({"combo", "on", "n", "n_finished", "n_failed", "failures", "mean", "sd"})
-
-
-def is_cells_table(df: pd.DataFrame) -> bool:
-    return CELLS_COLUMNS <= set(df.columns)
-
-
-def cells_to_runs(cells: pd.DataFrame, factors: list[str], metric: str, path: str) -> pd.DataFrame:
-    """Runs with the same sufficient statistics as a report's cells.csv: per cell, n_finished values with exactly
-    the cell's mean and standard deviation (mean + sd * z, z standardised), plus one failed row per recorded
-    failure with its status. OLS effects, pure error and tests equal those of the original runs analysed without a
-    seed block (seeds are not in cells.csv)."""
-    import numpy as np
-
-    rows = []
-    for r in cells.itertuples(index=False):
-        try:
-            on = set(json.loads(r.on)) if isinstance(r.on, str) else set(r.on)
-            failures = json.loads(r.failures) if isinstance(r.failures, str) else dict(r.failures or {})
-        except (ValueError, TypeError):
-            raise AnalysisError(f"{path}: cell '{r.combo}' has an unreadable 'on' or 'failures' column") from None
-        unknown = on - set(factors)
-        if unknown:
-            raise AnalysisError(f"{path}: cell '{r.combo}' turns on {sorted(unknown)}, not in --factors {factors}")
-        lv = {f: int(f in on) for f in factors}
-        n = int(r.n_finished)
-        if n:
-            z = np.zeros(n) if n == 1 else np.linspace(-1.0, 1.0, n)
-            if n > 1:
-                z = (z - z.mean()) / z.std(ddof=1)
-            sd = float(r.sd) if n > 1 and pd.notna(r.sd) else 0.0
-            rows += [{**lv, "cell": r.combo, "status": "finished", metric: float(r.mean) + sd * v} for v in z]
-        for st, k in failures.items():
-            rows += [{**lv, "cell": r.combo, "status": st, metric: float("nan")}] * int(k)
-    if not rows:
-        raise AnalysisError(f"{path} has no cells")
-    return pd.DataFrame(rows)
-
-
 def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
     """Run the command from parsed arguments (for a caller that built its own parser with add_arguments)."""
     stdout = stdout or sys.stdout
@@ -342,8 +226,7 @@ def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
                                     f"{e.strerror or type(e).__name__}") from None
             print(f"report: {path}", file=stderr)
     except AnalysisError as e:
-        print(f"{PROG}: error: {e}", file=stderr)
-        return 2
+        return fail(PROG, str(e), stderr)
     try:
         if args.format == "json":
             json.dump(ov.to_json() if ov is not None else result.to_json(), stdout, indent=2, allow_nan=False)
@@ -407,11 +290,7 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     stderr = stderr or sys.stderr
     try:
         args = build_parser().parse_args(argv)
-    except _ArgError as e:
-        print(f"{PROG}: error: {e}", file=stderr)
-        return 2
+    except ArgError as e:
+        return fail(e.prog, e.message, stderr)
     return run(args, stdout=stdout, stderr=stderr)
 
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))

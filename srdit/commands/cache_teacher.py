@@ -17,13 +17,15 @@ import time
 
 import torch
 
-from srdit.argparsing import ArgError, OneLineParser
+from srdit.commands.errors import ArgError, OneLineParser, fail, first_line
 from srdit.data import teacher_cache as store
 from srdit.data.latents import read_index
 
+PROG = "srdit cache-teacher"
 
-def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="srdit cache-teacher", description="Alignment-teacher tokens of a latent folder, once.")
+
+def cache_teacher_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Alignment-teacher tokens of a latent folder, once.")
     p.add_argument("data", help="latent folder written by `srdit preprocess --keep-images`")
     p.add_argument("--teacher", default="dinov2_vitb14", help="teacher name (data.teacher)")
     p.add_argument("--teacher-path", default=None, help="local folder of the teacher's weights (data.teacher_path)")
@@ -41,20 +43,19 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`srdit cache-teacher ...`; returns the exit code (2 and one line on stderr for bad input)."""
     try:
-        args = _parser().parse_args(argv)
+        args = cache_teacher_parser().parse_args(argv)
         if args.part and args.ray:
-            raise ArgError("srdit cache-teacher: --ray N splits the work itself; leave out --part")
+            raise ArgError(PROG, "--ray N splits the work itself; leave out --part")
         k, parts = 0, 1
         if args.part:
             try:
                 k, parts = (int(v) for v in args.part.split("/"))
                 store.part_range(1, parts, k)
             except ValueError:
-                raise ArgError(f"srdit cache-teacher: --part {args.part!r}: expected K/N with 0 <= K < N, "
-                                f"e.g. 0/8") from None
+                raise ArgError(PROG, f"--part {args.part!r}: expected K/N with 0 <= K < N, e.g. 0/8") from None
         if args.ray is not None:
             if args.ray < 1:
-                raise ArgError(f"srdit cache-teacher: --ray {args.ray}: expected a positive number of parts")
+                raise ArgError(PROG, f"--ray {args.ray}: expected a positive number of parts")
             parts = args.ray
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         index = read_index(args.data)
@@ -82,15 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.out}: {done} part(s) computed in {time.perf_counter() - t0:.0f} s; cache {state}")
         return 0
     except ArgError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e.prog, e.message)
     except (ValueError, FileNotFoundError, ImportError, OSError, KeyError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+        return fail(PROG, first_line(e))
     except KeyboardInterrupt:
         print("srdit cache-teacher: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,8 +3,8 @@
 
 The command joins the two layers below it: the runtime reads the runs (`srdit.runtime.results.load_results`),
 the analysis layer fits them once (`srdit.analysis.report_fit`) and renders the fit
-(`srdit.analysis.page`, `srdit.analysis.records`). Dispatched by srdit.cli; also
-`python -m srdit.report_command STUDY.yaml ...`. Bad input prints one line on stderr, exit code 2.
+(`srdit.analysis.page`, `srdit.analysis.records`). Bad input prints one line on stderr
+(`srdit report: error: ...`), exit code 2.
 """
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from srdit.argparsing import ArgError, OneLineParser, fail
+from srdit.commands.errors import ArgError, OneLineParser, fail
+from srdit.commands.study import DEFAULT_DASHBOARDS, DEFAULT_STATE
 from srdit.config import ConfigError
-from srdit.runtime.command import DEFAULT_DASHBOARDS, DEFAULT_STATE
+
+PROG = "srdit report"
 
 
 def _quiet() -> None:
@@ -25,26 +27,26 @@ def _quiet() -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def _report_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="srdit report", description="Render a study's dashboard from its MLflow runs.")
-    p.add_argument("study")
-    p.add_argument("--state", default=DEFAULT_STATE)
+def report_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Render a study's dashboard from its MLflow runs.")
+    p.add_argument("study", help="the study YAML")
+    p.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
     p.add_argument("--out", default=DEFAULT_DASHBOARDS, help="dashboards folder (the report goes to OUT/<study>/)")
     p.add_argument("--no-bootstrap", action="store_true", help="skip bootstrap CIs (faster)")
     return p
 
 
-def report_main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """`srdit report STUDY.yaml [--state DIR]`; returns the exit code."""
     _quiet()
     try:
-        args = _report_parser().parse_args(argv)
+        args = report_parser().parse_args(argv)
     except ArgError as e:
-        return fail(str(e))
+        return fail(e.prog, e.message)
     try:
         path = make_report(args.study, args.state, args.out, bootstrap=not args.no_bootstrap)
     except ConfigError as e:
-        return fail(str(e))
+        return fail(PROG, str(e))
     print(f"report: {path}")
     return 0
 
@@ -127,6 +129,3 @@ def headline_results(analyses: dict, primary: str) -> tuple[dict[str, float], di
         tags[f"result.{mm}.incompatible"] = ", ".join(flags) or "none flagged"
     return {k: float(v) for k, v in metrics.items() if v == v}, tags
 
-
-if __name__ == "__main__":
-    sys.exit(report_main(sys.argv[1:]))

@@ -16,17 +16,19 @@ import time
 
 import torch
 
-from srdit.argparsing import ArgError, OneLineParser
+from srdit.commands.errors import ArgError, OneLineParser, fail, first_line
 from srdit.data import latents as store
 from srdit.data.preprocess import DTYPES, preprocess
 from srdit.encoders import load_tokenizer
 
+PROG = "srdit preprocess"
 
-def _parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="srdit preprocess", description="Image folder -> ADM center crops -> latent shards (resumable).")
+
+def preprocess_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description="Image folder -> ADM center crops -> latent shards (resumable).")
     p.add_argument("source", nargs="?", help="ImageNet-style folder: one sub-folder of images per class")
     p.add_argument("out", nargs="?", help="output latent folder (rerun the same command to resume)")
-    p.add_argument("--tokenizer", choices=("invae", "sdvae"), default="invae")
+    p.add_argument("--tokenizer", choices=("invae", "sdvae"), default="invae", help="the VAE that encodes the crops")
     p.add_argument("--weights", help="INVAE: e2e-invae-400k.pt (or its folder); SD-VAE: a diffusers folder")
     p.add_argument("--resolution", type=int, default=256, help="crop side in pixels (256 or 512)")
     p.add_argument("--shard-size", type=int, default=1000, help="images per shard")
@@ -49,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """`srdit preprocess ...`; returns the exit code (2 and one line on stderr for bad input)."""
     try:
-        args = _parser().parse_args(argv)
+        args = preprocess_parser().parse_args(argv)
         if args.verify:
             problems = store.verify(args.verify, checksums=not args.quick)
             if problems:
@@ -61,11 +63,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"({'sizes' if args.quick else 'checksums'} verified)")
             return 0
         if not args.source or not args.out or not args.weights:
-            raise ArgError("srdit preprocess: give SOURCE OUT --weights PATH (or --verify DIR)")
+            raise ArgError(PROG, "give SOURCE OUT --weights PATH (or --verify DIR)")
         try:
             k, n = (int(v) for v in args.part.split("/"))
         except ValueError:
-            raise ArgError(f"srdit preprocess: --part {args.part!r}: expected K/N, e.g. 0/8") from None
+            raise ArgError(PROG, f"--part {args.part!r}: expected K/N, e.g. 0/8") from None
         device = args.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                   keep_images=args.keep_images, dtype=args.dtype, workers=args.workers, limit=args.limit)
         if args.ray:
             if n != 1:
-                raise ArgError("srdit preprocess: --ray N splits the work itself; leave out --part")
+                raise ArgError(PROG, "--ray N splits the work itself; leave out --part")
             from srdit.runtime.preprocess_ray import preprocess_on_ray
 
             index = preprocess_on_ray(args.source, args.out, args.tokenizer, args.weights, parts=args.ray, **kw)
@@ -90,15 +92,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{index['latent_shape']} ({dt:.0f} s)")
         return 0
     except ArgError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e.prog, e.message)
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
-        print(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        return 2
+        return fail(PROG, first_line(e))
     except KeyboardInterrupt:
         print("srdit preprocess: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""Commands of the study layer (dispatched by srdit.cli; also `python -m srdit.runtime.command ...`):
+"""`srdit study ...`: plan, run, resume, export, status and bench a study YAML.
 
     srdit study plan STUDY.yaml [--json]              cells, excluded cells, aliases, trial count, cost, the
                       [--state DIR]                   preflight (missing inputs, unreported metrics, resources),
@@ -11,10 +11,11 @@
                                                       it unless --no-reuse (srdit.runtime.reuse)
     srdit study resume STUDY.yaml [--state DIR]       the same as run (finishes what is unfinished)
     srdit study status STUDY.yaml [--state DIR]       each trial's status, counts, the driver, what a rerun will do
+    srdit study export STUDY.yaml [--csv PATH]        one row per trial from MLflow, for `srdit analyze`
     srdit study bench STUDY.yaml [--state DIR]        time one training step of every cell, interleaved
-    srdit ui [--state DIR] [--port N]                 mlflow server on 127.0.0.1 over the embedded store
 
-Bad input (a malformed study file, a missing path, a wrong argument) prints one line on stderr, exit code 2.
+Bad input (a malformed study file, a missing path, a wrong argument) prints one line on stderr
+(`srdit study <sub-command>: error: ...`), exit code 2.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from srdit.argparsing import ArgError, OneLineParser, fail
+from srdit.commands.errors import ArgError, OneLineParser, fail
 from srdit.config import ConfigError
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -37,7 +38,7 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # no config box / TensorBoard 
 os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 DEFAULT_STATE = "state"
-DEFAULT_DASHBOARDS = "dashboards"  # where `srdit report` (srdit/report_command.py) writes
+DEFAULT_DASHBOARDS = "dashboards"  # where `srdit report` (srdit/commands/report.py) writes
 
 
 def _concurrency(spec) -> int:
@@ -46,12 +47,12 @@ def _concurrency(spec) -> int:
     return min(n, spec.resources.max_concurrent) if spec.resources.max_concurrent else n
 
 
-def _study_parser() -> argparse.ArgumentParser:
+def study_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="srdit study", description="Plan, run and resume ablation studies.")
     sub = p.add_subparsers(dest="cmd", parser_class=OneLineParser)
     sub.required = True
     pl = sub.add_parser("plan", help="print the cells, excluded cells, aliases, trial count and cost; run nothing")
-    pl.add_argument("study")
+    pl.add_argument("study", help="the study YAML")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
     pl.add_argument("--steps-per-s", type=float, default=None, help="throughput assumption of the time estimate")
     pl.add_argument("--concurrency", type=int, default=None, help="trials at once (default: cores / cpus per trial)")
@@ -68,7 +69,7 @@ def _study_parser() -> argparse.ArgumentParser:
     pl.add_argument("--no-share", action="store_true", help="plan one training per trial (as `study run --no-share`)")
     for name, help_ in (("run", "run every unfinished trial"), ("resume", "finish an interrupted study (= run)")):
         r = sub.add_parser(name, help=help_)
-        r.add_argument("study")
+        r.add_argument("study", help="the study YAML")
         r.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
         r.add_argument("--retry-failed", action="store_true",
                        help="also rerun trials that ended diverged or oom (crashed trials are always rerun)")
@@ -82,16 +83,16 @@ def _study_parser() -> argparse.ArgumentParser:
                        help="train every trial, even one whose finished run (same training config, data, code and "
                             "evaluation settings) is already in the store")
     ex = sub.add_parser("export", help="write one row per trial (factors, seed, status, every metric) from MLflow")
-    ex.add_argument("study")
+    ex.add_argument("study", help="the study YAML")
     ex.add_argument("--csv", nargs="?", const="", default="", metavar="PATH",
                     help="CSV file to write (default: <study>_runs.csv)")
-    ex.add_argument("--state", default=DEFAULT_STATE)
+    ex.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
     st = sub.add_parser("status", help="each trial's status, counts, and what a rerun will do")
-    st.add_argument("study")
-    st.add_argument("--state", default=DEFAULT_STATE)
+    st.add_argument("study", help="the study YAML")
+    st.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
     b = sub.add_parser("bench", help="time one training step of every cell, interleaved in one process")
-    b.add_argument("study")
-    b.add_argument("--state", default=DEFAULT_STATE)
+    b.add_argument("study", help="the study YAML")
+    b.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
     b.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15)")
     b.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 3)")
     return p
@@ -116,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     """`srdit study ...`; returns the exit code."""
     _quiet()
     try:
-        args = _study_parser().parse_args(argv)
+        args = study_parser().parse_args(argv)
     except ArgError as e:
-        return fail(str(e))
+        return fail(e.prog, e.message)
+    prog = f"srdit study {args.cmd}"
     try:
         if args.cmd == "plan":
             return _plan(args)
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(args)
         return _status(args)
     except ConfigError as e:
-        return fail(str(e))
+        return fail(prog, str(e))
     except KeyboardInterrupt:
         cmd = " ".join(["srdit", "study", *(argv if argv is not None else sys.argv[1:])])
         print(f"interrupted; `{cmd}` resumes it (finished trials are kept)", file=sys.stderr)
@@ -178,10 +180,10 @@ def _check_power_args(args) -> None:
     for flag, v, what in (("--noise-sd", args.noise_sd, "the noise sd"), ("--target-mde", args.target_mde,
                                                                           "an effect")):
         if v is not None and not (math.isfinite(v) and v > 0):
-            raise ConfigError(f"srdit study plan: {flag} must be a positive number ({what} of the primary metric on "
+            raise ConfigError(f"{flag} must be a positive number ({what} of the primary metric on "
                               f"its analysis scale), got {v}")
     if args.target_mde is not None and args.noise_sd is None and args.pilot is None:
-        raise ConfigError("srdit study plan: --target-mde needs a noise sd: pass --noise-sd X or --pilot STUDY")
+        raise ConfigError("--target-mde needs a noise sd: pass --noise-sd X or --pilot STUDY")
 
 
 def _power(args, spec, plan, sps: float, conc: int) -> dict:
@@ -387,11 +389,12 @@ def _bench(args) -> int:
     spec = load_study(args.study)
     plan = plan_study(spec)
     if not plan.cells:
-        return fail(f"{args.study}: the bench times the cells of a grid design; a search design has none")
+        return fail("srdit study bench", f"{args.study}: the bench times the cells of a grid design; a search design "
+                                         "has none")
     rounds = DEFAULT_ROUNDS if args.rounds is None else args.rounds
     warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
     if rounds < 3 or warmup < 0:
-        return fail(f"srdit study bench: --rounds must be >= 3 and --warmup >= 0 (got {rounds}, {warmup})")
+        return fail("srdit study bench", f"--rounds must be >= 3 and --warmup >= 0 (got {rounds}, {warmup})")
     with study_lock(args.state, spec.name):  # StudyBusy while a driver runs the study (and no run starts meanwhile)
         rec = run_bench(spec, plan, rounds=rounds, warmup=warmup, echo=lambda s: print(s, flush=True))
         _, tracking, _ = prepare(spec, args.state, plan)
@@ -400,79 +403,3 @@ def _bench(args) -> int:
     print(f"bench: {path} ({rec['seconds']:.0f} s); logged on parent run {tracking.parent_run_id}; "
           f"`srdit report` uses it for throughput effects and the Pareto front")
     return 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# srdit ui
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _ui_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="srdit ui", description="MLflow UI over the embedded store (Ctrl-C stops it).")
-    p.add_argument("--state", default=DEFAULT_STATE)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=5000)
-    return p
-
-
-def ui_main(argv: list[str] | None = None) -> int:
-    """`srdit ui [--state DIR]`: start `mlflow server` on loopback, print the URL, stop cleanly on Ctrl-C."""
-    import time
-
-    from srdit.runtime.lock import state_init_lock
-    from srdit.runtime.tracking import (UI_QUERY, default_tracking_uri, port_free, relocate_store, start_server,
-                                        stop_server)
-
-    try:
-        args = _ui_parser().parse_args(argv)
-    except ArgError as e:
-        return fail(str(e))
-    state = Path(args.state)
-    db = state / "mlflow.db"
-    if not db.exists():
-        return fail(f"no MLflow store at {db}; run `srdit study run STUDY.yaml --state {state}` first")
-    if not port_free(args.host, args.port):
-        return fail(f"port {args.port} on {args.host} is in use; pass --port N")
-    print(f"starting the MLflow UI over {db} ...", flush=True)
-    with state_init_lock(state):
-        relocate_store(state)  # a moved or copied state shows (and writes) its own artifacts
-    studies = []
-    try:  # links that open each study on its runs (MLflow's UI otherwise starts on its GenAI pages)
-        from mlflow import MlflowClient
-
-        studies = [(e.name, e.experiment_id) for e in MlflowClient(default_tracking_uri(state)).search_experiments()
-                   if e.name != "Default"]
-    except Exception:
-        pass
-    try:
-        proc = start_server(default_tracking_uri(state), state / "mlartifacts", args.host, args.port,
-                            log_path=state / "mlflow-ui.log")
-    except RuntimeError as e:
-        return fail(str(e))
-
-    def _interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    import signal
-
-    for sig in (signal.SIGINT, signal.SIGTERM):  # also when started in the background (SIGINT ignored)
-        signal.signal(sig, _interrupt)
-    try:
-        base = f"http://{args.host}:{args.port}"
-        print(f"MLflow UI: {base}/#/{UI_QUERY}  (Ctrl-C to stop; log in {state / 'mlflow-ui.log'})", flush=True)
-        for name, eid in studies:
-            print(f"  {name}: {base}/#/experiments/{eid}{UI_QUERY}", flush=True)
-        while proc.poll() is None:
-            time.sleep(0.5)
-        return fail(f"mlflow server exited with code {proc.returncode}; see {state / 'mlflow-ui.log'}")
-    except KeyboardInterrupt:
-        print("stopping the MLflow UI ...", flush=True)
-        stop_server(proc)
-        return 0
-
-
-if __name__ == "__main__":
-    argv = sys.argv[1:]
-    if argv[:1] == ["ui"]:
-        sys.exit(ui_main(argv[1:]))
-    sys.exit(main(argv))

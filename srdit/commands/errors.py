@@ -1,0 +1,40 @@
+"""The one way a `srdit` command reports bad input: `fail` prints one line `srdit <command>: error: <message>` on
+stderr and returns exit code 2. Every command's parser is a `OneLineParser`, whose errors raise `ArgError` instead
+of printing argparse's usage dump; the command hands the error to `fail`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_USAGE = 2
+"Exit code of bad input (argparse's)."
+
+
+class ArgError(Exception):
+    """A command-line problem of command `prog` (e.g. `srdit study plan`), `message` phrased as one line."""
+
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{prog}: {message}")
+        self.prog, self.message = prog, message
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but an error raises ArgError (one line) instead of printing the usage and exiting."""
+
+    def error(self, message: str):
+        raise ArgError(self.prog, message)
+
+
+def fail(prog: str, message: str, stream=None) -> int:
+    """Print `<prog>: error: <message>` (prog: `srdit <command>`) on `stream` (default stderr); returns 2, the exit
+    code of bad input. The message is one line; only a refusal with a list of reasons (the preflight's) adds them
+    below it, one per line."""
+    print(f"{prog}: error: {message}", file=stream or sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): what `fail` prints for an
+    error raised below the command (a ValueError, a missing file) whose details would not help the user."""
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

@@ -1,0 +1,119 @@
+"""`srdit convert | model-info | techniques`: a reference checkpoint into an srdit one, a model's size and cost, the
+technique registry."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from srdit.commands.errors import ArgError, OneLineParser, fail
+from srdit.commands.run import guarded, parse_and_run
+
+
+def cmd_convert(args) -> int:
+    from srdit.convert import convert_file, target_config
+
+    cfg = target_config(args.preset, args.overrides)
+    print(json.dumps(convert_file(args.source, args.layout, cfg, args.out, args.weights)))
+    return 0
+
+
+def cmd_model_info(args) -> int:
+    from srdit.config import DataConfig, ModelConfig, RunConfig
+    from srdit.techniques import preset, with_techniques
+    from srdit.model import SIZES, build_model, count_macs
+
+    techniques = [t for t in (args.techniques or "").split(",") if t]
+    if args.name in ("SR-DiT-B/1", "digits"):
+        cfg = preset(args.name)
+    else:
+        size, _, patch = args.name.removeprefix("SiT-").removeprefix("DiT-").partition("/")
+        if size not in SIZES or patch not in ("1", "2", "4"):
+            return fail("srdit model-info", f"unknown model {args.name!r}; allowed: SR-DiT-B/1, digits, or "
+                        f"<size>/<patch> with size in {', '.join(SIZES)} and patch 1, 2, 4 (e.g. B/2)")
+        native = dict(in_channels=1, input_size=8, num_classes=10) if size == "debug" else \
+            dict(in_channels=4, input_size=32, num_classes=1000)  # SD-VAE latent of a 256 px image
+        data = DataConfig() if size == "debug" else DataConfig(dataset="latents", path="-")
+        cfg = RunConfig(model=ModelConfig(size=size, patch_size=int(patch), **native), data=data)
+    if techniques:
+        cfg = with_techniques(cfg, techniques)
+    model = build_model(cfg.model)
+    info = {"params": sum(p.numel() for p in model.parameters()), "params_inference": model.inference_parameters(),
+            "gmacs": round(count_macs(model) / 1e9, 4)}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        print(f"{args.name}: {info['params'] / 1e6:.2f}M parameters ({info['params_inference'] / 1e6:.2f}M at "
+              f"inference), {info['gmacs']:.2f} GMACs per image")
+    return 0
+
+
+def cmd_techniques(args) -> int:
+    from srdit.techniques import TECHNIQUES
+
+    if args.json:
+        print(json.dumps([{"name": t.name, "description": t.description, "diff": dict(t.diff), "knobs": dict(t.knobs),
+                           "paper": t.paper, "code": list(t.code), "stage": t.stage} for t in TECHNIQUES.values()],
+                         indent=1))
+        return 0
+    for t in TECHNIQUES.values():
+        print(f"{t.name}: {t.description}")
+        print(f"  diff:   {', '.join(f'{k}={json.dumps(v)}' for k, v in t.diff.items())}")
+        print(f"  stage:  {'training' if t.stage == 'train' else 'evaluation only (shares the training of its cell)'}")
+        if t.knobs:
+            print(f"  knobs:  {', '.join(f'{k} -> {v}' for k, v in t.knobs.items())}")
+        print(f"  paper:  {t.paper}")
+        print(f"  code:   {', '.join(t.code)}")
+    return 0
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    c = OneLineParser(prog="srdit convert")
+    c.add_argument("source", help="the reference checkpoint (.pt)")
+    c.add_argument("overrides", nargs="*", help="key=value overrides of the preset's config (the srdit model must "
+                   "match the checkpoint), e.g. model.size=XL")
+    c.add_argument("--from", dest="layout", required=True, help="the reference code's layout: speedrundit, repa, sit")
+    c.add_argument("--preset", required=True, help="srdit config to convert into: digits, SR-DiT-B/1, or "
+                   "SiT-<size>/<patch> (SD-VAE 256 px latents, e.g. SiT-XL/2)")
+    c.add_argument("--weights", default="ema", help="ema or model: which weights of a training checkpoint "
+                   "(default: ema; a bare state dict is taken as is)")
+    c.add_argument("--out", required=True, help="the srdit checkpoint to write")
+    return c
+
+
+def model_info_parser() -> argparse.ArgumentParser:
+    m = OneLineParser(prog="srdit model-info")
+    m.add_argument("name", help="SR-DiT-B/1, digits, or <size>/<patch> (e.g. XL/2, SiT-B/2)")
+    m.add_argument("--techniques", help="comma-separated techniques to apply")
+    m.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return m
+
+
+def techniques_parser() -> argparse.ArgumentParser:
+    tq = OneLineParser(prog="srdit techniques")
+    tq.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    return tq
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    """`srdit convert SRC --from LAYOUT --preset P --out CKPT [key=value ...]`; returns the exit code."""
+    parser = convert_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if any("=" not in e or e.startswith("-") for e in extra):  # key=value overrides may follow the options
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    except ArgError as e:
+        return fail(e.prog, e.message)
+    args.overrides += extra
+    return guarded(parser.prog, cmd_convert, args)
+
+
+def model_info_main(argv: list[str] | None = None) -> int:
+    """`srdit model-info NAME [--techniques a,b]`; returns the exit code."""
+    return parse_and_run(model_info_parser(), cmd_model_info, argv)
+
+
+def techniques_main(argv: list[str] | None = None) -> int:
+    """`srdit techniques [--json]`; returns the exit code."""
+    return parse_and_run(techniques_parser(), cmd_techniques, argv)
+
