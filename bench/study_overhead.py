@@ -55,10 +55,11 @@ def _phases(runs: list, t_start: float, t_end: float) -> dict:
     """Where an arm's wall time went, from its child runs' start and end times (epoch ms) and the arm's own start
     and end (epoch s): before the first run starts, between one run's end and the next one's start (median), after
     the last run ends, and inside the runs (sum of their trial_wall_s)."""
+    import itertools
     import statistics
 
     spans = sorted((r.info.start_time / 1000, r.info.end_time / 1000) for r in runs)
-    gaps = [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans)]
     return {"startup_s": spans[0][0] - t_start, "between_trials_s": statistics.median(gaps) if gaps else 0.0,
             "teardown_s": t_end - spans[-1][1],
             "sum_trial_wall_s": sum(r.data.metrics.get("trial_wall_s", 0.0) for r in runs)}
