@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 test: setup
-	$(BIN)/python -m pytest -q -ra --timeout=900
+	$(BIN)/python -m pytest -q -ra --timeout=900 --durations=10
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow" --timeout=600

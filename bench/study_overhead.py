@@ -5,7 +5,11 @@
    (b) as a Ray Tune study, one trial at a time (apples to apples with the loop), and
    (c) as a Ray Tune study with the default concurrency (all cores), for context;
    all in the same invocation, each into a fresh state folder.
-   overhead_per_trial_s = (wall of b - wall of a) / trials.
+   overhead_per_trial_s = (wall of b - wall of a) / trials. On a study this small most of it is paid once per
+   study, so it is also split, from the child runs' own start and end times, into `startup_s` (before the first
+   trial's run starts: Ray, Tune, the worker process and its imports), `between_trials_s` (median gap from one
+   trial's run end to the next one's start: the steady per-trial cost) and `teardown_s` (after the last run ends),
+   each arm's own, and their differences in `tune_minus_plain`.
 2. Wall time of the default study (studies/digits_quick.yaml) through the CLI, as `make study` runs it, plus the
    report.
 
@@ -40,12 +44,25 @@ SMALL = {
 }
 
 
-def _trial_seconds(res) -> float:
+def _trial_runs(res) -> list:
     from mlflow import MlflowClient
 
     client = MlflowClient(res.uri)
-    runs = client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
-    return sum(r.data.metrics.get("trial_wall_s", 0.0) for r in runs)
+    return client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+
+
+def _phases(runs: list, t_start: float, t_end: float) -> dict:
+    """Where an arm's wall time went, from its child runs' start and end times (epoch ms) and the arm's own start
+    and end (epoch s): before the first run starts, between one run's end and the next one's start (median), after
+    the last run ends, and inside the runs (sum of their trial_wall_s)."""
+    import itertools
+    import statistics
+
+    spans = sorted((r.info.start_time / 1000, r.info.end_time / 1000) for r in runs)
+    gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans)]
+    return {"startup_s": spans[0][0] - t_start, "between_trials_s": statistics.median(gaps) if gaps else 0.0,
+            "teardown_s": t_end - spans[-1][1],
+            "sum_trial_wall_s": sum(r.data.metrics.get("trial_wall_s", 0.0) for r in runs)}
 
 
 def overhead(work: Path) -> dict:
@@ -59,21 +76,22 @@ def overhead(work: Path) -> dict:
     path.write_text(yaml.safe_dump(SMALL))
 
     spec = study_from_dict(SMALL, path)
-    t = time.perf_counter()
+    t, t_epoch = time.perf_counter(), time.time()
     plain = run_plain(spec, work / "plain")
     out["plain_loop"] = {"wall_s": time.perf_counter() - t, "trials": plain.ran,
-                         "sum_trial_wall_s": _trial_seconds(plain)}
+                         **_phases(_trial_runs(plain), t_epoch, time.time())}
 
     for label, max_conc in (("tune_one_at_a_time", 1), ("tune_concurrent", None)):
         data = {**SMALL, "resources": {"cpus": 1, "max_concurrent": max_conc} if max_conc else {"cpus": 1}}
         spec = study_from_dict(data, path)
-        t = time.perf_counter()
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+        t, t_epoch = time.perf_counter(), time.time()
+        # "local": a private Ray, as `srdit study run` starts (never a `ray start` cluster of the machine)
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
         t_ray = time.perf_counter() - t
         res = run_study(spec, work / label, echo=lambda s: None)
         ray.shutdown()
         out[label] = {"wall_s": time.perf_counter() - t, "ray_init_s": t_ray, "trials": res.ran,
-                      "sum_trial_wall_s": _trial_seconds(res), "statuses": res.statuses,
+                      **_phases(_trial_runs(res), t_epoch, time.time()), "statuses": res.statuses,
                       "max_concurrent": max_conc or os.cpu_count()}
     n = out["plain_loop"]["trials"]
     a, b = out["plain_loop"], out["tune_one_at_a_time"]
@@ -81,6 +99,8 @@ def overhead(work: Path) -> dict:
     out["overhead_per_trial_excluding_ray_start_s"] = (b["wall_s"] - b["ray_init_s"] - a["wall_s"]) / n
     out["in_trial_slowdown"] = b["sum_trial_wall_s"] / a["sum_trial_wall_s"] if a["sum_trial_wall_s"] else None
     out["concurrent_speedup_vs_loop"] = a["wall_s"] / out["tune_concurrent"]["wall_s"]
+    out["tune_minus_plain"] = {k: b[k] - a[k] for k in ("startup_s", "between_trials_s", "teardown_s",
+                                                        "sum_trial_wall_s")}
     return out
 
 
@@ -121,7 +141,11 @@ def main() -> int:
         result["commit"] = git_commit()[0]
         if not args.skip_overhead:
             result["overhead"] = overhead(work)
-            print(f"overhead per trial: {result['overhead']['overhead_per_trial_s']:.2f} s", flush=True)
+            o = result["overhead"]
+            d = o["tune_minus_plain"]
+            print(f"overhead per trial: {o['overhead_per_trial_s']:.2f} s (Tune minus loop: startup "
+                  f"{d['startup_s']:.1f} s once, {d['between_trials_s']:.2f} s between trials, teardown "
+                  f"{d['teardown_s']:.1f} s, inside the trials {d['sum_trial_wall_s']:.1f} s in all)", flush=True)
         if not args.skip_default:
             result["default_study"] = default_study(work, args.study)
             print(f"default study: {result['default_study']['total_wall_s']:.0f} s", flush=True)

@@ -421,7 +421,7 @@ def test_study_with_a_converted_checkpoint_as_a_fixed_arm(tmp_path, monkeypatch,
              "metrics": {"primary": "fd", "direction": "min"}}
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     spec = load_study(tmp_path / "study.yaml")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         res = run_study(spec, tmp_path / "state")
     finally:

@@ -158,7 +158,7 @@ def test_study_trial_on_two_workers_is_a_ray_train_run(tmp_path):
     study = {"name": "dp", "base": base, "techniques": ["cfm"], "seeds": [0],
              "resources": {"cpus": 0.5, "workers": 2}}
     (tmp_path / "dp.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         res = run_study(load_study(tmp_path / "dp.yaml"), tmp_path / "state")
     finally:

@@ -396,7 +396,7 @@ def test_foldover_study_runs_tags_its_halves_and_is_analysed_with_the_block(tmp_
     state = tmp_path / "state"
     from srdit.commands.study import plan_reuse
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         first = run_study(other, state)
         # the plan shows the first half as reused: the folded study's finished runs have the same run keys

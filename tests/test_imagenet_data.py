@@ -343,7 +343,7 @@ def test_ray_parts_write_the_single_process_shards(image_dir, tokenizer, tmp_pat
     finally:
         torch.set_num_threads(threads)
     ref_out = tmp_path / "one"
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         code = main([str(image_dir), str(tmp_path / "latents"), "--weights", str(tokenizer.source), "--resolution",
                      str(RES), "--shard-size", "4", "--batch-size", "3", "--seed", "7", "--keep-images",

@@ -30,7 +30,7 @@ def test_latent_study_prints_fid_while_it_runs_and_its_report_draws_the_fid_curv
     path = tmp_path / "latent_tiny.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     spec, state, lines = load_study(path), tmp_path / "state", []
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         res = run_study(spec, state, echo=lines.append)
     finally:

@@ -269,15 +269,6 @@ def _histories(uri, children, keys=("fd", "loss")) -> dict:
             for r in children.values()}
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
 def test_shared_study_equals_the_unshared_study_per_cell(tmp_path, ray_local):
     """8 cells x 1 seed: one training-time technique and two evaluation-time ones. Shared: 2 trainings; unshared

@@ -19,15 +19,6 @@ def write_study(path: Path, **kw) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
-    yield
-    ray.shutdown()
-
-
 def test_full_factorial_study_into_sqlite(tmp_path, ray_local):
     from mlflow import MlflowClient
 

@@ -27,10 +27,9 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 from scipy import stats
-from statsmodels.stats.multitest import multipletests
 
-from srdit.analysis.effects import (FAILURE_STATUSES, Analysis, AnalysisError, AnalysisFailure, Options, analyze,
-                                    pair_name)
+from srdit.analysis.effects import (FAILURE_STATUSES, Analysis, AnalysisError, AnalysisFailure, Options, _adjust,
+                                    analyze, pair_name)
 from srdit.analysis.results import StudyResults
 
 __all__ = ["STEP_COLUMN", "NOT_EVALUATED", "Point", "Series", "Change", "OverSteps", "evaluated_steps",
@@ -333,9 +332,9 @@ def _changes(table: pd.DataFrame, factors: list[str], metric: str, direction: st
             tested.append((name, kind))
     m = len(tested)
     tcrit = stats.t.ppf(1 - o.alpha / (2 * m), fit.df_resid) if m and fit.has_error else None
-    p_adj = dict(zip(tested, multipletests([fit.p[n] for n, _ in tested], alpha=o.alpha,
-                                           method=o.correction)[1])) if m and o.correction != "none" else \
-        {t: fit.p[t[0]] for t in tested}
+    # _adjust: statsmodels' values without its gc.collect() per call (a long analysis calls this once a step)
+    p_adj = dict(zip(tested, _adjust([fit.p[n] for n, _ in tested], o.correction, o.alpha))) \
+        if m and o.correction != "none" else {t: fit.p[t[0]] for t in tested}
     out = []
     for name, kind in _effect_names(factors):
         raw = fit.main_effects.get(name) if kind == "main" else fit.interactions.get(name)
