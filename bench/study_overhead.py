@@ -109,11 +109,11 @@ def default_study(work: Path, study: str) -> dict:
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
     t = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "srdit.runtime.command", "run", study, "--state", str(state)],
+    run = subprocess.run([sys.executable, "-m", "srdit", "study", "run", study, "--state", str(state)],
                          cwd=ROOT, env=env, capture_output=True, text=True)
     run_s = time.perf_counter() - t
     t = time.perf_counter()
-    rep = subprocess.run([sys.executable, "-m", "srdit.report_command", study, "--state", str(state),
+    rep = subprocess.run([sys.executable, "-m", "srdit", "report", study, "--state", str(state),
                           "--out", str(work / "dashboards")], cwd=ROOT, env=env, capture_output=True, text=True)
     report_s = time.perf_counter() - t
     lines = run.stdout.strip().splitlines()
