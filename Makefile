@@ -9,7 +9,7 @@ STATE ?= state
 export RAY_USAGE_STATS_ENABLED ?= 0
 export PYTHONUNBUFFERED = 1
 
-.PHONY: setup test test-fast study report ui bench docs clean
+.PHONY: setup test test-fast format study report ui bench docs clean
 
 setup: $(STAMP)
 
@@ -22,8 +22,17 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
+# Lint and format check first (one config: pyproject's [tool.ruff]); then the suite on two workers, a test file per
+# worker at a time (module fixtures such as a test module's private Ray stay in one process).
 test: setup
-	$(BIN)/python -m pytest -q -ra --timeout=900 --durations=10
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -ra --timeout=900 --durations=10 -n 2 --dist loadfile
+
+# Rewrites the tree to the house style that `make test` checks.
+format: setup
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow" --timeout=600

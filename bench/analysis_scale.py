@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,20 +42,46 @@ def make_csv(path: Path, n_rows: int, k: int, n_seeds: int, seed: int = 0) -> No
 def run_case(n_rows: int, k: int, n_seeds: int, tmp: Path) -> dict:
     csv = tmp / f"runs_{n_rows}_{k}_{n_seeds}.csv"
     make_csv(csv, n_rows, k, n_seeds)
-    code = ("import resource, sys, time; from srdit.commands.analyze import main; t = time.perf_counter(); "
-            "rc = main(sys.argv[1:], stdout=open('/dev/null', 'w')); "
-            "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rc)")
+    code = (
+        "import resource, sys, time; from srdit.commands.analyze import main; t = time.perf_counter(); "
+        "rc = main(sys.argv[1:], stdout=open('/dev/null', 'w')); "
+        "print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, rc)"
+    )
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", code, str(csv), "--factors", ",".join(f"t{i}" for i in range(k)),
-                          "--metric", "fd", "--direction", "min", "--format", "json"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=1800)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            str(csv),
+            "--factors",
+            ",".join(f"t{i}" for i in range(k)),
+            "--metric",
+            "fd",
+            "--direction",
+            "min",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=1800,
+    )
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
     inner_s, rss_kb, rc = out.stdout.split()
     assert rc == "0", out.stderr[-2000:]
-    return {"rows": n_rows, "factors": k, "seeds": n_seeds, "csv_mb": csv.stat().st_size / 2 ** 20,
-            "wall_s": wall, "analyze_s": float(inner_s), "peak_rss_mb": int(rss_kb) / 1024}
+    return {
+        "rows": n_rows,
+        "factors": k,
+        "seeds": n_seeds,
+        "csv_mb": csv.stat().st_size / 2**20,
+        "wall_s": wall,
+        "analyze_s": float(inner_s),
+        "peak_rss_mb": int(rss_kb) / 1024,
+    }
 
 
 def main() -> None:
@@ -69,8 +94,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for n, k, s in cases:
             r = run_case(n, k, s, Path(tmp))
-            print(f"  analyze {n:,} rows, {k} factors, {s} seeds: {r['wall_s']:.1f} s, peak RSS "
-                  f"{r['peak_rss_mb']:.0f} MB", file=sys.stderr)
+            print(
+                f"  analyze {n:,} rows, {k} factors, {s} seeds: {r['wall_s']:.1f} s, peak RSS "
+                f"{r['peak_rss_mb']:.0f} MB",
+                file=sys.stderr,
+            )
             res.append(r)
     print(json.dumps({"cases": res}))
 

@@ -28,9 +28,18 @@ from srdit.train import JsonlReporter, train  # noqa: E402
 
 
 def _cfg(steps: int, threads: int) -> RunConfig:
-    return apply_diff(RunConfig(), {"train.steps": steps, "train.log_every": 25, "train.ckpt_every": 10 ** 6,
-                                    "train.threads": threads, "eval.n_samples": 20, "eval.batch_size": 20,
-                                    "sample.steps": 2})
+    return apply_diff(
+        RunConfig(),
+        {
+            "train.steps": steps,
+            "train.log_every": 25,
+            "train.ckpt_every": 10**6,
+            "train.threads": threads,
+            "eval.n_samples": 20,
+            "eval.batch_size": 20,
+            "sample.steps": 2,
+        },
+    )
 
 
 def _worker(rank: int, world: int, port: int, out: str, steps: int) -> None:
@@ -66,10 +75,23 @@ def main() -> None:
         ips_one, loss_one = _read(one)
         ips_many, loss_many = _read(many)
     diff = max(abs(loss_many[k] - v) / abs(v) for k, v in loss_one.items())
-    print(json.dumps({"workers": args.workers, "steps": args.steps, "global_batch": 64, "threads_total":
-                      args.workers, "images_per_s_one_process": ips_one, "images_per_s_workers": ips_many,
-                      "ratio_workers_vs_one": ips_many / ips_one, "max_rel_loss_diff": diff,
-                      "wall_one_s": t1 - t0, "wall_workers_s": t2 - t1, "torch": torch.__version__}))
+    print(
+        json.dumps(
+            {
+                "workers": args.workers,
+                "steps": args.steps,
+                "global_batch": 64,
+                "threads_total": args.workers,
+                "images_per_s_one_process": ips_one,
+                "images_per_s_workers": ips_many,
+                "ratio_workers_vs_one": ips_many / ips_one,
+                "max_rel_loss_diff": diff,
+                "wall_one_s": t1 - t0,
+                "wall_workers_s": t2 - t1,
+                "torch": torch.__version__,
+            }
+        )
+    )
 
 
 def _mk(p: Path) -> Path:

@@ -25,11 +25,15 @@ def summarize(rows: list[dict], arms: list[str]) -> dict:
     summary = {}
     for name in [a for a in arms if any(r["arm"] == a for r in rows)]:
         fds = [r["fd"] for r in rows if r["arm"] == name and r["status"] == "finished"]
-        summary[name] = {"fd_mean": statistics.mean(fds), "fd_std": statistics.stdev(fds) if len(fds) > 1 else 0.0,
-                         "n": len(fds)}
+        summary[name] = {
+            "fd_mean": statistics.mean(fds),
+            "fd_std": statistics.stdev(fds) if len(fds) > 1 else 0.0,
+            "n": len(fds),
+        }
         for k in ("kd", "precision", "recall"):
-            summary[name][k + "_mean"] = statistics.mean(r[k] for r in rows if r["arm"] == name and
-                                                         r["status"] == "finished")
+            summary[name][k + "_mean"] = statistics.mean(
+                r[k] for r in rows if r["arm"] == name and r["status"] == "finished"
+            )
     return summary
 
 
@@ -56,9 +60,15 @@ def main() -> None:
                     cfg = apply_diff(cfg, {"train.seed": seed, "train.threads": args.threads})
                     start = time.perf_counter()
                     r = train(cfg, Path(tmp) / f"{name}-{seed}", progress=False)
-                    rows.append({"arm": name, "seed": seed, "status": r.status,
-                                 "wall_s": time.perf_counter() - start,
-                                 **{k: r.metrics.get(k) for k in ("fd", "kd", "precision", "recall", "images_per_s")}})
+                    rows.append(
+                        {
+                            "arm": name,
+                            "seed": seed,
+                            "status": r.status,
+                            "wall_s": time.perf_counter() - start,
+                            **{k: r.metrics.get(k) for k in ("fd", "kd", "precision", "recall", "images_per_s")},
+                        }
+                    )
                     print(json.dumps(rows[-1]), flush=True)
     summary = summarize(rows, list(arms))
     out = {"steps": RunConfig().train.steps, "techniques": list(SRDIT_STACK), "rows": rows, "summary": summary}

@@ -34,14 +34,22 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from srdit.config import apply_diff  # noqa: E402
-from srdit.techniques import preset  # noqa: E402
 from srdit.model import build_model  # noqa: E402
+from srdit.techniques import preset  # noqa: E402
 from srdit.train import TrainStep, make_optimizer  # noqa: E402
 
 # Dense bf16 tensor-core peaks (TFLOP/s, no sparsity), matched against torch.cuda.get_device_name.
 PEAK_BF16_TFLOPS = [
-    ("H200", 989.0), ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0),
-    ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0), ("A10", 125.0),
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("GH200", 989.0),
+    ("B200", 2250.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+    ("A10", 125.0),
 ]
 
 
@@ -60,8 +68,10 @@ def peak_tflops(device: torch.device, override: float | None) -> tuple[float | N
 def arm_config(sprint: bool):
     cfg = preset("SR-DiT-B/1")
     if not sprint:
-        cfg = dataclasses.replace(apply_diff(cfg, {"model.sprint.enabled": False}),
-                                  techniques=tuple(t for t in cfg.techniques if t != "sprint")).validate()
+        cfg = dataclasses.replace(
+            apply_diff(cfg, {"model.sprint.enabled": False}),
+            techniques=tuple(t for t in cfg.techniques if t != "sprint"),
+        ).validate()
     return cfg
 
 
@@ -127,12 +137,26 @@ def reset(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def run_arm(name: str, cfg, device: torch.device, batch: int, steps: int, warmup: int, compile_: bool,
-            peak: float | None, bf16: bool) -> dict:
+def run_arm(
+    name: str,
+    cfg,
+    device: torch.device,
+    batch: int,
+    steps: int,
+    warmup: int,
+    compile_: bool,
+    peak: float | None,
+    bf16: bool,
+) -> dict:
     from torch._dynamo.utils import counters
 
-    out = {"arm": name, "sprint": cfg.model.sprint.enabled, "compile": compile_, "batch": batch,
-           "precision": "bf16" if bf16 else "fp32"}
+    out = {
+        "arm": name,
+        "sprint": cfg.model.sprint.enabled,
+        "compile": compile_,
+        "batch": batch,
+        "precision": "bf16" if bf16 else "fp32",
+    }
     step = None
     try:
         reset(device)
@@ -151,8 +175,9 @@ def run_arm(name: str, cfg, device: torch.device, batch: int, steps: int, warmup
         step.finish()
         total_s = time.perf_counter() - t0
         out["recompiled_while_timed"] = counters["stats"]["unique_graphs"] != graphs
-        out.update(status="ok", images_per_s=round(batch * steps / total_s, 2),
-                   step_ms_mean=round(1e3 * total_s / steps, 2))
+        out.update(
+            status="ok", images_per_s=round(batch * steps / total_s, 2), step_ms_mean=round(1e3 * total_s / steps, 2)
+        )
         if device.type == "cuda":
             out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         del step
@@ -179,8 +204,13 @@ def eval_arm(device: torch.device, n: int, nfe: int = 250, batch: int = 64) -> d
 
     cfg = preset("SR-DiT-B/1")
     sc = dataclasses.replace(cfg.sample, steps=nfe, cfg_scale=1.0, cls_cfg_scale=1.0, path_drop_guidance=False)
-    out = {"arm": "evaluation sampling", "nfe": nfe, "batch": batch, "n": n,
-           "precision": "bf16 autocast" if device.type == "cuda" else "fp32"}
+    out = {
+        "arm": "evaluation sampling",
+        "nfe": nfe,
+        "batch": batch,
+        "n": n,
+        "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+    }
     try:
         reset(device)
         torch.manual_seed(0)
@@ -191,8 +221,12 @@ def eval_arm(device: torch.device, n: int, nfe: int = 250, batch: int = 64) -> d
         _, _, got = generate(model, cfg, n, 1, device, batch, sample_cfg=sc)
         sync(device)
         dt = time.perf_counter() - t0
-        out.update(status="ok", nfe=got, samples_per_s=round(n / dt, 2),
-                   minutes_for_50k_on_8=round(50_000 / (8 * n / dt) / 60, 2))
+        out.update(
+            status="ok",
+            nfe=got,
+            samples_per_s=round(n / dt, 2),
+            minutes_for_50k_on_8=round(50_000 / (8 * n / dt) / 60, 2),
+        )
         if device.type == "cuda":
             out["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     except torch.OutOfMemoryError as e:
@@ -227,14 +261,26 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=256, help="global batch of the timed arms (SR-DiT: 256)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per arm")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per arm (the first compiles)")
-    p.add_argument("--compile", choices=("auto", "both", "on", "off"), default="auto",
-                   help="torch.compile arms: auto = both on CUDA, off on CPU")
+    p.add_argument(
+        "--compile",
+        choices=("auto", "both", "on", "off"),
+        default="auto",
+        help="torch.compile arms: auto = both on CUDA, off on CPU",
+    )
     p.add_argument("--sprint", choices=("both", "on", "off"), default="both")
-    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
-                   help="auto: bf16 autocast on CUDA, fp32 on CPU (as srdit.train; CPU bf16 is very slow)")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="auto: bf16 autocast on CUDA, fp32 on CPU (as srdit.train; CPU bf16 is very slow)",
+    )
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the device (TFLOP/s)")
-    p.add_argument("--eval-n", type=int, default=None,
-                   help="samples of the evaluation arm (default 512 on CUDA, 2 on CPU; 0 = skip)")
+    p.add_argument(
+        "--eval-n",
+        type=int,
+        default=None,
+        help="samples of the evaluation arm (default 512 on CUDA, 2 on CPU; 0 = skip)",
+    )
     p.add_argument("--eval-nfe", type=int, default=None, help="NFE of the evaluation arm (default 250; 2 on CPU)")
     p.add_argument("--out", default=None, help="also write the JSON here")
     args = p.parse_args(argv)
@@ -256,8 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "SR-DiT-B/1: the trainer's step (srdit.train.TrainStep) on random data; evaluation sampling",
         "precision": "bf16 autocast" if bf16 else "fp32",
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "batch": args.batch, "steps": args.steps, "warmup": args.warmup,
-        "peak_bf16_tflops": peak, "peak_source": peak_source,
+        "torch": torch.__version__,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "peak_bf16_tflops": peak,
+        "peak_source": peak_source,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
         "tokens": (cfg.model.input_size // cfg.model.patch_size) ** 2 + (1 if cfg.model.reg.enabled else 0),
         "arms": [],
@@ -266,16 +316,19 @@ def main(argv: list[str] | None = None) -> int:
     for sprint in sprints:
         for compile_ in compiles:
             name = f"{'sprint' if sprint else 'dense'}{'+compile' if compile_ else ''}"
-            arm = run_arm(name, arm_config(sprint), device, args.batch, args.steps, args.warmup, compile_, peak,
-                          bf16)
+            arm = run_arm(name, arm_config(sprint), device, args.batch, args.steps, args.warmup, compile_, peak, bf16)
             result["arms"].append(arm)
             print(f"# {name}: {arm.get('status')} {arm.get('images_per_s', '')} img/s", file=sys.stderr, flush=True)
     eval_n = args.eval_n if args.eval_n is not None else (512 if device.type == "cuda" else 2)
     if eval_n:
         nfe = args.eval_nfe or (250 if device.type == "cuda" else 2)
         result["evaluation"] = eval_arm(device, eval_n, nfe, batch=min(64, eval_n))
-        print(f"# evaluation: {result['evaluation'].get('status')} {result['evaluation'].get('samples_per_s', '')} "
-              f"samples/s", file=sys.stderr, flush=True)
+        print(
+            f"# evaluation: {result['evaluation'].get('status')} {result['evaluation'].get('samples_per_s', '')} "
+            f"samples/s",
+            file=sys.stderr,
+            flush=True,
+        )
     result["reference_memory"] = reference_memory(device)
     text = json.dumps(result, indent=1)
     print(text)

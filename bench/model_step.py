@@ -12,21 +12,20 @@ side of the step is a number. Prints one JSON line."""
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
+import math
 import resource
 import statistics
 import time
 
-import copy
-import math
-
 import torch
 
 from srdit.config import ModelConfig, RunConfig
-from srdit.techniques import preset, with_techniques
 from srdit.model import build_model, count_macs
 from srdit.parallel import DataParallel
+from srdit.techniques import preset, with_techniques
 from srdit.train import TrainStep, make_optimizer
 from srdit.transport.objective import StepNoise, training_losses
 
@@ -34,9 +33,15 @@ from srdit.transport.objective import StepNoise, training_losses
 def arm_config(techniques: list[str]) -> RunConfig:
     """SiT-B/1 on 32x16x16 with only `techniques` on (the REPA / REG widths are the paper's, switched off)."""
     srdit = preset("SR-DiT-B/1")
-    model = ModelConfig(size="B", patch_size=1, in_channels=32, input_size=16, num_classes=1000,
-                        repa=dataclasses.replace(srdit.model.repa, enabled=False),
-                        reg=dataclasses.replace(srdit.model.reg, enabled=False))
+    model = ModelConfig(
+        size="B",
+        patch_size=1,
+        in_channels=32,
+        input_size=16,
+        num_classes=1000,
+        repa=dataclasses.replace(srdit.model.repa, enabled=False),
+        reg=dataclasses.replace(srdit.model.reg, enabled=False),
+    )
     plain = RunConfig(model=model, data=srdit.data)
     return with_techniques(plain, techniques) if techniques else plain.validate()
 
@@ -99,8 +104,9 @@ def legacy_step(cfg, batch: int):
     tc, dp, device = cfg.train, DataParallel(), torch.device("cpu")
     model = build_model(cfg.model)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
-                            weight_decay=tc.weight_decay)
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay
+    )
     x0, y, teacher = batch_for(cfg, batch)
     shift = cfg.shift_value()
     sums: dict[str, float] = {}
@@ -140,9 +146,15 @@ def trainer_summary(arm: str, batch: int, threads: int, times: dict[str, list[fl
         q1, q2, q3 = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else values * 3
         return {"median": q2, "q1": q1, "q3": q3, "min": min(values), "max": max(values), "rounds": len(values)}
 
-    return {"arm": arm, "batch": batch, "threads": threads, "step_s": {k: statistics.median(v) for k, v in times.items()},
-            "step_s_all": times, "overhead_vs_bare": {k: statistics.median(v) for k, v in ratios.items()},
-            "ratio_vs_bare": {k: spread(v) for k, v in ratios.items() if k != "bare model step"}}
+    return {
+        "arm": arm,
+        "batch": batch,
+        "threads": threads,
+        "step_s": {k: statistics.median(v) for k, v in times.items()},
+        "step_s_all": times,
+        "overhead_vs_bare": {k: statistics.median(v) for k, v in ratios.items()},
+        "ratio_vs_bare": {k: spread(v) for k, v in ratios.items() if k != "bare model step"},
+    }
 
 
 def matmul_flops(tokens: int, dim: int, hidden: int, repeats: int = 20) -> float:
@@ -166,23 +178,30 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--matmul", action="store_true")
-    p.add_argument("--trainer", default=None, help="one arm: bare model step vs the trainer's step, before and after "
-                   "(--steps rounds, each runs every kind once)")
+    p.add_argument(
+        "--trainer",
+        default=None,
+        help="one arm: bare model step vs the trainer's step, before and after "
+        "(--steps rounds, each runs every kind once)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.trainer is not None:
         cfg = arm_config([t for t in args.trainer.split(",") if t])
         model = build_model(cfg.model)
-        kinds = {"bare model step": make_step(model, cfg, args.batch),
-                 "trainer step (before)": legacy_step(cfg, args.batch), "trainer step": trainer_step(cfg, args.batch)}
+        kinds = {
+            "bare model step": make_step(model, cfg, args.batch),
+            "trainer step (before)": legacy_step(cfg, args.batch),
+            "trainer step": trainer_step(cfg, args.batch),
+        }
         for step in kinds.values():  # warm-up (allocations, optimizer state)
             step()
             step()
         times: dict[str, list[float]] = {k: [] for k in kinds}
         names = list(kinds)
         for r in range(args.steps):  # the order rotates each round, so no arm always runs after the same one
-            for kind in names[r % len(names):] + names[:r % len(names)]:
+            for kind in names[r % len(names) :] + names[: r % len(names)]:
                 times[kind].append(kinds[kind]())
         print(json.dumps(trainer_summary(args.trainer, args.batch, args.threads, times)))
         return
@@ -191,7 +210,9 @@ def main() -> None:
         step = make_step(build_model(cfg.model), cfg, args.batch)
         for _ in range(2):
             step()
-        print(json.dumps({"arm": args.memory, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        print(
+            json.dumps({"arm": args.memory, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+        )
         return
     arms = args.arms.split(";")
     cfgs = [arm_config([t for t in a.split(",") if t]) for a in arms]
@@ -205,9 +226,12 @@ def main() -> None:
         for i, step in enumerate(steps):
             times[i].append(step())
     out = {"batch": args.batch, "threads": args.threads, "arms": {}}
-    for arm, cfg, model, ts in zip(arms, cfgs, models, times):
-        out["arms"][arm] = {"step_s": statistics.median(ts), "step_s_all": ts,
-                            "fwd_gmacs_per_image": count_macs(model) / 1e9}
+    for arm, model, ts in zip(arms, models, times):
+        out["arms"][arm] = {
+            "step_s": statistics.median(ts),
+            "step_s_all": ts,
+            "fwd_gmacs_per_image": count_macs(model) / 1e9,
+        }
     if args.matmul:  # against the first arm (the plain backbone)
         first = out["arms"][arms[0]]
         tokens = args.batch * (cfgs[0].model.input_size // cfgs[0].model.patch_size) ** 2

@@ -38,9 +38,14 @@ os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 SMALL = {
-    "name": "bench_overhead", "techniques": ["rmsnorm", "qk_norm"], "seeds": [0, 1],
-    "base": {"train": {"steps": 20, "batch_size": 32, "log_every": 5, "ckpt_every": 10},
-             "eval": {"n_samples": 100, "batch_size": 100}, "sample": {"sampler": "euler", "steps": 4}},
+    "name": "bench_overhead",
+    "techniques": ["rmsnorm", "qk_norm"],
+    "seeds": [0, 1],
+    "base": {
+        "train": {"steps": 20, "batch_size": 32, "log_every": 5, "ckpt_every": 10},
+        "eval": {"n_samples": 100, "batch_size": 100},
+        "sample": {"sampler": "euler", "steps": 4},
+    },
 }
 
 
@@ -60,9 +65,12 @@ def _phases(runs: list, t_start: float, t_end: float) -> dict:
 
     spans = sorted((r.info.start_time / 1000, r.info.end_time / 1000) for r in runs)
     gaps = [b[0] - a[1] for a, b in itertools.pairwise(spans)]
-    return {"startup_s": spans[0][0] - t_start, "between_trials_s": statistics.median(gaps) if gaps else 0.0,
-            "teardown_s": t_end - spans[-1][1],
-            "sum_trial_wall_s": sum(r.data.metrics.get("trial_wall_s", 0.0) for r in runs)}
+    return {
+        "startup_s": spans[0][0] - t_start,
+        "between_trials_s": statistics.median(gaps) if gaps else 0.0,
+        "teardown_s": t_end - spans[-1][1],
+        "sum_trial_wall_s": sum(r.data.metrics.get("trial_wall_s", 0.0) for r in runs),
+    }
 
 
 def overhead(work: Path) -> dict:
@@ -78,8 +86,11 @@ def overhead(work: Path) -> dict:
     spec = study_from_dict(SMALL, path)
     t, t_epoch = time.perf_counter(), time.time()
     plain = run_plain(spec, work / "plain")
-    out["plain_loop"] = {"wall_s": time.perf_counter() - t, "trials": plain.ran,
-                         **_phases(_trial_runs(plain), t_epoch, time.time())}
+    out["plain_loop"] = {
+        "wall_s": time.perf_counter() - t,
+        "trials": plain.ran,
+        **_phases(_trial_runs(plain), t_epoch, time.time()),
+    }
 
     for label, max_conc in (("tune_one_at_a_time", 1), ("tune_concurrent", None)):
         data = {**SMALL, "resources": {"cpus": 1, "max_concurrent": max_conc} if max_conc else {"cpus": 1}}
@@ -90,17 +101,23 @@ def overhead(work: Path) -> dict:
         t_ray = time.perf_counter() - t
         res = run_study(spec, work / label, echo=lambda s: None)
         ray.shutdown()
-        out[label] = {"wall_s": time.perf_counter() - t, "ray_init_s": t_ray, "trials": res.ran,
-                      **_phases(_trial_runs(res), t_epoch, time.time()), "statuses": res.statuses,
-                      "max_concurrent": max_conc or os.cpu_count()}
+        out[label] = {
+            "wall_s": time.perf_counter() - t,
+            "ray_init_s": t_ray,
+            "trials": res.ran,
+            **_phases(_trial_runs(res), t_epoch, time.time()),
+            "statuses": res.statuses,
+            "max_concurrent": max_conc or os.cpu_count(),
+        }
     n = out["plain_loop"]["trials"]
     a, b = out["plain_loop"], out["tune_one_at_a_time"]
     out["overhead_per_trial_s"] = (b["wall_s"] - a["wall_s"]) / n
     out["overhead_per_trial_excluding_ray_start_s"] = (b["wall_s"] - b["ray_init_s"] - a["wall_s"]) / n
     out["in_trial_slowdown"] = b["sum_trial_wall_s"] / a["sum_trial_wall_s"] if a["sum_trial_wall_s"] else None
     out["concurrent_speedup_vs_loop"] = a["wall_s"] / out["tune_concurrent"]["wall_s"]
-    out["tune_minus_plain"] = {k: b[k] - a[k] for k in ("startup_s", "between_trials_s", "teardown_s",
-                                                        "sum_trial_wall_s")}
+    out["tune_minus_plain"] = {
+        k: b[k] - a[k] for k in ("startup_s", "between_trials_s", "teardown_s", "sum_trial_wall_s")
+    }
     return out
 
 
@@ -109,18 +126,34 @@ def default_study(work: Path, study: str) -> dict:
     env = {**os.environ}
     env.pop("RAY_ADDRESS", None)
     t = time.perf_counter()
-    run = subprocess.run([sys.executable, "-m", "srdit", "study", "run", study, "--state", str(state)],
-                         cwd=ROOT, env=env, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-m", "srdit", "study", "run", study, "--state", str(state)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     run_s = time.perf_counter() - t
     t = time.perf_counter()
-    rep = subprocess.run([sys.executable, "-m", "srdit", "report", study, "--state", str(state),
-                          "--out", str(work / "dashboards")], cwd=ROOT, env=env, capture_output=True, text=True)
+    rep = subprocess.run(
+        [sys.executable, "-m", "srdit", "report", study, "--state", str(state), "--out", str(work / "dashboards")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     report_s = time.perf_counter() - t
     lines = run.stdout.strip().splitlines()
-    return {"study": study, "run_wall_s": run_s, "report_wall_s": report_s, "total_wall_s": run_s + report_s,
-            "run_exit_code": run.returncode, "report_exit_code": rep.returncode,
-            "summary": [ln for ln in lines if ln.startswith("study ")][-1:],
-            "stderr_tail": (run.stderr + rep.stderr).strip().splitlines()[-5:]}
+    return {
+        "study": study,
+        "run_wall_s": run_s,
+        "report_wall_s": report_s,
+        "total_wall_s": run_s + report_s,
+        "run_exit_code": run.returncode,
+        "report_exit_code": rep.returncode,
+        "summary": [ln for ln in lines if ln.startswith("study ")][-1:],
+        "stderr_tail": (run.stderr + rep.stderr).strip().splitlines()[-5:],
+    }
 
 
 def main() -> int:
@@ -132,9 +165,15 @@ def main() -> int:
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="srdit-bench-"))
-    result: dict = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": {
-        "cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-        "load_avg_at_start": os.getloadavg()}}
+    result: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_avg_at_start": os.getloadavg(),
+        },
+    }
     try:
         from srdit.provenance import git_commit
 
@@ -143,9 +182,12 @@ def main() -> int:
             result["overhead"] = overhead(work)
             o = result["overhead"]
             d = o["tune_minus_plain"]
-            print(f"overhead per trial: {o['overhead_per_trial_s']:.2f} s (Tune minus loop: startup "
-                  f"{d['startup_s']:.1f} s once, {d['between_trials_s']:.2f} s between trials, teardown "
-                  f"{d['teardown_s']:.1f} s, inside the trials {d['sum_trial_wall_s']:.1f} s in all)", flush=True)
+            print(
+                f"overhead per trial: {o['overhead_per_trial_s']:.2f} s (Tune minus loop: startup "
+                f"{d['startup_s']:.1f} s once, {d['between_trials_s']:.2f} s between trials, teardown "
+                f"{d['teardown_s']:.1f} s, inside the trials {d['sum_trial_wall_s']:.1f} s in all)",
+                flush=True,
+            )
         if not args.skip_default:
             result["default_study"] = default_study(work, args.study)
             print(f"default study: {result['default_study']['total_wall_s']:.0f} s", flush=True)

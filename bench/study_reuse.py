@@ -21,8 +21,13 @@ HERE = Path(__file__).resolve().parent
 
 def _run(args: list[str], cwd: Path) -> tuple[float, str]:
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-m", "srdit", "study", *args], cwd=cwd, capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    out = subprocess.run(
+        [sys.executable, "-m", "srdit", "study", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(HERE.parent)},
+    )
     wall = time.perf_counter() - t0
     if out.returncode != 0:
         raise RuntimeError(f"srdit study {' '.join(args)} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
@@ -46,11 +51,18 @@ def main() -> None:
         _, plan = _run(["plan", "again.yaml", "--state", "state"], tmp)
         again, out = _run(["run", "again.yaml", "--state", "state"], tmp)
         load2 = os.getloadavg()
-    res = {"study": name, "first_s": round(first, 1), "again_s": round(again, 1), "ratio": round(again / first, 4),
-           "load_before": load0, "load_after_first": load1, "load_after_again": load2,
-           "plan_line": next((ln for ln in plan.splitlines() if ln.startswith("reuse:")), ""),
-           "run_lines": [ln for ln in out.splitlines() if "reused" in ln or "Ray:" in ln],
-           "date": time.strftime("%Y-%m-%d")}
+    res = {
+        "study": name,
+        "first_s": round(first, 1),
+        "again_s": round(again, 1),
+        "ratio": round(again / first, 4),
+        "load_before": load0,
+        "load_after_first": load1,
+        "load_after_again": load2,
+        "plan_line": next((ln for ln in plan.splitlines() if ln.startswith("reuse:")), ""),
+        "run_lines": [ln for ln in out.splitlines() if "reused" in ln or "Ray:" in ln],
+        "date": time.strftime("%Y-%m-%d"),
+    }
     line = json.dumps(res)
     print(line)
     if a.out:

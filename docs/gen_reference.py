@@ -42,8 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def header(title: str, source: str) -> str:
-    return (f"# {title}\n\n!!! note \"Generated page\"\n    Generated from {source} by `{COMMAND}` (run by `make docs`). "
-            f"Edit the source, then regenerate; `tests/test_docs.py` fails while this page is stale.\n\n")
+    return (
+        f'# {title}\n\n!!! note "Generated page"\n    Generated from {source} by `{COMMAND}` (run by `make docs`). '
+        f"Edit the source, then regenerate; `tests/test_docs.py` fails while this page is stale.\n\n"
+    )
 
 
 def md(text: Any) -> str:
@@ -73,8 +75,13 @@ def attribute_docs(cls: type) -> dict[str, str]:
     node = next(n for n in ast.walk(tree) if isinstance(n, ast.ClassDef) and n.name == cls.__name__)
     docs, body = {}, node.body
     for stmt, nxt in itertools.pairwise(body):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[stmt.target.id] = inspect.cleandoc(nxt.value.value)
     return docs
 
@@ -132,9 +139,19 @@ def config_rows(cls: type, prefix: str, presets: dict[str, dict[str, Any]]) -> l
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         values = [presets[p].get(key) for p in presets]
-        rows.append([f"`{f.name}`", type_name(tp), code(default), allowed(f, tp), md(docs.get(f.name, "")),
-                     *("" if v == default or (isinstance(default, tuple) and v == list(default)) else code(v)
-                       for v in values)])
+        rows.append(
+            [
+                f"`{f.name}`",
+                type_name(tp),
+                code(default),
+                allowed(f, tp),
+                md(docs.get(f.name, "")),
+                *(
+                    "" if v == default or (isinstance(default, tuple) and v == list(default)) else code(v)
+                    for v in values
+                ),
+            ]
+        )
     return [(prefix, rows)] + nested
 
 
@@ -143,15 +160,20 @@ def config_page() -> str:
     from srdit.techniques import PRESETS, preset
 
     presets = {p: flatten(preset(p)) for p in PRESETS if p != "digits"}
-    out = [header("Run YAML reference", "the config dataclasses of `srdit/config.py` and the presets of "
-                  "`srdit/techniques.py`")]
+    out = [
+        header(
+            "Run YAML reference", "the config dataclasses of `srdit/config.py` and the presets of `srdit/techniques.py`"
+        )
+    ]
     out.append(f"{first_paragraph(inspect.getmodule(RunConfig).__doc__)}\n\n")
-    out.append("A run YAML (and a study's `base:`) has these top-level keys: `preset` (one of "
-               f"{', '.join(code(p) for p in PRESETS)}; default `digits`), `techniques` (a list of technique names, "
-               "see [Techniques](techniques.md)), and the sections below, each written key by key over the preset. "
-               "Overrides on the command line use dotted keys: `srdit train train.steps=200 model.qk_norm=true`.\n\n"
-               "Columns: the key, its type, its default (the `digits` preset), the values allowed, what it does, and "
-               f"its value in the {', '.join(code(p) for p in presets)} preset where it differs from the default.\n\n")
+    out.append(
+        "A run YAML (and a study's `base:`) has these top-level keys: `preset` (one of "
+        f"{', '.join(code(p) for p in PRESETS)}; default `digits`), `techniques` (a list of technique names, "
+        "see [Techniques](techniques.md)), and the sections below, each written key by key over the preset. "
+        "Overrides on the command line use dotted keys: `srdit train train.steps=200 model.qk_norm=true`.\n\n"
+        "Columns: the key, its type, its default (the `digits` preset), the values allowed, what it does, and "
+        f"its value in the {', '.join(code(p) for p in presets)} preset where it differs from the default.\n\n"
+    )
     for section, rows in config_rows(RunConfig, "", presets):
         if not rows:
             continue
@@ -162,9 +184,11 @@ def config_page() -> str:
         out.append(f"## `{title}`\n\n" if section else "## Top level (record)\n\n")
         out.append(f"{md(first_paragraph(cls.__doc__))}\n\n")
         out.append(table(["key", "type", "default", "allowed", "description", *presets], rows) + "\n")
-    out.append("## Cross-field rules\n\n"
-               f"{md(first_paragraph(RunConfig.validate.__doc__))} The rules (`RunConfig.validate` in "
-               "`srdit/config.py`) and their messages are listed in [Troubleshooting](../troubleshooting.md).\n")
+    out.append(
+        "## Cross-field rules\n\n"
+        f"{md(first_paragraph(RunConfig.validate.__doc__))} The rules (`RunConfig.validate` in "
+        "`srdit/config.py`) and their messages are listed in [Troubleshooting](../troubleshooting.md).\n"
+    )
     return "".join(out)
 
 
@@ -193,31 +217,42 @@ def study_page() -> str:
     out = [header("Study YAML reference", "the schema of `srdit/study/spec.py`")]
     intro, example = inspect.cleandoc(spec.__doc__).split("\n\n", 1)[1].split("\n\n", 1)
     out.append(f"{md(intro)}\n\n```yaml\n{inspect.cleandoc(chr(10) + example)}\n```\n\n")
-    out.append("Loading is strict: an unknown key, a wrong type or a value out of range is one error line naming "
-               "the key and the allowed values.\n\n## Top-level keys\n\n")
+    out.append(
+        "Loading is strict: an unknown key, a wrong type or a value out of range is one error line naming "
+        "the key and the allowed values.\n\n## Top-level keys\n\n"
+    )
     fdocs = attribute_docs(spec.StudySpec)
     rows = []
     for key in spec.STUDY_KEYS:
         fn = getattr(spec, f"parse_{key}", None)
         doc = first_paragraph(fn.__doc__) if fn is not None and fn.__doc__ else fdocs.get(key)
         if not doc:
-            raise SystemExit(f"study key {key!r} has no docstring (parse_{key} or StudySpec.{key} in "
-                             f"srdit/study/spec.py): document it there")
+            raise SystemExit(
+                f"study key {key!r} has no docstring (parse_{key} or StudySpec.{key} in "
+                f"srdit/study/spec.py): document it there"
+            )
         rows.append([f"`{key}`", md(doc)])
     out.append(table(["key", "what it is"], rows) + "\n")
-    out.append("## `design`\n\n" + table(["kind", "keys"], [[f"`{k}`", ", ".join(f"`{x}`" for x in v)]
-                                                         for k, v in spec.DESIGN_KEYS.items()]))
-    out.append(f"\nA search's `space` maps a dotted config key (or `<technique>.<knob>`) to a mapping with the keys "
-               f"{', '.join(f'`{k}`' for k in spec.SPACE_KEYS)}. A fold-over repeats "
-               f"{', '.join(f'`{k}`' for k in spec.FOLDOVER_INHERITED)} of the study it folds only unchanged "
-               f"(`FOLDOVER_INHERITED`).\n\n")
-    out.append("## `constraints`\n\n" + f"Kinds: {', '.join(f'`{k}`' for k in spec.CONSTRAINT_KINDS)} "
-               f"(`wins` with `over`). A custom technique item has the keys "
-               f"{', '.join(f'`{k}`' for k in spec.CUSTOM_TECHNIQUE_KEYS)}.\n\n")
+    out.append(
+        "## `design`\n\n"
+        + table(["kind", "keys"], [[f"`{k}`", ", ".join(f"`{x}`" for x in v)] for k, v in spec.DESIGN_KEYS.items()])
+    )
+    out.append(
+        f"\nA search's `space` maps a dotted config key (or `<technique>.<knob>`) to a mapping with the keys "
+        f"{', '.join(f'`{k}`' for k in spec.SPACE_KEYS)}. A fold-over repeats "
+        f"{', '.join(f'`{k}`' for k in spec.FOLDOVER_INHERITED)} of the study it folds only unchanged "
+        f"(`FOLDOVER_INHERITED`).\n\n"
+    )
+    out.append(
+        "## `constraints`\n\n" + f"Kinds: {', '.join(f'`{k}`' for k in spec.CONSTRAINT_KINDS)} "
+        f"(`wins` with `over`). A custom technique item has the keys "
+        f"{', '.join(f'`{k}`' for k in spec.CUSTOM_TECHNIQUE_KEYS)}.\n\n"
+    )
     out.append("## `metrics`\n\n" + section_table(spec.Metrics, spec.METRICS_KEYS))
-    out.append("\nMetrics a study may name, with their default direction (from the metric registry, see "
-               "[Metrics](metrics.md)): " + ", ".join(f"`{m}` ({d})" for m, d in spec.METRIC_DIRECTIONS.items())
-               + ".\n\n")
+    out.append(
+        "\nMetrics a study may name, with their default direction (from the metric registry, see "
+        "[Metrics](metrics.md)): " + ", ".join(f"`{m}` ({d})" for m, d in spec.METRIC_DIRECTIONS.items()) + ".\n\n"
+    )
     out.append("## `resources`\n\n" + section_table(spec.Resources, spec.RESOURCES_KEYS))
     out.append("\n## `tracking`\n\n" + section_table(spec.Tracking, spec.TRACKING_KEYS))
     out.append(f"\n## Limits\n\nAt most {spec.MAX_SEEDS} seeds per cell (`MAX_SEEDS`).\n")
@@ -259,8 +294,12 @@ def _metavar(a: argparse.Action) -> str:
 def _spelling(a: argparse.Action) -> str:
     """How an argument is written: `--steps STEPS`, `--json`, `overrides ...`."""
     if not a.option_strings:
-        return {"?": f"[{_metavar(a)}]", "*": f"[{_metavar(a)} ...]", "+": f"{_metavar(a)} ...",
-                argparse.REMAINDER: "..."}.get(a.nargs, _metavar(a))
+        return {
+            "?": f"[{_metavar(a)}]",
+            "*": f"[{_metavar(a)} ...]",
+            "+": f"{_metavar(a)} ...",
+            argparse.REMAINDER: "...",
+        }.get(a.nargs, _metavar(a))
     flags = ", ".join(a.option_strings)
     if a.nargs == 0:
         return flags
@@ -297,10 +336,16 @@ def command_section(prog: str, hlp: str, parser: argparse.ArgumentParser, level:
     if text:
         out.append(f"{md(text)}\n\n")
     out.append(f"```\n{_usage(prog, parser)}\n```\n\n")
-    rows = [[f"`{_spelling(a)}`", ("required" if a.required else "") if a.option_strings else "positional",
-             _default(a), md(a.help or "")]
-            for a in parser._actions
-            if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and a.help != argparse.SUPPRESS]
+    rows = [
+        [
+            f"`{_spelling(a)}`",
+            ("required" if a.required else "") if a.option_strings else "positional",
+            _default(a),
+            md(a.help or ""),
+        ]
+        for a in parser._actions
+        if not isinstance(a, (argparse._HelpAction, argparse._SubParsersAction)) and a.help != argparse.SUPPRESS
+    ]
     if rows:
         out.append(table(["argument", "", "default", "help"], rows) + "\n")
     for name, (sub_help, sub) in subcommands(parser).items():
@@ -314,8 +359,10 @@ def cli_page() -> str:
     out = [header("Command-line reference", "the argparse parsers of every `srdit` command")]
     out.append(f"{md(first_paragraph(commands.__doc__))}\n\n")
     commands = command_parsers()
-    out.append(table(["command", "what it does"], [[f"[`srdit {n}`](#srdit-{n})", md(h)]
-                                                  for n, (h, _) in commands.items()]) + "\n")
+    out.append(
+        table(["command", "what it does"], [[f"[`srdit {n}`](#srdit-{n})", md(h)] for n, (h, _) in commands.items()])
+        + "\n"
+    )
     for name, (hlp, parser) in commands.items():
         out.append(command_section(f"srdit {name}", hlp, parser, 2))
     return "".join(out)
@@ -330,13 +377,24 @@ def techniques_page() -> str:
     from srdit import techniques as tq
 
     out = [header("Technique registry", "`srdit.techniques.TECHNIQUES`")]
-    out.append("A technique is a named config diff; a run or a study cell is `base + the merged diffs of its "
-               "enabled techniques`. Stage `train` shapes the trained weights; stage `eval` acts only when sampling "
-               "or evaluating, so cells that differ only in it share one training. Knobs are short names a study "
-               "overrides (`- sprint: {drop_ratio: 0.5}`). `srdit techniques` prints the same registry.\n\n")
-    rows = [[f"`{t.name}`", md(t.description), "<br>".join(code(f"{k}: {json.dumps(v)}") for k, v in t.diff.items()),
-             "<br>".join(f"`{k}` → `{v}`" for k, v in t.knobs.items()), t.stage, md(t.paper),
-             "<br>".join(f"`{c}`" for c in t.code)] for t in tq.TECHNIQUES.values()]
+    out.append(
+        "A technique is a named config diff; a run or a study cell is `base + the merged diffs of its "
+        "enabled techniques`. Stage `train` shapes the trained weights; stage `eval` acts only when sampling "
+        "or evaluating, so cells that differ only in it share one training. Knobs are short names a study "
+        "overrides (`- sprint: {drop_ratio: 0.5}`). `srdit techniques` prints the same registry.\n\n"
+    )
+    rows = [
+        [
+            f"`{t.name}`",
+            md(t.description),
+            "<br>".join(code(f"{k}: {json.dumps(v)}") for k, v in t.diff.items()),
+            "<br>".join(f"`{k}` → `{v}`" for k, v in t.knobs.items()),
+            t.stage,
+            md(t.paper),
+            "<br>".join(f"`{c}`" for c in t.code),
+        ]
+        for t in tq.TECHNIQUES.values()
+    ]
     out.append(table(["name", "what it does", "diff", "knobs", "stage", "paper", "code"], rows))
     out.append(f"\nThe `SR-DiT-B/1` preset enables {', '.join(f'`{t}`' for t in tq.SRDIT_STACK)} (`SRDIT_STACK`).\n")
     return "".join(out)
@@ -347,19 +405,36 @@ def metrics_page() -> str:
 
     out = [header("Metric registry", "`srdit.metric_registry.METRICS`")]
     out.append(mr.__doc__.split("\n\n", 1)[1].strip().replace("`tests/test_metric_registry.py`", "a test") + "\n\n")
-    rows = [[f"`{m.name}`", m.direction, m.scale, md(m.unit), ", ".join(m.producers), "yes" if m.curve else "",
-             "yes" if m.analysable else "", md(m.description)] for m in mr.METRICS.values()]
-    out.append(table(["name", "direction", "scale", "unit", "producers", "curve", "study metric", "description"],
-                     rows))
-    out.append(f"\n`direction`: which way is better (gains are oriented so that positive = better). `scale: log`: "
-               f"effects are estimated on log values (speed-ups multiply). Metrics measured with a clock carry the "
-               f"machine's load: {', '.join(f'`{m}`' for m in mr.WALL_CLOCK)}. Progress lines show the first "
-               f"reported of {', '.join(f'`{m}`' for m in mr.QUALITY_ORDER)}.\n")
+    rows = [
+        [
+            f"`{m.name}`",
+            m.direction,
+            m.scale,
+            md(m.unit),
+            ", ".join(m.producers),
+            "yes" if m.curve else "",
+            "yes" if m.analysable else "",
+            md(m.description),
+        ]
+        for m in mr.METRICS.values()
+    ]
+    out.append(table(["name", "direction", "scale", "unit", "producers", "curve", "study metric", "description"], rows))
+    out.append(
+        f"\n`direction`: which way is better (gains are oriented so that positive = better). `scale: log`: "
+        f"effects are estimated on log values (speed-ups multiply). Metrics measured with a clock carry the "
+        f"machine's load: {', '.join(f'`{m}`' for m in mr.WALL_CLOCK)}. Progress lines show the first "
+        f"reported of {', '.join(f'`{m}`' for m in mr.QUALITY_ORDER)}.\n"
+    )
     return "".join(out)
 
 
-PAGES = {"config.md": config_page, "study.md": study_page, "cli.md": cli_page, "techniques.md": techniques_page,
-         "metrics.md": metrics_page}
+PAGES = {
+    "config.md": config_page,
+    "study.md": study_page,
+    "cli.md": cli_page,
+    "techniques.md": techniques_page,
+    "metrics.md": metrics_page,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -377,8 +452,9 @@ def main(argv: list[str] | None = None) -> int:
             path.write_text(text)
             print(f"wrote {path.relative_to(ROOT)}")
     if stale:
-        print(f"stale reference pages: {', '.join(stale)}; regenerate with `{COMMAND}` (or `make docs`)",
-              file=sys.stderr)
+        print(
+            f"stale reference pages: {', '.join(stale)}; regenerate with `{COMMAND}` (or `make docs`)", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -19,9 +19,10 @@ import os
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
@@ -57,8 +58,9 @@ class Range:
 
     def describe(self, kind: str) -> str:
         """E.g. 'a finite number in [0, 1)', 'an integer >= 1'."""
-        lo, hi = (None if x is None else str(int(x)) if float(x).is_integer() else f"{x:g}"
-                  for x in (self.low, self.high))
+        lo, hi = (
+            None if x is None else str(int(x)) if float(x).is_integer() else f"{x:g}" for x in (self.low, self.high)
+        )
         if lo is not None and hi is not None:
             return f"{kind} in {'(' if self.low_open else '['}{lo}, {hi}{')' if self.high_open else ']'}"
         if lo is not None:
@@ -74,8 +76,14 @@ FINITE = Range()
 "The rule of a float field that states no range: any finite number."
 
 
-def ranged(default: Any, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False) -> Any:
+def ranged(
+    default: Any,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> Any:
     """A dataclass field with a default and its allowed range (see `Range`)."""
     return field(default=default, metadata={RANGE: Range(low, high, low_open, high_open)})
 
@@ -205,8 +213,10 @@ class ModelConfig:
     mlp: Literal["gelu", "swiglu", "relu2"] = "gelu"
     "Block MLP: GELU(tanh) as in SiT, SwiGLU, or ReLU^2 (SR-DiT side branches)."
     time_embed_scale: float = 1.0
-    ("Factor on t in [0, 1] before the sinusoidal time features: 1 as SiT / REPA / SR-DiT, 1000 as DiT's integer "
-     "steps.")
+    (
+        "Factor on t in [0, 1] before the sinusoidal time features: 1 as SiT / REPA / SR-DiT, 1000 as DiT's integer "
+        "steps."
+    )
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     "Block pre-norms and final norm (no affine, eps 1e-6)."
     qk_norm: bool = False
@@ -316,8 +326,10 @@ class TrainConfig:
     threads: int = ranged(0, 0)
     "CPU threads for torch (0 = leave torch's default)."
     init: str | None = None
-    ("An srdit checkpoint (e.g. from `srdit convert`) whose EMA weights start the model and its EMA; its model "
-     "section must equal this run's. With steps 0 the run only evaluates it (a fixed arm of a study).")
+    (
+        "An srdit checkpoint (e.g. from `srdit convert`) whose EMA weights start the model and its EMA; its model "
+        "section must equal this run's. With steps 0 the run only evaluates it (a fixed arm of a study)."
+    )
 
 
 @dataclass(frozen=True)
@@ -374,7 +386,7 @@ class RunConfig:
     techniques: tuple[str, ...] = ()
     "Names of the techniques applied on top of the base (a record; the diffs are already in the fields)."
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         """Check every field's own rule (`check_fields`) and the cross-field rules; raise ConfigError saying what to
         change. Returns self."""
         check_fields(self)
@@ -383,9 +395,7 @@ class RunConfig:
             raise ConfigError(f"model.size: unknown size {m.size!r}; allowed: {', '.join(SIZES)}")
         depth, hidden, heads = SIZES[m.size]
         if m.input_size % m.patch_size:
-            raise ConfigError(
-                f"model.patch_size: {m.patch_size} does not divide model.input_size {m.input_size}"
-            )
+            raise ConfigError(f"model.patch_size: {m.patch_size} does not divide model.input_size {m.input_size}")
         if not (m.time_embed_scale > 0 and math.isfinite(m.time_embed_scale)):
             raise ConfigError(f"model.time_embed_scale: {m.time_embed_scale} must be a positive finite number")
         head_dim = hidden // heads
@@ -407,12 +417,16 @@ class RunConfig:
                     f"model.sprint.dense_in ({m.sprint.dense_in}) as SR-DiT does (align the dense encoder output)"
                 )
         if self.sample.path_drop_guidance and not m.sprint.enabled:
-            raise ConfigError("sample.path_drop_guidance needs model.sprint.enabled: true (enable sprint or turn it off)")
+            raise ConfigError(
+                "sample.path_drop_guidance needs model.sprint.enabled: true (enable sprint or turn it off)"
+            )
         if not self.sample.guidance_low <= self.sample.guidance_high:
             raise ConfigError("sample.guidance_low / guidance_high: need 0 <= low <= high <= 1")
         if self.sample.sampler == "sde" and self.sample.steps < 2:
-            raise ConfigError(f"sample.steps: {self.sample.steps} with sample.sampler sde; the SDE sampler needs "
-                              f"steps >= 2 (stochastic steps plus the final Euler step), or use sampler euler / heun")
+            raise ConfigError(
+                f"sample.steps: {self.sample.steps} with sample.sampler sde; the SDE sampler needs "
+                f"steps >= 2 (stochastic steps plus the final Euler step), or use sampler euler / heun"
+            )
         if self.data.dataset == "digits" and (m.in_channels, m.input_size, m.num_classes) != (1, 8, 10):
             raise ConfigError(
                 "data.dataset digits is 1x8x8 with 10 classes: set model.in_channels 1, model.input_size 8, "
@@ -422,17 +436,24 @@ class RunConfig:
             raise ConfigError("data.path: required when data.dataset is latents (a folder of latent shards)")
         if self.data.tokenizer is not None:
             if self.data.tokenizer not in TOKENIZER_NAMES:
-                raise ConfigError(f"data.tokenizer: unknown tokenizer {self.data.tokenizer!r}; allowed: "
-                                  f"{', '.join(TOKENIZER_NAMES)} (or null)")
+                raise ConfigError(
+                    f"data.tokenizer: unknown tokenizer {self.data.tokenizer!r}; allowed: "
+                    f"{', '.join(TOKENIZER_NAMES)} (or null)"
+                )
             if self.data.dataset != "latents":
-                raise ConfigError("data.tokenizer: only latent runs are decoded; set data.dataset latents or "
-                                  "data.tokenizer null")
+                raise ConfigError(
+                    "data.tokenizer: only latent runs are decoded; set data.dataset latents or data.tokenizer null"
+                )
             if not self.data.tokenizer_path:
-                raise ConfigError(f"data.tokenizer_path: required with data.tokenizer {self.data.tokenizer} (the "
-                                  f"local weights that decode the samples)")
+                raise ConfigError(
+                    f"data.tokenizer_path: required with data.tokenizer {self.data.tokenizer} (the "
+                    f"local weights that decode the samples)"
+                )
         if self.data.dataset == "latents" and self.eval.reference and not self.data.tokenizer:
-            raise ConfigError("data.tokenizer: required when eval.reference is set (samples are decoded to images "
-                              "for the Inception metrics); set data.tokenizer and data.tokenizer_path")
+            raise ConfigError(
+                "data.tokenizer: required when eval.reference is set (samples are decoded to images "
+                "for the Inception metrics); set data.tokenizer and data.tokenizer_path"
+            )
         if self.train.steps == 0 and not self.train.init:
             raise ConfigError("train.steps 0 only with train.init (evaluate a given checkpoint); otherwise >= 1")
         return self
@@ -590,25 +611,36 @@ class _StrictLoader(yaml.SafeLoader):
                     continue
                 if first is not None:
                     where = f"line {line}" if first == line else f"lines {first} and {line}"
-                    raise _Refused(f"key {key!r} is given twice in one mapping ({where}); the second would silently "
-                                   f"replace the first: merge the two into one", line)
+                    raise _Refused(
+                        f"key {key!r} is given twice in one mapping ({where}); the second would silently "
+                        f"replace the first: merge the two into one",
+                        line,
+                    )
         return super().construct_mapping(node, deep=deep)
 
     def construct_yaml_int(self, node):
         text = str(node.value)
         if ":" in text:
-            raise _Refused(f"{text} is a YAML 1.1 sexagesimal number (base 60); quote it for text or write the "
-                           f"number in decimal", node.start_mark.line + 1)
+            raise _Refused(
+                f"{text} is a YAML 1.1 sexagesimal number (base 60); quote it for text or write the number in decimal",
+                node.start_mark.line + 1,
+            )
         if _OCTAL.fullmatch(text):
-            raise _Refused(f"{text} has a leading zero, which YAML 1.1 reads as octal "
-                           f"({super().construct_yaml_int(node)}); write it without the leading zero, or quote it "
-                           f"for text", node.start_mark.line + 1)
+            raise _Refused(
+                f"{text} has a leading zero, which YAML 1.1 reads as octal "
+                f"({super().construct_yaml_int(node)}); write it without the leading zero, or quote it "
+                f"for text",
+                node.start_mark.line + 1,
+            )
         return super().construct_yaml_int(node)
 
     def construct_yaml_float(self, node):
         if ":" in str(node.value):
-            raise _Refused(f"{node.value} is a YAML 1.1 sexagesimal number (base 60); quote it for text or write "
-                           f"the number in decimal", node.start_mark.line + 1)
+            raise _Refused(
+                f"{node.value} is a YAML 1.1 sexagesimal number (base 60); quote it for text or write "
+                f"the number in decimal",
+                node.start_mark.line + 1,
+            )
         return super().construct_yaml_float(node)
 
 
@@ -647,13 +679,14 @@ def _check_tree(data: Any, source: str) -> None:
         nonlocal count
         count += 1
         if count > YAML_MAX_NODES:
-            raise ConfigError(f"{source}: expands to more than {YAML_MAX_NODES} values (aliases of aliases?); not "
-                              f"a config")
+            raise ConfigError(
+                f"{source}: expands to more than {YAML_MAX_NODES} values (aliases of aliases?); not a config"
+            )
         if isinstance(node, (dict, list)):
             if id(node) in open_ids:
                 raise ConfigError(f"{source}: a recursive alias (a value that contains itself); not a config")
             open_ids.add(id(node))
-            for child in (node.values() if isinstance(node, dict) else node):
+            for child in node.values() if isinstance(node, dict) else node:
                 walk(child)
             open_ids.discard(id(node))
 
@@ -680,8 +713,9 @@ def read_yaml(path: str | Path) -> Any:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); a YAML file "
-                          f"must be UTF-8 text") from None
+        raise ConfigError(
+            f"{path}: is not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); a YAML file must be UTF-8 text"
+        ) from None
     data = parse_yaml(text, str(path))
     if data is None:
         raise ConfigError(f"{path}: the file is empty")
@@ -706,8 +740,16 @@ def nested_update(tree: dict, dotted: str, value: Any) -> None:
     node[keys[-1]] = value
 
 
-PATH_FIELDS = ("data.path", "data.teacher_path", "data.tokenizer_path", "data.teacher_cache", "eval.reference",
-               "eval.inception_path", "eval.dinov2_path", "train.init")
+PATH_FIELDS = (
+    "data.path",
+    "data.teacher_path",
+    "data.tokenizer_path",
+    "data.teacher_cache",
+    "eval.reference",
+    "eval.inception_path",
+    "eval.dinov2_path",
+    "train.init",
+)
 "Config fields that name files or folders."
 
 
@@ -730,8 +772,10 @@ def apply_diff(config: RunConfig, diff: Mapping[str, Any]) -> RunConfig:
     tree = to_dict(config)
     for key, value in diff.items():
         if key == "techniques":
-            raise ConfigError("techniques: a list of techniques is applied by the run YAML's `techniques:` or the "
-                              "`techniques=[...]` override of `srdit train`, not written as a config key")
+            raise ConfigError(
+                "techniques: a list of techniques is applied by the run YAML's `techniques:` or the "
+                "`techniques=[...]` override of `srdit train`, not written as a config key"
+            )
         nested_update(tree, key, value)
     return from_dict(RunConfig, tree)
 

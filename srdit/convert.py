@@ -30,8 +30,9 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -66,13 +67,31 @@ RULES: list[tuple[str, str, frozenset[str]]] = [
 
 # The model settings each layout's code hard-codes and that no tensor shape reveals (checked against the config).
 LAYOUT_MODEL: dict[str, dict[str, Any]] = {
-    "sit": {"norm": "layernorm", "mlp": "gelu", "rope.enabled": False, "sprint.enabled": False,
-            "time_embed_scale": 1.0},
-    "repa": {"norm": "layernorm", "mlp": "gelu", "rope.enabled": False, "sprint.enabled": False,
-             "time_embed_scale": 1.0},
-    "speedrundit": {"norm": "rmsnorm", "mlp": "gelu", "rope.enabled": True, "rope.theta": 10000.0,
-                    "sprint.enabled": True, "sprint.dense_in": 2, "sprint.dense_out": 2, "repa.depth": 2,
-                    "time_embed_scale": 1.0},
+    "sit": {
+        "norm": "layernorm",
+        "mlp": "gelu",
+        "rope.enabled": False,
+        "sprint.enabled": False,
+        "time_embed_scale": 1.0,
+    },
+    "repa": {
+        "norm": "layernorm",
+        "mlp": "gelu",
+        "rope.enabled": False,
+        "sprint.enabled": False,
+        "time_embed_scale": 1.0,
+    },
+    "speedrundit": {
+        "norm": "rmsnorm",
+        "mlp": "gelu",
+        "rope.enabled": True,
+        "rope.theta": 10000.0,
+        "sprint.enabled": True,
+        "sprint.dense_in": 2,
+        "sprint.dense_out": 2,
+        "repa.depth": 2,
+        "time_embed_scale": 1.0,
+    },
 }
 
 
@@ -103,14 +122,17 @@ def read_reference(path: str | Path, weights: str = "ema") -> tuple[dict[str, to
     args = vars(args) if isinstance(args, argparse.Namespace) else dict(args) if isinstance(args, dict) else {}
     if "ema" in ckpt or "model" in ckpt:
         if weights not in ckpt:
-            raise ConvertError(f"{path}: no {weights!r} entry (entries: {', '.join(map(str, ckpt))}); pick the "
-                               f"weights with --weights {' or --weights '.join(w for w in WEIGHTS if w in ckpt)}")
+            raise ConvertError(
+                f"{path}: no {weights!r} entry (entries: {', '.join(map(str, ckpt))}); pick the "
+                f"weights with --weights {' or --weights '.join(w for w in WEIGHTS if w in ckpt)}"
+            )
         state = ckpt[weights]
     else:
         state = ckpt
     if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ConvertError(f"{path}: {'entry ' + repr(weights) if state is not ckpt else 'file'} is not a state "
-                           f"dict of tensors")
+        raise ConvertError(
+            f"{path}: {'entry ' + repr(weights) if state is not ckpt else 'file'} is not a state dict of tensors"
+        )
     return dict(state), args
 
 
@@ -120,8 +142,10 @@ def unsplit_legacy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if not any(k.startswith("decoder_blocks.") for k in state):
         return state
     encoder = 1 + max((int(k.split(".")[1]) for k in state if k.startswith("blocks.")), default=-1)
-    return {re.sub(r"^decoder_blocks\.(\d+)\.", lambda m: f"blocks.{encoder + int(m.group(1))}.", k): v
-            for k, v in state.items()}
+    return {
+        re.sub(r"^decoder_blocks\.(\d+)\.", lambda m: f"blocks.{encoder + int(m.group(1))}.", k): v
+        for k, v in state.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -168,12 +192,15 @@ def _check_model(cfg: RunConfig, layout: str, args: dict) -> None:
         if node != want:
             wrong.append(f"model.{key}={str(want).lower() if isinstance(want, bool) else want}")
     if wrong:
-        raise ConvertError(f"the {layout} layout and the checkpoint's args need settings the srdit model lacks; add "
-                           f"the overrides {' '.join(wrong)}")
+        raise ConvertError(
+            f"the {layout} layout and the checkpoint's args need settings the srdit model lacks; add "
+            f"the overrides {' '.join(wrong)}"
+        )
 
 
-def convert_state(src: dict[str, torch.Tensor], layout: str, cfg: RunConfig,
-                  args: dict | None = None) -> dict[str, torch.Tensor]:
+def convert_state(
+    src: dict[str, torch.Tensor], layout: str, cfg: RunConfig, args: dict | None = None
+) -> dict[str, torch.Tensor]:
     """srdit state dict of `cfg.model` from reference tensors `src` in `layout`; ConvertError (one line, keys named)
     on a leftover or missing tensor, a shape mismatch, a foreign position table or a contradicting setting."""
     if layout not in LAYOUTS:
@@ -206,8 +233,10 @@ def convert_state(src: dict[str, torch.Tensor], layout: str, cfg: RunConfig,
     if leftover:
         problems.append(f"checkpoint tensors the srdit model has no place for: {_listing(leftover)}")
     if problems:
-        raise ConvertError("; ".join(problems) + " (match the srdit model to the checkpoint with --preset and "
-                           "key=value overrides of the model's size and switches)")
+        raise ConvertError(
+            "; ".join(problems) + " (match the srdit model to the checkpoint with --preset and "
+            "key=value overrides of the model's size and switches)"
+        )
     _check_positions(out["pos_embed"], own["pos_embed"])
     return out
 
@@ -222,12 +251,14 @@ def _transforms(layout: str, cfg: RunConfig, own: dict) -> dict[str, Callable[[t
     out: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {}
     tokens = own["pos_embed"].shape[1]
     if layout == "speedrundit":  # [1, 1 + T, D]: row 0 is the REG class token's position, zero
+
         def drop_class_row(v):
             if v.dim() != 3 or v.shape[1] != tokens + 1:
                 return v
             if v[:, 0].abs().max() != 0:
                 raise ConvertError("pos_embed: row 0 (the REG class token's) is not zero; not SR-DiT's table")
             return v[:, 1:]
+
         out["pos_embed"] = drop_class_row
     if layout == "sit":  # SiT runs t -> 1 - t and predicts -v: fold both into the weights
         p, c = cfg.model.patch_size, cfg.model.in_channels
@@ -246,9 +277,11 @@ def _transforms(layout: str, cfg: RunConfig, own: dict) -> dict[str, Callable[[t
 
 def _check_positions(given: torch.Tensor, own: torch.Tensor) -> None:
     if not torch.allclose(given.float(), own.float(), atol=1e-5, rtol=0):
-        raise ConvertError(f"pos_embed: not the fixed 2-D sin-cos table of a {int(own.shape[1] ** 0.5)}x"
-                           f"{int(own.shape[1] ** 0.5)} grid of width {own.shape[2]} in the reference's channel "
-                           f"order; is it this layout and grid?")
+        raise ConvertError(
+            f"pos_embed: not the fixed 2-D sin-cos table of a {int(own.shape[1] ** 0.5)}x"
+            f"{int(own.shape[1] ** 0.5)} grid of width {own.shape[2]} in the reference's channel "
+            f"order; is it this layout and grid?"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -267,11 +300,14 @@ def target_config(name: str, overrides: list[str] | None = None) -> RunConfig:
     else:
         size, _, patch = name.removeprefix("SiT-").partition("/")
         if size not in SIZES or patch not in ("1", "2", "4", "8"):
-            raise ConfigError(f"--preset: unknown {name!r}; allowed: {', '.join(PRESETS)}, or SiT-<size>/<patch> "
-                              f"with size in {', '.join(SIZES)} and patch 1, 2, 4, 8 (e.g. SiT-XL/2)")
-        cfg = RunConfig(model=ModelConfig(size=size, patch_size=int(patch), in_channels=4, input_size=32,
-                                          num_classes=1000),
-                        data=DataConfig(dataset="latents", path="data/imagenet256_sdvae", tokenizer=None))
+            raise ConfigError(
+                f"--preset: unknown {name!r}; allowed: {', '.join(PRESETS)}, or SiT-<size>/<patch> "
+                f"with size in {', '.join(SIZES)} and patch 1, 2, 4, 8 (e.g. SiT-XL/2)"
+            )
+        cfg = RunConfig(
+            model=ModelConfig(size=size, patch_size=int(patch), in_channels=4, input_size=32, num_classes=1000),
+            data=DataConfig(dataset="latents", path="data/imagenet256_sdvae", tokenizer=None),
+        )
     diff = dict(parse_override(o) for o in overrides or [])
     return (apply_diff(cfg, diff) if diff else cfg).validate()
 
@@ -290,7 +326,7 @@ def convert_file(src: str | Path, layout: str, cfg: RunConfig, out: str | Path, 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     source = {"file": Path(src).name, "layout": layout, "weights": weights}
-    save_atomic({"model": converted, "ema": converted, "config": to_dict(cfg), "step": 0, "converted_from": source},
-                out)
-    return {"out": str(out), "tensors": len(converted), "params": sum(v.numel() for v in converted.values()),
-            **source}
+    save_atomic(
+        {"model": converted, "ema": converted, "config": to_dict(cfg), "step": 0, "converted_from": source}, out
+    )
+    return {"out": str(out), "tensors": len(converted), "params": sum(v.numel() for v in converted.values()), **source}

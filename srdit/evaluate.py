@@ -25,8 +25,14 @@ EVAL_METRICS = {dataset: tuple(produced_by(dataset)) for dataset in ("digits", "
 the reference allows)."""
 
 
-def evaluate(model, cfg: RunConfig, device: torch.device | str = "cpu", n: int | None = None,
-             sample_cfg: SampleConfig | None = None, samples_dir: str | os.PathLike | None = None) -> dict[str, float]:
+def evaluate(
+    model,
+    cfg: RunConfig,
+    device: torch.device | str = "cpu",
+    n: int | None = None,
+    sample_cfg: SampleConfig | None = None,
+    samples_dir: str | os.PathLike | None = None,
+) -> dict[str, float]:
     """Sample-quality metrics of n generated images.
 
     Digits: FD, KD (mean, std), precision, recall against the held-out digits (in-project metric network).
@@ -47,8 +53,14 @@ def evaluate(model, cfg: RunConfig, device: torch.device | str = "cpu", n: int |
     return {**{k: float(v) for k, v in metrics.items()}, "nfe": float(nfe)}
 
 
-def _evaluate_latents(model, cfg: RunConfig, device: torch.device, n: int, sample_cfg: SampleConfig | None,
-                      samples_dir: str | os.PathLike | None) -> dict[str, float]:
+def _evaluate_latents(
+    model,
+    cfg: RunConfig,
+    device: torch.device,
+    n: int,
+    sample_cfg: SampleConfig | None,
+    samples_dir: str | os.PathLike | None,
+) -> dict[str, float]:
     from srdit.metrics.inception import load_inception, metrics_from_features
 
     ev = cfg.eval
@@ -56,8 +68,10 @@ def _evaluate_latents(model, cfg: RunConfig, device: torch.device, n: int, sampl
     net = load_inception(ev.inception_path, device)
     dp = DataParallel.current()
     if dp.active and samples_dir is None:
-        raise ValueError("a data-parallel evaluation needs one samples folder that every rank sees: pass "
-                         "samples_dir (srdit evaluate --samples DIR)")
+        raise ValueError(
+            "a data-parallel evaluation needs one samples folder that every rank sees: pass "
+            "samples_dir (srdit evaluate --samples DIR)"
+        )
     with contextlib.ExitStack() as stack:
         folder = samples_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="srdit-samples-"))
         res = write_shard(model, cfg, folder, n, ev.seed, dp.rank, dp.world, device, ev.batch_size, sample_cfg)
@@ -86,33 +100,43 @@ def shard_features(images: np.ndarray, ev: EvalConfig, net) -> dict[str, torch.T
     from srdit.metrics.inception import NUM_CLASSES, SPATIAL_DIM, inception_features
 
     if len(images):  # the networks' float32 outputs, widened to float64 and back: exact
-        feats = {k: torch.from_numpy(v).float()
-                 for k, v in inception_features(images, net, batch_size=ev.batch_size).items()}
+        feats = {
+            k: torch.from_numpy(v).float() for k, v in inception_features(images, net, batch_size=ev.batch_size).items()
+        }
     else:
-        feats = {"pool": torch.empty(0, 2048), "spatial": torch.empty(0, SPATIAL_DIM),
-                 "logits": torch.empty(0, NUM_CLASSES)}
+        feats = {
+            "pool": torch.empty(0, 2048),
+            "spatial": torch.empty(0, SPATIAL_DIM),
+            "logits": torch.empty(0, NUM_CLASSES),
+        }
     if ev.dinov2_path:
         from srdit.metrics.dinov2_kd import load_kd_extractor
 
         kd = load_kd_extractor(ev.dinov2_path, device=next(net.parameters()).device)
-        feats["dinov2"] = (extract_features(torch.from_numpy(images).permute(0, 3, 1, 2), kd, ev.batch_size).float()
-                           if len(images) else torch.empty(0, int(kd.model.embed_dim)))
+        feats["dinov2"] = (
+            extract_features(torch.from_numpy(images).permute(0, 3, 1, 2), kd, ev.batch_size).float()
+            if len(images)
+            else torch.empty(0, int(kd.model.embed_dim))
+        )
     return feats
 
 
-def sharded_features(res: ShardResult, n: int, ev: EvalConfig, net,
-                     dp: DataParallel) -> dict[str, np.ndarray] | None:
+def sharded_features(res: ShardResult, n: int, ev: EvalConfig, net, dp: DataParallel) -> dict[str, np.ndarray] | None:
     """The features (`shard_features`) of all n samples in global order, float64 [n, F], on rank 0 (None on the
     other ranks): each rank extracts those of its own shard `res` (written by `write_shard` at protocol batch size
     eval.batch_size) and rank 0 gathers them (`DataParallel.gather`) with each row's global sample index. Raises
     ValueError when the gathered rows are not every sample exactly once."""
     with np.load(res.path) as z:
         images = z["arr_0"]
-    rows = torch.cat([torch.empty(0, dtype=torch.int64)] +
-                     [torch.arange(sl.start, sl.stop) for sl in (batch_slice(n, ev.batch_size, b) for b in res.batches)])
+    rows = torch.cat(
+        [torch.empty(0, dtype=torch.int64)]
+        + [torch.arange(sl.start, sl.stop) for sl in (batch_slice(n, ev.batch_size, b) for b in res.batches)]
+    )
     if len(rows) != len(images):
-        raise ValueError(f"{res.path}: holds {len(images)} samples, its batches {list(res.batches)[:8]} make "
-                         f"{len(rows)}; delete the folder's shards and sample again")
+        raise ValueError(
+            f"{res.path}: holds {len(images)} samples, its batches {list(res.batches)[:8]} make "
+            f"{len(rows)}; delete the folder's shards and sample again"
+        )
     feats = shard_features(images, ev, net)
     del images
     index = dp.gather(rows)
@@ -121,8 +145,10 @@ def sharded_features(res: ShardResult, n: int, ev: EvalConfig, net,
         return None
     index = torch.cat(index)
     if not torch.equal(index.sort().values, torch.arange(n)):
-        raise ValueError(f"the ranks' shards hold {len(index)} rows ({len(index.unique())} distinct) of the {n} "
-                         "samples; every sample must be in exactly one shard")
+        raise ValueError(
+            f"the ranks' shards hold {len(index)} rows ({len(index.unique())} distinct) of the {n} "
+            "samples; every sample must be in exactly one shard"
+        )
     out = {}
     for k, parts in gathered.items():
         part = torch.cat(parts).double()
@@ -138,8 +164,10 @@ def _check_same_settings(folder: str | os.PathLike, world: int) -> None:
     first = read_meta(paths[0])
     for p in paths[1:]:
         if read_meta(p) != first:
-            raise ValueError(f"{folder}: {paths[0].name} and {p.name} were written with different settings; every "
-                             "rank must sample the same checkpoint with the same settings")
+            raise ValueError(
+                f"{folder}: {paths[0].name} and {p.name} were written with different settings; every "
+                "rank must sample the same checkpoint with the same settings"
+            )
 
 
 def check_evaluation(cfg: RunConfig):
@@ -150,16 +178,19 @@ def check_evaluation(cfg: RunConfig):
     if cfg.data.dataset == "digits":
         return None
     if not ev.reference:
-        raise ValueError("evaluating a latent run needs reference statistics: set eval.reference to an .npz made by "
-                         "`srdit reference` (or ADM's VIRTUAL_imagenet256_labeled.npz)")
+        raise ValueError(
+            "evaluating a latent run needs reference statistics: set eval.reference to an .npz made by "
+            "`srdit reference` (or ADM's VIRTUAL_imagenet256_labeled.npz)"
+        )
     from srdit.inputs import input_problems
     from srdit.metrics.inception import load_reference
 
     if not cfg.data.tokenizer or not cfg.data.tokenizer_path:
-        raise FileNotFoundError("data.tokenizer / data.tokenizer_path: the tokenizer that decodes the samples is not "
-                                "set (set data.tokenizer and data.tokenizer_path)")
-    problems = input_problems(cfg, ["data.tokenizer_path", "eval.reference", "eval.inception_path",
-                                    "eval.dinov2_path"])
+        raise FileNotFoundError(
+            "data.tokenizer / data.tokenizer_path: the tokenizer that decodes the samples is not "
+            "set (set data.tokenizer and data.tokenizer_path)"
+        )
+    problems = input_problems(cfg, ["data.tokenizer_path", "eval.reference", "eval.inception_path", "eval.dinov2_path"])
     if problems:
         raise FileNotFoundError(" | ".join(map(str, problems)))
     ref = load_reference(ev.reference)

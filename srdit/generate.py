@@ -51,8 +51,9 @@ def num_batches(n: int, batch_size: int) -> int:
 def batch_slice(n: int, batch_size: int, batch: int) -> slice:
     """Global sample indices of batch `batch`."""
     if not 0 <= batch < num_batches(n, batch_size):
-        raise ValueError(f"batch {batch} out of range: {n} samples make {num_batches(n, batch_size)} batches of "
-                         f"{batch_size}")
+        raise ValueError(
+            f"batch {batch} out of range: {n} samples make {num_batches(n, batch_size)} batches of {batch_size}"
+        )
     return slice(batch * batch_size, min(n, (batch + 1) * batch_size))
 
 
@@ -64,8 +65,9 @@ def shard_batches(n: int, batch_size: int, shard: int, num_shards: int) -> range
     return range(shard, num_batches(n, batch_size), num_shards)
 
 
-def _generate_batch(model, cfg: RunConfig, sc: SampleConfig, n: int, seed: int, batch: int, batch_size: int,
-                    device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, int]:
+def _generate_batch(
+    model, cfg: RunConfig, sc: SampleConfig, n: int, seed: int, batch: int, batch_size: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Samples, labels and NFE of one protocol batch. Draw order (labels, initial state, SDE noise) is fixed:
     it is what makes batch 0 match the historical protocol."""
     m = cfg.model
@@ -74,8 +76,16 @@ def _generate_batch(model, cfg: RunConfig, sc: SampleConfig, n: int, seed: int, 
     g = torch.Generator().manual_seed(batch_seed(seed, batch))
     labels = balanced_labels(n, m.num_classes)[sl] if sc.balanced_labels else random_labels(size, m.num_classes, g)
     state = initial_state(m, size, g)
-    velocity = guided_velocity(model, labels.to(device), m.num_classes, sc.cfg_scale, sc.cls_cfg_scale,
-                               sc.guidance_low, sc.guidance_high, sc.path_drop_guidance)
+    velocity = guided_velocity(
+        model,
+        labels.to(device),
+        m.num_classes,
+        sc.cfg_scale,
+        sc.cls_cfg_scale,
+        sc.guidance_low,
+        sc.guidance_high,
+        sc.path_drop_guidance,
+    )
     with sampling_precision(cfg, device):
         res = sample(velocity, [s.to(device) for s in state], sc.sampler, sc.steps, cfg.shift_value(), generator=g)
     return res.state[0].float().cpu(), labels, res.nfe
@@ -99,9 +109,16 @@ def sampling_precision(cfg: RunConfig, device: torch.device | str):
 
 
 @torch.no_grad()
-def generate(model, cfg: RunConfig, n: int, seed: int, device: torch.device | str = "cpu",
-             batch_size: int | None = None, sample_cfg: SampleConfig | None = None,
-             batches: Iterable[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def generate(
+    model,
+    cfg: RunConfig,
+    n: int,
+    seed: int,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    sample_cfg: SampleConfig | None = None,
+    batches: Iterable[int] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Samples (CPU float32), their labels, and the NFE per sample, for n samples at protocol batch size
     `batch_size` (default `cfg.eval.batch_size`).
 
@@ -132,17 +149,24 @@ def load_decoder(cfg: RunConfig, device: torch.device | str = "cpu") -> Tokenize
     """The tokenizer that decodes a latent run's samples (`data.tokenizer` from `data.tokenizer_path`)."""
     d = cfg.data
     if not d.tokenizer or not d.tokenizer_path:
-        raise ValueError("decoding latent samples needs the tokenizer they were encoded with: set data.tokenizer "
-                         "(invae or sdvae) and data.tokenizer_path (its local weights), e.g. "
-                         "`srdit sample CKPT --tokenizer invae --tokenizer-path e2e-invae-400k.pt`")
+        raise ValueError(
+            "decoding latent samples needs the tokenizer they were encoded with: set data.tokenizer "
+            "(invae or sdvae) and data.tokenizer_path (its local weights), e.g. "
+            "`srdit sample CKPT --tokenizer invae --tokenizer-path e2e-invae-400k.pt`"
+        )
     from srdit.encoders import load_tokenizer
 
     return load_tokenizer(d.tokenizer, d.tokenizer_path, device)
 
 
 @torch.no_grad()
-def to_images(samples: torch.Tensor, cfg: RunConfig, device: torch.device | str = "cpu",
-              tokenizer: Tokenizer | None = None, batch_size: int | None = None) -> torch.Tensor:
+def to_images(
+    samples: torch.Tensor,
+    cfg: RunConfig,
+    device: torch.device | str = "cpu",
+    tokenizer: Tokenizer | None = None,
+    batch_size: int | None = None,
+) -> torch.Tensor:
     """Samples from `generate` -> images in [-1, 1] (CPU float32, [N, C, H, W]).
 
     Digits samples already are images. Latent samples are model latents (`scale * latent + bias`);
@@ -152,10 +176,12 @@ def to_images(samples: torch.Tensor, cfg: RunConfig, device: torch.device | str 
         return samples.float().clamp(-1, 1)
     tok = load_decoder(cfg, device) if tokenizer is None else tokenizer
     if samples.shape[1] != tok.channels:
-        raise ValueError(f"samples have {samples.shape[1]} channels but tokenizer {tok.name} decodes {tok.channels}; "
-                         f"is data.tokenizer the one the latents were made with?")
+        raise ValueError(
+            f"samples have {samples.shape[1]} channels but tokenizer {tok.name} decodes {tok.channels}; "
+            f"is data.tokenizer the one the latents were made with?"
+        )
     step = batch_size or cfg.eval.batch_size
-    chunks = [tok.decode(samples[i:i + step]).float().clamp(-1, 1).cpu() for i in range(0, len(samples), step)]
+    chunks = [tok.decode(samples[i : i + step]).float().clamp(-1, 1).cpu() for i in range(0, len(samples), step)]
     if not chunks:
         side = samples.shape[-1] * tok.downsample
         return torch.empty(0, 3, side, side)

@@ -27,7 +27,9 @@ def make_grid(images: np.ndarray, nrow: int, pad: int = 1, scale: int = 1) -> np
     grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
     for i in range(n):
         r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = images[i]
+        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + col * (w + pad) : pad + col * (w + pad) + w] = images[
+            i
+        ]
     return grid
 
 
@@ -51,8 +53,9 @@ def write_png(image: np.ndarray, path: str | Path) -> Path:
     return path
 
 
-def save_samples(images: torch.Tensor, labels: torch.Tensor, out_dir: str | Path, nrow: int = 10,
-                 max_grid: int = 100, scale: int = 4) -> tuple[Path, Path]:
+def save_samples(
+    images: torch.Tensor, labels: torch.Tensor, out_dir: str | Path, nrow: int = 10, max_grid: int = 100, scale: int = 4
+) -> tuple[Path, Path]:
     """samples.png (first `max_grid` images, `nrow` per row) and samples.npz (all images as uint8, labels)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

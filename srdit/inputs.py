@@ -13,9 +13,9 @@ terabytes (`srdit preprocess --verify DIR` hashes every shard).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from srdit.config import PATH_FIELDS, RunConfig
 
@@ -76,8 +76,10 @@ def read_fields(cfg: RunConfig) -> list[str]:
 
 def _preprocess_cmd(cfg: RunConfig) -> str:
     keep = " --keep-images" if _needs_teacher(cfg) else ""
-    return (f"make it with `srdit preprocess IMAGE_DIR {cfg.data.path} --tokenizer {cfg.data.tokenizer or 'invae'} "
-            f"--weights {cfg.data.tokenizer_path or 'TOKENIZER_WEIGHTS'}{keep}`")
+    return (
+        f"make it with `srdit preprocess IMAGE_DIR {cfg.data.path} --tokenizer {cfg.data.tokenizer or 'invae'} "
+        f"--weights {cfg.data.tokenizer_path or 'TOKENIZER_WEIGHTS'}{keep}`"
+    )
 
 
 def _check_latents(cfg: RunConfig, path: str) -> tuple[str, str] | None:
@@ -90,16 +92,22 @@ def _check_latents(cfg: RunConfig, path: str) -> tuple[str, str] | None:
         index = read_index(root)
     except (FileNotFoundError, ValueError) as e:
         incomplete = "incomplete" in str(e)
-        return (str(e).split(": ", 1)[-1].split(";")[0],
-                "rerun the same `srdit preprocess` command to finish it" if incomplete else _preprocess_cmd(cfg))
+        return (
+            str(e).split(": ", 1)[-1].split(";")[0],
+            "rerun the same `srdit preprocess` command to finish it" if incomplete else _preprocess_cmd(cfg),
+        )
     problems = verify(root, checksums=False)
     if problems:
-        return (f"{len(problems)} problem(s) in the shards ({problems[0]})",
-                f"`srdit preprocess --verify {path}` lists them; rerun the `srdit preprocess` command that made it")
+        return (
+            f"{len(problems)} problem(s) in the shards ({problems[0]})",
+            f"`srdit preprocess --verify {path}` lists them; rerun the `srdit preprocess` command that made it",
+        )
     if _needs_teacher(cfg) and not cfg.data.teacher_cache and not index.get("image_shape"):
-        return ("no image crops stored (the alignment teacher reads them)",
-                f"{_preprocess_cmd(cfg)} into a new folder (--keep-images), or set data.teacher_cache to a "
-                f"filled feature cache")
+        return (
+            "no image crops stored (the alignment teacher reads them)",
+            f"{_preprocess_cmd(cfg)} into a new folder (--keep-images), or set data.teacher_cache to a "
+            f"filled feature cache",
+        )
     return None
 
 
@@ -111,31 +119,41 @@ def _check_dinov2(name: str) -> Callable[[RunConfig, str], tuple[str, str] | Non
         weights = weights_names(model)[0]
         url = f"https://dl.fbaipublicfiles.com/dinov2/{weights.rsplit('_pretrain', 1)[0]}/{weights}"
         if not Path(path).is_dir():
-            return (f"no such folder (the DINOv2 {model} repository and weights)",
-                    f"on a machine with network access `git clone {REPO_URL}` into it and download {url} next to "
-                    f"it, then copy the folder here")
+            return (
+                f"no such folder (the DINOv2 {model} repository and weights)",
+                f"on a machine with network access `git clone {REPO_URL}` into it and download {url} next to "
+                f"it, then copy the folder here",
+            )
         try:
             dinov2_files(model, path)
         except (FileNotFoundError, ValueError) as e:
             problem, _, fix = str(e).split(": ", 1)[-1].partition("; ")
             return problem, fix
         return None
+
     return check
 
 
 def _check_tokenizer(cfg: RunConfig, path: str) -> tuple[str, str] | None:
     if os.path.exists(path):
         return None
-    what = ("the INVAE weights (e2e-invae-400k.pt, or a folder holding it)" if cfg.data.tokenizer == "invae" else
-            "the SD-VAE diffusers folder (sd-vae-ft-ema)")
-    return (f"the {cfg.data.tokenizer} tokenizer weights that decode the samples are missing",
-            f"copy {what} there from a machine with network access")
+    what = (
+        "the INVAE weights (e2e-invae-400k.pt, or a folder holding it)"
+        if cfg.data.tokenizer == "invae"
+        else "the SD-VAE diffusers folder (sd-vae-ft-ema)"
+    )
+    return (
+        f"the {cfg.data.tokenizer} tokenizer weights that decode the samples are missing",
+        f"copy {what} there from a machine with network access",
+    )
 
 
 def _reference_cmd(cfg: RunConfig) -> str:
     dino = f" --dinov2 {cfg.eval.dinov2_path}" if cfg.eval.dinov2_path else ""
     inc = cfg.eval.inception_path or "INCEPTION_WEIGHTS"
-    return f"make it with `srdit reference {cfg.data.path or 'LATENT_DIR'} {cfg.eval.reference} --inception {inc}{dino}`"
+    return (
+        f"make it with `srdit reference {cfg.data.path or 'LATENT_DIR'} {cfg.eval.reference} --inception {inc}{dino}`"
+    )
 
 
 def _check_reference(cfg: RunConfig, path: str) -> tuple[str, str] | None:
@@ -151,8 +169,10 @@ def _check_reference(cfg: RunConfig, path: str) -> tuple[str, str] | None:
     if not {"mu", "sigma"} <= keys:
         return f"no mu / sigma arrays (keys: {', '.join(sorted(keys))})", _reference_cmd(cfg)
     if cfg.eval.dinov2_path and "dinov2" not in keys:
-        return ("holds no DINOv2 features but eval.dinov2_path is set",
-                f"rebuild it: {_reference_cmd(cfg)}, or unset eval.dinov2_path")
+        return (
+            "holds no DINOv2 features but eval.dinov2_path is set",
+            f"rebuild it: {_reference_cmd(cfg)}, or unset eval.dinov2_path",
+        )
     return None
 
 

@@ -15,8 +15,9 @@ Producers:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Literal
 
 Direction = Literal["min", "max"]
 Producer = Literal["train", "digits", "latents", "trial"]
@@ -49,52 +50,110 @@ class Metric:
 
 _EVAL = ("digits", "latents")
 
-METRICS: dict[str, Metric] = {m.name: m for m in [
-    # training, every log_every steps
-    Metric("loss", "min", "total training loss (weighted sum of the terms)"),
-    Metric("loss/fm", "min", "flow-matching velocity MSE"),
-    Metric("loss/repa", "min", "REPA negative cosine similarity to the teacher's patch tokens"),
-    Metric("loss/reg", "min", "REG class-token velocity MSE"),
-    Metric("loss/cfm", "min", "contrastive flow matching term (negative: pushes away from another sample's target)"),
-    Metric("grad_norm", "min", "global gradient norm before clipping"),
-    Metric("steps_per_s", "max", "optimisation steps per second (window mean)", "steps/s", "log"),
-    Metric("images_per_s", "max", "training images per second (window mean)", "images/s", "log"),
-    # the run's throughput summary (once, at the end): what a study's `steps_per_s` / `images_per_s` reads
-    Metric("steps_per_s_median", "max", "median steps/s over the post-warm-up log windows", "steps/s", "log",
-           curve=False),
-    Metric("images_per_s_median", "max", "median images/s over the post-warm-up log windows", "images/s", "log",
-           curve=False),
-    Metric("throughput_windows", "max", "log windows in the throughput median", "windows", curve=False,
-           analysable=False),
-    # evaluation of the EMA weights: digits
-    Metric("fd", "min", "Frechet distance in the in-project digits metric network's features", producers=("digits",)),
-    Metric("kd", "min", "kernel distance (KID-style, polynomial kernel) in the digits metric features",
-           producers=("digits",)),
-    Metric("kd_std", "min", "standard deviation of kd over subsets", producers=("digits",)),
-    Metric("precision", "max", "improved precision (k-NN manifold, k = 3)", producers=_EVAL),
-    Metric("recall", "max", "improved recall (k-NN manifold, k = 3)", producers=_EVAL),
-    # evaluation: latent runs (ImageNet)
-    Metric("fid", "min", "FID against eval.reference (pytorch-fid Inception, pool3)", producers=("latents",)),
-    Metric("sfid", "min", "sFID (spatial Inception features, mixed_6/conv)", producers=("latents",)),
-    Metric("inception_score", "max", "Inception Score (5000-sample splits, as ADM)", producers=("latents",)),
-    Metric("inception_score_std", "min", "standard deviation of the Inception Score over splits",
-           producers=("latents",)),
-    Metric("kd_dinov2", "min", "kernel distance in DINOv2 ViT-L/14 features", producers=("latents",)),
-    Metric("kd_dinov2_std", "min", "standard deviation of kd_dinov2 over subsets", producers=("latents",)),
-    Metric("n", "max", "number of generated samples evaluated", "samples", producers=_EVAL, curve=False,
-           analysable=False),
-    Metric("nfe", "min", "network evaluations per sample of the sampler (guidance counts twice)", producers=_EVAL,
-           curve=False, analysable=False),
-    # once per trial
-    Metric("trial_wall_s", "min", "wall time of the trial", "s", "log", ("trial",), curve=False),
-    Metric("trials_on_host", "min", "most trials of the study running on the trial's machine at once while it ran "
-           "(1 = alone: its wall-clock metrics are free of contention)", "trials", producers=("trial",),
-           curve=False, analysable=False),
-    # once per failed run (the trainer)
-    Metric("diverged_step", "max", "step at which the loss or gradient became non-finite", curve=False,
-           analysable=False),
-    Metric("oom_step", "max", "step at which the run ran out of memory", curve=False, analysable=False),
-]}
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in [
+        # training, every log_every steps
+        Metric("loss", "min", "total training loss (weighted sum of the terms)"),
+        Metric("loss/fm", "min", "flow-matching velocity MSE"),
+        Metric("loss/repa", "min", "REPA negative cosine similarity to the teacher's patch tokens"),
+        Metric("loss/reg", "min", "REG class-token velocity MSE"),
+        Metric(
+            "loss/cfm", "min", "contrastive flow matching term (negative: pushes away from another sample's target)"
+        ),
+        Metric("grad_norm", "min", "global gradient norm before clipping"),
+        Metric("steps_per_s", "max", "optimisation steps per second (window mean)", "steps/s", "log"),
+        Metric("images_per_s", "max", "training images per second (window mean)", "images/s", "log"),
+        # the run's throughput summary (once, at the end): what a study's `steps_per_s` / `images_per_s` reads
+        Metric(
+            "steps_per_s_median",
+            "max",
+            "median steps/s over the post-warm-up log windows",
+            "steps/s",
+            "log",
+            curve=False,
+        ),
+        Metric(
+            "images_per_s_median",
+            "max",
+            "median images/s over the post-warm-up log windows",
+            "images/s",
+            "log",
+            curve=False,
+        ),
+        Metric(
+            "throughput_windows",
+            "max",
+            "log windows in the throughput median",
+            "windows",
+            curve=False,
+            analysable=False,
+        ),
+        # evaluation of the EMA weights: digits
+        Metric(
+            "fd", "min", "Frechet distance in the in-project digits metric network's features", producers=("digits",)
+        ),
+        Metric(
+            "kd",
+            "min",
+            "kernel distance (KID-style, polynomial kernel) in the digits metric features",
+            producers=("digits",),
+        ),
+        Metric("kd_std", "min", "standard deviation of kd over subsets", producers=("digits",)),
+        Metric("precision", "max", "improved precision (k-NN manifold, k = 3)", producers=_EVAL),
+        Metric("recall", "max", "improved recall (k-NN manifold, k = 3)", producers=_EVAL),
+        # evaluation: latent runs (ImageNet)
+        Metric("fid", "min", "FID against eval.reference (pytorch-fid Inception, pool3)", producers=("latents",)),
+        Metric("sfid", "min", "sFID (spatial Inception features, mixed_6/conv)", producers=("latents",)),
+        Metric("inception_score", "max", "Inception Score (5000-sample splits, as ADM)", producers=("latents",)),
+        Metric(
+            "inception_score_std",
+            "min",
+            "standard deviation of the Inception Score over splits",
+            producers=("latents",),
+        ),
+        Metric("kd_dinov2", "min", "kernel distance in DINOv2 ViT-L/14 features", producers=("latents",)),
+        Metric("kd_dinov2_std", "min", "standard deviation of kd_dinov2 over subsets", producers=("latents",)),
+        Metric(
+            "n",
+            "max",
+            "number of generated samples evaluated",
+            "samples",
+            producers=_EVAL,
+            curve=False,
+            analysable=False,
+        ),
+        Metric(
+            "nfe",
+            "min",
+            "network evaluations per sample of the sampler (guidance counts twice)",
+            producers=_EVAL,
+            curve=False,
+            analysable=False,
+        ),
+        # once per trial
+        Metric("trial_wall_s", "min", "wall time of the trial", "s", "log", ("trial",), curve=False),
+        Metric(
+            "trials_on_host",
+            "min",
+            "most trials of the study running on the trial's machine at once while it ran "
+            "(1 = alone: its wall-clock metrics are free of contention)",
+            "trials",
+            producers=("trial",),
+            curve=False,
+            analysable=False,
+        ),
+        # once per failed run (the trainer)
+        Metric(
+            "diverged_step",
+            "max",
+            "step at which the loss or gradient became non-finite",
+            curve=False,
+            analysable=False,
+        ),
+        Metric("oom_step", "max", "step at which the run ran out of memory", curve=False, analysable=False),
+    ]
+}
 
 QUALITY_ORDER = ("fid", "fd", "kd_dinov2", "kd", "sfid", "inception_score", "precision", "recall")
 "Headline sample-quality metrics, most standard first: a progress line shows the first one a run reports."

@@ -23,7 +23,7 @@ class DataParallel:
     world: int = 1
 
     @classmethod
-    def current(cls) -> "DataParallel":
+    def current(cls) -> DataParallel:
         if dist.is_available() and dist.is_initialized():
             return cls(dist.get_rank(), dist.get_world_size())
         return cls()
@@ -39,8 +39,10 @@ class DataParallel:
 
     def local_batch(self, global_batch: int) -> int:
         if global_batch % self.world:
-            raise ValueError(f"train.batch_size {global_batch} is not divisible by the {self.world} data-parallel "
-                             f"workers; choose a multiple of {self.world}")
+            raise ValueError(
+                f"train.batch_size {global_batch} is not divisible by the {self.world} data-parallel "
+                f"workers; choose a multiple of {self.world}"
+            )
         return global_batch // self.world
 
     def part(self, x: torch.Tensor | None) -> torch.Tensor | None:
@@ -48,7 +50,7 @@ class DataParallel:
         if x is None or not self.active:
             return x
         n = self.local_batch(x.shape[0])
-        return x[self.rank * n:(self.rank + 1) * n]
+        return x[self.rank * n : (self.rank + 1) * n]
 
     def rolled(self, x: torch.Tensor) -> torch.Tensor:
         """This rank's slice of the global batch rolled by one (x_{j-1} for every global index j), so that
@@ -83,14 +85,15 @@ class DataParallel:
         this rank's current CUDA device. One process: [x]."""
         if not self.active:
             return [x.cpu()]
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else \
-            torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        )
         length = torch.tensor([x.shape[0]], dtype=torch.int64, device=device)
         lengths = [torch.empty_like(length) for _ in range(self.world)]
         dist.all_gather(lengths, length)
         sizes = [int(n) for n in lengths]
         padded = torch.zeros((max(sizes), *x.shape[1:]), dtype=x.dtype, device=device)
-        padded[:x.shape[0]] = x
+        padded[: x.shape[0]] = x
         parts = [torch.empty_like(padded) for _ in range(self.world)] if self.main else None
         dist.gather(padded, parts, dst=0)
         return [part[:n].cpu() for part, n in zip(parts, sizes)] if self.main else None
@@ -110,6 +113,7 @@ def init_from_env(device_type: str) -> DataParallel:
             torch.cuda.set_device(device)
         # A long timeout: the other ranks wait while rank 0 scores a 50K-sample evaluation. `device_id` binds the
         # NCCL communicator to this rank's GPU up front (no lazy, guessed device on the first collective).
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2),
-                                device_id=device)
+        dist.init_process_group(
+            "nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2), device_id=device
+        )
     return DataParallel.current()

@@ -23,10 +23,18 @@ ROOT = Path(__file__).resolve().parent.parent
 def git_commit() -> tuple[str, bool]:
     """(commit, dirty) of the source tree srdit runs from; ("unknown", False) outside a git checkout."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=ROOT,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+        )
         return (commit or "unknown"), dirty
     except (OSError, subprocess.SubprocessError):
         return "unknown", False
@@ -46,8 +54,12 @@ def provenance(device: torch.device | str = "cpu") -> dict[str, str]:
 
     commit, dirty = git_commit()
     return {
-        "commit": commit, "dirty": str(dirty).lower(), "srdit": srdit.__version__, "torch": str(torch.__version__),
-        "python": platform.python_version(), "device": device_name(device),
+        "commit": commit,
+        "dirty": str(dirty).lower(),
+        "srdit": srdit.__version__,
+        "torch": str(torch.__version__),
+        "python": platform.python_version(),
+        "device": device_name(device),
     }
 
 
@@ -67,8 +79,13 @@ def _drop_docstrings(tree: ast.AST) -> ast.AST:
             body = getattr(node, name, None)
             if not isinstance(body, list) or not body or not isinstance(body[0], ast.stmt):
                 continue
-            kept = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant)
-                                             and isinstance(s.value.value, str))]
+            kept = [
+                s
+                for s in body
+                if not (
+                    isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)
+                )
+            ]
             setattr(node, name, kept or [ast.Pass()])
     return tree
 
@@ -80,7 +97,7 @@ def source_digest(source: str, filename: str = "<source>") -> str:
     return hashlib.sha256(ast.dump(tree, annotate_fields=False).encode()).hexdigest()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _code_version(parts: tuple[str, ...], root: str) -> str:
     h = hashlib.sha256()
     base = Path(root)

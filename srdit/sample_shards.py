@@ -80,8 +80,10 @@ def resolve_shard(shard: int | None = None, num_shards: int | None = None) -> tu
     if shard is None:
         shard = 0 if num_shards == 1 else None
     if shard is None or num_shards is None:
-        raise ValueError("give both the shard index and the shard count (--shard K --num-shards W), or run under "
-                         "torchrun (RANK / WORLD_SIZE)")
+        raise ValueError(
+            "give both the shard index and the shard count (--shard K --num-shards W), or run under "
+            "torchrun (RANK / WORLD_SIZE)"
+        )
     if num_shards < 1 or not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} of {num_shards}: need 0 <= shard < num_shards")
     return shard, num_shards
@@ -106,16 +108,29 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def sampling_settings(model: torch.nn.Module, cfg: RunConfig, n: int, seed: int, batch_size: int,
-                      sample_cfg: SampleConfig, tokenizer=None) -> dict:
+def sampling_settings(
+    model: torch.nn.Module, cfg: RunConfig, n: int, seed: int, batch_size: int, sample_cfg: SampleConfig, tokenizer=None
+) -> dict:
     """Everything that decides a shard's content except which batches it holds (JSON-able, compared on resume)."""
-    settings = {"n": n, "seed": seed, "batch_size": batch_size, "num_batches": num_batches(n, batch_size),
-                "dataset": cfg.data.dataset, "sample": to_dict(sample_cfg), "weights": weights_fingerprint(model)}
+    settings = {
+        "n": n,
+        "seed": seed,
+        "batch_size": batch_size,
+        "num_batches": num_batches(n, batch_size),
+        "dataset": cfg.data.dataset,
+        "sample": to_dict(sample_cfg),
+        "weights": weights_fingerprint(model),
+    }
     if tokenizer is not None:  # weights, not the path: ranks on other nodes may keep them elsewhere
-        module = next((m for m in (getattr(tokenizer, a, None) for a in ("model", "vae"))
-                       if isinstance(m, torch.nn.Module)), None)
-        settings["tokenizer"] = {"name": tokenizer.name, "scale": tokenizer.scale, "bias": tokenizer.bias,
-                                 "weights": weights_fingerprint(module) if module is not None else None}
+        module = next(
+            (m for m in (getattr(tokenizer, a, None) for a in ("model", "vae")) if isinstance(m, torch.nn.Module)), None
+        )
+        settings["tokenizer"] = {
+            "name": tokenizer.name,
+            "scale": tokenizer.scale,
+            "bias": tokenizer.bias,
+            "weights": weights_fingerprint(module) if module is not None else None,
+        }
     return json.loads(json.dumps(settings))  # normalise (tuples -> lists) so it compares equal to a re-read copy
 
 
@@ -142,9 +157,19 @@ def _batch_part(parts: Path, b: int, settings: dict) -> tuple[np.ndarray, np.nda
         return None
 
 
-def _generate_shard(model, cfg: RunConfig, n: int, seed: int, batches: range, device: torch.device,
-                    batch_size: int, sc: SampleConfig, tokenizer, parts: Path,
-                    settings: dict) -> tuple[np.ndarray, np.ndarray, int]:
+def _generate_shard(
+    model,
+    cfg: RunConfig,
+    n: int,
+    seed: int,
+    batches: range,
+    device: torch.device,
+    batch_size: int,
+    sc: SampleConfig,
+    tokenizer,
+    parts: Path,
+    settings: dict,
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Images (uint8 NHWC) and labels of `batches`, one batch at a time so latents are decoded as they come; each
     batch is written to `parts` as soon as it is done, and batches already there are read instead of redone."""
     images, labels, nfe = [], [], 0
@@ -155,8 +180,11 @@ def _generate_shard(model, cfg: RunConfig, n: int, seed: int, batches: range, de
             x, y, nfe = generate(model, cfg, n, seed, device, batch_size, sc, batches=[b])
             img, lab = to_uint8(to_images(x, cfg, device, tokenizer, batch_size)), y.numpy()
             parts.mkdir(parents=True, exist_ok=True)
-            write_atomic(parts / f"batch_{b:06d}.npz",
-                         lambda f: np.savez(f, arr_0=img, labels=lab, meta=meta, nfe=np.int64(nfe)))
+            # write_atomic calls the writer at once, so the loop variables are this batch's
+            write_atomic(
+                parts / f"batch_{b:06d}.npz",
+                lambda f: np.savez(f, arr_0=img, labels=lab, meta=meta, nfe=np.int64(nfe)),  # noqa: B023
+            )
         else:
             img, lab, nfe = done
         images.append(img)
@@ -167,9 +195,19 @@ def _generate_shard(model, cfg: RunConfig, n: int, seed: int, batches: range, de
     return np.concatenate(images), np.concatenate(labels), nfe
 
 
-def write_shard(model, cfg: RunConfig, out_dir: str | os.PathLike, n: int, seed: int, shard: int | None = None,
-                num_shards: int | None = None, device: torch.device | str = "cpu", batch_size: int | None = None,
-                sample_cfg: SampleConfig | None = None, tokenizer=None) -> ShardResult:
+def write_shard(
+    model,
+    cfg: RunConfig,
+    out_dir: str | os.PathLike,
+    n: int,
+    seed: int,
+    shard: int | None = None,
+    num_shards: int | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int | None = None,
+    sample_cfg: SampleConfig | None = None,
+    tokenizer=None,
+) -> ShardResult:
     """Generate shard `shard` of `num_shards` (default: torchrun's RANK / WORLD_SIZE) of n samples and write it
     atomically to `out_dir`; skip it when it is already there with the same settings. Latent runs are decoded with
     `tokenizer` (default: loaded from data.tokenizer / data.tokenizer_path)."""
@@ -187,10 +225,20 @@ def write_shard(model, cfg: RunConfig, out_dir: str | os.PathLike, n: int, seed:
         done = _finished(path, settings)
         if done is not None:
             return ShardResult(path, shard, num_shards, tuple(batches), *done, skipped=True)
-    images, labels, nfe = _generate_shard(model, cfg, n, seed, batches, torch.device(device), batch_size, sc,
-                                          tokenizer, parts_dir(path), settings)
-    write_atomic(path, lambda f: np.savez(f, arr_0=images, labels=labels, batches=np.asarray(batches, np.int64),
-                                          meta=np.asarray(json.dumps(settings, sort_keys=True)), nfe=np.int64(nfe)))
+    images, labels, nfe = _generate_shard(
+        model, cfg, n, seed, batches, torch.device(device), batch_size, sc, tokenizer, parts_dir(path), settings
+    )
+    write_atomic(
+        path,
+        lambda f: np.savez(
+            f,
+            arr_0=images,
+            labels=labels,
+            batches=np.asarray(batches, np.int64),
+            meta=np.asarray(json.dumps(settings, sort_keys=True)),
+            nfe=np.int64(nfe),
+        ),
+    )
     shutil.rmtree(parts_dir(path), ignore_errors=True)
     return ShardResult(path, shard, num_shards, tuple(batches), len(labels), nfe, skipped=False)
 
@@ -205,8 +253,10 @@ def _finished(path: Path, settings: dict) -> tuple[int, int] | None:
         return None
     if meta != settings:
         changed = sorted(k for k in set(meta) | set(settings) if meta.get(k) != settings.get(k))
-        raise ValueError(f"{path} was written with other settings ({', '.join(changed)} differ); use another output "
-                         f"folder or delete the folder's shards")
+        raise ValueError(
+            f"{path} was written with other settings ({', '.join(changed)} differ); use another output "
+            f"folder or delete the folder's shards"
+        )
     return count, nfe
 
 
@@ -229,18 +279,23 @@ def _check_complete(out_dir: Path, owners: dict[int, list[Path]], expected: int,
     dup = sorted(b for b, files in owners.items() if len(files) > 1)
     if dup:
         files = sorted({p.name for b in dup for p in owners[b]})
-        raise ValueError(f"{out_dir}: batches {_ranges(dup)} appear in more than one shard ({', '.join(files[:6])}); "
-                         f"the folder mixes shard counts - keep one set of samples_*-of-WWWWW.npz")
+        raise ValueError(
+            f"{out_dir}: batches {_ranges(dup)} appear in more than one shard ({', '.join(files[:6])}); "
+            f"the folder mixes shard counts - keep one set of samples_*-of-WWWWW.npz"
+        )
     missing = [b for b in range(expected) if b not in owners]
     if missing:
         hint = ""
         if len(counts) == 1:
             w = counts.pop()
             shards = sorted({b % w for b in missing})
-            hint = f"; missing shard files: {', '.join(shard_path(out_dir, k, w).name for k in shards[:10])}" + \
-                   (" ..." if len(shards) > 10 else "")
-        raise ValueError(f"{out_dir}: incomplete samples: batches {_ranges(missing)} of 0-{expected - 1} are missing"
-                         f"{hint}; run those shards (rerunning finished ones is a no-op)")
+            hint = f"; missing shard files: {', '.join(shard_path(out_dir, k, w).name for k in shards[:10])}" + (
+                " ..." if len(shards) > 10 else ""
+            )
+        raise ValueError(
+            f"{out_dir}: incomplete samples: batches {_ranges(missing)} of 0-{expected - 1} are missing"
+            f"{hint}; run those shards (rerunning finished ones is a no-op)"
+        )
 
 
 def collect(out_dir: str | os.PathLike, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -251,16 +306,20 @@ def collect(out_dir: str | os.PathLike, n: int) -> tuple[np.ndarray, np.ndarray]
     out_dir = Path(out_dir)
     files = sorted(p for p in out_dir.glob(SHARD_GLOB) if _SHARD_RE.fullmatch(p.name))
     if not files:
-        raise FileNotFoundError(f"{out_dir}: no sample shards (samples_KKKKK-of-WWWWW.npz); write them first with "
-                                f"`srdit sample CKPT --n {n} --out {out_dir} --shard K --num-shards W`")
+        raise FileNotFoundError(
+            f"{out_dir}: no sample shards (samples_KKKKK-of-WWWWW.npz); write them first with "
+            f"`srdit sample CKPT --n {n} --out {out_dir} --shard K --num-shards W`"
+        )
     metas = {p: read_meta(p) for p in files}
     settings = metas[files[0]]
     if settings["n"] != n:
         raise ValueError(f"{files[0]}: holds samples of a run with n={settings['n']}, not n={n}")
     for p, meta in metas.items():
         if meta != settings:
-            raise ValueError(f"{out_dir}: {files[0].name} and {p.name} were written with different settings; "
-                             f"one folder must hold one sampling run")
+            raise ValueError(
+                f"{out_dir}: {files[0].name} and {p.name} were written with different settings; "
+                f"one folder must hold one sampling run"
+            )
     owners: dict[int, list[Path]] = {}
     for p in files:
         with np.load(p) as z:
@@ -282,8 +341,8 @@ def _assemble(files: list[Path], n: int, batch_size: int) -> tuple[np.ndarray, n
         row = 0
         for b in batches:
             start, stop = b * batch_size, min(n, (b + 1) * batch_size)
-            images[start:stop] = arr[row:row + stop - start]
-            labels[start:stop] = lab[row:row + stop - start]
+            images[start:stop] = arr[row : row + stop - start]
+            labels[start:stop] = lab[row : row + stop - start]
             row += stop - start
     assert images is not None  # n >= 1 and every batch present
     return images, labels
@@ -297,5 +356,14 @@ def merge(out_dir: str | os.PathLike, n: int) -> Path:
     return path
 
 
-__all__ = ["ShardResult", "collect", "combined_path", "merge", "resolve_shard", "sampling_settings", "shard_device",
-           "shard_path", "write_shard"]
+__all__ = [
+    "ShardResult",
+    "collect",
+    "combined_path",
+    "merge",
+    "resolve_shard",
+    "sampling_settings",
+    "shard_device",
+    "shard_path",
+    "write_shard",
+]

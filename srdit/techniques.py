@@ -15,13 +15,30 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
-from srdit.config import (ConfigError, DataConfig, EvalConfig, ModelConfig, RegConfig, RepaConfig, RunConfig,
-                          SampleConfig, TrainConfig, apply_diff, convert_value, flatten_dict, from_dict, nested_update,
-                          parse_override, read_yaml, to_dict)
+from srdit.config import (
+    ConfigError,
+    DataConfig,
+    EvalConfig,
+    ModelConfig,
+    RegConfig,
+    RepaConfig,
+    RunConfig,
+    SampleConfig,
+    TrainConfig,
+    apply_diff,
+    convert_value,
+    flatten_dict,
+    from_dict,
+    nested_update,
+    parse_override,
+    read_yaml,
+    to_dict,
+)
 
 
 @dataclass(frozen=True)
@@ -63,10 +80,10 @@ class Technique:
         return diff
 
     def knob_stage(self, knob: str) -> str:
-        """"train" or "eval": the stage of the config key a knob writes (`key_stage`)."""
+        """ "train" or "eval": the stage of the config key a knob writes (`key_stage`)."""
         return key_stage(self.knob_key(knob))
 
-    def with_knobs(self, overrides: Mapping[str, Any] | None = None) -> "Technique":
+    def with_knobs(self, overrides: Mapping[str, Any] | None = None) -> Technique:
         """This technique with knob overrides folded into its diff."""
         return dataclasses.replace(self, diff=self.resolved_diff(overrides)) if overrides else self
 
@@ -77,12 +94,12 @@ sample count, metric references): a change there needs no new training."""
 
 
 def key_stage(key: str) -> str:
-    """"eval" for a dotted config key in an evaluation-time section (`EVAL_SECTIONS`), else "train"."""
+    """ "eval" for a dotted config key in an evaluation-time section (`EVAL_SECTIONS`), else "train"."""
     return "eval" if key.split(".", 1)[0] in EVAL_SECTIONS else "train"
 
 
 def diff_stage(diff: Mapping[str, Any]) -> str:
-    """"eval" when every key of a (non-empty) dotted diff is evaluation-time, else "train"."""
+    """ "eval" when every key of a (non-empty) dotted diff is evaluation-time, else "train"."""
     return "eval" if diff and all(key_stage(k) == "eval" for k in diff) else "train"
 
 
@@ -109,60 +126,138 @@ TECHNIQUES: dict[str, Technique] = {
     t.name: t
     for t in [
         Technique(
-            "sprint", "SPRINT token routing: dense/sparse/dense blocks, 75% of tokens dropped in the middle",
-            "SPRINT, Park et al. 2025, arXiv:2510.21986; " + _SRDIT, {"model.sprint.enabled": True},
-            {"drop_ratio": "model.sprint.drop_ratio", "path_drop_prob": "model.sprint.path_drop_prob",
-             "dense_in": "model.sprint.dense_in", "dense_out": "model.sprint.dense_out"},
+            "sprint",
+            "SPRINT token routing: dense/sparse/dense blocks, 75% of tokens dropped in the middle",
+            "SPRINT, Park et al. 2025, arXiv:2510.21986; " + _SRDIT,
+            {"model.sprint.enabled": True},
+            {
+                "drop_ratio": "model.sprint.drop_ratio",
+                "path_drop_prob": "model.sprint.path_drop_prob",
+                "dense_in": "model.sprint.dense_in",
+                "dense_out": "model.sprint.dense_out",
+            },
             code=("srdit.model.routing", "srdit.model.sit"),
         ),
-        Technique("rmsnorm", "RMSNorm instead of LayerNorm in the block pre-norms and final norm",
-                  "Zhang & Sennrich 2019, arXiv:1910.07467; " + _SRDIT, {"model.norm": "rmsnorm"},
-                  code=("srdit.model.layers", "srdit.model.sit")),
-        Technique("rope", "2-D axial rotary position embedding on q and k (added to absolute sin-cos positions)",
-                  "EVA-02, Fang et al. 2023, arXiv:2303.11331; " + _SRDIT, {"model.rope.enabled": True},
-                  {"theta": "model.rope.theta"},
-                  code=("srdit.model.layers", "srdit.model.attention", "srdit.model.sit")),
-        Technique("qk_norm", "RMSNorm over the head dimension on queries and keys",
-                  "Dehghani et al. 2023, arXiv:2302.05442; " + _SRDIT, {"model.qk_norm": True},
-                  code=("srdit.model.attention",)),
-        Technique("value_residual", "Every block mixes block 0's values with a learned lambda (init 0.5)",
-                  "Zhou et al. 2024, arXiv:2410.17897; " + _SRDIT, {"model.value_residual": True},
-                  code=("srdit.model.attention", "srdit.model.sit")),
-        Technique("repa", "Align an early hidden state with a frozen teacher's patch tokens (negative cosine)",
-                  "REPA, Yu et al. 2024, arXiv:2410.06940", {"model.repa.enabled": True},
-                  {"depth": "model.repa.depth", "weight": "loss.repa", "projector_dim": "model.repa.projector_dim"},
-                  code=("srdit.model.alignment", "srdit.model.sit", "srdit.transport.objective",
-                        "srdit.transport.losses")),
-        Technique("reg", "Jointly denoise the teacher's class token as an extra token",
-                  "REG, Wu et al. 2025, arXiv:2507.01467", {"model.reg.enabled": True}, {"weight": "loss.reg"},
-                  code=("srdit.model.alignment", "srdit.model.sit", "srdit.transport.objective",
-                        "srdit.transport.losses", "srdit.transport.samplers")),
-        Technique("cfm", "Contrastive flow matching: push predictions away from another sample's target",
-                  "Delta-FM, Stoica et al. 2025, arXiv:2506.05350; " + _SRDIT, {"loss.cfm": 0.05},
-                  {"weight": "loss.cfm"}, code=("srdit.transport.objective", "srdit.transport.losses")),
-        Technique("time_shift", "Resolution-dependent time shift on training times and the sampler grid",
-                  "SD3, Esser et al. 2024, arXiv:2403.03206; " + _SRDIT, {"transport.time_shift": True},
-                  {"shift": "transport.shift"},
-                  code=("srdit.transport.timesteps", "srdit.transport.samplers", "srdit.config")),
-        Technique("balanced_labels", "Evaluation samples get class i mod num_classes (equal counts per class)",
-                  _SRDIT, {"sample.balanced_labels": True}, code=("srdit.generate", "srdit.data.digits"),
-                  stage="eval"),
-        Technique("logit_normal", "Logit-normal training times instead of uniform",
-                  "SD3, Esser et al. 2024, arXiv:2403.03206", {"transport.time_sampling": "logit_normal"},
-                  {"mean": "transport.logit_mean", "std": "transport.logit_std"},
-                  code=("srdit.transport.timesteps",)),
-        Technique("swiglu", "SwiGLU MLP (2/3 width to keep parameters)", "Shazeer 2020, arXiv:2002.05202; " + _SRDIT,
-                  {"model.mlp": "swiglu"}, code=("srdit.model.layers",)),
-        Technique("relu2", "ReLU^2 MLP", "So et al. 2021 (Primer), arXiv:2109.08668; " + _SRDIT,
-                  {"model.mlp": "relu2"}, code=("srdit.model.layers",)),
-        Technique("path_drop_guidance", "Guidance whose unconditional branch also drops the SPRINT sparse path",
-                  _SRDIT, {"sample.path_drop_guidance": True},
-                  code=("srdit.transport.samplers", "srdit.model.routing"), stage="eval"),
+        Technique(
+            "rmsnorm",
+            "RMSNorm instead of LayerNorm in the block pre-norms and final norm",
+            "Zhang & Sennrich 2019, arXiv:1910.07467; " + _SRDIT,
+            {"model.norm": "rmsnorm"},
+            code=("srdit.model.layers", "srdit.model.sit"),
+        ),
+        Technique(
+            "rope",
+            "2-D axial rotary position embedding on q and k (added to absolute sin-cos positions)",
+            "EVA-02, Fang et al. 2023, arXiv:2303.11331; " + _SRDIT,
+            {"model.rope.enabled": True},
+            {"theta": "model.rope.theta"},
+            code=("srdit.model.layers", "srdit.model.attention", "srdit.model.sit"),
+        ),
+        Technique(
+            "qk_norm",
+            "RMSNorm over the head dimension on queries and keys",
+            "Dehghani et al. 2023, arXiv:2302.05442; " + _SRDIT,
+            {"model.qk_norm": True},
+            code=("srdit.model.attention",),
+        ),
+        Technique(
+            "value_residual",
+            "Every block mixes block 0's values with a learned lambda (init 0.5)",
+            "Zhou et al. 2024, arXiv:2410.17897; " + _SRDIT,
+            {"model.value_residual": True},
+            code=("srdit.model.attention", "srdit.model.sit"),
+        ),
+        Technique(
+            "repa",
+            "Align an early hidden state with a frozen teacher's patch tokens (negative cosine)",
+            "REPA, Yu et al. 2024, arXiv:2410.06940",
+            {"model.repa.enabled": True},
+            {"depth": "model.repa.depth", "weight": "loss.repa", "projector_dim": "model.repa.projector_dim"},
+            code=("srdit.model.alignment", "srdit.model.sit", "srdit.transport.objective", "srdit.transport.losses"),
+        ),
+        Technique(
+            "reg",
+            "Jointly denoise the teacher's class token as an extra token",
+            "REG, Wu et al. 2025, arXiv:2507.01467",
+            {"model.reg.enabled": True},
+            {"weight": "loss.reg"},
+            code=(
+                "srdit.model.alignment",
+                "srdit.model.sit",
+                "srdit.transport.objective",
+                "srdit.transport.losses",
+                "srdit.transport.samplers",
+            ),
+        ),
+        Technique(
+            "cfm",
+            "Contrastive flow matching: push predictions away from another sample's target",
+            "Delta-FM, Stoica et al. 2025, arXiv:2506.05350; " + _SRDIT,
+            {"loss.cfm": 0.05},
+            {"weight": "loss.cfm"},
+            code=("srdit.transport.objective", "srdit.transport.losses"),
+        ),
+        Technique(
+            "time_shift",
+            "Resolution-dependent time shift on training times and the sampler grid",
+            "SD3, Esser et al. 2024, arXiv:2403.03206; " + _SRDIT,
+            {"transport.time_shift": True},
+            {"shift": "transport.shift"},
+            code=("srdit.transport.timesteps", "srdit.transport.samplers", "srdit.config"),
+        ),
+        Technique(
+            "balanced_labels",
+            "Evaluation samples get class i mod num_classes (equal counts per class)",
+            _SRDIT,
+            {"sample.balanced_labels": True},
+            code=("srdit.generate", "srdit.data.digits"),
+            stage="eval",
+        ),
+        Technique(
+            "logit_normal",
+            "Logit-normal training times instead of uniform",
+            "SD3, Esser et al. 2024, arXiv:2403.03206",
+            {"transport.time_sampling": "logit_normal"},
+            {"mean": "transport.logit_mean", "std": "transport.logit_std"},
+            code=("srdit.transport.timesteps",),
+        ),
+        Technique(
+            "swiglu",
+            "SwiGLU MLP (2/3 width to keep parameters)",
+            "Shazeer 2020, arXiv:2002.05202; " + _SRDIT,
+            {"model.mlp": "swiglu"},
+            code=("srdit.model.layers",),
+        ),
+        Technique(
+            "relu2",
+            "ReLU^2 MLP",
+            "So et al. 2021 (Primer), arXiv:2109.08668; " + _SRDIT,
+            {"model.mlp": "relu2"},
+            code=("srdit.model.layers",),
+        ),
+        Technique(
+            "path_drop_guidance",
+            "Guidance whose unconditional branch also drops the SPRINT sparse path",
+            _SRDIT,
+            {"sample.path_drop_guidance": True},
+            code=("srdit.transport.samplers", "srdit.model.routing"),
+            stage="eval",
+        ),
     ]
 }
 
-SRDIT_STACK = ("repa", "reg", "sprint", "rmsnorm", "rope", "qk_norm", "value_residual", "cfm", "time_shift",
-               "balanced_labels")
+SRDIT_STACK = (
+    "repa",
+    "reg",
+    "sprint",
+    "rmsnorm",
+    "rope",
+    "qk_norm",
+    "value_residual",
+    "cfm",
+    "time_shift",
+    "balanced_labels",
+)
 "The SR-DiT recipe's techniques (the `SR-DiT-B/1` preset)."
 
 
@@ -178,9 +273,13 @@ def technique(name: str) -> Technique:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def merge_diffs(techniques: Sequence[Technique | str], knobs: Mapping[str, Mapping[str, Any]] | None = None,
-                wins: Iterable[tuple[str, str]] = (), searched: Mapping[str, Any] | None = None,
-                off: Iterable[str] = ()) -> dict[str, Any]:
+def merge_diffs(
+    techniques: Sequence[Technique | str],
+    knobs: Mapping[str, Mapping[str, Any]] | None = None,
+    wins: Iterable[tuple[str, str]] = (),
+    searched: Mapping[str, Any] | None = None,
+    off: Iterable[str] = (),
+) -> dict[str, Any]:
     """The one merge rule: the diffs of the enabled `techniques` (entries or registry names) as one dotted-key diff.
 
     - `knobs` ({technique: {knob: value}}) writes knob overrides into a technique's diff before merging.
@@ -226,23 +325,32 @@ def _merged_value(key: str, writers: list[tuple[str, Any]], wins: set[tuple[str,
     for a, va in writers:
         if all(same[a, b] or (a, b) in wins for b, vb in writers if b != a):
             return va
-    clashes = [(a, va, b, vb) for i, (a, va) in enumerate(writers) for b, vb in writers[i + 1:] if not same[a, b]]
+    clashes = [(a, va, b, vb) for i, (a, va) in enumerate(writers) for b, vb in writers[i + 1 :] if not same[a, b]]
     a, va, b, vb = next((c for c in clashes if (c[0], c[2]) not in wins and (c[2], c[0]) not in wins), clashes[0])
-    raise ConfigError(f"techniques {a} and {b} both set {key} ({va!r} vs {vb!r}); they cannot be on together "
-                      f"unless one wins: in a study add `{{wins: {a}, over: {b}}}` or `excludes: [{a}, {b}]`")
+    raise ConfigError(
+        f"techniques {a} and {b} both set {key} ({va!r} vs {vb!r}); they cannot be on together "
+        f"unless one wins: in a study add `{{wins: {a}, over: {b}}}` or `excludes: [{a}, {b}]`"
+    )
 
 
-def technique_diff(names: Sequence[str], knobs: Mapping[str, Mapping[str, Any]] | None = None,
-                   wins: Mapping[str, str] | None = None) -> dict[str, Any]:
+def technique_diff(
+    names: Sequence[str], knobs: Mapping[str, Mapping[str, Any]] | None = None, wins: Mapping[str, str] | None = None
+) -> dict[str, Any]:
     """`merge_diffs` of registry techniques, with `wins` given as config key -> winning technique."""
     pairs = {(w, n) for w in (wins or {}).values() for n in names if n != w}
     return merge_diffs(list(names), knobs, pairs)
 
 
-def with_techniques(base: RunConfig, techniques: Sequence[Technique | str],
-                    knobs: Mapping[str, Mapping[str, Any]] | None = None, *, wins: Iterable[tuple[str, str]] = (),
-                    searched: Mapping[str, Any] | None = None, off: Iterable[str] = (),
-                    extra: Mapping[str, Any] | None = None) -> RunConfig:
+def with_techniques(
+    base: RunConfig,
+    techniques: Sequence[Technique | str],
+    knobs: Mapping[str, Mapping[str, Any]] | None = None,
+    *,
+    wins: Iterable[tuple[str, str]] = (),
+    searched: Mapping[str, Any] | None = None,
+    off: Iterable[str] = (),
+    extra: Mapping[str, Any] | None = None,
+) -> RunConfig:
     """`base` plus the merged diffs of `techniques` (see `merge_diffs`) and then `extra` (dotted keys), validated.
     Registry techniques are appended to `RunConfig.techniques`; a study's custom diffs are not."""
     diff = {**merge_diffs(techniques, knobs, wins, searched, off), **(extra or {})}
@@ -264,11 +372,25 @@ def preset(name: str) -> RunConfig:
         return RunConfig().validate()
     if name == "SR-DiT-B/1":
         base = RunConfig(
-            model=ModelConfig(size="B", patch_size=1, in_channels=32, input_size=16, num_classes=1000,
-                              repa=RepaConfig(projector_dim=2048, teacher_dim=768), reg=RegConfig(dim=768)),
+            model=ModelConfig(
+                size="B",
+                patch_size=1,
+                in_channels=32,
+                input_size=16,
+                num_classes=1000,
+                repa=RepaConfig(projector_dim=2048, teacher_dim=768),
+                reg=RegConfig(dim=768),
+            ),
             data=DataConfig(dataset="latents", path="data/imagenet256_invae", teacher="dinov2_vitb14"),
-            train=TrainConfig(steps=400_000, batch_size=256, lr=1e-4, ema_decay=0.9999, log_every=100,
-                              eval_every=50_000, ckpt_every=10_000),
+            train=TrainConfig(
+                steps=400_000,
+                batch_size=256,
+                lr=1e-4,
+                ema_decay=0.9999,
+                log_every=100,
+                eval_every=50_000,
+                ckpt_every=10_000,
+            ),
             sample=SampleConfig(sampler="sde", steps=250),
             eval=EvalConfig(n_samples=50_000, batch_size=64),
         )
@@ -303,8 +425,10 @@ def run_config_from_dict(data: Mapping[str, Any], where: str = "", validate: boo
     tree = to_dict(cfg)
     for section, sub in data.items():
         if section not in tree:
-            raise ConfigError(f"{at(section)}: unknown key; allowed keys{' in ' + where if where else ''}: preset, "
-                              f"techniques, {', '.join(tree)}")
+            raise ConfigError(
+                f"{at(section)}: unknown key; allowed keys{' in ' + where if where else ''}: preset, "
+                f"techniques, {', '.join(tree)}"
+            )
         if isinstance(sub, Mapping) and isinstance(tree[section], dict):
             for k, v in flatten_dict(sub, section).items():
                 nested_update(tree, k, v)

@@ -20,9 +20,10 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import torch
 
@@ -58,8 +59,11 @@ def throughput_summary(windows: list[tuple[int, float, float]], steps: int) -> d
         return {}
     post = [w for i, w in enumerate(windows) if i > 0 and w[0] > WARMUP_FRACTION * steps] or windows
     med = lambda xs: float(statistics.median(xs))  # noqa: E731
-    return {"steps_per_s_median": med([w[1] for w in post]), "images_per_s_median": med([w[2] for w in post]),
-            "throughput_windows": float(len(post))}
+    return {
+        "steps_per_s_median": med([w[1] for w in post]),
+        "images_per_s_median": med([w[2] for w in post]),
+        "throughput_windows": float(len(post)),
+    }
 
 
 class Reporter(Protocol):
@@ -169,8 +173,10 @@ def _teacher_for(cfg: RunConfig, device):
 
     teacher = load_teacher(cfg.data.teacher, cfg.data.teacher_path, device)
     if want != {teacher.dim}:
-        raise ValueError(f"teacher {cfg.data.teacher} gives {teacher.dim}-d tokens: set "
-                         f"{' and '.join(TEACHER_SETTINGS)} to {teacher.dim}")
+        raise ValueError(
+            f"teacher {cfg.data.teacher} gives {teacher.dim}-d tokens: set "
+            f"{' and '.join(TEACHER_SETTINGS)} to {teacher.dim}"
+        )
     return teacher
 
 
@@ -233,25 +239,41 @@ class LatentBatches:
             # Running the teacher every step bottlenecked the paper's run (SR-DiT section 4.1): read cached tokens.
             from srdit.data.teacher_cache import TeacherCache
 
-            cache = TeacherCache(cfg.data.teacher_cache, expect={
-                **teacher_identity(cfg.data.teacher, cfg.data.teacher_path), "grid": self.grid,
-                "latents": index_fingerprint(cfg.data.path)})
+            cache = TeacherCache(
+                cfg.data.teacher_cache,
+                expect={
+                    **teacher_identity(cfg.data.teacher, cfg.data.teacher_path),
+                    "grid": self.grid,
+                    "latents": index_fingerprint(cfg.data.path),
+                },
+            )
             if want != {cache.dim}:
-                raise ValueError(f"{cfg.data.teacher_cache}: the cached {cfg.data.teacher} tokens are {cache.dim}-d: "
-                                 f"set {' and '.join(TEACHER_SETTINGS)} to {cache.dim}")
+                raise ValueError(
+                    f"{cfg.data.teacher_cache}: the cached {cfg.data.teacher} tokens are {cache.dim}-d: "
+                    f"set {' and '.join(TEACHER_SETTINGS)} to {cache.dim}"
+                )
         elif want:
             # Building the teacher must not move the seeded RNG that initialises the model next: a run trains the
             # same model whether its tokens come from the cache or from the online teacher.
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 self.teacher = _teacher_for(cfg, device)
         self.cached = cache is not None
-        self.stream = LatentStream(cfg.data.path, cfg.train.batch_size, cfg.train.seed,
-                                   images=self.teacher is not None, device=device, prefetch=2,
-                                   part=(dp.rank, dp.world), teacher_cache=cache)
+        self.stream = LatentStream(
+            cfg.data.path,
+            cfg.train.batch_size,
+            cfg.train.seed,
+            images=self.teacher is not None,
+            device=device,
+            prefetch=2,
+            part=(dp.rank, dp.world),
+            teacher_cache=cache,
+        )
         shape = tuple(self.stream.data.latent_shape)
         if shape != (m.in_channels, m.input_size, m.input_size) or self.stream.data.num_classes != m.num_classes:
-            raise ValueError(f"{cfg.data.path}: latents are {shape} with {self.stream.data.num_classes} classes; set "
-                             f"model.in_channels, model.input_size and model.num_classes to match")
+            raise ValueError(
+                f"{cfg.data.path}: latents are {shape} with {self.stream.data.num_classes} classes; set "
+                f"model.in_channels, model.input_size and model.num_classes to match"
+            )
 
     def next(self):
         x0, y, crops = self.stream.next_batch()
@@ -275,15 +297,21 @@ def make_batches(cfg: RunConfig, device: torch.device, dp: DataParallel = DataPa
     return (DigitsBatches if cfg.data.dataset == "digits" else LatentBatches)(cfg, device, dp)
 
 
-def make_optimizer(model: torch.nn.Module, cfg: RunConfig, device: torch.device,
-                   fused: bool | None = None) -> torch.optim.AdamW:
+def make_optimizer(
+    model: torch.nn.Module, cfg: RunConfig, device: torch.device, fused: bool | None = None
+) -> torch.optim.AdamW:
     """AdamW over the trainable parameters: fused (one kernel for all parameters, and the implementation that can
     skip a non-finite update on the device) on CUDA, foreach (a few multi-tensor kernels; the same numbers as the
     per-parameter loop) elsewhere."""
     tc = cfg.train
     fused = device.type == "cuda" if fused is None else fused
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=tc.lr, betas=tc.betas,
-                             weight_decay=tc.weight_decay, **({"fused": True} if fused else {"foreach": True}))
+    return torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad],
+        lr=tc.lr,
+        betas=tc.betas,
+        weight_decay=tc.weight_decay,
+        **({"fused": True} if fused else {"foreach": True}),
+    )
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
@@ -305,16 +333,26 @@ class TrainStep:
 
     The benchmark (`bench/gpu_bench.py`) times this object, so it measures the trainer's own code path."""
 
-    def __init__(self, cfg: RunConfig, model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.AdamW,
-                 device: torch.device, dp: DataParallel = DataParallel(), net: torch.nn.Module | None = None,
-                 skip_nonfinite: bool | None = None):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        model: torch.nn.Module,
+        ema: torch.nn.Module,
+        opt: torch.optim.AdamW,
+        device: torch.device,
+        dp: DataParallel = DataParallel(),
+        net: torch.nn.Module | None = None,
+        skip_nonfinite: bool | None = None,
+    ):
         self.cfg, self.model, self.opt, self.device, self.dp = cfg, model, opt, device, dp
         self.net = net if net is not None else model
         fused = bool(opt.param_groups[0].get("fused"))
         self.skip_nonfinite = fused if skip_nonfinite is None else skip_nonfinite
         if self.skip_nonfinite and not fused:
-            raise ValueError("skip_nonfinite needs the fused AdamW (make_optimizer(..., fused=True)): only it "
-                             "skips an update on the device")
+            raise ValueError(
+                "skip_nonfinite needs the fused AdamW (make_optimizer(..., fused=True)): only it "
+                "skips an update on the device"
+            )
         pairs = [(e, p) for e, p in zip(ema.parameters(), model.parameters()) if p.requires_grad]
         self.ema_params, self.params = [e for e, _ in pairs], [p for _, p in pairs]
         self.shift = cfg.shift_value()
@@ -329,8 +367,7 @@ class TrainStep:
         """Train on this rank's batch as step `step` (1-based); returns the step's metrics (device scalars)."""
         cfg, tc = self.cfg, self.cfg.train
         noise = StepNoise.draw(cfg, self.model, x0.shape, self.shift, self.device, self.dp)
-        losses = training_losses(self.net, x0, y, teacher_out, cfg, noise, roll=self.dp.rolled,
-                                 autocast=self.autocast)
+        losses = training_losses(self.net, x0, y, teacher_out, cfg, noise, roll=self.dp.rolled, autocast=self.autocast)
         loss = losses["loss"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -348,8 +385,11 @@ class TrainStep:
                 torch._foreach_lerp_(self.ema_params, self.params, 1.0 - tc.ema_decay)
         bad = torch.stack([~torch.isfinite(loss.detach()), ~grad_ok])
         self.first_bad = torch.where(bad & (self.first_bad == 0), step, self.first_bad)
-        metrics = {"loss": loss.detach(), "grad_norm": grad_norm.detach(),
-                   **{f"loss/{k}": v.detach() for k, v in losses.items() if k != "loss"}}
+        metrics = {
+            "loss": loss.detach(),
+            "grad_norm": grad_norm.detach(),
+            **{f"loss/{k}": v.detach() for k, v in losses.items() if k != "loss"},
+        }
         values = torch.stack([v.float() for v in metrics.values()]).double()
         if self.sums is None:
             self.names, self.sums = list(metrics), values
@@ -392,8 +432,7 @@ def load_checkpoint(path: str | Path) -> dict:
     otherwise: missing, a folder, empty, text, a plain pickle, another program's file."""
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, not a checkpoint file (a run's checkpoint is "
-                              f"RUN/{CHECKPOINT})")
+        raise CheckpointError(f"{path}: is a folder, not a checkpoint file (a run's checkpoint is RUN/{CHECKPOINT})")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
@@ -402,8 +441,11 @@ def load_checkpoint(path: str | Path) -> dict:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # pickle / zip errors carry long messages: say what the file is instead
         raise CheckpointError(f"{path}: not a readable srdit checkpoint: {_not_a_checkpoint(path)}") from None
-    if not isinstance(ckpt, dict) or not {"model", "ema", "config", "step"} <= set(ckpt) or \
-            not isinstance(ckpt["config"], dict):
+    if (
+        not isinstance(ckpt, dict)
+        or not {"model", "ema", "config", "step"} <= set(ckpt)
+        or not isinstance(ckpt["config"], dict)
+    ):
         raise CheckpointError(f"{path}: not an srdit checkpoint (expected model, ema, config and step entries)")
     return ckpt
 
@@ -467,8 +509,14 @@ class _Progress:
         if enabled if enabled is not None else sys.stderr.isatty():
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-            self.bar = Progress(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                TimeRemainingColumn(), TextColumn("{task.fields[info]}"), transient=False)
+            self.bar = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                transient=False,
+            )
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 
@@ -481,9 +529,15 @@ class _Progress:
             self.bar.stop()
 
 
-def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None, resume: bool = True,
-          progress: bool | None = None, evaluations: Sequence[Evaluation] = (),
-          snapshots: bool = False) -> TrainResult:
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    reporter: Reporter | None = None,
+    resume: bool = True,
+    progress: bool | None = None,
+    evaluations: Sequence[Evaluation] = (),
+    snapshots: bool = False,
+) -> TrainResult:
     """Train `cfg` into `out_dir` (config.yaml, metrics.jsonl, samples.png/.npz, checkpoints/last.pt).
 
     With `resume`, a checkpoint in `out_dir` is continued exactly: same batches, same noise, same weights as the
@@ -562,9 +616,23 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     def save() -> None:
         if not dp.main:
             return
-        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
-        save_atomic({"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
-                      "rng": rng, "data": data.state_dict(), "config": to_dict(cfg), **provenance(device)}, ckpt_path)
+        rng = {
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }
+        save_atomic(
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "opt": opt.state_dict(),
+                "step": step,
+                "rng": rng,
+                "data": data.state_dict(),
+                "config": to_dict(cfg),
+                **provenance(device),
+            },
+            ckpt_path,
+        )
 
     # Digits evaluate in memory on rank 0; latent runs (with eval.reference) write sample shards on every rank.
     own = Evaluation(cfg, out, reporter)
@@ -587,8 +655,12 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
         from torch.nn.parallel import DistributedDataParallel
 
         # The RoPE tables are constant buffers: nothing to broadcast each step; gradients live in the buckets.
-        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                      broadcast_buffers=False, gradient_as_bucket_view=True)
+        net = DistributedDataParallel(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            broadcast_buffers=False,
+            gradient_as_bucket_view=True,
+        )
     net = torch.compile(net) if tc.compile else net
     train_step = TrainStep(cfg, model, ema, opt, device, dp, net)
     bar = _Progress(tc.steps, step, progress if dp.main else False)
@@ -621,8 +693,9 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
                 last = means | {"steps_per_s": count / dt, "images_per_s": count * tc.batch_size / dt}
                 windows.append((step, last["steps_per_s"], last["images_per_s"]))
                 report_training(step, last)
-                bar.update(step, f"loss {last['loss']:.4f}  {last['steps_per_s']:.1f} it/s  "
-                                 f"{last['images_per_s']:.0f} img/s")
+                bar.update(
+                    step, f"loss {last['loss']:.4f}  {last['steps_per_s']:.1f} it/s  {last['images_per_s']:.0f} img/s"
+                )
                 t_window = time.perf_counter()
             else:
                 bar.update(step)
@@ -647,15 +720,17 @@ def train(cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None,
     last |= throughput_summary(windows, tc.steps)
     save()
     if snapshots and dp.main:  # the throughput summary is a training report too (what a later evaluation copies)
-        train_log.report(step, {k: last[k] for k in ("steps_per_s_median", "images_per_s_median",
-                                                      "throughput_windows") if k in last})
+        train_log.report(
+            step, {k: last[k] for k in ("steps_per_s_median", "images_per_s_median", "throughput_windows") if k in last}
+        )
     finals = dict(zip((id(t) for t in targets), evaluate_now())) if targets else {}
     for t in [own, *extra]:
         if dp.main:
             finish_outputs(ema, t, device)
     final = finals.get(id(own), {})
-    return _result(out, dp, cfg, status, reason, step, {**last, **final}, dict(last),
-                   [finals.get(id(e), {}) for e in extra])
+    return _result(
+        out, dp, cfg, status, reason, step, {**last, **final}, dict(last), [finals.get(id(e), {}) for e in extra]
+    )
 
 
 def evaluates(cfg: RunConfig) -> bool:
@@ -669,15 +744,24 @@ def check_same_training(cfg: RunConfig, other: RunConfig, where: str) -> None:
 
     a, b = training_config(to_dict(cfg)), training_config(to_dict(other))
     if a != b:
-        diff = sorted(k for k in set(flatten_dict(a)) | set(flatten_dict(b))
-                      if flatten_dict(a).get(k) != flatten_dict(b).get(k))
-        raise ValueError(f"{where}: its config trains another model than this training (differs in "
-                         f"{', '.join(diff[:4])}); only sample.* / eval.* settings and evaluation-time techniques "
-                         f"may differ")
+        diff = sorted(
+            k for k in set(flatten_dict(a)) | set(flatten_dict(b)) if flatten_dict(a).get(k) != flatten_dict(b).get(k)
+        )
+        raise ValueError(
+            f"{where}: its config trains another model than this training (differs in "
+            f"{', '.join(diff[:4])}); only sample.* / eval.* settings and evaluation-time techniques "
+            f"may differ"
+        )
 
 
-def evaluate_target(ema: torch.nn.Module, target: Evaluation, step: int, intermediate: bool,
-                    device: torch.device, dp: DataParallel = DataParallel()) -> dict[str, float]:
+def evaluate_target(
+    ema: torch.nn.Module,
+    target: Evaluation,
+    step: int,
+    intermediate: bool,
+    device: torch.device,
+    dp: DataParallel = DataParallel(),
+) -> dict[str, float]:
     """Evaluate `ema` under `target.cfg` at `step` (srdit.evaluate.evaluate); rank 0 reports to `target.reporter`
     and leaves evals/step_N.json in `target.out_dir` (the record that this evaluation completed: when it exists,
     its metrics are reported again instead of evaluating twice). Latent runs sample into samples/step_N (cleared
@@ -734,11 +818,12 @@ def finish_outputs(ema: torch.nn.Module, target: Evaluation, device: torch.devic
 def snapshot_steps(run_dir: str | Path) -> list[int]:
     """Steps of the EMA snapshots a run kept (`train(..., snapshots=True)`), ascending."""
     folder = Path(run_dir) / Path(EMA_SNAPSHOT).parent
-    return sorted(int(p.stem[len("ema_step"):]) for p in folder.glob("ema_step*.pt") if p.stem[8:].isdigit())
+    return sorted(int(p.stem[len("ema_step") :]) for p in folder.glob("ema_step*.pt") if p.stem[8:].isdigit())
 
 
-def evaluate_trained(run_dir: str | Path, cfg: RunConfig, out_dir: str | Path,
-                     reporter: Reporter | None = None) -> TrainResult:
+def evaluate_trained(
+    run_dir: str | Path, cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None
+) -> TrainResult:
     """Evaluate a finished training (a `train(..., snapshots=True)` folder) under `cfg`, an evaluation-time variant
     of it (equal `srdit.techniques.training_config`), without training: `reporter` gets the training reports
     (`TRAIN_LOG`) and the evaluation of every kept EMA snapshot under `cfg`, the same numbers the training would
@@ -789,8 +874,9 @@ def evaluate_trained(run_dir: str | Path, cfg: RunConfig, out_dir: str | Path,
     return TrainResult("finished", "", int(res["step"]), {**train_metrics, **final}, out, train_metrics, [])
 
 
-def evaluate_checkpoint(path: str | Path, cfg: RunConfig, out_dir: str | Path,
-                        reporter: Reporter | None = None) -> TrainResult:
+def evaluate_checkpoint(
+    path: str | Path, cfg: RunConfig, out_dir: str | Path, reporter: Reporter | None = None
+) -> TrainResult:
     """Evaluate the EMA weights of the checkpoint `path` (`srdit train` or `srdit convert` output) under `cfg`'s
     sample and eval settings, at the checkpoint's step, into `out_dir` (evals/, samples.png, config.yaml): a fixed
     checkpoint's evaluation arm. CheckpointError when it is not an srdit checkpoint or its model section differs
@@ -833,12 +919,31 @@ def load_snapshot(run_dir: str | Path, step: int, cfg: RunConfig, device: torch.
     return model.to(device).requires_grad_(False).eval()
 
 
-def _result(out: Path, dp: DataParallel, cfg: RunConfig, status: str, reason: str, step: int, metrics: dict,
-            train_metrics: dict, evaluations: list[dict]) -> TrainResult:
+def _result(
+    out: Path,
+    dp: DataParallel,
+    cfg: RunConfig,
+    status: str,
+    reason: str,
+    step: int,
+    metrics: dict,
+    train_metrics: dict,
+    evaluations: list[dict],
+) -> TrainResult:
     """The run's outcome, also left in result.json (rank 0) for whoever launched it. Ranks leave together."""
     dp.barrier()
     if dp.main:
-        (out / "result.json").write_text(json.dumps({"status": status, "reason": reason, "step": step,
-                                                     "metrics": metrics, "train_metrics": train_metrics,
-                                                     "config": to_dict(cfg)}, indent=1))
+        (out / "result.json").write_text(
+            json.dumps(
+                {
+                    "status": status,
+                    "reason": reason,
+                    "step": step,
+                    "metrics": metrics,
+                    "train_metrics": train_metrics,
+                    "config": to_dict(cfg),
+                },
+                indent=1,
+            )
+        )
     return TrainResult(status, reason, step, metrics, out, train_metrics, evaluations)

@@ -40,8 +40,18 @@ def test_effects_equal_statsmodels_ols_on_random_replicated_factorial(direction)
     beta = rng.normal(size=7)
     pm = 2 * df[F] - 1
     a, b, c = pm.repa, pm.rope, pm.sprint
-    df["y"] = (5 + a * beta[0] + b * beta[1] + c * beta[2] + a * b * beta[3] + a * c * beta[4] + b * c * beta[5]
-               + a * b * c * beta[6] + 0.7 * df["seed"] + rng.normal(0, 0.5, len(df)))
+    df["y"] = (
+        5
+        + a * beta[0]
+        + b * beta[1]
+        + c * beta[2]
+        + a * b * beta[3]
+        + a * c * beta[4]
+        + b * c * beta[5]
+        + a * b * c * beta[6]
+        + 0.7 * df["seed"]
+        + rng.normal(0, 0.5, len(df))
+    )
     df["status"] = "finished"
     r = analyze(df, F, "y", direction, bootstrap=False)
 
@@ -91,6 +101,7 @@ def test_multiplicity_correction_is_holm_across_pairs():
     df["y"] = rng.normal(size=len(df)) + 4.0 * df.A * df.B
     r = analyze(df, F, "y", "max", bootstrap=False)
     from statsmodels.stats.multitest import multipletests
+
     pairs = [f"{a}:{b}" for a, b in itertools.combinations(F, 2)]
     expected = multipletests([r.fit.p[n] for n in pairs], method="holm")[1]
     assert [r.pairs.p_adj[n] for n in pairs] == pytest.approx(list(expected))
@@ -132,10 +143,19 @@ def test_montgomery_example_6_2_filtration_rate():
 def test_montgomery_problem_6_1_tool_life_replicated():
     # Montgomery (8th ed.) Problem 6.1 / solutions manual: tool life, 2^3 with 3 replicates; the solution's coded
     # model is life = 40.83 + 0.17 A + 5.67 B + 3.42 C - 4.42 AC (coefficients = effects / 2); B, C, AC significant
-    data = {"1": [22, 31, 25], "a": [32, 43, 29], "b": [35, 34, 50], "ab": [55, 47, 46],
-            "c": [44, 45, 38], "ac": [40, 37, 36], "bc": [60, 50, 54], "abc": [39, 41, 47]}
-    df = pd.DataFrame([{f.upper(): int(f in lab) for f in "abc"} | {"life": v}
-                       for lab, vals in data.items() for v in vals])
+    data = {
+        "1": [22, 31, 25],
+        "a": [32, 43, 29],
+        "b": [35, 34, 50],
+        "ab": [55, 47, 46],
+        "c": [44, 45, 38],
+        "ac": [40, 37, 36],
+        "bc": [60, 50, 54],
+        "abc": [39, 41, 47],
+    }
+    df = pd.DataFrame(
+        [{f.upper(): int(f in lab) for f in "abc"} | {"life": v} for lab, vals in data.items() for v in vals]
+    )
     r = analyze(df, list("ABC"), "life", "max", n_resamples=999)
     assert r.fit.main_effects["A"] == pytest.approx(2 * 0.16667, abs=1e-3)
     assert r.fit.main_effects["B"] == pytest.approx(2 * 5.66667, abs=1e-3)
@@ -206,7 +226,8 @@ def test_cell_based_quantities_min_direction():
     assert sum(r.attribution.shapley.values()) == pytest.approx(gain("A", "B", "C") - gain())
     assert r.attribution.dividends["A:B"] == pytest.approx(gain("A", "B") - gain("A") - gain("B") + gain())
     assert r.attribution.dividends_full["A:B"] == pytest.approx(
-        gain("A", "B", "C") - gain("B", "C") - gain("A", "C") + gain("C"))
+        gain("A", "B", "C") - gain("B", "C") - gain("A", "C") + gain("C")
+    )
     assert r.attribution.loo["C"] == pytest.approx(gain("A", "B", "C") - gain("A", "B"))
     # positive = better: the planted +1.5 fd when A and B are both on is an antagonism
     assert r.pairs.synergy["A:B"] == pytest.approx(-1.5, abs=0.2)
@@ -217,8 +238,9 @@ def test_cell_based_quantities_min_direction():
 def test_ladder_design_chain_and_strict_holes():
     F = ["A", "B", "C"]
     chain = [(), ("A",), ("A", "B"), ("A", "B", "C")]
-    rows = [{**{f: int(f in on) for f in F}, "seed": s, "y": 10 - 2 * len(on) + 0.1 * s}
-            for on in chain for s in range(3)]
+    rows = [
+        {**{f: int(f in on) for f in F}, "seed": s, "y": 10 - 2 * len(on) + 0.1 * s} for on in chain for s in range(3)
+    ]
     df = pd.DataFrame(rows)
     r = analyze(df, F, "y", "min", bootstrap=False)
     assert r.attribution.ladder_kind == "chain"
@@ -233,7 +255,7 @@ def test_ladder_design_chain_and_strict_holes():
 def test_log_scale_synergy_of_multiplicative_speedups():
     F = ["A", "B"]
     df = _design(F, n_seeds=2)
-    df["images_per_s"] = 100 * 2.0 ** df.A * 3.0 ** df.B * 1.5 ** (df.A * df.B) * (1 + 0.001 * df.seed)
+    df["images_per_s"] = 100 * 2.0**df.A * 3.0**df.B * 1.5 ** (df.A * df.B) * (1 + 0.001 * df.seed)
     r = analyze(df, F, "images_per_s", "max", log=True, bootstrap=False)
     assert r.scale == "log"
     assert r.pairs.synergy["A:B"] == pytest.approx(math.log(1.5), abs=1e-9)
@@ -263,8 +285,9 @@ def synthetic_study(seed: int, planted: bool, n_seeds: int = 3, sigma: float = 0
                     status, reason = "diverged", "loss is NaN"
             if rng.random() < 0.03:
                 status, reason = "crashed", "worker died"
-            rows.append({**x, "seed": s, "status": status, "status_reason": reason,
-                         "fd": y if status == "finished" else np.nan})
+            rows.append(
+                {**x, "seed": s, "status": status, "status_reason": reason, "fd": y if status == "finished" else np.nan}
+            )
     return pd.DataFrame(rows)
 
 
@@ -357,9 +380,11 @@ def test_bad_inputs_raise_one_line_errors():
 
 
 def test_analysis_layer_does_not_import_torch_ray_or_mlflow():
-    code = ("import sys, srdit.analysis, srdit.analysis.results, srdit.analysis.figures, srdit.analysis.page, "
-            "srdit.analysis.records, srdit.analysis.reading; "
-            "bad = [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules]; print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys, srdit.analysis, srdit.analysis.results, srdit.analysis.figures, srdit.analysis.page, "
+        "srdit.analysis.records, srdit.analysis.reading; "
+        "bad = [m for m in ('torch', 'ray', 'mlflow') if m in sys.modules]; print(bad); sys.exit(bool(bad))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -368,8 +393,11 @@ def test_exact_replicates_with_a_three_factor_interaction_do_not_crash_the_lack_
     # zero pure error (every seed of a cell gives the same value) and an ABC term: F is infinite, said in words
     import itertools
 
-    rows = [{"A": a, "B": b, "C": c, "seed": s, "y": 10.0 + a + 3.0 * a * b * c}
-            for a, b, c in itertools.product([0, 1], repeat=3) for s in range(2)]
+    rows = [
+        {"A": a, "B": b, "C": c, "seed": s, "y": 10.0 + a + 3.0 * a * b * c}
+        for a, b, c in itertools.product([0, 1], repeat=3)
+        for s in range(2)
+    ]
     res = analyze(pd.DataFrame(rows), ["A", "B", "C"], "y", "max", bootstrap=False)
     assert res.fit.lack_of_fit["f"] is None and res.fit.lack_of_fit["p"] == 0.0
     assert any("F = inf (no pure error)" in n for n in res.notes)

@@ -42,8 +42,9 @@ def test_simultaneous_coverage_of_pair_intervals_and_false_flag_rate(k):
         pr = pair_synergies(fit_effects(p, o), o)
         covered += all(pr.synergy_ci[n][0] <= t <= pr.synergy_ci[n][1] for n, t in truth_S.items())
         # null pairs: neither starred nor flagged
-        null_flags += any(n in pr.significant or any(f.pair == n for f in pr.antagonism)
-                          for n, t in truth_S.items() if t == 0)
+        null_flags += any(
+            n in pr.significant or any(f.pair == n for f in pr.antagonism) for n, t in truth_S.items() if t == 0
+        )
     assert covered / n_sims >= 0.94
     assert null_flags / n_sims <= 0.05
 
@@ -92,8 +93,15 @@ def test_two_independently_flaky_techniques_are_not_a_failure_interaction():
         for a, b in itertools.product([0, 1], repeat=2):
             for s in range(20):
                 fail = (a and rng.random() < 0.4) | (b and rng.random() < 0.4)
-                rows.append({"A": a, "B": b, "seed": s, "status": "crashed" if fail else "finished",
-                             "y": np.nan if fail else rng.normal()})
+                rows.append(
+                    {
+                        "A": a,
+                        "B": b,
+                        "seed": s,
+                        "status": "crashed" if fail else "finished",
+                        "y": np.nan if fail else rng.normal(),
+                    }
+                )
         r = analyze(pd.DataFrame(rows), F, "y", "max", bootstrap=False)
         flagged += bool(r.failures.flagged)
     assert flagged <= 8  # nominal 5% (the intersection-union test alone flags about 21% of such studies)

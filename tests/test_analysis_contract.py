@@ -14,30 +14,85 @@ import numpy as np
 import pandas as pd
 
 from srdit import metric_registry
-from srdit.commands.analyze import main as analyze_main
 from srdit.analysis.effects import Analysis, analyze
 from srdit.analysis.page import render_report
 from srdit.analysis.report_fit import fit_report
 from srdit.analysis.results import CURVE_COLUMNS, StudyResults
+from srdit.commands.analyze import main as analyze_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # The JSON field names of `srdit analyze --format json`, as they were before the result became typed: scripts
 # read them, so a change here is a breaking change of the command's output.
-TOP_KEYS = ["metric", "direction", "scale", "factors", "n_runs", "n_finished", "n_failed", "n_cells", "replicated",
-            "error_df", "alpha", "correction", "threshold", "main_effects", "interactions", "synergy", "ci",
-            "synergy_ci", "p", "p_adj", "ci_boot", "dividends", "dividends_full", "loo", "shapley", "ladder",
-            "ladder_kind", "cells", "best", "strongest_synergy", "incompatible", "failure_tests", "aliased",
-            "inestimable", "notes",
-            # appended with the calibrated analysis (issue "conclusions a researcher can trust"): the role of the
-            # metric in the multiplicity family, what each interval is, the realised aliasing, pure error / lack of
-            # fit, Lenth's screen for unreplicated designs, runs excluded for a non-failure status
-            "role", "family", "intervals", "significant_pairs", "partially_aliased_pairs", "aliased_effects",
-            "partial_aliases", "dropped_factors", "seed_block", "lack_of_fit", "lenth", "n_excluded",
-            # appended with the fold-over design: the additive block term for its halves (null without a block)
-            "block"]
-CELL_KEYS = ["combo", "cell", "on", "n", "n_finished", "n_failed", "failures", "reasons", "mean", "sd", "y_mean",
-             "gain", "gain_sem"]
+TOP_KEYS = [
+    "metric",
+    "direction",
+    "scale",
+    "factors",
+    "n_runs",
+    "n_finished",
+    "n_failed",
+    "n_cells",
+    "replicated",
+    "error_df",
+    "alpha",
+    "correction",
+    "threshold",
+    "main_effects",
+    "interactions",
+    "synergy",
+    "ci",
+    "synergy_ci",
+    "p",
+    "p_adj",
+    "ci_boot",
+    "dividends",
+    "dividends_full",
+    "loo",
+    "shapley",
+    "ladder",
+    "ladder_kind",
+    "cells",
+    "best",
+    "strongest_synergy",
+    "incompatible",
+    "failure_tests",
+    "aliased",
+    "inestimable",
+    "notes",
+    # appended with the calibrated analysis (issue "conclusions a researcher can trust"): the role of the
+    # metric in the multiplicity family, what each interval is, the realised aliasing, pure error / lack of
+    # fit, Lenth's screen for unreplicated designs, runs excluded for a non-failure status
+    "role",
+    "family",
+    "intervals",
+    "significant_pairs",
+    "partially_aliased_pairs",
+    "aliased_effects",
+    "partial_aliases",
+    "dropped_factors",
+    "seed_block",
+    "lack_of_fit",
+    "lenth",
+    "n_excluded",
+    # appended with the fold-over design: the additive block term for its halves (null without a block)
+    "block",
+]
+CELL_KEYS = [
+    "combo",
+    "cell",
+    "on",
+    "n",
+    "n_finished",
+    "n_failed",
+    "failures",
+    "reasons",
+    "mean",
+    "sd",
+    "y_mean",
+    "gain",
+    "gain_sem",
+]
 LADDER_KEYS = ["step", "added", "cell", "on", "n", "n_finished", "mean", "sd", "gain", "delta", "gain_step", "ratio"]
 BEST_KEYS = ["cell", "combo", "on", "mean", "sd", "gain", "n_finished", "n", "indistinguishable", "rule"]
 STRONGEST_KEYS = ["pair", "estimate", "ci", "p_adj"]
@@ -56,11 +111,21 @@ def planted_study(seed: int = 1) -> pd.DataFrame:
     for lv in itertools.product([0, 1], repeat=4):
         x = dict(zip("ABCD", lv))
         for s in range(3):
-            y = (10 - x["A"] - 0.8 * x["B"] - 0.6 * x["C"] - 0.4 * x["D"] + 0.3 * s + rng.normal(0, 0.5)
-                 - 2.5 * x["A"] * x["B"] + 2.0 * x["C"] * x["D"])
+            y = (
+                10
+                - x["A"]
+                - 0.8 * x["B"]
+                - 0.6 * x["C"]
+                - 0.4 * x["D"]
+                + 0.3 * s
+                + rng.normal(0, 0.5)
+                - 2.5 * x["A"] * x["B"]
+                + 2.0 * x["C"] * x["D"]
+            )
             status = "diverged" if x["B"] and x["D"] else "finished"
-            rows.append({**x, "seed": s, "status": status, "status_reason": "",
-                         "fd": y if status == "finished" else np.nan})
+            rows.append(
+                {**x, "seed": s, "status": status, "status_reason": "", "fd": y if status == "finished" else np.nan}
+            )
     return pd.DataFrame(rows)
 
 
@@ -73,8 +138,20 @@ def _cli_json(tmp_path: Path, df: pd.DataFrame, *args: str) -> dict:
 
 
 def test_analyze_json_field_names_are_stable(tmp_path):
-    res = _cli_json(tmp_path, planted_study(), "--factors", "A,B,C,D", "--metric", "fd", "--direction", "min",
-                    "--allow-inestimable", "--no-bootstrap", "--ladder", "A,B,C,D")
+    res = _cli_json(
+        tmp_path,
+        planted_study(),
+        "--factors",
+        "A,B,C,D",
+        "--metric",
+        "fd",
+        "--direction",
+        "min",
+        "--allow-inestimable",
+        "--no-bootstrap",
+        "--ladder",
+        "A,B,C,D",
+    )
     assert list(res) == TOP_KEYS
     assert all(list(c) == CELL_KEYS for c in res["cells"])
     assert list(res["best"]) == BEST_KEYS and list(res["strongest_synergy"]) == STRONGEST_KEYS
@@ -84,8 +161,11 @@ def test_analyze_json_field_names_are_stable(tmp_path):
     assert res["inestimable"] and all(list(i) == INESTIMABLE_KEYS for i in res["inestimable"])
     assert all(list(r) == LADDER_KEYS for r in res["ladder"])
     # a half fraction without failures: alias chains, and failure tests that tested nothing
-    rows = [{"A": a, "B": b, "C": c, "D": (a + b + c) % 2, "seed": s, "fd": 10 - a - b + 0.1 * s + 0.05 * c}
-            for a, b, c in itertools.product([0, 1], repeat=3) for s in range(2)]
+    rows = [
+        {"A": a, "B": b, "C": c, "D": (a + b + c) % 2, "seed": s, "fd": 10 - a - b + 0.1 * s + 0.05 * c}
+        for a, b, c in itertools.product([0, 1], repeat=3)
+        for s in range(2)
+    ]
     frac = _cli_json(tmp_path, pd.DataFrame(rows), "--factors", "A,B,C,D", "--metric", "fd", "--direction", "min")
     assert list(frac) == TOP_KEYS
     assert frac["aliased"] and all(list(a) == ALIAS_KEYS for a in frac["aliased"])
@@ -143,24 +223,46 @@ def test_curves_come_from_the_metric_registry_and_an_imagenet_report_draws_fid(t
             fid = 40 - 8 * a - 5 * b + rng.normal(0, 0.5)
             trial = f"t{t}{s}"
             cell = "+".join(f for f, v in (("repa", a), ("rope", b)) if v) or "baseline"
-            rows.append({"trial": trial, "cell": cell, "seed": s, "status": "finished", "status_reason": "",
-                         "repa": a, "rope": b, "fid": fid, "sfid": fid / 4, "inception_score": 200 - 2 * fid,
-                         "kd_dinov2": fid / 100, "images_per_s": 300 * (0.9 if a else 1.0)})
+            rows.append(
+                {
+                    "trial": trial,
+                    "cell": cell,
+                    "seed": s,
+                    "status": "finished",
+                    "status_reason": "",
+                    "repa": a,
+                    "rope": b,
+                    "fid": fid,
+                    "sfid": fid / 4,
+                    "inception_score": 200 - 2 * fid,
+                    "kd_dinov2": fid / 100,
+                    "images_per_s": 300 * (0.9 if a else 1.0),
+                }
+            )
             for step in (1000, 2000, 3000):
-                for key, v in (("fid", fid + 4e4 / step), ("sfid", fid / 4 + 1e4 / step),
-                               ("inception_score", 200 - 2 * fid - 1e5 / step), ("kd_dinov2", fid / 100),
-                               ("loss", 0.5 + 100 / step)):
-                    curve_rows.append({"trial": trial, "cell": cell, "seed": s, "key": key, "step": step,
-                                       "value": v})
-    res = StudyResults(study="imagenet_like", design="full", factors=["repa", "rope"], metric="fid",
-                       direction="min", other_metrics={"sfid": "min", "inception_score": "max",
-                                                       "kd_dinov2": "min", "images_per_s": "max"},
-                       table=pd.DataFrame(rows), curves=pd.DataFrame(curve_rows, columns=CURVE_COLUMNS))
+                for key, v in (
+                    ("fid", fid + 4e4 / step),
+                    ("sfid", fid / 4 + 1e4 / step),
+                    ("inception_score", 200 - 2 * fid - 1e5 / step),
+                    ("kd_dinov2", fid / 100),
+                    ("loss", 0.5 + 100 / step),
+                ):
+                    curve_rows.append({"trial": trial, "cell": cell, "seed": s, "key": key, "step": step, "value": v})
+    res = StudyResults(
+        study="imagenet_like",
+        design="full",
+        factors=["repa", "rope"],
+        metric="fid",
+        direction="min",
+        other_metrics={"sfid": "min", "inception_score": "max", "kd_dinov2": "min", "images_per_s": "max"},
+        table=pd.DataFrame(rows),
+        curves=pd.DataFrame(curve_rows, columns=CURVE_COLUMNS),
+    )
     from srdit.runtime.results import CURVE_KEYS  # the curves load_results reads from MLflow
 
     assert list(CURVE_KEYS) == curves and set(res.curves["key"]) <= set(CURVE_KEYS)
     page = render_report(fit_report(res), tmp_path / "dash" / res.study).read_text(encoding="utf-8")
-    curves_section = page[page.index('id="sec-fig-curves"'):page.index('id="sec-cells"')]
+    curves_section = page[page.index('id="sec-fig-curves"') : page.index('id="sec-cells"')]
     assert 'id="fig-curves"' in curves_section
     # the curve figure's first (visible) quantity is the primary metric fid, and fid is in its menu
     compact = curves_section.replace(" ", "")

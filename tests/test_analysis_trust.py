@@ -26,7 +26,7 @@ def _study(factors, n_seeds, effects, sigma=0.5, seed=0, seeds_of=None, status_o
     for lv in itertools.product([0, 1], repeat=len(factors)):
         x = dict(zip(factors, lv))
         on = tuple(f for f in factors if x[f])
-        for s in (seeds_of(on) if seeds_of else range(n_seeds)):
+        for s in seeds_of(on) if seeds_of else range(n_seeds):
             y = 10.0 + sum(c * np.prod([x[f] for f in t]) for t, c in effects.items()) + rng.normal(0, sigma)
             st = status_of(on, s) if status_of else "finished"
             rows.append({**x, "seed": s, "status": st, "y": y if st == "finished" else np.nan})
@@ -50,7 +50,7 @@ def test_rerun_cell_with_fresh_seeds_drops_the_disconnected_seed_block():
     for lv in itertools.product([0, 1], repeat=3):
         a, b, c = (2 * v - 1 for v in lv)
         on = tuple(f for f, v in zip(F, lv) if v)
-        for s in ((3, 4, 5) if on == ("A", "B") else (0, 1, 2)):
+        for s in (3, 4, 5) if on == ("A", "B") else (0, 1, 2):
             y = 10 + pm[("A",)] * a + 0.8 * a * b * c + rng.normal(0, 0.3)  # ME_A = 2, ABC real, pairs 0
             rows.append({**dict(zip(F, lv)), "seed": s, "status": "finished", "y": y})
     r = analyze(pd.DataFrame(rows), F, "y", "max", bootstrap=False)
@@ -76,8 +76,9 @@ def test_all_failed_cell_makes_effects_partially_aliased_and_no_pair_is_flagged(
         for s in range(3):
             oom = all(lv)
             y = 10 + 1.0 * a + 1.5 * a * b * c + rng.normal(0, 0.3)
-            rows.append({**dict(zip(F, lv)), "seed": s, "status": "oom" if oom else "finished",
-                         "y": np.nan if oom else y})
+            rows.append(
+                {**dict(zip(F, lv)), "seed": s, "status": "oom" if oom else "finished", "y": np.nan if oom else y}
+            )
     r = analyze(pd.DataFrame(rows), F, "y", "max", bootstrap=False)
     for t in ["A", "B", "C", "A:B", "A:C", "B:C"]:
         assert r.fit.partial_aliases[t] == {"A:B:C": pytest.approx(-1.0)}
@@ -93,8 +94,14 @@ def test_all_failed_cell_makes_effects_partially_aliased_and_no_pair_is_flagged(
 def test_technique_that_always_fails_is_dropped_from_the_metric_model_only():
     # every run with D on OOMs; the D-off half is a complete 2^3: A = +2, B = -1 (ME on the metric), A:B synergy
     F = list("ABCD")
-    df = _study(F, 3, {("A",): 2.0, ("B",): -1.0, ("A", "B"): 1.0}, sigma=0.3, seed=5,
-                status_of=lambda on, s: "oom" if "D" in on else "finished")
+    df = _study(
+        F,
+        3,
+        {("A",): 2.0, ("B",): -1.0, ("A", "B"): 1.0},
+        sigma=0.3,
+        seed=5,
+        status_of=lambda on, s: "oom" if "D" in on else "finished",
+    )
     r = analyze(df, F, "y", "max", bootstrap=False)
     assert r.fit.dropped_factors == ["D"]
     assert any(n.startswith("D is off in every finished run") for n in r.notes)
@@ -180,8 +187,15 @@ def test_secondary_metrics_are_one_exploratory_benjamini_hochberg_family():
     rng = np.random.default_rng(0)
     for m in ("m1", "m2", "m3"):
         df[m] = rng.normal(size=len(df)) + (1.5 * df.A * df.C if m == "m2" else 0.0)
-    res = StudyResults(study="s", design="full", factors=F, metric="y", direction="max",
-                       other_metrics={"m1": "max", "m2": "max", "m3": "min"}, table=df)
+    res = StudyResults(
+        study="s",
+        design="full",
+        factors=F,
+        metric="y",
+        direction="max",
+        other_metrics={"m1": "max", "m2": "max", "m3": "min"},
+        table=df,
+    )
     out = analyze_study(res, bootstrap=False)
     assert out["y"].role == "confirmatory" and out["y"].to_json()["role"] == "confirmatory"
     ps, keys = [], []
@@ -192,6 +206,7 @@ def test_secondary_metrics_are_one_exploratory_benjamini_hochberg_family():
             ps.append(a.fit.p[n])
             keys.append((m, n))
     from statsmodels.stats.multitest import multipletests
+
     q = dict(zip(keys, multipletests(ps, method="fdr_bh")[1]))
     for (m, n), qq in q.items():
         assert out[m].pairs.p_adj[n] == pytest.approx(qq)
@@ -209,17 +224,28 @@ def test_bootstrap_only_where_calibrated_and_labelled():
 
 
 PLASMA_ETCH = {  # Montgomery, Design and Analysis of Experiments, Example 6.1 (Table 6.4): etch rate, 2^3 x 2
-    "1": [550, 604], "a": [669, 650], "b": [633, 601], "ab": [642, 635],
-    "c": [1037, 1052], "ac": [749, 868], "bc": [1075, 1063], "abc": [729, 860]}
+    "1": [550, 604],
+    "a": [669, 650],
+    "b": [633, 601],
+    "ab": [642, 635],
+    "c": [1037, 1052],
+    "ac": [749, 868],
+    "bc": [1075, 1063],
+    "abc": [729, 860],
+}
 # the published ANOVA (Table 6.6): sums of squares and p-values, pure error 18,020.50 on 8 df
-PLASMA_SS = {"A": 41310.5625, "B": 217.5625, "C": 374850.0625, "A:B": 2475.0625, "A:C": 94402.5625,
-             "B:C": 18.0625}
+PLASMA_SS = {"A": 41310.5625, "B": 217.5625, "C": 374850.0625, "A:B": 2475.0625, "A:C": 94402.5625, "B:C": 18.0625}
 PLASMA_P = {"A": 0.0027, "B": 0.7639, "C": 0.0001, "A:B": 0.3252, "A:C": 0.0002, "B:C": 0.9308}
 
 
 def test_replicated_plasma_etch_reproduces_the_published_anova():
-    df = pd.DataFrame([{f.upper(): int(f in lab) for f in "abc"} | {"etch": v, "rep": i}
-                       for lab, vals in PLASMA_ETCH.items() for i, v in enumerate(vals)])
+    df = pd.DataFrame(
+        [
+            {f.upper(): int(f in lab) for f in "abc"} | {"etch": v, "rep": i}
+            for lab, vals in PLASMA_ETCH.items()
+            for i, v in enumerate(vals)
+        ]
+    )
     r = analyze(df, list("ABC"), "etch", "max", seed_col=None, bootstrap=False)
     assert r.fit.error_df == 8
     assert r.fit.lack_of_fit["pure_error_ss"] == pytest.approx(18020.50)

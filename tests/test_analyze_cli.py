@@ -36,8 +36,9 @@ def replicated_csv(tmp_path) -> Path:
         for s in range(3):
             fd = 10 - a - 0.5 * b - 0.3 * c - 2.0 * a * b + rng.normal(0, 0.2)
             status = "oom" if b and c else "finished"
-            rows.append({"A": a, "B": b, "C": c, "seed": s, "status": status,
-                         "fd": fd if status == "finished" else np.nan})
+            rows.append(
+                {"A": a, "B": b, "C": c, "seed": s, "status": status, "fd": fd if status == "finished" else np.nan}
+            )
     p = tmp_path / "runs.csv"
     pd.DataFrame(rows).to_csv(p, index=False)
     return p
@@ -47,8 +48,7 @@ def test_json_output_on_textbook_example(tmp_path):
     df = pd.DataFrame([{f.upper(): int(f in lab) for f in "abcd"} | {"rate": v} for lab, v in zip(*MONTGOMERY_6_2)])
     p = tmp_path / "filtration.csv"
     df.to_csv(p, index=False)
-    rc, out, err = run_main([p, "--factors", "A,B,C,D", "--metric", "rate", "--direction", "max",
-                             "--format", "json"])
+    rc, out, err = run_main([p, "--factors", "A,B,C,D", "--metric", "rate", "--direction", "max", "--format", "json"])
     assert rc == 0, err
     res = json.loads(out)
     for key in ("main_effects", "interactions", "synergy", "shapley", "ci", "incompatible", "aliased"):
@@ -69,8 +69,20 @@ def test_json_output_on_textbook_example(tmp_path):
 
 
 def test_json_output_replicated_with_failures(replicated_csv):
-    rc, out, err = run_main([replicated_csv, "--factors", "A,B,C", "--metric", "fd", "--direction", "min",
-                             "--format", "json", "--allow-inestimable"])
+    rc, out, err = run_main(
+        [
+            replicated_csv,
+            "--factors",
+            "A,B,C",
+            "--metric",
+            "fd",
+            "--direction",
+            "min",
+            "--format",
+            "json",
+            "--allow-inestimable",
+        ]
+    )
     assert rc == 0, err
     res = json.loads(out)
     # planted: fd -2.0 when A and B are both on -> INT = -1.0 (metric scale), S = +2.0 (oriented gain)
@@ -83,8 +95,9 @@ def test_json_output_replicated_with_failures(replicated_csv):
     assert flag["p"] < 0.05 and flag["p_adj"] < 0.05
     assert res["synergy"]["B:C"] is None  # no finished run with both: no metric synergy
     # failures are data, not holes: the default (strict) run succeeds as well
-    rc, out, err = run_main([replicated_csv, "--factors", "A,B,C", "--metric", "fd", "--direction", "min",
-                             "--format", "json"])
+    rc, out, err = run_main(
+        [replicated_csv, "--factors", "A,B,C", "--metric", "fd", "--direction", "min", "--format", "json"]
+    )
     assert rc == 0, err
 
 
@@ -95,19 +108,51 @@ def test_table_output(replicated_csv):
 
 
 def test_log_and_threshold_options(tmp_path):
-    rows = [{"A": a, "B": b, "seed": s, "images_per_s": 100 * 2 ** a * 1.5 ** b * 0.5 ** (a * b) * (1 + 0.01 * s)}
-            for a in (0, 1) for b in (0, 1) for s in range(3)]
+    rows = [
+        {"A": a, "B": b, "seed": s, "images_per_s": 100 * 2**a * 1.5**b * 0.5 ** (a * b) * (1 + 0.01 * s)}
+        for a in (0, 1)
+        for b in (0, 1)
+        for s in range(3)
+    ]
     p = tmp_path / "speed.csv"
     pd.DataFrame(rows).to_csv(p, index=False)
-    rc, out, err = run_main([p, "--factors", "A,B", "--metric", "images_per_s", "--direction", "max", "--log",
-                             "--format", "json", "--threshold", "0.1"])
+    rc, out, err = run_main(
+        [
+            p,
+            "--factors",
+            "A,B",
+            "--metric",
+            "images_per_s",
+            "--direction",
+            "max",
+            "--log",
+            "--format",
+            "json",
+            "--threshold",
+            "0.1",
+        ]
+    )
     assert rc == 0, err
     res = json.loads(out)
     assert res["scale"] == "log"
     assert res["synergy"]["A:B"] == pytest.approx(np.log(0.5), abs=1e-6)
     assert [f["kind"] for f in res["incompatible"]] == ["antagonism"]
-    rc, out, err = run_main([p, "--factors", "A,B", "--metric", "images_per_s", "--direction", "max", "--log",
-                             "--format", "json", "--threshold", "1.0"])
+    rc, out, err = run_main(
+        [
+            p,
+            "--factors",
+            "A,B",
+            "--metric",
+            "images_per_s",
+            "--direction",
+            "max",
+            "--log",
+            "--format",
+            "json",
+            "--threshold",
+            "1.0",
+        ]
+    )
     assert json.loads(out)["incompatible"] == []  # |log 0.5| = 0.69 is below the practical threshold
 
 
@@ -124,10 +169,12 @@ def _assert_one_line_error(rc, out, err, *fragments):
 def test_bad_inputs_give_one_clear_line(tmp_path, replicated_csv):
     base = ["--factors", "A,B,C", "--metric", "fd", "--direction", "min"]
     # missing column
-    _assert_one_line_error(*run_main([replicated_csv, "--factors", "A,B,Z", "--metric", "fd", "--direction", "min"]),
-                           "missing column", "Z")
-    _assert_one_line_error(*run_main([replicated_csv, "--factors", "A,B,C", "--metric", "fid", "--direction", "min"]),
-                           "fid")
+    _assert_one_line_error(
+        *run_main([replicated_csv, "--factors", "A,B,Z", "--metric", "fd", "--direction", "min"]), "missing column", "Z"
+    )
+    _assert_one_line_error(
+        *run_main([replicated_csv, "--factors", "A,B,C", "--metric", "fid", "--direction", "min"]), "fid"
+    )
     _assert_one_line_error(*run_main([replicated_csv, *base, "--seed-col", "replicate"]), "replicate")
     # non-binary levels
     df = pd.read_csv(replicated_csv)
@@ -159,20 +206,53 @@ def test_bad_inputs_give_one_clear_line(tmp_path, replicated_csv):
     _assert_one_line_error(*run_main([tmp_path / "nope.csv", *base]), "no such file")
     _assert_one_line_error(*run_main([tmp_path, *base]), "directory")
     # bad options
-    _assert_one_line_error(*run_main([replicated_csv, "--factors", "A,B", "--metric", "fd", "--direction", "up"]),
-                           "--direction")
+    _assert_one_line_error(
+        *run_main([replicated_csv, "--factors", "A,B", "--metric", "fd", "--direction", "up"]), "--direction"
+    )
     _assert_one_line_error(*run_main([replicated_csv, "--metric", "fd", "--direction", "min"]), "--factors")
 
 
 def test_module_entry_point_subprocess(replicated_csv, tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "srdit", "analyze", str(replicated_csv), "--factors", "A,B,C",
-                         "--metric", "fd", "--direction", "min", "--format", "json"],
-                        capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "srdit",
+            "analyze",
+            str(replicated_csv),
+            "--factors",
+            "A,B,C",
+            "--metric",
+            "fd",
+            "--direction",
+            "min",
+            "--format",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout)["main_effects"]["A"] < 0
-    bad = subprocess.run([sys.executable, "-m", "srdit", "analyze", str(tmp_path / "missing.csv"),
-                          "--factors", "A", "--metric", "fd", "--direction", "min"],
-                         capture_output=True, text=True, timeout=120)
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "srdit",
+            "analyze",
+            str(tmp_path / "missing.csv"),
+            "--factors",
+            "A",
+            "--metric",
+            "fd",
+            "--direction",
+            "min",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr.strip().count("\n") == 0 and "Traceback" not in bad.stderr
 
@@ -185,8 +265,20 @@ def test_add_arguments_reusable_by_another_parser(replicated_csv):
     parser = argparse.ArgumentParser(prog="srdit")
     sub = parser.add_subparsers(dest="cmd")
     add_arguments(sub.add_parser("analyze"))
-    args = parser.parse_args(["analyze", str(replicated_csv), "--factors", "A,B,C", "--metric", "fd",
-                              "--direction", "min", "--format", "json"])
+    args = parser.parse_args(
+        [
+            "analyze",
+            str(replicated_csv),
+            "--factors",
+            "A,B,C",
+            "--metric",
+            "fd",
+            "--direction",
+            "min",
+            "--format",
+            "json",
+        ]
+    )
     out, err = io.StringIO(), io.StringIO()
     assert run(args, stdout=out, stderr=err) == 0
     assert "A:B" in json.loads(out.getvalue())["synergy"]

@@ -20,10 +20,20 @@ def test_study_on_a_two_node_cluster_survives_a_lost_node(tmp_path):
     from srdit.study.spec import load_study
 
     path = tmp_path / "cluster.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "cluster", "techniques": ["rmsnorm", "qk_norm"], "seeds": [0],
-        "base": {"train": {"steps": 80, "batch_size": 16, "log_every": 5, "ckpt_every": 5},
-                 "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "cluster",
+                "techniques": ["rmsnorm", "qk_norm"],
+                "seeds": [0],
+                "base": {
+                    "train": {"steps": 80, "batch_size": 16, "log_every": 5, "ckpt_every": 5},
+                    "eval": {"n_samples": 50, "batch_size": 50},
+                    "sample": {"sampler": "euler", "steps": 2},
+                },
+            }
+        )
+    )
     spec = load_study(path)
     state = tmp_path / "state"
     uri = f"sqlite:///{(state / 'mlflow.db').resolve()}"

@@ -22,8 +22,8 @@ def test_cluster_rehearsal(stand_ins, tmp_path):  # noqa: F811
     from ray.cluster_utils import Cluster
 
     from srdit.commands.report import make_report
-    from srdit.study.preflight import PreflightError
     from srdit.runtime.driver import run_study
+    from srdit.study.preflight import PreflightError
     from srdit.study.spec import load_study
 
     weights = tmp_path / "weights" / stand_ins["weights"].name  # a copy the test can delete
@@ -32,9 +32,14 @@ def test_cluster_rehearsal(stand_ins, tmp_path):  # noqa: F811
     cfg = to_dict(_cfg(stand_ins))
     cfg["train"].update(steps=6, eval_every=3, ckpt_every=1, log_every=1)
     cfg["eval"].update(inception_path=str(weights))
-    study = {"name": "rehearsal", "base": {k: cfg[k] for k in ("model", "data", "train", "sample", "eval")},
-             "techniques": ["rmsnorm"], "seeds": [0], "resources": {"workers": 2, "cpus": 1},
-             "metrics": {"primary": "fid", "direction": "min"}}
+    study = {
+        "name": "rehearsal",
+        "base": {k: cfg[k] for k in ("model", "data", "train", "sample", "eval")},
+        "techniques": ["rmsnorm"],
+        "seeds": [0],
+        "resources": {"workers": 2, "cpus": 1},
+        "metrics": {"primary": "fid", "direction": "min"},
+    }
     path = tmp_path / "rehearsal.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     spec, state = load_study(path), tmp_path / "state"
@@ -90,5 +95,5 @@ def test_cluster_rehearsal(stand_ins, tmp_path):  # noqa: F811
         assert all(v == v for v in parent.data.metrics.values())
 
     page = make_report(path, state, tmp_path / "dash", bootstrap=False).read_text(encoding="utf-8")
-    curves = page[page.index('id="sec-fig-curves"'):page.index('id="sec-cells"')].replace(" ", "")
+    curves = page[page.index('id="sec-fig-curves"') : page.index('id="sec-cells"')].replace(" ", "")
     assert '"label":"fid"' in curves  # the fid learning curve is one of the figure's quantities

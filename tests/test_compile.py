@@ -4,6 +4,7 @@ step's noise, applied without a Python branch). CPU, `aot_eager` backend: dynamo
 joint graph without inductor's code generation."""
 
 import copy
+
 import pytest
 import torch
 import torch._dynamo
@@ -17,8 +18,9 @@ from srdit.transport.objective import StepNoise, training_losses
 
 SMALL = {"train.batch_size": 8, "train.threads": 1, "model.sprint.path_drop_prob": 0.5}
 # Techniques that change the network or the objective around it (the others act on sampling or evaluation only).
-MODEL_TECHNIQUES = [n for n, t in TECHNIQUES.items() if any(k.startswith(("model.", "loss.", "transport."))
-                                                              for k in t.diff)]
+MODEL_TECHNIQUES = [
+    n for n, t in TECHNIQUES.items() if any(k.startswith(("model.", "loss.", "transport.")) for k in t.diff)
+]
 
 
 def _config(techniques):

@@ -27,7 +27,9 @@ def test_unknown_key_names_path_and_allowed_keys(tmp_path):
 def test_wrong_type_and_literal(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.steps: expected an integer"):
         load_run_config(write(tmp_path, "train:\n  steps: many\n"))
-    with pytest.raises(ConfigError, match=r"model\.norm: 'batchnorm' is not allowed; allowed values: 'layernorm', 'rmsnorm'"):
+    with pytest.raises(
+        ConfigError, match=r"model\.norm: 'batchnorm' is not allowed; allowed values: 'layernorm', 'rmsnorm'"
+    ):
         load_run_config(write(tmp_path, "model:\n  norm: batchnorm\n"))
 
 
@@ -77,9 +79,10 @@ def test_srdit_preset_is_the_paper_recipe():
 def test_relative_paths_resolve_against_the_study_directory(tmp_path):
     from srdit.config import DataConfig, EvalConfig, resolve_paths
 
-    cfg = RunConfig(data=DataConfig(dataset="latents", path="data/lat", tokenizer="invae",
-                                    tokenizer_path="/abs/invae.pt"),
-                    eval=EvalConfig(reference="ref.npz"))
+    cfg = RunConfig(
+        data=DataConfig(dataset="latents", path="data/lat", tokenizer="invae", tokenizer_path="/abs/invae.pt"),
+        eval=EvalConfig(reference="ref.npz"),
+    )
     out = resolve_paths(cfg, tmp_path)
     assert out.data.path == str(tmp_path / "data/lat") and out.eval.reference == str(tmp_path / "ref.npz")
     assert out.data.tokenizer_path == "/abs/invae.pt" and out.data.teacher_path is None

@@ -7,7 +7,6 @@ re-implementations of the reference forwards, then loaded by `srdit sample` and 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 
@@ -26,8 +25,15 @@ DEPTH, D, HEADS = SIZES["debug"]  # 6 blocks of width 64, 4 heads
 P, C, S, K = 2, 1, 8, 10  # digits: patch 2 on 1x8x8, 10 classes
 G = S // P  # 4x4 grid
 Z, PROJ = 64, 256  # teacher width (digits-cnn), projector width: srdit's digits defaults
-STACK = ["model.norm=rmsnorm", "model.rope.enabled=true", "model.sprint.enabled=true", "model.qk_norm=true",
-         "model.value_residual=true", "model.repa.enabled=true", "model.reg.enabled=true"]
+STACK = [
+    "model.norm=rmsnorm",
+    "model.rope.enabled=true",
+    "model.sprint.enabled=true",
+    "model.qk_norm=true",
+    "model.value_residual=true",
+    "model.repa.enabled=true",
+    "model.reg.enabled=true",
+]
 "The settings SR-DiT's code hard-codes, as overrides of the digits preset."
 
 
@@ -38,10 +44,12 @@ STACK = ["model.norm=rmsnorm", "model.rope.enabled=true", "model.sprint.enabled=
 
 def mae_pos_embed(dim, grid, cls_token=False):
     """MAE's get_2d_sincos_pos_embed (used by SiT, REPA, SR-DiT): meshgrid(w, h), emb of grid[0] first."""
+
     def one(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
     g = np.stack(np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32)), 0)
     emb = np.concatenate([one(dim // 2, g[0]), one(dim // 2, g[1])], axis=1)
     if cls_token:
@@ -52,33 +60,61 @@ def mae_pos_embed(dim, grid, cls_token=False):
 def reference_state(layout, seed=0, learn_sigma=True):
     """A state dict with the reference's keys and shapes at the debug size, random values (fixed position table)."""
     g = torch.Generator().manual_seed(seed)
-    shapes = {"x_embedder.proj.weight": (D, C, P, P), "x_embedder.proj.bias": (D,),
-              "t_embedder.mlp.0.weight": (D, 256), "t_embedder.mlp.0.bias": (D,),
-              "t_embedder.mlp.2.weight": (D, D), "t_embedder.mlp.2.bias": (D,),
-              "y_embedder.embedding_table.weight": (K + 1, D),  # class_dropout_prob > 0: one null row
-              "final_layer.adaLN_modulation.1.weight": (2 * D, D), "final_layer.adaLN_modulation.1.bias": (2 * D,)}
+    shapes = {
+        "x_embedder.proj.weight": (D, C, P, P),
+        "x_embedder.proj.bias": (D,),
+        "t_embedder.mlp.0.weight": (D, 256),
+        "t_embedder.mlp.0.bias": (D,),
+        "t_embedder.mlp.2.weight": (D, D),
+        "t_embedder.mlp.2.bias": (D,),
+        "y_embedder.embedding_table.weight": (K + 1, D),  # class_dropout_prob > 0: one null row
+        "final_layer.adaLN_modulation.1.weight": (2 * D, D),
+        "final_layer.adaLN_modulation.1.bias": (2 * D,),
+    }
     out_ch = 2 * C if (layout == "sit" and learn_sigma) else C
     shapes |= {"final_layer.linear.weight": (P * P * out_ch, D), "final_layer.linear.bias": (P * P * out_ch,)}
     for i in range(DEPTH):
         b = f"blocks.{i}."
-        shapes |= {b + "attn.qkv.weight": (3 * D, D), b + "attn.qkv.bias": (3 * D,), b + "attn.proj.weight": (D, D),
-                   b + "attn.proj.bias": (D,), b + "mlp.fc1.weight": (4 * D, D), b + "mlp.fc1.bias": (4 * D,),
-                   b + "mlp.fc2.weight": (D, 4 * D), b + "mlp.fc2.bias": (D,),
-                   b + "adaLN_modulation.1.weight": (6 * D, D), b + "adaLN_modulation.1.bias": (6 * D,)}
+        shapes |= {
+            b + "attn.qkv.weight": (3 * D, D),
+            b + "attn.qkv.bias": (3 * D,),
+            b + "attn.proj.weight": (D, D),
+            b + "attn.proj.bias": (D,),
+            b + "mlp.fc1.weight": (4 * D, D),
+            b + "mlp.fc1.bias": (4 * D,),
+            b + "mlp.fc2.weight": (D, 4 * D),
+            b + "mlp.fc2.bias": (D,),
+            b + "adaLN_modulation.1.weight": (6 * D, D),
+            b + "adaLN_modulation.1.bias": (6 * D,),
+        }
         if layout == "speedrundit":
             shapes |= {b + "attn.q_norm.weight": (D // HEADS,), b + "attn.k_norm.weight": (D // HEADS,)}
             if i > 0:
                 shapes[b + "attn.v1_lambda"] = ()
     if layout in ("repa", "speedrundit"):
-        shapes |= {"projectors.0.0.weight": (PROJ, D), "projectors.0.0.bias": (PROJ,),
-                   "projectors.0.2.weight": (PROJ, PROJ), "projectors.0.2.bias": (PROJ,),
-                   "projectors.0.4.weight": (Z, PROJ), "projectors.0.4.bias": (Z,)}
+        shapes |= {
+            "projectors.0.0.weight": (PROJ, D),
+            "projectors.0.0.bias": (PROJ,),
+            "projectors.0.2.weight": (PROJ, PROJ),
+            "projectors.0.2.bias": (PROJ,),
+            "projectors.0.4.weight": (Z, PROJ),
+            "projectors.0.4.bias": (Z,),
+        }
     if layout == "speedrundit":
-        shapes |= {"mask_token": (1, 1, D), "fusion_proj.weight": (D, 2 * D), "fusion_proj.bias": (D,),
-                   "cls_projectors2.weight": (D, Z), "cls_projectors2.bias": (D,), "wg_norm.weight": (D,),
-                   "final_layer.linear_cls.weight": (Z, D), "final_layer.linear_cls.bias": (Z,)}
-    state = {k: torch.randn(s, generator=g) * (0.3 if len(s) < 2 else 1.0 / math.sqrt(s[-1] if len(s) == 2 else 4))
-             for k, s in shapes.items()}
+        shapes |= {
+            "mask_token": (1, 1, D),
+            "fusion_proj.weight": (D, 2 * D),
+            "fusion_proj.bias": (D,),
+            "cls_projectors2.weight": (D, Z),
+            "cls_projectors2.bias": (D,),
+            "wg_norm.weight": (D,),
+            "final_layer.linear_cls.weight": (Z, D),
+            "final_layer.linear_cls.bias": (Z,),
+        }
+    state = {
+        k: torch.randn(s, generator=g) * (0.3 if len(s) < 2 else 1.0 / math.sqrt(s[-1] if len(s) == 2 else 4))
+        for k, s in shapes.items()
+    }
     for k in state:
         if k.endswith("v1_lambda"):
             state[k] = torch.rand((), generator=g)
@@ -165,14 +201,19 @@ def reference_forward(sd, layout, x, t, y, cls_token=None):
 
 
 def digits_target(layout):
-    return target_config("digits", STACK if layout == "speedrundit" else
-                         ["model.repa.enabled=true"] if layout == "repa" else [])
+    return target_config(
+        "digits", STACK if layout == "speedrundit" else ["model.repa.enabled=true"] if layout == "repa" else []
+    )
 
 
 def inputs(seed=4, n=3):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(n, C, S, S, generator=g), torch.rand(n, generator=g), torch.tensor([0, 7, K])[:n],
-            torch.randn(n, Z, generator=g))
+    return (
+        torch.randn(n, C, S, S, generator=g),
+        torch.rand(n, generator=g),
+        torch.tensor([0, 7, K])[:n],
+        torch.randn(n, Z, generator=g),
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -204,9 +245,17 @@ def test_repa_layout_is_the_same_function():
     x, t, y, _ = inputs()
     assert torch.allclose(model(x, t, y)[0], reference_forward(src, "repa", x, t, y)[0], atol=1e-5, rtol=0)
     h = torch.randn(2, G * G, D)  # the projector is the same MLP
-    proj = F.linear(F.silu(F.linear(F.silu(F.linear(h, src["projectors.0.0.weight"], src["projectors.0.0.bias"])),
-                                    src["projectors.0.2.weight"], src["projectors.0.2.bias"])),
-                    src["projectors.0.4.weight"], src["projectors.0.4.bias"])
+    proj = F.linear(
+        F.silu(
+            F.linear(
+                F.silu(F.linear(h, src["projectors.0.0.weight"], src["projectors.0.0.bias"])),
+                src["projectors.0.2.weight"],
+                src["projectors.0.2.bias"],
+            )
+        ),
+        src["projectors.0.4.weight"],
+        src["projectors.0.4.bias"],
+    )
     assert torch.allclose(model.repa(h), proj, atol=1e-6)
 
 
@@ -224,8 +273,14 @@ def test_speedrundit_layout_is_the_same_function():
 
 def test_repa_legacy_split_blocks_are_joined():
     src = reference_state("repa")
-    legacy = {(f"decoder_blocks.{int(k.split('.')[1]) - 4}." + k.split(".", 2)[2]
-               if k.startswith("blocks.") and int(k.split(".")[1]) >= 4 else k): v for k, v in src.items()}
+    legacy = {
+        (
+            f"decoder_blocks.{int(k.split('.')[1]) - 4}." + k.split(".", 2)[2]
+            if k.startswith("blocks.") and int(k.split(".")[1]) >= 4
+            else k
+        ): v
+        for k, v in src.items()
+    }
     cfg = digits_target("repa")
     a, b = convert_state(src, "repa", cfg), convert_state(legacy, "repa", cfg)
     assert all(torch.equal(a[k], b[k]) for k in a)
@@ -239,8 +294,16 @@ def test_repa_legacy_split_blocks_are_joined():
 def training_file(path, layout, **kw):
     """A reference training checkpoint as the reference train.py writes it: model, ema, opt, args (a Namespace)."""
     ema, raw = reference_state(layout, seed=0, **kw), reference_state(layout, seed=1, **kw)
-    torch.save({"model": raw, "ema": ema, "opt": {"state": {}, "param_groups": [{"lr": 1e-4}]},
-                "args": argparse.Namespace(model="SiT-debug/2", encoder_depth=2, qk_norm=False), "steps": 10}, path)
+    torch.save(
+        {
+            "model": raw,
+            "ema": ema,
+            "opt": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+            "args": argparse.Namespace(model="SiT-debug/2", encoder_depth=2, qk_norm=False),
+            "steps": 10,
+        },
+        path,
+    )
     return ema, raw
 
 
@@ -257,8 +320,10 @@ def test_convert_command_round_trip_then_sample(layout, tmp_path, capsys):
     model, cfg = model_from_checkpoint(load_checkpoint(out))
     assert cfg.model == digits_target(layout).model
     assert torch.equal(model.state_dict()["blocks.0.attn.qkv.weight"], ema["blocks.0.attn.qkv.weight"])
-    assert main(["sample", str(out), "--n", "4", "--steps", "2", "--sampler", "euler", "--out",
-                 str(tmp_path / "samples")]) == 0
+    assert (
+        main(["sample", str(out), "--n", "4", "--steps", "2", "--sampler", "euler", "--out", str(tmp_path / "samples")])
+        == 0
+    )
     res = json.loads(capsys.readouterr().out)
     assert res["n"] == 4 and (tmp_path / "samples" / "samples.png").is_file()
 
@@ -269,7 +334,9 @@ def test_weights_flag_picks_raw_or_ema(tmp_path):
     cfg = digits_target("repa")
     for which, want in (("ema", ema), ("model", raw)):
         state, args = read_reference(src, which)
-        assert torch.equal(convert_state(state, "repa", cfg)["blocks.3.mlp.fc1.weight"], want["blocks.3.mlp.fc1.weight"])
+        assert torch.equal(
+            convert_state(state, "repa", cfg)["blocks.3.mlp.fc1.weight"], want["blocks.3.mlp.fc1.weight"]
+        )
         assert args["encoder_depth"] == 2
     torch.save(ema, tmp_path / "bare.pt")  # the published files: a bare EMA state dict
     state, args = read_reference(tmp_path / "bare.pt")
@@ -286,12 +353,18 @@ def _fails(capsys, argv):
     return err
 
 
-@pytest.mark.parametrize("damage,expect", [
-    ("missing", "srdit tensors the checkpoint does not give: blocks.2.mlp.fc2.bias (reference blocks.2.mlp.fc2.bias)"),
-    ("extra", "checkpoint tensors the srdit model has no place for: blocks.6.attn.qkv.weight"),
-    ("shape", "shape mismatch: y_embedder.embedding_table.weight (10, 64) -> y_embed.table.weight (11, 64)"),
-    ("positions", "pos_embed: not the fixed 2-D sin-cos table"),
-])
+@pytest.mark.parametrize(
+    "damage,expect",
+    [
+        (
+            "missing",
+            "srdit tensors the checkpoint does not give: blocks.2.mlp.fc2.bias (reference blocks.2.mlp.fc2.bias)",
+        ),
+        ("extra", "checkpoint tensors the srdit model has no place for: blocks.6.attn.qkv.weight"),
+        ("shape", "shape mismatch: y_embedder.embedding_table.weight (10, 64) -> y_embed.table.weight (11, 64)"),
+        ("positions", "pos_embed: not the fixed 2-D sin-cos table"),
+    ],
+)
 def test_bad_reference_tensors_are_one_line_errors_naming_the_keys(damage, expect, tmp_path, capsys):
     state = reference_state("repa")
     if damage == "missing":
@@ -301,10 +374,22 @@ def test_bad_reference_tensors_are_one_line_errors_naming_the_keys(damage, expec
     elif damage == "shape":
         state["y_embedder.embedding_table.weight"] = state["y_embedder.embedding_table.weight"][:K]  # no null row
     else:  # the halves of the table swapped (rows first): a table from another layout
-        state["pos_embed"] = torch.cat([state["pos_embed"][..., D // 2:], state["pos_embed"][..., : D // 2]], -1)
+        state["pos_embed"] = torch.cat([state["pos_embed"][..., D // 2 :], state["pos_embed"][..., : D // 2]], -1)
     torch.save(state, tmp_path / "bad.pt")
-    err = _fails(capsys, ["convert", str(tmp_path / "bad.pt"), "--from", "repa", "--preset", "digits",
-                          "--out", str(tmp_path / "o.pt"), "model.repa.enabled=true"])
+    err = _fails(
+        capsys,
+        [
+            "convert",
+            str(tmp_path / "bad.pt"),
+            "--from",
+            "repa",
+            "--preset",
+            "digits",
+            "--out",
+            str(tmp_path / "o.pt"),
+            "model.repa.enabled=true",
+        ],
+    )
     assert expect in err
     assert not (tmp_path / "o.pt").exists()
 
@@ -317,22 +402,50 @@ def test_wrong_model_settings_and_inputs_are_one_line_errors(tmp_path, capsys):
     assert "add the overrides model.norm=rmsnorm model.rope.enabled=true model.sprint.enabled=true" in err
     err = _fails(capsys, ["convert", str(src), "--from", "sit", "--preset", "digits", *out])  # SR-DiT file as SiT
     assert "checkpoint tensors the srdit model has no place for: blocks.0.attn.k_norm.weight" in err
-    err = _fails(capsys, ["convert", str(src), "--from", "speedrundit", "--preset", "digits", *out, *STACK,
-                          "model.time_embed_scale=1000"])
+    err = _fails(
+        capsys,
+        [
+            "convert",
+            str(src),
+            "--from",
+            "speedrundit",
+            "--preset",
+            "digits",
+            *out,
+            *STACK,
+            "model.time_embed_scale=1000",
+        ],
+    )
     assert "model.time_embed_scale=1.0" in err
     training_file(tmp_path / "repa.pt", "repa")  # its args: model SiT-debug/2, encoder_depth 2
-    err = _fails(capsys, ["convert", str(tmp_path / "repa.pt"), "--from", "repa", "--preset", "digits", *out,
-                          "model.repa.enabled=true", "model.repa.depth=3", "model.patch_size=1"])
+    err = _fails(
+        capsys,
+        [
+            "convert",
+            str(tmp_path / "repa.pt"),
+            "--from",
+            "repa",
+            "--preset",
+            "digits",
+            *out,
+            "model.repa.enabled=true",
+            "model.repa.depth=3",
+            "model.patch_size=1",
+        ],
+    )
     assert "the checkpoint's args need" in err and "model.repa.depth=2 model.patch_size=2" in err
     assert "unknown layout 'dit'" in _fails(capsys, ["convert", str(src), "--from", "dit", "--preset", "digits", *out])
-    assert "--weights: 'last'" in _fails(capsys, ["convert", str(src), "--from", "sit", "--preset", "digits",
-                                                  "--weights", "last", *out])
+    assert "--weights: 'last'" in _fails(
+        capsys, ["convert", str(src), "--from", "sit", "--preset", "digits", "--weights", "last", *out]
+    )
     assert "unknown 'SiT-Q/2'" in _fails(capsys, ["convert", str(src), "--from", "sit", "--preset", "SiT-Q/2", *out])
-    assert "no such checkpoint file" in _fails(capsys, ["convert", str(tmp_path / "none.pt"), "--from", "sit",
-                                                        "--preset", "digits", *out])
+    assert "no such checkpoint file" in _fails(
+        capsys, ["convert", str(tmp_path / "none.pt"), "--from", "sit", "--preset", "digits", *out]
+    )
     (tmp_path / "text.pt").write_text("not a checkpoint")
-    assert "not a readable PyTorch checkpoint" in _fails(capsys, ["convert", str(tmp_path / "text.pt"), "--from",
-                                                                  "sit", "--preset", "digits", *out])
+    assert "not a readable PyTorch checkpoint" in _fails(
+        capsys, ["convert", str(tmp_path / "text.pt"), "--from", "sit", "--preset", "digits", *out]
+    )
 
 
 def test_sit_xl2_preset_matches_the_reference_shapes():
@@ -352,8 +465,17 @@ def test_train_init_with_zero_steps_evaluates_the_given_weights(tmp_path, capsys
     conv = tmp_path / "conv.pt"
     assert main(["convert", str(tmp_path / "ref.pt"), "--from", "sit", "--preset", "digits", "--out", str(conv)]) == 0
     capsys.readouterr()
-    cfg = apply_diff(RunConfig(), {"train.steps": 0, "train.init": str(conv), "eval.n_samples": 50,
-                                   "eval.batch_size": 50, "sample.steps": 4, "sample.sampler": "euler"}).validate()
+    cfg = apply_diff(
+        RunConfig(),
+        {
+            "train.steps": 0,
+            "train.init": str(conv),
+            "eval.n_samples": 50,
+            "eval.batch_size": 50,
+            "sample.steps": 4,
+            "sample.sampler": "euler",
+        },
+    ).validate()
     r = train(cfg, tmp_path / "run", progress=False)
     assert r.status == "finished" and r.step == 0 and math.isfinite(r.metrics["fd"])
     saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
@@ -368,18 +490,34 @@ def test_train_init_with_zero_steps_evaluates_the_given_weights(tmp_path, capsys
 def test_train_init_refuses_another_model_and_steps_zero_needs_init(tmp_path):
     training_file(tmp_path / "ref.pt", "repa")
     conv = tmp_path / "conv.pt"
-    assert main(["convert", str(tmp_path / "ref.pt"), "--from", "repa", "--preset", "digits", "--out", str(conv),
-                 "model.repa.enabled=true"]) == 0
+    assert (
+        main(
+            [
+                "convert",
+                str(tmp_path / "ref.pt"),
+                "--from",
+                "repa",
+                "--preset",
+                "digits",
+                "--out",
+                str(conv),
+                "model.repa.enabled=true",
+            ]
+        )
+        == 0
+    )
     cfg = apply_diff(RunConfig(), {"train.steps": 0, "train.init": str(conv)})  # REPA off here
     with pytest.raises(CheckpointError, match="another model"):
         train(cfg, tmp_path / "run", progress=False)
     from srdit.config import ConfigError
+
     with pytest.raises(ConfigError, match="train.steps 0 only with train.init"):
         apply_diff(RunConfig(), {"train.steps": 0}).validate()
 
 
 def test_train_init_is_a_path_field_resolved_like_the_others(tmp_path):
     from srdit.config import PATH_FIELDS, resolve_paths
+
     assert "train.init" in PATH_FIELDS
     cfg = resolve_paths(apply_diff(RunConfig(), {"train.init": "ckpt/conv.pt"}), tmp_path)
     assert cfg.train.init == str(tmp_path / "ckpt" / "conv.pt")
@@ -391,11 +529,13 @@ def test_checkpoint_from_before_the_time_scale_knob_loads_with_dits_scale():
     model = build_model(cfg.model)
     config = to_dict(cfg)
     del config["model"]["time_embed_scale"]
-    loaded, loaded_cfg = model_from_checkpoint({"model": model.state_dict(), "ema": model.state_dict(),
-                                                "config": config, "step": 1})
+    loaded, loaded_cfg = model_from_checkpoint(
+        {"model": model.state_dict(), "ema": model.state_dict(), "config": config, "step": 1}
+    )
     assert loaded_cfg.model.time_embed_scale == 1000.0 and loaded.t_embed.scale == 1000.0
-    current, current_cfg = model_from_checkpoint({"model": model.state_dict(), "ema": model.state_dict(),
-                                                  "config": to_dict(cfg), "step": 1})
+    current, current_cfg = model_from_checkpoint(
+        {"model": model.state_dict(), "ema": model.state_dict(), "config": to_dict(cfg), "step": 1}
+    )
     assert current_cfg.model.time_embed_scale == 1.0
 
 
@@ -406,19 +546,26 @@ def test_study_with_a_converted_checkpoint_as_a_fixed_arm(tmp_path, monkeypatch,
     import ray
     import yaml
 
-    from srdit.runtime.results import load_results
     from srdit.runtime.driver import run_study
+    from srdit.runtime.results import load_results
     from srdit.study.spec import load_study
 
     monkeypatch.chdir(tmp_path)
     training_file(tmp_path / "ref.pt", "sit")
     assert main(["convert", "ref.pt", "--from", "sit", "--preset", "digits", "--out", "ckpt/sit.pt"]) == 0
     capsys.readouterr()
-    base = {"train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
-            "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}
-    study = {"name": "fixed_arm", "base": base, "seeds": [0],
-             "techniques": [{"name": "published", "diff": {"train.steps": 0, "train.init": "ckpt/sit.pt"}}],
-             "metrics": {"primary": "fd", "direction": "min"}}
+    base = {
+        "train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
+        "eval": {"n_samples": 50, "batch_size": 50},
+        "sample": {"sampler": "euler", "steps": 2},
+    }
+    study = {
+        "name": "fixed_arm",
+        "base": base,
+        "seeds": [0],
+        "techniques": [{"name": "published", "diff": {"train.steps": 0, "train.init": "ckpt/sit.pt"}}],
+        "metrics": {"primary": "fd", "direction": "min"},
+    }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     spec = load_study(tmp_path / "study.yaml")
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")

@@ -15,14 +15,23 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from srdit.config import RunConfig, apply_diff
-from srdit.techniques import with_techniques
 from srdit.parallel import DataParallel
+from srdit.techniques import with_techniques
 from srdit.train import JsonlReporter, load_checkpoint, train
 
 # Every technique with randomness or cross-sample coupling: SPRINT routing and path drop, REG noise, CFM negatives.
 TECHS = ["sprint", "repa", "reg", "cfm", "rope", "qk_norm", "rmsnorm", "value_residual"]
-DIFF = {"train.steps": 12, "train.log_every": 1, "train.ckpt_every": 6, "train.threads": 1, "train.batch_size": 16,
-        "eval.n_samples": 40, "eval.batch_size": 40, "sample.steps": 3, "model.sprint.path_drop_prob": 0.3}
+DIFF = {
+    "train.steps": 12,
+    "train.log_every": 1,
+    "train.ckpt_every": 6,
+    "train.threads": 1,
+    "train.batch_size": 16,
+    "eval.n_samples": 40,
+    "eval.batch_size": 40,
+    "sample.steps": 3,
+    "model.sprint.path_drop_prob": 0.3,
+}
 TOLERANCE = 2e-5  # relative, on every step's loss; float32 sums in another order
 
 
@@ -153,10 +162,13 @@ def test_study_trial_on_two_workers_is_a_ray_train_run(tmp_path):
     from srdit.study.spec import load_study
 
     techs = [t for t in TECHS if t != "cfm"]
-    base = {"techniques": techs, "train": {k.split(".", 1)[1]: v for k, v in DIFF.items() if k.startswith("train.")},
-            "eval": {"n_samples": 40, "batch_size": 40}, "sample": {"steps": 3}}
-    study = {"name": "dp", "base": base, "techniques": ["cfm"], "seeds": [0],
-             "resources": {"cpus": 0.5, "workers": 2}}
+    base = {
+        "techniques": techs,
+        "train": {k.split(".", 1)[1]: v for k, v in DIFF.items() if k.startswith("train.")},
+        "eval": {"n_samples": 40, "batch_size": 40},
+        "sample": {"steps": 3},
+    }
+    study = {"name": "dp", "base": base, "techniques": ["cfm"], "seeds": [0], "resources": {"cpus": 0.5, "workers": 2}}
     (tmp_path / "dp.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
@@ -172,7 +184,11 @@ def test_study_trial_on_two_workers_is_a_ray_train_run(tmp_path):
         history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
         assert sorted(history) == list(range(1, 13))
         ref = tmp_path / f"single-{folder.name}"
-        train(from_dict(RunConfig, read_yaml(folder / "config.yaml")), ref, JsonlReporter(ref / "metrics.jsonl"),
-              progress=False)
+        train(
+            from_dict(RunConfig, read_yaml(folder / "config.yaml")),
+            ref,
+            JsonlReporter(ref / "metrics.jsonl"),
+            progress=False,
+        )
         for step, loss in _losses(ref).items():
             assert history[step] == pytest.approx(loss, rel=TOLERANCE), (folder.name, step)

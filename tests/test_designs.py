@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 
 from srdit.config import ConfigError
-from srdit.study.designs import (alias_map, defining_words, format_plan, fractional_matrix, plan_study, resolution,
-                                 resolve_config)
+from srdit.study.designs import (
+    alias_map,
+    defining_words,
+    format_plan,
+    fractional_matrix,
+    plan_study,
+    resolution,
+    resolve_config,
+)
 from srdit.study.spec import study_from_dict
 
 TINY = {"train": {"steps": 4, "batch_size": 16}, "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"steps": 2}}
@@ -80,9 +87,14 @@ def test_pydoe_generator_that_overpromises_is_rejected():
 
 
 def test_fractional_study_plan_has_aliases_and_resolution():
-    s = study_from_dict({"name": "f", "base": TINY, "techniques": ["rmsnorm", "rope", "qk_norm", "sprint",
-                                                                   "logit_normal"],
-                         "design": {"kind": "fractional_factorial", "resolution": "V"}})
+    s = study_from_dict(
+        {
+            "name": "f",
+            "base": TINY,
+            "techniques": ["rmsnorm", "rope", "qk_norm", "sprint", "logit_normal"],
+            "design": {"kind": "fractional_factorial", "resolution": "V"},
+        }
+    )
     plan = plan_study(s)
     assert len(plan.cells) == 16 and plan.resolution == 5 and plan.design == "frac(res=5)"
     assert plan.defining_relation and two_factor_aliases(plan.aliases) == []
@@ -103,9 +115,14 @@ def test_ladder_and_leave_one_out():
 
 
 def test_constraints_exclude_cells_with_reasons():
-    s = study_from_dict({"name": "c", "base": TINY, "techniques": ["sprint", "path_drop_guidance", "swiglu", "relu2"],
-                         "constraints": [{"requires": ["path_drop_guidance", "sprint"]},
-                                         {"excludes": ["swiglu", "relu2"]}]})
+    s = study_from_dict(
+        {
+            "name": "c",
+            "base": TINY,
+            "techniques": ["sprint", "path_drop_guidance", "swiglu", "relu2"],
+            "constraints": [{"requires": ["path_drop_guidance", "sprint"]}, {"excludes": ["swiglu", "relu2"]}],
+        }
+    )
     plan = plan_study(s)
     assert len(plan.cells) + len(plan.excluded) == 16
     reasons = {e["cell"]: e["reason"] for e in plan.excluded}
@@ -125,16 +142,27 @@ def test_invalid_cell_is_excluded_with_the_config_error():
 def test_shared_keys_need_a_constraint_or_a_winner():
     with pytest.raises(ConfigError, match="swiglu and relu2 both set model.mlp"):
         study_from_dict({"name": "w", "base": TINY, "techniques": ["swiglu", "relu2"]})
-    s = study_from_dict({"name": "w", "base": TINY, "techniques": ["swiglu", "relu2"],
-                         "constraints": [{"wins": "relu2", "over": "swiglu"}]})
+    s = study_from_dict(
+        {
+            "name": "w",
+            "base": TINY,
+            "techniques": ["swiglu", "relu2"],
+            "constraints": [{"wins": "relu2", "over": "swiglu"}],
+        }
+    )
     plan = plan_study(s)
     assert len(plan.cells) == 4
     assert resolve_config(s, ("swiglu", "relu2"), 0).model.mlp == "relu2"
 
 
 def test_custom_diff_and_knobs():
-    s = study_from_dict({"name": "k", "base": TINY, "techniques": [{"sprint": {"drop_ratio": 0.5}},
-                                                                   {"name": "wide_lr", "diff": {"train.lr": 3e-3}}]})
+    s = study_from_dict(
+        {
+            "name": "k",
+            "base": TINY,
+            "techniques": [{"sprint": {"drop_ratio": 0.5}}, {"name": "wide_lr", "diff": {"train.lr": 3e-3}}],
+        }
+    )
     cfg = resolve_config(s, ("sprint", "wide_lr"), 3)
     assert cfg.model.sprint.drop_ratio == 0.5 and cfg.train.lr == 3e-3 and cfg.train.seed == 3
     assert cfg.techniques == ("sprint",)  # custom diffs are recorded as tags, not as RunConfig techniques
@@ -149,8 +177,14 @@ def test_plan_json_and_cost():
 
 
 def test_search_plan_has_a_budget():
-    s = study(design={"kind": "search", "trials": 6, "objectives": ["fd", "images_per_s"],
-                      "space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}})
+    s = study(
+        design={
+            "kind": "search",
+            "trials": 6,
+            "objectives": ["fd", "images_per_s"],
+            "space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+        }
+    )
     plan = plan_study(s)
     assert plan.trials == [] and plan.search_budget == 6
     assert plan.to_json()["cost"]["trials"] == 6

@@ -12,12 +12,19 @@ import pytest
 import torch
 
 from srdit.encoders import Teacher, load_teacher
-from srdit.encoders.dinov2 import (DINOV2_NAMES, DinoV2Teacher, FeatureCache, TeacherLoadError, load_dinov2,
-                                   precompute_features, resample_pos_embed)
+from srdit.encoders.dinov2 import (
+    DINOV2_NAMES,
+    DinoV2Teacher,
+    FeatureCache,
+    TeacherLoadError,
+    load_dinov2,
+    precompute_features,
+    resample_pos_embed,
+)
 
 # A miniature of DINOv2's hub backbone: patch 14, a 37 x 37 pretraining grid (518 px), a class token, optional
 # register tokens, run-time position interpolation, and forward_features() with DINOv2's output keys.
-HUBCONF = textwrap.dedent('''
+HUBCONF = textwrap.dedent("""
     import math
     import torch
     import torch.nn.functional as F
@@ -89,7 +96,7 @@ HUBCONF = textwrap.dedent('''
     def dinov2_vits14_reg(pretrained=False, **kwargs):
         assert not pretrained
         return TinyDinoVisionTransformer(num_register_tokens=4, **kwargs)
-''')
+""")
 
 
 @pytest.fixture(scope="module")
@@ -193,8 +200,11 @@ def test_missing_files_give_clear_messages(dino_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="hubconf.py.*git clone https://github.com/facebookresearch/dinov2"):
         load_teacher("dinov2_vitb14", str(tmp_path))
     (tmp_path / "hubconf.py").write_text(HUBCONF)
-    with pytest.raises(FileNotFoundError, match=r"dinov2_vitb14_pretrain\.pth missing; download "
-                                                r"https://dl\.fbaipublicfiles\.com/dinov2/dinov2_vitb14/"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"dinov2_vitb14_pretrain\.pth missing; download "
+        r"https://dl\.fbaipublicfiles\.com/dinov2/dinov2_vitb14/",
+    ):
         load_teacher("dinov2_vitb14", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"dinov2_vitl14_reg4_pretrain\.pth missing"):
         load_teacher("dinov2_vitl14_reg", str(tmp_path))
@@ -238,8 +248,14 @@ def _latent_folder(tmp_path, images: int, shard_size: int, seed: int) -> None:
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / f"{i}.png")
     save_invae(InvaeAutoencoder(InvaeConfig(ch=8, num_res_blocks=1, norm_groups=4)), tmp_path / "vae")
-    preprocess(tmp_path / "imgs", tmp_path / "lat", load_invae(tmp_path / "vae"), resolution=32,
-               shard_size=shard_size, keep_images=True)
+    preprocess(
+        tmp_path / "imgs",
+        tmp_path / "lat",
+        load_invae(tmp_path / "vae"),
+        resolution=32,
+        shard_size=shard_size,
+        keep_images=True,
+    )
 
 
 def test_precompute_from_latent_folder(dino_root, tmp_path):
@@ -281,18 +297,26 @@ def test_trainer_reads_teacher_tokens_through_the_cache(dino_root, tmp_path):
     """data.teacher_cache: built once by `srdit cache-teacher`, the cache trains like the online teacher (float16
     storage), is only read (no row written, no crops read, no teacher loaded) and refuses a missing cache."""
 
-    from srdit.config import DataConfig, ModelConfig, RegConfig, RepaConfig, RunConfig, TrainConfig
     from srdit.commands.cache_teacher import main as cache_teacher
+    from srdit.config import DataConfig, ModelConfig, RegConfig, RepaConfig, RunConfig, TrainConfig
     from srdit.techniques import with_techniques
     from srdit.train import LatentBatches, train
 
     root, _ = dino_root
     _latent_folder(tmp_path, images=6, shard_size=3, seed=1)
-    base = RunConfig(model=ModelConfig(size="debug", patch_size=1, in_channels=32, input_size=2, num_classes=2,
-                                       repa=RepaConfig(teacher_dim=32, depth=2), reg=RegConfig(dim=32)),
-                     data=DataConfig(dataset="latents", path=str(tmp_path / "lat"), teacher="dinov2_vits14",
-                                     teacher_path=str(root)),
-                     train=TrainConfig(steps=6, batch_size=3, log_every=1, ckpt_every=6, threads=1))
+    base = RunConfig(
+        model=ModelConfig(
+            size="debug",
+            patch_size=1,
+            in_channels=32,
+            input_size=2,
+            num_classes=2,
+            repa=RepaConfig(teacher_dim=32, depth=2),
+            reg=RegConfig(dim=32),
+        ),
+        data=DataConfig(dataset="latents", path=str(tmp_path / "lat"), teacher="dinov2_vits14", teacher_path=str(root)),
+        train=TrainConfig(steps=6, batch_size=3, log_every=1, ckpt_every=6, threads=1),
+    )
     base = with_techniques(base, ["repa", "reg"])
     cached = dataclasses.replace(base, data=dataclasses.replace(base.data, teacher_cache=str(tmp_path / "feat")))
 
@@ -309,8 +333,22 @@ def test_trainer_reads_teacher_tokens_through_the_cache(dino_root, tmp_path):
 
     with pytest.raises(FileNotFoundError, match="srdit cache-teacher"):
         LatentBatches(cached, torch.device("cpu"))
-    assert cache_teacher([str(tmp_path / "lat"), "--teacher", "dinov2_vits14", "--teacher-path", str(root), "--out",
-                          str(tmp_path / "feat"), "--ray", "2"]) == 0
+    assert (
+        cache_teacher(
+            [
+                str(tmp_path / "lat"),
+                "--teacher",
+                "dinov2_vits14",
+                "--teacher-path",
+                str(root),
+                "--out",
+                str(tmp_path / "feat"),
+                "--ray",
+                "2",
+            ]
+        )
+        == 0
+    )
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "feat").rglob("*.npy")}
     plain, first = losses(base, tmp_path / "a"), losses(cached, tmp_path / "b")
     assert plain.keys() == first.keys()

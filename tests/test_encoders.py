@@ -64,7 +64,7 @@ def test_teacher_tokens_follow_the_model_patch_grid(teacher, split):
     r, c = 2, 5
     assert torch.allclose(p8[:, r * 8 + c], teacher.norm(fmap[:, :, r, c]), atol=1e-5)
     p4, _ = teacher(x, 4)  # patch size 2: each token pools its 2x2 pixels
-    pooled = fmap[:, :, 2 * 1:2 * 1 + 2, 2 * 3:2 * 3 + 2].mean(dim=(2, 3))
+    pooled = fmap[:, :, 2 * 1 : 2 * 1 + 2, 2 * 3 : 2 * 3 + 2].mean(dim=(2, 3))
     assert torch.allclose(p4[:, 1 * 4 + 3], teacher.norm(pooled), atol=1e-5)
     # 16x16 images (digits upsampled for patch size 2) are area-resampled to the teacher's 8x8 input.
     up = F.interpolate(x, size=(16, 16), mode="nearest")

@@ -21,13 +21,23 @@ from scipy import stats
 from srdit.analysis.effects import AnalysisError, analyze
 from srdit.config import ConfigError
 from srdit.study import designs as D
-from srdit.study.designs import (alias_map, defining_words, foldover, format_plan, full_factorial_matrix, plan_study,
-                                 resolution)
+from srdit.study.designs import (
+    alias_map,
+    defining_words,
+    foldover,
+    format_plan,
+    full_factorial_matrix,
+    plan_study,
+    resolution,
+)
 from srdit.study.spec import load_study
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = {"train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
-        "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}
+BASE = {
+    "train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
+    "eval": {"n_samples": 50, "batch_size": 50},
+    "sample": {"sampler": "euler", "steps": 2},
+}
 
 
 def _write(path: Path, data: dict) -> Path:
@@ -36,9 +46,17 @@ def _write(path: Path, data: dict) -> Path:
 
 
 def _fraction(tmp_path: Path, techniques: list, resolution_: int, name: str = "frac", **extra) -> Path:
-    return _write(tmp_path / f"{name}.yaml", {"name": name, "base": BASE, "techniques": techniques,
-                                              "design": {"kind": "fractional_factorial", "resolution": resolution_},
-                                              "seeds": [0, 1], **extra})
+    return _write(
+        tmp_path / f"{name}.yaml",
+        {
+            "name": name,
+            "base": BASE,
+            "techniques": techniques,
+            "design": {"kind": "fractional_factorial", "resolution": resolution_},
+            "seeds": [0, 1],
+            **extra,
+        },
+    )
 
 
 def _fold(tmp_path: Path, of: str = "frac.yaml", name: str = "fold", factor: str | None = None, **extra) -> Path:
@@ -61,8 +79,9 @@ def test_mirror_rows_flip_every_sign_or_one_column():
     assert (m == np.array([[-1, -1, 1], [1, -1, -1], [-1, 1, -1], [1, 1, 1]])).all()  # the input is left alone
     # full fold-over of a resolution III fraction: the odd word leaves, the two halves make the full 2^3
     assert resolution(m) == 3 and math.isinf(resolution(np.vstack([m, foldover(m)])))
-    assert sorted(map(tuple, np.vstack([m, foldover(m)]).tolist())) == sorted(map(tuple, full_factorial_matrix(3)
-                                                                                   .tolist()))
+    assert sorted(map(tuple, np.vstack([m, foldover(m)]).tolist())) == sorted(
+        map(tuple, full_factorial_matrix(3).tolist())
+    )
 
 
 def test_full_foldover_of_a_resolution_three_fraction_frees_every_main_effect(tmp_path):
@@ -82,8 +101,11 @@ def test_full_foldover_of_a_resolution_three_fraction_frees_every_main_effect(tm
         if ":" not in eff:
             assert all(a.lstrip("-").count(":") >= 2 for a in al), (eff, al)
     assert any(a.lstrip("-").count(":") == 1 for e, al in fold.aliases.items() if e.count(":") == 1 for a in al)
-    assert fold.resolution == 4 and fold.defining_relation and all(
-        len(w.split("= ")[1].lstrip("-").split(":")) % 2 == 0 for w in fold.defining_relation)
+    assert (
+        fold.resolution == 4
+        and fold.defining_relation
+        and all(len(w.split("= ")[1].lstrip("-").split(":")) % 2 == 0 for w in fold.defining_relation)
+    )
     # the defining relation printed is the combined matrix's: exactly the even words of the first half
     even = {(w, sg) for w, sg in defining_words(f1) if len(w) % 2 == 0}
     assert set(defining_words(m)) == even
@@ -107,8 +129,13 @@ def test_single_factor_foldover_of_the_resolution_four_digits_study_is_the_full_
     assert "combined design: the full 2^4 factorial (16 cells)" in text
     assert "  0000  baseline  [half 1: from digits_frac4]" in text and "  1000  sprint  [half 2: mirror]" in text
     assert "[half" not in format_plan(p1)
-    assert p2.to_json()["foldover"] == {"of": "digits_frac4", "of_path": other.path, "factor": "sprint",
-                                        "first": [c.id for c in p1.cells], "mirror": [c.id for c in p2.cells[8:]]}
+    assert p2.to_json()["foldover"] == {
+        "of": "digits_frac4",
+        "of_path": other.path,
+        "factor": "sprint",
+        "first": [c.id for c in p1.cells],
+        "mirror": [c.id for c in p2.cells[8:]],
+    }
 
 
 def test_single_factor_foldover_frees_that_factors_pairs_only(tmp_path):
@@ -119,8 +146,9 @@ def test_single_factor_foldover_frees_that_factors_pairs_only(tmp_path):
     low = {e: [a for a in al if a.lstrip("-").count(":") <= 1] for e, al in alias_map(m, names, 2).items()}
     low = {e: a for e, a in low.items() if a}
     assert low  # other pairs are still aliased with each other
-    assert all("rope" not in e.split(":") and all("rope" not in a.lstrip("-").split(":") for a in al)
-               for e, al in low.items())
+    assert all(
+        "rope" not in e.split(":") and all("rope" not in a.lstrip("-").split(":") for a in al) for e, al in low.items()
+    )
     assert "rope" not in alias_map(m, names)  # rope's main effect is clear of every pair and triple
     assert "main effects and pairs still aliased with each other: " in format_plan(fold)
 
@@ -130,8 +158,9 @@ def test_full_foldover_of_an_even_word_fraction_is_refused_with_the_fix(tmp_path
     with pytest.raises(ConfigError) as e:
         load_study(_fold(tmp_path))
     msg = str(e.value)
-    assert msg.startswith(str(tmp_path / "fold.yaml") + ": design: flipping every sign of frac's fraction gives "
-                          "back the same 8 cells")
+    assert msg.startswith(
+        str(tmp_path / "fold.yaml") + ": design: flipping every sign of frac's fraction gives back the same 8 cells"
+    )
     assert "I = sprint:rope:qk_norm:logit_normal" in msg and "even length" in msg
     assert "give design.factor: NAME" in msg and "allowed: sprint, rope, qk_norm, logit_normal" in msg
     assert "\n" not in msg
@@ -141,13 +170,17 @@ def test_folding_on_a_factor_in_no_word_is_refused(tmp_path, monkeypatch):
     import pyDOE3
 
     # 2^(5-1) with E = ABC: D is in no word, so flipping D gives back the same cells
-    monkeypatch.setattr(D, "fractional_matrix",
-                        lambda k, res: (np.asarray(pyDOE3.fracfact("a b c d abc"), dtype=int), "a b c d abc"))
+    monkeypatch.setattr(
+        D, "fractional_matrix", lambda k, res: (np.asarray(pyDOE3.fracfact("a b c d abc"), dtype=int), "a b c d abc")
+    )
     _fraction(tmp_path, ["sprint", "rope", "qk_norm", "logit_normal", "rmsnorm"], 4)
-    with pytest.raises(ConfigError, match=r"design\.factor: flipping logit_normal gives back frac's own 16 cells: "
-                                          r"logit_normal is in no word of its defining relation \(I = sprint:rope:"
-                                          r"qk_norm:rmsnorm\); fold on a technique that is: sprint, rope, qk_norm, "
-                                          r"rmsnorm$"):
+    with pytest.raises(
+        ConfigError,
+        match=r"design\.factor: flipping logit_normal gives back frac's own 16 cells: "
+        r"logit_normal is in no word of its defining relation \(I = sprint:rope:"
+        r"qk_norm:rmsnorm\); fold on a technique that is: sprint, rope, qk_norm, "
+        r"rmsnorm$",
+    ):
         load_study(_fold(tmp_path, factor="logit_normal"))
 
 
@@ -156,8 +189,16 @@ def test_folding_on_a_factor_in_no_word_is_refused(tmp_path, monkeypatch):
 # ------------------------------------------------------------------------------------------------------------------
 def test_foldover_inherits_the_folded_study(tmp_path):
     techs = ["sprint", {"rope": {}}, {"name": "wide_lr", "diff": {"train.lr": 3e-3}}]
-    other = load_study(_fraction(tmp_path, techs, 3, constraints=[{"excludes": ["sprint", "wide_lr"]}],
-                                 metrics={"primary": "fd", "others": ["kd"]}, resources={"cpus": 1}))
+    other = load_study(
+        _fraction(
+            tmp_path,
+            techs,
+            3,
+            constraints=[{"excludes": ["sprint", "wide_lr"]}],
+            metrics={"primary": "fd", "others": ["kd"]},
+            resources={"cpus": 1},
+        )
+    )
     spec = load_study(_fold(tmp_path, description="the mirror"))
     assert spec.name == "fold" and spec.description == "the mirror"
     for f in ("base", "factors", "constraints", "seeds", "metrics", "resources", "tracking"):
@@ -166,50 +207,75 @@ def test_foldover_inherits_the_folded_study(tmp_path):
     assert spec.design.label == "foldover(of=frac)"
     assert load_study(_fold(tmp_path, factor="rope")).design.label == "foldover(of=frac, factor=rope)"
     # no description: the folded study's; metrics, resources and tracking may be overridden (they train nothing)
-    spec2 = load_study(_fold(tmp_path, metrics={"primary": "kd"}, resources={"cpus": 2},
-                             tracking={"uri": "http://127.0.0.1:5000"}))
+    spec2 = load_study(
+        _fold(tmp_path, metrics={"primary": "kd"}, resources={"cpus": 2}, tracking={"uri": "http://127.0.0.1:5000"})
+    )
     assert spec2.description == other.description and spec2.metrics.primary == "kd"
     assert spec2.resources.cpus == 2 and spec2.tracking.uri == "http://127.0.0.1:5000"
     # the inherited keys may be repeated unchanged (the base by path or inline)
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
-    same = load_study(_fold(tmp_path, base="base.yaml", techniques=techs, seeds=[0, 1],
-                            constraints=[{"excludes": ["sprint", "wide_lr"]}]))
+    same = load_study(
+        _fold(
+            tmp_path,
+            base="base.yaml",
+            techniques=techs,
+            seeds=[0, 1],
+            constraints=[{"excludes": ["sprint", "wide_lr"]}],
+        )
+    )
     assert same.factors == other.factors and same.base == other.base
     # constraints carry over: the excluded cells are the folded study's cells' and their mirrors'
     plan = plan_study(spec)
     assert all(not {"sprint", "wide_lr"} <= set(c.on) for c in plan.cells)
 
 
-@pytest.mark.parametrize("key, value, where", [
-    ("techniques", ["sprint", "rope", "rmsnorm"], "techniques"),
-    ("techniques", ["rope", "sprint", "qk_norm"], "techniques"),  # another order is other cells
-    ("techniques", [{"sprint": {"drop_ratio": 0.5}}, "rope", "qk_norm"], "techniques"),
-    ("base", {**BASE, "train": {**BASE["train"], "steps": 5}}, "base"),
-    ("seeds", [0, 1, 2], "seeds"),
-    ("constraints", [{"excludes": ["sprint", "rope"]}], "constraints"),
-])
+@pytest.mark.parametrize(
+    "key, value, where",
+    [
+        ("techniques", ["sprint", "rope", "rmsnorm"], "techniques"),
+        ("techniques", ["rope", "sprint", "qk_norm"], "techniques"),  # another order is other cells
+        ("techniques", [{"sprint": {"drop_ratio": 0.5}}, "rope", "qk_norm"], "techniques"),
+        ("base", {**BASE, "train": {**BASE["train"], "steps": 5}}, "base"),
+        ("seeds", [0, 1, 2], "seeds"),
+        ("constraints", [{"excludes": ["sprint", "rope"]}], "constraints"),
+    ],
+)
 def test_a_conflicting_inherited_key_is_one_error_naming_it(tmp_path, key, value, where):
     _fraction(tmp_path, ["sprint", "rope", "qk_norm"], 3)
     with pytest.raises(ConfigError) as e:
         load_study(_fold(tmp_path, **{key: value}))
-    assert str(e.value) == (f"{tmp_path / 'fold.yaml'}: {where}: differs from the {where} of frac.yaml; a fold-over "
-                            f"inherits {where} from the study it folds (its first half must be that study's trials): "
-                            f"remove {where} here or make it equal")
+    assert str(e.value) == (
+        f"{tmp_path / 'fold.yaml'}: {where}: differs from the {where} of frac.yaml; a fold-over "
+        f"inherits {where} from the study it folds (its first half must be that study's trials): "
+        f"remove {where} here or make it equal"
+    )
 
 
-@pytest.mark.parametrize("design, match", [
-    ({"kind": "foldover"}, r"design\.of: required; the path of the study"),
-    ({"kind": "foldover", "of": "nope.yaml"}, r"design\.of: 'nope\.yaml': no such study file .*relative to this file"),
-    ({"kind": "foldover", "of": "frac.yaml", "factor": "rmsnorm"},
-     r"design\.factor: 'rmsnorm' is not a technique of frac\.yaml; allowed: sprint, rope, qk_norm$"),
-    ({"kind": "foldover", "of": "frac.yaml", "resolution": 3},
-     r"design\.resolution: unknown key; allowed keys in design: kind, of, factor"),
-    ({"kind": "foldover", "of": "full.yaml"},
-     r"design\.of: full\.yaml has design full_factorial; a fold-over completes a fractional_factorial"),
-    ({"kind": "foldover", "of": "fold0.yaml", "factor": "rope"}, r"design\.of: fold0\.yaml is itself a fold-over"),
-    ({"kind": "foldover", "of": "bad.yaml"}, r"design\.of: .*bad\.yaml: seeds: expected a non-empty list"),
-    ("foldover", r"design\.of: required; the path of the study"),
-])
+@pytest.mark.parametrize(
+    "design, match",
+    [
+        ({"kind": "foldover"}, r"design\.of: required; the path of the study"),
+        (
+            {"kind": "foldover", "of": "nope.yaml"},
+            r"design\.of: 'nope\.yaml': no such study file .*relative to this file",
+        ),
+        (
+            {"kind": "foldover", "of": "frac.yaml", "factor": "rmsnorm"},
+            r"design\.factor: 'rmsnorm' is not a technique of frac\.yaml; allowed: sprint, rope, qk_norm$",
+        ),
+        (
+            {"kind": "foldover", "of": "frac.yaml", "resolution": 3},
+            r"design\.resolution: unknown key; allowed keys in design: kind, of, factor",
+        ),
+        (
+            {"kind": "foldover", "of": "full.yaml"},
+            r"design\.of: full\.yaml has design full_factorial; a fold-over completes a fractional_factorial",
+        ),
+        ({"kind": "foldover", "of": "fold0.yaml", "factor": "rope"}, r"design\.of: fold0\.yaml is itself a fold-over"),
+        ({"kind": "foldover", "of": "bad.yaml"}, r"design\.of: .*bad\.yaml: seeds: expected a non-empty list"),
+        ("foldover", r"design\.of: required; the path of the study"),
+    ],
+)
 def test_foldover_input_errors(tmp_path, design, match):
     _fraction(tmp_path, ["sprint", "rope", "qk_norm"], 3)
     _write(tmp_path / "full.yaml", {"name": "full", "techniques": ["sprint", "rope"]})
@@ -230,8 +296,12 @@ def test_foldover_must_have_its_own_name(tmp_path):
 def test_cli_refusal_is_one_line_and_exit_2(tmp_path):
     _fraction(tmp_path, ["sprint", "rope", "qk_norm", "logit_normal"], 4)
     _fold(tmp_path)
-    r = subprocess.run([sys.executable, "-m", "srdit", "study", "plan", str(tmp_path / "fold.yaml")],
-                       capture_output=True, text=True, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "srdit", "study", "plan", str(tmp_path / "fold.yaml")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr and r.stdout == ""
     assert r.stderr.strip().count("\n") == 0 and "give design.factor: NAME" in r.stderr
 
@@ -262,8 +332,15 @@ def test_trial_tags_carry_the_block():
 
     fold = load_study(ROOT / "studies" / "digits_frac4_foldover.yaml")
     plan = plan_study(fold)
-    ctx = TrialContext(study=fold.name, design=plan.design, factors=tuple(fold.factor_names), uri="sqlite:///x.db",
-                       experiment_id="1", parent_run_id="p", trials_dir="t")
+    ctx = TrialContext(
+        study=fold.name,
+        design=plan.design,
+        factors=tuple(fold.factor_names),
+        uri="sqlite:///x.db",
+        experiment_id="1",
+        parent_run_id="p",
+        trials_dir="t",
+    )
     tags = [trial_tags(trial_job(t, "."), ctx) for t in plan.trials]
     assert [tg["block"] for tg in tags] == [t.block for t in plan.trials] == [0] * 16 + [1] * 16
     other = plan_study(load_study(ROOT / "studies" / "digits_frac4.yaml"))
@@ -279,19 +356,31 @@ F = ["a", "b", "c", "d"]  # lower case: patsy reads C(...) as a categorical
 def _folded_table(seed: int = 7, n_seeds: int = 3, block_effect: float = 1.5) -> pd.DataFrame:
     """The 2^(4-1) fraction I = abcd (block 0) and its fold-over on a (block 1), with a planted block effect."""
     rng = np.random.default_rng(seed)
-    rows = [{**dict(zip(F, lv)), "seed": s, "block": int(np.prod([2 * x - 1 for x in lv]) < 0)}
-            for lv in itertools.product([0, 1], repeat=4) for s in range(n_seeds)]
+    rows = [
+        {**dict(zip(F, lv)), "seed": s, "block": int(np.prod([2 * x - 1 for x in lv]) < 0)}
+        for lv in itertools.product([0, 1], repeat=4)
+        for s in range(n_seeds)
+    ]
     df = pd.DataFrame(rows)
     pm = 2 * df[F] - 1
-    df["y"] = (3 + 1.0 * pm.a - 0.5 * pm.b + 0.8 * pm.a * pm.b - 0.6 * pm.a * pm.c + block_effect * df.block
-               + 0.3 * df.seed + rng.normal(0, 0.4, len(df)))
+    df["y"] = (
+        3
+        + 1.0 * pm.a
+        - 0.5 * pm.b
+        + 0.8 * pm.a * pm.b
+        - 0.6 * pm.a * pm.c
+        + block_effect * df.block
+        + 0.3 * df.seed
+        + rng.normal(0, 0.4, len(df))
+    )
     df["status"] = "finished"
     return df
 
 
 def _coded(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({f: 2 * df[f] - 1 for f in F}).assign(
-        y=df["y"], seed=df["seed"], block=df["block"], cell=df[F].astype(str).agg("".join, axis=1))
+        y=df["y"], seed=df["seed"], block=df["block"], cell=df[F].astype(str).agg("".join, axis=1)
+    )
 
 
 @pytest.mark.parametrize("direction", ["max", "min"])
@@ -309,8 +398,9 @@ def test_block_term_equals_statsmodels_ols_with_c_block(direction):
         est = r.fit.main_effects[n] if ":" not in n else r.fit.interactions[n]
         assert est == pytest.approx(2 * ref.params[n], abs=1e-10)
         assert r.fit.se[n] == pytest.approx(2 * se[n], rel=1e-9)
-        assert r.fit.ci[n] == pytest.approx([2 * (ref.params[n] - t * se[n]), 2 * (ref.params[n] + t * se[n])],
-                                            abs=1e-10)
+        assert r.fit.ci[n] == pytest.approx(
+            [2 * (ref.params[n] - t * se[n]), 2 * (ref.params[n] + t * se[n])], abs=1e-10
+        )
         assert r.fit.p[n] == pytest.approx(2 * stats.t.sf(abs(ref.params[n] / se[n]), pure.df_resid), rel=1e-8)
     b = r.fit.block["effects"]["1"]
     assert b["estimate"] == pytest.approx(ref.params["C(block)[T.1]"], abs=1e-10)
@@ -328,14 +418,17 @@ def test_block_term_equals_statsmodels_ols_with_c_block(direction):
 
 def test_block_term_on_a_complete_foldover_leaves_the_orthogonal_estimates_alone():
     df = _folded_table()
-    r, r0 = analyze(df, F, "y", "max", bootstrap=False), analyze(df.drop(columns="block"), F, "y", "max",
-                                                                   bootstrap=False)
+    r, r0 = (
+        analyze(df, F, "y", "max", bootstrap=False),
+        analyze(df.drop(columns="block"), F, "y", "max", bootstrap=False),
+    )
     for n in F:
         assert r.fit.main_effects[n] == pytest.approx(r0.fit.main_effects[n], abs=1e-10)
         assert r.fit.ci[n] == pytest.approx(r0.fit.ci[n], abs=1e-10)  # pure error either way
     # the block is the defining word abcd of the first half: its estimate is the abcd contrast, planted at 1.5
     assert r.fit.block["effects"]["1"]["estimate"] == pytest.approx(
-        df[df.block == 1].y.mean() - df[df.block == 0].y.mean(), abs=1e-10)
+        df[df.block == 1].y.mean() - df[df.block == 0].y.mean(), abs=1e-10
+    )
 
 
 def test_block_without_seeds_and_unreplicated():
@@ -384,14 +477,23 @@ def test_foldover_study_runs_tags_its_halves_and_is_analysed_with_the_block(tmp_
 
     from srdit.analysis.effects import analyze_study
     from srdit.commands.report import make_report
-    from srdit.runtime.results import load_results
     from srdit.runtime.driver import run_study
+    from srdit.runtime.results import load_results
 
     names = ["rmsnorm", "qk_norm", "rope"]
-    other = load_study(_write(tmp_path / "frac.yaml", {
-        "name": "frac", "base": BASE, "techniques": names, "seeds": [0],
-        "design": {"kind": "fractional_factorial", "resolution": 3},
-        "metrics": {"primary": "fd", "direction": "min", "others": {"kd": "min"}}}))
+    other = load_study(
+        _write(
+            tmp_path / "frac.yaml",
+            {
+                "name": "frac",
+                "base": BASE,
+                "techniques": names,
+                "seeds": [0],
+                "design": {"kind": "fractional_factorial", "resolution": 3},
+                "metrics": {"primary": "fd", "direction": "min", "others": {"kd": "min"}},
+            },
+        )
+    )
     fold = load_study(_fold(tmp_path))
     state = tmp_path / "state"
     from srdit.commands.study import plan_reuse
@@ -409,8 +511,9 @@ def test_foldover_study_runs_tags_its_halves_and_is_analysed_with_the_block(tmp_
     assert first.complete and res.complete and res.statuses == {"finished": 8}
     assert res.reused == 4 and res.ran == 4  # only the mirror half trained
     client = MlflowClient(res.uri)
-    children = [r for r in client.search_runs([res.experiment_id])
-                if r.data.tags.get("mlflow.parentRunId") == res.parent_run_id]
+    children = [
+        r for r in client.search_runs([res.experiment_id]) if r.data.tags.get("mlflow.parentRunId") == res.parent_run_id
+    ]
     plan = plan_study(fold)
     blocks = {t.key: str(t.block) for t in plan.trials}
     assert {r.data.tags["trial_key"]: r.data.tags["block"] for r in children} == blocks
@@ -440,9 +543,17 @@ def test_exported_foldover_table_has_the_block_and_analyze_fits_it(tmp_path, mon
     from srdit.runtime.tracking import ChildRun, open_study, resolve_uri
 
     names = ["rmsnorm", "qk_norm", "rope"]
-    _write(tmp_path / "frac.yaml", {"name": "frac", "base": BASE, "techniques": names, "seeds": [0, 1, 2],
-                                    "design": {"kind": "fractional_factorial", "resolution": 3},
-                                    "metrics": {"primary": "fd", "direction": "min"}})
+    _write(
+        tmp_path / "frac.yaml",
+        {
+            "name": "frac",
+            "base": BASE,
+            "techniques": names,
+            "seeds": [0, 1, 2],
+            "design": {"kind": "fractional_factorial", "resolution": 3},
+            "metrics": {"primary": "fd", "direction": "min"},
+        },
+    )
     spec = load_study(_fold(tmp_path))
     plan = plan_study(spec)
     state = (tmp_path / "state").resolve()
@@ -451,8 +562,14 @@ def test_exported_foldover_table_has_the_block_and_analyze_fits_it(tmp_path, mon
     rng = np.random.default_rng(0)
     for t in plan.trials:
         on = set(t.on)
-        tags = {"study": spec.name, "cell": t.cell, "seed": t.seed, "design": plan.design,
-                **{f"tech.{n}": int(n in on) for n in names}, **({"block": t.block} if t.block else {})}
+        tags = {
+            "study": spec.name,
+            "cell": t.cell,
+            "seed": t.seed,
+            "design": plan.design,
+            **{f"tech.{n}": int(n in on) for n in names},
+            **({"block": t.block} if t.block else {}),
+        }
         child = ChildRun.open(uri, tr.experiment_id, tr.parent_run_id, t.key, t.key, tags, {})
         fd = 10.0 - 2 * ("rmsnorm" in on) + 1.0 * t.block + 0.1 * t.seed + rng.normal(0, 0.05)
         child.log_metrics(4, {"fd": fd, "loss": 0.5})
@@ -464,8 +581,25 @@ def test_exported_foldover_table_has_the_block_and_analyze_fits_it(tmp_path, mon
     assert study_main(["export", str(tmp_path / "fold.yaml"), "--state", str(state), "--csv", str(out)]) == 0
     assert sorted(pd.read_csv(out)["block"]) == [0] * 12 + [1] * 12
     buf = io.StringIO()
-    assert analyze_main([str(out), "--factors", ",".join(names), "--metric", "fd", "--direction", "min",
-                         "--format", "json", "--no-bootstrap"], stdout=buf, stderr=io.StringIO()) == 0
+    assert (
+        analyze_main(
+            [
+                str(out),
+                "--factors",
+                ",".join(names),
+                "--metric",
+                "fd",
+                "--direction",
+                "min",
+                "--format",
+                "json",
+                "--no-bootstrap",
+            ],
+            stdout=buf,
+            stderr=io.StringIO(),
+        )
+        == 0
+    )
     res = json.loads(buf.getvalue())
     assert res["block"]["effects"]["1"]["estimate"] == pytest.approx(1.0, abs=0.1)
     assert res["main_effects"]["rmsnorm"] == pytest.approx(-2.0, abs=0.1) and res["aliased"] == []

@@ -12,12 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
+from srdit.commands.preprocess import main
 from srdit.data import latents as store
 from srdit.data.imagenet import center_crop_adm, load_crop, scan_image_folder
 from srdit.data.latents import LatentDataset, LatentStream, verify
 from srdit.data.preprocess import preprocess
 from srdit.encoders.invae import InvaeAutoencoder, InvaeConfig, load_invae, save_invae
-from srdit.commands.preprocess import main
 
 RES = 32  # crop side; the tiny INVAE (f16) gives 32 x 2 x 2 latents
 
@@ -27,8 +27,19 @@ def image_dir(tmp_path_factory):
     """3 classes, 11 images of assorted sizes and formats (PNG, JPEG, one grayscale, one RGBA, one nested)."""
     root = tmp_path_factory.mktemp("images")
     rng = np.random.default_rng(0)
-    sizes = [(40, 32), (32, 70), (90, 64), (33, 33), (128, 50), (36, 48), (64, 64), (50, 41), (75, 32), (32, 32),
-             (48, 96)]
+    sizes = [
+        (40, 32),
+        (32, 70),
+        (90, 64),
+        (33, 33),
+        (128, 50),
+        (36, 48),
+        (64, 64),
+        (50, 41),
+        (75, 32),
+        (32, 32),
+        (48, 96),
+    ]
     for i, (w, h) in enumerate(sizes):
         cls = ["n01_tench", "n02_goldfish", "n03_shark"][i % 3]
         d = root / cls / ("sub" if i == 10 else "")
@@ -267,9 +278,14 @@ def test_stream_guards(reference, tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name, trials", [("imagenet256_sr_dit_ladder", "trials: 9 (9 cells x 1 seeds [0])"),
-                                          ("imagenet256_factorial", "trials: 64 (64 cells x 1 seeds [0])"),
-                                          ("imagenet256_search", "trials: 48 (search budget)")])
+@pytest.mark.parametrize(
+    "name, trials",
+    [
+        ("imagenet256_sr_dit_ladder", "trials: 9 (9 cells x 1 seeds [0])"),
+        ("imagenet256_factorial", "trials: 64 (64 cells x 1 seeds [0])"),
+        ("imagenet256_search", "trials: 48 (search budget)"),
+    ],
+)
 def test_imagenet_studies_plan(name, trials, capsys):
     from pathlib import Path
 
@@ -306,10 +322,18 @@ def test_trainer_runs_on_latent_shards_and_resumes(reference, tmp_path):
     from srdit.train import load_checkpoint, train
 
     root, _ = reference
-    cfg = RunConfig(model=ModelConfig(size="debug", patch_size=1, in_channels=32, input_size=2, num_classes=3,
-                                      sprint=SprintConfig(enabled=True, dense_in=2, dense_out=2, drop_ratio=0.5)),
-                    data=DataConfig(dataset="latents", path=str(root)),
-                    train=TrainConfig(steps=6, batch_size=4, ckpt_every=3, log_every=1, threads=1))
+    cfg = RunConfig(
+        model=ModelConfig(
+            size="debug",
+            patch_size=1,
+            in_channels=32,
+            input_size=2,
+            num_classes=3,
+            sprint=SprintConfig(enabled=True, dense_in=2, dense_out=2, drop_ratio=0.5),
+        ),
+        data=DataConfig(dataset="latents", path=str(root)),
+        train=TrainConfig(steps=6, batch_size=4, ckpt_every=3, log_every=1, threads=1),
+    )
     losses = {}
 
     class Rec:
@@ -323,8 +347,9 @@ def test_trainer_runs_on_latent_shards_and_resumes(reference, tmp_path):
     again = train(cfg, tmp_path / "run2", Rec(), progress=False)
     assert again.status == "finished"
     assert all(len(set(v)) == 1 for v in losses.values())  # two runs of the same config: identical losses
-    bad = dataclasses.replace(cfg, model=ModelConfig(size="debug", patch_size=1, in_channels=4, input_size=2,
-                                                      num_classes=3))
+    bad = dataclasses.replace(
+        cfg, model=ModelConfig(size="debug", patch_size=1, in_channels=4, input_size=2, num_classes=3)
+    )
     with pytest.raises(ValueError, match="set model.in_channels"):
         train(bad, tmp_path / "bad", progress=False)
 
@@ -345,9 +370,28 @@ def test_ray_parts_write_the_single_process_shards(image_dir, tokenizer, tmp_pat
     ref_out = tmp_path / "one"
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
-        code = main([str(image_dir), str(tmp_path / "latents"), "--weights", str(tokenizer.source), "--resolution",
-                     str(RES), "--shard-size", "4", "--batch-size", "3", "--seed", "7", "--keep-images",
-                     "--workers", "1", "--ray", "2", "--no-progress"])
+        code = main(
+            [
+                str(image_dir),
+                str(tmp_path / "latents"),
+                "--weights",
+                str(tokenizer.source),
+                "--resolution",
+                str(RES),
+                "--shard-size",
+                "4",
+                "--batch-size",
+                "3",
+                "--seed",
+                "7",
+                "--keep-images",
+                "--workers",
+                "1",
+                "--ray",
+                "2",
+                "--no-progress",
+            ]
+        )
     finally:
         ray.shutdown()
     assert code == 0

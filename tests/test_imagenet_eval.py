@@ -36,32 +36,54 @@ def stand_ins(tmp_path_factory):
         Image.fromarray(rng.integers(0, 256, (40, 36 + i, 3), dtype=np.uint8)).save(d / f"{i:02d}.png")
     torch.manual_seed(0)
     save_invae(InvaeAutoencoder(InvaeConfig(ch=8, num_res_blocks=1, norm_groups=4)), root / "invae")
-    preprocess(root / "images", root / "latents", load_invae(root / "invae"), resolution=RES, shard_size=8,
-               batch_size=6, keep_images=True, workers=1, progress=False)
+    preprocess(
+        root / "images",
+        root / "latents",
+        load_invae(root / "invae"),
+        resolution=RES,
+        shard_size=8,
+        batch_size=6,
+        keep_images=True,
+        workers=1,
+        progress=False,
+    )
     torch.manual_seed(1)
     weights = root / WEIGHTS_NAME
     torch.save(_random_net().state_dict(), weights)
-    ref = build_reference(root / "latents", root / "ref.npz", inception=str(weights), n=100, batch_size=8,
-                          device="cpu", progress=False)
-    return {"images": root / "images", "latents": root / "latents", "invae": root / "invae", "weights": weights,
-            "ref": ref}
+    ref = build_reference(
+        root / "latents", root / "ref.npz", inception=str(weights), n=100, batch_size=8, device="cpu", progress=False
+    )
+    return {
+        "images": root / "images",
+        "latents": root / "latents",
+        "invae": root / "invae",
+        "weights": weights,
+        "ref": ref,
+    }
 
 
 def _cfg(s, samples: int = 12) -> RunConfig:
-    return RunConfig(model=ModelConfig(size="debug", patch_size=1, in_channels=32, input_size=2, num_classes=3),
-                     data=DataConfig(dataset="latents", path=str(s["latents"]), tokenizer="invae",
-                                     tokenizer_path=str(s["invae"])),
-                     train=TrainConfig(steps=4, batch_size=6, log_every=2, ckpt_every=4, threads=1),
-                     sample=SampleConfig(sampler="euler", steps=2),
-                     eval=EvalConfig(n_samples=samples, batch_size=5, reference=str(s["ref"]),
-                                     inception_path=str(s["weights"])))
+    return RunConfig(
+        model=ModelConfig(size="debug", patch_size=1, in_channels=32, input_size=2, num_classes=3),
+        data=DataConfig(dataset="latents", path=str(s["latents"]), tokenizer="invae", tokenizer_path=str(s["invae"])),
+        train=TrainConfig(steps=4, batch_size=6, log_every=2, ckpt_every=4, threads=1),
+        sample=SampleConfig(sampler="euler", steps=2),
+        eval=EvalConfig(n_samples=samples, batch_size=5, reference=str(s["ref"]), inception_path=str(s["weights"])),
+    )
 
 
 def test_reference_from_image_folder_equals_reference_from_stored_crops(stand_ins, tmp_path):
     ref = load_reference(stand_ins["ref"])
     assert ref.mu.shape == (2048,) and ref.mu_s.shape == (2023,) and ref.pool.shape == (18, 2048)
-    again = build_reference(stand_ins["images"], tmp_path / "r.npz", inception=str(stand_ins["weights"]),
-                            resolution=RES, batch_size=7, device="cpu", progress=False)
+    again = build_reference(
+        stand_ins["images"],
+        tmp_path / "r.npz",
+        inception=str(stand_ins["weights"]),
+        resolution=RES,
+        batch_size=7,
+        device="cpu",
+        progress=False,
+    )
     other = load_reference(again)
     np.testing.assert_allclose(other.mu, ref.mu, rtol=1e-6)
     np.testing.assert_allclose(other.sigma_s, ref.sigma_s, rtol=1e-5, atol=1e-9)
@@ -141,7 +163,9 @@ def test_two_ranks_shard_the_samples_and_give_the_single_process_metrics(stand_i
     mp.spawn(_eval_worker, args=(_free_port(), cfg, str(tmp_path / "two"), str(tmp_path / "m.json")), nprocs=2)
     two = json.loads((tmp_path / "m.json").read_text())
     assert sorted(p.name for p in (tmp_path / "two").glob("samples_*.npz")) == [
-        "samples_00000-of-00002.npz", "samples_00001-of-00002.npz"]
+        "samples_00000-of-00002.npz",
+        "samples_00001-of-00002.npz",
+    ]
     torch.manual_seed(3)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the workers (the decoder's convolutions round by thread count)
@@ -158,11 +182,41 @@ def test_cli_reference_and_evaluate(stand_ins, tmp_path, capsys):
 
     cfg = dataclasses.replace(_cfg(stand_ins), eval=EvalConfig(n_samples=10, batch_size=5))  # no reference in it
     train(cfg, tmp_path / "run", progress=False)
-    assert main(["reference", str(stand_ins["images"]), str(tmp_path / "ref.npz"), "--inception",
-                 str(stand_ins["weights"]), "--resolution", str(RES), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "reference",
+                str(stand_ins["images"]),
+                str(tmp_path / "ref.npz"),
+                "--inception",
+                str(stand_ins["weights"]),
+                "--resolution",
+                str(RES),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    assert main(["evaluate", str(tmp_path / "run/checkpoints/last.pt"), "--n", "10", "--device", "cpu", "--json",
-                 "--reference", str(tmp_path / "ref.npz"), "--inception", str(stand_ins["weights"])]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                str(tmp_path / "run/checkpoints/last.pt"),
+                "--n",
+                "10",
+                "--device",
+                "cpu",
+                "--json",
+                "--reference",
+                str(tmp_path / "ref.npz"),
+                "--inception",
+                str(stand_ins["weights"]),
+            ]
+        )
+        == 0
+    )
     metrics = json.loads(capsys.readouterr().out)
     assert {"fid", "sfid", "inception_score", "precision", "recall"} <= set(metrics) and metrics["n"] == 10
     assert main(["reference", str(tmp_path / "missing"), str(tmp_path / "x.npz")]) == 2
@@ -175,8 +229,9 @@ def _dino_vitl14_stand_in(root) -> str:
     from test_dinov2 import HUBCONF
 
     (root / "dinov2").mkdir(parents=True)
-    (root / "dinov2" / "hubconf.py").write_text(HUBCONF + "\ndef dinov2_vitl14(pretrained=False, **kwargs):\n"
-                                                "    return TinyDinoVisionTransformer(**kwargs)\n")
+    (root / "dinov2" / "hubconf.py").write_text(
+        HUBCONF + "\ndef dinov2_vitl14(pretrained=False, **kwargs):\n    return TinyDinoVisionTransformer(**kwargs)\n"
+    )
     torch.manual_seed(4)
     model = torch.hub.load(str(root / "dinov2"), "dinov2_vitl14", source="local", pretrained=False)
     torch.save(model.state_dict(), root / "dinov2_vitl14_pretrain.pth")
@@ -226,8 +281,9 @@ def _count_rows(seen: dict, setattr=setattr) -> None:
     setattr(DinoV2Features, "features", dino_features)
 
 
-def test_two_ranks_extract_their_own_samples_features_and_give_the_single_process_metrics(stand_ins, tmp_path,
-                                                                                           monkeypatch):
+def test_two_ranks_extract_their_own_samples_features_and_give_the_single_process_metrics(
+    stand_ins, tmp_path, monkeypatch
+):
     """The feature passes are sharded: each of two gloo ranks feeds only its own samples to Inception and DINOv2
     (13 samples in protocol batches of 5: rank 0 holds batches 0 and 2 = 8 samples, rank 1 batch 1 = 5; with 4
     samples rank 1 holds none), rank 0 gathers the features, and FID, sFID, IS, precision / recall and KD_DINOv2
@@ -240,9 +296,15 @@ def test_two_ranks_extract_their_own_samples_features_and_give_the_single_proces
         arrays = dict(z)
     arrays["dinov2"] = np.random.default_rng(0).normal(size=(18, 32))  # the reference's DINOv2 features
     np.savez(tmp_path / "ref_dino.npz", **arrays)
-    cfgs = [dataclasses.replace(_cfg(stand_ins, samples=n), eval=dataclasses.replace(
-        _cfg(stand_ins, samples=n).eval, reference=str(tmp_path / "ref_dino.npz"), dinov2_path=dino))
-        for n in (13, 4)]
+    cfgs = [
+        dataclasses.replace(
+            _cfg(stand_ins, samples=n),
+            eval=dataclasses.replace(
+                _cfg(stand_ins, samples=n).eval, reference=str(tmp_path / "ref_dino.npz"), dinov2_path=dino
+            ),
+        )
+        for n in (13, 4)
+    ]
     folders = [str(tmp_path / f"two_{k}") for k in range(len(cfgs))]
     mp.spawn(_counting_features_worker, args=(_free_port(), cfgs, folders, str(tmp_path / "rows")), nprocs=2)
     ranks = [json.loads((tmp_path / f"rows.{r}").read_text()) for r in range(2)]

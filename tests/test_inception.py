@@ -28,38 +28,79 @@ from srdit.metrics.inception import (
 
 
 def _a(m: str, cin: int, pf: int) -> list[tuple]:
-    return [(f"{m}.branch1x1", cin, 64, 1, 1), (f"{m}.branch5x5_1", cin, 48, 1, 1), (f"{m}.branch5x5_2", 48, 64, 5, 5),
-            (f"{m}.branch3x3dbl_1", cin, 64, 1, 1), (f"{m}.branch3x3dbl_2", 64, 96, 3, 3),
-            (f"{m}.branch3x3dbl_3", 96, 96, 3, 3), (f"{m}.branch_pool", cin, pf, 1, 1)]
+    return [
+        (f"{m}.branch1x1", cin, 64, 1, 1),
+        (f"{m}.branch5x5_1", cin, 48, 1, 1),
+        (f"{m}.branch5x5_2", 48, 64, 5, 5),
+        (f"{m}.branch3x3dbl_1", cin, 64, 1, 1),
+        (f"{m}.branch3x3dbl_2", 64, 96, 3, 3),
+        (f"{m}.branch3x3dbl_3", 96, 96, 3, 3),
+        (f"{m}.branch_pool", cin, pf, 1, 1),
+    ]
 
 
 def _c(m: str, cin: int, c: int) -> list[tuple]:
-    return [(f"{m}.branch1x1", cin, 192, 1, 1), (f"{m}.branch7x7_1", cin, c, 1, 1), (f"{m}.branch7x7_2", c, c, 1, 7),
-            (f"{m}.branch7x7_3", c, 192, 7, 1), (f"{m}.branch7x7dbl_1", cin, c, 1, 1),
-            (f"{m}.branch7x7dbl_2", c, c, 7, 1), (f"{m}.branch7x7dbl_3", c, c, 1, 7),
-            (f"{m}.branch7x7dbl_4", c, c, 7, 1), (f"{m}.branch7x7dbl_5", c, 192, 1, 7),
-            (f"{m}.branch_pool", cin, 192, 1, 1)]
+    return [
+        (f"{m}.branch1x1", cin, 192, 1, 1),
+        (f"{m}.branch7x7_1", cin, c, 1, 1),
+        (f"{m}.branch7x7_2", c, c, 1, 7),
+        (f"{m}.branch7x7_3", c, 192, 7, 1),
+        (f"{m}.branch7x7dbl_1", cin, c, 1, 1),
+        (f"{m}.branch7x7dbl_2", c, c, 7, 1),
+        (f"{m}.branch7x7dbl_3", c, c, 1, 7),
+        (f"{m}.branch7x7dbl_4", c, c, 7, 1),
+        (f"{m}.branch7x7dbl_5", c, 192, 1, 7),
+        (f"{m}.branch_pool", cin, 192, 1, 1),
+    ]
 
 
 def _e(m: str, cin: int) -> list[tuple]:
-    return [(f"{m}.branch1x1", cin, 320, 1, 1), (f"{m}.branch3x3_1", cin, 384, 1, 1),
-            (f"{m}.branch3x3_2a", 384, 384, 1, 3), (f"{m}.branch3x3_2b", 384, 384, 3, 1),
-            (f"{m}.branch3x3dbl_1", cin, 448, 1, 1), (f"{m}.branch3x3dbl_2", 448, 384, 3, 3),
-            (f"{m}.branch3x3dbl_3a", 384, 384, 1, 3), (f"{m}.branch3x3dbl_3b", 384, 384, 3, 1),
-            (f"{m}.branch_pool", cin, 192, 1, 1)]
+    return [
+        (f"{m}.branch1x1", cin, 320, 1, 1),
+        (f"{m}.branch3x3_1", cin, 384, 1, 1),
+        (f"{m}.branch3x3_2a", 384, 384, 1, 3),
+        (f"{m}.branch3x3_2b", 384, 384, 3, 1),
+        (f"{m}.branch3x3dbl_1", cin, 448, 1, 1),
+        (f"{m}.branch3x3dbl_2", 448, 384, 3, 3),
+        (f"{m}.branch3x3dbl_3a", 384, 384, 1, 3),
+        (f"{m}.branch3x3dbl_3b", 384, 384, 3, 1),
+        (f"{m}.branch_pool", cin, 192, 1, 1),
+    ]
 
 
 # By hand from torchvision's Inception3 / pytorch-fid's FID blocks: (unit, in, out, kh, kw) of the 94 conv+BN units.
-CONVS = ([("Conv2d_1a_3x3", 3, 32, 3, 3), ("Conv2d_2a_3x3", 32, 32, 3, 3), ("Conv2d_2b_3x3", 32, 64, 3, 3),
-          ("Conv2d_3b_1x1", 64, 80, 1, 1), ("Conv2d_4a_3x3", 80, 192, 3, 3)]
-         + _a("Mixed_5b", 192, 32) + _a("Mixed_5c", 256, 64) + _a("Mixed_5d", 288, 64)
-         + [("Mixed_6a.branch3x3", 288, 384, 3, 3), ("Mixed_6a.branch3x3dbl_1", 288, 64, 1, 1),
-            ("Mixed_6a.branch3x3dbl_2", 64, 96, 3, 3), ("Mixed_6a.branch3x3dbl_3", 96, 96, 3, 3)]
-         + _c("Mixed_6b", 768, 128) + _c("Mixed_6c", 768, 160) + _c("Mixed_6d", 768, 160) + _c("Mixed_6e", 768, 192)
-         + [("Mixed_7a.branch3x3_1", 768, 192, 1, 1), ("Mixed_7a.branch3x3_2", 192, 320, 3, 3),
-            ("Mixed_7a.branch7x7x3_1", 768, 192, 1, 1), ("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7),
-            ("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1), ("Mixed_7a.branch7x7x3_4", 192, 192, 3, 3)]
-         + _e("Mixed_7b", 1280) + _e("Mixed_7c", 2048))
+CONVS = (
+    [
+        ("Conv2d_1a_3x3", 3, 32, 3, 3),
+        ("Conv2d_2a_3x3", 32, 32, 3, 3),
+        ("Conv2d_2b_3x3", 32, 64, 3, 3),
+        ("Conv2d_3b_1x1", 64, 80, 1, 1),
+        ("Conv2d_4a_3x3", 80, 192, 3, 3),
+    ]
+    + _a("Mixed_5b", 192, 32)
+    + _a("Mixed_5c", 256, 64)
+    + _a("Mixed_5d", 288, 64)
+    + [
+        ("Mixed_6a.branch3x3", 288, 384, 3, 3),
+        ("Mixed_6a.branch3x3dbl_1", 288, 64, 1, 1),
+        ("Mixed_6a.branch3x3dbl_2", 64, 96, 3, 3),
+        ("Mixed_6a.branch3x3dbl_3", 96, 96, 3, 3),
+    ]
+    + _c("Mixed_6b", 768, 128)
+    + _c("Mixed_6c", 768, 160)
+    + _c("Mixed_6d", 768, 160)
+    + _c("Mixed_6e", 768, 192)
+    + [
+        ("Mixed_7a.branch3x3_1", 768, 192, 1, 1),
+        ("Mixed_7a.branch3x3_2", 192, 320, 3, 3),
+        ("Mixed_7a.branch7x7x3_1", 768, 192, 1, 1),
+        ("Mixed_7a.branch7x7x3_2", 192, 192, 1, 7),
+        ("Mixed_7a.branch7x7x3_3", 192, 192, 7, 1),
+        ("Mixed_7a.branch7x7x3_4", 192, 192, 3, 3),
+    ]
+    + _e("Mixed_7b", 1280)
+    + _e("Mixed_7c", 2048)
+)
 EXPECTED_SHAPES = {"fc.weight": (1008, 2048), "fc.bias": (1008,)}
 for _unit, _cin, _cout, _kh, _kw in CONVS:
     EXPECTED_SHAPES[f"{_unit}.conv.weight"] = (_cout, _cin, _kh, _kw)  # conv without bias
@@ -113,8 +154,12 @@ def test_state_dict_layout_matches_pytorch_fid(net: FIDInceptionV3):
     got = {k: tuple(v.shape) for k, v in sd.items() if not k.endswith("num_batches_tracked")}
     assert got == EXPECTED_SHAPES
     assert {k for k in sd if k.endswith("num_batches_tracked")} == {f"{u[0]}.bn.num_batches_tracked" for u in CONVS}
-    for k, shape in {"Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3), "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
-                     "Mixed_6d.branch1x1.conv.weight": (192, 768, 1, 1), "fc.weight": (1008, 2048)}.items():
+    for k, shape in {
+        "Conv2d_1a_3x3.conv.weight": (32, 3, 3, 3),
+        "Mixed_7c.branch_pool.conv.weight": (192, 2048, 1, 1),
+        "Mixed_6d.branch1x1.conv.weight": (192, 768, 1, 1),
+        "fc.weight": (1008, 2048),
+    }.items():
         assert got[k] == shape, k
     assert all(m.bias is None for m in net.modules() if isinstance(m, nn.Conv2d))
     assert all(m.eps == 0.001 for m in net.modules() if isinstance(m, nn.BatchNorm2d))
@@ -130,8 +175,10 @@ def test_tf_pooling_variants(net: FIDInceptionV3):
         x = torch.randn(1, 2048, 5, 5)
         expect = net.Mixed_7c.branch_pool(torch.nn.functional.max_pool2d(x, 3, stride=1, padding=1))
         torch.testing.assert_close(net.Mixed_7c.branches(x)[-1], expect)  # Mixed_7c: max pool, as the TF graph
-        assert not torch.allclose(net.Mixed_7b.branches(x[:, :1280])[-1],
-                                  net.Mixed_7b.branch_pool(torch.nn.functional.max_pool2d(x[:, :1280], 3, 1, 1)))
+        assert not torch.allclose(
+            net.Mixed_7b.branches(x[:, :1280])[-1],
+            net.Mixed_7b.branch_pool(torch.nn.functional.max_pool2d(x[:, :1280], 3, 1, 1)),
+        )
 
 
 def test_strict_round_trip(net: FIDInceptionV3, weights):
@@ -170,8 +217,9 @@ def test_missing_file_says_how_to_provide_it(tmp_path, monkeypatch):
 
 def test_wrong_state_dicts_raise_value_error(net: FIDInceptionV3, tmp_path):
     sd = dict(net.state_dict())
-    renamed = {("Mixed_7c.pool_proj.conv.weight" if k == "Mixed_7c.branch_pool.conv.weight" else k): v
-               for k, v in sd.items()}
+    renamed = {
+        ("Mixed_7c.pool_proj.conv.weight" if k == "Mixed_7c.branch_pool.conv.weight" else k): v for k, v in sd.items()
+    }
     cases = {
         "renamed": (renamed, ["Mixed_7c.branch_pool.conv.weight", "Mixed_7c.pool_proj.conv.weight"]),
         "aux": ({**sd, "AuxLogits.fc.weight": torch.zeros(1000, 768)}, ["AuxLogits.fc.weight"]),
@@ -228,7 +276,7 @@ def _is_scipy(logits: np.ndarray, splits: int) -> tuple[float, float]:
     n = len(p)
     scores = []
     for i in range(splits):
-        part = p[i * n // splits:(i + 1) * n // splits]
+        part = p[i * n // splits : (i + 1) * n // splits]
         py = part.mean(0)
         scores.append(np.exp(np.mean([scipy.stats.entropy(row, py) for row in part])))
     return float(np.mean(scores)), float(np.std(scores))
@@ -273,8 +321,9 @@ def test_reference_round_trip_and_adm_files(tmp_path):
     np.testing.assert_allclose(ref.pool, pool, rtol=1e-6)
     # ADM's reference batches: images (arr_0) plus the four statistics, no pool features.
     adm = tmp_path / "VIRTUAL_imagenet256_labeled.npz"
-    np.savez(adm, arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu_s,
-             sigma_s=ref.sigma_s)
+    np.savez(
+        adm, arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=ref.mu, sigma=ref.sigma, mu_s=ref.mu_s, sigma_s=ref.sigma_s
+    )
     r = load_reference(adm)
     assert r.pool is None and np.array_equal(r.sigma_s, ref.sigma_s)
     fid_only = tmp_path / "pytorch_fid_stats.npz"
@@ -294,7 +343,7 @@ def test_imagenet_metrics_end_to_end(net: FIDInceptionV3, tmp_path):
 
     def numpy_batches():  # channels-last numpy batches, as in samples.npz / ADM's sample files
         for i in range(0, 12, 7):
-            yield images[i:i + 7].permute(0, 2, 3, 1).numpy()
+            yield images[i : i + 7].permute(0, 2, 3, 1).numpy()
 
     # One call only: each FID on 2048-d statistics costs two eigendecompositions (seconds on 2 cores).
     m = imagenet_metrics(numpy_batches(), path, net, batch_size=6, splits=2)  # batches of 6, 1, 5
@@ -312,14 +361,18 @@ def test_metrics_skip_what_the_reference_lacks():
     pool, spatial, logits = rng.normal(size=(30, 8)), rng.normal(size=(30, 5)), rng.normal(size=(30, 1008))
     real = rng.normal(size=(40, 8)) + 1.0
     feats = {"pool": pool, "spatial": spatial, "logits": logits}
-    full = Reference(mu=real.mean(0), sigma=np.cov(real, rowvar=False), mu_s=np.zeros(5), sigma_s=np.eye(5),
-                     pool=real)
+    full = Reference(mu=real.mean(0), sigma=np.cov(real, rowvar=False), mu_s=np.zeros(5), sigma_s=np.eye(5), pool=real)
     m = metrics_from_features(feats, full, splits=3)
     assert m["fid"] == pytest.approx(frechet_distance(real, pool), rel=1e-10)
     assert (m["precision"], m["recall"]) == precision_recall(real, pool, k=3)
     assert (m["inception_score"], m["inception_score_std"]) == inception_score(logits, 3)
     adm = Reference(mu=full.mu, sigma=full.sigma, mu_s=full.mu_s, sigma_s=full.sigma_s)  # no pool features
-    assert set(metrics_from_features(feats, adm, splits=3)) == {"fid", "sfid", "inception_score",
-                                                                 "inception_score_std", "n"}
+    assert set(metrics_from_features(feats, adm, splits=3)) == {
+        "fid",
+        "sfid",
+        "inception_score",
+        "inception_score_std",
+        "n",
+    }
     fid_only = Reference(mu=full.mu, sigma=full.sigma)
     assert "sfid" not in metrics_from_features(feats, fid_only, splits=3)

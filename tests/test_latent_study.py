@@ -18,15 +18,19 @@ def test_latent_study_prints_fid_while_it_runs_and_its_report_draws_the_fid_curv
     import ray
 
     from srdit.commands.report import make_report
-    from srdit.runtime.results import load_results
     from srdit.runtime.driver import run_study
+    from srdit.runtime.results import load_results
     from srdit.study.spec import load_study
 
     cfg = to_dict(_cfg(stand_ins))
     cfg["train"].update(steps=4, eval_every=2)
-    study = {"name": "latent_tiny", "base": {k: cfg[k] for k in ("model", "data", "train", "sample", "eval")},
-             "techniques": ["rmsnorm"], "seeds": [0],
-             "metrics": {"primary": "fid", "direction": "min", "others": {"images_per_s": "max"}}}
+    study = {
+        "name": "latent_tiny",
+        "base": {k: cfg[k] for k in ("model", "data", "train", "sample", "eval")},
+        "techniques": ["rmsnorm"],
+        "seeds": [0],
+        "metrics": {"primary": "fid", "direction": "min", "others": {"images_per_s": "max"}},
+    }
     path = tmp_path / "latent_tiny.yaml"
     path.write_text(yaml.safe_dump(study, sort_keys=False))
     spec, state, lines = load_study(path), tmp_path / "state", []
@@ -48,5 +52,5 @@ def test_latent_study_prints_fid_while_it_runs_and_its_report_draws_the_fid_curv
     assert results.table["fid"].notna().all()
 
     page = make_report(path, state, tmp_path / "dash", bootstrap=False).read_text(encoding="utf-8")
-    curves = page[page.index('id="sec-fig-curves"'):page.index('id="sec-cells"')].replace(" ", "")
+    curves = page[page.index('id="sec-fig-curves"') : page.index('id="sec-cells"')].replace(" ", "")
     assert 'id="fig-curves"' in curves and '"label":"fid"' in curves  # fid is one of the curves' quantities

@@ -51,7 +51,17 @@ LAYERS: dict[str, set[str]] = {
     "model": {"model"},
     "transport": {"transport"},
     "data": {"data", "encoders", "metrics"},
-    "train": {"train", "generate", "evaluate", "sample_shards", "parallel", "imaging", "provenance", "convert", "inputs"},
+    "train": {
+        "train",
+        "generate",
+        "evaluate",
+        "sample_shards",
+        "parallel",
+        "imaging",
+        "provenance",
+        "convert",
+        "inputs",
+    },
     "study": {"study"},
     "runtime": {"runtime"},
     "analysis": {"analysis"},
@@ -133,7 +143,7 @@ def _resolve(module: str, level: int, importer: str, is_package: bool) -> str:
     if not level:
         return module
     base = importer.split(".") if is_package else importer.split(".")[:-1]
-    base = base[:len(base) - (level - 1)]
+    base = base[: len(base) - (level - 1)]
     return ".".join(base + ([module] if module else []))
 
 
@@ -183,8 +193,10 @@ def test_nothing_imports_the_commands():
 
 def test_every_module_belongs_to_a_layer():
     orphans = sorted(m for m in MODULES if layer_of(m) is None)
-    assert not orphans, (f"srdit modules outside the layer table: {orphans}; add their node to LAYERS in "
-                         f"{Path(__file__).name} (and to the architecture's layer table)")
+    assert not orphans, (
+        f"srdit modules outside the layer table: {orphans}; add their node to LAYERS in "
+        f"{Path(__file__).name} (and to the architecture's layer table)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -202,13 +214,16 @@ def test_static_imports_follow_the_layer_rules(layer):
             top = target.split(".")[0]
             if top == "srdit":
                 if not _allowed(layer, target):
-                    bad.append(f"{_where(module, line)} imports {target} (layer {layer_of(target)}); {layer} may "
-                               f"import {', '.join(sorted(MAY_IMPORT[layer] | {layer}))}"
-                               + (f" and {', '.join(sorted(ALSO_MAY_IMPORT[layer]))}" if layer in ALSO_MAY_IMPORT
-                                  else ""))
+                    bad.append(
+                        f"{_where(module, line)} imports {target} (layer {layer_of(target)}); {layer} may "
+                        f"import {', '.join(sorted(MAY_IMPORT[layer] | {layer}))}"
+                        + (f" and {', '.join(sorted(ALSO_MAY_IMPORT[layer]))}" if layer in ALSO_MAY_IMPORT else "")
+                    )
             elif top in FORBIDDEN_PACKAGES[layer]:
-                bad.append(f"{_where(module, line)} imports {target}; {layer} must not import "
-                           f"{', '.join(sorted(FORBIDDEN_PACKAGES[layer]))}")
+                bad.append(
+                    f"{_where(module, line)} imports {target}; {layer} must not import "
+                    f"{', '.join(sorted(FORBIDDEN_PACKAGES[layer]))}"
+                )
     assert not bad, f"layer {layer}: {len(bad)} forbidden import(s):\n" + "\n".join(bad)
 
 
@@ -273,8 +288,12 @@ def test_package_graph_has_no_cycles():
     cycles = _cycles(graph)
     lines = []
     for component in cycles:
-        edges = [f"  {a} -> {b} ({', '.join(graph[a][b][:3])})" for a in component for b in component
-                 if b in graph.get(a, {})]
+        edges = [
+            f"  {a} -> {b} ({', '.join(graph[a][b][:3])})"
+            for a in component
+            for b in component
+            if b in graph.get(a, {})
+        ]
         lines.append(" <-> ".join(component) + ":\n" + "\n".join(edges))
     assert not cycles, "import cycles between srdit packages / top-level modules:\n" + "\n".join(lines)
 
@@ -310,14 +329,23 @@ _ENTRY_POINTS = {"srdit.__main__"}  # importing it runs the command line; checke
 @pytest.fixture(scope="module")
 def loaded_by_import() -> dict[str, dict]:
     """module -> {"loaded": sys.modules after importing it alone} (or {"error": ...})."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
-           "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
     results = {}
     for torch_free in (True, False):
         modules = [m for m in MODULES if m not in _ENTRY_POINTS and (layer_of(m) in TORCH_FREE) == torch_free]
         preload = [] if torch_free else ["torch"]
-        proc = subprocess.run([sys.executable, "-c", _PROBE, json.dumps(modules), json.dumps(preload)], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-c", _PROBE, json.dumps(modules), json.dumps(preload)],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         for line in proc.stdout.splitlines():
             if line.startswith('{"module"'):
@@ -340,8 +368,9 @@ def test_importing_a_module_loads_nothing_its_layer_must_not_use(layer, loaded_b
             continue
         loaded = r["loaded"]
         packages = sorted(p for p in FORBIDDEN_PACKAGES[layer] if p in loaded)
-        internal = sorted(m for m in loaded if m.split(".")[0] == "srdit" and m in MODULES
-                          and not _allowed_loaded(layer, m))
+        internal = sorted(
+            m for m in loaded if m.split(".")[0] == "srdit" and m in MODULES and not _allowed_loaded(layer, m)
+        )
         if packages or internal:
             bad.append(f"import {module} loads " + ", ".join(packages + internal))
     assert not bad, f"layer {layer}:\n" + "\n".join(bad)

@@ -21,8 +21,12 @@ from srdit.config import ConfigError, RunConfig
 from srdit.study.spec import STUDY_KEYS, load_study
 from srdit.techniques import TECHNIQUES, load_run_config
 
-FUZZ = settings(max_examples=120, deadline=timedelta(seconds=20), database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=120,
+    deadline=timedelta(seconds=20),
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 "Deadline: a hang guard, not a timing assertion (a load takes milliseconds; 20 s only catches a runaway)."
 
 
@@ -38,19 +42,75 @@ def config_keys(cls=RunConfig, prefix: str = "") -> list[str]:
 KEYS = config_keys()
 SECTIONS = sorted({k.split(".")[0] for k in KEYS})
 LEAVES = sorted({k.rsplit(".", 1)[-1] for k in KEYS})
-TRICKY = ["010", "007", "0x1F", "1:30", "1:30.5", ".nan", ".NaN", "nan", ".inf", "-.inf", "1e-3", "3e-3", "0.003",
-          "1e999", "on", "off", "yes", "no", "~", "null", "''", "'010'", "2026-11-30", "[]", "{}", "-1", "0", "1",
-          "2", "64", "1.5", "-0.0", "sde", "euler", "cuda:0", "tpu", "digits", "latents", "!!binary aGk=",
-          "!!python/object:os.system", "&a 5", "*a", "[qk_norm, repa]", "[rope, rope]", "9" * 40, "1" + "0" * 400,
-          '"\\0"', "|\n  block", "10000000000", "[fd]", "[.nan]"]
+TRICKY = [
+    "010",
+    "007",
+    "0x1F",
+    "1:30",
+    "1:30.5",
+    ".nan",
+    ".NaN",
+    "nan",
+    ".inf",
+    "-.inf",
+    "1e-3",
+    "3e-3",
+    "0.003",
+    "1e999",
+    "on",
+    "off",
+    "yes",
+    "no",
+    "~",
+    "null",
+    "''",
+    "'010'",
+    "2026-11-30",
+    "[]",
+    "{}",
+    "-1",
+    "0",
+    "1",
+    "2",
+    "64",
+    "1.5",
+    "-0.0",
+    "sde",
+    "euler",
+    "cuda:0",
+    "tpu",
+    "digits",
+    "latents",
+    "!!binary aGk=",
+    "!!python/object:os.system",
+    "&a 5",
+    "*a",
+    "[qk_norm, repa]",
+    "[rope, rope]",
+    "9" * 40,
+    "1" + "0" * 400,
+    '"\\0"',
+    "|\n  block",
+    "10000000000",
+    "[fd]",
+    "[.nan]",
+]
 
 tricky = st.sampled_from(TRICKY)
-scalar = st.one_of(tricky, tricky, tricky, st.integers(-10**6, 10**6).map(str),
-                   st.floats(allow_nan=True, allow_infinity=True).map(repr),
-                   st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12).map(yaml.safe_dump)
-                   .map(lambda s: s.removesuffix("\n...\n").strip()))
-key = st.one_of(st.sampled_from(SECTIONS + LEAVES + list(STUDY_KEYS) + list(TECHNIQUES) + ["preset", "<<", "kind"]),
-                st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.0123456789", min_size=1, max_size=8))
+scalar = st.one_of(
+    tricky,
+    tricky,
+    tricky,
+    st.integers(-(10**6), 10**6).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+    .map(yaml.safe_dump)
+    .map(lambda s: s.removesuffix("\n...\n").strip()),
+)
+key = st.one_of(
+    st.sampled_from(SECTIONS + LEAVES + list(STUDY_KEYS) + list(TECHNIQUES) + ["preset", "<<", "kind"]),
+    st.text(alphabet="abcdefghijklmnopqrstuvwxyz_.0123456789", min_size=1, max_size=8),
+)
 
 
 @st.composite
@@ -135,7 +195,7 @@ def mutated(draw, text: str) -> str:
     for _ in range(draw(st.integers(1, 3))):
         i = draw(st.integers(0, len(lines) - 1))
         line = lines[i]
-        indent = line[:len(line) - len(line.lstrip())]
+        indent = line[: len(line) - len(line.lstrip())]
         what = draw(st.sampled_from([0, 0, 0, 0, 1, 2, 3]))
         if what == 0 and ":" in line:
             lines[i] = f"{line.split(':', 1)[0]}: {draw(scalar)}"
@@ -156,18 +216,29 @@ documents = st.one_of(
     block().map("\n".join),
     # a plausible study: the required keys, then stray content
     st.tuples(st.lists(st.sampled_from(list(TECHNIQUES)), min_size=1, max_size=3), block()).map(
-        lambda t: f"name: fuzz\ntechniques: [{', '.join(t[0])}]\n" + "\n".join(t[1])),
+        lambda t: f"name: fuzz\ntechniques: [{', '.join(t[0])}]\n" + "\n".join(t[1])
+    ),
     # plausible sections of a run YAML
     st.lists(st.tuples(st.sampled_from(KEYS), scalar), min_size=1, max_size=5).map(
-        lambda kvs: "\n".join(f"{k.split('.')[0]}:\n  " + ".".join(k.split(".")[1:]).replace(".", ":\n    ")
-                              + f": {v}" for k, v in kvs if "." in k)),
+        lambda kvs: "\n".join(
+            f"{k.split('.')[0]}:\n  " + ".".join(k.split(".")[1:]).replace(".", ":\n    ") + f": {v}"
+            for k, v in kvs
+            if "." in k
+        )
+    ),
     st.text(max_size=80),
     st.binary(max_size=40),  # written as bytes: not UTF-8, NUL bytes
     mutated(RUN_YAML).map(lambda t: t.encode("latin-1", "replace") + b"\xe9"),
 )
-overrides = st.lists(st.one_of(
-    st.tuples(st.sampled_from(KEYS + ["techniques", "preset", "train", "nope.x"]), scalar).map(lambda kv: "=".join(kv)),
-    st.text(max_size=20)), max_size=3)
+overrides = st.lists(
+    st.one_of(
+        st.tuples(st.sampled_from(KEYS + ["techniques", "preset", "train", "nope.x"]), scalar).map(
+            lambda kv: "=".join(kv)
+        ),
+        st.text(max_size=20),
+    ),
+    max_size=3,
+)
 
 
 def only_config_errors(call) -> None:
@@ -210,13 +281,17 @@ def test_study_loader_loads_or_says_why(folder, text):
     only_config_errors(lambda: load_study(p))
 
 
-@pytest.mark.parametrize("text", [
-    "a: &a [*a]\ntrain: *a\n",  # a recursive alias
-    "base: &b {train: *b}\n",
-    "l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
-        f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 9)) + "model: *l8\n",  # alias bomb
-    "[" * 600 + "]" * 600,  # deeper than the parser's recursion
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a: &a [*a]\ntrain: *a\n",  # a recursive alias
+        "base: &b {train: *b}\n",
+        "l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n"
+        + "".join(f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 10)}]\n" for i in range(1, 9))
+        + "model: *l8\n",  # alias bomb
+        "[" * 600 + "]" * 600,  # deeper than the parser's recursion
+    ],
+)
 def test_pathological_documents(folder, text):
     p = folder / "bomb.yaml"
     p.write_text(text)

@@ -25,8 +25,16 @@ from srdit.techniques import TECHNIQUES, with_techniques
 from srdit.train import EVALS, TRAIN_LOG, train
 
 SRC = Path(srdit.__file__).parent
-TINY = {"train.steps": 4, "train.log_every": 1, "train.ckpt_every": 100, "train.eval_every": 2,
-        "train.threads": 1, "eval.n_samples": 40, "eval.batch_size": 40, "sample.steps": 2}
+TINY = {
+    "train.steps": 4,
+    "train.log_every": 1,
+    "train.ckpt_every": 100,
+    "train.eval_every": 2,
+    "train.threads": 1,
+    "eval.n_samples": 40,
+    "eval.batch_size": 40,
+    "sample.steps": 2,
+}
 
 
 class Recorder:
@@ -86,8 +94,9 @@ def reported(tmp_path_factory) -> dict[str, dict]:
     seen(eval_names, "digits", rec.steps)
 
     # a run that diverges reports the step at which it did
-    cfg = apply_diff(RunConfig(), {**TINY, "train.steps": 20, "train.eval_every": 0, "train.lr": 1e6,
-                                   "train.grad_clip": 0.0})
+    cfg = apply_diff(
+        RunConfig(), {**TINY, "train.steps": 20, "train.eval_every": 0, "train.lr": 1e6, "train.grad_clip": 0.0}
+    )
     run = tmp_path_factory.mktemp("diverged")
     rec = Recorder()
     assert train(cfg, run, rec, progress=False, snapshots=True).status == "diverged"
@@ -100,8 +109,13 @@ def reported(tmp_path_factory) -> dict[str, dict]:
 
     rng = np.random.default_rng(0)
     real, fake = rng.normal(size=(64, 6)), rng.normal(size=(48, 6))
-    ref = Reference(mu=real.mean(0), sigma=np.cov(real, rowvar=False), mu_s=real.mean(0),
-                    sigma_s=np.cov(real, rowvar=False), pool=real)
+    ref = Reference(
+        mu=real.mean(0),
+        sigma=np.cov(real, rowvar=False),
+        mu_s=real.mean(0),
+        sigma_s=np.cov(real, rowvar=False),
+        pool=real,
+    )
     latents = set(metrics_from_features({"pool": fake, "spatial": fake, "logits": rng.normal(size=(48, 10))}, ref))
     latents |= set(kd_dinov2(real, fake, subset_size=32))
     latents |= _returned_dict_keys(SRC / "evaluate.py", "_evaluate_latents")
@@ -122,8 +136,13 @@ def reported(tmp_path_factory) -> dict[str, dict]:
 def _returned_dict_keys(path: Path, function: str) -> set[str]:
     """String keys of the dict literals `function` returns."""
     fn = next(n for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.FunctionDef) and n.name == function)
-    return {k.value for r in ast.walk(fn) if isinstance(r, ast.Return) and isinstance(r.value, ast.Dict)
-            for k in r.value.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
+    return {
+        k.value
+        for r in ast.walk(fn)
+        if isinstance(r, ast.Return) and isinstance(r.value, ast.Dict)
+        for k in r.value.keys
+        if isinstance(k, ast.Constant) and isinstance(k.value, str)
+    }
 
 
 def _report_training_keys(path: Path) -> set[str]:
@@ -154,23 +173,35 @@ def _trial_metric_keys() -> set[str]:
         for fn in ast.walk(ast.parse(path.read_text())):
             if not isinstance(fn, ast.FunctionDef):
                 continue
-            calls = [c for c in ast.walk(fn) if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute)
-                     and c.func.attr == "log_metrics"]
+            calls = [
+                c
+                for c in ast.walk(fn)
+                if isinstance(c, ast.Call) and isinstance(c.func, ast.Attribute) and c.func.attr == "log_metrics"
+            ]
             for c in calls:
                 for d in (n for a in c.args for n in ast.walk(a) if isinstance(n, ast.Dict)):
                     out |= {k.value for k in d.keys if isinstance(k, ast.Constant) and isinstance(k.value, str)}
             if calls:
-                out |= {t.slice.value for a in ast.walk(fn) if isinstance(a, ast.Assign) for t in a.targets
-                        if isinstance(t, ast.Subscript) and isinstance(t.slice, ast.Constant)
-                        and isinstance(t.slice.value, str)}
+                out |= {
+                    t.slice.value
+                    for a in ast.walk(fn)
+                    if isinstance(a, ast.Assign)
+                    for t in a.targets
+                    if isinstance(t, ast.Subscript)
+                    and isinstance(t.slice, ast.Constant)
+                    and isinstance(t.slice.value, str)
+                }
     return out
 
 
 def test_every_reported_metric_is_registered_with_its_producers(reported):
     missing = sorted(set(reported) - set(METRICS))
     assert not missing, f"reported but not in srdit.metric_registry: {missing}"
-    wrong = {n: (sorted(METRICS[n].producers), sorted(r["producers"])) for n, r in reported.items()
-             if set(METRICS[n].producers) != r["producers"]}
+    wrong = {
+        n: (sorted(METRICS[n].producers), sorted(r["producers"]))
+        for n, r in reported.items()
+        if set(METRICS[n].producers) != r["producers"]
+    }
     assert not wrong, f"registry producers differ from the reporters (registry, reported): {wrong}"
 
 
@@ -181,8 +212,11 @@ def test_every_registered_metric_is_reported_by_something(reported):
 def test_curve_metrics_are_the_study_metrics_reported_at_several_steps(reported):
     # curve: reported at several steps of a run (a learning curve); a value reported once per run (a summary,
     # a failure step, a trial's wall time) or a bookkeeping value (sample count, nfe) is not a curve
-    wrong = {n: METRICS[n].curve for n, r in reported.items()
-             if METRICS[n].curve != (r["several_steps"] and METRICS[n].analysable)}
+    wrong = {
+        n: METRICS[n].curve
+        for n, r in reported.items()
+        if METRICS[n].curve != (r["several_steps"] and METRICS[n].analysable)
+    }
     assert not wrong, f"registry `curve` is wrong for: {wrong}"
 
 

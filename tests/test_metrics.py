@@ -10,8 +10,15 @@ import torch.nn.functional as F
 
 from srdit import cache
 from srdit.data import load_digits_split
-from srdit.metrics import (compute_metrics, evaluate_images, extract_features, frechet_distance, kernel_distance,
-                           load_digits_metric_net, precision_recall)
+from srdit.metrics import (
+    compute_metrics,
+    evaluate_images,
+    extract_features,
+    frechet_distance,
+    kernel_distance,
+    load_digits_metric_net,
+    precision_recall,
+)
 
 
 def _gauss(n, d, seed, shift=0.0, scale=1.0):
@@ -53,6 +60,7 @@ def test_fd_matches_scipy_and_torchmetrics():
     fd = frechet_distance(a, b)
     assert fd == pytest.approx(_fd_scipy(a, b), rel=1e-6)
     import torchmetrics.image.fid as fid_mod  # a dev dependency: an independent implementation
+
     tm = fid_mod.FrechetInceptionDistance(feature=_Identity(16))
     tm.update(torch.from_numpy(a), real=True)
     tm.update(torch.from_numpy(b), real=False)
@@ -77,6 +85,7 @@ def test_kd_matches_naive_loop_and_torchmetrics():
     mean, std = kernel_distance(x, y, subsets=5, subset_size=25)  # subsets = whole sets: one exact value
     assert mean == pytest.approx(_mmd_naive(x, y), rel=1e-9) and std == 0.0
     import torchmetrics.image.kid as kid_mod
+
     tm = kid_mod.KernelInceptionDistance(feature=_Identity(6), subsets=1, subset_size=25)
     tm.update(torch.from_numpy(x), real=True)
     tm.update(torch.from_numpy(y), real=False)
@@ -86,8 +95,7 @@ def test_kd_matches_naive_loop_and_torchmetrics():
     x30 = _gauss(30, 6, 5)
     mean, std = kernel_distance(x30, y, subsets=4, subset_size=1000, seed=3)
     rng = np.random.default_rng(3)
-    vals = [_mmd_naive(x30[rng.choice(30, 25, replace=False)], y[rng.choice(25, 25, replace=False)])
-            for _ in range(4)]
+    vals = [_mmd_naive(x30[rng.choice(30, 25, replace=False)], y[rng.choice(25, 25, replace=False)]) for _ in range(4)]
     assert (mean, std) == pytest.approx((np.mean(vals), np.std(vals)), rel=1e-9)
 
 
@@ -154,8 +162,9 @@ def test_digits_ordering_real_blur_noise(metric_net):
     blur = F.avg_pool2d(F.pad(s.test_x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)  # 3x3 box blur
     noise = torch.rand(n, 1, 8, 8, generator=g) * 2 - 1
     t0 = time.perf_counter()
-    res = {name: evaluate_images(x, s.test_x, metric_net)
-           for name, x in (("real", real), ("blur", blur), ("noise", noise))}
+    res = {
+        name: evaluate_images(x, s.test_x, metric_net) for name, x in (("real", real), ("blur", blur), ("noise", noise))
+    }
     print(f"\n3 evaluations: {time.perf_counter() - t0:.2f}s")
     for name, r in res.items():
         print(name, {k: round(v, 4) for k, v in r.items()})

@@ -8,11 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from srdit.config import ModelConfig, RepaConfig, RegConfig, RopeConfig, SprintConfig
-from srdit.techniques import TECHNIQUES, preset
+from srdit.config import ModelConfig, RegConfig, RepaConfig, RopeConfig, SprintConfig
 from srdit.model import build_model, count_macs
 from srdit.model.attention import Attention
 from srdit.model.layers import Mlp, Rope2d, TimestepEmbedder, apply_rope, sincos_2d
+from srdit.techniques import TECHNIQUES, preset
 
 DEBUG = ModelConfig(size="debug", patch_size=1, in_channels=1, input_size=8, num_classes=10)
 
@@ -39,10 +39,12 @@ def randomize(model, seed=3):
 def mae_sincos_2d(dim, grid):
     """The fixed 2-D position table as MAE / DiT / SiT / REPA write it (`get_2d_sincos_pos_embed`): meshgrid with
     the width coordinate first, so the first half of the channels encodes the column."""
+
     def one_axis(d, pos):
         omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
         out = np.einsum("m,d->md", pos.reshape(-1), omega)
         return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
     g = np.stack(np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32)), 0)  # w first
     g = g.reshape(2, 1, grid, grid)
     return np.concatenate([one_axis(dim // 2, g[0]), one_axis(dim // 2, g[1])], axis=1)
@@ -64,20 +66,30 @@ def reference_sit(sd, cfg, x, t, y, depth, heads):
     h = F.conv2d(x, sd["patch_embed.weight"], sd["patch_embed.bias"], stride=p).flatten(2).transpose(1, 2)
     h = h + torch.from_numpy(mae_sincos_2d(h.shape[-1], H // p)).float()[None]
     temb = sit_timestep_embedding(t)
-    temb = F.linear(F.silu(F.linear(temb, sd["t_embed.mlp.0.weight"], sd["t_embed.mlp.0.bias"])),
-                    sd["t_embed.mlp.2.weight"], sd["t_embed.mlp.2.bias"])
+    temb = F.linear(
+        F.silu(F.linear(temb, sd["t_embed.mlp.0.weight"], sd["t_embed.mlp.0.bias"])),
+        sd["t_embed.mlp.2.weight"],
+        sd["t_embed.mlp.2.bias"],
+    )
     c = temb + sd["y_embed.table.weight"][y]
     D = h.shape[-1]
     for i in range(depth):
         pre = f"blocks.{i}."
         mod = F.linear(F.silu(c), sd[pre + "adaLN.1.weight"], sd[pre + "adaLN.1.bias"]).chunk(6, -1)
         a = F.layer_norm(h, (D,), eps=1e-6) * (1 + mod[1][:, None]) + mod[0][:, None]
-        q, k, v = F.linear(a, sd[pre + "attn.qkv.weight"], sd[pre + "attn.qkv.bias"]).view(B, -1, 3, heads, D // heads).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            F.linear(a, sd[pre + "attn.qkv.weight"], sd[pre + "attn.qkv.bias"])
+            .view(B, -1, 3, heads, D // heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, -1, D)
         h = h + mod[2][:, None] * F.linear(o, sd[pre + "attn.proj.weight"], sd[pre + "attn.proj.bias"])
         m = F.layer_norm(h, (D,), eps=1e-6) * (1 + mod[4][:, None]) + mod[3][:, None]
-        m = F.linear(F.gelu(F.linear(m, sd[pre + "mlp.fc1.weight"], sd[pre + "mlp.fc1.bias"]), approximate="tanh"),
-                     sd[pre + "mlp.fc2.weight"], sd[pre + "mlp.fc2.bias"])
+        m = F.linear(
+            F.gelu(F.linear(m, sd[pre + "mlp.fc1.weight"], sd[pre + "mlp.fc1.bias"]), approximate="tanh"),
+            sd[pre + "mlp.fc2.weight"],
+            sd[pre + "mlp.fc2.bias"],
+        )
         h = h + mod[5][:, None] * m
     shift, scale = F.linear(F.silu(c), sd["final.adaLN.1.weight"], sd["final.adaLN.1.bias"]).chunk(2, -1)
     h = F.layer_norm(h, (D,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
@@ -86,10 +98,15 @@ def reference_sit(sd, cfg, x, t, y, depth, heads):
     return torch.einsum("nhwpqc->nchpwq", out.reshape(B, g, g, p, p, C)).reshape(B, C, H, W)
 
 
-@pytest.mark.parametrize("size,patch,params_m,gmacs", [
-    ("S", 2, 33, 6.06), ("B", 2, 130, 23.01),
-    pytest.param("L", 2, 458, 80.71, marks=pytest.mark.slow), pytest.param("XL", 2, 675, 118.64, marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "size,patch,params_m,gmacs",
+    [
+        ("S", 2, 33, 6.06),
+        ("B", 2, 130, 23.01),
+        pytest.param("L", 2, 458, 80.71, marks=pytest.mark.slow),
+        pytest.param("XL", 2, 675, 118.64, marks=pytest.mark.slow),
+    ],
+)
 def test_dit_table_counts(size, patch, params_m, gmacs):
     """DiT paper (Peebles & Xie 2023), Table 1 / Figure 3: params and GMACs at 256 px (latent 4x32x32)."""
     model = build_model(ModelConfig(size=size, patch_size=patch, in_channels=4, input_size=32, num_classes=1000))
@@ -136,7 +153,9 @@ def test_time_features_pin_the_sinusoid_arguments(t):
     assert abs(float(args[0]) - t) < 1e-6
     dit = TimestepEmbedder(16, scale=1000.0).frequencies(torch.tensor([t]))[0].double()
     a1000 = 1000 * a
-    assert torch.allclose(dit[k], torch.cos(a1000), atol=1e-4) and torch.allclose(dit[128 + k], torch.sin(a1000), atol=1e-4)
+    assert torch.allclose(dit[k], torch.cos(a1000), atol=1e-4) and torch.allclose(
+        dit[128 + k], torch.sin(a1000), atol=1e-4
+    )
     assert torch.equal(emb.frequencies(torch.tensor([t])), sit_timestep_embedding(torch.tensor([t])))
 
 
@@ -178,8 +197,13 @@ def test_switch_off_is_bit_identical(name):
 
 
 FULL = dataclasses.replace(
-    DEBUG, norm="rmsnorm", qk_norm=True, value_residual=True, rope=RopeConfig(enabled=True),
-    sprint=SprintConfig(enabled=True), repa=RepaConfig(enabled=True, depth=2, projector_dim=32, teacher_dim=16),
+    DEBUG,
+    norm="rmsnorm",
+    qk_norm=True,
+    value_residual=True,
+    rope=RopeConfig(enabled=True),
+    sprint=SprintConfig(enabled=True),
+    repa=RepaConfig(enabled=True, depth=2, projector_dim=32, teacher_dim=16),
     reg=RegConfig(enabled=True, dim=16),
 )
 
@@ -309,8 +333,13 @@ def test_path_drop_replaces_sparse_path():
 def test_path_drop_per_sample_equals_separate_calls():
     """A [B] drop mask (guidance's halves in one batch) gives each sample what a whole-batch call gives it; in eval
     a dropped path is [MASK] exactly as in training's `0 * g + [MASK]`, without running the middle blocks."""
-    cfg = dataclasses.replace(DEBUG, sprint=SprintConfig(enabled=True), value_residual=True, rope=RopeConfig(True),
-                              reg=RegConfig(enabled=True, dim=16))
+    cfg = dataclasses.replace(
+        DEBUG,
+        sprint=SprintConfig(enabled=True),
+        value_residual=True,
+        rope=RopeConfig(True),
+        reg=RegConfig(enabled=True, dim=16),
+    )
     model = randomize(build_model(cfg)).eval()
     x, t, y, cls = inputs(cfg, batch=4)
     drop = torch.tensor([False, True, True, False])

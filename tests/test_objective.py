@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from srdit.config import RunConfig, apply_diff
-from srdit.techniques import with_techniques
 from srdit.model import build_model
 from srdit.parallel import DataParallel
+from srdit.techniques import with_techniques
 from srdit.transport.objective import StepNoise, teacher_widths, training_losses
 
 COMBOS = [[], ["repa"], ["reg"], ["cfm"], ["repa", "reg"], ["sprint", "repa", "reg", "cfm", "value_residual"]]
@@ -32,8 +32,10 @@ def _setup(techs, seed=0):
     y = torch.randint(0, m.num_classes, (b,), generator=g)
     teacher_out = None
     if teacher_widths(m):
-        teacher_out = (torch.randn(b, grid * grid, m.repa.teacher_dim, generator=g),
-                       torch.randn(b, m.reg.dim, generator=g))
+        teacher_out = (
+            torch.randn(b, grid * grid, m.repa.teacher_dim, generator=g),
+            torch.randn(b, m.reg.dim, generator=g),
+        )
     noise = StepNoise.draw(cfg, model, x0.shape, cfg.shift_value(), "cpu", DataParallel())
     return cfg, model, x0, y, teacher_out, noise
 
@@ -114,10 +116,15 @@ def test_alignment_and_cfm_settings_are_read_only_in_model_transport_and_config(
     def reads(node) -> bool:
         if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)):
             return False
-        return ((node.value.attr in ("reg", "repa") and node.attr in settings)
-                or (node.value.attr == "loss" and node.attr in ("cfm", "repa", "reg")))
+        return (node.value.attr in ("reg", "repa") and node.attr in settings) or (
+            node.value.attr == "loss" and node.attr in ("cfm", "repa", "reg")
+        )
 
-    strays = [f"{p.relative_to(root)}:{n.lineno}" for p in root.rglob("*.py")
-              if not str(p.relative_to(root)).startswith(homes)
-              for n in ast.walk(ast.parse(p.read_text())) if reads(n)]
+    strays = [
+        f"{p.relative_to(root)}:{n.lineno}"
+        for p in root.rglob("*.py")
+        if not str(p.relative_to(root)).startswith(homes)
+        for n in ast.walk(ast.parse(p.read_text()))
+        if reads(n)
+    ]
     assert not strays, strays

@@ -16,12 +16,12 @@ import pytest
 import statsmodels.formula.api as smf
 from scipy import stats
 
-from srdit.commands.analyze import main
 from srdit.analysis.effects import AnalysisError, analyze, analyze_study
 from srdit.analysis.over_steps import analyze_over_steps, rows_at_step, study_over_steps, study_table
 from srdit.analysis.page import render_report
 from srdit.analysis.report_fit import fit_report
 from srdit.analysis.results import StudyResults
+from srdit.commands.analyze import main
 
 STEPS = (100, 200, 300, 400)
 FACTORS = ["A", "B", "C"]
@@ -40,8 +40,18 @@ def long_table(seed: int = 1, fading: bool = True, noise: float = 0.3) -> pd.Dat
                 w = step / 400
                 ka, kb, kab = (3.9 * (1 - w), 3 * w, 2 * (1 - w)) if fading else (1.5, 1.0, 1.0)
                 fd = 20 - 10 * w - ka * a - kb * b - kab * a * b - 0.2 * c + offset + rng.normal(0, noise)
-                rows.append({"trial": f"{a}{b}{c}-s{s}", "A": a, "B": b, "C": c, "seed": s, "step": step,
-                             "status": "finished", "fd": fd})
+                rows.append(
+                    {
+                        "trial": f"{a}{b}{c}-s{s}",
+                        "A": a,
+                        "B": b,
+                        "C": c,
+                        "seed": s,
+                        "step": step,
+                        "status": "finished",
+                        "fd": fd,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -80,18 +90,21 @@ def test_planted_effects_are_recovered_at_every_step_and_the_change_is_stated():
 def test_constant_effects_carry_no_statement_about_training_time():
     ov = analyze_over_steps(long_table(seed=3, fading=False), FACTORS, "fd", "min", bootstrap=False)
     assert all(c.significant is False for c in ov.changes)
-    assert len(ov.statements) == 1 and "carry no statement such as 'helps early, not at the end'" in \
-        ov.statements[0]
+    assert len(ov.statements) == 1 and "carry no statement such as 'helps early, not at the end'" in ov.statements[0]
 
 
 def test_an_untested_change_says_why():
     t = long_table()
     one_seed = analyze_over_steps(t[t["seed"] == 0], FACTORS, "fd", "min", bootstrap=False)
-    assert one_seed.statements == ["The change of the effects between step 100 and step 400 is not tested (no "
-                                   "replicated runs evaluated at both steps): the data carry no statement about it."]
+    assert one_seed.statements == [
+        "The change of the effects between step 100 and step 400 is not tested (no "
+        "replicated runs evaluated at both steps): the data carry no statement about it."
+    ]
     half = t[(t["A"] + t["B"] + t["C"]) % 2 == 0]  # resolution III: every main effect aliased with a pair
-    assert "no effect is estimable free of aliasing" in analyze_over_steps(half, FACTORS, "fd", "min",
-                                                                           bootstrap=False).statements[0]
+    assert (
+        "no effect is estimable free of aliasing"
+        in analyze_over_steps(half, FACTORS, "fd", "min", bootstrap=False).statements[0]
+    )
     anonymous = analyze_over_steps(t.drop(columns=["trial", "seed"]), FACTORS, "fd", "min", bootstrap=False)
     assert "rows of one step do not identify their trial" in anonymous.statements[0]
     assert all(c.significant is None for c in one_seed.changes + anonymous.changes)
@@ -104,7 +117,8 @@ def test_false_statements_about_training_time_stay_within_alpha():
     n, hits = 100, 0
     for rep in range(n):
         rng = np.random.default_rng(1000 + rep)
-        t = long_table(seed=rep, fading=False).assign(fd=lambda d: d["fd"] + rng.normal(0, 0.3, len(d)))
+        t = long_table(seed=rep, fading=False)
+        t = t.assign(fd=t["fd"] + rng.normal(0, 0.3, len(t)))
         hits += any(c.significant for c in analyze_over_steps(t, FACTORS, "fd", "min", bootstrap=False).changes)
     assert hits / n <= 0.05 + 3 * (0.05 * 0.95 / n) ** 0.5, hits
 
@@ -149,18 +163,34 @@ def test_study_table_counts_failures_at_the_steps_they_failed_and_matches_the_re
             trial = f"t{i}{s}"
             status = "oom" if a and b and s == 0 else "finished"
             fd = {st: 10 - a * st / 100 - b + rng.normal(0, 0.2) for st in (100, 200, 300)}
-            rows.append({"trial": trial, "cell": f"{a}{b}", "seed": s, "status": status,
-                         "status_reason": "out of memory at step 250" if status == "oom" else "", "A": a, "B": b,
-                         "fd": fd[300] if status == "finished" else np.nan})
+            rows.append(
+                {
+                    "trial": trial,
+                    "cell": f"{a}{b}",
+                    "seed": s,
+                    "status": status,
+                    "status_reason": "out of memory at step 250" if status == "oom" else "",
+                    "A": a,
+                    "B": b,
+                    "fd": fd[300] if status == "finished" else np.nan,
+                }
+            )
             for st in (100, 200, 300):
                 if status == "oom" and st == 300:
                     continue  # it failed before its last evaluation
                 if trial == "t01" and st == 200:
                     continue  # an evaluation that was not logged
-                curves.append({"trial": trial, "cell": f"{a}{b}", "seed": s, "key": "fd", "step": st,
-                               "value": fd[st]})
-    res = StudyResults(study="s", design="full", factors=["A", "B"], metric="fd", direction="min",
-                       table=pd.DataFrame(rows), curves=pd.DataFrame(curves), steps=300)
+                curves.append({"trial": trial, "cell": f"{a}{b}", "seed": s, "key": "fd", "step": st, "value": fd[st]})
+    res = StudyResults(
+        study="s",
+        design="full",
+        factors=["A", "B"],
+        metric="fd",
+        direction="min",
+        table=pd.DataFrame(rows),
+        curves=pd.DataFrame(curves),
+        steps=300,
+    )
     lt = study_table(res)
     at = {st: lt[lt["step"] == st].set_index("trial") for st in (100, 200, 300)}
     assert at[100].loc["t30", "status"] == "finished" and at[300].loc["t30", "status"] == "oom"
@@ -205,14 +235,17 @@ def test_cli_step_and_all_steps(long_csv, tmp_path):
     rc, out, err = run_main([long_csv, *BASE, "--step", "200", "--format", "json"])
     assert rc == 0, err
     t = pd.read_csv(long_csv)
-    assert json.loads(out) == json.loads(json.dumps(analyze(t[t["step"] == 200], FACTORS, "fd", "min",
-                                                            bootstrap=False).to_json()))
+    assert json.loads(out) == json.loads(
+        json.dumps(analyze(t[t["step"] == 200], FACTORS, "fd", "min", bootstrap=False).to_json())
+    )
     rc, out, err = run_main([long_csv, *BASE, "--all-steps", "--format", "json"])
     assert rc == 0, err
     j = json.loads(out)
     assert j["steps"] == list(STEPS) and set(j["per_step"]) == {str(s) for s in STEPS}
-    assert j["per_step"]["200"]["main_effects"] == json.loads(
-        run_main([long_csv, *BASE, "--step", "200", "--format", "json"])[1])["main_effects"]
+    assert (
+        j["per_step"]["200"]["main_effects"]
+        == json.loads(run_main([long_csv, *BASE, "--step", "200", "--format", "json"])[1])["main_effects"]
+    )
     assert any(s.startswith("A: helps at step 100") for s in j["statements"])
     rc, out, err = run_main([long_csv, *BASE, "--all-steps"])
     assert rc == 0, err
@@ -233,16 +266,21 @@ def test_cli_bad_step_input_is_one_line(long_csv, tmp_path):
     pd.read_csv(long_csv).drop(columns="step").drop_duplicates("trial").to_csv(flat, index=False)
     _one_line(*run_main([flat, *BASE, "--all-steps"]), str(flat), "no 'step' column", "--step-col")
     _one_line(*run_main([flat, *BASE, "--step", "100"]), str(flat), "no 'step' column")
-    _one_line(*run_main([long_csv, *BASE, "--step", "250"]), "step 250 is not in", str(long_csv),
-              "evaluated steps: 100, 200, 300, 400")
+    _one_line(
+        *run_main([long_csv, *BASE, "--step", "250"]),
+        "step 250 is not in",
+        str(long_csv),
+        "evaluated steps: 100, 200, 300, 400",
+    )
     _one_line(*run_main([long_csv, *BASE]), "4 evaluated steps in column 'step'", "--step N", "--all-steps")
     _one_line(*run_main([long_csv, *BASE, "--all-steps", "--step-col", "iteration"]), "--step-col", "iteration")
     _one_line(*run_main([long_csv, *BASE, "--all-steps", "--step", "100"]), "not allowed with")
     _one_line(*run_main([long_csv, *BASE, "--step", "late"]), "--step", "late")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    _one_line(*run_main([long_csv, *BASE, "--all-steps", "--report", blocker / "rep"]), "--report",
-              "cannot write the report")
+    _one_line(
+        *run_main([long_csv, *BASE, "--all-steps", "--report", blocker / "rep"]), "--report", "cannot write the report"
+    )
     text = tmp_path / "text.csv"
     pd.read_csv(long_csv).assign(step="late").to_csv(text, index=False)
     _one_line(*run_main([text, *BASE, "--all-steps"]), "must hold a number", "'late'")
@@ -252,32 +290,42 @@ def test_cli_report_has_the_panel_or_says_one_step(long_csv, tmp_path):
     rc, out, err = run_main([long_csv, *BASE, "--all-steps", "--report", tmp_path / "rep"])
     assert rc == 0, err
     page = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
-    sec = page[page.index('id="sec-fig-over-steps"'):page.index('id="sec-fig-ladder"')]
+    sec = page[page.index('id="sec-fig-over-steps"') : page.index('id="sec-fig-ladder"')]
     assert 'id="fig-over-steps"' in sec and "helps at step 100" in sec and "pointwise" in sec
     ov = json.loads((tmp_path / "rep" / "effects_over_steps.json").read_text())
     assert ov["steps"] == list(STEPS)
     rc, out, err = run_main([long_csv, *BASE, "--step", "400", "--report", tmp_path / "one"])
     assert rc == 0, err
     page = (tmp_path / "one" / "index.html").read_text(encoding="utf-8")
-    sec = page[page.index('id="sec-fig-over-steps"'):page.index('id="sec-fig-ladder"')]
+    sec = page[page.index('id="sec-fig-over-steps"') : page.index('id="sec-fig-ladder"')]
     assert 'id="fig-over-steps"' not in sec and "this report analyses step 400 of the 4 steps" in sec
 
 
 def test_report_panel_from_study_curves_and_plain_words_for_one_step(tmp_path):
     t = long_table()
     last = t[t["step"] == 400].drop(columns="step").assign(cell=lambda d: d["trial"].str[:3], status_reason="")
-    curves = t.assign(cell=t["trial"].str[:3], key="fd", value=t["fd"])[["trial", "cell", "seed", "key", "step",
-                                                                         "value"]]
-    res = StudyResults(study="over", design="full", factors=FACTORS, metric="fd", direction="min", table=last,
-                       curves=curves, steps=400)
+    curves = t.assign(cell=t["trial"].str[:3], key="fd", value=t["fd"])[
+        ["trial", "cell", "seed", "key", "step", "value"]
+    ]
+    res = StudyResults(
+        study="over", design="full", factors=FACTORS, metric="fd", direction="min", table=last, curves=curves, steps=400
+    )
     page = render_report(fit_report(res, bootstrap=False), tmp_path / "over").read_text(encoding="utf-8")
-    sec = page[page.index('id="sec-fig-over-steps"'):page.index('id="sec-fig-ladder"')]
+    sec = page[page.index('id="sec-fig-over-steps"') : page.index('id="sec-fig-ladder"')]
     assert 'id="fig-over-steps"' in sec and "A: helps at step 100" in sec
     assert re.search(r'<a href="#sec-fig-over-steps">', page)
-    one = StudyResults(study="one", design="full", factors=FACTORS, metric="fd", direction="min", table=last,
-                       curves=curves[curves["step"] == 400], steps=400)
+    one = StudyResults(
+        study="one",
+        design="full",
+        factors=FACTORS,
+        metric="fd",
+        direction="min",
+        table=last,
+        curves=curves[curves["step"] == 400],
+        steps=400,
+    )
     page = render_report(fit_report(one, bootstrap=False), tmp_path / "one").read_text(encoding="utf-8")
-    sec = page[page.index('id="sec-fig-over-steps"'):page.index('id="sec-fig-ladder"')]
+    sec = page[page.index('id="sec-fig-over-steps"') : page.index('id="sec-fig-ladder"')]
     assert 'id="fig-over-steps"' not in sec
     assert "fd was evaluated at one step only (step 400)" in sec and "eval_every" in sec
     none = StudyResults(study="none", design="full", factors=FACTORS, metric="fd", direction="min", table=last)
@@ -287,14 +335,26 @@ def test_report_panel_from_study_curves_and_plain_words_for_one_step(tmp_path):
 
 def test_wall_clock_primary_metric_is_not_analysed_over_training(tmp_path):
     t = long_table()
-    last = t[t["step"] == 400].drop(columns="step").assign(cell=lambda d: d["trial"].str[:3], status_reason="",
-                                                          images_per_s=lambda d: 100 + d["A"] * 10.0)
+    last = (
+        t[t["step"] == 400]
+        .drop(columns="step")
+        .assign(cell=lambda d: d["trial"].str[:3], status_reason="", images_per_s=lambda d: 100 + d["A"] * 10.0)
+    )
     curves = t.assign(cell=t["trial"].str[:3], key="images_per_s", value=100.0)[
-        ["trial", "cell", "seed", "key", "step", "value"]]
-    res = StudyResults(study="ips", design="full", factors=FACTORS, metric="images_per_s", direction="max",
-                       table=last, curves=curves, steps=400)
+        ["trial", "cell", "seed", "key", "step", "value"]
+    ]
+    res = StudyResults(
+        study="ips",
+        design="full",
+        factors=FACTORS,
+        metric="images_per_s",
+        direction="max",
+        table=last,
+        curves=curves,
+        steps=400,
+    )
     with pytest.raises(AnalysisError, match="not analysed over training"):
         study_over_steps(res)
     page = render_report(fit_report(res, bootstrap=False), tmp_path / "ips").read_text(encoding="utf-8")
-    sec = page[page.index('id="sec-fig-over-steps"'):page.index('id="sec-fig-ladder"')]
+    sec = page[page.index('id="sec-fig-over-steps"') : page.index('id="sec-fig-ladder"')]
     assert 'id="fig-over-steps"' not in sec and "could not be analysed" in sec and "srdit study bench" in sec

@@ -56,10 +56,14 @@ DESIGNS = {
     "2^(4-1) res IV": (_frac(4, 4), "abcd"),
     "2^(5-2) res III": (_frac(5, 3), "abcde"),
     "2^3 without the all-on cell": (_full(3)[:-1], "abc"),
-    "a requires b (12 of 16 cells)": (_cells([c for c in itertools.product([0, 1], repeat=4)
-                                              if not (c[0] == 1 and c[1] == 0)]), "abcd"),
-    "a excludes b (unbalanced)": (_cells([c for c in itertools.product([0, 1], repeat=3) if not (c[0] and c[1])]),
-                                  "abc"),
+    "a requires b (12 of 16 cells)": (
+        _cells([c for c in itertools.product([0, 1], repeat=4) if not (c[0] == 1 and c[1] == 0)]),
+        "abcd",
+    ),
+    "a excludes b (unbalanced)": (
+        _cells([c for c in itertools.product([0, 1], repeat=3) if not (c[0] and c[1])]),
+        "abc",
+    ),
     "ladder": (_cells([[0, 0, 0], [1, 0, 0], [1, 1, 0], [1, 1, 1]]), "abc"),
     "leave one out": (_cells([[1, 1, 1], [0, 1, 1], [1, 0, 1], [1, 1, 0]]), "abc"),
 }
@@ -67,8 +71,16 @@ DESIGNS = {
 
 def _table(cells: np.ndarray, factors, n_seeds: int, y: np.ndarray) -> pd.DataFrame:
     """One row per (seed, cell) with metric `fd` = y (seed-major order)."""
-    rows = [{**{f: int(v) for f, v in zip(factors, c)}, "seed": s, "status": "finished", "cell": "".join(
-        str(int(v)) for v in c)} for s in range(n_seeds) for c in cells]
+    rows = [
+        {
+            **{f: int(v) for f, v in zip(factors, c)},
+            "seed": s,
+            "status": "finished",
+            "cell": "".join(str(int(v)) for v in c),
+        }
+        for s in range(n_seeds)
+        for c in cells
+    ]
     df = pd.DataFrame(rows)
     df["fd"] = y
     return df
@@ -101,8 +113,11 @@ def test_the_design_model_is_the_analysis_model(name):
             assert d.se_per_sd * sd == pytest.approx(2 * fit.se[d.effect], rel=1e-9)
             assert d.level == pytest.approx(ALPHA / a.pairs.n_tested)
         # whatever the analysis leaves untested is named, with a reason
-        untested = {e for e in [*factors, *(f"{x}:{z}" for x, z in itertools.combinations(factors, 2))]
-                    if e not in {d.effect for d in (*p.mains, *p.pairs)}}
+        untested = {
+            e
+            for e in [*factors, *(f"{x}:{z}" for x, z in itertools.combinations(factors, 2))]
+            if e not in {d.effect for d in (*p.mains, *p.pairs)}
+        }
         assert untested == set(p.untested)
 
 
@@ -119,8 +134,7 @@ def test_power_formula_matches_statsmodels():
 
     for df, level, ncp in [(7, 0.05, 2.0), (14, 0.05 / 3, 3.3), (30, 0.005, 4.1), (3, 0.05, 5.0)]:
         nobs = df + 1  # a one-sample t test with nobs has df = nobs - 1 and ncp = d sqrt(nobs)
-        ref = TTestPower().power(effect_size=ncp / math.sqrt(nobs), nobs=nobs, alpha=level,
-                                 alternative="two-sided")
+        ref = TTestPower().power(effect_size=ncp / math.sqrt(nobs), nobs=nobs, alpha=level, alternative="two-sided")
         assert power_at(ncp, 1.0, df, level) == pytest.approx(ref, abs=1e-6)
     for df, level in [(7, 0.05), (14, 0.0167), (200, 0.005)]:
         d = mde(1.0, df, level)
@@ -138,8 +152,9 @@ def stats_t(q, df):
 # --------------------------------------------------------------------------------------------------------------------
 # simulation: the report's own analysis on data planted at the reported MDE
 # --------------------------------------------------------------------------------------------------------------------
-def _simulate(cells: np.ndarray, factors, n_seeds: int, sigma: float, main: float, synergy: float,
-              pairs, n_sims: int, seed: int) -> tuple[float, float]:
+def _simulate(
+    cells: np.ndarray, factors, n_seeds: int, sigma: float, main: float, synergy: float, pairs, n_sims: int, seed: int
+) -> tuple[float, float]:
     """Detection rates (mains: p < alpha; pairs: in `significant`) over n_sims datasets with every main effect
     = `main` and every pair in `pairs` with synergy = `synergy` (gain units; fd is minimised, so y carries the
     opposite sign), random seed offsets (the seed block absorbs them) and N(0, sigma^2) noise."""
@@ -155,8 +170,14 @@ def _simulate(cells: np.ndarray, factors, n_seeds: int, sigma: float, main: floa
     n_mains = len(factors)
     for _ in range(n_sims):
         y = mean + rng.normal(0, 1.0, n_seeds)[seed_of] + rng.normal(0, sigma, len(mean))
-        res = StudyResults(study="sim", design="full", factors=factors, metric="fd", direction="min",
-                           table=_table(cells, factors, n_seeds, y))
+        res = StudyResults(
+            study="sim",
+            design="full",
+            factors=factors,
+            metric="fd",
+            direction="min",
+            table=_table(cells, factors, n_seeds, y),
+        )
         a = analyze_study(res, bootstrap=False)["fd"]
         hits_m += sum(1 for f in factors if (a.fit.p.get(f) is not None and a.fit.p[f] < ALPHA))
         hits_p += sum(1 for x, z in pairs if f"{x}:{z}" in a.pairs.significant)
@@ -290,8 +311,11 @@ def test_plan_prints_and_json_carries_the_power_block(capsys):
 def test_non_factorial_designs_say_power_is_for_factorials_only():
     data = yaml.safe_load(QUICK.read_text())
     data["design"] = {"kind": "ladder", "order": ["sprint", "rope", "logit_normal"]}
-    specs = [load_study(ROOT / "studies" / "digits_stack_loo.yaml"), load_study_from(data),
-             load_study(ROOT / "studies" / "imagenet256_search.yaml")]
+    specs = [
+        load_study(ROOT / "studies" / "digits_stack_loo.yaml"),
+        load_study_from(data),
+        load_study(ROOT / "studies" / "imagenet256_search.yaml"),
+    ]
     for spec in specs:
         block = power_block(spec, plan_study(spec), sigma=1.0, target=1.0)
         assert block["design"] is None and block["proposal"] is None and "factorial designs only" in block["note"]
@@ -315,8 +339,12 @@ def _log_pilot(tmp_path: Path, seeds, values) -> Path:
     from srdit.runtime.tracking import ChildRun, open_study, resolve_uri
 
     data = yaml.safe_load(QUICK.read_text())
-    data.update(name="pilot", seeds=list(seeds), techniques=["rope", "logit_normal"],
-                metrics={"primary": "fd", "direction": "min"})
+    data.update(
+        name="pilot",
+        seeds=list(seeds),
+        techniques=["rope", "logit_normal"],
+        metrics={"primary": "fd", "direction": "min"},
+    )
     path = tmp_path / "pilot.yaml"
     path.write_text(yaml.safe_dump(data))
     spec = load_study(path)
@@ -324,8 +352,13 @@ def _log_pilot(tmp_path: Path, seeds, values) -> Path:
     uri = resolve_uri(spec.tracking.uri, state)
     tr = open_study(uri, spec.name, spec.name, state)
     for t in plan_study(spec).trials:
-        tags = {"study": spec.name, "cell": t.cell, "seed": t.seed, "design": "full",
-                **{f"tech.{n}": int(n in t.on) for n in spec.factor_names}}
+        tags = {
+            "study": spec.name,
+            "cell": t.cell,
+            "seed": t.seed,
+            "design": "full",
+            **{f"tech.{n}": int(n in t.on) for n in spec.factor_names},
+        }
         child = ChildRun.open(uri, tr.experiment_id, tr.parent_run_id, t.key, f"{t.cell}-s{t.seed}", tags, {})
         v = values(t.cell, t.seed)
         if v is not None:
@@ -354,8 +387,13 @@ def test_pilot_noise_is_the_pooled_within_cell_sd_of_its_finished_runs(tmp_path,
 
 
 def test_pooled_sd_counts_finished_replicates_only():
-    t = pd.DataFrame({"cell": ["a", "a", "a", "b", "b"], "fd": [1.0, 3.0, np.nan, 5.0, 9.0],
-                      "status": ["finished", "finished", "finished", "finished", "diverged"]})
+    t = pd.DataFrame(
+        {
+            "cell": ["a", "a", "a", "b", "b"],
+            "fd": [1.0, 3.0, np.nan, 5.0, 9.0],
+            "status": ["finished", "finished", "finished", "finished", "diverged"],
+        }
+    )
     assert pooled_sd(t, "fd") == (pytest.approx(math.sqrt(2.0)), 1, 1)
     t["fd"] = [1.0, 2.0, 4.0, 8.0, 16.0]
     t["status"] = "finished"
@@ -380,8 +418,7 @@ def test_bad_power_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert "not allowed with" in _error(capsys, QUICK, "--noise-sd", "1", "--pilot", QUICK)
     assert "--target-mde needs a noise sd" in _error(capsys, QUICK, "--target-mde", "1")
     for bad in ("0", "-2", "nan"):
-        assert "--target-mde must be a positive number" in _error(capsys, QUICK, "--noise-sd", "1",
-                                                                  "--target-mde", bad)
+        assert "--target-mde must be a positive number" in _error(capsys, QUICK, "--noise-sd", "1", "--target-mde", bad)
     assert "no such file" in _error(capsys, QUICK, "--pilot", tmp_path / "nope.yaml")
     msg = _error(capsys, QUICK, "--pilot", QUICK, "--state", tmp_path / "empty")
     assert "--pilot" in msg and "srdit study run" in msg

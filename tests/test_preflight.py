@@ -20,12 +20,23 @@ def test_ladder_plan_lists_every_missing_input_with_its_making_command(tmp_path,
     assert main(["plan", str(LADDER), "--json"]) == 0
     problems = json.loads(capsys.readouterr().out)["preflight"]
     by_field = {p.split(" ", 1)[0]: p for p in problems}
-    assert set(by_field) == {"data.path", "data.teacher_path", "data.tokenizer_path", "eval.reference",
-                             "eval.inception_path", "eval.dinov2_path", "resources:"}, problems
-    assert ("`srdit preprocess IMAGE_DIR data/imagenet256_invae --tokenizer invae --weights "
-            "weights/e2e-invae-400k.pt --keep-images`") in by_field["data.path"]
-    assert ("`srdit reference data/imagenet256_invae data/imagenet256_reference.npz --inception "
-            "weights/pt_inception-2015-12-05-6726825d.pth --dinov2 weights/dinov2`") in by_field["eval.reference"]
+    assert set(by_field) == {
+        "data.path",
+        "data.teacher_path",
+        "data.tokenizer_path",
+        "eval.reference",
+        "eval.inception_path",
+        "eval.dinov2_path",
+        "resources:",
+    }, problems
+    assert (
+        "`srdit preprocess IMAGE_DIR data/imagenet256_invae --tokenizer invae --weights "
+        "weights/e2e-invae-400k.pt --keep-images`"
+    ) in by_field["data.path"]
+    assert (
+        "`srdit reference data/imagenet256_invae data/imagenet256_reference.npz --inception "
+        "weights/pt_inception-2015-12-05-6726825d.pth --dinov2 weights/dinov2`"
+    ) in by_field["eval.reference"]
     assert "dinov2_vitb14_pretrain.pth" in by_field["data.teacher_path"]
     assert "dinov2_vitl14_pretrain.pth" in by_field["eval.dinov2_path"]
     assert "pt_inception-2015-12-05-6726825d.pth" in by_field["eval.inception_path"]
@@ -40,8 +51,9 @@ def test_ladder_run_without_data_exits_2_and_records_nothing(tmp_path, monkeypat
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert main(["run", str(LADDER), "--state", "state"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("srdit study run: error: study imagenet256_sr_dit_ladder cannot run: 7 problem(s); nothing "
-                          "was started")
+    assert err.startswith(
+        "srdit study run: error: study imagenet256_sr_dit_ladder cannot run: 7 problem(s); nothing was started"
+    )
     for cmd in ("`srdit preprocess IMAGE_DIR data/imagenet256_invae", "`srdit reference data/imagenet256_invae"):
         assert cmd in err
     assert "Traceback" not in err
@@ -88,14 +100,24 @@ def test_every_path_field_a_run_reads_is_checked(tmp_path, monkeypatch):
     from srdit.config import PATH_FIELDS, DataConfig, EvalConfig, ModelConfig, RepaConfig, RunConfig, TrainConfig
 
     missing = tmp_path / "missing"
-    cfg = RunConfig(model=ModelConfig(in_channels=4, input_size=4, num_classes=3,
-                                      repa=RepaConfig(enabled=True, teacher_dim=768)),
-                    data=DataConfig(dataset="latents", path=str(missing / "lat"), teacher="dinov2_vitb14",
-                                    teacher_path=str(missing / "dino"), tokenizer="invae",
-                                    tokenizer_path=str(missing / "invae.pt"), teacher_cache=str(missing / "cache")),
-                    eval=EvalConfig(reference=str(missing / "ref.npz"), inception_path=str(missing / "inc.pth"),
-                                    dinov2_path=str(missing / "dinol")),
-                    train=TrainConfig(init=str(missing / "init.pt")))
+    cfg = RunConfig(
+        model=ModelConfig(in_channels=4, input_size=4, num_classes=3, repa=RepaConfig(enabled=True, teacher_dim=768)),
+        data=DataConfig(
+            dataset="latents",
+            path=str(missing / "lat"),
+            teacher="dinov2_vitb14",
+            teacher_path=str(missing / "dino"),
+            tokenizer="invae",
+            tokenizer_path=str(missing / "invae.pt"),
+            teacher_cache=str(missing / "cache"),
+        ),
+        eval=EvalConfig(
+            reference=str(missing / "ref.npz"),
+            inception_path=str(missing / "inc.pth"),
+            dinov2_path=str(missing / "dinol"),
+        ),
+        train=TrainConfig(init=str(missing / "init.pt")),
+    )
     fields = [p.field for p in inputs.input_problems(cfg)]
     assert fields == [f for f in PATH_FIELDS if f not in inputs.OUTPUTS]
     monkeypatch.delitem(inputs.CHECKS, "eval.reference")
@@ -111,8 +133,10 @@ def test_evaluation_check_names_the_command_that_makes_the_reference(tmp_path):
 
     tok = tmp_path / "invae.pt"
     tok.write_bytes(b"x")
-    cfg = RunConfig(data=DataConfig(dataset="latents", path="lat", tokenizer="invae", tokenizer_path=str(tok)),
-                    eval=EvalConfig(reference=str(tmp_path / "ref.npz"), inception_path=str(tmp_path / "inc.pth")))
+    cfg = RunConfig(
+        data=DataConfig(dataset="latents", path="lat", tokenizer="invae", tokenizer_path=str(tok)),
+        eval=EvalConfig(reference=str(tmp_path / "ref.npz"), inception_path=str(tmp_path / "inc.pth")),
+    )
     with pytest.raises(FileNotFoundError) as e:
         check_evaluation(cfg)
     text = str(e.value)
@@ -126,18 +150,20 @@ def _spec(tmp_path, resources):
     return load_study(_study(tmp_path, resources=resources))
 
 
-@pytest.mark.parametrize("resources,nodes,fits", [
-    ({"workers": 2, "cpus": 1}, [{"CPU": 2}], True),  # the README's CPU example on a 2-core machine
-    ({"workers": 2, "cpus": 1}, [{"CPU": 1}, {"CPU": 1}], True),  # one worker per node
-    ({"workers": 2, "cpus": 2}, [{"CPU": 2}], False),
-    ({"cpus": 4}, [{"CPU": 2}, {"CPU": 2}], False),  # a single-process trial lives on one node
-    ({"gpus": 8, "cpus": 4}, [{"CPU": 16, "GPU": 4}, {"CPU": 16, "GPU": 4}], True),
-    ({"gpus": 8, "cpus": 4}, [{"CPU": 16, "GPU": 8}], False),  # 32 CPUs for 8 workers
-    ({"gpus": 2}, [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}], True),  # 2 GPUs = 2 workers, one per node
-    ({"gpus": 1}, [{"CPU": 8}], False),
-])
-def test_a_trial_that_cannot_fit_is_refused_saying_what_it_needs_and_what_exists(tmp_path, resources, nodes,
-                                                                                 fits):
+@pytest.mark.parametrize(
+    "resources,nodes,fits",
+    [
+        ({"workers": 2, "cpus": 1}, [{"CPU": 2}], True),  # the README's CPU example on a 2-core machine
+        ({"workers": 2, "cpus": 1}, [{"CPU": 1}, {"CPU": 1}], True),  # one worker per node
+        ({"workers": 2, "cpus": 2}, [{"CPU": 2}], False),
+        ({"cpus": 4}, [{"CPU": 2}, {"CPU": 2}], False),  # a single-process trial lives on one node
+        ({"gpus": 8, "cpus": 4}, [{"CPU": 16, "GPU": 4}, {"CPU": 16, "GPU": 4}], True),
+        ({"gpus": 8, "cpus": 4}, [{"CPU": 16, "GPU": 8}], False),  # 32 CPUs for 8 workers
+        ({"gpus": 2}, [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}], True),  # 2 GPUs = 2 workers, one per node
+        ({"gpus": 1}, [{"CPU": 8}], False),
+    ],
+)
+def test_a_trial_that_cannot_fit_is_refused_saying_what_it_needs_and_what_exists(tmp_path, resources, nodes, fits):
     from srdit.study.preflight import resource_problems
 
     problems = resource_problems(_spec(tmp_path, resources), nodes, "the cluster")

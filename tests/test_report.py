@@ -15,8 +15,8 @@ import pytest
 from scipy import stats
 
 from srdit.analysis.page import render_index, render_report
-from srdit.analysis.report_fit import fit_report
 from srdit.analysis.records import write_records
+from srdit.analysis.report_fit import fit_report
 from srdit.analysis.results import StudyResults
 
 FIGURE_IDS = ["fig-synergy", "fig-effects", "fig-over-steps", "fig-ladder", "fig-pareto", "fig-curves"]
@@ -29,8 +29,12 @@ def png_bytes(w: int, h: int, rgb) -> bytes:
     def chunk(tag: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
 
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(raw))
+        + chunk(b"IEND", b"")
+    )
 
 
 def make_results(tmp: Path, seed: int = 0, planted_failure: bool = False) -> StudyResults:
@@ -54,15 +58,42 @@ def make_results(tmp: Path, seed: int = 0, planted_failure: bool = False) -> Stu
             elif x["repa"] and x["rope"] and x["sprint"] and s == 1:
                 status, reason = "diverged", "loss is NaN at step 310"
             ok = status == "finished"
-            rows.append({"trial": f"t{trial:03d}", "cell": cell, "seed": s, "status": status, "status_reason": reason,
-                         **x, "fd": fd if ok else np.nan, "kd": fd / 100 if ok else np.nan,
-                         "precision": 0.5 + (30 - fd) / 60 if ok else np.nan,
-                         "images_per_s": ips if ok else np.nan, "loss": 0.3 + fd / 200 if ok else np.nan})
+            rows.append(
+                {
+                    "trial": f"t{trial:03d}",
+                    "cell": cell,
+                    "seed": s,
+                    "status": status,
+                    "status_reason": reason,
+                    **x,
+                    "fd": fd if ok else np.nan,
+                    "kd": fd / 100 if ok else np.nan,
+                    "precision": 0.5 + (30 - fd) / 60 if ok else np.nan,
+                    "images_per_s": ips if ok else np.nan,
+                    "loss": 0.3 + fd / 200 if ok else np.nan,
+                }
+            )
             for step in range(0, 401, 50):
-                curves.append({"trial": f"t{trial:03d}", "cell": cell, "seed": s, "key": "loss", "step": step,
-                               "value": np.exp(-step / 150) + 0.3 + fd / 200 + rng.normal(0, 0.01)})
-                curves.append({"trial": f"t{trial:03d}", "cell": cell, "seed": s, "key": "fd", "step": step,
-                               "value": fd + 40 * np.exp(-step / 120)})
+                curves.append(
+                    {
+                        "trial": f"t{trial:03d}",
+                        "cell": cell,
+                        "seed": s,
+                        "key": "loss",
+                        "step": step,
+                        "value": np.exp(-step / 150) + 0.3 + fd / 200 + rng.normal(0, 0.01),
+                    }
+                )
+                curves.append(
+                    {
+                        "trial": f"t{trial:03d}",
+                        "cell": cell,
+                        "seed": s,
+                        "key": "fd",
+                        "step": step,
+                        "value": fd + 40 * np.exp(-step / 120),
+                    }
+                )
             trial += 1
     samples = {}
     for i, cell in enumerate(["baseline", "repa", "repa+rope"]):
@@ -70,12 +101,27 @@ def make_results(tmp: Path, seed: int = 0, planted_failure: bool = False) -> Stu
         p.write_bytes(png_bytes(24, 24, lambda x, y, i=i: ((x * 10 + i * 70) % 256, (y * 10) % 256, 40 * i)))
         samples[cell] = str(p)
     return StudyResults(
-        study="digits_factorial_test", design="full", factors=F, metric="fd", direction="min",
-        other_metrics={"images_per_s": "max", "kd": "min", "precision": "max"}, table=pd.DataFrame(rows),
-        curves=pd.DataFrame(curves), samples=samples,
-        excluded=[{"cell": "rope+sprint", "techniques": ["rope", "sprint"],
-                   "reason": "constraint: sprint requires repa in this study"}],
-        aliases={}, ladder_order=["repa", "rope", "sprint"], commit="0123456789abcdef", date="2026-11-02")
+        study="digits_factorial_test",
+        design="full",
+        factors=F,
+        metric="fd",
+        direction="min",
+        other_metrics={"images_per_s": "max", "kd": "min", "precision": "max"},
+        table=pd.DataFrame(rows),
+        curves=pd.DataFrame(curves),
+        samples=samples,
+        excluded=[
+            {
+                "cell": "rope+sprint",
+                "techniques": ["rope", "sprint"],
+                "reason": "constraint: sprint requires repa in this study",
+            }
+        ],
+        aliases={},
+        ladder_order=["repa", "rope", "sprint"],
+        commit="0123456789abcdef",
+        date="2026-11-02",
+    )
 
 
 def _scripts_with_remote_src(page: str) -> list[str]:
@@ -98,11 +144,17 @@ def test_render_report_is_self_contained_with_every_figure(tmp_path):
     # samples embedded as data URIs, one per recorded cell
     assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', page)) == 3
     # failed and excluded cells with their reasons
-    for text in ("CUDA out of memory at step 120", "loss is NaN at step 310", "constraint: sprint requires repa",
-                 "excluded", "oom", "diverged"):
+    for text in (
+        "CUDA out of memory at step 120",
+        "loss is NaN at step 310",
+        "constraint: sprint requires repa",
+        "excluded",
+        "oom",
+        "diverged",
+    ):
         assert text in page, text
     # the summary: best reliable combination, strongest synergy, no flags in this study
-    summary = page[page.index('id="sec-summary"'):page.index('id="sec-fig-synergy"')]
+    summary = page[page.index('id="sec-summary"') : page.index('id="sec-fig-synergy"')]
     assert "repa+rope" in summary and "strongest synergy" in summary and "none flagged" in summary
     assert "positive = better" in page
     # side files: the analysis as JSON, per-cell CSV, a summary for the index page
@@ -118,7 +170,7 @@ def test_render_report_is_self_contained_with_every_figure(tmp_path):
 def test_report_shows_flagged_incompatibility(tmp_path):
     res = make_results(tmp_path, planted_failure=True)
     page = render_report(fit_report(res), tmp_path / "out").read_text(encoding="utf-8")
-    summary = page[page.index('id="sec-summary"'):page.index('id="sec-fig-synergy"')]
+    summary = page[page.index('id="sec-summary"') : page.index('id="sec-fig-synergy"')]
     assert "repa:sprint" in summary and "runs fail together" in summary
     assert "fails \\u2715" in page or "fails ✕" in page  # the heatmap cell of the failed pair (JSON-escaped)
     effects = json.loads((tmp_path / "out" / "effects.json").read_text())
@@ -131,29 +183,83 @@ def test_report_for_fractional_and_ladder_designs(tmp_path):
     for a, b, c in itertools.product([0, 1], repeat=3):
         d = (a + b + c) % 2
         for s in range(2):
-            rows.append({"trial": f"t{len(rows)}", "cell": "+".join(f for f, v in zip("ABCD", (a, b, c, d)) if v)
-                         or "baseline", "seed": s, "status": "finished", "status_reason": "", "A": a, "B": b, "C": c,
-                         "D": d, "fd": 10 - a - b + 0.1 * s + 0.05 * c})
-    frac = StudyResults(study="frac", design="frac(res=4)", factors=list("ABCD"), metric="fd", direction="min",
-                        table=pd.DataFrame(rows), aliases={"A:B": ["C:D"], "A:C": ["B:D"], "A:D": ["B:C"]})
+            rows.append(
+                {
+                    "trial": f"t{len(rows)}",
+                    "cell": "+".join(f for f, v in zip("ABCD", (a, b, c, d)) if v) or "baseline",
+                    "seed": s,
+                    "status": "finished",
+                    "status_reason": "",
+                    "A": a,
+                    "B": b,
+                    "C": c,
+                    "D": d,
+                    "fd": 10 - a - b + 0.1 * s + 0.05 * c,
+                }
+            )
+    frac = StudyResults(
+        study="frac",
+        design="frac(res=4)",
+        factors=list("ABCD"),
+        metric="fd",
+        direction="min",
+        table=pd.DataFrame(rows),
+        aliases={"A:B": ["C:D"], "A:C": ["B:D"], "A:D": ["B:C"]},
+    )
     page = render_report(fit_report(frac), tmp_path / "frac").read_text(encoding="utf-8")
     assert "aliased" in page and "A:B + C:D" in page
     assert json.loads((tmp_path / "frac" / "effects.json").read_text())["fd"]["synergy"]["A:B"] is None
     # a ladder design (nested cells only): the waterfall is drawn, no synergy is invented
     chain = [[], ["A"], ["A", "B"], ["A", "B", "C"]]
-    rows = [{"trial": f"t{i}{s}", "cell": "+".join(on) or "baseline", "seed": s, "status": "finished",
-             "status_reason": "", **{f: int(f in on) for f in "ABC"}, "fd": 10 - 2 * len(on) + 0.1 * s}
-            for i, on in enumerate(chain) for s in range(2)]
-    lad = StudyResults(study="ladder", design="ladder", factors=list("ABC"), metric="fd", direction="min",
-                       table=pd.DataFrame(rows), ladder_order=["A", "B", "C"])
+    rows = [
+        {
+            "trial": f"t{i}{s}",
+            "cell": "+".join(on) or "baseline",
+            "seed": s,
+            "status": "finished",
+            "status_reason": "",
+            **{f: int(f in on) for f in "ABC"},
+            "fd": 10 - 2 * len(on) + 0.1 * s,
+        }
+        for i, on in enumerate(chain)
+        for s in range(2)
+    ]
+    lad = StudyResults(
+        study="ladder",
+        design="ladder",
+        factors=list("ABC"),
+        metric="fd",
+        direction="min",
+        table=pd.DataFrame(rows),
+        ladder_order=["A", "B", "C"],
+    )
     page = render_report(fit_report(lad), tmp_path / "ladder").read_text(encoding="utf-8")
     assert 'id="fig-ladder"' in page and "n/a" in page
     assert 'strongest synergy</div><div class="value">not estimable' in page  # not "none"
     # a study where nothing finished still renders, saying why
-    dead = StudyResults(study="dead", design="full", factors=["A", "B"], metric="fd", direction="min",
-                        table=pd.DataFrame([{"trial": "t", "cell": "A", "seed": 0, "status": "crashed",
-                                             "status_reason": "boom", "A": a, "B": b, "fd": np.nan}
-                                            for a in (0, 1) for b in (0, 1)]))
+    dead = StudyResults(
+        study="dead",
+        design="full",
+        factors=["A", "B"],
+        metric="fd",
+        direction="min",
+        table=pd.DataFrame(
+            [
+                {
+                    "trial": "t",
+                    "cell": "A",
+                    "seed": 0,
+                    "status": "crashed",
+                    "status_reason": "boom",
+                    "A": a,
+                    "B": b,
+                    "fd": np.nan,
+                }
+                for a in (0, 1)
+                for b in (0, 1)
+            ]
+        ),
+    )
     page = render_report(fit_report(dead), tmp_path / "dead").read_text(encoding="utf-8")
     assert "not possible" in page and "no finished run" in page
 
@@ -221,11 +327,22 @@ def test_unreplicated_screen_gets_a_half_normal_plot_with_lenths_margins(tmp_pat
     # Montgomery's filtration rate (2^4, one run per cell): Lenth's margins and the active effects on the page
     labels = ["1", "a", "b", "ab", "c", "ac", "bc", "abc", "d", "ad", "bd", "abd", "cd", "acd", "bcd", "abcd"]
     vals = [45, 71, 48, 65, 68, 60, 80, 65, 43, 100, 45, 104, 75, 86, 70, 96]
-    rows = [{"trial": lab, "cell": lab, "seed": 0, "status": "finished", "status_reason": "",
-             **{f.upper(): int(f in lab) for f in "abcd"}, "rate": v} for lab, v in zip(labels, vals)]
-    res = StudyResults(study="screen", design="full", factors=list("ABCD"), metric="rate", direction="max",
-                       table=pd.DataFrame(rows))
+    rows = [
+        {
+            "trial": lab,
+            "cell": lab,
+            "seed": 0,
+            "status": "finished",
+            "status_reason": "",
+            **{f.upper(): int(f in lab) for f in "abcd"},
+            "rate": v,
+        }
+        for lab, v in zip(labels, vals)
+    ]
+    res = StudyResults(
+        study="screen", design="full", factors=list("ABCD"), metric="rate", direction="max", table=pd.DataFrame(rows)
+    )
     page = render_report(fit_report(res), tmp_path / "screen").read_text(encoding="utf-8")
-    sec = page[page.index('id="sec-fig-half-normal"'):page.index('id="sec-fig-effects"')]
+    sec = page[page.index('id="sec-fig-half-normal"') : page.index('id="sec-fig-effects"')]
     assert 'id="fig-half-normal"' in sec and "PSE = 2.62" in sec and "A, C, D, A:C, A:D" in sec
     assert "point estimate" in page  # no error estimate: the best cell is not called a winner

@@ -23,14 +23,33 @@ from srdit.analysis.report_fit import fit_report  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-CHROMIUM = next((p for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
-                 if p and Path(p).exists()), None)
+CHROMIUM = next(
+    (
+        p
+        for p in (shutil.which("chromium"), shutil.which("chromium-browser"), "/usr/bin/chromium")
+        if p and Path(p).exists()
+    ),
+    None,
+)
 
 
 def chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
-    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-extensions",
-           f"--user-data-dir={profile}", "--virtual-time-budget=10000", "--enable-logging=stderr", "--v=0", *args]
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--disable-extensions",
+        f"--user-data-dir={profile}",
+        "--virtual-time-budget=10000",
+        "--enable-logging=stderr",
+        "--v=0",
+        *args,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
 
 
@@ -40,8 +59,8 @@ def decode_png(data: bytes) -> np.ndarray:
     assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
     pos, idat, hdr = 8, [], None
     while pos < len(data):
-        (n,) = struct.unpack(">I", data[pos:pos + 4])
-        typ, chunk = data[pos + 4:pos + 8], data[pos + 8:pos + 8 + n]
+        (n,) = struct.unpack(">I", data[pos : pos + 4])
+        typ, chunk = data[pos + 4 : pos + 8], data[pos + 8 : pos + 8 + n]
         pos += 12 + n
         if typ == b"IHDR":
             hdr = struct.unpack(">IIBBBBB", chunk)
@@ -92,8 +111,10 @@ def test_png_decoder_roundtrip():
 
 
 # CI (.ci/run) installs chromium and sets SRDIT_REQUIRE_BROWSER=1, so there a missing browser fails instead of skipping.
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("SRDIT_REQUIRE_BROWSER"),
-                    reason="chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("SRDIT_REQUIRE_BROWSER"),
+    reason="chromium is not installed (apt-get install chromium)",
+)
 def test_report_renders_in_headless_chromium(tmp_path):
     res = make_results(tmp_path)
     page = render_report(fit_report(res), tmp_path / "dash" / res.study)
@@ -119,8 +140,9 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert len(re.findall(r'<img [^>]*src="data:image/png', dom)) == 3
 
     shot = tmp_path / "shot.png"
-    shot_run = chromium([f"--screenshot={shot}", "--window-size=1400,3000", "--hide-scrollbars", url],
-                        tmp_path / "profile2")
+    shot_run = chromium(
+        [f"--screenshot={shot}", "--window-size=1400,3000", "--hide-scrollbars", url], tmp_path / "profile2"
+    )
     assert shot.exists(), shot_run.stderr[-2000:]
     img = decode_png(shot.read_bytes()).astype(float)
     assert img.shape[:2] == (3000, 1400)
@@ -132,8 +154,10 @@ def test_report_renders_in_headless_chromium(tmp_path):
     assert len(colours) > 200  # figures, not a flat page
 
 
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("SRDIT_REQUIRE_BROWSER"),
-                    reason="chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("SRDIT_REQUIRE_BROWSER"),
+    reason="chromium is not installed (apt-get install chromium)",
+)
 def test_leave_one_out_report_renders_without_errors(tmp_path):
     """A leave-one-out study has no estimable pair: the synergy matrix is replaced by a sentence (an all-empty
     heatmap made plotly throw), and every figure that is drawn renders without JavaScript errors."""
@@ -147,13 +171,31 @@ def test_leave_one_out_report_renders_without_errors(tmp_path):
     rows = []
     for i, x in enumerate(cells):
         cell = "+".join(f for f in factors if x[f])
-        rows.append({"trial": f"t{i}", "cell": cell, "seed": 0, "status": "finished", "status_reason": "", **x,
-                     "fd": 20.0 + 3 * i, "kd": 0.2 + 0.01 * i, "precision": 0.6, "images_per_s": 100.0 + i,
-                     "loss": 0.4})
-    curves = pd.DataFrame([{"trial": r["trial"], "cell": r["cell"], "seed": 0, "key": "loss", "step": s,
-                            "value": 1.0 / (1 + s)} for r in rows for s in (0, 10, 20)])
-    res = dataclasses.replace(base, study="loo", design="loo", table=pd.DataFrame(rows), curves=curves, samples={},
-                              excluded=[], aliases={})
+        rows.append(
+            {
+                "trial": f"t{i}",
+                "cell": cell,
+                "seed": 0,
+                "status": "finished",
+                "status_reason": "",
+                **x,
+                "fd": 20.0 + 3 * i,
+                "kd": 0.2 + 0.01 * i,
+                "precision": 0.6,
+                "images_per_s": 100.0 + i,
+                "loss": 0.4,
+            }
+        )
+    curves = pd.DataFrame(
+        [
+            {"trial": r["trial"], "cell": r["cell"], "seed": 0, "key": "loss", "step": s, "value": 1.0 / (1 + s)}
+            for r in rows
+            for s in (0, 10, 20)
+        ]
+    )
+    res = dataclasses.replace(
+        base, study="loo", design="loo", table=pd.DataFrame(rows), curves=curves, samples={}, excluded=[], aliases={}
+    )
     page = render_report(fit_report(res), tmp_path / "dash" / "loo")
     html = page.read_text(encoding="utf-8")
     assert "No pairwise synergy is estimable here" in html
@@ -186,20 +228,49 @@ def trust_study():
             oom = all(lv)
             fd = 20 - 3 * x["repa"] - 1.5 * x["rope"] + rng.normal(0, 0.4)
             key = f"{cell}-{s}"
-            rows.append({"trial": key, "cell": cell, "seed": s, "status": "oom" if oom else "finished",
-                         "status_reason": "CUDA out of memory" if oom else "", **x, "fd": np.nan if oom else fd})
+            rows.append(
+                {
+                    "trial": key,
+                    "cell": cell,
+                    "seed": s,
+                    "status": "oom" if oom else "finished",
+                    "status_reason": "CUDA out of memory" if oom else "",
+                    **x,
+                    "fd": np.nan if oom else fd,
+                }
+            )
             if not oom:
-                curves += [{"trial": key, "cell": cell, "seed": s, "key": "loss", "step": st,
-                            "value": 1.0 / (1 + st / 50) + 0.05 * x["repa"] * 0 + rng.normal(0, 0.01)}
-                           for st in range(0, 201, 20)]
+                curves += [
+                    {
+                        "trial": key,
+                        "cell": cell,
+                        "seed": s,
+                        "key": "loss",
+                        "step": st,
+                        "value": 1.0 / (1 + st / 50) + 0.05 * x["repa"] * 0 + rng.normal(0, 0.01),
+                    }
+                    for st in range(0, 201, 20)
+                ]
                 curves.append({"trial": key, "cell": cell, "seed": s, "key": "fd", "step": 200, "value": fd})
-    return StudyResults(study="trust", design="full", factors=F, metric="fd", direction="min",
-                        table=pd.DataFrame(rows), curves=pd.DataFrame(curves), commit="abc123", date="2026-11-30",
-                        description="Does REPA stack with RoPE and SPRINT on digits?", steps=200)
+    return StudyResults(
+        study="trust",
+        design="full",
+        factors=F,
+        metric="fd",
+        direction="min",
+        table=pd.DataFrame(rows),
+        curves=pd.DataFrame(curves),
+        commit="abc123",
+        date="2026-11-30",
+        description="Does REPA stack with RoPE and SPRINT on digits?",
+        steps=200,
+    )
 
 
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("SRDIT_REQUIRE_BROWSER"),
-                    reason="chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("SRDIT_REQUIRE_BROWSER"),
+    reason="chromium is not installed (apt-get install chromium)",
+)
 def test_report_says_how_sure_it_is_in_chromium(tmp_path):
     res = trust_study()
     page = render_report(fit_report(res, bootstrap=False), tmp_path / "dash" / res.study)
@@ -210,21 +281,26 @@ def test_report_says_how_sure_it_is_in_chromium(tmp_path):
     errors = re.search(r'<pre id="js-errors">(.*?)</pre>', dom, flags=re.S)
     assert errors is not None and errors.group(1).strip() == ""
     # header context: training length (short runs), seeds per cell, runs finished, the description
-    header = dom[dom.index("<header>"):dom.index("</header>")]
-    for s in ("training length <b>200 steps</b>", "short runs", "3 seed(s) per cell", "21 of 24 runs finished",
-              "Does REPA stack with RoPE and SPRINT on digits?"):
+    header = dom[dom.index("<header>") : dom.index("</header>")]
+    for s in (
+        "training length <b>200 steps</b>",
+        "short runs",
+        "3 seed(s) per cell",
+        "21 of 24 runs finished",
+        "Does REPA stack with RoPE and SPRINT on digits?",
+    ):
         assert s in header, s
     # the synergy matrix as drawn: partially aliased cells marked, nothing significant, so nothing in full colour
-    syn = dom[dom.index('id="fig-synergy"'):dom.index('id="sec-fig-effects"')]
+    syn = dom[dom.index('id="fig-synergy"') : dom.index('id="sec-fig-effects"')]
     labels = re.findall(r'class="heatmap-label"><text [^>]*data-unformatted="([^"]*)"', syn)
     assert sum("partly aliased" in t for t in labels) == 3  # the three pairs, in the drawn SVG
     assert not any("n.s." in t or "*" in t for t in labels)  # partially aliased pairs are not tested
     # the best combination is not a bare point estimate
-    summary = dom[dom.index('id="sec-summary"'):dom.index('id="sec-fig-synergy"')]
+    summary = dom[dom.index('id="sec-summary"') : dom.index('id="sec-fig-synergy"')]
     assert "not distinguishable" in summary or "distinguishable" in summary
     # learning curves open on the loss (a real curve) and draw lines
-    cur = dom[dom.index('id="fig-curves"'):]
-    cur = cur[:cur.index("</section>")]
+    cur = dom[dom.index('id="fig-curves"') :]
+    cur = cur[: cur.index("</section>")]
     assert re.search(r'class="g-ytitle".*?>loss<', cur, flags=re.S)
     lines = re.findall(r'class="js-line" d="M([^"]+)"', cur)
     assert sum(len(d) > 40 for d in lines) >= 7  # the 7 finished cells, each a line of 11 points
@@ -235,10 +311,11 @@ def test_report_says_how_sure_it_is_in_chromium(tmp_path):
     t = res.table.copy()
     t.loc[t.status == "oom", ["status", "fd"]] = ["finished", 14.0]
     t.loc[(t.repa == 1) & (t.rope == 1), "fd"] -= 3.0  # a real repa:rope synergy
-    page2 = render_report(fit_report(dataclasses.replace(res, table=t, study="trust2"), bootstrap=False),
-                          tmp_path / "dash" / "trust2")
+    page2 = render_report(
+        fit_report(dataclasses.replace(res, table=t, study="trust2"), bootstrap=False), tmp_path / "dash" / "trust2"
+    )
     dom2 = chromium(["--dump-dom", page2.resolve().as_uri()], tmp_path / "profile2").stdout
-    syn2 = dom2[dom2.index('id="fig-synergy"'):dom2.index('id="sec-fig-effects"')]
+    syn2 = dom2[dom2.index('id="fig-synergy"') : dom2.index('id="sec-fig-effects"')]
     labels2 = re.findall(r'class="heatmap-label"><text [^>]*data-unformatted="([^"]*)"', syn2)
     assert sum("n.s." in t for t in labels2) == 2 and sum("*" in t for t in labels2) == 1
     # the muted layer (opacity < 1) holds the two non-significant cells, the full-colour layer the starred one
@@ -250,8 +327,10 @@ def test_report_says_how_sure_it_is_in_chromium(tmp_path):
     assert img[..., :3].mean(axis=2).std() > 20
 
 
-@pytest.mark.skipif(CHROMIUM is None and not os.environ.get("SRDIT_REQUIRE_BROWSER"),
-                    reason="chromium is not installed (apt-get install chromium)")
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("SRDIT_REQUIRE_BROWSER"),
+    reason="chromium is not installed (apt-get install chromium)",
+)
 def test_tracking_ui_opens_an_experiment_on_its_runs(tmp_path):
     """The server srdit starts (`srdit ui`, tracking servers) opens a plain experiment URL on Runs in a fresh
     browser profile; MLflow's own app opens it on its GenAI overview."""

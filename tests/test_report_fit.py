@@ -22,10 +22,19 @@ from test_report import make_results  # noqa: E402
 
 #: every function of the analysis layer that estimates something from the table
 FITTING = [
-    (effects, "analyze"), (effects, "analyze_study"), (effects, "prepare"), (effects, "fit_effects"),
-    (effects, "pair_synergies"), (effects, "failure_interactions"), (effects, "bootstrap_cis"),
-    (effects, "attribute"), (over_steps, "analyze_over_steps"), (over_steps, "study_over_steps"),
-    (power, "design_power"), (power, "pooled_sd"), (report_fit, "fit_report"),
+    (effects, "analyze"),
+    (effects, "analyze_study"),
+    (effects, "prepare"),
+    (effects, "fit_effects"),
+    (effects, "pair_synergies"),
+    (effects, "failure_interactions"),
+    (effects, "bootstrap_cis"),
+    (effects, "attribute"),
+    (over_steps, "analyze_over_steps"),
+    (over_steps, "study_over_steps"),
+    (power, "design_power"),
+    (power, "pooled_sd"),
+    (report_fit, "fit_report"),
 ]
 
 
@@ -36,6 +45,7 @@ def _forbid_fitting(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(what: str):
         def fitted(*args, **kwargs):
             raise AssertionError(f"the page refitted: {what} was called")
+
         return fitted
 
     for mod_name, mod in list(sys.modules.items()):
@@ -47,7 +57,7 @@ def _forbid_fitting(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _section(html: str, start: str, end: str) -> str:
-    return html[html.index(f'id="{start}"'):html.index(f'id="{end}"')]
+    return html[html.index(f'id="{start}"') : html.index(f'id="{end}"')]
 
 
 def test_the_page_renders_the_passed_fit_and_never_refits(tmp_path, monkeypatch):
@@ -66,9 +76,9 @@ def test_the_page_renders_the_passed_fit_and_never_refits(tmp_path, monkeypatch)
 
     table = _section(html, "sec-effects-table", "sec-cells")
     for f, v in planted.items():
-        assert f"<td>{f}</td><td>main</td><td class=\"num\">{_num(v)}</td>" in table
+        assert f'<td>{f}</td><td>main</td><td class="num">{_num(v)}</td>' in table
     for pair, v in a.fit.interactions.items():
-        assert f"<td class=\"num\">{_num(v)}</td>" in table, pair
+        assert f'<td class="num">{_num(v)}</td>' in table, pair
     summary = _section(html, "sec-summary", "sec-fig-synergy")
     best = a.attribution.best
     assert best.combo in summary and f"{res.metric} = {_num(best.mean, 4)}" in summary
@@ -82,7 +92,8 @@ def test_the_page_renders_the_passed_fit_and_never_refits(tmp_path, monkeypatch)
         if m != res.metric:
             assert written[m] == json.loads(json.dumps(am.to_json(), default=page._json_default))
     assert json.loads((out / "effects_over_steps.json").read_text(encoding="utf-8")) == json.loads(
-        json.dumps(fit.over_steps.to_json(), default=page._json_default))
+        json.dumps(fit.over_steps.to_json(), default=page._json_default)
+    )
     summary_json = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary_json["best"] == json.loads(json.dumps(best.to_json(), default=page._json_default))
     assert summary_json["n_runs"] == a.n_runs and summary_json["n_failed"] == a.n_failed

@@ -43,15 +43,26 @@ def _version(tmp_path: Path, source: str) -> str:
 def test_code_version_ignores_comments_docstrings_and_layout(tmp_path):
     base = _version(tmp_path, MODULE)
     assert len(base) == 16
-    edited = (MODULE.replace("# the factor", "# a new comment").replace("Double it.", "Twice x.")
-              .replace("A module docstring.", "Other words.").replace('"an attribute docstring"', '"changed"')
-              .replace("return 2 * x", "return 2*x"))
+    edited = (
+        MODULE.replace("# the factor", "# a new comment")
+        .replace("Double it.", "Twice x.")
+        .replace("A module docstring.", "Other words.")
+        .replace('"an attribute docstring"', '"changed"')
+        .replace("return 2 * x", "return 2*x")
+    )
     assert edited != MODULE and _version(tmp_path, edited) == base
     assert _version(tmp_path, MODULE + "\n\n# trailing comment\n") == base
 
 
-@pytest.mark.parametrize("change", [("return 2 * x", "return 3 * x"), ("size: int = 3", "size: int = 4"),
-                                    ("import math", "import cmath"), ("def scale(x):", "def scale(y):")])
+@pytest.mark.parametrize(
+    "change",
+    [
+        ("return 2 * x", "return 3 * x"),
+        ("size: int = 3", "size: int = 4"),
+        ("import math", "import cmath"),
+        ("def scale(x):", "def scale(y):"),
+    ],
+)
 def test_code_version_changes_with_the_code(tmp_path, change):
     assert _version(tmp_path, MODULE.replace(*change)) != _version(tmp_path, MODULE)
 
@@ -158,16 +169,26 @@ def test_plan_reuse_without_a_store_reads_nothing_and_creates_nothing(tmp_path):
 # studies in one store
 # ----------------------------------------------------------------------------------------------------------------
 
-TINY_BASE = {"train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 4},
-             "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}
+TINY_BASE = {
+    "train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 4},
+    "eval": {"n_samples": 50, "batch_size": 50},
+    "sample": {"sampler": "euler", "steps": 2},
+}
 LR_X = {"name": "x", "diff": {"train.lr": 2.0e-3}}
 LR_Y = {"name": "y", "diff": {"train.lr": 3.0e-3, "train.grad_clip": 0.5}}
 X_WINS = [{"wins": "x", "over": "y"}]
 
 
 def write_study(path: Path, name: str, techniques=(LR_X, LR_Y), **kw) -> Path:
-    data = {"name": name, "base": TINY_BASE, "techniques": list(techniques), "seeds": [0], "constraints": X_WINS,
-            "metrics": {"primary": "fd", "direction": "min"}, **kw}
+    data = {
+        "name": name,
+        "base": TINY_BASE,
+        "techniques": list(techniques),
+        "seeds": [0],
+        "constraints": X_WINS,
+        "metrics": {"primary": "fd", "direction": "min"},
+        **kw,
+    }
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -176,8 +197,9 @@ def _children(uri: str, parent: str) -> dict:
     from mlflow import MlflowClient
 
     client = MlflowClient(uri)
-    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                              f"tags.`mlflow.parentRunId` = '{parent}'")
+    runs = client.search_runs(
+        [e.experiment_id for e in client.search_experiments()], f"tags.`mlflow.parentRunId` = '{parent}'"
+    )
     return {r.data.tags["cell"]: r for r in runs}
 
 
@@ -191,16 +213,19 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
 
     from srdit.commands.study import main as study_main
     from srdit.commands.study import plan_reuse
-    from srdit.study.designs import plan_study
-    from srdit.runtime.results import load_results
     from srdit.runtime.driver import run_study
+    from srdit.runtime.results import load_results
+    from srdit.study.designs import plan_study
     from srdit.study.spec import load_study
 
     monkeypatch.chdir(tmp_path)
     state = tmp_path / "state"
     a = load_study(write_study(tmp_path / "a.yaml", "a"))
-    b = load_study(write_study(tmp_path / "b.yaml", "b",
-                               techniques=[LR_X, {"name": "y", "diff": {**LR_Y["diff"], "train.lr": 4.0e-3}}]))
+    b = load_study(
+        write_study(
+            tmp_path / "b.yaml", "b", techniques=[LR_X, {"name": "y", "diff": {**LR_Y["diff"], "train.lr": 4.0e-3}}]
+        )
+    )
     ra = run_study(a, state, num_cpus=2)
     assert ra.complete and ra.ran == 4 and ra.reused == 0
     uri = ra.uri
@@ -227,8 +252,9 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
         assert t["git_commit"] == s.data.tags["git_commit"] and t["device"] == s.data.tags["device"]
         assert r.data.metrics == s.data.metrics
         for key in ("loss", "fd"):
-            assert ([(m.step, m.value) for m in client.get_metric_history(r.info.run_id, key)] ==
-                    [(m.step, m.value) for m in client.get_metric_history(s.info.run_id, key)])
+            assert [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, key)] == [
+                (m.step, m.value) for m in client.get_metric_history(s.info.run_id, key)
+            ]
         assert {x.path for x in client.list_artifacts(r.info.run_id)} >= {"samples.png", "config.yaml"}
         assert r.data.params["train.lr"] == s.data.params["train.lr"]
     trained = got["01"].data.tags
@@ -249,8 +275,9 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
     rc = run_study(c, state, num_cpus=2, echo=lines.append)
     assert rc.complete and rc.ran == 0 and rc.reused == 4
     assert not any(ln.startswith("Ray:") for ln in lines)
-    assert {cell: r.data.tags["reused_from"] for cell, r in _children(uri, rc.parent_run_id).items()} == \
-        {cell: r.info.run_id for cell, r in src.items()}
+    assert {cell: r.data.tags["reused_from"] for cell, r in _children(uri, rc.parent_run_id).items()} == {
+        cell: r.info.run_id for cell, r in src.items()
+    }
     # study d (one technique, x): its two cells are a's 00 and 10, but --no-reuse trains them
     d = load_study(write_study(tmp_path / "d.yaml", "d", techniques=[LR_X], constraints=[]))
     assert plan_reuse(d, plan_study(d), state)["reused"] == 2

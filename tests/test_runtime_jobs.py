@@ -19,15 +19,24 @@ from srdit.runtime.state import StudyState
 from srdit.runtime.worker import trainable
 from srdit.study.spec import study_from_dict
 
-TINY = {"train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2, "eval_every": 4},
-        "eval": {"n_samples": 40, "batch_size": 40}, "sample": {"sampler": "euler", "steps": 2}}
+TINY = {
+    "train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2, "eval_every": 4},
+    "eval": {"n_samples": 40, "batch_size": 40},
+    "sample": {"sampler": "euler", "steps": 2},
+}
 
 
 def _spec():
     # cfg2 changes only the evaluation: both cells share one training (a TrainingJob with two members)
-    return study_from_dict({"name": "jobs", "base": TINY, "seeds": [0],
-                            "techniques": [{"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
-                            "metrics": {"primary": "fd", "direction": "min"}})
+    return study_from_dict(
+        {
+            "name": "jobs",
+            "base": TINY,
+            "seeds": [0],
+            "techniques": [{"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
+            "metrics": {"primary": "fd", "direction": "min"},
+        }
+    )
 
 
 def test_a_job_carries_the_resolved_config_and_the_keys():

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from srdit.config import ConfigError, DataConfig, ModelConfig, RunConfig, apply_diff
-from srdit.techniques import load_run_config, with_techniques
 from srdit.data.digits import balanced_labels, random_labels
 from srdit.generate import batch_slice, generate, shard_batches, to_images
 from srdit.imaging import to_uint8
 from srdit.model import build_model
 from srdit.sample_shards import collect, merge, resolve_shard, shard_path, write_shard
+from srdit.techniques import load_run_config, with_techniques
 from srdit.transport import guided_velocity, sample
 
 N, BS = 11, 3  # four protocol batches: 3, 3, 3 and a short one of 2
@@ -31,8 +31,9 @@ def _no_torchrun_env(monkeypatch):
 
 def _cfg(sampler: str = "sde", reg: bool = False, balanced: bool = False) -> RunConfig:
     base = with_techniques(RunConfig(), ["reg"]) if reg else RunConfig()
-    return apply_diff(base, {"sample.sampler": sampler, "sample.steps": 3, "sample.balanced_labels": balanced,
-                             "eval.batch_size": BS})
+    return apply_diff(
+        base, {"sample.sampler": sampler, "sample.steps": 3, "sample.balanced_labels": balanced, "eval.batch_size": BS}
+    )
 
 
 def _model(cfg: RunConfig) -> torch.nn.Module:
@@ -47,8 +48,16 @@ def _old_generate(model, cfg: RunConfig, n: int, seed: int) -> tuple[torch.Tenso
     labels = balanced_labels(n, m.num_classes) if sc.balanced_labels else random_labels(n, m.num_classes, g)
     noise = torch.randn(n, m.in_channels, m.input_size, m.input_size, generator=g)
     state = [noise] + ([torch.randn(n, m.reg.dim, generator=g)] if m.reg.enabled else [])
-    velocity = guided_velocity(model, labels, m.num_classes, sc.cfg_scale, sc.cls_cfg_scale, sc.guidance_low,
-                               sc.guidance_high, sc.path_drop_guidance)
+    velocity = guided_velocity(
+        model,
+        labels,
+        m.num_classes,
+        sc.cfg_scale,
+        sc.cls_cfg_scale,
+        sc.guidance_low,
+        sc.guidance_high,
+        sc.path_drop_guidance,
+    )
     with torch.no_grad():
         res = sample(velocity, state, sc.sampler, sc.steps, cfg.shift_value(), generator=g)
     return res.state[0].float().clamp(-1, 1), labels
@@ -174,11 +183,16 @@ def tiny_invae(tmp_path_factory):
 
 
 def _latent_cfg(tokenizer_path=None) -> RunConfig:
-    data = DataConfig(dataset="latents", path="-", tokenizer="invae" if tokenizer_path else None,
-                      tokenizer_path=str(tokenizer_path) if tokenizer_path else None)
+    data = DataConfig(
+        dataset="latents",
+        path="-",
+        tokenizer="invae" if tokenizer_path else None,
+        tokenizer_path=str(tokenizer_path) if tokenizer_path else None,
+    )
     model = ModelConfig(in_channels=32, input_size=2, patch_size=1, num_classes=5)
-    return apply_diff(RunConfig(model=model, data=data), {"sample.steps": 2, "sample.sampler": "euler",
-                                                         "eval.batch_size": 2}).validate()
+    return apply_diff(
+        RunConfig(model=model, data=data), {"sample.steps": 2, "sample.sampler": "euler", "eval.batch_size": 2}
+    ).validate()
 
 
 def test_latent_samples_decode_through_the_tokenizer(tiny_invae, tmp_path):
@@ -225,8 +239,17 @@ def checkpoint(tmp_path_factory):
     from srdit.train import train
 
     out = tmp_path_factory.mktemp("run")
-    cfg = apply_diff(RunConfig(), {"train.steps": 2, "train.ckpt_every": 2, "train.threads": 1,
-                                   "eval.n_samples": 20, "eval.batch_size": 20, "sample.steps": 2})
+    cfg = apply_diff(
+        RunConfig(),
+        {
+            "train.steps": 2,
+            "train.ckpt_every": 2,
+            "train.threads": 1,
+            "eval.n_samples": 20,
+            "eval.batch_size": 20,
+            "sample.steps": 2,
+        },
+    )
     assert train(cfg, out, progress=False).status == "finished"
     return str(out / "checkpoints" / "last.pt")
 
@@ -242,16 +265,29 @@ def _cli(capsys, *args) -> tuple[int, dict | str]:
 def test_cli_shards_merge_to_the_plain_samples(checkpoint, tmp_path, capsys):
     common = ["--n", "7", "--batch-size", "2", "--sampler", "euler", "--steps", "2", "--device", "cpu"]
     for k in range(3):
-        code, out = _cli(capsys, "sample", checkpoint, *common, "--out", str(tmp_path / "s"), "--shard", str(k),
-                         "--num-shards", "3")
+        code, out = _cli(
+            capsys, "sample", checkpoint, *common, "--out", str(tmp_path / "s"), "--shard", str(k), "--num-shards", "3"
+        )
         assert code == 0 and out["shard_index"] == k and not out["skipped"]
-    code, out = _cli(capsys, "sample", checkpoint, *common, "--out", str(tmp_path / "s"), "--shard", "1",
-                     "--num-shards", "3")
+    code, out = _cli(
+        capsys, "sample", checkpoint, *common, "--out", str(tmp_path / "s"), "--shard", "1", "--num-shards", "3"
+    )
     assert code == 0 and out["skipped"]
     code, out = _cli(capsys, "sample", checkpoint, "--n", "7", "--out", str(tmp_path / "s"), "--merge")
     assert code == 0 and out["npz"].endswith("samples_7.npz")
-    code, one = _cli(capsys, "sample", checkpoint, *common, "--out", str(tmp_path / "one"), "--shard", "0",
-                     "--num-shards", "1", "--merge")
+    code, one = _cli(
+        capsys,
+        "sample",
+        checkpoint,
+        *common,
+        "--out",
+        str(tmp_path / "one"),
+        "--shard",
+        "0",
+        "--num-shards",
+        "1",
+        "--merge",
+    )
     assert code == 0 and one["samples"] == 7
     code, plain = _cli(capsys, "sample", checkpoint, *common, "--out", str(tmp_path / "plain"))
     assert code == 0 and (tmp_path / "plain/samples.png").is_file()

@@ -38,8 +38,10 @@ def test_a_crash_keeps_the_finished_batches(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="node lost"):
         write_shard(model, cfg, tmp_path / "b", N, seed=5, shard=0, num_shards=1)
     path = shard_path(tmp_path / "b", 0, 1)
-    assert not path.exists() and sorted(p.name for p in parts_dir(path).iterdir()) == \
-        ["batch_000000.npz", "batch_000001.npz"]
+    assert not path.exists() and sorted(p.name for p in parts_dir(path).iterdir()) == [
+        "batch_000000.npz",
+        "batch_000001.npz",
+    ]
     calls.clear()
     again = write_shard(model, cfg, tmp_path / "b", N, seed=5, shard=0, num_shards=1)
     assert calls == [2, 3]  # only the batches the crash lost

@@ -14,15 +14,22 @@ from srdit.study.spec import load_study, study_from_dict
 TRAIN_METRICS = ("loss", "grad_norm")
 "Training metrics that must agree between members (throughput is wall-clock and differs)."
 
-TINY = {"train": {"steps": 6, "batch_size": 16, "log_every": 2, "ckpt_every": 3, "eval_every": 3},
-        "eval": {"n_samples": 40, "batch_size": 40}, "sample": {"sampler": "euler", "steps": 2}}
+TINY = {
+    "train": {"steps": 6, "batch_size": 16, "log_every": 2, "ckpt_every": 3, "eval_every": 3},
+    "eval": {"n_samples": 40, "batch_size": 40},
+    "sample": {"sampler": "euler", "steps": 2},
+}
 
 
 def shared_study(**kw) -> dict:
-    return {"name": "shared", "base": TINY,
-            "techniques": ["rope", "logit_normal", "balanced_labels",
-                           {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
-            "seeds": [0, 1], "metrics": {"primary": "fd", "direction": "min"}, **kw}
+    return {
+        "name": "shared",
+        "base": TINY,
+        "techniques": ["rope", "logit_normal", "balanced_labels", {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
+        "seeds": [0, 1],
+        "metrics": {"primary": "fd", "direction": "min"},
+        **kw,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -50,8 +57,9 @@ def test_plan_groups_trials_that_train_the_same_model():
 
 
 def test_a_custom_diff_of_a_training_key_is_not_shared():
-    spec = study_from_dict({**shared_study(), "techniques": ["balanced_labels",
-                                                             {"name": "lr", "diff": {"train.lr": 3e-3}}]})
+    spec = study_from_dict(
+        {**shared_study(), "techniques": ["balanced_labels", {"name": "lr", "diff": {"train.lr": 3e-3}}]}
+    )
     plan = plan_study(spec)
     assert len(plan.trials) == 8 and len(plan.trainings) == 4  # lr (x seeds) trains; balanced_labels does not
 
@@ -112,9 +120,20 @@ def _cfgs():
     from srdit.techniques import with_techniques
 
     base = from_dict(RunConfig, {**to_dict(RunConfig()), **{}})
-    base = apply_diff(base, {"train.steps": 6, "train.batch_size": 16, "train.log_every": 2, "train.ckpt_every": 3,
-                             "train.eval_every": 3, "eval.n_samples": 40, "eval.batch_size": 40,
-                             "sample.sampler": "euler", "sample.steps": 2})
+    base = apply_diff(
+        base,
+        {
+            "train.steps": 6,
+            "train.batch_size": 16,
+            "train.log_every": 2,
+            "train.ckpt_every": 3,
+            "train.eval_every": 3,
+            "eval.n_samples": 40,
+            "eval.batch_size": 40,
+            "sample.sampler": "euler",
+            "sample.steps": 2,
+        },
+    )
     return base, apply_diff(base, {"sample.cfg_scale": 2.0}), with_techniques(base, ["balanced_labels"])
 
 
@@ -126,8 +145,14 @@ def shared_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("shared")
     base, cfg2, bal = _cfgs()
     reps = [Recorder() for _ in range(3)]
-    res = train(base, root / "lead", reps[0], progress=False, snapshots=True,
-                evaluations=[Evaluation(cfg2, root / "cfg2", reps[1]), Evaluation(bal, root / "bal", reps[2])])
+    res = train(
+        base,
+        root / "lead",
+        reps[0],
+        progress=False,
+        snapshots=True,
+        evaluations=[Evaluation(cfg2, root / "cfg2", reps[1]), Evaluation(bal, root / "bal", reps[2])],
+    )
     alone = Recorder()
     res_alone = train(cfg2, root / "alone", alone, progress=False)
     return root, res, reps, res_alone, alone
@@ -144,13 +169,16 @@ def test_group_training_reports_training_to_every_member_and_each_its_own_evalua
     # equivalence: a member evaluated inside the shared training equals that cell trained alone
     assert evals[1] == alone.at(EVAL_KEYS)
     assert reps[1].at(TRAIN_METRICS) == alone.at(TRAIN_METRICS)
-    assert {k: v for k, v in res_alone.metrics.items() if k in EVAL_KEYS} == \
-        {k: v for k, v in res.evaluations[0].items() if k in EVAL_KEYS}
+    assert {k: v for k, v in res_alone.metrics.items() if k in EVAL_KEYS} == {
+        k: v for k, v in res.evaluations[0].items() if k in EVAL_KEYS
+    }
     for name in ("cfg2", "bal"):
         assert (root / name / "samples.png").is_file() and (root / name / "config.yaml").is_file()
         assert sorted(p.name for p in (root / name / "evals").iterdir()) == ["step_0000003.json", "step_0000006.json"]
-    assert sorted(p.name for p in (root / "lead" / "checkpoints").glob("ema_step*.pt")) == \
-        ["ema_step0000003.pt", "ema_step0000006.pt"]
+    assert sorted(p.name for p in (root / "lead" / "checkpoints").glob("ema_step*.pt")) == [
+        "ema_step0000003.pt",
+        "ema_step0000006.pt",
+    ]
 
 
 def test_evaluation_from_snapshots_equals_the_in_training_evaluation(shared_run, tmp_path):
@@ -188,8 +216,13 @@ def test_an_evaluation_that_trains_another_model_is_refused(shared_run, tmp_path
 
 def test_fixed_checkpoint_plan_trains_nothing_and_refuses_a_training_factor(shared_run):
     ckpt = str(shared_run[0] / "lead" / "checkpoints" / "last.pt")
-    spec = study_from_dict({**shared_study(), "checkpoint": ckpt,
-                            "techniques": ["balanced_labels", {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}]})
+    spec = study_from_dict(
+        {
+            **shared_study(),
+            "checkpoint": ckpt,
+            "techniques": ["balanced_labels", {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
+        }
+    )
     plan = plan_study(spec)
     assert plan.trainings == [] and len(plan.trials) == 8 and plan.cost()["trainings"] == 0
     assert plan.cost()["total_steps"] == 0
@@ -211,18 +244,27 @@ def test_preflight_checks_the_fixed_checkpoint(shared_run, tmp_path):
     techs = ["balanced_labels"]
     text = tmp_path / "notes.pt"
     text.write_text("hello")
-    for path, want in [(tmp_path / "missing.pt", "no such checkpoint file; train one with `srdit train`"),
-                       (text, "a text file, not a PyTorch checkpoint")]:
+    for path, want in [
+        (tmp_path / "missing.pt", "no such checkpoint file; train one with `srdit train`"),
+        (text, "a text file, not a PyTorch checkpoint"),
+    ]:
         spec = study_from_dict({**shared_study(), "techniques": techs, "checkpoint": str(path)})
         problems = input_and_metric_problems(spec, plan_study(spec))
         assert any(p.startswith(f"checkpoint {path}: ") and want in p for p in problems), problems
     other = {**TINY, "model": {"norm": "rmsnorm"}}
-    spec = study_from_dict({**shared_study(), "base": other, "techniques": techs,
-                            "checkpoint": str(shared_run[0] / "lead" / "checkpoints" / "last.pt")})
+    spec = study_from_dict(
+        {
+            **shared_study(),
+            "base": other,
+            "techniques": techs,
+            "checkpoint": str(shared_run[0] / "lead" / "checkpoints" / "last.pt"),
+        }
+    )
     problems = input_and_metric_problems(spec, plan_study(spec))
     assert any("another model (model.norm: 'layernorm' there, 'rmsnorm' here)" in p for p in problems), problems
-    good = study_from_dict({**shared_study(), "techniques": techs,
-                            "checkpoint": str(shared_run[0] / "lead" / "checkpoints" / "last.pt")})
+    good = study_from_dict(
+        {**shared_study(), "techniques": techs, "checkpoint": str(shared_run[0] / "lead" / "checkpoints" / "last.pt")}
+    )
     assert input_and_metric_problems(good, plan_study(good)) == []
 
 
@@ -264,9 +306,13 @@ def _histories(uri, children, keys=("fd", "loss")) -> dict:
     from mlflow import MlflowClient
 
     c = MlflowClient(uri)
-    return {r.data.tags["cell"]: {k: [(m.step, m.value) for m in sorted(c.get_metric_history(r.info.run_id, k),
-                                                                         key=lambda m: m.step)] for k in keys}
-            for r in children.values()}
+    return {
+        r.data.tags["cell"]: {
+            k: [(m.step, m.value) for m in sorted(c.get_metric_history(r.info.run_id, k), key=lambda m: m.step)]
+            for k in keys
+        }
+        for r in children.values()
+    }
 
 
 @pytest.mark.slow
@@ -274,11 +320,14 @@ def test_shared_study_equals_the_unshared_study_per_cell(tmp_path, ray_local):
     """8 cells x 1 seed: one training-time technique and two evaluation-time ones. Shared: 2 trainings; unshared
     (--no-share): 8. Every cell's quality metrics and curves agree exactly; the evaluation runs name their training
     run; a lost member is evaluated again from the snapshots alone; the analysis sees the same effects."""
-    from srdit.runtime.results import load_results
     from srdit.runtime.driver import run_study
+    from srdit.runtime.results import load_results
 
-    data = {**shared_study(), "techniques": ["rmsnorm", "balanced_labels",
-                                             {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}], "seeds": [0]}
+    data = {
+        **shared_study(),
+        "techniques": ["rmsnorm", "balanced_labels", {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
+        "seeds": [0],
+    }
     spec = load_study(_write(tmp_path / "shared.yaml", data))
     shared = run_study(spec, tmp_path / "a")
     unshared = run_study(spec, tmp_path / "b", share=False)
@@ -298,7 +347,7 @@ def test_shared_study_equals_the_unshared_study_per_cell(tmp_path, ray_local):
             assert "train_run_id" not in t
         else:  # an evaluation run: linked to the training run of its rmsnorm level
             assert train_ids[t["train_run_id"]] == t["cell"][0]
-    for k, r in cb.items():
+    for r in cb.values():
         assert "train_run_id" not in r.data.tags and "training_group" not in r.data.tags
     ma, mb = _cell_metrics(ca), _cell_metrics(cb)
     assert set(ma) == set(mb) and all(set(ma[c]) == set(QUALITY) for c in ma)
@@ -329,8 +378,9 @@ def test_shared_study_equals_the_unshared_study_per_cell(tmp_path, ray_local):
     assert Path(redone.data.tags["evaluated_from"]) == (tmp_path / "a" / "trials" / "shared" / lead).resolve()
     assert redone.data.tags["train_run_id"] == ca[lost].data.tags["train_run_id"]
     assert {k: v for k, v in redone.data.metrics.items() if k in QUALITY} == ma[redone.data.tags["cell"]]
-    assert _histories(shared.uri, {lost: redone}) == {redone.data.tags["cell"]: _histories(shared.uri, ca)[
-        redone.data.tags["cell"]]}
+    assert _histories(shared.uri, {lost: redone}) == {
+        redone.data.tags["cell"]: _histories(shared.uri, ca)[redone.data.tags["cell"]]
+    }
     # a done study is skipped whole
     assert run_study(spec, tmp_path / "a").ran == 0
 
@@ -342,8 +392,12 @@ def test_fixed_checkpoint_study_evaluates_without_training(tmp_path, ray_local):
 
     base, _, _ = _cfgs()
     train(base, tmp_path / "ref", progress=False)
-    data = {**shared_study(), "techniques": ["balanced_labels", {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
-            "seeds": [0], "checkpoint": str(tmp_path / "ref" / "checkpoints" / "last.pt")}
+    data = {
+        **shared_study(),
+        "techniques": ["balanced_labels", {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
+        "seeds": [0],
+        "checkpoint": str(tmp_path / "ref" / "checkpoints" / "last.pt"),
+    }
     spec = load_study(_write(tmp_path / "fixed.yaml", data))
     res = run_study(spec, tmp_path / "s")
     assert res.complete and res.statuses == {"finished": 4}
@@ -363,8 +417,12 @@ def test_a_crashed_group_training_marks_every_member(tmp_path):
     from srdit.runtime.worker import execute_group
 
     init = tmp_path / "init.pt"
-    data = {**shared_study(), "techniques": ["balanced_labels", {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
-            "seeds": [0], "base": {**TINY, "train": {**TINY["train"], "init": str(init)}}}
+    data = {
+        **shared_study(),
+        "techniques": ["balanced_labels", {"name": "cfg2", "diff": {"sample.cfg_scale": 2.0}}],
+        "seeds": [0],
+        "base": {**TINY, "train": {**TINY["train"], "init": str(init)}},
+    }
     spec = load_study(_write(tmp_path / "crash.yaml", data))
     plan, tracking, paths = prepare(spec, tmp_path / "s")
     (unit,) = work_units(plan, [trial_job(t, ".") for t in plan.trials], {})
@@ -402,12 +460,17 @@ def test_the_shipped_shared_study_plans_8_trainings_for_32_trials():
     assert (len(plan.cells), len(plan.trials), len(plan.trainings)) == (16, 32, 8)
 
 
-@pytest.mark.parametrize("data, want", [
-    ({"checkpoint": 7}, "checkpoint: 7 is not allowed; expected the path of a checkpoint file"),
-    ({"checkpoint": "x.pt"}, "checkpoint: technique rope changes the training"),
-    ({"checkpoint": "x.pt", "techniques": ["balanced_labels"]},
-     "checkpoint x.pt: no such checkpoint file; train one with `srdit train`"),
-])
+@pytest.mark.parametrize(
+    "data, want",
+    [
+        ({"checkpoint": 7}, "checkpoint: 7 is not allowed; expected the path of a checkpoint file"),
+        ({"checkpoint": "x.pt"}, "checkpoint: technique rope changes the training"),
+        (
+            {"checkpoint": "x.pt", "techniques": ["balanced_labels"]},
+            "checkpoint x.pt: no such checkpoint file; train one with `srdit train`",
+        ),
+    ],
+)
 def test_bad_checkpoint_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, data, want):
     from srdit.commands.study import main
 

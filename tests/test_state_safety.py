@@ -17,8 +17,11 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-TINY = {"train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
-        "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}
+TINY = {
+    "train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
+    "eval": {"n_samples": 50, "batch_size": 50},
+    "sample": {"sampler": "euler", "steps": 2},
+}
 
 
 def _study(tmp_path: Path, name: str = "safe") -> Path:
@@ -28,15 +31,22 @@ def _study(tmp_path: Path, name: str = "safe") -> Path:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "srdit", "study", *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "srdit", "study", *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
 
 
 def _holder(state: Path, study: str) -> subprocess.Popen:
     """A process that holds the study's driver lock, then sleeps until killed."""
-    code = "\n".join(["import sys, time", "from srdit.runtime.lock import study_lock",
-                      f"with study_lock({str(state)!r}, {study!r}):", "    print('held', flush=True)",
-                      "    time.sleep(600)"])
+    code = "\n".join(
+        [
+            "import sys, time",
+            "from srdit.runtime.lock import study_lock",
+            f"with study_lock({str(state)!r}, {study!r}):",
+            "    print('held', flush=True)",
+            "    time.sleep(600)",
+        ]
+    )
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True)
     assert proc.stdout.readline().strip() == "held", "the lock holder did not start"
     return proc
@@ -50,7 +60,6 @@ def test_a_second_driver_exits_at_once_and_a_dead_drivers_lock_is_taken_over(tmp
     try:
         h = holder(state, "safe")
         assert h["pid"] == proc.pid
-        t0 = time.time()
         r = _cli("run", str(study), "--state", str(state))
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
@@ -81,8 +90,12 @@ def test_concurrent_drivers_create_a_new_store_once(tmp_path):
         t = open_study(default_tracking_uri({str(state)!r}), "race", "race", {str(state)!r})
         print(t.experiment_id, t.parent_run_id)
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     assert len({o[0].strip() for o in outs}) == 1  # one experiment, one parent run
@@ -92,23 +105,27 @@ def test_status_after_a_driver_sigkill_shows_no_running_trial(tmp_path):
     from mlflow import MlflowClient
 
     study, state = _study(tmp_path), tmp_path / "state"
-    code = "\n".join([
-        "import sys, time",
-        "from srdit.runtime.lock import study_lock",
-        "from srdit.runtime.driver import prepare",
-        "from srdit.study.spec import load_study",
-        "from srdit.runtime.tracking import ChildRun",
-        "with study_lock(sys.argv[2], 'safe'):",
-        "    spec = load_study(sys.argv[1])",
-        "    plan, tracking, paths = prepare(spec, sys.argv[2])",
-        "    tracking.set_parent_status('RUNNING')",
-        "    t = plan.trials[0]",
-        "    c = ChildRun.open(tracking.uri, tracking.experiment_id, tracking.parent_run_id, t.key, 'x', {}, {})",
-        "    c.log_metrics(2, {'loss': 1.0})",
-        "    print('held', flush=True)",
-        "    time.sleep(600)"])
-    proc = subprocess.Popen([sys.executable, "-c", code, str(study), str(state)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, text=True)
+    code = "\n".join(
+        [
+            "import sys, time",
+            "from srdit.runtime.lock import study_lock",
+            "from srdit.runtime.driver import prepare",
+            "from srdit.study.spec import load_study",
+            "from srdit.runtime.tracking import ChildRun",
+            "with study_lock(sys.argv[2], 'safe'):",
+            "    spec = load_study(sys.argv[1])",
+            "    plan, tracking, paths = prepare(spec, sys.argv[2])",
+            "    tracking.set_parent_status('RUNNING')",
+            "    t = plan.trials[0]",
+            "    c = ChildRun.open(tracking.uri, tracking.experiment_id, tracking.parent_run_id, t.key, 'x', {}, {})",
+            "    c.log_metrics(2, {'loss': 1.0})",
+            "    print('held', flush=True)",
+            "    time.sleep(600)",
+        ]
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, str(study), str(state)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout.readline().strip() == "held"
         live = _cli("status", str(study), "--state", str(state))  # the driver lives: its trial is running
@@ -130,8 +147,8 @@ def test_status_after_a_driver_sigkill_shows_no_running_trial(tmp_path):
 
 def test_status_counts_and_retry_line_follow_is_done(tmp_path):
     from srdit.runtime.driver import prepare
-    from srdit.study.spec import load_study
     from srdit.runtime.tracking import ChildRun, is_done
+    from srdit.study.spec import load_study
 
     study, state = _study(tmp_path), tmp_path / "state"
     spec = load_study(study)
@@ -151,7 +168,7 @@ def test_status_counts_and_retry_line_follow_is_done(tmp_path):
 
 
 def test_a_resumed_child_run_logs_each_step_once(tmp_path):
-    from srdit.runtime.tracking import ChildRun, open_study, default_tracking_uri
+    from srdit.runtime.tracking import ChildRun, default_tracking_uri, open_study
 
     uri = default_tracking_uri(tmp_path)
     t = open_study(uri, "dup", "dup", tmp_path)
@@ -172,9 +189,19 @@ def test_a_resumed_child_run_logs_each_step_once(tmp_path):
 def _tiny_cfg(steps=12):
     from srdit.techniques import load_run_config
 
-    return load_run_config(None, [f"train.steps={steps}", "train.batch_size=16", "train.log_every=2",
-                                  "train.ckpt_every=4", "eval.n_samples=50", "eval.batch_size=50",
-                                  "sample.steps=2", "train.eval_every=0"])
+    return load_run_config(
+        None,
+        [
+            f"train.steps={steps}",
+            "train.batch_size=16",
+            "train.log_every=2",
+            "train.ckpt_every=4",
+            "eval.n_samples=50",
+            "eval.batch_size=50",
+            "sample.steps=2",
+            "train.eval_every=0",
+        ],
+    )
 
 
 class _Killed(Exception):
@@ -245,10 +272,15 @@ def test_a_copied_state_writes_its_artifacts_into_the_copy(tmp_path):
     run = client.get_run(tb.parent_run_id)
     assert run.info.artifact_uri.startswith(b.resolve().as_uri())
     # a new process, as `srdit report` on the copy (MLflow caches a run's artifact store per process)
-    code = "\n".join(["import sys", "from mlflow import MlflowClient",
-                      "from srdit.runtime.tracking import default_tracking_uri, open_study",
-                      "t = open_study(default_tracking_uri(sys.argv[1]), 'reloc', 'reloc', sys.argv[1], create=False)",
-                      "MlflowClient(t.uri).log_artifact(t.parent_run_id, sys.argv[2], 'again')"])
+    code = "\n".join(
+        [
+            "import sys",
+            "from mlflow import MlflowClient",
+            "from srdit.runtime.tracking import default_tracking_uri, open_study",
+            "t = open_study(default_tracking_uri(sys.argv[1]), 'reloc', 'reloc', sys.argv[1], create=False)",
+            "MlflowClient(t.uri).log_artifact(t.parent_run_id, sys.argv[2], 'again')",
+        ]
+    )
     subprocess.run([sys.executable, "-c", code, str(b), str(f)], cwd=ROOT, env=ENV, check=True, timeout=120)
     assert list(b.rglob("again/note.txt")) and not list(a.rglob("again/note.txt"))
     # the original is unchanged and still its own
@@ -257,9 +289,9 @@ def test_a_copied_state_writes_its_artifacts_into_the_copy(tmp_path):
 
 
 def test_child_runs_are_named_by_techniques_and_the_submission_order_interleaves_cells():
+    from srdit.runtime.worker import run_name
     from srdit.study.designs import plan_study, submission_order
     from srdit.study.spec import load_study
-    from srdit.runtime.worker import run_name
 
     plan = plan_study(load_study(ROOT / "studies" / "digits_quick.yaml"))
     t = next(t for t in plan.trials if t.cell == "011" and t.seed == 0)
@@ -284,17 +316,36 @@ def test_ctrl_c_prints_srdits_resume_line_and_the_rerun_resumes_without_duplicat
     from mlflow import MlflowClient
 
     study = tmp_path / "cc.yaml"
-    study.write_text(yaml.safe_dump({"name": "cc", "techniques": ["rmsnorm"], "seeds": [0], "base": {
-        "train": {"steps": 400, "batch_size": 16, "log_every": 5, "ckpt_every": 10},
-        "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}}))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "cc",
+                "techniques": ["rmsnorm"],
+                "seeds": [0],
+                "base": {
+                    "train": {"steps": 400, "batch_size": 16, "log_every": 5, "ckpt_every": 10},
+                    "eval": {"n_samples": 50, "batch_size": 50},
+                    "sample": {"sampler": "euler", "steps": 2},
+                },
+            }
+        )
+    )
     state = tmp_path / "state"
     env = {**ENV, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     env.pop("RAY_ADDRESS", None)
     args = [sys.executable, "-m", "srdit", "study", "run", str(study), "--state", str(state), "--num-cpus", "1"]
     # A terminal's foreground job: Ctrl-C's default disposition. A test run started in the background of a
     # non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt handler.
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 400
     while time.time() < deadline and not list((state / "trials" / "cc").glob("*/checkpoints/last.pt")):
         time.sleep(0.5)
@@ -322,15 +373,26 @@ def test_two_identical_proposals_at_the_same_instant_train_once(tmp_path):
 
     from mlflow import MlflowClient
 
-    from srdit.study.designs import make_cell, make_trial
     from srdit.runtime.driver import _context, prepare
     from srdit.runtime.jobs import trial_job
-    from srdit.study.spec import study_from_dict
     from srdit.runtime.tracking import KEY_TAG, PARENT_TAG
+    from srdit.study.designs import make_cell, make_trial
+    from srdit.study.spec import study_from_dict
 
-    spec = study_from_dict({"name": "twin", "techniques": ["rmsnorm"], "seeds": [0], "base": TINY,
-                            "design": {"kind": "search", "trials": 2, "objectives": ["fd"],
-                                       "space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}})
+    spec = study_from_dict(
+        {
+            "name": "twin",
+            "techniques": ["rmsnorm"],
+            "seeds": [0],
+            "base": TINY,
+            "design": {
+                "kind": "search",
+                "trials": 2,
+                "objectives": ["fd"],
+                "space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+            },
+        }
+    )
     state = tmp_path / "state"
     plan, tracking, study_state = prepare(spec, state)
     ctx = _context(spec, tracking, study_state, plan, search=True)
@@ -354,6 +416,6 @@ def test_two_identical_proposals_at_the_same_instant_train_once(tmp_path):
     assert out[0]["run_id"] == out[1]["run_id"] and out[0]["status"] == out[1]["status"] == "finished"
     assert out[0]["fd"] == out[1]["fd"]
     runs = MlflowClient(tracking.uri).search_runs(
-        [tracking.experiment_id],
-        f"tags.`{PARENT_TAG}` = '{tracking.parent_run_id}' and tags.{KEY_TAG} = '{trial.key}'")
+        [tracking.experiment_id], f"tags.`{PARENT_TAG}` = '{tracking.parent_run_id}' and tags.{KEY_TAG} = '{trial.key}'"
+    )
     assert len(runs) == 1

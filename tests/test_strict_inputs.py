@@ -10,7 +10,6 @@ import dataclasses
 import pickle
 import subprocess
 import sys
-import types
 import typing
 from pathlib import Path
 
@@ -18,9 +17,9 @@ import pytest
 import torch
 
 from srdit.commands import main
-from srdit.config import (RANGE, TEACHER_NAMES, ConfigError, Range, RunConfig, from_dict, to_dict)
+from srdit.config import RANGE, TEACHER_NAMES, ConfigError, Range, RunConfig, to_dict
 from srdit.study.designs import plan_study
-from srdit.study.spec import load_study, study_from_dict
+from srdit.study.spec import study_from_dict
 from srdit.techniques import custom_technique, load_run_config, merge_diffs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,8 +98,16 @@ def test_duplicate_key_in_an_override_value():
 
 def test_every_float_field_is_found():
     keys = float_keys()
-    for key in ("train.grad_clip", "train.weight_decay", "loss.cfm", "loss.repa", "transport.shift",
-                "sample.cfg_scale", "train.betas", "model.sprint.drop_ratio"):
+    for key in (
+        "train.grad_clip",
+        "train.weight_decay",
+        "loss.cfm",
+        "loss.repa",
+        "transport.shift",
+        "sample.cfg_scale",
+        "train.betas",
+        "model.sprint.drop_ratio",
+    ):
         assert key in keys
 
 
@@ -146,8 +153,11 @@ def test_ranges_are_stated_once_and_hold_for_the_defaults():
     for key, rule, value in rules:
         for v in value if isinstance(value, tuple) else (value,):
             assert v is None or rule.contains(v), key
-    with pytest.raises(ConfigError, match=r"model.sprint.drop_ratio: 1.0 is not allowed; allowed: a finite number "
-                                          r"in \[0, 1\)"):
+    with pytest.raises(
+        ConfigError,
+        match=r"model.sprint.drop_ratio: 1.0 is not allowed; allowed: a finite number "
+        r"in \[0, 1\)",
+    ):
         load_run_config(None, ["model.sprint.drop_ratio=1"])
 
 
@@ -161,15 +171,18 @@ def test_a_huge_integer_for_a_float_field():
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("override, message", [
-    ("sample.steps=1", "sample.steps: 1 with sample.sampler sde; the SDE sampler needs steps >= 2"),
-    ("train.log_every=0", "train.log_every: 0 is not allowed; allowed: an integer >= 1"),
-    ("train.ckpt_every=0", "train.ckpt_every: 0 is not allowed; allowed: an integer >= 1"),
-    ("train.device=tpu", "train.device: 'tpu' is not allowed; allowed values: auto, cpu, cuda, cuda:N"),
-    ("data.teacher=dinov3", "data.teacher: 'dinov3' is not allowed; allowed values: digits-cnn, dinov2_vits14"),
-    ("eval.n_samples=2", "eval.n_samples: 2 is not allowed; allowed: an integer >= 4"),
-    ("train.seed=-1", "train.seed: -1 is not allowed"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sample.steps=1", "sample.steps: 1 with sample.sampler sde; the SDE sampler needs steps >= 2"),
+        ("train.log_every=0", "train.log_every: 0 is not allowed; allowed: an integer >= 1"),
+        ("train.ckpt_every=0", "train.ckpt_every: 0 is not allowed; allowed: an integer >= 1"),
+        ("train.device=tpu", "train.device: 'tpu' is not allowed; allowed values: auto, cpu, cuda, cuda:N"),
+        ("data.teacher=dinov3", "data.teacher: 'dinov3' is not allowed; allowed values: digits-cnn, dinov2_vits14"),
+        ("eval.n_samples=2", "eval.n_samples: 2 is not allowed; allowed: an integer >= 4"),
+        ("train.seed=-1", "train.seed: -1 is not allowed"),
+    ],
+)
 def test_run_time_failures_are_load_time_errors(capsys, override, message):
     assert message in refused(capsys, "train", override, "--print-config")
 
@@ -196,9 +209,14 @@ def test_data_parallel_batch_must_divide_by_the_workers(tmp_path, capsys):
     line = refused(capsys, "study", "plan", write(tmp_path, "dp.yaml", text))
     assert "base.train.batch_size: 30 is not divisible by resources.workers (4 data-parallel workers" in line
     # a cell whose technique changes the batch is excluded with the reason: every cell's config is checked
-    spec = study_from_dict({"name": "dp", "base": {"train": {"steps": 5, "batch_size": 32}},
-                            "techniques": ["rope", {"name": "half", "diff": {"train.batch_size": 30}}],
-                            "resources": {"workers": 4}})
+    spec = study_from_dict(
+        {
+            "name": "dp",
+            "base": {"train": {"steps": 5, "batch_size": 32}},
+            "techniques": ["rope", {"name": "half", "diff": {"train.batch_size": 30}}],
+            "resources": {"workers": 4},
+        }
+    )
     plan = plan_study(spec)
     assert [c.id for c in plan.cells] == ["00", "10"]
     assert all("not divisible by resources.workers" in e["reason"] for e in plan.excluded)
@@ -208,20 +226,34 @@ def test_data_parallel_batch_must_divide_by_the_workers(tmp_path, capsys):
 def test_a_study_plan_validates_every_cell(tmp_path, capsys):
     line = refused(capsys, "study", "plan", write(tmp_path, "s.yaml", STUDY + "  sample: {steps: 1}\n"))
     assert "base.sample.steps: 1 with sample.sampler sde" in line
-    spec = study_from_dict({"name": "s", "base": {"sample": {"sampler": "euler", "steps": 1}},
-                            "techniques": ["rope", {"name": "sde", "diff": {"sample.sampler": "sde"}}]})
+    spec = study_from_dict(
+        {
+            "name": "s",
+            "base": {"sample": {"sampler": "euler", "steps": 1}},
+            "techniques": ["rope", {"name": "sde", "diff": {"sample.sampler": "sde"}}],
+        }
+    )
     plan = plan_study(spec)
     assert {e["cell"] for e in plan.excluded} == {"01", "11"}
     assert all("SDE sampler needs steps >= 2" in e["reason"] for e in plan.excluded)
     # a search validates every choice and both ends of every range
     with pytest.raises(ConfigError, match=r"design.space.sprint.drop_ratio: 1.0: model.sprint.drop_ratio"):
-        study_from_dict({"name": "s", "techniques": ["sprint"],
-                         "design": {"kind": "search", "trials": 2,
-                                    "space": {"sprint.drop_ratio": {"low": 0.5, "high": 1.0}}}})
+        study_from_dict(
+            {
+                "name": "s",
+                "techniques": ["sprint"],
+                "design": {"kind": "search", "trials": 2, "space": {"sprint.drop_ratio": {"low": 0.5, "high": 1.0}}},
+            }
+        )
     with pytest.raises(ConfigError, match=r"design.space.sample.sampler: 'sde': sample.steps: 1"):
-        study_from_dict({"name": "s", "techniques": ["rope"], "base": {"sample": {"sampler": "euler", "steps": 1}},
-                         "design": {"kind": "search", "trials": 2,
-                                    "space": {"sample.sampler": {"choices": ["euler", "sde"]}}}})
+        study_from_dict(
+            {
+                "name": "s",
+                "techniques": ["rope"],
+                "base": {"sample": {"sampler": "euler", "steps": 1}},
+                "design": {"kind": "search", "trials": 2, "space": {"sample.sampler": {"choices": ["euler", "sde"]}}},
+            }
+        )
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -255,8 +287,10 @@ def test_equal_values_spelled_differently_are_not_a_conflict(tmp_path, capsys):
     c = custom_technique("c", {"train.lr": 0.002})
     with pytest.raises(ConfigError, match=r"techniques a and c both set train\.lr \('3e-3' vs 0\.002\)"):
         merge_diffs([a, c])
-    text = ("name: s\ntechniques:\n  - {name: a, diff: {train.lr: 3e-3, train.steps: 5}}\n"
-            "  - {name: b, diff: {train.lr: 0.003}}\n")
+    text = (
+        "name: s\ntechniques:\n  - {name: a, diff: {train.lr: 3e-3, train.steps: 5}}\n"
+        "  - {name: b, diff: {train.lr: 0.003}}\n"
+    )
     rc, out, err = cli(capsys, "study", "plan", write(tmp_path, "eq.yaml", text))
     assert rc == 0, err
     assert "cells (4)" in out
@@ -277,9 +311,16 @@ def test_leading_zero_and_sexagesimal_numbers_are_refused(tmp_path, capsys):
 
 
 def test_the_yaml_11_spellings_that_are_kept(tmp_path):
-    cfg = load_run_config(write(tmp_path, "run.yaml", "train:\n  lr: 1e-3\n  steps: 0x10\n  seed: 0\n"
-                                                      "model:\n  qk_norm: on\n  value_residual: no\n"
-                                                      "data:\n  path: '010'\n"), ["train.weight_decay=1e-4"])
+    cfg = load_run_config(
+        write(
+            tmp_path,
+            "run.yaml",
+            "train:\n  lr: 1e-3\n  steps: 0x10\n  seed: 0\n"
+            "model:\n  qk_norm: on\n  value_residual: no\n"
+            "data:\n  path: '010'\n",
+        ),
+        ["train.weight_decay=1e-4"],
+    )
     assert cfg.train.lr == 0.001 and cfg.train.weight_decay == 1e-4 and cfg.train.steps == 16
     assert cfg.model.qk_norm is True and cfg.model.value_residual is False and cfg.data.path == "010"
 
@@ -289,16 +330,20 @@ def test_the_yaml_11_spellings_that_are_kept(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content, says", [
-    (b"train:\n  steps: \xe9t\xe9\n", "is not UTF-8 text (byte 0xe9 at offset 16)"),
-    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is a binary file, not YAML text"),
-])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"train:\n  steps: \xe9t\xe9\n", "is not UTF-8 text (byte 0xe9 at offset 16)"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR", "is a binary file, not YAML text"),
+    ],
+)
 def test_yaml_that_is_not_text(tmp_path, capsys, content, says):
     p = write(tmp_path, "bad.yaml", content)
     assert refused(capsys, "train", p, "--print-config").startswith(f"srdit train: error: {p}: {says}")
     assert refused(capsys, "study", "plan", p).startswith(f"srdit study plan: error: {p}: {says}")
     assert refused(capsys, "study", "run", p, "--state", tmp_path / "state").startswith(
-        f"srdit study run: error: {p}: {says}")
+        f"srdit study run: error: {p}: {says}"
+    )
     line = refused(capsys, "report", p, "--state", tmp_path / "state")
     assert f"{p}: {says}" in line
     # a study whose base names a run YAML that is binary
@@ -315,8 +360,10 @@ def checkpoint_cases(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "folder": (tmp_path / "folder.pt", "is a folder, not a checkpoint file"),
         "text": (write(tmp_path, "notes.pt", "hello\n"), "not a readable srdit checkpoint: a text file"),
         "pickle": (pickled, "not a readable srdit checkpoint: a plain pickle"),
-        "zip": (write(tmp_path, "cut.pt", b"PK\x03\x04" + bytes(range(200))),
-                "not a readable srdit checkpoint: a zip archive that torch cannot"),
+        "zip": (
+            write(tmp_path, "cut.pt", b"PK\x03\x04" + bytes(range(200))),
+            "not a readable srdit checkpoint: a zip archive that torch cannot",
+        ),
         "missing": (tmp_path / "nope.pt", "no such checkpoint file"),
     }
 
@@ -338,11 +385,18 @@ def test_a_checkpoint_holding_a_foreign_config(tmp_path, capsys):
 def test_a_raw_pickle_reaches_the_terminal_as_one_line(tmp_path):
     """What a user sees: one line, no traceback, no warning from torch, exit 2."""
     path, _ = checkpoint_cases(tmp_path)["pickle"]
-    r = subprocess.run([sys.executable, "-m", "srdit", "sample", str(path), "--out", str(tmp_path / "o")],
-                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "srdit", "sample", str(path), "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
     assert r.returncode == 2
-    assert r.stderr.splitlines() == [f"srdit sample: error: {path}: not a readable srdit checkpoint: a plain pickle, "
-                                     f"not a file written by torch.save (`srdit train` writes RUN/checkpoints/last.pt)"]
+    assert r.stderr.splitlines() == [
+        f"srdit sample: error: {path}: not a readable srdit checkpoint: a plain pickle, "
+        f"not a file written by torch.save (`srdit train` writes RUN/checkpoints/last.pt)"
+    ]
 
 
 def test_a_corrupt_checkpoint_on_resume(tmp_path, capsys):
@@ -364,8 +418,10 @@ ANALYZE = ["--factors", "A,B", "--metric", "fd", "--direction", "min", "--format
 def test_csv_with_a_column_named_twice(tmp_path, capsys):
     p = write(tmp_path, "runs.csv", "A,B,fd,seed,fd\n0,0,1,0,9\n1,0,2,0,9\n0,1,3,0,9\n1,1,4,0,9\n")
     line = refused(capsys, "analyze", p, *ANALYZE)
-    assert line == f"srdit analyze: error: {p}: column 'fd' appears twice in the header (columns 3 and 5); rename " \
-                   f"or drop one"
+    assert (
+        line == f"srdit analyze: error: {p}: column 'fd' appears twice in the header (columns 3 and 5); rename "
+        f"or drop one"
+    )
 
 
 def test_csv_with_text_in_a_finished_metric(tmp_path, capsys):

@@ -17,15 +17,26 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-TINY = {"train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
-        "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}
+TINY = {
+    "train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
+    "eval": {"n_samples": 50, "batch_size": 50},
+    "sample": {"sampler": "euler", "steps": 2},
+}
 
 
 def _study(tmp_path: Path) -> Path:
     p = tmp_path / "bq.yaml"
-    p.write_text(yaml.safe_dump({"name": "bq", "techniques": ["rmsnorm", "qk_norm"], "seeds": [0, 1], "base": TINY,
-                                 "metrics": {"primary": "fd", "direction": "min",
-                                             "others": {"images_per_s": "max"}}}))
+    p.write_text(
+        yaml.safe_dump(
+            {
+                "name": "bq",
+                "techniques": ["rmsnorm", "qk_norm"],
+                "seeds": [0, 1],
+                "base": TINY,
+                "metrics": {"primary": "fd", "direction": "min", "others": {"images_per_s": "max"}},
+            }
+        )
+    )
     return p
 
 
@@ -38,17 +49,36 @@ def test_bench_command_writes_every_cell_with_its_ratio_to_the_baseline(tmp_path
     from srdit.study.spec import load_study
 
     study, state = _study(tmp_path), tmp_path / "state"
-    r = subprocess.run([sys.executable, "-m", "srdit", "study", "bench", str(study), "--state", str(state),
-                        "--rounds", "3", "--warmup", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "srdit",
+            "study",
+            "bench",
+            str(study),
+            "--state",
+            str(state),
+            "--rounds",
+            "3",
+            "--warmup",
+            "1",
+        ],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     rec = json.loads((state / "bench" / "bq.json").read_text())
     plan = plan_study(load_study(study))
     assert set(rec["cells"]) == {c.id for c in plan.cells} and rec["baseline"] == "00" and rec["rounds"] == 3
     for c, v in rec["cells"].items():
         assert len(v["round_step_s"]) == 3 and v["step_s"] == float(np.median(v["round_step_s"]))
-        assert v["ratio"] == pytest.approx(float(np.median(np.array(v["round_step_s"]) /
-                                                           np.array(rec["cells"]["00"]["round_step_s"]))))
+        assert v["ratio"] == pytest.approx(
+            float(np.median(np.array(v["round_step_s"]) / np.array(rec["cells"]["00"]["round_step_s"])))
+        )
         assert v["images_per_s"] == pytest.approx(16 / v["step_s"])
         assert v["trial_key"] == next(t.key for t in plan.trials if t.cell == c)
     assert rec["cells"]["00"]["ratio"] == 1.0
@@ -66,16 +96,30 @@ def test_bench_command_writes_every_cell_with_its_ratio_to_the_baseline(tmp_path
     study.write_text(study.read_text().replace("steps: 4", "steps: 6"))
     assert load_bench(state, plan_study(load_study(study))) is None
     # a bad argument: one line, exit 2
-    r = subprocess.run([sys.executable, "-m", "srdit", "study", "bench", str(study), "--state", str(state),
-                        "--rounds", "1"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "srdit", "study", "bench", str(study), "--state", str(state), "--rounds", "1"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--rounds" in r.stderr
 
 
 def _results(table: pd.DataFrame, bench: pd.DataFrame | None = None):
     from srdit.analysis.results import StudyResults
 
-    return StudyResults(study="t", design="full", factors=["a", "b"], metric="fd", direction="min",
-                        other_metrics={"images_per_s": "max"}, table=table, bench=bench)
+    return StudyResults(
+        study="t",
+        design="full",
+        factors=["a", "b"],
+        metric="fd",
+        direction="min",
+        other_metrics={"images_per_s": "max"},
+        table=table,
+        bench=bench,
+    )
 
 
 def _table(rng, ips_of, n_seeds=3, **extra) -> pd.DataFrame:
@@ -83,9 +127,20 @@ def _table(rng, ips_of, n_seeds=3, **extra) -> pd.DataFrame:
     for s in range(n_seeds):
         for a in (0, 1):
             for b in (0, 1):
-                rows.append({"trial": f"{a}{b}-{s}", "cell": f"{a}{b}", "seed": s, "status": "finished",
-                             "status_reason": "", "a": a, "b": b, "fd": 10 - a + rng.normal(0, 0.1),
-                             "images_per_s": ips_of(a, b, s), **extra})
+                rows.append(
+                    {
+                        "trial": f"{a}{b}-{s}",
+                        "cell": f"{a}{b}",
+                        "seed": s,
+                        "status": "finished",
+                        "status_reason": "",
+                        "a": a,
+                        "b": b,
+                        "fd": 10 - a + rng.normal(0, 0.1),
+                        "images_per_s": ips_of(a, b, s),
+                        **extra,
+                    }
+                )
     return pd.DataFrame(rows)
 
 
@@ -159,8 +214,13 @@ def test_parent_run_describes_the_study_and_carries_headline_results(tmp_path):
     t = _table(rng, lambda a, b, s: 1000.0, trials_on_host=1)
     metrics, tags = headline_results(analyze_study(_results(t), bootstrap=False), "fd")
     assert metrics["fd/main_effect/a"] == pytest.approx(-1, abs=0.2)
-    assert {"fd/main_effect/a/ci_low", "fd/main_effect/a/ci_high", "fd/synergy/a-x-b", "fd/synergy/a-x-b/ci_low",
-            "fd/synergy/a-x-b/p_adj"} <= set(metrics)
+    assert {
+        "fd/main_effect/a/ci_low",
+        "fd/main_effect/a/ci_high",
+        "fd/synergy/a-x-b",
+        "fd/synergy/a-x-b/ci_low",
+        "fd/synergy/a-x-b/p_adj",
+    } <= set(metrics)
     assert tags["result.best_cell"].startswith("a (10)") and tags["result.fd.incompatible"] == "none flagged"
     tracking.log_parent_metrics(metrics)  # every name is one MLflow accepts
     tracking.tag_parent(tags)
@@ -185,9 +245,14 @@ def test_sigkill_of_srdit_ui_frees_its_port(tmp_path):
     state.mkdir()
     MlflowClient(default_tracking_uri(state)).create_experiment("ui_kill")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "srdit", "ui", "--state", str(state), "--port",
-                             str(port)], cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "srdit", "ui", "--state", str(state), "--port", str(port)],
+        cwd=ROOT,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     line, deadline = "", time.time() + 120
     while time.time() < deadline and "MLflow UI:" not in line:
         line = proc.stdout.readline()

@@ -9,8 +9,8 @@ import cloudpickle
 import pytest
 
 from srdit.runtime.driver import _progress_callback, progress_line
-from srdit.study.spec import study_from_dict
 from srdit.runtime.worker import TrialContext
+from srdit.study.spec import study_from_dict
 
 
 def _lines(result: dict, primary: str) -> list[str]:
@@ -21,16 +21,36 @@ def _lines(result: dict, primary: str) -> list[str]:
 
 
 def test_imagenet_progress_line_shows_fid_first():
-    r = {"trial_key": "01-s0-ab12", "status": "finished", "reason": "", "step": 400, "fid": 41.25, "sfid": 9.0,
-         "inception_score": 30.0, "loss": 0.4321, "images_per_s": 812.0, "trial_wall_s": 95.2, "run_id": "abc"}
+    r = {
+        "trial_key": "01-s0-ab12",
+        "status": "finished",
+        "reason": "",
+        "step": 400,
+        "fid": 41.25,
+        "sfid": 9.0,
+        "inception_score": 30.0,
+        "loss": 0.4321,
+        "images_per_s": 812.0,
+        "trial_wall_s": 95.2,
+        "run_id": "abc",
+    }
     (line,) = _lines(r, "fid")
     assert line.startswith("[2/4] 01-s0-ab12: finished  fid 41.25  loss 0.4321  images_per_s 812  95 s")
     assert "fd " not in line and "sfid" not in line
 
 
 def test_digits_progress_line_shows_fd_loss_and_throughput():
-    r = {"trial_key": "10-s1-cd34", "status": "diverged", "reason": "non-finite loss", "step": 6, "fd": 12.3456,
-         "kd": 0.1, "loss": 1.5, "images_per_s": 2000.0, "trial_wall_s": 4.0}
+    r = {
+        "trial_key": "10-s1-cd34",
+        "status": "diverged",
+        "reason": "non-finite loss",
+        "step": 6,
+        "fd": 12.3456,
+        "kd": 0.1,
+        "loss": 1.5,
+        "images_per_s": 2000.0,
+        "trial_wall_s": 4.0,
+    }
     (line,) = _lines(r, "fd")
     assert line == ("[2/4] 10-s1-cd34: diverged (non-finite loss)  fd 12.35  loss 1.5  images_per_s 2000  4 s")
 
@@ -52,19 +72,39 @@ def test_excluded_search_sample_is_not_counted():
 
 @pytest.mark.parametrize("dumps", [pickle.dumps, cloudpickle.dumps])
 def test_trial_context_with_the_parsed_search_study_pickles(dumps):
-    spec = study_from_dict({"name": "s", "techniques": ["rmsnorm", "qk_norm"], "seeds": [0],
-                            "design": {"kind": "search", "trials": 2, "objectives": ["fd"],
-                                       "space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}})
-    ctx = TrialContext(study="s", design="search", factors=tuple(spec.factor_names), uri="sqlite:///x.db",
-                       experiment_id="1", parent_run_id="p", trials_dir="trials", spec=spec, objectives=("fd",))
+    spec = study_from_dict(
+        {
+            "name": "s",
+            "techniques": ["rmsnorm", "qk_norm"],
+            "seeds": [0],
+            "design": {
+                "kind": "search",
+                "trials": 2,
+                "objectives": ["fd"],
+                "space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+            },
+        }
+    )
+    ctx = TrialContext(
+        study="s",
+        design="search",
+        factors=tuple(spec.factor_names),
+        uri="sqlite:///x.db",
+        experiment_id="1",
+        parent_run_id="p",
+        trials_dir="trials",
+        spec=spec,
+        objectives=("fd",),
+    )
     back = pickle.loads(dumps(ctx))
     assert back == ctx and back.spec == spec and back.spec.design.space == spec.design.space
     with pytest.raises(AttributeError):
         back.study = "other"  # frozen
 
 
-@pytest.mark.parametrize("exc, code, printed", [("SystemExit(1)", 1, False), ("SystemExit(0)", 0, False),
-                                                ("ValueError('boom')", None, True)])
+@pytest.mark.parametrize(
+    "exc, code, printed", [("SystemExit(1)", 1, False), ("SystemExit(0)", 0, False), ("ValueError('boom')", None, True)]
+)
 def test_a_worker_sigterm_inside_a_callback_ends_quietly(exc, code, printed):
     """Ray's SIGTERM handler raises SystemExit; raised inside a weakref callback, Python prints "Exception ignored
     in ..." with a traceback on the driver's console and goes on. In a trial worker that SystemExit ends the

@@ -14,15 +14,17 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-BASE = {"train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
-        "eval": {"n_samples": 40, "batch_size": 40}, "sample": {"sampler": "euler", "steps": 2}}
+BASE = {
+    "train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
+    "eval": {"n_samples": 40, "batch_size": 40},
+    "sample": {"sampler": "euler", "steps": 2},
+}
 BAD_TEACHER = {"name": "bad_teacher", "diff": {"model.repa.enabled": True, "model.repa.teacher_dim": 32}}
 "Passes validation and preflight; every rank raises when it builds the teacher (64-d tokens, not 32)."
 
 
 def _write(path: Path, **kw) -> Path:
-    data = {"name": path.stem, "base": BASE, "seeds": [0],
-            "metrics": {"primary": "fd", "direction": "min"}, **kw}
+    data = {"name": path.stem, "base": BASE, "seeds": [0], "metrics": {"primary": "fd", "direction": "min"}, **kw}
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -65,8 +67,11 @@ def listening_sockets(pids: list[int]) -> list[tuple[str, int, bool, str]]:
             if f[3] != "0A" or f[9] not in inodes:  # 0A = LISTEN
                 continue
             addr, port = f[1].split(":")
-            loop = (addr in ("0" * 31 + "1", "0000000000000000FFFF00000100007F") if v6
-                    else bytes.fromhex(addr)[::-1][0] == 127)
+            loop = (
+                addr in ("0" * 31 + "1", "0000000000000000FFFF00000100007F")
+                if v6
+                else bytes.fromhex(addr)[::-1][0] == 127
+            )
             try:
                 name = Path(f"/proc/{inodes[f[9]]}/cmdline").read_text().replace("\0", " ")[:80]
             except OSError:
@@ -110,8 +115,10 @@ def test_private_loopback_ray_runs_data_parallel_trials_and_records_worker_error
     assert len(res.unfinished) == 1 and not res.complete  # a crash is not a result
     key = res.unfinished[0]
     client = MlflowClient(res.uri)
-    runs = {r.data.tags["cell"]: r for r in client.search_runs(
-        [res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")}
+    runs = {
+        r.data.tags["cell"]: r
+        for r in client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    }
     assert runs["1"].data.tags["trial_key"] == key
     crashed = runs["1"].data.tags
     assert crashed["status"] == "crashed" and "gives 64-d tokens" in crashed["status_reason"]
@@ -135,8 +142,13 @@ def test_search_with_a_diverging_sample_completes_its_budget_in_one_run(tmp_path
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     explode = {"name": "explode", "diff": {"train.lr": 1.0e6}}
-    design = {"kind": "search", "trials": 5, "objectives": ["fd"], "max_concurrent": 2,
-              "space": {"train.batch_size": {"choices": [16, 32]}}}
+    design = {
+        "kind": "search",
+        "trials": 5,
+        "objectives": ["fd"],
+        "max_concurrent": 2,
+        "space": {"train.batch_size": {"choices": [16, 32]}},
+    }
     spec = load_study(_write(tmp_path / "srch.yaml", techniques=[explode], design=design))
     lines = []
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
@@ -200,10 +212,22 @@ def test_a_local_study_never_joins_a_ray_started_on_the_machine(tmp_path, monkey
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     temp = tempfile.mkdtemp(prefix="rf", dir="/tmp")  # Ray's socket paths must stay short
     monkeypatch.setenv("RAY_TMPDIR", temp)
-    head = subprocess.Popen([str(Path(sys.executable).with_name("ray")), "start", "--head", "--block", "--num-cpus=1",
-                             "--node-ip-address=127.0.0.1", "--include-dashboard=false",
-                             "--disable-usage-stats"], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                            start_new_session=True, env={**os.environ, "RAY_TMPDIR": temp})
+    head = subprocess.Popen(
+        [
+            str(Path(sys.executable).with_name("ray")),
+            "start",
+            "--head",
+            "--block",
+            "--num-cpus=1",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "RAY_TMPDIR": temp},
+    )
     try:
         current = Path(temp) / "ray" / "ray_current_cluster"  # where ray.init() looks for a running cluster
         for _ in range(600):  # a loaded machine can take minutes

@@ -28,9 +28,14 @@ def _children(uri: str, name: str):
 def _cli(study: Path, state: Path, log: Path) -> subprocess.Popen:
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.Popen([sys.executable, "-m", "srdit", "study", "run", str(study), "--state", str(state),
-                             "--num-cpus", "2"], cwd=ROOT, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "srdit", "study", "run", str(study), "--state", str(state), "--num-cpus", "2"],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
 
 
 def _group_alive(pgid: int) -> bool:
@@ -43,10 +48,20 @@ def _group_alive(pgid: int) -> bool:
 
 def test_kill_and_resume_runs_every_trial_exactly_once(tmp_path):
     study = tmp_path / "resume.yaml"
-    study.write_text(yaml.safe_dump({
-        "name": "resume", "techniques": ["rmsnorm"], "seeds": [0, 1, 2],
-        "base": {"train": {"steps": 80, "batch_size": 16, "log_every": 5, "ckpt_every": 5},
-                 "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}}))
+    study.write_text(
+        yaml.safe_dump(
+            {
+                "name": "resume",
+                "techniques": ["rmsnorm"],
+                "seeds": [0, 1, 2],
+                "base": {
+                    "train": {"steps": 80, "batch_size": 16, "log_every": 5, "ckpt_every": 5},
+                    "eval": {"n_samples": 50, "batch_size": 50},
+                    "sample": {"sampler": "euler", "steps": 2},
+                },
+            }
+        )
+    )
     state = tmp_path / "state"
     uri = f"sqlite:///{(state / 'mlflow.db').resolve()}"
     log = tmp_path / "cli.log"

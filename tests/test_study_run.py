@@ -8,13 +8,22 @@ import yaml
 
 pytestmark = pytest.mark.slow
 
-TINY_BASE = {"train": {"steps": 6, "batch_size": 16, "log_every": 2, "ckpt_every": 3},
-             "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}
+TINY_BASE = {
+    "train": {"steps": 6, "batch_size": 16, "log_every": 2, "ckpt_every": 3},
+    "eval": {"n_samples": 50, "batch_size": 50},
+    "sample": {"sampler": "euler", "steps": 2},
+}
 
 
 def write_study(path: Path, **kw) -> Path:
-    data = {"name": "tiny", "base": TINY_BASE, "techniques": ["rmsnorm", "qk_norm"], "seeds": [0, 1],
-            "metrics": {"primary": "fd", "direction": "min", "others": {"images_per_s": "max"}}, **kw}
+    data = {
+        "name": "tiny",
+        "base": TINY_BASE,
+        "techniques": ["rmsnorm", "qk_norm"],
+        "seeds": [0, 1],
+        "metrics": {"primary": "fd", "direction": "min", "others": {"images_per_s": "max"}},
+        **kw,
+    }
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 
@@ -23,8 +32,8 @@ def test_full_factorial_study_into_sqlite(tmp_path, ray_local):
     from mlflow import MlflowClient
 
     from srdit.commands.report import make_report
-    from srdit.runtime.results import load_results
     from srdit.runtime.driver import run_study
+    from srdit.runtime.results import load_results
     from srdit.study.spec import load_study
 
     spec = load_study(write_study(tmp_path / "tiny.yaml"))
@@ -78,15 +87,21 @@ def test_full_factorial_study_into_sqlite(tmp_path, ray_local):
 def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray_local):
     from mlflow import MlflowClient
 
-    from srdit.runtime.results import load_results
     from srdit.runtime.driver import run_study
+    from srdit.runtime.results import load_results
     from srdit.study.spec import load_study
 
-    path = write_study(tmp_path / "fail.yaml", name="fail", seeds=[0], techniques=[
-        {"name": "explode", "diff": {"train.lr": 1e6}},
-        # passes validation and the preflight, raises when the trainer builds the teacher (64-d tokens, not 32)
-        {"name": "broken", "diff": {"model.repa.enabled": True, "model.repa.teacher_dim": 32}}],
-        constraints=[{"excludes": ["explode", "broken"]}])
+    path = write_study(
+        tmp_path / "fail.yaml",
+        name="fail",
+        seeds=[0],
+        techniques=[
+            {"name": "explode", "diff": {"train.lr": 1e6}},
+            # passes validation and the preflight, raises when the trainer builds the teacher (64-d tokens, not 32)
+            {"name": "broken", "diff": {"model.repa.enabled": True, "model.repa.teacher_dim": 32}},
+        ],
+        constraints=[{"excludes": ["explode", "broken"]}],
+    )
     spec = load_study(path)
     res = run_study(spec, tmp_path / "state")
     assert res.statuses == {"finished": 1, "diverged": 1, "crashed": 1}
@@ -94,8 +109,10 @@ def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray
     assert not res.complete and [k.split("-")[0] for k in res.unfinished] == ["01"]
 
     client = MlflowClient(res.uri)
-    runs = {r.data.tags["cell"]: r for r in client.search_runs(
-        [res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")}
+    runs = {
+        r.data.tags["cell"]: r
+        for r in client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    }
     assert set(runs) == {"00", "01", "10"}
     assert runs["00"].info.status == "FINISHED" and runs["00"].data.tags["status"] == "finished"
     diverged, crashed = runs["10"], runs["01"]
@@ -106,10 +123,18 @@ def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray
     assert "traceback.txt" in {a.path for a in client.list_artifacts(crashed.info.run_id)}
 
     results, _ = load_results(spec, tmp_path / "state")
-    assert dict(zip(results.table["cell"], results.table["status"])) == {"00": "finished", "10": "diverged",
-                                                                         "01": "crashed"}
-    assert results.excluded == [{"cell": "11", "techniques": ["explode", "broken"],
-                                 "reason": "constraint: explode and broken exclude each other"}]
+    assert dict(zip(results.table["cell"], results.table["status"])) == {
+        "00": "finished",
+        "10": "diverged",
+        "01": "crashed",
+    }
+    assert results.excluded == [
+        {
+            "cell": "11",
+            "techniques": ["explode", "broken"],
+            "reason": "constraint: explode and broken exclude each other",
+        }
+    ]
     # diverged is a result and stays; crashed is retried by a rerun (and reuses its child run)
     again = run_study(spec, tmp_path / "state")
     assert again.ran == 1 and again.skipped == 2
@@ -122,8 +147,12 @@ def test_search_design_runs_optuna_through_tune_and_continues(tmp_path, ray_loca
     from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
 
-    design = {"kind": "search", "trials": 3, "objectives": ["fd", "images_per_s"],
-              "space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}}}
+    design = {
+        "kind": "search",
+        "trials": 3,
+        "objectives": ["fd", "images_per_s"],
+        "space": {"train.lr": {"low": 1e-4, "high": 1e-2, "log": True}},
+    }
     spec = load_study(write_study(tmp_path / "search.yaml", name="search", seeds=[0], design=design))
     res = run_study(spec, tmp_path / "state")
     assert res.complete and res.total == 3

@@ -16,14 +16,28 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_schema_is_frozen():
     # Change these only on purpose (and update the docs and studies/*.yaml).
-    assert S.STUDY_KEYS == ("name", "description", "base", "techniques", "design", "seeds", "constraints", "metrics",
-                            "resources", "tracking", "checkpoint")
-    assert S.DESIGN_KINDS == ("full_factorial", "fractional_factorial", "ladder", "leave_one_out", "search",
-                              "foldover")
-    assert S.DESIGN_KEYS == {"full_factorial": ("kind",), "fractional_factorial": ("kind", "resolution"),
-                             "ladder": ("kind", "order"), "leave_one_out": ("kind",),
-                             "search": ("kind", "trials", "objectives", "space", "seed", "max_concurrent"),
-                             "foldover": ("kind", "of", "factor")}
+    assert S.STUDY_KEYS == (
+        "name",
+        "description",
+        "base",
+        "techniques",
+        "design",
+        "seeds",
+        "constraints",
+        "metrics",
+        "resources",
+        "tracking",
+        "checkpoint",
+    )
+    assert S.DESIGN_KINDS == ("full_factorial", "fractional_factorial", "ladder", "leave_one_out", "search", "foldover")
+    assert S.DESIGN_KEYS == {
+        "full_factorial": ("kind",),
+        "fractional_factorial": ("kind", "resolution"),
+        "ladder": ("kind", "order"),
+        "leave_one_out": ("kind",),
+        "search": ("kind", "trials", "objectives", "space", "seed", "max_concurrent"),
+        "foldover": ("kind", "of", "factor"),
+    }
     assert S.CUSTOM_TECHNIQUE_KEYS == ("name", "diff", "description")
     assert S.CONSTRAINT_KINDS == ("requires", "excludes", "wins")
     assert S.METRICS_KEYS == ("primary", "direction", "others")
@@ -45,10 +59,15 @@ def test_shipped_studies_load_and_name_metrics_their_runs_report(path):
 
 
 def test_defaults_and_sections():
-    s = study_from_dict({"name": "d", "techniques": ["rope", {"sprint": {"drop_ratio": 0.5}},
-                                                     {"name": "lr", "diff": {"train": {"lr": 3e-3}}}],
-                         "seeds": 3, "resources": {"cpus": 2, "gpus": 0.5},
-                         "tracking": {"uri": "http://127.0.0.1:5000"}})
+    s = study_from_dict(
+        {
+            "name": "d",
+            "techniques": ["rope", {"sprint": {"drop_ratio": 0.5}}, {"name": "lr", "diff": {"train": {"lr": 3e-3}}}],
+            "seeds": 3,
+            "resources": {"cpus": 2, "gpus": 0.5},
+            "tracking": {"uri": "http://127.0.0.1:5000"},
+        }
+    )
     assert s.design.kind == "full_factorial" and s.seeds == (0, 1, 2)
     assert s.metrics.primary == "fd" and s.metrics.direction == "min"
     assert s.factor("sprint").diff["model.sprint.drop_ratio"] == 0.5
@@ -64,43 +83,69 @@ def test_multi_gpu_resources_mean_one_worker_per_gpu():
     assert (r.gpus, r.workers, r.cpus) == (0, 2, 0.5)
 
 
-@pytest.mark.parametrize("data,match", [
-    ({"name": "x", "techniques": ["rope"], "resources": {"gpus": 2.5}}, "resources.gpus: 2.5 must be a fraction"),
-    ({"name": "x", "techniques": ["rope"], "resources": {"gpus": 4, "workers": 2}}, "must equal resources.gpus"),
-    ({"name": "x", "techniques": ["rope"], "resources": {"gpus": 0.5, "workers": 2}}, "one whole GPU per worker"),
-    ({"name": "x", "techniques": ["rope"], "resources": {"workers": 0}}, "resources.workers: 0 must be >= 1"),
-    ({"name": "x", "techniques": [{"sprint": {"width": 3}}]}, "unknown knob 'width'"),
-    ({"name": "x", "techniques": [{"name": "bad", "diff": {"train.nope": 1}}]}, "train.nope: unknown key"),
-    ({"name": "x", "techniques": ["rope"], "design": {"kind": "fractional_factorial", "resolution": 9}},
-     "design.resolution"),
-    ({"name": "x", "techniques": ["rope", "rmsnorm"], "design": {"kind": "ladder", "order": ["rope", "qk_norm"]}},
-     "qk_norm not among the techniques"),
-    ({"name": "x", "techniques": ["rope"], "seeds": [0, 0]}, "distinct"),
-    ({"name": "x", "techniques": ["rope"], "metrics": {"primary": "fidd"}}, "unknown metric 'fidd'; allowed: fd"),
-    ({"name": "x", "techniques": ["rope"], "base": {"train": {"stepz": 3}}}, "base.train.stepz: unknown key"),
-    ({"name": "x", "techniques": ["rope"], "tracking": {"uri": "./mlruns"}}, "tracking.uri"),
-    ({"name": "x", "techniques": ["rope", "rope"]}, "more than once"),
-    ({"name": "x", "techniques": ["rope"], "design": {"kind": "search", "trials": 2,
-                                                      "space": {"rope.width": {"low": 1, "high": 2}}}},
-     "not a knob of rope"),
-])
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"name": "x", "techniques": ["rope"], "resources": {"gpus": 2.5}}, "resources.gpus: 2.5 must be a fraction"),
+        ({"name": "x", "techniques": ["rope"], "resources": {"gpus": 4, "workers": 2}}, "must equal resources.gpus"),
+        ({"name": "x", "techniques": ["rope"], "resources": {"gpus": 0.5, "workers": 2}}, "one whole GPU per worker"),
+        ({"name": "x", "techniques": ["rope"], "resources": {"workers": 0}}, "resources.workers: 0 must be >= 1"),
+        ({"name": "x", "techniques": [{"sprint": {"width": 3}}]}, "unknown knob 'width'"),
+        ({"name": "x", "techniques": [{"name": "bad", "diff": {"train.nope": 1}}]}, "train.nope: unknown key"),
+        (
+            {"name": "x", "techniques": ["rope"], "design": {"kind": "fractional_factorial", "resolution": 9}},
+            "design.resolution",
+        ),
+        (
+            {
+                "name": "x",
+                "techniques": ["rope", "rmsnorm"],
+                "design": {"kind": "ladder", "order": ["rope", "qk_norm"]},
+            },
+            "qk_norm not among the techniques",
+        ),
+        ({"name": "x", "techniques": ["rope"], "seeds": [0, 0]}, "distinct"),
+        ({"name": "x", "techniques": ["rope"], "metrics": {"primary": "fidd"}}, "unknown metric 'fidd'; allowed: fd"),
+        ({"name": "x", "techniques": ["rope"], "base": {"train": {"stepz": 3}}}, "base.train.stepz: unknown key"),
+        ({"name": "x", "techniques": ["rope"], "tracking": {"uri": "./mlruns"}}, "tracking.uri"),
+        ({"name": "x", "techniques": ["rope", "rope"]}, "more than once"),
+        (
+            {
+                "name": "x",
+                "techniques": ["rope"],
+                "design": {"kind": "search", "trials": 2, "space": {"rope.width": {"low": 1, "high": 2}}},
+            },
+            "not a knob of rope",
+        ),
+    ],
+)
 def test_validation_errors_name_the_key(data, match):
     with pytest.raises(ConfigError, match=match):
         study_from_dict(data)
 
 
 BAD = {
-    "unknown_key.yaml": ("name: a\ntechniques: [rope]\ndesing: full_factorial\n",
-                         "desing: unknown key; allowed keys: name, description, base"),
-    "unknown_technique.yaml": ("name: a\ntechniques: [rope, warp_drive]\n",
-                               "unknown technique 'warp_drive'; allowed: sprint"),
-    "wrong_type.yaml": ("name: a\ntechniques: [rope]\nbase: {train: {steps: many}}\n",
-                        "base.train.steps: expected an integer, got 'many'"),
-    "bad_design.yaml": ("name: a\ntechniques: [rope]\ndesign: latin_square\n",
-                        "design.kind: 'latin_square' is not a design; allowed: full_factorial"),
-    "conflicting.yaml": ("name: a\ntechniques: [sprint, path_drop_guidance]\nconstraints:\n"
-                         "  - requires: [path_drop_guidance, sprint]\n  - excludes: [sprint, path_drop_guidance]\n",
-                         "conflicting constraints"),
+    "unknown_key.yaml": (
+        "name: a\ntechniques: [rope]\ndesing: full_factorial\n",
+        "desing: unknown key; allowed keys: name, description, base",
+    ),
+    "unknown_technique.yaml": (
+        "name: a\ntechniques: [rope, warp_drive]\n",
+        "unknown technique 'warp_drive'; allowed: sprint",
+    ),
+    "wrong_type.yaml": (
+        "name: a\ntechniques: [rope]\nbase: {train: {steps: many}}\n",
+        "base.train.steps: expected an integer, got 'many'",
+    ),
+    "bad_design.yaml": (
+        "name: a\ntechniques: [rope]\ndesign: latin_square\n",
+        "design.kind: 'latin_square' is not a design; allowed: full_factorial",
+    ),
+    "conflicting.yaml": (
+        "name: a\ntechniques: [sprint, path_drop_guidance]\nconstraints:\n"
+        "  - requires: [path_drop_guidance, sprint]\n  - excludes: [sprint, path_drop_guidance]\n",
+        "conflicting constraints",
+    ),
     "shared_key.yaml": ("name: a\ntechniques: [swiglu, relu2]\n", "swiglu and relu2 both set model.mlp"),
     "empty.yaml": ("", "the file is empty"),
     "syntax.yaml": ("name: a\ntechniques: [rope\n", "YAML syntax error"),
@@ -116,9 +161,16 @@ def test_malformed_study_files_give_one_line_errors(tmp_path):
     cases["missing.yaml"] = (tmp_path / "missing.yaml", "no such file")
     cases["folder"] = (tmp_path, "is a folder")
     assert len(cases) >= 8
-    procs = {name: subprocess.Popen([sys.executable, "-m", "srdit", "study", "plan", str(path)], cwd=ROOT,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-             for name, (path, _) in cases.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "srdit", "study", "plan", str(path)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, (path, _) in cases.items()
+    }
     for name, p in procs.items():
         out, err = p.communicate(timeout=120)
         match = cases[name][1]
@@ -132,14 +184,25 @@ def test_malformed_study_files_give_one_line_errors(tmp_path):
 def test_plan_command_prints_cells_cost_and_json():
     import json
 
-    r = subprocess.run([sys.executable, "-m", "srdit", "study", "plan", "studies/digits_quick.yaml"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "srdit", "study", "plan", "studies/digits_quick.yaml"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "cells (8)" in r.stdout and "trials: 16" in r.stdout and "estimated wall time" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "srdit", "study", "plan", "studies/digits_factorial.yaml",
-                        "--json"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "srdit", "study", "plan", "studies/digits_factorial.yaml", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     j = json.loads(r.stdout)
     assert j["resolution"] == 5 and len(j["cells"]) == 16 and j["aliases"] and j["cost"]["trials"] == 48
-    r = subprocess.run([sys.executable, "-m", "srdit", "study", "plan"], cwd=ROOT, capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "srdit", "study", "plan"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -8,10 +8,10 @@ import pytest
 import torch
 from test_dinov2 import _latent_folder, dino_root  # noqa: F401  (dino_root is a fixture)
 
+from srdit.commands.cache_teacher import main as cache_teacher
 from srdit.data import teacher_cache as store
 from srdit.data.latents import LatentStream
 from srdit.encoders import load_teacher
-from srdit.commands.cache_teacher import main as cache_teacher
 
 
 @pytest.fixture
@@ -23,8 +23,21 @@ def latents(tmp_path):
 def test_parts_built_separately_equal_the_teacher(dino_root, latents, tmp_path, capsys):  # noqa: F811
     root, _ = dino_root
     out = tmp_path / "cache"
-    args = [str(latents), "--teacher", "dinov2_vits14", "--teacher-path", str(root), "--out", str(out), "--grid", "2",
-            "--batch-size", "2", "--device", "cpu"]
+    args = [
+        str(latents),
+        "--teacher",
+        "dinov2_vits14",
+        "--teacher-path",
+        str(root),
+        "--out",
+        str(out),
+        "--grid",
+        "2",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+    ]
     assert cache_teacher(args + ["--part", "1/3"]) == 0
     assert "2 of 3 parts still missing" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="rerun the same `srdit cache-teacher` command"):
@@ -52,7 +65,7 @@ def test_prefetch_path_returns_the_same_tokens_as_direct_reads(latents, tmp_path
 
     def teacher(crops, grid):  # deterministic stand-in: tokens are a function of the crop
         flat = crops.float().flatten(1)
-        return flat[:, :grid * grid * 8].reshape(-1, grid * grid, 8) / 255, flat[:, -8:] / 255
+        return flat[:, : grid * grid * 8].reshape(-1, grid * grid, 8) / 255, flat[:, -8:] / 255
 
     store.create(out, {"num_images": 7, "grid": 2, "dim": 8, "parts": 2, "teacher": "t"})
     from srdit.data.latents import LatentDataset
@@ -85,8 +98,12 @@ def test_a_cache_for_other_settings_is_refused(latents, tmp_path):
     store.create(out, {"num_images": 7, "grid": 2, "dim": 8, "parts": 1, "teacher": "t"})
     with pytest.raises(ValueError, match="differs in: grid"):
         store.create(out, {"num_images": 7, "grid": 4, "dim": 8, "parts": 1, "teacher": "t"})
-    store.write_part(out, 0, lambda idx: torch.zeros(len(idx), 3, 32, 32, dtype=torch.uint8),
-                     lambda crops, grid: (torch.zeros(len(crops), grid * grid, 8), torch.zeros(len(crops), 8)))
+    store.write_part(
+        out,
+        0,
+        lambda idx: torch.zeros(len(idx), 3, 32, 32, dtype=torch.uint8),
+        lambda crops, grid: (torch.zeros(len(crops), grid * grid, 8), torch.zeros(len(crops), 8)),
+    )
     with pytest.raises(ValueError, match="teacher cache made with grid = 2, this run needs 4"):
         store.TeacherCache(out, expect={"grid": 4})
 

@@ -13,8 +13,18 @@ import yaml
 from srdit import config as C
 from srdit.commands import main
 from srdit.config import ConfigError, RunConfig
-from srdit.techniques import (SRDIT_STACK, TECHNIQUES, Technique, custom_technique, load_run_config, merge_diffs,
-                              preset, run_config_from_dict, technique, with_techniques)
+from srdit.techniques import (
+    SRDIT_STACK,
+    TECHNIQUES,
+    Technique,
+    custom_technique,
+    load_run_config,
+    merge_diffs,
+    preset,
+    run_config_from_dict,
+    technique,
+    with_techniques,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,8 +37,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_conflict_names_both_techniques_the_key_and_both_values():
-    with pytest.raises(ConfigError, match=r"techniques swiglu and relu2 both set model\.mlp \('swiglu' vs 'relu2'\); "
-                                          r".*wins: swiglu, over: relu2.*excludes: \[swiglu, relu2\]"):
+    with pytest.raises(
+        ConfigError,
+        match=r"techniques swiglu and relu2 both set model\.mlp \('swiglu' vs 'relu2'\); "
+        r".*wins: swiglu, over: relu2.*excludes: \[swiglu, relu2\]",
+    ):
         merge_diffs(["swiglu", "relu2"])
     with pytest.raises(ConfigError, match=r"relu2 and swiglu both set model\.mlp \('relu2' vs 'swiglu'\)"):
         merge_diffs(["relu2", "swiglu"])
@@ -53,9 +66,15 @@ def test_equal_values_do_not_conflict_and_a_winner_must_beat_every_writer():
 
 def test_knob_overrides_and_unknown_knobs():
     assert merge_diffs(["sprint", "repa"], {"sprint": {"drop_ratio": 0.5}, "repa": {"weight": 0.1}}) == {
-        "model.sprint.enabled": True, "model.sprint.drop_ratio": 0.5, "model.repa.enabled": True, "loss.repa": 0.1}
-    with pytest.raises(ConfigError, match="technique sprint: unknown knob 'ratio'; allowed knobs: drop_ratio, "
-                                          "path_drop_prob, dense_in, dense_out"):
+        "model.sprint.enabled": True,
+        "model.sprint.drop_ratio": 0.5,
+        "model.repa.enabled": True,
+        "loss.repa": 0.1,
+    }
+    with pytest.raises(
+        ConfigError,
+        match="technique sprint: unknown knob 'ratio'; allowed knobs: drop_ratio, path_drop_prob, dense_in, dense_out",
+    ):
         merge_diffs(["sprint"], {"sprint": {"ratio": 0.5}})
     with pytest.raises(ConfigError, match="technique rmsnorm: unknown knob 'eps'; allowed knobs: none"):
         merge_diffs(["rmsnorm"], {"rmsnorm": {"eps": 1e-5}})
@@ -83,8 +102,12 @@ def test_searched_knobs_apply_only_when_their_technique_is_on():
     off = merge_diffs(["rope"], searched=searched, off=["sprint"])
     assert off == {"model.rope.enabled": True, "model.rope.theta": 100.0, "train.lr": 2e-3}
     # a searched value overrides the technique's own knob override
-    assert merge_diffs(["sprint"], {"sprint": {"drop_ratio": 0.5}}, searched={"sprint.drop_ratio": 0.25},
-                       off=())["model.sprint.drop_ratio"] == 0.25
+    assert (
+        merge_diffs(["sprint"], {"sprint": {"drop_ratio": 0.5}}, searched={"sprint.drop_ratio": 0.25}, off=())[
+            "model.sprint.drop_ratio"
+        ]
+        == 0.25
+    )
     with pytest.raises(ConfigError, match="technique sprint: unknown knob 'width'"):
         merge_diffs(["sprint"], searched={"sprint.width": 3})
     cfg = with_techniques(RunConfig(), ["sprint"], searched=searched, off=["rope"], extra={"train.seed": 7})
@@ -96,17 +119,30 @@ def test_study_cells_use_the_same_merge():
     from srdit.study.designs import resolve_config
     from srdit.study.spec import study_from_dict
 
-    s = study_from_dict({"name": "m", "techniques": ["swiglu", "relu2", {"sprint": {"drop_ratio": 0.5}},
-                                                     {"name": "wide_lr", "diff": {"train.lr": 3e-3}}],
-                         "constraints": [{"wins": "relu2", "over": "swiglu"}]})
+    s = study_from_dict(
+        {
+            "name": "m",
+            "techniques": [
+                "swiglu",
+                "relu2",
+                {"sprint": {"drop_ratio": 0.5}},
+                {"name": "wide_lr", "diff": {"train.lr": 3e-3}},
+            ],
+            "constraints": [{"wins": "relu2", "over": "swiglu"}],
+        }
+    )
     cfg = resolve_config(s, ("swiglu", "relu2", "sprint", "wide_lr"), 1, {"sprint.drop_ratio": 0.4})
     assert cfg.model.mlp == "relu2" and cfg.model.sprint.drop_ratio == 0.4 and cfg.train.lr == 3e-3
     assert cfg.techniques == ("swiglu", "relu2", "sprint") and cfg.train.seed == 1
     assert s.factor("wide_lr").technique.diff == {"train.lr": 3e-3}
     assert s.factor("sprint").technique.diff == {"model.sprint.enabled": True, "model.sprint.drop_ratio": 0.5}
     with pytest.raises(ConfigError, match=r"techniques a and b both set train\.lr \(0\.001 vs 0\.002\)"):
-        study_from_dict({"name": "m", "techniques": [{"name": "a", "diff": {"train.lr": 1e-3}},
-                                                     {"name": "b", "diff": {"train.lr": 2e-3}}]})
+        study_from_dict(
+            {
+                "name": "m",
+                "techniques": [{"name": "a", "diff": {"train.lr": 1e-3}}, {"name": "b", "diff": {"train.lr": 2e-3}}],
+            }
+        )
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "studies").glob("*.yaml")), ids=lambda p: p.stem)
@@ -171,18 +207,25 @@ def test_srdit_techniques_lists_diff_knobs_paper_and_code(capsys):
 # ------------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data,where,match", [
-    ({"train": {"steps": "many"}}, "base", r"^base\.train\.steps: expected an integer, got 'many'$"),
-    ({"train": {"steps": "many"}}, "", r"^train\.steps: expected an integer, got 'many'$"),
-    ({"preset": "SR-DiT-XL"}, "base", r"^base\.preset: unknown preset 'SR-DiT-XL'; allowed: digits, SR-DiT-B/1$"),
-    ({"preset": 3}, "", r"^preset: expected a string; allowed: digits, SR-DiT-B/1$"),
-    ({"techniques": "rope"}, "base", r"^base\.techniques: expected a list of names; allowed: sprint"),
-    ({"techniques": ["flash"]}, "base", r"^base: unknown technique 'flash'; allowed: sprint"),
-    ({"modle": {}}, "base", r"^base\.modle: unknown key; allowed keys in base: preset, techniques, model, transport"),
-    ({"modle": {}}, "", r"^modle: unknown key; allowed keys: preset, techniques, model, transport"),
-    ({"sample": {"path_drop_guidance": True}}, "base", r"^base\.sample\.path_drop_guidance needs model\.sprint"),
-    ({"techniques": ["swiglu", "relu2"]}, "base", r"^base: techniques swiglu and relu2 both set model\.mlp"),
-])
+@pytest.mark.parametrize(
+    "data,where,match",
+    [
+        ({"train": {"steps": "many"}}, "base", r"^base\.train\.steps: expected an integer, got 'many'$"),
+        ({"train": {"steps": "many"}}, "", r"^train\.steps: expected an integer, got 'many'$"),
+        ({"preset": "SR-DiT-XL"}, "base", r"^base\.preset: unknown preset 'SR-DiT-XL'; allowed: digits, SR-DiT-B/1$"),
+        ({"preset": 3}, "", r"^preset: expected a string; allowed: digits, SR-DiT-B/1$"),
+        ({"techniques": "rope"}, "base", r"^base\.techniques: expected a list of names; allowed: sprint"),
+        ({"techniques": ["flash"]}, "base", r"^base: unknown technique 'flash'; allowed: sprint"),
+        (
+            {"modle": {}},
+            "base",
+            r"^base\.modle: unknown key; allowed keys in base: preset, techniques, model, transport",
+        ),
+        ({"modle": {}}, "", r"^modle: unknown key; allowed keys: preset, techniques, model, transport"),
+        ({"sample": {"path_drop_guidance": True}}, "base", r"^base\.sample\.path_drop_guidance needs model\.sprint"),
+        ({"techniques": ["swiglu", "relu2"]}, "base", r"^base: techniques swiglu and relu2 both set model\.mlp"),
+    ],
+)
 def test_run_config_from_dict_errors_name_the_yaml_path(data, where, match):
     with pytest.raises(ConfigError, match=match):
         run_config_from_dict(data, where)
@@ -191,7 +234,12 @@ def test_run_config_from_dict_errors_name_the_yaml_path(data, where, match):
 def test_one_loader_for_run_files_and_study_bases(tmp_path):
     from srdit.study.spec import parse_base
 
-    data = {"preset": "digits", "techniques": ["rope", "cfm"], "train": {"steps": 10}, "model": {"rope": {"theta": 100}}}
+    data = {
+        "preset": "digits",
+        "techniques": ["rope", "cfm"],
+        "train": {"steps": 10},
+        "model": {"rope": {"theta": 100}},
+    }
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(data))
     from_file = load_run_config(tmp_path / "run.yaml")
     from_base, as_written = parse_base(data)
@@ -265,8 +313,17 @@ def test_evaluation_time_techniques_leave_training_bit_identical(tmp_path):
     from srdit.techniques import training_config
     from srdit.train import load_checkpoint, train
 
-    tiny = {"train.steps": 6, "train.batch_size": 8, "train.log_every": 3, "train.ckpt_every": 6,
-            "train.eval_every": 0, "train.threads": 1, "eval.n_samples": 60, "eval.batch_size": 60, "sample.steps": 2}
+    tiny = {
+        "train.steps": 6,
+        "train.batch_size": 8,
+        "train.log_every": 3,
+        "train.ckpt_every": 6,
+        "train.eval_every": 0,
+        "train.threads": 1,
+        "eval.n_samples": 60,
+        "eval.batch_size": 60,
+        "sample.steps": 2,
+    }
     evals = [n for n, t in TECHNIQUES.items() if t.stage == "eval"]
     assert set(evals) >= {"balanced_labels", "path_drop_guidance"}
     a = apply_diff(with_techniques(RunConfig(), ["sprint"]), tiny)

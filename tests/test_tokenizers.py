@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from srdit.encoders import Tokenizer, load_tokenizer
-from srdit.encoders.invae import (INVAE_SCALE, InvaeAutoencoder, InvaeConfig, TokenizerLoadError, load_invae,
-                                  save_invae)
+from srdit.encoders.invae import INVAE_SCALE, InvaeAutoencoder, InvaeConfig, TokenizerLoadError, load_invae, save_invae
 
 TINY = InvaeConfig(ch=8, num_res_blocks=1, norm_groups=4)  # SR-DiT's f16 / 32-channel layout, narrow
 
@@ -34,11 +33,21 @@ def test_invae_architecture_matches_the_ldm_layout():
         full = InvaeAutoencoder()
     keys = set(full.state_dict())
     assert full.cfg.downsample == 16 and full.cfg.z_channels == 32
-    for k in ("encoder.conv_in.weight", "encoder.down.0.block.1.conv2.weight", "encoder.down.0.downsample.conv.weight",
-              "encoder.down.2.block.0.nin_shortcut.weight", "encoder.down.4.attn.1.proj_out.weight",
-              "encoder.mid.attn_1.q.weight", "encoder.conv_out.weight", "quant_conv.weight", "post_quant_conv.weight",
-              "decoder.up.4.attn.2.k.weight", "decoder.up.0.block.2.norm1.weight", "decoder.up.1.upsample.conv.weight",
-              "decoder.mid.block_2.conv1.weight"):
+    for k in (
+        "encoder.conv_in.weight",
+        "encoder.down.0.block.1.conv2.weight",
+        "encoder.down.0.downsample.conv.weight",
+        "encoder.down.2.block.0.nin_shortcut.weight",
+        "encoder.down.4.attn.1.proj_out.weight",
+        "encoder.mid.attn_1.q.weight",
+        "encoder.conv_out.weight",
+        "quant_conv.weight",
+        "post_quant_conv.weight",
+        "decoder.up.4.attn.2.k.weight",
+        "decoder.up.0.block.2.norm1.weight",
+        "decoder.up.1.upsample.conv.weight",
+        "decoder.mid.block_2.conv1.weight",
+    ):
         assert k in keys, k
     assert "encoder.down.4.downsample.conv.weight" not in keys and "decoder.up.0.upsample.conv.weight" not in keys
     assert "encoder.down.3.attn.0.q.weight" not in keys
@@ -89,8 +98,9 @@ def test_invae_loader_messages(tiny_invae_dir, tmp_path):
     with pytest.raises(TokenizerLoadError, match=r"1 missing \(e\.g\. quant_conv\.weight\)"):
         load_invae(tmp_path / "broken.pt", config=TINY)
     # a wrapped checkpoint ({"model": state_dict}) with DDP prefixes loads
-    torch.save({"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "step": 400000},
-               tmp_path / "wrapped.pt")
+    torch.save(
+        {"model": {f"module.{k}": v for k, v in model.state_dict().items()}, "step": 400000}, tmp_path / "wrapped.pt"
+    )
     tok = load_invae(tmp_path / "wrapped.pt", config=TINY)
     x = _images(1)
     torch.testing.assert_close(tok.encode(x, sample=False), load_invae(folder).encode(x, sample=False))
@@ -107,10 +117,19 @@ def test_invae_loader_messages(tiny_invae_dir, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_sdvae_dir(tmp_path_factory):
     import diffusers  # a dev dependency (the SD-VAE path)
+
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 3,
-                                  up_block_types=["UpDecoderBlock2D"] * 3, block_out_channels=[8, 16, 16],
-                                  layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 3,
+        up_block_types=["UpDecoderBlock2D"] * 3,
+        block_out_channels=[8, 16, 16],
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=32,
+    )
     root = tmp_path_factory.mktemp("sdvae")
     vae.save_pretrained(root / "pipeline" / "vae")
     return root / "pipeline", vae.eval()

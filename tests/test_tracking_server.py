@@ -15,8 +15,12 @@ def server(tmp_path):
     from srdit.runtime.tracking import free_port, start_server, stop_server
 
     port = free_port()
-    proc = start_server(f"sqlite:///{tmp_path / 'server.db'}", tmp_path / "server-artifacts", port=port,
-                        log_path=tmp_path / "server.log")
+    proc = start_server(
+        f"sqlite:///{tmp_path / 'server.db'}",
+        tmp_path / "server-artifacts",
+        port=port,
+        log_path=tmp_path / "server.log",
+    )
     yield f"http://127.0.0.1:{port}"
     stop_server(proc)
     assert proc.poll() is not None
@@ -25,15 +29,26 @@ def server(tmp_path):
 def test_study_through_a_tracking_server(tmp_path, server):
     from mlflow import MlflowClient
 
-    from srdit.runtime.results import load_results
     from srdit.runtime.driver import run_study
+    from srdit.runtime.results import load_results
     from srdit.study.spec import load_study
 
     path = tmp_path / "srv.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "srv", "techniques": ["rmsnorm", "qk_norm"], "seeds": [0], "tracking": {"uri": server},
-        "base": {"train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
-                 "eval": {"n_samples": 50, "batch_size": 50}, "sample": {"sampler": "euler", "steps": 2}}}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "srv",
+                "techniques": ["rmsnorm", "qk_norm"],
+                "seeds": [0],
+                "tracking": {"uri": server},
+                "base": {
+                    "train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2},
+                    "eval": {"n_samples": 50, "batch_size": 50},
+                    "sample": {"sampler": "euler", "steps": 2},
+                },
+            }
+        )
+    )
     spec = load_study(path)
     state = tmp_path / "state"
     res = run_study(spec, state, num_cpus=2)
@@ -76,9 +91,13 @@ def test_ui_command_serves_the_embedded_store_and_stops_on_ctrl_c(tmp_path):
     state.mkdir()
     MlflowClient(default_tracking_uri(state)).create_experiment("ui_probe")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "srdit", "ui", "--state", str(state), "--port",
-                             str(port)], cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "srdit", "ui", "--state", str(state), "--port", str(port)],
+        cwd=Path(__file__).resolve().parent.parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         line = ""
         deadline = time.time() + 90
@@ -88,8 +107,11 @@ def test_ui_command_serves_the_embedded_store_and_stops_on_ctrl_c(tmp_path):
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as r:
             assert r.status == 200 and b"MLflow" in r.read()
         body = json.dumps({"max_results": 10}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search", data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/api/2.0/mlflow/experiments/search",
+            data=body,
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(req, timeout=10) as r:
             assert "ui_probe" in {e["name"] for e in json.load(r)["experiments"]}
     finally:

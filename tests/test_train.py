@@ -11,8 +11,15 @@ from srdit.config import RunConfig, apply_diff
 from srdit.techniques import with_techniques
 from srdit.train import load_checkpoint, train
 
-TINY = {"train.steps": 20, "train.log_every": 1, "train.ckpt_every": 10, "train.threads": 1,
-        "eval.n_samples": 60, "eval.batch_size": 60, "sample.steps": 4}
+TINY = {
+    "train.steps": 20,
+    "train.log_every": 1,
+    "train.ckpt_every": 10,
+    "train.threads": 1,
+    "eval.n_samples": 60,
+    "eval.batch_size": 60,
+    "sample.steps": 4,
+}
 
 
 class Recorder:
@@ -66,20 +73,22 @@ def test_run_folder_contents(tmp_path):
 
 
 def srdit(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "srdit", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return subprocess.run([sys.executable, "-m", "srdit", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", "missing.yaml"], "missing.yaml: no such file"),
-    (["train", "BAD"], "BAD: YAML syntax error at line 3"),
-    (["train", "train.steps=many"], "train.steps: expected an integer"),
-    (["train", "model.flash=true"], "model.flash: unknown key; allowed keys in model"),
-    (["train", "TECH"], "unknown technique 'flash'"),
-    (["train", "IMPOSSIBLE"], "model.repa.depth (4) lies inside the SPRINT sparse path"),
-    (["evaluate", "FOREIGN"], "not a readable srdit checkpoint"),
-    (["sample", "OTHER", "--out", "x"], "not an srdit checkpoint"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "missing.yaml"], "missing.yaml: no such file"),
+        (["train", "BAD"], "BAD: YAML syntax error at line 3"),
+        (["train", "train.steps=many"], "train.steps: expected an integer"),
+        (["train", "model.flash=true"], "model.flash: unknown key; allowed keys in model"),
+        (["train", "TECH"], "unknown technique 'flash'"),
+        (["train", "IMPOSSIBLE"], "model.repa.depth (4) lies inside the SPRINT sparse path"),
+        (["evaluate", "FOREIGN"], "not a readable srdit checkpoint"),
+        (["sample", "OTHER", "--out", "x"], "not an srdit checkpoint"),
+    ],
+)
 def test_cli_bad_input_is_one_line(tmp_path, args, message):
     (tmp_path / "BAD").write_text("train:\n  steps: [1\n")
     (tmp_path / "TECH").write_text("techniques: [flash]\n")
@@ -93,8 +102,16 @@ def test_cli_bad_input_is_one_line(tmp_path, args, message):
 
 @pytest.mark.slow
 def test_cli_train_sample_evaluate(tmp_path):
-    r = srdit("train", "train.steps=30", "train.log_every=10", "eval.n_samples=100", "sample.steps=8",
-              "--out", str(tmp_path / "run"), "--quiet")
+    r = srdit(
+        "train",
+        "train.steps=30",
+        "train.log_every=10",
+        "eval.n_samples=100",
+        "sample.steps=8",
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+    )
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout.strip().splitlines()[-1])["status"] == "finished"
     ckpt = str(tmp_path / "run/checkpoints/last.pt")

@@ -15,8 +15,16 @@ from srdit.techniques import with_techniques
 from srdit.train import TrainStep, load_optimizer_state, make_batches, make_optimizer, train
 from srdit.transport.objective import StepNoise, training_losses
 
-TINY = {"train.steps": 12, "train.log_every": 4, "train.ckpt_every": 1000, "train.threads": 1,
-        "train.batch_size": 16, "eval.n_samples": 20, "eval.batch_size": 20, "sample.steps": 2}
+TINY = {
+    "train.steps": 12,
+    "train.log_every": 4,
+    "train.ckpt_every": 1000,
+    "train.threads": 1,
+    "train.batch_size": 16,
+    "eval.n_samples": 20,
+    "eval.batch_size": 20,
+    "sample.steps": 2,
+}
 
 # Operators that copy a device value to the host (and so wait for the device): `item`, `bool(t)`, `float(t)` and
 # `int(t)` all dispatch `_local_scalar_dense`; the others have data-dependent output shapes.
@@ -106,8 +114,9 @@ def test_at_most_one_host_sync_per_log_window(tmp_path, monkeypatch, sync_counte
 def test_divergence_is_recorded_with_its_first_step_at_the_next_log_point(tmp_path):
     """log_every 5: the first non-finite step is found at the next log point and recorded as itself, with no
     metrics of the broken window reported."""
-    cfg = apply_diff(RunConfig(), {**TINY, "train.steps": 30, "train.log_every": 5, "train.lr": 1e6,
-                                   "train.grad_clip": 0.0})
+    cfg = apply_diff(
+        RunConfig(), {**TINY, "train.steps": 30, "train.log_every": 5, "train.lr": 1e6, "train.grad_clip": 0.0}
+    )
     rows = []
 
     class Rec:
@@ -173,8 +182,13 @@ def test_step_equals_the_per_parameter_adamw_and_ema_loop(techniques):
     assert opt.param_groups[0]["foreach"] is True
     step = TrainStep(cfg, model, ema, opt, torch.device("cpu"))
     _, ref_model, ref_ema, _ = _setup(cfg)
-    ref_opt = torch.optim.AdamW([p for p in ref_model.parameters() if p.requires_grad], lr=cfg.train.lr,
-                                betas=cfg.train.betas, weight_decay=cfg.train.weight_decay, foreach=False)
+    ref_opt = torch.optim.AdamW(
+        [p for p in ref_model.parameters() if p.requires_grad],
+        lr=cfg.train.lr,
+        betas=cfg.train.betas,
+        weight_decay=cfg.train.weight_decay,
+        foreach=False,
+    )
     model.train(), ref_model.train()
     shift = cfg.shift_value()
     for i in range(4):

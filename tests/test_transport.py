@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from srdit.config import LossConfig
-from srdit.transport import interpolate, sample, sample_times, score_from_velocity, shift_time, time_grid, velocity_target
+from srdit.transport import (
+    interpolate,
+    sample,
+    sample_times,
+    score_from_velocity,
+    shift_time,
+    time_grid,
+    velocity_target,
+)
 from srdit.transport.losses import loss_terms, total
 
 
@@ -71,7 +79,9 @@ def gaussian_velocity(mu, sigma):
     return v
 
 
-@pytest.mark.parametrize("sampler,steps,nfe,tol", [("sde", 100, 100, 0.08), ("euler", 100, 100, 0.05), ("heun", 20, 40, 0.02)])
+@pytest.mark.parametrize(
+    "sampler,steps,nfe,tol", [("sde", 100, 100, 0.08), ("euler", 100, 100, 0.05), ("heun", 20, 40, 0.02)]
+)
 @pytest.mark.parametrize("shift", [1.0, 2.0])
 def test_samplers_reproduce_gaussian_target(sampler, steps, nfe, tol, shift):
     """Tolerance: 20k samples give a standard error of ~0.01 on the std; the rest is discretisation error."""
@@ -88,6 +98,7 @@ def test_samplers_reproduce_gaussian_target(sampler, steps, nfe, tol, shift):
 def _per_step_draw_sampler(velocity, noise, sampler, steps, shift, generator):
     """The sampling loop as it was before the noise buffers (a transcription kept as the reference): the SDE noise
     drawn with torch.randn in float64 at every step, the time tensor built with torch.full at every call."""
+
     def v_at(state, t):
         tt = torch.full((state[0].shape[0],), float(t), dtype=torch.float32, device=state[0].device)
         return [v.double() for v in velocity(state, tt)]
@@ -120,8 +131,10 @@ def _two_tensor_velocity(state, t):
     """A velocity on an image and a REG-like token, nonlinear in both and in t (float32, as a model returns)."""
     x, c = state[0].float(), state[1].float()
     tt = t.reshape(-1, 1, 1, 1)
-    return [torch.tanh(x) * tt - 0.3 * x + c.mean(1).reshape(-1, 1, 1, 1),
-            torch.sin(c) * t.reshape(-1, 1) + x.flatten(1)[:, :1]]
+    return [
+        torch.tanh(x) * tt - 0.3 * x + c.mean(1).reshape(-1, 1, 1, 1),
+        torch.sin(c) * t.reshape(-1, 1) + x.flatten(1)[:, :1],
+    ]
 
 
 # chunk sizes: the default (one chunk), one step per chunk, and 3 steps per chunk (the last chunk partial); each with
@@ -192,8 +205,14 @@ BATCH_TOL = 1e-5
 
 
 def _guided_model(reg=True, sprint=True):
-    cfg = ModelConfig(size="debug", sprint=SprintConfig(enabled=sprint), reg=RegConfig(enabled=reg, dim=16),
-                      norm="rmsnorm", qk_norm=True, value_residual=True)
+    cfg = ModelConfig(
+        size="debug",
+        sprint=SprintConfig(enabled=sprint),
+        reg=RegConfig(enabled=reg, dim=16),
+        norm="rmsnorm",
+        qk_norm=True,
+        value_residual=True,
+    )
     torch.manual_seed(0)
     model = build_model(cfg).eval()
     g = torch.Generator().manual_seed(1)
@@ -213,6 +232,7 @@ def _state(cfg, n=3, seed=2):
 def _two_pass(model, y, null, cfg_scale, cls_cfg_scale, path_drop, low=0.0, high=1.0):
     """The guided velocity as two separate model calls (the pre-batching sampler), guiding every output in
     [low, high]."""
+
     def v(state, t):
         x, cls = state[0].float(), (state[1].float() if len(state) > 1 else None)
         c, ca = model(x, t, y, cls)
@@ -221,6 +241,7 @@ def _two_pass(model, y, null, cfg_scale, cls_cfg_scale, path_drop, low=0.0, high
         u, ua = model(x, t, torch.full_like(y, null), cls, drop_sparse_path=path_drop)
         out = [u + cfg_scale * (c - u)]
         return out + ([ua["reg"] + cls_cfg_scale * (ca["reg"] - ua["reg"])] if "reg" in ca else [])
+
     return v
 
 
@@ -319,8 +340,13 @@ def test_batched_guidance_sampler_equals_the_two_call_sampler(sampler, path_drop
     for low in (0.0, 0.3):
         g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
         counter = []
-        batched = sample(guided_velocity(model, Y, 10, 3.0, 2.0, low=low, path_drop=path_drop, counter=counter),
-                         _state(cfg), sampler, 8, generator=g1)
+        batched = sample(
+            guided_velocity(model, Y, 10, 3.0, 2.0, low=low, path_drop=path_drop, counter=counter),
+            _state(cfg),
+            sampler,
+            8,
+            generator=g1,
+        )
         two = sample(_two_pass(model, Y, 10, 3.0, 2.0, path_drop, low), _state(cfg), sampler, 8, generator=g2)
         assert batched.nfe == two.nfe and len(counter) == batched.nfe
         assert (sum(counter) == 2 * batched.nfe) == (low == 0.0)

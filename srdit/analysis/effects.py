@@ -33,12 +33,12 @@ import inspect
 import itertools
 import math
 import warnings
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
-import statsmodels.formula.api as smf
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
@@ -140,9 +140,7 @@ def _binary_column(s: pd.Series, name: str) -> pd.Series:
     out = s.map(lambda v: 1 if mapping[v] == 1 else 0).astype(int)
     if out.nunique() < 2:
         level = int(out.iloc[0]) if len(out) else 0
-        raise AnalysisError(
-            f"factor '{name}' takes only one level ({level}) in the data: its effect is inestimable"
-        )
+        raise AnalysisError(f"factor '{name}' takes only one level ({level}) in the data: its effect is inestimable")
     return out
 
 
@@ -193,9 +191,7 @@ def prepare(
         raise AnalysisError("the results table has no rows")
     missing = [c for c in [*factors, metric] if c not in table.columns]
     if missing:
-        raise AnalysisError(
-            f"missing column(s) {missing}; available: {sorted(map(str, table.columns))[:30]}"
-        )
+        raise AnalysisError(f"missing column(s) {missing}; available: {sorted(map(str, table.columns))[:30]}")
     sign = _direction_sign(direction)
     notes: list[str] = []
     n_excluded = 0
@@ -204,8 +200,10 @@ def prepare(
         excluded = ~st.isin(OK_STATUSES) & ~st.isin(FAILURE_STATUSES)
         if excluded.any():
             kinds = sorted({s or "(blank)" for s in st[excluded]})
-            notes.append(f"{int(excluded.sum())} run(s) with status {', '.join(kinds)} are excluded from the metric "
-                         f"and failure analyses (only {', '.join(sorted(FAILURE_STATUSES))} count as failures)")
+            notes.append(
+                f"{int(excluded.sum())} run(s) with status {', '.join(kinds)} are excluded from the metric "
+                f"and failure analyses (only {', '.join(sorted(FAILURE_STATUSES))} count as failures)"
+            )
             n_excluded = int(excluded.sum())
             table, st = table[~excluded], st[~excluded]
             if len(table) == 0:
@@ -217,8 +215,11 @@ def prepare(
         d[f] = _binary_column(table[f], f)
     lv = d[factors].to_numpy(dtype=np.int64)
     # one integer code per cell (bit i = factor i on): grouping on it is cheap for millions of rows
-    code = lv @ (np.int64(1) << np.arange(len(factors), dtype=np.int64)) if len(factors) < 63 else \
-        pd.factorize(pd.Series(map(tuple, lv)))[0]
+    code = (
+        lv @ (np.int64(1) << np.arange(len(factors), dtype=np.int64))
+        if len(factors) < 63
+        else pd.factorize(pd.Series(map(tuple, lv)))[0]
+    )
     d["_code"] = code
     uniq, first = np.unique(code, return_index=True)
     labels = {c: combo_label(f for f, on in zip(factors, lv[i]) if on) for c, i in zip(uniq, first)}
@@ -228,8 +229,10 @@ def prepare(
     d["_seed"] = table[seed_col].astype(str) if has_seed else "0"
     has_block = bool(block_col) and block_col in table.columns and bool(table[block_col].notna().any())
     if has_block and table[block_col].isna().any():
-        raise AnalysisError(f"column '{block_col}' is empty in {int(table[block_col].isna().sum())} row(s); give "
-                            f"every run its block (e.g. the half of a fold-over) or drop the column")
+        raise AnalysisError(
+            f"column '{block_col}' is empty in {int(table[block_col].isna().sum())} row(s); give "
+            f"every run its block (e.g. the half of a fold-over) or drop the column"
+        )
     d["_block"] = table[block_col].astype(str) if has_block else "0"
     raw = pd.to_numeric(table[metric], errors="coerce")
     nonnum = table[metric].notna() & raw.isna()
@@ -249,15 +252,25 @@ def prepare(
     if log:
         bad = ok & (raw <= 0)
         if bad.any():
-            raise AnalysisError(f"metric '{metric}' has {int(bad.sum())} non-positive value(s): "
-                                "cannot analyse it on the log scale")
+            raise AnalysisError(
+                f"metric '{metric}' has {int(bad.sum())} non-positive value(s): cannot analyse it on the log scale"
+            )
         y = np.log(y.where(ok))
     d["_y"] = y.where(ok)
     d["_g"] = sign * d["_y"]
     if not ok.any():
         raise AnalysisError(f"no finished run with a finite '{metric}': nothing to analyse")
-    return _Prepared(factors, metric, sign, log, d.reset_index(drop=True), has_seed, notes, n_excluded,
-                     block_col if has_block else None)
+    return _Prepared(
+        factors,
+        metric,
+        sign,
+        log,
+        d.reset_index(drop=True),
+        has_seed,
+        notes,
+        n_excluded,
+        block_col if has_block else None,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -371,24 +384,27 @@ def _cell_table(p: _Prepared) -> list[dict]:
         on = [f for f, x in zip(p.factors, lv[r0]) if x == 1]
         failures = {}
         if len(fail_counts) and c in fail_counts.index.get_level_values(0):
-            failures = {str(k): int(v) for k, v in fail_counts.loc[c].sort_values(ascending=False, kind="stable")
-                        .items()}
-        rows.append({
-            "combo": str(d["_combo"].iat[r0]),
-            "cell": str(d["_cell"].iat[r0]),
-            "on": on,
-            "key": frozenset(on),
-            "n": int(n[i]),
-            "n_finished": no,
-            "n_failed": int(n[i]) - no,
-            "failures": failures,
-            "reasons": sorted(reasons.loc[c]) if len(reasons) and c in reasons.index else [],
-            "mean": _f(raw_mu[i]) if no else None,
-            "sd": _f(raw_sd[i]) if no > 1 else None,
-            "y_mean": _f(y_mu[i]) if no else None,
-            "gain": _f(g_mu[i]) if no else None,
-            "gain_sem": _f(g_sd[i] / math.sqrt(no)) if no > 1 else None,
-        })
+            failures = {
+                str(k): int(v) for k, v in fail_counts.loc[c].sort_values(ascending=False, kind="stable").items()
+            }
+        rows.append(
+            {
+                "combo": str(d["_combo"].iat[r0]),
+                "cell": str(d["_cell"].iat[r0]),
+                "on": on,
+                "key": frozenset(on),
+                "n": int(n[i]),
+                "n_finished": no,
+                "n_failed": int(n[i]) - no,
+                "failures": failures,
+                "reasons": sorted(reasons.loc[c]) if len(reasons) and c in reasons.index else [],
+                "mean": _f(raw_mu[i]) if no else None,
+                "sd": _f(raw_sd[i]) if no > 1 else None,
+                "y_mean": _f(y_mu[i]) if no else None,
+                "gain": _f(g_mu[i]) if no else None,
+                "gain_sem": _f(g_sd[i] / math.sqrt(no)) if no > 1 else None,
+            }
+        )
     return rows
 
 
@@ -496,8 +512,9 @@ _SURV_D = np.array([[1, 0, 0], [1, 1, 0], [1, 0, 1], [1, 1, 1]], dtype=float)
 
 def _surv_ll(s: np.ndarray, f: np.ndarray, ok: np.ndarray) -> float:
     s = np.clip(s, 1e-300, 1.0)
-    return float(np.sum(np.where(ok > 0, ok * np.log(s), 0.0)
-                        + np.where(f > 0, f * np.log(np.clip(1 - s, 1e-300, 1.0)), 0.0)))
+    return float(
+        np.sum(np.where(ok > 0, ok * np.log(s), 0.0) + np.where(f > 0, f * np.log(np.clip(1 - s, 1e-300, 1.0)), 0.0))
+    )
 
 
 def _surv_null_fit(f: np.ndarray, n: np.ndarray, starts: int = 3) -> tuple[float, np.ndarray]:
@@ -516,13 +533,15 @@ def _surv_null_fit(f: np.ndarray, n: np.ndarray, starts: int = 3) -> tuple[float
         return val, _SURV_D.T @ g_eta
 
     s0 = np.clip(ok / n, 0.5 / n, 1 - 0.5 / n)
-    cands = [np.array([np.log(s0[0]), np.log(s0[1] / s0[0]), np.log(s0[2] / s0[0])]), np.zeros(3),
-             np.array([0.0, np.log(s0[1]), np.log(s0[2])])][:starts]
+    cands = [
+        np.array([np.log(s0[0]), np.log(s0[1] / s0[0]), np.log(s0[2] / s0[0])]),
+        np.zeros(3),
+        np.array([0.0, np.log(s0[1]), np.log(s0[2])]),
+    ][:starts]
     cons = [{"type": "ineq", "fun": (lambda th, r=r: -(r @ th)), "jac": (lambda th, r=r: -r)} for r in _SURV_D]
     best_l, best_s = -np.inf, None
     for th0 in cands:
-        res = minimize(negll, th0, jac=True, method="SLSQP", constraints=cons,
-                       options={"maxiter": 300, "ftol": 1e-12})
+        res = minimize(negll, th0, jac=True, method="SLSQP", constraints=cons, options={"maxiter": 300, "ftol": 1e-12})
         if -res.fun > best_l:
             best_l, best_s = -float(res.fun), np.exp(np.minimum(_SURV_D @ res.x, 0.0))
     return best_l, best_s
@@ -585,8 +604,9 @@ def _boschloo_greater(c1: Sequence[int], c2: Sequence[int], cache: dict[tuple, f
     return cache[key]
 
 
-def _pair_failure_test(d: pd.DataFrame, fails: np.ndarray, keep: np.ndarray, a: str, b: str, alpha: float,
-                       cache: dict[tuple, float]) -> dict:
+def _pair_failure_test(
+    d: pd.DataFrame, fails: np.ndarray, keep: np.ndarray, a: str, b: str, alpha: float, cache: dict[tuple, float]
+) -> dict:
     """The failure test of one pair on the rows `keep` (see `_failure_tests`): failed / total runs with both on,
     each alone and neither; p = the larger of the excess p (Boschloo, both-on against each alone) and, when that is
     below alpha, the survival-interaction p; the estimate is the both-on failure rate minus the larger alone rate."""
@@ -642,9 +662,7 @@ def _failure_tests(p: _Prepared, alpha: float) -> tuple[list[dict], list[dict]]:
     pairs = list(itertools.combinations(p.factors, 2))
     m = len(pairs)
     if m == 0 or not fails.any():
-        return [], [
-            {"pair": pair_name(a, b), "p": None, "p_adj": None, "counts": None} for a, b in pairs
-        ]
+        return [], [{"pair": pair_name(a, b), "p": None, "p_adj": None, "counts": None} for a, b in pairs]
     keep = np.ones(len(d), dtype=bool)
     remaining = list(pairs)
     flags: list[dict] = []
@@ -690,8 +708,10 @@ def _bootstrap(p: _Prepared, terms, est_mask, confidence: float, n_resamples: in
     groups = [g for _, g in unit.groupby(codes, sort=True)]
     smallest = min(len(g) for g in groups)
     if smallest < MIN_BOOTSTRAP_UNITS:
-        return None, (f"bootstrap skipped: it is calibrated only with >= {MIN_BOOTSTRAP_UNITS} finished seeds in "
-                      f"every cell (smallest cell: {smallest}); the t intervals are used")
+        return None, (
+            f"bootstrap skipped: it is calibrated only with >= {MIN_BOOTSTRAP_UNITS} finished seeds in "
+            f"every cell (smallest cell: {smallest}); the t intervals are used"
+        )
     first = d.drop_duplicates("_code").set_index("_code").sort_index()
     levels = first.loc[[c for c, _ in unit.groupby(codes, sort=True)], p.factors].reset_index(drop=True)
     Xc = np.column_stack([np.ones(len(levels)), _pm_matrix(levels, terms)])
@@ -701,8 +721,9 @@ def _bootstrap(p: _Prepared, terms, est_mask, confidence: float, n_resamples: in
     pinv = np.linalg.pinv(Xc)
     # resampling n values underestimates the variance of a mean by (n-1)/n: the deviations from each cell's mean are
     # scaled by sqrt(n/(n-1)) before resampling (a rescaled bootstrap; same estimate, unbiased bootstrap variance)
-    samples = tuple(x.mean() + (x - x.mean()) * math.sqrt(len(x) / (len(x) - 1))
-                    for x in (g.to_numpy(dtype=float) for g in groups))
+    samples = tuple(
+        x.mean() + (x - x.mean()) * math.sqrt(len(x) / (len(x) - 1)) for x in (g.to_numpy(dtype=float) for g in groups)
+    )
 
     def statistic(*xs, axis=-1):
         means = np.stack([x.mean(axis=axis) for x in xs], axis=-1)  # (..., n_cells)
@@ -711,26 +732,43 @@ def _bootstrap(p: _Prepared, terms, est_mask, confidence: float, n_resamples: in
         return np.moveaxis(eff, -1, 0)
 
     # scipy >= 1.15 names the seed `rng`; older releases `random_state`
-    kw = ({"rng": random_state} if "rng" in inspect.signature(stats.bootstrap).parameters
-          else {"random_state": random_state})
+    kw = (
+        {"rng": random_state}
+        if "rng" in inspect.signature(stats.bootstrap).parameters
+        else {"random_state": random_state}
+    )
     note = None
     with np.errstate(all="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # degenerate BCa (too few distinct resamples) falls back below
         try:
-            res = stats.bootstrap(samples, statistic, vectorized=True, n_resamples=n_resamples, batch=200,
-                                  confidence_level=confidence, method=method, **kw)
+            res = stats.bootstrap(
+                samples,
+                statistic,
+                vectorized=True,
+                n_resamples=n_resamples,
+                batch=200,
+                confidence_level=confidence,
+                method=method,
+                **kw,
+            )
             lo, hi = np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
             if method.lower() == "bca" and not (np.all(np.isfinite(lo)) and np.all(np.isfinite(hi))):
                 raise ValueError("degenerate BCa interval")
         except Exception:  # BCa can be degenerate with very few seeds; percentile is always defined
-            res = stats.bootstrap(samples, statistic, vectorized=True, n_resamples=n_resamples, batch=200,
-                                  confidence_level=confidence, method="percentile", **kw)
+            res = stats.bootstrap(
+                samples,
+                statistic,
+                vectorized=True,
+                n_resamples=n_resamples,
+                batch=200,
+                confidence_level=confidence,
+                method="percentile",
+                **kw,
+            )
             lo, hi = np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
             note = "bootstrap: BCa was degenerate, used percentile intervals"
     names = [_term_name(t) for t, ok in zip(terms, ok_cols) if ok]
     return {n: _ci(a, b) for n, a, b in zip(names, lo, hi)}, note
-
-
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -861,12 +899,29 @@ class Flag:
 
     def to_json(self) -> dict:
         if self.kind == "antagonism":
-            return {"pair": self.pair, "factors": self.factors, "kind": self.kind, "estimate": self.estimate,
-                    "ci": self.ci, "p": self.p, "p_adj": self.p_adj, "threshold": self.threshold, "df": self.df,
-                    "counts": self.counts}
-        return {"pair": self.pair, "factors": self.factors, "p": self.p, "estimate": self.estimate,
-                "counts": self.counts, "statuses": self.statuses, "p_adj": self.p_adj, "kind": self.kind,
-                "ci": self.ci}
+            return {
+                "pair": self.pair,
+                "factors": self.factors,
+                "kind": self.kind,
+                "estimate": self.estimate,
+                "ci": self.ci,
+                "p": self.p,
+                "p_adj": self.p_adj,
+                "threshold": self.threshold,
+                "df": self.df,
+                "counts": self.counts,
+            }
+        return {
+            "pair": self.pair,
+            "factors": self.factors,
+            "p": self.p,
+            "estimate": self.estimate,
+            "counts": self.counts,
+            "statuses": self.statuses,
+            "p_adj": self.p_adj,
+            "kind": self.kind,
+            "ci": self.ci,
+        }
 
 
 @dataclass(frozen=True)
@@ -918,13 +973,30 @@ class FailureTest:
     def to_json(self) -> dict:
         if self.factors is None:
             return {"pair": self.pair, "p": self.p, "p_adj": self.p_adj, "counts": self.counts}
-        return {"pair": self.pair, "factors": self.factors, "p": self.p, "estimate": self.estimate,
-                "counts": self.counts, "statuses": self.statuses, "p_adj": self.p_adj, "p_excess": self.p_excess,
-                "p_interaction": self.p_interaction}
+        return {
+            "pair": self.pair,
+            "factors": self.factors,
+            "p": self.p,
+            "estimate": self.estimate,
+            "counts": self.counts,
+            "statuses": self.statuses,
+            "p_adj": self.p_adj,
+            "p_excess": self.p_excess,
+            "p_interaction": self.p_interaction,
+        }
 
     def flag(self) -> Flag:
-        return Flag(pair=self.pair, factors=list(self.factors or []), kind="failure", estimate=self.estimate,
-                    ci=None, p=self.p, p_adj=self.p_adj, counts=self.counts, statuses=self.statuses)
+        return Flag(
+            pair=self.pair,
+            factors=list(self.factors or []),
+            kind="failure",
+            estimate=self.estimate,
+            ci=None,
+            p=self.p,
+            p_adj=self.p_adj,
+            counts=self.counts,
+            statuses=self.statuses,
+        )
 
 
 @dataclass(frozen=True)
@@ -1096,12 +1168,20 @@ class Analysis:
             "role": self.role,
             "family": self.family,
             "intervals": {
-                "ci": (f"individual {int(round(100 * (1 - self.alpha)))}% t intervals, pure error, effect units "
-                       "(ME; INT = S/2), metric scale before orientation") if fit.ci else None,
+                "ci": (
+                    f"individual {int(round(100 * (1 - self.alpha)))}% t intervals, pure error, effect units "
+                    "(ME; INT = S/2), metric scale before orientation"
+                )
+                if fit.ci
+                else None,
                 "synergy_ci": pairs.interval,
-                "ci_boot": (f"seed bootstrap within cells, {int(round(100 * (1 - self.alpha)))}%, effect units "
-                            "(ME; INT = S/2), metric scale before orientation; kept only with >= "
-                            f"{MIN_BOOTSTRAP_UNITS} seeds per cell") if self.bootstrap.ci else None,
+                "ci_boot": (
+                    f"seed bootstrap within cells, {int(round(100 * (1 - self.alpha)))}%, effect units "
+                    "(ME; INT = S/2), metric scale before orientation; kept only with >= "
+                    f"{MIN_BOOTSTRAP_UNITS} seeds per cell"
+                )
+                if self.bootstrap.ci
+                else None,
             },
             "significant_pairs": list(pairs.significant),
             "partially_aliased_pairs": list(pairs.partially_aliased),
@@ -1208,16 +1288,31 @@ def _lenth(cells: pd.DataFrame, y: np.ndarray, factors: Sequence[str], alpha: fl
     sme = float(stats.t.ppf(gamma, df) * pse)
     labels = [_alias_label(g) for g in chains]
     pv = [float(2 * stats.t.sf(abs(x) / pse, df)) if pse > 0 else None for x in c]
-    return {"pse": _f(pse), "margin": _f(me), "simultaneous_margin": _f(sme), "df": df,
-            "effects": {lab: _f(x) for lab, x in zip(labels, c)},
-            "p": {lab: _f(q) for lab, q in zip(labels, pv)},
-            "significant": [lab for lab, x in zip(labels, a) if x > me],
-            "significant_simultaneous": [lab for lab, x in zip(labels, a) if x > sme],
-            "source": "Lenth (1989), Technometrics 31: 469-473; individual margin ME and simultaneous margin SME"}
+    return {
+        "pse": _f(pse),
+        "margin": _f(me),
+        "simultaneous_margin": _f(sme),
+        "df": df,
+        "effects": {lab: _f(x) for lab, x in zip(labels, c)},
+        "p": {lab: _f(q) for lab, q in zip(labels, pv)},
+        "significant": [lab for lab, x in zip(labels, a) if x > me],
+        "significant_simultaneous": [lab for lab, x in zip(labels, a) if x > sme],
+        "source": "Lenth (1989), Technometrics 31: 469-473; individual margin ME and simultaneous margin SME",
+    }
 
 
-def _block_term(col: str, levels: np.ndarray, g_block: np.ndarray, g_n: np.ndarray, g_mean: np.ndarray,
-                Xg: np.ndarray, seed: list, mse: float, df: float | None, alpha: float) -> dict:
+def _block_term(
+    col: str,
+    levels: np.ndarray,
+    g_block: np.ndarray,
+    g_n: np.ndarray,
+    g_mean: np.ndarray,
+    Xg: np.ndarray,
+    seed: list,
+    mse: float,
+    df: float | None,
+    alpha: float,
+) -> dict:
     """The fitted block effects (each level against the first, metric scale) of the model y ~ terms [+ seed] +
     block, by weighted least squares on the aggregates: the terms (Xg: intercept + kept columns) and the block
     dummies, with the seed means absorbed first (Frisch-Waugh). Standard errors from the pure-error `mse`."""
@@ -1237,10 +1332,17 @@ def _block_term(col: str, levels: np.ndarray, g_block: np.ndarray, g_n: np.ndarr
         q = Z.shape[1] - D.shape[1] + j
         est = float(beta[q])
         se = math.sqrt(max(cov[q, q], 0.0)) if cov is not None else None
-        effects[str(b)] = {"estimate": _f(est), "se": _f(se) if se is not None else None,
-                           "ci": _ci(est - tcrit * se, est + tcrit * se) if se is not None else None}
-    return {"column": col, "levels": [str(b) for b in levels], "effects": effects,
-            "df": _f(df) if df is not None else None}
+        effects[str(b)] = {
+            "estimate": _f(est),
+            "se": _f(se) if se is not None else None,
+            "ci": _ci(est - tcrit * se, est + tcrit * se) if se is not None else None,
+        }
+    return {
+        "column": col,
+        "levels": [str(b) for b in levels],
+        "effects": effects,
+        "df": _f(df) if df is not None else None,
+    }
 
 
 @dataclass(frozen=True)
@@ -1272,9 +1374,11 @@ def _model_factors(p: _Prepared) -> _ModelFactors:
         lvl = int(okd[f].iloc[0])
         other = d[f].to_numpy() != lvl
         n_fail = int((other & ~d["_ok"].to_numpy()).sum())
-        notes.append(f"{f} is {'on' if lvl else 'off'} in every finished run ({n_fail} of {int(other.sum())} runs "
-                     f"with {f} {'off' if lvl else 'on'} failed): {f} and its interactions are left out of the "
-                     f"metric model; the failure analysis keeps it")
+        notes.append(
+            f"{f} is {'on' if lvl else 'off'} in every finished run ({n_fail} of {int(other.sum())} runs "
+            f"with {f} {'off' if lvl else 'on'} failed): {f} and its interactions are left out of the "
+            f"metric model; the failure analysis keeps it"
+        )
         region &= ~other
     if not model_f:
         raise AnalysisError(f"no factor varies among the finished runs of '{p.metric}': nothing to estimate")
@@ -1326,14 +1430,24 @@ def _design_aliasing(p: _Prepared, mf: _ModelFactors, strict: bool) -> _DesignAl
     holes = [r for r in reps if not design_est[r]]
     notes: list[str] = []
     if holes:
-        msg = (f"design has holes: {', '.join(holes)} cannot be estimated from the {len(design_cells)} cell(s) "
-               f"present (of {2 ** len(model_f)}); add the missing cells")
+        msg = (
+            f"design has holes: {', '.join(holes)} cannot be estimated from the {len(design_cells)} cell(s) "
+            f"present (of {2 ** len(model_f)}); add the missing cells"
+        )
         if strict:
             raise AnalysisError(msg + " or allow inestimable effects")
         notes.append(msg)
-    return _DesignAliasing(cells=design_cells, terms=terms, term_of=term_of, rep_of=rep_of,
-                           chains=[g for g in groups if len(g) > 1], reps=reps, estimable=design_est,
-                           inestimable=[Inestimable(h, "design has holes") for h in holes], notes=notes)
+    return _DesignAliasing(
+        cells=design_cells,
+        terms=terms,
+        term_of=term_of,
+        rep_of=rep_of,
+        chains=[g for g in groups if len(g) > 1],
+        reps=reps,
+        estimable=design_est,
+        inestimable=[Inestimable(h, "design has holes") for h in holes],
+        notes=notes,
+    )
 
 
 @dataclass(frozen=True)
@@ -1380,11 +1494,19 @@ def _aggregate(p: _Prepared, model_f: list[str]) -> _Aggregates:
     g_cell = (gkeys // (n_s * n_bl)).astype(np.int64)
     first = np.unique(cell_idx, return_index=True)[1]
     return _Aggregates(
-        cell_codes=cell_codes, seed_codes=seed_codes, block_codes=block_codes, g_n=g_n, g_mean=g_mean,
-        g_cell=g_cell, g_seed=(gkeys // n_bl % n_s).astype(np.int64), g_block=(gkeys % n_bl).astype(np.int64),
+        cell_codes=cell_codes,
+        seed_codes=seed_codes,
+        block_codes=block_codes,
+        g_n=g_n,
+        g_mean=g_mean,
+        g_cell=g_cell,
+        g_seed=(gkeys // n_bl % n_s).astype(np.int64),
+        g_block=(gkeys % n_bl).astype(np.int64),
         within=float(((y - g_mean[ginv]) ** 2).sum()),
         fin_cells=okd[model_f].iloc[first].reset_index(drop=True),  # levels of each finished cell, in cell order
-        c_n=np.bincount(g_cell, weights=g_n), n_ok=float(g_n.sum()))
+        c_n=np.bincount(g_cell, weights=g_n),
+        n_ok=float(g_n.sum()),
+    )
 
 
 @dataclass(frozen=True)
@@ -1422,14 +1544,17 @@ def _supported_model(p: _Prepared, mf: _ModelFactors, da: _DesignAliasing, agg: 
             kept.append(r)
         else:
             label = next((_alias_label(g) for g in da.chains if g[0][0] == r), r)
-            why = ("no finished runs in cell(s) " + ", ".join(lost_cells)) if lost_cells else \
-                "not enough finished cells"
+            why = (
+                ("no finished runs in cell(s) " + ", ".join(lost_cells)) if lost_cells else "not enough finished cells"
+            )
             inestimable.append(Inestimable(r, why))
             fallback.append(label)
     notes = []
     if fallback:
-        notes.append(f"inestimable because runs failed: {', '.join(fallback)}; the model keeps what the finished "
-                     f"cells support (see the failure analysis)")
+        notes.append(
+            f"inestimable because runs failed: {', '.join(fallback)}; the model keeps what the finished "
+            f"cells support (see the failure analysis)"
+        )
     return _SupportedModel(kept, np.column_stack(cols), inestimable, notes)
 
 
@@ -1455,8 +1580,12 @@ def _keep_seed_block(p: _Prepared, o: Options, agg: _Aggregates) -> tuple[bool, 
     if not (o.seed_block and p.has_seed and n_seeds > 1):
         return False, []
     if _components(agg.g_cell, agg.g_seed) > 1:
-        return False, [("seed block dropped: the cell x seed layout is not connected (some cells ran on seeds no "
-                        "other cell used), so a seed effect would absorb those cells' means")]
+        return False, [
+            (
+                "seed block dropped: the cell x seed layout is not connected (some cells ran on seeds no "
+                "other cell used), so a seed effect would absorb those cells' means"
+            )
+        ]
     if agg.n_ok - (len(agg.cell_codes) + n_seeds - 1) >= 1:
         return True, []
     return False, ["seed block dropped: it would leave no error degrees of freedom"]
@@ -1472,16 +1601,28 @@ def _keep_block(p: _Prepared, agg: _Aggregates, sm: _SupportedModel, seed_block:
     sw0 = np.sqrt(g_n)
     Xk = sm.X1c[agg.g_cell][:, 1:]
     Xa = _absorb(Xk, g_n, [*nuisance, g_block])
-    lost = [r for j, r in enumerate(sm.kept)
-            if np.linalg.norm(Xa[:, j] * sw0) < 1e-8 * max(np.linalg.norm(Xk[:, j] * sw0), 1.0)]
-    dummies = np.column_stack([*([g_seed == s for s in range(1, n_seeds)] if seed_block else []),
-                               *[g_block == b for b in range(1, n_bl)]]).astype(float)
+    lost = [
+        r
+        for j, r in enumerate(sm.kept)
+        if np.linalg.norm(Xa[:, j] * sw0) < 1e-8 * max(np.linalg.norm(Xk[:, j] * sw0), 1.0)
+    ]
+    dummies = np.column_stack(
+        [*([g_seed == s for s in range(1, n_seeds)] if seed_block else []), *[g_block == b for b in range(1, n_bl)]]
+    ).astype(float)
     r_extra = int(np.linalg.matrix_rank(_absorb(dummies, g_n, [agg.g_cell]) * sw0[:, None]))
     rank_cells = len(agg.cell_codes)
     if sm.kept and (lost or np.linalg.matrix_rank(Xa * sw0[:, None]) < len(sm.kept)):
-        return False, r_extra, [(f"block term ({p.block_col}) dropped: it is confounded with "
-                                 f"{', '.join(lost) or 'a combination of the fitted effects'} (constant within each "
-                                 "block), so a block effect cannot be told apart from them")]
+        return (
+            False,
+            r_extra,
+            [
+                (
+                    f"block term ({p.block_col}) dropped: it is confounded with "
+                    f"{', '.join(lost) or 'a combination of the fitted effects'} (constant within each "
+                    "block), so a block effect cannot be told apart from them"
+                )
+            ],
+        )
     if agg.n_ok - (rank_cells + r_extra) < 1 and agg.n_ok > rank_cells:
         return False, r_extra, [f"block term ({p.block_col}) dropped: it would leave no error degrees of freedom"]
     return True, r_extra, []
@@ -1544,7 +1685,7 @@ def _least_squares(agg: _Aggregates, sm: _SupportedModel, nu: _Nuisance) -> _Lea
     beta = np.zeros(Xt.shape[1])
     beta[act] = beta_a
     resid = yt - Xt @ beta
-    rss_red = agg.within + float((g_n * resid ** 2).sum())
+    rss_red = agg.within + float((g_n * resid**2).sum())
     df_red = agg.n_ok - (len(sm.kept) + nu.rank)
     has_error = df_pure >= 1 and rss_full >= 0
     mse = rss_full / df_pure if has_error else float("nan")
@@ -1555,9 +1696,14 @@ def _least_squares(agg: _Aggregates, sm: _SupportedModel, nu: _Nuisance) -> _Lea
         if df_lof >= 1:
             ss_lof = max(rss_red - rss_full, 0.0)
             fstat = (ss_lof / df_lof) / mse if mse > 0 else float("inf")
-            lack_of_fit = {"ss": _f(ss_lof), "df": int(df_lof), "f": _f(fstat), "p": _f(stats.f.sf(fstat, df_lof,
-                                                                                                        df_pure)),
-                           "pure_error_ss": _f(rss_full), "pure_error_df": int(df_pure)}
+            lack_of_fit = {
+                "ss": _f(ss_lof),
+                "df": int(df_lof),
+                "f": _f(fstat),
+                "p": _f(stats.f.sf(fstat, df_lof, df_pure)),
+                "pure_error_ss": _f(rss_full),
+                "pure_error_df": int(df_pure),
+            }
         cov = np.zeros((Xt.shape[1], Xt.shape[1]))
         cov[act, act] = mse * np.linalg.inv(XtW[:, act].T @ XtW[:, act])
     return _LeastSquares(beta, cov, bool(has_error), df_pure, mse, lack_of_fit, Xg)
@@ -1574,8 +1720,9 @@ def _term_estimates(kept: list[str], ls: _LeastSquares, alpha: float) -> dict[st
             se = 2 * math.sqrt(max(ls.cov[j, j], 0.0))
             info["se"] = se
             info["ci"] = _ci(info["effect"] - tcrit * se, info["effect"] + tcrit * se)
-            tstat = info["effect"] / se if se > 0 else (math.copysign(math.inf, info["effect"])
-                                                         if info["effect"] else 0.0)
+            tstat = (
+                info["effect"] / se if se > 0 else (math.copysign(math.inf, info["effect"]) if info["effect"] else 0.0)
+            )
             info["p"] = _f(2 * stats.t.sf(abs(tstat), ls.df_pure))
         term_info[r] = info
     return term_info
@@ -1591,37 +1738,59 @@ class _ErrorFit:
     notes: list[str]
 
 
-def _error_and_estimates(p: _Prepared, o: Options, agg: _Aggregates, sm: _SupportedModel,
-                         nu: _Nuisance) -> _ErrorFit:
+def _error_and_estimates(p: _Prepared, o: Options, agg: _Aggregates, sm: _SupportedModel, nu: _Nuisance) -> _ErrorFit:
     """Step 6: the least-squares fit with pure error (6a), the term estimates (6b) and the block effects
     (`_block_term`), with the notes on the error estimate, the block and a significant lack of fit."""
     ls = _least_squares(agg, sm, nu)
     notes: list[str] = []
     if not ls.has_error:
-        notes.append("unreplicated design (one finished run per cell): no error estimate from replicates, so no "
-                     "t intervals or p-values; Lenth's pseudo standard error is used where the design allows; "
-                     "run more seeds to confirm")
+        notes.append(
+            "unreplicated design (one finished run per cell): no error estimate from replicates, so no "
+            "t intervals or p-values; Lenth's pseudo standard error is used where the design allows; "
+            "run more seeds to confirm"
+        )
     elif nu.seed_block:
         notes.append(f"OLS with a seed block (C(seed)), pure error df = {int(ls.df_pure)}")
     block_codes = agg.block_codes
-    block_fit = _block_term(p.block_col, block_codes, agg.g_block, agg.g_n, agg.g_mean, ls.Xg, nu.groups[:-1],
-                            ls.mse, ls.df_pure if ls.has_error else None, o.alpha) if nu.block else None
+    block_fit = (
+        _block_term(
+            p.block_col,
+            block_codes,
+            agg.g_block,
+            agg.g_n,
+            agg.g_mean,
+            ls.Xg,
+            nu.groups[:-1],
+            ls.mse,
+            ls.df_pure if ls.has_error else None,
+            o.alpha,
+        )
+        if nu.block
+        else None
+    )
     if block_fit:
-        notes.append(f"additive block term C({p.block_col}) ({len(block_codes)} blocks: {', '.join(block_codes)}); "
-                     + "; ".join(f"block {b} - block {block_codes[0]} = {e['estimate']:.3g}"
-                                 + (f" [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}]" if e["ci"] else "")
-                                 for b, e in block_fit["effects"].items())
-                     + " (metric scale); cell means, dividends and Shapley values are not adjusted for it")
+        notes.append(
+            f"additive block term C({p.block_col}) ({len(block_codes)} blocks: {', '.join(block_codes)}); "
+            + "; ".join(
+                f"block {b} - block {block_codes[0]} = {e['estimate']:.3g}"
+                + (f" [{e['ci'][0]:.3g}, {e['ci'][1]:.3g}]" if e["ci"] else "")
+                for b, e in block_fit["effects"].items()
+            )
+            + " (metric scale); cell means, dividends and Shapley values are not adjusted for it"
+        )
     lof = ls.lack_of_fit
     if sm.kept and lof and lof["p"] is not None and lof["p"] < o.alpha:
         f_txt = "inf (no pure error)" if lof["f"] is None else f"{lof['f']:.3g}"
-        notes.append(f"lack of fit of the mains + pairs model (F = {f_txt}, p = "
-                     f"{lof['p']:.2g}): higher-order interactions matter; read the pair effects with care")
+        notes.append(
+            f"lack of fit of the mains + pairs model (F = {f_txt}, p = "
+            f"{lof['p']:.2g}): higher-order interactions matter; read the pair effects with care"
+        )
     return _ErrorFit(ls, _term_estimates(sm.kept, ls, o.alpha), block_fit, notes)
 
 
-def _partial_aliasing(mf: _ModelFactors, da: _DesignAliasing, agg: _Aggregates,
-                      sm: _SupportedModel) -> tuple[dict[str, dict[str, float]], list[str]]:
+def _partial_aliasing(
+    mf: _ModelFactors, da: _DesignAliasing, agg: _Aggregates, sm: _SupportedModel
+) -> tuple[dict[str, dict[str, float]], list[str]]:
     """Step 7: the alias matrix A = (X1'X1)^-1 X1'X2 of the fitted terms X1 against the omitted interactions X2
     (Montgomery, *Design and Analysis of Experiments*, fractional factorials) on the finished cells, each once
     (unequal replication is not aliasing), minus the same on the planned cells: a non-zero entry marks a partially
@@ -1630,11 +1799,16 @@ def _partial_aliasing(mf: _ModelFactors, da: _DesignAliasing, agg: _Aggregates,
     model_f, fin_cells, kept = mf.varying, agg.fin_cells, sm.kept
     max_order = len(model_f) if len(model_f) <= 10 else 3
     fitted_chain = {n for r in kept for n, (rr, _) in da.rep_of.items() if rr == r}
-    seen_together = {(a, b) for a, b in itertools.combinations(model_f, 2)
-                     if ((fin_cells[a] == 1) & (fin_cells[b] == 1)).any()}
-    omitted = [t for t in _all_terms(model_f, max_order)
-               if len(t) >= 2 and _term_name(t) not in fitted_chain
-               and all(pr in seen_together for pr in itertools.combinations(t, 2))]
+    seen_together = {
+        (a, b) for a, b in itertools.combinations(model_f, 2) if ((fin_cells[a] == 1) & (fin_cells[b] == 1)).any()
+    }
+    omitted = [
+        t
+        for t in _all_terms(model_f, max_order)
+        if len(t) >= 2
+        and _term_name(t) not in fitted_chain
+        and all(pr in seen_together for pr in itertools.combinations(t, 2))
+    ]
     partial: dict[str, dict[str, float]] = {}
     if omitted:
         X1c = sm.X1c
@@ -1649,14 +1823,17 @@ def _partial_aliasing(mf: _ModelFactors, da: _DesignAliasing, agg: _Aggregates,
                 partial[r] = hit
     notes = []
     if partial:
-        notes.append("partially aliased (missing or failed cells): " + "; ".join(
-            f"{r} with {', '.join(list(h)[:4])}{' ...' if len(h) > 4 else ''}" for r, h in partial.items())
-            + ": these estimates are biased by the omitted interactions and no pair among them is flagged")
+        notes.append(
+            "partially aliased (missing or failed cells): "
+            + "; ".join(f"{r} with {', '.join(list(h)[:4])}{' ...' if len(h) > 4 else ''}" for r, h in partial.items())
+            + ": these estimates are biased by the omitted interactions and no pair among them is flagged"
+        )
     return partial, notes
 
 
-def _lenth_screen(p: _Prepared, o: Options, mf: _ModelFactors, da: _DesignAliasing, agg: _Aggregates,
-                  nu: _Nuisance) -> tuple[dict | None, list[str]]:
+def _lenth_screen(
+    p: _Prepared, o: Options, mf: _ModelFactors, da: _DesignAliasing, agg: _Aggregates, nu: _Nuisance
+) -> tuple[dict | None, list[str]]:
     """Step 6, without pure error: Lenth's pseudo standard error (`_lenth`, Lenth 1989) on the cell means, when
     every planned cell finished exactly once and no factor was dropped. With a two-level block, a note names the
     contrast the block is confounded with. Output: the `_lenth` dict (or None) and its note."""
@@ -1671,11 +1848,16 @@ def _lenth_screen(p: _Prepared, o: Options, mf: _ModelFactors, da: _DesignAliasi
         # the halves are confounded with an interaction: its contrast carries the block effect too
         half = np.zeros(len(fin_cells))
         half[agg.g_cell] = 2.0 * agg.g_block - 1.0
-        same = [_term_name(t) for t in _all_terms(model_f, len(model_f)) if len(t) > 1
-                and abs(float(_pm_matrix(fin_cells, [t])[:, 0] @ half)) == len(half)]
+        same = [
+            _term_name(t)
+            for t in _all_terms(model_f, len(model_f))
+            if len(t) > 1 and abs(float(_pm_matrix(fin_cells, [t])[:, 0] @ half)) == len(half)
+        ]
         if same:
-            notes.append(f"Lenth's contrast {same[0]} is confounded with the block ({p.block_col}): it "
-                         f"carries the difference between the blocks too")
+            notes.append(
+                f"Lenth's contrast {same[0]} is confounded with the block ({p.block_col}): it "
+                f"carries the difference between the blocks too"
+            )
     return lenth, notes
 
 
@@ -1691,14 +1873,14 @@ class _NamedEffects:
     aliased: list[AliasChain]
 
 
-def _named_effects(factors: list[str], da: _DesignAliasing, term_info: dict[str, dict],
-                   partial: dict[str, dict[str, float]]) -> _NamedEffects:
+def _named_effects(
+    factors: list[str], da: _DesignAliasing, term_info: dict[str, dict], partial: dict[str, dict[str, float]]
+) -> _NamedEffects:
     """Every main effect and pair under its own name (None where not estimated): a term that represents its chain
     carries the estimate; a main effect aliased with interactions (resolution III) is reported with its chain
     (tagged); an aliased pair is never a clean synergy. Also the alias chains with their estimates."""
     main_effects: dict[str, float | None] = {f: None for f in factors}
-    interactions: dict[str, float | None] = {_term_name(t): None for t in _effect_terms(factors, 2)
-                                            if len(t) == 2}
+    interactions: dict[str, float | None] = {_term_name(t): None for t in _effect_terms(factors, 2) if len(t) == 2}
     ci: dict[str, list | None] = {}
     pvals: dict[str, float | None] = {}
     clean_pairs = set()
@@ -1721,8 +1903,15 @@ def _named_effects(factors: list[str], da: _DesignAliasing, term_info: dict[str,
     aliased = []
     for g in da.chains:
         info = term_info.get(g[0][0])
-        aliased.append(AliasChain(effects=[n for n, _ in g], signs=[sg for _, sg in g], label=_alias_label(g),
-                                  estimate=_f(info["effect"]) if info else None, ci=info["ci"] if info else None))
+        aliased.append(
+            AliasChain(
+                effects=[n for n, _ in g],
+                signs=[sg for _, sg in g],
+                label=_alias_label(g),
+                estimate=_f(info["effect"]) if info else None,
+                ci=info["ci"] if info else None,
+            )
+        )
     return _NamedEffects(main_effects, interactions, ci, pvals, clean_pairs, aliased)
 
 
@@ -1756,20 +1945,34 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
     lenth, lenth_notes = _lenth_screen(p, o, mf, da, agg, nu) if not er.ls.has_error else (None, [])
     named = _named_effects(p.factors, da, er.term_info, partial)
     has_error, df_pure = er.ls.has_error, er.ls.df_pure
-    dropped = [Inestimable(f, "constant among finished runs (every run with the other level failed)")
-               for f in mf.dropped]
+    dropped = [
+        Inestimable(f, "constant among finished runs (every run with the other level failed)") for f in mf.dropped
+    ]
     return Fit(
-        n_cells=len(da.cells), replicated=has_error, error_df=_f(df_pure) if has_error else None,
-        main_effects=named.main_effects, interactions=named.interactions,
+        n_cells=len(da.cells),
+        replicated=has_error,
+        error_df=_f(df_pure) if has_error else None,
+        main_effects=named.main_effects,
+        interactions=named.interactions,
         ci={n: c for n, c in named.ci.items() if c is not None} if has_error else {},
-        p={n: q for n, q in named.p.items() if q is not None}, aliased=named.aliased,
+        p={n: q for n, q in named.p.items() if q is not None},
+        aliased=named.aliased,
         inestimable=[*da.inestimable, *sm.inestimable, *dropped],
         notes=[*mf.notes, *da.notes, *sm.notes, *nu.notes, *er.notes, *partial_notes, *lenth_notes],
-        lack_of_fit=er.ls.lack_of_fit, lenth=lenth,
-        aliased_effects={n: _alias_label(g) for g in da.chains for n, _ in g}, partial_aliases=partial,
-        dropped_factors=mf.dropped, seed_block=nu.seed_block, block=er.block,
-        sign=p.sign, df_resid=float(df_pure), se={r: i["se"] for r, i in er.term_info.items()},
-        clean_pairs=frozenset(named.clean_pairs), estimated=frozenset(sm.kept), mse=_f(er.ls.mse))
+        lack_of_fit=er.ls.lack_of_fit,
+        lenth=lenth,
+        aliased_effects={n: _alias_label(g) for g in da.chains for n, _ in g},
+        partial_aliases=partial,
+        dropped_factors=mf.dropped,
+        seed_block=nu.seed_block,
+        block=er.block,
+        sign=p.sign,
+        df_resid=float(df_pure),
+        se={r: i["se"] for r, i in er.term_info.items()},
+        clean_pairs=frozenset(named.clean_pairs),
+        estimated=frozenset(sm.kept),
+        mse=_f(er.ls.mse),
+    )
 
 
 def pair_synergies(fit: Fit, o: Options) -> Pairs:
@@ -1810,9 +2013,20 @@ def pair_synergies(fit: Fit, o: Options) -> Pairs:
             tstat = (s + o.threshold) / se_s if se_s > 0 else (-np.inf if s + o.threshold < 0 else np.inf)
             p_one = float(stats.t.cdf(tstat, fit.df_resid))
             if c[1] < -o.threshold and s < -o.threshold:
-                antagonism.append(Flag(
-                    pair=n, factors=n.split(":"), kind="antagonism", estimate=s, ci=c, p=_f(p_one),
-                    p_adj=_f(min(1.0, 2 * m * p_one)), threshold=o.threshold, df=_f(fit.df_resid), counts=None))
+                antagonism.append(
+                    Flag(
+                        pair=n,
+                        factors=n.split(":"),
+                        kind="antagonism",
+                        estimate=s,
+                        ci=c,
+                        p=_f(p_one),
+                        p_adj=_f(min(1.0, 2 * m * p_one)),
+                        threshold=o.threshold,
+                        df=_f(fit.df_resid),
+                        counts=None,
+                    )
+                )
     else:
         notes.append("antagonism cannot be tested without replicates; failure interactions are still tested")
     partial_pairs = [n for n in synergy if synergy[n] is not None and n not in fit.clean_pairs]
@@ -1821,11 +2035,26 @@ def pair_synergies(fit: Fit, o: Options) -> Pairs:
     if pos:
         n = max(pos, key=lambda q: pos[q])
         strongest = StrongestSynergy(pair=n, estimate=pos[n], ci=synergy_ci.get(n), p_adj=p_adj.get(n))
-    kind = (f"simultaneous {int(round(100 * (1 - o.alpha)))}% over {m} pair(s) (Bonferroni t, df = "
-            f"{_num_s(fit.df_resid)}), synergy units (S = 2 INT, oriented gain)") if synergy_ci else None
-    return Pairs(synergy=synergy, synergy_ci={n: c for n, c in synergy_ci.items() if c is not None}, p_adj=p_adj,
-                 antagonism=antagonism, strongest=strongest, notes=notes, significant=significant,
-                 partially_aliased=partial_pairs, interval=kind, n_tested=m)
+    kind = (
+        (
+            f"simultaneous {int(round(100 * (1 - o.alpha)))}% over {m} pair(s) (Bonferroni t, df = "
+            f"{_num_s(fit.df_resid)}), synergy units (S = 2 INT, oriented gain)"
+        )
+        if synergy_ci
+        else None
+    )
+    return Pairs(
+        synergy=synergy,
+        synergy_ci={n: c for n, c in synergy_ci.items() if c is not None},
+        p_adj=p_adj,
+        antagonism=antagonism,
+        strongest=strongest,
+        notes=notes,
+        significant=significant,
+        partially_aliased=partial_pairs,
+        interval=kind,
+        n_tested=m,
+    )
 
 
 def _num_s(x: float) -> str:
@@ -1839,9 +2068,17 @@ def failure_interactions(p: _Prepared, o: Options) -> Failures:
     def typed(t: dict) -> FailureTest:
         if "factors" not in t:  # no run failed: nothing was tested
             return FailureTest(pair=t["pair"], p=t["p"], p_adj=t["p_adj"], counts=t["counts"])
-        return FailureTest(pair=t["pair"], p=t["p"], p_adj=t["p_adj"], counts=t["counts"], factors=t["factors"],
-                           estimate=t["estimate"], statuses=t["statuses"], p_excess=t["p_excess"],
-                           p_interaction=t["p_interaction"])
+        return FailureTest(
+            pair=t["pair"],
+            p=t["p"],
+            p_adj=t["p_adj"],
+            counts=t["counts"],
+            factors=t["factors"],
+            estimate=t["estimate"],
+            statuses=t["statuses"],
+            p_excess=t["p_excess"],
+            p_interaction=t["p_interaction"],
+        )
 
     return Failures(tests=[typed(t) for t in tests], flagged=[typed(t) for t in flags])
 
@@ -1861,8 +2098,7 @@ def bootstrap_cis(p: _Prepared, fit: Fit, pairs: Pairs, o: Options) -> Bootstrap
     if fit.dropped_factors:
         return Bootstrap(ci={}, notes=["bootstrap skipped: a factor is constant among finished runs"])
     terms = _effect_terms(p.factors, 2)
-    est_mask = np.array([_term_name(t) in fit.estimated and _term_name(t) not in fit.partial_aliases
-                         for t in terms])
+    est_mask = np.array([_term_name(t) in fit.estimated and _term_name(t) not in fit.partial_aliases for t in terms])
     ci_boot, bnote = _bootstrap(p, terms, est_mask, 1 - o.alpha, o.n_resamples, o.bootstrap_method, o.random_state)
     if ci_boot:
         for n in list(ci_boot):
@@ -1895,14 +2131,19 @@ def attribute(p: _Prepared, o: Options, fit: Fit | None = None) -> Attribution:
         dividends_full[n] = _f(v[kf[0]] - v[kf[1]] - v[kf[2]] + v[kf[3]]) if all(x in v for x in kf) else None
     loo = {f: (_f(v[full] - v[full - {f}]) if full in v and full - {f} in v else None) for f in factors}
     shapley = None
-    missing_cells = [s for s in (frozenset(c) for r in range(k + 1) for c in itertools.combinations(factors, r))
-                     if s not in v] if k <= 12 else None
+    missing_cells = (
+        [s for s in (frozenset(c) for r in range(k + 1) for c in itertools.combinations(factors, r)) if s not in v]
+        if k <= 12
+        else None
+    )
     if k > 12:
         notes.append("Shapley values skipped: more than 12 factors")
     elif missing_cells:
         shown = ", ".join(combo_label(f for f in factors if f in s) for s in missing_cells[:5])
-        notes.append(f"Shapley values need every cell of the full factorial; missing or all-failed: {shown}"
-                     + (" ..." if len(missing_cells) > 5 else ""))
+        notes.append(
+            f"Shapley values need every cell of the full factorial; missing or all-failed: {shown}"
+            + (" ..." if len(missing_cells) > 5 else "")
+        )
     else:
         shapley = {f: _f(x) for f, x in shapley_values(v, factors).items()}
     ladder, ladder_kind = _ladder(cells, factors, o.ladder_order, p.log)
@@ -1926,22 +2167,46 @@ def attribute(p: _Prepared, o: Options, fit: Fit | None = None) -> Attribution:
                 pv = float(stats.t.sf(diff / se, fit.df_resid)) if se > 0 else (0.0 if diff > 0 else 1.0)
                 if min(1.0, pv * max(len(others), 1)) >= o.alpha:
                     indist.append(c["combo"])
-            rule = (f"one-sided t tests of (best - cell) with the pure-error SE (df = {_num_s(fit.df_resid)}), "
-                    f"Bonferroni over {len(others)} comparisons at alpha = {o.alpha}")
-        best = Best(cell=r["cell"], combo=r["combo"], on=r["on"], mean=r["mean"], sd=r["sd"], gain=r["gain"],
-                    n_finished=int(r["n_finished"]), n=int(r["n"]), indistinguishable=indist, rule=rule)
+            rule = (
+                f"one-sided t tests of (best - cell) with the pure-error SE (df = {_num_s(fit.df_resid)}), "
+                f"Bonferroni over {len(others)} comparisons at alpha = {o.alpha}"
+            )
+        best = Best(
+            cell=r["cell"],
+            combo=r["combo"],
+            on=r["on"],
+            mean=r["mean"],
+            sd=r["sd"],
+            gain=r["gain"],
+            n_finished=int(r["n_finished"]),
+            n=int(r["n"]),
+            indistinguishable=indist,
+            rule=rule,
+        )
     return Attribution(
-        cells=[Cell(**{k2: v2 for k2, v2 in r.items() if k2 != "key"}) for r in cells], best=best,
-        dividends=dividends, dividends_full=dividends_full, loo=loo, shapley=shapley,
-        ladder=[LadderRow(**r) for r in ladder] if ladder is not None else None, ladder_kind=ladder_kind,
-        notes=notes)
+        cells=[Cell(**{k2: v2 for k2, v2 in r.items() if k2 != "key"}) for r in cells],
+        best=best,
+        dividends=dividends,
+        dividends_full=dividends_full,
+        loo=loo,
+        shapley=shapley,
+        ladder=[LadderRow(**r) for r in ladder] if ladder is not None else None,
+        ladder_kind=ladder_kind,
+        notes=notes,
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # the analysis
 # --------------------------------------------------------------------------------------------------------------------
-def analyze(table: pd.DataFrame, factors: Sequence[str], metric: str, direction: str = "min",
-            options: Options | None = None, **overrides: Any) -> Analysis:
+def analyze(
+    table: pd.DataFrame,
+    factors: Sequence[str],
+    metric: str,
+    direction: str = "min",
+    options: Options | None = None,
+    **overrides: Any,
+) -> Analysis:
     """Analyse one metric of a two-level technique study; `to_json()` of the result is JSON-serialisable.
 
     `options` (or keyword arguments naming its fields, e.g. `log=True, bootstrap=False`) set how; see `Options`.
@@ -1958,8 +2223,17 @@ def analyze(table: pd.DataFrame, factors: Sequence[str], metric: str, direction:
     With `strict`, a design whose cells leave an effect inestimable (not merely aliased) raises AnalysisError."""
     o = replace(options or Options(), **overrides)
     o.validate()
-    p = prepare(table, factors, metric, direction, seed_col=o.seed_col, status_col=o.status_col,
-                reason_col=o.reason_col, log=o.log, block_col=o.block_col)
+    p = prepare(
+        table,
+        factors,
+        metric,
+        direction,
+        seed_col=o.seed_col,
+        status_col=o.status_col,
+        reason_col=o.reason_col,
+        log=o.log,
+        block_col=o.block_col,
+    )
     fit = fit_effects(p, o)
     pairs = pair_synergies(fit, o)
     failures = failure_interactions(p, o)
@@ -1967,17 +2241,35 @@ def analyze(table: pd.DataFrame, factors: Sequence[str], metric: str, direction:
     att = attribute(p, o, fit)
     d = p.data
     return Analysis(
-        metric=metric, direction="max" if p.sign > 0 else "min", scale="log" if o.log else "linear",
-        factors=list(p.factors), n_runs=int(len(d)), n_finished=int(d["_ok"].sum()),
-        n_failed=int((~d["_ok"]).sum()), alpha=o.alpha, correction=o.correction, threshold=o.threshold,
-        fit=fit, pairs=pairs, failures=failures, bootstrap=boot, attribution=att,
-        notes=[*p.notes, *fit.notes, *pairs.notes, *boot.notes, *att.notes], n_excluded=p.n_excluded,
-        family=(f"{pairs.n_tested} pair test(s) of this metric: simultaneous (Bonferroni) intervals decide; "
-                f"p_adj by {o.correction}") if pairs.n_tested else "")
+        metric=metric,
+        direction="max" if p.sign > 0 else "min",
+        scale="log" if o.log else "linear",
+        factors=list(p.factors),
+        n_runs=int(len(d)),
+        n_finished=int(d["_ok"].sum()),
+        n_failed=int((~d["_ok"]).sum()),
+        alpha=o.alpha,
+        correction=o.correction,
+        threshold=o.threshold,
+        fit=fit,
+        pairs=pairs,
+        failures=failures,
+        bootstrap=boot,
+        attribution=att,
+        notes=[*p.notes, *fit.notes, *pairs.notes, *boot.notes, *att.notes],
+        n_excluded=p.n_excluded,
+        family=(
+            f"{pairs.n_tested} pair test(s) of this metric: simultaneous (Bonferroni) intervals decide; "
+            f"p_adj by {o.correction}"
+        )
+        if pairs.n_tested
+        else "",
+    )
 
 
-def analyze_study(results: StudyResults, *, alpha: float = 0.05, threshold: float = 0.0,
-                  bootstrap: bool = True) -> dict[str, Analysis | AnalysisFailure]:
+def analyze_study(
+    results: StudyResults, *, alpha: float = 0.05, threshold: float = 0.0, bootstrap: bool = True
+) -> dict[str, Analysis | AnalysisFailure]:
     """`analyze` for the primary metric and every other metric of a study (log scale per the metric registry);
     a metric that cannot be analysed gets an AnalysisFailure with the reason.
 
@@ -1986,15 +2278,26 @@ def analyze_study(results: StudyResults, *, alpha: float = 0.05, threshold: floa
     alpha) over all secondary metrics together: `p_adj`, `significant_pairs` and antagonism flags of a secondary
     metric come from that pooled correction (`role` and `family` say so in the JSON)."""
     out: dict[str, Analysis | AnalysisFailure] = {}
-    metrics = {results.metric: results.direction, **{m: d for m, d in results.other_metrics.items()
-                                                      if m != results.metric}}
+    metrics = {
+        results.metric: results.direction,
+        **{m: d for m, d in results.other_metrics.items() if m != results.metric},
+    }
     for m, d in metrics.items():
         wall = m in metric_registry.WALL_CLOCK
         bench = wall and results.bench is not None and m in results.bench.columns
         try:
-            a = analyze(results.bench if bench else results.table, results.factors, m, d,
-                        log=metric_registry.is_log(m), alpha=alpha, threshold=threshold if m == results.metric else 0.0,
-                        bootstrap=bootstrap, ladder_order=results.ladder_order, strict=False)
+            a = analyze(
+                results.bench if bench else results.table,
+                results.factors,
+                m,
+                d,
+                log=metric_registry.is_log(m),
+                alpha=alpha,
+                threshold=threshold if m == results.metric else 0.0,
+                bootstrap=bootstrap,
+                ladder_order=results.ladder_order,
+                strict=False,
+            )
         except AnalysisError as e:
             out[m] = AnalysisFailure(metric=m, direction=d, error=str(e))
             continue
@@ -2006,8 +2309,9 @@ def analyze_study(results: StudyResults, *, alpha: float = 0.05, threshold: floa
     return _exploratory_family(out, results.metric, alpha)
 
 
-def _exploratory_family(out: dict[str, Analysis | AnalysisFailure], primary: str,
-                        alpha: float) -> dict[str, Analysis | AnalysisFailure]:
+def _exploratory_family(
+    out: dict[str, Analysis | AnalysisFailure], primary: str, alpha: float
+) -> dict[str, Analysis | AnalysisFailure]:
     """Re-decide the pair tests of the secondary metrics as one Benjamini-Hochberg family (see `analyze_study`)."""
     two: list[tuple[str, str, float]] = []
     one: list[tuple[str, str, float]] = []
@@ -2023,8 +2327,10 @@ def _exploratory_family(out: dict[str, Analysis | AnalysisFailure], primary: str
     q2 = dict(zip([(m, n) for m, n, _ in two], _adjust([x for *_, x in two], "fdr_bh", alpha))) if two else {}
     q1 = dict(zip([(m, n) for m, n, _ in one], _adjust([x for *_, x in one], "fdr_bh", alpha))) if one else {}
     n_sec = sum(1 for m, a in out.items() if m != primary and isinstance(a, Analysis))
-    fam = (f"exploratory: Benjamini-Hochberg (FDR {alpha}) over all {len(two)} pair test(s) of the {n_sec} "
-           "secondary metric(s); the primary metric's pairs are the confirmatory family")
+    fam = (
+        f"exploratory: Benjamini-Hochberg (FDR {alpha}) over all {len(two)} pair test(s) of the {n_sec} "
+        "secondary metric(s); the primary metric's pairs are the confirmatory family"
+    )
     for m, a in list(out.items()):
         if m == primary:
             if isinstance(a, Analysis):
@@ -2039,9 +2345,20 @@ def _exploratory_family(out: dict[str, Analysis | AnalysisFailure], primary: str
             q = q1.get((m, n))
             if q is not None and q < alpha:
                 s = a.pairs.synergy[n]
-                ant.append(Flag(pair=n, factors=n.split(":"), kind="antagonism", estimate=s,
-                                ci=a.pairs.synergy_ci.get(n), p=_f(dict(((mm, nn), x) for mm, nn, x in one)[(m, n)]),
-                                p_adj=_f(q), threshold=0.0, df=_f(a.fit.df_resid), counts=None))
+                ant.append(
+                    Flag(
+                        pair=n,
+                        factors=n.split(":"),
+                        kind="antagonism",
+                        estimate=s,
+                        ci=a.pairs.synergy_ci.get(n),
+                        p=_f(dict(((mm, nn), x) for mm, nn, x in one)[(m, n)]),
+                        p_adj=_f(q),
+                        threshold=0.0,
+                        df=_f(a.fit.df_resid),
+                        counts=None,
+                    )
+                )
         strongest = a.pairs.strongest
         if strongest is not None:
             strongest = replace(strongest, p_adj=p_adj.get(strongest.pair))
@@ -2050,10 +2367,14 @@ def _exploratory_family(out: dict[str, Analysis | AnalysisFailure], primary: str
     return out
 
 
-BENCH_NOTE = ("measured by `srdit study bench`: one training step per cell, interleaved in one process (rounds as "
-              "blocks), not the trials' wall clock")
-CONTENTION_NOTE = ("measured with a clock while several trials shared the machine: the load of the neighbours is in "
-                   "the numbers, so no significance is claimed (run `srdit study bench` for a controlled measurement)")
+BENCH_NOTE = (
+    "measured by `srdit study bench`: one training step per cell, interleaved in one process (rounds as "
+    "blocks), not the trials' wall clock"
+)
+CONTENTION_NOTE = (
+    "measured with a clock while several trials shared the machine: the load of the neighbours is in "
+    "the numbers, so no significance is claimed (run `srdit study bench` for a controlled measurement)"
+)
 
 
 def contended(table: pd.DataFrame) -> bool:

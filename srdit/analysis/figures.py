@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import html
 import math
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -18,6 +19,7 @@ from srdit import metric_registry
 from srdit.analysis.effects import OK_STATUSES, Analysis, Cell, combo_label
 from srdit.analysis.over_steps import OverSteps
 from srdit.analysis.results import CURVE_COLUMNS, StudyResults
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # small formatting helpers
@@ -61,11 +63,30 @@ def _cell_order(cells: Iterable[Cell], factors: Sequence[str]) -> list[Cell]:
     return sorted(cells, key=lambda c: (len(c.on), [idx[f] for f in c.on]))
 
 
-PALETTE = ["#4C78A8", "#F58518", "#54A24B", "#E45756", "#72B7B2", "#EECA3B", "#B279A2", "#FF9DA6", "#9D755D",
-           "#BAB0AC", "#1F77B4", "#2CA02C", "#D62728", "#9467BD", "#8C564B", "#17BECF"]
-LAYOUT = dict(template="plotly_white", font=dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif",
-                                                    size=13),
-              margin=dict(l=70, r=30, t=50, b=60), height=440)
+PALETTE = [
+    "#4C78A8",
+    "#F58518",
+    "#54A24B",
+    "#E45756",
+    "#72B7B2",
+    "#EECA3B",
+    "#B279A2",
+    "#FF9DA6",
+    "#9D755D",
+    "#BAB0AC",
+    "#1F77B4",
+    "#2CA02C",
+    "#D62728",
+    "#9467BD",
+    "#8C564B",
+    "#17BECF",
+]
+LAYOUT = dict(
+    template="plotly_white",
+    font=dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size=13),
+    margin=dict(l=70, r=30, t=50, b=60),
+    height=440,
+)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -122,11 +143,14 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
             elif s is not None:
                 (z_sig if sig else z_ns)[i][j] = s
                 ci = a.pairs.synergy_ci.get(n)
-                txt[i][j] = (f"<b>{_num(s, 3)}{mark}</b>" if sig else f"{_num(s, 3)}{mark} <i>n.s.</i>") + \
-                    (f"<br>{_ci(ci, 2)}" if ci else "")
-                hover[i][j] = (f"S({n}) = {_num(s)}<br>simultaneous CI {_ci(ci)}<br>p_adj {_pv(padj)}"
-                               + ("" if sig else "<br>not significant")
-                               + (f"<br>flagged: {flagged[n].kind}" if n in flagged else ""))
+                txt[i][j] = (f"<b>{_num(s, 3)}{mark}</b>" if sig else f"{_num(s, 3)}{mark} <i>n.s.</i>") + (
+                    f"<br>{_ci(ci, 2)}" if ci else ""
+                )
+                hover[i][j] = (
+                    f"S({n}) = {_num(s)}<br>simultaneous CI {_ci(ci)}<br>p_adj {_pv(padj)}"
+                    + ("" if sig else "<br>not significant")
+                    + (f"<br>flagged: {flagged[n].kind}" if n in flagged else "")
+                )
             elif n in aliased:
                 txt[i][j] = "aliased"
                 hover[i][j] = f"{n}: aliased ({aliased[n]})"
@@ -146,18 +170,59 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
     t_sig = [[txt[i][j] if z_sig[i][j] is not None else "" for j in range(k)] for i in range(k)]
     t_ns = [[txt[i][j] if z_ns[i][j] is not None else "" for j in range(k)] for i in range(k)]
     t_rest = [[txt[i][j] if z_sig[i][j] is None and z_ns[i][j] is None else "" for j in range(k)] for i in range(k)]
-    fig.add_trace(go.Heatmap(z=[[0.0] * k for _ in range(k)], x=f, y=f, text=t_rest, texttemplate="%{text}",
-                             hoverinfo="skip", showscale=False, opacity=1.0,
-                             colorscale=[[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]], xgap=3, ygap=3,
-                             textfont=dict(size=12, color="#1d2330")))
-    fig.add_trace(go.Heatmap(z=z_ns, opacity=0.28, showscale=False, name="not significant", text=t_ns,
-                             texttemplate="%{text}", textfont=dict(size=12, color="#1d2330"), **common))
-    fig.add_trace(go.Heatmap(z=z_sig, colorbar=dict(title=dict(text="S<sub>ij</sub><br>(gain)")),
-                             name="significant", text=t_sig, texttemplate="%{text}", textfont=dict(size=12),
-                             **common))
-    fig.add_trace(go.Heatmap(z=[[0.0] * k for _ in range(k)], x=f, y=f, hovertext=hover, hoverinfo="text",
-                             showscale=False, opacity=0.0, colorscale=[[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]],
-                             xgap=3, ygap=3))
+    fig.add_trace(
+        go.Heatmap(
+            z=[[0.0] * k for _ in range(k)],
+            x=f,
+            y=f,
+            text=t_rest,
+            texttemplate="%{text}",
+            hoverinfo="skip",
+            showscale=False,
+            opacity=1.0,
+            colorscale=[[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]],
+            xgap=3,
+            ygap=3,
+            textfont=dict(size=12, color="#1d2330"),
+        )
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=z_ns,
+            opacity=0.28,
+            showscale=False,
+            name="not significant",
+            text=t_ns,
+            texttemplate="%{text}",
+            textfont=dict(size=12, color="#1d2330"),
+            **common,
+        )
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=z_sig,
+            colorbar=dict(title=dict(text="S<sub>ij</sub><br>(gain)")),
+            name="significant",
+            text=t_sig,
+            texttemplate="%{text}",
+            textfont=dict(size=12),
+            **common,
+        )
+    )
+    fig.add_trace(
+        go.Heatmap(
+            z=[[0.0] * k for _ in range(k)],
+            x=f,
+            y=f,
+            hovertext=hover,
+            hoverinfo="text",
+            showscale=False,
+            opacity=0.0,
+            colorscale=[[0, "rgba(0,0,0,0)"], [1, "rgba(0,0,0,0)"]],
+            xgap=3,
+            ygap=3,
+        )
+    )
     fig.update_layout(**LAYOUT, title=title or "Synergy matrix S<sub>ij</sub>")
     fig.update_layout(height=max(380, 90 * k + 140), width=None)
     fig.update_yaxes(autorange="reversed", scaleanchor="x", constrain="domain")
@@ -178,20 +243,34 @@ def fig_half_normal(a: Analysis) -> go.Figure | None:
     names = [n for _, n in items]
     sig = set(L["significant"])
     fig = go.Figure()
-    fig.add_scatter(x=q, y=absv, mode="markers+text", text=[n if n in sig else "" for n in names],
-                    textposition="middle left", marker=dict(size=9, color=["#b3261e" if n in sig else "#4C78A8"
-                                                                            for n in names]),
-                    hovertext=[f"{n}: |effect| {_num(v)}" for v, n in items], hoverinfo="text", name="|effect|")
+    fig.add_scatter(
+        x=q,
+        y=absv,
+        mode="markers+text",
+        text=[n if n in sig else "" for n in names],
+        textposition="middle left",
+        marker=dict(size=9, color=["#b3261e" if n in sig else "#4C78A8" for n in names]),
+        hovertext=[f"{n}: |effect| {_num(v)}" for v, n in items],
+        hoverinfo="text",
+        name="|effect|",
+    )
     if L.get("pse"):
         xs = [0, max(q)]
-        fig.add_scatter(x=xs, y=[0, L["pse"] * max(q)], mode="lines", line=dict(dash="dot", color="#888"),
-                        name="PSE line")
-    for key, label, dash in (("margin", "ME (individual)", "dash"), ("simultaneous_margin", "SME (simultaneous)",
-                                                                      "longdash")):
+        fig.add_scatter(
+            x=xs, y=[0, L["pse"] * max(q)], mode="lines", line=dict(dash="dot", color="#888"), name="PSE line"
+        )
+    for key, label, dash in (
+        ("margin", "ME (individual)", "dash"),
+        ("simultaneous_margin", "SME (simultaneous)", "longdash"),
+    ):
         if L.get(key):
             fig.add_hline(y=L[key], line=dict(dash=dash, color="#9a6700"), annotation_text=label)
-    fig.update_layout(**LAYOUT, title="Half-normal plot of the effects (Lenth's margins)",
-                      xaxis_title="half-normal quantile", yaxis_title=f"|effect| ({a.metric})")
+    fig.update_layout(
+        **LAYOUT,
+        title="Half-normal plot of the effects (Lenth's margins)",
+        xaxis_title="half-normal quantile",
+        yaxis_title=f"|effect| ({a.metric})",
+    )
     return fig
 
 
@@ -212,18 +291,27 @@ def fig_effects(a: Analysis) -> go.Figure:
             lo.append(0)
             hi.append(0)
     fig = go.Figure()
-    fig.add_bar(name="main effect (avg. over design)", x=f, y=me, marker_color=PALETTE[0],
-                error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo, visible=bool(ci)))
+    fig.add_bar(
+        name="main effect (avg. over design)",
+        x=f,
+        y=me,
+        marker_color=PALETTE[0],
+        error_y=dict(type="data", symmetric=False, array=hi, arrayminus=lo, visible=bool(ci)),
+    )
     if att.shapley:
-        fig.add_bar(name="Shapley (share of all − none)", x=f, y=[att.shapley.get(x) for x in f],
-                    marker_color=PALETTE[1])
+        fig.add_bar(
+            name="Shapley (share of all − none)", x=f, y=[att.shapley.get(x) for x in f], marker_color=PALETTE[1]
+        )
     if any(v is not None for v in att.loo.values()):
-        fig.add_bar(name="leave-one-out (all − all∖i)", x=f, y=[att.loo.get(x) for x in f],
-                    marker_color=PALETTE[2])
+        fig.add_bar(name="leave-one-out (all − all∖i)", x=f, y=[att.loo.get(x) for x in f], marker_color=PALETTE[2])
     fig.add_hline(y=0, line_color="#444", line_width=1)
-    fig.update_layout(**LAYOUT, barmode="group", title="Effect of each technique (gain, positive = better)",
-                      yaxis_title=f"gain in {'log ' if a.scale == 'log' else ''}{a.metric}",
-                      legend=dict(orientation="h", y=-0.15))
+    fig.update_layout(
+        **LAYOUT,
+        barmode="group",
+        title="Effect of each technique (gain, positive = better)",
+        yaxis_title=f"gain in {'log ' if a.scale == 'log' else ''}{a.metric}",
+        legend=dict(orientation="h", y=-0.15),
+    )
     return fig
 
 
@@ -251,15 +339,24 @@ def fig_ladder(a: Analysis) -> go.Figure | None:
     text.append(_num(rows[len(x) - 2].mean, 4))
     good, bad = "#3B8B5A", "#C0504D"
     up, down = (good, bad) if a.direction == "max" else (bad, good)
-    fig = go.Figure(go.Waterfall(
-        x=x, y=y, measure=measure, text=text, textposition="outside",
-        increasing=dict(marker_color=up), decreasing=dict(marker_color=down), totals=dict(marker_color="#4C78A8"),
-        connector=dict(line=dict(color="#999", width=1, dash="dot")),
-    ))
+    fig = go.Figure(
+        go.Waterfall(
+            x=x,
+            y=y,
+            measure=measure,
+            text=text,
+            textposition="outside",
+            increasing=dict(marker_color=up),
+            decreasing=dict(marker_color=down),
+            totals=dict(marker_color="#4C78A8"),
+            connector=dict(line=dict(color="#999", width=1, dash="dot")),
+        )
+    )
     means = [r.mean for r in rows if r.mean is not None]
     span = max(means) - min(means) if len(means) > 1 else abs(means[0]) or 1.0
-    fig.update_layout(**LAYOUT, title=f"Cumulative ladder ({a.attribution.ladder_kind} order)", yaxis_title=a.metric,
-                      showlegend=False)
+    fig.update_layout(
+        **LAYOUT, title=f"Cumulative ladder ({a.attribution.ladder_kind} order)", yaxis_title=a.metric, showlegend=False
+    )
     fig.update_yaxes(range=[min(means) - 0.6 * span, max(means) + 0.4 * span])
     return fig
 
@@ -296,20 +393,31 @@ def fig_pareto(res: StudyResults, a: Analysis) -> go.Figure | None:
     t = res.table
     ok = t["status"].astype(str).str.lower().isin(OK_STATUSES) if "status" in t.columns else pd.Series(True, t.index)
     ok &= np.isfinite(pd.to_numeric(t[res.metric], errors="coerce")) & np.isfinite(
-        pd.to_numeric(t[cost], errors="coerce"))
+        pd.to_numeric(t[cost], errors="coerce")
+    )
     cell_of = {c.combo: c.cell for c in a.attribution.cells}
     bench = res.bench if res.bench is not None and cost in res.bench.columns else None  # `srdit study bench`
     xb = None if bench is None else bench.groupby("cell")[cost].apply(lambda v: float(np.exp(np.log(v).mean())))
     pts = []
-    for combo, g in t[ok].assign(_combo=[combo_label(f for f in res.factors if int(r[f]) == 1)
-                                         for _, r in t[ok].iterrows()]).groupby("_combo"):
-        pts.append({"combo": combo, "cell": cell_of.get(combo, combo),
-                    "x": float(xb[g["cell"].iloc[0]]) if xb is not None else
-                    float(np.exp(np.log(g[cost].astype(float)).mean())) if metric_registry.is_log(cost) else
-                    float(g[cost].astype(float).mean()),
-                    "y": float(g[res.metric].astype(float).mean()),
-                    "ysd": float(g[res.metric].astype(float).std(ddof=1)) if len(g) > 1 else 0.0,
-                    "n": len(g)})
+    for combo, g in (
+        t[ok]
+        .assign(_combo=[combo_label(f for f in res.factors if int(r[f]) == 1) for _, r in t[ok].iterrows()])
+        .groupby("_combo")
+    ):
+        pts.append(
+            {
+                "combo": combo,
+                "cell": cell_of.get(combo, combo),
+                "x": float(xb[g["cell"].iloc[0]])
+                if xb is not None
+                else float(np.exp(np.log(g[cost].astype(float)).mean()))
+                if metric_registry.is_log(cost)
+                else float(g[cost].astype(float).mean()),
+                "y": float(g[res.metric].astype(float).mean()),
+                "ysd": float(g[res.metric].astype(float).std(ddof=1)) if len(g) > 1 else 0.0,
+                "n": len(g),
+            }
+        )
     if not pts:
         return None
     sx = 1 if cdir == "max" else -1
@@ -322,18 +430,33 @@ def fig_pareto(res: StudyResults, a: Analysis) -> go.Figure | None:
         if not group:
             continue
         fig.add_scatter(
-            x=[p["x"] for p in group], y=[p["y"] for p in group], mode="markers+text", name=name,
-            text=[p["cell"] for p in group], textposition="top center", marker=dict(size=size, color=color),
+            x=[p["x"] for p in group],
+            y=[p["y"] for p in group],
+            mode="markers+text",
+            name=name,
+            text=[p["cell"] for p in group],
+            textposition="top center",
+            marker=dict(size=size, color=color),
             error_y=dict(type="data", array=[p["ysd"] for p in group], color=color, thickness=1),
             hovertemplate="%{text}<br>" + cost + " %{x:.4g}<br>" + res.metric + " %{y:.4g}<extra></extra>",
         )
     if len(fr) > 1:
-        fig.add_scatter(x=[p["x"] for p in fr], y=[p["y"] for p in fr], mode="lines", name="front",
-                        line=dict(color="#E45756", dash="dot"), hoverinfo="skip", showlegend=False)
-    fig.update_layout(**LAYOUT, title=f"Quality versus cost: {res.metric} against {cost}",
-                      xaxis_title=f"{cost} ({'↑' if cdir == 'max' else '↓'} better, "
-                                  + ("srdit study bench)" if xb is not None else "geometric mean over seeds)"),
-                      yaxis_title=f"{res.metric} ({'↑' if res.direction == 'max' else '↓'} better, mean ± sd)")
+        fig.add_scatter(
+            x=[p["x"] for p in fr],
+            y=[p["y"] for p in fr],
+            mode="lines",
+            name="front",
+            line=dict(color="#E45756", dash="dot"),
+            hoverinfo="skip",
+            showlegend=False,
+        )
+    fig.update_layout(
+        **LAYOUT,
+        title=f"Quality versus cost: {res.metric} against {cost}",
+        xaxis_title=f"{cost} ({'↑' if cdir == 'max' else '↓'} better, "
+        + ("srdit study bench)" if xb is not None else "geometric mean over seeds)"),
+        yaxis_title=f"{res.metric} ({'↑' if res.direction == 'max' else '↓'} better, mean ± sd)",
+    )
     if metric_registry.is_log(cost):
         fig.update_xaxes(type="log")
     return fig
@@ -370,11 +493,17 @@ def fig_curves(res: StudyResults, cells_order: Sequence[str], baseline_cell: str
             m = g.groupby("step")["value"].agg(["mean", "std", "count"]).reset_index()
             color = PALETTE[ci % len(PALETTE)]
             is_base = cell in base_ids
-            fig.add_scatter(x=m["step"], y=m["mean"], mode="lines+markers" if len(m) <= 2 else "lines",
-                            name=cell + (" (baseline)" if is_base and cell not in ("baseline", "none") else ""),
-                            legendgroup=cell, visible=ki == 0, marker=dict(size=8, color=color),
-                            line=dict(color=color, width=3 if is_base else 2, dash="dash" if is_base else None),
-                            hovertemplate=cell + " step %{x}: %{y:.4g}<extra></extra>")
+            fig.add_scatter(
+                x=m["step"],
+                y=m["mean"],
+                mode="lines+markers" if len(m) <= 2 else "lines",
+                name=cell + (" (baseline)" if is_base and cell not in ("baseline", "none") else ""),
+                legendgroup=cell,
+                visible=ki == 0,
+                marker=dict(size=8, color=color),
+                line=dict(color=color, width=3 if is_base else 2, dash="dash" if is_base else None),
+                hovertemplate=cell + " step %{x}: %{y:.4g}<extra></extra>",
+            )
         vis_by_key.append((start, len(fig.data)))
     if not fig.data:
         return None
@@ -382,14 +511,16 @@ def fig_curves(res: StudyResults, cells_order: Sequence[str], baseline_cell: str
     for ki, key in enumerate(keys):
         vis = [vis_by_key[ki][0] <= i < vis_by_key[ki][1] for i in range(len(fig.data))]
         buttons.append(dict(label=key, method="update", args=[{"visible": vis}, {"yaxis.title.text": key}]))
-    fig.update_layout(**LAYOUT, title="Learning curves (mean over seeds, per cell)", xaxis_title="step",
-                      yaxis_title=keys[0])
+    fig.update_layout(
+        **LAYOUT, title="Learning curves (mean over seeds, per cell)", xaxis_title="step", yaxis_title=keys[0]
+    )
     if len(keys) > 1:
-        fig.update_layout(updatemenus=[dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.15,
-                                            yanchor="top", showactive=True)])
+        fig.update_layout(
+            updatemenus=[
+                dict(buttons=buttons, direction="down", x=1.0, xanchor="right", y=1.15, yanchor="top", showactive=True)
+            ]
+        )
     return fig
-
-
 
 
 def _rgba(hex_color: str, alpha: float) -> str:
@@ -407,8 +538,13 @@ def fig_over_steps(ov: OverSteps) -> go.Figure | None:
         return None
     pairs = [s for s in ov.series if s.kind == "pair"]
     rows = 2 if pairs else 1
-    fig = make_subplots(rows=rows, cols=1, shared_xaxes=True, vertical_spacing=0.1,
-                        subplot_titles=["Main effect of each technique (gain)", "Pair synergy S"][:rows])
+    fig = make_subplots(
+        rows=rows,
+        cols=1,
+        shared_xaxes=True,
+        vertical_spacing=0.1,
+        subplot_titles=["Main effect of each technique (gain)", "Pair synergy S"][:rows],
+    )
     for i, s in enumerate(ov.series):
         row = 2 if s.kind == "pair" else 1
         color = PALETTE[i % len(PALETTE)]
@@ -416,25 +552,56 @@ def fig_over_steps(ov: OverSteps) -> go.Figure | None:
         x = [p.step for p in pts]
         band = [p for p in pts if p.ci]
         if len(band) >= 2:
-            fig.add_scatter(x=[p.step for p in band], y=[p.ci[1] for p in band], mode="lines", line=dict(width=0),
-                            legendgroup=s.effect, showlegend=False, hoverinfo="skip", row=row, col=1)
-            fig.add_scatter(x=[p.step for p in band], y=[p.ci[0] for p in band], mode="lines", line=dict(width=0),
-                            fill="tonexty", fillcolor=_rgba(color, 0.16), legendgroup=s.effect, showlegend=False,
-                            hoverinfo="skip", row=row, col=1)
-        hover = [f"{s.effect} step {p.step}: {_num(p.estimate)}"
-                 + (f" CI {_ci(p.ci)}" + ("" if p.significant else " (includes 0)") if p.ci else " (no interval)")
-                 for p in pts]
-        fig.add_scatter(x=x, y=[p.estimate for p in pts], mode="lines+markers", name=s.effect,
-                        legendgroup=s.effect, line=dict(color=color, width=2, dash="dot" if s.kind == "pair" else None),
-                        marker=dict(size=7, color=color, symbol=["circle" if p.significant else "circle-open"
-                                                                 for p in pts]),
-                        hovertext=hover, hoverinfo="text", row=row, col=1)
+            fig.add_scatter(
+                x=[p.step for p in band],
+                y=[p.ci[1] for p in band],
+                mode="lines",
+                line=dict(width=0),
+                legendgroup=s.effect,
+                showlegend=False,
+                hoverinfo="skip",
+                row=row,
+                col=1,
+            )
+            fig.add_scatter(
+                x=[p.step for p in band],
+                y=[p.ci[0] for p in band],
+                mode="lines",
+                line=dict(width=0),
+                fill="tonexty",
+                fillcolor=_rgba(color, 0.16),
+                legendgroup=s.effect,
+                showlegend=False,
+                hoverinfo="skip",
+                row=row,
+                col=1,
+            )
+        hover = [
+            f"{s.effect} step {p.step}: {_num(p.estimate)}"
+            + (f" CI {_ci(p.ci)}" + ("" if p.significant else " (includes 0)") if p.ci else " (no interval)")
+            for p in pts
+        ]
+        fig.add_scatter(
+            x=x,
+            y=[p.estimate for p in pts],
+            mode="lines+markers",
+            name=s.effect,
+            legendgroup=s.effect,
+            line=dict(color=color, width=2, dash="dot" if s.kind == "pair" else None),
+            marker=dict(size=7, color=color, symbol=["circle" if p.significant else "circle-open" for p in pts]),
+            hovertext=hover,
+            hoverinfo="text",
+            row=row,
+            col=1,
+        )
     for r in range(1, rows + 1):
         fig.add_hline(y=0, line_color="#444", line_width=1, row=r, col=1)
     unit = f"{'log ' if ov.scale == 'log' else ''}{ov.metric}"
-    fig.update_layout(**{**LAYOUT, "height": 380 * rows + 80},
-                      title=f"Effects over training on {unit} (positive = better)",
-                      legend=dict(orientation="v", x=1.02, y=1, xanchor="left"))
+    fig.update_layout(
+        **{**LAYOUT, "height": 380 * rows + 80},
+        title=f"Effects over training on {unit} (positive = better)",
+        legend=dict(orientation="v", x=1.02, y=1, xanchor="left"),
+    )
     fig.update_yaxes(title_text=f"gain in {unit}", row=1, col=1)
     if rows == 2:
         fig.update_yaxes(title_text=f"S in {unit}", row=2, col=1)

@@ -21,19 +21,39 @@ This module must not import torch, ray or mlflow.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from srdit.analysis.effects import (FAILURE_STATUSES, Analysis, AnalysisError, AnalysisFailure, Options, _adjust,
-                                    analyze, pair_name)
+from srdit.analysis.effects import (
+    FAILURE_STATUSES,
+    Analysis,
+    AnalysisError,
+    AnalysisFailure,
+    Options,
+    _adjust,
+    analyze,
+    pair_name,
+)
 from srdit.analysis.results import StudyResults
 
-__all__ = ["STEP_COLUMN", "NOT_EVALUATED", "Point", "Series", "Change", "OverSteps", "evaluated_steps",
-           "rows_at_step", "analyze_over_steps", "study_table", "study_over_steps"]
+__all__ = [
+    "STEP_COLUMN",
+    "NOT_EVALUATED",
+    "Point",
+    "Series",
+    "Change",
+    "OverSteps",
+    "evaluated_steps",
+    "rows_at_step",
+    "analyze_over_steps",
+    "study_table",
+    "study_over_steps",
+]
 
 STEP_COLUMN = "step"
 "Default name of the step column of a long table."
@@ -51,15 +71,19 @@ def _num(x: Any) -> float | None:
 def _step_values(table: pd.DataFrame, step_col: str, source: str = "the table") -> pd.Series:
     """The step column as numbers; AnalysisError naming the column when it is missing or not numeric."""
     if step_col not in table.columns:
-        raise AnalysisError(f"{source} has no '{step_col}' column: an analysis per step needs one row per trial and "
-                            f"evaluated step with the step in a column (--step-col names it); columns: "
-                            f"{sorted(map(str, table.columns))[:30]}")
+        raise AnalysisError(
+            f"{source} has no '{step_col}' column: an analysis per step needs one row per trial and "
+            f"evaluated step with the step in a column (--step-col names it); columns: "
+            f"{sorted(map(str, table.columns))[:30]}"
+        )
     steps = pd.to_numeric(table[step_col], errors="coerce")
     bad = steps.isna() | ~np.isfinite(steps.astype(float))
     if bad.any():
         i = int(bad.to_numpy().nonzero()[0][0])
-        raise AnalysisError(f"{source}: column '{step_col}' must hold a number in every row (row {i + 1}: "
-                            f"{table[step_col].iloc[i]!r}, {int(bad.sum())} such row(s))")
+        raise AnalysisError(
+            f"{source}: column '{step_col}' must hold a number in every row (row {i + 1}: "
+            f"{table[step_col].iloc[i]!r}, {int(bad.sum())} such row(s))"
+        )
     return steps.astype(float)
 
 
@@ -72,8 +96,9 @@ def evaluated_steps(table: pd.DataFrame, step_col: str = STEP_COLUMN, source: st
     return [_as_step(s) for s in sorted(_step_values(table, step_col, source).unique())]
 
 
-def rows_at_step(table: pd.DataFrame, step: float, step_col: str = STEP_COLUMN,
-                 source: str = "the table") -> pd.DataFrame:
+def rows_at_step(
+    table: pd.DataFrame, step: float, step_col: str = STEP_COLUMN, source: str = "the table"
+) -> pd.DataFrame:
     """The rows of a long table at `step` (one per trial); AnalysisError listing the steps present when it has
     none."""
     steps = _step_values(table, step_col, source)
@@ -135,9 +160,18 @@ class Change:
     "what the intervals carry, in words (only when `significant`)"
 
     def to_json(self) -> dict:
-        return {"effect": self.effect, "kind": self.kind, "first": self.first, "last": self.last,
-                "estimate": self.estimate, "ci": self.ci, "p": self.p, "p_adj": self.p_adj,
-                "significant": self.significant, "statement": self.statement}
+        return {
+            "effect": self.effect,
+            "kind": self.kind,
+            "first": self.first,
+            "last": self.last,
+            "estimate": self.estimate,
+            "ci": self.ci,
+            "p": self.p,
+            "p_adj": self.p_adj,
+            "significant": self.significant,
+            "statement": self.statement,
+        }
 
 
 @dataclass(frozen=True)
@@ -168,13 +202,17 @@ class OverSteps:
 
     def to_json(self) -> dict:
         return {
-            "metric": self.metric, "direction": self.direction, "scale": self.scale, "factors": list(self.factors),
-            "alpha": self.alpha, "steps": list(self.steps),
+            "metric": self.metric,
+            "direction": self.direction,
+            "scale": self.scale,
+            "factors": list(self.factors),
+            "alpha": self.alpha,
+            "steps": list(self.steps),
             "intervals": {
                 "main": f"individual {int(round(100 * (1 - self.alpha)))}% t intervals of the oriented main effect "
-                        "(gain, positive = better) at each step",
+                "(gain, positive = better) at each step",
                 "pair": "the step's simultaneous synergy intervals (Bonferroni over its tested pairs), S = 2 INT "
-                        "oriented",
+                "oriented",
                 "change": self.change_interval,
                 "across steps": "pointwise: each step's intervals hold for that step; only `changes` compares steps",
             },
@@ -199,14 +237,23 @@ def _oriented(a: Analysis, name: str, kind: str) -> tuple[float | None, list[flo
 
 def _effect_names(factors: Sequence[str]) -> list[tuple[str, str]]:
     names = [(f, "main") for f in factors]
-    names += [(pair_name(a, b), "pair") for i, a in enumerate(factors) for b in factors[i + 1:]]
+    names += [(pair_name(a, b), "pair") for i, a in enumerate(factors) for b in factors[i + 1 :]]
     return names
 
 
-def analyze_over_steps(table: pd.DataFrame, factors: Sequence[str], metric: str, direction: str = "min",
-                       options: Options | None = None, *, step_col: str = STEP_COLUMN, trial_col: str | None = "trial",
-                       steps: Sequence[float] | None = None, source: str = "the table",
-                       **overrides: Any) -> OverSteps:
+def analyze_over_steps(
+    table: pd.DataFrame,
+    factors: Sequence[str],
+    metric: str,
+    direction: str = "min",
+    options: Options | None = None,
+    *,
+    step_col: str = STEP_COLUMN,
+    trial_col: str | None = "trial",
+    steps: Sequence[float] | None = None,
+    source: str = "the table",
+    **overrides: Any,
+) -> OverSteps:
     """`effects.analyze` of `metric` at every step of a long table (or at `steps`), the effects as series and their
     first-to-last changes (module docstring).
 
@@ -247,21 +294,47 @@ def analyze_over_steps(table: pd.DataFrame, factors: Sequence[str], metric: str,
     if len(ok) == 1:
         notes.append(f"only one step ({ok[0]}) could be analysed: no effects over training to compare")
     if len(ok) >= 2:
-        changes, interval, cnotes, why = _changes(table, factors, metric, direction, o, step_col, trial_col, ok[0],
-                                                  ok[-1], {s.effect: s for s in series}, source)
+        changes, interval, cnotes, why = _changes(
+            table,
+            factors,
+            metric,
+            direction,
+            o,
+            step_col,
+            trial_col,
+            ok[0],
+            ok[-1],
+            {s.effect: s for s in series},
+            source,
+        )
         notes += cnotes
         statements = [c.statement for c in changes if c.statement]
         if why is not None:
-            statements = [f"The change of the effects between step {ok[0]} and step {ok[-1]} is not tested ({why}): "
-                          "the data carry no statement about it."]
+            statements = [
+                f"The change of the effects between step {ok[0]} and step {ok[-1]} is not tested ({why}): "
+                "the data carry no statement about it."
+            ]
         elif not statements:
-            statements = [f"No effect changes significantly between step {ok[0]} and step {ok[-1]} "
-                          f"({sum(c.significant is not None for c in changes)} effect(s), simultaneous "
-                          f"{int(round(100 * (1 - o.alpha)))}% intervals): the data carry no statement such as "
-                          "'helps early, not at the end'."]
-    return OverSteps(metric=metric, direction=ref.direction, scale=ref.scale, factors=factors, alpha=o.alpha,
-                     steps=all_steps, analyses=analyses, series=series, changes=changes, statements=statements,
-                     change_interval=interval, notes=notes)
+            statements = [
+                f"No effect changes significantly between step {ok[0]} and step {ok[-1]} "
+                f"({sum(c.significant is not None for c in changes)} effect(s), simultaneous "
+                f"{int(round(100 * (1 - o.alpha)))}% intervals): the data carry no statement such as "
+                "'helps early, not at the end'."
+            ]
+    return OverSteps(
+        metric=metric,
+        direction=ref.direction,
+        scale=ref.scale,
+        factors=factors,
+        alpha=o.alpha,
+        steps=all_steps,
+        analyses=analyses,
+        series=series,
+        changes=changes,
+        statements=statements,
+        change_interval=interval,
+        notes=notes,
+    )
 
 
 def _state(est: float | None, ci: list[float] | None, kind: str) -> str:
@@ -282,18 +355,35 @@ def _fmt_ci(c: list[float] | None) -> str:
     return "no CI" if not c else f"[{c[0]:.3g}, {c[1]:.3g}]"
 
 
-def _changes(table: pd.DataFrame, factors: list[str], metric: str, direction: str, o: Options, step_col: str,
-             trial_col: str | None, first: int | float, last: int | float, series: dict[str, Series],
-             source: str) -> tuple[list[Change], str | None, list[str], str | None]:
+def _changes(
+    table: pd.DataFrame,
+    factors: list[str],
+    metric: str,
+    direction: str,
+    o: Options,
+    step_col: str,
+    trial_col: str | None,
+    first: int | float,
+    last: int | float,
+    series: dict[str, Series],
+    source: str,
+) -> tuple[list[Change], str | None, list[str], str | None]:
     """The first-to-last changes (module docstring): the paired table of y(last) - y(first) analysed by `analyze`.
     Returns (changes, what their intervals are, notes, why nothing was tested or None)."""
     a_rows = rows_at_step(table, first, step_col, source)
     b_rows = rows_at_step(table, last, step_col, source)
-    keys = [trial_col] if trial_col and trial_col in table.columns else \
-        [*factors, *([o.seed_col] if o.seed_col and o.seed_col in table.columns else [])]
+    keys = (
+        [trial_col]
+        if trial_col and trial_col in table.columns
+        else [*factors, *([o.seed_col] if o.seed_col and o.seed_col in table.columns else [])]
+    )
     if a_rows.duplicated(keys).any() or b_rows.duplicated(keys).any():
-        return [], None, [], f"rows of one step do not identify their trial: {', '.join(keys)} repeat; add a " \
-                             "'trial' column"
+        return (
+            [],
+            None,
+            [],
+            f"rows of one step do not identify their trial: {', '.join(keys)} repeat; add a 'trial' column",
+        )
 
     seed = [o.seed_col] if o.seed_col and o.seed_col in table.columns else []
     carry = list(dict.fromkeys([*keys, *factors, *seed]))
@@ -311,14 +401,25 @@ def _changes(table: pd.DataFrame, factors: list[str], metric: str, direction: st
         return rows.loc[ok, cols].assign(_y=y[ok])
 
     paired = values(b_rows, carry).merge(values(a_rows, keys), on=keys, suffixes=("_last", "_first"))
-    note = [] if len(paired) == len(b_rows) else [
-        f"the change between step {first} and step {last} uses the {len(paired)} trial(s) finished and evaluated at "
-        f"both steps (of {len(b_rows)} at step {last})"]
+    note = (
+        []
+        if len(paired) == len(b_rows)
+        else [
+            f"the change between step {first} and step {last} uses the {len(paired)} trial(s) finished and evaluated at "
+            f"both steps (of {len(b_rows)} at step {last})"
+        ]
+    )
     diff = paired[carry].assign(status="finished", change=paired["_y_last"] - paired["_y_first"])
     try:
-        ca = analyze(diff, factors, "change", direction,
-                     replace(o, log=False, status_col="status", reason_col=None, bootstrap=False, strict=False,
-                             ladder_order=None))
+        ca = analyze(
+            diff,
+            factors,
+            "change",
+            direction,
+            replace(
+                o, log=False, status_col="status", reason_col=None, bootstrap=False, strict=False, ladder_order=None
+            ),
+        )
     except AnalysisError as e:
         return [], None, note, f"it cannot be analysed: {e}"
     fit = ca.fit
@@ -333,8 +434,11 @@ def _changes(table: pd.DataFrame, factors: list[str], metric: str, direction: st
     m = len(tested)
     tcrit = stats.t.ppf(1 - o.alpha / (2 * m), fit.df_resid) if m and fit.has_error else None
     # _adjust: statsmodels' values without its gc.collect() per call (a long analysis calls this once a step)
-    p_adj = dict(zip(tested, _adjust([fit.p[n] for n, _ in tested], o.correction, o.alpha))) \
-        if m and o.correction != "none" else {t: fit.p[t[0]] for t in tested}
+    p_adj = (
+        dict(zip(tested, _adjust([fit.p[n] for n, _ in tested], o.correction, o.alpha)))
+        if m and o.correction != "none"
+        else {t: fit.p[t[0]] for t in tested}
+    )
     out = []
     for name, kind in _effect_names(factors):
         raw = fit.main_effects.get(name) if kind == "main" else fit.interactions.get(name)
@@ -356,18 +460,42 @@ def _changes(table: pd.DataFrame, factors: list[str], metric: str, direction: st
             st_a = _state(a.estimate, a.ci, kind) if a else "no interval"
             st_b = _state(b.estimate, b.ci, kind) if b else "no interval"
             what = "gain" if kind == "main" else "synergy"
-            statement = (f"{name}: {st_a} at step {first}, {st_b} at step {last}; the {what} "
-                         f"{'grows' if est > 0 else 'shrinks'} significantly: change {_fmt(est)} {_fmt_ci(ci)} "
-                         f"(step {first}: {_fmt(a.estimate if a else None)} {_fmt_ci(a.ci if a else None)}; "
-                         f"step {last}: {_fmt(b.estimate if b else None)} {_fmt_ci(b.ci if b else None)})")
-        out.append(Change(effect=name, kind=kind, first=first, last=last, estimate=_num(est),
-                          ci=[_num(ci[0]), _num(ci[1])] if ci else None, p=p, p_adj=q, significant=sig,
-                          statement=statement))
-    interval = (f"simultaneous {int(round(100 * (1 - o.alpha)))}% over the {m} change(s) tested (Bonferroni t, "
-                f"df = {fit.df_resid:g}), oriented gain units; paired over the trials evaluated at step {first} "
-                f"and step {last}") if tcrit is not None else None
-    why = None if tcrit is not None else "no replicated runs evaluated at both steps" if not fit.has_error else \
-        "no effect is estimable free of aliasing in this design"
+            statement = (
+                f"{name}: {st_a} at step {first}, {st_b} at step {last}; the {what} "
+                f"{'grows' if est > 0 else 'shrinks'} significantly: change {_fmt(est)} {_fmt_ci(ci)} "
+                f"(step {first}: {_fmt(a.estimate if a else None)} {_fmt_ci(a.ci if a else None)}; "
+                f"step {last}: {_fmt(b.estimate if b else None)} {_fmt_ci(b.ci if b else None)})"
+            )
+        out.append(
+            Change(
+                effect=name,
+                kind=kind,
+                first=first,
+                last=last,
+                estimate=_num(est),
+                ci=[_num(ci[0]), _num(ci[1])] if ci else None,
+                p=p,
+                p_adj=q,
+                significant=sig,
+                statement=statement,
+            )
+        )
+    interval = (
+        (
+            f"simultaneous {int(round(100 * (1 - o.alpha)))}% over the {m} change(s) tested (Bonferroni t, "
+            f"df = {fit.df_resid:g}), oriented gain units; paired over the trials evaluated at step {first} "
+            f"and step {last}"
+        )
+        if tcrit is not None
+        else None
+    )
+    why = (
+        None
+        if tcrit is not None
+        else "no replicated runs evaluated at both steps"
+        if not fit.has_error
+        else "no effect is estimable free of aliasing in this design"
+    )
     return out, interval, note, why
 
 
@@ -395,8 +523,11 @@ def study_table(results: StudyResults, metric: str | None = None) -> pd.DataFram
     if steps:
         value = c.drop_duplicates(["trial", "step"], keep="last").set_index(["trial", "step"])["value"]
         value = pd.to_numeric(value, errors="coerce")
-        status = t["status"].fillna("").astype(str).str.strip().str.lower() if "status" in t.columns else \
-            pd.Series("finished", index=t.index)
+        status = (
+            t["status"].fillna("").astype(str).str.strip().str.lower()
+            if "status" in t.columns
+            else pd.Series("finished", index=t.index)
+        )
         failed = status.isin(FAILURE_STATUSES)
         for s in steps:
             if s >= last:
@@ -414,8 +545,14 @@ def study_table(results: StudyResults, metric: str | None = None) -> pd.DataFram
     return pd.concat(frames, ignore_index=True)
 
 
-def study_over_steps(results: StudyResults, metric: str | None = None, *, alpha: float = 0.05,
-                     threshold: float = 0.0, bootstrap: bool = True) -> OverSteps:
+def study_over_steps(
+    results: StudyResults,
+    metric: str | None = None,
+    *,
+    alpha: float = 0.05,
+    threshold: float = 0.0,
+    bootstrap: bool = True,
+) -> OverSteps:
     """`analyze_over_steps` of a study's metric (default: the primary) with the options the report's analysis of
     that metric uses (`effects.analyze_study`), on `study_table`. AnalysisError for a wall-clock metric: its
     values per log window carry the load of whatever else ran on the machine, and the study table holds their
@@ -424,10 +561,21 @@ def study_over_steps(results: StudyResults, metric: str | None = None, *, alpha:
 
     metric = metric or results.metric
     if metric in metric_registry.WALL_CLOCK:
-        raise AnalysisError(f"{metric} is measured with a clock per log window (the machine's load is in it): it is "
-                            "not analysed over training; `srdit study bench` measures it under control")
+        raise AnalysisError(
+            f"{metric} is measured with a clock per log window (the machine's load is in it): it is "
+            "not analysed over training; `srdit study bench` measures it under control"
+        )
     direction = results.direction if metric == results.metric else results.other_metrics[metric]
-    return analyze_over_steps(study_table(results, metric), results.factors, metric, direction,
-                              log=metric_registry.is_log(metric), alpha=alpha,
-                              threshold=threshold if metric == results.metric else 0.0, bootstrap=bootstrap,
-                              ladder_order=results.ladder_order, strict=False, source=f"study {results.study}")
+    return analyze_over_steps(
+        study_table(results, metric),
+        results.factors,
+        metric,
+        direction,
+        log=metric_registry.is_log(metric),
+        alpha=alpha,
+        threshold=threshold if metric == results.metric else 0.0,
+        bootstrap=bootstrap,
+        ladder_order=results.ladder_order,
+        strict=False,
+        source=f"study {results.study}",
+    )

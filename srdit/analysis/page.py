@@ -13,8 +13,8 @@ import datetime as _dt
 import json
 import math
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -22,9 +22,22 @@ import plotly.graph_objects as go
 
 from srdit import metric_registry
 from srdit.analysis.effects import BENCH_NOTE, CONTENTION_NOTE, Analysis, AnalysisFailure, Flag, combo_label
-from srdit.analysis.figures import (_cell_order, _ci, _esc, _metric_label, _num, _pv, fig_curves,
-                                    fig_effects, fig_half_normal, fig_ladder, fig_over_steps, fig_pareto, fig_synergy,
-                                    throughput_metrics)
+from srdit.analysis.figures import (
+    _cell_order,
+    _ci,
+    _esc,
+    _metric_label,
+    _num,
+    _pv,
+    fig_curves,
+    fig_effects,
+    fig_half_normal,
+    fig_ladder,
+    fig_over_steps,
+    fig_pareto,
+    fig_synergy,
+    throughput_metrics,
+)
 from srdit.analysis.over_steps import OverSteps
 from srdit.analysis.report_fit import ReportFit
 from srdit.analysis.results import StudyResults
@@ -99,14 +112,19 @@ window.addEventListener("error", function (e) {
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], num_cols: Iterable[int] = ()) -> str:
     num = set(num_cols)
     h = "".join(f'<th class="num">{c}</th>' if i in num else f"<th>{c}</th>" for i, c in enumerate(header))
-    body = "".join("<tr>" + "".join(f'<td class="num">{c}</td>' if i in num else f"<td>{c}</td>"
-                                    for i, c in enumerate(r)) + "</tr>" for r in rows)
+    body = "".join(
+        "<tr>"
+        + "".join(f'<td class="num">{c}</td>' if i in num else f"<td>{c}</td>" for i, c in enumerate(r))
+        + "</tr>"
+        for r in rows
+    )
     return f'<table class="data"><thead><tr>{h}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _figure_html(fig: go.Figure, div_id: str, first: bool) -> str:
-    return fig.to_html(full_html=False, include_plotlyjs=bool(first), div_id=div_id,
-                       config={"displaylogo": False, "responsive": True})
+    return fig.to_html(
+        full_html=False, include_plotlyjs=bool(first), div_id=div_id, config={"displaylogo": False, "responsive": True}
+    )
 
 
 def _png_data_uri(path: str | Path) -> str | None:
@@ -122,39 +140,53 @@ def _png_data_uri(path: str | Path) -> str | None:
 
 def _flag_text(fl: Flag) -> str:
     if fl.kind == "antagonism":
-        return (f"<b>{_esc(fl.pair)}</b> — antagonism: S = {_num(fl.estimate, 3)} "
-                f"(CI {_ci(fl.ci)}, p<sub>adj</sub> = {_pv(fl.p_adj)}; threshold {_num(fl.threshold)})")
+        return (
+            f"<b>{_esc(fl.pair)}</b> — antagonism: S = {_num(fl.estimate, 3)} "
+            f"(CI {_ci(fl.ci)}, p<sub>adj</sub> = {_pv(fl.p_adj)}; threshold {_num(fl.threshold)})"
+        )
     c = fl.counts
-    parts = ", ".join(f"{_esc(k.replace('_alone', ' alone'))} {v['failed']}/{v['n']}" for k, v in c.items()
-                      if k != "neither")
+    parts = ", ".join(
+        f"{_esc(k.replace('_alone', ' alone'))} {v['failed']}/{v['n']}" for k, v in c.items() if k != "neither"
+    )
     st = ", ".join(f"{_esc(k)} ×{v}" for k, v in fl.statuses.items())
-    return (f"<b>{_esc(fl.pair)}</b> — runs fail together beyond the techniques' own failures: {parts} failed"
-            f"{' (' + st + ')' if st else ''}; p<sub>adj</sub> = {_pv(fl.p_adj)}")
+    return (
+        f"<b>{_esc(fl.pair)}</b> — runs fail together beyond the techniques' own failures: {parts} failed"
+        f"{' (' + st + ')' if st else ''}; p<sub>adj</sub> = {_pv(fl.p_adj)}"
+    )
 
 
 def _summary_cards(res: StudyResults, a: Analysis | AnalysisFailure) -> str:
     cards = []
     if isinstance(a, AnalysisFailure):
-        return f'<div class="card bad"><div class="label">analysis</div><div class="value">not possible</div>' \
-               f'<div class="detail">{_esc(a.error)}</div></div>'
+        return (
+            f'<div class="card bad"><div class="label">analysis</div><div class="value">not possible</div>'
+            f'<div class="detail">{_esc(a.error)}</div></div>'
+        )
     b = a.attribution.best
     if b:
         sd = f" ± {_num(b.sd, 3)}" if b.sd is not None else ""
         if b.indistinguishable is None:
-            tie = ('<div class="detail"><span class="tag warn">point estimate</span> no error estimate (one run per '
-                   'cell): run more seeds before calling a winner</div>')
+            tie = (
+                '<div class="detail"><span class="tag warn">point estimate</span> no error estimate (one run per '
+                "cell): run more seeds before calling a winner</div>"
+            )
         elif b.indistinguishable:
-            shown = ", ".join(_esc(x) for x in b.indistinguishable[:8]) + (" …" if len(b.indistinguishable) > 8
-                                                                            else "")
-            tie = (f'<div class="detail"><span class="tag warn">not distinguishable</span> from the best at '
-                   f'α = {a.alpha}: {shown}</div>')
+            shown = ", ".join(_esc(x) for x in b.indistinguishable[:8]) + (" …" if len(b.indistinguishable) > 8 else "")
+            tie = (
+                f'<div class="detail"><span class="tag warn">not distinguishable</span> from the best at '
+                f"α = {a.alpha}: {shown}</div>"
+            )
         else:
-            tie = (f'<div class="detail"><span class="tag good">distinguishable</span> better than every other cell '
-                   f'at α = {a.alpha}</div>')
-        cards.append(f'<div class="card good"><div class="label">best combination</div>'
-                     f'<div class="value">{_esc(b.combo)}</div>'
-                     f'<div class="detail">{_esc(res.metric)} = {_num(b.mean, 4)}{sd} '
-                     f'({b.n_finished}/{b.n} runs finished)</div>{tie}</div>')
+            tie = (
+                f'<div class="detail"><span class="tag good">distinguishable</span> better than every other cell '
+                f"at α = {a.alpha}</div>"
+            )
+        cards.append(
+            f'<div class="card good"><div class="label">best combination</div>'
+            f'<div class="value">{_esc(b.combo)}</div>'
+            f'<div class="detail">{_esc(res.metric)} = {_num(b.mean, 4)}{sd} '
+            f"({b.n_finished}/{b.n} runs finished)</div>{tie}</div>"
+        )
     s = a.pairs.strongest
     if s and s.estimate is not None and s.estimate > 0:
         sig = ""
@@ -162,32 +194,44 @@ def _summary_cards(res: StudyResults, a: Analysis | AnalysisFailure) -> str:
             sig = f", p<sub>adj</sub> = {_pv(s.p_adj)}"
         if s.pair not in a.pairs.significant:
             sig += ' <span class="tag warn">not significant</span>'
-        cards.append(f'<div class="card"><div class="label">strongest synergy</div>'
-                     f'<div class="value">{_esc(s.pair)}</div>'
-                     f'<div class="detail">S = {_num(s.estimate, 3)} gain'
-                     f'{" (CI " + _ci(s.ci) + ")" if s.ci else ""}{sig}</div></div>')
+        cards.append(
+            f'<div class="card"><div class="label">strongest synergy</div>'
+            f'<div class="value">{_esc(s.pair)}</div>'
+            f'<div class="detail">S = {_num(s.estimate, 3)} gain'
+            f"{' (CI ' + _ci(s.ci) + ')' if s.ci else ''}{sig}</div></div>"
+        )
     elif not any(v is not None for v in a.pairs.synergy.values()):  # ladder, leave-one-out
-        cards.append('<div class="card"><div class="label">strongest synergy</div><div class="value">not estimable'
-                     '</div><div class="detail">this design does not vary pairs of techniques independently'
-                     '</div></div>')
+        cards.append(
+            '<div class="card"><div class="label">strongest synergy</div><div class="value">not estimable'
+            '</div><div class="detail">this design does not vary pairs of techniques independently'
+            "</div></div>"
+        )
     else:
-        cards.append('<div class="card"><div class="label">strongest synergy</div><div class="value">none</div>'
-                     '<div class="detail">no pair gains more together than apart</div></div>')
+        cards.append(
+            '<div class="card"><div class="label">strongest synergy</div><div class="value">none</div>'
+            '<div class="detail">no pair gains more together than apart</div></div>'
+        )
     flags = a.incompatible
     if flags:
         pairs = sorted({fl.pair for fl in flags})
-        cards.append(f'<div class="card bad"><div class="label">incompatible pairs</div>'
-                     f'<div class="value">{_esc(", ".join(pairs))}</div>'
-                     f'<div class="detail">{len(flags)} flag(s), details below</div></div>')
+        cards.append(
+            f'<div class="card bad"><div class="label">incompatible pairs</div>'
+            f'<div class="value">{_esc(", ".join(pairs))}</div>'
+            f'<div class="detail">{len(flags)} flag(s), details below</div></div>'
+        )
     else:
-        cards.append('<div class="card"><div class="label">incompatible pairs</div>'
-                     '<div class="value">none flagged</div>'
-                     f'<div class="detail">at α = {a.alpha} after {_esc(a.correction)} correction</div></div>')
+        cards.append(
+            '<div class="card"><div class="label">incompatible pairs</div>'
+            '<div class="value">none flagged</div>'
+            f'<div class="detail">at α = {a.alpha} after {_esc(a.correction)} correction</div></div>'
+        )
     n_fail = a.n_failed
-    cards.append(f'<div class="card{" warn" if n_fail else ""}"><div class="label">runs</div>'
-                 f'<div class="value">{a.n_finished} finished / {a.n_runs}</div>'
-                 f'<div class="detail">{n_fail} failed, {len(res.excluded)} cell(s) excluded by constraints, '
-                 f'{a.fit.n_cells} cells</div></div>')
+    cards.append(
+        f'<div class="card{" warn" if n_fail else ""}"><div class="label">runs</div>'
+        f'<div class="value">{a.n_finished} finished / {a.n_runs}</div>'
+        f'<div class="detail">{n_fail} failed, {len(res.excluded)} cell(s) excluded by constraints, '
+        f"{a.fit.n_cells} cells</div></div>"
+    )
     html_ = '<div class="summary">' + "".join(cards) + "</div>"
     if flags:
         html_ += '<ul class="flags">' + "".join(f"<li>{_flag_text(fl)}</li>" for fl in flags) + "</ul>"
@@ -214,8 +258,14 @@ def _header_context(res: StudyResults, a: Analysis | None) -> str:
     parts = []
     steps = _study_steps(res)
     if steps is not None:
-        short = (f' <span class="tag warn">short runs: effects measured after {steps:,} steps may change with '
-                 'longer training</span>') if steps < SHORT_RUN_STEPS else ""
+        short = (
+            (
+                f' <span class="tag warn">short runs: effects measured after {steps:,} steps may change with '
+                "longer training</span>"
+            )
+            if steps < SHORT_RUN_STEPS
+            else ""
+        )
         parts.append(f"training length <b>{steps:,} steps</b>{short}")
     else:
         parts.append("training length unknown")
@@ -224,14 +274,21 @@ def _header_context(res: StudyResults, a: Analysis | None) -> str:
         ns = sorted({c.n for c in a.attribution.cells})
         seeds = str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}"
         parts.append(f"<b>{seeds} seed(s) per cell</b>")
-        parts.append(f"<b>{a.n_finished} of {a.n_runs} runs finished</b>"
-                     + (f" ({a.n_excluded} excluded: not finished, not failed)" if a.n_excluded else ""))
+        parts.append(
+            f"<b>{a.n_finished} of {a.n_runs} runs finished</b>"
+            + (f" ({a.n_excluded} excluded: not finished, not failed)" if a.n_excluded else "")
+        )
     elif t is not None and len(t):
         parts.append(f"{len(t)} runs")
     if res.reused_from:
-        n, where = sum(res.reused_from.values()), ", ".join(f"study {_esc(s)} ({k})" for s, k in res.reused_from.items())
-        parts.append(f"<b>{n} of {len(t)} trials reused</b> from finished runs of {where} (same training config, "
-                     "data, code and evaluation settings)")
+        n, where = (
+            sum(res.reused_from.values()),
+            ", ".join(f"study {_esc(s)} ({k})" for s, k in res.reused_from.items()),
+        )
+        parts.append(
+            f"<b>{n} of {len(t)} trials reused</b> from finished runs of {where} (same training config, "
+            "data, code and evaluation settings)"
+        )
     head = " · ".join(parts)
     if res.description:
         head += f'<br><span class="desc">{_esc(res.description)}</span>'
@@ -248,20 +305,58 @@ def _effects_table(a: Analysis) -> str:
         if n in alias:
             return f' <span class="tag warn">aliased: {_esc(alias[n])}</span>'
         if n in fit.partial_aliases:
-            return (' <span class="tag warn">partly aliased: ' + _esc(", ".join(fit.partial_aliases[n]))
-                    + "</span>")
+            return ' <span class="tag warn">partly aliased: ' + _esc(", ".join(fit.partial_aliases[n])) + "</span>"
         return ""
 
     for f_, v in fit.main_effects.items():
-        rows.append([_esc(f_) + note(f_), "main", _num(v), _ci(fit.ci.get(f_)), _pv(fit.p.get(f_)), "", "", "", "",
-                     _num(att.shapley.get(f_)) if att.shapley else "–", _num(att.loo.get(f_))])
+        rows.append(
+            [
+                _esc(f_) + note(f_),
+                "main",
+                _num(v),
+                _ci(fit.ci.get(f_)),
+                _pv(fit.p.get(f_)),
+                "",
+                "",
+                "",
+                "",
+                _num(att.shapley.get(f_)) if att.shapley else "–",
+                _num(att.loo.get(f_)),
+            ]
+        )
     for n, v in fit.interactions.items():
-        rows.append([_esc(n) + note(n), "pair", _num(v), _ci(fit.ci.get(n)), _pv(fit.p.get(n)),
-                     _num(pairs.synergy.get(n)), _pv(pairs.p_adj.get(n)), _num(att.dividends.get(n)),
-                     _num(att.dividends_full.get(n)), "", ""])
-    return _table(["effect", "kind", f"estimate ({scale}{_esc(a.metric)})", "CI", "p", "synergy S",
-                   "p<sub>adj</sub>", "D vs baseline", "D vs full stack", "Shapley", "leave-one-out"],
-                  rows, num_cols=[2, 4, 5, 6, 7, 8, 9, 10])
+        rows.append(
+            [
+                _esc(n) + note(n),
+                "pair",
+                _num(v),
+                _ci(fit.ci.get(n)),
+                _pv(fit.p.get(n)),
+                _num(pairs.synergy.get(n)),
+                _pv(pairs.p_adj.get(n)),
+                _num(att.dividends.get(n)),
+                _num(att.dividends_full.get(n)),
+                "",
+                "",
+            ]
+        )
+    return _table(
+        [
+            "effect",
+            "kind",
+            f"estimate ({scale}{_esc(a.metric)})",
+            "CI",
+            "p",
+            "synergy S",
+            "p<sub>adj</sub>",
+            "D vs baseline",
+            "D vs full stack",
+            "Shapley",
+            "leave-one-out",
+        ],
+        rows,
+        num_cols=[2, 4, 5, 6, 7, 8, 9, 10],
+    )
 
 
 def _cells_table(res: StudyResults, analyses: dict[str, Analysis | AnalysisFailure]) -> str:
@@ -283,9 +378,11 @@ def _cells_table(res: StudyResults, analyses: dict[str, Analysis | AnalysisFailu
         best = a.attribution.best and a.attribution.best.combo == c.combo
         name = _esc(c.cell) + (' <span class="tag good">best</span>' if best else "")
         rows.append([name, _esc(c.combo), status, *cells])
-    return _table(["cell", "techniques on", "finished", *[f"{_esc(m)} ({analyses[m].direction})"
-                                                          for m in metrics]],
-                  rows, num_cols=range(3, 3 + len(metrics)))
+    return _table(
+        ["cell", "techniques on", "finished", *[f"{_esc(m)} ({analyses[m].direction})" for m in metrics]],
+        rows,
+        num_cols=range(3, 3 + len(metrics)),
+    )
 
 
 def _failures_table(res: StudyResults, a: Analysis) -> str:
@@ -293,12 +390,20 @@ def _failures_table(res: StudyResults, a: Analysis) -> str:
     for c in _cell_order(a.attribution.cells, res.factors):
         if c.n_failed:
             st = " ".join(f'<span class="tag bad">{_esc(k)} ×{v}</span>' for k, v in c.failures.items())
-            rows.append([_esc(c.cell), _esc(c.combo), f"failed {c.n_failed}/{c.n}", st,
-                         _esc("; ".join(c.reasons)) or "–"])
+            rows.append(
+                [_esc(c.cell), _esc(c.combo), f"failed {c.n_failed}/{c.n}", st, _esc("; ".join(c.reasons)) or "–"]
+            )
     for e in res.excluded:
         tech = e.get("techniques") or []
-        rows.append([_esc(e.get("cell", "")), _esc(combo_label(tech)), '<span class="tag warn">excluded</span>',
-                     "", _esc(e.get("reason", ""))])
+        rows.append(
+            [
+                _esc(e.get("cell", "")),
+                _esc(combo_label(tech)),
+                '<span class="tag warn">excluded</span>',
+                "",
+                _esc(e.get("reason", "")),
+            ]
+        )
     if not rows:
         return '<p class="caption">No failed runs and no excluded cells.</p>'
     return _table(["cell", "techniques on", "outcome", "status", "reason"], rows)
@@ -312,29 +417,42 @@ def _failure_tests_table(a: Analysis) -> str:
         c = t.counts
         if c["both"]["failed"] == 0:
             continue
-        alone = [f"{_esc(k.removesuffix('_alone'))} alone: {v['failed']}/{v['n']}" for k, v in c.items()
-                 if k.endswith("_alone")]
-        rows.append([_esc(t.pair), f"{c['both']['failed']}/{c['both']['n']}", *alone,
-                     _pv(t.p), _pv(t.p_adj)])
+        alone = [
+            f"{_esc(k.removesuffix('_alone'))} alone: {v['failed']}/{v['n']}"
+            for k, v in c.items()
+            if k.endswith("_alone")
+        ]
+        rows.append([_esc(t.pair), f"{c['both']['failed']}/{c['both']['n']}", *alone, _pv(t.p), _pv(t.p_adj)])
     if not rows:
         return ""
-    return ("<h3>Failure interaction tests</h3><p class=\"caption\">Failed / total runs with both techniques on and "
-            "with each one alone (others at any level). p: the larger of the two one-sided Fisher tests (both-on "
-            "must fail more than <i>each</i> alone); p<sub>adj</sub>: step-down across pairs.</p>" + _table(
-        ["pair", "both on (failed/n)", "first alone", "second alone", "p (Fisher)", "p<sub>adj</sub>"], rows,
-        num_cols=[4, 5]))
+    return (
+        '<h3>Failure interaction tests</h3><p class="caption">Failed / total runs with both techniques on and '
+        "with each one alone (others at any level). p: the larger of the two one-sided Fisher tests (both-on "
+        "must fail more than <i>each</i> alone); p<sub>adj</sub>: step-down across pairs.</p>"
+        + _table(
+            ["pair", "both on (failed/n)", "first alone", "second alone", "p (Fisher)", "p<sub>adj</sub>"],
+            rows,
+            num_cols=[4, 5],
+        )
+    )
 
 
 def _samples_html(res: StudyResults, a: Analysis | AnalysisFailure) -> str:
     if not res.samples:
         return '<p class="caption">No sample grids were recorded for this study.</p>'
-    order = {c.cell: i for i, c in enumerate(_cell_order(a.attribution.cells, res.factors))} \
-        if isinstance(a, Analysis) else {}
+    order = (
+        {c.cell: i for i, c in enumerate(_cell_order(a.attribution.cells, res.factors))}
+        if isinstance(a, Analysis)
+        else {}
+    )
     figs = []
     for cell in sorted(res.samples, key=lambda c: (order.get(c, 1e9), c)):
         uri = _png_data_uri(res.samples[cell])
-        img = f'<img alt="samples of {_esc(cell)}" src="{uri}">' if uri else \
-            '<div class="caption">(sample grid missing or not a PNG)</div>'
+        img = (
+            f'<img alt="samples of {_esc(cell)}" src="{uri}">'
+            if uri
+            else '<div class="caption">(sample grid missing or not a PNG)</div>'
+        )
         figs.append(f"<figure>{img}<figcaption>{_esc(cell)}</figcaption></figure>")
     return '<div class="samples">' + "".join(figs) + "</div>"
 
@@ -344,8 +462,9 @@ def _alias_html(res: StudyResults, a: Analysis) -> str:
     design_rows = [[_esc(k), _esc(" = ".join(v))] for k, v in (res.aliases or {}).items()]
     out = ""
     if rows:
-        out += _table(["alias chain (detected from the design matrix)", "estimate (metric scale)", "CI"], rows,
-                      num_cols=[1])
+        out += _table(
+            ["alias chain (detected from the design matrix)", "estimate (metric scale)", "CI"], rows, num_cols=[1]
+        )
     if design_rows:
         out += "<h3>Alias structure emitted by the design</h3>" + _table(["effect", "aliased with"], design_rows)
     return out
@@ -375,38 +494,51 @@ def _over_steps_html(res: StudyResults, ov: OverSteps | AnalysisFailure) -> tupl
     steps = ov.analysed_steps
     if len(steps) < 2:
         c = res.curves
-        have = [] if c is None or c.empty or not {"key", "step"} <= set(c.columns) else \
-            sorted(pd.to_numeric(c.loc[c["key"] == ov.metric, "step"], errors="coerce").dropna().unique())
+        have = (
+            []
+            if c is None or c.empty or not {"key", "step"} <= set(c.columns)
+            else sorted(pd.to_numeric(c.loc[c["key"] == ov.metric, "step"], errors="coerce").dropna().unique())
+        )
         at = steps[0] if steps else ov.steps[-1]
         if len(have) > 1:
-            where = (f"this report analyses step {at} of the {len(have)} steps at which {_esc(ov.metric)} was "
-                     "evaluated (<code>srdit analyze --all-steps</code> analyses them all)")
+            where = (
+                f"this report analyses step {at} of the {len(have)} steps at which {_esc(ov.metric)} was "
+                "evaluated (<code>srdit analyze --all-steps</code> analyses them all)"
+            )
         elif have:
             where = f"{_esc(ov.metric)} was evaluated at one step only (step {at})"
         else:
             where = f"no evaluation of {_esc(ov.metric)} during training was recorded (only the final one)"
-        return "", (f"Only one step to analyse: {where}, so there are no effects over training. Evaluate during "
-                    "training with <code>train.eval_every</code> (e.g. <code>eval_every: 120</code> with "
-                    "<code>steps: 240</code>) to see whether an effect found at the end holds earlier.")
+        return "", (
+            f"Only one step to analyse: {where}, so there are no effects over training. Evaluate during "
+            "training with <code>train.eval_every</code> (e.g. <code>eval_every: 120</code> with "
+            "<code>steps: 240</code>) to see whether an effect found at the end holds earlier."
+        )
     pct = int(round(100 * (1 - ov.alpha)))
     statements = "".join(f"<li>{_esc(x)}</li>" for x in ov.statements)
     notes = "".join(f"<li>{_esc(x)}</li>" for x in ov.notes)
     failed = [s for s in ov.steps if s not in steps]
     no_ci = not any(p.ci for x in ov.series for p in x.points)
-    return (f"The analysis above (of the last step), repeated at every evaluated step of {_esc(ov.metric)} "
-            f"({len(steps)} steps: {_esc(', '.join(map(str, steps)))}). Top: each technique's main effect as a "
-            f"gain (positive = better) with its individual {pct}% interval as a band; bottom: each pair's "
-            "synergy S with the step's simultaneous interval over the pairs (dotted). Filled markers: the interval "
-            "excludes 0; open markers: it does not. "
-            + ('<span class="tag warn">no intervals</span> one run per cell: no error estimate, so no bands and no '
-               "significance; run more seeds. " if no_ci else "")
-            + "The bands are <b>pointwise</b> (one step at a time): do not read a trend from them. "
-            "Whether an effect changes over training is tested once, from the first to the last step, on the "
-            "trials evaluated at both (paired; simultaneous intervals over the effects):"
-            f'<ul class="flags">{statements}</ul>'
-            + (f"Steps that could not be analysed: {_esc(', '.join(map(str, failed)))}. " if failed else "")
-            + (f'<ul class="notes">{notes}</ul>' if notes else ""),
-            "No effect is estimable at the evaluated steps.")
+    return (
+        f"The analysis above (of the last step), repeated at every evaluated step of {_esc(ov.metric)} "
+        f"({len(steps)} steps: {_esc(', '.join(map(str, steps)))}). Top: each technique's main effect as a "
+        f"gain (positive = better) with its individual {pct}% interval as a band; bottom: each pair's "
+        "synergy S with the step's simultaneous interval over the pairs (dotted). Filled markers: the interval "
+        "excludes 0; open markers: it does not. "
+        + (
+            '<span class="tag warn">no intervals</span> one run per cell: no error estimate, so no bands and no '
+            "significance; run more seeds. "
+            if no_ci
+            else ""
+        )
+        + "The bands are <b>pointwise</b> (one step at a time): do not read a trend from them. "
+        "Whether an effect changes over training is tested once, from the first to the last step, on the "
+        "trials evaluated at both (paired; simultaneous intervals over the effects):"
+        f'<ul class="flags">{statements}</ul>'
+        + (f"Steps that could not be analysed: {_esc(', '.join(map(str, failed)))}. " if failed else "")
+        + (f'<ul class="notes">{notes}</ul>' if notes else ""),
+        "No effect is estimable at the evaluated steps.",
+    )
 
 
 class _Figures:
@@ -424,8 +556,10 @@ class _Figures:
         if fig is None:
             return f'<section id="sec-{div_id}"><h2>{title}</h2><p class="caption">{missing}</p></section>'
         self.add(div_id, fig)
-        return (f'<section id="sec-{div_id}"><h2>{title}</h2><p class="caption">{caption}</p>'
-                f'<div class="plot">@@FIG:{div_id}@@</div></section>')
+        return (
+            f'<section id="sec-{div_id}"><h2>{title}</h2><p class="caption">{caption}</p>'
+            f'<div class="plot">@@FIG:{div_id}@@</div></section>'
+        )
 
     def inline(self, body: str) -> str:
         for i, (div_id, fig) in enumerate(self.items):
@@ -440,9 +574,11 @@ def _summary_section(res: StudyResults, a: Analysis | AnalysisFailure) -> str:
     log_note = ""
     if any(metric_registry.is_log(m) for m in [res.metric, *res.other_metrics]):
         log_note = "; throughput-like metrics are compared on the log scale (speed-ups multiply)"
-    return (f'<section id="sec-summary"><h2>Summary</h2><p class="caption">Primary metric: {_esc(mlabel)}. '
-            f'Gains are oriented so that <b>positive = better</b> for every metric{log_note}.'
-            f'</p>{_summary_cards(res, a)}</section>')
+    return (
+        f'<section id="sec-summary"><h2>Summary</h2><p class="caption">Primary metric: {_esc(mlabel)}. '
+        f"Gains are oriented so that <b>positive = better</b> for every metric{log_note}."
+        f"</p>{_summary_cards(res, a)}</section>"
+    )
 
 
 def _primary_sections(fit: ReportFit, figs: _Figures) -> list[str]:
@@ -453,50 +589,79 @@ def _primary_sections(fit: ReportFit, figs: _Figures) -> list[str]:
     sections: list[str] = []
     k = len(res.factors)
     syn_fig = fig_synergy(a) if k >= 2 else None
-    sections.append(figs.block(
-        "fig-synergy", syn_fig, "Synergy matrix",
-        "Cell (row <i>i</i>, column <i>j</i>) shows S<sub>ij</sub> = (gain of <i>i</i> with <i>j</i> on) − "
-        "(gain of <i>i</i> with <i>j</i> off) = 2·INT<sub>ij</sub>, averaged over the other techniques, in "
-        f"units of {_esc(mlabel)} oriented so that <b>blue (&gt; 0) = synergy</b> (the pair is better together "
-        "than its parts) and <b>red (&lt; 0) = antagonism</b>. Upper triangle: S with its "
-        f"<b>simultaneous</b> {int(round(100 * (1 - a.alpha)))}% interval over the {a.pairs.n_tested} tested "
-        "pair(s) (Bonferroni, pure error); <b>*</b> = the interval excludes 0 (full colour); "
-        "<b>muted colour, <i>n.s.</i></b> = not significant; <b>✕</b> = flagged incompatible; "
-        "<i>aliased</i> = not separable in this fractional design; <i>partly aliased</i> = biased by omitted "
-        "interactions because cells are missing or failed (never tested); <i>fails</i> = runs with both "
-        "techniques failed, so no metric exists. Lower triangle: the p-value of the decision (Bonferroni over "
-        "the tested pairs, consistent with the stars; the effects table also gives p<sub>adj</sub> by "
-        f"{_esc(a.correction)}).",
-        "No pairwise synergy is estimable here: a synergy needs the cells of a (fractional) factorial, and "
-        "leave-one-out or ladder designs run too few of them (see the per-technique effects below)."
-        if k >= 2 else "A synergy matrix needs at least two techniques."))
+    sections.append(
+        figs.block(
+            "fig-synergy",
+            syn_fig,
+            "Synergy matrix",
+            "Cell (row <i>i</i>, column <i>j</i>) shows S<sub>ij</sub> = (gain of <i>i</i> with <i>j</i> on) − "
+            "(gain of <i>i</i> with <i>j</i> off) = 2·INT<sub>ij</sub>, averaged over the other techniques, in "
+            f"units of {_esc(mlabel)} oriented so that <b>blue (&gt; 0) = synergy</b> (the pair is better together "
+            "than its parts) and <b>red (&lt; 0) = antagonism</b>. Upper triangle: S with its "
+            f"<b>simultaneous</b> {int(round(100 * (1 - a.alpha)))}% interval over the {a.pairs.n_tested} tested "
+            "pair(s) (Bonferroni, pure error); <b>*</b> = the interval excludes 0 (full colour); "
+            "<b>muted colour, <i>n.s.</i></b> = not significant; <b>✕</b> = flagged incompatible; "
+            "<i>aliased</i> = not separable in this fractional design; <i>partly aliased</i> = biased by omitted "
+            "interactions because cells are missing or failed (never tested); <i>fails</i> = runs with both "
+            "techniques failed, so no metric exists. Lower triangle: the p-value of the decision (Bonferroni over "
+            "the tested pairs, consistent with the stars; the effects table also gives p<sub>adj</sub> by "
+            f"{_esc(a.correction)}).",
+            "No pairwise synergy is estimable here: a synergy needs the cells of a (fractional) factorial, and "
+            "leave-one-out or ladder designs run too few of them (see the per-technique effects below)."
+            if k >= 2
+            else "A synergy matrix needs at least two techniques.",
+        )
+    )
     hn = fig_half_normal(a)
     if hn is not None:
         L = a.fit.lenth
-        sections.append(figs.block(
-            "fig-half-normal", hn, "Unreplicated screen: half-normal plot",
-            "One run per cell gives no error estimate from replicates. Lenth's pseudo standard error (PSE = "
-            f"{_num(L['pse'], 3)}, from the small effects) gives an individual margin ME = "
-            f"{_num(L['margin'], 3)} and a simultaneous margin SME = {_num(L['simultaneous_margin'], 3)}; "
-            "labelled red points exceed ME (active at the individual level; beyond SME they hold for the whole "
-            f"family): {_esc(', '.join(L['significant']) or 'none')}. Run more seeds to confirm.", ""))
-    sections.append(figs.block(
-        "fig-effects", fig_effects(a), "Effect of each technique",
-        "Blue: main effect (mean gain with the technique on minus off, averaged over the design) with its "
-        "confidence interval. Orange: exact Shapley value (its fair share of g(all) − g(none), averaged over all "
-        "stacking orders; full factorials only). Green: leave-one-out effect against the full stack "
-        "(g(all) − g(all without i)). All in gain units: positive = the technique helps.", ""))
+        sections.append(
+            figs.block(
+                "fig-half-normal",
+                hn,
+                "Unreplicated screen: half-normal plot",
+                "One run per cell gives no error estimate from replicates. Lenth's pseudo standard error (PSE = "
+                f"{_num(L['pse'], 3)}, from the small effects) gives an individual margin ME = "
+                f"{_num(L['margin'], 3)} and a simultaneous margin SME = {_num(L['simultaneous_margin'], 3)}; "
+                "labelled red points exceed ME (active at the individual level; beyond SME they hold for the whole "
+                f"family): {_esc(', '.join(L['significant']) or 'none')}. Run more seeds to confirm.",
+                "",
+            )
+        )
+    sections.append(
+        figs.block(
+            "fig-effects",
+            fig_effects(a),
+            "Effect of each technique",
+            "Blue: main effect (mean gain with the technique on minus off, averaged over the design) with its "
+            "confidence interval. Orange: exact Shapley value (its fair share of g(all) − g(none), averaged over all "
+            "stacking orders; full factorials only). Green: leave-one-out effect against the full stack "
+            "(g(all) − g(all without i)). All in gain units: positive = the technique helps.",
+            "",
+        )
+    )
     ov_caption, ov_missing = _over_steps_html(res, over_steps)
-    sections.append(figs.block(
-        "fig-over-steps", fig_over_steps(over_steps) if isinstance(over_steps, OverSteps) else None,
-        "Effects over training", ov_caption, ov_missing))
-    sections.append(figs.block(
-        "fig-ladder", fig_ladder(a), "Cumulative ladder",
-        "Techniques stacked one at a time (like the paper's chain). Each bar is the change in "
-        f"{_esc(res.metric)} from the previous row; green bars improve the metric, red bars hurt it. "
-        "A ladder is one stacking order: compare its steps with the Shapley values above to see how much "
-        "the order matters.",
-        "No ladder: the design has no nested chain of cells from the baseline to the full stack."))
+    sections.append(
+        figs.block(
+            "fig-over-steps",
+            fig_over_steps(over_steps) if isinstance(over_steps, OverSteps) else None,
+            "Effects over training",
+            ov_caption,
+            ov_missing,
+        )
+    )
+    sections.append(
+        figs.block(
+            "fig-ladder",
+            fig_ladder(a),
+            "Cumulative ladder",
+            "Techniques stacked one at a time (like the paper's chain). Each bar is the change in "
+            f"{_esc(res.metric)} from the previous row; green bars improve the metric, red bars hurt it. "
+            "A ladder is one stacking order: compare its steps with the Shapley values above to see how much "
+            "the order matters.",
+            "No ladder: the design has no nested chain of cells from the baseline to the full stack.",
+        )
+    )
     return sections
 
 
@@ -506,20 +671,30 @@ def _cost_and_curves_sections(fit: ReportFit, figs: _Figures) -> list[str]:
     ok = isinstance(a, Analysis)
     sections: list[str] = []
     pareto = fig_pareto(res, a) if ok else None
-    sections.append(figs.block(
-        "fig-pareto", pareto, "Quality versus cost",
-        "Each point is a cell (mean over finished seeds; bar = ± one standard deviation). Red points form the Pareto "
-        "front: no other cell is at least as good on both axes and better on one.",
-        f"No throughput metric ({', '.join(throughput_metrics())}) was recorded, so there is no "
-        "quality-versus-cost view."))
+    sections.append(
+        figs.block(
+            "fig-pareto",
+            pareto,
+            "Quality versus cost",
+            "Each point is a cell (mean over finished seeds; bar = ± one standard deviation). Red points form the Pareto "
+            "front: no other cell is at least as good on both axes and better on one.",
+            f"No throughput metric ({', '.join(throughput_metrics())}) was recorded, so there is no "
+            "quality-versus-cost view.",
+        )
+    )
     order = [c.cell for c in _cell_order(a.attribution.cells, res.factors)] if ok else []
     base_cell = next((c.cell for c in a.attribution.cells if not c.on), None) if ok else None
-    sections.append(figs.block(
-        "fig-curves", fig_curves(res, order, base_cell), "Learning curves",
-        "Mean over seeds of each logged quantity against the training step, one line per cell (dashed, thicker: "
-        "the baseline, no technique on; a quantity evaluated once per run shows as markers). "
-        "Use the menu at the top right to switch quantities; click legend entries to hide cells.",
-        "No learning curves were recorded."))
+    sections.append(
+        figs.block(
+            "fig-curves",
+            fig_curves(res, order, base_cell),
+            "Learning curves",
+            "Mean over seeds of each logged quantity against the training step, one line per cell (dashed, thicker: "
+            "the baseline, no technique on; a quantity evaluated once per run shows as markers). "
+            "Use the menu at the top right to switch quantities; click legend entries to hide cells.",
+            "No learning curves were recorded.",
+        )
+    )
     return sections
 
 
@@ -536,8 +711,10 @@ def _tables_sections(fit: ReportFit, figs: _Figures) -> list[str]:
             continue
         if am.notes and am.notes[0] in (BENCH_NOTE, CONTENTION_NOTE):  # where a wall-clock metric comes from
             warn = am.notes[0] == CONTENTION_NOTE
-            blocks.append(f'<p class="caption"><span class="tag {"warn" if warn else "good"}">'
-                          f'{"caveat" if warn else "bench"}</span> {_esc(m)}: {_esc(am.notes[0])}</p>')
+            blocks.append(
+                f'<p class="caption"><span class="tag {"warn" if warn else "good"}">'
+                f"{'caveat' if warn else 'bench'}</span> {_esc(m)}: {_esc(am.notes[0])}</p>"
+            )
         if len(res.factors) >= 2:
             fid = "fig-synergy-" + _safe_name(m)
             fig = fig_synergy(am, title=f"Synergy on {_metric_label(m, am.direction, am.scale == 'log')}")
@@ -545,26 +722,33 @@ def _tables_sections(fit: ReportFit, figs: _Figures) -> list[str]:
                 figs.add(fid, fig)
                 blocks.append(f'<div class="plot">@@FIG:{fid}@@</div>')
     if blocks:
-        sections.append('<section id="sec-other"><h2>Synergy on the other metrics <span class="tag warn">'
-                        'exploratory</span></h2><p class="caption">Same reading as the main matrix; each metric '
-                        'is oriented so that positive = better (throughput on the log scale: S = 0.1 means the '
-                        'pair is ≈10% faster together than their separate speed-ups predict). The primary '
-                        'metric is the confirmatory test; these are exploratory: their pair tests form one '
-                        'family over all secondary metrics, controlled by Benjamini-Hochberg (false discovery '
-                        f'rate {a.alpha}), and a star here is a lead to confirm, not a finding.</p>'
-                        + "".join(blocks) + "</section>")
-    sections.append('<section id="sec-effects-table"><h2>All effects</h2><p class="caption">Estimates on the '
-                    f'metric\'s own scale ({_esc(a.scale)}) before orientation, in the textbook convention '
-                    '(ME = mean(y|on) − mean(y|off); INT = half the difference of conditional effects). Synergy '
-                    'S = 2·INT oriented (positive = better together). Dividends (gain units): D = g(ij) − '
-                    'g(i) − g(j) + g(none) with the others off, and the same difference of differences against '
-                    'the full stack. Shapley and leave-one-out (g(all) − g(all without i)) in gain units. '
-                    'p<sub>adj</sub>: corrected across pairs; – = not estimable from the cells run.'
-                    f'</p>{_effects_table(a)}'
-                    + (f"<h3>Aliasing</h3>{_alias_html(res, a)}" if (a.fit.aliased or res.aliases) else "")
-                    + "</section>")
-    sections.append(f'<section id="sec-cells"><h2>Cells</h2><p class="caption">Mean ± standard deviation over '
-                    f'finished seeds for every metric. </p>{_cells_table(res, analyses)}</section>')
+        sections.append(
+            '<section id="sec-other"><h2>Synergy on the other metrics <span class="tag warn">'
+            'exploratory</span></h2><p class="caption">Same reading as the main matrix; each metric '
+            "is oriented so that positive = better (throughput on the log scale: S = 0.1 means the "
+            "pair is ≈10% faster together than their separate speed-ups predict). The primary "
+            "metric is the confirmatory test; these are exploratory: their pair tests form one "
+            "family over all secondary metrics, controlled by Benjamini-Hochberg (false discovery "
+            f"rate {a.alpha}), and a star here is a lead to confirm, not a finding.</p>"
+            + "".join(blocks)
+            + "</section>"
+        )
+    sections.append(
+        '<section id="sec-effects-table"><h2>All effects</h2><p class="caption">Estimates on the '
+        f"metric's own scale ({_esc(a.scale)}) before orientation, in the textbook convention "
+        "(ME = mean(y|on) − mean(y|off); INT = half the difference of conditional effects). Synergy "
+        "S = 2·INT oriented (positive = better together). Dividends (gain units): D = g(ij) − "
+        "g(i) − g(j) + g(none) with the others off, and the same difference of differences against "
+        "the full stack. Shapley and leave-one-out (g(all) − g(all without i)) in gain units. "
+        "p<sub>adj</sub>: corrected across pairs; – = not estimable from the cells run."
+        f"</p>{_effects_table(a)}"
+        + (f"<h3>Aliasing</h3>{_alias_html(res, a)}" if (a.fit.aliased or res.aliases) else "")
+        + "</section>"
+    )
+    sections.append(
+        f'<section id="sec-cells"><h2>Cells</h2><p class="caption">Mean ± standard deviation over '
+        f"finished seeds for every metric. </p>{_cells_table(res, analyses)}</section>"
+    )
     return sections
 
 
@@ -572,33 +756,53 @@ def _closing_sections(res: StudyResults, a: Analysis | AnalysisFailure) -> list[
     """Failed and excluded cells, the sample grids and the notes of the analysis."""
     ok = isinstance(a, Analysis)
     sections: list[str] = []
-    sections.append('<section id="sec-failures"><h2>Failed and excluded cells</h2><p class="caption">Failed runs '
-                    '(diverged = NaN/inf loss, oom = out of memory, crashed = exception) are kept as data: they are '
-                    'left out of the metric models and used as evidence of failure interactions (a pair is flagged '
-                    'when runs with both techniques fail more often than runs with each alone, one-sided Boschloo '
-                    'exact tests, <i>and</i> more than the two techniques\' own failure rates predict together, a '
-                    'likelihood-ratio test of independent failures). Runs with another status (blank, cancelled) '
-                    'are not evidence and are left out of both analyses. Excluded cells were never run because a '
-                    'constraint of the study forbids them.'
-                    f'</p>{_failures_table(res, a) if ok else ""}{_failure_tests_table(a) if ok else ""}</section>')
-    sections.append(f'<section id="sec-samples"><h2>Samples</h2><p class="caption">Sample grid recorded '
-                    f'for each cell, embedded in this page.</p>{_samples_html(res, a)}</section>')
+    sections.append(
+        '<section id="sec-failures"><h2>Failed and excluded cells</h2><p class="caption">Failed runs '
+        "(diverged = NaN/inf loss, oom = out of memory, crashed = exception) are kept as data: they are "
+        "left out of the metric models and used as evidence of failure interactions (a pair is flagged "
+        "when runs with both techniques fail more often than runs with each alone, one-sided Boschloo "
+        "exact tests, <i>and</i> more than the two techniques' own failure rates predict together, a "
+        "likelihood-ratio test of independent failures). Runs with another status (blank, cancelled) "
+        "are not evidence and are left out of both analyses. Excluded cells were never run because a "
+        "constraint of the study forbids them."
+        f"</p>{_failures_table(res, a) if ok else ''}{_failure_tests_table(a) if ok else ''}</section>"
+    )
+    sections.append(
+        f'<section id="sec-samples"><h2>Samples</h2><p class="caption">Sample grid recorded '
+        f"for each cell, embedded in this page.</p>{_samples_html(res, a)}</section>"
+    )
     if ok and a.notes:
-        sections.append('<section id="sec-notes"><h2>Notes on the analysis</h2><ul class="notes">'
-                        + "".join(f"<li>{_esc(n)}</li>" for n in a.notes) + "</ul></section>")
+        sections.append(
+            '<section id="sec-notes"><h2>Notes on the analysis</h2><ul class="notes">'
+            + "".join(f"<li>{_esc(n)}</li>" for n in a.notes)
+            + "</ul></section>"
+        )
     return sections
 
 
 def _page_html(res: StudyResults, a: Analysis | AnalysisFailure, body: str) -> str:
     """The whole page around the sections: header (design, techniques, commit, context), navigation, footer."""
     ok = isinstance(a, Analysis)
-    nav = "".join(f'<a href="#{sid}">{name}</a>' for sid, name in [
-        ("sec-summary", "Summary"), ("sec-fig-synergy", "Synergy"), ("sec-fig-effects", "Effects"),
-        ("sec-fig-over-steps", "Over training"), ("sec-fig-ladder", "Ladder"), ("sec-fig-pareto", "Pareto"),
-        ("sec-fig-curves", "Curves"), ("sec-cells", "Cells"), ("sec-failures", "Failures"), ("sec-samples", "Samples")])
+    nav = "".join(
+        f'<a href="#{sid}">{name}</a>'
+        for sid, name in [
+            ("sec-summary", "Summary"),
+            ("sec-fig-synergy", "Synergy"),
+            ("sec-fig-effects", "Effects"),
+            ("sec-fig-over-steps", "Over training"),
+            ("sec-fig-ladder", "Ladder"),
+            ("sec-fig-pareto", "Pareto"),
+            ("sec-fig-curves", "Curves"),
+            ("sec-cells", "Cells"),
+            ("sec-failures", "Failures"),
+            ("sec-samples", "Samples"),
+        ]
+    )
     techniques = ", ".join(f"<code>{_esc(f)}</code>" for f in res.factors)
-    meta = (f"design <code>{_esc(res.design)}</code> · techniques {techniques}"
-            f" · commit <code>{_esc(res.commit or 'unknown')}</code> · {_esc(res.date or '')}")
+    meta = (
+        f"design <code>{_esc(res.design)}</code> · techniques {techniques}"
+        f" · commit <code>{_esc(res.commit or 'unknown')}</code> · {_esc(res.date or '')}"
+    )
     meta += "<br>" + _header_context(res, a if ok else None)
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -623,18 +827,30 @@ def _write_side_files(fit: ReportFit, out: Path) -> None:
     index page reads it)."""
     res, a, analyses, over_steps = fit.results, fit.primary, fit.analyses, fit.over_steps
     ok = isinstance(a, Analysis)
-    (out / "effects.json").write_text(json.dumps({m: am.to_json() for m, am in analyses.items()}, indent=1,
-                                                 default=_json_default), encoding="utf-8")
+    (out / "effects.json").write_text(
+        json.dumps({m: am.to_json() for m, am in analyses.items()}, indent=1, default=_json_default), encoding="utf-8"
+    )
     if isinstance(over_steps, OverSteps):
-        (out / "effects_over_steps.json").write_text(json.dumps(over_steps.to_json(), indent=1,
-                                                                default=_json_default), encoding="utf-8")
+        (out / "effects_over_steps.json").write_text(
+            json.dumps(over_steps.to_json(), indent=1, default=_json_default), encoding="utf-8"
+        )
     if ok:
-        pd.DataFrame([{k: (v if not isinstance(v, (list, dict)) else json.dumps(v)) for k, v in c.to_json().items()}
-                      for c in a.attribution.cells]).to_csv(out / "cells.csv", index=False)
+        pd.DataFrame(
+            [
+                {k: (v if not isinstance(v, (list, dict)) else json.dumps(v)) for k, v in c.to_json().items()}
+                for c in a.attribution.cells
+            ]
+        ).to_csv(out / "cells.csv", index=False)
     summary = {
-        "study": res.study, "design": res.design, "factors": list(res.factors), "metric": res.metric,
-        "direction": res.direction, "commit": res.commit, "date": res.date,
-        "n_runs": a.n_runs if ok else None, "n_failed": a.n_failed if ok else None,
+        "study": res.study,
+        "design": res.design,
+        "factors": list(res.factors),
+        "metric": res.metric,
+        "direction": res.direction,
+        "commit": res.commit,
+        "date": res.date,
+        "n_runs": a.n_runs if ok else None,
+        "n_failed": a.n_failed if ok else None,
         "best": a.attribution.best.to_json() if ok and a.attribution.best else None,
         "strongest_synergy": a.pairs.strongest.to_json() if ok and a.pairs.strongest else None,
         "incompatible": sorted({fl.pair for fl in a.incompatible}) if ok else [],
@@ -682,13 +898,23 @@ def render_index(dashboards_dir: str | Path) -> Path:
         best = s.get("best") or {}
         best_txt = f"{_esc(best.get('combo', ''))} ({_num(best.get('mean'), 4)})" if best else "–"
         inc = s.get("incompatible") or []
-        rows.append([f'<a href="{_esc(d.name)}/index.html">{_esc(s.get("study", d.name))}</a>',
-                     _esc(s.get("design", "")), _esc(", ".join(s.get("factors", []))),
-                     _esc(f"{s.get('metric', '')} ({s.get('direction', '')})") if s else "",
-                     best_txt, (" ".join(f'<span class="tag bad">{_esc(p)}</span>' for p in inc) or "none"),
-                     f"<code>{_esc((s.get('commit') or '')[:10])}</code>", _esc(s.get("date", ""))])
-    table = _table(["study", "design", "techniques", "metric", "best combination", "incompatible", "commit", "date"],
-                   rows) if rows else '<p class="caption">No study reports yet: run <code>make study</code>.</p>'
+        rows.append(
+            [
+                f'<a href="{_esc(d.name)}/index.html">{_esc(s.get("study", d.name))}</a>',
+                _esc(s.get("design", "")),
+                _esc(", ".join(s.get("factors", []))),
+                _esc(f"{s.get('metric', '')} ({s.get('direction', '')})") if s else "",
+                best_txt,
+                (" ".join(f'<span class="tag bad">{_esc(p)}</span>' for p in inc) or "none"),
+                f"<code>{_esc((s.get('commit') or '')[:10])}</code>",
+                _esc(s.get("date", "")),
+            ]
+        )
+    table = (
+        _table(["study", "design", "techniques", "metric", "best combination", "incompatible", "commit", "date"], rows)
+        if rows
+        else '<p class="caption">No study reports yet: run <code>make study</code>.</p>'
+    )
     records = root / "RECORDS.md"
     rec = '<p class="caption">Records table: <a href="RECORDS.md">RECORDS.md</a>.</p>' if records.exists() else ""
     page = f"""<!DOCTYPE html>
@@ -701,5 +927,3 @@ def render_index(dashboards_dir: str | Path) -> Path:
     path = root / "index.html"
     path.write_text(page, encoding="utf-8")
     return path
-
-

@@ -37,15 +37,25 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 from scipy import optimize, stats
 
-__all__ = ["ALPHA", "POWER", "Detectable", "DesignPower", "PowerError", "design_power", "power_at", "mde",
-           "pooled_sd", "sd_upper"]
+__all__ = [
+    "ALPHA",
+    "POWER",
+    "Detectable",
+    "DesignPower",
+    "PowerError",
+    "design_power",
+    "power_at",
+    "mde",
+    "pooled_sd",
+    "sd_upper",
+]
 
 ALPHA = 0.05
 "Significance level of the study report (the default of effects.analyze_study and effects.Options; a test checks)."
@@ -97,8 +107,14 @@ class Detectable:
     "the MDE in metric units (analysis scale), when a noise sd is given"
 
     def to_json(self) -> dict:
-        return {"effect": self.effect, "kind": self.kind, "se_per_sd": self.se_per_sd, "level": self.level,
-                "mde_sd": self.mde_sd, "mde": self.mde}
+        return {
+            "effect": self.effect,
+            "kind": self.kind,
+            "se_per_sd": self.se_per_sd,
+            "level": self.level,
+            "mde_sd": self.mde_sd,
+            "mde": self.mde,
+        }
 
 
 @dataclass(frozen=True)
@@ -150,13 +166,25 @@ class DesignPower:
 
     def to_json(self) -> dict:
         return {
-            "factors": list(self.factors), "n_cells": self.n_cells, "n_seeds": self.n_seeds, "n_runs": self.n_runs,
-            "df": self.df, "seed_block": self.seed_block, "alpha": self.alpha, "power": self.power,
-            "m_pairs": self.m_pairs, "pair_level": self.alpha / self.m_pairs if self.m_pairs else None,
-            "sigma": self.sigma, "mde_main": self.mde_main, "mde_pair": self.mde_pair,
-            "mde_main_sd": self.mde_main_sd, "mde_pair_sd": self.mde_pair_sd,
-            "mains": [d.to_json() for d in self.mains], "pairs": [d.to_json() for d in self.pairs],
-            "untested": dict(self.untested), "notes": list(self.notes),
+            "factors": list(self.factors),
+            "n_cells": self.n_cells,
+            "n_seeds": self.n_seeds,
+            "n_runs": self.n_runs,
+            "df": self.df,
+            "seed_block": self.seed_block,
+            "alpha": self.alpha,
+            "power": self.power,
+            "m_pairs": self.m_pairs,
+            "pair_level": self.alpha / self.m_pairs if self.m_pairs else None,
+            "sigma": self.sigma,
+            "mde_main": self.mde_main,
+            "mde_pair": self.mde_pair,
+            "mde_main_sd": self.mde_main_sd,
+            "mde_pair_sd": self.mde_pair_sd,
+            "mains": [d.to_json() for d in self.mains],
+            "pairs": [d.to_json() for d in self.pairs],
+            "untested": dict(self.untested),
+            "notes": list(self.notes),
         }
 
 
@@ -165,9 +193,16 @@ def _pm(cells: np.ndarray, cols: Sequence[tuple[int, ...]]) -> np.ndarray:
     return np.column_stack([np.prod(pm[:, list(c)], axis=1) for c in cols]) if cols else np.zeros((len(cells), 0))
 
 
-def design_power(cells: np.ndarray | Sequence[Sequence[int]], factors: Sequence[str], n_seeds: int, *,
-                 alpha: float = ALPHA, power: float = POWER, sigma: float | None = None,
-                 seed_block: bool = True) -> DesignPower:
+def design_power(
+    cells: np.ndarray | Sequence[Sequence[int]],
+    factors: Sequence[str],
+    n_seeds: int,
+    *,
+    alpha: float = ALPHA,
+    power: float = POWER,
+    sigma: float | None = None,
+    seed_block: bool = True,
+) -> DesignPower:
     """What a design of `cells` (n_cells x k, 0/1 levels; each distinct cell once), each run with the same
     `n_seeds` seeds, detects under the analysis's model and tests (module docstring). `sigma` (noise sd, analysis
     scale) turns the MDEs into metric units. Raises PowerError on bad input."""
@@ -235,8 +270,10 @@ def design_power(cells: np.ndarray | Sequence[Sequence[int]], factors: Sequence[
     block = seed_block and s > 1 and n_runs - (n_cells + s - 1) >= 1
     df = n_runs - n_cells - (s - 1 if block else 0)
     if df < 1:
-        notes.append("unreplicated: no pure error, so the analysis has no t test (it falls back to Lenth's pseudo "
-                     "standard error, for which no power is computed); run 2 or more seeds")
+        notes.append(
+            "unreplicated: no pure error, so the analysis has no t test (it falls back to Lenth's pseudo "
+            "standard error, for which no power is computed); run 2 or more seeds"
+        )
     X1 = np.column_stack(cols)
     inv = np.linalg.inv(s * X1.T @ X1)  # (X'X)^-1 of the run-level matrix: each cell s times
     mains_t = [t for t in kept if len(t) == 1]
@@ -251,19 +288,36 @@ def design_power(cells: np.ndarray | Sequence[Sequence[int]], factors: Sequence[
             se = c * math.sqrt(inv[j, j])
             level = alpha if len(t) == 1 else alpha / m
             d_sd = mde(se, df, level, power)
-            d = Detectable(name(t), "main" if len(t) == 1 else "pair", se, level, d_sd,
-                           d_sd * sigma if sigma is not None else None)
+            d = Detectable(
+                name(t), "main" if len(t) == 1 else "pair", se, level, d_sd, d_sd * sigma if sigma is not None else None
+            )
             (mains if len(t) == 1 else pairs).append(d)
     if len(var) >= 2 and not m:
-        notes.append("no pair synergy is estimable free of aliasing in this design: the analysis tests none "
-                     "(a fractional design needs resolution >= 5 to keep pairs clear of each other and of the mains)")
-    return DesignPower(factors=factors, n_cells=n_cells, n_seeds=s, n_runs=n_runs, df=int(df), seed_block=block,
-                       alpha=alpha, power=power, m_pairs=m, mains=mains, pairs=pairs, untested=untested,
-                       notes=notes, sigma=sigma)
+        notes.append(
+            "no pair synergy is estimable free of aliasing in this design: the analysis tests none "
+            "(a fractional design needs resolution >= 5 to keep pairs clear of each other and of the mains)"
+        )
+    return DesignPower(
+        factors=factors,
+        n_cells=n_cells,
+        n_seeds=s,
+        n_runs=n_runs,
+        df=int(df),
+        seed_block=block,
+        alpha=alpha,
+        power=power,
+        m_pairs=m,
+        mains=mains,
+        pairs=pairs,
+        untested=untested,
+        notes=notes,
+        sigma=sigma,
+    )
 
 
-def pooled_sd(table: pd.DataFrame, metric: str, *, cell_col: str = "cell", status_col: str | None = "status",
-              log: bool = False) -> tuple[float, int, int]:
+def pooled_sd(
+    table: pd.DataFrame, metric: str, *, cell_col: str = "cell", status_col: str | None = "status", log: bool = False
+) -> tuple[float, int, int]:
     """Pooled within-cell sd of `metric` over the finished runs: sqrt(sum_c (n_c - 1) s_c^2 / sum_c (n_c - 1)),
     on the log scale when `log`. Returns (sd, df = sum_c (n_c - 1), cells with replicates). A seed effect common
     to every cell (which the analysis's seed block removes) is included, so the sd errs on the large side.

@@ -19,8 +19,9 @@ from srdit.analysis.effects import AnalysisError
 __all__ = ["CELLS_COLUMNS", "cells_to_runs", "is_cells_table", "read_table"]
 
 
-def read_table(path: str | Path, metric: str | None = None, status_col: str | None = "status",
-               notes=None) -> pd.DataFrame:
+def read_table(
+    path: str | Path, metric: str | None = None, status_col: str | None = "status", notes=None
+) -> pd.DataFrame:
     """Read a results table; raises AnalysisError with a one-line message naming the file.
 
     Refused: a CSV header that names a column twice (pandas would rename the second and the analysis would read
@@ -51,8 +52,10 @@ def read_table(path: str | Path, metric: str | None = None, status_col: str | No
     if p.suffix not in (".parquet", ".json"):
         for i, name in enumerate(header):
             if name in header[:i]:
-                raise AnalysisError(f"{p}: column {name!r} appears twice in the header (columns "
-                                    f"{header.index(name) + 1} and {i + 1}); rename or drop one")
+                raise AnalysisError(
+                    f"{p}: column {name!r} appears twice in the header (columns "
+                    f"{header.index(name) + 1} and {i + 1}); rename or drop one"
+                )
     if df.empty:
         raise AnalysisError(f"{p} has a header but no rows")
     if metric is not None and metric in df.columns:
@@ -77,13 +80,18 @@ def _check_metric(p: Path, df: pd.DataFrame, metric: str, status_col: str | None
     if text.any():
         i = int(text.to_numpy().nonzero()[0][0])
         where = f"line {i + 2}" if p.suffix not in (".parquet", ".json") else f"row {i + 1}"
-        raise AnalysisError(f"{p} {where}: {metric} = {df[metric].iloc[i]!r} in a finished row is not a number "
-                            f"({int(text.sum())} such row(s)); fix the value, or give the row the status of the "
-                            f"failure it records")
+        raise AnalysisError(
+            f"{p} {where}: {metric} = {df[metric].iloc[i]!r} in a finished row is not a number "
+            f"({int(text.sum())} such row(s)); fix the value, or give the row the status of the "
+            f"failure it records"
+        )
     missing = finished & ~np.isfinite(values.astype(float))
     if missing.any() and notes is not None:
-        print(f"note: {int(missing.sum())} finished row(s) of {p} have no finite {metric}; they count as diverged "
-              f"(a missing or non-finite metric means the run failed)", file=notes)
+        print(
+            f"note: {int(missing.sum())} finished row(s) of {p} have no finite {metric}; they count as diverged "
+            f"(a missing or non-finite metric means the run failed)",
+            file=notes,
+        )
 
 
 #: the columns of a report's cells.csv (one row per cell: `Cell.to_json()`)

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -52,8 +53,12 @@ def record_rows(res: StudyResults) -> list[list[str]]:
     rows = []
     groups = list(t.groupby("_combo", sort=False))
     idx = {f: i for i, f in enumerate(res.factors)}
-    groups.sort(key=lambda kv: (0 if kv[0] == "baseline" else len(kv[0].split("+")),
-                                [idx.get(f, 0) for f in kv[0].split("+")] if kv[0] != "baseline" else []))
+    groups.sort(
+        key=lambda kv: (
+            0 if kv[0] == "baseline" else len(kv[0].split("+")),
+            [idx.get(f, 0) for f in kv[0].split("+")] if kv[0] != "baseline" else [],
+        )
+    )
     for combo, g in groups:
         vals = g.loc[g["_ok"], "_y"].to_numpy(dtype=float)
         cell = str(g["cell"].iloc[0]) if "cell" in g.columns else combo
@@ -86,10 +91,15 @@ def write_records(results: StudyResults | Sequence[StudyResults], path: str | Pa
     rows = [r for r in old if r[0] not in studies]
     for r in items:
         rows += record_rows(r)
-    lines = ["# srdit records", "",
-             "Primary metric per arm: mean ± standard deviation over finished seeds; p-value of Welch's t-test "
-             "against the study's baseline arm (all techniques off). Refreshed by `srdit report`.", "",
-             "| " + " | ".join(RECORD_HEADER) + " |", "|" + "|".join("---" for _ in RECORD_HEADER) + "|"]
+    lines = [
+        "# srdit records",
+        "",
+        "Primary metric per arm: mean ± standard deviation over finished seeds; p-value of Welch's t-test "
+        "against the study's baseline arm (all techniques off). Refreshed by `srdit report`.",
+        "",
+        "| " + " | ".join(RECORD_HEADER) + " |",
+        "|" + "|".join("---" for _ in RECORD_HEADER) + "|",
+    ]
     lines += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in rows]
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")

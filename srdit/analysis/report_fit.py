@@ -31,8 +31,10 @@ class ReportFit:
 
     def __post_init__(self) -> None:
         if self.results.metric not in self.analyses:
-            raise ValueError(f"the report's analyses lack the primary metric '{self.results.metric}' "
-                             f"(have: {', '.join(self.analyses) or 'none'})")
+            raise ValueError(
+                f"the report's analyses lack the primary metric '{self.results.metric}' "
+                f"(have: {', '.join(self.analyses) or 'none'})"
+            )
 
     @property
     def primary(self) -> Analysis | AnalysisFailure:
@@ -40,8 +42,9 @@ class ReportFit:
         return self.analyses[self.results.metric]
 
 
-def fit_report(results: StudyResults, *, alpha: float = 0.05, threshold: float = 0.0,
-               bootstrap: bool = True) -> ReportFit:
+def fit_report(
+    results: StudyResults, *, alpha: float = 0.05, threshold: float = 0.0, bootstrap: bool = True
+) -> ReportFit:
     """Fit everything the report page shows: `effects.analyze_study` (every metric, at level `alpha`, practical
     antagonism `threshold` in gain units, seed-bootstrap intervals where calibrated when `bootstrap`) and, when the
     primary metric could be analysed, `over_steps.study_over_steps` (an `AnalysisFailure` when it raises

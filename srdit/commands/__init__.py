@@ -34,26 +34,48 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "train": Command("run", "train_main", "train_parser", "train one run (default: the embedded digits recipe)"),
-    "sample": Command("run", "sample_main", "sample_parser", "sample a checkpoint (EMA weights) to a PNG grid and "
-                      ".npz, or to seed-stable shards for cluster-scale evaluation"),
-    "evaluate": Command("run", "evaluate_main", "evaluate_parser", "sample-quality metrics of a checkpoint: digits "
-                        "FD / KD / precision / recall; latent runs FID / sFID / IS / P / R"),
-    "convert": Command("models", "convert_main", "convert_parser",
-                       "a reference checkpoint (SiT, REPA, SR-DiT) -> an srdit checkpoint"),
-    "model-info": Command("models", "model_info_main", "model_info_parser",
-                          "parameters and GMACs of a model (e.g. SR-DiT-B/1, XL/2)"),
-    "techniques": Command("models", "techniques_main", "techniques_parser",
-                          "list the built-in techniques: diff, knobs, paper, code"),
+    "sample": Command(
+        "run",
+        "sample_main",
+        "sample_parser",
+        "sample a checkpoint (EMA weights) to a PNG grid and "
+        ".npz, or to seed-stable shards for cluster-scale evaluation",
+    ),
+    "evaluate": Command(
+        "run",
+        "evaluate_main",
+        "evaluate_parser",
+        "sample-quality metrics of a checkpoint: digits "
+        "FD / KD / precision / recall; latent runs FID / sFID / IS / P / R",
+    ),
+    "convert": Command(
+        "models", "convert_main", "convert_parser", "a reference checkpoint (SiT, REPA, SR-DiT) -> an srdit checkpoint"
+    ),
+    "model-info": Command(
+        "models", "model_info_main", "model_info_parser", "parameters and GMACs of a model (e.g. SR-DiT-B/1, XL/2)"
+    ),
+    "techniques": Command(
+        "models", "techniques_main", "techniques_parser", "list the built-in techniques: diff, knobs, paper, code"
+    ),
     "study": Command("study", "main", "study_parser", "plan | run | resume | status | bench a study YAML"),
     "analyze": Command("analyze", "main", "build_parser", "effects and synergy from a CSV"),
     "report": Command("report", "main", "report_parser", "render a study's dashboard"),
     "ui": Command("ui", "main", "ui_parser", "start the MLflow UI on the embedded store"),
-    "preprocess": Command("preprocess", "main", "preprocess_parser",
-                          "image folder -> center crops -> VAE latents in resumable shards"),
-    "cache-teacher": Command("cache_teacher", "main", "cache_teacher_parser",
-                             "a latent folder's alignment-teacher tokens, once, for training to read"),
-    "reference": Command("reference", "main", "reference_parser",
-                         "Inception (and DINOv2) reference statistics of real images for eval.reference"),
+    "preprocess": Command(
+        "preprocess", "main", "preprocess_parser", "image folder -> center crops -> VAE latents in resumable shards"
+    ),
+    "cache-teacher": Command(
+        "cache_teacher",
+        "main",
+        "cache_teacher_parser",
+        "a latent folder's alignment-teacher tokens, once, for training to read",
+    ),
+    "reference": Command(
+        "reference",
+        "main",
+        "reference_parser",
+        "Inception (and DINOv2) reference statistics of real images for eval.reference",
+    ),
 }
 "Every `srdit` command, in the order of `srdit --help`."
 

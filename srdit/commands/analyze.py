@@ -26,37 +26,64 @@ PROG = "srdit analyze"
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the `analyze` options to `parser` (for a caller that builds its own parser; `run` runs them)."""
     parser.add_argument("runs", metavar="RUNS.csv", help="table with one row per trial (CSV, or .parquet/.json)")
-    parser.add_argument("--factors", required=True,
-                        help="comma-separated technique columns coded 0/1 (pair names follow this order)")
+    parser.add_argument(
+        "--factors", required=True, help="comma-separated technique columns coded 0/1 (pair names follow this order)"
+    )
     parser.add_argument("--metric", required=True, help="metric column to analyse")
-    parser.add_argument("--direction", required=True, choices=["max", "min"],
-                        help="max if higher is better, min if lower is better (gains are oriented: positive = better)")
+    parser.add_argument(
+        "--direction",
+        required=True,
+        choices=["max", "min"],
+        help="max if higher is better, min if lower is better (gains are oriented: positive = better)",
+    )
     parser.add_argument("--seed-col", default="seed", help="seed (replicate) column; used as a block (default: seed)")
-    parser.add_argument("--status-col", default="status",
-                        help="status column; diverged/nan/oom/crashed/error/failed are failures, other non-finished "
-                             "statuses (blank, cancelled) are excluded (default: status)")
+    parser.add_argument(
+        "--status-col",
+        default="status",
+        help="status column; diverged/nan/oom/crashed/error/failed are failures, other non-finished "
+        "statuses (blank, cancelled) are excluded (default: status)",
+    )
     parser.add_argument("--log", action="store_true", help="analyse log(metric) (throughput-like metrics)")
-    parser.add_argument("--threshold", type=float, default=0.0,
-                        help="practical antagonism threshold in gain units (default 0)")
+    parser.add_argument(
+        "--threshold", type=float, default=0.0, help="practical antagonism threshold in gain units (default 0)"
+    )
     parser.add_argument("--alpha", type=float, default=0.05, help="significance level (default 0.05)")
-    parser.add_argument("--correction", default="holm", choices=["holm", "fdr_bh", "bonferroni", "none"],
-                        help="multiplicity correction across pairs (default holm)")
+    parser.add_argument(
+        "--correction",
+        default="holm",
+        choices=["holm", "fdr_bh", "bonferroni", "none"],
+        help="multiplicity correction across pairs (default holm)",
+    )
     parser.add_argument("--ladder", default=None, help="comma-separated factor order for the cumulative ladder")
-    parser.add_argument("--allow-inestimable", action="store_true",
-                        help="report effects the design cannot estimate as null instead of failing")
+    parser.add_argument(
+        "--allow-inestimable",
+        action="store_true",
+        help="report effects the design cannot estimate as null instead of failing",
+    )
     parser.add_argument("--no-bootstrap", action="store_true", help="skip the seed bootstrap")
     parser.add_argument("--format", default="table", choices=["json", "table"], help="output format (default table)")
     steps = parser.add_mutually_exclusive_group()
-    steps.add_argument("--step", type=float, default=None, metavar="N",
-                       help="analyse the rows at training step N of a long table (one row per trial and evaluated "
-                            "step, the step in --step-col)")
-    steps.add_argument("--all-steps", action="store_true",
-                       help="analyse every evaluated step of a long table: the effects per step with their "
-                            "intervals, and whether each changes from the first to the last step")
+    steps.add_argument(
+        "--step",
+        type=float,
+        default=None,
+        metavar="N",
+        help="analyse the rows at training step N of a long table (one row per trial and evaluated "
+        "step, the step in --step-col)",
+    )
+    steps.add_argument(
+        "--all-steps",
+        action="store_true",
+        help="analyse every evaluated step of a long table: the effects per step with their "
+        "intervals, and whether each changes from the first to the last step",
+    )
     parser.add_argument("--step-col", default="step", help="step column of a long table (default: step)")
-    parser.add_argument("--report", default=None, metavar="DIR",
-                        help="also write the HTML report to DIR/index.html (with --all-steps: the effects over "
-                             "training panel)")
+    parser.add_argument(
+        "--report",
+        default=None,
+        metavar="DIR",
+        help="also write the HTML report to DIR/index.html (with --all-steps: the effects over training panel)",
+    )
     return parser
 
 
@@ -83,34 +110,66 @@ def tables(result: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]
     for f, v in fit.main_effects.items():
         rows.append([f, _fmt(v), _fmt(fit.ci.get(f)), _fmt(fit.p.get(f)), "", ""])
     for n, v in fit.interactions.items():
-        rows.append([n, _fmt(v), _fmt(fit.ci.get(n)), _fmt(fit.p.get(n)),
-                     _fmt(pairs.synergy.get(n)), _fmt(pairs.p_adj.get(n))])
-    out.append((f"Effects on {result.metric}{scale}",
-                "estimate: ME = mean(+) - mean(-), INT = half difference, metric scale; "
-                "synergy = 2 INT oriented (positive = better together); p_adj across pairs",
-                ["effect", "estimate", "CI", "p", "synergy", "p_adj"], rows))
+        rows.append(
+            [n, _fmt(v), _fmt(fit.ci.get(n)), _fmt(fit.p.get(n)), _fmt(pairs.synergy.get(n)), _fmt(pairs.p_adj.get(n))]
+        )
+    out.append(
+        (
+            f"Effects on {result.metric}{scale}",
+            "estimate: ME = mean(+) - mean(-), INT = half difference, metric scale; "
+            "synergy = 2 INT oriented (positive = better together); p_adj across pairs",
+            ["effect", "estimate", "CI", "p", "synergy", "p_adj"],
+            rows,
+        )
+    )
     if att.shapley:
-        out.append(("Shapley attribution", "oriented gain, sums to g(all) - g(none); loo = g(all) - g(all - i)",
-                    ["factor", "shapley", "loo"],
-                    [[f, _fmt(v), _fmt(att.loo.get(f))] for f, v in att.shapley.items()]))
+        out.append(
+            (
+                "Shapley attribution",
+                "oriented gain, sums to g(all) - g(none); loo = g(all) - g(all - i)",
+                ["factor", "shapley", "loo"],
+                [[f, _fmt(v), _fmt(att.loo.get(f))] for f, v in att.shapley.items()],
+            )
+        )
     if result.incompatible:
         rows = []
         for fl in result.incompatible:
-            ev = _fmt(fl.estimate) if fl.kind == "antagonism" else \
-                ", ".join(f"{k} {c['failed']}/{c['n']}" for k, c in fl.counts.items())
+            ev = (
+                _fmt(fl.estimate)
+                if fl.kind == "antagonism"
+                else ", ".join(f"{k} {c['failed']}/{c['n']}" for k, c in fl.counts.items())
+            )
             rows.append([fl.pair, fl.kind, ev, _fmt(fl.ci), _fmt(fl.p), _fmt(fl.p_adj)])
-        out.append(("Incompatible pairs", "antagonism: synergy significantly < -threshold; "
-                    "failure: both-on runs fail more than each alone (Fisher)",
-                    ["pair", "kind", "evidence", "CI", "p", "p_adj"], rows))
+        out.append(
+            (
+                "Incompatible pairs",
+                "antagonism: synergy significantly < -threshold; "
+                "failure: both-on runs fail more than each alone (Fisher)",
+                ["pair", "kind", "evidence", "CI", "p", "p_adj"],
+                rows,
+            )
+        )
     if fit.aliased:
-        out.append(("Aliased effects", "not separable in this design; never read as a clean synergy",
-                    ["alias chain", "estimate"],
-                    [[a.label, _fmt(a.estimate)] for a in fit.aliased]))
+        out.append(
+            (
+                "Aliased effects",
+                "not separable in this design; never read as a clean synergy",
+                ["alias chain", "estimate"],
+                [[a.label, _fmt(a.estimate)] for a in fit.aliased],
+            )
+        )
     if att.ladder:
-        out.append((f"Ladder ({att.ladder_kind})", "cumulative stacking; delta = step from the previous row",
-                    ["step", "cell", "n", "mean", "sd", "delta"],
-                    [[str(r.step), r.cell, f"{r.n_finished}/{r.n}", _fmt(r.mean), _fmt(r.sd),
-                      _fmt(r.delta)] for r in att.ladder]))
+        out.append(
+            (
+                f"Ladder ({att.ladder_kind})",
+                "cumulative stacking; delta = step from the previous row",
+                ["step", "cell", "n", "mean", "sd", "delta"],
+                [
+                    [str(r.step), r.cell, f"{r.n_finished}/{r.n}", _fmt(r.mean), _fmt(r.sd), _fmt(r.delta)]
+                    for r in att.ladder
+                ],
+            )
+        )
     return out
 
 
@@ -120,19 +179,46 @@ def over_steps_tables(ov: OverSteps) -> list[tuple[str, str, list[str], list[lis
     rows = []
     for s in ov.series:
         for p in s.points:
-            rows.append([s.effect, s.kind, _fmt(p.step), _fmt(p.estimate), _fmt(p.ci),
-                         "-" if p.significant is None else ("yes" if p.significant else "no")])
-    out = [(f"Effects over training on {ov.metric}{scale}",
+            rows.append(
+                [
+                    s.effect,
+                    s.kind,
+                    _fmt(p.step),
+                    _fmt(p.estimate),
+                    _fmt(p.ci),
+                    "-" if p.significant is None else ("yes" if p.significant else "no"),
+                ]
+            )
+    out = [
+        (
+            f"Effects over training on {ov.metric}{scale}",
             "gain = oriented main effect (positive = better), individual CI; pair: synergy S with the step's "
             "simultaneous CI; pointwise per step",
-            ["effect", "kind", "step", "gain / S", "CI", "excludes 0"], rows)]
+            ["effect", "kind", "step", "gain / S", "CI", "excludes 0"],
+            rows,
+        )
+    ]
     if ov.changes:
         c0 = ov.changes[0]
-        out.append((f"Change from step {c0.first} to step {c0.last}",
-                    (ov.change_interval or "not tested: see the note below") + "; > 0 = better at the end",
-                    ["effect", "kind", "change", "CI", "p", "p_adj", "significant"],
-                    [[c.effect, c.kind, _fmt(c.estimate), _fmt(c.ci), _fmt(c.p), _fmt(c.p_adj),
-                      "-" if c.significant is None else ("yes" if c.significant else "no")] for c in ov.changes]))
+        out.append(
+            (
+                f"Change from step {c0.first} to step {c0.last}",
+                (ov.change_interval or "not tested: see the note below") + "; > 0 = better at the end",
+                ["effect", "kind", "change", "CI", "p", "p_adj", "significant"],
+                [
+                    [
+                        c.effect,
+                        c.kind,
+                        _fmt(c.estimate),
+                        _fmt(c.ci),
+                        _fmt(c.p),
+                        _fmt(c.p_adj),
+                        "-" if c.significant is None else ("yes" if c.significant else "no"),
+                    ]
+                    for c in ov.changes
+                ],
+            )
+        )
     failed = [(s, a) for s, a in ov.analyses.items() if not isinstance(a, Analysis)]
     if failed:
         out.append(("Steps not analysed", "", ["step", "reason"], [[_fmt(s), a.error] for s, a in failed]))
@@ -140,8 +226,10 @@ def over_steps_tables(ov: OverSteps) -> list[tuple[str, str, list[str], list[lis
 
 
 def _print_tables(result: Analysis, stream) -> None:
-    head = (f"{result.metric} ({result.direction}), {result.n_finished}/{result.n_runs} finished runs in "
-            f"{result.fit.n_cells} cells")
+    head = (
+        f"{result.metric} ({result.direction}), {result.n_finished}/{result.n_runs} finished runs in "
+        f"{result.fit.n_cells} cells"
+    )
     _print(head, tables(result), result.notes, stream)
 
 
@@ -184,13 +272,18 @@ def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
         if is_cells_table(table) and args.metric not in table.columns:
             # a report's own cells.csv: cell summaries of its primary metric (raw scale)
             if args.log:
-                raise AnalysisError(f"{args.runs} holds raw-scale cell summaries: a log-scale analysis needs the "
-                                    "runs (srdit study export STUDY --csv)")
+                raise AnalysisError(
+                    f"{args.runs} holds raw-scale cell summaries: a log-scale analysis needs the "
+                    "runs (srdit study export STUDY --csv)"
+                )
             table = cells_to_runs(table, factors, args.metric, str(args.runs))
         status_col = args.status_col
         step_col = getattr(args, "step_col", "step")
-        for opt, col, default in (("--seed-col", seed_col, "seed"), ("--status-col", status_col, "status"),
-                                  ("--step-col", step_col, "step")):
+        for opt, col, default in (
+            ("--seed-col", seed_col, "seed"),
+            ("--status-col", status_col, "status"),
+            ("--step-col", step_col, "step"),
+        ):
             if col not in table.columns and col != default:  # explicitly named but absent
                 raise AnalysisError(f"{opt} column '{col}' not in {args.runs}")
         step, all_steps = getattr(args, "step", None), getattr(args, "all_steps", False)
@@ -203,16 +296,26 @@ def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
             steps = evaluated_steps(table, step_col, str(args.runs))
             if len(steps) > 1:  # pooling the steps would count one trial's evaluations as replicates
                 shown = ", ".join(map(str, steps[:10])) + (" ..." if len(steps) > 10 else "")
-                raise AnalysisError(f"{args.runs} holds {len(steps)} evaluated steps in column '{step_col}' "
-                                    f"({shown}): analyse one with --step N, or every one with --all-steps")
-        options = dict(seed_col=seed_col, status_col=status_col, log=args.log, alpha=args.alpha,
-                       threshold=args.threshold, correction=args.correction, bootstrap=not args.no_bootstrap,
-                       strict=not args.allow_inestimable,
-                       ladder_order=[f.strip() for f in args.ladder.split(",")] if args.ladder else None)
+                raise AnalysisError(
+                    f"{args.runs} holds {len(steps)} evaluated steps in column '{step_col}' "
+                    f"({shown}): analyse one with --step N, or every one with --all-steps"
+                )
+        options = dict(
+            seed_col=seed_col,
+            status_col=status_col,
+            log=args.log,
+            alpha=args.alpha,
+            threshold=args.threshold,
+            correction=args.correction,
+            bootstrap=not args.no_bootstrap,
+            strict=not args.allow_inestimable,
+            ladder_order=[f.strip() for f in args.ladder.split(",")] if args.ladder else None,
+        )
         ov = None
         if all_steps:
-            ov = analyze_over_steps(table, factors, args.metric, args.direction, step_col=step_col,
-                                    source=str(args.runs), **options)
+            ov = analyze_over_steps(
+                table, factors, args.metric, args.direction, step_col=step_col, source=str(args.runs), **options
+            )
             last = ov.analysed_steps[-1]
             result = ov.analyses[last]
             table = rows_at_step(long, last, step_col, str(args.runs))
@@ -222,8 +325,9 @@ def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
             try:
                 path = _write_report(args, factors, result, table, long, step_col, ov)
             except OSError as e:
-                raise AnalysisError(f"--report: cannot write the report to {args.report}: "
-                                    f"{e.strerror or type(e).__name__}") from None
+                raise AnalysisError(
+                    f"--report: cannot write the report to {args.report}: {e.strerror or type(e).__name__}"
+                ) from None
             print(f"report: {path}", file=stderr)
     except AnalysisError as e:
         return fail(PROG, str(e), stderr)
@@ -232,8 +336,7 @@ def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
             json.dump(ov.to_json() if ov is not None else result.to_json(), stdout, indent=2, allow_nan=False)
             stdout.write("\n")
         elif ov is not None:
-            head = (f"{ov.metric} ({ov.direction}) at {len(ov.steps)} evaluated step(s): "
-                    f"{', '.join(map(str, ov.steps))}")
+            head = f"{ov.metric} ({ov.direction}) at {len(ov.steps)} evaluated step(s): {', '.join(map(str, ov.steps))}"
             _print(head, over_steps_tables(ov), [*ov.statements, *ov.notes], stdout)
         else:
             _print_tables(result, stdout)
@@ -243,8 +346,15 @@ def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
     return 0
 
 
-def _write_report(args: argparse.Namespace, factors: list[str], result: Analysis, table: pd.DataFrame,
-                  long: pd.DataFrame, step_col: str, ov: OverSteps | None) -> Path:
+def _write_report(
+    args: argparse.Namespace,
+    factors: list[str],
+    result: Analysis,
+    table: pd.DataFrame,
+    long: pd.DataFrame,
+    step_col: str,
+    ov: OverSteps | None,
+) -> Path:
     """The study report page for a CSV (`--report DIR`): the analysed rows as the trial table; with a step column,
     the metric per step as its learning curve (and with --all-steps the effects over training)."""
     from srdit.analysis.effects import combo_label
@@ -254,8 +364,11 @@ def _write_report(args: argparse.Namespace, factors: list[str], result: Analysis
 
     def ids(t: pd.DataFrame) -> pd.DataFrame:
         t = t.copy()
-        lv = t[factors].astype(str).apply(lambda c: c.str.strip().str.lower().isin(["1", "1.0", "true", "on", "yes",
-                                                                                     "+1", "+"]))
+        lv = (
+            t[factors]
+            .astype(str)
+            .apply(lambda c: c.str.strip().str.lower().isin(["1", "1.0", "true", "on", "yes", "+1", "+"]))
+        )
         combo = lv.apply(lambda r: combo_label(f for f in factors if r[f]), axis=1)
         seed = t[args.seed_col].astype(str) if args.seed_col in t.columns else pd.Series("0", index=t.index)
         if "cell" not in t.columns:
@@ -271,18 +384,43 @@ def _write_report(args: argparse.Namespace, factors: list[str], result: Analysis
     steps = None
     if step_col in long.columns:
         lg = ids(long)
-        curves = pd.DataFrame({"trial": lg["trial"], "cell": lg["cell"], "seed": lg["seed"], "key": args.metric,
-                               "step": pd.to_numeric(lg[step_col], errors="coerce"),
-                               "value": pd.to_numeric(lg[args.metric], errors="coerce")})
+        curves = pd.DataFrame(
+            {
+                "trial": lg["trial"],
+                "cell": lg["cell"],
+                "seed": lg["seed"],
+                "key": args.metric,
+                "step": pd.to_numeric(lg[step_col], errors="coerce"),
+                "value": pd.to_numeric(lg[args.metric], errors="coerce"),
+            }
+        )
         steps = int(pd.to_numeric(table[step_col], errors="coerce").max())
-    res = StudyResults(study=Path(args.runs).stem, design="csv", factors=factors, metric=args.metric,
-                       direction=args.direction, table=table, curves=curves, steps=steps,
-                       description=f"srdit analyze {Path(args.runs).name}")
+    res = StudyResults(
+        study=Path(args.runs).stem,
+        design="csv",
+        factors=factors,
+        metric=args.metric,
+        direction=args.direction,
+        table=table,
+        curves=curves,
+        steps=steps,
+        description=f"srdit analyze {Path(args.runs).name}",
+    )
     if ov is None:  # one step (or none): the page says so instead of a chart
-        ov = analyze_over_steps(table.assign(**{step_col: steps or 0}), factors, args.metric, args.direction,
-                                step_col=step_col, source=str(args.runs), seed_col=args.seed_col,
-                                status_col=args.status_col, log=args.log, alpha=args.alpha, bootstrap=False,
-                                strict=False)
+        ov = analyze_over_steps(
+            table.assign(**{step_col: steps or 0}),
+            factors,
+            args.metric,
+            args.direction,
+            step_col=step_col,
+            source=str(args.runs),
+            seed_col=args.seed_col,
+            status_col=args.status_col,
+            log=args.log,
+            alpha=args.alpha,
+            bootstrap=False,
+            strict=False,
+        )
     return render_report(ReportFit(res, {args.metric: result}, ov), args.report)
 
 
@@ -293,4 +431,3 @@ def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:
     except ArgError as e:
         return fail(e.prog, e.message, stderr)
     return run(args, stdout=stdout, stderr=stderr)
-

@@ -30,13 +30,18 @@ def cache_teacher_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", default="dinov2_vitb14", help="teacher name (data.teacher)")
     p.add_argument("--teacher-path", default=None, help="local folder of the teacher's weights (data.teacher_path)")
     p.add_argument("--out", required=True, help="cache folder (data.teacher_cache)")
-    p.add_argument("--grid", type=int, default=None,
-                   help="token grid = model.input_size / model.patch_size (default: the latent side, patch 1)")
+    p.add_argument(
+        "--grid",
+        type=int,
+        default=None,
+        help="token grid = model.input_size / model.patch_size (default: the latent side, patch 1)",
+    )
     p.add_argument("--batch-size", type=int, default=256, help="images per teacher call")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--part", default=None, help="K/N: compute only part K of N")
-    p.add_argument("--ray", type=int, metavar="N", help="compute the N parts as Ray tasks (one GPU each when the "
-                   "cluster has GPUs)")
+    p.add_argument(
+        "--ray", type=int, metavar="N", help="compute the N parts as Ray tasks (one GPU each when the cluster has GPUs)"
+    )
     return p
 
 
@@ -73,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             from srdit.runtime.teacher_cache_ray import cache_teacher_on_ray
 
             del teacher
-            done = cache_teacher_on_ray(args.data, args.out, args.teacher, args.teacher_path, parts=parts,
-                                        batch_size=args.batch_size)
+            done = cache_teacher_on_ray(
+                args.data, args.out, args.teacher, args.teacher_path, parts=parts, batch_size=args.batch_size
+            )
         else:
             todo = [k] if args.part else range(parts)
             done = sum(store.build_part(args.data, args.out, teacher, j, args.batch_size, device) for j in todo)
@@ -89,4 +95,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("srdit cache-teacher: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-

@@ -20,8 +20,8 @@ def cmd_convert(args) -> int:
 
 def cmd_model_info(args) -> int:
     from srdit.config import DataConfig, ModelConfig, RunConfig
-    from srdit.techniques import preset, with_techniques
     from srdit.model import SIZES, build_model, count_macs
+    from srdit.techniques import preset, with_techniques
 
     techniques = [t for t in (args.techniques or "").split(",") if t]
     if args.name in ("SR-DiT-B/1", "digits"):
@@ -29,22 +29,33 @@ def cmd_model_info(args) -> int:
     else:
         size, _, patch = args.name.removeprefix("SiT-").removeprefix("DiT-").partition("/")
         if size not in SIZES or patch not in ("1", "2", "4"):
-            return fail("srdit model-info", f"unknown model {args.name!r}; allowed: SR-DiT-B/1, digits, or "
-                        f"<size>/<patch> with size in {', '.join(SIZES)} and patch 1, 2, 4 (e.g. B/2)")
-        native = dict(in_channels=1, input_size=8, num_classes=10) if size == "debug" else \
-            dict(in_channels=4, input_size=32, num_classes=1000)  # SD-VAE latent of a 256 px image
+            return fail(
+                "srdit model-info",
+                f"unknown model {args.name!r}; allowed: SR-DiT-B/1, digits, or "
+                f"<size>/<patch> with size in {', '.join(SIZES)} and patch 1, 2, 4 (e.g. B/2)",
+            )
+        native = (
+            dict(in_channels=1, input_size=8, num_classes=10)
+            if size == "debug"
+            else dict(in_channels=4, input_size=32, num_classes=1000)
+        )  # SD-VAE latent of a 256 px image
         data = DataConfig() if size == "debug" else DataConfig(dataset="latents", path="-")
         cfg = RunConfig(model=ModelConfig(size=size, patch_size=int(patch), **native), data=data)
     if techniques:
         cfg = with_techniques(cfg, techniques)
     model = build_model(cfg.model)
-    info = {"params": sum(p.numel() for p in model.parameters()), "params_inference": model.inference_parameters(),
-            "gmacs": round(count_macs(model) / 1e9, 4)}
+    info = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "params_inference": model.inference_parameters(),
+        "gmacs": round(count_macs(model) / 1e9, 4),
+    }
     if args.json:
         print(json.dumps(info))
     else:
-        print(f"{args.name}: {info['params'] / 1e6:.2f}M parameters ({info['params_inference'] / 1e6:.2f}M at "
-              f"inference), {info['gmacs']:.2f} GMACs per image")
+        print(
+            f"{args.name}: {info['params'] / 1e6:.2f}M parameters ({info['params_inference'] / 1e6:.2f}M at "
+            f"inference), {info['gmacs']:.2f} GMACs per image"
+        )
     return 0
 
 
@@ -52,9 +63,23 @@ def cmd_techniques(args) -> int:
     from srdit.techniques import TECHNIQUES
 
     if args.json:
-        print(json.dumps([{"name": t.name, "description": t.description, "diff": dict(t.diff), "knobs": dict(t.knobs),
-                           "paper": t.paper, "code": list(t.code), "stage": t.stage} for t in TECHNIQUES.values()],
-                         indent=1))
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": t.name,
+                        "description": t.description,
+                        "diff": dict(t.diff),
+                        "knobs": dict(t.knobs),
+                        "paper": t.paper,
+                        "code": list(t.code),
+                        "stage": t.stage,
+                    }
+                    for t in TECHNIQUES.values()
+                ],
+                indent=1,
+            )
+        )
         return 0
     for t in TECHNIQUES.values():
         print(f"{t.name}: {t.description}")
@@ -70,13 +95,24 @@ def cmd_techniques(args) -> int:
 def convert_parser() -> argparse.ArgumentParser:
     c = OneLineParser(prog="srdit convert")
     c.add_argument("source", help="the reference checkpoint (.pt)")
-    c.add_argument("overrides", nargs="*", help="key=value overrides of the preset's config (the srdit model must "
-                   "match the checkpoint), e.g. model.size=XL")
+    c.add_argument(
+        "overrides",
+        nargs="*",
+        help="key=value overrides of the preset's config (the srdit model must "
+        "match the checkpoint), e.g. model.size=XL",
+    )
     c.add_argument("--from", dest="layout", required=True, help="the reference code's layout: speedrundit, repa, sit")
-    c.add_argument("--preset", required=True, help="srdit config to convert into: digits, SR-DiT-B/1, or "
-                   "SiT-<size>/<patch> (SD-VAE 256 px latents, e.g. SiT-XL/2)")
-    c.add_argument("--weights", default="ema", help="ema or model: which weights of a training checkpoint "
-                   "(default: ema; a bare state dict is taken as is)")
+    c.add_argument(
+        "--preset",
+        required=True,
+        help="srdit config to convert into: digits, SR-DiT-B/1, or "
+        "SiT-<size>/<patch> (SD-VAE 256 px latents, e.g. SiT-XL/2)",
+    )
+    c.add_argument(
+        "--weights",
+        default="ema",
+        help="ema or model: which weights of a training checkpoint (default: ema; a bare state dict is taken as is)",
+    )
     c.add_argument("--out", required=True, help="the srdit checkpoint to write")
     return c
 
@@ -116,4 +152,3 @@ def model_info_main(argv: list[str] | None = None) -> int:
 def techniques_main(argv: list[str] | None = None) -> int:
     """`srdit techniques [--json]`; returns the exit code."""
     return parse_and_run(techniques_parser(), cmd_techniques, argv)
-

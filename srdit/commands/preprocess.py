@@ -39,8 +39,13 @@ def preprocess_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=4, help="image decoding threads")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     p.add_argument("--part", default="0/1", help="K/N: only shards K, K+N, ... (one process per device)")
-    p.add_argument("--ray", type=int, metavar="N", help="split into N parts run as Ray tasks (one GPU each when the "
-                   "cluster has GPUs; RAY_ADDRESS or a local Ray), then write the index")
+    p.add_argument(
+        "--ray",
+        type=int,
+        metavar="N",
+        help="split into N parts run as Ray tasks (one GPU each when the "
+        "cluster has GPUs; RAY_ADDRESS or a local Ray), then write the index",
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first N images (smoke runs)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
     p.add_argument("--verify", metavar="DIR", help="check an existing latent folder and exit")
@@ -59,8 +64,10 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{args.verify}: {p}", file=sys.stderr)
                 return 1
             index = store.read_index(args.verify)
-            print(f"{args.verify}: ok, {index['num_images']} images in {len(index['shards'])} shards "
-                  f"({'sizes' if args.quick else 'checksums'} verified)")
+            print(
+                f"{args.verify}: ok, {index['num_images']} images in {len(index['shards'])} shards "
+                f"({'sizes' if args.quick else 'checksums'} verified)"
+            )
             return 0
         if not args.source or not args.out or not args.weights:
             raise ArgError(PROG, "give SOURCE OUT --weights PATH (or --verify DIR)")
@@ -72,8 +79,16 @@ def main(argv: list[str] | None = None) -> int:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         t0 = time.perf_counter()
-        kw = dict(resolution=args.resolution, shard_size=args.shard_size, batch_size=args.batch_size, seed=args.seed,
-                  keep_images=args.keep_images, dtype=args.dtype, workers=args.workers, limit=args.limit)
+        kw = dict(
+            resolution=args.resolution,
+            shard_size=args.shard_size,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            keep_images=args.keep_images,
+            dtype=args.dtype,
+            workers=args.workers,
+            limit=args.limit,
+        )
         if args.ray:
             if n != 1:
                 raise ArgError(PROG, "--ray N splits the work itself; leave out --part")
@@ -81,15 +96,25 @@ def main(argv: list[str] | None = None) -> int:
 
             index = preprocess_on_ray(args.source, args.out, args.tokenizer, args.weights, parts=args.ray, **kw)
         else:
-            index = preprocess(args.source, args.out, load_tokenizer(args.tokenizer, args.weights, device),
-                               part=(k, n), progress=False if args.no_progress else None, **kw)
+            index = preprocess(
+                args.source,
+                args.out,
+                load_tokenizer(args.tokenizer, args.weights, device),
+                part=(k, n),
+                progress=False if args.no_progress else None,
+                **kw,
+            )
         dt = time.perf_counter() - t0
         if index is None:
-            print(f"{args.out}: part {k}/{n} done in {dt:.0f} s; other parts are still missing (index.json is "
-                  f"written when every shard is complete)")
+            print(
+                f"{args.out}: part {k}/{n} done in {dt:.0f} s; other parts are still missing (index.json is "
+                f"written when every shard is complete)"
+            )
         else:
-            print(f"{args.out}: {index['num_images']} images, {len(index['shards'])} shards, latents "
-                  f"{index['latent_shape']} ({dt:.0f} s)")
+            print(
+                f"{args.out}: {index['num_images']} images, {len(index['shards'])} shards, latents "
+                f"{index['latent_shape']} ({dt:.0f} s)"
+            )
         return 0
     except ArgError as e:
         return fail(e.prog, e.message)
@@ -98,4 +123,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("srdit preprocess: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-

@@ -12,8 +12,11 @@ PROG = "srdit reference"
 
 
 def reference_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog=PROG, description="`srdit reference`: reference statistics of real images for the "
-                      "ImageNet metrics, from local weights only.")
+    p = OneLineParser(
+        prog=PROG,
+        description="`srdit reference`: reference statistics of real images for the "
+        "ImageNet metrics, from local weights only.",
+    )
     p.add_argument("source", help="ImageNet-style image folder, or a latent folder written with --keep-images")
     p.add_argument("out", help="output .npz (set it as eval.reference)")
     p.add_argument("--inception", help="FID Inception weights (default: $SRDIT_INCEPTION_WEIGHTS)")
@@ -36,8 +39,17 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     try:
-        path = build_reference(args.source, args.out, inception=args.inception, n=args.n, resolution=args.resolution,
-                               dinov2=args.dinov2, seed=args.seed, batch_size=args.batch_size, device=args.device)
+        path = build_reference(
+            args.source,
+            args.out,
+            inception=args.inception,
+            n=args.n,
+            resolution=args.resolution,
+            dinov2=args.dinov2,
+            seed=args.seed,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
     except (ValueError, FileNotFoundError, ImportError, OSError) as e:
         return fail(PROG, first_line(e))
     print(f"{path}: reference statistics written ({time.perf_counter() - t0:.0f} s)")

@@ -51,8 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def make_report(study: str | Path, state: str | Path = DEFAULT_STATE, out: str | Path = DEFAULT_DASHBOARDS,
-                bootstrap: bool = True) -> Path:
+def make_report(
+    study: str | Path, state: str | Path = DEFAULT_STATE, out: str | Path = DEFAULT_DASHBOARDS, bootstrap: bool = True
+) -> Path:
     """Study YAML -> MLflow runs -> dashboards/<study>/index.html, dashboards/index.html, dashboards/RECORDS.md;
     the report files are logged on the study's parent run under report/."""
     from srdit.analysis.page import render_index, render_report
@@ -128,4 +129,3 @@ def headline_results(analyses: dict, primary: str) -> tuple[dict[str, float], di
         flags = sorted({fl.pair for fl in a.incompatible})
         tags[f"result.{mm}.incompatible"] = ", ".join(flags) or "none flagged"
     return {k: float(v) for k, v in metrics.items() if v == v}, tags
-

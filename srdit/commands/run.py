@@ -59,13 +59,26 @@ def cmd_train(args) -> int:
     # Under torchrun (WORLD_SIZE > 1) every process joins one data-parallel run; rank 0 writes and reports.
     cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
     dp = init_from_env("cuda" if cuda else "cpu")
-    result = train(cfg, out, JsonlReporter(out / "metrics.jsonl"), resume=not args.restart,
-                   progress=None if not args.quiet else False)
+    result = train(
+        cfg,
+        out,
+        JsonlReporter(out / "metrics.jsonl"),
+        resume=not args.restart,
+        progress=None if not args.quiet else False,
+    )
     if dp.active:
         torch.distributed.destroy_process_group()
-    summary = {"status": result.status, "reason": result.reason, "step": result.step, "out": str(out),
-               **{k: round(v, 5) for k, v in result.metrics.items() if k in ("fd", "kd", "kd_std", "precision",
-                                                                         "recall", "loss", "images_per_s")}}
+    summary = {
+        "status": result.status,
+        "reason": result.reason,
+        "step": result.step,
+        "out": str(out),
+        **{
+            k: round(v, 5)
+            for k, v in result.metrics.items()
+            if k in ("fd", "kd", "kd_std", "precision", "recall", "loss", "images_per_s")
+        },
+    }
     if dp.main:
         print(json.dumps(summary))
     return 0 if result.status == "finished" else 1
@@ -129,13 +142,24 @@ def _sample_shard(args, model, cfg, sc) -> int:
 
     shard, num_shards = resolve_shard(args.shard, args.num_shards)
     if args.merge and args.num_shards is None and num_shards > 1:
-        return fail("srdit sample", "--merge under torchrun would race the other ranks; run `srdit sample CKPT --n N "
-                    "--out DIR --merge` once after every rank has finished")
+        return fail(
+            "srdit sample",
+            "--merge under torchrun would race the other ranks; run `srdit sample CKPT --n N "
+            "--out DIR --merge` once after every rank has finished",
+        )
     device = shard_device(args.device)
-    r = write_shard(model.to(device), cfg, args.out, args.n, args.seed, shard, num_shards, device, args.batch_size,
-                    sc)
-    out = {"shard": str(r.path), "shard_index": r.shard, "num_shards": r.num_shards, "batches": len(r.batches),
-           "samples": r.num_samples, "skipped": r.skipped, "n": args.n, "nfe": r.nfe, "sampler": sc.sampler}
+    r = write_shard(model.to(device), cfg, args.out, args.n, args.seed, shard, num_shards, device, args.batch_size, sc)
+    out = {
+        "shard": str(r.path),
+        "shard_index": r.shard,
+        "num_shards": r.num_shards,
+        "batches": len(r.batches),
+        "samples": r.num_samples,
+        "skipped": r.skipped,
+        "n": args.n,
+        "nfe": r.nfe,
+        "sampler": sc.sampler,
+    }
     if args.merge:
         out["npz"] = str(merge(args.out, args.n))
     print(json.dumps(out))
@@ -152,13 +176,12 @@ def _merge_only(args) -> int:
 def cmd_evaluate(args) -> int:
     import dataclasses
 
-    from srdit.evaluate import evaluate
-    from srdit.generate import with_sampler
-    from srdit.train import resolve_device
-
     import torch
 
+    from srdit.evaluate import evaluate
+    from srdit.generate import with_sampler
     from srdit.parallel import init_from_env
+    from srdit.train import resolve_device
 
     model, cfg = _load(args.checkpoint, args.device)
     cfg = _with_tokenizer(cfg, args)
@@ -197,34 +220,55 @@ def _sample_parser(name: str) -> argparse.ArgumentParser:
     """`srdit sample` and `srdit evaluate`: a checkpoint, the sampler, and what each does with the samples."""
     s = OneLineParser(prog=f"srdit {name}")
     s.add_argument("checkpoint", help="an srdit checkpoint (.pt; its EMA weights are sampled)")
-    s.add_argument("--n", type=int, default=100 if name == "sample" else None,
-                   help="images to sample" if name == "sample" else
-                   "images to sample for the metrics (default: eval.n_samples of the checkpoint's config)")
-    s.add_argument("--sampler", choices=["sde", "euler", "heun"], help="sampler (default: sample.sampler of the "
-                   "checkpoint's config)")
+    s.add_argument(
+        "--n",
+        type=int,
+        default=100 if name == "sample" else None,
+        help="images to sample"
+        if name == "sample"
+        else "images to sample for the metrics (default: eval.n_samples of the checkpoint's config)",
+    )
+    s.add_argument(
+        "--sampler",
+        choices=["sde", "euler", "heun"],
+        help="sampler (default: sample.sampler of the checkpoint's config)",
+    )
     s.add_argument("--steps", type=int, help="sampling steps (default: sample.steps of the checkpoint's config)")
     s.add_argument("--cfg", type=float, help="classifier-free guidance scale")
     s.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:N")
     if name == "sample":
         s.add_argument("--seed", type=int, default=0, help="sampling seed")
         s.add_argument("--out", required=True, help="folder for samples.png + samples.npz, or for the shards")
-        s.add_argument("--batch-size", type=int, help="protocol batch size (default: eval.batch_size); "
-                       "samples depend on it, never on the number of shards")
-        s.add_argument("--shard", type=int, help="write shard K (of --num-shards) as "
-                       "samples_KKKKK-of-WWWWW.npz; default under torchrun: RANK")
+        s.add_argument(
+            "--batch-size",
+            type=int,
+            help="protocol batch size (default: eval.batch_size); samples depend on it, never on the number of shards",
+        )
+        s.add_argument(
+            "--shard",
+            type=int,
+            help="write shard K (of --num-shards) as samples_KKKKK-of-WWWWW.npz; default under torchrun: RANK",
+        )
         s.add_argument("--num-shards", type=int, help="number of shards (default under torchrun: WORLD_SIZE)")
-        s.add_argument("--merge", action="store_true", help="collect the shards in --out into samples_N.npz "
-                       "(after writing this process's shard when --shard / --num-shards are given)")
+        s.add_argument(
+            "--merge",
+            action="store_true",
+            help="collect the shards in --out into samples_N.npz "
+            "(after writing this process's shard when --shard / --num-shards are given)",
+        )
     else:
         s.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
         s.add_argument("--reference", help="latent runs: reference statistics .npz (overrides eval.reference)")
         s.add_argument("--inception", help="latent runs: FID Inception weights (overrides eval.inception_path)")
-        s.add_argument("--dinov2", help="latent runs: local DINOv2 folder for KD_DINOv2 (overrides "
-                       "eval.dinov2_path)")
-        s.add_argument("--samples", help="latent runs: keep the sample shards here (resumable; default: a "
-                       "temporary folder)")
-    s.add_argument("--tokenizer", choices=["invae", "sdvae"], help="decode latent samples with this "
-                   "tokenizer (overrides data.tokenizer)")
+        s.add_argument("--dinov2", help="latent runs: local DINOv2 folder for KD_DINOv2 (overrides eval.dinov2_path)")
+        s.add_argument(
+            "--samples", help="latent runs: keep the sample shards here (resumable; default: a temporary folder)"
+        )
+    s.add_argument(
+        "--tokenizer",
+        choices=["invae", "sdvae"],
+        help="decode latent samples with this tokenizer (overrides data.tokenizer)",
+    )
     s.add_argument("--tokenizer-path", help="local weights of the tokenizer (overrides data.tokenizer_path)")
     return s
 

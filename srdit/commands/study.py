@@ -57,35 +57,65 @@ def study_parser() -> argparse.ArgumentParser:
     pl.add_argument("--steps-per-s", type=float, default=None, help="throughput assumption of the time estimate")
     pl.add_argument("--concurrency", type=int, default=None, help="trials at once (default: cores / cpus per trial)")
     noise = pl.add_mutually_exclusive_group()
-    noise.add_argument("--noise-sd", type=float, default=None, metavar="X",
-                       help="noise sd of the primary metric (its analysis scale): print the detectable effects")
-    noise.add_argument("--pilot", default=None, metavar="STUDY",
-                       help="estimate the noise sd from a finished study's replicates (its runs under --state)")
-    pl.add_argument("--state", default=DEFAULT_STATE,
-                    help="state folder of the --pilot study, and whose MLflow store is searched for reusable "
-                         "finished runs (read only)")
-    pl.add_argument("--target-mde", type=float, default=None, metavar="Y",
-                    help="propose the seeds / smallest factorial design whose effects are detectable at Y")
+    noise.add_argument(
+        "--noise-sd",
+        type=float,
+        default=None,
+        metavar="X",
+        help="noise sd of the primary metric (its analysis scale): print the detectable effects",
+    )
+    noise.add_argument(
+        "--pilot",
+        default=None,
+        metavar="STUDY",
+        help="estimate the noise sd from a finished study's replicates (its runs under --state)",
+    )
+    pl.add_argument(
+        "--state",
+        default=DEFAULT_STATE,
+        help="state folder of the --pilot study, and whose MLflow store is searched for reusable "
+        "finished runs (read only)",
+    )
+    pl.add_argument(
+        "--target-mde",
+        type=float,
+        default=None,
+        metavar="Y",
+        help="propose the seeds / smallest factorial design whose effects are detectable at Y",
+    )
     pl.add_argument("--no-share", action="store_true", help="plan one training per trial (as `study run --no-share`)")
     for name, help_ in (("run", "run every unfinished trial"), ("resume", "finish an interrupted study (= run)")):
         r = sub.add_parser(name, help=help_)
         r.add_argument("study", help="the study YAML")
         r.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
-        r.add_argument("--retry-failed", action="store_true",
-                       help="also rerun trials that ended diverged or oom (crashed trials are always rerun)")
+        r.add_argument(
+            "--retry-failed",
+            action="store_true",
+            help="also rerun trials that ended diverged or oom (crashed trials are always rerun)",
+        )
         r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
-        r.add_argument("--no-share", action="store_true",
-                       help="train every trial, also those that differ from another only in evaluation-time "
-                            "settings (default: they share one training)")
-        r.add_argument("--address", default=None,
-                       help="Ray cluster to run on (default: $RAY_ADDRESS, else a private local Ray on 127.0.0.1)")
-        r.add_argument("--no-reuse", action="store_true",
-                       help="train every trial, even one whose finished run (same training config, data, code and "
-                            "evaluation settings) is already in the store")
+        r.add_argument(
+            "--no-share",
+            action="store_true",
+            help="train every trial, also those that differ from another only in evaluation-time "
+            "settings (default: they share one training)",
+        )
+        r.add_argument(
+            "--address",
+            default=None,
+            help="Ray cluster to run on (default: $RAY_ADDRESS, else a private local Ray on 127.0.0.1)",
+        )
+        r.add_argument(
+            "--no-reuse",
+            action="store_true",
+            help="train every trial, even one whose finished run (same training config, data, code and "
+            "evaluation settings) is already in the store",
+        )
     ex = sub.add_parser("export", help="write one row per trial (factors, seed, status, every metric) from MLflow")
     ex.add_argument("study", help="the study YAML")
-    ex.add_argument("--csv", nargs="?", const="", default="", metavar="PATH",
-                    help="CSV file to write (default: <study>_runs.csv)")
+    ex.add_argument(
+        "--csv", nargs="?", const="", default="", metavar="PATH", help="CSV file to write (default: <study>_runs.csv)"
+    )
     ex.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
     st = sub.add_parser("status", help="each trial's status, counts, and what a rerun will do")
     st.add_argument("study", help="the study YAML")
@@ -151,14 +181,17 @@ def _plan(args) -> int:
     sps = args.steps_per_s or ASSUMED_STEPS_PER_S
     conc = args.concurrency or _concurrency(spec)
     power = _power(args, spec, plan, sps, conc)  # a bad --pilot fails before the preflight runs
-    where = ("this machine (`study run` checks the cluster at RAY_ADDRESS once connected)"
-             if os.environ.get("RAY_ADDRESS") else "this machine")
-    problems = (preflight.input_and_metric_problems(spec, plan) +
-                preflight.resource_problems(spec, preflight.local_nodes(), where))
+    where = (
+        "this machine (`study run` checks the cluster at RAY_ADDRESS once connected)"
+        if os.environ.get("RAY_ADDRESS")
+        else "this machine"
+    )
+    problems = preflight.input_and_metric_problems(spec, plan) + preflight.resource_problems(
+        spec, preflight.local_nodes(), where
+    )
     reuse = plan_reuse(spec, plan, args.state)
     if args.json:
-        print(json.dumps({**plan.to_json(sps, conc), "preflight": problems, "reuse": reuse, "power": power},
-                         indent=1))
+        print(json.dumps({**plan.to_json(sps, conc), "preflight": problems, "reuse": reuse, "power": power}, indent=1))
     else:
         print(format_plan(plan, sps, conc))
         print(f"reuse: {reuse['line']}")
@@ -177,11 +210,14 @@ def _check_power_args(args) -> None:
     """--noise-sd and --target-mde: positive finite numbers; --target-mde needs a noise sd. ConfigError (exit 2)."""
     import math
 
-    for flag, v, what in (("--noise-sd", args.noise_sd, "the noise sd"), ("--target-mde", args.target_mde,
-                                                                          "an effect")):
+    for flag, v, what in (
+        ("--noise-sd", args.noise_sd, "the noise sd"),
+        ("--target-mde", args.target_mde, "an effect"),
+    ):
         if v is not None and not (math.isfinite(v) and v > 0):
-            raise ConfigError(f"{flag} must be a positive number ({what} of the primary metric on "
-                              f"its analysis scale), got {v}")
+            raise ConfigError(
+                f"{flag} must be a positive number ({what} of the primary metric on its analysis scale), got {v}"
+            )
     if args.target_mde is not None and args.noise_sd is None and args.pilot is None:
         raise ConfigError("--target-mde needs a noise sd: pass --noise-sd X or --pilot STUDY")
 
@@ -196,8 +232,9 @@ def _power(args, spec, plan, sps: float, conc: int) -> dict:
     elif args.pilot is not None:
         pilot = pilot_noise(*_pilot_results(args.pilot, args.state), spec.metrics.primary, args.pilot, args.state)
         sigma, source = pilot["sd"], pilot["source"]
-    return power_block(spec, plan, sigma=sigma, source=source, pilot=pilot, target=args.target_mde,
-                       steps_per_s=sps, concurrency=conc)
+    return power_block(
+        spec, plan, sigma=sigma, source=source, pilot=pilot, target=args.target_mde, steps_per_s=sps, concurrency=conc
+    )
 
 
 def _pilot_results(pilot: str, state: str):
@@ -230,19 +267,31 @@ def _run(args) -> int:
     try:
         with study_lock(args.state, spec.name) as stale:  # StudyBusy (exit 2) when another driver runs the study
             if stale:
-                print(f"the previous driver of study {spec.name} (pid {stale.get('pid')}, host "
-                      f"{stale.get('host')}) stopped without finishing; taking over", flush=True)
+                print(
+                    f"the previous driver of study {spec.name} (pid {stale.get('pid')}, host "
+                    f"{stale.get('host')}) stopped without finishing; taking over",
+                    flush=True,
+                )
             state = StudyState.of(spec, args.state)
             mark_dead_trials(spec, state, stale)
-            res = run_study(spec, state, retry_failed=args.retry_failed, num_cpus=args.num_cpus, plan=plan,
-                            address=args.address, reuse=not args.no_reuse)
+            res = run_study(
+                spec,
+                state,
+                retry_failed=args.retry_failed,
+                num_cpus=args.num_cpus,
+                plan=plan,
+                address=args.address,
+                reuse=not args.no_reuse,
+            )
     except PreflightError:
         if new_state:  # refused before anything ran: leave no state behind (the lock made the folder)
             shutil.rmtree(args.state, ignore_errors=True)
         raise
     state = Path(args.state)
-    print(f"MLflow: {res.uri} (experiment {spec.tracking.experiment or spec.name}, parent run {res.parent_run_id}); "
-          f"browse with `srdit ui --state {state}`")
+    print(
+        f"MLflow: {res.uri} (experiment {spec.tracking.experiment or spec.name}, parent run {res.parent_run_id}); "
+        f"browse with `srdit ui --state {state}`"
+    )
     print(f"report: `srdit report {args.study} --state {state}` writes {DEFAULT_DASHBOARDS}/{spec.name}/index.html")
     return 0 if res.complete else 1
 
@@ -284,8 +333,11 @@ def plan_reuse(spec, plan, state: str | Path) -> dict:
     out["reused"] = len(sources)
     done = f"{out['done']} of {len(plan.trials)} trials already done in this study; " if out["done"] else ""
     if sources:
-        out["line"] = (done + format_reused(out["from"], len(plan.trials), "would be reused") +
-                       f" (finished runs with the same run key in {state}; `study run --no-reuse` trains them)")
+        out["line"] = (
+            done
+            + format_reused(out["from"], len(plan.trials), "would be reused")
+            + f" (finished runs with the same run key in {state}; `study run --no-reuse` trains them)"
+        )
     else:
         out["line"] = done + f"no finished run with a matching run key in {state}"
     return out
@@ -312,26 +364,33 @@ def mark_dead_trials(spec, state: str | Path, previous: dict | None = None) -> l
     except ConfigError:
         return []
     who = f" (pid {previous.get('pid')}, host {previous.get('host')})" if previous else ""
-    return tracking.mark_dead(f"interrupted: the study's driver{who} stopped before the trial ended; a rerun resumes "
-                              f"it from its last checkpoint")
+    return tracking.mark_dead(
+        f"interrupted: the study's driver{who} stopped before the trial ended; a rerun resumes "
+        f"it from its last checkpoint"
+    )
 
 
 def _status(args) -> int:
     """Per trial: its status (and reason); then counts per status, the driver (if one runs) and what a rerun
     will do (`tracking.is_done` decides, with and without --retry-failed)."""
-    from srdit.study.designs import plan_study
     from srdit.runtime.lock import holder
     from srdit.runtime.reuse import REUSED_FROM, REUSED_FROM_STUDY, format_reused, reused_counts
     from srdit.runtime.state import StudyState
     from srdit.runtime.tracking import is_done
+    from srdit.study.designs import plan_study
     from srdit.study.spec import load_study
 
     spec = load_study(args.study)
     plan = plan_study(spec)
     tracking = StudyState.of(spec, args.state).tracking()
     driver = holder(args.state, spec.name)
-    marked = [] if driver is not None else tracking.mark_dead(
-        "interrupted: the study's driver stopped before the trial ended; a rerun resumes it from its last checkpoint")
+    marked = (
+        []
+        if driver is not None
+        else tracking.mark_dead(
+            "interrupted: the study's driver stopped before the trial ended; a rerun resumes it from its last checkpoint"
+        )
+    )
     children = tracking.children_by_key()
     search = spec.design.kind == "search"
     keys = list(children) if search else [t.key for t in plan.trials]
@@ -349,22 +408,27 @@ def _status(args) -> int:
         reason = r.data.tags.get("status_reason", "") if r is not None else ""
         name = r.data.tags.get("mlflow.runName", "") if r is not None else ""
         if r is not None and r.data.tags.get(REUSED_FROM):
-            reason = (reason + "  " if reason else "") + (f"reused from study {r.data.tags.get(REUSED_FROM_STUDY)} "
-                                                         f"(run {r.data.tags[REUSED_FROM]})")
+            reason = (reason + "  " if reason else "") + (
+                f"reused from study {r.data.tags.get(REUSED_FROM_STUDY)} (run {r.data.tags[REUSED_FROM]})"
+            )
         print(f"{k}  {name + '  ' if name else ''}{state}{'  ' + reason if reason else ''}")
     fmt = lambda d: ", ".join(f"{n} {s}" for s, n in sorted(d.items(), key=lambda x: -x[1]))  # noqa: E731
     n_done = sum(1 for k in keys if children.get(k) is not None and is_done(children[k]))
     total = plan.search_budget or len(keys)
-    print(f"{n_done}/{total} trials done ({fmt(counts) or 'none run'}); MLflow {tracking.uri}, parent run "
-          f"{tracking.parent_run_id}")
+    print(
+        f"{n_done}/{total} trials done ({fmt(counts) or 'none run'}); MLflow {tracking.uri}, parent run "
+        f"{tracking.parent_run_id}"
+    )
     reused = reused_counts(children[k] for k in keys if k in children and is_done(children[k]))
     if reused:
         print(format_reused(reused, total))
     if marked:
         print(f"marked {len(marked)} trial(s) interrupted: their driver is gone")
     if driver is not None:
-        print(f"a driver is running this study now (pid {driver.get('pid')}, host {driver.get('host')}, since "
-              f"{driver.get('started')})")
+        print(
+            f"a driver is running this study now (pid {driver.get('pid')}, host {driver.get('host')}, since "
+            f"{driver.get('started')})"
+        )
     cmd = f"srdit study run {args.study} --state {args.state}"
     if search:
         print(f"a rerun (`{cmd}`) continues the search up to its budget of {total}")
@@ -381,16 +445,17 @@ def _bench(args) -> int:
     """`srdit study bench`: the controlled throughput measurement (srdit.runtime.bench), into the state and onto the
     parent run. Refused while a driver runs the study: its trials would load the machine being measured."""
     from srdit.runtime.bench import DEFAULT_ROUNDS, DEFAULT_WARMUP, format_bench, run_bench, save_bench
-    from srdit.study.designs import plan_study
-    from srdit.runtime.lock import study_lock
     from srdit.runtime.driver import prepare
+    from srdit.runtime.lock import study_lock
+    from srdit.study.designs import plan_study
     from srdit.study.spec import load_study
 
     spec = load_study(args.study)
     plan = plan_study(spec)
     if not plan.cells:
-        return fail("srdit study bench", f"{args.study}: the bench times the cells of a grid design; a search design "
-                                         "has none")
+        return fail(
+            "srdit study bench", f"{args.study}: the bench times the cells of a grid design; a search design has none"
+        )
     rounds = DEFAULT_ROUNDS if args.rounds is None else args.rounds
     warmup = DEFAULT_WARMUP if args.warmup is None else args.warmup
     if rounds < 3 or warmup < 0:
@@ -400,6 +465,8 @@ def _bench(args) -> int:
         _, tracking, _ = prepare(spec, args.state, plan)
         path = save_bench(rec, args.state, tracking)
     print(format_bench(rec))
-    print(f"bench: {path} ({rec['seconds']:.0f} s); logged on parent run {tracking.parent_run_id}; "
-          f"`srdit report` uses it for throughput effects and the Pareto front")
+    print(
+        f"bench: {path} ({rec['seconds']:.0f} s); logged on parent run {tracking.parent_run_id}; "
+        f"`srdit report` uses it for throughput effects and the Pareto front"
+    )
     return 0

@@ -25,8 +25,14 @@ def main(argv: list[str] | None = None) -> int:
     import time
 
     from srdit.runtime.lock import state_init_lock
-    from srdit.runtime.tracking import (UI_QUERY, default_tracking_uri, port_free, relocate_store, start_server,
-                                        stop_server)
+    from srdit.runtime.tracking import (
+        UI_QUERY,
+        default_tracking_uri,
+        port_free,
+        relocate_store,
+        start_server,
+        stop_server,
+    )
 
     try:
         args = ui_parser().parse_args(argv)
@@ -45,13 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     try:  # links that open each study on its runs (MLflow's UI otherwise starts on its GenAI pages)
         from mlflow import MlflowClient
 
-        studies = [(e.name, e.experiment_id) for e in MlflowClient(default_tracking_uri(state)).search_experiments()
-                   if e.name != "Default"]
+        studies = [
+            (e.name, e.experiment_id)
+            for e in MlflowClient(default_tracking_uri(state)).search_experiments()
+            if e.name != "Default"
+        ]
     except Exception:
         pass
     try:
-        proc = start_server(default_tracking_uri(state), state / "mlartifacts", args.host, args.port,
-                            log_path=state / "mlflow-ui.log")
+        proc = start_server(
+            default_tracking_uri(state), state / "mlartifacts", args.host, args.port, log_path=state / "mlflow-ui.log"
+        )
     except RuntimeError as e:
         return fail(PROG, str(e))
 
@@ -74,4 +84,3 @@ def main(argv: list[str] | None = None) -> int:
         print("stopping the MLflow UI ...", flush=True)
         stop_server(proc)
         return 0
-

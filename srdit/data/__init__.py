@@ -10,5 +10,12 @@ from srdit.data.digits import (
     random_labels,
 )
 
-__all__ = ["IMAGE_SHAPE", "NUM_CLASSES", "BatchStream", "DigitsSplit", "balanced_labels", "load_digits_split",
-           "random_labels"]
+__all__ = [
+    "IMAGE_SHAPE",
+    "NUM_CLASSES",
+    "BatchStream",
+    "DigitsSplit",
+    "balanced_labels",
+    "load_digits_split",
+    "random_labels",
+]

@@ -117,7 +117,7 @@ class BatchStream:
         while need > 0:
             perm = self._permutation(self.epoch)
             take = min(need, self.n - self.offset)
-            parts.append(perm[self.offset:self.offset + take])
+            parts.append(perm[self.offset : self.offset + take])
             self.offset += take
             need -= take
             if self.offset == self.n:
@@ -126,15 +126,22 @@ class BatchStream:
 
     def state_dict(self) -> dict:
         """Position and settings as plain ints (loadable with `torch.load(weights_only=True)`)."""
-        return {"n": self.n, "batch_size": self.batch_size, "seed": self.seed, "epoch": self.epoch,
-                "offset": self.offset}
+        return {
+            "n": self.n,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "epoch": self.epoch,
+            "offset": self.offset,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a position saved by `state_dict`; the settings must match (else the stream would differ)."""
         for k in ("n", "batch_size", "seed"):
             if int(state[k]) != getattr(self, k):
-                raise ValueError(f"BatchStream state has {k}={state[k]} but this stream has {k}={getattr(self, k)}; "
-                                 f"resume with the settings the checkpoint was written with")
+                raise ValueError(
+                    f"BatchStream state has {k}={state[k]} but this stream has {k}={getattr(self, k)}; "
+                    f"resume with the settings the checkpoint was written with"
+                )
         epoch, offset = int(state["epoch"]), int(state["offset"])
         if epoch < 0 or not 0 <= offset < self.n:
             raise ValueError(f"invalid BatchStream position epoch={epoch}, offset={offset} for n={self.n}")

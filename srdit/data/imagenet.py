@@ -28,8 +28,9 @@ def _pil():
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover - Pillow is a dependency of matplotlib and of the imagenet extra
-        raise ImportError("decoding images needs Pillow: pip install 'srdit[imagenet]' (or pip install pillow)") \
-            from None
+        raise ImportError(
+            "decoding images needs Pillow: pip install 'srdit[imagenet]' (or pip install pillow)"
+        ) from None
     return Image
 
 
@@ -97,11 +98,12 @@ def center_crop_adm(image, size: int) -> np.ndarray:
     while min(image.size) >= 2 * size:
         image = image.resize((image.size[0] // 2, image.size[1] // 2), resample=Image.Resampling.BOX)
     scale = size / min(image.size)
-    image = image.resize((round(image.size[0] * scale), round(image.size[1] * scale)),
-                         resample=Image.Resampling.BICUBIC)
+    image = image.resize(
+        (round(image.size[0] * scale), round(image.size[1] * scale)), resample=Image.Resampling.BICUBIC
+    )
     arr = np.asarray(image)
     top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-    return np.ascontiguousarray(arr[top:top + size, left:left + size])
+    return np.ascontiguousarray(arr[top : top + size, left : left + size])
 
 
 def load_crop(path: str | os.PathLike, size: int) -> np.ndarray:

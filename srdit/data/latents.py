@@ -65,8 +65,13 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> dict:
     path = Path(path)
     array = np.ascontiguousarray(array)
     write_atomic(path, lambda f: np.save(f, array, allow_pickle=False))
-    return {"name": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-            "shape": list(array.shape), "dtype": array.dtype.name}
+    return {
+        "name": path.name,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "shape": list(array.shape),
+        "dtype": array.dtype.name,
+    }
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -95,8 +100,9 @@ def read_manifest(root: str | os.PathLike, shard: int) -> dict | None:
         return None
 
 
-def check_shard(root: str | os.PathLike, shard: int, start: int, count: int, kinds: tuple[str, ...],
-                checksums: bool = True) -> str | None:
+def check_shard(
+    root: str | os.PathLike, shard: int, start: int, count: int, kinds: tuple[str, ...], checksums: bool = True
+) -> str | None:
     """None when shard `shard` is complete and intact (its manifest matches the expectation and every file's size,
     and with `checksums` its sha256, match the manifest); otherwise the reason."""
     m = read_manifest(root, shard)
@@ -128,17 +134,23 @@ def read_index(root: str | os.PathLike) -> dict:
     path = root / INDEX
     if not path.is_file():
         if (root / SETTINGS).is_file():
-            raise FileNotFoundError(f"{root}: preprocessing is incomplete ({INDEX} missing); rerun the same "
-                                    f"`srdit preprocess` command to finish it")
-        raise FileNotFoundError(f"{root}: no {INDEX}; create the latent folder with `srdit preprocess IMAGE_DIR "
-                                f"{root} --tokenizer invae --weights PATH`")
+            raise FileNotFoundError(
+                f"{root}: preprocessing is incomplete ({INDEX} missing); rerun the same "
+                f"`srdit preprocess` command to finish it"
+            )
+        raise FileNotFoundError(
+            f"{root}: no {INDEX}; create the latent folder with `srdit preprocess IMAGE_DIR "
+            f"{root} --tokenizer invae --weights PATH`"
+        )
     try:
         index = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise ValueError(f"{path}: unreadable ({e})") from None
     if index.get("format") != FORMAT or index.get("version") != VERSION:
-        raise ValueError(f"{path}: not an {FORMAT} v{VERSION} index (format {index.get('format')!r}, "
-                         f"version {index.get('version')!r})")
+        raise ValueError(
+            f"{path}: not an {FORMAT} v{VERSION} index (format {index.get('format')!r}, "
+            f"version {index.get('version')!r})"
+        )
     return index
 
 
@@ -197,19 +209,22 @@ class LatentDataset:
         self.scale, self.bias = float(tok["scale"]), float(tok["bias"])
         self.resolution = int(ix["resolution"])
         self._latents = [self._open("latents", k) for k in range(len(ix["shards"]))]
-        self._images = ([self._open("images", k) for k in range(len(ix["shards"]))]
-                        if "images" in ix["kinds"] else None)
+        self._images = [self._open("images", k) for k in range(len(ix["shards"]))] if "images" in ix["kinds"] else None
         # Labels are small (8 bytes per image): keep them in memory for cheap gathers.
         self.labels = np.concatenate([np.load(shard_file(self.root, "labels", k)) for k in range(len(ix["shards"]))])
         if len(self.labels) != self.num_images:
-            raise ValueError(f"{self.root}: {len(self.labels)} labels for {self.num_images} images; run "
-                             f"`srdit preprocess --verify {self.root}`")
+            raise ValueError(
+                f"{self.root}: {len(self.labels)} labels for {self.num_images} images; run "
+                f"`srdit preprocess --verify {self.root}`"
+            )
 
     def _open(self, kind: str, shard: int) -> np.ndarray:
         path = shard_file(self.root, kind, shard)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing shard; run `srdit preprocess --verify {self.root}` and rerun "
-                                    f"the preprocessing command to rebuild it")
+            raise FileNotFoundError(
+                f"{path}: missing shard; run `srdit preprocess --verify {self.root}` and rerun "
+                f"the preprocessing command to rebuild it"
+            )
         return np.load(path, mmap_mode="r")
 
     def __len__(self) -> int:
@@ -253,19 +268,32 @@ class LatentStream:
     blocking and cast there.
     """
 
-    def __init__(self, root: str | os.PathLike, batch_size: int, seed: int = 0, *, images: bool = False,
-                 device: str | torch.device = "cpu", prefetch: int = 0, part: tuple[int, int] = (0, 1),
-                 teacher_cache=None):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        batch_size: int,
+        seed: int = 0,
+        *,
+        images: bool = False,
+        device: str | torch.device = "cpu",
+        prefetch: int = 0,
+        part: tuple[int, int] = (0, 1),
+        teacher_cache=None,
+    ):
         self.data = LatentDataset(root)
         if teacher_cache is not None and teacher_cache.num_images != len(self.data):
-            raise ValueError(f"{teacher_cache.folder}: teacher cache of {teacher_cache.num_images} images, {root} "
-                             f"holds {len(self.data)}; build the cache for this folder")
+            raise ValueError(
+                f"{teacher_cache.folder}: teacher cache of {teacher_cache.num_images} images, {root} "
+                f"holds {len(self.data)}; build the cache for this folder"
+            )
         self.teacher_cache = teacher_cache
         self.last_teacher: tuple[Tensor, Tensor] | None = None
         if images and not self.data.has_images:
-            raise ValueError(f"{root}: no image crops stored (needed by the alignment teacher); rerun "
-                             f"`srdit preprocess` with --keep-images into a new folder, or precompute the teacher "
-                             f"features")
+            raise ValueError(
+                f"{root}: no image crops stored (needed by the alignment teacher); rerun "
+                f"`srdit preprocess` with --keep-images into a new folder, or precompute the teacher "
+                f"features"
+            )
         self.images = images
         self.device = torch.device(device)
         self.sampler = BatchStream(len(self.data), batch_size, seed)
@@ -297,8 +325,13 @@ class LatentStream:
         teacher = None
         if self.teacher_cache is not None:
             teacher = tuple(self._pinned(torch.from_numpy(a)) for a in self.teacher_cache.get(idx.numpy()))
-        return (idx, torch.from_numpy(lat), torch.from_numpy(lab), torch.from_numpy(img) if self.images else None,
-                teacher)
+        return (
+            idx,
+            torch.from_numpy(lat),
+            torch.from_numpy(lab),
+            torch.from_numpy(img) if self.images else None,
+            teacher,
+        )
 
     def _pinned(self, t: Tensor) -> Tensor:
         """Page-locked (in the reading thread) when the batch goes to a GPU, so that the copy does not block."""
@@ -368,8 +401,10 @@ class LatentStream:
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("index") != self.fingerprint:
-            raise ValueError(f"LatentStream state was saved on another latent folder (index {state.get('index')}, "
-                             f"this one {self.fingerprint}); resume on the data the checkpoint was trained on")
+            raise ValueError(
+                f"LatentStream state was saved on another latent folder (index {state.get('index')}, "
+                f"this one {self.fingerprint}); resume on the data the checkpoint was trained on"
+            )
         self.close()
         inner = {k: v for k, v in state.items() if k != "index"}
         self.sampler.load_state_dict(inner)

@@ -36,9 +36,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -56,8 +56,9 @@ def image_seed(seed: int, index: int) -> int:
 
 def posterior_noise(indices, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     """Standard normal noise [len(indices), *shape], row i drawn from image_seed(seed, indices[i]) (CPU)."""
-    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(image_seed(seed, int(i))))
-                        for i in indices])
+    return torch.stack(
+        [torch.randn(shape, generator=torch.Generator().manual_seed(image_seed(seed, int(i)))) for i in indices]
+    )
 
 
 def _weights_fingerprint(source: str | None) -> str | None:
@@ -81,17 +82,35 @@ def _progress(enabled: bool | None, total: int, done: int):
         return None
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-    bar = Progress("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
-                   TimeRemainingColumn(), transient=False)
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=False,
+    )
     bar.start()
     bar.add_task("preprocess", total=total, completed=done)
     return bar
 
 
-def preprocess(source: str | os.PathLike, out: str | os.PathLike, tokenizer, *, resolution: int = 256,
-               shard_size: int = 1000, batch_size: int = 32, seed: int = 0, keep_images: bool = False,
-               dtype: str = "float32", workers: int = 4, part: tuple[int, int] = (0, 1), limit: int | None = None,
-               progress: bool | None = None, on_shard: Callable[[int], None] | None = None) -> dict | None:
+def preprocess(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    tokenizer,
+    *,
+    resolution: int = 256,
+    shard_size: int = 1000,
+    batch_size: int = 32,
+    seed: int = 0,
+    keep_images: bool = False,
+    dtype: str = "float32",
+    workers: int = 4,
+    part: tuple[int, int] = (0, 1),
+    limit: int | None = None,
+    progress: bool | None = None,
+    on_shard: Callable[[int], None] | None = None,
+) -> dict | None:
     """Write (or finish) the latent folder `out` for the images of `source` with `tokenizer` (a `Tokenizer`).
 
     `part=(k, n)` handles only shards k, k+n, k+2n, ...; `limit` keeps the first N images (smoke runs);
@@ -99,21 +118,42 @@ def preprocess(source: str | os.PathLike, out: str | os.PathLike, tokenizer, *, 
     shard is complete (index.json written), else None."""
     if not 0 <= part[0] < part[1]:
         raise ValueError(f"part {part[0]}/{part[1]}: need 0 <= K < N")
-    folder, settings = prepare(source, out, tokenizer, resolution=resolution, shard_size=shard_size,
-                               batch_size=batch_size, seed=seed, keep_images=keep_images, dtype=dtype, limit=limit)
+    folder, settings = prepare(
+        source,
+        out,
+        tokenizer,
+        resolution=resolution,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        seed=seed,
+        keep_images=keep_images,
+        dtype=dtype,
+        limit=limit,
+    )
     _shards(Path(out), folder, settings, tokenizer, part=part, workers=workers, progress=progress, on_shard=on_shard)
     return finalize(out, folder, settings)
 
 
-def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer, *, resolution: int = 256,
-            shard_size: int = 1000, batch_size: int = 32, seed: int = 0, keep_images: bool = False,
-            dtype: str = "float32", limit: int | None = None) -> tuple[ImageFolder, dict]:
+def prepare(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    tokenizer,
+    *,
+    resolution: int = 256,
+    shard_size: int = 1000,
+    batch_size: int = 32,
+    seed: int = 0,
+    keep_images: bool = False,
+    dtype: str = "float32",
+    limit: int | None = None,
+) -> tuple[ImageFolder, dict]:
     """Check the arguments, scan the images, and write (or check against) the folder's settings and file list."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: allowed {', '.join(DTYPES)}")
     if resolution % tokenizer.downsample:
-        raise ValueError(f"resolution {resolution} is not a multiple of the tokenizer's down-sampling "
-                         f"{tokenizer.downsample}")
+        raise ValueError(
+            f"resolution {resolution} is not a multiple of the tokenizer's down-sampling {tokenizer.downsample}"
+        )
     if shard_size < 1 or batch_size < 1:
         raise ValueError("shard_size and batch_size must be >= 1")
     folder = scan_image_folder(source)
@@ -124,9 +164,17 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer, *, res
     out = Path(out)
     kinds = ("latents", "labels") + (("images",) if keep_images else ())
     settings = {
-        "format": store.FORMAT, "version": store.VERSION, "source": str(Path(source).resolve()),
-        "source_fingerprint": folder.fingerprint(), "num_images": len(folder), "resolution": resolution,
-        "shard_size": shard_size, "batch_size": batch_size, "seed": seed, "kinds": list(kinds), "latent_dtype": dtype,
+        "format": store.FORMAT,
+        "version": store.VERSION,
+        "source": str(Path(source).resolve()),
+        "source_fingerprint": folder.fingerprint(),
+        "num_images": len(folder),
+        "resolution": resolution,
+        "shard_size": shard_size,
+        "batch_size": batch_size,
+        "seed": seed,
+        "kinds": list(kinds),
+        "latent_dtype": dtype,
         "tokenizer": tokenizer.describe(),
         "tokenizer_weights_sha256": _weights_fingerprint(getattr(tokenizer, "source", None)),
         "crop": "adm-center",
@@ -139,8 +187,17 @@ def prepare(source: str | os.PathLike, out: str | os.PathLike, tokenizer, *, res
     return folder, settings
 
 
-def _shards(out: Path, folder: ImageFolder, settings: dict, tokenizer, *, part: tuple[int, int], workers: int,
-            progress: bool | None, on_shard: Callable[[int], None] | None) -> None:
+def _shards(
+    out: Path,
+    folder: ImageFolder,
+    settings: dict,
+    tokenizer,
+    *,
+    part: tuple[int, int],
+    workers: int,
+    progress: bool | None,
+    on_shard: Callable[[int], None] | None,
+) -> None:
     """Encode and write this part's incomplete shards."""
     n, shard_size, batch_size, seed = len(folder), settings["shard_size"], settings["batch_size"], settings["seed"]
     resolution, dtype, kinds = settings["resolution"], settings["latent_dtype"], tuple(settings["kinds"])
@@ -153,10 +210,16 @@ def _shards(out: Path, folder: ImageFolder, settings: dict, tokenizer, *, part: 
         for tmp in (out / store.SHARDS).glob(".*.tmp") if (out / store.SHARDS).is_dir() else []:
             tmp.unlink(missing_ok=True)
     mine = [k for k in range(n_shards) if k % n_parts == k_part]
-    todo = [k for k in mine if store.check_shard(out, k, k * shard_size, min(shard_size, n - k * shard_size),
-                                                 kinds) is not None]
-    bar = _progress(progress, sum(min(shard_size, n - k * shard_size) for k in mine),
-                    sum(min(shard_size, n - k * shard_size) for k in mine if k not in todo))
+    todo = [
+        k
+        for k in mine
+        if store.check_shard(out, k, k * shard_size, min(shard_size, n - k * shard_size), kinds) is not None
+    ]
+    bar = _progress(
+        progress,
+        sum(min(shard_size, n - k * shard_size) for k in mine),
+        sum(min(shard_size, n - k * shard_size) for k in mine if k not in todo),
+    )
     # Bit-reproducible convolutions where the backend offers them (GPU runs would otherwise vary per run).
     prev = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
@@ -176,16 +239,20 @@ def _shards(out: Path, folder: ImageFolder, settings: dict, tokenizer, *, part: 
             lat = np.empty((count,) + latent_shape, dtype=dtype)
             for b in range(0, count, batch_size):
                 idx = range(start + b, start + min(b + batch_size, count))
-                z = tokenizer.encode(to_unit_range(crops[b:b + len(idx)]), sample=True,
-                                     noise=posterior_noise(idx, latent_shape, seed))
+                z = tokenizer.encode(
+                    to_unit_range(crops[b : b + len(idx)]), sample=True, noise=posterior_noise(idx, latent_shape, seed)
+                )
                 if tuple(z.shape[1:]) != latent_shape:
                     raise ValueError(f"tokenizer returned latents {tuple(z.shape[1:])}, expected {latent_shape}")
-                lat[b:b + len(idx)] = z.float().cpu().numpy().astype(dtype)
+                lat[b : b + len(idx)] = z.float().cpu().numpy().astype(dtype)
                 if bar is not None:
                     bar.advance(bar.task_ids[0], len(idx))
-            entries = {"latents": store.save_npy_atomic(store.shard_file(out, "latents", k), lat),
-                       "labels": store.save_npy_atomic(store.shard_file(out, "labels", k),
-                                                       folder.labels[start:start + count])}
+            entries = {
+                "latents": store.save_npy_atomic(store.shard_file(out, "latents", k), lat),
+                "labels": store.save_npy_atomic(
+                    store.shard_file(out, "labels", k), folder.labels[start : start + count]
+                ),
+            }
             if keep_images:
                 entries["images"] = store.save_npy_atomic(store.shard_file(out, "images", k), crops)
             store.write_json_atomic(store.manifest_file(out, k), {"start": start, "count": count, "files": entries})
@@ -207,8 +274,10 @@ def _check_settings(out: Path, settings: dict) -> None:
             old = None
         if old != settings:
             diff = sorted(k for k in set(settings) | set(old or {}) if (old or {}).get(k) != settings.get(k))
-            raise ValueError(f"{out} was written with other settings (differs in: {', '.join(diff)}); use another "
-                             f"output folder, or remove it to start over")
+            raise ValueError(
+                f"{out} was written with other settings (differs in: {', '.join(diff)}); use another "
+                f"output folder, or remove it to start over"
+            )
         return
     if out.exists() and any(not p.name.startswith(".") for p in out.iterdir()):
         raise ValueError(f"{out} exists and is not a latent folder being written; choose an empty or new folder")
@@ -223,22 +292,34 @@ def finalize(out: str | os.PathLike, folder: ImageFolder, settings: dict) -> dic
     n, size = settings["num_images"], settings["shard_size"]
     manifests = []
     for k in range(-(-n // size)):
-        if store.check_shard(out, k, k * size, min(size, n - k * size), tuple(settings["kinds"]),
-                             checksums=False) is not None:
+        if (
+            store.check_shard(out, k, k * size, min(size, n - k * size), tuple(settings["kinds"]), checksums=False)
+            is not None
+        ):
             return None
         manifests.append(store.read_manifest(out, k))
     latents = manifests[0]["files"]["latents"]
     images = manifests[0]["files"].get("images")
     index = {
-        "format": store.FORMAT, "version": store.VERSION, "num_images": n, "shard_size": size,
-        "classes": list(folder.classes), "class_counts": folder.class_counts(),
-        "latent_shape": latents["shape"][1:], "latent_dtype": latents["dtype"],
-        "image_shape": images["shape"][1:] if images else None, "kinds": settings["kinds"],
-        "resolution": settings["resolution"], "seed": settings["seed"], "crop": settings["crop"],
+        "format": store.FORMAT,
+        "version": store.VERSION,
+        "num_images": n,
+        "shard_size": size,
+        "classes": list(folder.classes),
+        "class_counts": folder.class_counts(),
+        "latent_shape": latents["shape"][1:],
+        "latent_dtype": latents["dtype"],
+        "image_shape": images["shape"][1:] if images else None,
+        "kinds": settings["kinds"],
+        "resolution": settings["resolution"],
+        "seed": settings["seed"],
+        "crop": settings["crop"],
         "tokenizer": {k: settings["tokenizer"][k] for k in ("name", "channels", "downsample", "scale", "bias")},
         "tokenizer_weights_sha256": settings["tokenizer_weights_sha256"],
-        "source": settings["source"], "source_fingerprint": settings["source_fingerprint"],
-        "files_sha256": store.sha256_file(out / store.FILES), "shards": manifests,
+        "source": settings["source"],
+        "source_fingerprint": settings["source_fingerprint"],
+        "files_sha256": store.sha256_file(out / store.FILES),
+        "shards": manifests,
     }
     store.write_json_atomic(out / store.INDEX, index)
     return index

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -55,8 +55,9 @@ def create(folder: str | os.PathLike, meta: dict) -> dict:
         old = json.loads(path.read_text())
         if old != meta:
             diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-            raise ValueError(f"{folder}: a teacher cache for other settings (differs in: {', '.join(diff)}); use "
-                             f"another --out")
+            raise ValueError(
+                f"{folder}: a teacher cache for other settings (differs in: {', '.join(diff)}); use another --out"
+            )
         return meta
     folder.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, meta)
@@ -66,8 +67,10 @@ def create(folder: str | os.PathLike, meta: dict) -> dict:
 def read_meta(folder: str | os.PathLike) -> dict:
     path = Path(folder) / META
     if not path.is_file():
-        raise FileNotFoundError(f"{folder}: no teacher cache ({META} missing); build it with `srdit cache-teacher "
-                                f"LATENTS --teacher NAME --teacher-path DIR --out {folder}`")
+        raise FileNotFoundError(
+            f"{folder}: no teacher cache ({META} missing); build it with `srdit cache-teacher "
+            f"LATENTS --teacher NAME --teacher-path DIR --out {folder}`"
+        )
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise ValueError(f"{path}: not an {FORMAT} v{VERSION} folder")
@@ -78,9 +81,14 @@ def part_done(folder: str | os.PathLike, k: int, parts: int) -> bool:
     return (part_dir(folder, k, parts) / "done.json").is_file()
 
 
-def write_part(folder: str | os.PathLike, k: int, images: Callable[[np.ndarray], torch.Tensor],
-               teacher: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]], batch_size: int = 256,
-               progress: Callable[[int], None] | None = None) -> bool:
+def write_part(
+    folder: str | os.PathLike,
+    k: int,
+    images: Callable[[np.ndarray], torch.Tensor],
+    teacher: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]],
+    batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> bool:
     """Compute part k of the cache in `folder` (meta.json written by `create`): `images(indices)` gives the uint8
     crops [B, 3, R, R] of image indices, `teacher(crops, grid)` their (patch tokens [B, grid^2, dim], class token
     [B, dim]). Files go to a temporary folder renamed into place, done.json last. Returns False when the part was
@@ -100,10 +108,12 @@ def write_part(folder: str | os.PathLike, k: int, images: Callable[[np.ndarray],
             idx = np.arange(lo, min(stop, lo + batch_size))
             p, c = teacher(images(idx), grid)
             if p.shape[1:] != (grid * grid, dim) or c.shape[1:] != (dim,):
-                raise ValueError(f"teacher gave tokens {tuple(p.shape[1:])} and {tuple(c.shape[1:])}, the cache "
-                                 f"holds {(grid * grid, dim)} and {(dim,)}")
-            patches[lo - start:lo - start + len(idx)] = p.float().cpu().numpy()
-            cls[lo - start:lo - start + len(idx)] = c.float().cpu().numpy()
+                raise ValueError(
+                    f"teacher gave tokens {tuple(p.shape[1:])} and {tuple(c.shape[1:])}, the cache "
+                    f"holds {(grid * grid, dim)} and {(dim,)}"
+                )
+            patches[lo - start : lo - start + len(idx)] = p.float().cpu().numpy()
+            cls[lo - start : lo - start + len(idx)] = c.float().cpu().numpy()
             if progress is not None:
                 progress(len(idx))
     final.mkdir(parents=True, exist_ok=True)
@@ -124,14 +134,18 @@ class TeacherCache:
         self.meta = read_meta(self.folder)
         for key, want in (expect or {}).items():
             if self.meta.get(key) != want:
-                raise ValueError(f"{self.folder}: teacher cache made with {key} = {self.meta.get(key)!r}, this run "
-                                 f"needs {want!r}; build one for it with `srdit cache-teacher`")
+                raise ValueError(
+                    f"{self.folder}: teacher cache made with {key} = {self.meta.get(key)!r}, this run "
+                    f"needs {want!r}; build one for it with `srdit cache-teacher`"
+                )
         self.num_images, self.grid, self.dim = (int(self.meta[k]) for k in ("num_images", "grid", "dim"))
         parts = int(self.meta["parts"])
         missing = [k for k in range(parts) if not part_done(self.folder, k, parts)]
         if missing:
-            raise FileNotFoundError(f"{self.folder}: teacher cache incomplete ({len(missing)} of {parts} parts "
-                                    f"missing, e.g. part {missing[0]}); rerun the same `srdit cache-teacher` command")
+            raise FileNotFoundError(
+                f"{self.folder}: teacher cache incomplete ({len(missing)} of {parts} parts "
+                f"missing, e.g. part {missing[0]}); rerun the same `srdit cache-teacher` command"
+            )
         self.starts = np.array([part_range(self.num_images, parts, k)[0] for k in range(parts)], dtype=np.int64)
         dirs = [part_dir(self.folder, k, parts) for k in range(parts)]
         self._patches = [np.load(d / "patches.npy", mmap_mode="r") for d in dirs]
@@ -159,19 +173,32 @@ def cache_meta(latent_root: str | os.PathLike, teacher: dict, grid: int, dim: in
     the number of parts."""
     from srdit.data.latents import index_fingerprint, read_index
 
-    return {**teacher, "latents": index_fingerprint(latent_root),
-            "num_images": int(read_index(latent_root)["num_images"]), "grid": int(grid), "dim": int(dim),
-            "parts": int(parts)}
+    return {
+        **teacher,
+        "latents": index_fingerprint(latent_root),
+        "num_images": int(read_index(latent_root)["num_images"]),
+        "grid": int(grid),
+        "dim": int(dim),
+        "parts": int(parts),
+    }
 
 
-def build_part(latent_root: str | os.PathLike, folder: str | os.PathLike, teacher, k: int, batch_size: int = 256,
-               device: str | torch.device = "cpu") -> bool:
+def build_part(
+    latent_root: str | os.PathLike,
+    folder: str | os.PathLike,
+    teacher,
+    k: int,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> bool:
     """Part k of the cache in `folder` from the uint8 crops of a latent folder (`srdit preprocess --keep-images`)
     with a loaded `teacher` on `device`. Returns False when the part was already done."""
     from srdit.data.latents import LatentDataset
 
     data = LatentDataset(latent_root)
     if not data.has_images:
-        raise ValueError(f"{latent_root}: no image crops stored (the teacher needs them); rerun `srdit preprocess` "
-                         f"with --keep-images into a new folder")
+        raise ValueError(
+            f"{latent_root}: no image crops stored (the teacher needs them); rerun `srdit preprocess` "
+            f"with --keep-images into a new folder"
+        )
     return write_part(folder, k, lambda idx: torch.from_numpy(data.get(idx)[2]).to(device), teacher, batch_size)

@@ -38,5 +38,15 @@ def load_tokenizer(name: str, path: str, device: str | torch.device = "cpu") -> 
     raise ValueError(f"unknown tokenizer {name!r}; allowed: {', '.join(TOKENIZERS)}")
 
 
-__all__ = ["Teacher", "TEACHERS", "TOKENIZERS", "Tokenizer", "DigitsTeacher", "DigitsMetricNet", "load_teacher",
-           "load_tokenizer", "load_digits_teacher", "load_digits_metric_net"]
+__all__ = [
+    "Teacher",
+    "TEACHERS",
+    "TOKENIZERS",
+    "Tokenizer",
+    "DigitsTeacher",
+    "DigitsMetricNet",
+    "load_teacher",
+    "load_tokenizer",
+    "load_digits_teacher",
+    "load_digits_metric_net",
+]

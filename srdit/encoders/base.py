@@ -40,8 +40,9 @@ class Tokenizer(Protocol):
     scale: float
     bias: float
 
-    def encode(self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None,
-               noise: Tensor | None = None) -> Tensor:
+    def encode(
+        self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> Tensor:
         """images [B, 3, H, W] in [-1, 1] -> scaled latents [B, channels, H/down, W/down]. With `sample`, one draw
         from the posterior (mean + std * eps; eps = `noise` if given, else drawn from `generator`), else the mean."""
         ...
@@ -55,28 +56,34 @@ class TokenizerLoadError(ValueError):
     """Weights that do not fit the tokenizer's architecture (a key or shape mismatch)."""
 
 
-def posterior_sample(mean: Tensor, logvar: Tensor, sample: bool, generator: torch.Generator | None = None,
-                     noise: Tensor | None = None) -> Tensor:
+def posterior_sample(
+    mean: Tensor, logvar: Tensor, sample: bool, generator: torch.Generator | None = None, noise: Tensor | None = None
+) -> Tensor:
     """A draw of the diagonal Gaussian posterior (log-variance clamped to [-30, 20] as in LDM), or its mean."""
     if not sample:
         return mean
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     if noise is None:
-        noise = torch.randn(mean.shape, generator=generator, device=generator.device if generator else mean.device,
-                            dtype=mean.dtype)
+        noise = torch.randn(
+            mean.shape, generator=generator, device=generator.device if generator else mean.device, dtype=mean.dtype
+        )
     if noise.shape != mean.shape:
         raise ValueError(f"noise has shape {tuple(noise.shape)}, the posterior {tuple(mean.shape)}")
     return mean + std * noise.to(mean.device, mean.dtype)
 
 
-def load_state_dict_strict(model: nn.Module, state: dict[str, Tensor], source: str, hint: str,
-                           error: type[Exception] = TokenizerLoadError) -> None:
+def load_state_dict_strict(
+    model: nn.Module, state: dict[str, Tensor], source: str, hint: str, error: type[Exception] = TokenizerLoadError
+) -> None:
     """`load_state_dict(strict=True)` with a one-line message naming the mismatched keys / shapes."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in own
-              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
+    ]
     if missing or unexpected or shapes:
         parts = []
         if missing:

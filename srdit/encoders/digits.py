@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +28,20 @@ from srdit import cache
 from srdit.data import digits as digits_data
 
 TEACHER_SETTINGS: dict[str, Any] = {
-    "kind": "digits-teacher", "seed": 1001, "widths": [16, 32, 64], "epochs": 12, "batch_size": 64, "lr": 3e-3,
+    "kind": "digits-teacher",
+    "seed": 1001,
+    "widths": [16, 32, 64],
+    "epochs": 12,
+    "batch_size": 64,
+    "lr": 3e-3,
 }
 METRIC_SETTINGS: dict[str, Any] = {
-    "kind": "digits-metric", "seed": 2002, "widths": [32, 64], "hidden": 64, "epochs": 20, "batch_size": 64,
+    "kind": "digits-metric",
+    "seed": 2002,
+    "widths": [32, 64],
+    "hidden": 64,
+    "epochs": 20,
+    "batch_size": 64,
     "lr": 1e-2,
 }
 
@@ -166,8 +177,10 @@ def _train(model: nn.Module, settings: dict[str, Any], split: digits_data.Digits
         opt.step()
         sched.step()
     model.eval()
-    return {"train_accuracy": accuracy(model, split.train_x, split.train_y),
-            "test_accuracy": accuracy(model, split.test_x, split.test_y)}
+    return {
+        "train_accuracy": accuracy(model, split.train_x, split.train_y),
+        "test_accuracy": accuracy(model, split.test_x, split.test_y),
+    }
 
 
 def _cache_key(settings: dict[str, Any]) -> str:

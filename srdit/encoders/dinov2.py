@@ -64,25 +64,33 @@ def dinov2_files(name: str, path: str | os.PathLike | None) -> tuple[Path, Path]
         raise ValueError(f"unknown DINOv2 teacher {name!r}; allowed: {', '.join(DINOV2_NAMES)}")
     official = weights_names(name)[0]
     model = name[: -len("_reg")] + "_reg4" if name.endswith("_reg") else name
-    get = (f"`git clone {REPO_URL}` into it and download https://dl.fbaipublicfiles.com/dinov2/{model}/{official} "
-           f"next to it (on a machine with network access)")
+    get = (
+        f"`git clone {REPO_URL}` into it and download https://dl.fbaipublicfiles.com/dinov2/{model}/{official} "
+        f"next to it (on a machine with network access)"
+    )
     if path is None:
-        raise FileNotFoundError(f"teacher {name}: set data.teacher_path to a local folder holding the DINOv2 "
-                                f"repository (hubconf.py) and {official}; {get}")
+        raise FileNotFoundError(
+            f"teacher {name}: set data.teacher_path to a local folder holding the DINOv2 "
+            f"repository (hubconf.py) and {official}; {get}"
+        )
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"teacher {name}: data.teacher_path {root} is not a folder; create it, {get}")
     repos = [root, root / "dinov2", root / "facebookresearch_dinov2_main"]
     repo = next((r for r in repos if (r / "hubconf.py").is_file()), None)
     if repo is None:
-        raise FileNotFoundError(f"teacher {name}: no hubconf.py in {root} (nor in its dinov2/ or "
-                                f"facebookresearch_dinov2_main/ sub-folder); `git clone {REPO_URL} {root / 'dinov2'}` "
-                                f"on a machine with network access and copy it over")
+        raise FileNotFoundError(
+            f"teacher {name}: no hubconf.py in {root} (nor in its dinov2/ or "
+            f"facebookresearch_dinov2_main/ sub-folder); `git clone {REPO_URL} {root / 'dinov2'}` "
+            f"on a machine with network access and copy it over"
+        )
     candidates = [d / w for w in weights_names(name) for d in (root, root / "checkpoints")]
     weights = next((c for c in candidates if c.is_file()), None)
     if weights is None:
-        raise FileNotFoundError(f"teacher {name}: weights file {root / official} missing; download "
-                                f"https://dl.fbaipublicfiles.com/dinov2/{model}/{official} and put it in {root}")
+        raise FileNotFoundError(
+            f"teacher {name}: weights file {root / official} missing; download "
+            f"https://dl.fbaipublicfiles.com/dinov2/{model}/{official} and put it in {root}"
+        )
     return repo, weights
 
 
@@ -92,13 +100,16 @@ def load_dinov2(name: str, path: str | os.PathLike | None, device: str | torch.d
     try:
         model = torch.hub.load(str(repo), name, source="local", pretrained=False)
     except Exception as e:  # hubconf import errors, missing entry point
-        raise TeacherLoadError(f"teacher {name}: {repo}/hubconf.py cannot build it ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200]}); is {repo} a checkout of {REPO_URL}?") from None
+        raise TeacherLoadError(
+            f"teacher {name}: {repo}/hubconf.py cannot build it ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); is {repo} a checkout of {REPO_URL}?"
+        ) from None
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise TeacherLoadError(f"teacher {name}: {weights} is not a readable weights file "
-                               f"({str(e).splitlines()[0][:160]})") from None
+        raise TeacherLoadError(
+            f"teacher {name}: {weights} is not a readable weights file ({str(e).splitlines()[0][:160]})"
+        ) from None
     load_state_dict_strict(model, state, str(weights), f"does {weights.name} belong to {name}?", TeacherLoadError)
     return model.eval().requires_grad_(False).to(device)
 
@@ -138,7 +149,7 @@ class DinoV2Teacher(nn.Module):
         self._native_pos = model.pos_embed.detach().clone()
         self._grid: int | None = None
 
-    def train(self, mode: bool = True) -> "DinoV2Teacher":  # always frozen, always eval
+    def train(self, mode: bool = True) -> DinoV2Teacher:  # always frozen, always eval
         return super().train(False)
 
     def _use_grid(self, grid: int) -> None:
@@ -175,8 +186,9 @@ class DinoV2Teacher(nn.Module):
         return patches, cls
 
 
-def load_dinov2_teacher(name: str, path: str | os.PathLike | None, device: str | torch.device = "cpu",
-                        precision: str = "auto") -> DinoV2Teacher:
+def load_dinov2_teacher(
+    name: str, path: str | os.PathLike | None, device: str | torch.device = "cpu", precision: str = "auto"
+) -> DinoV2Teacher:
     """`load_teacher`'s DINOv2 branch: `load_dinov2` wrapped as a `Teacher`."""
     return DinoV2Teacher(load_dinov2(name, path, "cpu"), name, precision).to(device)
 
@@ -217,17 +229,25 @@ class FeatureCache:
             old = json.loads(meta_path.read_text())
             if old != meta:
                 diff = sorted(k for k in set(old) | set(meta) if old.get(k) != meta.get(k))
-                raise ValueError(f"feature cache {self.folder} was built for other settings (differs in: "
-                                 f"{', '.join(diff)}); use another folder")
+                raise ValueError(
+                    f"feature cache {self.folder} was built for other settings (differs in: "
+                    f"{', '.join(diff)}); use another folder"
+                )
             mode = "r+"
         else:
             mode = "w+"
-        shapes = {"patches": (self.num_images, grid * grid, dim), "cls": (self.num_images, dim),
-                  "filled": (self.num_images,)}
+        shapes = {
+            "patches": (self.num_images, grid * grid, dim),
+            "cls": (self.num_images, dim),
+            "filled": (self.num_images,),
+        }
         dtypes = {"patches": np.float16, "cls": np.float16, "filled": np.bool_}
-        self._arrays = {k: np.lib.format.open_memmap(self.folder / f"{k}.npy", mode=mode, dtype=dtypes[k],
-                                                     shape=shapes[k] if mode == "w+" else None)
-                        for k in shapes}
+        self._arrays = {
+            k: np.lib.format.open_memmap(
+                self.folder / f"{k}.npy", mode=mode, dtype=dtypes[k], shape=shapes[k] if mode == "w+" else None
+            )
+            for k in shapes
+        }
         if mode == "w+":
             from srdit.data.latents import write_json_atomic
 
@@ -240,8 +260,10 @@ class FeatureCache:
         idx = np.asarray(indices, dtype=np.int64)
         if not self.filled(idx).all():
             raise KeyError(f"feature cache {self.folder}: {int((~self.filled(idx)).sum())} of the rows are not filled")
-        return (torch.from_numpy(self._arrays["patches"][idx].astype(np.float32)),
-                torch.from_numpy(self._arrays["cls"][idx].astype(np.float32)))
+        return (
+            torch.from_numpy(self._arrays["patches"][idx].astype(np.float32)),
+            torch.from_numpy(self._arrays["cls"][idx].astype(np.float32)),
+        )
 
     def put(self, indices, patches: Tensor, cls: Tensor) -> None:
         idx = np.asarray(indices, dtype=np.int64)
@@ -278,8 +300,13 @@ def teacher_fingerprint(name: str, path: str | os.PathLike | None) -> dict:
     return {"teacher": name, "weights_sha256": h.hexdigest()}
 
 
-def precompute_features(latent_root: str | os.PathLike, teacher: DinoV2Teacher, cache: FeatureCache,
-                        batch_size: int = 256, progress: bool = False) -> int:
+def precompute_features(
+    latent_root: str | os.PathLike,
+    teacher: DinoV2Teacher,
+    cache: FeatureCache,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> int:
     """Fill `cache` from the uint8 crops stored in a latent folder (`--keep-images`), in index order, skipping
     filled rows. Returns the number of rows computed. After this, training needs neither crops nor the teacher."""
     from srdit.data.latents import LatentDataset

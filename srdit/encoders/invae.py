@@ -239,8 +239,7 @@ class InvaeTokenizer:
 
     name = "invae"
 
-    def __init__(self, model: InvaeAutoencoder, scale: float = INVAE_SCALE, bias: float = INVAE_BIAS,
-                 source: str = ""):
+    def __init__(self, model: InvaeAutoencoder, scale: float = INVAE_SCALE, bias: float = INVAE_BIAS, source: str = ""):
         self.model = model.eval().requires_grad_(False)
         self.channels, self.downsample = model.cfg.z_channels, model.cfg.downsample
         self.scale, self.bias, self.source = float(scale), float(bias), source
@@ -250,8 +249,9 @@ class InvaeTokenizer:
         return next(self.model.parameters()).device
 
     @torch.no_grad()
-    def encode(self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None,
-               noise: Tensor | None = None) -> Tensor:
+    def encode(
+        self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> Tensor:
         mean, logvar = self.model.moments(images.to(self.device, torch.float32))
         return posterior_sample(mean, logvar, sample, generator, noise) * self.scale + self.bias
 
@@ -260,8 +260,14 @@ class InvaeTokenizer:
         return self.model.decode_latent((latents.to(self.device, torch.float32) - self.bias) / self.scale)
 
     def describe(self) -> dict:
-        return {"name": self.name, "channels": self.channels, "downsample": self.downsample, "scale": self.scale,
-                "bias": self.bias, "config": dataclasses.asdict(self.model.cfg)}
+        return {
+            "name": self.name,
+            "channels": self.channels,
+            "downsample": self.downsample,
+            "scale": self.scale,
+            "bias": self.bias,
+            "config": dataclasses.asdict(self.model.cfg),
+        }
 
 
 def save_invae(model: InvaeAutoencoder, folder: str | os.PathLike, weights_name: str = "invae.pt") -> Path:
@@ -295,7 +301,8 @@ def _find_weights(path: Path) -> Path:
     if not path.is_dir():
         raise FileNotFoundError(
             f"INVAE weights {path}: no such file or folder; download {INVAE_WEIGHTS} from the HF repo "
-            f"REPA-E/e2e-invae on a machine with network access and copy it there (or pass the file itself)")
+            f"REPA-E/e2e-invae on a machine with network access and copy it there (or pass the file itself)"
+        )
     if (path / INVAE_WEIGHTS).is_file():
         return path / INVAE_WEIGHTS
     found = sorted(p for p in path.iterdir() if p.suffix in (".pt", ".pth", ".ckpt", ".safetensors"))
@@ -304,7 +311,8 @@ def _find_weights(path: Path) -> Path:
     what = "no weights file" if not found else f"{len(found)} weight files ({', '.join(p.name for p in found)})"
     raise FileNotFoundError(
         f"INVAE folder {path}: {what}; put {INVAE_WEIGHTS} (from the HF repo REPA-E/e2e-invae) there, "
-        f"or pass the weights file itself")
+        f"or pass the weights file itself"
+    )
 
 
 def _read_state_dict(path: Path) -> dict[str, Tensor]:
@@ -326,17 +334,24 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             if inner is not None:
                 obj = inner
                 continue
-        raise TokenizerLoadError(f"{path}: no state dict of tensors inside (top-level keys: "
-                                 f"{list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})")
+        raise TokenizerLoadError(
+            f"{path}: no state dict of tensors inside (top-level keys: "
+            f"{list(obj)[:8] if isinstance(obj, dict) else type(obj).__name__})"
+        )
     if not (isinstance(obj, dict) and obj and all(isinstance(v, Tensor) for v in obj.values())):
         raise TokenizerLoadError(f"{path}: no state dict of tensors inside")
     if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
+        obj = {k[len("module.") :]: v for k, v in obj.items()}
     return obj
 
 
-def load_invae(path: str | os.PathLike, device: str | torch.device = "cpu", config: InvaeConfig | None = None,
-               scale: float = INVAE_SCALE, bias: float = INVAE_BIAS) -> InvaeTokenizer:
+def load_invae(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    config: InvaeConfig | None = None,
+    scale: float = INVAE_SCALE,
+    bias: float = INVAE_BIAS,
+) -> InvaeTokenizer:
     """INVAE from local files, loaded strictly. `path`: the weights file, or a folder holding it (and optionally a
     `config.json` with `InvaeConfig` fields; without one, and without `config`, the SR-DiT architecture)."""
     path = Path(path)
@@ -345,6 +360,10 @@ def load_invae(path: str | os.PathLike, device: str | torch.device = "cpu", conf
         cfg_file = (path if path.is_dir() else path.parent) / CONFIG_FILE
         config = _config_from_json(cfg_file) if cfg_file.is_file() else InvaeConfig()
     model = InvaeAutoencoder(config)
-    load_state_dict_strict(model, _read_state_dict(weights), str(weights),
-                           "is it an INVAE (f16, 32 channels) checkpoint, and does config.json describe it?")
+    load_state_dict_strict(
+        model,
+        _read_state_dict(weights),
+        str(weights),
+        "is it an INVAE (f16, 32 channels) checkpoint, and does config.json describe it?",
+    )
     return InvaeTokenizer(model.to(device), scale, bias, source=str(weights))

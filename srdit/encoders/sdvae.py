@@ -24,8 +24,9 @@ def _diffusers_autoencoder():
     try:
         from diffusers import AutoencoderKL
     except ImportError:
-        raise ImportError("the SD-VAE tokenizer needs diffusers: pip install 'srdit[imagenet]' "
-                          "(or pip install diffusers)") from None
+        raise ImportError(
+            "the SD-VAE tokenizer needs diffusers: pip install 'srdit[imagenet]' (or pip install diffusers)"
+        ) from None
     return AutoencoderKL
 
 
@@ -49,8 +50,9 @@ class SDVAETokenizer:
         return next(self.vae.parameters()).device
 
     @torch.no_grad()
-    def encode(self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None,
-               noise: Tensor | None = None) -> Tensor:
+    def encode(
+        self, images: Tensor, sample: bool = True, generator: torch.Generator | None = None, noise: Tensor | None = None
+    ) -> Tensor:
         dist = self.vae.encode(images.to(self.device, torch.float32)).latent_dist
         return posterior_sample(dist.mean, dist.logvar, sample, generator, noise) * self.scale + self.bias
 
@@ -60,24 +62,35 @@ class SDVAETokenizer:
 
     def describe(self) -> dict:
         cfg = self.vae.config
-        return {"name": self.name, "channels": self.channels, "downsample": self.downsample, "scale": self.scale,
-                "bias": self.bias, "config": {"block_out_channels": list(cfg.block_out_channels),
-                                              "latent_channels": int(cfg.latent_channels),
-                                              "layers_per_block": int(cfg.layers_per_block)}}
+        return {
+            "name": self.name,
+            "channels": self.channels,
+            "downsample": self.downsample,
+            "scale": self.scale,
+            "bias": self.bias,
+            "config": {
+                "block_out_channels": list(cfg.block_out_channels),
+                "latent_channels": int(cfg.latent_channels),
+                "layers_per_block": int(cfg.layers_per_block),
+            },
+        }
 
 
 def sdvae_folder(path: str | os.PathLike) -> Path:
     """The folder holding config.json + weights (`path` itself or its `vae/` sub-folder); clear errors otherwise."""
     path = Path(path)
-    how = ("save the `stabilityai/sd-vae-ft-ema` (or -mse) repo files there on a machine with network access, or "
-           "`AutoencoderKL.from_pretrained(...).save_pretrained(DIR)`")
+    how = (
+        "save the `stabilityai/sd-vae-ft-ema` (or -mse) repo files there on a machine with network access, or "
+        "`AutoencoderKL.from_pretrained(...).save_pretrained(DIR)`"
+    )
     if not path.is_dir():
         raise FileNotFoundError(f"SD-VAE folder {path}: no such folder; {how}")
     for folder in (path, path / "vae"):
         if (folder / "config.json").is_file():
             if not any((folder / w).is_file() for w in WEIGHT_FILES):
-                raise FileNotFoundError(f"SD-VAE folder {folder}: config.json but no {WEIGHT_FILES[0]} "
-                                        f"(or {WEIGHT_FILES[1]}); {how}")
+                raise FileNotFoundError(
+                    f"SD-VAE folder {folder}: config.json but no {WEIGHT_FILES[0]} (or {WEIGHT_FILES[1]}); {how}"
+                )
             return folder
     raise FileNotFoundError(f"SD-VAE folder {path}: no config.json (nor vae/config.json); {how}")
 

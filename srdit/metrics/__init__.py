@@ -9,13 +9,29 @@ from srdit.metrics.distances import compute_metrics, frechet_distance, kernel_di
 from srdit.metrics.features import Extractor, extract_features
 
 
-def evaluate_images(fake_images: Tensor, real_images: Tensor, extractor: Extractor, *, batch_size: int = 512,
-                    kd_subsets: int = 100, kd_subset_size: int = 1000, k: int = 3, seed: int = 0) -> dict[str, float]:
+def evaluate_images(
+    fake_images: Tensor,
+    real_images: Tensor,
+    extractor: Extractor,
+    *,
+    batch_size: int = 512,
+    kd_subsets: int = 100,
+    kd_subset_size: int = 1000,
+    k: int = 3,
+    seed: int = 0,
+) -> dict[str, float]:
     """`compute_metrics` on the extractor's features of generated vs real images (both in [-1, 1])."""
     real = extract_features(real_images, extractor, batch_size)
     fake = extract_features(fake_images, extractor, batch_size)
     return compute_metrics(real, fake, kd_subsets=kd_subsets, kd_subset_size=kd_subset_size, k=k, seed=seed)
 
 
-__all__ = ["compute_metrics", "evaluate_images", "extract_features", "frechet_distance", "kernel_distance",
-           "load_digits_metric_net", "precision_recall"]
+__all__ = [
+    "compute_metrics",
+    "evaluate_images",
+    "extract_features",
+    "frechet_distance",
+    "kernel_distance",
+    "load_digits_metric_net",
+    "precision_recall",
+]

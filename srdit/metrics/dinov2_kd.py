@@ -47,15 +47,22 @@ class DinoV2Features(nn.Module):
     forward = features
 
 
-def load_kd_extractor(path: str | os.PathLike, name: str = DEFAULT_MODEL,
-                      device: str | torch.device = "cpu") -> DinoV2Features:
+def load_kd_extractor(
+    path: str | os.PathLike, name: str = DEFAULT_MODEL, device: str | torch.device = "cpu"
+) -> DinoV2Features:
     """The KD_DINOv2 feature network from local files (layout as for the teacher, see srdit.encoders.dinov2)."""
     return DinoV2Features(load_dinov2(name, path, "cpu")).to(device)
 
 
-def kd_dinov2(real_features, fake_features, subsets: int = 100, subset_size: int = 1000,
-              seed: int = 0) -> dict[str, float]:
+def kd_dinov2(
+    real_features, fake_features, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> dict[str, float]:
     """{"kd_dinov2": mean, "kd_dinov2_std": std over subsets} of precomputed DINOv2 features."""
-    mean, std = kernel_distance(np.asarray(real_features, dtype=np.float64),
-                                np.asarray(fake_features, dtype=np.float64), subsets, subset_size, seed)
+    mean, std = kernel_distance(
+        np.asarray(real_features, dtype=np.float64),
+        np.asarray(fake_features, dtype=np.float64),
+        subsets,
+        subset_size,
+        seed,
+    )
     return {"kd_dinov2": mean, "kd_dinov2_std": std}

@@ -67,8 +67,9 @@ def _poly_mmd2_unbiased(x: np.ndarray, y: np.ndarray) -> float:
     return float(s_xx + s_yy - 2.0 * k_xy.mean())
 
 
-def kernel_distance(real: ArrayLike, fake: ArrayLike, subsets: int = 100, subset_size: int = 1000,
-                    seed: int = 0) -> tuple[float, float]:
+def kernel_distance(
+    real: ArrayLike, fake: ArrayLike, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """Unbiased MMD^2 with the cubic polynomial kernel k(a, b) = (a.b / d + 1)^3 (KID; Binkowski et al. 2018),
     averaged over `subsets` random subsets of `subset_size` per set (capped at the smaller set's size), drawn
     without replacement with a generator seeded by `seed`. Returns (mean, std over subsets)."""
@@ -83,10 +84,12 @@ def kernel_distance(real: ArrayLike, fake: ArrayLike, subsets: int = 100, subset
     if size == len(x) == len(y):
         return _poly_mmd2_unbiased(x, y), 0.0  # every "subset" would be the whole of both sets
     rng = np.random.default_rng(seed)
-    vals = np.array([
-        _poly_mmd2_unbiased(x[rng.choice(len(x), size, replace=False)], y[rng.choice(len(y), size, replace=False)])
-        for _ in range(subsets)
-    ])
+    vals = np.array(
+        [
+            _poly_mmd2_unbiased(x[rng.choice(len(x), size, replace=False)], y[rng.choice(len(y), size, replace=False)])
+            for _ in range(subsets)
+        ]
+    )
     return float(vals.mean()), float(vals.std())
 
 
@@ -94,7 +97,7 @@ def _kth_radii(x: Tensor, k: int, chunk: int) -> Tensor:
     # Distance to the k-th nearest other sample: index k of the sorted row, index 0 being the sample itself.
     radii = []
     for i in range(0, len(x), chunk):
-        d = torch.cdist(x[i:i + chunk], x)
+        d = torch.cdist(x[i : i + chunk], x)
         radii.append(d.kthvalue(k + 1, dim=1).values)
     return torch.cat(radii)
 
@@ -103,7 +106,7 @@ def _coverage(queries: Tensor, support: Tensor, radii: Tensor, chunk: int) -> fl
     # Fraction of queries inside the union of the support's k-NN balls.
     inside = []
     for i in range(0, len(queries), chunk):
-        d = torch.cdist(queries[i:i + chunk], support)
+        d = torch.cdist(queries[i : i + chunk], support)
         inside.append((d <= radii[None, :]).any(dim=1))
     return float(torch.cat(inside).double().mean())
 
@@ -123,11 +126,24 @@ def precision_recall(real: ArrayLike, fake: ArrayLike, k: int = 3, chunk: int = 
     return precision, recall
 
 
-def compute_metrics(real_feats: ArrayLike, fake_feats: ArrayLike, *, kd_subsets: int = 100,
-                    kd_subset_size: int = 1000, k: int = 3, seed: int = 0) -> dict[str, float]:
+def compute_metrics(
+    real_feats: ArrayLike,
+    fake_feats: ArrayLike,
+    *,
+    kd_subsets: int = 100,
+    kd_subset_size: int = 1000,
+    k: int = 3,
+    seed: int = 0,
+) -> dict[str, float]:
     """All distances between real and generated features: fd, kd, kd_std, precision, recall, and n (the number
     of generated samples, to compare runs only at equal n)."""
     kd, kd_std = kernel_distance(real_feats, fake_feats, kd_subsets, kd_subset_size, seed)
     precision, recall = precision_recall(real_feats, fake_feats, k)
-    return {"fd": frechet_distance(real_feats, fake_feats), "kd": kd, "kd_std": kd_std, "precision": precision,
-            "recall": recall, "n": int(len(fake_feats))}
+    return {
+        "fd": frechet_distance(real_feats, fake_feats),
+        "kd": kd,
+        "kd_std": kd_std,
+        "precision": precision,
+        "recall": recall,
+        "n": int(len(fake_feats)),
+    }

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Protocol, Union, runtime_checkable
+from collections.abc import Callable
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -14,7 +15,7 @@ class HasFeatures(Protocol):
     def features(self, images: Tensor) -> Tensor: ...
 
 
-Extractor = Union[HasFeatures, Callable[[Tensor], Tensor]]
+Extractor = HasFeatures | Callable[[Tensor], Tensor]
 
 
 @contextlib.contextmanager
@@ -25,8 +26,9 @@ def exact_float32():
     cudnn = torch.backends.cudnn
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
-        with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
-                         allow_tf32=False):
+        with cudnn.flags(
+            enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic, allow_tf32=False
+        ):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = matmul
@@ -41,7 +43,7 @@ def extract_features(images: Tensor, extractor: Extractor, batch_size: int = 512
     out = []
     with exact_float32():
         for i in range(0, len(images), batch_size):
-            batch = images[i:i + batch_size]
+            batch = images[i : i + batch_size]
             out.append(fn(batch.to(device) if device is not None else batch).to("cpu", torch.float64))
     if not out:
         raise ValueError("no images to extract features from")

@@ -31,8 +31,10 @@ from torch import Tensor, nn
 from srdit.metrics.distances import _f64, _psd_sqrt, precision_recall
 from srdit.metrics.features import exact_float32
 
-LABEL = ("ImageNet FID/sFID/IS/precision-recall(k=3): pytorch-fid Inception-v3 (TF 2015-12-05 weights), "
-         "299 bilinear resize, 50K samples vs the reference batch")
+LABEL = (
+    "ImageNet FID/sFID/IS/precision-recall(k=3): pytorch-fid Inception-v3 (TF 2015-12-05 weights), "
+    "299 bilinear resize, 50K samples vs the reference batch"
+)
 WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{WEIGHTS_NAME}"
 ENV_VAR = "SRDIT_INCEPTION_WEIGHTS"
@@ -53,8 +55,14 @@ IS_SPLIT = 5000
 class BasicConv2d(nn.Module):
     """conv (no bias) + BatchNorm (eps=1e-3, TF's) + ReLU; keys `conv.weight`, `bn.*` as torchvision's."""
 
-    def __init__(self, cin: int, cout: int, kernel_size: int | tuple[int, int], stride: int = 1,
-                 padding: int | tuple[int, int] = 0):
+    def __init__(
+        self,
+        cin: int,
+        cout: int,
+        kernel_size: int | tuple[int, int],
+        stride: int = 1,
+        padding: int | tuple[int, int] = 0,
+    ):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, kernel_size, stride=stride, padding=padding, bias=False)
         self.bn = nn.BatchNorm2d(cout, eps=0.001)
@@ -93,10 +101,12 @@ class InceptionA(_Mixed):
         self.branch_pool = BasicConv2d(cin, pool_features, 1)
 
     def branches(self, x: Tensor) -> list[Tensor]:
-        return [self.branch1x1(x),
-                self.branch5x5_2(self.branch5x5_1(x)),
-                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                self.branch_pool(_avg3(x))]
+        return [
+            self.branch1x1(x),
+            self.branch5x5_2(self.branch5x5_1(x)),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            self.branch_pool(_avg3(x)),
+        ]
 
 
 class InceptionB(_Mixed):
@@ -110,9 +120,11 @@ class InceptionB(_Mixed):
         self.branch3x3dbl_3 = BasicConv2d(96, 96, 3, stride=2)
 
     def branches(self, x: Tensor) -> list[Tensor]:
-        return [self.branch3x3(x),
-                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-                F.max_pool2d(x, kernel_size=3, stride=2)]
+        return [
+            self.branch3x3(x),
+            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
+            F.max_pool2d(x, kernel_size=3, stride=2),
+        ]
 
 
 class InceptionC(_Mixed):
@@ -177,10 +189,12 @@ class InceptionE(_Mixed):
         b3 = self.branch3x3_1(x)
         d3 = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
         pooled = F.max_pool2d(x, kernel_size=3, stride=1, padding=1) if self.max_pool else _avg3(x)
-        return [self.branch1x1(x),
-                torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1),
-                torch.cat([self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3)], 1),
-                self.branch_pool(pooled)]
+        return [
+            self.branch1x1(x),
+            torch.cat([self.branch3x3_2a(b3), self.branch3x3_2b(b3)], 1),
+            torch.cat([self.branch3x3dbl_3a(d3), self.branch3x3dbl_3b(d3)], 1),
+            self.branch_pool(pooled),
+        ]
 
 
 class FIDInceptionV3(nn.Module):
@@ -227,8 +241,19 @@ class FIDInceptionV3(nn.Module):
         x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
         x = F.max_pool2d(x, kernel_size=3, stride=2)
         spatial = None
-        for name in ("Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
-                     "Mixed_7a", "Mixed_7b", "Mixed_7c"):
+        for name in (
+            "Mixed_5b",
+            "Mixed_5c",
+            "Mixed_5d",
+            "Mixed_6a",
+            "Mixed_6b",
+            "Mixed_6c",
+            "Mixed_6d",
+            "Mixed_6e",
+            "Mixed_7a",
+            "Mixed_7b",
+            "Mixed_7c",
+        ):
             parts = getattr(self, name).branches(x)
             if name == SPATIAL_BLOCK:
                 # ADM slices the NHWC tensor ([..., :7]) and flattens it: keep its (h, w, c) order, so that our
@@ -249,8 +274,10 @@ def _is_batch_counter(key: str) -> bool:
 
 
 def resolve_weights(path: str | os.PathLike | None) -> Path:
-    how = (f"download {WEIGHTS_NAME} ({WEIGHTS_URL}) on a machine with network access, copy it to this machine and "
-           f"set eval.inception_path (or --inception), or set {ENV_VAR}")
+    how = (
+        f"download {WEIGHTS_NAME} ({WEIGHTS_URL}) on a machine with network access, copy it to this machine and "
+        f"set eval.inception_path (or --inception), or set {ENV_VAR}"
+    )
     if path is None or str(path) == "":
         path = os.environ.get(ENV_VAR) or None
         if path is None:
@@ -272,8 +299,10 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
     try:
         state = torch.load(p, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-        raise ValueError(f"{p}: not a loadable PyTorch state dict ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0] if str(err) else ''})") from err
+        raise ValueError(
+            f"{p}: not a loadable PyTorch state dict ({type(err).__name__}: "
+            f"{str(err).splitlines()[0] if str(err) else ''})"
+        ) from err
     if not isinstance(state, Mapping) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{p}: expected a state dict of tensors, got {type(state).__name__}")
     net = FIDInceptionV3()
@@ -281,15 +310,21 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
     given = {k: v for k, v in state.items() if not _is_batch_counter(k)}
     missing = sorted(set(expected) - set(given))
     unexpected = sorted(set(given) - set(expected))
-    shapes = [f"{k} {tuple(given[k].shape)}!={tuple(v.shape)}" for k, v in expected.items()
-              if k in given and given[k].shape != v.shape]
+    shapes = [
+        f"{k} {tuple(given[k].shape)}!={tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and given[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
+
         def few(items: list[str]) -> str:
             return ", ".join(items[:4]) + (", ..." if len(items) > 4 else "")
 
-        raise ValueError(f"{p}: not the FID Inception state dict ({WEIGHTS_NAME}): {len(missing)} missing "
-                         f"[{few(missing)}], {len(unexpected)} unexpected [{few(unexpected)}], {len(shapes)} with "
-                         f"wrong shape [{few(shapes)}]")
+        raise ValueError(
+            f"{p}: not the FID Inception state dict ({WEIGHTS_NAME}): {len(missing)} missing "
+            f"[{few(missing)}], {len(unexpected)} unexpected [{few(unexpected)}], {len(shapes)} with "
+            f"wrong shape [{few(shapes)}]"
+        )
     own = net.state_dict()
     net.load_state_dict({k: state.get(k, own[k]) for k in own}, strict=True)  # absent counters keep their init
     return net.eval().requires_grad_(False).to(device)
@@ -302,7 +337,7 @@ def _batches(images: Tensor | np.ndarray | Iterable[Tensor | np.ndarray], batch_
                 raise ValueError(f"numpy images must be [N, H, W, 3], got shape {x.shape}")
             x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2)
         for i in range(0, len(x), batch_size):
-            yield x[i:i + batch_size]
+            yield x[i : i + batch_size]
 
     if isinstance(images, (Tensor, np.ndarray)):
         yield from chunks(images)
@@ -311,8 +346,9 @@ def _batches(images: Tensor | np.ndarray | Iterable[Tensor | np.ndarray], batch_
             yield from chunks(batch)
 
 
-def inception_features(images: Tensor | np.ndarray | Iterable[Tensor | np.ndarray], net: FIDInceptionV3,
-                       batch_size: int = 100) -> dict[str, np.ndarray]:
+def inception_features(
+    images: Tensor | np.ndarray | Iterable[Tensor | np.ndarray], net: FIDInceptionV3, batch_size: int = 100
+) -> dict[str, np.ndarray]:
     """{"pool": [N, 2048], "spatial": [N, 2023], "logits": [N, 1008]} as float64 CPU arrays. `images`: a tensor
     [N, 3, H, W] (uint8 or [-1, 1] float), a numpy array [N, H, W, 3], or an iterable of such batches (e.g. a
     generator, so that 50K samples need not be held at once); they are fed `batch_size` at a time on the network's
@@ -333,8 +369,9 @@ def inception_features(images: Tensor | np.ndarray | Iterable[Tensor | np.ndarra
 def inception_score(logits: np.ndarray | Tensor, splits: int = 10) -> tuple[float, float]:
     """(mean, std over splits) of exp(E_x KL(p(y|x) || p(y))), p(y) the split's mean prediction, softmax over all
     1008 logits; split boundaries i*N//splits as in the original (improved-GAN) implementation."""
-    z = torch.as_tensor(np.asarray(logits, dtype=np.float64) if not isinstance(logits, Tensor) else logits,
-                        dtype=torch.float64).cpu()
+    z = torch.as_tensor(
+        np.asarray(logits, dtype=np.float64) if not isinstance(logits, Tensor) else logits, dtype=torch.float64
+    ).cpu()
     if z.ndim != 2:
         raise ValueError(f"logits must be [N, classes], got shape {tuple(z.shape)}")
     n = len(z)
@@ -343,7 +380,7 @@ def inception_score(logits: np.ndarray | Tensor, splits: int = 10) -> tuple[floa
     logp = torch.log_softmax(z, dim=1)
     scores = []
     for i in range(splits):
-        part = logp[i * n // splits:(i + 1) * n // splits]
+        part = logp[i * n // splits : (i + 1) * n // splits]
         log_py = torch.logsumexp(part, dim=0) - np.log(len(part))  # log of the mean of p(y|x) over the split
         kl = (part.exp() * (part - log_py)).sum(1).mean()
         scores.append(float(kl.exp()))
@@ -383,8 +420,14 @@ class Reference:
     pool: np.ndarray | None = None
 
 
-def save_reference(path: str | os.PathLike, pool: np.ndarray | Tensor, spatial: np.ndarray | Tensor, *,
-                   pool_keep: np.ndarray | None = None, **extra: np.ndarray) -> Path:
+def save_reference(
+    path: str | os.PathLike,
+    pool: np.ndarray | Tensor,
+    spatial: np.ndarray | Tensor,
+    *,
+    pool_keep: np.ndarray | None = None,
+    **extra: np.ndarray,
+) -> Path:
     """Write reference statistics as .npz with ADM's keys (mu, sigma, mu_s, sigma_s; unbiased covariances, float64)
     plus the pool features (`pool`, float32 to halve the file; only the rows `pool_keep` when given) for precision /
     recall, and any `extra` arrays (e.g. `dinov2` features for KD_DINOv2). Atomic."""
@@ -406,9 +449,11 @@ def load_reference(path: str | os.PathLike) -> Reference:
     recall) or a pytorch-fid stats file (mu, sigma only, so no sFID either). Only those keys are read."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"reference statistics {path} not found (make them with `srdit reference LATENT_DIR "
-                                f"{path} --inception WEIGHTS`, or use an ADM reference batch such as "
-                                "VIRTUAL_imagenet256_labeled.npz)")
+        raise FileNotFoundError(
+            f"reference statistics {path} not found (make them with `srdit reference LATENT_DIR "
+            f"{path} --inception WEIGHTS`, or use an ADM reference batch such as "
+            "VIRTUAL_imagenet256_labeled.npz)"
+        )
     with np.load(path, allow_pickle=False) as z:
         if "mu" not in z.files or "sigma" not in z.files:
             raise ValueError(f"{path}: no mu / sigma arrays (keys: {', '.join(z.files)})")
@@ -416,15 +461,21 @@ def load_reference(path: str | os.PathLike) -> Reference:
         def get(key: str, dtype: type = np.float64) -> np.ndarray | None:
             return np.asarray(z[key], dtype=dtype) if key in z.files else None
 
-        ref = Reference(mu=get("mu"), sigma=get("sigma"), mu_s=get("mu_s"), sigma_s=get("sigma_s"),
-                        pool=get("pool", np.float32))
+        ref = Reference(
+            mu=get("mu"), sigma=get("sigma"), mu_s=get("mu_s"), sigma_s=get("sigma_s"), pool=get("pool", np.float32)
+        )
     if (ref.mu_s is None) != (ref.sigma_s is None):
         raise ValueError(f"{path}: has only one of mu_s / sigma_s")
     return ref
 
 
-def metrics_from_features(features: Mapping[str, np.ndarray], reference: Reference | str | os.PathLike, *,
-                          splits: int | None = None, k: int = 3) -> dict[str, float]:
+def metrics_from_features(
+    features: Mapping[str, np.ndarray],
+    reference: Reference | str | os.PathLike,
+    *,
+    splits: int | None = None,
+    k: int = 3,
+) -> dict[str, float]:
     """The metrics of `imagenet_metrics` from precomputed `inception_features` of the generated images."""
     ref = reference if isinstance(reference, Reference) else load_reference(reference)
     mu, sigma = _stats(features["pool"])
@@ -441,9 +492,15 @@ def metrics_from_features(features: Mapping[str, np.ndarray], reference: Referen
     return out
 
 
-def imagenet_metrics(fake: Tensor | np.ndarray | Iterable[Tensor | np.ndarray],
-                     reference: Reference | str | os.PathLike, net: FIDInceptionV3, *, batch_size: int = 100,
-                     splits: int | None = None, k: int = 3) -> dict[str, float]:
+def imagenet_metrics(
+    fake: Tensor | np.ndarray | Iterable[Tensor | np.ndarray],
+    reference: Reference | str | os.PathLike,
+    net: FIDInceptionV3,
+    *,
+    batch_size: int = 100,
+    splits: int | None = None,
+    k: int = 3,
+) -> dict[str, float]:
     """{"fid", "sfid", "inception_score", "inception_score_std", "precision", "recall", "n"} of generated images
     (anything `inception_features` takes) against reference statistics (a `Reference` or an .npz path). sfid is
     left out when the reference has no mu_s / sigma_s, precision / recall (k-NN, k=3, on pool features) when it
@@ -452,6 +509,19 @@ def imagenet_metrics(fake: Tensor | np.ndarray | Iterable[Tensor | np.ndarray],
     return metrics_from_features(inception_features(fake, net, batch_size), reference, splits=splits, k=k)
 
 
-__all__ = ["ENV_VAR", "LABEL", "WEIGHTS_NAME", "WEIGHTS_URL", "FIDInceptionV3", "Reference", "frechet_from_stats",
-           "imagenet_metrics", "inception_features", "inception_score", "load_inception", "load_reference",
-           "metrics_from_features", "save_reference"]
+__all__ = [
+    "ENV_VAR",
+    "LABEL",
+    "WEIGHTS_NAME",
+    "WEIGHTS_URL",
+    "FIDInceptionV3",
+    "Reference",
+    "frechet_from_stats",
+    "imagenet_metrics",
+    "inception_features",
+    "inception_score",
+    "load_inception",
+    "load_reference",
+    "metrics_from_features",
+    "save_reference",
+]

@@ -29,8 +29,10 @@ def _source(source: str | os.PathLike, resolution: int):
 
         data = LatentDataset(root)
         if not data.has_images:
-            raise ValueError(f"{root}: a latent folder without image crops; rebuild it with --keep-images or pass "
-                             f"the ImageNet image folder")
+            raise ValueError(
+                f"{root}: a latent folder without image crops; rebuild it with --keep-images or pass "
+                f"the ImageNet image folder"
+            )
         return len(data), lambda idx: data.get(idx)[2]
     from srdit.data.imagenet import load_crop, scan_image_folder
 
@@ -38,16 +40,26 @@ def _source(source: str | os.PathLike, resolution: int):
     return len(folder), lambda idx: np.stack([load_crop(folder.path(int(i)), resolution) for i in idx])
 
 
-def build_reference(source: str | os.PathLike, out: str | os.PathLike, *, inception: str | None = None,
-                    n: int = 50_000, resolution: int = 256, dinov2: str | None = None, seed: int = 0,
-                    batch_size: int = 100, device: str = "auto", progress: bool | None = None) -> Path:
+def build_reference(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    inception: str | None = None,
+    n: int = 50_000,
+    resolution: int = 256,
+    dinov2: str | None = None,
+    seed: int = 0,
+    batch_size: int = 100,
+    device: str = "auto",
+    progress: bool | None = None,
+) -> Path:
     """Write the reference statistics of min(n, available) real images to `out` (.npz, atomically)."""
     from srdit.metrics.inception import inception_features, load_inception, save_reference
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     count, read = _source(source, resolution)
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.permutation(count)[:min(n, count)])  # sorted: sequential reads
+    chosen = np.sort(rng.permutation(count)[: min(n, count)])  # sorted: sequential reads
     net = load_inception(inception, device)
     extractor = None
     if dinov2:
@@ -59,7 +71,7 @@ def build_reference(source: str | os.PathLike, out: str | os.PathLike, *, incept
     def batches() -> Iterator[torch.Tensor]:
         bar = _bar(progress, len(chosen))
         for i in range(0, len(chosen), batch_size):
-            images = torch.from_numpy(np.ascontiguousarray(read(chosen[i:i + batch_size])))
+            images = torch.from_numpy(np.ascontiguousarray(read(chosen[i : i + batch_size])))
             if extractor is not None:
                 dino.append(extractor.features(images).double().cpu().numpy())
             yield images
@@ -92,4 +104,3 @@ def _bar(enabled: bool | None, total: int):
             self.p.stop()
 
     return Bar()
-

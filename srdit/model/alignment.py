@@ -12,7 +12,10 @@ class RepaProjector(nn.Module):
     def __init__(self, dim: int, proj_dim: int, teacher_dim: int):
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.Linear(dim, proj_dim), nn.SiLU(), nn.Linear(proj_dim, proj_dim), nn.SiLU(),
+            nn.Linear(dim, proj_dim),
+            nn.SiLU(),
+            nn.Linear(proj_dim, proj_dim),
+            nn.SiLU(),
             nn.Linear(proj_dim, teacher_dim),
         )
 

@@ -31,8 +31,9 @@ class SprintRouter(nn.Module):
     def keep_count(self, tokens: int) -> int:
         return max(1, int(tokens * (1.0 - self.drop_ratio)))
 
-    def select(self, batch: int, tokens: int, device: torch.device,
-               noise: torch.Tensor | None = None) -> torch.Tensor | None:
+    def select(
+        self, batch: int, tokens: int, device: torch.device, noise: torch.Tensor | None = None
+    ) -> torch.Tensor | None:
         """Sorted kept indices [B, K] in training, None (keep all) in eval. Uniform random, per sample.
 
         `noise` [B, tokens] (uniform) may come from the caller: the trainer draws it for the global batch so that
@@ -55,8 +56,9 @@ class SprintRouter(nn.Module):
             return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
         return x.gather(2, index[:, None, :, None].expand(-1, x.shape[1], -1, x.shape[-1]))
 
-    def fuse_paths(self, dense: torch.Tensor, sparse: torch.Tensor, index: torch.Tensor | None,
-                   drop_path: bool | torch.Tensor) -> torch.Tensor:
+    def fuse_paths(
+        self, dense: torch.Tensor, sparse: torch.Tensor, index: torch.Tensor | None, drop_path: bool | torch.Tensor
+    ) -> torch.Tensor:
         """Scatter the sparse output back (dropped positions = [MASK]) and fuse with the dense encoder output.
 
         `drop_path` replaces the whole sparse path by [MASK]: a Python bool (path-drop guidance at sampling) or a

@@ -87,8 +87,9 @@ class SiT(nn.Module):
         self.y_embed = LabelEmbedder(cfg.num_classes, dim)
         self.reg = RegToken(dim, cfg.reg.dim) if cfg.reg.enabled else None
         self.rope = Rope2d(dim // heads, self.grid, self.prefix, cfg.rope.theta) if cfg.rope.enabled else None
-        self.blocks = nn.ModuleList(Block(dim, heads, cfg, value_residual=cfg.value_residual and i > 0)
-                                    for i in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(dim, heads, cfg, value_residual=cfg.value_residual and i > 0) for i in range(depth)
+        )
         s = cfg.sprint
         self.sprint = SprintRouter(dim, s.drop_ratio, s.path_drop_prob) if s.enabled else None
         self.repa = RepaProjector(dim, cfg.repa.projector_dim, cfg.repa.teacher_dim) if cfg.repa.enabled else None
@@ -162,7 +163,7 @@ class SiT(nn.Module):
         else:
             s = self.cfg.sprint
             h, v_first = self._run(indexed[: s.dense_in], h, c, rope, None, repa_at, aux)  # [B, T, D]
-            middle = indexed[s.dense_in: self.depth - s.dense_out]
+            middle = indexed[s.dense_in : self.depth - s.dense_out]
             if self.training:
                 if isinstance(drop_sparse_path, torch.Tensor) and drop_sparse_path.dim() > 0:
                     raise ValueError("a per-sample drop_sparse_path is for inference; training drops the whole batch")
@@ -184,11 +185,18 @@ class SiT(nn.Module):
                     if not bool(drop.all()):
                         live = (~drop).nonzero().squeeze(1)  # [B'] samples that keep the sparse path
                         whole = live.numel() == h.shape[0]
-                        g_live, _ = self._run(middle, h if whole else h[live], c if whole else c[live], rope,
-                                              v_first if whole or v_first is None else v_first[live], repa_at, aux)
+                        g_live, _ = self._run(
+                            middle,
+                            h if whole else h[live],
+                            c if whole else c[live],
+                            rope,
+                            v_first if whole or v_first is None else v_first[live],
+                            repa_at,
+                            aux,
+                        )
                         g = g_live if whole else g.index_copy(0, live, g_live)  # [B, T, D]
                 h = self.sprint.fuse_paths(h, g, None, False)  # [B, T, D]
-            h, _ = self._run(indexed[self.depth - s.dense_out:], h, c, rope, v_first, repa_at, aux)  # [B, T, D]
+            h, _ = self._run(indexed[self.depth - s.dense_out :], h, c, rope, v_first, repa_at, aux)  # [B, T, D]
 
         h = self.final(h, c)  # [B, T, D]
         if self.reg is not None:

@@ -28,8 +28,8 @@ import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from srdit.config import RunConfig, from_dict
 from srdit.study.designs import Plan, TrialSpec
@@ -88,8 +88,14 @@ def baseline_cell(plan: Plan) -> str:
     return next((c.id for c in plan.cells if not c.on), plan.cells[0].id)
 
 
-def run_bench(spec: StudySpec, plan: Plan, *, rounds: int = DEFAULT_ROUNDS, warmup: int = DEFAULT_WARMUP,
-              echo: Callable[[str], None] = lambda s: None) -> dict:
+def run_bench(
+    spec: StudySpec,
+    plan: Plan,
+    *,
+    rounds: int = DEFAULT_ROUNDS,
+    warmup: int = DEFAULT_WARMUP,
+    echo: Callable[[str], None] = lambda s: None,
+) -> dict:
     """Time one training step of every cell of the plan, interleaved (see the module docstring); returns the
     bench record (what `bench_path` holds)."""
     import torch
@@ -112,7 +118,7 @@ def run_bench(spec: StudySpec, plan: Plan, *, rounds: int = DEFAULT_ROUNDS, warm
     times: dict[str, list[float]] = {c: [] for c in ids}
     t_start = time.perf_counter()
     for r in range(warmup + rounds):
-        order = ids[r % len(ids):] + ids[:r % len(ids)]  # rotate: no cell always first (or always after another)
+        order = ids[r % len(ids) :] + ids[: r % len(ids)]  # rotate: no cell always first (or always after another)
         for c in order:
             dt = cells[c].step()
             if r >= warmup:
@@ -124,24 +130,44 @@ def run_bench(spec: StudySpec, plan: Plan, *, rounds: int = DEFAULT_ROUNDS, warm
     for c in ids:
         med = statistics.median(times[c])
         ratio = statistics.median(a / b for a, b in zip(times[c], times[base]))
-        out_cells[c] = {"techniques": list(cells[c].trial.on), "trial_key": cells[c].trial.key,
-                        "step_s": med, "ratio": ratio, "images_per_s": cells[c].batch_size / med,
-                        "steps_per_s": 1.0 / med, "round_step_s": times[c]}
-    return {"version": BENCH_VERSION, "study": spec.name, "baseline": base, "rounds": rounds, "warmup": warmup,
-            "threads": threads, "device": str(device),
-            "clock": "cuda wall time" if device.type == "cuda" else "process CPU time", "host": platform.node(),
-            "batch_size": spec.base.train.batch_size, "seconds": time.perf_counter() - t_start,
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "cells": out_cells}
+        out_cells[c] = {
+            "techniques": list(cells[c].trial.on),
+            "trial_key": cells[c].trial.key,
+            "step_s": med,
+            "ratio": ratio,
+            "images_per_s": cells[c].batch_size / med,
+            "steps_per_s": 1.0 / med,
+            "round_step_s": times[c],
+        }
+    return {
+        "version": BENCH_VERSION,
+        "study": spec.name,
+        "baseline": base,
+        "rounds": rounds,
+        "warmup": warmup,
+        "threads": threads,
+        "device": str(device),
+        "clock": "cuda wall time" if device.type == "cuda" else "process CPU time",
+        "host": platform.node(),
+        "batch_size": spec.base.train.batch_size,
+        "seconds": time.perf_counter() - t_start,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "cells": out_cells,
+    }
 
 
 def format_bench(rec: dict) -> str:
-    lines = [f"bench {rec['study']}: median of {rec['rounds']} interleaved rounds ({rec['warmup']} warm-up), "
-             f"{rec['threads']} thread(s) on {rec['device']}, {rec['clock']}; ratio = step time / baseline "
-             f"{rec['baseline']}'s"]
+    lines = [
+        f"bench {rec['study']}: median of {rec['rounds']} interleaved rounds ({rec['warmup']} warm-up), "
+        f"{rec['threads']} thread(s) on {rec['device']}, {rec['clock']}; ratio = step time / baseline "
+        f"{rec['baseline']}'s"
+    ]
     lines.append(f"  {'cell':<10} {'techniques':<34} {'step ms':>9} {'ratio':>7} {'images/s':>10}")
     for c, v in rec["cells"].items():
-        lines.append(f"  {c:<10} {'+'.join(v['techniques']) or 'baseline':<34} {1000 * v['step_s']:9.2f} "
-                     f"{v['ratio']:7.3f} {v['images_per_s']:10.0f}")
+        lines.append(
+            f"  {c:<10} {'+'.join(v['techniques']) or 'baseline':<34} {1000 * v['step_s']:9.2f} "
+            f"{v['ratio']:7.3f} {v['images_per_s']:10.0f}"
+        )
     return "\n".join(lines)
 
 
@@ -174,8 +200,11 @@ def load_bench(state_dir: str | Path, plan: Plan) -> dict | None:
     for t in plan.trials:
         first.setdefault(t.cell, t.key)
     cells = rec.get("cells", {})
-    if rec.get("version") != BENCH_VERSION or set(cells) != set(first) or any(
-            cells[c].get("trial_key") != k for c, k in first.items()):
+    if (
+        rec.get("version") != BENCH_VERSION
+        or set(cells) != set(first)
+        or any(cells[c].get("trial_key") != k for c, k in first.items())
+    ):
         return None
     return rec
 
@@ -191,9 +220,20 @@ def bench_table(rec: dict, factors: list[str]):
         on = set(v["techniques"])
         for r, dt in enumerate(v["round_step_s"]):
             sps, ips = 1.0 / dt, rec["batch_size"] / dt
-            rows.append({"trial": f"bench-{c}-r{r}", "cell": c, "seed": r, "status": "finished", "status_reason": "",
-                         **{f: int(f in on) for f in factors}, "steps_per_s": sps, "images_per_s": ips,
-                         "steps_per_s_median": sps, "images_per_s_median": ips})
+            rows.append(
+                {
+                    "trial": f"bench-{c}-r{r}",
+                    "cell": c,
+                    "seed": r,
+                    "status": "finished",
+                    "status_reason": "",
+                    **{f: int(f in on) for f in factors},
+                    "steps_per_s": sps,
+                    "images_per_s": ips,
+                    "steps_per_s_median": sps,
+                    "images_per_s_median": ips,
+                }
+            )
     return pd.DataFrame(rows)
 
 

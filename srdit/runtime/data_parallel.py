@@ -55,8 +55,9 @@ def _worker_loop(loop: dict) -> None:
         from srdit.runtime.worker import _one_line, is_oom
 
         rank = ray.train.get_context().get_world_rank()
-        text = json.dumps({"status": "oom" if is_oom(e) else "crashed", "reason": f"rank {rank}: {_one_line(e)}",
-                           "rank": rank})
+        text = json.dumps(
+            {"status": "oom" if is_oom(e) else "crashed", "reason": f"rank {rank}: {_one_line(e)}", "rank": rank}
+        )
         path = Path(loop["out_dir"]) / WORKER_ERROR
         if not path.exists():
             write_atomic(path, lambda f: f.write(text.encode()))
@@ -64,8 +65,16 @@ def _worker_loop(loop: dict) -> None:
     final = {k: float(v) for k, v in res.metrics.items() if isinstance(v, (int, float))}
     if main:
         logged = sorted(reporter.at_last_step) if reporter.last_step == res.step else []
-        text = json.dumps({"status": res.status, "reason": res.reason, "step": res.step, "metrics": final,
-                           "logged_at_last_step": logged, "workers": loop["workers"]})
+        text = json.dumps(
+            {
+                "status": res.status,
+                "reason": res.reason,
+                "step": res.step,
+                "metrics": final,
+                "logged_at_last_step": logged,
+                "workers": loop["workers"],
+            }
+        )
         write_atomic(Path(loop["out_dir"]) / OUTCOME, lambda f: f.write(text.encode()))
 
 
@@ -81,8 +90,13 @@ def _init_loopback_group(loop: dict) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = "lo"
     c = ray.train.get_context()
     store = dist.FileStore(loop["store"], c.get_world_size())
-    dist.init_process_group("nccl" if loop["gpus"] else "gloo", store=store, rank=c.get_world_rank(),
-                            world_size=c.get_world_size(), timeout=datetime.timedelta(hours=2))
+    dist.init_process_group(
+        "nccl" if loop["gpus"] else "gloo",
+        store=store,
+        rank=c.get_world_rank(),
+        world_size=c.get_world_size(),
+        timeout=datetime.timedelta(hours=2),
+    )
 
 
 def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx: TrialContext, max_failures: int):
@@ -102,26 +116,38 @@ def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx
     if cfg.data.dataset != "digits" and cfg.eval.reference:
         check_evaluation(cfg)
     per_worker = {"CPU": ctx.cpus, **({"GPU": gpus / workers} if gpus else {})}
-    loop = {"config": config, "out_dir": str(out_dir), "uri": ctx.uri, "run_id": run_id, "gpus": gpus,
-            "workers": workers, "threads": max(1, int(math.floor(ctx.cpus)))}
+    loop = {
+        "config": config,
+        "out_dir": str(out_dir),
+        "uri": ctx.uri,
+        "run_id": run_id,
+        "gpus": gpus,
+        "workers": workers,
+        "threads": max(1, int(math.floor(ctx.cpus))),
+    }
     outcome, error = Path(out_dir) / OUTCOME, Path(out_dir) / WORKER_ERROR
     for attempt in range(max_failures + 1):
         outcome.unlink(missing_ok=True)
         error.unlink(missing_ok=True)
         common = dict(
             train_loop_config=loop,
-            scaling_config=ray.train.ScalingConfig(num_workers=workers, use_gpu=bool(gpus),
-                                                   resources_per_worker=per_worker),
-            run_config=ray.train.RunConfig(name=f"{ctx.study}-{Path(out_dir).name}-{attempt}",
-                                           storage_path=ctx.train_storage,
-                                           failure_config=ray.train.FailureConfig(max_failures=0)))
+            scaling_config=ray.train.ScalingConfig(
+                num_workers=workers, use_gpu=bool(gpus), resources_per_worker=per_worker
+            ),
+            run_config=ray.train.RunConfig(
+                name=f"{ctx.study}-{Path(out_dir).name}-{attempt}",
+                storage_path=ctx.train_storage,
+                failure_config=ray.train.FailureConfig(max_failures=0),
+            ),
+        )
         if ctx.loopback:  # a local study: no listener beyond loopback (see _init_loopback_group)
             loop["store"] = str(Path(out_dir) / f".process_group_{attempt}")
             Path(loop["store"]).unlink(missing_ok=True)
             trainer = DataParallelTrainer(_worker_loop, **common)
         else:  # rank 0 evaluates alone: a long collective timeout
-            trainer = TorchTrainer(_worker_loop, torch_config=TorchConfig(backend="nccl" if gpus else "gloo",
-                                                                          timeout_s=7200), **common)
+            trainer = TorchTrainer(
+                _worker_loop, torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=7200), **common
+            )
         try:
             trainer.fit()
             break
@@ -132,7 +158,8 @@ def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx
             if attempt == max_failures:
                 raise
     if not outcome.is_file():
-        raise RuntimeError(f"the worker group ended without writing {outcome} (is the trial folder on storage that "
-                           f"every node sees?)")
+        raise RuntimeError(
+            f"the worker group ended without writing {outcome} (is the trial folder on storage that every node sees?)"
+        )
     m = json.loads(outcome.read_text())
     return m["status"], m["reason"], int(m["step"]), m["metrics"], set(m["logged_at_last_step"])

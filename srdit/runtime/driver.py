@@ -25,9 +25,10 @@ import contextlib
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from srdit.metric_registry import headline
 from srdit.runtime.jobs import EvaluationJob, Job, TrainingJob, TrialJob, trial_job
@@ -160,8 +161,14 @@ def _trial_error(trial) -> str:
     return ""
 
 
-def _progress_callback(total: int, done_before: int, echo: Callable[[str], None], primary: str | None = None,
-                       ctx: TrialContext | None = None, jobs: dict[str, Job] | None = None):
+def _progress_callback(
+    total: int,
+    done_before: int,
+    echo: Callable[[str], None],
+    primary: str | None = None,
+    ctx: TrialContext | None = None,
+    jobs: dict[str, Job] | None = None,
+):
     """The Tune callback that prints one line per finished trial (see `progress_line`), and records a trial whose
     worker Ray killed for memory as `oom` (Tune's retries of it are then answered from that record). `jobs`: the
     grid's jobs by key (a Tune trial's config names its job by key)."""
@@ -210,32 +217,55 @@ def _progress_callback(total: int, done_before: int, echo: Callable[[str], None]
             if self._record_oom(trial):
                 return
             key = trial.config.get("job") or trial.trial_id
-            echo(f"  {key}: infrastructure failure after {MAX_FAILURES} retries "
-                 f"({_trial_error(trial)[:200]}); rerun the study to resume it")
+            echo(
+                f"  {key}: infrastructure failure after {MAX_FAILURES} retries "
+                f"({_trial_error(trial)[:200]}); rerun the study to resume it"
+            )
 
     return Progress()
 
 
-def prepare(spec: StudySpec, state_dir: str | Path | StudyState, plan: Plan | None = None
-            ) -> tuple[Plan, StudyTracking, StudyState]:
+def prepare(
+    spec: StudySpec, state_dir: str | Path | StudyState, plan: Plan | None = None
+) -> tuple[Plan, StudyTracking, StudyState]:
     """Plan, make the state folders, and open (create) the experiment and parent run in the driver."""
     plan = plan or plan_study(spec)
     state = StudyState.of(spec, state_dir)
     state.make_folders()
-    tags = {"design": plan.design, "factors": ",".join(spec.factor_names), "seeds": ",".join(map(str, spec.seeds)),
-            "description": spec.description[:4000]}
+    tags = {
+        "design": plan.design,
+        "factors": ",".join(spec.factor_names),
+        "seeds": ",".join(map(str, spec.seeds)),
+        "description": spec.description[:4000],
+    }
     tracking = state.open(tags)
-    tracking.tag_parent({**tags, "n_cells": len(plan.cells), "n_trials": len(plan.trials) or plan.search_budget,
-                         "n_trainings": plan.cost()["trainings"], "n_excluded": len(plan.excluded),
-                         "state_dir": str(state.root)})
+    tracking.tag_parent(
+        {
+            **tags,
+            "n_cells": len(plan.cells),
+            "n_trials": len(plan.trials) or plan.search_budget,
+            "n_trainings": plan.cost()["trainings"],
+            "n_excluded": len(plan.excluded),
+            "state_dir": str(state.root),
+        }
+    )
     tracking.describe(spec, plan)  # params, study YAML and resolved plan on the parent run
     return plan, tracking, state
 
 
-def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = False, num_cpus: int | None = None,
-              max_failures: int = MAX_FAILURES, echo: Callable[[str], None] | None = None,
-              plan: Plan | None = None, address: str | None = None, share: bool = True,
-              reuse: bool = True) -> StudyRun:
+def run_study(
+    spec: StudySpec,
+    state_dir: str | Path,
+    *,
+    retry_failed: bool = False,
+    num_cpus: int | None = None,
+    max_failures: int = MAX_FAILURES,
+    echo: Callable[[str], None] | None = None,
+    plan: Plan | None = None,
+    address: str | None = None,
+    share: bool = True,
+    reuse: bool = True,
+) -> StudyRun:
     """Run (or resume) every unfinished trial of the study; returns a summary. Ray is started when not running
     (the cluster at `address` / RAY_ADDRESS, else a private local Ray on loopback) and some trial is left to run.
 
@@ -268,8 +298,9 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
             skipped += 1
             continue
         # unfinished: reuse its run (the trainer resumes from its checkpoint)
-        todo.append(trial_job(t, cwd, run.info.run_id if run is not None and not (retry_failed and is_done(run))
-                              else None))
+        todo.append(
+            trial_job(t, cwd, run.info.run_id if run is not None and not (retry_failed and is_done(run)) else None)
+        )
     todo = submission_order(todo)  # load must not line up with cells (wall-clock metrics)
     sources = reuse_sources(spec, state, [j for j in todo if j.run_id is None]) if reuse else {}
     adopting = [j for j in todo if j.key in sources]
@@ -295,13 +326,17 @@ def run_study(spec: StudySpec, state_dir: str | Path, *, retry_failed: bool = Fa
         plan, tracking, state = prepare(spec, state, plan)
         n_todo = sum(len(j.todo()) for j in jobs)
         n_train = sum(1 for j in jobs if isinstance(j, TrainingJob) and not j.members[0].done)
-        echo(f"study {spec.name}: {len(plan.trials)} trials ({len(plan.cells)} cells x {len(spec.seeds)} seeds, "
-             f"design {plan.design}); {skipped} already done, {n_todo} to run in {n_train} training(s)"
-             + (f" (fixed checkpoint {plan.checkpoint})" if plan.checkpoint else ""))
+        echo(
+            f"study {spec.name}: {len(plan.trials)} trials ({len(plan.cells)} cells x {len(spec.seeds)} seeds, "
+            f"design {plan.design}); {skipped} already done, {n_todo} to run in {n_train} training(s)"
+            + (f" (fixed checkpoint {plan.checkpoint})" if plan.checkpoint else "")
+        )
         if plan.excluded:
-            echo(f"  {len(plan.excluded)} cell(s) excluded: " +
-                 "; ".join(f"{e['cell']} ({e['reason']})" for e in plan.excluded[:4]) +
-                 (" ..." if len(plan.excluded) > 4 else ""))
+            echo(
+                f"  {len(plan.excluded)} cell(s) excluded: "
+                + "; ".join(f"{e['cell']} ({e['reason']})" for e in plan.excluded[:4])
+                + (" ..." if len(plan.excluded) > 4 else "")
+            )
         tracking.set_parent_status("RUNNING")
         _fit_grid(spec, plan, tracking, state, jobs, max_failures, echo, skipped)
     if tracking is None:  # interrupted before anything was recorded
@@ -332,12 +367,22 @@ def _adopt(spec, plan, tracking, state: StudyState, sources: dict, jobs: list[Tr
         src = sources.get(t.key)
         if src is None:
             continue
-        adopt(tracking.uri, tracking.experiment_id, tracking.parent_run_id, t.key, run_name(t),
-              trial_tags(job_of[t.key], ctx), trial_params(t), src)
+        adopt(
+            tracking.uri,
+            tracking.experiment_id,
+            tracking.parent_run_id,
+            t.key,
+            run_name(t),
+            trial_tags(job_of[t.key], ctx),
+            trial_params(t),
+            src,
+        )
         counts[src.study] = counts.get(src.study, 0) + 1
     n = sum(counts.values())
-    echo(f"study {spec.name}: {format_reused(counts, len(plan.trials))} (finished runs with the same run key: "
-         f"training config, data, code and evaluation settings; `--no-reuse` trains them again)")
+    echo(
+        f"study {spec.name}: {format_reused(counts, len(plan.trials))} (finished runs with the same run key: "
+        f"training config, data, code and evaluation settings; `--no-reuse` trains them again)"
+    )
     return n
 
 
@@ -349,13 +394,15 @@ def from_finished_trainings(spec: StudySpec, state: StudyState, jobs: list[Job],
     from srdit.runtime.reuse import TRAINING_KEY, find_sources
     from srdit.train import snapshot_steps
 
-    fresh = [j for j in jobs if isinstance(j, TrainingJob) and not j.members[0].done
-             and not any(m.run_id for m in j.members)]
+    fresh = [
+        j for j in jobs if isinstance(j, TrainingJob) and not j.members[0].done and not any(m.run_id for m in j.members)
+    ]
     if not fresh:
         return jobs
     # another study's trainings only: within the study, sharing is the plan's (`--no-share` trains every trial)
-    found = find_sources(state.uri, {j.key: j.members[0].keys.training for j in fresh}, TRAINING_KEY,
-                         exclude_study=spec.name)
+    found = find_sources(
+        state.uri, {j.key: j.members[0].keys.training for j in fresh}, TRAINING_KEY, exclude_study=spec.name
+    )
     out: list[Job] = []
     counts: dict[str, int] = {}
     for j in jobs:
@@ -366,8 +413,9 @@ def from_finished_trainings(spec: StudySpec, state: StudyState, jobs: list[Job],
             usable = False
             with contextlib.suppress(OSError, ValueError, KeyError):
                 res = json.loads((folder / "result.json").read_text())
-                usable = "config" in res and (res.get("step") in snapshot_steps(folder)
-                                              or (folder / "checkpoints" / "last.pt").is_file())
+                usable = "config" in res and (
+                    res.get("step") in snapshot_steps(folder) or (folder / "checkpoints" / "last.pt").is_file()
+                )
         if not usable or src is None:
             out.append(j)
             continue
@@ -376,8 +424,10 @@ def from_finished_trainings(spec: StudySpec, state: StudyState, jobs: list[Job],
         counts[src.study] = counts.get(src.study, 0) + len(members)
     if counts:
         where = ", ".join(f"study {s} ({n})" for s, n in counts.items())
-        echo(f"study {spec.name}: {sum(counts.values())} trial(s) evaluated from finished trainings of {where} "
-             f"(same training key, other evaluation settings; `--no-reuse` trains them)")
+        echo(
+            f"study {spec.name}: {sum(counts.values())} trial(s) evaluated from finished trainings of {where} "
+            f"(same training key, other evaluation settings; `--no-reuse` trains them)"
+        )
     return out
 
 
@@ -408,8 +458,11 @@ def work_units(plan: Plan, todo: list[TrialJob], existing: dict) -> list[Job]:
                 members.append(pending[k])
             else:  # done: kept for its folder and run id (the training run), not run again
                 run = existing[k]
-                members.append(trial_job(specs[k], cwd).with_run(run.info.run_id, done=True,
-                                                                 trial_dir=run.data.tags.get("trial_dir", "")))
+                members.append(
+                    trial_job(specs[k], cwd).with_run(
+                        run.info.run_id, done=True, trial_dir=run.data.tags.get("trial_dir", "")
+                    )
+                )
         units.append(TrainingJob(tuple(members), g.key))  # an adopted run's trial_dir: its source's
     return units
 
@@ -438,22 +491,27 @@ def ray_nodes() -> list[dict[str, float]]:
     """The alive nodes of the connected Ray cluster and their total CPU / GPU."""
     import ray
 
-    return [{"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
-            for n in ray.nodes() if n.get("Alive")]
+    return [
+        {"CPU": float(n["Resources"].get("CPU", 0)), "GPU": float(n["Resources"].get("GPU", 0))}
+        for n in ray.nodes()
+        if n.get("Alive")
+    ]
 
 
 def _check_cluster(spec: StudySpec) -> None:
     """Refuse (PreflightError) a trial that the connected Ray cluster cannot hold."""
     import ray
 
-    problems = preflight.resource_problems(spec, ray_nodes(),
-                                           "the Ray cluster" if len(ray.nodes()) > 1 else "this Ray node")
+    problems = preflight.resource_problems(
+        spec, ray_nodes(), "the Ray cluster" if len(ray.nodes()) > 1 else "this Ray node"
+    )
     if problems:
         raise preflight.PreflightError(spec.name, problems)
 
 
-def _tuner_common(spec: StudySpec, state: StudyState, max_failures: int, callbacks: list,
-                  jobs: dict[str, Job] | None = None) -> tuple:
+def _tuner_common(
+    spec: StudySpec, state: StudyState, max_failures: int, callbacks: list, jobs: dict[str, Job] | None = None
+) -> tuple:
     from ray import tune
 
     r = spec.resources
@@ -462,8 +520,12 @@ def _tuner_common(spec: StudySpec, state: StudyState, max_failures: int, callbac
     # the grid's jobs travel once through Ray's object store; a Tune trial's config names its job by key
     wrapped = tune.with_resources(tune.with_parameters(trainable, jobs=jobs) if jobs else trainable, res)
     run_config = tune.RunConfig(
-        name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}", storage_path=str(state.ray),
-        failure_config=tune.FailureConfig(max_failures=max_failures), verbose=0, callbacks=callbacks)
+        name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+        storage_path=str(state.ray),
+        failure_config=tune.FailureConfig(max_failures=max_failures),
+        verbose=0,
+        callbacks=callbacks,
+    )
     return wrapped, run_config
 
 
@@ -481,9 +543,14 @@ def _fit_grid(spec, plan, tracking, state: StudyState, jobs: list[Job], max_fail
     tuner = tune.Tuner(
         wrapped,
         param_space={"job": tune.grid_search(list(by_key)), "ctx": ctx},
-        tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=_max_concurrent(spec.resources),
-                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
-        run_config=run_config)
+        tune_config=tune.TuneConfig(
+            reuse_actors=True,
+            max_concurrent_trials=_max_concurrent(spec.resources),
+            trial_name_creator=_trial_name,
+            trial_dirname_creator=_trial_name,
+        ),
+        run_config=run_config,
+    )
     return tuner.fit()
 
 
@@ -501,21 +568,33 @@ def _max_concurrent(r) -> int | None:
     return max(1, int(fit))
 
 
-def _context(spec: StudySpec, tracking: StudyTracking, state: StudyState, plan: Plan,
-             search: bool = False) -> TrialContext:
+def _context(
+    spec: StudySpec, tracking: StudyTracking, state: StudyState, plan: Plan, search: bool = False
+) -> TrialContext:
     """What every trial needs besides its job (it travels pickled in the Tune param space). Search trials also
     get the parsed study and the objectives."""
     return TrialContext(
-        study=spec.name, design=plan.design, factors=tuple(spec.factor_names), uri=tracking.uri,
-        experiment_id=tracking.experiment_id, parent_run_id=tracking.parent_run_id, trials_dir=str(state.trials),
-        cpus=spec.resources.cpus, gpus=spec.resources.gpus, workers=spec.resources.workers,
-        train_storage=str(state.ray / "train"), loopback=_is_loopback(),
+        study=spec.name,
+        design=plan.design,
+        factors=tuple(spec.factor_names),
+        uri=tracking.uri,
+        experiment_id=tracking.experiment_id,
+        parent_run_id=tracking.parent_run_id,
+        trials_dir=str(state.trials),
+        cpus=spec.resources.cpus,
+        gpus=spec.resources.gpus,
+        workers=spec.resources.workers,
+        train_storage=str(state.ray / "train"),
+        loopback=_is_loopback(),
         cwd=os.getcwd(),  # relative paths in the study are meant from here
-        spec=spec if search else None, objectives=tuple(search_objectives(spec)) if search else ())
+        spec=spec if search else None,
+        objectives=tuple(search_objectives(spec)) if search else (),
+    )
 
 
-def _run_search(spec, plan, state: StudyState, existing, retry_failed, num_cpus, max_failures, echo, t0,
-                address) -> StudyRun:
+def _run_search(
+    spec, plan, state: StudyState, existing, retry_failed, num_cpus, max_failures, echo, t0, address
+) -> StudyRun:
     """Optuna (OptunaSearch) over technique switches and knobs. The Optuna study persists in
     <state>/optuna/<study>.db, so a rerun continues the same search; unfinished children are re-queued first (same
     params -> same trial key -> same MLflow run and checkpoint). A sample that fails, diverges or is excluded is
@@ -536,8 +615,10 @@ def _run_search(spec, plan, state: StudyState, existing, retry_failed, num_cpus,
     with _ray_session(num_cpus, echo, address):
         _check_cluster(spec)
         plan, tracking, state = prepare(spec, state, plan)
-        echo(f"study {spec.name}: search, budget {spec.design.trials} trials; {n_done} already done, "
-             f"{remaining} to run" + (f" ({len(pending[:remaining])} interrupted, re-queued)" if pending else ""))
+        echo(
+            f"study {spec.name}: search, budget {spec.design.trials} trials; {n_done} already done, "
+            f"{remaining} to run" + (f" ({len(pending[:remaining])} interrupted, re-queued)" if pending else "")
+        )
         space: dict[str, Any] = {f"tech.{n}": tune.choice([0, 1]) for n in spec.factor_names}
         for p in spec.design.space:
             if p.type == "choice":
@@ -546,22 +627,32 @@ def _run_search(spec, plan, state: StudyState, existing, retry_failed, num_cpus,
                 space[p.key] = (tune.lograndint if p.log else tune.randint)(int(p.low), int(p.high) + 1)
             else:
                 space[p.key] = (tune.loguniform if p.log else tune.uniform)(p.low, p.high)
-        searcher = _fail_aware_optuna(metric=objectives if len(objectives) > 1 else objectives[0],
-                                      mode=directions if len(directions) > 1 else directions[0],
-                                      seed=spec.design.seed + n_done,  # a continued search draws new samples
-                                      points_to_evaluate=pending[:remaining] or None,
-                                      study_name=spec.name, storage=_optuna_storage(state))
+        searcher = _fail_aware_optuna(
+            metric=objectives if len(objectives) > 1 else objectives[0],
+            mode=directions if len(directions) > 1 else directions[0],
+            seed=spec.design.seed + n_done,  # a continued search draws new samples
+            points_to_evaluate=pending[:remaining] or None,
+            study_name=spec.name,
+            storage=_optuna_storage(state),
+        )
         ctx = _context(spec, tracking, state, plan, search=True)
         tracking.set_parent_status("RUNNING")
         conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
         progress = _progress_callback(spec.design.trials, n_done, echo, spec.metrics.primary)
         wrapped, run_config = _tuner_common(spec, state, max_failures, [progress])
-        tune.Tuner(wrapped, param_space={**space, "ctx": ctx},
-                   tune_config=tune.TuneConfig(search_alg=search_alg, num_samples=remaining, reuse_actors=True,
-                                               trial_name_creator=_trial_name,
-                                               trial_dirname_creator=_trial_name),
-                   run_config=run_config).fit()
+        tune.Tuner(
+            wrapped,
+            param_space={**space, "ctx": ctx},
+            tune_config=tune.TuneConfig(
+                search_alg=search_alg,
+                num_samples=remaining,
+                reuse_actors=True,
+                trial_name_creator=_trial_name,
+                trial_dirname_creator=_trial_name,
+            ),
+            run_config=run_config,
+        ).fit()
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
     return _finish(spec, plan, tracking, state, n_done, remaining, echo, t0)
@@ -648,29 +739,51 @@ def _finish(spec, plan, tracking, state: StudyState, skipped, ran, echo, t0, ado
     wall = time.perf_counter() - t0
     complete = not unfinished
     reused = reused_counts(children[k] for k in keys if k in children and is_done(children[k]))
-    tracking.tag_parent({"complete": str(complete).lower(), "n_reused": sum(reused.values()),
-                         **({"reused": format_reused(reused, total)} if reused else {}),
-                         **{f"n_{s}": n for s, n in statuses.items()}})
+    tracking.tag_parent(
+        {
+            "complete": str(complete).lower(),
+            "n_reused": sum(reused.values()),
+            **({"reused": format_reused(reused, total)} if reused else {}),
+            **{f"n_{s}": n for s, n in statuses.items()},
+        }
+    )
     tracking.set_parent_status("FINISHED" if complete else "KILLED")
     summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
     if n_samples is None:
         echo(f"study {spec.name}: {sum(statuses.values())}/{total} trials done ({summary or 'none'}) in {wall:.0f} s")
     else:
-        echo(f"study {spec.name}: {min(n_samples, total)}/{total} search samples evaluated, {sum(statuses.values())} "
-             f"distinct runs ({summary or 'none'}) in {wall:.0f} s")
+        echo(
+            f"study {spec.name}: {min(n_samples, total)}/{total} search samples evaluated, {sum(statuses.values())} "
+            f"distinct runs ({summary or 'none'}) in {wall:.0f} s"
+        )
     if reused:
         echo(f"  {format_reused(reused, total)}")
     if unfinished:
         crashed = statuses.get("crashed", 0)
-        echo(f"  {len(unfinished)} trial(s) unfinished" +
-             (f" ({crashed} crashed: a failure outside the trial, retried on rerun)" if crashed else "") +
-             "; rerun the same command (or `srdit study resume`) to finish them")
-    return StudyRun(spec.name, tracking.uri, tracking.experiment_id, tracking.parent_run_id, total, skipped, ran,
-                    statuses, unfinished, wall, str(state.root), adopted)
+        echo(
+            f"  {len(unfinished)} trial(s) unfinished"
+            + (f" ({crashed} crashed: a failure outside the trial, retried on rerun)" if crashed else "")
+            + "; rerun the same command (or `srdit study resume`) to finish them"
+        )
+    return StudyRun(
+        spec.name,
+        tracking.uri,
+        tracking.experiment_id,
+        tracking.parent_run_id,
+        total,
+        skipped,
+        ran,
+        statuses,
+        unfinished,
+        wall,
+        str(state.root),
+        adopted,
+    )
 
 
-def run_plain(spec: StudySpec, state_dir: str | Path, plan: Plan | None = None,
-              echo: Callable[[str], None] | None = None) -> StudyRun:
+def run_plain(
+    spec: StudySpec, state_dir: str | Path, plan: Plan | None = None, echo: Callable[[str], None] | None = None
+) -> StudyRun:
     """The same trials in a plain loop in this process (no Ray): the benchmark's reference."""
     echo = echo or (lambda s: None)
     t0 = time.perf_counter()

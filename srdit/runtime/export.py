@@ -24,5 +24,7 @@ def export_csv(spec, state_dir: str | Path, out: str | Path | None = None) -> tu
 
 def analyze_hint(spec, path: Path) -> str:
     """The command that re-runs the analysis on the exported table."""
-    return (f"srdit analyze {path} --factors {','.join(spec.factor_names)} --metric {spec.metrics.primary} "
-            f"--direction {spec.metrics.direction}")
+    return (
+        f"srdit analyze {path} --factors {','.join(spec.factor_names)} --metric {spec.metrics.primary} "
+        f"--direction {spec.metrics.direction}"
+    )

@@ -18,9 +18,10 @@ the code the driver keyed (`check_job`: a node with another srdit version raises
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from srdit.config import RunConfig, from_dict, resolve_paths
 from srdit.study.designs import TrialSpec, trial_key
@@ -46,7 +47,7 @@ class ContentKeys:
     "`srdit.provenance.evaluation_code_version()` in the driver."
 
     @classmethod
-    def of(cls, config: Mapping[str, Any], cwd: str | Path) -> "ContentKeys":
+    def of(cls, config: Mapping[str, Any], cwd: str | Path) -> ContentKeys:
         """The keys of a resolved config dict (relative paths meant from `cwd`)."""
         from srdit.provenance import evaluation_code_version, training_code_version
         from srdit.runtime.reuse import RUN_KEY, TRAINING_KEY, content_keys
@@ -76,7 +77,7 @@ class TrialJob:
     done: bool = False
     "A done member of a shared training: kept for its folder and run id, not run again."
     trial_dir: str = ""
-    "A done member: the folder that holds its trained model (an adopted run: its source's); \"\": its own."
+    'A done member: the folder that holds its trained model (an adopted run: its source\'s); "": its own.'
 
     @property
     def key(self) -> str:
@@ -90,15 +91,16 @@ class TrialJob:
     def seed(self) -> int:
         return self.trial.seed
 
-    def with_run(self, run_id: str | None, done: bool = False, trial_dir: str = "") -> "TrialJob":
+    def with_run(self, run_id: str | None, done: bool = False, trial_dir: str = "") -> TrialJob:
         return dataclasses.replace(self, run_id=run_id, done=done, trial_dir=trial_dir)
 
 
 def trial_job(trial: TrialSpec, cwd: str | Path, run_id: str | None = None) -> TrialJob:
     """The job of a planned trial: its config resolved against `cwd` (the driver's working directory: relative
     paths in the study are meant from there) and its content keys."""
-    return TrialJob(trial, resolve_paths(from_dict(RunConfig, trial.config), cwd), ContentKeys.of(trial.config, cwd),
-                    run_id)
+    return TrialJob(
+        trial, resolve_paths(from_dict(RunConfig, trial.config), cwd), ContentKeys.of(trial.config, cwd), run_id
+    )
 
 
 @dataclass(frozen=True)
@@ -161,9 +163,11 @@ class SearchSample:
     "Knob key -> value (the study's `design.space`)."
 
     @classmethod
-    def from_tune(cls, config: Mapping[str, Any], spec) -> "SearchSample":
-        return cls(tuple(n for n in spec.factor_names if config.get(f"tech.{n}")),
-                   {p.key: config[p.key] for p in spec.design.space if p.key in config})
+    def from_tune(cls, config: Mapping[str, Any], spec) -> SearchSample:
+        return cls(
+            tuple(n for n in spec.factor_names if config.get(f"tech.{n}")),
+            {p.key: config[p.key] for p in spec.design.space if p.key in config},
+        )
 
 
 def check_job(job: TrialJob) -> None:
@@ -177,10 +181,21 @@ def check_job(job: TrialJob) -> None:
     here = (training_code_version(), evaluation_code_version())
     there = (job.keys.training_code, job.keys.evaluation_code)
     if here != there:
-        raise JobMismatch(f"trial {t.key}: this worker runs other srdit code than the driver that planned it "
-                          f"(training / evaluation code {here[0]} / {here[1]} here, {there[0]} / {there[1]} in the "
-                          f"driver); install the same srdit on every node")
+        raise JobMismatch(
+            f"trial {t.key}: this worker runs other srdit code than the driver that planned it "
+            f"(training / evaluation code {here[0]} / {here[1]} here, {there[0]} / {there[1]} in the "
+            f"driver); install the same srdit on every node"
+        )
 
 
-__all__ = ["ContentKeys", "TrialJob", "TrainingJob", "EvaluationJob", "Job", "SearchSample", "JobMismatch",
-           "trial_job", "check_job"]
+__all__ = [
+    "ContentKeys",
+    "TrialJob",
+    "TrainingJob",
+    "EvaluationJob",
+    "Job",
+    "SearchSample",
+    "JobMismatch",
+    "trial_job",
+    "check_job",
+]

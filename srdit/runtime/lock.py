@@ -15,8 +15,8 @@ import json
 import os
 import platform
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from srdit.config import ConfigError
 
@@ -63,9 +63,11 @@ def study_lock(state_dir: str | Path, study: str) -> Iterator[dict | None]:
     except BlockingIOError:
         f.close()
         h = _read_holder(path)
-        raise StudyBusy(f"study {study} is running on this state (pid {h.get('pid', '?')}, host {h.get('host', '?')}, "
-                        f"since {h.get('started', '?')}); wait for it or stop it (`srdit study status` shows its "
-                        f"progress)") from None
+        raise StudyBusy(
+            f"study {study} is running on this state (pid {h.get('pid', '?')}, host {h.get('host', '?')}, "
+            f"since {h.get('started', '?')}); wait for it or stop it (`srdit study status` shows its "
+            f"progress)"
+        ) from None
     try:
         f.seek(0)
         try:
@@ -74,8 +76,11 @@ def study_lock(state_dir: str | Path, study: str) -> Iterator[dict | None]:
             previous = None
         f.seek(0)
         f.truncate()
-        f.write(json.dumps({"pid": os.getpid(), "host": platform.node(),
-                            "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}).encode())
+        f.write(
+            json.dumps(
+                {"pid": os.getpid(), "host": platform.node(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
+            ).encode()
+        )
         f.flush()
         yield previous
     finally:

@@ -22,8 +22,10 @@ from starlette.routing import Route
 WORKFLOW_KEY = "mlflow.workflowType_v1"
 "The localStorage key MLflow's UI reads its workflow from (the `_v1` suffix is its storage version)."
 
-DEFAULT_SCRIPT = ("<script>try{if(!localStorage.getItem(%s))localStorage.setItem(%s,%s)}catch(e){}</script>"
-                  % (json.dumps(WORKFLOW_KEY), json.dumps(WORKFLOW_KEY), json.dumps(json.dumps("machine_learning"))))
+_KEY, _VALUE = json.dumps(WORKFLOW_KEY), json.dumps(json.dumps("machine_learning"))
+DEFAULT_SCRIPT = (
+    f"<script>try{{if(!localStorage.getItem({_KEY}))localStorage.setItem({_KEY},{_VALUE})}}catch(e){{}}</script>"
+)
 "Stores the machine-learning workflow unless the browser already holds a choice."
 
 

@@ -35,7 +35,7 @@ class Occupancy:
         self.marker = self.dir / f"{self.host}{_SEP}{os.getpid()}{_SEP}{key}"
         self.max_seen = 1
 
-    def __enter__(self) -> "Occupancy":
+    def __enter__(self) -> Occupancy:
         self.dir.mkdir(parents=True, exist_ok=True)
         self.marker.touch()
         self.sample()

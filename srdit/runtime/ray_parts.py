@@ -3,11 +3,17 @@ the cluster in RAY_ADDRESS, or a local Ray started for the call and stopped afte
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 
-def run_parts(run_part: Callable[[int], Any], parts: Iterable[int], *, gpus_per_part: float | None = None,
-              cpus_per_part: float = 1.0) -> list:
+def run_parts(
+    run_part: Callable[[int], Any],
+    parts: Iterable[int],
+    *,
+    gpus_per_part: float | None = None,
+    cpus_per_part: float = 1.0,
+) -> list:
     """`run_part(k)` for every k of `parts` as Ray tasks; returns their results in order. Each task takes one GPU
     when the cluster has GPUs (`gpus_per_part` None), else `gpus_per_part`, and `cpus_per_part` CPUs."""
     import ray

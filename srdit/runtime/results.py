@@ -12,19 +12,24 @@ import pandas as pd
 
 from srdit import metric_registry
 from srdit.analysis.results import CURVE_COLUMNS, TABLE_BASE_COLUMNS, StudyResults
-from srdit.study.designs import Plan, plan_study
 from srdit.runtime.reuse import REUSED_FROM, REUSED_FROM_STUDY
 from srdit.runtime.state import StudyState
 from srdit.runtime.tracking import StudyTracking, has_ended, retry
+from srdit.study.designs import Plan, plan_study
 from srdit.study.spec import StudySpec
 
 CURVE_KEYS = tuple(metric_registry.curves())
 "Metrics read as learning curves from MLflow (and as table columns): the registry's curve metrics."
 
 
-def load_results(spec: StudySpec, state_dir: str | Path | StudyState, plan: Plan | None = None,
-                 curves: bool = True, samples_dir: str | Path | None = None,
-                 samples: bool = True) -> tuple[StudyResults, StudyTracking]:
+def load_results(
+    spec: StudySpec,
+    state_dir: str | Path | StudyState,
+    plan: Plan | None = None,
+    curves: bool = True,
+    samples_dir: str | Path | None = None,
+    samples: bool = True,
+) -> tuple[StudyResults, StudyTracking]:
     """Read the study's child runs. Grid designs keep the runs of the current plan (by trial key; runs of an older
     version of the study file are ignored); a search keeps every child run. Raises ConfigError (one line) when
     the study has not run yet (`StudyState.tracking`)."""
@@ -55,8 +60,13 @@ def load_results(spec: StudySpec, state_dir: str | Path | StudyState, plan: Plan
             continue  # interrupted: neither a result nor a failure (rerun the study to finish it)
         status = tags.get("status", "unknown")
         ok = status == "finished"
-        row = {"trial": key, "cell": tags.get("cell", ""), "seed": int(tags.get("seed", -1)), "status": status,
-               "status_reason": tags.get("status_reason", "")}
+        row = {
+            "trial": key,
+            "cell": tags.get("cell", ""),
+            "seed": int(tags.get("seed", -1)),
+            "status": status,
+            "status_reason": tags.get("status_reason", ""),
+        }
         row.update({f: int(tags.get(f"tech.{f}", 0)) for f in factors})
         if key in blocks:  # fold-over: the half (a run adopted from the folded study carries no block tag)
             row["block"] = int(tags.get("block", blocks[key]))
@@ -77,8 +87,10 @@ def load_results(spec: StudySpec, state_dir: str | Path | StudyState, plan: Plan
                 last: dict[int, float] = {}
                 for point in sorted(hist, key=lambda p: (p.step, p.timestamp)):
                     last[point.step] = point.value  # a resumed trial re-logs a few steps: keep the latest value
-                curve_rows += [{"trial": key, "cell": row["cell"], "seed": row["seed"], "key": name, "step": s,
-                                "value": v} for s, v in sorted(last.items())]
+                curve_rows += [
+                    {"trial": key, "cell": row["cell"], "seed": row["seed"], "key": name, "step": s, "value": v}
+                    for s, v in sorted(last.items())
+                ]
         if want_samples and ok and row["cell"] not in samples:
             try:
                 samples_dir.mkdir(parents=True, exist_ok=True)
@@ -88,16 +100,26 @@ def load_results(spec: StudySpec, state_dir: str | Path | StudyState, plan: Plan
                 samples[row["cell"]] = str(path)
             except Exception:
                 pass  # a run without a sample grid (e.g. logged by an older version)
-    table = pd.DataFrame(rows, columns=None if rows else
-                         [*TABLE_BASE_COLUMNS, *factors, *metrics])
+    table = pd.DataFrame(rows, columns=None if rows else [*TABLE_BASE_COLUMNS, *factors, *metrics])
     results = StudyResults(
-        study=spec.name, design=plan.design, factors=factors, metric=spec.metrics.primary,
+        study=spec.name,
+        design=plan.design,
+        factors=factors,
+        metric=spec.metrics.primary,
         direction=spec.metrics.direction,
         other_metrics={k: v for k, v in metrics.items() if k != spec.metrics.primary},
-        table=table, curves=pd.DataFrame(curve_rows, columns=CURVE_COLUMNS), samples=samples,
-        excluded=list(plan.excluded), aliases=dict(plan.aliases), ladder_order=plan.ladder_order,
-        commit=commit, date=_dt.date.today().isoformat(), description=spec.description,
-        steps=getattr(getattr(spec.base, "train", None), "steps", None), reused_from=reused_from)
+        table=table,
+        curves=pd.DataFrame(curve_rows, columns=CURVE_COLUMNS),
+        samples=samples,
+        excluded=list(plan.excluded),
+        aliases=dict(plan.aliases),
+        ladder_order=plan.ladder_order,
+        commit=commit,
+        date=_dt.date.today().isoformat(),
+        description=spec.description,
+        steps=getattr(getattr(spec.base, "train", None), "steps", None),
+        reused_from=reused_from,
+    )
     from srdit.runtime.bench import bench_table, load_bench
 
     bench = load_bench(state.root, plan)

@@ -29,9 +29,10 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from srdit.techniques import EVAL_SECTIONS, training_config
 
@@ -44,8 +45,19 @@ REUSED_FROM = "reused_from"
 REUSED_FROM_STUDY = "reused_from_study"
 "Tag of an adopted run: the study of that run."
 
-STUDY_TAGS = ("study", "cell", "seed", "design", "techniques", "trial_key", "trial_dir", "search.params",
-              "mlflow.runName", "mlflow.parentRunId", "srdit.role")
+STUDY_TAGS = (
+    "study",
+    "cell",
+    "seed",
+    "design",
+    "techniques",
+    "trial_key",
+    "trial_dir",
+    "search.params",
+    "mlflow.runName",
+    "mlflow.parentRunId",
+    "srdit.role",
+)
 "Tags that say where a run belongs: an adopted run takes these from its new study, never from its source."
 
 
@@ -73,8 +85,12 @@ def _folder_digest(path: str, stamp: tuple) -> str:
     root = Path(path)
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         st = f.stat()
-        h.update(f.relative_to(root).as_posix().encode() + b"\0" + _file_digest(str(f), st.st_size, st.st_mtime_ns)
-                 .encode() + b"\0")
+        h.update(
+            f.relative_to(root).as_posix().encode()
+            + b"\0"
+            + _file_digest(str(f), st.st_size, st.st_mtime_ns).encode()
+            + b"\0"
+        )
     return h.hexdigest()
 
 
@@ -243,18 +259,24 @@ def source_of(run, client=None) -> Source:
         with contextlib.suppress(Exception):
             folder = retry(client.get_run, tags["train_run_id"]).data.tags.get("trial_dir", folder)
             train_run = tags["train_run_id"]
-    return Source(run, tags.get(REUSED_FROM) or run.info.run_id, tags.get(REUSED_FROM_STUDY) or tags.get("study", ""),
-                  folder, train_run)
+    return Source(
+        run,
+        tags.get(REUSED_FROM) or run.info.run_id,
+        tags.get(REUSED_FROM_STUDY) or tags.get("study", ""),
+        folder,
+        train_run,
+    )
 
 
 def _store_exists(uri: str) -> bool:
     if uri.startswith("sqlite:"):
-        return Path(uri[len("sqlite:///"):]).exists()
+        return Path(uri[len("sqlite:///") :]).exists()
     return True
 
 
-def find_sources(uri: str, keys: Mapping[str, str], tag: str = RUN_KEY,
-                 exclude_study: str | None = None) -> dict[str, Source]:
+def find_sources(
+    uri: str, keys: Mapping[str, str], tag: str = RUN_KEY, exclude_study: str | None = None
+) -> dict[str, Source]:
     """trial key -> a finished trial run in the store at `uri` (any experiment, any study but `exclude_study`)
     whose `tag` equals the trial's content key (`keys`: trial key -> content key). An original run is preferred to
     an adopted one, a training run to an evaluation run, then the earliest. Reads only: a store that does not
@@ -273,14 +295,21 @@ def find_sources(uri: str, keys: Mapping[str, str], tag: str = RUN_KEY,
     for key in sorted(set(keys.values())):
         runs = []
         for chunk in range(0, len(experiments), 100):
-            runs += _search(client, experiments[chunk:chunk + 100],
-                            f"tags.{tag} = '{key}' and tags.status = 'finished' and tags.`{ROLE_TAG}` = 'trial'")
-        runs = [r for r in runs if r.info.status == "FINISHED"
-                and (exclude_study is None or r.data.tags.get("study") != exclude_study)]
+            runs += _search(
+                client,
+                experiments[chunk : chunk + 100],
+                f"tags.{tag} = '{key}' and tags.status = 'finished' and tags.`{ROLE_TAG}` = 'trial'",
+            )
+        runs = [
+            r
+            for r in runs
+            if r.info.status == "FINISHED" and (exclude_study is None or r.data.tags.get("study") != exclude_study)
+        ]
         if runs:
             # an original run before an adopted one, a training run before an evaluation run, then the earliest
-            found[key] = min(runs, key=lambda r: (REUSED_FROM in r.data.tags, "train_run_id" in r.data.tags,
-                                                  r.info.start_time or 0))
+            found[key] = min(
+                runs, key=lambda r: (REUSED_FROM in r.data.tags, "train_run_id" in r.data.tags, r.info.start_time or 0)
+            )
     return {trial: source_of(found[k], client) for trial, k in keys.items() if k in found}
 
 
@@ -308,8 +337,16 @@ def _experiment_ids(client) -> list[str]:
             return ids
 
 
-def adopt(uri: str, experiment_id: str, parent_run_id: str, trial_key: str, run_name: str,
-          tags: Mapping[str, Any], params: Mapping[str, Any], source: Source) -> str:
+def adopt(
+    uri: str,
+    experiment_id: str,
+    parent_run_id: str,
+    trial_key: str,
+    run_name: str,
+    tags: Mapping[str, Any],
+    params: Mapping[str, Any],
+    source: Source,
+) -> str:
     """Create the child run of `trial_key` under `parent_run_id` from a finished `source`: the source's metric
     histories (every step, the source's timestamps), artifacts and non-study tags; this study's `tags` and
     `params`; `trial_dir` = the origin's folder; `reused_from` / `reused_from_study`; status finished. Returns the
@@ -321,24 +358,45 @@ def adopt(uri: str, experiment_id: str, parent_run_id: str, trial_key: str, run_
 
     client = MlflowClient(uri)
     src = source.run
-    run = retry(client.create_run, experiment_id, run_name=run_name,
-                tags={PARENT_TAG: parent_run_id, KEY_TAG: trial_key, ROLE_TAG: "trial", "status": "adopting"})
+    run = retry(
+        client.create_run,
+        experiment_id,
+        run_name=run_name,
+        tags={PARENT_TAG: parent_run_id, KEY_TAG: trial_key, ROLE_TAG: "trial", "status": "adopting"},
+    )
     child = ChildRun(uri, run.info.run_id, reused=False)
-    kept = {k: v for k, v in src.data.tags.items()
-            if k not in STUDY_TAGS and not k.startswith("tech.") and k not in ("status", "status_reason")
-            and not (k.startswith("mlflow.") and k != "mlflow.source.git.commit")}
+    kept = {
+        k: v
+        for k, v in src.data.tags.items()
+        if k not in STUDY_TAGS
+        and not k.startswith("tech.")
+        and k not in ("status", "status_reason")
+        and not (k.startswith("mlflow.") and k != "mlflow.source.git.commit")
+    }
     child.log_params(params)
-    child.log_tags({**kept, **tags, "mlflow.runName": run_name, "trial_dir": source.trial_dir,
-                    REUSED_FROM: source.origin_run_id, REUSED_FROM_STUDY: source.study})
+    child.log_tags(
+        {
+            **kept,
+            **tags,
+            "mlflow.runName": run_name,
+            "trial_dir": source.trial_dir,
+            REUSED_FROM: source.origin_run_id,
+            REUSED_FROM_STUDY: source.study,
+        }
+    )
     history = []
     for key in src.data.metrics:
-        history += [Metric(key, m.value, m.timestamp, m.step) for m in retry(client.get_metric_history,
-                                                                             src.info.run_id, key)]
+        history += [
+            Metric(key, m.value, m.timestamp, m.step) for m in retry(client.get_metric_history, src.info.run_id, key)
+        ]
     for i in range(0, len(history), 1000):
-        retry(client.log_batch, run.info.run_id, metrics=history[i:i + 1000])
+        retry(client.log_batch, run.info.run_id, metrics=history[i : i + 1000])
     _copy_artifacts(client, src.info.run_id, run.info.run_id)
-    retry(client.log_batch, run.info.run_id, tags=[
-        RunTag("status", "finished"), RunTag("status_reason", src.data.tags.get("status_reason", ""))])
+    retry(
+        client.log_batch,
+        run.info.run_id,
+        tags=[RunTag("status", "finished"), RunTag("status_reason", src.data.tags.get("status_reason", ""))],
+    )
     retry(client.set_terminated, run.info.run_id, "FINISHED")
     return run.info.run_id
 
@@ -364,7 +422,7 @@ def reused_counts(runs: Iterable) -> dict[str, int]:
 
 
 def format_reused(counts: Mapping[str, int], total: int, verb: str = "reused") -> str:
-    """"12 of 16 trials reused from study digits_quick" (several studies: "... from study a (8), study b (4)")."""
+    """ "12 of 16 trials reused from study digits_quick" (several studies: "... from study a (8), study b (4)")."""
     n = sum(counts.values())
     if len(counts) == 1:
         where = f"study {next(iter(counts))}"

@@ -7,9 +7,10 @@ one way to open the study's run tree (create it, find it read-only, or fail with
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from srdit.config import ConfigError
 from srdit.runtime.tracking import StudyTracking, is_local_store, open_study, resolve_uri
@@ -34,13 +35,19 @@ class StudyState:
     "The study YAML (named in the messages that say which command to run)."
 
     @classmethod
-    def of(cls, spec, state_dir: "str | Path | StudyState") -> "StudyState":
+    def of(cls, spec, state_dir: str | Path | StudyState) -> StudyState:
         """The state of `spec` (a StudySpec) under `state_dir`; a StudyState is returned as it is."""
         if isinstance(state_dir, StudyState):
             return state_dir
         root = Path(state_dir).resolve()
-        return cls(spec.name, root, resolve_uri(spec.tracking.uri, root), spec.tracking.experiment or spec.name,
-                   spec.tracking.artifact_location, str(spec.path or ""))
+        return cls(
+            spec.name,
+            root,
+            resolve_uri(spec.tracking.uri, root),
+            spec.tracking.experiment or spec.name,
+            spec.tracking.artifact_location,
+            str(spec.path or ""),
+        )
 
     # ------------------------------------------------------------------------------------------------------------
     # folders
@@ -77,12 +84,13 @@ class StudyState:
     def store_exists(self) -> bool:
         """Whether the tracking store can hold runs already: a tracking server always; an SQLite store when its
         file exists (reading never creates it)."""
-        return not is_local_store(self.uri) or Path(self.uri[len("sqlite:///"):]).exists()
+        return not is_local_store(self.uri) or Path(self.uri[len("sqlite:///") :]).exists()
 
     def open(self, tags: Mapping[str, Any] | None = None) -> StudyTracking:
         """Find or create the study's experiment and parent run (the driver; `tags` on a new parent run)."""
-        return open_study(self.uri, self.experiment, self.study, self.root, artifact_location=self.artifact_location,
-                          tags=tags)
+        return open_study(
+            self.uri, self.experiment, self.study, self.root, artifact_location=self.artifact_location, tags=tags
+        )
 
     def find(self) -> StudyTracking | None:
         """The study's experiment and parent run if they exist; creates nothing (None without a store or run)."""
@@ -94,7 +102,7 @@ class StudyState:
         """As `find`, for the commands that read a study: ConfigError (one line) when the study has not run."""
         run = f"run `srdit study run {self.study_file or self.study}` first"
         if not self.store_exists():
-            raise ConfigError(f"no MLflow store at {self.uri[len('sqlite:///'):]}; {run}")
+            raise ConfigError(f"no MLflow store at {self.uri[len('sqlite:///') :]}; {run}")
         tracking = self.find()
         if tracking is None:
             raise ConfigError(f"study {self.study} has no runs in {self.uri}; {run}")

@@ -11,9 +11,17 @@ from srdit.data.teacher_cache import build_part
 from srdit.runtime.ray_parts import run_parts
 
 
-def cache_teacher_on_ray(latent_root: str | os.PathLike, out: str | os.PathLike, teacher_name: str,
-                         teacher_path: str | None, *, parts: int, batch_size: int = 256,
-                         gpus_per_part: float | None = None, cpus_per_part: float = 1.0) -> int:
+def cache_teacher_on_ray(
+    latent_root: str | os.PathLike,
+    out: str | os.PathLike,
+    teacher_name: str,
+    teacher_path: str | None,
+    *,
+    parts: int,
+    batch_size: int = 256,
+    gpus_per_part: float | None = None,
+    cpus_per_part: float = 1.0,
+) -> int:
     """Compute every missing part of the cache in `out` (its meta.json already written by the driver) as one Ray
     task per part; each task takes one GPU when the cluster has GPUs (`gpus_per_part` None). Every part is
     written by its own task into its own files, so tasks on different nodes never share a file. Returns the

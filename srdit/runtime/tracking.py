@@ -15,9 +15,10 @@ import logging
 import math
 import platform
 import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -53,7 +54,7 @@ def resolve_uri(uri: str | None, state_dir: str | Path) -> str:
     if uri is None:
         return default_tracking_uri(state_dir)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-        return "sqlite:///" + str(Path(uri[len("sqlite:///"):]).resolve())  # relative to the cwd, made absolute
+        return "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())  # relative to the cwd, made absolute
     return uri
 
 
@@ -82,7 +83,7 @@ def retry(fn: Callable, *args, tries: int = 8, **kwargs):
 
 def _chunks(items: list, n: int) -> Iterable[list]:
     for i in range(0, len(items), n):
-        yield items[i:i + n]
+        yield items[i : i + n]
 
 
 def _now_ms() -> int:
@@ -99,10 +100,18 @@ def runtime_tags() -> dict[str, str]:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     p = provenance(device)
-    return {"git_commit": p["commit"], "git_dirty": p["dirty"], "mlflow.source.git.commit": p["commit"],
-            "version.srdit": p["srdit"], "version.torch": p["torch"], "version.python": p["python"],
-            "version.ray": ray.__version__, "version.mlflow": mlflow.__version__, "device": p["device"],
-            "host": platform.node()}
+    return {
+        "git_commit": p["commit"],
+        "git_dirty": p["dirty"],
+        "mlflow.source.git.commit": p["commit"],
+        "version.srdit": p["srdit"],
+        "version.torch": p["torch"],
+        "version.python": p["python"],
+        "version.ray": ray.__version__,
+        "version.mlflow": mlflow.__version__,
+        "device": p["device"],
+        "host": platform.node(),
+    }
 
 
 def list_runs(client: MlflowClient, experiment_id: str, filter_string: str) -> list:
@@ -183,8 +192,11 @@ class StudyTracking:
 
     def log_parent_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         ts = _now_ms()
-        retry(self.client.log_batch, self.parent_run_id,
-              metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()])
+        retry(
+            self.client.log_batch,
+            self.parent_run_id,
+            metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items()],
+        )
 
     def mark_dead(self, why: str) -> list[str]:
         """Record the trials of a driver that no longer runs: every child run still RUNNING (or tagged running)
@@ -194,8 +206,11 @@ class StudyTracking:
         marked = []
         for r in self.children():
             if r.info.status == "RUNNING" or r.data.tags.get("status") == "running":
-                retry(self.client.log_batch, r.info.run_id,
-                      tags=[RunTag("status", "interrupted"), RunTag("status_reason", why)])
+                retry(
+                    self.client.log_batch,
+                    r.info.run_id,
+                    tags=[RunTag("status", "interrupted"), RunTag("status_reason", why)],
+                )
                 retry(self.client.set_terminated, r.info.run_id, "KILLED")
                 marked.append(r.data.tags.get(KEY_TAG, r.info.run_id))
         if retry(self.client.get_run, self.parent_run_id).info.status == "RUNNING":
@@ -206,18 +221,27 @@ class StudyTracking:
         """What a researcher browsing the parent run needs: design, techniques, seeds and trial counts as params
         (first value kept: MLflow params are immutable; the current values are also tags), the study YAML and the
         resolved plan as artifacts. `spec`: StudySpec, `plan`: Plan (duck-typed: no import of the designs here)."""
-        values = {"design": plan.design, "techniques": ",".join(spec.factor_names),
-                  "seeds": ",".join(map(str, spec.seeds)), "n_cells": len(plan.cells),
-                  "n_trials": len(plan.trials) or plan.search_budget, "n_excluded": len(plan.excluded),
-                  "primary_metric": spec.metrics.primary, "direction": spec.metrics.direction,
-                  "steps": spec.base.train.steps, "dataset": spec.base.data.dataset}
+        values = {
+            "design": plan.design,
+            "techniques": ",".join(spec.factor_names),
+            "seeds": ",".join(map(str, spec.seeds)),
+            "n_cells": len(plan.cells),
+            "n_trials": len(plan.trials) or plan.search_budget,
+            "n_excluded": len(plan.excluded),
+            "primary_metric": spec.metrics.primary,
+            "direction": spec.metrics.direction,
+            "steps": spec.base.train.steps,
+            "dataset": spec.base.data.dataset,
+        }
         have = retry(self.client.get_run, self.parent_run_id).data.params
         new = [Param(k, str(v)) for k, v in values.items() if k not in have]
         if new:
             retry(self.client.log_batch, self.parent_run_id, params=new)
-        note = (f"{spec.description}\n\nDesign {plan.design}: {len(plan.cells)} cells x {len(spec.seeds)} seeds, "
-                f"techniques {', '.join(spec.factor_names)}; primary metric {spec.metrics.primary} "
-                f"({spec.metrics.direction}). Study file and resolved plan under study/, the report under report/.")
+        note = (
+            f"{spec.description}\n\nDesign {plan.design}: {len(plan.cells)} cells x {len(spec.seeds)} seeds, "
+            f"techniques {', '.join(spec.factor_names)}; primary metric {spec.metrics.primary} "
+            f"({spec.metrics.direction}). Study file and resolved plan under study/, the report under report/."
+        )
         self.tag_parent({**{f"plan.{k}": v for k, v in values.items()}, "mlflow.note.content": note})
         if spec.path and Path(spec.path).is_file():
             retry(self.client.log_text, self.parent_run_id, Path(spec.path).read_text(), "study/study.yaml")
@@ -259,14 +283,18 @@ def relocate_store(state_dir: str | Path) -> int:
             for eid, loc in con.execute("SELECT experiment_id, artifact_location FROM experiments").fetchall():
                 if not loc or not loc.startswith("file:") or marker not in loc:
                     continue
-                old = loc[:loc.rindex(marker) + len(marker) - 1]
+                old = loc[: loc.rindex(marker) + len(marker) - 1]
                 if old == want:
                     continue
-                con.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
-                            (want + loc[len(old):], eid))
-                con.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
-                            "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
-                            (want, len(old) + 1, eid, len(old), old))
+                con.execute(
+                    "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                    (want + loc[len(old) :], eid),
+                )
+                con.execute(
+                    "UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) "
+                    "WHERE experiment_id = ? AND substr(artifact_uri, 1, ?) = ?",
+                    (want, len(old) + 1, eid, len(old), old),
+                )
                 moved += 1
     except sqlite3.OperationalError:  # not an MLflow store yet (no tables)
         return 0
@@ -275,9 +303,16 @@ def relocate_store(state_dir: str | Path) -> int:
     return moved
 
 
-def open_study(uri: str, experiment_name: str, study: str, state_dir: str | Path, *,
-               artifact_location: str | None = None, create: bool = True, tags: Mapping[str, Any] | None = None
-               ) -> StudyTracking | None:
+def open_study(
+    uri: str,
+    experiment_name: str,
+    study: str,
+    state_dir: str | Path,
+    *,
+    artifact_location: str | None = None,
+    create: bool = True,
+    tags: Mapping[str, Any] | None = None,
+) -> StudyTracking | None:
     """Find (or create, in the driver) the study's experiment and parent run. A resumed study continues under the
     same parent. Returns None when `create` is False and nothing exists yet.
 
@@ -301,8 +336,12 @@ def _open_study(uri, experiment_name, study, state_dir, artifact_location, creat
             return None
         loc = experiment_artifact_location(uri, state_dir, study, artifact_location)
         try:
-            exp_id = retry(client.create_experiment, experiment_name, artifact_location=loc,
-                           tags={"study": study, **EXPERIMENT_KIND})
+            exp_id = retry(
+                client.create_experiment,
+                experiment_name,
+                artifact_location=loc,
+                tags={"study": study, **EXPERIMENT_KIND},
+            )
         except MlflowException:  # created meanwhile by another driver
             exp_id = retry(client.get_experiment_by_name, experiment_name).experiment_id
         exp = retry(client.get_experiment, exp_id)
@@ -318,8 +357,12 @@ def _open_study(uri, experiment_name, study, state_dir, artifact_location, creat
         parent = sorted(parents, key=lambda r: r.info.start_time or 0)[0]
         parent_id = parent.info.run_id
     elif create:
-        parent = retry(client.create_run, exp.experiment_id, run_name=study,
-                       tags={ROLE_TAG: "study", "study": study, **{k: str(v) for k, v in (tags or {}).items()}})
+        parent = retry(
+            client.create_run,
+            exp.experiment_id,
+            run_name=study,
+            tags={ROLE_TAG: "study", "study": study, **{k: str(v) for k, v in (tags or {}).items()}},
+        )
         parent_id = parent.info.run_id
     else:
         return None
@@ -342,19 +385,33 @@ class ChildRun:
         data-parallel trial's rank 0, which opens its run by id)."""
 
     @classmethod
-    def open(cls, uri: str, experiment_id: str, parent_run_id: str, key: str, run_name: str,
-             tags: Mapping[str, Any], params: Mapping[str, Any], run_id: str | None = None) -> "ChildRun":
+    def open(
+        cls,
+        uri: str,
+        experiment_id: str,
+        parent_run_id: str,
+        key: str,
+        run_name: str,
+        tags: Mapping[str, Any],
+        params: Mapping[str, Any],
+        run_id: str | None = None,
+    ) -> ChildRun:
         """Reuse the child run with this trial key (given, or looked up), else create it; set it RUNNING and log
         the params and tags."""
         client = MlflowClient(uri)
         if run_id is None:
-            found = list_runs(client, experiment_id,
-                              f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.{KEY_TAG} = '{key}'")
+            found = list_runs(
+                client, experiment_id, f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.{KEY_TAG} = '{key}'"
+            )
             found = [r for r in found if not is_done(r)] or found
             run_id = found[0].info.run_id if found else None
         if run_id is None:
-            run = retry(client.create_run, experiment_id, run_name=run_name,
-                        tags={PARENT_TAG: parent_run_id, KEY_TAG: key, ROLE_TAG: "trial"})
+            run = retry(
+                client.create_run,
+                experiment_id,
+                run_name=run_name,
+                tags={PARENT_TAG: parent_run_id, KEY_TAG: key, ROLE_TAG: "trial"},
+            )
             child = cls(uri, run.info.run_id, reused=False)
         else:
             retry(client.update_run, run_id, "RUNNING")
@@ -367,8 +424,9 @@ class ChildRun:
     def last_steps(self) -> dict[str, int]:
         """Metric key -> the largest step logged so far in this run."""
         keys = retry(self.client.get_run, self.run_id).data.metrics
-        return {k: max((m.step for m in retry(self.client.get_metric_history, self.run_id, k)), default=-1)
-                for k in keys}
+        return {
+            k: max((m.step for m in retry(self.client.get_metric_history, self.run_id, k)), default=-1) for k in keys
+        }
 
     def log_tags(self, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
@@ -490,8 +548,15 @@ if alive():
 re-parented), stop the server's process group. Exits by itself when the group is gone."""
 
 
-def start_server(backend_uri: str, artifacts_dir: str | Path, host: str = "127.0.0.1", port: int = 5000,
-                 timeout: float = 90.0, log_path: str | Path | None = None, watch_parent: bool = True):
+def start_server(
+    backend_uri: str,
+    artifacts_dir: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 5000,
+    timeout: float = 90.0,
+    log_path: str | Path | None = None,
+    watch_parent: bool = True,
+):
     """Start `mlflow server` (one worker, no job runner) in its own process group and wait until /health answers.
     With `watch_parent`, a watchdog stops the server when this process dies. Returns the Popen; stop it with
     `stop_server`."""
@@ -503,22 +568,43 @@ def start_server(backend_uri: str, artifacts_dir: str | Path, host: str = "127.0
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     from importlib.metadata import entry_points
 
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", backend_uri, "--host", host,
-           "--port", str(port), "--workers", "1", "--artifacts-destination", str(Path(artifacts_dir).resolve())]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend_uri,
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--artifacts-destination",
+        str(Path(artifacts_dir).resolve()),
+    ]
     if entry_points(group="mlflow.app", name="srdit"):  # srdit.runtime.mlflow_app (opens on Runs), when installed
         cmd += ["--app-name", "srdit"]
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     if watch_parent:  # the server's own session outlives a SIGKILL of this process: a watchdog ties them
-        subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(proc.pid), str(os.getpid())], stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        subprocess.Popen(
+            [sys.executable, "-c", _WATCHDOG, str(proc.pid), str(os.getpid())],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     deadline = time.time() + timeout
     url = f"http://{host}:{port}/health"
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited with code {proc.returncode}"
-                               + (f"; see {log_path}" if log_path else ""))
+            raise RuntimeError(
+                f"mlflow server exited with code {proc.returncode}" + (f"; see {log_path}" if log_path else "")
+            )
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
@@ -561,6 +647,22 @@ def stop_server(proc, timeout: float = 15.0) -> None:
         pass
 
 
-__all__ = ["StudyTracking", "ChildRun", "TrialReporter", "open_study", "default_tracking_uri", "resolve_uri",
-           "is_done", "has_ended", "RESULTS", "list_runs", "runtime_tags", "TERMINAL", "RunStatus", "start_server", "stop_server", "free_port",
-           "port_free"]
+__all__ = [
+    "StudyTracking",
+    "ChildRun",
+    "TrialReporter",
+    "open_study",
+    "default_tracking_uri",
+    "resolve_uri",
+    "is_done",
+    "has_ended",
+    "RESULTS",
+    "list_runs",
+    "runtime_tags",
+    "TERMINAL",
+    "RunStatus",
+    "start_server",
+    "stop_server",
+    "free_port",
+    "port_free",
+]

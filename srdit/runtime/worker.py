@@ -16,8 +16,8 @@ recomputes neither. Nothing here starts Ray or a Tuner; the driver does.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -27,8 +27,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from srdit.config import ConfigError
-from srdit.runtime.jobs import (EvaluationJob, Job, JobMismatch, SearchSample, TrainingJob, TrialJob, check_job,
-                                trial_job)
+from srdit.runtime.jobs import (
+    EvaluationJob,
+    Job,
+    JobMismatch,
+    SearchSample,
+    TrainingJob,
+    TrialJob,
+    check_job,
+    trial_job,
+)
 from srdit.runtime.occupancy import Occupancy
 from srdit.runtime.tracking import ChildRun, TrialReporter, is_done, runtime_tags
 from srdit.study.designs import TrialSpec, make_cell, make_trial, search_objectives, violated
@@ -93,10 +101,17 @@ def trial_tags(job: TrialJob, ctx: TrialContext) -> dict:
     content keys of its training and run (the job's: computed by the driver, `srdit.runtime.reuse.content_keys`)."""
     trial = job.trial
     on = set(trial.on)
-    tags = {"study": ctx.study, "cell": trial.cell, "seed": trial.seed, "design": ctx.design,
-            "techniques": "+".join(trial.on) or "baseline", "trial_key": trial.key,
-            "trial_dir": str(Path(ctx.trials_dir) / trial.key), **{f"tech.{n}": int(n in on) for n in ctx.factors},
-            **job.keys.tags()}
+    tags = {
+        "study": ctx.study,
+        "cell": trial.cell,
+        "seed": trial.seed,
+        "design": ctx.design,
+        "techniques": "+".join(trial.on) or "baseline",
+        "trial_key": trial.key,
+        "trial_dir": str(Path(ctx.trials_dir) / trial.key),
+        **{f"tech.{n}": int(n in on) for n in ctx.factors},
+        **job.keys.tags(),
+    }
     if trial.params:
         tags["search.params"] = json.dumps(trial.params, sort_keys=True)
     if trial.block is not None:  # fold-over: the half of the combined design (the analysis's block term)
@@ -106,16 +121,27 @@ def trial_tags(job: TrialJob, ctx: TrialContext) -> dict:
 
 def trial_params(trial: TrialSpec) -> dict:
     """The params of a trial's child run: its planned config (flattened when logged), cell, seed and knobs."""
-    return {**trial.config, "study.cell": trial.cell, "study.seed": trial.seed,
-            **{f"search.{k}": v for k, v in (trial.params or {}).items()}}
+    return {
+        **trial.config,
+        "study.cell": trial.cell,
+        "study.seed": trial.seed,
+        **{f"search.{k}": v for k, v in (trial.params or {}).items()},
+    }
 
 
 def open_child(job: TrialJob, ctx: TrialContext, extra_tags: dict | None = None) -> ChildRun:
     name = run_name(job.trial)
     # mlflow.runName also renames a child run made by an older version (named by its bit string)
-    return ChildRun.open(ctx.uri, ctx.experiment_id, ctx.parent_run_id, job.key, name,
-                         {**trial_tags(job, ctx), "mlflow.runName": name, **(extra_tags or {})},
-                         trial_params(job.trial), run_id=job.run_id)
+    return ChildRun.open(
+        ctx.uri,
+        ctx.experiment_id,
+        ctx.parent_run_id,
+        job.key,
+        name,
+        {**trial_tags(job, ctx), "mlflow.runName": name, **(extra_tags or {})},
+        trial_params(job.trial),
+        run_id=job.run_id,
+    )
 
 
 def record_outcome(job: TrialJob, ctx: TrialContext, status: str, reason: str) -> str:
@@ -147,8 +173,11 @@ def _done_run(ctx: TrialContext, key: str):
 
     from srdit.runtime.tracking import KEY_TAG, PARENT_TAG, list_runs
 
-    runs = list_runs(MlflowClient(ctx.uri), ctx.experiment_id,
-                     f"tags.`{PARENT_TAG}` = '{ctx.parent_run_id}' and tags.{KEY_TAG} = '{key}'")
+    runs = list_runs(
+        MlflowClient(ctx.uri),
+        ctx.experiment_id,
+        f"tags.`{PARENT_TAG}` = '{ctx.parent_run_id}' and tags.{KEY_TAG} = '{key}'",
+    )
     done = [r for r in runs if is_done(r)]
     return done[0] if done else None
 
@@ -157,9 +186,14 @@ def _answer_from(run, job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
     """A trial that has already ended (a repeated search proposal, an outcome the driver recorded): its result,
     read from its child run, instead of training it again."""
     m = run.data.metrics
-    out = {"trial_key": job.key, "status": run.data.tags.get("status"), "reason":
-           run.data.tags.get("status_reason", ""), "cached": 1, "run_id": run.info.run_id,
-           **{k: float(v) for k, v in m.items()}}
+    out = {
+        "trial_key": job.key,
+        "status": run.data.tags.get("status"),
+        "reason": run.data.tags.get("status_reason", ""),
+        "cached": 1,
+        "run_id": run.info.run_id,
+        **{k: float(v) for k, v in m.items()},
+    }
     if to_tune:
         from ray import tune
 
@@ -222,8 +256,15 @@ def _execute(job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
     final["trials_on_host"] = float(occupancy.max_seen)
     child.log_metrics(step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
     child.finish(status, reason)
-    out = {"trial_key": job.key, "status": status, "reason": reason, "step": step, "trial_wall_s": wall,
-           "run_id": child.run_id, **final}
+    out = {
+        "trial_key": job.key,
+        "status": status,
+        "reason": reason,
+        "step": step,
+        "trial_wall_s": wall,
+        "run_id": child.run_id,
+        **final,
+    }
     if to_tune:
         from ray import tune
 
@@ -239,16 +280,24 @@ TRAINING_GROUP_TAG = "training_group"
 `training_key` tag of srdit.runtime.reuse)."""
 
 
-def _finish_member(job: TrialJob, child: ChildRun, reporter: TrialReporter, res, metrics: dict, wall: float,
-                   on_host: float) -> dict:
+def _finish_member(
+    job: TrialJob, child: ChildRun, reporter: TrialReporter, res, metrics: dict, wall: float, on_host: float
+) -> dict:
     """Log a member's final metrics (those not already logged at its last step) and end its run."""
     final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     final["trials_on_host"] = on_host
     logged = set(reporter.at_last_step) if reporter.last_step == res.step else set()
     child.log_metrics(res.step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
     child.finish(res.status, res.reason)
-    return {"trial_key": job.key, "status": res.status, "reason": res.reason, "step": res.step,
-            "trial_wall_s": wall, "run_id": child.run_id, **final}
+    return {
+        "trial_key": job.key,
+        "status": res.status,
+        "reason": res.reason,
+        "step": res.step,
+        "trial_wall_s": wall,
+        "run_id": child.run_id,
+        **final,
+    }
 
 
 def _crash(e: BaseException, child: ChildRun | None = None) -> tuple[str, str]:
@@ -259,8 +308,13 @@ def _crash(e: BaseException, child: ChildRun | None = None) -> tuple[str, str]:
     return status, reason
 
 
-def evaluate_from(source: str | Path, job: TrialJob, ctx: TrialContext, train_run_id: str | None = None,
-                  extra_tags: dict | None = None) -> dict:
+def evaluate_from(
+    source: str | Path,
+    job: TrialJob,
+    ctx: TrialContext,
+    train_run_id: str | None = None,
+    extra_tags: dict | None = None,
+) -> dict:
     """Evaluate `job` without training it, into its own child run and trial folder: from a finished training's
     folder `source` (kept with snapshots: its run gets the training curve and the evaluation of every kept EMA
     snapshot under its own settings, `srdit.train.evaluate_trained`), or from a checkpoint file `source` (a fixed
@@ -276,8 +330,12 @@ def evaluate_from(source: str | Path, job: TrialJob, ctx: TrialContext, train_ru
     torch.set_num_threads(max(1, int(math.floor(ctx.cpus))))
     out_dir = Path(ctx.trials_dir) / job.key
     with trial_lock(ctx, job.key):
-        tags = {**runtime_tags(), "evaluated_from": str(source), **(extra_tags or {}),
-                **({TRAIN_RUN_TAG: train_run_id} if train_run_id else {})}
+        tags = {
+            **runtime_tags(),
+            "evaluated_from": str(source),
+            **(extra_tags or {}),
+            **({TRAIN_RUN_TAG: train_run_id} if train_run_id else {}),
+        }
         child = open_child(job, ctx, tags)
         reporter = TrialReporter(child, False)
         t0 = time.perf_counter()
@@ -363,8 +421,15 @@ def _train_group(job: TrainingJob, lead: TrialJob, todo: list[TrialJob], ctx: Tr
     res_of: list = []
     try:
         evals = [Evaluation(m.config, Path(ctx.trials_dir) / m.key, r) for m, r in zip(others, reps)]
-        res = train(lead.config, Path(ctx.trials_dir) / lead.key, lead_rep, resume=True, progress=False,
-                    evaluations=evals, snapshots=True)
+        res = train(
+            lead.config,
+            Path(ctx.trials_dir) / lead.key,
+            lead_rep,
+            resume=True,
+            progress=False,
+            evaluations=evals,
+            snapshots=True,
+        )
         metrics = [dict(res.metrics)] + [{**res.train_metrics, **e} for e in res.evaluations]
         res_of = [res] * len(todo)
     except Exception as e:  # the training crashed: every member's run records it
@@ -373,8 +438,10 @@ def _train_group(job: TrainingJob, lead: TrialJob, todo: list[TrialJob], ctx: Tr
         metrics = [{} for _ in res_of]
     wall = time.perf_counter() - t0
     occupancy.__exit__(None, None, None)
-    outs = [_finish_member(m, c, r, res, mx, wall, float(occupancy.max_seen))
-            for m, c, r, res, mx in zip([lead, *others], [lead_child, *children], [lead_rep, *reps], res_of, metrics)]
+    outs = [
+        _finish_member(m, c, r, res, mx, wall, float(occupancy.max_seen))
+        for m, c, r, res, mx in zip([lead, *others], [lead_child, *children], [lead_rep, *reps], res_of, metrics)
+    ]
     if to_tune:
         from ray import tune
 
@@ -426,8 +493,7 @@ def search_trial(config: dict, ctx: TrialContext) -> TrialJob | None:
         except ConfigError as e:
             reason = f"invalid config: {e}"
     if reason is not None:
-        tune.report({"status": "excluded", "reason": reason,
-                     **{m: float("nan") for m in search_objectives(spec)}})
+        tune.report({"status": "excluded", "reason": reason, **{m: float("nan") for m in search_objectives(spec)}})
         return None
     if knobs:
         cell_id = f"{cell.id}-{hashlib.sha1(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:4]}"

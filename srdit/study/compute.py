@@ -44,10 +44,19 @@ def trial_flops(config: dict, train: bool = True, evaluate: bool = True, final_o
     return training * train + sample * evaluate
 
 
-def gpu_hours(configs: list[dict], peak_tflops: float = ASSUMED_PEAK_TFLOPS, mfu: float = ASSUMED_MFU,
-              train: bool = True, evaluate: bool = True, final_only: bool = False) -> dict:
+def gpu_hours(
+    configs: list[dict],
+    peak_tflops: float = ASSUMED_PEAK_TFLOPS,
+    mfu: float = ASSUMED_MFU,
+    train: bool = True,
+    evaluate: bool = True,
+    final_only: bool = False,
+) -> dict:
     """PFLOPs and GPU-hours of `configs` (training and / or evaluation: see `trial_flops`)."""
     flops = sum(trial_flops(c, train, evaluate, final_only) for c in configs)
-    return {"pflops": round(flops / 1e15, 2), "gpu_hours": round(flops / (mfu * peak_tflops * 1e12) / 3600, 1),
-            "assumption": f"{mfu:.0%} MFU of {peak_tflops:g} TFLOP/s (H100 dense bf16); excludes the online teacher "
-                          f"forward (DINOv2-B adds ~12 TFLOP per batch-256 step unless its features are cached)"}
+    return {
+        "pflops": round(flops / 1e15, 2),
+        "gpu_hours": round(flops / (mfu * peak_tflops * 1e12) / 3600, 1),
+        "assumption": f"{mfu:.0%} MFU of {peak_tflops:g} TFLOP/s (H100 dense bf16); excludes the online teacher "
+        f"forward (DINOv2-B adds ~12 TFLOP per batch-256 step unless its features are cached)",
+    }

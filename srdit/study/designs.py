@@ -13,8 +13,9 @@ import itertools
 import json
 import math
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -56,8 +57,15 @@ class TrialSpec:
     "Fold-over only: the half the cell belongs to (0: the folded study's cells, 1: their mirror image)."
 
     def to_dict(self) -> dict:
-        return {"key": self.key, "cell": self.cell, "on": list(self.on), "seed": self.seed, "config": self.config,
-                "params": dict(self.params), **({} if self.block is None else {"block": self.block})}
+        return {
+            "key": self.key,
+            "cell": self.cell,
+            "on": list(self.on),
+            "seed": self.seed,
+            "config": self.config,
+            "params": dict(self.params),
+            **({} if self.block is None else {"block": self.block}),
+        }
 
 
 @dataclass(frozen=True)
@@ -150,10 +158,16 @@ class Plan:
         train = gpu_hours(trained, evaluate=False) if trained else {"gpu_hours": 0.0, "pflops": 0.0}
         total = round(train["gpu_hours"] + evals["gpu_hours"], 1)
         # elapsed time follows from the GPU-hours: each trial holds its GPUs for its GPU-hours / GPUs per trial
-        return {**est, "gpu_hours": total, "pflops": round(train["pflops"] + evals["pflops"], 3),
-                "training_gpu_hours": train["gpu_hours"], "evaluation_gpu_hours": evals["gpu_hours"],
-                "gpu_hours_unshared": est["gpu_hours"], "gpus_per_trial": self.gpus_per_trial,
-                "wall_hours_one_at_a_time": round(total / self.gpus_per_trial, 1)}
+        return {
+            **est,
+            "gpu_hours": total,
+            "pflops": round(train["pflops"] + evals["pflops"], 3),
+            "training_gpu_hours": train["gpu_hours"],
+            "evaluation_gpu_hours": evals["gpu_hours"],
+            "gpu_hours_unshared": est["gpu_hours"],
+            "gpus_per_trial": self.gpus_per_trial,
+            "wall_hours_one_at_a_time": round(total / self.gpus_per_trial, 1),
+        }
 
     def cost(self, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrency: int = 1) -> dict:
         """Training steps and a wall-time estimate under stated throughput assumptions. Trainings and evaluations
@@ -172,25 +186,40 @@ class Plan:
         units = len(trained) if trained else len(configs)  # Ray trials: one per training (or evaluation)
         conc = max(1, min(concurrency, units or 1))
         wall = ASSUMED_STUDY_OVERHEAD_S + trial_s / conc
-        return {"trials": len(configs), "trainings": len(trained), "evaluations": len(configs),
-                "total_steps": steps, "unshared_steps": sum(c["train"]["steps"] for c in configs),
-                "training_seconds": round(train_s, 1), "evaluation_seconds": round(eval_s, 1),
-                "trial_seconds": round(trial_s, 1), "concurrency": conc, "wall_seconds": round(wall, 1),
-                "assumptions": f"{steps_per_s:g} steps/s per trial, {ASSUMED_EVAL_S_PER_KNFE:g} s per 1000 sampler "
-                               f"evaluations, {ASSUMED_TRIAL_OVERHEAD_S:g} s start-up per trial, "
-                               f"{ASSUMED_STUDY_OVERHEAD_S:g} s per study, {conc} trial(s) at once"}
+        return {
+            "trials": len(configs),
+            "trainings": len(trained),
+            "evaluations": len(configs),
+            "total_steps": steps,
+            "unshared_steps": sum(c["train"]["steps"] for c in configs),
+            "training_seconds": round(train_s, 1),
+            "evaluation_seconds": round(eval_s, 1),
+            "trial_seconds": round(trial_s, 1),
+            "concurrency": conc,
+            "wall_seconds": round(wall, 1),
+            "assumptions": f"{steps_per_s:g} steps/s per trial, {ASSUMED_EVAL_S_PER_KNFE:g} s per 1000 sampler "
+            f"evaluations, {ASSUMED_TRIAL_OVERHEAD_S:g} s start-up per trial, "
+            f"{ASSUMED_STUDY_OVERHEAD_S:g} s per study, {conc} trial(s) at once",
+        }
 
     def to_json(self, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrency: int = 1) -> dict:
         return {
-            "study": self.study, "design": self.design, "factors": self.factors,
+            "study": self.study,
+            "design": self.design,
+            "factors": self.factors,
             "cells": [{"cell": c.id, "techniques": list(c.on)} for c in self.cells],
-            "excluded": self.excluded, "aliases": self.aliases, "defining_relation": self.defining_relation,
-            "resolution": None if self.resolution is None else (
-                "full" if math.isinf(self.resolution) else int(self.resolution)),
-            "ladder_order": self.ladder_order, "notes": self.notes,
+            "excluded": self.excluded,
+            "aliases": self.aliases,
+            "defining_relation": self.defining_relation,
+            "resolution": None
+            if self.resolution is None
+            else ("full" if math.isinf(self.resolution) else int(self.resolution)),
+            "ladder_order": self.ladder_order,
+            "notes": self.notes,
             "trials": [{"key": t.key, "cell": t.cell, "seed": t.seed, "techniques": list(t.on)} for t in self.trials],
-            "trainings": [{"key": g.key, "training_run": g.trial_key, "members": list(g.members)}
-                          for g in self.trainings],
+            "trainings": [
+                {"key": g.key, "training_run": g.trial_key, "members": list(g.members)} for g in self.trainings
+            ],
             "checkpoint": self.checkpoint,
             "cost": self.cost(steps_per_s, concurrency),
             "gpu": self.gpu_estimate(),
@@ -210,7 +239,7 @@ def full_factorial_matrix(k: int) -> np.ndarray:
 
 def _columns_as_ints(matrix: np.ndarray) -> list[int]:
     """Each +-1 column as an int bit mask over rows (bit set where the level is -1): a product of columns is XOR."""
-    bits = (np.asarray(matrix) < 0)
+    bits = np.asarray(matrix) < 0
     return [int("".join("1" if b else "0" for b in bits[:, j]) or "0", 2) for j in range(bits.shape[1])]
 
 
@@ -354,18 +383,26 @@ def foldover_design(spec: StudySpec) -> tuple[list[tuple[str, ...]], dict]:
                 f"design: flipping every sign of {other.name}'s fraction gives back the same {len(first)} cells: "
                 f"every word of its defining relation ({relation}) has even length, so a full fold-over leaves it "
                 f"unchanged; give design.factor: NAME to fold on one technique (it frees that technique's main "
-                f"effect and its pairs); allowed: {', '.join(names)}")
+                f"effect and its pairs); allowed: {', '.join(names)}"
+            )
         used = sorted({names[j] for w, _ in defining_words(first) for j in w}, key=names.index)
-        raise ConfigError(f"design.factor: flipping {factor} gives back {other.name}'s own {len(first)} cells: "
-                          f"{factor} is in no word of its defining relation ({relation}); fold on a technique that "
-                          f"is: {', '.join(used)}")
+        raise ConfigError(
+            f"design.factor: flipping {factor} gives back {other.name}'s own {len(first)} cells: "
+            f"{factor} is in no word of its defining relation ({relation}); fold on a technique that "
+            f"is: {', '.join(used)}"
+        )
     mirror = np.array([r for r in mirror.tolist() if tuple(r) not in seen], dtype=int).reshape(-1, k)
     combined = np.vstack([first, mirror])
     achieved = resolution(combined)
     aliases = alias_map(combined, names)
     flat = [{e, *(a.lstrip("-") for a in al)} for e, al in aliases.items()]
-    low = sorted({" = ".join(sorted((x for x in g if x.count(":") < 2), key=lambda x: (x.count(":"), x)))
-                  for g in flat if sum(x.count(":") < 2 for x in g) > 1})
+    low = sorted(
+        {
+            " = ".join(sorted((x for x in g if x.count(":") < 2), key=lambda x: (x.count(":"), x)))
+            for g in flat
+            if sum(x.count(":") < 2 for x in g) > 1
+        }
+    )
     first_ids = [cell_id(spec, on) for on in _sets(names, first)]
     mirror_ids = [cell_id(spec, on) for on in _sets(names, mirror)]
     how = "every sign flipped" if factor is None else f"{factor}'s column flipped"
@@ -373,19 +410,31 @@ def foldover_design(spec: StudySpec) -> tuple[list[tuple[str, ...]], dict]:
         combined_note = f"combined design: the full 2^{k} factorial ({len(combined)} cells)"
     else:
         p = int(round(k - math.log2(len(combined))))
-        combined_note = (f"combined design: 2^({k}-{p}), {len(combined)} of {2 ** k} cells, resolution "
-                         f"{int(achieved)}")
-    notes = [f"fold-over of {other.name} ({how}): half 1 (block 0) = its {len(first)} cells, half 2 (block 1) = "
-             f"their {len(mirror)} mirror cells; both halves are analysed as one design with a block term for the "
-             f"halves",
-             combined_note,
-             "main effects and pairs still aliased with each other: " + "; ".join(low) if low else
-             "no main effect or pair is aliased with another main effect or pair",
-             f"from {other.name} (reused when its runs are finished): cells {', '.join(first_ids)}"]
-    info = {"resolution": achieved, "aliases": aliases, "defining_relation": _relation(names, combined),
-            "notes": notes, "blocks": {**{c: 0 for c in first_ids}, **{c: 1 for c in mirror_ids}},
-            "foldover": {"of": other.name, "of_path": other.path, "factor": factor, "first": first_ids,
-                         "mirror": mirror_ids}}
+        combined_note = f"combined design: 2^({k}-{p}), {len(combined)} of {2**k} cells, resolution {int(achieved)}"
+    notes = [
+        f"fold-over of {other.name} ({how}): half 1 (block 0) = its {len(first)} cells, half 2 (block 1) = "
+        f"their {len(mirror)} mirror cells; both halves are analysed as one design with a block term for the "
+        f"halves",
+        combined_note,
+        "main effects and pairs still aliased with each other: " + "; ".join(low)
+        if low
+        else "no main effect or pair is aliased with another main effect or pair",
+        f"from {other.name} (reused when its runs are finished): cells {', '.join(first_ids)}",
+    ]
+    info = {
+        "resolution": achieved,
+        "aliases": aliases,
+        "defining_relation": _relation(names, combined),
+        "notes": notes,
+        "blocks": {**{c: 0 for c in first_ids}, **{c: 1 for c in mirror_ids}},
+        "foldover": {
+            "of": other.name,
+            "of_path": other.path,
+            "factor": factor,
+            "first": first_ids,
+            "mirror": mirror_ids,
+        },
+    }
     return _sets(names, combined), info
 
 
@@ -424,9 +473,14 @@ def resolve_config(spec: StudySpec, on: Sequence[str], seed: int, knobs: dict[st
     searched `knobs` apply to techniques that are on) with train.seed = seed, validated, and checked against the
     study's resources (`check_resources`): every cell's config, not only the base. Raises ConfigError."""
     seeds = {"train.seed": seed, **({"eval.seed": seed} if spec.checkpoint else {})}  # a fixed model: the seed draws
-    cfg = with_techniques(spec.base, [spec.factor(n).technique for n in on], wins=win_pairs(spec.constraints),
-                          searched=knobs, off=[n for n in spec.factor_names if n not in on],
-                          extra=seeds)
+    cfg = with_techniques(
+        spec.base,
+        [spec.factor(n).technique for n in on],
+        wins=win_pairs(spec.constraints),
+        searched=knobs,
+        off=[n for n in spec.factor_names if n not in on],
+        extra=seeds,
+    )
     check_resources(cfg, spec.resources)
     return cfg
 
@@ -459,14 +513,22 @@ def design_cells(spec: StudySpec) -> tuple[list[tuple[str, ...]], dict]:
         rows, gen = fractional_matrix(k, d.resolution)
         achieved = resolution(rows)
         words = defining_words(rows)
-        info.update(resolution=achieved, generator=gen, aliases=alias_map(rows, names),
-                    defining_relation=["I = " + ("-" if sg < 0 else "") + effect_name(names, w) for w, sg in words])
+        info.update(
+            resolution=achieved,
+            generator=gen,
+            aliases=alias_map(rows, names),
+            defining_relation=["I = " + ("-" if sg < 0 else "") + effect_name(names, w) for w, sg in words],
+        )
         if math.isinf(achieved):
-            info["notes"] = [f"resolution {d.resolution} with {k} techniques needs every cell: this is the full "
-                             f"factorial ({len(rows)} cells)"]
+            info["notes"] = [
+                f"resolution {d.resolution} with {k} techniques needs every cell: this is the full "
+                f"factorial ({len(rows)} cells)"
+            ]
         else:
-            info["notes"] = [f"2^({k}-{int(round(k - math.log2(len(rows))))}) design, {len(rows)} of {2 ** k} cells, "
-                             f"resolution {int(achieved)} (pyDOE3 generator: {gen})"]
+            info["notes"] = [
+                f"2^({k}-{int(round(k - math.log2(len(rows))))}) design, {len(rows)} of {2**k} cells, "
+                f"resolution {int(achieved)} (pyDOE3 generator: {gen})"
+            ]
     elif d.kind == "ladder":
         sets = [tuple(d.order[:i]) for i in range(len(d.order) + 1)]
         info["ladder_order"] = list(d.order)
@@ -489,15 +551,19 @@ def check_fixed_checkpoint(spec: StudySpec) -> None:
         return
     where = f"{spec.path or spec.name}: checkpoint"
     if spec.design.kind == "search":
-        raise ConfigError(f"{where}: a fixed checkpoint is evaluated, not searched; use a grid design "
-                          f"(full_factorial, fractional_factorial, ladder, leave_one_out)")
+        raise ConfigError(
+            f"{where}: a fixed checkpoint is evaluated, not searched; use a grid design "
+            f"(full_factorial, fractional_factorial, ladder, leave_one_out)"
+        )
     for f in spec.factors:
         keys = [k for k in f.technique.diff if key_stage(k) == "train"]
         if f.technique.stage != "eval" or keys:
-            raise ConfigError(f"{where}: technique {f.name} changes the training ({', '.join(keys[:3]) or 'model'}),"
-                              f" but every cell evaluates the fixed checkpoint {spec.checkpoint}; only evaluation-time "
-                              f"techniques may be factors ({', '.join(n for n, x in TECHNIQUES.items() if x.stage == 'eval')}"
-                              f", or custom diffs of sample.* / eval.* keys)")
+            raise ConfigError(
+                f"{where}: technique {f.name} changes the training ({', '.join(keys[:3]) or 'model'}),"
+                f" but every cell evaluates the fixed checkpoint {spec.checkpoint}; only evaluation-time "
+                f"techniques may be factors ({', '.join(n for n, x in TECHNIQUES.items() if x.stage == 'eval')}"
+                f", or custom diffs of sample.* / eval.* keys)"
+            )
 
 
 def plan_study(spec: StudySpec, share: bool = True) -> Plan:
@@ -529,26 +595,45 @@ def plan_study(spec: StudySpec, share: bool = True) -> Plan:
         trials += cell_trials
     notes = list(info.get("notes", []))
     if spec.design.kind == "search":
-        notes.append(f"search: {spec.design.trials} trials chosen by Optuna (via Ray Tune's OptunaSearch) over "
-                     f"{len(spec.factors)} technique switches and {len(spec.design.space)} knob(s), seed "
-                     f"{spec.seeds[0]}; objectives: {', '.join(search_objectives(spec))}")
+        notes.append(
+            f"search: {spec.design.trials} trials chosen by Optuna (via Ray Tune's OptunaSearch) over "
+            f"{len(spec.factors)} technique switches and {len(spec.design.space)} knob(s), seed "
+            f"{spec.seeds[0]}; objectives: {', '.join(search_objectives(spec))}"
+        )
     elif not cells:
-        raise ConfigError(f"{spec.path or spec.name}: every cell of the design is excluded: "
-                          + "; ".join(f"{e['cell']}: {e['reason']}" for e in excluded[:3]))
+        raise ConfigError(
+            f"{spec.path or spec.name}: every cell of the design is excluded: "
+            + "; ".join(f"{e['cell']}: {e['reason']}" for e in excluded[:3])
+        )
     blocks = info.get("blocks", {})
     trials = [replace(t, block=blocks[t.cell]) if t.cell in blocks else t for t in trials]
     trainings = [] if spec.checkpoint else group_trainings(trials, share)
     if spec.checkpoint:
-        notes.append(f"fixed checkpoint {spec.checkpoint}: nothing trains; every trial evaluates it, and a seed is "
-                     f"the evaluation's (eval.seed)")
+        notes.append(
+            f"fixed checkpoint {spec.checkpoint}: nothing trains; every trial evaluates it, and a seed is "
+            f"the evaluation's (eval.seed)"
+        )
     elif trials and not share:
         notes.append("sharing off (--no-share): every trial trains its own model")
-    return Plan(spec.name, spec.design.label, spec.factor_names, cells, excluded, trials,
-                aliases=info.get("aliases", {}), defining_relation=info.get("defining_relation", []),
-                resolution=info.get("resolution"), ladder_order=info.get("ladder_order"), notes=notes,
-                search_budget=spec.design.trials if spec.design.kind == "search" else 0,
-                base_config=to_dict(spec.base), gpus_per_trial=spec.resources.gpus, trainings=trainings,
-                checkpoint=spec.checkpoint, foldover=info.get("foldover", {}))
+    return Plan(
+        spec.name,
+        spec.design.label,
+        spec.factor_names,
+        cells,
+        excluded,
+        trials,
+        aliases=info.get("aliases", {}),
+        defining_relation=info.get("defining_relation", []),
+        resolution=info.get("resolution"),
+        ladder_order=info.get("ladder_order"),
+        notes=notes,
+        search_budget=spec.design.trials if spec.design.kind == "search" else 0,
+        base_config=to_dict(spec.base),
+        gpus_per_trial=spec.resources.gpus,
+        trainings=trainings,
+        checkpoint=spec.checkpoint,
+        foldover=info.get("foldover", {}),
+    )
 
 
 def submission_order(trials: Sequence[Any]) -> list[Any]:
@@ -584,8 +669,10 @@ def format_plan(plan: Plan, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrenc
     lines += [f"  note: {n}" for n in plan.notes]
     if plan.cells:
         lines.append(f"cells ({len(plan.cells)}):")
-        half = {**{c: f"  [half 1: from {plan.foldover['of']}]" for c in plan.foldover.get("first", [])},
-                **{c: "  [half 2: mirror]" for c in plan.foldover.get("mirror", [])}}
+        half = {
+            **{c: f"  [half 1: from {plan.foldover['of']}]" for c in plan.foldover.get("first", [])},
+            **{c: "  [half 2: mirror]" for c in plan.foldover.get("mirror", [])},
+        }
         for c in plan.cells:
             lines.append(f"  {c.id}  {'+'.join(c.on) if c.on else 'baseline'}{half.get(c.id, '')}")
     if plan.excluded:
@@ -608,26 +695,33 @@ def format_plan(plan: Plan, steps_per_s: float = ASSUMED_STEPS_PER_S, concurrenc
         if plan.trials:
             lines.append(f"trials: {cost['trials']} ({len(plan.cells)} cells x {len(seeds)} seeds {seeds})")
             instead = "one per trial" if cost["trainings"] == cost["trials"] else f"instead of {cost['trials']}"
-            lines.append(f"trainings: {cost['trainings']} ({instead}), evaluations: {cost['evaluations']}"
-                         + _saved(plan, cost))
+            lines.append(
+                f"trainings: {cost['trainings']} ({instead}), evaluations: {cost['evaluations']}" + _saved(plan, cost)
+            )
         else:
             lines.append(f"trials: {cost['trials']} (search budget)")
         gpu = plan.gpu_estimate()
         if not gpu:
-            lines.append(f"cost: {cost['total_steps']} training steps in all; estimated wall time "
-                         f"{_fmt_s(cost['wall_seconds'])} ({cost['assumptions']})")
+            lines.append(
+                f"cost: {cost['total_steps']} training steps in all; estimated wall time "
+                f"{_fmt_s(cost['wall_seconds'])} ({cost['assumptions']})"
+            )
         else:  # GPU trials: time from the model's FLOPs (a CPU steps/s assumption says nothing about them)
             g, h = gpu["gpus_per_trial"], gpu["wall_hours_one_at_a_time"]
             n = cost["trials"]
             lines.append(f"cost: {cost['total_steps']} training steps in all")
-            lines.append(f"compute: {gpu['pflops']:g} PFLOP (training + evaluation sampling, from the model's MACs); "
-                         f"about {gpu['gpu_hours']:g} GPU-hours in all (GPU-hours = GPUs x hours, summed over the "
-                         f"{n} trials: {gpu['training_gpu_hours']:g} for {cost['trainings']} trainings, "
-                         f"{gpu['evaluation_gpu_hours']:g} for {n} evaluations; {gpu['gpu_hours_unshared']:g} if every "
-                         f"trial trained) at {gpu['assumption']}")
-            lines.append(f"wall: about {h:g} h elapsed with one trial at a time on {g:g} GPU(s) (each trial holds "
-                         f"{g:g} GPU(s): GPU-hours / {g:g}); k trials at once on k x {g:g} GPUs take about "
-                         f"{h:g} / k h")
+            lines.append(
+                f"compute: {gpu['pflops']:g} PFLOP (training + evaluation sampling, from the model's MACs); "
+                f"about {gpu['gpu_hours']:g} GPU-hours in all (GPU-hours = GPUs x hours, summed over the "
+                f"{n} trials: {gpu['training_gpu_hours']:g} for {cost['trainings']} trainings, "
+                f"{gpu['evaluation_gpu_hours']:g} for {n} evaluations; {gpu['gpu_hours_unshared']:g} if every "
+                f"trial trained) at {gpu['assumption']}"
+            )
+            lines.append(
+                f"wall: about {h:g} h elapsed with one trial at a time on {g:g} GPU(s) (each trial holds "
+                f"{g:g} GPU(s): GPU-hours / {g:g}); k trials at once on k x {g:g} GPUs take about "
+                f"{h:g} / k h"
+            )
     return "\n".join(lines)
 
 
@@ -639,9 +733,11 @@ def _saved(plan: Plan, cost: dict) -> str:
     if not saved:
         return ""
     n = cost["trials"] - cost["trainings"]
-    return (f"; sharing saves {n} training{'s' if n != 1 else ''} ({saved} of "
-            f"{cost['unshared_steps']} training steps): trials that differ only in evaluation-time settings are "
-            f"evaluated from one training")
+    return (
+        f"; sharing saves {n} training{'s' if n != 1 else ''} ({saved} of "
+        f"{cost['unshared_steps']} training steps): trials that differ only in evaluation-time settings are "
+        f"evaluated from one training"
+    )
 
 
 def _fmt_s(s: float) -> str:

@@ -15,7 +15,7 @@ All problems come in one message.
 from __future__ import annotations
 
 import os
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from srdit.config import ConfigError, RunConfig, from_dict
 from srdit.metric_registry import produced_by, run_producers
@@ -65,8 +65,9 @@ def _configs(spec: StudySpec, plan, trials: Iterable[Mapping] | None) -> list[tu
     return out
 
 
-def input_and_metric_problems(spec: StudySpec, plan, trials: Iterable[Mapping] | None = None,
-                              cwd: str | None = None) -> list[str]:
+def input_and_metric_problems(
+    spec: StudySpec, plan, trials: Iterable[Mapping] | None = None, cwd: str | None = None
+) -> list[str]:
     """Missing inputs and unreported metrics of the trials (default: all trials of the plan), one line each; a
     problem shared by several trials is listed once with how many it concerns."""
     from srdit.inputs import input_problems
@@ -91,9 +92,11 @@ def input_and_metric_problems(spec: StudySpec, plan, trials: Iterable[Mapping] |
             for m in names:
                 if m not in reported:
                     have = ", ".join(sorted(x for x in reported if x in set(produced_by("train", "digits", "latents"))))
-                    out.append(f"{role} {m}: not reported by these runs (data.dataset {'/'.join(sorted(datasets))}"
-                               f"{', no eval.reference' if 'latents' in datasets and m in produced_by('latents') else ''}"
-                               f"); they report: {have}")
+                    out.append(
+                        f"{role} {m}: not reported by these runs (data.dataset {'/'.join(sorted(datasets))}"
+                        f"{', no eval.reference' if 'latents' in datasets and m in produced_by('latents') else ''}"
+                        f"); they report: {have}"
+                    )
     return out
 
 
@@ -112,7 +115,7 @@ def checkpoint_problems(path: str, cfg: RunConfig, base: str | None = None, key:
         trained = model_from_checkpoint(load_checkpoint(full))[1]
     except CheckpointError as e:
         text = str(e)
-        return [Problem(key, path, text[len(full) + 2:] if text.startswith(full + ": ") else text, fix)]
+        return [Problem(key, path, text[len(full) + 2 :] if text.startswith(full + ": ") else text, fix)]
     try:
         check_same_model(cfg, trained, "the study's base")
     except CheckpointError as e:
@@ -144,19 +147,26 @@ def resource_problems(spec: StudySpec, nodes: list[Mapping[str, float]], where: 
     b = bundles[0]
 
     def fits(node: Mapping[str, float]) -> int:  # how many bundles of this shape one node holds
-        k = [node.get("CPU", 0) // b["CPU"] if b["CPU"] else float("inf"),
-             node.get("GPU", 0) // b["GPU"] if b["GPU"] else float("inf")]
+        k = [
+            node.get("CPU", 0) // b["CPU"] if b["CPU"] else float("inf"),
+            node.get("GPU", 0) // b["GPU"] if b["GPU"] else float("inf"),
+        ]
         return int(min(min(k), len(bundles)))
 
     if sum(fits(n) for n in nodes) >= len(bundles):
         return []
     r = spec.resources
-    need = (f"{_fmt(b)}" if len(bundles) == 1 else
-            f"{len(bundles)} workers x {_fmt(b)} = {_fmt({'CPU': r.cpus * r.workers, 'GPU': r.gpus})}, each "
-            f"worker's share on one node")
+    need = (
+        f"{_fmt(b)}"
+        if len(bundles) == 1
+        else f"{len(bundles)} workers x {_fmt(b)} = {_fmt({'CPU': r.cpus * r.workers, 'GPU': r.gpus})}, each "
+        f"worker's share on one node"
+    )
     have = "; ".join(f"node {i}: {_fmt(n)}" for i, n in enumerate(nodes)) if len(nodes) > 1 else _fmt(nodes[0])
-    return [f"resources: a trial needs {need}; {where} has {have} (lower resources.cpus / gpus / workers, or run "
-            f"on a larger cluster with RAY_ADDRESS / --address)"]
+    return [
+        f"resources: a trial needs {need}; {where} has {have} (lower resources.cpus / gpus / workers, or run "
+        f"on a larger cluster with RAY_ADDRESS / --address)"
+    ]
 
 
 def local_nodes() -> list[dict[str, float]]:
@@ -171,8 +181,13 @@ def local_nodes() -> list[dict[str, float]]:
     return [{"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}]
 
 
-def check(spec: StudySpec, plan, trials: Iterable[Mapping] | None = None, nodes: list | None = None,
-          where: str = "this machine") -> None:
+def check(
+    spec: StudySpec,
+    plan,
+    trials: Iterable[Mapping] | None = None,
+    nodes: list | None = None,
+    where: str = "this machine",
+) -> None:
     """Raise PreflightError listing every problem (inputs, metrics, and resources when `nodes` are given)."""
     problems = input_and_metric_problems(spec, plan, trials)
     if nodes is not None:

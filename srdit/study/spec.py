@@ -27,18 +27,30 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from srdit.config import SEED_MAX, ConfigError, RunConfig, apply_diff, read_yaml
-from srdit.metric_registry import METRICS, analysable, direction as metric_direction
-from srdit.techniques import (TECHNIQUES, Technique, custom_technique, merge_diffs, run_config_from_dict,
-                              with_techniques)
+from srdit.metric_registry import METRICS, analysable
+from srdit.metric_registry import direction as metric_direction
+from srdit.techniques import TECHNIQUES, Technique, custom_technique, merge_diffs, run_config_from_dict, with_techniques
 
 # The schema. Tests freeze these tuples so that the study format changes only on purpose.
-STUDY_KEYS = ("name", "description", "base", "techniques", "design", "seeds", "constraints", "metrics", "resources",
-              "tracking", "checkpoint")
+STUDY_KEYS = (
+    "name",
+    "description",
+    "base",
+    "techniques",
+    "design",
+    "seeds",
+    "constraints",
+    "metrics",
+    "resources",
+    "tracking",
+    "checkpoint",
+)
 DESIGN_KINDS = ("full_factorial", "fractional_factorial", "ladder", "leave_one_out", "search", "foldover")
 DESIGN_KEYS = {
     "full_factorial": ("kind",),
@@ -57,6 +69,7 @@ RESOURCES_KEYS = ("cpus", "gpus", "workers", "max_concurrent")
 TRACKING_KEYS = ("uri", "experiment", "artifact_location")
 SPACE_KEYS = ("low", "high", "log", "type", "choices")
 DIRECTIONS = ("min", "max")
+
 
 def _listing_order(name: str) -> int:
     """Evaluation metrics first (the usual primary metric), then training metrics, then the trial's own."""
@@ -133,7 +146,7 @@ class Design:
     space: tuple[SearchParam, ...] = ()
     seed: int = 0
     max_concurrent: int | None = None
-    of: "StudySpec | None" = field(default=None, repr=False, compare=False)
+    of: StudySpec | None = field(default=None, repr=False, compare=False)
     "foldover: the study whose fraction it completes (its cells are the first half)."
     factor: str | None = None
     "foldover: the technique whose column is flipped; None: every sign flipped."
@@ -143,8 +156,13 @@ class Design:
         """Short name used in tags and reports: full, frac(res=5), ladder, loo, search, foldover(of=x[, factor=y])."""
         if self.kind == "foldover":
             return f"foldover(of={self.of.name}{', factor=' + self.factor if self.factor else ''})"
-        return {"full_factorial": "full", "fractional_factorial": f"frac(res={self.resolution})",
-                "ladder": "ladder", "leave_one_out": "loo", "search": "search"}[self.kind]
+        return {
+            "full_factorial": "full",
+            "fractional_factorial": f"frac(res={self.resolution})",
+            "ladder": "ladder",
+            "leave_one_out": "loo",
+            "search": "search",
+        }[self.kind]
 
 
 @dataclass(frozen=True)
@@ -297,8 +315,10 @@ def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
     (a custom technique: a named config diff, evaluation-time when every key is in `sample` / `eval`)."""
     where = "techniques"
     if not isinstance(value, list) or not value:
-        raise ConfigError(f"{where}: expected a non-empty list of technique names (allowed: {', '.join(TECHNIQUES)}), "
-                          f"name: {{knob: value}} items, or {{name: ..., diff: {{key: value}}}} items")
+        raise ConfigError(
+            f"{where}: expected a non-empty list of technique names (allowed: {', '.join(TECHNIQUES)}), "
+            f"name: {{knob: value}} items, or {{name: ..., diff: {{key: value}}}} items"
+        )
     factors: list[Factor] = []
     for i, item in enumerate(value):
         w = f"{where}[{i}]"
@@ -314,18 +334,24 @@ def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
             if not isinstance(knobs, Mapping):
                 raise ConfigError(f"{w}.{name}: expected a mapping of knobs, got {knobs!r}")
         else:
-            raise ConfigError(f"{w}: expected a technique name, {{name: {{knob: value}}}} or "
-                              f"{{name: ..., diff: {{key: value}}}}, got {item!r}")
+            raise ConfigError(
+                f"{w}: expected a technique name, {{name: {{knob: value}}}} or "
+                f"{{name: ..., diff: {{key: value}}}}, got {item!r}"
+            )
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(f"{w}: technique name {name!r} must be letters, digits, _ . - ")
         if custom is not None:
             if name in TECHNIQUES:
-                raise ConfigError(f"{w}.name: {name!r} is a built-in technique; give the custom diff another name "
-                                  f"or list {name!r} with knobs instead")
+                raise ConfigError(
+                    f"{w}.name: {name!r} is a built-in technique; give the custom diff another name "
+                    f"or list {name!r} with knobs instead"
+                )
             diff = custom.get("diff")
             if not isinstance(diff, Mapping) or not diff:
-                raise ConfigError(f"{w}.diff: expected a non-empty mapping of dotted config keys to values "
-                                  f"(e.g. train.lr: 3e-3), got {diff!r}")
+                raise ConfigError(
+                    f"{w}.diff: expected a non-empty mapping of dotted config keys to values "
+                    f"(e.g. train.lr: 3e-3), got {diff!r}"
+                )
             tech = custom_technique(name, diff, _str(custom.get("description", ""), f"{w}.description"))
             try:
                 apply_diff(base, tech.diff)
@@ -334,8 +360,10 @@ def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
             factors.append(Factor(name, tech.diff, False, {}, tech.description))
             continue
         if name not in TECHNIQUES:
-            raise ConfigError(f"{w}: unknown technique {name!r}; allowed: {', '.join(TECHNIQUES)} "
-                              f"(or a custom {{name: ..., diff: ...}})")
+            raise ConfigError(
+                f"{w}: unknown technique {name!r}; allowed: {', '.join(TECHNIQUES)} "
+                f"(or a custom {{name: ..., diff: ...}})"
+            )
         if name in base.techniques:
             raise ConfigError(f"{w}: {name} is already on in base.techniques; remove it from one of the two")
         try:
@@ -368,8 +396,10 @@ def parse_design(value: Any, names: list[str]) -> Design:
     d = _mapping(value, where, DESIGN_KEYS[kind])
     if kind == "full_factorial":
         if len(names) > 12:
-            raise ConfigError(f"{where}: a full factorial of {len(names)} techniques has 2^{len(names)} cells; "
-                              f"use fractional_factorial")
+            raise ConfigError(
+                f"{where}: a full factorial of {len(names)} techniques has 2^{len(names)} cells; "
+                f"use fractional_factorial"
+            )
         return Design(kind)
     if kind == "fractional_factorial":
         res = d.get("resolution")
@@ -384,24 +414,28 @@ def parse_design(value: Any, names: list[str]) -> Design:
         order = _names(d.get("order", list(names)), f"{where}.order")
         unknown = [o for o in order if o not in names]
         if unknown:
-            raise ConfigError(f"{where}.order: {', '.join(unknown)} not among the techniques; allowed: "
-                              f"{', '.join(names)}")
+            raise ConfigError(
+                f"{where}.order: {', '.join(unknown)} not among the techniques; allowed: {', '.join(names)}"
+            )
         if len(set(order)) != len(order) or not order:
             raise ConfigError(f"{where}.order: expected each technique at most once, got {order!r}")
         return Design(kind, order=tuple(order))
     if kind == "leave_one_out":
         return Design(kind)
     if kind == "foldover":  # study_from_dict parses it (it needs the study file's folder)
-        raise ConfigError(f"{where}.of: required; a fold-over is written {{kind: foldover, of: OTHER.yaml}} in a "
-                          f"study file (OTHER's path relative to it)")
+        raise ConfigError(
+            f"{where}.of: required; a fold-over is written {{kind: foldover, of: OTHER.yaml}} in a "
+            f"study file (OTHER's path relative to it)"
+        )
     # search
     trials = _int(d.get("trials"), f"{where}.trials", 1)
     objectives = d.get("objectives", [])
     if isinstance(objectives, str):
         objectives = [objectives]
     if not isinstance(objectives, list) or not all(isinstance(o, str) for o in objectives):
-        raise ConfigError(f"{where}.objectives: expected a list of metric names; allowed: "
-                          f"{', '.join(METRIC_DIRECTIONS)}")
+        raise ConfigError(
+            f"{where}.objectives: expected a list of metric names; allowed: {', '.join(METRIC_DIRECTIONS)}"
+        )
     for o in objectives:
         if o not in METRIC_DIRECTIONS:
             raise ConfigError(f"{where}.objectives: unknown metric {o!r}; allowed: {', '.join(METRIC_DIRECTIONS)}")
@@ -444,8 +478,9 @@ def parse_constraints(value: Any, names: list[str]) -> tuple[Constraint, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise ConfigError(f"{where}: expected a list of {{requires: [a, b]}}, {{excludes: [a, b]}} or "
-                          f"{{wins: a, over: b}} items")
+        raise ConfigError(
+            f"{where}: expected a list of {{requires: [a, b]}}, {{excludes: [a, b]}} or {{wins: a, over: b}} items"
+        )
     out: list[Constraint] = []
     for i, item in enumerate(value):
         w = f"{where}[{i}]"
@@ -454,8 +489,10 @@ def parse_constraints(value: Any, names: list[str]) -> tuple[Constraint, ...]:
         kinds = [k for k in item if k in CONSTRAINT_KINDS]
         extra = [k for k in item if k not in CONSTRAINT_KINDS + ("over",)]
         if extra or len(kinds) != 1:
-            raise ConfigError(f"{w}: expected exactly one of requires, excludes, wins (with over); got keys "
-                              f"{', '.join(map(str, item))}")
+            raise ConfigError(
+                f"{w}: expected exactly one of requires, excludes, wins (with over); got keys "
+                f"{', '.join(map(str, item))}"
+            )
         kind = kinds[0]
         if kind == "wins":
             if set(item) != {"wins", "over"}:
@@ -510,9 +547,11 @@ def check_constraints(constraints) -> None:
         for x in need:
             for y in need:
                 if x < y and frozenset((x, y)) in excl:
-                    raise ConfigError(f"constraints: conflicting constraints: {a} requires "
-                                      f"{' and '.join(sorted(need - {a}))} but {x} and {y} exclude each other, so "
-                                      f"{a} could never be on; remove one of the two constraints")
+                    raise ConfigError(
+                        f"constraints: conflicting constraints: {a} requires "
+                        f"{' and '.join(sorted(need - {a}))} but {x} and {y} exclude each other, so "
+                        f"{a} could never be on; remove one of the two constraints"
+                    )
     wins = {(c.a, o) for c in constraints if c.kind == "wins" for o in c.others}
     for a, b in wins:
         if (b, a) in wins:
@@ -529,7 +568,7 @@ def check_shared_keys(factors: tuple[Factor, ...], constraints: tuple[Constraint
     writing the same key with different values must be excluded from each other or have a winner."""
     excl, wins = excluded_pairs(constraints), win_pairs(constraints)
     for i, f in enumerate(factors):
-        for g in factors[i + 1:]:
+        for g in factors[i + 1 :]:
             if frozenset((f.name, g.name)) not in excl:
                 merge_diffs([f.technique, g.technique], wins=wins)
 
@@ -579,30 +618,35 @@ def parse_resources(value: Any) -> Resources:
     if gpus < 0:
         raise ConfigError(f"{where}.gpus: {gpus:g} must be >= 0")
     if gpus > 1 and gpus != int(gpus):
-        raise ConfigError(f"{where}.gpus: {gpus:g} must be a fraction, 1, or a whole number of GPUs (one "
-                          f"data-parallel worker each)")
+        raise ConfigError(
+            f"{where}.gpus: {gpus:g} must be a fraction, 1, or a whole number of GPUs (one data-parallel worker each)"
+        )
     workers = _int(d.get("workers", int(gpus) if gpus > 1 else 1), f"{where}.workers", 1)
     if gpus > 1 and workers != gpus:
-        raise ConfigError(f"{where}.workers: {workers} must equal resources.gpus ({gpus:g}): one data-parallel "
-                          f"worker per GPU")
+        raise ConfigError(
+            f"{where}.workers: {workers} must equal resources.gpus ({gpus:g}): one data-parallel worker per GPU"
+        )
     if workers > 1 and 0 < gpus < 1:
-        raise ConfigError(f"{where}.gpus: {gpus:g} is a fraction but resources.workers is {workers}; a "
-                          f"data-parallel trial takes one whole GPU per worker (gpus: {workers}) or none (gpus: 0)")
+        raise ConfigError(
+            f"{where}.gpus: {gpus:g} is a fraction but resources.workers is {workers}; a "
+            f"data-parallel trial takes one whole GPU per worker (gpus: {workers}) or none (gpus: 0)"
+        )
     if workers > 1 and gpus == 1:
         raise ConfigError(f"{where}.gpus: 1 with {workers} workers; set gpus: {workers} (one per worker) or 0")
     mc = d.get("max_concurrent")
     mc = None if mc is None else _int(mc, f"{where}.max_concurrent", 1)
-    return Resources(cpus if cpus != int(cpus) else int(cpus), gpus if gpus != int(gpus) else int(gpus), workers,
-                     mc)
+    return Resources(cpus if cpus != int(cpus) else int(cpus), gpus if gpus != int(gpus) else int(gpus), workers, mc)
 
 
 def check_resources(cfg: RunConfig, resources: Resources) -> None:
     """What a trial's resources require of its resolved config: a data-parallel trial splits train.batch_size
     evenly over resources.workers (srdit.parallel.DataParallel.local_batch). Raises ConfigError."""
     if cfg.train.batch_size % resources.workers:
-        raise ConfigError(f"train.batch_size: {cfg.train.batch_size} is not divisible by resources.workers "
-                          f"({resources.workers} data-parallel workers share each batch); choose a multiple of "
-                          f"{resources.workers}")
+        raise ConfigError(
+            f"train.batch_size: {cfg.train.batch_size} is not divisible by resources.workers "
+            f"({resources.workers} data-parallel workers share each batch); choose a multiple of "
+            f"{resources.workers}"
+        )
 
 
 def parse_tracking(value: Any) -> Tracking:
@@ -617,8 +661,10 @@ def parse_tracking(value: Any) -> Tracking:
             _str(d[k], f"{where}.{k}")
     uri = d.get("uri")
     if uri is not None and not re.match(r"^(sqlite|https?|postgresql|mysql|mssql|databricks)[+a-z0-9]*:", uri):
-        raise ConfigError(f"{where}.uri: {uri!r} is not allowed; expected sqlite:////abs/path.db, http://host:port "
-                          f"or a database URI (the file store is no longer supported by MLflow)")
+        raise ConfigError(
+            f"{where}.uri: {uri!r} is not allowed; expected sqlite:////abs/path.db, http://host:port "
+            f"or a database URI (the file store is no longer supported by MLflow)"
+        )
     return Tracking(uri, d.get("experiment"), d.get("artifact_location"))
 
 
@@ -669,8 +715,10 @@ def study_from_dict(data: Any, path: str | Path = "<dict>") -> StudySpec:
         return _foldover_from_dict({**data, "design": design_in}, name, description, path, rel)
     base, base_dict = parse_base(data.get("base"), relative_to=rel)
     if "techniques" not in data:
-        raise ConfigError(f"techniques: required; a list of technique names (allowed: {', '.join(TECHNIQUES)}) "
-                          f"or custom {{name: ..., diff: ...}} items")
+        raise ConfigError(
+            f"techniques: required; a list of technique names (allowed: {', '.join(TECHNIQUES)}) "
+            f"or custom {{name: ..., diff: ...}} items"
+        )
     factors = parse_techniques(data["techniques"], base)
     names = [f.name for f in factors]
     design = parse_design(data.get("design"), names)
@@ -680,10 +728,21 @@ def study_from_dict(data: Any, path: str | Path = "<dict>") -> StudySpec:
     for o in design.objectives:
         if o not in metrics.all():
             metrics = dataclasses.replace(metrics, others={**metrics.others, o: METRIC_DIRECTIONS[o]})
-    spec = StudySpec(name=name, description=description, base=base, base_dict=base_dict, factors=factors,
-                     design=design, seeds=parse_seeds(data.get("seeds")), constraints=constraints, metrics=metrics,
-                     resources=parse_resources(data.get("resources")), tracking=parse_tracking(data.get("tracking")),
-                     path=str(path), checkpoint=parse_checkpoint(data.get("checkpoint")))
+    spec = StudySpec(
+        name=name,
+        description=description,
+        base=base,
+        base_dict=base_dict,
+        factors=factors,
+        design=design,
+        seeds=parse_seeds(data.get("seeds")),
+        constraints=constraints,
+        metrics=metrics,
+        resources=parse_resources(data.get("resources")),
+        tracking=parse_tracking(data.get("tracking")),
+        path=str(path),
+        checkpoint=parse_checkpoint(data.get("checkpoint")),
+    )
     try:
         check_resources(base, spec.resources)
     except ConfigError as e:
@@ -699,13 +758,14 @@ def parse_checkpoint(value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise ConfigError(f"checkpoint: {value!r} is not allowed; expected the path of a checkpoint file (written by "
-                          f"`srdit train` as RUN/checkpoints/last.pt, or by `srdit convert`)")
+        raise ConfigError(
+            f"checkpoint: {value!r} is not allowed; expected the path of a checkpoint file (written by "
+            f"`srdit train` as RUN/checkpoints/last.pt, or by `srdit convert`)"
+        )
     return value
 
 
-def _foldover_from_dict(data: Mapping, name: str, description: str, path: str | Path,
-                        rel: Path | None) -> StudySpec:
+def _foldover_from_dict(data: Mapping, name: str, description: str, path: str | Path, rel: Path | None) -> StudySpec:
     """`design: {kind: foldover, of: OTHER.yaml, factor: NAME}`: OTHER's study (base, techniques, constraints, seeds,
     metrics, resources, tracking) with OTHER's fraction plus its mirror image as the design. FOLDOVER_INHERITED keys
     may be repeated here only unchanged (they make the cells and trials, and the first half must be OTHER's trials
@@ -715,8 +775,10 @@ def _foldover_from_dict(data: Mapping, name: str, description: str, path: str | 
     d = _mapping(data["design"], where, DESIGN_KEYS["foldover"])
     of = d.get("of")
     if not isinstance(of, str) or not of.strip():
-        raise ConfigError(f"{where}.of: required; the path of the study whose fraction this fold-over completes "
-                          f"(relative to this file), e.g. of: digits_frac4.yaml")
+        raise ConfigError(
+            f"{where}.of: required; the path of the study whose fraction this fold-over completes "
+            f"(relative to this file), e.g. of: digits_frac4.yaml"
+        )
     p = Path(of)
     if not p.is_absolute() and rel is not None:
         p = rel / p
@@ -727,11 +789,15 @@ def _foldover_from_dict(data: Mapping, name: str, description: str, path: str | 
     except ConfigError as e:
         raise ConfigError(f"{where}.of: {e}") from None
     if other.design.kind == "foldover":
-        raise ConfigError(f"{where}.of: {of} is itself a fold-over; fold the original fraction ({other.design.of.path})"
-                          f" instead, with design.factor for the technique still aliased")
+        raise ConfigError(
+            f"{where}.of: {of} is itself a fold-over; fold the original fraction ({other.design.of.path})"
+            f" instead, with design.factor for the technique still aliased"
+        )
     if other.design.kind != "fractional_factorial":
-        raise ConfigError(f"{where}.of: {of} has design {other.design.kind}; a fold-over completes a "
-                          f"fractional_factorial (resolution III or IV)")
+        raise ConfigError(
+            f"{where}.of: {of} has design {other.design.kind}; a fold-over completes a "
+            f"fractional_factorial (resolution III or IV)"
+        )
     if name == other.name:
         raise ConfigError(f"name: {name!r} is the name of the study it folds ({of}); give the fold-over its own name")
     names = other.factor_names
@@ -745,19 +811,30 @@ def _foldover_from_dict(data: Mapping, name: str, description: str, path: str | 
         "seeds": parse_seeds,
         "checkpoint": parse_checkpoint,
     }
-    mine = {"base": other.base, "techniques": other.factors, "constraints": other.constraints, "seeds": other.seeds,
-            "checkpoint": other.checkpoint}
+    mine = {
+        "base": other.base,
+        "techniques": other.factors,
+        "constraints": other.constraints,
+        "seeds": other.seeds,
+        "checkpoint": other.checkpoint,
+    }
     for key in FOLDOVER_INHERITED:
         if key in data and given[key](data[key]) != mine[key]:
-            raise ConfigError(f"{key}: differs from the {key} of {of}; a fold-over inherits {key} from the study it "
-                              f"folds (its first half must be that study's trials): remove {key} here or make it "
-                              f"equal")
+            raise ConfigError(
+                f"{key}: differs from the {key} of {of}; a fold-over inherits {key} from the study it "
+                f"folds (its first half must be that study's trials): remove {key} here or make it "
+                f"equal"
+            )
     spec = dataclasses.replace(
-        other, name=name, description=description or other.description,
+        other,
+        name=name,
+        description=description or other.description,
         design=Design("foldover", resolution=other.design.resolution, of=other, factor=factor),
         metrics=parse_metrics(data["metrics"]) if "metrics" in data else other.metrics,
         resources=parse_resources(data["resources"]) if "resources" in data else other.resources,
-        tracking=parse_tracking(data["tracking"]) if "tracking" in data else other.tracking, path=str(path))
+        tracking=parse_tracking(data["tracking"]) if "tracking" in data else other.tracking,
+        path=str(path),
+    )
     try:
         check_resources(spec.base, spec.resources)
     except ConfigError as e:
@@ -784,8 +861,9 @@ def _check_space(spec: StudySpec) -> None:
             on, key = [f.technique], f.technique.knobs[rest]
         else:
             key = p.key
-        probes = p.choices if p.type == "choice" else \
-            (int(p.low), int(p.high)) if p.type == "int" else (p.low, p.high)  # as the runner draws them
+        probes = (
+            p.choices if p.type == "choice" else (int(p.low), int(p.high)) if p.type == "int" else (p.low, p.high)
+        )  # as the runner draws them
         for probe in probes:
             try:
                 cfg = apply_diff(with_techniques(spec.base, on), {key: probe}).validate()

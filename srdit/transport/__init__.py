@@ -4,5 +4,15 @@ from srdit.transport.path import interpolate, score_from_velocity, velocity_targ
 from srdit.transport.samplers import SampleResult, guided_velocity, initial_state, sample, time_grid
 from srdit.transport.timesteps import sample_times, shift_time
 
-__all__ = ["interpolate", "velocity_target", "score_from_velocity", "sample_times", "shift_time", "sample",
-           "time_grid", "guided_velocity", "initial_state", "SampleResult"]
+__all__ = [
+    "interpolate",
+    "velocity_target",
+    "score_from_velocity",
+    "sample_times",
+    "shift_time",
+    "sample",
+    "time_grid",
+    "guided_velocity",
+    "initial_state",
+    "SampleResult",
+]

@@ -22,8 +22,10 @@ Terms (`srdit.transport.losses`; weights from `cfg.loss`, fm has weight 1):
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ContextManager, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -38,7 +40,7 @@ TEACHER_SETTINGS = ("model.repa.teacher_dim", "model.reg.dim")
 "The config keys that must equal the teacher's token width."
 
 
-def teacher_widths(cfg: "ModelConfig") -> set[int]:
+def teacher_widths(cfg: ModelConfig) -> set[int]:
     """Widths of the teacher tokens the objective consumes (REPA's patch targets, REG's class token); empty when
     no technique needs a teacher."""
     return ({cfg.repa.teacher_dim} if cfg.repa.enabled else set()) | ({cfg.reg.dim} if cfg.reg.enabled else set())
@@ -71,7 +73,7 @@ class StepNoise:
     path_drop: torch.Tensor | None = None
 
     @classmethod
-    def draw(cls, cfg: "RunConfig", model, x_shape, shift: float, device, dp: BatchPart) -> "StepNoise":
+    def draw(cls, cfg: RunConfig, model, x_shape, shift: float, device, dp: BatchPart) -> StepNoise:
         b, m, tr = cfg.train.batch_size, cfg.model, cfg.transport
         drop = torch.rand(b, device=device) < cfg.train.label_dropout
         t = sample_times(b, tr.time_sampling, shift, tr.logit_mean, tr.logit_std, device=device)
@@ -93,10 +95,10 @@ def training_losses(
     x0: torch.Tensor,
     y: torch.Tensor,
     teacher_out: tuple[torch.Tensor | None, torch.Tensor | None] | None,
-    cfg: "RunConfig",
+    cfg: RunConfig,
     noise: StepNoise,
     roll: Callable[[torch.Tensor], torch.Tensor] = _roll_by_one,
-    autocast: ContextManager | None = None,
+    autocast: AbstractContextManager | None = None,
 ) -> dict[str, torch.Tensor]:
     """The named loss terms of one step and their weighted sum under "loss" (first key).
 
@@ -126,10 +128,15 @@ def training_losses(
         if m.reg.enabled:  # token 0 (the class token) aligns with the teacher's class token
             repa_target = torch.cat([cls0[:, None], patches], dim=1)
     with autocast if autocast is not None else contextlib.nullcontext():
-        pred, aux = model(interpolate(x0, eps, t), t, y, cls_t, route_noise=noise.route,
-                          **({"drop_sparse_path": noise.path_drop} if noise.path_drop is not None else {}))
+        pred, aux = model(
+            interpolate(x0, eps, t),
+            t,
+            y,
+            cls_t,
+            route_noise=noise.route,
+            **({"drop_sparse_path": noise.path_drop} if noise.path_drop is not None else {}),
+        )
     target = velocity_target(x0, eps)
     cfm = cfg.loss.cfm > 0
-    terms = loss_terms(pred, target, aux, repa_target, reg_target, cfm=cfm,
-                       cfm_negative=roll(target) if cfm else None)
+    terms = loss_terms(pred, target, aux, repa_target, reg_target, cfm=cfm, cfm_negative=roll(target) if cfm else None)
     return {"loss": total(terms, cfg.loss), **terms}

@@ -26,9 +26,9 @@ Guidance (`guided_velocity`), decided once here:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -62,7 +62,9 @@ def time_grid(sampler: str, steps: int, shift: float = 1.0, device="cpu") -> tor
     if sampler == "sde":
         if steps < 2:
             raise ValueError("the SDE sampler needs steps >= 2 (stochastic steps plus the final Euler step)")
-        grid = torch.cat([torch.linspace(1.0, SDE_T_END, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)])
+        grid = torch.cat(
+            [torch.linspace(1.0, SDE_T_END, steps, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)]
+        )
     elif sampler in ("euler", "heun"):
         grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
     else:
@@ -86,9 +88,15 @@ class SdeNoise:
     to the device per step. `background` forces the thread on (True) or off (False); default: on for CUDA. The
     generator must not be used by anything else until `close`."""
 
-    def __init__(self, shapes: list[torch.Size], steps: int, generator: torch.Generator | None,
-                 device: torch.device | str = "cpu", chunk_bytes: int = NOISE_CHUNK_BYTES,
-                 background: bool | None = None):
+    def __init__(
+        self,
+        shapes: list[torch.Size],
+        steps: int,
+        generator: torch.Generator | None,
+        device: torch.device | str = "cpu",
+        chunk_bytes: int = NOISE_CHUNK_BYTES,
+        background: bool | None = None,
+    ):
         self.shapes, self.steps, self.generator = [tuple(s) for s in shapes], int(steps), generator
         self.device = torch.device(device)
         cuda = self.device.type == "cuda"
@@ -97,10 +105,15 @@ class SdeNoise:
         chunks = -(-self.steps // self.chunk) if self.steps else 0
         threaded = (cuda if background is None else background) and chunks > 0
         copies = cuda or threaded  # a separate (device) buffer that the host chunks are copied into
-        self._host = [[torch.empty((self.chunk, *s), dtype=torch.float64, pin_memory=cuda) for s in self.shapes]
-                      for _ in range(2 if threaded and chunks > 1 else 1)]
-        self._dev = [torch.empty((self.chunk, *s), dtype=torch.float64, device=self.device)
-                     for s in self.shapes] if copies else None
+        self._host = [
+            [torch.empty((self.chunk, *s), dtype=torch.float64, pin_memory=cuda) for s in self.shapes]
+            for _ in range(2 if threaded and chunks > 1 else 1)
+        ]
+        self._dev = (
+            [torch.empty((self.chunk, *s), dtype=torch.float64, device=self.device) for s in self.shapes]
+            if copies
+            else None
+        )
         self._copied: list = [None] * len(self._host)  # per host buffer: the CUDA event of its last copy
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="sde-noise") if threaded else None
         self._pending: dict[int, Future] = {}
@@ -149,9 +162,15 @@ class SdeNoise:
             self._pool = None
 
 
-def sample(velocity: Velocity, noise: list[torch.Tensor], sampler: str = "sde", steps: int = 50,
-           shift: float = 1.0, generator: torch.Generator | None = None,
-           noise_chunk_bytes: int = NOISE_CHUNK_BYTES) -> SampleResult:
+def sample(
+    velocity: Velocity,
+    noise: list[torch.Tensor],
+    sampler: str = "sde",
+    steps: int = 50,
+    shift: float = 1.0,
+    generator: torch.Generator | None = None,
+    noise_chunk_bytes: int = NOISE_CHUNK_BYTES,
+) -> SampleResult:
     """Integrate from the noise state at t = 1 to t = 0. The state is kept in float64; the SDE's noise comes from
     `generator` through `SdeNoise` (chunks of `noise_chunk_bytes`; the samples do not depend on it)."""
     calls = 0
@@ -165,8 +184,11 @@ def sample(velocity: Velocity, noise: list[torch.Tensor], sampler: str = "sde", 
         calls += 1
         return [v.double() for v in velocity(state, times[i].expand(batch))]
 
-    sde_noise = SdeNoise([x.shape for x in state], len(grid) - 2, generator, state[0].device,
-                         noise_chunk_bytes) if sampler == "sde" else None
+    sde_noise = (
+        SdeNoise([x.shape for x in state], len(grid) - 2, generator, state[0].device, noise_chunk_bytes)
+        if sampler == "sde"
+        else None
+    )
     try:
         for i in range(len(grid) - 1):
             t, t_next = float(grid[i]), float(grid[i + 1])
@@ -197,9 +219,18 @@ def guides(cfg_scale: float, cls_cfg_scale: float, reg: bool) -> bool:
     return cfg_scale != 1.0 or (reg and cls_cfg_scale != 1.0)
 
 
-def guided_velocity(model, y: torch.Tensor, null_label: int, cfg_scale: float = 1.0, cls_cfg_scale: float = 1.0,
-                    low: float = 0.0, high: float = 1.0, path_drop: bool = False, counter: list | None = None,
-                    dtype: torch.dtype = torch.float32) -> Velocity:
+def guided_velocity(
+    model,
+    y: torch.Tensor,
+    null_label: int,
+    cfg_scale: float = 1.0,
+    cls_cfg_scale: float = 1.0,
+    low: float = 0.0,
+    high: float = 1.0,
+    path_drop: bool = False,
+    counter: list | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Velocity:
     """Velocity of `model` for labels y [B], with classifier-free guidance inside [low, high] (t = 1 noise); the
     semantics (which scale applies, when the unconditional branch runs) are in the module docstring.
 
@@ -209,8 +240,9 @@ def guided_velocity(model, y: torch.Tensor, null_label: int, cfg_scale: float = 
     `counter`, when given, gets one entry per forward: the number of branches it evaluated (1 or 2)."""
     y_null = torch.full_like(y, null_label)
     labels2 = torch.cat([y, y_null])  # [2B]
-    drop2 = torch.cat([torch.zeros_like(y, dtype=torch.bool), torch.ones_like(y, dtype=torch.bool)]) if path_drop \
-        else False  # [2B]: only the unconditional half drops the sparse path
+    drop2 = (
+        torch.cat([torch.zeros_like(y, dtype=torch.bool), torch.ones_like(y, dtype=torch.bool)]) if path_drop else False
+    )  # [2B]: only the unconditional half drops the sparse path
 
     def call(state, t, labels, drop, branches):
         if counter is not None:

@@ -12,8 +12,15 @@ def shift_time(t: torch.Tensor, s: float) -> torch.Tensor:
     return (s * t / (1 + (s - 1) * t)).clamp(0.0, 1.0)
 
 
-def sample_times(n: int, kind: str, shift: float = 1.0, mean: float = 0.0, std: float = 1.0,
-                 generator: torch.Generator | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
+def sample_times(
+    n: int,
+    kind: str,
+    shift: float = 1.0,
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: str | torch.device = "cpu",
+) -> torch.Tensor:
     """n training times: uniform or logit-normal on (0, 1), then shifted."""
     if kind == "uniform":
         t = torch.rand(n, generator=generator, device=device)
