@@ -23,3 +23,34 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
     ray.shutdown()
+
+
+LONGEST_FIRST = (
+    "test_study_ray.py",
+    "test_imagenet_eval.py",
+    "test_cluster_rehearsal.py",
+    "test_data_parallel.py",
+    "test_state_safety.py",
+    "test_reuse.py",
+    "test_study_resume.py",
+    "test_shared_training.py",
+    "test_study_run.py",
+    "test_latent_study.py",
+    "test_cluster.py",
+    "test_foldover.py",
+    "test_analysis_calibration.py",
+    "test_tracking_server.py",
+    "test_layers.py",
+    "test_convert.py",
+    "test_compile.py",
+)
+"""The test files that took longest in `make test` (its --durations, summed per file), longest first. A stale list
+costs only wall time, never a check."""
+
+
+def pytest_collection_modifyitems(config, items):
+    """The longest test files first, the rest in their usual order: with `-n 2 --dist loadfile` a worker takes the
+    next whole file when it is free, so the long files start early and the short ones fill the end, instead of one
+    long file running alone at the end. Order within a file is kept."""
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort keeps the rest's order
