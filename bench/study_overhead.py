@@ -2,7 +2,9 @@
 
 1. Per-trial orchestration overhead: the same trials (a small generated study) run
    (a) in a plain loop in this process (same trainer, same MLflow logging, no Ray), and
-   (b) as a Ray Tune study, one trial at a time (apples to apples with the loop), and
+   (b) as a Ray Tune study, one trial at a time (apples to apples with the loop), through `run_study` as
+       `srdit study run` calls it (it starts and stops its private Ray: that start-up is part of the overhead),
+   (a) and (b) interleaved `--repeats` times (the run with the median wall time is kept), and
    (c) as a Ray Tune study with the default concurrency (all cores), for context;
    all in the same invocation, each into a fresh state folder.
    overhead_per_trial_s = (wall of b - wall of a) / trials. On a study this small most of it is paid once per
@@ -13,7 +15,7 @@
 2. Wall time of the default study (studies/digits_quick.yaml) through the CLI, as `make study` runs it, plus the
    report.
 
-    python bench/study_overhead.py --out bench/study_overhead.json [--skip-default] [--keep]
+    python bench/study_overhead.py --out bench/study_overhead.json [--repeats 2] [--skip-default] [--keep]
 """
 
 from __future__ import annotations
@@ -49,13 +51,6 @@ SMALL = {
 }
 
 
-def _trial_runs(res) -> list:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(res.uri)
-    return client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
-
-
 def _phases(runs: list, t_start: float, t_end: float) -> dict:
     """Where an arm's wall time went, from its child runs' start and end times (epoch ms) and the arm's own start
     and end (epoch s): before the first run starts, between one run's end and the next one's start (median), after
@@ -73,46 +68,55 @@ def _phases(runs: list, t_start: float, t_end: float) -> dict:
     }
 
 
-def overhead(work: Path) -> dict:
-    import ray
-
-    from srdit.runtime.driver import run_plain, run_study
-    from srdit.study.spec import study_from_dict
-
-    out: dict = {"study": SMALL}
-    path = work / "small.yaml"
-    path.write_text(yaml.safe_dump(SMALL))
-
-    spec = study_from_dict(SMALL, path)
+def _arm(study: Path, state: Path, tune: bool) -> dict:
+    """One arm in a fresh Python process (both arms pay their imports, as a user's process does), into a fresh
+    state folder: the plain loop, or `run_study` as `srdit study run` calls it (it starts its private Ray on
+    loopback, never a `ray start` cluster of the machine, and stops it). Wall time from the process's start."""
+    code = (
+        "import sys; from srdit.study.spec import load_study; from srdit.runtime.driver import run_plain, run_study; "
+        f"spec = load_study({str(study)!r}); "
+        + (f"run_study(spec, {str(state)!r}, echo=lambda s: None)" if tune else f"run_plain(spec, {str(state)!r})")
+    )
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     t, t_epoch = time.perf_counter(), time.time()
-    plain = run_plain(spec, work / "plain")
-    out["plain_loop"] = {
-        "wall_s": time.perf_counter() - t,
-        "trials": plain.ran,
-        **_phases(_trial_runs(plain), t_epoch, time.time()),
-    }
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True)
+    wall, t_end = time.perf_counter() - t, time.time()
+    from srdit.runtime.state import StudyState
+    from srdit.study.spec import load_study
 
-    for label, max_conc in (("tune_one_at_a_time", 1), ("tune_concurrent", None)):
-        data = {**SMALL, "resources": {"cpus": 1, "max_concurrent": max_conc} if max_conc else {"cpus": 1}}
-        spec = study_from_dict(data, path)
-        t, t_epoch = time.perf_counter(), time.time()
-        # "local": a private Ray, as `srdit study run` starts (never a `ray start` cluster of the machine)
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
-        t_ray = time.perf_counter() - t
-        res = run_study(spec, work / label, echo=lambda s: None)
-        ray.shutdown()
-        out[label] = {
-            "wall_s": time.perf_counter() - t,
-            "ray_init_s": t_ray,
-            "trials": res.ran,
-            **_phases(_trial_runs(res), t_epoch, time.time()),
-            "statuses": res.statuses,
-            "max_concurrent": max_conc or os.cpu_count(),
-        }
+    runs = StudyState.of(load_study(study), state).tracking().children()
+    statuses: dict[str, int] = {}
+    for r in runs:
+        statuses[r.data.tags.get("status", "?")] = statuses.get(r.data.tags.get("status", "?"), 0) + 1
+    return {"wall_s": wall, "trials": len(runs), **_phases(runs, t_epoch, t_end), "statuses": statuses}
+
+
+def overhead(work: Path, repeats: int = 2) -> dict:
+    import statistics
+
+    out: dict = {"study": SMALL, "repeats": repeats}
+
+    def study(name: str, resources: dict | None) -> Path:
+        path = work / f"{name}.yaml"
+        path.write_text(yaml.safe_dump({**SMALL, **({"resources": resources} if resources else {})}))
+        return path
+
+    plain, one = study("plain", None), study("one", {"cpus": 1, "max_concurrent": 1})
+    arms: dict[str, list[dict]] = {"plain_loop": [], "tune_one_at_a_time": []}
+    for r in range(repeats):  # interleaved, so that a change of the machine's load hits both arms alike
+        arms["plain_loop"].append(_arm(plain, work / f"plain{r}", tune=False))
+        arms["tune_one_at_a_time"].append(_arm(one, work / f"tune{r}", tune=True))
+    for label, runs in arms.items():  # the run with the median wall time (the lower one of two)
+        out[label] = sorted(runs, key=lambda a: a["wall_s"])[(len(runs) - 1) // 2]
+        out[label]["wall_s_all"] = [a["wall_s"] for a in runs]
+    conc = _arm(study("concurrent", {"cpus": 1}), work / "concurrent", tune=True)
+    out["tune_concurrent"] = {**conc, "max_concurrent": os.cpu_count()}
     n = out["plain_loop"]["trials"]
     a, b = out["plain_loop"], out["tune_one_at_a_time"]
     out["overhead_per_trial_s"] = (b["wall_s"] - a["wall_s"]) / n
-    out["overhead_per_trial_excluding_ray_start_s"] = (b["wall_s"] - b["ray_init_s"] - a["wall_s"]) / n
+    out["overhead_per_trial_paired_s"] = statistics.median(
+        (t["wall_s"] - p["wall_s"]) / n for p, t in zip(arms["plain_loop"], arms["tune_one_at_a_time"])
+    )
     out["in_trial_slowdown"] = b["sum_trial_wall_s"] / a["sum_trial_wall_s"] if a["sum_trial_wall_s"] else None
     out["concurrent_speedup_vs_loop"] = a["wall_s"] / out["tune_concurrent"]["wall_s"]
     out["tune_minus_plain"] = {
@@ -163,6 +167,7 @@ def main() -> int:
     p.add_argument("--skip-default", action="store_true", help="only the overhead measurement")
     p.add_argument("--skip-overhead", action="store_true", help="only the default study")
     p.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved runs of the loop and the Tune arm")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="srdit-bench-"))
     result: dict = {
@@ -179,7 +184,7 @@ def main() -> int:
 
         result["commit"] = git_commit()[0]
         if not args.skip_overhead:
-            result["overhead"] = overhead(work)
+            result["overhead"] = overhead(work, args.repeats)
             o = result["overhead"]
             d = o["tune_minus_plain"]
             print(

@@ -186,8 +186,7 @@ def benchmarks() -> str:
     rows.append(
         [
             "study orchestration overhead (Ray Tune + MLflow vs the same trials in a plain loop)",
-            f"{overhead_text(o)} ({o['overhead_per_trial_excluding_ray_start_s']:.2f} s per trial without Ray's "
-            f"start-up)",
+            overhead_text(o),
             d,
         ]
     )

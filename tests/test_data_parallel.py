@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from srdit.config import RunConfig, apply_diff
 from srdit.parallel import DataParallel
+from srdit.runtime.data_parallel import PLACEMENT_GROUPS
 from srdit.techniques import with_techniques
 from srdit.train import JsonlReporter, load_checkpoint, train
 
@@ -173,9 +174,14 @@ def test_study_trial_on_two_workers_is_a_ray_train_run(tmp_path):
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         res = run_study(load_study(tmp_path / "dp.yaml"), tmp_path / "state")
+        groups = {p.parent.name: p.read_text().split() for p in (tmp_path / "state").rglob(PLACEMENT_GROUPS)}
+        table = ray.util.placement_group_table()
     finally:
         ray.shutdown()
     assert res.complete and res.statuses == {"finished": 2}, res
+    # rank 0 recorded its worker group's placement group, which Ray Train removed when the run ended
+    assert len(groups) == 2 and all(len(ids) == 1 for ids in groups.values()), groups
+    assert all(table[ids[0]]["state"] == "REMOVED" for ids in groups.values()), table
 
     client = MlflowClient(res.uri)
     for run in client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'"):

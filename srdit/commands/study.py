@@ -176,6 +176,7 @@ def _plan(args) -> int:
     _check_power_args(args)
     spec = load_study(args.study)
     plan = plan_study(spec, share=not args.no_share)
+    from srdit.runtime.driver import local_node
     from srdit.study import preflight
 
     sps = args.steps_per_s or ASSUMED_STEPS_PER_S
@@ -187,7 +188,7 @@ def _plan(args) -> int:
         else "this machine"
     )
     problems = preflight.input_and_metric_problems(spec, plan) + preflight.resource_problems(
-        spec, preflight.local_nodes(), where
+        spec, [local_node()], where
     )
     reuse = plan_reuse(spec, plan, args.state)
     if args.json:

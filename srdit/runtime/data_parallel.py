@@ -29,6 +29,45 @@ if TYPE_CHECKING:
 OUTCOME = "trial_outcome.json"
 WORKER_ERROR = "trial_worker_error.json"
 "Written by the first rank whose training code raised: {status, reason, rank}."
+PLACEMENT_GROUPS = "trial_placement_groups.txt"
+"""The placement groups (hex ids) of the trial's worker groups, one per line, written by rank 0 when its group
+starts: what `remove_left_placement_groups` frees before the next attempt."""
+
+
+def remove_left_placement_groups(out_dir: str | Path) -> list[str]:
+    """Remove the placement groups that earlier attempts of this trial left behind; returns their ids.
+
+    A worker group's placement group outlives its Ray Train controller when the Tune trial that owned the
+    controller dies with its node: Ray frees a placement group only when its creator actor *and* the job (the
+    study's driver) have ended, and Ray Train's own cleaner needs the dashboard's state API, which srdit's Rays
+    run without. The left group keeps its bundles (re-placed on the nodes that remain), so the retried trial would
+    wait for resources forever. Only one attempt of a trial runs at a time (Tune, and the study lock across
+    drivers), so every group recorded before this attempt starts is an earlier attempt's."""
+    import ray
+    from ray._raylet import PlacementGroupID
+    from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
+
+    record = Path(out_dir) / PLACEMENT_GROUPS
+    if not record.is_file():
+        return []
+    table = placement_group_table() if ray.is_initialized() else {}
+    removed = []
+    for pg_id in dict.fromkeys(record.read_text().split()):
+        if table.get(pg_id, {}).get("state", "REMOVED") != "REMOVED":
+            remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
+            removed.append(pg_id)
+    record.unlink(missing_ok=True)
+    return removed
+
+
+def _record_placement_group(out_dir: str | Path) -> None:
+    import ray.util
+
+    pg = ray.util.get_current_placement_group()
+    if pg is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(out_dir) / PLACEMENT_GROUPS, "a", encoding="utf-8") as f:
+            f.write(pg.id.hex() + "\n")
 
 
 def _worker_loop(loop: dict) -> None:
@@ -48,6 +87,8 @@ def _worker_loop(loop: dict) -> None:
         _init_loopback_group(loop)
     cfg = loop["config"]
     main = ray.train.get_context().get_world_rank() == 0
+    if main:
+        _record_placement_group(loop["out_dir"])
     reporter = TrialReporter(ChildRun(loop["uri"], loop["run_id"], reused=True), to_tune=False) if main else None
     try:
         res = train(cfg, loop["out_dir"], reporter, resume=True, progress=False, snapshots=True)
@@ -127,6 +168,7 @@ def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx
     }
     outcome, error = Path(out_dir) / OUTCOME, Path(out_dir) / WORKER_ERROR
     for attempt in range(max_failures + 1):
+        remove_left_placement_groups(out_dir)  # an earlier attempt's, when its trial died with a node
         outcome.unlink(missing_ok=True)
         error.unlink(missing_ok=True)
         common = dict(

@@ -21,6 +21,7 @@ search through Ray Tune's OptunaSearch.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -321,24 +322,28 @@ def run_study(
         echo(f"study {spec.name}: {len(plan.trials)} trials; all done")
         return _finish(spec, plan, tracking, state, skipped, 0, echo, t0, adopted)
     tracking = None
-    with _ray_session(num_cpus, echo, address):
-        _check_cluster(spec)
-        plan, tracking, state = prepare(spec, state, plan)
-        n_todo = sum(len(j.todo()) for j in jobs)
-        n_train = sum(1 for j in jobs if isinstance(j, TrainingJob) and not j.members[0].done)
-        echo(
-            f"study {spec.name}: {len(plan.trials)} trials ({len(plan.cells)} cells x {len(spec.seeds)} seeds, "
-            f"design {plan.design}); {skipped} already done, {n_todo} to run in {n_train} training(s)"
-            + (f" (fixed checkpoint {plan.checkpoint})" if plan.checkpoint else "")
-        )
-        if plan.excluded:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
+        # cluster, nothing is recorded before the cluster's resources are checked.
+        early = pool.submit(prepare, spec, state, plan) if _starts_local_ray(address) else None
+        with _ray_session(num_cpus, echo, address):
+            _check_cluster(spec)
+            plan, tracking, state = early.result() if early else prepare(spec, state, plan)
+            n_todo = sum(len(j.todo()) for j in jobs)
+            n_train = sum(1 for j in jobs if isinstance(j, TrainingJob) and not j.members[0].done)
             echo(
-                f"  {len(plan.excluded)} cell(s) excluded: "
-                + "; ".join(f"{e['cell']} ({e['reason']})" for e in plan.excluded[:4])
-                + (" ..." if len(plan.excluded) > 4 else "")
+                f"study {spec.name}: {len(plan.trials)} trials ({len(plan.cells)} cells x {len(spec.seeds)} seeds, "
+                f"design {plan.design}); {skipped} already done, {n_todo} to run in {n_train} training(s)"
+                + (f" (fixed checkpoint {plan.checkpoint})" if plan.checkpoint else "")
             )
-        tracking.set_parent_status("RUNNING")
-        _fit_grid(spec, plan, tracking, state, jobs, max_failures, echo, skipped)
+            if plan.excluded:
+                echo(
+                    f"  {len(plan.excluded)} cell(s) excluded: "
+                    + "; ".join(f"{e['cell']} ({e['reason']})" for e in plan.excluded[:4])
+                    + (" ..." if len(plan.excluded) > 4 else "")
+                )
+            tracking.set_parent_status("RUNNING")
+            _fit_grid(spec, plan, tracking, state, jobs, max_failures, echo, skipped)
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
     return _finish(spec, plan, tracking, state, skipped, n_todo, echo, t0, adopted)
@@ -392,7 +397,6 @@ def from_finished_trainings(spec: StudySpec, state: StudyState, jobs: list[Job],
     turned into evaluation jobs (`source`: that training's folder; `execute_group` evaluates every member from
     it, no training)."""
     from srdit.runtime.reuse import TRAINING_KEY, find_sources
-    from srdit.train import snapshot_steps
 
     fresh = [
         j for j in jobs if isinstance(j, TrainingJob) and not j.members[0].done and not any(m.run_id for m in j.members)
@@ -403,6 +407,10 @@ def from_finished_trainings(spec: StudySpec, state: StudyState, jobs: list[Job],
     found = find_sources(
         state.uri, {j.key: j.members[0].keys.training for j in fresh}, TRAINING_KEY, exclude_study=spec.name
     )
+    if not found:
+        return jobs
+    from srdit.train import snapshot_steps  # here: torch is imported only when a finished training is found
+
     out: list[Job] = []
     counts: dict[str, int] = {}
     for j in jobs:
@@ -477,14 +485,30 @@ def _is_loopback() -> bool:
         return False
 
 
-def _local_nodes(num_cpus: int | None, address: str | None) -> list | None:
-    """This machine as the local Ray will see it, or None when the study runs on a cluster (checked once up)."""
+def local_node() -> dict[str, float]:
+    """This machine's CPUs and GPUs as a local Ray started here would count them: Ray's own GPU detection (NVML,
+    honouring CUDA_VISIBLE_DEVICES), which, unlike asking torch, costs no torch import (~2 s) before a study starts."""
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    try:
+        gpus = get_accelerator_manager_for_resource("GPU").get_current_node_num_accelerators()
+    except Exception:  # noqa: BLE001 - no driver / no library: no GPU, as Ray would conclude
+        gpus = 0
+    return {"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}
+
+
+def _starts_local_ray(address: str | None) -> bool:
+    """Whether `_ray_started` will start a private local Ray (not join a cluster or the Ray already connected)."""
     import ray
 
-    if address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+    return not (address or os.environ.get("RAY_ADDRESS") or ray.is_initialized())
+
+
+def _local_nodes(num_cpus: int | None, address: str | None) -> list | None:
+    """This machine as the local Ray will see it, or None when the study runs on a cluster (checked once up)."""
+    if not _starts_local_ray(address):
         return None
-    node = preflight.local_nodes()[0]
-    return [{**node, "CPU": float(num_cpus or node["CPU"])}]
+    return [{**local_node(), "CPU": float(num_cpus or os.cpu_count() or 1)}]
 
 
 def ray_nodes() -> list[dict[str, float]]:
@@ -612,9 +636,13 @@ def _run_search(
         echo(f"study {spec.name}: search, budget {spec.design.trials} trials; all evaluated")
         return _finish(spec, plan, tracking, state, n_done, 0, echo, t0)
     tracking = None
-    with _ray_session(num_cpus, echo, address):
-        _check_cluster(spec)
-        plan, tracking, state = prepare(spec, state, plan)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
+        # cluster, nothing is recorded before the cluster's resources are checked.
+        early = pool.submit(prepare, spec, state, plan) if _starts_local_ray(address) else None
+        with _ray_session(num_cpus, echo, address):
+            _check_cluster(spec)
+            plan, tracking, state = early.result() if early else prepare(spec, state, plan)
         echo(
             f"study {spec.name}: search, budget {spec.design.trials} trials; {n_done} already done, "
             f"{remaining} to run" + (f" ({len(pending[:remaining])} interrupted, re-queued)" if pending else "")

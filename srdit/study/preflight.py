@@ -169,18 +169,6 @@ def resource_problems(spec: StudySpec, nodes: list[Mapping[str, float]], where: 
     ]
 
 
-def local_nodes() -> list[dict[str, float]]:
-    """This machine as one node: its cores and CUDA devices."""
-    gpus = 0
-    try:
-        import torch
-
-        gpus = torch.cuda.device_count()
-    except Exception:  # noqa: BLE001 - no torch / no driver: no GPU
-        pass
-    return [{"CPU": float(os.cpu_count() or 1), "GPU": float(gpus)}]
-
-
 def check(
     spec: StudySpec,
     plan,
