@@ -176,12 +176,15 @@ def test_study_trial_on_two_workers_is_a_ray_train_run(tmp_path):
         res = run_study(load_study(tmp_path / "dp.yaml"), tmp_path / "state")
         groups = {p.parent.name: p.read_text().split() for p in (tmp_path / "state").rglob(PLACEMENT_GROUPS)}
         table = ray.util.placement_group_table()
+        actors = [a["ActorClassName"] for a in ray._private.state.actors().values()]
     finally:
         ray.shutdown()
     assert res.complete and res.statuses == {"finished": 2}, res
     # rank 0 recorded its worker group's placement group, which Ray Train removed when the run ended
     assert len(groups) == 2 and all(len(ids) == 1 for ids in groups.values()), groups
     assert all(table[ids[0]]["state"] == "REMOVED" for ids in groups.values()), table
+    # Ray Train's detached cleaner (it needs the dashboard's state API) is not started: one process less per trial
+    assert "PlacementGroupCleaner" not in actors and "TrainController" in actors, actors
 
     client = MlflowClient(res.uri)
     for run in client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'"):

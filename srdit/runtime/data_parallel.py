@@ -60,6 +60,21 @@ def remove_left_placement_groups(out_dir: str | Path) -> list[str]:
     return removed
 
 
+def _own_cleanup(trainer_cls: type) -> type:
+    """`trainer_cls` without Ray Train's PlacementGroupCleaner: a detached actor (one more process) per run that asks
+    the dashboard's state API every second whether the controller lives. srdit's Rays run without the dashboard:
+    when a controller dies it can never tell, warns every second and lives until Ray shuts down.
+    `remove_left_placement_groups` does its job from the trial folder instead."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class Trainer(trainer_cls):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
+    return Trainer
+
+
 def _record_placement_group(out_dir: str | Path) -> None:
     import ray.util
 
@@ -185,9 +200,9 @@ def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx
         if ctx.loopback:  # a local study: no listener beyond loopback (see _init_loopback_group)
             loop["store"] = str(Path(out_dir) / f".process_group_{attempt}")
             Path(loop["store"]).unlink(missing_ok=True)
-            trainer = DataParallelTrainer(_worker_loop, **common)
+            trainer = _own_cleanup(DataParallelTrainer)(_worker_loop, **common)
         else:  # rank 0 evaluates alone: a long collective timeout
-            trainer = TorchTrainer(
+            trainer = _own_cleanup(TorchTrainer)(
                 _worker_loop, torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=7200), **common
             )
         try:
