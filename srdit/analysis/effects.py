@@ -1789,13 +1789,24 @@ def _error_and_estimates(p: _Prepared, o: Options, agg: _Aggregates, sm: _Suppor
 
 
 def _partial_aliasing(
-    mf: _ModelFactors, da: _DesignAliasing, agg: _Aggregates, sm: _SupportedModel
+    mf: _ModelFactors, da: _DesignAliasing, agg: _Aggregates, sm: _SupportedModel, nu: _Nuisance
 ) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Step 7: the alias matrix A = (X1'X1)^-1 X1'X2 of the fitted terms X1 against the omitted interactions X2
-    (Montgomery, *Design and Analysis of Experiments*, fractional factorials) on the finished cells, each once
-    (unequal replication is not aliasing), minus the same on the planned cells: a non-zero entry marks a partially
-    aliased effect (missing or failed cells). Omitted terms containing a pair that never finished together are not
-    counted (the pair is infeasible). Output: fitted term -> {omitted term: coefficient}, and its note."""
+    """Step 7: the alias matrix A = (X1'X1)^-1 X1'X2 of the fitted model X1 against the omitted interactions X2
+    (Montgomery, *Design and Analysis of Experiments*, fractional factorials), computed on the rows that are there,
+    whatever the reason a cell is not: failed, absent from the table, or excluded by a constraint (a table says
+    nothing about the cells it lacks, so no planned design is assumed).
+
+    Rows: each finished cell once (unequal replication is not aliasing), or each finished (cell, block) once when the
+    block term is fitted. X1: the intercept, the kept +-1 columns and, when fitted, the block dummies (a block
+    confounded with an omitted interaction absorbs it: that interaction biases no effect). X2: every interaction of
+    order >= 2 that is neither fitted nor in a fitted term's alias chain, up to all factors (order 3 above 10
+    factors); an omitted term containing a pair that never finished together is not counted (no run has both: the
+    pair is infeasible, as with `excludes` or a pair that always fails, so no interaction containing it is defined).
+    An omitted column equal to +-1 times a fitted column is completely aliased with it (the alias structure of a
+    regular fraction, known from its resolution), not partially; any other non-zero entry of A marks the fitted
+    effect as partially aliased with that interaction: it is reported, never tested.
+
+    Output: fitted term -> {omitted term: coefficient}, and its note."""
     model_f, fin_cells, kept = mf.varying, agg.fin_cells, sm.kept
     max_order = len(model_f) if len(model_f) <= 10 else 3
     fitted_chain = {n for r in kept for n, (rr, _) in da.rep_of.items() if rr == r}
@@ -1811,14 +1822,24 @@ def _partial_aliasing(
     ]
     partial: dict[str, dict[str, float]] = {}
     if omitted:
-        X1c = sm.X1c
-        A_fin = np.linalg.solve(X1c.T @ X1c, X1c.T @ _pm_matrix(fin_cells, omitted))
-        X1p = np.column_stack([np.ones(len(da.cells)), _pm_matrix(da.cells, [da.term_of[r] for r in kept])])
-        A_plan = np.linalg.lstsq(X1p, _pm_matrix(da.cells, omitted), rcond=None)[0]
-        dev = A_fin - A_plan
+        if nu.block:  # the rows of the fitted model: each (cell, block) once, and the block dummies
+            pairs = np.unique(np.column_stack([agg.g_cell, agg.g_block]), axis=0)
+            row_cell, dummies = pairs[:, 0], [pairs[:, 1] == b for b in range(1, len(agg.block_codes))]
+        else:
+            row_cell, dummies = np.arange(len(fin_cells)), []
+        X1 = np.column_stack([sm.X1c[row_cell], *dummies]).astype(float)
+        X2 = _pm_matrix(fin_cells, omitted)[row_cell]
+        A = np.linalg.lstsq(X1, X2, rcond=None)[0]
+        n_fit = 1 + len(kept)
+        complete = np.array(
+            [
+                any(np.array_equal(X2[:, q], sg * X1[:, j]) for j in range(n_fit) for sg in (1, -1))
+                for q in range(len(omitted))
+            ]
+        )
         on = [_term_name(t) for t in omitted]
         for j, r in enumerate(kept, start=1):
-            hit = {on[q]: _f(round(float(A_fin[j, q]), 6)) for q in np.nonzero(np.abs(dev[j]) > 1e-6)[0]}
+            hit = {on[q]: _f(round(float(A[j, q]), 6)) for q in np.nonzero((np.abs(A[j]) > 1e-6) & ~complete)[0]}
             if hit:
                 partial[r] = hit
     notes = []
@@ -1931,17 +1952,17 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
     6. Error: pure error, from the full model (one mean per cell, + seed block); the mains + pairs model is tested
        for lack of fit against it (Montgomery ch. 6) (`_error_and_estimates`). No pure error: Lenth's PSE when the
        design is orthogonal (`_lenth_screen`).
-    7. Alias matrix A = (X1'X1)^-1 X1'X2 of the fitted terms against the omitted interactions on the finished cells,
-       minus the same on the planned cells: a non-zero entry marks a partially aliased effect (missing cells).
-       Omitted terms containing a pair that never finished together are not counted (the pair is infeasible)
-       (`_partial_aliasing`)."""
+    7. Alias matrix A = (X1'X1)^-1 X1'X2 of the fitted model (the block included when fitted) against the omitted
+       interactions on the finished cells, whatever made a cell missing (failed, absent, excluded): an entry that is
+       not a complete alias marks a partially aliased effect, never tested. Omitted terms containing a pair that
+       never finished together are not counted (the pair is infeasible) (`_partial_aliasing`)."""
     mf = _model_factors(p)
     da = _design_aliasing(p, mf, o.strict)
     agg = _aggregate(p, mf.varying)
     sm = _supported_model(p, mf, da, agg)
     nu = _nuisance_terms(p, o, agg, sm)
     er = _error_and_estimates(p, o, agg, sm, nu)
-    partial, partial_notes = _partial_aliasing(mf, da, agg, sm)
+    partial, partial_notes = _partial_aliasing(mf, da, agg, sm, nu)
     lenth, lenth_notes = _lenth_screen(p, o, mf, da, agg, nu) if not er.ls.has_error else (None, [])
     named = _named_effects(p.factors, da, er.term_info, partial)
     has_error, df_pure = er.ls.has_error, er.ls.df_pure
