@@ -879,6 +879,16 @@ class Fit:
     def has_error(self) -> bool:
         return self.error_df is not None
 
+    def alias_tag(self, effect: str) -> str | None:
+        """What an estimate is read with, as the CLI table and the report page print it: "aliased: <chain>" for an
+        effect in an alias chain of the design (a resolution-III main effect included), "partly aliased: <omitted
+        interactions>" for an estimate biased by missing cells (never tested), None for a clean estimate."""
+        if effect in self.aliased_effects:
+            return f"aliased: {self.aliased_effects[effect]}"
+        if effect in self.partial_aliases:
+            return "partly aliased: " + ", ".join(self.partial_aliases[effect])
+        return None
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -956,7 +966,8 @@ class Pairs:
 
 @dataclass(frozen=True)
 class FailureTest:
-    """Fisher test of one pair's joint failures; `factors` is None when no run failed (nothing was tested)."""
+    """The failure test of one pair's joint failures (Boschloo excess and survival interaction, see
+    `_failure_tests`); `factors` is None when no run failed (nothing was tested)."""
 
     pair: str
     p: float | None

@@ -299,14 +299,10 @@ def _effects_table(a: Analysis) -> str:
     rows = []
     scale = "log " if a.scale == "log" else ""
     fit, pairs, att = a.fit, a.pairs, a.attribution
-    alias = {n: al.label for al in fit.aliased for n in al.effects}
 
     def note(n: str) -> str:
-        if n in alias:
-            return f' <span class="tag warn">aliased: {_esc(alias[n])}</span>'
-        if n in fit.partial_aliases:
-            return ' <span class="tag warn">partly aliased: ' + _esc(", ".join(fit.partial_aliases[n])) + "</span>"
-        return ""
+        tag = fit.alias_tag(n)
+        return f' <span class="tag warn">{_esc(tag)}</span>' if tag else ""
 
     for f_, v in fit.main_effects.items():
         rows.append(
@@ -427,10 +423,11 @@ def _failure_tests_table(a: Analysis) -> str:
         return ""
     return (
         '<h3>Failure interaction tests</h3><p class="caption">Failed / total runs with both techniques on and '
-        "with each one alone (others at any level). p: the larger of the two one-sided Fisher tests (both-on "
-        "must fail more than <i>each</i> alone); p<sub>adj</sub>: step-down across pairs.</p>"
+        "with each one alone (others at any level). p: the larger of the two one-sided Boschloo exact tests "
+        "(both-on must fail more than <i>each</i> alone) and, below alpha, of the survival-interaction test "
+        "(more than independent failures predict); p<sub>adj</sub>: step-down across pairs.</p>"
         + _table(
-            ["pair", "both on (failed/n)", "first alone", "second alone", "p (Fisher)", "p<sub>adj</sub>"],
+            ["pair", "both on (failed/n)", "first alone", "second alone", "p (Boschloo)", "p<sub>adj</sub>"],
             rows,
             num_cols=[4, 5],
         )
