@@ -753,15 +753,23 @@ def _closing_sections(res: StudyResults, a: Analysis | AnalysisFailure) -> list[
     """Failed and excluded cells, the sample grids and the notes of the analysis."""
     ok = isinstance(a, Analysis)
     sections: list[str] = []
+    infra = (
+        f" <b>{a.n_infrastructure} run(s) failed for a reason outside the training code</b> (crash cause "
+        "infrastructure: a lost worker or node, a missing file, the driver's own error): they are left out of "
+        "both analyses and not listed here; a rerun of the study retries them."
+        if ok and a.n_infrastructure
+        else ""
+    )
     sections.append(
         '<section id="sec-failures"><h2>Failed and excluded cells</h2><p class="caption">Failed runs '
-        "(diverged = NaN/inf loss, oom = out of memory, crashed = exception) are kept as data: they are "
-        "left out of the metric models and used as evidence of failure interactions (a pair is flagged "
+        "(diverged = NaN/inf loss, oom = out of memory, crashed = an exception the training code raised) are kept "
+        "as data: they are left out of the metric models and used as evidence of failure interactions (a pair is "
+        "flagged "
         "when runs with both techniques fail more often than runs with each alone, one-sided Boschloo "
         "exact tests, <i>and</i> more than the two techniques' own failure rates predict together, a "
         "likelihood-ratio test of independent failures). Runs with another status (blank, cancelled) "
         "are not evidence and are left out of both analyses. Excluded cells were never run because a "
-        "constraint of the study forbids them."
+        f"constraint of the study forbids them.{infra}"
         f"</p>{_failures_table(res, a) if ok else ''}{_failure_tests_table(a) if ok else ''}</section>"
     )
     sections.append(
