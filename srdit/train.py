@@ -143,6 +143,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (not srdit's, from another model, unreadable)."""
 
 
+class CheckpointNotFound(CheckpointError, FileNotFoundError):
+    """A checkpoint file that is not there: a missing file, which a study counts as its infrastructure's failure
+    (`srdit.runtime.worker.crash_cause`), not the training code's."""
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Setup helpers
 # --------------------------------------------------------------------------------------------------------------
@@ -434,7 +439,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file (a run's checkpoint is RUN/{CHECKPOINT})")
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        raise CheckpointNotFound(f"{path}: no such checkpoint file")
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before failing; the error says it all
             warnings.simplefilter("ignore")

@@ -77,6 +77,8 @@ TOP_KEYS = [
     "n_excluded",
     # appended with the fold-over design: the additive block term for its halves (null without a block)
     "block",
+    # appended with the crash cause: failed runs left out as the infrastructure's (a lost node, a missing file)
+    "n_infrastructure",
 ]
 CELL_KEYS = [
     "combo",

@@ -107,6 +107,36 @@ def test_table_output(replicated_csv):
     assert "Effects on fd" in out and "A:B" in out and "Incompatible pairs" in out and "failure" in out
 
 
+def test_table_output_tags_aliased_estimates_and_names_the_failure_test(tmp_path, replicated_csv):
+    # 2^(3-1) with C = AB, 3 seeds: C's estimate (CI and p printed) is of the chain C + A:B, and says so
+    rng = np.random.default_rng(0)
+    rows = [dict(A=a, B=b, C=int(a == b), seed=s) for a in (0, 1) for b in (0, 1) for s in range(3)]
+    df = pd.DataFrame(rows)
+    df["y"] = 5 - 2.0 * (2 * df.A - 1) * (2 * df.B - 1) + rng.normal(0, 0.1, len(df))
+    p = tmp_path / "res3.csv"
+    df.to_csv(p, index=False)
+    rc, out, err = run_main([p, "--factors", "A,B,C", "--metric", "y", "--direction", "max"])
+    assert rc == 0, err
+    rows = {ln.split("│")[1].strip(): ln for ln in out.splitlines() if ln.startswith("│")}
+    for f, chain in (("A", "A + B:C"), ("B", "B + A:C"), ("C", "C + A:B")):
+        line = rows[f"{f} (aliased: {chain})"]
+        assert "[" in line and f not in rows  # printed with its interval, never without the tag
+    # a cell absent from the table: every estimate is tagged partly aliased with A:B:C
+    full = pd.read_csv(replicated_csv)
+    absent = full[~((full.A == 1) & (full.B == 1) & (full.C == 1))].assign(status="finished")
+    absent.loc[absent.fd.isna(), "fd"] = 9.0
+    p2 = tmp_path / "absent.csv"
+    absent.to_csv(p2, index=False)
+    rc, out, err = run_main([p2, "--factors", "A,B,C", "--metric", "fd", "--direction", "min", "--allow-inestimable"])
+    assert rc == 0, err
+    rows = {ln.split("│")[1].strip() for ln in out.splitlines() if ln.startswith("│")}
+    assert {"A:B (partly aliased: A:B:C)", "A (partly aliased: A:B:C)"} <= rows
+    # the failure flags' footer names the test that made them
+    rc, out, err = run_main([replicated_csv, "--factors", "A,B,C", "--metric", "fd", "--direction", "min"])
+    assert rc == 0, err
+    assert "Incompatible pairs" in out and "Boschloo" in out and "Fisher" not in out
+
+
 def test_log_and_threshold_options(tmp_path):
     rows = [
         {"A": a, "B": b, "seed": s, "images_per_s": 100 * 2**a * 1.5**b * 0.5 ** (a * b) * (1 + 0.01 * s)}

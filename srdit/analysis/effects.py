@@ -4,7 +4,9 @@ and incompatibility, with uncertainty.
 Input: a tidy table, one row per trial: one 0/1 column per technique (factor), optionally a seed column and a status
 column, and metric columns. Rows with an explicit failure status (FAILURE_STATUSES: diverged / nan / oom / crashed /
 error / failed) or a finished status and a non-finite metric are *failures*: they are left out of the metric models
-and used as evidence of failure interactions. Any other status (blank, cancelled, unknown) is excluded from both.
+and used as evidence of failure interactions. Any other status (blank, cancelled, unknown) is excluded from both, and
+so is a failure whose `crash_cause` column says `infrastructure` (a lost node, a missing file, the driver's own
+error: `srdit.analysis.results.CRASH_CAUSE`); a blank or absent cause counts as evidence, as before it was recorded.
 
 Conventions (design doc, "Synergy and incompatibility"):
 - effects in +-1 coding (Montgomery, *Design and Analysis of Experiments*, ch. 6):
@@ -43,7 +45,8 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from srdit import metric_registry
-from srdit.analysis.results import StudyResults
+from srdit.analysis.power import partial_aliases
+from srdit.analysis.results import CODE, CRASH_CAUSE, INFRASTRUCTURE, StudyResults
 
 __all__ = [
     "AnalysisError",
@@ -165,6 +168,8 @@ class _Prepared:
     n_excluded: int = 0
     block_col: str | None = None
     "the block column when the table has one (e.g. the halves of a fold-over), else None"
+    n_infrastructure: int = 0
+    "failed runs left out because their crash cause is the infrastructure, not the training code"
 
 
 def prepare(
@@ -178,6 +183,7 @@ def prepare(
     reason_col: str | None = "status_reason",
     log: bool = False,
     block_col: str | None = "block",
+    cause_col: str | None = CRASH_CAUSE,
 ) -> _Prepared:
     """Validate and normalise the table (see module docstring). Raises AnalysisError with a one-line message."""
     if not isinstance(table, pd.DataFrame):
@@ -210,6 +216,8 @@ def prepare(
                 raise AnalysisError(f"no run has a finished or failed status (statuses seen: {', '.join(kinds)})")
     else:
         st = pd.Series("finished", index=table.index)
+    table, st, n_infrastructure, cause_notes = _without_infrastructure_failures(table, st, cause_col)
+    notes += cause_notes
     d = pd.DataFrame(index=table.index)
     for f in factors:
         d[f] = _binary_column(table[f], f)
@@ -270,7 +278,39 @@ def prepare(
         notes,
         n_excluded,
         block_col if has_block else None,
+        n_infrastructure,
     )
+
+
+def _without_infrastructure_failures(
+    table: pd.DataFrame, st: pd.Series, cause_col: str | None
+) -> tuple[pd.DataFrame, pd.Series, int, list[str]]:
+    """The rows whose failure the infrastructure caused (`cause_col` = "infrastructure": a lost worker or node, a
+    missing file, the driver's own error) leave both analyses: a node lost mid-study is no evidence that two
+    techniques are incompatible. A blank cause (not recorded: runs from before srdit told the causes apart, a CSV
+    without the column) counts as the training code's, as it always did. Returns the kept rows, their statuses, the
+    count left out and its note; AnalysisError for a cause that is neither "code", "infrastructure" nor blank."""
+    if not cause_col or cause_col not in table.columns:
+        return table, st, 0, []
+    cause = table[cause_col].fillna("").astype(str).str.strip().str.lower()
+    bad = sorted(set(cause) - {"", CODE, INFRASTRUCTURE})
+    if bad:
+        raise AnalysisError(
+            f"column '{cause_col}' has value(s) {bad[:5]}; expected {CODE}, {INFRASTRUCTURE} or blank (why a "
+            f"crashed run crashed)"
+        )
+    infra = st.isin(FAILURE_STATUSES) & (cause == INFRASTRUCTURE)
+    n = int(infra.sum())
+    if not n:
+        return table, st, 0, []
+    if n == len(table):
+        raise AnalysisError(f"every run failed for a reason outside the training code ({cause_col} = {INFRASTRUCTURE})")
+    note = (
+        f"{n} run(s) failed for a reason outside the training code ({cause_col} = {INFRASTRUCTURE}: a lost worker "
+        "or node, a missing file, the driver's own error) and are left out of the metric and failure analyses: "
+        "they say nothing about the techniques (a rerun of the study retries them)"
+    )
+    return table[~infra], st[~infra], n, [note]
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -786,6 +826,8 @@ class Options:
     seed_col: str | None = "seed"
     status_col: str | None = "status"
     reason_col: str | None = "status_reason"
+    cause_col: str | None = CRASH_CAUSE
+    "why a crashed run crashed (code / infrastructure); infrastructure failures are no evidence (see `prepare`)"
     log: bool = False
     "analyse log(metric) (throughput-like metrics: speed-ups multiply)"
     alpha: float = 0.05
@@ -879,6 +921,16 @@ class Fit:
     def has_error(self) -> bool:
         return self.error_df is not None
 
+    def alias_tag(self, effect: str) -> str | None:
+        """What an estimate is read with, as the CLI table and the report page print it: "aliased: <chain>" for an
+        effect in an alias chain of the design (a resolution-III main effect included), "partly aliased: <omitted
+        interactions>" for an estimate biased by missing cells (never tested), None for a clean estimate."""
+        if effect in self.aliased_effects:
+            return f"aliased: {self.aliased_effects[effect]}"
+        if effect in self.partial_aliases:
+            return "partly aliased: " + ", ".join(self.partial_aliases[effect])
+        return None
+
 
 @dataclass(frozen=True)
 class Flag:
@@ -956,7 +1008,8 @@ class Pairs:
 
 @dataclass(frozen=True)
 class FailureTest:
-    """Fisher test of one pair's joint failures; `factors` is None when no run failed (nothing was tested)."""
+    """The failure test of one pair's joint failures (Boschloo excess and survival interaction, see
+    `_failure_tests`); `factors` is None when no run failed (nothing was tested)."""
 
     pair: str
     p: float | None
@@ -1120,6 +1173,8 @@ class Analysis:
     "the multiplicity family of the pair tests"
     n_excluded: int = 0
     "runs excluded for a status that is neither finished nor an explicit failure"
+    n_infrastructure: int = 0
+    "failed runs left out because the infrastructure, not the training code, made them fail"
 
     @property
     def incompatible(self) -> list[Flag]:
@@ -1193,6 +1248,7 @@ class Analysis:
             "lenth": fit.lenth,
             "n_excluded": self.n_excluded,
             "block": fit.block,  # appended with the fold-over: the block term for its halves (None without)
+            "n_infrastructure": self.n_infrastructure,  # appended: failures left out as the infrastructure's
         }
 
 
@@ -1789,38 +1845,21 @@ def _error_and_estimates(p: _Prepared, o: Options, agg: _Aggregates, sm: _Suppor
 
 
 def _partial_aliasing(
-    mf: _ModelFactors, da: _DesignAliasing, agg: _Aggregates, sm: _SupportedModel
+    mf: _ModelFactors, da: _DesignAliasing, agg: _Aggregates, sm: _SupportedModel, nu: _Nuisance
 ) -> tuple[dict[str, dict[str, float]], list[str]]:
-    """Step 7: the alias matrix A = (X1'X1)^-1 X1'X2 of the fitted terms X1 against the omitted interactions X2
-    (Montgomery, *Design and Analysis of Experiments*, fractional factorials) on the finished cells, each once
-    (unequal replication is not aliasing), minus the same on the planned cells: a non-zero entry marks a partially
-    aliased effect (missing or failed cells). Omitted terms containing a pair that never finished together are not
-    counted (the pair is infeasible). Output: fitted term -> {omitted term: coefficient}, and its note."""
-    model_f, fin_cells, kept = mf.varying, agg.fin_cells, sm.kept
-    max_order = len(model_f) if len(model_f) <= 10 else 3
-    fitted_chain = {n for r in kept for n, (rr, _) in da.rep_of.items() if rr == r}
-    seen_together = {
-        (a, b) for a, b in itertools.combinations(model_f, 2) if ((fin_cells[a] == 1) & (fin_cells[b] == 1)).any()
-    }
-    omitted = [
-        t
-        for t in _all_terms(model_f, max_order)
-        if len(t) >= 2
-        and _term_name(t) not in fitted_chain
-        and all(pr in seen_together for pr in itertools.combinations(t, 2))
-    ]
-    partial: dict[str, dict[str, float]] = {}
-    if omitted:
-        X1c = sm.X1c
-        A_fin = np.linalg.solve(X1c.T @ X1c, X1c.T @ _pm_matrix(fin_cells, omitted))
-        X1p = np.column_stack([np.ones(len(da.cells)), _pm_matrix(da.cells, [da.term_of[r] for r in kept])])
-        A_plan = np.linalg.lstsq(X1p, _pm_matrix(da.cells, omitted), rcond=None)[0]
-        dev = A_fin - A_plan
-        on = [_term_name(t) for t in omitted]
-        for j, r in enumerate(kept, start=1):
-            hit = {on[q]: _f(round(float(A_fin[j, q]), 6)) for q in np.nonzero(np.abs(dev[j]) > 1e-6)[0]}
-            if hit:
-                partial[r] = hit
+    """Step 7: the alias matrix of the fitted model against the omitted interactions (`partial_aliases`), on the
+    finished cells, each once, whatever made a cell missing (failed, absent from the table, excluded by a
+    constraint); when the block term is fitted, on each finished (cell, block) once with the block dummies in the
+    fitted model. Output: fitted term -> {omitted term: coefficient}, and its note."""
+    fin_cells, kept = agg.fin_cells, sm.kept
+    chained = {n for r in kept for n, (rr, _) in da.rep_of.items() if rr == r}
+    if nu.block:  # each (cell, block) once, and the block dummies
+        rows = np.unique(np.column_stack([agg.g_cell, agg.g_block]), axis=0)
+        row_cell, extra = rows[:, 0], [(rows[:, 1] == b).astype(float) for b in range(1, len(agg.block_codes))]
+    else:
+        row_cell, extra = np.arange(len(fin_cells)), []
+    levels = fin_cells.iloc[row_cell].reset_index(drop=True)
+    partial = partial_aliases(levels, [da.term_of[r] for r in kept], chained, extra)
     notes = []
     if partial:
         notes.append(
@@ -1931,17 +1970,17 @@ def fit_effects(p: _Prepared, o: Options) -> Fit:
     6. Error: pure error, from the full model (one mean per cell, + seed block); the mains + pairs model is tested
        for lack of fit against it (Montgomery ch. 6) (`_error_and_estimates`). No pure error: Lenth's PSE when the
        design is orthogonal (`_lenth_screen`).
-    7. Alias matrix A = (X1'X1)^-1 X1'X2 of the fitted terms against the omitted interactions on the finished cells,
-       minus the same on the planned cells: a non-zero entry marks a partially aliased effect (missing cells).
-       Omitted terms containing a pair that never finished together are not counted (the pair is infeasible)
-       (`_partial_aliasing`)."""
+    7. Alias matrix A = (X1'X1)^-1 X1'X2 of the fitted model (the block included when fitted) against the omitted
+       interactions on the finished cells, whatever made a cell missing (failed, absent, excluded): an entry that is
+       not a complete alias marks a partially aliased effect, never tested. Omitted terms containing a pair that
+       never finished together are not counted (the pair is infeasible) (`_partial_aliasing`)."""
     mf = _model_factors(p)
     da = _design_aliasing(p, mf, o.strict)
     agg = _aggregate(p, mf.varying)
     sm = _supported_model(p, mf, da, agg)
     nu = _nuisance_terms(p, o, agg, sm)
     er = _error_and_estimates(p, o, agg, sm, nu)
-    partial, partial_notes = _partial_aliasing(mf, da, agg, sm)
+    partial, partial_notes = _partial_aliasing(mf, da, agg, sm, nu)
     lenth, lenth_notes = _lenth_screen(p, o, mf, da, agg, nu) if not er.ls.has_error else (None, [])
     named = _named_effects(p.factors, da, er.term_info, partial)
     has_error, df_pure = er.ls.has_error, er.ls.df_pure
@@ -2233,6 +2272,7 @@ def analyze(
         reason_col=o.reason_col,
         log=o.log,
         block_col=o.block_col,
+        cause_col=o.cause_col,
     )
     fit = fit_effects(p, o)
     pairs = pair_synergies(fit, o)
@@ -2258,6 +2298,7 @@ def analyze(
         attribution=att,
         notes=[*p.notes, *fit.notes, *pairs.notes, *boot.notes, *att.notes],
         n_excluded=p.n_excluded,
+        n_infrastructure=p.n_infrastructure,
         family=(
             f"{pairs.n_tested} pair test(s) of this metric: simultaneous (Bonferroni) intervals decide; "
             f"p_adj by {o.correction}"

@@ -299,14 +299,10 @@ def _effects_table(a: Analysis) -> str:
     rows = []
     scale = "log " if a.scale == "log" else ""
     fit, pairs, att = a.fit, a.pairs, a.attribution
-    alias = {n: al.label for al in fit.aliased for n in al.effects}
 
     def note(n: str) -> str:
-        if n in alias:
-            return f' <span class="tag warn">aliased: {_esc(alias[n])}</span>'
-        if n in fit.partial_aliases:
-            return ' <span class="tag warn">partly aliased: ' + _esc(", ".join(fit.partial_aliases[n])) + "</span>"
-        return ""
+        tag = fit.alias_tag(n)
+        return f' <span class="tag warn">{_esc(tag)}</span>' if tag else ""
 
     for f_, v in fit.main_effects.items():
         rows.append(
@@ -427,10 +423,11 @@ def _failure_tests_table(a: Analysis) -> str:
         return ""
     return (
         '<h3>Failure interaction tests</h3><p class="caption">Failed / total runs with both techniques on and '
-        "with each one alone (others at any level). p: the larger of the two one-sided Fisher tests (both-on "
-        "must fail more than <i>each</i> alone); p<sub>adj</sub>: step-down across pairs.</p>"
+        "with each one alone (others at any level). p: the larger of the two one-sided Boschloo exact tests "
+        "(both-on must fail more than <i>each</i> alone) and, below alpha, of the survival-interaction test "
+        "(more than independent failures predict); p<sub>adj</sub>: step-down across pairs.</p>"
         + _table(
-            ["pair", "both on (failed/n)", "first alone", "second alone", "p (Fisher)", "p<sub>adj</sub>"],
+            ["pair", "both on (failed/n)", "first alone", "second alone", "p (Boschloo)", "p<sub>adj</sub>"],
             rows,
             num_cols=[4, 5],
         )
@@ -756,15 +753,23 @@ def _closing_sections(res: StudyResults, a: Analysis | AnalysisFailure) -> list[
     """Failed and excluded cells, the sample grids and the notes of the analysis."""
     ok = isinstance(a, Analysis)
     sections: list[str] = []
+    infra = (
+        f" <b>{a.n_infrastructure} run(s) failed for a reason outside the training code</b> (crash cause "
+        "infrastructure: a lost worker or node, a missing file, the driver's own error): they are left out of "
+        "both analyses and not listed here; a rerun of the study retries them."
+        if ok and a.n_infrastructure
+        else ""
+    )
     sections.append(
         '<section id="sec-failures"><h2>Failed and excluded cells</h2><p class="caption">Failed runs '
-        "(diverged = NaN/inf loss, oom = out of memory, crashed = exception) are kept as data: they are "
-        "left out of the metric models and used as evidence of failure interactions (a pair is flagged "
+        "(diverged = NaN/inf loss, oom = out of memory, crashed = an exception the training code raised) are kept "
+        "as data: they are left out of the metric models and used as evidence of failure interactions (a pair is "
+        "flagged "
         "when runs with both techniques fail more often than runs with each alone, one-sided Boschloo "
         "exact tests, <i>and</i> more than the two techniques' own failure rates predict together, a "
         "likelihood-ratio test of independent failures). Runs with another status (blank, cancelled) "
         "are not evidence and are left out of both analyses. Excluded cells were never run because a "
-        "constraint of the study forbids them."
+        f"constraint of the study forbids them.{infra}"
         f"</p>{_failures_table(res, a) if ok else ''}{_failure_tests_table(a) if ok else ''}</section>"
     )
     sections.append(

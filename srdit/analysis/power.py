@@ -1,10 +1,12 @@
 """Power before launch: the smallest main effect and pair synergy a two-level design detects, and the noise sd
 a finished study's replicates give.
 
-The model is the one `srdit.analysis.effects.fit_effects` fits to a study's runs (its steps 1-3 and 5-6, rebuilt
+The model is the one `srdit.analysis.effects.fit_effects` fits to a study's runs (its steps 1-3 and 5-7, rebuilt
 here from the cells alone, so that `srdit study plan` needs no results and no statistics package): +-1 coding,
 ``y = X b + e`` with e ~ N(0, sigma^2) independent, X = [a seed block (or the intercept) | the main columns | each
-pair column that the design does not alias with another main or pair term and that adds rank]. A plan runs every
+pair column that the design does not alias with another main or pair term and that adds rank]; a pair that the
+omitted interactions partially alias on the design's cells (`partial_aliases`: cells a constraint excludes,
+or a design that lacks some) is estimated but not tested, as in the analysis. A plan runs every
 cell with every seed, so the seed block is orthogonal to the effect columns and costs only degrees of freedom.
 
 Contrasts (the analysis's units, see effects.py): main effect ME_i = 2 b_i, synergy S_ij = 4 b_ij (= 2 INT_ij,
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +53,7 @@ __all__ = [
     "DesignPower",
     "PowerError",
     "design_power",
+    "partial_aliases",
     "power_at",
     "mde",
     "pooled_sd",
@@ -193,6 +196,78 @@ def _pm(cells: np.ndarray, cols: Sequence[tuple[int, ...]]) -> np.ndarray:
     return np.column_stack([np.prod(pm[:, list(c)], axis=1) for c in cols]) if cols else np.zeros((len(cells), 0))
 
 
+MAX_FULL_ORDER = 10
+"Up to this many factors every interaction order is checked; above it, interactions of order 2 and 3 only."
+
+
+def _pm_named(levels: pd.DataFrame, terms: Sequence[tuple[str, ...]]) -> np.ndarray:
+    return _pm(levels.to_numpy(dtype=float), [tuple(levels.columns.get_loc(f) for f in t) for t in terms])
+
+
+def partial_aliases(
+    levels: pd.DataFrame,
+    fitted: Sequence[tuple[str, ...]],
+    chained: Collection[str] = (),
+    extra: Sequence[np.ndarray] = (),
+) -> dict[str, dict[str, float]]:
+    """The partial aliases of each fitted term: the alias matrix A = (X1'X1)^-1 X1'X2 (Montgomery, *Design and
+    Analysis of Experiments*, fractional factorials) of the fitted model X1 against the interactions X2 it omits,
+    on the cells present: when the true model has the omitted terms too, the fitted coefficients estimate
+    b1 + A b2. A table says nothing about the cells it lacks, so whatever made a cell missing (its runs failed, it
+    is absent from a CSV, a constraint excludes it) it is simply not a row. An omitted column equal to +-1 times a
+    fitted column is completely aliased with it (the alias structure of a regular fraction, its resolution), not
+    partially; every other non-zero entry marks the fitted term as partially aliased: the analysis
+    (`srdit.analysis.effects`, on the finished cells) reports it and never tests it, and `design_power` (on a
+    plan's cells) does not count it among the tested pairs.
+
+    levels: (rows, factors) 0/1 levels, one row per cell present (unequal replication is not aliasing), or per
+    (cell, block) when `extra` holds the block dummies. fitted: the fitted terms (factor-name tuples, mains and
+    pairs), besides the intercept. chained: names ("A:B") of terms in an alias chain of a fitted term (estimated
+    with it, so not omitted). extra: (rows,) columns fitted too but not reported (block dummies: a block confounded
+    with an interaction absorbs it, so that interaction biases no effect).
+
+    Omitted: every interaction of order >= 2 of the factors (up to order 3 above MAX_FULL_ORDER factors) that is
+    neither fitted nor chained, except those containing a pair that no row has both on: such a pair never ran
+    together (a constraint `excludes` it, or it always fails), so no interaction containing it is defined.
+
+    Returns {"A:B": {"A:B:C": coefficient, ...}} for the fitted terms with a partial alias, coefficients rounded
+    to 6 decimals (entries below 1e-6 are zero)."""
+    factors = list(levels.columns)
+    max_order = len(factors) if len(factors) <= MAX_FULL_ORDER else 3
+    names = {t: ":".join(t) for t in fitted}
+    chained = set(chained) | set(names.values())
+    lv = levels.to_numpy()
+    together = {
+        (a, b)
+        for (i, a), (j, b) in itertools.combinations(enumerate(factors), 2)
+        if ((lv[:, i] == 1) & (lv[:, j] == 1)).any()
+    }
+    omitted = [
+        t
+        for r in range(2, max_order + 1)
+        for t in itertools.combinations(factors, r)
+        if ":".join(t) not in chained and all(p in together for p in itertools.combinations(t, 2))
+    ]
+    if not omitted or not fitted:
+        return {}
+    X1 = np.column_stack([np.ones(len(levels)), _pm_named(levels, list(fitted)), *extra])
+    X2 = _pm_named(levels, omitted)
+    A = np.linalg.lstsq(X1, X2, rcond=None)[0]
+    n_fit = 1 + len(fitted)
+    complete = np.array(
+        [
+            any(np.array_equal(X2[:, q], s * X1[:, j]) for j in range(n_fit) for s in (1.0, -1.0))
+            for q in range(len(omitted))
+        ]
+    )
+    out: dict[str, dict[str, float]] = {}
+    for j, t in enumerate(fitted, start=1):
+        hit = {":".join(omitted[q]): round(float(A[j, q]), 6) for q in np.nonzero((np.abs(A[j]) > 1e-6) & ~complete)[0]}
+        if hit:
+            out[names[t]] = hit
+    return out
+
+
 def design_power(
     cells: np.ndarray | Sequence[Sequence[int]],
     factors: Sequence[str],
@@ -265,6 +340,14 @@ def design_power(
         elif len(t) == 2 and t in aliased and t in kept:
             partners = [name(u) for u in terms if u != t and rep[u] == t]
             untested[name(t)] = f"aliased with {', '.join(partners)}"
+    # 7. partial aliasing on the design's cells (cells a constraint excludes are missing): such pairs are not tested
+    levels = pd.DataFrame(C[:, var].astype(int), columns=[factors[j] for j in var])
+    as_names = lambda t: tuple(factors[i] for i in t)  # noqa: E731
+    chained = {name(t) for t in terms if rep[t] in kept}
+    partial = partial_aliases(levels, [as_names(t) for t in kept], chained)
+    for t in kept:
+        if len(t) == 2 and name(t) in partial and t not in aliased:
+            untested[name(t)] = "partially aliased with " + ", ".join(partial[name(t)]) + " (cells missing)"
     # 5-6. seed block and pure-error df (every cell runs every seed: the block is orthogonal to the effects)
     n_runs = n_cells * s
     block = seed_block and s > 1 and n_runs - (n_cells + s - 1) >= 1
@@ -277,7 +360,7 @@ def design_power(
     X1 = np.column_stack(cols)
     inv = np.linalg.inv(s * X1.T @ X1)  # (X'X)^-1 of the run-level matrix: each cell s times
     mains_t = [t for t in kept if len(t) == 1]
-    pairs_t = [t for t in kept if len(t) == 2 and t not in aliased]
+    pairs_t = [t for t in kept if len(t) == 2 and t not in aliased and name(t) not in partial]
     m = len(pairs_t)
     mains: list[Detectable] = []
     pairs: list[Detectable] = []
@@ -293,10 +376,13 @@ def design_power(
             )
             (mains if len(t) == 1 else pairs).append(d)
     if len(var) >= 2 and not m:
-        notes.append(
-            "no pair synergy is estimable free of aliasing in this design: the analysis tests none "
-            "(a fractional design needs resolution >= 5 to keep pairs clear of each other and of the mains)"
+        why = (
+            "the cells it lacks (e.g. excluded by a constraint) leave every estimated pair partially aliased with "
+            "the interactions the model omits"
+            if any(len(t) == 2 and name(t) in partial for t in kept)
+            else "a fractional design needs resolution >= 5 to keep pairs clear of each other and of the mains"
         )
+        notes.append(f"no pair synergy is estimable free of aliasing in this design: the analysis tests none ({why})")
     return DesignPower(
         factors=factors,
         n_cells=n_cells,

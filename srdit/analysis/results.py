@@ -9,11 +9,20 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-__all__ = ["StudyResults", "CURVE_COLUMNS", "TABLE_BASE_COLUMNS"]
+__all__ = ["StudyResults", "CURVE_COLUMNS", "TABLE_BASE_COLUMNS", "CRASH_CAUSE", "CODE", "INFRASTRUCTURE"]
 
 CURVE_COLUMNS = ["trial", "cell", "seed", "key", "step", "value"]
 "Columns of `StudyResults.curves` (one row per logged point)."
-TABLE_BASE_COLUMNS = ["trial", "cell", "seed", "status", "status_reason"]
+CRASH_CAUSE = "crash_cause"
+"""Column of `StudyResults.table` (and tag of a trial's child run) saying why a `crashed` run crashed: CODE or
+INFRASTRUCTURE; blank when not recorded (runs from before the two were told apart, a CSV without the column)."""
+CODE = "code"
+"""An exception raised by the training code with the run's config: it recurs when retried, so it is evidence about
+the techniques (the failure analysis counts it)."""
+INFRASTRUCTURE = "infrastructure"
+"""A failure of what the run runs on (a lost worker or node, a missing or unreadable file, a full disk, the tracking
+store, the driver's own error): it says nothing about the techniques, and the analysis leaves it out with a note."""
+TABLE_BASE_COLUMNS = ["trial", "cell", "seed", "status", "status_reason", CRASH_CAUSE]
 "Columns every `StudyResults.table` has besides the factors and the metrics."
 
 
@@ -30,7 +39,8 @@ class StudyResults:
         other_metrics: other metric columns -> direction (log-scale metrics of `srdit.metric_registry`, e.g.
             throughput, are analysed on the log scale).
         table: one row per trial: trial, cell (str id), seed, status ("finished"/"diverged"/"oom"/"crashed"),
-            status_reason, one 0/1 column per factor, metric columns (NaN for failed trials); optionally `block`
+            status_reason, crash_cause (CRASH_CAUSE: "code" / "infrastructure" for a crashed run, else blank), one
+            0/1 column per factor, metric columns (NaN for failed trials); optionally `block`
             (the half of a fold-over: 0 = the folded study's cells, 1 = the mirror; an additive block term).
         curves: learning curves: trial, cell, seed, key, step, value.
         samples: cell id -> path to a PNG sample grid.

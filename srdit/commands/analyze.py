@@ -107,17 +107,31 @@ def tables(result: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]
     fit, pairs, att = result.fit, result.pairs, result.attribution
     scale = " (log scale)" if result.scale == "log" else ""
     rows = []
+
+    def name(n: str) -> str:  # the effect with its alias tag, as on the report page and in the JSON
+        tag = fit.alias_tag(n)
+        return f"{n} ({tag})" if tag else n
+
     for f, v in fit.main_effects.items():
-        rows.append([f, _fmt(v), _fmt(fit.ci.get(f)), _fmt(fit.p.get(f)), "", ""])
+        rows.append([name(f), _fmt(v), _fmt(fit.ci.get(f)), _fmt(fit.p.get(f)), "", ""])
     for n, v in fit.interactions.items():
         rows.append(
-            [n, _fmt(v), _fmt(fit.ci.get(n)), _fmt(fit.p.get(n)), _fmt(pairs.synergy.get(n)), _fmt(pairs.p_adj.get(n))]
+            [
+                name(n),
+                _fmt(v),
+                _fmt(fit.ci.get(n)),
+                _fmt(fit.p.get(n)),
+                _fmt(pairs.synergy.get(n)),
+                _fmt(pairs.p_adj.get(n)),
+            ]
         )
     out.append(
         (
             f"Effects on {result.metric}{scale}",
             "estimate: ME = mean(+) - mean(-), INT = half difference, metric scale; "
-            "synergy = 2 INT oriented (positive = better together); p_adj across pairs",
+            "synergy = 2 INT oriented (positive = better together); p_adj across pairs; "
+            "aliased: the estimate is of the whole alias chain; partly aliased: biased by the omitted "
+            "interactions named (missing or failed cells), not tested",
             ["effect", "estimate", "CI", "p", "synergy", "p_adj"],
             rows,
         )
@@ -144,7 +158,8 @@ def tables(result: Analysis) -> list[tuple[str, str, list[str], list[list[str]]]
             (
                 "Incompatible pairs",
                 "antagonism: synergy significantly < -threshold; "
-                "failure: both-on runs fail more than each alone (Fisher)",
+                "failure: both-on runs fail more than each alone (one-sided Boschloo exact tests) and more "
+                "than independent failures of the two predict (survival-interaction test)",
                 ["pair", "kind", "evidence", "CI", "p", "p_adj"],
                 rows,
             )
@@ -237,6 +252,7 @@ def _print(head: str, tabs: list, notes: list[str], stream) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
+        from rich.text import Text
     except ImportError:  # plain text
         print(head, file=stream)
         for title, caption, header, rows in tabs:
@@ -251,11 +267,12 @@ def _print(head: str, tabs: list, notes: list[str], stream) -> None:
     console = Console(file=stream, width=max(100, Console(file=stream).width))
     console.print(head, highlight=False, markup=False, emoji=False)
     for title, caption, header, rows in tabs:
-        t = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+        # plain Text: no markup or emoji codes in the cells ("A:B:C" is not ":B:", "[1, 2]" is no style)
+        t = Table(title=Text(title), title_justify="left", caption=Text(caption), caption_justify="left")
         for h in header:
-            t.add_column(h)
+            t.add_column(Text(h))
         for r in rows:
-            t.add_row(*r)
+            t.add_row(*(Text(c) for c in r))
         console.print(t, emoji=False)
     for n in notes:
         console.print(f"note: {n}", highlight=False, markup=False, emoji=False)

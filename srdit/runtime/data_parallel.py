@@ -5,9 +5,11 @@ on CPUs). Rank 0 logs to the trial's MLflow child run and writes the checkpoint 
 
 Failures are classified here, not by Ray Train (its FailureConfig allows no retry): an exception raised by the
 training code on any rank (a bug, an out-of-memory error) is written to the trial folder by that rank and is the
-trial's outcome at once (crashed / oom), since every attempt would hit it again; a group that fails without such a
-record (a lost worker or node) is started again, up to `max_failures` times, and the trainer resumes from the
-checkpoint. The run name is the trial key. The trial folder must be on storage that every node sees (as for any
+trial's outcome at once (crashed / oom, crash cause "code"), since every attempt would hit it again; a group that
+fails without such a record (a lost worker or node, or a rank whose exception is the infrastructure's, e.g. the
+collective error of a rank whose peer died: `srdit.runtime.worker.crash_cause`) is started again, up to
+`max_failures` times, and the trainer resumes from the checkpoint; beyond that the trial crashed for the
+infrastructure. The run name is the trial key. The trial folder must be on storage that every node sees (as for any
 multi-node study).
 """
 
@@ -107,12 +109,22 @@ def _worker_loop(loop: dict) -> None:
     reporter = TrialReporter(ChildRun(loop["uri"], loop["run_id"], reused=True), to_tune=False) if main else None
     try:
         res = train(cfg, loop["out_dir"], reporter, resume=True, progress=False, snapshots=True)
-    except Exception as e:  # a deterministic failure of this trial: record it, then fail the group
-        from srdit.runtime.worker import _one_line, is_oom
+    except Exception as e:  # the training code's failure is this trial's outcome: record it, then fail the group
+        from srdit.analysis.results import INFRASTRUCTURE
+        from srdit.runtime.worker import _one_line, crash_cause, is_oom
 
+        oom = is_oom(e)
+        cause = "" if oom else crash_cause(e)
+        if cause == INFRASTRUCTURE:  # not the trial's: the group fails and is started again
+            raise
         rank = ray.train.get_context().get_world_rank()
         text = json.dumps(
-            {"status": "oom" if is_oom(e) else "crashed", "reason": f"rank {rank}: {_one_line(e)}", "rank": rank}
+            {
+                "status": "oom" if oom else "crashed",
+                "reason": f"rank {rank}: {_one_line(e)}",
+                "rank": rank,
+                "cause": cause,
+            }
         )
         path = Path(loop["out_dir"]) / WORKER_ERROR
         if not path.exists():
@@ -157,7 +169,8 @@ def _init_loopback_group(loop: dict) -> None:
 
 def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx: TrialContext, max_failures: int):
     """Run the resolved `config` on ctx.workers workers; returns (status, reason, step, final metrics, keys already
-    logged at the last step). Raises when the group fails beyond its retries (the caller records the trial as crashed)."""
+    logged at the last step, crash cause: "code" when a rank's training code raised, else ""). Raises when the group
+    fails beyond its retries (the caller records the trial as crashed, for the infrastructure)."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
@@ -211,12 +224,12 @@ def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx
         except Exception:
             if error.is_file():  # the training code raised: the same on every attempt
                 m = json.loads(error.read_text())
-                return m["status"], m["reason"], 0, {}, set()
+                return m["status"], m["reason"], 0, {}, set(), m.get("cause", "")
             if attempt == max_failures:
                 raise
     if not outcome.is_file():
-        raise RuntimeError(
+        raise FileNotFoundError(  # the storage's failure, not the training code's (crash cause: infrastructure)
             f"the worker group ended without writing {outcome} (is the trial folder on storage that every node sees?)"
         )
     m = json.loads(outcome.read_text())
-    return m["status"], m["reason"], int(m["step"]), m["metrics"], set(m["logged_at_last_step"])
+    return m["status"], m["reason"], int(m["step"]), m["metrics"], set(m["logged_at_last_step"]), ""

@@ -11,7 +11,7 @@ from pathlib import Path
 import pandas as pd
 
 from srdit import metric_registry
-from srdit.analysis.results import CURVE_COLUMNS, TABLE_BASE_COLUMNS, StudyResults
+from srdit.analysis.results import CRASH_CAUSE, CURVE_COLUMNS, TABLE_BASE_COLUMNS, StudyResults
 from srdit.runtime.reuse import REUSED_FROM, REUSED_FROM_STUDY
 from srdit.runtime.state import StudyState
 from srdit.runtime.tracking import StudyTracking, has_ended, retry
@@ -66,6 +66,8 @@ def load_results(
             "seed": int(tags.get("seed", -1)),
             "status": status,
             "status_reason": tags.get("status_reason", ""),
+            # why a crash happened (a run crashed before this tag existed has none: counted as the code's)
+            CRASH_CAUSE: tags.get(CRASH_CAUSE, "") if status == "crashed" else "",
         }
         row.update({f: int(tags.get(f"tech.{f}", 0)) for f in factors})
         if key in blocks:  # fold-over: the half (a run adopted from the folded study carries no block tag)

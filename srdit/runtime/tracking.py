@@ -24,6 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 
+from srdit.analysis.results import CRASH_CAUSE
 from srdit.config import flatten_dict
 
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables"
@@ -461,8 +462,13 @@ class ChildRun:
     def log_text(self, text: str, name: str) -> None:
         retry(self.client.log_text, self.run_id, text, name)
 
-    def finish(self, status: str, reason: str) -> None:
-        self.log_tags({"status": status, "status_reason": reason})
+    def finish(self, status: str, reason: str, cause: str = "") -> None:
+        """End the run with its outcome; a crashed run also records why (`cause`: CRASH_CAUSE, code or
+        infrastructure; a run crashed before the tag existed has none)."""
+        tags = {"status": status, "status_reason": reason}
+        if status == "crashed" and cause:
+            tags[CRASH_CAUSE] = cause
+        self.log_tags(tags)
         retry(self.client.set_terminated, self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
 
 

@@ -26,6 +26,7 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
+from srdit.analysis.results import CODE, INFRASTRUCTURE
 from srdit.config import ConfigError
 from srdit.runtime.jobs import (
     EvaluationJob,
@@ -89,6 +90,35 @@ def is_oom(e: BaseException | str) -> bool:
     """Out of memory: torch's OutOfMemoryError (CUDA), a MemoryError, or Ray's memory monitor killing the worker."""
     text = e if isinstance(e, str) else f"{type(e).__name__}: {e}"
     return "OutOfMemoryError" in text or "MemoryError" in text or "out of memory" in text.lower()
+
+
+_INFRASTRUCTURE_PACKAGES = ("mlflow", "sqlalchemy", "sqlite3", "ray")
+"Packages whose own exceptions are failures of what a trial runs on: the tracking store, Ray (a lost worker or node)."
+
+
+def crash_cause(e: BaseException) -> str:
+    """Why a trial crashed (`srdit.analysis.results.CRASH_CAUSE`): INFRASTRUCTURE when the exception, or one it
+    was raised from or while handling, is a failure of what the trial runs on: the operating system (OSError: a
+    missing or unreadable file, a full disk, a lost connection), the tracking store (mlflow, sqlalchemy, sqlite3),
+    Ray (a lost worker or node; not RayTaskError, which carries an application's exception) or the transport of a
+    data-parallel group (torch.distributed's DistError: a peer gone). Otherwise CODE: an exception the training code
+    raised with this config (a bug, a config that cannot work), which recurs when retried."""
+    seen: set[int] = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        mro = type(x).__mro__
+        if isinstance(x, OSError) or any(c.__name__ == "DistError" and c.__module__.startswith("torch") for c in mro):
+            return INFRASTRUCTURE
+        if type(x).__module__.split(".")[0] in _INFRASTRUCTURE_PACKAGES and "RayTaskError" not in {
+            c.__name__ for c in mro
+        }:
+            return INFRASTRUCTURE
+        stack += [x.__cause__, x.__context__]
+    return CODE
 
 
 def _one_line(e: BaseException) -> str:
@@ -205,7 +235,8 @@ def execute_trial(job: TrialJob, ctx: TrialContext, to_tune: bool = False) -> di
     """Train one trial into its folder under the state dir, logging to its MLflow child run.
 
     Returns {"status", "reason", "step", **final metrics}. Exceptions from training become status "crashed" (an
-    out-of-memory error: "oom"). The trial holds its key's lock (`trial_lock`) while it trains; a search sample
+    out-of-memory error: "oom"), the run tagged with the crash's cause (`crash_cause`: the training code's or the
+    infrastructure's). The trial holds its key's lock (`trial_lock`) while it trains; a search sample
     or a resumed trial whose key has meanwhile ended is answered from its run. Raises `JobMismatch` (before
     anything is recorded) when the job was planned for other code (`check_job`)."""
     check_job(job)
@@ -231,11 +262,14 @@ def _execute(job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
     reporter.on_report = occupancy.sample
     t0 = time.perf_counter()
     logged: set[str] = set()
+    cause = ""
     try:
         if ctx.workers > 1:  # rank 0 of a Ray Train group logs to the child run itself
             from srdit.runtime.data_parallel import train_data_parallel
 
-            status, reason, step, metrics, logged = train_data_parallel(cfg, out_dir, child.run_id, ctx, MAX_FAILURES)
+            status, reason, step, metrics, logged, cause = train_data_parallel(
+                cfg, out_dir, child.run_id, ctx, MAX_FAILURES
+            )
         else:
             from srdit.train import train
 
@@ -243,19 +277,14 @@ def _execute(job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
             status, reason, step, metrics = res.status, res.reason, res.step, dict(res.metrics)
             logged = set(reporter.at_last_step) if reporter.last_step == step else set()
     except Exception as e:  # a crash is a result; the study goes on
-        status, reason, step, metrics = "crashed", _one_line(e), reporter.last_step, {}
-        if is_oom(e):
-            status = "oom"
-        try:
-            child.log_text("".join(traceback.format_exception(e)), "traceback.txt")
-        except Exception:
-            pass
+        status, reason, cause = _crash(e, child)
+        step, metrics = reporter.last_step, {}
     wall = time.perf_counter() - t0
     occupancy.__exit__(None, None, None)
     final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     final["trials_on_host"] = float(occupancy.max_seen)
     child.log_metrics(step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
-    child.finish(status, reason)
+    child.finish(status, reason, cause)
     out = {
         "trial_key": job.key,
         "status": status,
@@ -281,14 +310,22 @@ TRAINING_GROUP_TAG = "training_group"
 
 
 def _finish_member(
-    job: TrialJob, child: ChildRun, reporter: TrialReporter, res, metrics: dict, wall: float, on_host: float
+    job: TrialJob,
+    child: ChildRun,
+    reporter: TrialReporter,
+    res,
+    metrics: dict,
+    wall: float,
+    on_host: float,
+    cause: str = "",
 ) -> dict:
-    """Log a member's final metrics (those not already logged at its last step) and end its run."""
+    """Log a member's final metrics (those not already logged at its last step) and end its run (`cause`: why it
+    crashed, when it did)."""
     final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     final["trials_on_host"] = on_host
     logged = set(reporter.at_last_step) if reporter.last_step == res.step else set()
     child.log_metrics(res.step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
-    child.finish(res.status, res.reason)
+    child.finish(res.status, res.reason, cause)
     return {
         "trial_key": job.key,
         "status": res.status,
@@ -300,12 +337,15 @@ def _finish_member(
     }
 
 
-def _crash(e: BaseException, child: ChildRun | None = None) -> tuple[str, str]:
-    status, reason = ("oom" if is_oom(e) else "crashed"), _one_line(e)
+def _crash(e: BaseException, child: ChildRun | None = None) -> tuple[str, str, str]:
+    """A training's exception as its outcome: (status oom or crashed, one-line reason, `crash_cause` of a crash,
+    else ""); the traceback goes to the child run."""
+    oom = is_oom(e)
+    status, reason, cause = ("oom" if oom else "crashed"), _one_line(e), ("" if oom else crash_cause(e))
     if child is not None:
         with contextlib.suppress(Exception):
             child.log_text("".join(traceback.format_exception(e)), "traceback.txt")
-    return status, reason
+    return status, reason, cause
 
 
 def evaluate_from(
@@ -339,6 +379,7 @@ def evaluate_from(
         child = open_child(job, ctx, tags)
         reporter = TrialReporter(child, False)
         t0 = time.perf_counter()
+        cause = ""
         try:
             cfg = job.config
             if Path(source).is_dir():
@@ -346,9 +387,9 @@ def evaluate_from(
             else:
                 res = evaluate_checkpoint(source, cfg, out_dir, reporter)
         except Exception as e:  # a failure is a result; the study goes on
-            status, reason = _crash(e, child)
+            status, reason, cause = _crash(e, child)
             res = TrainResult(status, reason, reporter.last_step, {})
-        return _finish_member(job, child, reporter, res, res.metrics, time.perf_counter() - t0, 1.0)
+        return _finish_member(job, child, reporter, res, res.metrics, time.perf_counter() - t0, 1.0, cause)
 
 
 def execute_group(job: Job, ctx: TrialContext, to_tune: bool = False) -> dict:
@@ -419,6 +460,7 @@ def _train_group(job: TrainingJob, lead: TrialJob, todo: list[TrialJob], ctx: Tr
     lead_rep.on_report = occupancy.sample
     t0 = time.perf_counter()
     res_of: list = []
+    cause = ""
     try:
         evals = [Evaluation(m.config, Path(ctx.trials_dir) / m.key, r) for m, r in zip(others, reps)]
         res = train(
@@ -433,13 +475,13 @@ def _train_group(job: TrainingJob, lead: TrialJob, todo: list[TrialJob], ctx: Tr
         metrics = [dict(res.metrics)] + [{**res.train_metrics, **e} for e in res.evaluations]
         res_of = [res] * len(todo)
     except Exception as e:  # the training crashed: every member's run records it
-        status, reason = _crash(e, lead_child)
+        status, reason, cause = _crash(e, lead_child)
         res_of = [TrainResult(status, reason, r.last_step, {}) for r in [lead_rep, *reps]]
         metrics = [{} for _ in res_of]
     wall = time.perf_counter() - t0
     occupancy.__exit__(None, None, None)
     outs = [
-        _finish_member(m, c, r, res, mx, wall, float(occupancy.max_seen))
+        _finish_member(m, c, r, res, mx, wall, float(occupancy.max_seen), cause)
         for m, c, r, res, mx in zip([lead, *others], [lead_child, *children], [lead_rep, *reps], res_of, metrics)
     ]
     if to_tune:
