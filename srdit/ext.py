@@ -53,7 +53,7 @@ if TYPE_CHECKING:
     import torch
 
 ENTRY_POINT_GROUP = "srdit.techniques"
-"Entry-point group of installed plugin packages (`[project.entry-points.\"srdit.techniques\"]`)."
+'Entry-point group of installed plugin packages (`[project.entry-points."srdit.techniques"]`).'
 
 HOOKS: dict[str, tuple[str, ...]] = {
     "build": ("cfg", "knobs"),

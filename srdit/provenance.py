@@ -8,7 +8,7 @@ import functools
 import hashlib
 import platform
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -203,3 +203,18 @@ def plugin_versions(ext: Mapping[str, Mapping], stage: str | None = None) -> dic
         if stage is None or p.stage == stage:
             out[name] = plugin_code_version(p.source) if p.source else "module:" + p.origin
     return out
+
+
+def plugin_sources(names: Iterable[str]) -> list[dict[str, str]]:
+    """What a worker process needs to load the given plugins and to know it has their code: [{name, origin (the
+    file, folder or module the driver loaded), source (its code's file or folder), version (the code version that
+    entered the content keys: `plugin_versions`)}], in name order (`srdit.techniques.load_plugin_sources` reads
+    it back)."""
+    from srdit import ext
+
+    names = sorted(set(names))
+    versions = plugin_versions(dict.fromkeys(names, {}))
+    return [
+        {"name": n, "origin": ext.PLUGINS[n].origin, "source": ext.PLUGINS[n].source, "version": versions[n]}
+        for n in names
+    ]

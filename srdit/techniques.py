@@ -343,14 +343,8 @@ def load_installed_plugins() -> list[str]:
     return names
 
 
-def plugin_sources(names: Iterable[str]) -> list[dict[str, str]]:
-    """What a worker process needs to load the given plugins: [{name, origin (file, folder or module), stage}], in
-    name order (`load_plugin_sources` reads it back)."""
-    return [{"name": n, "origin": ext.PLUGINS[n].origin, "stage": ext.PLUGINS[n].stage} for n in sorted(set(names))]
-
-
 def load_plugin_sources(sources: Iterable[Mapping[str, str]]) -> None:
-    """Load the plugins a job carries (`plugin_sources`) in this process: the worker imports each from the
+    """Load the plugins a job carries (`srdit.provenance.plugin_sources`) in this process: the worker imports each from the
     location the driver loaded it from."""
     for s in sources:
         if s["name"] not in ext.PLUGINS:
