@@ -133,7 +133,7 @@ class LossContext:
     knobs the resolved knobs; gather(x [B, ...]) -> the global batch [world * B, ...] in global order, differentiable
     (each rank's gradient reaches its own rows, summed over ranks, so that after data parallel's gradient mean a
     cross-sample loss follows the one-process trajectory); roll(x [B, ...]) -> this rank's rows of the global batch
-    rolled by one (x_{j-1}); world, rank: the data-parallel layout (1, 0 in one process)."""
+    rolled by one (x_{j-1})."""
 
     x0: torch.Tensor
     y: torch.Tensor
@@ -148,8 +148,6 @@ class LossContext:
     knobs: Any
     gather: Callable[[torch.Tensor], torch.Tensor]
     roll: Callable[[torch.Tensor], torch.Tensor]
-    world: int = 1
-    rank: int = 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
