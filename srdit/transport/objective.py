@@ -194,6 +194,9 @@ def _plugin_terms(model, aux, cfg, x0, y, t, eps, pred, target, teacher_out, rol
                 f"expected its declared terms {sorted(plugin.terms)}"
             )
         for term, value in out.items():
+            if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"plugin {plugin.name}: loss term {term} is {shape}; expected a scalar tensor")
             terms[term] = value
             weights[term] = float(getattr(knobs, plugin.terms[term]))
     return terms, weights

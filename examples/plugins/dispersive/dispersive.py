@@ -27,10 +27,12 @@ def taps(cfg, knobs):
 
 def loss(ctx: LossContext):
     """{"dispersive": L_disp} over the global batch: taps[depth] [B, T, D] -> a scalar."""
-    z = ctx.gather(ctx.taps[ctx.knobs.depth].float().flatten(1))  # [N, T * D], N the global batch
+    # float64: the distances come from a Gram matrix, whose cancellation would otherwise amplify the round-off by
+    # which a rank's forward on its half of the batch differs from one process's on the whole batch.
+    z = ctx.gather(ctx.taps[ctx.knobs.depth].double().flatten(1))  # [N, T * D], N the global batch
     sq = z.square().sum(1)  # [N]
     dist = (sq[:, None] + sq[None, :] - 2.0 * z @ z.T).clamp_min(0.0) / z.shape[1]  # [N, N]
-    return {"dispersive": log_mean_exp_neg(dist / ctx.knobs.temperature)}
+    return {"dispersive": log_mean_exp_neg(dist / ctx.knobs.temperature).float()}
 
 
 dispersive = Plugin(
