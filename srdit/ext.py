@@ -45,12 +45,12 @@ import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from srdit.config import EXTENSIONS, RANGE, ConfigError, Range, from_dict
 
-if TYPE_CHECKING:
-    import torch
+Tensor = Any
+"A Tensor (torch is not imported here: the config layer stays free of it)."
 
 ENTRY_POINT_GROUP = "srdit.techniques"
 'Entry-point group of installed plugin packages (`[project.entry-points."srdit.techniques"]`).'
@@ -135,19 +135,19 @@ class LossContext:
     cross-sample loss follows the one-process trajectory); roll(x [B, ...]) -> this rank's rows of the global batch
     rolled by one (x_{j-1})."""
 
-    x0: torch.Tensor
-    y: torch.Tensor
-    t: torch.Tensor
-    noise: torch.Tensor
-    pred: torch.Tensor
-    target: torch.Tensor
+    x0: Tensor
+    y: Tensor
+    t: Tensor
+    noise: Tensor
+    pred: Tensor
+    target: Tensor
     teacher: tuple | None
-    taps: dict[int, torch.Tensor]
+    taps: dict[int, Tensor]
     outputs: Any
     module: Any
     knobs: Any
-    gather: Callable[[torch.Tensor], torch.Tensor]
-    roll: Callable[[torch.Tensor], torch.Tensor]
+    gather: Callable[[Tensor], Tensor]
+    roll: Callable[[Tensor], Tensor]
 
 
 # ----------------------------------------------------------------------------------------------------------------

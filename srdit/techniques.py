@@ -513,8 +513,8 @@ def run_config_from_dict(
     for section, sub in data.items():
         if section not in tree and section != "ext":
             raise ConfigError(
-                f"{at(section)}: unknown key; allowed keys{' in ' + where if where else ''}: plugins, preset, "
-                f"techniques, {', '.join(tree)}, ext"
+                f"{at(section)}: unknown key; allowed keys{' in ' + where if where else ''}: preset, "
+                f"techniques, {', '.join(tree)}, plugins, ext"
             )
         if section == "ext":
             tree.setdefault("ext", {})

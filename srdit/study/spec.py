@@ -52,7 +52,6 @@ from srdit.techniques import (
 STUDY_KEYS = (
     "name",
     "description",
-    "plugins",
     "base",
     "techniques",
     "design",
@@ -62,6 +61,7 @@ STUDY_KEYS = (
     "resources",
     "tracking",
     "checkpoint",
+    "plugins",
 )
 DESIGN_KINDS = ("full_factorial", "fractional_factorial", "ladder", "leave_one_out", "search", "foldover")
 DESIGN_KEYS = {
