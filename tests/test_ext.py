@@ -454,3 +454,78 @@ def test_the_gathered_batch_gives_each_rank_the_one_process_gradient(tmp_path):
     assert set(two) == set(one)
     for k in one:
         assert ((two[k] - one[k]).norm() / one[k].norm()).item() < 1e-5, k
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a study on a real local Ray
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _study(folder: Path, name: str, techniques: list[str], plugins: list[str] | None) -> Path:
+    import yaml
+
+    data = {
+        "name": name,
+        **({"plugins": plugins} if plugins else {}),
+        "base": {
+            "train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 4},
+            "eval": {"n_samples": 20, "batch_size": 20},
+            "sample": {"sampler": "euler", "steps": 2},
+        },
+        "techniques": techniques,
+        "seeds": [0],
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_a_study_with_the_plugin_runs_on_ray_and_its_off_cells_equal_a_study_without_it(tmp_path, ray_local):
+    """The plugin is listed relative to the study YAML and reaches the Ray trial workers (they load it from where
+    the driver did); the off cells have the keys and train the weights of the same cells in a study that does not
+    list the plugin, which therefore adopts them from the first study."""
+    from mlflow import MlflowClient
+
+    from srdit.runtime.driver import run_study
+    from srdit.study.spec import load_study
+    from srdit.train import load_checkpoint
+
+    shutil.copytree(EXAMPLE, tmp_path / "plugins")
+    spec = load_study(_study(tmp_path / "plugins", "with_plugin", ["dispersive", "repa"], ["dispersive.py"]))
+    state = tmp_path / "state"
+    res = run_study(spec, state)
+    assert res.complete and res.statuses == {"finished": 4}
+    client = MlflowClient(res.uri)
+    runs = {
+        r.data.tags["cell"]: r
+        for r in client.search_runs([client.get_experiment_by_name("with_plugin").experiment_id])
+        if r.data.tags.get("srdit.role") == "trial"
+    }
+    assert "loss/dispersive" in runs["11"].data.metrics and "loss/dispersive" not in runs["01"].data.metrics
+    assert (
+        runs["10"].data.params["ext.dispersive.weight"] == "0.5"
+        and "ext.dispersive.weight" not in runs["01"].data.params
+    )
+
+    ext.PLUGINS.pop("dispersive")  # a fresh study that never heard of the plugin
+    EXTENSIONS.pop("dispersive")
+    plain = load_study(_study(tmp_path, "without_plugin", ["repa"], None))
+    again = run_study(plain, state)  # adopts both cells (same run keys)
+    assert again.complete and again.reused == 2
+    fresh = run_study(plain, tmp_path / "state2")  # trains them anew
+    assert fresh.complete and fresh.ran == 2
+    client2 = MlflowClient(fresh.uri)
+    for r in client2.search_runs([client2.get_experiment_by_name("without_plugin").experiment_id]):
+        if r.data.tags.get("srdit.role") != "trial":
+            continue
+        cell = "0" + r.data.tags["cell"]
+        src = runs[cell]
+        assert r.data.tags["training_key"] == src.data.tags["training_key"]
+        assert r.data.tags["run_key"] == src.data.tags["run_key"]
+        a = load_checkpoint(Path(src.data.tags["trial_dir"]) / "checkpoints/last.pt")
+        b = load_checkpoint(Path(r.data.tags["trial_dir"]) / "checkpoints/last.pt")
+        assert (
+            all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+            and a["model"].keys() == b["model"].keys()
+        )
