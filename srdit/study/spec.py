@@ -242,7 +242,9 @@ class StudySpec:
     path: str = ""
     checkpoint: str | None = None
     plugins: tuple[str, ...] = ()
-    "`plugins:` (optional): names of the plugin techniques the study loaded (`srdit.techniques.load_plugins`)."
+    """`plugins:` (optional): plugin techniques to load before the rest is read: module names, or `.py` files /
+    package folders relative to the study YAML (see Add your own technique); each plugin's technique is then a
+    factor by its name, with its knobs. Parsed: the names of the plugins the study uses."""
     """A fixed checkpoint (a `srdit train` checkpoint or `srdit convert` output) that every cell evaluates instead of
     training: only evaluation-time techniques may be factors, and a seed is the evaluation's (eval.seed)."""
 
