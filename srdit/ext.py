@@ -354,5 +354,6 @@ def installed_plugins() -> list[Plugin]:
         except Exception as e:
             raise ConfigError(f"entry point {ep.name} ({ep.value}): {type(e).__name__}: {e}") from None
         source = module_source(sys.modules.get(ep.module)) if ep.module in sys.modules else ""
-        out += [dataclasses.replace(p, origin=ep.value, source=source) for p in _plugins_in(obj, ep.value)]
+        # origin: the module, which a worker imports to load the plugin again
+        out += [dataclasses.replace(p, origin=ep.module, source=source) for p in _plugins_in(obj, ep.value)]
     return out

@@ -313,6 +313,7 @@ def load_plugins(entries: Any, relative_to: str | Path | None = None, where: str
     register each plugin (`srdit.ext.register`); returns the names loaded. One-line ConfigError naming the entry
     for a missing file, an import error (the plugin's own file:line), a name that clashes with a built-in
     technique, a bad declaration (`srdit.ext.check_plugin`)."""
+    load_installed_plugins()
     if entries is None:
         return []
     if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
@@ -334,7 +335,9 @@ def load_plugins(entries: Any, relative_to: str | Path | None = None, where: str
 
 
 def load_installed_plugins() -> list[str]:
-    """Register the plugins of installed packages (entry-point group `srdit.ext.ENTRY_POINT_GROUP`); their names."""
+    """Register the plugins of installed packages (entry-point group `srdit.ext.ENTRY_POINT_GROUP`); their names.
+    Every YAML that lists `plugins:` (and `srdit techniques`) loads them too, so an installed plugin's technique can
+    be named without listing it; installing one changes no other config (a plugin that is off is absent)."""
     names = []
     for p in ext.installed_plugins():
         if p.name in TECHNIQUES:

@@ -529,3 +529,22 @@ def test_a_study_with_the_plugin_runs_on_ray_and_its_off_cells_equal_a_study_wit
             all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
             and a["model"].keys() == b["model"].keys()
         )
+
+
+def test_an_installed_package_s_plugin_is_found_by_its_entry_point(tmp_path, monkeypatch, capsys):
+    """A distribution on the path that declares `[srdit.techniques]` in its entry points: its plugin is a
+    technique by name, listed by `srdit techniques` with its module."""
+    from srdit.commands import main
+
+    _write(tmp_path / "site" / "toy_pkg.py", GOOD)
+    info = tmp_path / "site" / "toy_pkg-0.1.dist-info"
+    _write(info / "METADATA", "Metadata-Version: 2.1\nName: toy-pkg\nVersion: 0.1\n")
+    _write(info / "entry_points.txt", "[srdit.techniques]\ntoy = toy_pkg:toy\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert main(["techniques", "--json"]) == 0
+    listed = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
+    assert listed["toy"]["plugin"]["origin"] == "toy_pkg" and listed["toy"]["code"] == [
+        str(tmp_path / "site" / "toy_pkg.py")
+    ]
+    cfg = with_techniques(RunConfig(), ["toy"])
+    assert to_dict(cfg)["ext"] == {"toy": {"w": 0.5, "depth": 1}}
