@@ -216,9 +216,7 @@ def check_plugin(p: Any) -> Plugin:
             raise ConfigError(f"plugin {p.name}: loss term {term} is weighed by unknown knob {knob!r}")
     if p.terms and "loss" not in p.hooks:
         raise ConfigError(f"plugin {p.name}: declares loss terms but no loss hook")
-    fields = [_knob_field(p.name, k, kn) for k, kn in p.knobs.items()]
-    cls = dataclasses.make_dataclass(f"{p.name}_knobs", fields, frozen=True)
-    from_dict(cls, p.defaults(), f"plugin {p.name}: knob")  # the defaults obey their own rules
+    from_dict(knob_class(p), p.defaults(), f"plugin {p.name}: knob")  # the defaults obey their own rules
     return p
 
 

@@ -742,10 +742,10 @@ def study_from_dict(data: Any, path: str | Path = "<dict>") -> StudySpec:
     description = data.get("description", "") or ""
     _str(description, "description")
     rel = Path(path).parent if str(path) != "<dict>" else None
+    plugins = tuple(load_plugins(data.get("plugins"), rel))
     design_in = {"kind": "foldover"} if data.get("design") == "foldover" else data.get("design")
     if isinstance(design_in, Mapping) and design_in.get("kind") == "foldover":
         return _foldover_from_dict({**data, "design": design_in}, name, description, path, rel)
-    plugins = tuple(load_plugins(data.get("plugins"), rel))
     base, base_dict = parse_base(data.get("base"), relative_to=rel)
     if "techniques" not in data:
         raise ConfigError(
