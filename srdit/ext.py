@@ -21,8 +21,9 @@ rank's share of the global batch):
 - `build(cfg, knobs) -> nn.Module | None`: the plugin's own modules and parameters, created with their own init
   *after* the backbone's (so the backbone's weights equal the plain model's), optimised, EMA'd and checkpointed with
   the model (state-dict prefix `ext.<name>.`). `cfg` is the `ModelConfig`; the width is `srdit.config.SIZES[
-  cfg.size][1]`. Inside the model's forward (training only) the module is called on the plugin's taps
-  (`{block: [B, T, D]}`) and its output reaches the loss as `LossContext.outputs`.
+  cfg.size][1]`. When the plugin taps blocks, the model calls the module inside its forward (training only) on
+  the taps (`{block: [B, T, D]}`) and its output reaches the loss as `LossContext.outputs`; the loss also gets the
+  module itself (`LossContext.module`).
 - `taps(cfg, knobs) -> iterable of int`: the blocks whose output the plugin reads: i in 1..depth is the hidden state
   [B, T, D] after block i (i blocks run). Training only. Inside SPRINT's sparse middle, T is the kept tokens K.
 - `loss(ctx: LossContext) -> {term: scalar tensor}`: unweighted loss terms, each declared in `terms`; the trainer

@@ -75,7 +75,8 @@ class SiT(nn.Module):
     - REPA (`self.repa`, arXiv:2410.06940): projects the hidden tokens after block `repa.depth` (training only);
     - REG (`self.reg`, arXiv:2507.01467): the noised teacher class token enters as token 0 and gets its own
       velocity head;
-    - RoPE, QK-norm, value residual: inside `Attention`; RMSNorm and the MLP kind: in the blocks."""
+    - RoPE, QK-norm, value residual: inside `Attention`; RMSNorm and the MLP kind: in the blocks;
+    - plugin techniques (`srdit.ext`, the `ext` argument): their modules (`self.ext`) and taps after blocks."""
 
     def __init__(self, cfg: ModelConfig, ext: Mapping[str, Mapping[str, Any]] | None = None):
         super().__init__()
@@ -122,8 +123,8 @@ class SiT(nn.Module):
                     raise ValueError(f"ext.{plugin.name}: taps block {i}, outside 1..{self.depth} (the model depth)")
                 self.tap_at.setdefault(int(i), []).append(plugin.name)
         self.ext = nn.ModuleDict(modules) if modules else None
-        self.ext_taps = {p.name: sorted(i for i, ns in self.tap_at.items() if p.name in ns) for p, _ in on}
-        self.ext_taps = {n: blocks for n, blocks in self.ext_taps.items() if blocks}
+        tapping = {name for names in self.tap_at.values() for name in names}
+        self.ext_taps = {n: sorted(i for i, ns in self.tap_at.items() if n in ns) for n in sorted(tapping)}
 
     # ------------------------------------------------------------------------------------------------------------
     def initialize(self) -> None:
