@@ -72,6 +72,10 @@ class Range:
 
 RANGE = "srdit.range"
 PATTERN = "srdit.pattern"
+CONVERT = "srdit.convert"
+"Field metadata: a converter (value, path) -> value that replaces the type-driven one (the `ext` section)."
+OMIT_EMPTY = "srdit.omit_empty"
+"Field metadata: `to_dict` leaves the field out while it is empty (so a config without plugins serialises as before)."
 FINITE = Range()
 "The rule of a float field that states no range: any finite number."
 
@@ -385,11 +389,19 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     techniques: tuple[str, ...] = ()
     "Names of the techniques applied on top of the base (a record; the diffs are already in the fields)."
+    ext: Mapping[str, Mapping[str, Any]] = field(
+        default_factory=dict, metadata={CONVERT: lambda v, p: convert_ext(v, p), OMIT_EMPTY: True}
+    )
+    """Plugin techniques that are on (`srdit.ext`): plugin name -> {knob: value}, every knob of the plugin resolved.
+    A plugin that is off is absent, and an empty section is left out of the serialised config (`to_dict`), so a
+    config without plugins serialises, and is keyed, exactly as before plugins existed. Read-only by convention."""
 
     def validate(self) -> RunConfig:
         """Check every field's own rule (`check_fields`) and the cross-field rules; raise ConfigError saying what to
         change. Returns self."""
         check_fields(self)
+        if self.ext:
+            convert_ext(self.ext, "ext")  # knob rules of a config built in code
         m = self.model
         if m.size not in SIZES:
             raise ConfigError(f"model.size: unknown size {m.size!r}; allowed: {', '.join(SIZES)}")
@@ -467,6 +479,35 @@ class RunConfig:
             return float(tr.shift)
         m = self.model
         return math.sqrt(m.in_channels * m.input_size * m.input_size / tr.shift_base)
+
+
+EXTENSIONS: dict[str, type] = {}
+"""Plugin name -> the frozen dataclass of its knobs (fields made with `ranged` / Literal choices), for the plugins
+loaded in this process. Filled by `srdit.ext` when it loads a plugin; read here to check `ext.<name>.<knob>`."""
+
+
+def convert_ext(value: Any, path: str = "ext") -> dict[str, dict[str, Any]]:
+    """The `ext` section checked strictly: every name a loaded plugin (`EXTENSIONS`), every knob known and within
+    its rule (the same loader as the built-in sections: `from_dict`). Returns {name: {knob: value}} with every knob
+    of each plugin resolved (defaults filled in), names sorted. Raises ConfigError naming the key."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{path}: expected a mapping of plugin name -> {{knob: value}}, got {value!r}")
+    out = {}
+    for name in sorted(value, key=str):
+        where = f"{path}.{name}"
+        if name not in EXTENSIONS:
+            loaded = ", ".join(sorted(EXTENSIONS)) or "none"
+            raise ConfigError(
+                f"{where}: unknown plugin technique; loaded plugins: {loaded} (list its module or file under "
+                f"`plugins:` in the run or study YAML)"
+            )
+        knobs = value[name] if value[name] is not None else {}
+        if dataclasses.is_dataclass(knobs):
+            knobs = to_dict(knobs)
+        if not isinstance(knobs, Mapping):
+            raise ConfigError(f"{where}: expected a mapping of knob -> value, got {knobs!r}")
+        out[name] = to_dict(from_dict(EXTENSIONS[name], knobs, where))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -562,7 +603,8 @@ def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
         where = f"{path}.{key}" if path else str(key)
         if not isinstance(key, str) or key not in fields:
             raise ConfigError(f"{where}: unknown key; allowed keys{' in ' + path if path else ''}: {', '.join(fields)}")
-        kwargs[key] = _convert(hints[key], value, where)
+        convert = fields[key].metadata.get(CONVERT)
+        kwargs[key] = convert(value, where) if convert else _convert(hints[key], value, where)
         check_field(fields[key], kwargs[key], where)
     return cls(**kwargs)
 
@@ -570,7 +612,13 @@ def from_dict(cls: type, data: Mapping[str, Any], path: str = "") -> Any:
 def to_dict(obj: Any) -> Any:
     """Plain YAML-able structure (tuples become lists)."""
     if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        return {
+            f.name: to_dict(getattr(obj, f.name))
+            for f in dataclasses.fields(obj)
+            if not (f.metadata.get(OMIT_EMPTY) and not getattr(obj, f.name))
+        }
+    if isinstance(obj, Mapping):
+        return {k: to_dict(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     return obj
@@ -786,6 +834,10 @@ def convert_value(key: str, value: Any) -> Any:
     is unknown or the value does not convert."""
     cls: Any = RunConfig
     parts = key.split(".")
+    if parts[0] == "ext":  # a plugin's knob: ext.<name>.<knob>
+        if len(parts) != 3 or parts[1] not in EXTENSIONS:
+            raise ConfigError(f"{key}: unknown config key")
+        cls, parts = EXTENSIONS[parts[1]], parts[2:]
     for i, name in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
         if name not in fields:

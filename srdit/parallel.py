@@ -62,6 +62,16 @@ class DataParallel:
             out[0] = lasts[(self.rank - 1) % self.world][0]
         return out
 
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The global batch [world * B, ...] (rank order, the one-process order) from every rank's x [B, ...],
+        differentiable: each rank's loss on the global batch sends its gradient to every rank's rows, and each rank
+        receives the sum over ranks for its own rows. With the gradient mean over ranks that data parallel applies,
+        a loss that couples samples across ranks (a plugin's `LossContext.gather`) gets the one-process gradient.
+        One process: x itself."""
+        if not self.active:
+            return x
+        return _AllGather.apply(x, self.world, self.rank)
+
     def sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum over ranks (a copy; `values` itself is left alone)."""
         if self.active:
@@ -101,6 +111,23 @@ class DataParallel:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+
+class _AllGather(torch.autograd.Function):
+    """all_gather forward; backward: all-reduce (sum) of the incoming gradient, this rank's rows kept."""
+
+    @staticmethod
+    def forward(ctx, x, world, rank):
+        ctx.rank, ctx.n = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n], None, None
 
 
 def init_from_env(device_type: str) -> DataParallel:

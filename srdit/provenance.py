@@ -8,6 +8,7 @@ import functools
 import hashlib
 import platform
 import subprocess
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -128,3 +129,92 @@ def training_code_version() -> str:
 def evaluation_code_version() -> str:
     """`code_version` of `EVALUATION_CODE`: a part of every run's content key (`srdit.runtime.reuse`)."""
     return code_version(EVALUATION_CODE)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plugin techniques (`srdit.ext`): the code each one runs
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _local_imports(file: Path, root: Path) -> list[Path]:
+    """The files under `root` that `file` imports (absolute imports resolved from `root`, relative ones from the
+    file's folder)."""
+    try:
+        tree = ast.parse(file.read_text(encoding="utf-8"), str(file))
+    except (OSError, SyntaxError):
+        return []
+    names: list[tuple[Path, str]] = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [(root, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = root
+            if node.level:
+                base = file.parent
+                for _ in range(node.level - 1):
+                    base = base.parent
+            mod = node.module or ""
+            names += [(base, mod)] + [(base, f"{mod}.{a.name}" if mod else a.name) for a in node.names]
+    out = []
+    for base, dotted in names:
+        if dotted:
+            rel = Path(*dotted.split("."))
+            out += [c.resolve() for c in (base / rel.with_suffix(".py"), base / rel / "__init__.py") if c.is_file()]
+    return out
+
+
+def plugin_files(source: str | Path) -> list[Path]:
+    """The files a plugin's code version covers: its file (or every .py of its package folder) and, transitively,
+    the modules it imports from its own folder."""
+    src = Path(source).resolve()
+    root = src if src.is_dir() else src.parent
+    todo = sorted(src.rglob("*.py")) if src.is_dir() else [src]
+    seen: set[Path] = set()
+    while todo:
+        f = todo.pop()
+        if f not in seen:
+            seen.add(f)
+            todo += [g for g in _local_imports(f, root) if g not in seen]
+    return sorted(seen)
+
+
+def plugin_code_version(source: str | Path) -> str:
+    """A 16-hex-digit version of a plugin's code (`plugin_files`, relative names and `source_digest`s): a code
+    change, in the plugin or in a module it imports from its own folder, changes it; a comment or docstring edit
+    does not. Not cached: a study reads it once per plan, and an edited plugin must be seen."""
+    src = Path(source).resolve()
+    root = src if src.is_dir() else src.parent
+    h = hashlib.sha256()
+    for f in plugin_files(src):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(source_digest(f.read_text(encoding="utf-8"), str(f)).encode() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def plugin_versions(ext: Mapping[str, Mapping], stage: str | None = None) -> dict[str, str]:
+    """Plugin name -> `plugin_code_version` of each plugin on in a config's `ext` section (of one `stage` only,
+    "train" or "eval", when given); a plugin loaded from an installed module without a source file is versioned by
+    its module name."""
+    from srdit.ext import PLUGINS
+
+    out = {}
+    for name in sorted(ext):
+        p = PLUGINS[name]
+        if stage is None or p.stage == stage:
+            out[name] = plugin_code_version(p.source) if p.source else "module:" + p.origin
+    return out
+
+
+def plugin_sources(names: Iterable[str]) -> list[dict[str, str]]:
+    """What a worker process needs to load the given plugins and to know it has their code: [{name, origin (the
+    file, folder or module the driver loaded), source (its code's file or folder), version (the code version that
+    entered the content keys: `plugin_versions`)}], in name order (`srdit.techniques.load_plugin_sources` reads
+    it back)."""
+    from srdit import ext
+
+    names = sorted(set(names))
+    versions = plugin_versions(dict.fromkeys(names, {}))
+    return [
+        {"name": n, "origin": ext.PLUGINS[n].origin, "source": ext.PLUGINS[n].source, "version": versions[n]}
+        for n in names
+    ]

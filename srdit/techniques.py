@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from srdit import ext
 from srdit.config import (
     ConfigError,
     DataConfig,
@@ -94,8 +95,12 @@ sample count, metric references): a change there needs no new training."""
 
 
 def key_stage(key: str) -> str:
-    """ "eval" for a dotted config key in an evaluation-time section (`EVAL_SECTIONS`), else "train"."""
-    return "eval" if key.split(".", 1)[0] in EVAL_SECTIONS else "train"
+    """ "eval" for a dotted config key in an evaluation-time section (`EVAL_SECTIONS`) or of an evaluation-time
+    plugin (`ext.<name>.<knob>`), else "train"."""
+    head, _, rest = key.partition(".")
+    if head == "ext" and rest.split(".", 1)[0] in ext.PLUGINS:
+        return ext.PLUGINS[rest.split(".", 1)[0]].stage
+    return "eval" if head in EVAL_SECTIONS else "train"
 
 
 def diff_stage(diff: Mapping[str, Any]) -> str:
@@ -117,7 +122,15 @@ def training_config(config: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in config.items() if k not in EVAL_SECTIONS}
     if "techniques" in out:
         out["techniques"] = [t for t in out["techniques"] if t not in TECHNIQUES or TECHNIQUES[t].stage == "train"]
+    if "ext" in out:
+        kept = {n: v for n, v in out["ext"].items() if n not in ext.PLUGINS or ext.PLUGINS[n].stage == "train"}
+        out = {k: v for k, v in out.items() if k != "ext"} | ({"ext": kept} if kept else {})
     return out
+
+
+def evaluation_plugins(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The evaluation-time plugins of a resolved config's `ext` section (what `training_config` leaves out)."""
+    return {n: v for n, v in config.get("ext", {}).items() if n in ext.PLUGINS and ext.PLUGINS[n].stage == "eval"}
 
 
 _SRDIT = "Speedrunning ImageNet Diffusion (SR-DiT), arXiv:2512.12386"
@@ -262,10 +275,83 @@ SRDIT_STACK = (
 
 
 def technique(name: str) -> Technique:
-    """The registry entry of `name`; ConfigError listing the allowed names when unknown."""
+    """The registry entry of `name` (a built-in or a loaded plugin, `plugin_technique`); ConfigError listing the
+    allowed names when unknown."""
+    if isinstance(name, str) and name in ext.PLUGINS:
+        return plugin_technique(ext.PLUGINS[name])
     if not isinstance(name, str) or name not in TECHNIQUES:
-        raise ConfigError(f"unknown technique {name!r}; allowed: {', '.join(TECHNIQUES)}")
+        raise ConfigError(f"unknown technique {name!r}; allowed: {', '.join(known_techniques())}")
     return TECHNIQUES[name]
+
+
+def known_techniques() -> list[str]:
+    """Built-in names, then the loaded plugins'."""
+    return [*TECHNIQUES, *ext.PLUGINS]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plugin techniques (`srdit.ext`)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def plugin_technique(p: ext.Plugin) -> Technique:
+    """A loaded plugin as a Technique: its diff writes every knob's default under `ext.<name>` (so the plugin is on
+    exactly when its `ext` entry exists), its knobs are `ext.<name>.<knob>`, its code is where it lives."""
+    return Technique(
+        p.name,
+        p.description,
+        p.paper,
+        {k: p.knobs[n].default for n, k in p.knob_keys.items()} or {f"ext.{p.name}": {}},
+        p.knob_keys,
+        code=(p.where(),),
+        stage=p.stage,
+    )
+
+
+def load_plugins(entries: Any, relative_to: str | Path | None = None, where: str = "plugins") -> list[str]:
+    """Load a YAML's `plugins:` list (module names, or .py files / package folders relative to `relative_to`) and
+    register each plugin (`srdit.ext.register`); returns the names loaded. One-line ConfigError naming the entry
+    for a missing file, an import error (the plugin's own file:line), a name that clashes with a built-in
+    technique, a bad declaration (`srdit.ext.check_plugin`)."""
+    load_installed_plugins()
+    if entries is None:
+        return []
+    if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+        raise ConfigError(f"{where}: expected a list of module names or .py files / package folders, got {entries!r}")
+    rel = Path(relative_to) if relative_to is not None else None
+    names: list[str] = []
+    for i, entry in enumerate(entries):
+        try:
+            for p in ext.import_plugins(entry, rel):
+                if p.name in TECHNIQUES:
+                    raise ConfigError(
+                        f"plugin {p.name} ({p.where()}): the name is a built-in technique; give the plugin another name"
+                    )
+                ext.register(p)
+                names.append(p.name)
+        except ConfigError as e:
+            raise ConfigError(f"{where}[{i}]: {e}") from None
+    return names
+
+
+def load_installed_plugins() -> list[str]:
+    """Register the plugins of installed packages (entry-point group `srdit.ext.ENTRY_POINT_GROUP`); their names.
+    Every YAML that lists `plugins:` (and `srdit techniques`) loads them too, so an installed plugin's technique can
+    be named without listing it; installing one changes no other config (a plugin that is off is absent)."""
+    names = []
+    for p in ext.installed_plugins():
+        if p.name in TECHNIQUES:
+            raise ConfigError(f"entry point {p.origin}: plugin {p.name}: the name is a built-in technique")
+        names.append(ext.register(p).name)
+    return names
+
+
+def load_plugin_sources(sources: Iterable[Mapping[str, str]]) -> None:
+    """Load the plugins a job carries (`srdit.provenance.plugin_sources`) in this process: the worker imports each from the
+    location the driver loaded it from."""
+    for s in sources:
+        if s["name"] not in ext.PLUGINS:
+            load_plugins([s["origin"]], where=f"plugin {s['name']}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -355,7 +441,7 @@ def with_techniques(
     Registry techniques are appended to `RunConfig.techniques`; a study's custom diffs are not."""
     diff = {**merge_diffs(techniques, knobs, wins, searched, off), **(extra or {})}
     names = tuple(t if isinstance(t, str) else t.name for t in techniques)
-    recorded = tuple(n for n, t in zip(names, techniques) if isinstance(t, str) or t.builtin)
+    recorded = tuple(n for n, t in zip(names, techniques) if (t in TECHNIQUES if isinstance(t, str) else t.builtin))
     return dataclasses.replace(apply_diff(base, diff), techniques=tuple(base.techniques) + recorded).validate()
 
 
@@ -398,15 +484,19 @@ def preset(name: str) -> RunConfig:
     raise ConfigError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)}")
 
 
-def run_config_from_dict(data: Mapping[str, Any], where: str = "", validate: bool = True) -> RunConfig:
-    """A run config from the mapping of a run YAML (or a study's `base:`): `preset` (default digits), `techniques`
-    (registry names), then sections (model, train, ...) written key by key over the preset. `where` is the YAML
-    path of the mapping and prefixes every error (`base.train.steps: ...`)."""
+def run_config_from_dict(
+    data: Mapping[str, Any], where: str = "", validate: bool = True, relative_to: str | Path | None = None
+) -> RunConfig:
+    """A run config from the mapping of a run YAML (or a study's `base:`): `plugins` (loaded first: `load_plugins`,
+    paths relative to `relative_to`), `preset` (default digits), `techniques` (registry or plugin names), then
+    sections (model, train, ..., `ext`) written key by key over the preset. `where` is the YAML path of the mapping
+    and prefixes every error (`base.train.steps: ...`)."""
 
     def at(key: str) -> str:
         return f"{where}.{key}" if where else key
 
     data = dict(data)
+    load_plugins(data.pop("plugins", None), relative_to, at("plugins"))
     name = data.pop("preset", "digits")
     if not isinstance(name, str):
         raise ConfigError(f"{at('preset')}: expected a string; allowed: {', '.join(PRESETS)}")
@@ -416,7 +506,7 @@ def run_config_from_dict(data: Mapping[str, Any], where: str = "", validate: boo
         raise ConfigError(f"{at('preset')}: {e}") from None
     techniques = data.pop("techniques", [])
     if not isinstance(techniques, list) or not all(isinstance(t, str) for t in techniques):
-        raise ConfigError(f"{at('techniques')}: expected a list of names; allowed: {', '.join(TECHNIQUES)}")
+        raise ConfigError(f"{at('techniques')}: expected a list of names; allowed: {', '.join(known_techniques())}")
     for t in techniques:
         if t in cfg.techniques:
             raise ConfigError(f"{at('techniques')}: {t} is already on in preset {name}; remove it from the list")
@@ -424,11 +514,13 @@ def run_config_from_dict(data: Mapping[str, Any], where: str = "", validate: boo
             raise ConfigError(f"{at('techniques')}: {t} is listed twice")
     tree = to_dict(cfg)
     for section, sub in data.items():
-        if section not in tree:
+        if section not in tree and section != "ext":
             raise ConfigError(
                 f"{at(section)}: unknown key; allowed keys{' in ' + where if where else ''}: preset, "
-                f"techniques, {', '.join(tree)}"
+                f"techniques, {', '.join(tree)}, plugins, ext"
             )
+        if section == "ext":
+            tree.setdefault("ext", {})
         if isinstance(sub, Mapping) and isinstance(tree[section], dict):
             for k, v in flatten_dict(sub, section).items():
                 nested_update(tree, k, v)
@@ -457,7 +549,7 @@ def load_run_config(path: str | Path | None = None, overrides: list[str] | None 
     for key in ("preset", "techniques"):
         if key in diff:
             data = {**data, key: diff.pop(key)}
-    cfg = run_config_from_dict(data, validate=False)
+    cfg = run_config_from_dict(data, validate=False, relative_to=Path(path).parent if path is not None else None)
     if diff:
         cfg = apply_diff(cfg, diff)
     return cfg.validate()

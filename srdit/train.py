@@ -372,7 +372,17 @@ class TrainStep:
         """Train on this rank's batch as step `step` (1-based); returns the step's metrics (device scalars)."""
         cfg, tc = self.cfg, self.cfg.train
         noise = StepNoise.draw(cfg, self.model, x0.shape, self.shift, self.device, self.dp)
-        losses = training_losses(self.net, x0, y, teacher_out, cfg, noise, roll=self.dp.rolled, autocast=self.autocast)
+        losses = training_losses(
+            self.net,
+            x0,
+            y,
+            teacher_out,
+            cfg,
+            noise,
+            roll=self.dp.rolled,
+            autocast=self.autocast,
+            gather=self.dp.all_gather,
+        )
         loss = losses["loss"]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -483,7 +493,7 @@ def model_from_checkpoint(ckpt: dict, weights: str = "ema") -> tuple[torch.nn.Mo
     if isinstance(config.get("model"), dict) and "time_embed_scale" not in config["model"]:
         config = {**config, "model": {**config["model"], "time_embed_scale": 1000.0}}
     cfg = from_dict(RunConfig, config).validate()
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.ext)
     try:
         model.load_state_dict(ckpt[weights], strict=True)
     except RuntimeError as e:
@@ -576,7 +586,7 @@ def train(
 
     torch.manual_seed(tc.seed)
     data = make_batches(cfg, device, dp)
-    model = build_model(cfg.model).to(device)
+    model = build_model(cfg.model, cfg.ext).to(device)
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = make_optimizer(model, cfg, device)
     step = 0
@@ -919,7 +929,7 @@ def load_snapshot(run_dir: str | Path, step: int, cfg: RunConfig, device: torch.
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if int(ckpt["step"]) != step:
         raise ValueError(f"{path}: holds step {ckpt['step']}, not {step}")
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.ext)
     model.load_state_dict(ckpt["ema"], strict=True)
     return model.to(device).requires_grad_(False).eval()
 

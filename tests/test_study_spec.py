@@ -28,6 +28,7 @@ def test_schema_is_frozen():
         "resources",
         "tracking",
         "checkpoint",
+        "plugins",
     )
     assert S.DESIGN_KINDS == ("full_factorial", "fractional_factorial", "ladder", "leave_one_out", "search", "foldover")
     assert S.DESIGN_KEYS == {

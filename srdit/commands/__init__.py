@@ -55,7 +55,10 @@ COMMANDS: dict[str, Command] = {
         "models", "model_info_main", "model_info_parser", "parameters and GMACs of a model (e.g. SR-DiT-B/1, XL/2)"
     ),
     "techniques": Command(
-        "models", "techniques_main", "techniques_parser", "list the built-in techniques: diff, knobs, paper, code"
+        "models",
+        "techniques_main",
+        "techniques_parser",
+        "list the techniques (built-ins and plugins): diff, knobs, paper, code",
     ),
     "study": Command("study", "main", "study_parser", "plan | run | resume | status | bench a study YAML"),
     "analyze": Command("analyze", "main", "build_parser", "effects and synergy from a CSV"),

@@ -1,5 +1,5 @@
 """`srdit convert | model-info | techniques`: a reference checkpoint into an srdit one, a model's size and cost, the
-technique registry."""
+technique registry (built-ins and plugins)."""
 
 from __future__ import annotations
 
@@ -60,8 +60,14 @@ def cmd_model_info(args) -> int:
 
 
 def cmd_techniques(args) -> int:
-    from srdit.techniques import TECHNIQUES
+    from srdit import ext
+    from srdit.provenance import plugin_sources
+    from srdit.techniques import TECHNIQUES, load_installed_plugins, load_plugins, plugin_technique
 
+    load_installed_plugins()
+    load_plugins(args.plugins or None, ".", "--plugins")
+    plugins = {s["name"]: s for s in plugin_sources(ext.PLUGINS)}
+    listed = [*TECHNIQUES.values(), *(plugin_technique(p) for p in ext.PLUGINS.values())]
     if args.json:
         print(
             json.dumps(
@@ -74,14 +80,15 @@ def cmd_techniques(args) -> int:
                         "paper": t.paper,
                         "code": list(t.code),
                         "stage": t.stage,
+                        "plugin": plugins.get(t.name),
                     }
-                    for t in TECHNIQUES.values()
+                    for t in listed
                 ],
                 indent=1,
             )
         )
         return 0
-    for t in TECHNIQUES.values():
+    for t in listed:
         print(f"{t.name}: {t.description}")
         print(f"  diff:   {', '.join(f'{k}={json.dumps(v)}' for k, v in t.diff.items())}")
         print(f"  stage:  {'training' if t.stage == 'train' else 'evaluation only (shares the training of its cell)'}")
@@ -89,6 +96,9 @@ def cmd_techniques(args) -> int:
             print(f"  knobs:  {', '.join(f'{k} -> {v}' for k, v in t.knobs.items())}")
         print(f"  paper:  {t.paper}")
         print(f"  code:   {', '.join(t.code)}")
+        if t.name in plugins:
+            p = plugins[t.name]
+            print(f"  plugin: loaded from {p['origin']} (code version {p['version']})")
     return 0
 
 
@@ -128,6 +138,13 @@ def model_info_parser() -> argparse.ArgumentParser:
 def techniques_parser() -> argparse.ArgumentParser:
     tq = OneLineParser(prog="srdit techniques")
     tq.add_argument("--json", action="store_true", help="print a JSON list instead of text")
+    tq.add_argument(
+        "--plugins",
+        nargs="+",
+        metavar="PLUGIN",
+        help="plugin techniques to load and list too: module names, or .py files / package folders "
+        "(installed plugins, entry-point group srdit.techniques, are always listed)",
+    )
     return tq
 
 
@@ -150,5 +167,5 @@ def model_info_main(argv: list[str] | None = None) -> int:
 
 
 def techniques_main(argv: list[str] | None = None) -> int:
-    """`srdit techniques [--json]`; returns the exit code."""
+    """`srdit techniques [--json] [--plugins PLUGIN ...]`; returns the exit code."""
     return parse_and_run(techniques_parser(), cmd_techniques, argv)

@@ -6,15 +6,20 @@ Every technique is off by default and then absent (no parameters, no code path t
 bit-identical to a build without the switches.
 
 `forward` always returns `(prediction, aux)`; aux holds `repa` (projected tokens) and `reg` (class-token
-velocity) when those are on, and is empty otherwise.
+velocity) when those are on, `ext` (plugin techniques' taps and module outputs, training only) when a plugin with
+taps is on, and is empty otherwise.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from srdit.config import ModelConfig
+from srdit.ext import enabled
 from srdit.model.alignment import RegToken, RepaProjector
 from srdit.model.attention import Attention
 from srdit.model.layers import LabelEmbedder, Mlp, Rope2d, TimestepEmbedder, make_norm, modulate, sincos_2d
@@ -70,9 +75,10 @@ class SiT(nn.Module):
     - REPA (`self.repa`, arXiv:2410.06940): projects the hidden tokens after block `repa.depth` (training only);
     - REG (`self.reg`, arXiv:2507.01467): the noised teacher class token enters as token 0 and gets its own
       velocity head;
-    - RoPE, QK-norm, value residual: inside `Attention`; RMSNorm and the MLP kind: in the blocks."""
+    - RoPE, QK-norm, value residual: inside `Attention`; RMSNorm and the MLP kind: in the blocks;
+    - plugin techniques (`srdit.ext`, the `ext` argument): their modules (`self.ext`) and taps after blocks."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, ext: Mapping[str, Mapping[str, Any]] | None = None):
         super().__init__()
         self.cfg = cfg
         depth, dim, heads = SIZES[cfg.size]
@@ -95,6 +101,30 @@ class SiT(nn.Module):
         self.repa = RepaProjector(dim, cfg.repa.projector_dim, cfg.repa.teacher_dim) if cfg.repa.enabled else None
         self.final = FinalLayer(dim, p, cfg.in_channels, cfg.norm)
         self.initialize()
+        self._plugins(ext or {})
+
+    def _plugins(self, ext: Mapping[str, Mapping[str, Any]]) -> None:
+        """Plugin techniques that are on (`srdit.ext`, the run config's `ext` section): their modules, built after
+        the backbone's init with their own (state-dict prefix `ext.<name>.`), and the blocks they tap. Without
+        plugins nothing is added: no module, no attribute in the state dict, no branch taken in `forward`."""
+        self.tap_at: dict[int, list[str]] = {}  # block i (1-based: after i blocks) -> plugins that read it
+        self.ext_taps: dict[str, list[int]] = {}  # plugin -> the blocks it taps
+        self.ext = None
+        on = enabled(ext)
+        if not on:
+            return
+        modules = {}
+        for plugin, knobs in on:
+            build, taps = plugin.hook("build"), plugin.hook("taps")
+            if build is not None and (module := build(self.cfg, knobs)) is not None:
+                modules[plugin.name] = module
+            for i in sorted(set(taps(self.cfg, knobs))) if taps is not None else ():
+                if not 1 <= int(i) <= self.depth:
+                    raise ValueError(f"ext.{plugin.name}: taps block {i}, outside 1..{self.depth} (the model depth)")
+                self.tap_at.setdefault(int(i), []).append(plugin.name)
+        self.ext = nn.ModuleDict(modules) if modules else None
+        tapping = {name for names in self.tap_at.values() for name in names}
+        self.ext_taps = {n: sorted(i for i, ns in self.tap_at.items() if n in ns) for n in sorted(tapping)}
 
     # ------------------------------------------------------------------------------------------------------------
     def initialize(self) -> None:
@@ -138,6 +168,8 @@ class SiT(nn.Module):
                 v_first = v
             if self.repa is not None and i + 1 == repa_at and self.training:
                 aux["repa"] = self.repa(h)
+            if self.tap_at and i + 1 in self.tap_at and self.training:
+                aux.setdefault("taps", {})[i + 1] = h  # [B, T, D] (T = K inside SPRINT's sparse middle)
         return h, v_first
 
     def forward(self, x, t, y, cls_token=None, drop_sparse_path: bool | torch.Tensor = False, route_noise=None):
@@ -198,11 +230,23 @@ class SiT(nn.Module):
                 h = self.sprint.fuse_paths(h, g, None, False)  # [B, T, D]
             h, _ = self._run(indexed[self.depth - s.dense_out :], h, c, rope, v_first, repa_at, aux)  # [B, T, D]
 
+        if self.ext_taps and self.training:
+            aux["ext"] = self._ext_outputs(aux.pop("taps", {}))
         h = self.final(h, c)  # [B, T, D]
         if self.reg is not None:
             aux["reg"] = self.reg.head(h[:, 0])  # [B, reg.dim]
             h = h[:, 1:]  # [B, T - 1, D]
         return self.unpatchify(self.final.linear(h)), aux  # [B, T, p * p * C] -> [B, C, H, W]
+
+    def _ext_outputs(self, taps: dict[int, torch.Tensor]) -> dict[str, dict[str, Any]]:
+        """Plugin name -> {"taps": {block: [B, T, D]}, "outputs": its module on those taps (None without one)}: the
+        module runs inside forward, so data parallel's gradient hooks and torch.compile see it."""
+        out = {}
+        for name, blocks in self.ext_taps.items():
+            mine = {i: taps[i] for i in blocks if i in taps}
+            module = self.ext[name] if self.ext is not None and name in self.ext else None
+            out[name] = {"taps": mine, "outputs": module(mine) if module is not None else None}
+        return out
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, grid^2, p * p * C] -> [B, C, grid * p, grid * p]."""
@@ -211,5 +255,6 @@ class SiT(nn.Module):
         return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, g * p, g * p)
 
 
-def build_model(cfg: ModelConfig) -> SiT:
-    return SiT(cfg)
+def build_model(cfg: ModelConfig, ext: Mapping[str, Mapping[str, Any]] | None = None) -> SiT:
+    """The SiT of `cfg`, with the plugin techniques of a run config's `ext` section when given (`srdit.ext`)."""
+    return SiT(cfg, ext)

@@ -60,7 +60,7 @@ class _Cell:
         torch.manual_seed(cfg.train.seed)
         data = make_batches(cfg, device)
         self.batch = data.next()
-        model = build_model(cfg.model).to(device).train()
+        model = build_model(cfg.model, cfg.ext).to(device).train()
         ema = copy.deepcopy(model).requires_grad_(False).eval()
         self.train_step = TrainStep(cfg, model, ema, make_optimizer(model, cfg, device), device)  # the trainer's step
         self.batch_size = cfg.train.batch_size

@@ -95,8 +95,10 @@ def _worker_loop(loop: dict) -> None:
     import torch
 
     from srdit.runtime.tracking import ChildRun, TrialReporter
+    from srdit.techniques import load_plugin_sources
     from srdit.train import train
 
+    load_plugin_sources(loop.get("plugins", ()))
     torch.set_num_threads(loop["threads"])
     if loop["gpus"]:
         torch.cuda.set_device(ray.train.torch.get_device())
@@ -193,6 +195,7 @@ def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx
         "gpus": gpus,
         "workers": workers,
         "threads": max(1, int(math.floor(ctx.cpus))),
+        "plugins": ctx.plugins,
     }
     outcome, error = Path(out_dir) / OUTCOME, Path(out_dir) / WORKER_ERROR
     for attempt in range(max_failures + 1):

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from srdit.metric_registry import headline
+from srdit.provenance import plugin_sources
 from srdit.runtime.jobs import EvaluationJob, Job, TrainingJob, TrialJob, trial_job
 from srdit.runtime.state import StudyState
 from srdit.runtime.tracking import StudyTracking, has_ended, is_done
@@ -613,6 +614,7 @@ def _context(
         cwd=os.getcwd(),  # relative paths in the study are meant from here
         spec=spec if search else None,
         objectives=tuple(search_objectives(spec)) if search else (),
+        plugins=tuple(plugin_sources(spec.plugins)),
     )
 
 

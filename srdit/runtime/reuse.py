@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from srdit.techniques import EVAL_SECTIONS, training_config
+from srdit.techniques import EVAL_SECTIONS, evaluation_plugins, training_config
 
 TRAINING_KEY = "training_key"
 "Tag: the training's content key (equal keys train the same model)."
@@ -217,13 +217,22 @@ def _by_content(part: Mapping[str, Any], identities: Mapping[str, Any]) -> dict:
 def content_keys(config: Mapping[str, Any], cwd: str | os.PathLike = ".") -> dict[str, str]:
     """{TRAINING_KEY, RUN_KEY} of a resolved config (`srdit.config.to_dict` form; relative paths are meant from
     `cwd`). 20-hex-digit sha256 prefixes; see the module docstring for what each covers."""
-    from srdit.provenance import evaluation_code_version, training_code_version
+    from srdit.provenance import evaluation_code_version, plugin_versions, training_code_version
 
     identities = _identities(config, cwd)
     train = _by_content(training_config(config), identities)
-    training = _digest({"config": train, "data": data_fingerprint(config, cwd), "code": training_code_version()})
+    training_part = {"config": train, "data": data_fingerprint(config, cwd), "code": training_code_version()}
     evaluation = _by_content({s: config.get(s, {}) for s in EVAL_SECTIONS}, identities)
-    run = _digest({"training": training, "evaluation": evaluation, "code": evaluation_code_version()})
+    run_part = {"evaluation": evaluation, "code": evaluation_code_version()}
+    # Plugin techniques (`srdit.ext`) enter only the keys of the cells where they are on, by their code version;
+    # a config without plugins is keyed exactly as before plugins existed.
+    ext = config.get("ext", {})
+    if plugin_versions(ext, "train"):
+        training_part["plugins"] = plugin_versions(ext, "train")
+    if evaluation_plugins(config):
+        run_part |= {"ext": evaluation_plugins(config), "plugins": plugin_versions(ext, "eval")}
+    training = _digest(training_part)
+    run = _digest({"training": training, **run_part})
     return {TRAINING_KEY: training, RUN_KEY: run}
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import time
 import traceback
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from srdit.runtime.occupancy import Occupancy
 from srdit.runtime.tracking import ChildRun, TrialReporter, is_done, runtime_tags
 from srdit.study.designs import TrialSpec, make_cell, make_trial, search_objectives, violated
 from srdit.study.spec import StudySpec
+from srdit.techniques import load_plugin_sources
 
 MAX_FAILURES = 3
 """Tune retries of a trial after an infrastructure failure (lost worker or node); also Ray Train's restarts of a
@@ -84,6 +86,9 @@ class TrialContext:
     objectives: tuple[str, ...] = ()
     """Search designs: the objectives Optuna optimises; the trial then reports only its final result to Tune,
     which always carries them. Empty for grid designs (every training report goes to Tune)."""
+    plugins: tuple[Mapping[str, str], ...] = ()
+    """The plugin techniques of the study (`srdit.techniques.plugin_sources`: name, where the driver loaded it from,
+    stage, code version): a worker loads them before it runs a trial (`load_plugin_sources`)."""
 
 
 def is_oom(e: BaseException | str) -> bool:
@@ -505,6 +510,7 @@ def trainable(config: dict, jobs: dict[str, Job] | None = None) -> None:
     tech.* and knobs); config["ctx"] is the study's `TrialContext`."""
     quiet_exit_on_sigterm()
     ctx: TrialContext = config["ctx"]
+    load_plugin_sources(ctx.plugins)
     key = config.get("job")
     if key is None:
         trial = search_trial(config, ctx)

@@ -32,10 +32,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from srdit import ext
 from srdit.config import SEED_MAX, ConfigError, RunConfig, apply_diff, read_yaml
 from srdit.metric_registry import METRICS, analysable
 from srdit.metric_registry import direction as metric_direction
-from srdit.techniques import TECHNIQUES, Technique, custom_technique, merge_diffs, run_config_from_dict, with_techniques
+from srdit.techniques import (
+    TECHNIQUES,
+    Technique,
+    custom_technique,
+    known_techniques,
+    load_plugins,
+    merge_diffs,
+    plugin_technique,
+    run_config_from_dict,
+    with_techniques,
+)
 
 # The schema. Tests freeze these tuples so that the study format changes only on purpose.
 STUDY_KEYS = (
@@ -50,6 +61,7 @@ STUDY_KEYS = (
     "resources",
     "tracking",
     "checkpoint",
+    "plugins",
 )
 DESIGN_KINDS = ("full_factorial", "fractional_factorial", "ladder", "leave_one_out", "search", "foldover")
 DESIGN_KEYS = {
@@ -104,7 +116,14 @@ class Factor:
         """The registry entry with the study's knob overrides in its diff, or the custom diff as a Technique."""
         if self.builtin:
             return dataclasses.replace(TECHNIQUES[self.name], diff=dict(self.diff))
+        if self.plugin:
+            return dataclasses.replace(plugin_technique(ext.PLUGINS[self.name]), diff=dict(self.diff))
         return custom_technique(self.name, self.diff, self.description)
+
+    @property
+    def plugin(self) -> bool:
+        """A plugin technique (`srdit.ext`, listed under the study's `plugins:`)."""
+        return not self.builtin and self.name in ext.PLUGINS
 
 
 @dataclass(frozen=True)
@@ -222,6 +241,10 @@ class StudySpec:
     tracking: Tracking
     path: str = ""
     checkpoint: str | None = None
+    plugins: tuple[str, ...] = ()
+    """`plugins:` (optional): plugin techniques to load before the rest is read: module names, or `.py` files /
+    package folders relative to the study YAML (see Add your own technique); each plugin's technique is then a
+    factor by its name, with its knobs. Parsed: the names of the plugins the study uses."""
     """A fixed checkpoint (a `srdit train` checkpoint or `srdit convert` output) that every cell evaluates instead of
     training: only evaluation-time techniques may be factors, and a seed is the evaluation's (eval.seed)."""
 
@@ -304,9 +327,10 @@ def parse_base(value: Any, where: str = "base", relative_to: Path | None = None)
         value = read_yaml(p)
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: {p} must hold a mapping (a run config)")
+        relative_to = p.parent
     if not isinstance(value, Mapping):
         raise ConfigError(f"{where}: expected a mapping (a run config) or the path of a run YAML, got {value!r}")
-    return run_config_from_dict(value, where), dict(value)
+    return run_config_from_dict(value, where, relative_to=relative_to), dict(value)
 
 
 def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
@@ -341,9 +365,9 @@ def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(f"{w}: technique name {name!r} must be letters, digits, _ . - ")
         if custom is not None:
-            if name in TECHNIQUES:
+            if name in TECHNIQUES or name in ext.PLUGINS:
                 raise ConfigError(
-                    f"{w}.name: {name!r} is a built-in technique; give the custom diff another name "
+                    f"{w}.name: {name!r} is a built-in or plugin technique; give the custom diff another name "
                     f"or list {name!r} with knobs instead"
                 )
             diff = custom.get("diff")
@@ -359,10 +383,18 @@ def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
                 raise ConfigError(f"{w}.diff: {e}") from None
             factors.append(Factor(name, tech.diff, False, {}, tech.description))
             continue
+        if name in ext.PLUGINS:
+            try:
+                tech = plugin_technique(ext.PLUGINS[name]).with_knobs(knobs)
+                apply_diff(base, tech.diff)
+            except ConfigError as e:
+                raise ConfigError(f"{w}: {e}") from None
+            factors.append(Factor(name, dict(tech.diff), False, dict(knobs), tech.description))
+            continue
         if name not in TECHNIQUES:
             raise ConfigError(
-                f"{w}: unknown technique {name!r}; allowed: {', '.join(TECHNIQUES)} "
-                f"(or a custom {{name: ..., diff: ...}})"
+                f"{w}: unknown technique {name!r}; allowed: {', '.join(known_techniques())} "
+                f"(or a custom {{name: ..., diff: ...}}, or a plugin listed under plugins:)"
             )
         if name in base.techniques:
             raise ConfigError(f"{w}: {name} is already on in base.techniques; remove it from one of the two")
@@ -710,6 +742,7 @@ def study_from_dict(data: Any, path: str | Path = "<dict>") -> StudySpec:
     description = data.get("description", "") or ""
     _str(description, "description")
     rel = Path(path).parent if str(path) != "<dict>" else None
+    plugins = tuple(load_plugins(data.get("plugins"), rel))
     design_in = {"kind": "foldover"} if data.get("design") == "foldover" else data.get("design")
     if isinstance(design_in, Mapping) and design_in.get("kind") == "foldover":
         return _foldover_from_dict({**data, "design": design_in}, name, description, path, rel)
@@ -720,6 +753,7 @@ def study_from_dict(data: Any, path: str | Path = "<dict>") -> StudySpec:
             f"or custom {{name: ..., diff: ...}} items"
         )
     factors = parse_techniques(data["techniques"], base)
+    plugins = tuple(dict.fromkeys([*plugins, *base.ext, *(f.name for f in factors if f.plugin)]))
     names = [f.name for f in factors]
     design = parse_design(data.get("design"), names)
     constraints = parse_constraints(data.get("constraints"), names)
@@ -742,6 +776,7 @@ def study_from_dict(data: Any, path: str | Path = "<dict>") -> StudySpec:
         tracking=parse_tracking(data.get("tracking")),
         path=str(path),
         checkpoint=parse_checkpoint(data.get("checkpoint")),
+        plugins=plugins,
     )
     try:
         check_resources(base, spec.resources)
@@ -856,7 +891,7 @@ def _check_space(spec: StudySpec) -> None:
         if head in names:
             f = spec.factor(head)
             if rest not in f.technique.knobs:
-                allowed = ", ".join(f.technique.knobs) if f.builtin else "none (custom diff)"
+                allowed = ", ".join(f.technique.knobs) if f.builtin or f.plugin else "none (custom diff)"
                 raise ConfigError(f"design.space.{p.key}: {rest!r} is not a knob of {head}; allowed knobs: {allowed}")
             on, key = [f.technique], f.technique.knobs[rest]
         else:

@@ -63,10 +63,18 @@ def loss_terms(
     return terms
 
 
-def total(terms: dict[str, torch.Tensor], weights: LossConfig) -> torch.Tensor:
-    """Weighted sum: fm has weight 1; the others take their weight from the loss config."""
+def total(
+    terms: dict[str, torch.Tensor],
+    weights: LossConfig,
+    extra: dict[str, torch.Tensor] | None = None,
+    extra_weights: dict[str, float] | None = None,
+) -> torch.Tensor:
+    """Weighted sum: fm has weight 1; the others take their weight from the loss config; then the plugin terms
+    `extra` (`srdit.ext`), each with its weight in `extra_weights` (a knob of its plugin)."""
     out = terms["fm"]
     for name, value in terms.items():
         if name != "fm":
             out = out + getattr(weights, name) * value
+    for name, value in (extra or {}).items():
+        out = out + extra_weights[name] * value
     return out

@@ -16,7 +16,9 @@ Terms (`srdit.transport.losses`; weights from `cfg.loss`, fm has weight 1):
         path with its own noise, x_t^cls = (1 - t) cls0 + t eps_cls, enters as token 0, and its velocity
         eps_cls - cls0 is regressed like the image's;
 - cfm:  contrastive flow matching (Stoica et al. 2025, arXiv:2506.05350): minus the error against the target of
-        the previous sample in the (global) batch.
+        the previous sample in the (global) batch;
+- plugin terms (`srdit.ext`): each plugin that is on and has a `loss` hook adds its named terms, weighed by the
+  knobs it declares (`Plugin.terms`), after the built-in ones.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ def training_losses(
     noise: StepNoise,
     roll: Callable[[torch.Tensor], torch.Tensor] = _roll_by_one,
     autocast: AbstractContextManager | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """The named loss terms of one step and their weighted sum under "loss" (first key).
 
@@ -113,10 +116,15 @@ def training_losses(
     roll:        the batch rolled by one for CFM's negatives; under data parallel `DataParallel.rolled`, so that the
                  roll runs over the global batch (a collective: every rank calls it).
     autocast:    context for the model's forward only (mixed precision); the losses are computed in float32.
+    gather:      plugin terms (`srdit.ext.LossContext.gather`): this rank's [B, ...] -> the global batch, with the
+                 gradient of every rank's copy summed back to its own rows (`DataParallel.all_gather`); one
+                 process: the identity.
 
-    Returns {"loss": weighted total, "fm": ..., and "repa" / "reg" / "cfm" when on}, each a scalar tensor.
+    Returns {"loss": weighted total, "fm": ..., "repa" / "reg" / "cfm" when on, then the plugins' terms}, each a
+    scalar tensor.
     """
     m = cfg.model
+    gather = gather if gather is not None else _identity
     patches, cls0 = teacher_out if teacher_out is not None else (None, None)
     y = torch.where(noise.drop, torch.full_like(y, m.num_classes), y)  # label dropout for guidance
     t, eps = noise.t, noise.eps
@@ -139,4 +147,56 @@ def training_losses(
     target = velocity_target(x0, eps)
     cfm = cfg.loss.cfm > 0
     terms = loss_terms(pred, target, aux, repa_target, reg_target, cfm=cfm, cfm_negative=roll(target) if cfm else None)
-    return {"loss": total(terms, cfg.loss), **terms}
+    if not cfg.ext:
+        return {"loss": total(terms, cfg.loss), **terms}
+    plugin_terms, weights = _plugin_terms(model, aux, cfg, x0, y, t, eps, pred, target, teacher_out, roll, gather)
+    return {"loss": total(terms, cfg.loss, plugin_terms, weights), **terms, **plugin_terms}
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _plugin_terms(model, aux, cfg, x0, y, t, eps, pred, target, teacher_out, roll, gather):
+    """The loss terms of the plugins that are on ({term: unweighted scalar}) and their weights ({term: float})."""
+    from srdit.ext import LossContext, enabled
+
+    net = model
+    while hasattr(net, "module") or hasattr(net, "_orig_mod"):  # DDP / torch.compile wrappers
+        net = getattr(net, "module", None) or net._orig_mod
+    terms: dict[str, torch.Tensor] = {}
+    weights: dict[str, float] = {}
+    ext_aux = aux.get("ext", {})
+    for plugin, knobs in enabled(cfg.ext):
+        hook = plugin.hook("loss")
+        if hook is None:
+            continue
+        mine = ext_aux.get(plugin.name, {})
+        ctx = LossContext(
+            x0=x0,
+            y=y,
+            t=t,
+            noise=eps,
+            pred=pred,
+            target=target,
+            teacher=teacher_out,
+            taps=mine.get("taps", {}),
+            outputs=mine.get("outputs"),
+            module=net.ext[plugin.name] if getattr(net, "ext", None) is not None and plugin.name in net.ext else None,
+            knobs=knobs,
+            gather=gather,
+            roll=roll,
+        )
+        out = hook(ctx)
+        if not isinstance(out, dict) or set(out) != set(plugin.terms):
+            raise ValueError(
+                f"plugin {plugin.name}: the loss hook returned {sorted(out) if isinstance(out, dict) else out!r}; "
+                f"expected its declared terms {sorted(plugin.terms)}"
+            )
+        for term, value in out.items():
+            if not isinstance(value, torch.Tensor) or value.dim() != 0:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"plugin {plugin.name}: loss term {term} is {shape}; expected a scalar tensor")
+            terms[term] = value
+            weights[term] = float(getattr(knobs, plugin.terms[term]))
+    return terms, weights

@@ -1,0 +1,358 @@
+"""Plugin techniques: the one registration API for a technique that lives outside srdit.
+
+A plugin is a Python file, a package folder or an importable module that defines one or more `Plugin` objects at
+module level. A run or study YAML lists it under `plugins:` (a module name, or a `.py` file / package folder
+relative to the YAML); an installed package can also declare it in the entry-point group `srdit.techniques`
+(`ENTRY_POINT_GROUP`, the value a `Plugin` or a module). Once loaded (`srdit.techniques.load_plugins`), the plugin is a
+technique like the built-ins: a study factor by its name, with its knobs as `name: {knob: value}`.
+
+What a plugin declares (checked when it is loaded; a bad plugin is one `ConfigError` line):
+- `name`, `paper`, `description`, `stage` ("train": it shapes the trained weights; "eval": it acts only when
+  sampling or evaluating);
+- `knobs`: short name -> `Knob(default, range=(low, high))` for numbers (None = unbounded on that side; a numeric
+  knob without a range is refused), `Knob(default, choices=(...))` for strings, `Knob(True/False)` for switches.
+  They are checked by the same loader and rules as the built-in config fields (`srdit.config.from_dict`, `Range`);
+- `hooks`: hook name -> function, among `HOOKS`. A hook is called only while its technique is on: a plugin that is
+  off is absent from the config (`ext` section), builds no module and runs no code ("off = absent" by construction);
+- `terms`: loss-term name -> the knob that weighs it in the total loss.
+
+The hooks (shapes: B this rank's batch, T tokens in the block's sequence, D model width; data parallel: B is the
+rank's share of the global batch):
+- `build(cfg, knobs) -> nn.Module | None`: the plugin's own modules and parameters, created with their own init
+  *after* the backbone's (so the backbone's weights equal the plain model's), optimised, EMA'd and checkpointed with
+  the model (state-dict prefix `ext.<name>.`). `cfg` is the `ModelConfig`; the width is `srdit.config.SIZES[
+  cfg.size][1]`. When the plugin taps blocks, the model calls the module inside its forward (training only) on
+  the taps (`{block: [B, T, D]}`) and its output reaches the loss as `LossContext.outputs`; the loss also gets the
+  module itself (`LossContext.module`).
+- `taps(cfg, knobs) -> iterable of int`: the blocks whose output the plugin reads: i in 1..depth is the hidden state
+  [B, T, D] after block i (i blocks run). Training only. Inside SPRINT's sparse middle, T is the kept tokens K.
+- `loss(ctx: LossContext) -> {term: scalar tensor}`: unweighted loss terms, each declared in `terms`; the trainer
+  adds `weight * term` to the total loss and logs `loss/<term>` like the built-in terms.
+
+Layering: this module is in the config layer (no torch at import); `srdit.config` holds the knob schema of the
+loaded plugins (`EXTENSIONS`) and `srdit.techniques` turns a plugin into a `Technique`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import importlib.metadata
+import importlib.util
+import inspect
+import re
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from srdit.config import EXTENSIONS, RANGE, ConfigError, Range, from_dict
+
+Tensor = Any
+"A Tensor (torch is not imported here: the config layer stays free of it)."
+
+ENTRY_POINT_GROUP = "srdit.techniques"
+'Entry-point group of installed plugin packages (`[project.entry-points."srdit.techniques"]`).'
+
+HOOKS: dict[str, tuple[str, ...]] = {
+    "build": ("cfg", "knobs"),
+    "taps": ("cfg", "knobs"),
+    "loss": ("ctx",),
+}
+"Hook name -> its positional parameters (see the module docstring for what each receives and returns)."
+
+BUILTIN_TERMS = ("loss", "fm", "repa", "reg", "cfm", "grad_norm")
+"Metric names a plugin's loss terms may not take."
+
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Knob:
+    """One setting of a plugin: `default`; numbers need `range=(low, high)` (inclusive unless `low_open` /
+    `high_open`; None = unbounded on that side), strings need `choices`. `type` defaults to the default's type
+    (bool, int, float or str); an int default with type float is a float knob."""
+
+    default: Any
+    range: tuple[float | None, float | None] | None = None
+    choices: tuple[Any, ...] | None = None
+    type: type | None = None
+    low_open: bool = False
+    high_open: bool = False
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """A technique declared outside srdit (see the module docstring)."""
+
+    name: str
+    paper: str
+    description: str = ""
+    stage: Literal["train", "eval"] = "train"
+    knobs: Mapping[str, Knob] = field(default_factory=dict)
+    hooks: Mapping[str, Callable] = field(default_factory=dict)
+    terms: Mapping[str, str] = field(default_factory=dict)
+    "Loss-term name -> the knob that weighs it."
+    origin: str = ""
+    "Where it was loaded from: the absolute file or package folder, or the module name (filled in when loaded)."
+    source: str = ""
+    "The file or package folder of its code (filled in when loaded)."
+
+    @property
+    def knob_keys(self) -> dict[str, str]:
+        """Short knob name -> dotted config key (`ext.<name>.<knob>`)."""
+        return {k: f"ext.{self.name}.{k}" for k in self.knobs}
+
+    def defaults(self) -> dict[str, Any]:
+        return {k: kn.default for k, kn in self.knobs.items()}
+
+    def knob_values(self, values: Mapping[str, Any]) -> Any:
+        """The resolved knobs (a frozen dataclass, attribute access: `knobs.weight`) from the config's
+        `ext.<name>` mapping."""
+        return from_dict(EXTENSIONS[self.name], values, f"ext.{self.name}")
+
+    def hook(self, name: str) -> Callable | None:
+        return self.hooks.get(name)
+
+    def where(self) -> str:
+        """Where its code lives, for listings."""
+        return self.source or self.origin
+
+
+@dataclass
+class LossContext:
+    """What a plugin's `loss` hook sees for one training step (this rank's part of the global batch).
+
+    x0 [B, C, H, W] clean data; y [B] labels after label dropout (num_classes = null label); t [B] times in (0, 1)
+    (t = 1 noise); noise [B, C, H, W] the eps of x_t = (1 - t) x0 + t eps; pred, target [B, C, H, W] predicted and
+    target velocity (eps - x0); teacher (patch tokens [B, T, teacher_dim], class token [B, reg.dim]) or None when
+    no built-in technique needs a teacher; taps {block i: hidden state [B, T, D] after block i}; outputs what the
+    plugin's module returned on the taps (None without a module); module the plugin's module (None without one);
+    knobs the resolved knobs; gather(x [B, ...]) -> the global batch [world * B, ...] in global order, differentiable
+    (each rank's gradient reaches its own rows, summed over ranks, so that after data parallel's gradient mean a
+    cross-sample loss follows the one-process trajectory); roll(x [B, ...]) -> this rank's rows of the global batch
+    rolled by one (x_{j-1})."""
+
+    x0: Tensor
+    y: Tensor
+    t: Tensor
+    noise: Tensor
+    pred: Tensor
+    target: Tensor
+    teacher: tuple | None
+    taps: dict[int, Tensor]
+    outputs: Any
+    module: Any
+    knobs: Any
+    gather: Callable[[Tensor], Tensor]
+    roll: Callable[[Tensor], Tensor]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checking a declaration
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _code_at(fn: Callable) -> str:
+    code = getattr(fn, "__code__", None)
+    return f"{code.co_filename}:{code.co_firstlineno}: " if code is not None else ""
+
+
+def _knob_field(plugin: str, knob: str, kn: Any) -> tuple[str, Any, Any]:
+    where = f"plugin {plugin}: knob {knob}"
+    if not isinstance(kn, Knob):
+        raise ConfigError(f"{where}: expected srdit.ext.Knob(default, range=... or choices=...), got {kn!r}")
+    if kn.choices is not None:
+        choices = tuple(kn.choices)
+        if not choices or kn.default not in choices:
+            raise ConfigError(f"{where}: default {kn.default!r} is not one of its choices {choices!r}")
+        return knob, Literal[choices], field(default=kn.default)
+    tp = kn.type or type(kn.default)
+    if tp is bool:
+        return knob, bool, field(default=kn.default)
+    if tp not in (int, float):
+        raise ConfigError(f"{where}: a {tp.__name__} knob needs choices=(...); numbers need range=(low, high)")
+    if kn.range is None:
+        raise ConfigError(
+            f"{where}: has no range; declare range=(low, high) (None for an unbounded side) like every numeric "
+            f"config field"
+        )
+    low, high = kn.range
+    rule = Range(low, high, kn.low_open, kn.high_open)
+    return knob, tp, field(default=tp(kn.default), metadata={RANGE: rule})
+
+
+def check_plugin(p: Any) -> Plugin:
+    """Refuse a bad declaration with one line (ConfigError): a bad name, stage or knob, a knob without a range, an
+    unknown hook, a hook whose signature does not take the documented parameters, an undeclared or clashing loss
+    term."""
+    if not isinstance(p, Plugin):
+        raise ConfigError(f"expected an srdit.ext.Plugin, got {p!r}")
+    if not isinstance(p.name, str) or not _NAME.match(p.name):
+        raise ConfigError(f"plugin {p.name!r}: the name must be lower-case letters, digits and _ (a config key)")
+    if p.stage not in ("train", "eval"):
+        raise ConfigError(f"plugin {p.name}: stage {p.stage!r} is not allowed; allowed: train, eval")
+    if not p.paper:
+        raise ConfigError(f"plugin {p.name}: paper is required (the paper or source of the technique)")
+    for hook, fn in p.hooks.items():
+        if hook not in HOOKS:
+            raise ConfigError(f"plugin {p.name}: unknown hook {hook!r}; allowed hooks: {', '.join(HOOKS)}")
+        params = HOOKS[hook]
+        try:
+            inspect.signature(fn).bind(*params)
+        except TypeError:
+            raise ConfigError(
+                f"{_code_at(fn)}plugin {p.name}: hook {hook}{inspect.signature(fn)} has the wrong signature; "
+                f"expected {hook}({', '.join(params)})"
+            ) from None
+        except ValueError:
+            raise ConfigError(f"plugin {p.name}: hook {hook} is not a Python function") from None
+    for term, knob in p.terms.items():
+        if term in BUILTIN_TERMS:
+            raise ConfigError(f"plugin {p.name}: loss term {term!r} clashes with a built-in term; rename it")
+        if knob not in p.knobs:
+            raise ConfigError(f"plugin {p.name}: loss term {term} is weighed by unknown knob {knob!r}")
+    if p.terms and "loss" not in p.hooks:
+        raise ConfigError(f"plugin {p.name}: declares loss terms but no loss hook")
+    from_dict(knob_class(p), p.defaults(), f"plugin {p.name}: knob")  # the defaults obey their own rules
+    return p
+
+
+def knob_class(p: Plugin) -> type:
+    """The frozen dataclass of a plugin's knobs (what `srdit.config.EXTENSIONS` holds)."""
+    return dataclasses.make_dataclass(
+        f"{p.name}_knobs", [_knob_field(p.name, k, kn) for k, kn in p.knobs.items()], frozen=True
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The registry of loaded plugins
+# ----------------------------------------------------------------------------------------------------------------
+
+PLUGINS: dict[str, Plugin] = {}
+"Name -> the plugins loaded in this process."
+
+
+def register(p: Plugin) -> Plugin:
+    """Check `p` and make it known (its knobs to `srdit.config.EXTENSIONS`). Registering the same plugin (same
+    name and source) again is a no-op; another plugin of the same name is refused."""
+    check_plugin(p)
+    old = PLUGINS.get(p.name)
+    if old is not None and (old.origin, old.source) != (p.origin, p.source):
+        raise ConfigError(f"plugin {p.name}: already loaded from {old.where()}; a second one from {p.where()}")
+    PLUGINS[p.name] = p
+    EXTENSIONS[p.name] = knob_class(p)
+    return p
+
+
+def enabled(ext: Mapping[str, Mapping[str, Any]]) -> list[tuple[Plugin, Any]]:
+    """(plugin, resolved knobs) of each plugin that is on in a config's `ext` section, in name order."""
+    out = []
+    for name in sorted(ext):
+        if name not in PLUGINS:
+            raise ConfigError(f"ext.{name}: plugin not loaded; list it under `plugins:`")
+        out.append((PLUGINS[name], PLUGINS[name].knob_values(ext[name])))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _error_line(e: BaseException, root: Path) -> str:
+    """ "file:line: Type: message" at the deepest frame inside the plugin's folder (a syntax error: its own line)."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"{e.filename}:{e.lineno}: SyntaxError: {e.msg}"
+    frames = [f for f in traceback.extract_tb(e.__traceback__) if Path(f.filename).resolve().is_relative_to(root)]
+    at = f"{frames[-1].filename}:{frames[-1].lineno}: " if frames else ""
+    return f"{at}{type(e).__name__}: {e}"
+
+
+def _plugins_in(module: Any, where: str) -> list[Plugin]:
+    if isinstance(module, Plugin):
+        return [module]
+    found = [v for v in vars(module).values() if isinstance(v, Plugin)]
+    if not found:
+        raise ConfigError(f"{where}: defines no srdit.ext.Plugin (declare one at module level)")
+    return found
+
+
+def import_plugins(entry: str, relative_to: Path | None = None) -> list[Plugin]:
+    """Import a plugin entry (a `.py` file or package folder, relative to `relative_to`, or a module name) and return
+    its `Plugin`s with `origin` / `source` filled in (not yet registered: `srdit.techniques.load_plugins` does that
+    after checking the names). A missing file, an unknown module and an import error are one ConfigError line;
+    an import error names the plugin's own file:line."""
+    if not isinstance(entry, str) or not entry.strip():
+        raise ConfigError(f"expected a module name or the path of a .py file or package folder, got {entry!r}")
+    looks_like_path = entry.endswith(".py") or "/" in entry or entry.startswith(".")
+    path = Path(entry).expanduser()
+    if not path.is_absolute() and relative_to is not None:
+        path = relative_to / path
+    if looks_like_path or path.exists():
+        path = path.resolve()
+        if not path.exists():
+            raise ConfigError(f"{entry}: no such plugin file or folder ({path})")
+        if path.is_dir():
+            init = path / "__init__.py"
+            if not init.is_file():
+                raise ConfigError(f"{entry}: a plugin folder must be a package (it has no __init__.py)")
+            name, file, search = path.name, init, [str(path)]
+            root = path
+        elif path.suffix == ".py":
+            name, file, search, root = path.stem, path, None, path.parent
+        else:
+            raise ConfigError(f"{entry}: a plugin is a .py file, a package folder or a module name")
+        module = sys.modules.get(name)
+        if module is None or Path(getattr(module, "__file__", "") or "").resolve() != file:
+            if str(root if search is None else path.parent) not in sys.path:
+                # the plugin imports the modules of its own folder by their plain names
+                sys.path.insert(0, str(root if search is None else path.parent))
+            spec = importlib.util.spec_from_file_location(name, file, submodule_search_locations=search)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            try:
+                spec.loader.exec_module(module)
+            except Exception as e:
+                del sys.modules[name]
+                raise ConfigError(f"plugin {entry}: {_error_line(e, root)}") from None
+        origin, source = str(path), str(path)
+    else:
+        try:
+            module = importlib.import_module(entry)
+        except ModuleNotFoundError as e:
+            if e.name and entry.startswith(e.name):
+                raise ConfigError(
+                    f"{entry}: no such module; give an importable module name, or the path of a .py file or "
+                    f"package folder relative to the YAML"
+                ) from None
+            raise ConfigError(f"plugin {entry}: {type(e).__name__}: {e}") from None
+        except Exception as e:
+            file = Path(getattr(importlib.util.find_spec(entry), "origin", "") or ".").resolve().parent
+            raise ConfigError(f"plugin {entry}: {_error_line(e, file)}") from None
+        origin = entry
+        source = module_source(module)
+    return [dataclasses.replace(p, origin=origin, source=source) for p in _plugins_in(module, entry)]
+
+
+def module_source(module: Any) -> str:
+    """The file of a module, or the folder of a package."""
+    file = Path(getattr(module, "__file__", "") or "")
+    return str(file.parent if file.name == "__init__.py" else file) if file.name else ""
+
+
+def installed_plugins() -> list[Plugin]:
+    """The plugins of installed packages (entry-point group `srdit.techniques`: a Plugin or a module per entry)."""
+    out = []
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            obj = ep.load()
+        except Exception as e:
+            raise ConfigError(f"entry point {ep.name} ({ep.value}): {type(e).__name__}: {e}") from None
+        source = module_source(sys.modules.get(ep.module)) if ep.module in sys.modules else ""
+        # origin: the module, which a worker imports to load the plugin again
+        out += [dataclasses.replace(p, origin=ep.module, source=source) for p in _plugins_in(obj, ep.value)]
+    return out

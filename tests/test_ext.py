@@ -1,0 +1,550 @@
+"""Plugin techniques (`srdit.ext`): a technique from a file outside srdit, with the built-ins' guarantees.
+
+- a bad plugin is one line (exit 2 from the CLI): a missing file, an import error at the plugin's own line, a name
+  that clashes with a built-in, a hook with the wrong signature, a knob without a range;
+- knobs are checked by the config's own rules and live in the config only while the plugin is on, so a config
+  without plugins serialises and is keyed exactly as before plugins existed;
+- content keys follow the plugin's code (its file and the modules it imports from its folder), on its cells only;
+- the example dispersive loss (examples/plugins/dispersive): off cells bit-identical to a study without it, the
+  term present and finite when on, and 2 data-parallel gloo workers on the one-process trajectory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from srdit import ext
+from srdit.config import EXTENSIONS, ConfigError, RunConfig, apply_diff, to_dict
+from srdit.runtime.reuse import content_keys
+from srdit.techniques import load_plugins, with_techniques
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "plugins" / "dispersive"
+TINY = {
+    "train.steps": 6,
+    "train.log_every": 1,
+    "train.ckpt_every": 6,
+    "train.threads": 1,
+    "train.batch_size": 16,
+    "eval.n_samples": 8,
+    "eval.batch_size": 8,
+    "sample.sampler": "euler",
+    "sample.steps": 2,
+}
+CELLS = [[], ["repa"], ["sprint", "rope"], ["repa", "sprint", "balanced_labels"]]
+"Technique cells whose keys must not move when a plugin is installed or listed."
+
+
+def tmp_path_root() -> Path:
+    import tempfile
+
+    return Path(tempfile.gettempdir()).resolve()
+
+
+@pytest.fixture(autouse=True)
+def clean_registry():
+    """Each test loads its own plugins; the process's registry, modules and path are restored after it."""
+    plugins, knobs, path = dict(ext.PLUGINS), dict(EXTENSIONS), list(sys.path)
+    modules = set(sys.modules)
+    yield
+    ext.PLUGINS.clear()
+    ext.PLUGINS.update(plugins)
+    EXTENSIONS.clear()
+    EXTENSIONS.update(knobs)
+    sys.path[:] = path
+    for name in set(sys.modules) - modules:  # the plugins' own modules (library imports stay)
+        file = str(getattr(sys.modules[name], "__file__", "") or "")
+        if file.startswith((str(EXAMPLE), str(tmp_path_root()))):
+            del sys.modules[name]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+GOOD = """
+from srdit.ext import Knob, Plugin
+
+def taps(cfg, knobs):
+    return (knobs.depth,)
+
+toy = Plugin("toy", "nowhere 2025", knobs={"w": Knob(0.5, range=(0, 1)), "depth": Knob(1, range=(1, None))},
+             hooks={"taps": taps})
+"""
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bad plugins: one line
+# ------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "source,match",
+    [
+        (None, r"^plugins\[0\]: missing\.py: no such plugin file or folder"),
+        (
+            "import os\nx = 1\nraise RuntimeError('boom')\n",
+            r"^plugins\[0\]: plugin .*bad\.py: .*bad\.py:3: RuntimeError: boom$",
+        ),
+        ("def f(:\n", r"^plugins\[0\]: plugin .*bad\.py: .*bad\.py:1: SyntaxError"),
+        (GOOD.replace('"toy"', '"sprint"'), r"^plugins\[0\]: plugin sprint \(.*bad\.py\): the name is a built-in"),
+        (
+            GOOD.replace("def taps(cfg, knobs):", "def taps(cfg):"),
+            r"^plugins\[0\]: .*bad\.py:4: plugin toy: hook taps\(cfg\) has the wrong signature; expected taps\(cfg, knobs\)$",
+        ),
+        (GOOD.replace("range=(0, 1)", "help='no range'"), r"^plugins\[0\]: plugin toy: knob w: has no range"),
+        (
+            GOOD.replace("Knob(0.5, range=(0, 1))", "Knob('a')"),
+            r"^plugins\[0\]: plugin toy: knob w: a str knob needs choices",
+        ),
+        (GOOD.replace("range=(0, 1)", "range=(0, 0.1)"), r"^plugins\[0\]: plugin toy: knob\.w: 0\.5 is not allowed"),
+        ("x = 1\n", r"^plugins\[0\]: .*bad\.py: defines no srdit\.ext\.Plugin"),
+        (GOOD.replace('"toy"', '"Toy"'), r"^plugins\[0\]: plugin 'Toy': the name must be lower-case"),
+    ],
+)
+def test_a_bad_plugin_is_one_line(tmp_path, source, match):
+    entry = "missing.py" if source is None else str(_write(tmp_path / "bad.py", source))
+    with pytest.raises(ConfigError, match=match) as e:
+        load_plugins([entry], tmp_path)
+    assert "\n" not in str(e.value)
+    assert "toy" not in ext.PLUGINS  # nothing registered
+
+
+def test_the_cli_refuses_a_bad_plugin_with_one_line_and_exit_2(tmp_path, capsys):
+    from srdit.commands import main
+
+    bad = _write(tmp_path / "bad.py", "import os\n\nundefined_name\n")
+    assert main(["techniques", "--plugins", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{bad}:3: NameError" in err
+    assert main(["techniques", "--plugins", "no_such_module_xyz"]) == 2
+    assert "no_such_module_xyz: no such module" in capsys.readouterr().err
+
+
+def test_srdit_techniques_lists_built_ins_and_plugins_with_where_their_code_lives(tmp_path, capsys):
+    from srdit.commands import main
+    from srdit.techniques import TECHNIQUES
+
+    assert main(["techniques", "--json", "--plugins", str(EXAMPLE / "dispersive.py")]) == 0
+    listed = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
+    assert list(listed) == [*TECHNIQUES, "dispersive"]
+    d = listed["dispersive"]
+    assert d["code"] == [str(EXAMPLE / "dispersive.py")] and d["plugin"]["origin"] == str(EXAMPLE / "dispersive.py")
+    assert d["knobs"] == {k: f"ext.dispersive.{k}" for k in ("weight", "temperature", "depth")}
+    assert d["stage"] == "train" and "2506.09027" in d["paper"] and listed["sprint"]["plugin"] is None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# config: knobs only while on, checked like built-in fields
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def test_knobs_live_in_the_config_only_while_on_and_obey_their_rules(tmp_path):
+    load_plugins([str(_write(tmp_path / "toy.py", GOOD))])
+    off = with_techniques(RunConfig(), ["repa"])
+    on = with_techniques(RunConfig(), ["repa", "toy"], {"toy": {"w": 0.25}})
+    assert "ext" not in to_dict(off) and to_dict(on)["ext"] == {"toy": {"w": 0.25, "depth": 1}}
+    assert on.techniques == ("repa",)  # built-ins are recorded there; plugins by their ext entry
+    with pytest.raises(ConfigError, match=r"^ext\.toy\.w: 1\.5 is not allowed; allowed: a finite number in \[0, 1\]$"):
+        apply_diff(on, {"ext.toy.w": 1.5})
+    with pytest.raises(ConfigError, match=r"^ext\.toy\.x: unknown key; allowed keys in ext\.toy: w, depth$"):
+        apply_diff(on, {"ext.toy.x": 1})
+    with pytest.raises(ConfigError, match=r"^ext\.nope: unknown plugin technique; loaded plugins: .*toy"):
+        apply_diff(on, {"ext.nope.w": 1})
+    with pytest.raises(ConfigError, match="ext.toy.w"):
+        RunConfig(ext={"toy": {"w": -1.0}}).validate()
+
+
+KEYS_WITHOUT_PLUGINS = """
+import json, sys
+from srdit.config import RunConfig, to_dict
+from srdit.runtime.reuse import content_keys
+from srdit.techniques import with_techniques
+cells = json.loads(sys.argv[1])
+print(json.dumps([[to_dict(with_techniques(RunConfig(), c)), content_keys(to_dict(with_techniques(RunConfig(), c)))]
+                  for c in cells]))
+"""
+
+
+def test_a_config_without_plugins_serialises_and_is_keyed_as_before(tmp_path):
+    """Keys and serialised configs of technique cells computed in a process where no plugin was ever loaded equal
+    those computed with the plugin loaded and listed by a study (its off cells)."""
+    from srdit.study.designs import plan_study
+    from srdit.study.spec import load_study
+
+    out = subprocess.run(
+        [sys.executable, "-c", KEYS_WITHOUT_PLUGINS, json.dumps(CELLS)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    before = json.loads(out.stdout)
+    load_plugins([str(EXAMPLE / "dispersive.py")])
+    for cell, (config, keys) in zip(CELLS, before):
+        cfg = to_dict(with_techniques(RunConfig(), cell))
+        assert cfg == config and "ext" not in cfg
+        assert content_keys(cfg) == keys
+    spec = load_study(EXAMPLE / "digits_dispersive.yaml")
+    plan = plan_study(spec)
+    for trial in plan.trials:
+        assert ("ext" in trial.config) == ("dispersive" in trial.on)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# keys follow the code
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _keys(folder: Path) -> dict[str, dict[str, str]]:
+    from srdit.study.designs import plan_study
+    from srdit.study.spec import load_study
+
+    plan = plan_study(load_study(folder / "digits_dispersive.yaml"))
+    return {t.cell: content_keys(t.config) for t in plan.trials}
+
+
+def test_editing_a_plugin_changes_the_keys_of_its_on_cells_only(tmp_path):
+    folder = tmp_path / "dispersive"
+    shutil.copytree(EXAMPLE, folder)
+    first = _keys(folder)
+    on = {c for c in first if c[0] == "1"}
+    assert len(on) == 4 and len({k["training_key"] for k in first.values()}) == 8
+
+    def edited(file: str, old: str, new: str) -> dict[str, dict[str, str]]:
+        path = folder / file
+        text = path.read_text()
+        assert old in text
+        path.write_text(text.replace(old, new))
+        return _keys(folder)
+
+    comment = edited(
+        "dispersive.py", "def loss(ctx: LossContext):", "def loss(ctx: LossContext):  # a comment\n    '''doc'''"
+    )
+    assert comment == first
+    code = edited("dispersive.py", ".clamp_min(0.0)", ".clamp_min(1e-12)")
+    assert {c for c in first if code[c] != first[c]} == on
+    for c in on:
+        assert code[c]["training_key"] != first[c]["training_key"]
+    helper = edited("repulsion.py", "- math.log(x.numel())", "- math.log(float(x.numel()))")
+    assert {c for c in first if helper[c] != code[c]} == on
+    helper_comment = edited("repulsion.py", "import math\n", "import math  # the log of the count\n")
+    assert helper_comment == helper
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the model and the objective
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _cfg(techniques, **extra) -> RunConfig:
+    return apply_diff(with_techniques(RunConfig(), techniques), {**TINY, **extra})
+
+
+def test_off_cells_train_bit_identically_with_the_plugin_listed(tmp_path):
+    from srdit.train import load_checkpoint, train
+
+    plain = _cfg(["repa", "sprint"])
+    train(plain, tmp_path / "plain", progress=False)
+    load_plugins([str(EXAMPLE / "dispersive.py")])
+    listed = _cfg(["repa", "sprint"])
+    assert to_dict(listed) == to_dict(plain) and content_keys(to_dict(listed)) == content_keys(to_dict(plain))
+    train(listed, tmp_path / "listed", progress=False)
+    a, b = (
+        load_checkpoint(tmp_path / "plain/checkpoints/last.pt"),
+        load_checkpoint(tmp_path / "listed/checkpoints/last.pt"),
+    )
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]) and torch.equal(a["ema"][k], b["ema"][k]), k
+
+
+def test_the_dispersive_term_is_logged_weighted_and_matches_its_formula(tmp_path):
+    from srdit.model import build_model
+    from srdit.train import JsonlReporter, train
+    from srdit.transport.objective import StepNoise, training_losses
+
+    load_plugins([str(EXAMPLE / "dispersive.py")])
+    cfg = _cfg(["dispersive", "sprint"], **{"ext.dispersive.weight": 0.25, "ext.dispersive.temperature": 0.7})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.ext).train()
+    assert model.ext is None and model.tap_at == {2: ["dispersive"]}  # no parameters; taps the block after 2
+    x0, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
+    noise = StepNoise.draw(cfg, model, x0.shape, cfg.shift_value(), "cpu", _One())
+    seen = {}
+    model.blocks[1].register_forward_hook(lambda m, i, o: None if "h" in seen else seen.update(h=o[0]))
+    losses = training_losses(model, x0, y, None, cfg, noise)
+    z = seen["h"].flatten(1).double()  # [B, T * D] after block 2 (dense: SPRINT's dense_in is 2)
+    d = torch.cdist(z, z).square() / z.shape[1]
+    expected = torch.log(torch.exp(-d / 0.7).mean())
+    assert losses["dispersive"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses["loss"].item() == pytest.approx((losses["fm"] + 0.25 * losses["dispersive"]).item(), rel=1e-6)
+    losses["dispersive"].backward()
+    assert model.patch_embed.weight.grad.abs().sum() > 0  # the term reaches the layers before the tap
+    assert model.blocks[0].adaLN[-1].weight.grad.abs().sum() > 0
+
+    res = train(cfg, tmp_path / "run", JsonlReporter(tmp_path / "run/metrics.jsonl"), progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert res.status == "finished" and all("loss/dispersive" in r for r in rows if "loss" in r)
+    assert all(torch.isfinite(torch.tensor(r["loss/dispersive"])) for r in rows if "loss" in r)
+
+
+class _One:
+    def part(self, x):
+        return x
+
+
+def test_a_plugin_module_is_built_after_the_backbone_and_trained_emad_checkpointed(tmp_path):
+    from srdit.model import build_model
+    from srdit.train import load_checkpoint, train
+
+    source = GOOD.replace(
+        'hooks={"taps": taps})',
+        'hooks={"taps": taps, "build": build, "loss": loss}, terms={"toy_term": "w"})',
+    ).replace(
+        "def taps(cfg, knobs):",
+        """import torch
+from torch import nn
+
+class Head(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.tensor(2.0))
+    def forward(self, taps):
+        return {i: h.mean() * self.scale for i, h in taps.items()}
+
+def build(cfg, knobs):
+    return Head()
+
+def loss(ctx):
+    return {"toy_term": ctx.outputs[ctx.knobs.depth].square() + ctx.module.scale * 0}
+
+def taps(cfg, knobs):""",
+    )
+    load_plugins([str(_write(tmp_path / "toy.py", source))])
+    plain, on = _cfg([]), _cfg(["toy"])
+    torch.manual_seed(0)
+    a = build_model(plain.model, plain.ext).state_dict()
+    torch.manual_seed(0)
+    b = build_model(on.model, on.ext).state_dict()
+    assert set(b) - set(a) == {"ext.toy.scale"} and all(torch.equal(a[k], b[k]) for k in a)
+    train(on, tmp_path / "run", progress=False)
+    ckpt = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    assert ckpt["model"]["ext.toy.scale"].item() != 2.0  # optimised
+    assert ckpt["ema"]["ext.toy.scale"].item() != ckpt["model"]["ext.toy.scale"].item()  # EMA'd separately
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# data parallel
+# ------------------------------------------------------------------------------------------------------------------
+
+DP_DIFF = {"train.steps": 8, "ext.dispersive.weight": 1.0, "model.sprint.path_drop_prob": 0.3}
+TOLERANCE = 2e-5  # srdit's bar for data parallel (tests/test_data_parallel.py)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dp_worker(rank: int, world: int, port: int, out: str) -> None:
+    from srdit.train import JsonlReporter, train
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        load_plugins([str(EXAMPLE / "dispersive.py")])
+        train(
+            _cfg(["dispersive", "sprint"], **DP_DIFF), out, JsonlReporter(Path(out) / "metrics.jsonl"), progress=False
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_dispersive_loss_on_two_gloo_workers_follows_one_process(tmp_path):
+    from srdit.train import JsonlReporter, train
+
+    load_plugins([str(EXAMPLE / "dispersive.py")])
+    train(
+        _cfg(["dispersive", "sprint"], **DP_DIFF),
+        tmp_path / "one",
+        JsonlReporter(tmp_path / "one/metrics.jsonl"),
+        progress=False,
+    )
+    mp.spawn(_dp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+
+    def rows(folder):
+        return {
+            r["step"]: r for r in map(json.loads, (folder / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+        }
+
+    one, two = rows(tmp_path / "one"), rows(tmp_path / "two")
+    assert sorted(two) == list(range(1, 9))
+    worst = max(abs(two[s][k] - one[s][k]) / abs(one[s][k]) for s in one for k in ("loss", "loss/dispersive"))
+    assert worst <= TOLERANCE, worst
+
+
+def _grad_setup():
+    from srdit.model import build_model
+
+    load_plugins([str(EXAMPLE / "dispersive.py")])
+    cfg = _cfg(["dispersive", "sprint"], **{"ext.dispersive.weight": 1.0})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.ext).train()
+    with torch.no_grad():  # off the adaLN-Zero init, so that every path carries gradient
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(1)
+    return cfg, model, torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+
+def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
+    from torch.nn.parallel import DistributedDataParallel
+
+    from srdit.parallel import DataParallel
+    from srdit.transport.objective import StepNoise, training_losses
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg, model, x0, y = _grad_setup()
+        dp = DataParallel.current()
+        torch.manual_seed(5)
+        noise = StepNoise.draw(cfg, model, x0.shape, cfg.shift_value(), "cpu", dp)
+        net = DistributedDataParallel(model)
+        losses = training_losses(net, dp.part(x0), dp.part(y), None, cfg, noise, roll=dp.rolled, gather=dp.all_gather)
+        losses["loss"].backward()
+        if dp.main:
+            torch.save({n: p.grad for n, p in model.named_parameters() if p.grad is not None}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_gathered_batch_gives_each_rank_the_one_process_gradient(tmp_path):
+    """`DataParallel.all_gather` (a plugin's `ctx.gather`): after DDP's gradient mean, every parameter's gradient
+    of fm + dispersive equals the one-process one up to float32 round-off. (Over steps, Adam's normalisation
+    amplifies that round-off where the dispersive term's gradient cancels, e.g. on the patch embedding's bias, which
+    the translation-invariant term does not move: the weights drift apart by ~1e-4 after 8 steps, more than the
+    built-ins' 1e-5, while the losses stay within 2e-5.)"""
+    from srdit.parallel import DataParallel
+    from srdit.transport.objective import StepNoise, training_losses
+
+    cfg, model, x0, y = _grad_setup()
+    torch.manual_seed(5)
+    noise = StepNoise.draw(cfg, model, x0.shape, cfg.shift_value(), "cpu", DataParallel())
+    training_losses(model, x0, y, None, cfg, noise)["loss"].backward()
+    one = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    mp.spawn(_grad_worker, args=(2, _free_port(), str(tmp_path / "grads.pt")), nprocs=2, join=True)
+    two = torch.load(tmp_path / "grads.pt", weights_only=True)
+    assert set(two) == set(one)
+    for k in one:
+        assert ((two[k] - one[k]).norm() / one[k].norm()).item() < 1e-5, k
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a study on a real local Ray
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _study(folder: Path, name: str, techniques: list[str], plugins: list[str] | None) -> Path:
+    import yaml
+
+    data = {
+        "name": name,
+        **({"plugins": plugins} if plugins else {}),
+        "base": {
+            "train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 4},
+            "eval": {"n_samples": 20, "batch_size": 20},
+            "sample": {"sampler": "euler", "steps": 2},
+        },
+        "techniques": techniques,
+        "seeds": [0],
+    }
+    path = folder / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+@pytest.mark.slow
+def test_a_study_with_the_plugin_runs_on_ray_and_its_off_cells_equal_a_study_without_it(tmp_path, ray_local):
+    """The plugin is listed relative to the study YAML and reaches the Ray trial workers (they load it from where
+    the driver did); the off cells have the keys and train the weights of the same cells in a study that does not
+    list the plugin, which therefore adopts them from the first study."""
+    from mlflow import MlflowClient
+
+    from srdit.runtime.driver import run_study
+    from srdit.study.spec import load_study
+    from srdit.train import load_checkpoint
+
+    shutil.copytree(EXAMPLE, tmp_path / "plugins")
+    spec = load_study(_study(tmp_path / "plugins", "with_plugin", ["dispersive", "repa"], ["dispersive.py"]))
+    state = tmp_path / "state"
+    res = run_study(spec, state)
+    assert res.complete and res.statuses == {"finished": 4}
+    client = MlflowClient(res.uri)
+    runs = {
+        r.data.tags["cell"]: r
+        for r in client.search_runs([client.get_experiment_by_name("with_plugin").experiment_id])
+        if r.data.tags.get("srdit.role") == "trial"
+    }
+    assert "loss/dispersive" in runs["11"].data.metrics and "loss/dispersive" not in runs["01"].data.metrics
+    assert (
+        runs["10"].data.params["ext.dispersive.weight"] == "0.5"
+        and "ext.dispersive.weight" not in runs["01"].data.params
+    )
+
+    ext.PLUGINS.pop("dispersive")  # a fresh study that never heard of the plugin
+    EXTENSIONS.pop("dispersive")
+    plain = load_study(_study(tmp_path, "without_plugin", ["repa"], None))
+    again = run_study(plain, state)  # adopts both cells (same run keys)
+    assert again.complete and again.reused == 2
+    fresh = run_study(plain, tmp_path / "state2")  # trains them anew
+    assert fresh.complete and fresh.ran == 2
+    client2 = MlflowClient(fresh.uri)
+    for r in client2.search_runs([client2.get_experiment_by_name("without_plugin").experiment_id]):
+        if r.data.tags.get("srdit.role") != "trial":
+            continue
+        cell = "0" + r.data.tags["cell"]
+        src = runs[cell]
+        assert r.data.tags["training_key"] == src.data.tags["training_key"]
+        assert r.data.tags["run_key"] == src.data.tags["run_key"]
+        a = load_checkpoint(Path(src.data.tags["trial_dir"]) / "checkpoints/last.pt")
+        b = load_checkpoint(Path(r.data.tags["trial_dir"]) / "checkpoints/last.pt")
+        assert (
+            all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+            and a["model"].keys() == b["model"].keys()
+        )
+
+
+def test_an_installed_package_s_plugin_is_found_by_its_entry_point(tmp_path, monkeypatch, capsys):
+    """A distribution on the path that declares `[srdit.techniques]` in its entry points: its plugin is a
+    technique by name, listed by `srdit techniques` with its module."""
+    from srdit.commands import main
+
+    _write(tmp_path / "site" / "toy_pkg.py", GOOD)
+    info = tmp_path / "site" / "toy_pkg-0.1.dist-info"
+    _write(info / "METADATA", "Metadata-Version: 2.1\nName: toy-pkg\nVersion: 0.1\n")
+    _write(info / "entry_points.txt", "[srdit.techniques]\ntoy = toy_pkg:toy\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    assert main(["techniques", "--json"]) == 0
+    listed = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
+    assert listed["toy"]["plugin"]["origin"] == "toy_pkg" and listed["toy"]["code"] == [
+        str(tmp_path / "site" / "toy_pkg.py")
+    ]
+    cfg = with_techniques(RunConfig(), ["toy"])
+    assert to_dict(cfg)["ext"] == {"toy": {"w": 0.5, "depth": 1}}
