@@ -1,28 +1,36 @@
 """Reference checkpoints -> srdit checkpoints (`srdit convert SRC.pt --from LAYOUT --preset NAME --out DST.pt`).
 
-Three reference layouts, read from their code (facts only):
-- `sit`: SiT (Ma et al. 2024, github willisma/SiT `models.py`). train.py saves {'model', 'ema', 'opt', 'args'}; the
-  published SiT-XL-2-256x256.pt is a bare EMA state dict. timm blocks (LayerNorm, GELU-tanh MLP), `learn_sigma`
-  doubles the output channels (the second half is discarded by SiT's own forward), and SiT's path runs the other
-  way: t = 0 noise, t = 1 data, velocity = data - noise.
-- `repa`: REPA's SiT (Yu et al. 2024, github sihyun-yu/REPA `models/sit.py`). train.py saves {'model', 'ema', 'opt',
-  'args', 'steps'}; the published last.pt is a bare EMA state dict; "legacy" files split the blocks into
-  `blocks.*` + `decoder_blocks.*`. Adds `projectors.0` (the REPA MLP); path as srdit's (t = 1 noise, eps - x0).
-- `speedrundit`: SR-DiT (github SwayStar123/SpeedrunDiT `models/sit.py`): REPA's SiT plus SPRINT (`mask_token`,
-  `fusion_proj`, 2 dense + D - 4 sparse + 2 dense blocks), RMSNorm blocks, QK-norm, value residual (`v1_lambda`),
-  2-D RoPE, the REG token (`cls_projectors2`, `wg_norm`, `final_layer.linear_cls`) whose position row (row 0 of a
-  [1, T + 1, D] table) is zero. Its checkpoints hold {'model', 'ema', 'opt', 'args', 'steps'}.
+Three reference layouts, read from their code (facts only; the commits read are named):
+- `sit`: SiT (Ma et al. 2024, github willisma/SiT `models.py`, commit 947f95bd3a51). train.py saves {'model', 'ema',
+  'opt', 'args'}; the published SiT-XL-2-256x256.pt is a bare EMA state dict. Parameters only, the position table
+  (`pos_embed`) among them as a frozen parameter; timm's PatchEmbed / Attention / Mlp register no buffers. timm
+  blocks (LayerNorm, GELU-tanh MLP), `learn_sigma` doubles the output channels (the second half is discarded by
+  SiT's own forward), and SiT's path runs the other way: t = 0 noise, t = 1 data, velocity = data - noise.
+- `repa`: REPA's SiT (Yu et al. 2024, github sihyun-yu/REPA `models/sit.py`, commit 67f714503e38). train.py saves
+  {'model', 'ema', 'opt', 'args', 'steps'}; the published last.pt is a bare EMA state dict; "legacy" files split the
+  blocks into `blocks.*` + `decoder_blocks.*` (`utils.load_legacy_checkpoints`). Adds `projectors.0` (the REPA MLP);
+  no buffers; path as srdit's (t = 1 noise, eps - x0). Its `--qk-norm` (timm LayerNorm, weight and bias) is not
+  srdit's QK-norm: those tensors are refused as having no place.
+- `speedrundit`: SR-DiT (github SwayStar123/SpeedrunDiT `models/sit.py` and `models/pos_embed.py`, commit
+  c24c2ff25699): REPA's SiT plus SPRINT (`mask_token`, `fusion_proj`, 2 dense + D - 4 sparse + 2 dense blocks),
+  RMSNorm blocks, QK-norm, value residual (`v1_lambda`), 2-D RoPE, the REG token (`cls_projectors2`, `wg_norm`,
+  `final_layer.linear_cls`) whose position row (row 0 of a [1, T + 1, D] table) is zero. Its RoPE module
+  (`feat_rope`, EVA-02's VisionRotaryEmbeddingFast) registers persistent buffers `freqs_cos` / `freqs_sin`
+  [T, head_dim]: rows of the grid tokens only (the class token is left unrotated). train.py saves {'model', 'ema',
+  'opt', 'args', 'steps'}; generate.py loads the 'ema' entry or a bare EMA state dict.
 
 srdit's own layout is the same model (its tests compare SR-DiT's forward weight for weight). The map is explicit
 (`RULES`, srdit key -> reference key); conversion changes values only where the layouts differ in meaning:
 - the position table: the same fixed sin-cos table (same channel order); it is checked, and SR-DiT's zero class
   row is dropped;
+- tables that are functions of the config and no weights (`FIXED`: SR-DiT's RoPE buffers) are checked against the
+  table srdit computes for the same config (`FIXED_ATOL`), then dropped (srdit recomputes them);
 - `sit`: t -> 1 - t and v -> -v are folded into the weights. The time features obey f(1 - t) = M f(t) with M made of
   the cos / sin of each frequency, so the time MLP's first weight becomes W M; the output layer keeps the first C
   of SiT's 2C channels and is negated. Equal to SiT's forward up to float32 round-off.
-Coverage is checked both ways: every reference tensor is used and every srdit tensor is given, shapes agree, and
-the srdit model's parameter-free switches (norm, RoPE, SPRINT split, time scale) are those the layout hard-codes;
-any failure is one `ConvertError` line naming the keys.
+Coverage is checked both ways: every reference tensor is used (or is a checked `FIXED` table), every srdit tensor is
+given, shapes agree, and the srdit model's parameter-free switches (norm, RoPE, SPRINT split, time scale) are those
+the layout hard-codes; any failure is one `ConvertError` line naming the keys.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +73,23 @@ RULES: list[tuple[str, str, frozenset[str]]] = [
     (r"reg\.head\.(weight|bias)", r"final_layer.linear_cls.\1", SRDIT_ONLY),
 ]
 "The key map: srdit state-dict key (regex) -> the reference's key, and which layouts hold that tensor."
+
+FIXED: list[tuple[str, frozenset[str], str, Callable[[Any, re.Match], torch.Tensor | None]]] = [
+    # (reference key pattern, layouts that store it, what it is, srdit's table for the same config or None)
+    (
+        r"feat_rope\.freqs_(cos|sin)",
+        SRDIT_ONLY,
+        "the 2-D RoPE table srdit computes for this model's head width, grid and RoPE theta",
+        lambda model, m: _rope_rows(model, m.group(1)),
+    ),
+]
+"""Reference buffers that are functions of the config, not weights: each is checked equal (`FIXED_ATOL`) to the
+table srdit computes itself, then dropped (srdit keeps its own as non-persistent buffers)."""
+
+FIXED_ATOL = 1e-4
+"""Tolerance of the `FIXED` check, plus the storage dtype's epsilon. SR-DiT computes its RoPE angles in float32
+(positions up to grid - 1 radians), srdit in float64: the tables differ by about 6e-8 per grid row (8e-6 on a
+128x128 grid); a table of another theta, grid or axis order differs by O(0.1)."""
 
 # The model settings each layout's code hard-codes and that no tensor shape reveals (checked against the config).
 LAYOUT_MODEL: dict[str, dict[str, Any]] = {
@@ -107,15 +133,20 @@ class ConvertError(ValueError):
 def read_reference(path: str | Path, weights: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
     """The state dict `weights` ('ema' or 'model') of a reference checkpoint, and its training args (a dict, empty
     when the file has none). A bare state dict (the published files) is returned as is. Loaded with
-    weights_only=True; the references' `args` (an argparse.Namespace) is the one class allowed besides tensors."""
+    weights_only=True; the references' `args` (an argparse.Namespace) is the one class allowed besides tensors.
+    ConvertError (one line naming the file) when it is missing, empty, not readable by torch.load (truncated,
+    damaged, not torch.save's), holds other classes, or has no state dict of tensors where one is expected."""
     path = Path(path)
     if not path.is_file():
         raise ConvertError(f"{path}: no such checkpoint file")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
+    if path.stat().st_size == 0:
+        raise ConvertError(f"{path}: empty file (0 bytes), not a PyTorch checkpoint")
+    try:  # quiet: the loader's warnings (e.g. on a pickle protocol) would break the one-line error
+        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle / zip errors carry long messages; keep the first line
-        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
+    except Exception as e:
+        raise ConvertError(_load_failure(path, e)) from None
     if not isinstance(ckpt, dict):
         raise ConvertError(f"{path}: expected a dict (a state dict, or one with 'ema' / 'model' entries)")
     args = ckpt.get("args")
@@ -134,6 +165,23 @@ def read_reference(path: str | Path, weights: str = "ema") -> tuple[dict[str, to
             f"{path}: {'entry ' + repr(weights) if state is not ckpt else 'file'} is not a state dict of tensors"
         )
     return dict(state), args
+
+
+def _load_failure(path: Path, e: Exception) -> str:
+    """One line on why torch.load refused `path`. The weights-only loader wraps its reason (a bad opcode: not a
+    torch.save file; a class it does not allow) in paragraphs of advice; zip and EOF errors may carry no text."""
+    text = str(e)
+    m = re.search(r"WeightsUnpickler error:\s*(.*)", text)
+    lines = (m.group(1) if m else text).strip().splitlines()
+    reason = re.split(r"(?<=\.)\s", lines[0].strip())[0][:120] if lines else type(e).__name__
+    g = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
+    if g:
+        return (
+            f"{path}: holds a {g.group(1)} object; checkpoints are read with torch's weights-only loader, which "
+            f"takes tensors, plain containers and the training args (argparse.Namespace)"
+        )
+    size = path.stat().st_size
+    return f"{path}: not a readable PyTorch checkpoint ({size} bytes: truncated, damaged or not torch.save's; {reason})"
 
 
 def unsplit_legacy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -224,12 +272,20 @@ def convert_state(
             wrong.append(f"{ref} {tuple(src[ref].shape)} -> {key} {tuple(target.shape)}")
             continue
         out[key] = value.to(target.dtype).clone()
+    tables = []
+    for ref in sorted(set(src) - used):
+        verdict = _fixed_mismatch(ref, src[ref], layout, model)
+        if verdict is not None:  # a FIXED table: checked, then dropped
+            used.add(ref)
+            tables += [verdict] if verdict else []
     leftover = sorted(set(src) - used)
     problems = []
     if wrong:
         problems.append(f"shape mismatch: {_listing(wrong)}")
     if missing:
         problems.append(f"srdit tensors the checkpoint does not give: {_listing(missing)}")
+    if tables:
+        problems.append(f"tables that are not this model's: {_listing(tables)}")
     if leftover:
         problems.append(f"checkpoint tensors the srdit model has no place for: {_listing(leftover)}")
     if problems:
@@ -273,6 +329,34 @@ def _transforms(layout: str, cfg: RunConfig, own: dict) -> dict[str, Callable[[t
         out["t_embed.mlp.0.weight"] = lambda v: time_flip(v, freq_dim) if v.shape[-1] == freq_dim else v
         out["final.linear.weight"] = out["final.linear.bias"] = velocity_sign
     return out
+
+
+def _rope_rows(model, which: str) -> torch.Tensor | None:
+    """srdit's RoPE `cos` / `sin` rows of the grid tokens [T, head_dim] (its leading rows are the class token's
+    identity rotation; SR-DiT leaves that token out of its table), or None without RoPE."""
+    if model.rope is None:
+        return None
+    return getattr(model.rope, which)[model.prefix :]
+
+
+def _fixed_mismatch(key: str, value: torch.Tensor, layout: str, model) -> str | None:
+    """None when `key` is no `FIXED` table of `layout` (or srdit has no such table: a leftover then); '' when
+    `value` is the table srdit computes for this model; otherwise why not, naming `key`."""
+    for pattern, layouts, what, table in FIXED:
+        m = re.fullmatch(pattern, key)
+        if m is None or layout not in layouts:
+            continue
+        want = table(model, m)
+        if want is None:
+            return None
+        if value.shape != want.shape:
+            return f"{key} {tuple(value.shape)} is not {what} (shape {tuple(want.shape)})"
+        atol = FIXED_ATOL + (torch.finfo(value.dtype).eps if value.is_floating_point() else 0.0)
+        diff = float((value.double() - want.double()).abs().max())
+        if not diff <= atol:  # NaN fails too
+            return f"{key} is not {what} (max |difference| {diff:.2g} > {atol:.2g})"
+        return ""
+    return None
 
 
 def _check_positions(given: torch.Tensor, own: torch.Tensor) -> None:

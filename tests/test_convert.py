@@ -57,8 +57,26 @@ def mae_pos_embed(dim, grid, cls_token=False):
     return torch.from_numpy(emb).float()[None]
 
 
+def eva_rope_tables(head_dim, grid, theta=10000):
+    """SR-DiT's `feat_rope = VisionRotaryEmbeddingFast(dim=head_dim // 2, pt_seq_len=grid)` buffers `freqs_cos`,
+    `freqs_sin` [grid^2, head_dim], computed as its __init__ does (float32): 'lang' frequencies
+    theta^(-arange(0, dim, 2) / dim), positions arange(S) / S * S, each angle repeated for an adjacent pair, the
+    row-axis angles broadcast over columns concatenated before the column-axis ones, flattened row-major."""
+    dim = head_dim // 2
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
+    pos = torch.arange(grid) / grid * grid
+    base = torch.einsum("s,f->sf", pos, freqs).repeat_interleave(2, -1)  # (S, dim): einops '... n -> ... (n r)'
+    angles = torch.cat([base[:, None, :].expand(grid, grid, dim), base[None, :, :].expand(grid, grid, dim)], -1)
+    return angles.cos().reshape(grid * grid, -1), angles.sin().reshape(grid * grid, -1)
+
+
 def reference_state(layout, seed=0, learn_sigma=True):
-    """A state dict with the reference's keys and shapes at the debug size, random values (fixed position table)."""
+    """The state dict of the reference model class at the debug size: every tensor it registers (parameters,
+    the frozen `pos_embed`, SR-DiT's RoPE buffers), random weights, the fixed tables as the reference computes them.
+
+    SiT `models.SiT` / REPA `models.sit.SiT`: no buffers (timm PatchEmbed, Attention without qk_norm, Mlp register
+    none); SR-DiT `models.sit.SiT`: `feat_rope.freqs_cos` / `freqs_sin` (persistent), RMSNorm blocks without
+    affine weights, `v1_lambda` in blocks 1.., q/k RMSNorm weights with --qk-norm (its train.sh)."""
     g = torch.Generator().manual_seed(seed)
     shapes = {
         "x_embedder.proj.weight": (D, C, P, P),
@@ -121,13 +139,16 @@ def reference_state(layout, seed=0, learn_sigma=True):
         if k.endswith("norm.weight"):
             state[k] = 1 + 0.2 * torch.randn(state[k].shape, generator=g)
     state["pos_embed"] = mae_pos_embed(D, G, cls_token=layout == "speedrundit")
+    if layout == "speedrundit":
+        state["feat_rope.freqs_cos"], state["feat_rope.freqs_sin"] = eva_rope_tables(D // HEADS, G)
     return state
 
 
 def reference_forward(sd, layout, x, t, y, cls_token=None):
     """SiT / REPA / SR-DiT forward in eval mode, functional, from the reference code (timm Attention: qkv ->
-    (3, B, H, N, d); SR-DiT: RMSNorm blocks, QK RMSNorm, v1 residual before RoPE, EVA 2-D RoPE with the class token
-    at rope id 0, SPRINT 2 / D-4 / 2 with every token, REG token in front). Returns (velocity, class-token out)."""
+    (3, B, H, N, d); SR-DiT: RMSNorm blocks, QK RMSNorm, v1 residual before RoPE, EVA 2-D RoPE from the state's
+    `feat_rope` tables with the leading class token left unrotated, SPRINT 2 / D-4 / 2 with every token, REG token
+    in front). Returns (velocity, class-token out)."""
     B = x.shape[0]
     d = D // HEADS
     srdit = layout == "speedrundit"
@@ -143,18 +164,14 @@ def reference_forward(sd, layout, x, t, y, cls_token=None):
     args = t[:, None].float() * freqs[None]
     temb = lin(F.silu(lin(torch.cat([torch.cos(args), torch.sin(args)], -1), "t_embedder.mlp.0")), "t_embedder.mlp.2")
     c = temb + sd["y_embedder.embedding_table.weight"][y]
-    if srdit:  # EVA-02 RoPE: dim = head_dim / 2 per axis, pairs adjacent; row angles first, column angles second
-        dim = d // 2
-        f = 1.0 / (10000 ** (torch.arange(0, dim, 2)[: dim // 2].float() / dim))
-        base = torch.einsum("s,f->sf", torch.arange(G).float(), f).repeat_interleave(2, -1)  # (G, dim)
-        ang = torch.cat([base[:, None, :].expand(G, G, dim), base[None, :, :].expand(G, G, dim)], -1).reshape(G * G, -1)
-        ids = torch.cat([torch.zeros(1, dtype=torch.long), torch.arange(G * G)])
-        cos, sin = ang.cos()[ids], ang.sin()[ids]
+    if srdit:  # the module's buffers rotate the grid tokens (rope ids 0..T-1); the leading class token stays as is
+        cos, sin = sd["feat_rope.freqs_cos"], sd["feat_rope.freqs_sin"]
 
         def rope(q):
-            pairs = q.unflatten(-1, (-1, 2))
+            lead, tail = q[..., :1, :], q[..., 1:, :]
+            pairs = tail.unflatten(-1, (-1, 2))
             rot = torch.stack([-pairs[..., 1], pairs[..., 0]], -1).flatten(-2)
-            return q * cos + rot * sin
+            return torch.cat([lead, tail * cos + rot * sin], -2)
 
     def block(i, h, v1):
         b = f"blocks.{i}."
@@ -446,6 +463,181 @@ def test_wrong_model_settings_and_inputs_are_one_line_errors(tmp_path, capsys):
     assert "not a readable PyTorch checkpoint" in _fails(
         capsys, ["convert", str(tmp_path / "text.pt"), "--from", "sit", "--preset", "digits", *out]
     )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reference files as the reference code saves them: every registered tensor, buffers included, in its containers
+# ------------------------------------------------------------------------------------------------------------------
+
+ENCODER = 4  # REPA legacy files: blocks [0, 4) as blocks.*, [4, 6) as decoder_blocks.*
+
+
+def legacy_split(state):
+    """REPA's legacy layout, the inverse of its `load_legacy_checkpoints`: block E + i saved as decoder_blocks.i."""
+    out = {}
+    for k, v in state.items():
+        i = int(k.split(".")[1]) if k.startswith("blocks.") else -1
+        out[f"decoder_blocks.{i - ENCODER}.{k.split('.', 2)[2]}" if i >= ENCODER else k] = v
+    return out
+
+
+def reference_args(layout):
+    """The training args each train.py pickles (the fields srdit reads, and a few others as they come)."""
+    common = {"model": "SiT-debug/2", "num_classes": K}
+    if layout == "sit":
+        return argparse.Namespace(**common, image_size=64, path_type="Linear", ckpt_every=50_000)
+    if layout == "repa":
+        return argparse.Namespace(**common, encoder_depth=2, qk_norm=False, projector_embed_dims="64", legacy=True)
+    return argparse.Namespace(**common, qk_norm=True, enc_type="dinov2-vit-b", cls=0.03, time_shifting=True)
+
+
+def save_as_reference(path, layout, container, legacy=False):
+    """Write `path` as the reference does: its train.py's checkpoint (container 'training': SiT {'model', 'ema',
+    'opt', 'args'}, REPA / SR-DiT also 'steps') or the published bare EMA state dict ('ema'). Returns the (ema,
+    raw) state dicts, unsplit."""
+    ema, raw = reference_state(layout, seed=0), reference_state(layout, seed=1)
+    as_saved = legacy_split if legacy else dict
+    if container == "ema":
+        torch.save(as_saved(ema), path)
+        return ema, raw
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.AdamW([param], lr=1e-4)
+    param.grad = torch.ones(3)
+    opt.step()  # an optimizer state with its tensors and step counts, as a real run's
+    ckpt = {"model": as_saved(raw), "ema": as_saved(ema), "opt": opt.state_dict(), "args": reference_args(layout)}
+    if layout != "sit":
+        ckpt["steps"] = 10_000
+    torch.save(ckpt, path)
+    return ema, raw
+
+
+def target_overrides(layout):
+    return STACK if layout == "speedrundit" else ["model.repa.enabled=true"] if layout == "repa" else []
+
+
+def reference_euler(sd, layout, noise, y, steps):
+    """Euler steps of the reference's ODE in its own time: SiT from t = 0 (noise) to 1 (data), REPA / SR-DiT from
+    t = 1 (noise) to 0 with SR-DiT's class token integrated alongside; float64 state, float32 model, as their
+    samplers."""
+    state = [n.double() for n in noise]
+    grid = torch.linspace(0.0, 1.0, steps + 1) if layout == "sit" else torch.linspace(1.0, 0.0, steps + 1)
+    for a, b in zip(grid[:-1].tolist(), grid[1:].tolist()):
+        t = torch.full((state[0].shape[0],), a)
+        v, cls_v = reference_forward(sd, layout, state[0].float(), t, y, state[1].float() if len(state) > 1 else None)
+        state = [s + d.double() * (b - a) for s, d in zip(state, [v] + ([cls_v] if cls_v is not None else []))]
+    return state
+
+
+@pytest.mark.parametrize("container", ["training", "ema"])
+@pytest.mark.parametrize(
+    "layout,legacy", [("sit", False), ("repa", False), ("repa", True), ("speedrundit", False)], ids=str
+)
+def test_reference_files_as_saved_convert_to_the_reference_function(layout, legacy, container, tmp_path, capsys):
+    """Files holding every tensor the reference model registers (SR-DiT's RoPE buffers included), in the reference's
+    containers, convert with `srdit convert`; the converted model computes the reference forward and a 4-step Euler
+    sampler ends where the reference's does. Tolerances: the forwards' float32 round-off (SiT: 2e-5, its time-flip
+    folded into the weights; else 1e-5); the samplers: 1e-5 (4 such steps of size 1/4 on a float64 state; measured
+    7e-7)."""
+    from srdit.transport.samplers import guided_velocity, sample
+
+    src = tmp_path / "ref.pt"
+    ema, raw = save_as_reference(src, layout, container, legacy)
+    out = tmp_path / "srdit.pt"
+    for weights, sd in [("ema", ema), ("model", raw)][: 2 if container == "training" else 1]:
+        argv = ["convert", str(src), "--from", layout, "--preset", "digits", "--out", str(out), "--weights", weights]
+        assert main(argv + target_overrides(layout)) == 0
+        assert json.loads(capsys.readouterr().out)["weights"] == weights
+        model, cfg = model_from_checkpoint(load_checkpoint(out))
+        model.eval()
+        x, t, y, cls = inputs()
+        with torch.no_grad():
+            if layout == "sit":
+                ref, _ = reference_forward(sd, "sit", x, 1 - t, y)
+                assert torch.allclose(model(x, t, y)[0], -ref, atol=2e-5, rtol=1e-5)
+            else:
+                v, aux = model(x, t, y, cls if layout == "speedrundit" else None)
+                ref, ref_cls = reference_forward(sd, layout, x, t, y, cls)
+                assert torch.allclose(v, ref, atol=1e-5, rtol=0)
+                if layout == "speedrundit":
+                    assert torch.allclose(aux["reg"], ref_cls, atol=1e-5, rtol=0)
+            assert float(ref.abs().mean()) > 0.1
+            noise = [x] + ([cls] if cfg.model.reg.enabled else [])
+            ours = sample(guided_velocity(model, y, K), noise, "euler", steps=4).state
+            theirs = reference_euler(sd, layout, noise, y, steps=4)
+        assert len(ours) == len(theirs) == (2 if layout == "speedrundit" else 1)
+        for a, b in zip(ours, theirs):
+            assert torch.allclose(a, b, atol=1e-5, rtol=0), float((a - b).abs().max())
+        assert float((ours[0] - x).abs().mean()) > 0.1  # the steps moved the state
+
+
+def _convert_fails(capsys, src, layout, out):
+    return _fails(
+        capsys,
+        ["convert", str(src), "--from", layout, "--preset", "digits", "--out", str(out), *target_overrides(layout)],
+    )
+
+
+@pytest.mark.parametrize("tamper", ["theta", "axes", "grid"])
+def test_a_rope_table_that_is_not_this_models_is_refused_naming_the_key(tamper, tmp_path, capsys):
+    """SR-DiT's RoPE buffers are a function of the config: another theta, the axes swapped (column angles first) or
+    another grid is one line naming the key, and nothing is written."""
+    state = reference_state("speedrundit")
+    half = D // HEADS // 2
+    sin = state["feat_rope.freqs_sin"]
+    key, table = {
+        "theta": ("feat_rope.freqs_cos", eva_rope_tables(D // HEADS, G, theta=100)[0]),
+        "axes": ("feat_rope.freqs_sin", torch.cat([sin[:, half:], sin[:, :half]], 1)),
+        "grid": ("feat_rope.freqs_cos", eva_rope_tables(D // HEADS, 2 * G)[0]),
+    }[tamper]
+    state[key] = table
+    torch.save({"ema": state, "model": state, "args": reference_args("speedrundit"), "steps": 1}, tmp_path / "bad.pt")
+    err = _convert_fails(capsys, tmp_path / "bad.pt", "speedrundit", tmp_path / "o.pt")
+    assert f"{key} " in err and "is not the 2-D RoPE table srdit computes" in err
+    assert err.count("feat_rope") == 1  # the untouched table passes
+    if tamper == "grid":
+        assert f"{key} ({4 * G * G}, {D // HEADS}) is not" in err and f"(shape ({G * G}, {D // HEADS}))" in err
+    assert not (tmp_path / "o.pt").exists()
+
+
+def test_rope_tables_in_a_layout_without_rope_are_refused(tmp_path, capsys):
+    """Only the layout whose model registers a table may drop it; elsewhere it is an unknown extra tensor."""
+    state = reference_state("repa")
+    state["feat_rope.freqs_cos"], state["feat_rope.freqs_sin"] = eva_rope_tables(D // HEADS, G)
+    torch.save(state, tmp_path / "repa.pt")
+    err = _convert_fails(capsys, tmp_path / "repa.pt", "repa", tmp_path / "o.pt")
+    assert "checkpoint tensors the srdit model has no place for: feat_rope.freqs_cos, feat_rope.freqs_sin" in err
+    state = reference_state("speedrundit")
+    state["feat_rope.freqs_tan"] = state["feat_rope.freqs_sin"]  # not a buffer SR-DiT registers
+    torch.save(state, tmp_path / "srdit.pt")
+    err = _convert_fails(capsys, tmp_path / "srdit.pt", "speedrundit", tmp_path / "o.pt")
+    assert "checkpoint tensors the srdit model has no place for: feat_rope.freqs_tan" in err
+
+
+def test_empty_truncated_and_random_files_are_one_line_errors_naming_the_file(tmp_path, capsys):
+    good = tmp_path / "good.pt"
+    training_file(good, "sit")
+    data = good.read_bytes()
+    cases = {
+        "empty.pt": (b"", "empty file (0 bytes), not a PyTorch checkpoint"),
+        "half.pt": (data[: len(data) // 2], "not a readable PyTorch checkpoint"),
+        "head.pt": (data[:100], "not a readable PyTorch checkpoint (100 bytes: truncated, damaged"),
+        "random.pt": (np.random.default_rng(0).bytes(4096), "not a readable PyTorch checkpoint (4096 bytes"),
+        "one_byte.pt": (b"\x80", "not a readable PyTorch checkpoint (1 bytes"),
+    }
+    for name, (content, expect) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        err = _fails(
+            capsys,
+            ["convert", str(tmp_path / name), "--from", "sit", "--preset", "digits", "--out", str(tmp_path / "o.pt")],
+        )
+        assert f"{tmp_path / name}: {expect}" in err, err
+    torch.save({"ema": reference_state("sit"), "args": np.float64(1.0)}, tmp_path / "numpy.pt")  # not loadable safely
+    err = _fails(
+        capsys,
+        ["convert", str(tmp_path / "numpy.pt"), "--from", "sit", "--preset", "digits", "--out", str(tmp_path / "o.pt")],
+    )
+    assert f"{tmp_path / 'numpy.pt'}: holds a numpy" in err and "weights-only loader" in err
+    assert not (tmp_path / "o.pt").exists()
 
 
 def test_sit_xl2_preset_matches_the_reference_shapes():
