@@ -71,7 +71,8 @@ def store_problem(db: Path) -> str:
     """Why the SQLite store `db` cannot be used ("" when it can): not a database, damaged pages, or a schema that
     MLflow did not finish building (a store created in place by an older srdit and killed meanwhile)."""
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
+        # read-write, as MLflow opens it: a hot journal left by a killed writer is rolled back, not taken for damage
+        con = sqlite3.connect(db, timeout=60)
     except sqlite3.Error as e:
         return str(e)
     try:
@@ -85,7 +86,9 @@ def store_problem(db: Path) -> str:
         if missing:
             return f"MLflow's tables are missing ({', '.join(sorted(missing))}): its creation was interrupted"
         version = con.execute("SELECT version_num FROM alembic_version").fetchone()
-        if version is None or version[0] != _head_revision():
+        if (version is None or version[0] != _head_revision()) and not con.execute("SELECT 1 FROM runs").fetchone():
+            # no run yet and not at MLflow's head: a creation interrupted between two migrations (a store of an
+            # older MLflow that holds runs is MLflow's to upgrade: it says how)
             return "MLflow's schema was left half-built (its creation was interrupted)"
     except sqlite3.Error as e:
         return str(e)
@@ -106,7 +109,7 @@ def _head_revision() -> str:
 def holds_runs(db: Path) -> bool:
     """Whether a (possibly damaged) store has any run recorded; False when that cannot be read."""
     try:
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=60)
+        con = sqlite3.connect(db, timeout=60)
         try:
             return bool(con.execute("SELECT 1 FROM runs LIMIT 1").fetchone())
         finally:
