@@ -27,7 +27,9 @@ TINY = {
 
 def _killed_after(code: str, delay: float) -> None:
     """Run `code` in a fresh interpreter once its imports are done, and SIGKILL it `delay` s after it starts."""
-    prog = "import sys\n" + textwrap.dedent(code.split("#go")[0]) + "\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+    prog = (
+        "import sys\n" + textwrap.dedent(code.split("#go")[0]) + "\nprint('ready', flush=True)\nsys.stdin.readline()\n"
+    )
     prog += textwrap.dedent(code.split("#go")[1])
     p = subprocess.Popen(
         [sys.executable, "-c", prog],

@@ -464,9 +464,7 @@ def _repair(args) -> int:
     for status in done.rebuilt.values():
         counts[status] = counts.get(status, 0) + 1
     what = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda x: -x[1])) or "none"
-    print(
-        f"rebuilt {len(done.rebuilt)} trial run(s) from their folders ({what}); {done.present} already in the store"
-    )
+    print(f"rebuilt {len(done.rebuilt)} trial run(s) from their folders ({what}); {done.present} already in the store")
     if done.no_journal:
         print(
             f"{len(done.no_journal)} trial folder(s) hold no record of their run (written by an older srdit): "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import sys
-
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
