@@ -120,6 +120,12 @@ def study_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="each trial's status, counts, and what a rerun will do")
     st.add_argument("study", help="the study YAML")
     st.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
+    rp = sub.add_parser(
+        "repair",
+        help="rebuild the study's MLflow records from its trial folders (a damaged store is kept aside, renamed)",
+    )
+    rp.add_argument("study", help="the study YAML")
+    rp.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
     b = sub.add_parser("bench", help="time one training step of every cell, interleaved in one process")
     b.add_argument("study", help="the study YAML")
     b.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
@@ -160,6 +166,8 @@ def main(argv: list[str] | None = None) -> int:
             return _export(args)
         if args.cmd == "bench":
             return _bench(args)
+        if args.cmd == "repair":
+            return _repair(args)
         return _status(args)
     except ConfigError as e:
         return fail(prog, str(e))
@@ -439,6 +447,30 @@ def _status(args) -> int:
         print(f"a rerun (`{cmd}`) has nothing to run")
     if rerun_failed:
         print(f"with --retry-failed it would also rerun {sum(rerun_failed.values())}: {fmt(rerun_failed)}")
+    return 0
+
+
+def _repair(args) -> int:
+    """`srdit study repair`: the study's MLflow records rebuilt from its trial folders (`srdit.runtime.repair`);
+    refused while a driver runs the study."""
+    from srdit.runtime.lock import study_lock
+    from srdit.runtime.repair import repair
+    from srdit.study.spec import load_study
+
+    spec = load_study(args.study)
+    with study_lock(args.state, spec.name):
+        done = repair(spec, args.state, echo=lambda s: print(s, flush=True))
+    counts: dict[str, int] = {}
+    for status in done.rebuilt.values():
+        counts[status] = counts.get(status, 0) + 1
+    what = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda x: -x[1])) or "none"
+    print(f"rebuilt {len(done.rebuilt)} trial run(s) from their folders ({what}); {done.present} already in the store")
+    if done.no_journal:
+        print(
+            f"{len(done.no_journal)} trial folder(s) hold no record of their run (written by an older srdit): "
+            f"`srdit study run {args.study} --state {args.state}` resumes them from their checkpoints"
+        )
+    print(f"next: `srdit study status {args.study} --state {args.state}`")
     return 0
 
 

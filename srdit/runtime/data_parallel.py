@@ -94,7 +94,7 @@ def _worker_loop(loop: dict) -> None:
     import ray.train.torch
     import torch
 
-    from srdit.runtime.tracking import ChildRun, TrialReporter
+    from srdit.runtime.tracking import RUN_JOURNAL, ChildRun, TrialReporter
     from srdit.techniques import load_plugin_sources
     from srdit.train import train
 
@@ -108,7 +108,8 @@ def _worker_loop(loop: dict) -> None:
     main = ray.train.get_context().get_world_rank() == 0
     if main:
         _record_placement_group(loop["out_dir"])
-    reporter = TrialReporter(ChildRun(loop["uri"], loop["run_id"], reused=True), to_tune=False) if main else None
+    journal = Path(loop["out_dir"]) / RUN_JOURNAL
+    reporter = TrialReporter(ChildRun(loop["uri"], loop["run_id"], True, journal), to_tune=False) if main else None
     try:
         res = train(cfg, loop["out_dir"], reporter, resume=True, progress=False, snapshots=True)
     except Exception as e:  # the training code's failure is this trial's outcome: record it, then fail the group

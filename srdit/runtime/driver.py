@@ -576,7 +576,20 @@ def _fit_grid(spec, plan, tracking, state: StudyState, jobs: list[Job], max_fail
         ),
         run_config=run_config,
     )
-    return tuner.fit()
+    _fit(tuner, echo)
+
+
+def _fit(tuner, echo: Callable[[str], None]) -> None:
+    """`tuner.fit()`, where a failure of Ray itself (its memory monitor killing a worker while Tune waits on it, a
+    lost node) ends this round of trials, never the driver: the trials recorded so far are kept, the rest stay
+    unfinished, and `_finish` says so and how to resume (the parent run is not left RUNNING)."""
+    try:
+        tuner.fit()
+    except Exception as e:
+        if not (type(e).__module__.split(".")[0] == "ray" or is_oom(e)):
+            raise
+        what = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        echo(f"  Ray stopped the trials early ({what}); the trials recorded so far are kept")
 
 
 def _max_concurrent(r) -> int | None:
@@ -671,7 +684,7 @@ def _run_search(
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
         progress = _progress_callback(spec.design.trials, n_done, echo, spec.metrics.primary)
         wrapped, run_config = _tuner_common(spec, state, max_failures, [progress])
-        tune.Tuner(
+        tuner = tune.Tuner(
             wrapped,
             param_space={**space, "ctx": ctx},
             tune_config=tune.TuneConfig(
@@ -682,7 +695,8 @@ def _run_search(
                 trial_dirname_creator=_trial_name,
             ),
             run_config=run_config,
-        ).fit()
+        )
+        _fit(tuner, echo)
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
     return _finish(spec, plan, tracking, state, n_done, remaining, echo, t0)

@@ -7,12 +7,16 @@ one way to open the study's run tree (create it, find it read-only, or fail with
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from srdit.config import ConfigError
+from srdit.runtime.lock import state_init_lock
+from srdit.runtime.store import check_store, holds_runs, set_aside, sqlite_path, store_problem
 from srdit.runtime.tracking import StudyTracking, is_local_store, open_study, resolve_uri
 
 
@@ -86,8 +90,25 @@ class StudyState:
         file exists (reading never creates it)."""
         return not is_local_store(self.uri) or Path(self.uri[len("sqlite:///") :]).exists()
 
-    def open(self, tags: Mapping[str, Any] | None = None) -> StudyTracking:
-        """Find or create the study's experiment and parent run (the driver; `tags` on a new parent run)."""
+    def check_store(self) -> None:
+        """Raise `StoreDamaged` (one line, with the `srdit study repair` command) when the study's SQLite store
+        exists and cannot be used (`srdit.runtime.store`)."""
+        check_store(self.uri, self.study_file or self.study, self.root)
+
+    def open(self, tags: Mapping[str, Any] | None = None, echo=None) -> StudyTracking:
+        """Find or create the study's experiment and parent run (the driver; `tags` on a new parent run). A new
+        SQLite store is built aside and moved in complete (`ensure_store`); a damaged one that holds no run yet
+        (a creation killed by an older srdit) is set aside and built again, said in one line to `echo`; a damaged
+        one with runs raises `StoreDamaged`."""
+        db = sqlite_path(self.uri)
+        with state_init_lock(self.root) if db is not None else contextlib.nullcontext():
+            if db is not None and db.exists() and store_problem(db) and not holds_runs(db):
+                kept = set_aside(db)
+                (echo or (lambda s: print(s, file=sys.stderr, flush=True)))(
+                    f"the MLflow store {db} was left half-built with no runs in it; kept as {kept.name}, "
+                    "building a new one"
+                )
+            self.check_store()
         return open_study(
             self.uri, self.experiment, self.study, self.root, artifact_location=self.artifact_location, tags=tags
         )
@@ -96,6 +117,7 @@ class StudyState:
         """The study's experiment and parent run if they exist; creates nothing (None without a store or run)."""
         if not self.store_exists():
             return None
+        self.check_store()
         return open_study(self.uri, self.experiment, self.study, self.root, create=False)
 
     def tracking(self) -> StudyTracking:

@@ -318,14 +318,21 @@ def open_study(
     same parent. Returns None when `create` is False and nothing exists yet.
 
     On the embedded store (SQLite in the state folder) drivers serialise this (`lock.state_init_lock`): concurrent
-    first opens race in MLflow's table creation otherwise; and artifact locations are resolved against the state
+    first opens race in MLflow's table creation otherwise; a new SQLite store is built aside and moved in
+    complete (`srdit.runtime.store.ensure_store`); and artifact locations are resolved against the state
     folder (`relocate_store`), so that a moved or copied state writes into itself."""
+    from srdit.runtime.store import ensure_store
+
     if is_local_store(uri) and uri == default_tracking_uri(state_dir):
         from srdit.runtime.lock import state_init_lock
 
         with state_init_lock(state_dir):
+            if create:
+                ensure_store(uri)
             relocate_store(state_dir)
             return _open_study(uri, experiment_name, study, state_dir, artifact_location, create, tags)
+    if create:
+        ensure_store(uri)
     return _open_study(uri, experiment_name, study, state_dir, artifact_location, create, tags)
 
 
@@ -375,11 +382,21 @@ def _open_study(uri, experiment_name, study, state_dir, artifact_location, creat
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class ChildRun:
-    """The MLflow child run of one trial; the trial's Reporter writes through it."""
+RUN_JOURNAL = "mlflow_run.jsonl"
+"""A trial folder's copy of everything its child run recorded in MLflow, one JSON line per call (`ChildRun`):
+the MLflow store is rebuilt from these (`srdit study repair`, `srdit.runtime.repair`)."""
 
-    def __init__(self, uri: str, run_id: str, reused: bool):
+
+class ChildRun:
+    """The MLflow child run of one trial; the trial's Reporter writes through it.
+
+    With `journal` (the trial folder's `RUN_JOURNAL`), every record that reaches MLflow is also appended there
+    (`{"op": "create" | "open" | "tags" | "params" | "metrics" | "artifact" | "text" | "end", ...}`, in call
+    order), so that the trial folder holds the run as well as the store does."""
+
+    def __init__(self, uri: str, run_id: str, reused: bool, journal: str | Path | None = None):
         self.uri, self.run_id, self.reused = uri, run_id, reused
+        self.journal = Path(journal) if journal else None
         self.client = MlflowClient(uri)
         self.logged_upto: dict[str, int] = self.last_steps() if reused else {}
         """Metric key -> last step already in the run (a resumed trial does not log those steps again; also for a
@@ -396,9 +413,10 @@ class ChildRun:
         tags: Mapping[str, Any],
         params: Mapping[str, Any],
         run_id: str | None = None,
+        journal: str | Path | None = None,
     ) -> ChildRun:
         """Reuse the child run with this trial key (given, or looked up), else create it; set it RUNNING and log
-        the params and tags."""
+        the params and tags (and to `journal`, see the class)."""
         client = MlflowClient(uri)
         if run_id is None:
             found = list_runs(
@@ -413,10 +431,12 @@ class ChildRun:
                 run_name=run_name,
                 tags={PARENT_TAG: parent_run_id, KEY_TAG: key, ROLE_TAG: "trial"},
             )
-            child = cls(uri, run.info.run_id, reused=False)
+            child = cls(uri, run.info.run_id, reused=False, journal=journal)
+            child._note("create", run_name=run_name, start_time=run.info.start_time, tags=dict(run.data.tags))
         else:
             retry(client.update_run, run_id, "RUNNING")
-            child = cls(uri, run_id, reused=True)
+            child = cls(uri, run_id, reused=True, journal=journal)
+            child._note("open", run_name=run_name)
         child.log_tags({**tags, "status": "running", "status_reason": ""})
         if not child.reused or not retry(client.get_run, run_id).data.params:
             child.log_params(params)  # params are immutable in MLflow: logged once per run
@@ -429,16 +449,26 @@ class ChildRun:
             k: max((m.step for m in retry(self.client.get_metric_history, self.run_id, k)), default=-1) for k in keys
         }
 
+    def _note(self, op: str, **record: Any) -> None:
+        """Append one record to the journal (none without one)."""
+        if self.journal is None:
+            return
+        self.journal.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.journal, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"op": op, "run_id": self.run_id, **record}) + "\n")
+
     def log_tags(self, tags: Mapping[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
         for chunk in _chunks(items, _BATCH_ENTITIES):
             retry(self.client.log_batch, self.run_id, tags=chunk)
+        self._note("tags", tags={t.key: t.value for t in items})
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         flat = flatten_dict(params)
         items = [Param(k, json.dumps(v) if isinstance(v, (list, tuple, dict)) else str(v)) for k, v in flat.items()]
         for chunk in _chunks(items, _BATCH_ENTITIES):
             retry(self.client.log_batch, self.run_id, params=chunk)
+        self._note("params", params={p.key: p.value for p in items})
 
     def log_metrics(self, step: int, metrics: Mapping[str, float]) -> None:
         """One round trip for all keys of a report. A key already logged at this step or later (by the run this
@@ -455,12 +485,16 @@ class ChildRun:
             items.append(Metric(k, v if math.isfinite(v) or v != v else math.copysign(1.7e308, v), ts, int(step)))
         for chunk in _chunks(items, 1000):
             retry(self.client.log_batch, self.run_id, metrics=chunk)
+        if items:
+            self._note("metrics", metrics=[[m.key, m.value, m.timestamp, m.step] for m in items])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         retry(self.client.log_artifact, self.run_id, str(path), artifact_path)
+        self._note("artifact", path=str(Path(path).resolve()), artifact_path=artifact_path)
 
     def log_text(self, text: str, name: str) -> None:
         retry(self.client.log_text, self.run_id, text, name)
+        self._note("text", text=text, name=name)
 
     def finish(self, status: str, reason: str, cause: str = "") -> None:
         """End the run with its outcome; a crashed run also records why (`cause`: CRASH_CAUSE, code or
@@ -470,6 +504,7 @@ class ChildRun:
             tags[CRASH_CAUSE] = cause
         self.log_tags(tags)
         retry(self.client.set_terminated, self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
+        self._note("end", status=MLFLOW_STATUS.get(status, "FAILED"), end_time=_now_ms())
 
 
 class TrialReporter:

@@ -40,7 +40,7 @@ from srdit.runtime.jobs import (
     trial_job,
 )
 from srdit.runtime.occupancy import Occupancy
-from srdit.runtime.tracking import ChildRun, TrialReporter, is_done, runtime_tags
+from srdit.runtime.tracking import RUN_JOURNAL, ChildRun, TrialReporter, is_done, runtime_tags
 from srdit.study.designs import TrialSpec, make_cell, make_trial, search_objectives, violated
 from srdit.study.spec import StudySpec
 from srdit.techniques import load_plugin_sources
@@ -176,6 +176,7 @@ def open_child(job: TrialJob, ctx: TrialContext, extra_tags: dict | None = None)
         {**trial_tags(job, ctx), "mlflow.runName": name, **(extra_tags or {})},
         trial_params(job.trial),
         run_id=job.run_id,
+        journal=Path(ctx.trials_dir) / job.key / RUN_JOURNAL,
     )
 
 
