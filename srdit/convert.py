@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from srdit.config import RunConfig, apply_diff, parse_override, to_dict
+from srdit.config import RunConfig, apply_diff, input_file_problem, parse_override, to_dict
 from srdit.model import SIZES, build_model
 
 LAYOUTS = ("speedrundit", "repa", "sit")
@@ -109,8 +109,11 @@ def read_reference(path: str | Path, weights: str = "ema") -> tuple[dict[str, to
     when the file has none). A bare state dict (the published files) is returned as is. Loaded with
     weights_only=True; the references' `args` (an argparse.Namespace) is the one class allowed besides tensors."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConvertError(f"{path}: no such checkpoint file")
+    problem = input_file_problem(path, max_bytes=None)  # e.g. /dev/zero, a FIFO
+    if problem:
+        raise ConvertError(problem)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
