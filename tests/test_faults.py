@@ -17,12 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from srdit.analysis.results import INFRASTRUCTURE
+from srdit.analysis.results import CRASH_CAUSE, INFRASTRUCTURE
 from srdit.cache import save_atomic
 from srdit.commands import main
 from srdit.config import YAML_MAX_BYTES
 from srdit.runtime.worker import _crash, is_oom
-from srdit.train import load_checkpoint, out_of_memory, resolve_device
+from srdit.train import TRAIN_LOG, load_checkpoint, out_of_memory, resolve_device
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,19 +74,21 @@ def srdit(*args, limit_bytes: int | None = None, timeout: int = 300) -> subproce
 
 @pytest.fixture
 def full_disk_for(monkeypatch):
-    """`full_disk_for(name, after=k)`: the atomic writes of files named `name` after the first `k` go to /dev/full,
+    """`full_disk_for(name, after=k)`: the atomic writes of files named `name` after the first `k` (in each folder) go
+    to /dev/full,
     where every write fails with ENOSPC, as on a full disk (the temporary file itself is created, as it would be).
     Returns a function that frees the disk again."""
     real = tempfile.mkstemp
 
     def arm(name: str, after: int = 0):
-        calls = {"n": 0}
+        calls: dict[Path, int] = {}
 
         def mkstemp(*args, **kwargs):
             fd, tmp = real(*args, **kwargs)
             if Path(tmp).name.startswith(f".{name}."):
-                calls["n"] += 1
-                if calls["n"] > after:
+                folder = Path(tmp).parent
+                calls[folder] = calls.get(folder, 0) + 1
+                if calls[folder] > after:
                     full = os.open("/dev/full", os.O_WRONLY)
                     os.dup2(full, fd)
                     os.close(full)
@@ -132,6 +134,57 @@ def test_train_on_a_full_disk_is_one_line_and_resumes(tmp_path, capsys, full_dis
     assert json.loads(stdout.strip().splitlines()[-1])["status"] == "finished"
     assert load_checkpoint(ckpt)["step"] == 20
     assert "written_before_the_rerun" in (out / "metrics.jsonl").read_text()  # trained on from step 10
+
+
+@pytest.mark.slow
+def test_a_study_on_a_full_disk_records_it_plainly_and_resumes(tmp_path, full_disk_for):
+    """Every trial's final checkpoint meets a full disk: each trial is `crashed`, its reason naming the disk and
+    the file, its cause the infrastructure's (no evidence against the techniques); run again with room on the disk,
+    every trial finishes from its last checkpoint."""
+    from srdit.runtime.driver import _context, prepare, work_units
+    from srdit.runtime.jobs import trial_job
+    from srdit.runtime.worker import execute_group
+    from srdit.study.spec import study_from_dict
+
+    spec = study_from_dict(
+        {
+            "name": "full-disk",
+            "base": {
+                "train": {"steps": 4, "batch_size": 16, "log_every": 2, "ckpt_every": 2, "threads": 1},
+                "eval": {"n_samples": 40, "batch_size": 40},
+                "sample": {"sampler": "euler", "steps": 2},
+            },
+            "seeds": [0],
+            "techniques": [{"name": "slow_lr", "diff": {"train.lr": 5e-5}}],
+            "metrics": {"primary": "fd", "direction": "min"},
+        }
+    )
+    plan, tracking, state = prepare(spec, tmp_path / "state")
+    ctx = _context(spec, tracking, state, plan)
+
+    def run_all():
+        for unit in work_units(plan, [trial_job(t, ".") for t in plan.trials], {}):
+            execute_group(unit, ctx)
+        return {r.data.tags["cell"]: r.data.tags for r in tracking.children_by_key().values()}
+
+    free_space = full_disk_for("last.pt", after=1)  # the step-2 checkpoint is written, the final one is not
+    runs = run_all()
+    assert {c: t["status"] for c, t in runs.items()} == {"0": "crashed", "1": "crashed"}
+    for tags in runs.values():
+        assert tags[CRASH_CAUSE] == INFRASTRUCTURE
+        assert tags["status_reason"].startswith("OSError: [Errno 28] No space left on device: ")
+        assert tags["status_reason"].endswith("checkpoints/last.pt'")
+    checkpoints = sorted(Path(ctx.trials_dir).glob("*/checkpoints/*"))
+    assert len(checkpoints) == 2 and all(p.name == "last.pt" and load_checkpoint(p)["step"] == 2 for p in checkpoints)
+    free_space()
+    logs = [p.parent.parent / TRAIN_LOG for p in checkpoints]
+    for log in logs:  # a fresh start would clear a trial's training log; a resumed trial keeps it
+        with log.open("a") as f:
+            f.write(json.dumps({"step": 0, "written_before_the_rerun": 1}) + "\n")
+    runs = run_all()
+    assert {c: t["status"] for c, t in runs.items()} == {"0": "finished", "1": "finished"}
+    assert all(load_checkpoint(p)["step"] == 4 for p in checkpoints)
+    assert all("written_before_the_rerun" in log.read_text() for log in logs)  # trained on from step 2
 
 
 # ----------------------------------------------------------------------------------------------------------------

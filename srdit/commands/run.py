@@ -69,13 +69,18 @@ def cmd_train(args) -> int:
     # Under torchrun (WORLD_SIZE > 1) every process joins one data-parallel run; rank 0 writes and reports.
     cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
     dp = init_from_env("cuda" if cuda else "cpu")
-    result = train(
-        cfg,
-        out,
-        JsonlReporter(out / "metrics.jsonl"),
-        resume=not args.restart,
-        progress=None if not args.quiet else False,
-    )
+    try:
+        result = train(
+            cfg,
+            out,
+            JsonlReporter(out / "metrics.jsonl"),
+            resume=not args.restart,
+            progress=None if not args.quiet else False,
+        )
+    except OSError as e:
+        if e.filename or not e.errno:
+            raise
+        raise OSError(e.errno, e.strerror, str(out)) from e  # a plain write (metrics, samples) names no file
     if dp.active:
         torch.distributed.destroy_process_group()
     summary = {
