@@ -28,9 +28,9 @@ from typing import Protocol
 import torch
 
 from srdit.cache import save_atomic, write_atomic
-from srdit.config import ConfigError, RunConfig, flatten_dict, from_dict, input_file_problem, to_dict, to_yaml
+from srdit.config import RunConfig, flatten_dict, from_dict, input_file_problem, to_dict, to_yaml
 from srdit.model import build_model
-from srdit.parallel import DataParallel
+from srdit.parallel import DataParallel, check_device
 from srdit.provenance import provenance
 from srdit.transport.objective import TEACHER_SETTINGS, StepNoise, teacher_widths, training_losses
 
@@ -159,18 +159,7 @@ def resolve_device(name: str, key: str = "train.device") -> torch.device:
     cuda:N beyond its device count): checked when the run starts, not at its first tensor."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(
-                f"{key}={name}: no CUDA device here (torch.cuda.is_available() is False); use cpu or auto"
-            )
-        index = int(name.partition(":")[2] or 0)
-        if index >= count and not DataParallel.current().active:
-            raise ConfigError(
-                f"{key}={name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); "
-                f"use one of them, cuda or auto"
-            )
+    check_device(name, key, any_index=DataParallel.current().active)
     # The launcher picked this process's GPU (torch.cuda.set_device); data-parallel ranks never share one.
     if name == "cuda" or (name.startswith("cuda") and DataParallel.current().active):
         return torch.device("cuda", torch.cuda.current_device())

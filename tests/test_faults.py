@@ -20,7 +20,7 @@ import torch
 from srdit.analysis.results import CRASH_CAUSE, INFRASTRUCTURE
 from srdit.cache import save_atomic
 from srdit.commands import main
-from srdit.config import YAML_MAX_BYTES
+from srdit.config import YAML_MAX_BYTES, ConfigError
 from srdit.runtime.worker import _crash, is_oom
 from srdit.train import TRAIN_LOG, load_checkpoint, out_of_memory, resolve_device
 
@@ -268,13 +268,14 @@ def test_a_device_this_machine_lacks_is_one_line_before_training(tmp_path, capsy
     assert not (tmp_path / "run/checkpoints").exists()  # refused before anything was built
 
 
-def test_sample_names_its_own_flag_for_a_missing_device():
-    if torch.cuda.is_available():
-        bad = f"cuda:{torch.cuda.device_count()}"
-    else:
-        bad = "cuda"
-    with pytest.raises(ValueError, match=f"^--device={bad}: "):
-        resolve_device(bad, "--device")
+def test_sample_and_evaluate_name_their_own_flag_for_a_missing_device():
+    """`srdit sample` / `evaluate` resolve --device with the same rule, sharded sampling included."""
+    from srdit.sample_shards import shard_device
+
+    bad = f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    for resolve in (resolve_device, shard_device):
+        with pytest.raises(ConfigError, match=f"^--device={bad}: "):
+            resolve(bad, "--device") if resolve is resolve_device else resolve(bad)
 
 
 # ----------------------------------------------------------------------------------------------------------------
