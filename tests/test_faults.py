@@ -238,6 +238,15 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path, args):
     ]
 
 
+def test_a_plugin_file_that_is_a_fifo_is_refused(tmp_path):
+    fifo = tmp_path / "pipe.py"
+    os.mkfifo(fifo)
+    (tmp_path / "run.yaml").write_text("plugins: [pipe.py]\n")
+    r = srdit("train", tmp_path / "run.yaml", "--print-config", timeout=120)
+    line = one_line(r.returncode, r.stderr, code=2)
+    assert f"plugin {fifo}: is a named pipe (FIFO), not a regular file" in line, line
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # 3. A device this machine does not have
 # ----------------------------------------------------------------------------------------------------------------
