@@ -335,3 +335,18 @@ def test_train_out_of_memory_while_building_is_one_line(tmp_path):
     line = one_line(r.returncode, r.stderr, code=1)
     assert line.startswith("srdit train: error: out of CPU memory allocating ")
     assert line.endswith("; lower train.batch_size (now 64) or the model size (model.size XL)")
+
+
+@pytest.mark.slow
+def test_sample_out_of_memory_is_one_line(tmp_path):
+    """The same rule for every run command: sampling a batch too large for the memory it may use."""
+    r = srdit("train", "train.steps=2", "eval.n_samples=20", "eval.batch_size=20", "--out", tmp_path, "--quiet")
+    assert r.returncode == 0, r.stderr
+    ckpt = tmp_path / "checkpoints/last.pt"
+    r = srdit(
+        "sample", ckpt, "--n", "200000", "--batch-size", "200000", "--steps", "2", "--out", tmp_path / "s",
+        limit_bytes=ADDRESS_SPACE,
+    )  # fmt: skip
+    line = one_line(r.returncode, r.stderr, code=1)
+    assert line.startswith("srdit sample: error: out of CPU memory allocating ")
+    assert line.endswith("; lower the batch size or the model size")

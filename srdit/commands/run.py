@@ -28,9 +28,16 @@ def guarded(prog: str, func, args) -> int:
     except (ValueError, FileNotFoundError, NotImplementedError, KeyError) as e:
         return fail(prog, first_line(e))
     except OSError as e:  # e.g. a full disk; checkpoints are written atomically: the last complete one is kept
-        return fail(prog, f"{os_error_line(e)}; {RESUME_HINT}", code=EXIT_FAILURE)
-    except MemoryError as e:  # srdit.train.out_of_memory's line (what to lower)
-        return fail(prog, first_line(e) if str(e) else "out of memory", code=EXIT_FAILURE)
+        hint = f"; {RESUME_HINT}" if prog == "srdit train" else ""
+        return fail(prog, os_error_line(e) + hint, code=EXIT_FAILURE)
+    except (MemoryError, RuntimeError) as e:
+        from srdit.train import out_of_memory
+
+        # train() raises MemoryError with out_of_memory's line already (with the config's sizes)
+        line = first_line(e) if isinstance(e, MemoryError) and str(e) else out_of_memory(e)
+        if line is None:
+            raise
+        return fail(prog, line, code=EXIT_FAILURE)
     except KeyboardInterrupt:
         print(f"srdit: interrupted; {RESUME_HINT}", file=sys.stderr)
         return 130
