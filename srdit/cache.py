@@ -71,7 +71,8 @@ def write_atomic(path: str | os.PathLike, write) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         failed = os_error_in(e) if isinstance(e, Exception) else None
-        if failed is not None:  # e.g. a full disk: torch.save wraps it in its zip writer's RuntimeError, unnamed
+        named = isinstance(e, OSError) and e.filename not in (None, tmp)  # the writer's own error, already named
+        if failed is not None and not named:  # e.g. a full disk: torch.save wraps it in a RuntimeError, unnamed
             raise OSError(failed.errno, failed.strerror or os.strerror(failed.errno), str(path)) from e
         raise
 
