@@ -223,8 +223,9 @@ def test_a_study_yaml_that_is_dev_zero_or_oversize(tmp_path, capsys):
         ["study", "plan", "{fifo}"],
         ["train", "{fifo}"],
         ["sample", "{fifo}", "--out", "{out}"],
+        ["convert", "{fifo}", "--from", "sit", "--preset", "digits", "--out", "{out}"],
     ],
-    ids=["analyze", "study", "train", "checkpoint"],
+    ids=["analyze", "study", "train", "checkpoint", "convert"],
 )
 def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path, args):
     """A FIFO with no writer: opening it would block forever (a separate process, so a regression times out)."""
