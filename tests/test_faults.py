@@ -351,3 +351,20 @@ def test_sample_out_of_memory_is_one_line(tmp_path):
     line = one_line(r.returncode, r.stderr, code=1)
     assert line.startswith("srdit sample: error: out of CPU memory allocating ")
     assert line.endswith("; lower the batch size or the model size")
+
+
+def test_an_image_that_is_a_fifo_is_refused(tmp_path):
+    """`srdit preprocess` / `srdit reference` decode every image of a folder: a FIFO among them is named, not waited
+    on (a separate process, so a regression times out)."""
+    fifo = tmp_path / "n01" / "a.jpg"
+    fifo.parent.mkdir()
+    os.mkfifo(fifo)
+    code = f"from srdit.data.imagenet import load_crop\ntry:\n    load_crop({str(fifo)!r}, 8)\nexcept ValueError as e:\n    print(e)"
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert r.stdout.strip() == f"{fifo}: is a named pipe (FIFO), not a regular file; give the path of a file", r.stderr
