@@ -54,7 +54,10 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> None:
 
 def write_atomic(path: str | os.PathLike, write) -> None:
     """`write(binary file)` into a temporary file in the same folder, fsync, then atomically replace `path`
-    (a reader sees the old file or the new one, never half of one)."""
+    (a reader sees the old file or the new one, never half of one).
+
+    Raises OSError naming `path` (errno kept: ENOSPC for a full disk) when the operating system refuses the write,
+    however the writer reported it; the temporary file is removed and `path` keeps its previous content."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -64,10 +67,31 @@ def write_atomic(path: str | os.PathLike, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        failed = os_error_in(e) if isinstance(e, Exception) else None
+        named = isinstance(e, OSError) and e.filename not in (None, tmp)  # the writer's own error, already named
+        if failed is not None and not named:  # e.g. a full disk: torch.save wraps it in a RuntimeError, unnamed
+            raise OSError(failed.errno, failed.strerror or os.strerror(failed.errno), str(path)) from e
         raise
+
+
+def os_error_in(e: BaseException) -> OSError | None:
+    """The operating system's error (an OSError with an errno) that `e` is, or was raised from or while handling;
+    None when there is none. torch.save reports a failed write (ENOSPC: no space left on device; EDQUOT; EIO) as
+    a RuntimeError of its zip writer, raised while handling the OSError of the file's `write`."""
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno:
+            return x
+        stack += [x.__cause__, x.__context__]
+    return None
 
 
 def load(path: str | os.PathLike) -> Any:

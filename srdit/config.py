@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import re
+import stat
 import types
 import typing
 from collections.abc import Mapping
@@ -741,6 +742,46 @@ def _check_tree(data: Any, source: str) -> None:
     walk(data)
 
 
+INPUT_MAX_BYTES = 1 << 30
+"Largest input file a command reads whole (a results table, a JSON): 1 GiB, far above any study's table."
+YAML_MAX_BYTES = 16 << 20
+"Largest YAML file (a run or study config) `read_yaml` reads: 16 MiB, far above any hand-written config."
+
+_NOT_REGULAR = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISDIR, "a folder"),
+)
+
+
+def input_file_problem(path: str | os.PathLike, max_bytes: int | None = INPUT_MAX_BYTES) -> str | None:
+    """Why a command should not read `path` as an input file, as one line naming it; None when it is a regular
+    file of at most `max_bytes` (None: any size, e.g. a checkpoint, which is read in chunks by torch). Refused:
+    a missing file, a folder, anything not a regular file (/dev/zero, a FIFO, a socket: reading them never ends or
+    blocks), and a file over the limit. The one rule of every reader of a command's input files; checked by
+    `stat`, which neither opens nor blocks."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return f"{path}: no such file"
+    except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
+        return f"{path!r}: cannot read ({getattr(e, 'strerror', None) or e})"
+    if not stat.S_ISREG(st.st_mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(st.st_mode)), "not a file")
+        return f"{path}: is {kind}, not a regular file; give the path of a file"
+    if max_bytes is not None and st.st_size > max_bytes:
+        return (
+            f"{path}: is {_size(st.st_size)}, over the {_size(max_bytes)} limit of an input file; is it the right file?"
+        )
+    return None
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
 def read_yaml(path: str | Path) -> Any:
     """Read a YAML file (UTF-8 text, strict: `parse_yaml`); every failure becomes a one-line ConfigError naming it."""
     p = Path(path)
@@ -749,6 +790,9 @@ def read_yaml(path: str | Path) -> Any:
             raise ConfigError(f"{path}: no such file")
         if p.is_dir():
             raise ConfigError(f"{path}: is a folder, expected a YAML file")
+        problem = input_file_problem(p, YAML_MAX_BYTES)
+        if problem:
+            raise ConfigError(problem)
         raw = p.read_bytes()
     except ConfigError:
         raise

@@ -45,7 +45,7 @@ from typing import Any
 
 import torch
 
-from srdit.config import RunConfig, apply_diff, parse_override, to_dict
+from srdit.config import RunConfig, apply_diff, input_file_problem, parse_override, to_dict
 from srdit.model import SIZES, build_model
 
 LAYOUTS = ("speedrundit", "repa", "sit")
@@ -137,8 +137,11 @@ def read_reference(path: str | Path, weights: str = "ema") -> tuple[dict[str, to
     ConvertError (one line naming the file) when it is missing, empty, not readable by torch.load (truncated,
     damaged, not torch.save's), holds other classes, or has no state dict of tensors where one is expected."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConvertError(f"{path}: no such checkpoint file")
+    problem = input_file_problem(path, max_bytes=None)  # e.g. /dev/zero, a FIFO
+    if problem:
+        raise ConvertError(problem)
     if path.stat().st_size == 0:
         raise ConvertError(f"{path}: empty file (0 bytes), not a PyTorch checkpoint")
     try:  # quiet: the loader's warnings (e.g. on a pickle protocol) would break the one-line error

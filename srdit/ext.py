@@ -48,7 +48,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from srdit.config import EXTENSIONS, RANGE, ConfigError, Range, from_dict
+from srdit.config import EXTENSIONS, RANGE, ConfigError, Range, from_dict, input_file_problem
 
 Tensor = Any
 "A Tensor (torch is not imported here: the config layer stays free of it)."
@@ -303,6 +303,9 @@ def import_plugins(entry: str, relative_to: Path | None = None) -> list[Plugin]:
             name, file, search = path.name, init, [str(path)]
             root = path
         elif path.suffix == ".py":
+            problem = input_file_problem(path)  # e.g. a FIFO, which the import would wait on forever
+            if problem:
+                raise ConfigError(f"plugin {problem}")
             name, file, search, root = path.stem, path, None, path.parent
         else:
             raise ConfigError(f"{entry}: a plugin is a .py file, a package folder or a module name")

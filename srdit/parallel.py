@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from srdit.config import ConfigError
+
 
 @dataclass(frozen=True)
 class DataParallel:
@@ -128,6 +130,23 @@ class _AllGather(torch.autograd.Function):
         grad = grad.contiguous().clone()
         dist.all_reduce(grad)
         return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n], None, None
+
+
+def check_device(name: str, key: str = "train.device", any_index: bool = False) -> None:
+    """ConfigError (one line naming `key`) when this machine cannot use the device `name` (cpu, cuda, cuda:N): no
+    CUDA at all, or cuda:N beyond its device count (not checked with `any_index`: the launcher picks the GPU of a
+    data-parallel rank). Checked before anything is built, not at the first tensor moved there."""
+    if not name.startswith("cuda"):
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"{key}={name}: no CUDA device here (torch.cuda.is_available() is False); use cpu or auto")
+    index = int(name.partition(":")[2] or 0)
+    if index >= count and not any_index:
+        raise ConfigError(
+            f"{key}={name}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1}); "
+            f"use one of them, cuda or auto"
+        )
 
 
 def init_from_env(device_type: str) -> DataParallel:

@@ -36,6 +36,7 @@ from srdit.cache import write_atomic
 from srdit.config import RunConfig, SampleConfig, to_dict
 from srdit.generate import generate, load_decoder, num_batches, shard_batches, to_images
 from srdit.imaging import to_uint8
+from srdit.parallel import check_device
 
 SHARD_GLOB = "samples_*-of-*.npz"
 _SHARD_RE = re.compile(r"samples_(\d{5})-of-(\d{5})\.npz")
@@ -90,8 +91,10 @@ def resolve_shard(shard: int | None = None, num_shards: int | None = None) -> tu
 
 
 def shard_device(name: str = "auto") -> torch.device:
-    """`auto`: this process's GPU under torchrun (cuda:LOCAL_RANK), else cuda, else cpu; other names as given."""
+    """`auto`: this process's GPU under torchrun (cuda:LOCAL_RANK), else cuda, else cpu; other names as given
+    (ConfigError naming --device when this machine lacks it: `srdit.parallel.check_device`)."""
     if name != "auto":
+        check_device(name, "--device")
         return torch.device(name)
     if not torch.cuda.is_available():
         return torch.device("cpu")

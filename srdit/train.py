@@ -28,9 +28,9 @@ from typing import Protocol
 import torch
 
 from srdit.cache import save_atomic, write_atomic
-from srdit.config import RunConfig, flatten_dict, from_dict, to_dict, to_yaml
+from srdit.config import RunConfig, flatten_dict, from_dict, input_file_problem, to_dict, to_yaml
 from srdit.model import build_model
-from srdit.parallel import DataParallel
+from srdit.parallel import DataParallel, check_device
 from srdit.provenance import provenance
 from srdit.transport.objective import TEACHER_SETTINGS, StepNoise, teacher_widths, training_losses
 
@@ -153,13 +153,81 @@ class CheckpointNotFound(CheckpointError, FileNotFoundError):
 # --------------------------------------------------------------------------------------------------------------
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """The torch device `name` (a value of `train.device`: auto, cpu, cuda, cuda:N) names on this machine; auto is
+    CUDA when available. ConfigError, one line naming `key`, when this machine cannot use it (no CUDA, or
+    cuda:N beyond its device count): checked when the run starts, not at its first tensor."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
+    check_device(name, key, any_index=DataParallel.current().active)
     # The launcher picked this process's GPU (torch.cuda.set_device); data-parallel ranks never share one.
     if name == "cuda" or (name.startswith("cuda") and DataParallel.current().active):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device(name)
+
+
+_CPU_ALLOCATION_FAILED = ("can't allocate memory", "Cannot allocate memory")
+"What torch's CPU allocator says when the operating system refuses memory (a RuntimeError, not a MemoryError)."
+
+
+def out_of_memory(e: BaseException, cfg: RunConfig | None = None) -> str | None:
+    """One line for an allocation failure `e` (torch's OutOfMemoryError on a GPU, the CPU allocator's
+    RuntimeError "can't allocate memory", Python's MemoryError): out of memory, the size it tried to allocate,
+    and what to lower (`cfg`'s batch size and model size); None when `e` is not one."""
+    import re
+
+    text = str(e)
+    cpu = isinstance(e, RuntimeError) and any(m in text for m in _CPU_ALLOCATION_FAILED)
+    if not (cpu or isinstance(e, (torch.OutOfMemoryError, MemoryError))):
+        return None
+    where = "GPU" if isinstance(e, torch.OutOfMemoryError) else "CPU"
+    asked = re.search(r"allocate (\d+) bytes", text)  # the CPU allocator's; CUDA's says "Tried to allocate 2.00 GiB"
+    cuda = re.search(r"[Tt]ried to allocate ([0-9.]+ [KMGT]?i?B)", text)
+    size = f" allocating {_bytes(int(asked.group(1)))}" if asked else f" allocating {cuda.group(1)}" if cuda else ""
+    lower = (
+        f"; lower train.batch_size (now {cfg.train.batch_size}) or the model size (model.size {cfg.model.size})"
+        if cfg is not None
+        else "; lower the batch size or the model size"
+    )
+    return f"out of {where} memory{size}{lower}"
+
+
+def _bytes(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
+def train(
+    cfg: RunConfig,
+    out_dir: str | Path,
+    reporter: Reporter | None = None,
+    resume: bool = True,
+    progress: bool | None = None,
+    evaluations: Sequence[Evaluation] = (),
+    snapshots: bool = False,
+) -> TrainResult:
+    """Train `cfg` into `out_dir` (config.yaml, metrics.jsonl, samples.png/.npz, checkpoints/last.pt).
+
+    With `resume`, a checkpoint in `out_dir` is continued exactly: same batches, same noise, same weights as the
+    uninterrupted run. `evaluations`: further evaluation-time settings of the same model (see `Evaluation`),
+    evaluated at every evaluation step alongside `cfg`'s own; ValueError when one would train another model.
+    `snapshots`: keep the EMA weights of every evaluation step (`EMA_SNAPSHOT`) and the training reports
+    (`TRAIN_LOG`), from which `evaluate_trained` evaluates another evaluation-time setting later without training.
+    An evaluation step whose record (evals/step_N.json) exists is not evaluated again (a resumed run).
+
+    Running out of memory in a training step is a result (status "oom", `out_of_memory`'s line as its reason);
+    anywhere else (building the model, evaluating) it raises MemoryError with that line. A write the operating
+    system refuses (a full disk) raises OSError naming the file (`srdit.cache.write_atomic`); the last complete
+    checkpoint is kept, and the run resumes from it."""
+    try:
+        return _train(cfg, out_dir, reporter, resume, progress, evaluations, snapshots)
+    except Exception as e:
+        line = out_of_memory(e, cfg)
+        if line is None or isinstance(e, MemoryError) and str(e) == line:
+            raise
+        raise MemoryError(line) from e
 
 
 def autocast_for(cfg: RunConfig, device: torch.device):
@@ -448,8 +516,11 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, not a checkpoint file (a run's checkpoint is RUN/{CHECKPOINT})")
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointNotFound(f"{path}: no such checkpoint file")
+    problem = input_file_problem(path, max_bytes=None)  # e.g. /dev/zero, a FIFO
+    if problem:
+        raise CheckpointError(problem)
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before failing; the error says it all
             warnings.simplefilter("ignore")
@@ -544,23 +615,15 @@ class _Progress:
             self.bar.stop()
 
 
-def train(
+def _train(
     cfg: RunConfig,
     out_dir: str | Path,
-    reporter: Reporter | None = None,
-    resume: bool = True,
-    progress: bool | None = None,
-    evaluations: Sequence[Evaluation] = (),
-    snapshots: bool = False,
+    reporter: Reporter | None,
+    resume: bool,
+    progress: bool | None,
+    evaluations: Sequence[Evaluation],
+    snapshots: bool,
 ) -> TrainResult:
-    """Train `cfg` into `out_dir` (config.yaml, metrics.jsonl, samples.png/.npz, checkpoints/last.pt).
-
-    With `resume`, a checkpoint in `out_dir` is continued exactly: same batches, same noise, same weights as the
-    uninterrupted run. `evaluations`: further evaluation-time settings of the same model (see `Evaluation`),
-    evaluated at every evaluation step alongside `cfg`'s own; ValueError when one would train another model.
-    `snapshots`: keep the EMA weights of every evaluation step (`EMA_SNAPSHOT`) and the training reports
-    (`TRAIN_LOG`), from which `evaluate_trained` evaluates another evaluation-time setting later without training.
-    An evaluation step whose record (evals/step_N.json) exists is not evaluated again (a resumed run)."""
     cfg = cfg.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -722,10 +785,11 @@ def train(
             if evaluation_due():
                 evaluate_now()
                 t_window = time.perf_counter()
-    except torch.OutOfMemoryError as e:
-        if dp.active:  # the other ranks are waiting in a collective: fail the group; the launcher records the error
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
+        line = out_of_memory(e, cfg)
+        if line is None or dp.active:  # the other ranks wait in a collective: fail the group; the launcher records it
             raise
-        status, reason = "oom", f"out of memory at step {step + 1}: {str(e).splitlines()[0][:200]}"
+        status, reason = "oom", f"{line} (at step {step + 1})"
     finally:
         bar.close()
 

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from srdit.analysis.effects import AnalysisError
+from srdit.config import input_file_problem
 
 __all__ = ["CELLS_COLUMNS", "cells_to_runs", "is_cells_table", "read_table"]
 
@@ -34,6 +35,9 @@ def read_table(
         raise AnalysisError(f"cannot read {p}: no such file")
     if p.is_dir():
         raise AnalysisError(f"cannot read {p}: it is a directory")
+    problem = input_file_problem(p)
+    if problem:
+        raise AnalysisError(problem)
     try:
         if p.suffix == ".parquet":
             df = pd.read_parquet(p)

@@ -9,6 +9,8 @@ import sys
 
 EXIT_USAGE = 2
 "Exit code of bad input (argparse's)."
+EXIT_FAILURE = 1
+"Exit code of a command that failed on good input: a full disk, memory it could not get."
 
 
 class ArgError(Exception):
@@ -26,12 +28,19 @@ class OneLineParser(argparse.ArgumentParser):
         raise ArgError(self.prog, message)
 
 
-def fail(prog: str, message: str, stream=None) -> int:
-    """Print `<prog>: error: <message>` (prog: `srdit <command>`) on `stream` (default stderr); returns 2, the exit
-    code of bad input. The message is one line; only a refusal with a list of reasons (the preflight's) adds them
-    below it, one per line."""
+def fail(prog: str, message: str, stream=None, code: int = EXIT_USAGE) -> int:
+    """Print `<prog>: error: <message>` (prog: `srdit <command>`) on `stream` (default stderr); returns `code`
+    (default 2, the exit code of bad input; EXIT_FAILURE for a failure of the machine). The message is one line;
+    only a refusal with a list of reasons (the preflight's) adds them below it, one per line."""
     print(f"{prog}: error: {message}", file=stream or sys.stderr, flush=True)
-    return EXIT_USAGE
+    return code
+
+
+def os_error_line(e: OSError) -> str:
+    """An operating system's error as one line: `<file>: <reason>` (e.g. `RUN/checkpoints/last.pt: no space left
+    on device`), the reason alone when the error names no file."""
+    reason = e.strerror.lower() if e.strerror else first_line(e)
+    return f"{e.filename}: {reason}" if e.filename else reason
 
 
 def first_line(e: BaseException) -> str:

@@ -11,21 +11,35 @@ import os
 import sys
 from pathlib import Path
 
-from srdit.commands.errors import ArgError, OneLineParser, fail, first_line
+from srdit.commands.errors import EXIT_FAILURE, ArgError, OneLineParser, fail, first_line, os_error_line
 from srdit.config import ConfigError
+
+RESUME_HINT = "rerun the same command to resume from the last checkpoint"
 
 
 def guarded(prog: str, func, args) -> int:
     """`func(args)` with the run commands' bad input (a config rule, a missing file, a foreign checkpoint) turned
-    into one line (`fail`), and Ctrl-C into the resume hint (exit 130)."""
+    into one line (`fail`, exit 2); a failure of the machine (an OSError such as a full disk, running out of memory)
+    into one line too (exit 1), and Ctrl-C into the resume hint (exit 130)."""
     try:
         return func(args)
     except ConfigError as e:
         return fail(prog, str(e))
     except (ValueError, FileNotFoundError, NotImplementedError, KeyError) as e:
         return fail(prog, first_line(e))
+    except OSError as e:  # e.g. a full disk; checkpoints are written atomically: the last complete one is kept
+        hint = f"; {RESUME_HINT}" if prog == "srdit train" else ""
+        return fail(prog, os_error_line(e) + hint, code=EXIT_FAILURE)
+    except (MemoryError, RuntimeError) as e:
+        from srdit.train import out_of_memory
+
+        # train() raises MemoryError with out_of_memory's line already (with the config's sizes)
+        line = first_line(e) if isinstance(e, MemoryError) and str(e) else out_of_memory(e)
+        if line is None:
+            raise
+        return fail(prog, line, code=EXIT_FAILURE)
     except KeyboardInterrupt:
-        print("srdit: interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        print(f"srdit: interrupted; {RESUME_HINT}", file=sys.stderr)
         return 130
 
 
@@ -55,17 +69,25 @@ def cmd_train(args) -> int:
     import torch
 
     from srdit.parallel import init_from_env
+    from srdit.train import resolve_device
 
+    if "WORLD_SIZE" not in os.environ:
+        resolve_device(cfg.train.device)  # a device this machine lacks: one line now, before anything is built
     # Under torchrun (WORLD_SIZE > 1) every process joins one data-parallel run; rank 0 writes and reports.
     cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
     dp = init_from_env("cuda" if cuda else "cpu")
-    result = train(
-        cfg,
-        out,
-        JsonlReporter(out / "metrics.jsonl"),
-        resume=not args.restart,
-        progress=None if not args.quiet else False,
-    )
+    try:
+        result = train(
+            cfg,
+            out,
+            JsonlReporter(out / "metrics.jsonl"),
+            resume=not args.restart,
+            progress=None if not args.quiet else False,
+        )
+    except OSError as e:
+        if e.filename or not e.errno:
+            raise
+        raise OSError(e.errno, e.strerror, str(out)) from e  # a plain write (metrics, samples) names no file
     if dp.active:
         torch.distributed.destroy_process_group()
     summary = {
@@ -129,7 +151,7 @@ def cmd_sample(args) -> int:
     from srdit.imaging import save_samples
     from srdit.train import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     samples, labels, nfe = generate(model.to(device), cfg, args.n, args.seed, device, args.batch_size, sample_cfg=sc)
     images = to_images(samples, cfg, device, batch_size=args.batch_size)  # decoded as the shards would be
     png, npz = save_samples(images, labels, args.out, scale=max(1, 32 // images.shape[-1]))
@@ -192,7 +214,7 @@ def cmd_evaluate(args) -> int:
     dataclasses.replace(cfg, sample=sc, eval=n_eval).validate()
     # Under torchrun every rank samples its shard of the n images into --samples; rank 0 prints the metrics.
     dp = init_from_env("cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     metrics = evaluate(model.to(device), cfg, device, n=args.n, sample_cfg=sc, samples_dir=args.samples)
     if not dp.main:
         return 0

@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from srdit.config import input_file_problem
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
 
@@ -107,7 +109,12 @@ def center_crop_adm(image, size: int) -> np.ndarray:
 
 
 def load_crop(path: str | os.PathLike, size: int) -> np.ndarray:
-    """Decode an image file and ADM-center-crop it: uint8 [3, size, size] (channels first, as the trainer wants)."""
+    """Decode an image file and ADM-center-crop it: uint8 [3, size, size] (channels first, as the trainer wants).
+    ValueError naming the file when it cannot be decoded or is no regular file of a sane size (a FIFO among the
+    images would block the decoder for ever: `srdit.config.input_file_problem`)."""
+    problem = input_file_problem(path)
+    if problem:
+        raise ValueError(problem)
     Image = _pil()
     try:
         with Image.open(path) as im:

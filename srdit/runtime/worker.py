@@ -92,9 +92,11 @@ class TrialContext:
 
 
 def is_oom(e: BaseException | str) -> bool:
-    """Out of memory: torch's OutOfMemoryError (CUDA), a MemoryError, or Ray's memory monitor killing the worker."""
+    """Out of memory: torch's OutOfMemoryError (CUDA), a MemoryError, torch's CPU allocator refusing memory
+    ("can't allocate memory"), or Ray's memory monitor killing the worker."""
     text = e if isinstance(e, str) else f"{type(e).__name__}: {e}"
-    return "OutOfMemoryError" in text or "MemoryError" in text or "out of memory" in text.lower()
+    lower = text.lower()
+    return "MemoryError" in text or "out of memory" in lower or "can't allocate memory" in lower
 
 
 _INFRASTRUCTURE_PACKAGES = ("mlflow", "sqlalchemy", "sqlite3", "ray")
