@@ -776,12 +776,12 @@ def _fail_aware_optuna(n_points: int | None = None, **kwargs):
 
     class FailAwareOptunaSearch(OptunaSearch):
         def __init__(self, **kw):
-            super().__init__(**kw)
             self.n_points = n_points
             self.ended = ""
             self._point_of: dict[str, tuple] = {}  # trial id -> point
             self._outcome: dict[tuple, Any] = {}  # point -> trial id in flight, or (state, value) once told
             self._waiting: dict[str, list] = {}  # trial id in flight -> its repeats, told its outcome with it
+            super().__init__(**kw)  # sets the study up (`_setup_study`) when given the space
 
         def _setup_study(self, mode):
             super()._setup_study(mode)
