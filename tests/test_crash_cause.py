@@ -200,3 +200,72 @@ def test_the_cli_and_the_page_say_how_many_infrastructure_failures_were_left_out
     assert main([*argv, "--format", "json"], stdout=out, stderr=io.StringIO()) == 0
     js = json.loads(out.getvalue())
     assert js["n_infrastructure"] == 6 and js["incompatible"] == []
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a trial Ray lost (its worker or node gone, retries spent): the driver records it as the infrastructure's
+# ------------------------------------------------------------------------------------------------------------------
+def _ray_losses() -> list[BaseException]:
+    """What Tune hands the driver when a trial's worker, actor or node is gone (Ray's own exception types, built as
+    Ray builds them)."""
+    import ray.exceptions as rx
+
+    return [
+        rx.ActorDiedError(),  # "The actor died unexpectedly before finishing this task."
+        rx.NodeDiedError("The node with node id 3f2a has been marked dead because the detector has missed too many"),
+        rx.WorkerCrashedError(),
+        rx.ActorUnavailableError("The actor is temporarily unavailable: RpcError: connection lost", None),
+        rx.RaySystemError("System error: raylet client is disconnected"),
+        rx.LocalRayletDiedError(),
+    ]
+
+
+def test_rays_losses_are_infrastructure_and_never_oom():
+    from srdit.runtime.worker import is_oom
+
+    losses = _ray_losses()
+    assert [crash_cause(e) for e in losses] == [INFRASTRUCTURE] * len(losses)
+    assert not any(is_oom(e) for e in losses)
+
+
+def test_a_trial_ray_lost_is_recorded_as_an_infrastructure_crash_and_is_no_evidence(tmp_path):
+    """The driver's Tune callback gets a trial error (retries spent) for each of Ray's losses: each trial's run
+    ends crashed with crash_cause infrastructure and a reason naming the loss, a rerun retries it, and a run that
+    had already finished keeps its outcome."""
+    from types import SimpleNamespace
+
+    from srdit.runtime.driver import _context, _progress_callback, prepare, work_units
+    from srdit.runtime.jobs import trial_job
+    from srdit.runtime.tracking import is_done
+    from srdit.runtime.worker import record_outcome
+    from srdit.study.spec import study_from_dict
+
+    spec = study_from_dict(
+        {
+            "name": "lost",
+            "base": TINY,
+            "seeds": [0],
+            "techniques": ["rmsnorm", "qk_norm", "rope"],
+            "metrics": {"primary": "fd", "direction": "min"},
+        }
+    )
+    plan, tracking, state = prepare(spec, tmp_path / "state")
+    ctx = _context(spec, tracking, state, plan)
+    jobs = {j.key: j for j in work_units(plan, [trial_job(t, ".") for t in plan.trials], {})}
+    keys = list(jobs)
+    losses = _ray_losses()
+    finished = keys[len(losses)]  # ended before its worker was lost: its outcome stays
+    record_outcome(jobs[finished].members[0], ctx, "finished", "")
+    lines: list[str] = []
+    cb = _progress_callback(len(keys), 0, lines.append, "fd", ctx, jobs, max_failures=0)
+    for key, e in [*zip(keys, losses), (finished, losses[0])]:
+        trial = SimpleNamespace(config={"job": key}, trial_id=key, get_pickled_error=lambda e=e: e, get_error=str)
+        cb.on_trial_error(0, [], trial)
+    runs = {r.data.tags["trial_key"]: r for r in tracking.children_by_key().values()}
+    for key, e in zip(keys, losses):
+        tags = runs[key].data.tags
+        assert tags["status"] == "crashed" and tags[CRASH_CAUSE] == INFRASTRUCTURE, (type(e).__name__, tags)
+        assert tags["status_reason"].startswith(f"lost by Ray after 0 retries: {type(e).__name__}")
+        assert runs[key].info.status == "FAILED" and not is_done(runs[key])  # a rerun retries it
+    assert runs[finished].data.tags["status"] == "finished" and CRASH_CAUSE not in runs[finished].data.tags
+    assert sum("infrastructure failure after 0 retries" in line for line in lines) == len(losses) + 1, lines

@@ -2,7 +2,8 @@
 while a study runs), data-parallel trials of `workers x cpus` equal to the machine's cores run (the hosting trial
 reserves no CPU), a deterministic worker error is recorded at once (no Ray Train retry) and retried only by a rerun
 (crashed = infrastructure, not a result), a memory-monitor kill is recorded as oom and the driver goes on, and a
-search with a diverging sample evaluates its whole budget in one run, never training one key twice."""
+search with a diverging sample evaluates its whole budget in one run, never training one key twice, and a
+search's repeated proposals are not samples: a budget equal to a tiny space trains every point of it."""
 
 import os
 import threading
@@ -157,8 +158,12 @@ def test_search_with_a_diverging_sample_completes_its_budget_in_one_run(tmp_path
     finally:
         ray.shutdown()
     study = optuna.load_study(study_name="srch", storage=f"sqlite:///{tmp_path / 'state' / 'optuna' / 'srch.db'}")
-    states = [t.state for t in study.get_trials(deepcopy=False)]
-    assert len(states) == 5 and all(s.is_finished() for s in states), states  # none left RUNNING
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state for t in trials]
+    assert all(s.is_finished() for s in states), states  # none left RUNNING
+    # a budget of 5 over 4 distinct settings: each evaluated once, repeats are not samples, and the search ends
+    assert len({tuple(sorted(t.params.items())) for t in trials if not t.user_attrs.get("repeat")}) == 4
+    assert "study srch: the space has only 4 distinct points; all evaluated" in lines, lines
     assert res.complete, lines
     client = MlflowClient(res.uri)
     runs = client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
@@ -170,6 +175,62 @@ def test_search_with_a_diverging_sample_completes_its_budget_in_one_run(tmp_path
     for r in runs:  # each trained once: no logging step twice
         steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
         assert len(steps) == len(set(steps)), steps
+
+
+def test_search_repeats_do_not_spend_the_budget(tmp_path, monkeypatch):
+    """Two techniques, no knobs: 4 distinct points, budget 4, two samples at a time. The seeded sampler proposes
+    points already evaluated or in flight; they are told to Optuna with that point's outcome and not counted, so
+    all 4 points train, each once. A rerun with a budget larger than the space ends at once with one line."""
+    import optuna
+    import ray
+    from mlflow import MlflowClient
+
+    from srdit.runtime.driver import run_study
+    from srdit.study.spec import load_study
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    design = {"kind": "search", "trials": 4, "objectives": ["fd"], "max_concurrent": 2}
+    path = _write(tmp_path / "tiny_space.yaml", techniques=["rmsnorm", "qk_norm"], design=design)
+    lines: list[str] = []
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    try:
+        res = run_study(load_study(path), tmp_path / "state", echo=lines.append)
+    finally:
+        ray.shutdown()
+    assert res.complete and res.statuses == {"finished": 4}, lines
+    client = MlflowClient(res.uri)
+    runs = client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
+    keys = {r.data.tags["trial_key"] for r in runs}
+    assert len(runs) == 4 and len(keys) == 4, keys  # every point trained, none twice
+    assert {(r.data.tags["tech.rmsnorm"], r.data.tags["tech.qk_norm"]) for r in runs} == {
+        ("0", "0"),
+        ("0", "1"),
+        ("1", "0"),
+        ("1", "1"),
+    }
+    for r in runs:  # each trained once: no logging step twice
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, "loss")]
+        assert len(steps) == len(set(steps)), steps
+    study = optuna.load_study(
+        study_name="tiny_space", storage=f"sqlite:///{tmp_path / 'state' / 'optuna' / 'tiny_space.db'}"
+    )
+    trials = study.get_trials(deepcopy=False)
+    assert all(t.state.is_finished() for t in trials), [t.state for t in trials]
+    repeats = [t for t in trials if t.user_attrs.get("repeat")]
+    assert len(trials) - len(repeats) == 4
+    assert repeats, "the seeded sampler repeated no point: the test no longer exercises repeats"
+    by_point = {tuple(sorted(t.params.items())): t.value for t in trials if not t.user_attrs.get("repeat")}
+    for t in repeats:  # a repeat is told the outcome of the point it repeats
+        assert t.state == optuna.trial.TrialState.COMPLETE and t.value == by_point[tuple(sorted(t.params.items()))]
+
+    bigger = {**design, "trials": 6}  # a budget larger than the space: nothing left to draw
+    path = _write(tmp_path / "tiny_space.yaml", techniques=["rmsnorm", "qk_norm"], design=bigger)
+    lines.clear()
+    again = run_study(load_study(path), tmp_path / "state", echo=lines.append)
+    assert not ray.is_initialized()  # nothing to run: Ray was not started
+    assert "study tiny_space: search, budget 6 trials; the space has only 4 distinct points; all evaluated" in lines
+    assert again.complete and again.ran == 0 and again.statuses == {"finished": 4}, lines
+    assert len(client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")) == 4
 
 
 def test_a_trial_killed_by_rays_memory_monitor_is_recorded_as_oom_and_the_driver_goes_on(tmp_path, monkeypatch):

@@ -26,11 +26,12 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from srdit.analysis.results import INFRASTRUCTURE
 from srdit.metric_registry import headline
 from srdit.provenance import plugin_sources
 from srdit.runtime.jobs import EvaluationJob, Job, TrainingJob, TrialJob, trial_job
@@ -170,10 +171,15 @@ def _progress_callback(
     primary: str | None = None,
     ctx: TrialContext | None = None,
     jobs: dict[str, Job] | None = None,
+    max_failures: int = MAX_FAILURES,
 ):
-    """The Tune callback that prints one line per finished trial (see `progress_line`), and records a trial whose
-    worker Ray killed for memory as `oom` (Tune's retries of it are then answered from that record). `jobs`: the
-    grid's jobs by key (a Tune trial's config names its job by key)."""
+    """The Tune callback that prints one line per finished trial (see `progress_line`), records a trial whose
+    worker Ray killed for memory as `oom` (Tune's retries of it are then answered from that record), and records a
+    trial that Ray lost beyond `max_failures` retries (a node or worker gone: any Tune ERROR that is not a memory
+    kill) as `crashed` with crash_cause `infrastructure`: the trainable catches every exception of the training
+    code and reports it as a result, so a Tune ERROR is never evidence about the techniques (the analysis leaves
+    it out with a note; a rerun retries it). `jobs`: the grid's jobs by key (a Tune trial's config names its job
+    by key); a search sample, whose key only its worker knows, is left unrecorded (unfinished)."""
     jobs = jobs or {}
     from ray import tune
 
@@ -219,9 +225,18 @@ def _progress_callback(
             if self._record_oom(trial):
                 return
             key = trial.config.get("job") or trial.trial_id
+            error = _trial_error(trial)
+            job = jobs.get(trial.config.get("job"))
+            if ctx is not None and job is not None:
+                reason = f"lost by Ray after {max_failures} retries: " + " ".join(error.split())[:400]
+                try:
+                    for m in job.todo():
+                        record_outcome(m, ctx, "crashed", reason, INFRASTRUCTURE)
+                except Exception as e:  # noqa: BLE001 - the driver goes on; the trial stays unfinished
+                    echo(f"  {key}: could not record the failure ({type(e).__name__}: {e})")
             echo(
-                f"  {key}: infrastructure failure after {MAX_FAILURES} retries "
-                f"({_trial_error(trial)[:200]}); rerun the study to resume it"
+                f"  {key}: infrastructure failure after {max_failures} retries "
+                f"({error[:200]}); rerun the study to resume it"
             )
 
     return Progress()
@@ -563,7 +578,7 @@ def _fit_grid(spec, plan, tracking, state: StudyState, jobs: list[Job], max_fail
 
     ctx = _context(spec, tracking, state, plan)
     by_key = {j.key: j for j in jobs}
-    progress = _progress_callback(len(plan.trials), skipped, echo, spec.metrics.primary, ctx, by_key)
+    progress = _progress_callback(len(plan.trials), skipped, echo, spec.metrics.primary, ctx, by_key, max_failures)
     wrapped, run_config = _tuner_common(spec, state, max_failures, [progress], by_key)
     tuner = tune.Tuner(
         wrapped,
@@ -637,7 +652,10 @@ def _run_search(
     """Optuna (OptunaSearch) over technique switches and knobs. The Optuna study persists in
     <state>/optuna/<study>.db, so a rerun continues the same search; unfinished children are re-queued first (same
     params -> same trial key -> same MLflow run and checkpoint). A sample that fails, diverges or is excluded is
-    told to Optuna as FAIL and counts against the budget, so one run evaluates the whole budget."""
+    told to Optuna as FAIL and counts against the budget, so one run evaluates the whole budget. A proposal of a
+    point already evaluated or in flight is not a sample (`_fail_aware_optuna`): the budget counts distinct points,
+    and a space with fewer distinct points than the budget ends when every one is evaluated ("the space has only N
+    distinct points; all evaluated")."""
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter
 
@@ -645,10 +663,14 @@ def _run_search(
     directions = [spec.metrics.all()[o] for o in objectives]
     pending = [p for p in (_search_point(spec, r) for r in existing.values() if not is_done(r, retry_failed)) if p]
     n_done = _search_samples_done(state, existing)
-    remaining = max(0, spec.design.trials - n_done)
+    n_points = search_space_size(spec)
+    remaining = max(0, _search_target(spec) - n_done)
     if not remaining:
         plan, tracking, state = prepare(spec, state, plan)
-        echo(f"study {spec.name}: search, budget {spec.design.trials} trials; all evaluated")
+        echo(
+            f"study {spec.name}: search, budget {spec.design.trials} trials; "
+            + (_exhausted(n_points) if _search_target(spec) < spec.design.trials else "all evaluated")
+        )
         return _finish(spec, plan, tracking, state, n_done, 0, echo, t0)
     tracking = None
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -671,6 +693,7 @@ def _run_search(
             else:
                 space[p.key] = (tune.loguniform if p.log else tune.uniform)(p.low, p.high)
         searcher = _fail_aware_optuna(
+            n_points,
             metric=objectives if len(objectives) > 1 else objectives[0],
             mode=directions if len(directions) > 1 else directions[0],
             seed=spec.design.seed + n_done,  # a continued search draws new samples
@@ -682,7 +705,9 @@ def _run_search(
         tracking.set_parent_status("RUNNING")
         conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
-        progress = _progress_callback(spec.design.trials, n_done, echo, spec.metrics.primary)
+        progress = _progress_callback(
+            _search_target(spec), n_done, echo, spec.metrics.primary, max_failures=max_failures
+        )
         wrapped, run_config = _tuner_common(spec, state, max_failures, [progress])
         tuner = tune.Tuner(
             wrapped,
@@ -697,20 +722,112 @@ def _run_search(
             run_config=run_config,
         )
         _fit(tuner, echo)
+        ended = searcher.ended
+        if not ended and _search_target(spec) < spec.design.trials:  # a budget larger than the space
+            ended = _exhausted(n_points) if _search_samples_done(state, {}) >= n_points else ""
+        if ended:
+            echo(f"study {spec.name}: {ended}")
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
     return _finish(spec, plan, tracking, state, n_done, remaining, echo, t0)
 
 
-def _fail_aware_optuna(**kwargs):
-    """Ray Tune's OptunaSearch, except that a sample whose result lacks a finite objective (diverged, crashed,
-    out of memory, excluded) or that errored is told to Optuna as FAIL. (Ray's own tells Optuna the NaN as a
-    COMPLETE value, which Optuna refuses: the trial then stays RUNNING and never counts against the budget.)"""
+def _search_target(spec: StudySpec) -> int:
+    """The distinct samples a search evaluates: its budget, at most the points of its space."""
+    n_points = search_space_size(spec)
+    return spec.design.trials if n_points is None else min(spec.design.trials, n_points)
+
+
+def _exhausted(n_points: int | None) -> str:
+    return f"the space has only {n_points} distinct points; all evaluated"
+
+
+MAX_REPEATS = 100
+"""Proposals in a row of points already evaluated (or in flight) after which a search stops: its sampler keeps
+returning to what it has seen (a converged TPE over a small discrete space)."""
+
+
+def search_point(params: Mapping[str, Any]) -> tuple:
+    """A search sample's identity: its sorted (name, value) pairs (tech.<name> switches and knobs). Two samples
+    with the same point train the same trial."""
+    return tuple(sorted(params.items()))
+
+
+def search_space_size(spec: StudySpec) -> int | None:
+    """How many distinct points a search design's space holds (2 per technique switch, times each choice knob's
+    choices and each int knob's range), or None when a knob is continuous (float)."""
+    n = 2 ** len(spec.factor_names)
+    for p in spec.design.space:
+        if p.type == "choice":
+            n *= len(p.choices)
+        elif p.type == "int":
+            n *= int(p.high) - int(p.low) + 1
+        else:
+            return None
+    return n
+
+
+def _fail_aware_optuna(n_points: int | None = None, **kwargs):
+    """Ray Tune's OptunaSearch, except that
+
+    - a sample whose result lacks a finite objective (diverged, crashed, out of memory, excluded) or that errored
+      is told to Optuna as FAIL. (Ray's own tells Optuna the NaN as a COMPLETE value, which Optuna refuses: the
+      trial then stays RUNNING and never counts against the budget.)
+    - a proposal of a point already evaluated (or in flight) is not a sample: it is told to Optuna with that
+      point's outcome (as soon as it is known; user attribute `repeat`) and the sampler is asked again, the
+      pattern of Optuna's FAQ ("How can I ignore duplicated samples?"). No Tune trial is made of it, so it does
+      not count against Tune's num_samples (the budget). The search ends (Searcher.FINISHED, the reason in
+      `ended`) when every one of the space's `n_points` distinct points is evaluated or in flight, or after
+      MAX_REPEATS repeated proposals in a row.
+
+    Points of `points_to_evaluate` (interrupted samples, re-queued) are not repeats even when the persisted
+    Optuna study holds them as told (a crashed sample is told FAIL and runs again)."""
     import math
 
+    from optuna.trial import TrialState
+    from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
 
     class FailAwareOptunaSearch(OptunaSearch):
+        def __init__(self, **kw):
+            self.n_points = n_points
+            self.ended = ""
+            self._point_of: dict[str, tuple] = {}  # trial id -> point
+            self._outcome: dict[tuple, Any] = {}  # point -> trial id in flight, or (state, value) once told
+            self._waiting: dict[str, list] = {}  # trial id in flight -> its repeats, told its outcome with it
+            super().__init__(**kw)  # sets the study up (`_setup_study`) when given the space
+
+        def _setup_study(self, mode):
+            super()._setup_study(mode)
+            requeued = {search_point(p) for p in self._points_to_evaluate or ()}
+            for t in self._ot_study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+                point = search_point(t.params)
+                if point not in requeued:
+                    value = None if t.state == TrialState.FAIL else (t.values if len(t.values) > 1 else t.value)
+                    self._outcome.setdefault(point, (t.state, value))
+
+        def suggest(self, trial_id: str):
+            for _ in range(MAX_REPEATS):
+                if self.n_points is not None and len(self._outcome) >= self.n_points:
+                    self.ended = _exhausted(self.n_points)
+                    return Searcher.FINISHED
+                config = super().suggest(trial_id)
+                ot_trial = self._ot_trials[trial_id]
+                point = search_point(ot_trial.params)
+                known = self._outcome.get(point)
+                if known is None:
+                    self._outcome[point] = trial_id
+                    self._point_of[trial_id] = point
+                    return config
+                del self._ot_trials[trial_id]  # the next ask makes a new Optuna trial for this Tune trial
+                ot_trial.set_user_attr("repeat", True)
+                if isinstance(known, str):
+                    self._waiting.setdefault(known, []).append(ot_trial)
+                else:
+                    self._ot_study.tell(ot_trial, known[1], state=known[0])
+            self.ended = f"the sampler proposed only evaluated points {MAX_REPEATS} times in a row; stopped"
+            return Searcher.FINISHED
+
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             metrics = self.metric if isinstance(self.metric, list) else [self.metric]
             values = [(result or {}).get(m) for m in metrics]
@@ -718,6 +835,13 @@ def _fail_aware_optuna(**kwargs):
             if error or not finite:
                 result, error = None, True  # -> OptunaTrialState.FAIL
             super().on_trial_complete(trial_id, result, error)
+            known = (
+                (TrialState.FAIL, None) if error else (TrialState.COMPLETE, values if len(values) > 1 else values[0])
+            )
+            if trial_id in self._point_of:
+                self._outcome[self._point_of[trial_id]] = known
+            for repeat in self._waiting.pop(trial_id, []):
+                self._ot_study.tell(repeat, known[1], state=known[0])
 
     return FailAwareOptunaSearch(**kwargs)
 
@@ -730,15 +854,15 @@ def _optuna_storage(state: StudyState):
 
 
 def _search_samples_done(state: StudyState, existing: dict) -> int:
-    """Search samples already evaluated: the told trials of the persisted Optuna study (a repeated proposal and a
-    failed or excluded sample are samples too), at least the done MLflow children."""
+    """Search samples already evaluated: the distinct points of the told trials of the persisted Optuna study (a
+    failed or excluded sample is a sample too; a repeated proposal is not), at least the done MLflow children."""
     import optuna
 
     told = 0
     if state.optuna_db.exists():
         try:
             study = optuna.load_study(study_name=state.study, storage=_optuna_storage(state))
-            told = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+            told = len({search_point(t.params) for t in study.get_trials(deepcopy=False) if t.state.is_finished()})
         except KeyError:  # no such study yet
             pass
     return max(told, sum(is_done(r) for r in existing.values()))
@@ -778,8 +902,8 @@ def _finish(spec, plan, tracking, state: StudyState, skipped, ran, echo, t0, ado
     n_samples = None
     if spec.design.kind == "search":
         n_samples = _search_samples_done(state, children)
-        if n_samples < total:
-            unfinished.append(f"(search: {total - n_samples} sample(s) of the budget not run)")
+        if n_samples < _search_target(spec):
+            unfinished.append(f"(search: {_search_target(spec) - n_samples} sample(s) of the budget not run)")
     wall = time.perf_counter() - t0
     complete = not unfinished
     reused = reused_counts(children[k] for k in keys if k in children and is_done(children[k]))

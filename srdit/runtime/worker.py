@@ -182,11 +182,16 @@ def open_child(job: TrialJob, ctx: TrialContext, extra_tags: dict | None = None)
     )
 
 
-def record_outcome(job: TrialJob, ctx: TrialContext, status: str, reason: str) -> str:
-    """Record a trial's outcome from outside the trial (the driver, after Ray killed the trial's worker): open (or
-    create) its child run with the usual tags and end it with `status` and `reason`. Returns the run id."""
+def record_outcome(job: TrialJob, ctx: TrialContext, status: str, reason: str, cause: str = "") -> str:
+    """Record a trial's outcome from outside the trial (the driver, after Ray killed or lost the trial's worker):
+    open (or create) its child run with the usual tags and end it with `status`, `reason` and, for a crash, its
+    `crash_cause`. A trial whose run is already done (`is_done`: it ended before its worker was lost) keeps its
+    outcome. Returns the run id."""
+    done = _done_run(ctx, job.key)
+    if done is not None:
+        return done.info.run_id
     child = open_child(job, ctx)
-    child.finish(status, reason)
+    child.finish(status, reason, cause)
     return child.run_id
 
 
