@@ -27,11 +27,13 @@ from typing import Protocol
 
 import torch
 
+from srdit import stop
 from srdit.cache import save_atomic, write_atomic
 from srdit.config import RunConfig, flatten_dict, from_dict, input_file_problem, to_dict, to_yaml
 from srdit.model import build_model
 from srdit.parallel import DataParallel, check_device
 from srdit.provenance import provenance
+from srdit.stop import Interrupted
 from srdit.transport.objective import TEACHER_SETTINGS, StepNoise, teacher_widths, training_losses
 
 CHECKPOINT = "checkpoints/last.pt"
@@ -492,6 +494,20 @@ class TrainStep:
         self.sums, self.count = None, 0
         return dict(zip(self.names, means)), self._first_bad(host[n:])
 
+    def window(self) -> dict | None:
+        """This rank's open metrics window (names, float64 sums, step count), for a checkpoint written between two
+        logging steps: the resumed run's next logged means then cover the same steps as without the interruption.
+        None when the window is empty."""
+        if not self.count:
+            return None
+        return {"names": list(self.names), "sums": self.sums.detach().cpu(), "count": self.count}
+
+    def load_window(self, window: dict | None) -> None:
+        """Reopen a window saved by `window` (a checkpoint of this rank)."""
+        if window:
+            self.names, self.count = list(window["names"]), int(window["count"])
+            self.sums = window["sums"].to(self.device)
+
     def diverged(self) -> tuple[int, str] | None:
         """The first non-finite step so far on any rank, without closing the metrics window (before a checkpoint
         or an evaluation, which synchronise anyway): one small all-reduce and one copy."""
@@ -653,6 +669,7 @@ def _train(
     ema = copy.deepcopy(model).requires_grad_(False).eval()
     opt = make_optimizer(model, cfg, device)
     step = 0
+    open_window = None  # a checkpoint written between two logging steps: its metrics window, reopened
     ckpt_path = out / CHECKPOINT
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path)
@@ -666,6 +683,7 @@ def _train(
         if device.type == "cuda" and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
         step = int(ckpt["step"])
+        open_window = ckpt.get("window")
     elif tc.init:
         init_weights(model, ema, cfg, tc.init)
     if dp.main:
@@ -707,6 +725,7 @@ def _train(
                 "rng": rng,
                 "data": data.state_dict(),
                 "config": to_dict(cfg),
+                **({"window": window} if (window := train_step.window()) else {}),
                 **provenance(device),
             },
             ckpt_path,
@@ -725,6 +744,16 @@ def _train(
                 save_atomic({"ema": ema.state_dict(), "step": step, "config": to_dict(cfg)}, snap)
         return [evaluate_target(ema, t, step, step < tc.steps, device, dp) for t in targets]
 
+    def stop_requested() -> str | None:
+        """Why to stop now (`srdit.stop`), or None. One process: at every step. Data parallel: at logging steps
+        only, where the ranks already synchronise, and as one decision of all ranks (any rank's request)."""
+        if not dp.active:
+            return stop.requested()
+        if step % tc.log_every and step != tc.steps:
+            return None
+        mine = torch.tensor([1.0 if stop.requested() else 0.0], device=device)
+        return (stop.requested() or "a peer's stop request") if float(dp.sum(mine)) > 0 else None
+
     def evaluation_due() -> bool:
         return bool(targets) and bool(tc.eval_every) and step % tc.eval_every == 0 and 0 < step < tc.steps
 
@@ -741,6 +770,7 @@ def _train(
         )
     net = torch.compile(net) if tc.compile else net
     train_step = TrainStep(cfg, model, ema, opt, device, dp, net)
+    train_step.load_window(open_window if dp.main and not dp.active else None)  # rank 0 saved only its own
     bar = _Progress(tc.steps, step, progress if dp.main else False)
     t_window = time.perf_counter()
     windows: list[tuple[int, float, float]] = []
@@ -785,6 +815,14 @@ def _train(
             if evaluation_due():
                 evaluate_now()
                 t_window = time.perf_counter()
+            why = stop_requested()
+            if why:
+                if stop_if_diverged(train_step.diverged()):
+                    break
+                if not saving:
+                    save()
+                dp.barrier()
+                raise Interrupted(why, step, str(ckpt_path))
     except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:
         line = out_of_memory(e, cfg)
         if line is None or dp.active:  # the other ranks wait in a collective: fail the group; the launcher records it

@@ -47,7 +47,7 @@ SRC = ROOT / "srdit"
 
 LAYERS: dict[str, set[str]] = {
     "config": {"srdit", "config", "techniques", "metric_registry", "ext"},
-    "util": {"cache"},
+    "util": {"cache", "stop"},
     "model": {"model"},
     "transport": {"transport"},
     "data": {"data", "encoders", "metrics"},

@@ -53,9 +53,10 @@ def parse_and_run(parser: argparse.ArgumentParser, func, argv: list[str] | None)
 
 
 def cmd_train(args) -> int:
+    from srdit import stop
     from srdit.config import to_yaml
     from srdit.techniques import load_run_config
-    from srdit.train import JsonlReporter, train
+    from srdit.train import CHECKPOINT, JsonlReporter, train
 
     overrides = list(args.overrides)
     if args.config and "=" in args.config and not os.path.exists(args.config):  # `srdit train key=value ...`
@@ -77,13 +78,31 @@ def cmd_train(args) -> int:
     cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
     dp = init_from_env("cuda" if cuda else "cpu")
     try:
-        result = train(
-            cfg,
-            out,
-            JsonlReporter(out / "metrics.jsonl"),
-            resume=not args.restart,
-            progress=None if not args.quiet else False,
-        )
+        with stop.on_signals():  # SIGTERM / SIGINT / SIGHUP: a checkpoint at the current step, then exit
+            result = train(
+                cfg,
+                out,
+                JsonlReporter(out / "metrics.jsonl"),
+                resume=not args.restart,
+                progress=None if not args.quiet else False,
+            )
+    except stop.Interrupted as e:
+        if dp.main:
+            print(f"srdit train: {e}; rerun the same command to resume", file=sys.stderr)
+        return stop.exit_code(e.why)
+    except KeyboardInterrupt:  # a second signal, or the grace period over: no checkpoint at this step
+        last = out / CHECKPOINT
+        if dp.main:
+            print(
+                "srdit train: interrupted; "
+                + (
+                    f"rerun the same command to resume from the last checkpoint ({last})"
+                    if last.is_file()
+                    else "no checkpoint was written yet, so a rerun starts from step 0"
+                ),
+                file=sys.stderr,
+            )
+        return stop.exit_code(stop.requested()) if stop.requested() else 130
     except OSError as e:
         if e.filename or not e.errno:
             raise

@@ -261,6 +261,7 @@ def _pilot_results(pilot: str, state: str):
 
 
 def _run(args) -> int:
+    from srdit import stop
     from srdit.runtime.driver import run_study
     from srdit.runtime.state import StudyState
     from srdit.study.spec import load_study
@@ -302,6 +303,14 @@ def _run(args) -> int:
         f"browse with `srdit ui --state {state}`"
     )
     print(f"report: `srdit report {args.study} --state {state}` writes {DEFAULT_DASHBOARDS}/{spec.name}/index.html")
+    why = stop.requested()
+    if why:
+        print(
+            f"stopped by {why}: the running trials wrote a checkpoint at their current step; "
+            f"`srdit study run {args.study} --state {state}` resumes the study",
+            file=sys.stderr,
+        )
+        return stop.exit_code(why)
     return 0 if res.complete else 1
 
 

@@ -94,9 +94,11 @@ def _worker_loop(loop: dict) -> None:
     import ray.train.torch
     import torch
 
+    from srdit import stop
+    from srdit.runtime.state import STOP_FILE
     from srdit.runtime.tracking import RUN_JOURNAL, ChildRun, TrialReporter
     from srdit.techniques import load_plugin_sources
-    from srdit.train import train
+    from srdit.train import TrainResult, train
 
     load_plugin_sources(loop.get("plugins", ()))
     torch.set_num_threads(loop["threads"])
@@ -110,8 +112,12 @@ def _worker_loop(loop: dict) -> None:
         _record_placement_group(loop["out_dir"])
     journal = Path(loop["out_dir"]) / RUN_JOURNAL
     reporter = TrialReporter(ChildRun(loop["uri"], loop["run_id"], True, journal), to_tune=False) if main else None
+    stop.reset()  # each rank watches the study's stop file; the ranks decide together (`srdit.train`)
+    stop.watch(Path(loop["out_dir"]).parent / STOP_FILE)
     try:
         res = train(cfg, loop["out_dir"], reporter, resume=True, progress=False, snapshots=True)
+    except stop.Interrupted as e:  # told to stop: rank 0 saved this step; the trial ends interrupted
+        res = TrainResult("interrupted", f"{e}; a rerun resumes it", e.step, {})
     except Exception as e:  # the training code's failure is this trial's outcome: record it, then fail the group
         from srdit.analysis.results import INFRASTRUCTURE
         from srdit.runtime.worker import _one_line, crash_cause, is_oom

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from srdit import stop
 from srdit.analysis.results import INFRASTRUCTURE
 from srdit.metric_registry import headline
 from srdit.provenance import plugin_sources
@@ -213,6 +214,10 @@ def _progress_callback(
             r = trial.last_result or {}
             if r.get("trial_key") in self.oom:
                 return  # already counted when recorded
+            if r.get("status") == "interrupted":  # told to stop: not done, a rerun resumes it
+                if not r.get("reason", "").startswith("not started"):
+                    echo(f"  {r.get('trial_key')}: {r.get('reason', 'interrupted')}")
+                return
             if r.get("status") == "excluded":
                 echo(f"  search sample excluded: {r.get('reason', '')}")
                 return
@@ -591,20 +596,36 @@ def _fit_grid(spec, plan, tracking, state: StudyState, jobs: list[Job], max_fail
         ),
         run_config=run_config,
     )
-    _fit(tuner, echo)
+    _fit(tuner, echo, state)
 
 
-def _fit(tuner, echo: Callable[[str], None]) -> None:
+def _fit(tuner, echo: Callable[[str], None], state: StudyState) -> None:
     """`tuner.fit()`, where a failure of Ray itself (its memory monitor killing a worker while Tune waits on it, a
     lost node) ends this round of trials, never the driver: the trials recorded so far are kept, the rest stay
-    unfinished, and `_finish` says so and how to resume (the parent run is not left RUNNING)."""
+    unfinished, and `_finish` says so and how to resume (the parent run is not left RUNNING).
+
+    SIGTERM / SIGINT / SIGHUP (`srdit.stop`) ask the running trials to stop: the driver writes the study's stop
+    file, each running trial writes a checkpoint at its current step and ends `interrupted`, trials not started
+    end at once without a run, and the fit returns. A second signal, or the grace period over, stops at once."""
+
+    def stopping(name: str) -> None:
+        state.stop_file.write_text(name)
+        echo(
+            f"{name}: stopping; the running trials write a checkpoint at their current step "
+            f"(up to {stop.grace_s():.0f} s; a second signal stops at once)"
+        )
+
+    state.stop_file.unlink(missing_ok=True)  # a stop file of an earlier run
     try:
-        tuner.fit()
+        with stop.on_signals(on_first=stopping):  # after ray.init, which sets its own SIGTERM handler
+            tuner.fit()
     except Exception as e:
         if not (type(e).__module__.split(".")[0] == "ray" or is_oom(e)):
             raise
         what = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         echo(f"  Ray stopped the trials early ({what}); the trials recorded so far are kept")
+    finally:
+        state.stop_file.unlink(missing_ok=True)
 
 
 def _max_concurrent(r) -> int | None:
@@ -721,7 +742,7 @@ def _run_search(
             ),
             run_config=run_config,
         )
-        _fit(tuner, echo)
+        _fit(tuner, echo, state)
         ended = searcher.ended
         if not ended and _search_target(spec) < spec.design.trials:  # a budget larger than the space
             ended = _exhausted(n_points) if _search_samples_done(state, {}) >= n_points else ""
@@ -915,6 +936,10 @@ def _finish(spec, plan, tracking, state: StudyState, skipped, ran, echo, t0, ado
             **{f"n_{s}": n for s, n in statuses.items()},
         }
     )
+    if stop.requested():  # told to stop (SIGTERM, SIGINT, SIGHUP): the parent says so until a rerun ends it
+        tracking.tag_parent({"status": "interrupted", "status_reason": f"stopped by {stop.requested()}"})
+    elif complete:
+        tracking.tag_parent({"status": "finished", "status_reason": ""})
     tracking.set_parent_status("FINISHED" if complete else "KILLED")
     summary = ", ".join(f"{n} {s}" for s, n in sorted(statuses.items()))
     if n_samples is None:

@@ -19,6 +19,9 @@ from srdit.runtime.lock import state_init_lock
 from srdit.runtime.store import check_store, holds_runs, set_aside, sqlite_path, store_problem
 from srdit.runtime.tracking import StudyTracking, is_local_store, open_study, resolve_uri
 
+STOP_FILE = "STOP"
+"The stop file in a study's trials folder (`StudyState.stop_file`); its text names the signal."
+
 
 @dataclass(frozen=True)
 class StudyState:
@@ -61,6 +64,11 @@ class StudyState:
     def trials(self) -> Path:
         "One subfolder per trial key: checkpoints, samples, locks, a data-parallel trial's outcome file."
         return self.root / "trials" / self.study
+
+    @property
+    def stop_file(self) -> Path:
+        "Written by a driver told to stop (`srdit.stop`): the study's running trials checkpoint and end."
+        return self.trials / STOP_FILE
 
     @property
     def ray(self) -> Path:

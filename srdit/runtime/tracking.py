@@ -42,7 +42,14 @@ ROLE_TAG = "srdit.role"
 KEY_TAG = "trial_key"
 TERMINAL = ("finished", "diverged", "oom", "crashed")
 "Trial statuses that end a trial: the trial is data and does not run again."
-MLFLOW_STATUS = {"finished": "FINISHED", "diverged": "FAILED", "oom": "FAILED", "crashed": "FAILED"}
+MLFLOW_STATUS = {
+    "finished": "FINISHED",
+    "diverged": "FAILED",
+    "oom": "FAILED",
+    "crashed": "FAILED",
+    "interrupted": "KILLED",
+}
+"MLflow run status of each trial status (`interrupted`: not an end, a rerun resumes it)."
 _BATCH_ENTITIES = 100  # MLflow's log_batch limit on params + tags per request (metrics: 1000)
 
 

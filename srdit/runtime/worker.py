@@ -15,18 +15,21 @@ recomputes neither. Nothing here starts Ray or a Tuner; the driver does.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import fcntl
 import hashlib
 import json
 import math
+import threading
 import time
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from srdit import stop
 from srdit.analysis.results import CODE, INFRASTRUCTURE
 from srdit.config import ConfigError
 from srdit.runtime.jobs import (
@@ -40,6 +43,7 @@ from srdit.runtime.jobs import (
     trial_job,
 )
 from srdit.runtime.occupancy import Occupancy
+from srdit.runtime.state import STOP_FILE
 from srdit.runtime.tracking import RUN_JOURNAL, ChildRun, TrialReporter, is_done, runtime_tags
 from srdit.study.designs import TrialSpec, make_cell, make_trial, search_objectives, violated
 from srdit.study.spec import StudySpec
@@ -182,6 +186,39 @@ def open_child(job: TrialJob, ctx: TrialContext, extra_tags: dict | None = None)
     )
 
 
+def _not_started(job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
+    """A trial that the study was told to stop before it began: nothing recorded, a rerun runs it."""
+    out = {"trial_key": job.key, "status": "interrupted", "reason": f"not started: stopped by {stop.requested()}"}
+    if to_tune:
+        from ray import tune
+
+        tune.report({**{o: math.nan for o in ctx.objectives}, **out})
+    return out
+
+
+@contextlib.contextmanager
+def trial_stop(ctx: TrialContext):
+    """For one Ray trial: a stop request reaches its training (`srdit.stop`), which then writes a checkpoint at
+    the current step and ends `interrupted`. Two ways: the study's stop file (the driver was told to stop), and
+    SIGTERM to this worker: Ray ends a worker on SIGTERM by raising SystemExit in its main thread, and the
+    interpreter's exit runs `atexit` callbacks before it drops the trial's thread; the callback asks for the stop
+    and holds the exit until the trial has recorded it (at most `stop.grace_s()`)."""
+    stop.reset()
+    stop.watch(Path(ctx.trials_dir) / STOP_FILE)
+    ended = threading.Event()
+
+    def on_exit() -> None:
+        stop.request("SIGTERM")
+        ended.wait(stop.grace_s())
+
+    atexit.register(on_exit)
+    try:
+        yield
+    finally:
+        ended.set()
+        atexit.unregister(on_exit)
+
+
 def record_outcome(job: TrialJob, ctx: TrialContext, status: str, reason: str, cause: str = "") -> str:
     """Record a trial's outcome from outside the trial (the driver, after Ray killed or lost the trial's worker):
     open (or create) its child run with the usual tags and end it with `status`, `reason` and, for a crash, its
@@ -253,6 +290,8 @@ def execute_trial(job: TrialJob, ctx: TrialContext, to_tune: bool = False) -> di
     or a resumed trial whose key has meanwhile ended is answered from its run. Raises `JobMismatch` (before
     anything is recorded) when the job was planned for other code (`check_job`)."""
     check_job(job)
+    if stop.requested():
+        return _not_started(job, ctx, to_tune)
     with trial_lock(ctx, job.key):
         if ctx.objectives or job.run_id:
             done = _done_run(ctx, job.key)
@@ -289,6 +328,9 @@ def _execute(job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
             res = train(cfg, out_dir, reporter, resume=True, progress=False, snapshots=True)
             status, reason, step, metrics = res.status, res.reason, res.step, dict(res.metrics)
             logged = set(reporter.at_last_step) if reporter.last_step == step else set()
+    except stop.Interrupted as e:  # told to stop: its checkpoint holds this step, a rerun resumes it
+        status, reason = "interrupted", f"{e}; a rerun resumes it"
+        step, metrics = e.step, {}
     except Exception as e:  # a crash is a result; the study goes on
         status, reason, cause = _crash(e, child)
         step, metrics = reporter.last_step, {}
@@ -419,6 +461,8 @@ def execute_group(job: Job, ctx: TrialContext, to_tune: bool = False) -> dict:
     Returns the training run's result (the evaluation-only runs' when it was done), with `members_done`: how many
     members this call ended."""
     todo = job.todo()
+    if stop.requested() and todo:
+        return {**_not_started(todo[0], ctx, to_tune), "members_done": 0}
     if isinstance(job, EvaluationJob):
         if job.from_study is None:  # a fixed checkpoint
             outs = [evaluate_from(job.source, m, ctx) for m in todo]
@@ -487,6 +531,9 @@ def _train_group(job: TrainingJob, lead: TrialJob, todo: list[TrialJob], ctx: Tr
         )
         metrics = [dict(res.metrics)] + [{**res.train_metrics, **e} for e in res.evaluations]
         res_of = [res] * len(todo)
+    except stop.Interrupted as e:  # told to stop: the checkpoint holds this step, a rerun resumes every member
+        res_of = [TrainResult("interrupted", f"{e}; a rerun resumes it", e.step, {}) for _ in [lead_rep, *reps]]
+        metrics = [{} for _ in res_of]
     except Exception as e:  # the training crashed: every member's run records it
         status, reason, cause = _crash(e, lead_child)
         res_of = [TrainResult(status, reason, r.last_step, {}) for r in [lead_rep, *reps]]
@@ -520,14 +567,15 @@ def trainable(config: dict, jobs: dict[str, Job] | None = None) -> None:
     ctx: TrialContext = config["ctx"]
     load_plugin_sources(ctx.plugins)
     key = config.get("job")
-    if key is None:
-        trial = search_trial(config, ctx)
-        if trial is not None:
-            execute_trial(trial, ctx, to_tune=True)
-        return
-    if not jobs or key not in jobs:
-        raise JobMismatch(f"Ray trial {key}: no such job was handed to the worker")
-    execute_group(jobs[key], ctx, to_tune=True)
+    with trial_stop(ctx):
+        if key is None:
+            trial = search_trial(config, ctx)
+            if trial is not None:
+                execute_trial(trial, ctx, to_tune=True)
+            return
+        if not jobs or key not in jobs:
+            raise JobMismatch(f"Ray trial {key}: no such job was handed to the worker")
+        execute_group(jobs[key], ctx, to_tune=True)
 
 
 def search_trial(config: dict, ctx: TrialContext) -> TrialJob | None:

@@ -1,0 +1,225 @@
+"""SIGTERM / SIGINT / SIGHUP are interruptions, not crashes: `srdit train`, a study's driver and a trial worker
+write a checkpoint at the step they are on, end `interrupted` with one line naming the resume command, and the
+rerun resumes and ends equal to an uninterrupted run. Real processes, real signals, a real local Ray."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+ENV.pop("RAY_ADDRESS", None)
+TRAIN = [
+    "train.steps=160",
+    "train.batch_size=16",
+    "train.log_every=10",
+    "train.ckpt_every=100000",  # no periodic checkpoint: the one a rerun finds is the signal's
+    "eval.n_samples=50",
+    "eval.batch_size=50",
+    "sample.sampler=euler",
+    "sample.steps=2",
+]
+TIMING = ("steps_per_s", "images_per_s", "steps_per_s_median", "images_per_s_median", "throughput_windows")
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a terminal's foreground job has it (a background test: ignored)
+
+
+def _train(out: Path, wait_for_step: int | None = None, sig: int | None = None) -> subprocess.CompletedProcess:
+    """`srdit train` into `out`; with `sig`: sent once metrics.jsonl has reached `wait_for_step`."""
+    args = [sys.executable, "-m", "srdit", "train", *TRAIN, "--out", str(out), "--quiet"]
+    p = subprocess.Popen(
+        args, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+    )
+    if sig is not None:
+        deadline = time.time() + 300
+        log = out / "metrics.jsonl"
+        while time.time() < deadline and p.poll() is None:
+            lines = log.read_text().splitlines() if log.is_file() else []
+            if lines and json.loads(lines[-1])["step"] >= wait_for_step:
+                break
+            time.sleep(0.05)
+        time.sleep(0.1)  # between two logging steps
+        p.send_signal(sig)
+    out_, err = p.communicate(timeout=600)
+    return subprocess.CompletedProcess(args, p.returncode, out_, err)
+
+
+def _curve(out: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in (out / "metrics.jsonl").open()]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("whole") / "run"
+    r = _train(out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP], ids=lambda s: s.name)
+def test_srdit_train_checkpoints_the_current_step_on_a_signal_and_resumes_equal(sig, uninterrupted, tmp_path):
+    out = tmp_path / "run"
+    r = _train(out, wait_for_step=40, sig=sig)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 128 + sig, r.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert lines[0].startswith(f"srdit train: interrupted by {sig.name}: checkpoint at step ")
+    assert lines[0].endswith("; rerun the same command to resume")
+    step = int(lines[0].split("checkpoint at step ")[1].split()[0])
+    ckpt = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == step and 40 <= step < 160  # the step it was on, not a periodic one (there are none)
+    r = _train(out)  # the rerun resumes
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _curve(out) == _curve(uninterrupted)  # every logged mean, the window across the signal included
+    a = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    b = torch.load(uninterrupted / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    for part in ("model", "ema"):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in b[part]), part
+
+
+def test_a_second_signal_stops_at_once_and_says_whether_a_checkpoint_exists(tmp_path):
+    """No checkpoint yet: the hard stop must not promise a resume (it says the rerun starts over)."""
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "srdit", "train", *TRAIN, "--out", str(out), "--quiet"]
+    env = {**ENV, "SRDIT_STOP_GRACE_S": "0"}  # the grace period is over at once: the hard stop
+    p = subprocess.Popen(
+        args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "config.yaml").is_file():
+        time.sleep(0.05)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=300)
+    lines = err.strip().splitlines()
+    assert p.returncode == 143 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    if (out / "checkpoints" / "last.pt").exists():  # the trainer reached a step boundary first: it saved
+        assert "interrupted by SIGTERM: checkpoint at step" in lines[0]
+    else:
+        assert lines[0] == "srdit train: interrupted; no checkpoint was written yet, so a rerun starts from step 0"
+
+
+STUDY_BASE = {
+    "train": {"steps": 300, "batch_size": 16, "log_every": 5, "ckpt_every": 100000},
+    "eval": {"n_samples": 50, "batch_size": 50},
+    "sample": {"sampler": "euler", "steps": 2},
+}
+
+
+def _study_file(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    p = folder / "sg.yaml"
+    p.write_text(yaml.safe_dump({"name": "sg", "techniques": ["rmsnorm"], "seeds": [0], "base": STUDY_BASE}))
+    return p
+
+
+def _run(folder: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "srdit", "study", "run", "sg.yaml", "--state", "st", "--num-cpus", "2"],
+        cwd=folder,
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=_default_sigint,
+    )
+
+
+def _wait_training(folder: Path, n: int) -> list[str]:
+    """Wait until `n` trials have logged a training report; returns the running trials' worker markers."""
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        logged = list((folder / "st" / "trials" / "sg").glob("*/train_metrics.jsonl"))
+        if len([p for p in logged if p.stat().st_size]) >= n:
+            return [p.name for p in (folder / "st" / "trials" / "sg" / ".running").glob("*")]
+        time.sleep(0.1)
+    raise AssertionError("the trials did not start training")
+
+
+def _trials(folder: Path) -> dict:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{folder / 'st' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("sg")
+    out = {}
+    for r in client.search_runs([exp.experiment_id], "tags.`srdit.role` = 'trial'"):
+        curve = {(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss")}
+        out[r.data.tags["trial_key"]] = {
+            "status": r.data.tags["status"],
+            "reason": r.data.tags.get("status_reason", ""),
+            "loss": sorted(curve),
+            "fd": r.data.metrics.get("fd"),
+        }
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_equal(sig, tmp_path):
+    whole = tmp_path / "whole"
+    _study_file(whole)
+    p = _run(whole)
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-3000:]
+    want = _trials(whole)
+
+    folder = tmp_path / "stopped"
+    _study_file(folder)
+    p = _run(folder)
+    _wait_training(folder, 2)
+    p.send_signal(sig)  # to the driver only (a Kubernetes pod's main process; Slurm's batch step)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 128 + sig, out[-3000:] + err[-3000:]
+    assert f"{sig.name}: stopping; the running trials write a checkpoint at their current step" in out
+    assert "Traceback" not in out + err, out[-3000:] + err[-3000:]
+    assert err.strip().splitlines()[-1] == (
+        f"stopped by {sig.name}: the running trials wrote a checkpoint at their current step; "
+        "`srdit study run sg.yaml --state st` resumes the study"
+    )
+    got = _trials(folder)
+    assert {t["status"] for t in got.values()} == {"interrupted"}
+    for key, t in got.items():  # each trial's checkpoint holds the step its status names
+        step = int(t["reason"].split("checkpoint at step ")[1].split()[0])
+        ckpt = torch.load(folder / "st" / "trials" / "sg" / key / "checkpoints" / "last.pt", weights_only=False)
+        assert ckpt["step"] == step and 0 < step < 300
+    status = subprocess.run(
+        [sys.executable, "-m", "srdit", "study", "status", "sg.yaml", "--state", "st"],
+        cwd=folder,
+        env=ENV,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "will run 2 trial(s): 2 interrupted" in status
+
+    # the rerun; SIGTERM to one trial's worker process (Slurm signals every process of a job step): that trial
+    # saves its step and Ray Tune starts it again, from there
+    p = _run(folder)
+    running = folder / "st" / "trials" / "sg" / ".running"
+    deadline = time.time() + 400
+    while time.time() < deadline and not list(running.glob("*")):
+        time.sleep(0.1)
+    marker = next(running.glob("*")).name.split("__")
+    victim, key = int(marker[1]), marker[2]
+    log = folder / "st" / "trials" / "sg" / key / "train_metrics.jsonl"
+    size = log.stat().st_size
+    while time.time() < deadline and log.stat().st_size == size:  # it trains again (resumed, past a report)
+        time.sleep(0.1)
+    os.kill(victim, signal.SIGTERM)
+    out, err = p.communicate(timeout=900)
+    assert p.returncode == 0, out[-3000:] + err[-3000:]
+    assert "interrupted by SIGTERM: checkpoint at step" in out  # the worker's own stop, said once
+    got = _trials(folder)
+    assert {t["status"] for t in got.values()} == {"finished"}
+    assert got.keys() == want.keys()
+    for key in want:  # every logged loss and the final evaluation as without the interruptions
+        assert got[key]["loss"] == want[key]["loss"], key
+        assert got[key]["fd"] == want[key]["fd"], key
