@@ -351,7 +351,8 @@ def test_ctrl_c_prints_srdits_resume_line_and_the_rerun_resumes_without_duplicat
         time.sleep(0.5)
     os.killpg(proc.pid, signal.SIGINT)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 1, out[-3000:]
+    assert proc.returncode == 130, out[-3000:]  # 128 + SIGINT: stopped, each running trial saved its step
+    assert "SIGINT: stopping; the running trials write a checkpoint at their current step" in out
     assert "Tuner.restore" not in out and "Traceback" not in out, out[-3000:]
     assert "rerun the same command" in out
     r = _cli("status", str(study), "--state", str(state))

@@ -15,7 +15,6 @@ recomputes neither. Nothing here starts Ray or a Tuner; the driver does.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import fcntl
@@ -196,27 +195,44 @@ def _not_started(job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
     return out
 
 
+_STOPPED = threading.Event()
+"Set by a trial once it has saved its step and recorded itself `interrupted` (what a SIGTERM waits for)."
+
+
 @contextlib.contextmanager
 def trial_stop(ctx: TrialContext):
     """For one Ray trial: a stop request reaches its training (`srdit.stop`), which then writes a checkpoint at
-    the current step and ends `interrupted`. Two ways: the study's stop file (the driver was told to stop), and
-    SIGTERM to this worker: Ray ends a worker on SIGTERM by raising SystemExit in its main thread, and the
-    interpreter's exit runs `atexit` callbacks before it drops the trial's thread; the callback asks for the stop
-    and holds the exit until the trial has recorded it (at most `stop.grace_s()`)."""
+    the current step and ends `interrupted`. Two ways:
+
+    - the study's stop file (the driver was told to stop);
+    - SIGTERM to this worker process (Slurm signals every process of a job step). Ray's handler for it, in the
+      worker's main thread, ends the process through `ray._private.worker.raise_sys_exit_with_custom_error_message`;
+      for the trial's lifetime that name is wrapped so that the handler first asks the trial to stop and waits
+      (at most `stop.grace_s()`) until it has saved and recorded its step. A Ray without that name: the trial is
+      retried from its last periodic checkpoint, as after any lost worker."""
+    import ray._private.worker as ray_worker
+
     stop.reset()
     stop.watch(Path(ctx.trials_dir) / STOP_FILE)
+    _STOPPED.clear()
     ended = threading.Event()
+    exit_now = getattr(ray_worker, "raise_sys_exit_with_custom_error_message", None)
 
-    def on_exit() -> None:
+    def on_sigterm(*args, **kwargs):
         stop.request("SIGTERM")
-        ended.wait(stop.grace_s())
+        deadline = time.monotonic() + stop.grace_s()
+        while not (_STOPPED.is_set() or ended.is_set()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return exit_now(*args, **kwargs)
 
-    atexit.register(on_exit)
+    if exit_now is not None:
+        ray_worker.raise_sys_exit_with_custom_error_message = on_sigterm
     try:
         yield
     finally:
         ended.set()
-        atexit.unregister(on_exit)
+        if exit_now is not None:
+            ray_worker.raise_sys_exit_with_custom_error_message = exit_now
 
 
 def record_outcome(job: TrialJob, ctx: TrialContext, status: str, reason: str, cause: str = "") -> str:
@@ -340,6 +356,8 @@ def _execute(job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
     final["trials_on_host"] = float(occupancy.max_seen)
     child.log_metrics(step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
     child.finish(status, reason, cause)
+    if status == "interrupted":
+        _STOPPED.set()
     out = {
         "trial_key": job.key,
         "status": status,
@@ -544,6 +562,8 @@ def _train_group(job: TrainingJob, lead: TrialJob, todo: list[TrialJob], ctx: Tr
         _finish_member(m, c, r, res, mx, wall, float(occupancy.max_seen), cause)
         for m, c, r, res, mx in zip([lead, *others], [lead_child, *children], [lead_rep, *reps], res_of, metrics)
     ]
+    if res_of and res_of[0].status == "interrupted":
+        _STOPPED.set()
     if to_tune:
         from ray import tune
 
