@@ -4,7 +4,8 @@
 (srdit.study.preflight); a single run checks its evaluation inputs with `srdit.evaluate.check_evaluation`, which
 builds on the same table. Every field of `srdit.config.PATH_FIELDS` is covered: the known ones by a check that reads
 what the run will read (a latent folder's index and shard manifests, DINOv2 repository + weights, Inception weights,
-reference statistics), any other by a plain existence check, so a path field added to the config is checked too.
+reference statistics, the teacher cache's meta.json and parts), any other by a plain existence check, so a path
+field added to the config is checked too.
 
 Cheap by design: a latent folder is checked by its index and the sizes in its shard manifests, not by hashing
 terabytes (`srdit preprocess --verify DIR` hashes every shard).
@@ -19,8 +20,9 @@ from pathlib import Path
 
 from srdit.config import PATH_FIELDS, RunConfig
 
-OUTPUTS = ("data.teacher_cache",)
-"Path fields the run writes (created when missing), not inputs."
+OUTPUTS: dict[str, str] = {}
+"""Path fields the run writes (created when missing), not inputs: field -> why it is not read. None today: every
+PATH_FIELDS entry is an input (tests/test_preflight.py fails on a path field that is neither checked nor here)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,14 @@ def _needs_teacher(cfg: RunConfig) -> bool:
     return bool(teacher_widths(cfg.model)) and cfg.data.teacher != "digits-cnn"
 
 
+def _reads_teacher_cache(cfg: RunConfig) -> bool:
+    """Training reads the cache (never writes it) whenever it is set and an alignment loss needs teacher tokens
+    (srdit.train.LatentBatches)."""
+    from srdit.transport.objective import teacher_widths
+
+    return cfg.data.dataset == "latents" and bool(teacher_widths(cfg.model)) and bool(cfg.data.teacher_cache)
+
+
 def _evaluates_latents(cfg: RunConfig) -> bool:
     return cfg.data.dataset == "latents" and bool(cfg.eval.reference)
 
@@ -62,6 +72,7 @@ def read_fields(cfg: RunConfig) -> list[str]:
         "data.path": cfg.data.dataset == "latents",
         "data.teacher_path": cfg.data.dataset == "latents" and _needs_teacher(cfg),
         "data.tokenizer_path": cfg.data.dataset == "latents" and bool(cfg.data.tokenizer),
+        "data.teacher_cache": _reads_teacher_cache(cfg),
         "eval.reference": _evaluates_latents(cfg),
         "eval.inception_path": _evaluates_latents(cfg),
         "eval.dinov2_path": _evaluates_latents(cfg) and bool(cfg.eval.dinov2_path),
@@ -107,6 +118,44 @@ def _check_latents(cfg: RunConfig, path: str) -> tuple[str, str] | None:
             "no image crops stored (the alignment teacher reads them)",
             f"{_preprocess_cmd(cfg)} into a new folder (--keep-images), or set data.teacher_cache to a "
             f"filled feature cache",
+        )
+    return None
+
+
+def _cache_teacher_cmd(cfg: RunConfig, path: str) -> str:
+    grid = cfg.model.input_size // cfg.model.patch_size
+    return (
+        f"make it with `srdit cache-teacher {cfg.data.path or 'LATENT_DIR'} --teacher {cfg.data.teacher} "
+        f"--teacher-path {cfg.data.teacher_path or 'TEACHER_DIR'} --out {cfg.data.teacher_cache or path} "
+        f"--grid {grid}`"
+    )
+
+
+def _check_teacher_cache(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+    """What `srdit.data.teacher_cache.TeacherCache` refuses at the start of training, short of hashing the teacher's
+    weights or the latent folder's index: no meta.json, a missing part, another grid or token width."""
+    from srdit.data import teacher_cache as store
+    from srdit.transport.objective import teacher_widths
+
+    try:
+        meta = store.read_meta(path)
+    except FileNotFoundError:
+        return "no teacher cache (meta.json missing)", _cache_teacher_cmd(cfg, path)
+    except ValueError as e:
+        return str(e).split(": ", 1)[-1], _cache_teacher_cmd(cfg, path) + " into a new folder"
+    parts = int(meta.get("parts", 0))
+    missing = [k for k in range(parts) if not store.part_done(path, k, parts)]
+    if missing:
+        return (
+            f"incomplete ({len(missing)} of {parts} parts missing, e.g. part {missing[0]})",
+            "rerun the same `srdit cache-teacher` command that started it",
+        )
+    grid, want = cfg.model.input_size // cfg.model.patch_size, teacher_widths(cfg.model)
+    if meta.get("grid") != grid or want != {meta.get("dim")}:
+        return (
+            f"made for a {meta.get('grid')}x{meta.get('grid')} grid of {meta.get('dim')}-d tokens, this run needs "
+            f"a {grid}x{grid} grid of {'/'.join(map(str, sorted(want)))}-d tokens",
+            _cache_teacher_cmd(cfg, path) + " into a new folder",
         )
     return None
 
@@ -197,6 +246,7 @@ CHECKS: dict[str, Callable[[RunConfig, str], tuple[str, str] | None]] = {
     "data.path": _check_latents,
     "data.teacher_path": _check_dinov2(""),
     "data.tokenizer_path": _check_tokenizer,
+    "data.teacher_cache": _check_teacher_cache,
     "eval.reference": _check_reference,
     "eval.inception_path": _check_inception,
     "eval.dinov2_path": _check_dinov2_kd,
@@ -207,6 +257,7 @@ UNSET_FIX = {
     "data.path": "set it to a latent folder made by `srdit preprocess`",
     "data.teacher_path": "set it to a local DINOv2 folder (hubconf.py + weights)",
     "data.tokenizer_path": "set it to the tokenizer's local weights",
+    "data.teacher_cache": "set it to a folder made by `srdit cache-teacher`",
     "eval.reference": "set it to an .npz made by `srdit reference`",
     "eval.inception_path": "set it to pytorch-fid's pt_inception-2015-12-05-6726825d.pth",
 }
