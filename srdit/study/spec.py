@@ -847,6 +847,20 @@ def _foldover_from_dict(data: Mapping, name: str, description: str, path: str | 
         p = rel / p
     if not p.is_file():
         raise ConfigError(f"{where}.of: {of!r}: no such study file ({p}); give the path relative to this file")
+    if str(path) != "<dict>" and p.resolve() == Path(path).resolve():
+        raise ConfigError(
+            f"{where}.of: {of} is this study itself; a fold-over completes another study's fractional factorial"
+        )
+    # a fold-over of a fold-over is refused from its design alone, before loading it (which would load its `of`, and
+    # so on: a chain or a cycle of fold-overs would nest one error message per level)
+    raw = read_yaml(p)
+    raw_design = raw.get("design") if isinstance(raw, Mapping) else None
+    if raw_design == "foldover" or isinstance(raw_design, Mapping) and raw_design.get("kind") == "foldover":
+        original = raw_design.get("of") if isinstance(raw_design, Mapping) else None
+        raise ConfigError(
+            f"{where}.of: {of} is itself a fold-over; fold the original fraction ({original or 'its design.of'})"
+            f" instead, with design.factor for the technique still aliased"
+        )
     try:
         other = load_study(p)
     except ConfigError as e:
