@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from srdit.cache import load_torch
 from srdit.config import RunConfig, apply_diff, parse_override, to_dict
 from srdit.model import SIZES, build_model
 
@@ -112,8 +113,7 @@ def read_reference(path: str | Path, weights: str = "ema") -> tuple[dict[str, to
     if not path.is_file():
         raise ConvertError(f"{path}: no such checkpoint file")
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_torch(path, [argparse.Namespace])
     except Exception as e:  # pickle / zip errors carry long messages; keep the first line
         raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(ckpt, dict):

@@ -475,6 +475,46 @@ def test_a_raw_pickle_reaches_the_terminal_as_one_line(tmp_path):
     ]
 
 
+def test_convert_refuses_a_raw_pickle_in_one_line(tmp_path):
+    """torch warns about a plain pickle's protocol (two lines on stderr) before it refuses it; every loader of a file
+    a user names goes through `srdit.cache.load_torch`, which keeps the warning off the terminal."""
+    path, _ = checkpoint_cases(tmp_path)["pickle"]
+    r = subprocess.run(
+        [sys.executable, "-m", "srdit", "convert", str(path), "--from", "sit", "--preset", "SiT-B/2", "--out", "o.pt"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert r.returncode == 2
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"srdit convert: error: {path}: not a readable PyTorch checkpoint (")
+
+
+def test_every_loader_of_a_named_weights_file_refuses_a_raw_pickle_without_a_warning(tmp_path):
+    import warnings
+
+    from srdit.convert import ConvertError, read_reference
+    from srdit.encoders.base import TokenizerLoadError
+    from srdit.encoders.invae import _read_state_dict
+    from srdit.metrics.inception import load_inception
+    from srdit.train import CheckpointError, load_checkpoint
+
+    path, _ = checkpoint_cases(tmp_path)["pickle"]
+    for load, error in (
+        (load_checkpoint, CheckpointError),
+        (read_reference, ConvertError),
+        (_read_state_dict, TokenizerLoadError),
+        (load_inception, ValueError),
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(error) as info:
+                load(path)
+        assert caught == [], (load.__name__, [str(w.message) for w in caught])
+        assert len(str(info.value).splitlines()) == 1, load.__name__
+
+
 def test_a_corrupt_checkpoint_on_resume(tmp_path, capsys):
     out = tmp_path / "run"
     (out / "checkpoints").mkdir(parents=True)
