@@ -67,7 +67,7 @@ class Range:
         return not (isinstance(v, float) and math.isnan(v))
 
     def describe(self, kind: str) -> str:
-        """E.g. 'a finite number in [0, 1)', 'an integer >= 1' (the stated bounds; see `limits` for an integer)."""
+        """E.g. 'a finite number in [0, 1)', 'an integer >= 1' (the stated bounds; `check_field` adds INT_MAX)."""
         lo, hi = (
             None if x is None else str(int(x)) if float(x).is_integer() else f"{x:g}" for x in (self.low, self.high)
         )
@@ -121,10 +121,8 @@ def check_field(f: dataclasses.Field, value: Any, path: str) -> None:
         if not rule.contains(v):
             kind = "a finite number" if isinstance(v, float) else "an integer"
             allowed = rule.describe(kind)
-            if isinstance(v, int) and not -INT_MAX - 1 <= v <= INT_MAX:
-                allowed += f" within +-{INT_MAX} (int32)" if rule.low is None and rule.high is None else ""
-                allowed += f", at most {INT_MAX} (int32)" if rule.low is not None and rule.high is None else ""
-                allowed += f", at least {-INT_MAX - 1} (int32)" if rule.high is not None and rule.low is None else ""
+            if isinstance(v, int) and (v > INT_MAX and rule.high is None or v < -INT_MAX - 1 and rule.low is None):
+                allowed += f", at most {INT_MAX} (int32)" if v > 0 else f", at least {-INT_MAX - 1} (int32)"
             raise ConfigError(f"{path}: {v!r} is not allowed; allowed: {allowed}")
 
 

@@ -201,7 +201,7 @@ def prepare(
     # one column, one role: a factor analysed as its own response (or as the seed) would be read both ways
     roles = {"metric": metric, "seed column": seed_col, "status column": status_col}
     for role, col in roles.items():
-        if col is not None and col in factors and (role == "metric" or col in table.columns):
+        if col is not None and col in factors:
             raise AnalysisError(
                 f"column '{col}' is both a factor and the {role}; the factors are the 0/1 technique columns, "
                 f"the {role} another column: drop it from the factors or name another {role}"
