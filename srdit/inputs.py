@@ -20,6 +20,8 @@ from pathlib import Path
 
 from srdit.config import PATH_FIELDS, RunConfig
 
+Check = Callable[[RunConfig, str, str], "tuple[str, str] | None"]
+
 OUTPUTS: dict[str, str] = {}
 """Path fields the run writes (created when missing), not inputs: field -> why it is not read. None today: every
 PATH_FIELDS entry is an input (tests/test_preflight.py fails on a path field that is neither checked nor here)."""
@@ -93,7 +95,7 @@ def _preprocess_cmd(cfg: RunConfig) -> str:
     )
 
 
-def _check_latents(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+def _check_latents(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
     from srdit.data.latents import read_index, verify
 
     root = Path(path)
@@ -131,10 +133,12 @@ def _cache_teacher_cmd(cfg: RunConfig, path: str) -> str:
     )
 
 
-def _check_teacher_cache(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+def _check_teacher_cache(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
     """What `srdit.data.teacher_cache.TeacherCache` refuses at the start of training, short of hashing the teacher's
-    weights or the latent folder's index: no meta.json, a missing part, another grid or token width."""
+        weights: no meta.json, a missing part, another grid or token width, another latent folder (by its index, when
+    that folder is there)."""
     from srdit.data import teacher_cache as store
+    from srdit.data.latents import INDEX, index_fingerprint
     from srdit.transport.objective import teacher_widths
 
     try:
@@ -157,11 +161,17 @@ def _check_teacher_cache(cfg: RunConfig, path: str) -> tuple[str, str] | None:
             f"a {grid}x{grid} grid of {'/'.join(map(str, sorted(want)))}-d tokens",
             _cache_teacher_cmd(cfg, path) + " into a new folder",
         )
+    latents = Path(base, os.path.expanduser(cfg.data.path or ""))
+    if cfg.data.path and (latents / INDEX).is_file() and meta.get("latents") != index_fingerprint(latents):
+        return (
+            f"made from another latent folder than data.path {cfg.data.path} (its index differs)",
+            _cache_teacher_cmd(cfg, path) + " into a new folder",
+        )
     return None
 
 
-def _check_dinov2(name: str) -> Callable[[RunConfig, str], tuple[str, str] | None]:
-    def check(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+def _check_dinov2(name: str) -> Check:
+    def check(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
         from srdit.encoders.dinov2 import REPO_URL, dinov2_files, weights_names
 
         model = name or cfg.data.teacher
@@ -183,7 +193,7 @@ def _check_dinov2(name: str) -> Callable[[RunConfig, str], tuple[str, str] | Non
     return check
 
 
-def _check_tokenizer(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+def _check_tokenizer(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
     if os.path.exists(path):
         return None
     what = (
@@ -205,7 +215,7 @@ def _reference_cmd(cfg: RunConfig) -> str:
     )
 
 
-def _check_reference(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+def _check_reference(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
     import numpy as np
 
     if not Path(path).is_file():
@@ -225,7 +235,7 @@ def _check_reference(cfg: RunConfig, path: str) -> tuple[str, str] | None:
     return None
 
 
-def _check_inception(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+def _check_inception(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
     from srdit.metrics.inception import resolve_weights
 
     try:
@@ -236,13 +246,13 @@ def _check_inception(cfg: RunConfig, path: str) -> tuple[str, str] | None:
     return None
 
 
-def _check_dinov2_kd(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+def _check_dinov2_kd(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
     from srdit.metrics.dinov2_kd import DEFAULT_MODEL
 
-    return _check_dinov2(DEFAULT_MODEL)(cfg, path)
+    return _check_dinov2(DEFAULT_MODEL)(cfg, path, base)
 
 
-CHECKS: dict[str, Callable[[RunConfig, str], tuple[str, str] | None]] = {
+CHECKS: dict[str, Check] = {
     "data.path": _check_latents,
     "data.teacher_path": _check_dinov2(""),
     "data.tokenizer_path": _check_tokenizer,
@@ -251,7 +261,8 @@ CHECKS: dict[str, Callable[[RunConfig, str], tuple[str, str] | None]] = {
     "eval.inception_path": _check_inception,
     "eval.dinov2_path": _check_dinov2_kd,
 }
-"Field -> check returning (problem, fix) or None. Fields not listed get an existence check."
+"""Field -> check(cfg, path resolved, base: the folder relative paths of cfg are meant from) returning (problem,
+fix) or None. Fields not listed get an existence check."""
 
 UNSET_FIX = {
     "data.path": "set it to a latent folder made by `srdit preprocess`",
@@ -282,7 +293,7 @@ def input_problems(cfg: RunConfig, fields: list[str] | None = None, base: str | 
         if check is None:
             found = None if os.path.exists(path) else ("no such file or folder", "")
         else:
-            found = check(cfg, path)
+            found = check(cfg, path, base or os.getcwd())
         if found is not None:
             out.append(Problem(key, _get(cfg, key) or path, found[0], found[1]))
     return out

@@ -208,6 +208,23 @@ def test_a_missing_or_unfinished_teacher_cache_is_an_input_named_with_its_comman
     (p,) = input_problems(larger, fields=["data.teacher_cache"])
     assert p.problem == "made for a 2x2 grid of 8-d tokens, this run needs a 4x4 grid of 8-d tokens"
     assert "into a new folder" in p.fix
+    # a cache of another latent folder (told by the fingerprint of data.path's index, when that folder is there)
+    (tmp_path / "lat").mkdir()
+    (tmp_path / "lat" / "index.json").write_text('{"num_images": 4}')
+    (p,) = input_problems(cfg, fields=["data.teacher_cache"])
+    assert p.problem == f"made from another latent folder than data.path {tmp_path / 'lat'} (its index differs)"
+    from srdit.data.latents import index_fingerprint
+
+    right = tmp_path / "cache2"
+    store.create(
+        right, {"latents": index_fingerprint(tmp_path / "lat"), "num_images": 4, "grid": 2, "dim": 8, "parts": 1}
+    )
+    store.part_dir(right, 0, 1).mkdir(parents=True)
+    (store.part_dir(right, 0, 1) / "done.json").write_text("{}")
+    assert input_problems(replace(cfg, data=replace(cfg.data, teacher_cache=str(right))), ["data.teacher_cache"]) == []
+    # relative paths are read from `base`, as a study's trials read them
+    rel = replace(cfg, data=replace(cfg.data, path="lat", teacher_cache="cache2"))
+    assert input_problems(rel, ["data.teacher_cache"], base=str(tmp_path)) == []
     # without an alignment loss the cache is not read, so not checked
     plain = replace(cfg, model=replace(cfg.model, repa=replace(cfg.model.repa, enabled=False)))
     assert "data.teacher_cache" not in [p.field for p in input_problems(plain)]
