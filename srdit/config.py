@@ -586,8 +586,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             # YAML 1.1 reads "1e-4" as a string; accept numeric strings for floats only.
-            if isinstance(value, str) and _DECIMAL.fullmatch(value):
-                return float(value)
+            number = decimal_number(value)
+            if number is not None:
+                return number
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         try:
             return float(value)
@@ -651,6 +652,12 @@ _NON_DECIMAL = re.compile(r"[-+]?0[xXbB][0-9a-fA-F_]+")
 _DECIMAL = re.compile(r"[-+]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?|(?i:inf|infinity|nan))")
 """A number written in decimal, what a float field accepts as text (YAML 1.1 reads `1e-3` as a string); inf / nan
 convert so that the field's range refuses them by name."""
+
+
+def decimal_number(value: Any) -> float | None:
+    """`value` as a float when it is text that writes a number in decimal (`1e-3`, `-2.5`, `inf`); else None.
+    Python's float() also reads `1_0`, ` 1 ` and other scripts' digits: a number in a config is plain decimal."""
+    return float(value) if isinstance(value, str) and _DECIMAL.fullmatch(value) else None
 
 
 class _StrictLoader(yaml.SafeLoader):

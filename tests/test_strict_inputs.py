@@ -346,6 +346,23 @@ def int_keys(cls=RunConfig, prefix: str = "") -> list[str]:
     return out
 
 
+@pytest.mark.parametrize(
+    "section, says",
+    [
+        ("resources: {cpus: '1_0'}\n", "resources.cpus: expected a number, got '1_0'"),
+        ("resources: {cpus: 0x2}\n", "0x2 is a YAML 1.1 hexadecimal number (2)"),
+        ("resources: {max_concurrent: 100000000000000000000}\n", "resources.max_concurrent: 100000000000000000000 is"),
+        (
+            "design: {kind: search, trials: 100000000000000000000}\n",
+            "design.trials: 100000000000000000000 is not allowed; allowed: an integer within int32",
+        ),
+    ],
+)
+def test_the_study_schema_reads_numbers_by_the_same_rules(tmp_path, capsys, section, says):
+    text = STUDY.replace("design: full_factorial\n", "") + section
+    assert says in refused(capsys, "study", "plan", write(tmp_path, "s.yaml", text))
+
+
 @pytest.mark.parametrize("key", int_keys())
 def test_an_integer_beyond_int32_is_refused_for_every_integer_field(key):
     """An integer field states its range; where it states no upper bound the loader keeps it within int32

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from srdit import ext
-from srdit.config import SEED_MAX, ConfigError, RunConfig, apply_diff, read_yaml
+from srdit.config import INT_MAX, SEED_MAX, ConfigError, RunConfig, apply_diff, decimal_number, read_yaml
 from srdit.metric_registry import METRICS, analysable
 from srdit.metric_registry import direction as metric_direction
 from srdit.techniques import (
@@ -284,16 +284,15 @@ def _int(value: Any, where: str, minimum: int | None = None) -> int:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{where}: {value} must be >= {minimum}")
+    if not -INT_MAX - 1 <= value <= INT_MAX:
+        raise ConfigError(f"{where}: {value} is not allowed; allowed: an integer within int32 (at most {INT_MAX})")
     return value
 
 
 def _number(value: Any, where: str) -> float:
     """Every number of the study schema: finite (YAML 1.1 reads 1e-3 as a string, so numeric strings count)."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    if isinstance(value, str) and decimal_number(value) is not None:
+        value = decimal_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     try:
