@@ -135,7 +135,7 @@ def _cache_teacher_cmd(cfg: RunConfig, path: str) -> str:
 
 def _check_teacher_cache(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
     """What `srdit.data.teacher_cache.TeacherCache` refuses at the start of training, short of hashing the teacher's
-        weights: no meta.json, a missing part, another grid or token width, another latent folder (by its index, when
+    weights: no meta.json, a missing part, another grid or token width, another latent folder (by its index, when
     that folder is there)."""
     from srdit.data import teacher_cache as store
     from srdit.data.latents import INDEX, index_fingerprint
