@@ -99,6 +99,16 @@ def load(path: str | os.PathLike) -> Any:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def load_torch(path: str | os.PathLike, safe_globals: Iterable[Any] = ()) -> Any:
+    """`torch.load(path, weights_only=True)` on the CPU (`safe_globals`: classes allowed besides tensors) for a file
+    a user names, without torch's warnings: on a plain pickle torch warns about its protocol (two lines on stderr)
+    before it fails, and the caller's one-line error says what the file is. Raises what torch.load raises."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.serialization.safe_globals(list(safe_globals)):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def cached(name: str, key: str, build: Callable[[], Any]) -> Any:
     """Return the entry `name-key`, building and storing it first when it is missing or unreadable.
 

@@ -37,10 +37,17 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+INT_MAX = 2**31 - 1
+"""Largest value of an integer field that states no upper bound (smallest: -INT_MAX - 1): the int32 range of the
+tensor sizes and counts they become; a value beyond it (`batch_size: 100000000000000000000`) is a typo, refused
+when the config loads instead of failing in an allocation."""
+
+
 @dataclass(frozen=True)
 class Range:
     """Allowed values of a numeric field (each element of a tuple field): `low` / `high` bounds, inclusive unless
-    `low_open` / `high_open`. Floats must also be finite unless `finite` is False (none is today)."""
+    `low_open` / `high_open`; an integer without a bound stays within +-INT_MAX. Floats must also be finite unless
+    `finite` is False (none is today)."""
 
     low: float | None = None
     high: float | None = None
@@ -51,14 +58,17 @@ class Range:
     def contains(self, v: float) -> bool:
         if isinstance(v, float) and self.finite and not math.isfinite(v):
             return False
-        if self.low is not None and not (v > self.low if self.low_open else v >= self.low):
+        low, high = self.low, self.high
+        if isinstance(v, int):
+            low, high = (-INT_MAX - 1 if low is None else low), (INT_MAX if high is None else high)
+        if low is not None and not (v > low if self.low_open else v >= low):
             return False
-        if self.high is not None and not (v < self.high if self.high_open else v <= self.high):
+        if high is not None and not (v < high if self.high_open else v <= high):
             return False
         return not (isinstance(v, float) and math.isnan(v))
 
     def describe(self, kind: str) -> str:
-        """E.g. 'a finite number in [0, 1)', 'an integer >= 1'."""
+        """E.g. 'a finite number in [0, 1)', 'an integer >= 1' (the stated bounds; `check_field` adds INT_MAX)."""
         lo, hi = (
             None if x is None else str(int(x)) if float(x).is_integer() else f"{x:g}" for x in (self.low, self.high)
         )
@@ -111,7 +121,10 @@ def check_field(f: dataclasses.Field, value: Any, path: str) -> None:
             continue
         if not rule.contains(v):
             kind = "a finite number" if isinstance(v, float) else "an integer"
-            raise ConfigError(f"{path}: {v!r} is not allowed; allowed: {rule.describe(kind)}")
+            allowed = rule.describe(kind)
+            if isinstance(v, int) and (v > INT_MAX and rule.high is None or v < -INT_MAX - 1 and rule.low is None):
+                allowed += f", at most {INT_MAX} (int32)" if v > 0 else f", at least {-INT_MAX - 1} (int32)"
+            raise ConfigError(f"{path}: {v!r} is not allowed; allowed: {allowed}")
 
 
 def check_fields(obj: Any, path: str = "") -> None:
@@ -574,11 +587,9 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             # YAML 1.1 reads "1e-4" as a string; accept numeric strings for floats only.
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
+            number = decimal_number(value)
+            if number is not None:
+                return number
             raise ConfigError(f"{path}: expected a number, got {value!r}")
         try:
             return float(value)
@@ -638,13 +649,23 @@ class _Refused(yaml.YAMLError):
 
 
 _OCTAL = re.compile(r"[-+]?0[0-7_]+")
+_NON_DECIMAL = re.compile(r"[-+]?0[xXbB][0-9a-fA-F_]+")
+_DECIMAL = re.compile(r"[-+]?(([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+)?|(?i:inf|infinity|nan))")
+"""A number written in decimal, what a float field accepts as text (YAML 1.1 reads `1e-3` as a string); inf / nan
+convert so that the field's range refuses them by name."""
+
+
+def decimal_number(value: Any) -> float | None:
+    """`value` as a float when it is text that writes a number in decimal (`1e-3`, `-2.5`, `inf`); else None.
+    Python's float() also reads `1_0`, ` 1 ` and other scripts' digits: a number in a config is plain decimal."""
+    return float(value) if isinstance(value, str) and _DECIMAL.fullmatch(value) else None
 
 
 class _StrictLoader(yaml.SafeLoader):
     """PyYAML's safe loader (YAML 1.1: `1e-3` stays a string that float fields convert, `on` / `no` are booleans)
     without the surprises that change a value silently: a key given twice in one mapping (the later value would
-    replace the earlier block), an integer with a leading zero (YAML 1.1 octal: `010` is 8) and a sexagesimal
-    number (`1:30` is 90)."""
+    replace the earlier block), an integer with a leading zero (YAML 1.1 octal: `010` is 8), a hexadecimal or
+    binary one (`0x10` is 16, `0b11` is 3) and a sexagesimal number (`1:30` is 90): numbers are decimal."""
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -672,6 +693,12 @@ class _StrictLoader(yaml.SafeLoader):
         if ":" in text:
             raise _Refused(
                 f"{text} is a YAML 1.1 sexagesimal number (base 60); quote it for text or write the number in decimal",
+                node.start_mark.line + 1,
+            )
+        if _NON_DECIMAL.fullmatch(text):
+            raise _Refused(
+                f"{text} is a YAML 1.1 {'hexadecimal' if text.lstrip('+-')[1] in 'xX' else 'binary'} number "
+                f"({super().construct_yaml_int(node)}); write the number in decimal, or quote it for text",
                 node.start_mark.line + 1,
             )
         if _OCTAL.fullmatch(text):

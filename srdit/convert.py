@@ -38,13 +38,13 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from srdit.cache import load_torch
 from srdit.config import RunConfig, apply_diff, input_file_problem, parse_override, to_dict
 from srdit.model import SIZES, build_model
 
@@ -144,10 +144,8 @@ def read_reference(path: str | Path, weights: str = "ema") -> tuple[dict[str, to
         raise ConvertError(problem)
     if path.stat().st_size == 0:
         raise ConvertError(f"{path}: empty file (0 bytes), not a PyTorch checkpoint")
-    try:  # quiet: the loader's warnings (e.g. on a pickle protocol) would break the one-line error
-        with torch.serialization.safe_globals([argparse.Namespace]), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # torch's warnings (e.g. on a pickle protocol) are kept off the terminal: the error is one line
+        ckpt = load_torch(path, [argparse.Namespace])
     except Exception as e:
         raise ConvertError(_load_failure(path, e)) from None
     if not isinstance(ckpt, dict):

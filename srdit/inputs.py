@@ -4,7 +4,8 @@
 (srdit.study.preflight); a single run checks its evaluation inputs with `srdit.evaluate.check_evaluation`, which
 builds on the same table. Every field of `srdit.config.PATH_FIELDS` is covered: the known ones by a check that reads
 what the run will read (a latent folder's index and shard manifests, DINOv2 repository + weights, Inception weights,
-reference statistics), any other by a plain existence check, so a path field added to the config is checked too.
+reference statistics, the teacher cache's meta.json and parts), any other by a plain existence check, so a path
+field added to the config is checked too.
 
 Cheap by design: a latent folder is checked by its index and the sizes in its shard manifests, not by hashing
 terabytes (`srdit preprocess --verify DIR` hashes every shard).
@@ -19,8 +20,11 @@ from pathlib import Path
 
 from srdit.config import PATH_FIELDS, RunConfig
 
-OUTPUTS = ("data.teacher_cache",)
-"Path fields the run writes (created when missing), not inputs."
+Check = Callable[[RunConfig, str, str], "tuple[str, str] | None"]
+
+OUTPUTS: dict[str, str] = {}
+"""Path fields the run writes (created when missing), not inputs: field -> why it is not read. None today: every
+PATH_FIELDS entry is an input (tests/test_preflight.py fails on a path field that is neither checked nor here)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,14 @@ def _needs_teacher(cfg: RunConfig) -> bool:
     return bool(teacher_widths(cfg.model)) and cfg.data.teacher != "digits-cnn"
 
 
+def _reads_teacher_cache(cfg: RunConfig) -> bool:
+    """Training reads the cache (never writes it) whenever it is set and an alignment loss needs teacher tokens
+    (srdit.train.LatentBatches)."""
+    from srdit.transport.objective import teacher_widths
+
+    return cfg.data.dataset == "latents" and bool(teacher_widths(cfg.model)) and bool(cfg.data.teacher_cache)
+
+
 def _evaluates_latents(cfg: RunConfig) -> bool:
     return cfg.data.dataset == "latents" and bool(cfg.eval.reference)
 
@@ -62,6 +74,7 @@ def read_fields(cfg: RunConfig) -> list[str]:
         "data.path": cfg.data.dataset == "latents",
         "data.teacher_path": cfg.data.dataset == "latents" and _needs_teacher(cfg),
         "data.tokenizer_path": cfg.data.dataset == "latents" and bool(cfg.data.tokenizer),
+        "data.teacher_cache": _reads_teacher_cache(cfg),
         "eval.reference": _evaluates_latents(cfg),
         "eval.inception_path": _evaluates_latents(cfg),
         "eval.dinov2_path": _evaluates_latents(cfg) and bool(cfg.eval.dinov2_path),
@@ -82,7 +95,7 @@ def _preprocess_cmd(cfg: RunConfig) -> str:
     )
 
 
-def _check_latents(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+def _check_latents(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
     from srdit.data.latents import read_index, verify
 
     root = Path(path)
@@ -111,8 +124,54 @@ def _check_latents(cfg: RunConfig, path: str) -> tuple[str, str] | None:
     return None
 
 
-def _check_dinov2(name: str) -> Callable[[RunConfig, str], tuple[str, str] | None]:
-    def check(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+def _cache_teacher_cmd(cfg: RunConfig, path: str) -> str:
+    grid = cfg.model.input_size // cfg.model.patch_size
+    return (
+        f"make it with `srdit cache-teacher {cfg.data.path or 'LATENT_DIR'} --teacher {cfg.data.teacher} "
+        f"--teacher-path {cfg.data.teacher_path or 'TEACHER_DIR'} --out {cfg.data.teacher_cache or path} "
+        f"--grid {grid}`"
+    )
+
+
+def _check_teacher_cache(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
+    """What `srdit.data.teacher_cache.TeacherCache` refuses at the start of training, short of hashing the teacher's
+    weights: no meta.json, a missing part, another grid or token width, another latent folder (by its index, when
+    that folder is there)."""
+    from srdit.data import teacher_cache as store
+    from srdit.data.latents import INDEX, index_fingerprint
+    from srdit.transport.objective import teacher_widths
+
+    try:
+        meta = store.read_meta(path)
+    except FileNotFoundError:
+        return "no teacher cache (meta.json missing)", _cache_teacher_cmd(cfg, path)
+    except ValueError as e:
+        return str(e).split(": ", 1)[-1], _cache_teacher_cmd(cfg, path) + " into a new folder"
+    parts = int(meta.get("parts", 0))
+    missing = [k for k in range(parts) if not store.part_done(path, k, parts)]
+    if missing:
+        return (
+            f"incomplete ({len(missing)} of {parts} parts missing, e.g. part {missing[0]})",
+            "rerun the same `srdit cache-teacher` command that started it",
+        )
+    grid, want = cfg.model.input_size // cfg.model.patch_size, teacher_widths(cfg.model)
+    if meta.get("grid") != grid or want != {meta.get("dim")}:
+        return (
+            f"made for a {meta.get('grid')}x{meta.get('grid')} grid of {meta.get('dim')}-d tokens, this run needs "
+            f"a {grid}x{grid} grid of {'/'.join(map(str, sorted(want)))}-d tokens",
+            _cache_teacher_cmd(cfg, path) + " into a new folder",
+        )
+    latents = Path(base, os.path.expanduser(cfg.data.path or ""))
+    if cfg.data.path and (latents / INDEX).is_file() and meta.get("latents") != index_fingerprint(latents):
+        return (
+            f"made from another latent folder than data.path {cfg.data.path} (its index differs)",
+            _cache_teacher_cmd(cfg, path) + " into a new folder",
+        )
+    return None
+
+
+def _check_dinov2(name: str) -> Check:
+    def check(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
         from srdit.encoders.dinov2 import REPO_URL, dinov2_files, weights_names
 
         model = name or cfg.data.teacher
@@ -134,7 +193,7 @@ def _check_dinov2(name: str) -> Callable[[RunConfig, str], tuple[str, str] | Non
     return check
 
 
-def _check_tokenizer(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+def _check_tokenizer(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
     if os.path.exists(path):
         return None
     what = (
@@ -156,7 +215,7 @@ def _reference_cmd(cfg: RunConfig) -> str:
     )
 
 
-def _check_reference(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+def _check_reference(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
     import numpy as np
 
     if not Path(path).is_file():
@@ -176,7 +235,7 @@ def _check_reference(cfg: RunConfig, path: str) -> tuple[str, str] | None:
     return None
 
 
-def _check_inception(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+def _check_inception(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
     from srdit.metrics.inception import resolve_weights
 
     try:
@@ -187,26 +246,29 @@ def _check_inception(cfg: RunConfig, path: str) -> tuple[str, str] | None:
     return None
 
 
-def _check_dinov2_kd(cfg: RunConfig, path: str) -> tuple[str, str] | None:
+def _check_dinov2_kd(cfg: RunConfig, path: str, base: str) -> tuple[str, str] | None:
     from srdit.metrics.dinov2_kd import DEFAULT_MODEL
 
-    return _check_dinov2(DEFAULT_MODEL)(cfg, path)
+    return _check_dinov2(DEFAULT_MODEL)(cfg, path, base)
 
 
-CHECKS: dict[str, Callable[[RunConfig, str], tuple[str, str] | None]] = {
+CHECKS: dict[str, Check] = {
     "data.path": _check_latents,
     "data.teacher_path": _check_dinov2(""),
     "data.tokenizer_path": _check_tokenizer,
+    "data.teacher_cache": _check_teacher_cache,
     "eval.reference": _check_reference,
     "eval.inception_path": _check_inception,
     "eval.dinov2_path": _check_dinov2_kd,
 }
-"Field -> check returning (problem, fix) or None. Fields not listed get an existence check."
+"""Field -> check(cfg, path resolved, base: the folder relative paths of cfg are meant from) returning (problem,
+fix) or None. Fields not listed get an existence check."""
 
 UNSET_FIX = {
     "data.path": "set it to a latent folder made by `srdit preprocess`",
     "data.teacher_path": "set it to a local DINOv2 folder (hubconf.py + weights)",
     "data.tokenizer_path": "set it to the tokenizer's local weights",
+    "data.teacher_cache": "set it to a folder made by `srdit cache-teacher`",
     "eval.reference": "set it to an .npz made by `srdit reference`",
     "eval.inception_path": "set it to pytorch-fid's pt_inception-2015-12-05-6726825d.pth",
 }
@@ -231,7 +293,7 @@ def input_problems(cfg: RunConfig, fields: list[str] | None = None, base: str | 
         if check is None:
             found = None if os.path.exists(path) else ("no such file or folder", "")
         else:
-            found = check(cfg, path)
+            found = check(cfg, path, base or os.getcwd())
         if found is not None:
             out.append(Problem(key, _get(cfg, key) or path, found[0], found[1]))
     return out

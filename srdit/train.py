@@ -19,7 +19,6 @@ import shutil
 import statistics
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Protocol
 import torch
 
 from srdit import stop
-from srdit.cache import save_atomic, write_atomic
+from srdit.cache import load_torch, save_atomic, write_atomic
 from srdit.config import RunConfig, flatten_dict, from_dict, input_file_problem, to_dict, to_yaml
 from srdit.model import build_model
 from srdit.parallel import DataParallel, check_device
@@ -538,9 +537,7 @@ def load_checkpoint(path: str | Path) -> dict:
     if problem:
         raise CheckpointError(problem)
     try:
-        with warnings.catch_warnings():  # torch warns about pickle protocols before failing; the error says it all
-            warnings.simplefilter("ignore")
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = load_torch(path)
     except Exception:  # pickle / zip errors carry long messages: say what the file is instead
         raise CheckpointError(f"{path}: not a readable srdit checkpoint: {_not_a_checkpoint(path)}") from None
     if (

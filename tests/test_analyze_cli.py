@@ -242,6 +242,20 @@ def test_bad_inputs_give_one_clear_line(tmp_path, replicated_csv):
     _assert_one_line_error(*run_main([replicated_csv, "--metric", "fd", "--direction", "min"]), "--factors")
 
 
+def test_a_column_in_two_roles_is_refused(replicated_csv):
+    """A factor named as the metric (or as the seed / status column) would be read as response and as treatment at
+    once; one line, exit 2, whichever role the second mention takes."""
+    rc, out, err = run_main([replicated_csv, "--factors", "A,B,C", "--metric", "A", "--direction", "min"])
+    assert rc == 2
+    _assert_one_line_error(rc, out, err, "column 'A' is both a factor and the metric")
+    rc, out, err = run_main([replicated_csv, "--factors", "A,B,seed", "--metric", "fd", "--direction", "min"])
+    _assert_one_line_error(rc, out, err, "column 'seed' is both a factor and the seed column")
+    rc, out, err = run_main(
+        [replicated_csv, "--factors", "A,B,C", "--metric", "seed", "--direction", "min", "--seed-col", "seed"]
+    )
+    _assert_one_line_error(rc, out, err, "column 'seed' is both the metric and the seed column")
+
+
 def test_module_entry_point_subprocess(replicated_csv, tmp_path):
     ok = subprocess.run(
         [

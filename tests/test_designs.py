@@ -189,3 +189,69 @@ def test_search_plan_has_a_budget():
     assert plan.trials == [] and plan.search_budget == 6
     assert plan.to_json()["cost"]["trials"] == 6
     assert s.metrics.all()["images_per_s"] == "max"
+
+
+def shortest_word(m: np.ndarray, up_to: int) -> int:
+    """Resolution by definition, independent of `defining_words`: the fewest columns whose elementwise product is
+    constant (+1 or -1 in every run), searched up to `up_to` columns (up_to + 1 when there is none that short)."""
+    m = np.asarray(m, dtype=int)
+    for r in range(1, up_to + 1):
+        for cols in itertools.combinations(range(m.shape[1]), r):
+            if abs(int(m[:, list(cols)].prod(axis=1).sum())) == m.shape[0]:
+                return r
+    return up_to + 1
+
+
+# The fewest runs, as the standard tables give them (Montgomery, Design and Analysis of Experiments, Table 8.14):
+# resolution III: 2^m runs hold up to 2^m - 1 factors; resolution IV: up to 2^m / 2.
+RES_III_RUNS = {3: 4, 4: 8, 5: 8, 6: 8, 7: 8, **{k: 16 for k in range(8, 16)}}
+RES_IV_RUNS = {4: 8, 5: 16, 6: 16, 7: 16, 8: 16, **{k: 32 for k in range(9, 17)}}
+
+
+@pytest.mark.parametrize("k", sorted(RES_III_RUNS))
+def test_resolution_iii_has_the_textbook_fewest_runs(k):
+    """pyDOE3 has no resolution III design for 7 factors (fracfact_by_res: 'design not possible', fracfact_opt:
+    'Too many erased factors'); the plan must still find the 8-run 2^(7-4)_III, and every k its fewest runs."""
+    m, _ = fractional_matrix(k, 3)
+    assert m.shape == (RES_III_RUNS[k], k)
+    assert len({tuple(r) for r in m}) == len(m)  # distinct cells
+    assert shortest_word(m, 2) >= 3 and resolution(m) >= 3
+
+
+@pytest.mark.parametrize("k", sorted(RES_IV_RUNS))
+def test_resolution_iv_has_the_textbook_fewest_runs(k):
+    m, _ = fractional_matrix(k, 4)
+    assert m.shape == (RES_IV_RUNS[k], k)
+    assert len({tuple(r) for r in m}) == len(m)
+    assert shortest_word(m, 3) >= 4 and resolution(m) >= 4
+
+
+@pytest.mark.parametrize("k", [10, 11])
+def test_resolution_v_with_10_or_11_factors_needs_128_runs(k):
+    """pyDOE3 gives 256 / 512 runs here; the standard 2^(10-3)_V and 2^(11-4)_V designs have 128."""
+    m, _ = fractional_matrix(k, 5)
+    assert m.shape == (128, k)
+    assert len({tuple(r) for r in m}) == 128
+    assert shortest_word(m, 4) >= 5 and resolution(m) >= 5
+
+
+def test_every_table_design_has_its_resolution_and_the_fewest_runs():
+    from srdit.study.designs import GENERATORS, _generator_matrix, min_runs
+
+    for (k, res), words in GENERATORS.items():
+        m, gen = _generator_matrix(k - len(words), words)
+        assert m.shape == (min_runs(k, res), k), (k, res)
+        assert shortest_word(m, res - 1) >= res, (k, res, gen)
+
+
+def test_resolution_iii_study_of_seven_techniques_plans_eight_cells():
+    s = study_from_dict(
+        {
+            "name": "r3",
+            "base": TINY,
+            "techniques": ["rmsnorm", "rope", "qk_norm", "sprint", "logit_normal", "value_residual", "cfm"],
+            "design": {"kind": "fractional_factorial", "resolution": "III"},
+        }
+    )
+    plan = plan_study(s)
+    assert len(plan.cells) == 8 and plan.resolution == 3

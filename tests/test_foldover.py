@@ -603,3 +603,34 @@ def test_exported_foldover_table_has_the_block_and_analyze_fits_it(tmp_path, mon
     res = json.loads(buf.getvalue())
     assert res["block"]["effects"]["1"]["estimate"] == pytest.approx(1.0, abs=0.1)
     assert res["main_effects"]["rmsnorm"] == pytest.approx(-2.0, abs=0.1) and res["aliased"] == []
+
+
+@pytest.mark.parametrize(
+    "files, says",
+    [
+        ({"self": "self.yaml"}, "design.of: self.yaml is this study itself; a fold-over completes another study's"),
+        (
+            {"a": "b.yaml", "b": "a.yaml"},
+            "design.of: b.yaml is itself a fold-over; fold the original fraction (a.yaml)",
+        ),
+        (
+            {"a": "b.yaml", "b": "c.yaml", "c": "frac.yaml"},
+            "design.of: b.yaml is itself a fold-over; fold the original fraction (c.yaml)",
+        ),
+    ],
+    ids=["itself", "cycle", "chain"],
+)
+def test_a_foldover_of_a_foldover_is_one_short_line(tmp_path, capsys, files, says):
+    """Loading the folded study loaded its own `of`, and so on: a study folding itself (or a cycle) nested one
+    `design.of:` per level into a line of several KB. The fold-over's design is read before the study is loaded."""
+    from srdit.commands import main
+
+    _fraction(tmp_path, ["sprint", "rope", "qk_norm"], 3)
+    for name, of in files.items():
+        _write(tmp_path / f"{name}.yaml", {"name": name, "design": {"kind": "foldover", "of": of}})
+    first = tmp_path / f"{next(iter(files))}.yaml"
+    assert main(["study", "plan", str(first)]) == 2
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"srdit study plan: error: {first}: {says}"), err
+    assert len(err) < 300 and err.count("design.of") == 1

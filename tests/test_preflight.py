@@ -24,6 +24,7 @@ def test_ladder_plan_lists_every_missing_input_with_its_making_command(tmp_path,
         "data.path",
         "data.teacher_path",
         "data.tokenizer_path",
+        "data.teacher_cache",
         "eval.reference",
         "eval.inception_path",
         "eval.dinov2_path",
@@ -40,6 +41,10 @@ def test_ladder_plan_lists_every_missing_input_with_its_making_command(tmp_path,
     assert "dinov2_vitb14_pretrain.pth" in by_field["data.teacher_path"]
     assert "dinov2_vitl14_pretrain.pth" in by_field["eval.dinov2_path"]
     assert "pt_inception-2015-12-05-6726825d.pth" in by_field["eval.inception_path"]
+    assert (
+        "`srdit cache-teacher data/imagenet256_invae --teacher dinov2_vitb14 --teacher-path weights/dinov2 "
+        "--out data/imagenet256_invae_dinov2_vitb14 --grid 16`"
+    ) in by_field["data.teacher_cache"]
     assert "save_reference" not in " ".join(problems)  # commands, not Python functions
     assert "8 workers x 4 CPU + 1 GPU = 32 CPU + 8 GPU" in by_field["resources:"]
 
@@ -52,7 +57,7 @@ def test_ladder_run_without_data_exits_2_and_records_nothing(tmp_path, monkeypat
     assert main(["run", str(LADDER), "--state", "state"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(
-        "srdit study run: error: study imagenet256_sr_dit_ladder cannot run: 7 problem(s); nothing was started"
+        "srdit study run: error: study imagenet256_sr_dit_ladder cannot run: 8 problem(s); nothing was started"
     )
     for cmd in ("`srdit preprocess IMAGE_DIR data/imagenet256_invae", "`srdit reference data/imagenet256_invae"):
         assert cmd in err
@@ -120,11 +125,109 @@ def test_every_path_field_a_run_reads_is_checked(tmp_path, monkeypatch):
     )
     fields = [p.field for p in inputs.input_problems(cfg)]
     assert fields == [f for f in PATH_FIELDS if f not in inputs.OUTPUTS]
+    assert all(reason for reason in inputs.OUTPUTS.values())  # an output states why it is not read
     monkeypatch.delitem(inputs.CHECKS, "eval.reference")
     generic = [p for p in inputs.input_problems(cfg) if p.field == "eval.reference"]
     assert [p.problem for p in generic] == ["no such file or folder"]
     # nothing is read that the run does not need: digits read no file
     assert inputs.input_problems(RunConfig()) == []
+
+
+NOT_PATHS = {
+    "model.size": "a backbone size name (SIZES)",
+    "data.teacher": "a teacher name (TEACHER_NAMES)",
+    "data.tokenizer": "a tokenizer name (TOKENIZER_NAMES)",
+    "train.device": "a torch device name",
+    "techniques": "technique names (the registry)",
+    "ext": "plugin knobs, checked by their own rules",
+}
+"Text fields of RunConfig that name no file: every other one must be a PATH_FIELDS entry."
+
+
+def test_every_text_field_of_the_config_is_a_checked_path_or_declared_a_name():
+    """A new text field is either a path the preflight checks (PATH_FIELDS: `input_problems` covers each, see above)
+    or declared here as a name, so a path the trainer, evaluator or data loaders read cannot slip past the
+    preflight and end a trial at its start."""
+    import dataclasses
+    import typing
+
+    from srdit.config import PATH_FIELDS, RunConfig
+
+    def text_fields(cls, prefix=""):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            if dataclasses.is_dataclass(tp):
+                yield from text_fields(tp, f"{prefix}{f.name}.")
+            elif str in (typing.get_args(tp) or (tp,)) or typing.get_origin(tp) is not None and "str" in str(tp):
+                yield prefix + f.name
+
+    fields = set(text_fields(RunConfig))
+    unclassified = fields - set(PATH_FIELDS) - set(NOT_PATHS)
+    assert not unclassified, f"add to PATH_FIELDS (and a check in srdit.inputs) or to NOT_PATHS: {unclassified}"
+    assert set(PATH_FIELDS) <= fields and not set(PATH_FIELDS) & set(NOT_PATHS)
+
+
+def _teacher_cache_run(tmp_path, cache):
+    from srdit.config import DataConfig, ModelConfig, RepaConfig, RunConfig
+
+    return RunConfig(
+        model=ModelConfig(in_channels=4, input_size=4, num_classes=3, repa=RepaConfig(enabled=True, teacher_dim=8)),
+        data=DataConfig(dataset="latents", path=str(tmp_path / "lat"), teacher="dinov2_vitb14", teacher_cache=cache),
+    )
+
+
+def test_a_missing_or_unfinished_teacher_cache_is_an_input_named_with_its_command(tmp_path):
+    """Training only reads the teacher cache (a missing one is a FileNotFoundError at the start of every trial), so
+    the preflight lists it, with the `srdit cache-teacher` command that makes it, and an unfinished or mismatched
+    one with what to do."""
+    from dataclasses import replace
+
+    from srdit.data import teacher_cache as store
+    from srdit.data.teacher_cache import TeacherCache
+    from srdit.inputs import input_problems
+
+    cache = tmp_path / "cache"
+    cfg = _teacher_cache_run(tmp_path, str(cache))
+    (p,) = input_problems(cfg, fields=["data.teacher_cache"])
+    assert p.problem == "no teacher cache (meta.json missing)"
+    assert p.fix == (
+        f"make it with `srdit cache-teacher {tmp_path / 'lat'} --teacher dinov2_vitb14 --teacher-path TEACHER_DIR "
+        f"--out {cache} --grid 2`"
+    )
+    with pytest.raises(FileNotFoundError):  # what the trial would hit
+        TeacherCache(cache)
+    store.create(cache, {"latents": "x", "num_images": 4, "grid": 2, "dim": 8, "parts": 2})
+    (p,) = input_problems(cfg, fields=["data.teacher_cache"])
+    assert p.problem == "incomplete (2 of 2 parts missing, e.g. part 0)" and "rerun the same" in p.fix
+    for k in range(2):
+        store.part_dir(cache, k, 2).mkdir(parents=True)
+        (store.part_dir(cache, k, 2) / "done.json").write_text("{}")
+    assert input_problems(cfg, fields=["data.teacher_cache"]) == []
+    larger = replace(cfg, model=replace(cfg.model, input_size=8))
+    (p,) = input_problems(larger, fields=["data.teacher_cache"])
+    assert p.problem == "made for a 2x2 grid of 8-d tokens, this run needs a 4x4 grid of 8-d tokens"
+    assert "into a new folder" in p.fix
+    # a cache of another latent folder (told by the fingerprint of data.path's index, when that folder is there)
+    (tmp_path / "lat").mkdir()
+    (tmp_path / "lat" / "index.json").write_text('{"num_images": 4}')
+    (p,) = input_problems(cfg, fields=["data.teacher_cache"])
+    assert p.problem == f"made from another latent folder than data.path {tmp_path / 'lat'} (its index differs)"
+    from srdit.data.latents import index_fingerprint
+
+    right = tmp_path / "cache2"
+    store.create(
+        right, {"latents": index_fingerprint(tmp_path / "lat"), "num_images": 4, "grid": 2, "dim": 8, "parts": 1}
+    )
+    store.part_dir(right, 0, 1).mkdir(parents=True)
+    (store.part_dir(right, 0, 1) / "done.json").write_text("{}")
+    assert input_problems(replace(cfg, data=replace(cfg.data, teacher_cache=str(right))), ["data.teacher_cache"]) == []
+    # relative paths are read from `base`, as a study's trials read them
+    rel = replace(cfg, data=replace(cfg.data, path="lat", teacher_cache="cache2"))
+    assert input_problems(rel, ["data.teacher_cache"], base=str(tmp_path)) == []
+    # without an alignment loss the cache is not read, so not checked
+    plain = replace(cfg, model=replace(cfg.model, repa=replace(cfg.model.repa, enabled=False)))
+    assert "data.teacher_cache" not in [p.field for p in input_problems(plain)]
 
 
 def test_evaluation_check_names_the_command_that_makes_the_reference(tmp_path):

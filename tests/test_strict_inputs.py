@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import re
 import subprocess
 import sys
 import typing
@@ -310,12 +311,104 @@ def test_leading_zero_and_sexagesimal_numbers_are_refused(tmp_path, capsys):
     assert "007 has a leading zero" in line
 
 
+@pytest.mark.parametrize("spelling, says", [("0x10", "hexadecimal number (16)"), ("0b11", "binary number (3)")])
+@pytest.mark.parametrize("key", ["train.lr", "train.steps", "model.sprint.drop_ratio", "eval.n_samples"])
+def test_numbers_not_in_decimal_are_refused_for_every_numeric_field(key, spelling, says):
+    """YAML 1.1 reads 0x10 as 16 and 0b11 as 3: a float field took `train.lr=0x10` as 16.0. Numbers are decimal, in
+    an override and in a YAML file alike (the rule is the loader's, so it holds for every field)."""
+    with pytest.raises(ConfigError, match=re.escape(f"{spelling} is a YAML 1.1 {says}; write the number in decimal")):
+        load_run_config(None, [f"{key}={spelling}"])
+
+
+def test_a_float_field_reads_only_decimal_text(tmp_path, capsys):
+    line = refused(capsys, "train", "train.lr=0x10", "--print-config")
+    assert line == (
+        "srdit train: error: override 'train.lr=0x10': 0x10 is a YAML 1.1 hexadecimal number (16); write the number "
+        "in decimal, or quote it for text"
+    )
+    run = write(tmp_path, "run.yaml", "train:\n  lr: 0x1\n")
+    assert f"{run}: line 2: 0x1 is a YAML 1.1 hexadecimal number (1)" in refused(capsys, "train", run, "--print-config")
+    for text in ("'0x10'", "'1_0'", "' 1e-3'", "'\u0661'"):  # quoted: text, which a float field reads only as decimal
+        with pytest.raises(ConfigError, match="train.lr: expected a number"):
+            load_run_config(None, [f"train.lr={text}"])
+    assert load_run_config(None, ["train.lr='1e-3'"]).train.lr == 1e-3
+
+
+def int_keys(cls=RunConfig, prefix: str = "") -> list[str]:
+    """Dotted keys of every integer field (int, int | None) of the run config."""
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(tp):
+            out += int_keys(tp, f"{prefix}{f.name}.")
+        elif int in {tp, *typing.get_args(tp)}:
+            out.append(f"{prefix}{f.name}")
+    return out
+
+
+@pytest.mark.parametrize(
+    "section, says",
+    [
+        ("resources: {cpus: '1_0'}\n", "resources.cpus: expected a number, got '1_0'"),
+        ("resources: {cpus: 0x2}\n", "0x2 is a YAML 1.1 hexadecimal number (2)"),
+        ("resources: {max_concurrent: 100000000000000000000}\n", "resources.max_concurrent: 100000000000000000000 is"),
+        (
+            "design: {kind: search, trials: 100000000000000000000}\n",
+            "design.trials: 100000000000000000000 is not allowed; allowed: an integer within int32",
+        ),
+    ],
+)
+def test_the_study_schema_reads_numbers_by_the_same_rules(tmp_path, capsys, section, says):
+    text = STUDY.replace("design: full_factorial\n", "") + section
+    assert says in refused(capsys, "study", "plan", write(tmp_path, "s.yaml", text))
+
+
+@pytest.mark.parametrize("key", int_keys())
+def test_an_integer_beyond_int32_is_refused_for_every_integer_field(key):
+    """An integer field states its range; where it states no upper bound the loader keeps it within int32
+    (`srdit.config.INT_MAX`), so `batch_size: 100000000000000000000` is refused when the config loads."""
+    with pytest.raises(
+        ConfigError, match=rf"^{key.replace('.', '[.]')}: 100000000000000000000 is not allowed; allowed"
+    ):
+        load_run_config(None, [f"{key}=100000000000000000000"])
+
+
+def test_a_huge_batch_size_is_one_line_naming_the_bound(tmp_path, capsys):
+    assert "train.batch_size" in int_keys() and "eval.n_samples" in int_keys()
+    run = write(tmp_path, "run.yaml", "train:\n  batch_size: 100000000000000000000\n")
+    assert refused(capsys, "train", run, "--print-config").endswith(
+        "train.batch_size: 100000000000000000000 is not allowed; allowed: an integer >= 1, at most 2147483647 (int32)"
+    )
+
+
+def test_the_int32_bound_admits_its_edge_and_yields_to_a_stated_bound():
+    assert load_run_config(None, ["train.batch_size=2147483647"]).train.batch_size == 2**31 - 1
+    assert load_run_config(None, ["train.seed=4294967295"]).train.seed == 2**32 - 1  # SEED_MAX is stated
+
+
+@pytest.mark.parametrize(
+    "option, value, says",
+    [
+        ("--steps-per-s", "0", "argument --steps-per-s: expected a finite number > 0, got '0'"),
+        ("--steps-per-s", "-2", "argument --steps-per-s: expected a finite number > 0, got '-2'"),
+        ("--steps-per-s", "nan", "argument --steps-per-s: expected a finite number > 0, got 'nan'"),
+        ("--steps-per-s", "inf", "argument --steps-per-s: expected a finite number > 0, got 'inf'"),
+        ("--concurrency", "0", "argument --concurrency: expected an integer >= 1, got '0'"),
+        ("--concurrency", "-1", "argument --concurrency: expected an integer >= 1, got '-1'"),
+    ],
+)
+def test_plan_refuses_a_rate_or_concurrency_that_is_not_positive(tmp_path, capsys, option, value, says):
+    """`--steps-per-s 0` and `--concurrency 0` were silently replaced by the defaults (`or`)."""
+    study = write(tmp_path, "s.yaml", STUDY)
+    assert refused(capsys, "study", "plan", study, f"{option}={value}") == f"srdit study plan: error: {says}"
+
+
 def test_the_yaml_11_spellings_that_are_kept(tmp_path):
     cfg = load_run_config(
         write(
             tmp_path,
             "run.yaml",
-            "train:\n  lr: 1e-3\n  steps: 0x10\n  seed: 0\n"
+            "train:\n  lr: 1e-3\n  steps: 1_6\n  seed: 0\n"
             "model:\n  qk_norm: on\n  value_residual: no\n"
             "data:\n  path: '010'\n",
         ),
@@ -397,6 +490,46 @@ def test_a_raw_pickle_reaches_the_terminal_as_one_line(tmp_path):
         f"srdit sample: error: {path}: not a readable srdit checkpoint: a plain pickle, "
         f"not a file written by torch.save (`srdit train` writes RUN/checkpoints/last.pt)"
     ]
+
+
+def test_convert_refuses_a_raw_pickle_in_one_line(tmp_path):
+    """torch warns about a plain pickle's protocol (two lines on stderr) before it refuses it; every loader of a file
+    a user names goes through `srdit.cache.load_torch`, which keeps the warning off the terminal."""
+    path, _ = checkpoint_cases(tmp_path)["pickle"]
+    r = subprocess.run(
+        [sys.executable, "-m", "srdit", "convert", str(path), "--from", "sit", "--preset", "SiT-B/2", "--out", "o.pt"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert r.returncode == 2
+    (line,) = r.stderr.splitlines()
+    assert line.startswith(f"srdit convert: error: {path}: not a readable PyTorch checkpoint (")
+
+
+def test_every_loader_of_a_named_weights_file_refuses_a_raw_pickle_without_a_warning(tmp_path):
+    import warnings
+
+    from srdit.convert import ConvertError, read_reference
+    from srdit.encoders.base import TokenizerLoadError
+    from srdit.encoders.invae import _read_state_dict
+    from srdit.metrics.inception import load_inception
+    from srdit.train import CheckpointError, load_checkpoint
+
+    path, _ = checkpoint_cases(tmp_path)["pickle"]
+    for load, error in (
+        (load_checkpoint, CheckpointError),
+        (read_reference, ConvertError),
+        (_read_state_dict, TokenizerLoadError),
+        (load_inception, ValueError),
+    ):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with pytest.raises(error) as info:
+                load(path)
+        assert caught == [], (load.__name__, [str(w.message) for w in caught])
+        assert len(str(info.value).splitlines()) == 1, load.__name__
 
 
 def test_a_corrupt_checkpoint_on_resume(tmp_path, capsys):

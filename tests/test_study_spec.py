@@ -152,7 +152,54 @@ BAD = {
     "syntax.yaml": ("name: a\ntechniques: [rope\n", "YAML syntax error"),
     "not_mapping.yaml": ("- rope\n", "expected a mapping"),
     "gpus.yaml": ("name: a\ntechniques: [rope]\nresources: {gpus: 4, workers: 3}\n", "workers: 3 must equal"),
+    "long_name.yaml": (f"name: {'n' * 250}\ntechniques: [rope]\n", "name: study name nnnnnnnnnnnnnnnnnnnn... is 250"),
 }
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        ({"name": "n" * 81, "techniques": ["rope"]}, r"^name: study name n{20}\.\.\. is 81 characters; at most 80 "),
+        ({"name": "a/b", "techniques": ["rope"]}, r"^name: study name 'a/b' must be .*letters, digits, _ \. -"),
+        ({"name": "ab\n", "techniques": ["rope"]}, r"^name: study name 'ab\\n' must be"),
+        ({"name": ".hidden", "techniques": ["rope"]}, r"^name: study name '\.hidden' must be"),
+        (
+            {"name": "x", "techniques": [{"name": "t" * 81, "diff": {"train.lr": 0.01}}]},
+            r"^techniques\[0\]: technique name t{20}\.\.\. is 81 characters; at most 80",
+        ),
+        (
+            {"name": "x", "techniques": [{"name": "a b", "diff": {"train.lr": 0.01}}]},
+            r"^techniques\[0\]: technique name 'a b' must be",
+        ),
+        (
+            {"name": "x", "techniques": [{"name": f"t{i}", "diff": {"train.lr": 0.01}} for i in range(65)]},
+            r"^techniques: 65 techniques; at most 64 \(the cell id",
+        ),
+    ],
+)
+def test_names_that_become_file_names_are_checked_at_load(data, match):
+    """A study name, technique name or cell id (one character per technique) ends up in file and folder names
+    under --state: refused at load time with the key, not as `File name too long` when the study runs."""
+    with pytest.raises(ConfigError, match=match):
+        study_from_dict(data)
+
+
+def test_the_longest_allowed_names_make_file_names_the_system_accepts(tmp_path):
+    """The longest study name with every suffix srdit adds, and the longest trial key (64 techniques, the largest
+    seed) inside a running-marker file name after a 64-character host name, are created for real."""
+    from srdit.config import SEED_MAX
+    from srdit.runtime.occupancy import Occupancy
+    from srdit.study.designs import trial_key
+
+    name = "n" * S.NAME_MAX
+    assert study_from_dict({"name": name, "techniques": ["rope"]}).name == name
+    for component in (f"{name}-20261207-084700", f"{name}_runs.csv", f"{name}.lock", f"{name}.db"):
+        (tmp_path / component).mkdir()
+    key = trial_key("1" * S.MAX_TECHNIQUES, SEED_MAX, {})
+    marker = Occupancy(tmp_path, key).marker
+    (tmp_path / marker.parent.name).mkdir(exist_ok=True)
+    (tmp_path / marker.parent.name / ("h" * 64 + marker.name[len(marker.name.split("__")[0]) :])).touch()
+    (tmp_path / key).mkdir()
 
 
 def test_malformed_study_files_give_one_line_errors(tmp_path):

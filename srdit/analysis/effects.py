@@ -198,6 +198,18 @@ def prepare(
     missing = [c for c in [*factors, metric] if c not in table.columns]
     if missing:
         raise AnalysisError(f"missing column(s) {missing}; available: {sorted(map(str, table.columns))[:30]}")
+    # one column, one role: a factor analysed as its own response (or as the seed) would be read both ways
+    roles = {"metric": metric, "seed column": seed_col, "status column": status_col}
+    for role, col in roles.items():
+        if col is not None and col in factors:
+            raise AnalysisError(
+                f"column '{col}' is both a factor and the {role}; the factors are the 0/1 technique columns, "
+                f"the {role} another column: drop it from the factors or name another {role}"
+            )
+    if metric in (seed_col, status_col) and metric is not None:
+        raise AnalysisError(
+            f"column '{metric}' is both the metric and the {'seed' if metric == seed_col else 'status'} column"
+        )
     sign = _direction_sign(direction)
     notes: list[str] = []
     n_excluded = 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
 EXIT_USAGE = 2
 "Exit code of bad input (argparse's)."
@@ -47,3 +48,33 @@ def first_line(e: BaseException) -> str:
     """The first line of an exception's message (its type's name when it has none): what `fail` prints for an
     error raised below the command (a ValueError, a missing file) whose details would not help the user."""
     return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def positive_number(text: str) -> float:
+    """argparse `type` of an option that must be a finite number > 0 (a rate, a size): '0', '-1', 'nan', 'inf'
+    are refused in the one-line error, not silently replaced by a default."""
+    import math
+
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
+def count(minimum: int) -> Callable[[str], int]:
+    """argparse `type` of an integer option with a lower bound (1: a number of things; 0: may be none)."""
+
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+        return v
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse

@@ -27,7 +27,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from srdit.commands.errors import ArgError, OneLineParser, fail
+from srdit.commands.errors import ArgError, OneLineParser, count, fail, positive_number
 from srdit.config import ConfigError
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -54,8 +54,12 @@ def study_parser() -> argparse.ArgumentParser:
     pl = sub.add_parser("plan", help="print the cells, excluded cells, aliases, trial count and cost; run nothing")
     pl.add_argument("study", help="the study YAML")
     pl.add_argument("--json", action="store_true", help="print the plan as JSON")
-    pl.add_argument("--steps-per-s", type=float, default=None, help="throughput assumption of the time estimate")
-    pl.add_argument("--concurrency", type=int, default=None, help="trials at once (default: cores / cpus per trial)")
+    pl.add_argument(
+        "--steps-per-s", type=positive_number, default=None, help="throughput assumption of the time estimate"
+    )
+    pl.add_argument(
+        "--concurrency", type=count(1), default=None, help="trials at once (default: cores / cpus per trial)"
+    )
     noise = pl.add_mutually_exclusive_group()
     noise.add_argument(
         "--noise-sd",
@@ -93,7 +97,7 @@ def study_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="also rerun trials that ended diverged or oom (crashed trials are always rerun)",
         )
-        r.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all)")
+        r.add_argument("--num-cpus", type=count(1), default=None, help="CPUs of the local Ray (default: all)")
         r.add_argument(
             "--no-share",
             action="store_true",

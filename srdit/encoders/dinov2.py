@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from srdit.cache import load_torch
 from srdit.encoders.base import load_state_dict_strict
 
 DINOV2_DIMS = {"s": 384, "b": 768, "l": 1024, "g": 1536}
@@ -105,7 +106,7 @@ def load_dinov2(name: str, path: str | os.PathLike | None, device: str | torch.d
             f"{str(e).splitlines()[0][:200]}); is {repo} a checkout of {REPO_URL}?"
         ) from None
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = load_torch(weights)
     except Exception as e:
         raise TeacherLoadError(
             f"teacher {name}: {weights} is not a readable weights file ({str(e).splitlines()[0][:160]})"

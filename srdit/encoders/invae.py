@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from srdit.cache import load_torch
 from srdit.encoders.base import TokenizerLoadError, load_state_dict_strict, posterior_sample
 
 INVAE_SCALE = 0.3099
@@ -321,7 +322,7 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
 
         return load_file(str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch(path)
     except Exception as e:
         raise TokenizerLoadError(f"{path}: not a readable weights file ({str(e).splitlines()[0][:160]})") from None
     # Releases wrap the state dict in various ways; take the first nested dict of tensors.

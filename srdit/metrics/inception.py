@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from srdit.cache import load_torch
 from srdit.metrics.distances import _f64, _psd_sqrt, precision_recall
 from srdit.metrics.features import exact_float32
 
@@ -297,7 +298,7 @@ def load_inception(path: str | os.PathLike | None = None, device: str | torch.de
     `num_batches_tracked` counters (unused in eval mode); they are accepted either way. Never downloads."""
     p = resolve_weights(path)
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = load_torch(p)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
         raise ValueError(
             f"{p}: not a loadable PyTorch state dict ({type(err).__name__}: "

@@ -1,8 +1,9 @@
 """Designs: which technique sets (cells) a study runs, and the trial list (cell x seed) the runner executes.
 
 A cell id is a bit string over the study's techniques in the order they are listed ("000" = baseline). A
-fractional factorial comes from pyDOE3 (fracfact_by_res, else fracfact_opt), and its resolution and alias
-structure are computed here from the design matrix itself (products of the +-1 columns), so a generator that
+fractional factorial has the fewest runs its resolution allows: pyDOE3's fracfact_by_res where that has them, else
+the standard minimum-aberration generators (`GENERATORS`, from Montgomery's table) or, past the table, a
+construction (resolution III / IV) or pyDOE3's fracfact_opt; its resolution and alias structure are computed here from the design matrix itself (products of the +-1 columns), so a generator that
 promises more than it delivers is caught.
 """
 
@@ -292,47 +293,145 @@ def alias_map(matrix: np.ndarray, factors: Sequence[str], max_order: int = 3) ->
     return out
 
 
-def _min_runs(k: int, res: int) -> int:
+def min_runs(k: int, res: int) -> int:
+    """Fewest runs of a two-level design (a power of two) for k factors at resolution >= res, as the standard tables
+    give them (Montgomery, Design and Analysis of Experiments, 8th ed., Table 8.14; Box, Hunter & Hunter 2005,
+    Table 6.22): resolution III needs 2^m >= k + 1 (a saturated design holds 2^m - 1 factors), resolution IV
+    2^m >= 2k (at most 2^m / 2 factors: a folded-over resolution III design), resolution V the run counts of
+    `RES_V_RUNS` (no closed form). None where the table ends (resolution V beyond 17 factors, VI and above)."""
+    if res > k:
+        return 2**k
     if res <= 3:
-        return k + 1
+        return 1 << (k).bit_length()  # smallest 2^m > k
     if res == 4:
-        return 2 * k
-    return 1 + k + k * (k - 1) // 2
+        return max(8, 1 << (2 * k - 1).bit_length())
+    if res == 5:
+        return RES_V_RUNS.get(k)
+    return None
+
+
+RES_V_RUNS = {5: 16, 6: 32, 7: 64, 8: 64, 9: 128, 10: 128, 11: 128, **{k: 256 for k in range(12, 18)}}
+"""Fewest runs of a resolution >= V two-level design for k factors (Montgomery Table 8.14; 2^(17-9)_V is the
+largest resolution V design in 256 runs)."""
+
+GENERATORS: dict[tuple[int, int], tuple[str, ...]] = {
+    # resolution III (in the fewest runs; several are resolution IV there)
+    (3, 3): ("ab",),
+    (4, 3): ("abc",),
+    (5, 3): ("ab", "ac"),
+    (6, 3): ("ab", "ac", "bc"),
+    (7, 3): ("ab", "ac", "bc", "abc"),
+    (8, 3): ("bcd", "acd", "abc", "abd"),
+    (9, 3): ("abc", "bcd", "acd", "abd", "abcd"),
+    (10, 3): ("abc", "bcd", "acd", "abd", "abcd", "ab"),
+    (11, 3): ("abc", "bcd", "acd", "abd", "abcd", "ab", "ac"),
+    # resolution IV
+    (4, 4): ("abc",),
+    (5, 4): ("abcd",),
+    (6, 4): ("abc", "bcd"),
+    (7, 4): ("abc", "bcd", "acd"),
+    (8, 4): ("bcd", "acd", "abc", "abd"),
+    (9, 4): ("bcde", "acde", "abde", "abce"),
+    (10, 4): ("abcd", "abce", "abde", "acde", "bcde"),
+    (11, 4): ("abc", "bcd", "cde", "acd", "ade", "bde"),
+    # resolution V
+    (5, 5): ("abcd",),
+    (6, 5): ("abcde",),
+    (7, 5): ("abcdef",),
+    (8, 5): ("abcd", "abef"),
+    (9, 5): ("acdfg", "bcefg"),
+    (10, 5): ("abcg", "bcde", "acdf"),
+    (11, 5): ("abcg", "bcde", "acdf", "abcdefg"),
+}
+"""(k, resolution) -> the generators of the added factors (products of the base factors a, b, c, ...) of the
+minimum-aberration 2^(k-p) design in the fewest runs: Montgomery, Design and Analysis of Experiments (8th ed.),
+Table 8.14 "Selected 2^(k-p) fractional factorial designs" (after Box, Hunter & Hunter), letters as there with
+the base factors first. Used where pyDOE3 finds no design or one with more runs; the resolution of every entry is
+recomputed from its matrix (tests/test_designs.py)."""
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def _generator_matrix(base: int, words: Sequence[str]) -> tuple[np.ndarray, str]:
+    """The 2^base-run design of the base factors (full factorial) and one added column per generator word, built by
+    pyDOE3.fracfact (its row order, as for its own designs); the generator in its notation ("a b c ab")."""
+    import pyDOE3
+
+    gen = " ".join([*_LETTERS[:base], *words])
+    return np.asarray(pyDOE3.fracfact(gen), dtype=int), gen
+
+
+def _constructed(k: int, res: int) -> tuple[np.ndarray, str]:
+    """A resolution III / IV design in `min_runs(k, res)` runs beyond the table: 2^m runs of m base factors, the added
+    columns the products of an odd number (>= 3) of base factors (no word of length < 4 among them: the product of
+    three odd-length columns has odd length, of two is a non-empty even one), longest first; resolution III then
+    adds even products, longest first (distinct columns: no word of length < 3)."""
+    m = min_runs(k, res).bit_length() - 1
+    subsets = [c for r in range(m, 1, -1) for c in itertools.combinations(_LETTERS[:m], r)]
+    odd = [c for c in subsets if len(c) % 2]
+    even = [c for c in subsets if not len(c) % 2]
+    words = ["".join(c) for c in (odd + even if res <= 3 else odd)][: k - m]
+    return _generator_matrix(m, words)
 
 
 def fractional_matrix(k: int, res: int) -> tuple[np.ndarray, str]:
-    """The smallest two-level design for k factors with resolution >= res that pyDOE3 finds; (+-1 matrix, generator).
+    """A two-level design for k factors with resolution >= res in the fewest runs (`min_runs`); (+-1 matrix,
+    generator).
 
-    Tries pyDOE3.fracfact_by_res first, then fracfact_opt for each number of erased factors (fewest runs first),
-    keeping the first design whose resolution, computed from the matrix, is at least `res`. Falls back to the
-    full factorial."""
+    In this order, the first with the fewest runs: pyDOE3.fracfact_by_res's design, pyDOE3.fracfact_opt's
+    (resolution V and above: minimum aberration among the generators it tries), the standard minimum-aberration
+    design of `GENERATORS`, and past the table `_constructed` (resolution III / IV). pyDOE3 first keeps the cells of every study it planned
+    before; the table covers where it fails (resolution III with 7 factors) or needs more runs (resolution V with 10
+    or 11 factors). Beyond all that (resolution V past 11 factors, VI and above): fracfact_opt with ever more runs,
+    then the full factorial. Every candidate's resolution is computed from its matrix (`resolution`)."""
     import pyDOE3
 
-    letters = "abcdefghijklmnopqrstuvwxyz"
     if res > k:
-        return full_factorial_matrix(k), " ".join(letters[:k])
-    candidates: list[tuple[int, np.ndarray, str]] = []
+        return full_factorial_matrix(k), " ".join(_LETTERS[:k])
+    fewest = min_runs(k, res)
+    found: tuple[np.ndarray, str] | None = None
     try:
         m = np.asarray(pyDOE3.fracfact_by_res(k, res), dtype=int)
         if resolution(m) >= res:
-            candidates.append((m.shape[0], m, "fracfact_by_res"))
-    except ValueError:
+            found = m, "fracfact_by_res"
+    except ValueError:  # pyDOE3: "design not possible" and other failures of its search
         pass
+    if fewest is not None:
+        if found is not None and found[0].shape[0] <= fewest:
+            return found
+        # fracfact_opt's search grows with k: past resolution IV's reach the construction is immediate
+        m_opt = None if res <= 4 else _fracfact_opt(k, k - (fewest.bit_length() - 1), res)
+        if m_opt is not None:
+            return m_opt
+        if (k, res) in GENERATORS:
+            words = GENERATORS[k, res]
+            return _generator_matrix(k - len(words), words)
+        if res <= 4:
+            return _constructed(k, res)
     for p in range(k - 1, 0, -1):
         runs = 2 ** (k - p)
-        if runs < _min_runs(k, res):
+        if runs < (fewest or 1 + k + k * (k - 1) // 2) or runs == fewest:
             continue
-        if candidates and candidates[0][0] <= runs:
-            break
+        if found is not None and found[0].shape[0] <= runs:
+            return found
+        m_opt = _fracfact_opt(k, p, res)
+        if m_opt is not None:
+            return m_opt
+    return found or (full_factorial_matrix(k), " ".join(_LETTERS[:k]))
+
+
+def _fracfact_opt(k: int, p: int, res: int) -> tuple[np.ndarray, str] | None:
+    """pyDOE3.fracfact_opt's 2^(k-p) design when it has resolution >= res; None when it has not or pyDOE3 fails."""
+    import pyDOE3
+
+    if p < 1:
+        return None
+    try:
         gen = pyDOE3.fracfact_opt(k, p, max_attempts=400)[0]
-        m = np.asarray(pyDOE3.fracfact(gen), dtype=int)
-        if resolution(m) >= res:
-            candidates.append((runs, m, gen))
-            break
-    if candidates:
-        runs, m, gen = min(candidates, key=lambda c: c[0])
-        return m, gen
-    return full_factorial_matrix(k), " ".join(letters[:k])
+    except ValueError:  # e.g. "Too many erased factors to create aliasing" (resolution III, 7 factors)
+        return None
+    m = np.asarray(pyDOE3.fracfact(gen), dtype=int)
+    return (m, gen) if resolution(m) >= res else None
 
 
 def foldover(matrix: np.ndarray, flip: Sequence[int] | None = None) -> np.ndarray:
@@ -527,7 +626,7 @@ def design_cells(spec: StudySpec) -> tuple[list[tuple[str, ...]], dict]:
         else:
             info["notes"] = [
                 f"2^({k}-{int(round(k - math.log2(len(rows))))}) design, {len(rows)} of {2**k} cells, "
-                f"resolution {int(achieved)} (pyDOE3 generator: {gen})"
+                f"resolution {int(achieved)} (generator: {gen})"
             ]
     elif d.kind == "ladder":
         sets = [tuple(d.order[:i]) for i in range(len(d.order) + 1)]

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from srdit import ext
-from srdit.config import SEED_MAX, ConfigError, RunConfig, apply_diff, read_yaml
+from srdit.config import INT_MAX, SEED_MAX, ConfigError, RunConfig, apply_diff, decimal_number, read_yaml
 from srdit.metric_registry import METRICS, analysable
 from srdit.metric_registry import direction as metric_direction
 from srdit.techniques import (
@@ -92,7 +92,16 @@ def _listing_order(name: str) -> int:
 METRIC_DIRECTIONS = {n: metric_direction(n) for n in sorted(analysable(), key=_listing_order)}
 """The metrics a study may name (`metrics.primary`, `others`, search objectives) and their default directions, from
 srdit.metric_registry."""
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+NAME_MAX = 80
+"""Longest study or technique name. A study name becomes file and folder names under --state with suffixes srdit
+adds (the Ray run folder `<name>-YYYYmmdd-HHMMSS`, `<name>_runs.csv`, `<name>.lock`), a technique name the
+`tech.<name>` MLflow tag; 80 keeps each well under the 255-byte limit of a file name (names are ASCII: bytes =
+characters)."""
+MAX_TECHNIQUES = 64
+"""Most techniques in a study: the cell id, one character per technique, starts every trial folder's name
+(`<cell>-s<seed>-<hash>`, up to 23 more characters) and the name of its running-marker file (host and pid before
+it), all well under 255 bytes."""
 MAX_SEEDS = 1000
 "Most seeds a study may give each cell (a guard against a typo such as `seeds: 100000`)."
 _ROMAN = {"III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8}
@@ -275,16 +284,15 @@ def _int(value: Any, where: str, minimum: int | None = None) -> int:
         raise ConfigError(f"{where}: expected an integer, got {value!r}")
     if minimum is not None and value < minimum:
         raise ConfigError(f"{where}: {value} must be >= {minimum}")
+    if not -INT_MAX - 1 <= value <= INT_MAX:
+        raise ConfigError(f"{where}: {value} is not allowed; allowed: an integer within int32 (at most {INT_MAX})")
     return value
 
 
 def _number(value: Any, where: str) -> float:
     """Every number of the study schema: finite (YAML 1.1 reads 1e-3 as a string, so numeric strings count)."""
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    if isinstance(value, str) and decimal_number(value) is not None:
+        value = decimal_number(value)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: expected a number, got {value!r}")
     try:
@@ -299,6 +307,22 @@ def _number(value: Any, where: str) -> float:
 def _str(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def check_name(value: Any, where: str, what: str) -> str:
+    """`value` as a name that becomes part of file and folder names: letters, digits, _ . - (starting with a letter
+    or digit) and at most NAME_MAX characters; ConfigError naming `where` otherwise."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise ConfigError(
+            f"{where}: {what} {shown} must be a non-empty string of letters, digits, _ . - (it names folders)"
+        )
+    if len(value) > NAME_MAX:
+        raise ConfigError(
+            f"{where}: {what} {value[:20]}... is {len(value)} characters; at most {NAME_MAX} (it names folders and "
+            f"files under --state)"
+        )
     return value
 
 
@@ -362,8 +386,7 @@ def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
                 f"{w}: expected a technique name, {{name: {{knob: value}}}} or "
                 f"{{name: ..., diff: {{key: value}}}}, got {item!r}"
             )
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise ConfigError(f"{w}: technique name {name!r} must be letters, digits, _ . - ")
+        check_name(name, w, "technique name")
         if custom is not None:
             if name in TECHNIQUES or name in ext.PLUGINS:
                 raise ConfigError(
@@ -407,6 +430,11 @@ def parse_techniques(value: Any, base: RunConfig) -> tuple[Factor, ...]:
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ConfigError(f"{where}: {', '.join(dup)} listed more than once")
+    if len(factors) > MAX_TECHNIQUES:
+        raise ConfigError(
+            f"{where}: {len(factors)} techniques; at most {MAX_TECHNIQUES} (the cell id, one character per "
+            f"technique, names the trial folders)"
+        )
     return tuple(factors)
 
 
@@ -737,8 +765,7 @@ def study_from_dict(data: Any, path: str | Path = "<dict>") -> StudySpec:
     name = data.get("name")
     if name is None:
         raise ConfigError("name: required (letters, digits, _ . -)")
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"name: {name!r} must be a non-empty string of letters, digits, _ . - (it names folders)")
+    check_name(name, "name", "study name")
     description = data.get("description", "") or ""
     _str(description, "description")
     rel = Path(path).parent if str(path) != "<dict>" else None
@@ -819,6 +846,20 @@ def _foldover_from_dict(data: Mapping, name: str, description: str, path: str | 
         p = rel / p
     if not p.is_file():
         raise ConfigError(f"{where}.of: {of!r}: no such study file ({p}); give the path relative to this file")
+    if str(path) != "<dict>" and p.resolve() == Path(path).resolve():
+        raise ConfigError(
+            f"{where}.of: {of} is this study itself; a fold-over completes another study's fractional factorial"
+        )
+    # a fold-over of a fold-over is refused from its design alone, before loading it (which would load its `of`, and
+    # so on: a chain or a cycle of fold-overs would nest one error message per level)
+    raw = read_yaml(p)
+    raw_design = raw.get("design") if isinstance(raw, Mapping) else None
+    if raw_design == "foldover" or isinstance(raw_design, Mapping) and raw_design.get("kind") == "foldover":
+        original = raw_design.get("of") if isinstance(raw_design, Mapping) else None
+        raise ConfigError(
+            f"{where}.of: {of} is itself a fold-over; fold the original fraction ({original or 'its design.of'})"
+            f" instead, with design.factor for the technique still aliased"
+        )
     try:
         other = load_study(p)
     except ConfigError as e:
