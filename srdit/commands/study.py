@@ -130,19 +130,25 @@ def study_parser() -> argparse.ArgumentParser:
     rp.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
     sm = sub.add_parser("submit", help="run the study on a cluster's scheduler (Kubernetes: a KubeRay RayJob)")
     sm.add_argument("study", help="the study YAML (its path relative to the folder copied to the shared volume)")
-    sm.add_argument("--state", default=DEFAULT_STATE, help="state folder, on the shared volume (default: MOUNT/state)")
+    sm.add_argument(
+        "--state", default=DEFAULT_STATE, help="state folder, on the shared volume (relative: under --mount)"
+    )
     where = sm.add_mutually_exclusive_group(required=True)
     where.add_argument("--slurm", action="store_true", help="a Slurm batch job")
     where.add_argument("--kuberay", action="store_true", help="a KubeRay RayJob manifest (srdit.runtime.kuberay)")
-    sm.add_argument("--image", default=None, help="container image with srdit installed (--kuberay)")
-    sm.add_argument("--workers", type=int, default=1, help="Ray worker pods (default 1)")
-    sm.add_argument("--gpus-per-worker", type=int, default=1, help="nvidia.com/gpu per worker pod (default 1)")
-    sm.add_argument("--cpus-per-worker", type=int, default=8, help="CPUs per worker pod (default 8)")
-    sm.add_argument("--memory", default="32Gi", help="memory per worker pod, a Kubernetes quantity (default 32Gi)")
-    sm.add_argument("--volume-claim", default="srdit-shared", help="PersistentVolumeClaim of the shared volume")
-    sm.add_argument("--mount", default="/shared", help="where the volume is mounted in every pod (default /shared)")
-    sm.add_argument("--token-secret", default="ray-auth-token", help="Secret holding the Ray token (key auth_token)")
-    sm.add_argument("--namespace", default=None, help="Kubernetes namespace (default: kubectl's current one)")
+    sm.add_argument("--image", default=None, metavar="IMG", help="container image with srdit installed (--kuberay)")
+    sm.add_argument("--workers", type=int, default=1, metavar="N", help="Ray worker pods")
+    sm.add_argument("--gpus-per-worker", type=int, default=1, metavar="G", help="nvidia.com/gpu per worker pod")
+    sm.add_argument("--cpus-per-worker", type=int, default=8, metavar="C", help="CPUs per worker pod")
+    sm.add_argument("--memory", default="32Gi", metavar="M", help="memory per worker pod (a Kubernetes quantity)")
+    sm.add_argument("--volume-claim", default="srdit-shared", metavar="PVC", help="the shared volume's claim")
+    sm.add_argument("--mount", default="/shared", metavar="PATH", help="where every pod mounts the shared volume")
+    sm.add_argument(
+        "--token-secret", default="ray-auth-token", metavar="NAME", help="Secret of the Ray token (key auth_token)"
+    )
+    sm.add_argument(
+        "--namespace", default=None, metavar="NS", help="Kubernetes namespace (default: kubectl's current one)"
+    )
     sm.add_argument("--apply", action="store_true", help="apply the manifest with `kubectl apply -f -`")
     sm.add_argument("--out", default=None, metavar="FILE", help="write the manifest to FILE (default: print it)")
     b = sub.add_parser("bench", help="time one training step of every cell, interleaved in one process")
