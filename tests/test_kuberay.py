@@ -14,6 +14,7 @@ import gzip
 import json
 import re
 import shlex
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import yaml
 from srdit import stop
 from srdit.commands.study import main
 from srdit.runtime import kuberay
+from srdit.runtime.lock import study_lock
 from srdit.runtime.state import StudyState
 from srdit.study.spec import load_study
 
@@ -144,16 +146,27 @@ def test_the_grace_follows_srdit_stop_grace(capsys, monkeypatch):
     assert env_of(head)["RAY_JOB_STOP_WAIT_TIME_S"] == "90"  # `ray job stop` waits as long before SIGKILL
 
 
-def test_the_heads_prestop_hook_writes_the_studys_stop_file(capsys, monkeypatch, tmp_path):
-    """Run the hook as the pod would (with a zero grace, so its wait is 0 s): it writes the stop file that the
-    study's trial workers watch, at the place srdit's runtime puts it."""
+@pytest.mark.skipif(shutil.which("flock") is None, reason="the hook tests the driver's lock with flock(1) (util-linux)")
+def test_the_heads_prestop_hook_stops_a_running_study(capsys, monkeypatch, tmp_path):
+    """Run the head's hook as the pod would (with a zero grace, so its wait is 0 s): with no driver running it does
+    nothing (the cluster of a finished study goes at once); while a driver holds the study's lock it writes the
+    stop file that the study's trial workers watch, at the place srdit's runtime puts it."""
     monkeypatch.setenv("SRDIT_STOP_GRACE_S", "0")
     m = manifest(capsys, "submit", STUDY, "--kuberay", "--image", "srdit:1", "--mount", str(tmp_path))
     head = m["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
     cmd = head["lifecycle"]["preStop"]["exec"]["command"]
     assert cmd[:2] == ["/bin/sh", "-c"]
+    spec = load_study(STUDY)
+    state = tmp_path / "state"
+    stop_file = StudyState.of(spec, state).stop_file
     subprocess.run(cmd, check=True, timeout=30)
-    stop_file = StudyState.of(load_study(STUDY), tmp_path / "state").stop_file
+    assert not stop_file.exists()  # no driver ever ran
+    with study_lock(state, spec.name):
+        pass
+    subprocess.run(cmd, check=True, timeout=30)
+    assert not stop_file.exists()  # a driver ran and ended
+    with study_lock(state, spec.name):
+        subprocess.run(cmd, check=True, timeout=30)
     assert stop_file.read_text().strip() == "SIGTERM"
     stop.reset()
     try:

@@ -18,10 +18,11 @@ https://ray-project.github.io/kuberay/reference/api/; field names checked agains
   token-protected dashboard). Set on the containers, not through `rayClusterSpec.authOptions`, so that it works with
   every KubeRay of the `ray.io/v1` API (authOptions needs KubeRay 1.5.1).
 - Stopping (`srdit.stop`): every pod's `terminationGracePeriodSeconds` is srdit's stop grace (`SRDIT_STOP_GRACE_S`,
-  set in the containers too) plus `GRACE_MARGIN_S`. The head's preStop hook writes the study's stop file, so an
-  evicted or deleted head makes every running trial write a checkpoint at its current step; a `ray job stop`
-  (deleting or suspending the RayJob) gives the driver the same grace (`RAY_JOB_STOP_WAIT_TIME_S`). An evicted
-  worker pod loses its trials, which Ray Tune retries on the others from their last checkpoint.
+  set in the containers too) plus `GRACE_MARGIN_S`. While the study's driver runs, the head's preStop hook writes
+  the study's stop file, so an evicted or deleted head makes every running trial write a checkpoint at its current
+  step; a `ray job stop` (deleting or suspending the RayJob) gives the driver the same grace
+  (`RAY_JOB_STOP_WAIT_TIME_S`). An evicted worker pod loses its trials, which Ray Tune retries on the others from
+  their last checkpoint.
 - `shutdownAfterJobFinishes: true` and `ttlSecondsAfterFinished`: the cluster goes when the study ends.
   `backoffLimit`: a failed job (the head evicted, a node lost) is retried on a new cluster, and `srdit study run`
   resumes from the state on the volume (finished trials are kept, interrupted ones resume from their checkpoint).
@@ -36,6 +37,7 @@ from pathlib import Path, PurePosixPath
 
 from srdit import stop
 from srdit.config import ConfigError
+from srdit.runtime.lock import lock_path
 
 API_VERSION = "ray.io/v1"
 KIND = "RayJob"
@@ -139,7 +141,9 @@ def rayjob_manifest(
     grace = stop.grace_s() if grace_s is None else grace_s
     pod_grace = math.ceil(grace) + GRACE_MARGIN_S
     name = job_name(study)
-    stop_dir = (PurePosixPath(state) / "trials" / study).as_posix()  # srdit.runtime.state.StudyState.trials
+    # StudyState.stop_file's place (srdit.runtime.state imports MLflow; tests/test_kuberay.py holds the two equal)
+    stop_dir = (PurePosixPath(state) / "trials" / study).as_posix()
+    lock = lock_path(state, study).as_posix()
 
     # Each use gets its own copy (functions, not shared lists): the YAML then holds no anchors / aliases.
     def token_env() -> list[dict]:
@@ -164,8 +168,14 @@ def rayjob_manifest(
         r = {"cpu": cpu, "memory": mem, **({"nvidia.com/gpu": str(gpus)} if gpus else {})}
         return {"requests": r, "limits": dict(r)}
 
-    # The head's preStop: the study's stop file, then wait while the trials write their checkpoints.
-    pre_stop = f"mkdir -p {shlex.quote(stop_dir)} && echo SIGTERM > {shlex.quote(stop_dir + '/STOP')}; sleep {math.ceil(grace)}"
+    # The head's preStop: while a driver holds the study's lock (srdit.runtime.lock: a flock, which flock(1)
+    # tests), the study's stop file, then a wait while the trials write their checkpoints. The cluster of a
+    # finished study goes at once.
+    pre_stop = (
+        f"if [ -e {shlex.quote(lock)} ] && ! flock -n -s {shlex.quote(lock)} true 2>/dev/null; then "
+        f"mkdir -p {shlex.quote(stop_dir)} && echo SIGTERM > {shlex.quote(stop_dir + '/STOP')}; "
+        f"sleep {math.ceil(grace)}; fi"
+    )
     head = {
         "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0"},
         "template": {
