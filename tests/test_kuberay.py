@@ -178,6 +178,8 @@ def test_the_heads_prestop_hook_stops_a_running_study(capsys, monkeypatch, tmp_p
 
 def test_print_and_out_write_the_same_manifest(capsys, tmp_path):
     rc, printed, _ = submit(capsys, *ARGS)
+    absolute = [str(ROOT / STUDY) if a == STUDY else a for a in ARGS]  # a path under this folder: the same place
+    assert submit(capsys, *absolute)[1] == printed
     out = tmp_path / "job.yaml"
     rc2, said, _ = submit(capsys, *ARGS, "--out", str(out))
     assert rc == rc2 == 0 and out.read_text() == printed

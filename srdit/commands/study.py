@@ -1,4 +1,4 @@
-"""`srdit study ...`: plan, run, resume, export, status and bench a study YAML.
+"""`srdit study ...`: plan, run, resume, export, status, bench and submit a study YAML.
 
     srdit study plan STUDY.yaml [--json]              cells, excluded cells, aliases, trial count, cost, the
                       [--state DIR]                   preflight (missing inputs, unreported metrics, resources),

@@ -7,8 +7,8 @@ https://ray-project.github.io/kuberay/reference/api/; field names checked agains
 `ray-operator/config/crd/bases/ray.io_rayjobs.yaml` of github.com/ray-project/kuberay):
 
 - `spec.entrypoint`: `cd MOUNT && srdit study run MOUNT/STUDY --state MOUNT/state`, which KubeRay's submitter
-  runs with `ray job submit` on the head; relative input paths of the study resolve in the shared volume, which
-  every pod mounts at the same path.
+  runs with `ray job submit` on the head (Ray sets `RAY_ADDRESS` for it, so the driver joins this cluster);
+  relative input paths of the study resolve in the shared volume, which every pod mounts at the same path.
 - `spec.rayClusterSpec`: a head group (`num-cpus: 0`: it runs the driver, no trial) and one worker group of
   `workers` pods, each asking for `cpus`, `memory` and `nvidia.com/gpu: gpus` (requests = limits), all with the
   srdit image, the shared PersistentVolumeClaim and a memory-backed /dev/shm (PyTorch's data loader, Ray's object
