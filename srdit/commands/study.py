@@ -1,4 +1,4 @@
-"""`srdit study ...`: plan, run, resume, export, status and bench a study YAML.
+"""`srdit study ...`: plan, run, resume, export, status, bench and submit a study YAML.
 
     srdit study plan STUDY.yaml [--json]              cells, excluded cells, aliases, trial count, cost, the
                       [--state DIR]                   preflight (missing inputs, unreported metrics, resources),
@@ -13,6 +13,8 @@
     srdit study status STUDY.yaml [--state DIR]       each trial's status, counts, the driver, what a rerun will do
     srdit study export STUDY.yaml [--csv PATH]        one row per trial from MLflow, for `srdit analyze`
     srdit study bench STUDY.yaml [--state DIR]        time one training step of every cell, interleaved
+    srdit study submit STUDY.yaml --kuberay           a KubeRay RayJob running `study run` on Kubernetes
+                      --image IMG [--workers N ...]   (srdit.runtime.kuberay); printed, --out FILE or --apply
 
 Bad input (a malformed study file, a missing path, a wrong argument) prints one line on stderr
 (`srdit study <sub-command>: error: ...`), exit code 2.
@@ -130,6 +132,29 @@ def study_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("study", help="the study YAML")
     rp.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
+    sm = sub.add_parser("submit", help="run the study on a cluster's scheduler (Kubernetes: a KubeRay RayJob)")
+    sm.add_argument("study", help="the study YAML (its path relative to the folder copied to the shared volume)")
+    sm.add_argument(
+        "--state", default=DEFAULT_STATE, help="state folder, on the shared volume (relative: under --mount)"
+    )
+    where = sm.add_mutually_exclusive_group(required=True)
+    where.add_argument("--slurm", action="store_true", help="a Slurm batch job")
+    where.add_argument("--kuberay", action="store_true", help="a KubeRay RayJob manifest (srdit.runtime.kuberay)")
+    sm.add_argument("--image", default=None, metavar="IMG", help="container image with srdit installed (--kuberay)")
+    sm.add_argument("--workers", type=int, default=1, metavar="N", help="Ray worker pods")
+    sm.add_argument("--gpus-per-worker", type=int, default=1, metavar="G", help="nvidia.com/gpu per worker pod")
+    sm.add_argument("--cpus-per-worker", type=int, default=8, metavar="C", help="CPUs per worker pod")
+    sm.add_argument("--memory", default="32Gi", metavar="M", help="memory per worker pod (a Kubernetes quantity)")
+    sm.add_argument("--volume-claim", default="srdit-shared", metavar="PVC", help="the shared volume's claim")
+    sm.add_argument("--mount", default="/shared", metavar="PATH", help="where every pod mounts the shared volume")
+    sm.add_argument(
+        "--token-secret", default="ray-auth-token", metavar="NAME", help="Secret of the Ray token (key auth_token)"
+    )
+    sm.add_argument(
+        "--namespace", default=None, metavar="NS", help="Kubernetes namespace (default: kubectl's current one)"
+    )
+    sm.add_argument("--apply", action="store_true", help="apply the manifest with `kubectl apply -f -`")
+    sm.add_argument("--out", default=None, metavar="FILE", help="write the manifest to FILE (default: print it)")
     b = sub.add_parser("bench", help="time one training step of every cell, interleaved in one process")
     b.add_argument("study", help="the study YAML")
     b.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
@@ -172,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(args)
         if args.cmd == "repair":
             return _repair(args)
+        if args.cmd == "submit":
+            return _submit(args)
         return _status(args)
     except ConfigError as e:
         return fail(prog, str(e))
@@ -485,6 +512,76 @@ def _repair(args) -> int:
         )
     print(f"next: `srdit study status {args.study} --state {args.state}`")
     return 0
+
+
+def _submit(args) -> int:
+    """`srdit study submit --kuberay`: the study's RayJob manifest (srdit.runtime.kuberay), printed, written to
+    --out, or applied with kubectl (--apply)."""
+    import subprocess
+
+    from srdit.runtime import kuberay
+    from srdit.study.preflight import resource_problems
+    from srdit.study.spec import load_study
+
+    prog = "srdit study submit"
+    if not args.kuberay:
+        return fail(prog, "--slurm is not available in this version; use --kuberay")
+    spec = load_study(args.study)
+    cwd = Path.cwd()
+    state = kuberay.pod_path(args.state, args.mount, cwd, "--state")
+    manifest = kuberay.rayjob_manifest(
+        study=spec.name,
+        study_path=kuberay.pod_path(args.study, args.mount, cwd, "study"),
+        state=state,
+        image=args.image,
+        workers=args.workers,
+        gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker,
+        memory=args.memory,
+        volume_claim=args.volume_claim,
+        mount=args.mount,
+        token_secret=args.token_secret,
+        namespace=args.namespace,
+        ray_version=_ray_version(),
+    )
+    pods = [{"CPU": float(args.cpus_per_worker), "GPU": float(args.gpus_per_worker)}] * args.workers
+    problems = resource_problems(spec, pods, f"the RayJob's {args.workers} worker pod(s)")
+    if problems:
+        return fail(prog, f"{problems[0]}; or ask for more with --workers / --gpus-per-worker / --cpus-per-worker")
+    text = kuberay.to_yaml(manifest)
+    if args.apply and shutil.which("kubectl") is None:
+        return fail(
+            prog, "--apply needs kubectl on PATH; write the manifest with --out FILE and `kubectl apply -f FILE`"
+        )
+    if args.out:
+        Path(args.out).write_text(text)
+        print(f"wrote the RayJob {manifest['metadata']['name']} to {args.out}")
+    elif not args.apply:
+        print(text, end="")
+        return 0
+    if not args.apply:
+        return 0
+    ns = ["--namespace", args.namespace] if args.namespace else []
+    done = subprocess.run(["kubectl", "apply", *ns, "-f", "-"], input=text, text=True)
+    if done.returncode != 0:
+        return fail(prog, f"kubectl apply failed (exit {done.returncode}); its message is above", code=1)
+    name = manifest["metadata"]["name"]
+    print(
+        f"watch it with `{' '.join(['kubectl', 'get', 'rayjob', name, *ns])}`; the study's state is in {state} on "
+        f"the volume "
+        f"{args.volume_claim}"
+    )
+    return 0
+
+
+def _ray_version() -> str | None:
+    """The installed Ray's version (the image should carry the same), without importing Ray."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ray")
+    except PackageNotFoundError:
+        return None
 
 
 def _bench(args) -> int:

@@ -7,7 +7,7 @@ tracking (the MLflow run tree, and each trial folder's copy of its run), store (
 built atomically, checked before use), repair (the records rebuilt from the trial folders), reuse (content keys; finished runs adopted across studies), lock (one driver per
 study), occupancy (trials sharing a machine), bench (the controlled throughput measurement), results and export
 (MLflow -> `srdit.analysis.results.StudyResults`, CSV), ray_parts / preprocess_ray / teacher_cache_ray (jobs split
-into Ray tasks), mlflow_app (the tracking server's app). Its commands (`srdit study ...`, `srdit ui`) live in
+into Ray tasks), mlflow_app (the tracking server's app), kuberay (a study's KubeRay RayJob manifest). Its commands (`srdit study ...`, `srdit ui`) live in
 `srdit.commands`.
 Heavy imports (ray, mlflow, torch) are lazy where a module is imported by a command that may not need them.
 """
