@@ -213,7 +213,7 @@ def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_e
     assert p.returncode == 0, out[-3000:] + err[-3000:]
     # the worker saved its step and recorded the interruption before it exited (Tune never hears its report)
     journal = (folder / "st" / "trials" / "sg" / key / "mlflow_run.jsonl").read_text()
-    assert journal.count("interrupted by SIGTERM: checkpoint at step") == 1 + (sig == signal.SIGTERM), journal[-3000:]
+    assert journal.count("interrupted by SIGTERM: checkpoint at step") == 2, (victim, key, out[-4000:])
     got = _trials(folder)
     assert {t["status"] for t in got.values()} == {"finished"}
     whole = tmp_path / "whole"  # the same study, uninterrupted
