@@ -346,3 +346,20 @@ def test_unreplicated_screen_gets_a_half_normal_plot_with_lenths_margins(tmp_pat
     sec = page[page.index('id="sec-fig-half-normal"') : page.index('id="sec-fig-effects"')]
     assert 'id="fig-half-normal"' in sec and "PSE = 2.62" in sec and "A, C, D, A:C, A:D" in sec
     assert "point estimate" in page  # no error estimate: the best cell is not called a winner
+
+
+def test_records_tell_a_trial_lost_to_infrastructure_from_a_failed_one(tmp_path):
+    """A crash of what the trial ran on (a lost node, a full disk) is not the arm's failure: the records row says
+    which is which."""
+    path = tmp_path / "RECORDS.md"
+    res = make_results(tmp_path)
+    t = res.table
+    rows = t.index[(t.cell == "repa+rope+sprint") & (t["status"] != "finished")]
+    assert len(rows) == 2
+    t.loc[rows[0], "status"] = "crashed"
+    t.loc[rows[0], "crash_cause"] = "infrastructure"
+    t.loc[rows[1], "status"] = "crashed"
+    t.loc[rows[1], "crash_cause"] = "code"
+    write_records(res, path)
+    text = path.read_text(encoding="utf-8")
+    assert "(n=1, 1 failed, 1 lost to infrastructure)" in text

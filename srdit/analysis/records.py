@@ -12,7 +12,7 @@ import pandas as pd
 from scipy import stats
 
 from srdit.analysis.effects import OK_STATUSES, combo_label
-from srdit.analysis.results import StudyResults
+from srdit.analysis.results import CRASH_CAUSE, INFRASTRUCTURE, StudyResults
 
 __all__ = ["record_rows", "write_records"]
 
@@ -64,11 +64,14 @@ def record_rows(res: StudyResults) -> list[list[str]]:
         cell = str(g["cell"].iloc[0]) if "cell" in g.columns else combo
         arm = cell if cell == combo else f"{cell} ({combo})"
         n, n_all = len(vals), len(g)
+        lost = int((g[CRASH_CAUSE].astype(str) == INFRASTRUCTURE).sum()) if CRASH_CAUSE in g.columns else 0
+        gone = [f"{n_all - n - lost} failed"] if n_all - n - lost else []
+        gone += [f"{lost} lost to infrastructure"] if lost else []  # not the arm's failure (srdit.runtime.worker)
         if n:
             sd = f" ± {vals.std(ddof=1):.4g}" if n > 1 else ""
-            ms = f"{vals.mean():.4g}{sd} (n={n}" + (f", {n_all - n} failed)" if n_all > n else ")")
+            ms = f"{vals.mean():.4g}{sd} (n={n}" + "".join(f", {x}" for x in gone) + ")"
         else:
-            ms = f"– (0 of {n_all} finished)"
+            ms = f"– (0 of {n_all} finished" + "".join(f", {x}" for x in gone) + ")"
         pv = "–"
         if combo != "baseline" and n >= 2 and len(base) >= 2:
             with np.errstate(all="ignore"):
