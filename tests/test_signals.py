@@ -109,7 +109,7 @@ def test_a_second_signal_stops_at_once_and_says_whether_a_checkpoint_exists(tmp_
 
 
 STUDY_BASE = {
-    "train": {"steps": 300, "batch_size": 16, "log_every": 5, "ckpt_every": 100000},
+    "train": {"steps": 600, "batch_size": 16, "log_every": 5, "ckpt_every": 100000},
     "eval": {"n_samples": 50, "batch_size": 50},
     "sample": {"sampler": "euler", "steps": 2},
 }
@@ -183,7 +183,7 @@ def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_e
     for key, t in got.items():  # each trial's checkpoint holds the step its status names
         step = int(t["reason"].split("checkpoint at step ")[1].split()[0])
         ckpt = torch.load(folder / "st" / "trials" / "sg" / key / "checkpoints" / "last.pt", weights_only=False)
-        assert ckpt["step"] == step and 0 < step < 300
+        assert ckpt["step"] == step and 0 < step < 600
     status = subprocess.run(
         [sys.executable, "-m", "srdit", "study", "status", "sg.yaml", "--state", "st"],
         cwd=folder,
