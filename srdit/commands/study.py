@@ -13,6 +13,9 @@
     srdit study status STUDY.yaml [--state DIR]       each trial's status, counts, the driver, what a rerun will do
     srdit study export STUDY.yaml [--csv PATH]        one row per trial from MLflow, for `srdit analyze`
     srdit study bench STUDY.yaml [--state DIR]        time one training step of every cell, interleaved
+    srdit study submit STUDY.yaml --slurm --state DIR  a Slurm batch job: Ray on N nodes, then `study run` on them
+                      [--nodes N] [--gpus-per-node G]  (srdit.runtime.slurm); prints the job id, or the script
+                      [--cpus-per-node C] [--partition P] [--time T] [--account A] [--dry-run]
 
 Bad input (a malformed study file, a missing path, a wrong argument) prints one line on stderr
 (`srdit study <sub-command>: error: ...`), exit code 2.
@@ -131,6 +134,16 @@ def study_parser() -> argparse.ArgumentParser:
     b.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
     b.add_argument("--rounds", type=int, default=None, help="timed rounds (default 15)")
     b.add_argument("--warmup", type=int, default=None, help="untimed warm-up rounds (default 3)")
+    sm = sub.add_parser("submit", help="run the study as a cluster job (Slurm); prints the job id")
+    sm.add_argument("study", help="the study YAML")
+    sm.add_argument("--state", default=DEFAULT_STATE, help="state folder, an absolute path on shared storage")
+    sm.add_argument("--dry-run", action="store_true", help="print the job's script; submit nothing")
+    sm.add_argument("--slurm", action="store_true", help="submit with sbatch: Ray on the job's nodes, then the study")
+    sm.add_argument("--nodes", type=int, default=1, help="Slurm: nodes of the job (default 1)")
+    sm.add_argument("--gpus-per-node", type=int, default=0, help="Slurm: GPUs per node (default 0)")
+    sm.add_argument("--cpus-per-node", type=int, default=None, help="Slurm: CPUs per node (default: Slurm's)")
+    for flag in ("--partition", "--time", "--account"):
+        sm.add_argument(flag, default=None, help=f"Slurm: sbatch {flag}")
     return p
 
 
@@ -168,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             return _bench(args)
         if args.cmd == "repair":
             return _repair(args)
+        if args.cmd == "submit":
+            return _submit(args)
         return _status(args)
     except ConfigError as e:
         return fail(prog, str(e))
@@ -400,6 +415,7 @@ def _status(args) -> int:
 
     spec = load_study(args.study)
     plan = plan_study(spec)
+    _slurm_status(spec.name, args.state)
     tracking = StudyState.of(spec, args.state).tracking()
     driver = holder(args.state, spec.name)
     marked = (
@@ -457,6 +473,45 @@ def _status(args) -> int:
     if rerun_failed:
         print(f"with --retry-failed it would also rerun {sum(rerun_failed.values())}: {fmt(rerun_failed)}")
     return 0
+
+
+def _submit(args) -> int:
+    """`srdit study submit --slurm`: the study's sbatch script (srdit.runtime.slurm), printed (--dry-run) or
+    submitted (the job id printed, one line)."""
+    from srdit.runtime import slurm
+    from srdit.study.designs import plan_study
+    from srdit.study.spec import load_study
+
+    if not args.slurm:
+        raise ConfigError("choose where to submit: --slurm")
+    spec = load_study(args.study)
+    plan_study(spec)  # a design error is the user's now, not the job's in the queue
+    job = slurm.slurm_job(
+        spec.name,
+        args.study,
+        args.state,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_node=args.cpus_per_node,
+        partition=args.partition,
+        time=args.time,
+        account=args.account,
+    )
+    if args.dry_run:
+        print(slurm.sbatch_script(job), end="")
+        return 0
+    print(slurm.submit(job))
+    return 0
+
+
+def _slurm_status(name: str, state: str) -> None:
+    """The line of the Slurm job `study submit` recorded for the study, if any: its state and its log."""
+    from srdit.runtime.slurm import job_state, recorded_job
+
+    job_id = recorded_job(state, name)
+    if job_id:
+        log = Path(state) / "slurm" / f"{name}-{job_id}.out"
+        print(f"Slurm job {job_id}: {job_state(job_id)} (log {log})", flush=True)
 
 
 def _repair(args) -> int:
