@@ -171,7 +171,8 @@ PY={q(job.python)}
 RAY={q(str(ray) if ray.is_file() else "ray")}
 STUDY={q(job.study)}
 STATE={q(job.state)}
-export RAY_AUTH_MODE=token  # every Ray process and the driver authenticate with the job's token
+# every Ray process and the driver authenticate with the job's token
+export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH={q(str(job.token_path))}
 export RAY_USAGE_STATS_ENABLED=0
 export PYTHONUNBUFFERED=1
