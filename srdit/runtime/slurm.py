@@ -314,7 +314,10 @@ def recorded_job(state: str | Path, name: str) -> str | None:
 def job_state(job_id: str) -> str:
     """The Slurm state of a job (PENDING, RUNNING, COMPLETED, ...): `squeue` while Slurm holds it, else `sacct`;
     a sentence when neither knows it."""
-    for cmd in (["squeue", "-h", "-j", job_id, "-o", "%T"], ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"]):
+    for cmd in (
+        ["squeue", "-h", "-t", "all", "-j", job_id, "-o", "%T"],
+        ["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"],
+    ):
         if shutil.which(cmd[0]) is None:
             continue
         try:
