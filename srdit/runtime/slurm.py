@@ -116,6 +116,11 @@ def slurm_job(
         raise ConfigError(
             f"--time must be one of sbatch's formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS), got {time!r}"
         )
+    if time is not None and 0 < time_limit_s(time) <= SIGNAL_LEAD_S + 60:
+        raise ConfigError(
+            f"--time must be longer than {(SIGNAL_LEAD_S + 60) // 60} minutes: the job is told to stop "
+            f"{SIGNAL_LEAD_S} s before its limit, got {time!r}"
+        )
     for flag, v in (("--partition", partition), ("--account", account)):
         if v is not None and not _NAME.match(v):
             raise ConfigError(f"{flag} must be a Slurm name (letters, digits, _ . , + -), got {v!r}")
@@ -131,6 +136,22 @@ def slurm_job(
         time=time,
         account=account,
     )
+
+
+def time_limit_s(time: str) -> int:
+    """Seconds of an sbatch `--time` value (minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S); 0 means no limit."""
+    days, _, rest = time.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    h = m = sec = 0
+    if days:
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        (m,) = parts
+    elif len(parts) == 2:
+        m, sec = parts
+    else:
+        h, m, sec = parts
+    return ((int(days or 0) * 24 + h) * 60 + m) * 60 + sec
 
 
 def sbatch_script(job: SlurmJob) -> str:
@@ -218,8 +239,16 @@ time_left() {{  # seconds to the job's time limit (999999: none known)
 forward() {{
   left=$(time_left)
   echo "srdit: $1 received ($left s before the time limit); stopping the study with checkpoints"
-  if [ -z "$driver" ]; then stop_ray; exit 143; fi
+  if [ -z "$driver" ]; then finish 143; fi
   kill -TERM "$driver" 2>/dev/null
+}}
+finish() {{  # stop Ray; requeue when the time limit is near (the next start resumes the study); exit $1
+  stop_ray
+  if [ -n "$left" ] && [ "$left" -le {SIGNAL_LEAD_S + 60} ] && [ "$1" -ne 0 ]; then
+    echo "srdit: the time limit is near; requeueing job $SLURM_JOB_ID, which resumes the study"
+    scontrol requeue "$SLURM_JOB_ID"
+  fi
+  exit "$1"
 }}
 trap 'forward SIGTERM' TERM
 trap 'forward SIGINT' INT
@@ -248,12 +277,12 @@ while True:
     time.sleep(3)
 EOF
 }}
-wait_nodes 1 || {{ stop_ray; exit 1; }}
+wait_nodes 1 || finish 1
 for node in "${{nodes[@]:1}}"; do
   srun --nodes=1 --ntasks=1 -w "$node" "$RAY" start --address="$address" "${{common[@]}}" &
   steps+=($!)
 done
-wait_nodes {job.nodes} || {{ stop_ray; exit 1; }}
+wait_nodes {job.nodes} || finish 1
 echo "srdit: Ray on {job.nodes} node(s) at $address ($cpus CPUs, $gpus GPUs per node)"
 
 "$PY" -m srdit study run "$STUDY" --state "$STATE" --address "$address" &
@@ -264,12 +293,7 @@ while kill -0 "$driver" 2>/dev/null; do  # `wait` returns early when a trap runs
   wait "$driver"
   rc=$?
 done
-stop_ray
-if [ -n "$left" ] && [ "$left" -le {SIGNAL_LEAD_S + 60} ] && [ "$rc" -ne 0 ]; then
-  echo "srdit: the time limit is near; requeueing job $SLURM_JOB_ID, which resumes the study"
-  scontrol requeue "$SLURM_JOB_ID"
-fi
-exit "$rc"
+finish "$rc"
 """
 
 
