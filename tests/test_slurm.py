@@ -32,10 +32,11 @@ STUDY = {
 }
 
 
-def _study_file(folder: Path) -> Path:
+def _study_file(folder: Path, steps: int = 200) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     p = folder / "sl.yaml"
-    p.write_text(yaml.safe_dump(STUDY))
+    study = {**STUDY, "base": {**STUDY["base"], "train": {**STUDY["base"]["train"], "steps": steps}}}
+    p.write_text(yaml.safe_dump(study))
     return p
 
 
@@ -86,6 +87,16 @@ def test_the_port_block_of_a_job_lies_below_the_ephemeral_range_and_is_its_own()
 
 
 @pytest.mark.parametrize(
+    "value, seconds",
+    [("0", 0), ("90", 5400), ("5:30", 330), ("2:00:00", 7200), ("1-2", 93600), ("1-2:30", 95400), ("1-0:0:9", 86409)],
+)
+def test_time_limits_in_every_sbatch_format(value, seconds):
+    from srdit.runtime.slurm import time_limit_s
+
+    assert time_limit_s(value) == seconds
+
+
+@pytest.mark.parametrize(
     "extra, state, message",
     [
         ([], "state", "--state must be an absolute path on storage every node sees"),
@@ -93,6 +104,7 @@ def test_the_port_block_of_a_job_lies_below_the_ephemeral_range_and_is_its_own()
         (["--gpus-per-node", "-1"], None, "--gpus-per-node must be 0 or more, got -1"),
         (["--cpus-per-node", "0"], None, "--cpus-per-node must be at least 1, got 0"),
         (["--time", "two hours"], None, "--time must be one of sbatch's formats"),
+        (["--time", "4:00"], None, "--time must be longer than 4 minutes: the job is told to stop 180 s before"),
         (["--partition", "gpu; rm -rf ~"], None, "--partition must be a Slurm name"),
     ],
 )
@@ -250,9 +262,9 @@ def _srdit(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "srdit", *args], cwd=cwd, env=ENV, capture_output=True, text=True)
 
 
-def _submit(folder: Path) -> str:
+def _submit(folder: Path, *extra: str) -> str:
     r = _srdit("study", "submit", "sl.yaml", "--slurm", "--state", str(folder / "st"), "--cpus-per-node", "2",
-               "--gpus-per-node", "0", "--nodes", "1", cwd=folder)  # fmt: skip
+               "--gpus-per-node", "0", "--nodes", "1", *extra, cwd=folder)  # fmt: skip
     assert r.returncode == 0, r.stderr
     job = r.stdout.strip()
     assert job.isdigit() and r.stdout.count("\n") == 1, r.stdout
@@ -366,3 +378,25 @@ def test_a_slurm_job_stopped_by_sigterm_keeps_checkpoints_and_a_resubmission_end
     for key in want:  # every logged loss and the final evaluation as in the uninterrupted job
         assert got[key]["loss"] == want[key]["loss"], key
         assert got[key]["fd"] == want[key]["fd"], key
+
+
+@pytest.mark.slow
+def test_a_job_reaching_its_time_limit_stops_with_checkpoints_and_requeues_itself(slurm, tmp_path):
+    """--time 5: Slurm's --signal=B:TERM@180 reaches the batch shell about 3 minutes before the limit; the trials
+    stop with a checkpoint and the script requeues the job (its next start is `study run` again: the resume of the
+    test above). The test cancels the requeued job instead of waiting for Slurm's delay before a requeued start."""
+    folder = tmp_path
+    _study_file(folder, steps=100000)  # it cannot finish before the signal
+    job = _submit(folder, "--time", "5")
+    deadline = time.time() + 600
+    while time.time() < deadline and _job(job).get("Restarts") != "1":
+        time.sleep(2)
+    subprocess.run(["scancel", job], check=True, env=ENV)
+    log = _log(folder, job)
+    assert f"srdit: the time limit is near; requeueing job {job}, which resumes the study" in log, log[-4000:]
+    left = int(log.split("srdit: SIGTERM received (")[1].split()[0])
+    assert 0 < left <= 240, log[-4000:]  # --signal=B:TERM@180, which Slurm may send up to 60 s early
+    got = _trials(folder)
+    assert {t["status"] for t in got.values()} == {"interrupted"}, got
+    for t in got.values():
+        assert "interrupted by SIGTERM: checkpoint at step" in t["reason"], t["reason"]
