@@ -133,6 +133,20 @@ def test_without_sbatch_or_without_a_scheduler_it_says_so(tmp_path, capsys, monk
     ]
 
 
+def test_status_names_the_recorded_job_and_says_when_slurm_cannot_be_asked(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    _study_file(tmp_path)
+    (tmp_path / "st" / "slurm").mkdir(parents=True)
+    (tmp_path / "st" / "slurm" / "sl.job").write_text("4242\n")
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert study_main(["status", "sl.yaml", "--state", "st"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "Slurm job 4242: unknown (squeue is not on PATH here) (log st/slurm/sl-4242.out)",
+        "no trial has run yet: the job starts the study",
+    ]
+
+
 # --- a real Slurm ---
 
 DAEMONS = ("munged", "slurmctld", "slurmd")

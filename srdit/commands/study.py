@@ -415,8 +415,12 @@ def _status(args) -> int:
 
     spec = load_study(args.study)
     plan = plan_study(spec)
-    _slurm_status(spec.name, args.state)
-    tracking = StudyState.of(spec, args.state).tracking()
+    job = _slurm_status(spec.name, args.state)
+    where = StudyState.of(spec, args.state)
+    if job and where.find() is None:
+        print("no trial has run yet: the job starts the study")
+        return 0
+    tracking = where.tracking()
     driver = holder(args.state, spec.name)
     marked = (
         []
@@ -504,14 +508,16 @@ def _submit(args) -> int:
     return 0
 
 
-def _slurm_status(name: str, state: str) -> None:
-    """The line of the Slurm job `study submit` recorded for the study, if any: its state and its log."""
+def _slurm_status(name: str, state: str) -> str | None:
+    """Print the line of the Slurm job `study submit` recorded for the study, if any (its state and its log);
+    returns its id."""
     from srdit.runtime.slurm import job_state, recorded_job
 
     job_id = recorded_job(state, name)
     if job_id:
         log = Path(state) / "slurm" / f"{name}-{job_id}.out"
         print(f"Slurm job {job_id}: {job_state(job_id)} (log {log})", flush=True)
+    return job_id
 
 
 def _repair(args) -> int:
