@@ -257,8 +257,11 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
             pytest.fail(f"the Slurm node never became idle: {(d / 'log' / 'daemons.out').read_text()[-2000:]}")
         yield d
     finally:
+        jobs = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i"], capture_output=True, text=True, env=ENV)
         subprocess.run(["scancel", "--user", "root"], capture_output=True, env=ENV)
         time.sleep(1)
+        for job in jobs.stdout.split():  # the Ray temp folders of this cluster's jobs
+            shutil.rmtree(f"/tmp/srdit-ray-{job}", ignore_errors=True)
         for p in reversed(procs):  # slurmd, slurmctld, munged: the processes this fixture started
             p.terminate()
             try:
