@@ -417,3 +417,15 @@ def test_a_job_reaching_its_time_limit_stops_with_checkpoints_and_requeues_itsel
     assert {t["status"] for t in got.values()} == {"interrupted"}, got
     for t in got.values():
         assert "interrupted by SIGTERM: checkpoint at step" in t["reason"], t["reason"]
+
+
+@pytest.mark.slow
+def test_a_job_sbatch_refuses_is_one_line_and_exit_2(slurm, tmp_path):
+    _study_file(tmp_path)
+    r = _srdit("study", "submit", "sl.yaml", "--slurm", "--state", str(tmp_path / "st"), "--partition", "nosuch",
+               cwd=tmp_path)  # fmt: skip
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert lines[0].startswith("srdit study submit: error: sbatch refused the job (") and "nosuch" not in r.stdout
+    assert "invalid partition" in lines[0].lower(), lines[0]
+    assert not (tmp_path / "st" / "slurm" / "sl.job").exists()
