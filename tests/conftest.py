@@ -27,6 +27,7 @@ def ray_local():
 
 LONGEST_FIRST = (
     "test_study_ray.py",
+    "test_slurm.py",
     "test_imagenet_eval.py",
     "test_cluster_rehearsal.py",
     "test_data_parallel.py",

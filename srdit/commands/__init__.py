@@ -60,7 +60,7 @@ COMMANDS: dict[str, Command] = {
         "techniques_parser",
         "list the techniques (built-ins and plugins): diff, knobs, paper, code",
     ),
-    "study": Command("study", "main", "study_parser", "plan | run | resume | status | bench a study YAML"),
+    "study": Command("study", "main", "study_parser", "plan | run | resume | status | bench | submit a study YAML"),
     "analyze": Command("analyze", "main", "build_parser", "effects and synergy from a CSV"),
     "report": Command("report", "main", "report_parser", "render a study's dashboard"),
     "ui": Command("ui", "main", "ui_parser", "start the MLflow UI on the embedded store"),

@@ -13,6 +13,9 @@
     srdit study status STUDY.yaml [--state DIR]       each trial's status, counts, the driver, what a rerun will do
     srdit study export STUDY.yaml [--csv PATH]        one row per trial from MLflow, for `srdit analyze`
     srdit study bench STUDY.yaml [--state DIR]        time one training step of every cell, interleaved
+    srdit study submit STUDY.yaml --slurm --state DIR  a Slurm batch job: Ray on N nodes, then `study run` on them
+                      [--nodes N] [--gpus-per-node G]  (srdit.runtime.slurm); prints the job id, or the script
+                      [--cpus-per-node C] [--partition P] [--time T] [--account A] [--dry-run]
     srdit study submit STUDY.yaml --kuberay           a KubeRay RayJob running `study run` on Kubernetes
                       --image IMG [--workers N ...]   (srdit.runtime.kuberay); printed, --out FILE or --apply
 
@@ -132,29 +135,45 @@ def study_parser() -> argparse.ArgumentParser:
     )
     rp.add_argument("study", help="the study YAML")
     rp.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
-    sm = sub.add_parser("submit", help="run the study on a cluster's scheduler (Kubernetes: a KubeRay RayJob)")
-    sm.add_argument("study", help="the study YAML (its path relative to the folder copied to the shared volume)")
+    sm = sub.add_parser(
+        "submit", help="run the study as a cluster job: a Slurm batch job (--slurm) or a KubeRay RayJob (--kuberay)"
+    )
+    sm.add_argument("study", help="the study YAML (--kuberay: its path relative to the folder copied to the volume)")
     sm.add_argument(
-        "--state", default=DEFAULT_STATE, help="state folder, on the shared volume (relative: under --mount)"
+        "--state",
+        default=DEFAULT_STATE,
+        help="state folder on shared storage (--slurm: an absolute path; --kuberay: on the volume, relative: "
+        "under --mount)",
     )
     where = sm.add_mutually_exclusive_group(required=True)
-    where.add_argument("--slurm", action="store_true", help="a Slurm batch job")
+    where.add_argument(
+        "--slurm", action="store_true", help="submit with sbatch: Ray on the job's nodes, then the study"
+    )
     where.add_argument("--kuberay", action="store_true", help="a KubeRay RayJob manifest (srdit.runtime.kuberay)")
-    sm.add_argument("--image", default=None, metavar="IMG", help="container image with srdit installed (--kuberay)")
-    sm.add_argument("--workers", type=int, default=1, metavar="N", help="Ray worker pods")
-    sm.add_argument("--gpus-per-worker", type=int, default=1, metavar="G", help="nvidia.com/gpu per worker pod")
-    sm.add_argument("--cpus-per-worker", type=int, default=8, metavar="C", help="CPUs per worker pod")
-    sm.add_argument("--memory", default="32Gi", metavar="M", help="memory per worker pod (a Kubernetes quantity)")
-    sm.add_argument("--volume-claim", default="srdit-shared", metavar="PVC", help="the shared volume's claim")
-    sm.add_argument("--mount", default="/shared", metavar="PATH", help="where every pod mounts the shared volume")
+    sm.add_argument("--dry-run", action="store_true", help="Slurm: print the job's script; submit nothing")
+    sm.add_argument("--nodes", type=int, default=1, help="Slurm: nodes of the job (default 1)")
+    sm.add_argument("--gpus-per-node", type=int, default=0, help="Slurm: GPUs per node (default 0)")
+    sm.add_argument("--cpus-per-node", type=int, default=None, help="Slurm: CPUs per node (default: Slurm's)")
+    for flag in ("--partition", "--time", "--account"):
+        sm.add_argument(flag, default=None, help=f"Slurm: sbatch {flag}")
+    sm.add_argument("--image", default=None, metavar="IMG", help="KubeRay: container image with srdit installed")
+    sm.add_argument("--workers", type=int, default=1, metavar="N", help="KubeRay: Ray worker pods")
+    sm.add_argument("--gpus-per-worker", type=int, default=1, metavar="G", help="KubeRay: nvidia.com/gpu per worker")
+    sm.add_argument("--cpus-per-worker", type=int, default=8, metavar="C", help="KubeRay: CPUs per worker pod")
+    sm.add_argument("--memory", default="32Gi", metavar="M", help="KubeRay: memory per worker pod (a quantity)")
+    sm.add_argument("--volume-claim", default="srdit-shared", metavar="PVC", help="KubeRay: the shared volume's claim")
+    sm.add_argument("--mount", default="/shared", metavar="PATH", help="KubeRay: where every pod mounts the volume")
     sm.add_argument(
-        "--token-secret", default="ray-auth-token", metavar="NAME", help="Secret of the Ray token (key auth_token)"
+        "--token-secret",
+        default="ray-auth-token",
+        metavar="NAME",
+        help="KubeRay: Secret of the Ray token (key auth_token)",
     )
     sm.add_argument(
-        "--namespace", default=None, metavar="NS", help="Kubernetes namespace (default: kubectl's current one)"
+        "--namespace", default=None, metavar="NS", help="KubeRay: namespace (default: kubectl's current one)"
     )
-    sm.add_argument("--apply", action="store_true", help="apply the manifest with `kubectl apply -f -`")
-    sm.add_argument("--out", default=None, metavar="FILE", help="write the manifest to FILE (default: print it)")
+    sm.add_argument("--apply", action="store_true", help="KubeRay: apply the manifest with `kubectl apply -f -`")
+    sm.add_argument("--out", default=None, metavar="FILE", help="KubeRay: write the manifest to FILE (default: print)")
     b = sub.add_parser("bench", help="time one training step of every cell, interleaved in one process")
     b.add_argument("study", help="the study YAML")
     b.add_argument("--state", default=DEFAULT_STATE, help="state folder (MLflow store, trial folders)")
@@ -431,7 +450,12 @@ def _status(args) -> int:
 
     spec = load_study(args.study)
     plan = plan_study(spec)
-    tracking = StudyState.of(spec, args.state).tracking()
+    job = _slurm_status(spec.name, args.state)
+    where = StudyState.of(spec, args.state)
+    if job and where.find() is None:
+        print("no trial has run yet: the job starts the study")
+        return 0
+    tracking = where.tracking()
     driver = holder(args.state, spec.name)
     marked = (
         []
@@ -490,6 +514,50 @@ def _status(args) -> int:
     return 0
 
 
+def _submit(args) -> int:
+    """`srdit study submit --slurm | --kuberay`."""
+    return _submit_slurm(args) if args.slurm else _submit_kuberay(args)
+
+
+def _submit_slurm(args) -> int:
+    """`srdit study submit --slurm`: the study's sbatch script (srdit.runtime.slurm), printed (--dry-run) or
+    submitted (the job id printed, one line)."""
+    from srdit.runtime import slurm
+    from srdit.study.designs import plan_study
+    from srdit.study.spec import load_study
+
+    spec = load_study(args.study)
+    plan_study(spec)  # a design error is the user's now, not the job's in the queue
+    job = slurm.slurm_job(
+        spec.name,
+        args.study,
+        args.state,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpus_per_node=args.cpus_per_node,
+        partition=args.partition,
+        time=args.time,
+        account=args.account,
+    )
+    if args.dry_run:
+        print(slurm.sbatch_script(job), end="")
+        return 0
+    print(slurm.submit(job))
+    return 0
+
+
+def _slurm_status(name: str, state: str) -> str | None:
+    """Print the line of the Slurm job `study submit` recorded for the study, if any (its state and its log);
+    returns its id."""
+    from srdit.runtime.slurm import job_state, recorded_job
+
+    job_id = recorded_job(state, name)
+    if job_id:
+        log = Path(state) / "slurm" / f"{name}-{job_id}.out"
+        print(f"Slurm job {job_id}: {job_state(job_id)} (log {log})", flush=True)
+    return job_id
+
+
 def _repair(args) -> int:
     """`srdit study repair`: the study's MLflow records rebuilt from its trial folders (`srdit.runtime.repair`);
     refused while a driver runs the study."""
@@ -514,7 +582,7 @@ def _repair(args) -> int:
     return 0
 
 
-def _submit(args) -> int:
+def _submit_kuberay(args) -> int:
     """`srdit study submit --kuberay`: the study's RayJob manifest (srdit.runtime.kuberay), printed, written to
     --out, or applied with kubectl (--apply)."""
     import subprocess
@@ -524,8 +592,6 @@ def _submit(args) -> int:
     from srdit.study.spec import load_study
 
     prog = "srdit study submit"
-    if not args.kuberay:
-        return fail(prog, "--slurm is not available in this version; use --kuberay")
     spec = load_study(args.study)
     cwd = Path.cwd()
     state = kuberay.pod_path(args.state, args.mount, cwd, "--state")
