@@ -145,11 +145,12 @@ def _wait_training(folder: Path, n: int) -> list[str]:
     raise AssertionError("the trials did not start training")
 
 
-def _trials(folder: Path) -> dict:
+def _trials(folder: Path, study: str = "sg") -> dict:
+    """Trial key -> status, reason, loss curve and final fd of the study's child runs (store `folder/st`)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{folder / 'st' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("sg")
+    exp = client.get_experiment_by_name(study)
     out = {}
     for r in client.search_runs([exp.experiment_id], "tags.`srdit.role` = 'trial'"):
         curve = {(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss")}

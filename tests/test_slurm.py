@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_signals import _trials
 
 from srdit.commands.study import main as study_main
 
@@ -306,23 +307,6 @@ def _log(folder: Path, job: str) -> str:
     return (folder / "st" / "slurm" / f"sl-{job}.out").read_text()
 
 
-def _trials(folder: Path) -> dict:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{folder / 'st' / 'mlflow.db'}")
-    exp = client.get_experiment_by_name("sl")
-    out = {}
-    for r in client.search_runs([exp.experiment_id], "tags.`srdit.role` = 'trial'"):
-        curve = {(m.step, m.value) for m in client.get_metric_history(r.info.run_id, "loss")}
-        out[r.data.tags["trial_key"]] = {
-            "status": r.data.tags["status"],
-            "reason": r.data.tags.get("status_reason", ""),
-            "loss": sorted(curve),
-            "fd": r.data.metrics.get("fd"),
-        }
-    return out
-
-
 @pytest.fixture(scope="module")
 def whole(slurm, tmp_path_factory) -> dict:
     """The study submitted and run to the end in one job."""
@@ -332,7 +316,7 @@ def whole(slurm, tmp_path_factory) -> dict:
     info = _wait_job(job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), _log(folder, job)[-4000:]
     status = _srdit("study", "status", "sl.yaml", "--state", str(folder / "st"), cwd=folder).stdout
-    return {"folder": folder, "job": job, "trials": _trials(folder), "status": status}
+    return {"folder": folder, "job": job, "trials": _trials(folder, "sl"), "status": status}
 
 
 @pytest.mark.slow
@@ -372,7 +356,7 @@ def test_a_slurm_job_stopped_by_sigterm_keeps_checkpoints_and_a_resubmission_end
         f"`srdit study run {folder / 'sl.yaml'} --state {folder / 'st'}` resumes the study"
     ) in log
     assert "requeueing" not in log  # not at a time limit: the job ends, the user resubmits
-    got = _trials(folder)
+    got = _trials(folder, "sl")
     assert {t["status"] for t in got.values()} == {"interrupted"}, got
     import torch
 
@@ -386,7 +370,7 @@ def test_a_slurm_job_stopped_by_sigterm_keeps_checkpoints_and_a_resubmission_end
     again = _submit(folder)
     info = _wait_job(again)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), _log(folder, again)[-4000:]
-    got, want = _trials(folder), whole["trials"]
+    got, want = _trials(folder, "sl"), whole["trials"]
     assert {t["status"] for t in got.values()} == {"finished"}
     assert got.keys() == want.keys()
     for key in want:  # every logged loss and the final evaluation as in the uninterrupted job
@@ -410,7 +394,7 @@ def test_a_job_reaching_its_time_limit_stops_with_checkpoints_and_requeues_itsel
     assert f"srdit: the time limit is near; requeueing job {job}, which resumes the study" in log, log[-4000:]
     left = int(log.split("srdit: SIGTERM received (")[1].split()[0])
     assert 0 < left <= 240, log[-4000:]  # --signal=B:TERM@180, which Slurm may send up to 60 s early
-    got = _trials(folder)
+    got = _trials(folder, "sl")
     assert {t["status"] for t in got.values()} == {"interrupted"}, got
     for t in got.values():
         assert "interrupted by SIGTERM: checkpoint at step" in t["reason"], t["reason"]
