@@ -62,6 +62,8 @@ def test_cluster_rehearsal(stand_ins, tmp_path):  # noqa: F811
             client, deadline = None, time.time() + 600
             while time.time() < deadline and not removed.is_set():
                 time.sleep(0.2)
+                if not (state / "mlflow.db").exists():  # opening a missing store would build one in place
+                    continue
                 try:
                     client = client or MlflowClient(uri)
                     exp = client.get_experiment_by_name("rehearsal")

@@ -14,10 +14,13 @@ from __future__ import annotations
 import functools
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
 from srdit.config import ConfigError
+
+_BUILDING = threading.Lock()
 
 
 class StoreDamaged(ConfigError):
@@ -43,18 +46,24 @@ def ensure_store(uri: str) -> None:
         pid = stray.name.rsplit("-", 1)[-1]
         if not pid.isdigit() or not _alive(int(pid)):
             stray.unlink(missing_ok=True)
-    tmp = db.parent / f".{db.name}.building-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    store = SqlAlchemyStore(f"sqlite:///{tmp}", db.parent.as_uri())  # every table and migration, then close
-    store.engine.dispose()
-    try:
-        os.link(tmp, db)
-    except FileExistsError:  # another process linked its store in first: use that one
-        pass
-    finally:
+    # One build at a time in a process: alembic's migration context is process-global, so two threads migrating
+    # two stores at once would run each other's migrations (other code that opens a missing store builds it in
+    # place through alembic too: open a store only once it exists).
+    with _BUILDING:
+        if db.exists():
+            return
+        tmp = db.parent / f".{db.name}.building-{os.getpid()}"
         tmp.unlink(missing_ok=True)
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", db.parent.as_uri())  # every table and migration, then close
+        store.engine.dispose()
+        try:
+            os.link(tmp, db)
+        except FileExistsError:  # another process linked its store in first: use that one
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
 
 
 def _alive(pid: int) -> bool:
