@@ -130,6 +130,18 @@ def on_signals(on_first=None) -> Iterator[None]:
             signal.signal(sig, h)
 
 
+def install_in_worker() -> None:
+    """Ray's `worker_process_setup_hook` for a study's workers (in each worker's main thread, at its start):
+    SIGINT and SIGHUP to the worker process ask the trial it runs to stop (`request`): the trial writes a
+    checkpoint at its current step and ends `interrupted`. SIGTERM is Ray's: `srdit.runtime.worker.trial_stop`
+    hooks the exit it starts. A signal the worker inherited as ignored (nohup's SIGHUP) stays ignored."""
+    for name in ("SIGINT", "SIGHUP"):
+        sig = getattr(signal, name)
+        if signal.getsignal(sig) is signal.SIG_IGN:
+            continue
+        signal.signal(sig, lambda signum, frame, name=name: request(name))
+
+
 def exit_code(why: str | None) -> int:
     """The shell's exit status of a process ended by the signal `why` (128 + its number; 130 otherwise)."""
     sig = getattr(signal, why, None) if why else None
@@ -142,6 +154,7 @@ __all__ = [
     "SIGNALS",
     "exit_code",
     "grace_s",
+    "install_in_worker",
     "on_signals",
     "request",
     "requested",

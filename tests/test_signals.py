@@ -193,11 +193,9 @@ def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_e
         text=True,
     ).stdout
     assert "will run 2 trial(s): 2 interrupted" in status
-    if sig != signal.SIGTERM:  # the driver handles the three alike; the rest once
-        return
 
-    # the rerun; SIGTERM to one trial's worker process (Slurm signals every process of a job step): that trial
-    # saves its step and Ray Tune starts it again, from there
+    # the rerun; the same signal to one trial's worker process (Slurm signals every process of a job step; a
+    # terminal's Ctrl-C or hangup its process group): that trial saves the step it is on and records it
     p = _run(folder)
     running = folder / "st" / "trials" / "sg" / ".running"
     deadline = time.time() + 400
@@ -209,12 +207,22 @@ def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_e
     size = log.stat().st_size
     while time.time() < deadline and log.stat().st_size == size:  # it trains again (resumed, past a report)
         time.sleep(0.1)
-    os.kill(victim, signal.SIGTERM)
+    os.kill(victim, sig)
     out, err = p.communicate(timeout=900)
-    assert p.returncode == 0, out[-3000:] + err[-3000:]
-    # the worker saved its step and recorded the interruption before it exited (Tune never hears its report)
     journal = (folder / "st" / "trials" / "sg" / key / "mlflow_run.jsonl").read_text()
-    assert journal.count("interrupted by SIGTERM: checkpoint at step") == 2, (victim, key, out[-4000:])
+    says = f"interrupted by {sig.name}: checkpoint at step"
+    if sig == signal.SIGTERM:
+        # Ray ends a worker on SIGTERM: the trial saved its step and recorded it first, then Tune retried it
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
+        assert journal.count(says) == 2, (victim, key, out[-4000:])  # the driver's, then the worker's
+    else:
+        # the worker lives on: its trial ended interrupted, the study ran the rest; a rerun finishes it
+        assert p.returncode == 1, out[-3000:] + err[-3000:]
+        assert journal.count(says) == 2 and f"  {key}: {says}" in out, (victim, key, out[-4000:])
+        assert "1 trial(s) unfinished" in out
+        p = _run(folder)
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, out[-3000:] + err[-3000:]
     got = _trials(folder)
     assert {t["status"] for t in got.values()} == {"finished"}
     whole = tmp_path / "whole"  # the same study, uninterrupted

@@ -98,7 +98,13 @@ def _ray_started(num_cpus: int | None, echo: Callable[[str], None], address: str
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {"include_dashboard": False, "logging_level": "WARNING", "log_to_driver": True}
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "logging_level": "WARNING",
+        "log_to_driver": True,
+        # SIGINT / SIGHUP to a trial's worker process stop that trial with a checkpoint at its current step
+        "runtime_env": {"worker_process_setup_hook": "srdit.stop.install_in_worker"},
+    }
     if address:
         echo(f"Ray: the cluster at {address} (RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')})")
         ray.init(address=address, **kwargs)
