@@ -134,10 +134,12 @@ def install_in_worker() -> None:
     """Ray's `worker_process_setup_hook` for a study's workers (in each worker's main thread, at its start):
     SIGINT and SIGHUP to the worker process ask the trial it runs to stop (`request`): the trial writes a
     checkpoint at its current step and ends `interrupted`. SIGTERM is Ray's: `srdit.runtime.worker.trial_stop`
-    hooks the exit it starts. A signal the worker inherited as ignored (nohup's SIGHUP) stays ignored."""
+    hooks the exit it starts. Ray starts its workers with SIGINT ignored (a terminal's Ctrl-C is the driver's); a
+    stop request is what Ctrl-C means to the driver too, so SIGINT is taken. SIGHUP inherited as ignored (nohup)
+    stays ignored."""
     for name in ("SIGINT", "SIGHUP"):
         sig = getattr(signal, name)
-        if signal.getsignal(sig) is signal.SIG_IGN:
+        if name == "SIGHUP" and signal.getsignal(sig) is signal.SIG_IGN:
             continue
         signal.signal(sig, lambda signum, frame, name=name: request(name))
 
