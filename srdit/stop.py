@@ -132,16 +132,12 @@ def on_signals(on_first=None) -> Iterator[None]:
 
 def install_in_worker() -> None:
     """Ray's `worker_process_setup_hook` for a study's workers (in each worker's main thread, at its start):
-    SIGINT and SIGHUP to the worker process ask the trial it runs to stop (`request`): the trial writes a
-    checkpoint at its current step and ends `interrupted`. SIGTERM is Ray's: `srdit.runtime.worker.trial_stop`
-    hooks the exit it starts. Ray starts its workers with SIGINT ignored (a terminal's Ctrl-C is the driver's); a
-    stop request is what Ctrl-C means to the driver too, so SIGINT is taken. SIGHUP inherited as ignored (nohup)
-    stays ignored."""
-    for name in ("SIGINT", "SIGHUP"):
-        sig = getattr(signal, name)
-        if name == "SIGHUP" and signal.getsignal(sig) is signal.SIG_IGN:
-            continue
-        signal.signal(sig, lambda signum, frame, name=name: request(name))
+    SIGHUP to the worker process asks the trial it runs to stop (`request`): the trial writes a checkpoint at
+    its current step and ends `interrupted`. SIGHUP inherited as ignored (nohup) stays ignored. SIGTERM is Ray's
+    exit (`srdit.runtime.worker.trial_stop` hooks it); SIGINT is Ray's task cancellation (`ray.cancel`) and is
+    left to Ray."""
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, lambda signum, frame: request("SIGHUP"))
 
 
 def exit_code(why: str | None) -> int:
