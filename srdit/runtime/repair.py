@@ -23,7 +23,15 @@ from pathlib import Path
 
 from srdit.runtime.state import StudyState
 from srdit.runtime.store import set_aside, sqlite_path, store_problem
-from srdit.runtime.tracking import KEY_TAG, PARENT_TAG, RUN_JOURNAL, StudyTracking, retry
+from srdit.runtime.tracking import (
+    _BATCH_ENTITIES,
+    KEY_TAG,
+    PARENT_TAG,
+    RUN_JOURNAL,
+    StudyTracking,
+    _chunks,
+    retry,
+)
 
 
 @dataclass
@@ -132,13 +140,13 @@ def _replay(records: list[dict], tracking: StudyTracking, key: str) -> tuple[str
 
 
 def _batch(client, run_id: str, metrics=(), params=(), tags=()) -> None:
-    metrics, params, tags = list(metrics), list(params), list(tags)
-    for i in range(0, len(metrics), 1000):
-        retry(client.log_batch, run_id, metrics=metrics[i : i + 1000])
-    for i in range(0, len(params), 100):
-        retry(client.log_batch, run_id, params=params[i : i + 100])
-    for i in range(0, len(tags), 100):
-        retry(client.log_batch, run_id, tags=tags[i : i + 100])
+    """`log_batch` within MLflow's limits per request (the chunks `ChildRun` logs in)."""
+    for chunk in _chunks(list(metrics), 1000):
+        retry(client.log_batch, run_id, metrics=chunk)
+    for chunk in _chunks(list(params), _BATCH_ENTITIES):
+        retry(client.log_batch, run_id, params=chunk)
+    for chunk in _chunks(list(tags), _BATCH_ENTITIES):
+        retry(client.log_batch, run_id, tags=chunk)
 
 
 def _relink(tracking: StudyTracking, ids: dict[str, str]) -> None:
