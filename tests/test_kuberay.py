@@ -306,7 +306,9 @@ def test_no_image_no_mode_and_slurm_are_one_line(capsys):
         (["submit", STUDY, "--kuberay"], "--image"),
         (["submit", STUDY, "--image", "s:1"], "--slurm --kuberay"),
         (["submit", STUDY, "--kuberay", "--slurm", "--image", "s:1"], "not allowed with"),
-        (["submit", STUDY, "--slurm", "--image", "s:1"], "--state"),  # Slurm's: a relative state folder
+        (["submit", STUDY, "--slurm"], "--state"),  # Slurm's: a relative state folder
+        (["submit", STUDY, "--slurm", "--image", "s:1"], "--image is an option of --kuberay"),
+        (["submit", STUDY, "--kuberay", "--image", "s:1", "--nodes", "2"], "--nodes is an option of --slurm"),
         (["submit", "studies/no_such_study.yaml", "--kuberay", "--image", "s:1"], "no_such_study.yaml"),
     ):
         rc, out, err = submit(capsys, *argv)

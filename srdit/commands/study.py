@@ -514,8 +514,21 @@ def _status(args) -> int:
     return 0
 
 
+SLURM_ONLY = ("dry_run", "nodes", "gpus_per_node", "cpus_per_node", "partition", "time", "account")
+KUBERAY_ONLY = (
+    "image", "workers", "gpus_per_worker", "cpus_per_worker", "memory", "volume_claim", "mount", "token_secret",
+    "namespace", "apply", "out",
+)  # fmt: skip
+
+
 def _submit(args) -> int:
-    """`srdit study submit --slurm | --kuberay`."""
+    """`srdit study submit --slurm | --kuberay`; an option of the other mode is refused, never ignored."""
+    other = KUBERAY_ONLY if args.slurm else SLURM_ONLY
+    defaults = study_parser().parse_args(["submit", "x", "--slurm"])
+    given = [k for k in other if getattr(args, k) != getattr(defaults, k)]
+    if given:
+        flag = "--" + given[0].replace("_", "-")
+        raise ConfigError(f"{flag} is an option of {'--kuberay' if args.slurm else '--slurm'}, not of this mode")
     return _submit_slurm(args) if args.slurm else _submit_kuberay(args)
 
 
