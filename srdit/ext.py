@@ -28,6 +28,14 @@ rank's share of the global batch):
   [B, T, D] after block i (i blocks run). Training only. Inside SPRINT's sparse middle, T is the kept tokens K.
 - `loss(ctx: LossContext) -> {term: scalar tensor}`: unweighted loss terms, each declared in `terms`; the trainer
   adds `weight * term` to the total loss and logs `loss/<term>` like the built-in terms.
+- `tokens(cfg, knobs) -> int` and `embed_tokens(module, c) -> [B, n, D]` (together, with `build`): n extra tokens
+  (register or prefix tokens, e.g. registers, Darcet et al. 2023, arXiv:2309.16588) that join the sequence after the
+  patch embedding, in training and sampling; `c` [B, D] is the block conditioning (time + label embedding). The
+  model handles their layout once: they sit after the REG class token (when on) and before the patch tokens, carry
+  no position (no sin-cos embedding; RoPE's identity rotation), are never dropped by SPRINT's router (they join
+  every sample's kept tokens; the route noise keeps its shape, so the other tokens are routed as without them),
+  are left out of REPA's alignment, and are dropped before the output head. Taps include them (at positions
+  [r, r + n), r = 1 with REG, else 0; several token plugins follow each other in name order).
 
 Layering: this module is in the config layer (no torch at import); `srdit.config` holds the knob schema of the
 loaded plugins (`EXTENSIONS`) and `srdit.techniques` turns a plugin into a `Technique`.
@@ -60,6 +68,8 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "build": ("cfg", "knobs"),
     "taps": ("cfg", "knobs"),
     "loss": ("ctx",),
+    "tokens": ("cfg", "knobs"),
+    "embed_tokens": ("module", "c"),
 }
 "Hook name -> its positional parameters (see the module docstring for what each receives and returns)."
 
@@ -215,6 +225,11 @@ def check_plugin(p: Any) -> Plugin:
             raise ConfigError(f"plugin {p.name}: loss term {term!r} clashes with a built-in term; rename it")
         if knob not in p.knobs:
             raise ConfigError(f"plugin {p.name}: loss term {term} is weighed by unknown knob {knob!r}")
+    if ("tokens" in p.hooks) != ("embed_tokens" in p.hooks) or ("tokens" in p.hooks and "build" not in p.hooks):
+        raise ConfigError(
+            f"plugin {p.name}: extra tokens need three hooks: tokens (how many), embed_tokens (their values) and "
+            f"build (the module that holds them)"
+        )
     if p.terms and "loss" not in p.hooks:
         raise ConfigError(f"plugin {p.name}: declares loss terms but no loss hook")
     from_dict(knob_class(p), p.defaults(), f"plugin {p.name}: knob")  # the defaults obey their own rules

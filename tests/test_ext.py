@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -29,7 +30,13 @@ from srdit.runtime.reuse import content_keys
 from srdit.techniques import load_plugins, with_techniques
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLE = ROOT / "examples" / "plugins" / "dispersive"
+EXAMPLES = ROOT / "examples" / "plugins"
+EXAMPLE = EXAMPLES / "dispersive"
+PLUGIN_FILES = {
+    "dispersive": EXAMPLES / "dispersive" / "dispersive.py",
+    "registers": EXAMPLES / "registers" / "registers.py",
+}
+"The example plugins (outside the package), each a loss term or extra tokens: every example-wide test takes both."
 TINY = {
     "train.steps": 6,
     "train.log_every": 1,
@@ -64,7 +71,7 @@ def clean_registry():
     sys.path[:] = path
     for name in set(sys.modules) - modules:  # the plugins' own modules (library imports stay)
         file = str(getattr(sys.modules[name], "__file__", "") or "")
-        if file.startswith((str(EXAMPLE), str(tmp_path_root()))):
+        if file.startswith((str(EXAMPLES), str(tmp_path_root()))):
             del sys.modules[name]
 
 
@@ -112,6 +119,10 @@ toy = Plugin("toy", "nowhere 2025", knobs={"w": Knob(0.5, range=(0, 1)), "depth"
         (GOOD.replace("range=(0, 1)", "range=(0, 0.1)"), r"^plugins\[0\]: plugin toy: knob\.w: 0\.5 is not allowed"),
         ("x = 1\n", r"^plugins\[0\]: .*bad\.py: defines no srdit\.ext\.Plugin"),
         (GOOD.replace('"toy"', '"Toy"'), r"^plugins\[0\]: plugin 'Toy': the name must be lower-case"),
+        (
+            GOOD.replace('hooks={"taps": taps}', 'hooks={"taps": taps, "tokens": taps}'),
+            r"^plugins\[0\]: plugin toy: extra tokens need three hooks: tokens \(how many\), embed_tokens",
+        ),
     ],
 )
 def test_a_bad_plugin_is_one_line(tmp_path, source, match):
@@ -253,12 +264,13 @@ def _cfg(techniques, **extra) -> RunConfig:
     return apply_diff(with_techniques(RunConfig(), techniques), {**TINY, **extra})
 
 
-def test_off_cells_train_bit_identically_with_the_plugin_listed(tmp_path):
+@pytest.mark.parametrize("example", sorted(PLUGIN_FILES))
+def test_off_cells_train_bit_identically_with_the_plugin_listed(tmp_path, example):
     from srdit.train import load_checkpoint, train
 
     plain = _cfg(["repa", "sprint"])
     train(plain, tmp_path / "plain", progress=False)
-    load_plugins([str(EXAMPLE / "dispersive.py")])
+    load_plugins([str(PLUGIN_FILES[example])])
     listed = _cfg(["repa", "sprint"])
     assert to_dict(listed) == to_dict(plain) and content_keys(to_dict(listed)) == content_keys(to_dict(plain))
     train(listed, tmp_path / "listed", progress=False)
@@ -344,6 +356,88 @@ def taps(cfg, knobs):""",
     ckpt = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
     assert ckpt["model"]["ext.toy.scale"].item() != 2.0  # optimised
     assert ckpt["ema"]["ext.toy.scale"].item() != ckpt["model"]["ext.toy.scale"].item()  # EMA'd separately
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# extra tokens: the register-token example
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _registers_model(techniques, n=3):
+    from srdit.model import build_model
+
+    load_plugins([str(PLUGIN_FILES["registers"])])
+    cfg = _cfg(["registers", *techniques], **{"ext.registers.n": n})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, cfg.ext)
+    with torch.no_grad():  # leave adaLN-Zero's identity blocks, so that the tokens interact
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return cfg, model
+
+
+def _inputs(cfg, b=4, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    m = cfg.model
+    x = torch.randn(b, m.in_channels, m.input_size, m.input_size, generator=g)
+    cls = torch.randn(b, m.reg.dim, generator=g) if m.reg.enabled else None
+    return x, torch.rand(b, generator=g), torch.randint(0, m.num_classes, (b,), generator=g), cls
+
+
+@pytest.mark.parametrize("techniques", [[], ["rope"], ["reg", "rope", "sprint", "repa"]], ids="+".join)
+def test_register_tokens_carry_no_position_and_are_never_routed(techniques):
+    """Swapping two registers' values leaves the output unchanged (in training with SPRINT's routing as well): a
+    register that got a position (sin-cos, RoPE) or that SPRINT dropped for some sample would change it. REPA
+    aligns the patch (and REG) tokens only, and the output head sees the patches only."""
+    cfg, model = _registers_model(techniques)
+    x, t, y, cls = _inputs(cfg)
+    route = torch.rand(4, model.routed_tokens) if model.routed_tokens else None
+    assert model.routed_tokens == (model.grid**2 + model.reg_prefix if model.sprint is not None else 0)
+    regs = model.ext["registers"].tokens
+    for train_mode in (True, False):
+        model.train(train_mode)
+        with torch.no_grad():
+            out, aux = model(x, t, y, cls, route_noise=route)
+            regs.copy_(regs[:, [1, 0, 2]])
+            swapped, aux2 = model(x, t, y, cls, route_noise=route)
+            regs.copy_(regs[:, [1, 0, 2]])
+            perturbed = regs.clone()
+            regs.add_(torch.randn(regs.shape, generator=torch.Generator().manual_seed(2)))
+            moved, _ = model(x, t, y, cls, route_noise=route)
+            regs.copy_(perturbed)
+        torch.testing.assert_close(swapped, out, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(moved, out, atol=1e-4)  # the registers do take part
+        if train_mode and "repa" in techniques:
+            assert aux["repa"].shape[1] == model.grid**2 + model.reg_prefix
+            torch.testing.assert_close(aux2["repa"], aux["repa"], rtol=1e-5, atol=1e-6)
+
+
+def test_sprint_routes_the_other_tokens_as_without_registers():
+    """With the same route noise, the patch (and REG) tokens SPRINT keeps are the ones it keeps without registers;
+    the registers join every sample's kept set."""
+    cfg, model = _registers_model(["reg", "sprint"])
+    route = torch.rand(4, model.routed_tokens)
+    keep = model.sprint.select(4, model.routed_tokens, route.device, route)
+    full = model._keep_extras(keep)
+    r, n = model.reg_prefix, model.extra
+    assert full.shape == (4, keep.shape[1] + n)
+    for row, kept in zip(full.tolist(), keep.tolist()):
+        assert set(range(r, r + n)) <= set(row)
+        assert [i if i < r else i - n for i in row if not r <= i < r + n] == kept
+
+
+def test_registers_train_and_their_tokens_are_learned(tmp_path):
+    from srdit.train import JsonlReporter, load_checkpoint, train
+
+    load_plugins([str(PLUGIN_FILES["registers"])])
+    cfg = _cfg(["registers", "repa", "sprint"], **{"train.steps": 12})
+    res = train(cfg, tmp_path / "run", JsonlReporter(tmp_path / "run/metrics.jsonl"), progress=False)
+    assert res.status == "finished"
+    ckpt = load_checkpoint(tmp_path / "run/checkpoints/last.pt")
+    tokens = ckpt["model"]["ext.registers.tokens"]
+    assert tokens.shape == (1, 4, 64) and tokens.abs().max() > 1e-4  # moved from N(0, 1e-6)
+    rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").open()]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -481,54 +575,45 @@ def _study(folder: Path, name: str, techniques: list[str], plugins: list[str] | 
 
 
 @pytest.mark.slow
-def test_a_study_with_the_plugin_runs_on_ray_and_its_off_cells_equal_a_study_without_it(tmp_path, ray_local):
-    """The plugin is listed relative to the study YAML and reaches the Ray trial workers (they load it from where
-    the driver did); the off cells have the keys and train the weights of the same cells in a study that does not
-    list the plugin, which therefore adopts them from the first study."""
+@pytest.mark.parametrize("example", sorted(PLUGIN_FILES))
+def test_a_plugin_study_runs_on_ray_and_adopts_its_off_cells_from_a_study_without_it(tmp_path, ray_local, example):
+    """{example, repa, sprint} on a real local Ray, after the study {repa, sprint} that never heard of the plugin
+    ran in the same state: the plugin study's off cells have those runs' keys and are adopted (their weights equal
+    by construction; `test_off_cells_train_bit_identically_with_the_plugin_listed` trains both ways); its on cells
+    train on the Ray workers, which load the plugin from where the driver did (listed relative to the YAML)."""
     from mlflow import MlflowClient
 
     from srdit.runtime.driver import run_study
     from srdit.study.spec import load_study
-    from srdit.train import load_checkpoint
 
-    shutil.copytree(EXAMPLE, tmp_path / "plugins")
-    spec = load_study(_study(tmp_path / "plugins", "with_plugin", ["dispersive", "repa"], ["dispersive.py"]))
     state = tmp_path / "state"
+    plain = run_study(load_study(_study(tmp_path, "without_plugin", ["repa", "sprint"], None)), state)
+    assert plain.complete and plain.ran == 4
+    shutil.copytree(PLUGIN_FILES[example].parent, tmp_path / "plugins")
+    spec = load_study(
+        _study(tmp_path / "plugins", "with_plugin", [example, "repa", "sprint"], [PLUGIN_FILES[example].name])
+    )
     res = run_study(spec, state)
-    assert res.complete and res.statuses == {"finished": 4}
+    assert res.complete and res.reused == 4 and res.ran == 4 and res.statuses == {"finished": 8}
     client = MlflowClient(res.uri)
     runs = {
         r.data.tags["cell"]: r
         for r in client.search_runs([client.get_experiment_by_name("with_plugin").experiment_id])
         if r.data.tags.get("srdit.role") == "trial"
     }
-    assert "loss/dispersive" in runs["11"].data.metrics and "loss/dispersive" not in runs["01"].data.metrics
-    assert (
-        runs["10"].data.params["ext.dispersive.weight"] == "0.5"
-        and "ext.dispersive.weight" not in runs["01"].data.params
-    )
-
-    ext.PLUGINS.pop("dispersive")  # a fresh study that never heard of the plugin
-    EXTENSIONS.pop("dispersive")
-    plain = load_study(_study(tmp_path, "without_plugin", ["repa"], None))
-    again = run_study(plain, state)  # adopts both cells (same run keys)
-    assert again.complete and again.reused == 2
-    fresh = run_study(plain, tmp_path / "state2")  # trains them anew
-    assert fresh.complete and fresh.ran == 2
-    client2 = MlflowClient(fresh.uri)
-    for r in client2.search_runs([client2.get_experiment_by_name("without_plugin").experiment_id]):
-        if r.data.tags.get("srdit.role") != "trial":
-            continue
-        cell = "0" + r.data.tags["cell"]
-        src = runs[cell]
-        assert r.data.tags["training_key"] == src.data.tags["training_key"]
-        assert r.data.tags["run_key"] == src.data.tags["run_key"]
-        a = load_checkpoint(Path(src.data.tags["trial_dir"]) / "checkpoints/last.pt")
-        b = load_checkpoint(Path(r.data.tags["trial_dir"]) / "checkpoints/last.pt")
-        assert (
-            all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
-            and a["model"].keys() == b["model"].keys()
-        )
+    before = {
+        "0" + r.data.tags["cell"]: r
+        for r in client.search_runs([client.get_experiment_by_name("without_plugin").experiment_id])
+        if r.data.tags.get("srdit.role") == "trial"
+    }
+    knob = next(iter(ext.PLUGINS[example].knobs))
+    for cell, run in runs.items():
+        assert (f"ext.{example}.{knob}" in run.data.params) == (cell[0] == "1"), cell
+        if cell[0] == "0":
+            for key in ("training_key", "run_key", "trial_dir"):
+                assert run.data.tags[key] == before[cell].data.tags[key], (cell, key)
+    if example == "dispersive":
+        assert "loss/dispersive" in runs["111"].data.metrics and "loss/dispersive" not in runs["011"].data.metrics
 
 
 def test_an_installed_package_s_plugin_is_found_by_its_entry_point(tmp_path, monkeypatch, capsys):

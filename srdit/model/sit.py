@@ -84,7 +84,11 @@ class SiT(nn.Module):
         depth, dim, heads = SIZES[cfg.size]
         self.depth, self.dim, self.heads = depth, dim, heads
         p, self.grid = cfg.patch_size, cfg.input_size // cfg.patch_size
-        self.prefix = 1 if cfg.reg.enabled else 0
+        on = enabled(ext or {})
+        self.reg_prefix = 1 if cfg.reg.enabled else 0
+        self.token_plugins = self._token_counts(cfg, on)  # [(plugin, n extra tokens)]
+        self.extra = sum(n for _, n in self.token_plugins)
+        self.prefix = self.reg_prefix + self.extra  # leading tokens without a position: REG's, then the plugins'
 
         self.patch_embed = nn.Conv2d(cfg.in_channels, dim, kernel_size=p, stride=p)
         # Fixed positions, stored as a frozen parameter as in DiT (counted in the parameter total).
@@ -101,16 +105,31 @@ class SiT(nn.Module):
         self.repa = RepaProjector(dim, cfg.repa.projector_dim, cfg.repa.teacher_dim) if cfg.repa.enabled else None
         self.final = FinalLayer(dim, p, cfg.in_channels, cfg.norm)
         self.initialize()
-        self._plugins(ext or {})
+        self._plugins(on)
 
-    def _plugins(self, ext: Mapping[str, Mapping[str, Any]]) -> None:
+    @staticmethod
+    def _token_counts(cfg: ModelConfig, on) -> list[tuple[str, int]]:
+        """(plugin, n) for each plugin that is on and adds extra tokens (its `tokens` hook), in name order."""
+        out = []
+        for plugin, knobs in on:
+            hook = plugin.hook("tokens")
+            if hook is None:
+                continue
+            n = hook(cfg, knobs)
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise ValueError(f"ext.{plugin.name}: the tokens hook returned {n!r}; expected an int >= 1")
+            out.append((plugin.name, n))
+        return out
+
+    def _plugins(self, on) -> None:
         """Plugin techniques that are on (`srdit.ext`, the run config's `ext` section): their modules, built after
         the backbone's init with their own (state-dict prefix `ext.<name>.`), and the blocks they tap. Without
-        plugins nothing is added: no module, no attribute in the state dict, no branch taken in `forward`."""
+        plugins nothing is added: no module, no attribute in the state dict, no branch taken in `forward`. `on`: the
+        (plugin, resolved knobs) pairs of `srdit.ext.enabled`."""
         self.tap_at: dict[int, list[str]] = {}  # block i (1-based: after i blocks) -> plugins that read it
         self.ext_taps: dict[str, list[int]] = {}  # plugin -> the blocks it taps
+        self.ext_hooks: dict[str, Any] = {}  # plugin -> its embed_tokens hook (extra tokens)
         self.ext = None
-        on = enabled(ext)
         if not on:
             return
         modules = {}
@@ -118,6 +137,10 @@ class SiT(nn.Module):
             build, taps = plugin.hook("build"), plugin.hook("taps")
             if build is not None and (module := build(self.cfg, knobs)) is not None:
                 modules[plugin.name] = module
+            if plugin.hook("embed_tokens") is not None:
+                if plugin.name not in modules:
+                    raise ValueError(f"ext.{plugin.name}: adds tokens, so its build hook must return the module")
+                self.ext_hooks[plugin.name] = plugin.hook("embed_tokens")
             for i in sorted(set(taps(self.cfg, knobs))) if taps is not None else ():
                 if not 1 <= int(i) <= self.depth:
                     raise ValueError(f"ext.{plugin.name}: taps block {i}, outside 1..{self.depth} (the model depth)")
@@ -151,7 +174,7 @@ class SiT(nn.Module):
         """Tokens SPRINT picks from in training (the shape of `route_noise`'s second dim); 0 without routing."""
         if self.sprint is None or self.sprint.drop_ratio == 0.0:
             return 0
-        return self.grid * self.grid + self.prefix
+        return self.grid * self.grid + self.reg_prefix  # plugins' extra tokens are never routed
 
     def inference_parameters(self) -> int:
         """Parameters used at sampling time (the REPA projector is train-only)."""
@@ -167,7 +190,7 @@ class SiT(nn.Module):
             if i == 0 and self.cfg.value_residual:
                 v_first = v
             if self.repa is not None and i + 1 == repa_at and self.training:
-                aux["repa"] = self.repa(h)
+                aux["repa"] = self.repa(self._without_extras(h))  # [B, T - extra, teacher_dim]
             if self.tap_at and i + 1 in self.tap_at and self.training:
                 aux.setdefault("taps", {})[i + 1] = h  # [B, T, D] (T = K inside SPRINT's sparse middle)
         return h, v_first
@@ -180,11 +203,13 @@ class SiT(nn.Module):
         in training SPRINT's per-step path drop as a 0-d bool tensor (`StepNoise.path_drop`) or a bool. `route_noise`
         [B, T] drives SPRINT's token selection in training (drawn inside when None)."""
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed  # [B, T, D] (T = grid^2 here)
+        c = self.t_embed(t) + self.y_embed(y)  # [B, D]
         if self.reg is not None:
             if cls_token is None:
                 raise ValueError("model.reg is enabled: pass the noised class token `cls_token` [B, reg.dim]")
             h = torch.cat([self.reg.tokens(cls_token), h], dim=1)  # [B, T, D]: token 0 carries no position
-        c = self.t_embed(t) + self.y_embed(y)  # [B, D]
+        if self.extra:
+            h = self._with_extras(h, c)  # [B, T, D]: the plugins' tokens after REG's, no position either
         rope = self.rope.tables() if self.rope is not None else None  # cos, sin [1, 1, T, d]
         aux: dict[str, torch.Tensor] = {}
         repa_at = self.cfg.repa.depth
@@ -199,7 +224,9 @@ class SiT(nn.Module):
             if self.training:
                 if isinstance(drop_sparse_path, torch.Tensor) and drop_sparse_path.dim() > 0:
                     raise ValueError("a per-sample drop_sparse_path is for inference; training drops the whole batch")
-                keep = self.sprint.select(h.shape[0], h.shape[1], h.device, route_noise)  # [B, K] or None (all)
+                keep = self.sprint.select(h.shape[0], h.shape[1] - self.extra, h.device, route_noise)  # [B, K]/None
+                if keep is not None and self.extra:
+                    keep = self._keep_extras(keep)  # [B, K + extra]: the plugins' tokens are always kept
                 g_rope = self.rope.tables(keep) if (self.rope is not None and keep is not None) else rope  # [B,1,K,d]
                 g_v = self.sprint.gather(v_first, keep) if v_first is not None else None  # [B, H, K, d]
                 g, _ = self._run(middle, self.sprint.gather(h, keep), c, g_rope, g_v, repa_at, aux)  # [B, K, D]
@@ -235,8 +262,36 @@ class SiT(nn.Module):
         h = self.final(h, c)  # [B, T, D]
         if self.reg is not None:
             aux["reg"] = self.reg.head(h[:, 0])  # [B, reg.dim]
-            h = h[:, 1:]  # [B, T - 1, D]
+        if self.prefix:
+            h = h[:, self.prefix :]  # [B, grid^2, D]
         return self.unpatchify(self.final.linear(h)), aux  # [B, T, p * p * C] -> [B, C, H, W]
+
+    def _with_extras(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Insert the plugins' extra tokens (`embed_tokens(module, c)` -> [B, n, D] each) after REG's token."""
+        r, parts = self.reg_prefix, []
+        for name, n in self.token_plugins:
+            tokens = self.ext_hooks[name](self.ext[name], c)
+            if tuple(tokens.shape) != (h.shape[0], n, self.dim):
+                raise ValueError(
+                    f"ext.{name}: embed_tokens returned {tuple(tokens.shape)}; expected {(h.shape[0], n, self.dim)}"
+                )
+            parts.append(tokens.to(h.dtype))
+        return torch.cat([h[:, :r], *parts, h[:, r:]], dim=1)
+
+    def _without_extras(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] -> [B, T - extra, D]: the sequence without the plugins' tokens (REPA aligns the others)."""
+        if not self.extra:
+            return h
+        r = self.reg_prefix
+        return torch.cat([h[:, :r], h[:, r + self.extra :]], dim=1)
+
+    def _keep_extras(self, keep: torch.Tensor) -> torch.Tensor:
+        """SPRINT's kept indices over the routed tokens (REG's and the patches) [B, K] -> indices into the whole
+        sequence [B, K + extra], sorted, with every extra token kept."""
+        r, n = self.reg_prefix, self.extra
+        shifted = torch.where(keep >= r, keep + n, keep)
+        extras = torch.arange(r, r + n, device=keep.device).expand(keep.shape[0], n)
+        return torch.cat([shifted, extras], dim=1).sort(dim=1).values
 
     def _ext_outputs(self, taps: dict[int, torch.Tensor]) -> dict[str, dict[str, Any]]:
         """Plugin name -> {"taps": {block: [B, T, D]}, "outputs": its module on those taps (None without one)}: the
