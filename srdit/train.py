@@ -28,7 +28,7 @@ import torch
 
 from srdit import stop
 from srdit.cache import load_torch, save_atomic, write_atomic
-from srdit.config import RunConfig, flatten_dict, from_dict, input_file_problem, to_dict, to_yaml
+from srdit.config import ConfigError, RunConfig, flatten_dict, from_dict, input_file_problem, to_dict, to_yaml
 from srdit.model import build_model
 from srdit.parallel import DataParallel, check_device
 from srdit.provenance import provenance
@@ -568,11 +568,45 @@ def _not_a_checkpoint(path: Path) -> str:
     return "an unknown binary format, not a PyTorch checkpoint"
 
 
+def checkpoint_plugins(cfg: RunConfig) -> dict:
+    """{"plugins": [...]} for a checkpoint of a run with plugin techniques on (`srdit.provenance.plugin_sources`:
+    name, where it was loaded from, its code version), {} without: what `model_from_checkpoint` loads again."""
+    if not cfg.ext:
+        return {}
+    from srdit.provenance import plugin_sources
+
+    return {"plugins": plugin_sources(cfg.ext)}
+
+
+def load_checkpoint_plugins(ckpt: dict) -> None:
+    """Load the plugin techniques a checkpoint was trained with (`checkpoint_plugins`) that this process has not
+    loaded (`--plugins` loads them from elsewhere first), and refuse one whose code is not the code it was trained
+    with: ConfigError with one line naming the plugin, both code versions and the fix."""
+    from srdit import ext
+    from srdit.provenance import plugin_versions
+    from srdit.techniques import load_plugins
+
+    for s in ckpt.get("plugins", ()):
+        if s["name"] not in ext.PLUGINS:
+            try:
+                load_plugins([s["origin"]], where=f"plugin {s['name']} (recorded in the checkpoint)")
+            except ConfigError as e:
+                raise ConfigError(f"{e}; pass --plugins with its file, folder or module") from None
+        now = plugin_versions({s["name"]: {}})[s["name"]]
+        if now != s["version"]:
+            raise ConfigError(
+                f"plugin {s['name']} ({ext.PLUGINS[s['name']].where()}): its code version {now} is not the one the "
+                f"checkpoint was trained with ({s['version']}); pass --plugins with that code"
+            )
+
+
 def model_from_checkpoint(ckpt: dict, weights: str = "ema") -> tuple[torch.nn.Module, RunConfig]:
-    """Rebuild the model a checkpoint was trained with and load its (EMA) weights strictly.
+    """Rebuild the model a checkpoint was trained with and load its (EMA) weights strictly. Plugin techniques it
+    was trained with are loaded first (`load_checkpoint_plugins`; ConfigError when their code differs).
 
     A checkpoint whose config predates `model.time_embed_scale` was trained with DiT's 1000 t time features (the
     only behaviour then), so it loads with scale 1000; its position table is restored from its own weights."""
+    load_checkpoint_plugins(ckpt)
     config = ckpt["config"]
     if isinstance(config.get("model"), dict) and "time_embed_scale" not in config["model"]:
         config = {**config, "model": {**config["model"], "time_embed_scale": 1000.0}}
@@ -722,6 +756,7 @@ def _train(
                 "rng": rng,
                 "data": data.state_dict(),
                 "config": to_dict(cfg),
+                **checkpoint_plugins(cfg),
                 **({"window": window} if (window := train_step.window()) else {}),
                 **provenance(device),
             },
@@ -738,7 +773,9 @@ def _train(
         if snapshots and dp.main:
             snap = out / EMA_SNAPSHOT.format(step=step)
             if not snap.is_file():
-                save_atomic({"ema": ema.state_dict(), "step": step, "config": to_dict(cfg)}, snap)
+                save_atomic(
+                    {"ema": ema.state_dict(), "step": step, "config": to_dict(cfg), **checkpoint_plugins(cfg)}, snap
+                )
         return [evaluate_target(ema, t, step, step < tc.steps, device, dp) for t in targets]
 
     def stop_requested() -> str | None:

@@ -633,3 +633,39 @@ def test_an_installed_package_s_plugin_is_found_by_its_entry_point(tmp_path, mon
     ]
     cfg = with_techniques(RunConfig(), ["toy"])
     assert to_dict(cfg)["ext"] == {"toy": {"w": 0.5, "depth": 1}}
+
+
+def test_a_plugin_checkpoint_samples_in_a_fresh_process_and_refuses_other_code(tmp_path):
+    """`srdit sample` on a registers run's checkpoint loads the plugin from where training loaded it (recorded in
+    the checkpoint); moved, it is one line naming --plugins, which loads it from elsewhere; edited, it is one line
+    naming both code versions: never a silent run of other code."""
+    from srdit.train import train
+
+    folder = tmp_path / "plugin"
+    shutil.copytree(PLUGIN_FILES["registers"].parent, folder)
+    load_plugins([str(folder / "registers.py")])
+    res = train(_cfg(["registers", "sprint"]), tmp_path / "run", progress=False)
+    assert res.status == "finished"
+    ckpt = tmp_path / "run/checkpoints/last.pt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def sample(*extra):
+        args = [sys.executable, "-m", "srdit", "sample", str(ckpt), "--n", "4", "--out", str(tmp_path / "s"), *extra]
+        return subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    ok = sample()
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert (tmp_path / "s/samples.npz").is_file()
+
+    moved = tmp_path / "elsewhere"
+    folder.rename(moved)
+    gone = sample()
+    assert gone.returncode == 2 and len(gone.stderr.strip().splitlines()) == 1, gone.stderr[-2000:]
+    assert "no such plugin file" in gone.stderr and "pass --plugins" in gone.stderr
+    assert sample("--plugins", str(moved / "registers.py")).returncode == 0
+
+    source = moved / "registers.py"
+    source.write_text(source.read_text().replace("std=1e-6", "std=1e-5"))
+    edited = sample("--plugins", str(source))
+    assert edited.returncode == 2 and len(edited.stderr.strip().splitlines()) == 1, edited.stderr[-2000:]
+    assert "is not the one the checkpoint was trained with" in edited.stderr

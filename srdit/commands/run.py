@@ -125,7 +125,7 @@ def cmd_train(args) -> int:
     return 0 if result.status == "finished" else 1
 
 
-def _load(ckpt_path: str, device: str):
+def _load(ckpt_path: str, device: str, plugins: list[str] | None = None):
     """The model and config of a checkpoint, after checking --device (a config rule: train.device's values)."""
     import dataclasses
 
@@ -134,6 +134,10 @@ def _load(ckpt_path: str, device: str):
 
     check_field(next(f for f in dataclasses.fields(TrainConfig) if f.name == "device"), device, "--device")
     ckpt = load_checkpoint(ckpt_path)
+    if plugins:
+        from srdit.techniques import load_plugins
+
+        load_plugins(plugins, ".", "--plugins")
     try:
         return model_from_checkpoint(ckpt)
     except ConfigError as e:
@@ -160,7 +164,7 @@ def cmd_sample(args) -> int:
 
     if args.merge and args.shard is None and args.num_shards is None and "WORLD_SIZE" not in os.environ:
         return _merge_only(args)  # needs no model
-    model, cfg = _load(args.checkpoint, args.device)
+    model, cfg = _load(args.checkpoint, args.device, args.plugins)
     cfg = _with_tokenizer(cfg, args)
     sc = with_sampler(cfg, sampler=args.sampler, steps=args.steps, cfg_scale=args.cfg)
     dataclasses.replace(cfg, sample=sc).validate()  # e.g. path-drop guidance needs SPRINT
@@ -224,7 +228,7 @@ def cmd_evaluate(args) -> int:
     from srdit.parallel import init_from_env
     from srdit.train import resolve_device
 
-    model, cfg = _load(args.checkpoint, args.device)
+    model, cfg = _load(args.checkpoint, args.device, args.plugins)
     cfg = _with_tokenizer(cfg, args)
     ev = {"reference": args.reference, "inception_path": args.inception, "dinov2_path": args.dinov2}
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **{k: v for k, v in ev.items() if v}))
@@ -311,6 +315,13 @@ def _sample_parser(name: str) -> argparse.ArgumentParser:
         help="decode latent samples with this tokenizer (overrides data.tokenizer)",
     )
     s.add_argument("--tokenizer-path", help="local weights of the tokenizer (overrides data.tokenizer_path)")
+    s.add_argument(
+        "--plugins",
+        nargs="+",
+        metavar="PLUGIN",
+        help="plugin techniques the checkpoint was trained with, when not where training loaded them from (a module, "
+        "or a .py file / package folder); their code must be the code it was trained with",
+    )
     return s
 
 
