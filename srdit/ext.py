@@ -36,6 +36,11 @@ rank's share of the global batch):
   every sample's kept tokens; the route noise keeps its shape, so the other tokens are routed as without them),
   are left out of REPA's alignment, and are dropped before the output head. Taps include them (at positions
   [r, r + n), r = 1 with REG, else 0; several token plugins follow each other in name order).
+- `guidance(ctx: GuidanceContext) -> [B, C, H, W]`: the guided velocity from the conditional and unconditional
+  ones, in place of classifier-free guidance's u + w (c - u) (e.g. adaptive projected guidance, Sadat et al. 2024,
+  arXiv:2410.02416). Called at sampling only, at each step where guidance applies (`sample.cfg_scale` != 1, t
+  inside [guidance_low, guidance_high]); the REG class token keeps the built-in rule. At most one plugin with this
+  hook may be on. A technique that acts only here has stage "eval": its on and off cells share one training.
 
 Layering: this module is in the config layer (no torch at import); `srdit.config` holds the knob schema of the
 loaded plugins (`EXTENSIONS`) and `srdit.techniques` turns a plugin into a `Technique`.
@@ -70,6 +75,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "loss": ("ctx",),
     "tokens": ("cfg", "knobs"),
     "embed_tokens": ("module", "c"),
+    "guidance": ("ctx",),
 }
 "Hook name -> its positional parameters (see the module docstring for what each receives and returns)."
 
@@ -159,6 +165,46 @@ class LossContext:
     knobs: Any
     gather: Callable[[Tensor], Tensor]
     roll: Callable[[Tensor], Tensor]
+
+
+@dataclass
+class GuidanceContext:
+    """What a plugin's `guidance` hook sees at one sampler step (one sampling batch).
+
+    cond, uncond [B, C, H, W] the conditional and unconditional velocities (float32; the unconditional one with the
+    null label, and without SPRINT's sparse path under path-drop guidance); x [B, C, H, W] the state at time t;
+    t [B] the time (t = 1 noise); scale the guidance scale w (`sample.cfg_scale`); knobs the resolved knobs."""
+
+    cond: Tensor
+    uncond: Tensor
+    x: Tensor
+    t: Tensor
+    scale: float
+    knobs: Any
+
+
+def guidance_rule(
+    ext: Mapping[str, Mapping[str, Any]],
+) -> Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor] | None:
+    """The guidance of the plugin with a `guidance` hook that is on in a config's `ext` section, as
+    `rule(cond, uncond, x, t, scale) -> velocity`, or None (classifier-free guidance). ConfigError when several
+    are on."""
+    on = [(p, k) for p, k in enabled(ext) if p.hook("guidance") is not None]
+    if len(on) > 1:
+        raise ConfigError(f"ext: {', '.join(p.name for p, _ in on)} all replace guidance; switch on one at a time")
+    if not on:
+        return None
+    plugin, knobs = on[0]
+    hook = plugin.hook("guidance")
+
+    def rule(cond, uncond, x, t, scale):
+        out = hook(GuidanceContext(cond=cond, uncond=uncond, x=x, t=t, scale=scale, knobs=knobs))
+        if getattr(out, "shape", None) != cond.shape:
+            shape = tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
+            raise ValueError(f"plugin {plugin.name}: guidance returned {shape}; expected {tuple(cond.shape)}")
+        return out
+
+    return rule
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import torch
 
 from srdit.config import RunConfig, SampleConfig
 from srdit.data.digits import balanced_labels, random_labels
+from srdit.ext import guidance_rule
 from srdit.transport import guided_velocity, initial_state, sample
 
 if TYPE_CHECKING:
@@ -85,6 +86,7 @@ def _generate_batch(
         sc.guidance_low,
         sc.guidance_high,
         sc.path_drop_guidance,
+        rule=guidance_rule(cfg.ext) if cfg.ext else None,
     )
     with sampling_precision(cfg, device):
         res = sample(velocity, [s.to(device) for s in state], sc.sampler, sc.steps, cfg.shift_value(), generator=g)

@@ -35,8 +35,11 @@ EXAMPLE = EXAMPLES / "dispersive"
 PLUGIN_FILES = {
     "dispersive": EXAMPLES / "dispersive" / "dispersive.py",
     "registers": EXAMPLES / "registers" / "registers.py",
+    "apg": EXAMPLES / "apg" / "apg.py",
 }
-"The example plugins (outside the package), each a loss term or extra tokens: every example-wide test takes both."
+"The example plugins (outside the package): a loss term, extra tokens, a guidance rule (stage eval)."
+ISSUE_EXAMPLES = ("dispersive", "registers")
+"The two examples whose {example, repa, sprint} studies run on a real Ray."
 TINY = {
     "train.steps": 6,
     "train.log_every": 1,
@@ -575,7 +578,7 @@ def _study(folder: Path, name: str, techniques: list[str], plugins: list[str] | 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("example", sorted(PLUGIN_FILES))
+@pytest.mark.parametrize("example", ISSUE_EXAMPLES)
 def test_a_plugin_study_runs_on_ray_and_adopts_its_off_cells_from_a_study_without_it(tmp_path, ray_local, example):
     """{example, repa, sprint} on a real local Ray, after the study {repa, sprint} that never heard of the plugin
     ran in the same state: the plugin study's off cells have those runs' keys and are adopted (their weights equal
@@ -669,3 +672,54 @@ def test_a_plugin_checkpoint_samples_in_a_fresh_process_and_refuses_other_code(t
     edited = sample("--plugins", str(source))
     assert edited.returncode == 2 and len(edited.stderr.strip().splitlines()) == 1, edited.stderr[-2000:]
     assert "is not the one the checkpoint was trained with" in edited.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# guidance: the adaptive-projected-guidance example (stage "eval")
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _apg_samples(diff: dict, techniques=("apg",)):
+    from srdit.generate import generate
+    from srdit.model import build_model
+
+    load_plugins([str(PLUGIN_FILES["apg"])])
+    base = {"sample.cfg_scale": 4.0, "sample.steps": 4, **diff}
+    plain = _cfg([t for t in techniques if t != "apg"], **base)
+    on = _cfg(list(techniques), **base)
+    torch.manual_seed(0)
+    model = build_model(plain.model)
+    with torch.no_grad():  # a model whose conditional and unconditional velocities differ
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    a = generate(model, plain, 8, seed=3)[0]
+    b = generate(model, on, 8, seed=3)[0]
+    return a, b
+
+
+@pytest.mark.parametrize("techniques", [("apg",), ("apg", "sprint", "path_drop_guidance")], ids="+".join)
+def test_apg_with_eta_1_is_classifier_free_guidance_and_with_eta_0_is_not(techniques):
+    cfg_samples, same = _apg_samples({"ext.apg.eta": 1.0}, techniques)
+    torch.testing.assert_close(same, cfg_samples, rtol=1e-4, atol=1e-5)  # c + (w - 1)(c - u) = u + w (c - u)
+    cfg_samples, apg = _apg_samples({}, techniques)
+    assert (apg - cfg_samples).abs().max() > 1e-3
+
+
+def test_guidance_runs_only_where_guidance_applies():
+    """cfg_scale 1: no unconditional branch, no guidance hook: the samples are bit-identical to APG off."""
+    off, on = _apg_samples({"sample.cfg_scale": 1.0})
+    assert torch.equal(off, on)
+
+
+def test_an_eval_stage_plugin_shares_the_training_and_keys_its_evaluation():
+    load_plugins([str(PLUGIN_FILES["apg"])])
+    off, on = content_keys(to_dict(_cfg(["repa"]))), content_keys(to_dict(_cfg(["apg", "repa"])))
+    assert on["training_key"] == off["training_key"] and on["run_key"] != off["run_key"]
+
+
+def test_two_guidance_plugins_on_at_once_are_refused_in_one_line(tmp_path):
+    load_plugins([str(PLUGIN_FILES["apg"])])
+    twin = PLUGIN_FILES["apg"].read_text().replace('name="apg"', 'name="apg2"').replace("\napg = ", "\napg2 = ")
+    load_plugins([str(_write(tmp_path / "apg2.py", twin))])
+    with pytest.raises(ConfigError, match=r"^ext: apg, apg2 all replace guidance; switch on one at a time$"):
+        ext.guidance_rule(to_dict(_cfg(["apg", "apg2"]))["ext"])

@@ -230,6 +230,7 @@ def guided_velocity(
     path_drop: bool = False,
     counter: list | None = None,
     dtype: torch.dtype = torch.float32,
+    rule: Callable | None = None,
 ) -> Velocity:
     """Velocity of `model` for labels y [B], with classifier-free guidance inside [low, high] (t = 1 noise); the
     semantics (which scale applies, when the unconditional branch runs) are in the module docstring.
@@ -237,7 +238,9 @@ def guided_velocity(
     The unconditional branch uses the null label and, with `path_drop`, also drops the SPRINT sparse path
     (path-drop guidance; SR-DiT section 3.2). When guiding, both branches run as one forward on a [2B] batch
     (conditional half first); equal to two separate passes up to float32 round-off of the batched kernels.
-    `counter`, when given, gets one entry per forward: the number of branches it evaluated (1 or 2)."""
+    `counter`, when given, gets one entry per forward: the number of branches it evaluated (1 or 2). `rule`
+    (`srdit.ext.guidance_rule`, a plugin technique's guidance) replaces u + w (c - u) for the image velocity:
+    rule(cond, uncond, x, t, w) -> [B, C, H, W]."""
     y_null = torch.full_like(y, null_label)
     labels2 = torch.cat([y, y_null])  # [2B]
     drop2 = (
@@ -260,7 +263,10 @@ def guided_velocity(
         out = []
         for i, v in enumerate(both):
             c, u = v.chunk(2)
-            out.append(c if scales[i] == 1.0 else u + scales[i] * (c - u))
+            if i == 0 and rule is not None:
+                out.append(rule(c, u, state[0].to(dtype), t, scales[0]))
+            else:
+                out.append(c if scales[i] == 1.0 else u + scales[i] * (c - u))
         return out
 
     return velocity
