@@ -36,6 +36,14 @@ rank's share of the global batch):
   every sample's kept tokens; the route noise keeps its shape, so the other tokens are routed as without them),
   are left out of REPA's alignment, and are dropped before the output head. Taps include them (at positions
   [r, r + n), r = 1 with REG, else 0; several token plugins follow each other in name order).
+- `attention(cfg, knobs, block) -> nn.Module | None` and `mlp(cfg, knobs, block) -> nn.Module | None`: an attention
+  or MLP variant for block `block` (1..depth; None keeps the block's own). Built after the backbone's init with
+  the module's own init and put in place of the block's module (so every other weight equals the plain model's;
+  the state-dict keys stay `blocks.<i>.attn.` / `blocks.<i>.mlp.`). An MLP maps [B, T, D] -> [B, T, D]. An
+  attention takes (x [B, T, D], rope=None | (cos, sin) tables, v_first=None | block 1's values [B, H, T, d]) and
+  returns (out [B, T, D], its values [B, H, T, d]): subclass `srdit.model.attention.Attention` to keep QK-norm,
+  RoPE and value residual (`cfg.qk_norm`, `cfg.rope.enabled`, `cfg.value_residual`). Two plugins may not replace
+  the same block's module.
 - `guidance(ctx: GuidanceContext) -> [B, C, H, W]`: the guided velocity from the conditional and unconditional
   ones, in place of classifier-free guidance's u + w (c - u) (e.g. adaptive projected guidance, Sadat et al. 2024,
   arXiv:2410.02416). Called at sampling only, at each step where guidance applies (`sample.cfg_scale` != 1, t
@@ -76,6 +84,8 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "tokens": ("cfg", "knobs"),
     "embed_tokens": ("module", "c"),
     "guidance": ("ctx",),
+    "attention": ("cfg", "knobs", "block"),
+    "mlp": ("cfg", "knobs", "block"),
 }
 "Hook name -> its positional parameters (see the module docstring for what each receives and returns)."
 

@@ -723,3 +723,76 @@ def test_two_guidance_plugins_on_at_once_are_refused_in_one_line(tmp_path):
     load_plugins([str(_write(tmp_path / "apg2.py", twin))])
     with pytest.raises(ConfigError, match=r"^ext: apg, apg2 all replace guidance; switch on one at a time$"):
         ext.guidance_rule(to_dict(_cfg(["apg", "apg2"]))["ext"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# attention and MLP variants
+# ------------------------------------------------------------------------------------------------------------------
+
+VARIANTS = """
+from srdit.config import SIZES
+from srdit.ext import Knob, Plugin
+from srdit.model.attention import Attention
+from srdit.model.layers import Mlp
+
+
+def attention(cfg, knobs, block):  # block 2 gets a fresh attention of the same kind
+    depth, dim, heads = SIZES[cfg.size]
+    return Attention(dim, heads, cfg.qk_norm, cfg.value_residual) if block == knobs.block else None
+
+
+def mlp(cfg, knobs, block):
+    return Mlp(SIZES[cfg.size][1], 4.0, "relu2") if block == knobs.block else None
+
+
+NAME = Plugin("NAME", "a test 2025", knobs={"block": Knob(2, range=(1, None))}, hooks={HOOKS})
+"""
+
+
+def _variant(tmp_path, name, hooks):
+    source = VARIANTS.replace("NAME", name).replace("HOOKS", ", ".join(f'"{h}": {h}' for h in hooks))
+    load_plugins([str(_write(tmp_path / f"{name}.py", source))])
+
+
+@pytest.mark.parametrize("techniques", [[], ["rope", "qk_norm", "value_residual", "sprint"]], ids="+".join)
+def test_an_attention_variant_takes_the_blocks_place_with_its_inputs(tmp_path, techniques):
+    """The variant is built after the backbone's init (every other weight equals the plain model's); given the
+    plain block's weights, the model is the plain model bit for bit: the block passes it the same x, RoPE tables
+    and first-block values."""
+    from srdit.model import build_model
+
+    _variant(tmp_path, "attn_variant", ["attention"])
+    plain, on = _cfg(techniques), _cfg(["attn_variant", *techniques])
+    torch.manual_seed(0)
+    a = build_model(plain.model, plain.ext)
+    torch.manual_seed(0)
+    b = build_model(on.model, on.ext)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    differ = {k for k in sa if not torch.equal(sa[k], sb[k])}
+    assert differ and all(k.startswith("blocks.1.attn.") for k in differ)  # its own init, nothing else moved
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    b.load_state_dict(a.state_dict())
+    x, t, y, cls = _inputs(on)
+    route = torch.rand(4, a.routed_tokens) if a.routed_tokens else None
+    for mode in (True, False):
+        a.train(mode), b.train(mode)
+        with torch.no_grad():
+            assert torch.equal(a(x, t, y, cls, route_noise=route)[0], b(x, t, y, cls, route_noise=route)[0])
+
+
+def test_an_mlp_variant_trains_and_two_plugins_on_one_slot_are_refused(tmp_path):
+    from srdit.model import build_model
+    from srdit.train import load_checkpoint, train
+
+    _variant(tmp_path, "mlp_a", ["mlp"])
+    _variant(tmp_path, "mlp_b", ["mlp"])
+    cfg = _cfg(["mlp_a"], **{"ext.mlp_a.block": 1})
+    assert train(cfg, tmp_path / "run", progress=False).status == "finished"
+    state = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"]
+    assert state["blocks.0.mlp.fc1.weight"].shape == (256, 64)  # relu^2 at width 4 D
+    both = _cfg(["mlp_a", "mlp_b"])
+    with pytest.raises(ValueError, match=r"^ext\.mlp_b: block 2's mlp is already replaced by ext\.mlp_a; switch on"):
+        build_model(both.model, both.ext)

@@ -146,8 +146,32 @@ class SiT(nn.Module):
                     raise ValueError(f"ext.{plugin.name}: taps block {i}, outside 1..{self.depth} (the model depth)")
                 self.tap_at.setdefault(int(i), []).append(plugin.name)
         self.ext = nn.ModuleDict(modules) if modules else None
+        self._variants(on)
         tapping = {name for names in self.tap_at.values() for name in names}
         self.ext_taps = {n: sorted(i for i, ns in self.tap_at.items() if n in ns) for n in sorted(tapping)}
+
+    def _variants(self, on) -> None:
+        """Put the attention and MLP variants of the plugins that are on (hooks `attention` / `mlp`, block 1..depth)
+        in place of the blocks' own modules, after the backbone's init."""
+        owner: dict[tuple[str, int], str] = {}
+        for plugin, knobs in on:
+            for slot in ("attn", "mlp"):
+                hook = plugin.hook("attention" if slot == "attn" else "mlp")
+                if hook is None:
+                    continue
+                for i, block in enumerate(self.blocks, start=1):
+                    module = hook(self.cfg, knobs, i)
+                    if module is None:
+                        continue
+                    if not isinstance(module, nn.Module):
+                        raise ValueError(f"ext.{plugin.name}: {slot} of block {i} is {module!r}, not an nn.Module")
+                    if (slot, i) in owner:
+                        raise ValueError(
+                            f"ext.{plugin.name}: block {i}'s {slot} is already replaced by ext.{owner[slot, i]}; "
+                            f"switch on one of them"
+                        )
+                    owner[slot, i] = plugin.name
+                    setattr(block, slot, module)
 
     # ------------------------------------------------------------------------------------------------------------
     def initialize(self) -> None:
