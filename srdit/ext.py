@@ -44,6 +44,11 @@ rank's share of the global batch):
   returns (out [B, T, D], its values [B, H, T, d]): subclass `srdit.model.attention.Attention` to keep QK-norm,
   RoPE and value residual (`cfg.qk_norm`, `cfg.rope.enabled`, `cfg.value_residual`). Two plugins may not replace
   the same block's module.
+- `times(knobs, n, shift, device) -> t [n]`: the training times of the step's *global* batch (n samples), in
+  place of the built-in draw (`transport.time_sampling`, then the time shift `shift`, which the hook applies or
+  not as it sees fit); drawn from torch's global RNG on `device` at the built-in draw's place in the step's draw
+  order, and sliced to each data-parallel rank afterwards, so that the trajectory does not depend on the number of
+  workers. Every t must lie in [0, 1] (t = 1 noise). At most one plugin with this hook may be on.
 - `guidance(ctx: GuidanceContext) -> [B, C, H, W]`: the guided velocity from the conditional and unconditional
   ones, in place of classifier-free guidance's u + w (c - u) (e.g. adaptive projected guidance, Sadat et al. 2024,
   arXiv:2410.02416). Called at sampling only, at each step where guidance applies (`sample.cfg_scale` != 1, t
@@ -86,6 +91,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "guidance": ("ctx",),
     "attention": ("cfg", "knobs", "block"),
     "mlp": ("cfg", "knobs", "block"),
+    "times": ("knobs", "n", "shift", "device"),
 }
 "Hook name -> its positional parameters (see the module docstring for what each receives and returns)."
 
@@ -191,6 +197,28 @@ class GuidanceContext:
     t: Tensor
     scale: float
     knobs: Any
+
+
+def time_rule(ext: Mapping[str, Mapping[str, Any]]) -> Callable[[int, float, Any], Tensor] | None:
+    """The training-time sampler of the plugin with a `times` hook that is on, as `rule(n, shift, device) -> t [n]`,
+    or None (the built-in draw). ConfigError when several are on; ValueError when it returns other than n times in
+    [0, 1]."""
+    on = [(p, k) for p, k in enabled(ext) if p.hook("times") is not None]
+    if len(on) > 1:
+        raise ConfigError(f"ext: {', '.join(p.name for p, _ in on)} all replace the time sampling; switch on one")
+    if not on:
+        return None
+    plugin, knobs = on[0]
+    hook = plugin.hook("times")
+
+    def rule(n, shift, device):
+        t = hook(knobs, n, shift, device)
+        if getattr(t, "shape", None) != (n,) or not bool(((t >= 0) & (t <= 1)).all()):
+            got = tuple(t.shape) if hasattr(t, "shape") else type(t).__name__
+            raise ValueError(f"plugin {plugin.name}: times returned {got}; expected {n} times in [0, 1]")
+        return t
+
+    return rule
 
 
 def guidance_rule(

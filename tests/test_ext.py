@@ -796,3 +796,46 @@ def test_an_mlp_variant_trains_and_two_plugins_on_one_slot_are_refused(tmp_path)
     both = _cfg(["mlp_a", "mlp_b"])
     with pytest.raises(ValueError, match=r"^ext\.mlp_b: block 2's mlp is already replaced by ext\.mlp_a; switch on"):
         build_model(both.model, both.ext)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# training-time sampling
+# ------------------------------------------------------------------------------------------------------------------
+
+TIMES = """
+import torch
+from srdit.ext import Knob, Plugin
+from srdit.transport.timesteps import shift_time
+
+
+def times(knobs, n, shift, device):  # the built-in uniform draw, then a power of it
+    return shift_time(torch.rand(n, device=device), shift) ** knobs.power
+
+
+uniform_again = Plugin("uniform_again", "a test 2025", knobs={"power": Knob(1.0, range=(0, None), low_open=True)},
+                       hooks={"times": times})
+"""
+
+
+def test_a_time_sampling_plugin_replaces_the_draw_in_its_place(tmp_path):
+    """A plugin that draws the built-in uniform times trains bit-identically to the built-in draw (same place in
+    the step's draw order, same global batch); another power of them moves the weights; times outside [0, 1] are
+    one line."""
+    from srdit.train import load_checkpoint, train
+
+    load_plugins([str(_write(tmp_path / "uniform_again.py", TIMES))])
+    runs = {
+        "builtin": _cfg(["sprint"], **{"transport.time_sampling": "uniform"}),
+        "plugin": _cfg(["uniform_again", "sprint"]),
+        "squared": _cfg(["uniform_again", "sprint"], **{"ext.uniform_again.power": 2.0}),
+    }
+    weights = {}
+    for name, cfg in runs.items():
+        assert train(cfg, tmp_path / name, progress=False).status == "finished"
+        weights[name] = load_checkpoint(tmp_path / name / "checkpoints/last.pt")["model"]
+    assert all(torch.equal(weights["builtin"][k], weights["plugin"][k]) for k in weights["builtin"])
+    assert not all(torch.equal(weights["builtin"][k], weights["squared"][k]) for k in weights["builtin"])
+    bad = TIMES.replace("uniform_again", "bad_times").replace("** knobs.power", "+ 1")
+    load_plugins([str(_write(tmp_path / "bad_times.py", bad))])
+    with pytest.raises(ValueError, match=r"^plugin bad_times: times returned \(4,\); expected 4 times in \[0, 1\]$"):
+        ext.time_rule({"bad_times": {"power": 1.0}})(4, 1.0, "cpu")

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from srdit.ext import time_rule
 from srdit.transport.losses import loss_terms, total
 from srdit.transport.path import interpolate, velocity_target
 from srdit.transport.timesteps import sample_times
@@ -78,7 +79,12 @@ class StepNoise:
     def draw(cls, cfg: RunConfig, model, x_shape, shift: float, device, dp: BatchPart) -> StepNoise:
         b, m, tr = cfg.train.batch_size, cfg.model, cfg.transport
         drop = torch.rand(b, device=device) < cfg.train.label_dropout
-        t = sample_times(b, tr.time_sampling, shift, tr.logit_mean, tr.logit_std, device=device)
+        rule = time_rule(cfg.ext) if cfg.ext else None  # a plugin technique's time sampling (`srdit.ext`)
+        t = (
+            rule(b, shift, device)
+            if rule is not None
+            else sample_times(b, tr.time_sampling, shift, tr.logit_mean, tr.logit_std, device=device)
+        )
         eps = torch.randn((b, *x_shape[1:]), device=device)
         eps_cls = torch.randn(b, m.reg.dim, device=device) if m.reg.enabled else None
         tokens = model.routed_tokens
