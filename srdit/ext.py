@@ -49,6 +49,12 @@ rank's share of the global batch):
   not as it sees fit); drawn from torch's global RNG on `device` at the built-in draw's place in the step's draw
   order, and sliced to each data-parallel rank afterwards, so that the trajectory does not depend on the number of
   workers. Every t must lie in [0, 1] (t = 1 noise). At most one plugin with this hook may be on.
+- `solver(knobs, velocity, state, times, generator) -> state`: a sampler (an ODE or SDE solver) in place of the
+  built-in integrator of `sample.sampler`. `state` is the list of tensors at t = 1 (the image [B, C, H, W], then
+  the REG class token [B, reg.dim] when on; float64), `times` the float64 grid of `sample.steps` + 1 points from 1
+  to 0 with the time shift applied, `velocity(state, t) -> list` the (guided) velocity at the float t (each call
+  counts as one function evaluation), `generator` the batch's torch.Generator for any noise. Returns the state at
+  t = 0. At most one plugin with this hook may be on.
 - `guidance(ctx: GuidanceContext) -> [B, C, H, W]`: the guided velocity from the conditional and unconditional
   ones, in place of classifier-free guidance's u + w (c - u) (e.g. adaptive projected guidance, Sadat et al. 2024,
   arXiv:2410.02416). Called at sampling only, at each step where guidance applies (`sample.cfg_scale` != 1, t
@@ -92,6 +98,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "attention": ("cfg", "knobs", "block"),
     "mlp": ("cfg", "knobs", "block"),
     "times": ("knobs", "n", "shift", "device"),
+    "solver": ("knobs", "velocity", "state", "times", "generator"),
 }
 "Hook name -> its positional parameters (see the module docstring for what each receives and returns)."
 
@@ -217,6 +224,26 @@ def time_rule(ext: Mapping[str, Mapping[str, Any]]) -> Callable[[int, float, Any
             got = tuple(t.shape) if hasattr(t, "shape") else type(t).__name__
             raise ValueError(f"plugin {plugin.name}: times returned {got}; expected {n} times in [0, 1]")
         return t
+
+    return rule
+
+
+def solver_rule(ext: Mapping[str, Mapping[str, Any]]) -> Callable | None:
+    """The sampler of the plugin with a `solver` hook that is on, as `rule(velocity, state, times, generator) ->
+    state`, or None (the built-in integrator). ConfigError when several are on."""
+    on = [(p, k) for p, k in enabled(ext) if p.hook("solver") is not None]
+    if len(on) > 1:
+        raise ConfigError(f"ext: {', '.join(p.name for p, _ in on)} all replace the sampler; switch on one")
+    if not on:
+        return None
+    plugin, knobs = on[0]
+    hook = plugin.hook("solver")
+
+    def rule(velocity, state, times, generator):
+        out = hook(knobs, velocity, state, times, generator)
+        if not isinstance(out, list | tuple) or [getattr(x, "shape", None) for x in out] != [x.shape for x in state]:
+            raise ValueError(f"plugin {plugin.name}: the solver returned other than the state's tensors and shapes")
+        return list(out)
 
     return rule
 

@@ -25,7 +25,7 @@ import torch
 
 from srdit.config import RunConfig, SampleConfig
 from srdit.data.digits import balanced_labels, random_labels
-from srdit.ext import guidance_rule
+from srdit.ext import guidance_rule, solver_rule
 from srdit.transport import guided_velocity, initial_state, sample
 
 if TYPE_CHECKING:
@@ -89,7 +89,15 @@ def _generate_batch(
         rule=guidance_rule(cfg.ext) if cfg.ext else None,
     )
     with sampling_precision(cfg, device):
-        res = sample(velocity, [s.to(device) for s in state], sc.sampler, sc.steps, cfg.shift_value(), generator=g)
+        res = sample(
+            velocity,
+            [s.to(device) for s in state],
+            sc.sampler,
+            sc.steps,
+            cfg.shift_value(),
+            generator=g,
+            solver=solver_rule(cfg.ext) if cfg.ext else None,
+        )
     return res.state[0].float().cpu(), labels, res.nfe
 
 

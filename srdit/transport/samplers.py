@@ -170,10 +170,24 @@ def sample(
     shift: float = 1.0,
     generator: torch.Generator | None = None,
     noise_chunk_bytes: int = NOISE_CHUNK_BYTES,
+    solver: Callable | None = None,
 ) -> SampleResult:
     """Integrate from the noise state at t = 1 to t = 0. The state is kept in float64; the SDE's noise comes from
-    `generator` through `SdeNoise` (chunks of `noise_chunk_bytes`; the samples do not depend on it)."""
+    `generator` through `SdeNoise` (chunks of `noise_chunk_bytes`; the samples do not depend on it). `solver`
+    (`srdit.ext.solver_rule`, a plugin technique's sampler) replaces the built-in integrator: it gets the ODE grid
+    of `steps` intervals (shifted) and velocity(state, t: float)."""
     calls = 0
+    if solver is not None:
+        grid = time_grid("euler", steps, shift, device="cpu")
+        state = [x.double() for x in noise]
+
+        def v_of(state, t):
+            nonlocal calls
+            calls += 1
+            tt = torch.full((state[0].shape[0],), float(t), dtype=torch.float32, device=state[0].device)
+            return [v.double() for v in velocity([x.double() for x in state], tt)]
+
+        return SampleResult([x.double() for x in solver(v_of, state, grid, generator)], nfe=calls)
     grid = time_grid(sampler, steps, shift, device="cpu")
     state = [x.double() for x in noise]
     times = grid.to(torch.float32).to(state[0].device)  # one copy per batch; t at step i is times[i]
