@@ -108,9 +108,9 @@ class JsonlReporter:
         if self.inner is not None:
             self.inner.report(step, metrics)
 
-    def artifact(self, path: Path) -> None:
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.inner is not None and hasattr(self.inner, "artifact"):
-            self.inner.artifact(path)
+            self.inner.artifact(path, artifact_path)
 
 
 @dataclass
@@ -948,8 +948,9 @@ def evaluate_target(
 
 
 def finish_outputs(ema: torch.nn.Module, target: Evaluation, device: torch.device) -> None:
-    """The end of a run of `target.cfg` (rank 0): the 100-image preview grid (samples.png) and config.yaml as
-    artifacts of its reporter."""
+    """The end of a run of `target.cfg` (rank 0): the 100-image preview grid (samples.png), config.yaml, the
+    metrics logs (train_metrics.jsonl / metrics.jsonl, where this run wrote them) and the evaluation JSONs (under
+    `evals/`) as artifacts of its reporter."""
     cfg, out, reporter = target.cfg, target.out_dir, target.reporter
     if cfg.data.dataset == "digits" or cfg.data.tokenizer:  # latents: decoded with data.tokenizer
         from srdit.generate import generate, to_images
@@ -964,6 +965,11 @@ def finish_outputs(ema: torch.nn.Module, target: Evaluation, device: torch.devic
             reporter.artifact(png)
     if hasattr(reporter, "artifact"):
         reporter.artifact(out / "config.yaml")
+        for log in (TRAIN_LOG, "metrics.jsonl"):
+            if (out / log).is_file():
+                reporter.artifact(out / log)
+        for ev in sorted((out / "evals").glob("*.json")):
+            reporter.artifact(ev, "evals")
 
 
 def snapshot_steps(run_dir: str | Path) -> list[int]:

@@ -255,7 +255,7 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
             assert [(m.step, m.value) for m in client.get_metric_history(r.info.run_id, key)] == [
                 (m.step, m.value) for m in client.get_metric_history(s.info.run_id, key)
             ]
-        assert {x.path for x in client.list_artifacts(r.info.run_id)} >= {"samples.png", "config.yaml"}
+        assert {x.path for x in client.list_artifacts(r.info.run_id)} >= {"samples.png", "config.yaml", "evals"}
         assert r.data.params["train.lr"] == s.data.params["train.lr"]
     trained = got["01"].data.tags
     assert "reused_from" not in trained and trained[TRAINING_KEY] != src["01"].data.tags[TRAINING_KEY]

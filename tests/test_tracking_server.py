@@ -2,7 +2,11 @@
 artifacts)."""
 
 import json
+import os
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -62,7 +66,8 @@ def test_study_through_a_tracking_server(tmp_path, server):
     assert len(children) == 4 and {r.info.status for r in children} == {"FINISHED"}
     assert {r.data.tags["cell"] for r in children} == {"00", "01", "10", "11"}
     run = children[0]
-    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "samples.png"}
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"config.yaml", "samples.png", "evals"}
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "evals")] == ["evals/step_0000004.json"]
     assert (tmp_path / "server-artifacts").exists()  # the server stored the artifacts
     # plain REST, as the UI reads it
     url = f"{server}/api/2.0/mlflow/metrics/get-history?run_id={run.info.run_id}&metric_key=loss"
@@ -72,7 +77,16 @@ def test_study_through_a_tracking_server(tmp_path, server):
 
     results, _ = load_results(spec, state)
     assert len(results.table) == 4 and len(results.samples) == 4 and results.table["fd"].notna().all()
-    assert run_study(spec, state, num_cpus=2).ran == 0
+    # the CLI, all done: nothing runs, and the end names the server, not `srdit ui` (its state holds no store)
+    again = subprocess.run(
+        [sys.executable, "-m", "srdit", "study", "run", str(path), "--state", str(state)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        timeout=300,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "all done" in again.stdout and f"browse at {server}" in again.stdout and "srdit ui" not in again.stdout
 
 
 def test_ui_command_serves_the_embedded_store_and_stops_on_ctrl_c(tmp_path):

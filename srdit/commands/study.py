@@ -348,9 +348,10 @@ def _run(args) -> int:
             shutil.rmtree(args.state, ignore_errors=True)
         raise
     state = Path(args.state)
+    server = res.uri.startswith(("http://", "https://"))
     print(
         f"MLflow: {res.uri} (experiment {spec.tracking.experiment or spec.name}, parent run {res.parent_run_id}); "
-        f"browse with `srdit ui --state {state}`"
+        + (f"browse at {res.uri}" if server else f"browse with `srdit ui --state {state}`")
     )
     print(f"report: `srdit report {args.study} --state {state}` writes {DEFAULT_DASHBOARDS}/{spec.name}/index.html")
     why = stop.requested()

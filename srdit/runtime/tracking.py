@@ -541,9 +541,9 @@ class TrialReporter:
 
             tune.report({**{k: float(v) for k, v in metrics.items()}, "step": step})
 
-    def artifact(self, path: Path) -> None:
+    def artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.child is not None:
-            self.child.log_artifact(path)
+            self.child.log_artifact(path, artifact_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
