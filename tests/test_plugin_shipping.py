@@ -164,6 +164,7 @@ def test_a_worker_with_other_code_refuses_with_one_line(tmp_path, monkeypatch):
     line = shipping.refusal(sources, here)
     mine = plugin_code_version(tmp_path / "node" / "shiptoy.py")
     assert mine != sources[0]["version"]
+    assert "shiptoy" not in sys.modules and "shiptoy" not in ext.PLUGINS  # refused before importing it
     assert "\n" not in line
     assert re.fullmatch(
         rf"plugin shiptoy: the worker on \S+ loaded code version {mine} from {re.escape(str(tmp_path))}/node/"

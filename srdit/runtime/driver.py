@@ -98,14 +98,8 @@ def _ray_started(num_cpus: int | None, echo: Callable[[str], None], address: str
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
         unshipped = [s["name"] for s in plugins if s.get("shipped")]
-        echo(
-            "Ray: the Ray this process is already connected to"
-            + (
-                f" (plugins {', '.join(unshipped)} not shipped: workers load them from this machine's files)"
-                if unshipped
-                else ""
-            )
-        )
+        note = f" (plugins {', '.join(unshipped)} not shipped: workers load them from these paths)" if unshipped else ""
+        echo("Ray: the Ray this process is already connected to" + note)
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS") or None

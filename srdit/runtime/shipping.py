@@ -116,7 +116,7 @@ def refusal(sources: Iterable[Mapping[str, str]], srdit_code: str = "") -> str |
     """Why this worker must not run the study's trials, as one line, or None: srdit's code version here differs
     from `srdit_code` (the driver's, "training/evaluation"; "" = not checked), a plugin of `sources` cannot be
     loaded (`load`), or its code version here differs from the one the driver keyed (`sources`' `version`)."""
-    from srdit.provenance import evaluation_code_version, plugin_versions, training_code_version
+    from srdit.provenance import evaluation_code_version, plugin_code_version, plugin_versions, training_code_version
 
     here = f"{training_code_version()}/{evaluation_code_version()}"
     if srdit_code and here != srdit_code:
@@ -125,17 +125,43 @@ def refusal(sources: Iterable[Mapping[str, str]], srdit_code: str = "") -> str |
             f"install the same srdit on every node"
         )
     sources = list(sources)
+    for s in sources:  # before the import: other code's module-level statements never run
+        path = None if s["name"] in ext.PLUGINS else _code_path(s)
+        if path is not None and plugin_code_version(path) != s["version"]:
+            return _mismatch(s, plugin_code_version(path), str(path))
     problem = load(sources)
     if problem:
         return problem
-    for s in sources:
+    for s in sources:  # what this process runs (a plugin loaded by an earlier trial of this worker, too)
         mine = plugin_versions({s["name"]: {}})[s["name"]]
         if mine != s["version"]:
-            return (
-                f"plugin {s['name']}: {_worker()} loaded code version {mine} from {ext.PLUGINS[s['name']].where()}, "
-                f"the driver keyed {s['version']} ({s['origin']}); {_fix(s)}"
-            )
+            return _mismatch(s, mine, ext.PLUGINS[s["name"]].where())
     return None
+
+
+def _mismatch(s: Mapping[str, str], mine: str, where: str) -> str:
+    return (
+        f"plugin {s['name']}: {_worker()} loaded code version {mine} from {where}, the driver keyed {s['version']} "
+        f"({s['origin']}); {_fix(s)}"
+    )
+
+
+def _code_path(s: Mapping[str, str]) -> Path | None:
+    """The file or package folder this worker would load a plugin from (`load`), found without importing it; None
+    when there is none (`load` then says so) or a module has no source file."""
+    copy = shipped_copy(s)
+    if copy is not None:
+        return copy
+    if Path(s["origin"]).is_absolute():
+        return Path(s["origin"]) if Path(s["origin"]).exists() else None
+    try:
+        spec = importlib.util.find_spec(s["origin"])
+    except (ImportError, ValueError):
+        return None
+    file = Path(spec.origin) if spec is not None and spec.has_location and spec.origin else None
+    if file is None or not file.is_file():
+        return None
+    return file.parent if file.name == "__init__.py" else file
 
 
 def loaded_tags(sources: Iterable[Mapping[str, str]]) -> dict[str, str]:

@@ -623,7 +623,6 @@ def refuse(members: list[TrialJob], ctx: TrialContext, reason: str, to_tune: boo
     """Record trials that this worker must not run (`srdit.runtime.shipping.refusal`: it has other srdit or plugin
     code than the driver keyed): each member's run ends crashed, `reason` the one line, crash cause
     infrastructure (the node's, not the techniques'; a rerun retries it). Nothing is trained."""
-    print(f"srdit: refused: {reason}", flush=True)
     outs = [
         {
             "trial_key": m.key,
