@@ -108,7 +108,7 @@ def load(sources: Iterable[Mapping[str, str]]) -> str | None:
         try:
             load_plugins([str(copy) if copy is not None else s["origin"]], where=f"plugin {s['name']}")
         except ConfigError as e:
-            return f"{_worker()} cannot load plugin {s['name']} ({' '.join(str(e).split())}); {_fix(s)}"
+            return f"plugin {s['name']}: {_worker()} cannot load it ({' '.join(str(e).split())}); {_fix(s)}"
     return None
 
 
@@ -126,7 +126,8 @@ def refusal(sources: Iterable[Mapping[str, str]], srdit_code: str = "") -> str |
         )
     sources = list(sources)
     for s in sources:  # before the import: other code's module-level statements never run
-        path = None if s["name"] in ext.PLUGINS else _code_path(s)
+        # (a module without a source file is versioned by its name: nothing to read before the import)
+        path = None if s["name"] in ext.PLUGINS or s["version"].startswith("module:") else _code_path(s)
         if path is not None and plugin_code_version(path) != s["version"]:
             return _mismatch(s, plugin_code_version(path), str(path))
     problem = load(sources)
