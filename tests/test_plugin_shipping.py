@@ -339,3 +339,49 @@ def test_data_parallel_workers_of_a_private_ray_run_the_shipped_plugin(tmp_path)
     runs = _trial_runs(res)
     assert "loss/dispersive" in runs["1"].data.metrics  # logged by rank 0, which ran the shipped copy
     assert all(r.data.tags["plugin.dispersive.version"] == version for r in runs.values())
+
+
+@pytest.mark.slow
+def test_a_data_parallel_rank_on_a_node_with_other_plugin_code_refuses_the_trial(tmp_path, monkeypatch):
+    """The Tune trial hosting a data-parallel run sits on the head node (the added node has no `memory` resource,
+    which the host reserves) and its ranks on the added node, whose module plugin is an edited copy: the ranks
+    refuse, and the trial is recorded crashed for the infrastructure with the one line."""
+    from ray.cluster_utils import Cluster
+
+    from srdit.analysis.results import CRASH_CAUSE, INFRASTRUCTURE
+    from srdit.runtime.data_parallel import WORKER_ERROR
+    from srdit.runtime.driver import run_study
+    from srdit.study.spec import load_study
+
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    (good / "shiptoy.py").write_text(MODULE_TOY)
+    (bad / "shiptoy.py").write_text(MODULE_TOY.replace("(knobs.depth,)", "(knobs.depth + 0,)"))
+    monkeypatch.syspath_prepend(str(good))
+    path = _study(tmp_path, "dp_refusing", ["shiptoy"], ["shiptoy"])
+    data = yaml.safe_load(path.read_text())
+    data["resources"] = {"cpus": 1, "workers": 2}
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    spec = load_study(path)
+    env = os.environ.get("PYTHONPATH", "")
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "include_dashboard": False, "env_vars": {"PYTHONPATH": f"{good}:{env}"}},
+    )
+    cluster.add_node(num_cpus=2, memory=0, env_vars={"PYTHONPATH": f"{bad}:{env}"})
+    lines: list[str] = []
+    try:
+        res = run_study(spec, tmp_path / "state", echo=lines.append, address=cluster.address)
+    finally:
+        cluster.shutdown()
+    assert res.statuses == {"crashed": 2}, lines
+    for r in _trial_runs(res).values():
+        reason = r.data.tags["status_reason"]
+        assert re.fullmatch(
+            rf"plugin shiptoy: the worker on \S+ loaded code version {plugin_code_version(bad / 'shiptoy.py')} from "
+            rf"{re.escape(str(bad))}/shiptoy\.py, the driver keyed {plugin_code_version(good / 'shiptoy.py')} .*",
+            reason,
+        ), reason
+        assert r.data.tags[CRASH_CAUSE] == INFRASTRUCTURE
+        assert (Path(r.data.tags["trial_dir"]) / WORKER_ERROR).is_file()  # a rank refused, not the host
