@@ -6,7 +6,9 @@ line, recorded as a crash of the infrastructure, while the study goes on.
   worker's import of the shipped copy when the driver's file is gone, and the one-line refusals;
 - a two-node `ray.cluster_utils.Cluster`: a plugin present only beside the driver trains on the other node's
   workers (its file is renamed once the driver has shipped it); a node whose module plugin is an edited copy
-  refuses its trial, and the other trial finishes.
+  refuses its trial, and the other trial finishes; a data-parallel trial whose ranks sit on that node is refused by
+  its ranks;
+- a private local Ray started by the driver: the ranks of a data-parallel trial run the shipped copy.
 """
 
 from __future__ import annotations
