@@ -3,6 +3,7 @@
 Modules: state (`StudyState`: the study's paths under --state, tracking URI, experiment, its runs), jobs (the typed
 jobs the driver hands to the workers), driver (the Ray Tune driver: `run_study`), worker (what runs inside a Ray
 trial: `TrialContext`, `execute_trial`, `execute_group`), data_parallel (a trial on several Ray Train workers),
+shipping (plugin code shipped to every node; a worker's code checked against the driver's),
 tracking (the MLflow run tree, and each trial folder's copy of its run), store (the embedded SQLite store:
 built atomically, checked before use), repair (the records rebuilt from the trial folders), reuse (content keys; finished runs adopted across studies), lock (one driver per
 study), occupancy (trials sharing a machine), bench (the controlled throughput measurement), results and export

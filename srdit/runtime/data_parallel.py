@@ -95,12 +95,20 @@ def _worker_loop(loop: dict) -> None:
     import torch
 
     from srdit import stop
+    from srdit.analysis.results import INFRASTRUCTURE
+    from srdit.runtime.shipping import refusal
     from srdit.runtime.state import STOP_FILE
     from srdit.runtime.tracking import RUN_JOURNAL, ChildRun, TrialReporter
-    from srdit.techniques import load_plugin_sources
     from srdit.train import TrainResult, train
 
-    load_plugin_sources(loop.get("plugins", ()))
+    refused = refusal(loop.get("plugins", ()), loop.get("code", ""))
+    if refused:  # this worker's node has other srdit or plugin code than the driver keyed: the trial is refused
+        rank = ray.train.get_context().get_world_rank()
+        text = json.dumps({"status": "crashed", "reason": refused, "rank": rank, "cause": INFRASTRUCTURE})
+        path = Path(loop["out_dir"]) / WORKER_ERROR
+        if not path.exists():
+            write_atomic(path, lambda f: f.write(text.encode()))
+        raise RuntimeError(refused)
     torch.set_num_threads(loop["threads"])
     if loop["gpus"]:
         torch.cuda.set_device(ray.train.torch.get_device())
@@ -119,7 +127,6 @@ def _worker_loop(loop: dict) -> None:
     except stop.Interrupted as e:  # told to stop: rank 0 saved this step; the trial ends interrupted
         res = TrainResult("interrupted", f"{e}; a rerun resumes it", e.step, {})
     except Exception as e:  # the training code's failure is this trial's outcome: record it, then fail the group
-        from srdit.analysis.results import INFRASTRUCTURE
         from srdit.runtime.worker import _one_line, crash_cause, is_oom
 
         oom = is_oom(e)
@@ -203,6 +210,7 @@ def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx
         "workers": workers,
         "threads": max(1, int(math.floor(ctx.cpus))),
         "plugins": ctx.plugins,
+        "code": ctx.code,
     }
     outcome, error = Path(out_dir) / OUTCOME, Path(out_dir) / WORKER_ERROR
     for attempt in range(max_failures + 1):

@@ -25,6 +25,7 @@ import concurrent.futures
 import contextlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -34,7 +35,8 @@ from typing import Any
 from srdit import stop
 from srdit.analysis.results import INFRASTRUCTURE
 from srdit.metric_registry import headline
-from srdit.provenance import plugin_sources
+from srdit.provenance import evaluation_code_version, plugin_sources, training_code_version
+from srdit.runtime import shipping
 from srdit.runtime.jobs import EvaluationJob, Job, TrainingJob, TrialJob, trial_job
 from srdit.runtime.state import StudyState
 from srdit.runtime.tracking import StudyTracking, has_ended, is_done
@@ -76,12 +78,13 @@ class StudyRun:
 
 
 @contextlib.contextmanager
-def _ray_session(num_cpus: int | None, echo: Callable[[str], None], address: str | None = None):
+def _ray_session(num_cpus: int | None, echo: Callable[[str], None], address: str | None = None, plugins: tuple = ()):
     """Ray for the body of the block: the cluster at `address` / RAY_ADDRESS, else a private local Ray bound to
-    127.0.0.1 (shut down afterwards if this block started it). Ctrl-C inside ends the block quietly: finished
-    trials are already recorded in MLflow."""
+    127.0.0.1 (shut down afterwards if this block started it), its workers given the file and folder `plugins`
+    (`srdit.runtime.shipping`). Ctrl-C inside ends the block quietly: finished trials are already recorded in
+    MLflow."""
 
-    with _ray_started(num_cpus, echo, address):
+    with _ray_started(num_cpus, echo, address, plugins):
         try:
             yield
         except KeyboardInterrupt:
@@ -89,22 +92,34 @@ def _ray_session(num_cpus: int | None, echo: Callable[[str], None], address: str
 
 
 @contextlib.contextmanager
-def _ray_started(num_cpus: int | None, echo: Callable[[str], None], address: str | None = None):
+def _ray_started(num_cpus: int | None, echo: Callable[[str], None], address: str | None = None, plugins: tuple = ()):
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if ray.is_initialized():
-        echo("Ray: the Ray this process is already connected to")
+        unshipped = [s["name"] for s in plugins if s.get("shipped")]
+        note = f" (plugins {', '.join(unshipped)} not shipped: workers load them from these paths)" if unshipped else ""
+        echo("Ray: the Ray this process is already connected to" + note)
         yield
         return
     address = address or os.environ.get("RAY_ADDRESS") or None
-    kwargs: dict[str, Any] = {
-        "include_dashboard": False,
-        "logging_level": "WARNING",
-        "log_to_driver": True,
-        # SIGHUP to a trial's worker process stops that trial with a checkpoint at its current step
-        "runtime_env": {"worker_process_setup_hook": "srdit.stop.install_in_worker"},
-    }
+    with tempfile.TemporaryDirectory(prefix="srdit-plugins-") as staging:
+        kwargs: dict[str, Any] = {
+            "include_dashboard": False,
+            "logging_level": "WARNING",
+            "log_to_driver": True,
+            # SIGHUP to a trial's worker process stops that trial with a checkpoint at its current step; the file
+            # and folder plugins travel as py_modules (uploaded by ray.init, unpacked on every node)
+            "runtime_env": shipping.runtime_env(plugins, staging),
+        }
+        with _ray_connected(num_cpus, echo, address, kwargs):
+            yield
+
+
+@contextlib.contextmanager
+def _ray_connected(num_cpus: int | None, echo: Callable[[str], None], address: str | None, kwargs: dict):
+    import ray
+
     if address:
         echo(f"Ray: the cluster at {address} (RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')})")
         ray.init(address=address, **kwargs)
@@ -349,11 +364,12 @@ def run_study(
         echo(f"study {spec.name}: {len(plan.trials)} trials; all done")
         return _finish(spec, plan, tracking, state, skipped, 0, echo, t0, adopted)
     tracking = None
+    plugins = study_plugins(spec)  # their code versions, read once: the copies shipped are checked against them
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
         # cluster, nothing is recorded before the cluster's resources are checked.
         early = pool.submit(prepare, spec, state, plan) if _starts_local_ray(address) else None
-        with _ray_session(num_cpus, echo, address):
+        with _ray_session(num_cpus, echo, address, plugins):
             _check_cluster(spec)
             plan, tracking, state = early.result() if early else prepare(spec, state, plan)
             n_todo = sum(len(j.todo()) for j in jobs)
@@ -370,7 +386,7 @@ def run_study(
                     + (" ..." if len(plan.excluded) > 4 else "")
                 )
             tracking.set_parent_status("RUNNING")
-            _fit_grid(spec, plan, tracking, state, jobs, max_failures, echo, skipped)
+            _fit_grid(spec, plan, tracking, state, jobs, max_failures, echo, skipped, plugins)
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
     return _finish(spec, plan, tracking, state, skipped, n_todo, echo, t0, adopted)
@@ -584,10 +600,10 @@ def _trial_name(trial) -> str:
     return trial.config.get("job") or f"search_{trial.trial_id}"
 
 
-def _fit_grid(spec, plan, tracking, state: StudyState, jobs: list[Job], max_failures, echo, skipped):
+def _fit_grid(spec, plan, tracking, state: StudyState, jobs: list[Job], max_failures, echo, skipped, plugins=None):
     from ray import tune
 
-    ctx = _context(spec, tracking, state, plan)
+    ctx = _context(spec, tracking, state, plan, plugins=plugins)
     by_key = {j.key: j for j in jobs}
     progress = _progress_callback(len(plan.trials), skipped, echo, spec.metrics.primary, ctx, by_key, max_failures)
     wrapped, run_config = _tuner_common(spec, state, max_failures, [progress], by_key)
@@ -649,10 +665,16 @@ def _max_concurrent(r) -> int | None:
 
 
 def _context(
-    spec: StudySpec, tracking: StudyTracking, state: StudyState, plan: Plan, search: bool = False
+    spec: StudySpec,
+    tracking: StudyTracking,
+    state: StudyState,
+    plan: Plan,
+    search: bool = False,
+    plugins: tuple | None = None,
 ) -> TrialContext:
     """What every trial needs besides its job (it travels pickled in the Tune param space). Search trials also
-    get the parsed study and the objectives."""
+    get the parsed study and the objectives. `plugins`: the study's plugins as shipped (`study_plugins`), read
+    once before Ray starts (default: read now)."""
     return TrialContext(
         study=spec.name,
         design=plan.design,
@@ -669,8 +691,15 @@ def _context(
         cwd=os.getcwd(),  # relative paths in the study are meant from here
         spec=spec if search else None,
         objectives=tuple(search_objectives(spec)) if search else (),
-        plugins=tuple(plugin_sources(spec.plugins)),
+        plugins=study_plugins(spec) if plugins is None else plugins,
+        code=f"{training_code_version()}/{evaluation_code_version()}",
     )
+
+
+def study_plugins(spec: StudySpec) -> tuple[dict[str, str], ...]:
+    """The study's plugins as the workers get them: name, origin, source, code version (`plugin_sources`) and
+    where a worker finds the shipped copy of a file or folder plugin (`srdit.runtime.shipping.shipped`)."""
+    return shipping.shipped(plugin_sources(spec.plugins))
 
 
 def _run_search(
@@ -700,11 +729,12 @@ def _run_search(
         )
         return _finish(spec, plan, tracking, state, n_done, 0, echo, t0)
     tracking = None
+    plugins = study_plugins(spec)  # their code versions, read once: the copies shipped are checked against them
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
         # cluster, nothing is recorded before the cluster's resources are checked.
         early = pool.submit(prepare, spec, state, plan) if _starts_local_ray(address) else None
-        with _ray_session(num_cpus, echo, address):
+        with _ray_session(num_cpus, echo, address, plugins):
             _check_cluster(spec)
             plan, tracking, state = early.result() if early else prepare(spec, state, plan)
         echo(
@@ -728,7 +758,7 @@ def _run_search(
             study_name=spec.name,
             storage=_optuna_storage(state),
         )
-        ctx = _context(spec, tracking, state, plan, search=True)
+        ctx = _context(spec, tracking, state, plan, search=True, plugins=plugins)
         tracking.set_parent_status("RUNNING")
         conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher

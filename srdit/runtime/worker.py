@@ -31,6 +31,7 @@ from pathlib import Path
 from srdit import stop
 from srdit.analysis.results import CODE, INFRASTRUCTURE
 from srdit.config import ConfigError
+from srdit.runtime import shipping
 from srdit.runtime.jobs import (
     EvaluationJob,
     Job,
@@ -46,7 +47,6 @@ from srdit.runtime.state import STOP_FILE
 from srdit.runtime.tracking import RUN_JOURNAL, ChildRun, TrialReporter, is_done, runtime_tags
 from srdit.study.designs import TrialSpec, make_cell, make_trial, search_objectives, violated
 from srdit.study.spec import StudySpec
-from srdit.techniques import load_plugin_sources
 
 MAX_FAILURES = 3
 """Tune retries of a trial after an infrastructure failure (lost worker or node); also Ray Train's restarts of a
@@ -90,8 +90,12 @@ class TrialContext:
     """Search designs: the objectives Optuna optimises; the trial then reports only its final result to Tune,
     which always carries them. Empty for grid designs (every training report goes to Tune)."""
     plugins: tuple[Mapping[str, str], ...] = ()
-    """The plugin techniques of the study (`srdit.techniques.plugin_sources`: name, where the driver loaded it from,
-    stage, code version): a worker loads them before it runs a trial (`load_plugin_sources`)."""
+    """The plugin techniques of the study (`srdit.runtime.driver.study_plugins`: name, where the driver loaded it
+    from, its code version, where the shipped copy of a file or folder plugin is): a worker loads them and checks
+    their versions before it runs a trial (`srdit.runtime.shipping.refusal`)."""
+    code: str = ""
+    """srdit's code version in the driver ("training/evaluation", `srdit.provenance`): a worker whose own differs
+    refuses the trial (`srdit.runtime.shipping.refusal`); "" = not checked."""
 
 
 def is_oom(e: BaseException | str) -> bool:
@@ -183,6 +187,12 @@ def open_child(job: TrialJob, ctx: TrialContext, extra_tags: dict | None = None)
         run_id=job.run_id,
         journal=Path(ctx.trials_dir) / job.key / RUN_JOURNAL,
     )
+
+
+def process_tags(ctx: TrialContext) -> dict:
+    """The tags of the process that runs a trial (`runtime_tags`), and the code version and source of each plugin
+    of the study it loaded (`srdit.runtime.shipping.loaded_tags`; none without plugins)."""
+    return {**runtime_tags(), **shipping.loaded_tags(ctx.plugins)}
 
 
 def _not_started(job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
@@ -323,7 +333,7 @@ def _execute(job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
     torch.set_num_threads(threads)
     cfg = job.config
     out_dir = Path(ctx.trials_dir) / job.key
-    child = open_child(job, ctx, runtime_tags())
+    child = open_child(job, ctx, process_tags(ctx))
     objectives = ctx.objectives  # search: Tune sees only the final result, which always has the objectives
     reporter = TrialReporter(child, to_tune and not objectives)
     occupancy = Occupancy(ctx.trials_dir, job.key).__enter__()
@@ -444,7 +454,7 @@ def evaluate_from(
     out_dir = Path(ctx.trials_dir) / job.key
     with trial_lock(ctx, job.key):
         tags = {
-            **runtime_tags(),
+            **process_tags(ctx),
             "evaluated_from": str(source),
             **(extra_tags or {}),
             **({TRAIN_RUN_TAG: train_run_id} if train_run_id else {}),
@@ -526,7 +536,7 @@ def _train_group(job: TrainingJob, lead: TrialJob, todo: list[TrialJob], ctx: Tr
         check_job(m)
     torch.set_num_threads(max(1, int(math.floor(ctx.cpus))))
     others = [m for m in todo if m is not lead]
-    runtime = {**runtime_tags(), TRAINING_GROUP_TAG: job.group, "shared_by": len(job.members)}
+    runtime = {**process_tags(ctx), TRAINING_GROUP_TAG: job.group, "shared_by": len(job.members)}
     lead_child = open_child(lead, ctx, runtime)
     children = [open_child(m, ctx, {**runtime, TRAIN_RUN_TAG: lead_child.run_id}) for m in others]
     lead_rep = TrialReporter(lead_child, to_tune)
@@ -585,17 +595,44 @@ def trainable(config: dict, jobs: dict[str, Job] | None = None) -> None:
     tech.* and knobs); config["ctx"] is the study's `TrialContext`."""
     quiet_exit_on_sigterm()
     ctx: TrialContext = config["ctx"]
-    load_plugin_sources(ctx.plugins)
+    refused = shipping.refusal(ctx.plugins, ctx.code)  # loads the plugins; other code than the driver keyed: refused
     key = config.get("job")
     with trial_stop(ctx):
         if key is None:
-            trial = search_trial(config, ctx)
+            try:
+                trial = search_trial(config, ctx)
+            except Exception as e:
+                if refused:  # a plugin this worker cannot load: the sample cannot even be made here
+                    raise JobMismatch(refused) from e
+                raise
             if trial is not None:
-                execute_trial(trial, ctx, to_tune=True)
+                if refused:
+                    refuse([trial], ctx, refused, to_tune=True)
+                else:
+                    execute_trial(trial, ctx, to_tune=True)
             return
         if not jobs or key not in jobs:
             raise JobMismatch(f"Ray trial {key}: no such job was handed to the worker")
-        execute_group(jobs[key], ctx, to_tune=True)
+        if refused:
+            refuse(jobs[key].todo(), ctx, refused, to_tune=True)
+        else:
+            execute_group(jobs[key], ctx, to_tune=True)
+
+
+def refuse(members: list[TrialJob], ctx: TrialContext, reason: str, to_tune: bool = False) -> dict:
+    """Record trials that this worker must not run (`srdit.runtime.shipping.refusal`: it has other srdit or plugin
+    code than the driver keyed): each member's run ends crashed, `reason` the one line, crash cause
+    infrastructure (the node's, not the techniques'; a rerun retries it). Nothing is trained."""
+    outs = [
+        {
+            "trial_key": m.key,
+            "status": "crashed",
+            "reason": reason,
+            "run_id": record_outcome(m, ctx, "crashed", reason, INFRASTRUCTURE),
+        }
+        for m in members
+    ]
+    return _group_answer(outs, ctx, to_tune)
 
 
 def search_trial(config: dict, ctx: TrialContext) -> TrialJob | None:
