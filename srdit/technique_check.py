@@ -14,7 +14,7 @@ The checks (each a `Check` with its figure):
   trained weights (and EMA) bit-identical to the off run's and changes the samples;
 - `on finite`: one training step with it on (weights moved off the adaLN-Zero init, so that every path carries
   gradient): finite losses and gradients, a gradient reaching every parameter it adds (non-zero for at least one),
-  finite samples after N steps;
+  each of its own loss terms alone sending a non-zero gradient to some parameter, finite samples after N steps;
 - `data parallel`: 2 gloo workers on the same global batch follow the one-process run: every per-step loss within
   `DP_TOLERANCE` relative.
 
@@ -308,7 +308,9 @@ def _stage_check(stage: str, on: dict[str, Any], off: dict[str, Any]) -> tuple[b
 def _gradient_check(on_cfg: RunConfig, off_cfg: RunConfig) -> tuple[bool, str]:
     """One training step with the technique on, as the trainer runs it (`srdit.train.TrainStep`)."""
     from srdit.model import build_model
+    from srdit.parallel import DataParallel
     from srdit.train import TrainStep, make_batches, make_optimizer
+    from srdit.transport.objective import StepNoise, training_losses
 
     cpu = torch.device("cpu")
     plain = {n for n, _ in build_model(off_cfg.model, off_cfg.ext).named_parameters()}
@@ -337,11 +339,25 @@ def _gradient_check(on_cfg: RunConfig, off_cfg: RunConfig) -> tuple[bool, str]:
     moving = [n for n in added if params[n].grad.abs().sum() > 0]
     if added and not moving:
         return False, f"the gradients of the {len(added)} parameters it adds are all zero"
+    # each of the technique's own loss terms alone, backpropagated: it must reach some parameter (a term computed
+    # from detached tensors trains nothing)
+    model.zero_grad(set_to_none=True)
+    noise = StepNoise.draw(on_cfg, model, x0.shape, on_cfg.shift_value(), cpu, DataParallel())
+    losses = training_losses(model, x0, y, teacher, on_cfg, noise)
+    trained = [p for p in params.values() if p.requires_grad]
+    reached = []
+    for term in (k for k in losses if k not in ("loss", "fm")):
+        grads = torch.autograd.grad(losses[term], trained, allow_unused=True, retain_graph=True)
+        hit = sum(1 for gr in grads if gr is not None and bool(gr.abs().sum() > 0))
+        if not hit:
+            return False, f"the loss term {term} sends no gradient to any parameter"
+        reached.append(f"{term} reaches {hit} of {len(trained)}")
     terms = ", ".join(f"{k} {v.item():.4g}" for k, v in metrics.items() if k.startswith("loss"))
     reach = (
         f"{len(moving)} of {len(added)} added parameters with a non-zero gradient" if added else "no added parameters"
     )
-    return True, f"{terms}; gradients finite (norm {metrics['grad_norm'].item():.3g}), {reach}"
+    own = f"; {', '.join(reached)} parameters" if reached else ""
+    return True, f"{terms}; gradients finite (norm {metrics['grad_norm'].item():.3g}), {reach}{own}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -160,16 +160,18 @@ lazy = Plugin("lazy", "nowhere 2025", stage="STAGE", knobs={"weight": Knob(0.0, 
 
 
 def test_the_stage_check_catches_a_declaration_that_does_not_match_what_it_touches(tmp_path):
-    """A "train" plugin that changes nothing fails the stage check; the same plugin declared "eval" (it leaves the
-    weights alone) fails it too, because it does not change the samples either."""
+    """A "train" plugin that changes nothing fails the stage check, and its loss term, which sends no gradient,
+    fails `on finite`; the same plugin declared "eval" (it leaves the weights alone) fails the stage check too,
+    because it does not change the samples either."""
     for stage in ("train", "eval"):
         with registry_restored():
             (tmp_path / stage).mkdir()
             file = _write(tmp_path / stage / "lazy.py", LAZY.replace("STAGE", stage))
-            results = check_techniques(["lazy"], [str(file)], checks=("load", "stage"))
-            load, check = results["lazy"]
+            results = check_techniques(["lazy"], [str(file)], checks=("load", "stage", "on finite"))
+            load, check, finite = results["lazy"]
             assert load.ok and not check.ok
             assert check.figure.startswith(f"{stage} stage, but")
+            assert not finite.ok and finite.figure == "the loss term lazy sends no gradient to any parameter"
 
 
 def test_techniques_new_writes_a_plugin_that_passes_the_kit_and_a_study_that_plans(tmp_path, capsys):
