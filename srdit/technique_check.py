@@ -417,23 +417,34 @@ def _dp_compare(one: dict[int, dict[str, float]], two: dict[int, dict[str, float
     return ok, f"1 vs 2 gloo workers: worst relative difference {worst:.2g} ({where}; bar {DP_TOLERANCE:g})"
 
 
-def _data_parallel(jobs: list[tuple[str, RunConfig]], work: Path) -> dict[str, tuple[bool, str]]:
+def _start_data_parallel(jobs: list[tuple[str, RunConfig]], work: Path) -> Any:
+    """Start the 2 gloo workers on every job (they run while this process does its own runs); `_finish_data_parallel`
+    waits for them."""
     import torch.multiprocessing as mp
 
     plugins = list(dict.fromkeys(p.origin for p in ext.PLUGINS.values()))
+    return mp.start_processes(
+        _dp_worker,
+        args=(2, _free_port(), plugins, [(n, to_dict(c)) for n, c in jobs], str(work)),
+        nprocs=2,
+        join=False,
+        start_method="spawn",
+    )
+
+
+def _finish_data_parallel(workers: Any, names: Sequence[str], work: Path) -> dict[str, str]:
+    """Wait for the workers; name -> "" when its run finished, else the failed worker's last line."""
+    error = ""
     try:
-        mp.spawn(
-            _dp_worker,
-            args=(2, _free_port(), plugins, [(n, to_dict(c)) for n, c in jobs], str(work)),
-            nprocs=2,
-            join=True,
-        )
-        error = ""
+        while not workers.join():
+            pass
     except Exception as e:  # a worker's exception: the techniques it did not finish fail with its last line
         error = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-    return {
-        n: (False, f"a worker failed: {error}") if error and not _dp_losses(work / n) else (True, "") for n, _ in jobs
-    }
+    finally:
+        for p in workers.processes:
+            if p.is_alive():
+                p.terminate()
+    return {n: f"a worker failed: {error}" if error and not _dp_losses(work / n) else "" for n in names}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -481,23 +492,44 @@ def check_techniques(
         if "load" in wanted:
             where = f"plugin from {ext.PLUGINS[n].where()}" if n in ext.PLUGINS else f"built-in ({', '.join(t.code)})"
             record(n, "load", True, where, t0, len(names))
+    contexts = {n: context(n, base) for n in names}
     groups: dict[tuple[str, ...], list[str]] = {}
     for n in names:
-        groups.setdefault(context(n, base), []).append(n)
-    on_runs: dict[str, tuple[RunConfig, dict[str, Any]]] = {}
+        groups.setdefault(contexts[n], []).append(n)
+    on_cfgs = {n: with_techniques(base, [*contexts[n], n]) for n in names}
+    t4 = time.perf_counter()
+    workers = _start_data_parallel(list(on_cfgs.items()), work / "data-parallel") if "data parallel" in wanted else None
+    try:
+        on_runs = _run_in_process(entries, groups, on_cfgs, base, steps, wanted, work, record)
+    finally:
+        dp_errors = _finish_data_parallel(workers, names, work / "data-parallel") if workers is not None else {}
+    if workers is not None:
+        share = (time.perf_counter() - t4) / len(names)  # the workers ran alongside the runs above
+        for n in names:
+            ok, figure = (False, dp_errors[n]) if dp_errors[n] else (True, "")
+            if ok:
+                ok, figure = _dp_compare(on_runs[n]["losses"], _dp_losses(work / "data-parallel" / n))
+            results[n].append(Check(n, "data parallel", ok, figure, share))
+    return results
+
+
+def _run_in_process(entries, groups, on_cfgs, base, steps, wanted, work, record) -> dict[str, dict[str, Any]]:
+    """The checks of `check_techniques` that run in this process (off, knob ranges, stage, on finite); returns
+    name -> the outcome of its on run."""
+    on_runs: dict[str, dict[str, Any]] = {}
     for ctx, members in groups.items():
         off_cfg = with_techniques(base, list(ctx))
         label = f"{'+'.join(ctx) or 'plain'}"
         t1 = time.perf_counter()
-        try:
-            off = outcome(off_cfg, work / f"off-{label}")
-            reference = baseline(off_cfg, work / f"baseline-{label}") if "off = baseline" in wanted else None
-            off_error = ""
-        except RuntimeError as e:
-            off, reference, off_error = None, None, str(e)
+        off = _guarded_outcome(off_cfg, work / f"off-{label}")
+        off_error = "" if off["status"] == "finished" else f"the off run ended {off['status']}: {off['reason']}"
         if "off = baseline" in wanted:
-            if off_error:
-                ok, figure = False, off_error
+            try:
+                reference, ref_error = baseline(off_cfg, work / f"baseline-{label}"), ""
+            except RuntimeError as e:
+                reference, ref_error = None, str(e)
+            if off_error or ref_error:
+                ok, figure = False, off_error or ref_error
             else:
                 ok, figure = _same_run(off, reference)
                 figure = (
@@ -509,18 +541,17 @@ def check_techniques(
             for n in members:
                 record(n, "off = baseline", ok, figure, t1, len(members))
         for n in members:
-            t = entries[n]
+            t, on_cfg = entries[n], on_cfgs[n]
             t2 = time.perf_counter()
-            on_cfg = with_techniques(base, [*ctx, n])
             if "knob ranges" in wanted:
                 record(n, "knob ranges", *_knob_check(t, on_cfg), t2)
             t2 = time.perf_counter()
             on = (
                 _guarded_outcome(on_cfg, work / f"on-{n}") if wanted & {"stage", "on finite", "data parallel"} else None
             )
-            on_runs[n] = (on_cfg, on)
+            on_runs[n] = on
             if "stage" in wanted:
-                ok, figure = (False, off_error) if off is None else _stage_check(t.stage, on, off)
+                ok, figure = (False, off_error) if off_error else _stage_check(t.stage, on, off)
                 record(n, "stage", ok, figure, t2)
             if "on finite" in wanted:
                 t3 = time.perf_counter()
@@ -533,16 +564,7 @@ def check_techniques(
                 elif ok and not torch.isfinite(on["samples"]).all():
                     ok, figure = False, "non-finite samples"
                 record(n, "on finite", ok, figure, t3)
-    if "data parallel" in wanted:
-        t4 = time.perf_counter()
-        done = _data_parallel([(n, on_runs[n][0]) for n in names], work / "data-parallel")
-        share = (time.perf_counter() - t4) / max(len(names), 1)
-        for n in names:
-            ok, figure = done[n]
-            if ok:
-                ok, figure = _dp_compare(on_runs[n][1]["losses"], _dp_losses(work / "data-parallel" / n))
-            results[n].append(Check(n, "data parallel", ok, figure, share))
-    return results
+    return on_runs
 
 
 if __name__ == "__main__":
