@@ -6,8 +6,9 @@ The checks (each a `Check` with its figure):
 - `load`: the plugins load (a bad declaration, e.g. a numeric knob without a range, is refused here:
   `srdit.ext.check_plugin`);
 - `off = baseline`: with the technique loaded but off, the weights, EMA weights and samples after N steps equal, bit
-  for bit, those of a fresh Python process that never loaded it (`srdit.technique_check` run as a script), so a
-  plugin that draws random numbers or changes the model while off is caught;
+  for bit, those of a fresh Python process that never loaded it (`srdit.technique_check` run as a script), so any
+  effect of a loaded plugin on a run where it is off is caught (a global hook that draws random numbers on every
+  forward, a patched srdit function; draws at import cannot move a run, as the trainer seeds its generators);
 - `knob ranges`: each numeric knob just outside each finite bound (and a float knob at inf and nan) is a
   ConfigError naming its key;
 - `stage`: a "train" technique changes the trained weights or the losses when on; an "eval" technique leaves the

@@ -111,6 +111,16 @@ def test_a_plugin_whose_off_path_draws_random_numbers_fails_off_equals_baseline(
     assert failures(results) == [results["noisy"][1].line(), results["cfm"][1].line()]
 
 
+def test_draws_at_import_cannot_move_a_run_and_pass(tmp_path):
+    """The trainer seeds its own generators, so random numbers a plugin draws when imported and registered change
+    no run: the off check (against the fresh process) passes. What it catches is a draw on the off path itself."""
+    source = NOISY.replace("HANDLE = torch.nn.modules.module.register_module_forward_hook(_draw)", "torch.rand(1000)")
+    results = check_techniques(
+        ["noisy"], [str(_write(tmp_path / "noisy.py", source))], checks=("load", "off = baseline")
+    )
+    assert failures(results) == []
+
+
 def test_a_plugin_whose_knob_has_no_range_fails_at_load_and_the_cli_exits_1(tmp_path, capsys):
     from srdit.commands import main
 
