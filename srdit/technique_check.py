@@ -21,7 +21,7 @@ The checks (each a `Check` with its figure):
 
 A technique that is not valid on the digits model alone (path-drop guidance needs SPRINT) is checked on top of the
 first built-in that makes its config valid (`context`), on in the baseline, off and on runs alike. Sampling uses
-classifier-free guidance (`KIT_DIFF`: sample.cfg_scale 2) so that guidance techniques act.
+classifier-free guidance (`kit_diff`: sample.cfg_scale 2) so that guidance techniques act.
 
 Cost: one fresh process for the baseline (shared by every technique of a call with the same context, and cached
 for the process), one pair of gloo workers for all of a call's techniques, and per technique one N-step run and
@@ -41,6 +41,7 @@ import sys
 import tempfile
 import time
 import typing
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -380,6 +381,8 @@ def _dp_worker(rank: int, world: int, port: int, plugins: list[str], jobs: list[
 
     from srdit.train import METRICS_LOG, JsonlReporter, train
 
+    # torch's notice about DDP's broadcast_buffers argument (the trainer's choice) is not the kit's output
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=5))
     try:
