@@ -1,7 +1,7 @@
 """The check kit (`srdit.technique_check`, `srdit techniques check`) and `srdit techniques new`.
 
-- every technique of the registry and the example dispersive plugin pass every check (one call: one baseline
-  process and one pair of gloo workers for all of them);
+- every technique of the registry and every example plugin (examples/plugins/<name>/<name>.py: the dispersive
+  loss) pass every check (one call: one baseline process and one pair of gloo workers for all of them);
 - deliberately broken plugins fail it: one whose off path draws random numbers (caught by the baseline from a fresh
   process), one whose knob has no range (refused at load: the `load` check fails, exit 1);
 - the kit's parts measure what they claim: out-of-range values, a train technique that changes nothing, an eval
@@ -25,7 +25,9 @@ from srdit.technique_check import CHECKS, check_techniques, failures, outside_va
 from srdit.techniques import TECHNIQUES
 
 ROOT = Path(__file__).resolve().parents[1]
-DISPERSIVE = ROOT / "examples" / "plugins" / "dispersive" / "dispersive.py"
+PLUGIN_EXAMPLES = ROOT / "examples" / "plugins"
+EXAMPLES = {p.stem: p for p in sorted(PLUGIN_EXAMPLES.glob("*/*.py")) if p.stem == p.parent.name}
+"The example plugins: examples/plugins/<name>/<name>.py declares technique <name>."
 
 
 @contextlib.contextmanager
@@ -43,7 +45,7 @@ def registry_restored():
         for name in set(sys.modules) - modules:  # the plugins' own modules (library imports stay)
             file = str(getattr(sys.modules[name], "__file__", "") or "")
             if file.startswith(
-                (str(DISPERSIVE.parent), tempfile.gettempdir(), str(Path(tempfile.gettempdir()).resolve()))
+                (str(PLUGIN_EXAMPLES), tempfile.gettempdir(), str(Path(tempfile.gettempdir()).resolve()))
             ):
                 del sys.modules[name]
 
@@ -56,13 +58,14 @@ def clean_registry():
 
 @pytest.fixture(scope="module")
 def registry_results():
-    """The kit on every registry technique and the dispersive example, in one call."""
+    """The kit on every registry technique and every example plugin, in one call."""
     with registry_restored():
-        yield check_techniques([*TECHNIQUES, "dispersive"], [str(DISPERSIVE)])
+        yield check_techniques([*TECHNIQUES, *EXAMPLES], [str(p) for p in EXAMPLES.values()])
 
 
-@pytest.mark.parametrize("name", [*TECHNIQUES, "dispersive"])
+@pytest.mark.parametrize("name", [*TECHNIQUES, *EXAMPLES])
 def test_every_technique_passes_the_kit(name, registry_results):
+    assert "dispersive" in EXAMPLES
     checks = registry_results[name]
     assert [c.check for c in checks] == list(CHECKS)
     assert all(c.ok for c in checks), "\n".join(c.line() for c in checks if not c.ok)
