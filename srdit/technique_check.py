@@ -517,7 +517,16 @@ def check_techniques(
     return results
 
 
-def _run_in_process(entries, groups, on_cfgs, base, steps, wanted, work, record) -> dict[str, dict[str, Any]]:
+def _run_in_process(
+    entries: dict[str, Technique],
+    groups: dict[tuple[str, ...], list[str]],
+    on_cfgs: dict[str, RunConfig],
+    base: RunConfig,
+    steps: int,
+    wanted: set[str],
+    work: Path,
+    record: Any,
+) -> dict[str, dict[str, Any]]:
     """The checks of `check_techniques` that run in this process (off, knob ranges, stage, on finite); returns
     name -> the outcome of its on run."""
     on_runs: dict[str, dict[str, Any]] = {}
