@@ -2,7 +2,7 @@
 
 The plugin is a loss-term technique (the commonest kind: REPA, CFM, the dispersive loss) with one knob, `weight`,
 and every hook documented in place; its `paper` field is left to fill in. The study switches it on and off on the
-embedded digits (2 cells x 3 seeds of 200 steps: about two minutes on a laptop), so the first question, does it
+embedded digits (2 cells x 3 seeds of 200 steps: 2 to 4 minutes on a 2-core laptop), so the first question, does it
 help, has an answer before any code is changed. Both pass `srdit techniques check` and `srdit study plan` as
 written (tests/test_technique_check.py).
 """
@@ -63,7 +63,7 @@ def loss(ctx: LossContext):
 '''
 
 STUDY = """# Does {name} help on the embedded digits? Its plugin ({plugin_file}) on and off, 3 seeds of 200 steps of the
-# debug SiT: a minute or two on a laptop (written by `srdit techniques new {name}`).
+# debug SiT: 2 to 4 minutes on a 2-core laptop (written by `srdit techniques new {name}`).
 #   srdit study plan {study_file}
 #   srdit study run {study_file}
 name: digits_{name}
