@@ -2,12 +2,12 @@
 
 | layer     | nodes (srdit/...)                                  | may import (srdit)             | must not import |
 |-----------|----------------------------------------------------|--------------------------------|-----------------|
-| config    | __init__, config, techniques, metric_registry, ext | -                              | torch, ray, mlflow |
+| config    | __init__, config, techniques, metric_registry, ext, technique_template | -          | torch, ray, mlflow |
 | util      | cache                                              | -                              | ray, mlflow     |
 | model     | model/                                             | config, util                   | ray, mlflow     |
 | transport | transport/                                         | config, util, `srdit.model` *  | ray, mlflow     |
 | data      | data/, encoders/, metrics/                         | config, util                   | ray, mlflow     |
-| train     | train, generate, evaluate, sample_shards, parallel, imaging, provenance, convert, inputs | the rows above | ray, mlflow |
+| train     | train, generate, evaluate, sample_shards, parallel, imaging, provenance, convert, inputs, technique_check | the rows above | ray, mlflow |
 | study     | study/ (pure planning)                             | the rows above, `srdit.analysis.results` and `.power` only | ray, mlflow |
 | runtime   | runtime/ (driver, worker, tracking, reuse, ...)    | the rows above, `srdit.analysis.results` and `.power` only | - |
 | analysis  | analysis/                                          | config                         | torch, ray      |
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "srdit"
 
 LAYERS: dict[str, set[str]] = {
-    "config": {"srdit", "config", "techniques", "metric_registry", "ext"},
+    "config": {"srdit", "config", "techniques", "metric_registry", "ext", "technique_template"},
     "util": {"cache", "stop"},
     "model": {"model"},
     "transport": {"transport"},
@@ -61,6 +61,7 @@ LAYERS: dict[str, set[str]] = {
         "provenance",
         "convert",
         "inputs",
+        "technique_check",
     },
     "study": {"study"},
     "runtime": {"runtime"},

@@ -226,6 +226,16 @@ def test_zero_init_paths_are_identity(cfg):
 MODEL_TECHNIQUES = [name for name, tech in TECHNIQUES.items() if any(k.startswith("model.") for k in tech.diff)]
 
 
+def aux_outputs(tech) -> set[str]:
+    """The aux outputs of a technique's model in training, from its declaration: one per teacher-aligned model
+    section (`srdit.transport.objective.TEACHER_SETTINGS`: REPA's patch tokens, REG's class token) that its diff
+    enables, under the section's name."""
+    from srdit.transport.objective import TEACHER_SETTINGS
+
+    sections = {key.split(".")[1] for key in TEACHER_SETTINGS}
+    return {s for s in sections if tech.diff.get(f"model.{s}.enabled") is True}
+
+
 @pytest.mark.parametrize("name", MODEL_TECHNIQUES)
 def test_every_model_technique(name):
     """Each technique that changes the model: right shape, finite, deterministic given the seed, aux outputs
@@ -246,7 +256,7 @@ def test_every_model_technique(name):
     _, out2, aux2 = run()
     assert out.shape == x.shape and torch.isfinite(out).all()
     assert torch.equal(out, out2) and aux.keys() == aux2.keys() and all(torch.equal(aux[k], aux2[k]) for k in aux)
-    needs = {"repa": {"repa"}, "reg": {"reg"}}.get(name, set())
+    needs = aux_outputs(TECHNIQUES[name])
     assert set(aux) == needs
     assert all(torch.isfinite(v).all() for v in aux.values())
     if "repa" in aux:

@@ -58,7 +58,7 @@ COMMANDS: dict[str, Command] = {
         "models",
         "techniques_main",
         "techniques_parser",
-        "list the techniques (built-ins and plugins): diff, knobs, paper, code",
+        "list the techniques (built-ins and plugins): diff, knobs, paper, code; check one; start a new one",
     ),
     "study": Command("study", "main", "study_parser", "plan | run | resume | status | bench | submit a study YAML"),
     "analyze": Command("analyze", "main", "build_parser", "effects and synergy from a CSV"),

@@ -1,12 +1,12 @@
 """`srdit convert | model-info | techniques`: a reference checkpoint into an srdit one, a model's size and cost, the
-technique registry (built-ins and plugins)."""
+technique registry (built-ins and plugins), its check kit (`techniques check`) and a new plugin (`techniques new`)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-from srdit.commands.errors import ArgError, OneLineParser, fail
+from srdit.commands.errors import ArgError, OneLineParser, count, fail
 from srdit.commands.run import guarded, parse_and_run
 
 
@@ -59,7 +59,36 @@ def cmd_model_info(args) -> int:
     return 0
 
 
+def cmd_technique_check(args) -> int:
+    import time
+
+    from srdit.technique_check import check_techniques
+
+    started = time.perf_counter()
+    checks = check_techniques([args.name], args.plugins or (), args.steps, relative_to=".")[args.name]
+    for c in checks:
+        print(c.line(), flush=True)
+    failed = sum(not c.ok for c in checks)
+    print(
+        f"{args.name}: {len(checks) - failed} of {len(checks)} checks passed in {time.perf_counter() - started:.1f} s"
+    )
+    return 1 if failed else 0
+
+
+def cmd_technique_new(args) -> int:
+    from srdit.technique_template import new_technique
+
+    plugin, study = new_technique(args.name, args.out)
+    print(f"wrote {plugin} (the plugin: fill in paper, description and the loss) and {study} (its digits study)")
+    print(f"next: srdit techniques check {args.name} --plugins {plugin}; srdit study plan {study}")
+    return 0
+
+
 def cmd_techniques(args) -> int:
+    if args.action == "check":
+        return cmd_technique_check(args)
+    if args.action == "new":
+        return cmd_technique_new(args)
     from srdit import ext
     from srdit.provenance import plugin_sources
     from srdit.techniques import TECHNIQUES, load_installed_plugins, load_plugins, plugin_technique
@@ -145,6 +174,28 @@ def techniques_parser() -> argparse.ArgumentParser:
         help="plugin techniques to load and list too: module names, or .py files / package folders "
         "(installed plugins, entry-point group srdit.techniques, are always listed)",
     )
+    sub = tq.add_subparsers(dest="action", parser_class=OneLineParser)
+    ck = sub.add_parser(
+        "check",
+        help="the check kit on the tiny digits model: off = a fresh process without it (weights, EMA, samples), "
+        "knob ranges, stage, finite on-path gradients, 1 vs 2 data-parallel workers; one line per check, exit 1 "
+        "on a failure",
+    )
+    ck.add_argument("name", help="the technique (a built-in, or a plugin of --plugins)")
+    ck.add_argument(
+        "--plugins",
+        nargs="+",
+        metavar="PLUGIN",
+        help="plugins to load (and keep off in the off run): module names, or .py files / package folders",
+    )
+    ck.add_argument("--steps", type=count(1), default=3, help="training steps of each run")
+    nw = sub.add_parser(
+        "new",
+        help="write a starting plugin (a loss term with one weight knob, hooks documented, a paper field to fill "
+        "in) and a digits study YAML that lists it",
+    )
+    nw.add_argument("name", help="the technique's name (lower-case letters, digits and _; not a built-in's)")
+    nw.add_argument("--out", default=".", help="the folder to write NAME.py and digits_NAME.yaml into")
     return tq
 
 
@@ -167,5 +218,6 @@ def model_info_main(argv: list[str] | None = None) -> int:
 
 
 def techniques_main(argv: list[str] | None = None) -> int:
-    """`srdit techniques [--json] [--plugins PLUGIN ...]`; returns the exit code."""
+    """`srdit techniques [--json] [--plugins PLUGIN ...]`, `srdit techniques check NAME [--plugins PLUGIN ...]
+    [--steps N]`, `srdit techniques new NAME [--out DIR]`; returns the exit code."""
     return parse_and_run(techniques_parser(), cmd_techniques, argv)
