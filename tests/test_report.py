@@ -363,3 +363,33 @@ def test_records_tell_a_trial_lost_to_infrastructure_from_a_failed_one(tmp_path)
     write_records(res, path)
     text = path.read_text(encoding="utf-8")
     assert "(n=1, 1 failed, 1 lost to infrastructure)" in text
+
+
+def test_every_panel_names_cells_by_their_techniques_not_their_ids(tmp_path):
+    """A real study's cell ids are bit strings ("110"): the Pareto points, the learning-curve legend and the
+    sample-grid captions show "repa+rope" (the id only beside it or in the hover); cells.csv carries both."""
+    import dataclasses
+
+    from srdit.analysis.figures import fig_curves, fig_pareto
+
+    res = make_results(tmp_path)
+    bits = {c: "".join(str(int(f in c.split("+"))) for f in res.factors) for c in res.table["cell"].unique()}
+    res = dataclasses.replace(
+        res,
+        table=res.table.assign(cell=res.table["cell"].map(bits)),
+        curves=res.curves.assign(cell=res.curves["cell"].map(bits)),
+        samples={bits[c]: p for c, p in res.samples.items()},
+    )
+    assert res.cell_names()["110"] == "repa+rope" and res.cell_names()["000"] == "baseline"
+    fit = fit_report(res, bootstrap=False)
+    pareto = fig_pareto(res, fit.primary)
+    texts = [t for trace in pareto.data if trace.text is not None for t in trace.text]
+    assert "repa+rope" in texts and not any(re.fullmatch(r"[01]{3}", t) for t in texts)
+    curves = fig_curves(res, list(bits.values()), "000")
+    legend = {trace.name for trace in curves.data}
+    assert {"baseline", "repa+rope", "repa+rope+sprint"} <= legend
+    assert not any(re.fullmatch(r"[01]{3}.*", n) for n in legend)
+    page = render_report(fit, tmp_path / "dashboards" / res.study).read_text(encoding="utf-8")
+    assert "<figcaption>repa+rope <code>110</code></figcaption>" in page
+    cells = pd.read_csv(tmp_path / "dashboards" / res.study / "cells.csv", dtype=str)
+    assert ("repa+rope", "110") in set(zip(cells["combo"], cells["cell"]))

@@ -434,11 +434,13 @@ def fig_pareto(res: StudyResults, a: Analysis) -> go.Figure | None:
             y=[p["y"] for p in group],
             mode="markers+text",
             name=name,
-            text=[p["cell"] for p in group],
+            text=[p["combo"] for p in group],
+            customdata=[p["cell"] for p in group],
             textposition="top center",
             marker=dict(size=size, color=color),
             error_y=dict(type="data", array=[p["ysd"] for p in group], color=color, thickness=1),
-            hovertemplate="%{text}<br>" + cost + " %{x:.4g}<br>" + res.metric + " %{y:.4g}<extra></extra>",
+            hovertemplate="%{text} (cell %{customdata})<br>" + cost + " %{x:.4g}<br>" + res.metric + " %{y:.4g}"
+            "<extra></extra>",
         )
     if len(fr) > 1:
         fig.add_scatter(
@@ -481,6 +483,7 @@ def fig_curves(res: StudyResults, cells_order: Sequence[str], baseline_cell: str
     order = {cell: i for i, cell in enumerate(cells_order)}
     cells = sorted(c["cell"].astype(str).unique(), key=lambda x: (order.get(x, 1e9), x))
     base_ids = {"baseline", "none"} | ({str(baseline_cell)} if baseline_cell else set())
+    names = res.cell_names()  # technique names, not cell ids, in the legend
     fig = go.Figure()
     vis_by_key = []
     for ki, key in enumerate(keys):
@@ -493,16 +496,17 @@ def fig_curves(res: StudyResults, cells_order: Sequence[str], baseline_cell: str
             m = g.groupby("step")["value"].agg(["mean", "std", "count"]).reset_index()
             color = PALETTE[ci % len(PALETTE)]
             is_base = cell in base_ids
+            name = names.get(cell, cell)
             fig.add_scatter(
                 x=m["step"],
                 y=m["mean"],
                 mode="lines+markers" if len(m) <= 2 else "lines",
-                name=cell + (" (baseline)" if is_base and cell not in ("baseline", "none") else ""),
+                name=name + (" (baseline)" if is_base and name not in ("baseline", "none") else ""),
                 legendgroup=cell,
                 visible=ki == 0,
                 marker=dict(size=8, color=color),
                 line=dict(color=color, width=3 if is_base else 2, dash="dash" if is_base else None),
-                hovertemplate=cell + " step %{x}: %{y:.4g}<extra></extra>",
+                hovertemplate=f"{name} (cell {cell})" + " step %{x}: %{y:.4g}<extra></extra>",
             )
         vis_by_key.append((start, len(fig.data)))
     if not fig.data:

@@ -442,15 +442,16 @@ def _samples_html(res: StudyResults, a: Analysis | AnalysisFailure) -> str:
         if isinstance(a, Analysis)
         else {}
     )
-    figs = []
+    figs, names = [], res.cell_names()
     for cell in sorted(res.samples, key=lambda c: (order.get(c, 1e9), c)):
-        uri = _png_data_uri(res.samples[cell])
+        uri, name = _png_data_uri(res.samples[cell]), names.get(cell, cell)
         img = (
-            f'<img alt="samples of {_esc(cell)}" src="{uri}">'
+            f'<img alt="samples of {_esc(name)}" src="{uri}">'
             if uri
             else '<div class="caption">(sample grid missing or not a PNG)</div>'
         )
-        figs.append(f"<figure>{img}<figcaption>{_esc(cell)}</figcaption></figure>")
+        caption = _esc(name) + (f" <code>{_esc(cell)}</code>" if name != cell else "")
+        figs.append(f"<figure>{img}<figcaption>{caption}</figcaption></figure>")
     return '<div class="samples">' + "".join(figs) + "</div>"
 
 

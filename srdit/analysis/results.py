@@ -78,3 +78,14 @@ class StudyResults:
     "training length in steps (None: taken from the learning curves when they exist)"
     bench: pd.DataFrame | None = None
     reused_from: dict[str, int] = field(default_factory=dict)
+
+    def cell_names(self) -> dict[str, str]:
+        """Cell id -> the names of its techniques that are on ("repa+sprint", or the baseline label), from the
+        table's 0/1 factor columns: what every panel shows in place of the id."""
+        from srdit.analysis.effects import combo_label
+
+        t = self.table
+        if t.empty or "cell" not in t.columns or not set(self.factors) <= set(t.columns):
+            return {}
+        firsts = t.drop_duplicates("cell")
+        return {str(r["cell"]): combo_label(f for f in self.factors if int(r[f]) == 1) for _, r in firsts.iterrows()}
