@@ -393,3 +393,14 @@ def test_every_panel_names_cells_by_their_techniques_not_their_ids(tmp_path):
     assert "<figcaption>repa+rope <code>110</code></figcaption>" in page
     cells = pd.read_csv(tmp_path / "dashboards" / res.study / "cells.csv", dtype=str)
     assert ("repa+rope", "110") in set(zip(cells["combo"], cells["cell"]))
+
+
+def test_the_cells_table_shows_every_run_by_seed_and_links_the_side_files(tmp_path):
+    res = make_results(tmp_path)
+    page = render_report(fit_report(res, bootstrap=False), tmp_path / "d").read_text(encoding="utf-8")
+    cells = page[page.index('id="sec-cells"') : page.index("</section>", page.index('id="sec-cells"'))]
+    assert '<a href="cells.csv">cells.csv</a>' in cells and '<a href="effects.json">effects.json</a>' in cells
+    t = res.table
+    row = t[(t["cell"] == "repa") & (t["seed"] == 1)].iloc[0]
+    assert f"1: {row['fd']:.4g}" in cells or f"1: {row['fd']:.4f}" in cells  # a finished run's value
+    assert '2: <span class="tag bad">oom</span>' in cells  # repa+sprint, seed 2 ran out of memory

@@ -21,7 +21,15 @@ import pandas as pd
 import plotly.graph_objects as go
 
 from srdit import metric_registry
-from srdit.analysis.effects import BENCH_NOTE, CONTENTION_NOTE, Analysis, AnalysisFailure, Flag, combo_label
+from srdit.analysis.effects import (
+    BENCH_NOTE,
+    CONTENTION_NOTE,
+    OK_STATUSES,
+    Analysis,
+    AnalysisFailure,
+    Flag,
+    combo_label,
+)
 from srdit.analysis.figures import (
     _cell_order,
     _ci,
@@ -359,6 +367,7 @@ def _cells_table(res: StudyResults, analyses: dict[str, Analysis | AnalysisFailu
     a = analyses[res.metric]
     metrics = [m for m in analyses if isinstance(analyses[m], Analysis)]
     by_metric = {m: {c.combo: c for c in analyses[m].attribution.cells} for m in metrics}
+    t = res.table
     rows = []
     for c in _cell_order(a.attribution.cells, res.factors):
         cells = []
@@ -373,12 +382,33 @@ def _cells_table(res: StudyResults, analyses: dict[str, Analysis | AnalysisFailu
             status += " " + " ".join(f'<span class="tag bad">{_esc(k)} ×{v}</span>' for k, v in c.failures.items())
         best = a.attribution.best and a.attribution.best.combo == c.combo
         name = _esc(c.cell) + (' <span class="tag good">best</span>' if best else "")
-        rows.append([name, _esc(c.combo), status, *cells])
+        rows.append(
+            [name, _esc(c.combo), status, *cells, _per_seed(t[t["cell"].astype(str) == str(c.cell)], res.metric)]
+        )
     return _table(
-        ["cell", "techniques on", "finished", *[f"{_esc(m)} ({analyses[m].direction})" for m in metrics]],
+        [
+            "cell",
+            "techniques on",
+            "finished",
+            *[f"{_esc(m)} ({analyses[m].direction})" for m in metrics],
+            f"{_esc(res.metric)} per seed",
+        ],
         rows,
         num_cols=range(3, 3 + len(metrics)),
     )
+
+
+def _per_seed(rows: pd.DataFrame, metric: str) -> str:
+    """ "seed: value" of each run of a cell (its status where it did not finish), in seed order."""
+    out = []
+    for _, r in rows.sort_values("seed").iterrows():
+        v = pd.to_numeric(pd.Series([r.get(metric)]), errors="coerce").iloc[0]
+        ok = str(r.get("status", "finished")).lower() in OK_STATUSES and np.isfinite(v)
+        out.append(
+            f"{_esc(r['seed'])}: "
+            + (_num(float(v), 4) if ok else f'<span class="tag bad">{_esc(r.get("status"))}</span>')
+        )
+    return ", ".join(out) or "–"
 
 
 def _failures_table(res: StudyResults, a: Analysis) -> str:
@@ -745,7 +775,9 @@ def _tables_sections(fit: ReportFit, figs: _Figures) -> list[str]:
     )
     sections.append(
         f'<section id="sec-cells"><h2>Cells</h2><p class="caption">Mean ± standard deviation over '
-        f"finished seeds for every metric. </p>{_cells_table(res, analyses)}</section>"
+        f"finished seeds for every metric, and the primary metric of every run by seed. The same data beside this "
+        f'page: <a href="cells.csv">cells.csv</a> (one row per cell) and <a href="effects.json">effects.json</a> '
+        f"(every metric's analysis).</p>{_cells_table(res, analyses)}</section>"
     )
     return sections
 
