@@ -163,3 +163,25 @@ def init_from_env(device_type: str) -> DataParallel:
             "nccl" if device_type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2), device_id=device
         )
     return DataParallel.current()
+
+
+def check_same_code(dp: DataParallel, ext: dict) -> None:
+    """Refuse a data-parallel run (torchrun) whose ranks run different code: srdit's code version and the code
+    version of every plugin technique that is on (`srdit.provenance`) are gathered from every rank; ConfigError,
+    one line on every rank, naming the first rank and code that differ from rank 0's. A collective: every rank
+    calls it (a single process returns at once)."""
+    if not dp.active:
+        return
+    from srdit.provenance import evaluation_code_version, plugin_versions, training_code_version
+
+    mine = {"srdit": f"{training_code_version()}/{evaluation_code_version()}"}
+    mine |= {f"plugin {name}": version for name, version in plugin_versions(ext).items()}
+    every: list = [None] * dp.world
+    dist.all_gather_object(every, mine)
+    for rank, theirs in enumerate(every):
+        for what in sorted(set(theirs) | set(every[0])):
+            if theirs.get(what) != every[0].get(what):
+                raise ConfigError(
+                    f"rank {rank} runs {what} code version {theirs.get(what)}, rank 0 {every[0].get(what)}: every "
+                    f"rank must run the same code (the same srdit and plugin files on every node)"
+                )

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -888,3 +889,40 @@ def test_a_solver_plugin_replaces_the_integrator(tmp_path, techniques):
         model, _cfg(["my_solver", *techniques], **diff, **{"ext.my_solver.midpoint": True}), 6, seed=1
     )
     assert mid_nfe == 6 and not torch.equal(mid, euler)
+
+
+def _code_check_worker(rank: int, world: int, port: int, folder: str) -> None:
+    """Rank r loads the dispersive plugin from folder/r (rank 1's copy edited when asked) and checks the ranks."""
+    from srdit.parallel import DataParallel, check_same_code
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        load_plugins([str(Path(folder) / str(rank) / "dispersive.py")])
+        try:
+            check_same_code(DataParallel.current(), to_dict(_cfg(["dispersive"]))["ext"])
+            outcome = "ok"
+        except ConfigError as e:
+            outcome = str(e)
+        (Path(folder) / f"outcome{rank}").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("edited", [False, True])
+def test_torchrun_ranks_with_other_plugin_code_refuse_in_one_line(tmp_path, edited):
+    """Under torchrun each rank loads the plugins itself: ranks whose plugin code differs (a node with an older
+    copy) refuse on every rank, naming the rank and both code versions; equal copies at other paths run."""
+    for rank in (0, 1):
+        shutil.copytree(EXAMPLE, tmp_path / str(rank))
+    if edited:
+        f = tmp_path / "1" / "repulsion.py"
+        f.write_text(f.read_text().replace("def log_mean_exp_neg(", "def log_mean_exp_neg(  # \n"))
+        f.write_text(f.read_text() + "\nUNUSED = 1\n")
+    mp.spawn(_code_check_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"outcome{r}").read_text() for r in (0, 1)]
+    if not edited:
+        assert outcomes == ["ok", "ok"]
+    else:
+        assert outcomes[0] == outcomes[1] and "\n" not in outcomes[0]
+        assert re.match(r"^rank 1 runs plugin dispersive code version \w+, rank 0 \w+: every rank", outcomes[0])

@@ -69,7 +69,7 @@ def cmd_train(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     import torch
 
-    from srdit.parallel import init_from_env
+    from srdit.parallel import check_same_code, init_from_env
     from srdit.train import resolve_device
 
     if "WORLD_SIZE" not in os.environ:
@@ -77,6 +77,7 @@ def cmd_train(args) -> int:
     # Under torchrun (WORLD_SIZE > 1) every process joins one data-parallel run; rank 0 writes and reports.
     cuda = cfg.train.device.startswith("cuda") or (cfg.train.device == "auto" and torch.cuda.is_available())
     dp = init_from_env("cuda" if cuda else "cpu")
+    check_same_code(dp, cfg.ext)  # torchrun: every rank runs the code the run's keys name
     try:
         with stop.on_signals():  # SIGTERM / SIGINT / SIGHUP: a checkpoint at the current step, then exit
             result = train(
