@@ -30,7 +30,7 @@ def server(tmp_path):
     assert proc.poll() is not None
 
 
-def test_study_through_a_tracking_server(tmp_path, server):
+def test_study_through_a_tracking_server(tmp_path, server, capfd):
     from mlflow import MlflowClient
 
     from srdit.runtime.driver import run_study
@@ -58,6 +58,8 @@ def test_study_through_a_tracking_server(tmp_path, server):
     res = run_study(spec, state, num_cpus=2)
     assert res.complete and res.statuses == {"finished": 4} and res.uri == server
     assert not (state / "mlflow.db").exists()  # everything went to the server
+    printed = capfd.readouterr()
+    assert "View run" not in printed.out + printed.err  # MLflow's links from every worker: the study names the server
 
     client = MlflowClient(server)
     exp = client.get_experiment_by_name("srv")

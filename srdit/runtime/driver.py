@@ -91,11 +91,17 @@ def _ray_session(num_cpus: int | None, echo: Callable[[str], None], address: str
             echo("interrupted")
 
 
+QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+"Environment of the driver and every trial worker: library chatter that srdit's own lines replace."
+
+
 @contextlib.contextmanager
 def _ray_started(num_cpus: int | None, echo: Callable[[str], None], address: str | None = None, plugins: tuple = ()):
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
     if ray.is_initialized():
         unshipped = [s["name"] for s in plugins if s.get("shipped")]
         note = f" (plugins {', '.join(unshipped)} not shipped: workers load them from these paths)" if unshipped else ""
@@ -112,6 +118,9 @@ def _ray_started(num_cpus: int | None, echo: Callable[[str], None], address: str
             # and folder plugins travel as py_modules (uploaded by ray.init, unpacked on every node)
             "runtime_env": shipping.runtime_env(plugins, staging),
         }
+        # MLflow prints "View run / View experiment" links to stdout when a run ends on a tracking server: twice
+        # per trial, from every worker; the study's own lines name the server once
+        kwargs["runtime_env"]["env_vars"] = {**kwargs["runtime_env"].get("env_vars", {}), **QUIET_ENV}
         with _ray_connected(num_cpus, echo, address, kwargs):
             yield
 
