@@ -140,6 +140,8 @@ def test_a_damaged_store_is_named_in_one_line_and_repair_rebuilds_it_from_the_tr
     )
     r = _cli("study", "run", "rp.yaml", "--state", "st", "--num-cpus", "2", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
+    # srdit's one line names the Ray and its auth mode; Ray's advice to switch authentication off is not printed
+    assert "Ray: a private local Ray on 127.0.0.1" in r.stdout and "RAY_AUTH_MODE=disabled" not in r.stdout + r.stderr
     assert _cli("study", "export", "rp.yaml", "--state", "st", "--csv", "before.csv", cwd=tmp_path).returncode == 0
     before = _histories(tmp_path / "st", "rp")
     assert all(h["status"] == "FINISHED" for h in before.values()) and len(before) == 4

@@ -107,7 +107,7 @@ def test_private_loopback_ray_runs_data_parallel_trials_and_records_worker_error
         stop.set()
         t.join(5)
     assert not ray.is_initialized()  # the private Ray is shut down again
-    assert any(line.startswith("Ray: a private local Ray on 127.0.0.1 (2 CPUs)") for line in lines), lines
+    assert any(line.startswith("Ray: a private local Ray on 127.0.0.1 (2 CPUs; auth ") for line in lines), lines
     ray_ports = {s[1] for s in seen}
     assert len(ray_ports) >= 3, seen  # GCS, raylet, object manager, workers ... were seen listening
     assert sorted(set(s for s in seen if not s[2])) == [], "a socket listened on a non-loopback address"
@@ -301,7 +301,7 @@ def test_a_local_study_never_joins_a_ray_started_on_the_machine(tmp_path, monkey
         lines: list[str] = []
         res = run_study(spec, tmp_path / "state", num_cpus=2, echo=lines.append)
         assert res.complete and res.statuses == {"finished": 2}, lines
-        assert any(line.startswith("Ray: a private local Ray on 127.0.0.1 (2 CPUs)") for line in lines), lines
+        assert any(line.startswith("Ray: a private local Ray on 127.0.0.1 (2 CPUs; auth ") for line in lines), lines
         ray.init(address=address, logging_level="ERROR", log_to_driver=False)
         try:  # the other cluster's jobs: only this check's own connection
             jobs = ray._private.state.jobs()

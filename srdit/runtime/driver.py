@@ -138,12 +138,31 @@ def _ray_connected(num_cpus: int | None, echo: Callable[[str], None], address: s
             ray.shutdown()
         return
     with _loopback_only():
-        ray.init(address="local", num_cpus=num_cpus, **kwargs)  # "local": never join a `ray start` cluster
-        echo(f"Ray: a private local Ray on 127.0.0.1 ({ray.cluster_resources().get('CPU', 0):g} CPUs)")
+        with _without_auth_advice():
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)  # "local": never join a `ray start` cluster
+        auth = os.environ.get("RAY_AUTH_MODE") or "token, Ray's default"
+        echo(f"Ray: a private local Ray on 127.0.0.1 ({ray.cluster_resources().get('CPU', 0):g} CPUs; auth {auth})")
         try:
             yield
         finally:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def _without_auth_advice():
+    """Keep Ray's "Token authentication is enabled ... Set RAY_AUTH_MODE=disabled to opt out" off the console while
+    a private local Ray starts: it reads as advice to turn authentication off; srdit's own line names the mode."""
+    import logging
+
+    def drop(record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled for this Ray cluster")
+
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    log.addFilter(drop)
+    try:
+        yield
+    finally:
+        log.removeFilter(drop)
 
 
 @contextlib.contextmanager
