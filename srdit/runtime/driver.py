@@ -102,7 +102,7 @@ def _ray_started(num_cpus: int | None, echo: Callable[[str], None], address: str
         "include_dashboard": False,
         "logging_level": "WARNING",
         "log_to_driver": True,
-        # SIGHUP to a trial's worker process stops that trial with a checkpoint at its current step
+        # SIGINT or SIGHUP to a trial's worker process stops that trial with a checkpoint at its current step
         "runtime_env": {"worker_process_setup_hook": "srdit.stop.install_in_worker"},
     }
     if address:
