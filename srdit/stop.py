@@ -137,7 +137,7 @@ _cancelling = False
 
 
 def _interrupt_main_marked(signum: int = signal.SIGINT, /) -> None:
-    """`_thread.interrupt_main` in a trial worker: marks the SIGINT it simulates as Ray's task cancellation."""
+    """`_thread.interrupt_main` in a trial worker: marks the SIGINT it simulates (Ray's task cancellation)."""
     global _cancelling
     if signum == signal.SIGINT:
         _cancelling = True
@@ -146,7 +146,7 @@ def _interrupt_main_marked(signum: int = signal.SIGINT, /) -> None:
 
 def _on_sigint_in_worker(signum, frame) -> None:
     global _cancelling
-    if _cancelling:  # Ray's cancellation: what Python's default handler does, which Ray turns into its error
+    if _cancelling:  # simulated (Ray's cancellation): what Python's default handler does
         _cancelling = False
         raise KeyboardInterrupt
     request("SIGINT")
@@ -158,10 +158,12 @@ def install_in_worker() -> None:
     checkpoint at its current step and ends `interrupted`. SIGTERM is Ray's exit
     (`srdit.runtime.worker.trial_stop` hooks it).
 
-    Ray's task cancellation (`ray.cancel`) stays as it is: Ray's `kill_main_task` calls
-    `_thread.interrupt_main()` (looked up at each call), which runs the SIGINT handler in the main thread; that
-    name is wrapped here to mark the call, and the handler raises KeyboardInterrupt for it as Python's default
-    handler does. A real SIGINT arriving in the same instant as a cancellation is taken as the cancellation.
+    Ray's task cancellation (`ray.cancel`) stays as it is: Ray's `kill_main_task` (Ray 2.x, `_raylet.pyx`)
+    calls `_thread.interrupt_main()`, looked up at each call, which runs the SIGINT handler in the main thread.
+    That name is wrapped here to mark the call, and the handler raises KeyboardInterrupt for it as Python's
+    default handler does (Ray turns it into `TaskCancelledError`); so does any other simulated SIGINT. Only a
+    SIGINT from the operating system is a stop request; one arriving in the same instant as a cancellation is
+    taken as the cancellation.
 
     Ray starts its processes with SIGINT blocked, so that a terminal's Ctrl-C reaches the driver only; each
     worker is its own process group, which a terminal's Ctrl-C does not reach either, so unblocking SIGINT in

@@ -108,8 +108,11 @@ def test_a_second_signal_stops_at_once_and_says_whether_a_checkpoint_exists(tmp_
         assert lines[0] == "srdit train: interrupted; no checkpoint was written yet, so a rerun starts from step 0"
 
 
+STUDY_STEPS = 300
+"""Steps of each trial: the signals come in its first few dozen steps (once a report is logged) and must find it
+still training; the rest is the resumed run the curves are compared over."""
 STUDY_BASE = {
-    "train": {"steps": 600, "batch_size": 16, "log_every": 5, "ckpt_every": 100000},
+    "train": {"steps": STUDY_STEPS, "batch_size": 16, "log_every": 5, "ckpt_every": 100000},
     "eval": {"n_samples": 50, "batch_size": 50},
     "sample": {"sampler": "euler", "steps": 2},
 }
@@ -197,7 +200,7 @@ def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_e
     for key, t in got.items():  # each trial's checkpoint holds the step its status names
         step = int(t["reason"].split("checkpoint at step ")[1].split()[0])
         ckpt = torch.load(folder / "st" / "trials" / "sg" / key / "checkpoints" / "last.pt", weights_only=False)
-        assert ckpt["step"] == step and 0 < step < 600
+        assert ckpt["step"] == step and 0 < step < STUDY_STEPS
     status = subprocess.run(
         [sys.executable, "-m", "srdit", "study", "status", "sg.yaml", "--state", "st"],
         cwd=folder,
