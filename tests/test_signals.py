@@ -22,6 +22,7 @@ TRAIN = [
     "train.batch_size=16",
     "train.log_every=10",
     "train.ckpt_every=100000",  # no periodic checkpoint: the one a rerun finds is the signal's
+    "train.threads=1",  # as a study's trial on one CPU; torch's default threads spin when other work shares the CPUs
     "eval.n_samples=50",
     "eval.batch_size=50",
     "sample.sampler=euler",
