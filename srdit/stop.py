@@ -130,14 +130,54 @@ def on_signals(on_first=None) -> Iterator[None]:
             signal.signal(sig, h)
 
 
+_interrupt_main = _thread.interrupt_main
+"Python's `_thread.interrupt_main`, which Ray's task cancellation calls (see `install_in_worker`)."
+_cancelling = False
+"True from Ray's `_thread.interrupt_main(SIGINT)` until the SIGINT handler it triggers has run."
+
+
+def _interrupt_main_marked(signum: int = signal.SIGINT, /) -> None:
+    """`_thread.interrupt_main` in a trial worker: marks the SIGINT it simulates (Ray's task cancellation)."""
+    global _cancelling
+    if signum == signal.SIGINT:
+        _cancelling = True
+    _interrupt_main(signum)
+
+
+def _on_sigint_in_worker(signum, frame) -> None:
+    global _cancelling
+    if _cancelling:  # simulated (Ray's cancellation): what Python's default handler does
+        _cancelling = False
+        raise KeyboardInterrupt
+    request("SIGINT")
+
+
 def install_in_worker() -> None:
     """Ray's `worker_process_setup_hook` for a study's workers (in each worker's main thread, at its start):
-    SIGHUP to the worker process asks the trial it runs to stop (`request`): the trial writes a checkpoint at
-    its current step and ends `interrupted`. SIGHUP inherited as ignored (nohup) stays ignored. SIGTERM is Ray's
-    exit (`srdit.runtime.worker.trial_stop` hooks it); SIGINT is Ray's task cancellation (`ray.cancel`) and is
-    left to Ray."""
+    SIGINT and SIGHUP to the worker process ask the trial it runs to stop (`request`): the trial writes a
+    checkpoint at its current step and ends `interrupted`. SIGTERM is Ray's exit
+    (`srdit.runtime.worker.trial_stop` hooks it).
+
+    Ray's task cancellation (`ray.cancel`) stays as it is: Ray's `kill_main_task` (Ray 2.x, `_raylet.pyx`)
+    calls `_thread.interrupt_main()`, looked up at each call, which runs the SIGINT handler in the main thread.
+    That name is wrapped here to mark the call, and the handler raises KeyboardInterrupt for it as Python's
+    default handler does (Ray turns it into `TaskCancelledError`); so does any other simulated SIGINT. Only a
+    SIGINT from the operating system is a stop request; one arriving in the same instant as a cancellation is
+    taken as the cancellation.
+
+    Ray starts its processes with SIGINT blocked, so that a terminal's Ctrl-C reaches the driver only; each
+    worker is its own process group, which a terminal's Ctrl-C does not reach either, so unblocking SIGINT in
+    the worker lets through only a SIGINT sent to it on purpose (`kill -INT`, Slurm signalling a job step's
+    processes). A signal the worker inherited as ignored (a driver started as a background job has SIGINT
+    ignored, nohup SIGHUP) stays ignored, as in the driver and `srdit train` (`on_signals`); Ray's cancellation
+    of a running task is then as without srdit."""
     if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
         signal.signal(signal.SIGHUP, lambda signum, frame: request("SIGHUP"))
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return
+    _thread.interrupt_main = _interrupt_main_marked
+    signal.signal(signal.SIGINT, _on_sigint_in_worker)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
 def exit_code(why: str | None) -> int:

@@ -22,6 +22,7 @@ TRAIN = [
     "train.batch_size=16",
     "train.log_every=10",
     "train.ckpt_every=100000",  # no periodic checkpoint: the one a rerun finds is the signal's
+    "train.threads=1",  # as a study's trial on one CPU; torch's default threads spin when other work shares the CPUs
     "eval.n_samples=50",
     "eval.batch_size=50",
     "sample.sampler=euler",
@@ -108,8 +109,11 @@ def test_a_second_signal_stops_at_once_and_says_whether_a_checkpoint_exists(tmp_
         assert lines[0] == "srdit train: interrupted; no checkpoint was written yet, so a rerun starts from step 0"
 
 
+STUDY_STEPS = 300
+"""Steps of each trial: the signals come in its first few dozen steps (once a report is logged) and must find it
+still training; the rest is the resumed run the curves are compared over."""
 STUDY_BASE = {
-    "train": {"steps": 600, "batch_size": 16, "log_every": 5, "ckpt_every": 100000},
+    "train": {"steps": STUDY_STEPS, "batch_size": 16, "log_every": 5, "ckpt_every": 100000},
     "eval": {"n_samples": 50, "batch_size": 50},
     "sample": {"sampler": "euler", "steps": 2},
 }
@@ -163,9 +167,22 @@ def _trials(folder: Path, study: str = "sg") -> dict:
     return out
 
 
+@pytest.fixture(scope="module")
+def uninterrupted_study(tmp_path_factory) -> dict:
+    """The study run once without a signal: what each signal's stopped and resumed study must end equal to."""
+    whole = tmp_path_factory.mktemp("whole_study")
+    _study_file(whole)
+    p = _run(whole)
+    _, err = p.communicate(timeout=900)
+    assert p.returncode == 0, err[-3000:]
+    return _trials(whole)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
-def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_equal(sig, tmp_path):
+def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_equal(
+    sig, uninterrupted_study, tmp_path
+):
     folder = tmp_path / "stopped"
     _study_file(folder)
     p = _run(folder)
@@ -184,7 +201,7 @@ def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_e
     for key, t in got.items():  # each trial's checkpoint holds the step its status names
         step = int(t["reason"].split("checkpoint at step ")[1].split()[0])
         ckpt = torch.load(folder / "st" / "trials" / "sg" / key / "checkpoints" / "last.pt", weights_only=False)
-        assert ckpt["step"] == step and 0 < step < 600
+        assert ckpt["step"] == step and 0 < step < STUDY_STEPS
     status = subprocess.run(
         [sys.executable, "-m", "srdit", "study", "status", "sg.yaml", "--state", "st"],
         cwd=folder,
@@ -193,11 +210,9 @@ def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_e
         text=True,
     ).stdout
     assert "will run 2 trial(s): 2 interrupted" in status
-    if sig == signal.SIGINT:  # in a Ray worker SIGINT is Ray's task cancellation: left to Ray
-        return
 
-    # the rerun; the same signal to one trial's worker process (Slurm signals every process of a job step; a
-    # terminal's Ctrl-C or hangup its process group): that trial saves the step it is on and records it
+    # the rerun; the same signal to one trial's worker process (Slurm signals every process of a job step): that
+    # trial saves the step it is on and records it
     p = _run(folder)
     running = folder / "st" / "trials" / "sg" / ".running"
     deadline = time.time() + 400
@@ -227,13 +242,62 @@ def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_e
         assert p.returncode == 0, out[-3000:] + err[-3000:]
     got = _trials(folder)
     assert {t["status"] for t in got.values()} == {"finished"}
-    whole = tmp_path / "whole"  # the same study, uninterrupted
-    _study_file(whole)
-    p = _run(whole)
-    _, err = p.communicate(timeout=900)
-    assert p.returncode == 0, err[-3000:]
-    want = _trials(whole)
-    assert got.keys() == want.keys()
-    for key in want:  # every logged loss and the final evaluation as without the interruptions
-        assert got[key]["loss"] == want[key]["loss"], key
-        assert got[key]["fd"] == want[key]["fd"], key
+    assert got.keys() == uninterrupted_study.keys()
+    for key, want in uninterrupted_study.items():  # every logged loss and the final evaluation as uninterrupted
+        assert got[key]["loss"] == want["loss"], key
+        assert got[key]["fd"] == want["fd"], key
+
+
+def test_in_a_study_worker_sigint_asks_to_stop_and_ray_cancel_still_interrupts_the_task(tmp_path, monkeypatch):
+    """Ray cancels a running task by simulating a SIGINT in its worker (`ray.cancel`: `_thread.interrupt_main`);
+    the SIGINT handler of a study's workers (`srdit.stop.install_in_worker`) must pass that on as a
+    KeyboardInterrupt and take only a real SIGINT as a stop request. The study's own Ray (its worker setup hook),
+    one CPU: one worker runs the tasks in turn, a cancellation before and after a real signal."""
+    import ray
+
+    from srdit.runtime.driver import _ray_started
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+
+    def wait_then_say_why(started: str, interrupted: str) -> str | None:
+        """A Ray task (defined here, so that Ray sends it by value): writes its worker's pid to `started`, waits
+        until its process is asked to stop (`srdit.stop`) and returns why; notes a KeyboardInterrupt (Ray's
+        cancellation) in `interrupted`."""
+        from srdit import stop
+
+        stop.reset()
+        Path(started).write_text(str(os.getpid()))
+        t = time.monotonic()
+        try:
+            while time.monotonic() - t < 120 and stop.requested() is None:
+                time.sleep(0.02)
+        except KeyboardInterrupt:
+            Path(interrupted).write_text("KeyboardInterrupt")
+            raise
+        return stop.requested()
+
+    task = ray.remote(max_retries=0)(wait_then_say_why)
+
+    def start(name: str):
+        started, interrupted = tmp_path / f"{name}.pid", tmp_path / f"{name}.interrupted"
+        ref = task.remote(str(started), str(interrupted))
+        deadline = time.time() + 300
+        while time.time() < deadline and not (started.is_file() and started.read_text()):
+            if ray.wait([ref], timeout=0.05)[0]:  # ended before it started waiting: its error
+                raise AssertionError(f"the task ended at once: {ray.get(ref)}")
+        return ref, int(started.read_text()), interrupted
+
+    def cancelled(name: str) -> None:
+        ref, _, interrupted = start(name)
+        ray.cancel(ref)
+        with pytest.raises(ray.exceptions.TaskCancelledError):
+            ray.get(ref, timeout=300)
+        assert interrupted.read_text() == "KeyboardInterrupt"  # interrupted mid-wait, as without srdit
+
+    with _ray_started(1, lambda line: None):
+        cancelled("cancelled")
+        ref, pid, interrupted = start("signalled")
+        os.kill(pid, signal.SIGINT)
+        assert ray.get(ref, timeout=300) == "SIGINT"  # a stop request: the task ends on its own, not cancelled
+        assert not interrupted.exists()
+        cancelled("cancelled_after_a_signal")

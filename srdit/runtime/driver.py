@@ -114,8 +114,8 @@ def _ray_started(num_cpus: int | None, echo: Callable[[str], None], address: str
             "include_dashboard": False,
             "logging_level": "WARNING",
             "log_to_driver": True,
-            # SIGHUP to a trial's worker process stops that trial with a checkpoint at its current step; the file
-            # and folder plugins travel as py_modules (uploaded by ray.init, unpacked on every node)
+            # SIGINT or SIGHUP to a trial's worker process stops that trial with a checkpoint at its current step;
+            # the file and folder plugins travel as py_modules (uploaded by ray.init, unpacked on every node)
             "runtime_env": shipping.runtime_env(plugins, staging),
         }
         # MLflow prints "View run / View experiment" links to stdout when a run ends on a tracking server: twice
