@@ -206,17 +206,23 @@ class GuidanceContext:
     knobs: Any
 
 
+def _replacing(ext: Mapping[str, Mapping[str, Any]], hook: str, what: str) -> tuple[Plugin, Any, Callable] | None:
+    """(plugin, knobs, its `hook`) of the one plugin that is on and replaces `what` through `hook`, or None;
+    ConfigError naming them when several are on (one thing has one rule)."""
+    on = [(p, k) for p, k in enabled(ext) if p.hook(hook) is not None]
+    if len(on) > 1:
+        raise ConfigError(f"ext: {', '.join(p.name for p, _ in on)} all replace {what}; switch on one at a time")
+    return (on[0][0], on[0][1], on[0][0].hook(hook)) if on else None
+
+
 def time_rule(ext: Mapping[str, Mapping[str, Any]]) -> Callable[[int, float, Any], Tensor] | None:
     """The training-time sampler of the plugin with a `times` hook that is on, as `rule(n, shift, device) -> t [n]`,
     or None (the built-in draw). ConfigError when several are on; ValueError when it returns other than n times in
     [0, 1]."""
-    on = [(p, k) for p, k in enabled(ext) if p.hook("times") is not None]
-    if len(on) > 1:
-        raise ConfigError(f"ext: {', '.join(p.name for p, _ in on)} all replace the time sampling; switch on one")
-    if not on:
+    found = _replacing(ext, "times", "the time sampling")
+    if found is None:
         return None
-    plugin, knobs = on[0]
-    hook = plugin.hook("times")
+    plugin, knobs, hook = found
 
     def rule(n, shift, device):
         t = hook(knobs, n, shift, device)
@@ -231,13 +237,10 @@ def time_rule(ext: Mapping[str, Mapping[str, Any]]) -> Callable[[int, float, Any
 def solver_rule(ext: Mapping[str, Mapping[str, Any]]) -> Callable | None:
     """The sampler of the plugin with a `solver` hook that is on, as `rule(velocity, state, times, generator) ->
     state`, or None (the built-in integrator). ConfigError when several are on."""
-    on = [(p, k) for p, k in enabled(ext) if p.hook("solver") is not None]
-    if len(on) > 1:
-        raise ConfigError(f"ext: {', '.join(p.name for p, _ in on)} all replace the sampler; switch on one")
-    if not on:
+    found = _replacing(ext, "solver", "the sampler")
+    if found is None:
         return None
-    plugin, knobs = on[0]
-    hook = plugin.hook("solver")
+    plugin, knobs, hook = found
 
     def rule(velocity, state, times, generator):
         out = hook(knobs, velocity, state, times, generator)
@@ -254,13 +257,10 @@ def guidance_rule(
     """The guidance of the plugin with a `guidance` hook that is on in a config's `ext` section, as
     `rule(cond, uncond, x, t, scale) -> velocity`, or None (classifier-free guidance). ConfigError when several
     are on."""
-    on = [(p, k) for p, k in enabled(ext) if p.hook("guidance") is not None]
-    if len(on) > 1:
-        raise ConfigError(f"ext: {', '.join(p.name for p, _ in on)} all replace guidance; switch on one at a time")
-    if not on:
+    found = _replacing(ext, "guidance", "guidance")
+    if found is None:
         return None
-    plugin, knobs = on[0]
-    hook = plugin.hook("guidance")
+    plugin, knobs, hook = found
 
     def rule(cond, uncond, x, t, scale):
         out = hook(GuidanceContext(cond=cond, uncond=uncond, x=x, t=t, scale=scale, knobs=knobs))

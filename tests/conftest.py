@@ -1,7 +1,16 @@
 import os
 
-import pytest
-import torch
+# One thread per test process and per process it starts (`srdit` subprocesses, Ray workers, spawned ranks), set
+# before torch and numpy load their thread pools: `make test` runs two test processes on two cores, and torch's
+# default of one thread per core oversubscribes them several times over (a 160-step `srdit train` took 129 s with
+# the default threads under that load, 12-20 s with one). Every comparison in the suite is between runs under this
+# same setting (BLAS rounds by thread count too, so a spawned rank and its parent must agree on it).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
