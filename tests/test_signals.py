@@ -294,10 +294,16 @@ def test_in_a_study_worker_sigint_asks_to_stop_and_ray_cancel_still_interrupts_t
             ray.get(ref, timeout=300)
         assert interrupted.read_text() == "KeyboardInterrupt"  # interrupted mid-wait, as without srdit
 
-    with _ray_started(1, lambda line: None):
-        cancelled("cancelled")
-        ref, pid, interrupted = start("signalled")
-        os.kill(pid, signal.SIGINT)
-        assert ray.get(ref, timeout=300) == "SIGINT"  # a stop request: the task ends on its own, not cancelled
-        assert not interrupted.exists()
-        cancelled("cancelled_after_a_signal")
+    # Ray's processes inherit this process's SIGINT disposition: a foreground job's default, as a terminal gives
+    # it (pytest started in the background has SIGINT ignored, and so would every worker: no cancellation at all)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with _ray_started(1, lambda line: None):
+            cancelled("cancelled")
+            ref, pid, interrupted = start("signalled")
+            os.kill(pid, signal.SIGINT)
+            assert ray.get(ref, timeout=300) == "SIGINT"  # a stop request: the task ends on its own, not cancelled
+            assert not interrupted.exists()
+            cancelled("cancelled_after_a_signal")
+    finally:
+        signal.signal(signal.SIGINT, previous)
