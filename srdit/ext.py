@@ -217,18 +217,32 @@ def _replacing(ext: Mapping[str, Mapping[str, Any]], hook: str, what: str) -> tu
 
 def time_rule(ext: Mapping[str, Mapping[str, Any]]) -> Callable[[int, float, Any], Tensor] | None:
     """The training-time sampler of the plugin with a `times` hook that is on, as `rule(n, shift, device) -> t [n]`,
-    or None (the built-in draw). ConfigError when several are on; ValueError when it returns other than n times in
-    [0, 1]."""
+    or None (the built-in draw). ConfigError when several are on; ValueError when it returns other than n times
+    (or, on its first draw, times outside [0, 1])."""
+    key = repr(sorted((name, id(PLUGINS.get(name)), sorted(dict(knobs).items())) for name, knobs in ext.items()))
+    if key not in _TIME_RULES:  # called every training step: resolved once per `ext` section and loaded plugins
+        _TIME_RULES[key] = _time_rule(ext)
+    return _TIME_RULES[key]
+
+
+_TIME_RULES: dict[str, Callable | None] = {}
+
+
+def _time_rule(ext: Mapping[str, Mapping[str, Any]]) -> Callable[[int, float, Any], Tensor] | None:
     found = _replacing(ext, "times", "the time sampling")
     if found is None:
         return None
     plugin, knobs, hook = found
+    checked = False
 
     def rule(n, shift, device):
+        nonlocal checked
         t = hook(knobs, n, shift, device)
-        if getattr(t, "shape", None) != (n,) or not bool(((t >= 0) & (t <= 1)).all()):
+        # the range is read back from the device on the first draw only: no host sync on every step
+        if getattr(t, "shape", None) != (n,) or not (checked or bool(((t >= 0) & (t <= 1)).all())):
             got = tuple(t.shape) if hasattr(t, "shape") else type(t).__name__
             raise ValueError(f"plugin {plugin.name}: times returned {got}; expected {n} times in [0, 1]")
+        checked = True
         return t
 
     return rule

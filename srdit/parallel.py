@@ -172,9 +172,9 @@ def check_same_code(dp: DataParallel, ext: dict) -> None:
     calls it (a single process returns at once)."""
     if not dp.active:
         return
-    from srdit.provenance import evaluation_code_version, plugin_versions, training_code_version
+    from srdit.provenance import plugin_versions, srdit_code_version
 
-    mine = {"srdit": f"{training_code_version()}/{evaluation_code_version()}"}
+    mine = {"srdit": srdit_code_version()}
     mine |= {f"plugin {name}": version for name, version in plugin_versions(ext).items()}
     every: list = [None] * dp.world
     dist.all_gather_object(every, mine)

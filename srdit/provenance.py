@@ -131,6 +131,12 @@ def evaluation_code_version() -> str:
     return code_version(EVALUATION_CODE)
 
 
+def srdit_code_version() -> str:
+    """ "training/evaluation" code versions: what a worker or a data-parallel rank must share with the driver or rank
+    0 before it trains (`srdit.runtime.shipping.refusal`, `srdit.parallel.check_same_code`)."""
+    return f"{training_code_version()}/{evaluation_code_version()}"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Plugin techniques (`srdit.ext`): the code each one runs
 # ----------------------------------------------------------------------------------------------------------------

@@ -740,6 +740,8 @@ def _train(
         for sink in sinks:
             sink.report(at, metrics)
 
+    ckpt_plugins = checkpoint_plugins(cfg)  # their code versions, read once per run
+
     def save() -> None:
         if not dp.main:
             return
@@ -756,7 +758,7 @@ def _train(
                 "rng": rng,
                 "data": data.state_dict(),
                 "config": to_dict(cfg),
-                **checkpoint_plugins(cfg),
+                **ckpt_plugins,
                 **({"window": window} if (window := train_step.window()) else {}),
                 **provenance(device),
             },
@@ -773,9 +775,7 @@ def _train(
         if snapshots and dp.main:
             snap = out / EMA_SNAPSHOT.format(step=step)
             if not snap.is_file():
-                save_atomic(
-                    {"ema": ema.state_dict(), "step": step, "config": to_dict(cfg), **checkpoint_plugins(cfg)}, snap
-                )
+                save_atomic({"ema": ema.state_dict(), "step": step, "config": to_dict(cfg), **ckpt_plugins}, snap)
         return [evaluate_target(ema, t, step, step < tc.steps, device, dp) for t in targets]
 
     def stop_requested() -> str | None:

@@ -35,7 +35,7 @@ from typing import Any
 from srdit import stop
 from srdit.analysis.results import INFRASTRUCTURE
 from srdit.metric_registry import headline
-from srdit.provenance import evaluation_code_version, plugin_sources, training_code_version
+from srdit.provenance import plugin_sources, srdit_code_version
 from srdit.runtime import shipping
 from srdit.runtime.jobs import EvaluationJob, Job, TrainingJob, TrialJob, trial_job
 from srdit.runtime.state import StudyState
@@ -720,7 +720,7 @@ def _context(
         spec=spec if search else None,
         objectives=tuple(search_objectives(spec)) if search else (),
         plugins=study_plugins(spec) if plugins is None else plugins,
-        code=f"{training_code_version()}/{evaluation_code_version()}",
+        code=srdit_code_version(),
     )
 
 

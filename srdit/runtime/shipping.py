@@ -116,9 +116,9 @@ def refusal(sources: Iterable[Mapping[str, str]], srdit_code: str = "") -> str |
     """Why this worker must not run the study's trials, as one line, or None: srdit's code version here differs
     from `srdit_code` (the driver's, "training/evaluation"; "" = not checked), a plugin of `sources` cannot be
     loaded (`load`), or its code version here differs from the one the driver keyed (`sources`' `version`)."""
-    from srdit.provenance import evaluation_code_version, plugin_code_version, plugin_versions, training_code_version
+    from srdit.provenance import plugin_code_version, plugin_versions, srdit_code_version
 
-    here = f"{training_code_version()}/{evaluation_code_version()}"
+    here = srdit_code_version()
     if srdit_code and here != srdit_code:
         return (
             f"srdit: {_worker()} runs code version {here}, the driver {srdit_code} (training/evaluation code); "
