@@ -35,6 +35,9 @@ FITTING = [
     (power, "design_power"),
     (power, "pooled_sd"),
     (report_fit, "fit_report"),
+    (report_fit, "step_intervals"),
+    (report_fit, "welch_interval"),
+    (report_fit, "protocols"),
 ]
 
 

@@ -47,10 +47,21 @@ def protocols(results: StudyResults) -> list[Protocol]:
     for values, g in keyed.groupby(cols, sort=False):
         values = values if isinstance(values, tuple) else (values,)
         cells = list(dict.fromkeys(names.get(str(c), str(c)) for c in t.loc[g.index, "cell"]))
-        out.append(Protocol(dict(zip(cols, values)), cells, len(g)))
+        out.append(Protocol(dict(zip(cols, values)), sorted(cells, key=_combo_order(results.factors)), len(g)))
     if len(out) == 1 and not any(out[0].values.values()):
         return []
     return sorted(out, key=lambda p: -p.n_runs)
+
+
+def _combo_order(factors: list[str]):
+    """Sort key of technique-name labels ("repa+rope"): fewer techniques first, then the study's factor order."""
+    idx = {f: i for i, f in enumerate(factors)}
+
+    def key(name: str) -> tuple[int, list[int]]:
+        on = [idx[x] for x in name.split("+") if x in idx]
+        return len(on), on
+
+    return key
 
 
 def mixed_protocols(ps: list[Protocol]) -> str | None:
