@@ -507,7 +507,7 @@ def fig_pareto(res: StudyResults, a: Analysis) -> go.Figure | None:
         source = "trials' clocks on a shared machine"
         fig.add_annotation(
             text=f"⚠ {cost} measured while trials shared the machine: neighbours' load is in it "
-            "(`srdit study bench` measures it alone)",
+            "(srdit study bench measures it alone)",
             xref="paper",
             yref="paper",
             x=0,

@@ -68,6 +68,7 @@ header h1 { margin:0 0 6px; font-size:26px; font-weight:650; letter-spacing:.2px
 header .meta { color:#c9d3e3; font-size:13.5px; }
 header .meta code { color:#fff; background:rgba(255,255,255,.12); padding:1px 6px; border-radius:4px; }
 nav { margin-top:12px; font-size:13.5px; }
+header .meta a { color:#bcd3ff; }
 nav a { color:#bcd3ff; margin-right:14px; text-decoration:none; }
 nav a:hover { text-decoration:underline; }
 main { padding-top:22px; padding-bottom:60px; }
@@ -409,8 +410,13 @@ def _effects_table(a: Analysis, fit_: ReportFit) -> str:
         f"<h3>Per pair</h3>"
         f'<p class="caption">Every column in gain units of {scale}{_esc(a.metric)}. Synergy S = (gain of i with j '
         "on) − (gain of i with j off), positive = better together, with the <b>simultaneous</b> "
-        f"{pct}% interval over the {pairs.n_tested} tested pair(s){interval}: the interval, p and decision the "
-        "synergy matrix shows (significant = the simultaneous interval excludes 0). Partly aliased pairs are "
+        + (
+            f"{pct}% interval over the {pairs.n_tested} tested pair(s){interval}: the interval, p and decision the "
+            "synergy matrix shows (significant = the simultaneous interval excludes 0). "
+            if pairs.n_tested
+            else f"{pct}% interval over the tested pairs; here no pair could be tested. "
+        )
+        + "Partly aliased pairs are "
         "estimated but never tested. Dividends D = g(ij) − g(i) − g(j) + g(none) with the others off, and the "
         "same difference of differences against the full stack: point values of single cells, no interval, "
         "not tested; – = not estimable from the cells run.</p>"
@@ -799,8 +805,8 @@ def _cost_and_curves_sections(fit: ReportFit, figs: _Figures) -> list[str]:
             "Quality versus cost",
             "Each point is a cell (mean over finished seeds; bar = ± one standard deviation). Red points form the Pareto "
             "front: no other cell is at least as good on both axes and better on one. The cost axis says where "
-            "its throughput comes from: the controlled bench (`srdit study bench`) when the study has one, "
-            "otherwise the trials' own clocks.",
+            "its throughput comes from: the controlled bench (<code>srdit study bench</code>) when the study has "
+            "one, otherwise the trials' own clocks.",
             f"No throughput metric ({', '.join(throughput_metrics())}) was recorded, so there is no "
             "quality-versus-cost view."
             if ok
@@ -950,7 +956,7 @@ def _protocols_section(ps: list[Protocol], error: str) -> str:
     ]
     return (
         '<section id="sec-protocols"><h2>Evaluation protocols <span class="tag bad">not comparable</span></h2>'
-        f'<p class="caption"><b>No comparison is made:</b> {_esc(error)}.</p>'
+        f'<p class="caption">{_esc(error[0].upper() + error[1:])}.</p>'
         + _table(["protocol", "runs", "cells", *(_esc(PROTOCOL_COLUMNS[c]) for c in cols)], rows, num_cols=[1])
         + "</section>"
     )
