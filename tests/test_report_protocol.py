@@ -144,3 +144,29 @@ def test_each_run_links_to_its_mlflow_run(tmp_path):
     assert f'href="http://127.0.0.1:5000/#/experiments/3/runs/{rid}"' in sec and "<code>srdit ui</code>" in sec
     sec = cells_section(res, "none")  # a CSV with run ids and no UI address: the id is stated
     assert f"run {rid}</code>" in sec and "href=" not in sec.split("</p>", 1)[1]
+
+
+def test_analyze_refuses_a_table_of_runs_from_different_protocols(tmp_path):
+    """An exported table carries each run's protocol: `srdit analyze` refuses to compare across two in one line."""
+    import io
+
+    from srdit.commands.analyze import main as analyze_main
+
+    res = _with_protocol(make_results(tmp_path), lambda r: "25" if r["sprint"] else "50")
+    path = tmp_path / "runs.csv"
+    res.table.to_csv(path, index=False)
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(path), "--factors", "repa,rope,sprint", "--metric", "fd", "--direction", "min", "--no-bootstrap"]
+    rc = analyze_main(argv, stdout=out, stderr=err)
+    lines = err.getvalue().strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and out.getvalue() == ""
+    assert lines[0].startswith(f"srdit analyze: error: {path}: the runs' metrics were computed under 2 different")
+    assert (
+        "sampling steps: 50 (baseline, repa, rope, repa+rope), 25 (sprint, repa+sprint, repa+rope+sprint)" in lines[0]
+    )
+    # one protocol: analysed as before, and the report states it and carries the intervals
+    _with_protocol(make_results(tmp_path)).table.to_csv(path, index=False)
+    argv += ["--ladder", "repa,rope,sprint", "--report", str(tmp_path / "rep")]
+    rc = analyze_main(argv, stdout=io.StringIO(), stderr=io.StringIO())
+    html = (tmp_path / "rep" / "index.html").read_text(encoding="utf-8")
+    assert rc == 0 and "sampling steps <b>50</b>" in html and "Error bars: Welch" in html

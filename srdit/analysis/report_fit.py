@@ -15,7 +15,14 @@ import pandas as pd
 from scipy import stats
 
 from srdit import metric_registry
-from srdit.analysis.effects import OK_STATUSES, Analysis, AnalysisError, AnalysisFailure, analyze_study
+from srdit.analysis.effects import (
+    OK_STATUSES,
+    Analysis,
+    AnalysisError,
+    AnalysisFailure,
+    analyze_study,
+    combo_label,
+)
 from srdit.analysis.over_steps import OverSteps, study_over_steps
 from srdit.analysis.results import PROTOCOL_COLUMNS, StudyResults
 
@@ -41,16 +48,22 @@ def protocols(results: StudyResults) -> list[Protocol]:
         return []
     ok = t["status"].astype(str).str.lower().isin(OK_STATUSES) if "status" in t.columns else pd.Series(True, t.index)
     t = t[ok]
-    names = results.cell_names()
+    labels = _technique_labels(t, results.factors)
     keyed = t[cols].fillna("").astype(str)
     out = []
     for values, g in keyed.groupby(cols, sort=False):
         values = values if isinstance(values, tuple) else (values,)
-        cells = list(dict.fromkeys(names.get(str(c), str(c)) for c in t.loc[g.index, "cell"]))
+        cells = list(dict.fromkeys(labels.loc[g.index]))
         out.append(Protocol(dict(zip(cols, values)), sorted(cells, key=_combo_order(results.factors)), len(g)))
     if len(out) == 1 and not any(out[0].values.values()):
         return []
     return sorted(out, key=lambda p: -p.n_runs)
+
+
+def _technique_labels(t: pd.DataFrame, factors: list[str]) -> pd.Series:
+    """Each row's cell by the names of its techniques that are on (a 0/1 or on/off factor column)."""
+    on = t[factors].astype(str).apply(lambda c: c.str.strip().str.lower().isin(["1", "1.0", "true", "on", "yes"]))
+    return on.apply(lambda r: combo_label(f for f in factors if r[f]), axis=1)
 
 
 def _combo_order(factors: list[str]):
