@@ -169,3 +169,18 @@ def test_pareto_says_where_its_throughput_comes_from(tmp_path):
     fig = fig_pareto(benched, a)
     assert not fig.layout.annotations and "controlled: srdit study bench" in fig.layout.xaxis.title.text
     assert {round(x) for tr in fig.data if tr.mode == "markers+text" for x in tr.x} == {501}
+
+
+def test_a_partly_aliased_main_effect_is_an_estimate_not_a_test(tmp_path):
+    """The study's excluded cell and failed runs leave every main effect partly aliased: the technique table and
+    the effects panel give the estimate and no interval or p-value, as the matrix does for such pairs."""
+    res = make_results(tmp_path)
+    fit = fit_report(res, bootstrap=False)
+    a = fit.primary
+    assert set(res.factors) <= set(a.fit.partial_aliases) and a.fit.p["repa"] < 0.05  # a p the data cannot carry
+    html = render_report(fit, tmp_path / "d").read_text(encoding="utf-8")
+    row = re.search(r"<tr><td>repa <span[^>]*>[^<]*</span></td>(.*?)</tr>", html).group(1)
+    cols = re.findall(r"<td[^>]*>(.*?)</td>", row)
+    assert cols[:3] == [f"≈{_num(-a.fit.main_effects['repa'])}", "–", "not tested"]
+    bars = fig_effects(a).data[0]
+    assert list(bars.error_y.array) == [0, 0, 0] and list(bars.error_y.arrayminus) == [0, 0, 0]

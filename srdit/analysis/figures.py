@@ -289,7 +289,7 @@ def fig_effects(a: Analysis, loo_ci: dict[str, list[float]] | None = None) -> go
     me = [None if main_effects.get(x) is None else sign * main_effects[x] for x in f]
     lo, hi = [], []
     for x, v in zip(f, me):
-        c = ci.get(x)
+        c = None if x in a.fit.partial_aliases else ci.get(x)  # partly aliased: biased, no interval drawn
         if c and v is not None:
             cc = sorted([sign * c[0], sign * c[1]])
             lo.append(v - cc[0])

@@ -341,12 +341,13 @@ def _effects_table(a: Analysis, fit_: ReportFit) -> str:
     tech = []
     for f_, v in fit.main_effects.items():
         c = fit.ci.get(f_)
+        partial = f_ in fit.partial_aliases  # biased by omitted interactions: an estimate, never a test
         tech.append(
             [
                 _esc(f_) + note(f_),
-                _num(None if v is None else sign * v),
-                _ci(sorted([sign * c[0], sign * c[1]]) if c and v is not None else None),
-                _pv(fit.p.get(f_)),
+                ("≈" if partial and v is not None else "") + _num(None if v is None else sign * v),
+                "–" if partial else _ci(sorted([sign * c[0], sign * c[1]]) if c and v is not None else None),
+                "not tested" if partial else _pv(fit.p.get(f_)),
                 _num(att.shapley.get(f_)) if att.shapley else "–",
                 _num(att.loo.get(f_)),
                 _ci(fit_.loo_ci.get(f_)),
@@ -403,7 +404,8 @@ def _effects_table(a: Analysis, fit_: ReportFit) -> str:
         f"<h3>Per technique</h3>"
         f'<p class="caption">Every column in gain units of {scale}{_esc(a.metric)}, oriented so that positive = '
         f"better. Main effect: mean gain with the technique on minus off over the design, with its individual "
-        f"{pct}% t interval and p-value (one test per technique, not corrected across techniques). Shapley: its "
+        f"{pct}% t interval and p-value (one test per technique, not corrected across techniques; a partly aliased "
+        "effect is biased by omitted interactions: ≈ estimate, not tested). Shapley: its "
         "exact share of g(all) − g(none) (full factorials only; no interval). Leave-one-out: g(all) − g(all "
         f"without it), with Welch's individual {pct}% interval over the seeds of the two cells (where both have two "
         f"or more finished runs).</p>{techniques}"
@@ -749,7 +751,8 @@ def _primary_sections(fit: ReportFit, figs: _Figures) -> list[str]:
             fig_effects(a, fit.loo_ci),
             "Effect of each technique",
             "Blue: main effect (mean gain with the technique on minus off, averaged over the design) with its "
-            f"individual {pct}% confidence interval. Orange: exact Shapley value (its fair share of g(all) − g(none), "
+            f"individual {pct}% confidence interval (none for a partly aliased effect: biased by omitted "
+            "interactions, never tested). Orange: exact Shapley value (its fair share of g(all) − g(none), "
             "averaged over all stacking orders; full factorials only; no interval). Green: leave-one-out effect "
             "against the full stack (g(all) − g(all without i))"
             + (
