@@ -38,6 +38,10 @@ def test_welch_interval_is_statsmodels_unequal_variance_interval():
         for level in (0.9, 0.95):
             assert welch_interval(a, b, level) == pytest.approx(_welch_statsmodels(a, b, level), rel=1e-10)
     assert welch_interval([1.0], [2.0, 3.0], 0.95) is None  # one run: no error estimate
+    assert welch_interval([1.0, 1.0], [2.0, 2.0, 2.0], 0.95) is None  # identical values: no error estimate either
+    assert welch_interval([1.0, 1.0], [2.0, 3.0], 0.95) == pytest.approx(
+        _welch_statsmodels([1.0, 1.0], [2.0, 3.0], 0.95), rel=1e-10
+    )
 
 
 def factorial(seeds: int, rng_seed: int = 0, k: int = 3, synergy: float = 0.0, noise: float = 0.5) -> StudyResults:

@@ -8,6 +8,7 @@ This module must not import torch, ray or mlflow.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -95,12 +96,15 @@ def mixed_protocols(ps: list[Protocol]) -> str | None:
 
 def welch_interval(a: np.ndarray, b: np.ndarray, level: float) -> list[float] | None:
     """Welch's t interval at `level` for mean(b) - mean(a) (unequal variances, Welch-Satterthwaite df); None
-    unless both samples have two or more values (no error estimate)."""
+    unless both samples have two or more values and one of them varies (no error estimate)."""
     a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or (np.ptp(a) == 0 and np.ptp(b) == 0):  # no spread at all: no df, no interval
         return None
-    ci = stats.ttest_ind(b, a, equal_var=False).confidence_interval(level)
-    return [float(ci.low), float(ci.high)]
+    with warnings.catch_warnings():  # scipy warns of precision loss for a constant sample; its variance is 0 exactly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        ci = stats.ttest_ind(b, a, equal_var=False).confidence_interval(level)
+    lo, hi = float(ci.low), float(ci.high)
+    return [lo, hi] if np.isfinite(lo) and np.isfinite(hi) else None
 
 
 @dataclass(frozen=True)
