@@ -188,3 +188,24 @@ def test_a_partly_aliased_main_effect_is_an_estimate_not_a_test(tmp_path):
     assert cols[:3] == [f"≈{_num(-a.fit.main_effects['repa'])}", "–", "not tested"]
     bars = fig_effects(a).data[0]
     assert list(bars.error_y.array) == [0, 0, 0] and list(bars.error_y.arrayminus) == [0, 0, 0]
+
+
+def test_a_shared_machine_clock_is_never_called_significant_or_not_in_the_matrix():
+    """Throughput from trials that shared the machine carries no significance: its matrix cells say "not tested",
+    never "n.s." beside an interval that excludes 0, and no star."""
+    from srdit.analysis.effects import CONTENTION_NOTE
+
+    res = factorial(seeds=3)
+    rng = np.random.default_rng(5)
+    t = res.table.assign(
+        images_per_s=100 * np.exp(0.3 * res.table["repa"] * res.table["rope"] + rng.normal(0, 0.01, len(res.table)))
+    )
+    res = dataclasses.replace(res, table=t, other_metrics={"images_per_s": "max"})
+    a = fit_report(res, bootstrap=False).analyses["images_per_s"]
+    assert a.notes[0] == CONTENTION_NOTE
+    ci = a.pairs.synergy_ci["repa:rope"]
+    assert ci[0] > 0  # the planted speed-up's interval excludes 0 ...
+    texts = [x for tr in fig_synergy(a).data if tr.text is not None for r in tr.text for x in r if x]
+    cell = next(x for x in texts if x.startswith(_num(a.pairs.synergy["repa:rope"], 3)))
+    assert "not tested" in cell and "n.s." not in cell and "*" not in cell  # ... and no verdict is drawn from it
+    assert not any("n.s." in x or "*" in x for x in texts)

@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 from scipy import stats
 
 from srdit import metric_registry
-from srdit.analysis.effects import OK_STATUSES, Analysis, Cell, combo_label, contended
+from srdit.analysis.effects import CONTENTION_NOTE, OK_STATUSES, Analysis, Cell, combo_label, contended
 from srdit.analysis.over_steps import OverSteps
 from srdit.analysis.results import CURVE_COLUMNS, StudyResults
 
@@ -121,6 +121,7 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
     partial = a.fit.partial_aliases
     inest = {i.effect: i.reason for i in a.fit.inestimable}
     significant = set(a.pairs.significant)
+    untested = bool(a.notes) and a.notes[0] == CONTENTION_NOTE  # no significance claimed on a contended clock
     lenth_sig = set((a.fit.lenth or {}).get("significant_simultaneous", []))
     for i in range(k):
         for j in range(k):
@@ -136,7 +137,7 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
                 txt[i][j] = f"<span style='color:#6b7280'>{lab} {_pv(p_dec)}</span>" if p_dec is not None else ""
                 hover[i][j] = f"{n}: {lab} {_pv(p_dec)}"
                 continue
-            sig = n in significant or (a.fit.lenth is not None and n in lenth_sig)
+            sig = not untested and (n in significant or (a.fit.lenth is not None and n in lenth_sig))
             mark = "*" if sig else ""
             if n in flagged:
                 mark += " ✕"
@@ -148,12 +149,14 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
             elif s is not None:
                 (z_sig if sig else z_ns)[i][j] = s
                 ci = a.pairs.synergy_ci.get(n)
-                txt[i][j] = (f"<b>{_num(s, 3)}{mark}</b>" if sig else f"{_num(s, 3)}{mark} <i>n.s.</i>") + (
+                verdict = "not tested" if untested else "n.s."
+                txt[i][j] = (f"<b>{_num(s, 3)}{mark}</b>" if sig else f"{_num(s, 3)}{mark} <i>{verdict}</i>") + (
                     f"<br>{_ci(ci, 2)}" if ci else ""
                 )
                 hover[i][j] = (
                     f"S({n}) = {_num(s)}<br>simultaneous CI {_ci(ci)}<br>p_adj {_pv(padj)}"
-                    + ("" if sig else "<br>not significant")
+                    + ("<br>not tested: clocks of trials sharing the machine" if untested else "")
+                    + ("" if sig or untested else "<br>not significant")
                     + (f"<br>flagged: {flagged[n].kind}" if n in flagged else "")
                 )
             elif n in aliased:
@@ -486,6 +489,7 @@ def fig_pareto(res: StudyResults, a: Analysis) -> go.Figure | None:
             text=[p["combo"] for p in group],
             customdata=[p["cell"] for p in group],
             textposition="top center",
+            cliponaxis=False,  # a label at the edge of the axis stays whole
             marker=dict(size=size, color=color),
             error_y=dict(type="data", array=[p["ysd"] for p in group], color=color, thickness=1),
             hovertemplate="%{text} (cell %{customdata})<br>" + cost + " %{x:.4g}<br>" + res.metric + " %{y:.4g}"
