@@ -65,7 +65,8 @@ class StudyResults:
         table: one row per trial: trial, cell (str id), seed, status ("finished"/"diverged"/"oom"/"crashed"),
             status_reason, crash_cause (CRASH_CAUSE: "code" / "infrastructure" for a crashed run, else blank), one
             0/1 column per factor, metric columns (NaN for failed trials); optionally `block`
-            (the half of a fold-over: 0 = the folded study's cells, 1 = the mirror; an additive block term).
+            (the half of a fold-over: 0 = the folded study's cells, 1 = the mirror; an additive block term),
+            RUN_ID and the PROTOCOL_COLUMNS.
         curves: learning curves: trial, cell, seed, key, step, value.
         samples: cell id -> path to a PNG sample grid.
         excluded: cells excluded by constraints: {"cell": ..., "techniques": [...], "reason": ...}.
