@@ -115,6 +115,10 @@ def test_metrics_of_different_protocols_are_never_compared(tmp_path):
     curves = html[html.index('<div id="fig-curves"') :]
     assert '"name":"baseline' in curves.replace(" ", "")
     assert '"fd"' not in curves[: curves.index("</script>")]
+    import re
+
+    legend = re.findall(r'"name":"([^"]+)"', curves[: curves.index("</script>")].replace(" ", ""))
+    assert legend[:3] == ["baseline", "repa", "rope"] and legend[-1] == "repa+rope+sprint"  # stacking order
     # runs without a protocol (a failed run) do not count
     t = res.table.copy()
     t.loc[t["sprint"] == 1, "status"] = "crashed"

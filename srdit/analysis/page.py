@@ -816,8 +816,19 @@ def _cost_and_curves_sections(fit: ReportFit, figs: _Figures) -> list[str]:
             else "No quality-versus-cost view: the primary metric was not analysed (see the summary).",
         )
     )
-    order = [c.cell for c in _cell_order(a.attribution.cells, res.factors)] if ok else []
-    base_cell = next((c.cell for c in a.attribution.cells if not c.on), None) if ok else None
+    idx = {f: i for i, f in enumerate(res.factors)}
+
+    def stack(name: str) -> tuple[int, list[int]]:  # without an analysis: fewer techniques first, study order
+        on = [idx[x] for x in name.split("+") if x in idx]
+        return len(on), on
+
+    by_names = sorted(res.cell_names().items(), key=lambda kv: stack(kv[1]))
+    order = [c.cell for c in _cell_order(a.attribution.cells, res.factors)] if ok else [c for c, _ in by_names]
+    base_cell = (
+        next((c.cell for c in a.attribution.cells if not c.on), None)
+        if ok
+        else next((c for c, n in by_names if stack(n)[0] == 0), None)
+    )
     sections.append(
         figs.block(
             "fig-curves",
