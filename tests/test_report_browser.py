@@ -352,3 +352,94 @@ def test_tracking_ui_opens_an_experiment_on_its_runs(tmp_path):
         assert "Detect Issues" not in dom  # the GenAI overview's button
     finally:
         stop_server(proc)
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("SRDIT_REQUIRE_BROWSER"),
+    reason="chromium is not installed (apt-get install chromium)",
+)
+def test_report_reads_at_a_glance_in_chromium(tmp_path):
+    """Drawn in Chromium: the protocol in the header, technique names on the Pareto points with the panel's own
+    note on where throughput comes from, the effects tables in one convention each with labelled intervals, the
+    ladder's and leave-one-out's error bars, and links to cells.csv, effects.json and each MLflow run. Screenshots
+    go to $SRDIT_SHOT_DIR when set."""
+    import dataclasses
+
+    from test_report_protocol import PARAMS
+
+    from srdit.runtime.results import eval_protocol
+
+    base = make_results(tmp_path)
+    t = base.table.assign(run_id=[f"{i:032x}" for i in range(len(base.table))])
+    for k, v in eval_protocol(PARAMS, "cpu (x86_64, 2 threads)").items():
+        t[k] = v
+    res = dataclasses.replace(base, table=t, mlflow_ui="http://mlflow.lab:5000/#/experiments/7")
+    page = render_report(fit_report(res, bootstrap=False), tmp_path / "dash" / res.study)
+    url = page.resolve().as_uri()
+    dom_run = chromium(["--dump-dom", url], tmp_path / "profile1")
+    dom = dom_run.stdout
+    errors = re.search(r'<pre id="js-errors">(.*?)</pre>', dom, flags=re.S)
+    assert errors is not None and errors.group(1).strip() == "", errors and errors.group(1)
+    header = dom[dom.index("<header>") : dom.index("</header>")]
+    assert "every metric evaluated under one protocol" in header and "sampling steps <b>50</b>" in header
+    # the Pareto panel as drawn: technique names on the points, the throughput caveat on the panel itself
+    par = dom[dom.index('id="fig-pareto"') : dom.index('id="sec-fig-curves"')]
+    texts = re.findall(r'class="textpoint"[^>]*>\s*<text[^>]*>([^<]+)</text>', par)
+    assert "repa+rope" in texts and not any(re.fullmatch(r"[01]+", x) for x in texts), texts
+    assert "shared the machine" in par and "shared machine" in par
+    # the ladder and leave-one-out bars carry error bars (plotly draws them as "errorbar" paths)
+    lad = dom[dom.index('id="fig-ladder"') : dom.index('id="sec-fig-pareto"')]
+    assert lad.count('class="errorbar"') >= 2
+    tables = dom[dom.index('id="sec-effects-table"') : dom.index('id="sec-cells"')]
+    assert "individual 95% CI" in tables and "simultaneous 95% CI" in tables and "p<sub>Bonf</sub> (decision)" in tables
+    cells = dom[dom.index('id="sec-cells"') :]
+    assert '<a href="cells.csv">cells.csv</a>' in cells and '<a href="effects.json">effects.json</a>' in cells
+    assert cells.count('href="http://mlflow.lab:5000/#/experiments/7/runs/') == len(t)
+
+    shots = Path(os.environ.get("SRDIT_SHOT_DIR", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    full = shots / "report_glance.png"
+    chromium([f"--screenshot={full}", "--window-size=1400,9000", "--hide-scrollbars", url], tmp_path / "profile2")
+    img = decode_png(full.read_bytes()).astype(float)
+    assert img[..., :3].mean(axis=2).std() > 20
+
+    # a complete replicated factorial: tested pairs in the pair table, error bars on every ladder step and
+    # leave-one-out bar
+    from test_report_intervals import factorial
+
+    fac = factorial(seeds=3, synergy=2.0)
+    page2 = render_report(fit_report(fac, bootstrap=False), tmp_path / "dash" / "fac")
+    dom2 = chromium(["--dump-dom", page2.resolve().as_uri()], tmp_path / "profile3").stdout
+    lad = dom2[dom2.index('id="fig-ladder"') : dom2.index('id="sec-fig-pareto"')]
+    assert lad.count('class="errorbar"') == 3
+    eff = dom2[dom2.index('id="fig-effects"') : dom2.index('id="sec-fig-over-steps"')]
+    assert eff.count('class="errorbar"') == 6  # main effects and leave-one-out, three techniques each
+    pairs = dom2[dom2.index("<h3>Per pair") : dom2.index('id="sec-cells"')]
+    assert "over the 3 tested pair(s)" in pairs and re.search(r"<td>repa:rope</td>.*?significant", pairs, re.S)
+    chromium(
+        [
+            f"--screenshot={shots / 'report_factorial.png'}",
+            "--window-size=1400,7000",
+            "--hide-scrollbars",
+            page2.resolve().as_uri(),
+        ],
+        tmp_path / "profile4",
+    )
+
+    # a mixed-protocol study: the refusal at the top, no comparison drawn
+    t3 = t.assign(**{"protocol.sampling_steps": ["25" if x else "50" for x in t["sprint"]]})
+    page3 = render_report(fit_report(dataclasses.replace(res, table=t3), bootstrap=False), tmp_path / "dash" / "mixed")
+    dom3 = chromium(["--dump-dom", page3.resolve().as_uri()], tmp_path / "profile5").stdout
+    errors = re.search(r'<pre id="js-errors">(.*?)</pre>', dom3, flags=re.S)
+    assert errors is not None and errors.group(1).strip() == ""
+    assert "2 different protocols" in dom3[: dom3.index("</header>")]
+    assert 'id="sec-protocols"' in dom3 and 'id="fig-synergy"' not in dom3 and 'id="fig-pareto"' not in dom3
+    chromium(
+        [
+            f"--screenshot={shots / 'report_mixed.png'}",
+            "--window-size=1400,1800",
+            "--hide-scrollbars",
+            page3.resolve().as_uri(),
+        ],
+        tmp_path / "profile6",
+    )

@@ -35,6 +35,9 @@ FITTING = [
     (power, "design_power"),
     (power, "pooled_sd"),
     (report_fit, "fit_report"),
+    (report_fit, "step_intervals"),
+    (report_fit, "welch_interval"),
+    (report_fit, "protocols"),
 ]
 
 
@@ -75,11 +78,13 @@ def test_the_page_renders_the_passed_fit_and_never_refits(tmp_path, monkeypatch)
     html = page.render_report(fit2, tmp_path / "dash").read_text(encoding="utf-8")
 
     table = _section(html, "sec-effects-table", "sec-cells")
+    sign = 1 if a.direction == "max" else -1  # the table is in gain units (positive = better)
     for f, v in planted.items():
         tag = a.fit.alias_tag(f)  # the study's excluded cell leaves its estimates partly aliased
         name = f + (f' <span class="tag warn">{tag}</span>' if tag else "")
-        assert f'<td>{name}</td><td>main</td><td class="num">{_num(v)}</td>' in table
-    for pair, v in a.fit.interactions.items():
+        approx = "≈" if f in a.fit.partial_aliases else ""  # biased by omitted interactions: never tested
+        assert f'<td>{name}</td><td class="num">{approx}{_num(sign * v)}</td>' in table
+    for pair, v in a.pairs.synergy.items():
         assert f'<td class="num">{_num(v)}</td>' in table, pair
     summary = _section(html, "sec-summary", "sec-fig-synergy")
     best = a.attribution.best

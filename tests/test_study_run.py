@@ -28,7 +28,7 @@ def write_study(path: Path, **kw) -> Path:
     return path
 
 
-def test_full_factorial_study_into_sqlite(tmp_path, ray_local):
+def test_full_factorial_study_into_sqlite(tmp_path, ray_local, capsys):
     from mlflow import MlflowClient
 
     from srdit.commands.report import make_report
@@ -82,6 +82,41 @@ def test_full_factorial_study_into_sqlite(tmp_path, ray_local):
     assert (tmp_path / "dashboards" / "index.html").exists() and (tmp_path / "dashboards" / "RECORDS.md").exists()
     parent_files = {a.path for a in client.list_artifacts(res.parent_run_id, "report")}
     assert "report/index.html" in parent_files
+    _report_states_the_protocol_links_the_runs_and_refuses_a_mixed_protocol(tmp_path, spec, state, exp, capsys)
+
+
+def _report_states_the_protocol_links_the_runs_and_refuses_a_mixed_protocol(tmp_path, spec, state, exp, capsys):
+    """The report of the real study above: the protocol its runs recorded in the header, a link per run to the
+    UI `srdit ui` serves, and, once one cell's runs are planted with another sampler step count in the store, one
+    line of refusal from `srdit report` and no comparison on the page."""
+    import sqlite3
+
+    from srdit.commands.report import main as report_main
+    from srdit.runtime.results import load_results
+
+    results, _ = load_results(spec, state, curves=False, samples=False)
+    t = results.table
+    assert set(t["protocol.sampler"]) == {"euler"} and set(t["protocol.sampling_steps"]) == {"2"}
+    assert set(t["protocol.n_samples"]) == {"50"} and set(t["protocol.precision"]) == {"fp32 (auto)"}
+    html = (tmp_path / "dashboards" / "tiny" / "index.html").read_text(encoding="utf-8")
+    header = html[html.index("<header>") : html.index("</header>")]
+    assert "every metric evaluated under one protocol" in header and "sampler <b>euler</b>" in header
+    for rid in t["run_id"]:
+        assert f'href="http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{rid}"' in html
+
+    planted = t.loc[t["cell"] == "11", "run_id"].tolist()
+    with sqlite3.connect(state / "mlflow.db") as db:
+        db.executemany(
+            "UPDATE params SET value = '25' WHERE key = 'sample.steps' AND run_uuid = ?", [(r,) for r in planted]
+        )
+    capsys.readouterr()
+    rc = report_main([str(tmp_path / "tiny.yaml"), "--state", str(state), "--out", str(tmp_path / "mixed")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("srdit report: error: study tiny: the runs' metrics were computed under 2 different")
+    assert "sampling steps: 2 (baseline, rmsnorm, qk_norm), 25 (rmsnorm+qk_norm)" in err[0]
+    mixed = (tmp_path / "mixed" / "tiny" / "index.html").read_text(encoding="utf-8")
+    assert 'id="sec-protocols"' in mixed and '<div id="fig-synergy"' not in mixed
 
 
 def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray_local):

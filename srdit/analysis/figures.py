@@ -16,7 +16,7 @@ from plotly.subplots import make_subplots
 from scipy import stats
 
 from srdit import metric_registry
-from srdit.analysis.effects import OK_STATUSES, Analysis, Cell, combo_label
+from srdit.analysis.effects import CONTENTION_NOTE, OK_STATUSES, Analysis, Cell, combo_label, contended
 from srdit.analysis.over_steps import OverSteps
 from srdit.analysis.results import CURVE_COLUMNS, StudyResults
 
@@ -89,6 +89,16 @@ LAYOUT = dict(
 )
 
 
+def decision_p(a: Analysis, pair: str) -> tuple[float | None, str]:
+    """(p-value, its HTML label) that decides pair `pair` in the synergy matrix, consistent with its simultaneous
+    interval: Bonferroni over the tested pairs (confirmatory), the Benjamini-Hochberg q of the secondary metrics'
+    family (exploratory). None for a pair that is not tested (aliased, partly aliased, no error estimate)."""
+    if a.role == "exploratory":
+        return a.pairs.p_adj.get(pair), "q<sub>BH</sub>"
+    raw = a.fit.p.get(pair) if pair in a.fit.clean_pairs else None
+    return (min(1.0, a.pairs.n_tested * raw) if raw is not None else None), "p<sub>Bonf</sub>"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # figures
 # --------------------------------------------------------------------------------------------------------------------
@@ -111,6 +121,7 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
     partial = a.fit.partial_aliases
     inest = {i.effect: i.reason for i in a.fit.inestimable}
     significant = set(a.pairs.significant)
+    untested = bool(a.notes) and a.notes[0] == CONTENTION_NOTE  # no significance claimed on a contended clock
     lenth_sig = set((a.fit.lenth or {}).get("significant_simultaneous", []))
     for i in range(k):
         for j in range(k):
@@ -122,16 +133,11 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
             s = a.pairs.synergy.get(n)
             padj = a.pairs.p_adj.get(n)
             if i > j:  # lower triangle: the p-value that made the decision (consistent with the star)
-                if a.role == "exploratory":
-                    p_dec, lab = padj, "q<sub>BH</sub>"
-                else:
-                    raw = a.fit.p.get(n) if n in a.fit.clean_pairs else None
-                    p_dec = min(1.0, a.pairs.n_tested * raw) if raw is not None else None
-                    lab = "p<sub>Bonf</sub>"
+                p_dec, lab = decision_p(a, n)
                 txt[i][j] = f"<span style='color:#6b7280'>{lab} {_pv(p_dec)}</span>" if p_dec is not None else ""
                 hover[i][j] = f"{n}: {lab} {_pv(p_dec)}"
                 continue
-            sig = n in significant or (a.fit.lenth is not None and n in lenth_sig)
+            sig = not untested and (n in significant or (a.fit.lenth is not None and n in lenth_sig))
             mark = "*" if sig else ""
             if n in flagged:
                 mark += " ✕"
@@ -143,12 +149,14 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
             elif s is not None:
                 (z_sig if sig else z_ns)[i][j] = s
                 ci = a.pairs.synergy_ci.get(n)
-                txt[i][j] = (f"<b>{_num(s, 3)}{mark}</b>" if sig else f"{_num(s, 3)}{mark} <i>n.s.</i>") + (
+                verdict = "not tested" if untested else "n.s."
+                txt[i][j] = (f"<b>{_num(s, 3)}{mark}</b>" if sig else f"{_num(s, 3)}{mark} <i>{verdict}</i>") + (
                     f"<br>{_ci(ci, 2)}" if ci else ""
                 )
                 hover[i][j] = (
                     f"S({n}) = {_num(s)}<br>simultaneous CI {_ci(ci)}<br>p_adj {_pv(padj)}"
-                    + ("" if sig else "<br>not significant")
+                    + ("<br>not tested: clocks of trials sharing the machine" if untested else "")
+                    + ("" if sig or untested else "<br>not significant")
                     + (f"<br>flagged: {flagged[n].kind}" if n in flagged else "")
                 )
             elif n in aliased:
@@ -274,15 +282,17 @@ def fig_half_normal(a: Analysis) -> go.Figure | None:
     return fig
 
 
-def fig_effects(a: Analysis) -> go.Figure:
-    """Main effects (oriented, with CI), Shapley attribution and leave-one-out effects side by side."""
+def fig_effects(a: Analysis, loo_ci: dict[str, list[float]] | None = None) -> go.Figure:
+    """Main effects (oriented, with CI), Shapley attribution and leave-one-out effects side by side; `loo_ci`:
+    technique -> interval of its leave-one-out effect (gain units; `report_fit.step_intervals`) drawn as error
+    bars."""
     sign = 1 if a.direction == "max" else -1
     f = a.factors
     main_effects, ci, att = a.fit.main_effects, a.fit.ci, a.attribution
     me = [None if main_effects.get(x) is None else sign * main_effects[x] for x in f]
     lo, hi = [], []
     for x, v in zip(f, me):
-        c = ci.get(x)
+        c = None if x in a.fit.partial_aliases else ci.get(x)  # partly aliased: biased, no interval drawn
         if c and v is not None:
             cc = sorted([sign * c[0], sign * c[1]])
             lo.append(v - cc[0])
@@ -303,7 +313,22 @@ def fig_effects(a: Analysis) -> go.Figure:
             name="Shapley (share of all − none)", x=f, y=[att.shapley.get(x) for x in f], marker_color=PALETTE[1]
         )
     if any(v is not None for v in att.loo.values()):
-        fig.add_bar(name="leave-one-out (all − all∖i)", x=f, y=[att.loo.get(x) for x in f], marker_color=PALETTE[2])
+        loo_ci = loo_ci or {}
+        y = [att.loo.get(x) for x in f]
+        cis = [loo_ci.get(x) if v is not None else None for x, v in zip(f, y)]
+        fig.add_bar(
+            name="leave-one-out (all − all∖i)",
+            x=f,
+            y=y,
+            marker_color=PALETTE[2],
+            error_y=dict(
+                type="data",
+                symmetric=False,
+                array=[c[1] - v if c else 0 for c, v in zip(cis, y)],
+                arrayminus=[v - c[0] if c else 0 for c, v in zip(cis, y)],
+                visible=any(cis),
+            ),
+        )
     fig.add_hline(y=0, line_color="#444", line_width=1)
     fig.update_layout(
         **LAYOUT,
@@ -315,7 +340,10 @@ def fig_effects(a: Analysis) -> go.Figure:
     return fig
 
 
-def fig_ladder(a: Analysis) -> go.Figure | None:
+def fig_ladder(a: Analysis, ladder_ci: dict[int, list[float]] | None = None) -> go.Figure | None:
+    """Waterfall of the cumulative ladder (metric units): the baseline, each step's change of the mean and the final
+    mean. `ladder_ci`: step -> interval of that step's change (`report_fit.step_intervals`), drawn as an error bar
+    at the end of the step's bar."""
     rows = a.attribution.ladder
     if not rows or rows[0].mean is None:
         return None
@@ -352,12 +380,36 @@ def fig_ladder(a: Analysis) -> go.Figure | None:
             connector=dict(line=dict(color="#999", width=1, dash="dot")),
         )
     )
+    drawn = [r for r in rows[: len(x) - 1] if r.step > 0 and r.step in (ladder_ci or {})]
+    if drawn:
+        pct = int(round(100 * (1 - a.alpha)))
+        fig.add_scatter(
+            x=[f"+ {r.added}" for r in drawn],
+            y=[r.mean for r in drawn],
+            mode="markers",
+            marker=dict(size=4, color="#1d2330"),
+            error_y=dict(
+                type="data",
+                symmetric=False,
+                array=[ladder_ci[r.step][1] - r.delta for r in drawn],
+                arrayminus=[r.delta - ladder_ci[r.step][0] for r in drawn],
+                color="#1d2330",
+                thickness=1.5,
+                width=8,
+            ),
+            hovertext=[f"+ {r.added}: step {_num(r.delta)}, {pct}% CI {_ci(ladder_ci[r.step])}" for r in drawn],
+            hoverinfo="text",
+            name=f"{pct}% CI of the step",
+        )
     means = [r.mean for r in rows if r.mean is not None]
-    span = max(means) - min(means) if len(means) > 1 else abs(means[0]) or 1.0
+    lows = [r.mean - r.delta + ladder_ci[r.step][0] for r in drawn] if drawn else []
+    highs = [r.mean - r.delta + ladder_ci[r.step][1] for r in drawn] if drawn else []
+    lo_y, hi_y = min(means + lows), max(means + highs)
+    span = hi_y - lo_y if len(means) > 1 else abs(means[0]) or 1.0
     fig.update_layout(
         **LAYOUT, title=f"Cumulative ladder ({a.attribution.ladder_kind} order)", yaxis_title=a.metric, showlegend=False
     )
-    fig.update_yaxes(range=[min(means) - 0.6 * span, max(means) + 0.4 * span])
+    fig.update_yaxes(range=[lo_y - 0.6 * span, hi_y + 0.4 * span])
     return fig
 
 
@@ -437,6 +489,7 @@ def fig_pareto(res: StudyResults, a: Analysis) -> go.Figure | None:
             text=[p["combo"] for p in group],
             customdata=[p["cell"] for p in group],
             textposition="top center",
+            cliponaxis=False,  # a label at the edge of the axis stays whole
             marker=dict(size=size, color=color),
             error_y=dict(type="data", array=[p["ysd"] for p in group], color=color, thickness=1),
             hovertemplate="%{text} (cell %{customdata})<br>" + cost + " %{x:.4g}<br>" + res.metric + " %{y:.4g}"
@@ -452,11 +505,30 @@ def fig_pareto(res: StudyResults, a: Analysis) -> go.Figure | None:
             hoverinfo="skip",
             showlegend=False,
         )
+    if xb is not None:
+        source = "controlled: srdit study bench"
+    elif contended(res.table):
+        source = "trials' clocks on a shared machine"
+        fig.add_annotation(
+            text=f"⚠ {cost} measured while trials shared the machine: neighbours' load is in it "
+            "(srdit study bench measures it alone)",
+            xref="paper",
+            yref="paper",
+            x=0,
+            y=1.0,
+            xanchor="left",
+            yanchor="bottom",
+            showarrow=False,
+            font=dict(size=12, color="#9a6700"),
+            bgcolor="#fffbef",
+            bordercolor="#f0dfa8",
+        )
+    else:
+        source = "trials' clocks, one trial per machine"
     fig.update_layout(
-        **LAYOUT,
+        **{**LAYOUT, "margin": dict(LAYOUT["margin"], t=80)},
         title=f"Quality versus cost: {res.metric} against {cost}",
-        xaxis_title=f"{cost} ({'↑' if cdir == 'max' else '↓'} better, "
-        + ("srdit study bench)" if xb is not None else "geometric mean over seeds)"),
+        xaxis_title=f"{cost} ({'↑' if cdir == 'max' else '↓'} better; {source})",
         yaxis_title=f"{res.metric} ({'↑' if res.direction == 'max' else '↓'} better, mean ± sd)",
     )
     if metric_registry.is_log(cost):

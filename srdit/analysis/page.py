@@ -37,6 +37,7 @@ from srdit.analysis.figures import (
     _metric_label,
     _num,
     _pv,
+    decision_p,
     fig_curves,
     fig_effects,
     fig_half_normal,
@@ -47,8 +48,8 @@ from srdit.analysis.figures import (
     throughput_metrics,
 )
 from srdit.analysis.over_steps import OverSteps
-from srdit.analysis.report_fit import ReportFit
-from srdit.analysis.results import StudyResults
+from srdit.analysis.report_fit import Protocol, ReportFit
+from srdit.analysis.results import PROTOCOL_COLUMNS, RUN_ID, StudyResults
 
 __all__ = ["render_report", "render_index"]
 
@@ -67,6 +68,7 @@ header h1 { margin:0 0 6px; font-size:26px; font-weight:650; letter-spacing:.2px
 header .meta { color:#c9d3e3; font-size:13.5px; }
 header .meta code { color:#fff; background:rgba(255,255,255,.12); padding:1px 6px; border-radius:4px; }
 nav { margin-top:12px; font-size:13.5px; }
+header .meta a { color:#bcd3ff; }
 nav a { color:#bcd3ff; margin-right:14px; text-decoration:none; }
 nav a:hover { text-decoration:underline; }
 main { padding-top:22px; padding-bottom:60px; }
@@ -94,6 +96,8 @@ td.num, th.num { text-align:right; font-variant-numeric:tabular-nums; }
        margin-right:3px; }
 .tag.bad { background:#fde8e6; color:var(--bad); } .tag.warn { background:#fff4d6; color:var(--warn); }
 .tag.good { background:#e3f4e8; color:var(--good); }
+a.run { font-size:11.5px; color:var(--accent); text-decoration:none; white-space:nowrap; }
+code.run { font-size:11px; color:var(--muted); }
 .samples { display:grid; grid-template-columns:repeat(auto-fill,minmax(180px,1fr)); gap:14px; }
 .samples figure { margin:0; border:1px solid var(--line); border-radius:8px; padding:8px; background:#fbfcfe;
                   text-align:center; }
@@ -303,63 +307,122 @@ def _header_context(res: StudyResults, a: Analysis | None) -> str:
     return head
 
 
-def _effects_table(a: Analysis) -> str:
-    rows = []
+def _pair_decision(a: Analysis, n: str) -> str:
+    """What the synergy matrix decided about pair `n`, in words (the same rule as its stars)."""
+    fit, pairs = a.fit, a.pairs
+    s = pairs.synergy.get(n)
+    aliased = {x for al in fit.aliased for x in al.effects}
+    if s is None:
+        return "aliased" if n in aliased else "not estimable"
+    if n in fit.partial_aliases:
+        return '<span class="tag warn">partly aliased</span> not tested'
+    if a.notes and a.notes[0] == CONTENTION_NOTE:
+        return "not tested (shared-machine clock)"
+    lenth = set((fit.lenth or {}).get("significant_simultaneous", []))
+    if n in pairs.significant or (fit.lenth is not None and n in lenth):
+        return f'<span class="tag good">{"synergy" if s > 0 else "antagonism"}</span> significant'
+    if not pairs.synergy_ci.get(n) and fit.lenth is None:
+        return "no error estimate"
+    return "n.s."
+
+
+def _effects_table(a: Analysis, fit_: ReportFit) -> str:
+    """Two tables, one convention each: per technique (gains) and per pair (gains; the matrix's intervals and
+    decisions)."""
     scale = "log " if a.scale == "log" else ""
     fit, pairs, att = a.fit, a.pairs, a.attribution
+    pct = int(round(100 * (1 - a.alpha)))
+    sign = 1 if a.direction == "max" else -1
 
     def note(n: str) -> str:
         tag = fit.alias_tag(n)
         return f' <span class="tag warn">{_esc(tag)}</span>' if tag else ""
 
+    tech = []
     for f_, v in fit.main_effects.items():
-        rows.append(
+        c = fit.ci.get(f_)
+        partial = f_ in fit.partial_aliases  # biased by omitted interactions: an estimate, never a test
+        tech.append(
             [
                 _esc(f_) + note(f_),
-                "main",
-                _num(v),
-                _ci(fit.ci.get(f_)),
-                _pv(fit.p.get(f_)),
-                "",
-                "",
-                "",
-                "",
+                ("≈" if partial and v is not None else "") + _num(None if v is None else sign * v),
+                "–" if partial else _ci(sorted([sign * c[0], sign * c[1]]) if c and v is not None else None),
+                "not tested" if partial else _pv(fit.p.get(f_)),
                 _num(att.shapley.get(f_)) if att.shapley else "–",
                 _num(att.loo.get(f_)),
+                _ci(fit_.loo_ci.get(f_)),
             ]
         )
-    for n, v in fit.interactions.items():
+    techniques = _table(
+        [
+            "technique",
+            "main effect (gain)",
+            f"individual {pct}% CI",
+            "p (individual)",
+            "Shapley (gain)",
+            "leave-one-out (gain)",
+            f"individual {pct}% CI (Welch, seeds)",
+        ],
+        tech,
+        num_cols=[1, 3, 4, 5],
+    )
+    rows = []
+    for n in pairs.synergy:
+        p_dec, lab = decision_p(a, n)
         rows.append(
             [
                 _esc(n) + note(n),
-                "pair",
-                _num(v),
-                _ci(fit.ci.get(n)),
-                _pv(fit.p.get(n)),
                 _num(pairs.synergy.get(n)),
-                _pv(pairs.p_adj.get(n)),
+                _ci(pairs.synergy_ci.get(n)) if n not in fit.partial_aliases else "–",
+                _pv(p_dec),
+                _pv(pairs.p_adj.get(n)) if n not in fit.partial_aliases else "–",
+                _pair_decision(a, n),
                 _num(att.dividends.get(n)),
                 _num(att.dividends_full.get(n)),
-                "",
-                "",
             ]
         )
-    return _table(
-        [
-            "effect",
-            "kind",
-            f"estimate ({scale}{_esc(a.metric)})",
-            "CI",
-            "p",
-            "synergy S",
-            "p<sub>adj</sub>",
-            "D vs baseline",
-            "D vs full stack",
-            "Shapley",
-            "leave-one-out",
-        ],
-        rows,
-        num_cols=[2, 4, 5, 6, 7, 8, 9, 10],
+    pair_table = (
+        _table(
+            [
+                "pair",
+                "synergy S (gain)",
+                f"simultaneous {pct}% CI",
+                "p<sub>Bonf</sub> (decision)",
+                f"p<sub>adj</sub> ({_esc(a.correction)})",
+                "decision",
+                "D vs baseline (gain)",
+                "D vs full stack (gain)",
+            ],
+            rows,
+            num_cols=[1, 3, 4, 6, 7],
+        )
+        if rows
+        else '<p class="caption">No pair of techniques.</p>'
+    )
+    interval = f" ({_esc(pairs.interval)})" if pairs.interval else ""
+    return (
+        f"<h3>Per technique</h3>"
+        f'<p class="caption">Every column in gain units of {scale}{_esc(a.metric)}, oriented so that positive = '
+        f"better. Main effect: mean gain with the technique on minus off over the design, with its individual "
+        f"{pct}% t interval and p-value (one test per technique, not corrected across techniques; a partly aliased "
+        "effect is biased by omitted interactions: ≈ estimate, not tested). Shapley: its "
+        "exact share of g(all) − g(none) (full factorials only; no interval). Leave-one-out: g(all) − g(all "
+        f"without it), with Welch's individual {pct}% interval over the seeds of the two cells (where both have two "
+        f"or more finished runs).</p>{techniques}"
+        f"<h3>Per pair</h3>"
+        f'<p class="caption">Every column in gain units of {scale}{_esc(a.metric)}. Synergy S = (gain of i with j '
+        "on) − (gain of i with j off), positive = better together, with the <b>simultaneous</b> "
+        + (
+            f"{pct}% interval over the {pairs.n_tested} tested pair(s){interval}: the interval, p and decision the "
+            "synergy matrix shows (significant = the simultaneous interval excludes 0). "
+            if pairs.n_tested
+            else f"{pct}% interval over the tested pairs; here no pair could be tested. "
+        )
+        + "Partly aliased pairs are "
+        "estimated but never tested. Dividends D = g(ij) − g(i) − g(j) + g(none) with the others off, and the "
+        "same difference of differences against the full stack: point values of single cells, no interval, "
+        "not tested; – = not estimable from the cells run.</p>"
+        f"{pair_table}"
     )
 
 
@@ -382,9 +445,7 @@ def _cells_table(res: StudyResults, analyses: dict[str, Analysis | AnalysisFailu
             status += " " + " ".join(f'<span class="tag bad">{_esc(k)} ×{v}</span>' for k, v in c.failures.items())
         best = a.attribution.best and a.attribution.best.combo == c.combo
         name = _esc(c.cell) + (' <span class="tag good">best</span>' if best else "")
-        rows.append(
-            [name, _esc(c.combo), status, *cells, _per_seed(t[t["cell"].astype(str) == str(c.cell)], res.metric)]
-        )
+        rows.append([name, _esc(c.combo), status, *cells, _per_seed(t[t["cell"].astype(str) == str(c.cell)], res)])
     return _table(
         [
             "cell",
@@ -398,17 +459,44 @@ def _cells_table(res: StudyResults, analyses: dict[str, Analysis | AnalysisFailu
     )
 
 
-def _per_seed(rows: pd.DataFrame, metric: str) -> str:
-    """ "seed: value" of each run of a cell (its status where it did not finish), in seed order."""
+def _per_seed(rows: pd.DataFrame, res: StudyResults) -> str:
+    """ "seed: value" of each run of a cell (its status where it did not finish), in seed order, each followed by
+    a link to its MLflow run (`_run_link`)."""
     out = []
     for _, r in rows.sort_values("seed").iterrows():
-        v = pd.to_numeric(pd.Series([r.get(metric)]), errors="coerce").iloc[0]
+        v = pd.to_numeric(pd.Series([r.get(res.metric)]), errors="coerce").iloc[0]
         ok = str(r.get("status", "finished")).lower() in OK_STATUSES and np.isfinite(v)
         out.append(
             f"{_esc(r['seed'])}: "
             + (_num(float(v), 4) if ok else f'<span class="tag bad">{_esc(r.get("status"))}</span>')
+            + _run_link(res, r.get(RUN_ID))
         )
     return ", ".join(out) or "–"
+
+
+def _run_link(res: StudyResults, run_id) -> str:
+    """A link to a run's page in the MLflow UI (`res.mlflow_ui`), or the run id where there is no UI address."""
+    if not isinstance(run_id, str) or not run_id:
+        return ""
+    if not res.mlflow_ui:
+        return f' <code class="run">run {_esc(run_id)}</code>'
+    url = f"{res.mlflow_ui}/runs/{run_id}"
+    return f' <a class="run" href="{_esc(url)}" title="MLflow run {_esc(run_id)}">run ↗</a>'
+
+
+def _runs_caption(res: StudyResults) -> str:
+    """Where the per-seed run links lead."""
+    if RUN_ID not in res.table.columns:
+        return ""
+    if not res.mlflow_ui:
+        return " Each value is followed by its MLflow run id."
+    if res.mlflow_ui_local:
+        return (
+            " Each value links to its MLflow run (<i>run ↗</i>) in the UI that <code>srdit ui</code> serves over the "
+            f"study's local store at its default address (<code>{_esc(res.mlflow_ui.split('/#')[0])}</code>): the "
+            "links open while it runs."
+        )
+    return f" Each value links to its MLflow run (<i>run ↗</i>) on the tracking server <code>{_esc(res.mlflow_ui.split('/#')[0])}</code>."
 
 
 def _failures_table(res: StudyResults, a: Analysis) -> str:
@@ -616,6 +704,7 @@ def _primary_sections(fit: ReportFit, figs: _Figures) -> list[str]:
     mlabel = _metric_label(res.metric, res.direction, metric_registry.is_log(res.metric))
     sections: list[str] = []
     k = len(res.factors)
+    pct = int(round(100 * (1 - a.alpha)))
     syn_fig = fig_synergy(a) if k >= 2 else None
     sections.append(
         figs.block(
@@ -659,12 +748,19 @@ def _primary_sections(fit: ReportFit, figs: _Figures) -> list[str]:
     sections.append(
         figs.block(
             "fig-effects",
-            fig_effects(a),
+            fig_effects(a, fit.loo_ci),
             "Effect of each technique",
             "Blue: main effect (mean gain with the technique on minus off, averaged over the design) with its "
-            "confidence interval. Orange: exact Shapley value (its fair share of g(all) − g(none), averaged over all "
-            "stacking orders; full factorials only). Green: leave-one-out effect against the full stack "
-            "(g(all) − g(all without i)). All in gain units: positive = the technique helps.",
+            f"individual {pct}% confidence interval (none for a partly aliased effect: biased by omitted "
+            "interactions, never tested). Orange: exact Shapley value (its fair share of g(all) − g(none), "
+            "averaged over all stacking orders; full factorials only; no interval). Green: leave-one-out effect "
+            "against the full stack (g(all) − g(all without i))"
+            + (
+                f" with Welch's individual {pct}% interval over the seeds of the two cells"
+                if fit.loo_ci
+                else " (no interval: the two cells need two or more finished seeds each)"
+            )
+            + ". All in gain units: positive = the technique helps.",
             "",
         )
     )
@@ -681,11 +777,17 @@ def _primary_sections(fit: ReportFit, figs: _Figures) -> list[str]:
     sections.append(
         figs.block(
             "fig-ladder",
-            fig_ladder(a),
+            fig_ladder(a, fit.ladder_ci),
             "Cumulative ladder",
             "Techniques stacked one at a time (like the paper's chain). Each bar is the change in "
             f"{_esc(res.metric)} from the previous row; green bars improve the metric, red bars hurt it. "
-            "A ladder is one stacking order: compare its steps with the Shapley values above to see how much "
+            + (
+                f"Error bars: Welch's individual {pct}% interval of each step's change, over the seeds of the two "
+                "cells (one step at a time, not simultaneous). "
+                if fit.ladder_ci
+                else "No intervals: the cells need two or more finished seeds each. "
+            )
+            + "A ladder is one stacking order: compare its steps with the Shapley values above to see how much "
             "the order matters.",
             "No ladder: the design has no nested chain of cells from the baseline to the full stack.",
         )
@@ -705,17 +807,32 @@ def _cost_and_curves_sections(fit: ReportFit, figs: _Figures) -> list[str]:
             pareto,
             "Quality versus cost",
             "Each point is a cell (mean over finished seeds; bar = ± one standard deviation). Red points form the Pareto "
-            "front: no other cell is at least as good on both axes and better on one.",
+            "front: no other cell is at least as good on both axes and better on one. The cost axis says where "
+            "its throughput comes from: the controlled bench (<code>srdit study bench</code>) when the study has "
+            "one, otherwise the trials' own clocks.",
             f"No throughput metric ({', '.join(throughput_metrics())}) was recorded, so there is no "
-            "quality-versus-cost view.",
+            "quality-versus-cost view."
+            if ok
+            else "No quality-versus-cost view: the primary metric was not analysed (see the summary).",
         )
     )
-    order = [c.cell for c in _cell_order(a.attribution.cells, res.factors)] if ok else []
-    base_cell = next((c.cell for c in a.attribution.cells if not c.on), None) if ok else None
+    idx = {f: i for i, f in enumerate(res.factors)}
+
+    def stack(name: str) -> tuple[int, list[int]]:  # without an analysis: fewer techniques first, study order
+        on = [idx[x] for x in name.split("+") if x in idx]
+        return len(on), on
+
+    by_names = sorted(res.cell_names().items(), key=lambda kv: stack(kv[1]))
+    order = [c.cell for c in _cell_order(a.attribution.cells, res.factors)] if ok else [c for c, _ in by_names]
+    base_cell = (
+        next((c.cell for c in a.attribution.cells if not c.on), None)
+        if ok
+        else next((c for c, n in by_names if stack(n)[0] == 0), None)
+    )
     sections.append(
         figs.block(
             "fig-curves",
-            fig_curves(res, order, base_cell),
+            fig_curves(_without_evaluations(res) if fit.protocol_error else res, order, base_cell),
             "Learning curves",
             "Mean over seeds of each logged quantity against the training step, one line per cell (dashed, thicker: "
             "the baseline, no technique on; a quantity evaluated once per run shows as markers). "
@@ -724,6 +841,16 @@ def _cost_and_curves_sections(fit: ReportFit, figs: _Figures) -> list[str]:
         )
     )
     return sections
+
+
+def _without_evaluations(res: StudyResults) -> StudyResults:
+    """`res` without the evaluated metrics' curves (those of different protocols must not share a chart)."""
+    import dataclasses
+
+    evaluated = {n for n, m in metric_registry.METRICS.items() if "train" not in m.producers}
+    c = res.curves
+    keep = c[~c["key"].isin(evaluated)] if c is not None and "key" in c.columns else c
+    return dataclasses.replace(res, curves=keep)
 
 
 def _tables_sections(fit: ReportFit, figs: _Figures) -> list[str]:
@@ -763,13 +890,10 @@ def _tables_sections(fit: ReportFit, figs: _Figures) -> list[str]:
         )
     sections.append(
         '<section id="sec-effects-table"><h2>All effects</h2><p class="caption">Estimates on the '
-        f"metric's own scale ({_esc(a.scale)}) before orientation, in the textbook convention "
-        "(ME = mean(y|on) − mean(y|off); INT = half the difference of conditional effects). Synergy "
-        "S = 2·INT oriented (positive = better together). Dividends (gain units): D = g(ij) − "
-        "g(i) − g(j) + g(none) with the others off, and the same difference of differences against "
-        "the full stack. Shapley and leave-one-out (g(all) − g(all without i)) in gain units. "
-        "p<sub>adj</sub>: corrected across pairs; – = not estimable from the cells run."
-        f"</p>{_effects_table(a)}"
+        "gain scale (positive = better; the metric's own scale before orientation, in the textbook convention "
+        "ME = mean(y|on) − mean(y|off) and INT = half the difference of conditional effects, is in "
+        '<a href="effects.json">effects.json</a>).'
+        f"</p>{_effects_table(a, fit)}"
         + (f"<h3>Aliasing</h3>{_alias_html(res, a)}" if (a.fit.aliased or res.aliases) else "")
         + "</section>"
     )
@@ -777,7 +901,7 @@ def _tables_sections(fit: ReportFit, figs: _Figures) -> list[str]:
         f'<section id="sec-cells"><h2>Cells</h2><p class="caption">Mean ± standard deviation over '
         f"finished seeds for every metric, and the primary metric of every run by seed. The same data beside this "
         f'page: <a href="cells.csv">cells.csv</a> (one row per cell) and <a href="effects.json">effects.json</a> '
-        f"(every metric's analysis).</p>{_cells_table(res, analyses)}</section>"
+        f"(every metric's analysis).{_runs_caption(res)}</p>{_cells_table(res, analyses)}</section>"
     )
     return sections
 
@@ -818,8 +942,44 @@ def _closing_sections(res: StudyResults, a: Analysis | AnalysisFailure) -> list[
     return sections
 
 
-def _page_html(res: StudyResults, a: Analysis | AnalysisFailure, body: str) -> str:
-    """The whole page around the sections: header (design, techniques, commit, context), navigation, footer."""
+def _protocol_header(fit: ReportFit) -> str:
+    """The header's line on the evaluation protocol every metric was computed under (or the refusal)."""
+    ps = fit.protocols
+    if not ps:
+        return (
+            'evaluation protocol <span class="tag warn">not recorded</span> (the runs carry no sample / eval '
+            "config): compare these metrics only with runs you know were evaluated the same way"
+        )
+    if fit.protocol_error:
+        return (
+            f'evaluation protocol <span class="tag bad">{len(ps)} different protocols</span>: no comparison is '
+            'made (<a href="#sec-protocols">which cells used which</a>)'
+        )
+    items = " · ".join(
+        f"{_esc(PROTOCOL_COLUMNS[c])} <b>{_esc(v or 'not recorded')}</b>" for c, v in ps[0].values.items()
+    )
+    return f"every metric evaluated under one protocol: {items}"
+
+
+def _protocols_section(ps: list[Protocol], error: str) -> str:
+    """The refusal of a mixed-protocol study: the message and the protocols side by side."""
+    cols = list(ps[0].values)
+    rows = [
+        [str(i + 1), str(p.n_runs), _esc(", ".join(p.cells)), *(_esc(p.values[c] or "not recorded") for c in cols)]
+        for i, p in enumerate(ps)
+    ]
+    return (
+        '<section id="sec-protocols"><h2>Evaluation protocols <span class="tag bad">not comparable</span></h2>'
+        f'<p class="caption">{_esc(error[0].upper() + error[1:])}.</p>'
+        + _table(["protocol", "runs", "cells", *(_esc(PROTOCOL_COLUMNS[c]) for c in cols)], rows, num_cols=[1])
+        + "</section>"
+    )
+
+
+def _page_html(fit: ReportFit, body: str) -> str:
+    """The whole page around the sections: header (design, techniques, commit, context, evaluation protocol),
+    navigation, footer."""
+    res, a = fit.results, fit.primary
     ok = isinstance(a, Analysis)
     nav = "".join(
         f'<a href="#{sid}">{name}</a>'
@@ -842,6 +1002,7 @@ def _page_html(res: StudyResults, a: Analysis | AnalysisFailure, body: str) -> s
         f" · commit <code>{_esc(res.commit or 'unknown')}</code> · {_esc(res.date or '')}"
     )
     meta += "<br>" + _header_context(res, a if ok else None)
+    meta += '<br><span id="protocol">' + _protocol_header(fit) + "</span>"
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -907,13 +1068,15 @@ def render_report(fit: ReportFit, out_dir: str | Path) -> Path:
     ok = isinstance(a, Analysis)
     figs = _Figures()
     sections = [_summary_section(res, a)]
+    if fit.protocol_error:
+        sections.append(_protocols_section(fit.protocols, fit.protocol_error))
     if ok:
         sections += _primary_sections(fit, figs)
     sections += _cost_and_curves_sections(fit, figs)
     if ok:
         sections += _tables_sections(fit, figs)
     sections += _closing_sections(res, a)
-    page = _page_html(res, a, figs.inline("\n".join(sections)))
+    page = _page_html(fit, figs.inline("\n".join(sections)))
     path = out / "index.html"
     tmp = path.with_suffix(".html.tmp")
     tmp.write_text(page, encoding="utf-8")

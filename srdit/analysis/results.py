@@ -9,7 +9,16 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-__all__ = ["StudyResults", "CURVE_COLUMNS", "TABLE_BASE_COLUMNS", "CRASH_CAUSE", "CODE", "INFRASTRUCTURE"]
+__all__ = [
+    "StudyResults",
+    "CURVE_COLUMNS",
+    "TABLE_BASE_COLUMNS",
+    "CRASH_CAUSE",
+    "CODE",
+    "INFRASTRUCTURE",
+    "PROTOCOL_COLUMNS",
+    "RUN_ID",
+]
 
 CURVE_COLUMNS = ["trial", "cell", "seed", "key", "step", "value"]
 "Columns of `StudyResults.curves` (one row per logged point)."
@@ -22,6 +31,21 @@ the techniques (the failure analysis counts it)."""
 INFRASTRUCTURE = "infrastructure"
 """A failure of what the run runs on (a lost worker or node, a missing or unreadable file, a full disk, the tracking
 store, the driver's own error): it says nothing about the techniques, and the analysis leaves it out with a note."""
+PROTOCOL_COLUMNS = {
+    "protocol.sampler": "sampler",
+    "protocol.sampling_steps": "sampling steps",
+    "protocol.guidance": "guidance scale",
+    "protocol.guidance_interval": "guidance interval",
+    "protocol.labels": "label sampling",
+    "protocol.n_samples": "samples",
+    "protocol.reference": "reference statistics",
+    "protocol.precision": "precision",
+}
+"""Optional columns of `StudyResults.table` (column -> what it is): the evaluation protocol a run's metrics were
+computed under, as text (from the run's `sample` and `eval` config sections, `train.precision` and the device). Runs
+whose protocols differ in any column are not comparable; blank when not recorded (a CSV without the columns)."""
+RUN_ID = "run_id"
+"Optional column of `StudyResults.table`: the trial's MLflow run id (the report links it, see `mlflow_ui`)."
 TABLE_BASE_COLUMNS = ["trial", "cell", "seed", "status", "status_reason", CRASH_CAUSE]
 "Columns every `StudyResults.table` has besides the factors and the metrics."
 
@@ -41,7 +65,8 @@ class StudyResults:
         table: one row per trial: trial, cell (str id), seed, status ("finished"/"diverged"/"oom"/"crashed"),
             status_reason, crash_cause (CRASH_CAUSE: "code" / "infrastructure" for a crashed run, else blank), one
             0/1 column per factor, metric columns (NaN for failed trials); optionally `block`
-            (the half of a fold-over: 0 = the folded study's cells, 1 = the mirror; an additive block term).
+            (the half of a fold-over: 0 = the folded study's cells, 1 = the mirror; an additive block term),
+            RUN_ID and the PROTOCOL_COLUMNS.
         curves: learning curves: trial, cell, seed, key, step, value.
         samples: cell id -> path to a PNG sample grid.
         excluded: cells excluded by constraints: {"cell": ..., "techniques": [...], "reason": ...}.
@@ -56,6 +81,10 @@ class StudyResults:
             the analysis takes the wall-clock metrics (`metric_registry.WALL_CLOCK`) from it, not from the trials.
         reused_from: study -> number of runs of `table` adopted from its finished runs (same content keys) instead
             of trained; the report header says so.
+        mlflow_ui: the URL of the study's experiment in an MLflow UI ("http://host:port/#/experiments/<id>"); a run's
+            page is `mlflow_ui + "/runs/<run_id>"`. Blank: no links (the report states run ids).
+        mlflow_ui_local: whether `mlflow_ui` is the address `srdit ui` serves the local store on (it opens only
+            while `srdit ui` runs), not a tracking server's.
     """
 
     study: str
@@ -78,6 +107,8 @@ class StudyResults:
     "training length in steps (None: taken from the learning curves when they exist)"
     bench: pd.DataFrame | None = None
     reused_from: dict[str, int] = field(default_factory=dict)
+    mlflow_ui: str = ""
+    mlflow_ui_local: bool = False
 
     def cell_names(self) -> dict[str, str]:
         """Cell id -> the names of its techniques that are on ("repa+sprint", or the baseline label), from the

@@ -18,6 +18,7 @@ import pandas as pd
 from srdit.analysis.effects import Analysis, AnalysisError, analyze
 from srdit.analysis.over_steps import OverSteps, analyze_over_steps, evaluated_steps, rows_at_step
 from srdit.analysis.reading import cells_to_runs, is_cells_table, read_table
+from srdit.analysis.report_fit import mixed_protocols, protocols
 from srdit.commands.errors import ArgError, OneLineParser, fail
 
 PROG = "srdit analyze"
@@ -317,6 +318,9 @@ def run(args: argparse.Namespace, stdout=None, stderr=None) -> int:
                     f"{args.runs} holds {len(steps)} evaluated steps in column '{step_col}' "
                     f"({shown}): analyse one with --step N, or every one with --all-steps"
                 )
+        mixed = mixed_protocols(protocols(_as_results(args, factors, table)))
+        if mixed:  # a table exported from a study carries each run's evaluation protocol
+            raise AnalysisError(f"{args.runs}: {mixed}")
         options = dict(
             seed_col=seed_col,
             status_col=status_col,
@@ -376,7 +380,7 @@ def _write_report(
     the metric per step as its learning curve (and with --all-steps the effects over training)."""
     from srdit.analysis.effects import combo_label
     from srdit.analysis.page import render_report
-    from srdit.analysis.report_fit import ReportFit
+    from srdit.analysis.report_fit import ReportFit, step_intervals
     from srdit.analysis.results import CURVE_COLUMNS, StudyResults
 
     def ids(t: pd.DataFrame) -> pd.DataFrame:
@@ -438,7 +442,19 @@ def _write_report(
             bootstrap=False,
             strict=False,
         )
-    return render_report(ReportFit(res, {args.metric: result}, ov), args.report)
+    ladder_ci, loo_ci = step_intervals(res, result) if isinstance(result, Analysis) else ({}, {})
+    return render_report(
+        ReportFit(res, {args.metric: result}, ov, protocols(res), None, ladder_ci, loo_ci), args.report
+    )
+
+
+def _as_results(args: argparse.Namespace, factors: list[str], table: pd.DataFrame):
+    """The table as a `StudyResults` (what `report_fit.protocols` reads)."""
+    from srdit.analysis.results import StudyResults
+
+    return StudyResults(
+        study="", design="csv", factors=factors, metric=args.metric, direction=args.direction, table=table
+    )
 
 
 def main(argv: list[str] | None = None, stdout=None, stderr=None) -> int:

@@ -4,7 +4,8 @@
 The command joins the two layers below it: the runtime reads the runs (`srdit.runtime.results.load_results`),
 the analysis layer fits them once (`srdit.analysis.report_fit`) and renders the fit
 (`srdit.analysis.page`, `srdit.analysis.records`). Bad input prints one line on stderr
-(`srdit report: error: ...`), exit code 2.
+(`srdit report: error: ...`), exit code 2; so do runs evaluated under different protocols (the page is written and
+shows them side by side, and makes no comparison).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ def make_report(
     fit = fit_report(results, bootstrap=bootstrap)
     html = render_report(fit, out / spec.name)
     render_index(out)
+    if fit.protocol_error:  # the page shows the protocols side by side; nothing is logged as a result
+        raise ConfigError(f"study {spec.name}: {fit.protocol_error} (the protocols by cell: {html})")
     write_records(results, out / "RECORDS.md")
     try:
         metrics, tags = headline_results(fit.analyses, results.metric)

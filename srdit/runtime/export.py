@@ -1,5 +1,5 @@
 """`srdit study export STUDY --csv [PATH]`: one row per trial from MLflow (trial, cell, seed, status,
-status_reason, the 0/1 factor columns, every metric, run_id), so that `srdit analyze` can re-run the analysis on any
+status_reason, the 0/1 factor columns, every metric, run_id, the evaluation protocol's `protocol.*` columns), so that `srdit analyze` can re-run the analysis on any
 machine without the MLflow store:
 
     srdit analyze PATH --factors A,B --metric fd --direction min

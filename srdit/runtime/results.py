@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 
 from srdit import metric_registry
-from srdit.analysis.results import CRASH_CAUSE, CURVE_COLUMNS, TABLE_BASE_COLUMNS, StudyResults
+from srdit.analysis.results import CRASH_CAUSE, CURVE_COLUMNS, RUN_ID, TABLE_BASE_COLUMNS, StudyResults
 from srdit.runtime.reuse import REUSED_FROM, REUSED_FROM_STUDY
 from srdit.runtime.state import StudyState
-from srdit.runtime.tracking import StudyTracking, has_ended, retry
+from srdit.runtime.tracking import StudyTracking, has_ended, is_local_store, retry
 from srdit.study.designs import Plan, plan_study
 from srdit.study.spec import StudySpec
 
@@ -75,7 +75,8 @@ def load_results(
         for name in dict.fromkeys([*metrics, *CURVE_KEYS]):
             v = m.get(metric_registry.SUMMARY.get(name, name), m.get(name))  # throughput: the run's median
             row[name] = float(v) if (ok and v is not None and math.isfinite(v)) else math.nan
-        row["run_id"] = run.info.run_id
+        row[RUN_ID] = run.info.run_id
+        row.update(eval_protocol(run.data.params, tags.get("device", "")))
         if tags.get(REUSED_FROM):
             reused_from[tags.get(REUSED_FROM_STUDY, "")] = reused_from.get(tags.get(REUSED_FROM_STUDY, ""), 0) + 1
         row["trials_on_host"] = float(m.get("trials_on_host", math.nan))  # NaN: not recorded (older runs)
@@ -121,6 +122,8 @@ def load_results(
         description=spec.description,
         steps=getattr(getattr(spec.base, "train", None), "steps", None),
         reused_from=reused_from,
+        mlflow_ui=f"{ui_url(tracking.uri)}/#/experiments/{tracking.experiment_id}",
+        mlflow_ui_local=is_local_store(tracking.uri),
     )
     from srdit.runtime.bench import bench_table, load_bench
 
@@ -128,3 +131,51 @@ def load_results(
     if bench is not None:  # the controlled measurement of `srdit study bench`
         results.bench = bench_table(bench, list(factors))
     return results, tracking
+
+
+SRDIT_UI = "http://127.0.0.1:5000"
+"Where `srdit ui` serves a local store by default (its --host and --port)."
+
+
+def ui_url(uri: str) -> str:
+    """The MLflow UI of a tracking URI: the server itself (http[s]://...), or `srdit ui`'s default address for a
+    local store."""
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else SRDIT_UI
+
+
+def eval_protocol(params: dict[str, str], device: str) -> dict[str, str]:
+    """The evaluation protocol of a run (`analysis.results.PROTOCOL_COLUMNS`) from its MLflow params (the flattened
+    run config: `sample.*`, `eval.*`, `train.precision`, `data.dataset`) and its `device` tag; {} when the run
+    recorded no config. `train.precision` auto resolves as the trainer and sampler resolve it: bf16 on CUDA, fp32 on
+    CPU."""
+    if "sample.sampler" not in params:
+        return {}
+    g = params.get
+    ref = g("eval.reference")
+    dataset = g("data.dataset", "digits")
+    if ref in (None, "", "None"):
+        reference = "held-out digits (in-project metric network)" if dataset == "digits" else "none"
+    else:
+        reference = Path(ref).name
+    precision = g("train.precision", "auto")
+    if precision == "auto":
+        precision = (
+            "auto (device not recorded)"
+            if not device
+            else ("fp32" if device.startswith("cpu") else "bf16 autocast") + " (auto)"
+        )
+    guidance = f"{g('sample.cfg_scale', '1.0')}"
+    if g("sample.cls_cfg_scale", "1.0") not in ("1", "1.0"):
+        guidance += f", class token {g('sample.cls_cfg_scale')}"
+    if g("sample.path_drop_guidance") == "True":
+        guidance += ", path-drop"
+    return {
+        "protocol.sampler": g("sample.sampler", ""),
+        "protocol.sampling_steps": g("sample.steps", ""),
+        "protocol.guidance": guidance,
+        "protocol.guidance_interval": f"[{g('sample.guidance_low', '0.0')}, {g('sample.guidance_high', '1.0')}]",
+        "protocol.labels": "balanced" if g("sample.balanced_labels") == "True" else "random",
+        "protocol.n_samples": g("eval.n_samples", ""),
+        "protocol.reference": reference,
+        "protocol.precision": precision,
+    }
