@@ -143,6 +143,38 @@ def test_power_formula_matches_statsmodels():
         assert d == pytest.approx(approx, rel=0.02)
 
 
+def test_power_and_mde_stay_defined_where_a_tail_underflows():
+    """At 1-3 error df scipy's nct.cdf returns NaN once the lower rejection tail underflows (df 1, ncp 8); the power
+    must stay the statsmodels value and the MDE a finite root, for every small df."""
+    from scipy import stats
+    from statsmodels.stats.power import TTestPower
+
+    for df in (1, 2, 3):
+        for ncp in (0.5, 2.0, 8.0, 12.0, 15.08, 40.0):
+            nobs = df + 1
+            ref = TTestPower().power(effect_size=ncp / math.sqrt(nobs), nobs=nobs, alpha=0.05, alternative="two-sided")
+            got = power_at(ncp, 1.0, df, 0.05)
+            assert math.isfinite(got)
+            if math.isfinite(ref):
+                assert got == pytest.approx(ref, abs=1e-6)
+            else:  # statsmodels hits the same NaN; the lower tail is below P(T < 0) = Phi(-ncp)
+                upper = stats.nct.sf(stats.t.ppf(0.975, df), df, ncp)
+                assert 0 <= got - upper <= stats.norm.sf(ncp)
+        d = mde(1.0, df, 0.05)
+        assert math.isfinite(d) and power_at(d, 1.0, df, 0.05) == pytest.approx(POWER, abs=1e-8)
+
+
+def test_one_factor_two_seeds_plans_with_one_error_df(tmp_path, capsys):
+    """2 cells x 2 seeds leave 1 pure-error df after the seed block: the plan prints its power block."""
+    study = tmp_path / "one.yaml"
+    study.write_text(
+        "name: one\nbase: {preset: digits}\ntechniques: [rmsnorm]\ndesign: full_factorial\nseeds: [0, 1]\n"
+    )
+    assert study_main(["plan", str(study), "--noise-sd", "0.5"]) == 0
+    out = capsys.readouterr().out
+    assert "1 pure-error df" in out and "detectable |ME| >=" in out
+
+
 def stats_t(q, df):
     from scipy import stats
 

@@ -77,7 +77,9 @@ def power_at(delta: float, se: float, df: float, level: float) -> float:
         raise PowerError(f"power needs se > 0, df >= 1 and 0 < level < 1 (got se={se}, df={df}, level={level})")
     tc = stats.t.ppf(1 - level / 2, df)
     ncp = abs(delta) / se
-    return float(stats.nct.sf(tc, df, ncp) + stats.nct.cdf(-tc, df, ncp))
+    # The lower tail P(T < -tc) as the upper tail of -T ~ nct(df, -ncp): scipy's nct.cdf returns NaN where this
+    # tail underflows (df = 1, ncp = 8), its sf returns the tiny value.
+    return float(stats.nct.sf(tc, df, ncp) + stats.nct.sf(tc, df, -ncp))
 
 
 def mde(se: float, df: float, level: float, power: float = POWER) -> float:
@@ -88,7 +90,7 @@ def mde(se: float, df: float, level: float, power: float = POWER) -> float:
         return 0.0
     f = lambda lam: power_at(lam, 1.0, df, level) - power  # noqa: E731  (in units of se)
     hi = stats.t.ppf(1 - level / 2, df) + stats.t.ppf(power, df) + 1.0
-    while f(hi) < 0:
+    while not f(hi) >= 0:  # NaN keeps widening too, so brentq never starts from an undefined end
         hi *= 2
     return float(optimize.brentq(f, 0.0, hi, xtol=1e-10)) * se
 
