@@ -61,8 +61,11 @@ rank's share of the global batch):
   inside [guidance_low, guidance_high]); the REG class token keeps the built-in rule. At most one plugin with this
   hook may be on. A technique that acts only here has stage "eval": its on and off cells share one training.
 
+Built-in techniques declare themselves through the same API (`Builtin`, `register_builtin`), one module each in
+`srdit.builtins`, with their knobs over the typed config keys of the core.
+
 Layering: this module is in the config layer (no torch at import); `srdit.config` holds the knob schema of the
-loaded plugins (`EXTENSIONS`) and `srdit.techniques` turns a plugin into a `Technique`.
+loaded plugins (`EXTENSIONS`) and `srdit.techniques` turns a plugin or a built-in into a `Technique`.
 """
 
 from __future__ import annotations
@@ -75,12 +78,23 @@ import inspect
 import re
 import sys
 import traceback
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from srdit.config import EXTENSIONS, RANGE, ConfigError, Range, from_dict, input_file_problem
+from srdit.config import (
+    EXTENSIONS,
+    FINITE,
+    RANGE,
+    ConfigError,
+    Range,
+    RunConfig,
+    convert_value,
+    from_dict,
+    input_file_problem,
+)
 
 Tensor = Any
 "A Tensor (torch is not imported here: the config layer stays free of it)."
@@ -284,6 +298,109 @@ def guidance_rule(
         return out
 
     return rule
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Built-in techniques: the same declaration, over the typed config keys of the core
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A technique that ships with srdit, declared in its own module of `srdit.builtins` through the same API as a
+    `Plugin`: name, paper, description, stage, knobs and the extension points it acts through. Where a plugin's knobs
+    live under `ext.<name>`, a built-in keeps the typed config keys of the core (`model.sprint.drop_ratio`, `loss.repa`,
+    ...), so its configs, content keys and checkpoints are those of the switch it always was: `diff` is what switching
+    it on writes, `knobs` maps a short knob name to the config key it overrides; each knob's default, type and range
+    are the config field's (`knob_rules`), checked by the same loader.
+
+    `hooks` names the extension points through which it acts (`HOOKS`, or the core's own `CORE_POINTS`); `code` the
+    modules beyond its own that hold its pieces (the backbone, objective or sampler code it switches). `module` is
+    the declaring module (filled in by `register_builtin`)."""
+
+    name: str
+    paper: str
+    description: str
+    diff: Mapping[str, Any]
+    knobs: Mapping[str, str] = field(default_factory=dict)
+    stage: Literal["train", "eval"] = "train"
+    hooks: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()
+    module: str = ""
+
+    def where(self) -> tuple[str, ...]:
+        """Where its code lives, for listings: its own module first."""
+        return (self.module, *self.code) if self.module else tuple(self.code)
+
+    def knob_rules(self) -> dict[str, tuple[Any, Any]]:
+        """Short knob name -> (default, rule) of the config field it writes: a `Range` for numbers, the allowed
+        values (a tuple) for a choice, None for a switch."""
+        return {k: config_field_rule(key) for k, key in self.knobs.items()}
+
+
+def config_field_rule(key: str) -> tuple[Any, Any]:
+    """(default, rule) of the typed config field at dotted `key` (`RunConfig`): rule a `Range` for a number (the
+    field's, or any finite value), the allowed values for a Literal, None otherwise. ConfigError for an unknown key."""
+    cls: Any = RunConfig
+    parts = key.split(".")
+    for i, name in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown config key")
+        tp = typing.get_type_hints(cls)[name]
+        if i < len(parts) - 1:
+            cls = tp
+            continue
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if typing.get_origin(tp) is Literal:
+            return default, typing.get_args(tp)
+        if tp in (int, float):
+            return default, f.metadata.get(RANGE, FINITE)
+        return default, None
+    raise ConfigError(f"{key}: unknown config key")
+
+
+CORE_POINTS: dict[str, str] = {
+    "norm": "the blocks' pre-norms and the final norm (`srdit.model.layers.make_norm`)",
+    "routing": "SPRINT's dense / sparse / dense split of the blocks and its token routing (`srdit.model.sit`)",
+    "labels": "the class labels of the evaluation samples (`srdit.generate`)",
+}
+"The extension points of the core that only built-ins use (besides `HOOKS`): name -> what it is."
+
+BUILTINS: dict[str, Builtin] = {}
+"Name -> the built-in techniques, in registry order (filled by `srdit.builtins`)."
+
+
+def register_builtin(b: Builtin, module: str) -> Builtin:
+    """Check a built-in's declaration (as `check_plugin` does a plugin's: name, stage, paper, hooks; every diff and
+    knob key a config field that takes the value) and make it known under its name; `module` is the declaring
+    module. Returns the registered declaration. ConfigError naming the technique on a bad declaration or a second
+    one of the same name."""
+    if not isinstance(b, Builtin):
+        raise ConfigError(f"{module}: expected an srdit.ext.Builtin, got {b!r}")
+    where = f"built-in {b.name} ({module})"
+    if not isinstance(b.name, str) or not _NAME.match(b.name):
+        raise ConfigError(f"{where}: the name must be lower-case letters, digits and _")
+    if b.stage not in ("train", "eval"):
+        raise ConfigError(f"{where}: stage {b.stage!r} is not allowed; allowed: train, eval")
+    if not b.paper or not b.description or not b.diff:
+        raise ConfigError(f"{where}: paper, description and diff are required")
+    for hook in b.hooks:
+        if hook not in HOOKS and hook not in CORE_POINTS:
+            raise ConfigError(f"{where}: unknown hook {hook!r}; allowed: {', '.join([*HOOKS, *CORE_POINTS])}")
+    for key, value in b.diff.items():
+        convert_value(key, value)  # an unknown key or a value the field refuses: the loader's own line
+    for knob, key in b.knobs.items():
+        if not _NAME.match(knob):
+            raise ConfigError(f"{where}: knob {knob!r} must be lower-case letters, digits and _")
+        config_field_rule(key)
+    b = dataclasses.replace(b, module=module)
+    old = BUILTINS.get(b.name)
+    if old is not None and old.module != module:
+        raise ConfigError(f"{where}: already declared in {old.module}")
+    BUILTINS[b.name] = b
+    return b
 
 
 # ----------------------------------------------------------------------------------------------------------------
