@@ -71,6 +71,7 @@ loaded plugins (`EXTENSIONS`) and `srdit.techniques` turns a plugin or a built-i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -314,9 +315,12 @@ class Builtin:
     it on writes, `knobs` maps a short knob name to the config key it overrides; each knob's default, type and range
     are the config field's (`knob_rules`), checked by the same loader.
 
-    `hooks` names the extension points through which it acts (`HOOKS`, or the core's own `CORE_POINTS`); `code` the
-    modules beyond its own that hold its pieces (the backbone, objective or sampler code it switches). `module` is
-    the declaring module (filled in by `register_builtin`)."""
+    `hooks` are the functions it implements through `HOOKS`, called by the same extension points as a plugin's
+    (e.g. a `loss` hook with its `terms`, each weighed by a knob), while the knob `on` holds a value other than its
+    config field's default (`builtin_enabled`); `knobs` then reach the hooks as their values (attribute access).
+    `points` names every extension point it acts through (`HOOKS`, or the core's own `CORE_POINTS`), those its
+    `hooks` implement and those whose code stays in the core; `code` the modules beyond its own that hold those
+    pieces. `module` is the declaring module (filled in by `register_builtin`)."""
 
     name: str
     paper: str
@@ -324,8 +328,13 @@ class Builtin:
     diff: Mapping[str, Any]
     knobs: Mapping[str, str] = field(default_factory=dict)
     stage: Literal["train", "eval"] = "train"
-    hooks: tuple[str, ...] = ()
+    points: tuple[str, ...] = ()
     code: tuple[str, ...] = ()
+    hooks: Mapping[str, Callable] = field(default_factory=dict)
+    terms: Mapping[str, str] = field(default_factory=dict)
+    "Loss-term name -> the knob that weighs it."
+    on: str = ""
+    "The knob whose value, other than its field's default, switches the hooks on (required with hooks)."
     module: str = ""
 
     def where(self) -> tuple[str, ...]:
@@ -338,6 +347,7 @@ class Builtin:
         return {k: config_field_rule(key) for k, key in self.knobs.items()}
 
 
+@functools.cache
 def config_field_rule(key: str) -> tuple[Any, Any]:
     """(default, rule) of the typed config field at dotted `key` (`RunConfig`): rule a `Range` for a number (the
     field's, or any finite value), the allowed values for a Literal, None otherwise. ConfigError for an unknown key."""
@@ -386,9 +396,23 @@ def register_builtin(b: Builtin, module: str) -> Builtin:
         raise ConfigError(f"{where}: stage {b.stage!r} is not allowed; allowed: train, eval")
     if not b.paper or not b.description or not b.diff:
         raise ConfigError(f"{where}: paper, description and diff are required")
-    for hook in b.hooks:
-        if hook not in HOOKS and hook not in CORE_POINTS:
-            raise ConfigError(f"{where}: unknown hook {hook!r}; allowed: {', '.join([*HOOKS, *CORE_POINTS])}")
+    for point in b.points:
+        if point not in HOOKS and point not in CORE_POINTS:
+            raise ConfigError(f"{where}: unknown point {point!r}; allowed: {', '.join([*HOOKS, *CORE_POINTS])}")
+    for hook, fn in b.hooks.items():
+        if hook not in HOOKS or hook not in b.points:
+            raise ConfigError(f"{where}: hook {hook!r} is not one of its points ({', '.join(b.points)}) in HOOKS")
+        try:
+            inspect.signature(fn).bind(*HOOKS[hook])
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{where}: hook {hook} has the wrong signature; expected {hook}({', '.join(HOOKS[hook])})"
+            ) from None
+    if b.hooks and b.on not in b.knobs:
+        raise ConfigError(f"{where}: hooks need `on`, the knob whose value switches them on; got {b.on!r}")
+    for term, knob in b.terms.items():
+        if knob not in b.knobs or "loss" not in b.hooks:
+            raise ConfigError(f"{where}: loss term {term} needs a loss hook and a weight among its knobs")
     for key, value in b.diff.items():
         convert_value(key, value)  # an unknown key or a value the field refuses: the loader's own line
     for knob, key in b.knobs.items():
@@ -401,6 +425,29 @@ def register_builtin(b: Builtin, module: str) -> Builtin:
         raise ConfigError(f"{where}: already declared in {old.module}")
     BUILTINS[b.name] = b
     return b
+
+
+def _config_value(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def builtin_enabled(cfg: Any, hook: str) -> list[tuple[Builtin, Any]]:
+    """(built-in, its knob values) of each built-in with a `hook` that is on in the run config `cfg` (its `on` knob
+    differs from the config field's default), in registry order. The knob values are read from their typed config
+    keys (attribute access: `knobs.weight`)."""
+    out = []
+    for b in BUILTINS.values():
+        if hook in b.hooks and _config_value(cfg, b.knobs[b.on]) != config_field_rule(b.knobs[b.on])[0]:
+            out.append((b, _knob_values(b.name, tuple(b.knobs))(*(_config_value(cfg, k) for k in b.knobs.values()))))
+    return out
+
+
+@functools.cache
+def _knob_values(name: str, knobs: tuple[str, ...]) -> type:
+    """The frozen dataclass of a built-in's knob values (made once: `builtin_enabled` runs every training step)."""
+    return dataclasses.make_dataclass(f"{name}_knobs", list(knobs), frozen=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

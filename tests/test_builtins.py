@@ -165,7 +165,9 @@ def test_one_module_per_builtin_declares_it():
         module = importlib.import_module(f"srdit.builtins.{name}")
         assert isinstance(module.TECHNIQUE, ext.Builtin) and module.TECHNIQUE.name == name
         assert ext.BUILTINS[name].module == module.__name__
-        assert ext.BUILTINS[name].hooks and set(ext.BUILTINS[name].hooks) <= set(ext.HOOKS) | set(ext.CORE_POINTS)
+        b = ext.BUILTINS[name]
+        assert b.points and set(b.points) <= set(ext.HOOKS) | set(ext.CORE_POINTS)
+        assert set(b.hooks) <= set(b.points) and (b.on in b.knobs if b.hooks else not b.on)
 
 
 def test_knob_rules_come_from_the_config_schema():
@@ -190,7 +192,11 @@ def test_knob_rules_come_from_the_config_schema():
         ({"diff": {"model.nope": True}}, r"model\.nope: unknown config key"),
         ({"diff": {"model.sprint.drop_ratio": 2.0}}, r"model\.sprint\.drop_ratio: 2\.0 is not allowed"),
         ({"knobs": {"ratio": "model.sprint.nope"}}, r"model\.sprint\.nope: unknown config key"),
-        ({"hooks": ("teleport",)}, "unknown hook 'teleport'"),
+        ({"points": ("teleport",)}, "unknown point 'teleport'"),
+        ({"hooks": {"loss": lambda ctx: {}}}, "hook 'loss' is not one of its points"),
+        ({"points": ("loss",), "hooks": {"loss": lambda context, extra: {}}}, "hook loss has the wrong signature"),
+        ({"points": ("loss",), "hooks": {"loss": lambda ctx: {}}}, "hooks need `on`"),
+        ({"terms": {"x": "drop_ratio"}}, "loss term x needs a loss hook"),
     ],
 )
 def test_a_bad_builtin_declaration_is_one_line(change, message):
@@ -214,3 +220,45 @@ def test_srdit_techniques_names_each_builtins_own_module(capsys):
     listed = {e["name"]: e for e in json.loads(capsys.readouterr().out)}
     for name in TECHNIQUES:
         assert listed[name]["code"][0] == f"srdit.builtins.{name}"
+
+
+def test_cfm_runs_as_its_modules_loss_hook_bit_for_bit():
+    """CFM's term comes from its own module's `loss` hook through the named-term path plugins use: the same value,
+    bit for bit, as the closed form -||v - roll(v*)||^2 in float32, and the total adds it after fm with weight
+    loss.cfm exactly as before (fm + w * cfm)."""
+    import torch
+
+    from srdit.builtins import cfm
+    from srdit.config import RunConfig, apply_diff
+    from srdit.model import build_model
+    from srdit.parallel import DataParallel
+    from srdit.techniques import with_techniques
+    from srdit.transport.losses import flow_matching
+    from srdit.transport.objective import StepNoise, training_losses
+
+    cfg = apply_diff(with_techniques(RunConfig(), ["cfm"]), {"train.batch_size": 6, "loss.cfm": 0.3})
+    assert [b.name for b, _ in ext.builtin_enabled(cfg, "loss")] == ["cfm"]
+    assert ext.builtin_enabled(cfg, "loss")[0][1].weight == 0.3
+    assert ext.builtin_enabled(RunConfig(), "loss") == []  # off (loss.cfm 0): absent
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    x0 = torch.randn(6, cfg.model.in_channels, cfg.model.input_size, cfg.model.input_size)
+    y = torch.randint(0, cfg.model.num_classes, (6,))
+    noise = StepNoise.draw(cfg, model, x0.shape, cfg.shift_value(), "cpu", DataParallel())
+    calls = []
+
+    def roll(v):
+        calls.append(v.shape)
+        return v.roll(1, dims=0)
+
+    torch.manual_seed(1)
+    losses = training_losses(model, x0, y, None, cfg, noise, roll=roll)
+    assert list(losses) == ["loss", "fm", "cfm"] and len(calls) == 1  # one roll: the hook's
+    torch.manual_seed(1)
+    t = noise.t[:, None, None, None]
+    y_in = torch.where(noise.drop, torch.full_like(y, cfg.model.num_classes), y)
+    pred, _ = model((1 - t) * x0 + t * noise.eps, noise.t, y_in, None, route_noise=noise.route)
+    target = noise.eps - x0
+    want = -flow_matching(pred, target.roll(1, dims=0))
+    assert torch.equal(losses["cfm"], want) and torch.equal(cfm.contrastive(pred, target), want)
+    assert torch.equal(losses["loss"], losses["fm"] + 0.3 * losses["cfm"])

@@ -10,6 +10,6 @@ TECHNIQUE = Builtin(
     description="Evaluation samples get class i mod num_classes (equal counts per class)",
     diff={"sample.balanced_labels": True},
     stage="eval",
-    hooks=("labels",),
+    points=("labels",),
     code=("srdit.generate", "srdit.data.digits"),
 )

@@ -9,6 +9,6 @@ TECHNIQUE = Builtin(
     description="Logit-normal training times instead of uniform",
     diff={"transport.time_sampling": "logit_normal"},
     knobs={"mean": "transport.logit_mean", "std": "transport.logit_std"},
-    hooks=("times",),
+    points=("times",),
     code=("srdit.transport.timesteps",),
 )

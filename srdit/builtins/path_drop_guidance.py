@@ -11,6 +11,6 @@ TECHNIQUE = Builtin(
     description="Guidance whose unconditional branch also drops the SPRINT sparse path",
     diff={"sample.path_drop_guidance": True},
     stage="eval",
-    hooks=("guidance",),
+    points=("guidance",),
     code=("srdit.transport.samplers", "srdit.model.routing"),
 )

@@ -9,6 +9,6 @@ TECHNIQUE = Builtin(
     paper="Dehghani et al. 2023, arXiv:2302.05442; " + SRDIT,
     description="RMSNorm over the head dimension on queries and keys",
     diff={"model.qk_norm": True},
-    hooks=("attention",),
+    points=("attention",),
     code=("srdit.model.attention",),
 )

@@ -11,7 +11,7 @@ TECHNIQUE = Builtin(
     description="Jointly denoise the teacher's class token as an extra token",
     diff={"model.reg.enabled": True},
     knobs={"weight": "loss.reg"},
-    hooks=("build", "tokens", "loss", "guidance"),
+    points=("build", "tokens", "loss", "guidance"),
     code=(
         "srdit.model.alignment",
         "srdit.model.sit",

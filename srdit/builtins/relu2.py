@@ -9,6 +9,6 @@ TECHNIQUE = Builtin(
     paper="So et al. 2021 (Primer), arXiv:2109.08668; " + SRDIT,
     description="ReLU^2 MLP",
     diff={"model.mlp": "relu2"},
-    hooks=("mlp",),
+    points=("mlp",),
     code=("srdit.model.layers",),
 )

@@ -11,6 +11,6 @@ TECHNIQUE = Builtin(
     description="Align an early hidden state with a frozen teacher's patch tokens (negative cosine)",
     diff={"model.repa.enabled": True},
     knobs={"depth": "model.repa.depth", "weight": "loss.repa", "projector_dim": "model.repa.projector_dim"},
-    hooks=("build", "taps", "loss"),
+    points=("build", "taps", "loss"),
     code=("srdit.model.alignment", "srdit.model.sit", "srdit.transport.objective", "srdit.transport.losses"),
 )

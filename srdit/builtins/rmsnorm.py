@@ -9,6 +9,6 @@ TECHNIQUE = Builtin(
     paper="Zhang & Sennrich 2019, arXiv:1910.07467; " + SRDIT,
     description="RMSNorm instead of LayerNorm in the block pre-norms and final norm",
     diff={"model.norm": "rmsnorm"},
-    hooks=("norm",),
+    points=("norm",),
     code=("srdit.model.layers", "srdit.model.sit"),
 )

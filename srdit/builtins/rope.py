@@ -12,6 +12,6 @@ TECHNIQUE = Builtin(
     description="2-D axial rotary position embedding on q and k (added to absolute sin-cos positions)",
     diff={"model.rope.enabled": True},
     knobs={"theta": "model.rope.theta"},
-    hooks=("attention",),
+    points=("attention",),
     code=("srdit.model.layers", "srdit.model.attention", "srdit.model.sit"),
 )

@@ -18,6 +18,6 @@ TECHNIQUE = Builtin(
         "dense_in": "model.sprint.dense_in",
         "dense_out": "model.sprint.dense_out",
     },
-    hooks=("build", "routing"),
+    points=("build", "routing"),
     code=("srdit.model.routing", "srdit.model.sit"),
 )

@@ -9,6 +9,6 @@ TECHNIQUE = Builtin(
     paper="Shazeer 2020, arXiv:2002.05202; " + SRDIT,
     description="SwiGLU MLP (2/3 width to keep parameters)",
     diff={"model.mlp": "swiglu"},
-    hooks=("mlp",),
+    points=("mlp",),
     code=("srdit.model.layers",),
 )

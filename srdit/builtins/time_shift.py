@@ -11,6 +11,6 @@ TECHNIQUE = Builtin(
     description="Resolution-dependent time shift on training times and the sampler grid",
     diff={"transport.time_shift": True},
     knobs={"shift": "transport.shift"},
-    hooks=("times", "solver"),
+    points=("times", "solver"),
     code=("srdit.transport.timesteps", "srdit.transport.samplers", "srdit.config"),
 )

@@ -10,6 +10,6 @@ TECHNIQUE = Builtin(
     paper="Zhou et al. 2024, arXiv:2410.17897; " + SRDIT,
     description="Every block mixes block 0's values with a learned lambda (init 0.5)",
     diff={"model.value_residual": True},
-    hooks=("build", "attention"),
+    points=("build", "attention"),
     code=("srdit.model.attention", "srdit.model.sit"),
 )
