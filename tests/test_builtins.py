@@ -262,3 +262,25 @@ def test_cfm_runs_as_its_modules_loss_hook_bit_for_bit():
     want = -flow_matching(pred, target.roll(1, dims=0))
     assert torch.equal(losses["cfm"], want) and torch.equal(cfm.contrastive(pred, target), want)
     assert torch.equal(losses["loss"], losses["fm"] + 0.3 * losses["cfm"])
+
+
+def test_editing_a_builtins_module_changes_the_training_code_version(tmp_path):
+    """A built-in's module is training code: a change to its hook changes the training code version (and with it
+    every training key), a comment or docstring edit does not."""
+    import shutil
+
+    from srdit.provenance import TRAINING_CODE, code_version
+
+    assert "builtins" in TRAINING_CODE
+    roots = {}
+    for name in ("same", "comment", "code"):  # one folder each: code versions are cached per folder
+        shutil.copytree(Path(builtins.__file__).parent, tmp_path / name / "builtins")
+        roots[name] = tmp_path / name
+    text = (roots["same"] / "builtins" / "cfm.py").read_text()
+    commented = text.replace('"""{"cfm": the unweighted term}', '"""{"cfm": the term, unweighted}') + "# a note\n"
+    (roots["comment"] / "builtins" / "cfm.py").write_text(commented)
+    (roots["code"] / "builtins" / "cfm.py").write_text(
+        text.replace("return -(pred.float()", "return -2 * (pred.float()")
+    )
+    version = {name: code_version(("builtins",), root=root) for name, root in roots.items()}
+    assert version["comment"] == version["same"] != version["code"]
