@@ -284,3 +284,11 @@ def test_editing_a_builtins_module_changes_the_training_code_version(tmp_path):
     )
     version = {name: code_version(("builtins",), root=root) for name, root in roots.items()}
     assert version["comment"] == version["same"] != version["code"]
+
+
+def test_a_builtin_whose_stage_does_not_match_its_keys_is_refused():
+    from srdit.techniques import builtin_technique
+
+    for name, stage in (("sprint", "eval"), ("path_drop_guidance", "train")):
+        with pytest.raises(ConfigError, match=rf"^built-in {name} \(srdit\.builtins\.{name}\): stage {stage} does not"):
+            builtin_technique(dataclasses.replace(ext.BUILTINS[name], stage=stage))
