@@ -61,13 +61,17 @@ rank's share of the global batch):
   inside [guidance_low, guidance_high]); the REG class token keeps the built-in rule. At most one plugin with this
   hook may be on. A technique that acts only here has stage "eval": its on and off cells share one training.
 
+Built-in techniques declare themselves through the same API (`Builtin`, `register_builtin`), one module each in
+`srdit.builtins`, with their knobs over the typed config keys of the core.
+
 Layering: this module is in the config layer (no torch at import); `srdit.config` holds the knob schema of the
-loaded plugins (`EXTENSIONS`) and `srdit.techniques` turns a plugin into a `Technique`.
+loaded plugins (`EXTENSIONS`) and `srdit.techniques` turns a plugin or a built-in into a `Technique`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import importlib.metadata
 import importlib.util
@@ -75,12 +79,23 @@ import inspect
 import re
 import sys
 import traceback
+import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from srdit.config import EXTENSIONS, RANGE, ConfigError, Range, from_dict, input_file_problem
+from srdit.config import (
+    EXTENSIONS,
+    FINITE,
+    RANGE,
+    ConfigError,
+    Range,
+    RunConfig,
+    convert_value,
+    from_dict,
+    input_file_problem,
+)
 
 Tensor = Any
 "A Tensor (torch is not imported here: the config layer stays free of it)."
@@ -284,6 +299,155 @@ def guidance_rule(
         return out
 
     return rule
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Built-in techniques: the same declaration, over the typed config keys of the core
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """A technique that ships with srdit, declared in its own module of `srdit.builtins` through the same API as a
+    `Plugin`: name, paper, description, stage, knobs and the extension points it acts through. Where a plugin's knobs
+    live under `ext.<name>`, a built-in keeps the typed config keys of the core (`model.sprint.drop_ratio`, `loss.repa`,
+    ...), so its configs, content keys and checkpoints are those of the switch it always was: `diff` is what switching
+    it on writes, `knobs` maps a short knob name to the config key it overrides; each knob's default, type and range
+    are the config field's (`knob_rules`), checked by the same loader.
+
+    `hooks` are the functions it implements through `HOOKS`, called by the same extension points as a plugin's
+    (e.g. a `loss` hook with its `terms`, each weighed by a knob), while the knob `on` holds a value other than its
+    config field's default (`builtin_enabled`); `knobs` then reach the hooks as their values (attribute access).
+    `points` names every extension point it acts through (`HOOKS`, or the core's own `CORE_POINTS`), those its
+    `hooks` implement and those whose code stays in the core; `code` the modules beyond its own that hold those
+    pieces. `module` is the declaring module (filled in by `register_builtin`)."""
+
+    name: str
+    paper: str
+    description: str
+    diff: Mapping[str, Any]
+    knobs: Mapping[str, str] = field(default_factory=dict)
+    stage: Literal["train", "eval"] = "train"
+    points: tuple[str, ...] = ()
+    code: tuple[str, ...] = ()
+    hooks: Mapping[str, Callable] = field(default_factory=dict)
+    terms: Mapping[str, str] = field(default_factory=dict)
+    "Loss-term name -> the knob that weighs it."
+    on: str = ""
+    "The knob whose value, other than its field's default, switches the hooks on (required with hooks)."
+    module: str = ""
+
+    def where(self) -> tuple[str, ...]:
+        """Where its code lives, for listings: its own module first."""
+        return (self.module, *self.code) if self.module else tuple(self.code)
+
+    def knob_rules(self) -> dict[str, tuple[Any, Any]]:
+        """Short knob name -> (default, rule) of the config field it writes: a `Range` for numbers, the allowed
+        values (a tuple) for a choice, None for a switch."""
+        return {k: config_field_rule(key) for k, key in self.knobs.items()}
+
+
+@functools.cache
+def config_field_rule(key: str) -> tuple[Any, Any]:
+    """(default, rule) of the typed config field at dotted `key` (`RunConfig`): rule a `Range` for a number (the
+    field's, or any finite value), the allowed values for a Literal, None otherwise. ConfigError for an unknown key."""
+    cls: Any = RunConfig
+    parts = key.split(".")
+    for i, name in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if name not in fields:
+            raise ConfigError(f"{key}: unknown config key")
+        tp = typing.get_type_hints(cls)[name]
+        if i < len(parts) - 1:
+            cls = tp
+            continue
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if typing.get_origin(tp) is Literal:
+            return default, typing.get_args(tp)
+        if tp in (int, float):
+            return default, f.metadata.get(RANGE, FINITE)
+        return default, None
+    raise ConfigError(f"{key}: unknown config key")
+
+
+CORE_POINTS: dict[str, str] = {
+    "norm": "the blocks' pre-norms and the final norm (`srdit.model.layers.make_norm`)",
+    "routing": "SPRINT's dense / sparse / dense split of the blocks and its token routing (`srdit.model.sit`)",
+    "labels": "the class labels of the evaluation samples (`srdit.generate`)",
+}
+"The extension points of the core that only built-ins use (besides `HOOKS`): name -> what it is."
+
+BUILTINS: dict[str, Builtin] = {}
+"Name -> the built-in techniques, in registry order (filled by `srdit.builtins`)."
+
+
+def register_builtin(b: Builtin, module: str) -> Builtin:
+    """Check a built-in's declaration (as `check_plugin` does a plugin's: name, stage, paper, hooks; every diff and
+    knob key a config field that takes the value) and make it known under its name; `module` is the declaring
+    module. Returns the registered declaration. ConfigError naming the technique on a bad declaration or a second
+    one of the same name."""
+    if not isinstance(b, Builtin):
+        raise ConfigError(f"{module}: expected an srdit.ext.Builtin, got {b!r}")
+    where = f"built-in {b.name} ({module})"
+    if not isinstance(b.name, str) or not _NAME.match(b.name):
+        raise ConfigError(f"{where}: the name must be lower-case letters, digits and _")
+    if b.stage not in ("train", "eval"):
+        raise ConfigError(f"{where}: stage {b.stage!r} is not allowed; allowed: train, eval")
+    if not b.paper or not b.description or not b.diff:
+        raise ConfigError(f"{where}: paper, description and diff are required")
+    for point in b.points:
+        if point not in HOOKS and point not in CORE_POINTS:
+            raise ConfigError(f"{where}: unknown point {point!r}; allowed: {', '.join([*HOOKS, *CORE_POINTS])}")
+    for hook, fn in b.hooks.items():
+        if hook not in HOOKS or hook not in b.points:
+            raise ConfigError(f"{where}: hook {hook!r} is not one of its points ({', '.join(b.points)}) in HOOKS")
+        try:
+            inspect.signature(fn).bind(*HOOKS[hook])
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{where}: hook {hook} has the wrong signature; expected {hook}({', '.join(HOOKS[hook])})"
+            ) from None
+    if b.hooks and b.on not in b.knobs:
+        raise ConfigError(f"{where}: hooks need `on`, the knob whose value switches them on; got {b.on!r}")
+    for term, knob in b.terms.items():
+        if knob not in b.knobs or "loss" not in b.hooks:
+            raise ConfigError(f"{where}: loss term {term} needs a loss hook and a weight among its knobs")
+    for key, value in b.diff.items():
+        convert_value(key, value)  # an unknown key or a value the field refuses: the loader's own line
+    for knob, key in b.knobs.items():
+        if not _NAME.match(knob):
+            raise ConfigError(f"{where}: knob {knob!r} must be lower-case letters, digits and _")
+        config_field_rule(key)
+    b = dataclasses.replace(b, module=module)
+    old = BUILTINS.get(b.name)
+    if old is not None and old.module != module:
+        raise ConfigError(f"{where}: already declared in {old.module}")
+    BUILTINS[b.name] = b
+    return b
+
+
+def _config_value(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def builtin_enabled(cfg: Any, hook: str) -> list[tuple[Builtin, Any]]:
+    """(built-in, its knob values) of each built-in with a `hook` that is on in the run config `cfg` (its `on` knob
+    differs from the config field's default), in registry order. The knob values are read from their typed config
+    keys (attribute access: `knobs.weight`)."""
+    out = []
+    for b in BUILTINS.values():
+        if hook in b.hooks and _config_value(cfg, b.knobs[b.on]) != config_field_rule(b.knobs[b.on])[0]:
+            out.append((b, _knob_values(b.name, tuple(b.knobs))(*(_config_value(cfg, k) for k in b.knobs.values()))))
+    return out
+
+
+@functools.cache
+def _knob_values(name: str, knobs: tuple[str, ...]) -> type:
+    """The frozen dataclass of a built-in's knob values (made once: `builtin_enabled` runs every training step)."""
+    return dataclasses.make_dataclass(f"{name}_knobs", list(knobs), frozen=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -64,9 +64,10 @@ def provenance(device: torch.device | str = "cpu") -> dict[str, str]:
     }
 
 
-TRAINING_CODE = ("model", "transport", "data", "encoders", "train.py", "parallel.py")
+TRAINING_CODE = ("model", "transport", "data", "encoders", "train.py", "parallel.py", "builtins")
 """The parts of srdit (relative to the package folder) that shape a trained model: backbone, objective and sampler,
-data streams, alignment teachers, the training loop and its data-parallel helper. The resolved config is keyed
+data streams, alignment teachers, the training loop and its data-parallel helper, and the built-in techniques'
+modules (their hooks run in training: editing one retrains). The resolved config is keyed
 separately, so the config loader and the technique merge are not part of it."""
 EVALUATION_CODE = ("evaluate.py", "generate.py", "metrics", "sample_shards.py")
 "The parts that turn a trained model into evaluation metrics: sampling, metric networks and distances."

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from srdit import ext
+from srdit.builtins import BUILTINS
 from srdit.config import (
     ConfigError,
     DataConfig,
@@ -133,131 +134,18 @@ def evaluation_plugins(config: Mapping[str, Any]) -> dict[str, Any]:
     return {n: v for n, v in config.get("ext", {}).items() if n in ext.PLUGINS and ext.PLUGINS[n].stage == "eval"}
 
 
-_SRDIT = "Speedrunning ImageNet Diffusion (SR-DiT), arXiv:2512.12386"
+def builtin_technique(b: ext.Builtin) -> Technique:
+    """A built-in's declaration (`srdit.builtins`) as a registry Technique: its diff and knobs over the typed config
+    keys, its code its own module first. ConfigError when its stage does not match the keys it writes (an "eval"
+    technique writes only evaluation-time keys, a "train" one at least one training-time key)."""
+    if diff_stage(b.diff) != b.stage or (b.stage == "eval" and any(key_stage(k) != "eval" for k in b.knobs.values())):
+        raise ConfigError(f"built-in {b.name} ({b.module}): stage {b.stage} does not match the keys it writes")
+    return Technique(b.name, b.description, b.paper, dict(b.diff), dict(b.knobs), code=b.where(), stage=b.stage)
 
-TECHNIQUES: dict[str, Technique] = {
-    t.name: t
-    for t in [
-        Technique(
-            "sprint",
-            "SPRINT token routing: dense/sparse/dense blocks, 75% of tokens dropped in the middle",
-            "SPRINT, Park et al. 2025, arXiv:2510.21986; " + _SRDIT,
-            {"model.sprint.enabled": True},
-            {
-                "drop_ratio": "model.sprint.drop_ratio",
-                "path_drop_prob": "model.sprint.path_drop_prob",
-                "dense_in": "model.sprint.dense_in",
-                "dense_out": "model.sprint.dense_out",
-            },
-            code=("srdit.model.routing", "srdit.model.sit"),
-        ),
-        Technique(
-            "rmsnorm",
-            "RMSNorm instead of LayerNorm in the block pre-norms and final norm",
-            "Zhang & Sennrich 2019, arXiv:1910.07467; " + _SRDIT,
-            {"model.norm": "rmsnorm"},
-            code=("srdit.model.layers", "srdit.model.sit"),
-        ),
-        Technique(
-            "rope",
-            "2-D axial rotary position embedding on q and k (added to absolute sin-cos positions)",
-            "EVA-02, Fang et al. 2023, arXiv:2303.11331; " + _SRDIT,
-            {"model.rope.enabled": True},
-            {"theta": "model.rope.theta"},
-            code=("srdit.model.layers", "srdit.model.attention", "srdit.model.sit"),
-        ),
-        Technique(
-            "qk_norm",
-            "RMSNorm over the head dimension on queries and keys",
-            "Dehghani et al. 2023, arXiv:2302.05442; " + _SRDIT,
-            {"model.qk_norm": True},
-            code=("srdit.model.attention",),
-        ),
-        Technique(
-            "value_residual",
-            "Every block mixes block 0's values with a learned lambda (init 0.5)",
-            "Zhou et al. 2024, arXiv:2410.17897; " + _SRDIT,
-            {"model.value_residual": True},
-            code=("srdit.model.attention", "srdit.model.sit"),
-        ),
-        Technique(
-            "repa",
-            "Align an early hidden state with a frozen teacher's patch tokens (negative cosine)",
-            "REPA, Yu et al. 2024, arXiv:2410.06940",
-            {"model.repa.enabled": True},
-            {"depth": "model.repa.depth", "weight": "loss.repa", "projector_dim": "model.repa.projector_dim"},
-            code=("srdit.model.alignment", "srdit.model.sit", "srdit.transport.objective", "srdit.transport.losses"),
-        ),
-        Technique(
-            "reg",
-            "Jointly denoise the teacher's class token as an extra token",
-            "REG, Wu et al. 2025, arXiv:2507.01467",
-            {"model.reg.enabled": True},
-            {"weight": "loss.reg"},
-            code=(
-                "srdit.model.alignment",
-                "srdit.model.sit",
-                "srdit.transport.objective",
-                "srdit.transport.losses",
-                "srdit.transport.samplers",
-            ),
-        ),
-        Technique(
-            "cfm",
-            "Contrastive flow matching: push predictions away from another sample's target",
-            "Delta-FM, Stoica et al. 2025, arXiv:2506.05350; " + _SRDIT,
-            {"loss.cfm": 0.05},
-            {"weight": "loss.cfm"},
-            code=("srdit.transport.objective", "srdit.transport.losses"),
-        ),
-        Technique(
-            "time_shift",
-            "Resolution-dependent time shift on training times and the sampler grid",
-            "SD3, Esser et al. 2024, arXiv:2403.03206; " + _SRDIT,
-            {"transport.time_shift": True},
-            {"shift": "transport.shift"},
-            code=("srdit.transport.timesteps", "srdit.transport.samplers", "srdit.config"),
-        ),
-        Technique(
-            "balanced_labels",
-            "Evaluation samples get class i mod num_classes (equal counts per class)",
-            _SRDIT,
-            {"sample.balanced_labels": True},
-            code=("srdit.generate", "srdit.data.digits"),
-            stage="eval",
-        ),
-        Technique(
-            "logit_normal",
-            "Logit-normal training times instead of uniform",
-            "SD3, Esser et al. 2024, arXiv:2403.03206",
-            {"transport.time_sampling": "logit_normal"},
-            {"mean": "transport.logit_mean", "std": "transport.logit_std"},
-            code=("srdit.transport.timesteps",),
-        ),
-        Technique(
-            "swiglu",
-            "SwiGLU MLP (2/3 width to keep parameters)",
-            "Shazeer 2020, arXiv:2002.05202; " + _SRDIT,
-            {"model.mlp": "swiglu"},
-            code=("srdit.model.layers",),
-        ),
-        Technique(
-            "relu2",
-            "ReLU^2 MLP",
-            "So et al. 2021 (Primer), arXiv:2109.08668; " + _SRDIT,
-            {"model.mlp": "relu2"},
-            code=("srdit.model.layers",),
-        ),
-        Technique(
-            "path_drop_guidance",
-            "Guidance whose unconditional branch also drops the SPRINT sparse path",
-            _SRDIT,
-            {"sample.path_drop_guidance": True},
-            code=("srdit.transport.samplers", "srdit.model.routing"),
-            stage="eval",
-        ),
-    ]
-}
+
+TECHNIQUES: dict[str, Technique] = {b.name: builtin_technique(b) for b in BUILTINS}
+"""The built-in techniques by name, in registry order: assembled from their modules (`srdit.builtins`, one each),
+never written here."""
 
 SRDIT_STACK = (
     "repa",

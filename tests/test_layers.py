@@ -2,7 +2,7 @@
 
 | layer     | nodes (srdit/...)                                  | may import (srdit)             | must not import |
 |-----------|----------------------------------------------------|--------------------------------|-----------------|
-| config    | __init__, config, techniques, metric_registry, ext, technique_template | -          | torch, ray, mlflow |
+| config    | __init__, config, techniques, metric_registry, ext, technique_template, builtins/ | - | torch, ray, mlflow |
 | util      | cache                                              | -                              | ray, mlflow     |
 | model     | model/                                             | config, util                   | ray, mlflow     |
 | transport | transport/                                         | config, util, `srdit.model` *  | ray, mlflow     |
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "srdit"
 
 LAYERS: dict[str, set[str]] = {
-    "config": {"srdit", "config", "techniques", "metric_registry", "ext", "technique_template"},
+    "config": {"srdit", "config", "techniques", "metric_registry", "ext", "technique_template", "builtins"},
     "util": {"cache", "stop"},
     "model": {"model"},
     "transport": {"transport"},

@@ -4,7 +4,8 @@
 - repa: negative cosine between projected hidden tokens and the teacher's tokens (REPA, arXiv:2410.06940);
 - reg:  the REG class token's velocity error, as fm (REG, arXiv:2507.01467);
 - cfm:  contrastive flow matching, minus the error against another sample's target (the batch rolled by one;
-        CFM, arXiv:2506.05350).
+        CFM, arXiv:2506.05350): its technique's own module holds it (`srdit.builtins.cfm.contrastive`, re-exported
+        here), and the objective calls it as that technique's `loss` hook.
 
 `srdit.transport.objective.training_losses` builds the inputs (noised data, targets) and calls these.
 """
@@ -14,19 +15,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from srdit.builtins.cfm import contrastive
 from srdit.config import LossConfig
 
 
 def flow_matching(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error in float32: pred, target [B, ...] -> mean over the non-batch dims, then over B."""
     return (pred.float() - target.float()).square().flatten(1).mean(1).mean()
-
-
-def contrastive(pred: torch.Tensor, target: torch.Tensor, negative: torch.Tensor | None = None) -> torch.Tensor:
-    """-|| v_j - v*_{j-1} ||^2: sample j's negative is sample j-1's target (Delta-FM, Stoica et al. 2025).
-
-    `negative` replaces the rolled target (data parallel: the roll runs over the global batch)."""
-    return -flow_matching(pred, target.roll(1, dims=0) if negative is None else negative)
 
 
 def alignment(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:

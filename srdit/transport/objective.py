@@ -16,9 +16,12 @@ Terms (`srdit.transport.losses`; weights from `cfg.loss`, fm has weight 1):
         path with its own noise, x_t^cls = (1 - t) cls0 + t eps_cls, enters as token 0, and its velocity
         eps_cls - cls0 is regressed like the image's;
 - cfm:  contrastive flow matching (Stoica et al. 2025, arXiv:2506.05350): minus the error against the target of
-        the previous sample in the (global) batch;
+        the previous sample in the (global) batch; its technique's `loss` hook (`srdit.builtins.cfm`), called
+        through the same named-term path as a plugin's;
 - plugin terms (`srdit.ext`): each plugin that is on and has a `loss` hook adds its named terms, weighed by the
   knobs it declares (`Plugin.terms`), after the built-in ones.
+
+The total adds fm, repa, reg, then the hooked terms (built-ins', then plugins') in that order.
 """
 
 from __future__ import annotations
@@ -31,7 +34,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from srdit.ext import time_rule
+import srdit.builtins  # noqa: F401  registers the built-ins whose hooks the objective calls
+from srdit.ext import LossContext, builtin_enabled, enabled, time_rule
 from srdit.transport.losses import loss_terms, total
 from srdit.transport.path import interpolate, velocity_target
 from srdit.transport.timesteps import sample_times
@@ -151,30 +155,30 @@ def training_losses(
             **({"drop_sparse_path": noise.path_drop} if noise.path_drop is not None else {}),
         )
     target = velocity_target(x0, eps)
-    cfm = cfg.loss.cfm > 0
-    terms = loss_terms(pred, target, aux, repa_target, reg_target, cfm=cfm, cfm_negative=roll(target) if cfm else None)
-    if not cfg.ext:
+    terms = loss_terms(pred, target, aux, repa_target, reg_target)
+    hooked = [*builtin_enabled(cfg, "loss"), *(enabled(cfg.ext) if cfg.ext else [])]
+    if not hooked:
         return {"loss": total(terms, cfg.loss), **terms}
-    plugin_terms, weights = _plugin_terms(model, aux, cfg, x0, y, t, eps, pred, target, teacher_out, roll, gather)
-    return {"loss": total(terms, cfg.loss, plugin_terms, weights), **terms, **plugin_terms}
+    more, weights = _hook_terms(hooked, model, aux, x0, y, t, eps, pred, target, teacher_out, roll, gather)
+    return {"loss": total(terms, cfg.loss, more, weights), **terms, **more}
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _plugin_terms(model, aux, cfg, x0, y, t, eps, pred, target, teacher_out, roll, gather):
-    """The loss terms of the plugins that are on ({term: unweighted scalar}) and their weights ({term: float})."""
-    from srdit.ext import LossContext, enabled
-
+def _hook_terms(hooked, model, aux, x0, y, t, eps, pred, target, teacher_out, roll, gather):
+    """The loss terms of the techniques that are on and have a `loss` hook ({term: unweighted scalar}), built-ins
+    (`srdit.builtins`, e.g. CFM) first in registry order, then plugins in name order, and their weights ({term:
+    float}). `hooked`: their (declaration, knobs) pairs."""
     net = model
     while hasattr(net, "module") or hasattr(net, "_orig_mod"):  # DDP / torch.compile wrappers
         net = getattr(net, "module", None) or net._orig_mod
     terms: dict[str, torch.Tensor] = {}
     weights: dict[str, float] = {}
     ext_aux = aux.get("ext", {})
-    for plugin, knobs in enabled(cfg.ext):
-        hook = plugin.hook("loss")
+    for plugin, knobs in hooked:
+        hook = plugin.hooks.get("loss")
         if hook is None:
             continue
         mine = ext_aux.get(plugin.name, {})

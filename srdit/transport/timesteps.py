@@ -1,15 +1,13 @@
-"""Training-time sampling and the resolution-dependent time shift (SD3, Esser et al. 2024; SR-DiT 1.11)."""
+"""Training-time sampling, then the resolution-dependent time shift (SD3, Esser et al. 2024; SR-DiT 1.11), whose
+transform `shift_time` lives in its technique's module (`srdit.builtins.time_shift`)."""
 
 from __future__ import annotations
 
 import torch
 
+from srdit.builtins.time_shift import shift_time  # the time shift's own module holds it
 
-def shift_time(t: torch.Tensor, s: float) -> torch.Tensor:
-    """t' = s t / (1 + (s - 1) t), clamped to [0, 1]. s > 1 moves mass toward noise (t = 1)."""
-    if s == 1.0:
-        return t
-    return (s * t / (1 + (s - 1) * t)).clamp(0.0, 1.0)
+__all__ = ["sample_times", "shift_time"]
 
 
 def sample_times(
