@@ -153,6 +153,11 @@ BAD = {
     "not_mapping.yaml": ("- rope\n", "expected a mapping"),
     "gpus.yaml": ("name: a\ntechniques: [rope]\nresources: {gpus: 4, workers: 3}\n", "workers: 3 must equal"),
     "long_name.yaml": (f"name: {'n' * 250}\ntechniques: [rope]\n", "name: study name nnnnnnnnnnnnnnnnnnnn... is 250"),
+    "base_preset_name.yaml": (
+        "name: a\nbase: digits\ntechniques: [rope]\n",
+        "/digits: no such file; for the preset, write `base: {preset: digits}`",
+    ),
+    "base_missing.yaml": ("name: a\nbase: nowhere.yaml\ntechniques: [rope]\n", "/nowhere.yaml: no such file"),
 }
 
 

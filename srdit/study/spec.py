@@ -37,6 +37,7 @@ from srdit.config import INT_MAX, SEED_MAX, ConfigError, RunConfig, apply_diff, 
 from srdit.metric_registry import METRICS, analysable
 from srdit.metric_registry import direction as metric_direction
 from srdit.techniques import (
+    PRESETS,
     TECHNIQUES,
     Technique,
     custom_technique,
@@ -348,7 +349,11 @@ def parse_base(value: Any, where: str = "base", relative_to: Path | None = None)
         p = Path(value)
         if not p.is_absolute() and relative_to is not None:
             p = relative_to / p
-        value = read_yaml(p)
+        try:
+            value = read_yaml(p)
+        except ConfigError as e:
+            hint = f"; for the preset, write `{where}: {{preset: {value}}}`" if value in PRESETS else ""
+            raise ConfigError(f"{where}: {e}{hint}") from None
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: {p} must hold a mapping (a run config)")
         relative_to = p.parent
