@@ -37,6 +37,7 @@ from srdit.analysis.results import INFRASTRUCTURE
 from srdit.metric_registry import headline
 from srdit.provenance import plugin_sources, srdit_code_version
 from srdit.runtime import shipping
+from srdit.runtime.console import StudyView
 from srdit.runtime.jobs import EvaluationJob, Job, TrainingJob, TrialJob, trial_job
 from srdit.runtime.state import StudyState
 from srdit.runtime.tracking import StudyTracking, has_ended, is_done
@@ -222,6 +223,7 @@ def _progress_callback(
     ctx: TrialContext | None = None,
     jobs: dict[str, Job] | None = None,
     max_failures: int = MAX_FAILURES,
+    live: StudyView | None = None,
 ):
     """The Tune callback that prints one line per finished trial (see `progress_line`), records a trial whose
     worker Ray killed for memory as `oom` (Tune's retries of it are then answered from that record), and records a
@@ -229,7 +231,9 @@ def _progress_callback(
     kill) as `crashed` with crash_cause `infrastructure`: the trainable catches every exception of the training
     code and reports it as a result, so a Tune ERROR is never evidence about the techniques (the analysis leaves
     it out with a note; a rerun retries it). `jobs`: the grid's jobs by key (a Tune trial's config names its job
-    by key); a search sample, whose key only its worker knows, is left unrecorded (unfinished)."""
+    by key); a search sample, whose key only its worker knows, is left unrecorded (unfinished). `live`: the study's
+    console (`srdit.runtime.console.StudyView`), fed each trial's start, reports and end; off a terminal it also
+    gets a line per trial start."""
     jobs = jobs or {}
     from ray import tune
 
@@ -237,6 +241,31 @@ def _progress_callback(
         def __init__(self):
             self.n = done_before
             self.oom: set[str] = set()
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if live is None:
+                return
+            job = jobs.get(trial.config.get("job"))
+            key = job.key if job is not None else _trial_name(trial)
+            members = len(job.todo()) if job is not None else 1
+            steps = job.members[0].config.train.steps if isinstance(job, TrainingJob) else 0
+            live.started(trial.trial_id, key, members, steps)
+            if not live.terminal:
+                shared = f", training shared by {members} trials" if members > 1 else ""
+                echo(f"  {key}: started" + (f" ({steps} steps{shared})" if steps else ""))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if live is not None:
+                live.result(trial.trial_id, result)
+
+        def on_step_end(self, iteration, trials, **info):
+            if live is not None:
+                live.tick()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._complete(trial)
+            if live is not None:
+                live.ended(trial.trial_id, self.n)
 
         def _record_oom(self, trial) -> bool:
             job = jobs.get(trial.config.get("job"))
@@ -259,7 +288,7 @@ def _progress_callback(
         def on_trial_recover(self, iteration, trials, trial, **info):
             self._record_oom(trial)
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
+        def _complete(self, trial):
             r = trial.last_result or {}
             if r.get("trial_key") in self.oom:
                 return  # already counted when recorded
@@ -276,6 +305,11 @@ def _progress_callback(
             echo(progress_line(self.n, total, (r.get("trial_key") or trial.trial_id) + shared, r, primary))
 
         def on_trial_error(self, iteration, trials, trial, **info):
+            self._error(trial)
+            if live is not None:
+                live.ended(trial.trial_id, self.n)
+
+        def _error(self, trial):
             if self._record_oom(trial):
                 return
             key = trial.config.get("job") or trial.trial_id
@@ -336,6 +370,7 @@ def run_study(
     address: str | None = None,
     share: bool = True,
     reuse: bool = True,
+    live: StudyView | None = None,
 ) -> StudyRun:
     """Run (or resume) every unfinished trial of the study; returns a summary. Ray is started when not running
     (the cluster at `address` / RAY_ADDRESS, else a private local Ray on loopback) and some trial is left to run.
@@ -352,7 +387,10 @@ def run_study(
     its missing members.
 
     Raises `PreflightError` (nothing recorded, no trial started) when an input of a trial to run is missing, a
-    study metric is not reported by its runs, or a trial cannot fit the cluster."""
+    study metric is not reported by its runs, or a trial cannot fit the cluster.
+
+    `live`: the study's console (`srdit.runtime.console.StudyView`; `echo` then prints through it), fed the
+    running trials' progress."""
     echo = echo or (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
     plan = plan or plan_study(spec, share=share)
@@ -360,7 +398,7 @@ def run_study(
     existing = state.existing_runs()
     if spec.design.kind == "search":
         preflight.check(spec, plan, [], _local_nodes(num_cpus, address))
-        return _run_search(spec, plan, state, existing, retry_failed, num_cpus, max_failures, echo, t0, address)
+        return _run_search(spec, plan, state, existing, retry_failed, num_cpus, max_failures, echo, t0, address, live)
     cwd = os.getcwd()  # relative paths in the study are meant from here
     todo, skipped = [], 0
     for t in plan.trials:
@@ -414,7 +452,7 @@ def run_study(
                     + (" ..." if len(plan.excluded) > 4 else "")
                 )
             tracking.set_parent_status("RUNNING")
-            _fit_grid(spec, plan, tracking, state, jobs, max_failures, echo, skipped, plugins)
+            _fit_grid(spec, plan, tracking, state, jobs, max_failures, echo, skipped, plugins, live)
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
     return _finish(spec, plan, tracking, state, skipped, n_todo, echo, t0, adopted)
@@ -628,12 +666,18 @@ def _trial_name(trial) -> str:
     return trial.config.get("job") or f"search_{trial.trial_id}"
 
 
-def _fit_grid(spec, plan, tracking, state: StudyState, jobs: list[Job], max_failures, echo, skipped, plugins=None):
+def _fit_grid(
+    spec, plan, tracking, state: StudyState, jobs: list[Job], max_failures, echo, skipped, plugins=None, live=None
+):
     from ray import tune
 
     ctx = _context(spec, tracking, state, plan, plugins=plugins)
     by_key = {j.key: j for j in jobs}
-    progress = _progress_callback(len(plan.trials), skipped, echo, spec.metrics.primary, ctx, by_key, max_failures)
+    if live is not None:
+        live.begin(spec.name, len(plan.trials), skipped, spec.base.train.steps)
+    progress = _progress_callback(
+        len(plan.trials), skipped, echo, spec.metrics.primary, ctx, by_key, max_failures, live
+    )
     wrapped, run_config = _tuner_common(spec, state, max_failures, [progress], by_key)
     tuner = tune.Tuner(
         wrapped,
@@ -731,7 +775,7 @@ def study_plugins(spec: StudySpec) -> tuple[dict[str, str], ...]:
 
 
 def _run_search(
-    spec, plan, state: StudyState, existing, retry_failed, num_cpus, max_failures, echo, t0, address
+    spec, plan, state: StudyState, existing, retry_failed, num_cpus, max_failures, echo, t0, address, live=None
 ) -> StudyRun:
     """Optuna (OptunaSearch) over technique switches and knobs. The Optuna study persists in
     <state>/optuna/<study>.db, so a rerun continues the same search; unfinished children are re-queued first (same
@@ -790,8 +834,10 @@ def _run_search(
         tracking.set_parent_status("RUNNING")
         conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
+        if live is not None:
+            live.begin(spec.name, _search_target(spec), n_done, spec.base.train.steps)
         progress = _progress_callback(
-            _search_target(spec), n_done, echo, spec.metrics.primary, max_failures=max_failures
+            _search_target(spec), n_done, echo, spec.metrics.primary, max_failures=max_failures, live=live
         )
         wrapped, run_config = _tuner_common(spec, state, max_failures, [progress])
         tuner = tune.Tuner(
