@@ -264,6 +264,10 @@ class StudyView:
 
         class _Now:
             def __rich__(self):
+                # the size of the terminal the console writes to (rich asks file descriptors 0-2: 1 and 2 are
+                # the log file now, 0 may be anything)
+                with contextlib.suppress(OSError, ValueError):
+                    console.size = os.get_terminal_size(view.out.fileno())
                 return view._render()
 
         # library output goes to the log file (`library_output_to`): the live view must not capture sys.stdout

@@ -431,6 +431,8 @@ def run_study(
         return _finish(spec, plan, tracking, state, skipped, 0, echo, t0, adopted)
     tracking = None
     plugins = study_plugins(spec)  # their code versions, read once: the copies shipped are checked against them
+    if live is not None:
+        live.begin(spec.name, len(plan.trials), skipped, spec.base.train.steps)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
         # cluster, nothing is recorded before the cluster's resources are checked.
@@ -673,8 +675,6 @@ def _fit_grid(
 
     ctx = _context(spec, tracking, state, plan, plugins=plugins)
     by_key = {j.key: j for j in jobs}
-    if live is not None:
-        live.begin(spec.name, len(plan.trials), skipped, spec.base.train.steps)
     progress = _progress_callback(
         len(plan.trials), skipped, echo, spec.metrics.primary, ctx, by_key, max_failures, live
     )
@@ -802,6 +802,8 @@ def _run_search(
         return _finish(spec, plan, tracking, state, n_done, 0, echo, t0)
     tracking = None
     plugins = study_plugins(spec)  # their code versions, read once: the copies shipped are checked against them
+    if live is not None:
+        live.begin(spec.name, _search_target(spec), n_done, spec.base.train.steps)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
         # cluster, nothing is recorded before the cluster's resources are checked.
@@ -834,8 +836,6 @@ def _run_search(
         tracking.set_parent_status("RUNNING")
         conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
-        if live is not None:
-            live.begin(spec.name, _search_target(spec), n_done, spec.base.train.steps)
         progress = _progress_callback(
             _search_target(spec), n_done, echo, spec.metrics.primary, max_failures=max_failures, live=live
         )
