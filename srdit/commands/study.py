@@ -48,8 +48,9 @@ DEFAULT_STATE = "state"
 DEFAULT_DASHBOARDS = "dashboards"  # where `srdit report` (srdit/commands/report.py) writes
 
 
-def _concurrency(spec) -> int:
-    cpus = os.cpu_count() or 1
+def _concurrency(spec, cpus: int | None = None) -> int:
+    """Trials at once on this machine (`cpus`: the local Ray's CPUs, default all)."""
+    cpus = cpus or os.cpu_count() or 1
     n = max(1, int(cpus // max(spec.resources.cpus, 1e-9)))
     return min(n, spec.resources.max_concurrent) if spec.resources.max_concurrent else n
 
@@ -339,7 +340,9 @@ def _run(args) -> int:
     try:
         # srdit's lines on the console, everything else (MLflow, Ray, the trial workers) in the log file
         with library_output_to(log) as console:
-            view = StudyView(console, console.isatty(), args.summary_every, study=spec.name)
+            local = not (args.address or os.environ.get("RAY_ADDRESS"))  # a cluster's size is known once up
+            slots = _concurrency(spec, args.num_cpus) if local else 1
+            view = StudyView(console, console.isatty(), args.summary_every, study=spec.name, slots=slots)
             view.event(f"log: library output (MLflow, Ray, trial workers) goes to {log}")
             with view.live(), study_lock(args.state, spec.name) as stale:  # StudyBusy (exit 2): another driver
                 if stale:

@@ -96,7 +96,9 @@ class StudyView:
     steps_of_trial: int = 0
     "Training steps of a trial of the study (the base config's; shown when a trial's own is unknown)."
     slots: int = 1
-    "The most trials seen running at once (how many run side by side)."
+    "How many trials the ETA assumes side by side until some have run (the planned concurrency)."
+    seen: int = 0
+    "The most trials seen running at once: how many run side by side, once known."
     t0: float = field(default_factory=time.monotonic)
     last_summary: float = field(default_factory=time.monotonic)
     _lock: threading.RLock = field(default_factory=threading.RLock)
@@ -135,7 +137,7 @@ class StudyView:
     def started(self, tune_id: str, key: str, members: int = 1, steps: int = 0) -> None:
         with self._lock:
             self.running[tune_id] = _Running(key, members, steps or self.steps_of_trial, time.monotonic())
-            self.slots = max(self.slots, len(self.running))
+            self.seen = max(self.seen, len(self.running))
 
     def result(self, tune_id: str, result: dict) -> None:
         """An intermediate report of a running trial (`tune.report`: step, loss, steps_per_s, ...)."""
@@ -180,7 +182,8 @@ class StudyView:
     def eta_s(self) -> tuple[float, bool] | None:
         """(seconds left, measured) for the trials left: each running trial's remaining steps at its speed, and
         the trials to run at the time a trial takes (the median of those that ended, else measured from the
-        running trials' progress, else the plan's assumed speed; `measured` False), `slots` at a time. None
+        running trials' progress, else the plan's assumed speed; `measured` False), as many at a time as ran at once
+        so far (before any: `slots`). None
         when the trial's steps are unknown."""
         now = time.monotonic()
         with self._lock:
@@ -202,7 +205,7 @@ class StudyView:
                     left += max(0.0, per_trial - (now - r.started))
             members = sum(r.members for r in self.running.values())
             to_run = max(0, self.total - self.done - members)
-            return (left + to_run * per_trial) / max(1, self.slots), measured
+            return (left + to_run * per_trial) / max(1, self.seen or self.slots), measured
 
     def counts(self) -> tuple[int, int, int]:
         """(done, running, to run) in study trials."""
