@@ -55,7 +55,7 @@ def test_library_output_goes_to_the_log_file_and_srdit_lines_to_the_console(tmp_
         from pathlib import Path
         from srdit.runtime.console import library_output_to
         logging.basicConfig()
-        with library_output_to(Path({str(log)!r})) as console:
+        with library_output_to(Path({str(log)!r}), "a header") as console:
             console.write("srdit: first\\n")
             print("library stdout")
             print("library stderr", file=sys.stderr)
@@ -72,6 +72,7 @@ def test_library_output_goes_to_the_log_file_and_srdit_lines_to_the_console(tmp_
     assert run.stdout == "srdit: first\nsrdit: second\nafter the block\n"
     assert run.stderr == "stderr after the block\n"
     text = log.read_text()
+    assert text.startswith("a header\n")
     for line in ("library stdout", "library stderr", "library logging", "FutureWarning: library warning"):
         assert line in text
     assert "child process" in text and "raw fd 2" in text and "srdit:" not in text
@@ -238,8 +239,10 @@ def test_study_run_piped_prints_srdits_lines_only_and_logs_the_libraries(tmp_pat
     summaries = [s for s in lines if re.match(r"study live: \d/2 done, \d running, \d to run; \d+s elapsed, ETA", s)]
     assert summaries, lines
     text = log.read_text()
-    assert "(trainable pid=" in text  # a trial worker's output, forwarded by Ray
-    assert "Warning" in text and "mlflow" in text
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d .* srdit study run \S+live\.yaml \(pid \d+\): ", text), text[:300]
+    # MLflow's warnings, from the driver and (forwarded by Ray, with its prefix) from a trial worker
+    assert re.search(r"^\S*mlflow\S*: \w*Warning: ", text, re.M), text[:3000]
+    assert re.search(r"^\(trainable pid=\d+\) \S*mlflow\S*: \w*Warning: ", text, re.M), text[:3000]
     assert "\x1b[" not in text  # Ray's prefix without colour codes
 
 

@@ -339,7 +339,11 @@ def _run(args) -> int:
     log = state.logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     try:
         # srdit's lines on the console, everything else (MLflow, Ray, the trial workers) in the log file
-        with library_output_to(log) as console:
+        when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        header = (
+            f"{when} srdit study {args.cmd} {args.study} (pid {os.getpid()}): what MLflow, Ray and the workers print"
+        )
+        with library_output_to(log, header) as console:
             local = not (args.address or os.environ.get("RAY_ADDRESS"))  # a cluster's size is known once up
             slots = _concurrency(spec, args.num_cpus) if local else 1
             view = StudyView(console, console.isatty(), args.summary_every, study=spec.name, slots=slots)

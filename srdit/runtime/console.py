@@ -29,11 +29,12 @@ SUMMARY_EVERY_S = 60.0
 
 
 @contextlib.contextmanager
-def library_output_to(path: Path) -> Iterator[IO[str]]:
+def library_output_to(path: Path, header: str = "") -> Iterator[IO[str]]:
     """Send file descriptors 1 and 2 (this process's stdout and stderr, and those of every process it starts:
     Ray's, whose workers' output Ray forwards to this process's stdout / stderr) to the file `path` (appended) for
     the body of the block; yields a text stream on the original stdout for srdit's own lines. Python-level
-    `sys.stdout` / `sys.stderr` keep their objects (libraries hold them) and now write to the file."""
+    `sys.stdout` / `sys.stderr` keep their objects (libraries hold them) and now write to the file. `header`: a
+    line written to the file first (what wrote it, and when)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     for s in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
@@ -41,6 +42,8 @@ def library_output_to(path: Path) -> Iterator[IO[str]]:
     os.environ.setdefault("RAY_COLOR_PREFIX", "0")  # Ray's prefix of forwarded worker lines, without colour codes
     saved = os.dup(1), os.dup(2)
     log = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    if header:
+        os.write(log, (header.rstrip("\n") + "\n").encode())
     console = open(os.dup(saved[0]), "w", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115
     try:
         os.dup2(log, 1)
