@@ -288,6 +288,45 @@ class StudyView:
                 self._live = None
 
 
+def tune_callback(view: StudyView, progress, jobs: dict | None = None):
+    """The Ray Tune callback that feeds `view` each trial's start, intermediate reports (`tune.report`: step,
+    loss, steps_per_s) and end, and ticks it at every step of Tune's loop. `progress`: the driver's progress
+    callback (`srdit.runtime.driver._progress_callback`), listed before this one: its `n` is the count of study
+    trials done. `jobs`: the grid's jobs by key (a Tune trial's config names its job), for the trial's key, how
+    many study trials it stands for and its steps; a search sample is shown by its Tune name. Off a terminal a
+    trial's start is an event line."""
+    from ray import tune
+
+    from srdit.runtime.jobs import TrainingJob
+
+    jobs = jobs or {}
+
+    class Live(tune.Callback):
+        def on_trial_start(self, iteration, trials, trial, **info):
+            job = jobs.get(trial.config.get("job"))
+            key = job.key if job is not None else f"search_{trial.trial_id}"
+            members = len(job.todo()) if job is not None else 1
+            steps = job.members[0].config.train.steps if isinstance(job, TrainingJob) else 0
+            view.started(trial.trial_id, key, members, steps)
+            if not view.terminal:
+                shared = f", training shared by {members} trials" if members > 1 else ""
+                view.event(f"  {key}: started" + (f" ({steps} steps{shared})" if steps else ""))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            view.result(trial.trial_id, result)
+
+        def on_step_end(self, iteration, trials, **info):
+            view.tick()
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            view.ended(trial.trial_id, progress.n)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            view.ended(trial.trial_id, progress.n)
+
+    return Live()
+
+
 def _detached() -> StudyView:
     return StudyView(sys.stdout, False)
 

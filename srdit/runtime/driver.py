@@ -37,7 +37,7 @@ from srdit.analysis.results import INFRASTRUCTURE
 from srdit.metric_registry import headline
 from srdit.provenance import plugin_sources, srdit_code_version
 from srdit.runtime import shipping
-from srdit.runtime.console import StudyView
+from srdit.runtime.console import StudyView, tune_callback
 from srdit.runtime.jobs import EvaluationJob, Job, TrainingJob, TrialJob, trial_job
 from srdit.runtime.state import StudyState
 from srdit.runtime.tracking import StudyTracking, has_ended, is_done
@@ -223,7 +223,6 @@ def _progress_callback(
     ctx: TrialContext | None = None,
     jobs: dict[str, Job] | None = None,
     max_failures: int = MAX_FAILURES,
-    live: StudyView | None = None,
 ):
     """The Tune callback that prints one line per finished trial (see `progress_line`), records a trial whose
     worker Ray killed for memory as `oom` (Tune's retries of it are then answered from that record), and records a
@@ -231,9 +230,7 @@ def _progress_callback(
     kill) as `crashed` with crash_cause `infrastructure`: the trainable catches every exception of the training
     code and reports it as a result, so a Tune ERROR is never evidence about the techniques (the analysis leaves
     it out with a note; a rerun retries it). `jobs`: the grid's jobs by key (a Tune trial's config names its job
-    by key); a search sample, whose key only its worker knows, is left unrecorded (unfinished). `live`: the study's
-    console (`srdit.runtime.console.StudyView`), fed each trial's start, reports and end; off a terminal it also
-    gets a line per trial start."""
+    by key); a search sample, whose key only its worker knows, is left unrecorded (unfinished)."""
     jobs = jobs or {}
     from ray import tune
 
@@ -241,31 +238,6 @@ def _progress_callback(
         def __init__(self):
             self.n = done_before
             self.oom: set[str] = set()
-
-        def on_trial_start(self, iteration, trials, trial, **info):
-            if live is None:
-                return
-            job = jobs.get(trial.config.get("job"))
-            key = job.key if job is not None else _trial_name(trial)
-            members = len(job.todo()) if job is not None else 1
-            steps = job.members[0].config.train.steps if isinstance(job, TrainingJob) else 0
-            live.started(trial.trial_id, key, members, steps)
-            if not live.terminal:
-                shared = f", training shared by {members} trials" if members > 1 else ""
-                echo(f"  {key}: started" + (f" ({steps} steps{shared})" if steps else ""))
-
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if live is not None:
-                live.result(trial.trial_id, result)
-
-        def on_step_end(self, iteration, trials, **info):
-            if live is not None:
-                live.tick()
-
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            self._complete(trial)
-            if live is not None:
-                live.ended(trial.trial_id, self.n)
 
         def _record_oom(self, trial) -> bool:
             job = jobs.get(trial.config.get("job"))
@@ -288,7 +260,7 @@ def _progress_callback(
         def on_trial_recover(self, iteration, trials, trial, **info):
             self._record_oom(trial)
 
-        def _complete(self, trial):
+        def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}
             if r.get("trial_key") in self.oom:
                 return  # already counted when recorded
@@ -305,11 +277,6 @@ def _progress_callback(
             echo(progress_line(self.n, total, (r.get("trial_key") or trial.trial_id) + shared, r, primary))
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            self._error(trial)
-            if live is not None:
-                live.ended(trial.trial_id, self.n)
-
-        def _error(self, trial):
             if self._record_oom(trial):
                 return
             key = trial.config.get("job") or trial.trial_id
@@ -431,7 +398,7 @@ def run_study(
         return _finish(spec, plan, tracking, state, skipped, 0, echo, t0, adopted)
     tracking = None
     plugins = study_plugins(spec)  # their code versions, read once: the copies shipped are checked against them
-    if live is not None:
+    if live is not None:  # the ETA from here on
         live.begin(spec.name, len(plan.trials), skipped, spec.base.train.steps)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
@@ -675,10 +642,10 @@ def _fit_grid(
 
     ctx = _context(spec, tracking, state, plan, plugins=plugins)
     by_key = {j.key: j for j in jobs}
-    progress = _progress_callback(
-        len(plan.trials), skipped, echo, spec.metrics.primary, ctx, by_key, max_failures, live
-    )
-    wrapped, run_config = _tuner_common(spec, state, max_failures, [progress], by_key)
+    progress = _progress_callback(len(plan.trials), skipped, echo, spec.metrics.primary, ctx, by_key, max_failures)
+    # the live view reads the progress callback's count: it comes second
+    callbacks = [progress] + ([tune_callback(live, progress, by_key)] if live is not None else [])
+    wrapped, run_config = _tuner_common(spec, state, max_failures, callbacks, by_key)
     tuner = tune.Tuner(
         wrapped,
         param_space={"job": tune.grid_search(list(by_key)), "ctx": ctx},
@@ -802,7 +769,7 @@ def _run_search(
         return _finish(spec, plan, tracking, state, n_done, 0, echo, t0)
     tracking = None
     plugins = study_plugins(spec)  # their code versions, read once: the copies shipped are checked against them
-    if live is not None:
+    if live is not None:  # the ETA from here on
         live.begin(spec.name, _search_target(spec), n_done, spec.base.train.steps)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
@@ -837,9 +804,10 @@ def _run_search(
         conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
         search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
         progress = _progress_callback(
-            _search_target(spec), n_done, echo, spec.metrics.primary, max_failures=max_failures, live=live
+            _search_target(spec), n_done, echo, spec.metrics.primary, max_failures=max_failures
         )
-        wrapped, run_config = _tuner_common(spec, state, max_failures, [progress])
+        callbacks = [progress] + ([tune_callback(live, progress)] if live is not None else [])
+        wrapped, run_config = _tuner_common(spec, state, max_failures, callbacks)
         tuner = tune.Tuner(
             wrapped,
             param_space={**space, "ctx": ctx},
