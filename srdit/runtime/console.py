@@ -77,8 +77,8 @@ class _Running:
 
 @dataclass
 class StudyView:
-    """srdit's lines while a study runs: `event(line)` for each event, the Tune callback of the driver
-    (`srdit.runtime.driver`) feeds the live state (`begin`, `started`, `result`, `ended`, `tick`).
+    """srdit's lines while a study runs: `event(line)` for each event; the driver (`srdit.runtime.driver`) and its
+    Tune callback (`tune_callback`) feed the live state (`begin`, `started`, `result`, `ended`, `tick`).
 
     `terminal`: a live view (rich) below the event lines; otherwise a plain summary line every `summary_every`
     seconds while trials run. `assumed_steps_per_s`: the speed the ETA assumes until a trial has reported
@@ -110,7 +110,7 @@ class StudyView:
     "One line at a time; never held with `_lock` (rich's refresh thread takes its own lock, then `_lock`)."
     _live: object | None = None
     begun: bool = False
-    "Whether the trials' fit has begun (`begin`): before, the view says the study is starting."
+    "Whether the study's counts are known (`begin`, before Ray starts): until then the view says it is starting."
 
     def __reduce__(self):
         # Tune pickles its callbacks with the experiment's state (for a restore srdit never does): the copy prints
@@ -186,8 +186,8 @@ class StudyView:
         """(seconds left, measured) for the trials left: each running trial's remaining steps at its speed, and
         the trials to run at the time a trial takes (the median of those that ended, else measured from the
         running trials' progress, else the plan's assumed speed; `measured` False), as many at a time as ran at once
-        so far (before any: `slots`). None
-        when the trial's steps are unknown."""
+        so far (before any: `slots`). Trials to run are counted as study trials (a shared training's members each
+        count as one: an overestimate). None when the trial's steps are unknown."""
         now = time.monotonic()
         with self._lock:
             rates = [r.step / (now - r.started) for r in self.running.values() if r.step and now > r.started]
@@ -245,7 +245,7 @@ class StudyView:
         elapsed = f"{duration(time.monotonic() - self.t0)} elapsed"
         head = Text(f"study {self.study}", style="bold")
         if not self.begun:
-            return head.append(f" · starting (Ray, preflight, the run tree) · {elapsed}", style="not bold")
+            return head.append(f" · starting (the store, the preflight) · {elapsed}", style="not bold")
         done, running, to_run = self.counts()
         head.append(f" · {done}/{self.total} done · {running} running · {to_run} to run · {elapsed} · ", "not bold")
         head.append(self.eta_text(), style="bold cyan")
