@@ -150,6 +150,41 @@ def test_live_view_renders_counts_eta_and_each_running_trial():
     assert re.search(r"01-s0-aa\s+step 40/200\s+loss 0\.7500\s+12\.2 it/s", text), text
 
 
+def test_tune_callback_feeds_the_view_and_prints_starts_until_a_stop_is_requested():
+    """Off a terminal each trial's start is a line, with its steps and how many trials a shared training stands
+    for; once the study is told to stop, Tune starts the remaining trials only for them to end at once: no line."""
+    from types import SimpleNamespace
+
+    from srdit import stop
+    from srdit.runtime.console import tune_callback
+    from srdit.runtime.jobs import TrainingJob
+
+    view, out = _view()
+    view.begin("s", total=4, done=0, steps=50)
+    progress = SimpleNamespace(n=0)
+    config = SimpleNamespace(train=SimpleNamespace(steps=50))
+    members = [SimpleNamespace(key=f"0{i}-s0-aa", done=False, config=config) for i in (1, 2)]
+    shared = TrainingJob(tuple(members), "g")
+    cb = tune_callback(view, progress, {shared.key: shared})
+    trial = SimpleNamespace(trial_id="t1", config={"job": shared.key})
+    cb.on_trial_start(0, [], trial)
+    cb.on_trial_result(0, [], trial, {"step": 10, "loss": 1.5, "steps_per_s": 4.0})
+    assert view.counts() == (0, 2, 2) and view.running["t1"].step == 10
+    progress.n = 2  # the driver's progress callback counted the training's two trials
+    cb.on_trial_complete(0, [], trial)
+    assert view.counts() == (2, 0, 2)
+    cb.on_trial_start(0, [], SimpleNamespace(trial_id="t2", config={}))  # a search sample
+    try:
+        stop.request("SIGTERM")
+        cb.on_trial_start(0, [], SimpleNamespace(trial_id="t3", config={}))
+    finally:
+        stop.reset()
+    assert out.getvalue().splitlines() == [
+        "  01-s0-aa: started (50 steps, training shared by 2 trials)",
+        "  search_t2: started",
+    ]
+
+
 def test_the_view_pickles_as_tune_pickles_its_callbacks():
     import cloudpickle
 

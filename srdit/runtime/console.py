@@ -297,6 +297,7 @@ def tune_callback(view: StudyView, progress, jobs: dict | None = None):
     trial's start is an event line."""
     from ray import tune
 
+    from srdit import stop
     from srdit.runtime.jobs import TrainingJob
 
     jobs = jobs or {}
@@ -308,7 +309,7 @@ def tune_callback(view: StudyView, progress, jobs: dict | None = None):
             members = len(job.todo()) if job is not None else 1
             steps = job.members[0].config.train.steps if isinstance(job, TrainingJob) else 0
             view.started(trial.trial_id, key, members, steps)
-            if not view.terminal:
+            if not view.terminal and not stop.requested():  # once told to stop, trials start only to end at once
                 shared = f", training shared by {members} trials" if members > 1 else ""
                 view.event(f"  {key}: started" + (f" ({steps} steps{shared})" if steps else ""))
 
