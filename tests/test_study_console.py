@@ -78,6 +78,18 @@ def test_library_output_goes_to_the_log_file_and_srdit_lines_to_the_console(tmp_
     assert "child process" in text and "raw fd 2" in text and "srdit:" not in text
 
 
+def test_a_state_folder_that_cannot_hold_the_log_is_one_line(tmp_path, capsys):
+    from srdit.commands.study import main
+
+    (tmp_path / "a_file").write_text("")
+    state = tmp_path / "a_file" / "state"
+    assert main(["run", str(_study(tmp_path, 10)), "--state", str(state)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"srdit study run: error: --state {state}: cannot make the folder {state / 'logs' / 'live'} (Not a directory)\n"
+    )
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the view's figures
 # ---------------------------------------------------------------------------------------------------------------

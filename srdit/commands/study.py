@@ -338,6 +338,10 @@ def _run(args) -> int:
     state = StudyState.of(spec, args.state)
     log = state.logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     try:
+        log.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--state {args.state}: cannot make the folder {log.parent} ({e.strerror})") from None
+    try:
         # srdit's lines on the console, everything else (MLflow, Ray, the trial workers) in the log file
         when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         header = (
