@@ -635,11 +635,15 @@ def init_weights(model: torch.nn.Module, ema: torch.nn.Module, cfg: RunConfig, p
 
 
 class _Progress:
-    """A rich progress bar on a terminal, nothing otherwise."""
+    """Progress on stderr (stdout keeps `srdit train`'s summary). `enabled` True: a rich progress bar whose last
+    logged figures (loss, it/s, img/s) stay until the next logging step; None: that bar on a terminal, otherwise
+    (a pipe, nohup, a batch job) one plain line per logging step; False: nothing (study trials, `--quiet`)."""
 
     def __init__(self, total: int, start: int, enabled: bool | None):
         self.bar = None
-        if enabled if enabled is not None else sys.stderr.isatty():
+        self.plain = enabled is None and not sys.stderr.isatty()
+        self.total, self.start, self.t0 = total, start, time.perf_counter()
+        if enabled or (enabled is None and not self.plain):
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self.bar = Progress(
@@ -653,9 +657,14 @@ class _Progress:
             self.task = self.bar.add_task("train", total=total, completed=start, info="")
             self.bar.start()
 
-    def update(self, step: int, info: str = "") -> None:
+    def update(self, step: int, info: str | None = None) -> None:
+        """At every step; `info`: the figures of a logging step (kept on the bar until the next one)."""
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, info=info)
+            self.bar.update(self.task, completed=step, **({} if info is None else {"info": info}))
+        elif self.plain and info is not None:
+            done, left = step - self.start, self.total - step
+            eta = f"  ETA {(time.perf_counter() - self.t0) / done * left:.0f} s" if done > 0 and left > 0 else ""
+            print(f"train step {step}/{self.total}  {info}{eta}", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

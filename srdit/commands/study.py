@@ -30,10 +30,12 @@ import json
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 from srdit.commands.errors import ArgError, OneLineParser, count, fail, positive_number
 from srdit.config import ConfigError
+from srdit.runtime.console import SUMMARY_EVERY_S
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -46,8 +48,9 @@ DEFAULT_STATE = "state"
 DEFAULT_DASHBOARDS = "dashboards"  # where `srdit report` (srdit/commands/report.py) writes
 
 
-def _concurrency(spec) -> int:
-    cpus = os.cpu_count() or 1
+def _concurrency(spec, cpus: int | None = None) -> int:
+    """Trials at once on this machine (`cpus`: the local Ray's CPUs, default all)."""
+    cpus = cpus or os.cpu_count() or 1
     n = max(1, int(cpus // max(spec.resources.cpus, 1e-9)))
     return min(n, spec.resources.max_concurrent) if spec.resources.max_concurrent else n
 
@@ -119,6 +122,13 @@ def study_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="train every trial, even one whose finished run (same training config, data, code and "
             "evaluation settings) is already in the store",
+        )
+        r.add_argument(
+            "--summary-every",
+            type=positive_number,
+            default=SUMMARY_EVERY_S,
+            metavar="S",
+            help="off a terminal: seconds between two progress summary lines (a terminal shows a live view)",
         )
     ex = sub.add_parser("export", help="write one row per trial (factors, seed, status, every metric) from MLflow")
     ex.add_argument("study", help="the study YAML")
@@ -320,29 +330,46 @@ def _run(args) -> int:
     from srdit.study.designs import plan_study
 
     plan = plan_study(spec, share=not args.no_share)  # plan errors are input errors: raise before anything starts
+    from srdit.runtime.console import StudyView, library_output_to
     from srdit.runtime.lock import study_lock
     from srdit.study.preflight import PreflightError
 
     new_state = not Path(args.state).exists()
+    state = StudyState.of(spec, args.state)
+    log = state.logs / f"run-{time.strftime('%Y%m%d-%H%M%S')}.log"
     try:
-        with study_lock(args.state, spec.name) as stale:  # StudyBusy (exit 2) when another driver runs the study
-            if stale:
-                print(
-                    f"the previous driver of study {spec.name} (pid {stale.get('pid')}, host "
-                    f"{stale.get('host')}) stopped without finishing; taking over",
-                    flush=True,
+        log.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--state {args.state}: cannot make the folder {log.parent} ({e.strerror})") from None
+    try:
+        # srdit's lines on the console, everything else (MLflow, Ray, the trial workers) in the log file
+        when = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+        header = (
+            f"{when} srdit study {args.cmd} {args.study} (pid {os.getpid()}): what MLflow, Ray and the workers print"
+        )
+        with library_output_to(log, header) as console:
+            local = not (args.address or os.environ.get("RAY_ADDRESS"))  # a cluster's size is known once up
+            slots = _concurrency(spec, args.num_cpus) if local else 1
+            view = StudyView(console, console.isatty(), args.summary_every, study=spec.name, slots=slots)
+            view.event(f"log: library output (MLflow, Ray, trial workers) goes to {log}")
+            with view.live(), study_lock(args.state, spec.name) as stale:  # StudyBusy (exit 2): another driver
+                if stale:
+                    view.event(
+                        f"the previous driver of study {spec.name} (pid {stale.get('pid')}, host "
+                        f"{stale.get('host')}) stopped without finishing; taking over"
+                    )
+                mark_dead_trials(spec, state, stale)
+                res = run_study(
+                    spec,
+                    state,
+                    retry_failed=args.retry_failed,
+                    num_cpus=args.num_cpus,
+                    plan=plan,
+                    address=args.address,
+                    reuse=not args.no_reuse,
+                    echo=view.event,
+                    live=view,
                 )
-            state = StudyState.of(spec, args.state)
-            mark_dead_trials(spec, state, stale)
-            res = run_study(
-                spec,
-                state,
-                retry_failed=args.retry_failed,
-                num_cpus=args.num_cpus,
-                plan=plan,
-                address=args.address,
-                reuse=not args.no_reuse,
-            )
     except PreflightError:
         if new_state:  # refused before anything ran: leave no state behind (the lock made the folder)
             shutil.rmtree(args.state, ignore_errors=True)

@@ -6,7 +6,8 @@ trial: `TrialContext`, `execute_trial`, `execute_group`), data_parallel (a trial
 shipping (plugin code shipped to every node; a worker's code checked against the driver's),
 tracking (the MLflow run tree, and each trial folder's copy of its run), store (the embedded SQLite store:
 built atomically, checked before use), repair (the records rebuilt from the trial folders), reuse (content keys; finished runs adopted across studies), lock (one driver per
-study), occupancy (trials sharing a machine), bench (the controlled throughput measurement), results and export
+study), console (what `study run` prints: srdit's lines, the live view; the libraries' output in a log file),
+occupancy (trials sharing a machine), bench (the controlled throughput measurement), results and export
 (MLflow -> `srdit.analysis.results.StudyResults`, CSV), ray_parts / preprocess_ray / teacher_cache_ray (jobs split
 into Ray tasks), mlflow_app (the tracking server's app), kuberay (a study's KubeRay RayJob manifest). Its commands (`srdit study ...`, `srdit ui`) live in
 `srdit.commands`.

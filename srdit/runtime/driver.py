@@ -37,6 +37,7 @@ from srdit.analysis.results import INFRASTRUCTURE
 from srdit.metric_registry import headline
 from srdit.provenance import plugin_sources, srdit_code_version
 from srdit.runtime import shipping
+from srdit.runtime.console import StudyView, tune_callback
 from srdit.runtime.jobs import EvaluationJob, Job, TrainingJob, TrialJob, trial_job
 from srdit.runtime.state import StudyState
 from srdit.runtime.tracking import StudyTracking, has_ended, is_done
@@ -336,6 +337,7 @@ def run_study(
     address: str | None = None,
     share: bool = True,
     reuse: bool = True,
+    live: StudyView | None = None,
 ) -> StudyRun:
     """Run (or resume) every unfinished trial of the study; returns a summary. Ray is started when not running
     (the cluster at `address` / RAY_ADDRESS, else a private local Ray on loopback) and some trial is left to run.
@@ -352,7 +354,10 @@ def run_study(
     its missing members.
 
     Raises `PreflightError` (nothing recorded, no trial started) when an input of a trial to run is missing, a
-    study metric is not reported by its runs, or a trial cannot fit the cluster."""
+    study metric is not reported by its runs, or a trial cannot fit the cluster.
+
+    `live`: the study's console (`srdit.runtime.console.StudyView`; `echo` then prints through it), fed the
+    running trials' progress."""
     echo = echo or (lambda s: print(s, flush=True))
     t0 = time.perf_counter()
     plan = plan or plan_study(spec, share=share)
@@ -360,7 +365,7 @@ def run_study(
     existing = state.existing_runs()
     if spec.design.kind == "search":
         preflight.check(spec, plan, [], _local_nodes(num_cpus, address))
-        return _run_search(spec, plan, state, existing, retry_failed, num_cpus, max_failures, echo, t0, address)
+        return _run_search(spec, plan, state, existing, retry_failed, num_cpus, max_failures, echo, t0, address, live)
     cwd = os.getcwd()  # relative paths in the study are meant from here
     todo, skipped = [], 0
     for t in plan.trials:
@@ -393,6 +398,8 @@ def run_study(
         return _finish(spec, plan, tracking, state, skipped, 0, echo, t0, adopted)
     tracking = None
     plugins = study_plugins(spec)  # their code versions, read once: the copies shipped are checked against them
+    if live is not None:  # the ETA from here on
+        live.begin(spec.name, len(plan.trials), skipped, spec.base.train.steps)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
         # cluster, nothing is recorded before the cluster's resources are checked.
@@ -414,7 +421,7 @@ def run_study(
                     + (" ..." if len(plan.excluded) > 4 else "")
                 )
             tracking.set_parent_status("RUNNING")
-            _fit_grid(spec, plan, tracking, state, jobs, max_failures, echo, skipped, plugins)
+            _fit_grid(spec, plan, tracking, state, jobs, max_failures, echo, skipped, plugins, live)
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
     return _finish(spec, plan, tracking, state, skipped, n_todo, echo, t0, adopted)
@@ -628,13 +635,17 @@ def _trial_name(trial) -> str:
     return trial.config.get("job") or f"search_{trial.trial_id}"
 
 
-def _fit_grid(spec, plan, tracking, state: StudyState, jobs: list[Job], max_failures, echo, skipped, plugins=None):
+def _fit_grid(
+    spec, plan, tracking, state: StudyState, jobs: list[Job], max_failures, echo, skipped, plugins=None, live=None
+):
     from ray import tune
 
     ctx = _context(spec, tracking, state, plan, plugins=plugins)
     by_key = {j.key: j for j in jobs}
     progress = _progress_callback(len(plan.trials), skipped, echo, spec.metrics.primary, ctx, by_key, max_failures)
-    wrapped, run_config = _tuner_common(spec, state, max_failures, [progress], by_key)
+    # the live view reads the progress callback's count: it comes second
+    callbacks = [progress] + ([tune_callback(live, progress, by_key)] if live is not None else [])
+    wrapped, run_config = _tuner_common(spec, state, max_failures, callbacks, by_key)
     tuner = tune.Tuner(
         wrapped,
         param_space={"job": tune.grid_search(list(by_key)), "ctx": ctx},
@@ -731,7 +742,7 @@ def study_plugins(spec: StudySpec) -> tuple[dict[str, str], ...]:
 
 
 def _run_search(
-    spec, plan, state: StudyState, existing, retry_failed, num_cpus, max_failures, echo, t0, address
+    spec, plan, state: StudyState, existing, retry_failed, num_cpus, max_failures, echo, t0, address, live=None
 ) -> StudyRun:
     """Optuna (OptunaSearch) over technique switches and knobs. The Optuna study persists in
     <state>/optuna/<study>.db, so a rerun continues the same search; unfinished children are re-queued first (same
@@ -758,6 +769,8 @@ def _run_search(
         return _finish(spec, plan, tracking, state, n_done, 0, echo, t0)
     tracking = None
     plugins = study_plugins(spec)  # their code versions, read once: the copies shipped are checked against them
+    if live is not None:  # the ETA from here on
+        live.begin(spec.name, _search_target(spec), n_done, spec.base.train.steps)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
         # cluster, nothing is recorded before the cluster's resources are checked.
@@ -793,7 +806,8 @@ def _run_search(
         progress = _progress_callback(
             _search_target(spec), n_done, echo, spec.metrics.primary, max_failures=max_failures
         )
-        wrapped, run_config = _tuner_common(spec, state, max_failures, [progress])
+        callbacks = [progress] + ([tune_callback(live, progress)] if live is not None else [])
+        wrapped, run_config = _tuner_common(spec, state, max_failures, callbacks)
         tuner = tune.Tuner(
             wrapped,
             param_space={**space, "ctx": ctx},

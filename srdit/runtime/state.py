@@ -71,6 +71,11 @@ class StudyState:
         return self.trials / STOP_FILE
 
     @property
+    def logs(self) -> Path:
+        "Log files of `study run`: what the libraries and the trial workers print (`srdit.runtime.console`)."
+        return self.root / "logs" / self.study
+
+    @property
     def ray(self) -> Path:
         "Ray Tune's (and Ray Train's) storage folder."
         return self.root / "ray_results"
