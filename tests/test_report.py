@@ -346,6 +346,25 @@ def test_unreplicated_screen_gets_a_half_normal_plot_with_lenths_margins(tmp_pat
     sec = page[page.index('id="sec-fig-half-normal"') : page.index('id="sec-fig-effects"')]
     assert 'id="fig-half-normal"' in sec and "PSE = 2.62" in sec and "A, C, D, A:C, A:D" in sec
     assert "point estimate" in page  # no error estimate: the best cell is not called a winner
+    cells = page[page.index('id="sec-cells"') :]
+    assert 'tag good">best<' not in cells and "highest (point estimate)" in cells  # nor in the cells table
+
+
+def test_cells_table_calls_a_cell_best_only_when_the_card_does(tmp_path):
+    """Replicated cells that are all equal up to noise: the highest mean is not distinguishable from the others,
+    so neither the summary card nor the cells table calls it the best."""
+    rng = np.random.default_rng(3)
+    rows = [
+        {"trial": f"{lab}-s{s}", "cell": lab, "seed": s, "status": "finished", "status_reason": "",
+         "A": int(lab[0]), "B": int(lab[1]), "fd": 10.0 + rng.normal(0, 1.0)}
+        for lab in ("00", "01", "10", "11") for s in range(3)
+    ]  # fmt: skip
+    res = StudyResults(study="flat", design="full", factors=["A", "B"], metric="fd", direction="min",
+                       table=pd.DataFrame(rows))  # fmt: skip
+    page = render_report(fit_report(res), tmp_path / "flat").read_text(encoding="utf-8")
+    cells = page[page.index('id="sec-cells"') :]
+    assert "not distinguishable" in page and 'tag good">best<' not in cells
+    assert "highest mean · not distinguishable from 3 others" in cells
 
 
 def test_records_tell_a_trial_lost_to_infrastructure_from_a_failed_one(tmp_path):

@@ -167,6 +167,19 @@ def _flag_text(fl: Flag) -> str:
     )
 
 
+def _best_tag(best, combo: str) -> str:
+    """The cells table's badge for the best cell, saying what the summary card says: "best" only when it is
+    distinguishably better than every other cell; otherwise the highest mean, with why it is not called a winner."""
+    if best is None or best.combo != combo:
+        return ""
+    if best.indistinguishable is None:
+        return ' <span class="tag warn" title="one run per cell: no error estimate">highest (point estimate)</span>'
+    if best.indistinguishable:
+        n = len(best.indistinguishable)
+        return f' <span class="tag warn">highest mean · not distinguishable from {n} other{"s" if n > 1 else ""}</span>'
+    return ' <span class="tag good">best</span>'
+
+
 def _summary_cards(res: StudyResults, a: Analysis | AnalysisFailure) -> str:
     cards = []
     if isinstance(a, AnalysisFailure):
@@ -443,8 +456,7 @@ def _cells_table(res: StudyResults, analyses: dict[str, Analysis | AnalysisFailu
         status = f"{c.n_finished}/{c.n}"
         if c.n_failed:
             status += " " + " ".join(f'<span class="tag bad">{_esc(k)} ×{v}</span>' for k, v in c.failures.items())
-        best = a.attribution.best and a.attribution.best.combo == c.combo
-        name = _esc(c.cell) + (' <span class="tag good">best</span>' if best else "")
+        name = _esc(c.cell) + _best_tag(a.attribution.best, c.combo)
         rows.append([name, _esc(c.combo), status, *cells, _per_seed(t[t["cell"].astype(str) == str(c.cell)], res)])
     return _table(
         [
