@@ -201,3 +201,45 @@ def test_study_trial_on_two_workers_is_a_ray_train_run(tmp_path):
         )
         for step, loss in _losses(ref).items():
             assert history[step] == pytest.approx(loss, rel=TOLERANCE), (folder.name, step)
+
+
+def test_two_groups_on_one_node_rendezvous_on_ports_they_hold():
+    """The rendezvous of a worker group never uses a port that was free a moment ago (Ray Train's rule: bind port
+    0, read it, close, start the store later, during which another group on the node may be handed the same port).
+    Two groups set up at once on one node: each rank 0's store holds its port (nothing else can bind it while the
+    group lives), the ports differ, and each group's other rank joins its own group's store."""
+    import datetime
+    import threading
+
+    from srdit.runtime.data_parallel import rendezvous_store
+    from srdit.runtime.tracking import port_free
+
+    timeout = datetime.timedelta(seconds=30)
+    stores, joined = {}, {}
+
+    def group(name: str) -> None:
+        store = rendezvous_store("127.0.0.1", 2, timeout)
+        stores[name] = store
+        other = dist.TCPStore(store.host, store.port, 2, False, timeout=timeout)  # rank 1 of this group
+        other.set("group", name)
+        joined[name] = store.get("group").decode()
+
+    threads = [threading.Thread(target=group, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    ports = {n: s.port for n, s in stores.items()}
+    assert joined == {"a": "a", "b": "b"}, joined
+    assert ports["a"] != ports["b"], ports
+    assert not any(port_free("127.0.0.1", p) for p in ports.values()), ports  # held while the groups live
+
+
+def test_a_free_port_by_ray_trains_rule_is_free_again_at_once():
+    """Why the rule above is needed: the port Ray Train's TorchTrainer hands a group's rendezvous is free (any
+    process may bind it) until torch's store starts on it."""
+    from ray._common.network_utils import find_free_port
+
+    from srdit.runtime.tracking import port_free
+
+    assert port_free("", find_free_port())
