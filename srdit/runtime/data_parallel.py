@@ -204,6 +204,8 @@ def _init_process_group(loop: dict) -> None:
     import ray.util
     import torch.distributed as dist
 
+    from srdit.parallel import rendezvous_store
+
     c = ray.train.get_context()
     rank, world = c.get_world_rank(), c.get_world_size()
     timeout = datetime.timedelta(hours=2)
@@ -216,22 +218,13 @@ def _init_process_group(loop: dict) -> None:
     else:
         store = None
         if rank == 0:
-            store = rendezvous_store(ray.util.get_node_ip_address(), world, timeout)
+            store = rendezvous_store(ray.util.get_node_ip_address(), world, timeout)  # its port: held
         host, port = ray.train.collective.broadcast_from_rank_zero(
             (store.host, store.port) if store is not None else None
         )
         if store is None:
             store = dist.TCPStore(host, port, world, False, timeout=timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
-
-
-def rendezvous_store(host: str, world_size: int, timeout):
-    """Rank 0's side of a worker group's rendezvous: torch's TCPStore server on a port that the operating system
-    assigns when the store listens (port 0), held until the store is closed; `.host` / `.port` say where the
-    other ranks connect. `timeout`: a datetime.timedelta, how long a rank waits for a key."""
-    import torch.distributed as dist
-
-    return dist.TCPStore(host, 0, world_size, True, timeout=timeout, wait_for_workers=False)
 
 
 def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx: TrialContext, max_failures: int):
