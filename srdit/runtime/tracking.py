@@ -659,8 +659,19 @@ def start_server(
     watch_parent: bool = True,
 ):
     """Start `mlflow server` (one worker, no job runner) in its own process group and wait until /health answers.
-    With `watch_parent`, a watchdog stops the server when this process dies. Returns the Popen; stop it with
-    `stop_server`."""
+    With `watch_parent`, a watchdog stops the server when this process dies. Returns the Popen, with `.url` (the
+    server's address); stop it with `stop_server`.
+
+    `port` 0: a free port, and another one when the server could not take it (a port found free is free only
+    until some other process binds it: the server listens seconds later); a few tries."""
+    if port == 0:
+        for tries in range(3):
+            port = free_port(host)
+            try:
+                return start_server(backend_uri, artifacts_dir, host, port, timeout, log_path, watch_parent)
+            except RuntimeError:
+                if port_free(host, port) or tries == 2:  # not a port taken meanwhile: the server's own failure
+                    raise
     import os
     import subprocess
     import sys
@@ -709,6 +720,7 @@ def start_server(
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
+                    proc.url = f"http://{host}:{port}"
                     return proc
         except OSError:
             time.sleep(0.3)
