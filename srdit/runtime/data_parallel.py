@@ -46,23 +46,52 @@ def remove_left_placement_groups(out_dir: str | Path) -> list[str]:
     controller dies with its node: Ray frees a placement group only when its creator actor *and* the job (the
     study's driver) have ended, and Ray Train's own cleaner needs the dashboard's state API, which srdit's Rays
     run without. The left group keeps its bundles (re-placed on the nodes that remain), so the retried trial would
-    wait for resources forever. Only one attempt of a trial runs at a time (Tune, and the study lock across
-    drivers), so every group recorded before this attempt starts is an earlier attempt's."""
+    wait for resources forever. Removed: the groups rank 0 recorded in the trial folder (only one attempt of a
+    trial runs at a time: Tune, and the study lock across drivers, so every group recorded before this attempt
+    starts is an earlier attempt's), and every group of this job whose creator actor has died (`orphaned`: a
+    controller lost before its rank 0 could record the group, e.g. while its workers were still starting)."""
     import ray
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
     record = Path(out_dir) / PLACEMENT_GROUPS
-    if not record.is_file():
+    recorded = record.read_text().split() if record.is_file() else []
+    if not ray.is_initialized():
+        record.unlink(missing_ok=True)
         return []
-    table = placement_group_table() if ray.is_initialized() else {}
+    table = placement_group_table()
     removed = []
-    for pg_id in dict.fromkeys(record.read_text().split()):
+    for pg_id in dict.fromkeys([*recorded, *orphaned()]):
         if table.get(pg_id, {}).get("state", "REMOVED") != "REMOVED":
             remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
             removed.append(pg_id)
     record.unlink(missing_ok=True)
     return removed
+
+
+def orphaned() -> list[str]:
+    """The placement groups (hex ids) of this Ray job whose creator was an actor that has died: nothing will use
+    them again, and Ray frees them only when the job ends. Groups made by the driver itself (Tune's trials) have no
+    creator actor and are never among them."""
+    import ray
+    from ray._private.state import state
+    from ray._raylet import ActorID
+    from ray.core.generated import gcs_pb2
+
+    job = ray.get_runtime_context().get_job_id()
+    nil = ActorID.nil().binary()
+    out = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (
+            pg.creator_actor_id != nil
+            and pg.creator_actor_dead
+            and not pg.is_detached
+            and pg.creator_job_id.hex() == job
+            and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED
+        ):
+            out.append(pg.placement_group_id.hex())
+    return out
 
 
 def _own_cleanup(trainer_cls: type) -> type:
