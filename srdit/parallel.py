@@ -1,6 +1,6 @@
 """Data-parallel training without changing the trajectory: this process's slice of every global batch.
 
-The launcher (torchrun, or a Ray Train TorchTrainer worker) initialises `torch.distributed`; the trainer then
+The launcher (torchrun, a Ray Train worker of `srdit.runtime.data_parallel`) initialises `torch.distributed`; the trainer then
 asks `DataParallel.current()` where it stands. Every rank draws the randomness of the *global* batch from the same
 seeded generators (noise, times, label dropout, SPRINT routing) and keeps its slice, so the random streams stay in
 lockstep across ranks and a run on W workers follows the single-process run with the same global batch, up to the
@@ -17,6 +17,29 @@ import torch
 import torch.distributed as dist
 
 from srdit.config import ConfigError
+
+
+def rendezvous_store(host: str, world_size: int | None, timeout: datetime.timedelta) -> dist.TCPStore:
+    """The server side of a process group's rendezvous: torch's TCPStore listening on a port that the operating
+    system assigns when it listens (port 0), held until the store is closed; `.host` / `.port` say where the ranks
+    connect (`dist.TCPStore(host, port, world_size, False)`). Never a port that was merely free a moment ago
+    (bind port 0, read it, close, listen later): in between another group on the machine may be handed the same
+    number, and its ranks would meet this group's store. `timeout`: how long a rank waits for a key."""
+    return dist.TCPStore(host, 0, world_size, True, timeout=timeout, wait_for_workers=False)
+
+
+def join_group(
+    port: int,
+    rank: int,
+    world_size: int,
+    backend: str = "gloo",
+    host: str = "127.0.0.1",
+    timeout: datetime.timedelta = datetime.timedelta(minutes=5),
+) -> None:
+    """Join, as `rank` of `world_size`, the process group whose rendezvous store (`rendezvous_store`, held by
+    another process) listens at host:port."""
+    store = dist.TCPStore(host, port, world_size, False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
 
 
 @dataclass(frozen=True)

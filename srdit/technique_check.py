@@ -35,7 +35,6 @@ import dataclasses
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -367,24 +366,16 @@ def _gradient_check(on_cfg: RunConfig, off_cfg: RunConfig) -> tuple[bool, str]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dp_worker(rank: int, world: int, port: int, plugins: list[str], jobs: list[tuple[str, dict]], out: str) -> None:
     """One gloo rank: load the plugins, train every job's config into out/<name>."""
-    import datetime
-
     import torch.distributed as dist
 
+    from srdit.parallel import join_group
     from srdit.train import METRICS_LOG, JsonlReporter, train
 
     # torch's notice about DDP's broadcast_buffers argument (the trainer's choice) is not the kit's output
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=5))
+    join_group(port, rank, world)  # the store of the parent, `_start_data_parallel`
     try:
         load_plugins(plugins or None)
         for name, config in jobs:
@@ -424,16 +415,23 @@ def _dp_compare(one: dict[int, dict[str, float]], two: dict[int, dict[str, float
 def _start_data_parallel(jobs: list[tuple[str, RunConfig]], work: Path) -> Any:
     """Start the 2 gloo workers on every job (they run while this process does its own runs); `_finish_data_parallel`
     waits for them."""
+    import datetime
+
     import torch.multiprocessing as mp
 
+    from srdit.parallel import rendezvous_store
+
     plugins = list(dict.fromkeys(p.origin for p in ext.PLUGINS.values()))
-    return mp.start_processes(
+    store = rendezvous_store("127.0.0.1", None, datetime.timedelta(minutes=5))  # its port held while the workers run
+    workers = mp.start_processes(
         _dp_worker,
-        args=(2, _free_port(), plugins, [(n, to_dict(c)) for n, c in jobs], str(work)),
+        args=(2, store.port, plugins, [(n, to_dict(c)) for n, c in jobs], str(work)),
         nprocs=2,
         join=False,
         start_method="spawn",
     )
+    workers.rendezvous = store  # lives as long as the workers' handle (`_finish_data_parallel`)
+    return workers
 
 
 def _finish_data_parallel(workers: Any, names: Sequence[str], work: Path) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """A rehearsal of a first cluster run, on CPU: a two-node Ray cluster (ray.cluster_utils.Cluster), a latent study on
 the stand-in tokenizer / Inception weights / reference of test_imagenet_eval, data-parallel trials on two workers.
 The preflight catches a deleted weight file (nothing recorded); then a full run during which the worker node is
-removed, a resume, and a report that draws the FID curves."""
+removed (the trials it held start again: one line each, and their attempts on the child runs), a resume, and a
+report that draws the FID curves."""
 
 import shutil
 import threading
@@ -89,6 +90,17 @@ def test_cluster_rehearsal(stand_ins, tmp_path):  # noqa: F811
     client = MlflowClient(again.uri)
     runs = client.search_runs([again.experiment_id], f"tags.`mlflow.parentRunId` = '{again.parent_run_id}'")
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    # the lost node's trials started again: srdit said so, one line each time, and their runs record the attempts
+    restarted = [r for r in runs if int(r.data.tags["attempts"]) > 1]
+    assert restarted, [(r.data.tags["trial_key"], r.data.tags["attempts"]) for r in runs]
+    for r in runs:
+        tags, n = r.data.tags, int(r.data.tags["attempts"])
+        assert tags[f"attempt.{n}.ended_by"] == "finished" and float(tags["attempts.wall_s"]) > 0, tags
+        for i in range(1, n):  # what ended each earlier attempt: the loss, as Ray or the worker group saw it
+            assert tags[f"attempt.{i}.ended_by"].startswith(("lost", "worker group failed")), tags
+            started = [ln for ln in lines if ln.startswith(f"  {tags['trial_key']}: attempt {i + 1} started ")]
+            assert len(started) == 1 and tags[f"attempt.{i}.ended_by"][:40] in started[0], lines
+            assert started[0].endswith("it resumes from its checkpoint"), started
     for r in runs:
         fid = client.get_metric_history(r.info.run_id, "fid")
         assert {m.step for m in fid} == {3, 6}, [(m.step, m.value) for m in fid]

@@ -4,9 +4,8 @@ Every rank draws the global batch's randomness and keeps its slice (srdit.parall
 one process is the order of floating-point sums in the gradient all-reduce: losses agree to float32 round-off.
 """
 
+import datetime
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from srdit.config import RunConfig, apply_diff
-from srdit.parallel import DataParallel
+from srdit.parallel import DataParallel, rendezvous_store
 from srdit.runtime.data_parallel import PLACEMENT_GROUPS
 from srdit.techniques import with_techniques
 from srdit.train import JsonlReporter, load_checkpoint, train
@@ -40,15 +39,12 @@ def _cfg() -> RunConfig:
     return apply_diff(with_techniques(RunConfig(), TECHS), DIFF)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TIMEOUT = datetime.timedelta(minutes=5)
 
 
 def _worker(rank: int, world: int, port: int, out: str, stop_after: int | None, diff: dict | None = None) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    store = dist.TCPStore("127.0.0.1", port, world, False, timeout=TIMEOUT)  # the parent's (`_spawn`)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         cfg = apply_diff(_cfg(), diff or {})
         if stop_after is not None:  # an interrupted run: the first `stop_after` steps only, same config otherwise
@@ -64,7 +60,8 @@ def _losses(folder: Path) -> dict[int, float]:
 
 
 def _spawn(out: Path, stop_after: int | None = None, diff: dict | None = None) -> None:
-    mp.spawn(_worker, args=(2, _free_port(), str(out), stop_after, diff), nprocs=2, join=True)
+    store = rendezvous_store("127.0.0.1", None, TIMEOUT)  # held by this process while the workers run
+    mp.spawn(_worker, args=(2, store.port, str(out), stop_after, diff), nprocs=2, join=True)
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +122,8 @@ def test_slicing_and_rolling_match_the_global_batch():
 
 
 def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    store = dist.TCPStore("127.0.0.1", port, world, False, timeout=TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=TIMEOUT)
     try:
         lengths = [4, 0, 2]  # unequal shares, one of them empty
         x = torch.arange(lengths[rank] * 6, dtype=torch.float64).view(-1, 2, 3) + 100 * rank
@@ -142,7 +139,8 @@ def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
 def test_gather_brings_every_ranks_rows_to_rank_0(tmp_path):
     """Three gloo ranks with 4, 0 and 2 rows of [2, 3] float64: rank 0 gets each rank's rows, exactly, in rank
     order; one process gets its own tensor."""
-    mp.spawn(_gather_worker, args=(3, _free_port(), str(tmp_path / "gathered.pt")), nprocs=3, join=True)
+    store = rendezvous_store("127.0.0.1", None, TIMEOUT)
+    mp.spawn(_gather_worker, args=(3, store.port, str(tmp_path / "gathered.pt")), nprocs=3, join=True)
     got = torch.load(tmp_path / "gathered.pt", weights_only=True)
     want = [torch.arange(n * 6, dtype=torch.float64).view(-1, 2, 3) + 100 * r for r, n in enumerate([4, 0, 2])]
     assert len(got) == 3 and all(g.dtype == torch.float64 and torch.equal(g, w) for g, w in zip(got, want))
@@ -201,3 +199,44 @@ def test_study_trial_on_two_workers_is_a_ray_train_run(tmp_path):
         )
         for step, loss in _losses(ref).items():
             assert history[step] == pytest.approx(loss, rel=TOLERANCE), (folder.name, step)
+
+
+def test_two_groups_on_one_node_rendezvous_on_ports_they_hold():
+    """The rendezvous of a worker group never uses a port that was free a moment ago (Ray Train's rule: bind port
+    0, read it, close, start the store later, during which another group on the node may be handed the same port).
+    Two groups set up at once on one node: each rank 0's store holds its port (nothing else can bind it while the
+    group lives), the ports differ, and each group's other rank joins its own group's store."""
+    import datetime
+    import threading
+
+    from srdit.runtime.tracking import port_free
+
+    timeout = datetime.timedelta(seconds=30)
+    stores, joined = {}, {}
+
+    def group(name: str) -> None:
+        store = rendezvous_store("127.0.0.1", 2, timeout)
+        stores[name] = store
+        other = dist.TCPStore(store.host, store.port, 2, False, timeout=timeout)  # rank 1 of this group
+        other.set("group", name)
+        joined[name] = store.get("group").decode()
+
+    threads = [threading.Thread(target=group, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    ports = {n: s.port for n, s in stores.items()}
+    assert joined == {"a": "a", "b": "b"}, joined
+    assert ports["a"] != ports["b"], ports
+    assert not any(port_free("127.0.0.1", p) for p in ports.values()), ports  # held while the groups live
+
+
+def test_a_free_port_by_ray_trains_rule_is_free_again_at_once():
+    """Why the rule above is needed: the port Ray Train's TorchTrainer hands a group's rendezvous is free (any
+    process may bind it) until torch's store starts on it."""
+    from ray._common.network_utils import find_free_port
+
+    from srdit.runtime.tracking import port_free
+
+    assert port_free("", find_free_port())

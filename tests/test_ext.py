@@ -27,6 +27,7 @@ import torch.multiprocessing as mp
 
 from srdit import ext
 from srdit.config import EXTENSIONS, ConfigError, RunConfig, apply_diff, to_dict
+from srdit.parallel import join_group
 from srdit.runtime.reuse import content_keys
 from srdit.techniques import load_plugins, with_techniques
 
@@ -185,6 +186,7 @@ def test_knobs_live_in_the_config_only_while_on_and_obey_their_rules(tmp_path):
 KEYS_WITHOUT_PLUGINS = """
 import json, sys
 from srdit.config import RunConfig, to_dict
+from srdit.parallel import join_group
 from srdit.runtime.reuse import content_keys
 from srdit.techniques import with_techniques
 cells = json.loads(sys.argv[1])
@@ -452,19 +454,25 @@ DP_DIFF = {"train.steps": 8, "ext.dispersive.weight": 1.0, "model.sprint.path_dr
 TOLERANCE = 2e-5  # srdit's bar for data parallel (tests/test_data_parallel.py)
 
 
-def _free_port() -> int:
-    import socket
+_HELD: list = []
+"The rendezvous stores of this process's test groups: each holds its port until the process ends."
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def _held_port() -> int:
+    """A port for a test's process group, held by a rendezvous store of this process (never one that was merely
+    free a moment ago: `srdit.parallel.rendezvous_store`); the workers join it with `join_group`."""
+    import datetime
+
+    from srdit.parallel import rendezvous_store
+
+    _HELD.append(rendezvous_store("127.0.0.1", None, datetime.timedelta(minutes=5)))
+    return _HELD[-1].port
 
 
 def _dp_worker(rank: int, world: int, port: int, out: str) -> None:
     from srdit.train import JsonlReporter, train
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(port, rank, world)
     try:
         load_plugins([str(EXAMPLE / "dispersive.py")])
         train(
@@ -484,7 +492,7 @@ def test_the_dispersive_loss_on_two_gloo_workers_follows_one_process(tmp_path):
         JsonlReporter(tmp_path / "one/metrics.jsonl"),
         progress=False,
     )
-    mp.spawn(_dp_worker, args=(2, _free_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_dp_worker, args=(2, _held_port(), str(tmp_path / "two")), nprocs=2, join=True)
 
     def rows(folder):
         return {
@@ -517,8 +525,7 @@ def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
     from srdit.parallel import DataParallel
     from srdit.transport.objective import StepNoise, training_losses
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(port, rank, world)
     try:
         cfg, model, x0, y = _grad_setup()
         dp = DataParallel.current()
@@ -547,7 +554,7 @@ def test_the_gathered_batch_gives_each_rank_the_one_process_gradient(tmp_path):
     noise = StepNoise.draw(cfg, model, x0.shape, cfg.shift_value(), "cpu", DataParallel())
     training_losses(model, x0, y, None, cfg, noise)["loss"].backward()
     one = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    mp.spawn(_grad_worker, args=(2, _free_port(), str(tmp_path / "grads.pt")), nprocs=2, join=True)
+    mp.spawn(_grad_worker, args=(2, _held_port(), str(tmp_path / "grads.pt")), nprocs=2, join=True)
     two = torch.load(tmp_path / "grads.pt", weights_only=True)
     assert set(two) == set(one)
     for k in one:
@@ -895,8 +902,7 @@ def _code_check_worker(rank: int, world: int, port: int, folder: str) -> None:
     """Rank r loads the dispersive plugin from folder/r (rank 1's copy edited when asked) and checks the ranks."""
     from srdit.parallel import DataParallel, check_same_code
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    join_group(port, rank, world)
     try:
         load_plugins([str(Path(folder) / str(rank) / "dispersive.py")])
         try:
@@ -919,7 +925,7 @@ def test_torchrun_ranks_with_other_plugin_code_refuse_in_one_line(tmp_path, edit
         f = tmp_path / "1" / "repulsion.py"
         f.write_text(f.read_text().replace("def log_mean_exp_neg(", "def log_mean_exp_neg(  # \n"))
         f.write_text(f.read_text() + "\nUNUSED = 1\n")
-    mp.spawn(_code_check_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_code_check_worker, args=(2, _held_port(), str(tmp_path)), nprocs=2, join=True)
     outcomes = [(tmp_path / f"outcome{r}").read_text() for r in (0, 1)]
     if not edited:
         assert outcomes == ["ok", "ok"]

@@ -4,8 +4,6 @@ draws a decoded grid, the CLI, and sharded evaluation on two gloo ranks giving t
 
 import dataclasses
 import json
-import os
-import socket
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from srdit.encoders.invae import InvaeAutoencoder, InvaeConfig, load_invae, save
 from srdit.evaluate import EVAL_METRICS
 from srdit.metrics.inception import WEIGHTS_NAME, load_reference
 from srdit.metrics.reference import build_reference
+from srdit.parallel import join_group
 
 RES = 32
 
@@ -128,15 +127,23 @@ def test_missing_reference_is_a_clear_error(stand_ins, tmp_path):
         evaluate(build_model(cfg.model), bad_weights)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_HELD: list = []
+"The rendezvous stores of this process's test groups: each holds its port until the process ends."
+
+
+def _held_port() -> int:
+    """A port for a test's process group, held by a rendezvous store of this process (never one that was merely
+    free a moment ago: `srdit.parallel.rendezvous_store`); the workers join it with `join_group`."""
+    import datetime
+
+    from srdit.parallel import rendezvous_store
+
+    _HELD.append(rendezvous_store("127.0.0.1", None, datetime.timedelta(minutes=5)))
+    return _HELD[-1].port
 
 
 def _eval_worker(rank: int, port: int, cfg: RunConfig, samples: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_group(port, rank, 2)
     try:
         from srdit.evaluate import evaluate
         from srdit.model import build_model
@@ -160,7 +167,7 @@ def test_two_ranks_shard_the_samples_and_give_the_single_process_metrics(stand_i
     from srdit.model import build_model
 
     cfg = _cfg(stand_ins, samples=13)
-    mp.spawn(_eval_worker, args=(_free_port(), cfg, str(tmp_path / "two"), str(tmp_path / "m.json")), nprocs=2)
+    mp.spawn(_eval_worker, args=(_held_port(), cfg, str(tmp_path / "two"), str(tmp_path / "m.json")), nprocs=2)
     two = json.loads((tmp_path / "m.json").read_text())
     assert sorted(p.name for p in (tmp_path / "two").glob("samples_*.npz")) == [
         "samples_00000-of-00002.npz",
@@ -244,8 +251,7 @@ def _counting_features_worker(rank: int, port: int, cfgs: list, folders: list, o
     from srdit.evaluate import evaluate
     from srdit.model import build_model
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+    join_group(port, rank, 2)
     try:
         torch.set_num_threads(1)
         seen = {}
@@ -306,7 +312,7 @@ def test_two_ranks_extract_their_own_samples_features_and_give_the_single_proces
         for n in (13, 4)
     ]
     folders = [str(tmp_path / f"two_{k}") for k in range(len(cfgs))]
-    mp.spawn(_counting_features_worker, args=(_free_port(), cfgs, folders, str(tmp_path / "rows")), nprocs=2)
+    mp.spawn(_counting_features_worker, args=(_held_port(), cfgs, folders, str(tmp_path / "rows")), nprocs=2)
     ranks = [json.loads((tmp_path / f"rows.{r}").read_text()) for r in range(2)]
 
     seen = {}

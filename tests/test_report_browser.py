@@ -336,12 +336,11 @@ def test_tracking_ui_opens_an_experiment_on_its_runs(tmp_path):
     browser profile; MLflow's own app opens it on its GenAI overview."""
     from mlflow import MlflowClient
 
-    from srdit.runtime.tracking import free_port, start_server, stop_server
+    from srdit.runtime.tracking import start_server, stop_server
 
-    port = free_port()
-    proc = start_server(f"sqlite:///{tmp_path / 'ui.db'}", tmp_path / "art", port=port, log_path=tmp_path / "ui.log")
+    proc = start_server(f"sqlite:///{tmp_path / 'ui.db'}", tmp_path / "art", port=0, log_path=tmp_path / "ui.log")
     try:
-        url = f"http://127.0.0.1:{port}"
+        url = proc.url
         client = MlflowClient(url)
         eid = client.create_experiment("ui")
         parent = client.create_run(eid, run_name="study")
@@ -443,3 +442,43 @@ def test_report_reads_at_a_glance_in_chromium(tmp_path):
         ],
         tmp_path / "profile6",
     )
+
+
+@pytest.mark.skipif(
+    CHROMIUM is None and not os.environ.get("SRDIT_REQUIRE_BROWSER"),
+    reason="chromium is not installed (apt-get install chromium)",
+)
+def test_the_study_link_opens_its_trials_with_metric_and_technique_columns(tmp_path):
+    """The link `srdit ui` and `study run` print (`view_url`) opens the study's saved view in a fresh browser
+    profile: the trials as rows (not folded under the parent run), the primary metric and the techniques as
+    columns."""
+    from mlflow import MlflowClient
+
+    from srdit.runtime.tracking import open_study, start_server, stop_server, view_url
+    from srdit.study.designs import plan_study
+    from srdit.study.spec import load_study
+
+    spec = load_study(Path(__file__).resolve().parent.parent / "studies" / "digits_quick.yaml")
+    proc = start_server(f"sqlite:///{tmp_path / 'ui.db'}", tmp_path / "art", port=0, log_path=tmp_path / "ui.log")
+    try:
+        t = open_study(proc.url, spec.name, spec.name, tmp_path)
+        t.describe(spec, plan_study(spec))
+        client = MlflowClient(proc.url)
+        for name, fd in (("rope · s0", 2.5), ("baseline · s0", 3.5)):
+            tags = {"mlflow.parentRunId": t.parent_run_id, "srdit.role": "trial", "techniques": name.split(" ")[0]}
+            run = client.create_run(
+                t.experiment_id, run_name=name, tags={**tags, "tech.rope": str(int("rope" in name))}
+            )
+            client.log_metric(run.info.run_id, spec.metrics.primary, fd)
+            client.set_terminated(run.info.run_id)
+        dom = chromium(["--dump-dom", view_url(proc.url, t.experiment_id)], tmp_path / "profile").stdout
+    finally:
+        stop_server(proc)
+    text = " ".join(re.sub(r"<[^>]+>", " ", dom).split())
+    assert "shared view" in text and f"{spec.name}: trials by {spec.metrics.primary}" in text, text[-3000:]
+    assert "2 matching runs" in text  # the two trials, the parent run left out by the view's filter
+    header = text[text.index("Run Name") :]
+    assert header.startswith(f"Run Name Created Metrics Tags {spec.metrics.primary} techniques tech.rope "), header[
+        :200
+    ]
+    assert header.index("rope · s0") < header.index("baseline · s0")  # best first by the primary metric (min)

@@ -420,3 +420,18 @@ def test_two_identical_proposals_at_the_same_instant_train_once(tmp_path):
         [tracking.experiment_id], f"tags.`{PARENT_TAG}` = '{tracking.parent_run_id}' and tags.{KEY_TAG} = '{trial.key}'"
     )
     assert len(runs) == 1
+
+
+def test_the_cell_param_is_a_label_that_never_reads_as_a_number():
+    """MLflow's parallel coordinates read a param that parses as a number as one (`011` -> 11, as JavaScript's
+    Number() does): the `study.cell` param is the cell's techniques; the `cell` tag keeps the bit string."""
+    from srdit.runtime.worker import trial_params
+    from srdit.study.designs import plan_study
+    from srdit.study.spec import load_study
+
+    plan = plan_study(load_study(ROOT / "studies" / "digits_quick.yaml"))
+    labels = {t.cell: trial_params(t)["study.cell"] for t in plan.trials}
+    assert labels["011"] == "rope+logit_normal" and labels["000"] == "baseline"
+    for label in labels.values():
+        with pytest.raises(ValueError):
+            float(label)

@@ -16,16 +16,15 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def server(tmp_path):
-    from srdit.runtime.tracking import free_port, start_server, stop_server
+    from srdit.runtime.tracking import start_server, stop_server
 
-    port = free_port()
-    proc = start_server(
+    proc = start_server(  # port 0: a free one, another if it was taken before the server listened
         f"sqlite:///{tmp_path / 'server.db'}",
         tmp_path / "server-artifacts",
-        port=port,
+        port=0,
         log_path=tmp_path / "server.log",
     )
-    yield f"http://127.0.0.1:{port}"
+    yield proc.url
     stop_server(proc)
     assert proc.poll() is not None
 
@@ -89,6 +88,9 @@ def test_study_through_a_tracking_server(tmp_path, server, capfd):
     )
     assert again.returncode == 0, again.stderr[-2000:]
     assert "all done" in again.stdout and f"browse at {server}" in again.stdout and "srdit ui" not in again.stdout
+    assert f"browse at {server}/#/experiments/{exp.experiment_id}/runs?" in again.stdout  # the study's saved view
+    assert "viewStateShareKey=srdit" in again.stdout and "mlflow.sharedViewState.srdit" in exp.tags
+    assert {r.data.params["study.cell"] for r in children} == {"baseline", "rmsnorm", "qk_norm", "rmsnorm+qk_norm"}
 
 
 def test_ui_command_serves_the_embedded_store_and_stops_on_ctrl_c(tmp_path):

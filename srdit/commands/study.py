@@ -324,6 +324,7 @@ def _run(args) -> int:
     from srdit import stop
     from srdit.runtime.driver import run_study
     from srdit.runtime.state import StudyState
+    from srdit.runtime.tracking import view_url
     from srdit.study.spec import load_study
 
     spec = load_study(args.study)
@@ -378,7 +379,7 @@ def _run(args) -> int:
     server = res.uri.startswith(("http://", "https://"))
     print(
         f"MLflow: {res.uri} (experiment {spec.tracking.experiment or spec.name}, parent run {res.parent_run_id}); "
-        + (f"browse at {res.uri}" if server else f"browse with `srdit ui --state {state}`")
+        + (f"browse at {view_url(res.uri, res.experiment_id)}" if server else f"browse with `srdit ui --state {state}`")
     )
     print(f"report: `srdit report {args.study} --state {state}` writes {DEFAULT_DASHBOARDS}/{spec.name}/index.html")
     why = stop.requested()

@@ -27,11 +27,13 @@ def main(argv: list[str] | None = None) -> int:
     from srdit.runtime.lock import state_init_lock
     from srdit.runtime.tracking import (
         UI_QUERY,
+        VIEW_TAG,
         default_tracking_uri,
         port_free,
         relocate_store,
         start_server,
         stop_server,
+        view_url,
     )
 
     try:
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         from mlflow import MlflowClient
 
         studies = [
-            (e.name, e.experiment_id)
+            (e.name, e.experiment_id, VIEW_TAG in e.tags)
             for e in MlflowClient(default_tracking_uri(state)).search_experiments()
             if e.name != "Default"
         ]
@@ -75,8 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         base = f"http://{args.host}:{args.port}"
         print(f"MLflow UI: {base}/#/{UI_QUERY}  (Ctrl-C to stop; log in {state / 'mlflow-ui.log'})", flush=True)
-        for name, eid in studies:
-            print(f"  {name}: {base}/#/experiments/{eid}{UI_QUERY}", flush=True)
+        for name, eid, has_view in studies:  # the study's saved view: its trials with metric and technique columns
+            url = view_url(base, eid) if has_view else f"{base}/#/experiments/{eid}{UI_QUERY}"
+            print(f"  {name}: {url}", flush=True)
         while proc.poll() is None:
             time.sleep(0.5)
         return fail(PROG, f"mlflow server exited with code {proc.returncode}; see {state / 'mlflow-ui.log'}")

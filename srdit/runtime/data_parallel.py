@@ -1,14 +1,16 @@
-"""A trial with several data-parallel workers: a Ray Train TorchTrainer run inside the Tune trial (Ray Train V2).
+"""A trial with several data-parallel workers: a Ray Train run inside the Tune trial (Ray Train V2).
 
 The Tune trial is only the driver; the workers run `srdit.train.train` under torch.distributed (NCCL on GPUs, gloo
-on CPUs). Rank 0 logs to the trial's MLflow child run and writes the checkpoint in the trial folder.
+on CPUs), whose process group srdit sets up (`_init_process_group`: a rendezvous port that no other group can be
+given). Rank 0 logs to the trial's MLflow child run and writes the checkpoint in the trial folder.
 
 Failures are classified here, not by Ray Train (its FailureConfig allows no retry): an exception raised by the
 training code on any rank (a bug, an out-of-memory error) is written to the trial folder by that rank and is the
 trial's outcome at once (crashed / oom, crash cause "code"), since every attempt would hit it again; a group that
 fails without such a record (a lost worker or node, or a rank whose exception is the infrastructure's, e.g. the
 collective error of a rank whose peer died: `srdit.runtime.worker.crash_cause`) is started again, up to
-`max_failures` times, and the trainer resumes from the checkpoint; beyond that the trial crashed for the
+`max_failures` times (each start an attempt of the trial, `srdit.runtime.attempts`), and the trainer resumes
+from the checkpoint; beyond that the trial crashed for the
 infrastructure. The run name is the trial key. The trial folder must be on storage that every node sees (as for any
 multi-node study).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,23 +46,52 @@ def remove_left_placement_groups(out_dir: str | Path) -> list[str]:
     controller dies with its node: Ray frees a placement group only when its creator actor *and* the job (the
     study's driver) have ended, and Ray Train's own cleaner needs the dashboard's state API, which srdit's Rays
     run without. The left group keeps its bundles (re-placed on the nodes that remain), so the retried trial would
-    wait for resources forever. Only one attempt of a trial runs at a time (Tune, and the study lock across
-    drivers), so every group recorded before this attempt starts is an earlier attempt's."""
+    wait for resources forever. Removed: the groups rank 0 recorded in the trial folder (only one attempt of a
+    trial runs at a time: Tune, and the study lock across drivers, so every group recorded before this attempt
+    starts is an earlier attempt's), and every group of this job whose creator actor has died (`orphaned`: a
+    controller lost before its rank 0 could record the group, e.g. while its workers were still starting)."""
     import ray
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group_table, remove_placement_group
 
     record = Path(out_dir) / PLACEMENT_GROUPS
-    if not record.is_file():
+    recorded = record.read_text().split() if record.is_file() else []
+    if not ray.is_initialized():
+        record.unlink(missing_ok=True)
         return []
-    table = placement_group_table() if ray.is_initialized() else {}
+    table = placement_group_table()
     removed = []
-    for pg_id in dict.fromkeys(record.read_text().split()):
+    for pg_id in dict.fromkeys([*recorded, *orphaned()]):
         if table.get(pg_id, {}).get("state", "REMOVED") != "REMOVED":
             remove_placement_group(PlacementGroup(PlacementGroupID(bytes.fromhex(pg_id))))
             removed.append(pg_id)
     record.unlink(missing_ok=True)
     return removed
+
+
+def orphaned() -> list[str]:
+    """The placement groups (hex ids) of this Ray job whose creator was an actor that has died: nothing will use
+    them again, and Ray frees them only when the job ends. Groups made by the driver itself (Tune's trials) have no
+    creator actor and are never among them."""
+    import ray
+    from ray._private.state import state
+    from ray._raylet import ActorID
+    from ray.core.generated import gcs_pb2
+
+    job = ray.get_runtime_context().get_job_id()
+    nil = ActorID.nil().binary()
+    out = []
+    for raw in state._connect_and_get_accessor().get_placement_group_table():
+        pg = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        if (
+            pg.creator_actor_id != nil
+            and pg.creator_actor_dead
+            and not pg.is_detached
+            and pg.creator_job_id.hex() == job
+            and pg.state != gcs_pb2.PlacementGroupTableData.REMOVED
+        ):
+            out.append(pg.placement_group_id.hex())
+    return out
 
 
 def _own_cleanup(trainer_cls: type) -> type:
@@ -75,6 +107,23 @@ def _own_cleanup(trainer_cls: type) -> type:
 
     Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
     return Trainer
+
+
+def _node_devices():
+    """Ray Train's backend setting for srdit's groups: the workers of one node see all of that node's GPUs (as
+    under TorchTrainer, so that NCCL finds its peers on the node); the process group is srdit's
+    (`_init_process_group`)."""
+    from ray.train.backend import Backend, BackendConfig
+
+    class NodeDevices(Backend):
+        share_cuda_visible_devices = True
+
+    class Config(BackendConfig):
+        @property
+        def backend_cls(self):
+            return NodeDevices
+
+    return Config()
 
 
 def _record_placement_group(out_dir: str | Path) -> None:
@@ -112,8 +161,7 @@ def _worker_loop(loop: dict) -> None:
     torch.set_num_threads(loop["threads"])
     if loop["gpus"]:
         torch.cuda.set_device(ray.train.torch.get_device())
-    if loop.get("store"):
-        _init_loopback_group(loop)
+    _init_process_group(loop)
     cfg = loop["config"]
     main = ray.train.get_context().get_world_rank() == 0
     if main:
@@ -162,25 +210,50 @@ def _worker_loop(loop: dict) -> None:
         write_atomic(Path(loop["out_dir"]) / OUTCOME, lambda f: f.write(text.encode()))
 
 
-def _init_loopback_group(loop: dict) -> None:
-    """The process group of a local study without any TCP listener on another address: the rendezvous goes
-    through a file in the trial folder (torch's FileStore; TorchTrainer's TCPStore would listen on every interface)
-    and gloo / NCCL take the loopback interface."""
+def _init_process_group(loop: dict) -> None:
+    """The worker group's torch.distributed process group, set up by srdit for every data-parallel trial (NCCL on
+    GPUs, gloo on CPUs; two hours' collective timeout: rank 0 evaluates alone).
+
+    The rendezvous never goes through a port that was free a moment ago. Ray Train's TorchTrainer asks rank 0's
+    node for a free port (`ray._common.network_utils.find_free_port`: bind port 0, read it, close) and only then
+    starts torch's TCPStore on it; between the two the port is free, and another group on that node (two trials
+    restarted at once after a node loss), a gloo listener or any outgoing connection may be handed the same number.
+    Here:
+
+    - a local study (`loop["store"]`): a FileStore in the trial folder, named once per group by the driver, and
+      gloo / NCCL on the loopback interface (no listener on another address; torch's TCPStore listens on every
+      interface);
+    - otherwise rank 0 starts the TCPStore on port 0, so the operating system assigns a port to the listening
+      socket itself, which holds it as long as the group lives, and sends (address, port) to the other ranks
+      (`ray.train.collective.broadcast_from_rank_zero`)."""
     import datetime
 
     import ray.train
+    import ray.train.collective
+    import ray.util
     import torch.distributed as dist
 
-    os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+    from srdit.parallel import rendezvous_store
+
     c = ray.train.get_context()
-    store = dist.FileStore(loop["store"], c.get_world_size())
-    dist.init_process_group(
-        "nccl" if loop["gpus"] else "gloo",
-        store=store,
-        rank=c.get_world_rank(),
-        world_size=c.get_world_size(),
-        timeout=datetime.timedelta(hours=2),
-    )
+    rank, world = c.get_world_rank(), c.get_world_size()
+    timeout = datetime.timedelta(hours=2)
+    backend = "nccl" if loop["gpus"] else "gloo"
+    if backend == "nccl":  # as Ray Train sets it: a failed NCCL collective raises instead of blocking
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    if loop.get("store"):
+        os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = "lo"
+        store = dist.FileStore(loop["store"], world)
+    else:
+        store = None
+        if rank == 0:
+            store = rendezvous_store(ray.util.get_node_ip_address(), world, timeout)  # its port: held
+        host, port = ray.train.collective.broadcast_from_rank_zero(
+            (store.host, store.port) if store is not None else None
+        )
+        if store is None:
+            store = dist.TCPStore(host, port, world, False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx: TrialContext, max_failures: int):
@@ -188,7 +261,6 @@ def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx
     logged at the last step, crash cause: "code" when a rank's training code raised, else ""). Raises when the group
     fails beyond its retries (the caller records the trial as crashed, for the infrastructure)."""
     import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from srdit.evaluate import check_evaluation
@@ -228,23 +300,26 @@ def train_data_parallel(config: RunConfig, out_dir: str | Path, run_id: str, ctx
                 failure_config=ray.train.FailureConfig(max_failures=0),
             ),
         )
-        if ctx.loopback:  # a local study: no listener beyond loopback (see _init_loopback_group)
-            loop["store"] = str(Path(out_dir) / f".process_group_{attempt}")
-            Path(loop["store"]).unlink(missing_ok=True)
-            trainer = _own_cleanup(DataParallelTrainer)(_worker_loop, **common)
-        else:  # rank 0 evaluates alone: a long collective timeout
-            trainer = _own_cleanup(TorchTrainer)(
-                _worker_loop, torch_config=TorchConfig(backend="nccl" if gpus else "gloo", timeout_s=7200), **common
-            )
+        if ctx.loopback:  # a local study: no listener beyond loopback (see _init_process_group)
+            loop["store"] = str(Path(out_dir) / f".process_group_{uuid.uuid4().hex}")  # this group's own file
+        trainer = _own_cleanup(DataParallelTrainer)(_worker_loop, backend_config=_node_devices(), **common)
         try:
             trainer.fit()
             break
-        except Exception:
+        except Exception as e:
             if error.is_file():  # the training code raised: the same on every attempt
                 m = json.loads(error.read_text())
                 return m["status"], m["reason"], 0, {}, set(), m.get("cause", "")
             if attempt == max_failures:
                 raise
+            from srdit.runtime import attempts
+            from srdit.runtime.worker import _one_line
+
+            attempts.end(out_dir, f"worker group failed: {_one_line(e)[:300]}")
+            attempts.start(out_dir)  # the next group resumes from the checkpoint
+        finally:
+            if loop.get("store"):
+                Path(loop["store"]).unlink(missing_ok=True)
     if not outcome.is_file():
         raise FileNotFoundError(  # the storage's failure, not the training code's (crash cause: infrastructure)
             f"the worker group ended without writing {outcome} (is the trial folder on storage that every node sees?)"

@@ -36,7 +36,7 @@ from srdit import stop
 from srdit.analysis.results import INFRASTRUCTURE
 from srdit.metric_registry import headline
 from srdit.provenance import plugin_sources, srdit_code_version
-from srdit.runtime import shipping
+from srdit.runtime import attempts, shipping
 from srdit.runtime.console import StudyView, tune_callback
 from srdit.runtime.jobs import EvaluationJob, Job, TrainingJob, TrialJob, trial_job
 from srdit.runtime.state import StudyState
@@ -238,6 +238,8 @@ def _progress_callback(
         def __init__(self):
             self.n = done_before
             self.oom: set[str] = set()
+            self.restarts: dict[str, int] = {}  # trial key -> the last attempt reported
+            self.polled = 0.0
 
         def _record_oom(self, trial) -> bool:
             job = jobs.get(trial.config.get("job"))
@@ -258,7 +260,17 @@ def _progress_callback(
             return True
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            self._record_oom(trial)
+            if not self._record_oom(trial) and ctx is not None and trial.config.get("job") in jobs:
+                attempts.end(Path(ctx.trials_dir) / trial.config["job"], "lost by Ray: " + _trial_error(trial)[:300])
+
+        def on_step_end(self, iteration, trials, **info):
+            if ctx is not None and time.monotonic() - self.polled > 1.0:  # a trial started again: one line
+                self.polled = time.monotonic()
+                for t in trials:
+                    key = t.config.get("job")
+                    if t.status == "RUNNING" and key in jobs:
+                        for line in attempts.restart_lines(Path(ctx.trials_dir) / key, key, self.restarts):
+                            echo(line)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             r = trial.last_result or {}

@@ -40,6 +40,10 @@ otherwise. The server srdit starts (`start_server`) stores that choice on a firs
 the query serves a server started without it."""
 ROLE_TAG = "srdit.role"
 KEY_TAG = "trial_key"
+VIEW_ID = "srdit"
+"""Id of the study's saved view of its runs (MLflow 3.16+: an experiment tag `mlflow.sharedViewState.<id>`, listed
+in the runs page's Views menu and opened by the URL query `viewStateShareKey=<id>`; `runs_view`)."""
+VIEW_TAG = "mlflow.sharedViewState." + VIEW_ID
 TERMINAL = ("finished", "diverged", "oom", "crashed")
 "Trial statuses that end a trial: the trial is data and does not run again."
 MLFLOW_STATUS = {
@@ -51,6 +55,45 @@ MLFLOW_STATUS = {
 }
 "MLflow run status of each trial status (`interrupted`: not an end, a rerun resumes it)."
 _BATCH_ENTITIES = 100  # MLflow's log_batch limit on params + tags per request (metrics: 1000)
+
+
+def runs_view(primary_metric: str, direction: str, factors: Iterable[str]) -> dict:
+    """The page state of the study's saved view: its trials as rows (the filter leaves the parent run out, so its
+    children are not folded under it), sorted best first by the primary metric, with the primary metric, the
+    techniques (the label and one 0/1 `tech.NAME` column each), seed and status as columns.
+
+    What MLflow 3.17's UI lets an experiment set: a saved view restores the search facets (filter, order) and the
+    table's columns, but not which parent rows are expanded (`runsExpanded`, like pins and hidden runs, is left out
+    of a view and kept per browser), and no view, tag or server option is the experiment's default: the UI opens a
+    view from its Views menu or from a link with `viewStateShareKey` (`view_url`)."""
+    from srdit.metric_registry import SUMMARY
+
+    key = SUMMARY.get(primary_metric, primary_metric)  # throughput: the run's median, as the results table reads it
+    columns = [
+        f"metrics.`{key}`",
+        "tags.`techniques`",
+        *(f"tags.`tech.{f}`" for f in factors),
+        "tags.`seed`",
+        "tags.`status`",
+    ]
+    return {
+        "searchFilter": f"tags.`{ROLE_TAG}` = 'trial'",
+        "orderByKey": f"metrics.`{key}`",
+        "orderByAsc": direction == "min",
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "runsHiddenMode": "SHOW_ALL",
+    }
+
+
+def view_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI's address of a study's saved view (`runs_view`) on the server at `base`, in its
+    model-training workflow (`UI_QUERY`)."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs{UI_QUERY}&viewStateShareKey={VIEW_ID}"
 
 
 def default_tracking_uri(state_dir: str | Path) -> str:
@@ -251,6 +294,16 @@ class StudyTracking:
             f"({spec.metrics.direction}). Study file and resolved plan under study/, the report under report/."
         )
         self.tag_parent({**{f"plan.{k}": v for k, v in values.items()}, "mlflow.note.content": note})
+        state = json.dumps(runs_view(spec.metrics.primary, spec.metrics.direction, spec.factor_names))
+        old = retry(self.client.get_experiment, self.experiment_id).tags.get(VIEW_TAG)
+        try:
+            created = int(json.loads(old)["createdAt"]) if old else _now_ms()
+        except (ValueError, KeyError, TypeError):
+            created = _now_ms()
+        name = f"{self.experiment_name}: trials by {spec.metrics.primary}"
+        view = json.dumps({"name": name, "createdAt": created, "state": state})  # MLflow's saved-view envelope
+        if view != old:
+            retry(self.client.set_experiment_tag, self.experiment_id, VIEW_TAG, view)
         if spec.path and Path(spec.path).is_file():
             retry(self.client.log_text, self.parent_run_id, Path(spec.path).read_text(), "study/study.yaml")
         retry(self.client.log_text, self.parent_run_id, json.dumps(plan.to_json(), indent=1), "study/plan.json")
@@ -606,8 +659,19 @@ def start_server(
     watch_parent: bool = True,
 ):
     """Start `mlflow server` (one worker, no job runner) in its own process group and wait until /health answers.
-    With `watch_parent`, a watchdog stops the server when this process dies. Returns the Popen; stop it with
-    `stop_server`."""
+    With `watch_parent`, a watchdog stops the server when this process dies. Returns the Popen, with `.url` (the
+    server's address); stop it with `stop_server`.
+
+    `port` 0: a free port, and another one when the server could not take it (a port found free is free only
+    until some other process binds it: the server listens seconds later); a few tries."""
+    if port == 0:
+        for tries in range(3):
+            port = free_port(host)
+            try:
+                return start_server(backend_uri, artifacts_dir, host, port, timeout, log_path, watch_parent)
+            except RuntimeError:
+                if port_free(host, port) or tries == 2:  # not a port taken meanwhile: the server's own failure
+                    raise
     import os
     import subprocess
     import sys
@@ -656,6 +720,7 @@ def start_server(
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:
+                    proc.url = f"http://{host}:{port}"
                     return proc
         except OSError:
             time.sleep(0.3)
@@ -698,6 +763,8 @@ def stop_server(proc, timeout: float = 15.0) -> None:
 __all__ = [
     "StudyTracking",
     "ChildRun",
+    "runs_view",
+    "view_url",
     "TrialReporter",
     "open_study",
     "default_tracking_uri",

@@ -31,7 +31,7 @@ from pathlib import Path
 from srdit import stop
 from srdit.analysis.results import CODE, INFRASTRUCTURE
 from srdit.config import ConfigError
-from srdit.runtime import shipping
+from srdit.runtime import attempts, shipping
 from srdit.runtime.jobs import (
     EvaluationJob,
     Job,
@@ -77,7 +77,7 @@ class TrialContext:
     gpus: float = 0
     "GPUs per trial (split evenly over the workers of a data-parallel trial)."
     workers: int = 1
-    "Data-parallel workers per trial; > 1 runs the trial as a Ray Train TorchTrainer run."
+    "Data-parallel workers per trial; > 1 runs the trial as a Ray Train data-parallel run."
     train_storage: str = ""
     "Storage folder of the Ray Train runs of data-parallel trials."
     cwd: str = "."
@@ -164,10 +164,14 @@ def trial_tags(job: TrialJob, ctx: TrialContext) -> dict:
 
 
 def trial_params(trial: TrialSpec) -> dict:
-    """The params of a trial's child run: its planned config (flattened when logged), cell, seed and knobs."""
+    """The params of a trial's child run: its planned config (flattened when logged), cell, seed and knobs.
+
+    The cell param is the cell's label (`cell_label`), not its bit string: MLflow's compare view plots params on
+    parallel coordinates and reads any value that parses as a number as one (`011` -> 11). The bit string stays in
+    the `cell` tag, which srdit reads back."""
     return {
         **trial.config,
-        "study.cell": trial.cell,
+        "study.cell": cell_label(trial),
         "study.seed": trial.seed,
         **{f"search.{k}": v for k, v in (trial.params or {}).items()},
     }
@@ -334,6 +338,8 @@ def _execute(job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
     cfg = job.config
     out_dir = Path(ctx.trials_dir) / job.key
     child = open_child(job, ctx, process_tags(ctx))
+    if attempts.start(out_dir) > 1:  # a restart: the run says so while it trains
+        child.log_tags(attempts.tags(out_dir))
     objectives = ctx.objectives  # search: Tune sees only the final result, which always has the objectives
     reporter = TrialReporter(child, to_tune and not objectives)
     occupancy = Occupancy(ctx.trials_dir, job.key).__enter__()
@@ -365,6 +371,8 @@ def _execute(job: TrialJob, ctx: TrialContext, to_tune: bool) -> dict:
     final = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
     final["trials_on_host"] = float(occupancy.max_seen)
     child.log_metrics(step, {**{k: v for k, v in final.items() if k not in logged}, "trial_wall_s": wall})
+    attempts.end(out_dir, f"{status}: {reason[:300]}" if reason and status != "finished" else status)
+    child.log_tags(attempts.tags(out_dir))
     child.finish(status, reason, cause)
     if status == "interrupted":
         _STOPPED.set()
@@ -581,12 +589,18 @@ def _train_group(job: TrainingJob, lead: TrialJob, todo: list[TrialJob], ctx: Tr
     return {**outs[0], "members_done": len(outs)}
 
 
-def run_name(trial: TrialSpec) -> str:
-    """The child run's name: its techniques and seed (`rope+logit_normal · s0`), the knob hash of a search sample
-    after them; the cell's bit string stays in the `cell` tag."""
+def cell_label(trial: TrialSpec) -> str:
+    """The cell as a label: its techniques (`rope+logit_normal`, `baseline`), the knob hash of a search sample
+    after them (`rope · 3fa2`); never a number."""
     on = "+".join(trial.on) or "baseline"
     knobs = trial.cell.partition("-")[2]
-    return f"{on}{' · ' + knobs if knobs else ''} · s{trial.seed}"
+    return f"{on}{' · ' + knobs if knobs else ''}"
+
+
+def run_name(trial: TrialSpec) -> str:
+    """The child run's name: its cell's label and seed (`rope+logit_normal · s0`); the cell's bit string stays in
+    the `cell` tag."""
+    return f"{cell_label(trial)} · s{trial.seed}"
 
 
 def trainable(config: dict, jobs: dict[str, Job] | None = None) -> None:

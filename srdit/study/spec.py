@@ -214,7 +214,7 @@ class Resources:
     gpus: float = 0
     "GPUs per trial: 0, a fraction, or a whole number; N > 1 runs N data-parallel workers with one GPU each."
     workers: int = 1
-    "Data-parallel workers per trial (a Ray Train TorchTrainer trial when > 1: NCCL on GPUs, gloo on CPUs)."
+    "Data-parallel workers per trial (a Ray Train data-parallel trial when > 1: NCCL on GPUs, gloo on CPUs)."
     max_concurrent: int | None = None
     "Cap on trials running at once (None: as many as the resources allow)."
 
