@@ -178,7 +178,7 @@ class Plugin:
 
 @dataclass
 class LossContext:
-    """What a plugin's `loss` hook sees for one training step (this rank's part of the global batch).
+    """What a technique's `loss` hook sees for one training step (this rank's part of the global batch).
 
     x0 [B, C, H, W] clean data; y [B] labels after label dropout (num_classes = null label); t [B] times in (0, 1)
     (t = 1 noise); noise [B, C, H, W] the eps of x_t = (1 - t) x0 + t eps; pred, target [B, C, H, W] predicted and
@@ -203,6 +203,11 @@ class LossContext:
     knobs: Any
     gather: Callable[[Tensor], Tensor]
     roll: Callable[[Tensor], Tensor]
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    """The model's outputs for the built-ins' terms: "repa" [B, T', teacher_dim] (REPA's projected tokens, training
+    only; T' = T + 1 with REG's class token first), "reg" [B, reg.dim] (REG's class-token velocity)."""
+    noise_cls: Tensor | None = None
+    "REG's class-token noise eps_cls [B, reg.dim] (x_t^cls = (1 - t) cls0 + t eps_cls); None without REG."
 
 
 @dataclass
@@ -334,7 +339,8 @@ class Builtin:
     terms: Mapping[str, str] = field(default_factory=dict)
     "Loss-term name -> the knob that weighs it."
     on: str = ""
-    "The knob whose value, other than its field's default, switches the hooks on (required with hooks)."
+    """What switches the hooks on (required with hooks): a knob, or a key of `diff` when no knob holds the switch
+    (`model.repa.enabled`); on while its config value differs from the config field's default."""
     module: str = ""
 
     def where(self) -> tuple[str, ...]:
@@ -408,8 +414,8 @@ def register_builtin(b: Builtin, module: str) -> Builtin:
             raise ConfigError(
                 f"{where}: hook {hook} has the wrong signature; expected {hook}({', '.join(HOOKS[hook])})"
             ) from None
-    if b.hooks and b.on not in b.knobs:
-        raise ConfigError(f"{where}: hooks need `on`, the knob whose value switches them on; got {b.on!r}")
+    if b.hooks and b.on not in b.knobs and b.on not in b.diff:
+        raise ConfigError(f"{where}: hooks need `on`, the knob or diff key whose value switches them on; got {b.on!r}")
     for term, knob in b.terms.items():
         if knob not in b.knobs or "loss" not in b.hooks:
             raise ConfigError(f"{where}: loss term {term} needs a loss hook and a weight among its knobs")
@@ -435,11 +441,12 @@ def _config_value(cfg: Any, key: str) -> Any:
 
 def builtin_enabled(cfg: Any, hook: str) -> list[tuple[Builtin, Any]]:
     """(built-in, its knob values) of each built-in with a `hook` that is on in the run config `cfg` (its `on` knob
-    differs from the config field's default), in registry order. The knob values are read from their typed config
-    keys (attribute access: `knobs.weight`)."""
+    or diff key differs from the config field's default), in registry order. The knob values are read from their
+    typed config keys (attribute access: `knobs.weight`)."""
     out = []
     for b in BUILTINS.values():
-        if hook in b.hooks and _config_value(cfg, b.knobs[b.on]) != config_field_rule(b.knobs[b.on])[0]:
+        key = b.knobs.get(b.on, b.on)
+        if hook in b.hooks and _config_value(cfg, key) != config_field_rule(key)[0]:
             out.append((b, _knob_values(b.name, tuple(b.knobs))(*(_config_value(cfg, k) for k in b.knobs.values()))))
     return out
 

@@ -167,7 +167,7 @@ def test_one_module_per_builtin_declares_it():
         assert ext.BUILTINS[name].module == module.__name__
         b = ext.BUILTINS[name]
         assert b.points and set(b.points) <= set(ext.HOOKS) | set(ext.CORE_POINTS)
-        assert set(b.hooks) <= set(b.points) and (b.on in b.knobs if b.hooks else not b.on)
+        assert set(b.hooks) <= set(b.points) and (b.on in {*b.knobs, *b.diff} if b.hooks else not b.on)
 
 
 def test_knob_rules_come_from_the_config_schema():
@@ -292,3 +292,60 @@ def test_a_builtin_whose_stage_does_not_match_its_keys_is_refused():
     for name, stage in (("sprint", "eval"), ("path_drop_guidance", "train")):
         with pytest.raises(ConfigError, match=rf"^built-in {name} \(srdit\.builtins\.{name}\): stage {stage} does not"):
             builtin_technique(dataclasses.replace(ext.BUILTINS[name], stage=stage))
+
+
+def _one_step(names, diff=None):
+    """(cfg, model, x0, y, teacher, noise, losses) of one training step of the built-ins `names` on random data."""
+    import torch
+
+    from srdit.config import RunConfig, apply_diff
+    from srdit.model import build_model
+    from srdit.parallel import DataParallel
+    from srdit.techniques import with_techniques
+    from srdit.transport.objective import StepNoise, training_losses
+
+    cfg = apply_diff(with_techniques(RunConfig(), names), {"train.batch_size": 6, **(diff or {})})
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    m = cfg.model
+    x0 = torch.randn(6, m.in_channels, m.input_size, m.input_size)
+    y = torch.randint(0, m.num_classes, (6,))
+    tokens = (m.input_size // m.patch_size) ** 2
+    teacher = (torch.randn(6, tokens, m.repa.teacher_dim), torch.randn(6, m.reg.dim))
+    noise = StepNoise.draw(cfg, model, x0.shape, cfg.shift_value(), "cpu", DataParallel())
+    torch.manual_seed(1)
+    losses = training_losses(model, x0, y, teacher, cfg, noise)
+    return cfg, model, x0, y, teacher, noise, losses
+
+
+@pytest.mark.parametrize("names", [["repa"], ["repa", "reg"], ["repa", "reg", "cfm"]])
+def test_repa_runs_as_its_modules_loss_hook_bit_for_bit(names):
+    """REPA's term comes from its own module's `loss` hook (switched on by `model.repa.enabled`, its diff key):
+    bit for bit the closed form -mean cos(projected, teacher tokens), the teacher's class token first when REG is
+    on, and the total adds fm, repa, reg, cfm in that order."""
+    import torch
+    import torch.nn.functional as F
+
+    from srdit.builtins import repa
+    from srdit.config import RunConfig
+
+    cfg, model, x0, y, (patches, cls0), noise, losses = _one_step(names, {"loss.cfm": 0.3} if "cfm" in names else {})
+    assert [b.name for b, _ in ext.builtin_enabled(cfg, "loss")] == [n for n in ("repa", "cfm") if n in names]
+    assert ext.builtin_enabled(RunConfig(), "loss") == []  # off: absent
+    assert list(losses) == ["loss", "fm", "repa", *[n for n in ("reg", "cfm") if n in names]]
+    torch.manual_seed(1)
+    t = noise.t
+    y_in = torch.where(noise.drop, torch.full_like(y, cfg.model.num_classes), y)
+    cls_t = (1 - t[:, None]) * cls0 + t[:, None] * noise.eps_cls if "reg" in names else None
+    tt = t[:, None, None, None]
+    _, aux = model((1 - tt) * x0 + tt * noise.eps, t, y_in, cls_t, route_noise=noise.route)
+    target = torch.cat([cls0[:, None], patches], dim=1) if "reg" in names else patches
+    want = -F.cosine_similarity(aux["repa"].float(), target.float(), dim=-1).mean()
+    assert torch.equal(losses["repa"], want) and torch.equal(repa.alignment(aux["repa"], target), want)
+    w = cfg.loss
+    expect = losses["fm"] + w.repa * losses["repa"]
+    if "reg" in names:
+        expect = expect + w.reg * losses["reg"]
+    if "cfm" in names:
+        expect = expect + w.cfm * losses["cfm"]
+    assert torch.equal(losses["loss"], expect)
