@@ -330,7 +330,7 @@ def test_repa_runs_as_its_modules_loss_hook_bit_for_bit(names):
     from srdit.config import RunConfig
 
     cfg, model, x0, y, (patches, cls0), noise, losses = _one_step(names, {"loss.cfm": 0.3} if "cfm" in names else {})
-    assert [b.name for b, _ in ext.builtin_enabled(cfg, "loss")] == [n for n in ("repa", "cfm") if n in names]
+    assert [b.name for b, _ in ext.builtin_enabled(cfg, "loss")] == names
     assert ext.builtin_enabled(RunConfig(), "loss") == []  # off: absent
     assert list(losses) == ["loss", "fm", "repa", *[n for n in ("reg", "cfm") if n in names]]
     torch.manual_seed(1)
@@ -349,3 +349,38 @@ def test_repa_runs_as_its_modules_loss_hook_bit_for_bit(names):
     if "cfm" in names:
         expect = expect + w.cfm * losses["cfm"]
     assert torch.equal(losses["loss"], expect)
+
+
+@pytest.mark.parametrize("names", [["reg"], ["repa", "reg"]])
+def test_reg_runs_as_its_modules_loss_hook_bit_for_bit(names):
+    """REG's term comes from its own module's `loss` hook (switched on by `model.reg.enabled`), from the teacher's
+    class token, its noise (`LossContext.noise_cls`) and the model's class-token velocity: bit for bit the closed
+    form ||v_cls - (eps_cls - cls0)||^2, and the total adds it after fm (and repa) with weight loss.reg."""
+    import torch
+
+    from srdit.config import RunConfig
+    from srdit.transport.losses import flow_matching
+
+    cfg, model, x0, y, (_, cls0), noise, losses = _one_step(names)
+    assert [b.name for b, _ in ext.builtin_enabled(cfg, "loss")] == names
+    assert list(losses) == ["loss", "fm", *names]
+    assert "reg" not in [b.name for b, _ in ext.builtin_enabled(RunConfig(), "loss")]
+    torch.manual_seed(1)
+    t = noise.t
+    y_in = torch.where(noise.drop, torch.full_like(y, cfg.model.num_classes), y)
+    cls_t = (1 - t[:, None]) * cls0 + t[:, None] * noise.eps_cls
+    tt = t[:, None, None, None]
+    _, aux = model((1 - tt) * x0 + tt * noise.eps, t, y_in, cls_t, route_noise=noise.route)
+    want = flow_matching(aux["reg"], noise.eps_cls - cls0)
+    assert torch.equal(losses["reg"], want)
+    expect = losses["fm"] + cfg.loss.repa * losses["repa"] if "repa" in names else losses["fm"]
+    assert torch.equal(losses["loss"], expect + cfg.loss.reg * losses["reg"])
+
+
+def test_a_builtin_hook_is_switched_by_its_knob_or_its_diff_key():
+    """`on` names a knob (CFM: loss.cfm, a weight) or, where no knob holds the switch, a key of the diff (REPA:
+    model.repa.enabled); anything else is refused with one line."""
+    assert ext.BUILTINS["cfm"].on == "weight" and ext.BUILTINS["repa"].on == "model.repa.enabled"
+    bad = dataclasses.replace(ext.BUILTINS["repa"], name="repa_copy", module="", on="model.reg.enabled")
+    with pytest.raises(ConfigError, match="hooks need `on`, the knob or diff key"):
+        ext.register_builtin(bad, "tests.bad_builtin")

@@ -4,7 +4,8 @@
 - repa: negative cosine between projected hidden tokens and the teacher's tokens (REPA, arXiv:2410.06940): its
         technique's own module holds it (`srdit.builtins.repa.alignment`, re-exported here), and the objective
         calls it as that technique's `loss` hook;
-- reg:  the REG class token's velocity error, as fm (REG, arXiv:2507.01467);
+- reg:  the REG class token's velocity error, as fm (REG, arXiv:2507.01467); the objective computes it as that
+        technique's `loss` hook (`srdit.builtins.reg`);
 - cfm:  contrastive flow matching, minus the error against another sample's target (the batch rolled by one;
         CFM, arXiv:2506.05350): its technique's own module holds it (`srdit.builtins.cfm.contrastive`, re-exported
         here), and the objective calls it as that technique's `loss` hook.
@@ -36,7 +37,7 @@ def loss_terms(
     cfm_negative: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """The unweighted terms, in the order fm, repa, reg, cfm (each present only when its technique is on), as the
-    objective computes them (there, repa and cfm through their techniques' `loss` hooks).
+    objective computes them (there, repa, reg and cfm through their techniques' `loss` hooks).
 
     pred, target:  predicted and target velocity [B, C, H, W];
     aux:           the model's auxiliary outputs: "repa" projected tokens [B, T, D] (REPA on, training),

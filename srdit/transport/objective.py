@@ -14,16 +14,17 @@ Terms (`srdit.transport.losses`; weights from `cfg.loss`, fm has weight 1):
         class token, so its target starts with the teacher's class token (T' = T + 1); its technique's `loss` hook
         (`srdit.builtins.repa`), which gets the teacher and the projected tokens through `LossContext`;
 - reg:  REG (Wu et al. 2025, arXiv:2507.01467): the teacher's class token cls0 [B, reg.dim] is noised on the same
-        path with its own noise, x_t^cls = (1 - t) cls0 + t eps_cls, enters as token 0, and its velocity
-        eps_cls - cls0 is regressed like the image's;
+        path with its own noise, x_t^cls = (1 - t) cls0 + t eps_cls (here: the model's input), enters as token 0,
+        and its velocity eps_cls - cls0 is regressed like the image's: its technique's `loss` hook
+        (`srdit.builtins.reg`), which gets eps_cls as `LossContext.noise_cls`;
 - cfm:  contrastive flow matching (Stoica et al. 2025, arXiv:2506.05350): minus the error against the target of
         the previous sample in the (global) batch; its technique's `loss` hook (`srdit.builtins.cfm`), called
         through the same named-term path as a plugin's;
 - plugin terms (`srdit.ext`): each plugin that is on and has a `loss` hook adds its named terms, weighed by the
   knobs it declares (`Plugin.terms`), after the built-in ones.
 
-The total adds fm, repa, reg, cfm, then the plugins' terms, in that order (the built-ins' hooked terms in registry
-order, REG's in its place among them).
+The total adds fm, then the hooked terms: the built-ins' in registry order (repa, reg, cfm), then the plugins', in
+that order.
 """
 
 from __future__ import annotations
@@ -137,12 +138,10 @@ def training_losses(
     """
     m = cfg.model
     gather = gather if gather is not None else _identity
-    patches, cls0 = teacher_out if teacher_out is not None else (None, None)
+    cls0 = teacher_out[1] if teacher_out is not None else None
     y = torch.where(noise.drop, torch.full_like(y, m.num_classes), y)  # label dropout for guidance
     t, eps = noise.t, noise.eps
-    cls_t = reg_target = None
-    if m.reg.enabled:
-        cls_t, reg_target = interpolate(cls0, noise.eps_cls, t), velocity_target(cls0, noise.eps_cls)
+    cls_t = interpolate(cls0, noise.eps_cls, t) if m.reg.enabled else None  # REG's noised class token (an input)
     with autocast if autocast is not None else contextlib.nullcontext():
         pred, aux = model(
             interpolate(x0, eps, t),
@@ -158,12 +157,6 @@ def training_losses(
     more, weights = _hook_terms(
         hooked, model, aux, x0, y, t, eps, noise.eps_cls, pred, target, teacher_out, roll, gather
     )
-    if "reg" in aux:  # REG's term, after REPA's and before CFM's (the total's order)
-        ahead = {k: more.pop(k) for k in [k for k in more if k == "repa"]}
-        more = {**ahead, "reg": flow_matching(aux["reg"], reg_target), **more}
-        weights["reg"] = cfg.loss.reg
-    if not more:
-        return {"loss": total(terms, cfg.loss), **terms}
     return {"loss": total(terms, cfg.loss, more, weights), **terms, **more}
 
 
@@ -173,7 +166,7 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 
 def _hook_terms(hooked, model, aux, x0, y, t, eps, eps_cls, pred, target, teacher_out, roll, gather):
     """The loss terms of the techniques that are on and have a `loss` hook ({term: unweighted scalar}), built-ins
-    (`srdit.builtins`: REPA, CFM) first in registry order, then plugins in name order, and their weights ({term:
+    (`srdit.builtins`: REPA, REG, CFM) first in registry order, then plugins in name order, and their weights ({term:
     float}). `hooked`: their (declaration, knobs) pairs. A built-in may leave out a term whose model output is
     absent (REPA's tap in evaluation mode); a plugin returns all its declared terms."""
     net = model
