@@ -45,8 +45,8 @@ rank's share of the global batch):
   RoPE and value residual (`cfg.qk_norm`, `cfg.rope.enabled`, `cfg.value_residual`). Two plugins may not replace
   the same block's module.
 - `times(knobs, n, shift, device) -> t [n]`: the training times of the step's *global* batch (n samples), in
-  place of the built-in draw (`transport.time_sampling`, then the time shift `shift`, which the hook applies or
-  not as it sees fit); drawn from torch's global RNG on `device` at the built-in draw's place in the step's draw
+  place of the built-in draw (uniform, or the logit-normal built-in's own `times` hook, then the time shift `shift`,
+  which the hook applies or not as it sees fit; a plugin's hook wins over the built-in's); drawn from torch's global RNG on `device` at the built-in draw's place in the step's draw
   order, and sliced to each data-parallel rank afterwards, so that the trajectory does not depend on the number of
   workers. Every t must lie in [0, 1] (t = 1 noise). At most one plugin with this hook may be on.
 - `solver(knobs, velocity, state, times, generator) -> state`: a sampler (an ODE or SDE solver) in place of the

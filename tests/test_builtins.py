@@ -384,3 +384,35 @@ def test_a_builtin_hook_is_switched_by_its_knob_or_its_diff_key():
     bad = dataclasses.replace(ext.BUILTINS["repa"], name="repa_copy", module="", on="model.reg.enabled")
     with pytest.raises(ConfigError, match="hooks need `on`, the knob or diff key"):
         ext.register_builtin(bad, "tests.bad_builtin")
+
+
+def test_logit_normal_times_come_from_its_modules_times_hook_bit_for_bit():
+    """Logit-normal training times are its module's `times` hook (switched on by transport.time_sampling), drawn at
+    the built-in draw's place: the step's whole noise equals a closed-form draw of the same RNG order (label dropout,
+    sigmoid(mean + std n) shifted, eps), bit for bit; off, the draw is uniform."""
+    import torch
+
+    from srdit.builtins.time_shift import shift_time
+    from srdit.config import RunConfig, apply_diff
+    from srdit.model import build_model
+    from srdit.parallel import DataParallel
+    from srdit.techniques import with_techniques
+    from srdit.transport.objective import StepNoise
+
+    cfg = apply_diff(
+        with_techniques(RunConfig(), ["logit_normal", "time_shift"]),
+        {"train.batch_size": 6, "transport.logit_mean": 0.3, "transport.logit_std": 0.7},
+    )
+    (b, knobs), *rest = ext.builtin_enabled(cfg, "times")
+    assert b.name == "logit_normal" and not rest and (knobs.mean, knobs.std) == (0.3, 0.7)
+    assert ext.builtin_enabled(RunConfig(), "times") == []  # uniform: absent
+    model = build_model(cfg.model)
+    shift = cfg.shift_value()
+    assert shift != 1.0
+    torch.manual_seed(3)
+    noise = StepNoise.draw(cfg, model, (6, 1, 8, 8), shift, "cpu", DataParallel())
+    torch.manual_seed(3)
+    drop = torch.rand(6) < cfg.train.label_dropout
+    t = shift_time(torch.sigmoid(0.3 + 0.7 * torch.randn(6)), shift)
+    eps = torch.randn(6, 1, 8, 8)
+    assert torch.equal(noise.drop, drop) and torch.equal(noise.t, t) and torch.equal(noise.eps, eps)

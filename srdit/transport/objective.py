@@ -84,14 +84,19 @@ class StepNoise:
 
     @classmethod
     def draw(cls, cfg: RunConfig, model, x_shape, shift: float, device, dp: BatchPart) -> StepNoise:
-        b, m, tr = cfg.train.batch_size, cfg.model, cfg.transport
+        b, m = cfg.train.batch_size, cfg.model
         drop = torch.rand(b, device=device) < cfg.train.label_dropout
-        rule = time_rule(cfg.ext) if cfg.ext else None  # a plugin technique's time sampling (`srdit.ext`)
-        t = (
-            rule(b, shift, device)
-            if rule is not None
-            else sample_times(b, tr.time_sampling, shift, tr.logit_mean, tr.logit_std, device=device)
-        )
+        # a plugin technique's time sampling (`srdit.ext`), else a built-in's `times` hook (logit-normal), else the
+        # built-in uniform draw: one draw, at this place of the draw order, whichever it is
+        rule = time_rule(cfg.ext) if cfg.ext else None
+        hooked = builtin_enabled(cfg, "times") if rule is None else []
+        if rule is not None:
+            t = rule(b, shift, device)
+        elif hooked:
+            (builtin, knobs), *_ = hooked
+            t = builtin.hooks["times"](knobs, b, shift, device)
+        else:
+            t = sample_times(b, "uniform", shift, device=device)
         eps = torch.randn((b, *x_shape[1:]), device=device)
         eps_cls = torch.randn(b, m.reg.dim, device=device) if m.reg.enabled else None
         tokens = model.routed_tokens
