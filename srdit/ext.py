@@ -321,8 +321,10 @@ class Builtin:
     are the config field's (`knob_rules`), checked by the same loader.
 
     `hooks` are the functions it implements through `HOOKS`, called by the same extension points as a plugin's
-    (e.g. a `loss` hook with its `terms`, each weighed by a knob), while the knob `on` holds a value other than its
-    config field's default (`builtin_enabled`); `knobs` then reach the hooks as their values (attribute access).
+    (e.g. a `loss` hook with its `terms`, each weighed by a knob), while `on` (a knob, or a key of its diff when no
+    knob holds the switch) holds a value other than its config field's default (`builtin_enabled`); `knobs` then
+    reach the hooks as their values (attribute access). A hook may import torch inside its body, never at module
+    level (this package and `srdit.builtins` sit in the config layer).
     `points` names every extension point it acts through (`HOOKS`, or the core's own `CORE_POINTS`), those its
     `hooks` implement and those whose code stays in the core; `code` the modules beyond its own that hold those
     pieces. `module` is the declaring module (filled in by `register_builtin`)."""
