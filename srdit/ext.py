@@ -55,6 +55,11 @@ rank's share of the global batch):
   to 0 with the time shift applied, `velocity(state, t) -> list` the (guided) velocity at the float t (each call
   counts as one function evaluation), `generator` the batch's torch.Generator for any noise. Returns the state at
   t = 0. At most one plugin with this hook may be on.
+- `labels(knobs, n, num_classes, rows, generator) -> [len(rows)] int64`: the class labels (0..num_classes-1) of
+  the evaluation samples `rows` (a range of indices into the n samples of one sampling seed: one sampling batch),
+  in place of the uniform random draw from the batch's CPU `generator`, which comes first in the batch's draw order
+  (a hook that draws nothing leaves the generator to the initial noise; balanced labels, `srdit.builtins`). At
+  sampling only; at most one plugin with this hook may be on.
 - `guidance(ctx: GuidanceContext) -> [B, C, H, W]`: the guided velocity from the conditional and unconditional
   ones, in place of classifier-free guidance's u + w (c - u) (e.g. adaptive projected guidance, Sadat et al. 2024,
   arXiv:2410.02416). Called at sampling only, at each step where guidance applies (`sample.cfg_scale` != 1, t
@@ -114,6 +119,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "mlp": ("cfg", "knobs", "block"),
     "times": ("knobs", "n", "shift", "device"),
     "solver": ("knobs", "velocity", "state", "times", "generator"),
+    "labels": ("knobs", "n", "num_classes", "rows", "generator"),
 }
 "Hook name -> its positional parameters (see the module docstring for what each receives and returns)."
 
@@ -285,6 +291,30 @@ def solver_rule(ext: Mapping[str, Mapping[str, Any]]) -> Callable | None:
     return rule
 
 
+def label_rule(ext: Mapping[str, Mapping[str, Any]]) -> Callable | None:
+    """The evaluation labels of the plugin with a `labels` hook that is on, as `rule(n, num_classes, rows,
+    generator) -> [len(rows)]`, or None (the built-in draw). ConfigError when several are on; ValueError when it
+    returns other than len(rows) labels in [0, num_classes)."""
+    found = _replacing(ext, "labels", "the evaluation labels")
+    if found is None:
+        return None
+    plugin, knobs, hook = found
+    return checked_labels(f"plugin {plugin.name}", knobs, hook)
+
+
+def checked_labels(name: str, knobs: Any, hook: Callable) -> Callable:
+    """A `labels` hook of technique `name` as `rule(n, num_classes, rows, generator)`, its output checked."""
+
+    def rule(n, num_classes, rows, generator):
+        out = hook(knobs, n, num_classes, rows, generator)
+        if getattr(out, "shape", None) != (len(rows),) or not bool(((out >= 0) & (out < num_classes)).all()):
+            got = tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
+            raise ValueError(f"{name}: labels returned {got}; expected {len(rows)} labels in [0, {num_classes})")
+        return out
+
+    return rule
+
+
 def guidance_rule(
     ext: Mapping[str, Mapping[str, Any]],
 ) -> Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor] | None:
@@ -382,7 +412,6 @@ def config_field_rule(key: str) -> tuple[Any, Any]:
 CORE_POINTS: dict[str, str] = {
     "norm": "the blocks' pre-norms and the final norm (`srdit.model.layers.make_norm`)",
     "routing": "SPRINT's dense / sparse / dense split of the blocks and its token routing (`srdit.model.sit`)",
-    "labels": "the class labels of the evaluation samples (`srdit.generate`)",
 }
 "The extension points of the core that only built-ins use (besides `HOOKS`): name -> what it is."
 

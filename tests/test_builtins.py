@@ -416,3 +416,38 @@ def test_logit_normal_times_come_from_its_modules_times_hook_bit_for_bit():
     t = shift_time(torch.sigmoid(0.3 + 0.7 * torch.randn(6)), shift)
     eps = torch.randn(6, 1, 8, 8)
     assert torch.equal(noise.drop, drop) and torch.equal(noise.t, t) and torch.equal(noise.eps, eps)
+
+
+def test_balanced_labels_come_from_its_modules_labels_hook():
+    """Balanced evaluation labels are its module's `labels` hook (switched on by sample.balanced_labels, also when
+    only the sampling settings in use switch it on): i mod num_classes over the whole evaluation, batch by batch,
+    drawing nothing from the batch's generator (so the initial noise is the same as before); off, the labels are
+    the uniform random draw. A labels hook that returns other than one label per row in range is refused."""
+    import dataclasses as dc
+
+    import torch
+
+    from srdit.config import RunConfig, apply_diff
+    from srdit.generate import generate
+    from srdit.model import build_model
+    from srdit.techniques import with_techniques
+
+    cfg = apply_diff(with_techniques(RunConfig(), ["balanced_labels"]), {"sample.steps": 2})
+    (b, _), *rest = ext.builtin_enabled(cfg, "labels")
+    assert b.name == "balanced_labels" and not rest
+    assert ext.builtin_enabled(RunConfig(), "labels") == []
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    x, y, _ = generate(model, cfg, 23, seed=5, batch_size=8)
+    assert torch.equal(y, torch.arange(23) % 10)
+    plain = apply_diff(RunConfig(), {"sample.steps": 2})
+    _, y_random, _ = generate(model, plain, 23, seed=5, batch_size=8)
+    assert not torch.equal(y_random, y)
+    # the sampling settings in use switch it, as before (the training's sample grid)
+    _, y_grid, _ = generate(
+        model, plain, 23, seed=5, batch_size=8, sample_cfg=dc.replace(plain.sample, balanced_labels=True)
+    )
+    assert torch.equal(y_grid, y)
+    bad = ext.checked_labels("plugin odd", None, lambda knobs, n, c, rows, g: torch.zeros(len(rows) + 1))
+    with pytest.raises(ValueError, match=r"plugin odd: labels returned \(9,\); expected 8 labels in \[0, 10\)"):
+        bad(23, 10, range(0, 8), None)
