@@ -45,8 +45,8 @@ rank's share of the global batch):
   RoPE and value residual (`cfg.qk_norm`, `cfg.rope.enabled`, `cfg.value_residual`). Two plugins may not replace
   the same block's module.
 - `times(knobs, n, shift, device) -> t [n]`: the training times of the step's *global* batch (n samples), in
-  place of the built-in draw (`transport.time_sampling`, then the time shift `shift`, which the hook applies or
-  not as it sees fit); drawn from torch's global RNG on `device` at the built-in draw's place in the step's draw
+  place of the built-in draw (uniform, or the logit-normal built-in's own `times` hook, then the time shift `shift`,
+  which the hook applies or not as it sees fit; a plugin's hook wins over the built-in's); drawn from torch's global RNG on `device` at the built-in draw's place in the step's draw
   order, and sliced to each data-parallel rank afterwards, so that the trajectory does not depend on the number of
   workers. Every t must lie in [0, 1] (t = 1 noise). At most one plugin with this hook may be on.
 - `solver(knobs, velocity, state, times, generator) -> state`: a sampler (an ODE or SDE solver) in place of the
@@ -55,6 +55,11 @@ rank's share of the global batch):
   to 0 with the time shift applied, `velocity(state, t) -> list` the (guided) velocity at the float t (each call
   counts as one function evaluation), `generator` the batch's torch.Generator for any noise. Returns the state at
   t = 0. At most one plugin with this hook may be on.
+- `labels(knobs, n, num_classes, rows, generator) -> [len(rows)] int64`: the class labels (0..num_classes-1) of
+  the evaluation samples `rows` (a range of indices into the n samples of one sampling seed: one sampling batch),
+  in place of the uniform random draw from the batch's CPU `generator`, which comes first in the batch's draw order
+  (a hook that draws nothing leaves the generator to the initial noise; balanced labels, `srdit.builtins`). At
+  sampling only; at most one plugin with this hook may be on.
 - `guidance(ctx: GuidanceContext) -> [B, C, H, W]`: the guided velocity from the conditional and unconditional
   ones, in place of classifier-free guidance's u + w (c - u) (e.g. adaptive projected guidance, Sadat et al. 2024,
   arXiv:2410.02416). Called at sampling only, at each step where guidance applies (`sample.cfg_scale` != 1, t
@@ -114,6 +119,7 @@ HOOKS: dict[str, tuple[str, ...]] = {
     "mlp": ("cfg", "knobs", "block"),
     "times": ("knobs", "n", "shift", "device"),
     "solver": ("knobs", "velocity", "state", "times", "generator"),
+    "labels": ("knobs", "n", "num_classes", "rows", "generator"),
 }
 "Hook name -> its positional parameters (see the module docstring for what each receives and returns)."
 
@@ -178,7 +184,7 @@ class Plugin:
 
 @dataclass
 class LossContext:
-    """What a plugin's `loss` hook sees for one training step (this rank's part of the global batch).
+    """What a technique's `loss` hook sees for one training step (this rank's part of the global batch).
 
     x0 [B, C, H, W] clean data; y [B] labels after label dropout (num_classes = null label); t [B] times in (0, 1)
     (t = 1 noise); noise [B, C, H, W] the eps of x_t = (1 - t) x0 + t eps; pred, target [B, C, H, W] predicted and
@@ -203,6 +209,11 @@ class LossContext:
     knobs: Any
     gather: Callable[[Tensor], Tensor]
     roll: Callable[[Tensor], Tensor]
+    aux: dict[str, Tensor] = field(default_factory=dict)
+    """The model's outputs for the built-ins' terms: "repa" [B, T', teacher_dim] (REPA's projected tokens, training
+    only; T' = T + 1 with REG's class token first), "reg" [B, reg.dim] (REG's class-token velocity)."""
+    noise_cls: Tensor | None = None
+    "REG's class-token noise eps_cls [B, reg.dim] (x_t^cls = (1 - t) cls0 + t eps_cls); None without REG."
 
 
 @dataclass
@@ -280,6 +291,30 @@ def solver_rule(ext: Mapping[str, Mapping[str, Any]]) -> Callable | None:
     return rule
 
 
+def label_rule(ext: Mapping[str, Mapping[str, Any]]) -> Callable | None:
+    """The evaluation labels of the plugin with a `labels` hook that is on, as `rule(n, num_classes, rows,
+    generator) -> [len(rows)]`, or None (the built-in draw). ConfigError when several are on; ValueError when it
+    returns other than len(rows) labels in [0, num_classes)."""
+    found = _replacing(ext, "labels", "the evaluation labels")
+    if found is None:
+        return None
+    plugin, knobs, hook = found
+    return checked_labels(f"plugin {plugin.name}", knobs, hook)
+
+
+def checked_labels(name: str, knobs: Any, hook: Callable) -> Callable:
+    """A `labels` hook of technique `name` as `rule(n, num_classes, rows, generator)`, its output checked."""
+
+    def rule(n, num_classes, rows, generator):
+        out = hook(knobs, n, num_classes, rows, generator)
+        if getattr(out, "shape", None) != (len(rows),) or not bool(((out >= 0) & (out < num_classes)).all()):
+            got = tuple(out.shape) if hasattr(out, "shape") else type(out).__name__
+            raise ValueError(f"{name}: labels returned {got}; expected {len(rows)} labels in [0, {num_classes})")
+        return out
+
+    return rule
+
+
 def guidance_rule(
     ext: Mapping[str, Mapping[str, Any]],
 ) -> Callable[[Tensor, Tensor, Tensor, Tensor, float], Tensor] | None:
@@ -316,8 +351,10 @@ class Builtin:
     are the config field's (`knob_rules`), checked by the same loader.
 
     `hooks` are the functions it implements through `HOOKS`, called by the same extension points as a plugin's
-    (e.g. a `loss` hook with its `terms`, each weighed by a knob), while the knob `on` holds a value other than its
-    config field's default (`builtin_enabled`); `knobs` then reach the hooks as their values (attribute access).
+    (e.g. a `loss` hook with its `terms`, each weighed by a knob), while `on` (a knob, or a key of its diff when no
+    knob holds the switch) holds a value other than its config field's default (`builtin_enabled`); `knobs` then
+    reach the hooks as their values (attribute access). A hook may import torch inside its body, never at module
+    level (this package and `srdit.builtins` sit in the config layer).
     `points` names every extension point it acts through (`HOOKS`, or the core's own `CORE_POINTS`), those its
     `hooks` implement and those whose code stays in the core; `code` the modules beyond its own that hold those
     pieces. `module` is the declaring module (filled in by `register_builtin`)."""
@@ -334,7 +371,8 @@ class Builtin:
     terms: Mapping[str, str] = field(default_factory=dict)
     "Loss-term name -> the knob that weighs it."
     on: str = ""
-    "The knob whose value, other than its field's default, switches the hooks on (required with hooks)."
+    """What switches the hooks on (required with hooks): a knob, or a key of `diff` when no knob holds the switch
+    (`model.repa.enabled`); on while its config value differs from the config field's default."""
     module: str = ""
 
     def where(self) -> tuple[str, ...]:
@@ -374,7 +412,6 @@ def config_field_rule(key: str) -> tuple[Any, Any]:
 CORE_POINTS: dict[str, str] = {
     "norm": "the blocks' pre-norms and the final norm (`srdit.model.layers.make_norm`)",
     "routing": "SPRINT's dense / sparse / dense split of the blocks and its token routing (`srdit.model.sit`)",
-    "labels": "the class labels of the evaluation samples (`srdit.generate`)",
 }
 "The extension points of the core that only built-ins use (besides `HOOKS`): name -> what it is."
 
@@ -408,8 +445,8 @@ def register_builtin(b: Builtin, module: str) -> Builtin:
             raise ConfigError(
                 f"{where}: hook {hook} has the wrong signature; expected {hook}({', '.join(HOOKS[hook])})"
             ) from None
-    if b.hooks and b.on not in b.knobs:
-        raise ConfigError(f"{where}: hooks need `on`, the knob whose value switches them on; got {b.on!r}")
+    if b.hooks and b.on not in b.knobs and b.on not in b.diff:
+        raise ConfigError(f"{where}: hooks need `on`, the knob or diff key whose value switches them on; got {b.on!r}")
     for term, knob in b.terms.items():
         if knob not in b.knobs or "loss" not in b.hooks:
             raise ConfigError(f"{where}: loss term {term} needs a loss hook and a weight among its knobs")
@@ -435,11 +472,12 @@ def _config_value(cfg: Any, key: str) -> Any:
 
 def builtin_enabled(cfg: Any, hook: str) -> list[tuple[Builtin, Any]]:
     """(built-in, its knob values) of each built-in with a `hook` that is on in the run config `cfg` (its `on` knob
-    differs from the config field's default), in registry order. The knob values are read from their typed config
-    keys (attribute access: `knobs.weight`)."""
+    or diff key differs from the config field's default), in registry order. The knob values are read from their
+    typed config keys (attribute access: `knobs.weight`)."""
     out = []
     for b in BUILTINS.values():
-        if hook in b.hooks and _config_value(cfg, b.knobs[b.on]) != config_field_rule(b.knobs[b.on])[0]:
+        key = b.knobs.get(b.on, b.on)
+        if hook in b.hooks and _config_value(cfg, key) != config_field_rule(key)[0]:
             out.append((b, _knob_values(b.name, tuple(b.knobs))(*(_config_value(cfg, k) for k in b.knobs.values()))))
     return out
 

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from srdit.config import RunConfig, SampleConfig
-from srdit.data.digits import balanced_labels, random_labels
-from srdit.ext import guidance_rule, solver_rule
+from srdit.data.digits import random_labels
+from srdit.ext import builtin_enabled, checked_labels, guidance_rule, label_rule, solver_rule
 from srdit.transport import guided_velocity, initial_state, sample
 
 if TYPE_CHECKING:
@@ -75,7 +75,12 @@ def _generate_batch(
     sl = batch_slice(n, batch_size, batch)
     size = sl.stop - sl.start
     g = torch.Generator().manual_seed(batch_seed(seed, batch))
-    labels = balanced_labels(n, m.num_classes)[sl] if sc.balanced_labels else random_labels(size, m.num_classes, g)
+    rule = _label_rule(cfg, sc)
+    labels = (
+        rule(n, m.num_classes, range(sl.start, sl.stop), g)
+        if rule is not None
+        else random_labels(size, m.num_classes, g)
+    )
     state = initial_state(m, size, g)
     velocity = guided_velocity(
         model,
@@ -99,6 +104,18 @@ def _generate_batch(
             solver=solver_rule(cfg.ext) if cfg.ext else None,
         )
     return res.state[0].float().cpu(), labels, res.nfe
+
+
+def _label_rule(cfg: RunConfig, sc: SampleConfig):
+    """The evaluation labels of a plugin's `labels` hook, else of a built-in's (balanced labels, switched by the
+    sampling settings `sc` in use), as `rule(n, num_classes, rows, generator)`; None: the uniform random draw."""
+    rule = label_rule(cfg.ext) if cfg.ext else None
+    if rule is None:
+        hooked = builtin_enabled(dataclasses.replace(cfg, sample=sc), "labels")
+        if hooked:
+            (builtin, knobs), *_ = hooked
+            rule = checked_labels(f"built-in {builtin.name}", knobs, builtin.hooks["labels"])
+    return rule
 
 
 @contextlib.contextmanager

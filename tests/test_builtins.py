@@ -167,7 +167,7 @@ def test_one_module_per_builtin_declares_it():
         assert ext.BUILTINS[name].module == module.__name__
         b = ext.BUILTINS[name]
         assert b.points and set(b.points) <= set(ext.HOOKS) | set(ext.CORE_POINTS)
-        assert set(b.hooks) <= set(b.points) and (b.on in b.knobs if b.hooks else not b.on)
+        assert set(b.hooks) <= set(b.points) and (b.on in {*b.knobs, *b.diff} if b.hooks else not b.on)
 
 
 def test_knob_rules_come_from_the_config_schema():
@@ -292,3 +292,162 @@ def test_a_builtin_whose_stage_does_not_match_its_keys_is_refused():
     for name, stage in (("sprint", "eval"), ("path_drop_guidance", "train")):
         with pytest.raises(ConfigError, match=rf"^built-in {name} \(srdit\.builtins\.{name}\): stage {stage} does not"):
             builtin_technique(dataclasses.replace(ext.BUILTINS[name], stage=stage))
+
+
+def _one_step(names, diff=None):
+    """(cfg, model, x0, y, teacher, noise, losses) of one training step of the built-ins `names` on random data."""
+    import torch
+
+    from srdit.config import RunConfig, apply_diff
+    from srdit.model import build_model
+    from srdit.parallel import DataParallel
+    from srdit.techniques import with_techniques
+    from srdit.transport.objective import StepNoise, training_losses
+
+    cfg = apply_diff(with_techniques(RunConfig(), names), {"train.batch_size": 6, **(diff or {})})
+    torch.manual_seed(0)
+    model = build_model(cfg.model).train()
+    m = cfg.model
+    x0 = torch.randn(6, m.in_channels, m.input_size, m.input_size)
+    y = torch.randint(0, m.num_classes, (6,))
+    tokens = (m.input_size // m.patch_size) ** 2
+    teacher = (torch.randn(6, tokens, m.repa.teacher_dim), torch.randn(6, m.reg.dim))
+    noise = StepNoise.draw(cfg, model, x0.shape, cfg.shift_value(), "cpu", DataParallel())
+    torch.manual_seed(1)
+    losses = training_losses(model, x0, y, teacher, cfg, noise)
+    return cfg, model, x0, y, teacher, noise, losses
+
+
+@pytest.mark.parametrize("names", [["repa"], ["repa", "reg"], ["repa", "reg", "cfm"]])
+def test_repa_runs_as_its_modules_loss_hook_bit_for_bit(names):
+    """REPA's term comes from its own module's `loss` hook (switched on by `model.repa.enabled`, its diff key):
+    bit for bit the closed form -mean cos(projected, teacher tokens), the teacher's class token first when REG is
+    on, and the total adds fm, repa, reg, cfm in that order."""
+    import torch
+    import torch.nn.functional as F
+
+    from srdit.builtins import repa
+    from srdit.config import RunConfig
+
+    cfg, model, x0, y, (patches, cls0), noise, losses = _one_step(names, {"loss.cfm": 0.3} if "cfm" in names else {})
+    assert [b.name for b, _ in ext.builtin_enabled(cfg, "loss")] == names
+    assert ext.builtin_enabled(RunConfig(), "loss") == []  # off: absent
+    assert list(losses) == ["loss", "fm", "repa", *[n for n in ("reg", "cfm") if n in names]]
+    torch.manual_seed(1)
+    t = noise.t
+    y_in = torch.where(noise.drop, torch.full_like(y, cfg.model.num_classes), y)
+    cls_t = (1 - t[:, None]) * cls0 + t[:, None] * noise.eps_cls if "reg" in names else None
+    tt = t[:, None, None, None]
+    _, aux = model((1 - tt) * x0 + tt * noise.eps, t, y_in, cls_t, route_noise=noise.route)
+    target = torch.cat([cls0[:, None], patches], dim=1) if "reg" in names else patches
+    want = -F.cosine_similarity(aux["repa"].float(), target.float(), dim=-1).mean()
+    assert torch.equal(losses["repa"], want) and torch.equal(repa.alignment(aux["repa"], target), want)
+    w = cfg.loss
+    expect = losses["fm"] + w.repa * losses["repa"]
+    if "reg" in names:
+        expect = expect + w.reg * losses["reg"]
+    if "cfm" in names:
+        expect = expect + w.cfm * losses["cfm"]
+    assert torch.equal(losses["loss"], expect)
+
+
+@pytest.mark.parametrize("names", [["reg"], ["repa", "reg"]])
+def test_reg_runs_as_its_modules_loss_hook_bit_for_bit(names):
+    """REG's term comes from its own module's `loss` hook (switched on by `model.reg.enabled`), from the teacher's
+    class token, its noise (`LossContext.noise_cls`) and the model's class-token velocity: bit for bit the closed
+    form ||v_cls - (eps_cls - cls0)||^2, and the total adds it after fm (and repa) with weight loss.reg."""
+    import torch
+
+    from srdit.config import RunConfig
+    from srdit.transport.losses import flow_matching
+
+    cfg, model, x0, y, (_, cls0), noise, losses = _one_step(names)
+    assert [b.name for b, _ in ext.builtin_enabled(cfg, "loss")] == names
+    assert list(losses) == ["loss", "fm", *names]
+    assert "reg" not in [b.name for b, _ in ext.builtin_enabled(RunConfig(), "loss")]
+    torch.manual_seed(1)
+    t = noise.t
+    y_in = torch.where(noise.drop, torch.full_like(y, cfg.model.num_classes), y)
+    cls_t = (1 - t[:, None]) * cls0 + t[:, None] * noise.eps_cls
+    tt = t[:, None, None, None]
+    _, aux = model((1 - tt) * x0 + tt * noise.eps, t, y_in, cls_t, route_noise=noise.route)
+    want = flow_matching(aux["reg"], noise.eps_cls - cls0)
+    assert torch.equal(losses["reg"], want)
+    expect = losses["fm"] + cfg.loss.repa * losses["repa"] if "repa" in names else losses["fm"]
+    assert torch.equal(losses["loss"], expect + cfg.loss.reg * losses["reg"])
+
+
+def test_a_builtin_hook_is_switched_by_its_knob_or_its_diff_key():
+    """`on` names a knob (CFM: loss.cfm, a weight) or, where no knob holds the switch, a key of the diff (REPA:
+    model.repa.enabled); anything else is refused with one line."""
+    assert ext.BUILTINS["cfm"].on == "weight" and ext.BUILTINS["repa"].on == "model.repa.enabled"
+    bad = dataclasses.replace(ext.BUILTINS["repa"], name="repa_copy", module="", on="model.reg.enabled")
+    with pytest.raises(ConfigError, match="hooks need `on`, the knob or diff key"):
+        ext.register_builtin(bad, "tests.bad_builtin")
+
+
+def test_logit_normal_times_come_from_its_modules_times_hook_bit_for_bit():
+    """Logit-normal training times are its module's `times` hook (switched on by transport.time_sampling), drawn at
+    the built-in draw's place: the step's whole noise equals a closed-form draw of the same RNG order (label dropout,
+    sigmoid(mean + std n) shifted, eps), bit for bit; off, the draw is uniform."""
+    import torch
+
+    from srdit.builtins.time_shift import shift_time
+    from srdit.config import RunConfig, apply_diff
+    from srdit.model import build_model
+    from srdit.parallel import DataParallel
+    from srdit.techniques import with_techniques
+    from srdit.transport.objective import StepNoise
+
+    cfg = apply_diff(
+        with_techniques(RunConfig(), ["logit_normal", "time_shift"]),
+        {"train.batch_size": 6, "transport.logit_mean": 0.3, "transport.logit_std": 0.7},
+    )
+    (b, knobs), *rest = ext.builtin_enabled(cfg, "times")
+    assert b.name == "logit_normal" and not rest and (knobs.mean, knobs.std) == (0.3, 0.7)
+    assert ext.builtin_enabled(RunConfig(), "times") == []  # uniform: absent
+    model = build_model(cfg.model)
+    shift = cfg.shift_value()
+    assert shift != 1.0
+    torch.manual_seed(3)
+    noise = StepNoise.draw(cfg, model, (6, 1, 8, 8), shift, "cpu", DataParallel())
+    torch.manual_seed(3)
+    drop = torch.rand(6) < cfg.train.label_dropout
+    t = shift_time(torch.sigmoid(0.3 + 0.7 * torch.randn(6)), shift)
+    eps = torch.randn(6, 1, 8, 8)
+    assert torch.equal(noise.drop, drop) and torch.equal(noise.t, t) and torch.equal(noise.eps, eps)
+
+
+def test_balanced_labels_come_from_its_modules_labels_hook():
+    """Balanced evaluation labels are its module's `labels` hook (switched on by sample.balanced_labels, also when
+    only the sampling settings in use switch it on): i mod num_classes over the whole evaluation, batch by batch,
+    drawing nothing from the batch's generator (so the initial noise is the same as before); off, the labels are
+    the uniform random draw. A labels hook that returns other than one label per row in range is refused."""
+    import dataclasses as dc
+
+    import torch
+
+    from srdit.config import RunConfig, apply_diff
+    from srdit.generate import generate
+    from srdit.model import build_model
+    from srdit.techniques import with_techniques
+
+    cfg = apply_diff(with_techniques(RunConfig(), ["balanced_labels"]), {"sample.steps": 2})
+    (b, _), *rest = ext.builtin_enabled(cfg, "labels")
+    assert b.name == "balanced_labels" and not rest
+    assert ext.builtin_enabled(RunConfig(), "labels") == []
+    torch.manual_seed(0)
+    model = build_model(cfg.model).eval()
+    x, y, _ = generate(model, cfg, 23, seed=5, batch_size=8)
+    assert torch.equal(y, torch.arange(23) % 10)
+    plain = apply_diff(RunConfig(), {"sample.steps": 2})
+    _, y_random, _ = generate(model, plain, 23, seed=5, batch_size=8)
+    assert not torch.equal(y_random, y)
+    # the sampling settings in use switch it, as before (the training's sample grid)
+    _, y_grid, _ = generate(
+        model, plain, 23, seed=5, batch_size=8, sample_cfg=dc.replace(plain.sample, balanced_labels=True)
+    )
+    assert torch.equal(y_grid, y)
+    bad = ext.checked_labels("plugin odd", None, lambda knobs, n, c, rows, g: torch.zeros(len(rows) + 1))
+    with pytest.raises(ValueError, match=r"plugin odd: labels returned \(9,\); expected 8 labels in \[0, 10\)"):
+        bad(23, 10, range(0, 8), None)

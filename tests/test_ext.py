@@ -898,6 +898,38 @@ def test_a_solver_plugin_replaces_the_integrator(tmp_path, techniques):
     assert mid_nfe == 6 and not torch.equal(mid, euler)
 
 
+LABELS = """
+from srdit.ext import Knob, Plugin
+
+
+def labels(knobs, n, num_classes, rows, generator):  # every sample of one class
+    import torch
+
+    return torch.full((len(rows),), knobs.label, dtype=torch.int64)
+
+
+one_class = Plugin(
+    "one_class", "a test 2025", stage="eval", knobs={"label": Knob(3, range=(0, None))}, hooks={"labels": labels}
+)
+"""
+
+
+def test_a_labels_plugin_replaces_the_evaluation_labels(tmp_path):
+    """A `labels` hook gives the evaluation labels of every batch, in place of the random draw; a label outside
+    [0, num_classes) is one line."""
+    from srdit.generate import generate
+    from srdit.model import build_model
+
+    load_plugins([str(_write(tmp_path / "one_class.py", LABELS))])
+    cfg = _cfg(["one_class"], **{"sample.steps": 2})
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    _, y, _ = generate(model, cfg, 10, seed=1, batch_size=4)
+    assert torch.equal(y, torch.full((10,), 3))
+    with pytest.raises(ValueError, match=r"^plugin one_class: labels returned \(4,\); expected 4 labels in \[0, 10\)$"):
+        generate(model, _cfg(["one_class"], **{"sample.steps": 2, "ext.one_class.label": 12}), 10, seed=1, batch_size=4)
+
+
 def _code_check_worker(rank: int, world: int, port: int, folder: str) -> None:
     """Rank r loads the dispersive plugin from folder/r (rank 1's copy edited when asked) and checks the ranks."""
     from srdit.parallel import DataParallel, check_same_code

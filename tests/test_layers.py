@@ -2,7 +2,7 @@
 
 | layer     | nodes (srdit/...)                                  | may import (srdit)             | must not import |
 |-----------|----------------------------------------------------|--------------------------------|-----------------|
-| config    | __init__, config, techniques, metric_registry, ext, technique_template, builtins/ | - | torch, ray, mlflow |
+| config    | __init__, config, techniques, metric_registry, ext, technique_template, builtins/ | - | torch (builtins/: inside hook bodies only), ray, mlflow |
 | util      | cache                                              | -                              | ray, mlflow     |
 | model     | model/                                             | config, util                   | ray, mlflow     |
 | transport | transport/                                         | config, util, `srdit.model` *  | ray, mlflow     |
@@ -15,6 +15,12 @@
 
 * the model's public API, never its internals (`srdit.model.<module>`).
 
+A built-in's hooks (`srdit/builtins/<name>.py`: loss terms, training times, ...) compute on tensors, and some need
+torch functions of their own (`torch.cat`, `F.cosine_similarity`): they may import torch, and torch only, inside the
+body of a function, never at module level, so that importing a built-in (planning a study, listing techniques) still
+loads no torch; the hook runs in the training process, which has torch already. They import no srdit layer above
+config (the objective calls them: that would be a cycle).
+
 Nothing imports the commands: they sit on top, and no row but their own may import them.
 
 A node is a top-level module or a top-level package of `srdit`; a layer may always import its own nodes. `cache` sits
@@ -23,7 +29,8 @@ cache, checkpoints and sample shards all write through it) and imports nothing o
 
 Two checks per row, and one on the whole graph:
 - static: every `import` in every srdit source file, module level or inside a function, is read with `ast` and
-  checked against the row (lazy imports count: they run too, just later);
+  checked against the row (lazy imports count: they run too, just later), with the one exception above (torch inside
+  a function body of `builtins/`);
 - at run time: each module of the row is imported in its own fresh process, which must then hold no forbidden
   module in `sys.modules` (this catches what a module drags in through others). The processes are forked from a
   parent that has loaded only torch for the rows that may use torch, and nothing for config and analysis;
@@ -110,6 +117,9 @@ FORBIDDEN_PACKAGES: dict[str, set[str]] = {
 
 TORCH_FREE = {layer for layer, banned in FORBIDDEN_PACKAGES.items() if "torch" in banned}
 
+TORCH_IN_HOOK_BODIES = {"builtins"}
+"Nodes of the config layer that may import torch (and torch only) inside function bodies, never at module level."
+
 # ----------------------------------------------------------------------------------------------------------------
 # The source tree
 # ----------------------------------------------------------------------------------------------------------------
@@ -163,6 +173,29 @@ def imports_of(module: str) -> list[tuple[int, str]]:
                 sub = f"{base}.{alias.name}"
                 out.append((node.lineno, sub if sub in MODULES else base))
     return list(dict.fromkeys(out))  # `from m import a, b` once
+
+
+def function_body_import_lines(module: str) -> set[int]:
+    """The lines of the import statements of `module` that stand inside a function (or lambda) body: they run when
+    the function is called, not when the module is imported."""
+    path = MODULES[module]
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return {
+        node.lineno
+        for fn in ast.walk(tree)
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda)
+        for node in ast.walk(fn)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+    }
+
+
+def _torch_in_a_hook_body(module: str, line: int, target: str) -> bool:
+    """Is this import torch (or a torch submodule) inside a function body of a node allowed to do so?"""
+    return (
+        target.split(".")[0] == "torch"
+        and node_of(module) in TORCH_IN_HOOK_BODIES
+        and line in function_body_import_lines(module)
+    )
 
 
 def _where(module: str, line: int) -> str:
@@ -220,7 +253,7 @@ def test_static_imports_follow_the_layer_rules(layer):
                         f"import {', '.join(sorted(MAY_IMPORT[layer] | {layer}))}"
                         + (f" and {', '.join(sorted(ALSO_MAY_IMPORT[layer]))}" if layer in ALSO_MAY_IMPORT else "")
                     )
-            elif top in FORBIDDEN_PACKAGES[layer]:
+            elif top in FORBIDDEN_PACKAGES[layer] and not _torch_in_a_hook_body(module, line, target):
                 bad.append(
                     f"{_where(module, line)} imports {target}; {layer} must not import "
                     f"{', '.join(sorted(FORBIDDEN_PACKAGES[layer]))}"
@@ -271,6 +304,35 @@ def _cycles(graph: dict[str, dict[str, list[str]]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return found
+
+
+def test_builtins_import_torch_only_inside_function_bodies():
+    """The one exception to the config layer's "no torch": a built-in's hook may import torch inside its body.
+    Module-level torch (or another third-party package, or a srdit layer above config) stays refused."""
+    modules = [m for m in MODULES if node_of(m) in TORCH_IN_HOOK_BODIES]
+    assert modules
+    bad = []
+    for module in modules:
+        lazy = function_body_import_lines(module)
+        for line, target in imports_of(module):
+            top = target.split(".")[0]
+            if top == "torch" and line not in lazy:
+                bad.append(f"{_where(module, line)} imports {target} at module level; import it inside the hook")
+            elif top not in ("srdit", "torch", "__future__") and top not in sys.stdlib_module_names:
+                bad.append(f"{_where(module, line)} imports {target}; a built-in's hook may import torch only")
+    assert not bad, "\n".join(bad)
+
+
+def test_function_body_imports_are_told_from_module_level_ones(tmp_path, monkeypatch):
+    source = "import torch\n\n\ndef hook(ctx):\n    import torch.nn.functional as F\n    return F\n"
+    path = tmp_path / "probe.py"
+    path.write_text(source)
+    monkeypatch.setitem(MODULES, "srdit.builtins.probe", path)
+    assert function_body_import_lines("srdit.builtins.probe") == {5}
+    assert not _torch_in_a_hook_body("srdit.builtins.probe", 1, "torch")  # module level: refused
+    assert _torch_in_a_hook_body("srdit.builtins.probe", 5, "torch.nn.functional")
+    monkeypatch.setitem(MODULES, "srdit.ext_probe", path)
+    assert not _torch_in_a_hook_body("srdit.ext_probe", 5, "torch.nn.functional")  # not a built-in
 
 
 def test_lazy_imports_are_seen():

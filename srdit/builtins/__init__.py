@@ -3,9 +3,11 @@ registration API of `srdit.ext` (`Builtin`: name, paper, description, stage, its
 config keys of the core, the extension points it acts through, where its code lives). The registry of
 `srdit.techniques.TECHNIQUES` is assembled from these declarations, in the order of `MODULES`.
 
-A built-in's torch pieces (modules, loss terms, samplers) live in the model, transport and generation layers
-named in its `code`: this package sits in the config layer, which imports no torch, so that planning a study and
-listing techniques stay light."""
+This package sits in the config layer, which loads no torch, so that planning a study and listing techniques stay
+light: a hook may import torch (and torch only) inside its body, where it runs in the training process, never at
+module level, and imports no srdit layer above config (tests/test_layers.py). A built-in's nn.Modules (SPRINT's
+router, RMSNorm, RoPE, QK-norm, value residual, SwiGLU / ReLU², REPA's projector, REG's token) live in the model
+layer named in its `code`: their state-dict keys are the model's."""
 
 from srdit.builtins import (
     balanced_labels,

@@ -1,8 +1,25 @@
 """Balanced evaluation labels (SR-DiT): sample i gets class i mod num_classes, so that every class has the same
-number of evaluation samples (`srdit.data.digits.balanced_labels`, drawn by `srdit.generate`). Evaluation only."""
+number of evaluation samples. Evaluation only.
+
+The labels are this module's `labels` hook, called by the generation code through the same extension point as a
+plugin's (`srdit.generate`), in place of the random draw; switched on by `sample.balanced_labels`."""
 
 from srdit.builtins.paper import SRDIT
 from srdit.ext import Builtin
+
+
+def balanced_labels(n: int, num_classes: int):
+    """Labels 0, 1, ..., num_classes-1, 0, 1, ... (int64 [n]): equal class counts up to one."""
+    import torch  # in the hook's body: importing this module loads no torch
+
+    return torch.arange(n, dtype=torch.int64) % num_classes
+
+
+def labels(knobs, n: int, num_classes: int, rows: range, generator):
+    """The labels [len(rows)] of evaluation samples `rows` of n: i mod num_classes; draws nothing from
+    `generator`."""
+    return balanced_labels(n, num_classes)[rows.start : rows.stop]
+
 
 TECHNIQUE = Builtin(
     "balanced_labels",
@@ -12,4 +29,6 @@ TECHNIQUE = Builtin(
     stage="eval",
     points=("labels",),
     code=("srdit.generate", "srdit.data.digits"),
+    hooks={"labels": labels},
+    on="sample.balanced_labels",
 )

@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from srdit.builtins.balanced_labels import balanced_labels  # noqa: F401  re-exported: the technique's module holds it
+
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
 SPLIT_SEED = 20240917
@@ -72,11 +74,6 @@ def load_digits_split(test_fraction: float = TEST_FRACTION, seed: int = SPLIT_SE
         test_x=torch.from_numpy(x[te]),
         test_y=torch.from_numpy(y[te]),
     )
-
-
-def balanced_labels(n: int, num_classes: int) -> Tensor:
-    """Labels 0, 1, ..., num_classes-1, 0, 1, ... (int64 [n]): equal class counts up to one."""
-    return torch.arange(n, dtype=torch.int64) % num_classes
 
 
 def random_labels(n: int, num_classes: int, generator: torch.Generator | None = None) -> Tensor:

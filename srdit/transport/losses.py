@@ -1,8 +1,11 @@
 """Loss terms, each named; weights are applied in one place (`total`). Shapes: B samples, T tokens.
 
 - fm:   flow matching (SiT, arXiv:2401.08740), || v - (eps - x0) ||^2, mean over C*H*W then over the batch;
-- repa: negative cosine between projected hidden tokens and the teacher's tokens (REPA, arXiv:2410.06940);
-- reg:  the REG class token's velocity error, as fm (REG, arXiv:2507.01467);
+- repa: negative cosine between projected hidden tokens and the teacher's tokens (REPA, arXiv:2410.06940): its
+        technique's own module holds it (`srdit.builtins.repa.alignment`, re-exported here), and the objective
+        calls it as that technique's `loss` hook;
+- reg:  the REG class token's velocity error, as fm (REG, arXiv:2507.01467); the objective computes it as that
+        technique's `loss` hook (`srdit.builtins.reg`);
 - cfm:  contrastive flow matching, minus the error against another sample's target (the batch rolled by one;
         CFM, arXiv:2506.05350): its technique's own module holds it (`srdit.builtins.cfm.contrastive`, re-exported
         here), and the objective calls it as that technique's `loss` hook.
@@ -13,20 +16,15 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from srdit.builtins.cfm import contrastive
+from srdit.builtins.repa import alignment
 from srdit.config import LossConfig
 
 
 def flow_matching(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean squared error in float32: pred, target [B, ...] -> mean over the non-batch dims, then over B."""
     return (pred.float() - target.float()).square().flatten(1).mean(1).mean()
-
-
-def alignment(projected: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """-mean cosine over tokens and batch: projected, teacher [B, T, D] -> scalar in [-1, 1]."""
-    return -F.cosine_similarity(projected.float(), teacher.float(), dim=-1).mean()
 
 
 def loss_terms(
@@ -38,7 +36,8 @@ def loss_terms(
     cfm: bool = False,
     cfm_negative: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The unweighted terms, in the order fm, repa, reg, cfm (each present only when its technique is on).
+    """The unweighted terms, in the order fm, repa, reg, cfm (each present only when its technique is on), as the
+    objective computes them (there, repa, reg and cfm through their techniques' `loss` hooks).
 
     pred, target:  predicted and target velocity [B, C, H, W];
     aux:           the model's auxiliary outputs: "repa" projected tokens [B, T, D] (REPA on, training),

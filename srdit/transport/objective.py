@@ -11,17 +11,20 @@ Terms (`srdit.transport.losses`; weights from `cfg.loss`, fm has weight 1):
 - fm:   flow matching on the image velocity (SiT);
 - repa: REPA (Yu et al. 2024, arXiv:2410.06940): the model's projected hidden tokens [B, T', teacher_dim] align
         with the teacher's patch tokens [B, T, teacher_dim] by cosine; with REG on, the sequence starts with the
-        class token, so its target starts with the teacher's class token (T' = T + 1);
+        class token, so its target starts with the teacher's class token (T' = T + 1); its technique's `loss` hook
+        (`srdit.builtins.repa`), which gets the teacher and the projected tokens through `LossContext`;
 - reg:  REG (Wu et al. 2025, arXiv:2507.01467): the teacher's class token cls0 [B, reg.dim] is noised on the same
-        path with its own noise, x_t^cls = (1 - t) cls0 + t eps_cls, enters as token 0, and its velocity
-        eps_cls - cls0 is regressed like the image's;
+        path with its own noise, x_t^cls = (1 - t) cls0 + t eps_cls (here: the model's input), enters as token 0,
+        and its velocity eps_cls - cls0 is regressed like the image's: its technique's `loss` hook
+        (`srdit.builtins.reg`), which gets eps_cls as `LossContext.noise_cls`;
 - cfm:  contrastive flow matching (Stoica et al. 2025, arXiv:2506.05350): minus the error against the target of
         the previous sample in the (global) batch; its technique's `loss` hook (`srdit.builtins.cfm`), called
         through the same named-term path as a plugin's;
 - plugin terms (`srdit.ext`): each plugin that is on and has a `loss` hook adds its named terms, weighed by the
   knobs it declares (`Plugin.terms`), after the built-in ones.
 
-The total adds fm, repa, reg, then the hooked terms (built-ins', then plugins') in that order.
+The total adds fm, then the hooked terms: the built-ins' in registry order (repa, reg, cfm), then the plugins', in
+that order.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 import srdit.builtins  # noqa: F401  registers the built-ins whose hooks the objective calls
-from srdit.ext import LossContext, builtin_enabled, enabled, time_rule
-from srdit.transport.losses import loss_terms, total
+from srdit.ext import Builtin, LossContext, builtin_enabled, enabled, time_rule
+from srdit.transport.losses import flow_matching, total
 from srdit.transport.path import interpolate, velocity_target
 from srdit.transport.timesteps import sample_times
 
@@ -81,14 +84,19 @@ class StepNoise:
 
     @classmethod
     def draw(cls, cfg: RunConfig, model, x_shape, shift: float, device, dp: BatchPart) -> StepNoise:
-        b, m, tr = cfg.train.batch_size, cfg.model, cfg.transport
+        b, m = cfg.train.batch_size, cfg.model
         drop = torch.rand(b, device=device) < cfg.train.label_dropout
-        rule = time_rule(cfg.ext) if cfg.ext else None  # a plugin technique's time sampling (`srdit.ext`)
-        t = (
-            rule(b, shift, device)
-            if rule is not None
-            else sample_times(b, tr.time_sampling, shift, tr.logit_mean, tr.logit_std, device=device)
-        )
+        # a plugin technique's time sampling (`srdit.ext`), else a built-in's `times` hook (logit-normal), else the
+        # built-in uniform draw: one draw, at this place of the draw order, whichever it is
+        rule = time_rule(cfg.ext) if cfg.ext else None
+        hooked = builtin_enabled(cfg, "times") if rule is None else []
+        if rule is not None:
+            t = rule(b, shift, device)
+        elif hooked:
+            (builtin, knobs), *_ = hooked
+            t = builtin.hooks["times"](knobs, b, shift, device)
+        else:
+            t = sample_times(b, "uniform", shift, device=device)
         eps = torch.randn((b, *x_shape[1:]), device=device)
         eps_cls = torch.randn(b, m.reg.dim, device=device) if m.reg.enabled else None
         tokens = model.routed_tokens
@@ -135,16 +143,10 @@ def training_losses(
     """
     m = cfg.model
     gather = gather if gather is not None else _identity
-    patches, cls0 = teacher_out if teacher_out is not None else (None, None)
+    cls0 = teacher_out[1] if teacher_out is not None else None
     y = torch.where(noise.drop, torch.full_like(y, m.num_classes), y)  # label dropout for guidance
     t, eps = noise.t, noise.eps
-    cls_t = reg_target = repa_target = None
-    if m.reg.enabled:
-        cls_t, reg_target = interpolate(cls0, noise.eps_cls, t), velocity_target(cls0, noise.eps_cls)
-    if m.repa.enabled:
-        repa_target = patches
-        if m.reg.enabled:  # token 0 (the class token) aligns with the teacher's class token
-            repa_target = torch.cat([cls0[:, None], patches], dim=1)
+    cls_t = interpolate(cls0, noise.eps_cls, t) if m.reg.enabled else None  # REG's noised class token (an input)
     with autocast if autocast is not None else contextlib.nullcontext():
         pred, aux = model(
             interpolate(x0, eps, t),
@@ -155,11 +157,11 @@ def training_losses(
             **({"drop_sparse_path": noise.path_drop} if noise.path_drop is not None else {}),
         )
     target = velocity_target(x0, eps)
-    terms = loss_terms(pred, target, aux, repa_target, reg_target)
+    terms = {"fm": flow_matching(pred, target)}
     hooked = [*builtin_enabled(cfg, "loss"), *(enabled(cfg.ext) if cfg.ext else [])]
-    if not hooked:
-        return {"loss": total(terms, cfg.loss), **terms}
-    more, weights = _hook_terms(hooked, model, aux, x0, y, t, eps, pred, target, teacher_out, roll, gather)
+    more, weights = _hook_terms(
+        hooked, model, aux, x0, y, t, eps, noise.eps_cls, pred, target, teacher_out, roll, gather
+    )
     return {"loss": total(terms, cfg.loss, more, weights), **terms, **more}
 
 
@@ -167,10 +169,11 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _hook_terms(hooked, model, aux, x0, y, t, eps, pred, target, teacher_out, roll, gather):
+def _hook_terms(hooked, model, aux, x0, y, t, eps, eps_cls, pred, target, teacher_out, roll, gather):
     """The loss terms of the techniques that are on and have a `loss` hook ({term: unweighted scalar}), built-ins
-    (`srdit.builtins`, e.g. CFM) first in registry order, then plugins in name order, and their weights ({term:
-    float}). `hooked`: their (declaration, knobs) pairs."""
+    (`srdit.builtins`: REPA, REG, CFM) first in registry order, then plugins in name order, and their weights ({term:
+    float}). `hooked`: their (declaration, knobs) pairs. A built-in may leave out a term whose model output is
+    absent (REPA's tap in evaluation mode); a plugin returns all its declared terms."""
     net = model
     while hasattr(net, "module") or hasattr(net, "_orig_mod"):  # DDP / torch.compile wrappers
         net = getattr(net, "module", None) or net._orig_mod
@@ -196,9 +199,14 @@ def _hook_terms(hooked, model, aux, x0, y, t, eps, pred, target, teacher_out, ro
             knobs=knobs,
             gather=gather,
             roll=roll,
+            aux=aux,
+            noise_cls=eps_cls,
         )
         out = hook(ctx)
-        if not isinstance(out, dict) or set(out) != set(plugin.terms):
+        builtin = isinstance(plugin, Builtin)
+        if not isinstance(out, dict) or not (
+            set(out) <= set(plugin.terms) if builtin else set(out) == set(plugin.terms)
+        ):
             raise ValueError(
                 f"plugin {plugin.name}: the loss hook returned {sorted(out) if isinstance(out, dict) else out!r}; "
                 f"expected its declared terms {sorted(plugin.terms)}"
