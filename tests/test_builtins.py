@@ -159,7 +159,7 @@ def test_registry_is_assembled_from_the_builtin_modules_and_equals_the_previous_
 
 def test_one_module_per_builtin_declares_it():
     folder = Path(builtins.__file__).parent
-    modules = sorted(p.stem for p in folder.glob("*.py") if p.stem not in ("__init__", "paper"))
+    modules = sorted(p.stem for p in folder.glob("*.py") if p.stem not in ("__init__", "common"))
     assert modules == sorted(TECHNIQUES), "every built-in module declares the technique it is named after"
     for name in modules:
         module = importlib.import_module(f"srdit.builtins.{name}")
@@ -279,9 +279,9 @@ def test_editing_a_builtins_module_changes_the_training_code_version(tmp_path):
     text = (roots["same"] / "builtins" / "cfm.py").read_text()
     commented = text.replace('"""{"cfm": the unweighted term}', '"""{"cfm": the term, unweighted}') + "# a note\n"
     (roots["comment"] / "builtins" / "cfm.py").write_text(commented)
-    (roots["code"] / "builtins" / "cfm.py").write_text(
-        text.replace("return -(pred.float()", "return -2 * (pred.float()")
-    )
+    edited = text.replace("return -mean_squared_error(", "return -2 * mean_squared_error(")
+    assert edited != text, "the code edit must hit the hook"
+    (roots["code"] / "builtins" / "cfm.py").write_text(edited)
     version = {name: code_version(("builtins",), root=root) for name, root in roots.items()}
     assert version["comment"] == version["same"] != version["code"]
 

@@ -4,7 +4,7 @@ number of evaluation samples. Evaluation only.
 The labels are this module's `labels` hook, called by the generation code through the same extension point as a
 plugin's (`srdit.generate`), in place of the random draw; switched on by `sample.balanced_labels`."""
 
-from srdit.builtins.paper import SRDIT
+from srdit.builtins.common import SRDIT
 from srdit.ext import Builtin
 
 

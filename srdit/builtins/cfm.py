@@ -6,7 +6,7 @@ The term is this module's `loss` hook, called by the objective through the same 
 parallel rolls the global batch, so the trajectory does not depend on the number of workers. It works on the
 tensors it is given (no torch import: this package sits in the config layer)."""
 
-from srdit.builtins.paper import SRDIT
+from srdit.builtins.common import SRDIT, mean_squared_error
 from srdit.ext import Builtin, LossContext
 
 
@@ -15,7 +15,7 @@ def contrastive(pred, target, negative=None):
     float32 squared error averaged over the non-batch dims, then over B (as `srdit.transport.losses.flow_matching`).
     `negative` [B, ...] replaces the rolled target (data parallel: the roll runs over the global batch)."""
     negative = target.roll(1, dims=0) if negative is None else negative
-    return -(pred.float() - negative.float()).square().flatten(1).mean(1).mean()
+    return -mean_squared_error(pred, negative)
 
 
 def loss(ctx: LossContext) -> dict:

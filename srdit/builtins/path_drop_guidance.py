@@ -2,7 +2,7 @@
 SPRINT's sparse path by [MASK] (`srdit.transport.samplers.guided_velocity`, the model's `drop_sparse_path` in
 `srdit.model.routing` / `srdit.model.sit`). Evaluation only."""
 
-from srdit.builtins.paper import SRDIT
+from srdit.builtins.common import SRDIT
 from srdit.ext import Builtin
 
 TECHNIQUE = Builtin(

@@ -1,7 +1,7 @@
 """QK-norm (Dehghani et al. 2023, arXiv:2302.05442): an RMSNorm with a learnable scale over the head dimension of
 queries and keys, inside attention (`srdit.model.attention.Attention`)."""
 
-from srdit.builtins.paper import SRDIT
+from srdit.builtins.common import SRDIT
 from srdit.ext import Builtin
 
 TECHNIQUE = Builtin(

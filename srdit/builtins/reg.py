@@ -9,6 +9,7 @@ model's class-token velocity `aux["reg"]`). The token's embedding and head stay 
 (`srdit.model.alignment`): their parameters and state-dict keys are the model's; the objective noises the token
 (the model's input)."""
 
+from srdit.builtins.common import mean_squared_error
 from srdit.ext import Builtin, LossContext
 
 
@@ -17,7 +18,7 @@ def loss(ctx: LossContext) -> dict:
     eps_cls - cls0 (ctx.noise_cls, the teacher's class token ctx.teacher[1], both [B, reg.dim]), the float32 squared
     error averaged over reg.dim, then over B (as `srdit.transport.losses.flow_matching`)."""
     target = ctx.noise_cls - ctx.teacher[1]  # d x_t^cls / dt on the linear path
-    return {"reg": (ctx.aux["reg"].float() - target.float()).square().flatten(1).mean(1).mean()}
+    return {"reg": mean_squared_error(ctx.aux["reg"], target)}
 
 
 TECHNIQUE = Builtin(

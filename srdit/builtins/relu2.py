@@ -1,7 +1,7 @@
 """ReLU^2 MLP (Primer, So et al. 2021, arXiv:2109.08668): relu(h)^2 as the hidden activation
 (`srdit.model.layers.Mlp`)."""
 
-from srdit.builtins.paper import SRDIT
+from srdit.builtins.common import SRDIT
 from srdit.ext import Builtin
 
 TECHNIQUE = Builtin(

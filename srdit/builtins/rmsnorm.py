@@ -1,7 +1,7 @@
 """RMSNorm (Zhang & Sennrich 2019, arXiv:1910.07467) in place of LayerNorm in the blocks' pre-norms and the final
 norm, without affine parameters (adaLN supplies scale and shift): the norm factory `srdit.model.layers.make_norm`."""
 
-from srdit.builtins.paper import SRDIT
+from srdit.builtins.common import SRDIT
 from srdit.ext import Builtin
 
 TECHNIQUE = Builtin(

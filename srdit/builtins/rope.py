@@ -3,7 +3,7 @@ the absolute sin-cos positions: the tables (`srdit.model.layers.Rope2d`, identit
 carry no position), the rotation inside attention (`srdit.model.attention.Attention`) and the kept rows of SPRINT's
 sparse path (`srdit.model.sit`)."""
 
-from srdit.builtins.paper import SRDIT
+from srdit.builtins.common import SRDIT
 from srdit.ext import Builtin
 
 TECHNIQUE = Builtin(

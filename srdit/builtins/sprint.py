@@ -4,7 +4,7 @@
 blocks in the backbone (`srdit.model.sit.SiT.forward`), where the token layout (REG's token, plugins' extra
 tokens, RoPE's rows, REPA's tap) is handled once."""
 
-from srdit.builtins.paper import SRDIT
+from srdit.builtins.common import SRDIT
 from srdit.ext import Builtin
 
 TECHNIQUE = Builtin(

@@ -1,7 +1,7 @@
 """SwiGLU MLP (Shazeer 2020, arXiv:2002.05202): silu(a) * b over the two halves of the first layer's output, at
 2/3 of the hidden width to keep the parameter count (`srdit.model.layers.Mlp`)."""
 
-from srdit.builtins.paper import SRDIT
+from srdit.builtins.common import SRDIT
 from srdit.ext import Builtin
 
 TECHNIQUE = Builtin(

@@ -3,7 +3,7 @@ training times (`srdit.transport.timesteps.sample_times`) and on the sampler's g
 (`srdit.transport.samplers.time_grid`), both through `shift_time` here; the shift s is `transport.shift`, or
 derived from the resolution when unset (`srdit.config`)."""
 
-from srdit.builtins.paper import SRDIT
+from srdit.builtins.common import SRDIT
 from srdit.ext import Builtin
 
 

@@ -2,7 +2,7 @@
 block 1's, V' = lambda V_1 + (1 - lambda) V, with a learned scalar lambda (init 0.5). The mix lives in attention
 (`srdit.model.attention.Attention`); the backbone hands block 1's values on (`srdit.model.sit`)."""
 
-from srdit.builtins.paper import SRDIT
+from srdit.builtins.common import SRDIT
 from srdit.ext import Builtin
 
 TECHNIQUE = Builtin(

@@ -18,13 +18,15 @@ from __future__ import annotations
 import torch
 
 from srdit.builtins.cfm import contrastive
+from srdit.builtins.common import mean_squared_error
 from srdit.builtins.repa import alignment
 from srdit.config import LossConfig
 
 
 def flow_matching(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean squared error in float32: pred, target [B, ...] -> mean over the non-batch dims, then over B."""
-    return (pred.float() - target.float()).square().flatten(1).mean(1).mean()
+    """Mean squared error in float32: pred, target [B, ...] -> mean over the non-batch dims, then over B
+    (`srdit.builtins.common.mean_squared_error`, the formula REG's and CFM's terms share)."""
+    return mean_squared_error(pred, target)
 
 
 def loss_terms(
