@@ -228,14 +228,16 @@ def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_e
     out, err = p.communicate(timeout=900)
     journal = (folder / "st" / "trials" / "sg" / key / "mlflow_run.jsonl").read_text()
     says = f"interrupted by {sig.name}: checkpoint at step"
+    status_records = journal.count(f'"status_reason": "{says}')  # the run's status; the attempt tags repeat it
+    assert f'"attempt.1.ended_by": "interrupted: {says}' in journal  # the attempt the signal ended, recorded
     if sig == signal.SIGTERM:
         # Ray ends a worker on SIGTERM: the trial saved its step and recorded it first, then Tune retried it
         assert p.returncode == 0, out[-3000:] + err[-3000:]
-        assert journal.count(says) == 2, (victim, key, out[-4000:])  # the driver's, then the worker's
+        assert status_records == 2, (victim, key, out[-4000:])  # the driver's, then the worker's
     else:
         # the worker lives on: its trial ended interrupted, the study ran the rest; a rerun finishes it
         assert p.returncode == 1, out[-3000:] + err[-3000:]
-        assert journal.count(says) == 2 and f"  {key}: {says}" in out, (victim, key, out[-4000:])
+        assert status_records == 2 and f"  {key}: {says}" in out, (victim, key, out[-4000:])
         assert "1 trial(s) unfinished" in out
         p = _run(folder)
         out, err = p.communicate(timeout=900)
