@@ -22,6 +22,25 @@ def _deterministic():
     yield
 
 
+@pytest.fixture
+def held_port():
+    """`take() -> int`: a port for a test's process group, held by a rendezvous store of this test process until the
+    test ends (never one that was merely free a moment ago: `srdit.parallel.rendezvous_store`); the spawned ranks
+    join it with `srdit.parallel.join_group`."""
+    import datetime
+
+    from srdit.parallel import rendezvous_store
+
+    stores = []
+
+    def take() -> int:
+        stores.append(rendezvous_store("127.0.0.1", None, datetime.timedelta(minutes=5)))
+        return stores[-1].port
+
+    yield take
+    stores.clear()
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """A private local Ray (2 CPUs, no dashboard) for the tests of one module, shut down after them. `address=

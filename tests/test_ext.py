@@ -454,21 +454,6 @@ DP_DIFF = {"train.steps": 8, "ext.dispersive.weight": 1.0, "model.sprint.path_dr
 TOLERANCE = 2e-5  # srdit's bar for data parallel (tests/test_data_parallel.py)
 
 
-_HELD: list = []
-"The rendezvous stores of this process's test groups: each holds its port until the process ends."
-
-
-def _held_port() -> int:
-    """A port for a test's process group, held by a rendezvous store of this process (never one that was merely
-    free a moment ago: `srdit.parallel.rendezvous_store`); the workers join it with `join_group`."""
-    import datetime
-
-    from srdit.parallel import rendezvous_store
-
-    _HELD.append(rendezvous_store("127.0.0.1", None, datetime.timedelta(minutes=5)))
-    return _HELD[-1].port
-
-
 def _dp_worker(rank: int, world: int, port: int, out: str) -> None:
     from srdit.train import JsonlReporter, train
 
@@ -482,7 +467,7 @@ def _dp_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_the_dispersive_loss_on_two_gloo_workers_follows_one_process(tmp_path):
+def test_the_dispersive_loss_on_two_gloo_workers_follows_one_process(tmp_path, held_port):
     from srdit.train import JsonlReporter, train
 
     load_plugins([str(EXAMPLE / "dispersive.py")])
@@ -492,7 +477,7 @@ def test_the_dispersive_loss_on_two_gloo_workers_follows_one_process(tmp_path):
         JsonlReporter(tmp_path / "one/metrics.jsonl"),
         progress=False,
     )
-    mp.spawn(_dp_worker, args=(2, _held_port(), str(tmp_path / "two")), nprocs=2, join=True)
+    mp.spawn(_dp_worker, args=(2, held_port(), str(tmp_path / "two")), nprocs=2, join=True)
 
     def rows(folder):
         return {
@@ -540,7 +525,7 @@ def _grad_worker(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_the_gathered_batch_gives_each_rank_the_one_process_gradient(tmp_path):
+def test_the_gathered_batch_gives_each_rank_the_one_process_gradient(tmp_path, held_port):
     """`DataParallel.all_gather` (a plugin's `ctx.gather`): after DDP's gradient mean, every parameter's gradient
     of fm + dispersive equals the one-process one up to float32 round-off. (Over steps, Adam's normalisation
     amplifies that round-off where the dispersive term's gradient cancels, e.g. on the patch embedding's bias, which
@@ -554,7 +539,7 @@ def test_the_gathered_batch_gives_each_rank_the_one_process_gradient(tmp_path):
     noise = StepNoise.draw(cfg, model, x0.shape, cfg.shift_value(), "cpu", DataParallel())
     training_losses(model, x0, y, None, cfg, noise)["loss"].backward()
     one = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    mp.spawn(_grad_worker, args=(2, _held_port(), str(tmp_path / "grads.pt")), nprocs=2, join=True)
+    mp.spawn(_grad_worker, args=(2, held_port(), str(tmp_path / "grads.pt")), nprocs=2, join=True)
     two = torch.load(tmp_path / "grads.pt", weights_only=True)
     assert set(two) == set(one)
     for k in one:
@@ -948,7 +933,7 @@ def _code_check_worker(rank: int, world: int, port: int, folder: str) -> None:
 
 
 @pytest.mark.parametrize("edited", [False, True])
-def test_torchrun_ranks_with_other_plugin_code_refuse_in_one_line(tmp_path, edited):
+def test_torchrun_ranks_with_other_plugin_code_refuse_in_one_line(tmp_path, edited, held_port):
     """Under torchrun each rank loads the plugins itself: ranks whose plugin code differs (a node with an older
     copy) refuse on every rank, naming the rank and both code versions; equal copies at other paths run."""
     for rank in (0, 1):
@@ -957,7 +942,7 @@ def test_torchrun_ranks_with_other_plugin_code_refuse_in_one_line(tmp_path, edit
         f = tmp_path / "1" / "repulsion.py"
         f.write_text(f.read_text().replace("def log_mean_exp_neg(", "def log_mean_exp_neg(  # \n"))
         f.write_text(f.read_text() + "\nUNUSED = 1\n")
-    mp.spawn(_code_check_worker, args=(2, _held_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_code_check_worker, args=(2, held_port(), str(tmp_path)), nprocs=2, join=True)
     outcomes = [(tmp_path / f"outcome{r}").read_text() for r in (0, 1)]
     if not edited:
         assert outcomes == ["ok", "ok"]

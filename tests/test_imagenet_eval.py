@@ -127,21 +127,6 @@ def test_missing_reference_is_a_clear_error(stand_ins, tmp_path):
         evaluate(build_model(cfg.model), bad_weights)
 
 
-_HELD: list = []
-"The rendezvous stores of this process's test groups: each holds its port until the process ends."
-
-
-def _held_port() -> int:
-    """A port for a test's process group, held by a rendezvous store of this process (never one that was merely
-    free a moment ago: `srdit.parallel.rendezvous_store`); the workers join it with `join_group`."""
-    import datetime
-
-    from srdit.parallel import rendezvous_store
-
-    _HELD.append(rendezvous_store("127.0.0.1", None, datetime.timedelta(minutes=5)))
-    return _HELD[-1].port
-
-
 def _eval_worker(rank: int, port: int, cfg: RunConfig, samples: str, out: str) -> None:
     join_group(port, rank, 2)
     try:
@@ -160,14 +145,14 @@ def _eval_worker(rank: int, port: int, cfg: RunConfig, samples: str, out: str) -
         dist.destroy_process_group()
 
 
-def test_two_ranks_shard_the_samples_and_give_the_single_process_metrics(stand_ins, tmp_path):
+def test_two_ranks_shard_the_samples_and_give_the_single_process_metrics(stand_ins, tmp_path, held_port):
     """13 samples in protocol batches of 5: rank 0 draws batches 0 and 2, rank 1 batch 1; the metrics equal one
     process's, because each batch's noise depends on (seed, batch) only."""
     from srdit.evaluate import evaluate
     from srdit.model import build_model
 
     cfg = _cfg(stand_ins, samples=13)
-    mp.spawn(_eval_worker, args=(_held_port(), cfg, str(tmp_path / "two"), str(tmp_path / "m.json")), nprocs=2)
+    mp.spawn(_eval_worker, args=(held_port(), cfg, str(tmp_path / "two"), str(tmp_path / "m.json")), nprocs=2)
     two = json.loads((tmp_path / "m.json").read_text())
     assert sorted(p.name for p in (tmp_path / "two").glob("samples_*.npz")) == [
         "samples_00000-of-00002.npz",
@@ -288,7 +273,7 @@ def _count_rows(seen: dict, setattr=setattr) -> None:
 
 
 def test_two_ranks_extract_their_own_samples_features_and_give_the_single_process_metrics(
-    stand_ins, tmp_path, monkeypatch
+    stand_ins, tmp_path, monkeypatch, held_port
 ):
     """The feature passes are sharded: each of two gloo ranks feeds only its own samples to Inception and DINOv2
     (13 samples in protocol batches of 5: rank 0 holds batches 0 and 2 = 8 samples, rank 1 batch 1 = 5; with 4
@@ -312,7 +297,7 @@ def test_two_ranks_extract_their_own_samples_features_and_give_the_single_proces
         for n in (13, 4)
     ]
     folders = [str(tmp_path / f"two_{k}") for k in range(len(cfgs))]
-    mp.spawn(_counting_features_worker, args=(_held_port(), cfgs, folders, str(tmp_path / "rows")), nprocs=2)
+    mp.spawn(_counting_features_worker, args=(held_port(), cfgs, folders, str(tmp_path / "rows")), nprocs=2)
     ranks = [json.loads((tmp_path / f"rows.{r}").read_text()) for r in range(2)]
 
     seen = {}
