@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from srdit.config import LossConfig
 from srdit.transport import (
     interpolate,
     sample,
@@ -15,7 +14,7 @@ from srdit.transport import (
     time_grid,
     velocity_target,
 )
-from srdit.transport.losses import loss_terms, total
+from srdit.transport.losses import flow_matching, total
 
 
 def test_interpolant_endpoints_and_velocity():
@@ -54,14 +53,22 @@ def test_sde_grid_matches_paper():
 
 
 def test_losses_named_and_weighted_in_one_place():
+    from srdit.builtins.cfm import contrastive
+    from srdit.builtins.common import mean_squared_error
+    from srdit.builtins.repa import alignment
+
     pred, target = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
     aux = {"repa": torch.randn(4, 64, 16), "reg": torch.randn(4, 16)}
-    terms = loss_terms(pred, target, aux, repa_target=aux["repa"].clone(), reg_target=aux["reg"].clone(), cfm=True)
-    assert set(terms) == {"fm", "repa", "reg", "cfm"}
+    fm = flow_matching(pred, target)
+    terms = {
+        "repa": alignment(aux["repa"], aux["repa"].clone()),
+        "reg": mean_squared_error(aux["reg"], aux["reg"].clone()),
+        "cfm": contrastive(pred, target),
+    }
     assert torch.isclose(terms["repa"], torch.tensor(-1.0)) and float(terms["reg"]) == 0.0
     assert torch.isclose(terms["cfm"], -((pred - target.roll(1, 0)) ** 2).mean())
-    w = LossConfig(repa=0.5, reg=0.03, cfm=0.05)
-    assert torch.isclose(total(terms, w), terms["fm"] + 0.5 * terms["repa"] + 0.05 * terms["cfm"])
+    w = {"repa": 0.5, "reg": 0.03, "cfm": 0.05}
+    assert torch.isclose(total(fm, terms, w), fm + 0.5 * terms["repa"] + 0.05 * terms["cfm"])
 
 
 def gaussian_velocity(mu, sigma):

@@ -162,7 +162,7 @@ def training_losses(
     more, weights = _hook_terms(
         hooked, model, aux, x0, y, t, eps, noise.eps_cls, pred, target, teacher_out, roll, gather
     )
-    return {"loss": total(terms, cfg.loss, more, weights), **terms, **more}
+    return {"loss": total(terms["fm"], more, weights), **terms, **more}
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
