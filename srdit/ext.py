@@ -41,8 +41,8 @@ rank's share of the global batch):
   the module's own init and put in place of the block's module (so every other weight equals the plain model's;
   the state-dict keys stay `blocks.<i>.attn.` / `blocks.<i>.mlp.`). An MLP maps [B, T, D] -> [B, T, D]. An
   attention takes (x [B, T, D], rope=None | (cos, sin) tables, v_first=None | block 1's values [B, H, T, d]) and
-  returns (out [B, T, D], its values [B, H, T, d]): subclass `srdit.model.attention.Attention` to keep QK-norm,
-  RoPE and value residual (`cfg.qk_norm`, `cfg.rope.enabled`, `cfg.value_residual`). Two plugins may not replace
+  returns (out [B, T, D], its values [B, H, T, d]): start from `srdit.model.parts.attention(cfg, block)` to keep
+  the built-ins that are on (QK-norm, value residual; RoPE's tables come in as `rope`). Two plugins may not replace
   the same block's module.
 - `times(knobs, n, shift, device) -> t [n]`: the training times of the step's *global* batch (n samples), in
   place of the built-in draw (uniform, or the logit-normal built-in's own `times` hook, then the time shift `shift`,
@@ -84,6 +84,7 @@ import inspect
 import re
 import sys
 import traceback
+import types
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -409,11 +410,41 @@ def config_field_rule(key: str) -> tuple[Any, Any]:
     raise ConfigError(f"{key}: unknown config key")
 
 
+CORE_HOOKS: dict[str, tuple[str, ...]] = {
+    "norm": ("cfg", "knobs", "dim"),
+    "activation": ("cfg", "knobs"),
+    "qk_norm": ("cfg", "knobs", "head_dim"),
+    "value_residual": ("cfg", "knobs", "block"),
+    "rotary": ("cfg", "knobs", "head_dim", "grid", "prefix"),
+    "unconditional": ("knobs",),
+}
+"""The backbone's and the sampler's own extension points, which the built-ins that shape the plain SiT implement
+(`srdit.model.parts`, `srdit.generate`): hook name -> its positional parameters. Each is called only while its
+technique is on, at the place where the plain SiT builds the part it replaces (so that the parameters, their init
+and their state-dict keys are those of the switch it always was); at most one technique per point is on.
+- `norm(cfg, knobs, dim) -> nn.Module`: the blocks' pre-norms and the final norm, [..., dim] -> [..., dim], without
+  affine parameters (adaLN supplies scale and shift); in place of LayerNorm(eps 1e-6).
+- `activation(cfg, knobs) -> (fn, gated)`: the MLP's hidden activation fn [..., h] -> [..., h] (gated: fn takes
+  [..., 2 h'] -> [..., h'], the first layer's output holding value and gate, at h' = int(2 h / 3) to keep the
+  weight count); in place of GELU(tanh).
+- `qk_norm(cfg, knobs, head_dim) -> (q_norm, k_norm)`: modules [B, H, T, d] -> [B, H, T, d] applied to queries
+  and keys before RoPE, state-dict keys `blocks.<i>.attn.q_norm.` / `.k_norm.`.
+- `value_residual(cfg, knobs, block) -> nn.Parameter | None`: the learned scalar lambda of block `block` (1..depth)
+  that mixes block 1's values into its own, V' = lambda V_1 + (1 - lambda) V (None: the block does not mix); key
+  `blocks.<i>.attn.v_lambda`.
+- `rotary(cfg, knobs, head_dim, grid, prefix) -> angles [prefix + grid^2, head_dim]`: the rotation angle of each
+  token and channel pair (adjacent channels share one angle; the `prefix` leading tokens, which carry no position,
+  get 0), for the rotary embedding of queries and keys (`srdit.model.layers.Rotary`).
+- `unconditional(knobs) -> {model keyword: bool}`: what the unconditional branch of guidance passes the model
+  besides the null label (path-drop guidance: `drop_sparse_path`); the conditional branch passes False."""
+
 CORE_POINTS: dict[str, str] = {
-    "norm": "the blocks' pre-norms and the final norm (`srdit.model.layers.make_norm`)",
+    **{name: f"`{name}` hook of the core ({', '.join(params)})" for name, params in CORE_HOOKS.items()},
     "routing": "SPRINT's dense / sparse / dense split of the blocks and its token routing (`srdit.model.sit`)",
 }
-"The extension points of the core that only built-ins use (besides `HOOKS`): name -> what it is."
+"""The extension points of the core that only built-ins use (besides `HOOKS`): name -> what it is. SPRINT's routing,
+REPA's tap and REG's class token shape the token layout, which the backbone handles once for every technique
+(positions, RoPE rows, routing, alignment taps, the output; `srdit.model.sit`): their modules live in the model."""
 
 BUILTINS: dict[str, Builtin] = {}
 "Name -> the built-in techniques, in registry order (filled by `srdit.builtins`)."
@@ -437,13 +468,16 @@ def register_builtin(b: Builtin, module: str) -> Builtin:
         if point not in HOOKS and point not in CORE_POINTS:
             raise ConfigError(f"{where}: unknown point {point!r}; allowed: {', '.join([*HOOKS, *CORE_POINTS])}")
     for hook, fn in b.hooks.items():
-        if hook not in HOOKS or hook not in b.points:
-            raise ConfigError(f"{where}: hook {hook!r} is not one of its points ({', '.join(b.points)}) in HOOKS")
+        params = HOOKS.get(hook, CORE_HOOKS.get(hook))
+        if params is None or hook not in b.points:
+            raise ConfigError(
+                f"{where}: hook {hook!r} is not one of its points ({', '.join(b.points)}) in HOOKS or CORE_HOOKS"
+            )
         try:
-            inspect.signature(fn).bind(*HOOKS[hook])
+            inspect.signature(fn).bind(*params)
         except (TypeError, ValueError):
             raise ConfigError(
-                f"{where}: hook {hook} has the wrong signature; expected {hook}({', '.join(HOOKS[hook])})"
+                f"{where}: hook {hook} has the wrong signature; expected {hook}({', '.join(params)})"
             ) from None
     if b.hooks and b.on not in b.knobs and b.on not in b.diff:
         raise ConfigError(f"{where}: hooks need `on`, the knob or diff key whose value switches them on; got {b.on!r}")
@@ -470,16 +504,40 @@ def _config_value(cfg: Any, key: str) -> Any:
     return cfg
 
 
+def builtin_on(b: Builtin, cfg: Any) -> bool:
+    """Whether built-in `b` is on in the run config `cfg`: its `on` knob differs from the config field's default,
+    or its `on` diff key holds the value its diff writes (`model.mlp: swiglu` is SwiGLU's, not ReLU^2's)."""
+    if b.on in b.knobs:
+        key = b.knobs[b.on]
+        return _config_value(cfg, key) != config_field_rule(key)[0]
+    return _config_value(cfg, b.on) == b.diff[b.on]
+
+
 def builtin_enabled(cfg: Any, hook: str) -> list[tuple[Builtin, Any]]:
-    """(built-in, its knob values) of each built-in with a `hook` that is on in the run config `cfg` (its `on` knob
-    or diff key differs from the config field's default), in registry order. The knob values are read from their
-    typed config keys (attribute access: `knobs.weight`)."""
+    """(built-in, its knob values) of each built-in with a `hook` that is on in `cfg` (`builtin_on`), in registry
+    order. `cfg` is a run config, or a `ModelConfig` for the backbone's points (then the knobs are the `model.` keys
+    only). The knob values are read from their typed config keys (attribute access: `knobs.weight`)."""
+    model_only = not isinstance(cfg, RunConfig)
+    root = types.SimpleNamespace(model=cfg) if model_only else cfg
+
+    def covers(key: str) -> bool:
+        return not model_only or key.startswith("model.")
+
     out = []
     for b in BUILTINS.values():
-        key = b.knobs.get(b.on, b.on)
-        if hook in b.hooks and _config_value(cfg, key) != config_field_rule(key)[0]:
-            out.append((b, _knob_values(b.name, tuple(b.knobs))(*(_config_value(cfg, k) for k in b.knobs.values()))))
+        if hook in b.hooks and covers(b.knobs.get(b.on, b.on)) and builtin_on(b, root):
+            keys = {k: key for k, key in b.knobs.items() if covers(key)}
+            out.append((b, _knob_values(b.name, tuple(keys))(*(_config_value(root, k) for k in keys.values()))))
     return out
+
+
+def builtin_part(cfg: Any, hook: str) -> tuple[Builtin, Any, Callable] | None:
+    """(built-in, knob values, its `hook`) of the one built-in with `hook` that is on in `cfg` (`builtin_enabled`),
+    or None: the core's own part. ConfigError naming them when several are on (one part has one rule)."""
+    on = builtin_enabled(cfg, hook)
+    if len(on) > 1:
+        raise ConfigError(f"{', '.join(b.name for b, _ in on)} all replace the {hook}; switch on one at a time")
+    return (on[0][0], on[0][1], on[0][0].hooks[hook]) if on else None
 
 
 @functools.cache

@@ -90,7 +90,7 @@ def _generate_batch(
         sc.cls_cfg_scale,
         sc.guidance_low,
         sc.guidance_high,
-        sc.path_drop_guidance,
+        unconditional=_unconditional(cfg, sc),
         rule=guidance_rule(cfg.ext) if cfg.ext else None,
     )
     with sampling_precision(cfg, device):
@@ -116,6 +116,15 @@ def _label_rule(cfg: RunConfig, sc: SampleConfig):
             (builtin, knobs), *_ = hooked
             rule = checked_labels(f"built-in {builtin.name}", knobs, builtin.hooks["labels"])
     return rule
+
+
+def _unconditional(cfg: RunConfig, sc: SampleConfig) -> dict[str, bool]:
+    """What guidance's unconditional branch passes the model besides the null label: the `unconditional` hooks of
+    the built-ins that are on under the sampling settings `sc` in use (path-drop guidance)."""
+    out: dict[str, bool] = {}
+    for builtin, knobs in builtin_enabled(dataclasses.replace(cfg, sample=sc), "unconditional"):
+        out.update(builtin.hooks["unconditional"](knobs))
+    return out
 
 
 @contextlib.contextmanager

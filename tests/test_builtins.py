@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -146,10 +147,24 @@ PREVIOUS: dict[str, Technique] = {
 }
 
 
+MOVED = {
+    "rmsnorm": ("srdit.model.parts",),
+    "qk_norm": ("srdit.model.parts", "srdit.model.attention"),
+    "value_residual": ("srdit.model.parts", "srdit.model.attention", "srdit.model.sit"),
+    "rope": ("srdit.model.parts", "srdit.model.layers", "srdit.model.attention", "srdit.model.sit"),
+    "swiglu": ("srdit.model.parts", "srdit.model.layers"),
+    "relu2": ("srdit.model.parts", "srdit.model.layers"),
+    "path_drop_guidance": ("srdit.generate", "srdit.transport.samplers", "srdit.model.routing"),
+}
+"""Where the code of the built-ins that now run through the backbone's and the sampler's own points lives besides
+their module (`code` is a listing: no key or checkpoint reads it)."""
+
+
 def test_registry_is_assembled_from_the_builtin_modules_and_equals_the_previous_one():
     assert list(TECHNIQUES) == list(PREVIOUS)
     for name, old in PREVIOUS.items():
         new = TECHNIQUES[name]
+        old = dataclasses.replace(old, code=MOVED.get(name, old.code))
         assert new.code == (f"srdit.builtins.{name}", *old.code), name  # its own module first, then as before
         assert dataclasses.replace(new, code=old.code) == old, name
         assert dict(new.diff) == dict(old.diff) and dict(new.knobs) == dict(old.knobs), name
@@ -167,6 +182,7 @@ def test_one_module_per_builtin_declares_it():
         assert ext.BUILTINS[name].module == module.__name__
         b = ext.BUILTINS[name]
         assert b.points and set(b.points) <= set(ext.HOOKS) | set(ext.CORE_POINTS)
+        assert set(ext.CORE_HOOKS) <= set(ext.CORE_POINTS)
         assert set(b.hooks) <= set(b.points) and (b.on in {*b.knobs, *b.diff} if b.hooks else not b.on)
 
 
@@ -451,3 +467,77 @@ def test_balanced_labels_come_from_its_modules_labels_hook():
     bad = ext.checked_labels("plugin odd", None, lambda knobs, n, c, rows, g: torch.zeros(len(rows) + 1))
     with pytest.raises(ValueError, match=r"plugin odd: labels returned \(9,\); expected 8 labels in \[0, 10\)"):
         bad(23, 10, range(0, 8), None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The backbone's and the sampler's own points (`srdit.ext.CORE_HOOKS`)
+# ----------------------------------------------------------------------------------------------------------------
+
+CORE_USERS = {
+    "rmsnorm": ("norm", {"model.norm": "rmsnorm"}),
+    "swiglu": ("activation", {"model.mlp": "swiglu"}),
+    "relu2": ("activation", {"model.mlp": "relu2"}),
+    "qk_norm": ("qk_norm", {"model.qk_norm": True}),
+    "value_residual": ("value_residual", {"model.value_residual": True}),
+    "rope": ("rotary", {"model.rope.enabled": True}),
+    "path_drop_guidance": (
+        "unconditional",
+        {"model.sprint.enabled": True, "sample.path_drop_guidance": True, "sample.cfg_scale": 2.0},
+    ),
+}
+"Built-in -> (the core point its hook implements, the overrides that switch it on)."
+
+
+def test_the_built_ins_that_shape_the_backbone_implement_its_points():
+    for name, (point, _) in CORE_USERS.items():
+        b = ext.BUILTINS[name]
+        assert point in ext.CORE_HOOKS and set(b.hooks) == {point} and b.points == (point,), name
+
+
+def test_the_backbone_and_the_sampler_test_no_techniques_switch():
+    """The switches of the built-ins that run through the core's points are read by the registry only: no module
+    of the backbone or the sampling code reads them (a switch read there would bypass the hook)."""
+    root = Path(builtins.__file__).parents[1]
+    switches = re.compile(r"\.(norm|mlp|qk_norm|value_residual|rope\.enabled|rope\.theta|path_drop_guidance)\b(?!\()")
+    for module in ("model/sit.py", "model/layers.py", "model/attention.py", "model/parts.py", "generate.py"):
+        source = (root / module).read_text()
+        reads = [m.group(0) for m in switches.finditer(source) if not _is_a_module_attribute(source, m.start())]
+        assert not reads, f"srdit/{module} reads {reads}"
+    samplers = (root / "transport" / "samplers.py").read_text()
+    assert "path_drop" not in samplers.replace("path-drop", "")
+
+
+def _is_a_module_attribute(source: str, at: int) -> bool:
+    """`self.norm(`, `block.mlp`, `self.final.norm`: the part (an attribute of a module), not a config switch."""
+    start = source.rfind("\n", 0, at) + 1
+    owner = re.split(r"[^\w.]", source[start:at])[-1]
+    return not owner.endswith("cfg") and not owner.endswith(("sc", "sample", "m"))
+
+
+@pytest.mark.parametrize("name", list(CORE_USERS))
+def test_a_core_point_is_called_only_while_its_technique_is_on(name, monkeypatch):
+    """Each built-in's hook runs where the plain SiT builds its part, and only while it is on: a plain model and
+    plain sampling call no hook; switched on, its own hook runs (once per part) and no other."""
+    from srdit.config import RunConfig, apply_diff
+    from srdit.generate import generate
+    from srdit.model import build_model
+    from srdit.model.sizes import SIZES
+
+    calls: dict[str, int] = {}
+    for other, (point, _) in CORE_USERS.items():
+        hook = ext.BUILTINS[other].hooks[point]
+
+        def counted(*args, _hook=hook, _name=other):
+            calls[_name] = calls.get(_name, 0) + 1
+            return _hook(*args)
+
+        monkeypatch.setitem(ext.BUILTINS[other].hooks, point, counted)
+    plain = apply_diff(RunConfig(), {"sample.steps": 2, "sample.cfg_scale": 2.0})
+    generate(build_model(plain.model), plain, 4, 0)
+    assert calls == {}
+    point, overrides = CORE_USERS[name]
+    cfg = apply_diff(RunConfig(), {**overrides, "sample.steps": 2})
+    generate(build_model(cfg.model), cfg, 4, 0)
+    depth = SIZES[cfg.model.size][0]
+    per_model = {"norm": 2 * depth + 1, "activation": depth, "qk_norm": depth, "value_residual": depth, "rotary": 1}
+    assert calls == {name: per_model.get(point, 1)}

@@ -723,19 +723,19 @@ def test_two_guidance_plugins_on_at_once_are_refused_in_one_line(tmp_path):
 # ------------------------------------------------------------------------------------------------------------------
 
 VARIANTS = """
+from srdit.builtins.relu2 import relu2
 from srdit.config import SIZES
 from srdit.ext import Knob, Plugin
-from srdit.model.attention import Attention
+from srdit.model import parts
 from srdit.model.layers import Mlp
 
 
 def attention(cfg, knobs, block):  # block 2 gets a fresh attention of the same kind
-    depth, dim, heads = SIZES[cfg.size]
-    return Attention(dim, heads, cfg.qk_norm, cfg.value_residual) if block == knobs.block else None
+    return parts.attention(cfg, block) if block == knobs.block else None
 
 
 def mlp(cfg, knobs, block):
-    return Mlp(SIZES[cfg.size][1], 4.0, "relu2") if block == knobs.block else None
+    return Mlp(SIZES[cfg.size][1], 4.0, relu2) if block == knobs.block else None
 
 
 NAME = Plugin("NAME", "a test 2025", knobs={"block": Knob(2, range=(1, None))}, hooks={HOOKS})

@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from srdit.builtins import qk_norm, relu2, swiglu
+from srdit.builtins.rope import axial_angles
 from srdit.config import ModelConfig, RegConfig, RepaConfig, RopeConfig, SprintConfig
 from srdit.model import build_model, count_macs
 from srdit.model.attention import Attention
-from srdit.model.layers import Mlp, Rope2d, TimestepEmbedder, apply_rope, sincos_2d
+from srdit.model.layers import Mlp, Rotary, TimestepEmbedder, apply_rope, gelu_tanh, sincos_2d
 from srdit.techniques import TECHNIQUES, preset
 
 DEBUG = ModelConfig(size="debug", patch_size=1, in_channels=1, input_size=8, num_classes=10)
@@ -284,7 +286,7 @@ def test_every_model_technique(name):
 
 
 def test_rope_scores_depend_only_on_relative_offsets():
-    rope = Rope2d(head_dim=16, grid=8, prefix=0, theta=10000.0)
+    rope = Rotary(axial_angles(head_dim=16, grid=8, prefix=0, theta=10000.0))
     cos, sin = rope.tables()
     q = torch.randn(1, 1, 1, 16).expand(1, 1, 64, 16)
     k = torch.randn(1, 1, 1, 16).expand(1, 1, 64, 16)
@@ -300,7 +302,7 @@ def test_rope_scores_depend_only_on_relative_offsets():
 
 
 def test_rope_leaves_class_token_unrotated():
-    rope = Rope2d(head_dim=16, grid=4, prefix=1, theta=10000.0)
+    rope = Rotary(axial_angles(head_dim=16, grid=4, prefix=1, theta=10000.0))
     cos, sin = rope.tables()
     q = torch.randn(1, 1, 17, 16)
     assert torch.equal(apply_rope(q, cos, sin)[:, :, 0], q[:, :, 0])
@@ -402,7 +404,7 @@ def test_value_residual_mix_closed_form(lam):
     """V' = lambda V_1 + (1 - lambda) V: lambda = 0 is plain attention (bit for bit), lambda = 1 attends with
     block 0's values only; the returned values are this block's own, before the mix."""
     torch.manual_seed(0)
-    attn = Attention(32, 4, qk_norm=False, value_residual=True).double()
+    attn = Attention(32, 4, v_lambda=torch.nn.Parameter(torch.tensor(0.5))).double()
     with torch.no_grad():
         attn.v_lambda.fill_(lam)
     x, v_first = torch.randn(2, 5, 32, dtype=torch.float64), torch.randn(2, 4, 5, 8, dtype=torch.float64)
@@ -411,7 +413,7 @@ def test_value_residual_mix_closed_form(lam):
     assert torch.equal(v_raw, own_v)
     assert torch.allclose(out, _explicit_attention(attn, x, v_first, lam), atol=1e-12)
     if lam == 0.0:
-        plain = Attention(32, 4, qk_norm=False, value_residual=False).double()
+        plain = Attention(32, 4).double()
         plain.load_state_dict({k: v for k, v in attn.state_dict().items() if k != "v_lambda"})
         assert torch.equal(out, plain(x)[0])
     if lam == 1.0:  # the block's own values drop out entirely: changing them changes nothing
@@ -425,7 +427,7 @@ def test_value_residual_mix_closed_form(lam):
 def test_qk_norm_matches_direct_computation():
     """QK-norm = RMSNorm over the head dimension with a learnable scale on q and on k, before attention."""
     torch.manual_seed(0)
-    attn = Attention(32, 4, qk_norm=True, value_residual=False).double()
+    attn = Attention(32, 4, qk_norm=qk_norm.qk_norm(None, None, 8)).double()
     with torch.no_grad():
         attn.q_norm.weight.copy_(torch.rand(8, dtype=torch.float64) + 0.5)
         attn.k_norm.weight.copy_(torch.rand(8, dtype=torch.float64) + 0.5)
@@ -441,23 +443,24 @@ def test_swiglu_weight_count_against_dense_mlp(dim):
     """The dense MLP (ratio 4) has h = 4 D hidden units and 2 h D = 8 D^2 weights. SwiGLU has h' = int(2 h / 3)
     and 3 h' D weights = 8 D^2 - r D with r = 2 h mod 3: exactly the dense count when 3 divides D (S, B, XL:
     384, 768, 1152), D or 2 D fewer otherwise. Biases: 2 h' + D against h + D. Totals agree within 1%."""
-    dense, swiglu = Mlp(dim, 4.0, "gelu"), Mlp(dim, 4.0, "swiglu")
+    dense, gated = Mlp(dim, 4.0), Mlp(dim, 4.0, *swiglu.activation(None, None))
     weights = lambda m: m.fc1.weight.numel() + m.fc2.weight.numel()  # noqa: E731
     biases = lambda m: m.fc1.bias.numel() + m.fc2.bias.numel()  # noqa: E731
     h = 4 * dim
     h2 = int(2 * h / 3)
     assert weights(dense) == 2 * h * dim == 8 * dim * dim
-    assert weights(swiglu) == 3 * h2 * dim == weights(dense) - ((2 * h) % 3) * dim
-    assert (weights(swiglu) == weights(dense)) == (dim % 3 == 0)
-    assert biases(dense) == h + dim and biases(swiglu) == 2 * h2 + dim
+    assert weights(gated) == 3 * h2 * dim == weights(dense) - ((2 * h) % 3) * dim
+    assert (weights(gated) == weights(dense)) == (dim % 3 == 0)
+    assert biases(dense) == h + dim and biases(gated) == 2 * h2 + dim
     total = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
-    assert abs(total(swiglu) - total(dense)) / total(dense) < 0.01
+    assert abs(total(gated) - total(dense)) / total(dense) < 0.01
 
 
 @pytest.mark.parametrize("kind", ["gelu", "relu2", "swiglu"])
 def test_mlp_activations_closed_form(kind):
     torch.manual_seed(0)
-    mlp = Mlp(16, 4.0, kind).double()
+    activation = {"gelu": (gelu_tanh, False), "relu2": relu2.activation(None, None)}.get(kind)
+    mlp = Mlp(16, 4.0, *(activation or swiglu.activation(None, None))).double()
     x = torch.randn(2, 3, 16, dtype=torch.float64)
     h = F.linear(x, mlp.fc1.weight, mlp.fc1.bias)
     if kind == "gelu":

@@ -260,7 +260,9 @@ def test_guidance_at_scale_one_is_the_conditional_model_in_one_pass(path_drop):
     model, cfg = _guided_model()
     state, t = _state(cfg), torch.full((3,), 0.6)
     counter = []
-    v = guided_velocity(model, Y, 10, 1.0, 1.0, path_drop=path_drop, counter=counter)(state, t)
+    v = guided_velocity(model, Y, 10, 1.0, 1.0, unconditional={"drop_sparse_path": path_drop}, counter=counter)(
+        state, t
+    )
     c, aux = model(state[0], t, Y, state[1])
     assert counter == [1]
     assert torch.equal(v[0], c) and torch.equal(v[1], aux["reg"])
@@ -317,7 +319,7 @@ def test_class_token_guidance_alone_runs_the_second_branch_with_reg_only():
 def test_path_drop_guidance_drops_the_sparse_path_in_the_unconditional_half_only():
     model, cfg = _guided_model()
     state, t = _state(cfg), torch.full((3,), 0.6)
-    v = guided_velocity(model, Y, 10, 2.5, 1.5, path_drop=True)(state, t)
+    v = guided_velocity(model, Y, 10, 2.5, 1.5, unconditional={"drop_sparse_path": True})(state, t)
     ref = _two_pass(model, Y, 10, 2.5, 1.5, True)(state, t)
     no_drop = _two_pass(model, Y, 10, 2.5, 1.5, False)(state, t)
     for a, b in zip(v, ref):
@@ -348,7 +350,9 @@ def test_batched_guidance_sampler_equals_the_two_call_sampler(sampler, path_drop
         g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
         counter = []
         batched = sample(
-            guided_velocity(model, Y, 10, 3.0, 2.0, low=low, path_drop=path_drop, counter=counter),
+            guided_velocity(
+                model, Y, 10, 3.0, 2.0, low=low, unconditional={"drop_sparse_path": path_drop}, counter=counter
+            ),
             _state(cfg),
             sampler,
             8,

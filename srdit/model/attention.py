@@ -1,4 +1,4 @@
-"""Multi-head self-attention with the SR-DiT switches: QK-norm, 2-D RoPE and value residual."""
+"""Multi-head self-attention with the parts of QK-norm, 2-D RoPE and value residual."""
 
 from __future__ import annotations
 
@@ -10,25 +10,25 @@ from srdit.model.layers import apply_rope
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention [B, T, D] -> [B, T, D] (H heads of width d = D / H), as in DiT / SiT, plus:
+    """Multi-head self-attention [B, T, D] -> [B, T, D] (H heads of width d = D / H), as in DiT / SiT, with the
+    parts the techniques that are on give it (`srdit.model.parts.attention` builds it for a block):
 
-    - QK-norm (SR-DiT section 1.8): q and k pass an RMSNorm over the head dimension with a learnable scale;
-    - 2-D RoPE (SR-DiT section 1.7): q and k rotate by their token's grid position (`rope` = cos/sin tables);
-    - value residual (Zhou et al. 2024, arXiv:2410.17897, "value residual learning"): the values mix with block
-      0's values, V' = lambda V_1 + (1 - lambda) V, with a learned scalar lambda = `v_lambda` (init 0.5).
-      `value_residual` is on in every block but the first (block 0 provides V_1).
+    - `qk_norm` (q_norm, k_norm): modules on q and k [B, H, T, d] before the rotation (QK-norm, SR-DiT section 1.8:
+      an RMSNorm over the head dimension with a learnable scale);
+    - `rope` at call time: cos/sin tables that rotate q and k by their token's position (2-D RoPE, section 1.7);
+    - `v_lambda` a learned scalar that mixes block 1's values `v_first` into this block's, V' = lambda V_1 +
+      (1 - lambda) V (value residual, Zhou et al. 2024, arXiv:2410.17897).
 
     `forward` returns the output and this block's raw values [B, H, T, d] (before the mix)."""
 
-    def __init__(self, dim: int, heads: int, qk_norm: bool, value_residual: bool):
+    def __init__(self, dim: int, heads: int, qk_norm: tuple[nn.Module, nn.Module] | None = None, v_lambda=None):
         super().__init__()
         self.heads = heads
         self.head_dim = dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
-        self.q_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
-        self.k_norm = nn.RMSNorm(self.head_dim) if qk_norm else None
-        self.v_lambda = nn.Parameter(torch.tensor(0.5)) if value_residual else None
+        self.q_norm, self.k_norm = qk_norm if qk_norm is not None else (None, None)
+        self.v_lambda = v_lambda
 
     def forward(
         self,

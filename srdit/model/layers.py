@@ -10,48 +10,29 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def make_norm(kind: str, dim: int) -> nn.Module:
-    """Block pre-norm / final norm without affine (adaLN supplies scale and shift). SR-DiT section 1.6."""
-    if kind == "rmsnorm":
-        return nn.RMSNorm(dim, eps=1e-6, elementwise_affine=False)
-    return nn.LayerNorm(dim, eps=1e-6, elementwise_affine=False)
-
-
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-def _gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+def gelu_tanh(h: torch.Tensor) -> torch.Tensor:
+    """The plain SiT's MLP activation: GELU with the tanh approximation."""
     return F.gelu(h, approximate="tanh")
 
 
-def _relu2(h: torch.Tensor) -> torch.Tensor:
-    return F.relu(h).square()
-
-
-def _swiglu(h: torch.Tensor) -> torch.Tensor:
-    a, b = h.chunk(2, dim=-1)  # [..., 2 * hidden] -> 2 x [..., hidden]
-    return F.silu(a) * b
-
-
-ACTIVATIONS = {"gelu": _gelu_tanh, "relu2": _relu2, "swiglu": _swiglu}
-"The MLP's hidden activation by config name (`model.mlp`); SwiGLU's gate halves the hidden width."
-
-
 class Mlp(nn.Module):
-    """Two-layer MLP [B, T, D] -> [B, T, D]: GELU(tanh) as in SiT, ReLU^2 (Primer), or SwiGLU.
+    """Two-layer MLP [B, T, D] -> [B, T, D] with hidden activation `activation` (GELU(tanh) as in SiT; a technique's
+    through the `activation` point, `srdit.model.parts.mlp`: ReLU^2, SwiGLU).
 
-    The dense MLP has hidden width h = int(ratio * D) and 2 h D weights. SwiGLU's first layer produces the value
-    and the gate, so its hidden width is h' = int(2 h / 3) and it has 3 h' D = 2 h D - r D weights with
-    r = 2 h mod 3 (the same count when 3 divides 2 h, as at D = 384, 768, 1152); its biases number 2 h' + D
-    against h + D."""
+    The dense MLP has hidden width h = int(ratio * D) and 2 h D weights. A `gated` activation (SwiGLU) takes the
+    first layer's output as value and gate, so its hidden width is h' = int(2 h / 3) and it has 3 h' D = 2 h D - r D
+    weights with r = 2 h mod 3 (the same count when 3 divides 2 h, as at D = 384, 768, 1152); its biases number
+    2 h' + D against h + D."""
 
-    def __init__(self, dim: int, ratio: float, kind: str):
+    def __init__(self, dim: int, ratio: float, activation=gelu_tanh, gated: bool = False):
         super().__init__()
         hidden = int(dim * ratio)
-        self.kind = kind
-        self.act = ACTIVATIONS[kind]  # resolved once, not per call
-        if kind == "swiglu":
+        self.act = activation
+        if gated:
             hidden = int(2 * hidden / 3)
             self.fc1 = nn.Linear(dim, 2 * hidden)
         else:
@@ -113,23 +94,16 @@ def sincos_2d(dim: int, grid: int) -> np.ndarray:
     return np.concatenate([one_axis(dim // 2, cols), one_axis(dim // 2, rows)], axis=1)
 
 
-class Rope2d(nn.Module):
-    """2-D axial RoPE (EVA-02 style; SR-DiT section 1.7): the first half of the head dimension rotates by the
-    row index, the second half by the column index, adjacent pairs share a frequency.
+class Rotary(nn.Module):
+    """Rotary embedding tables of queries and keys: cos and sin of the rotation angles [T, d] of each token and
+    channel (a technique's `rotary` point gives the angles, `srdit.model.parts.rotary`: 2-D axial RoPE, SR-DiT
+    section 1.7). Rows of zeros (tokens without a position) are the identity. Non-persistent buffers: the state
+    dict holds no table. Sparse paths gather the rows of their kept tokens."""
 
-    Tables hold one row per token; extra leading tokens (the REG class token) get the identity rotation, so
-    they carry no position. Sparse paths gather the rows of their kept tokens."""
-
-    def __init__(self, head_dim: int, grid: int, prefix: int, theta: float):
+    def __init__(self, angles: torch.Tensor):
         super().__init__()
-        quarter = head_dim // 4
-        freqs = theta ** (-torch.arange(quarter, dtype=torch.float64) / quarter)  # omega_k = theta^(-2k/(d/2))
-        rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-        ang = torch.cat([rows.reshape(-1, 1) * freqs, cols.reshape(-1, 1) * freqs], dim=1)  # [T, head_dim/2]
-        ang = ang.repeat_interleave(2, dim=1)  # each angle drives one adjacent pair
-        ang = torch.cat([torch.zeros(prefix, head_dim, dtype=ang.dtype), ang], dim=0)
-        self.register_buffer("cos", ang.cos().float(), persistent=False)
-        self.register_buffer("sin", ang.sin().float(), persistent=False)
+        self.register_buffer("cos", angles.cos().float(), persistent=False)
+        self.register_buffer("sin", angles.sin().float(), persistent=False)
 
     def tables(self, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin as [1, 1, T, d] (all tokens) or [B, 1, K, d] for kept token indices [B, K]."""

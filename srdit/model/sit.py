@@ -1,4 +1,4 @@
-"""SiT backbone (Ma et al. 2024, on DiT, Peebles & Xie 2023) with every SR-DiT technique as a switch.
+"""SiT backbone (Ma et al. 2024, on DiT, Peebles & Xie 2023) with the SR-DiT techniques that are on.
 
 Read top to bottom: patch embedding + fixed 2-D sin-cos positions -> (REG class token) -> blocks with
 adaLN-Zero -> final layer. With SPRINT the blocks split into dense encoder / sparse middle / dense decoder.
@@ -20,24 +20,26 @@ from torch import nn
 
 from srdit.config import ModelConfig
 from srdit.ext import enabled
+from srdit.model import parts
 from srdit.model.alignment import RegToken, RepaProjector
-from srdit.model.attention import Attention
-from srdit.model.layers import LabelEmbedder, Mlp, Rope2d, TimestepEmbedder, make_norm, modulate, sincos_2d
+from srdit.model.layers import LabelEmbedder, TimestepEmbedder, modulate, sincos_2d
 from srdit.model.routing import SprintRouter
 from srdit.model.sizes import SIZES
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block with adaLN-Zero: six modulation vectors, gates on both residual branches.
+    """Pre-norm transformer block with adaLN-Zero: six modulation vectors, gates on both residual branches; its
+    norms, attention and MLP as the techniques that are on shape them (`srdit.model.parts`).
 
     x [B, T, D], conditioning c [B, D] -> (x [B, T, D], this block's attention values [B, H, T, d])."""
 
-    def __init__(self, dim: int, heads: int, cfg: ModelConfig, value_residual: bool):
+    def __init__(self, cfg: ModelConfig, block: int):
         super().__init__()
-        self.norm1 = make_norm(cfg.norm, dim)
-        self.attn = Attention(dim, heads, qk_norm=cfg.qk_norm, value_residual=value_residual)
-        self.norm2 = make_norm(cfg.norm, dim)
-        self.mlp = Mlp(dim, 4.0, cfg.mlp)
+        dim = SIZES[cfg.size][1]
+        self.norm1 = parts.norm(cfg, dim)
+        self.attn = parts.attention(cfg, block)
+        self.norm2 = parts.norm(cfg, dim)
+        self.mlp = parts.mlp(cfg, dim)
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
     def forward(self, x, c, rope=None, v_first=None):
@@ -52,9 +54,9 @@ class FinalLayer(nn.Module):
     """adaLN-modulated norm [B, T, D] -> [B, T, D]; `linear` then maps each token to its p * p * C patch values
     (applied by SiT after the REG class token is split off)."""
 
-    def __init__(self, dim: int, patch: int, out_channels: int, norm: str):
+    def __init__(self, dim: int, patch: int, out_channels: int, norm: nn.Module):
         super().__init__()
-        self.norm = make_norm(norm, dim)
+        self.norm = norm
         self.adaLN = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
         self.linear = nn.Linear(dim, patch * patch * out_channels)
 
@@ -75,7 +77,8 @@ class SiT(nn.Module):
     - REPA (`self.repa`, arXiv:2410.06940): projects the hidden tokens after block `repa.depth` (training only);
     - REG (`self.reg`, arXiv:2507.01467): the noised teacher class token enters as token 0 and gets its own
       velocity head;
-    - RoPE, QK-norm, value residual: inside `Attention`; RMSNorm and the MLP kind: in the blocks;
+    - RoPE (`self.rope`, the rotary tables), QK-norm, value residual, RMSNorm, the MLP's activation: the parts the
+      built-ins' hooks give the backbone (`srdit.model.parts`);
     - plugin techniques (`srdit.ext`, the `ext` argument): their modules (`self.ext`) and taps after blocks."""
 
     def __init__(self, cfg: ModelConfig, ext: Mapping[str, Mapping[str, Any]] | None = None):
@@ -96,16 +99,16 @@ class SiT(nn.Module):
         self.t_embed = TimestepEmbedder(dim, scale=cfg.time_embed_scale)
         self.y_embed = LabelEmbedder(cfg.num_classes, dim)
         self.reg = RegToken(dim, cfg.reg.dim) if cfg.reg.enabled else None
-        self.rope = Rope2d(dim // heads, self.grid, self.prefix, cfg.rope.theta) if cfg.rope.enabled else None
-        self.blocks = nn.ModuleList(
-            Block(dim, heads, cfg, value_residual=cfg.value_residual and i > 0) for i in range(depth)
-        )
+        self.rope = parts.rotary(cfg, self.prefix)  # the tables of a rotary embedding (RoPE), or None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(1, depth + 1))
         s = cfg.sprint
         self.sprint = SprintRouter(dim, s.drop_ratio, s.path_drop_prob) if s.enabled else None
         self.repa = RepaProjector(dim, cfg.repa.projector_dim, cfg.repa.teacher_dim) if cfg.repa.enabled else None
-        self.final = FinalLayer(dim, p, cfg.in_channels, cfg.norm)
+        self.final = FinalLayer(dim, p, cfg.in_channels, parts.norm(cfg, dim))
         self.initialize()
         self._plugins(on)
+        # block 1's values go on to the others while any block mixes them in (value residual)
+        self.mixes_values = any(getattr(b.attn, "v_lambda", None) is not None for b in self.blocks)
 
     @staticmethod
     def _token_counts(cfg: ModelConfig, on) -> list[tuple[str, int]]:
@@ -211,7 +214,7 @@ class SiT(nn.Module):
         value-residual source; REPA taps after block `repa_at` (aux["repa"] [B, T, teacher_dim])."""
         for i, block in blocks:
             h, v = block(h, c, rope=rope, v_first=v_first)
-            if i == 0 and self.cfg.value_residual:
+            if i == 0 and self.mixes_values:
                 v_first = v
             if self.repa is not None and i + 1 == repa_at and self.training:
                 aux["repa"] = self.repa(self._without_extras(h))  # [B, T - extra, teacher_dim]

@@ -14,7 +14,8 @@ Guidance (`guided_velocity`), decided once here:
 - Each output gets the classifier-free formula v = v_u + w (v_c - v_u) with its own scale: the image with
   `cfg_scale`, the REG class token with `cls_cfg_scale`. Any finite w is taken as written: w = 1 is the
   conditional model, 0 the unconditional one, w < 1 a weaker conditioning (useful in ablations), w > 1 guidance.
-- The unconditional branch (null label; with `path_drop` also the SPRINT sparse path replaced by [MASK]) is
+- The unconditional branch (null label; with `unconditional` also what a technique asks of it, e.g. path-drop
+  guidance's SPRINT sparse path replaced by [MASK]) is
   evaluated only when it can change the result: t inside [low, high] and a scale that applies differs from 1
   (`cls_cfg_scale` applies only when the model has the REG token). Otherwise the velocity is the conditional
   model's, bit for bit, and no second pass runs (path-drop guidance at scale 1 costs nothing).
@@ -26,7 +27,7 @@ Guidance (`guided_velocity`), decided once here:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -241,7 +242,7 @@ def guided_velocity(
     cls_cfg_scale: float = 1.0,
     low: float = 0.0,
     high: float = 1.0,
-    path_drop: bool = False,
+    unconditional: Mapping[str, bool] | None = None,
     counter: list | None = None,
     dtype: torch.dtype = torch.float32,
     rule: Callable | None = None,
@@ -249,30 +250,33 @@ def guided_velocity(
     """Velocity of `model` for labels y [B], with classifier-free guidance inside [low, high] (t = 1 noise); the
     semantics (which scale applies, when the unconditional branch runs) are in the module docstring.
 
-    The unconditional branch uses the null label and, with `path_drop`, also drops the SPRINT sparse path
-    (path-drop guidance; SR-DiT section 3.2). When guiding, both branches run as one forward on a [2B] batch
+    The unconditional branch uses the null label and, with `unconditional`, also passes the model those keyword
+    arguments as per-sample bool tensors [2B] that hold them on the unconditional half only (the `unconditional`
+    point of `srdit.ext.CORE_HOOKS`; path-drop guidance, SR-DiT section 3.2: {"drop_sparse_path": True}); the
+    conditional pass alone gets them as False. When guiding, both branches run as one forward on a [2B] batch
     (conditional half first); equal to two separate passes up to float32 round-off of the batched kernels.
     `counter`, when given, gets one entry per forward: the number of branches it evaluated (1 or 2). `rule`
     (`srdit.ext.guidance_rule`, a plugin technique's guidance) replaces u + w (c - u) for the image velocity:
     rule(cond, uncond, x, t, w) -> [B, C, H, W]."""
     y_null = torch.full_like(y, null_label)
     labels2 = torch.cat([y, y_null])  # [2B]
-    drop2 = (
-        torch.cat([torch.zeros_like(y, dtype=torch.bool), torch.ones_like(y, dtype=torch.bool)]) if path_drop else False
-    )  # [2B]: only the unconditional half drops the sparse path
+    asked = {k: v for k, v in (unconditional or {}).items() if v}
+    half = [torch.zeros_like(y, dtype=torch.bool), torch.ones_like(y, dtype=torch.bool)]
+    kwargs2 = {k: torch.cat(half) for k in asked}  # [2B]: only the unconditional half asks
+    kwargs1 = dict.fromkeys(asked, False)
 
-    def call(state, t, labels, drop, branches):
+    def call(state, t, labels, kwargs, branches):
         if counter is not None:
             counter.append(branches)
         x = state[0].to(dtype)
         cls_token = state[1].to(dtype) if len(state) > 1 else None
-        v, aux = model(x, t, labels, cls_token, drop_sparse_path=drop)
+        v, aux = model(x, t, labels, cls_token, **kwargs)
         return [v] + ([aux["reg"]] if "reg" in aux else [])
 
     def velocity(state, t):
         if not (guides(cfg_scale, cls_cfg_scale, len(state) > 1) and low <= float(t[0]) <= high):
-            return call(state, t, y, False, 1)
-        both = call([torch.cat([s, s]) for s in state], torch.cat([t, t]), labels2, drop2, 2)
+            return call(state, t, y, kwargs1, 1)
+        both = call([torch.cat([s, s]) for s in state], torch.cat([t, t]), labels2, kwargs2, 2)
         scales = [cfg_scale, cls_cfg_scale]
         out = []
         for i, v in enumerate(both):
