@@ -139,6 +139,28 @@ def test_a_plugin_whose_knob_has_no_range_fails_at_load_and_the_cli_exits_1(tmp_
     assert out[1].startswith("norange: 0 of 1 checks passed in ") and len(out) == 2
 
 
+@pytest.mark.parametrize("where", ["before", "after", "both"])
+def test_plugins_may_come_before_or_after_the_check_sub_command(where, tmp_path, capsys):
+    """`srdit techniques --plugins P check NAME` is `srdit techniques check NAME --plugins P`: the top-level list
+    ends at the sub-command (argparse alone would take `check NAME` for two more plugins); given on both sides, the
+    lists join (the sub-command's first)."""
+    from srdit.commands import main
+
+    bad = _write(
+        tmp_path / "norange.py",
+        'from srdit.ext import Knob, Plugin\nnorange = Plugin("norange", "nowhere 2025", knobs={"w": Knob(0.5)})\n',
+    )
+    other = _write(tmp_path / "other.py", 'from srdit.ext import Plugin\nother = Plugin("other", "nowhere 2025")\n')
+    argv = {
+        "before": ["techniques", "--plugins", str(bad), "check", "norange"],
+        "after": ["techniques", "check", "norange", "--plugins", str(bad)],
+        "both": ["techniques", "--plugins", str(bad), "check", "norange", "--plugins", str(other)],
+    }[where]
+    assert main(argv) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"norange: load: FAIL: --plugins[{int(where == 'both')}]: plugin norange: knob w: has no")
+
+
 def test_a_bad_name_or_step_count_is_one_line_and_exit_2(capsys):
     from srdit.commands import main
 

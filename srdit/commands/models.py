@@ -170,6 +170,7 @@ def techniques_parser() -> argparse.ArgumentParser:
     tq.add_argument(
         "--plugins",
         nargs="+",
+        action="extend",
         metavar="PLUGIN",
         help="plugin techniques to load and list too: module names, or .py files / package folders "
         "(installed plugins, entry-point group srdit.techniques, are always listed)",
@@ -185,6 +186,7 @@ def techniques_parser() -> argparse.ArgumentParser:
     ck.add_argument(
         "--plugins",
         nargs="+",
+        action="extend",
         metavar="PLUGIN",
         help="plugins to load (and keep off in the off run): module names, or .py files / package folders",
     )
@@ -220,4 +222,24 @@ def model_info_main(argv: list[str] | None = None) -> int:
 def techniques_main(argv: list[str] | None = None) -> int:
     """`srdit techniques [--json] [--plugins PLUGIN ...]`, `srdit techniques check NAME [--plugins PLUGIN ...]
     [--steps N]`, `srdit techniques new NAME [--out DIR]`; returns the exit code."""
-    return parse_and_run(techniques_parser(), cmd_techniques, argv)
+    return parse_and_run(techniques_parser(), cmd_techniques, _plugins_after_action(argv))
+
+
+ACTIONS = ("check", "new")
+"The sub-commands of `srdit techniques`."
+
+
+def _plugins_after_action(argv: list[str] | None) -> list[str] | None:
+    """`--plugins A B check NAME ...` -> `check NAME ... --plugins A B`: the top-level option's list ends at a
+    sub-command name (argparse would take `check NAME` as two more plugins), and the plugins reach the sub-command,
+    which loads them (a plugin file named like a sub-command is written `./check.py`)."""
+    if argv is None or "--plugins" not in argv:
+        return argv
+    argv = list(argv)
+    at = argv.index("--plugins")
+    end = at + 1
+    while end < len(argv) and not argv[end].startswith("-") and argv[end] not in ACTIONS:
+        end += 1
+    if end < len(argv) and argv[end] in ACTIONS:
+        return argv[:at] + argv[end:] + argv[at:end]
+    return argv
