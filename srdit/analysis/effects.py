@@ -60,6 +60,7 @@ __all__ = [
     "analyze_study",
     "bh_fcr_intervals",
     "FCRFamily",
+    "level_pct",
     "pair_name",
     "shapley_values",
     "combo_label",
@@ -2423,10 +2424,15 @@ def bh_fcr_intervals(estimates: Sequence[float], ses: Sequence[float], dfs: Sequ
     return FCRFamily(p=p.tolist(), q=q.tolist(), selected=selected.tolist(), ci=ci, alpha=alpha, level=float(1 - tail))
 
 
-def _pct(level: float) -> str:
-    """A confidence level in percent, with the digits that tell 99.2% from 99%."""
+def level_pct(level: float) -> str:
+    """A confidence level in percent with two significant digits of its complement, so that 1 - alpha / m never
+    reads as 100%: 0.95 -> "95%", 0.979167 -> "97.9%", 0.998333 -> "99.83%", 0.9998333 -> "99.983%"."""
     x = 100 * level
-    return f"{x:.0f}%" if abs(x - round(x)) < 1e-9 else f"{x:.3g}%"
+    if abs(x - round(x)) < 1e-9:
+        return f"{round(x)}%"
+    miss = 100 - x
+    dec = max(1, math.ceil(-math.log10(miss)) + 1) if miss > 0 else 1
+    return f"{x:.{dec}f}%"
 
 
 def _exploratory_family(
@@ -2457,7 +2463,7 @@ def _exploratory_family(
     if tests:
         family += (
             f"; {fam.n_selected} selected, synergy intervals FCR-adjusted (Benjamini-Yekutieli) at marginal "
-            f"level 1 - R alpha / m = {_pct(fam.level)} (R = {fam.n_selected}, m = {len(tests)})"
+            f"level 1 - R alpha / m = {level_pct(fam.level)} (R = {fam.n_selected}, m = {len(tests)})"
         )
     for m, a in list(out.items()):
         if m == primary:
@@ -2498,9 +2504,10 @@ def _exploratory_family(
             fcr_level = fam.level
             dfs = sorted({tests[i][4] for i in mine.values()})
             interval = (
-                f"FCR-adjusted (Benjamini-Yekutieli) {_pct(1 - alpha)} intervals for the exploratory "
-                f"Benjamini-Hochberg family: marginal t intervals at level 1 - R alpha / m = {_pct(fam.level)} (R = {fam.n_selected} of "
-                f"m = {len(tests)} pair tests over the secondary metrics selected at FDR {alpha}; df = "
+                f"FCR-adjusted (Benjamini-Yekutieli) {level_pct(1 - alpha)} intervals for the exploratory "
+                "Benjamini-Hochberg family: marginal t intervals at level 1 - R alpha / m = "
+                f"{level_pct(fam.level)} (R = {fam.n_selected} of m = {len(tests)} pair tests over the secondary "
+                f"metrics selected at FDR {alpha}; df = "
                 f"{', '.join(_num_s(d) for d in dfs)}), synergy units (S = 2 INT, oriented gain); an interval "
                 "excludes 0 exactly when its pair is selected"
             )

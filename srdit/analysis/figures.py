@@ -112,8 +112,8 @@ def interval_label(a: Analysis) -> str:
 def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
     """Matrix of S_ij (oriented). Upper triangle: S with its interval (`interval_label`: simultaneous, or
     FCR-adjusted for an exploratory metric), in full colour when significant (the interval excludes 0) and muted
-    (faded, "n.s.") when not; aliased, partially aliased ("partly aliased") and
-    failed cells are labelled. Lower triangle: the pair's p_adj (no colour). None when no pair is estimable (leave-one-
+    (faded, "n.s.") when not; aliased, partially aliased ("partly aliased") and failed cells are labelled. Lower
+    triangle: the p-value of the decision (`decision_p`, no colour). None when no pair is estimable (leave-one-
     out and ladder designs lack the cells): an all-empty heatmap has no colour range and plotly fails on it."""
     incompatible = a.incompatible
     if not any(v is not None for v in a.pairs.synergy.values()) and not incompatible and not a.fit.aliased:

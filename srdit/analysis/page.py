@@ -29,6 +29,7 @@ from srdit.analysis.effects import (
     AnalysisFailure,
     Flag,
     combo_label,
+    level_pct,
 )
 from srdit.analysis.figures import (
     _cell_order,
@@ -886,10 +887,10 @@ def _exploratory_reading(analyses: dict[str, Analysis | AnalysisFailure], primar
         )
     m = sum(1 for am in fam for q in am.pairs.p_adj.values() if q is not None)
     r = sum(len(am.pairs.significant) for am in fam)
-    level = 100 * fam[0].pairs.fcr_level
+    level = level_pct(fam[0].pairs.fcr_level)
     return (
         f"Upper triangle: S with its <b>FCR-adjusted (Benjamini-Yekutieli) {conf}% interval for the BH "
-        f"family</b>: each a t interval at the marginal level 1 − R·α/m = {level:.3g}% (R = {r} pair(s) selected of "
+        f"family</b>: each a t interval at the marginal level 1 − R·α/m = {level} (R = {r} pair(s) selected of "
         f"m = {m} tested, α = {alpha}{'; with none selected, Bonferroni’s level' if r == 0 else ''}), so that the "
         f"selected intervals miss their true synergy at a rate of at most α (false coverage rate, Benjamini &amp; "
         "Yekutieli 2005). <b>*</b> (full colour) = selected by BH, which is exactly an interval that excludes 0; "
