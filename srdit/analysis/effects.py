@@ -19,9 +19,10 @@ Conventions (design doc, "Synergy and incompatibility"):
 - Shapley phi_i = sum_{S subset N\\{i}} |S|!(k-|S|-1)!/k! [v(S+i) - v(S)] on cell means (sums to v(N) - v(empty));
 - uncertainty: least squares `y ~ main + 2FI (+ seed block)` on (cell, seed) aggregates with pure error and a lack
   of fit test (cross-checked against statsmodels OLS in the tests), Lenth's PSE for unreplicated orthogonal designs,
-  simultaneous (Bonferroni) pair intervals that make the decisions, Holm/BH p_adj (statsmodels multipletests), a
-  seed bootstrap within cells only where calibrated (scipy.stats.bootstrap); failure interactions by Boschloo's exact
-  test (scipy.stats.boschloo_exact) and a survival-interaction likelihood-ratio test.
+  simultaneous (Bonferroni) pair intervals that make the decisions (on a study's secondary metrics: one
+  Benjamini-Hochberg family with FCR-adjusted intervals, Benjamini & Yekutieli 2005), Holm/BH p_adj (statsmodels
+  multipletests), a seed bootstrap within cells only where calibrated (scipy.stats.bootstrap); failure interactions
+  by Boschloo's exact test (scipy.stats.boschloo_exact) and a survival-interaction likelihood-ratio test.
 
 The result is typed (`Analysis`, one frozen dataclass per phase: fit, pairs, failures, bootstrap, attribution);
 `Analysis.to_json()` is the JSON of `srdit analyze --format json`.
@@ -57,6 +58,9 @@ __all__ = [
     "Options",
     "analyze",
     "analyze_study",
+    "bh_fcr_intervals",
+    "FCRFamily",
+    "level_pct",
     "pair_name",
     "shapley_values",
     "combo_label",
@@ -1010,12 +1014,15 @@ class Pairs:
     strongest: StrongestSynergy | None
     notes: list[str]
     significant: list[str] = field(default_factory=list)
-    "pairs whose simultaneous interval excludes 0"
+    "pairs whose interval in `synergy_ci` excludes 0 (simultaneous, or FCR-adjusted for an exploratory metric)"
     partially_aliased: list[str] = field(default_factory=list)
     "pairs estimated but partially aliased (missing or failed cells): never tested"
     interval: str | None = None
     "what `synergy_ci` is (simultaneous level, method, df, units)"
     n_tested: int = 0
+    fcr_level: float | None = None
+    """marginal confidence level of `synergy_ci` when they are FCR-adjusted intervals of the exploratory BH family
+    (`bh_fcr_intervals`); None where they are simultaneous (Bonferroni) intervals"""
 
 
 @dataclass(frozen=True)
@@ -2329,7 +2336,9 @@ def analyze_study(
     Multiplicity across metrics: the primary metric is confirmatory (its pair family as in `pair_synergies`); every
     other metric is exploratory, and their pair tests form one family controlled by Benjamini-Hochberg (FDR at
     alpha) over all secondary metrics together: `p_adj`, `significant_pairs` and antagonism flags of a secondary
-    metric come from that pooled correction (`role` and `family` say so in the JSON)."""
+    metric come from that pooled correction, and its `synergy_ci` are the family's FCR-adjusted intervals
+    (Benjamini & Yekutieli 2005, `bh_fcr_intervals`), which exclude 0 exactly for the selected pairs (`role`,
+    `family` and `intervals.synergy_ci` say so in the JSON)."""
     out: dict[str, Analysis | AnalysisFailure] = {}
     metrics = {
         results.metric: results.direction,
@@ -2362,28 +2371,100 @@ def analyze_study(
     return _exploratory_family(out, results.metric, alpha)
 
 
+@dataclass(frozen=True)
+class FCRFamily:
+    """One Benjamini-Hochberg family of two-sided t tests with its FCR-adjusted intervals (`bh_fcr_intervals`).
+    Lists are in the order of the tests given."""
+
+    p: list[float]
+    "two-sided t p-values, 2 P(T_df > |estimate / se|), from the same estimate, se and df as `ci`"
+    q: list[float]
+    "Benjamini-Hochberg adjusted p-values (statsmodels multipletests, fdr_bh)"
+    selected: list[bool]
+    "q < alpha: the tests the family calls significant"
+    ci: list[list[float] | None]
+    "estimate -+ t_{df, 1 - (1 - level) / 2} se: the FCR-adjusted intervals"
+    alpha: float
+    "the FDR level of the selection and the FCR bound of the selected intervals"
+    level: float
+    "marginal confidence level of every interval: 1 - R alpha / m (R = 0: 1 - alpha / m)"
+
+    @property
+    def n_selected(self) -> int:
+        return sum(self.selected)
+
+
+def bh_fcr_intervals(estimates: Sequence[float], ses: Sequence[float], dfs: Sequence[float], alpha: float) -> FCRFamily:
+    """Benjamini-Hochberg selection of m two-sided t tests and their false-coverage-rate adjusted intervals
+    (Benjamini & Yekutieli 2005, "False discovery rate-adjusted multiple confidence intervals for selected
+    parameters", JASA 100:71-81, Definition 1): with R of the m tests selected by BH at level alpha, each interval
+    is the marginal t interval at level 1 - R alpha / m (with R = 0, 1 - alpha / m: Bonferroni's level), so the
+    expected share of selected intervals that miss their parameter is at most alpha (independent or positively
+    dependent tests).
+
+    Inputs: one estimate, standard error (> 0, or 0 for an exact value) and t df (>= 1) per test, any units; every
+    test's p-value and interval come from the same three numbers, so a selected test's interval excludes 0 and a
+    test not selected has one that covers 0 (selected <=> p < R alpha / m <=> |t| > t_{df, 1 - R alpha / (2 m)};
+    BH with a strict q < alpha selects exactly the tests with p < R alpha / m). Empty input: an empty family."""
+    est = np.asarray(estimates, dtype=float)
+    se = np.asarray(ses, dtype=float)
+    df = np.asarray(dfs, dtype=float)
+    m = est.size
+    if m == 0:
+        return FCRFamily(p=[], q=[], selected=[], ci=[], alpha=alpha, level=1 - alpha)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(se > 0, est / np.where(se > 0, se, 1.0), np.where(est == 0, 0.0, np.copysign(np.inf, est)))
+    p = np.minimum(1.0, 2 * stats.t.sf(np.abs(t), df))
+    q = np.asarray(_adjust(p.tolist(), "fdr_bh", alpha))
+    selected = q < alpha
+    r = int(selected.sum())
+    tail = max(r, 1) * alpha / m  # 1 - level
+    tcrit = stats.t.isf(tail / 2, df)
+    ci = [_ci(e - c * s, e + c * s) for e, c, s in zip(est, tcrit, se)]
+    return FCRFamily(p=p.tolist(), q=q.tolist(), selected=selected.tolist(), ci=ci, alpha=alpha, level=float(1 - tail))
+
+
+def level_pct(level: float) -> str:
+    """A confidence level in percent with two significant digits of its complement, so that 1 - alpha / m never
+    reads as 100%: 0.95 -> "95%", 0.979167 -> "97.9%", 0.998333 -> "99.83%", 0.9998333 -> "99.983%"."""
+    x = 100 * level
+    if abs(x - round(x)) < 1e-9:
+        return f"{round(x)}%"
+    miss = 100 - x
+    dec = max(1, math.ceil(-math.log10(miss)) + 1) if miss > 0 else 1
+    return f"{x:.{dec}f}%"
+
+
 def _exploratory_family(
     out: dict[str, Analysis | AnalysisFailure], primary: str, alpha: float
 ) -> dict[str, Analysis | AnalysisFailure]:
-    """Re-decide the pair tests of the secondary metrics as one Benjamini-Hochberg family (see `analyze_study`)."""
-    two: list[tuple[str, str, float]] = []
-    one: list[tuple[str, str, float]] = []
+    """Re-decide the pair tests of the secondary metrics as one Benjamini-Hochberg family (see `analyze_study`), with
+    the FCR-adjusted intervals of that family in place of the per-metric simultaneous ones (`bh_fcr_intervals`):
+    the decision (q < alpha, a star on the page), the interval beside it and the p-value fed to BH come from the
+    same estimate, standard error and df, so they agree. Antagonism on a secondary metric (threshold 0) is a
+    selected pair with S < 0, i.e. an FCR interval entirely below 0 (the sign of a selected interval, a decision of
+    the same family, not a second one-sided family); its p is the one-sided p of H0: S >= 0, its p_adj the pair's q."""
+    tests: list[tuple[str, str, float, float, float]] = []  # metric, pair, S, se(S), df
     for m, a in out.items():
         if m == primary or not isinstance(a, Analysis):
             continue
-        clean = [n for n in a.pairs.synergy if n in a.fit.clean_pairs and a.fit.p.get(n) is not None]
-        two += [(m, n, a.fit.p[n]) for n in clean]
-        for n in clean:  # one-sided p of H0: S >= 0 (antagonism); threshold is 0 on secondary metrics
+        for n in a.pairs.synergy:
             s, se = a.pairs.synergy[n], a.fit.se.get(n)
-            if s is not None and se:
-                one.append((m, n, float(stats.t.cdf(s / (2 * se), a.fit.df_resid))))
-    q2 = dict(zip([(m, n) for m, n, _ in two], _adjust([x for *_, x in two], "fdr_bh", alpha))) if two else {}
-    q1 = dict(zip([(m, n) for m, n, _ in one], _adjust([x for *_, x in one], "fdr_bh", alpha))) if one else {}
+            # the pairs a metric tests (clean, with a pure-error p); a contended clock has its p removed
+            if n in a.fit.clean_pairs and a.fit.p.get(n) is not None and s is not None and se is not None:
+                tests.append((m, n, s, 2 * se, a.fit.df_resid))
+    fam = bh_fcr_intervals([t[2] for t in tests], [t[3] for t in tests], [t[4] for t in tests], alpha)
+    by = {(m, n): i for i, (m, n, *_) in enumerate(tests)}
     n_sec = sum(1 for m, a in out.items() if m != primary and isinstance(a, Analysis))
-    fam = (
-        f"exploratory: Benjamini-Hochberg (FDR {alpha}) over all {len(two)} pair test(s) of the {n_sec} "
+    family = (
+        f"exploratory: Benjamini-Hochberg (FDR {alpha}) over all {len(tests)} pair test(s) of the {n_sec} "
         "secondary metric(s); the primary metric's pairs are the confirmatory family"
     )
+    if tests:
+        family += (
+            f"; {fam.n_selected} selected, synergy intervals FCR-adjusted (Benjamini-Yekutieli) at marginal "
+            f"level 1 - R alpha / m = {level_pct(fam.level)} (R = {fam.n_selected}, m = {len(tests)})"
+        )
     for m, a in list(out.items()):
         if m == primary:
             if isinstance(a, Analysis):
@@ -2391,32 +2472,56 @@ def _exploratory_family(
             continue
         if not isinstance(a, Analysis):
             continue
-        p_adj = {n: (_f(q2[(m, n)]) if (m, n) in q2 else None) for n in a.pairs.synergy}
-        sig = [n for n, q in p_adj.items() if q is not None and q < alpha]
+        mine = {n: by[(m, n)] for n in a.pairs.synergy if (m, n) in by}
+        p_adj = {n: (_f(fam.q[mine[n]]) if n in mine else None) for n in a.pairs.synergy}
+        sig = [n for n, i in mine.items() if fam.selected[i]]
+        ci = {**a.pairs.synergy_ci, **{n: fam.ci[i] for n, i in mine.items() if fam.ci[i] is not None}}
         ant = []
-        for n in a.pairs.synergy:
-            q = q1.get((m, n))
-            if q is not None and q < alpha:
-                s = a.pairs.synergy[n]
+        for n in sig:
+            i, s = mine[n], a.pairs.synergy[n]
+            if s < 0:
+                _, _, _, se_s, df = tests[i]
                 ant.append(
                     Flag(
                         pair=n,
                         factors=n.split(":"),
                         kind="antagonism",
                         estimate=s,
-                        ci=a.pairs.synergy_ci.get(n),
-                        p=_f(dict(((mm, nn), x) for mm, nn, x in one)[(m, n)]),
-                        p_adj=_f(q),
+                        ci=ci.get(n),
+                        p=_f(stats.t.cdf(s / se_s, df) if se_s > 0 else 0.0),
+                        p_adj=_f(fam.q[i]),
                         threshold=0.0,
-                        df=_f(a.fit.df_resid),
+                        df=_f(df),
                         counts=None,
                     )
                 )
         strongest = a.pairs.strongest
         if strongest is not None:
-            strongest = replace(strongest, p_adj=p_adj.get(strongest.pair))
-        pairs = replace(a.pairs, p_adj=p_adj, significant=sig, antagonism=ant, strongest=strongest)
-        out[m] = replace(a, pairs=pairs, role="exploratory", family=fam, correction="fdr_bh")
+            strongest = replace(strongest, ci=ci.get(strongest.pair), p_adj=p_adj.get(strongest.pair))
+        interval = a.pairs.interval
+        fcr_level = None
+        if mine:
+            fcr_level = fam.level
+            dfs = sorted({tests[i][4] for i in mine.values()})
+            interval = (
+                f"FCR-adjusted (Benjamini-Yekutieli) {level_pct(1 - alpha)} intervals for the exploratory "
+                "Benjamini-Hochberg family: marginal t intervals at level 1 - R alpha / m = "
+                f"{level_pct(fam.level)} (R = {fam.n_selected} of m = {len(tests)} pair tests over the secondary "
+                f"metrics selected at FDR {alpha}; df = "
+                f"{', '.join(_num_s(d) for d in dfs)}), synergy units (S = 2 INT, oriented gain); an interval "
+                "excludes 0 exactly when its pair is selected"
+            )
+        pairs = replace(
+            a.pairs,
+            synergy_ci=ci,
+            p_adj=p_adj,
+            significant=sig,
+            antagonism=ant,
+            strongest=strongest,
+            interval=interval,
+            fcr_level=fcr_level,
+        )
+        out[m] = replace(a, pairs=pairs, role="exploratory", family=family, correction="fdr_bh")
     return out
 
 

@@ -90,22 +90,30 @@ LAYOUT = dict(
 
 
 def decision_p(a: Analysis, pair: str) -> tuple[float | None, str]:
-    """(p-value, its HTML label) that decides pair `pair` in the synergy matrix, consistent with its simultaneous
-    interval: Bonferroni over the tested pairs (confirmatory), the Benjamini-Hochberg q of the secondary metrics'
-    family (exploratory). None for a pair that is not tested (aliased, partly aliased, no error estimate)."""
+    """(p-value, its HTML label) that decides pair `pair` in the synergy matrix, consistent with its interval:
+    Bonferroni over the tested pairs beside the simultaneous interval (confirmatory), the Benjamini-Hochberg q of
+    the secondary metrics' family beside its FCR-adjusted interval (exploratory: q < alpha exactly when that
+    interval excludes 0). None for a pair that is not tested (aliased, partly aliased, no error estimate)."""
     if a.role == "exploratory":
         return a.pairs.p_adj.get(pair), "q<sub>BH</sub>"
     raw = a.fit.p.get(pair) if pair in a.fit.clean_pairs else None
     return (min(1.0, a.pairs.n_tested * raw) if raw is not None else None), "p<sub>Bonf</sub>"
 
 
+def interval_label(a: Analysis) -> str:
+    """What the synergy intervals of `a` are, in two words: "FCR-adjusted" for the exploratory family's
+    Benjamini-Yekutieli intervals (`effects.bh_fcr_intervals`), else "simultaneous" (Bonferroni)."""
+    return "FCR-adjusted" if a.pairs.fcr_level is not None else "simultaneous"
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # figures
 # --------------------------------------------------------------------------------------------------------------------
 def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
-    """Matrix of S_ij (oriented). Upper triangle: S with its simultaneous interval, in full colour when significant
-    (the interval excludes 0) and muted (faded, "n.s.") when not; aliased, partially aliased ("partly aliased") and
-    failed cells are labelled. Lower triangle: the pair's p_adj (no colour). None when no pair is estimable (leave-one-
+    """Matrix of S_ij (oriented). Upper triangle: S with its interval (`interval_label`: simultaneous, or
+    FCR-adjusted for an exploratory metric), in full colour when significant (the interval excludes 0) and muted
+    (faded, "n.s.") when not; aliased, partially aliased ("partly aliased") and failed cells are labelled. Lower
+    triangle: the p-value of the decision (`decision_p`, no colour). None when no pair is estimable (leave-one-
     out and ladder designs lack the cells): an all-empty heatmap has no colour range and plotly fails on it."""
     incompatible = a.incompatible
     if not any(v is not None for v in a.pairs.synergy.values()) and not incompatible and not a.fit.aliased:
@@ -123,6 +131,8 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
     significant = set(a.pairs.significant)
     untested = bool(a.notes) and a.notes[0] == CONTENTION_NOTE  # no significance claimed on a contended clock
     lenth_sig = set((a.fit.lenth or {}).get("significant_simultaneous", []))
+    ci_label = interval_label(a)
+    adj_label = "q<sub>BH</sub>" if a.role == "exploratory" else "p_adj"
     for i in range(k):
         for j in range(k):
             if i == j:
@@ -154,7 +164,7 @@ def fig_synergy(a: Analysis, title: str | None = None) -> go.Figure | None:
                     f"<br>{_ci(ci, 2)}" if ci else ""
                 )
                 hover[i][j] = (
-                    f"S({n}) = {_num(s)}<br>simultaneous CI {_ci(ci)}<br>p_adj {_pv(padj)}"
+                    f"S({n}) = {_num(s)}<br>{ci_label} CI {_ci(ci)}<br>{adj_label} {_pv(padj)}"
                     + ("<br>not tested: clocks of trials sharing the machine" if untested else "")
                     + ("" if sig or untested else "<br>not significant")
                     + (f"<br>flagged: {flagged[n].kind}" if n in flagged else "")

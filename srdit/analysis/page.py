@@ -29,6 +29,7 @@ from srdit.analysis.effects import (
     AnalysisFailure,
     Flag,
     combo_label,
+    level_pct,
 )
 from srdit.analysis.figures import (
     _cell_order,
@@ -865,6 +866,41 @@ def _without_evaluations(res: StudyResults) -> StudyResults:
     return dataclasses.replace(res, curves=keep)
 
 
+def _exploratory_reading(analyses: dict[str, Analysis | AnalysisFailure], primary: str, alpha: float) -> str:
+    """How to read the secondary metrics' matrices: the FCR-adjusted intervals of their BH family (Benjamini &
+    Yekutieli 2005) with R, m and the marginal level, the star and the lower triangle's q."""
+    fam = [am for m, am in analyses.items() if m != primary and isinstance(am, Analysis) and am.pairs.fcr_level]
+    conf = int(round(100 * (1 - alpha)))
+    if not fam:
+        lenth = any(
+            isinstance(am, Analysis) and (am.fit.lenth or {}).get("significant_simultaneous")
+            for m, am in analyses.items()
+            if m != primary
+        )
+        lead = (
+            "; a star on this unreplicated screen is the metric's own Lenth simultaneous margin (as in the "
+            "half-normal plot), a lead only."
+        )
+        return (
+            "No pair of these metrics has a t test here (no replicates, or every pair aliased or untested), so no "
+            "Benjamini-Hochberg family is formed and no interval is FCR-adjusted" + (lead if lenth else ".")
+        )
+    m = sum(1 for am in fam for q in am.pairs.p_adj.values() if q is not None)
+    r = sum(len(am.pairs.significant) for am in fam)
+    level = level_pct(fam[0].pairs.fcr_level)
+    return (
+        f"Upper triangle: S with its <b>FCR-adjusted (Benjamini-Yekutieli) {conf}% interval for the BH "
+        f"family</b>: each a t interval at the marginal level 1 − R·α/m = {level} (R = {r} pair(s) selected of "
+        f"m = {m} tested, α = {alpha}{'; with none selected, Bonferroni’s level' if r == 0 else ''}), so that the "
+        f"selected intervals miss their true synergy at a rate of at most α (false coverage rate, Benjamini &amp; "
+        "Yekutieli 2005). <b>*</b> (full colour) = selected by BH, which is exactly an interval that excludes 0; "
+        "<b>muted colour, <i>n.s.</i></b> = not selected (its interval covers 0); <b>✕</b> = flagged "
+        "incompatible (a selected antagonism, or runs that fail together). Lower triangle: the pair's "
+        "Benjamini-Hochberg q (the decision: q &lt; α). Unlike the main matrix, these intervals are not "
+        "simultaneous: they hold on average over the selected pairs."
+    )
+
+
 def _tables_sections(fit: ReportFit, figs: _Figures) -> list[str]:
     """The other metrics' synergy matrices (exploratory), the table of all effects and the cells table."""
     res, a, analyses = fit.results, fit.primary, fit.analyses
@@ -891,12 +927,13 @@ def _tables_sections(fit: ReportFit, figs: _Figures) -> list[str]:
     if blocks:
         sections.append(
             '<section id="sec-other"><h2>Synergy on the other metrics <span class="tag warn">'
-            'exploratory</span></h2><p class="caption">Same reading as the main matrix; each metric '
-            "is oriented so that positive = better (throughput on the log scale: S = 0.1 means the "
-            "pair is ≈10% faster together than their separate speed-ups predict). The primary "
-            "metric is the confirmatory test; these are exploratory: their pair tests form one "
-            "family over all secondary metrics, controlled by Benjamini-Hochberg (false discovery "
-            f"rate {a.alpha}), and a star here is a lead to confirm, not a finding.</p>"
+            'exploratory</span></h2><p class="caption">Each metric is oriented so that positive = better '
+            "(throughput on the log scale: S = 0.1 means the pair is ≈10% faster together than their separate "
+            "speed-ups predict). The primary metric is the confirmatory test; these are exploratory: their pair "
+            "tests form one family over all secondary metrics, controlled by Benjamini-Hochberg (false discovery "
+            f"rate {a.alpha}), and a star here is a lead to confirm, not a finding. "
+            + _exploratory_reading(analyses, res.metric, a.alpha)
+            + "</p>"
             + "".join(blocks)
             + "</section>"
         )

@@ -92,7 +92,8 @@ def _mlflow_name(s: str) -> str:
 def headline_results(analyses: dict, primary: str) -> tuple[dict[str, float], dict[str, str]]:
     """The parent run's summary of a report: per analysed metric M, metrics `M/main_effect/<technique>` (the
     report's ME, the metric's own scale before orientation; log for throughput) with `.../ci_low`, `.../ci_high`,
-    and `M/synergy/<a>-x-<b>` (oriented S, positive = better together) with its CI and p_adj; tags
+    and `M/synergy/<a>-x-<b>` (oriented S, positive = better together) with its CI and p_adj (the report's: the
+    primary metric's simultaneous interval, a secondary metric's FCR-adjusted interval and BH q); tags
     `result.best_cell` (techniques, cell id, mean ± sd of the primary metric) and, per wall-clock metric, where it
     comes from (`result.<M>.source`: the bench, or the contention caveat). Values without an estimate are left out."""
     from srdit.analysis.effects import BENCH_NOTE, CONTENTION_NOTE, Analysis
