@@ -109,7 +109,7 @@ def test_a_second_signal_stops_at_once_and_says_whether_a_checkpoint_exists(tmp_
         assert lines[0] == "srdit train: interrupted; no checkpoint was written yet, so a rerun starts from step 0"
 
 
-STUDY_STEPS = 300
+STUDY_STEPS = 200
 """Steps of each trial: the signals come in its first few dozen steps (once a report is logged) and must find it
 still training; the rest is the resumed run the curves are compared over."""
 STUDY_BASE = {

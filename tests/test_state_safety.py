@@ -308,6 +308,11 @@ def test_child_runs_are_named_by_techniques_and_the_submission_order_interleaves
     assert [x["key"] for x in submission_order([t.to_dict() for t in plan.trials])] == [x.key for x in order]
 
 
+CC_STEPS = 200
+"""Steps of each Ctrl-C trial: the signal comes once the first checkpoint (step 10) is written and must find the
+first trial still training; the rerun trains the rest of it and all of the second (one CPU: one trial at a time)."""
+
+
 @pytest.mark.slow
 def test_ctrl_c_prints_srdits_resume_line_and_the_rerun_resumes_without_duplicates(tmp_path):
     """Ctrl-C (SIGINT to the driver's process group, as a terminal sends it) mid-trial: srdit's own resume line,
@@ -323,7 +328,7 @@ def test_ctrl_c_prints_srdits_resume_line_and_the_rerun_resumes_without_duplicat
                 "techniques": ["rmsnorm"],
                 "seeds": [0],
                 "base": {
-                    "train": {"steps": 400, "batch_size": 16, "log_every": 5, "ckpt_every": 10},
+                    "train": {"steps": CC_STEPS, "batch_size": 16, "log_every": 5, "ckpt_every": 10},
                     "eval": {"n_samples": 50, "batch_size": 50},
                     "sample": {"sampler": "euler", "steps": 2},
                 },
@@ -363,7 +368,7 @@ def test_ctrl_c_prints_srdits_resume_line_and_the_rerun_resumes_without_duplicat
     exp = client.get_experiment_by_name("cc")
     for run in client.search_runs([exp.experiment_id], "tags.`srdit.role` = 'trial'"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-        assert sorted(steps) == list(range(5, 401, 5)), run.info.run_name
+        assert sorted(steps) == list(range(5, CC_STEPS + 1, 5)), run.info.run_name
 
 
 def test_two_identical_proposals_at_the_same_instant_train_once(tmp_path):
