@@ -92,6 +92,13 @@ def _ray_session(num_cpus: int | None, echo: Callable[[str], None], address: str
             echo("interrupted")
 
 
+LOCAL_RAY_CONFIG = {"prestart_worker_first_driver": False}
+(
+    "Ray's system config of a private local Ray: no idle workers started when the driver connects. They are "
+    "default workers, and a study's workers carry its runtime_env (`srdit.runtime.shipping`), so none would ever "
+    "be used; on two cores their start takes a second of CPU from the study's own start."
+)
+
 QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 "Environment of the driver and every trial worker: library chatter that srdit's own lines replace."
 
@@ -140,7 +147,8 @@ def _ray_connected(num_cpus: int | None, echo: Callable[[str], None], address: s
         return
     with _loopback_only():
         with _without_auth_advice():
-            ray.init(address="local", num_cpus=num_cpus, **kwargs)  # "local": never join a `ray start` cluster
+            # "local": never join a `ray start` cluster
+            ray.init(address="local", num_cpus=num_cpus, _system_config=LOCAL_RAY_CONFIG, **kwargs)
         auth = os.environ.get("RAY_AUTH_MODE") or "token, Ray's default"
         echo(f"Ray: a private local Ray on 127.0.0.1 ({ray.cluster_resources().get('CPU', 0):g} CPUs; auth {auth})")
         try:
@@ -412,10 +420,11 @@ def run_study(
     plugins = study_plugins(spec)  # their code versions, read once: the copies shipped are checked against them
     if live is not None:  # the ETA from here on
         live.begin(spec.name, len(plan.trials), skipped, spec.base.train.steps)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
         # cluster, nothing is recorded before the cluster's resources are checked.
         early = pool.submit(prepare, spec, state, plan) if _starts_local_ray(address) else None
+        pool.submit(_import_tune)
         with _ray_session(num_cpus, echo, address, plugins):
             _check_cluster(spec)
             plan, tracking, state = early.result() if early else prepare(spec, state, plan)
@@ -563,6 +572,15 @@ def work_units(plan: Plan, todo: list[TrialJob], existing: dict) -> list[Job]:
                 )
         units.append(TrainingJob(tuple(members), g.key))  # an adopted run's trial_dir: its source's
     return units
+
+
+def _import_tune() -> None:
+    """Import Ray Tune (a second or more), run beside Ray's start, which mostly waits on its processes. A failure
+    is the caller's own `from ray import tune` to report."""
+    import importlib
+
+    with contextlib.suppress(Exception):
+        importlib.import_module("ray.tune")
 
 
 def _is_loopback() -> bool:
@@ -783,61 +801,62 @@ def _run_search(
     plugins = study_plugins(spec)  # their code versions, read once: the copies shipped are checked against them
     if live is not None:  # the ETA from here on
         live.begin(spec.name, _search_target(spec), n_done, spec.base.train.steps)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
         # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
         # cluster, nothing is recorded before the cluster's resources are checked.
         early = pool.submit(prepare, spec, state, plan) if _starts_local_ray(address) else None
+        pool.submit(_import_tune)
         with _ray_session(num_cpus, echo, address, plugins):
             _check_cluster(spec)
             plan, tracking, state = early.result() if early else prepare(spec, state, plan)
-        echo(
-            f"study {spec.name}: search, budget {spec.design.trials} trials; {n_done} already done, "
-            f"{remaining} to run" + (f" ({len(pending[:remaining])} interrupted, re-queued)" if pending else "")
-        )
-        space: dict[str, Any] = {f"tech.{n}": tune.choice([0, 1]) for n in spec.factor_names}
-        for p in spec.design.space:
-            if p.type == "choice":
-                space[p.key] = tune.choice(list(p.choices))
-            elif p.type == "int":
-                space[p.key] = (tune.lograndint if p.log else tune.randint)(int(p.low), int(p.high) + 1)
-            else:
-                space[p.key] = (tune.loguniform if p.log else tune.uniform)(p.low, p.high)
-        searcher = _fail_aware_optuna(
-            n_points,
-            metric=objectives if len(objectives) > 1 else objectives[0],
-            mode=directions if len(directions) > 1 else directions[0],
-            seed=spec.design.seed + n_done,  # a continued search draws new samples
-            points_to_evaluate=pending[:remaining] or None,
-            study_name=spec.name,
-            storage=_optuna_storage(state),
-        )
-        ctx = _context(spec, tracking, state, plan, search=True, plugins=plugins)
-        tracking.set_parent_status("RUNNING")
-        conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
-        search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
-        progress = _progress_callback(
-            _search_target(spec), n_done, echo, spec.metrics.primary, max_failures=max_failures
-        )
-        callbacks = [progress] + ([tune_callback(live, progress)] if live is not None else [])
-        wrapped, run_config = _tuner_common(spec, state, max_failures, callbacks)
-        tuner = tune.Tuner(
-            wrapped,
-            param_space={**space, "ctx": ctx},
-            tune_config=tune.TuneConfig(
-                search_alg=search_alg,
-                num_samples=remaining,
-                reuse_actors=True,
-                trial_name_creator=_trial_name,
-                trial_dirname_creator=_trial_name,
-            ),
-            run_config=run_config,
-        )
-        _fit(tuner, echo, state)
-        ended = searcher.ended
-        if not ended and _search_target(spec) < spec.design.trials:  # a budget larger than the space
-            ended = _exhausted(n_points) if _search_samples_done(state, {}) >= n_points else ""
-        if ended:
-            echo(f"study {spec.name}: {ended}")
+            echo(
+                f"study {spec.name}: search, budget {spec.design.trials} trials; {n_done} already done, "
+                f"{remaining} to run" + (f" ({len(pending[:remaining])} interrupted, re-queued)" if pending else "")
+            )
+            space: dict[str, Any] = {f"tech.{n}": tune.choice([0, 1]) for n in spec.factor_names}
+            for p in spec.design.space:
+                if p.type == "choice":
+                    space[p.key] = tune.choice(list(p.choices))
+                elif p.type == "int":
+                    space[p.key] = (tune.lograndint if p.log else tune.randint)(int(p.low), int(p.high) + 1)
+                else:
+                    space[p.key] = (tune.loguniform if p.log else tune.uniform)(p.low, p.high)
+            searcher = _fail_aware_optuna(
+                n_points,
+                metric=objectives if len(objectives) > 1 else objectives[0],
+                mode=directions if len(directions) > 1 else directions[0],
+                seed=spec.design.seed + n_done,  # a continued search draws new samples
+                points_to_evaluate=pending[:remaining] or None,
+                study_name=spec.name,
+                storage=_optuna_storage(state),
+            )
+            ctx = _context(spec, tracking, state, plan, search=True, plugins=plugins)
+            tracking.set_parent_status("RUNNING")
+            conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
+            search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
+            progress = _progress_callback(
+                _search_target(spec), n_done, echo, spec.metrics.primary, max_failures=max_failures
+            )
+            callbacks = [progress] + ([tune_callback(live, progress)] if live is not None else [])
+            wrapped, run_config = _tuner_common(spec, state, max_failures, callbacks)
+            tuner = tune.Tuner(
+                wrapped,
+                param_space={**space, "ctx": ctx},
+                tune_config=tune.TuneConfig(
+                    search_alg=search_alg,
+                    num_samples=remaining,
+                    reuse_actors=True,
+                    trial_name_creator=_trial_name,
+                    trial_dirname_creator=_trial_name,
+                ),
+                run_config=run_config,
+            )
+            _fit(tuner, echo, state)
+            ended = searcher.ended
+            if not ended and _search_target(spec) < spec.design.trials:  # a budget larger than the space
+                ended = _exhausted(n_points) if _search_samples_done(state, {}) >= n_points else ""
+            if ended:
+                echo(f"study {spec.name}: {ended}")
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
     return _finish(spec, plan, tracking, state, n_done, remaining, echo, t0)
