@@ -77,17 +77,10 @@ def _arm(study: Path, state: Path, tune: bool) -> dict:
         f"spec = load_study({str(study)!r}); "
         + (f"run_study(spec, {str(state)!r}, echo=lambda s: None)" if tune else f"run_plain(spec, {str(state)!r})")
     )
-    import resource
-
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t, t_epoch = time.perf_counter(), time.time()
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, check=True, capture_output=True)
     wall, t_end = time.perf_counter() - t, time.time()
-    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    # CPU of the arm's process and the processes it reaped (Ray's, and through the raylet its workers): what the
-    # arm costs a shared machine, less sensitive to the other jobs on it than the wall time
-    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     from srdit.runtime.state import StudyState
     from srdit.study.spec import load_study
 
@@ -95,7 +88,7 @@ def _arm(study: Path, state: Path, tune: bool) -> dict:
     statuses: dict[str, int] = {}
     for r in runs:
         statuses[r.data.tags.get("status", "?")] = statuses.get(r.data.tags.get("status", "?"), 0) + 1
-    return {"wall_s": wall, "cpu_s": cpu, "trials": len(runs), **_phases(runs, t_epoch, t_end), "statuses": statuses}
+    return {"wall_s": wall, "trials": len(runs), **_phases(runs, t_epoch, t_end), "statuses": statuses}
 
 
 def overhead(work: Path, repeats: int = 2) -> dict:
@@ -127,7 +120,7 @@ def overhead(work: Path, repeats: int = 2) -> dict:
     out["in_trial_slowdown"] = b["sum_trial_wall_s"] / a["sum_trial_wall_s"] if a["sum_trial_wall_s"] else None
     out["concurrent_speedup_vs_loop"] = a["wall_s"] / out["tune_concurrent"]["wall_s"]
     out["tune_minus_plain"] = {
-        k: b[k] - a[k] for k in ("startup_s", "between_trials_s", "teardown_s", "sum_trial_wall_s", "cpu_s")
+        k: b[k] - a[k] for k in ("startup_s", "between_trials_s", "teardown_s", "sum_trial_wall_s")
     }
     return out
 

@@ -645,6 +645,7 @@ def _tuner_common(
     spec: StudySpec, state: StudyState, max_failures: int, callbacks: list, jobs: dict[str, Job] | None = None
 ) -> tuple:
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     r = spec.resources
     # A data-parallel trial is a driver: its workers take the CPUs and GPUs (placement group of the Train run).
@@ -656,7 +657,9 @@ def _tuner_common(
         storage_path=str(state.ray),
         failure_config=tune.FailureConfig(max_failures=max_failures),
         verbose=0,
-        callbacks=callbacks,
+        # Tune's CSV and JSON logs of each trial, as Tune adds them by default; not its TensorBoard files, whose
+        # writer imports torch into the driver (seconds before the first trial starts; `_fit`)
+        callbacks=[*callbacks, CSVLoggerCallback(), JsonLoggerCallback()],
     )
     return wrapped, run_config
 
@@ -708,7 +711,7 @@ def _fit(tuner, echo: Callable[[str], None], state: StudyState) -> None:
 
     state.stop_file.unlink(missing_ok=True)  # a stop file of an earlier run
     try:
-        with stop.on_signals(on_first=stopping):  # after ray.init, which sets its own SIGTERM handler
+        with stop.on_signals(on_first=stopping), _env(TUNE_LOGGERS_ENV):  # after ray.init (its SIGTERM handler)
             tuner.fit()
     except Exception as e:
         if not (type(e).__module__.split(".")[0] == "ray" or is_oom(e)):
@@ -717,6 +720,25 @@ def _fit(tuner, echo: Callable[[str], None], state: StudyState) -> None:
         echo(f"  Ray stopped the trials early ({what}); the trials recorded so far are kept")
     finally:
         state.stop_file.unlink(missing_ok=True)
+
+
+TUNE_LOGGERS_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+"While Tune runs: it adds none of its default loggers; `_tuner_common` passes its CSV and JSON loggers itself."
+
+
+@contextlib.contextmanager
+def _env(values: Mapping[str, str]):
+    """These environment variables of this process for the body of the block, restored afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _max_concurrent(r) -> int | None:
