@@ -420,11 +420,10 @@ def run_study(
     plugins = study_plugins(spec)  # their code versions, read once: the copies shipped are checked against them
     if live is not None:  # the ETA from here on
         live.begin(spec.name, len(plan.trials), skipped, spec.base.train.steps)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
         # cluster, nothing is recorded before the cluster's resources are checked.
         early = pool.submit(prepare, spec, state, plan) if _starts_local_ray(address) else None
-        pool.submit(_import_tune)
         with _ray_session(num_cpus, echo, address, plugins):
             _check_cluster(spec)
             plan, tracking, state = early.result() if early else prepare(spec, state, plan)
@@ -572,15 +571,6 @@ def work_units(plan: Plan, todo: list[TrialJob], existing: dict) -> list[Job]:
                 )
         units.append(TrainingJob(tuple(members), g.key))  # an adopted run's trial_dir: its source's
     return units
-
-
-def _import_tune() -> None:
-    """Import Ray Tune (a second or more), run beside Ray's start, which mostly waits on its processes. A failure
-    is the caller's own `from ray import tune` to report."""
-    import importlib
-
-    with contextlib.suppress(Exception):
-        importlib.import_module("ray.tune")
 
 
 def _is_loopback() -> bool:
@@ -823,11 +813,10 @@ def _run_search(
     plugins = study_plugins(spec)  # their code versions, read once: the copies shipped are checked against them
     if live is not None:  # the ETA from here on
         live.begin(spec.name, _search_target(spec), n_done, spec.base.train.steps)
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
         # A private local Ray takes seconds to start: the experiment and parent run are made meanwhile. On a
         # cluster, nothing is recorded before the cluster's resources are checked.
         early = pool.submit(prepare, spec, state, plan) if _starts_local_ray(address) else None
-        pool.submit(_import_tune)
         with _ray_session(num_cpus, echo, address, plugins):
             _check_cluster(spec)
             plan, tracking, state = early.result() if early else prepare(spec, state, plan)
