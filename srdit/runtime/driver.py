@@ -92,13 +92,6 @@ def _ray_session(num_cpus: int | None, echo: Callable[[str], None], address: str
             echo("interrupted")
 
 
-LOCAL_RAY_CONFIG = {"prestart_worker_first_driver": False}
-(
-    "Ray's system config of a private local Ray: no idle workers started when the driver connects. They are "
-    "default workers, and a study's workers carry its runtime_env (`srdit.runtime.shipping`), so none would ever "
-    "be used; on two cores their start takes a second of CPU from the study's own start."
-)
-
 QUIET_ENV = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 "Environment of the driver and every trial worker: library chatter that srdit's own lines replace."
 
@@ -147,8 +140,7 @@ def _ray_connected(num_cpus: int | None, echo: Callable[[str], None], address: s
         return
     with _loopback_only():
         with _without_auth_advice():
-            # "local": never join a `ray start` cluster
-            ray.init(address="local", num_cpus=num_cpus, _system_config=LOCAL_RAY_CONFIG, **kwargs)
+            ray.init(address="local", num_cpus=num_cpus, **kwargs)  # "local": never join a `ray start` cluster
         auth = os.environ.get("RAY_AUTH_MODE") or "token, Ray's default"
         echo(f"Ray: a private local Ray on 127.0.0.1 ({ray.cluster_resources().get('CPU', 0):g} CPUs; auth {auth})")
         try:
