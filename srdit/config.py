@@ -247,6 +247,13 @@ class ModelConfig:
     reg: RegConfig = field(default_factory=RegConfig)
 
 
+def teacher_widths(cfg: ModelConfig) -> set[int]:
+    """Widths of the teacher tokens the objective consumes (REPA's patch targets, REG's class token); empty when
+    no technique needs a teacher. Here, not in the objective, so that the checks before a study read it without
+    importing torch."""
+    return ({cfg.repa.teacher_dim} if cfg.repa.enabled else set()) | ({cfg.reg.dim} if cfg.reg.enabled else set())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Transport and loss
 # ----------------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from srdit.config import PATH_FIELDS, RunConfig
+from srdit.config import PATH_FIELDS, RunConfig, teacher_widths
 
 Check = Callable[[RunConfig, str, str], "tuple[str, str] | None"]
 
@@ -51,16 +51,12 @@ def _get(cfg: RunConfig, key: str):
 
 
 def _needs_teacher(cfg: RunConfig) -> bool:
-    from srdit.transport.objective import teacher_widths
-
     return bool(teacher_widths(cfg.model)) and cfg.data.teacher != "digits-cnn"
 
 
 def _reads_teacher_cache(cfg: RunConfig) -> bool:
     """Training reads the cache (never writes it) whenever it is set and an alignment loss needs teacher tokens
     (srdit.train.LatentBatches)."""
-    from srdit.transport.objective import teacher_widths
-
     return cfg.data.dataset == "latents" and bool(teacher_widths(cfg.model)) and bool(cfg.data.teacher_cache)
 
 
@@ -139,7 +135,6 @@ def _check_teacher_cache(cfg: RunConfig, path: str, base: str) -> tuple[str, str
     that folder is there)."""
     from srdit.data import teacher_cache as store
     from srdit.data.latents import INDEX, index_fingerprint
-    from srdit.transport.objective import teacher_widths
 
     try:
         meta = store.read_meta(path)

@@ -177,6 +177,25 @@ def test_search_with_a_diverging_sample_completes_its_budget_in_one_run(tmp_path
         assert len(steps) == len(set(steps)), steps
 
 
+def test_a_search_runs_its_trials_inside_the_private_ray_it_starts(tmp_path, monkeypatch):
+    """With no Ray connected, a search starts its private loopback Ray, runs Tune inside it (never a Ray that Tune
+    would start on its own, which would outlive the study) and shuts it down."""
+    import ray
+
+    from srdit.runtime.driver import run_study
+    from srdit.study.spec import load_study
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert not ray.is_initialized()
+    design = {"kind": "search", "trials": 1, "objectives": ["fd"]}
+    spec = load_study(_write(tmp_path / "one_sample.yaml", techniques=["rmsnorm"], design=design))
+    lines: list[str] = []
+    res = run_study(spec, tmp_path / "state", num_cpus=2, echo=lines.append)
+    assert not ray.is_initialized()  # the private Ray is shut down, and Tune started none of its own
+    assert any(line.startswith("Ray: a private local Ray on 127.0.0.1") for line in lines), lines
+    assert res.complete and res.statuses == {"finished": 1}, lines
+
+
 def test_search_repeats_do_not_spend_the_budget(tmp_path, monkeypatch):
     """Two techniques, no knobs: 4 distinct points, budget 4, two samples at a time. The seeded sampler proposes
     points already evaluated or in flight; they are told to Optuna with that point's outcome and not counted, so

@@ -200,3 +200,32 @@ def test_search_design_runs_optuna_through_tune_and_continues(tmp_path, ray_loca
     assert (tmp_path / "state" / "optuna" / "search.db").exists()
     again = run_study(spec, tmp_path / "state")  # the budget is spent: nothing runs
     assert again.complete and len(client.search_runs([res.experiment_id])) == len(runs) + 1
+
+
+def test_the_driver_imports_no_torch_before_the_trials_start(tmp_path):
+    """The checks before a study and Tune's loggers in the driver import no torch (seconds of a study's start on a
+    small machine; the trials' workers import it): Tune logs each trial as CSV and JSON, not as TensorBoard files,
+    whose writer imports torch."""
+    import subprocess
+    import sys
+
+    path = write_study(tmp_path / "tiny.yaml")
+    code = f"""
+import sys
+from ray.tune.utils.callback import _create_default_callbacks
+from srdit.runtime import driver
+from srdit.runtime.state import StudyState
+from srdit.study import preflight
+from srdit.study.designs import plan_study
+from srdit.study.spec import load_study
+spec = load_study({str(path)!r})
+plan = plan_study(spec)
+preflight.check(spec, plan, [t.to_dict() for t in plan.trials], [driver.local_node()])
+_, run_config = driver._tuner_common(spec, StudyState.of(spec, {str(tmp_path / "state")!r}), 1, [])
+with driver._env(driver.TUNE_LOGGERS_ENV):
+    print(sorted(type(c).__name__ for c in _create_default_callbacks(run_config.callbacks)))
+print("torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split("\n")
+    assert out[0] == "['CSVLoggerCallback', 'JsonLoggerCallback', 'TrialProgressCallback']", out
+    assert out[1] == "False", out

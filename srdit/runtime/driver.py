@@ -627,6 +627,7 @@ def _tuner_common(
     spec: StudySpec, state: StudyState, max_failures: int, callbacks: list, jobs: dict[str, Job] | None = None
 ) -> tuple:
     from ray import tune
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     r = spec.resources
     # A data-parallel trial is a driver: its workers take the CPUs and GPUs (placement group of the Train run).
@@ -638,7 +639,9 @@ def _tuner_common(
         storage_path=str(state.ray),
         failure_config=tune.FailureConfig(max_failures=max_failures),
         verbose=0,
-        callbacks=callbacks,
+        # Tune's CSV and JSON logs of each trial, as Tune adds them by default; not its TensorBoard files, whose
+        # writer imports torch into the driver (seconds before the first trial starts; `_fit`)
+        callbacks=[*callbacks, CSVLoggerCallback(), JsonLoggerCallback()],
     )
     return wrapped, run_config
 
@@ -690,7 +693,7 @@ def _fit(tuner, echo: Callable[[str], None], state: StudyState) -> None:
 
     state.stop_file.unlink(missing_ok=True)  # a stop file of an earlier run
     try:
-        with stop.on_signals(on_first=stopping):  # after ray.init, which sets its own SIGTERM handler
+        with stop.on_signals(on_first=stopping), _env(TUNE_LOGGERS_ENV):  # after ray.init (its SIGTERM handler)
             tuner.fit()
     except Exception as e:
         if not (type(e).__module__.split(".")[0] == "ray" or is_oom(e)):
@@ -699,6 +702,25 @@ def _fit(tuner, echo: Callable[[str], None], state: StudyState) -> None:
         echo(f"  Ray stopped the trials early ({what}); the trials recorded so far are kept")
     finally:
         state.stop_file.unlink(missing_ok=True)
+
+
+TUNE_LOGGERS_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
+"While Tune runs: it adds none of its default loggers; `_tuner_common` passes its CSV and JSON loggers itself."
+
+
+@contextlib.contextmanager
+def _env(values: Mapping[str, str]):
+    """These environment variables of this process for the body of the block, restored afterwards."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _max_concurrent(r) -> int | None:
@@ -790,54 +812,54 @@ def _run_search(
         with _ray_session(num_cpus, echo, address, plugins):
             _check_cluster(spec)
             plan, tracking, state = early.result() if early else prepare(spec, state, plan)
-        echo(
-            f"study {spec.name}: search, budget {spec.design.trials} trials; {n_done} already done, "
-            f"{remaining} to run" + (f" ({len(pending[:remaining])} interrupted, re-queued)" if pending else "")
-        )
-        space: dict[str, Any] = {f"tech.{n}": tune.choice([0, 1]) for n in spec.factor_names}
-        for p in spec.design.space:
-            if p.type == "choice":
-                space[p.key] = tune.choice(list(p.choices))
-            elif p.type == "int":
-                space[p.key] = (tune.lograndint if p.log else tune.randint)(int(p.low), int(p.high) + 1)
-            else:
-                space[p.key] = (tune.loguniform if p.log else tune.uniform)(p.low, p.high)
-        searcher = _fail_aware_optuna(
-            n_points,
-            metric=objectives if len(objectives) > 1 else objectives[0],
-            mode=directions if len(directions) > 1 else directions[0],
-            seed=spec.design.seed + n_done,  # a continued search draws new samples
-            points_to_evaluate=pending[:remaining] or None,
-            study_name=spec.name,
-            storage=_optuna_storage(state),
-        )
-        ctx = _context(spec, tracking, state, plan, search=True, plugins=plugins)
-        tracking.set_parent_status("RUNNING")
-        conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
-        search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
-        progress = _progress_callback(
-            _search_target(spec), n_done, echo, spec.metrics.primary, max_failures=max_failures
-        )
-        callbacks = [progress] + ([tune_callback(live, progress)] if live is not None else [])
-        wrapped, run_config = _tuner_common(spec, state, max_failures, callbacks)
-        tuner = tune.Tuner(
-            wrapped,
-            param_space={**space, "ctx": ctx},
-            tune_config=tune.TuneConfig(
-                search_alg=search_alg,
-                num_samples=remaining,
-                reuse_actors=True,
-                trial_name_creator=_trial_name,
-                trial_dirname_creator=_trial_name,
-            ),
-            run_config=run_config,
-        )
-        _fit(tuner, echo, state)
-        ended = searcher.ended
-        if not ended and _search_target(spec) < spec.design.trials:  # a budget larger than the space
-            ended = _exhausted(n_points) if _search_samples_done(state, {}) >= n_points else ""
-        if ended:
-            echo(f"study {spec.name}: {ended}")
+            echo(
+                f"study {spec.name}: search, budget {spec.design.trials} trials; {n_done} already done, "
+                f"{remaining} to run" + (f" ({len(pending[:remaining])} interrupted, re-queued)" if pending else "")
+            )
+            space: dict[str, Any] = {f"tech.{n}": tune.choice([0, 1]) for n in spec.factor_names}
+            for p in spec.design.space:
+                if p.type == "choice":
+                    space[p.key] = tune.choice(list(p.choices))
+                elif p.type == "int":
+                    space[p.key] = (tune.lograndint if p.log else tune.randint)(int(p.low), int(p.high) + 1)
+                else:
+                    space[p.key] = (tune.loguniform if p.log else tune.uniform)(p.low, p.high)
+            searcher = _fail_aware_optuna(
+                n_points,
+                metric=objectives if len(objectives) > 1 else objectives[0],
+                mode=directions if len(directions) > 1 else directions[0],
+                seed=spec.design.seed + n_done,  # a continued search draws new samples
+                points_to_evaluate=pending[:remaining] or None,
+                study_name=spec.name,
+                storage=_optuna_storage(state),
+            )
+            ctx = _context(spec, tracking, state, plan, search=True, plugins=plugins)
+            tracking.set_parent_status("RUNNING")
+            conc = spec.design.max_concurrent or _max_concurrent(spec.resources)  # needs Ray up
+            search_alg = ConcurrencyLimiter(searcher, max_concurrent=conc) if conc else searcher
+            progress = _progress_callback(
+                _search_target(spec), n_done, echo, spec.metrics.primary, max_failures=max_failures
+            )
+            callbacks = [progress] + ([tune_callback(live, progress)] if live is not None else [])
+            wrapped, run_config = _tuner_common(spec, state, max_failures, callbacks)
+            tuner = tune.Tuner(
+                wrapped,
+                param_space={**space, "ctx": ctx},
+                tune_config=tune.TuneConfig(
+                    search_alg=search_alg,
+                    num_samples=remaining,
+                    reuse_actors=True,
+                    trial_name_creator=_trial_name,
+                    trial_dirname_creator=_trial_name,
+                ),
+                run_config=run_config,
+            )
+            _fit(tuner, echo, state)
+            ended = searcher.ended
+            if not ended and _search_target(spec) < spec.design.trials:  # a budget larger than the space
+                ended = _exhausted(n_points) if _search_samples_done(state, {}) >= n_points else ""
+            if ended:
+                echo(f"study {spec.name}: {ended}")
     if tracking is None:  # interrupted before anything was recorded
         raise KeyboardInterrupt
     return _finish(spec, plan, tracking, state, n_done, remaining, echo, t0)

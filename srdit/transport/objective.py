@@ -38,22 +38,17 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 import srdit.builtins  # noqa: F401  registers the built-ins whose hooks the objective calls
+from srdit.config import teacher_widths  # noqa: F401  re-exported: the objective's teacher tokens
 from srdit.ext import Builtin, LossContext, builtin_enabled, enabled, time_rule
 from srdit.transport.losses import flow_matching, total
 from srdit.transport.path import interpolate, velocity_target
 from srdit.transport.timesteps import sample_times
 
 if TYPE_CHECKING:
-    from srdit.config import ModelConfig, RunConfig
+    from srdit.config import RunConfig
 
 TEACHER_SETTINGS = ("model.repa.teacher_dim", "model.reg.dim")
 "The config keys that must equal the teacher's token width."
-
-
-def teacher_widths(cfg: ModelConfig) -> set[int]:
-    """Widths of the teacher tokens the objective consumes (REPA's patch targets, REG's class token); empty when
-    no technique needs a teacher."""
-    return ({cfg.repa.teacher_dim} if cfg.repa.enabled else set()) | ({cfg.reg.dim} if cfg.reg.enabled else set())
 
 
 class BatchPart(Protocol):
