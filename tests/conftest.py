@@ -1,4 +1,6 @@
 import os
+import site
+import sys
 
 # One thread per test process and per process it starts (`srdit` subprocesses, Ray workers, spawned ranks), set
 # before torch and numpy load their thread pools: `make test` runs two test processes on two cores, and torch's
@@ -94,3 +96,28 @@ def pytest_collection_modifyitems(config, items):
     long file running alone at the end. Order within a file is kept."""
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort keeps the rest's order
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_KEEP = tuple(
+    os.path.realpath(p) + os.sep
+    for p in {os.path.join(_REPO, "srdit"), sys.prefix, sys.base_prefix, *site.getsitepackages()}
+)
+
+
+def plugin_modules_since(before: set[str], roots: tuple[str, ...]) -> list[str]:
+    """The modules imported since `before` (a set of `sys.modules` names) whose file lies under one of `roots` (the
+    example plugins' folder, the temporary folder where the tests write plugins), for a test to forget the plugins
+    it loaded. Never srdit's own modules or the environment's packages, wherever the clone or the virtual
+    environment sits (a fresh clone in the temporary folder would otherwise lose sqlalchemy's modules mid-session and
+    import a second copy of them, which breaks MLflow's store)."""
+    roots = tuple(os.path.realpath(r) + os.sep for r in roots)
+    out = []
+    for name in set(sys.modules) - before:
+        file = getattr(sys.modules.get(name), "__file__", None)
+        if not file:
+            continue
+        file = os.path.realpath(file)
+        if file.startswith(roots) and not file.startswith(_KEEP):
+            out.append(name)
+    return out

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import plugin_modules_since
 
 from srdit import ext
 from srdit.config import EXTENSIONS, ConfigError, RunConfig, apply_diff, to_dict
@@ -74,10 +75,8 @@ def clean_registry():
     EXTENSIONS.clear()
     EXTENSIONS.update(knobs)
     sys.path[:] = path
-    for name in set(sys.modules) - modules:  # the plugins' own modules (library imports stay)
-        file = str(getattr(sys.modules[name], "__file__", "") or "")
-        if file.startswith((str(EXAMPLES), str(tmp_path_root()))):
-            del sys.modules[name]
+    for name in plugin_modules_since(modules, (str(EXAMPLES), str(tmp_path_root()))):  # library imports stay
+        del sys.modules[name]
 
 
 def _write(path: Path, text: str) -> Path:
@@ -949,3 +948,30 @@ def test_torchrun_ranks_with_other_plugin_code_refuse_in_one_line(tmp_path, edit
     else:
         assert outcomes[0] == outcomes[1] and "\n" not in outcomes[0]
         assert re.match(r"^rank 1 runs plugin dispersive code version \w+, rank 0 \w+: every rank", outcomes[0])
+
+
+def test_forgetting_a_tests_plugins_never_forgets_the_environments_or_srdits_modules(tmp_path, monkeypatch):
+    """A clone and its virtual environment may sit in the temporary folder where the tests write plugins: the cleanup
+    between tests forgets the plugins' modules only, never a library (a second copy of sqlalchemy's modules breaks
+    MLflow's store in the rest of the session) or srdit's own."""
+    import types
+
+    import sqlalchemy
+
+    import srdit.technique_check
+
+    before = set(sys.modules)
+    plugin = types.ModuleType("a_test_plugin")
+    plugin.__file__ = str(tmp_path / "a_test_plugin.py")
+    library = types.ModuleType("a_library_module")
+    library.__file__ = str(Path(sqlalchemy.__file__).parent / "a_library_module.py")
+    own = types.ModuleType("srdit.a_module")
+    own.__file__ = str(Path(srdit.technique_check.__file__).parent / "a_module.py")
+    for m in (plugin, library, own):
+        monkeypatch.setitem(sys.modules, m.__name__, m)
+    roots = (
+        str(tmp_path),
+        str(Path(sqlalchemy.__file__).parents[3]),
+        str(Path(srdit.technique_check.__file__).parents[1]),
+    )
+    assert plugin_modules_since(before, roots) == ["a_test_plugin"]

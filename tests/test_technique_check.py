@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from conftest import plugin_modules_since
 
 from srdit import ext
 from srdit.config import EXTENSIONS, ConfigError, Range
@@ -42,12 +43,8 @@ def registry_restored():
         EXTENSIONS.clear()
         EXTENSIONS.update(knobs)
         sys.path[:] = path
-        for name in set(sys.modules) - modules:  # the plugins' own modules (library imports stay)
-            file = str(getattr(sys.modules[name], "__file__", "") or "")
-            if file.startswith(
-                (str(PLUGIN_EXAMPLES), tempfile.gettempdir(), str(Path(tempfile.gettempdir()).resolve()))
-            ):
-                del sys.modules[name]
+        for name in plugin_modules_since(modules, (str(PLUGIN_EXAMPLES), tempfile.gettempdir())):  # libraries stay
+            del sys.modules[name]
 
 
 @pytest.fixture(autouse=True)
