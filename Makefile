@@ -22,15 +22,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-# Lint and format check first (one config: pyproject's [tool.ruff]); then the suite on three workers for two cores
-# (the slow end-to-end tests spend much of their time waiting on subprocesses, Ray and Slurm: a third worker fills
-# that time), a test file per worker at a time (module fixtures such as a test module's private Ray stay in one
-# process), in the order of tests/conftest.py (longest files first) rather than xdist's default (files with the most
-# tests first).
+# Lint and format check first (one config: pyproject's [tool.ruff]); then the suite on two workers, a test file per
+# worker at a time (module fixtures such as a test module's private Ray stay in one process), in the order of
+# tests/conftest.py (longest files first) rather than xdist's default (files with the most tests first). A third
+# worker on two cores was not faster in the one full run it had (27:34 with a fault of the tests, against 23:07).
 test: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest -q -ra --timeout=900 --durations=10 -n 3 --dist loadfile --no-loadscope-reorder
+	$(BIN)/python -m pytest -q -ra --timeout=900 --durations=10 -n 2 --dist loadfile --no-loadscope-reorder
 
 # Rewrites the tree to the house style that `make test` checks.
 format: setup
