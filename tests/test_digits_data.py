@@ -20,6 +20,25 @@ def test_split_shapes_range_and_dtypes():
     assert len(levels) == 17 and torch.allclose(levels, torch.arange(17) / 8.0 - 1.0)
 
 
+def test_the_digits_are_scikit_learns_bit_for_bit_and_read_without_importing_it(monkeypatch):
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x, y = D._raw_digits()
+    assert x.tobytes() == ((d.images.astype(np.float32) / 8.0 - 1.0)[:, None]).tobytes()
+    assert np.array_equal(y, d.target) and y.dtype == np.int64
+    # where the file is not at its usual place, the same table through load_digits
+    monkeypatch.setattr(D, "digits_file", lambda: None)
+    assert np.array_equal(D.digits_table(), np.column_stack([d.data, d.target]))
+    # a process that loads the digits does not pay for importing scikit-learn
+    code = "import sys; from srdit.data import load_digits_split; load_digits_split(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
 def test_split_is_a_stratified_partition():
     _, y = D._raw_digits()
     tr, te = D._split_indices(y, D.TEST_FRACTION, D.SPLIT_SEED)

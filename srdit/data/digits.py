@@ -8,6 +8,7 @@ trains on the same images and is evaluated against the same held-out reference s
 from __future__ import annotations
 
 import functools
+import gzip
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor
 
 from srdit.builtins.balanced_labels import balanced_labels  # noqa: F401  re-exported: the technique's module holds it
+from srdit.inputs import digits_file
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
@@ -38,15 +40,26 @@ class DigitsSplit:
 
 @functools.lru_cache(maxsize=1)
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
-    # Imported here: scikit-learn is only needed for this bundled CSV (no network: the file ships in the wheel).
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = (d.images.astype(np.float32) / 8.0 - 1.0)[:, None]  # 0..16 -> -1..1
-    y = d.target.astype(np.int64)
+    table = digits_table()
+    x = table[:, :-1].reshape(-1, *IMAGE_SHAPE).astype(np.float32) / 8.0 - 1.0  # 0..16 -> -1..1
+    y = table[:, -1].astype(np.int64)
     x.setflags(write=False)
     y.setflags(write=False)
     return x, y
+
+
+def digits_table() -> np.ndarray:
+    """scikit-learn's digits: float64 [1797, 65], the 64 pixels (0..16, row by row) then the label. Read from the
+    file (`srdit.inputs.digits_file`) as `sklearn.datasets.load_digits` reads it, without importing scikit-learn;
+    through `load_digits` where the file is not at its usual place."""
+    path = digits_file()
+    if path is not None:
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            return np.loadtxt(f, delimiter=",")
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return np.column_stack([d.data, d.target])
 
 
 def _split_indices(y: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

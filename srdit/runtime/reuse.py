@@ -182,13 +182,11 @@ def digits_fingerprint() -> str:
     """sha256 of scikit-learn's bundled digits file (`sklearn/datasets/data/digits.csv.gz`, what `load_digits`
     and so `srdit.data.digits` read), found without importing scikit-learn (or torch: the driver stays light);
     if the file is not where it was, of the arrays `srdit.data.digits` reads."""
-    import importlib.util
+    from srdit.inputs import digits_file
 
-    spec = importlib.util.find_spec("sklearn")
-    for root in (spec.submodule_search_locations or []) if spec else []:
-        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
-        if path.is_file():
-            return "csv:" + _sha256_file(path)[:16]
+    path = digits_file()
+    if path is not None:
+        return "csv:" + _sha256_file(path)[:16]
     import numpy as np
 
     from srdit.data.digits import load_digits_split
