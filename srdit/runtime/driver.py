@@ -140,7 +140,12 @@ def _ray_connected(num_cpus: int | None, echo: Callable[[str], None], address: s
         return
     with _loopback_only():
         with _without_auth_advice():
-            ray.init(address="local", num_cpus=num_cpus, **kwargs)  # "local": never join a `ray start` cluster
+            # "local": never join a `ray start` cluster. No workers prestarted for the driver: Ray would start one
+            # per CPU in the default environment, which a study's trials never use (their job carries a runtime_env
+            # with the setup hook), so each cost a Python start-up, competing with the study's own start
+            ray.init(
+                address="local", num_cpus=num_cpus, _system_config={"prestart_worker_first_driver": False}, **kwargs
+            )
         auth = os.environ.get("RAY_AUTH_MODE") or "token, Ray's default"
         echo(f"Ray: a private local Ray on 127.0.0.1 ({ray.cluster_resources().get('CPU', 0):g} CPUs; auth {auth})")
         try:
