@@ -1,4 +1,5 @@
-"""On-disk cache for small artefacts built in-project (the digits teacher and metric network).
+"""On-disk cache for small artefacts built in-project (the digits teacher and metric network; the empty MLflow
+store every new study store is copied from, `srdit.runtime.store`).
 
 Entries live in `$SRDIT_CACHE_DIR` (default `~/.cache/srdit`), named `<name>-<key>.pt`. The key hashes the source
 text that produced the entry together with its settings, so editing the builder or changing a setting makes a new
@@ -17,8 +18,6 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
-
-import torch
 
 ENV_VAR = "SRDIT_CACHE_DIR"
 
@@ -49,6 +48,8 @@ def cache_path(name: str, key: str) -> Path:
 
 def save_atomic(obj: Any, path: str | os.PathLike) -> None:
     """torch.save to a temporary file in the same folder, fsync, then atomically replace `path`."""
+    import torch
+
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
@@ -96,6 +97,8 @@ def os_error_in(e: BaseException) -> OSError | None:
 
 def load(path: str | os.PathLike) -> Any:
     """Load a cache file safely (tensors, containers and primitives only)."""
+    import torch
+
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -103,6 +106,8 @@ def load_torch(path: str | os.PathLike, safe_globals: Iterable[Any] = ()) -> Any
     """`torch.load(path, weights_only=True)` on the CPU (`safe_globals`: classes allowed besides tensors) for a file
     a user names, without torch's warnings: on a plain pickle torch warns about its protocol (two lines on stderr)
     before it fails, and the caller's one-line error says what the file is. Raises what torch.load raises."""
+    import torch
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with torch.serialization.safe_globals(list(safe_globals)):

@@ -14,6 +14,7 @@ yaml (no torch: `srdit study plan`, the analysis and the CLI's argument checks r
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -245,6 +246,18 @@ class ModelConfig:
     sprint: SprintConfig = field(default_factory=SprintConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
     reg: RegConfig = field(default_factory=RegConfig)
+
+
+def digits_file() -> Path | None:
+    """The embedded default's data: scikit-learn's bundled digits (`sklearn/datasets/data/digits.csv.gz`, the file
+    `sklearn.datasets.load_digits` reads; it ships in the wheel), located without importing scikit-learn (about a
+    second of every process that trains, a trial's worker included); None where it is not at that place."""
+    spec = importlib.util.find_spec("sklearn")  # a top-level package: located, not imported
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
 
 
 def teacher_widths(cfg: ModelConfig) -> set[int]:

@@ -13,7 +13,6 @@ terabytes (`srdit preprocess --verify DIR` hashes every shard).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -296,15 +295,3 @@ def input_problems(cfg: RunConfig, fields: list[str] | None = None, base: str | 
 
 
 __all__ = ["Problem", "input_problems", "read_fields", "CHECKS", "OUTPUTS"]
-
-
-def digits_file() -> Path | None:
-    """The embedded default's data: scikit-learn's bundled digits (`sklearn/datasets/data/digits.csv.gz`, the file
-    `sklearn.datasets.load_digits` reads; it ships in the wheel), located without importing scikit-learn (about a
-    second of every process that trains, a trial's worker included); None where it is not at that place."""
-    spec = importlib.util.find_spec("sklearn")  # a top-level package: located, not imported
-    for root in (spec.submodule_search_locations or []) if spec is not None else []:
-        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
-        if path.is_file():
-            return path
-    return None

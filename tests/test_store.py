@@ -25,7 +25,7 @@ TINY = {
 }
 
 
-def _killed_after(code: str, delay: float) -> None:
+def _killed_after(code: str, delay: float, env: dict | None = None) -> None:
     """Run `code` in a fresh interpreter once its imports are done, and SIGKILL it `delay` s after it starts."""
     prog = (
         "import sys\n" + textwrap.dedent(code.split("#go")[0]) + "\nprint('ready', flush=True)\nsys.stdin.readline()\n"
@@ -34,7 +34,7 @@ def _killed_after(code: str, delay: float) -> None:
     p = subprocess.Popen(
         [sys.executable, "-c", prog],
         cwd=ROOT,
-        env=ENV,
+        env=env or ENV,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -48,11 +48,14 @@ def _killed_after(code: str, delay: float) -> None:
     p.wait()
 
 
-def test_a_driver_killed_while_it_builds_the_store_never_leaves_it_half_built(tmp_path):
+def test_a_driver_killed_while_it_builds_the_store_never_leaves_it_half_built(tmp_path, monkeypatch):
+    """Killed at moments through MLflow's own build (a fresh cache folder: the empty store every later store is a
+    copy of is built in the killed process) and through the copy: neither the store nor that empty store is ever
+    left half-built."""
     from srdit.runtime.tracking import default_tracking_uri, open_study
 
     for i, delay in enumerate((0.1, 0.3, 0.5, 0.8, 1.2)):
-        state = tmp_path / f"s{i}"
+        state, cache = tmp_path / f"s{i}", tmp_path / f"cache{i}"
         _killed_after(
             f"""
             from srdit.runtime.tracking import default_tracking_uri, open_study
@@ -60,12 +63,59 @@ def test_a_driver_killed_while_it_builds_the_store_never_leaves_it_half_built(tm
             open_study(default_tracking_uri({str(state)!r}), "k", "k", {str(state)!r})
             """,
             delay,
+            env={**ENV, "SRDIT_CACHE_DIR": str(cache)},
         )
         db = state / "mlflow.db"
         assert not db.exists() or store_problem(db) == "", (delay, store_problem(db))
+        for template in cache.glob("mlflow-*-empty.db"):
+            assert store_problem(template) == "", (delay, store_problem(template))
+        monkeypatch.setenv("SRDIT_CACHE_DIR", str(cache))
         t = open_study(default_tracking_uri(state), "k", "k", state)  # the next start works
         assert t.parent_run_id
         assert [p.name for p in state.glob(".mlflow.db.building-*")] == []  # the stray temporary is gone
+        assert [p.name for p in cache.glob(".*.building-*")] == []
+
+
+def test_a_new_store_is_mlflows_own_build_with_its_own_default_experiment(tmp_path, monkeypatch):
+    """A store copied from the empty store in the cache has the schema, schema revision and rows of a store MLflow
+    builds in place, its Default experiment's artifact location as MLflow sets it; a damaged empty store in the
+    cache is built again, never copied."""
+    import sqlite3
+
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from srdit.runtime.store import ensure_store
+
+    def dump(db: Path) -> tuple:
+        con = sqlite3.connect(db)
+        try:
+            schema = sorted(con.execute("SELECT type, name, sql FROM sqlite_master"))
+            rows = {
+                t: sorted(con.execute(f'SELECT * FROM "{t}"'))
+                for (t,) in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+            }
+        finally:
+            con.close()
+        default = rows["experiments"]
+        rows["experiments"] = [(e[0], e[1], e[2], e[3], e[6]) for e in default]  # without the two times
+        return schema, rows
+
+    monkeypatch.setenv("SRDIT_CACHE_DIR", str(tmp_path / "cache"))
+    mlflows = tmp_path / "mlflows"
+    mlflows.mkdir()
+    SqlAlchemyStore(f"sqlite:///{mlflows / 'mlflow.db'}", mlflows.as_uri()).engine.dispose()
+    want = dump(mlflows / "mlflow.db")
+    assert want[1]["experiments"][0][2] == f"{mlflows.as_uri()}/0"
+    for name in ("first", "second"):  # the first builds the empty store, the second copies it
+        folder = tmp_path / name
+        ensure_store(f"sqlite:///{folder / 'mlflow.db'}")
+        got = dump(folder / "mlflow.db")
+        assert got[0] == want[0]
+        assert got[1] == {**want[1], "experiments": [(0, "Default", f"{folder.as_uri()}/0", "active", "default")]}
+    (template,) = (tmp_path / "cache").glob("mlflow-*-empty.db")
+    template.write_bytes(b"\0" * 4096)
+    ensure_store(f"sqlite:///{tmp_path / 'third' / 'mlflow.db'}")
+    assert store_problem(template) == "" and store_problem(tmp_path / "third" / "mlflow.db") == ""
 
 
 def test_a_store_left_half_built_by_an_older_srdit_is_set_aside_and_built_again(tmp_path):

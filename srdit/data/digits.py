@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from srdit.builtins.balanced_labels import balanced_labels  # noqa: F401  re-exported: the technique's module holds it
-from srdit.inputs import digits_file
+from srdit.config import digits_file
 
 NUM_CLASSES = 10
 IMAGE_SHAPE = (1, 8, 8)
@@ -50,7 +50,7 @@ def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
 
 def digits_table() -> np.ndarray:
     """scikit-learn's digits: float64 [1797, 65], the 64 pixels (0..16, row by row) then the label. Read from the
-    file (`srdit.inputs.digits_file`) as `sklearn.datasets.load_digits` reads it, without importing scikit-learn;
+    file (`srdit.config.digits_file`) as `sklearn.datasets.load_digits` reads it, without importing scikit-learn;
     through `load_digits` where the file is not at its usual place."""
     path = digits_file()
     if path is not None:

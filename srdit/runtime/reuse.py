@@ -182,7 +182,7 @@ def digits_fingerprint() -> str:
     """sha256 of scikit-learn's bundled digits file (`sklearn/datasets/data/digits.csv.gz`, what `load_digits`
     and so `srdit.data.digits` read), found without importing scikit-learn (or torch: the driver stays light);
     if the file is not where it was, of the arrays `srdit.data.digits` reads."""
-    from srdit.inputs import digits_file
+    from srdit.config import digits_file
 
     path = digits_file()
     if path is not None:
