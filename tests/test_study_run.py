@@ -222,7 +222,7 @@ spec = load_study({str(path)!r})
 plan = plan_study(spec)
 preflight.check(spec, plan, [t.to_dict() for t in plan.trials], [driver.local_node()])
 _, run_config = driver._tuner_common(spec, StudyState.of(spec, {str(tmp_path / "state")!r}), 1, [])
-with driver._env(driver.TUNE_LOGGERS_ENV):
+with driver.scoped_env(driver.TUNE_LOGGERS_ENV):
     print(sorted(type(c).__name__ for c in _create_default_callbacks(run_config.callbacks)))
 print("torch" in sys.modules)
 """

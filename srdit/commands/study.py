@@ -397,7 +397,7 @@ def plan_reuse(spec, plan, state: str | Path) -> dict:
     """What a `study run` in `state` would take from finished runs of its MLflow store: {"done": trials already done
     in this study, "reused": trials another finished run would supply, "from": study -> count, "line": a sentence}.
     Reads only; no store yet (or one that cannot be read) is "nothing to reuse", never an error."""
-    from srdit.runtime.driver import reuse_sources
+    from srdit.runtime.driver import reuse_sources, scoped_env
     from srdit.runtime.jobs import trial_job
     from srdit.runtime.reuse import format_reused
     from srdit.runtime.state import StudyState
@@ -408,23 +408,16 @@ def plan_reuse(spec, plan, state: str | Path) -> dict:
         out["line"] = "not for a search design (its trials are chosen while it runs)"
         return out
     quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}  # a server that is down
-    saved = {k: os.environ.get(k) for k in quick}
-    os.environ.update(quick)
     try:
-        where = StudyState.of(spec, state)
-        existing = where.existing_runs()
-        out["done"] = sum(1 for t in plan.trials if t.key in existing and is_done(existing[t.key]))
-        cwd = os.getcwd()
-        sources = reuse_sources(spec, where, [trial_job(t, cwd) for t in plan.trials if t.key not in existing])
+        with scoped_env(quick):
+            where = StudyState.of(spec, state)
+            existing = where.existing_runs()
+            out["done"] = sum(1 for t in plan.trials if t.key in existing and is_done(existing[t.key]))
+            cwd = os.getcwd()
+            sources = reuse_sources(spec, where, [trial_job(t, cwd) for t in plan.trials if t.key not in existing])
     except Exception as e:  # noqa: BLE001 - the plan must not fail on the store (a server down, an old store)
         out["line"] = f"the store in {state} could not be read ({type(e).__name__}); `study run` looks again"
         return out
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     for src in sources.values():
         out["from"][src.study] = out["from"].get(src.study, 0) + 1
     out["reused"] = len(sources)

@@ -179,17 +179,12 @@ def _loopback_only():
     environment and by this one from `ray._private.ray_constants`)."""
     import ray._private.ray_constants as rc
 
-    var = rc.ENABLE_RAY_CLUSTERS_ENV_VAR
-    old_env, old_flag = os.environ.get(var), rc.ENABLE_RAY_CLUSTER
-    os.environ[var], rc.ENABLE_RAY_CLUSTER = "0", False
+    old_flag, rc.ENABLE_RAY_CLUSTER = rc.ENABLE_RAY_CLUSTER, False
     try:
-        yield
+        with scoped_env({rc.ENABLE_RAY_CLUSTERS_ENV_VAR: "0"}):
+            yield
     finally:
         rc.ENABLE_RAY_CLUSTER = old_flag
-        if old_env is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = old_env
 
 
 def progress_line(n: int, total: int, key: str, result: dict, primary: str | None = None) -> str:
@@ -698,7 +693,7 @@ def _fit(tuner, echo: Callable[[str], None], state: StudyState) -> None:
 
     state.stop_file.unlink(missing_ok=True)  # a stop file of an earlier run
     try:
-        with stop.on_signals(on_first=stopping), _env(TUNE_LOGGERS_ENV):  # after ray.init (its SIGTERM handler)
+        with stop.on_signals(on_first=stopping), scoped_env(TUNE_LOGGERS_ENV):  # after ray.init (its SIGTERM handler)
             tuner.fit()
     except Exception as e:
         if not (type(e).__module__.split(".")[0] == "ray" or is_oom(e)):
@@ -714,7 +709,7 @@ TUNE_LOGGERS_ENV = {"TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 
 
 @contextlib.contextmanager
-def _env(values: Mapping[str, str]):
+def scoped_env(values: Mapping[str, str]):
     """These environment variables of this process for the body of the block, restored afterwards."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
