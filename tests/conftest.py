@@ -50,9 +50,11 @@ def ray_local():
     (another job's, or another test's at the same time) and refuse `num_cpus`."""
     import ray
 
+    from srdit.runtime.ray_parts import shutdown_ray
+
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     yield
-    ray.shutdown()
+    shutdown_ray()
 
 
 LONGEST_FIRST = (

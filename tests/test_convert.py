@@ -739,6 +739,7 @@ def test_study_with_a_converted_checkpoint_as_a_fixed_arm(tmp_path, monkeypatch,
     import yaml
 
     from srdit.runtime.driver import run_study
+    from srdit.runtime.ray_parts import shutdown_ray
     from srdit.runtime.results import load_results
     from srdit.study.spec import load_study
 
@@ -764,7 +765,7 @@ def test_study_with_a_converted_checkpoint_as_a_fixed_arm(tmp_path, monkeypatch,
     try:
         res = run_study(spec, tmp_path / "state")
     finally:
-        ray.shutdown()
+        shutdown_ray()
     assert res.complete and res.statuses == {"finished": 2}
     table = load_results(spec, tmp_path / "state", curves=False)[0].table
     fixed = table[table["published"] == 1].iloc[0]

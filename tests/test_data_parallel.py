@@ -158,6 +158,7 @@ def test_study_trial_on_two_workers_is_a_ray_train_run(tmp_path):
 
     from srdit.config import from_dict, read_yaml
     from srdit.runtime.driver import run_study
+    from srdit.runtime.ray_parts import shutdown_ray
     from srdit.study.spec import load_study
 
     techs = [t for t in TECHS if t != "cfm"]
@@ -176,7 +177,7 @@ def test_study_trial_on_two_workers_is_a_ray_train_run(tmp_path):
         table = ray.util.placement_group_table()
         actors = [a["ActorClassName"] for a in ray._private.state.actors().values()]
     finally:
-        ray.shutdown()
+        shutdown_ray()
     assert res.complete and res.statuses == {"finished": 2}, res
     # rank 0 recorded its worker group's placement group, which Ray Train removed when the run ended
     assert len(groups) == 2 and all(len(ids) == 1 for ids in groups.values()), groups

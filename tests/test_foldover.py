@@ -478,6 +478,7 @@ def test_foldover_study_runs_tags_its_halves_and_is_analysed_with_the_block(tmp_
     from srdit.analysis.effects import analyze_study
     from srdit.commands.report import make_report
     from srdit.runtime.driver import run_study
+    from srdit.runtime.ray_parts import shutdown_ray
     from srdit.runtime.results import load_results
 
     names = ["rmsnorm", "qk_norm", "rope"]
@@ -507,7 +508,7 @@ def test_foldover_study_runs_tags_its_halves_and_is_analysed_with_the_block(tmp_
         assert reuse["line"].startswith("4 of 8 trials would be reused from study frac")
         res = run_study(fold, state)
     finally:
-        ray.shutdown()
+        shutdown_ray()
     assert first.complete and res.complete and res.statuses == {"finished": 8}
     assert res.reused == 4 and res.ran == 4  # only the mirror half trained
     client = MlflowClient(res.uri)

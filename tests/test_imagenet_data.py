@@ -361,6 +361,8 @@ def test_ray_parts_write_the_single_process_shards(image_dir, tokenizer, tmp_pat
     with other thread counts)."""
     import ray
 
+    from srdit.runtime.ray_parts import shutdown_ray
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -393,7 +395,7 @@ def test_ray_parts_write_the_single_process_shards(image_dir, tokenizer, tmp_pat
             ]
         )
     finally:
-        ray.shutdown()
+        shutdown_ray()
     assert code == 0
     assert _shard_bytes(tmp_path / "latents") == _shard_bytes(ref_out)
     assert store.read_index(tmp_path / "latents")["shards"] == ref_index["shards"]

@@ -19,6 +19,7 @@ def test_latent_study_prints_fid_while_it_runs_and_its_report_draws_the_fid_curv
 
     from srdit.commands.report import make_report
     from srdit.runtime.driver import run_study
+    from srdit.runtime.ray_parts import shutdown_ray
     from srdit.runtime.results import load_results
     from srdit.study.spec import load_study
 
@@ -38,7 +39,7 @@ def test_latent_study_prints_fid_while_it_runs_and_its_report_draws_the_fid_curv
     try:
         res = run_study(spec, state, echo=lines.append)
     finally:
-        ray.shutdown()
+        shutdown_ray()
     assert res.statuses == {"finished": 2}, lines
 
     trial_lines = [line for line in lines if line.startswith("[")]

@@ -139,6 +139,7 @@ def test_search_with_a_diverging_sample_completes_its_budget_in_one_run(tmp_path
     from mlflow import MlflowClient
 
     from srdit.runtime.driver import run_study
+    from srdit.runtime.ray_parts import shutdown_ray
     from srdit.study.spec import load_study
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -156,7 +157,7 @@ def test_search_with_a_diverging_sample_completes_its_budget_in_one_run(tmp_path
     try:
         res = run_study(spec, tmp_path / "state", echo=lines.append)
     finally:
-        ray.shutdown()
+        shutdown_ray()
     study = optuna.load_study(study_name="srch", storage=f"sqlite:///{tmp_path / 'state' / 'optuna' / 'srch.db'}")
     trials = study.get_trials(deepcopy=False)
     states = [t.state for t in trials]
@@ -205,6 +206,7 @@ def test_search_repeats_do_not_spend_the_budget(tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
     from srdit.runtime.driver import run_study
+    from srdit.runtime.ray_parts import shutdown_ray
     from srdit.study.spec import load_study
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
@@ -215,7 +217,7 @@ def test_search_repeats_do_not_spend_the_budget(tmp_path, monkeypatch):
     try:
         res = run_study(load_study(path), tmp_path / "state", echo=lines.append)
     finally:
-        ray.shutdown()
+        shutdown_ray()
     assert res.complete and res.statuses == {"finished": 4}, lines
     client = MlflowClient(res.uri)
     runs = client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")

@@ -39,6 +39,7 @@ from srdit.provenance import plugin_sources, srdit_code_version
 from srdit.runtime import attempts, shipping
 from srdit.runtime.console import StudyView, tune_callback
 from srdit.runtime.jobs import EvaluationJob, Job, TrainingJob, TrialJob, trial_job
+from srdit.runtime.ray_parts import shutdown_ray
 from srdit.runtime.state import StudyState
 from srdit.runtime.tracking import StudyTracking, has_ended, is_done
 from srdit.runtime.worker import MAX_FAILURES, TrialContext, execute_trial, is_oom, record_outcome, trainable
@@ -151,7 +152,7 @@ def _ray_connected(num_cpus: int | None, echo: Callable[[str], None], address: s
         try:
             yield
         finally:
-            ray.shutdown()
+            shutdown_ray()
 
 
 @contextlib.contextmanager
