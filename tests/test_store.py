@@ -101,8 +101,7 @@ def test_a_new_store_is_mlflows_own_build_with_its_own_default_experiment(tmp_pa
             }
         finally:
             con.close()
-        default = rows["experiments"]
-        rows["experiments"] = [(e[0], e[1], e[2], e[3], e[6]) for e in default]  # without the two times
+        rows["experiments"] = [(e[0], e[1], e[2], e[3], e[6]) for e in rows["experiments"]]  # without the two times
         return schema, rows
 
     monkeypatch.setenv("SRDIT_CACHE_DIR", str(tmp_path / "cache"))

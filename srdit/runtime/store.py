@@ -37,22 +37,20 @@ def sqlite_path(uri: str) -> Path | None:
 def ensure_store(uri: str) -> None:
     """Make the SQLite store of `uri` exist, complete, atomically (a no-op for a server or an existing file).
 
-    The store is built by MLflow itself (its tables and migrations) under a temporary name in the same folder,
-    then hard-linked to its name and the temporary name removed; a kill at any point leaves either no store or a
-    complete one (and at most a stray temporary file, removed by the next call)."""
+    The store is MLflow's own empty store (`_empty_store`: its tables and migrations) written under a temporary
+    name in the same folder, then hard-linked to its name and the temporary name removed; a kill at any point
+    leaves either no store or a complete one (and at most a stray temporary file, removed by the next call)."""
     db = sqlite_path(uri)
     if db is None or db.exists():
         return
     db.parent.mkdir(parents=True, exist_ok=True)
-    _remove_strays(db)
     # One build at a time in a process: alembic's migration context is process-global, so two threads migrating
     # two stores at once would run each other's migrations (other code that opens a missing store builds it in
     # place through alembic too: open a store only once it exists).
     with _BUILDING:
         if db.exists():
             return
-        tmp = db.parent / f".{db.name}.building-{os.getpid()}"
-        tmp.unlink(missing_ok=True)
+        tmp = _temporary(db)
         _empty_store(tmp, db.parent.as_uri())
         try:
             os.link(tmp, db)
@@ -91,9 +89,7 @@ def _built_by_mlflow(template: Path) -> None:
     the last one's copy stays, the same schema)."""
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    _remove_strays(template)
-    tmp = template.with_name(f".{template.name}.building-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
+    tmp = _temporary(template)
     try:
         SqlAlchemyStore(f"sqlite:///{tmp}", tmp.parent.as_uri()).engine.dispose()  # every table and migration
         os.replace(tmp, template)
@@ -101,12 +97,15 @@ def _built_by_mlflow(template: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _remove_strays(db: Path) -> None:
-    """Remove the temporary files of builds of `db` whose process is gone (killed mid-build)."""
-    for stray in db.parent.glob(f".{db.name}.building-*"):
+def _temporary(path: Path) -> Path:
+    """This process's temporary name for a build of `path` (`.<name>.building-<pid>`, in its folder), with what
+    earlier builds left there removed: this process's own, and those of processes that are gone (killed
+    mid-build)."""
+    for stray in path.parent.glob(f".{path.name}.building-*"):
         pid = stray.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _alive(int(pid)):
+        if not pid.isdigit() or int(pid) == os.getpid() or not _alive(int(pid)):
             stray.unlink(missing_ok=True)
+    return path.with_name(f".{path.name}.building-{os.getpid()}")
 
 
 def _alive(pid: int) -> bool:
