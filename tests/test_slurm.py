@@ -303,6 +303,17 @@ def _wait_job(job: str, timeout: float = 900) -> dict:
     raise AssertionError(f"job {job} did not end in {timeout} s: {_job(job)}")
 
 
+def _wait_training(folder: Path, job: str) -> None:
+    """Until both trials of the job's study have logged a training report."""
+    trials = folder / "st" / "trials" / "sl"
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if len([p for p in trials.glob("*/train_metrics.jsonl") if p.stat().st_size]) >= 2:
+            return
+        time.sleep(0.2)
+    raise AssertionError(_log(folder, job)[-4000:])
+
+
 def _log(folder: Path, job: str) -> str:
     return (folder / "st" / "slurm" / f"sl-{job}.out").read_text()
 
@@ -338,13 +349,7 @@ def test_a_slurm_job_stopped_by_sigterm_keeps_checkpoints_and_a_resubmission_end
     _study_file(folder)
     job = _submit(folder)
     trials = folder / "st" / "trials" / "sl"
-    deadline = time.time() + 600
-    while time.time() < deadline:  # both trials train
-        if len([p for p in trials.glob("*/train_metrics.jsonl") if p.stat().st_size]) >= 2:
-            break
-        time.sleep(0.2)
-    else:
-        raise AssertionError(_log(folder, job)[-4000:])
+    _wait_training(folder, job)
     # SIGTERM to the batch shell, as Slurm's --signal=B:TERM@... sends it before the time limit
     subprocess.run(["scancel", "--signal=TERM", "--batch", job], check=True, env=ENV)
     info = _wait_job(job)
@@ -380,20 +385,24 @@ def test_a_slurm_job_stopped_by_sigterm_keeps_checkpoints_and_a_resubmission_end
 
 @pytest.mark.slow
 def test_a_job_reaching_its_time_limit_stops_with_checkpoints_and_requeues_itself(slurm, tmp_path):
-    """--time 5: Slurm's --signal=B:TERM@180 reaches the batch shell about 3 minutes before the limit; the trials
-    stop with a checkpoint and the script requeues the job (its next start is `study run` again: the resume of the
-    test above). The test cancels the requeued job instead of waiting for Slurm's delay before a requeued start."""
+    """--time 5, then, once both trials train, the limit cut to 3 minutes (`scontrol update`, as a user may shorten
+    their own job): Slurm's --signal=B:TERM@180 reaches the batch shell at its next time-limit check instead of about
+    two minutes later; the trials stop with a checkpoint and the script requeues the job (its next start is `study
+    run` again: the resume of the test above). The test cancels the requeued job instead of waiting for Slurm's delay
+    before a requeued start."""
     folder = tmp_path
     _study_file(folder, steps=100000)  # it cannot finish before the signal
     job = _submit(folder, "--time", "5")
+    _wait_training(folder, job)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=3"], check=True, env=ENV)
     deadline = time.time() + 600
     while time.time() < deadline and _job(job).get("Restarts") != "1":
-        time.sleep(2)
+        time.sleep(1)
     subprocess.run(["scancel", job], check=True, env=ENV)
     log = _log(folder, job)
     assert f"srdit: the time limit is near; requeueing job {job}, which resumes the study" in log, log[-4000:]
     left = int(log.split("srdit: SIGTERM received (")[1].split()[0])
-    assert 0 < left <= 240, log[-4000:]  # --signal=B:TERM@180, which Slurm may send up to 60 s early
+    assert 0 < left <= 180, log[-4000:]  # the limit is 3 minutes once the trials train: under 180 s are left
     got = _trials(folder, "sl")
     assert {t["status"] for t in got.values()} == {"interrupted"}, got
     for t in got.values():
