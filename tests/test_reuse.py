@@ -226,7 +226,9 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
             tmp_path / "b.yaml", "b", techniques=[LR_X, {"name": "y", "diff": {**LR_Y["diff"], "train.lr": 4.0e-3}}]
         )
     )
-    ra = run_study(a, state, num_cpus=2)
+    # one CPU: one trial worker runs the trials in turn; a second would add only its start-up (imports, MLflow
+    # store) on a machine that the other test process keeps busy
+    ra = run_study(a, state, num_cpus=1)
     assert ra.complete and ra.ran == 4 and ra.reused == 0
     uri = ra.uri
     client = MlflowClient(uri)
@@ -238,7 +240,7 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
     assert pr["reused"] == 3 and pr["from"] == {"a": 3} and "3 of 4 trials would be reused from study a" in pr["line"]
 
     lines: list[str] = []
-    rb = run_study(b, state, num_cpus=2, echo=lines.append)
+    rb = run_study(b, state, num_cpus=1, echo=lines.append)
     assert rb.complete and rb.ran == 1 and rb.reused == 3 and rb.skipped == 3
     assert any("3 of 4 trials reused from study a" in ln for ln in lines)
     got = _children(uri, rb.parent_run_id)
@@ -272,7 +274,7 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
     # a copy of a under another name: every trial adopted, Ray never started
     c = load_study(write_study(tmp_path / "c.yaml", "c"))
     lines = []
-    rc = run_study(c, state, num_cpus=2, echo=lines.append)
+    rc = run_study(c, state, num_cpus=1, echo=lines.append)
     assert rc.complete and rc.ran == 0 and rc.reused == 4
     assert not any(ln.startswith("Ray:") for ln in lines)
     assert {cell: r.data.tags["reused_from"] for cell, r in _children(uri, rc.parent_run_id).items()} == {
@@ -281,7 +283,7 @@ def test_a_second_study_adopts_matching_runs_and_trains_only_the_changed_cell(tm
     # study d (one technique, x): its two cells are a's 00 and 10, but --no-reuse trains them
     d = load_study(write_study(tmp_path / "d.yaml", "d", techniques=[LR_X], constraints=[]))
     assert plan_reuse(d, plan_study(d), state)["reused"] == 2
-    rd = run_study(d, state, num_cpus=2, reuse=False)
+    rd = run_study(d, state, num_cpus=1, reuse=False)
     assert rd.complete and rd.ran == 2 and rd.reused == 0
     trained_d = _children(uri, rd.parent_run_id)
     assert not any("reused_from" in r.data.tags for r in trained_d.values())
@@ -310,12 +312,12 @@ def test_same_training_other_evaluation_settings_evaluates_the_finished_training
     a = load_study(write_study(tmp_path / "a.yaml", "a", techniques=[LR_X, CFG2], constraints=[]))
     b_base = {**TINY_BASE, "sample": {"sampler": "euler", "steps": 3}}
     b = load_study(write_study(tmp_path / "b.yaml", "b", techniques=[LR_X, CFG2], constraints=[], base=b_base))
-    ra = run_study(a, state, num_cpus=2)
+    ra = run_study(a, state, num_cpus=1)
     assert ra.complete
     src = _children(ra.uri, ra.parent_run_id)
     assert src["01"].data.tags["train_run_id"] == src["00"].info.run_id  # a shared training (train once)
     lines: list[str] = []
-    rb = run_study(b, state, num_cpus=2, echo=lines.append)
+    rb = run_study(b, state, num_cpus=1, echo=lines.append)
     assert rb.complete and rb.reused == 0
     assert any("4 trial(s) evaluated from finished trainings of study a (4)" in ln for ln in lines), lines
     assert any("0 training(s)" in ln for ln in lines), lines
@@ -334,7 +336,7 @@ def test_same_training_other_evaluation_settings_evaluates_the_finished_training
 
     c = load_study(write_study(tmp_path / "c.yaml", "c", techniques=[CFG2], constraints=[]))
     lines = []
-    rc = run_study(c, state, num_cpus=2, echo=lines.append)
+    rc = run_study(c, state, num_cpus=1, echo=lines.append)
     assert rc.complete and rc.ran == 0 and rc.reused == 2 and not any(ln.startswith("Ray:") for ln in lines)
     adopted = _children(rc.uri, rc.parent_run_id)
     assert adopted["1"].data.tags["reused_from"] == src["01"].info.run_id

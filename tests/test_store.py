@@ -192,7 +192,8 @@ def test_a_damaged_store_is_named_in_one_line_and_repair_rebuilds_it_from_the_tr
     (tmp_path / "rp.yaml").write_text(
         yaml.safe_dump({"name": "rp", "techniques": ["rmsnorm", "qk_norm"], "seeds": [0], "base": TINY})
     )
-    r = _cli("study", "run", "rp.yaml", "--state", "st", "--num-cpus", "2", cwd=tmp_path)
+    # one CPU: one trial worker runs the four trials in turn (a second adds only its start-up)
+    r = _cli("study", "run", "rp.yaml", "--state", "st", "--num-cpus", "1", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     # srdit's one line names the Ray and its auth mode; Ray's advice to switch authentication off is not printed
     assert "Ray: a private local Ray on 127.0.0.1" in r.stdout and "RAY_AUTH_MODE=disabled" not in r.stdout + r.stderr
@@ -244,7 +245,7 @@ def test_a_damaged_store_is_named_in_one_line_and_repair_rebuilds_it_from_the_tr
     assert "(3 finished, 1 interrupted)" in r.stdout, r.stdout
     status = _cli("study", "status", "rp.yaml", "--state", "st", cwd=work).stdout
     assert "will run 1 trial(s): 1 interrupted" in status
-    r = _cli("study", "run", "rp.yaml", "--state", "st", "--num-cpus", "2", cwd=work)
+    r = _cli("study", "run", "rp.yaml", "--state", "st", "--num-cpus", "1", cwd=work)
     assert r.returncode == 0, r.stderr[-3000:]
     assert _cli("study", "export", "rp.yaml", "--state", "st", "--csv", "rerun.csv", cwd=work).returncode == 0
     rerun = {r["trial"]: r for r in _rows(work / "rerun.csv")}
