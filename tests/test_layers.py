@@ -115,6 +115,9 @@ FORBIDDEN_PACKAGES: dict[str, set[str]] = {
 }
 "Layer -> third-party packages it must not import, directly or through another module."
 
+CHECKED_PACKAGES = ("torch", "ray", "mlflow")
+"Every package some layer must not import (the union of FORBIDDEN_PACKAGES' values), in import order."
+
 TORCH_FREE = {layer for layer, banned in FORBIDDEN_PACKAGES.items() if "torch" in banned}
 
 TORCH_IN_HOOK_BODIES = {"builtins"}
@@ -368,9 +371,12 @@ def test_package_graph_has_no_cycles():
 _PROBE = r"""
 import json, os, sys, traceback
 
-modules, preload = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+modules, preload, forbidden = json.loads(sys.argv[1]), json.loads(sys.argv[2]), json.loads(sys.argv[3])
 for name in preload:
     __import__(name)
+pulled = sorted(p for p in forbidden if p in sys.modules)
+if pulled:  # the preload would hide what the modules load
+    sys.exit(f"preloading {preload} loads {pulled}, which these modules must not load")
 for module in modules:
     sys.stdout.flush()
     pid = os.fork()
@@ -397,12 +403,18 @@ def loaded_by_import() -> dict[str, dict]:
         "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
         "RAY_USAGE_STATS_ENABLED": "0",
     }
+    assert set(CHECKED_PACKAGES) == set().union(*FORBIDDEN_PACKAGES.values())
     results = {}
-    for torch_free in (True, False):
-        modules = [m for m in MODULES if m not in _ENTRY_POINTS and (layer_of(m) in TORCH_FREE) == torch_free]
-        preload = [] if torch_free else ["torch"]
+    # One probe per set of forbidden packages: it preloads the checked packages its layers may use (a fork then
+    # imports only the module and what else it brings), and never one they must not load.
+    groups = defaultdict(list)
+    for m in MODULES:
+        if m not in _ENTRY_POINTS:
+            groups[frozenset(FORBIDDEN_PACKAGES[layer_of(m)])].append(m)
+    for forbidden, modules in groups.items():
+        preload = [p for p in CHECKED_PACKAGES if p not in forbidden]
         proc = subprocess.run(
-            [sys.executable, "-c", _PROBE, json.dumps(modules), json.dumps(preload)],
+            [sys.executable, "-c", _PROBE, json.dumps(modules), json.dumps(preload), json.dumps(sorted(forbidden))],
             cwd=ROOT,
             env=env,
             capture_output=True,
