@@ -43,18 +43,31 @@ def held_port():
     stores.clear()
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    """A private local Ray (2 CPUs, no dashboard) for the tests of one module, shut down after them. `address=
-    "local"` always starts a new one: a plain `ray.init()` would join a `ray start` cluster running on the machine
-    (another job's, or another test's at the same time) and refuse `num_cpus`."""
+def _private_ray(num_cpus: int):
+    """A private local Ray (`num_cpus` CPUs, no dashboard), shut down afterwards. `address="local"` always starts a
+    new one: a plain `ray.init()` would join a `ray start` cluster running on the machine (another job's, or another
+    test's at the same time) and refuse `num_cpus`."""
     import ray
 
     from srdit.runtime.ray_parts import shutdown_ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="WARNING")
     yield
     shutdown_ray()
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private local Ray with one CPU for the tests of one module. One CPU: one trial worker runs a study's trials
+    in turn; a second would add only its start-up (imports, the MLflow store) on two cores that the other test
+    process keeps busy."""
+    yield from _private_ray(1)
+
+
+@pytest.fixture(scope="module")
+def ray_local_2cpus():
+    """As `ray_local`, with two CPUs: for tests about what two CPUs hold (placement groups of two bundles)."""
+    yield from _private_ray(2)
 
 
 LONGEST_FIRST = (

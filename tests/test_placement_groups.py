@@ -33,7 +33,7 @@ def _cpus_free(n: float, timeout: float = 30) -> bool:
     return False
 
 
-def test_a_group_left_by_a_dead_controller_is_removed_before_the_next_attempt(ray_local, tmp_path):
+def test_a_group_left_by_a_dead_controller_is_removed_before_the_next_attempt(ray_local_2cpus, tmp_path):
     controller = Controller.remote()
     left = ray.get(controller.start_group.remote())
     ray.kill(controller)
@@ -56,7 +56,7 @@ def test_a_group_left_by_a_dead_controller_is_removed_before_the_next_attempt(ra
     assert placement_group_table()[kept]["state"] == "CREATED"
 
 
-def test_a_group_whose_dead_controller_recorded_nothing_is_removed_too(ray_local, tmp_path):
+def test_a_group_whose_dead_controller_recorded_nothing_is_removed_too(ray_local_2cpus, tmp_path):
     from ray._raylet import PlacementGroupID
     from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 

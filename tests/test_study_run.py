@@ -1,4 +1,4 @@
-"""A small study on a real local Ray (2 CPUs) into a real SQLite MLflow store: the run tree, tags, curves,
+"""A small study on a real local Ray (one CPU) into a real SQLite MLflow store: the run tree, tags, curves,
 artifacts, idempotent rerun, the report; and failures (a crash, a divergence) recorded as data."""
 
 from pathlib import Path
