@@ -109,6 +109,11 @@ def test_study_on_a_two_node_cluster_survives_a_lost_node(tmp_path):
     runs = client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")
     assert len(runs) == 4 and len({r.data.tags["trial_key"] for r in runs}) == 4
     assert {r.info.status for r in runs} == {"FINISHED"}
+    # the trial that lost its node: its first attempt names the loss as Ray recorded it, not only that it was lost
+    restarted = [r.data.tags for r in runs if int(r.data.tags["attempts"]) > 1]
+    assert restarted, [r.data.tags["attempts"] for r in runs]
+    for tags in restarted:
+        assert tags["attempt.1.ended_by"].startswith("lost by Ray: ") and "Error" in tags["attempt.1.ended_by"], tags
     # the trial that lost its node resumed: its curve has every logging step, possibly some twice, none missing
     for r in runs:
         steps = sorted({m.step for m in client.get_metric_history(r.info.run_id, "steps_per_s")})

@@ -202,6 +202,34 @@ def test_search_design_runs_optuna_through_tune_and_continues(tmp_path, ray_loca
     assert again.complete and len(client.search_runs([res.experiment_id])) == len(runs) + 1
 
 
+def test_the_driver_reads_the_error_tune_has_just_recorded(tmp_path, ray_local):
+    """Tune records a trial's failure in the trial's folder on the driver (under the Ray session) and then calls
+    the callbacks; the copy under the study's storage path appears only at its next sync. The driver's callback reads
+    the local record at once: a retried trial's attempt names what ended it, and a memory kill is told apart from a
+    lost worker at the first failure, not after a retry."""
+    from ray.exceptions import RayActorError
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.error import TuneError
+    from ray.tune.experiment import Trial
+    from ray.tune.registry import register_trainable
+
+    from srdit.runtime.driver import _trial_error
+
+    register_trainable("error_record", lambda config: None)
+    storage = StorageContext(storage_path=str(tmp_path / "results"), experiment_dir_name="e", trial_dir_name="t")
+    trial = Trial("error_record", config={}, storage=storage)
+    Path(trial.local_path).mkdir(parents=True)
+    assert _trial_error(trial) == ""  # nothing recorded yet
+    trial.handle_error(TuneError("the first failure"))  # text only (not a Ray error): the error file
+    trial.handle_error(TuneError("the node died"))
+    assert trial.get_error() is None  # the storage copy: not synced yet
+    assert _trial_error(trial).startswith("Failure # 2 (occurred at ")  # the last failure of the text
+    assert _trial_error(trial).endswith("the node died") and "first" not in _trial_error(trial)
+    trial.handle_error(RayActorError(error_msg="The actor died because its node was lost."))
+    assert trial.get_pickled_error() is None
+    assert _trial_error(trial) == "RayActorError: The actor died because its node was lost."
+
+
 def test_the_driver_imports_no_torch_before_the_trials_start(tmp_path):
     """The checks before a study and Tune's loggers in the driver import no torch (seconds of a study's start on a
     small machine; the trials' workers import it): Tune logs each trial as CSV and JSON, not as TensorBoard files,

@@ -200,20 +200,28 @@ def progress_line(n: int, total: int, key: str, result: dict, primary: str | Non
 
 
 def _trial_error(trial) -> str:
-    """The last error of a Tune trial, as text (pickled exception, else the error file's text). Tune may call the
-    error callback before it has written the error files, so this waits for them briefly."""
-    for _ in range(50):
-        try:
-            e = trial.get_pickled_error()
-            if e is not None:
-                return f"{type(e).__name__}: {e}"
-            e = trial.get_error()
-            if e is not None:
-                return str(e)
-        except Exception:  # noqa: BLE001 - the error file may be gone
-            return ""
-        time.sleep(0.1)
-    return ""
+    """The last error of a Tune trial, as text: the exception Tune pickled, else the last failure of its error text.
+    Tune writes both into the trial's folder on the driver (`Trial.pickled_error_file`, `Trial.error_file`) just
+    before it calls a callback (`Trial.handle_error`); their copies under the storage path (`get_pickled_error`,
+    `get_error`) appear only at Tune's next sync, so those are read only when the local files are missing. "" when
+    Tune recorded no error."""
+    from ray import cloudpickle
+
+    try:
+        pickled, text = getattr(trial, "pickled_error_file", None), getattr(trial, "error_file", None)
+        if pickled and os.path.isfile(pickled):
+            with open(pickled, "rb") as f:
+                e = cloudpickle.load(f)
+            return f"{type(e).__name__}: {e}"
+        if text and os.path.isfile(text):  # every failure so far, appended: the last one
+            return "Failure # " + Path(text).read_text().split("Failure # ")[-1].strip()
+        e = trial.get_pickled_error()
+        if e is not None:
+            return f"{type(e).__name__}: {e}"
+        e = trial.get_error()
+        return "" if e is None else str(e)
+    except Exception:  # noqa: BLE001 - an unreadable record: no reason rather than no record
+        return ""
 
 
 def _progress_callback(
