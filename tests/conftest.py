@@ -66,7 +66,8 @@ def ray_local():
 
 @pytest.fixture(scope="module")
 def ray_local_2cpus():
-    """As `ray_local`, with two CPUs: for tests about what two CPUs hold (placement groups of two bundles)."""
+    """As `ray_local`, with two CPUs: for tests about what two CPUs hold (placement groups of two bundles), and for
+    studies of many trials, where two trials at a time use what the other test process leaves idle."""
     yield from _private_ray(2)
 
 

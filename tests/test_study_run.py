@@ -1,4 +1,4 @@
-"""A small study on a real local Ray (one CPU) into a real SQLite MLflow store: the run tree, tags, curves,
+"""A small study on a real local Ray (2 CPUs) into a real SQLite MLflow store: the run tree, tags, curves,
 artifacts, idempotent rerun, the report; and failures (a crash, a divergence) recorded as data."""
 
 from pathlib import Path
@@ -28,7 +28,7 @@ def write_study(path: Path, **kw) -> Path:
     return path
 
 
-def test_full_factorial_study_into_sqlite(tmp_path, ray_local, capsys):
+def test_full_factorial_study_into_sqlite(tmp_path, ray_local_2cpus, capsys):
     from mlflow import MlflowClient
 
     from srdit.commands.report import make_report
@@ -119,7 +119,7 @@ def _report_states_the_protocol_links_the_runs_and_refuses_a_mixed_protocol(tmp_
     assert 'id="sec-protocols"' in mixed and '<div id="fig-synergy"' not in mixed
 
 
-def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray_local):
+def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray_local_2cpus):
     from mlflow import MlflowClient
 
     from srdit.runtime.driver import run_study
@@ -176,7 +176,7 @@ def test_crash_and_divergence_are_recorded_and_the_study_completes(tmp_path, ray
     assert len(client.search_runs([res.experiment_id], f"tags.`mlflow.parentRunId` = '{res.parent_run_id}'")) == 3
 
 
-def test_search_design_runs_optuna_through_tune_and_continues(tmp_path, ray_local):
+def test_search_design_runs_optuna_through_tune_and_continues(tmp_path, ray_local_2cpus):
     from mlflow import MlflowClient
 
     from srdit.runtime.driver import run_study
@@ -202,7 +202,7 @@ def test_search_design_runs_optuna_through_tune_and_continues(tmp_path, ray_loca
     assert again.complete and len(client.search_runs([res.experiment_id])) == len(runs) + 1
 
 
-def test_the_driver_reads_the_error_tune_has_just_recorded(tmp_path, ray_local):
+def test_the_driver_reads_the_error_tune_has_just_recorded(tmp_path, ray_local_2cpus):
     """Tune records a trial's failure in the trial's folder on the driver (under the Ray session) and then calls
     the callbacks; the copy under the study's storage path appears only at its next sync. The driver's callback reads
     the local record at once: a retried trial's attempt names what ended it, and a memory kill is told apart from a
