@@ -169,19 +169,22 @@ def _trials(folder: Path, study: str = "sg") -> dict:
 
 @pytest.fixture(scope="module")
 def uninterrupted_study(tmp_path_factory) -> dict:
-    """The study run once without a signal: what each signal's stopped and resumed study must end equal to."""
+    """The study's trials run once without a signal, in a plain loop in this process (`run_plain`: the same trainer
+    and MLflow records, no Ray, one torch thread as a one-CPU trial has): what each signal's stopped and resumed
+    study must end equal to."""
+    from srdit.runtime.driver import run_plain
+    from srdit.study.spec import load_study
+
     whole = tmp_path_factory.mktemp("whole_study")
-    _study_file(whole)
-    p = _run(whole)
-    _, err = p.communicate(timeout=900)
-    assert p.returncode == 0, err[-3000:]
+    res = run_plain(load_study(_study_file(whole)), whole / "st")
+    assert res.statuses == {"finished": 2}, res
     return _trials(whole)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
 def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_equal(
-    sig, uninterrupted_study, tmp_path
+    sig, uninterrupted_study, tmp_path, capsys
 ):
     folder = tmp_path / "stopped"
     _study_file(folder)
@@ -202,14 +205,10 @@ def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_e
         step = int(t["reason"].split("checkpoint at step ")[1].split()[0])
         ckpt = torch.load(folder / "st" / "trials" / "sg" / key / "checkpoints" / "last.pt", weights_only=False)
         assert ckpt["step"] == step and 0 < step < STUDY_STEPS
-    status = subprocess.run(
-        [sys.executable, "-m", "srdit", "study", "status", "sg.yaml", "--state", "st"],
-        cwd=folder,
-        env=ENV,
-        capture_output=True,
-        text=True,
-    ).stdout
-    assert "will run 2 trial(s): 2 interrupted" in status
+    from srdit.commands.study import main as study_main
+
+    assert study_main(["status", str(folder / "sg.yaml"), "--state", str(folder / "st")]) == 0  # it only reads
+    assert "will run 2 trial(s): 2 interrupted" in capsys.readouterr().out
 
     # the rerun; the same signal to one trial's worker process (Slurm signals every process of a job step): that
     # trial saves the step it is on and records it

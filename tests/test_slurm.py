@@ -4,7 +4,9 @@ submitted and run to the end on Ray inside the job; a second one stopped mid-tri
 (`scancel --signal=TERM --batch`, the path of Slurm's `--signal` before a time limit), resubmitted, and ending with
 the same results as the uninterrupted one."""
 
+import contextlib
 import getpass
+import io
 import os
 import shutil
 import socket
@@ -277,6 +279,15 @@ def _srdit(*args, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "srdit", *args], cwd=cwd, env=ENV, capture_output=True, text=True)
 
 
+def _status(folder: Path) -> str:
+    """What `srdit study status` prints for the study in `folder`, run in this process (it only reads the store and
+    asks Slurm through SLURM_CONF, which the fixture set here)."""
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert study_main(["status", str(folder / "sl.yaml"), "--state", str(folder / "st")]) == 0
+    return out.getvalue()
+
+
 def _submit(folder: Path, *extra: str) -> str:
     r = _srdit("study", "submit", "sl.yaml", "--slurm", "--state", str(folder / "st"), "--cpus-per-node", "2",
                "--gpus-per-node", "0", "--nodes", "1", *extra, cwd=folder)  # fmt: skip
@@ -326,7 +337,7 @@ def whole(slurm, tmp_path_factory) -> dict:
     job = _submit(folder)
     info = _wait_job(job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), _log(folder, job)[-4000:]
-    status = _srdit("study", "status", "sl.yaml", "--state", str(folder / "st"), cwd=folder).stdout
+    status = _status(folder)
     return {"folder": folder, "job": job, "trials": _trials(folder, "sl"), "status": status}
 
 
@@ -369,7 +380,7 @@ def test_a_slurm_job_stopped_by_sigterm_keeps_checkpoints_and_a_resubmission_end
         step = int(t["reason"].split("checkpoint at step ")[1].split()[0])
         ckpt = torch.load(trials / key / "checkpoints" / "last.pt", weights_only=False)
         assert ckpt["step"] == step and 0 < step < 200
-    status = _srdit("study", "status", "sl.yaml", "--state", str(folder / "st"), cwd=folder).stdout
+    status = _status(folder)
     assert f"Slurm job {job}: FAILED" in status and "will run 2 trial(s): 2 interrupted" in status, status
 
     again = _submit(folder)
