@@ -114,6 +114,21 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort keeps the rest's order
 
 
+def study_command(*args: str) -> str:
+    """What `srdit study <args>` prints, run in this process (exit 0 asserted): for the commands that only read a
+    study's store (status, export). The ones that rebuild it (repair) run as processes: MLflow keeps one engine per
+    store for the whole process, which would still read a store that repair set aside."""
+    import contextlib
+    import io
+
+    from srdit.commands.study import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(list(args)) == 0, args
+    return out.getvalue()
+
+
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _KEEP = tuple(
     os.path.realpath(p) + os.sep

@@ -234,6 +234,8 @@ def test_a_trial_ray_lost_is_recorded_as_an_infrastructure_crash_and_is_no_evide
     had already finished keeps its outcome."""
     from types import SimpleNamespace
 
+    from ray import cloudpickle
+
     from srdit.runtime.driver import _context, _progress_callback, prepare, work_units
     from srdit.runtime.jobs import trial_job
     from srdit.runtime.tracking import is_done
@@ -258,8 +260,10 @@ def test_a_trial_ray_lost_is_recorded_as_an_infrastructure_crash_and_is_no_evide
     record_outcome(jobs[finished].members[0], ctx, "finished", "")
     lines: list[str] = []
     cb = _progress_callback(len(keys), 0, lines.append, "fd", ctx, jobs, max_failures=0)
-    for key, e in [*zip(keys, losses), (finished, losses[0])]:
-        trial = SimpleNamespace(config={"job": key}, trial_id=key, get_pickled_error=lambda e=e: e, get_error=str)
+    for i, (key, e) in enumerate([*zip(keys, losses), (finished, losses[0])]):
+        pickled = tmp_path / f"error-{i}.pkl"  # as Tune records a Ray error in the trial's folder on the driver
+        pickled.write_bytes(cloudpickle.dumps(e))
+        trial = SimpleNamespace(config={"job": key}, trial_id=key, pickled_error_file=str(pickled), error_file=None)
         cb.on_trial_error(0, [], trial)
     runs = {r.data.tags["trial_key"]: r for r in tracking.children_by_key().values()}
     for key, e in zip(keys, losses):

@@ -118,8 +118,6 @@ FORBIDDEN_PACKAGES: dict[str, set[str]] = {
 CHECKED_PACKAGES = ("torch", "ray", "mlflow")
 "Every package some layer must not import (the union of FORBIDDEN_PACKAGES' values), in import order."
 
-TORCH_FREE = {layer for layer, banned in FORBIDDEN_PACKAGES.items() if "torch" in banned}
-
 TORCH_IN_HOOK_BODIES = {"builtins"}
 "Nodes of the config layer that may import torch (and torch only) inside function bodies, never at module level."
 

@@ -4,9 +4,7 @@ results and the study goes on: the driver ends normally, the parent run is not l
 the machine already uses, so that it kills every trial worker it sees: the same kill as at 95 % memory. Two trials
 on two CPUs, so that the monitor kills two workers at a time, as on a node that runs several."""
 
-import contextlib
 import csv
-import io
 import os
 import subprocess
 import sys
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import study_command
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +29,6 @@ def _study(*args: str, cwd: Path, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "srdit", "study", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
     )
-
-
-def _read(command: str, folder: Path, *extra: str) -> str:
-    """What a reading `srdit study` command (status, export) prints for mm.yaml in `folder`, run in this process."""
-    from srdit.commands.study import main
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert main([command, str(folder / "mm.yaml"), "--state", str(folder / "st"), *extra]) == 0
-    return out.getvalue()
 
 
 def test_trials_killed_by_rays_memory_monitor_are_oom_results_and_the_study_goes_on(tmp_path):
@@ -63,11 +52,15 @@ def test_trials_killed_by_rays_memory_monitor_are_oom_results_and_the_study_goes
     assert all(t.data.tags["status_reason"].startswith("killed for memory by Ray") for t in trials)
     assert all(t.info.status == "FAILED" for t in trials)
 
-    assert "with --retry-failed it would also rerun 2: 2 oom" in _read("status", tmp_path)
+    assert "with --retry-failed it would also rerun 2: 2 oom" in study_command(
+        "status", str(tmp_path / "mm.yaml"), "--state", str(tmp_path / "st")
+    )
     r = _study("run", "mm.yaml", "--state", "st", "--num-cpus", "2", "--retry-failed", cwd=tmp_path, env=ENV)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "study mm: 2/2 trials done (2 finished)" in r.stdout
-    _read("export", tmp_path, "--csv", str(tmp_path / "mm.csv"))
+    study_command(
+        "export", str(tmp_path / "mm.yaml"), "--state", str(tmp_path / "st"), "--csv", str(tmp_path / "mm.csv")
+    )
     with open(tmp_path / "mm.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and {x["status"] for x in rows} == {"finished"} and all(float(x["fd"]) > 0 for x in rows)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import study_command
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "RAY_USAGE_STATS_ENABLED": "0"}
@@ -184,7 +185,7 @@ def uninterrupted_study(tmp_path_factory) -> dict:
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT], ids=lambda s: s.name)
 def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_equal(
-    sig, uninterrupted_study, tmp_path, capsys
+    sig, uninterrupted_study, tmp_path
 ):
     folder = tmp_path / "stopped"
     _study_file(folder)
@@ -205,10 +206,8 @@ def test_a_study_stops_on_a_signal_to_its_driver_or_a_trial_worker_and_resumes_e
         step = int(t["reason"].split("checkpoint at step ")[1].split()[0])
         ckpt = torch.load(folder / "st" / "trials" / "sg" / key / "checkpoints" / "last.pt", weights_only=False)
         assert ckpt["step"] == step and 0 < step < STUDY_STEPS
-    from srdit.commands.study import main as study_main
-
-    assert study_main(["status", str(folder / "sg.yaml"), "--state", str(folder / "st")]) == 0  # it only reads
-    assert "will run 2 trial(s): 2 interrupted" in capsys.readouterr().out
+    status = study_command("status", str(folder / "sg.yaml"), "--state", str(folder / "st"))
+    assert "will run 2 trial(s): 2 interrupted" in status
 
     # the rerun; the same signal to one trial's worker process (Slurm signals every process of a job step): that
     # trial saves the step it is on and records it

@@ -4,9 +4,7 @@ submitted and run to the end on Ray inside the job; a second one stopped mid-tri
 (`scancel --signal=TERM --batch`, the path of Slurm's `--signal` before a time limit), resubmitted, and ending with
 the same results as the uninterrupted one."""
 
-import contextlib
 import getpass
-import io
 import os
 import shutil
 import socket
@@ -17,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import study_command
 from test_signals import _trials
 
 from srdit.commands.study import main as study_main
@@ -280,12 +279,9 @@ def _srdit(*args, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _status(folder: Path) -> str:
-    """What `srdit study status` prints for the study in `folder`, run in this process (it only reads the store and
-    asks Slurm through SLURM_CONF, which the fixture set here)."""
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert study_main(["status", str(folder / "sl.yaml"), "--state", str(folder / "st")]) == 0
-    return out.getvalue()
+    """`srdit study status` of the study in `folder`, in this process (Slurm is asked through the fixture's
+    SLURM_CONF)."""
+    return study_command("status", str(folder / "sl.yaml"), "--state", str(folder / "st"))
 
 
 def _submit(folder: Path, *extra: str) -> str:

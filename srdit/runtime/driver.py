@@ -203,25 +203,19 @@ def _trial_error(trial) -> str:
     """The last error of a Tune trial, as text: the exception Tune pickled, else the last failure of its error text.
     Tune writes both into the trial's folder on the driver (`Trial.pickled_error_file`, `Trial.error_file`) just
     before it calls a callback (`Trial.handle_error`); their copies under the storage path (`get_pickled_error`,
-    `get_error`) appear only at Tune's next sync, so those are read only when the local files are missing. "" when
-    Tune recorded no error."""
+    `get_error`) appear only at Tune's next sync. "" when Tune recorded no error."""
     from ray import cloudpickle
 
     try:
-        pickled, text = getattr(trial, "pickled_error_file", None), getattr(trial, "error_file", None)
-        if pickled and os.path.isfile(pickled):
-            with open(pickled, "rb") as f:
+        if trial.pickled_error_file and os.path.isfile(trial.pickled_error_file):
+            with open(trial.pickled_error_file, "rb") as f:
                 e = cloudpickle.load(f)
             return f"{type(e).__name__}: {e}"
-        if text and os.path.isfile(text):  # every failure so far, appended: the last one
-            return "Failure # " + Path(text).read_text().split("Failure # ")[-1].strip()
-        e = trial.get_pickled_error()
-        if e is not None:
-            return f"{type(e).__name__}: {e}"
-        e = trial.get_error()
-        return "" if e is None else str(e)
+        if trial.error_file and os.path.isfile(trial.error_file):  # every failure so far, appended: the last one
+            return "Failure # " + Path(trial.error_file).read_text().split("Failure # ")[-1].strip()
     except Exception:  # noqa: BLE001 - an unreadable record: no reason rather than no record
-        return ""
+        pass
+    return ""
 
 
 def _progress_callback(
