@@ -225,9 +225,10 @@ def test_the_driver_reads_the_error_tune_has_just_recorded(tmp_path, ray_local_2
     assert trial.get_error() is None  # the storage copy: not synced yet
     assert _trial_error(trial).startswith("Failure # 2 (occurred at ")  # the last failure of the text
     assert _trial_error(trial).endswith("the node died") and "first" not in _trial_error(trial)
-    trial.handle_error(RayActorError(error_msg="The actor died because its node was lost."))
+    trial.handle_error(RayActorError(error_msg="The actor died because its node was lost.\n\tpid: 7"))
     assert trial.get_pickled_error() is None
-    assert _trial_error(trial) == "RayActorError: The actor died because its node was lost."
+    # one line, for the restart line and the run's tags, as Ray's message spans several
+    assert _trial_error(trial) == "RayActorError: The actor died because its node was lost. pid: 7"
 
 
 def test_the_driver_imports_no_torch_before_the_trials_start(tmp_path):

@@ -200,22 +200,23 @@ def progress_line(n: int, total: int, key: str, result: dict, primary: str | Non
 
 
 def _trial_error(trial) -> str:
-    """The last error of a Tune trial, as text: the exception Tune pickled, else the last failure of its error text.
-    Tune writes both into the trial's folder on the driver (`Trial.pickled_error_file`, `Trial.error_file`) just
+    """The last error of a Tune trial, as one line of text: the exception Tune pickled, else the last failure of its
+    error text. Tune writes both into the trial's folder on the driver (`Trial.pickled_error_file`, `Trial.error_file`) just
     before it calls a callback (`Trial.handle_error`); their copies under the storage path (`get_pickled_error`,
     `get_error`) appear only at Tune's next sync. "" when Tune recorded no error."""
     from ray import cloudpickle
 
+    text = ""
     try:
         if trial.pickled_error_file and os.path.isfile(trial.pickled_error_file):
             with open(trial.pickled_error_file, "rb") as f:
                 e = cloudpickle.load(f)
-            return f"{type(e).__name__}: {e}"
-        if trial.error_file and os.path.isfile(trial.error_file):  # every failure so far, appended: the last one
-            return "Failure # " + Path(trial.error_file).read_text().split("Failure # ")[-1].strip()
+            text = f"{type(e).__name__}: {e}"
+        elif trial.error_file and os.path.isfile(trial.error_file):  # every failure so far, appended: the last one
+            text = "Failure # " + Path(trial.error_file).read_text().split("Failure # ")[-1]
     except Exception:  # noqa: BLE001 - an unreadable record: no reason rather than no record
         pass
-    return ""
+    return " ".join(text.split())  # Ray's messages span lines (the actor's id, pid, ...)
 
 
 def _progress_callback(
@@ -249,7 +250,7 @@ def _progress_callback(
             error = _trial_error(trial)
             if ctx is None or job is None or not is_oom(error) or job.key in self.oom:
                 return job is not None and job.key in self.oom
-            reason = "killed for memory by Ray: " + " ".join(error.split())[:400]
+            reason = "killed for memory by Ray: " + error[:400]
             members = job.todo()  # a shared training: every member
             try:
                 for m in members:
@@ -298,7 +299,7 @@ def _progress_callback(
             error = _trial_error(trial)
             job = jobs.get(trial.config.get("job"))
             if ctx is not None and job is not None:
-                reason = f"lost by Ray after {max_failures} retries: " + " ".join(error.split())[:400]
+                reason = f"lost by Ray after {max_failures} retries: " + error[:400]
                 try:
                     for m in job.todo():
                         record_outcome(m, ctx, "crashed", reason, INFRASTRUCTURE)
